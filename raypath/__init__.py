@@ -1,0 +1,1 @@
+"""raypath: learning-rate path switching on Ray."""

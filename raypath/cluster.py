@@ -1,0 +1,34 @@
+"""Connecting to Ray: an existing cluster (job submission, KubeRay) or a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def local_num_cpus() -> int:
+    # Logical CPUs above the core count: Train workers reserve theirs for the
+    # whole run, and Ray Data's read/tokenize tasks need slots too or they hang
+    # at a zero resource budget (seen on 2-core machines).
+    return max(8, 2 * (os.cpu_count() or 1))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Workers of a local cluster inherit the driver's environment: silence
+            # Ray Data's tqdm bars in Train/Tune workers too (they garble logs).
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+            ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
+                     _node_ip_address="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log.info("ray cluster resources: %s", ray.cluster_resources())

@@ -1,0 +1,305 @@
+"""Run configuration: one YAML file, one dataclass per component.
+
+Every field is documented where it is declared. ``load_config`` rejects unknown
+keys and bad values *before* anything trains, with a message that names the
+file and the dotted field (``quickstart.yaml: branch.shape: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from raypath.schedules import SHAPES, Decay
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family causal LM built from a transformers config (or a local checkpoint).
+
+    path: local ``save_pretrained`` directory to start from; when set, the size
+        fields below are ignored and the tokenizer must match its vocabulary.
+    hidden_size: model width.
+    num_layers: decoder blocks.
+    num_heads: attention heads; must divide ``hidden_size``.
+    num_kv_heads: key/value heads (GQA); must divide ``num_heads``.
+    intermediate_size: SwiGLU MLP width.
+    max_position_embeddings: longest sequence the model accepts; must be >= data.seq_len.
+    tie_word_embeddings: share input embedding and LM head (saves params on small models).
+    rope_theta: RoPE base.
+    """
+
+    path: str | None = None
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    """Versioned corpus and its tokenization.
+
+    corpus: ``embedded`` (the default corpus built from the Python standard
+        library, no download) or a directory with one sub-directory per version,
+        each holding ``train/`` and ``val/`` files (``.jsonl``, ``.jsonl.gz``, ``.parquet``).
+    versions: which version sub-directories to use, in order; empty = all, sorted by name.
+    max_docs_per_version: cap on documents per version (embedded corpus only; for tiny runs).
+    text_column: column holding the document text.
+    seq_len: tokens per training sequence (blocks hold ``seq_len + 1`` tokens).
+    tokenizer: local tokenizer directory; empty = train a byte-level BPE on version 1.
+    vocab_size: vocabulary size of the tokenizer trained on version 1.
+    val_blocks: fixed evaluation budget per version split, in sequences.
+    replay_ratio: fraction of each version's stream drawn from older versions, in [0, 1).
+    tokenize_actors: Ray Data actors that tokenize in parallel.
+    seed: seed of stream order and replay sampling.
+    """
+
+    corpus: str = "embedded"
+    versions: list[str] = field(default_factory=list)
+    max_docs_per_version: int | None = None
+    text_column: str = "text"
+    seq_len: int = 128
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    val_blocks: int = 32
+    replay_ratio: float = 0.0
+    tokenize_actors: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The main path's optimisation; branches reuse it with their own decaying LR.
+
+    num_workers: Ray Train workers (DDP ranks).
+    use_gpu: one GPU per worker, NCCL; otherwise CPU and gloo.
+    cpus_per_worker: CPUs each worker reserves.
+    global_batch_size: sequences per optimizer step, fixed whatever the world size.
+    micro_batch_size: sequences per forward pass per worker; gradient accumulation
+        is ``global_batch_size / (micro_batch_size * num_workers)``.
+    max_lr: the main path's constant LR after warmup (the branches' peak).
+    warmup_steps: linear warmup at the very start of the main path (once).
+    weight_decay: AdamW decoupled weight decay on matrices (not norms/biases).
+    betas: AdamW betas.
+    grad_clip: max global gradient norm; 0 disables clipping.
+    log_every: steps between progress reports (loss, lr, tokens/s, ETA).
+    eval_every: steps between validation passes; 0 = only at segment ends.
+    checkpoint_every: steps between extra checkpoints for fault tolerance;
+        0 = only at fork points and version boundaries.
+    seed: model init and dropout seed.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    max_lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 0
+    seed: int = 0
+
+
+@dataclass
+class BranchConfig:
+    """How each released version is finished.
+
+    fraction: share of the version's new data the branch re-trains with a
+        decaying LR, in (0, 1); the fork is the main-path checkpoint before it.
+    shape: decay shape, one of cosine, linear, 1-sqrt, exponential, polynomial.
+    min_lr_ratio: final LR / max LR, in [0, 1).
+    power: exponent of ``polynomial`` / e-foldings of ``exponential``.
+    parallel: run version k's branch while the main path trains version k+1.
+    """
+
+    fraction: float = 0.2
+    shape: str = "1-sqrt"
+    min_lr_ratio: float = 0.0
+    power: float = 2.0
+    parallel: bool = True
+
+    def decay(self) -> Decay:
+        return Decay(self.shape, self.min_lr_ratio, self.power)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs.
+
+    address: Ray cluster address; empty = ``RAY_ADDRESS`` if set, else start a local cluster.
+    num_cpus: logical CPUs of a local cluster; empty = max(8, 2 x cores), so Ray
+        Data tasks still get CPU slots while train workers hold theirs.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass
+class Config:
+    """A whole lineage run.
+
+    name: run name (used in logs and model cards).
+    run_dir: where everything of the run lives: data, checkpoints, lineage, releases.
+    """
+
+    name: str = "raypath"
+    run_dir: str = "runs/raypath"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Light type checking: YAML gives ints for floats, lists for tuples."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{path}: must be set (expected {text})")
+    if hint is float or text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if hint is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if text.startswith("tuple"):
+        return tuple(float(v) for v in value)
+    if text.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if text.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate it."""
+    raw: dict = {}
+    source = str(path) if path else "<defaults>"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    try:
+        cfg = _build(Config, raw, "")
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, field_path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_path}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Everything that can be checked without touching data or Ray."""
+    m, d, t, b = cfg.model, cfg.data, cfg.train, cfg.branch
+    _check(b.shape in SHAPES, "branch.shape", f"{b.shape!r} is not one of {', '.join(SHAPES)}")
+    _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
+    _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
+    _check(b.power > 0, "branch.power", f"must be > 0, got {b.power}")
+    if d.corpus != "embedded":
+        _check(Path(d.corpus).is_dir(), "data.corpus",
+               f"corpus directory {d.corpus!r} does not exist (or use 'embedded')")
+    if d.tokenizer:
+        _check(Path(d.tokenizer, "tokenizer.json").is_file(), "data.tokenizer",
+               f"{d.tokenizer!r} is not a tokenizer directory (no tokenizer.json)")
+    _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
+    _check(d.vocab_size > 258, "data.vocab_size", f"must be > 258 (bytes + specials), got {d.vocab_size}")
+    _check(d.val_blocks >= 1, "data.val_blocks", f"must be >= 1, got {d.val_blocks}")
+    _check(0.0 <= d.replay_ratio < 1.0, "data.replay_ratio", f"must be in [0, 1), got {d.replay_ratio}")
+    _check(d.tokenize_actors >= 1, "data.tokenize_actors", "must be >= 1")
+    if m.path:
+        _check(Path(m.path, "config.json").is_file(), "model.path",
+               f"{m.path!r} is not a save_pretrained directory (no config.json)")
+    else:
+        _check(d.seq_len <= m.max_position_embeddings, "model.max_position_embeddings",
+               f"model accepts {m.max_position_embeddings} positions but data.seq_len is {d.seq_len}")
+        _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+               f"must divide hidden_size {m.hidden_size}, got {m.num_heads}")
+        _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+               f"must divide num_heads {m.num_heads}, got {m.num_kv_heads}")
+    _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
+    per_step = t.micro_batch_size * t.num_workers
+    _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not a multiple of micro_batch_size x num_workers = {per_step}")
+    _check(t.max_lr > 0, "train.max_lr", f"must be > 0, got {t.max_lr}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")

@@ -1,0 +1,72 @@
+"""Training cost of releasing N versions: PTFS vs CPT vs path switching, in tokens.
+
+With new data ``D_k`` per version, branch fraction ``f`` and replay ratio ``r``
+(share of each update's stream taken from older versions, none for version 1):
+
+* PTFS trains release k from scratch on all data so far: ``sum_{j<=k} D_j``.
+* CPT trains each release once on its stream: ``S_k = D_k / (1 - r)`` (``D_1`` for k = 1).
+* Path switching trains the main path on the same streams plus one branch per
+  release re-training the last ``f`` of it with a decaying LR: ``(1 + f) * S_k``.
+
+Ratios are cumulative cost over cumulative PTFS cost: what the whole lineage
+has cost so far relative to re-training from scratch at every release.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def stream_tokens(new_tokens: Sequence[float], replay_ratio: float = 0.0) -> list[float]:
+    return [d if k == 0 else d / (1.0 - replay_ratio) for k, d in enumerate(new_tokens)]
+
+
+def paradigm_costs(new_tokens: Sequence[float], branch_fraction: float,
+                   replay_ratio: float = 0.0) -> list[dict[str, float]]:
+    """One row per version: per-release and cumulative tokens of each paradigm."""
+    if not 0.0 < branch_fraction < 1.0:
+        raise ValueError(f"branch_fraction must be in (0, 1), got {branch_fraction}")
+    if not 0.0 <= replay_ratio < 1.0:
+        raise ValueError(f"replay_ratio must be in [0, 1), got {replay_ratio}")
+    streams = stream_tokens(new_tokens, replay_ratio)
+    rows, seen, cum = [], 0.0, {"ptfs": 0.0, "cpt": 0.0, "path_switching": 0.0}
+    for k, (d, s) in enumerate(zip(new_tokens, streams)):
+        seen += d
+        release = {"ptfs": seen, "cpt": s, "path_switching": (1.0 + branch_fraction) * s}
+        for key, v in release.items():
+            cum[key] += v
+        rows.append({
+            "version": k + 1, "new_tokens": d,
+            **{f"{key}_tokens": v for key, v in release.items()},
+            **{f"{key}_cumulative": v for key, v in cum.items()},
+            "cpt_ratio": cum["cpt"] / cum["ptfs"],
+            "path_switching_ratio": cum["path_switching"] / cum["ptfs"],
+        })
+    return rows
+
+
+def lineage_costs(lineage: dict) -> list[dict[str, float]]:
+    """Measured cost of a run: tokens its main path and branches actually trained."""
+    ptfs_cum = ps_cum = seen = 0.0
+    rows = []
+    branches = {b["version"]: b for b in lineage.get("branches", []) if b.get("status") == "done"}
+    for v, main in zip(lineage["versions"], lineage["main_path"]):
+        seen += v["new_tokens"]
+        main_tokens = main["tokens_end"] - main["tokens_start"]
+        branch_tokens = branches[v["name"]]["tokens_trained"] if v["name"] in branches else 0
+        ptfs_cum += seen
+        ps_cum += main_tokens + branch_tokens
+        rows.append({"version": v["name"], "main_tokens": main_tokens, "branch_tokens": branch_tokens,
+                     "ptfs_cumulative": ptfs_cum, "path_switching_cumulative": ps_cum,
+                     "path_switching_ratio": ps_cum / ptfs_cum})
+    return rows
+
+
+def format_costs(rows: list[dict[str, float]]) -> str:
+    head = f"{'version':>7} {'new':>10} {'PTFS cum':>12} {'CPT cum':>12} {'PS cum':>12} {'CPT/PTFS':>9} {'PS/PTFS':>8}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['version']:>7} {r['new_tokens']:>10.4g} {r['ptfs_cumulative']:>12.4g} "
+                     f"{r['cpt_cumulative']:>12.4g} {r['path_switching_cumulative']:>12.4g} "
+                     f"{r['cpt_ratio']:>9.3f} {r['path_switching_ratio']:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The lineage record: versions -> data -> main-path checkpoints -> branches -> releases.
+
+One JSON file per run (``RUN_DIR/lineage.json``), written atomically by the
+driver only (workers never touch it), so it is always a consistent picture of
+what is finished. A re-run reads it to skip finished work.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypath.storage import read_json, write_json
+
+LINEAGE = "lineage.json"
+FORMAT = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Lineage:
+    """In-memory lineage; every mutation is followed by :meth:`save`."""
+
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, name: str, config: dict) -> "Lineage":
+        path = Path(run_dir) / LINEAGE
+        if path.exists():
+            lin = cls(path, read_json(path))
+            if lin.data.get("format") != FORMAT:
+                raise ValueError(f"{path}: lineage format {lin.data.get('format')!r}, expected {FORMAT}")
+            lin.data["config"] = config  # the latest config that ran; versions keep their own facts
+            return lin
+        return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
+                          "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
+                          "branches": [], "releases": []})
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Lineage":
+        path = Path(run_dir) / LINEAGE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
+        return cls(path, read_json(path))
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        write_json(self.path, self.data)
+
+    # ---- versions and main path
+    def set_versions(self, records: list[dict]) -> None:
+        self.data["versions"] = records
+        self.save()
+
+    def main(self, version: str) -> dict | None:
+        return next((m for m in self.data["main_path"] if m["version"] == version), None)
+
+    def record_main(self, entry: dict) -> None:
+        self.data["main_path"] = [m for m in self.data["main_path"] if m["version"] != entry["version"]]
+        self.data["main_path"].append({**entry, "finished": _now()})
+        self.save()
+
+    # ---- branches and releases
+    def branch(self, name: str) -> dict | None:
+        return next((b for b in self.data["branches"] if b["name"] == name), None)
+
+    def record_branch(self, entry: dict) -> None:
+        self.data["branches"] = [b for b in self.data["branches"] if b["name"] != entry["name"]]
+        self.data["branches"].append({**entry, "finished": _now()})
+        self.save()
+
+    def release(self, version: str) -> dict | None:
+        return next((r for r in self.data["releases"] if r["version"] == version), None)
+
+    def record_release(self, entry: dict) -> None:
+        self.data["releases"] = [r for r in self.data["releases"] if r["version"] != entry["version"]]
+        self.data["releases"].append({**entry, "released": _now()})
+        self.data["releases"].sort(key=lambda r: r["version_index"])
+        self.save()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]

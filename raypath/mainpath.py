@@ -1,0 +1,74 @@
+"""The main path: warmup once, then constant max LR, one segment per version.
+
+Version k's segment starts from version k-1's boundary checkpoint and trains
+every row of version k's stream once. It checkpoints at the fork point of k's
+release branch (before the last ``branch.fraction`` of the stream) and at the
+version boundary, which is where version k+1 (and any later update) continues.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypath import checkpoint as ckpt
+from raypath.loop import Segment, fit_segment
+from raypath.schedules import MainPath
+
+
+def main_schedule(ctx) -> MainPath:
+    return MainPath(ctx.cfg.train.max_lr, ctx.cfg.train.warmup_steps)
+
+
+def fork_step(start_step: int, end_step: int, fraction: float) -> int:
+    """First step of a branch re-training the last ``fraction`` of a version (>= 1 step)."""
+    steps = end_step - start_step
+    return end_step - min(max(1, round(fraction * steps)), steps)
+
+
+def main_segment(ctx, k: int, prev: dict | None) -> Segment:
+    version = ctx.versions[k]
+    start_step = prev["end_step"] if prev else 0
+    steps = version["stream_rows"] // ctx.cfg.train.global_batch_size
+    end_step = start_step + steps
+    name = f"main-{version['name']}"
+    return Segment(
+        **ctx.segment_fields(name),
+        kind="main",
+        version=version["name"],
+        stream_path=version["stream_path"],
+        start_step=start_step,
+        end_step=end_step,
+        schedule=main_schedule(ctx),
+        init_checkpoint=prev["checkpoints"]["end"] if prev else None,
+        save_steps=(fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
+        val_paths=ctx.val_paths(k),
+    )
+
+
+def run_main_version(ctx, k: int, prev: dict | None) -> dict:
+    """Train (or resume) version k's main segment; return its lineage entry."""
+    seg = main_segment(ctx, k, prev)
+    fit_segment(seg)
+    fork = fork_step(seg.start_step, seg.end_step, ctx.cfg.branch.fraction)
+    checkpoints = {"fork": str(Path(seg.storage) / ckpt.step_dir_name(fork)),
+                   "end": str(Path(seg.storage) / ckpt.step_dir_name(seg.end_step))}
+    for path in checkpoints.values():
+        ckpt.verify(path)
+    start_tokens = ckpt.load_state(prev["checkpoints"]["end"])["tokens"] if prev else 0
+    end_state = ckpt.load_state(checkpoints["end"])
+    return {
+        "version": seg.version,
+        "segment": seg.name,
+        "start_step": seg.start_step,
+        "end_step": seg.end_step,
+        "fork_step": fork,
+        "fork_fraction": ctx.cfg.branch.fraction,
+        "tokens_start": start_tokens,
+        "tokens_end": end_state["tokens"],
+        "max_lr": ctx.cfg.train.max_lr,
+        "warmup_steps": ctx.cfg.train.warmup_steps,
+        "checkpoints": checkpoints,
+        "curve": seg.curves_path,
+        "metrics": end_state["metrics"],
+        "status": "done",
+    }

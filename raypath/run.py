@@ -1,0 +1,116 @@
+"""A whole lineage run: prepare data, train the main path, branch and release each version.
+
+Re-running with the same ``run_dir`` resumes: prepared versions are reused,
+finished main-path versions and released branches are skipped, and an
+interrupted segment continues from its latest valid checkpoint. Adding a
+version to the corpus and re-running trains only what is new.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from raypath.branches import BranchRunner, release_branch
+from raypath.cluster import init_ray
+from raypath.config import Config
+from raypath.corpus import build_embedded_corpus
+from raypath.data import PrepareSpec, discover_versions, prepare_versions
+from raypath.lineage import Lineage
+from raypath.mainpath import run_main_version
+from raypath.storage import atomic_write_bytes
+from raypath.tokenizer import iter_texts, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What every segment of a run shares: config, paths, tokenizer ids, versions."""
+
+    cfg: Config
+    run_dir: Path
+    tokenizer_dir: str
+    vocab_size: int
+    eos_id: int
+    pad_id: int | None
+    versions: list[dict]
+
+    def storage(self, name: str) -> str:
+        return str(self.run_dir / "ray" / name)
+
+    def val_paths(self, k: int) -> dict[str, str]:
+        """Validation splits of every version seen up to version ``k``."""
+        return {v["name"]: v["val_path"] for v in self.versions[: k + 1]}
+
+    def segment_fields(self, name: str) -> dict:
+        return dict(name=name, model=self.cfg.model, train=self.cfg.train, vocab_size=self.vocab_size,
+                    eos_id=self.eos_id, pad_id=self.pad_id, seq_len=self.cfg.data.seq_len,
+                    storage=self.storage(name), curves_path=str(self.run_dir / "curves" / f"{name}.jsonl"))
+
+
+def _corpus_dir(cfg: Config, run_dir: Path) -> Path:
+    if cfg.data.corpus == "embedded":
+        return build_embedded_corpus(run_dir / "corpus", max_docs_per_version=cfg.data.max_docs_per_version,
+                                     seed=cfg.data.seed)
+    return Path(cfg.data.corpus)
+
+
+def prepare(cfg: Config) -> RunContext:
+    """Corpus -> tokenizer -> tokenized versions (idempotent). Needs Ray for tokenization."""
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    sources = discover_versions(_corpus_dir(cfg, run_dir), cfg.data.versions)
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+        tok_dir = str(Path(cfg.data.tokenizer).resolve())
+    else:
+        tok_dir = str(run_dir / "tokenizer")
+        tok = train_tokenizer(iter_texts(sources[0].train_files, cfg.data.text_column),
+                              cfg.data.vocab_size, tok_dir)
+    spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
+                       text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
+                       replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
+                       actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size)
+    versions = prepare_versions(sources, spec)
+    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions)
+
+
+def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
+    lineage.record_branch(entry)
+    k = next(i for i, v in enumerate(ctx.versions) if v["name"] == entry["version"])
+    lineage.record_release({
+        "version": entry["version"], "version_index": k, "path": entry["release"],
+        "branch": entry["name"], "tokens_total": entry["tokens_total"],
+        "val": {key: v for key, v in entry["metrics"].items() if key.startswith("val/")},
+    })
+    log.info("released %s from %s: %s", entry["version"], entry["name"], entry["metrics"])
+
+
+def run(cfg: Config) -> Lineage:
+    """Train every version of the corpus along the main path and release each one."""
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    ctx = prepare(cfg)
+    lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict())
+    lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
+    lineage.set_versions(ctx.versions)
+
+    runner = BranchRunner(cfg.branch.parallel)
+    prev = None
+    for k, version in enumerate(ctx.versions):
+        main = lineage.main(version["name"])
+        if main is None:
+            main = run_main_version(ctx, k, prev)
+            lineage.record_main(main)
+        if lineage.release(version["name"]) is None:
+            runner.submit(release_branch(ctx, k, main))
+        for entry in runner.finished():
+            _record_branch(lineage, ctx, entry)
+        prev = main
+    for entry in runner.finished(wait=True):
+        _record_branch(lineage, ctx, entry)
+    return lineage

@@ -1,0 +1,186 @@
+"""Learning-rate schedules as pure functions of the global step.
+
+Every schedule here is a frozen dataclass that is callable: ``lr = schedule(step)``.
+Steps are *global* optimizer steps counted from the very first step of the lineage,
+so a branch forked at step 900 asks for ``schedule(900)``, ``schedule(901)``, ...
+That keeps the scaling law (which integrates the whole LR history) and the
+training loop on one definition of the LR.
+
+Path switching uses two of them:
+
+* :class:`MainPath` -- linear warmup once, then the constant maximal LR forever.
+* :class:`Branch` -- the main path up to ``fork_step``, then a decay of ``steps``
+  steps from the main-path LR at the fork down to ``min_lr_ratio * max_lr``.
+
+The baselines of the paradigm comparison:
+
+* :class:`Cosine` -- (re-)warmup + cosine decay over a window. PTFS is one window
+  from step 0 over all data; CPT is one window per version, starting where the
+  previous version ended.
+* :class:`Piecewise` -- concatenation of windows (a CPT lineage history).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+#: Decay shapes a branch can use. ``polynomial`` and ``exponential`` read ``power``.
+SHAPES = ("cosine", "linear", "1-sqrt", "exponential", "polynomial")
+
+
+class Schedule(Protocol):
+    def __call__(self, step: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Decay:
+    """How a branch anneals.
+
+    shape: one of :data:`SHAPES`.
+    min_lr_ratio: final LR as a fraction of the peak (max) LR, in [0, 1).
+    power: curvature knob of the one-parameter shapes. ``polynomial``:
+        ``(1 - progress) ** power``. ``exponential``: number of e-foldings over
+        the branch, renormalised so the decay still ends exactly at the min LR
+        (MiniCPM-style fast early drop for large ``power``).
+    """
+
+    shape: str = "1-sqrt"
+    min_lr_ratio: float = 0.0
+    power: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"decay shape {self.shape!r} is not one of {', '.join(SHAPES)}")
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
+        if self.power <= 0:
+            raise ValueError(f"power must be > 0, got {self.power}")
+
+
+def decay_fraction(progress: float, shape: str, power: float = 2.0) -> float:
+    """Fraction of the decay still left at ``progress`` in [0, 1]: 1 at the start, 0 at the end."""
+    p = min(max(progress, 0.0), 1.0)
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if shape == "linear":
+        return 1.0 - p
+    if shape == "1-sqrt":
+        return 1.0 - math.sqrt(p)
+    if shape == "polynomial":
+        return (1.0 - p) ** power
+    if shape == "exponential":
+        # exp(-k p) rescaled to hit exactly 0 at p = 1, so every shape ends at min LR.
+        return (math.exp(-power * p) - math.exp(-power)) / (1.0 - math.exp(-power))
+    raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
+
+
+def _decay(step: int, start: int, steps: int, lr_from: float, lr_to: float, decay: Decay) -> float:
+    # The step *after* the last decay step is at lr_to: a branch of n steps trains
+    # at progress 0/n ... (n-1)/n, so its first step uses the fork LR exactly and
+    # step n (if ever taken) would be at the floor.
+    progress = (step - start) / steps
+    return lr_to + (lr_from - lr_to) * decay_fraction(progress, decay.shape, decay.power)
+
+
+@dataclass(frozen=True)
+class MainPath:
+    """Warmup once, then constant: the never-annealed main path.
+
+    max_lr: the constant LR after warmup.
+    warmup_steps: linear warmup length; step ``s < warmup_steps`` trains at
+        ``max_lr * (s + 1) / warmup_steps`` so the first step is not wasted at LR 0.
+    """
+
+    max_lr: float
+    warmup_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.max_lr * (step + 1) / self.warmup_steps
+        return self.max_lr
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A release branch: the main path until ``fork_step``, then a full decay.
+
+    main: the main path this branch forks from.
+    fork_step: global step of the main-path checkpoint the branch starts from.
+    steps: branch length in optimizer steps.
+    decay: shape and floor of the decay.
+    """
+
+    main: MainPath
+    fork_step: int
+    steps: int
+    decay: Decay = Decay()
+
+    def __call__(self, step: int) -> float:
+        if step < self.fork_step:
+            return self.main(step)
+        start_lr = self.main(self.fork_step)
+        end_lr = self.decay.min_lr_ratio * self.main.max_lr
+        if step >= self.fork_step + self.steps:
+            return end_lr
+        return _decay(step, self.fork_step, self.steps, start_lr, end_lr, self.decay)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """(Re-)warmup then cosine decay over the window [start_step, start_step + steps).
+
+    PTFS of version k is ``Cosine(max_lr, warmup, steps=all data so far)``; CPT of
+    version k is ``Cosine(max_lr, rewarm, start_step=end of k-1, steps=new data,
+    warmup_from=min LR of k-1)``.
+
+    max_lr: peak LR.
+    warmup_steps: (re-)warmup length inside the window.
+    steps: window length, warmup included.
+    start_step: global step where the window begins.
+    min_lr_ratio: LR at the end of the window as a fraction of ``max_lr``.
+    warmup_from: LR at the first warmup step's origin (0 from scratch; the
+        previous floor for a CPT re-warm).
+    """
+
+    max_lr: float
+    warmup_steps: int
+    steps: int
+    start_step: int = 0
+    min_lr_ratio: float = 0.0
+    warmup_from: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        s = step - self.start_step
+        if s < self.warmup_steps:
+            return self.warmup_from + (self.max_lr - self.warmup_from) * (s + 1) / self.warmup_steps
+        decay_steps = max(self.steps - self.warmup_steps, 1)
+        end_lr = self.min_lr_ratio * self.max_lr
+        if s >= self.steps:
+            return end_lr
+        return _decay(s, self.warmup_steps, decay_steps, self.max_lr, end_lr, Decay("cosine"))
+
+
+@dataclass(frozen=True)
+class Piecewise:
+    """Concatenation of schedules: ``parts[i]`` owns steps [bounds[i], bounds[i+1])."""
+
+    parts: tuple[Schedule, ...]
+    bounds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.bounds) != len(self.parts) or list(self.bounds) != sorted(self.bounds):
+            raise ValueError("Piecewise needs one ascending start bound per part")
+
+    def __call__(self, step: int) -> float:
+        i = max(int(np.searchsorted(self.bounds, step, side="right")) - 1, 0)
+        return self.parts[i](step)
+
+
+def lr_curve(schedule: Schedule, steps: int | Sequence[int]) -> np.ndarray:
+    """The LR at each step: ``range(steps)`` if an int, else the given steps."""
+    idx = range(steps) if isinstance(steps, int) else steps
+    return np.array([schedule(int(s)) for s in idx], dtype=np.float64)
