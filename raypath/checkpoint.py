@@ -90,3 +90,35 @@ def latest_valid(run_storage: str | Path) -> Path | None:
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
     return None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def drop_stale_ray_snapshot(run_storage: str | Path) -> bool:
+    """Remove Ray Train's checkpoint snapshot if it names a missing or torn checkpoint.
+
+    Ray refuses to start a run whose snapshot references a checkpoint that no
+    longer verifies. raypath resumes from :func:`latest_valid` (its own scan,
+    which skips torn checkpoints), not from Ray's manager, so dropping the stale
+    snapshot loses nothing and lets the run continue from the newest good one.
+    """
+    snap = Path(run_storage) / RAY_SNAPSHOT
+    if not snap.is_file():
+        return False
+    try:
+        names = [r["checkpoint_dir_name"] for r in read_json(snap).get("checkpoint_results", [])]
+    except (ValueError, KeyError, TypeError):
+        names = None  # unreadable snapshot: Ray would fail on it too
+    bad = None if names is not None else "unreadable"
+    for name in names or []:
+        try:
+            verify(Path(run_storage) / name)
+        except CheckpointError as e:
+            bad = str(e)
+            break
+    if bad is None:
+        return False
+    log.warning("dropping Ray's checkpoint snapshot %s (%s); resuming from the latest valid checkpoint", snap, bad)
+    snap.unlink()
+    return True

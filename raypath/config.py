@@ -217,12 +217,15 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
     if text.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{path}: expected a pair of numbers like [0.9, 0.95], got {value!r}")
         return tuple(float(v) for v in value)
     if text.startswith("list"):
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [str(v) for v in value]
-    if text.startswith("str") and not isinstance(value, str):
+    if (hint is str or text.startswith("str")) and not isinstance(value, str):
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     return value
 
@@ -297,6 +300,8 @@ def validate(cfg: Config) -> None:
         _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
                f"must divide num_heads {m.num_heads}, got {m.num_kv_heads}")
     _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
     per_step = t.micro_batch_size * t.num_workers
     _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not a multiple of micro_batch_size x num_workers = {per_step}")

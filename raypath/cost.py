@@ -50,7 +50,11 @@ def lineage_costs(lineage: dict) -> list[dict[str, float]]:
     ptfs_cum = ps_cum = seen = 0.0
     rows = []
     branches = {b["version"]: b for b in lineage.get("branches", []) if b.get("status") == "done"}
-    for v, main in zip(lineage["versions"], lineage["main_path"]):
+    mains = {m["version"]: m for m in lineage.get("main_path", [])}
+    for v in lineage["versions"]:
+        main = mains.get(v["name"])
+        if main is None:
+            break  # versions are trained in order; the rest has not run yet
         seen += v["new_tokens"]
         main_tokens = main["tokens_end"] - main["tokens_start"]
         branch_tokens = branches[v["name"]]["tokens_trained"] if v["name"] in branches else 0

@@ -88,7 +88,7 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
         return str(own), ckpt.load_state(own)
     if seg.init_checkpoint:
         state = ckpt.load_state(seg.init_checkpoint)
-        if state.get("stream") != seg.stream_path:
+        if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
         return seg.init_checkpoint, state
     return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
@@ -292,7 +292,7 @@ def train_segment(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 ckpt.save(tmp, raw_model.state_dict(), optim.state_dict(), {
-                    "step": step, "tokens": tokens, "segment": seg.name, "stream": seg.stream_path,
+                    "step": step, "tokens": tokens, "segment": seg.name, "version": seg.version,
                     "consumed": consumed.intervals, "lr": lr, "metrics": metrics})
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
@@ -312,6 +312,7 @@ def fit_segment(seg: Segment):
     from ray.train.torch import TorchTrainer
 
     t = seg.train
+    ckpt.drop_stale_ray_snapshot(seg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_segment,

@@ -1,0 +1,472 @@
+"""Human-facing views of a run: tables for the terminal and a lineage plot.
+
+Everything here reads the lineage record (``lineage.json``) and the per-segment
+loss curves (``curves/<segment>.jsonl``) and nothing else, so it works on a run
+that is still going, on one that crashed half way, and on a copied run
+directory (recorded absolute paths may point elsewhere: curves are looked up
+under the run directory first).
+
+The releases table answers the product question: how good is each released
+version compared with the never-annealed main path at the same boundary, and
+what has the whole lineage cost so far relative to pre-training from scratch
+(PTFS) at every release.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from raypath.cost import lineage_costs
+from raypath.storage import atomic_write_bytes
+
+REPORT_DIR = "report"
+#: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
+FIGSIZE = (11.0, 7.5)
+DPI = 120
+CURVES_DIR = "curves"
+_MISSING = "-"
+
+
+# --------------------------------------------------------------------------- curves
+
+def read_curve(path: str | os.PathLike) -> pd.DataFrame:
+    """One curve as a frame, one row per step, sorted.
+
+    A resumed segment re-logs the steps after its last checkpoint, so the file
+    can hold a step twice; the later record is the one the surviving run
+    produced, hence ``keep="last"``. A missing file (segment not started yet)
+    is an empty frame so callers need no special case.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    df = pd.DataFrame.from_records(records)
+    df = df.drop_duplicates(subset="step", keep="last").sort_values("step", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def _curve_path(run_dir: Path, segment: str, recorded: str | None) -> Path:
+    """The run directory's copy first: a moved run keeps stale absolute paths."""
+    local = run_dir / CURVES_DIR / f"{segment}.jsonl"
+    if local.is_file() or not recorded:
+        return local
+    return Path(recorded)
+
+
+def _concat_curves(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    df = pd.concat(frames, ignore_index=True)
+    return df.drop_duplicates(subset="step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- lineage helpers
+
+def _version_names(lineage: dict) -> list[str]:
+    return [v["name"] for v in lineage.get("versions", [])]
+
+
+def _main_by_version(lineage: dict) -> dict[str, dict]:
+    return {m["version"]: m for m in lineage.get("main_path", [])}
+
+
+def _releases(lineage: dict) -> list[dict]:
+    order = {name: i for i, name in enumerate(_version_names(lineage))}
+    return sorted(lineage.get("releases", []),
+                  key=lambda r: r.get("version_index", order.get(r["version"], len(order))))
+
+
+def _val_splits(entries: Iterable[dict]) -> list[str]:
+    """``val/<version>`` keys in first-seen order (versions are added in order)."""
+    seen: list[str] = []
+    for metrics in entries:
+        for key in metrics:
+            if key.startswith("val/") and key not in seen:
+                seen.append(key)
+    return seen
+
+
+def _nan(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+# --------------------------------------------------------------------------- releases table
+
+def releases_table(lineage: dict) -> pd.DataFrame:
+    """One row per released version: its losses, the main path's, and the cost so far.
+
+    ``val/own`` is the release's loss on its own version's split and
+    ``main val/own`` the main path's loss on that split at the same boundary
+    (the checkpoint the branch's decay competes with); ``delta`` is release
+    minus main, negative when the decay helped.
+    """
+    releases = _releases(lineage)
+    splits = _val_splits(r.get("val", {}) for r in releases)
+    mains = _main_by_version(lineage)
+    costs = {row["version"]: row for row in lineage_costs(lineage)}
+    rows = []
+    for r in releases:
+        version, val = r["version"], r.get("val", {})
+        own = f"val/{version}"
+        release_own = _nan(val.get(own))
+        main_own = _nan(mains.get(version, {}).get("metrics", {}).get(own))
+        cost = costs.get(version, {})
+        rows.append({
+            "version": version,
+            "branch": r.get("branch"),
+            **{s: _nan(val.get(s)) for s in splits},
+            "val/own": release_own,
+            "main val/own": main_own,
+            "delta": release_own - main_own,
+            "tokens_total": r.get("tokens_total"),
+            "tokens_cumulative": cost.get("path_switching_cumulative"),
+            "path_switching_ratio": cost.get("path_switching_ratio", float("nan")),
+        })
+    columns = ["version", "branch", *splits, "val/own", "main val/own", "delta",
+               "tokens_total", "tokens_cumulative", "path_switching_ratio"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------- formatting
+
+def si(n: Any) -> str:
+    """Token counts at a glance: 52736 -> 52.7k, 1.2e6 -> 1.2M."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return _MISSING
+    n = float(n)
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _loss(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return _MISSING
+    return f"{float(x):.3f}"
+
+
+def _delta(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return _MISSING
+    return f"{float(x):+.3f}"
+
+
+def _plain(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return _MISSING
+    if isinstance(x, float):
+        return f"{x:g}"
+    return str(x)
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = "l") -> str:
+    """Aligned plain text; ``align`` has one ``l``/``r`` per column (missing ones: ``r``, numbers)."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    align = align.ljust(len(headers), "r")
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _section(title: str, body: str) -> str:
+    return f"{title}\n{body}"
+
+
+def _release_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells shared by the text and markdown tables (ratio: 3 decimals)."""
+    fmt = {"tokens_total": si, "tokens_cumulative": si, "path_switching_ratio": _loss,
+           "delta": _delta, "version": _plain, "branch": _plain}
+    headers = {"tokens_total": "tokens", "tokens_cumulative": "run tokens", "path_switching_ratio": "PS/PTFS"}
+    cols = list(df.columns)
+    cells = [[fmt.get(c, _loss)(row[c]) for c in cols] for _, row in df.iterrows()]
+    return [headers.get(c, c) for c in cols], cells
+
+
+def format_releases(lineage: dict) -> str:
+    """The releases table as aligned text, for the terminal after a run."""
+    title = f"releases of {lineage.get('name', '?')} (val losses; delta = release - main path at the boundary)"
+    df = releases_table(lineage)
+    if df.empty:
+        return _section(title, "(no releases yet)")
+    headers, cells = _release_cells(df)
+    return _section(title, _text_table(headers, cells, "ll"))
+
+
+def releases_markdown(lineage: dict) -> str:
+    """The releases table as a GitHub markdown table, ready to paste into a README."""
+    df = releases_table(lineage)
+    if df.empty:
+        return "_No releases yet._\n"
+    headers, cells = _release_cells(df)
+    align = ["---" if i < 2 else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- status
+
+def _config_summary(cfg: dict) -> list[str]:
+    """The knobs that decide what a curve means: model size, batch, LR, branch recipe."""
+    m, d, t, b = (cfg.get(k, {}) or {} for k in ("model", "data", "train", "branch"))
+    g = lambda sec, key: _plain(sec.get(key))  # noqa: E731 - local shorthand
+    return [
+        f"model: hidden {g(m, 'hidden_size')}, layers {g(m, 'num_layers')}, heads {g(m, 'num_heads')}"
+        f" (kv {g(m, 'num_kv_heads')}), ffn {g(m, 'intermediate_size')}"
+        + (f", from {m['path']}" if m.get("path") else ""),
+        f"data: seq_len {g(d, 'seq_len')}, replay ratio {g(d, 'replay_ratio')}, val blocks {g(d, 'val_blocks')}",
+        f"train: global batch {g(t, 'global_batch_size')} (micro {g(t, 'micro_batch_size')}),"
+        f" max_lr {g(t, 'max_lr')}, warmup {g(t, 'warmup_steps')} steps, workers {g(t, 'num_workers')}",
+        f"branch: fraction {g(b, 'fraction')}, shape {g(b, 'shape')}, min_lr_ratio {g(b, 'min_lr_ratio')},"
+        f" power {g(b, 'power')}",
+    ]
+
+
+def _versions_section(lineage: dict) -> str:
+    rows = [[v["name"], _plain(v.get("docs")), _plain(v.get("new_blocks")), si(v.get("new_tokens")),
+             _plain(v.get("replay_blocks")), _plain(v.get("val_blocks"))]
+            for v in lineage.get("versions", [])]
+    if not rows:
+        return _section("versions", "(none prepared yet)")
+    return _section("versions", _text_table(
+        ["version", "docs", "new blocks", "new tokens", "replay blocks", "val blocks"], rows))
+
+
+def _checkpoint_name(main: dict) -> str:
+    end = (main.get("checkpoints") or {}).get("end")
+    if not end:
+        return _MISSING
+    p = Path(end)
+    return f"{p.parent.name}/{p.name}"
+
+
+def _main_section(lineage: dict) -> str:
+    branched = {b["version"] for b in lineage.get("branches", []) if b.get("status") == "done"}
+    rows = []
+    for name in _version_names(lineage):
+        m = _main_by_version(lineage).get(name)
+        if m is None:
+            rows.append([name, _MISSING, _MISSING, _MISSING, _MISSING, _MISSING, "pending"])
+            continue
+        rows.append([
+            name, f"{m.get('start_step')}->{m.get('end_step')}", _plain(m.get("fork_step")),
+            si(m.get("tokens_end")), _loss(m.get("metrics", {}).get(f"val/{name}")), _checkpoint_name(m),
+            (m.get("status") or "done") + ("" if name in branched else ", no branch yet"),
+        ])
+    if not rows:
+        return _section("main path", "(not started)")
+    return _section("main path (val on the version's own split at its boundary)", _text_table(
+        ["version", "steps", "fork", "tokens", "val/own", "checkpoint", "status"], rows, "lrrrrll"))
+
+
+def _decay_text(decay: dict) -> str:
+    return (f"{decay.get('shape', '?')} min {_plain(decay.get('min_lr_ratio'))}"
+            f" pow {_plain(decay.get('power'))}")
+
+
+def _branches_section(lineage: dict) -> str:
+    branches = lineage.get("branches", [])
+    if not branches:
+        return _section("branches", "(none finished yet)")
+    splits = _val_splits(b.get("metrics", {}) for b in branches)
+    rows = [[b["name"], _plain(b.get("fork_step")), _plain(b.get("steps")), _decay_text(b.get("decay", {})),
+             *(_loss(b.get("metrics", {}).get(s)) for s in splits), _plain(b.get("status"))]
+            for b in branches]
+    headers = ["branch", "fork", "steps", "decay", *splits, "status"]
+    align = "lrrl" + "r" * len(splits) + "l"
+    return _section("branches (final val losses)", _text_table(headers, rows, align))
+
+
+def format_status(lineage: dict) -> str:
+    """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, releases."""
+    header = [f"run: {lineage.get('name', '?')}"
+              + (f" (updated {lineage['updated']})" if lineage.get("updated") else "")]
+    header += ["  " + line for line in _config_summary(lineage.get("config", {}) or {})]
+    parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
+             _branches_section(lineage), format_releases(lineage)]
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------- plot
+
+def _tokens_at_step(main: dict, step: int) -> float:
+    """Tokens are linear in steps within a main segment (fixed global batch)."""
+    s0, s1 = main["start_step"], main["end_step"]
+    t0, t1 = main["tokens_start"], main["tokens_end"]
+    if s1 == s0:
+        return float(t1)
+    return t0 + (step - s0) * (t1 - t0) / (s1 - s0)
+
+
+def _main_curve(run_dir: Path, lineage: dict) -> pd.DataFrame:
+    """All main-path segments as one curve, including a segment still running."""
+    mains = _main_by_version(lineage)
+    frames = []
+    for name in _version_names(lineage):
+        m = mains.get(name, {})
+        frames.append(read_curve(_curve_path(run_dir, m.get("segment", f"main-{name}"), m.get("curve"))))
+    return _concat_curves(frames)
+
+
+def _branch_curve(run_dir: Path, lineage: dict, branch: dict, main_curve: pd.DataFrame) -> pd.DataFrame:
+    """A branch's curve starting at its fork point on the main path, so it visibly forks off."""
+    curve = read_curve(_curve_path(run_dir, branch["name"], branch.get("curve")))
+    main = _main_by_version(lineage).get(branch.get("version"))
+    if curve.empty or main is None or "tokens" not in main_curve or main_curve.empty:
+        return curve
+    fork_tokens = _tokens_at_step(main, branch["fork_step"])
+    fork = {"step": branch["fork_step"], "tokens": fork_tokens,
+            "loss": float(np.interp(fork_tokens, main_curve["tokens"], main_curve["loss"])),
+            "lr": float(np.interp(fork_tokens, main_curve["tokens"], main_curve["lr"]))}
+    return pd.concat([pd.DataFrame([fork]), curve], ignore_index=True)
+
+
+def _draw_boundaries(axes, lineage: dict) -> None:
+    from matplotlib.transforms import blended_transform_factory
+
+    for name in _version_names(lineage):
+        m = _main_by_version(lineage).get(name)
+        if m is None:
+            continue
+        for ax in axes:
+            ax.axvline(m["tokens_end"], color="0.55", linestyle="--", linewidth=0.9, zorder=0)
+        trans = blended_transform_factory(axes[0].transData, axes[0].transAxes)
+        axes[0].text(m["tokens_end"], 0.985, f" {name} ", transform=trans, ha="right", va="top",
+                     fontsize=9, color="0.3",
+                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+
+
+def _draw_val_markers(ax, lineage: dict, colors: dict[str, Any]) -> None:
+    """Release loss (star) vs the main path's (circle) on the version's own split."""
+    mains = _main_by_version(lineage)
+    for r in _releases(lineage):
+        own = f"val/{r['version']}"
+        main = mains.get(r["version"], {})
+        x = r.get("tokens_total") or main.get("tokens_end")
+        if x is None:
+            continue
+        rel = r.get("val", {}).get(own)
+        base = main.get("metrics", {}).get(own)
+        if base is not None:
+            # Hollow and above the star: both stay visible when the two losses are close.
+            ax.plot([x], [base], marker="o", mfc="none", mec="black", mew=1.3, ms=9, ls="none", zorder=7)
+        if rel is not None:
+            ax.plot([x], [rel], marker="*", color=colors.get(r.get("branch"), "black"), mec="black",
+                    mew=0.6, ms=12, ls="none", zorder=6)
+
+
+def _legend_proxies() -> list:
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], marker="*", color="0.4", mec="black", mew=0.6, ms=12, ls="none",
+                   label="release val (own split)"),
+            Line2D([], [], marker="o", mfc="none", mec="black", mew=1.3, ms=9, ls="none",
+                   label="main val at boundary (own split)")]
+
+
+def _token_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _pos: si(x) if x else "0")
+
+
+def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.PathLike) -> Path:
+    """Loss and LR of the main path with every branch forking off it, against tokens.
+
+    Tokens (not steps) on x because they are cumulative along each path, so
+    a branch starts exactly where its fork checkpoint sits on the main path
+    and ends at the same boundary as the main segment it competes with.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir, out_png = Path(run_dir), Path(out_png)
+    main_curve = _main_curve(run_dir, lineage)
+    branches = lineage.get("branches", [])
+    cmap = plt.get_cmap("tab10")
+    colors = {b["name"]: cmap(i % 10) for i, b in enumerate(branches)}
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=FIGSIZE, sharex=True,
+                                         gridspec_kw={"height_ratios": [2.2, 1]})
+    if not main_curve.empty and "loss" in main_curve:
+        # Thin and on top: where a branch tracks the main path both lines stay visible.
+        ax_loss.plot(main_curve["tokens"], main_curve["loss"], color="black", lw=0.9, zorder=4,
+                     label="main path (train)")
+        ax_lr.plot(main_curve["tokens"], main_curve["lr"], color="black", lw=1.0, zorder=4, label="main path")
+    for b in branches:
+        curve = _branch_curve(run_dir, lineage, b, main_curve)
+        if curve.empty or "loss" not in curve:
+            continue
+        ax_loss.plot(curve["tokens"], curve["loss"], color=colors[b["name"]], lw=2.2, zorder=3, label=b["name"])
+        ax_lr.plot(curve["tokens"], curve["lr"], color=colors[b["name"]], lw=2.2, zorder=3, label=b["name"])
+    _draw_val_markers(ax_loss, lineage, colors)
+    _draw_boundaries((ax_loss, ax_lr), lineage)
+
+    ax_loss.set_ylabel("loss (train: window mean)")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens trained along the path")
+    ax_lr.xaxis.set_major_formatter(_token_formatter())
+    ax_lr.set_ylim(bottom=0)
+    for ax in (ax_loss, ax_lr):
+        ax.grid(True, alpha=0.25)
+    handles, _ = ax_loss.get_legend_handles_labels()
+    ax_loss.legend(handles=handles + _legend_proxies(), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                   fontsize=8.5, frameon=False)
+    fig.suptitle(f"{lineage.get('name', 'run')}: main path and release branches")
+    fig.tight_layout()
+    _save_figure(fig, out_png)
+    plt.close(fig)
+    return out_png
+
+
+def _save_figure(fig, out_png: Path) -> None:
+    """Temp sibling then ``os.replace``: a reader never sees half a PNG."""
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".tmp.png", dir=out_png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; like every run file, a report is read by others
+        os.replace(tmp, out_png)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- report
+
+def write_report(run_dir: str | os.PathLike) -> dict[str, str]:
+    """Plot, CSV and markdown of a run under ``RUN_DIR/report``; returns their paths."""
+    from raypath.lineage import Lineage
+
+    run_dir = Path(run_dir)
+    lineage = Lineage.load(run_dir).data
+    out = run_dir / REPORT_DIR
+    plot = plot_lineage(run_dir, lineage, out / "lineage.png")
+    buf = io.StringIO()
+    releases_table(lineage).to_csv(buf, index=False)
+    table = out / "releases.csv"
+    atomic_write_bytes(table, buf.getvalue().encode())
+    markdown = out / "releases.md"
+    atomic_write_bytes(markdown, releases_markdown(lineage).encode())
+    return {"plot": str(plot), "table": str(table), "markdown": str(markdown)}

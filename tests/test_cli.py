@@ -1,0 +1,57 @@
+"""The command line: bad input fails before any training, with the field named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raypath.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("branch.shape=cosin", "branch.shape"),
+    ("branch.fraction=1.0", "branch.fraction"),
+    ("data.corpus=/nonexistent/corpus", "data.corpus"),
+    ("data.seq_len=512", "model.max_position_embeddings"),
+])
+def test_run_rejects_bad_config_before_training(override, field, tmp_path, capsys):
+    rc = main(["run", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run_dir={tmp_path / 'r'}",
+               "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert field in err and "tiny.yaml" in err
+    assert not (tmp_path / "r").exists()  # nothing was created, nothing trained
+
+
+def test_console_script_reports_missing_config(tmp_path):
+    exe = Path(sys.executable).with_name("raypath")
+    out = subprocess.run([str(exe), "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "nope.yaml" in out.stderr and "not found" in out.stderr
+
+
+def test_cost_table(capsys):
+    assert main(["cost", "--tokens", "100", "200", "300", "--fraction", "0.25"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    last = lines[-1].split()
+    # PTFS 100+300+600=1000, CPT 600, PS 1.25*600=750 -> ratios 0.6 and 0.75
+    assert last[0] == "3" and last[-2:] == ["0.600", "0.750"]
+
+
+def test_status_of_finished_run(tiny_run, capsys):
+    cfg, lin = tiny_run
+    assert main(["status", cfg.run_dir]) == 0
+    out = capsys.readouterr().out
+    for name in ("main-v1", "branch-v3", "v3"):
+        assert name in out
+
+
+def test_status_of_missing_run(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "no lineage record" in capsys.readouterr().err

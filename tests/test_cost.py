@@ -1,0 +1,167 @@
+"""Tests of raypath.cost against hand-computed token counts (literals, not formulas)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raypath.cost import format_costs, lineage_costs, paradigm_costs, stream_tokens
+
+REL = 1e-12
+
+
+def _col(rows, key):
+    return [r[key] for r in rows]
+
+
+def test_three_versions_no_replay():
+    rows = paradigm_costs([100, 200, 300], 0.25)
+    assert _col(rows, "version") == [1, 2, 3]
+    assert _col(rows, "new_tokens") == [100, 200, 300]
+    # PTFS re-trains on everything seen so far
+    assert _col(rows, "ptfs_tokens") == pytest.approx([100, 300, 600], rel=REL)
+    assert _col(rows, "ptfs_cumulative") == pytest.approx([100, 400, 1000], rel=REL)
+    # CPT trains each version's data once
+    assert _col(rows, "cpt_tokens") == pytest.approx([100, 200, 300], rel=REL)
+    assert _col(rows, "cpt_cumulative") == pytest.approx([100, 300, 600], rel=REL)
+    # path switching: main path + a branch over the last 25%
+    assert _col(rows, "path_switching_tokens") == pytest.approx([125, 250, 375], rel=REL)
+    assert _col(rows, "path_switching_cumulative") == pytest.approx([125, 375, 750], rel=REL)
+    # ratios are cumulative / cumulative PTFS
+    assert _col(rows, "cpt_ratio") == pytest.approx([1.0, 0.75, 0.6], rel=REL)  # 100/100, 300/400, 600/1000
+    assert _col(rows, "path_switching_ratio") == pytest.approx([1.25, 0.9375, 0.75], rel=REL)  # 125/100, 375/400
+    assert rows[-1]["cpt_ratio"] == pytest.approx(600 / 1000, rel=REL)
+    assert rows[-1]["path_switching_ratio"] == pytest.approx(750 / 1000, rel=REL)
+
+
+def test_row_keys():
+    row = paradigm_costs([1.0], 0.5)[0]
+    assert set(row) == {
+        "version", "new_tokens",
+        "ptfs_tokens", "cpt_tokens", "path_switching_tokens",
+        "ptfs_cumulative", "cpt_cumulative", "path_switching_cumulative",
+        "cpt_ratio", "path_switching_ratio",
+    }
+    assert row["path_switching_tokens"] == pytest.approx(1.5, rel=REL)
+
+
+def test_three_versions_with_replay():
+    rows = paradigm_costs([100, 200, 300], 0.25, replay_ratio=0.2)
+    # streams: version 1 has nothing to replay; later ones D / (1 - 0.2)
+    assert stream_tokens([100, 200, 300], 0.2) == pytest.approx([100, 250, 375], rel=REL)
+    assert _col(rows, "cpt_tokens") == pytest.approx([100, 250, 375], rel=REL)
+    assert _col(rows, "cpt_cumulative") == pytest.approx([100, 350, 725], rel=REL)
+    # PTFS does not replay: it trains each version's new data once
+    assert _col(rows, "ptfs_tokens") == pytest.approx([100, 300, 600], rel=REL)
+    assert _col(rows, "ptfs_cumulative") == pytest.approx([100, 400, 1000], rel=REL)
+    assert _col(rows, "path_switching_tokens") == pytest.approx([125, 312.5, 468.75], rel=REL)
+    assert _col(rows, "path_switching_cumulative") == pytest.approx([125, 437.5, 906.25], rel=REL)
+    assert _col(rows, "cpt_ratio") == pytest.approx([1.0, 0.875, 0.725], rel=REL)
+    assert _col(rows, "path_switching_ratio") == pytest.approx([1.25, 1.09375, 0.90625], rel=REL)
+    assert _col(rows, "new_tokens") == [100, 200, 300]
+
+
+def test_stream_tokens():
+    assert stream_tokens([100, 200, 300]) == [100, 200, 300]
+    assert stream_tokens([100, 200, 300], 0.5) == pytest.approx([100, 400, 600], rel=REL)
+    assert stream_tokens([80], 0.9) == [80]
+    assert stream_tokens([], 0.2) == []
+
+
+def test_equal_versions():
+    rows = paradigm_costs([1, 1, 1, 1], 0.2)
+    assert _col(rows, "ptfs_cumulative") == pytest.approx([1, 3, 6, 10], rel=REL)
+    assert _col(rows, "path_switching_cumulative") == pytest.approx([1.2, 2.4, 3.6, 4.8], rel=REL)
+    assert _col(rows, "cpt_cumulative") == pytest.approx([1, 2, 3, 4], rel=REL)
+    assert rows[-1]["path_switching_ratio"] == pytest.approx(0.48, rel=REL)  # 4.8 / 10
+    assert rows[-1]["cpt_ratio"] == pytest.approx(0.4, rel=REL)  # 4 / 10
+    assert _col(rows, "path_switching_ratio") == pytest.approx([1.2, 0.8, 0.6, 0.48], rel=REL)
+
+
+def test_empty_lineage_plan():
+    assert paradigm_costs([], 0.2) == []
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
+def test_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="branch_fraction"):
+        paradigm_costs([100, 200], fraction)
+
+
+@pytest.mark.parametrize("replay", [1.0, 1.2, -0.1])
+def test_bad_replay(replay):
+    with pytest.raises(ValueError, match="replay_ratio"):
+        paradigm_costs([100, 200], 0.2, replay)
+
+
+# ---------------------------------------------------------------- measured lineage
+
+
+def _lineage() -> dict:
+    return {
+        "versions": [
+            {"name": "v1", "new_tokens": 100},
+            {"name": "v2", "new_tokens": 200},
+            {"name": "v3", "new_tokens": 300},
+        ],
+        "main_path": [
+            {"version": "v1", "tokens_start": 0, "tokens_end": 100},
+            {"version": "v2", "tokens_start": 100, "tokens_end": 350},
+            {"version": "v3", "tokens_start": 350, "tokens_end": 725},
+        ],
+        "branches": [
+            {"name": "v1-a", "version": "v1", "status": "done", "tokens_trained": 20},
+            {"name": "v2-a", "version": "v2", "status": "failed", "tokens_trained": 999},
+            {"name": "v2-b", "version": "v2", "status": "done", "tokens_trained": 50},
+            {"name": "v3-a", "version": "v3", "status": "running", "tokens_trained": 30},
+        ],
+    }
+
+
+def test_lineage_costs_by_hand():
+    rows = lineage_costs(_lineage())
+    assert _col(rows, "version") == ["v1", "v2", "v3"]
+    assert _col(rows, "main_tokens") == [100, 250, 375]
+    assert _col(rows, "branch_tokens") == [20, 50, 0]  # failed and unfinished branches do not count
+    assert _col(rows, "ptfs_cumulative") == pytest.approx([100, 400, 1000], rel=REL)
+    assert _col(rows, "path_switching_cumulative") == pytest.approx([120, 420, 795], rel=REL)
+    # 120/100, 420/400, 795/1000
+    assert _col(rows, "path_switching_ratio") == pytest.approx([1.2, 1.05, 0.795], rel=REL)
+
+
+def test_lineage_costs_in_progress_run():
+    lin = _lineage()
+    lin["main_path"] = lin["main_path"][:2]  # v3 not trained yet
+    rows = lineage_costs(lin)
+    assert _col(rows, "version") == ["v1", "v2"]
+    assert rows[-1]["path_switching_ratio"] == pytest.approx(1.05, rel=REL)
+    lin["branches"] = []
+    assert _col(lineage_costs(lin), "path_switching_cumulative") == pytest.approx([100, 350], rel=REL)
+    assert lineage_costs({"versions": lin["versions"], "main_path": []}) == []
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def test_format_costs_one_line_per_version_plus_header():
+    rows = paradigm_costs([100, 200, 300], 0.25)
+    text = format_costs(rows)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    header = lines[0]
+    for col in ("version", "PTFS cum", "CPT cum", "PS cum", "CPT/PTFS", "PS/PTFS"):
+        assert col in header
+    # each version line: index, new, cumulative PTFS / CPT / PS, then the two ratios
+    assert lines[1].split() == ["1", "100", "100", "100", "125", "1.000", "1.250"]
+    assert lines[2].split() == ["2", "200", "400", "300", "375", "0.750", "0.938"]
+    assert lines[3].split() == ["3", "300", "1000", "600", "750", "0.600", "0.750"]
+    # columns line up under the header
+    assert {len(line) for line in lines} == {len(header)}
+
+
+def test_format_costs_many_versions():
+    rows = paradigm_costs([1e9] * 12, 0.1)
+    lines = format_costs(rows).splitlines()
+    assert len(lines) == 13
+    assert lines[-1].split()[0] == "12"
+    assert lines[-1].split()[2] == "7.8e+10"  # 78 * 1e9 cumulative PTFS
+    assert format_costs([]).splitlines() == [format_costs(rows).splitlines()[0]]

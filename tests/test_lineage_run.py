@@ -1,0 +1,158 @@
+"""End to end: a tiny 3-version lineage on a local Ray cluster, then resume it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raypath import checkpoint as ckpt
+from raypath.cost import lineage_costs
+from raypath.data import Consumed, read_blocks
+from raypath.report import read_curve
+from raypath.schedules import SHAPES, Branch, Decay, MainPath
+
+
+def test_checkpoints_at_every_version_boundary(tiny_run):
+    cfg, lin = tiny_run
+    assert [m["version"] for m in lin["main_path"]] == ["v1", "v2", "v3"]
+    for main in lin["main_path"]:
+        for which in ("fork", "end"):
+            d = Path(main["checkpoints"][which])
+            ckpt.verify(d)  # manifest present, checksums match
+            assert {p.name for p in d.iterdir()} >= {"model.pt", "optim.pt", "rng.pt", "state.json", "manifest.json"}
+        state = ckpt.load_state(main["checkpoints"]["end"])
+        assert state["step"] == main["end_step"]
+        assert state["version"] == main["version"]
+        assert ckpt.load_state(main["checkpoints"]["fork"])["step"] == main["fork_step"]
+
+
+def test_main_path_is_one_continuous_path(tiny_run):
+    cfg, lin = tiny_run
+    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    prev_end, prev_tokens = 0, 0
+    for main, version in zip(lin["main_path"], lin["versions"]):
+        assert main["start_step"] == prev_end
+        assert main["tokens_start"] == prev_tokens
+        steps = main["end_step"] - main["start_step"]
+        assert steps == version["stream_rows"] // G  # each version's new data once
+        assert main["tokens_end"] - main["tokens_start"] == steps * G * L
+        prev_end, prev_tokens = main["end_step"], main["tokens_end"]
+        curve = read_curve(main["curve"])
+        assert np.allclose(curve["lr"][curve["step"] > cfg.train.warmup_steps], cfg.train.max_lr)
+
+
+def test_every_row_of_a_version_trained_exactly_once(tiny_run):
+    cfg, lin = tiny_run
+    G = cfg.train.global_batch_size
+    for main, version in zip(lin["main_path"], lin["versions"]):
+        consumed = Consumed.from_list(ckpt.load_state(main["checkpoints"]["end"])["consumed"])
+        steps = main["end_step"] - main["start_step"]
+        # A duplicated row would merge into an existing interval and shrink the count.
+        assert len(consumed) == steps * G
+        assert consumed.intervals[0][0] >= 0 and consumed.intervals[-1][1] <= version["stream_rows"]
+
+
+def test_branch_lr_follows_configured_shape(tiny_run):
+    cfg, lin = tiny_run
+    main = lin["main_path"][1]
+    branch = next(b for b in lin["branches"] if b["version"] == "v2")
+    assert branch["fork_step"] == main["fork_step"]
+    decay = Decay(cfg.branch.shape, cfg.branch.min_lr_ratio, cfg.branch.power)
+    sched = Branch(MainPath(cfg.train.max_lr, cfg.train.warmup_steps), main["fork_step"], branch["steps"], decay)
+    curve = read_curve(branch["curve"])
+    assert len(curve) >= 3
+    # A record at step s was reported after training step s-1 at LR schedule(s-1).
+    expected = [sched(s - 1) for s in curve["step"]]
+    assert np.allclose(curve["lr"], expected, rtol=1e-9)
+    # ...and that is not what any other shape would give.
+    for other in set(SHAPES) - {cfg.branch.shape}:
+        alt = Branch(sched.main, sched.fork_step, sched.steps, Decay(other, cfg.branch.min_lr_ratio))
+        assert not np.allclose(curve["lr"], [alt(s - 1) for s in curve["step"]], rtol=1e-3)
+    assert curve["lr"].iloc[-1] == pytest.approx(sched(branch["end_step"] - 1))
+
+
+def test_release_reloads_with_same_loss(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raypath.model import block_loss
+
+    cfg, lin = tiny_run
+    release = lin["releases"][-1]
+    model = AutoModelForCausalLM.from_pretrained(release["path"], local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(release["path"], local_files_only=True)
+    assert tok.eos_token_id == lin["tokenizer"]["eos_id"]
+    assert set(release["val"]) == {"val/v1", "val/v2", "val/v3"}
+    for version in lin["versions"]:
+        blocks = torch.from_numpy(read_blocks(version["val_path"])).long()
+        with torch.no_grad():
+            loss = block_loss(model, blocks).item()  # equal-length blocks: mean == token mean
+        assert loss == pytest.approx(release["val"][f"val/{version['name']}"], rel=1e-4)
+    card = json.loads(Path(release["path"], "model_card.json").read_text())
+    assert card["version"] == "v3" and card["trained_on_versions"] == ["v1", "v2", "v3"]
+    assert card["forked_from"] == lin["branches"][-1]["forked_from"]
+    assert card["decay"]["shape"] == cfg.branch.shape
+
+
+def test_lineage_record(tiny_run):
+    cfg, lin = tiny_run
+    path = Path(cfg.run_dir) / "lineage.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["versions"] == lin["versions"]
+    assert [r["version"] for r in on_disk["releases"]] == ["v1", "v2", "v3"]
+    for v in on_disk["versions"]:
+        assert v["new_tokens"] == v["new_blocks"] * (cfg.data.seq_len + 1)
+        assert all(len(f["sha256"]) == 64 for f in v["train_files"] + v["val_files"])
+    for b in on_disk["branches"]:
+        assert b["status"] == "done"
+        assert b["tokens_trained"] == b["steps"] * cfg.train.global_batch_size * cfg.data.seq_len
+        assert Path(b["release"], "model.safetensors").is_file()
+    assert not list(path.parent.glob(".lineage.json.*"))  # no temp files left behind
+
+
+def test_cost_matches_hand_computation(tiny_run):
+    cfg, lin = tiny_run
+    rows = lineage_costs(lin)
+    new = [v["new_tokens"] for v in lin["versions"]]
+    trained = [m["tokens_end"] - m["tokens_start"] + b["tokens_trained"]
+               for m, b in zip(lin["main_path"], sorted(lin["branches"], key=lambda b: b["version"]))]
+    ptfs = [new[0], new[0] + (new[0] + new[1]), new[0] + (new[0] + new[1]) + sum(new)]
+    for k, row in enumerate(rows):
+        assert row["ptfs_cumulative"] == ptfs[k]
+        assert row["path_switching_ratio"] == pytest.approx(sum(trained[: k + 1]) / ptfs[k])
+
+
+def test_rerun_resumes_and_appends_a_version(tiny_run_copy):
+    """Same command again: nothing re-trains; a new version trains only itself."""
+    from raypath.run import run
+
+    cfg = tiny_run_copy
+    run_dir = Path(cfg.run_dir)
+    curves_before = {p.name: p.read_bytes() for p in (run_dir / "curves").iterdir()}
+    lin = run(cfg).data
+    assert {p.name: p.read_bytes() for p in (run_dir / "curves").iterdir()} == curves_before
+
+    # Crash simulation: version 3's boundary checkpoint and lineage entry are gone,
+    # its fork checkpoint survived. The rerun must continue from the fork step.
+    main3 = lin["main_path"][-1]
+    lineage_path = run_dir / "lineage.json"
+    record = json.loads(lineage_path.read_text())
+    record["main_path"] = record["main_path"][:-1]
+    lineage_path.write_text(json.dumps(record))
+    import shutil
+    shutil.rmtree(main3["checkpoints"]["end"])
+    lin2 = run(cfg).data
+    curve = read_curve(main3["curve"])
+    raw = [json.loads(line) for line in Path(main3["curve"]).read_text().splitlines()]
+    resumed = raw[len([r for r in raw if r["step"] <= main3["end_step"]]) - 1:]
+    assert lin2["main_path"][-1]["end_step"] == main3["end_step"]
+    assert curve["step"].max() == main3["end_step"]
+    # the rerun's records come after the fork checkpoint, not from the segment start
+    new_records = raw[len(curves_before["main-v3.jsonl"].splitlines()):]
+    assert new_records and min(r["step"] for r in new_records) > main3["fork_step"]
+    consumed = Consumed.from_list(ckpt.load_state(main3["checkpoints"]["end"])["consumed"])
+    assert len(consumed) == (main3["end_step"] - main3["start_step"]) * cfg.train.global_batch_size
+    del resumed

@@ -1,0 +1,335 @@
+"""Tests of raypath.report on a small synthetic run directory.
+
+The fixture writes a lineage with the same keys a real run records (3 versions,
+100 tokens per step) plus its curves, so nothing here needs a finished run on
+the machine. Recorded curve paths point at a directory that does not exist, as
+they do in a run directory that was copied elsewhere. Expected numbers are
+hand-computed literals (the arithmetic is next to each).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from raypath.report import (  # noqa: E402
+    format_releases,
+    format_status,
+    plot_lineage,
+    read_curve,
+    releases_markdown,
+    releases_table,
+    si,
+    write_report,
+)
+
+OLD = "/nonexistent/moved_run"  # where the run was when it recorded its absolute paths
+MAX_LR = 0.01
+TOK_PER_STEP = 100  # global batch 2 x seq_len 50
+
+# version: (new_tokens, start_step, end_step, fork_step)
+#   fork = end - round(0.2 * steps): v1 10 - 2 = 8, v2 22 - round(2.4) = 20, v3 30 - round(1.6) = 28
+VERSIONS = {"v1": (1010, 0, 10, 8), "v2": (1210, 10, 22, 20), "v3": (805, 22, 30, 28)}
+MAIN_VAL = {"v1": {"val/v1": 4.0},
+            "v2": {"val/v1": 3.8, "val/v2": 3.7},
+            "v3": {"val/v1": 3.6, "val/v2": 3.5, "val/v3": 3.3}}
+RELEASE_VAL = {"v1": {"val/v1": 3.9},
+               "v2": {"val/v1": 3.6, "val/v2": 3.5},
+               "v3": {"val/v1": 3.55, "val/v2": 3.45, "val/v3": 3.4}}
+
+
+def _version(name: str, k: int) -> dict:
+    new_tokens = VERSIONS[name][0]
+    return {"name": name, "index": k, "train_files": [], "val_files": [], "docs": 5 + k,
+            "new_blocks": new_tokens // 50, "new_tokens": new_tokens, "dropped_tokens": new_tokens % 50,
+            "replay_blocks": 0, "replay_from": {}, "stream_rows": new_tokens // 50, "val_blocks": 4,
+            "new_path": f"{OLD}/data/{name}/new.parquet", "stream_path": f"{OLD}/data/{name}/stream.parquet",
+            "val_path": f"{OLD}/data/{name}/val.parquet"}
+
+
+def _main(name: str) -> dict:
+    _, start, end, fork = VERSIONS[name]
+    return {"version": name, "segment": f"main-{name}", "start_step": start, "end_step": end,
+            "fork_step": fork, "fork_fraction": 0.2, "tokens_start": start * TOK_PER_STEP,
+            "tokens_end": end * TOK_PER_STEP, "max_lr": MAX_LR, "warmup_steps": 2,
+            "checkpoints": {"fork": f"{OLD}/ray/main-{name}/step_{fork:08d}",
+                            "end": f"{OLD}/ray/main-{name}/step_{end:08d}"},
+            "curve": f"{OLD}/curves/main-{name}.jsonl",
+            "metrics": {"step": end, "lr": MAX_LR, "tokens": end * TOK_PER_STEP, "segment": f"main-{name}",
+                        "loss": 3.0, **MAIN_VAL[name]},
+            "status": "done", "finished": "2026-01-01T00:00:00+00:00"}
+
+
+def _branch(name: str) -> dict:
+    _, _, end, fork = VERSIONS[name]
+    metrics = {"loss": 2.9, **RELEASE_VAL[name]}
+    return {"name": f"branch-{name}", "version": name, "fork_step": fork, "end_step": end,
+            "steps": end - fork, "decay": {"shape": "1-sqrt", "min_lr_ratio": 0.0, "power": 2.0},
+            "forked_from": f"{OLD}/ray/main-{name}/step_{fork:08d}",
+            "checkpoint": f"{OLD}/ray/branch-{name}/step_{end:08d}",
+            "curve": f"{OLD}/curves/branch-{name}.jsonl", "metrics": metrics,
+            "tokens_trained": (end - fork) * TOK_PER_STEP, "tokens_total": end * TOK_PER_STEP,
+            "release": f"{OLD}/releases/{name}", "status": "done", "finished": "2026-01-01T00:00:00+00:00"}
+
+
+def _release(name: str, k: int) -> dict:
+    return {"version": name, "version_index": k, "path": f"{OLD}/releases/{name}", "branch": f"branch-{name}",
+            "val": {"loss": 2.9, **RELEASE_VAL[name]}, "tokens_total": VERSIONS[name][2] * TOK_PER_STEP,
+            "released": "2026-01-01T00:00:00+00:00"}
+
+
+def make_lineage() -> dict:
+    names = list(VERSIONS)
+    return {
+        "format": 1, "name": "synthetic", "created": "2026-01-01T00:00:00+00:00",
+        "config": {"name": "synthetic", "run_dir": OLD,
+                   "model": {"path": None, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                             "num_kv_heads": 1, "intermediate_size": 64},
+                   "data": {"seq_len": 50, "replay_ratio": 0.0, "val_blocks": 4},
+                   "train": {"num_workers": 1, "global_batch_size": 2, "micro_batch_size": 1,
+                             "max_lr": MAX_LR, "warmup_steps": 2},
+                   "branch": {"fraction": 0.2, "shape": "1-sqrt", "min_lr_ratio": 0.0, "power": 2.0,
+                              "parallel": True}},
+        "tokenizer": {"path": f"{OLD}/tokenizer", "vocab_size": 256, "eos_id": 0}, "model": {},
+        "versions": [_version(n, k) for k, n in enumerate(names)],
+        "main_path": [_main(n) for n in names],
+        "branches": [_branch(n) for n in names],
+        "releases": [_release(n, k) for k, n in enumerate(names)],
+        "updated": "2026-01-01T00:00:00+00:00",
+    }
+
+
+def _record(step: int, lr: float, segment: str, loss: float, **val: float) -> dict:
+    return {"step": step, "lr": lr, "tokens": step * TOK_PER_STEP, "segment": segment, "loss": loss,
+            "tokens_per_s": 1000.0, "data_wait_share": 0.05, **val}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _write_curves(run: Path) -> None:
+    for name, (_, start, end, fork) in VERSIONS.items():
+        seg = f"main-{name}"
+        main = [_record(s, MAX_LR, seg, 5.0 - 0.08 * s) for s in range(start + 2, end, 2)]
+        main.append(_record(end, MAX_LR, seg, 5.0 - 0.08 * end, **MAIN_VAL[name]))
+        if name == "v2":
+            # crashed after logging steps 14 and 16, resumed from the step-12 checkpoint and
+            # re-logged them: the earlier (lost) records come first in the file, the later win
+            main[1:1] = [_record(14, MAX_LR, seg, 99.0), _record(16, MAX_LR, seg, 99.0)]
+        _write_jsonl(run / "curves" / f"{seg}.jsonl", main)
+        seg = f"branch-{name}"
+        branch = [_record(fork + 1, MAX_LR / 2, seg, 4.9 - 0.08 * fork),
+                  _record(end, 0.0, seg, 4.7 - 0.08 * end, **RELEASE_VAL[name])]
+        _write_jsonl(run / "curves" / f"{seg}.jsonl", branch)
+
+
+def _write_run(run: Path, lineage: dict) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    _write_curves(run)
+    return run
+
+
+@pytest.fixture
+def lineage() -> dict:
+    return make_lineage()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, lineage: dict) -> Path:
+    return _write_run(tmp_path / "run", lineage)
+
+
+def partial_lineage() -> dict:
+    """Mid-run: v2's main segment done but its branch not, v3 not started, v1 released."""
+    lin = make_lineage()
+    lin["main_path"] = lin["main_path"][:2]
+    lin["branches"] = lin["branches"][:1]
+    lin["releases"] = lin["releases"][:1]
+    return lin
+
+
+# ------------------------------------------------------------------ read_curve
+
+def test_read_curve_keeps_last_record_of_a_step_sorted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    _write_jsonl(path, [_record(10, 1.0, "s", 3.0), _record(5, 1.0, "s", 4.0),
+                        _record(10, 1.0, "s", 2.5), _record(15, 1.0, "s", 2.0)])
+    df = read_curve(path)
+    assert df["step"].tolist() == [5, 10, 15]
+    assert df["loss"].tolist() == [4.0, 2.5, 2.0]
+
+
+def test_read_curve_missing_file_is_empty_with_step_column(tmp_path):
+    df = read_curve(tmp_path / "nope.jsonl")
+    assert df.empty and list(df.columns) == ["step"]
+
+
+def test_read_curve_on_fixture_drops_the_resumed_duplicate(run_dir):
+    df = read_curve(run_dir / "curves" / "main-v2.jsonl")
+    assert df["step"].is_unique and df["step"].is_monotonic_increasing
+    assert 99.0 not in df["loss"].tolist()
+    assert df["step"].tolist() == [12, 14, 16, 18, 20, 22]
+    assert df.loc[df["step"] == 14, "loss"].item() == pytest.approx(5.0 - 0.08 * 14)
+
+
+# ------------------------------------------------------------------ releases table
+
+def test_releases_table_numbers(lineage):
+    df = releases_table(lineage)
+    assert df["version"].tolist() == ["v1", "v2", "v3"]
+    assert df["branch"].tolist() == ["branch-v1", "branch-v2", "branch-v3"]
+    assert [c for c in df.columns if c.startswith("val/v")] == ["val/v1", "val/v2", "val/v3"]
+    # val on every split seen so far, NaN where that release was not evaluated
+    assert df["val/v1"].tolist() == [3.9, 3.6, 3.55]
+    assert math.isnan(df.loc[0, "val/v2"]) and math.isnan(df.loc[0, "val/v3"]) and math.isnan(df.loc[1, "val/v3"])
+    assert df["val/own"].tolist() == [3.9, 3.5, 3.4]
+    assert df["main val/own"].tolist() == [4.0, 3.7, 3.3]
+    # delta = release - main on the own split
+    assert df["delta"].tolist() == pytest.approx([3.9 - 4.0, 3.5 - 3.7, 3.4 - 3.3])
+    # tokens on the release's path = main tokens at the boundary (end step * 100)
+    assert df["tokens_total"].tolist() == [1000, 2200, 3000]
+    # whole run: main (1000, 1200, 800) + branches (2 steps * 100 each)
+    assert df["tokens_cumulative"].tolist() == [1200, 1200 + 1400, 2600 + 1000]
+    # PTFS: 1010, 1010 + (1010+1210), 3230 + (1010+1210+805)
+    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1010, 2600 / 3230, 3600 / 6255])
+
+
+def test_releases_table_tolerates_main_path_recorded_out_of_order(lineage):
+    shuffled = copy.deepcopy(lineage)
+    shuffled["main_path"] = shuffled["main_path"][::-1]  # a re-recorded entry is appended last
+    assert releases_table(shuffled)["path_switching_ratio"].tolist() == pytest.approx(
+        [1200 / 1010, 2600 / 3230, 3600 / 6255])
+
+
+def test_releases_table_empty_keeps_columns():
+    lin = make_lineage()
+    lin["releases"] = []
+    df = releases_table(lin)
+    assert df.empty
+    assert {"version", "branch", "delta", "tokens_total", "tokens_cumulative", "path_switching_ratio"} <= set(df)
+
+
+# ------------------------------------------------------------------ text
+
+@pytest.mark.parametrize("n,text", [(0, "0"), (999, "999"), (1000, "1.0k"), (52736, "52.7k"),
+                                    (1.2e6, "1.2M"), (3.4e9, "3.4G"), (None, "-"), (float("nan"), "-")])
+def test_si(n, text):
+    assert si(n) == text
+
+
+def _row(text: str, first: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(first + " "))
+    return line.split()
+
+
+def test_format_releases_rows(lineage):
+    text = format_releases(lineage)
+    assert text.splitlines()[0].startswith("releases of synthetic")
+    #          version branch  val/v1 v2 v3  own  main  delta  tokens run  ratio (1200/1010 = 1.18812)
+    assert _row(text, "v1") == ["v1", "branch-v1", "3.900", "-", "-", "3.900", "4.000", "-0.100",
+                                "1.0k", "1.2k", "1.188"]
+    assert _row(text, "v2")[-4:] == ["-0.200", "2.2k", "2.6k", "0.805"]  # 2600/3230 = 0.80495
+    assert _row(text, "v3")[-4:] == ["+0.100", "3.0k", "3.6k", "0.576"]  # 3600/6255 = 0.57554
+    # header, dashed rule, one line per release; right-aligned numbers end in the same column
+    table = text.splitlines()[1:]
+    assert len(table) == 2 + 3
+    assert table[1].replace(" ", "").strip("-") == ""
+    assert len({len(line) for line in table}) == 1
+
+
+def test_releases_markdown(lineage):
+    lines = releases_markdown(lineage).strip().splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[0].startswith("| version | branch | val/v1")
+    assert lines[3].startswith("| v2 | branch-v2 | 3.600 | 3.500 | - |")
+
+
+def test_format_status_full(lineage):
+    text = format_status(lineage)
+    assert text.startswith("run: synthetic")
+    for piece in ("hidden 32", "layers 2", "seq_len 50", "global batch 2", "max_lr 0.01",
+                  "fraction 0.2", "shape 1-sqrt"):
+        assert piece in text
+    # versions: name, docs, new blocks, new tokens, replay blocks, val blocks
+    assert _row(text, "v2") == ["v2", "6", "24", "1.2k", "0", "4"]
+    # main path: version, steps, fork, tokens at end, val on own split, checkpoint, status
+    assert _row(text.split("main path")[1], "v2") == ["v2", "10->22", "20", "2.2k", "3.700",
+                                                      "main-v2/step_00000022", "done"]
+    # branches: name, fork, steps, decay, final val losses, status
+    assert _row(text, "branch-v3") == ["branch-v3", "28", "2", "1-sqrt", "min", "0", "pow", "2",
+                                       "3.550", "3.450", "3.400", "done"]
+    assert "releases of synthetic" in text
+
+
+def test_format_status_partial_lineage():
+    text = format_status(partial_lineage())
+    assert "main-v1/step_00000010  done" in text
+    assert "main-v2/step_00000022  done, no branch yet" in text
+    assert _row(text.split("main path")[1], "v3")[-1] == "pending"
+    assert "branch-v1" in text and "branch-v2" not in text
+    releases = text.split("releases of synthetic")[1]
+    assert "v1" in releases and "v2 " not in releases
+    assert len(releases_table(partial_lineage())) == 1
+
+
+def test_format_status_fresh_lineage():
+    """Right after `Lineage.open`: nothing prepared, nothing trained."""
+    fresh = {"format": 1, "name": "fresh", "config": {}, "tokenizer": {}, "model": {}, "versions": [],
+             "main_path": [], "branches": [], "releases": []}
+    text = format_status(fresh)
+    assert text.startswith("run: fresh")
+    assert "(no releases yet)" in text and "(none prepared yet)" in text
+    assert releases_table(fresh).empty
+
+
+# ------------------------------------------------------------------ files
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    return img.shape[1], img.shape[0]
+
+
+def test_write_report_files(run_dir):
+    paths = write_report(run_dir)
+    report = run_dir / "report"
+    assert paths == {"plot": str(report / "lineage.png"), "table": str(report / "releases.csv"),
+                     "markdown": str(report / "releases.md")}
+    png = Path(paths["plot"])
+    assert png.stat().st_size > 10_000
+    assert png.stat().st_mode & 0o777 == 0o644
+    assert _png_size(png) == (1320, 900)  # 11 x 7.5 in at 120 dpi
+    df = pd.read_csv(paths["table"])
+    assert df["version"].tolist() == ["v1", "v2", "v3"]
+    assert df["tokens_cumulative"].tolist() == [1200, 2600, 3600]
+    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1010, 2600 / 3230, 3600 / 6255])
+    assert math.isnan(df.loc[0, "val/v2"])
+    assert Path(paths["markdown"]).read_text().count("\n| v") == 3
+    assert sorted(os.listdir(report)) == ["lineage.png", "releases.csv", "releases.md"]  # no temp files left
+
+
+def test_write_report_partial_run(tmp_path):
+    run = _write_run(tmp_path / "run", partial_lineage())
+    (run / "curves" / "branch-v2.jsonl").unlink()  # v2's branch has not logged yet
+    paths = write_report(run)
+    assert _png_size(Path(paths["plot"])) == (1320, 900)
+    assert pd.read_csv(paths["table"])["version"].tolist() == ["v1"]
+
+
+def test_plot_lineage_without_any_curves(tmp_path, lineage):
+    out = plot_lineage(tmp_path / "empty_run", lineage, tmp_path / "out" / "p.png")
+    assert _png_size(out) == (1320, 900)
