@@ -36,6 +36,7 @@ def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str |
         schedule=Branch(main_schedule(ctx), fork, steps, decay),
         init_checkpoint=fork_ckpt,
         val_paths=ctx.val_paths(k),
+        stream_limit=(main["end_step"] - main["start_step"]) * ctx.cfg.train.global_batch_size,
         export_dir=export_dir,
         tokenizer_dir=ctx.tokenizer_dir,
         model_card={

@@ -66,6 +66,9 @@ class DataConfig:
     replay_ratio: fraction of each version's stream drawn from older versions, in [0, 1).
     tokenize_actors: Ray Data actors that tokenize in parallel.
     seed: seed of stream order and replay sampling.
+    on_bad_input: ``error`` stops at the first bad file or document with its
+        name (and line); ``skip`` drops it, logs it and counts it in the manifest.
+    max_doc_chars: longest document accepted, in characters; 0 = no limit.
     """
 
     corpus: str = "embedded"
@@ -79,13 +82,22 @@ class DataConfig:
     replay_ratio: float = 0.0
     tokenize_actors: int = 1
     seed: int = 0
+    on_bad_input: str = "error"
+    max_doc_chars: int = 1_000_000
 
 
 @dataclass
 class TrainConfig:
     """The main path's optimisation; branches reuse it with their own decaying LR.
 
-    num_workers: Ray Train workers (DDP ranks).
+    num_workers: Ray Train workers (DDP ranks); the maximum when elastic.
+    min_workers: elastic lower bound; 0 = fixed at ``num_workers``. On resize or
+        failure Ray restarts the worker group from the latest checkpoint; the
+        global batch stays fixed (accumulation adapts), so steps keep their meaning.
+    max_failures: worker-group restarts tolerated per segment (Ray's FailureConfig);
+        -1 = unlimited.
+    elastic_resize_interval_s: how often an elastic group checks whether it can
+        grow (Ray's ``elastic_resize_monitor_interval_s``).
     use_gpu: one GPU per worker, NCCL; otherwise CPU and gloo.
     cpus_per_worker: CPUs each worker reserves.
     global_batch_size: sequences per optimizer step, fixed whatever the world size.
@@ -104,6 +116,9 @@ class TrainConfig:
     """
 
     num_workers: int = 1
+    min_workers: int = 0
+    max_failures: int = 0
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     global_batch_size: int = 16
@@ -289,6 +304,9 @@ def validate(cfg: Config) -> None:
     _check(d.val_blocks >= 1, "data.val_blocks", f"must be >= 1, got {d.val_blocks}")
     _check(0.0 <= d.replay_ratio < 1.0, "data.replay_ratio", f"must be in [0, 1), got {d.replay_ratio}")
     _check(d.tokenize_actors >= 1, "data.tokenize_actors", "must be >= 1")
+    _check(d.on_bad_input in ("error", "skip"), "data.on_bad_input",
+           f"must be 'error' or 'skip', got {d.on_bad_input!r}")
+    _check(d.max_doc_chars >= 0, "data.max_doc_chars", f"must be >= 0 (0 = no limit), got {d.max_doc_chars}")
     if m.path:
         _check(Path(m.path, "config.json").is_file(), "model.path",
                f"{m.path!r} is not a save_pretrained directory (no config.json)")
@@ -302,9 +320,14 @@ def validate(cfg: Config) -> None:
     _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
-    per_step = t.micro_batch_size * t.num_workers
-    _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
-           f"{t.global_batch_size} is not a multiple of micro_batch_size x num_workers = {per_step}")
+    _check(0 <= t.min_workers <= t.num_workers, "train.min_workers",
+           f"must be in [0, num_workers={t.num_workers}], got {t.min_workers}")
+    _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")
+    for world in range(t.min_workers or t.num_workers, t.num_workers + 1):
+        per_step = t.micro_batch_size * world
+        _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
+               f"{t.global_batch_size} is not a multiple of micro_batch_size x num_workers = {per_step}"
+               + (f" (at {world} workers of the elastic range)" if t.min_workers else ""))
     _check(t.max_lr > 0, "train.max_lr", f"must be > 0, got {t.max_lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")

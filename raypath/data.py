@@ -23,13 +23,17 @@ duplicates, whatever the number of workers before and after.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raypath.storage import read_json, sha256_file, write_json
@@ -84,6 +88,93 @@ def discover_versions(corpus_dir: str | Path, names: list[str] | None = None) ->
     return out
 
 
+# ---------------------------------------------------------------- validation
+
+POLICIES = ("error", "skip")
+
+
+def _check_jsonl(path: str, text_column: str, max_doc_chars: int) -> tuple[str | None, int]:
+    """First problem of a jsonl(.gz) file as text (None if fine), and its document count."""
+    opener = gzip.open if path.endswith(".gz") else open
+    docs = 0
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})", docs
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {lineno}: not valid JSON ({e.msg})", docs
+            if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+                return f"line {lineno}: no {text_column!r} string field", docs
+            if max_doc_chars and len(row[text_column]) > max_doc_chars:
+                return (f"line {lineno}: document of {len(row[text_column])} characters exceeds "
+                        f"data.max_doc_chars={max_doc_chars}"), docs
+            docs += 1
+    return (None, docs) if docs else ("empty: no documents", 0)
+
+
+def _check_parquet(path: str, text_column: str, max_doc_chars: int) -> tuple[str | None, int]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        return f"not a readable parquet file ({e})", 0
+    if text_column not in pf.schema_arrow.names:
+        return f"no {text_column!r} column (columns: {', '.join(pf.schema_arrow.names)})", 0
+    if not pa.types.is_string(pf.schema_arrow.field(text_column).type) and \
+            not pa.types.is_large_string(pf.schema_arrow.field(text_column).type):
+        return f"column {text_column!r} is {pf.schema_arrow.field(text_column).type}, expected string", 0
+    if pf.metadata.num_rows == 0:
+        return "empty: no rows", 0
+    if max_doc_chars:
+        offset = 0
+        for i in range(pf.num_row_groups):
+            lengths = pc.utf8_length(pf.read_row_group(i, columns=[text_column]).column(0)).to_numpy(
+                zero_copy_only=False)
+            over = np.nonzero(lengths > max_doc_chars)[0]
+            if len(over):
+                return (f"row {offset + over[0]}: document of {int(lengths[over[0]])} characters exceeds "
+                        f"data.max_doc_chars={max_doc_chars}"), pf.metadata.num_rows
+            offset += len(lengths)
+    return None, pf.metadata.num_rows
+
+
+def validate_files(files: tuple[str, ...], text_column: str, policy: str = "error",
+                   max_doc_chars: int = 0) -> tuple[tuple[str, ...], list[dict]]:
+    """Check every file before Ray Data touches it; a bad one raises or is skipped.
+
+    Catches what would otherwise surface as an opaque worker traceback (or a
+    silent drop): missing/empty files, unreadable parquet, a missing text
+    column, non-UTF-8 bytes, malformed JSON lines. Over-long documents are
+    errors under ``policy="error"``; under ``"skip"`` they are dropped and
+    counted one by one during tokenization, so they are not a file-level skip.
+    """
+    if policy not in POLICIES:
+        raise DataError(f"data.on_bad_input: {policy!r} is not one of {', '.join(POLICIES)}")
+    keep, skipped = [], []
+    limit = max_doc_chars if policy == "error" else 0
+    for f in files:
+        if not Path(f).is_file():
+            problem = "file not found"
+        elif Path(f).stat().st_size == 0:
+            problem = "empty file (0 bytes)"
+        else:
+            check = _check_parquet if f.endswith(".parquet") else _check_jsonl
+            problem, _ = check(f, text_column, limit)
+        if problem is None:
+            keep.append(f)
+        elif policy == "error":
+            raise DataError(f"{f}: {problem} (set data.on_bad_input: skip to skip bad files)")
+        else:
+            log.warning("skipping %s: %s", f, problem)
+            skipped.append({"path": f, "reason": problem})
+    return tuple(keep), skipped
+
+
 # ---------------------------------------------------------------- tokenize + pack (Ray Data)
 
 class Tokenize:
@@ -94,18 +185,30 @@ class Tokenize:
     cross batch boundaries and nothing but the version's very last tail is dropped.
     """
 
-    def __init__(self, tokenizer_dir: str, text_column: str):
+    def __init__(self, tokenizer_dir: str, text_column: str, max_doc_chars: int = 0):
         from raypath.tokenizer import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.column = text_column
+        self.max_doc_chars = max_doc_chars
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [t if isinstance(t, str) else "" for t in batch[self.column].tolist()]
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        out = np.empty(len(ids), dtype=object)
-        out[:] = [np.asarray(doc, dtype=np.int32) for doc in ids]
-        return {"ids": out}
+    def _status(self, text) -> str:
+        if not isinstance(text, str) or not text:
+            return "empty"
+        if self.max_doc_chars and len(text) > self.max_doc_chars:
+            return "too_long"
+        return "ok"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        texts = batch[self.column].tolist()
+        status = [self._status(t) for t in texts]
+        kept = [t for t, st in zip(texts, status) if st == "ok"]
+        ids = iter(self.tok(kept, add_special_tokens=False)["input_ids"] if kept else [])
+        docs = [next(ids) if st == "ok" else [] for st in status]
+        # An explicit Arrow table: numpy object arrays make Ray Data infer arrow
+        # for some batches and pandas for others, which it then rejects.
+        # One status per input row: skipped documents are counted, never silently lost.
+        return pa.table({"ids": pa.array(docs, type=pa.list_(pa.int32())), "status": pa.array(status)})
 
 
 def _read_text(files: tuple[str, ...], text_column: str):
@@ -117,7 +220,10 @@ def _read_text(files: tuple[str, ...], text_column: str):
     if parquet:
         parts.append(ray.data.read_parquet(parquet, columns=[text_column]))
     if jsonl:
-        parts.append(ray.data.read_json(jsonl, lines=True).select_columns([text_column]))
+        # PyArrow's reader (the default) takes newline-delimited JSON and yields Arrow
+        # blocks like read_parquet; lines=True would yield pandas blocks, and a
+        # union of both kinds breaks the map stage.
+        parts.append(ray.data.read_json(jsonl).select_columns([text_column]))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -137,22 +243,33 @@ def pack(docs, block: int, eos: int) -> tuple[np.ndarray, dict[str, int]]:
     return flat[: n * block].reshape(n, block), stats
 
 
-def tokenize_files(files: tuple[str, ...], tokenizer_dir: str, seq_len: int,
-                   text_column: str, actors: int, eos: int) -> tuple[np.ndarray, dict[str, int]]:
-    """Tokenize files on Ray Data, pack in file order; blocks are ``[n, seq_len + 1]``."""
+def tokenize_files(files: tuple[str, ...], tokenizer_dir: str, seq_len: int, text_column: str,
+                   actors: int, eos: int, max_doc_chars: int = 0) -> tuple[np.ndarray, dict]:
+    """Tokenize files on Ray Data, pack in file order; blocks are ``[n, seq_len + 1]``.
+
+    ``stats["skipped_docs"]`` counts documents dropped by reason (empty, too_long).
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same files -> same blocks, every run
     ds = _read_text(files, text_column).map_batches(
         Tokenize,
-        fn_constructor_kwargs=dict(tokenizer_dir=tokenizer_dir, text_column=text_column),
+        fn_constructor_kwargs=dict(tokenizer_dir=tokenizer_dir, text_column=text_column,
+                                   max_doc_chars=max_doc_chars),
         batch_size=256,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
     )
-    docs = (doc for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for doc in batch["ids"])
-    return pack(docs, seq_len + 1, eos)
+    skipped: Counter = Counter()
+
+    def docs():
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            skipped.update(st for st in batch["status"].tolist() if st != "ok")
+            yield from batch["ids"]
+
+    blocks, stats = pack(docs(), seq_len + 1, eos)
+    return blocks, {**stats, "skipped_docs": dict(skipped)}
 
 
 # ---------------------------------------------------------------- exact-resume bookkeeping
@@ -212,13 +329,20 @@ def _drop_consumed(batch: dict[str, np.ndarray], intervals: list) -> dict[str, n
     return {k: v[keep] for k, v in batch.items()}
 
 
-def stream_dataset(stream_path: str, consumed: list | None = None):
-    """The stream of one version as a Ray Dataset, minus the rows already trained."""
+def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | None = None):
+    """The stream of one version as a Ray Dataset, minus the rows already trained.
+
+    limit: train only rows ``idx < limit`` (whole global batches). Cutting the
+        tail here, not wherever the splits happen to run dry, makes the set of
+        trained rows independent of world size and restarts.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.read_parquet(stream_path, columns=["idx", "tokens"])
+    if limit is not None:
+        ds = ds.filter(expr=f"idx < {int(limit)}")
     if consumed:
         ds = ds.map_batches(_drop_consumed, fn_kwargs={"intervals": consumed}, batch_format="numpy")
     return ds
@@ -273,6 +397,8 @@ class PrepareSpec:
     seed: int
     actors: int
     min_blocks: int  # a version must fill at least one global batch
+    on_bad_input: str = "error"  # "error" or "skip" (counted and logged)
+    max_doc_chars: int = 0  # 0 = no limit
 
 
 def _check_unchanged(rec: dict, src: VersionSource) -> None:
@@ -284,6 +410,8 @@ def _check_unchanged(rec: dict, src: VersionSource) -> None:
             raise DataError(f"version {src.name}: its {kind.split('_')[0]} files changed after it was "
                             f"trained (added: {added or 'none'}; missing: {gone or 'none'})")
         for f in files:
+            if not Path(f).is_file():
+                raise DataError(f"{f}: file of version {src.name} is missing (it was trained on; restore it)")
             if sha256_file(f) != recorded[f]["sha256"]:
                 raise DataError(f"{f}: content changed after version {src.name} was trained "
                                 f"(sha256 differs from the manifest); add new data as a new version")
@@ -319,14 +447,27 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec) -> list[di
     return records[: len(sources)]
 
 
+def _tokenize_split(src: VersionSource, split: str, spec: PrepareSpec, eos: int) -> tuple[np.ndarray, dict]:
+    files = src.train_files if split == "train" else src.val_files
+    keep, skipped_files = validate_files(files, spec.text_column, spec.on_bad_input, spec.max_doc_chars)
+    if not keep:
+        raise DataError(f"version {src.name}: no usable {split} files left "
+                        f"({len(skipped_files)} skipped: {[s['reason'] for s in skipped_files]})")
+    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
+    blocks, stats = tokenize_files(keep, spec.tokenizer_dir, spec.seq_len, spec.text_column, spec.actors, eos, limit)
+    if stats["skipped_docs"]:
+        log.warning("version %s %s: skipped documents %s", src.name, split, stats["skipped_docs"])
+    return blocks, {**stats, "skipped_files": skipped_files}
+
+
 def _prepare_one(i: int, src: VersionSource, spec: PrepareSpec, older: list[np.ndarray], eos: int) -> dict:
     vdir = Path(spec.data_dir) / src.name
     vdir.mkdir(parents=True, exist_ok=True)
-    new, stats = tokenize_files(src.train_files, spec.tokenizer_dir, spec.seq_len, spec.text_column, spec.actors, eos)
+    new, stats = _tokenize_split(src, "train", spec, eos)
     if len(new) < spec.min_blocks:
         raise DataError(f"version {src.name}: {len(new)} blocks of {spec.seq_len + 1} tokens, fewer than one "
                         f"global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
-    val, vstats = tokenize_files(src.val_files, spec.tokenizer_dir, spec.seq_len, spec.text_column, spec.actors, eos)
+    val, vstats = _tokenize_split(src, "val", spec, eos)
     if len(val) == 0:
         raise DataError(f"version {src.name}: validation files hold less than one block of "
                         f"{spec.seq_len + 1} tokens: {list(src.val_files)}")
@@ -349,6 +490,8 @@ def _prepare_one(i: int, src: VersionSource, spec: PrepareSpec, older: list[np.n
         "train_files": _file_records(src.train_files),
         "val_files": _file_records(src.val_files),
         "docs": stats["docs"],
+        "skipped_docs": stats["skipped_docs"],
+        "skipped_files": stats["skipped_files"] + vstats["skipped_files"],
         "new_blocks": len(new),
         "new_tokens": int(new.size),
         "dropped_tokens": stats["dropped_tokens"],

@@ -52,6 +52,11 @@ class Segment:
     curves_path: JSONL of reported metrics (rank 0 appends).
     export_dir: where a branch exports its released model (None for the main path).
     tokenizer_dir: tokenizer saved next to an exported model.
+    model_card: lineage facts written into an exported model's ``model_card.json``.
+    stream_limit: rows ``idx < stream_limit`` of the stream make up the version's
+        whole global batches; the rest is never trained, by any path.
+    objective_weights: val split name -> weight; when set, every eval also
+        reports ``objective = sum(weight * val loss)`` (what a sweep minimises).
     """
 
     name: str
@@ -74,7 +79,9 @@ class Segment:
     val_paths: dict[str, str] = field(default_factory=dict)
     export_dir: str | None = None
     tokenizer_dir: str | None = None
+    stream_limit: int | None = None
     model_card: dict[str, Any] = field(default_factory=dict)
+    objective_weights: dict[str, float] = field(default_factory=dict)
 
 
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
@@ -96,7 +103,7 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
 
 def train_dataset(seg: Segment):
     """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
-    return stream_dataset(seg.stream_path, resume_point(seg)[1].get("consumed"))
+    return stream_dataset(seg.stream_path, resume_point(seg)[1].get("consumed"), seg.stream_limit)
 
 
 # ---------------------------------------------------------------- worker side
@@ -165,8 +172,8 @@ def _fmt_eta(seconds: float) -> str:
 class _Reporter:
     """Rank 0's progress line and the segment's metrics curve (JSONL)."""
 
-    def __init__(self, seg: Segment, rank: int, start_step: int):
-        self.seg, self.rank = seg, rank
+    def __init__(self, seg: Segment, rank: int, world: int, start_step: int):
+        self.seg, self.rank, self.world = seg, rank, world
         self.t0 = self.t_last = time.perf_counter()
         self.first_step = start_step
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
@@ -179,7 +186,8 @@ class _Reporter:
 
     def flush(self, step: int, lr: float, total_tokens: int, extra: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
-        metrics: dict[str, Any] = {"step": step, "lr": lr, "tokens": total_tokens, "segment": self.seg.name}
+        metrics: dict[str, Any] = {"step": step, "lr": lr, "tokens": total_tokens, "segment": self.seg.name,
+                                   "world_size": self.world}
         if self.window_steps:
             metrics["loss"] = self.window_loss / self.window_steps
             metrics["tokens_per_s"] = self.window_tokens / max(now - self.t_last, 1e-9)
@@ -246,7 +254,7 @@ def train_segment(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64))
-    reporter = _Reporter(seg, rank, step)
+    reporter = _Reporter(seg, rank, world, step)
     local_consumed = Consumed()
     metrics: dict = state.get("metrics", {})
     model.train()
@@ -280,6 +288,8 @@ def train_segment(config: dict) -> None:
         if not (do_eval or do_save or step % t.log_every == 0):
             continue
         extra = evaluate(model, val, micro, device, rank, world) if do_eval else {}
+        if extra and seg.objective_weights:
+            extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in seg.objective_weights.items())
         metrics = reporter.flush(step, lr, tokens, extra)
         if not do_save:
             # Ray's result queue holds one report and its controller drains it every
@@ -304,21 +314,31 @@ def train_segment(config: dict) -> None:
 
 # ---------------------------------------------------------------- driver side
 
-def fit_segment(seg: Segment):
-    """Run one segment as a Ray Train job; re-running the same segment resumes it."""
+def fit_segment(seg: Segment, callbacks: list | None = None):
+    """Run one segment as a Ray Train job; re-running the same segment resumes it.
+
+    callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when the segment
+        runs as a Tune trial, so its reports become the trial's results.
+    """
     import functools
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = seg.train
     ckpt.drop_stale_ray_snapshot(seg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    elastic = 0 < t.min_workers < t.num_workers
+    workers = (t.min_workers, t.num_workers) if elastic else t.num_workers
     trainer = TorchTrainer(
         train_segment,
         train_loop_config={"segment": seg},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.elastic_resize_interval_s),
+        # Rebuilt on every worker-group (re)start, so a restart skips the rows
+        # its checkpoint already trained.
         datasets={"train": functools.partial(train_dataset, seg)},
-        run_config=RunConfig(name=seg.name, storage_path=str(Path(seg.storage).parent)),
+        run_config=RunConfig(name=seg.name, storage_path=str(Path(seg.storage).parent), callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     return trainer.fit()

@@ -75,7 +75,8 @@ def prepare(cfg: Config) -> RunContext:
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
-                       actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size)
+                       actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size,
+                       on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars)
     versions = prepare_versions(sources, spec)
     return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions)
 

@@ -1,0 +1,206 @@
+"""The data pipeline: packing, manifest, replay, bad input, exact resume across world sizes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks, \
+    validate_files
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_consumed_intervals_merge_and_mask():
+    c = Consumed()
+    c.add(np.array([5, 3, 4, 10, 11]))
+    assert c.intervals == [[3, 6], [10, 12]]
+    c.merge(Consumed.from_list([[6, 10]]))
+    assert c.intervals == [[3, 12]] and len(c) == 9
+    assert c.mask(np.array([2, 3, 11, 12])).tolist() == [False, True, True, False]
+    c.add(np.array([3, 4]))  # re-adding consumed rows changes nothing
+    assert len(c) == 9
+
+
+def test_pack_puts_eos_between_documents_and_counts_the_tail():
+    blocks, stats = pack([[1, 2, 3], [], [4, 5], [6]], block=3, eos=0)
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
+    assert stats == {"docs": 3, "doc_tokens": 9, "blocks": 3, "dropped_tokens": 0}
+    blocks, stats = pack([[1, 2, 3, 4]], block=3, eos=0)
+    assert blocks.tolist() == [[1, 2, 3]] and stats["dropped_tokens"] == 2
+
+
+# ---------------------------------------------------------------- corpora on disk
+
+TEXT = ("def f(x):\n    return x + 1\n" * 40, "Plain English prose about trains. " * 60)
+
+
+def _write_jsonl(path: Path, docs, gz=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def _corpus(root: Path, n_versions=3, docs_per_version=12) -> Path:
+    for k in range(n_versions):
+        docs = [f"version {k} doc {i}\n" + TEXT[k % 2] for i in range(docs_per_version)]
+        gz = k == 1  # users bring compressed jsonl too
+        _write_jsonl(root / f"v{k + 1}" / "train" / ("part-0.jsonl.gz" if gz else "part-0.jsonl"), docs[:-2], gz=gz)
+        _write_jsonl(root / f"v{k + 1}" / "val" / "part-0.jsonl", docs[-2:])
+    # one version in parquet, the format users bring at scale
+    v3 = root / "v3" / "train"
+    if n_versions >= 3:
+        pq.write_table(pa.table({"text": [f"parquet doc {i} " + TEXT[0] for i in range(10)]}), v3 / "part-1.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from raypath.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(list(TEXT) * 4, 300, out)
+    return str(out)
+
+
+def _spec(tmp_path, tokenizer_dir, **kw) -> PrepareSpec:
+    base = dict(data_dir=str(tmp_path / "data"), tokenizer_dir=tokenizer_dir, seq_len=16, text_column="text",
+                val_blocks=4, replay_ratio=0.0, seed=0, actors=1, min_blocks=4)
+    return PrepareSpec(**{**base, **kw})
+
+
+def test_prepare_writes_manifest_and_is_deterministic(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus")
+    recs = prepare_versions(discover_versions(corpus), _spec(tmp_path / "a", tokenizer_dir, replay_ratio=0.25))
+    manifest = json.loads((tmp_path / "a" / "data" / "manifest.json").read_text())
+    assert [v["name"] for v in manifest["versions"]] == ["v1", "v2", "v3"]
+    v3 = recs[2]
+    assert len(v3["train_files"]) == 2 and all(len(f["sha256"]) == 64 for f in v3["train_files"])
+    assert v3["new_tokens"] == v3["new_blocks"] * 17
+    # replay: 25% of the final stream drawn from older versions, recorded per source
+    assert recs[0]["replay_blocks"] == 0
+    assert v3["replay_blocks"] == round(0.25 / 0.75 * v3["new_blocks"])
+    src = pq.read_table(v3["stream_path"], columns=["src"]).column("src").to_numpy()
+    assert (src < 2).sum() == v3["replay_blocks"]
+    assert {int(k): c for k, c in v3["replay_from"].items()} == {int(s): int((src == s).sum()) for s in (0, 1)}
+    # same inputs, same seed -> byte-identical token streams
+    again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "b", tokenizer_dir, replay_ratio=0.25))
+    for a, b in zip(recs, again):
+        assert np.array_equal(read_blocks(a["stream_path"]), read_blocks(b["stream_path"]))
+
+
+def test_changed_or_missing_earlier_file_is_named(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus", n_versions=2)
+    spec = _spec(tmp_path, tokenizer_dir)
+    prepare_versions(discover_versions(corpus), spec)
+    target = corpus / "v1" / "train" / "part-0.jsonl"
+    target.write_bytes(target.read_bytes() + b'{"text": "sneaky edit"}\n')
+    with pytest.raises(DataError, match="part-0.jsonl.*changed"):
+        prepare_versions(discover_versions(corpus), spec)
+    target.unlink()
+    (corpus / "v1" / "train" / "part-0b.jsonl").write_text('{"text": "moved"}\n')
+    with pytest.raises(DataError, match="part-0.jsonl"):
+        prepare_versions(discover_versions(corpus), spec)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _bad_files(d: Path) -> dict[str, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "empty": d / "empty.jsonl",
+        "unreadable_parquet": d / "broken.parquet",
+        "missing_column": d / "nocol.parquet",
+        "non_utf8": d / "latin1.jsonl",
+        "bad_json": d / "badjson.jsonl",
+    }
+    files["empty"].write_bytes(b"")
+    files["unreadable_parquet"].write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.table({"content": ["hello"]}), files["missing_column"])
+    files["non_utf8"].write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    files["bad_json"].write_bytes(b'{"text": "ok"}\n{"text": \n')
+    return files
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("empty", "empty"), ("unreadable_parquet", "not a readable parquet"), ("missing_column", "no 'text' column"),
+    ("non_utf8", "line 2: not valid UTF-8"), ("bad_json", "line 2: not valid JSON"),
+])
+def test_bad_file_errors_name_the_file(tmp_path, kind, needle):
+    f = _bad_files(tmp_path)[kind]
+    with pytest.raises(DataError) as e:
+        validate_files((str(f),), "text", policy="error", max_doc_chars=0)
+    assert f.name in str(e.value) and needle in str(e.value)
+
+
+def test_bad_files_can_be_skipped_and_counted(tmp_path):
+    files = _bad_files(tmp_path)
+    good = tmp_path / "good.jsonl"
+    _write_jsonl(good, ["fine"])
+    keep, skipped = validate_files(tuple(map(str, [*files.values(), good])), "text", policy="skip", max_doc_chars=0)
+    assert keep == (str(good),)
+    assert {Path(s["path"]).name for s in skipped} == {p.name for p in files.values()}
+    assert all(s["reason"] for s in skipped)
+
+
+def test_too_long_document_is_an_error_or_a_counted_skip(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus", n_versions=1)
+    _write_jsonl(corpus / "v1" / "train" / "part-9.jsonl", ["x" * 5000, "short doc " + TEXT[1]])
+    with pytest.raises(DataError, match=r"part-9.jsonl.*line 1.*5000 characters"):
+        prepare_versions(discover_versions(corpus), _spec(tmp_path / "e", tokenizer_dir, max_doc_chars=4000))
+    recs = prepare_versions(discover_versions(corpus),
+                            _spec(tmp_path / "s", tokenizer_dir, max_doc_chars=4000, on_bad_input="skip"))
+    assert recs[0]["skipped_docs"] == {"too_long": 1}
+    assert recs[0]["docs"] == 10 + 1  # 10 train docs of v1 + the short one
+
+
+def test_version_with_too_few_tokens_is_rejected(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus", n_versions=1, docs_per_version=3)
+    with pytest.raises(DataError, match="v1: .* fewer than one global batch"):
+        prepare_versions(discover_versions(corpus), _spec(tmp_path, tokenizer_dir, min_blocks=10_000))
+
+
+def test_empty_val_split_is_rejected(tmp_path):
+    corpus = _corpus(tmp_path / "corpus", n_versions=1)
+    shutil.rmtree(corpus / "v1" / "val")
+    with pytest.raises(DataError, match="v1.*val"):
+        discover_versions(corpus)
+
+
+# ---------------------------------------------------------------- exact resume, elastic
+
+def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
+    """Train half of v1 on 2 workers, finish it on 1: same rows as an uninterrupted run, none twice."""
+    import dataclasses
+
+    from raypath import checkpoint as ckpt
+    from raypath.loop import fit_segment
+    from raypath.mainpath import main_segment
+    from raypath.report import read_curve
+    from raypath.run import prepare
+
+    cfg, lin = tiny_run
+    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path)  # reuse prepared data, write elsewhere
+    seg = main_segment(ctx, 0, None)
+    assert seg.train.num_workers == 2
+    half = min(seg.save_steps)
+    fit_segment(dataclasses.replace(seg, end_step=half))
+    one_worker = dataclasses.replace(seg, train=dataclasses.replace(seg.train, num_workers=1))
+    fit_segment(one_worker)
+
+    G = cfg.train.global_batch_size
+    resumed = ckpt.load_state(Path(seg.storage) / ckpt.step_dir_name(seg.end_step))
+    straight = ckpt.load_state(lin["main_path"][0]["checkpoints"]["end"])
+    rows = (seg.end_step - seg.start_step) * G
+    assert Consumed.from_list(resumed["consumed"]).intervals == [[0, rows]]
+    assert Consumed.from_list(straight["consumed"]).intervals == [[0, rows]]
+    assert resumed["tokens"] == straight["tokens"] == rows * cfg.data.seq_len
+    curve = read_curve(seg.curves_path)
+    assert curve["step"].is_monotonic_increasing and curve["step"].max() == seg.end_step
