@@ -1,0 +1,45 @@
+"""What every ``jobs/`` entry point shares: logging and turning user errors into exit code 2.
+
+The scripts run as ``python jobs/<name>.py`` (under ``ray job submit`` or by
+hand), so this module is imported as ``_common`` from the script's directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+
+class JobError(Exception):
+    """A problem the user can fix (bad argument, missing release): message only, no traceback."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors reported as one clear line: raypath's ConfigError and DataError, JobError, a missing file.
+
+    ``raypath.data`` (Ray Data, pyarrow) is slow to import: it is only looked up
+    if the failed code had imported it, since otherwise no DataError can exist.
+    """
+    from raypath.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, JobError, FileNotFoundError]
+    if "raypath.data" in sys.modules:
+        errors.append(sys.modules["raypath.data"].DataError)
+    return tuple(errors)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_main(prog: str, body: Callable[[], int | None]) -> int:
+    """Run ``body``; a user error becomes ``PROG: error: ...`` on stderr and exit code 2."""
+    try:
+        return body() or 0
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is a user error
+        if not isinstance(e, user_errors()):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,77 @@
+"""Train (or resume) a lineage on the Ray cluster this job runs in, then report it.
+
+    ray job submit --working-dir . -- \
+        python jobs/run_lineage.py --config configs/quickstart.yaml [--set key=value ...]
+
+Every version of the corpus is trained along the never-annealed main path and
+released through its decay branch; then ``RUN_DIR/report/`` (plot, CSV,
+markdown) is written and the releases table is printed to the job's logs.
+
+Connects to the cluster the job was submitted to: Ray Jobs sets ``RAY_ADDRESS``
+for the entry point, and :func:`raypath.run.run` uses it (without it, a local
+cluster is started, so the script also runs on a laptop).
+
+Resuming and version updates use the same command. Re-submitting it with the
+same ``run_dir`` skips finished versions and released branches and continues an
+interrupted segment from its latest checkpoint. To release a new version, add
+its directory to the corpus (``<corpus>/v4/{train,val}/...``, picked up in name
+order unless ``data.versions`` lists them) and submit the same command again:
+only the new version is trained and released.
+
+Under Ray Jobs the working directory is a temporary copy of the upload, so give
+an absolute ``run_dir`` on storage every node shares (``--set run_dir=/runs/x``);
+a relative one is lost with the job.
+
+Exit codes: 0 done, 2 bad config or corpus (one clear line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from _common import run_main, setup_logging
+
+log = logging.getLogger("raypath.jobs.run_lineage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_lineage", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set run_dir=/runs/quickstart (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        from raypath.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad configs fail fast
+
+        from raypath.report import format_releases, write_report
+        from raypath.run import run
+
+        if not Path(cfg.run_dir).is_absolute():
+            log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
+                        "temporary copy: pass --set run_dir=/shared/absolute/path to keep the run",
+                        cfg.run_dir, Path.cwd())
+        lineage = run(cfg)
+        paths = write_report(cfg.run_dir)
+        print(format_releases(lineage.data), flush=True)
+        print(f"run_dir: {Path(cfg.run_dir).resolve()}")
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        return 0
+
+    return run_main("run_lineage", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

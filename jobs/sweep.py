@@ -1,0 +1,60 @@
+"""Search one version's release branch (length, decay shape, min LR) on the Ray cluster this job runs in.
+
+    ray job submit --working-dir . -- \
+        python jobs/sweep.py --config configs/quickstart.yaml --version v2 [--set sweep.num_samples=8 ...]
+
+Forks branches of version K from its main-path checkpoints as Ray Tune trials
+(each a Ray Train run), lets Optuna propose them, and releases the best one as
+version K (``RUN_DIR/releases/vK``), recording the sweep in the lineage. The
+main path of version K must be trained already (``jobs/run_lineage.py``), with
+``train.checkpoint_every`` set to give the search several fork points.
+
+Re-submitting the same command resumes an interrupted sweep (finished trials
+are not run again). Give an absolute ``run_dir`` on shared storage
+(``--set run_dir=/runs/x``): under Ray Jobs the working directory is a
+temporary copy.
+
+Exit codes: 0 done and released, 1 sweep not finished (re-submit to resume),
+2 bad config or version (one clear line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _common import run_main, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML run config (its `sweep:` section sets the search)")
+    p.add_argument("--version", required=True, help="version to search, e.g. v2")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a field, e.g. --set sweep.num_samples=8 (repeatable)")
+    p.add_argument("--name", help="sweep name; the same name resumes that sweep")
+    p.add_argument("--pin", help="release this trial id instead of the best one")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        from raypath.sweep import format_trials, load_sweep_config, run_sweep
+
+        cfg, sweep = load_sweep_config(args.config, args.overrides)
+        record = run_sweep(cfg, sweep.with_cli(name=args.name, pin=args.pin), args.version)
+        print(format_trials(record), flush=True)
+        print(f"sweep: {record['path']}")
+        if record.get("release"):
+            print(f"release: {record['release']} (trial {record['released']})")
+        return 0 if record["complete"] else 1
+
+    return run_main("sweep", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""A real Ray Jobs round trip: `ray start --head`, submit jobs/run_lineage.py, export.
+
+The head is this module's own: its own ports, its own short ``--temp-dir``
+(so its ``ray_current_cluster`` file does not redirect a plain ``ray.init()``
+elsewhere in the session to it), dashboard on 127.0.0.1 only, token auth off
+(``RAY_AUTH_MODE=disabled``, for the head and this client alike).
+
+Teardown does not use ``ray stop``: that command is not scoped to a cluster, it
+kills every Ray process it finds on the machine, which would take down the
+in-process cluster that other tests (or another pytest on this machine) run.
+Instead ``ray start`` runs in a new session, so everything it spawns (GCS,
+raylet, dashboard, workers, the job's driver) inherits its process group; the
+teardown signals exactly those processes, by pid, plus any process whose
+command line names this head's unique temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: its `ray` and `python`
+JOB_TIMEOUT_S = 360
+EXCLUDES = [".venv", "runs", ".git", ".pytest_cache", "*.egg-info", "__pycache__", ".ci"]
+TINY_OVERRIDES = ["data.versions=[v1]", "train.num_workers=1", "data.max_docs_per_version=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _head_env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    # Jobs run `python ...` with the head's PATH: make that the venv's python.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _our_processes(pgid: int, temp_dir: str) -> list:
+    """Live processes this head started: its process group, or naming its temp dir, and their children.
+
+    Children matter: Ray's workers (and so the job's driver) start their own
+    sessions and rename themselves (``ray::IDLE``), so only their ancestry ties
+    them to this head.
+    """
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            if os.getpgid(proc.pid) == pgid or temp_dir in " ".join(proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    found.pop(os.getpid(), None)
+    return _alive(list(found.values()))
+
+
+def _stop_head(pgid: int, temp_dir: str, grace_s: float = 5.0) -> list:
+    """SIGTERM this head's processes, SIGKILL what is left after ``grace_s``; returns survivors."""
+    import psutil
+
+    procs = _our_processes(pgid, temp_dir)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + grace_s
+    while _alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs = _alive(procs + _our_processes(pgid, temp_dir))
+    for p in procs:
+        try:
+            p.kill()  # GCS and the autoscaler monitor may ignore SIGTERM for a while
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + 10
+    while _alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _alive(procs)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head of our own with the dashboard (Jobs API) on 127.0.0.1."""
+    from ray._private.utils import get_dashboard_dependency_error, get_ray_client_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing:
+        pytest.skip(f"Ray Jobs needs the dashboard, which needs ray[default] ({missing}): "
+                    "install ray[default]==2.60.0")
+    # Short: Ray puts unix sockets under it (108-byte path limit).
+    temp_dir = tempfile.mkdtemp(prefix="rpj", dir="/tmp")
+    gcs_port, dash_port, agent_port = _free_port(), _free_port(), _free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+           f"--dashboard-agent-listen-port={agent_port}",  # default 52365 is shared by every cluster
+           "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if get_ray_client_dependency_error() is None:
+        cmd.append(f"--ray-client-server-port={_free_port()}")  # default 10001, same reason
+    env = _head_env()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    pgid = proc.pid  # start_new_session: ray start leads a new process group
+    try:
+        out, _ = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            pytest.fail(f"ray start failed ({proc.returncode}):\n{out}")
+        yield {"cmd": cmd, "env": env, "dashboard_port": dash_port, "temp_dir": temp_dir, "pgid": pgid,
+               "address": f"http://127.0.0.1:{dash_port}", "start_output": out}
+    finally:
+        leftover = _stop_head(pgid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not leftover, f"processes of the test head survived: {[p.pid for p in leftover]}"
+
+
+@pytest.fixture(scope="module")
+def job_client(ray_head):
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = JobSubmissionClient(ray_head["address"])
+                break
+            except Exception:  # noqa: BLE001 - the dashboard may need a moment after `ray start`
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield client
+
+
+def _wait_job(client, job_id: str, timeout_s: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMEOUT"
+
+
+def test_dashboard_bound_to_loopback_only(ray_head):
+    import psutil
+
+    assert "--dashboard-host=127.0.0.1" in ray_head["cmd"]
+    port = ray_head["dashboard_port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        pass
+    listeners = [c.laddr.ip for p in _our_processes(ray_head["pgid"], ray_head["temp_dir"])
+                 for c in _safe_connections(p) if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listeners and set(listeners) == {"127.0.0.1"}, listeners
+
+
+def _safe_connections(proc):
+    import psutil
+
+    try:
+        return proc.net_connections(kind="inet")
+    except psutil.Error:
+        return []
+
+
+def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = " ".join(f"--set {o}" for o in [f"run_dir={run_dir}", *TINY_OVERRIDES])
+    entrypoint = ("python -c 'import raypath, sys; print(\"job python:\", sys.executable, raypath.__name__)'"
+                  f" && python jobs/run_lineage.py --config configs/tiny.yaml {overrides}")
+    job_id = job_client.submit_job(entrypoint=entrypoint,
+                                   runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES})
+    status = _wait_job(job_client, job_id, JOB_TIMEOUT_S)
+    logs = job_client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", f"job {job_id} ended {status}; logs:\n{logs[-20000:]}"
+
+    # The job's python is the venv's, and raypath imports there.
+    assert "job python:" in logs and "raypath" in logs.split("job python:", 1)[1].splitlines()[0]
+
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    [release] = lineage["releases"]
+    assert release["version"] == "v1"
+    release_dir = Path(release["path"])
+    assert (release_dir / "model.safetensors").is_file()
+    assert (run_dir / "report" / "lineage.png").stat().st_size > 0
+    assert "releases of tiny" in logs, logs[-5000:]
+    table = logs.split("releases of tiny", 1)[1]
+    assert "v1" in table and release["branch"] in table
+
+    # Export (no Ray): atomic copy, verified, then refuses to overwrite without --force.
+    out = tmp_path / "exported" / "tiny-v1"
+    export = [sys.executable, str(ROOT / "jobs" / "export.py"), "--run-dir", str(run_dir), "--version", "v1",
+              "--out", str(out)]
+    res = subprocess.run(export, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "exported v1" in res.stdout
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-v1"], "temp sibling left behind"
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    again = subprocess.run(export, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    forced = subprocess.run([*export, "--force"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert forced.returncode == 0, forced.stderr
+
+    missing = subprocess.run([*export[:-4], "--version", "v2", "--out", str(tmp_path / "v2")],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert missing.returncode == 2 and "v2" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "v2").exists()
+
+
+def test_run_lineage_rejects_bad_config():
+    """A bad config fails fast with one clear line and exit code 2 (no Ray started)."""
+    res = subprocess.run([sys.executable, "jobs/run_lineage.py", "--config", "configs/tiny.yaml",
+                          "--set", "branch.shape=bogus"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2
+    assert "branch.shape" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "jobs/run_lineage.py", "--config", "configs/nope.yaml"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "not found" in res.stderr
