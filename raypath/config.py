@@ -18,6 +18,14 @@ import yaml
 from raypath.schedules import SHAPES, Decay
 
 
+#: ``train.precision`` values.
+PRECISIONS = ("fp32", "bf16")
+#: ``train.parallel`` values.
+PARALLEL = ("ddp", "fsdp")
+#: ``model.attn_implementation`` values (transformers' names).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
@@ -36,6 +44,10 @@ class ModelConfig:
     max_position_embeddings: longest sequence the model accepts; must be >= data.seq_len.
     tie_word_embeddings: share input embedding and LM head (saves params on small models).
     rope_theta: RoPE base.
+    attn_implementation: transformers attention kernel: ``sdpa`` (PyTorch
+        scaled-dot-product attention; flash/memory-efficient kernels on GPU),
+        ``eager`` (plain matmuls, for debugging) or ``flash_attention_2``
+        (needs CUDA, bf16 and the ``flash-attn`` package).
     """
 
     path: str | None = None
@@ -47,6 +59,7 @@ class ModelConfig:
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -113,6 +126,21 @@ class TrainConfig:
     checkpoint_every: steps between extra checkpoints for fault tolerance;
         0 = only at fork points and version boundaries.
     seed: model init and dropout seed.
+    precision: ``fp32`` or ``bf16``. bf16 is autocast mixed precision (bf16
+        matmuls, fp32 master weights and optimizer state, loss in fp32): the
+        GPU setting. On CPU it runs too (CPU autocast), but is usually slower
+        than fp32 unless the CPU has bf16 units (AMX).
+    compile: ``torch.compile`` the model's forward (first steps pay the compile).
+    activation_checkpointing: recompute each decoder block's activations in the
+        backward pass (transformers' gradient checkpointing): ~1/3 more compute
+        for much less activation memory.
+    parallel: ``ddp`` (replicated model, all-reduced gradients) or ``fsdp``
+        (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
+        sharded across workers, per decoder block; for models that do not fit
+        one GPU). Checkpoints hold full (gathered) state either way.
+    peak_flops: peak FLOP/s of one device for MFU; empty = looked up from the
+        GPU's name (bf16 dense tensor-core peak, :data:`raypath.perf.PEAK_FLOPS`).
+        CPUs have no entry: MFU is only reported on CPU when this is set.
     """
 
     num_workers: int = 1
@@ -132,6 +160,11 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 0
     seed: int = 0
+    precision: str = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"
+    peak_flops: float | None = None
 
 
 @dataclass
@@ -331,3 +364,15 @@ def validate(cfg: Config) -> None:
     _check(t.max_lr > 0, "train.max_lr", f"must be > 0, got {t.max_lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(t.precision in PRECISIONS, "train.precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
+    _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops",
+           f"must be > 0 (FLOP/s per device) or empty, got {t.peak_flops}")
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
+    if m.attn_implementation == "flash_attention_2":
+        _check(t.use_gpu, "model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true "
+               "(or use sdpa, which picks flash kernels on GPU by itself)")
+        _check(t.precision == "bf16", "model.attn_implementation",
+               "flash_attention_2 needs half precision: set train.precision=bf16")

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.model import block_loss, build_model
+from raypath.perf import device_peak_flops, flops_per_token
 from raypath.schedules import Schedule
 
 log = logging.getLogger("raypath.progress")
@@ -141,20 +142,202 @@ def _optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=t.max_lr, betas=tuple(t.betas), fused=device.type == "cuda")
 
 
+@dataclass
+class Training:
+    """What a worker trains with, built by :func:`build_training`.
+
+    model: the module forward/backward runs through (DDP- or FSDP-wrapped,
+        maybe compiled); raw_model: the transformers model underneath (under
+        FSDP, sharded in place); optim: AdamW over ``raw_model``'s parameters.
+    """
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    device: torch.device
+    precision: str = "fp32"
+    parallel: str = "ddp"
+
+    def autocast(self):
+        """bf16 autocast around forward passes (backward follows it); no-op in fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def grad_sync(self, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on non-final micro-batches."""
+        if sync:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        if hasattr(self.raw_model, "set_requires_gradient_sync"):  # FSDP2
+            return _fsdp_no_sync(self.raw_model)
+        return contextlib.nullcontext()
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        """Full (unsharded) model and optimizer state, optimizer keyed by param index.
+
+        The same format under DDP and FSDP, so checkpoints move between them.
+        Under FSDP every rank must call this (it gathers); rank 0 gets the state,
+        other ranks empty dicts.
+        """
+        if self.parallel != "fsdp":
+            return self.raw_model.state_dict(), self.optim.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.raw_model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.raw_model, self.optim, options=opts)
+        return model_sd, (_optim_to_index_keys(optim_sd) if optim_sd else {})
+
+    def load_optim_state(self, optim_sd: dict) -> None:
+        if self.parallel != "fsdp":
+            self.optim.load_state_dict(optim_sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {p: n for n, p in self.raw_model.named_parameters()}
+        order = [names[p] for g in self.optim.param_groups for p in g["params"]]
+        set_optimizer_state_dict(self.raw_model, self.optim, _optim_to_fqn_keys(optim_sd, order),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: torch.nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def _optim_to_index_keys(sd: dict) -> dict:
+    """FQN-keyed optimizer state (torch.distributed.checkpoint) -> torch's index-keyed form."""
+    index: dict[str, int] = {}
+    groups = []
+    for g in sd["param_groups"]:
+        ids = [index.setdefault(fqn, len(index)) for fqn in g["params"]]
+        groups.append({**g, "params": ids})
+    return {"state": {index[k]: v for k, v in sd["state"].items()}, "param_groups": groups}
+
+
+def _optim_to_fqn_keys(sd: dict, order: list[str]) -> dict:
+    """torch's index-keyed optimizer state -> FQN-keyed (``order``: FQN of each index)."""
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {order[int(k)]: v for k, v in sd["state"].items()}, "param_groups": groups}
+
+
+def _shard(model: torch.nn.Module, world: int) -> None:
+    """FSDP2: shard every decoder block, then the rest (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise RuntimeError(f"train.parallel=fsdp: {type(model).__name__} has no model.layers to shard")
+    # Autocast casts inside each op; FSDP keeps fp32 params and reduces fp32 gradients.
+    kwargs = {"mp_policy": MixedPrecisionPolicy()}
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def build_training(seg: Segment, device: torch.device, restored: dict | None = None,
+                   world: int | None = None) -> Training:
+    """Model and optimizer for ``seg`` on ``device``, as every worker builds them.
+
+    Order matters: load full weights into the unsharded model, enable activation
+    checkpointing, move to the device, wrap (DDP via Ray's ``prepare_model``, or
+    FSDP2 ``fully_shard``), compile, *then* build the optimizer over the final
+    parameters and load its state (so it lands on the device, sharded under FSDP).
+    ``world`` defaults to the Ray Train world size; outside Ray Train pass 1.
+    """
+    t = seg.train
+    precision = t.precision
+    parallel = t.parallel
+    if world is None:
+        world = _dist()[1]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    raw = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
+    if restored:
+        raw.load_state_dict(restored["model"])
+    if t.activation_checkpointing:
+        if hasattr(raw, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            raw.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    raw.to(device)
+    model: torch.nn.Module = raw
+    if parallel == "fsdp" and torch.distributed.is_initialized():
+        _shard(raw, world)
+    elif world > 1:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(raw, move_to_device=device)
+    else:
+        parallel = "ddp"  # one process, no process group: nothing to shard
+    if t.compile:
+        model = torch.compile(model)
+    training = Training(model, raw, _optimizer(raw, t, device), device, precision, parallel)
+    if restored:
+        training.load_optim_state(restored["optim"])
+    return training
+
+
+def train_step(tr: Training, micro_batches: Iterable[torch.Tensor], accum: int, lr: float,
+               grad_clip: float) -> torch.Tensor:
+    """One optimizer step over ``accum`` micro-batches of ``[micro, seq_len + 1]`` tokens.
+
+    Returns the step's mean loss as a detached device tensor: no host sync here
+    (``.item()`` would stall the GPU pipeline every micro-batch).
+    """
+    for group in tr.optim.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=tr.device)
+    for i, blocks in enumerate(micro_batches):
+        with tr.grad_sync(i == accum - 1):
+            with tr.autocast():
+                loss = block_loss(tr.model, blocks.to(tr.device, non_blocking=True)) / accum
+            loss.backward()
+        step_loss += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(tr.raw_model.parameters(), grad_clip)
+    tr.optim.step()
+    tr.optim.zero_grad(set_to_none=True)
+    return step_loss
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: dict[str, np.ndarray], micro: int,
-             device: torch.device, rank: int, world: int) -> dict[str, float]:
-    """Token-mean loss per val split; each rank scores a slice, then all-reduce."""
+             device: torch.device, rank: int, world: int,
+             autocast: Callable[[], Any] = contextlib.nullcontext, lockstep: bool = False) -> dict[str, float]:
+    """Token-mean loss per val split; each rank scores a slice, then all-reduce.
+
+    lockstep: every rank runs the same number of forwards (FSDP gathers
+    parameters collectively in each one); a rank with fewer blocks re-scores
+    its first block with weight 0.
+    """
     was_training = model.training
     model.eval()
     out = {}
     for name, blocks in val.items():
         mine = blocks[rank::world]
         total, count = 0.0, 0
-        for i in range(0, len(mine), micro):
-            batch = torch.from_numpy(mine[i:i + micro]).long().to(device)
-            total += block_loss(model, batch).item() * batch.numel()
-            count += batch.numel()
+        n = len(mine)
+        if lockstep:
+            n = math.ceil(math.ceil(len(blocks) / world) / micro) * micro
+        for i in range(0, n, micro):
+            part = mine[i:i + micro]
+            weight = 1
+            if len(part) == 0:
+                part, weight = blocks[:1], 0
+            batch = torch.from_numpy(part).long().to(device)
+            with autocast():
+                loss = block_loss(model, batch)
+            total += loss.item() * batch.numel() * weight
+            count += batch.numel() * weight
         total, count = _all_reduce_sum([total, count], device)
         out[f"val/{name}"] = total / max(count, 1)
     model.train(was_training)
@@ -172,26 +355,50 @@ def _fmt_eta(seconds: float) -> str:
 class _Reporter:
     """Rank 0's progress line and the segment's metrics curve (JSONL)."""
 
-    def __init__(self, seg: Segment, rank: int, world: int, start_step: int):
+    def __init__(self, seg: Segment, rank: int, world: int, start_step: int,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 device: torch.device | None = None):
         self.seg, self.rank, self.world = seg, rank, world
         self.t0 = self.t_last = time.perf_counter()
         self.first_step = start_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.device = device or torch.device("cpu")
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
 
-    def step(self, loss: float, tokens: int, data_wait: float) -> None:
-        self.window_loss += loss
+    def event(self, name: str, **fields: Any) -> None:
+        """A non-metric record (``event`` key) in the curve: restarts become visible."""
+        if self.rank == 0:
+            self._append({"event": name, **fields, "time": time.time()})
+
+    def _append(self, record: dict) -> None:
+        Path(self.seg.curves_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.seg.curves_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
+        """``loss``: this rank's step loss; ranks are averaged at flush (one all-reduce per window)."""
+        self.window_loss = self.window_loss + (loss.detach() if isinstance(loss, torch.Tensor) else loss)
         self.window_steps += 1
         self.window_tokens += tokens
         self.window_wait += data_wait
 
-    def flush(self, step: int, lr: float, total_tokens: int, extra: dict[str, float]) -> dict[str, float]:
+    def flush(self, step: int, lr: float, total_tokens: int, extra: dict[str, float],
+              exclude_s: float = 0.0) -> dict[str, float]:
+        """Report the window since the last flush; ``exclude_s``: time spent not training (eval)."""
         now = time.perf_counter()
         metrics: dict[str, Any] = {"step": step, "lr": lr, "tokens": total_tokens, "segment": self.seg.name,
                                    "world_size": self.world}
+        # Every rank flushes at the same steps: this all-reduce is collective.
+        window_loss = _all_reduce_sum([float(self.window_loss)], self.device)[0] / self.world
+        now = time.perf_counter()  # after the all-reduce: it waited for the device to finish
         if self.window_steps:
-            metrics["loss"] = self.window_loss / self.window_steps
-            metrics["tokens_per_s"] = self.window_tokens / max(now - self.t_last, 1e-9)
-            metrics["data_wait_share"] = self.window_wait / max(now - self.t_last, 1e-9)
+            elapsed = max(now - self.t_last - exclude_s, 1e-9)
+            metrics["loss"] = window_loss / self.window_steps
+            metrics["tokens_per_s"] = self.window_tokens / elapsed
+            metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / self.world
+            metrics["data_wait_share"] = self.window_wait / elapsed
+            if self.flops_per_token and self.peak_flops:
+                metrics["mfu"] = metrics["tokens_per_s_per_worker"] * self.flops_per_token / self.peak_flops
         metrics.update(extra)
         if self.rank == 0:
             done = step - self.first_step
@@ -200,12 +407,12 @@ class _Reporter:
             vals = " ".join(f"{k[4:]}={v:.3f}" for k, v in extra.items() if k.startswith("val/"))
             # A logger, not print: Train V2 tees print() into its logger, doubling lines.
             log.info(f"[{self.seg.name}] step {step}/{self.seg.end_step} "
-                  f"loss {metrics.get('loss', float('nan')):.4f} lr {lr:.2e} "
+                     f"loss {metrics.get('loss', float('nan')):.4f} lr {lr:.2e} "
                   f"{metrics.get('tokens_per_s', 0) / 1e3:.1f}k tok/s "
-                  f"(data wait {metrics.get('data_wait_share', 0):.0%}) eta {_fmt_eta(eta)} {vals}")
-            Path(self.seg.curves_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.seg.curves_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                  f"(data wait {metrics.get('data_wait_share', 0):.0%})"
+                  + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+                  + f" eta {_fmt_eta(eta)} {vals}")
+            self._append(metrics)
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         self.t_last = now
         return metrics
@@ -236,15 +443,13 @@ def train_segment(config: dict) -> None:
     accum = G // (micro * world)  # global batch fixed across world sizes
 
     start_dir, state = resume_point(seg)
-    model = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
-    optim = _optimizer(model, t, device)
-    if start_dir:
-        restored = ckpt.load(start_dir)
-        model.load_state_dict(restored["model"])
-        optim.load_state_dict(restored["optim"])
+    restored = ckpt.load(start_dir) if start_dir else None
+    tr = build_training(seg, device, restored, world)
+    if restored:
         torch.set_rng_state(restored["rng"]["torch"])
-    model = ray.train.torch.prepare_model(model)
-    raw_model = model.module if hasattr(model, "module") else model
+    del restored
+    model, raw_model = tr.model, tr.raw_model
+    fsdp = tr.parallel == "fsdp"
     step, tokens = int(state["step"]), int(state.get("tokens", 0))
     consumed = Consumed.from_list(state.get("consumed", []))
     val = {name: read_blocks(p) for name, p in seg.val_paths.items()}
@@ -254,62 +459,74 @@ def train_segment(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64))
-    reporter = _Reporter(seg, rank, world, step)
+    reporter = _Reporter(seg, rank, world, step,
+                         flops_per_token=flops_per_token(raw_model.config, seg.seq_len),
+                         peak_flops=device_peak_flops(device, t.peak_flops), device=device)
+    reporter.event("start", step=step, world_size=world, checkpoint=start_dir)
     local_consumed = Consumed()
     metrics: dict = state.get("metrics", {})
     model.train()
-    while step < seg.end_step:
-        lr = seg.schedule(step)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        step_loss, data_wait = 0.0, 0.0
-        for i in range(accum):
+    wait = [0.0]
+
+    def micro_batches():
+        for _ in range(accum):
             t_wait = time.perf_counter()
             batch = next(batches)
-            data_wait += time.perf_counter() - t_wait
+            wait[0] += time.perf_counter() - t_wait
             local_consumed.add(batch["idx"].numpy())
-            sync = i == accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                loss = block_loss(model, batch["tokens"].to(device)) / accum
-                loss.backward()
-            step_loss += loss.item()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+            yield batch["tokens"]
+
+    while step < seg.end_step:
+        lr = seg.schedule(step)
+        wait[0] = 0.0
+        step_loss = train_step(tr, micro_batches(), accum, lr, t.grad_clip)
         step += 1
         step_tokens = G * seg.seq_len
         tokens += step_tokens
-        reporter.step(_all_reduce_sum([step_loss], device)[0] / world, step_tokens, data_wait)
+        reporter.step(step_loss, step_tokens, wait[0])
 
         last = step == seg.end_step
         do_eval = last or (t.eval_every and step % t.eval_every == 0)
         do_save = step in save_steps
         if not (do_eval or do_save or step % t.log_every == 0):
             continue
-        extra = evaluate(model, val, micro, device, rank, world) if do_eval else {}
+        t_eval = time.perf_counter()
+        extra = evaluate(model, val, micro, device, rank, world, tr.autocast, lockstep=fsdp) if do_eval else {}
+        t_eval = time.perf_counter() - t_eval
         if extra and seg.objective_weights:
             extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in seg.objective_weights.items())
-        metrics = reporter.flush(step, lr, tokens, extra)
+        metrics = reporter.flush(step, lr, tokens, extra, exclude_s=t_eval)
         if not do_save:
             # Ray's result queue holds one report and its controller drains it every
             # 2 s: reporting every log step would stall training. Evals are rarer.
             if do_eval:
                 ray.train.report(metrics)
+                reporter.t_last = time.perf_counter()  # tokens/s measures training, not reporting
             continue
         consumed.merge(_gather_consumed(local_consumed))
         local_consumed = Consumed()
+        model_sd, optim_sd = tr.state_dicts()  # collective under FSDP
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                ckpt.save(tmp, raw_model.state_dict(), optim.state_dict(), {
+                ckpt.save(tmp, model_sd, optim_sd, {
                     "step": step, "tokens": tokens, "segment": seg.name, "version": seg.version,
                     "consumed": consumed.intervals, "lr": lr, "metrics": metrics})
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
+        del model_sd, optim_sd
+        reporter.t_last = time.perf_counter()  # nor checkpointing
     # After the loop, not inside it: a run resumed from its final checkpoint
     # (crash between checkpoint and export) still exports.
-    if seg.export_dir and rank == 0:
-        _export(raw_model, seg, metrics)
+    if seg.export_dir:
+        if fsdp:  # gather the full weights (collective), export an unsharded copy
+            full = tr.state_dicts()[0]
+            if rank == 0:
+                plain = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
+                plain.load_state_dict(full)
+                _export(plain, seg, metrics)
+        elif rank == 0:
+            _export(raw_model, seg, metrics)
+
 
 
 # ---------------------------------------------------------------- driver side

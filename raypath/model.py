@@ -27,7 +27,7 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        attn_implementation="sdpa",
+        attn_implementation=cfg.attn_implementation,
     )
 
 
@@ -35,7 +35,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
                 seq_len: int | None = None) -> PreTrainedModel:
     """A fresh model from the config, or the local checkpoint at ``cfg.path``."""
     if cfg.path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, local_files_only=True, attn_implementation=cfg.attn_implementation)
         if model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.path: {cfg.path} has vocab_size {model.config.vocab_size}, "
                               f"the tokenizer needs {vocab_size}")
@@ -49,7 +50,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
 def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``[batch, seq_len + 1]`` token blocks."""
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    logits = model(input_ids=inputs).logits
+    # use_cache=False: training never decodes; a KV cache would only cost memory and time.
+    logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 

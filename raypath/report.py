@@ -50,6 +50,7 @@ def read_curve(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "event" not in r]  # (re)start markers are not metrics
     if not records:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
     df = pd.DataFrame.from_records(records)

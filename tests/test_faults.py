@@ -78,13 +78,17 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     assert Consumed.from_list(final["consumed"]).intervals == [[0, rows]]  # nothing lost, nothing twice
 
     recs = _records(curve)
-    steps = [r["step"] for r in recs]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    resumed_from = steps[restart] - 1
-    assert resumed_from < killed["step"]  # went back to a checkpoint taken before the kill
-    assert resumed_from % 3 == (seg.start_step % 3)  # ...one of the periodic ones
-    # The loss curve continues: steps trained twice (before the kill and after the
-    # restart) see the same rows in a possibly different split, so equal up to noise.
-    before = {r["step"]: r["loss"] for r in recs[:restart]}
-    again = [(before[r["step"]], r["loss"]) for r in recs[restart:] if r["step"] in before]
-    assert again and all(abs(a - b) < 0.35 for a, b in again), again
+    starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
+    assert len(starts) == 2, "one start, one restart"
+    restart = recs[starts[1]]
+    assert restart["step"] <= killed["step"]  # went back to a checkpoint taken before the kill
+    assert (restart["step"] - seg.start_step) % 3 == 0  # ...one of the periodic ones
+    assert restart["checkpoint"].endswith(ckpt.step_dir_name(restart["step"]))
+    # The loss curve continues: the first loss after the restart is within the
+    # step-to-step noise of the losses logged before the kill (a restart from
+    # the wrong weights or data position would jump far beyond it).
+    before = [r for r in recs[:starts[1]] if "loss" in r]
+    after = [r for r in recs[starts[1]:] if "loss" in r]
+    noise = max(abs(a["loss"] - b["loss"]) for a, b in zip(before[1:], before[:-1]))
+    ref = next(r["loss"] for r in reversed(before) if r["step"] <= after[0]["step"])
+    assert abs(after[0]["loss"] - ref) <= 1.5 * noise + 0.05, (after[0], ref, noise)

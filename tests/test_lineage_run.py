@@ -147,12 +147,13 @@ def test_rerun_resumes_and_appends_a_version(tiny_run_copy):
     lin2 = run(cfg).data
     curve = read_curve(main3["curve"])
     raw = [json.loads(line) for line in Path(main3["curve"]).read_text().splitlines()]
-    resumed = raw[len([r for r in raw if r["step"] <= main3["end_step"]]) - 1:]
     assert lin2["main_path"][-1]["end_step"] == main3["end_step"]
     assert curve["step"].max() == main3["end_step"]
     # the rerun's records come after the fork checkpoint, not from the segment start
     new_records = raw[len(curves_before["main-v3.jsonl"].splitlines()):]
-    assert new_records and min(r["step"] for r in new_records) > main3["fork_step"]
+    start = new_records[0]
+    assert start["event"] == "start" and start["step"] == main3["fork_step"]
+    assert start["checkpoint"] == main3["checkpoints"]["fork"]
+    assert min(r["step"] for r in new_records[1:]) > main3["fork_step"]
     consumed = Consumed.from_list(ckpt.load_state(main3["checkpoints"]["end"])["consumed"])
     assert len(consumed) == (main3["end_step"] - main3["start_step"]) * cfg.train.global_batch_size
-    del resumed

@@ -1,0 +1,218 @@
+"""Training-speed options: each builds and trains a step through the loop's own code.
+
+``build_training`` / ``train_step`` are what ``train_segment`` runs on every
+worker, so these tests exercise the real path, on CPU; GPU-only options are
+skipped without CUDA. Plus config validation of the new fields, the FLOPs/MFU
+formula against a hand count, and one small Ray run: an FSDP segment on 2 CPU
+workers (gloo) whose checkpoint a 1-worker DDP segment resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from raypath import checkpoint as ckpt
+from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
+from raypath.loop import Segment, build_training, train_step
+from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu
+from raypath.schedules import MainPath
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+VOCAB, SEQ = 384, 32
+
+
+def _segment(model: dict | None = None, **train) -> Segment:
+    m = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                    max_position_embeddings=64, **(model or {}))
+    t = TrainConfig(global_batch_size=4, micro_batch_size=2, **train)
+    return Segment(name="t", kind="main", version="v1", stream_path="", start_step=0, end_step=1,
+                   schedule=MainPath(1e-3, 0), model=m, train=t, vocab_size=VOCAB, eos_id=0, pad_id=None,
+                   seq_len=SEQ, storage="", curves_path="")
+
+
+def _one_step(seg: Segment, device: str = "cpu", restored: dict | None = None):
+    torch.manual_seed(0)
+    tr = build_training(seg, torch.device(device), restored, world=1)
+    before = [p.detach().clone() for p in tr.raw_model.parameters()]
+    blocks = torch.randint(1, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    loss = train_step(tr, [blocks, blocks], accum=2, lr=1e-3, grad_clip=1.0)
+    assert torch.isfinite(loss) and 4.0 < loss.item() < 8.0  # ~ln(384) at init
+    changed = sum(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, tr.raw_model.parameters()))
+    assert changed == len(before)
+    return tr, loss.item()
+
+
+@pytest.mark.parametrize("option", [
+    {},
+    {"precision": "bf16"},
+    {"activation_checkpointing": True},
+    {"model": {"attn_implementation": "eager"}},
+    {"grad_clip": 0.0},
+])
+def test_option_trains_a_step_on_cpu(option):
+    seg = _segment(option.pop("model", None), **option)
+    tr, _ = _one_step(seg)
+    if seg.train.precision == "bf16":
+        assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # fp32 master weights
+    if seg.train.activation_checkpointing:
+        assert getattr(tr.raw_model, "is_activation_checkpointing", None) or tr.raw_model.is_gradient_checkpointing
+    assert tr.raw_model.config._attn_implementation == seg.model.attn_implementation
+
+
+def test_precision_changes_numerics_not_results():
+    _, fp32 = _one_step(_segment())
+    _, bf16 = _one_step(_segment(precision="bf16"))
+    assert fp32 != bf16 and abs(fp32 - bf16) < 0.05
+
+
+def test_compile_builds_and_trains_a_step():
+    # Inductor on CPU compiles C++: slow on a loaded 2-core machine, so the
+    # "aot_eager" backend stands in for it here (the same torch.compile wrapping
+    # and graph capture; only code generation differs). The GPU run uses inductor.
+    import torch._dynamo
+
+    seg = _segment(compile=True)
+    orig = torch.compile
+    torch.compile = lambda m, **kw: orig(m, backend="aot_eager", **kw)
+    try:
+        tr, _ = _one_step(seg)
+    finally:
+        torch.compile = orig
+        torch._dynamo.reset()
+    assert isinstance(tr.model, torch._dynamo.eval_frame.OptimizedModule)
+    plain = build_training(_segment(), torch.device("cpu"), world=1)
+    assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
+
+
+@pytest.fixture
+def gloo_group():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    seg = _segment(parallel="fsdp")
+    tr, _ = _one_step(seg)
+    assert tr.parallel == "fsdp" and all(isinstance(p, DTensor) for p in tr.raw_model.parameters())
+    model_sd, optim_sd = tr.state_dicts()
+    ckpt.save(tmp_path / "c", model_sd, optim_sd, {"step": 1})
+    restored = ckpt.load(tmp_path / "c")
+    plain = build_training(_segment(), torch.device("cpu"), world=1)  # no process group use: plain module
+    assert set(restored["model"]) == set(plain.raw_model.state_dict())
+    assert all(isinstance(k, int) for k in restored["optim"]["state"])  # torch's index-keyed format
+    # DDP (plain) resumes the FSDP checkpoint: same weights, same Adam moments.
+    plain = build_training(replace(seg, train=replace(seg.train, parallel="ddp")), torch.device("cpu"),
+                           restored, world=1)
+    for (n, p), (_, q) in zip(plain.raw_model.named_parameters(), tr.raw_model.named_parameters()):
+        assert torch.equal(p, q.full_tensor()), n
+    # ... and FSDP resumes it too (optimizer state re-sharded).
+    again = build_training(seg, torch.device("cpu"), restored, world=1)
+    s0 = again.optim.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(s0.full_tensor() if isinstance(s0, DTensor) else s0, restored["optim"]["state"][0]["exp_avg"])
+
+
+@CUDA
+@pytest.mark.parametrize("option", [{"precision": "bf16"}, {"precision": "bf16", "compile": True},
+                                    {"precision": "bf16", "model": {"attn_implementation": "flash_attention_2"}}])
+def test_gpu_option_trains_a_step(option):
+    if option.get("model", {}).get("attn_implementation") == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package")
+    seg = _segment(option.pop("model", None), use_gpu=True, **option)
+    tr, _ = _one_step(seg, "cuda")
+    assert any(g.get("fused") for g in tr.optim.param_groups)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.precision=fp16", "train.precision"),
+    ("train.parallel=zero3", "train.parallel"),
+    ("train.compile=maybe", "train.compile"),
+    ("train.activation_checkpointing=1", "train.activation_checkpointing"),
+    ("train.peak_flops=0", "train.peak_flops"),
+    ("model.attn_implementation=flash", "model.attn_implementation"),
+    ("model.attn_implementation=flash_attention_2", "model.attn_implementation"),  # needs CUDA
+])
+def test_bad_values_rejected_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_flops_per_token_by_hand():
+    # hidden 768, 12 layers, 12 heads (MHA), SwiGLU 2048, vocab 32000, seq 1024.
+    d, L, I, V, S = 768, 12, 2048, 32000, 1024
+    per_layer = 4 * d * d + 3 * d * I + 2 * d          # q,k,v,o + gate,up,down + 2 RMSNorms
+    n = L * per_layer + d + V * d                       # + final norm + LM head (tied)
+    assert n == 12 * (2_359_296 + 4_718_592 + 1_536) + 768 + 24_576_000 == 109_529_856
+    expected = 6 * n + 12 * L * d * S                   # PaLM: 6N + 12 L H Q T
+    m = ModelConfig(hidden_size=d, num_layers=L, num_heads=12, num_kv_heads=12, intermediate_size=I)
+    cfg = type("C", (), {**vars(m), "vocab_size": V})()
+    assert matmul_params(cfg) == n
+    assert flops_per_token(cfg, S) == expected == 657_179_136 + 113_246_208
+    # The same from the transformers config the loop uses; GQA shrinks k/v.
+    from raypath.model import build_model, num_params
+
+    tiny = build_model(_segment().model, VOCAB, 0)
+    assert matmul_params(tiny.config) == num_params(tiny)  # tied: every parameter is in a matmul
+    gqa = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32
+    assert matmul_params(tiny.config) == 2 * gqa + 32 + VOCAB * 32
+
+
+def test_mfu_and_peak_table():
+    assert mfu(1000.0, 6e9, 1e15) == pytest.approx(0.006)
+    assert mfu(1000.0, 6e9, None) is None
+    assert lookup_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert lookup_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert lookup_peak_flops("NVIDIA H200") == 989e12
+    assert lookup_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert lookup_peak_flops("NVIDIA L4") == 121e12
+    assert lookup_peak_flops("NVIDIA L40S") == 362e12
+    assert lookup_peak_flops("some cpu") is None
+    assert all(v > 0 for _, v in PEAK_FLOPS)
+    assert device_peak_flops(torch.device("cpu")) is None          # CPU: no MFU ...
+    assert device_peak_flops(torch.device("cpu"), 2e11) == 2e11    # ... unless train.peak_flops is set
+
+
+@pytest.mark.slow  # minutes on a loaded 2-core machine (data prep + 2 Ray Train runs)
+def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path):
+    """A 2-worker FSDP main segment (gloo) checkpoints; a 1-worker DDP segment continues from it."""
+    from raypath.loop import fit_segment
+    from raypath.mainpath import main_segment
+    from raypath.run import prepare
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.parallel=fsdp", "train.peak_flops=1e11",
+        "train.log_every=2"])
+    ctx = prepare(cfg)
+    seg = main_segment(ctx, 0, None)
+    seg = replace(seg, end_step=min(seg.end_step, 4), save_steps=(), stream_limit=min(seg.end_step, 4) * 8,
+                  val_paths=dict(list(seg.val_paths.items())[:1]))
+    fit_segment(seg)
+    end = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
+    state = ckpt.load(end)
+    assert state["state"]["step"] == seg.end_step
+    rows = [json.loads(line) for line in Path(seg.curves_path).read_text().splitlines()]
+    assert rows[-1]["world_size"] == 2 and "val/v1" in rows[-1]
+    for r in rows:
+        assert r["tokens_per_s_per_worker"] == pytest.approx(r["tokens_per_s"] / 2)
+        assert 0 < r["mfu"] < 1 and 0 <= r["data_wait_share"] <= 1
+
+    ddp = replace(seg, name="cont", storage=str(tmp_path / "ray" / "cont"), curves_path=str(tmp_path / "cont.jsonl"),
+                  init_checkpoint=str(end), start_step=seg.end_step, end_step=seg.end_step + 2,
+                  stream_limit=(seg.end_step + 2) * 8, train=replace(seg.train, parallel="ddp", num_workers=1))
+    fit_segment(ddp)
+    assert ckpt.load_state(Path(ddp.storage) / ckpt.step_dir_name(ddp.end_step))["step"] == ddp.end_step
