@@ -4,6 +4,9 @@
     raypath status runs/quickstart
     raypath cost runs/quickstart
     raypath cost --tokens 1e9 1e9 1e9 1e9 --fraction 0.2
+    raypath sweep configs/quickstart.yaml --version v2 [--set sweep.num_samples=8 ...]
+    raypath law fit runs/quickstart [--version v2]
+    raypath law predict runs/quickstart --version v2 --shape cosine --fraction 0.2 [--plot p.png]
 """
 
 from __future__ import annotations
@@ -68,6 +71,93 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raypath.sweep import format_trials, load_sweep_config, run_sweep
+
+    cfg, sweep = load_sweep_config(args.config, args.set)
+    # As given, not through YAML: a trial id like 01234567 must stay a string.
+    sweep = sweep.with_cli(name=args.name, pin=args.pin)
+    record = run_sweep(cfg, sweep, args.version)
+    print(format_trials(record))
+    print(f"sweep: {record['path']}")
+    if record.get("release"):
+        print(f"release: {record['release']} (trial {record['released']})")
+    return 0 if record["complete"] else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raypath.compare import comparison_table, format_comparison, run_comparison
+    from raypath.lineage import Lineage
+
+    cfg = load_config(args.config, args.set)
+    paths = run_comparison(cfg)
+    print(format_comparison(comparison_table(Lineage.load(cfg.run_dir).data)))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_law_fit(args: argparse.Namespace) -> int:
+    from raypath import lawfit
+    from raypath.lineage import Lineage
+
+    lineage = Lineage.load(args.run_dir).data
+    try:
+        version = lawfit.resolve_version(lineage, args.version)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law)
+    except ValueError as e:
+        raise ConfigError(f"law fit: {e}") from None
+    print(lawfit.format_fits(fits, lineage, version))
+    print(f"fit: {args.run_dir}/{lawfit.LAW_DIR}/fit-{version}.json")
+    return 0 if fits else 1
+
+
+def cmd_law_predict(args: argparse.Namespace) -> int:
+    from raypath import lawfit
+    from raypath.lineage import Lineage
+
+    lineage = Lineage.load(args.run_dir).data
+    try:
+        version = lawfit.resolve_version(lineage, args.version)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law)
+        weights = {"old": args.w_old, "new": args.w_new}
+        p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
+                                  args.power, weights=weights, fork_step=args.fork_step)
+    except ValueError as e:
+        raise ConfigError(f"law predict: {e}") from None
+    print(f"{version}: branch {p['shape']} (power {p['power']:g}, min_lr_ratio {p['min_lr_ratio']:g}) from step "
+          f"{p['fork_step']} for {p['branch_steps']} steps (fraction {p['fraction_actual']:.3f})")
+    for split, loss in p["predicted"].items():
+        print(f"  val/{split}: predicted {loss:.4f} (main path at the same step: {p['main'][split]:.4f})")
+    print(f"  objective ({', '.join(f'{s} {w:.3g}' for s, w in p['weights'].items())}): {p['objective']:.4f}")
+    if args.plot:
+        print(f"plot: {lawfit.plot_prediction(args.run_dir, lineage, fits, version, p, args.plot)}")
+    return 0
+
+
+def _add_law(sub) -> None:
+    law = sub.add_parser("law", help="fit the CPT scaling law to a run and predict branches")
+    lsub = law.add_subparsers(dest="law_command", required=True)
+    f = lsub.add_parser("fit", help="fit per validation split; print R^2, MAPE, parameters")
+    f.add_argument("run_dir")
+    f.add_argument("--version", help="version being released (default: the latest trained)")
+    f.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
+    f.set_defaults(fn=cmd_law_fit)
+    pr = lsub.add_parser("predict", help="predicted final val losses of a branch")
+    pr.add_argument("run_dir")
+    pr.add_argument("--version", help="version to branch (default: the latest trained)")
+    pr.add_argument("--shape", default="1-sqrt", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"])
+    pr.add_argument("--fraction", type=float, default=0.2, help="share of the version's steps the branch re-trains")
+    pr.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
+    pr.add_argument("--min-lr-ratio", type=float, default=0.0)
+    pr.add_argument("--power", type=float, default=2.0)
+    pr.add_argument("--w-old", type=float, default=0.5, help="objective weight of the older splits")
+    pr.add_argument("--w-new", type=float, default=0.5, help="objective weight of the version's own split")
+    pr.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
+    pr.add_argument("--plot", metavar="OUT.png", help="draw predicted vs observed curves per split")
+    pr.set_defaults(fn=cmd_law_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypath", description="Learning-rate path switching on Ray.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -83,12 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_status)
 
+    cmp_ = sub.add_parser("compare", help="train PTFS, CPT and path switching on the same data and compare")
+    cmp_.add_argument("config")
+    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cmp_.set_defaults(fn=cmd_compare)
+
     c = sub.add_parser("cost", help="tokens trained by PTFS, CPT and path switching")
     c.add_argument("run_dir", nargs="?")
     c.add_argument("--tokens", type=float, nargs="+", help="new tokens per version")
     c.add_argument("--fraction", type=float, default=0.2, help="branch fraction")
     c.add_argument("--replay", type=float, default=0.0, help="replay ratio")
     c.set_defaults(fn=cmd_cost)
+
+    w = sub.add_parser("sweep", help="search branch length/shape of one version on Ray Tune + Optuna (resumes)")
+    w.add_argument("config", help="run config; its optional `sweep:` section sets the search")
+    w.add_argument("--version", required=True, help="version to search, by name (v2) or number (2)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set sweep.num_samples=8 --set train.num_workers=1")
+    w.add_argument("--name", help="sweep name (default: sweep.name); the same name resumes that sweep")
+    w.add_argument("--pin", help="release this trial id instead of the best one")
+    w.set_defaults(fn=cmd_sweep)
+    _add_law(sub)
     return p
 
 

@@ -503,3 +503,21 @@ def _prepare_one(i: int, src: VersionSource, spec: PrepareSpec, older: list[np.n
         "stream_path": str(paths["stream"]),
         "val_path": str(paths["val"]),
     }
+
+
+def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int) -> dict:
+    """All new blocks of versions ``0..upto`` in one seeded order: what PTFS trains on.
+
+    Written once (idempotent) for the paradigm comparison; returns the stream's
+    path and row count like a version record does.
+    """
+    out = Path(out_path)
+    if not out.exists():
+        blocks = [read_blocks(r["new_path"]) for r in records[: upto + 1]]
+        src = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(blocks)])
+        tokens = np.concatenate(blocks)
+        order = np.random.default_rng([seed, 1_000 + upto]).permutation(len(tokens))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_blocks(out, tokens[order], src[order])
+    rows = pq.ParquetFile(out).metadata.num_rows
+    return {"stream_path": str(out), "stream_rows": rows}

@@ -24,6 +24,8 @@ Two practical additions keep it well conditioned and deterministic:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field
@@ -267,6 +269,42 @@ class CPTLaw(_Law):
 LAWS: dict[str, type[_Law]] = {"AnnealingLaw": AnnealingLaw, "CPTLaw": CPTLaw}
 
 
+@contextlib.contextmanager
+def single_thread_blas():
+    """Run the block with every loaded OpenBLAS limited to one thread.
+
+    L-BFGS-B calls BLAS on vectors of a handful of parameters; a multi-threaded OpenBLAS
+    then spends its time waking spinning threads, which on a loaded 2-CPU machine makes a
+    fit 100x slower (seconds -> minutes). Finds the numpy/scipy OpenBLAS builds among the
+    loaded libraries (as threadpoolctl does, without the dependency) and restores their
+    thread counts afterwards. A no-op where none is found.
+    """
+    handles = []
+    try:
+        paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for suffix in ("", "64_"):
+            for prefix in ("scipy_openblas", "openblas"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    handles.append((put, int(get())))
+                    break
+    for put, _ in handles:
+        put(1)
+    try:
+        yield
+    finally:
+        for put, n in handles:
+            put(n)
+
+
 def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:
     """Huber loss and its derivative: quadratic inside ``delta``, linear outside."""
     inside = np.abs(r) <= delta
@@ -405,26 +443,37 @@ def _seeds(law: type[_Law], prob: _Problem, seed_grid) -> list[dict[str, float]]
 
 
 def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=None,
-            lam: float = LAMBDA) -> FitResult:
+            lam: float = LAMBDA, sign: Mapping[str, int] | None = None) -> FitResult:
     """Fit one parameter set of ``law_cls`` across all ``curves`` (one validation set).
 
     Runs L-BFGS-B from every start of a deterministic grid over the non-linear parameters
     (``seed_grid`` overrides it, raw units) and keeps the lowest objective; ties go to the
     earlier start, so the result is reproducible bit for bit.
+
+    sign: ``{param: +1 or -1}`` restricts a parameter to one sign, e.g. ``{"B": -1}`` on a
+        new-domain split (2505.07796: the shift term lowers new-domain loss); a parameter
+        that ends at 0 is then reported degenerate (the data wanted the other sign).
     """
     law = LAWS[law_cls] if isinstance(law_cls, str) else law_cls
     if not curves:
         raise ValueError("fit_law needs at least one curve")
     prob = _problem(law, curves, lam)
+    for name, sgn in (sign or {}).items():
+        if name not in law.param_names:
+            continue  # e.g. B when the annealing law was chosen
+        i = law.param_names.index(name)
+        lo, hi = prob.bounds[i]
+        prob.bounds[i] = (max(lo, 0.0), hi) if sgn > 0 else (lo, min(hi, 0.0))
     z_bounds = [(lo / s, hi / s) for (lo, hi), s in zip(prob.bounds, prob.scale)]
     best = None
     seeds = _seeds(law, prob, seed_grid)
-    for seed in seeds:
-        z0 = prob.initial(seed) / prob.scale
-        res = minimize(prob.objective, z0, jac=True, method="L-BFGS-B", bounds=z_bounds,
-                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-12})
-        if best is None or res.fun < best.fun:
-            best = res
+    with single_thread_blas():
+        for seed in seeds:
+            z0 = prob.initial(seed) / prob.scale
+            res = minimize(prob.objective, z0, jac=True, method="L-BFGS-B", bounds=z_bounds,
+                           options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-12})
+            if best is None or res.fun < best.fun:
+                best = res
     theta = best.x * prob.scale
     return _summarise(law, prob, curves, theta, len(seeds), lam)
 
