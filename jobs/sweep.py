@@ -21,9 +21,13 @@ Exit codes: 0 done and released, 1 sweep not finished (re-submit to resume),
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from _common import run_main, setup_logging
+
+log = logging.getLogger("raypath.jobs.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from raypath.sweep import format_trials, load_sweep_config, run_sweep
 
         cfg, sweep = load_sweep_config(args.config, args.overrides)
+        if not Path(cfg.run_dir).is_absolute():
+            log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
+                        "temporary copy without the lineage: pass --set run_dir=/shared/absolute/path",
+                        cfg.run_dir, Path.cwd())
         record = run_sweep(cfg, sweep.with_cli(name=args.name, pin=args.pin), args.version)
         print(format_trials(record), flush=True)
         print(f"sweep: {record['path']}")

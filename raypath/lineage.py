@@ -84,5 +84,16 @@ class Lineage:
         self.data["releases"].sort(key=lambda r: r["version_index"])
         self.save()
 
+    # ---- branch searches (raypath.sweep)
+    def sweep(self, version: str, name: str) -> dict | None:
+        return next((s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) == (version, name)), None)
+
+    def record_sweep(self, entry: dict) -> None:
+        """Replace the record of sweep ``(version, name)``: settings, trials, best and released trial."""
+        key = (entry["version"], entry["name"])
+        self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key]
+        self.data["sweeps"].append({**entry, "finished": _now()})
+        self.save()
+
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

@@ -55,3 +55,67 @@ def tiny_run_copy(tiny_run, tmp_path):
     for f in dst.rglob("*.json"):
         f.write_text(f.read_text().replace(str(src), str(dst)))
     return tiny_config(dst)
+
+
+
+#: The search of the tiny sweep fixtures: 4 trials, 2 at once, all five shapes.
+TINY_SWEEP = {"num_samples": 4, "max_concurrent": 2, "seed": 0, "fraction": [0.1, 0.45],
+              "min_lr_ratio": [0.0, 0.1], "weights": {"old": 0.5, "new": 0.5}}
+#: Trials report only their final evaluation in the fast sweep (each Ray report costs ~2 s).
+FAST_TRIALS = ["train.checkpoint_every=0", "train.eval_every=0"]
+
+
+def sweep_snapshot(sweep_dir: Path) -> dict:
+    """What a re-run must not touch: trial dirs, curves (size, mtime), branch checkpoints."""
+    return {"trials": sorted(p.name for p in sweep_dir.glob("trial_*")),
+            "curves": {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sweep_dir.glob("curves/*.jsonl")},
+            "checkpoints": sorted(str(p.relative_to(sweep_dir)) for p in sweep_dir.glob("branches/*/step_*"))}
+
+
+@pytest.fixture(scope="session")
+def sweep_lineage(ray_cluster, tmp_path_factory):
+    """The main path of a 2-version tiny lineage (1 worker), checkpointed every 16 steps so
+    v2 has several fork points; no release branches (a sweep releases v2).
+    Returns the path of its config, which carries a ``sweep:`` section."""
+    import yaml
+
+    from raypath.lineage import Lineage
+    from raypath.mainpath import run_main_version
+    from raypath.run import prepare
+    from raypath.sweep import load_sweep_config
+
+    root = tmp_path_factory.mktemp("sweep")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["run_dir"] = str(root / "run")
+    raw["data"]["versions"] = ["v1", "v2"]
+    raw["train"].update(num_workers=1, checkpoint_every=16, eval_every=0)
+    raw["sweep"] = dict(TINY_SWEEP)
+    config = root / "sweep.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg, _ = load_sweep_config(config)
+    ctx = prepare(cfg)
+    lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict())
+    lineage.set_versions(ctx.versions)
+    prev = None
+    for k in range(len(ctx.versions)):
+        prev = run_main_version(ctx, k, prev)
+        lineage.record_main(prev)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(sweep_lineage):
+    """A real 4-trial sweep (2 at once) of v2, then the same command again (restored, nothing re-run).
+
+    Returns a dict: ``config`` path, ``cfg``/``sweep`` settings, the sweep ``dir``, the first
+    run's ``record``, the second run's ``again`` record and snapshots ``before_again``/``after_again``.
+    """
+    from raypath.sweep import load_sweep_config, run_sweep
+
+    cfg, sweep = load_sweep_config(sweep_lineage, FAST_TRIALS)
+    sweep_dir = Path(cfg.run_dir) / "sweeps" / "v2" / sweep.name
+    record = run_sweep(cfg, sweep, "v2")
+    before = sweep_snapshot(sweep_dir)
+    again = run_sweep(cfg, sweep, "v2")
+    return {"config": sweep_lineage, "cfg": cfg, "sweep": sweep, "dir": sweep_dir, "record": record,
+            "again": again, "before_again": before, "after_again": sweep_snapshot(sweep_dir)}

@@ -1,0 +1,336 @@
+"""Read a branch sweep (``raypath sweep``) into pandas and plot what it found.
+
+Everything here reads files of the sweep directory
+(``RUN_DIR/sweeps/vK/<name>``) and nothing else, so it works on a sweep that
+is still running, on an interrupted one and on a copied run directory:
+
+* ``sweep.json``: the sweep's settings, fork points and objective weights;
+* ``trial_<id>/params.json`` and ``result.json``: Tune's record of each trial's
+  config and reported results (the last one is the trial's final evaluation);
+* ``curves/<segment>.jsonl``: each trial's full curve (train loss every
+  ``log_every`` steps, LR, val losses and objective at evaluations);
+* ``results.json`` (when the sweep finished): the released and best trial.
+
+The main path the trials fork from is read from the run directory that holds
+the sweep (``RUN_DIR/curves/main-vK.jsonl``).
+
+    trials, curves = load_sweep("runs/quickstart/sweeps/v2/sweep")
+    plot_loss_vs_length(trials)
+    plot_pareto(trials)
+    plot_forks(trials, curves, main_curve("runs/quickstart/sweeps/v2/sweep"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from raypath.report import read_curve, si
+
+#: Config columns of a trial, in display order.
+CONFIG_COLUMNS = ["shape", "power", "min_lr_ratio", "replay_ratio", "fraction", "fraction_actual",
+                  "fork_step", "branch_steps", "branch_tokens"]
+#: Plot size (inches) and resolution, as in :mod:`raypath.report`.
+FIGSIZE = (9.0, 5.5)
+DPI = 120
+#: One colour per decay shape, stable across plots.
+SHAPE_COLORS = {"cosine": "tab:blue", "linear": "tab:orange", "1-sqrt": "tab:green",
+                "exponential": "tab:red", "polynomial": "tab:purple"}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written right now
+    return out
+
+
+def sweep_info(sweep_dir: str | os.PathLike) -> dict:
+    """The sweep's ``sweep.json`` (settings, fork points, weights), plus ``results.json`` if finished."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "sweep.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{sweep_dir}: no sweep.json (is it a `raypath sweep` directory?)")
+    info = _read_json(path)
+    results = sweep_dir / "results.json"
+    if results.is_file():
+        done = _read_json(results)
+        info.update({k: done.get(k) for k in ("best", "released", "pinned", "complete")})
+    return info
+
+
+def _trial_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(d for d in sweep_dir.glob("trial_*") if d.is_dir())
+
+
+def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial (config + final metrics) and one row per logged step of every trial.
+
+    trials: ``trial_id``, the config columns (:data:`CONFIG_COLUMNS`; ``fraction``
+        is what Optuna proposed, ``fraction_actual`` the fork it snapped to),
+        the final ``objective``, ``score`` (objective + compute penalty),
+        ``val/<version>`` losses, ``loss`` (last train-loss window), ``step``,
+        ``status`` (``done`` when the trial reached the version boundary, else
+        ``running``/``pending``) and ``best`` / ``released`` flags. Sorted by score.
+    curves: ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
+        the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
+        ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
+    """
+    sweep_dir = Path(sweep_dir)
+    info = sweep_info(sweep_dir)
+    end_step = info["main_end_step"]
+    rows, frames = [], []
+    for d in _trial_dirs(sweep_dir):
+        trial_id = d.name.removeprefix("trial_")
+        params = _read_json(d / "params.json") if (d / "params.json").is_file() else {}
+        results = sorted(_json_lines(d / "result.json"), key=lambda r: r.get("step", -1))
+        final = results[-1] if results else {}
+        done = final.get("step") == end_step and "objective" in final
+        row: dict[str, Any] = {"trial_id": trial_id}
+        row.update({c: params.get(c) for c in CONFIG_COLUMNS})
+        row.update({
+            "objective": final.get("objective") if done else None,
+            "score": final.get("score") if done else None,
+            "penalty": final.get("penalty"),
+            **{k: v for k, v in final.items() if k.startswith("val/")},
+            "loss": final.get("loss"),
+            "step": final.get("step"),
+            "status": "done" if done else ("running" if results else "pending"),
+        })
+        rows.append(row)
+        curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")
+        if len(curve):
+            curve = curve.assign(trial_id=trial_id, shape=row["shape"], fraction_actual=row["fraction_actual"])
+            fork_tokens = info["tokens_start"] + (int(row["fork_step"]) - info["main_start_step"]) * \
+                info["tokens_per_step"]
+            curve["branch_tokens"] = curve["tokens"] - fork_tokens
+            frames.append(curve)
+    trials = pd.DataFrame(rows)
+    if trials.empty:
+        trials = pd.DataFrame(columns=["trial_id", *CONFIG_COLUMNS, "objective", "score", "status"])
+    for col in ("objective", "score", "penalty", "fraction", "fraction_actual", "power", "min_lr_ratio",
+                "replay_ratio", "loss"):
+        if col in trials:
+            trials[col] = pd.to_numeric(trials[col], errors="coerce")
+    done = trials[trials["status"] == "done"]
+    best = done.loc[done["score"].idxmin(), "trial_id"] if len(done) else None
+    trials["best"] = trials["trial_id"] == best
+    trials["released"] = trials["trial_id"] == info.get("released")
+    trials = trials.sort_values(["score", "trial_id"], na_position="last").reset_index(drop=True)
+    curves = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["trial_id", "step", "tokens", "branch_tokens", "lr", "loss"])
+    return trials, curves
+
+
+def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:
+    """The main-path curve of the swept version (what the trials fork from)."""
+    sweep_dir = Path(sweep_dir)
+    info = sweep_info(sweep_dir)
+    local = sweep_dir.parents[2] / "curves" / f"{info['main_segment']}.jsonl"
+    return read_curve(local if local.is_file() or not info.get("main_curve") else info["main_curve"])
+
+
+def main_objective(sweep_dir: str | os.PathLike) -> float:
+    """The objective of the *un-annealed* main path at the version boundary (what decay must beat)."""
+    info = sweep_info(sweep_dir)
+    curve = main_curve(sweep_dir)
+    weights = info["objective_weights"]
+    if curve.empty:
+        return float("nan")
+    last = curve[curve["step"] == info["main_end_step"]]
+    if last.empty or not all(f"val/{v}" in last for v in weights):
+        return float("nan")
+    return float(sum(w * last[f"val/{v}"].iloc[-1] for v, w in weights.items()))
+
+
+def pareto_front(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Rows not dominated in (``x``, ``y``), both minimised, sorted by ``x``.
+
+    A row is on the front when no other row has ``x`` and ``y`` both <= its own
+    with one strictly smaller: e.g. no cheaper branch that is at least as good.
+    """
+    d = df.dropna(subset=[x, y]).sort_values([x, y], kind="stable")
+    keep, best = [], math.inf
+    for idx, value in zip(d.index, d[y]):
+        if value < best:
+            keep.append(idx)
+            best = value
+    return d.loc[keep]
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color(shape: Any) -> str:
+    return SHAPE_COLORS.get(str(shape), "0.4")
+
+
+def _title(ax, trials: pd.DataFrame, what: str) -> None:
+    n = len(trials)
+    done = int((trials["status"] == "done").sum()) if "status" in trials else n
+    ax.set_title(f"{what} ({done}/{n} trials finished)")
+
+
+def plot_loss_vs_length(trials: pd.DataFrame, y: str = "objective", x: str = "fraction_actual",
+                        reference: float | None = None):
+    """Final ``y`` against branch length, one series per decay shape; the best trial starred.
+
+    reference: a horizontal line, e.g. :func:`main_objective` (the main path
+        without any decay at the same boundary).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    done = trials.dropna(subset=[x, y])
+    for shape, group in done.groupby("shape", sort=True):
+        g = group.sort_values(x)
+        ax.plot(g[x], g[y], marker="o", ms=7, lw=1.2, alpha=0.9, color=_color(shape), label=shape)
+    best = done[done["best"]] if "best" in done else done.iloc[:0]
+    if len(best):
+        ax.plot(best[x], best[y], marker="o", ms=17, mfc="none", mec="goldenrod", mew=2.5, ls="none",
+                zorder=5, label="best")
+    if reference is not None and np.isfinite(reference):
+        ax.axhline(reference, color="black", lw=1, ls="--", label="main path, no decay")
+    ax.set_xlabel("branch length (fraction of the version's stream)" if x.startswith("fraction") else x)
+    ax.set_ylabel(y)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    _title(ax, trials, f"{y} vs branch length per decay shape")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(trials: pd.DataFrame, x: str = "branch_tokens", y: str = "objective"):
+    """Every trial's ``y`` against its compute ``x``; the Pareto front (cheapest for its loss) joined."""
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    done = trials.dropna(subset=[x, y])
+    for shape, group in done.groupby("shape", sort=True):
+        ax.scatter(group[x], group[y], s=45, color=_color(shape), label=shape, zorder=3, alpha=0.85)
+    front = pareto_front(done, x, y)
+    if len(front):
+        ax.step(front[x], front[y], where="post", color="black", lw=1.2, zorder=2, label="Pareto front")
+        ax.scatter(front[x], front[y], s=130, facecolors="none", edgecolors="black", lw=1.3, zorder=4)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: si(v) if v else "0"))
+    ax.set_xlabel("branch tokens" if x == "branch_tokens" else x)
+    ax.set_ylabel(y)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    _title(ax, trials, f"{y} vs compute: Pareto front")
+    fig.tight_layout()
+    return fig
+
+
+def plot_forks(trials: pd.DataFrame, curves: pd.DataFrame, main: pd.DataFrame | None = None,
+               y: str = "loss"):
+    """Each trial's curve forking off the main path: ``y`` (top) and LR (bottom) against tokens."""
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.3), sharex=True,
+                                    gridspec_kw={"height_ratios": [2.2, 1]})
+    if main is not None and len(main) and y in main:
+        start = curves["tokens"].min() - curves["branch_tokens"].max() * 0.3 if len(curves) else None
+        m = main if start is None or not np.isfinite(start) else main[main["tokens"] >= start]
+        ax.plot(m["tokens"], m[y], color="black", lw=1.0, zorder=4, label="main path")
+        ax_lr.plot(m["tokens"], m["lr"], color="black", lw=1.0, zorder=4)
+    order = trials["trial_id"].tolist()
+    for trial_id, c in sorted(curves.groupby("trial_id"), key=lambda kv: order.index(kv[0])
+                              if kv[0] in order else len(order)):
+        row = trials[trials["trial_id"] == trial_id]
+        shape = row["shape"].iloc[0] if len(row) else None
+        is_best = bool(len(row) and row["best"].iloc[0]) if "best" in row else False
+        lw, alpha = (2.6, 1.0) if is_best else (1.3, 0.75)
+        label = f"{trial_id} {shape}" + (" (best)" if is_best else "")
+        if main is not None and len(row) and len(main):
+            # Start each branch at its fork on the main path, so it visibly forks off it.
+            fork = main[main["step"] == row["fork_step"].iloc[0]]
+            c = pd.concat([fork[[k for k in ("step", "tokens", "lr", y) if k in fork]], c], ignore_index=True)
+        if y in c:
+            cc = c.dropna(subset=[y])
+            ax.plot(cc["tokens"], cc[y], color=_color(shape), lw=lw, alpha=alpha, label=label)
+        ax_lr.plot(c["tokens"], c["lr"], color=_color(shape), lw=lw, alpha=alpha)
+    ax.set_ylabel(f"{y} (train: window mean)" if y == "loss" else y)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens trained along the path")
+    ax_lr.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: si(v) if v else "0"))
+    ax_lr.set_ylim(bottom=0)
+    for a in (ax, ax_lr):
+        a.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _title(ax, trials, "branches forking off the main path")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically (temp sibling, then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- tables
+
+def summary_table(trials: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The trials with the columns a reader compares, best first."""
+    columns = list(columns or ["trial_id", "shape", "power", "min_lr_ratio", "fraction", "fraction_actual",
+                               "branch_tokens", "objective", "score", "status", "released"])
+    return trials[[c for c in columns if c in trials]].reset_index(drop=True)
+
+
+def markdown_table(trials: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """:func:`summary_table` as a GitHub markdown table (numbers rounded for reading)."""
+    df = summary_table(trials, columns)
+
+    def cell(col: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if col == "branch_tokens":
+            return si(v)
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else ""
+        if isinstance(v, float):
+            return f"{v:.4f}" if col in ("objective", "score") or col.startswith("val/") else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |",
+             "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(df[c]) and df[c].dtype != bool else "---"
+                               for c in df.columns) + " |"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(cell(c, row[c]) for c in df.columns) + " |")
+    return "\n".join(lines) + "\n"

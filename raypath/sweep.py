@@ -1,0 +1,790 @@
+"""Branch search: which branch length and decay shape give the best release for the compute?
+
+``raypath sweep CONFIG --version K`` forks many release branches of version K
+from its main-path checkpoints and runs them as a Ray Tune experiment:
+
+* every **trial** is one branch (:func:`raypath.branches.branch_segment`) run as
+  its own Ray Train job by a Tune function trainable that holds **0 CPUs** (it
+  only waits on its Train workers; holding a CPU would starve them on a small
+  machine), reporting through :class:`ray.tune.integration.ray_train.TuneReportCallback`;
+* **Optuna** (TPE, seeded) proposes each trial's branch fraction, decay shape
+  (with its power for ``polynomial`` / ``exponential``), ``min_lr_ratio`` and
+  replay ratio; the proposed fraction is snapped to the nearest main-path
+  checkpoint that exists (both are recorded);
+* the objective is the weighted validation loss over the old versions' splits
+  and version K's split, plus an optional compute penalty; a hard token budget
+  keeps longer branches from being proposed at all;
+* the best trial (or the one the user pins) becomes version K's release in the
+  lineage, with a pointer to the sweep.
+
+Everything of a sweep lives in ``RUN_DIR/sweeps/vK/<name>/`` (the Tune
+experiment directory)::
+
+    sweep.json            settings, fork points, objective weights (written once)
+    results.json          one record per trial + best/released (written at the end)
+    trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
+    branches/<segment>/   each trial's Ray Train run (its checkpoints)
+    curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
+    exports/<segment>/    each trial's exported model; the winner is copied to releases/vK
+
+Re-running the same command resumes an interrupted sweep with
+``Tuner.restore``: finished trials are not run again, unfinished ones continue
+from their latest branch checkpoint, errored ones are retried.
+
+Sweep settings are read from a ``sweep:`` section of the run config (see
+:class:`SweepConfig`); :func:`load_sweep_config` strips it before the rest is
+validated by :func:`raypath.config.config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raypath import checkpoint as ckpt
+from raypath.config import Config, ConfigError, config_from_dict
+from raypath.schedules import SHAPES, Decay
+from raypath.storage import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+#: Shapes whose ``power`` is searched (the others ignore it).
+POWER_SHAPES = ("exponential", "polynomial")
+#: The metric Optuna minimises: objective + compute penalty.
+METRIC = "score"
+#: CPUs a trial's Ray Data pipeline is assumed to need next to its Train workers
+#: when the concurrency is derived from the cluster's resources.
+DATA_CPUS_PER_TRIAL = 1.0
+#: What a trial's Tune actor reserves: no CPU (it only waits on its Train workers,
+#: which reserve their own; holding a CPU here starves them on a small machine).
+#: Ray cannot place an all-zero bundle ("empty head and zero worker bundles"),
+#: so the bundle asks for one byte of memory instead.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
+SWEEP_JSON = "sweep.json"
+RESULTS_JSON = "results.json"
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class SweepConfig:
+    """The ``sweep:`` section of a run config: what one branch search explores.
+
+    name: sweep name; its directory is ``RUN_DIR/sweeps/<version>/<name>``. Re-running
+        with the same name resumes that sweep; a new name starts a new one.
+    num_samples: trials (branches) to run.
+    max_concurrent: trials running at once; 0 = derive from the cluster's resources
+        (CPUs / (train.num_workers x train.cpus_per_worker + 1 for the trial's data
+        pipeline), and GPUs / train.num_workers when train.use_gpu), capped by num_samples.
+        Fixed when the sweep starts: a resumed sweep keeps it.
+    seed: seed of Optuna's TPE sampler (same seed, same proposals).
+    startup_trials: trials TPE samples at random before it models the results;
+        0 = ``min(10, max(max_concurrent, num_samples // 2))``.
+    fraction: [lo, hi] range of the branch length as a fraction of the version's
+        stream (its steps); each proposal is snapped to the nearest main-path
+        checkpoint (``train.checkpoint_every`` gives more of them).
+    shapes: decay shapes to try (cosine, linear, 1-sqrt, exponential, polynomial).
+    power: [lo, hi] range of the power of ``polynomial`` / e-foldings of ``exponential``.
+    min_lr_ratio: [lo, hi] range of the final LR / max LR, within [0, 1).
+    replay_ratios: replay ratios to try; empty = the stream's (``data.replay_ratio``).
+        A branch re-trains the rows of version K's prepared stream after its fork,
+        so only the stream's own ratio is possible until the data layer prepares
+        one stream per ratio; other values are rejected.
+    weights: ``{old, new}`` weights of the objective ``w_old * mean(val loss of the
+        versions before K) + w_new * val loss of version K`` (normalised to sum to 1;
+        for the first version the objective is its own val loss).
+    token_budget: hard cap on a branch's tokens; longer branches are never proposed
+        (fork points beyond it are excluded). Empty = no cap.
+    compute_penalty: ``score = objective + compute_penalty * branch tokens / version
+        tokens``: trades loss for compute; 0 = loss only.
+    pin: trial id (or branch name) to release instead of the best trial.
+    """
+
+    name: str = "sweep"
+    num_samples: int = 8
+    max_concurrent: int = 0
+    seed: int = 0
+    startup_trials: int = 0
+    fraction: tuple[float, float] = (0.05, 0.4)
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
+    power: tuple[float, float] = (1.0, 4.0)
+    min_lr_ratio: tuple[float, float] = (0.0, 0.1)
+    replay_ratios: list[float] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=lambda: {"old": 0.5, "new": 0.5})
+    token_budget: float | None = None
+    compute_penalty: float = 0.0
+    pin: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_cli(self, name: str | None = None, pin: str | None = None) -> "SweepConfig":
+        """This config with ``--name`` / ``--pin`` from the command line applied (validated)."""
+        out = dataclasses.replace(self, name=name or self.name, pin=pin or self.pin)
+        validate_sweep(out)
+        return out
+
+
+def _range(value: Any, path: str) -> tuple[float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value, value]
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{path}: expected [lo, hi] (two numbers), got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if lo > hi:
+        raise ConfigError(f"{path}: lo {lo} is above hi {hi}")
+    return lo, hi
+
+
+def sweep_config_from_dict(raw: dict | None) -> SweepConfig:
+    """Build and validate a :class:`SweepConfig`; errors name the field (``sweep.x``)."""
+    raw = dict(raw or {})
+    names = {f.name for f in dataclasses.fields(SweepConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"sweep.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    kw: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"sweep.{key}"
+        if key in ("fraction", "power", "min_lr_ratio"):
+            kw[key] = _range(value, path)
+        elif key in ("num_samples", "max_concurrent", "seed", "startup_trials"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            kw[key] = value
+        elif key in ("name", "pin"):
+            if value is None and key == "pin":
+                kw[key] = None
+            elif isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                kw[key] = str(value)
+            else:
+                raise ConfigError(f"{path}: expected a string, got {value!r}")
+        elif key == "shapes":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{path}: expected a non-empty list of shapes, got {value!r}")
+            kw[key] = [str(v) for v in value]
+        elif key == "replay_ratios":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{path}: expected a list of numbers, got {value!r}")
+            kw[key] = [float(v) for v in value]
+        elif key == "weights":
+            if not isinstance(value, dict) or set(value) - {"old", "new"} or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+                raise ConfigError(f"{path}: expected {{old: number, new: number}}, got {value!r}")
+            kw[key] = {"old": 0.5, "new": 0.5, **{k: float(v) for k, v in value.items()}}
+        elif key in ("token_budget", "compute_penalty"):
+            if value is None and key == "token_budget":
+                kw[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{path}: expected a number, got {value!r}")
+            try:
+                kw[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    sc = SweepConfig(**kw)
+    validate_sweep(sc)
+    return sc
+
+
+def validate_sweep(sc: SweepConfig) -> None:
+    def check(ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"sweep.{name}: {msg}")
+
+    check(bool(sc.name) and "/" not in sc.name and sc.name not in (".", ".."), "name",
+          f"must be a plain directory name, got {sc.name!r}")
+    check(sc.num_samples >= 1, "num_samples", f"must be >= 1, got {sc.num_samples}")
+    check(sc.max_concurrent >= 0, "max_concurrent", f"must be >= 0 (0 = from resources), got {sc.max_concurrent}")
+    check(sc.startup_trials >= 0, "startup_trials", f"must be >= 0 (0 = auto), got {sc.startup_trials}")
+    check(0.0 < sc.fraction[0] and sc.fraction[1] <= 1.0, "fraction",
+          f"must lie in (0, 1], got {list(sc.fraction)}")
+    bad = [s for s in sc.shapes if s not in SHAPES]
+    check(not bad, "shapes", f"{bad[0] if bad else ''!r} is not one of {', '.join(SHAPES)}")
+    check(len(set(sc.shapes)) == len(sc.shapes), "shapes", f"duplicates in {sc.shapes}")
+    check(sc.power[0] > 0, "power", f"must be > 0, got {list(sc.power)}")
+    check(0.0 <= sc.min_lr_ratio[0] and sc.min_lr_ratio[1] < 1.0, "min_lr_ratio",
+          f"must lie in [0, 1), got {list(sc.min_lr_ratio)}")
+    check(all(0.0 <= r < 1.0 for r in sc.replay_ratios), "replay_ratios",
+          f"each must be in [0, 1), got {sc.replay_ratios}")
+    check(all(v >= 0 for v in sc.weights.values()) and sum(sc.weights.values()) > 0, "weights",
+          f"must be >= 0 and not all 0, got {sc.weights}")
+    check(sc.token_budget is None or sc.token_budget > 0, "token_budget", f"must be > 0, got {sc.token_budget}")
+    check(sc.compute_penalty >= 0, "compute_penalty", f"must be >= 0, got {sc.compute_penalty}")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_sweep_config(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Config, SweepConfig]:
+    """Read a run config with a ``sweep:`` section; ``--set`` overrides reach both parts.
+
+    The ``sweep`` section is split off before the rest is validated exactly like
+    ``raypath run`` does it (unknown keys rejected), so one YAML serves both
+    commands once ``raypath.config`` knows the section; until then a config
+    carrying ``sweep:`` is for ``raypath sweep`` only.
+    """
+    p = Path(path)
+    source = str(path)
+    if not p.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    sweep_raw = raw.pop("sweep", None) or {}
+    try:
+        if not isinstance(sweep_raw, dict):
+            raise ConfigError(f"sweep: expected a mapping, got {type(sweep_raw).__name__}")
+        sc = sweep_config_from_dict(sweep_raw)
+        cfg = config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg, sc
+
+
+# --------------------------------------------------------------------------- planning
+
+def resolve_version(versions: list[dict], version: str | int) -> int:
+    """Index of ``version``: a name (``v2``) or a 1-based number (``2``)."""
+    names = [v["name"] for v in versions]
+    if str(version) in names:
+        return names.index(str(version))
+    try:
+        i = int(str(version))
+    except ValueError:
+        i = 0
+    if 1 <= i <= len(names):
+        return i - 1
+    raise ConfigError(f"--version {version}: not a version of this run (versions: {', '.join(names) or 'none'})")
+
+
+def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
+    """Verified main-path checkpoints of one version that a branch can fork from.
+
+    A fork at step ``s`` re-trains the last ``(end - s) / (end - start)`` of the
+    version's stream. The version boundary itself (a zero-length branch) is not one.
+    """
+    start, end = main["start_step"], main["end_step"]
+    out = []
+    for d in sorted(Path(storage).glob("step_*")):
+        try:
+            step = int(d.name.split("_", 1)[1])
+        except ValueError:
+            continue
+        if not start < step < end:
+            continue
+        try:
+            ckpt.verify(d)
+        except ckpt.CheckpointError as e:
+            log.warning("fork point skipped: %s", e)
+            continue
+        out.append({"step": step, "fraction": (end - step) / (end - start), "path": str(d)})
+    return out
+
+
+def objective_weights(versions: list[dict], k: int, weights: dict[str, float]) -> dict[str, float]:
+    """Val split -> weight: ``w_old`` spread evenly over the versions before k, ``w_new`` on k.
+
+    Weights are normalised to sum to 1; for the first version the objective is its own loss.
+    """
+    own = versions[k]["name"]
+    if k == 0:
+        return {own: 1.0}
+    total = weights.get("old", 0.0) + weights.get("new", 0.0)
+    old = weights.get("old", 0.0) / total
+    out = {v["name"]: old / k for v in versions[:k]}
+    out[own] = weights.get("new", 0.0) / total
+    return out
+
+
+def derive_max_concurrent(train, num_samples: int, resources: dict[str, float]) -> int:
+    """Trials that fit at once: each needs its Train workers (and GPUs) plus a CPU for data."""
+    per_trial_cpu = train.num_workers * train.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    n = int(resources.get("CPU", 0.0) // per_trial_cpu)
+    if train.use_gpu:
+        n = min(n, int(resources.get("GPU", 0.0) // train.num_workers))
+    return max(1, min(n, num_samples))
+
+
+def choose_forks(forks: list[dict], main: dict, sc: SweepConfig, tokens_per_step: int,
+                 version: str = "") -> list[dict]:
+    """The fork points proposals snap to: within the token budget, and within
+    ``sweep.fraction`` when any is (else the nearest of all, with a warning).
+    Logs the choice, and says so clearly when only one fork point is left."""
+    allowed = forks
+    if sc.token_budget is not None:
+        allowed = [f for f in forks if (main["end_step"] - f["step"]) * tokens_per_step <= sc.token_budget]
+        if forks and not allowed:
+            raise ConfigError(f"sweep.token_budget: {sc.token_budget:g} tokens is less than the shortest branch "
+                              f"{version}'s checkpoints allow "
+                              f"({(main['end_step'] - forks[-1]['step']) * tokens_per_step} tokens)")
+    if not allowed:
+        raise ConfigError(f"{version}: the main path has no verified checkpoint inside the version to fork "
+                          f"from; set train.checkpoint_every and re-train it")
+    lo, hi = sc.fraction
+    chosen = [f for f in allowed if lo - 1e-9 <= f["fraction"] <= hi + 1e-9]
+    if not chosen:
+        log.warning("no %s checkpoint within sweep.fraction %s; snapping to the nearest of all %d",
+                    version, list(sc.fraction), len(allowed))
+        chosen = allowed
+    log.info("%s: %d fork points (fraction@step: %s)", version, len(chosen),
+             ", ".join(f"{f['fraction']:.3f}@{f['step']}" for f in chosen))
+    if len(chosen) == 1:
+        log.warning("%s has only one fork point (step %d, fraction %.3f): every trial gets the same branch "
+                    "length. Set train.checkpoint_every (e.g. %d) and re-train the main path to search "
+                    "branch lengths", version, chosen[0]["step"], chosen[0]["fraction"],
+                    max(1, (main["end_step"] - main["start_step"]) // 20))
+    return chosen
+
+
+def make_sampler(sc: SweepConfig, max_concurrent: int):
+    """Optuna's seeded TPE sampler of a sweep (multivariate over the conditional space).
+
+    The first ``startup_trials`` proposals are seeded random draws, so a sweep
+    proposes the same first trials whatever the cluster does.
+    """
+    import optuna
+
+    startup = sc.startup_trials or min(10, max(max_concurrent, sc.num_samples // 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=sc.seed, n_startup_trials=startup, multivariate=True, group=True,
+                                          constant_liar=True)
+
+
+@dataclass
+class SearchSpace:
+    """Optuna define-by-run space (picklable: Tune saves it with the searcher's state).
+
+    Suggests ``fraction``, ``shape``, ``power`` (only for polynomial/exponential),
+    ``min_lr_ratio`` and ``replay_ratio``, then returns the fork point the
+    fraction snaps to as constants (``fork_step``, ``fraction_actual``,
+    ``branch_steps``, ``branch_tokens``), so every trial's config records both.
+    """
+
+    fraction: tuple[float, float]
+    shapes: list[str]
+    power: tuple[float, float]
+    min_lr_ratio: tuple[float, float]
+    replay_ratios: list[float]
+    forks: list[dict]
+    end_step: int
+    tokens_per_step: int
+
+    def snap(self, fraction: float) -> dict:
+        # Nearest fraction; on a tie the shorter (cheaper) branch.
+        return min(self.forks, key=lambda f: (abs(f["fraction"] - fraction), f["fraction"]))
+
+    def __call__(self, trial) -> dict:
+        fraction = trial.suggest_float("fraction", *self.fraction)
+        shape = trial.suggest_categorical("shape", self.shapes)
+        if shape in POWER_SHAPES:
+            trial.suggest_float("power", *self.power)
+        trial.suggest_float("min_lr_ratio", *self.min_lr_ratio)
+        trial.suggest_categorical("replay_ratio", self.replay_ratios)
+        fork = self.snap(fraction)
+        steps = self.end_step - fork["step"]
+        return {"fork_step": fork["step"], "fraction_actual": fork["fraction"], "branch_steps": steps,
+                "branch_tokens": steps * self.tokens_per_step}
+
+
+@dataclass
+class SweepPlan:
+    """What every trial needs; built by the driver, shipped to trials with ``tune.with_parameters``."""
+
+    ctx: Any  # raypath.run.RunContext
+    k: int
+    main: dict
+    sweep_dir: str
+    weights: dict[str, float]
+    compute_penalty: float
+    version_tokens: int
+
+    @property
+    def version(self) -> str:
+        return self.ctx.versions[self.k]["name"]
+
+    def segment_name(self, trial_id: str) -> str:
+        return f"branch-{self.version}-{trial_id}"
+
+    def segment(self, trial_id: str, config: dict):
+        """The trial's branch segment, with its storage, curve and export under the sweep."""
+        from raypath.branches import branch_segment
+
+        name = self.segment_name(trial_id)
+        root = Path(self.sweep_dir)
+        decay = decay_of(config)
+        seg = branch_segment(self.ctx, self.k, self.main, decay, int(config["fork_step"]), name=name,
+                             export_dir=str(root / "exports" / name))
+        card = {**seg.model_card, "sweep": str(root), "trial_id": trial_id, "objective_weights": self.weights,
+                "fraction_proposed": config.get("fraction"), "fraction_actual": config.get("fraction_actual")}
+        return dataclasses.replace(seg, storage=str(root / "branches" / name),
+                                   curves_path=str(root / "curves" / f"{name}.jsonl"),
+                                   objective_weights=dict(self.weights), model_card=card)
+
+    def penalty(self, branch_tokens: float) -> float:
+        return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
+
+
+def decay_of(config: dict) -> Decay:
+    power = config.get("power")
+    return Decay(config["shape"], float(config["min_lr_ratio"]), float(power) if power else 2.0)
+
+
+# --------------------------------------------------------------------------- the trial
+
+def _report_callback(extra: dict, penalty: float):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class SweepReportCallback(TuneReportCallback):
+        """Forwards each Train report to Tune with the trial's ``score`` and fork facts.
+
+        Every result carries ``score`` (Tune checks the metric on each one):
+        ``objective + penalty`` at evaluations, the last known value in
+        checkpoint-only reports (``inf`` before the first evaluation). The final
+        report is always an evaluation, so the score Optuna is told is exact.
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.last = math.inf
+
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            if "objective" in first:
+                self.last = float(first["objective"]) + penalty
+            first.update(extra, score=self.last, penalty=penalty)
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return SweepReportCallback()
+
+
+def _trial(config: dict, plan: SweepPlan) -> None:
+    """Tune function trainable: one branch as a Ray Train run (resumes its own checkpoints)."""
+    from ray import tune
+
+    from raypath.loop import fit_segment
+
+    trial_id = tune.get_context().get_trial_id()
+    seg = plan.segment(trial_id, config)
+    extra = {"fork_step": seg.start_step, "branch_steps": seg.end_step - seg.start_step,
+             "branch_tokens": int(config["branch_tokens"])}
+    penalty = plan.penalty(config["branch_tokens"])
+    final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
+    if _finished(final_dir, seg.export_dir):
+        # Interrupted after its branch finished but before Tune recorded it: the
+        # restored trial only reports the result, it trains nothing again.
+        log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
+    else:
+        fit_segment(seg, callbacks=[_report_callback(extra, penalty)])
+    # Ray 2.60 can drop the last Train report when the trainable returns right
+    # after it (Tune reads the Train->Tune queue only while the function runs),
+    # so report the final evaluation again, from the branch's final checkpoint:
+    # the last result Tune and Optuna see is then always the exact final score.
+    final = ckpt.load_state(final_dir)["metrics"]
+    tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True})
+
+
+def _finished(final_dir: Path, export_dir: str | None) -> bool:
+    """The branch reached its end step (verified checkpoint) and exported its model."""
+    if export_dir and not (Path(export_dir) / "model_card.json").is_file():
+        return False
+    try:
+        ckpt.verify(final_dir)
+    except ckpt.CheckpointError:
+        return False
+    return True
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def _check_same_model(cfg: Config, lineage: dict) -> None:
+    recorded = lineage.get("config", {})
+    for section, keys in (("model", None), ("data", ("seq_len",)), ("train", ("global_batch_size", "max_lr",
+                                                                                "warmup_steps"))):
+        now, then = cfg.to_dict()[section], recorded.get(section, {})
+        for key in keys or now:
+            if key in then and then[key] != now[key]:
+                raise ConfigError(f"{section}.{key}: {now[key]!r} differs from the lineage's {then[key]!r}; "
+                                  f"branches must fork with the main path's model and schedule")
+
+
+def _settings_record(sc: SweepConfig) -> dict:
+    """The settings that define a sweep's search; a resumed sweep must be given the same ones."""
+    d = sc.to_dict()
+    for key in ("pin", "max_concurrent", "name"):
+        d.pop(key)
+    return yaml.safe_load(yaml.safe_dump(d))  # tuples -> lists, as in the JSON record
+
+
+def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
+    """Write ``sweep.json`` for a new sweep; for an existing one check it is the same search
+    and return what was recorded (a restored Tuner keeps its original concurrency)."""
+    path = sweep_dir / SWEEP_JSON
+    if not path.is_file():
+        write_json(path, record)
+        return record
+    old = read_json(path)
+    for key in ("version", "settings", "objective_weights"):
+        if old.get(key) != record[key]:
+            raise ConfigError(f"sweep {sweep_dir.name!r} of {record['version']} was started with different "
+                              f"{key} ({old.get(key)} vs now {record[key]}); resume it with the same settings "
+                              f"or start a new one with --name")
+    return old
+
+
+def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concurrent: int, sweep_dir: Path):
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
+        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True), True
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(space=space, metric=METRIC, mode="min", sampler=make_sampler(sc, max_concurrent),
+                            study_name=f"{plan.version}-{sc.name}")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="min", num_samples=sc.num_samples,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname,
+                                    trial_name_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+    ), False
+
+
+def _trial_record(plan: SweepPlan, result) -> dict:
+    from raypath.branches import summarize
+
+    metrics = result.metrics or {}
+    config = dict(result.config or {})
+    trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+    record = {
+        "trial_id": trial_id,
+        "name": plan.segment_name(trial_id),
+        "config": config,
+        "trial_dir": result.path,
+        "status": "error" if result.error else "done",
+        "error": str(result.error).splitlines()[0][:300] if result.error else None,
+    }
+    if result.error or not config:
+        return record
+    seg = plan.segment(trial_id, config)
+    try:
+        entry = summarize(seg)
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        return {**record, "status": "incomplete", "error": str(e)}
+    state = ckpt.load_state(entry["checkpoint"])
+    objective = state["metrics"].get("objective")
+    record.update(
+        branch=entry,
+        metrics=entry["metrics"],
+        objective=objective,
+        penalty=plan.penalty(entry["tokens_trained"]),
+        score=None if objective is None else objective + plan.penalty(entry["tokens_trained"]),
+        branch_tokens=entry["tokens_trained"],
+        curve=seg.curves_path,
+        export=seg.export_dir,
+    )
+    return record
+
+
+def _release(plan: SweepPlan, lineage, trial: dict, pinned: bool) -> dict:
+    """Copy the trial's exported model to ``releases/vK`` (atomically) and record it."""
+    src = Path(trial["export"])
+    if not (src / "model_card.json").is_file():
+        raise FileNotFoundError(f"{src}: trial {trial['trial_id']} has no exported model")
+    dst = plan.ctx.run_dir / "releases" / plan.version
+    card = dst / "model_card.json"
+    if not (card.is_file() and read_json(card).get("branch") == trial["name"]):
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+    branch = {**trial["branch"], "release": str(dst), "sweep": plan.sweep_dir, "trial_id": trial["trial_id"],
+              "objective": trial["objective"], "score": trial["score"]}
+    lineage.record_branch(branch)
+    lineage.record_release({
+        "version": plan.version, "version_index": plan.k, "path": str(dst), "branch": trial["name"],
+        "tokens_total": branch["tokens_total"],
+        "val": {key: v for key, v in branch["metrics"].items() if key.startswith("val/")},
+        "sweep": plan.sweep_dir, "trial_id": trial["trial_id"], "pinned": pinned,
+    })
+    log.info("released %s from sweep trial %s%s: objective %.4f", plan.version, trial["trial_id"],
+             " (pinned)" if pinned else "", trial["objective"])
+    return branch
+
+
+def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
+    done = [t for t in trials if t["status"] == "done" and t.get("score") is not None]
+    if pin:
+        chosen = next((t for t in trials if pin in (t["trial_id"], t["name"])), None)
+        if chosen is None or chosen["status"] != "done":
+            known = ", ".join(t["trial_id"] for t in done) or "none"
+            raise ConfigError(f"sweep.pin: {pin!r} is not a finished trial of this sweep (finished: {known})")
+        return chosen, True
+    return (min(done, key=lambda t: t["score"]) if done else None), False
+
+
+def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
+    """Run (or resume) the branch search of ``version``; release its best trial.
+
+    Returns the sweep record that is also written to ``results.json`` and to the
+    lineage's ``sweeps``: settings, one record per trial (config, final
+    metrics, objective, score), the best trial and the released one.
+    """
+    import ray
+
+    from raypath.cluster import init_ray
+    from raypath.lineage import Lineage
+    from raypath.run import prepare
+
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    ctx = prepare(cfg)
+    lineage = Lineage.load(ctx.run_dir)
+    _check_same_model(cfg, lineage.data)
+    k = resolve_version(ctx.versions, version)
+    vname = ctx.versions[k]["name"]
+    main = lineage.main(vname)
+    if main is None:
+        raise ConfigError(f"--version {vname}: its main path is not trained yet; run `raypath run` first")
+
+    stream_ratio = cfg.data.replay_ratio if k > 0 else 0.0
+    replay = sc.replay_ratios or [stream_ratio]
+    if any(abs(r - stream_ratio) > 1e-9 for r in replay):
+        raise ConfigError(f"sweep.replay_ratios: {replay} but {vname}'s stream was prepared with replay ratio "
+                          f"{stream_ratio}; a branch re-trains the rows of that stream, so per-trial replay "
+                          f"ratios need one prepared stream per ratio (not supported yet): leave it empty")
+
+    forks = fork_points(main, ctx.storage(main["segment"]))
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    version_tokens = main["tokens_end"] - main["tokens_start"]
+    in_range = choose_forks(forks, main, sc, tokens_per_step, vname)
+
+    weights = objective_weights(ctx.versions, k, sc.weights)
+    sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens)
+    space = SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
+                        main["end_step"], tokens_per_step)
+    max_concurrent = sc.max_concurrent or derive_max_concurrent(cfg.train, sc.num_samples, ray.cluster_resources())
+    record = {
+        "name": sc.name, "version": vname, "version_index": k, "path": str(sweep_dir),
+        "run_dir": str(ctx.run_dir), "main_segment": main["segment"], "main_curve": main.get("curve"),
+        "main_start_step": main["start_step"], "main_end_step": main["end_step"],
+        "tokens_start": main["tokens_start"], "version_tokens": version_tokens,
+        "tokens_per_step": tokens_per_step, "segment_prefix": f"branch-{vname}-",
+        "settings": _settings_record(sc), "objective_weights": weights,
+        "fork_points": [{"step": f["step"], "fraction": f["fraction"]} for f in in_range],
+        "max_concurrent": max_concurrent,
+        "searcher": {"kind": "optuna", "sampler": "TPESampler", "seed": sc.seed, "metric": METRIC, "mode": "min"},
+    }
+    max_concurrent = record["max_concurrent"] = _start_or_check_record(sweep_dir, record).get(
+        "max_concurrent", max_concurrent)
+    log.info("sweep %s of %s: %d trials, %d at once, objective weights %s, compute penalty %g%s", sc.name, vname,
+             sc.num_samples, max_concurrent, weights, sc.compute_penalty,
+             f", token budget {sc.token_budget:g}" if sc.token_budget else "")
+
+    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir)
+    results = tuner.fit()
+    trials = sorted((_trial_record(plan, r) for r in results), key=lambda t: t["trial_id"])
+    finished = sum(t["status"] == "done" for t in trials)
+    errored = [t["trial_id"] for t in trials if t["status"] == "error"]
+    complete = finished == sc.num_samples
+    # Settled: every trial ran to an end. Errored trials do not block the release
+    # (the best finished trial wins); a re-run retries them.
+    settled = len(trials) == sc.num_samples and finished + len(errored) == len(trials)
+    best, _ = _pick(trials, None)
+    search_tokens = sum(t.get("branch_tokens") or 0 for t in trials if t["status"] == "done")
+    record.update(resumed=resumed, trials=trials, complete=complete, search_tokens=search_tokens,
+                  best=best["trial_id"] if best else None, errored=errored, released=None, pinned=False)
+    if not settled:
+        log.warning("sweep %s was interrupted: %d of %d trials finished; run the same command again to "
+                    "resume it (finished trials are kept)", sc.name, finished, sc.num_samples)
+    elif errored:
+        log.warning("sweep %s: trials %s failed (see their errors in %s); releasing the best of the %d that "
+                    "finished; run the same command again to retry them", sc.name, ", ".join(errored),
+                    RESULTS_JSON, finished)
+    if best is not None and (settled or sc.pin):
+        chosen, pinned = _pick(trials, sc.pin)
+        branch = _release(plan, lineage, chosen, pinned)
+        record.update(released=chosen["trial_id"], pinned=pinned, release=branch["release"])
+    write_json(sweep_dir / RESULTS_JSON, record)
+    lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
+                         | {"trials": [_lineage_trial(t) for t in trials]})
+    return record
+
+
+def _lineage_trial(t: dict) -> dict:
+    """A trial as the lineage keeps it: config and final numbers, no nested branch entry."""
+    return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective", "penalty",
+                                        "score", "branch_tokens", "curve", "export", "error")}
+
+
+# --------------------------------------------------------------------------- presentation
+
+def format_trials(record: dict) -> str:
+    """The sweep's trials, best first, as aligned text for the terminal."""
+    import pandas as pd
+
+    from raypath.report import si
+
+    def num(x: Any, fmt: str = "{:.4f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    rows = []
+    for t in sorted(record["trials"], key=lambda t: (t.get("score") is None, t.get("score") or 0.0)):
+        c = t.get("config", {})
+        mark = ("*" if t["trial_id"] == record.get("released") else "") + \
+               ("b" if t["trial_id"] == record.get("best") else "")
+        rows.append([mark, t["trial_id"], c.get("shape", "-"), num(c.get("power"), "{:.2f}"),
+                     num(c.get("min_lr_ratio"), "{:.3f}"), num(c.get("fraction"), "{:.3f}"),
+                     num(c.get("fraction_actual"), "{:.3f}"), si(t.get("branch_tokens")),
+                     num(t.get("objective")), num(t.get("score")), t["status"]])
+    head = (f"sweep {record['name']} of {record['version']} ({len(record['trials'])} trials; "
+            f"b = best, * = released{', pinned' if record.get('pinned') else ''})")
+    table = pd.DataFrame(rows, columns=["", "trial", "shape", "power", "min_lr", "frac", "frac@fork", "tokens",
+                                        "objective", "score", "status"]).to_string(index=False)
+    return f"{head}\n{table}"
+
+
+def optuna_study(sweep_dir: str | os.PathLike):
+    """The Optuna study behind a sweep (from Tune's saved searcher state), for Optuna's own tools."""
+    import pickle
+
+    states = sorted(Path(sweep_dir).glob("searcher-state-*.pkl"))
+    if not states:
+        raise FileNotFoundError(f"{sweep_dir}: no searcher state (not a raypath sweep directory?)")
+    with open(states[-1], "rb") as f:
+        state = pickle.load(f)
+    return state["_ot_study"] if isinstance(state, dict) else state[2]

@@ -1,0 +1,295 @@
+"""Branch search: settings, fork snapping, and a real 4-trial Tune + Optuna sweep that is
+interrupted, resumed without re-running finished trials, and released into the lineage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raypath import checkpoint as ckpt
+from raypath.cli import main
+from raypath.config import ConfigError, TrainConfig
+from raypath.lineage import Lineage
+from raypath.report import read_curve
+from raypath.schedules import Branch, Decay, MainPath
+from raypath.sweep import (SearchSpace, SweepConfig, choose_forks, derive_max_concurrent, fork_points,
+                           load_sweep_config, make_sampler, objective_weights, optuna_study, run_sweep,
+                           sweep_config_from_dict)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+# --------------------------------------------------------------------------- settings (no Ray)
+
+def test_sweep_section_defaults_and_overrides():
+    cfg, sc = load_sweep_config(TINY, ["sweep.fraction=[0.1, 0.3]", "sweep.shapes=[cosine, 1-sqrt]",
+                                       "sweep.weights={old: 1, new: 3}", "train.num_workers=1"])
+    assert cfg.train.num_workers == 1 and cfg.name == "tiny"
+    assert sc.fraction == (0.1, 0.3) and sc.shapes == ["cosine", "1-sqrt"]
+    assert sc.weights == {"old": 1.0, "new": 3.0}
+    _, default = load_sweep_config(TINY)
+    assert default == SweepConfig()
+    assert default.with_cli(name="b", pin="01234567").pin == "01234567"  # a trial id stays a string
+
+
+@pytest.mark.parametrize("override,field", [
+    ("sweep.shapes=[cosin]", "sweep.shapes"),
+    ("sweep.fraction=[0.5, 0.1]", "sweep.fraction"),
+    ("sweep.fraction=[0, 0.2]", "sweep.fraction"),
+    ("sweep.min_lr_ratio=[0, 1.0]", "sweep.min_lr_ratio"),
+    ("sweep.num_samples=0", "sweep.num_samples"),
+    ("sweep.weights={old: 1, young: 1}", "sweep.weights"),
+    ("sweep.replay_ratios=[1.5]", "sweep.replay_ratios"),
+    ("sweep.bogus=1", "sweep.bogus"),
+    ("train.bogus=1", "train.bogus"),
+])
+def test_bad_sweep_settings_fail_before_training(override, field, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_sweep_config(TINY, [override])
+    rc = main(["sweep", str(TINY), "--version", "v2", "--set", f"run_dir={tmp_path / 'r'}", "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err and "tiny.yaml" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_objective_weights_mean_over_old_versions():
+    versions = [{"name": f"v{i}"} for i in (1, 2, 3)]
+    assert objective_weights(versions, 2, {"old": 1, "new": 3}) == {"v1": 0.125, "v2": 0.125, "v3": 0.75}
+    assert objective_weights(versions, 0, {"old": 1, "new": 3}) == {"v1": 1.0}  # first version: own loss only
+
+
+def test_max_concurrent_follows_resources():
+    t = TrainConfig(num_workers=2, cpus_per_worker=1.0)
+    assert derive_max_concurrent(t, 8, {"CPU": 8.0}) == 2  # (2 workers + 1 data CPU) per trial
+    assert derive_max_concurrent(t, 1, {"CPU": 64.0}) == 1  # never more than the trials
+    assert derive_max_concurrent(t, 8, {"CPU": 1.0}) == 1  # at least one
+    g = TrainConfig(num_workers=2, use_gpu=True)
+    assert derive_max_concurrent(g, 8, {"CPU": 64.0, "GPU": 4.0}) == 2
+
+
+def _forks(end=100, start=0, steps=(20, 40, 60, 80, 90)):
+    return [{"step": s, "fraction": (end - s) / (end - start), "path": ""} for s in steps]
+
+
+def test_proposals_snap_to_the_nearest_fork_and_record_both():
+    import optuna
+
+    space = SearchSpace((0.05, 0.5), ["polynomial", "cosine"], (1.0, 4.0), (0.0, 0.1), [0.0],
+                        _forks(), end_step=100, tokens_per_step=10)
+    params = {"fraction": 0.27, "shape": "polynomial", "power": 2.5, "min_lr_ratio": 0.05, "replay_ratio": 0.0}
+    out = space(optuna.trial.FixedTrial(params))
+    assert out == {"fork_step": 80, "fraction_actual": 0.2, "branch_steps": 20, "branch_tokens": 200}
+    # power is only searched where the shape reads it
+    cos = space(optuna.trial.FixedTrial({**params, "shape": "cosine", "fraction": 0.36}))
+    assert cos["fork_step"] == 60
+
+
+def test_fork_choice_budget_range_and_single_fork_warning(caplog):
+    main_entry = {"start_step": 0, "end_step": 100}
+    sc = SweepConfig(fraction=(0.05, 0.5), token_budget=300)
+    with caplog.at_level(logging.INFO, logger="raypath.sweep"):
+        chosen = choose_forks(_forks(), main_entry, sc, tokens_per_step=10, version="v2")
+    assert [f["step"] for f in chosen] == [80, 90]  # 60 would cost 400 > 300 tokens
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raypath.sweep"):
+        one = choose_forks(_forks(steps=(80,)), main_entry, SweepConfig(), tokens_per_step=10, version="v2")
+    assert len(one) == 1
+    assert "only one fork point" in caplog.text and "train.checkpoint_every" in caplog.text
+    with pytest.raises(ConfigError, match="token_budget"):
+        choose_forks(_forks(), main_entry, SweepConfig(token_budget=5), tokens_per_step=10, version="v2")
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        choose_forks([], main_entry, SweepConfig(), tokens_per_step=10, version="v2")
+
+
+def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
+    state = {"w": torch.zeros(2)}
+    for step in (10, 14, 18, 22):
+        ckpt.save(tmp_path / ckpt.step_dir_name(step), state, {}, {"step": step})
+    (tmp_path / ckpt.step_dir_name(18) / "manifest.json").unlink()  # torn
+    forks = fork_points({"start_step": 10, "end_step": 22}, tmp_path)
+    assert [f["step"] for f in forks] == [14]  # not the start, not the boundary, not the torn one
+    assert forks[0]["fraction"] == pytest.approx(8 / 12)
+
+
+def test_pareto_front_keeps_only_undominated_rows():
+    from raypath.analysis import pareto_front
+
+    df = pd.DataFrame({"t": [1, 2, 3, 4, 4, 5], "loss": [5.0, 4.0, 4.5, 3.0, 3.5, 3.0], "id": list("abcdef")})
+    assert pareto_front(df, "t", "loss")["id"].tolist() == ["a", "b", "d"]
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+def test_sweep_ran_all_trials_two_at_a_time(tiny_sweep):
+    record, sc = tiny_sweep["record"], tiny_sweep["sweep"]
+    assert not record["resumed"] and record["complete"] and record["max_concurrent"] == 2
+    assert len(record["trials"]) == sc.num_samples == 4
+    assert all(t["status"] == "done" for t in record["trials"])
+    assert len(tiny_sweep["before_again"]["trials"]) == 4
+    assert len(tiny_sweep["before_again"]["curves"]) == 4
+
+
+def test_rerun_restores_the_sweep_and_runs_nothing(tiny_sweep):
+    again, record = tiny_sweep["again"], tiny_sweep["record"]
+    assert again["resumed"] and again["complete"]
+    assert tiny_sweep["before_again"] == tiny_sweep["after_again"]  # no new trial, curve or checkpoint
+    assert [t["trial_id"] for t in again["trials"]] == [t["trial_id"] for t in record["trials"]]
+    assert again["released"] == record["released"]
+
+
+def test_optuna_proposed_the_trials(tiny_sweep):
+    import optuna
+
+    sc, record = tiny_sweep["sweep"], tiny_sweep["record"]
+    study = optuna_study(tiny_sweep["dir"])
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    assert len(study.trials) == sc.num_samples
+    keys = ("fraction", "shape", "min_lr_ratio")
+    proposed = sorted(tuple(t.params[k] for k in keys) for t in study.trials)
+    ran = sorted(tuple(t["config"][k] for k in keys) for t in record["trials"])
+    assert proposed == ran
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    scores = {tuple(t["config"][k] for k in keys): t["score"] for t in record["trials"]}
+    assert all(t.value == pytest.approx(scores[tuple(t.params[k] for k in keys)]) for t in study.trials)
+    # Seeded: a fresh sampler with the sweep's seed proposes the same first (random-startup) trials.
+    fresh = optuna.create_study(sampler=make_sampler(sc, record["max_concurrent"]))
+    space = SearchSpace(sc.fraction, sc.shapes, sc.power, sc.min_lr_ratio, [0.0],
+                        [{"step": 1, "fraction": 1.0}], 2, 1)
+    for t in sorted(study.trials, key=lambda t: t.number)[:2]:
+        again = fresh.ask()
+        space(again)
+        assert again.params == t.params
+
+
+def test_trials_fork_from_snapped_main_path_checkpoints(tiny_sweep):
+    cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
+    info = Lineage.load(cfg.run_dir).main("v2")
+    forks = {f["step"]: f["fraction"] for f in
+             __import__("json").loads((tiny_sweep["dir"] / "sweep.json").read_text())["fork_points"]}
+    assert len(forks) >= 3
+    for t in record["trials"]:
+        c = t["config"]
+        assert c["fork_step"] in forks and c["fraction_actual"] == pytest.approx(forks[c["fork_step"]])
+        nearest = min(forks.values(), key=lambda f: abs(f - c["fraction"]))
+        assert abs(c["fraction_actual"] - c["fraction"]) == pytest.approx(abs(nearest - c["fraction"]))
+        assert t["branch"]["forked_from"].endswith(ckpt.step_dir_name(c["fork_step"]))
+        assert t["branch"]["end_step"] == info["end_step"]
+        sched = Branch(MainPath(cfg.train.max_lr, cfg.train.warmup_steps), c["fork_step"],
+                       info["end_step"] - c["fork_step"],
+                       Decay(c["shape"], c["min_lr_ratio"], c.get("power") or 2.0))
+        curve = read_curve(t["curve"])
+        assert curve["step"].iloc[0] > c["fork_step"] and curve["step"].iloc[-1] == info["end_step"]
+        assert np.allclose(curve["lr"], [sched(s - 1) for s in curve["step"]], rtol=1e-9)
+        assert t["branch_tokens"] == (info["end_step"] - c["fork_step"]) * cfg.train.global_batch_size * \
+            cfg.data.seq_len
+
+
+def test_objective_is_the_weighted_val_loss(tiny_sweep):
+    for t in tiny_sweep["record"]["trials"]:
+        m = t["metrics"]
+        assert t["objective"] == pytest.approx(0.5 * m["val/v1"] + 0.5 * m["val/v2"])
+        assert t["score"] == pytest.approx(t["objective"])  # no compute penalty configured
+        last = read_curve(t["curve"]).iloc[-1]
+        assert last["objective"] == pytest.approx(t["objective"])
+
+
+def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
+    from transformers import AutoModelForCausalLM
+
+    cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
+    best = min(record["trials"], key=lambda t: t["score"])
+    assert record["best"] == record["released"] == best["trial_id"] and not record["pinned"]
+    lin = Lineage.load(cfg.run_dir).data
+    release = next(r for r in lin["releases"] if r["version"] == "v2")
+    assert release["trial_id"] == best["trial_id"] and release["branch"] == best["name"]
+    assert release["sweep"] == str(tiny_sweep["dir"]) and release["pinned"] is False
+    assert release["path"] == str(Path(cfg.run_dir) / "releases" / "v2")
+    assert next(b for b in lin["branches"] if b["name"] == best["name"])["sweep"] == str(tiny_sweep["dir"])
+    sweep = next(s for s in lin["sweeps"] if s["version"] == "v2" and s["name"] == tiny_sweep["sweep"].name)
+    assert sweep["released"] == best["trial_id"] and len(sweep["trials"]) == 4
+    card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
+    assert card["trial_id"] == best["trial_id"] and card["final_metrics"]["objective"] == pytest.approx(best["objective"])
+    AutoModelForCausalLM.from_pretrained(release["path"], local_files_only=True)
+
+
+def test_load_sweep_one_row_per_trial(tiny_sweep):
+    from raypath.analysis import CONFIG_COLUMNS, load_sweep, main_objective
+
+    trials, curves = load_sweep(tiny_sweep["dir"])
+    record = tiny_sweep["record"]
+    assert len(trials) == 4 and set(CONFIG_COLUMNS) <= set(trials.columns)
+    assert (trials["status"] == "done").all()
+    assert trials.loc[trials["best"], "trial_id"].item() == record["best"]
+    by_id = {t["trial_id"]: t for t in record["trials"]}
+    for _, row in trials.iterrows():
+        assert row["objective"] == pytest.approx(by_id[row["trial_id"]]["objective"])
+        c = curves[curves["trial_id"] == row["trial_id"]]
+        assert len(c) >= 3 and c["branch_tokens"].iloc[-1] == row["branch_tokens"]
+    assert np.isfinite(main_objective(tiny_sweep["dir"]))
+
+
+def test_pin_releases_another_trial(tiny_sweep):
+    cfg, sc, record = tiny_sweep["cfg"], tiny_sweep["sweep"], tiny_sweep["record"]
+    other = next(t for t in record["trials"] if t["trial_id"] != record["best"])
+    pinned = run_sweep(cfg, sc.with_cli(pin=other["trial_id"]), "v2")
+    try:
+        assert pinned["released"] == other["trial_id"] and pinned["pinned"]
+        assert pinned["best"] == record["best"]
+        assert len(pinned["trials"]) == 4
+        release = Lineage.load(cfg.run_dir).release("v2")
+        assert release["trial_id"] == other["trial_id"] and release["pinned"] is True
+        card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
+        assert card["trial_id"] == other["trial_id"]
+    finally:
+        run_sweep(cfg, sc, "v2")  # back to the best, for the tests that follow
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_lineage, tmp_path):
+    """``raypath sweep`` gets SIGINT once two trials finished; the same command resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from conftest import sweep_snapshot
+
+    name = "interrupted"
+    cfg, sc = load_sweep_config(sweep_lineage, [f"sweep.name={name}"])
+    sweep_dir = Path(cfg.run_dir) / "sweeps" / "v2" / name
+    log_path = tmp_path / "interrupted.log"
+    cmd = [sys.executable, "-m", "raypath.cli", "sweep", str(sweep_lineage), "--version", "v2", "--name", name,
+           "--set", f"cluster.address={ray.get_runtime_context().gcs_address}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(list(sweep_dir.glob("exports/*/model_card.json"))) >= 2:
+                break
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=300)
+    out = log_path.read_text()
+    done = sorted(p.parent.name for p in sweep_dir.glob("exports/*/model_card.json"))
+    assert rc == 1, out[-3000:]
+    assert 2 <= len(done) < sc.num_samples and "was interrupted" in out, out[-3000:]
+    assert Lineage.load(cfg.run_dir).sweep("v2", name)["released"] is None  # nothing released mid-sweep
+    before = sweep_snapshot(sweep_dir)
+
+    record = run_sweep(cfg, sc, "v2")
+    after = sweep_snapshot(sweep_dir)
+    assert record["resumed"] and record["complete"] and len(record["trials"]) == sc.num_samples
+    assert set(before["trials"]) <= set(after["trials"]) and len(after["trials"]) == sc.num_samples
+    for seg in done:  # finished trials were not run again
+        assert after["curves"][f"{seg}.jsonl"] == before["curves"][f"{seg}.jsonl"]
+        assert [c for c in after["checkpoints"] if seg in c] == [c for c in before["checkpoints"] if seg in c]
+    assert len(optuna_study(sweep_dir).trials) == sc.num_samples
+    assert Lineage.load(cfg.run_dir).release("v2")["trial_id"] == record["best"]
