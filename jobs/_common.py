@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -27,6 +28,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     if "raypath.data" in sys.modules:
         errors.append(sys.modules["raypath.data"].DataError)
     return tuple(errors)
+
+
+def warn_if_relative(run_dir: str, log: logging.Logger) -> None:
+    """Under Ray Jobs the working directory is a temporary copy: a relative run_dir is lost with it."""
+    if not Path(run_dir).is_absolute():
+        log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
+                    "temporary copy: pass --set run_dir=/shared/absolute/path to keep the run",
+                    run_dir, Path.cwd())
 
 
 def setup_logging(verbose: bool = False) -> None:

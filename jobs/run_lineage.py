@@ -32,7 +32,7 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import run_main, setup_logging
+from _common import run_main, setup_logging, warn_if_relative
 
 log = logging.getLogger("raypath.jobs.run_lineage")
 
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from raypath.report import format_releases, write_report
         from raypath.run import run
 
-        if not Path(cfg.run_dir).is_absolute():
-            log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
-                        "temporary copy: pass --set run_dir=/shared/absolute/path to keep the run",
-                        cfg.run_dir, Path.cwd())
+        warn_if_relative(cfg.run_dir, log)
         lineage = run(cfg)
         paths = write_report(cfg.run_dir)
         print(format_releases(lineage.data), flush=True)

@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import run_main, setup_logging
+from _common import run_main, setup_logging, warn_if_relative
 
 log = logging.getLogger("raypath.jobs.sweep")
 
@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         from raypath.sweep import format_trials, load_sweep_config, run_sweep
 
         cfg, sweep = load_sweep_config(args.config, args.overrides)
-        if not Path(cfg.run_dir).is_absolute():
-            log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
-                        "temporary copy without the lineage: pass --set run_dir=/shared/absolute/path",
-                        cfg.run_dir, Path.cwd())
+        warn_if_relative(cfg.run_dir, log)
         record = run_sweep(cfg, sweep.with_cli(name=args.name, pin=args.pin), args.version)
         print(format_trials(record), flush=True)
         print(f"sweep: {record['path']}")
