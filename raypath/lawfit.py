@@ -60,7 +60,7 @@ import numpy as np
 from raypath import law as lawmod
 from raypath.law import Curve, FitResult, fit_law
 from raypath.mainpath import fork_step as _fork_step
-from raypath.schedules import SHAPES, Decay, MainPath
+from raypath.schedules import SHAPES, Decay, MainPath, decay_fraction
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +156,6 @@ def split_weights(lineage: Mapping, version: str, weights: Mapping[str, float] |
 
 # --------------------------------------------------------------------------- LR histories
 
-def _decay_fraction(p: np.ndarray, shape: str, power: float) -> np.ndarray:
-    """Vectorised :func:`raypath.schedules.decay_fraction`."""
-    p = np.clip(p, 0.0, 1.0)
-    if shape == "cosine":
-        return 0.5 * (1.0 + np.cos(np.pi * p))
-    if shape == "linear":
-        return 1.0 - p
-    if shape == "1-sqrt":
-        return 1.0 - np.sqrt(p)
-    if shape == "polynomial":
-        return (1.0 - p) ** power
-    if shape == "exponential":
-        return (np.exp(-power * p) - math.exp(-power)) / (1.0 - math.exp(-power))
-    raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
-
-
 def main_lrs(main: MainPath, n: int) -> np.ndarray:
     """Effective LR of the main path for steps ``0..n-1`` (warmup counted at max LR)."""
     return np.full(n, float(main.max_lr))
@@ -186,7 +170,7 @@ def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | Non
     end_lr = decay.min_lr_ratio * main.max_lr
     lrs = np.where(idx < fork, float(main.max_lr), end_lr)  # before the fork: the main path
     inside = (idx >= fork) & (idx < fork + steps)
-    frac = _decay_fraction((idx[inside] - fork) / steps, decay.shape, decay.power)
+    frac = decay_fraction((idx[inside] - fork) / steps, decay.shape, decay.power)
     lrs[inside] = end_lr + (start_lr - end_lr) * frac
     # A fork inside the warmup decays from a ramp value; only the steps before it count as peak.
     warm = idx < min(main.warmup_steps, fork)

@@ -61,20 +61,23 @@ class Decay:
             raise ValueError(f"power must be > 0, got {self.power}")
 
 
-def decay_fraction(progress: float, shape: str, power: float = 2.0) -> float:
-    """Fraction of the decay still left at ``progress`` in [0, 1]: 1 at the start, 0 at the end."""
-    p = min(max(progress, 0.0), 1.0)
+def decay_fraction(progress, shape: str, power: float = 2.0):
+    """Fraction of the decay still left at ``progress`` in [0, 1]: 1 at the start, 0 at the end.
+
+    Elementwise on numpy arrays too: the scaling law evaluates whole LR histories.
+    """
+    p = np.clip(progress, 0.0, 1.0)
     if shape == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * p))
+        return 0.5 * (1.0 + np.cos(np.pi * p))
     if shape == "linear":
         return 1.0 - p
     if shape == "1-sqrt":
-        return 1.0 - math.sqrt(p)
+        return 1.0 - np.sqrt(p)
     if shape == "polynomial":
         return (1.0 - p) ** power
     if shape == "exponential":
         # exp(-k p) rescaled to hit exactly 0 at p = 1, so every shape ends at min LR.
-        return (math.exp(-power * p) - math.exp(-power)) / (1.0 - math.exp(-power))
+        return (np.exp(-power * p) - math.exp(-power)) / (1.0 - math.exp(-power))
     raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
 
 
