@@ -53,7 +53,7 @@ WITHIN = 0.005  # "within 0.5% of the best"
 
 def _overrides(args) -> list[str]:
     versions = "[" + ",".join(args.versions.split(",")) + "]"
-    return [f"run_dir={args.run_dir}", f"name=law-bench", f"data.versions={versions}",
+    return [f"run_dir={args.run_dir}", "name=law-bench", f"data.versions={versions}",
             f"data.max_docs_per_version={args.docs}", f"train.eval_every={args.eval_every}",
             f"train.checkpoint_every={args.checkpoint_every}", "branch.parallel=true", *args.set]
 

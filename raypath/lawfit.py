@@ -756,7 +756,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raypath.report import DPI, _save_figure
+    from raypath.report import _save_figure
 
     splits = list(fits)
     fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)

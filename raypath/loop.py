@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
