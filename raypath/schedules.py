@@ -85,8 +85,10 @@ def _decay(step: int, start: int, steps: int, lr_from: float, lr_to: float, deca
     # The step *after* the last decay step is at lr_to: a branch of n steps trains
     # at progress 0/n ... (n-1)/n, so its first step uses the fork LR exactly and
     # step n (if ever taken) would be at the floor.
+    # float(): a numpy scalar would land in the optimizer's param_groups and make the
+    # checkpoint unloadable with torch.load(weights_only=True).
     progress = (step - start) / steps
-    return lr_to + (lr_from - lr_to) * decay_fraction(progress, decay.shape, decay.power)
+    return float(lr_to + (lr_from - lr_to) * decay_fraction(progress, decay.shape, decay.power))
 
 
 @dataclass(frozen=True)

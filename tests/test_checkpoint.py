@@ -69,3 +69,19 @@ def test_stale_ray_snapshot_is_dropped_only_when_stale(tmp_path):
     snap.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step_00000010"},
                                                        {"checkpoint_dir_name": "step_00000099"}]}))
     assert ckpt.drop_stale_ray_snapshot(tmp_path) and not snap.exists()
+
+
+@pytest.mark.parametrize("shape", ["cosine", "exponential", "1-sqrt"])
+def test_optimizer_driven_by_a_branch_schedule_reloads_weights_only(tmp_path, shape):
+    # Regression: a numpy-scalar LR from the decay formula was stored in param_groups
+    # and the branch checkpoint could not be resumed.
+    from raypath.schedules import Branch, Decay, MainPath
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    schedule = Branch(MainPath(1e-3, 2), 10, 20, Decay(shape))
+    for group in opt.param_groups:
+        group["lr"] = schedule(15)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    d = ckpt.save(tmp_path / "b", model.state_dict(), opt.state_dict(), {"step": 15})
+    assert ckpt.load(d)["optim"]["param_groups"][0]["lr"] == pytest.approx(schedule(15))

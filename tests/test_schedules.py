@@ -326,3 +326,6 @@ def test_lr_curve_equals_calling_the_schedule(schedule):
     picked = lr_curve(schedule, steps)
     assert picked.tolist() == [schedule(s) for s in steps]
     assert lr_curve(schedule, np.array(steps)).tolist() == picked.tolist()
+    # Plain Python floats: a numpy scalar LR ends up in the optimizer state and
+    # breaks torch.load(weights_only=True) on resume.
+    assert {type(schedule(s)) for s in steps} == {float}
