@@ -32,7 +32,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def warn_if_relative(run_dir: str, log: logging.Logger) -> None:
     """Under Ray Jobs the working directory is a temporary copy: a relative run_dir is lost with it."""
-    if not Path(run_dir).is_absolute():
+    if not Path(run_dir).is_absolute() and "://" not in run_dir:  # a URI (s3://...) is not relative
         log.warning("run_dir %r is relative to the working directory %s; under Ray Jobs that is a "
                     "temporary copy: pass --set run_dir=/shared/absolute/path to keep the run",
                     run_dir, Path.cwd())

@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad configs fail fast
 
-        from raypath.report import format_releases, write_report
-        from raypath.run import run
+        from raypath.report import format_releases
+        from raypath.run import run, write_run_report
 
         warn_if_relative(cfg.run_dir, log)
         lineage = run(cfg)
-        paths = write_report(cfg.run_dir)
+        paths = write_run_report(cfg, lineage)
         print(format_releases(lineage.data), flush=True)
-        print(f"run_dir: {Path(cfg.run_dir).resolve()}")
+        print(f"run_dir: {cfg.run_dir if lineage.mirror else Path(cfg.run_dir).resolve()}")
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         return 0

@@ -59,9 +59,9 @@ def release_branch(ctx, k: int, main: dict) -> Segment:
 def summarize(seg: Segment) -> dict:
     """Lineage entry of a finished branch, read back from its final checkpoint."""
     final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final)
-    state = ckpt.load_state(final)
-    start_tokens = ckpt.load_state(seg.init_checkpoint)["tokens"]
+    ckpt.verify(final, seg.mirror)
+    state = ckpt.load_state(final, seg.mirror)
+    start_tokens = ckpt.load_state(seg.init_checkpoint, seg.mirror)["tokens"]
     return {
         "name": seg.name,
         "version": seg.version,

@@ -6,16 +6,24 @@ tokens, data position, schedule name) and ``rng.pt``, and last of all
 whose files do not match it, is torn: :func:`load` refuses it and
 :func:`latest_valid` skips it, so a crash mid-write can only cost the newest
 checkpoint, never corrupt a run.
+
+In a remote run directory (:mod:`raypath.mirror`) Ray Train uploads the
+checkpoints; the functions taking a ``mirror`` list and read them there, and a
+node downloads a checkpoint into its mirror before it loads it, verifying the
+checksums after the download.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raypath.mirror import Mirror, fetch, mirrored
 from raypath.storage import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -46,8 +54,17 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     return d
 
 
-def verify(directory: str | Path) -> None:
+def verify(directory: str | Path, mirror: Mirror | None = None) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
+
+    For a remote checkpoint (``mirror``) this checks that the manifest and every
+    file were uploaded, without downloading them: their checksums are verified
+    on the node that downloads the checkpoint to load it.
+    """
     d = Path(directory)
+    if mirrored(mirror, d):
+        _verify_uploaded(d, mirror)
+        return
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
     expected = read_json(d / MANIFEST)
@@ -58,8 +75,31 @@ def verify(directory: str | Path) -> None:
             raise CheckpointError(f"{d}: {name} does not match its checksum (corrupted)")
 
 
-def load_state(directory: str | Path) -> dict:
-    return read_json(Path(directory) / "state.json")
+def _verify_uploaded(d: Path, mirror: Mirror) -> None:
+    where = f"{mirror.remote}/{mirror.relative(d)}"
+    present = set(mirror.children(d))
+    if MANIFEST not in present:
+        raise CheckpointError(f"{where}: no {MANIFEST} (checkpoint incomplete or torn)")
+    for name in FILES:
+        if name not in present:
+            raise CheckpointError(f"{where}: {name} missing")
+
+
+def _read_json(path: Path, mirror: Mirror | None) -> dict:
+    if not mirrored(mirror, path):
+        return read_json(path)
+    raw = mirror.read_bytes(path)
+    if raw is None:
+        raise FileNotFoundError(f"{mirror.remote}/{mirror.relative(path)}: not found")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mirror.remote}/{mirror.relative(path)}: not valid JSON ({e})") from None
+
+
+def load_state(directory: str | Path, mirror: Mirror | None = None) -> dict:
+    """``state.json`` of a checkpoint (read remotely when it is in a remote run directory)."""
+    return _read_json(Path(directory) / "state.json", mirror)
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -78,24 +118,35 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def latest_valid(run_storage: str | Path) -> Path | None:
-    """Newest verified ``step_*`` checkpoint under a Ray Train run directory."""
-    root = Path(run_storage)
-    if not root.is_dir():
-        return None
-    for d in sorted(root.glob("step_*"), reverse=True):
+def _step_dirs(run_storage: Path, mirror: Mirror | None) -> list[Path]:
+    if mirrored(mirror, run_storage):
+        return [run_storage / n for n in mirror.children(run_storage) if n.startswith("step_")]
+    return list(run_storage.glob("step_*")) if run_storage.is_dir() else []
+
+
+def latest_valid(run_storage: str | Path, mirror: Mirror | None = None) -> Path | None:
+    """Newest verified ``step_*`` checkpoint under a Ray Train run directory.
+
+    Remote (``mirror``): checkpoints are listed remotely, and the newest one is
+    downloaded into the mirror and verified there; a download that fails the
+    check is deleted, so it is fetched again rather than trusted next time.
+    """
+    for d in sorted(_step_dirs(Path(run_storage), mirror), reverse=True):
         try:
-            verify(d)
-            return d
-        except CheckpointError as e:
+            local = fetch(mirror, d)
+            verify(local)
+            return local
+        except (CheckpointError, FileNotFoundError) as e:
             log.warning("skipping checkpoint: %s", e)
+            if mirrored(mirror, d):
+                shutil.rmtree(d, ignore_errors=True)
     return None
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def drop_stale_ray_snapshot(run_storage: str | Path) -> bool:
+def drop_stale_ray_snapshot(run_storage: str | Path, mirror: Mirror | None = None) -> bool:
     """Remove Ray Train's checkpoint snapshot if it names a missing or torn checkpoint.
 
     Ray refuses to start a run whose snapshot references a checkpoint that no
@@ -104,21 +155,24 @@ def drop_stale_ray_snapshot(run_storage: str | Path) -> bool:
     snapshot loses nothing and lets the run continue from the newest good one.
     """
     snap = Path(run_storage) / RAY_SNAPSHOT
-    if not snap.is_file():
-        return False
     try:
-        names = [r["checkpoint_dir_name"] for r in read_json(snap).get("checkpoint_results", [])]
+        names = [r["checkpoint_dir_name"] for r in _read_json(snap, mirror).get("checkpoint_results", [])]
+    except FileNotFoundError:
+        return False
     except (ValueError, KeyError, TypeError):
         names = None  # unreadable snapshot: Ray would fail on it too
     bad = None if names is not None else "unreadable"
     for name in names or []:
         try:
-            verify(Path(run_storage) / name)
+            verify(Path(run_storage) / name, mirror)
         except CheckpointError as e:
             bad = str(e)
             break
     if bad is None:
         return False
     log.warning("dropping Ray's checkpoint snapshot %s (%s); resuming from the latest valid checkpoint", snap, bad)
-    snap.unlink()
+    if mirrored(mirror, snap):
+        mirror.delete(snap)
+    else:
+        snap.unlink()
     return True

@@ -27,12 +27,12 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raypath.report import format_releases, write_report
-    from raypath.run import run
+    from raypath.report import format_releases
+    from raypath.run import run, write_run_report
 
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
-    paths = write_report(cfg.run_dir)
+    paths = write_run_report(cfg, lineage)
     print(format_releases(lineage.data))
     for kind, path in paths.items():
         print(f"{kind}: {path}")

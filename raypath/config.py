@@ -196,10 +196,22 @@ class ClusterConfig:
     address: Ray cluster address; empty = ``RAY_ADDRESS`` if set, else start a local cluster.
     num_cpus: logical CPUs of a local cluster; empty = max(8, 2 x cores), so Ray
         Data tasks still get CPU slots while train workers hold theirs.
+    local_dir: local mirror of a remote ``run_dir`` (``s3://...``): the driver
+        and every node keep the files they work on here, at this same absolute
+        path (so it must be creatable on every node); empty =
+        ``~/.cache/raypath/<scheme>/<bucket>/<prefix>``. Resume a run with the
+        local_dir it started with (checked). Unused for a local ``run_dir``.
+    storage_endpoint: S3 endpoint URL of a remote ``run_dir`` for S3-compatible
+        stores (MinIO, Ceph, moto), e.g. ``http://10.0.0.5:9000``; empty = the
+        driver's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS.
+        Credentials come from each node's environment (``AWS_ACCESS_KEY_ID``,
+        ...), profile or instance role, never from the config.
     """
 
     address: str | None = None
     num_cpus: int | None = None
+    local_dir: str | None = None
+    storage_endpoint: str | None = None
 
 
 @dataclass
@@ -326,6 +338,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
     _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
     _check(b.power > 0, "branch.power", f"must be > 0, got {b.power}")
+    endpoint = cfg.cluster.storage_endpoint
+    _check(not endpoint or endpoint.startswith(("http://", "https://")), "cluster.storage_endpoint",
+           f"must be an http:// or https:// URL, got {endpoint!r}")
     if d.corpus != "embedded":
         _check(Path(d.corpus).is_dir(), "data.corpus",
                f"corpus directory {d.corpus!r} does not exist (or use 'embedded')")

@@ -329,18 +329,20 @@ def _drop_consumed(batch: dict[str, np.ndarray], intervals: list) -> dict[str, n
     return {k: v[keep] for k, v in batch.items()}
 
 
-def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | None = None):
+def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | None = None, filesystem=None):
     """The stream of one version as a Ray Dataset, minus the rows already trained.
 
     limit: train only rows ``idx < limit`` (whole global batches). Cutting the
         tail here, not wherever the splits happen to run dry, makes the set of
         trained rows independent of world size and restarts.
+    filesystem: pyarrow filesystem ``stream_path`` lives on (a remote run
+        directory); None = local path or URI.
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(stream_path, columns=["idx", "tokens"])
+    ds = ray.data.read_parquet(stream_path, columns=["idx", "tokens"], filesystem=filesystem)
     if limit is not None:
         ds = ds.filter(expr=f"idx < {int(limit)}")
     if consumed:

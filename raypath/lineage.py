@@ -2,7 +2,8 @@
 
 One JSON file per run (``RUN_DIR/lineage.json``), written atomically by the
 driver only (workers never touch it), so it is always a consistent picture of
-what is finished. A re-run reads it to skip finished work.
+what is finished. A re-run reads it to skip finished work. In a remote run
+directory every save is also uploaded (:mod:`raypath.mirror`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raypath.mirror import Mirror, publish
 from raypath.storage import read_json, write_json
 
 LINEAGE = "lineage.json"
@@ -24,23 +26,27 @@ def _now() -> str:
 
 @dataclass
 class Lineage:
-    """In-memory lineage; every mutation is followed by :meth:`save`."""
+    """In-memory lineage; every mutation is followed by :meth:`save`.
+
+    mirror: the remote run directory each save is uploaded to; None for a local run.
+    """
 
     path: Path
     data: dict[str, Any] = field(default_factory=dict)
+    mirror: Mirror | None = None
 
     @classmethod
-    def open(cls, run_dir: str | Path, name: str, config: dict) -> "Lineage":
+    def open(cls, run_dir: str | Path, name: str, config: dict, mirror: Mirror | None = None) -> "Lineage":
         path = Path(run_dir) / LINEAGE
         if path.exists():
-            lin = cls(path, read_json(path))
+            lin = cls(path, read_json(path), mirror)
             if lin.data.get("format") != FORMAT:
                 raise ValueError(f"{path}: lineage format {lin.data.get('format')!r}, expected {FORMAT}")
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
-                          "branches": [], "releases": []})
+                          "branches": [], "releases": []}, mirror)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Lineage":
@@ -52,6 +58,7 @@ class Lineage:
     def save(self) -> None:
         self.data["updated"] = _now()
         write_json(self.path, self.data)
+        publish(self.mirror, self.path)
 
     # ---- versions and main path
     def set_versions(self, records: list[dict]) -> None:

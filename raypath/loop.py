@@ -28,6 +28,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
+from raypath.mirror import Mirror, fetch, publish, source
 from raypath.model import block_loss, build_model
 from raypath.perf import device_peak_flops, flops_per_token
 from raypath.schedules import Schedule
@@ -57,6 +58,8 @@ class Segment:
         whole global batches; the rest is never trained, by any path.
     objective_weights: val split name -> weight; when set, every eval also
         reports ``objective = sum(weight * val loss)`` (what a sweep minimises).
+    mirror: set when the run directory is remote: the paths above are then its
+        local mirror's, fetched and published through it (:mod:`raypath.mirror`).
     """
 
     name: str
@@ -82,28 +85,32 @@ class Segment:
     stream_limit: int | None = None
     model_card: dict[str, Any] = field(default_factory=dict)
     objective_weights: dict[str, float] = field(default_factory=dict)
+    mirror: Mirror | None = None
 
 
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
     """The checkpoint this segment continues from and its state (step, data position).
 
     Used by the workers *and* by the dataset factory on the controller, so both
-    agree on which rows were already trained after any restart.
+    agree on which rows were already trained after any restart. The checkpoint
+    is local to the caller's node (downloaded there first in a remote run).
     """
-    own = ckpt.latest_valid(seg.storage)
+    own = ckpt.latest_valid(seg.storage, seg.mirror)
     if own is not None:
         return str(own), ckpt.load_state(own)
     if seg.init_checkpoint:
-        state = ckpt.load_state(seg.init_checkpoint)
+        init = str(fetch(seg.mirror, seg.init_checkpoint))
+        state = ckpt.load_state(init)
         if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
-        return seg.init_checkpoint, state
+        return init, state
     return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
 
 
 def train_dataset(seg: Segment):
     """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
-    return stream_dataset(seg.stream_path, resume_point(seg)[1].get("consumed"), seg.stream_limit)
+    path, filesystem = source(seg.mirror, seg.stream_path)  # read tasks run on any node
+    return stream_dataset(path, resume_point(seg)[1].get("consumed"), seg.stream_limit, filesystem)
 
 
 # ---------------------------------------------------------------- worker side
@@ -363,6 +370,8 @@ class _Reporter:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.device = device or torch.device("cpu")
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
+        if rank == 0:  # continue the remote curve, whatever node ran the segment before
+            fetch(seg.mirror, seg.curves_path, missing_ok=True)
 
     def event(self, name: str, **fields: Any) -> None:
         """A non-metric record (``event`` key) in the curve: restarts become visible."""
@@ -373,6 +382,7 @@ class _Reporter:
         Path(self.seg.curves_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.seg.curves_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        publish(self.seg.mirror, self.seg.curves_path)
 
     def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
         """``loss``: this rank's step loss; ranks are averaged at flush (one all-reduce per window)."""
@@ -423,8 +433,9 @@ def _export(model: torch.nn.Module, seg: Segment, metrics: dict) -> None:
 
     with atomic_dir(seg.export_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(seg.tokenizer_dir).save_pretrained(tmp)
+        load_tokenizer(fetch(seg.mirror, seg.tokenizer_dir)).save_pretrained(tmp)
         write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
+    publish(seg.mirror, seg.export_dir)
 
 
 def train_segment(config: dict) -> None:
@@ -451,7 +462,7 @@ def train_segment(config: dict) -> None:
     fsdp = tr.parallel == "fsdp"
     step, tokens = int(state["step"]), int(state.get("tokens", 0))
     consumed = Consumed.from_list(state.get("consumed", []))
-    val = {name: read_blocks(p) for name, p in seg.val_paths.items()}
+    val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
     save_steps = set(seg.save_steps) | {seg.end_step}
     if t.checkpoint_every:
         save_steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
@@ -535,6 +546,8 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
 
     callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when the segment
         runs as a Tune trial, so its reports become the trial's results.
+    In a remote run directory Ray Train writes the checkpoints to the remote
+    storage, and the driver's mirror gets the curve rank 0 wrote on its node.
     """
     import functools
 
@@ -542,7 +555,8 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     t = seg.train
-    ckpt.drop_stale_ray_snapshot(seg.storage)
+    ckpt.drop_stale_ray_snapshot(seg.storage, seg.mirror)
+    storage_path, storage_fs = source(seg.mirror, Path(seg.storage).parent)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     elastic = 0 < t.min_workers < t.num_workers
     workers = (t.min_workers, t.num_workers) if elastic else t.num_workers
@@ -554,7 +568,9 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
         # Rebuilt on every worker-group (re)start, so a restart skips the rows
         # its checkpoint already trained.
         datasets={"train": functools.partial(train_dataset, seg)},
-        run_config=RunConfig(name=seg.name, storage_path=str(Path(seg.storage).parent), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+        run_config=RunConfig(name=seg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    fetch(seg.mirror, seg.curves_path, missing_ok=True)
+    return result

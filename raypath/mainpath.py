@@ -54,9 +54,9 @@ def run_main_version(ctx, k: int, prev: dict | None) -> dict:
     checkpoints = {"fork": str(Path(seg.storage) / ckpt.step_dir_name(fork)),
                    "end": str(Path(seg.storage) / ckpt.step_dir_name(seg.end_step))}
     for path in checkpoints.values():
-        ckpt.verify(path)
-    start_tokens = ckpt.load_state(prev["checkpoints"]["end"])["tokens"] if prev else 0
-    end_state = ckpt.load_state(checkpoints["end"])
+        ckpt.verify(path, ctx.mirror)
+    start_tokens = ckpt.load_state(prev["checkpoints"]["end"], ctx.mirror)["tokens"] if prev else 0
+    end_state = ckpt.load_state(checkpoints["end"], ctx.mirror)
     return {
         "version": seg.version,
         "segment": seg.name,

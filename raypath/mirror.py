@@ -1,0 +1,251 @@
+"""Run directories on a remote pyarrow filesystem (``s3://``, ``gs://``, ...), worked on locally.
+
+raypath reads and writes its files under a local directory. When ``run_dir``
+is a URI, that directory is a **mirror**: ``cluster.local_dir``, the same
+absolute path on every node, filled from the remote on demand and published
+back after each write. The remote copy is the truth, so nothing depends on one
+node's disk: a fresh machine, or a node that never saw the run, pulls what it
+needs. Plain paths and ``file://`` URIs are local runs, with no mirror (an NFS
+mount every node sees is a plain path).
+
+Who copies what, when:
+
+* the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints,
+  releases and sweeps: large, fetched one by one where needed); after
+  preparing: config, corpus, tokenizer and ``data/``; ``lineage.json`` after
+  every save; ``report/`` at the end;
+* Ray Train writes checkpoints straight to the remote
+  (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
+  stream straight from it;
+* a Train worker fetches the val splits and the checkpoint it starts from
+  (verified before use); rank 0 publishes its curve after every append and its
+  exported release when written.
+
+Files are complete-or-absent on both sides. A download lands in a temporary
+sibling that is renamed into place (for a directory the first rename wins, so
+workers sharing a node do not trip over each other); an object store creates
+an object only when its upload completes. What counts as changed: small
+metadata (:data:`MUTABLE`: JSON, JSONL, YAML) is rewritten in place, so it is
+always copied; everything else (parquet, weights, tokenizer files) is written
+once, so it is copied when missing or of a different size.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from raypath.storage import atomic_file
+
+#: Suffixes of files rewritten in place (always copied); all others are write-once.
+MUTABLE = (".json", ".jsonl", ".yaml")
+#: Top-level entries the driver does not pull at start (fetched one by one where needed).
+NOT_MIRRORED = ("ray", "releases", "sweeps")
+CHUNK = 8 << 20
+
+
+def is_remote(run_dir: str | os.PathLike) -> bool:
+    """A URI with a scheme other than ``file``: kept remotely, worked on through a mirror."""
+    scheme = urlparse(str(run_dir)).scheme
+    return "://" in str(run_dir) and scheme not in ("", "file")
+
+
+def default_local_dir(run_dir: str) -> Path:
+    """``~/.cache/raypath/<scheme>/<bucket>/<prefix>``: one mirror per remote run directory."""
+    u = urlparse(run_dir)
+    return Path("~/.cache/raypath", u.scheme, u.netloc, u.path.strip("/")).expanduser()
+
+
+def run_location(run_dir: str, local_dir: str | None = None,
+                 endpoint: str | None = None) -> tuple[Path, Mirror | None]:
+    """Where the driver works on ``run_dir``: (absolute local directory, its mirror or None).
+
+    endpoint: S3 endpoint URL; empty = ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
+        of the driver (captured here so that nodes without those variables agree).
+    """
+    if not is_remote(run_dir):
+        path = urlparse(run_dir).path if str(run_dir).startswith("file://") else run_dir
+        return Path(path).resolve(), None
+    local = Path(local_dir).expanduser() if local_dir else default_local_dir(run_dir)
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    mirror = Mirror(remote=run_dir.rstrip("/"), local=str(local.resolve()), endpoint=endpoint or None)
+    return Path(mirror.local), mirror
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(remote: str, endpoint: str | None) -> tuple[pafs.FileSystem, str]:
+    # Cached per process: building an S3 filesystem resolves credentials (slow).
+    if endpoint and remote.startswith("s3://"):
+        return pafs.S3FileSystem(endpoint_override=endpoint), remote[len("s3://"):]
+    fs, root = pafs.FileSystem.from_uri(remote)
+    return fs, root
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A remote run directory and its local mirror; pickled to Train workers with the segment.
+
+    remote: the run directory's URI, e.g. ``s3://bucket/runs/quickstart``.
+    local: absolute local directory mirroring it, the same path on every node.
+    endpoint: S3 endpoint URL (MinIO, moto, ...); None = pyarrow's default
+        resolution (AWS). Credentials are never stored here: each node reads its
+        own (environment, profile or instance role), like any AWS client.
+    """
+
+    remote: str
+    local: str
+    endpoint: str | None = None
+
+    def filesystem(self) -> pafs.FileSystem:
+        return _filesystem(self.remote, self.endpoint)[0]
+
+    def relative(self, path: str | os.PathLike) -> str | None:
+        """``path`` relative to the mirror (posix), or None when it lies outside the run directory."""
+        try:
+            rel = Path(path).resolve().relative_to(self.local)
+        except ValueError:
+            return None
+        return rel.as_posix()
+
+    def remote_path(self, path: str | os.PathLike) -> str:
+        """Path on :meth:`filesystem` of a local mirror path."""
+        rel = self.relative(path)
+        if rel is None:
+            raise ValueError(f"{path}: not inside the mirror {self.local} of {self.remote}")
+        root = _filesystem(self.remote, self.endpoint)[1].rstrip("/")
+        return root if rel == "." else f"{root}/{rel}"
+
+    # ---------------------------------------------------------------- reading
+
+    def info(self, path: str | os.PathLike) -> pafs.FileInfo:
+        return self.filesystem().get_file_info(self.remote_path(path))
+
+    def read_bytes(self, path: str | os.PathLike) -> bytes | None:
+        """Content of the remote file behind ``path``; None when it does not exist."""
+        if self.info(path).type != pafs.FileType.File:
+            return None
+        with self.filesystem().open_input_stream(self.remote_path(path)) as f:
+            return f.read()
+
+    def children(self, path: str | os.PathLike) -> list[str]:
+        """Names of the entries of the remote directory behind ``path`` ([] when absent)."""
+        sel = pafs.FileSelector(self.remote_path(path), allow_not_found=True)
+        return sorted(Path(i.path).name for i in self.filesystem().get_file_info(sel))
+
+    def _tree(self, path: str | os.PathLike) -> dict[str, pafs.FileInfo]:
+        """Every remote file under ``path``, keyed by its path relative to ``path``."""
+        root = self.remote_path(path)
+        sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        return {i.path[len(root) + 1:]: i for i in self.filesystem().get_file_info(sel)
+                if i.type == pafs.FileType.File}
+
+    # ---------------------------------------------------------------- copying
+
+    def pull(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
+        """Make the local ``path`` (file or directory) a copy of the remote one; returns ``path``.
+
+        A directory already present locally is used as it is (directories are
+        pulled whole, atomically); a file is copied when it changed (see module doc).
+        """
+        path = Path(path)
+        info = self.info(path)
+        if info.type == pafs.FileType.Directory:
+            if not path.is_dir():
+                self._pull_dir(path)
+        elif info.type == pafs.FileType.File:
+            if _changed(path, info):
+                self._download(info.path, path)
+        elif not missing_ok:
+            raise FileNotFoundError(f"{self.remote}/{self.relative(path)}: not found (needed at {path})")
+        return path
+
+    def _download(self, src: str, dst: Path) -> None:
+        with self.filesystem().open_input_stream(src) as f, atomic_file(dst) as out:
+            shutil.copyfileobj(f, out, CHUNK)
+
+    def _pull_dir(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".pull", dir=path.parent))
+        try:
+            for rel, info in self._tree(path).items():
+                self._download(info.path, tmp / rel)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():  # not a lost race with another puller on this node
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def pull_run(self) -> None:
+        """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`."""
+        for rel, info in self._tree(self.local).items():
+            if rel.split("/", 1)[0] not in NOT_MIRRORED and _changed(Path(self.local, rel), info):
+                self._download(info.path, Path(self.local, rel))
+
+    def push(self, path: str | os.PathLike) -> None:
+        """Upload the local ``path`` (file or directory) where it changed; metadata last.
+
+        Metadata (a manifest, a model card) describes the files next to it, so a
+        remote reader never sees it before them.
+        """
+        path = Path(path)
+        if not path.exists():
+            return
+        if path.is_file():
+            files, remote = {"": path}, {"": self.info(path)}
+        else:
+            files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+            remote = self._tree(path)
+        fs, made = self.filesystem(), set()
+        for rel in sorted(files, key=lambda r: (r.endswith(MUTABLE), r)):
+            local, dst = files[rel], self.remote_path(files[rel])
+            if rel in remote and not _changed(local, remote[rel]):
+                continue
+            parent = dst.rsplit("/", 1)[0]
+            if parent not in made:  # object stores need no directories; other filesystems do
+                fs.create_dir(parent, recursive=True)
+                made.add(parent)
+            pafs.copy_files(str(local), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def delete(self, path: str | os.PathLike) -> None:
+        self.filesystem().delete_file(self.remote_path(path))
+
+
+def _changed(local: Path, remote: pafs.FileInfo) -> bool:
+    """Whether ``local`` and the remote file may differ (see the module doc)."""
+    if remote.type != pafs.FileType.File or not local.is_file():
+        return True
+    return local.name.endswith(MUTABLE) or local.stat().st_size != remote.size
+
+
+# ------------------------------------------------------------ for callers without a mirror
+
+def mirrored(mirror: Mirror | None, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is part of a remote run directory (else it is a plain local path)."""
+    return mirror is not None and mirror.relative(path) is not None
+
+
+def fetch(mirror: Mirror | None, path: str | os.PathLike, missing_ok: bool = False) -> Path:
+    """``path``, pulled first when it belongs to a remote run directory."""
+    return mirror.pull(path, missing_ok) if mirrored(mirror, path) else Path(path)
+
+
+def publish(mirror: Mirror | None, path: str | os.PathLike) -> None:
+    """Upload ``path`` when it belongs to a remote run directory; a no-op for local runs."""
+    if mirrored(mirror, path):
+        mirror.push(path)
+
+
+def source(mirror: Mirror | None, path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) to hand to Ray (Data reads, Train storage): the remote one when mirrored."""
+    if mirrored(mirror, path):
+        return mirror.remote_path(path), mirror.filesystem()
+    return str(path), None

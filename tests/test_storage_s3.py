@@ -1,0 +1,276 @@
+"""Run directories on S3, against a real S3 API: ``moto_server`` on loopback.
+
+The server is a real subprocess speaking the S3 protocol over HTTP; raypath talks
+to it through pyarrow's S3 filesystem exactly as it would to AWS or MinIO. The
+lineage runs are real ``raypath run`` processes, each with its own local Ray
+cluster, so "re-run the same command on a fresh machine" is literal: the local
+mirror is deleted between runs and everything must come back from the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raypath import checkpoint as ckpt
+from raypath.data import Consumed
+from raypath.mirror import NOT_MIRRORED, Mirror, run_location
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+RAYPATH = Path(sys.executable).with_name("raypath")
+#: Dummy credentials: moto accepts any; AWS's SDK needs some (and no EC2 metadata probing).
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@dataclass
+class S3:
+    endpoint: str
+    fs: pafs.S3FileSystem
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(key) as f:
+            return f.read()
+
+    def files(self, prefix: str) -> dict[str, int]:
+        """key -> size of every object under ``prefix``."""
+        infos = self.fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        return {i.path: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port, killed at the end; AWS_* set for this module."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"moto_server did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in AWS_ENV.items():
+                mp.setenv(key, value)
+            yield S3(endpoint, pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True))
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _bucket(s3: S3, name: str) -> str:
+    s3.fs.create_dir(name)
+    return name
+
+
+# ---------------------------------------------------------------- the mirror itself (no Ray)
+
+def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
+    bucket = _bucket(s3, "mirror")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # the standard variable, read on the driver
+    here, mirror = run_location(f"s3://{bucket}/run/", str(tmp_path / "a"))
+    assert mirror is not None and mirror.endpoint == s3.endpoint and here == (tmp_path / "a").resolve()
+    (here / "data" / "v1").mkdir(parents=True)
+    (here / "data" / "v1" / "stream.parquet").write_bytes(b"x" * 1000)
+    (here / "data" / "manifest.json").write_text('{"versions": []}')
+    (here / "ray" / "main-v1" / "step_00000004").mkdir(parents=True)
+    (here / "ray" / "main-v1" / "step_00000004" / "model.pt").write_bytes(b"w")
+    for name in ("data", "ray"):
+        mirror.push(here / name)
+    assert s3.files(f"{bucket}/run") == {f"{bucket}/run/data/v1/stream.parquet": 1000,
+                                         f"{bucket}/run/data/manifest.json": 16,
+                                         f"{bucket}/run/ray/main-v1/step_00000004/model.pt": 1}
+
+    # Another machine, another mirror: the driver's start pulls all but checkpoints.
+    other = Mirror(mirror.remote, str(tmp_path / "b"), s3.endpoint)
+    other.pull_run()
+    got = {p.relative_to(other.local).as_posix() for p in Path(other.local).rglob("*") if p.is_file()}
+    assert got == {"data/v1/stream.parquet", "data/manifest.json"}
+    assert "ray" in NOT_MIRRORED
+    # ...and a worker fetches a checkpoint directory whole when it needs it.
+    step = Path(other.local, "ray", "main-v1", "step_00000004")
+    assert other.pull(step) == step and (step / "model.pt").read_bytes() == b"w"
+
+    # Metadata is rewritten in place, so it is always copied (same size or not).
+    (here / "data" / "manifest.json").write_text('{"versions": [1]}')
+    mirror.push(here / "data" / "manifest.json")
+    other.pull(Path(other.local, "data", "manifest.json"))
+    assert Path(other.local, "data", "manifest.json").read_text() == '{"versions": [1]}'
+
+    with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/run/data/v2/val.parquet: not found"):
+        other.pull(Path(other.local, "data", "v2", "val.parquet"))
+
+
+def test_where_a_run_directory_lives(tmp_path):
+    from raypath.config import ConfigError, load_config
+    from raypath.run import _check_mirror_path
+
+    assert run_location(str(tmp_path / "run")) == ((tmp_path / "run").resolve(), None)  # local: no mirror
+    assert run_location(f"file://{tmp_path}/run") == ((tmp_path / "run").resolve(), None)
+    with pytest.raises(ConfigError, match="tiny.yaml: cluster.storage_endpoint: must be an http"):
+        load_config(TINY, ["cluster.storage_endpoint=127.0.0.1:9000"])
+    # A mirror moved elsewhere would leave the lineage's absolute paths dangling: refused, by name.
+    (tmp_path / "lineage.json").write_text(json.dumps({"storage": {"local_dir": "/elsewhere"}}))
+    with pytest.raises(ConfigError, match="cluster.local_dir: this run's mirror was '/elsewhere'"):
+        _check_mirror_path(tmp_path)
+    _check_mirror_path(tmp_path.parent)  # no lineage yet: nothing to check
+
+
+def _save_checkpoint(directory: Path, step: int) -> None:
+    import torch
+
+    ckpt.save(directory, {"w": torch.full((4,), float(step))}, {"state": {}, "param_groups": []},
+              {"step": step, "tokens": step * 10, "consumed": [[0, step]]})
+
+
+def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
+    bucket = _bucket(s3, "ckpt")
+    mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
+    storage = Path(mirror.local, "ray", "main-v1")
+    staging = tmp_path / "staging"
+    for step in (2, 4):  # what Ray Train uploads from the worker's temporary directory
+        _save_checkpoint(staging / ckpt.step_dir_name(step), step)
+    shutil.copytree(staging, storage)
+    mirror.push(storage)
+    shutil.rmtree(storage)
+
+    # step 4 is corrupted in the bucket: downloaded, fails its checksum, skipped, local copy dropped.
+    s3.fs.delete_file(f"{bucket}/run/ray/main-v1/step_00000004/model.pt")
+    with s3.fs.open_output_stream(f"{bucket}/run/ray/main-v1/step_00000004/model.pt") as f:
+        f.write(b"not the weights")
+    best = ckpt.latest_valid(storage, mirror)
+    assert best == storage / "step_00000002"
+    assert ckpt.load(best)["state"]["step"] == 2  # downloaded, verified, weights_only load
+    assert "model.pt does not match its checksum" in caplog.text
+    assert not (storage / "step_00000004").exists()
+    assert ckpt.load_state(storage / "step_00000004", mirror)["step"] == 4  # state read remotely
+
+    # A remote checkpoint without its manifest is incomplete, named by its URI.
+    s3.fs.delete_file(f"{bucket}/run/ray/main-v1/step_00000004/manifest.json")
+    with pytest.raises(ckpt.CheckpointError, match=f"s3://{bucket}/run/ray/main-v1/step_00000004: no manifest"):
+        ckpt.verify(storage / "step_00000004", mirror)
+
+    # Ray's snapshot naming a missing checkpoint is dropped remotely; a good one is kept.
+    snap_key = f"{bucket}/run/ray/main-v1/{ckpt.RAY_SNAPSHOT}"
+    for names, dropped in ((["step_00000002"], False), (["step_00000002", "step_00000006"], True)):
+        with s3.fs.open_output_stream(snap_key) as f:
+            f.write(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}).encode())
+        assert ckpt.drop_stale_ray_snapshot(storage, mirror) is dropped
+        assert (s3.fs.get_file_info(snap_key).type == pafs.FileType.NotFound) is dropped
+
+
+# ---------------------------------------------------------------- a whole lineage on S3
+
+def _raypath_run(s3: S3, run_dir: str, mirror_dir: Path, log: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never someone else's cluster
+    env.update(AWS_ENV, RAY_AUTH_MODE="disabled")
+    cmd = [str(RAYPATH), "run", str(TINY), "--set", f"run_dir={run_dir}",
+           "--set", f"cluster.local_dir={mirror_dir}", "--set", f"cluster.storage_endpoint={s3.endpoint}",
+           "--set", "data.versions=[v1, v2]", "--set", "data.max_docs_per_version=3", "--set", "train.eval_every=0"]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log.write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, f"raypath run failed ({res.returncode}), log {log}:\n{res.stderr[-4000:]}"
+    return res.stdout + res.stderr
+
+
+def _curves(s3: S3, prefix: str) -> dict[str, bytes]:
+    return {Path(k).name: s3.read(k) for k in s3.files(f"{prefix}/curves")}
+
+
+def _starts(curve: bytes) -> list[dict]:
+    return [r for r in map(json.loads, curve.decode().splitlines()) if r.get("event") == "start"]
+
+
+def _key(prefix: str, mirror_dir: Path, local: str) -> str:
+    """Bucket key of a path the lineage recorded in the mirror."""
+    return f"{prefix}/{Path(local).relative_to(mirror_dir).as_posix()}"
+
+
+@pytest.mark.slow
+def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
+    bucket = _bucket(s3, "lineage")
+    prefix, run_dir, mirror_dir = f"{bucket}/run", f"s3://{bucket}/run", tmp_path / "mirror"
+
+    _raypath_run(s3, run_dir, mirror_dir, tmp_path / "first.log")
+    lin = json.loads(s3.read(f"{prefix}/lineage.json"))
+    assert [m["version"] for m in lin["main_path"]] == ["v1", "v2"]
+    assert [r["version"] for r in lin["releases"]] == ["v1", "v2"]
+    assert lin["storage"] == {"run_dir": run_dir, "local_dir": str(mirror_dir.resolve())}
+    files = s3.files(prefix)
+    for main in lin["main_path"]:
+        for which in ("fork", "end"):
+            step = _key(prefix, mirror_dir, main["checkpoints"][which])
+            assert {f"{step}/{n}" for n in (*ckpt.FILES, ckpt.MANIFEST)} <= set(files)
+    for release in lin["releases"]:
+        rel = _key(prefix, mirror_dir, release["path"])
+        assert {f"{rel}/{n}" for n in ("model_card.json", "config.json", "model.safetensors")} <= set(files)
+    for key in ("config.yaml", "data/manifest.json", "data/v2/stream.parquet", "tokenizer/tokenizer.json",
+                "report/releases.md", "curves/main-v2.jsonl", "curves/branch-v2.jsonl"):
+        assert f"{prefix}/{key}" in files
+    curves = _curves(s3, prefix)
+
+    # A fresh machine: no mirror. The same command finds everything done and trains nothing.
+    shutil.rmtree(mirror_dir)
+    _raypath_run(s3, run_dir, mirror_dir, tmp_path / "again.log")
+    again = json.loads(s3.read(f"{prefix}/lineage.json"))
+    for key in ("main_path", "branches", "releases"):
+        assert again[key] == lin[key]  # finish times included: nothing was re-recorded
+    assert _curves(s3, prefix) == curves  # no segment even started
+    assert not (mirror_dir / "ray").exists()  # no checkpoint was needed, none was downloaded
+
+    # The driver died in version 2's main segment after its fork-point checkpoint:
+    # the lineage does not have it yet, and the boundary checkpoint was never uploaded.
+    main2 = lin["main_path"][1]
+    again["main_path"] = again["main_path"][:1]
+    with s3.fs.open_output_stream(f"{prefix}/lineage.json") as f:
+        f.write(json.dumps(again).encode())
+    s3.fs.delete_dir(_key(prefix, mirror_dir, main2["checkpoints"]["end"]))
+    shutil.rmtree(mirror_dir)
+    out = _raypath_run(s3, run_dir, mirror_dir, tmp_path / "resume.log")
+    assert "dropping Ray's checkpoint snapshot" in out  # it named the deleted checkpoint
+
+    final = json.loads(s3.read(f"{prefix}/lineage.json"))
+    redone = final["main_path"][1]
+    for key in ("start_step", "fork_step", "end_step", "tokens_start", "tokens_end", "checkpoints"):
+        assert redone[key] == main2[key]
+    end = ckpt.load_state(Path(main2["checkpoints"]["end"]),
+                          Mirror(run_dir, str(mirror_dir), s3.endpoint))
+    G, L = 8, 32  # configs/tiny.yaml: global batch, seq_len
+    steps = main2["end_step"] - main2["start_step"]
+    assert end["step"] == main2["end_step"] and end["tokens"] == main2["tokens_end"]
+    assert end["tokens"] - main2["tokens_start"] == steps * G * L
+    assert Consumed.from_list(end["consumed"]).intervals == [[0, steps * G]]  # every row once
+
+    now = _curves(s3, prefix)
+    assert {k: v for k, v in now.items() if k != "main-v2.jsonl"} == \
+        {k: v for k, v in curves.items() if k != "main-v2.jsonl"}  # only main-v2 trained again
+    assert now["main-v2.jsonl"].startswith(curves["main-v2.jsonl"])  # continued, not restarted
+    restart = _starts(now["main-v2.jsonl"])[-1]
+    assert len(_starts(now["main-v2.jsonl"])) == len(_starts(curves["main-v2.jsonl"])) + 1
+    assert restart["step"] == main2["fork_step"]  # the newest checkpoint left in S3
+    assert restart["checkpoint"].endswith(ckpt.step_dir_name(restart["step"]))
+    assert main2["start_step"] < restart["step"] < main2["end_step"]
