@@ -66,8 +66,7 @@ def _objective(metrics: dict, weights: dict[str, float]) -> float:
 
 
 def _order(trial: dict) -> int:
-    # Tune's trial ids end in a counter (``xxxxx_00003``): the order trials were proposed.
-    return int(trial["trial_id"].rsplit("_", 1)[-1])
+    return trial["order"]  # the order Optuna proposed it (raypath.sweep.proposal_order)
 
 
 def trials_to_reach(record: dict, target: float) -> int | None:
@@ -83,7 +82,7 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
     best = min(t["objective"] for t in unguided["trials"] if t["status"] == "done")
     target = best * (1 + WITHIN)
     g, u = trials_to_reach(guided, target), trials_to_reach(unguided, target)
-    rows = {name: [{"trial": _order(t), "status": t["status"], "shape": t["config"].get("shape"),
+    rows = {name: [{"trial": _order(t), "trial_id": t["trial_id"], "status": t["status"], "shape": t["config"].get("shape"),
                     "fraction": t["config"].get("fraction_actual"), "min_lr_ratio": t["config"].get("min_lr_ratio"),
                     "objective": t.get("objective"), "objective_at_stop": t.get("objective_at_stop"),
                     "branch_tokens": t.get("branch_tokens")}
@@ -171,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from raypath.config import load_config
     from raypath.lineage import Lineage
     from raypath.storage import read_json, write_json
+    from raypath.sweep import proposal_order
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(cfg.run_dir).resolve()
@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         version = cfg.data.versions[-1]
         sweeps = {n: read_json(run_dir / "sweeps" / version / n / "results.json") for n in ("guided", "unguided")}
+        for name, record in sweeps.items():  # results written before trials recorded their order
+            order = proposal_order(record["path"], record["trials"])
+            for t in record["trials"]:
+                t.setdefault("order", order.get(t["trial_id"]))
     else:
         from raypath.cluster import init_ray
         from raypath.run import run

@@ -234,7 +234,8 @@ class SweepConfig:
         0 = ``min(4, num_samples // 2)``.
     stop_margin: relative margin of the law stopper: a trial stops when its
         forecast is worse than the best finished objective by more than this;
-        0 = never stop a trial early.
+        0 = never stop a trial early. (1%: in the law benchmark a 0.5% margin
+        stopped one trial that would have finished 0.2% from the best.)
     stop_min_progress: share of a branch that must be trained before it can be stopped.
     """
 
@@ -254,7 +255,7 @@ class SweepConfig:
     pin: str | None = None
     guide: str = "law"
     guide_points: int = 0
-    stop_margin: float = 0.005
+    stop_margin: float = 0.01
     stop_min_progress: float = 0.25
 
 

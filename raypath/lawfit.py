@@ -653,7 +653,7 @@ class LawStopper:
     atomically, as they are made), so they survive the driver.
     """
 
-    def __init__(self, guide: LawGuide, *, margin: float = 0.005, min_progress: float = 0.25,
+    def __init__(self, guide: LawGuide, *, margin: float = 0.01, min_progress: float = 0.25,
                  metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None,
                  record_path: str | None = None):
         self.guide = guide

@@ -631,6 +631,9 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     results = tuner.fit()
     stopped = read_json(sweep_dir / STOPPED_JSON) if (sweep_dir / STOPPED_JSON).is_file() else {}
     trials = sorted((_trial_record(plan, r, stopped) for r in results), key=lambda t: t["trial_id"])
+    order = proposal_order(sweep_dir, trials)
+    for t in trials:
+        t["order"] = order.get(t["trial_id"])
     counts = {status: sum(t["status"] == status for t in trials) for status in ("done", "stopped", "error")}
     errored = [t["trial_id"] for t in trials if t["status"] == "error"]
     complete = counts["done"] + counts["stopped"] == sc.num_samples
@@ -681,7 +684,7 @@ def _lineage_trial(t: dict) -> dict:
     """A trial as the lineage keeps it: config and final numbers, no nested branch entry."""
     return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective", "penalty",
                                         "score", "branch_tokens", "curve", "export", "error", "stopped",
-                                        "objective_at_stop")}
+                                        "objective_at_stop", "order")}
 
 
 # --------------------------------------------------------------------------- presentation
@@ -709,6 +712,23 @@ def format_trials(record: dict) -> str:
     table = pd.DataFrame(rows, columns=["", "trial", "shape", "power", "min_lr", "frac", "frac@fork", "tokens",
                                         "objective", "score", "status"]).to_string(index=False)
     return f"{head}\n{table}"
+
+
+def proposal_order(sweep_dir: str | os.PathLike, trials: list[dict]) -> dict[str, int]:
+    """Trial id -> 1-based order in which Optuna proposed it (Tune's trial ids carry none),
+    matched on the proposed parameters; {} when the searcher state is missing."""
+    try:
+        study = optuna_study(sweep_dir)
+    except FileNotFoundError:
+        return {}
+    order = {}
+    for t in trials:
+        config = t.get("config") or {}
+        match = [s.number for s in study.trials
+                 if s.params and all(config.get(k) == v for k, v in s.params.items())]
+        if match:
+            order[t["trial_id"]] = min(match) + 1
+    return order
 
 
 def optuna_study(sweep_dir: str | os.PathLike):
