@@ -57,6 +57,7 @@ def _steady(windows: list[tuple[int, float]]) -> float:
 def run_raypath(ctx, version: dict, cfg, steps: int, workdir: Path) -> dict:
     """(a): one main-path segment of ``steps`` steps through Ray Train."""
     from raypath.loop import Segment, fit_segment
+    from raypath.report import read_curve
     from raypath.schedules import MainPath
 
     t = cfg.train
@@ -69,9 +70,9 @@ def run_raypath(ctx, version: dict, cfg, steps: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     fit_segment(seg)
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in Path(seg.curves_path).read_text().splitlines()]
+    rows = read_curve(seg.curves_path).to_dict("records")  # metrics only, no (re)start events
     windows = [(r["tokens"] - p["tokens"], r["tokens_per_s"]) for p, r in zip([{"tokens": 0}] + rows, rows)
-               if "tokens_per_s" in r]
+               if r.get("tokens_per_s") == r.get("tokens_per_s")]  # NaN where a row has none
     shutil.rmtree(seg.storage, ignore_errors=True)
     last = rows[-1]
     return {"tokens_per_s": _steady(windows), "windows": len(windows), "wall_s": wall,

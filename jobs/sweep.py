@@ -46,16 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        from raypath.sweep import format_trials, load_sweep_config, run_sweep
+        from raypath.config import load_config
+        from raypath.sweep import run_and_print, with_cli
 
-        cfg, sweep = load_sweep_config(args.config, args.overrides)
+        cfg = with_cli(load_config(args.config, args.overrides), args.name, args.pin)
         warn_if_relative(cfg.run_dir, log)
-        record = run_sweep(cfg, sweep.with_cli(name=args.name, pin=args.pin), args.version)
-        print(format_trials(record), flush=True)
-        print(f"sweep: {record['path']}")
-        if record.get("release"):
-            print(f"release: {record['release']} (trial {record['released']})")
-        return 0 if record["complete"] else 1
+        return run_and_print(cfg, args.version)
 
     return run_main("sweep", body)
 

@@ -88,8 +88,9 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
         is what Optuna proposed, ``fraction_actual`` the fork it snapped to),
         the final ``objective``, ``score`` (objective + compute penalty),
         ``val/<version>`` losses, ``loss`` (last train-loss window), ``step``,
-        ``status`` (``done`` when the trial reached the version boundary, else
-        ``running``/``pending``) and ``best`` / ``released`` flags. Sorted by score.
+        ``status`` (``done`` when the trial reached the version boundary, ``stopped``
+        when the law stopper ended it, else ``running``/``pending``) and ``best`` /
+        ``released`` flags. Sorted by score.
     curves: ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
         ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
@@ -97,6 +98,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     sweep_dir = Path(sweep_dir)
     info = sweep_info(sweep_dir)
     end_step = info["main_end_step"]
+    stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
+    stopped = _read_json(stopped_path) if stopped_path.is_file() else {}
     rows, frames = [], []
     for d in _trial_dirs(sweep_dir):
         trial_id = d.name.removeprefix("trial_")
@@ -113,7 +116,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
             **{k: v for k, v in final.items() if k.startswith("val/")},
             "loss": final.get("loss"),
             "step": final.get("step"),
-            "status": "done" if done else ("running" if results else "pending"),
+            "status": "done" if done else "stopped" if trial_id in stopped else "running" if results else "pending",
         })
         rows.append(row)
         curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")

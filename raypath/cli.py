@@ -72,17 +72,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from raypath.sweep import format_trials, load_sweep_config, run_sweep
+    from raypath.config import load_config
+    from raypath.sweep import run_and_print, with_cli
 
-    cfg, sweep = load_sweep_config(args.config, args.set)
-    # As given, not through YAML: a trial id like 01234567 must stay a string.
-    sweep = sweep.with_cli(name=args.name, pin=args.pin)
-    record = run_sweep(cfg, sweep, args.version)
-    print(format_trials(record))
-    print(f"sweep: {record['path']}")
-    if record.get("release"):
-        print(f"release: {record['release']} (trial {record['released']})")
-    return 0 if record["complete"] else 1
+    # --name/--pin as given, not through YAML: a trial id like 01234567 must stay a string.
+    return run_and_print(with_cli(load_config(args.config, args.set), args.name, args.pin), args.version)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -28,7 +28,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # Workers of a local cluster inherit the driver's environment: silence
             # Ray Data's tqdm bars in Train/Tune workers too (they garble logs).
             os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-            ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
+            # address="local": a new cluster even when another one was started on this
+            # machine with `ray start` (ray.init() would attach to that one instead).
+            ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
                      _node_ip_address="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray cluster resources: %s", ray.cluster_resources())

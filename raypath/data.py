@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,15 +353,20 @@ def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | 
 
 # ---------------------------------------------------------------- per-version preparation
 
-def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None) -> None:
+def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None,
+                  idx: np.ndarray | None = None) -> None:
     block = tokens.shape[1]
-    cols: dict[str, Any] = {"idx": np.arange(len(tokens), dtype=np.int64)}
+    cols: dict[str, Any] = {"idx": np.arange(len(tokens), dtype=np.int64) if idx is None else idx}
     if src is not None:
         cols["src"] = src.astype(np.int16)
     cols["tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), block)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(cols), tmp, row_group_size=STREAM_ROW_GROUP)
-    tmp.replace(path)
+    # A unique temp name: concurrent sweep trials may write the same file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(pa.table(cols), tmp, row_group_size=STREAM_ROW_GROUP)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_blocks(path: str | Path) -> np.ndarray:
@@ -377,13 +383,61 @@ def _replay_sample(older: list[np.ndarray], n_new: int, ratio: float, rng: np.ra
     """``ratio`` of the final stream drawn uniformly from older versions' blocks."""
     pool = sum(len(o) for o in older)
     n = min(int(round(ratio / (1.0 - ratio) * n_new)), pool) if pool else 0
+    return _sample_blocks(older, n, rng)
+
+
+def _sample_blocks(pools: list[np.ndarray], n: int, rng: np.random.Generator):
+    """``n`` distinct blocks drawn uniformly from the union of ``pools``, and each one's pool."""
     if n == 0:
         return np.zeros((0, 0), np.int32), np.zeros(0, np.int64)
-    pick = np.sort(rng.choice(pool, size=n, replace=False))
-    offsets = np.cumsum([0] + [len(o) for o in older])
+    offsets = np.cumsum([0] + [len(o) for o in pools])
+    pick = np.sort(rng.choice(offsets[-1], size=n, replace=False))
     ver = np.searchsorted(offsets, pick, side="right") - 1
-    rows = np.stack([older[v][p - offsets[v]] for v, p in zip(ver, pick)])
+    rows = np.stack([pools[v][p - offsets[v]] for v, p in zip(ver, pick)])
     return rows, ver
+
+
+def replay_variant(version: dict, older_new_paths: list[str], consumed: list, limit: int, ratio: float,
+                   seed: int, out_path: str | Path) -> dict:
+    """``version``'s stream with the rows still to train re-mixed to ``ratio`` replay.
+
+    What a branch with its own replay ratio trains (a sweep can search the ratio). The
+    branch keeps its length and row ids -- the rows ``idx < limit`` not ``consumed`` at
+    its fork -- so the fork checkpoint's data position applies unchanged. Rows of the
+    version's own data are swapped for seeded samples of older versions' blocks until
+    ``ratio`` of those rows are replay; below the stream's own ratio, replay rows are
+    swapped for the version's own blocks instead (possibly rows the main path trained
+    before the fork). Written once (atomically); returns the path and the mix.
+    """
+    out = Path(out_path)
+    k = int(version["index"])
+    if not out.exists():
+        if ratio > 0 and not older_new_paths:
+            raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
+        table = pq.read_table(version["stream_path"])
+        idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
+        tokens = read_blocks(version["stream_path"])
+        todo = np.flatnonzero((idx < limit) & ~Consumed.from_list(consumed).mask(idx))
+        is_replay = src[todo] != k
+        want, have = int(round(ratio * len(todo))), int(is_replay.sum())
+        rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
+        if want > have:  # own rows -> older versions' blocks
+            swap = np.sort(rng.choice(todo[~is_replay], size=want - have, replace=False))
+            rows, ver = _sample_blocks([read_blocks(p) for p in older_new_paths], len(swap), rng)
+        else:  # replay rows -> the version's own blocks
+            swap = np.sort(rng.choice(todo[is_replay], size=have - want, replace=False))
+            rows, ver = _sample_blocks([read_blocks(version["new_path"])], len(swap), rng)
+            ver = np.full(len(swap), k, np.int64)
+        if len(swap):
+            tokens[swap], src[swap] = rows, ver
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_blocks(out, tokens, src, idx)
+    table = pq.read_table(out, columns=["idx", "src"])
+    idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
+    todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
+    replay = int((src[todo] != k).sum())
+    return {"stream_path": str(out), "rows": int(todo.sum()), "replay_rows": replay,
+            "replay_ratio": replay / max(int(todo.sum()), 1)}
 
 
 @dataclass

@@ -12,7 +12,7 @@ branch search:
 * :func:`predict_branch` / :func:`rank_candidates` -- predicted final val losses and the
   weighted objective of candidate branches, before any of them is trained.
 * :class:`LawGuide`, :class:`LawStopper`, :class:`LawRefitCallback` -- the pieces
-  :mod:`raypath.sweep` plugs into Ray Tune (see :class:`LawGuide` for the recipe).
+  :mod:`raypath.sweep` plugs into Ray Tune (:func:`raypath.sweep.law_guidance`).
 
 Step convention
 ---------------
@@ -544,21 +544,16 @@ def optuna_point(candidate: Mapping, replay_ratio: float | None = None) -> dict:
 class LawGuide:
     """The law's view of one branch search; what :mod:`raypath.sweep` plugs into Tune.
 
-    How a sweep uses it (a few lines in ``run_sweep`` / ``_make_tuner``)::
+    :func:`raypath.sweep.law_guidance` wires it into a sweep (``sweep.guide: law``)::
 
-        from raypath import lawfit
-
-        guide = lawfit.LawGuide(ctx.run_dir, vname, weights=plan.weights, forks=in_range)
+        guide = lawfit.LawGuide(run_dir, version, weights=plan.weights, forks=space.forks)
         # 1. the best predicted candidates first: Optuna enqueues them before TPE samples
-        points = guide.points_to_evaluate(
-            n=min(4, sc.num_samples // 2), fraction=sc.fraction, shapes=sc.shapes,
-            power=sc.power, min_lr_ratio=sc.min_lr_ratio, replay_ratio=replay[0])
+        points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, ...)
         searcher = OptunaSearch(space=space, ..., points_to_evaluate=points)
         # 2. stop trials that cannot win, 3. refit after every finished trial
-        stopper = lawfit.LawStopper(guide, margin=0.005)
-        refit = lawfit.LawRefitCallback(
-            guide, stopper=stopper, name=plan.segment_name,
-            curve_path=lambda tid: str(sweep_dir / "curves" / f"{plan.segment_name(tid)}.jsonl"))
+        stopper = lawfit.LawStopper(guide, margin=sc.stop_margin, record_path=...)
+        refit = lawfit.LawRefitCallback(guide, stopper=stopper, name=plan.segment_name,
+                                        curve_path=plan.curve_path)
         tune.RunConfig(..., stop=stopper, callbacks=[refit])
 
     Both run in the Tune driver, so they share the guide: every refit changes the
@@ -653,12 +648,16 @@ class LawStopper:
     trial's last step) or was told (:meth:`record_final`).
 
     Tune accepts it as ``RunConfig(stop=stopper)`` (a callable ``(trial_id, result) ->
-    bool``). ``decisions`` keeps the last forecast per trial for the sweep's record.
+    bool``). ``decisions`` keeps the last forecast per trial for the sweep's record; with
+    ``record_path`` the decisions that stopped a trial are also written there (JSON,
+    atomically, as they are made), so they survive the driver.
     """
 
-    def __init__(self, guide: LawGuide, *, margin: float = 0.005, min_progress: float = 0.25,
-                 metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None):
+    def __init__(self, guide: LawGuide, *, margin: float = 0.01, min_progress: float = 0.25,
+                 metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None,
+                 record_path: str | None = None):
         self.guide = guide
+        self.record_path = record_path
         self.margin = float(margin)
         self.min_progress = float(min_progress)
         self.metric = metric
@@ -711,6 +710,10 @@ class LawStopper:
         if stop:
             log.info("law stopper: trial %s at step %d forecasts %.4f > best %.4f (+%.1f%%): stopped",
                      trial_id, step, forecast, best, 100 * self.margin)
+            if self.record_path:
+                from raypath.storage import write_json
+
+                write_json(self.record_path, {t: d for t, d in self.decisions.items() if d["stop"]})
         return bool(stop)
 
 
@@ -727,6 +730,11 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
     from ray.tune import Callback
 
     class _Refit(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # Tune's results carry no config: the stopper needs each trial's decay.
+            if stopper is not None:
+                stopper.register(trial.trial_id, trial.config)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
             config = dict(trial.config or {})

@@ -31,9 +31,18 @@ Re-running the same command resumes an interrupted sweep with
 ``Tuner.restore``: finished trials are not run again, unfinished ones continue
 from their latest branch checkpoint, errored ones are retried.
 
-Sweep settings are read from a ``sweep:`` section of the run config (see
-:class:`SweepConfig`); :func:`load_sweep_config` strips it before the rest is
-validated by :func:`raypath.config.config_from_dict`.
+Sweep settings are the ``sweep:`` section of the run config
+(:class:`raypath.config.SweepConfig`), so one YAML serves ``raypath run`` and
+``raypath sweep``.
+
+Law guidance (``sweep.guide: law``, the default): before the first trial the
+continual-pre-training law is fitted on the lineage's curves
+(:class:`raypath.lawfit.LawGuide`), a dense grid of (fraction, shape, power,
+min_lr_ratio) is ranked by predicted objective, and the best few are Optuna's
+first trials; :class:`raypath.lawfit.LawStopper` stops trials whose forecast
+final objective cannot beat the best finished one, and the law is refitted
+after every finished trial. If the law cannot be fitted (too few points), the
+sweep says so and runs plain TPE.
 """
 
 from __future__ import annotations
@@ -44,15 +53,16 @@ import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from raypath import checkpoint as ckpt
-from raypath.config import Config, ConfigError, config_from_dict
-from raypath.schedules import SHAPES, Decay
+from raypath.config import Config, ConfigError, SweepConfig, validate
+from raypath.schedules import Decay
 from raypath.storage import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -71,200 +81,21 @@ DATA_CPUS_PER_TRIAL = 1.0
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 SWEEP_JSON = "sweep.json"
 RESULTS_JSON = "results.json"
+#: Trials the law stopper ended early, with its forecasts (written as it decides).
+STOPPED_JSON = "stopped.json"
 
 
 # --------------------------------------------------------------------------- settings
 
-@dataclass
-class SweepConfig:
-    """The ``sweep:`` section of a run config: what one branch search explores.
-
-    name: sweep name; its directory is ``RUN_DIR/sweeps/<version>/<name>``. Re-running
-        with the same name resumes that sweep; a new name starts a new one.
-    num_samples: trials (branches) to run.
-    max_concurrent: trials running at once; 0 = derive from the cluster's resources
-        (CPUs / (train.num_workers x train.cpus_per_worker + 1 for the trial's data
-        pipeline), and GPUs / train.num_workers when train.use_gpu), capped by num_samples.
-        Fixed when the sweep starts: a resumed sweep keeps it.
-    seed: seed of Optuna's TPE sampler (same seed, same proposals).
-    startup_trials: trials TPE samples at random before it models the results;
-        0 = ``min(10, max(max_concurrent, num_samples // 2))``.
-    fraction: [lo, hi] range of the branch length as a fraction of the version's
-        stream (its steps); each proposal is snapped to the nearest main-path
-        checkpoint (``train.checkpoint_every`` gives more of them).
-    shapes: decay shapes to try (cosine, linear, 1-sqrt, exponential, polynomial).
-    power: [lo, hi] range of the power of ``polynomial`` / e-foldings of ``exponential``.
-    min_lr_ratio: [lo, hi] range of the final LR / max LR, within [0, 1).
-    replay_ratios: replay ratios to try; empty = the stream's (``data.replay_ratio``).
-        A branch re-trains the rows of version K's prepared stream after its fork,
-        so only the stream's own ratio is possible until the data layer prepares
-        one stream per ratio; other values are rejected.
-    weights: ``{old, new}`` weights of the objective ``w_old * mean(val loss of the
-        versions before K) + w_new * val loss of version K`` (normalised to sum to 1;
-        for the first version the objective is its own val loss).
-    token_budget: hard cap on a branch's tokens; longer branches are never proposed
-        (fork points beyond it are excluded). Empty = no cap.
-    compute_penalty: ``score = objective + compute_penalty * branch tokens / version
-        tokens``: trades loss for compute; 0 = loss only.
-    pin: trial id (or branch name) to release instead of the best trial.
-    """
-
-    name: str = "sweep"
-    num_samples: int = 8
-    max_concurrent: int = 0
-    seed: int = 0
-    startup_trials: int = 0
-    fraction: tuple[float, float] = (0.05, 0.4)
-    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
-    power: tuple[float, float] = (1.0, 4.0)
-    min_lr_ratio: tuple[float, float] = (0.0, 0.1)
-    replay_ratios: list[float] = field(default_factory=list)
-    weights: dict[str, float] = field(default_factory=lambda: {"old": 0.5, "new": 0.5})
-    token_budget: float | None = None
-    compute_penalty: float = 0.0
-    pin: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def with_cli(self, name: str | None = None, pin: str | None = None) -> "SweepConfig":
-        """This config with ``--name`` / ``--pin`` from the command line applied (validated)."""
-        out = dataclasses.replace(self, name=name or self.name, pin=pin or self.pin)
-        validate_sweep(out)
-        return out
-
-
-def _range(value: Any, path: str) -> tuple[float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value, value]
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise ConfigError(f"{path}: expected [lo, hi] (two numbers), got {value!r}")
-    lo, hi = float(value[0]), float(value[1])
-    if lo > hi:
-        raise ConfigError(f"{path}: lo {lo} is above hi {hi}")
-    return lo, hi
-
-
-def sweep_config_from_dict(raw: dict | None) -> SweepConfig:
-    """Build and validate a :class:`SweepConfig`; errors name the field (``sweep.x``)."""
-    raw = dict(raw or {})
-    names = {f.name for f in dataclasses.fields(SweepConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-    kw: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"sweep.{key}"
-        if key in ("fraction", "power", "min_lr_ratio"):
-            kw[key] = _range(value, path)
-        elif key in ("num_samples", "max_concurrent", "seed", "startup_trials"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{path}: expected an integer, got {value!r}")
-            kw[key] = value
-        elif key in ("name", "pin"):
-            if value is None and key == "pin":
-                kw[key] = None
-            elif isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-                kw[key] = str(value)
-            else:
-                raise ConfigError(f"{path}: expected a string, got {value!r}")
-        elif key == "shapes":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{path}: expected a non-empty list of shapes, got {value!r}")
-            kw[key] = [str(v) for v in value]
-        elif key == "replay_ratios":
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value]
-            if not isinstance(value, list) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"{path}: expected a list of numbers, got {value!r}")
-            kw[key] = [float(v) for v in value]
-        elif key == "weights":
-            if not isinstance(value, dict) or set(value) - {"old", "new"} or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
-                raise ConfigError(f"{path}: expected {{old: number, new: number}}, got {value!r}")
-            kw[key] = {"old": 0.5, "new": 0.5, **{k: float(v) for k, v in value.items()}}
-        elif key in ("token_budget", "compute_penalty"):
-            if value is None and key == "token_budget":
-                kw[key] = None
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ConfigError(f"{path}: expected a number, got {value!r}")
-            try:
-                kw[key] = float(value)
-            except ValueError:
-                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
-    sc = SweepConfig(**kw)
-    validate_sweep(sc)
-    return sc
-
-
-def validate_sweep(sc: SweepConfig) -> None:
-    def check(ok: bool, name: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"sweep.{name}: {msg}")
-
-    check(bool(sc.name) and "/" not in sc.name and sc.name not in (".", ".."), "name",
-          f"must be a plain directory name, got {sc.name!r}")
-    check(sc.num_samples >= 1, "num_samples", f"must be >= 1, got {sc.num_samples}")
-    check(sc.max_concurrent >= 0, "max_concurrent", f"must be >= 0 (0 = from resources), got {sc.max_concurrent}")
-    check(sc.startup_trials >= 0, "startup_trials", f"must be >= 0 (0 = auto), got {sc.startup_trials}")
-    check(0.0 < sc.fraction[0] and sc.fraction[1] <= 1.0, "fraction",
-          f"must lie in (0, 1], got {list(sc.fraction)}")
-    bad = [s for s in sc.shapes if s not in SHAPES]
-    check(not bad, "shapes", f"{bad[0] if bad else ''!r} is not one of {', '.join(SHAPES)}")
-    check(len(set(sc.shapes)) == len(sc.shapes), "shapes", f"duplicates in {sc.shapes}")
-    check(sc.power[0] > 0, "power", f"must be > 0, got {list(sc.power)}")
-    check(0.0 <= sc.min_lr_ratio[0] and sc.min_lr_ratio[1] < 1.0, "min_lr_ratio",
-          f"must lie in [0, 1), got {list(sc.min_lr_ratio)}")
-    check(all(0.0 <= r < 1.0 for r in sc.replay_ratios), "replay_ratios",
-          f"each must be in [0, 1), got {sc.replay_ratios}")
-    check(all(v >= 0 for v in sc.weights.values()) and sum(sc.weights.values()) > 0, "weights",
-          f"must be >= 0 and not all 0, got {sc.weights}")
-    check(sc.token_budget is None or sc.token_budget > 0, "token_budget", f"must be > 0, got {sc.token_budget}")
-    check(sc.compute_penalty >= 0, "compute_penalty", f"must be >= 0, got {sc.compute_penalty}")
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
-def load_sweep_config(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Config, SweepConfig]:
-    """Read a run config with a ``sweep:`` section; ``--set`` overrides reach both parts.
-
-    The ``sweep`` section is split off before the rest is validated exactly like
-    ``raypath run`` does it (unknown keys rejected), so one YAML serves both
-    commands once ``raypath.config`` knows the section; until then a config
-    carrying ``sweep:`` is for ``raypath sweep`` only.
-    """
-    p = Path(path)
-    source = str(path)
-    if not p.is_file():
-        raise ConfigError(f"{source}: config file not found")
-    raw = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    sweep_raw = raw.pop("sweep", None) or {}
+def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Config:
+    """``cfg`` with the sweep's ``--name`` / ``--pin`` from the command line applied (validated)."""
+    sc = dataclasses.replace(cfg.sweep, name=name or cfg.sweep.name, pin=pin or cfg.sweep.pin)
+    out = dataclasses.replace(cfg, sweep=sc)
     try:
-        if not isinstance(sweep_raw, dict):
-            raise ConfigError(f"sweep: expected a mapping, got {type(sweep_raw).__name__}")
-        sc = sweep_config_from_dict(sweep_raw)
-        cfg = config_from_dict(raw)
+        validate(out)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg, sc
+        raise ConfigError(f"command line: {e}") from None
+    return out
 
 
 # --------------------------------------------------------------------------- planning
@@ -424,6 +255,8 @@ class SweepPlan:
     weights: dict[str, float]
     compute_penalty: float
     version_tokens: int
+    stream_ratio: float = 0.0  # replay ratio the version's stream was prepared with
+    tokens_per_step: int = 0
 
     @property
     def version(self) -> str:
@@ -432,8 +265,12 @@ class SweepPlan:
     def segment_name(self, trial_id: str) -> str:
         return f"branch-{self.version}-{trial_id}"
 
+    def curve_path(self, trial_id: str) -> str:
+        return str(Path(self.sweep_dir) / "curves" / f"{self.segment_name(trial_id)}.jsonl")
+
     def segment(self, trial_id: str, config: dict):
-        """The trial's branch segment, with its storage, curve and export under the sweep."""
+        """The trial's branch segment, with its storage, curve and export under the sweep
+        (and, for a replay ratio other than the stream's, its own re-mixed stream)."""
         from raypath.branches import branch_segment
 
         name = self.segment_name(trial_id)
@@ -441,11 +278,28 @@ class SweepPlan:
         decay = decay_of(config)
         seg = branch_segment(self.ctx, self.k, self.main, decay, int(config["fork_step"]), name=name,
                              export_dir=str(root / "exports" / name))
+        ratio = float(config.get("replay_ratio", self.stream_ratio))
         card = {**seg.model_card, "sweep": str(root), "trial_id": trial_id, "objective_weights": self.weights,
-                "fraction_proposed": config.get("fraction"), "fraction_actual": config.get("fraction_actual")}
-        return dataclasses.replace(seg, storage=str(root / "branches" / name),
-                                   curves_path=str(root / "curves" / f"{name}.jsonl"),
-                                   objective_weights=dict(self.weights), model_card=card)
+                "fraction_proposed": config.get("fraction"), "fraction_actual": config.get("fraction_actual"),
+                "replay_ratio": ratio}
+        stream = seg.stream_path
+        if abs(ratio - self.stream_ratio) > 1e-9:
+            mix = self.replay_stream(seg, ratio)
+            stream = mix["stream_path"]
+            card["replay"] = mix
+        return dataclasses.replace(seg, storage=str(root / "branches" / name), curves_path=self.curve_path(trial_id),
+                                   stream_path=stream, objective_weights=dict(self.weights), model_card=card)
+
+    def replay_stream(self, seg, ratio: float) -> dict:
+        """The version's stream with the branch's rows re-mixed to ``ratio`` replay (written once
+        per fork and ratio, shared by the trials that draw it)."""
+        from raypath.data import replay_variant
+
+        fork = ckpt.load_state(seg.init_checkpoint)
+        out = Path(self.ctx.run_dir) / "data" / self.version / "branch-streams" / \
+            f"fork{seg.start_step:08d}-replay{ratio:.4f}.parquet"
+        return replay_variant(self.ctx.versions[self.k], [v["new_path"] for v in self.ctx.versions[: self.k]],
+                              fork.get("consumed", []), seg.stream_limit, ratio, self.ctx.cfg.data.seed, out)
 
     def penalty(self, branch_tokens: float) -> float:
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
@@ -540,7 +394,7 @@ def _check_same_model(cfg: Config, lineage: dict) -> None:
 
 def _settings_record(sc: SweepConfig) -> dict:
     """The settings that define a sweep's search; a resumed sweep must be given the same ones."""
-    d = sc.to_dict()
+    d = dataclasses.asdict(sc)
     for key in ("pin", "max_concurrent", "name"):
         d.pop(key)
     return yaml.safe_load(yaml.safe_dump(d))  # tuples -> lists, as in the JSON record
@@ -562,30 +416,75 @@ def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
     return old
 
 
-def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concurrent: int, sweep_dir: Path):
+@dataclass
+class Guidance:
+    """What the law adds to a new sweep (see the module doc)."""
+
+    points: list[dict]  # Optuna's first trials, best predicted first
+    stopper: Any  # raypath.lawfit.LawStopper, or None when sweep.stop_margin is 0
+    callback: Any  # refits the law after every finished trial
+    fits: dict  # split -> law, R^2, MAPE, degenerate parameters (at the start)
+
+
+def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidance | None:
+    """Fit the law on the lineage and derive the sweep's guidance; None (plain TPE, with a
+    warning) when the lineage's curves cannot support a fit."""
+    from raypath import lawfit
+
+    try:
+        guide = lawfit.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks)
+        if not guide.fits:
+            raise ValueError("no validation split has enough observed points")
+        n = sc.guide_points or max(1, min(4, sc.num_samples // 2))
+        points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, power=sc.power,
+                                          min_lr_ratio=sc.min_lr_ratio, replay_ratio=space.replay_ratios[0])
+    except (ValueError, KeyError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as e:
+        log.warning("sweep %s: the law could not be fitted on %s's curves (%s); running plain TPE "
+                    "(set train.eval_every so the main path records more points)", sc.name, plan.version, e)
+        return None
+    stopper = None
+    if sc.stop_margin > 0:
+        stopper = lawfit.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
+                                    record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
+    callback = lawfit.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
+    fits = {split: {"law": f.law, "r2": f.r2, "mape": f.mape, "degenerate": f.degenerate}
+            for split, f in guide.fits.items()}
+    log.info("sweep %s: law fitted (%s); first trials: %s", sc.name,
+             ", ".join(f"{k} R^2 {v['r2']:.3f}" for k, v in fits.items()), points)
+    return Guidance(points, stopper, callback, fits)
+
+
+def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concurrent: int, sweep_dir: Path,
+                guidance: Guidance | None):
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
-    if tune.Tuner.can_restore(str(sweep_dir)):
+    if _can_restore(sweep_dir):
+        # The restored experiment keeps its searcher, stopper and callbacks (pickled).
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True), True
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(space=space, metric=METRIC, mode="min", sampler=make_sampler(sc, max_concurrent),
-                            study_name=f"{plan.version}-{sc.name}")
+                            study_name=f"{plan.version}-{sc.name}",
+                            points_to_evaluate=guidance.points if guidance else None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="min", num_samples=sc.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                                  stop=guidance.stopper if guidance else None,
+                                  callbacks=[guidance.callback] if guidance else None),
     ), False
 
 
-def _trial_record(plan: SweepPlan, result) -> dict:
+def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
+    """One trial as the sweep records it: ``done`` (branch finished), ``stopped`` (by the law
+    stopper: its forecast and last objective), ``incomplete`` (interrupted) or ``error``."""
     from raypath.branches import summarize
 
     metrics = result.metrics or {}
@@ -605,6 +504,11 @@ def _trial_record(plan: SweepPlan, result) -> dict:
     try:
         entry = summarize(seg)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
+        if trial_id in stopped:
+            return {**record, "status": "stopped", "stopped": stopped[trial_id],
+                    "objective_at_stop": metrics.get("objective"), "curve": seg.curves_path,
+                    "branch_tokens": (int(metrics["step"]) - seg.start_step) * plan.tokens_per_step
+                    if "step" in metrics else None}
         return {**record, "status": "incomplete", "error": str(e)}
     state = ckpt.load_state(entry["checkpoint"])
     objective = state["metrics"].get("objective")
@@ -656,12 +560,12 @@ def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
     return (min(done, key=lambda t: t["score"]) if done else None), False
 
 
-def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
-    """Run (or resume) the branch search of ``version``; release its best trial.
+def run_sweep(cfg: Config, version: str | int) -> dict:
+    """Run (or resume) the branch search ``cfg.sweep`` of ``version``; release its best trial.
 
     Returns the sweep record that is also written to ``results.json`` and to the
-    lineage's ``sweeps``: settings, one record per trial (config, final
-    metrics, objective, score), the best trial and the released one.
+    lineage's ``sweeps``: settings, the law's guidance, one record per trial (config,
+    final metrics, objective, score), the best trial and the released one.
     """
     import ray
 
@@ -669,6 +573,7 @@ def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
     from raypath.lineage import Lineage
     from raypath.run import prepare
 
+    sc = cfg.sweep
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
     lineage = Lineage.load(ctx.run_dir)
@@ -681,10 +586,9 @@ def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
 
     stream_ratio = cfg.data.replay_ratio if k > 0 else 0.0
     replay = sc.replay_ratios or [stream_ratio]
-    if any(abs(r - stream_ratio) > 1e-9 for r in replay):
-        raise ConfigError(f"sweep.replay_ratios: {replay} but {vname}'s stream was prepared with replay ratio "
-                          f"{stream_ratio}; a branch re-trains the rows of that stream, so per-trial replay "
-                          f"ratios need one prepared stream per ratio (not supported yet): leave it empty")
+    if k == 0 and any(r > 0 for r in replay):
+        raise ConfigError(f"sweep.replay_ratios: {replay}, but {vname} is the first version: "
+                          f"there is no older data to replay")
 
     forks = fork_points(main, ctx.storage(main["segment"]))
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -694,7 +598,8 @@ def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
     weights = objective_weights(ctx.versions, k, sc.weights)
     sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens)
+    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens, stream_ratio,
+                     tokens_per_step)
     space = SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
                         main["end_step"], tokens_per_step)
     max_concurrent = sc.max_concurrent or derive_max_concurrent(cfg.train, sc.num_samples, ray.cluster_resources())
@@ -709,32 +614,45 @@ def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
         "max_concurrent": max_concurrent,
         "searcher": {"kind": "optuna", "sampler": "TPESampler", "seed": sc.seed, "metric": METRIC, "mode": "min"},
     }
-    max_concurrent = record["max_concurrent"] = _start_or_check_record(sweep_dir, record).get(
-        "max_concurrent", max_concurrent)
+    recorded = _start_or_check_record(sweep_dir, record)
+    max_concurrent = record["max_concurrent"] = recorded.get("max_concurrent", max_concurrent)
     log.info("sweep %s of %s: %d trials, %d at once, objective weights %s, compute penalty %g%s", sc.name, vname,
              sc.num_samples, max_concurrent, weights, sc.compute_penalty,
              f", token budget {sc.token_budget:g}" if sc.token_budget else "")
 
-    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir)
+    restoring = _can_restore(sweep_dir)
+    guidance = law_guidance(plan, sc, space) if sc.guide == "law" and not restoring else None
+    if guidance is not None:
+        recorded["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
+                             "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
+        write_json(sweep_dir / SWEEP_JSON, recorded)
+    record["guide"] = recorded.get("guide", {"kind": "none"})
+    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir, guidance)
     results = tuner.fit()
-    trials = sorted((_trial_record(plan, r) for r in results), key=lambda t: t["trial_id"])
-    finished = sum(t["status"] == "done" for t in trials)
+    stopped = read_json(sweep_dir / STOPPED_JSON) if (sweep_dir / STOPPED_JSON).is_file() else {}
+    trials = sorted((_trial_record(plan, r, stopped) for r in results), key=lambda t: t["trial_id"])
+    order = proposal_order(sweep_dir, trials)
+    for t in trials:
+        t["order"] = order.get(t["trial_id"])
+    counts = {status: sum(t["status"] == status for t in trials) for status in ("done", "stopped", "error")}
     errored = [t["trial_id"] for t in trials if t["status"] == "error"]
-    complete = finished == sc.num_samples
-    # Settled: every trial ran to an end. Errored trials do not block the release
-    # (the best finished trial wins); a re-run retries them.
-    settled = len(trials) == sc.num_samples and finished + len(errored) == len(trials)
+    complete = counts["done"] + counts["stopped"] == sc.num_samples
+    # Settled: every trial ran to an end (its last step, or stopped by the law). Errored
+    # trials do not block the release (the best finished trial wins); a re-run retries them.
+    settled = len(trials) == sc.num_samples and sum(counts.values()) == len(trials)
     best, _ = _pick(trials, None)
-    search_tokens = sum(t.get("branch_tokens") or 0 for t in trials if t["status"] == "done")
+    search_tokens = sum(t.get("branch_tokens") or 0 for t in trials if t["status"] in ("done", "stopped"))
     record.update(resumed=resumed, trials=trials, complete=complete, search_tokens=search_tokens,
-                  best=best["trial_id"] if best else None, errored=errored, released=None, pinned=False)
+                  best=best["trial_id"] if best else None, errored=errored, stopped=sorted(stopped),
+                  released=None, pinned=False)
     if not settled:
         log.warning("sweep %s was interrupted: %d of %d trials finished; run the same command again to "
-                    "resume it (finished trials are kept)", sc.name, finished, sc.num_samples)
+                    "resume it (finished trials are kept)", sc.name, counts["done"] + counts["stopped"],
+                    sc.num_samples)
     elif errored:
         log.warning("sweep %s: trials %s failed (see their errors in %s); releasing the best of the %d that "
                     "finished; run the same command again to retry them", sc.name, ", ".join(errored),
-                    RESULTS_JSON, finished)
+                    RESULTS_JSON, counts["done"])
     if best is not None and (settled or sc.pin):
         chosen, pinned = _pick(trials, sc.pin)
         branch = _release(plan, lineage, chosen, pinned)
@@ -745,10 +663,28 @@ def run_sweep(cfg: Config, sc: SweepConfig, version: str | int) -> dict:
     return record
 
 
+def run_and_print(cfg: Config, version: str | int) -> int:
+    """``raypath sweep`` and ``jobs/sweep.py``: run the sweep, print its trials and release;
+    exit code 0 when every trial settled, 1 when it must be resumed."""
+    record = run_sweep(cfg, version)
+    print(format_trials(record), flush=True)
+    print(f"sweep: {record['path']}")
+    if record.get("release"):
+        print(f"release: {record['release']} (trial {record['released']})")
+    return 0 if record["complete"] else 1
+
+
+def _can_restore(sweep_dir: Path) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(sweep_dir))
+
+
 def _lineage_trial(t: dict) -> dict:
     """A trial as the lineage keeps it: config and final numbers, no nested branch entry."""
     return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective", "penalty",
-                                        "score", "branch_tokens", "curve", "export", "error")}
+                                        "score", "branch_tokens", "curve", "export", "error", "stopped",
+                                        "objective_at_stop", "order")}
 
 
 # --------------------------------------------------------------------------- presentation
@@ -776,6 +712,23 @@ def format_trials(record: dict) -> str:
     table = pd.DataFrame(rows, columns=["", "trial", "shape", "power", "min_lr", "frac", "frac@fork", "tokens",
                                         "objective", "score", "status"]).to_string(index=False)
     return f"{head}\n{table}"
+
+
+def proposal_order(sweep_dir: str | os.PathLike, trials: list[dict]) -> dict[str, int]:
+    """Trial id -> 1-based order in which Optuna proposed it (Tune's trial ids carry none),
+    matched on the proposed parameters; {} when the searcher state is missing."""
+    try:
+        study = optuna_study(sweep_dir)
+    except FileNotFoundError:
+        return {}
+    order = {}
+    for t in trials:
+        config = t.get("config") or {}
+        match = [s.number for s in study.trials
+                 if s.params and all(config.get(k) == v for k, v in s.params.items())]
+        if match:
+            order[t["trial_id"]] = min(match) + 1
+    return order
 
 
 def optuna_study(sweep_dir: str | os.PathLike):

@@ -58,9 +58,10 @@ def tiny_run_copy(tiny_run, tmp_path):
 
 
 
-#: The search of the tiny sweep fixtures: 4 trials, 2 at once, all five shapes.
+#: The search of the tiny sweep fixtures: 4 trials, 2 at once, all five shapes, two replay
+#: ratios (the stream's own 0 and 0.25), guided by the law (the default).
 TINY_SWEEP = {"num_samples": 4, "max_concurrent": 2, "seed": 0, "fraction": [0.1, 0.45],
-              "min_lr_ratio": [0.0, 0.1], "weights": {"old": 0.5, "new": 0.5}}
+              "min_lr_ratio": [0.0, 0.1], "weights": {"old": 0.5, "new": 0.5}, "replay_ratios": [0.0, 0.25]}
 #: Trials report only their final evaluation in the fast sweep (each Ray report costs ~2 s).
 FAST_TRIALS = ["train.checkpoint_every=0", "train.eval_every=0"]
 
@@ -74,26 +75,27 @@ def sweep_snapshot(sweep_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def sweep_lineage(ray_cluster, tmp_path_factory):
-    """The main path of a 2-version tiny lineage (1 worker), checkpointed every 16 steps so
-    v2 has several fork points; no release branches (a sweep releases v2).
+    """The main path of a 2-version tiny lineage (1 worker), checkpointed and evaluated every
+    16 steps so v2 has several fork points and the law has points to fit; no release
+    branches (a sweep releases v2).
     Returns the path of its config, which carries a ``sweep:`` section."""
     import yaml
 
     from raypath.lineage import Lineage
     from raypath.mainpath import run_main_version
     from raypath.run import prepare
-    from raypath.sweep import load_sweep_config
+    from raypath.config import load_config
 
     root = tmp_path_factory.mktemp("sweep")
     raw = yaml.safe_load(TINY.read_text())
     raw["run_dir"] = str(root / "run")
     raw["data"]["versions"] = ["v1", "v2"]
-    raw["train"].update(num_workers=1, checkpoint_every=16, eval_every=0)
+    raw["train"].update(num_workers=1, checkpoint_every=16, eval_every=16)
     raw["sweep"] = dict(TINY_SWEEP)
     config = root / "sweep.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg, _ = load_sweep_config(config)
-    ctx = prepare(cfg)
+    ctx = prepare(load_config(config))
+    cfg = ctx.cfg
     lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict())
     lineage.set_versions(ctx.versions)
     prev = None
@@ -110,12 +112,13 @@ def tiny_sweep(sweep_lineage):
     Returns a dict: ``config`` path, ``cfg``/``sweep`` settings, the sweep ``dir``, the first
     run's ``record``, the second run's ``again`` record and snapshots ``before_again``/``after_again``.
     """
-    from raypath.sweep import load_sweep_config, run_sweep
+    from raypath.config import load_config
+    from raypath.sweep import run_sweep
 
-    cfg, sweep = load_sweep_config(sweep_lineage, FAST_TRIALS)
-    sweep_dir = Path(cfg.run_dir) / "sweeps" / "v2" / sweep.name
-    record = run_sweep(cfg, sweep, "v2")
+    cfg = load_config(sweep_lineage, FAST_TRIALS)
+    sweep_dir = Path(cfg.run_dir) / "sweeps" / "v2" / cfg.sweep.name
+    record = run_sweep(cfg, "v2")
     before = sweep_snapshot(sweep_dir)
-    again = run_sweep(cfg, sweep, "v2")
-    return {"config": sweep_lineage, "cfg": cfg, "sweep": sweep, "dir": sweep_dir, "record": record,
+    again = run_sweep(cfg, "v2")
+    return {"config": sweep_lineage, "cfg": cfg, "sweep": cfg.sweep, "dir": sweep_dir, "record": record,
             "again": again, "before_again": before, "after_again": sweep_snapshot(sweep_dir)}

@@ -15,7 +15,6 @@ from raypath.schedules import Cosine
 def comparison(tiny_run, tmp_path_factory):
     """A 2-version comparison reusing the session's tiny lineage (path switching done)."""
     import shutil
-    from pathlib import Path
 
     from conftest import tiny_config
     from raypath.compare import run_comparison

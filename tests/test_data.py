@@ -204,3 +204,46 @@ def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
     assert resumed["tokens"] == straight["tokens"] == rows * cfg.data.seq_len
     curve = read_curve(seg.curves_path)
     assert curve["step"].is_monotonic_increasing and curve["step"].max() == seg.end_step
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.6])
+def test_replay_variant_remixes_only_the_rows_left_to_train(tmp_path, ratio):
+    """A sweep trial's replay ratio: same row ids and length, ``ratio`` of the rows still to
+    train come from older versions (swapped both ways), trained and cut rows untouched."""
+    from raypath.data import _write_blocks, replay_variant
+
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 50, (40, 5)).astype(np.int32)          # v1 blocks: tokens < 50
+    new = rng.integers(100, 150, (60, 5)).astype(np.int32)       # v2 blocks: tokens >= 100
+    stream_src = np.array([1] * 48 + [0] * 12)                   # v2's stream: 20% replay
+    stream = new.copy()
+    stream[stream_src == 0] = old[:12]
+    _write_blocks(tmp_path / "v1.parquet", old)
+    _write_blocks(tmp_path / "v2-new.parquet", new)
+    _write_blocks(tmp_path / "v2-stream.parquet", stream, stream_src)
+    version = {"name": "v2", "index": 1, "stream_path": str(tmp_path / "v2-stream.parquet"),
+               "new_path": str(tmp_path / "v2-new.parquet")}
+    consumed, limit = [[0, 20]], 56                               # fork after 20 rows; 4 rows never trained
+    out = tmp_path / "variant.parquet"
+    mix = replay_variant(version, [str(tmp_path / "v1.parquet")], consumed, limit, ratio, 0, out)
+
+    assert mix["rows"] == 36 and mix["replay_rows"] == round(ratio * 36)
+    table = pq.read_table(out)
+    assert table["idx"].to_numpy().tolist() == list(range(60))
+    tokens, src = read_blocks(out), table["src"].to_numpy()
+    keep = np.r_[0:20, 56:60]
+    assert np.array_equal(tokens[keep], stream[keep]) and np.array_equal(src[keep], stream_src[keep])
+    todo = np.arange(20, 56)
+    assert ((tokens[todo] < 50).all(axis=1) == (src[todo] == 0)).all()  # replay rows are v1 blocks
+    assert ((tokens[todo] >= 100).all(axis=1) == (src[todo] == 1)).all()
+    again = replay_variant(version, [str(tmp_path / "v1.parquet")], consumed, limit, ratio, 0, out)
+    assert again == mix  # written once, read back
+
+
+def test_replay_variant_of_the_first_version_is_an_error(tmp_path):
+    from raypath.data import _write_blocks, replay_variant
+
+    _write_blocks(tmp_path / "s.parquet", np.zeros((8, 3), np.int32), np.zeros(8))
+    v1 = {"name": "v1", "index": 0, "stream_path": str(tmp_path / "s.parquet"), "new_path": ""}
+    with pytest.raises(DataError, match="v1 has no older version"):
+        replay_variant(v1, [], [], 8, 0.2, 0, tmp_path / "o.parquet")

@@ -189,6 +189,28 @@ def test_stopper_stops_hopeless_and_keeps_promising():
     assert not told("t", res(120, 4.20))
 
 
+def test_stopper_records_its_stops_and_learns_configs_at_trial_start(tmp_path):
+    """What the sweep wires up: Tune's results carry no config, so the refit callback
+    registers each trial's config when it starts; stops land in a JSON file."""
+    record = tmp_path / "stopped.json"
+    stopper = lawfit.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25, record_path=str(record))
+    callback = lawfit.LawRefitCallback(_LinearGuide(), curve_path=str, stopper=stopper)
+    cfg = {"shape": "cosine", "min_lr_ratio": 0.0, "fork_step": 100, "branch_steps": 40}
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, cfg
+
+    for tid in ("done", "hopeless"):
+        callback.on_trial_start(0, [], Trial(tid))
+    res = lambda step, obj: {"step": step, "objective": obj, "fork_step": 100, "branch_steps": 40}  # noqa: E731
+    assert not stopper("done", res(140, 3.90))
+    assert not record.exists()
+    assert stopper("hopeless", res(120, 4.20))
+    saved = json.loads(record.read_text())
+    assert list(saved) == ["hopeless"] and saved["hopeless"]["forecast"] == pytest.approx(4.15)
+
+
 def test_guide_points_refit_and_stopper(law_run, tmp_path):
     run_dir, lineage = law_run
     m = next(m for m in lineage["main_path"] if m["version"] == "v3")

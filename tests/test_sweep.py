@@ -4,6 +4,7 @@ interrupted, resumed without re-running finished trials, and released into the l
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,12 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.cli import main
-from raypath.config import ConfigError, TrainConfig
+from raypath.config import ConfigError, SweepConfig, TrainConfig, load_config
 from raypath.lineage import Lineage
 from raypath.report import read_curve
 from raypath.schedules import Branch, Decay, MainPath
-from raypath.sweep import (SearchSpace, SweepConfig, choose_forks, derive_max_concurrent, fork_points,
-                           load_sweep_config, make_sampler, objective_weights, optuna_study, run_sweep,
-                           sweep_config_from_dict)
+from raypath.sweep import (SearchSpace, choose_forks, derive_max_concurrent, fork_points, make_sampler,
+                           objective_weights, optuna_study, run_sweep, with_cli)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -28,14 +28,18 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # --------------------------------------------------------------------------- settings (no Ray)
 
 def test_sweep_section_defaults_and_overrides():
-    cfg, sc = load_sweep_config(TINY, ["sweep.fraction=[0.1, 0.3]", "sweep.shapes=[cosine, 1-sqrt]",
-                                       "sweep.weights={old: 1, new: 3}", "train.num_workers=1"])
+    cfg = load_config(TINY, ["sweep.fraction=[0.1, 0.3]", "sweep.shapes=[cosine, 1-sqrt]",
+                             "sweep.weights={old: 1, new: 3}", "sweep.replay_ratios=[0, 0.2]",
+                             "train.num_workers=1"])
+    sc = cfg.sweep
     assert cfg.train.num_workers == 1 and cfg.name == "tiny"
     assert sc.fraction == (0.1, 0.3) and sc.shapes == ["cosine", "1-sqrt"]
-    assert sc.weights == {"old": 1.0, "new": 3.0}
-    _, default = load_sweep_config(TINY)
-    assert default == SweepConfig()
-    assert default.with_cli(name="b", pin="01234567").pin == "01234567"  # a trial id stays a string
+    assert sc.weights == {"old": 1.0, "new": 3.0} and sc.replay_ratios == [0.0, 0.2]
+    default = load_config(TINY)
+    assert default.sweep == SweepConfig() and default.sweep.guide == "law"
+    assert with_cli(default, name="b", pin="01234567").sweep.pin == "01234567"  # a trial id stays a string
+    with pytest.raises(ConfigError, match="sweep.name"):
+        with_cli(default, name="a/b")
 
 
 @pytest.mark.parametrize("override,field", [
@@ -46,12 +50,17 @@ def test_sweep_section_defaults_and_overrides():
     ("sweep.num_samples=0", "sweep.num_samples"),
     ("sweep.weights={old: 1, young: 1}", "sweep.weights"),
     ("sweep.replay_ratios=[1.5]", "sweep.replay_ratios"),
+    ("sweep.replay_ratios=[low]", "sweep.replay_ratios[0]"),
+    ("sweep.power=2", "sweep.power"),
+    ("sweep.shapes=cosine", "sweep.shapes"),
+    ("sweep.guide=oracle", "sweep.guide"),
+    ("sweep.stop_margin=-0.1", "sweep.stop_margin"),
     ("sweep.bogus=1", "sweep.bogus"),
     ("train.bogus=1", "train.bogus"),
 ])
 def test_bad_sweep_settings_fail_before_training(override, field, tmp_path, capsys):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_sweep_config(TINY, [override])
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config(TINY, [override])
     rc = main(["sweep", str(TINY), "--version", "v2", "--set", f"run_dir={tmp_path / 'r'}", "--set", override])
     err = capsys.readouterr().err
     assert rc == 2 and field in err and "tiny.yaml" in err
@@ -157,14 +166,67 @@ def test_optuna_proposed_the_trials(tiny_sweep):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     scores = {tuple(t["config"][k] for k in keys): t["score"] for t in record["trials"]}
     assert all(t.value == pytest.approx(scores[tuple(t.params[k] for k in keys)]) for t in study.trials)
-    # Seeded: a fresh sampler with the sweep's seed proposes the same first (random-startup) trials.
-    fresh = optuna.create_study(sampler=make_sampler(sc, record["max_concurrent"]))
-    space = SearchSpace(sc.fraction, sc.shapes, sc.power, sc.min_lr_ratio, [0.0],
-                        [{"step": 1, "fraction": 1.0}], 2, 1)
-    for t in sorted(study.trials, key=lambda t: t.number)[:2]:
-        again = fresh.ask()
-        space(again)
-        assert again.params == t.params
+
+
+def test_the_law_chose_the_first_trials_and_was_refitted(tiny_sweep):
+    """sweep.guide=law: the best predicted candidates are Optuna's first trials, the law is
+    refitted on every finished trial's curve."""
+    import json
+
+    record, cfg = tiny_sweep["record"], tiny_sweep["cfg"]
+    guide = record["guide"]
+    assert guide["kind"] == "law" and set(guide["fits"]) == {"v1", "v2"}
+    points = guide["points"]
+    assert len(points) == 2  # min(4, num_samples // 2)
+    first = sorted(optuna_study(tiny_sweep["dir"]).trials, key=lambda t: t.number)[: len(points)]
+    assert [{k: t.params[k] for k in p} for t, p in zip(first, points)] == points
+    assert all(t.system_attrs.get("fixed_params") for t in first)  # enqueued, not sampled
+    fit = json.loads((Path(cfg.run_dir) / "law" / "fit-v2.json").read_text())
+    fitted = {c["name"] for split in fit["splits"].values() for c in split.get("curves", [])}
+    assert {t["name"] for t in record["trials"]} <= fitted  # the last refit saw every trial
+
+
+def test_make_sampler_is_seeded():
+    import optuna
+
+    sc = SweepConfig(seed=3)
+    space = SearchSpace(sc.fraction, sc.shapes, sc.power, sc.min_lr_ratio, [0.0], [{"step": 1, "fraction": 1.0}],
+                        2, 1)
+    proposals = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=make_sampler(sc, 2))
+        trials = [study.ask() for _ in range(3)]
+        for t in trials:
+            space(t)
+        proposals.append([t.params for t in trials])
+    assert proposals[0] == proposals[1] and len({str(p) for p in proposals[0]}) == 3
+
+
+def test_trials_with_another_replay_ratio_train_a_remixed_stream(tiny_sweep):
+    """replay_ratio 0.25 (the stream has 0): the branch trains the same rows ids, a quarter
+    of them v1 blocks; replay_ratio 0 trains the version's own stream."""
+    import pyarrow.parquet as pq
+
+    from raypath.data import Consumed
+
+    record = tiny_sweep["record"]
+    ratios = {t["config"]["replay_ratio"] for t in record["trials"]}
+    assert ratios <= {0.0, 0.25}
+    for t in record["trials"]:
+        card = __import__("json").loads((Path(t["export"]) / "model_card.json").read_text())
+        assert card["replay_ratio"] == t["config"]["replay_ratio"]
+        final = ckpt.load_state(t["branch"]["checkpoint"])
+        if t["config"]["replay_ratio"] == 0.0:
+            assert "replay" not in card
+            continue
+        mix = card["replay"]
+        assert mix["replay_ratio"] == pytest.approx(0.25, abs=0.5 / mix["rows"])
+        table = pq.read_table(mix["stream_path"], columns=["idx", "src"])
+        fork = ckpt.load_state(t["branch"]["forked_from"])
+        trained = Consumed.from_list(final["consumed"]).mask(table["idx"].to_numpy()) & \
+            ~Consumed.from_list(fork["consumed"]).mask(table["idx"].to_numpy())
+        assert trained.sum() == mix["rows"] == t["branch"]["steps"] * tiny_sweep["cfg"].train.global_batch_size
+        assert (table["src"].to_numpy()[trained] == 0).sum() == mix["replay_rows"]
 
 
 def test_trials_fork_from_snapped_main_path_checkpoints(tiny_sweep):
@@ -235,9 +297,9 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
 
 
 def test_pin_releases_another_trial(tiny_sweep):
-    cfg, sc, record = tiny_sweep["cfg"], tiny_sweep["sweep"], tiny_sweep["record"]
+    cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
     other = next(t for t in record["trials"] if t["trial_id"] != record["best"])
-    pinned = run_sweep(cfg, sc.with_cli(pin=other["trial_id"]), "v2")
+    pinned = run_sweep(with_cli(cfg, pin=other["trial_id"]), "v2")
     try:
         assert pinned["released"] == other["trial_id"] and pinned["pinned"]
         assert pinned["best"] == record["best"]
@@ -247,7 +309,7 @@ def test_pin_releases_another_trial(tiny_sweep):
         card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
         assert card["trial_id"] == other["trial_id"]
     finally:
-        run_sweep(cfg, sc, "v2")  # back to the best, for the tests that follow
+        run_sweep(cfg, "v2")  # back to the best, for the tests that follow
 
 
 @pytest.mark.slow
@@ -263,7 +325,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
     from conftest import sweep_snapshot
 
     name = "interrupted"
-    cfg, sc = load_sweep_config(sweep_lineage, [f"sweep.name={name}"])
+    cfg = load_config(sweep_lineage, [f"sweep.name={name}"])
+    sc = cfg.sweep
     sweep_dir = Path(cfg.run_dir) / "sweeps" / "v2" / name
     log_path = tmp_path / "interrupted.log"
     cmd = [sys.executable, "-m", "raypath.cli", "sweep", str(sweep_lineage), "--version", "v2", "--name", name,
@@ -284,7 +347,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
     assert Lineage.load(cfg.run_dir).sweep("v2", name)["released"] is None  # nothing released mid-sweep
     before = sweep_snapshot(sweep_dir)
 
-    record = run_sweep(cfg, sc, "v2")
+    record = run_sweep(cfg, "v2")
     after = sweep_snapshot(sweep_dir)
     assert record["resumed"] and record["complete"] and len(record["trials"]) == sc.num_samples
     assert set(before["trials"]) <= set(after["trials"]) and len(after["trials"]) == sc.num_samples
