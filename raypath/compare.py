@@ -29,6 +29,7 @@ from raypath.config import Config
 from raypath.data import union_stream
 from raypath.lineage import Lineage
 from raypath.loop import Segment, fit_segment
+from raypath.mirror import require_local
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Cosine
@@ -90,6 +91,7 @@ def _done(lineage: Lineage, paradigm: str, version: str) -> dict | None:
 
 def run_comparison(cfg: Config) -> dict[str, str]:
     """Train all three paradigms (resumable), then write the table and plots."""
+    require_local(cfg.run_dir, "compare")
     lineage = run_lineage(cfg)  # path switching, and the prepared versions
     ctx = prepare(cfg)
     cpt_prev = None

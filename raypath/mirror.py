@@ -57,6 +57,16 @@ def is_remote(run_dir: str | os.PathLike) -> bool:
     return "://" in str(run_dir) and scheme not in ("", "file")
 
 
+def require_local(run_dir: str | os.PathLike, command: str) -> None:
+    """Refuse a remote ``run_dir`` for commands that do not go through a mirror yet."""
+    if is_remote(run_dir):
+        from raypath.config import ConfigError
+
+        raise ConfigError(f"run_dir: `raypath {command}` needs a local or shared-filesystem run directory; "
+                          f"{run_dir!r} is remote (only `raypath run` and the jobs built on it mirror "
+                          f"remote run directories so far)")
+
+
 def default_local_dir(run_dir: str) -> Path:
     """``~/.cache/raypath/<scheme>/<bucket>/<prefix>``: one mirror per remote run directory."""
     u = urlparse(run_dir)

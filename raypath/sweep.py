@@ -571,9 +571,11 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
 
     from raypath.cluster import init_ray
     from raypath.lineage import Lineage
+    from raypath.mirror import require_local
     from raypath.run import prepare
 
     sc = cfg.sweep
+    require_local(cfg.run_dir, "sweep")
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
     lineage = Lineage.load(ctx.run_dir)

@@ -274,3 +274,13 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     assert restart["step"] == main2["fork_step"]  # the newest checkpoint left in S3
     assert restart["checkpoint"].endswith(ckpt.step_dir_name(restart["step"]))
     assert main2["start_step"] < restart["step"] < main2["end_step"]
+
+
+@pytest.mark.parametrize("command", ["sweep", "compare"])
+def test_commands_without_a_mirror_refuse_a_remote_run_dir(command, capsys):
+    from raypath.cli import main
+
+    rc = main([command, str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+               *(["--version", "v2"] if command == "sweep" else []), "--set", "run_dir=s3://bucket/run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "run_dir" in err and "s3://bucket/run" in err and f"raypath {command}" in err
