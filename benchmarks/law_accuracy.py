@@ -61,10 +61,6 @@ def run_sweeps(cfg, samples: int, log) -> dict[str, dict]:
     return out
 
 
-def _objective(metrics: dict, weights: dict[str, float]) -> float:
-    return float(sum(w * metrics[f"val/{s}"] for s, w in weights.items()))
-
-
 def _order(trial: dict) -> int:
     return trial["order"]  # the order Optuna proposed it (raypath.sweep.proposal_order)
 
@@ -82,8 +78,9 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
     best = min(t["objective"] for t in unguided["trials"] if t["status"] == "done")
     target = best * (1 + WITHIN)
     g, u = trials_to_reach(guided, target), trials_to_reach(unguided, target)
-    rows = {name: [{"trial": _order(t), "trial_id": t["trial_id"], "status": t["status"], "shape": t["config"].get("shape"),
-                    "fraction": t["config"].get("fraction_actual"), "min_lr_ratio": t["config"].get("min_lr_ratio"),
+    rows = {name: [{"trial": _order(t), "trial_id": t["trial_id"], "status": t["status"],
+                    "shape": t["config"].get("shape"), "fraction": t["config"].get("fraction_actual"),
+                    "min_lr_ratio": t["config"].get("min_lr_ratio"),
                     "objective": t.get("objective"), "objective_at_stop": t.get("objective_at_stop"),
                     "branch_tokens": t.get("branch_tokens")}
                    for t in sorted(sw["trials"], key=_order)] for name, sw in sweeps.items()}
@@ -125,7 +122,8 @@ def accuracy(run_dir: Path, lineage: dict, unguided: dict) -> dict:
             errors[s].append(abs(pred["predicted"][s] - actual) / actual * 100)
             naive_err[s].append(abs(naive - actual) / actual * 100)
             row[s] = {"actual": actual, "predicted": pred["predicted"][s]}
-        row["objective"] = {"actual": _objective(t["metrics"], weights), "predicted": pred["objective"]}
+        # The trial's own objective: the loop weighs its val losses with the same split weights.
+        row["objective"] = {"actual": t["objective"], "predicted": pred["objective"]}
         rows.append(row)
     return {
         "fit_on": ["main path", *fit_names],

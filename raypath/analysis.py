@@ -197,6 +197,16 @@ def _title(ax, trials: pd.DataFrame, what: str) -> None:
     ax.set_title(f"{what} ({done}/{n} trials finished)")
 
 
+def _finish(fig, ax, trials: pd.DataFrame, ylabel: str, what: str):
+    """The common end of the one-axis sweep plots: label, grid, legend, title, layout."""
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    _title(ax, trials, what)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_vs_length(trials: pd.DataFrame, y: str = "objective", x: str = "fraction_actual",
                         reference: float | None = None):
     """Final ``y`` against branch length, one series per decay shape; the best trial starred.
@@ -217,12 +227,7 @@ def plot_loss_vs_length(trials: pd.DataFrame, y: str = "objective", x: str = "fr
     if reference is not None and np.isfinite(reference):
         ax.axhline(reference, color="black", lw=1, ls="--", label="main path, no decay")
     ax.set_xlabel("branch length (fraction of the version's stream)" if x.startswith("fraction") else x)
-    ax.set_ylabel(y)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
-    _title(ax, trials, f"{y} vs branch length per decay shape")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, trials, y, f"{y} vs branch length per decay shape")
 
 
 def plot_pareto(trials: pd.DataFrame, x: str = "branch_tokens", y: str = "objective"):
@@ -240,12 +245,7 @@ def plot_pareto(trials: pd.DataFrame, x: str = "branch_tokens", y: str = "object
         ax.scatter(front[x], front[y], s=130, facecolors="none", edgecolors="black", lw=1.3, zorder=4)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: si(v) if v else "0"))
     ax.set_xlabel("branch tokens" if x == "branch_tokens" else x)
-    ax.set_ylabel(y)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
-    _title(ax, trials, f"{y} vs compute: Pareto front")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, trials, y, f"{y} vs compute: Pareto front")
 
 
 def plot_forks(trials: pd.DataFrame, curves: pd.DataFrame, main: pd.DataFrame | None = None,

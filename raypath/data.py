@@ -371,7 +371,11 @@ def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None,
 
 def read_blocks(path: str | Path) -> np.ndarray:
     """All blocks of a parquet file written by :func:`_write_blocks`, as ``[n, block]`` int32."""
-    col = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+    return _blocks(pq.read_table(path, columns=["tokens"]))
+
+
+def _blocks(table: pa.Table) -> np.ndarray:
+    col = table.column("tokens").combine_chunks()
     return col.values.to_numpy().reshape(len(col), -1).astype(np.int32)
 
 
@@ -416,7 +420,7 @@ def replay_variant(version: dict, older_new_paths: list[str], consumed: list, li
             raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
         table = pq.read_table(version["stream_path"])
         idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
-        tokens = read_blocks(version["stream_path"])
+        tokens = _blocks(table)
         todo = np.flatnonzero((idx < limit) & ~Consumed.from_list(consumed).mask(idx))
         is_replay = src[todo] != k
         want, have = int(round(ratio * len(todo))), int(is_replay.sum())

@@ -731,7 +731,8 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
 
     class _Refit(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            # Tune's results carry no config: the stopper needs each trial's decay.
+            # The stopper needs each trial's decay; registering it here does not rely on
+            # every result carrying the trial's config.
             if stopper is not None:
                 stopper.register(trial.trial_id, trial.config)
 

@@ -255,12 +255,19 @@ class SweepPlan:
     weights: dict[str, float]
     compute_penalty: float
     version_tokens: int
-    stream_ratio: float = 0.0  # replay ratio the version's stream was prepared with
-    tokens_per_step: int = 0
 
     @property
     def version(self) -> str:
         return self.ctx.versions[self.k]["name"]
+
+    @property
+    def stream_ratio(self) -> float:
+        """Replay ratio the version's stream was prepared with (none for the first version)."""
+        return self.ctx.cfg.data.replay_ratio if self.k > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.ctx.cfg.train.global_batch_size * self.ctx.cfg.data.seq_len
 
     def segment_name(self, trial_id: str) -> str:
         return f"branch-{self.version}-{trial_id}"
@@ -455,13 +462,13 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
 
 
 def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concurrent: int, sweep_dir: Path,
-                guidance: Guidance | None):
+                guidance: Guidance | None, restore: bool):
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
-    if _can_restore(sweep_dir):
+    if restore:
         # The restored experiment keeps its searcher, stopper and callbacks (pickled).
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
@@ -586,22 +593,19 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     if main is None:
         raise ConfigError(f"--version {vname}: its main path is not trained yet; run `raypath run` first")
 
-    stream_ratio = cfg.data.replay_ratio if k > 0 else 0.0
-    replay = sc.replay_ratios or [stream_ratio]
+    weights = objective_weights(ctx.versions, k, sc.weights)
+    sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
+    version_tokens = main["tokens_end"] - main["tokens_start"]
+    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens)
+    replay = sc.replay_ratios or [plan.stream_ratio]
     if k == 0 and any(r > 0 for r in replay):
         raise ConfigError(f"sweep.replay_ratios: {replay}, but {vname} is the first version: "
                           f"there is no older data to replay")
 
     forks = fork_points(main, ctx.storage(main["segment"]))
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    version_tokens = main["tokens_end"] - main["tokens_start"]
+    tokens_per_step = plan.tokens_per_step
     in_range = choose_forks(forks, main, sc, tokens_per_step, vname)
-
-    weights = objective_weights(ctx.versions, k, sc.weights)
-    sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens, stream_ratio,
-                     tokens_per_step)
     space = SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
                         main["end_step"], tokens_per_step)
     max_concurrent = sc.max_concurrent or derive_max_concurrent(cfg.train, sc.num_samples, ray.cluster_resources())
@@ -629,7 +633,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
                              "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
         write_json(sweep_dir / SWEEP_JSON, recorded)
     record["guide"] = recorded.get("guide", {"kind": "none"})
-    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir, guidance)
+    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir, guidance, restoring)
     results = tuner.fit()
     stopped = read_json(sweep_dir / STOPPED_JSON) if (sweep_dir / STOPPED_JSON).is_file() else {}
     trials = sorted((_trial_record(plan, r, stopped) for r in results), key=lambda t: t["trial_id"])
