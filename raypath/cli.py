@@ -98,7 +98,7 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     lineage = Lineage.load(args.run_dir).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
     print(lawfit.format_fits(fits, lineage, version))
@@ -113,7 +113,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     lineage = Lineage.load(args.run_dir).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
                                   args.power, weights=weights, fork_step=args.fork_step)
@@ -129,13 +129,32 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lam(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        lam = float(value)
+    except ValueError:
+        lam = -1.0
+    if not 0.0 < lam < 1.0:
+        raise argparse.ArgumentTypeError(f"--lambda: expected 'auto' or a number in (0, 1), got {value!r}")
+    return lam
+
+
+def _law_options(parser) -> None:
+    parser.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
+    parser.add_argument("--lambda", dest="lam", type=_lam, default="auto",
+                        help="momentum decay of the annealing area: auto (chosen per split by "
+                             "leave-one-branch-out) or a value such as 0.999")
+
+
 def _add_law(sub) -> None:
     law = sub.add_parser("law", help="fit the CPT scaling law to a run and predict branches")
     lsub = law.add_subparsers(dest="law_command", required=True)
     f = lsub.add_parser("fit", help="fit per validation split; print R^2, MAPE, parameters")
     f.add_argument("run_dir")
     f.add_argument("--version", help="version being released (default: the latest trained)")
-    f.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
+    _law_options(f)
     f.set_defaults(fn=cmd_law_fit)
     pr = lsub.add_parser("predict", help="predicted final val losses of a branch")
     pr.add_argument("run_dir")
@@ -147,7 +166,7 @@ def _add_law(sub) -> None:
     pr.add_argument("--power", type=float, default=2.0)
     pr.add_argument("--w-old", type=float, default=0.5, help="objective weight of the older splits")
     pr.add_argument("--w-new", type=float, default=0.5, help="objective weight of the version's own split")
-    pr.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
+    _law_options(pr)
     pr.add_argument("--plot", metavar="OUT.png", help="draw predicted vs observed curves per split")
     pr.set_defaults(fn=cmd_law_predict)
 

@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 #: Momentum decay of the annealing area (2408.11029 uses 0.999).
 LAMBDA = 0.999
+#: Momentum decays :func:`select_lambda` chooses from. lambda sets how long an LR drop
+#: keeps adding to S2 (~1/(1-lambda) steps). 0.999 suits the 1e4+-step runs of 2408.11029;
+#: on branches of tens to hundreds of steps S2 then grows almost linearly with the decay
+#: length, and a law fitted on short branches over-predicts longer ones.
+LAMBDA_GRID = (0.95, 0.98, 0.99, 0.995, 0.999)
+#: Most curves :func:`select_lambda` holds out (spread evenly over the given order): each
+#: costs one fit per grid value, and a sweep refits after every trial.
+LAMBDA_FOLDS = 4
 #: Huber threshold on log-loss residuals (2408.11029).
 HUBER_DELTA = 1e-3
 #: Weight of the L2 pull of B, E, beta towards 0, each measured as a fraction of its
@@ -443,7 +451,7 @@ def _seeds(law: type[_Law], prob: _Problem, seed_grid) -> list[dict[str, float]]
 
 
 def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=None,
-            lam: float = LAMBDA, sign: Mapping[str, int] | None = None) -> FitResult:
+            lam: float = LAMBDA, sign: Mapping[str, int] | None = None, quiet: bool = False) -> FitResult:
     """Fit one parameter set of ``law_cls`` across all ``curves`` (one validation set).
 
     Runs L-BFGS-B from every start of a deterministic grid over the non-linear parameters
@@ -453,6 +461,7 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
     sign: ``{param: +1 or -1}`` restricts a parameter to one sign, e.g. ``{"B": -1}`` on a
         new-domain split (2505.07796: the shift term lowers new-domain loss); a parameter
         that ends at 0 is then reported degenerate (the data wanted the other sign).
+    quiet: do not log degenerate parameters (they are still reported in the result).
     """
     law = LAWS[law_cls] if isinstance(law_cls, str) else law_cls
     if not curves:
@@ -475,13 +484,45 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
             if best is None or res.fun < best.fun:
                 best = res
     theta = best.x * prob.scale
-    return _summarise(law, prob, curves, theta, len(seeds), lam)
+    return _summarise(law, prob, curves, theta, len(seeds), lam, quiet)
 
 
-def _degenerate(law, prob: _Problem, theta: np.ndarray) -> list[str]:
+def select_lambda(law_cls: type[_Law] | str, curves: Sequence[Curve], *, grid: Sequence[float] = LAMBDA_GRID,
+                  sign: Mapping[str, int] | None = None, anchors: Sequence[str] = ("main",),
+                  ) -> tuple[float, dict[float, float]]:
+    """The momentum decay that best predicts curves the fit has not seen.
+
+    For every ``lam`` of ``grid``, each curve not named in ``anchors`` is held out in
+    turn (at most :data:`LAMBDA_FOLDS` of them, spread evenly over their order), the law
+    is fitted on the others, and the held-out curve's last observed loss
+    is predicted; the score is the mean squared log error (what ranking branches by
+    their final loss needs). Returns the best ``lam`` (ties: the larger, closer to the
+    paper's) and every score; with fewer than two curves to hold out there is nothing to
+    validate on, and it returns :data:`LAMBDA` with no scores.
+    """
+    held = [i for i, c in enumerate(curves) if c.name not in anchors and len(c.steps)]
+    if len(held) < 2:
+        return LAMBDA, {}
+    if len(held) > LAMBDA_FOLDS:
+        held = [held[int(k)] for k in np.linspace(0, len(held) - 1, LAMBDA_FOLDS).round()]
+    scores = {}
+    for lam in grid:
+        errors = []
+        for i in held:
+            fit = fit_law(law_cls, [c for j, c in enumerate(curves) if j != i], lam=lam, sign=sign, quiet=True)
+            c = curves[i]
+            last = int(np.argmax(c.steps))
+            pred = fit.predict(Curve(c.lrs, c.steps[last:last + 1], c.losses[last:last + 1], c.cpt_start))[0]
+            errors.append(np.log(max(pred, 1e-12) / c.losses[last]) ** 2)
+        scores[float(lam)] = float(np.mean(errors))
+    best = min(scores, key=lambda lam: (scores[lam], -lam))
+    return best, scores
+
+
+def _degenerate(law, prob: _Problem, theta: np.ndarray, quiet: bool) -> list[str]:
     """Parameters at a bound, then parameters of optional terms lost in the noise."""
     at_bound = prob.at_bound(theta)
-    if at_bound:
+    if at_bound and not quiet:
         log.warning("%s fit: parameters at a bound (not identified by the data): %s",
                     law.__name__, ", ".join(at_bound))
     pred = np.maximum(law.value_and_jac(theta, prob.feats)[0], 1e-12)
@@ -490,20 +531,22 @@ def _degenerate(law, prob: _Problem, theta: np.ndarray) -> list[str]:
     for names, term in law.optional_terms(theta, prob.feats).items():
         size = float(np.max(np.abs(term) / pred, initial=0.0))
         if size < RESOLVE_FACTOR * noise:
-            log.warning("%s fit: term of %s is %.2g of the loss, below %.1f x residual RMS %.2g:"
-                        " not resolved by the data", law.__name__, "/".join(names), size,
-                        RESOLVE_FACTOR, noise)
+            if not quiet:
+                log.warning("%s fit: term of %s is %.2g of the loss, below %.1f x residual RMS %.2g:"
+                            " not resolved by the data", law.__name__, "/".join(names), size,
+                            RESOLVE_FACTOR, noise)
             unresolved += [k for k in names if k not in at_bound]
     return at_bound + unresolved
 
 
-def _summarise(law, prob: _Problem, curves, theta: np.ndarray, n_starts: int, lam: float) -> FitResult:
+def _summarise(law, prob: _Problem, curves, theta: np.ndarray, n_starts: int, lam: float,
+               quiet: bool) -> FitResult:
     params = dict(zip(law.param_names, map(float, law.to_raw(theta, prob.s1ref, prob.s2ref))))
     pred = np.concatenate([law.predict(params, c, lam=lam) for c in curves])
     obs = prob.losses
     ss_tot = float(np.sum((obs - obs.mean()) ** 2))
     r2 = 1.0 - float(np.sum((obs - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-    degenerate = _degenerate(law, prob, theta)
+    degenerate = _degenerate(law, prob, theta, quiet)
     return FitResult(
         law=law.__name__, params=params, r2=r2,
         mape=float(np.mean(np.abs(pred - obs) / obs) * 100.0),

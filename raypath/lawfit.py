@@ -345,7 +345,7 @@ def _load_lineage(run_dir_or_lineage) -> tuple[dict, Path | None]:
 def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = "auto",
             run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
             extra_branches: Sequence[Mapping] = (), include_sweeps: bool = True,
-            shift_sign: bool = True, save: bool = True) -> dict[str, FitResult]:
+            shift_sign: bool = True, lam: float | str = "auto", save: bool = True) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -358,14 +358,17 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     annealing law, or skipped (with a warning) below 4 points. ``shift_sign`` bounds the
     CPT shift term's sign as 2505.07796 finds it (``B >= 0`` on old splits, ``B <= 0`` on
     the new one): with every new-split observation inside the cpt phase, the free fit
-    cannot tell the shift term from the power law and takes either sign. Saves
+    cannot tell the shift term from the power law and takes either sign. ``lam`` is the
+    momentum decay of S2; ``auto`` picks it per split from :data:`raypath.law.LAMBDA_GRID`
+    by leave-one-branch-out prediction of final losses (:func:`raypath.law.select_lambda`;
+    0.999 while a split has fewer than two branches). Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
     lineage, rd = _load_lineage(run_dir_or_lineage)
     rd = Path(run_dir) if run_dir is not None else rd
     version = resolve_version(lineage, version)
     fits: dict[str, FitResult] = {}
-    record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "splits": {}}
+    record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam, "splits": {}}
     for split in splits_for(lineage, version):
         curves = curves_from_lineage(lineage, split, version, run_dir=rd if rd else None, branches=branches,
                                      extra_branches=extra_branches, include_sweeps=include_sweeps)
@@ -379,12 +382,18 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
             record["splits"][split] = {"skipped": f"{n} observed points", "n_points": n}
             continue
         sign = {"B": -1 if split == version else 1} if shift_sign else None
-        fit = fit_law(chosen, curves, sign=sign)
+        lam_scores: dict[float, float] = {}
+        if lam == "auto":
+            split_lam, lam_scores = lawmod.select_lambda(chosen, curves, sign=sign)
+        else:
+            split_lam = float(lam)
+        fit = fit_law(chosen, curves, sign=sign, lam=split_lam)
         if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
             log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
         fits[split] = fit
         record["splits"][split] = {
             **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
+            "lam_scores": {str(k): v for k, v in lam_scores.items()},
             "curves": [{"name": c.name, "n_points": int(len(c.steps)),
                         "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
                        for c in curves],
@@ -817,7 +826,7 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version:
             continue
         params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
         lines.append(f"  {split} ({role}, cpt_start {cpt_start(lineage, split, version)}): {fit.law}, "
-                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%")
+                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
         lines.append(f"      params: {params}")
         lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
     return "\n".join(lines)
