@@ -359,9 +359,10 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     CPT shift term's sign as 2505.07796 finds it (``B >= 0`` on old splits, ``B <= 0`` on
     the new one): with every new-split observation inside the cpt phase, the free fit
     cannot tell the shift term from the power law and takes either sign. ``lam`` is the
-    momentum decay of S2; ``auto`` picks it per split from :data:`raypath.law.LAMBDA_GRID`
-    by leave-one-branch-out prediction of final losses (:func:`raypath.law.select_lambda`;
-    0.999 while a split has fewer than two branches). Saves
+    momentum decay of S2, one value for every split; ``auto`` picks it from
+    :data:`raypath.law.LAMBDA_GRID` by leave-one-branch-out prediction of final losses over
+    all splits (:func:`raypath.law.select_lambda`; 0.999 until some split has two
+    branches). Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
     lineage, rd = _load_lineage(run_dir_or_lineage)
@@ -369,6 +370,7 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     version = resolve_version(lineage, version)
     fits: dict[str, FitResult] = {}
     record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam, "splits": {}}
+    problems = {}
     for split in splits_for(lineage, version):
         curves = curves_from_lineage(lineage, split, version, run_dir=rd if rd else None, branches=branches,
                                      extra_branches=extra_branches, include_sweeps=include_sweeps)
@@ -382,18 +384,19 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
             record["splits"][split] = {"skipped": f"{n} observed points", "n_points": n}
             continue
         sign = {"B": -1 if split == version else 1} if shift_sign else None
-        lam_scores: dict[float, float] = {}
-        if lam == "auto":
-            split_lam, lam_scores = lawmod.select_lambda(chosen, curves, sign=sign)
-        else:
-            split_lam = float(lam)
-        fit = fit_law(chosen, curves, sign=sign, lam=split_lam)
+        problems[split] = (chosen, curves, sign)
+    if lam == "auto":
+        lam_value, scores = lawmod.select_lambda(list(problems.values()))
+        record["lam_scores"] = {str(k): v for k, v in scores.items()}
+    else:
+        lam_value = float(lam)
+    for split, (chosen, curves, sign) in problems.items():
+        fit = fit_law(chosen, curves, sign=sign, lam=lam_value)
         if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
             log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
         fits[split] = fit
         record["splits"][split] = {
             **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
-            "lam_scores": {str(k): v for k, v in lam_scores.items()},
             "curves": [{"name": c.name, "n_points": int(len(c.steps)),
                         "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
                        for c in curves],

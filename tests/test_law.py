@@ -16,11 +16,14 @@ from raypath.law import (
     AnnealingLaw,
     CPTLaw,
     Curve,
+    LAMBDA,
+    LAMBDA_GRID,
     FitResult,
     areas,
     effective_lr,
     fit_law,
     predict_final_loss,
+    select_lambda,
     split_areas,
 )
 from raypath.schedules import Branch, Cosine, Decay, MainPath, Piecewise, lr_curve
@@ -296,3 +299,60 @@ def test_cpt_fit_on_curves_without_shift_flags_the_shift_parameters():
     fit = fit_law(CPTLaw, _cpt_curves(no_shift, seed0=20))
     assert {"B", "E", "beta"} <= set(fit.degenerate)
     assert abs(fit.params["B"]) < 0.01
+
+
+# ---------------------------------------------------------------- momentum decay (lambda)
+
+SHORT_PEAK = 3e-3
+SHORT_TRUE = {"L0": 2.0, "A": 0.8, "alpha": 0.45, "C": 1.0}
+
+
+def _short_curves(lam: float) -> list[Curve]:
+    """A 600-step main path and branches of 40-160 steps, losses from the annealing law at
+    ``lam`` (+0.05% noise): the regime of raypath's small runs, where lambda matters."""
+    main = MainPath(SHORT_PEAK, 0)
+    specs = [(None, 600), (Branch(main, 340, 60, Decay("cosine")), 400), (Branch(main, 420, 80, Decay("1-sqrt")), 500),
+             (Branch(main, 440, 160, Decay("linear")), 600), (Branch(main, 560, 40, Decay("cosine", 0.1)), 600)]
+    curves = []
+    for i, (sched, n) in enumerate(specs):
+        lrs = np.full(n, SHORT_PEAK) if sched is None else np.asarray(lr_curve(sched, n), dtype=float)
+        steps = np.arange(9, n, 10)
+        c = Curve(lrs, steps, np.full(len(steps), np.nan), name="main" if sched is None else f"b{i}")
+        clean = AnnealingLaw.predict(SHORT_TRUE, c, lam=lam)
+        c.losses = clean * (1 + 5e-4 * np.random.default_rng(i).standard_normal(len(clean)))
+        curves.append(c)
+    return curves
+
+
+@pytest.mark.parametrize("true_lam", [0.98, 0.999])
+def test_select_lambda_finds_the_decay_that_generated_the_curves(true_lam):
+    lam, scores = select_lambda([(AnnealingLaw, _short_curves(true_lam), None)])
+    assert lam == true_lam
+    assert set(scores) == set(LAMBDA_GRID)
+    assert scores[true_lam] == min(scores.values())
+
+
+def test_a_wrong_lambda_mispredicts_longer_branches_and_selection_fixes_it():
+    curves = _short_curves(0.98)
+    longest = curves[3]  # the 160-step decay, twice as long as any other branch
+    rest = [c for c in curves if c is not longest]
+    last = longest.losses[-1]
+    wrong = fit_law(AnnealingLaw, rest, lam=LAMBDA).predict(longest)[-1]
+    chosen, _ = select_lambda([(AnnealingLaw, rest, None)])
+    right = fit_law(AnnealingLaw, rest, lam=chosen).predict(longest)[-1]
+    assert chosen == 0.98
+    assert abs(right - last) / last < 0.002
+    assert abs(wrong - last) > 3 * abs(right - last)  # 0.999 extrapolates the annealing gain
+
+
+def test_select_lambda_needs_two_branches_to_hold_out():
+    curves = _short_curves(0.98)[:2]  # the main path and one branch
+    assert select_lambda([(AnnealingLaw, curves, None)]) == (LAMBDA, {})
+
+
+def test_one_lambda_serves_every_split():
+    """A split with one branch gets the lambda the other split's branches chose."""
+    curves = _short_curves(0.98)
+    lam, scores = select_lambda([(AnnealingLaw, curves, None), (AnnealingLaw, curves[:2], None)])
+    assert lam == 0.98
+    assert scores == select_lambda([(AnnealingLaw, curves, None)])[1]  # the one-branch split adds no fold

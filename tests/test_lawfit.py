@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from raypath import lawfit
-from raypath.law import effective_lr
+from raypath.law import LAMBDA_GRID, effective_lr
 from raypath.schedules import Branch, Decay, MainPath, lr_curve
 
 
@@ -102,6 +102,13 @@ def test_fit_run_writes_json(law_run, fits):
         assert isinstance(saved["degenerate"], list) and saved["curves"]
         assert saved["cpt_start"] >= 0
     assert lawfit.load_fits(run_dir, "v3")["v2"].params == fits["v2"].params
+    # one lambda for every split, chosen by leave-one-branch-out, with the scores it was chosen on
+    assert rec["lam"] == "auto"
+    scores = rec["lam_scores"]
+    assert set(scores) == {str(x) for x in LAMBDA_GRID}
+    best = min(scores, key=lambda k: (scores[k], -float(k)))
+    for split, fit in fits.items():
+        assert str(fit.lam) == best and rec["splits"][split]["lam"] == fit.lam
     # shift-term signs as 2505.07796 finds them: forgetting on old data, gain on new data
     # (a split with fewer points than the CPT law has parameters falls back to the annealing law)
     for split, fit in fits.items():
@@ -163,6 +170,13 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert "val/v1" in out and "val/v3" in out and "objective" in out
     assert png.stat().st_size > 10_000
     assert main(["law", "predict", str(run_dir), "--version", "v9"]) == 2
+    assert main(["law", "fit", str(run_dir), "--lambda", "0.99"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("lambda=0.99\n") == 3  # every split
+    assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["lam"] == 0.99
+    with pytest.raises(SystemExit):
+        main(["law", "fit", str(run_dir), "--lambda", "1.5"])
+    assert "--lambda: expected 'auto' or a number in (0, 1), got '1.5'" in capsys.readouterr().err
 
 
 class _LinearGuide:
