@@ -121,7 +121,7 @@ def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release
                       "ape": abs(pred["predicted"][s] - actual) / actual * 100,
                       "naive_ape": abs(naive[s] - actual) / actual * 100}
         rows.append(row)
-    return {"fitted_trial": _order(fitted), "lam": {s: f.lam for s, f in fits.items()},
+    return {"fitted_trial": _order(fitted), "splits": list(fits), "lam": {s: f.lam for s, f in fits.items()},
             "degenerate": {s: f.degenerate for s, f in fits.items()},
             "spearman": _spearman([r["objective"]["predicted"] for r in rows],
                                   [r["objective"]["actual"] for r in rows]),
@@ -151,7 +151,7 @@ def accuracy(run_dir: Path, lineage: dict, unguided: dict) -> dict:
         rots = [_held_out(run_dir, lineage, version, weights, release, k, [t for t in trials if t is not k], lam)
                 for k in trials]
         rows = [r for rot in rots for r in rot["branches"]]
-        splits = [s for s in rows[0] if s.startswith("v")] if rows else []
+        splits = rots[0]["splits"] if rots else []
         out[f"lam={lam}"] = {
             "fit_seconds": round(time.perf_counter() - t0, 1),
             "mape_final_loss": {s: float(np.mean([r[s]["ape"] for r in rows])) for s in splits},

@@ -144,8 +144,8 @@ def _lam(value: str) -> float | str:
 def _law_options(parser) -> None:
     parser.add_argument("--law", default="auto", choices=["auto", "CPTLaw", "AnnealingLaw"])
     parser.add_argument("--lambda", dest="lam", type=_lam, default="auto",
-                        help="momentum decay of the annealing area: auto (chosen per split by "
-                             "leave-one-branch-out) or a value such as 0.999")
+                        help="momentum decay of the annealing area, one for every split: auto (chosen "
+                             "by leave-one-branch-out) or a value such as 0.999")
 
 
 def _add_law(sub) -> None:

@@ -522,8 +522,7 @@ def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Ma
             fit = fit_law(law_cls, [c for j, c in enumerate(curves) if j != i], lam=lam, sign=sign, quiet=True)
             c = curves[i]
             last = int(np.argmax(c.steps))
-            pred = fit.predict(Curve(c.lrs, c.steps[last:last + 1], c.losses[last:last + 1], c.cpt_start))[0]
-            errors.append(np.log(max(pred, 1e-12) / c.losses[last]) ** 2)
+            errors.append(np.log(max(fit.predict(c)[last], 1e-12) / c.losses[last]) ** 2)
         scores[float(lam)] = float(np.mean(errors))
     best = min(scores, key=lambda lam: (scores[lam], -lam))
     return best, scores
