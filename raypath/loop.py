@@ -468,7 +468,11 @@ def train_segment(config: dict) -> None:
         save_steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
 
     shard = ray.train.get_dataset_shard("train")
-    batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64))
+    # Batches stay on the host: "idx" is bookkeeping read with .numpy(), and
+    # train_step copies the tokens from pinned memory without blocking the host
+    # (Ray's default device="auto" would put both on the GPU).
+    batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64,
+                                            device="cpu", pin_memory=device.type == "cuda"))
     reporter = _Reporter(seg, rank, world, step,
                          flops_per_token=flops_per_token(raw_model.config, seg.seq_len),
                          peak_flops=device_peak_flops(device, t.peak_flops), device=device)

@@ -40,7 +40,7 @@ def _segment(model: dict | None = None, **train) -> Segment:
 def _one_step(seg: Segment, device: str = "cpu", restored: dict | None = None):
     torch.manual_seed(0)
     tr = build_training(seg, torch.device(device), restored, world=1)
-    before = [p.detach().clone() for p in tr.raw_model.parameters()]
+    before = [p.detach().cpu().clone() for p in tr.raw_model.parameters()]  # .cpu(): on CUDA too
     blocks = torch.randint(1, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     loss = train_step(tr, [blocks, blocks], accum=2, lr=1e-3, grad_clip=1.0)
     assert torch.isfinite(loss) and 4.0 < loss.item() < 8.0  # ~ln(384) at init
@@ -215,3 +215,29 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
                   stream_limit=(seg.end_step + 2) * 8, train=replace(seg.train, parallel="ddp", num_workers=1))
     fit_segment(ddp)
     assert ckpt.load_state(Path(ddp.storage) / ckpt.step_dir_name(ddp.end_step))["step"] == ddp.end_step
+
+
+@CUDA
+def test_main_segment_on_a_gpu_worker_then_resumes(ray_cluster, tmp_path):
+    """The whole main path on one GPU: Ray Data batches stay on the host (their ``idx`` is
+    read with ``.numpy()``), tokens go to the GPU; the checkpoint resumes on the GPU."""
+    from raypath.loop import fit_segment
+    from raypath.mainpath import main_segment
+    from raypath.run import prepare
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.use_gpu=true", "train.num_workers=1",
+        "train.precision=bf16", "train.log_every=2"])
+    seg = main_segment(prepare(cfg), 0, None)
+    seg = replace(seg, end_step=4, save_steps=(), stream_limit=4 * 8, val_paths=dict(list(seg.val_paths.items())[:1]))
+    fit_segment(seg)
+    end = Path(seg.storage) / ckpt.step_dir_name(4)
+    assert ckpt.load_state(end)["step"] == 4
+    rows = read_curve(seg.curves_path).to_dict("records")
+    assert rows[-1]["step"] == 4 and "val/v1" in rows[-1]
+    assert all(0 < r["mfu"] < 1 for r in rows)  # a GPU peak was found: the worker trained on CUDA
+
+    cont = replace(seg, name="cont", storage=str(tmp_path / "ray" / "cont"), curves_path=str(tmp_path / "cont.jsonl"),
+                   init_checkpoint=str(end), start_step=4, end_step=6, stream_limit=6 * 8)
+    fit_segment(cont)
+    assert ckpt.load_state(Path(cont.storage) / ckpt.step_dir_name(6))["step"] == 6
