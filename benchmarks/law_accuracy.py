@@ -37,7 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"old": 0.5, "new": 0.5}
-WITHIN = 0.005  # "within 0.5% of the best"
+WITHIN = 0.005  # "within 0.5% of the best": the issue's measure
+TOLERANCES = (0.001, 0.002, 0.005, 0.01)  # also reported: 0.5% is loose in a flat landscape
 
 
 def _overrides(args) -> list[str]:
@@ -48,17 +49,19 @@ def _overrides(args) -> list[str]:
             "sweep.max_concurrent=2", *args.set]
 
 
-def run_sweeps(cfg, samples: int, log) -> dict[str, dict]:
-    """The guided sweep first (so it never sees the unguided trials), then the unguided one."""
+def run_sweeps(cfg, samples: int, guided_name: str, log) -> dict[str, dict]:
+    """The guided sweep first (so it never sees the unguided trials), then the unguided one.
+
+    Both are resumable; a finished sweep is read back, not rerun."""
     from raypath.sweep import run_sweep
 
     version = cfg.data.versions[-1]
     out = {}
-    for name, guide in (("guided", "law"), ("unguided", "none")):
+    for key, name, guide in (("guided", guided_name, "law"), ("unguided", "unguided", "none")):
         sc = dataclasses.replace(cfg.sweep, name=name, guide=guide, num_samples=samples)
         t0 = time.perf_counter()
-        out[name] = run_sweep(dataclasses.replace(cfg, sweep=sc), version)
-        log.info("%s sweep: %d trials in %.0f s", name, len(out[name]["trials"]), time.perf_counter() - t0)
+        out[key] = run_sweep(dataclasses.replace(cfg, sweep=sc), version)
+        log.info("%s sweep: %d trials in %.0f s", name, len(out[key]["trials"]), time.perf_counter() - t0)
     return out
 
 
@@ -91,6 +94,9 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
                                      default=None),
         "guided_trials_to_target": g, "unguided_trials_to_target": u,
         "ratio_guided_to_unguided": (g / u) if g and u else None,
+        "trials_to_within": {f"{w:.1%}": {"guided": trials_to_reach(guided, best * (1 + w)),
+                                          "unguided": trials_to_reach(unguided, best * (1 + w))}
+                             for w in TOLERANCES},
         "guided_points": guided.get("guide", {}).get("points"),
         "guided_stopped": guided.get("stopped", []),
         "search_tokens": {name: sw["search_tokens"] for name, sw in sweeps.items()},
@@ -185,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="trials of each sweep")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing run")
+    p.add_argument("--guided-name", default="guided",
+                   help="sweep name of the guided search (a new name runs a new guided search; it must "
+                        "start from a lineage that holds no sweep, or the law would see their trials)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.eval_only:
         version = cfg.data.versions[-1]
-        sweeps = {n: read_json(run_dir / "sweeps" / version / n / "results.json") for n in ("guided", "unguided")}
+        sweeps = {key: read_json(run_dir / "sweeps" / version / n / "results.json")
+                  for key, n in (("guided", args.guided_name), ("unguided", "unguided"))}
         for name, record in sweeps.items():  # results written before trials recorded their order
             order = proposal_order(record["path"], record["trials"])
             for t in record["trials"]:
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
         run(cfg)
         log.info("lineage done in %.0f s", time.perf_counter() - t0)
-        sweeps = run_sweeps(cfg, args.samples, log)
+        sweeps = run_sweeps(cfg, args.samples, args.guided_name, log)
     lineage = Lineage.load(run_dir).data
     summary = {"version": lineage["main_path"][-1]["version"],
                "guided_vs_unguided": guided_vs_unguided(sweeps),
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trials to within {WITHIN:.1%} of the unguided best ({gd['unguided_best_objective']:.4f}): guided "
           f"{gd['guided_trials_to_target']}, unguided {gd['unguided_trials_to_target']} "
           f"(ratio {gd['ratio_guided_to_unguided']}); branch tokens {gd['search_tokens']}")
+    print("trials to within x of the unguided best (guided / unguided): " + ", ".join(
+        f"{w} {r['guided']}/{r['unguided']}" for w, r in gd["trials_to_within"].items()))
     print(f"command: {summary['command']}")
     return 0 if all(math.isfinite(v) for v in acc["lam=auto"]["mape_final_loss"].values()) else 1
 

@@ -252,3 +252,16 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     assert guide.fits["v3"].n_points > n_before and stopper.best() == 4.0
     forecast = stopper.forecast(config, b["fork_step"] + b["steps"] // 2, 4.2)
     assert math.isfinite(forecast) and forecast <= 4.2 + 1e-3
+
+
+def test_spread_picks_cover_both_lr_ends_and_several_shapes():
+    # The ranking a first fit on decay-to-zero release branches gives: steep decays to 0 on top.
+    ranked = [{"shape": s, "min_lr_ratio": m, "fraction": f}
+              for m in (0.0, 0.3) for s in ("polynomial", "exponential", "cosine") for f in (0.2, 0.3)]
+    picks = lawfit.spread_picks(ranked, 4)
+    assert picks[0] is ranked[0]  # the law's favourite comes first
+    assert [p["min_lr_ratio"] for p in picks] == [0.0, 0.3, 0.0, 0.3]
+    assert len({p["shape"] for p in picks}) == 3
+    # within a group the law's order decides: the best 0.3 candidate of a new shape
+    assert picks[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
+    assert lawfit.spread_picks(ranked, 2) == picks[:2] and len(lawfit.spread_picks(ranked[:2], 5)) == 2
