@@ -49,8 +49,12 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     cfg, lin = tiny_run
     ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path)
     seg = main_segment(ctx, 1, lin["main_path"][0])  # version 2, from the tiny run's v1 boundary
-    seg = dataclasses.replace(seg, train=dataclasses.replace(seg.train, checkpoint_every=3, max_failures=2,
-                                                             log_every=1))
+    # 16 steps are enough for checkpoints before and after the kill; every checkpoint is
+    # a Ray report (seconds each), so the whole version would only make the test slower.
+    steps = min(seg.end_step - seg.start_step, 16)
+    seg = dataclasses.replace(seg, end_step=seg.start_step + steps, save_steps=(),
+                              stream_limit=steps * cfg.train.global_batch_size,
+                              train=dataclasses.replace(seg.train, checkpoint_every=3, max_failures=2, log_every=1))
     curve = Path(seg.curves_path)
     kill_after = seg.start_step + 8  # at least two periodic checkpoints exist by then
     killed: dict = {}
