@@ -3,20 +3,23 @@
 On the embedded default corpus (a quickstart-like config, shrunk by the options below):
 
 1. run the lineage (main path + one release branch per version; resumable);
-2. two real branch searches of the last version with the same seed and number of trials
+2. real branch searches of the last version, each with the same number of trials
    (``raypath.sweep.run_sweep``): a **guided** one (``sweep.guide=law``: the law, fitted on
    the main path and the release branches only, picks the first trials, stops trials that
-   cannot win, refits after each) and then an **unguided** one (``sweep.guide=none``: TPE);
-3. guided vs unguided: the best final objective B of the unguided sweep; the trials (in
-   Optuna's order) each sweep needed to reach a final objective within 0.5% of B (target:
-   guided at most half of unguided), and the branch tokens each spent;
+   cannot win, refits after each) and one **unguided** one (``sweep.guide=none``: TPE)
+   per seed of ``--unguided-seeds``;
+3. guided vs unguided, per unguided seed: the best final objective B of that sweep; the
+   trials (in Optuna's order) the guided sweep and that sweep needed to reach a final
+   objective within 0.5% of B; then the means over seeds (target: guided at most half of
+   unguided), and the branch tokens each spent;
 4. accuracy: fit the law per validation split on the main path, the last version's release
    branch and one unguided trial, predict the final val losses of the other unguided
    trials (random/TPE configurations: a fair held-out set); every trial takes its turn as
    the fitted one. Prints the MAPE per split (target <= 1%), next to a naive baseline (the
    mean final loss of the two fitted branches), for lambda=auto and the paper's 0.999.
 
-Prints a JSON summary (also written to ``RUN_DIR/law/benchmark.json``) and the command.
+Prints a JSON summary (also written to ``RUN_DIR/law/benchmark.json``) and the command, and
+plots the best objective so far per trial and per branch token (``RUN_DIR/law/benchmark.png``).
 
     python benchmarks/law_accuracy.py --run-dir runs/law_bench
 """
@@ -49,20 +52,31 @@ def _overrides(args) -> list[str]:
             "sweep.max_concurrent=2", *args.set]
 
 
-def run_sweeps(cfg, samples: int, guided_name: str, log) -> dict[str, dict]:
-    """The guided sweep first (so it never sees the unguided trials), then the unguided one.
+def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> dict[str, dict]:
+    """The guided sweep, then one unguided sweep per seed (all resumable: a finished sweep
+    is read back, not rerun).
 
-    Both are resumable; a finished sweep is read back, not rerun."""
+    The guided sweep fits the law on the main path and the release branches only
+    (``sweep.guide_sweeps=false``), so it never sees another sweep's trials whichever ran
+    first. One unguided sweep is a single draw of TPE's random start: in a flat landscape
+    its first trial alone may land near its best, so the count is averaged over seeds."""
     from raypath.sweep import run_sweep
 
     version = cfg.data.versions[-1]
+    runs = [("guided", guided_name, "law", cfg.sweep.seed)]
+    runs += [(f"unguided-s{s}", unguided_name(s), "none", s) for s in seeds]
     out = {}
-    for key, name, guide in (("guided", guided_name, "law"), ("unguided", "unguided", "none")):
-        sc = dataclasses.replace(cfg.sweep, name=name, guide=guide, num_samples=samples)
+    for key, name, guide, seed in runs:
+        sc = dataclasses.replace(cfg.sweep, name=name, guide=guide, num_samples=samples, seed=seed,
+                                 guide_sweeps=guide == "none")  # an unguided sweep keeps the default
         t0 = time.perf_counter()
         out[key] = run_sweep(dataclasses.replace(cfg, sweep=sc), version)
         log.info("%s sweep: %d trials in %.0f s", name, len(out[key]["trials"]), time.perf_counter() - t0)
     return out
+
+
+def unguided_name(seed: int) -> str:
+    return "unguided" if seed == 0 else f"unguided-s{seed}"  # seed 0 keeps the earlier runs' name
 
 
 def _order(trial: dict) -> int:
@@ -77,31 +91,108 @@ def trials_to_reach(record: dict, target: float) -> int | None:
     return None
 
 
+def _best(record: dict) -> float:
+    return min(t["objective"] for t in record["trials"] if t["status"] == "done")
+
+
+def _rows(record: dict) -> list[dict]:
+    return [{"trial": _order(t), "trial_id": t["trial_id"], "status": t["status"],
+             "shape": t["config"].get("shape"), "power": t["config"].get("power"),
+             "fraction": t["config"].get("fraction_actual"), "min_lr_ratio": t["config"].get("min_lr_ratio"),
+             "objective": t.get("objective"), "objective_at_stop": t.get("objective_at_stop"),
+             "branch_tokens": t.get("branch_tokens")}
+            for t in sorted(record["trials"], key=_order)]
+
+
+def _counts(guided: dict, unguided: dict, within: float) -> dict:
+    """Trials each needed to reach within ``within`` of this unguided sweep's best."""
+    target = _best(unguided) * (1 + within)
+    return {"guided": trials_to_reach(guided, target), "unguided": trials_to_reach(unguided, target)}
+
+
 def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
-    unguided, guided = sweeps["unguided"], sweeps["guided"]
-    best = min(t["objective"] for t in unguided["trials"] if t["status"] == "done")
-    target = best * (1 + WITHIN)
-    g, u = trials_to_reach(guided, target), trials_to_reach(unguided, target)
-    rows = {name: [{"trial": _order(t), "trial_id": t["trial_id"], "status": t["status"],
-                    "shape": t["config"].get("shape"), "fraction": t["config"].get("fraction_actual"),
-                    "min_lr_ratio": t["config"].get("min_lr_ratio"),
-                    "objective": t.get("objective"), "objective_at_stop": t.get("objective_at_stop"),
-                    "branch_tokens": t.get("branch_tokens")}
-                   for t in sorted(sw["trials"], key=_order)] for name, sw in sweeps.items()}
+    """Per unguided seed s: the trials the guided sweep and unguided sweep s needed to come
+    within 0.5% of sweep s's best (a guided sweep that never gets there counts as its
+    number of trials + 1); then the means over seeds and their ratio (target <= 0.5)."""
+    guided = sweeps["guided"]
+    unguided = {k: v for k, v in sweeps.items() if k.startswith("unguided")}
+    miss = len(guided["trials"]) + 1
+    within = {w: {k: _counts(guided, u, w) for k, u in unguided.items()} for w in TOLERANCES}
+
+    def means(per_seed: dict) -> dict:
+        g = float(np.mean([c["guided"] or miss for c in per_seed.values()]))
+        u = float(np.mean([c["unguided"] for c in per_seed.values()]))
+        return {"guided": g, "unguided": u, "ratio": g / u}
+
+    m = means(within[WITHIN])
     return {
-        "within": WITHIN, "unguided_best_objective": best, "target": target,
+        "within": WITHIN,
+        "unguided_best_objective": {k: _best(u) for k, u in unguided.items()},
         "guided_best_objective": min((t["objective"] for t in guided["trials"] if t["status"] == "done"),
                                      default=None),
-        "guided_trials_to_target": g, "unguided_trials_to_target": u,
-        "ratio_guided_to_unguided": (g / u) if g and u else None,
-        "trials_to_within": {f"{w:.1%}": {"guided": trials_to_reach(guided, best * (1 + w)),
-                                          "unguided": trials_to_reach(unguided, best * (1 + w))}
-                             for w in TOLERANCES},
+        "trials_to_target": within[WITHIN],
+        "mean_guided": m["guided"], "mean_unguided": m["unguided"], "ratio_guided_to_unguided": m["ratio"],
+        "trials_to_within": {f"{w:.1%}": per for w, per in within.items()},
+        "mean_trials_to_within": {f"{w:.1%}": means(per) for w, per in within.items()},
         "guided_points": guided.get("guide", {}).get("points"),
         "guided_stopped": guided.get("stopped", []),
         "search_tokens": {name: sw["search_tokens"] for name, sw in sweeps.items()},
-        "trials": rows,
+        "trials": {name: _rows(sw) for name, sw in sweeps.items()},
     }
+
+
+def release_objective(lineage: dict) -> float:
+    """The configured release branch's objective: its final val losses, weighed like a trial's."""
+    from raypath import lawfit
+
+    version = lineage["main_path"][-1]["version"]
+    release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
+    weights = lawfit.split_weights(lineage, version, WEIGHTS)
+    return float(sum(w * release["metrics"][f"val/{s}"] for s, w in weights.items()))
+
+
+def plot_search(sweeps: dict[str, dict], out_png: Path, release: float | None = None) -> Path:
+    """Best objective so far against trials (left) and branch tokens spent (right), the
+    guided sweep over every unguided seed, with the 0.5% band above the unguided bests
+    and the release branch every search starts from (``release``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from raypath.report import si
+    from raypath.storage import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.0, 4.8), sharey=True)
+    seeds = [k for k in sweeps if k != "guided"]
+    colors = dict(zip(seeds, plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(seeds)))))  # no red: guided's
+    for key, record in sweeps.items():
+        trials = sorted(record["trials"], key=_order)
+        obj = [t["objective"] if t["status"] == "done" and t["objective"] is not None else np.inf for t in trials]
+        best = np.minimum.accumulate(obj)
+        tokens = np.cumsum([t.get("branch_tokens") or 0 for t in trials])
+        style = ({"color": "crimson", "lw": 2.4, "zorder": 4} if key == "guided"
+                 else {"color": colors[key], "lw": 1.2, "alpha": 0.75})
+        for ax, x in zip(axes, (np.arange(1, len(trials) + 1), tokens)):
+            ax.step(x, np.where(np.isfinite(best), best, np.nan), where="post", marker="o", ms=4, label=key, **style)
+    bests = [_best(sweeps[k]) for k in seeds]
+    for ax in axes:
+        ax.axhspan(min(bests), max(bests) * (1 + WITHIN), color="0.85", zorder=0,
+                   label=f"within {WITHIN:.1%} of the unguided bests")
+        if release is not None:
+            ax.axhline(release, color="black", ls="--", lw=1, label="release branch (configured decay)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_xlabel("trials, in the order Optuna proposed them")
+    axes[1].set_xlabel("branch tokens spent by the search")
+    axes[1].xaxis.set_major_formatter(FuncFormatter(lambda v, _p: si(v) if v else "0"))
+    axes[0].set_ylabel("best final objective so far")
+    axes[1].legend(fontsize=8, frameon=False, loc="upper right")
+    fig.suptitle("law-guided vs unguided branch search")
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    plt.close(fig)
+    return out_png
 
 
 def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release: dict, fitted: dict,
@@ -134,7 +225,7 @@ def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release
             "branches": rows}
 
 
-def accuracy(run_dir: Path, lineage: dict, unguided: dict) -> dict:
+def accuracy(run_dir: Path, lineage: dict, unguided: list[dict]) -> dict:
     """Held-out accuracy, averaged over which unguided trial is the second fitted branch.
 
     Each finished unguided trial takes its turn as the fitted one (with the main path and
@@ -149,7 +240,7 @@ def accuracy(run_dir: Path, lineage: dict, unguided: dict) -> dict:
     version = lineage["main_path"][-1]["version"]
     weights = lawfit.split_weights(lineage, version, WEIGHTS)
     release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
-    trials = [t for t in sorted(unguided["trials"], key=_order) if t["status"] == "done"]
+    trials = [t for sw in unguided for t in sorted(sw["trials"], key=_order) if t["status"] == "done"]
     out = {"fit_on": "main path + release branch + each unguided trial in turn", "rotations": len(trials),
            "held_out_per_rotation": len(trials) - 1}
     for lam in ("auto", 0.999):
@@ -189,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=10, help="the main path's fork points")
     p.add_argument("--samples", type=int, default=8, help="trials of each sweep")
+    p.add_argument("--unguided-seeds", default="0,1,2",
+                   help="comma-separated TPE seeds: one unguided sweep each (the guided one uses sweep.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing run")
     p.add_argument("--guided-name", default="guided",
-                   help="sweep name of the guided search (a new name runs a new guided search; it must "
-                        "start from a lineage that holds no sweep, or the law would see their trials)")
+                   help="sweep name of the guided search (a new name runs a new guided search on the same "
+                        "lineage; it fits the law on the main path and the release branches only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -205,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     from raypath.sweep import proposal_order
 
     cfg = load_config(args.config, _overrides(args))
+    seeds = [int(x) for x in args.unguided_seeds.split(",")]
     run_dir = Path(cfg.run_dir).resolve()
     t0 = time.perf_counter()
     if args.eval_only:
         version = cfg.data.versions[-1]
-        sweeps = {key: read_json(run_dir / "sweeps" / version / n / "results.json")
-                  for key, n in (("guided", args.guided_name), ("unguided", "unguided"))}
+        names = [("guided", args.guided_name)] + [(f"unguided-s{s}", unguided_name(s)) for s in seeds]
+        sweeps = {key: read_json(run_dir / "sweeps" / version / n / "results.json") for key, n in names}
         for name, record in sweeps.items():  # results written before trials recorded their order
             order = proposal_order(record["path"], record["trials"])
             for t in record["trials"]:
@@ -222,18 +316,20 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
         run(cfg)
         log.info("lineage done in %.0f s", time.perf_counter() - t0)
-        sweeps = run_sweeps(cfg, args.samples, args.guided_name, log)
+        sweeps = run_sweeps(cfg, args.samples, args.guided_name, seeds, log)
     lineage = Lineage.load(run_dir).data
     summary = {"version": lineage["main_path"][-1]["version"],
                "guided_vs_unguided": guided_vs_unguided(sweeps),
-               "accuracy": accuracy(run_dir, lineage, sweeps["unguided"])}
+               "accuracy": accuracy(run_dir, lineage, [v for k, v in sweeps.items() if k != "guided"])}
     summary["command"] = "python " + " ".join(shlex.quote(a) for a in [
         "benchmarks/law_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     summary["train_seconds"] = round(time.perf_counter() - t0, 1) if not args.eval_only else None
     summary["size"] = {"versions": args.versions, "docs": args.docs, "eval_every": args.eval_every,
-                       "checkpoint_every": args.checkpoint_every, "samples": args.samples,
+                       "checkpoint_every": args.checkpoint_every, "samples": args.samples, "unguided_seeds": seeds,
                        "steps": {m["version"]: m["end_step"] - m["start_step"] for m in lineage["main_path"]}}
+    summary["release_objective"] = release_objective(lineage)
     write_json(run_dir / "law" / "benchmark.json", summary)
+    plot = plot_search(sweeps, run_dir / "law" / "benchmark.png", summary["release_objective"])
     acc, gd = summary["accuracy"], summary["guided_vs_unguided"]
     print(json.dumps(summary, indent=2, default=float))
     for lam in ("auto", 0.999):
@@ -242,12 +338,17 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s} {v:.3f}% (max {a['max_ape_final_loss'][s]:.2f}%, naive "
                           f"{a['naive_mape_final_loss'][s]:.3f}%)" for s, v in a["mape_final_loss"].items())
               + f"; objective {a['objective_mape']:.3f}%, Spearman {a['rank_spearman_mean']:.2f}")
-    print(f"trials to within {WITHIN:.1%} of the unguided best ({gd['unguided_best_objective']:.4f}): guided "
-          f"{gd['guided_trials_to_target']}, unguided {gd['unguided_trials_to_target']} "
-          f"(ratio {gd['ratio_guided_to_unguided']}); branch tokens {gd['search_tokens']}")
-    print("trials to within x of the unguided best (guided / unguided): " + ", ".join(
-        f"{w} {r['guided']}/{r['unguided']}" for w, r in gd["trials_to_within"].items()))
-    print(f"command: {summary['command']}")
+    for key, c in gd["trials_to_target"].items():
+        print(f"trials to within {WITHIN:.1%} of {key}'s best ({gd['unguided_best_objective'][key]:.4f}): "
+              f"guided {c['guided']}, {key} {c['unguided']}")
+    print(f"mean trials to within {WITHIN:.1%}: guided {gd['mean_guided']:.2f}, unguided {gd['mean_unguided']:.2f} "
+          f"(ratio {gd['ratio_guided_to_unguided']:.2f}, target <= 0.5); branch tokens {gd['search_tokens']}")
+    for w, per in gd["trials_to_within"].items():
+        m = gd["mean_trials_to_within"][w]
+        print(f"within {w} (guided/unguided per seed): "
+              + ", ".join(f"{k} {c['guided']}/{c['unguided']}" for k, c in per.items())
+              + f"; mean {m['guided']:.2f}/{m['unguided']:.2f} = {m['ratio']:.2f}")
+    print(f"plot: {plot}\ncommand: {summary['command']}")
     return 0 if all(math.isfinite(v) for v in acc["lam=auto"]["mape_final_loss"].values()) else 1
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from raypath.report import read_curve, si
+from raypath import storage
 
 #: Config columns of a trial, in display order.
 CONFIG_COLUMNS = ["shape", "power", "min_lr_ratio", "replay_ratio", "fraction", "fraction_actual",
@@ -291,20 +291,8 @@ def plot_forks(trials: pd.DataFrame, curves: pd.DataFrame, main: pd.DataFrame | 
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG atomically (temp sibling, then rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write one of these plots as a PNG, atomically (:func:`raypath.storage.save_figure`)."""
+    return storage.save_figure(fig, path, DPI)
 
 
 # --------------------------------------------------------------------------- tables

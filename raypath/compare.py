@@ -19,7 +19,6 @@ released models' losses per version).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +32,7 @@ from raypath.mirror import require_local
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Cosine
-from raypath.storage import atomic_write_bytes
+from raypath.storage import atomic_write_bytes, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +218,8 @@ def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Pat
     ax.set_title("released models per version", fontsize=10)
     fig.suptitle(f"{lineage.get('name', 'raypath')}: PTFS vs CPT vs path switching")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, out_png, dpi=110, tight=False)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_png)
 
 
 def write_comparison(run_dir: str | Path, lineage: dict) -> dict[str, str]:

@@ -232,6 +232,11 @@ class SweepConfig:
         ``none`` = plain TPE.
     guide_points: predicted-best candidates enqueued before TPE samples;
         0 = ``min(4, num_samples // 2)``.
+    guide_sweeps: the law also fits the finished trials of earlier sweeps (up to
+        this version); false = only the main path and the configured release
+        branches (``branch``; not sweep winners released in their place), e.g.
+        to compare a guided sweep with an unguided one run before it on equal terms
+        (``benchmarks/law_accuracy.py``). Its own trials are always fitted.
     stop_margin: relative margin of the law stopper: a trial stops when its
         forecast is worse than the best finished objective by more than this;
         0 = never stop a trial early. (1%: in the law benchmark a 0.5% margin
@@ -255,6 +260,7 @@ class SweepConfig:
     pin: str | None = None
     guide: str = "law"
     guide_points: int = 0
+    guide_sweeps: bool = True
     stop_margin: float = 0.01
     stop_min_progress: float = 0.25
 

@@ -70,6 +70,9 @@ DEFAULT_WEIGHTS = {"old": 0.5, "new": 0.5}
 #: Powers tried by :func:`default_grid` for the one-parameter shapes.
 DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
 POWER_SHAPES = ("polynomial", "exponential")
+#: A trial this close to its end (share of its branch) is never stopped: stopping would save
+#: almost no compute and lose its final result (the law benchmark stopped trials 1 step early).
+FINISH_SHARE = 0.05
 
 
 # --------------------------------------------------------------------------- lineage access
@@ -245,8 +248,12 @@ def _sweep_branches(lineage: Mapping) -> list[dict]:
 
 
 def lineage_branches(lineage: Mapping, *, include_sweeps: bool = True) -> list[dict]:
-    """Finished branches: the lineage's, then sweep trials not already among them (by name)."""
-    out = [b for b in lineage.get("branches", []) if b.get("status", "done") == "done"]
+    """Finished branches: the lineage's, then sweep trials not already among them (by name).
+
+    Without ``include_sweeps`` no sweep trial is included, not even one a sweep released
+    (a lineage branch with a ``sweep``): only the configured release branches."""
+    out = [b for b in lineage.get("branches", []) if b.get("status", "done") == "done"
+           and (include_sweeps or not b.get("sweep"))]
     names = {b["name"] for b in out}
     if include_sweeps:
         out += [b for b in _sweep_branches(lineage) if b["name"] not in names]
@@ -538,21 +545,31 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: Mapping, version: st
     return out
 
 
-def spread_picks(ranked: Sequence[Mapping], n: int) -> list[Mapping]:
+def spread_picks(ranked: Sequence[Mapping], n: int, observed: Sequence[Mapping] = ()) -> list[Mapping]:
     """``n`` candidates of ``ranked`` (best first) spread over end LR and decay shape.
 
     Why not simply the top ``n``: the guide's first fit has seen only the release branches
     (one shape, decaying to LR 0), and the top of its ranking shares that blind spot. In the
     law benchmark the top 4 were all steep decays to LR 0 and finished 0.8-1.5% behind gentle
     decays to 13-28% of the peak LR. So each pick is the best-predicted candidate among those
-    whose ``min_lr_ratio``, then whose shape, has been picked least so far: the first pick is
-    the overall best, and the law still chooses the length and shape within each group.
+    whose ``min_lr_ratio``, then whose shape, has been picked or ``observed`` least so far;
+    the law still chooses the length and shape within each group.
+
+    observed: decays (``shape``, ``min_lr_ratio``) of this version's finished branches: the
+        release branch and earlier sweeps' trials. They count as picks already made, so the
+        first trial explores where the law extrapolates furthest instead of re-measuring the
+        region the lineage has measured (each counts at the ``min_lr_ratio`` of ``ranked``
+        nearest to its own). Without them the first pick is the law's favourite.
     """
+    ends = sorted({float(c["min_lr_ratio"]) for c in ranked})
+    seen = [(min(ends, key=lambda e: (abs(e - float(o.get("min_lr_ratio", 0.0))), e)), o.get("shape"))
+            for o in observed] if ends else []
     rest, picks = list(ranked), []
     while rest and len(picks) < n:
+        made = seen + [(float(p["min_lr_ratio"]), p["shape"]) for p in picks]
+
         def used(c: Mapping) -> tuple[int, int]:
-            return (sum(p["min_lr_ratio"] == c["min_lr_ratio"] for p in picks),
-                    sum(p["shape"] == c["shape"] for p in picks))
+            return (sum(m == float(c["min_lr_ratio"]) for m, _ in made), sum(sh == c["shape"] for _, sh in made))
         i = min(range(len(rest)), key=lambda j: (*used(rest[j]), j))
         picks.append(rest.pop(i))
     return picks
@@ -606,7 +623,7 @@ class LawGuide:
 
     def __init__(self, run_dir: str | os.PathLike, version: str | int, *,
                  weights: Mapping[str, float] | None = None, forks: Sequence | None = None,
-                 law: str = "auto", save: bool = True):
+                 law: str = "auto", include_sweeps: bool = True, save: bool = True):
         from raypath.lineage import Lineage
 
         self.run_dir = Path(run_dir)
@@ -615,6 +632,7 @@ class LawGuide:
         self.weights = split_weights(self.lineage, self.version, weights)
         self.forks = list(forks) if forks else None
         self.law = law
+        self.include_sweeps = include_sweeps
         self.save = save
         self.trials: list[dict] = []  # lineage-style entries of finished sweep trials
         self.fits: dict[str, FitResult] = {}
@@ -624,7 +642,7 @@ class LawGuide:
     def refit(self) -> dict[str, FitResult]:
         """Refit every split on the lineage's curves plus the finished trials added so far."""
         self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir,
-                            extra_branches=self.trials, save=self.save)
+                            extra_branches=self.trials, include_sweeps=self.include_sweeps, save=self.save)
         return self.fits
 
     def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:
@@ -644,7 +662,7 @@ class LawGuide:
                            min_lr_ratio: tuple[float, float] = (0.0, 0.1), replay_ratio: float | None = None,
                            n_fractions: int = 10) -> list[dict]:
         """``n`` of the best predicted candidates inside the sweep's ranges, spread over end LR
-        and shape (:func:`spread_picks`), as Optuna points.
+        and shape around the branches already observed (:func:`spread_picks`), as Optuna points.
 
         The grid spans the sweep's ranges (min_lr_ratio at both ends); with ``forks`` each
         fraction snaps to an existing fork point first."""
@@ -653,7 +671,12 @@ class LawGuide:
         ranked = self.rank(grid)
         lo, hi = fraction
         inside = [c for c in ranked if lo - 1e-9 <= c["fraction_actual"] <= hi + 1e-9] or ranked
-        return [optuna_point(c, replay_ratio) for c in spread_picks(inside, n)]
+        return [optuna_point(c, replay_ratio) for c in spread_picks(inside, n, self.observed_decays())]
+
+    def observed_decays(self) -> list[dict]:
+        """Decays of the finished branches of this version the law is fitted on."""
+        pool = lineage_branches(self.lineage, include_sweeps=self.include_sweeps) + self.trials
+        return [b.get("decay") or {} for b in pool if b.get("version") == self.version]
 
     # ---- per-trial forecasts
     def predict_objective(self, config: Mapping, steps: Sequence[int], fork_step: int | None = None,
@@ -672,8 +695,9 @@ class LawStopper:
     """Tune stopper: stop a branch trial whose observed curve shows it cannot win.
 
     At each result carrying ``objective`` at ``step`` ``t`` past ``min_progress`` of the
-    branch, the trial's final objective is forecast as the observed value plus the law's
-    predicted remaining change, ``obs(t) + pred(end) - pred(t)`` (the law corrects the
+    branch (and before its last :data:`FINISH_SHARE`), the trial's final objective is
+    forecast as the observed value plus the law's predicted remaining change,
+    ``obs(t) + pred(end) - pred(t)`` (the law corrects the
     trial's own level, so a curve that departs from its prediction is judged by where it
     actually is). The trial is stopped when that forecast is worse than the best finished
     trial's objective by more than ``margin`` (relative). The best is ``best_so_far_fn()``
@@ -731,8 +755,9 @@ class LawStopper:
         if step >= fork + bsteps:
             self.record_final(trial_id, float(value))
             return False
-        if (step - fork) / max(bsteps, 1) < self.min_progress:
-            return False
+        progress = (step - fork) / max(bsteps, 1)
+        if progress < self.min_progress or progress > 1.0 - FINISH_SHARE:
+            return False  # too early to judge, or so close to the end that stopping saves nothing
         best = self.best()
         if best is None:
             return False
@@ -798,7 +823,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raypath.report import _save_figure
+    from raypath.storage import save_figure
 
     splits = list(fits)
     fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)
@@ -833,7 +858,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
     fig.suptitle(f"{lineage.get('name', 'run')} {version}: predicted branch vs observed curves")
     fig.tight_layout()
     out = Path(out_png)
-    _save_figure(fig, out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 

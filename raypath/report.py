@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from raypath.cost import lineage_costs
-from raypath.storage import atomic_write_bytes
+from raypath.storage import atomic_write_bytes, save_figure
 
 REPORT_DIR = "report"
 #: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
@@ -434,24 +433,9 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
                    fontsize=8.5, frameon=False)
     fig.suptitle(f"{lineage.get('name', 'run')}: main path and release branches")
     fig.tight_layout()
-    _save_figure(fig, out_png)
+    save_figure(fig, out_png, DPI, tight=False)
     plt.close(fig)
     return out_png
-
-
-def _save_figure(fig, out_png: Path) -> None:
-    """Temp sibling then ``os.replace``: a reader never sees half a PNG."""
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".tmp.png", dir=out_png.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; like every run file, a report is read by others
-        os.replace(tmp, out_png)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- report

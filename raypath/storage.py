@@ -43,6 +43,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True) -> Path:
+    """Write a matplotlib figure as a PNG atomically; returns the path.
+
+    tight: crop to the drawn content (legends outside the axes included); false keeps the
+        figure's own size, for reports whose PNGs should all be the same size."""
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 

@@ -415,6 +415,8 @@ def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
         write_json(path, record)
         return record
     old = read_json(path)
+    # a sweep recorded before a setting existed ran with its default
+    old["settings"] = {**_settings_record(SweepConfig()), **old.get("settings", {})}
     for key in ("version", "settings", "objective_weights"):
         if old.get(key) != record[key]:
             raise ConfigError(f"sweep {sweep_dir.name!r} of {record['version']} was started with different "
@@ -439,7 +441,8 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
     from raypath import lawfit
 
     try:
-        guide = lawfit.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks)
+        guide = lawfit.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
+                                include_sweeps=sc.guide_sweeps)
         if not guide.fits:
             raise ValueError("no validation split has enough observed points")
         n = sc.guide_points or max(1, min(4, sc.num_samples // 2))

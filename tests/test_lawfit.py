@@ -198,6 +198,8 @@ def test_stopper_stops_hopeless_and_keeps_promising():
     assert stopper("hopeless", res(120, 4.20))  # forecast 4.15 > 3.90 * 1.005
     assert stopper.decisions["hopeless"]["forecast"] == pytest.approx(4.15)
     assert not stopper("promising", res(120, 3.93))  # forecast 3.88 beats it
+    assert not stopper("last-steps", res(139, 4.20))  # hopeless, but one step from its end: let it finish
+    assert stopper("last-steps", res(137, 4.20))
     assert not stopper("no-objective", {"step": 120, "fork_step": 100, "branch_steps": 40, "config": cfg})
     told = lawfit.LawStopper(_LinearGuide(), best_so_far_fn=lambda: 4.5)
     assert not told("t", res(120, 4.20))
@@ -234,6 +236,10 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     assert len({json.dumps(p, sort_keys=True) for p in points}) == 3
     # a finished "trial": the release branch's curve under a trial's name
     b = next(b for b in lineage["branches"] if b["version"] == "v3")
+    # the release branch counts as measured: the first trial goes to the other end of the LR range
+    assert b["decay"] in guide.observed_decays()
+    measured = min((0.0, 0.1), key=lambda e: abs(e - b["decay"]["min_lr_ratio"]))
+    assert points[0]["min_lr_ratio"] != measured
     curve = tmp_path / "branch-v3-t1.jsonl"
     shutil.copy(run_dir / "curves" / f"{b['name']}.jsonl", curve)
     config = {"shape": b["decay"]["shape"], "min_lr_ratio": b["decay"]["min_lr_ratio"], "power": None,
@@ -265,3 +271,25 @@ def test_spread_picks_cover_both_lr_ends_and_several_shapes():
     # within a group the law's order decides: the best 0.3 candidate of a new shape
     assert picks[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
     assert lawfit.spread_picks(ranked, 2) == picks[:2] and len(lawfit.spread_picks(ranked[:2], 5)) == 2
+    # A release branch already measured a polynomial decay to (nearly) 0: the first trial explores the
+    # other end with another shape, the second returns to LR 0 with a shape neither has tried.
+    seen = lawfit.spread_picks(ranked, 3, observed=[{"shape": "polynomial", "min_lr_ratio": 0.02}])
+    assert seen[0] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
+    assert seen[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.0
+                           and c["shape"] not in ("polynomial", seen[0]["shape"]))
+    assert [p["min_lr_ratio"] for p in seen] == [0.3, 0.0, 0.3]
+
+
+def test_lineage_branches_without_sweeps_drop_released_sweep_winners():
+    decay = {"shape": "cosine", "min_lr_ratio": 0.1, "power": 2.0}
+    trial = {"name": "branch-v2-t1", "status": "done", "curve": "t1.jsonl",
+             "config": {"fork_step": 40, "branch_steps": 10, **decay}}
+    lineage = {
+        "branches": [{"name": "branch-v2", "version": "v2", "status": "done", "sweep": None},
+                     # a sweep's winner, released in the configured branch's place
+                     {"name": "branch-v2-t0", "version": "v2", "status": "done", "sweep": "sweeps/v2/s"}],
+        "sweeps": [{"version": "v2", "trials": [trial]}],
+    }
+    names = lambda **kw: [b["name"] for b in lawfit.lineage_branches(lineage, **kw)]  # noqa: E731
+    assert names() == ["branch-v2", "branch-v2-t0", "branch-v2-t1"]
+    assert names(include_sweeps=False) == ["branch-v2"]

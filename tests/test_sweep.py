@@ -18,8 +18,10 @@ from raypath.config import ConfigError, SweepConfig, TrainConfig, load_config
 from raypath.lineage import Lineage
 from raypath.report import read_curve
 from raypath.schedules import Branch, Decay, MainPath
-from raypath.sweep import (SearchSpace, choose_forks, derive_max_concurrent, fork_points, make_sampler,
-                           objective_weights, optuna_study, run_sweep, with_cli)
+from raypath.sweep import (SearchSpace, _settings_record, _start_or_check_record, choose_forks,
+                           derive_max_concurrent, fork_points, make_sampler, objective_weights, optuna_study,
+                           run_sweep, with_cli)
+from raypath.storage import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -65,6 +67,20 @@ def test_bad_sweep_settings_fail_before_training(override, field, tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and field in err and "tiny.yaml" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_checks_settings_and_fills_in_ones_added_since(tmp_path):
+    """A sweep recorded before a setting existed ran with its default; another value is refused."""
+    record = {"version": "v2", "objective_weights": {"v1": 0.5, "v2": 0.5},
+              "settings": _settings_record(SweepConfig(guide_sweeps=True))}
+    old = dict(record, settings={k: v for k, v in record["settings"].items() if k != "guide_sweeps"})
+    write_json(tmp_path / "sweep.json", old)
+    assert _start_or_check_record(tmp_path, record)["settings"] == record["settings"]
+    assert "guide_sweeps" not in read_json(tmp_path / "sweep.json")["settings"]  # the record is not rewritten
+    other = dict(record, settings=_settings_record(SweepConfig(guide_sweeps=False)))
+    with pytest.raises(ConfigError, match="different settings"):
+        _start_or_check_record(tmp_path, other)
+    assert load_config(TINY, ["sweep.guide_sweeps=false"]).sweep.guide_sweeps is False
 
 
 def test_objective_weights_mean_over_old_versions():

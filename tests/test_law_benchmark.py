@@ -1,0 +1,55 @@
+"""The law benchmark's guided-vs-unguided arithmetic, on sweep records written by hand.
+
+The sweeps themselves are real runs (``benchmarks/law_accuracy.py``); these tests pin how
+their records are counted: trials in proposal order, misses, per-seed means, the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("law_accuracy", ROOT / "benchmarks" / "law_accuracy.py")
+la = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(la)
+
+
+def _record(objectives, tokens=100):
+    """A sweep record whose trials were proposed in the listed order (None = stopped)."""
+    trials = [{"trial_id": f"t{i}", "order": i, "status": "done" if o is not None else "stopped",
+               "objective": o, "branch_tokens": tokens, "config": {"shape": "cosine"}}
+              for i, o in enumerate(objectives, 1)]
+    trials.reverse()  # results.json is not in proposal order
+    return {"trials": trials, "search_tokens": tokens * len(trials)}
+
+
+def test_trials_to_reach_counts_in_proposal_order_and_skips_stopped():
+    rec = _record([4.30, None, 4.21, 4.20])
+    assert la.trials_to_reach(rec, 4.215) == 3
+    assert la.trials_to_reach(rec, 4.20) == 4
+    assert la.trials_to_reach(rec, 4.0) is None
+
+
+def test_guided_vs_unguided_means_over_seeds_and_counts_a_miss_as_n_plus_1():
+    sweeps = {"guided": _record([4.50, 4.21, 4.40]),
+              "unguided-s0": _record([4.23, 4.20, 4.25]),    # best 4.20: within 0.5% <= 4.221, 1% <= 4.242
+              "unguided-s1": _record([4.100, 4.30, 4.30])}   # best 4.10: guided never within 0.5%
+    out = la.guided_vs_unguided(sweeps)
+    assert out["trials_to_target"] == {"unguided-s0": {"guided": 2, "unguided": 2},
+                                       "unguided-s1": {"guided": None, "unguided": 1}}
+    assert out["mean_guided"] == pytest.approx((2 + 4) / 2)  # the miss counts as 3 trials + 1
+    assert out["mean_unguided"] == pytest.approx(1.5)
+    assert out["ratio_guided_to_unguided"] == pytest.approx(2.0)
+    # at 1% s0's first trial (4.23) already counts
+    assert out["trials_to_within"]["1.0%"]["unguided-s0"] == {"guided": 2, "unguided": 1}
+    assert out["mean_trials_to_within"]["0.5%"]["ratio"] == pytest.approx(out["ratio_guided_to_unguided"])
+    assert out["unguided_best_objective"] == {"unguided-s0": 4.20, "unguided-s1": 4.10}
+
+
+def test_plot_search_writes_a_png(tmp_path):
+    sweeps = {"guided": _record([4.3, 4.2]), "unguided-s0": _record([None, 4.25])}
+    png = la.plot_search(sweeps, tmp_path / "law" / "benchmark.png", release=4.4)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
