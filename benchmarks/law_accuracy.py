@@ -63,10 +63,9 @@ def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> di
     from raypath.sweep import run_sweep
 
     version = cfg.data.versions[-1]
-    runs = [("guided", guided_name, "law", cfg.sweep.seed)]
-    runs += [(f"unguided-s{s}", unguided_name(s), "none", s) for s in seeds]
     out = {}
-    for key, name, guide, seed in runs:
+    for key, (name, seed) in sweep_names(guided_name, seeds, cfg.sweep.seed).items():
+        guide = "law" if key == "guided" else "none"
         sc = dataclasses.replace(cfg.sweep, name=name, guide=guide, num_samples=samples, seed=seed,
                                  guide_sweeps=guide == "none")  # an unguided sweep keeps the default
         t0 = time.perf_counter()
@@ -75,8 +74,25 @@ def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> di
     return out
 
 
-def unguided_name(seed: int) -> str:
-    return "unguided" if seed == 0 else f"unguided-s{seed}"  # seed 0 keeps the earlier runs' name
+def sweep_names(guided_name: str, seeds: list[int], guided_seed: int | None = None) -> dict[str, tuple]:
+    """Result key -> (sweep name, TPE seed): ``guided``, then ``unguided-s<seed>`` per seed.
+    The seed-0 sweep keeps the name ``unguided`` of the earlier runs."""
+    names = {"guided": (guided_name, guided_seed)}
+    names.update({f"unguided-s{s}": ("unguided" if s == 0 else f"unguided-s{s}", s) for s in seeds})
+    return names
+
+
+def unguided(sweeps: dict[str, dict]) -> dict[str, dict]:
+    return {k: v for k, v in sweeps.items() if k != "guided"}
+
+
+def release_branch(lineage: dict) -> tuple[str, dict, dict]:
+    """The last version, its configured release branch and the objective's split weights."""
+    from raypath import lawfit
+
+    version = lineage["main_path"][-1]["version"]
+    release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
+    return version, release, lawfit.split_weights(lineage, version, WEIGHTS)
 
 
 def _order(trial: dict) -> int:
@@ -114,10 +130,9 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
     """Per unguided seed s: the trials the guided sweep and unguided sweep s needed to come
     within 0.5% of sweep s's best (a guided sweep that never gets there counts as its
     number of trials + 1); then the means over seeds and their ratio (target <= 0.5)."""
-    guided = sweeps["guided"]
-    unguided = {k: v for k, v in sweeps.items() if k.startswith("unguided")}
+    guided, seeds = sweeps["guided"], unguided(sweeps)
     miss = len(guided["trials"]) + 1
-    within = {w: {k: _counts(guided, u, w) for k, u in unguided.items()} for w in TOLERANCES}
+    within = {w: {k: _counts(guided, u, w) for k, u in seeds.items()} for w in TOLERANCES}
 
     def means(per_seed: dict) -> dict:
         g = float(np.mean([c["guided"] or miss for c in per_seed.values()]))
@@ -127,7 +142,7 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
     m = means(within[WITHIN])
     return {
         "within": WITHIN,
-        "unguided_best_objective": {k: _best(u) for k, u in unguided.items()},
+        "unguided_best_objective": {k: _best(u) for k, u in seeds.items()},
         "guided_best_objective": min((t["objective"] for t in guided["trials"] if t["status"] == "done"),
                                      default=None),
         "trials_to_target": within[WITHIN],
@@ -143,11 +158,7 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
 
 def release_objective(lineage: dict) -> float:
     """The configured release branch's objective: its final val losses, weighed like a trial's."""
-    from raypath import lawfit
-
-    version = lineage["main_path"][-1]["version"]
-    release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
-    weights = lawfit.split_weights(lineage, version, WEIGHTS)
+    _, release, weights = release_branch(lineage)
     return float(sum(w * release["metrics"][f"val/{s}"] for s, w in weights.items()))
 
 
@@ -165,7 +176,7 @@ def plot_search(sweeps: dict[str, dict], out_png: Path, release: float | None = 
     from raypath.storage import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12.0, 4.8), sharey=True)
-    seeds = [k for k in sweeps if k != "guided"]
+    seeds = list(unguided(sweeps))
     colors = dict(zip(seeds, plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(seeds)))))  # no red: guided's
     for key, record in sweeps.items():
         trials = sorted(record["trials"], key=_order)
@@ -225,7 +236,7 @@ def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release
             "branches": rows}
 
 
-def accuracy(run_dir: Path, lineage: dict, unguided: list[dict]) -> dict:
+def accuracy(run_dir: Path, lineage: dict, sweeps: list[dict]) -> dict:
     """Held-out accuracy, averaged over which unguided trial is the second fitted branch.
 
     Each finished unguided trial takes its turn as the fitted one (with the main path and
@@ -235,12 +246,8 @@ def accuracy(run_dir: Path, lineage: dict, unguided: list[dict]) -> dict:
     the default momentum decay (``auto``: chosen per split by leave-one-branch-out) and
     for the paper's fixed 0.999.
     """
-    from raypath import lawfit
-
-    version = lineage["main_path"][-1]["version"]
-    weights = lawfit.split_weights(lineage, version, WEIGHTS)
-    release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
-    trials = [t for sw in unguided for t in sorted(sw["trials"], key=_order) if t["status"] == "done"]
+    version, release, weights = release_branch(lineage)
+    trials = [t for sw in sweeps for t in sorted(sw["trials"], key=_order) if t["status"] == "done"]
     out = {"fit_on": "main path + release branch + each unguided trial in turn", "rotations": len(trials),
            "held_out_per_rotation": len(trials) - 1}
     for lam in ("auto", 0.999):
@@ -303,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.eval_only:
         version = cfg.data.versions[-1]
-        names = [("guided", args.guided_name)] + [(f"unguided-s{s}", unguided_name(s)) for s in seeds]
-        sweeps = {key: read_json(run_dir / "sweeps" / version / n / "results.json") for key, n in names}
+        sweeps = {key: read_json(run_dir / "sweeps" / version / name / "results.json")
+                  for key, (name, _) in sweep_names(args.guided_name, seeds).items()}
         for name, record in sweeps.items():  # results written before trials recorded their order
             order = proposal_order(record["path"], record["trials"])
             for t in record["trials"]:
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     lineage = Lineage.load(run_dir).data
     summary = {"version": lineage["main_path"][-1]["version"],
                "guided_vs_unguided": guided_vs_unguided(sweeps),
-               "accuracy": accuracy(run_dir, lineage, [v for k, v in sweeps.items() if k != "guided"])}
+               "accuracy": accuracy(run_dir, lineage, list(unguided(sweeps).values()))}
     summary["command"] = "python " + " ".join(shlex.quote(a) for a in [
         "benchmarks/law_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     summary["train_seconds"] = round(time.perf_counter() - t0, 1) if not args.eval_only else None

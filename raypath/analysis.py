@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from raypath.report import read_curve, si
 from raypath import storage
+from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
 CONFIG_COLUMNS = ["shape", "power", "min_lr_ratio", "replay_ratio", "fraction", "fraction_actual",
