@@ -24,6 +24,11 @@ def ray_cluster():
     from raypath.cluster import init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The Train controller polls its workers every 2 s by default: a finished tiny run
+    # waits up to 2 s to be noticed and every report up to 2 s to be drained. The suite
+    # runs dozens of short runs, where that is most of the wall time (local workers
+    # inherit this environment).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(num_cpus=8)
     yield
     ray.shutdown()

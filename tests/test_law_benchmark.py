@@ -53,3 +53,16 @@ def test_plot_search_writes_a_png(tmp_path):
     png = la.plot_search(sweeps, tmp_path / "law" / "benchmark.png", release=4.4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_acceptance_reads_half_of_the_budget_and_of_both_unguided_counts():
+    sweeps = {"guided": _record([4.21, 4.50, 4.50, 4.50]),
+              "unguided-s0": _record([4.30, 4.22, 4.25, 4.20]),  # best at trial 4; within 0.5% at trial 2
+              "unguided-s1": _record([4.21, 4.30, 4.30, 4.30])}  # best at trial 1
+    acc = la.guided_vs_unguided(sweeps)["acceptance"]
+    assert acc["budget"] == 4 and acc["unguided_trials_to_best"] == {"unguided-s0": 4, "unguided-s1": 1}
+    budget, to_best, within = acc["readings"].values()
+    assert acc["mean_guided_trials_within"] == 1.0
+    assert budget == {"of": 4, "half": 2.0, "ratio": 0.25, "met": True}
+    assert to_best["of"] == 2.5 and to_best["met"] is True   # 1 <= 1.25
+    assert within["of"] == 1.5 and within["met"] is False    # 1 > 0.75: s1's first draw was already there
