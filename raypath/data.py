@@ -219,7 +219,8 @@ def _read_text(files: tuple[str, ...], text_column: str):
     jsonl = [f for f in files if not f.endswith(".parquet")]
     parts = []
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, columns=[text_column]))
+        # select_columns is pushed down into the read (Ray's projection pushdown)
+        parts.append(ray.data.read_parquet(parquet).select_columns([text_column]))
     if jsonl:
         # PyArrow's reader (the default) takes newline-delimited JSON and yields Arrow
         # blocks like read_parquet; lines=True would yield pandas blocks, and a
@@ -343,7 +344,7 @@ def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | 
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(stream_path, columns=["idx", "tokens"], filesystem=filesystem)
+    ds = ray.data.read_parquet(stream_path, filesystem=filesystem).select_columns(["idx", "tokens"])
     if limit is not None:
         ds = ds.filter(expr=f"idx < {int(limit)}")
     if consumed:
