@@ -48,9 +48,11 @@ print("RESULT " + json.dumps({
 
 def build_corpus(out: Path, mb_per_version: float, seed: int = 0, file_mb: float = 8.0) -> Path:
     """``mb_per_version`` MB of jsonl text per version (v1: stdlib code a-l, v2: m-z), in
-    files of about ``file_mb`` MB, plus a small val split."""
+    files of about ``file_mb`` MB, plus a small val split (built once per size)."""
     from raypath.corpus import build_embedded_corpus
 
+    if (out / "v2" / "val" / "part-0000.jsonl").is_file():
+        return out
     src = build_embedded_corpus(out.parent / "embedded")
     for v in ("v1", "v2"):
         docs = [json.loads(line)["text"] for line in (src / v / "train" / "part-000.jsonl").read_text().splitlines()]
@@ -75,10 +77,19 @@ def build_corpus(out: Path, mb_per_version: float, seed: int = 0, file_mb: float
     return out
 
 
-def run_prepare(corpus: Path, run_dir: Path, code: Path, actors: int, extra: list[str]) -> dict:
-    overrides = [f"run_dir={run_dir}", f"data.corpus={corpus}", "data.versions=[v1, v2]",
+def tokenizer(out: Path, corpus: Path) -> Path:
+    """One tokenizer for every run (trained once on the 1x corpus's v1): the runs measure
+    version preparation, not tokenizer training."""
+    from raypath.tokenizer import iter_texts, train_tokenizer
+
+    train_tokenizer(iter_texts([corpus / "v1" / "train"]), 4096, out)
+    return out
+
+
+def run_prepare(corpus: Path, run_dir: Path, code: Path, actors: int, tok: Path) -> dict:
+    overrides = [f"run_dir={run_dir}", f"data.corpus={corpus}", "data.versions=[v1, v2]", f"data.tokenizer={tok}",
                  "data.replay_ratio=0.25", f"data.tokenize_actors={actors}", "data.seq_len=128",
-                 "data.vocab_size=4096", "train.global_batch_size=16", "train.micro_batch_size=16", *extra]
+                 "data.vocab_size=4096", "train.global_batch_size=16", "train.micro_batch_size=16"]
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT / "configs" / "quickstart.yaml"), *overrides],
@@ -125,16 +136,20 @@ def main() -> None:
     out, code = Path(args.out).resolve(), Path(args.code).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = {"code": str(code), "base_mb_per_version": args.base_mb, "sizes": [], "actors": {}}
-    for scale in [float(s) for s in args.scales.split(",")]:
+    scales = [float(s) for s in args.scales.split(",")]
+    tok = out / "tokenizer"
+    if not (tok / "tokenizer.json").is_file():
+        tokenizer(tok, build_corpus(out / "corpora" / f"x{scales[0]:g}", args.base_mb * scales[0]))
+    for scale in scales:
         corpus = build_corpus(out / "corpora" / f"x{scale:g}", args.base_mb * scale)
-        r = run_prepare(corpus, out / "runs" / f"x{scale:g}-a{args.actors}", code, args.actors, [])
+        r = run_prepare(corpus, out / "runs" / f"x{scale:g}-a{args.actors}", code, args.actors, tok)
         results["sizes"].append({"scale": scale, "actors": args.actors, **r})
         print(f"x{scale:g}: {r['tokens'] / 1e6:.1f}M tokens, {r['wall_s']:.1f} s, "
               f"{r['tokens_per_s'] / 1e3:.0f}k tok/s, driver peak RSS {r['driver_peak_rss_mb']:.0f} MB", flush=True)
     if args.scaling_at:
         corpus = build_corpus(out / "corpora" / f"x{args.scaling_at:g}", args.base_mb * args.scaling_at)
         for actors in (1, 2):
-            r = run_prepare(corpus, out / "runs" / f"x{args.scaling_at:g}-scaling-a{actors}", code, actors, [])
+            r = run_prepare(corpus, out / "runs" / f"x{args.scaling_at:g}-scaling-a{actors}", code, actors, tok)
             results["actors"][str(actors)] = r
             print(f"{actors} actor(s) at x{args.scaling_at:g}: {r['tokens_per_s'] / 1e3:.0f}k tok/s", flush=True)
         results["actor_speedup"] = results["actors"]["2"]["tokens_per_s"] / results["actors"]["1"]["tokens_per_s"]

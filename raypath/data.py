@@ -226,7 +226,8 @@ def tokenize_chunks(chunks: list[dict], src: int, out_dir: str, fs: pafs.FileSys
         fn_constructor_kwargs=dict(tokenizer_dir=spec.tokenizer_dir, text_column=spec.text_column,
                                    seq_len=spec.seq_len, eos=eos, max_doc_chars=max_doc_chars,
                                    endpoint=spec.endpoint, fs=fs),
-        batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items)))),
+        batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items)))),
     )
     return sorted(ds.take_all(), key=lambda r: r["chunk"])
 

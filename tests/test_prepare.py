@@ -33,13 +33,13 @@ def _write_jsonl(path: Path, docs: list[str]) -> None:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
 
-def _corpus(root: Path, versions: int = 3, files: int = 4, docs: int = 30) -> Path:
-    """Several files per version, so a version is many chunks; the last one in parquet."""
+def _corpus(root: Path, versions: int = 3, files: int = 4, docs: int = 30, parquet: bool = True) -> Path:
+    """Several files per version, so a version is many chunks; the last one's first file in parquet."""
     for k in range(versions):
         texts = _docs(k, files * docs + 6)
         for f in range(files):
             part = texts[f * docs:(f + 1) * docs]
-            if k == versions - 1 and f == 0:
+            if parquet and k == versions - 1 and f == 0:
                 (root / f"v{k + 1}" / "train").mkdir(parents=True, exist_ok=True)
                 pq.write_table(pa.table({"text": part}), root / f"v{k + 1}" / "train" / "part-0.parquet",
                                row_group_size=8)
@@ -90,7 +90,7 @@ def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
 
 def test_a_datasets_arrow_directory_reads_like_jsonl(ray_cluster, tmp_path, tokenizer_dir):
     datasets = pytest.importorskip("datasets")
-    jsonl = _corpus(tmp_path / "jsonl", versions=1, files=1)
+    jsonl = _corpus(tmp_path / "jsonl", versions=1, files=1, parquet=False)
     arrow = tmp_path / "arrow"
     shutil.copytree(jsonl / "v1" / "val", arrow / "v1" / "val")
     docs = [json.loads(line)["text"] for line in (jsonl / "v1" / "train" / "part-0.jsonl").read_text().splitlines()]
