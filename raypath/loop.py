@@ -29,6 +29,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import Mirror, fetch, publish, source
+from raypath.loss import install_loss
 from raypath.model import block_loss, build_model
 from raypath.perf import device_peak_flops, flops_per_token
 from raypath.schedules import Schedule
@@ -269,6 +270,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     raw = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
     if restored:
         raw.load_state_dict(restored["model"])
+    install_loss(raw, t, device)  # before any wrapper: the loss runs inside the model's forward
     if t.activation_checkpointing:
         if hasattr(raw, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             raw.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
