@@ -30,15 +30,21 @@ import os, sys, zipfile
 path = sys.argv[1]
 with zipfile.ZipFile(path) as z:
     names = z.namelist()
-    drop = [n for n in names if n.startswith("ray/jars/") or (n.startswith("ray/dashboard/client/") and n.endswith(".map"))]
-    if drop:
+    record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+    keep = [n for n in names if not (n.startswith("ray/jars/")
+                                     or (n.startswith("ray/dashboard/client/") and n.endswith(".map")))]
+    listed = [line for line in z.read(record).splitlines(True) if line.strip()]
+    held = set(keep)
+    # RECORD must list only what the wheel holds.
+    lines = [line for line in listed if line.split(b",")[0].decode() in held]
+    if len(keep) < len(names) or len(lines) < len(listed):
         with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
-            for n in names:
-                if n not in drop:
-                    out.writestr(z.getinfo(n), z.read(n), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-if drop:
+            for n in keep:
+                data = b"".join(lines) if n == record else z.read(n)
+                out.writestr(z.getinfo(n), data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        print(f"ray wheel slimmed: {len(names) - len(keep)} files and {len(listed) - len(lines)} RECORD lines dropped")
+if os.path.exists(path + ".tmp"):
     os.replace(path + ".tmp", path)
-    print(f"ray wheel slimmed: {len(drop)} files dropped")
 PYEOF
 du -ch "$DEST"/*.whl | tail -1
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)

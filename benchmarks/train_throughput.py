@@ -123,11 +123,14 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    table = pq.read_table(stream_path, columns=["idx", "tokens"]).sort_by("idx")
     n = steps * t.global_batch_size
-    col = table.column("tokens").combine_chunks().slice(0, n)
-    blocks = torch.from_numpy(col.flatten().to_numpy().reshape(n, -1).astype("int64"))
-    del table, col
+    if stream_path is None:  # --data synthetic: uniform random tokens (speed and memory do not depend on them)
+        blocks = torch.randint(0, vocab, (n, seq + 1), generator=torch.Generator().manual_seed(t.seed))
+    else:
+        table = pq.read_table(stream_path, columns=["idx", "tokens"]).sort_by("idx")
+        col = table.column("tokens").combine_chunks().slice(0, n)
+        blocks = torch.from_numpy(col.flatten().to_numpy().reshape(n, -1).astype("int64"))
+        del table, col
 
     model = build_model(cfg.model, vocab, eos, pad, seq)
     install_loss(model, t, dev)  # the setting's loss (chunked / full / Liger), as the raypath worker does
@@ -210,6 +213,10 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
         cfg = replace(cfg, train=replace(t, num_workers=1, min_workers=0))  # (b) is one process
         t = cfg.train
     steps = args.steps or 6 * t.log_every
+    cfgs = {name: load_config(path, [*base, *SETTINGS[name]]) for name in settings}
+    cfgs = {name: replace(c, train=replace(c.train, num_workers=1, min_workers=0)) for name, c in cfgs.items()}
+    if args.data == "synthetic":
+        return _bench_plain_synthetic(path, args, cfg, cfgs, steps)
     ctx = prepare(cfg)  # idempotent: reuses a prepared run directory
     version = max(ctx.versions, key=lambda v: v["stream_rows"]) if not args.version else \
         next(v for v in ctx.versions if v["name"] == args.version)
@@ -224,8 +231,6 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
                          f"{steps * t.global_batch_size} (and two log windows, {2 * t.log_every} steps): use fewer "
                          "--steps, a smaller train.log_every, or more data")
     threads = worker_threads(t.cpus_per_worker)
-    cfgs = {name: load_config(path, [*base, *SETTINGS[name]]) for name in settings}
-    cfgs = {name: replace(c, train=replace(c.train, num_workers=1, min_workers=0)) for name, c in cfgs.items()}
 
     workdir = Path(tempfile.mkdtemp(prefix="train_throughput-"))
     runs: dict[str, dict[str, list[dict]]] = {name: {"raypath": [], "plain": []} for name in settings}
@@ -282,6 +287,45 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
     return summary
 
 
+def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict:
+    """``--data synthetic``: the plain loop alone on random tokens, no Ray, no prepared data.
+
+    For the loss settings' own cost (tokens/s, memory of a training step) where
+    a Ray cluster cannot run; threads = ``train.cpus_per_worker``, as Ray would give.
+    """
+    t = cfg.train
+    threads = max(1, int(t.cpus_per_worker))
+    vocab = cfg.data.vocab_size
+    runs: dict[str, list[dict]] = {name: [] for name in cfgs}
+    for r in range(args.repeats):
+        for name, c in cfgs.items():
+            b = run_plain_fresh(None, c, vocab, 0, None, steps, args.device, threads)
+            runs[name].append(b)
+            print(f"{Path(path).stem} repeat {r + 1}/{args.repeats} {name:>7}: plain {b['tokens_per_s']:,.0f} tok/s, "
+                  f"peak {b['peak_memory_gb']:.3f} GB, step {b['step_memory_gb'] or 0:.3f} GB", flush=True)
+    info = runs[next(iter(runs))][0]
+    summary: dict = {
+        "config": path, "overrides": args.set, "data": "synthetic", "device": info["device"], "params": info["params"],
+        "seq_len": cfg.data.seq_len, "vocab_size": vocab, "global_batch": t.global_batch_size,
+        "micro_batch": t.micro_batch_size, "precision": t.precision, "compile": t.compile,
+        "loss_chunk_tokens": t.loss_chunk_tokens, "steps": steps, "repeats": args.repeats, "worker_threads": threads,
+        "settings": {name: {
+            "plain_tokens_per_s": _stats([x["tokens_per_s"] for x in rs]),
+            "plain_peak_memory_gb": _stats([x["peak_memory_gb"] for x in rs]),
+            "plain_step_memory_gb": _stats([x["step_memory_gb"] for x in rs]),
+            "final_loss": _stats([x["loss"] for x in rs])} for name, rs in runs.items()},
+    }
+    if "chunked" in runs and "full" in runs:
+        c, f = runs["chunked"], runs["full"]
+        summary["chunked_vs_full"] = {
+            "plain_tokens_per_s": _stats([x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(c, f)]),
+            "plain_peak_memory": _stats([x["peak_memory_gb"] / y["peak_memory_gb"] for x, y in zip(c, f)]),
+            "plain_step_memory": _stats([x["step_memory_gb"] / y["step_memory_gb"] for x, y in zip(c, f)])
+            if args.device == "cpu" else None,
+        }
+    return summary
+
+
 def _table(summary: dict) -> str:
     def pct(x):
         return f"{x:.1%}" if x is not None else "-"
@@ -289,7 +333,11 @@ def _table(summary: dict) -> str:
     lines = [f"{summary['config']} ({summary['device']}, {summary['params'] / 1e6:.1f}M params):",
              f"  {'setting':>8} {'raypath tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'MFU r/p':>13} "
              f"{'peak GB r/p':>13}"]
-    for name, s in summary["settings"].items():
+    if summary.get("data") == "synthetic":
+        for name, s in summary["settings"].items():
+            lines.append(f"  {name:>8} plain {s['plain_tokens_per_s']['median']:,.0f} tok/s, peak "
+                         f"{s['plain_peak_memory_gb']['median']:.3f} GB")
+    for name, s in ({} if summary.get("data") == "synthetic" else summary["settings"]).items():
         lines.append(f"  {name:>8} {s['raypath_tokens_per_s']['median']:>14,.0f} {s['plain_tokens_per_s']['median']:>12,.0f} "
                      f"{s['ratio']['median']:>6.3f} {pct(s['raypath_mfu']):>6}/{pct(s['plain_mfu']):<6} "
                      f"{s['raypath_peak_memory_gb']['median']:>6.2f}/{s['plain_peak_memory_gb']['median']:<6.2f}")
@@ -312,6 +360,9 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--version", default=None, help="version whose stream to train on (default: the largest)")
     p.add_argument("--out", default=None, help="also write the summaries to this JSON file")
+    p.add_argument("--data", choices=["stream", "synthetic"], default="stream",
+                   help="synthetic: only the plain loop, on random tokens, without Ray or a prepared run "
+                        "(the loss settings' own cost where no Ray cluster can run)")
     args = p.parse_args()
 
     import logging
@@ -334,8 +385,9 @@ def main() -> None:
         elif args.device == "cuda":
             print("liger: skipped, liger-kernel is not installed (pip install 'raypath[liger]')", flush=True)
     paths = args.config or ["configs/quickstart.yaml"]
-    cluster = load_config(paths[0], args.set).cluster
-    init_ray(cluster.address, cluster.num_cpus)
+    if args.data == "stream":
+        cluster = load_config(paths[0], args.set).cluster
+        init_ray(cluster.address, cluster.num_cpus)
     summaries = [bench_config(path, args, settings) for path in paths]
     print(json.dumps(summaries, indent=2))
     if args.out:

@@ -187,6 +187,15 @@ def test_flops_per_token_by_hand():
     assert matmul_params(tiny.config) == 2 * gqa + 32 + VOCAB * 32
 
 
+@pytest.mark.parametrize("name, params", [("llama-125m", 109_529_856), ("llama-350m", 341_099_520)])
+def test_gpu_configs_load_with_the_chunked_loss(name, params):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    t = cfg.train
+    assert t.kernels == "none" and t.loss_chunk_tokens > 0 and t.precision == "bf16" and t.compile
+    m = type("C", (), {**vars(cfg.model), "vocab_size": cfg.data.vocab_size})()
+    assert matmul_params(m) == params
+
+
 def test_mfu_and_peak_table():
     assert mfu(1000.0, 6e9, 1e15) == pytest.approx(0.006)
     assert mfu(1000.0, 6e9, None) is None
