@@ -1,32 +1,46 @@
-"""Is the main path as fast as plain PyTorch? raypath on Ray Train vs a minimal loop.
+"""Is the main path as fast as plain PyTorch, and what does each loss/kernel setting buy?
 
-Runs the same model, the same token blocks, the same batch sizes and the same
-number of optimizer steps through:
+For every config given and every kernel setting, runs the same model, the same
+token blocks, the same batch sizes and the same number of optimizer steps through:
 
 * (a) raypath: a real main-path segment (``raypath.loop.fit_segment``: Ray
   Train worker, Ray Data stream, the loop with its metrics and checkpoints);
-  tokens/s is read from the segment's metric curve;
-* (b) plain: one process, a hand-written PyTorch loop over the same rows of
-  the version's ``stream.parquet`` (read with pyarrow), same AdamW settings,
-  precision, compile and gradient accumulation, and as many threads as a Ray
-  Train worker gets (Ray sets ``OMP_NUM_THREADS`` to the worker's CPUs; checked
-  in a Ray task reserving ``train.cpus_per_worker``).
+  tokens/s and peak memory are read from the segment's metric curve;
+* (b) plain: a hand-written PyTorch loop in a fresh process, over the same rows
+  of the version's ``stream.parquet`` (read with pyarrow), same AdamW settings,
+  precision, compile, gradient accumulation and loss, and as many threads as a
+  Ray Train worker gets (Ray sets ``OMP_NUM_THREADS`` to the worker's CPUs;
+  checked in a Ray task reserving ``train.cpus_per_worker``).
 
-Both measure steady state: the first ``log_every`` steps (start-up, compile)
-are excluded, and so is the time of raypath's checkpoints (the plain loop
-writes none). Repeats interleave (a) and (b), since a shared machine's load
-drifts; the summary gives medians and the min-max spread.
+Kernel settings (``--kernels``; default: all that can run here):
+
+* ``chunked``: ``train.kernels=none`` with the config's ``train.loss_chunk_tokens``
+  (the default: the ``[tokens, vocab]`` logits are never materialised);
+* ``full``: ``train.kernels=none train.loss_chunk_tokens=0`` (full logits, the baseline);
+* ``liger``: ``train.kernels=liger`` (CUDA and the ``liger`` extra only).
+
+Reported for each: tokens/s, MFU (where the device's peak is known) and peak
+memory: allocated GPU memory on CUDA, the process's peak RSS on CPU (each run is
+a fresh process: the Ray Train worker, the plain loop's subprocess). Both loops
+measure steady state: the first ``log_every`` steps (start-up, compile) are
+excluded, and so is the time of raypath's checkpoints (the plain loop writes
+none). Repeats interleave every (loop, setting) run, since a shared machine's
+load drifts; the summary gives medians and the min-max spread, plus per config
+the chunked/full ratios of tokens/s and peak memory.
 
     python benchmarks/train_throughput.py --config configs/quickstart.yaml --repeats 5
-    # on a CUDA machine (one GPU), the ~125M-parameter Llama at seq 1024, bf16, compiled:
-    python benchmarks/train_throughput.py --config configs/llama-125m.yaml --device cuda
+    # on a CUDA machine (one GPU): both GPU configs, every setting, bf16, compiled:
+    python benchmarks/train_throughput.py --config configs/llama-125m.yaml --config configs/llama-350m.yaml \
+        --device cuda --out runs/train_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
+import multiprocessing
 import shutil
 import statistics
 import tempfile
@@ -35,6 +49,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+#: Kernel setting -> the config overrides that select it.
+SETTINGS = {
+    "chunked": ["train.kernels=none"],
+    "full": ["train.kernels=none", "train.loss_chunk_tokens=0"],
+    "liger": ["train.kernels=liger"],
+}
 
 
 def worker_threads(cpus: float) -> int:
@@ -62,7 +83,7 @@ def run_raypath(ctx, version: dict, cfg, steps: int, workdir: Path) -> dict:
 
     t = cfg.train
     name = f"bench-{time.monotonic_ns()}"
-    seg = Segment(**{**ctx.segment_fields(name), "storage": str(workdir / "ray" / name),
+    seg = Segment(**{**ctx.segment_fields(name), "train": t, "storage": str(workdir / "ray" / name),
                      "curves_path": str(workdir / f"{name}.jsonl")},
                   kind="main", version=version["name"], stream_path=version["stream_path"],
                   start_step=0, end_step=steps, schedule=MainPath(t.max_lr, t.warmup_steps),
@@ -75,16 +96,26 @@ def run_raypath(ctx, version: dict, cfg, steps: int, workdir: Path) -> dict:
                if r.get("tokens_per_s") == r.get("tokens_per_s")]  # NaN where a row has none
     shutil.rmtree(seg.storage, ignore_errors=True)
     last = rows[-1]
-    return {"tokens_per_s": _steady(windows), "windows": len(windows), "wall_s": wall,
-            "mfu": last.get("mfu"), "data_wait_share": last.get("data_wait_share")}
+    return {"tokens_per_s": _steady(windows), "windows": len(windows), "wall_s": wall, "loss": last.get("loss"),
+            "mfu": last.get("mfu"), "data_wait_share": last.get("data_wait_share"),
+            "peak_memory_gb": max(r.get("peak_memory_gb") or 0.0 for r in rows)}
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, device: str, threads: int) -> dict:
-    """(b): the same steps as a minimal single-process PyTorch loop."""
+    """(b): the same steps as a minimal single-process PyTorch loop, with raypath's loss."""
     import pyarrow.parquet as pq
-    import torch.nn.functional as F
 
-    from raypath.model import build_model
+    from raypath.loss import install_loss
+    from raypath.model import block_loss, build_model
+    from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 
     t, seq = cfg.train, cfg.data.seq_len
     torch.set_num_threads(threads)
@@ -92,12 +123,18 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    table = pq.read_table(stream_path, columns=["idx", "tokens"]).sort_by("idx")
     n = steps * t.global_batch_size
-    col = table.column("tokens").combine_chunks().slice(0, n)
-    blocks = torch.from_numpy(col.flatten().to_numpy().reshape(n, -1).astype("int64"))
+    if stream_path is None:  # --data synthetic: uniform random tokens (speed and memory do not depend on them)
+        blocks = torch.randint(0, vocab, (n, seq + 1), generator=torch.Generator().manual_seed(t.seed))
+    else:
+        table = pq.read_table(stream_path, columns=["idx", "tokens"]).sort_by("idx")
+        col = table.column("tokens").combine_chunks().slice(0, n)
+        blocks = torch.from_numpy(col.flatten().to_numpy().reshape(n, -1).astype("int64"))
+        del table, col
 
-    model = build_model(cfg.model, vocab, eos, pad, seq).to(dev)
+    model = build_model(cfg.model, vocab, eos, pad, seq)
+    install_loss(model, t, dev)  # the setting's loss (chunked / full / Liger), as the raypath worker does
+    model.to(dev)
     if t.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -113,6 +150,7 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    rss_start = _rss_bytes() if dev.type == "cpu" else None
     windows, t_last, loss_sum = [], time.perf_counter(), torch.zeros((), device=dev)
     for step in range(steps):
         lr = t.max_lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.max_lr
@@ -122,8 +160,7 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
             start = (step * accum + i) * micro
             x = blocks[start:start + micro].to(dev, non_blocking=True)
             with amp():
-                logits = fwd(input_ids=x[:, :-1], use_cache=False).logits
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)) / accum
+                loss = block_loss(fwd, x) / accum
             loss.backward()
             loss_sum += loss.detach()
         if t.grad_clip:
@@ -131,105 +168,235 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
-            loss_sum.item()  # the loop reads its loss at log steps, like raypath
+            last_loss = loss_sum.item() / ((step + 1) - len(windows) * t.log_every)
+            loss_sum.zero_()  # the loop reads its loss at log steps, like raypath
             sync()
             now = time.perf_counter()
             k = (step + 1) - (len(windows) * t.log_every)
             tokens = k * t.global_batch_size * seq
             windows.append((tokens, tokens / (now - t_last)))
             t_last = now
-    return {"tokens_per_s": _steady(windows), "windows": len(windows), "model": model}
+    peak = peak_memory_bytes(dev)
+    return {"tokens_per_s": _steady(windows), "windows": len(windows), "loss": last_loss,
+            "peak_memory_gb": peak / 1e9,
+            # CPU: how far the training steps pushed RSS above where they started.
+            "step_memory_gb": (peak - rss_start) / 1e9 if rss_start is not None else None,
+            "flops_per_token": flops_per_token(model.config, seq), "params": sum(p.numel() for p in model.parameters()),
+            "peak_flops": device_peak_flops(dev, t.peak_flops),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{threads} threads"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], help="config override key.sub=value")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 6 x log_every, fewer if the stream is shorter)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved (a), (b) pairs")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--version", default=None, help="version whose stream to train on (default: the largest)")
-    args = p.parse_args()
+def run_plain_fresh(*args) -> dict:
+    """:func:`run_plain` in a fresh process: its peak memory is this run's alone."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_plain, args)
 
-    import logging
 
-    from raypath.cluster import init_ray
+def _stats(xs: list[float | None]) -> dict | None:
+    xs = [x for x in xs if x is not None]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+
+def bench_config(path: str, args, settings: list[str]) -> dict:
+    """Every (repeat, setting, loop) run of one config; the per-setting summary."""
     from raypath.config import load_config
-    from raypath.perf import device_peak_flops, flops_per_token, mfu
+    from raypath.perf import mfu
     from raypath.run import prepare
 
-    logging.basicConfig(level=logging.WARNING)
     # Its own run directory (prepared once, reused), eval only at the end of the segment.
-    overrides = [f"run_dir=runs/bench-{Path(args.config).stem}", *args.set, "train.eval_every=0"]
+    base = [f"run_dir=runs/bench-{Path(path).stem}", *args.set, "train.eval_every=0"]
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device visible")
-        overrides.append("train.use_gpu=true")
-    cfg = load_config(args.config, overrides)
+        base.append("train.use_gpu=true")
+    cfg = load_config(path, base)
     t = cfg.train
     if t.num_workers != 1:
         cfg = replace(cfg, train=replace(t, num_workers=1, min_workers=0))  # (b) is one process
         t = cfg.train
     steps = args.steps or 6 * t.log_every
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    cfgs = {name: load_config(path, [*base, *SETTINGS[name]]) for name in settings}
+    cfgs = {name: replace(c, train=replace(c.train, num_workers=1, min_workers=0)) for name, c in cfgs.items()}
+    if args.data == "synthetic":
+        return _bench_plain_synthetic(path, args, cfg, cfgs, steps)
     ctx = prepare(cfg)  # idempotent: reuses a prepared run directory
     version = max(ctx.versions, key=lambda v: v["stream_rows"]) if not args.version else \
         next(v for v in ctx.versions if v["name"] == args.version)
     available = version["stream_rows"] // t.global_batch_size
     if not args.steps and available < steps:
         # The embedded corpus caps each version (~1M tokens at seq 1024): fewer, still steady-state steps.
-        print(f"{version['name']} holds {available} steps of data; running {available}, not {steps}", flush=True)
+        print(f"{path}: {version['name']} holds {available} steps of data; running {available}, not {steps}",
+              flush=True)
         steps = available
     if steps < 2 * t.log_every or version["stream_rows"] < steps * t.global_batch_size:
         raise SystemExit(f"{version['name']} has {version['stream_rows']} blocks, {steps} steps need "
-                         f"{steps * t.global_batch_size} (and two log windows, {2 * t.log_every} steps): use fewer --steps, "
-                         "a smaller train.log_every, or more data")
+                         f"{steps * t.global_batch_size} (and two log windows, {2 * t.log_every} steps): use fewer "
+                         "--steps, a smaller train.log_every, or more data")
     threads = worker_threads(t.cpus_per_worker)
 
     workdir = Path(tempfile.mkdtemp(prefix="train_throughput-"))
-    a_runs, b_runs, fpt, peak, n_params, dev_name = [], [], None, None, None, "cpu"
+    runs: dict[str, dict[str, list[dict]]] = {name: {"raypath": [], "plain": []} for name in settings}
+    info: dict = {}
     try:
         for r in range(args.repeats):
-            a = run_raypath(ctx, version, cfg, steps, workdir)
-            b = run_plain(version["stream_path"], cfg, ctx.vocab_size, ctx.eos_id, ctx.pad_id, steps,
-                          args.device, threads)
-            model = b.pop("model")
-            if fpt is None:
-                fpt = flops_per_token(model.config, cfg.data.seq_len)
-                n_params = sum(p.numel() for p in model.parameters())
-                dev = next(model.parameters()).device
-                peak = device_peak_flops(dev, t.peak_flops)
-                dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{threads} threads"
-            del model
-            a_runs.append(a)
-            b_runs.append(b)
-            print(f"repeat {r + 1}/{args.repeats}: raypath {a['tokens_per_s']:,.0f} tok/s, "
-                  f"plain {b['tokens_per_s']:,.0f} tok/s, ratio {a['tokens_per_s'] / b['tokens_per_s']:.3f}",
-                  flush=True)
+            for name in settings:
+                a = run_raypath(ctx, version, cfgs[name], steps, workdir)
+                b = run_plain_fresh(version["stream_path"], cfgs[name], ctx.vocab_size, ctx.eos_id, ctx.pad_id,
+                                    steps, args.device, threads)
+                info = {k: b[k] for k in ("flops_per_token", "params", "peak_flops", "device")}
+                runs[name]["raypath"].append(a)
+                runs[name]["plain"].append(b)
+                print(f"{Path(path).stem} repeat {r + 1}/{args.repeats} {name:>7}: "
+                      f"raypath {a['tokens_per_s']:,.0f} tok/s {a['peak_memory_gb']:.2f} GB, "
+                      f"plain {b['tokens_per_s']:,.0f} tok/s {b['peak_memory_gb']:.2f} GB, "
+                      f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.3f}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    ta = [x["tokens_per_s"] for x in a_runs]
-    tb = [x["tokens_per_s"] for x in b_runs]
-    ratios = [x / y for x, y in zip(ta, tb)]
-    summary = {
-        "config": args.config, "overrides": args.set, "device": dev_name, "params": n_params,
-        "seq_len": cfg.data.seq_len, "global_batch": t.global_batch_size, "micro_batch": t.micro_batch_size,
-        "precision": t.precision, "compile": t.compile, "steps": steps, "repeats": args.repeats,
-        "worker_threads": threads, "flops_per_token": fpt,
-        "raypath_tokens_per_s": {"median": statistics.median(ta), "min": min(ta), "max": max(ta)},
-        "plain_tokens_per_s": {"median": statistics.median(tb), "min": min(tb), "max": max(tb)},
-        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-        "raypath_data_wait_share": statistics.median(x["data_wait_share"] or 0.0 for x in a_runs),
-        "raypath_mfu": mfu(statistics.median(ta), fpt, peak),
-        "plain_mfu": mfu(statistics.median(tb), fpt, peak),
-        "peak_flops": peak,
+    fpt, peak = info["flops_per_token"], info["peak_flops"]
+    summary: dict = {
+        "config": path, "overrides": args.set, "device": info["device"], "params": info["params"],
+        "seq_len": cfg.data.seq_len, "vocab_size": ctx.vocab_size, "global_batch": t.global_batch_size,
+        "micro_batch": t.micro_batch_size, "precision": t.precision, "compile": t.compile,
+        "loss_chunk_tokens": t.loss_chunk_tokens, "steps": steps, "repeats": args.repeats,
+        "worker_threads": threads, "flops_per_token": fpt, "peak_flops": peak, "settings": {},
     }
-    print(json.dumps(summary, indent=2))
+    for name in settings:
+        ta = [x["tokens_per_s"] for x in runs[name]["raypath"]]
+        tb = [x["tokens_per_s"] for x in runs[name]["plain"]]
+        summary["settings"][name] = {
+            "raypath_tokens_per_s": _stats(ta), "plain_tokens_per_s": _stats(tb),
+            "ratio": _stats([x / y for x, y in zip(ta, tb)]),
+            "raypath_mfu": mfu(statistics.median(ta), fpt, peak), "plain_mfu": mfu(statistics.median(tb), fpt, peak),
+            "raypath_peak_memory_gb": _stats([x["peak_memory_gb"] for x in runs[name]["raypath"]]),
+            "plain_peak_memory_gb": _stats([x["peak_memory_gb"] for x in runs[name]["plain"]]),
+            "plain_step_memory_gb": _stats([x["step_memory_gb"] for x in runs[name]["plain"]]),
+            "raypath_data_wait_share": statistics.median(x["data_wait_share"] or 0.0 for x in runs[name]["raypath"]),
+            "final_loss": {"raypath": _stats([x["loss"] for x in runs[name]["raypath"]]),
+                           "plain": _stats([x["loss"] for x in runs[name]["plain"]])},
+        }
+    if "chunked" in settings and "full" in settings:
+        # Per repeat, same loop: the chunked loss against the full logits.
+        ratios: dict = {}
+        for loop in ("raypath", "plain"):
+            c, f = runs["chunked"][loop], runs["full"][loop]
+            ratios[f"{loop}_tokens_per_s"] = _stats([x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(c, f)])
+            ratios[f"{loop}_peak_memory"] = _stats([x["peak_memory_gb"] / y["peak_memory_gb"] for x, y in zip(c, f)])
+        if args.device == "cpu":
+            c, f = runs["chunked"]["plain"], runs["full"]["plain"]
+            ratios["plain_step_memory"] = _stats([x["step_memory_gb"] / y["step_memory_gb"] for x, y in zip(c, f)])
+        summary["chunked_vs_full"] = ratios
+    return summary
+
+
+def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict:
+    """``--data synthetic``: the plain loop alone on random tokens, no Ray, no prepared data.
+
+    For the loss settings' own cost (tokens/s, memory of a training step) where
+    a Ray cluster cannot run; threads = ``train.cpus_per_worker``, as Ray would give.
+    """
+    t = cfg.train
+    threads = max(1, int(t.cpus_per_worker))
+    vocab = cfg.data.vocab_size
+    runs: dict[str, list[dict]] = {name: [] for name in cfgs}
+    for r in range(args.repeats):
+        for name, c in cfgs.items():
+            b = run_plain_fresh(None, c, vocab, 0, None, steps, args.device, threads)
+            runs[name].append(b)
+            print(f"{Path(path).stem} repeat {r + 1}/{args.repeats} {name:>7}: plain {b['tokens_per_s']:,.0f} tok/s, "
+                  f"peak {b['peak_memory_gb']:.3f} GB, step {b['step_memory_gb'] or 0:.3f} GB", flush=True)
+    info = runs[next(iter(runs))][0]
+    summary: dict = {
+        "config": path, "overrides": args.set, "data": "synthetic", "device": info["device"], "params": info["params"],
+        "seq_len": cfg.data.seq_len, "vocab_size": vocab, "global_batch": t.global_batch_size,
+        "micro_batch": t.micro_batch_size, "precision": t.precision, "compile": t.compile,
+        "loss_chunk_tokens": t.loss_chunk_tokens, "steps": steps, "repeats": args.repeats, "worker_threads": threads,
+        "settings": {name: {
+            "plain_tokens_per_s": _stats([x["tokens_per_s"] for x in rs]),
+            "plain_peak_memory_gb": _stats([x["peak_memory_gb"] for x in rs]),
+            "plain_step_memory_gb": _stats([x["step_memory_gb"] for x in rs]),
+            "final_loss": _stats([x["loss"] for x in rs])} for name, rs in runs.items()},
+    }
+    if "chunked" in runs and "full" in runs:
+        c, f = runs["chunked"], runs["full"]
+        summary["chunked_vs_full"] = {
+            "plain_tokens_per_s": _stats([x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(c, f)]),
+            "plain_peak_memory": _stats([x["peak_memory_gb"] / y["peak_memory_gb"] for x, y in zip(c, f)]),
+            "plain_step_memory": _stats([x["step_memory_gb"] / y["step_memory_gb"] for x, y in zip(c, f)])
+            if args.device == "cpu" else None,
+        }
+    return summary
+
+
+def _table(summary: dict) -> str:
+    def pct(x):
+        return f"{x:.1%}" if x is not None else "-"
+
+    lines = [f"{summary['config']} ({summary['device']}, {summary['params'] / 1e6:.1f}M params):",
+             f"  {'setting':>8} {'raypath tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'MFU r/p':>13} "
+             f"{'peak GB r/p':>13}"]
+    if summary.get("data") == "synthetic":
+        for name, s in summary["settings"].items():
+            lines.append(f"  {name:>8} plain {s['plain_tokens_per_s']['median']:,.0f} tok/s, peak "
+                         f"{s['plain_peak_memory_gb']['median']:.3f} GB")
+    for name, s in ({} if summary.get("data") == "synthetic" else summary["settings"]).items():
+        lines.append(f"  {name:>8} {s['raypath_tokens_per_s']['median']:>14,.0f} {s['plain_tokens_per_s']['median']:>12,.0f} "
+                     f"{s['ratio']['median']:>6.3f} {pct(s['raypath_mfu']):>6}/{pct(s['plain_mfu']):<6} "
+                     f"{s['raypath_peak_memory_gb']['median']:>6.2f}/{s['plain_peak_memory_gb']['median']:<6.2f}")
+    cvf = summary.get("chunked_vs_full")
+    if cvf:
+        lines.append("  chunked / full: " + ", ".join(f"{k} {v['median']:.3f}" for k, v in cvf.items() if v))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=None,
+                   help="config to benchmark; repeat for several (default: configs/quickstart.yaml)")
+    p.add_argument("--set", action="append", default=[], help="config override key.sub=value (every config)")
+    p.add_argument("--kernels", default=None,
+                   help="comma-separated settings among chunked, full, liger (default: chunked,full and, "
+                        "on CUDA with liger-kernel installed, liger)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 6 x log_every, fewer if the stream is shorter)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every (setting, loop) run")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--version", default=None, help="version whose stream to train on (default: the largest)")
+    p.add_argument("--out", default=None, help="also write the summaries to this JSON file")
+    p.add_argument("--data", choices=["stream", "synthetic"], default="stream",
+                   help="synthetic: only the plain loop, on random tokens, without Ray or a prepared run "
+                        "(the loss settings' own cost where no Ray cluster can run)")
+    args = p.parse_args()
+
+    import logging
+
+    from raypath.cluster import init_ray
+    from raypath.config import load_config
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    if args.kernels:
+        settings = args.kernels.split(",")
+        unknown = [k for k in settings if k not in SETTINGS]
+        if unknown:
+            raise SystemExit(f"--kernels: unknown setting {unknown[0]!r} (known: {', '.join(SETTINGS)})")
+    else:
+        settings = ["chunked", "full"]
+        if args.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+            settings.append("liger")
+        elif args.device == "cuda":
+            print("liger: skipped, liger-kernel is not installed (pip install 'raypath[liger]')", flush=True)
+    paths = args.config or ["configs/quickstart.yaml"]
+    if args.data == "stream":
+        cluster = load_config(paths[0], args.set).cluster
+        init_ray(cluster.address, cluster.num_cpus)
+    summaries = [bench_config(path, args, settings) for path in paths]
+    print(json.dumps(summaries, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summaries, indent=2))
     target = 0.97 if args.device == "cuda" else 0.95
-    print(f"raypath / plain = {summary['ratio']['median']:.3f} (median of {args.repeats}; "
-          f"spread {summary['ratio']['min']:.3f}-{summary['ratio']['max']:.3f}; target >= {target})"
-          + (f"  MFU {summary['raypath_mfu']:.1%}" if summary["raypath_mfu"] is not None else ""))
+    for s in summaries:
+        print(_table(s))
+    print(f"targets: raypath/plain >= {target}; chunked/full tokens/s >= 0.95")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,13 @@ class TrainConfig:
     peak_flops: peak FLOP/s of one device for MFU; empty = looked up from the
         GPU's name (bf16 dense tensor-core peak, :data:`raypath.perf.PEAK_FLOPS`).
         CPUs have no entry: MFU is only reported on CPU when this is set.
+    kernels: ``none`` (plain PyTorch) or ``liger``: Liger Kernel's Triton RMSNorm,
+        SwiGLU, RoPE and fused linear cross-entropy (CUDA only; the ``liger``
+        extra, ``pip install 'raypath[liger]'``). Weights stay plain Llama either way.
+    loss_chunk_tokens: with ``kernels: none``, the loss takes the LM head and the
+        cross-entropy this many tokens at a time and never materialises the full
+        ``[tokens, vocab]`` logits (:mod:`raypath.loss`); 0 = full logits (the
+        unchunked baseline). Ignored by ``liger``, whose fused loss chunks by itself.
     """
 
     num_workers: int = 1
@@ -174,6 +181,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     parallel: str = "ddp"
     peak_flops: float | None = None
+    kernels: str = "none"
+    loss_chunk_tokens: int = 4096
 
 
 @dataclass
@@ -484,6 +493,11 @@ def validate(cfg: Config) -> None:
     _check(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
     _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops",
            f"must be > 0 (FLOP/s per device) or empty, got {t.peak_flops}")
+    _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+           f"must be >= 0 (0 = full logits), got {t.loss_chunk_tokens}")
+    from raypath.loss import check_kernels  # raises a ConfigError naming train.kernels
+
+    check_kernels(t.kernels, use_gpu=t.use_gpu)
     _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
            f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     _validate_sweep(cfg.sweep)

@@ -29,8 +29,9 @@ from raypath import checkpoint as ckpt
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import Mirror, fetch, publish, source
+from raypath.loss import install_loss
 from raypath.model import block_loss, build_model
-from raypath.perf import device_peak_flops, flops_per_token
+from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 from raypath.schedules import Schedule
 
 log = logging.getLogger("raypath.progress")
@@ -269,6 +270,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     raw = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
     if restored:
         raw.load_state_dict(restored["model"])
+    install_loss(raw, t, device)  # before any wrapper: the loss runs inside the model's forward
     if t.activation_checkpointing:
         if hasattr(raw, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             raw.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -408,6 +410,7 @@ class _Reporter:
             metrics["data_wait_share"] = self.window_wait / elapsed
             if self.flops_per_token and self.peak_flops:
                 metrics["mfu"] = metrics["tokens_per_s_per_worker"] * self.flops_per_token / self.peak_flops
+            metrics["peak_memory_gb"] = peak_memory_bytes(self.device) / 1e9  # GPU allocated, or process RSS
         metrics.update(extra)
         if self.rank == 0:
             done = step - self.first_step

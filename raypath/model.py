@@ -48,8 +48,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
 
 
 def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``[batch, seq_len + 1]`` token blocks."""
+    """Mean next-token cross-entropy of ``[batch, seq_len + 1]`` token blocks.
+
+    Through the loss :func:`raypath.loss.install_loss` put on the model (chunked,
+    full or Liger's, per ``train``), else from the model's full logits.
+    """
+    from raypath.loss import loss_installed
+
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
+    if loss_installed(model):
+        return model(input_ids=inputs, targets=targets)
     # use_cache=False: training never decodes; a KV cache would only cost memory and time.
     logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

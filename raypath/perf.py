@@ -103,6 +103,18 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
     return None
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark of this process's memory: allocated GPU memory on CUDA
+    (``torch.cuda.max_memory_allocated``), else peak resident set size (``ru_maxrss``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
 def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation in [0, 1]; None where the peak is unknown."""
     if not peak:

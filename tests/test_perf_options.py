@@ -51,6 +51,8 @@ def _one_step(seg: Segment, device: str = "cpu", restored: dict | None = None):
 
 @pytest.mark.parametrize("option", [
     {},
+    {"loss_chunk_tokens": 0},
+    {"loss_chunk_tokens": 7},
     {"precision": "bf16"},
     {"activation_checkpointing": True},
     {"model": {"attn_implementation": "eager"}},
@@ -137,6 +139,20 @@ def test_gpu_option_trains_a_step(option):
     assert any(g.get("fused") for g in tr.optim.param_groups)
 
 
+@CUDA
+@pytest.mark.parametrize("kernels, chunk", [("none", 4096), ("none", 0), ("none", 7), ("liger", 4096)])
+def test_gpu_loss_kernels_train_a_step_and_match(kernels, chunk):
+    """Each loss setting trains a bf16 step on CUDA; its first loss matches the unchunked one."""
+    if kernels == "liger":
+        pytest.importorskip("liger_kernel", reason="train.kernels=liger needs the liger extra")
+    seg = _segment(use_gpu=True, precision="bf16", kernels=kernels, loss_chunk_tokens=chunk)
+    tr, loss = _one_step(seg, "cuda")
+    _, full = _one_step(_segment(use_gpu=True, precision="bf16", loss_chunk_tokens=0), "cuda")
+    assert loss == pytest.approx(full, rel=2e-2)  # bf16 matmuls; Liger's kernels round differently
+    plain = build_training(_segment(), torch.device("cpu"), world=1)
+    assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # plain Llama weights
+
+
 @pytest.mark.parametrize("override, field", [
     ("train.precision=fp16", "train.precision"),
     ("train.parallel=zero3", "train.parallel"),
@@ -169,6 +185,15 @@ def test_flops_per_token_by_hand():
     assert matmul_params(tiny.config) == num_params(tiny)  # tied: every parameter is in a matmul
     gqa = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32
     assert matmul_params(tiny.config) == 2 * gqa + 32 + VOCAB * 32
+
+
+@pytest.mark.parametrize("name, params", [("llama-125m", 109_529_856), ("llama-350m", 341_099_520)])
+def test_gpu_configs_load_with_the_chunked_loss(name, params):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    t = cfg.train
+    assert t.kernels == "none" and t.loss_chunk_tokens > 0 and t.precision == "bf16" and t.compile
+    m = type("C", (), {**vars(cfg.model), "vocab_size": cfg.data.vocab_size})()
+    assert matmul_params(m) == params
 
 
 def test_mfu_and_peak_table():
@@ -209,6 +234,7 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
     for r in rows:
         assert r["tokens_per_s_per_worker"] == pytest.approx(r["tokens_per_s"] / 2)
         assert 0 < r["mfu"] < 1 and 0 <= r["data_wait_share"] <= 1
+        assert r["peak_memory_gb"] > 0.05  # the worker process's peak RSS on CPU
 
     ddp = replace(seg, name="cont", storage=str(tmp_path / "ray" / "cont"), curves_path=str(tmp_path / "cont.jsonl"),
                   init_checkpoint=str(end), start_step=seg.end_step, end_step=seg.end_step + 2,
@@ -236,6 +262,7 @@ def test_main_segment_on_a_gpu_worker_then_resumes(ray_cluster, tmp_path):
     rows = read_curve(seg.curves_path).to_dict("records")
     assert rows[-1]["step"] == 4 and "val/v1" in rows[-1]
     assert all(0 < r["mfu"] < 1 for r in rows)  # a GPU peak was found: the worker trained on CUDA
+    assert all(0 < r["peak_memory_gb"] < 10 for r in rows)  # allocated GPU memory of the tiny model
 
     cont = replace(seg, name="cont", storage=str(tmp_path / "ray" / "cont"), curves_path=str(tmp_path / "cont.jsonl"),
                    init_checkpoint=str(end), start_step=4, end_step=6, stream_limit=6 * 8)

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check, in one go, on one CUDA GPU (H100/H200 class):
+#
+#   bash benchmarks/gpu_check.sh                 # every stage, in this order:
+#     env         GPU model, driver, torch / CUDA / Triton / transformers / Ray / Liger versions
+#     tests       pytest tests/test_perf_options.py -k gpu (bf16 and compiled steps, every loss
+#                 setting incl. liger, the whole main segment on a GPU Ray Train worker + resume)
+#     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
+#                 loop x kernel settings chunked, full (loss_chunk_tokens=0), liger
+#     bench-350m  the same for configs/llama-350m.yaml
+#   bash benchmarks/gpu_check.sh bench-350m      # only the stages named
+#
+# Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
+# env.txt, tests.log, bench-llama-*.json (the benchmark summaries, with the device name).
+# Each stage runs under its own timeout (STAGE_TIMEOUT_S, default 290 s for a benchmark,
+# 240 s for the tests), so a stuck stage cannot eat the others' time; expected on an
+# H100/H200: env 10 s, tests ~2 min, each benchmark ~4 min (one repeat, 15 steps per run
+# of which the last 10 are measured; each of its 6 runs compiles, the inductor cache
+# makes the second compile of a setting cheap).
+#
+# No network on the GPU machine: Ray, Liger and what they need come as wheels in .whl/
+# (fetch them beforehand with benchmarks/gpu_wheels.sh and carry .whl/); they are
+# installed into /tmp/site. Both configs share one prepared run directory
+# (runs/bench-gpu: corpus, 32k tokenizer, token streams): the first benchmark prepares
+# it (~1 min); carried along, it is reused.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+PY=${PY:-python3}
+STAGES=${*:-env tests bench-125m bench-350m}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/check.log") 2>&1
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_check: installing .whl/ failed"; exit 1; }
+    export PYTHONPATH="$PWD:/tmp/site"
+fi
+
+stage_env() {
+    {
+        date -u +"date %Y-%m-%dT%H:%M:%SZ"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+        "$PY" - <<'PYEOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
+for name in ("triton", "transformers", "ray", "liger_kernel", "pyarrow", "tokenizers"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001 - report, do not stop the check
+        print(name, "MISSING:", type(e).__name__, e)
+from raypath.perf import device_peak_flops
+print("peak FLOP/s used for MFU", device_peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None)
+PYEOF
+    } | tee "$OUT/env.txt"
+}
+
+stage_tests() {
+    timeout "${STAGE_TIMEOUT_S:-240}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k gpu 2>&1 | tee "$OUT/tests.log"
+}
+
+stage_bench() {  # $1: config stem
+    timeout "${STAGE_TIMEOUT_S:-290}" "$PY" benchmarks/train_throughput.py --device cuda \
+        --config "configs/$1.yaml" --repeats 1 --steps 15 --set train.log_every=5 \
+        --set run_dir=runs/bench-gpu --out "$OUT/bench-$1.json"
+}
+
+status=0
+for stage in $STAGES; do
+    echo "=== gpu_check: $stage ($(date -u +%H:%M:%S))"
+    case "$stage" in
+        env) stage_env ;;
+        tests) stage_tests ;;
+        bench-*) stage_bench "llama-${stage#bench-}" ;;
+        *) echo "unknown stage $stage (env, tests, bench-125m, bench-350m)"; false ;;
+    esac
+    rc=$?
+    [ $rc -eq 124 ] && echo "=== gpu_check: $stage TIMED OUT"
+    [ $rc -ne 0 ] && status=$rc
+    echo "=== gpu_check: $stage exit $rc ($(date -u +%H:%M:%S))"
+done
+exit $status
