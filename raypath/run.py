@@ -13,6 +13,7 @@ local mirror (``cluster.local_dir``), pulls the remote run state into it first
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from raypath.data import PrepareSpec, discover_versions, prepare_versions
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
+from raypath.pretrained import check_tokenizer
+from raypath.pretrained import resolve as resolve_base_model
 from raypath.storage import atomic_write_bytes, read_json
 from raypath.tokenizer import iter_texts, load_tokenizer, train_tokenizer
 
@@ -39,6 +42,8 @@ class RunContext:
 
     run_dir: the local run directory (for a remote ``cfg.run_dir``, its mirror).
     mirror: the remote run directory behind ``run_dir``; None for a local run.
+    base_model: ``model.path``'s source and weight sha256s (None when training from scratch);
+        ``cfg.model.path`` then names its local copy.
     """
 
     cfg: Config
@@ -49,6 +54,7 @@ class RunContext:
     pad_id: int | None
     versions: list[dict]
     mirror: Mirror | None = None
+    base_model: dict | None = None
 
     def storage(self, name: str) -> str:
         return str(self.run_dir / "ray" / name)
@@ -100,9 +106,17 @@ def prepare(cfg: Config) -> RunContext:
     run_dir, mirror = _open_run_dir(cfg)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     sources = discover_versions(_corpus_dir(cfg, run_dir), cfg.data.versions)
-    if cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.data.tokenizer)
-        tok_dir = str(Path(cfg.data.tokenizer).resolve())
+    base = resolve_base_model(cfg.model.path, run_dir, mirror) if cfg.model.path else None
+    if base is not None:  # workers load the local (downloaded) copy
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
+    if cfg.data.tokenizer or base is not None:
+        tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
+        if not Path(tok_dir, "tokenizer.json").is_file():
+            raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
+        tok = load_tokenizer(tok_dir)
+        if base is not None:
+            check_tokenizer(base.local_dir, tok, "data.tokenizer" if cfg.data.tokenizer else "model.path",
+                            cfg.data.seq_len)
     else:
         tok_dir = str(run_dir / "tokenizer")
         tok = train_tokenizer(iter_texts(sources[0].train_files, cfg.data.text_column),
@@ -115,7 +129,8 @@ def prepare(cfg: Config) -> RunContext:
     versions = prepare_versions(sources, spec)
     for name in PREPARED:
         publish(mirror, run_dir / name)
-    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror)
+    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror,
+                      base.describe() if base else None)
 
 
 def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
@@ -137,6 +152,8 @@ def run(cfg: Config) -> Lineage:
     ctx = prepare(cfg)
     lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict(), ctx.mirror)
     lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
+    if ctx.base_model:
+        lineage.data["model"] = {**lineage.data.get("model", {}), "base": ctx.base_model}
     if ctx.mirror is not None:
         lineage.data["storage"] = {"run_dir": ctx.mirror.remote, "local_dir": ctx.mirror.local}
     lineage.set_versions(ctx.versions)
