@@ -72,13 +72,15 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     return d
 
 
-def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool = True) -> None:
+def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool | None = None) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
 
     For a remote checkpoint (``mirror``) this checks that the manifest and every
     file were uploaded, without downloading them: their checksums are verified
     on the node that downloads the checkpoint to load it.
-    deep: also hash every file (else presence, and sizes where the manifest has them).
+    deep: hash every file; False: presence (and sizes, where the manifest has them)
+        only; None (default): hash a full checkpoint, but not a sharded one, whose
+        size grows with the model: the ranks that load it hash it (:func:`verify_share`).
     """
     d = Path(directory)
     if mirrored(mirror, d):
@@ -88,12 +90,12 @@ def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool = Tru
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
     expected = read_json(d / MANIFEST)
     if expected.get("format") == SHARDED:
-        _check_files(d, expected["files"], deep)
+        _check_files(d, expected["files"], bool(deep))
         return
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
-        if deep and sha256_file(d / name) != expected.get(name):
+        if deep is not False and sha256_file(d / name) != expected.get(name):
             raise CheckpointError(f"{d}: {name} does not match its checksum (corrupted)")
 
 
@@ -199,11 +201,10 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dic
     (:mod:`raypath.loop`); here it yields only its RNG state and state.
     """
     d = Path(directory)
-    verify(d, deep=False)
+    verify(d)
     if is_sharded(d):
         return {"sharded": d, "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=True),
                 "state": load_state(d)}
-    verify(d)
     return {
         "model": torch.load(d / "model.pt", map_location=map_location, weights_only=True),
         "optim": torch.load(d / "optim.pt", map_location=map_location, weights_only=True),
@@ -232,9 +233,7 @@ def latest_valid(run_storage: str | Path, mirror: Mirror | None = None) -> Path 
     for d in sorted(_step_dirs(Path(run_storage), mirror), reverse=True):
         try:
             local = fetch(mirror, d)
-            verify(local, deep=False)
-            if not is_sharded(local):  # a sharded one is hashed by the ranks that load it
-                verify(local)
+            verify(local)
             return local
         except (CheckpointError, FileNotFoundError) as e:
             log.warning("skipping checkpoint: %s", e)

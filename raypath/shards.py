@@ -142,3 +142,17 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
     sd = app_state(model, optim)
     dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS))
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
+    """In one process: a checkpoint's model weights (either layout) into a plain, unsharded model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    d = Path(directory)
+    ckpt.verify(d, deep=True)
+    if not ckpt.is_sharded(d):
+        model.load_state_dict(ckpt.load(d)["model"])
+        return
+    sd = {"model": get_model_state_dict(model)}
+    dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS), no_dist=True)
+    set_model_state_dict(model, sd["model"])
