@@ -142,6 +142,10 @@ def _worker(rank: int, world: int, args, out: str) -> None:
         results["run_none"].append(none)
         results["lost_sync"].append(sync - none)
         results["lost_async"].append(asyn - none)
+        if rank == 0:
+            print(f"repeat {r + 1}/{args.repeats}: save old {results['old'][-1]['seconds']:.1f} s, "
+                  f"dcp {results['dcp'][-1]['seconds']:.1f} s; lost per checkpoint sync {sync - none:.2f} s, "
+                  f"async {asyn - none:.2f} s (run {none:.1f} s)", flush=True)
         dist.barrier()
         if rank == 0:
             for p in root.glob(f"*sync-{r}"):
