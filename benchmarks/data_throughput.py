@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -44,11 +45,16 @@ def measure_pipeline(stream_path: str, micro: int, world: int = 1) -> tuple[floa
     return tokens / (end - t0), (tokens - first) / max(end - t_first, 1e-9), tokens
 
 
-def measure_tokenize(files, tokenizer_dir: str, seq_len: int, text_column: str, actors: int, eos: int) -> float:
-    from raypath.data import tokenize_files
+def measure_tokenize(files, spec, eos: int, out_dir: str) -> float:
+    """Tokenize + pack throughput of the actor pool on ``files`` (written to ``out_dir``)."""
+    import pyarrow.fs as pafs
 
+    from raypath.data import _sum_stats, tokenize_chunks
+    from raypath.sources import inspect_files
+
+    chunks = [c for r in inspect_files(list(files), spec.text_column) for c in r["chunks"]]
     t0 = time.perf_counter()
-    _, stats = tokenize_files(tuple(files), tokenizer_dir, seq_len, text_column, actors, eos)
+    stats = _sum_stats(tokenize_chunks(chunks, 0, out_dir, pafs.LocalFileSystem(), spec, eos))
     return stats["doc_tokens"] / (time.perf_counter() - t0)
 
 
@@ -86,8 +92,13 @@ def main() -> None:
     files = [f["path"] for f in version["train_files"]]
 
     with_startup, pipeline, n = measure_pipeline(version["stream_path"], cfg.train.micro_batch_size)
-    tokenize = measure_tokenize(files, ctx.tokenizer_dir, cfg.data.seq_len, cfg.data.text_column,
-                                cfg.data.tokenize_actors, ctx.eos_id)
+    from raypath.data import PrepareSpec
+
+    spec = PrepareSpec(data_dir="", tokenizer_dir=ctx.tokenizer_dir, seq_len=cfg.data.seq_len,
+                       text_column=cfg.data.text_column, val_blocks=0, replay_ratio=0.0, seed=0,
+                       actors=cfg.data.tokenize_actors, min_blocks=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenize = measure_tokenize(files, spec, ctx.eos_id, tmp)
     trainer = measure_trainer(cfg, ctx.vocab_size, ctx.eos_id) * cfg.train.num_workers
     result = {"version": version["name"], "stream_tokens": n, "pipeline_tokens_per_s": round(pipeline),
               "pipeline_tokens_per_s_with_startup": round(with_startup),

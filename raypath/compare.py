@@ -47,8 +47,8 @@ def _cosine(ctx: RunContext, steps: int, start_step: int = 0, warmup_from: float
 def ptfs_segment(ctx: RunContext, k: int) -> Segment:
     """Release k from scratch on all data of versions 1..k."""
     version = ctx.versions[k]
-    stream = union_stream(ctx.versions, k, ctx.run_dir / "data" / f"ptfs-{version['name']}" / "stream.parquet",
-                          ctx.cfg.data.seed)
+    stream = union_stream(ctx.versions, k, ctx.run_dir / "data" / f"ptfs-{version['name']}" / "stream",
+                          ctx.cfg.data.seed, ctx.mirror)
     steps = stream["stream_rows"] // ctx.cfg.train.global_batch_size
     return Segment(**ctx.segment_fields(f"ptfs-{version['name']}"), kind="ptfs", version=f"ptfs-{version['name']}",
                    stream_path=stream["stream_path"], start_step=0, end_step=steps,

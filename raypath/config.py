@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from raypath.schedules import SHAPES, Decay
+from raypath.sources import is_uri
 
 
 #: ``train.precision`` values.
@@ -73,8 +74,10 @@ class DataConfig:
     """Versioned corpus and its tokenization.
 
     corpus: ``embedded`` (the default corpus built from the Python standard
-        library, no download) or a directory with one sub-directory per version,
-        each holding ``train/`` and ``val/`` files (``.jsonl``, ``.jsonl.gz``, ``.parquet``).
+        library, no download) or a directory -- a local path or a URI on any pyarrow
+        filesystem (``s3://bucket/corpus``) -- with one sub-directory per version,
+        each holding ``train/`` and ``val/`` files (``.jsonl``, ``.jsonl.gz``,
+        ``.parquet``, or the ``.arrow`` files of a Hugging Face ``datasets`` ``save_to_disk``).
     versions: which version sub-directories to use, in order; empty = all, sorted by name.
     max_docs_per_version: cap on documents per version (embedded corpus only; for tiny runs).
     text_column: column holding the document text.
@@ -82,6 +85,8 @@ class DataConfig:
     tokenizer: local tokenizer directory; empty = model.path's own tokenizer when
         model.path is set, else train a byte-level BPE on version 1.
     vocab_size: vocabulary size of the tokenizer trained on version 1.
+    tokenizer_max_chars: characters of version 1's train text the tokenizer is trained
+        on (its first documents, in file order); bounds that step on a large version.
     val_blocks: fixed evaluation budget per version split, in sequences.
     replay_ratio: fraction of each version's stream drawn from older versions, in [0, 1).
     tokenize_actors: Ray Data actors that tokenize in parallel.
@@ -98,6 +103,7 @@ class DataConfig:
     seq_len: int = 128
     tokenizer: str | None = None
     vocab_size: int = 4096
+    tokenizer_max_chars: int = 200_000_000
     val_blocks: int = 32
     replay_ratio: float = 0.0
     tokenize_actors: int = 1
@@ -455,7 +461,7 @@ def validate(cfg: Config) -> None:
     endpoint = cfg.cluster.storage_endpoint
     _check(not endpoint or endpoint.startswith(("http://", "https://")), "cluster.storage_endpoint",
            f"must be an http:// or https:// URL, got {endpoint!r}")
-    if d.corpus != "embedded":
+    if d.corpus != "embedded" and not is_uri(d.corpus):  # a remote corpus is listed when preparing
         _check(Path(d.corpus).is_dir(), "data.corpus",
                f"corpus directory {d.corpus!r} does not exist (or use 'embedded')")
     if d.tokenizer:

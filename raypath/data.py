@@ -1,17 +1,29 @@
-"""Versioned corpora -> token streams the trainers consume exactly once.
+"""Versioned corpora -> token streams the trainers consume exactly once, prepared on Ray Data.
 
-For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/``:
+For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
 
-* ``vK/new.parquet``: the version's own text, tokenized and packed into blocks of
-  ``seq_len + 1`` tokens (EOS between documents). Tokenization runs on Ray Data
-  with an actor pool, each actor loading the fast tokenizer once.
-* ``vK/stream.parquet``: the order the main path trains version k in: a seeded
-  permutation of the new blocks mixed with a ``replay_ratio`` share of blocks
-  sampled (seeded) from older versions. Column ``idx`` is the row's position.
-* ``vK/val.parquet``: the first ``val_blocks`` blocks of the version's val split,
-  a fixed evaluation budget so old- and new-domain losses are comparable.
-* ``manifest.json``: per version its files with sha256, counts and paths.
-  Re-running checks earlier versions' files did not change.
+* ``new/part-CCCCCC.parquet``: the version's own text, tokenized and packed into
+  blocks of ``seq_len + 1`` tokens (EOS between documents), one file per input
+  :class:`~raypath.sources.Chunk`. Written by Ray Data actors that each load the
+  tokenizer once; a row's id (column ``row``) is ``chunk << 32 | block``.
+* ``stream/part-BBBBB.parquet``: the order the main path trains version k in: the
+  new blocks plus ``replay_ratio`` of the stream sampled from older versions' ``new/``
+  files, shuffled. Column ``idx`` is the row's position in the stream.
+* ``val/part-00000.parquet``: the first ``val_blocks`` blocks of the val split, a
+  fixed evaluation budget so old- and new-domain losses are comparable.
+* ``manifest.json``: per version its files with fingerprints, counts and paths,
+  written last. Re-running checks that earlier versions' files did not change.
+
+Where the driver stays flat: it lists files, collects one small stats row per
+file and per chunk, and per stream shard a count; every token is read, packed,
+sampled, shuffled and written inside Ray tasks and actors. The shuffle is a
+range-partitioned sort on a per-row hash (:mod:`raypath.shuffle`), done as a
+map-reduce through the filesystem (:func:`write_stream`). Every choice depends on
+a row's identity and the seed alone, so the stream is byte-identical whatever the
+number of actors. Costs that grow with the data: the token I/O (a version's new
+data written once and read once by the shuffle; with replay on, every older
+version's new data read once more per version) and the shuffle's temporary copy
+of one version's stream on disk -- never driver memory.
 
 Exact resume: trainers read a stream through ``streaming_split``, which hands
 blocks to ranks dynamically, so the rows consumed after ``n`` steps are not a
@@ -19,15 +31,18 @@ prefix of the stream. Each checkpoint therefore records the *set* of consumed
 ``idx`` values as intervals (:class:`Consumed`), and a restart filters them out
 before splitting. The union of rows trained is then exactly the stream, with no
 duplicates, whatever the number of workers before and after.
+
+Run directories prepared before this layout (one ``new.parquet``/``stream.parquet``/
+``val.parquet`` per version) still train and resume: readers take a file or a
+directory, and an old ``new.parquet`` is rewritten once into ``new/`` when a later
+version replays from it.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
+import math
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,199 +50,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raypath.storage import read_json, sha256_file, write_json
+from raypath.shuffle import Permutation, bucket_of, hash64, salt
+from raypath.sources import (CHUNK_BYTES, POLICIES, SUFFIXES, Chunk, DataError, VersionSource, apply_policy,  # noqa: F401
+                             discover_versions, inspect_files, iter_docs, unchanged)
+from raypath.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 STREAM_ROW_GROUP = 256
+LAYOUT = 2
+#: Target bytes of token data per stream shard (one shuffle group, one file).
+SHARD_BYTES = 128 << 20
+#: Documents tokenized per call inside a chunk.
+TOKENIZE_BATCH = 512
+#: Salts that keep the stream, replay and PTFS draws independent of each other.
+_STREAM, _REPLAY, _PTFS = 1, 2, 3
 
 
-class DataError(ValueError):
-    """Bad corpus input; the message names the file or version."""
-
-
-# ---------------------------------------------------------------- discovery
-
-@dataclass(frozen=True)
-class VersionSource:
-    """Where one version's text lives."""
-
-    name: str
-    train_files: tuple[str, ...]
-    val_files: tuple[str, ...]
-
-
-def _files(d: Path) -> tuple[str, ...]:
-    if not d.is_dir():
-        return ()
-    return tuple(str(p) for p in sorted(d.iterdir()) if p.name.endswith(SUFFIXES))
-
-
-def discover_versions(corpus_dir: str | Path, names: list[str] | None = None) -> list[VersionSource]:
-    """One :class:`VersionSource` per version sub-directory (``train/`` + ``val/``)."""
-    root = Path(corpus_dir)
-    if not root.is_dir():
-        raise DataError(f"data.corpus: {root} is not a directory")
-    available = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
-    chosen = names or available
-    out = []
-    for name in chosen:
-        if name not in available:
-            raise DataError(f"data.versions: {name!r} has no {root / name / 'train'} directory "
-                            f"(found: {', '.join(available) or 'none'})")
-        src = VersionSource(name, _files(root / name / "train"), _files(root / name / "val"))
-        if not src.train_files:
-            raise DataError(f"{root / name / 'train'}: no {'/'.join(SUFFIXES)} files")
-        if not src.val_files:
-            raise DataError(f"{root / name / 'val'}: no {'/'.join(SUFFIXES)} files (validation split required)")
-        out.append(src)
-    if not out:
-        raise DataError(f"data.corpus: {root} has no version sub-directories with a train/ folder")
-    return out
-
-
-# ---------------------------------------------------------------- validation
-
-POLICIES = ("error", "skip")
-
-
-def _check_jsonl(path: str, text_column: str, max_doc_chars: int) -> tuple[str | None, int]:
-    """First problem of a jsonl(.gz) file as text (None if fine), and its document count."""
-    opener = gzip.open if path.endswith(".gz") else open
-    docs = 0
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})", docs
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {lineno}: not valid JSON ({e.msg})", docs
-            if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
-                return f"line {lineno}: no {text_column!r} string field", docs
-            if max_doc_chars and len(row[text_column]) > max_doc_chars:
-                return (f"line {lineno}: document of {len(row[text_column])} characters exceeds "
-                        f"data.max_doc_chars={max_doc_chars}"), docs
-            docs += 1
-    return (None, docs) if docs else ("empty: no documents", 0)
-
-
-def _check_parquet(path: str, text_column: str, max_doc_chars: int) -> tuple[str | None, int]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        return f"not a readable parquet file ({e})", 0
-    if text_column not in pf.schema_arrow.names:
-        return f"no {text_column!r} column (columns: {', '.join(pf.schema_arrow.names)})", 0
-    if not pa.types.is_string(pf.schema_arrow.field(text_column).type) and \
-            not pa.types.is_large_string(pf.schema_arrow.field(text_column).type):
-        return f"column {text_column!r} is {pf.schema_arrow.field(text_column).type}, expected string", 0
-    if pf.metadata.num_rows == 0:
-        return "empty: no rows", 0
-    if max_doc_chars:
-        offset = 0
-        for i in range(pf.num_row_groups):
-            lengths = pc.utf8_length(pf.read_row_group(i, columns=[text_column]).column(0)).to_numpy(
-                zero_copy_only=False)
-            over = np.nonzero(lengths > max_doc_chars)[0]
-            if len(over):
-                return (f"row {offset + over[0]}: document of {int(lengths[over[0]])} characters exceeds "
-                        f"data.max_doc_chars={max_doc_chars}"), pf.metadata.num_rows
-            offset += len(lengths)
-    return None, pf.metadata.num_rows
-
-
-def validate_files(files: tuple[str, ...], text_column: str, policy: str = "error",
-                   max_doc_chars: int = 0) -> tuple[tuple[str, ...], list[dict]]:
-    """Check every file before Ray Data touches it; a bad one raises or is skipped.
-
-    Catches what would otherwise surface as an opaque worker traceback (or a
-    silent drop): missing/empty files, unreadable parquet, a missing text
-    column, non-UTF-8 bytes, malformed JSON lines. Over-long documents are
-    errors under ``policy="error"``; under ``"skip"`` they are dropped and
-    counted one by one during tokenization, so they are not a file-level skip.
-    """
-    if policy not in POLICIES:
-        raise DataError(f"data.on_bad_input: {policy!r} is not one of {', '.join(POLICIES)}")
-    keep, skipped = [], []
-    limit = max_doc_chars if policy == "error" else 0
-    for f in files:
-        if not Path(f).is_file():
-            problem = "file not found"
-        elif Path(f).stat().st_size == 0:
-            problem = "empty file (0 bytes)"
-        else:
-            check = _check_parquet if f.endswith(".parquet") else _check_jsonl
-            problem, _ = check(f, text_column, limit)
-        if problem is None:
-            keep.append(f)
-        elif policy == "error":
-            raise DataError(f"{f}: {problem} (set data.on_bad_input: skip to skip bad files)")
-        else:
-            log.warning("skipping %s: %s", f, problem)
-            skipped.append({"path": f, "reason": problem})
-    return tuple(keep), skipped
-
-
-# ---------------------------------------------------------------- tokenize + pack (Ray Data)
-
-class Tokenize:
-    """Ray Data callable class: a batch of documents -> their token ids.
-
-    Loaded once per actor: building a fast tokenizer per batch costs more than
-    tokenizing the batch. Packing happens downstream in :func:`pack`, so blocks
-    cross batch boundaries and nothing but the version's very last tail is dropped.
-    """
-
-    def __init__(self, tokenizer_dir: str, text_column: str, max_doc_chars: int = 0):
-        from raypath.tokenizer import load_tokenizer
-
-        self.tok = load_tokenizer(tokenizer_dir)
-        self.column = text_column
-        self.max_doc_chars = max_doc_chars
-
-    def _status(self, text) -> str:
-        if not isinstance(text, str) or not text:
-            return "empty"
-        if self.max_doc_chars and len(text) > self.max_doc_chars:
-            return "too_long"
-        return "ok"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        texts = batch[self.column].tolist()
-        status = [self._status(t) for t in texts]
-        kept = [t for t, st in zip(texts, status) if st == "ok"]
-        ids = iter(self.tok(kept, add_special_tokens=False)["input_ids"] if kept else [])
-        docs = [next(ids) if st == "ok" else [] for st in status]
-        # An explicit Arrow table: numpy object arrays make Ray Data infer arrow
-        # for some batches and pandas for others, which it then rejects.
-        # One status per input row: skipped documents are counted, never silently lost.
-        return pa.table({"ids": pa.array(docs, type=pa.list_(pa.int32())), "status": pa.array(status)})
-
-
-def _read_text(files: tuple[str, ...], text_column: str):
-    import ray.data
-
-    parquet = [f for f in files if f.endswith(".parquet")]
-    jsonl = [f for f in files if not f.endswith(".parquet")]
-    parts = []
-    if parquet:
-        # select_columns is pushed down into the read (Ray's projection pushdown)
-        parts.append(ray.data.read_parquet(parquet).select_columns([text_column]))
-    if jsonl:
-        # PyArrow's reader (the default) takes newline-delimited JSON and yields Arrow
-        # blocks like read_parquet; lines=True would yield pandas blocks, and a
-        # union of both kinds breaks the map stage.
-        parts.append(ray.data.read_json(jsonl).select_columns([text_column]))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
+# ---------------------------------------------------------------- packing
 
 def pack(docs, block: int, eos: int) -> tuple[np.ndarray, dict[str, int]]:
     """Concatenate documents with EOS after each and cut into ``block``-token rows."""
@@ -245,34 +88,313 @@ def pack(docs, block: int, eos: int) -> tuple[np.ndarray, dict[str, int]]:
     return flat[: n * block].reshape(n, block), stats
 
 
-def tokenize_files(files: tuple[str, ...], tokenizer_dir: str, seq_len: int, text_column: str,
-                   actors: int, eos: int, max_doc_chars: int = 0) -> tuple[np.ndarray, dict]:
-    """Tokenize files on Ray Data, pack in file order; blocks are ``[n, seq_len + 1]``.
+def _tokens_array(tokens: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), tokens.shape[1])
 
-    ``stats["skipped_docs"]`` counts documents dropped by reason (empty, too_long).
+
+def _blocks(table: pa.Table) -> np.ndarray:
+    col = table.column("tokens").combine_chunks()
+    return col.values.to_numpy().reshape(len(col), -1).astype(np.int32)
+
+
+# ---------------------------------------------------------------- where data files go
+
+def _target(path: str | Path, mirror=None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) to write a run-directory path to: the remote one for a mirrored run."""
+    from raypath.mirror import source
+
+    p, fs = source(mirror, path)
+    return (fs, p) if fs is not None else (pafs.LocalFileSystem(), str(p))
+
+
+def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, **kw) -> None:
+    """Write a parquet file complete-or-absent: temp name + rename locally; object stores
+    create an object only when its upload completes."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(table, path, filesystem=fs, **kw)
+        return
+    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+    try:
+        pq.write_table(table, tmp, filesystem=fs, **kw)
+        fs.move(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """A parquet file, or the sorted ``part-*.parquet`` files of a directory."""
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [path]
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
+def read_blocks(path: str | Path, filesystem: pafs.FileSystem | None = None) -> np.ndarray:
+    """All blocks of a prepared file or directory as ``[n, block]`` int32, in ``idx`` order.
+
+    Holds them all: for val splits (``data.val_blocks``) and tests, not for streams.
+    """
+    fs = filesystem or pafs.LocalFileSystem()
+    files = _parquet_files(fs, str(path))
+    if not files:
+        raise DataError(f"{path}: no prepared parquet data")
+    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+    if "idx" in table.column_names:
+        table = table.sort_by("idx")
+    return _blocks(table)
+
+
+# ---------------------------------------------------------------- tokenize + pack (Ray Data actors)
+
+class TokenizePack:
+    """Ray Data callable class: one chunk descriptor in -> its blocks written to a parquet file,
+    one stats row out.
+
+    Loaded once per actor (building a fast tokenizer per batch costs more than
+    tokenizing it). Packing runs per chunk, so the tokens lost at pack edges are at
+    most one block per chunk (counted as ``dropped_tokens``). The actor's memory is
+    one chunk's tokens (:data:`raypath.sources.CHUNK_BYTES` of text).
+    """
+
+    def __init__(self, tokenizer_dir: str, text_column: str, seq_len: int, eos: int, max_doc_chars: int,
+                 endpoint: str | None, fs: pafs.FileSystem):
+        import os
+
+        # Actors are the parallelism; a thread pool per actor would oversubscribe the CPUs.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from raypath.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.column, self.block, self.eos = text_column, seq_len + 1, eos
+        self.max_doc_chars, self.endpoint, self.fs = max_doc_chars, endpoint, fs
+
+    def _status(self, text) -> str:
+        if not isinstance(text, str) or not text:
+            return "empty"
+        if self.max_doc_chars and len(text) > self.max_doc_chars:
+            return "too_long"
+        return "ok"
+
+    def _ids(self, chunk: Chunk, skipped: dict) -> list[list[int]]:
+        ids, batch = [], []
+        for _, text, problem in iter_docs(chunk, self.column, self.endpoint):
+            status = "invalid" if problem else self._status(text)
+            if status != "ok":
+                skipped[status] = skipped.get(status, 0) + 1
+                continue
+            batch.append(text)
+            if len(batch) == TOKENIZE_BATCH:
+                ids.extend(self.tok(batch, add_special_tokens=False)["input_ids"])
+                batch = []
+        if batch:
+            ids.extend(self.tok(batch, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for c in batch.to_pylist():
+            skipped: dict[str, int] = {}
+            blocks, stats = pack(self._ids(Chunk(c["path"], c["fmt"], c["start"], c["stop"]), skipped),
+                                 self.block, self.eos)
+            rows = (np.int64(c["chunk"]) << np.int64(32)) + np.arange(len(blocks), dtype=np.int64)
+            table = pa.table({"row": rows, "src": np.full(len(blocks), c["src"], np.int16),
+                              "tokens": _tokens_array(blocks.reshape(-1, self.block))})
+            write_table(table, self.fs, c["out"], row_group_size=STREAM_ROW_GROUP)
+            out.append({"chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
+                        "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0)})
+        return pa.Table.from_pylist(out)
+
+
+def _part(d: str, i: int) -> str:
+    return f"{d.rstrip('/')}/part-{i:06d}.parquet"
+
+
+def tokenize_chunks(chunks: list[dict], src: int, out_dir: str, fs: pafs.FileSystem, spec: "PrepareSpec",
+                    eos: int, max_doc_chars: int = 0) -> list[dict]:
+    """Tokenize and pack ``chunks`` on a Ray Data actor pool into ``out_dir/part-CCCCCC.parquet``.
+
+    Returns one stats row per chunk, in chunk order (the driver's only per-chunk state).
     """
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same files -> same blocks, every run
-    ds = _read_text(files, text_column).map_batches(
-        Tokenize,
-        fn_constructor_kwargs=dict(tokenizer_dir=tokenizer_dir, text_column=text_column,
-                                   max_doc_chars=max_doc_chars),
-        batch_size=256,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+    items = [{**c, "chunk": i, "src": src, "out": _part(out_dir, i)} for i, c in enumerate(chunks)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        TokenizePack,
+        fn_constructor_kwargs=dict(tokenizer_dir=spec.tokenizer_dir, text_column=spec.text_column,
+                                   seq_len=spec.seq_len, eos=eos, max_doc_chars=max_doc_chars,
+                                   endpoint=spec.endpoint, fs=fs),
+        batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items)))),
     )
-    skipped: Counter = Counter()
+    return sorted(ds.take_all(), key=lambda r: r["chunk"])
 
-    def docs():
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            skipped.update(st for st in batch["status"].tolist() if st != "ok")
-            yield from batch["ids"]
 
-    blocks, stats = pack(docs(), seq_len + 1, eos)
-    return blocks, {**stats, "skipped_docs": dict(skipped)}
+def _sum_stats(rows: list[dict]) -> dict:
+    keys = ("docs", "doc_tokens", "blocks", "dropped_tokens")
+    total = {k: int(sum(r[k] for r in rows)) for k in keys}
+    total["skipped_docs"] = {k: n for k in ("empty", "too_long", "invalid")
+                             if (n := int(sum(r[f"skipped_{k}"] for r in rows)))}
+    return total
 
+
+# ---------------------------------------------------------------- shuffled streams (Ray Data)
+
+@dataclass(frozen=True)
+class Pool:
+    """Prepared new data of one version: its ``new/`` part files (paths on the data
+    filesystem) and rows per chunk, which locate a row by position without reading."""
+
+    src: int
+    files: tuple[str, ...]
+    chunk_rows: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return int(sum(self.chunk_rows))
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Exactly ``n`` rows drawn without replacement from the concatenation of ``pools``.
+
+    Row ``q`` of the concatenation is drawn iff ``perm.inverse(q) < n``: a test each
+    row answers from its own position, in whatever task reads it.
+    """
+
+    n: int
+    perm: Permutation
+    offsets: dict[int, tuple[int, np.ndarray]]  # src -> (pool start, chunk starts)
+
+    @classmethod
+    def of(cls, pools: list[Pool], n: int, key: int) -> "Replay":
+        offsets, start = {}, 0
+        for p in pools:
+            offsets[p.src] = (start, np.concatenate([[0], np.cumsum(p.chunk_rows)]).astype(np.int64))
+            start += p.rows
+        return cls(n, Permutation(max(start, 1), key), offsets)
+
+    def drawn(self, src: np.ndarray, row: np.ndarray) -> np.ndarray:
+        q = np.empty(len(src), np.int64)
+        for s in np.unique(src):
+            at = src == s
+            start, chunks = self.offsets[int(s)]
+            q[at] = start + chunks[row[at] >> 32] + (row[at] & 0xFFFFFFFF)
+        return self.perm.inverse(q) < self.n
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What :func:`write_stream` shuffles: all rows of ``own`` sources plus ``replay``'s draw."""
+
+    key: int
+    buckets: int
+    own: tuple[int, ...]
+    replay: Replay | None = None
+
+
+def _assign(batch: pa.Table, spec: StreamSpec) -> pa.Table:
+    """Keep the stream's rows of a batch and give each its sort key and shard."""
+    row, src = batch["row"].to_numpy(), batch["src"].to_numpy()
+    keep = np.isin(src, spec.own)
+    if spec.replay is not None and not keep.all():
+        keep[~keep] = spec.replay.drawn(src[~keep], row[~keep])
+    batch = batch.filter(pa.array(keep))
+    key = hash64(spec.key, batch["src"].to_numpy(), batch["row"].to_numpy())
+    return batch.append_column("key", pa.array(key)).append_column("bucket", pa.array(bucket_of(key, spec.buckets)))
+
+
+def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSystem) -> pa.Table:
+    """Map side: one input part file -> its stream rows split by shard into ``tmp_dir/bBBBBB/``;
+    returns rows per (source, shard)."""
+    counts = []
+    for path in batch["file"].to_pylist():
+        table = _assign(pq.read_table(path, filesystem=fs), spec)
+        table = table.take(pc.sort_indices(table, [("bucket", "ascending")]))
+        buckets = table["bucket"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else []
+        for lo, hi in zip(starts, [*starts[1:], len(buckets)]):
+            part = table.slice(lo, hi - lo)
+            write_table(part.drop_columns(["bucket"]), fs, f"{tmp_dir}/b{buckets[lo]:05d}/{uuid.uuid4().hex}.parquet")
+            src, n = np.unique(part["src"].to_numpy(), return_counts=True)
+            counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
+    return pa.Table.from_pylist(counts, schema=pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())]))
+
+
+def _gather(batch: pa.Table, offsets: list[int], tmp_dir: str, out_dir: str, fs: pafs.FileSystem) -> pa.Table:
+    """Reduce side: one shard's pieces -> sorted by key, numbered from the shard's offset, one file."""
+    rows = []
+    for b in batch["bucket"].to_pylist():
+        pieces = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{tmp_dir}/b{b:05d}", allow_not_found=True))]
+        table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces])
+        # (key, src, row) is unique, so the order never depends on which piece came first.
+        table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"), ("row", "ascending")]))
+        idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
+        write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
+                    f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
+        fs.delete_dir(f"{tmp_dir}/b{b:05d}")
+        rows.append({"bucket": b, "rows": len(table)})
+    return pa.Table.from_pylist(rows)
+
+
+def _tasks(items: list[dict], fn, **kwargs) -> list[dict]:
+    """``fn`` over ``items`` as Ray Data tasks, one item per task; the small results come back."""
+    import ray.data
+
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
+
+
+def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.FileSystem) -> dict:
+    """Shuffle ``spec``'s rows of ``pools`` into ``out_dir/part-BBBBB.parquet`` (``idx`` order =
+    file order); returns rows per source.
+
+    A map-reduce shuffle through the filesystem, in Ray Data tasks: each input part file
+    is split by shard into pieces (map), the driver adds up rows per shard (its only
+    state: one count per shard and source), and each shard is sorted, numbered and
+    written (reduce). Memory per task: one input file or one shard
+    (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs.
+    """
+    tmp = f"{out_dir}.tmp"
+    fs.delete_dir_contents(tmp, missing_dir_ok=True)
+    counts = _tasks([{"file": f} for p in pools for f in p.files], _scatter, spec=spec, tmp_dir=tmp, fs=fs)
+    per_bucket = np.zeros(spec.buckets, np.int64)
+    per_src: dict[int, int] = {}
+    for c in counts:
+        per_bucket[c["bucket"]] += c["n"]
+        per_src[c["src"]] = per_src.get(c["src"], 0) + c["n"]
+    offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
+    fs.create_dir(out_dir, recursive=True)
+    written = _tasks([{"bucket": b} for b in np.flatnonzero(per_bucket).tolist()], _gather,
+                     offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs)
+    fs.delete_dir_contents(tmp, missing_dir_ok=True)
+    fs.delete_dir(tmp)
+    if sum(r["rows"] for r in written) != offsets[-1]:
+        raise RuntimeError(f"{out_dir}: wrote {sum(r['rows'] for r in written)} rows, counted {offsets[-1]}")
+    return {"rows": int(offsets[-1]), "shards": spec.buckets, "from": per_src}
+
+
+def _buckets(rows: int, block: int, shard_bytes: int = SHARD_BYTES) -> int:
+    return max(1, math.ceil(rows * block * 4 / shard_bytes))
+
+
+def _val_split(fs: pafs.FileSystem, parts_dir: str, stats: list[dict], out_dir: str, n: int) -> int:
+    """The first ``n`` val blocks, in file order, as ``out_dir/part-000000.parquet`` (bounded by
+    ``data.val_blocks``); the tokenized parts are removed."""
+    tables, have = [], 0
+    for s in stats:
+        if have >= n:
+            break
+        if s["blocks"]:
+            t = pq.read_table(_part(parts_dir, s["chunk"]), filesystem=fs, columns=["tokens"])
+            tables.append(t.slice(0, n - have))
+            have += len(tables[-1])
+    if have:
+        tokens = pa.concat_tables(tables)["tokens"].combine_chunks()
+        write_table(pa.table({"idx": np.arange(have, dtype=np.int64), "tokens": tokens}), fs, _part(out_dir, 0))
+    fs.delete_dir(parts_dir)
+    return have
 
 # ---------------------------------------------------------------- exact-resume bookkeeping
 
@@ -352,102 +474,20 @@ def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | 
     return ds
 
 
+
+
 # ---------------------------------------------------------------- per-version preparation
-
-def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None,
-                  idx: np.ndarray | None = None) -> None:
-    block = tokens.shape[1]
-    cols: dict[str, Any] = {"idx": np.arange(len(tokens), dtype=np.int64) if idx is None else idx}
-    if src is not None:
-        cols["src"] = src.astype(np.int16)
-    cols["tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), block)
-    # A unique temp name: concurrent sweep trials may write the same file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(pa.table(cols), tmp, row_group_size=STREAM_ROW_GROUP)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_blocks(path: str | Path) -> np.ndarray:
-    """All blocks of a parquet file written by :func:`_write_blocks`, as ``[n, block]`` int32."""
-    return _blocks(pq.read_table(path, columns=["tokens"]))
-
-
-def _blocks(table: pa.Table) -> np.ndarray:
-    col = table.column("tokens").combine_chunks()
-    return col.values.to_numpy().reshape(len(col), -1).astype(np.int32)
-
-
-def _file_records(files: tuple[str, ...]) -> list[dict]:
-    return [{"path": f, "bytes": Path(f).stat().st_size, "sha256": sha256_file(f)} for f in files]
-
-
-def _replay_sample(older: list[np.ndarray], n_new: int, ratio: float, rng: np.random.Generator):
-    """``ratio`` of the final stream drawn uniformly from older versions' blocks."""
-    pool = sum(len(o) for o in older)
-    n = min(int(round(ratio / (1.0 - ratio) * n_new)), pool) if pool else 0
-    return _sample_blocks(older, n, rng)
-
-
-def _sample_blocks(pools: list[np.ndarray], n: int, rng: np.random.Generator):
-    """``n`` distinct blocks drawn uniformly from the union of ``pools``, and each one's pool."""
-    if n == 0:
-        return np.zeros((0, 0), np.int32), np.zeros(0, np.int64)
-    offsets = np.cumsum([0] + [len(o) for o in pools])
-    pick = np.sort(rng.choice(offsets[-1], size=n, replace=False))
-    ver = np.searchsorted(offsets, pick, side="right") - 1
-    rows = np.stack([pools[v][p - offsets[v]] for v, p in zip(ver, pick)])
-    return rows, ver
-
-
-def replay_variant(version: dict, older_new_paths: list[str], consumed: list, limit: int, ratio: float,
-                   seed: int, out_path: str | Path) -> dict:
-    """``version``'s stream with the rows still to train re-mixed to ``ratio`` replay.
-
-    What a branch with its own replay ratio trains (a sweep can search the ratio). The
-    branch keeps its length and row ids -- the rows ``idx < limit`` not ``consumed`` at
-    its fork -- so the fork checkpoint's data position applies unchanged. Rows of the
-    version's own data are swapped for seeded samples of older versions' blocks until
-    ``ratio`` of those rows are replay; below the stream's own ratio, replay rows are
-    swapped for the version's own blocks instead (possibly rows the main path trained
-    before the fork). Written once (atomically); returns the path and the mix.
-    """
-    out = Path(out_path)
-    k = int(version["index"])
-    if not out.exists():
-        if ratio > 0 and not older_new_paths:
-            raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
-        table = pq.read_table(version["stream_path"])
-        idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
-        tokens = _blocks(table)
-        todo = np.flatnonzero((idx < limit) & ~Consumed.from_list(consumed).mask(idx))
-        is_replay = src[todo] != k
-        want, have = int(round(ratio * len(todo))), int(is_replay.sum())
-        rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
-        if want > have:  # own rows -> older versions' blocks
-            swap = np.sort(rng.choice(todo[~is_replay], size=want - have, replace=False))
-            rows, ver = _sample_blocks([read_blocks(p) for p in older_new_paths], len(swap), rng)
-        else:  # replay rows -> the version's own blocks
-            swap = np.sort(rng.choice(todo[is_replay], size=have - want, replace=False))
-            rows, ver = _sample_blocks([read_blocks(version["new_path"])], len(swap), rng)
-            ver = np.full(len(swap), k, np.int64)
-        if len(swap):
-            tokens[swap], src[swap] = rows, ver
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_blocks(out, tokens, src, idx)
-    table = pq.read_table(out, columns=["idx", "src"])
-    idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
-    todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
-    replay = int((src[todo] != k).sum())
-    return {"stream_path": str(out), "rows": int(todo.sum()), "replay_rows": replay,
-            "replay_ratio": replay / max(int(todo.sum()), 1)}
-
 
 @dataclass
 class PrepareSpec:
-    """What :func:`prepare_versions` needs from the run config."""
+    """What :func:`prepare_versions` needs from the run config.
+
+    chunk_bytes, shard_bytes: sizes of a tokenize task's input and of a stream shard (file).
+    mirror: the remote run directory behind ``data_dir`` (:class:`raypath.mirror.Mirror`);
+        prepared files are then written straight to it by the actors, only the
+        manifest locally. None = ``data_dir`` is where they go (a local or shared path).
+    endpoint: S3 endpoint of a remote corpus (None = pyarrow's default resolution).
+    """
 
     data_dir: str
     tokenizer_dir: str
@@ -460,9 +500,27 @@ class PrepareSpec:
     min_blocks: int  # a version must fill at least one global batch
     on_bad_input: str = "error"  # "error" or "skip" (counted and logged)
     max_doc_chars: int = 0  # 0 = no limit
+    mirror: Any = None
+    endpoint: str | None = None
+    chunk_bytes: int = CHUNK_BYTES  # input per tokenize task (see raypath.sources)
+    shard_bytes: int = SHARD_BYTES  # token bytes per stream shard
 
 
-def _check_unchanged(rec: dict, src: VersionSource) -> None:
+@dataclass
+class Plan:
+    """What preparing will do, decided before any token is produced: the manifest, and per
+    new version its validated files (each with its chunks and fingerprint)."""
+
+    manifest_path: Path
+    manifest: dict
+    todo: list[dict] = field(default_factory=list)  # {index, source, train, val, skipped_files}
+
+
+def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> None:
+    """Earlier versions' files must be the ones trained on (checked in parallel Ray tasks)."""
+    import ray
+
+    pending = []
     for kind, files in (("train_files", src.train_files), ("val_files", src.val_files)):
         recorded = {r["path"]: r for r in rec[kind]}
         if set(recorded) != set(files):
@@ -470,115 +528,253 @@ def _check_unchanged(rec: dict, src: VersionSource) -> None:
             gone = sorted(set(recorded) - set(files))
             raise DataError(f"version {src.name}: its {kind.split('_')[0]} files changed after it was "
                             f"trained (added: {added or 'none'}; missing: {gone or 'none'})")
-        for f in files:
-            if not Path(f).is_file():
-                raise DataError(f"{f}: file of version {src.name} is missing (it was trained on; restore it)")
-            if sha256_file(f) != recorded[f]["sha256"]:
-                raise DataError(f"{f}: content changed after version {src.name} was trained "
-                                f"(sha256 differs from the manifest); add new data as a new version")
+        pending += [recorded[f] for f in files]
+    if ray.is_initialized() and len(pending) > 1:
+        task = ray.remote(num_cpus=1)(unchanged)
+        verdicts = ray.get([task.remote(r, endpoint) for r in pending])
+    else:
+        verdicts = [unchanged(r, endpoint) for r in pending]
+    for r, verdict in zip(pending, verdicts):
+        if verdict == "missing":
+            raise DataError(f"{r['path']}: file of version {src.name} is missing (it was trained on; restore it)")
+        if verdict:
+            raise DataError(f"{r['path']}: {verdict} after version {src.name} was trained; "
+                            f"add new data as a new version")
 
 
-def prepare_versions(sources: list[VersionSource], spec: PrepareSpec) -> list[dict]:
+def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
+    """Check the manifest and earlier versions, then validate and fingerprint every file of
+    the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
+    path = Path(spec.data_dir) / "manifest.json"
+    manifest = read_json(path) if path.exists() else {"versions": []}
+    for key in ("seq_len", "tokenizer_dir"):
+        if manifest.get(key) not in (None, getattr(spec, key)):
+            raise DataError(f"{path}: prepared with {key}={manifest[key]!r}, config asks "
+                            f"{getattr(spec, key)!r}; use a new run_dir")
+    records = manifest["versions"]
+    for i, rec in enumerate(records[: len(sources)]):
+        if sources[i].name != rec["name"]:
+            raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
+                            f"appended (config gives {[s.name for s in sources]})")
+        _check_unchanged(rec, sources[i], spec.endpoint)
+    new = sources[len(records):]
+    files = [f for s in new for f in (*s.train_files, *s.val_files)]
+    limit = spec.max_doc_chars if spec.on_bad_input == "error" else 0
+    reports = dict(zip(files, inspect_files(files, spec.text_column, limit, spec.endpoint, spec.chunk_bytes)))
+    plan = Plan(path, manifest)
+    for i, src in enumerate(new, start=len(records)):
+        todo = {"index": i, "source": src, "skipped_files": []}
+        for split, split_files in (("train", src.train_files), ("val", src.val_files)):
+            keep, skipped = apply_policy([reports[f] for f in split_files], spec.on_bad_input)
+            if not keep:
+                raise DataError(f"version {src.name}: no usable {split} files left "
+                                f"({len(skipped)} skipped: {[s['reason'] for s in skipped]})")
+            todo[split] = keep
+            todo["skipped_files"] += skipped
+        for s in todo["skipped_files"]:
+            log.warning("skipping %s: %s", s["path"], s["reason"])
+        plan.todo.append(todo)
+    return plan
+
+
+def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan | None = None) -> list[dict]:
     """Prepare every version not yet in the manifest; return all version records."""
     from raypath.tokenizer import load_tokenizer
 
-    data_dir = Path(spec.data_dir)
-    manifest_path = data_dir / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"versions": []}
-    for key in ("seq_len", "tokenizer_dir"):
-        if manifest.get(key) not in (None, getattr(spec, key)):
-            raise DataError(f"{manifest_path}: prepared with {key}={manifest[key]!r}, config asks "
-                            f"{getattr(spec, key)!r}; use a new run_dir")
+    plan = plan or plan_versions(sources, spec)
+    manifest = plan.manifest
     manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir)
     records: list[dict] = manifest["versions"]
-    for i, rec in enumerate(records[: len(sources)]):
-        if sources[i].name != rec["name"]:
-            raise DataError(f"{manifest_path}: version {i + 1} was {rec['name']!r}; versions can only be "
-                            f"appended (config gives {[s.name for s in sources]})")
-        _check_unchanged(rec, sources[i])
-    eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
-    older = [read_blocks(r["new_path"]) for r in records]
-    for i in range(len(records), len(sources)):
-        rec = _prepare_one(i, sources[i], spec, older, eos)
-        older.append(read_blocks(rec["new_path"]))
+    if plan.todo:
+        eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
+    for todo in plan.todo:
+        rec = _prepare_one(todo, spec, records, eos)
         records.append(rec)
-        write_json(manifest_path, manifest)  # each version lands as soon as it is ready
-        log.info("prepared %s: %d blocks (+%d replay), %d val blocks", rec["name"],
-                 rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"])
+        write_json(plan.manifest_path, manifest)  # each version lands as soon as it is ready
+        log.info("prepared %s: %d blocks (+%d replay), %d val blocks, %.3f%% tokens dropped at pack edges",
+                 rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
+                 100 * rec["dropped_share"])
     return records[: len(sources)]
 
 
-def _tokenize_split(src: VersionSource, split: str, spec: PrepareSpec, eos: int) -> tuple[np.ndarray, dict]:
-    files = src.train_files if split == "train" else src.val_files
-    keep, skipped_files = validate_files(files, spec.text_column, spec.on_bad_input, spec.max_doc_chars)
-    if not keep:
-        raise DataError(f"version {src.name}: no usable {split} files left "
-                        f"({len(skipped_files)} skipped: {[s['reason'] for s in skipped_files]})")
-    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
-    blocks, stats = tokenize_files(keep, spec.tokenizer_dir, spec.seq_len, spec.text_column, spec.actors, eos, limit)
-    if stats["skipped_docs"]:
-        log.warning("version %s %s: skipped documents %s", src.name, split, stats["skipped_docs"])
-    return blocks, {**stats, "skipped_files": skipped_files}
+def _pool(rec: dict, spec: PrepareSpec, upgrade: bool = True) -> Pool:
+    """A prepared version's new data as a :class:`Pool`. An old single-file ``new.parquet`` is one
+    chunk; ``upgrade`` first rewrites it into ``new/`` with the ``row``/``src`` columns a stream
+    pass reads (one Ray task: such runs were small enough for one process)."""
+    import ray
+
+    fs, new = _target(rec["new_path"], spec.mirror)
+    if "new_chunk_rows" not in rec and not upgrade:
+        return Pool(int(rec["index"]), (new,), (int(rec["new_blocks"]),))
+    if "new_chunk_rows" not in rec:
+        out = _target(Path(rec["new_path"]).with_name("new"), spec.mirror)[1]
+        ray.get(ray.remote(_upgrade_new).remote(fs, new, _part(out, 0), int(rec["index"])))
+        rec.update(new_path=str(Path(rec["new_path"]).with_name("new")), new_chunk_rows=[int(rec["new_blocks"])])
+        new = out
+    return Pool(int(rec["index"]), tuple(_part(new, c) for c in range(len(rec["new_chunk_rows"]))),
+                tuple(int(n) for n in rec["new_chunk_rows"]))
 
 
-def _prepare_one(i: int, src: VersionSource, spec: PrepareSpec, older: list[np.ndarray], eos: int) -> dict:
+def _upgrade_new(fs: pafs.FileSystem, old: str, out: str, src: int) -> None:
+    tokens = pq.read_table(old, filesystem=fs, columns=["tokens"]).column("tokens").combine_chunks()
+    write_table(pa.table({"row": np.arange(len(tokens), dtype=np.int64), "src": np.full(len(tokens), src, np.int16),
+                          "tokens": tokens}), fs, out, row_group_size=STREAM_ROW_GROUP)
+
+
+def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], eos: int) -> dict:
+    i, src = todo["index"], todo["source"]
     vdir = Path(spec.data_dir) / src.name
-    vdir.mkdir(parents=True, exist_ok=True)
-    new, stats = _tokenize_split(src, "train", spec, eos)
-    if len(new) < spec.min_blocks:
-        raise DataError(f"version {src.name}: {len(new)} blocks of {spec.seq_len + 1} tokens, fewer than one "
-                        f"global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
-    val, vstats = _tokenize_split(src, "val", spec, eos)
-    if len(val) == 0:
+    fs, root = _target(vdir, spec.mirror)
+    fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
+    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
+    chunks = {split: [c for r in todo[split] for c in r["chunks"]] for split in ("train", "val")}
+    train = tokenize_chunks(chunks["train"], i, f"{root}/new", fs, spec, eos, limit)
+    stats = _sum_stats(train)
+    if stats["blocks"] < spec.min_blocks:
+        raise DataError(f"version {src.name}: {stats['blocks']} blocks of {spec.seq_len + 1} tokens, fewer than "
+                        f"one global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
+    val_stats = tokenize_chunks(chunks["val"], i, f"{root}/val-parts", fs, spec, eos, limit)
+    n_val = _val_split(fs, f"{root}/val-parts", val_stats, f"{root}/val", spec.val_blocks)
+    if n_val == 0:
         raise DataError(f"version {src.name}: validation files hold less than one block of "
                         f"{spec.seq_len + 1} tokens: {list(src.val_files)}")
-    if len(val) < spec.val_blocks:
-        log.warning("version %s: only %d val blocks (data.val_blocks=%d)", src.name, len(val), spec.val_blocks)
-    val = val[: spec.val_blocks]
+    if n_val < spec.val_blocks:
+        log.warning("version %s: only %d val blocks (data.val_blocks=%d)", src.name, n_val, spec.val_blocks)
+    for kind, s in (("train", stats), ("val", _sum_stats(val_stats))):
+        if s["skipped_docs"]:
+            log.warning("version %s %s: skipped documents %s", src.name, kind, s["skipped_docs"])
 
-    rng = np.random.default_rng([spec.seed, i])
-    replay, replay_src = _replay_sample(older, len(new), spec.replay_ratio, rng)
-    tokens = np.concatenate([new, replay]) if len(replay) else new
-    src_col = np.concatenate([np.full(len(new), i, np.int64), replay_src])
-    order = rng.permutation(len(tokens))
-    paths = {k: vdir / f"{k}.parquet" for k in ("new", "stream", "val")}
-    _write_blocks(paths["new"], new)
-    _write_blocks(paths["stream"], tokens[order], src_col[order])
-    _write_blocks(paths["val"], val)
+    own = Pool(i, tuple(_part(f"{root}/new", r["chunk"]) for r in train), tuple(r["blocks"] for r in train))
+    older = [_pool(r, spec) for r in records[:i]]
+    pool = sum(p.rows for p in older)
+    n_replay = min(int(round(spec.replay_ratio / (1.0 - spec.replay_ratio) * own.rows)), pool) if pool else 0
+    replay = Replay.of(older, n_replay, salt(spec.seed, _REPLAY, i)) if n_replay else None
+    stream_spec = StreamSpec(salt(spec.seed, _STREAM, i), _buckets(own.rows + n_replay, spec.seq_len + 1, spec.shard_bytes),
+                             (i,), replay)
+    stream = write_stream([own, *(older if replay else [])], stream_spec, f"{root}/stream", fs)
     return {
         "name": src.name,
         "index": i,
-        "train_files": _file_records(src.train_files),
-        "val_files": _file_records(src.val_files),
+        "layout": LAYOUT,
+        "train_files": [r["fingerprint"] for r in todo["train"]],
+        "val_files": [r["fingerprint"] for r in todo["val"]],
         "docs": stats["docs"],
         "skipped_docs": stats["skipped_docs"],
-        "skipped_files": stats["skipped_files"] + vstats["skipped_files"],
-        "new_blocks": len(new),
-        "new_tokens": int(new.size),
+        "skipped_files": todo["skipped_files"],
+        "new_blocks": stats["blocks"],
+        "new_tokens": stats["blocks"] * (spec.seq_len + 1),
         "dropped_tokens": stats["dropped_tokens"],
-        "replay_blocks": len(replay),
-        "replay_from": {str(v): int(c) for v, c in zip(*np.unique(replay_src, return_counts=True))},
-        "stream_rows": len(tokens),
-        "val_blocks": len(val),
-        "new_path": str(paths["new"]),
-        "stream_path": str(paths["stream"]),
-        "val_path": str(paths["val"]),
+        "dropped_share": stats["dropped_tokens"] / max(stats["doc_tokens"], 1),
+        "replay_blocks": n_replay,
+        "replay_from": {str(v): int(c) for v, c in sorted(stream["from"].items()) if v != i},
+        "stream_rows": stream["rows"],
+        "stream_shards": stream["shards"],
+        "val_blocks": n_val,
+        "new_chunk_rows": list(own.chunk_rows),
+        "new_path": str(vdir / "new"),
+        "stream_path": str(vdir / "stream"),
+        "val_path": str(vdir / "val"),
     }
 
 
-def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int) -> dict:
+def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int, mirror=None) -> dict:
     """All new blocks of versions ``0..upto`` in one seeded order: what PTFS trains on.
 
-    Written once (idempotent) for the paradigm comparison; returns the stream's
-    path and row count like a version record does.
+    Written once (``stream.json`` beside the shards marks it complete) for the paradigm
+    comparison; returns the stream's path and row count like a version record does.
     """
     out = Path(out_path)
+    fs, root = _target(out, mirror)
+    marker = f"{root}/stream.json"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
+        spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, mirror=mirror)
+        pools = [_pool(r, spec) for r in records[: upto + 1]]
+        block = int(records[0]["new_tokens"] // max(records[0]["new_blocks"], 1))
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        stream = write_stream(pools, StreamSpec(salt(seed, _PTFS, upto), _buckets(sum(p.rows for p in pools), block),
+                                                tuple(p.src for p in pools)), root, fs)
+        with fs.open_output_stream(marker) as f:
+            f.write(f'{{"stream_rows": {stream["rows"]}}}\n'.encode())
+    with fs.open_input_stream(marker) as f:
+        import json
+
+        rows = json.loads(f.read())["stream_rows"]
+    return {"stream_path": str(out), "stream_rows": int(rows)}
+
+
+# ---------------------------------------------------------------- branch replay variants
+
+def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None,
+                  idx: np.ndarray | None = None) -> None:
+    """One local parquet file of blocks (a branch's re-mixed stream, test fixtures)."""
+    cols: dict[str, Any] = {"idx": np.arange(len(tokens), dtype=np.int64) if idx is None else idx}
+    if src is not None:
+        cols["src"] = src.astype(np.int16)
+    cols["tokens"] = _tokens_array(tokens)
+    write_table(pa.table(cols), pafs.LocalFileSystem(), str(Path(path).resolve()), row_group_size=STREAM_ROW_GROUP)
+
+
+def _read_rows(pools: list[Pool], positions: np.ndarray, fs: pafs.FileSystem) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks at ``positions`` of the concatenated pools, and each one's source; reads only
+    the part files that hold them."""
+    starts = np.cumsum([0] + [p.rows for p in pools])
+    tokens: list[np.ndarray | None] = [None] * len(positions)
+    src = np.zeros(len(positions), np.int64)
+    for v in np.unique(np.searchsorted(starts, positions, side="right") - 1):
+        pool, at = pools[v], np.flatnonzero((positions >= starts[v]) & (positions < starts[v + 1]))
+        chunk_starts = np.cumsum([0] + list(pool.chunk_rows))
+        within = positions[at] - starts[v]
+        chunk = np.searchsorted(chunk_starts, within, side="right") - 1
+        for c in np.unique(chunk):
+            sel = at[chunk == c]
+            table = pq.read_table(pool.files[c], filesystem=fs, columns=["tokens"])
+            rows = _blocks(table.take(pa.array(within[chunk == c] - chunk_starts[c])))
+            for pos, r in zip(sel, rows):
+                tokens[pos] = r
+        src[at] = pool.src
+    return np.stack(tokens), src
+
+
+def replay_variant(version: dict, older: list[dict], consumed: list, limit: int, ratio: float,
+                   seed: int, out_path: str | Path, mirror=None) -> dict:
+    """``version``'s stream with the rows still to train re-mixed to ``ratio`` replay.
+
+    What a branch with its own replay ratio trains (a sweep can search the ratio). The
+    branch keeps its length and row ids -- the rows ``idx < limit`` not ``consumed`` at
+    its fork -- so the fork checkpoint's data position applies unchanged. Rows of the
+    version's own data are swapped for seeded samples of ``older`` versions' blocks until
+    ``ratio`` of those rows are replay; below the stream's own ratio, replay rows are
+    swapped for the version's own blocks instead (possibly rows the main path trained
+    before the fork). Written once (atomically); returns the path and the mix.
+
+    Holds this one version's stream in memory (a branch's share of it is what it
+    re-mixes); the drawn blocks are read from the part files that hold them only.
+    """
+    out = Path(out_path)
+    k = int(version["index"])
+    spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, mirror=mirror)
     if not out.exists():
-        blocks = [read_blocks(r["new_path"]) for r in records[: upto + 1]]
-        src = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(blocks)])
-        tokens = np.concatenate(blocks)
-        order = np.random.default_rng([seed, 1_000 + upto]).permutation(len(tokens))
+        if ratio > 0 and not older:
+            raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
+        fs, stream = _target(version["stream_path"], mirror)
+        table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in _parquet_files(fs, stream)]).sort_by("idx")
+        idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
+        tokens = _blocks(table)
+        todo = np.flatnonzero((idx < limit) & ~Consumed.from_list(consumed).mask(idx))
+        is_replay = src[todo] != k
+        want, have = int(round(ratio * len(todo))), int(is_replay.sum())
+        rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
+        pools = [_pool(r, spec, upgrade=False) for r in (older if want > have else [version])]
+        swap = np.sort(rng.choice(todo[~is_replay] if want > have else todo[is_replay], size=abs(want - have),
+                                  replace=False))
+        if len(swap):
+            pick = np.sort(rng.choice(sum(p.rows for p in pools), size=len(swap), replace=False))
+            tokens[swap], src[swap] = _read_rows(pools, pick, fs)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_blocks(out, tokens[order], src[order])
-    rows = pq.ParquetFile(out).metadata.num_rows
-    return {"stream_path": str(out), "stream_rows": rows}
+        _write_blocks(out, tokens, src, idx)
+    table = pq.read_table(out, columns=["idx", "src"])
+    idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
+    todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
+    replay = int((src[todo] != k).sum())
+    return {"stream_path": str(out), "rows": int(todo.sum()), "replay_rows": replay,
+            "replay_ratio": replay / max(int(todo.sum()), 1)}

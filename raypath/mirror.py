@@ -11,9 +11,10 @@ mount every node sees is a plain path).
 Who copies what, when:
 
 * the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints,
-  releases and sweeps: large, fetched one by one where needed); after
-  preparing: config, corpus, tokenizer and ``data/``; ``lineage.json`` after
-  every save; ``report/`` at the end;
+  releases and sweeps: large, fetched one by one where needed) and the token
+  files of ``data/`` (written to and read from the remote by Ray Data); after
+  preparing: config, corpus, tokenizer and the data manifest; ``lineage.json``
+  after every save; ``report/`` at the end;
 * Ray Train writes checkpoints straight to the remote
   (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
   stream straight from it;
@@ -48,6 +49,9 @@ from raypath.storage import atomic_file
 MUTABLE = (".json", ".jsonl", ".yaml")
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
 NOT_MIRRORED = ("ray", "releases", "sweeps")
+#: Top-level entries of which the driver pulls only the metadata at start: prepared token
+#: files are written to and read from the remote by Ray Data, and fetched only where needed.
+METADATA_ONLY = ("data",)
 CHUNK = 8 << 20
 
 
@@ -197,7 +201,10 @@ class Mirror:
     def pull_run(self) -> None:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`."""
         for rel, info in self._tree(self.local).items():
-            if rel.split("/", 1)[0] not in NOT_MIRRORED and _changed(Path(self.local, rel), info):
+            top = rel.split("/", 1)[0]
+            if top in NOT_MIRRORED or (top in METADATA_ONLY and not rel.endswith(MUTABLE)):
+                continue
+            if _changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))
 
     def push(self, path: str | os.PathLike) -> None:

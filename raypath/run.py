@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +25,15 @@ from raypath.branches import BranchRunner, release_branch
 from raypath.cluster import init_ray
 from raypath.config import Config, ConfigError
 from raypath.corpus import build_embedded_corpus
-from raypath.data import PrepareSpec, discover_versions, prepare_versions
+from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
 from raypath.pretrained import check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
-from raypath.storage import atomic_write_bytes, read_json
-from raypath.tokenizer import iter_texts, load_tokenizer, train_tokenizer
+from raypath.storage import atomic_dir, atomic_write_bytes, read_json
+from raypath.sources import iter_texts
+from raypath.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,18 @@ class RunContext:
                     mirror=self.mirror)
 
 
-def _corpus_dir(cfg: Config, run_dir: Path) -> Path:
+def _corpus(cfg: Config, run_dir: Path) -> str:
+    """The corpus directory or URI; the embedded default is built under the run directory."""
     if cfg.data.corpus == "embedded":
-        return build_embedded_corpus(run_dir / "corpus", max_docs_per_version=cfg.data.max_docs_per_version,
-                                     seed=cfg.data.seed)
-    return Path(cfg.data.corpus)
+        return str(build_embedded_corpus(run_dir / "corpus", max_docs_per_version=cfg.data.max_docs_per_version,
+                                         seed=cfg.data.seed))
+    return cfg.data.corpus
+
+
+def _endpoint(cfg: Config) -> str | None:
+    # Captured on the driver so that tasks on nodes without these variables agree.
+    return cfg.cluster.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+        os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 #: What :func:`prepare` writes under the run directory (published to a remote one).
@@ -102,35 +111,65 @@ def _check_mirror_path(run_dir: Path) -> None:
 
 
 def prepare(cfg: Config) -> RunContext:
-    """Corpus -> tokenizer -> tokenized versions (idempotent). Needs Ray for tokenization."""
+    """Corpus -> validated files -> tokenizer -> tokenized versions (idempotent). Needs Ray.
+
+    Every file of a version still to prepare is validated (under ``data.on_bad_input``)
+    before anything else reads it, the tokenizer's training included.
+    """
     run_dir, mirror = _open_run_dir(cfg)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    sources = discover_versions(_corpus_dir(cfg, run_dir), cfg.data.versions)
+    endpoint = _endpoint(cfg)
+    sources = discover_versions(_corpus(cfg, run_dir), cfg.data.versions, endpoint)
     base = resolve_base_model(cfg.model.path, run_dir, mirror) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
-    if cfg.data.tokenizer or base is not None:
+    if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
         tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
         if not Path(tok_dir, "tokenizer.json").is_file():
             raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
-        tok = load_tokenizer(tok_dir)
-        if base is not None:
-            check_tokenizer(base.local_dir, tok, "data.tokenizer" if cfg.data.tokenizer else "model.path",
-                            cfg.data.seq_len)
+        if base is not None:  # before any training or tokenization
+            check_tokenizer(base.local_dir, load_tokenizer(tok_dir),
+                            "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
     else:
         tok_dir = str(run_dir / "tokenizer")
-        tok = train_tokenizer(iter_texts(sources[0].train_files, cfg.data.text_column),
-                              cfg.data.vocab_size, tok_dir)
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
                        actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size,
-                       on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars)
-    versions = prepare_versions(sources, spec)
+                       on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
+                       mirror=mirror, endpoint=endpoint)
+    plan = plan_versions(sources, spec)
+    if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
+        first = next((t for t in plan.todo if t["index"] == 0), None)
+        if first is None:
+            raise DataError(f"{tok_dir}: tokenizer directory is missing, but the prepared versions were "
+                            f"tokenized with it; restore it or use a new run_dir")
+        _train_tokenizer([r["path"] for r in first["train"]], cfg, endpoint, Path(tok_dir))
+    tok = load_tokenizer(tok_dir)
+    versions = prepare_versions(sources, spec, plan)
     for name in PREPARED:
         publish(mirror, run_dir / name)
     return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror,
                       base.describe() if base else None)
+
+
+def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path) -> None:
+    """Train the BPE on version 1 in a Ray task (its memory grows with the text it reads, at most
+    ``data.tokenizer_max_chars``); the driver only writes the few files it returns."""
+    import ray
+
+    def train(files: list[str]) -> dict[str, bytes]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            texts = iter_texts(files, cfg.data.text_column, endpoint, cfg.data.tokenizer_max_chars)
+            train_tokenizer(texts, cfg.data.vocab_size, Path(tmp) / "tok")
+            return {p.name: p.read_bytes() for p in (Path(tmp) / "tok").iterdir()}
+
+    saved = ray.get(ray.remote(num_cpus=1)(train).remote(files))
+    with atomic_dir(out) as tmp:
+        for name, data in saved.items():
+            (tmp / name).write_bytes(data)
 
 
 def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:

@@ -305,8 +305,8 @@ class SweepPlan:
         fork = ckpt.load_state(seg.init_checkpoint)
         out = Path(self.ctx.run_dir) / "data" / self.version / "branch-streams" / \
             f"fork{seg.start_step:08d}-replay{ratio:.4f}.parquet"
-        return replay_variant(self.ctx.versions[self.k], [v["new_path"] for v in self.ctx.versions[: self.k]],
-                              fork.get("consumed", []), seg.stream_limit, ratio, self.ctx.cfg.data.seed, out)
+        return replay_variant(self.ctx.versions[self.k], self.ctx.versions[: self.k], fork.get("consumed", []),
+                              seg.stream_limit, ratio, self.ctx.cfg.data.seed, out, self.ctx.mirror)
 
     def penalty(self, branch_tokens: float) -> float:
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)

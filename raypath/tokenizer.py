@@ -7,7 +7,6 @@ is only meaningful when every version is tokenized the same way.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 # Records how a saved tokenizer was trained, so a cached directory trained
 # with another vocab size is not silently reused.
 TRAIN_INFO_NAME = "raypath_tokenizer.json"
-SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
 
 
 # --------------------------------------------------------------------------- #
@@ -57,52 +56,19 @@ def _expand(files: str | Path | Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _iter_jsonl(path: Path, text_column: str) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_column not in record:
-                raise KeyError(f"{path}:{lineno}: no {text_column!r} field")
-            if record[text_column] is not None:
-                yield record[text_column]
-
-
-def _iter_parquet(path: Path, text_column: str) -> Iterator[str]:
-    import pyarrow.parquet as pq  # only needed for parquet corpora
-
-    pf = pq.ParquetFile(path)
-    if text_column not in pf.schema_arrow.names:
-        raise KeyError(f"{path}: no {text_column!r} column (have {pf.schema_arrow.names})")
-    # Batches keep memory flat on large files.
-    for batch in pf.iter_batches(columns=[text_column], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if value is not None:
-                yield value
-
-
 def iter_texts(
     files: str | Path | Iterable[str | Path],
     text_column: str = "text",
     max_chars: int | None = None,
 ) -> Iterator[str]:
-    """Yield ``text_column`` from .jsonl / .jsonl.gz / .parquet files, in order.
+    """Yield ``text_column`` from corpus files (see :mod:`raypath.sources`), in order.
 
     ``max_chars`` bounds the total characters yielded (the last text is
     truncated to fit), e.g. to cap tokenizer-training cost on big corpora.
     """
-    remaining = max_chars
-    for path in _expand(files):
-        reader = _iter_parquet if path.name.endswith(".parquet") else _iter_jsonl
-        for text in reader(path, text_column):
-            if remaining is not None:
-                if remaining <= 0:
-                    return
-                text = text[:remaining]
-                remaining -= len(text)
-            yield text
+    from raypath.sources import iter_texts as read
+
+    yield from read([str(p) for p in _expand(files)], text_column, max_chars=max_chars)
 
 
 # --------------------------------------------------------------------------- #

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +133,64 @@ def tiny_sweep(sweep_lineage):
     again = run_sweep(cfg, "v2")
     return {"config": sweep_lineage, "cfg": cfg, "sweep": cfg.sweep, "dir": sweep_dir, "record": record,
             "again": again, "before_again": before, "after_again": sweep_snapshot(sweep_dir)}
+
+
+# ---------------------------------------------------------------- a real S3 API on loopback
+
+#: Dummy credentials: moto accepts any; AWS's SDK needs some (and no EC2 metadata probing).
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@dataclass
+class S3:
+    endpoint: str
+    fs: pafs.S3FileSystem
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(key) as f:
+            return f.read()
+
+    def files(self, prefix: str) -> dict[str, int]:
+        """key -> size of every object under ``prefix``."""
+        infos = self.fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        return {i.path: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port, killed at the end; AWS_* set for this module."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"moto_server did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in AWS_ENV.items():
+                mp.setenv(key, value)
+            yield S3(endpoint, pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True))
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def bucket(s3: S3, name: str) -> str:
+    """A bucket named ``name`` on the moto server."""
+    s3.fs.create_dir(name)
+    return name

@@ -12,8 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks, \
-    validate_files
+from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks
+from raypath.sources import apply_policy, inspect_file
+
+
+def validate_files(files, column, policy, max_doc_chars=0):
+    """Validate in-process (what the Ray tasks run), then apply the policy."""
+    keep, skipped = apply_policy([inspect_file(f, column, max_doc_chars) for f in files], policy)
+    return tuple(r["path"] for r in keep), skipped
 
 # ---------------------------------------------------------------- pure functions
 
@@ -222,10 +228,11 @@ def test_replay_variant_remixes_only_the_rows_left_to_train(tmp_path, ratio):
     _write_blocks(tmp_path / "v2-new.parquet", new)
     _write_blocks(tmp_path / "v2-stream.parquet", stream, stream_src)
     version = {"name": "v2", "index": 1, "stream_path": str(tmp_path / "v2-stream.parquet"),
-               "new_path": str(tmp_path / "v2-new.parquet")}
+               "new_path": str(tmp_path / "v2-new.parquet"), "new_blocks": 60}
+    older = [{"name": "v1", "index": 0, "new_path": str(tmp_path / "v1.parquet"), "new_blocks": 40}]
     consumed, limit = [[0, 20]], 56                               # fork after 20 rows; 4 rows never trained
     out = tmp_path / "variant.parquet"
-    mix = replay_variant(version, [str(tmp_path / "v1.parquet")], consumed, limit, ratio, 0, out)
+    mix = replay_variant(version, older, consumed, limit, ratio, 0, out)
 
     assert mix["rows"] == 36 and mix["replay_rows"] == round(ratio * 36)
     table = pq.read_table(out)
@@ -236,7 +243,7 @@ def test_replay_variant_remixes_only_the_rows_left_to_train(tmp_path, ratio):
     todo = np.arange(20, 56)
     assert ((tokens[todo] < 50).all(axis=1) == (src[todo] == 0)).all()  # replay rows are v1 blocks
     assert ((tokens[todo] >= 100).all(axis=1) == (src[todo] == 1)).all()
-    again = replay_variant(version, [str(tmp_path / "v1.parquet")], consumed, limit, ratio, 0, out)
+    again = replay_variant(version, older, consumed, limit, ratio, 0, out)
     assert again == mix  # written once, read back
 
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -29,62 +26,7 @@ from raypath.mirror import NOT_MIRRORED, Mirror, run_location
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 RAYPATH = Path(sys.executable).with_name("raypath")
-#: Dummy credentials: moto accepts any; AWS's SDK needs some (and no EC2 metadata probing).
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-@dataclass
-class S3:
-    endpoint: str
-    fs: pafs.S3FileSystem
-
-    def read(self, key: str) -> bytes:
-        with self.fs.open_input_stream(key) as f:
-            return f.read()
-
-    def files(self, prefix: str) -> dict[str, int]:
-        """key -> size of every object under ``prefix``."""
-        infos = self.fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-        return {i.path: i.size for i in infos if i.type == pafs.FileType.File}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port, killed at the end; AWS_* set for this module."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"moto_server did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        endpoint = f"http://127.0.0.1:{port}"
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in AWS_ENV.items():
-                mp.setenv(key, value)
-            yield S3(endpoint, pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True))
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-
-
-def _bucket(s3: S3, name: str) -> str:
-    s3.fs.create_dir(name)
-    return name
+from conftest import AWS_ENV, S3, bucket as _bucket  # the moto server fixture lives in conftest
 
 
 # ---------------------------------------------------------------- the mirror itself (no Ray)
@@ -109,7 +51,7 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     other = Mirror(mirror.remote, str(tmp_path / "b"), s3.endpoint)
     other.pull_run()
     got = {p.relative_to(other.local).as_posix() for p in Path(other.local).rglob("*") if p.is_file()}
-    assert got == {"data/v1/stream.parquet", "data/manifest.json"}
+    assert got == {"data/manifest.json"}  # prepared token files are read from the bucket, never pulled whole
     assert "ray" in NOT_MIRRORED
     # ...and a worker fetches a checkpoint directory whole when it needs it.
     step = Path(other.local, "ray", "main-v1", "step_00000004")
@@ -121,6 +63,7 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     other.pull(Path(other.local, "data", "manifest.json"))
     assert Path(other.local, "data", "manifest.json").read_text() == '{"versions": [1]}'
 
+    assert other.pull(Path(other.local, "data", "v1", "stream.parquet")).read_bytes() == b"x" * 1000  # on demand
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/run/data/v2/val.parquet: not found"):
         other.pull(Path(other.local, "data", "v2", "val.parquet"))
 

@@ -129,7 +129,7 @@ def test_iter_texts_formats_and_budget(tmp_path: Path) -> None:
     assert list(iter_texts([pqf], text_column="body")) == ["delta", "épsilon"]
     # A directory expands to its data files in sorted order.
     assert list(iter_texts(tmp_path / "d", text_column="text", max_chars=7)) == ["alpha", "be"]
-    with pytest.raises(KeyError, match="body"):
+    with pytest.raises(ValueError, match="a.jsonl: line 1: no 'body' string field"):
         list(iter_texts([jl], text_column="body"))
     with pytest.raises(FileNotFoundError):
         list(iter_texts([tmp_path / "nope.jsonl"]))

@@ -1,0 +1,433 @@
+"""Where a versioned corpus lives and how its text is read: any pyarrow filesystem, four formats.
+
+A corpus is a directory -- a local path or a URI such as ``s3://bucket/corpus`` --
+with one sub-directory per version, each holding ``train/`` and ``val/`` files:
+
+* ``.jsonl`` and ``.jsonl.gz``: one JSON object per line with a text field;
+* ``.parquet``: a string column;
+* ``.arrow``: Arrow IPC files as Hugging Face ``datasets`` writes them with
+  ``save_to_disk`` (its ``dataset_info.json``/``state.json`` are ignored).
+
+Everything here runs where it is called: the driver only lists directories;
+:func:`inspect_file` (validation + fingerprint) and :func:`iter_docs` (text of
+one :class:`Chunk`) run inside Ray tasks and Ray Data actors, one file or chunk
+each, so no single process reads a whole version. A file is cut into chunks of
+about :data:`CHUNK_BYTES` (byte ranges of a jsonl file, row groups of a parquet
+file; a gzip or Arrow stream file is one chunk) so that one huge file still
+spreads over many actors.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
+#: Target size of one tokenize task's input. Bounds an actor's memory (its chunk's
+#: tokens are packed in memory) and sets the parallelism of a version made of few big files.
+CHUNK_BYTES = 64 << 20
+_READ = 1 << 20
+
+
+class DataError(ValueError):
+    """Bad corpus input; the message names the file or version."""
+
+
+# ---------------------------------------------------------------- filesystems
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path) and urlparse(str(path)).scheme not in ("", "file")
+
+
+@functools.lru_cache(maxsize=None)
+def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> pafs.FileSystem:
+    # Cached per process: building an S3 filesystem resolves credentials (slow).
+    if endpoint and scheme_netloc.startswith("s3://"):
+        return pafs.S3FileSystem(endpoint_override=endpoint)
+    return pafs.FileSystem.from_uri(scheme_netloc)[0]
+
+
+def filesystem_for(path: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a local path or a URI; ``endpoint`` overrides an S3 endpoint."""
+    if not is_uri(path):
+        local = urlparse(path).path if str(path).startswith("file://") else str(path)
+        return pafs.LocalFileSystem(), str(Path(local).resolve())
+    u = urlparse(path)
+    return _uri_filesystem(f"{u.scheme}://{u.netloc}", endpoint), f"{u.netloc}{u.path}".rstrip("/")
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _listing(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    try:
+        return sorted(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), key=lambda i: i.path)
+    except OSError as e:  # unreachable endpoint, bad credentials, no bucket
+        raise DataError(f"data.corpus: cannot list {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ---------------------------------------------------------------- discovery
+
+@dataclass(frozen=True)
+class VersionSource:
+    """Where one version's text lives: file paths (local) or URIs (remote), sorted."""
+
+    name: str
+    train_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+
+
+def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
+    return tuple(_join(shown, Path(i.path).name) for i in _listing(fs, d)
+                 if i.type == pafs.FileType.File and i.base_name.endswith(SUFFIXES))
+
+
+def discover_versions(corpus: str | Path, names: list[str] | None = None,
+                      endpoint: str | None = None) -> list[VersionSource]:
+    """One :class:`VersionSource` per version sub-directory (``train/`` + ``val/``) of ``corpus``."""
+    corpus = str(corpus)
+    fs, root = filesystem_for(corpus, endpoint)
+    shown = corpus.rstrip("/") if is_uri(corpus) else root
+    try:
+        kind = fs.get_file_info(root).type
+    except OSError as e:
+        raise DataError(f"data.corpus: cannot reach {corpus}: {_first_line(e)}") from None
+    if kind != pafs.FileType.Directory:
+        raise DataError(f"data.corpus: {shown} is not a directory")
+    dirs = [i.base_name for i in _listing(fs, root) if i.type == pafs.FileType.Directory]
+    available = [d for d in dirs if fs.get_file_info(_join(_join(root, d), "train")).type == pafs.FileType.Directory]
+    out = []
+    for name in names or available:
+        if name not in available:
+            raise DataError(f"data.versions: {name!r} has no {_join(_join(shown, name), 'train')} directory "
+                            f"(found: {', '.join(available) or 'none'})")
+        vroot, vshown = _join(root, name), _join(shown, name)
+        src = VersionSource(name, _files(fs, _join(vroot, "train"), _join(vshown, "train")),
+                            _files(fs, _join(vroot, "val"), _join(vshown, "val")))
+        for split, files in (("train", src.train_files), ("val", src.val_files)):
+            if not files:
+                extra = " (validation split required)" if split == "val" else ""
+                raise DataError(f"{_join(vshown, split)}: no {'/'.join(SUFFIXES)} files{extra}")
+        out.append(src)
+    if not out:
+        raise DataError(f"data.corpus: {shown} has no version sub-directories with a train/ folder")
+    return out
+
+
+# ---------------------------------------------------------------- chunks and documents
+
+@dataclass(frozen=True)
+class Chunk:
+    """One tokenize task's share of a file.
+
+    path: the file (local path or URI). fmt: ``jsonl``, ``jsonl.gz``, ``parquet`` or ``arrow``.
+    start, stop: byte range (jsonl: lines *starting* in it) or row-group range
+        (parquet); ``0, -1`` = the whole file.
+    """
+
+    path: str
+    fmt: str
+    start: int = 0
+    stop: int = -1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def file_format(path: str) -> str:
+    for fmt in ("jsonl.gz", "jsonl", "parquet", "arrow"):
+        if path.endswith("." + fmt):
+            return fmt
+    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+
+
+def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the lines that start in ``[start, stop)`` of a binary stream.
+
+    A line that starts before ``start`` belongs to the previous range, so ranges that
+    tile a file yield every line exactly once.
+    """
+    pos = 0
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1
+    buf = b""
+    first = start > 0  # the partial line up to (and including) the first newline is not ours
+    while True:
+        block = f.read(_READ)
+        if not block:
+            break
+        buf += block
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[: nl + 1], buf[nl + 1:]
+            if first:
+                first = False
+            elif stop < 0 or pos < stop:
+                yield pos, line
+            else:
+                return
+            pos += len(line)
+    if buf and not first and (stop < 0 or pos < stop):
+        yield pos, buf
+
+
+def _open(path: str, endpoint: str | None, compressed: bool = False):
+    fs, p = filesystem_for(path, endpoint)
+    return fs.open_input_stream(p, compression="gzip") if compressed else fs.open_input_file(p)
+
+
+def _json_text(line: bytes, column: str) -> tuple[str | None, str | None]:
+    """(text, problem) of one jsonl line; problem names what is wrong."""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    try:
+        row = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})"
+    if not isinstance(row, dict) or not isinstance(row.get(column), str):
+        return None, f"no {column!r} string field"
+    return row[column], None
+
+
+def _arrow_batches(f) -> Iterator[pa.RecordBatch]:
+    try:
+        reader = pa.ipc.open_stream(f)  # what datasets' save_to_disk writes
+    except pa.ArrowInvalid:
+        f.seek(0)
+        reader = pa.ipc.open_file(f)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+        return
+    yield from reader
+
+
+def _column_texts(batches: Iterator[pa.RecordBatch], column: str) -> Iterator[tuple[int, str | None]]:
+    row = 0
+    for batch in batches:
+        for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+            yield row, value
+            row += 1
+
+
+def iter_docs(chunk: Chunk, column: str, endpoint: str | None = None) -> Iterator[tuple[str, str | None, str | None]]:
+    """(where, text, problem) for every document of ``chunk``, in file order.
+
+    ``where`` is ``line N`` or ``row N``; ``problem`` is None for a good document.
+    """
+    if chunk.fmt in ("jsonl", "jsonl.gz"):
+        with _open(chunk.path, endpoint, compressed=chunk.fmt == "jsonl.gz") as f:
+            lineno = 1 if chunk.start == 0 else None  # a later byte range does not know its line numbers
+            for offset, line in _lines(f, chunk.start, chunk.stop):
+                if line.strip():
+                    text, problem = _json_text(line, column)
+                    yield (f"line {lineno}" if lineno else f"byte {offset}"), text, problem
+                if lineno:
+                    lineno += 1
+        return
+    with _open(chunk.path, endpoint) as f:
+        if chunk.fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            groups = range(chunk.start, pf.num_row_groups if chunk.stop < 0 else chunk.stop)
+            first = sum(pf.metadata.row_group(i).num_rows for i in range(chunk.start))
+            rows = _column_texts(pf.iter_batches(row_groups=list(groups), columns=[column]), column)
+        else:
+            first, rows = 0, _column_texts(_arrow_batches(f), column)
+        for row, value in rows:  # a null is no document; anything but a string is a problem
+            bad = value is not None and not isinstance(value, str)
+            yield f"row {first + row}", None if bad else value, f"{column!r} is not a string" if bad else None
+
+
+# ---------------------------------------------------------------- validation + fingerprint
+
+POLICIES = ("error", "skip")
+
+
+def _schema_problem(schema: pa.Schema, column: str) -> str | None:
+    if column not in schema.names:
+        return f"no {column!r} column (columns: {', '.join(schema.names)})"
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return f"column {column!r} is {kind}, expected string"
+    return None
+
+
+def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: int) -> list[Chunk]:
+    if fmt == "jsonl":
+        return [Chunk(path, fmt, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
+    if fmt == "parquet":
+        with _open(path, endpoint) as f:
+            meta = pq.ParquetFile(f).metadata
+        out, start, acc = [], 0, 0
+        for i in range(meta.num_row_groups):
+            acc += meta.row_group(i).total_byte_size
+            if acc >= chunk_bytes or i == meta.num_row_groups - 1:
+                out.append(Chunk(path, fmt, start, i + 1))
+                start, acc = i + 1, 0
+        return out
+    return [Chunk(path, fmt)]
+
+
+def _structure_problem(path: str, fmt: str, column: str, endpoint: str | None) -> str | None:
+    """A parquet/Arrow file's schema problem (None if fine): checked before reading any row."""
+    if fmt not in ("parquet", "arrow"):
+        return None
+    try:
+        with _open(path, endpoint) as f:
+            if fmt == "parquet":
+                pf = pq.ParquetFile(f)
+                schema, rows = pf.schema_arrow, pf.metadata.num_rows
+            else:
+                batches = _arrow_batches(f)
+                first = next(batches, None)
+                schema, rows = (first.schema, first.num_rows) if first is not None else (None, 0)
+    except (pa.ArrowInvalid, OSError) as e:
+        return f"not a readable {fmt} file ({_first_line(e)})"
+    if schema is None:
+        return "empty: no rows"
+    return _schema_problem(schema, column) or (None if rows else "empty: no rows")
+
+
+def fingerprint(path: str, endpoint: str | None = None) -> dict:
+    """What says a file did not change: sha256 (+ size, mtime) locally; size + mtime on object stores.
+
+    Hashing a remote object would download it; object stores replace, never edit, an
+    object, so a new size or mtime is the signal there.
+    """
+    fs, p = filesystem_for(path, endpoint)
+    info = fs.get_file_info(p)
+    rec = {"path": path, "bytes": info.size, "mtime_ns": info.mtime_ns}
+    if not is_uri(path):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(_READ):
+                h.update(block)
+        rec["sha256"] = h.hexdigest()
+    return rec
+
+
+def unchanged(rec: dict, endpoint: str | None = None) -> str | None:
+    """None when the file behind a manifest record is unchanged, else what changed.
+
+    Local files whose size and mtime match are not re-hashed (git's stat check):
+    re-running a lineage must not read its whole corpus again.
+    """
+    fs, p = filesystem_for(rec["path"], endpoint)
+    info = fs.get_file_info(p)
+    if info.type != pafs.FileType.File:
+        return "missing"
+    if info.size != rec.get("bytes"):
+        return "content changed (size differs from the manifest)"
+    if "sha256" not in rec:
+        return None if info.mtime_ns == rec.get("mtime_ns") else "content changed (mtime differs from the manifest)"
+    if info.mtime_ns == rec.get("mtime_ns"):
+        return None
+    return None if fingerprint(rec["path"], endpoint)["sha256"] == rec["sha256"] else \
+        "content changed (sha256 differs from the manifest)"
+
+
+def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str | None = None,
+                 chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Validate one file and fingerprint it; runs as a Ray task.
+
+    Returns ``{"path", "problem", "docs", "chunks", "fingerprint"}``: ``problem`` is the
+    first thing wrong (None if the file is usable), naming the line or row. Catches
+    what would otherwise surface as an opaque worker traceback or a silent drop:
+    missing/empty files, unreadable parquet/Arrow, a missing or non-string text
+    column, non-UTF-8 bytes, malformed JSON, over-long documents (``max_doc_chars``,
+    0 = no limit) and a truncated gzip stream.
+    """
+    out = {"path": path, "problem": None, "docs": 0, "chunks": [], "fingerprint": None}
+    try:
+        fs, p = filesystem_for(path, endpoint)
+        info = fs.get_file_info(p)
+    except OSError as e:
+        return {**out, "problem": f"cannot reach ({_first_line(e)})"}
+    if info.type != pafs.FileType.File:
+        return {**out, "problem": "file not found"}
+    if info.size == 0:
+        return {**out, "problem": "empty file (0 bytes)"}
+    fmt = file_format(path)
+    problem = _structure_problem(path, fmt, column, endpoint)
+    if problem:
+        return {**out, "problem": problem}
+    docs = 0
+    try:
+        for where, text, problem in iter_docs(Chunk(path, fmt), column, endpoint):
+            if problem is None and max_doc_chars and len(text or "") > max_doc_chars:
+                problem = f"document of {len(text)} characters exceeds data.max_doc_chars={max_doc_chars}"
+            if problem:
+                return {**out, "problem": f"{where}: {problem}"}
+            docs += text is not None
+    except (EOFError, OSError, pa.ArrowInvalid) as e:
+        return {**out, "problem": f"unreadable after {docs} documents ({_first_line(e)})"}
+    if not docs:
+        return {**out, "problem": "empty: no documents"}
+    return {**out, "docs": docs, "chunks": [c.to_dict() for c in _chunks(path, fmt, info.size, endpoint, chunk_bytes)],
+            "fingerprint": fingerprint(path, endpoint)}
+
+
+def inspect_files(files: list[str], column: str, max_doc_chars: int = 0, endpoint: str | None = None,
+                  chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+    """:func:`inspect_file` of every file, in parallel Ray tasks (in-process without Ray)."""
+    import ray
+
+    args = (column, max_doc_chars, endpoint, chunk_bytes)
+    if not ray.is_initialized() or len(files) <= 1:
+        return [inspect_file(f, *args) for f in files]
+    task = ray.remote(num_cpus=1)(inspect_file)
+    return ray.get([task.remote(f, *args) for f in files])
+
+
+def apply_policy(reports: list[dict], policy: str) -> tuple[list[dict], list[dict]]:
+    """(usable reports, skipped files) under ``data.on_bad_input``; ``error`` raises on the first bad file."""
+    if policy not in POLICIES:
+        raise DataError(f"data.on_bad_input: {policy!r} is not one of {', '.join(POLICIES)}")
+    keep, skipped = [], []
+    for r in reports:
+        if r["problem"] is None:
+            keep.append(r)
+        elif policy == "error":
+            raise DataError(f"{r['path']}: {r['problem']} (set data.on_bad_input: skip to skip bad files)")
+        else:
+            skipped.append({"path": r["path"], "reason": r["problem"]})
+    return keep, skipped
+
+
+def iter_texts(files: list[str], column: str, endpoint: str | None = None,
+               max_chars: int | None = None) -> Iterator[str]:
+    """Documents of ``files`` in order (for tokenizer training), at most ``max_chars`` characters.
+
+    Meant for validated files: a bad document raises :class:`DataError` naming it.
+    """
+    remaining = max_chars
+    for path in files:
+        for where, text, problem in iter_docs(Chunk(path, file_format(path)), column, endpoint):
+            if problem:
+                raise DataError(f"{path}: {where}: {problem}")
+            if not text:
+                continue
+            if remaining is not None:
+                if remaining <= 0:
+                    return
+                text = text[:remaining]
+                remaining -= len(text)
+            yield text

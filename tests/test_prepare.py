@@ -1,0 +1,261 @@
+"""Version preparation on Ray Data: the sharded layout, one stream whatever the actors,
+every input format and filesystem, old run directories, bad files among many."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks
+from raypath.sources import Chunk, _lines, iter_docs
+
+from conftest import AWS_ENV, ROOT, bucket
+
+WORDS = ("train", "branch", "decay", "replay", "shard", "token", "version", "ray", "loss", "path")
+
+
+def _docs(k: int, n: int) -> list[str]:
+    rng = np.random.default_rng(k)
+    return [f"doc {k}.{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(20, 120)))) for i in range(n)]
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def _corpus(root: Path, versions: int = 3, files: int = 4, docs: int = 30) -> Path:
+    """Several files per version, so a version is many chunks; the last one in parquet."""
+    for k in range(versions):
+        texts = _docs(k, files * docs + 6)
+        for f in range(files):
+            part = texts[f * docs:(f + 1) * docs]
+            if k == versions - 1 and f == 0:
+                (root / f"v{k + 1}" / "train").mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.table({"text": part}), root / f"v{k + 1}" / "train" / "part-0.parquet",
+                               row_group_size=8)
+            else:
+                _write_jsonl(root / f"v{k + 1}" / "train" / f"part-{f}.jsonl", part)
+        _write_jsonl(root / f"v{k + 1}" / "val" / "part-0.jsonl", texts[-6:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from raypath.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(_docs(0, 50) + _docs(1, 50), 320, out)
+    return str(out)
+
+
+def _spec(data_dir: Path, tokenizer_dir: str, **kw) -> PrepareSpec:
+    # Small chunks and shards: byte-range chunks of jsonl files, several row groups per
+    # parquet chunk and several stream shards, as a large corpus would have.
+    base = dict(data_dir=str(data_dir), tokenizer_dir=tokenizer_dir, seq_len=16, text_column="text",
+                val_blocks=6, replay_ratio=0.25, seed=3, actors=1, min_blocks=4,
+                chunk_bytes=2048, shard_bytes=3000)
+    return PrepareSpec(**{**base, **kw})
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.parquet"))}
+
+
+# ---------------------------------------------------------------- reading
+
+def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
+    path = tmp_path / "a.jsonl"
+    docs = _docs(5, 40)
+    _write_jsonl(path, docs)
+    size = path.stat().st_size
+    for step in (1, 7, 100, 333, size):
+        got = []
+        for start in range(0, size, step):
+            with open(path, "rb") as f:
+                got += [line for _, line in _lines(f, start, min(start + step, size))]
+        assert [json.loads(line)["text"] for line in got] == docs, step
+    texts = [t for _, t, _ in iter_docs(Chunk(str(path), "jsonl", 0, size), "text")]
+    assert texts == docs
+
+
+def test_a_datasets_arrow_directory_reads_like_jsonl(ray_cluster, tmp_path, tokenizer_dir):
+    datasets = pytest.importorskip("datasets")
+    jsonl = _corpus(tmp_path / "jsonl", versions=1, files=1)
+    arrow = tmp_path / "arrow"
+    shutil.copytree(jsonl / "v1" / "val", arrow / "v1" / "val")
+    docs = [json.loads(line)["text"] for line in (jsonl / "v1" / "train" / "part-0.jsonl").read_text().splitlines()]
+    datasets.Dataset.from_dict({"text": docs, "id": list(range(len(docs)))}).save_to_disk(str(arrow / "v1" / "train"))
+    src = discover_versions(arrow)[0]
+    assert [Path(f).suffix for f in src.train_files] == [".arrow"]
+
+    a = prepare_versions(discover_versions(jsonl), _spec(tmp_path / "a", tokenizer_dir, chunk_bytes=1 << 30))
+    b = prepare_versions([src], _spec(tmp_path / "b", tokenizer_dir))
+    assert a[0]["docs"] == b[0]["docs"] == len(docs)
+    assert _files(tmp_path / "a" / "data" / "v1" / "stream") == _files(tmp_path / "b" / "data" / "v1" / "stream")
+
+
+# ---------------------------------------------------------------- the stream
+
+def test_stream_is_byte_identical_whatever_the_number_of_actors(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus")
+    one = prepare_versions(discover_versions(corpus), _spec(tmp_path / "one", tokenizer_dir, actors=1))
+    two = prepare_versions(discover_versions(corpus), _spec(tmp_path / "two", tokenizer_dir, actors=2))
+    for a, b in zip(one, two):
+        for kind in ("new", "stream", "val"):
+            fa, fb = _files(Path(a[f"{kind}_path"])), _files(Path(b[f"{kind}_path"]))
+            assert fa and fa == fb, (a["name"], kind)
+
+    v1, v3 = one[0], one[2]
+    assert len(v3["new_chunk_rows"]) > 4 and v3["stream_shards"] > 1  # really sharded
+    assert v3["dropped_share"] < 0.05 and v3["dropped_tokens"] < 17 * len(v3["new_chunk_rows"])
+    for rec in one:
+        stream = pq.read_table(rec["stream_path"], columns=["idx", "src"])
+        idx, src = np.sort(stream["idx"].to_numpy()), stream["src"].to_numpy()
+        assert idx.tolist() == list(range(rec["stream_rows"]))  # positions are exactly 0..n-1
+        assert (src == rec["index"]).sum() == rec["new_blocks"]  # every new block once
+        assert (src != rec["index"]).sum() == rec["replay_blocks"]
+    assert v1["replay_blocks"] == 0
+    assert v3["replay_blocks"] == round(0.25 / 0.75 * v3["new_blocks"])  # exact, without replacement
+    # The stream holds the new blocks themselves, shuffled: same multiset of rows.
+    new = read_blocks(v3["new_path"])
+    stream = pq.read_table(v3["stream_path"]).sort_by("idx")
+    own = read_blocks(v3["stream_path"])[stream["src"].to_numpy() == 2]
+    assert sorted(map(bytes, own)) == sorted(map(bytes, new))
+    assert not np.array_equal(own, new)
+    # Another seed, another order.
+    other = prepare_versions(discover_versions(corpus), _spec(tmp_path / "seed", tokenizer_dir, seed=4))
+    assert _files(Path(other[2]["stream_path"])) != _files(Path(v3["stream_path"]))
+
+
+def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus", versions=2, files=6)
+    bad = corpus / "v2" / "train" / "part-3.jsonl"
+    lines = bad.read_text().splitlines()
+    bad.write_text("\n".join(lines[:2] + ['{"text": "unterminated'] + lines[2:]) + "\n")
+    with pytest.raises(DataError, match=r"v2/train/part-3.jsonl: line 3: not valid JSON"):
+        prepare_versions(discover_versions(corpus), _spec(tmp_path / "e", tokenizer_dir))
+    assert not (tmp_path / "e" / "data" / "manifest.json").exists()  # validated before any version is written
+
+    recs = prepare_versions(discover_versions(corpus), _spec(tmp_path / "s", tokenizer_dir, on_bad_input="skip"))
+    assert [Path(s["path"]).name for s in recs[1]["skipped_files"]] == ["part-3.jsonl"]
+    assert recs[1]["docs"] == 5 * 30 and len(recs[1]["train_files"]) == 5
+
+
+# ---------------------------------------------------------------- old run directories
+
+def _to_old_layout(rec: dict) -> dict:
+    """A version record and its files as raypath wrote them before the sharded layout."""
+    from raypath.data import _write_blocks
+
+    out = {k: v for k, v in rec.items() if k not in ("layout", "new_chunk_rows", "stream_shards", "dropped_share")}
+    for kind in ("new", "stream", "val"):
+        table = pq.read_table(rec[f"{kind}_path"])
+        if "idx" in table.column_names:
+            table = table.sort_by("idx")
+        tokens = read_blocks(rec[f"{kind}_path"])
+        path = Path(rec[f"{kind}_path"]).with_name(f"{kind}.parquet")
+        _write_blocks(path, tokens, table["src"].to_numpy() if kind == "stream" else None)
+        shutil.rmtree(rec[f"{kind}_path"])
+        out[f"{kind}_path"] = str(path)
+    return out
+
+
+def test_an_old_single_file_layout_is_extended_with_replay(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus")
+    spec = _spec(tmp_path / "run", tokenizer_dir)
+    two = prepare_versions(discover_versions(corpus)[:2], spec)
+    manifest_path = tmp_path / "run" / "data" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["versions"] = [_to_old_layout(r) for r in two]
+    manifest_path.write_text(json.dumps(manifest))
+
+    recs = prepare_versions(discover_versions(corpus), spec)
+    reference = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ref", tokenizer_dir))
+    assert [r["stream_path"].endswith(".parquet") for r in recs] == [True, True, False]
+    assert Path(recs[0]["new_path"]).name == "new"  # rewritten once for replay
+    # Same rows replayed as from the sharded layout (the old file is one chunk per version,
+    # so only the draws' row ids differ, not their number or sources).
+    assert recs[2]["replay_blocks"] == reference[2]["replay_blocks"]
+    assert recs[2]["stream_rows"] == reference[2]["stream_rows"]
+    assert read_blocks(recs[1]["stream_path"]).shape == read_blocks(reference[1]["stream_path"]).shape
+
+
+def test_an_old_layout_run_resumes_and_extends(tiny_run_copy, tmp_path):
+    """A finished run directory of the single-file layout trains its next version."""
+    from raypath.run import run
+
+    cfg = tiny_run_copy
+    manifest_path = Path(cfg.run_dir) / "data" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["versions"] = [_to_old_layout(r) for r in manifest["versions"]]
+    manifest_path.write_text(json.dumps(manifest))
+    lineage_path = Path(cfg.run_dir) / "lineage.json"
+    lineage = json.loads(lineage_path.read_text())
+    lineage["versions"] = manifest["versions"]
+    lineage_path.write_text(json.dumps(lineage))
+
+    from raypath.config import load_config
+
+    extended = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={cfg.run_dir}",
+                                                            "data.versions=[v1, v2, v3, v4]"])
+    result = run(extended).data
+    assert [m["version"] for m in result["main_path"]] == ["v1", "v2", "v3", "v4"]
+    assert result["versions"][3]["stream_path"].endswith("stream")  # the new version is sharded
+    assert result["versions"][0]["stream_path"].endswith("stream.parquet")
+
+
+# ---------------------------------------------------------------- object storage
+
+PREPARE = """
+import json, sys
+from raypath.cluster import init_ray
+from raypath.config import load_config
+from raypath.run import prepare
+init_ray(num_cpus=4)
+ctx = prepare(load_config(sys.argv[1], sys.argv[2:]))
+print(json.dumps(ctx.versions))
+"""
+
+
+def _prepare_subprocess(s3, run_dir: Path, corpus: str, tok: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **AWS_ENV, "RAY_AUTH_MODE": "disabled", "AWS_ENDPOINT_URL": s3.endpoint}
+    args = [sys.executable, "-c", PREPARE, str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
+            f"data.corpus={corpus}", "data.versions=[v1, v2]", f"data.tokenizer={tok}", "data.seq_len=16",
+            "data.replay_ratio=0.25", "train.global_batch_size=4", "data.val_blocks=6"]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_a_corpus_on_s3_prepares_like_the_same_files_on_disk(s3, tmp_path, tokenizer_dir):
+    """``data.corpus: s3://...`` against a real S3 API (moto on loopback), in a fresh process
+    with its own Ray cluster (the nodes read the bucket with their own credentials)."""
+    import pyarrow.fs as pafs
+
+    corpus = _corpus(tmp_path / "corpus", versions=2)
+    name = bucket(s3, "corpus")
+    pafs.copy_files(str(corpus), f"{name}/c", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3.fs)
+    remote = _prepare_subprocess(s3, tmp_path / "remote", f"s3://{name}/c", tokenizer_dir, tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    local = _prepare_subprocess(s3, tmp_path / "local", str(corpus), tokenizer_dir, tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    rv, lv = json.loads(remote.stdout.splitlines()[-1]), json.loads(local.stdout.splitlines()[-1])
+    assert rv[1]["train_files"][0]["path"].startswith(f"s3://{name}/c/v2/train/")
+    assert "sha256" not in rv[1]["train_files"][0] and rv[1]["train_files"][0]["bytes"] > 0
+    for r, lo in zip(rv, lv):
+        assert _files(Path(r["stream_path"])) == _files(Path(lo["stream_path"]))
+
+    # A trained version's object replaced in the bucket: named on the next run.
+    key = f"{name}/c/v1/train/part-1.jsonl"
+    with s3.fs.open_output_stream(key) as f:
+        f.write(b'{"text": "replaced"}\n')
+    again = _prepare_subprocess(s3, tmp_path / "remote", f"s3://{name}/c", tokenizer_dir, tmp_path)
+    assert again.returncode != 0 and f"s3://{key}: content changed" in again.stderr
