@@ -1,11 +1,26 @@
 """Training checkpoints: complete-or-absent, verified on load, ``weights_only``.
 
-A checkpoint directory holds ``model.pt``, ``optim.pt``, ``state.json`` (step,
-tokens, data position, schedule name) and ``rng.pt``, and last of all
-``manifest.json`` with each file's sha256. A directory without a manifest, or
-whose files do not match it, is torn: :func:`load` refuses it and
-:func:`latest_valid` skips it, so a crash mid-write can only cost the newest
-checkpoint, never corrupt a run.
+Two layouts, told apart by the manifest:
+
+* **full** (``train.parallel: ddp``): ``model.pt``, ``optim.pt`` (the whole
+  state, written by rank 0), ``state.json`` (step, tokens, data position,
+  schedule name), ``rng.pt``, and last of all ``manifest.json`` with each file's
+  sha256.
+* **sharded** (``train.parallel: fsdp``): ``shards/`` is a
+  ``torch.distributed.checkpoint`` (DCP) directory where every rank wrote its
+  own shards (nothing gathers the full state), plus ``state.json`` and
+  ``rng.pt``. Once every rank has written and hashed its files, rank 0 writes
+  ``manifest.json`` (``format: sharded``, each file's size and sha256) last.
+  DCP reshards on load, so a sharded checkpoint resumes at any world size,
+  under FSDP or DDP.
+
+A directory without a manifest, or whose files do not match it, is torn:
+:func:`load` refuses it and :func:`latest_valid` skips it, so a crash mid-write
+can only cost the newest checkpoint, never corrupt a run. Full checkpoints are
+hashed whole by :func:`latest_valid`; a sharded one is checked there for
+presence and sizes, and hashed at load, each rank hashing a share of the files
+(:func:`verify_share`); a corrupted one is quarantined (its manifest renamed),
+so the restart that follows skips it.
 
 In a remote run directory (:mod:`raypath.mirror`) Ray Train uploads the
 checkpoints; the functions taking a ``mirror`` list and read them there, and a
@@ -30,6 +45,9 @@ log = logging.getLogger(__name__)
 
 FILES = ("model.pt", "optim.pt", "rng.pt", "state.json")
 MANIFEST = "manifest.json"
+#: DCP directory of a sharded checkpoint, and the manifest's ``format`` value for one.
+SHARDS = "shards"
+SHARDED = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -54,12 +72,15 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     return d
 
 
-def verify(directory: str | Path, mirror: Mirror | None = None) -> None:
+def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool | None = None) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
 
     For a remote checkpoint (``mirror``) this checks that the manifest and every
     file were uploaded, without downloading them: their checksums are verified
     on the node that downloads the checkpoint to load it.
+    deep: hash every file; False: presence (and sizes, where the manifest has them)
+        only; None (default): hash a full checkpoint, but not a sharded one, whose
+        size grows with the model: the ranks that load it hash it (:func:`verify_share`).
     """
     d = Path(directory)
     if mirrored(mirror, d):
@@ -68,11 +89,80 @@ def verify(directory: str | Path, mirror: Mirror | None = None) -> None:
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
     expected = read_json(d / MANIFEST)
+    if expected.get("format") == SHARDED:
+        _check_files(d, expected["files"], bool(deep))
+        return
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
-        if sha256_file(d / name) != expected.get(name):
+        if deep is not False and sha256_file(d / name) != expected.get(name):
             raise CheckpointError(f"{d}: {name} does not match its checksum (corrupted)")
+
+
+def _check_files(d: Path, files: dict[str, dict], deep: bool) -> None:
+    for rel, meta in files.items():
+        f = d / rel
+        if not f.is_file():
+            raise CheckpointError(f"{d}: {rel} missing")
+        if f.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{d}: {rel} has {f.stat().st_size} bytes, the manifest says {meta['size']} (torn)")
+        if deep and sha256_file(f) != meta["sha256"]:
+            raise CheckpointError(f"{d}: {rel} does not match its checksum (corrupted)")
+
+
+def is_sharded(directory: str | Path) -> bool:
+    """Whether a (local, verified) checkpoint has the sharded layout."""
+    return read_json(Path(directory) / MANIFEST).get("format") == SHARDED
+
+
+def verify_share(directory: str | Path, rank: int, world: int) -> str | None:
+    """Hash this rank's share (every ``world``-th file) of a sharded checkpoint.
+
+    Returns the error, or None; callers agree on the outcome collectively
+    (:func:`quarantine` the checkpoint when any rank found one).
+    """
+    d = Path(directory)
+    files = read_json(d / MANIFEST)["files"]
+    mine = dict(sorted(files.items())[rank::world])
+    try:
+        _check_files(d, mine, deep=True)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def quarantine(directory: str | Path, reason: str, mirror: Mirror | None = None) -> None:
+    """Make :func:`latest_valid` skip a corrupted checkpoint: its manifest is renamed, nothing deleted."""
+    d = Path(directory)
+    log.error("quarantining checkpoint %s: %s", d, reason)
+    if (d / MANIFEST).is_file():
+        (d / MANIFEST).replace(d / f"{MANIFEST}.corrupt")
+    if mirror is not None and mirrored(mirror, d / MANIFEST):
+        mirror.delete(d / MANIFEST)
+
+
+def shard_files(shards_dir: str | Path, rank: int) -> list[Path]:
+    """The DCP files rank ``rank`` wrote (``FileSystemWriter`` names them ``__<rank>_<n>.distcp``)."""
+    return sorted(Path(shards_dir).glob(f"__{rank}_*.distcp"))
+
+
+def file_entries(directory: str | Path, paths: list[Path]) -> dict[str, dict]:
+    """Manifest entries (size, sha256) of ``paths`` inside a checkpoint directory."""
+    d = Path(directory)
+    return {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+
+
+def write_sharded_meta(directory: str | Path, state: dict) -> list[Path]:
+    """Rank 0's small files of a sharded checkpoint (state, RNG); returns them and DCP's metadata."""
+    d = Path(directory)
+    _save_tensor_file({"torch": torch.get_rng_state()}, d / "rng.pt")
+    write_json(d / "state.json", state)
+    return [d / SHARDS / ".metadata", d / "rng.pt", d / "state.json"]
+
+
+def write_sharded_manifest(directory: str | Path, entries: dict[str, dict]) -> None:
+    """The last write of a sharded checkpoint: only now does it count."""
+    write_json(Path(directory) / MANIFEST, {"format": SHARDED, "files": dict(sorted(entries.items()))})
 
 
 def _verify_uploaded(d: Path, mirror: Mirror) -> None:
@@ -80,6 +170,8 @@ def _verify_uploaded(d: Path, mirror: Mirror) -> None:
     present = set(mirror.children(d))
     if MANIFEST not in present:
         raise CheckpointError(f"{where}: no {MANIFEST} (checkpoint incomplete or torn)")
+    if SHARDS in present:  # the manifest lists the files; checked after the download
+        return
     for name in FILES:
         if name not in present:
             raise CheckpointError(f"{where}: {name} missing")
@@ -103,9 +195,16 @@ def load_state(directory: str | Path, mirror: Mirror | None = None) -> dict:
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Verified checkpoint contents; tensors only (``weights_only=True``)."""
+    """Verified contents of a full checkpoint; tensors only (``weights_only=True``).
+
+    A sharded checkpoint is loaded collectively by the workers instead
+    (:mod:`raypath.loop`); here it yields only its RNG state and state.
+    """
     d = Path(directory)
     verify(d)
+    if is_sharded(d):
+        return {"sharded": d, "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=True),
+                "state": load_state(d)}
     return {
         "model": torch.load(d / "model.pt", map_location=map_location, weights_only=True),
         "optim": torch.load(d / "optim.pt", map_location=map_location, weights_only=True),
@@ -176,3 +275,24 @@ def drop_stale_ray_snapshot(run_storage: str | Path, mirror: Mirror | None = Non
     else:
         snap.unlink()
     return True
+
+
+def step_of(directory: str | Path) -> int:
+    return int(Path(directory).name.removeprefix("step_"))
+
+
+def prune(run_storage: str | Path, keep: int, protected: set[int], mirror: Mirror | None = None) -> list[Path]:
+    """Delete periodic checkpoints beyond the newest ``keep``; steps in ``protected`` are never deleted.
+
+    ``protected``: fork points and version boundaries (what branches and later
+    versions start from). Returns the directories deleted.
+    """
+    periodic = sorted((d for d in _step_dirs(Path(run_storage), mirror) if step_of(d) not in protected),
+                      key=step_of)
+    doomed = periodic[:-keep] if keep > 0 else []
+    for d in doomed:
+        log.info("pruning checkpoint %s (train.keep_checkpoints=%d)", d, keep)
+        if mirrored(mirror, d):
+            mirror.filesystem().delete_dir(mirror.remote_path(d))
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed

@@ -38,8 +38,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A Llama-family causal LM built from a transformers config (or a local checkpoint).
 
-    path: local ``save_pretrained`` directory to start from; when set, the size
-        fields below are ignored and the tokenizer must match its vocabulary.
+    path: ``save_pretrained`` directory to start from: a local path, or a URI on
+        any pyarrow filesystem (``s3://``, ``gs://``, ``file://``), downloaded once
+        into ``RUN_DIR/base_model`` and checked by sha256. When set, the size fields
+        below are ignored, the weights load as fp32 master weights whatever dtype
+        they were saved in, and the tokenizer defaults to the model's own.
     hidden_size: model width.
     num_layers: decoder blocks.
     num_heads: attention heads; must divide ``hidden_size``.
@@ -79,7 +82,8 @@ class DataConfig:
     max_docs_per_version: cap on documents per version (embedded corpus only; for tiny runs).
     text_column: column holding the document text.
     seq_len: tokens per training sequence (blocks hold ``seq_len + 1`` tokens).
-    tokenizer: local tokenizer directory; empty = train a byte-level BPE on version 1.
+    tokenizer: local tokenizer directory; empty = model.path's own tokenizer when
+        model.path is set, else train a byte-level BPE on version 1.
     vocab_size: vocabulary size of the tokenizer trained on version 1.
     tokenizer_max_chars: characters of version 1's train text the tokenizer is trained
         on (its first documents, in file order); bounds that step on a large version.
@@ -117,7 +121,7 @@ class TrainConfig:
         failure Ray restarts the worker group from the latest checkpoint; the
         global batch stays fixed (accumulation adapts), so steps keep their meaning.
     max_failures: worker-group restarts tolerated per segment (Ray's FailureConfig);
-        -1 = unlimited.
+        -1 = unlimited. Each restart resumes from the newest valid checkpoint.
     elastic_resize_interval_s: how often an elastic group checks whether it can
         grow (Ray's ``elastic_resize_monitor_interval_s``).
     use_gpu: one GPU per worker, NCCL; otherwise CPU and gloo.
@@ -133,7 +137,17 @@ class TrainConfig:
     log_every: steps between progress reports (loss, lr, tokens/s, ETA).
     eval_every: steps between validation passes; 0 = only at segment ends.
     checkpoint_every: steps between extra checkpoints for fault tolerance;
-        0 = only at fork points and version boundaries.
+        0 = only at fork points and version boundaries (and by time, below).
+    checkpoint_every_minutes: also checkpoint once this much wall time has passed
+        since the last checkpoint (checked every ``log_every`` steps), so a lost
+        worker costs at most this much training; 0 = off.
+    keep_checkpoints: keep only the newest N periodic checkpoints of a segment
+        (step- or time-based); fork points and version boundaries are never
+        pruned. 0 = keep all (a sweep can then fork from any of them).
+    async_checkpoint: write checkpoints with DCP's asynchronous save: the state is
+        copied to host memory and written by a background thread while training
+        goes on; the checkpoint counts once its manifest is written. Implies the
+        sharded layout (also under ddp).
     seed: model init and dropout seed.
     precision: ``fp32`` or ``bf16``. bf16 is autocast mixed precision (bf16
         matmuls, fp32 master weights and optimizer state, loss in fp32): the
@@ -146,7 +160,10 @@ class TrainConfig:
     parallel: ``ddp`` (replicated model, all-reduced gradients) or ``fsdp``
         (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
         sharded across workers, per decoder block; for models that do not fit
-        one GPU). Checkpoints hold full (gathered) state either way.
+        one GPU). Under fsdp every rank saves its own shards
+        (``torch.distributed.checkpoint``), nothing gathers the full state
+        except the release export; under ddp rank 0 saves the full state.
+        Either resumes the other, at any world size.
     peak_flops: peak FLOP/s of one device for MFU; empty = looked up from the
         GPU's name (bf16 dense tensor-core peak, :data:`raypath.perf.PEAK_FLOPS`).
         CPUs have no entry: MFU is only reported on CPU when this is set.
@@ -161,7 +178,7 @@ class TrainConfig:
 
     num_workers: int = 1
     min_workers: int = 0
-    max_failures: int = 0
+    max_failures: int = 3
     elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -175,6 +192,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 30.0
+    keep_checkpoints: int = 0
+    async_checkpoint: bool = False
     seed: int = 0
     precision: str = "fp32"
     compile: bool = False
@@ -464,7 +484,9 @@ def validate(cfg: Config) -> None:
     _check(d.on_bad_input in ("error", "skip"), "data.on_bad_input",
            f"must be 'error' or 'skip', got {d.on_bad_input!r}")
     _check(d.max_doc_chars >= 0, "data.max_doc_chars", f"must be >= 0 (0 = no limit), got {d.max_doc_chars}")
-    if m.path:
+    if m.path and "://" in m.path:
+        pass  # a URI: listed and downloaded by raypath.pretrained before anything trains
+    elif m.path:
         _check(Path(m.path, "config.json").is_file(), "model.path",
                f"{m.path!r} is not a save_pretrained directory (no config.json)")
     else:
@@ -488,6 +510,11 @@ def validate(cfg: Config) -> None:
     _check(t.max_lr > 0, "train.max_lr", f"must be > 0, got {t.max_lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (0 = off), got {t.checkpoint_every}")
+    _check(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes",
+           f"must be >= 0 (0 = off), got {t.checkpoint_every_minutes}")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints",
+           f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.precision in PRECISIONS, "train.precision",
            f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")

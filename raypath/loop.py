@@ -13,6 +13,7 @@ maybe log / eval / checkpoint) until ``end_step`` -> final eval -> export.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from raypath import checkpoint as ckpt
+from raypath import shards
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import Mirror, fetch, publish, source
@@ -184,9 +186,11 @@ class Training:
     def state_dicts(self) -> tuple[dict, dict]:
         """Full (unsharded) model and optimizer state, optimizer keyed by param index.
 
-        The same format under DDP and FSDP, so checkpoints move between them.
-        Under FSDP every rank must call this (it gathers); rank 0 gets the state,
-        other ranks empty dicts.
+        The full checkpoint layout (``train.parallel: ddp``). Under FSDP every
+        rank must call this (it gathers); rank 0 gets the state, other ranks
+        empty dicts: FSDP training saves sharded checkpoints instead
+        (:mod:`raypath.shards`), this is the old gather-to-rank-0 path that
+        ``benchmarks/checkpoint_save.py`` compares them with.
         """
         if self.parallel != "fsdp":
             return self.raw_model.state_dict(), self.optim.state_dict()
@@ -197,6 +201,14 @@ class Training:
         model_sd = get_model_state_dict(self.raw_model, options=opts)
         optim_sd = get_optimizer_state_dict(self.raw_model, self.optim, options=opts)
         return model_sd, (_optim_to_index_keys(optim_sd) if optim_sd else {})
+
+    def full_model_state(self) -> dict:
+        """Full model weights (no optimizer state); under FSDP gathered to CPU, collectively."""
+        if self.parallel != "fsdp":
+            return self.raw_model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optim_state(self, optim_sd: dict) -> None:
         if self.parallel != "fsdp":
@@ -258,6 +270,8 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     FSDP2 ``fully_shard``), compile, *then* build the optimizer over the final
     parameters and load its state (so it lands on the device, sharded under FSDP).
     ``world`` defaults to the Ray Train world size; outside Ray Train pass 1.
+    A sharded checkpoint (``restored["sharded"]``) is loaded last, collectively,
+    into the final (maybe sharded) model and optimizer: DCP reshards it.
     """
     t = seg.train
     precision = t.precision
@@ -267,8 +281,10 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    raw = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
-    if restored:
+    sharded = restored.get("sharded") if restored else None
+    raw = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
+                      weights=not restored)
+    if restored and not sharded:
         raw.load_state_dict(restored["model"])
     install_loss(raw, t, device)  # before any wrapper: the loss runs inside the model's forward
     if t.activation_checkpointing:
@@ -289,9 +305,19 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     if t.compile:
         model = torch.compile(model)
     training = Training(model, raw, _optimizer(raw, t, device), device, precision, parallel)
-    if restored:
+    if sharded:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        shards.load_into(sharded, raw, training.optim, rank, world, seg.mirror)
+    elif restored:
         training.load_optim_state(restored["optim"])
     return training
+
+
+def _model_config(seg: Segment) -> ModelConfig:
+    """``seg.model`` with ``path`` (a base model inside a remote run directory) fetched to this node."""
+    if not seg.model.path:
+        return seg.model
+    return dataclasses.replace(seg.model, path=str(fetch(seg.mirror, seg.model.path)))
 
 
 def train_step(tr: Training, micro_batches: Iterable[torch.Tensor], accum: int, lr: float,
@@ -350,6 +376,12 @@ def evaluate(model: torch.nn.Module, val: dict[str, np.ndarray], micro: int,
         out[f"val/{name}"] = total / max(count, 1)
     model.train(was_training)
     return out
+
+
+def _time_due(since: float, minutes: float, device: torch.device) -> bool:
+    """Collective: whether ``minutes`` have passed since ``since`` on any rank (all ranks agree)."""
+    due = time.monotonic() - since >= minutes * 60
+    return _all_reduce_sum([float(due)], device)[0] > 0
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -466,9 +498,14 @@ def train_segment(config: dict) -> None:
     step, tokens = int(state["step"]), int(state.get("tokens", 0))
     consumed = Consumed.from_list(state.get("consumed", []))
     val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
-    save_steps = set(seg.save_steps) | {seg.end_step}
+    # Fork points and the boundary are what branches and later versions start from: never pruned.
+    protected = set(seg.save_steps) | {seg.end_step}
+    save_steps = set(protected)
     if t.checkpoint_every:
         save_steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
+    sharded = t.parallel == "fsdp" or t.async_checkpoint
+    saver = shards.ShardedSaver(rank, t.async_checkpoint, device, seg.mirror) if sharded else None
+    last_save = time.monotonic()
 
     shard = ray.train.get_dataset_shard("train")
     # Batches stay on the host: "idx" is bookkeeping read with .numpy(), and
@@ -507,6 +544,10 @@ def train_segment(config: dict) -> None:
         do_save = step in save_steps
         if not (do_eval or do_save or step % t.log_every == 0):
             continue
+        if saver is not None and saver.poll() is not None and rank == 0:  # an async save completed
+            ckpt.prune(seg.storage, t.keep_checkpoints, protected, seg.mirror)
+        if not do_save and t.checkpoint_every_minutes:
+            do_save = _time_due(last_save, t.checkpoint_every_minutes, device)
         t_eval = time.perf_counter()
         extra = evaluate(model, val, micro, device, rank, world, tr.autocast, lockstep=fsdp) if do_eval else {}
         t_eval = time.perf_counter() - t_eval
@@ -522,23 +563,37 @@ def train_segment(config: dict) -> None:
             continue
         consumed.merge(_gather_consumed(local_consumed))
         local_consumed = Consumed()
-        model_sd, optim_sd = tr.state_dicts()  # collective under FSDP
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                ckpt.save(tmp, model_sd, optim_sd, {
-                    "step": step, "tokens": tokens, "segment": seg.name, "version": seg.version,
-                    "consumed": consumed.intervals, "lr": lr, "metrics": metrics})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
-        del model_sd, optim_sd
+        state = {"step": step, "tokens": tokens, "segment": seg.name, "version": seg.version,
+                 "consumed": consumed.intervals, "lr": lr, "metrics": metrics}
+        if saver is not None:
+            # Straight into the run's storage, not through Ray's upload: the manifest
+            # must go last, after every rank's shards.
+            saver.save(Path(seg.storage) / ckpt.step_dir_name(step), raw_model, tr.optim, state)
+            if last:  # the boundary must be complete before the segment returns
+                saver.wait()
+            ray.train.report(metrics)
+        else:
+            model_sd, optim_sd = tr.state_dicts()
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    ckpt.save(tmp, model_sd, optim_sd, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
+            del model_sd, optim_sd
+        if rank == 0 and (saver is None or saver.pending is None):
+            ckpt.prune(seg.storage, t.keep_checkpoints, protected, seg.mirror)
+        last_save = time.monotonic()
         reporter.t_last = time.perf_counter()  # nor checkpointing
+    if saver is not None:
+        saver.wait()
     # After the loop, not inside it: a run resumed from its final checkpoint
     # (crash between checkpoint and export) still exports.
     if seg.export_dir:
-        if fsdp:  # gather the full weights (collective), export an unsharded copy
-            full = tr.state_dicts()[0]
+        if fsdp:  # the one place the full weights are gathered (collective): the HF export
+            full = tr.full_model_state()
             if rank == 0:
-                plain = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
+                plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
+                                    weights=False)
                 plain.load_state_dict(full)
                 _export(plain, seg, metrics)
         elif rank == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from raypath.config import ConfigError, ModelConfig
 
@@ -32,11 +32,23 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None = None,
-                seq_len: int | None = None) -> PreTrainedModel:
-    """A fresh model from the config, or the local checkpoint at ``cfg.path``."""
+                seq_len: int | None = None, weights: bool = True) -> PreTrainedModel:
+    """A fresh model from the config, or the local checkpoint at ``cfg.path``.
+
+    A checkpoint loads in fp32 whatever dtype it was saved in: these are the
+    master weights (bf16 is autocast only, ``train.precision``).
+    weights: load ``cfg.path``'s weights; False builds its architecture only,
+        for a caller that loads a training checkpoint over them anyway.
+    """
     if cfg.path:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, local_files_only=True, attn_implementation=cfg.attn_implementation)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, local_files_only=True, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
+        else:
+            config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
+                                                     dtype=torch.float32)
+        model.float()  # a safety net: some architectures keep buffers/params in their saved dtype
         if model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.path: {cfg.path} has vocab_size {model.config.vocab_size}, "
                               f"the tokenizer needs {vocab_size}")

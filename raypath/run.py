@@ -13,6 +13,7 @@ local mirror (``cluster.local_dir``), pulls the remote run state into it first
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from raypath.data import DataError, PrepareSpec, discover_versions, plan_version
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
+from raypath.pretrained import check_tokenizer
+from raypath.pretrained import resolve as resolve_base_model
 from raypath.storage import atomic_dir, atomic_write_bytes, read_json
 from raypath.sources import iter_texts
 from raypath.tokenizer import load_tokenizer, train_tokenizer
@@ -41,6 +44,8 @@ class RunContext:
 
     run_dir: the local run directory (for a remote ``cfg.run_dir``, its mirror).
     mirror: the remote run directory behind ``run_dir``; None for a local run.
+    base_model: ``model.path``'s source and weight sha256s (None when training from scratch);
+        ``cfg.model.path`` then names its local copy.
     """
 
     cfg: Config
@@ -51,6 +56,7 @@ class RunContext:
     pad_id: int | None
     versions: list[dict]
     mirror: Mirror | None = None
+    base_model: dict | None = None
 
     def storage(self, name: str) -> str:
         return str(self.run_dir / "ray" / name)
@@ -114,7 +120,18 @@ def prepare(cfg: Config) -> RunContext:
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     endpoint = _endpoint(cfg)
     sources = discover_versions(_corpus(cfg, run_dir), cfg.data.versions, endpoint)
-    tok_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
+    base = resolve_base_model(cfg.model.path, run_dir, mirror) if cfg.model.path else None
+    if base is not None:  # workers load the local (downloaded) copy
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
+    if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
+        tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
+        if not Path(tok_dir, "tokenizer.json").is_file():
+            raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
+        if base is not None:  # before any training or tokenization
+            check_tokenizer(base.local_dir, load_tokenizer(tok_dir),
+                            "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
+    else:
+        tok_dir = str(run_dir / "tokenizer")
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
@@ -122,7 +139,7 @@ def prepare(cfg: Config) -> RunContext:
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
                        mirror=mirror, endpoint=endpoint)
     plan = plan_versions(sources, spec)
-    if not cfg.data.tokenizer and not (Path(tok_dir) / "tokenizer.json").is_file():
+    if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         first = next((t for t in plan.todo if t["index"] == 0), None)
         if first is None:
             raise DataError(f"{tok_dir}: tokenizer directory is missing, but the prepared versions were "
@@ -132,7 +149,8 @@ def prepare(cfg: Config) -> RunContext:
     versions = prepare_versions(sources, spec, plan)
     for name in PREPARED:
         publish(mirror, run_dir / name)
-    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror)
+    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror,
+                      base.describe() if base else None)
 
 
 def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path) -> None:
@@ -173,6 +191,8 @@ def run(cfg: Config) -> Lineage:
     ctx = prepare(cfg)
     lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict(), ctx.mirror)
     lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
+    if ctx.base_model:
+        lineage.data["model"] = {**lineage.data.get("model", {}), "base": ctx.base_model}
     if ctx.mirror is not None:
         lineage.data["storage"] = {"run_dir": ctx.mirror.remote, "local_dir": ctx.mirror.local}
     lineage.set_versions(ctx.versions)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from raypath import checkpoint as ckpt
+from raypath.config import TrainConfig
 from raypath.data import Consumed
 
 
@@ -54,7 +55,10 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     steps = min(seg.end_step - seg.start_step, 16)
     seg = dataclasses.replace(seg, end_step=seg.start_step + steps, save_steps=(),
                               stream_limit=steps * cfg.train.global_batch_size,
-                              train=dataclasses.replace(seg.train, checkpoint_every=3, max_failures=2, log_every=1))
+                              train=dataclasses.replace(seg.train, checkpoint_every=3, log_every=1))
+    # The default config survives a lost worker: restarts are allowed out of the box.
+    assert seg.train.max_failures == TrainConfig().max_failures == 3
+    assert TrainConfig().checkpoint_every_minutes == 30
     curve = Path(seg.curves_path)
     kill_after = seg.start_step + 8  # at least two periodic checkpoints exist by then
     killed: dict = {}

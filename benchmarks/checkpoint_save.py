@@ -1,0 +1,205 @@
+"""Checkpoint saves under FSDP: the old gather-to-rank-0 save vs sharded DCP, sync and async.
+
+Spawns ``--world`` processes (gloo on CPU, NCCL on CUDA) that each build the same
+Llama from a raypath config, shard it with FSDP2 exactly as the training loop
+does (``raypath.loop._shard``) and take one optimizer step, so AdamW's moments
+exist. Then, in the same processes:
+
+* **old**: ``Training.state_dicts()`` gathers the full model and optimizer state
+  to rank 0 (CPU offload), which writes ``model.pt``/``optim.pt`` and hashes them
+  (``raypath.checkpoint.save``): what FSDP checkpoints did before;
+* **dcp**: ``raypath.shards.ShardedSaver``: every rank writes and hashes its own
+  shards, rank 0 writes the manifest last.
+
+For each: save wall time (all ranks, barrier to barrier) and rank 0's peak RSS
+during the save (``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
+
+**async**: training time lost per checkpoint. ``--steps`` training steps run
+with no checkpoint, with a sync DCP save after the first step, and with an
+async one (the writes finish while training goes on; the run ends by waiting for
+it and writing the manifest). Lost time = run time - the no-checkpoint run's.
+Repeats interleave the three variants (a shared machine's load drifts); the
+summary gives medians.
+
+    python benchmarks/checkpoint_save.py --config configs/llama-125m.yaml --world 2 --repeats 3
+    # one GPU: save time of the same model with one rank
+    python benchmarks/checkpoint_save.py --config configs/llama-125m.yaml --world 1 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _build(args, device):
+    from raypath.config import load_config
+    from raypath.loop import _shard
+    from raypath.model import block_loss, build_model
+
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.vocab_size, 0, None).to(device)
+    _shard(model, dist.get_world_size())
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    blocks = torch.randint(0, cfg.data.vocab_size, (args.micro, args.seq + 1), device=device)
+
+    def step():
+        block_loss(model, blocks).backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    step()
+    return model, optim, step
+
+
+def _timed(fn, rank: int, device) -> dict:
+    dist.barrier()
+    _reset_peak_rss()
+    before = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    return {"seconds": time.perf_counter() - t0, "rss_before_mb": before / 1024,
+            "peak_rss_mb": _rss_kb("VmHWM") / 1024}
+
+
+def _worker(rank: int, world: int, args, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    device = torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, args.threads))
+    from raypath import checkpoint as ckpt
+    from raypath.loop import Training
+    from raypath.shards import ShardedSaver
+
+    model, optim, step = _build(args, device)
+    tr = Training(model, model, optim, device, parallel="fsdp")
+    root = Path(args.workdir)
+    results: dict = {"old": [], "dcp": [], "lost_sync": [], "lost_async": [], "run_none": []}
+
+    def old_save(d: Path):
+        model_sd, optim_sd = tr.state_dicts()
+        if rank == 0:
+            ckpt.save(d, model_sd, optim_sd, {"step": 1})
+
+    sync_saver = ShardedSaver(rank, False, device)
+    async_saver = ShardedSaver(rank, True, device)
+
+    def run(saver, d: Path | None) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            step()
+            if i == 0 and saver is not None:
+                saver.save(d, model, optim, {"step": 1})
+        if saver is not None:
+            saver.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    for r in range(args.repeats):
+        for name, fn in (("old", old_save), ("dcp", lambda d: sync_saver.save(d, model, optim, {"step": 1}))):
+            d = root / f"{name}-{r}"
+            results[name].append({**_timed(lambda: fn(d), rank, device),
+                                  "bytes": sum(f.stat().st_size for f in d.rglob("*") if f.is_file())})
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(d)
+        none = run(None, None)
+        sync = run(sync_saver, root / f"sync-{r}")
+        asyn = run(async_saver, root / f"async-{r}")
+        results["run_none"].append(none)
+        results["lost_sync"].append(sync - none)
+        results["lost_async"].append(asyn - none)
+        if rank == 0:
+            print(f"repeat {r + 1}/{args.repeats}: save old {results['old'][-1]['seconds']:.1f} s, "
+                  f"dcp {results['dcp'][-1]['seconds']:.1f} s; lost per checkpoint sync {sync - none:.2f} s, "
+                  f"async {asyn - none:.2f} s (run {none:.1f} s)", flush=True)
+        dist.barrier()
+        if rank == 0:
+            for p in root.glob(f"*sync-{r}"):
+                shutil.rmtree(p)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/llama-125m.yaml", help="its model: and data.vocab_size are used")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6, help="training steps per run of the async measurement")
+    ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--port", type=int, default=29517)
+    ap.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    args = ap.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    args.workdir = str(workdir)
+    out = workdir / "results.json"
+    mp.spawn(_worker, args=(args.world, args, str(out)), nprocs=args.world, join=True)
+    res = json.loads(out.read_text())
+    med = statistics.median
+
+    def summary(name: str) -> dict:
+        rows = res[name]
+        return {"seconds": med(r["seconds"] for r in rows), "peak_rss_mb": med(r["peak_rss_mb"] for r in rows),
+                "rss_before_mb": med(r["rss_before_mb"] for r in rows), "bytes": rows[0]["bytes"]}
+
+    old, new = summary("old"), summary("dcp")
+    lost_sync, lost_async = med(res["lost_sync"]), med(res["lost_async"])
+    report = {
+        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("workdir", "port")),
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__, "old": old, "dcp": new,
+        "save_time_ratio_dcp_over_old": new["seconds"] / old["seconds"],
+        "rank0_peak_rss_ratio_dcp_over_old": new["peak_rss_mb"] / old["peak_rss_mb"],
+        "rank0_rss_growth_mb": {"old": old["peak_rss_mb"] - old["rss_before_mb"],
+                                "dcp": new["peak_rss_mb"] - new["rss_before_mb"]},
+        "train_run_seconds_no_checkpoint": med(res["run_none"]),
+        "lost_per_checkpoint_s": {"sync": lost_sync, "async": lost_async},
+        "lost_ratio_async_over_sync": lost_async / lost_sync if lost_sync > 0 else float("nan"),
+        "raw": res,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=2))
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {workdir / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Starting the main path from a released model (``model.path``).
+
+``model.path`` is a Hugging Face ``save_pretrained`` directory: a local path
+(or a shared filesystem every node sees), or a URI on any pyarrow filesystem
+(``s3://``, ``gs://``, ``hdfs://``, ``file://``). A URI is downloaded once into
+``RUN_DIR/base_model/`` with a manifest of every file's sha256 written last; a
+re-run verifies the copy against the manifest instead of downloading again.
+
+The driver checks the model against the tokenizer before anything trains
+(:func:`check_tokenizer`): every token id needs an embedding row, and EOS/PAD
+must be real ids. The lineage records the base model's source and the sha256
+of its weight files (:func:`describe`), so a release says what it continued.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raypath.config import ConfigError
+from raypath.mirror import CHUNK, Mirror, is_remote, publish
+from raypath.storage import atomic_dir, atomic_file, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+#: Where a ``model.path`` URI is downloaded to, inside the run directory.
+BASE_DIR = "base_model"
+MANIFEST = "manifest.json"
+#: File suffixes that hold weights (what the lineage hashes).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class BaseModel:
+    """A resolved ``model.path``.
+
+    source: ``model.path`` as configured (a directory or a URI).
+    local_dir: the directory the model is loaded from (the download for a URI).
+    sha256: weight file name (relative) -> sha256.
+    """
+
+    source: str
+    local_dir: str
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The lineage's ``model.base`` record."""
+        return {"path": self.source, "local_dir": self.local_dir, "weights_sha256": self.sha256}
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(path: str, run_dir: Path, mirror: Mirror | None = None) -> BaseModel:
+    """The local directory of ``model.path``, downloading a URI into ``run_dir`` the first time."""
+    if not _is_uri(path):
+        d = Path(path).expanduser().resolve()
+        if not (d / "config.json").is_file():
+            raise ConfigError(f"model.path: {path!r} is not a save_pretrained directory (no config.json)")
+        return BaseModel(path, str(d), _weight_hashes(d))
+    target = run_dir / BASE_DIR
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        recorded = read_json(manifest)
+        if recorded.get("source") != path:
+            raise ConfigError(f"model.path: this run started from {recorded.get('source')!r}, now {path!r}; "
+                              f"use a new run_dir to start from another model")
+        _verify_download(target, recorded["sha256"])
+    else:
+        _download(path, target)
+    publish(mirror, target)  # workers on other nodes fetch it from the remote run directory
+    hashes = read_json(manifest)["sha256"]
+    return BaseModel(path, str(target), {n: h for n, h in hashes.items() if n.endswith(WEIGHT_SUFFIXES)})
+
+
+def _download(uri: str, target: Path) -> None:
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot list {uri!r} ({e})") from None
+    files = {i.path[len(root.rstrip('/')) + 1:]: i.path for i in infos if i.type == pafs.FileType.File}
+    if "config.json" not in files:
+        raise ConfigError(f"model.path: {uri!r} is not a save_pretrained directory (no config.json)")
+    log.info("downloading base model %s (%d files) -> %s", uri, len(files), target)
+    # Cost grows with the model: one streaming copy per file, hashed as it lands.
+    with atomic_dir(target) as tmp:
+        hashes = {}
+        for rel, src in sorted(files.items()):
+            with fs.open_input_stream(src) as f, atomic_file(tmp / rel) as out:
+                shutil.copyfileobj(f, out, CHUNK)
+            hashes[rel] = sha256_file(tmp / rel)
+        write_json(tmp / MANIFEST, {"source": uri, "sha256": hashes})  # last: marks the copy complete
+
+
+def _verify_download(target: Path, hashes: dict[str, str]) -> None:
+    for rel, digest in hashes.items():
+        f = target / rel
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ConfigError(f"model.path: the downloaded copy {f} is missing or does not match its sha256; "
+                              f"delete {target} to download it again")
+
+
+def _weight_hashes(d: Path) -> dict[str, str]:
+    """sha256 of the weight files: read in full at every run start (cost grows with the model)."""
+    out = {}
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        out[f.relative_to(d).as_posix()] = sha256_file(f)
+    return out
+
+
+def check_tokenizer(model_dir: str, tok, tokenizer_field: str, seq_len: int | None = None) -> None:
+    """Fail before training unless the model's embedding covers ``tok`` and its EOS/PAD ids exist.
+
+    tokenizer_field: the config field the tokenizer came from, named in the error.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    rows = cfg.vocab_size
+    if len(tok) > rows:
+        raise ConfigError(f"{tokenizer_field}: the tokenizer has {len(tok)} tokens but model.path's embedding has "
+                          f"only {rows} rows")
+    if tok.eos_token_id is None:
+        raise ConfigError(f"{tokenizer_field}: the tokenizer defines no EOS token (documents are packed EOS-separated)")
+    for name, tid in (("EOS", tok.eos_token_id), ("PAD", tok.pad_token_id)):
+        if tid is not None and not 0 <= tid < rows:
+            raise ConfigError(f"{tokenizer_field}: {name} id {tid} is outside model.path's embedding ({rows} rows)")
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if seq_len and limit and seq_len > limit:
+        raise ConfigError(f"data.seq_len: {seq_len} exceeds model.path's max_position_embeddings {limit}")

@@ -1,0 +1,141 @@
+"""Starting a lineage from a released model: a small Llama and its tokenizer saved in bf16 here,
+given as a ``file://`` URI (downloaded into the run, sha256-checked), trained for 2 versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny_config
+from raypath.config import ConfigError
+from raypath.storage import sha256_file
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    import argparse
+
+    from raypath.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer([Path(argparse.__file__).read_text()[:30000]], 320, out)
+    return out
+
+
+def _save_base(out: Path, tok_dir: Path, extra_rows: int = 8, dtype=torch.bfloat16) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raypath.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    # Real releases pad the embedding beyond the tokenizer (e.g. to a multiple of 64).
+    config = LlamaConfig(vocab_size=len(tok) + extra_rows, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_tokenizer_checks_name_the_field(tmp_path, tok_dir):
+    from raypath.pretrained import check_tokenizer
+    from raypath.tokenizer import load_tokenizer
+
+    small = _save_base(tmp_path / "small", tok_dir, extra_rows=-4)
+    with pytest.raises(ConfigError, match=r"^model.path: the tokenizer has \d+ tokens but model.path's embedding"):
+        check_tokenizer(str(small), load_tokenizer(small), "model.path")
+    ok = _save_base(tmp_path / "ok", tok_dir)
+    tok = load_tokenizer(ok)
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="^data.tokenizer: the tokenizer defines no EOS token"):
+        check_tokenizer(str(ok), tok, "data.tokenizer")
+    with pytest.raises(ConfigError, match="^data.seq_len: 128 exceeds model.path's max_position_embeddings 64"):
+        check_tokenizer(str(ok), load_tokenizer(ok), "model.path", seq_len=128)
+
+
+def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir):
+    from raypath.pretrained import BASE_DIR, resolve
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    run_dir = tmp_path / "run"
+    first = resolve(f"file://{src}", run_dir)
+    assert Path(first.local_dir) == run_dir / BASE_DIR
+    assert first.sha256 == {"model.safetensors": sha256_file(src / "model.safetensors")}
+    weights = run_dir / BASE_DIR / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert resolve(f"file://{src}", run_dir).sha256 == first.sha256 and weights.stat().st_mtime_ns == stamp
+    with weights.open("r+b") as f:  # bit rot in the downloaded copy
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="does not match its sha256"):
+        resolve(f"file://{src}", run_dir)
+    with pytest.raises(ConfigError, match="this run started from"):
+        resolve(f"file://{tmp_path / 'other'}", run_dir)
+    local = resolve(str(src), tmp_path / "run2")  # a local directory is used in place
+    assert local.local_dir == str(src) and local.sha256 == first.sha256
+
+
+def _first_rows_loss(base_dir: Path, stream_path: str, n: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from raypath.model import block_loss
+
+    table = pq.read_table(stream_path, columns=["idx", "tokens"])
+    col = table.column("tokens").combine_chunks()
+    blocks = col.values.to_numpy().reshape(len(col), -1)
+    first = blocks[np.argsort(table.column("idx").to_numpy(), kind="stable")[:n]]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return block_loss(model, torch.from_numpy(first).long()).item()
+
+
+def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
+    from transformers import AutoModelForCausalLM
+
+    from raypath.run import run
+    from raypath.tokenizer import load_tokenizer
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    uri = f"file://{src}"
+    cfg = tiny_config(tmp_path / "run", f"model.path={uri}", "data.versions=[v1, v2]",
+                      "data.max_docs_per_version=4", "train.num_workers=1", "train.log_every=1",
+                      "train.eval_every=0", "branch.parallel=false")
+    lineage = run(cfg).data
+    run_dir = Path(cfg.run_dir)
+
+    base = lineage["model"]["base"]
+    assert base["path"] == uri
+    assert base["weights_sha256"] == {"model.safetensors": sha256_file(src / "model.safetensors")}
+    assert lineage["tokenizer"]["path"] == str(run_dir / "base_model")  # the model's own tokenizer
+    assert lineage["tokenizer"]["vocab_size"] == len(load_tokenizer(src)) != cfg.data.vocab_size
+    assert not (run_dir / "tokenizer").exists()  # no BPE trained for the run
+
+    # The weights were really loaded: step 1's loss is the saved model's loss on step 1's rows.
+    v1 = lineage["versions"][0]
+    curve = [json.loads(line) for line in (run_dir / "curves" / "main-v1.jsonl").read_text().splitlines()]
+    first = next(r for r in curve if "loss" in r)
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(
+        _first_rows_loss(src, v1["stream_path"], cfg.train.global_batch_size), rel=1e-4)
+
+    # fp32 master weights although the model was saved in bf16.
+    boundary = torch.load(Path(lineage["main_path"][0]["checkpoints"]["end"]) / "model.pt", weights_only=True)
+    assert {t.dtype for t in boundary.values()} == {torch.float32}
+
+    base_config = json.loads((src / "config.json").read_text())
+    assert base_config["dtype"] == "bfloat16"
+    ignore = {"dtype", "torch_dtype", "transformers_version"}
+    assert [r["version"] for r in lineage["releases"]] == ["v1", "v2"]
+    for release in lineage["releases"]:
+        model = AutoModelForCausalLM.from_pretrained(release["path"], dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        released = json.loads((Path(release["path"]) / "config.json").read_text())
+        assert {k: v for k, v in released.items() if k not in ignore} == \
+               {k: v for k, v in base_config.items() if k not in ignore}
