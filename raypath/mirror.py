@@ -11,7 +11,7 @@ mount every node sees is a plain path).
 Who copies what, when:
 
 * the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints,
-  releases and sweeps: large, fetched one by one where needed); after
+  exports, releases and sweeps: large, fetched one by one where needed); after
   preparing: config, corpus, tokenizer and ``data/``; ``lineage.json`` after
   every save; ``report/`` at the end;
 * Ray Train writes checkpoints straight to the remote
@@ -47,7 +47,7 @@ from raypath.storage import atomic_file
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
-NOT_MIRRORED = ("ray", "releases", "sweeps")
+NOT_MIRRORED = ("ray", "exports", "releases", "sweeps")
 CHUNK = 8 << 20
 
 
