@@ -233,11 +233,12 @@ def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinn
                         f"{best.name} is the best of {len(scored)} candidates (objective {b:.4f})")
     tag = f"{live['version']}'s release {live['id']} ({live['branch']}, objective {_fmt(live_score)})"
     kept_beats = beaten_by(live_score, live["branch"]) if live_score is not None else 0
-    if best.name == live["branch"]:
-        return Decision(best, None, scores, live_score, kept_beats, f"{tag} is still the best of {len(scored)}")
-    if live_score is not None and b >= live_score - TIE:
-        return Decision(best, None, scores, live_score, kept_beats,
-                        f"kept {tag}: the best other candidate {best.name} ({b:.4f}) does not beat it")
+    others = [c for c in scored if c.name != live["branch"]]
+    if not others or best.name == live["branch"] or (live_score is not None and b >= live_score - TIE):
+        rival = min(others, key=lambda c: scores[c.name]) if others else None
+        why = (f"the best other candidate {rival.name} ({scores[rival.name]:.4f}) does not beat it"
+               if rival else "no other candidate")
+        return Decision(best, None, scores, live_score, kept_beats, f"kept {tag}: {why}")
     if pinned:
         return Decision(best, None, scores, live_score, kept_beats,
                         f"kept {tag}, pinned by a user: {best.name} ({b:.4f}) beats it; release it with "
