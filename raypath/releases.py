@@ -43,7 +43,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +265,6 @@ class Releaser:
     lineage: Any
     run_dir: Path
     mirror: Mirror | None = None
-    _synced: set = field(default_factory=set)
 
     def version_dir(self, version: str) -> Path:
         return Path(self.run_dir) / RELEASES_DIR / version
@@ -352,7 +351,7 @@ class Releaser:
         publish(self.mirror, vdir / rid)
         pinned = reason in (PINNED, ROLLBACK)
         self._switch(vdir, rid, pinned)
-        if cand.branch is not None or cand.sweep is not None:
+        if cand.sweep is not None:  # a sweep's trial joins the lineage's branches when released
             branch = self._branch_entry(cand)
             if branch is not None:
                 self.lineage.record_branch(branch)
@@ -374,9 +373,9 @@ class Releaser:
             return self.live(version)
         self._migrate_flat(version, h)
         entry = next(r for r in h["releases"] if r["id"] == rid)
-        fetch(self.mirror, Path(entry["path"]) / RELEASE_JSON, missing_ok=True)
-        if self.mirror is None and not (Path(entry["path"]) / "model_card.json").is_file():
-            raise FileNotFoundError(f"{entry['path']}: release {rid} of {version} is missing on disk")
+        path = self.version_dir(version) / rid
+        if self.mirror is None and not (path / "model_card.json").is_file():
+            raise FileNotFoundError(f"{path}: release {rid} of {version} is missing on disk")
         self._switch(self.version_dir(version), rid, True)
         h["log"].append({"time": _now(), "release": rid, "action": "rollback", "reason": ROLLBACK,
                          "replaced": h["current"]})
@@ -430,13 +429,12 @@ class Releaser:
         rename, and an interrupted migration is finished by the next call."""
         vdir = self.version_dir(version)
         aside = vdir.with_name(f".{version}.r1")
-        legacy = next((r for r in h["releases"] if Path(r["path"]) == vdir), None)
+        # (by name: a copied run directory keeps the old absolute paths)
+        legacy = next((r for r in h["releases"] if Path(r["path"]).name == version), None)
         if legacy is None:
             return
-        if self.mirror is not None:
-            fetch(self.mirror, vdir / "model_card.json", missing_ok=True)
-            if not (vdir / "model_card.json").is_file() and not aside.is_dir():
-                self.mirror.pull(vdir)
+        if self.mirror is not None and not vdir.is_dir() and not aside.is_dir():
+            self.mirror.pull(vdir, missing_ok=True)  # the driver's mirror holds no releases at start
         if (vdir / "model_card.json").is_file():
             os.replace(vdir, aside)
         if aside.is_dir():
@@ -525,9 +523,10 @@ def standing(lineage: dict, version: str) -> dict | None:
     obj = (Objective(live["objective_weights"], live.get("compute_penalty", 0.0), live.get("version_tokens", 1))
            if live.get("objective_weights") else version_objective(lineage, version))
     d = decide(candidates(lineage, version), live, obj)
-    others = sum(s is not None for n, s in d.scores.items() if n != live["branch"])
-    return {"release": live, "pinned": bool(h.get("pinned")), "score": d.live_score, "beat": d.beaten,
-            "others": others, "history": [r["id"] for r in h["releases"]]}
+    others = [s for n, s in d.scores.items() if n != live["branch"] and s is not None]
+    beat = sum(s > d.live_score + TIE for s in others) if d.live_score is not None else 0
+    return {"release": live, "pinned": bool(h.get("pinned")), "score": d.live_score, "beat": beat,
+            "others": len(others), "history": [r["id"] for r in h["releases"]]}
 
 
 def format_standing(lineage: dict) -> str:
