@@ -550,7 +550,7 @@ def format_release(lineage: dict, version: str, objective: Objective) -> str:
     h = (lineage.get("release_history") or {}).get(version) or {"releases": [], "log": [], "current": None}
     live = next((r for r in h["releases"] if r["id"] == h.get("current")), None)
     cands = candidates(lineage, version)
-    d = decide(cands, live, objective)
+    d = decide(cands, live, objective, pinned=bool(h.get("pinned")))
     splits = [f"val/{s}" for s in objective.weights]
     rows = []
     for c in sorted(cands, key=lambda c: (d.scores[c.name] is None, d.scores[c.name] or 0.0)):
@@ -570,6 +570,7 @@ def format_release(lineage: dict, version: str, objective: Objective) -> str:
         out.append(f"  {r['id']}  {r.get('released', '-')}  {r['reason']:<10}  {r['branch']}  "
                    f"objective {_fmt(r.get('objective'))}  beat {r.get('beat', '-')} of "
                    f"{max((r.get('candidates') or 1) - 1, 0)}  {r['path']}")
+    out.append("switches:" if h["log"] else "")
     for e in h["log"]:
         out.append(f"  {e.get('time', '-')}  {e['action']:<9} {e['release']}"
                    + (f" (replaced {e['replaced']})" if e.get("replaced") else ""))

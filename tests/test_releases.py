@@ -313,7 +313,7 @@ def _copy_sweep_run(tiny_sweep, dst: Path) -> tuple[Path, dict]:
     released; returns it and the sweep's trial records (paths rewritten too)."""
     src = Path(tiny_sweep["cfg"].run_dir)
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("ray", "branches", "data", "corpus"))
-    for f in dst.rglob("*.json"):
+    for f in [dst / "lineage.json", *dst.glob("sweeps/*/*/results.json")]:
         f.write_text(f.read_text().replace(str(src), str(dst)))
     shutil.rmtree(dst / "releases")
     path = dst / "lineage.json"
