@@ -2,8 +2,8 @@
 
     python jobs/export.py --run-dir /runs/quickstart --version v2 --out /models/quickstart-v2
 
-The source is the ``path`` of version K's entry in the lineage's releases (the
-branch's ``save_pretrained`` directory, model and tokenizer). It is copied to a
+The source is the ``path`` of version K's live release in the lineage
+(``releases/vK/rN``: the branch's ``save_pretrained`` directory, model and tokenizer). It is copied to a
 temporary sibling of ``--out``, loaded back with
 ``AutoModelForCausalLM.from_pretrained(..., local_files_only=True)``, and only
 then renamed to ``--out``: readers see the old directory or the complete new
@@ -47,8 +47,9 @@ def find_release(run_dir: Path, version: str) -> tuple[dict, Path]:
                        f"and wait for its branch to finish")
     src = Path(entry["path"])
     if not src.is_dir():
-        # A copied or moved run directory keeps stale absolute paths: look under it too.
-        moved = run_dir / "releases" / src.name
+        # A copied or moved run directory keeps stale absolute paths: look under it too
+        # (releases/vK/rN; an older run released releases/vK itself).
+        moved = run_dir / "releases" / version / src.name if src.name != version else run_dir / "releases" / version
         if not moved.is_dir():
             raise JobError(f"{version}: release directory {src} is missing (nor at {moved})")
         src = moved

@@ -50,10 +50,12 @@ def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str |
 
 
 def release_branch(ctx, k: int, main: dict) -> Segment:
-    """The configured release branch of version k (exports to ``releases/vK``)."""
+    """The configured release branch of version k (exports to ``exports/branch-vK``; the
+    release decision, :mod:`raypath.releases`, copies the winner to ``releases/vK/rN``)."""
     b = ctx.cfg.branch
-    return branch_segment(ctx, k, main, b.decay(), main["fork_step"],
-                          export_dir=str(ctx.run_dir / "releases" / ctx.versions[k]["name"]))
+    name = f"branch-{ctx.versions[k]['name']}"
+    return branch_segment(ctx, k, main, b.decay(), main["fork_step"], name=name,
+                          export_dir=str(ctx.run_dir / "exports" / name))
 
 
 def summarize(seg: Segment) -> dict:
@@ -75,7 +77,8 @@ def summarize(seg: Segment) -> dict:
         "metrics": {k: v for k, v in state["metrics"].items() if k.startswith("val/") or k == "loss"},
         "tokens_trained": state["tokens"] - start_tokens,
         "tokens_total": state["tokens"],
-        "release": seg.export_dir,
+        "export": seg.export_dir,
+        "release": seg.export_dir,  # older readers' name for the export
         "status": "done",
     }
 

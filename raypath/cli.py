@@ -5,6 +5,7 @@
     raypath cost runs/quickstart
     raypath cost --tokens 1e9 1e9 1e9 1e9 --fraction 0.2
     raypath sweep configs/quickstart.yaml --version v2 [--set sweep.num_samples=8 ...]
+    raypath release runs/quickstart --version v2 [--pick TRIAL|BRANCH|rN|best]
     raypath law fit runs/quickstart [--version v2]
     raypath law predict runs/quickstart --version v2 --shape cosine --fraction 0.2 [--plot p.png]
 """
@@ -77,6 +78,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     # --name/--pin as given, not through YAML: a trial id like 01234567 must stay a string.
     return run_and_print(with_cli(load_config(args.config, args.set), args.name, args.pin), args.version)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from raypath.lineage import Lineage
+    from raypath.mirror import require_local
+    from raypath.releases import Releaser, format_release, version_objective
+    from raypath.sweep import resolve_version
+
+    require_local(args.run_dir, "release")
+    lineage = Lineage.load(args.run_dir)
+    versions = lineage.data["versions"]
+    version = versions[resolve_version(versions, args.version)]["name"]
+    objective = version_objective(lineage.data, version)
+    releaser = Releaser(lineage, lineage.path.parent)
+    releaser.sync(version)
+    if args.pick:
+        entry = releaser.pick(version, args.pick, objective)
+        print(f"live release of {version}: {entry['id']} ({entry['branch']}): {entry['path']}\n")
+    print(format_release(lineage.data, version, objective))
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -206,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", help="sweep name (default: sweep.name); the same name resumes that sweep")
     w.add_argument("--pin", help="release this trial id instead of the best one")
     w.set_defaults(fn=cmd_sweep)
+
+    rel = sub.add_parser("release", help="list a version's release candidates and history; re-release or roll back")
+    rel.add_argument("run_dir")
+    rel.add_argument("--version", required=True, help="version, by name (v2) or number (2)")
+    rel.add_argument("--pick", help="rN: roll back to that release; a trial id or branch name: release it "
+                                    "(pinned: automatic decisions keep it); best: release the best candidate")
+    rel.set_defaults(fn=cmd_release)
     _add_law(sub)
     return p
 

@@ -43,17 +43,20 @@ class Lineage:
             if lin.data.get("format") != FORMAT:
                 raise ValueError(f"{path}: lineage format {lin.data.get('format')!r}, expected {FORMAT}")
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
+            _migrate_releases(lin.data)
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
-                          "branches": [], "releases": []}, mirror)
+                          "branches": [], "releases": [], "release_history": {}}, mirror)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Lineage":
         path = Path(run_dir) / LINEAGE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
-        return cls(path, read_json(path))
+        data = read_json(path)
+        _migrate_releases(data)
+        return cls(path, data)
 
     def save(self) -> None:
         self.data["updated"] = _now()
@@ -83,11 +86,19 @@ class Lineage:
         self.save()
 
     def release(self, version: str) -> dict | None:
+        """The live release of ``version`` (see :mod:`raypath.releases`)."""
         return next((r for r in self.data["releases"] if r["version"] == version), None)
 
-    def record_release(self, entry: dict) -> None:
-        self.data["releases"] = [r for r in self.data["releases"] if r["version"] != entry["version"]]
-        self.data["releases"].append({**entry, "released": _now()})
+    def release_history(self, version: str) -> dict | None:
+        """``{current, pinned, releases: [r1, r2, ...], log: [...]}`` of ``version``; None before its first."""
+        return self.data.setdefault("release_history", {}).get(version)
+
+    def set_release_history(self, version: str, history: dict) -> None:
+        """Record ``version``'s release history and, in ``releases``, its live release."""
+        self.data.setdefault("release_history", {})[version] = history
+        live = next(r for r in history["releases"] if r["id"] == history["current"])
+        self.data["releases"] = [r for r in self.data["releases"] if r["version"] != version]
+        self.data["releases"].append({**live, "release": live["id"], "pinned": bool(history.get("pinned"))})
         self.data["releases"].sort(key=lambda r: r["version_index"])
         self.save()
 
@@ -104,3 +115,20 @@ class Lineage:
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+
+def _migrate_releases(data: dict) -> None:
+    """A run directory from before release histories: each version's single release
+    (``releases/vK``, files directly in it) becomes its ``r1``. Only the record changes here;
+    the directory moves to ``releases/vK/r1`` when the version is next released."""
+    history = data.setdefault("release_history", {})
+    for r in data.get("releases", []):
+        if r["version"] in history:
+            continue
+        reason = "pinned" if r.get("pinned") else ("sweep best" if r.get("trial_id") else "configured")
+        entry = {**r, "id": "r1", "reason": reason}
+        entry.pop("release", None)
+        history[r["version"]] = {"current": "r1", "pinned": bool(r.get("pinned")), "releases": [entry],
+                                 "log": [{"time": r.get("released"), "release": "r1", "action": "release",
+                                          "reason": reason, "replaced": None}]}
+        r.update(id="r1", release="r1", reason=reason, pinned=bool(r.get("pinned")))

@@ -11,10 +11,10 @@ mount every node sees is a plain path).
 Who copies what, when:
 
 * the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints,
-  releases and sweeps: large, fetched one by one where needed) and the token
-  files of ``data/`` (written to and read from the remote by Ray Data); after
-  preparing: config, corpus, tokenizer and the data manifest; ``lineage.json``
-  after every save; ``report/`` at the end;
+  exports, releases and sweeps: large, fetched one by one where needed) and the
+  token files of ``data/`` (written to and read from the remote by Ray Data);
+  after preparing: config, corpus, tokenizer and the data manifest;
+  ``lineage.json`` after every save; ``report/`` at the end;
 * Ray Train writes checkpoints straight to the remote
   (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
   stream straight from it;
@@ -48,7 +48,7 @@ from raypath.storage import atomic_file
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
-NOT_MIRRORED = ("ray", "releases", "sweeps")
+NOT_MIRRORED = ("ray", "exports", "releases", "sweeps")
 #: Top-level entries of which the driver pulls only the metadata at start: prepared token
 #: files are written to and read from the remote by Ray Data, and fetched only where needed.
 METADATA_ONLY = ("data",)

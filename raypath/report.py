@@ -294,13 +294,21 @@ def _branches_section(lineage: dict) -> str:
     return _section("branches (final val losses)", _text_table(headers, rows, align))
 
 
+def _live_section(lineage: dict) -> str:
+    """Per version: the live release (rN), why it was released, and how many candidates it beat."""
+    from raypath.releases import format_standing
+
+    return _section("live releases (decided over every measured branch of the version)",
+                    format_standing(lineage) or "(none yet)")
+
+
 def format_status(lineage: dict) -> str:
     """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, releases."""
     header = [f"run: {lineage.get('name', '?')}"
               + (f" (updated {lineage['updated']})" if lineage.get("updated") else "")]
     header += ["  " + line for line in _config_summary(lineage.get("config", {}) or {})]
     parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
-             _branches_section(lineage), format_releases(lineage)]
+             _branches_section(lineage), _live_section(lineage), format_releases(lineage)]
     return "\n\n".join(parts)
 
 
@@ -453,5 +461,8 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, str]:
     table = out / "releases.csv"
     atomic_write_bytes(table, buf.getvalue().encode())
     markdown = out / "releases.md"
-    atomic_write_bytes(markdown, releases_markdown(lineage).encode())
+    live = _live_section(lineage).split("\n", 1)[1]
+    atomic_write_bytes(markdown, (releases_markdown(lineage) + "\nLive releases (decided over every measured "
+                                  "branch of the version):\n\n" + "".join(f"- {line}\n" for line in
+                                                                          live.splitlines())).encode())
     return {"plot": str(plot), "table": str(table), "markdown": str(markdown)}

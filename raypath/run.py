@@ -31,8 +31,9 @@ from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
 from raypath.pretrained import check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
-from raypath.storage import atomic_dir, atomic_write_bytes, read_json
+from raypath.releases import Releaser, version_objective
 from raypath.sources import iter_texts
+from raypath.storage import atomic_dir, atomic_write_bytes, read_json
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -176,13 +177,14 @@ def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
     # The branch's driver ran as a task on some node: refresh this node's copy of its curve.
     fetch(ctx.mirror, entry["curve"], missing_ok=True)
     lineage.record_branch(entry)
-    k = next(i for i, v in enumerate(ctx.versions) if v["name"] == entry["version"])
-    lineage.record_release({
-        "version": entry["version"], "version_index": k, "path": entry["release"],
-        "branch": entry["name"], "tokens_total": entry["tokens_total"],
-        "val": {key: v for key, v in entry["metrics"].items() if key.startswith("val/")},
-    })
-    log.info("released %s from %s: %s", entry["version"], entry["name"], entry["metrics"])
+    _decide_release(lineage, ctx, entry["version"])
+
+
+def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
+    """Release the best measured branch of ``version`` (the configured one, or a sweep's trial
+    if one was measured already), scored with the config's ``sweep.weights``."""
+    objective = version_objective(lineage.data, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
+    Releaser(lineage, ctx.run_dir, ctx.mirror).decide(version, objective)
 
 
 def run(cfg: Config) -> Lineage:
@@ -205,7 +207,10 @@ def run(cfg: Config) -> Lineage:
             main = run_main_version(ctx, k, prev)
             lineage.record_main(main)
         if lineage.release(version["name"]) is None:
-            runner.submit(release_branch(ctx, k, main))
+            if lineage.branch(f"branch-{version['name']}") is None:
+                runner.submit(release_branch(ctx, k, main))
+            else:  # the branch finished, the run stopped before releasing it
+                _decide_release(lineage, ctx, version["name"])
         for entry in runner.finished():
             _record_branch(lineage, ctx, entry)
         prev = main

@@ -14,8 +14,10 @@ from its main-path checkpoints and runs them as a Ray Tune experiment:
 * the objective is the weighted validation loss over the old versions' splits
   and version K's split, plus an optional compute penalty; a hard token budget
   keeps longer branches from being proposed at all;
-* the best trial (or the one the user pins) becomes version K's release in the
-  lineage, with a pointer to the sweep.
+* the version's release is then decided over every measured branch of version K
+  (the configured branch, earlier sweeps' trials, this sweep's): the best trial
+  replaces the live release only when it beats it (:mod:`raypath.releases`);
+  ``sweep.pin`` releases a trial regardless.
 
 Everything of a sweep lives in ``RUN_DIR/sweeps/vK/<name>/`` (the Tune
 experiment directory)::
@@ -25,7 +27,7 @@ experiment directory)::
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
     branches/<segment>/   each trial's Ray Train run (its checkpoints)
     curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
-    exports/<segment>/    each trial's exported model; the winner is copied to releases/vK
+    exports/<segment>/    each trial's exported model; a released one is copied to releases/vK/rN
 
 Re-running the same command resumes an interrupted sweep with
 ``Tuner.restore``: finished trials are not run again, unfinished ones continue
@@ -51,7 +53,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,9 @@ import yaml
 
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
+from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import Decay
-from raypath.storage import atomic_dir, read_json, write_json
+from raypath.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +137,6 @@ def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
             log.warning("fork point skipped: %s", e)
             continue
         out.append({"step": step, "fraction": (end - step) / (end - start), "path": str(d)})
-    return out
-
-
-def objective_weights(versions: list[dict], k: int, weights: dict[str, float]) -> dict[str, float]:
-    """Val split -> weight: ``w_old`` spread evenly over the versions before k, ``w_new`` on k.
-
-    Weights are normalised to sum to 1; for the first version the objective is its own loss.
-    """
-    own = versions[k]["name"]
-    if k == 0:
-        return {own: 1.0}
-    total = weights.get("old", 0.0) + weights.get("new", 0.0)
-    old = weights.get("old", 0.0) / total
-    out = {v["name"]: old / k for v in versions[:k]}
-    out[own] = weights.get("new", 0.0) / total
     return out
 
 
@@ -535,28 +522,30 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
     return record
 
 
-def _release(plan: SweepPlan, lineage, trial: dict, pinned: bool) -> dict:
-    """Copy the trial's exported model to ``releases/vK`` (atomically) and record it."""
-    src = Path(trial["export"])
-    if not (src / "model_card.json").is_file():
-        raise FileNotFoundError(f"{src}: trial {trial['trial_id']} has no exported model")
-    dst = plan.ctx.run_dir / "releases" / plan.version
-    card = dst / "model_card.json"
-    if not (card.is_file() and read_json(card).get("branch") == trial["name"]):
-        with atomic_dir(dst) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-    branch = {**trial["branch"], "release": str(dst), "sweep": plan.sweep_dir, "trial_id": trial["trial_id"],
+def _candidate(plan: SweepPlan, trial: dict) -> Candidate:
+    branch = {**trial["branch"], "sweep": plan.sweep_dir, "trial_id": trial["trial_id"],
               "objective": trial["objective"], "score": trial["score"]}
-    lineage.record_branch(branch)
-    lineage.record_release({
-        "version": plan.version, "version_index": plan.k, "path": str(dst), "branch": trial["name"],
-        "tokens_total": branch["tokens_total"],
-        "val": {key: v for key, v in branch["metrics"].items() if key.startswith("val/")},
-        "sweep": plan.sweep_dir, "trial_id": trial["trial_id"], "pinned": pinned,
-    })
-    log.info("released %s from sweep trial %s%s: objective %.4f", plan.version, trial["trial_id"],
-             " (pinned)" if pinned else "", trial["objective"])
-    return branch
+    return Candidate(trial["name"], plan.version, f"sweep {Path(plan.sweep_dir).name}", trial["metrics"],
+                     trial["export"], trial["branch_tokens"], trial["trial_id"], plan.sweep_dir, branch)
+
+
+def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> dict:
+    """The version's release decision over every measured branch, this sweep's trials included
+    (or the pinned trial); returns what the sweep records: the decision and the live release."""
+    objective = Objective(plan.weights, plan.compute_penalty, plan.version_tokens)
+    releaser = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror)
+    mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None]
+    if pin:
+        chosen, _ = _pick(trials, pin)
+        releaser.pick(plan.version, chosen["trial_id"], objective, extra=mine)
+        message = f"released trial {chosen['trial_id']} as pinned (sweep.pin)"
+    else:
+        message = releaser.decide(plan.version, objective, extra=mine).message
+    live = releaser.live(plan.version)
+    mine_names = {c.name: c.trial_id for c in mine}
+    return {"released": mine_names.get(live["branch"]) if live else None, "pinned": bool(pin),
+            "release": live["path"] if live else None, "live_release": live["id"] if live else None,
+            "decision": message}
 
 
 def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
@@ -663,9 +652,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
                     "finished; run the same command again to retry them", sc.name, ", ".join(errored),
                     RESULTS_JSON, counts["done"])
     if best is not None and (settled or sc.pin):
-        chosen, pinned = _pick(trials, sc.pin)
-        branch = _release(plan, lineage, chosen, pinned)
-        record.update(released=chosen["trial_id"], pinned=pinned, release=branch["release"])
+        record.update(_release(plan, lineage, trials, sc.pin))
     write_json(sweep_dir / RESULTS_JSON, record)
     lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
                          | {"trials": [_lineage_trial(t) for t in trials]})
@@ -678,8 +665,11 @@ def run_and_print(cfg: Config, version: str | int) -> int:
     record = run_sweep(cfg, version)
     print(format_trials(record), flush=True)
     print(f"sweep: {record['path']}")
+    if record.get("decision"):
+        print(f"release decision: {record['decision']}")
     if record.get("release"):
-        print(f"release: {record['release']} (trial {record['released']})")
+        source = f"trial {record['released']}" if record.get("released") else "not from this sweep"
+        print(f"live release: {record['release']} ({record['live_release']}, {source})")
     return 0 if record["complete"] else 1
 
 

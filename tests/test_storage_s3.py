@@ -171,6 +171,8 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     for release in lin["releases"]:
         rel = _key(prefix, mirror_dir, release["path"])
         assert {f"{rel}/{n}" for n in ("model_card.json", "config.json", "model.safetensors")} <= set(files)
+        pointer = json.loads(s3.read(f"{prefix}/releases/{release['version']}/current.json"))
+        assert pointer["release"] == release["release"] == Path(release["path"]).name  # the live release
     for key in ("config.yaml", "data/manifest.json", "data/v2/stream.parquet", "tokenizer/tokenizer.json",
                 "report/releases.md", "curves/main-v2.jsonl", "curves/branch-v2.jsonl"):
         assert f"{prefix}/{key}" in files

@@ -287,7 +287,8 @@ def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
     release = next(r for r in lin["releases"] if r["version"] == "v2")
     assert release["trial_id"] == best["trial_id"] and release["branch"] == best["name"]
     assert release["sweep"] == str(tiny_sweep["dir"]) and release["pinned"] is False
-    assert release["path"] == str(Path(cfg.run_dir) / "releases" / "v2")
+    assert release["path"] == str(Path(cfg.run_dir) / "releases" / "v2" / release["release"])
+    assert (Path(cfg.run_dir) / "releases" / "v2" / "current").resolve() == Path(release["path"]).resolve()
     assert next(b for b in lin["branches"] if b["name"] == best["name"])["sweep"] == str(tiny_sweep["dir"])
     sweep = next(s for s in lin["sweeps"] if s["version"] == "v2" and s["name"] == tiny_sweep["sweep"].name)
     assert sweep["released"] == best["trial_id"] and len(sweep["trials"]) == 4
@@ -312,9 +313,10 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
     assert np.isfinite(main_objective(tiny_sweep["dir"]))
 
 
-def test_pin_releases_another_trial(tiny_sweep):
+def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
     other = next(t for t in record["trials"] if t["trial_id"] != record["best"])
+    before = Lineage.load(cfg.run_dir).release("v2")["release"]
     pinned = run_sweep(with_cli(cfg, pin=other["trial_id"]), "v2")
     try:
         assert pinned["released"] == other["trial_id"] and pinned["pinned"]
@@ -322,10 +324,19 @@ def test_pin_releases_another_trial(tiny_sweep):
         assert len(pinned["trials"]) == 4
         release = Lineage.load(cfg.run_dir).release("v2")
         assert release["trial_id"] == other["trial_id"] and release["pinned"] is True
+        assert release["release"] != before and release["reason"] == "pinned"
         card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
         assert card["trial_id"] == other["trial_id"]
+        # a plain re-run keeps the user's pin
+        assert run_sweep(cfg, "v2")["released"] == other["trial_id"]
     finally:
-        run_sweep(cfg, "v2")  # back to the best, for the tests that follow
+        # roll back to the best trial's release, then hand v2 back to the decision
+        assert main(["release", str(cfg.run_dir), "--version", "v2", "--pick", before]) == 0
+        assert main(["release", str(cfg.run_dir), "--version", "v2", "--pick", "best"]) == 0
+    live = Lineage.load(cfg.run_dir)
+    assert live.release("v2")["release"] == before and live.release("v2")["trial_id"] == record["best"]
+    assert live.release_history("v2")["pinned"] is False
+    assert [e["action"] for e in live.release_history("v2")["log"]][-2:] == ["release", "rollback"]
 
 
 @pytest.mark.slow
@@ -371,4 +382,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
         assert after["curves"][f"{seg}.jsonl"] == before["curves"][f"{seg}.jsonl"]
         assert [c for c in after["checkpoints"] if seg in c] == [c for c in before["checkpoints"] if seg in c]
     assert len(optuna_study(sweep_dir).trials) == sc.num_samples
-    assert Lineage.load(cfg.run_dir).release("v2")["trial_id"] == record["best"]
+    # the release is decided over both sweeps' trials: the best of them all
+    best = min(t["score"] for t in record["trials"] if t.get("score") is not None)
+    assert Lineage.load(cfg.run_dir).release("v2")["score"] <= best + 1e-9

@@ -1,0 +1,579 @@
+"""Releases: one decision per version over every measured branch, a history, and rollbacks.
+
+Every finished branch of a version is a **candidate** for its release: the
+configured release branch (``raypath run``), every finished trial of every sweep
+of that version, and branches released before. The **decision** scores them all
+with the version's objective (weighted ``val/*`` losses plus the optional
+compute penalty; no other split is read) and releases the best one only when it
+beats the live release; a tie or a worse best keeps the live release. A live
+release that a user chose (``raypath sweep --pin``, ``raypath release --pick``)
+is never replaced by an automatic decision: the decision says what would beat
+it, and ``raypath release --pick best`` hands the version back to the decision.
+
+On disk, per version::
+
+    releases/vK/rN/             the model (hard links to the branch's export where the
+                                filesystem allows, else a copy), tokenizer,
+                                model_card.json (with the release's facts), release.json
+    releases/vK/current.json    {"release": "rN", ...}: which release is live
+    releases/vK/current         symlink -> rN, for local readers (``from_pretrained``)
+
+``current.json`` is the commit point: a release directory is written completely
+(atomic rename) before the pointer is switched (atomic replace of a small file),
+so a crash at any point leaves either the previous or the new release live,
+never a partial one. A plain file rather than a symlink is the truth because an
+object store has no symlinks and renames: for a remote run directory
+(:mod:`raypath.mirror`) the pointer is one small object, replaced whole by its
+upload. The ``current`` symlink is derived from it (replaced atomically with
+``os.replace`` of a temporary symlink) and repaired whenever they disagree.
+
+In the lineage, ``release_history[vK]`` holds ``current``, ``pinned``, the
+ordered ``releases`` (r1, r2, ...) and a ``log`` of every switch (release or
+rollback); ``releases`` keeps one entry per version, the live one, for every
+reader that only wants the released model. A crash after the pointer switch
+but before the lineage save is recovered from ``rN/release.json`` by
+:func:`sync`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raypath.mirror import Mirror, fetch, publish
+from raypath.storage import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+RELEASES_DIR = "releases"
+POINTER = "current.json"
+LINK = "current"
+RELEASE_JSON = "release.json"
+#: Why a release went live.
+CONFIGURED, SWEEP_BEST, PINNED, ROLLBACK = "configured", "sweep best", "pinned", "rollback"
+#: Candidates closer than this in score are a tie, and a tie keeps the live release.
+TIE = 1e-9
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the objective
+
+def objective_weights(versions: list[dict], k: int, weights: dict[str, float]) -> dict[str, float]:
+    """Val split -> weight: ``w_old`` spread evenly over the versions before k, ``w_new`` on k.
+
+    Weights are normalised to sum to 1; for the first version the objective is its own loss.
+    """
+    own = versions[k]["name"]
+    if k == 0:
+        return {own: 1.0}
+    total = weights.get("old", 0.0) + weights.get("new", 0.0)
+    old = weights.get("old", 0.0) / total
+    out = {v["name"]: old / k for v in versions[:k]}
+    out[own] = weights.get("new", 0.0) / total
+    return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a version's candidates are scored: ``sum_s w_s * val/s + penalty * tokens / version_tokens``.
+
+    weights: val split name -> weight (already normalised, see :func:`objective_weights`).
+    compute_penalty: ``sweep.compute_penalty`` (0 = loss only).
+    version_tokens: tokens of the version's main-path segment (scales the penalty).
+    """
+
+    weights: dict[str, float]
+    compute_penalty: float = 0.0
+    version_tokens: int = 1
+
+    def value(self, metrics: dict) -> float | None:
+        """The weighted validation loss; None when a split is missing. Reads ``val/*`` only:
+        held-out test splits never steer which branch is released."""
+        try:
+            return sum(w * float(metrics[f"val/{split}"]) for split, w in self.weights.items())
+        except (KeyError, TypeError):
+            return None
+
+    def score(self, metrics: dict, branch_tokens: float | None) -> float | None:
+        value = self.value(metrics)
+        if value is None:
+            return None
+        return value + self.compute_penalty * float(branch_tokens or 0) / max(self.version_tokens, 1)
+
+    def record(self) -> dict:
+        return {"objective_weights": dict(self.weights), "compute_penalty": self.compute_penalty,
+                "version_tokens": self.version_tokens}
+
+
+def version_objective(lineage: dict, version: str, weights: dict[str, float] | None = None,
+                      compute_penalty: float | None = None) -> Objective:
+    """The objective of ``version`` from ``{old, new}`` weights; by default the lineage
+    config's ``sweep.weights`` / ``sweep.compute_penalty`` (what ``raypath run`` uses)."""
+    sweep_cfg = (lineage.get("config") or {}).get("sweep") or {}
+    weights = weights if weights is not None else sweep_cfg.get("weights", {"old": 0.5, "new": 0.5})
+    penalty = compute_penalty if compute_penalty is not None else sweep_cfg.get("compute_penalty", 0.0)
+    versions = lineage["versions"]
+    k = next(i for i, v in enumerate(versions) if v["name"] == version)
+    main = next((m for m in lineage.get("main_path", []) if m["version"] == version), {})
+    tokens = int(main.get("tokens_end", 1) - main.get("tokens_start", 0))
+    return Objective(objective_weights(versions, k, weights), float(penalty or 0.0), tokens)
+
+
+# --------------------------------------------------------------------------- candidates
+
+@dataclass
+class Candidate:
+    """A finished branch of a version that could be released.
+
+    name: the branch (segment) name, unique within a run.
+    source: ``configured`` or ``sweep <name>``.
+    metrics: its final metrics (``val/*``, maybe ``test/*``, ``loss``).
+    export: its exported model directory.
+    branch_tokens: tokens its decay trained (for the compute penalty).
+    branch: its lineage branch entry when known (recorded in ``branches`` on release).
+    """
+
+    name: str
+    version: str
+    source: str
+    metrics: dict
+    export: str | None
+    branch_tokens: float | None = None
+    trial_id: str | None = None
+    sweep: str | None = None
+    branch: dict | None = None
+
+    @property
+    def reason(self) -> str:
+        return CONFIGURED if self.sweep is None else SWEEP_BEST
+
+
+def candidates(lineage: dict, version: str, extra: Iterable[Candidate] = ()) -> list[Candidate]:
+    """Every finished branch of ``version`` the lineage knows, plus ``extra`` (a sweep's own
+    trials, before they are recorded); one per branch name, in the order first seen."""
+    out: dict[str, Candidate] = {}
+    for s in lineage.get("sweeps", []):
+        if s["version"] != version:
+            continue
+        for t in s.get("trials", []):
+            if t.get("status") == "done" and t.get("metrics"):
+                out[t["name"]] = Candidate(t["name"], version, f"sweep {s['name']}", t["metrics"], t.get("export"),
+                                           t.get("branch_tokens"), t.get("trial_id"), s["path"])
+    for b in lineage.get("branches", []):
+        if b["version"] != version or b.get("status") != "done":
+            continue
+        known = out.get(b["name"])
+        if known is not None:  # a released sweep trial: keep the trial's export, add its branch entry
+            known.branch = b
+            continue
+        source = f"sweep {Path(b['sweep']).name}" if b.get("sweep") else CONFIGURED
+        out[b["name"]] = Candidate(b["name"], version, source, b.get("metrics", {}), b.get("export", b.get("release")),
+                                   b.get("tokens_trained"), b.get("trial_id"), b.get("sweep"), b)
+    for c in extra:
+        out[c.name] = c
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------- the decision
+
+@dataclass
+class Decision:
+    """What the decision over a version's candidates concluded.
+
+    best: the best-scoring candidate (None when none could be scored).
+    release: the candidate to release now; None keeps the live release.
+    scores: branch name -> score (None: a split is missing).
+    live_score: the live release's score under the same objective (None: no release yet).
+    beaten: how many other scored candidates the winner (or the kept release) beats.
+    """
+
+    best: Candidate | None
+    release: Candidate | None
+    scores: dict[str, float | None]
+    live_score: float | None
+    beaten: int
+    message: str
+    entry: dict | None = None  # the release entry written, when one was
+
+    @property
+    def scored(self) -> int:
+        return sum(s is not None for s in self.scores.values())
+
+
+def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinned: bool = False) -> Decision:
+    """Release the best candidate if it beats the live release (pure: reads nothing else).
+
+    live: the version's live release entry (its ``val`` losses and ``branch_tokens`` are
+        re-scored with ``objective``, so releases decided under other weights compare fairly).
+    pinned: the live release was chosen by a user; it is kept and the message says what beats it.
+    """
+    scores = {c.name: objective.score(c.metrics, c.branch_tokens) for c in cands}
+    scored = [c for c in cands if scores[c.name] is not None]
+    best = min(scored, key=lambda c: scores[c.name]) if scored else None
+    live_score = objective.score(live.get("val", {}), live.get("branch_tokens")) if live else None
+
+    def beaten_by(score: float, name: str) -> int:
+        return sum(scores[c.name] > score + TIE for c in scored if c.name != name)
+
+    if best is None:
+        return Decision(None, None, scores, live_score, 0, "no candidate has every validation split of the objective")
+    b = scores[best.name]
+    if live is None:
+        return Decision(best, best, scores, None, beaten_by(b, best.name),
+                        f"{best.name} is the best of {len(scored)} candidates (objective {b:.4f})")
+    tag = f"{live['version']}'s release {live['id']} ({live['branch']}, objective {_fmt(live_score)})"
+    kept_beats = beaten_by(live_score, live["branch"]) if live_score is not None else 0
+    others = [c for c in scored if c.name != live["branch"]]
+    if not others or best.name == live["branch"] or (live_score is not None and b >= live_score - TIE):
+        rival = min(others, key=lambda c: scores[c.name]) if others else None
+        why = (f"the best other candidate {rival.name} ({scores[rival.name]:.4f}) does not beat it"
+               if rival else "no other candidate")
+        return Decision(best, None, scores, live_score, kept_beats, f"kept {tag}: {why}")
+    if pinned:
+        return Decision(best, None, scores, live_score, kept_beats,
+                        f"kept {tag}, pinned by a user: {best.name} ({b:.4f}) beats it; release it with "
+                        f"`raypath release RUN_DIR --version {live['version']} --pick best`")
+    return Decision(best, best, scores, live_score, beaten_by(b, best.name),
+                    f"{best.name} ({b:.4f}) beats {tag}")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+# --------------------------------------------------------------------------- on disk
+
+@dataclass
+class Releaser:
+    """Writes and switches one run directory's releases, and records them in its lineage.
+
+    lineage: a :class:`raypath.lineage.Lineage` (saved after every change).
+    run_dir: the local run directory (a remote one's mirror).
+    mirror: the remote run directory behind ``run_dir``; None for a local run.
+    """
+
+    lineage: Any
+    run_dir: Path
+    mirror: Mirror | None = None
+
+    def version_dir(self, version: str) -> Path:
+        return Path(self.run_dir) / RELEASES_DIR / version
+
+    def history(self, version: str) -> dict:
+        return self.lineage.release_history(version) or {"current": None, "pinned": False, "releases": [], "log": []}
+
+    def live(self, version: str) -> dict | None:
+        h = self.history(version)
+        return next((r for r in h["releases"] if r["id"] == h["current"]), None)
+
+    # ---------------------------------------------------------------- decisions
+
+    def decide(self, version: str, objective: Objective, extra: Iterable[Candidate] = (),
+               respect_pin: bool = True) -> Decision:
+        """Decide ``version``'s release over every candidate; release the winner when it beats the live one."""
+        self.sync(version)
+        cands = candidates(self.lineage.data, version, extra)
+        h = self.history(version)
+        d = decide(cands, self.live(version), objective, pinned=respect_pin and h.get("pinned", False))
+        if d.release is not None:
+            d.entry = self.release(version, d.release, d.release.reason, objective, d)
+        log.info("%s: %s", version, d.message)
+        return d
+
+    def pick(self, version: str, what: str, objective: Objective, extra: Iterable[Candidate] = ()) -> dict:
+        """``--pick``: ``rN`` rolls back to an earlier release, ``best`` hands the version back
+        to the decision, a trial id or branch name releases that branch (pinned)."""
+        self.sync(version)
+        h = self.history(version)
+        if what == "best":
+            d = self.decide(version, objective, respect_pin=False)
+            if d.release is None and h.get("pinned"):
+                self._unpin(version)
+            return self.live(version)
+        if what in {r["id"] for r in h["releases"]}:
+            return self.rollback(version, what)
+        cands = candidates(self.lineage.data, version, extra)
+        chosen = next((c for c in cands if what in (c.name, c.trial_id)), None)
+        if chosen is None:
+            known = ", ".join([r["id"] for r in h["releases"]] + [c.trial_id or c.name for c in cands]) or "none"
+            raise FileNotFoundError(f"--pick {what}: not a release, trial or branch of {version} "
+                                    f"(known: {known})")
+        live = self.live(version)
+        if live is not None and live["branch"] == chosen.name:
+            self._pin(version)
+            log.info("%s: %s is already live (%s); pinned", version, chosen.name, live["id"])
+            return self.live(version)
+        d = decide(cands, live, objective)
+        return self.release(version, chosen, PINNED, objective, d)
+
+    # ---------------------------------------------------------------- writing
+
+    def release(self, version: str, cand: Candidate, reason: str, objective: Objective, d: Decision) -> dict:
+        """Copy ``cand``'s model to ``releases/version/rN``, switch ``current`` to it, record it."""
+        h = self.history(version)
+        vdir = self.version_dir(version)
+        self._migrate_flat(version, h)
+        rid = f"r{1 + max((int(r['id'][1:]) for r in h['releases']), default=0)}"
+        src = self._model_dir(cand, h)
+        score = d.scores.get(cand.name)
+        beaten = sum(s is not None and s > score + TIE for n, s in d.scores.items() if n != cand.name) \
+            if score is not None else 0
+        entry = {
+            "id": rid, "version": version, "version_index": self._version_index(version),
+            "path": str(vdir / rid), "branch": cand.name, "reason": reason, "source": cand.source,
+            "sweep": cand.sweep, "trial_id": cand.trial_id,
+            "objective": objective.value(cand.metrics), "score": score, **objective.record(),
+            "val": {k: v for k, v in cand.metrics.items() if k.startswith("val/")},
+            "test": {k: v for k, v in cand.metrics.items() if k.startswith("test/")},
+            "branch_tokens": cand.branch_tokens,
+            "tokens_total": (cand.branch or {}).get("tokens_total", self._card(src).get("tokens_total")),
+            "candidates": d.scored, "beat": beaten, "replaced": h["current"], "released": _now(),
+        }
+        if entry["tokens_total"] is None:
+            entry["tokens_total"] = self._tokens_total(cand)
+        card = {**self._card(src), "release": {k: entry[k] for k in (
+            "id", "reason", "branch", "objective", "score", "objective_weights", "candidates", "beat",
+            "replaced", "released")}}
+        with atomic_dir(vdir / rid) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+            write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was
+            write_json(tmp / RELEASE_JSON, entry)
+        publish(self.mirror, vdir / rid)
+        pinned = reason in (PINNED, ROLLBACK)
+        self._switch(vdir, rid, pinned)
+        if cand.sweep is not None:  # a sweep's trial joins the lineage's branches when released
+            branch = self._branch_entry(cand)
+            if branch is not None:
+                self.lineage.record_branch(branch)
+        h["releases"].append(entry)
+        h["log"].append({"time": entry["released"], "release": rid, "action": "release", "reason": reason,
+                         "replaced": h["current"]})
+        h["current"], h["pinned"] = rid, pinned
+        self.lineage.set_release_history(version, h)
+        log.info("released %s %s from %s (%s): objective %s, beat %d of %d other candidates",
+                 version, rid, cand.name, reason, _fmt(entry["objective"]), beaten, max(d.scored - 1, 0))
+        return entry
+
+    def rollback(self, version: str, rid: str) -> dict:
+        """Make the earlier release ``rid`` live again (pinned), recorded in the log."""
+        h = self.history(version)
+        if h["current"] == rid:
+            self._pin(version)
+            log.info("%s: %s is already live; pinned", version, rid)
+            return self.live(version)
+        self._migrate_flat(version, h)
+        entry = next(r for r in h["releases"] if r["id"] == rid)
+        path = self.version_dir(version) / rid
+        if self.mirror is None and not (path / "model_card.json").is_file():
+            raise FileNotFoundError(f"{path}: release {rid} of {version} is missing on disk")
+        self._switch(self.version_dir(version), rid, True)
+        h["log"].append({"time": _now(), "release": rid, "action": "rollback", "reason": ROLLBACK,
+                         "replaced": h["current"]})
+        h["current"], h["pinned"] = rid, True
+        self.lineage.set_release_history(version, h)
+        log.info("%s: rolled back to %s (%s)", version, rid, entry["branch"])
+        return entry
+
+    def _pin(self, version: str, pinned: bool = True) -> None:
+        h = self.history(version)
+        if h.get("pinned") != pinned:
+            self._switch(self.version_dir(version), h["current"], pinned)
+            h["pinned"] = pinned
+            self.lineage.set_release_history(version, h)
+
+    def _unpin(self, version: str) -> None:
+        self._pin(version, False)
+
+    def _switch(self, vdir: Path, rid: str, pinned: bool) -> None:
+        """The commit point: replace ``current.json`` (and publish it), then the local symlink."""
+        _write_pointer(vdir / POINTER, {"release": rid, "pinned": pinned, "switched": _now()})
+        publish(self.mirror, vdir / POINTER)
+        _link_current(vdir, rid)
+
+    # ---------------------------------------------------------------- recovery and old layouts
+
+    def sync(self, version: str) -> None:
+        """Make the lineage agree with ``current.json`` (the truth) after a crash between the
+        switch and the lineage save; repair the ``current`` symlink."""
+        vdir = self.version_dir(version)
+        fetch(self.mirror, vdir / POINTER, missing_ok=True)
+        if not (vdir / POINTER).is_file():
+            return
+        ptr = read_json(vdir / POINTER)
+        rid, h = ptr["release"], self.history(version)
+        if rid != h["current"]:
+            if rid not in {r["id"] for r in h["releases"]}:
+                fetch(self.mirror, vdir / rid / RELEASE_JSON)
+                h["releases"].append(read_json(vdir / rid / RELEASE_JSON))
+            log.warning("%s: %s is live (%s) but the lineage said %s; recorded it", version, rid, POINTER,
+                        h["current"])
+            h["log"].append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
+                             "replaced": h["current"]})
+            h["current"], h["pinned"] = rid, bool(ptr.get("pinned"))
+            self.lineage.set_release_history(version, h)
+        _link_current(vdir, rid)
+
+    def _migrate_flat(self, version: str, h: dict) -> None:
+        """An old run directory released ``releases/vK`` itself (model files directly in it):
+        move it to ``releases/vK/r1`` before a second release lands next to it. Each step is a
+        rename, and an interrupted migration is finished by the next call."""
+        vdir = self.version_dir(version)
+        aside = vdir.with_name(f".{version}.r1")
+        # (by name: a copied run directory keeps the old absolute paths)
+        legacy = next((r for r in h["releases"] if Path(r["path"]).name == version), None)
+        if legacy is None:
+            return
+        if self.mirror is not None and not vdir.is_dir() and not aside.is_dir():
+            self.mirror.pull(vdir, missing_ok=True)  # the driver's mirror holds no releases at start
+        if (vdir / "model_card.json").is_file():
+            os.replace(vdir, aside)
+        if aside.is_dir():
+            vdir.mkdir(exist_ok=True)
+            os.replace(aside, vdir / legacy["id"])
+        legacy["path"] = str(vdir / legacy["id"])
+        publish(self.mirror, vdir / legacy["id"])
+        self._switch(vdir, h["current"], h.get("pinned", False))
+        self.lineage.set_release_history(version, h)
+        log.info("%s: moved the release directory %s to %s", version, vdir, legacy["path"])
+
+    # ---------------------------------------------------------------- helpers
+
+    def _version_index(self, version: str) -> int:
+        return next(i for i, v in enumerate(self.lineage.data["versions"]) if v["name"] == version)
+
+    def _model_dir(self, cand: Candidate, h: dict) -> Path:
+        """The candidate's exported model; a branch released before may only live in its release."""
+        dirs = [cand.export] + [r["path"] for r in reversed(h["releases"]) if r["branch"] == cand.name]
+        for d in dirs:
+            if d is None:
+                continue
+            if self.mirror is not None and self.mirror.relative(d) is not None:
+                fetch(self.mirror, d, missing_ok=True)
+            if (Path(d) / "model_card.json").is_file():
+                return Path(d)
+        raise FileNotFoundError(f"{cand.name}: no exported model (looked in {', '.join(filter(None, dirs))})")
+
+    @staticmethod
+    def _card(src: Path) -> dict:
+        return read_json(src / "model_card.json")
+
+    def _tokens_total(self, cand: Candidate) -> int | None:
+        main = self.lineage.main(cand.version)
+        return main.get("tokens_end") if main else None
+
+    def _branch_entry(self, cand: Candidate) -> dict | None:
+        """The lineage branch entry of a released candidate (a sweep trial's from its results)."""
+        if cand.branch is not None and "checkpoint" in cand.branch:
+            return cand.branch
+        results = Path(cand.sweep) / "results.json" if cand.sweep else None
+        if results is None or not results.is_file():
+            return None
+        trial = next((t for t in read_json(results).get("trials", []) if t.get("name") == cand.name), None)
+        if trial is None or "branch" not in trial:
+            return None
+        return {**trial["branch"], "sweep": cand.sweep, "trial_id": trial["trial_id"],
+                "objective": trial.get("objective"), "score": trial.get("score")}
+
+
+def _write_pointer(path: Path, pointer: dict) -> None:
+    write_json(path, pointer)
+
+
+def _link_current(vdir: Path, rid: str) -> None:
+    """``vdir/current -> rid``, replaced atomically; skipped where the release is not local."""
+    link = vdir / LINK
+    if not (vdir / rid).is_dir() or (link.is_symlink() and os.readlink(link) == rid):
+        return
+    tmp = vdir / f".{LINK}.{os.getpid()}.tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(rid, tmp)
+    os.replace(tmp, link)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    # Exports are write-once (replaced by rename, never edited), so a hard link is a safe,
+    # free copy on the same filesystem; elsewhere (another mount, an object store mirror) copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- presentation
+
+def standing(lineage: dict, version: str) -> dict | None:
+    """The live release of ``version`` and how many of the version's other candidates it beats,
+    under the objective it was released with (the config's for older records)."""
+    h = (lineage.get("release_history") or {}).get(version)
+    if not h or not h.get("current"):
+        return None
+    live = next(r for r in h["releases"] if r["id"] == h["current"])
+    obj = (Objective(live["objective_weights"], live.get("compute_penalty", 0.0), live.get("version_tokens", 1))
+           if live.get("objective_weights") else version_objective(lineage, version))
+    d = decide(candidates(lineage, version), live, obj)
+    others = [s for n, s in d.scores.items() if n != live["branch"] and s is not None]
+    beat = sum(s > d.live_score + TIE for s in others) if d.live_score is not None else 0
+    return {"release": live, "pinned": bool(h.get("pinned")), "score": d.live_score, "beat": beat,
+            "others": len(others), "history": [r["id"] for r in h["releases"]]}
+
+
+def format_standing(lineage: dict) -> str:
+    """One line per version: the live release, why, and how many candidates it beat."""
+    lines = []
+    for v in lineage.get("versions", []):
+        s = standing(lineage, v["name"])
+        if s is None:
+            continue
+        r = s["release"]
+        lines.append(f"{v['name']}: {r['id']} {r['branch']} ({r['reason']}{', pinned' if s['pinned'] else ''}), "
+                     f"objective {_fmt(s['score'])}, beat {s['beat']} of {s['others']} other candidates; "
+                     f"history {' '.join(s['history'])}")
+    return "\n".join(lines)
+
+
+def format_release(lineage: dict, version: str, objective: Objective) -> str:
+    """``raypath release RUN_DIR --version vK``: the candidates, best first, and the history."""
+    import pandas as pd
+
+    h = (lineage.get("release_history") or {}).get(version) or {"releases": [], "log": [], "current": None}
+    live = next((r for r in h["releases"] if r["id"] == h.get("current")), None)
+    cands = candidates(lineage, version)
+    d = decide(cands, live, objective, pinned=bool(h.get("pinned")))
+    splits = [f"val/{s}" for s in objective.weights]
+    rows = []
+    for c in sorted(cands, key=lambda c: (d.scores[c.name] is None, d.scores[c.name] or 0.0)):
+        ids = [r["id"] for r in h["releases"] if r["branch"] == c.name]
+        mark = "*" if live is not None and c.name == live["branch"] else ""
+        rows.append([mark, c.name, c.trial_id or "-", c.source, *(_fmt(c.metrics.get(s)) for s in splits),
+                     _fmt(d.scores[c.name]), ",".join(ids) or "-"])
+    weights = ", ".join(f"{s} {w:.3g}" for s, w in objective.weights.items())
+    out = [f"candidates of {version} (score = objective over {weights}"
+           + (f" + compute penalty {objective.compute_penalty:g}" if objective.compute_penalty else "")
+           + "; * = live)"]
+    out.append(pd.DataFrame(rows, columns=["", "branch", "trial", "source", *splits, "score", "releases"])
+               .to_string(index=False) if rows else "(no finished branch yet)")
+    out.append(f"\nreleases of {version} (live: {h.get('current') or 'none'}"
+               f"{', pinned' if h.get('pinned') else ''})")
+    for r in h["releases"]:
+        out.append(f"  {r['id']}  {r.get('released', '-')}  {r['reason']:<10}  {r['branch']}  "
+                   f"objective {_fmt(r.get('objective'))}  beat {r.get('beat', '-')} of "
+                   f"{max((r.get('candidates') or 1) - 1, 0)}  {r['path']}")
+    out.append("switches:" if h["log"] else "")
+    for e in h["log"]:
+        out.append(f"  {e.get('time', '-')}  {e['action']:<9} {e['release']}"
+                   + (f" (replaced {e['replaced']})" if e.get("replaced") else ""))
+    out.append(d.message)
+    return "\n".join(out)
+

@@ -1,0 +1,362 @@
+"""Release decisions over every measured branch, versioned release directories, history,
+rollback and crash safety: the decision on constructed candidates, the on-disk protocol on a
+small constructed run directory, then the real tiny lineage and sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from raypath import releases
+from raypath.cli import main
+from raypath.lineage import Lineage
+from raypath.releases import Candidate, Objective, Releaser, decide, standing
+from raypath.storage import read_json, write_json
+
+OBJ = Objective({"v1": 0.5, "v2": 0.5})
+
+
+def _cand(name: str, v1: float, v2: float, test: float | None = None, sweep: str | None = None) -> Candidate:
+    metrics = {"val/v1": v1, "val/v2": v2, "loss": 3.0}
+    if test is not None:
+        metrics["test/v1"] = metrics["test/v2"] = test
+    return Candidate(name, "v2", "sweep s" if sweep else "configured", metrics, None, 100, None, sweep)
+
+
+def _live(name: str, v1: float, v2: float) -> dict:
+    return {"id": "r1", "version": "v2", "branch": name, "val": {"val/v1": v1, "val/v2": v2}, "branch_tokens": 100}
+
+
+# --------------------------------------------------------------------------- the decision
+
+def test_first_release_is_the_best_candidate():
+    d = decide([_cand("a", 4.0, 3.0), _cand("b", 3.9, 3.0), _cand("c", 4.2, 3.1)], None, OBJ)
+    assert d.release.name == "b" and d.beaten == 2 and d.scores["b"] == pytest.approx(3.45)
+
+
+def test_worse_candidates_keep_the_live_release():
+    live = _live("branch-v2", 3.9, 3.0)  # objective 3.45
+    cands = [_cand("branch-v2", 3.9, 3.0), _cand("t1", 4.0, 3.0, sweep="s"), _cand("t2", 3.95, 3.0, sweep="s")]
+    d = decide(cands, live, OBJ)
+    assert d.release is None and d.best.name == "branch-v2" and d.beaten == 2
+    d = decide(cands[1:], live, OBJ)  # the live branch not among them (e.g. a legacy record)
+    assert d.release is None and d.best.name == "t2" and "does not beat" in d.message
+
+
+def test_a_tie_keeps_the_live_release_and_a_better_one_replaces_it():
+    live = _live("branch-v2", 3.9, 3.0)
+    assert decide([_cand("t1", 3.0, 3.9, sweep="s")], live, OBJ).release is None  # same objective
+    d = decide([_cand("branch-v2", 3.9, 3.0), _cand("t1", 3.8, 3.0, sweep="s")], live, OBJ)
+    assert d.release.name == "t1" and d.release.reason == releases.SWEEP_BEST and d.beaten == 1
+
+
+def test_a_pinned_release_is_kept_and_the_message_says_what_beats_it():
+    d = decide([_cand("t1", 3.0, 3.0, sweep="s")], _live("branch-v2", 3.9, 3.0), OBJ, pinned=True)
+    assert d.release is None and "pinned" in d.message and "--pick best" in d.message
+
+
+def test_the_decision_reads_no_test_split():
+    # a has the better validation objective, b the far better test loss: a is released.
+    a, b = _cand("a", 3.9, 3.0, test=9.0), _cand("b", 4.0, 3.0, test=1.0)
+    assert decide([a, b], None, OBJ).release.name == "a"
+    assert decide([b, a], _live("b", 4.0, 3.0), OBJ).release.name == "a"
+    assert OBJ.value({"test/v1": 1.0, "test/v2": 1.0}) is None  # test keys alone cannot be scored
+
+
+def test_candidates_missing_a_split_are_not_scored_and_the_penalty_counts():
+    d = decide([Candidate("x", "v2", "configured", {"val/v2": 1.0}, None), _cand("a", 3.9, 3.0)], None, OBJ)
+    assert d.release.name == "a" and d.scores["x"] is None
+    cheap = Objective({"v1": 0.5, "v2": 0.5}, compute_penalty=1.0, version_tokens=1000)
+    long_ = Candidate("long", "v2", "configured", {"val/v1": 3.8, "val/v2": 3.0}, None, 500)
+    short = Candidate("short", "v2", "configured", {"val/v1": 3.9, "val/v2": 3.0}, None, 100)
+    assert decide([long_, short], None, cheap).release.name == "short"  # 3.4 + 0.5 vs 3.45 + 0.1
+
+
+# --------------------------------------------------------------------------- on disk (constructed run)
+
+def _export(run: Path, name: str) -> str:
+    d = run / "exports" / name
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(os.urandom(256))
+    write_json(d / "model_card.json", {"branch": name, "version": "v2"})
+    return str(d)
+
+
+def _metrics(v1: float, v2: float, test: float | None = None) -> dict:
+    return {"val/v1": v1, "val/v2": v2, "loss": 3.0, **({"test/v2": test} if test is not None else {})}
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A constructed run: versions v1, v2; v2's configured branch (objective 3.45) released."""
+    run = tmp_path / "run"
+    lin = Lineage.open(run, "t", {"sweep": {"weights": {"old": 0.5, "new": 0.5}, "compute_penalty": 0.0}})
+    lin.data["versions"] = [{"name": "v1"}, {"name": "v2"}]
+    lin.data["main_path"] = [{"version": "v2", "tokens_start": 0, "tokens_end": 1000}]
+    lin.record_branch({"name": "branch-v2", "version": "v2", "status": "done", "metrics": _metrics(3.9, 3.0),
+                       "tokens_trained": 200, "tokens_total": 1000, "export": _export(run, "branch-v2")})
+    Releaser(lin, run).decide("v2", releases.version_objective(lin.data, "v2"))
+    return run
+
+
+def _add_sweep(run: Path, name: str, trials: dict[str, dict]) -> None:
+    lin = Lineage.load(run)
+    path = run / "sweeps" / "v2" / name
+    lin.record_sweep({"version": "v2", "name": name, "path": str(path), "trials": [
+        {"trial_id": tid, "name": f"branch-v2-{tid}", "status": "done", "metrics": m, "branch_tokens": 200,
+         "export": _export(run, f"branch-v2-{tid}")} for tid, m in trials.items()]})
+
+
+def _decide(run: Path) -> releases.Decision:
+    lin = Lineage.load(run)
+    return Releaser(lin, run).decide("v2", releases.version_objective(lin.data, "v2"))
+
+
+def _pointer(run: Path) -> str:
+    return read_json(run / "releases" / "v2" / "current.json")["release"]
+
+
+def test_release_layout(run):
+    vdir = run / "releases" / "v2"
+    assert _pointer(run) == "r1" and os.readlink(vdir / "current") == "r1"
+    assert (vdir / "current" / "model.safetensors").read_bytes() == (run / "exports/branch-v2/model.safetensors").read_bytes()
+    card = read_json(vdir / "r1" / "model_card.json")
+    assert card["release"]["id"] == "r1" and card["release"]["reason"] == "configured"
+    assert card["release"]["candidates"] == 1 and card["release"]["beat"] == 0
+    assert read_json(run / "exports/branch-v2/model_card.json") == {"branch": "branch-v2", "version": "v2"}
+    assert read_json(vdir / "r1" / "release.json")["branch"] == "branch-v2"
+    lin = Lineage.load(run)
+    live = lin.release("v2")
+    assert live["path"] == str(vdir / "r1") and live["release"] == "r1" and live["objective"] == pytest.approx(3.45)
+    assert lin.release_history("v2")["current"] == "r1"
+
+
+def test_sweep_all_worse_keeps_then_better_replaces(run):
+    _add_sweep(run, "a", {"t1": _metrics(4.0, 3.1), "t2": _metrics(3.95, 3.0)})
+    d = _decide(run)
+    assert d.release is None and "does not beat" in d.message and _pointer(run) == "r1"
+    assert standing(Lineage.load(run).data, "v2")["beat"] == 2
+
+    _add_sweep(run, "b", {"t3": _metrics(3.8, 2.9)})
+    assert _decide(run).release.name == "branch-v2-t3"
+    lin = Lineage.load(run)
+    h = lin.release_history("v2")
+    assert [(r["id"], r["branch"], r["reason"]) for r in h["releases"]] == [
+        ("r1", "branch-v2", "configured"), ("r2", "branch-v2-t3", "sweep best")]
+    assert h["current"] == "r2" and _pointer(run) == "r2" and h["releases"][1]["replaced"] == "r1"
+    assert h["releases"][1]["beat"] == 3 and h["releases"][1]["candidates"] == 4
+    assert lin.release("v2")["branch"] == "branch-v2-t3"
+    s = standing(lin.data, "v2")
+    assert (s["beat"], s["others"]) == (3, 3)
+
+
+def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
+    _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
+    _decide(run)
+    assert _pointer(run) == "r2"
+    assert main(["release", str(run), "--version", "v2", "--pick", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert "live release of v2: r1 (branch-v2)" in out and "rollback" in out
+    assert _pointer(run) == "r1" and os.readlink(run / "releases/v2/current") == "r1"
+    lin = Lineage.load(run)
+    assert lin.release("v2")["release"] == "r1" and lin.release("v2")["pinned"] is True
+    assert [e["action"] for e in lin.release_history("v2")["log"]] == ["release", "release", "rollback"]
+    # an automatic decision (a sweep, a run) keeps the user's choice and says what beats it
+    d = _decide(run)
+    assert d.release is None and "pinned" in d.message and _pointer(run) == "r1"
+    # --pick a trial: released again as a new, pinned release
+    assert main(["release", str(run), "--version", "v2", "--pick", "t1"]) == 0
+    lin = Lineage.load(run)
+    assert lin.release("v2")["release"] == "r3" and lin.release("v2")["reason"] == "pinned"
+    # --pick best hands the version back to the decision
+    assert main(["release", str(run), "--version", "v2", "--pick", "best"]) == 0
+    assert Lineage.load(run).release_history("v2")["pinned"] is False
+    assert main(["release", str(run), "--version", "v2", "--pick", "nope"]) == 2
+    assert "--pick nope: not a release, trial or branch of v2" in capsys.readouterr().err
+
+
+def test_release_command_lists_candidates_and_history(run, capsys):
+    _add_sweep(run, "a", {"t1": _metrics(4.0, 3.1)})
+    assert main(["release", str(run), "--version", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("candidates of v2")
+    rows = [ln.split() for ln in lines[2:4]]
+    assert rows[0][:2] == ["*", "branch-v2"] and rows[1][0] == "branch-v2-t1"  # best first, live marked
+    assert "releases of v2 (live: r1)" in out and "does not beat" in out
+
+
+def test_crash_inside_the_switch_leaves_the_previous_release_live(run, monkeypatch):
+    _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
+
+    def crash(path, pointer):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(releases, "_write_pointer", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        _decide(run)
+    vdir = run / "releases" / "v2"
+    assert (vdir / "r2" / "model_card.json").is_file()  # written completely, but never switched to
+    assert _pointer(run) == "r1" and os.readlink(vdir / "current") == "r1"
+    lin = Lineage.load(run)
+    assert lin.release("v2")["release"] == "r1" and [r["id"] for r in lin.release_history("v2")["releases"]] == ["r1"]
+    monkeypatch.undo()
+    assert _decide(run).release.name == "branch-v2-t1"  # the retry replaces the orphan r2
+    assert _pointer(run) == "r2" and Lineage.load(run).release("v2")["branch"] == "branch-v2-t1"
+
+
+def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch):
+    _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
+
+    def crash(self, version, history):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lineage, "set_release_history", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _decide(run)
+    monkeypatch.undo()
+    assert _pointer(run) == "r2" and Lineage.load(run).release("v2")["release"] == "r1"
+    lin = Lineage.load(run)
+    Releaser(lin, run).sync("v2")
+    assert lin.release("v2")["release"] == "r2" and lin.release("v2")["branch"] == "branch-v2-t1"
+    assert Lineage.load(run).release_history("v2")["log"][-1]["action"] == "recovered"
+
+
+# --------------------------------------------------------------------------- the real tiny lineage
+
+def test_run_releases_are_r1_with_a_current_link(tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    cfg, lin = tiny_run
+    run_dir = Path(cfg.run_dir)
+    for r in lin["releases"]:
+        vdir = run_dir / "releases" / r["version"]
+        assert r["path"] == str(vdir / "r1") and r["reason"] == "configured" and not r["pinned"]
+        assert read_json(vdir / "current.json")["release"] == "r1" and os.readlink(vdir / "current") == "r1"
+        assert read_json(vdir / "r1" / "model_card.json")["release"]["id"] == "r1"
+    AutoModelForCausalLM.from_pretrained(str(run_dir / "releases" / "v3" / "current"), local_files_only=True)
+    text = main_output(["status", str(run_dir)])
+    assert "v3: r1 branch-v3 (configured), objective" in text and "beat 0 of 0 other candidates" in text
+
+
+def main_output(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return buf.getvalue()
+
+
+def _to_old_layout(run_dir: Path) -> None:
+    """What a run directory released before release histories looks like: ``releases/vK``
+    holds the model itself, and the lineage one release entry per version."""
+    path = run_dir / "lineage.json"
+    lin = json.loads(path.read_text())
+    lin.pop("release_history")
+    for r in lin["releases"]:
+        vdir = run_dir / "releases" / r["version"]
+        shutil.move(vdir / "r1", run_dir / "releases" / f"{r['version']}.old")
+        shutil.rmtree(vdir)
+        shutil.move(run_dir / "releases" / f"{r['version']}.old", vdir)
+        card = read_json(vdir / "model_card.json")
+        card.pop("release")
+        write_json(vdir / "model_card.json", card)
+        (vdir / "release.json").unlink()
+        r.update(path=str(vdir))
+        for key in ("id", "release", "reason", "pinned", "source", "sweep", "trial_id", "objective", "score",
+                    "objective_weights", "compute_penalty", "version_tokens", "test", "branch_tokens",
+                    "candidates", "beat", "replaced"):
+            r.pop(key, None)
+    for b in lin["branches"]:
+        b["release"] = str(run_dir / "releases" / b["version"])
+        b.pop("export")
+        shutil.rmtree(run_dir / "exports" / b["name"])
+    path.write_text(json.dumps(lin))
+
+
+def test_old_layout_run_loads_as_r1_and_moves_on_the_next_release(tiny_run_copy):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = Path(tiny_run_copy.run_dir)
+    _to_old_layout(run_dir)
+    vdir = run_dir / "releases" / "v3"
+    assert (vdir / "model.safetensors").is_file() and not (vdir / "r1").exists()
+    assert "v3: r1 branch-v3 (configured)" in main_output(["status", str(run_dir)])
+    lin = Lineage.load(run_dir)
+    assert lin.release("v3")["release"] == "r1" and lin.release_history("v3")["releases"][0]["path"] == str(vdir)
+    # a better measured branch of v3 (the same model, exported by a sweep trial)
+    export = run_dir / "sweeps" / "v3" / "s" / "exports" / "branch-v3-t1"
+    shutil.copytree(vdir, export)
+    better = {k: v - 0.01 for k, v in lin.release("v3")["val"].items()}
+    lin.record_sweep({"version": "v3", "name": "s", "path": str(export.parents[1]), "trials": [
+        {"trial_id": "t1", "name": "branch-v3-t1", "status": "done", "metrics": better, "branch_tokens": 10,
+         "export": str(export)}]})
+    main_output(["release", str(run_dir), "--version", "v3", "--pick", "t1"])
+    assert sorted(p.name for p in vdir.iterdir()) == ["current", "current.json", "r1", "r2"]
+    lin = Lineage.load(run_dir)
+    assert [r["path"] for r in lin.release_history("v3")["releases"]] == [str(vdir / "r1"), str(vdir / "r2")]
+    assert os.readlink(vdir / "current") == "r2"
+    main_output(["release", str(run_dir), "--version", "v3", "--pick", "r1"])
+    assert os.readlink(vdir / "current") == "r1"
+    AutoModelForCausalLM.from_pretrained(str(vdir / "current"), local_files_only=True)
+
+
+def _copy_sweep_run(tiny_sweep, dst: Path) -> tuple[Path, dict]:
+    """A copy of the swept lineage (paths rewritten) without its release: trials measured, nothing
+    released; returns it and the sweep's trial records (paths rewritten too)."""
+    src = Path(tiny_sweep["cfg"].run_dir)
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("ray", "branches", "data", "corpus"))
+    for f in [dst / "lineage.json", *dst.glob("sweeps/*/*/results.json")]:
+        f.write_text(f.read_text().replace(str(src), str(dst)))
+    shutil.rmtree(dst / "releases")
+    path = dst / "lineage.json"
+    lin = json.loads(path.read_text())
+    lin["releases"], lin["release_history"] = [], {}
+    lin["branches"] = [b for b in lin["branches"] if not b.get("sweep")]
+    path.write_text(json.dumps(lin))
+    record = json.loads(json.dumps(tiny_sweep["record"]).replace(str(src), str(dst)))
+    return dst, record
+
+
+@pytest.mark.parametrize("margin,kept", [(-0.05, True), (0.05, False)])
+def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, margin, kept):
+    """The sweep's release step on its real trials, with a configured release of v2 that is
+    better (``margin`` < 0) or worse than every trial."""
+    from raypath.sweep import SweepPlan, _release
+
+    run_dir, record = _copy_sweep_run(tiny_sweep, tmp_path / "run")
+    done = [t for t in record["trials"] if t["status"] == "done"]
+    best = min(done, key=lambda t: t["score"])
+    metrics = {k: min(t["metrics"][k] for t in done) + margin if margin < 0 else best["metrics"][k] + margin
+               for k in ("val/v1", "val/v2")}
+    export = run_dir / "exports" / "branch-v2"
+    shutil.copytree(best["export"], export)
+    lin = Lineage.load(run_dir)
+    lin.record_branch({"name": "branch-v2", "version": "v2", "status": "done", "metrics": metrics,
+                       "tokens_trained": 100, "tokens_total": 1000, "export": str(export)})
+    Releaser(lin, run_dir).decide("v2", releases.version_objective(lin.data, "v2"))
+    assert lin.release("v2")["reason"] == "configured"
+
+    ctx = types.SimpleNamespace(run_dir=run_dir, mirror=None, versions=lin.data["versions"])
+    plan = SweepPlan(ctx, 1, lin.main("v2"), record["path"], record["objective_weights"], 0.0,
+                     record["version_tokens"])
+    out = _release(plan, lin, record["trials"], None)
+    h = Lineage.load(run_dir).release_history("v2")
+    if kept:
+        assert out["released"] is None and out["live_release"] == "r1" and "does not beat" in out["decision"]
+        assert [r["branch"] for r in h["releases"]] == ["branch-v2"]
+    else:
+        assert out["released"] == best["trial_id"] and out["live_release"] == "r2"
+        assert [(r["branch"], r["reason"]) for r in h["releases"]] == [("branch-v2", "configured"),
+                                                                       (best["name"], "sweep best")]
+        live = Lineage.load(run_dir).release("v2")
+        assert read_json(Path(live["path"]) / "model_card.json")["trial_id"] == best["trial_id"]
+        assert any(b["name"] == best["name"] and b["sweep"] == record["path"]
+                   for b in Lineage.load(run_dir).data["branches"])
