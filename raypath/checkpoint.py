@@ -67,7 +67,12 @@ def verify(directory: str | Path, mirror: Mirror | None = None) -> None:
         return
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
-    expected = read_json(d / MANIFEST)
+    try:
+        expected = read_json(d / MANIFEST)
+    except ValueError as e:  # a torn or hand-edited manifest is a torn checkpoint
+        raise CheckpointError(str(e)) from None
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"{d}: {MANIFEST} is not a mapping of file checksums")
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")

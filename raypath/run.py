@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
 from raypath.storage import atomic_dir, atomic_write_bytes, read_json
-from raypath.sources import iter_texts
+from raypath.sources import VersionSource, first_line, iter_texts
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,36 @@ def _endpoint(cfg: Config) -> str | None:
 PREPARED = ("config.yaml", "corpus", "tokenizer", "data")
 
 
+@dataclass
+class Located:
+    """Where a run reads and writes, found without Ray: the local run directory (for a
+    remote ``run_dir``, its mirror filled with the remote state) and the corpus versions."""
+
+    run_dir: Path
+    mirror: Mirror | None
+    sources: list[VersionSource]
+
+
+def locate(cfg: Config) -> Located:
+    """Open the run directory and discover the corpus layout; a bad one fails here, before Ray."""
+    run_dir, mirror = _open_run_dir(cfg)
+    return Located(run_dir, mirror, discover_versions(_corpus(cfg, run_dir), cfg.data.versions, _endpoint(cfg)))
+
+
 def _open_run_dir(cfg: Config) -> tuple[Path, Mirror | None]:
-    """The local run directory; for a remote one, its mirror filled with the remote state."""
+    """The local run directory, checked writable; for a remote one, its mirror filled with the remote state."""
     run_dir, mirror = run_location(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint)
     if mirror is not None:
-        mirror.pull_run()
+        try:
+            mirror.pull_run()
+        except OSError as e:  # unreachable endpoint, rejected credentials, no bucket
+            raise ConfigError(f"run_dir: cannot read {cfg.run_dir}: {first_line(e)}") from None
         _check_mirror_path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as e:
+        raise ConfigError(f"run_dir: {run_dir} is not a writable directory ({e.strerror or e})") from None
     return run_dir, mirror
 
 
@@ -104,16 +128,17 @@ def _check_mirror_path(run_dir: Path) -> None:
                           f"set cluster.local_dir={recorded} to resume it")
 
 
-def prepare(cfg: Config) -> RunContext:
+def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     """Corpus -> validated files -> tokenizer -> tokenized versions (idempotent). Needs Ray.
 
     Every file of a version still to prepare is validated (under ``data.on_bad_input``)
     before anything else reads it, the tokenizer's training included.
+    where: :func:`locate` of ``cfg`` when the caller has it already.
     """
-    run_dir, mirror = _open_run_dir(cfg)
+    where = where or locate(cfg)
+    run_dir, mirror, sources = where.run_dir, where.mirror, where.sources
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     endpoint = _endpoint(cfg)
-    sources = discover_versions(_corpus(cfg, run_dir), cfg.data.versions, endpoint)
     tok_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
@@ -169,9 +194,12 @@ def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
 
 def run(cfg: Config) -> Lineage:
     """Train every version of the corpus along the main path and release each one."""
+    # What needs no Ray is checked first -- run directory, lineage record, corpus layout --
+    # so a bad input there fails in a second, before a cluster starts or anything is written.
+    where = locate(cfg)
+    lineage = Lineage.open(where.run_dir, cfg.name, cfg.to_dict(), where.mirror)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-    ctx = prepare(cfg)
-    lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict(), ctx.mirror)
+    ctx = prepare(cfg, where)
     lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
     if ctx.mirror is not None:
         lineage.data["storage"] = {"run_dir": ctx.mirror.remote, "local_dir": ctx.mirror.local}
