@@ -69,8 +69,8 @@ def verify(directory: str | Path, mirror: Mirror | None = None) -> None:
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
     try:
         expected = read_json(d / MANIFEST)
-    except ValueError as e:  # a torn or hand-edited manifest is a torn checkpoint
-        raise CheckpointError(str(e)) from None
+    except ValueError:  # a torn or hand-edited manifest is a torn checkpoint
+        raise CheckpointError(f"{d}: {MANIFEST} is not valid JSON (checkpoint incomplete or torn)") from None
     if not isinstance(expected, dict):
         raise CheckpointError(f"{d}: {MANIFEST} is not a mapping of file checksums")
     for name in FILES:

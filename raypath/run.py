@@ -97,7 +97,10 @@ class Located:
 
 def locate(cfg: Config) -> Located:
     """Open the run directory and discover the corpus layout; a bad one fails here, before Ray."""
-    run_dir, mirror = _open_run_dir(cfg)
+    return _discover(cfg, *_open_run_dir(cfg))
+
+
+def _discover(cfg: Config, run_dir: Path, mirror: Mirror | None) -> Located:
     return Located(run_dir, mirror, discover_versions(_corpus(cfg, run_dir), cfg.data.versions, _endpoint(cfg)))
 
 
@@ -196,8 +199,9 @@ def run(cfg: Config) -> Lineage:
     """Train every version of the corpus along the main path and release each one."""
     # What needs no Ray is checked first -- run directory, lineage record, corpus layout --
     # so a bad input there fails in a second, before a cluster starts or anything is written.
-    where = locate(cfg)
-    lineage = Lineage.open(where.run_dir, cfg.name, cfg.to_dict(), where.mirror)
+    run_dir, mirror = _open_run_dir(cfg)
+    lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict(), mirror)
+    where = _discover(cfg, run_dir, mirror)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg, where)
     lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
