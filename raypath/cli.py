@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a bug or an environment failure: one line, the traceback in a file
+    except Exception as e:  # noqa: BLE001 -- a bug or an environment failure: one line, the traceback in a file
         if args.verbose:
             traceback.print_exc()
         print(f"raypath: error: unexpected {type(e).__name__}: {first_line(e)} "
