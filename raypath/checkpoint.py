@@ -88,7 +88,12 @@ def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool | Non
         return
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
-    expected = read_json(d / MANIFEST)
+    try:
+        expected = read_json(d / MANIFEST)
+    except ValueError:  # a torn or hand-edited manifest is a torn checkpoint
+        raise CheckpointError(f"{d}: {MANIFEST} is not valid JSON (checkpoint incomplete or torn)") from None
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"{d}: {MANIFEST} is not a mapping of file checksums")
     if expected.get("format") == SHARDED:
         _check_files(d, expected["files"], bool(deep))
         return

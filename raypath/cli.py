@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from raypath.config import ConfigError, load_config
 from raypath.data import DataError
+from raypath.sources import first_line
+from raypath.storage import RunFileError
 
 log = logging.getLogger("raypath")
 
@@ -238,14 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Bad input: the message names the file or field and what was expected; exit code 2.
+INPUT_ERRORS = (ConfigError, DataError, RunFileError, FileNotFoundError)
+
+
+def _save_traceback() -> Path:
+    """Write the current exception's traceback to a new log file; returns its path."""
+    logs = Path(tempfile.gettempdir()) / "raypath-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=time.strftime("error-%Y%m%d-%H%M%S-"), suffix=".log", dir=logs)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"raypath {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- a bug or an environment failure: one line, the traceback in a file
+        if args.verbose:
+            traceback.print_exc()
+        print(f"raypath: error: unexpected {type(e).__name__}: {first_line(e)} "
+              f"(traceback in {_save_traceback()}; --verbose prints it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

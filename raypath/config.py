@@ -8,6 +8,7 @@ file and the dotted field (``quickstart.yaml: branch.shape: ...``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 from dataclasses import dataclass, field
@@ -353,8 +354,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field "
-                          f"(known: {', '.join(sorted(names))})")
+                          f"({hint}known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else key
@@ -422,9 +425,21 @@ def _type_name(hint: Any) -> str:
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for i, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # e.g. --set a=1 --set a.b=2
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(f"override {dotted!r}: {where} is {node!r}, not a section")
     node[leaf] = value
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: {at}not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -435,12 +450,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read the config file ({e})") from None
+        raw = _yaml(text, source) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        _set_dotted(raw, key.strip(), _yaml(value, f"override {item!r}"))
     try:
         cfg = _build(Config, raw, "")
         validate(cfg)

@@ -522,7 +522,9 @@ def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> Non
     import ray
 
     pending = []
+    skipped = {s["path"] for s in rec.get("skipped_files", [])}  # bad files it was trained without
     for kind, files in (("train_files", src.train_files), ("val_files", src.val_files)):
+        files = tuple(f for f in files if f not in skipped)
         recorded = {r["path"]: r for r in rec[kind]}
         if set(recorded) != set(files):
             added = sorted(set(files) - set(recorded))

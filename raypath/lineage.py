@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raypath.mirror import Mirror, publish
-from raypath.storage import read_json, write_json
+from raypath.storage import RunFileError, read_json, write_json
 
 LINEAGE = "lineage.json"
 FORMAT = 1
@@ -40,8 +40,11 @@ class Lineage:
         path = Path(run_dir) / LINEAGE
         if path.exists():
             lin = cls(path, read_json(path), mirror)
-            if lin.data.get("format") != FORMAT:
-                raise ValueError(f"{path}: lineage format {lin.data.get('format')!r}, expected {FORMAT}")
+            found = lin.data.get("format") if isinstance(lin.data, dict) else None
+            if found != FORMAT:
+                newer = " (written by a newer raypath: upgrade to resume it)" if \
+                    isinstance(found, int) and found > FORMAT else ""
+                raise RunFileError(f"{path}: lineage format {found!r}, this raypath reads format {FORMAT}{newer}")
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
             _migrate_releases(lin.data)
             return lin

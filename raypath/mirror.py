@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from raypath.sources import uri_filesystem
 from raypath.storage import atomic_file
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
@@ -96,10 +97,7 @@ def run_location(run_dir: str, local_dir: str | None = None,
 @functools.lru_cache(maxsize=None)
 def _filesystem(remote: str, endpoint: str | None) -> tuple[pafs.FileSystem, str]:
     # Cached per process: building an S3 filesystem resolves credentials (slow).
-    if endpoint and remote.startswith("s3://"):
-        return pafs.S3FileSystem(endpoint_override=endpoint), remote[len("s3://"):]
-    fs, root = pafs.FileSystem.from_uri(remote)
-    return fs, root
+    return uri_filesystem(remote, endpoint)
 
 
 @dataclass(frozen=True)

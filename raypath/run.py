@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from raypath.mirror import Mirror, fetch, publish, run_location
 from raypath.pretrained import check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
-from raypath.sources import iter_texts
+from raypath.sources import VersionSource, first_line, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, read_json
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 
@@ -91,13 +92,39 @@ def _endpoint(cfg: Config) -> str | None:
 PREPARED = ("config.yaml", "corpus", "tokenizer", "data")
 
 
+@dataclass
+class Located:
+    """Where a run reads and writes, found without Ray: the local run directory (for a
+    remote ``run_dir``, its mirror filled with the remote state) and the corpus versions."""
+
+    run_dir: Path
+    mirror: Mirror | None
+    sources: list[VersionSource]
+
+
+def locate(cfg: Config) -> Located:
+    """Open the run directory and discover the corpus layout; a bad one fails here, before Ray."""
+    return _discover(cfg, *_open_run_dir(cfg))
+
+
+def _discover(cfg: Config, run_dir: Path, mirror: Mirror | None) -> Located:
+    return Located(run_dir, mirror, discover_versions(_corpus(cfg, run_dir), cfg.data.versions, _endpoint(cfg)))
+
+
 def _open_run_dir(cfg: Config) -> tuple[Path, Mirror | None]:
-    """The local run directory; for a remote one, its mirror filled with the remote state."""
+    """The local run directory, checked writable; for a remote one, its mirror filled with the remote state."""
     run_dir, mirror = run_location(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint)
     if mirror is not None:
-        mirror.pull_run()
+        try:
+            mirror.pull_run()
+        except OSError as e:  # unreachable endpoint, rejected credentials, no bucket
+            raise ConfigError(f"run_dir: cannot read {cfg.run_dir}: {first_line(e)}") from None
         _check_mirror_path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as e:
+        raise ConfigError(f"run_dir: {run_dir} is not a writable directory ({e.strerror or e})") from None
     return run_dir, mirror
 
 
@@ -111,16 +138,17 @@ def _check_mirror_path(run_dir: Path) -> None:
                           f"set cluster.local_dir={recorded} to resume it")
 
 
-def prepare(cfg: Config) -> RunContext:
+def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     """Corpus -> validated files -> tokenizer -> tokenized versions (idempotent). Needs Ray.
 
     Every file of a version still to prepare is validated (under ``data.on_bad_input``)
     before anything else reads it, the tokenizer's training included.
+    where: :func:`locate` of ``cfg`` when the caller has it already.
     """
-    run_dir, mirror = _open_run_dir(cfg)
+    where = where or locate(cfg)
+    run_dir, mirror, sources = where.run_dir, where.mirror, where.sources
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     endpoint = _endpoint(cfg)
-    sources = discover_versions(_corpus(cfg, run_dir), cfg.data.versions, endpoint)
     base = resolve_base_model(cfg.model.path, run_dir, mirror) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
@@ -189,9 +217,13 @@ def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
 
 def run(cfg: Config) -> Lineage:
     """Train every version of the corpus along the main path and release each one."""
+    # What needs no Ray is checked first -- run directory, lineage record, corpus layout --
+    # so a bad input there fails in a second, before a cluster starts or anything is written.
+    run_dir, mirror = _open_run_dir(cfg)
+    lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict(), mirror)
+    where = _discover(cfg, run_dir, mirror)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-    ctx = prepare(cfg)
-    lineage = Lineage.open(ctx.run_dir, cfg.name, cfg.to_dict(), ctx.mirror)
+    ctx = prepare(cfg, where)
     lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
     if ctx.base_model:
         lineage.data["model"] = {**lineage.data.get("model", {}), "base": ctx.base_model}

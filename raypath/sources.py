@@ -48,12 +48,34 @@ def is_uri(path: str) -> bool:
     return "://" in str(path) and urlparse(str(path)).scheme not in ("", "file")
 
 
+#: An S3 client gives up after this many attempts, and waits at most this long to connect
+#: and between bytes: an unreachable endpoint or rejected credentials end in one error in
+#: seconds, not in minutes of retries.
+S3_ATTEMPTS, S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 3, 5.0, 60.0
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem with bounded retries and timeouts (see :data:`S3_ATTEMPTS`)."""
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+                             connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S)
+
+
+def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a URI; S3 ones get bounded retries, ``endpoint`` overrides AWS."""
+    if urlparse(uri).scheme == "s3":
+        path = uri[len("s3://"):]
+        if endpoint:
+            return s3_filesystem(endpoint), path
+        fs, path = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region
+        return s3_filesystem(region=fs.region), path
+    return pafs.FileSystem.from_uri(uri)
+
+
 @functools.lru_cache(maxsize=None)
 def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> pafs.FileSystem:
     # Cached per process: building an S3 filesystem resolves credentials (slow).
-    if endpoint and scheme_netloc.startswith("s3://"):
-        return pafs.S3FileSystem(endpoint_override=endpoint)
-    return pafs.FileSystem.from_uri(scheme_netloc)[0]
+    return uri_filesystem(scheme_netloc, endpoint)[0]
 
 
 def filesystem_for(path: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -73,10 +95,11 @@ def _listing(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     try:
         return sorted(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), key=lambda i: i.path)
     except OSError as e:  # unreachable endpoint, bad credentials, no bucket
-        raise DataError(f"data.corpus: cannot list {path}: {_first_line(e)}") from None
+        raise DataError(f"data.corpus: cannot list {path}: {first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (pyarrow's S3 errors run to many)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -105,7 +128,7 @@ def discover_versions(corpus: str | Path, names: list[str] | None = None,
     try:
         kind = fs.get_file_info(root).type
     except OSError as e:
-        raise DataError(f"data.corpus: cannot reach {corpus}: {_first_line(e)}") from None
+        raise DataError(f"data.corpus: cannot reach {corpus}: {first_line(e)}") from None
     if kind != pafs.FileType.Directory:
         raise DataError(f"data.corpus: {shown} is not a directory")
     dirs = [i.base_name for i in _listing(fs, root) if i.type == pafs.FileType.Directory]
@@ -300,7 +323,7 @@ def _structure_problem(path: str, fmt: str, column: str, endpoint: str | None) -
                 first = next(batches, None)
                 schema, rows = (first.schema, first.num_rows) if first is not None else (None, 0)
     except (pa.ArrowInvalid, OSError) as e:
-        return f"not a readable {fmt} file ({_first_line(e)})"
+        return f"not a readable {fmt} file ({first_line(e)})"
     if schema is None:
         return "empty: no rows"
     return _schema_problem(schema, column) or (None if rows else "empty: no rows")
@@ -360,7 +383,7 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
         fs, p = filesystem_for(path, endpoint)
         info = fs.get_file_info(p)
     except OSError as e:
-        return {**out, "problem": f"cannot reach ({_first_line(e)})"}
+        return {**out, "problem": f"cannot reach ({first_line(e)})"}
     if info.type != pafs.FileType.File:
         return {**out, "problem": "file not found"}
     if info.size == 0:
@@ -378,7 +401,7 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
                 return {**out, "problem": f"{where}: {problem}"}
             docs += text is not None
     except (EOFError, OSError, pa.ArrowInvalid) as e:
-        return {**out, "problem": f"unreadable after {docs} documents ({_first_line(e)})"}
+        return {**out, "problem": f"unreadable after {docs} documents ({first_line(e)})"}
     if not docs:
         return {**out, "problem": "empty: no documents"}
     return {**out, "docs": docs, "chunks": [c.to_dict() for c in _chunks(path, fmt, info.size, endpoint, chunk_bytes)],

@@ -57,12 +57,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+class RunFileError(ValueError):
+    """A file of a run directory (lineage, manifest, state) is unreadable, truncated or of a
+    format this raypath does not know; the message names the file."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{p}: not valid JSON ({e}); restore it from a backup or use a new run_dir") from None
 
 
 @contextlib.contextmanager

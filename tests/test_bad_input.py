@@ -1,0 +1,431 @@
+"""Bad input never ends in a traceback: one case per input a user controls.
+
+Every case runs ``raypath`` in-process on a copy of the finished tiny run and
+checks the same four things: exit code 2, exactly one ``raypath: error:`` line
+naming the file or field, no traceback, and ``lineage.json``, the data manifest
+and every checkpoint byte-identical afterwards. Cases that need no Ray (config,
+layout, run directory records, remote storage) also check that Ray is never
+asked to start.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY, _free_port
+
+from raypath import checkpoint as ckpt
+from raypath.cli import main
+
+LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
+
+
+# ---------------------------------------------------------------- helpers
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """sha256 of what a failed run must not touch: lineage, data manifest, checkpoints, releases."""
+    files = [run_dir / "lineage.json", run_dir / "data" / "manifest.json",
+             *(p for d in ("ray", "releases") for p in (run_dir / d).rglob("*") if p.is_file())]
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def raypath(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def assert_one_error(rc: int, err: str, *names: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("raypath: error:")]
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def no_ray_start(*args, **kwargs):
+    raise AssertionError("Ray was started before this input was checked")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail if the command gets as far as starting Ray."""
+    monkeypatch.setattr("raypath.run.init_ray", no_ray_start)
+
+
+def run_args(cfg, *extra: str) -> list[str]:
+    return ["run", str(TINY), "--set", f"run_dir={cfg.run_dir}", "--set", "data.versions=[v1, v2, v3, v4]", *extra]
+
+
+# ---------------------------------------------------------------- corpus files, every format
+
+def _jsonl(docs) -> bytes:
+    return b"".join(json.dumps(d).encode() + b"\n" for d in docs)
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _arrow(columns: dict, tmp: Path) -> bytes:
+    """The Arrow file Hugging Face ``datasets`` writes with ``save_to_disk``."""
+    import datasets
+
+    out = tmp / f"ds-{len(list(tmp.iterdir()))}"
+    datasets.Dataset.from_dict(columns).save_to_disk(str(out))
+    (arrow,) = out.glob("*.arrow")
+    return arrow.read_bytes()
+
+
+GOOD = [{"text": "a good document. " * 20}] * 20
+#: name -> (file name, bytes builder(tmp), what the error names, skipped whole (else: one doc skipped))
+CORPUS = {
+    "jsonl-missing-text": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"body": "no text"}]), "line 21: no 'text'", True),
+    "jsonl-non-string-text": ("bad.jsonl", lambda t: _jsonl([{"text": 5}]), "line 1: no 'text' string", True),
+    "jsonl-malformed-json": ("bad.jsonl", lambda t: _jsonl(GOOD) + b'{"text": "unclosed\n', "line 21: not valid JSON", True),
+    "jsonl-non-utf8": ("bad.jsonl", lambda t: b'{"text": "caf\xe9"}\n', "line 1: not valid UTF-8", True),
+    "jsonl-empty": ("bad.jsonl", lambda t: b"", "empty file", True),
+    "jsonl-over-long": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"text": LONG}]), "line 21: document of 1000001", False),
+    "jsonl.gz-missing-text": ("bad.jsonl.gz", lambda t: _gz(_jsonl([{"body": "x"}])), "line 1: no 'text'", True),
+    "jsonl.gz-non-utf8": ("bad.jsonl.gz", lambda t: _gz(b'{"text": "\xff"}\n'), "not valid UTF-8", True),
+    "jsonl.gz-truncated": ("bad.jsonl.gz", lambda t: _gz(_jsonl(GOOD * 50))[:400], "unreadable after", True),
+    "jsonl.gz-empty": ("bad.jsonl.gz", lambda t: _gz(b""), "empty: no documents", True),
+    "parquet-missing-column": ("bad.parquet", lambda t: _parquet(pa.table({"body": ["x"]})),
+                               "no 'text' column (columns: body)", True),
+    "parquet-non-string": ("bad.parquet", lambda t: _parquet(pa.table({"text": [1, 2]})), "column 'text' is int64", True),
+    "parquet-truncated": ("bad.parquet", lambda t: _parquet(pa.table({"text": ["a" * 100] * 50}))[:300],
+                          "not a readable parquet file", True),
+    "parquet-empty-file": ("bad.parquet", lambda t: b"", "empty file", True),
+    "parquet-no-rows": ("bad.parquet", lambda t: _parquet(pa.table({"text": pa.array([], pa.string())})),
+                        "empty: no rows", True),
+    "parquet-over-long": ("bad.parquet", lambda t: _parquet(pa.table({"text": ["short doc " * 30, LONG]})),
+                          "row 1: document of 1000001", False),
+    "arrow-missing-column": ("bad.arrow", lambda t: _arrow({"body": ["x"]}, t), "no 'text' column", True),
+    "arrow-non-string": ("bad.arrow", lambda t: _arrow({"text": [[1], [2]]}, t), "column 'text' is list", True),
+    "arrow-truncated": ("bad.arrow", lambda t: _arrow({"text": ["a" * 100] * 50}, t)[:200], "bad.arrow: ", True),
+    "arrow-over-long": ("bad.arrow", lambda t: _arrow({"text": ["short doc " * 30, LONG]}, t),
+                        "row 1: document of 1000001", False),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory) -> dict[str, tuple[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("bad-files")
+    return {case: (name, build(tmp)) for case, (name, build, _, _) in CORPUS.items()}
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_bad_corpus_file(case, corpus_files, tiny_run_copy, capsys):
+    """A bad file among a new version's files: named with its line/row before anything reads it."""
+    run_dir = Path(tiny_run_copy.run_dir)
+    name, data = corpus_files[case]
+    bad = run_dir / "corpus" / "v4" / "train" / name
+    bad.write_bytes(data)
+    before = snapshot(run_dir)
+    line = assert_one_error(*raypath(capsys, *run_args(tiny_run_copy)), str(bad), CORPUS[case][2])
+    assert "data.on_bad_input: skip" in line
+    assert snapshot(run_dir) == before
+    assert not (run_dir / "data" / "v4").exists()
+
+
+def test_bad_file_in_the_first_version_stops_before_the_tokenizer(tiny_run, tmp_path, capsys):
+    """Version 1's files train the tokenizer: a bad row there is named, not a KeyError from it."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(tiny_run[0].run_dir) / "corpus" / "v1", corpus / "v1")
+    bad = corpus / "v1" / "train" / "extra.jsonl"
+    bad.write_bytes(_jsonl([*GOOD, {"body": "no text"}]))
+    run_dir = tmp_path / "run"
+    rc, err = raypath(capsys, "run", str(TINY), "--set", f"run_dir={run_dir}", "--set", f"data.corpus={corpus}",
+                      "--set", "data.versions=[v1]")
+    assert_one_error(rc, err, str(bad), "line 21")
+    assert not (run_dir / "tokenizer").exists() and not (run_dir / "lineage.json").exists()
+
+
+def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, tiny_run_copy, capsys):
+    """``on_bad_input: skip`` with all bad files of the matrix in v4 at once: v4 trains and is
+    released, the manifest lists each skipped file and counts each skipped document, and the
+    same command again resumes (the skipped files are not mistaken for new ones)."""
+    run_dir = Path(tiny_run_copy.run_dir)
+    train = run_dir / "corpus" / "v4" / "train"
+    whole, docs = set(), 0
+    for case, (name, data) in corpus_files.items():
+        path = train / f"{case}.{name.split('.', 1)[1]}"
+        path.write_bytes(data)
+        if CORPUS[case][3]:
+            whole.add(str(path))
+        else:
+            docs += 1
+    args = run_args(tiny_run_copy, "--set", "data.on_bad_input=skip")
+    rc, err = raypath(capsys, *args)
+    assert rc == 0, err
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    v4 = manifest["versions"][3]
+    assert {s["path"] for s in v4["skipped_files"]} == whole
+    assert all(s["reason"] for s in v4["skipped_files"])
+    assert v4["skipped_docs"] == {"too_long": docs}
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert [r["version"] for r in lineage["releases"]] == ["v1", "v2", "v3", "v4"]
+
+    before = snapshot(run_dir)
+    rc, err = raypath(capsys, *args)
+    assert rc == 0, err
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k != "lineage.json"} == \
+        {k: v for k, v in before.items() if k != "lineage.json"}
+
+
+# ---------------------------------------------------------------- corpus layout
+
+def _rename(run_dir: Path, src: str, dst: str) -> None:
+    (run_dir / "corpus" / src).rename(run_dir / "corpus" / dst)
+
+
+def _edit(path: Path, same_size: bool) -> None:
+    data = bytearray(path.read_bytes())
+    if same_size:
+        data[-4] = ord("Z") if data[-4] != ord("Z") else ord("Y")  # last character of the last text
+    else:
+        data += _jsonl([{"text": "one more document"}])
+    path.write_bytes(bytes(data))
+
+
+def _part(run_dir: Path, version: str, split: str) -> Path:
+    return next((run_dir / "corpus" / version / split).glob("*.jsonl"))
+
+
+#: name -> (change to the run copy, extra --set, what the error names, checked before Ray)
+LAYOUT = {
+    "version-without-train": (lambda r: _rename(r, "v4/train", "v4/training"), [], "'v4' has no", True),
+    "version-without-val": (lambda r: shutil.rmtree(r / "corpus" / "v4" / "val"), [], "v4/val: no", True),
+    "trained-version-renamed": (lambda r: _rename(r, "v2", "v2-old"), [], "'v2' has no", True),
+    "trained-version-removed": (lambda r: None, ["data.versions=[v1, v3, v4]"], "versions can only be appended", False),
+    "trained-file-edited": (lambda r: _edit(_part(r, "v1", "train"), False), [], "size differs", False),
+    "trained-file-edited-same-size": (lambda r: _edit(_part(r, "v2", "val"), True), [], "sha256 differs", False),
+    "trained-version-file-added": (lambda r: (r / "corpus/v2/train/more.jsonl").write_bytes(_jsonl(GOOD)), [],
+                                   "v2: its train files changed", False),
+    "trained-file-deleted": (lambda r: _part(r, "v3", "train").unlink(), [], "v3", True),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT))
+def test_bad_corpus_layout(case, tiny_run_copy, capsys, monkeypatch):
+    change, extra, names, before_ray = LAYOUT[case]
+    run_dir = Path(tiny_run_copy.run_dir)
+    change(run_dir)
+    if before_ray:
+        monkeypatch.setattr("raypath.run.init_ray", no_ray_start)
+    before = snapshot(run_dir)
+    # The corpus as a plain directory: the embedded builder would repair edits to its files.
+    args = run_args(tiny_run_copy, "--set", f"data.corpus={run_dir / 'corpus'}",
+                    *(a for e in extra for a in ("--set", e)))
+    assert_one_error(*raypath(capsys, *args), names)
+    assert snapshot(run_dir) == before
+
+
+# ---------------------------------------------------------------- config and command line
+
+def _write_config(tmp: Path, text: str) -> str:
+    path = tmp / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+#: name -> (config path builder(tmp), --set overrides, what the error names)
+CONFIG = {
+    "unknown-field-set": (lambda t: str(TINY), ["train.max_lrr=1e-3"], "train.max_lrr: unknown field (did you mean 'max_lr'"),
+    "unknown-section-in-file": (lambda t: _write_config(t, TINY.read_text() + "trian:\n  max_lr: 1.0\n"), [],
+                                "bad.yaml: trian: unknown field (did you mean 'train'"),
+    "mistyped-number": (lambda t: str(TINY), ["train.max_lr=fast"], "train.max_lr: expected a number, got 'fast'"),
+    "mistyped-integer": (lambda t: str(TINY), ["train.global_batch_size=8.5"], "train.global_batch_size: expected an integer"),
+    "mistyped-list": (lambda t: str(TINY), ["data.versions=v1"], "data.versions: expected a list"),
+    "scalar-then-section": (lambda t: str(TINY), ["train=1", "train.max_lr=2"], "'train.max_lr': train is 1, not a section"),
+    "override-not-yaml": (lambda t: str(TINY), ["data.versions=[v1"], "override 'data.versions=[v1': line 1: not valid YAML"),
+    "override-without-value": (lambda t: str(TINY), ["train.max_lr"], "override 'train.max_lr': expected key.sub=value"),
+    "missing-config-file": (lambda t: str(t / "nope.yaml"), [], "nope.yaml: config file not found"),
+    "config-not-yaml": (lambda t: _write_config(t, "model: {hidden_size: 32\n"), [], "bad.yaml: line 2: not valid YAML"),
+    "config-not-a-mapping": (lambda t: _write_config(t, "- a\n- b\n"), [], "bad.yaml: expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG))
+def test_bad_config(case, tiny_run_copy, tmp_path, capsys, no_ray):
+    config, overrides, names = CONFIG[case]
+    run_dir = Path(tiny_run_copy.run_dir)
+    before = snapshot(run_dir)
+    args = ["run", config(tmp_path), *(a for o in [f"run_dir={run_dir}", *overrides] for a in ("--set", o))]
+    assert_one_error(*raypath(capsys, *args), names)
+    assert snapshot(run_dir) == before
+
+
+# ---------------------------------------------------------------- run directory
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _json_edit(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _forge_sha(manifest: dict) -> None:
+    rec = manifest["versions"][0]["train_files"][0]
+    rec["sha256"], rec["mtime_ns"] = "0" * 64, 0  # a new mtime makes the check re-hash the file
+
+
+#: name -> (change to the run copy, what the error names, checked before Ray)
+RUN_DIR = {
+    "lineage-truncated": (lambda r: _truncate(r / "lineage.json"), "lineage.json: not valid JSON", True),
+    "lineage-not-json": (lambda r: (r / "lineage.json").write_bytes(b"\x00\xff binary"), "lineage.json: not valid JSON", True),
+    "lineage-newer-format": (lambda r: _json_edit(r / "lineage.json", lambda d: d.update(format=2)),
+                             "lineage format 2, this raypath reads format 1 (written by a newer raypath", True),
+    "manifest-truncated": (lambda r: _truncate(r / "data" / "manifest.json"), "manifest.json: not valid JSON", False),
+    "manifest-sha256-mismatch": (lambda r: _json_edit(r / "data" / "manifest.json", _forge_sha), "sha256 differs", False),
+    "tokenizer-missing": (lambda r: shutil.rmtree(r / "tokenizer"), "tokenizer directory is missing", False),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_DIR))
+def test_bad_run_directory(case, tiny_run_copy, capsys, monkeypatch):
+    change, names, before_ray = RUN_DIR[case]
+    run_dir = Path(tiny_run_copy.run_dir)
+    change(run_dir)
+    if before_ray:
+        monkeypatch.setattr("raypath.run.init_ray", no_ray_start)
+    before = snapshot(run_dir)
+    assert_one_error(*raypath(capsys, *run_args(tiny_run_copy)), names)
+    assert snapshot(run_dir) == before
+
+
+def test_run_directory_not_writable(tmp_path, capsys, no_ray):
+    """Tests run as root, which may write anywhere: a run_dir below a regular file is truly unwritable."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc, err = raypath(capsys, "run", str(TINY), "--set", f"run_dir={blocker / 'run'}")
+    assert_one_error(rc, err, f"run_dir: {blocker / 'run'} is not a writable directory")
+    assert blocker.read_text() == "not a directory"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _drop_from_disk(step: Path) -> None:
+    (step / "optim.pt").unlink()  # the manifest still lists it
+
+
+CHECKPOINT = {
+    "model-truncated": lambda step: _truncate(step / "model.pt"),
+    "state-missing": lambda step: (step / "state.json").unlink(),
+    "manifest-lists-missing-file": _drop_from_disk,
+    "manifest-truncated": lambda step: _truncate(step / ckpt.MANIFEST),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT))
+def test_torn_checkpoint_resumes_from_the_previous_one(case, tiny_run_copy, caplog):
+    """The newest checkpoint of a segment is broken: resuming picks the one before it."""
+    lineage = json.loads((Path(tiny_run_copy.run_dir) / "lineage.json").read_text())
+    points = lineage["main_path"][-1]["checkpoints"]
+    end = Path(points["end"])
+    previous = sorted(end.parent.glob("step_*"))[-2]
+    assert ckpt.latest_valid(end.parent) == end
+    CHECKPOINT[case](end)
+    assert ckpt.latest_valid(end.parent) == previous
+    assert f"skipping checkpoint: {end}" in caplog.text
+
+
+# ---------------------------------------------------------------- remote storage
+
+@pytest.fixture(scope="module")
+def s3_strict(tmp_path_factory):
+    """A moto S3 server that checks credentials (no IAM user exists, so every key is wrong);
+    yields (endpoint, path of its request log)."""
+    import os
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        import socket
+
+        deadline = time.time() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def aws_keys(monkeypatch):
+    from conftest import AWS_ENV
+
+    for key, value in {**AWS_ENV, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def _requests(log: Path) -> int:
+    return sum(1 for line in log.read_text().splitlines() if "HTTP/1.1" in line)
+
+
+@pytest.mark.parametrize("where", ["run_dir", "corpus"])
+@pytest.mark.parametrize("server", ["stopped", "wrong-credentials"])
+def test_unreachable_or_refused_storage(where, server, s3_strict, aws_keys, tiny_run_copy, tmp_path, capsys, no_ray):
+    """One clear line naming the URI, after a bounded number of requests (no retry storm)."""
+    endpoint, log = s3_strict
+    if server == "stopped":
+        endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    run_dir = Path(tiny_run_copy.run_dir)
+    before, requests = snapshot(run_dir), _requests(log)
+    args = ["run", str(TINY), "--set", f"cluster.storage_endpoint={endpoint}"]
+    if where == "run_dir":
+        args += ["--set", "run_dir=s3://bucket/run", "--set", f"cluster.local_dir={tmp_path / 'mirror'}"]
+        names = ("run_dir: cannot read s3://bucket/run",)
+    else:
+        args += ["--set", f"run_dir={run_dir}", "--set", "data.corpus=s3://bucket/corpus"]
+        names = ("data.corpus: cannot", "s3://bucket/corpus")
+    line = assert_one_error(*raypath(capsys, *args), *names)
+    assert ("Could not connect" if server == "stopped" else "ACCESS") in line
+    assert snapshot(run_dir) == before
+    if server == "wrong-credentials":
+        assert 0 < _requests(log) - requests <= 3
+
+
+# ---------------------------------------------------------------- anything else
+
+def test_unexpected_error_is_one_line_and_a_log_file(monkeypatch, capsys):
+    def broken(cfg):
+        raise RuntimeError("something inside broke\nsecond line of the message")
+
+    monkeypatch.setattr("raypath.run.run", broken)
+    rc, err = raypath(capsys, "run", str(TINY))
+    assert rc == 1 and "Traceback" not in err
+    (line,) = err.splitlines()
+    assert line.startswith("raypath: error: unexpected RuntimeError: something inside broke (traceback in ")
+    log = Path(line.split("traceback in ")[1].split(";")[0])
+    assert "Traceback" in log.read_text() and "second line of the message" in log.read_text()
+    rc, err = raypath(capsys, "--verbose", "run", str(TINY))
+    assert rc == 1 and "Traceback" in err and "raypath: error: unexpected RuntimeError" in err.splitlines()[-1]
