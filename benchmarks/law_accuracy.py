@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         version = cfg.data.versions[-1]
         sweeps = {key: read_json(run_dir / "sweeps" / version / name / "results.json")
                   for key, (name, _) in sweep_names(args.guided_name, seeds).items()}
-        for name, record in sweeps.items():  # results written before trials recorded their order
+        for record in sweeps.values():  # results written before trials recorded their order
             order = proposal_order(record["path"], record["trials"])
             for t in record["trials"]:
                 t.setdefault("order", order.get(t["trial_id"]))

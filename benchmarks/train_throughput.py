@@ -145,7 +145,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--set", action="append", default=[], help="config override key.sub=value")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 6 x log_every, fewer if the stream is shorter)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default: 6 x log_every, fewer if the stream is shorter)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved (a), (b) pairs")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--version", default=None, help="version whose stream to train on (default: the largest)")
@@ -182,8 +183,8 @@ def main() -> None:
         steps = available
     if steps < 2 * t.log_every or version["stream_rows"] < steps * t.global_batch_size:
         raise SystemExit(f"{version['name']} has {version['stream_rows']} blocks, {steps} steps need "
-                         f"{steps * t.global_batch_size} (and two log windows, {2 * t.log_every} steps): use fewer --steps, "
-                         "a smaller train.log_every, or more data")
+                         f"{steps * t.global_batch_size} (and two log windows, {2 * t.log_every} steps): "
+                         "use fewer --steps, a smaller train.log_every, or more data")
     threads = worker_threads(t.cpus_per_worker)
 
     workdir = Path(tempfile.mkdtemp(prefix="train_throughput-"))
