@@ -22,6 +22,7 @@ import yaml
 from raypath.branches import BranchRunner, release_branch
 from raypath.cluster import init_ray
 from raypath.config import Config, ConfigError
+from raypath.console import RunProgress
 from raypath.corpus import build_embedded_corpus
 from raypath.data import PrepareSpec, discover_versions, prepare_versions
 from raypath.lineage import Lineage
@@ -29,6 +30,7 @@ from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, fetch, publish, run_location
 from raypath.storage import atomic_write_bytes, read_json
 from raypath.tokenizer import iter_texts, load_tokenizer, train_tokenizer
+from raypath.tracking import TrackingSpec, open_lineage, record_release
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class RunContext:
 
     run_dir: the local run directory (for a remote ``cfg.run_dir``, its mirror).
     mirror: the remote run directory behind ``run_dir``; None for a local run.
+    tracking: the lineage's experiment tracking, opened on the driver when the
+        context is built (so a sweep's trials share one MLflow parent run).
     """
 
     cfg: Config
@@ -49,6 +53,11 @@ class RunContext:
     pad_id: int | None
     versions: list[dict]
     mirror: Mirror | None = None
+    tracking: TrackingSpec | None = None
+
+    def __post_init__(self):
+        if self.tracking is None:
+            self.tracking = open_lineage(self.cfg, self.run_dir)
 
     def storage(self, name: str) -> str:
         return str(self.run_dir / "ray" / name)
@@ -61,7 +70,7 @@ class RunContext:
         return dict(name=name, model=self.cfg.model, train=self.cfg.train, vocab_size=self.vocab_size,
                     eos_id=self.eos_id, pad_id=self.pad_id, seq_len=self.cfg.data.seq_len,
                     storage=self.storage(name), curves_path=str(self.run_dir / "curves" / f"{name}.jsonl"),
-                    mirror=self.mirror)
+                    mirror=self.mirror, tracking=self.tracking)
 
 
 def _corpus_dir(cfg: Config, run_dir: Path) -> Path:
@@ -128,6 +137,7 @@ def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
         "branch": entry["name"], "tokens_total": entry["tokens_total"],
         "val": {key: v for key, v in entry["metrics"].items() if key.startswith("val/")},
     })
+    record_release(ctx.tracking, lineage.release(entry["version"]))
     log.info("released %s from %s: %s", entry["version"], entry["name"], entry["metrics"])
 
 
@@ -142,19 +152,33 @@ def run(cfg: Config) -> Lineage:
     lineage.set_versions(ctx.versions)
 
     runner = BranchRunner(cfg.branch.parallel)
+    progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction)
+    index = {v["name"]: k for k, v in enumerate(ctx.versions)}
+
+    def released(entry: dict) -> None:
+        _record_branch(lineage, ctx, entry)
+        progress.branch_done(index[entry["version"]])
+
     prev = None
     for k, version in enumerate(ctx.versions):
         main = lineage.main(version["name"])
-        if main is None:
+        trained_here = main is None
+        if trained_here:
+            log.info(progress.line(k, f"main-{version['name']}"))
             main = run_main_version(ctx, k, prev)
             lineage.record_main(main)
+        progress.main_done(k, here=trained_here)
         if lineage.release(version["name"]) is None:
+            log.info(progress.line(k, f"branch-{version['name']}"))
             runner.submit(release_branch(ctx, k, main))
+        else:
+            progress.branch_done(k, here=False)
         for entry in runner.finished():
-            _record_branch(lineage, ctx, entry)
+            released(entry)
         prev = main
     for entry in runner.finished(wait=True):
-        _record_branch(lineage, ctx, entry)
+        released(entry)
+    log.info(progress.line(len(ctx.versions) - 1, "done"))
     return lineage
 
 

@@ -62,8 +62,10 @@ import yaml
 
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
+from raypath.console import verbose
 from raypath.schedules import Decay
 from raypath.storage import atomic_dir, read_json, write_json
+from raypath.tracking import record_release
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +488,7 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
                                   callbacks=[guidance.callback] if guidance else None),
     ), False
@@ -554,6 +556,7 @@ def _release(plan: SweepPlan, lineage, trial: dict, pinned: bool) -> dict:
         "val": {key: v for key, v in branch["metrics"].items() if key.startswith("val/")},
         "sweep": plan.sweep_dir, "trial_id": trial["trial_id"], "pinned": pinned,
     })
+    record_release(plan.ctx.tracking, lineage.release(plan.version))
     log.info("released %s from sweep trial %s%s: objective %.4f", plan.version, trial["trial_id"],
              " (pinned)" if pinned else "", trial["objective"])
     return branch
