@@ -16,14 +16,10 @@ import logging
 import sys
 
 from raypath.config import ConfigError, load_config
+from raypath.console import setup_logging
 from raypath.data import DataError
 
 log = logging.getLogger("raypath")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -173,7 +169,8 @@ def _add_law(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypath", description="Learning-rate path switching on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print Ray's own output (same as RAYPATH_LOG_LEVEL=DEBUG)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and release every version of the corpus (resumes)")
@@ -212,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.fn(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
