@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"old": 0.5, "new": 0.5}
-WITHIN = 0.005  # "within 0.5% of the best": the issue's measure
+WITHIN = 0.005  # "within 0.5% of the best": the acceptance measure
 TOLERANCES = (0.001, 0.002, 0.005, 0.01)  # also reported: 0.5% is loose in a flat landscape
 
 
@@ -160,7 +160,7 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
 
 
 def acceptance(seeds: dict[str, dict], means: dict) -> dict:
-    """The issue's target, "the guided sweep needs at most half", against each thing "half"
+    """The acceptance target, "the guided sweep needs at most half", against each thing "half"
     can be of: the sweeps' trial budget; the trials each unguided sweep needed to find the
     best it reports; the trials it needed to come within 0.5% of that best itself (the
     strictest, and in a flat landscape the one no search can halve: see the README).
