@@ -23,6 +23,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     from raypath.console import quiet_ray
 
     if not ray.is_initialized():
+        # Before ray.init: Ray's own start-up lines and the log printer it sets up
+        # in ray.init go through the filter too.
+        quiet_ray()
         address = address or os.environ.get("RAY_ADDRESS")
         # Every worker process tags raypath's log lines, so the driver can show
         # them and leave Ray's own output in its log directory.
@@ -38,6 +41,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # machine with `ray start` (ray.init() would attach to that one instead).
             ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
                      _node_ip_address="127.0.0.1", runtime_env=runtime_env)
-        quiet_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray cluster resources: %s", ray.cluster_resources())

@@ -74,8 +74,10 @@ def setup_worker_logging() -> None:
 def quiet_ray() -> None:
     """Print only raypath's lines of the worker output Ray streams to this driver.
 
-    Call after ``ray.init``. A no-op when verbose. Ray's own driver-side loggers
-    keep writing their log files; their console handlers drop below WARNING.
+    Call before ``ray.init`` (its start-up lines and the log printer it installs
+    are then filtered too); after it works as well. A no-op when verbose. Ray's
+    own driver-side loggers keep writing their log files; their console handlers
+    drop below WARNING.
     """
     if verbose():
         return
@@ -89,17 +91,20 @@ def quiet_ray() -> None:
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "raypath", False):
+    if getattr(ray_worker.print_to_stdstream, "raypath", False):
         return
 
     def own_lines_only(data: dict, ignore_prefix: bool) -> None:
         lines = [line for line in data.get("lines", []) if OWN_LINE.match(line)]
         if lines:
-            original({**data, "lines": lines}, ignore_prefix)
+            # Printed without Ray's de-duplication, which folds lines that differ only
+            # in their numbers: it would hide most progress lines.
+            ray_worker.print_worker_logs({**data, "lines": lines}, sys.stderr if data.get("is_err") else sys.stdout,
+                                         ignore_prefix)
 
     own_lines_only.raypath = True
-    ray_worker.print_to_stdstream = own_lines_only  # raylet messages call it by name
+    # Raylet messages call it by name, and ray.init binds its log printer to it.
+    ray_worker.print_to_stdstream = own_lines_only
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
         dispatcher.remove_handler("ray_print_logs")

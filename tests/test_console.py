@@ -33,17 +33,23 @@ def test_cli_run_prints_progress_and_no_ray_internals(tmp_path):
     assert re.search(r"run tiny: version 2 of 2 \(main-v2\), \d+% of the run's steps done, "
                      r"ETA to end of run \d+m\d\ds", out), out[-5000:]
     assert "released v1 from branch-v1" in out and "released v2 from branch-v2" in out
+    # Every progress line is shown: Ray's de-duplication would fold lines differing in numbers.
+    assert "repeated" not in out and "deduplicates logs" not in out
+    steps = re.findall(r"\[main-v1\] step (\d+)/(\d+)", out)
+    assert len(steps) >= int(steps[-1][1]) // 5, steps  # tiny.yaml logs every 5 steps
     for internal in RAY_INTERNALS:
         assert internal not in out, f"{internal!r} on the console:\n{out[-5000:]}"
 
 
 def _recording_stream(monkeypatch) -> list[list[str]]:
-    """Stand in for Ray's printer (restored after the test) and record what reaches it."""
+    """Stand in for Ray's printers (restored after the test) and record what reaches them."""
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printed: list[list[str]] = []
     monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"]))
+    monkeypatch.setattr(ray_worker, "print_worker_logs",
+                        lambda data, file, ignore_prefix: printed.append(data["lines"]))
     monkeypatch.setattr(dispatcher, "handlers", [])
     return printed
 
