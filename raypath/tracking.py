@@ -184,6 +184,7 @@ class _MLflow(Tracker):
         self.client = _client(spec.mlflow_uri)
         self.run_id = find_or_create_child(self.client, spec, seg.name, segment_tags(seg),
                                            {**spec.params, **segment_params(seg)})
+        self.client.update_run(self.run_id, status="RUNNING")  # a resumed segment runs again
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
@@ -201,7 +202,6 @@ def find_or_create_child(client, spec: TrackingSpec, name: str, tags: dict[str, 
     runs = client.search_runs([spec.experiment_id], f"tags.`{PARENT_TAG}` = '{spec.parent_run_id}' "
                               f"and tags.`{SEGMENT_TAG}` = '{_quote(name)}'", max_results=1)
     if runs:
-        client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
     run_id = client.create_run(spec.experiment_id, run_name=name,
                                tags={PARENT_TAG: spec.parent_run_id, SEGMENT_TAG: name, **(tags or {})}).info.run_id
