@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow bench clean
+.PHONY: install quickstart lint test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/raypath run configs/quickstart.yaml
 
-# What CI runs (.ci/run): everything but the tests marked slow.
-test: $(STAMP)
+# Lint (ruff, configured in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# What CI runs (.ci/run): lint, then everything but the tests marked slow.
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 # Long end-to-end tests, not in CI.

@@ -66,10 +66,14 @@ def measure_trainer(cfg, vocab_size: int, eos: int, steps: int = 10) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.max_lr)
     x = torch.randint(0, vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
     for _ in range(3):
-        block_loss(model, x).backward(); opt.step(); opt.zero_grad()
+        block_loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
     t0 = time.perf_counter()
     for _ in range(steps):
-        block_loss(model, x).backward(); opt.step(); opt.zero_grad()
+        block_loss(model, x).backward()
+        opt.step()
+        opt.zero_grad()
     return steps * x[:, :-1].numel() / (time.perf_counter() - t0)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"old": 0.5, "new": 0.5}
-WITHIN = 0.005  # "within 0.5% of the best": the issue's measure
+WITHIN = 0.005  # "within 0.5% of the best": the acceptance measure
 TOLERANCES = (0.001, 0.002, 0.005, 0.01)  # also reported: 0.5% is loose in a flat landscape
 
 
@@ -160,7 +160,7 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
 
 
 def acceptance(seeds: dict[str, dict], means: dict) -> dict:
-    """The issue's target, "the guided sweep needs at most half", against each thing "half"
+    """The acceptance target, "the guided sweep needs at most half", against each thing "half"
     can be of: the sweeps' trial budget; the trials each unguided sweep needed to find the
     best it reports; the trials it needed to come within 0.5% of that best itself (the
     strictest, and in a flat landscape the one no search can halve: see the README).
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         version = cfg.data.versions[-1]
         sweeps = {key: read_json(run_dir / "sweeps" / version / name / "results.json")
                   for key, (name, _) in sweep_names(args.guided_name, seeds).items()}
-        for name, record in sweeps.items():  # results written before trials recorded their order
+        for record in sweeps.values():  # results written before trials recorded their order
             order = proposal_order(record["path"], record["trials"])
             for t in record["trials"]:
                 t.setdefault("order", order.get(t["trial_id"]))

@@ -39,8 +39,10 @@ def warn_if_relative(run_dir: str, log: logging.Logger) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """The CLI's console: raypath's lines; Ray's too with ``--verbose`` (:mod:`raypath.console`)."""
+    from raypath.console import setup_logging as setup
+
+    setup(verbose)
 
 
 def run_main(prog: str, body: Callable[[], int | None]) -> int:

@@ -22,16 +22,12 @@ import traceback
 from pathlib import Path
 
 from raypath.config import ConfigError, load_config
+from raypath.console import setup_logging
 from raypath.data import DataError
 from raypath.sources import first_line
 from raypath.storage import RunFileError
 
 log = logging.getLogger("raypath")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -201,7 +197,8 @@ def _add_law(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypath", description="Learning-rate path switching on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print Ray's own output (same as RAYPATH_LOG_LEVEL=DEBUG)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and release every version of the corpus (resumes)")
@@ -261,7 +258,7 @@ def _save_traceback() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.fn(args)
     except INPUT_ERRORS as e:

@@ -20,10 +20,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
     import ray.data
 
+    from raypath.console import quiet_ray
+
     if not ray.is_initialized():
+        # Before ray.init: Ray's own start-up lines and the log printer it sets up
+        # in ray.init go through the filter too.
+        quiet_ray()
         address = address or os.environ.get("RAY_ADDRESS")
+        # Every worker process tags raypath's log lines, so the driver can show
+        # them and leave Ray's own output in its log directory.
+        runtime_env = {"worker_process_setup_hook": "raypath.console.setup_worker_logging"}
         if address:
-            ray.init(address=address, log_to_driver=True)
+            # Merged with the runtime_env of a submitted job (ray job submit).
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
             # Workers of a local cluster inherit the driver's environment: silence
             # Ray Data's tqdm bars in Train/Tune workers too (they garble logs).
@@ -31,6 +40,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # address="local": a new cluster even when another one was started on this
             # machine with `ray start` (ray.init() would attach to that one instead).
             ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
-                     _node_ip_address="127.0.0.1")
+                     _node_ip_address="127.0.0.1", runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray cluster resources: %s", ray.cluster_resources())

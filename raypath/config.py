@@ -20,13 +20,14 @@ import yaml
 from raypath.schedules import SHAPES, Decay
 from raypath.sources import is_uri
 
-
 #: ``train.precision`` values.
 PRECISIONS = ("fp32", "bf16")
 #: ``train.parallel`` values.
 PARALLEL = ("ddp", "fsdp")
 #: ``sweep.guide`` values.
 GUIDES = ("law", "none")
+#: ``tracking.backend`` values.
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "none")
 #: ``model.attn_implementation`` values (transformers' names).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -327,6 +328,28 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where rank 0 logs metrics, besides the run's ``curves/*.jsonl``.
+
+    Logged at every log step and evaluation: loss, lr, tokens/s, MFU, data wait
+    and every ``val/*`` loss; the resolved config as parameters; version,
+    segment kind and fork step as tags.
+
+    backend: ``tensorboard`` (event files under ``RUN_DIR/tb/<segment>/``; needs
+        the ``tensorboard`` extra), ``mlflow`` (needs the ``mlflow`` extra) or ``none``.
+    mlflow_uri: MLflow tracking URI (``http://host:5000``, ``databricks``,
+        ``file:///path``); empty = the driver's ``MLFLOW_TRACKING_URI``, else
+        ``file:RUN_DIR/mlruns``. One parent run per lineage, one child run per
+        main-path segment, branch and sweep trial.
+    experiment: MLflow experiment name; empty = the run's ``name``.
+    """
+
+    backend: str = "tensorboard"
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
 class Config:
     """A whole lineage run.
 
@@ -342,6 +365,7 @@ class Config:
     branch: BranchConfig = field(default_factory=BranchConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -549,6 +573,8 @@ def validate(cfg: Config) -> None:
     _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
            f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     _validate_sweep(cfg.sweep)
+    _check(cfg.tracking.backend in TRACKING_BACKENDS, "tracking.backend",
+           f"must be one of {', '.join(TRACKING_BACKENDS)}, got {cfg.tracking.backend!r}")
     if m.attn_implementation == "flash_attention_2":
         _check(t.use_gpu, "model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true "
                "(or use sdpa, which picks flash kernels on GPU by itself)")

@@ -54,8 +54,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
-from raypath.sources import (CHUNK_BYTES, POLICIES, SUFFIXES, Chunk, DataError, VersionSource, apply_policy,  # noqa: F401
-                             discover_versions, inspect_files, iter_docs, unchanged)
+from raypath.sources import (  # noqa: F401
+    CHUNK_BYTES,
+    POLICIES,
+    SUFFIXES,
+    Chunk,
+    DataError,
+    VersionSource,
+    apply_policy,
+    discover_versions,
+    inspect_files,
+    iter_docs,
+    unchanged,
+)
 from raypath.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -320,7 +331,8 @@ def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSyste
             write_table(part.drop_columns(["bucket"]), fs, f"{tmp_dir}/b{buckets[lo]:05d}/{uuid.uuid4().hex}.parquet")
             src, n = np.unique(part["src"].to_numpy(), return_counts=True)
             counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
-    return pa.Table.from_pylist(counts, schema=pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())]))
+    schema = pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
+    return pa.Table.from_pylist(counts, schema=schema)
 
 
 def _gather(batch: pa.Table, offsets: list[int], tmp_dir: str, out_dir: str, fs: pafs.FileSystem) -> pa.Table:
@@ -652,8 +664,8 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], eos: int) -
     pool = sum(p.rows for p in older)
     n_replay = min(int(round(spec.replay_ratio / (1.0 - spec.replay_ratio) * own.rows)), pool) if pool else 0
     replay = Replay.of(older, n_replay, salt(spec.seed, _REPLAY, i)) if n_replay else None
-    stream_spec = StreamSpec(salt(spec.seed, _STREAM, i), _buckets(own.rows + n_replay, spec.seq_len + 1, spec.shard_bytes),
-                             (i,), replay)
+    buckets = _buckets(own.rows + n_replay, spec.seq_len + 1, spec.shard_bytes)
+    stream_spec = StreamSpec(salt(spec.seed, _STREAM, i), buckets, (i,), replay)
     stream = write_stream([own, *(older if replay else [])], stream_spec, f"{root}/stream", fs)
     return {
         "name": src.name,

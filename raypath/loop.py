@@ -35,6 +35,7 @@ from raypath.loss import install_loss
 from raypath.model import block_loss, build_model
 from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 from raypath.schedules import Schedule
+from raypath.tracking import Tracker, TrackingSpec
 
 log = logging.getLogger("raypath.progress")
 
@@ -63,6 +64,7 @@ class Segment:
         reports ``objective = sum(weight * val loss)`` (what a sweep minimises).
     mirror: set when the run directory is remote: the paths above are then its
         local mirror's, fetched and published through it (:mod:`raypath.mirror`).
+    tracking: where rank 0 also logs the metrics (:mod:`raypath.tracking`); None = curves only.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Segment:
     model_card: dict[str, Any] = field(default_factory=dict)
     objective_weights: dict[str, float] = field(default_factory=dict)
     mirror: Mirror | None = None
+    tracking: TrackingSpec | None = None
 
 
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
@@ -406,6 +409,7 @@ class _Reporter:
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         if rank == 0:  # continue the remote curve, whatever node ran the segment before
             fetch(seg.mirror, seg.curves_path, missing_ok=True)
+        self.tracker = Tracker.start(seg.tracking, seg) if rank == 0 else Tracker()
 
     def event(self, name: str, **fields: Any) -> None:
         """A non-metric record (``event`` key) in the curve: restarts become visible."""
@@ -457,6 +461,7 @@ class _Reporter:
                   + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
                   + f" eta {_fmt_eta(eta)} {vals}")
             self._append(metrics)
+            self.tracker.log(metrics, step)
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         self.t_last = now
         return metrics
@@ -586,6 +591,7 @@ def train_segment(config: dict) -> None:
         reporter.t_last = time.perf_counter()  # nor checkpointing
     if saver is not None:
         saver.wait()
+    reporter.tracker.close()
     # After the loop, not inside it: a run resumed from its final checkpoint
     # (crash between checkpoint and export) still exports.
     if seg.export_dir:

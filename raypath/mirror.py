@@ -94,7 +94,7 @@ def run_location(run_dir: str, local_dir: str | None = None,
     return Path(mirror.local), mirror
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filesystem(remote: str, endpoint: str | None) -> tuple[pafs.FileSystem, str]:
     # Cached per process: building an S3 filesystem resolves credentials (slow).
     return uri_filesystem(remote, endpoint)

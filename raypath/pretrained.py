@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raypath.config import ConfigError
-from raypath.mirror import CHUNK, Mirror, is_remote, publish
+from raypath.mirror import CHUNK, Mirror, publish
 from raypath.storage import atomic_dir, atomic_file, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import yaml
 from raypath.branches import BranchRunner, release_branch
 from raypath.cluster import init_ray
 from raypath.config import Config, ConfigError
+from raypath.console import RunProgress
 from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Lineage
@@ -36,6 +37,7 @@ from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, first_line, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, read_json
 from raypath.tokenizer import load_tokenizer, train_tokenizer
+from raypath.tracking import TrackingSpec, open_lineage, record_release
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class RunContext:
     mirror: the remote run directory behind ``run_dir``; None for a local run.
     base_model: ``model.path``'s source and weight sha256s (None when training from scratch);
         ``cfg.model.path`` then names its local copy.
+    tracking: the lineage's experiment tracking, opened on the driver when the
+        context is built (so a sweep's trials share one MLflow parent run).
     """
 
     cfg: Config
@@ -59,6 +63,11 @@ class RunContext:
     versions: list[dict]
     mirror: Mirror | None = None
     base_model: dict | None = None
+    tracking: TrackingSpec | None = None
+
+    def __post_init__(self):
+        if self.tracking is None:
+            self.tracking = open_lineage(self.cfg, self.run_dir)
 
     def storage(self, name: str) -> str:
         return str(self.run_dir / "ray" / name)
@@ -71,7 +80,7 @@ class RunContext:
         return dict(name=name, model=self.cfg.model, train=self.cfg.train, vocab_size=self.vocab_size,
                     eos_id=self.eos_id, pad_id=self.pad_id, seq_len=self.cfg.data.seq_len,
                     storage=self.storage(name), curves_path=str(self.run_dir / "curves" / f"{name}.jsonl"),
-                    mirror=self.mirror)
+                    mirror=self.mirror, tracking=self.tracking)
 
 
 def _corpus(cfg: Config, run_dir: Path) -> str:
@@ -213,6 +222,8 @@ def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
     if one was measured already), scored with the config's ``sweep.weights``."""
     objective = version_objective(lineage.data, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
     Releaser(lineage, ctx.run_dir, ctx.mirror).decide(version, objective)
+    if lineage.release(version) is not None:
+        record_release(ctx.tracking, lineage.release(version))
 
 
 def run(cfg: Config) -> Lineage:
@@ -232,22 +243,37 @@ def run(cfg: Config) -> Lineage:
     lineage.set_versions(ctx.versions)
 
     runner = BranchRunner(cfg.branch.parallel)
+    progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction)
+    index = {v["name"]: k for k, v in enumerate(ctx.versions)}
+
+    def released(entry: dict) -> None:
+        _record_branch(lineage, ctx, entry)
+        progress.branch_done(index[entry["version"]])
+
     prev = None
     for k, version in enumerate(ctx.versions):
         main = lineage.main(version["name"])
-        if main is None:
+        trained_here = main is None
+        if trained_here:
+            log.info(progress.line(k, f"main-{version['name']}"))
             main = run_main_version(ctx, k, prev)
             lineage.record_main(main)
+        progress.main_done(k, here=trained_here)
         if lineage.release(version["name"]) is None:
             if lineage.branch(f"branch-{version['name']}") is None:
+                log.info(progress.line(k, f"branch-{version['name']}"))
                 runner.submit(release_branch(ctx, k, main))
             else:  # the branch finished, the run stopped before releasing it
                 _decide_release(lineage, ctx, version["name"])
+                progress.branch_done(k, here=False)
+        else:
+            progress.branch_done(k, here=False)
         for entry in runner.finished():
-            _record_branch(lineage, ctx, entry)
+            released(entry)
         prev = main
     for entry in runner.finished(wait=True):
-        _record_branch(lineage, ctx, entry)
+        released(entry)
+    log.info(progress.line(len(ctx.versions) - 1, "done"))
     return lineage
 
 

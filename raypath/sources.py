@@ -72,7 +72,7 @@ def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
     return pafs.FileSystem.from_uri(uri)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> pafs.FileSystem:
     # Cached per process: building an S3 filesystem resolves credentials (slow).
     return uri_filesystem(scheme_netloc, endpoint)[0]

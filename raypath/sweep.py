@@ -63,9 +63,11 @@ import yaml
 
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
+from raypath.console import verbose
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import Decay
 from raypath.storage import read_json, write_json
+from raypath.tracking import record_release
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +475,7 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
                                   callbacks=[guidance.callback] if guidance else None),
     ), False
@@ -542,6 +544,8 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     else:
         message = releaser.decide(plan.version, objective, extra=mine).message
     live = releaser.live(plan.version)
+    if lineage.release(plan.version) is not None:
+        record_release(plan.ctx.tracking, lineage.release(plan.version))
     mine_names = {c.name: c.trial_id for c in mine}
     return {"released": mine_names.get(live["branch"]) if live else None, "pinned": bool(pin),
             "release": live["path"] if live else None, "live_release": live["id"] if live else None,

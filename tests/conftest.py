@@ -92,10 +92,10 @@ def sweep_lineage(ray_cluster, tmp_path_factory):
     Returns the path of its config, which carries a ``sweep:`` section."""
     import yaml
 
+    from raypath.config import load_config
     from raypath.lineage import Lineage
     from raypath.mainpath import run_main_version
     from raypath.run import prepare
-    from raypath.config import load_config
 
     root = tmp_path_factory.mktemp("sweep")
     raw = yaml.safe_load(TINY.read_text())

@@ -17,6 +17,7 @@ def comparison(tiny_run, tmp_path_factory):
     import shutil
 
     from conftest import tiny_config
+
     from raypath.compare import run_comparison
     from raypath.lineage import Lineage
 
@@ -56,7 +57,7 @@ def test_each_paradigm_lr_path_matches_its_definition(comparison):
     t, floor = cfg.train, cfg.branch.min_lr_ratio * cfg.train.max_lr
     ptfs = {e["version"]: e for e in lin["compare"]["ptfs"]}
     cpt = {e["version"]: e for e in lin["compare"]["cpt"]}
-    for name, e in ptfs.items():  # from scratch: warmup + cosine over the release's own steps
+    for _name, e in ptfs.items():  # from scratch: warmup + cosine over the release's own steps
         curve = read_curve(e["curve"])
         sched = Cosine(t.max_lr, t.warmup_steps, e["end_step"], 0, cfg.branch.min_lr_ratio)
         assert e["start_step"] == 0

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from raypath.law import (
+    LAMBDA,
+    LAMBDA_GRID,
     AnnealingLaw,
     CPTLaw,
     Curve,
-    LAMBDA,
-    LAMBDA_GRID,
     FitResult,
     areas,
     effective_lr,

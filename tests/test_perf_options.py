@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from raypath.report import read_curve
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
 from raypath.loop import Segment, build_training, train_step
 from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu
+from raypath.report import read_curve
 from raypath.schedules import MainPath
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,12 +169,12 @@ def test_bad_values_rejected_naming_the_field(override, field):
 
 def test_flops_per_token_by_hand():
     # hidden 768, 12 layers, 12 heads (MHA), SwiGLU 2048, vocab 32000, seq 1024.
-    d, L, I, V, S = 768, 12, 2048, 32000, 1024
-    per_layer = 4 * d * d + 3 * d * I + 2 * d          # q,k,v,o + gate,up,down + 2 RMSNorms
+    d, L, inter, V, S = 768, 12, 2048, 32000, 1024
+    per_layer = 4 * d * d + 3 * d * inter + 2 * d          # q,k,v,o + gate,up,down + 2 RMSNorms
     n = L * per_layer + d + V * d                       # + final norm + LM head (tied)
     assert n == 12 * (2_359_296 + 4_718_592 + 1_536) + 768 + 24_576_000 == 109_529_856
     expected = 6 * n + 12 * L * d * S                   # PaLM: 6N + 12 L H Q T
-    m = ModelConfig(hidden_size=d, num_layers=L, num_heads=12, num_kv_heads=12, intermediate_size=I)
+    m = ModelConfig(hidden_size=d, num_layers=L, num_heads=12, num_kv_heads=12, intermediate_size=inter)
     cfg = type("C", (), {**vars(m), "vocab_size": V})()
     assert matmul_params(cfg) == n
     assert flops_per_token(cfg, S) == expected == 657_179_136 + 113_246_208

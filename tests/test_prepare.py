@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWS_ENV, ROOT, bucket
 
 from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks
 from raypath.sources import Chunk, _lines, iter_docs
-
-from conftest import AWS_ENV, ROOT, bucket
 
 WORDS = ("train", "branch", "decay", "replay", "shard", "token", "version", "ray", "loss", "path")
 

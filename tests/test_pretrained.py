@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from raypath.config import ConfigError
 from raypath.storage import sha256_file
 

@@ -26,8 +26,8 @@ from raypath.mirror import NOT_MIRRORED, Mirror, run_location
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 RAYPATH = Path(sys.executable).with_name("raypath")
-from conftest import AWS_ENV, S3, bucket as _bucket  # the moto server fixture lives in conftest
-
+from conftest import AWS_ENV, S3  # the moto server fixture lives in conftest
+from conftest import bucket as _bucket
 
 # ---------------------------------------------------------------- the mirror itself (no Ray)
 

@@ -1,0 +1,152 @@
+"""What the console shows: raypath's own lines, Ray's chatter only when asked for.
+
+At the default level the driver prints raypath's progress, releases, warnings and
+errors, and nothing of Ray's internals (controller polling, Ray Data execution
+plans, checkpoint/report notices, raylet warnings): those stay in Ray's log
+directory (``/tmp/ray/session_latest/logs``), where they always are.
+``raypath --verbose`` or ``RAYPATH_LOG_LEVEL=DEBUG`` prints everything.
+
+How: every Ray worker process of the job tags raypath's log lines
+(:func:`setup_worker_logging`, installed as the job's ``worker_process_setup_hook``),
+and the driver forwards only tagged lines of the worker output Ray streams to it
+(:func:`quiet_ray`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+import time
+
+LEVEL_ENV = "RAYPATH_LOG_LEVEL"
+#: Every raypath log line, on the driver and in workers, starts like this.
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%H:%M:%S"
+#: A line written with :data:`FORMAT` by a ``raypath`` logger.
+OWN_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) raypath[.:]")
+#: Loggers of Ray's libraries whose console output is muted on the driver by default.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+
+
+def level() -> int:
+    """The raypath log level: ``RAYPATH_LOG_LEVEL`` (DEBUG, INFO, WARNING ...), INFO by default."""
+    name = os.environ.get(LEVEL_ENV, "INFO").upper()
+    value = logging.getLevelName(name)
+    return value if isinstance(value, int) else logging.INFO
+
+
+def verbose() -> bool:
+    return level() <= logging.DEBUG
+
+
+def setup_logging(verbose_flag: bool = False) -> None:
+    """Driver logging; ``verbose_flag`` (``--verbose``) is ``RAYPATH_LOG_LEVEL=DEBUG``.
+
+    The level goes into the environment so Ray workers of a local cluster, which
+    inherit it, log at the same level.
+    """
+    if verbose_flag:
+        os.environ[LEVEL_ENV] = "DEBUG"
+    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, format=FORMAT, datefmt=DATEFMT)
+    logging.getLogger("raypath").setLevel(level())
+
+
+def setup_worker_logging() -> None:
+    """``worker_process_setup_hook``: raypath's loggers write tagged lines to stderr.
+
+    Runs in every Ray worker process of the job before any task. Ray Train and
+    Tune reconfigure the root logger in their workers; a handler of our own on
+    the ``raypath`` logger (not propagated) keeps our format whatever they do.
+    """
+    logger = logging.getLogger("raypath")
+    logger.setLevel(level())
+    if not any(getattr(h, "raypath", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        handler.raypath = True
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def quiet_ray() -> None:
+    """Print only raypath's lines of the worker output Ray streams to this driver.
+
+    Call before ``ray.init`` (its start-up lines and the log printer it installs
+    are then filtered too); after it works as well. A no-op when verbose. Ray's
+    own driver-side loggers keep writing their log files; their console handlers
+    drop below WARNING.
+    """
+    if verbose():
+        return
+    for name in RAY_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+    # Ray streams worker stdout/stderr (and raylet messages) to the driver through
+    # ray._private.worker.print_to_stdstream: wrap it with a filter. Pinned Ray
+    # version (pyproject.toml); tests/test_console.py fails if this stops working.
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    if getattr(ray_worker.print_to_stdstream, "raypath", False):
+        return
+
+    def own_lines_only(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if OWN_LINE.match(line)]
+        if lines:
+            # Printed without Ray's de-duplication, which folds lines that differ only
+            # in their numbers: it would hide most progress lines.
+            ray_worker.print_worker_logs({**data, "lines": lines}, sys.stderr if data.get("is_err") else sys.stdout,
+                                         ignore_prefix)
+
+    own_lines_only.raypath = True
+    # Raylet messages call it by name, and ray.init binds its log printer to it.
+    ray_worker.print_to_stdstream = own_lines_only
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(own_lines_only, ignore_prefix=ignore_prefix))
+
+
+class RunProgress:
+    """The whole-run line: version k of N, the segment, and the ETA to the end of the run.
+
+    Work is counted in optimizer steps: every version's main-path steps plus its
+    release branch's. The rate is what this process trained so far (versions
+    finished by an earlier run count as done, not as speed).
+    """
+
+    def __init__(self, name: str, versions: list[dict], global_batch_size: int, branch_fraction: float):
+        self.name = name
+        self.n = len(versions)
+        self.main_steps = [v["stream_rows"] // global_batch_size for v in versions]
+        self.branch_steps = [min(max(1, round(branch_fraction * s)), s) for s in self.main_steps]
+        self.total = sum(self.main_steps) + sum(self.branch_steps)
+        self.done = 0
+        self.done_here = 0
+        self.t0 = time.perf_counter()
+
+    def finished(self, steps: int, here: bool = True) -> None:
+        self.done += steps
+        if here:
+            self.done_here += steps
+
+    def main_done(self, k: int, here: bool = True) -> None:
+        self.finished(self.main_steps[k], here)
+
+    def branch_done(self, k: int, here: bool = True) -> None:
+        self.finished(self.branch_steps[k], here)
+
+    def eta_s(self) -> float:
+        rate = self.done_here / max(time.perf_counter() - self.t0, 1e-9)
+        return (self.total - self.done) / rate if rate > 0 else float("inf")
+
+    def line(self, k: int, segment: str) -> str:
+        from raypath.loop import _fmt_eta
+
+        eta = _fmt_eta(self.eta_s()) if self.done < self.total else "0m00s"
+        return (f"run {self.name}: version {k + 1} of {self.n} ({segment}), "
+                f"{self.done / max(self.total, 1):.0%} of the run's steps done, ETA to end of run {eta}")

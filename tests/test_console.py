@@ -1,0 +1,85 @@
+"""The console of `raypath run`: raypath's own lines, none of Ray's internal chatter."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, TINY
+
+#: What Ray prints on its own during a lineage (kept in Ray's log directory instead).
+RAY_INTERNALS = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "streaming_executor",
+                 "Execution plan", "Checkpoint successfully created", "Reporting training result",
+                 "worker start-up", "Started a local Ray instance", "(raylet)")
+
+
+def test_cli_run_prints_progress_and_no_ray_internals(tmp_path):
+    """The tiny lineage through the CLI, as a user runs it, in its own Ray cluster."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAYPATH_LOG_LEVEL", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raypath.cli", "run", str(TINY), "--set", f"run_dir={tmp_path / 'run'}",
+           "--set", "data.versions=[v1, v2]", "--set", "train.num_workers=1", "--set", "cluster.num_cpus=4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    # raypath's own lines: per-segment progress (from the Train workers), the whole-run
+    # line, releases, the final table.
+    assert re.search(r"\[main-v1\] step \d+/\d+ loss \d", out), out[-5000:]
+    assert re.search(r"\[branch-v2\] step \d+/\d+ loss \d", out), out[-5000:]
+    assert re.search(r"run tiny: version 1 of 2 \(main-v1\), 0% of the run's steps done, ETA to end of run", out)
+    assert re.search(r"run tiny: version 2 of 2 \(main-v2\), \d+% of the run's steps done, "
+                     r"ETA to end of run \d+m\d\ds", out), out[-5000:]
+    assert "released v1 from branch-v1" in out and "released v2 from branch-v2" in out
+    # Every progress line is shown: Ray's de-duplication would fold lines differing in numbers.
+    assert "repeated" not in out and "deduplicates logs" not in out
+    steps = re.findall(r"\[main-v1\] step (\d+)/(\d+)", out)
+    assert len(steps) >= int(steps[-1][1]) // 5, steps  # tiny.yaml logs every 5 steps
+    for internal in RAY_INTERNALS:
+        assert internal not in out, f"{internal!r} on the console:\n{out[-5000:]}"
+
+
+def _recording_stream(monkeypatch) -> list[list[str]]:
+    """Stand in for Ray's printers (restored after the test) and record what reaches them."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[list[str]] = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"]))
+    monkeypatch.setattr(ray_worker, "print_worker_logs",
+                        lambda data, file, ignore_prefix: printed.append(data["lines"]))
+    monkeypatch.setattr(dispatcher, "handlers", [])
+    return printed
+
+
+def test_quiet_filter_keeps_only_raypath_lines(monkeypatch):
+    """The driver-side filter on the worker output Ray streams (what the CLI test relies on)."""
+    from ray._private import worker as ray_worker
+
+    from raypath import console
+
+    monkeypatch.delenv(console.LEVEL_ENV, raising=False)
+    printed = _recording_stream(monkeypatch)
+    console.quiet_ray()
+    ours = "12:00:01 INFO raypath.progress: [main-v1] step 5/40 loss 5.9"
+    ray_worker.print_to_stdstream({"lines": [ours, "INFO streaming_executor.py:1 -- Execution plan ...",
+                                             "(PlacementGroupCleaner) Failed to query"], "pid": 42,
+                                   "is_err": True}, ignore_prefix=True)
+    ray_worker.print_to_stdstream({"lines": ["worker start-up concurrency"], "pid": "raylet", "is_err": False},
+                                  ignore_prefix=False)
+    assert printed == [[ours]]
+
+
+def test_verbose_prints_everything(monkeypatch):
+    from ray._private import worker as ray_worker
+
+    from raypath import console
+
+    monkeypatch.setenv(console.LEVEL_ENV, "DEBUG")
+    printed = _recording_stream(monkeypatch)
+    console.quiet_ray()
+    ray_worker.print_to_stdstream({"lines": ["(PlacementGroupCleaner) Failed to query"], "pid": 1, "is_err": True},
+                                  ignore_prefix=True)
+    assert printed == [["(PlacementGroupCleaner) Failed to query"]]
