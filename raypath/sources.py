@@ -184,31 +184,29 @@ def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
     A line that starts before ``start`` belongs to the previous range, so ranges that
     tile a file yield every line exactly once.
     """
-    pos = 0
-    if start > 0:
+    pos, skip = 0, start > 0  # the partial line up to (and including) the first newline is not ours
+    if skip:
         f.seek(start - 1)
         pos = start - 1
-    buf = b""
-    first = start > 0  # the partial line up to (and including) the first newline is not ours
+    buf, i = b"", 0
     while True:
-        block = f.read(_READ)
-        if not block:
-            break
-        buf += block
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
+        nl = buf.find(b"\n", i)
+        if nl < 0:  # scan by index; copy only when a new block is read (linear in the file)
+            block = f.read(_READ)
+            if not block:
                 break
-            line, buf = buf[: nl + 1], buf[nl + 1:]
-            if first:
-                first = False
-            elif stop < 0 or pos < stop:
-                yield pos, line
-            else:
-                return
-            pos += len(line)
-    if buf and not first and (stop < 0 or pos < stop):
-        yield pos, buf
+            buf, i = buf[i:] + block, 0
+            continue
+        line, i = buf[i: nl + 1], nl + 1
+        if skip:
+            skip = False
+        elif stop >= 0 and pos >= stop:
+            return
+        else:
+            yield pos, line
+        pos += len(line)
+    if i < len(buf) and not skip and (stop < 0 or pos < stop):
+        yield pos, buf[i:]
 
 
 def _open(path: str, endpoint: str | None, compressed: bool = False):
