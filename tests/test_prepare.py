@@ -173,7 +173,7 @@ def test_an_old_single_file_layout_is_extended_with_replay(ray_cluster, tmp_path
     corpus = _corpus(tmp_path / "corpus")
     spec = _spec(tmp_path / "run", tokenizer_dir)
     two = prepare_versions(discover_versions(corpus)[:2], spec)
-    manifest_path = tmp_path / "run" / "data" / "manifest.json"
+    manifest_path = tmp_path / "run" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["versions"] = [_to_old_layout(r) for r in two]
     manifest_path.write_text(json.dumps(manifest))
