@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # What CI runs (.ci/run): lint, then everything but the tests marked slow.
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=25
 
 # Long end-to-end tests, not in CI.
 test-slow: $(STAMP)

@@ -49,12 +49,12 @@ def measure_tokenize(files, spec, eos: int, out_dir: str) -> float:
     """Tokenize + pack throughput of the actor pool on ``files`` (written to ``out_dir``)."""
     import pyarrow.fs as pafs
 
-    from raypath.data import _sum_stats, tokenize_chunks
+    from raypath.data import TokenizeJob, _sum_stats, tokenize_chunks
     from raypath.sources import inspect_files
 
     chunks = [c for r in inspect_files(list(files), spec.text_column) for c in r["chunks"]]
     t0 = time.perf_counter()
-    stats = _sum_stats(tokenize_chunks(chunks, 0, out_dir, pafs.LocalFileSystem(), spec, eos))
+    stats = _sum_stats(tokenize_chunks([TokenizeJob(chunks, 0, out_dir)], pafs.LocalFileSystem(), spec, eos)[0])
     return stats["doc_tokens"] / (time.perf_counter() - t0)
 
 

@@ -36,6 +36,7 @@ and atomic per file (temp file + :func:`os.replace`).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import logging
@@ -276,8 +277,14 @@ def _header_pieces(include: Path, stats: _Stats) -> Iterator[tuple[str, str]]:
             yield text, f"include/{path.relative_to(include).as_posix()}"
 
 
+@functools.lru_cache(maxsize=1)
 def _collect_versions(stdlib: Path) -> dict[str, tuple[str, list[Document], _Stats]]:
-    """Return ``{version: (domain description, documents, stats)}``."""
+    """Return ``{version: (domain description, documents, stats)}``.
+
+    Cached per process: parsing the standard library takes seconds and every run directory
+    (a test session makes dozens) builds its own copy; the documents are ~30 MB of text and
+    read-only to the callers.
+    """
     files = _library_files(stdlib)
     stats = {v: _Stats() for v in VERSIONS}
     out = {

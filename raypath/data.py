@@ -214,7 +214,7 @@ class TokenizePack:
             table = pa.table({"row": rows, "src": np.full(len(blocks), c["src"], np.int16),
                               "tokens": _tokens_array(blocks.reshape(-1, self.block))})
             write_table(table, self.fs, c["out"], row_group_size=STREAM_ROW_GROUP)
-            out.append({"chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
+            out.append({"job": c["job"], "chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
                         "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0)})
         return pa.Table.from_pylist(out)
 
@@ -223,15 +223,30 @@ def _part(d: str, i: int) -> str:
     return f"{d.rstrip('/')}/part-{i:06d}.parquet"
 
 
-def tokenize_chunks(chunks: list[dict], src: int, out_dir: str, fs: pafs.FileSystem, spec: "PrepareSpec",
-                    eos: int, max_doc_chars: int = 0) -> list[dict]:
-    """Tokenize and pack ``chunks`` on a Ray Data actor pool into ``out_dir/part-CCCCCC.parquet``.
+@dataclass(frozen=True)
+class TokenizeJob:
+    """Chunks whose blocks go to ``out_dir/part-CCCCCC.parquet`` as rows of version ``src``."""
 
-    Returns one stats row per chunk, in chunk order (the driver's only per-chunk state).
+    chunks: list[dict]
+    src: int
+    out_dir: str
+
+
+def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "PrepareSpec", eos: int,
+                    max_doc_chars: int = 0) -> list[list[dict]]:
+    """Tokenize and pack every job's chunks in one pass of a Ray Data actor pool.
+
+    One pass for all the versions (and splits) being prepared: the pool's actors load the
+    tokenizer once, and no version waits for the previous one's stragglers. Returns, per
+    job, one stats row per chunk in chunk order (the driver's only per-chunk state, linear
+    in the number of chunks).
     """
     import ray.data
 
-    items = [{**c, "chunk": i, "src": src, "out": _part(out_dir, i)} for i, c in enumerate(chunks)]
+    items = [{**c, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i)}
+             for j, job in enumerate(jobs) for i, c in enumerate(job.chunks)]
+    if not items:
+        return [[] for _ in jobs]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack,
         fn_constructor_kwargs=dict(tokenizer_dir=spec.tokenizer_dir, text_column=spec.text_column,
@@ -240,7 +255,10 @@ def tokenize_chunks(chunks: list[dict], src: int, out_dir: str, fs: pafs.FileSys
         batch_size=1, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items)))),
     )
-    return sorted(ds.take_all(), key=lambda r: r["chunk"])
+    out: list[list[dict]] = [[] for _ in jobs]
+    for row in ds.take_all():
+        out[row.pop("job")].append(row)
+    return [sorted(rows, key=lambda r: r["chunk"]) for rows in out]
 
 
 def _sum_stats(rows: list[dict]) -> dict:
@@ -479,6 +497,11 @@ def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | 
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # The parquet reader of Ray Data 2.60's DataSourceV2 starts a pool of 32 footer-reader actors
+    # (new processes) for every read, whatever the file count: 6-10 s per segment on a small
+    # node, before the first batch. The V1 reader gets the same rows from the footers of the
+    # stream's shards (our own files, few and large) in tasks or inline.
+    ctx.use_datasource_v2 = False
     ds = ray.data.read_parquet(stream_path, filesystem=filesystem).select_columns(["idx", "tokens"])
     if limit is not None:
         ds = ds.filter(expr=f"idx < {int(limit)}")
@@ -600,16 +623,31 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
     manifest = plan.manifest
     manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir)
     records: list[dict] = manifest["versions"]
-    if plan.todo:
-        eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
-    for todo in plan.todo:
-        rec = _prepare_one(todo, spec, records, eos)
+    if not plan.todo:
+        return records[: len(sources)]
+    eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
+    for todo, (train, val) in zip(plan.todo, _tokenize_versions(plan.todo, spec, eos)):
+        rec = _prepare_one(todo, spec, records, train, val)
         records.append(rec)
-        write_json(plan.manifest_path, manifest)  # each version lands as soon as it is ready
+        write_json(plan.manifest_path, manifest)  # each version lands as soon as its stream is written
         log.info("prepared %s: %d blocks (+%d replay), %d val blocks, %.3f%% tokens dropped at pack edges",
                  rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
                  100 * rec["dropped_share"])
     return records[: len(sources)]
+
+
+def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[tuple[list[dict], list[dict]]]:
+    """Every version's train and val chunks tokenized in one pass: (train stats, val stats) per version."""
+    jobs = []
+    fs = _target(Path(spec.data_dir), spec.mirror)[0]
+    for t in todo:
+        root = _target(Path(spec.data_dir) / t["source"].name, spec.mirror)[1]
+        fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
+        for split, out in (("train", "new"), ("val", "val-parts")):
+            jobs.append(TokenizeJob([c for r in t[split] for c in r["chunks"]], t["index"], f"{root}/{out}"))
+    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
+    stats = tokenize_chunks(jobs, fs, spec, eos, limit)
+    return [(stats[2 * k], stats[2 * k + 1]) for k in range(len(todo))]
 
 
 def _pool(rec: dict, spec: PrepareSpec, upgrade: bool = True) -> Pool:
@@ -636,19 +674,16 @@ def _upgrade_new(fs: pafs.FileSystem, old: str, out: str, src: int) -> None:
                           "tokens": tokens}), fs, out, row_group_size=STREAM_ROW_GROUP)
 
 
-def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], eos: int) -> dict:
+def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], train: list[dict],
+                 val_stats: list[dict]) -> dict:
+    """Version ``todo``'s checks, val split and stream, from its tokenized chunks' stats."""
     i, src = todo["index"], todo["source"]
     vdir = Path(spec.data_dir) / src.name
     fs, root = _target(vdir, spec.mirror)
-    fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
-    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
-    chunks = {split: [c for r in todo[split] for c in r["chunks"]] for split in ("train", "val")}
-    train = tokenize_chunks(chunks["train"], i, f"{root}/new", fs, spec, eos, limit)
     stats = _sum_stats(train)
     if stats["blocks"] < spec.min_blocks:
         raise DataError(f"version {src.name}: {stats['blocks']} blocks of {spec.seq_len + 1} tokens, fewer than "
                         f"one global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
-    val_stats = tokenize_chunks(chunks["val"], i, f"{root}/val-parts", fs, spec, eos, limit)
     n_val = _val_split(fs, f"{root}/val-parts", val_stats, f"{root}/val", spec.val_blocks)
     if n_val == 0:
         raise DataError(f"version {src.name}: validation files hold less than one block of "

@@ -37,7 +37,7 @@ from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, first_line, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, read_json
 from raypath.tokenizer import load_tokenizer, train_tokenizer
-from raypath.tracking import TrackingSpec, open_lineage, record_release
+from raypath.tracking import TrackingSpec, lineage_run, open_lineage, record_release
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,14 @@ def run(cfg: Config) -> Lineage:
         _record_branch(lineage, ctx, entry)
         progress.branch_done(index[entry["version"]])
 
+    with lineage_run(ctx.tracking):
+        _train_versions(lineage, ctx, progress, runner, released)
+    return lineage
+
+
+def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, runner: BranchRunner,
+                    released) -> None:
+    """Each version in order: its main-path segment, then its release branch in the background."""
     prev = None
     for k, version in enumerate(ctx.versions):
         main = lineage.main(version["name"])
@@ -274,7 +282,6 @@ def run(cfg: Config) -> Lineage:
     for entry in runner.finished(wait=True):
         released(entry)
     log.info(progress.line(len(ctx.versions) - 1, "done"))
-    return lineage
 
 
 def write_run_report(cfg: Config, lineage: Lineage) -> dict[str, str]:

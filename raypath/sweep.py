@@ -67,7 +67,7 @@ from raypath.console import verbose
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import Decay
 from raypath.storage import read_json, write_json
-from raypath.tracking import record_release
+from raypath.tracking import lineage_run, record_release
 
 log = logging.getLogger(__name__)
 
@@ -570,17 +570,24 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     lineage's ``sweeps``: settings, the law's guidance, one record per trial (config,
     final metrics, objective, score), the best trial and the released one.
     """
-    import ray
-
     from raypath.cluster import init_ray
-    from raypath.lineage import Lineage
     from raypath.mirror import require_local
     from raypath.run import prepare
 
-    sc = cfg.sweep
     require_local(cfg.run_dir, "sweep")
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
+    with lineage_run(ctx.tracking):
+        return _sweep(cfg, ctx, version)
+
+
+def _sweep(cfg: Config, ctx, version: str | int) -> dict:
+    """:func:`run_sweep` on its prepared run context (``raypath.run.RunContext``)."""
+    import ray
+
+    from raypath.lineage import Lineage
+
+    sc = cfg.sweep
     lineage = Lineage.load(ctx.run_dir)
     _check_same_model(cfg, lineage.data)
     k = resolve_version(ctx.versions, version)

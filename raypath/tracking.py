@@ -11,12 +11,15 @@ rank 0 logs through a :class:`Tracker` at every log step and evaluation.
 * **MLflow** (``tracking.backend: mlflow``): one parent run per lineage, one child
   run (tag ``mlflow.parentRunId``) per main-path segment, branch and sweep trial.
   Re-running the lineage finds the same runs again (by tag) and continues them.
+  The parent run is ``FINISHED`` when ``raypath run`` releases every version,
+  ``FAILED``/``KILLED`` when it stops, and ``RUNNING`` again on the next run.
   A release tags its branch's run and the parent with its path and logs a
   ``release-<version>.json`` artifact pointing to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -24,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from raypath.config import Config, ConfigError
 
@@ -104,8 +107,9 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
         # A remote run directory is the lineage's identity; the mirror path is per machine.
         where = cfg.run_dir if "://" in cfg.run_dir else str(run_dir.resolve())
         runs = client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{_quote(where)}'", max_results=1)
-        if runs:
+        if runs:  # a resumed or extended lineage: its parent run is running again
             parent = runs[0].info.run_id
+            client.update_run(parent, status="RUNNING")
         else:
             parent = client.create_run(exp_id, run_name=cfg.name,
                                        tags={RUN_DIR_TAG: where, "raypath.kind": "lineage"}).info.run_id
@@ -194,6 +198,28 @@ class _MLflow(Tracker):
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def lineage_run(spec: TrackingSpec | None) -> Iterator[None]:
+    """Around a ``raypath run`` or sweep: the MLflow parent run ends ``FINISHED`` when the
+    block completes, ``KILLED`` on Ctrl-C, ``FAILED`` otherwise; the next run of the lineage
+    (a resume, a new version) sets it running again. TensorBoard has no run state."""
+    try:
+        yield
+    except BaseException as e:
+        _end_lineage(spec, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    _end_lineage(spec, "FINISHED")
+
+
+def _end_lineage(spec: TrackingSpec | None, status: str) -> None:
+    if spec is None or spec.backend != "mlflow":
+        return
+    try:
+        _client(spec.mlflow_uri).set_terminated(spec.parent_run_id, status)
+    except Exception as e:  # the run's outcome stands whatever the tracking server says
+        log.warning("mlflow: could not mark lineage run %s %s: %s", spec.parent_run_id, status, e)
 
 
 def find_or_create_child(client, spec: TrackingSpec, name: str, tags: dict[str, str] | None = None,

@@ -159,6 +159,7 @@ def test_bad_file_in_the_first_version_stops_before_the_tokenizer(tiny_run, tmp_
     assert not (run_dir / "tokenizer").exists() and not (run_dir / "lineage.json").exists()
 
 
+@pytest.mark.slow  # trains and releases v4: ~2 min on 2 CPUs
 def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, tiny_run_copy, capsys):
     """``on_bad_input: skip`` with all bad files of the matrix in v4 at once: v4 trains and is
     released, the manifest lists each skipped file and counts each skipped document, and the

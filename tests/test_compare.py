@@ -10,6 +10,9 @@ from raypath.cost import paradigm_costs
 from raypath.report import read_curve
 from raypath.schedules import Cosine
 
+#: PTFS and CPT baselines trained next to the tiny lineage: ~4 min on 2 CPUs.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def comparison(tiny_run, tmp_path_factory):

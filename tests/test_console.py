@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY
 
 #: What Ray prints on its own during a lineage (kept in Ray's log directory instead).
@@ -15,6 +16,7 @@ RAY_INTERNALS = ("PlacementGroupCleaner", "Failed to query Ray Train Controller"
                  "worker start-up", "Started a local Ray instance", "(raylet)")
 
 
+@pytest.mark.slow  # its own Ray cluster and a 2-version lineage through the CLI: ~5 min on 2 CPUs
 def test_cli_run_prints_progress_and_no_ray_internals(tmp_path):
     """The tiny lineage through the CLI, as a user runs it, in its own Ray cluster."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}

@@ -189,6 +189,7 @@ def test_an_old_single_file_layout_is_extended_with_replay(ray_cluster, tmp_path
     assert read_blocks(recs[1]["stream_path"]).shape == read_blocks(reference[1]["stream_path"]).shape
 
 
+@pytest.mark.slow  # trains v4 on the upgraded run: ~2 min on 2 CPUs
 def test_an_old_layout_run_resumes_and_extends(tiny_run_copy, tmp_path):
     """A finished run directory of the single-file layout trains its next version."""
     from raypath.run import run
@@ -234,6 +235,7 @@ def _prepare_subprocess(s3, run_dir: Path, corpus: str, tok: str, tmp_path: Path
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
+@pytest.mark.slow  # three processes with a Ray cluster each: ~3 min on 2 CPUs
 def test_a_corpus_on_s3_prepares_like_the_same_files_on_disk(s3, tmp_path, tokenizer_dir):
     """``data.corpus: s3://...`` against a real S3 API (moto on loopback), in a fresh process
     with its own Ray cluster (the nodes read the bucket with their own credentials)."""

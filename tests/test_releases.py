@@ -318,7 +318,7 @@ def _copy_sweep_run(tiny_sweep, dst: Path) -> tuple[Path, dict]:
     shutil.rmtree(dst / "releases")
     path = dst / "lineage.json"
     lin = json.loads(path.read_text())
-    lin["releases"], lin["release_history"] = [], {}
+    lin["releases"], lin["release_history"], lin["sweeps"] = [], {}, []
     lin["branches"] = [b for b in lin["branches"] if not b.get("sweep")]
     path.write_text(json.dumps(lin))
     record = json.loads(json.dumps(tiny_sweep["record"]).replace(str(src), str(dst)))
@@ -344,7 +344,7 @@ def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, marg
     Releaser(lin, run_dir).decide("v2", releases.version_objective(lin.data, "v2"))
     assert lin.release("v2")["reason"] == "configured"
 
-    ctx = types.SimpleNamespace(run_dir=run_dir, mirror=None, versions=lin.data["versions"])
+    ctx = types.SimpleNamespace(run_dir=run_dir, mirror=None, versions=lin.data["versions"], tracking=None)
     plan = SweepPlan(ctx, 1, lin.main("v2"), record["path"], record["objective_weights"], 0.0,
                      record["version_tokens"])
     out = _release(plan, lin, record["trials"], None)
