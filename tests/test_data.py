@@ -193,7 +193,8 @@ def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
     from raypath.run import prepare
 
     cfg, lin = tiny_run
-    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path)  # reuse prepared data, write elsewhere
+    # Reuse the prepared data; write (checkpoints, curves, TensorBoard events) elsewhere.
+    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path, tracking=None)
     seg = main_segment(ctx, 0, None)
     assert seg.train.num_workers == 2
     half = min(seg.save_steps)
