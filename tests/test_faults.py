@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from raypath import checkpoint as ckpt
 from raypath.config import TrainConfig
 from raypath.data import Consumed
@@ -44,7 +42,6 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.slow  # three Ray Train runs of v1: ~2 min on 2 CPUs
 def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     from raypath.loop import fit_segment
     from raypath.mainpath import main_segment

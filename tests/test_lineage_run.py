@@ -125,7 +125,6 @@ def test_cost_matches_hand_computation(tiny_run):
         assert row["path_switching_ratio"] == pytest.approx(sum(trained[: k + 1]) / ptfs[k])
 
 
-@pytest.mark.slow  # trains and releases v4: ~2 min on 2 CPUs
 def test_rerun_resumes_and_appends_a_version(tiny_run_copy):
     """Same command again: nothing re-trains; a new version trains only itself."""
     from raypath.run import run
