@@ -87,7 +87,9 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     trials: ``trial_id``, the config columns (:data:`CONFIG_COLUMNS`; ``fraction``
         is what Optuna proposed, ``fraction_actual`` the fork it snapped to),
         the final ``objective``, ``score`` (objective + compute penalty),
-        ``val/<version>`` losses, ``loss`` (last train-loss window), ``step``,
+        ``val/<version>`` losses, the held-out ``test/<version>`` losses and their
+        ``test_objective`` (same weights; reported, never selected on), ``loss``
+        (last train-loss window), ``step``,
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
         when the law stopper ended it, else ``running``/``pending``) and ``best`` /
         ``released`` flags. Sorted by score.
@@ -113,7 +115,9 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
             "objective": final.get("objective") if done else None,
             "score": final.get("score") if done else None,
             "penalty": final.get("penalty"),
-            **{k: v for k, v in final.items() if k.startswith("val/")},
+            # reported next to the objective; nothing selects on the test splits
+            "test_objective": final.get("test_objective") if done else None,
+            **{k: v for k, v in final.items() if k.startswith(("val/", "test/"))},
             "loss": final.get("loss"),
             "step": final.get("step"),
             "status": "done" if done else "stopped" if trial_id in stopped else "running" if results else "pending",
@@ -129,8 +133,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     trials = pd.DataFrame(rows)
     if trials.empty:
         trials = pd.DataFrame(columns=["trial_id", *CONFIG_COLUMNS, "objective", "score", "status"])
-    for col in ("objective", "score", "penalty", "fraction", "fraction_actual", "power", "min_lr_ratio",
-                "replay_ratio", "loss"):
+    for col in ("objective", "test_objective", "score", "penalty", "fraction", "fraction_actual", "power",
+                "min_lr_ratio", "replay_ratio", "loss"):
         if col in trials:
             trials[col] = pd.to_numeric(trials[col], errors="coerce")
     done = trials[trials["status"] == "done"]
@@ -300,7 +304,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 def summary_table(trials: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """The trials with the columns a reader compares, best first."""
     columns = list(columns or ["trial_id", "shape", "power", "min_lr_ratio", "fraction", "fraction_actual",
-                               "branch_tokens", "objective", "score", "status", "released"])
+                               "branch_tokens", "objective", "test_objective", "score", "status", "released"])
     return trials[[c for c in columns if c in trials]].reset_index(drop=True)
 
 
@@ -316,7 +320,8 @@ def markdown_table(trials: pd.DataFrame, columns: Sequence[str] | None = None) -
         if isinstance(v, (bool, np.bool_)):
             return "yes" if v else ""
         if isinstance(v, float):
-            return f"{v:.4f}" if col in ("objective", "score") or col.startswith("val/") else f"{v:.3f}"
+            return f"{v:.4f}" if col in ("objective", "test_objective", "score") or col.startswith(("val/", "test/")) \
+                else f"{v:.3f}"
         return str(v)
 
     lines = ["| " + " | ".join(df.columns) + " |",

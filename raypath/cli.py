@@ -64,10 +64,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(format_costs(paradigm_costs(new_tokens, fraction, replay)))
         measured = lineage_costs(lineage)
         if measured:
-            print("\nmeasured (tokens this run trained):")
+            print("\nmeasured (tokens this run trained; 'with search' adds every branch a sweep trained):")
             for r in measured:
+                search = "" if r["search_branch_tokens"] == r["branch_tokens"] else \
+                    (f"; with search: branches {r['search_branch_tokens']:.4g}"
+                     f" -> {r['with_search_ratio']:.3f}")
                 print(f"  {r['version']}: main {r['main_tokens']:.4g} + branch {r['branch_tokens']:.4g}"
-                      f" -> path switching / PTFS = {r['path_switching_ratio']:.3f}")
+                      f" -> path switching / PTFS = {r['path_switching_ratio']:.3f} (release only){search}")
         return 0
     if not args.tokens:
         raise ConfigError("cost: give a RUN_DIR or --tokens T1 T2 ... (new tokens per version)")
@@ -105,11 +108,10 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from raypath.compare import comparison_table, format_comparison, run_comparison
-    from raypath.lineage import Lineage
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + (["compare.paper_baselines=true"] if args.paper_baselines else []))
     paths = run_comparison(cfg)
-    print(format_comparison(comparison_table(Lineage.load(cfg.run_dir).data)))
+    print(format_comparison(comparison_table(cfg.run_dir)))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -122,7 +124,7 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     lineage = Lineage.load(args.run_dir).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
     print(lawfit.format_fits(fits, lineage, version))
@@ -137,7 +139,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     lineage = Lineage.load(args.run_dir).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam)
+        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
                                   args.power, weights=weights, fork_step=args.fork_step)
@@ -170,6 +172,9 @@ def _law_options(parser) -> None:
     parser.add_argument("--lambda", dest="lam", type=_lam, default="auto",
                         help="momentum decay of the annealing area, one for every split: auto (chosen "
                              "by leave-one-branch-out) or a value such as 0.999")
+    parser.add_argument("--shifts", default="auto", choices=["auto", "single", "multi"],
+                        help="an old split's later data switches: one shift term each (multi), only the "
+                             "first (single), or multi where it predicts held-out branches better (auto)")
 
 
 def _add_law(sub) -> None:
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="train PTFS, CPT and path switching on the same data and compare")
     cmp_.add_argument("config")
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cmp_.add_argument("--paper-baselines", action="store_true",
+                      help="also train cosine PTFS/CPT baselines (arXiv 2410.04103's setting), as their own rows")
     cmp_.set_defaults(fn=cmd_compare)
 
     c = sub.add_parser("cost", help="tokens trained by PTFS, CPT and path switching")

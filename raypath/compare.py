@@ -4,186 +4,344 @@ Trains the same versions three ways, on the same model config, the same
 prepared blocks and the same peak LR (arXiv 2410.04103, figure 1):
 
 * **PTFS**: release k is trained from scratch on all data so far (a seeded
-  permutation of the new blocks of versions 1..k), warmup + cosine to the floor.
+  permutation of the new blocks of versions 1..k), warmup + decay to the floor.
 * **CPT**: release k continues from release k-1 (weights and optimizer) on
   version k's stream (with its replay), re-warming from the previous floor to
-  the peak, then cosine to the floor. CPT's release 1 *is* PTFS's release 1.
+  the peak, then decaying to the floor. CPT's release 1 *is* PTFS's release 1.
 * **Path switching**: the lineage itself (:func:`raypath.run.run`): main path +
   one decay branch per version.
 
+Shape-matched by default: PTFS and CPT decay with the branch config's shape, power
+and floor, so a gap measures the paradigm, not which decay shape anneals better.
+The paper's setting (cosine baselines against the configured branch) is
+``compare.paper_baselines``: its own rows, never the headline. Path switching also
+runs at each ``compare.replay_ratios`` (a whole lineage each, on the run's
+tokenizer, under ``compare/replay-R/``), so what replay buys against forgetting is
+measured next to what it costs. Losses come on val and on the held-out test splits;
+the gaps are on test, which no selection read.
+
 Results land in the lineage (``lineage["compare"]``) and in
-``RUN_DIR/compare/`` as CSV + PNG (LR paths of the three paradigms and the
-released models' losses per version).
+``RUN_DIR/compare/`` as CSV + text + PNG (LR paths of the three paradigms and the
+released models' test losses per version).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from raypath import checkpoint as ckpt
 from raypath.config import Config
+from raypath.cost import lineage_costs
 from raypath.data import union_stream
 from raypath.lineage import Lineage
 from raypath.loop import Segment, fit_segment
 from raypath.mirror import require_local
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
-from raypath.schedules import Cosine
+from raypath.schedules import Decay, Window
 from raypath.storage import atomic_write_bytes, save_figure
 
 log = logging.getLogger(__name__)
 
 PARADIGMS = ("ptfs", "cpt", "path_switching")
+MATCHED, PAPER = "matched", "paper"
 
 
-def _cosine(ctx: RunContext, steps: int, start_step: int = 0, warmup_from: float = 0.0) -> Cosine:
-    t, b = ctx.cfg.train, ctx.cfg.branch
-    return Cosine(t.max_lr, t.warmup_steps, steps, start_step, b.min_lr_ratio, warmup_from)
+def baseline_decays(cfg: Config) -> dict[str, Decay]:
+    """The decays PTFS and CPT are trained with, by setting: ``matched`` (the branch's shape,
+    power and floor) always, ``paper`` (cosine to the branch's floor) when asked for."""
+    b = cfg.branch
+    out = {MATCHED: b.decay()}
+    if cfg.compare.paper_baselines:
+        out[PAPER] = Decay("cosine", b.min_lr_ratio)
+    return out
 
 
-def ptfs_segment(ctx: RunContext, k: int) -> Segment:
+def _tag(decay: Decay) -> str:
+    """Segment-name suffix of a baseline decay; cosine keeps the plain names (``ptfs-v2``)."""
+    if decay.shape == "cosine":
+        return ""
+    return f"-{decay.shape}" + (f"{decay.power:g}" if decay.shape in ("polynomial", "exponential") else "")
+
+
+def window(ctx: RunContext, decay: Decay, steps: int, start_step: int = 0, warmup_from: float = 0.0) -> Window:
+    """A baseline's LR: the main path's warmup and peak, then ``decay`` to its floor."""
+    t = ctx.cfg.train
+    return Window(t.max_lr, t.warmup_steps, steps, start_step, decay.min_lr_ratio, warmup_from,
+                  decay.shape, decay.power)
+
+
+def ptfs_segment(ctx: RunContext, k: int, decay: Decay) -> Segment:
     """Release k from scratch on all data of versions 1..k."""
     version = ctx.versions[k]
     stream = union_stream(ctx.versions, k, ctx.run_dir / "data" / f"ptfs-{version['name']}" / "stream",
                           ctx.cfg.data.seed, ctx.mirror)
     steps = stream["stream_rows"] // ctx.cfg.train.global_batch_size
-    return Segment(**ctx.segment_fields(f"ptfs-{version['name']}"), kind="ptfs", version=f"ptfs-{version['name']}",
+    name = f"ptfs-{version['name']}{_tag(decay)}"
+    return Segment(**ctx.segment_fields(name), kind="ptfs", version=f"ptfs-{version['name']}",
                    stream_path=stream["stream_path"], start_step=0, end_step=steps,
-                   schedule=_cosine(ctx, steps), val_paths=ctx.val_paths(k),
+                   schedule=window(ctx, decay, steps), **ctx.eval_fields(k),
                    stream_limit=steps * ctx.cfg.train.global_batch_size)
 
 
-def cpt_segment(ctx: RunContext, k: int, prev: dict) -> Segment:
-    """Release k continued from release k-1 on version k's stream (re-warm + cosine)."""
+def cpt_segment(ctx: RunContext, k: int, prev: dict, decay: Decay) -> Segment:
+    """Release k continued from release k-1 on version k's stream (re-warm + decay)."""
     version = ctx.versions[k]
     steps = version["stream_rows"] // ctx.cfg.train.global_batch_size
-    floor = ctx.cfg.branch.min_lr_ratio * ctx.cfg.train.max_lr
-    return Segment(**ctx.segment_fields(f"cpt-{version['name']}"), kind="cpt", version=version["name"],
+    floor = decay.min_lr_ratio * ctx.cfg.train.max_lr
+    return Segment(**ctx.segment_fields(f"cpt-{version['name']}{_tag(decay)}"), kind="cpt", version=version["name"],
                    stream_path=version["stream_path"], start_step=prev["end_step"],
                    end_step=prev["end_step"] + steps,
-                   schedule=_cosine(ctx, steps, prev["end_step"], warmup_from=floor),
-                   init_checkpoint=prev["checkpoint"], val_paths=ctx.val_paths(k),
+                   schedule=window(ctx, decay, steps, prev["end_step"], warmup_from=floor),
+                   init_checkpoint=prev["checkpoint"], **ctx.eval_fields(k),
                    stream_limit=steps * ctx.cfg.train.global_batch_size)
 
 
-def _entry(seg: Segment, version: str, start_tokens: int) -> dict:
+def _entry(seg: Segment, version: str, start_tokens: int, setting: str, decay: Decay) -> dict:
     final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
     ckpt.verify(final)
     state = ckpt.load_state(final)
-    return {"version": version, "segment": seg.name, "start_step": seg.start_step, "end_step": seg.end_step,
-            "checkpoint": str(final), "curve": seg.curves_path, "tokens_trained": state["tokens"] - start_tokens,
-            "val": {k: v for k, v in state["metrics"].items() if k.startswith("val/")}}
+    metrics = state["metrics"]
+    return {"version": version, "setting": setting, "decay": dataclasses.asdict(decay), "segment": seg.name,
+            "start_step": seg.start_step, "end_step": seg.end_step, "checkpoint": str(final),
+            "curve": seg.curves_path, "tokens_trained": state["tokens"] - start_tokens,
+            "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
+            "test": {k: v for k, v in metrics.items() if k.startswith("test/")}}
+
+
+def _results(lineage: Lineage | dict) -> dict:
+    data = lineage.data if isinstance(lineage, Lineage) else lineage
+    results = data.setdefault("compare", {})
+    for paradigm in ("ptfs", "cpt"):
+        for e in results.setdefault(paradigm, []):
+            if "decay" not in e:  # recorded before shape matching: always cosine to the branch floor
+                floor = (data.get("config") or {}).get("branch", {}).get("min_lr_ratio", 0.0)
+                e.update(setting=PAPER, decay=dataclasses.asdict(Decay("cosine", floor)))
+    return results
 
 
 def _record(lineage: Lineage, paradigm: str, entry: dict) -> None:
-    results = lineage.data.setdefault("compare", {"ptfs": [], "cpt": []})
-    results[paradigm] = [e for e in results[paradigm] if e["version"] != entry["version"]] + [entry]
+    results = _results(lineage)
+    results[paradigm] = [e for e in results[paradigm]
+                         if (e["version"], e["decay"]) != (entry["version"], entry["decay"])] + [entry]
     lineage.save()
 
 
-def _done(lineage: Lineage, paradigm: str, version: str) -> dict | None:
-    return next((e for e in lineage.data.get("compare", {}).get(paradigm, []) if e["version"] == version), None)
+def _done(lineage: Lineage, paradigm: str, version: str, decay: Decay) -> dict | None:
+    want = dataclasses.asdict(decay)
+    return next((e for e in _results(lineage)[paradigm] if e["version"] == version and e["decay"] == want), None)
 
 
-def run_comparison(cfg: Config) -> dict[str, str]:
-    """Train all three paradigms (resumable), then write the table and plots."""
-    require_local(cfg.run_dir, "compare")
-    lineage = run_lineage(cfg)  # path switching, and the prepared versions
-    ctx = prepare(cfg)
+def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Decay) -> None:
+    """PTFS and CPT releases of every version with one decay (resumable)."""
     cpt_prev = None
     for k, version in enumerate(ctx.versions):
         name = version["name"]
-        ptfs = _done(lineage, "ptfs", name)
+        ptfs = _done(lineage, "ptfs", name, decay)
         if ptfs is None:
-            seg = ptfs_segment(ctx, k)
+            seg = ptfs_segment(ctx, k, decay)
             fit_segment(seg)
-            ptfs = _entry(seg, name, 0)
+            ptfs = _entry(seg, name, 0, setting, decay)
             _record(lineage, "ptfs", ptfs)
-        cpt = _done(lineage, "cpt", name)
+        cpt = _done(lineage, "cpt", name, decay)
         if cpt is None:
             if cpt_prev is None:
                 cpt = {**ptfs, "reused_from": "ptfs"}  # release 1 is the same run either way
             else:
-                seg = cpt_segment(ctx, k, cpt_prev)
+                seg = cpt_segment(ctx, k, cpt_prev, decay)
                 fit_segment(seg)
-                cpt = _entry(seg, name, ckpt.load_state(cpt_prev["checkpoint"])["tokens"])
+                cpt = _entry(seg, name, ckpt.load_state(cpt_prev["checkpoint"])["tokens"], setting, decay)
             _record(lineage, "cpt", cpt)
         cpt_prev = cpt
+
+
+def replay_dir(run_dir: str | Path, ratio: float) -> Path:
+    return Path(run_dir) / "compare" / f"replay-{ratio:g}"
+
+
+def replay_config(cfg: Config, ratio: float) -> Config:
+    """Path switching at another replay ratio: the same run on the run's own tokenizer (same
+    tokens, same val and test blocks), in its own run directory."""
+    data = dataclasses.replace(cfg.data, replay_ratio=ratio, tokenizer=str(Path(cfg.run_dir).resolve() / "tokenizer"))
+    return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=str(replay_dir(cfg.run_dir, ratio)),
+                               data=data)
+
+
+def replay_ratios(cfg: Config) -> list[float]:
+    return sorted({r for r in cfg.compare.replay_ratios if not math.isclose(r, cfg.data.replay_ratio)})
+
+
+def run_comparison(cfg: Config) -> dict[str, str]:
+    """Train every row of the comparison (resumable), then write the table and plots."""
+    require_local(cfg.run_dir, "compare")
+    lineage = run_lineage(cfg)  # path switching, and the prepared versions
+    ctx = prepare(cfg)
+    decays = baseline_decays(cfg)
+    # the headline rows first, then replay, then the paper's rows: an interrupted comparison
+    # has the most informative rows already
+    _train_baselines(lineage, ctx, MATCHED, decays[MATCHED])
+    for ratio in replay_ratios(cfg):
+        log.info("compare: path switching with replay ratio %g", ratio)
+        run_lineage(replay_config(cfg, ratio))
+        _results(lineage).setdefault("replay", {})[f"{ratio:g}"] = str(replay_dir(cfg.run_dir, ratio))
+        lineage.save()
+    if PAPER in decays:
+        log.info("compare: PTFS and CPT with the paper's cosine decay")
+        _train_baselines(lineage, ctx, PAPER, decays[PAPER])
     return write_comparison(ctx.run_dir, lineage.data)
 
 
 # ---------------------------------------------------------------- results
 
-def comparison_table(lineage: dict) -> pd.DataFrame:
-    """One row per version: own-split and mean val loss per paradigm, cumulative tokens, ratios."""
-    releases = {r["version"]: r for r in lineage["releases"]}
-    branches = {b["version"]: b for b in lineage["branches"] if b.get("status") == "done"}
+def _mean(d: dict) -> float:
+    return sum(d.values()) / len(d) if d else float("nan")
+
+
+def _losses(version: str, val: dict, test: dict) -> dict:
+    return {"val_own": val.get(f"val/{version}", float("nan")), "test_own": test.get(f"test/{version}", float("nan")),
+            "val_mean": _mean(val), "test_mean": _mean(test)}
+
+
+def _decay_text(d: dict) -> str:
+    power = f"^{d['power']:g}" if d["shape"] in ("polynomial", "exponential") else ""
+    return f"{d['shape']}{power}->{d['min_lr_ratio']:g}"
+
+
+def _baseline_rows(results: dict, settings: dict[str, dict], versions: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """Per (paradigm, setting): one row per version in order, with cumulative tokens."""
+    out = {}
+    for paradigm in ("ptfs", "cpt"):
+        for setting, decay in settings.items():
+            cum, rows = 0, []
+            entries = sorted((e for e in results.get(paradigm, []) if e["decay"] == decay),
+                             key=lambda e: versions.index(e["version"]))
+            for e in entries:
+                cum += e["tokens_trained"]  # CPT's release 1 reuses PTFS's run and counts its tokens
+                rows.append({"version": e["version"], "decay": _decay_text(e["decay"]), "tokens_cumulative": cum,
+                             **_losses(e["version"], e["val"], e.get("test", {}))})
+            out[(paradigm, setting)] = rows
+    return out
+
+
+def _path_switching_rows(lineage: dict, which: str = "configured") -> list[dict]:
+    """One row per version of a lineage's path switching: its configured branches (``configured``,
+    the shape-matched row) or its live releases (``released``, with the search they cost)."""
+    costs = {c["version"]: c for c in lineage_costs(lineage)}
     mains = {m["version"]: m for m in lineage["main_path"]}
-    results = lineage.get("compare", {})
-    rows, cum = [], dict.fromkeys(PARADIGMS, 0)
+    releases = {r["version"]: r for r in lineage["releases"]}
+    branches = {b["name"]: b for b in lineage["branches"] if b.get("status") == "done"}
+    rows, cum, cum_search = [], 0, 0
     for v in lineage["versions"]:
         name = v["name"]
-        ptfs = next((e for e in results.get("ptfs", []) if e["version"] == name), None)
-        cpt = next((e for e in results.get("cpt", []) if e["version"] == name), None)
-        if ptfs is None or cpt is None or name not in releases:
+        branch = branches.get(f"branch-{name}") if which == "configured" else \
+            branches.get((releases.get(name) or {}).get("branch"))
+        if name not in mains or branch is None or name not in costs:
             break
-        ps_tokens = mains[name]["tokens_end"] - mains[name]["tokens_start"] + branches[name]["tokens_trained"]
-        cum["ptfs"] += ptfs["tokens_trained"]
-        cum["cpt"] += cpt["tokens_trained"]  # release 1 reuses PTFS's run and counts its tokens
-        cum["path_switching"] += ps_tokens
-        row = {"version": name}
-        for paradigm, val in (("ptfs", ptfs["val"]), ("cpt", cpt["val"]), ("path_switching", releases[name]["val"])):
-            row[f"{paradigm}_val_own"] = val[f"val/{name}"]
-            row[f"{paradigm}_val_mean"] = sum(val.values()) / len(val)
-            row[f"{paradigm}_tokens_cumulative"] = cum[paradigm]
-        for paradigm in ("cpt", "path_switching"):
-            row[f"{paradigm}_cost_ratio"] = cum[paradigm] / cum["ptfs"]
-            row[f"{paradigm}_gap_own"] = row[f"{paradigm}_val_own"] - row["ptfs_val_own"]
-        rows.append(row)
+        main_tokens = mains[name]["tokens_end"] - mains[name]["tokens_start"]
+        cum += main_tokens + branch["tokens_trained"]
+        cum_search += main_tokens + costs[name]["search_branch_tokens"]
+        metrics = branch["metrics"]
+        rows.append({"version": name, "decay": _decay_text(branch["decay"]), "tokens_cumulative": cum,
+                     "tokens_cumulative_with_search": cum_search,
+                     **_losses(name, {k: x for k, x in metrics.items() if k.startswith("val/")},
+                               {k: x for k, x in metrics.items() if k.startswith("test/")})})
+    return rows
+
+
+def _released_differs(lineage: dict) -> bool:
+    return any(r.get("branch") != f"branch-{r['version']}" for r in lineage["releases"])
+
+
+def comparison_table(run_dir: str | Path) -> pd.DataFrame:
+    """One row per (version, paradigm): own-split and mean losses on val and test, cumulative
+    tokens, cost over PTFS's (release only and with search), and the gap to PTFS on test.
+
+    ``paradigm`` names the row: ``PTFS``, ``CPT``, ``PS`` (configured branches, shape-matched),
+    ``PS released`` (when a sweep's trial is a live release), ``PS replay R``, and with
+    ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``.
+    """
+    lineage = Lineage.load(run_dir).data
+    results = _results(lineage)
+    cfg_branch = lineage["config"]["branch"]
+    matched = dataclasses.asdict(Decay(cfg_branch["shape"], cfg_branch["min_lr_ratio"], cfg_branch["power"]))
+    settings = {MATCHED: matched}
+    paper = dataclasses.asdict(Decay("cosine", cfg_branch["min_lr_ratio"]))
+    if any(e["decay"] == paper for e in results.get("ptfs", [])) and paper != matched:
+        settings[PAPER] = paper
+    base = _baseline_rows(results, settings, [v["name"] for v in lineage["versions"]])
+    groups: list[tuple[str, list[dict]]] = [("PTFS", base[("ptfs", MATCHED)]), ("CPT", base[("cpt", MATCHED)]),
+                                            ("PS", _path_switching_rows(lineage))]
+    if _released_differs(lineage):
+        groups.append(("PS released", _path_switching_rows(lineage, "released")))
+    for ratio, path in sorted(results.get("replay", {}).items(), key=lambda kv: float(kv[0])):
+        if (Path(path) / "lineage.json").is_file():
+            groups.append((f"PS replay {ratio}", _path_switching_rows(Lineage.load(path).data)))
+    if PAPER in settings:
+        groups += [("PTFS cosine (paper)", base[("ptfs", PAPER)]), ("CPT cosine (paper)", base[("cpt", PAPER)])]
+    ptfs = {r["version"]: r for r in base[("ptfs", MATCHED)]}
+    rows = []
+    for v in (v["name"] for v in lineage["versions"]):
+        if v not in ptfs:
+            break
+        for label, group in groups:
+            r = next((r for r in group if r["version"] == v), None)
+            if r is None:
+                continue
+            ref = ptfs[v]
+            rows.append({"version": v, "paradigm": label, "decay": r["decay"],
+                         **{k: r[k] for k in ("val_own", "test_own", "val_mean", "test_mean")},
+                         "tokens_cumulative": r["tokens_cumulative"],
+                         "cost_ratio": r["tokens_cumulative"] / ref["tokens_cumulative"],
+                         "cost_ratio_with_search": r.get("tokens_cumulative_with_search", r["tokens_cumulative"])
+                         / ref["tokens_cumulative"],
+                         "gap_test_own": r["test_own"] - ref["test_own"],
+                         "gap_val_own": r["val_own"] - ref["val_own"]})
     return pd.DataFrame(rows)
 
 
 def format_comparison(df: pd.DataFrame) -> str:
-    head = (f"{'version':>7} | {'val loss on own split':^26} | {'mean val loss (splits seen)':^26} | "
-            f"{'cost / PTFS':^13} | {'gap to PTFS':^15}")
-    sub = (f"{'':>7} | {'PTFS':>8} {'CPT':>8} {'PS':>8} | {'PTFS':>8} {'CPT':>8} {'PS':>8} | "
-           f"{'CPT':>6} {'PS':>6} | {'CPT':>7} {'PS':>7}")
-    lines = [head, sub]
-    for _, r in df.iterrows():
-        lines.append(
-            f"{r['version']:>7} | {r['ptfs_val_own']:8.3f} {r['cpt_val_own']:8.3f} {r['path_switching_val_own']:8.3f} | "
-            f"{r['ptfs_val_mean']:8.3f} {r['cpt_val_mean']:8.3f} {r['path_switching_val_mean']:8.3f} | "
-            f"{r['cpt_cost_ratio']:6.3f} {r['path_switching_cost_ratio']:6.3f} | "
-            f"{r['cpt_gap_own']:+7.3f} {r['path_switching_gap_own']:+7.3f}")
-    return "\n".join(lines)
+    """The table as aligned text: versions in blocks, the headline (shape-matched) rows first."""
+    from raypath.report import _delta, _loss, _text_table
+
+    headers = ["version", "paradigm", "decay", "val own", "test own", "val mean", "test mean", "cost/PTFS",
+               "+search", "gap test own"]
+    cells = [[r["version"], r["paradigm"], r["decay"], _loss(r["val_own"]), _loss(r["test_own"]),
+              _loss(r["val_mean"]), _loss(r["test_mean"]), f"{r['cost_ratio']:.3f}",
+              f"{r['cost_ratio_with_search']:.3f}", _delta(r["gap_test_own"])] for _, r in df.iterrows()]
+    note = ("losses on each version's own split and the mean over the splits seen; gap = paradigm - PTFS "
+            "on the held-out test split; cost = cumulative tokens / PTFS's, release only and with search")
+    return note + "\n" + _text_table(headers, cells, "lll")
 
 
 def _lr_paths(run_dir: Path, lineage: dict) -> dict[str, list[tuple[str, pd.DataFrame]]]:
-    """Per paradigm, its segments' curves in training order (x = tokens that paradigm trained)."""
+    """Per paradigm, its headline segments' curves in training order (x = tokens that paradigm trained)."""
     from raypath.report import read_curve
 
     def curve(seg_name: str) -> pd.DataFrame:
         return read_curve(run_dir / "curves" / f"{seg_name}.jsonl")
 
-    results = lineage.get("compare", {})
+    b = lineage["config"]["branch"]
+    matched = dataclasses.asdict(Decay(b["shape"], b["min_lr_ratio"], b["power"]))
+    results = _results(lineage)
     paths: dict[str, list[tuple[str, pd.DataFrame]]] = {p: [] for p in PARADIGMS}
     offset = 0
-    for e in results.get("ptfs", []):
+    for e in (e for e in results.get("ptfs", []) if e["decay"] == matched):
         df = curve(e["segment"]).assign(x=lambda d: d["tokens"] + offset)
         paths["ptfs"].append((e["version"], df))
         offset = int(df["x"].max()) if len(df) else offset
-    for e in results.get("cpt", []):
+    for e in (e for e in results.get("cpt", []) if e["decay"] == matched):
         paths["cpt"].append((e["version"], curve(e["segment"]).assign(x=lambda d: d["tokens"])))
-    extra = 0
     for m in lineage["main_path"]:
-        paths["path_switching"].append((m["version"], curve(m["segment"]).assign(x=lambda d: d["tokens"] + extra)))
-        b = next((b for b in lineage["branches"] if b["version"] == m["version"]), None)
-        if b:
-            paths["path_switching"].append((f"{m['version']} branch", curve(b["name"]).assign(
-                x=lambda d: d["tokens"] + extra)))
+        paths["path_switching"].append((m["version"], curve(m["segment"]).assign(x=lambda d: d["tokens"])))
+        br = next((br for br in lineage["branches"] if br["name"] == f"branch-{m['version']}"), None)
+        if br:
+            paths["path_switching"].append((f"{m['version']} branch", curve(br["name"]).assign(
+                x=lambda d: d["tokens"])))
     return paths
 
 
@@ -193,9 +351,9 @@ def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 1, 1.4]})
+    fig, axes = plt.subplots(4, 1, figsize=(10, 12), gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
     titles = {"ptfs": "PTFS: from scratch on all data, per release",
-              "cpt": "CPT: continue from the last release, re-warm + cosine",
+              "cpt": "CPT: continue from the last release, re-warm + decay",
               "path_switching": "Path switching: constant main path + decay branches"}
     for ax, (paradigm, segments) in zip(axes, _lr_paths(run_dir, lineage).items()):
         for label, seg in segments:
@@ -206,17 +364,21 @@ def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Pat
         ax.grid(alpha=0.3)
     axes[2].set_xlabel("tokens trained by the paradigm (cumulative)")
     ax = axes[3]
-    x = range(len(df))
-    width = 0.27
-    for i, (paradigm, label) in enumerate((("ptfs", "PTFS"), ("cpt", "CPT"), ("path_switching", "path switching"))):
-        ax.bar([j + (i - 1) * width for j in x], df[f"{paradigm}_val_own"], width, label=label)
-    ax.set_xticks(list(x), df["version"])
-    ax.set_ylabel("val loss on the version's own split")
-    lo = float(df[[f"{p}_val_own" for p in PARADIGMS]].min().min())
-    ax.set_ylim(lo * 0.95, None)
-    ax.legend(fontsize=8)
-    ax.set_title("released models per version", fontsize=10)
-    fig.suptitle(f"{lineage.get('name', 'raypath')}: PTFS vs CPT vs path switching")
+    labels = list(dict.fromkeys(df["paradigm"]))
+    versions = list(dict.fromkeys(df["version"]))
+    metric = "test_own" if df["test_own"].notna().any() else "val_own"
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        sub = df[df["paradigm"] == label].set_index("version").reindex(versions)
+        ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(versions))], sub[metric], width,
+               label=label, hatch="//" if "paper" in label else None)
+    ax.set_xticks(range(len(versions)), versions)
+    ax.set_ylabel(f"{metric.replace('_', ' on ')} split")
+    ax.set_ylim(float(df[metric].min()) * 0.95, None)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"released models per version ({metric.split('_')[0]} loss on the version's own split)",
+                 fontsize=10)
+    fig.suptitle(f"{lineage.get('name', 'raypath')}: PTFS vs CPT vs path switching (shape-matched)")
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110, tight=False)
     plt.close(fig)
@@ -225,7 +387,7 @@ def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Pat
 def write_comparison(run_dir: str | Path, lineage: dict) -> dict[str, str]:
     out = Path(run_dir) / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    df = comparison_table(lineage)
+    df = comparison_table(run_dir)
     atomic_write_bytes(out / "comparison.csv", df.to_csv(index=False).encode())
     atomic_write_bytes(out / "comparison.txt", (format_comparison(df) + "\n").encode())
     plot_comparison(Path(run_dir), lineage, df, out / "comparison.png")

@@ -89,7 +89,12 @@ class DataConfig:
     vocab_size: vocabulary size of the tokenizer trained on version 1.
     tokenizer_max_chars: characters of version 1's train text the tokenizer is trained
         on (its first documents, in file order); bounds that step on a large version.
-    val_blocks: fixed evaluation budget per version split, in sequences.
+    val_blocks: fixed evaluation budget per version split, in sequences. Sweeps, the
+        law and release decisions read these splits.
+    test_blocks: held-out test split per version, in sequences, that no selection
+        reads: evaluated at the end of every segment and reported next to val.
+        Taken from the version's ``test/`` folder when it has one, else from its val
+        files' blocks right after the val split's. None = ``val_blocks``; 0 = none.
     replay_ratio: fraction of each version's stream drawn from older versions, in [0, 1).
     tokenize_actors: Ray Data actors that tokenize in parallel.
     seed: seed of stream order and replay sampling.
@@ -107,6 +112,7 @@ class DataConfig:
     vocab_size: int = 4096
     tokenizer_max_chars: int = 200_000_000
     val_blocks: int = 32
+    test_blocks: int | None = None
     replay_ratio: float = 0.0
     tokenize_actors: int = 1
     seed: int = 0
@@ -350,6 +356,23 @@ class TrackingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The ``compare:`` section: what ``raypath compare`` trains next to the lineage.
+
+    paper_baselines: also train PTFS and CPT with a cosine decay to the branch's floor,
+        arXiv 2410.04103's setting, shown as their own rows. The headline baselines
+        always decay with the branch's shape, power and floor (shape-matched), so the
+        comparison measures the paradigm, not the decay shape.
+    replay_ratios: also run path switching with each of these ``data.replay_ratio``
+        values (a whole lineage each, under ``RUN_DIR/compare/replay-R/``), so the
+        forgetting trade-off is measured; the run's own ratio is always there.
+    """
+
+    paper_baselines: bool = False
+    replay_ratios: list[float] = field(default_factory=lambda: [0.05, 0.25])
+
+
+@dataclass
 class Config:
     """A whole lineage run.
 
@@ -366,6 +389,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -524,6 +548,10 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
     _check(d.vocab_size > 258, "data.vocab_size", f"must be > 258 (bytes + specials), got {d.vocab_size}")
     _check(d.val_blocks >= 1, "data.val_blocks", f"must be >= 1, got {d.val_blocks}")
+    _check(d.test_blocks is None or d.test_blocks >= 0, "data.test_blocks",
+           f"must be >= 0 (0 = no test split), got {d.test_blocks}")
+    for r in cfg.compare.replay_ratios:
+        _check(0.0 <= r < 1.0, "compare.replay_ratios", f"each must be in [0, 1), got {r}")
     _check(0.0 <= d.replay_ratio < 1.0, "data.replay_ratio", f"must be in [0, 1), got {d.replay_ratio}")
     _check(d.tokenize_actors >= 1, "data.tokenize_actors", "must be >= 1")
     _check(d.on_bad_input in ("error", "skip"), "data.on_bad_input",

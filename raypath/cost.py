@@ -10,6 +10,11 @@ With new data ``D_k`` per version, branch fraction ``f`` and replay ratio ``r``
 
 Ratios are cumulative cost over cumulative PTFS cost: what the whole lineage
 has cost so far relative to re-training from scratch at every release.
+
+A run's measured cost comes two ways wherever a sweep searched a version's branch:
+*release only* counts the released branch, *with search* every branch trained for
+the version (the configured one and every sweep trial, stopped ones up to where
+they stopped). The search is real compute; the first figure alone would hide it.
 """
 
 from __future__ import annotations
@@ -45,11 +50,29 @@ def paradigm_costs(new_tokens: Sequence[float], branch_fraction: float,
     return rows
 
 
+def branch_tokens(lineage: dict, version: str) -> tuple[float, float]:
+    """``(release only, with search)`` branch tokens of ``version``.
+
+    Release only: the live release's branch (else the finished configured branch).
+    With search: the finished branches that are no sweep trial, plus every trial of every
+    sweep of the version (a released trial is counted once, as a trial).
+    """
+    own = [b for b in lineage.get("branches", []) if b["version"] == version and b.get("status") == "done"]
+    release = next((r for r in lineage.get("releases", []) if r["version"] == version), None)
+    released = release.get("branch_tokens") if release else None
+    if released is None:
+        released = next((b["tokens_trained"] for b in own if not b.get("sweep")), 0)
+    trials = [t for s in lineage.get("sweeps", []) if s["version"] == version for t in s.get("trials", [])]
+    searched = sum(b["tokens_trained"] for b in own if not b.get("sweep")) + \
+        sum(t.get("branch_tokens") or 0 for t in trials)
+    return float(released), float(max(searched, released))
+
+
 def lineage_costs(lineage: dict) -> list[dict[str, float]]:
-    """Measured cost of a run: tokens its main path and branches actually trained."""
-    ptfs_cum = ps_cum = seen = 0.0
+    """Measured cost of a run: tokens its main path and branches actually trained, release
+    only and with every searched branch."""
+    ptfs_cum = ps_cum = search_cum = seen = 0.0
     rows = []
-    branches = {b["version"]: b for b in lineage.get("branches", []) if b.get("status") == "done"}
     mains = {m["version"]: m for m in lineage.get("main_path", [])}
     for v in lineage["versions"]:
         main = mains.get(v["name"])
@@ -57,12 +80,14 @@ def lineage_costs(lineage: dict) -> list[dict[str, float]]:
             break  # versions are trained in order; the rest has not run yet
         seen += v["new_tokens"]
         main_tokens = main["tokens_end"] - main["tokens_start"]
-        branch_tokens = branches[v["name"]]["tokens_trained"] if v["name"] in branches else 0
+        released, searched = branch_tokens(lineage, v["name"])
         ptfs_cum += seen
-        ps_cum += main_tokens + branch_tokens
-        rows.append({"version": v["name"], "main_tokens": main_tokens, "branch_tokens": branch_tokens,
-                     "ptfs_cumulative": ptfs_cum, "path_switching_cumulative": ps_cum,
-                     "path_switching_ratio": ps_cum / ptfs_cum})
+        ps_cum += main_tokens + released
+        search_cum += main_tokens + searched
+        rows.append({"version": v["name"], "main_tokens": main_tokens, "branch_tokens": released,
+                     "search_branch_tokens": searched, "ptfs_cumulative": ptfs_cum,
+                     "path_switching_cumulative": ps_cum, "path_switching_ratio": ps_cum / ptfs_cum,
+                     "with_search_cumulative": search_cum, "with_search_ratio": search_cum / ptfs_cum})
     return rows
 
 

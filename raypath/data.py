@@ -10,7 +10,12 @@ For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
   new blocks plus ``replay_ratio`` of the stream sampled from older versions' ``new/``
   files, shuffled. Column ``idx`` is the row's position in the stream.
 * ``val/part-00000.parquet``: the first ``val_blocks`` blocks of the val split, a
-  fixed evaluation budget so old- and new-domain losses are comparable.
+  fixed evaluation budget so old- and new-domain losses are comparable. Sweeps,
+  the law and release decisions read it.
+* ``test/part-00000.parquet``: ``test_blocks`` held-out blocks no selection ever
+  reads, for the numbers a release reports: the version's ``test/`` files when the
+  corpus has them, else the val files' blocks right after the val split's (see
+  :func:`held_out_counts`).
 * ``manifest.json``: per version its files with fingerprints, counts and paths,
   written last. Re-running checks that earlier versions' files did not change.
 
@@ -410,22 +415,56 @@ def _buckets(rows: int, block: int, shard_bytes: int = SHARD_BYTES) -> int:
     return max(1, math.ceil(rows * block * 4 / shard_bytes))
 
 
-def _val_split(fs: pafs.FileSystem, parts_dir: str, stats: list[dict], out_dir: str, n: int) -> int:
-    """The first ``n`` val blocks, in file order, as ``out_dir/part-000000.parquet`` (bounded by
-    ``data.val_blocks``); the tokenized parts are removed."""
-    tables, have = [], 0
+def held_out_counts(available: int, val: int, test: int) -> tuple[int, int]:
+    """How many of ``available`` val-file blocks become the val and the test split.
+
+    Val takes the first ``val`` blocks, test the next ``test``: val stays what it would be
+    without a test split. When the files hold fewer than both, they are shared in
+    proportion (val keeps at least one block), so neither split silently vanishes.
+    """
+    if available >= val + test or test == 0:
+        return min(val, available), test if available >= val + test else 0
+    n_val = max(1, min(val, round(available * val / (val + test))))
+    return n_val, available - n_val
+
+
+def _take_blocks(fs: pafs.FileSystem, parts_dir: str, stats: list[dict], lo: int, hi: int, out_dir: str) -> int:
+    """Blocks ``[lo, hi)`` of the tokenized parts, in file order, as ``out_dir/part-000000.parquet``.
+    Reads only the parts that hold them: bounded by the split budgets, not the val files' size."""
+    tables, seen = [], 0
     for s in stats:
-        if have >= n:
+        if seen >= hi:
             break
-        if s["blocks"]:
+        if s["blocks"] and seen + s["blocks"] > lo:
             t = pq.read_table(_part(parts_dir, s["chunk"]), filesystem=fs, columns=["tokens"])
-            tables.append(t.slice(0, n - have))
-            have += len(tables[-1])
+            tables.append(t.slice(max(lo - seen, 0), hi - max(lo, seen)))
+        seen += s["blocks"]
+    have = sum(len(t) for t in tables)
     if have:
         tokens = pa.concat_tables(tables)["tokens"].combine_chunks()
         write_table(pa.table({"idx": np.arange(have, dtype=np.int64), "tokens": tokens}), fs, _part(out_dir, 0))
-    fs.delete_dir(parts_dir)
     return have
+
+
+def _held_out_splits(fs: pafs.FileSystem, root: str, stats: dict[str, list[dict]], spec: "PrepareSpec",
+                     name: str) -> tuple[int, int]:
+    """Write the version's val and test splits; returns their block counts. The tokenized
+    parts are removed."""
+    val_blocks = sum(s["blocks"] for s in stats["val"])
+    if stats["test"]:  # the corpus's own test/ folder
+        n_val = _take_blocks(fs, f"{root}/val-parts", stats["val"], 0, spec.val_blocks, f"{root}/val")
+        n_test = _take_blocks(fs, f"{root}/test-parts", stats["test"], 0, spec.test_blocks, f"{root}/test")
+        fs.delete_dir(f"{root}/test-parts")
+    else:
+        n_val, n_test = held_out_counts(val_blocks, spec.val_blocks, spec.test_blocks)
+        _take_blocks(fs, f"{root}/val-parts", stats["val"], 0, n_val, f"{root}/val")
+        _take_blocks(fs, f"{root}/val-parts", stats["val"], n_val, n_val + n_test, f"{root}/test")
+    fs.delete_dir(f"{root}/val-parts")
+    if spec.test_blocks and n_test < spec.test_blocks:
+        log.warning("version %s: %d test blocks (data.test_blocks=%d); %s", name, n_test, spec.test_blocks,
+                    "its test/ files are short" if stats["test"] else
+                    f"its val files hold {val_blocks} blocks, shared between val and test")
+    return n_val, n_test
 
 # ---------------------------------------------------------------- exact-resume bookkeeping
 
@@ -540,6 +579,7 @@ class PrepareSpec:
     endpoint: str | None = None
     chunk_bytes: int = CHUNK_BYTES  # input per tokenize task (see raypath.sources)
     shard_bytes: int = SHARD_BYTES  # token bytes per stream shard
+    test_blocks: int = 0  # held-out test split per version; 0 = none
 
 
 @dataclass
@@ -549,7 +589,7 @@ class Plan:
 
     manifest_path: Path
     manifest: dict
-    todo: list[dict] = field(default_factory=list)  # {index, source, train, val, skipped_files}
+    todo: list[dict] = field(default_factory=list)  # {index, source, train, val, test, skipped_files}
 
 
 def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> None:
@@ -558,7 +598,10 @@ def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> Non
 
     pending = []
     skipped = {s["path"] for s in rec.get("skipped_files", [])}  # bad files it was trained without
-    for kind, files in (("train_files", src.train_files), ("val_files", src.val_files)):
+    kinds = [("train_files", src.train_files), ("val_files", src.val_files)]
+    if "test_files" in rec:  # a version prepared from its own test/ folder
+        kinds.append(("test_files", src.test_files))
+    for kind, files in kinds:
         files = tuple(f for f in files if f not in skipped)
         recorded = {r["path"]: r for r in rec[kind]}
         if set(recorded) != set(files):
@@ -596,13 +639,13 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
                             f"appended (config gives {[s.name for s in sources]})")
         _check_unchanged(rec, sources[i], spec.endpoint)
     new = sources[len(records):]
-    files = [f for s in new for f in (*s.train_files, *s.val_files)]
+    files = [f for s in new for f in (*s.train_files, *s.val_files, *s.test_files)]
     limit = spec.max_doc_chars if spec.on_bad_input == "error" else 0
     reports = dict(zip(files, inspect_files(files, spec.text_column, limit, spec.endpoint, spec.chunk_bytes)))
     plan = Plan(path, manifest)
     for i, src in enumerate(new, start=len(records)):
-        todo = {"index": i, "source": src, "skipped_files": []}
-        for split, split_files in (("train", src.train_files), ("val", src.val_files)):
+        todo = {"index": i, "source": src, "skipped_files": [], "test": []}
+        for split, split_files in _splits(src):
             keep, skipped = apply_policy([reports[f] for f in split_files], spec.on_bad_input)
             if not keep:
                 raise DataError(f"version {src.name}: no usable {split} files left "
@@ -613,6 +656,11 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
             log.warning("skipping %s: %s", s["path"], s["reason"])
         plan.todo.append(todo)
     return plan
+
+
+def _splits(src: VersionSource) -> list[tuple[str, tuple[str, ...]]]:
+    """A version's file lists by split; ``test`` only when the corpus has a ``test/`` folder."""
+    return [("train", src.train_files), ("val", src.val_files)] + ([("test", src.test_files)] if src.test_files else [])
 
 
 def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan | None = None) -> list[dict]:
@@ -626,28 +674,35 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
     if not plan.todo:
         return records[: len(sources)]
     eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
-    for todo, (train, val) in zip(plan.todo, _tokenize_versions(plan.todo, spec, eos)):
-        rec = _prepare_one(todo, spec, records, train, val)
+    for todo, stats in zip(plan.todo, _tokenize_versions(plan.todo, spec, eos)):
+        rec = _prepare_one(todo, spec, records, stats)
         records.append(rec)
         write_json(plan.manifest_path, manifest)  # each version lands as soon as its stream is written
-        log.info("prepared %s: %d blocks (+%d replay), %d val blocks, %.3f%% tokens dropped at pack edges",
-                 rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
-                 100 * rec["dropped_share"])
+        log.info("prepared %s: %d blocks (+%d replay), %d val + %d test blocks, %.3f%% tokens dropped at "
+                 "pack edges", rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
+                 rec["test_blocks"], 100 * rec["dropped_share"])
     return records[: len(sources)]
 
 
-def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[tuple[list[dict], list[dict]]]:
-    """Every version's train and val chunks tokenized in one pass: (train stats, val stats) per version."""
-    jobs = []
+_PARTS = {"train": "new", "val": "val-parts", "test": "test-parts"}  # where each split's tokenized chunks go
+
+
+def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[dict[str, list[dict]]]:
+    """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split."""
+    jobs, keys = [], []
     fs = _target(Path(spec.data_dir), spec.mirror)[0]
-    for t in todo:
+    for k, t in enumerate(todo):
         root = _target(Path(spec.data_dir) / t["source"].name, spec.mirror)[1]
         fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
-        for split, out in (("train", "new"), ("val", "val-parts")):
-            jobs.append(TokenizeJob([c for r in t[split] for c in r["chunks"]], t["index"], f"{root}/{out}"))
+        for split, out in _PARTS.items():
+            if t[split]:
+                jobs.append(TokenizeJob([c for r in t[split] for c in r["chunks"]], t["index"], f"{root}/{out}"))
+                keys.append((k, split))
     limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
-    stats = tokenize_chunks(jobs, fs, spec, eos, limit)
-    return [(stats[2 * k], stats[2 * k + 1]) for k in range(len(todo))]
+    out: list[dict[str, list[dict]]] = [{"test": []} for _ in todo]
+    for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, limit)):
+        out[k][split] = stats
+    return out
 
 
 def _pool(rec: dict, spec: PrepareSpec, upgrade: bool = True) -> Pool:
@@ -674,24 +729,24 @@ def _upgrade_new(fs: pafs.FileSystem, old: str, out: str, src: int) -> None:
                           "tokens": tokens}), fs, out, row_group_size=STREAM_ROW_GROUP)
 
 
-def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], train: list[dict],
-                 val_stats: list[dict]) -> dict:
-    """Version ``todo``'s checks, val split and stream, from its tokenized chunks' stats."""
+def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats: dict[str, list[dict]]) -> dict:
+    """Version ``todo``'s checks, held-out splits and stream, from its tokenized chunks' stats."""
     i, src = todo["index"], todo["source"]
     vdir = Path(spec.data_dir) / src.name
     fs, root = _target(vdir, spec.mirror)
+    train = split_stats["train"]
     stats = _sum_stats(train)
     if stats["blocks"] < spec.min_blocks:
         raise DataError(f"version {src.name}: {stats['blocks']} blocks of {spec.seq_len + 1} tokens, fewer than "
                         f"one global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
-    n_val = _val_split(fs, f"{root}/val-parts", val_stats, f"{root}/val", spec.val_blocks)
+    n_val, n_test = _held_out_splits(fs, root, split_stats, spec, src.name)
     if n_val == 0:
         raise DataError(f"version {src.name}: validation files hold less than one block of "
                         f"{spec.seq_len + 1} tokens: {list(src.val_files)}")
     if n_val < spec.val_blocks:
         log.warning("version %s: only %d val blocks (data.val_blocks=%d)", src.name, n_val, spec.val_blocks)
-    for kind, s in (("train", stats), ("val", _sum_stats(val_stats))):
-        if s["skipped_docs"]:
+    for kind, rows in split_stats.items():
+        if (s := _sum_stats(rows))["skipped_docs"]:
             log.warning("version %s %s: skipped documents %s", src.name, kind, s["skipped_docs"])
 
     own = Pool(i, tuple(_part(f"{root}/new", r["chunk"]) for r in train), tuple(r["blocks"] for r in train))
@@ -708,6 +763,7 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], train: list
         "layout": LAYOUT,
         "train_files": [r["fingerprint"] for r in todo["train"]],
         "val_files": [r["fingerprint"] for r in todo["val"]],
+        **({"test_files": [r["fingerprint"] for r in todo["test"]]} if todo["test"] else {}),
         "docs": stats["docs"],
         "skipped_docs": stats["skipped_docs"],
         "skipped_files": todo["skipped_files"],
@@ -720,10 +776,13 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], train: list
         "stream_rows": stream["rows"],
         "stream_shards": stream["shards"],
         "val_blocks": n_val,
+        "test_blocks": n_test,
+        "test_from": "test" if todo["test"] else "val",
         "new_chunk_rows": list(own.chunk_rows),
         "new_path": str(vdir / "new"),
         "stream_path": str(vdir / "stream"),
         "val_path": str(vdir / "val"),
+        **({"test_path": str(vdir / "test")} if n_test else {}),
     }
 
 

@@ -53,6 +53,8 @@ class Segment:
     init_checkpoint: checkpoint to start from when the segment has none of its own.
     save_steps: steps after which to checkpoint (fork points, the boundary, periodic).
     val_paths: version name -> ``val.parquet`` evaluated during training.
+    test_paths: version name -> held-out test split, evaluated once, at the last step
+        (``test/<name>``): nothing that steers training or selection sees it.
     storage: this segment's Ray Train run directory (where its checkpoints land).
     curves_path: JSONL of reported metrics (rank 0 appends).
     export_dir: where a branch exports its released model (None for the main path).
@@ -85,6 +87,7 @@ class Segment:
     init_checkpoint: str | None = None
     save_steps: tuple[int, ...] = ()
     val_paths: dict[str, str] = field(default_factory=dict)
+    test_paths: dict[str, str] = field(default_factory=dict)
     export_dir: str | None = None
     tokenizer_dir: str | None = None
     stream_limit: int | None = None
@@ -349,8 +352,9 @@ def train_step(tr: Training, micro_batches: Iterable[torch.Tensor], accum: int, 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: dict[str, np.ndarray], micro: int,
              device: torch.device, rank: int, world: int,
-             autocast: Callable[[], Any] = contextlib.nullcontext, lockstep: bool = False) -> dict[str, float]:
-    """Token-mean loss per val split; each rank scores a slice, then all-reduce.
+             autocast: Callable[[], Any] = contextlib.nullcontext, lockstep: bool = False,
+             prefix: str = "val") -> dict[str, float]:
+    """Token-mean loss per split (``prefix/<name>``); each rank scores a slice, then all-reduce.
 
     lockstep: every rank runs the same number of forwards (FSDP gathers
     parameters collectively in each one); a rank with fewer blocks re-scores
@@ -376,7 +380,7 @@ def evaluate(model: torch.nn.Module, val: dict[str, np.ndarray], micro: int,
             total += loss.item() * batch.numel() * weight
             count += batch.numel() * weight
         total, count = _all_reduce_sum([total, count], device)
-        out[f"val/{name}"] = total / max(count, 1)
+        out[f"{prefix}/{name}"] = total / max(count, 1)
     model.train(was_training)
     return out
 
@@ -503,6 +507,7 @@ def train_segment(config: dict) -> None:
     step, tokens = int(state["step"]), int(state.get("tokens", 0))
     consumed = Consumed.from_list(state.get("consumed", []))
     val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
+    test = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.test_paths.items()}
     # Fork points and the boundary are what branches and later versions start from: never pruned.
     protected = set(seg.save_steps) | {seg.end_step}
     save_steps = set(protected)
@@ -555,6 +560,8 @@ def train_segment(config: dict) -> None:
             do_save = _time_due(last_save, t.checkpoint_every_minutes, device)
         t_eval = time.perf_counter()
         extra = evaluate(model, val, micro, device, rank, world, tr.autocast, lockstep=fsdp) if do_eval else {}
+        if last and test:
+            extra |= evaluate(model, test, micro, device, rank, world, tr.autocast, lockstep=fsdp, prefix="test")
         t_eval = time.perf_counter() - t_eval
         if extra and seg.objective_weights:
             extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in seg.objective_weights.items())

@@ -41,7 +41,7 @@ def main_segment(ctx, k: int, prev: dict | None) -> Segment:
         schedule=main_schedule(ctx),
         init_checkpoint=prev["checkpoints"]["end"] if prev else None,
         save_steps=(fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
-        val_paths=ctx.val_paths(k),
+        **ctx.eval_fields(k),
         stream_limit=steps * ctx.cfg.train.global_batch_size,
     )
 

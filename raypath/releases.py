@@ -96,11 +96,12 @@ class Objective:
     compute_penalty: float = 0.0
     version_tokens: int = 1
 
-    def value(self, metrics: dict) -> float | None:
-        """The weighted validation loss; None when a split is missing. Reads ``val/*`` only:
-        held-out test splits never steer which branch is released."""
+    def value(self, metrics: dict, split: str = "val") -> float | None:
+        """The weighted loss on ``split``; None when a version's split is missing. Selection
+        (scores, decisions, sweeps) reads ``val`` only; ``test`` is the same weighting over
+        the held-out test splits, for reporting next to it."""
         try:
-            return sum(w * float(metrics[f"val/{split}"]) for split, w in self.weights.items())
+            return sum(w * float(metrics[f"{split}/{name}"]) for name, w in self.weights.items())
         except (KeyError, TypeError):
             return None
 
@@ -332,7 +333,8 @@ class Releaser:
             "id": rid, "version": version, "version_index": self._version_index(version),
             "path": str(vdir / rid), "branch": cand.name, "reason": reason, "source": cand.source,
             "sweep": cand.sweep, "trial_id": cand.trial_id,
-            "objective": objective.value(cand.metrics), "score": score, **objective.record(),
+            "objective": objective.value(cand.metrics), "test_objective": objective.value(cand.metrics, "test"),
+            "score": score, **objective.record(),
             "val": {k: v for k, v in cand.metrics.items() if k.startswith("val/")},
             "test": {k: v for k, v in cand.metrics.items() if k.startswith("test/")},
             "branch_tokens": cand.branch_tokens,
@@ -342,8 +344,8 @@ class Releaser:
         if entry["tokens_total"] is None:
             entry["tokens_total"] = self._tokens_total(cand)
         card = {**self._card(src), "release": {k: entry[k] for k in (
-            "id", "reason", "branch", "objective", "score", "objective_weights", "candidates", "beat",
-            "replaced", "released")}}
+            "id", "reason", "branch", "objective", "test_objective", "score", "objective_weights", "val", "test",
+            "candidates", "beat", "replaced", "released")}}
         with atomic_dir(vdir / rid) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was
@@ -551,7 +553,7 @@ def format_release(lineage: dict, version: str, objective: Objective) -> str:
     live = next((r for r in h["releases"] if r["id"] == h.get("current")), None)
     cands = candidates(lineage, version)
     d = decide(cands, live, objective, pinned=bool(h.get("pinned")))
-    splits = [f"val/{s}" for s in objective.weights]
+    splits = [f"{kind}/{s}" for kind in ("val", "test") for s in objective.weights]
     rows = []
     for c in sorted(cands, key=lambda c: (d.scores[c.name] is None, d.scores[c.name] or 0.0)):
         ids = [r["id"] for r in h["releases"] if r["branch"] == c.name]

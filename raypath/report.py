@@ -111,7 +111,10 @@ def releases_table(lineage: dict) -> pd.DataFrame:
     ``val/own`` is the release's loss on its own version's split and
     ``main val/own`` the main path's loss on that split at the same boundary
     (the checkpoint the branch's decay competes with); ``delta`` is release
-    minus main, negative when the decay helped.
+    minus main, negative when the decay helped. ``test/own`` is the release's loss
+    on the version's held-out test split, which no selection read (NaN for
+    versions prepared without one). The cost ratio comes release only and with
+    every branch a sweep trained.
     """
     releases = _releases(lineage)
     splits = _val_splits(r.get("val", {}) for r in releases)
@@ -122,6 +125,7 @@ def releases_table(lineage: dict) -> pd.DataFrame:
         version, val = r["version"], r.get("val", {})
         own = f"val/{version}"
         release_own = _nan(val.get(own))
+        test_own = _nan((r.get("test") or {}).get(f"test/{version}"))
         main_own = _nan(mains.get(version, {}).get("metrics", {}).get(own))
         cost = costs.get(version, {})
         rows.append({
@@ -131,12 +135,14 @@ def releases_table(lineage: dict) -> pd.DataFrame:
             "val/own": release_own,
             "main val/own": main_own,
             "delta": release_own - main_own,
+            "test/own": test_own,
             "tokens_total": r.get("tokens_total"),
             "tokens_cumulative": cost.get("path_switching_cumulative"),
             "path_switching_ratio": cost.get("path_switching_ratio", float("nan")),
+            "with_search_ratio": cost.get("with_search_ratio", float("nan")),
         })
-    columns = ["version", "branch", *splits, "val/own", "main val/own", "delta",
-               "tokens_total", "tokens_cumulative", "path_switching_ratio"]
+    columns = ["version", "branch", *splits, "val/own", "main val/own", "delta", "test/own",
+               "tokens_total", "tokens_cumulative", "path_switching_ratio", "with_search_ratio"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -191,9 +197,10 @@ def _section(title: str, body: str) -> str:
 
 def _release_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells shared by the text and markdown tables (ratio: 3 decimals)."""
-    fmt = {"tokens_total": si, "tokens_cumulative": si, "path_switching_ratio": _loss,
+    fmt = {"tokens_total": si, "tokens_cumulative": si, "path_switching_ratio": _loss, "with_search_ratio": _loss,
            "delta": _delta, "version": _plain, "branch": _plain}
-    headers = {"tokens_total": "tokens", "tokens_cumulative": "run tokens", "path_switching_ratio": "PS/PTFS"}
+    headers = {"tokens_total": "tokens", "tokens_cumulative": "run tokens", "path_switching_ratio": "PS/PTFS",
+               "with_search_ratio": "+search"}
     cols = list(df.columns)
     cells = [[fmt.get(c, _loss)(row[c]) for c in cols] for _, row in df.iterrows()]
     return [headers.get(c, c) for c in cols], cells

@@ -76,6 +76,14 @@ class RunContext:
         """Validation splits of every version seen up to version ``k``."""
         return {v["name"]: v["val_path"] for v in self.versions[: k + 1]}
 
+    def test_paths(self, k: int) -> dict[str, str]:
+        """Test splits of the versions up to ``k`` that have one (none before test splits existed)."""
+        return {v["name"]: v["test_path"] for v in self.versions[: k + 1] if v.get("test_path")}
+
+    def eval_fields(self, k: int) -> dict:
+        """A segment of version ``k``'s evaluation splits."""
+        return dict(val_paths=self.val_paths(k), test_paths=self.test_paths(k))
+
     def segment_fields(self, name: str) -> dict:
         return dict(name=name, model=self.cfg.model, train=self.cfg.train, vocab_size=self.vocab_size,
                     eos_id=self.eos_id, pad_id=self.pad_id, seq_len=self.cfg.data.seq_len,
@@ -172,6 +180,7 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
         tok_dir = str(run_dir / "tokenizer")
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
+                       test_blocks=cfg.data.val_blocks if cfg.data.test_blocks is None else cfg.data.test_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
                        actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size,
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,

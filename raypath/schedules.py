@@ -14,10 +14,16 @@ Path switching uses two of them:
 
 The baselines of the paradigm comparison:
 
-* :class:`Cosine` -- (re-)warmup + cosine decay over a window. PTFS is one window
-  from step 0 over all data; CPT is one window per version, starting where the
-  previous version ended.
+* :class:`Window` -- (re-)warmup + decay over a window, cosine by default (the
+  paper's baselines) or any branch shape (the shape-matched comparison). PTFS is one
+  window from step 0 over all data; CPT is one window per version, starting where
+  the previous version ended.
 * :class:`Piecewise` -- concatenation of windows (a CPT lineage history).
+
+Every decay trains its first step at the LR it decays from and its *last* step at
+the floor: an n-step decay runs at progress ``0/(n-1) ... (n-1)/(n-1)``, and a
+1-step decay trains its one step at the floor. A released model has therefore
+seen the full anneal, whatever the shape and length.
 """
 
 from __future__ import annotations
@@ -81,13 +87,19 @@ def decay_fraction(progress, shape: str, power: float = 2.0):
     raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
 
 
+def decay_progress(offset, steps: int):
+    """Progress through an n-step decay at step ``offset`` (0-based, elementwise): 0 at the
+    first step, 1 at the last, so the last trained step is at the floor. A 1-step decay is
+    all floor: the model it releases is annealed too."""
+    if steps <= 1:
+        return np.ones_like(offset, dtype=np.float64) if isinstance(offset, np.ndarray) else 1.0
+    return offset / (steps - 1)
+
+
 def _decay(step: int, start: int, steps: int, lr_from: float, lr_to: float, decay: Decay) -> float:
-    # The step *after* the last decay step is at lr_to: a branch of n steps trains
-    # at progress 0/n ... (n-1)/n, so its first step uses the fork LR exactly and
-    # step n (if ever taken) would be at the floor.
     # float(): a numpy scalar would land in the optimizer's param_groups and make the
     # checkpoint unloadable with torch.load(weights_only=True).
-    progress = (step - start) / steps
+    progress = decay_progress(step - start, steps)
     return float(lr_to + (lr_from - lr_to) * decay_fraction(progress, decay.shape, decay.power))
 
 
@@ -135,20 +147,22 @@ class Branch:
 
 
 @dataclass(frozen=True)
-class Cosine:
-    """(Re-)warmup then cosine decay over the window [start_step, start_step + steps).
+class Window:
+    """(Re-)warmup then a decay over the window [start_step, start_step + steps).
 
-    PTFS of version k is ``Cosine(max_lr, warmup, steps=all data so far)``; CPT of
-    version k is ``Cosine(max_lr, rewarm, start_step=end of k-1, steps=new data,
+    PTFS of version k is ``Window(max_lr, warmup, steps=all data so far)``; CPT of
+    version k is ``Window(max_lr, rewarm, start_step=end of k-1, steps=new data,
     warmup_from=min LR of k-1)``.
 
     max_lr: peak LR.
     warmup_steps: (re-)warmup length inside the window.
-    steps: window length, warmup included.
+    steps: window length, warmup included; its last step trains at the floor.
     start_step: global step where the window begins.
     min_lr_ratio: LR at the end of the window as a fraction of ``max_lr``.
     warmup_from: LR at the first warmup step's origin (0 from scratch; the
         previous floor for a CPT re-warm).
+    shape, power: the decay after warmup (see :class:`Decay`); cosine is the
+        paper's baseline, a branch's shape makes a shape-matched baseline.
     """
 
     max_lr: float
@@ -157,6 +171,11 @@ class Cosine:
     start_step: int = 0
     min_lr_ratio: float = 0.0
     warmup_from: float = 0.0
+    shape: str = "cosine"
+    power: float = 2.0
+
+    def __post_init__(self) -> None:
+        Decay(self.shape, self.min_lr_ratio, self.power)  # same checks, same messages
 
     def __call__(self, step: int) -> float:
         s = step - self.start_step
@@ -166,7 +185,12 @@ class Cosine:
         end_lr = self.min_lr_ratio * self.max_lr
         if s >= self.steps:
             return end_lr
-        return _decay(s, self.warmup_steps, decay_steps, self.max_lr, end_lr, Decay("cosine"))
+        return _decay(s, self.warmup_steps, decay_steps, self.max_lr, end_lr,
+                      Decay(self.shape, self.min_lr_ratio, self.power))
+
+
+#: A cosine window: :class:`Window`'s default shape.
+Cosine = Window
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Where a versioned corpus lives and how its text is read: any pyarrow filesystem, four formats.
 
 A corpus is a directory -- a local path or a URI such as ``s3://bucket/corpus`` --
-with one sub-directory per version, each holding ``train/`` and ``val/`` files:
+with one sub-directory per version, each holding ``train/`` and ``val/`` files (and
+optionally ``test/``, a held-out split no selection reads):
 
 * ``.jsonl`` and ``.jsonl.gz``: one JSON object per line with a text field;
 * ``.parquet``: a string column;
@@ -112,6 +113,7 @@ class VersionSource:
     name: str
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
+    test_files: tuple[str, ...] = ()  # the optional test/ folder; empty = carved from val
 
 
 def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
@@ -121,7 +123,8 @@ def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
 
 def discover_versions(corpus: str | Path, names: list[str] | None = None,
                       endpoint: str | None = None) -> list[VersionSource]:
-    """One :class:`VersionSource` per version sub-directory (``train/`` + ``val/``) of ``corpus``."""
+    """One :class:`VersionSource` per version sub-directory (``train/`` + ``val/``, optionally
+    ``test/``) of ``corpus``."""
     corpus = str(corpus)
     fs, root = filesystem_for(corpus, endpoint)
     shown = corpus.rstrip("/") if is_uri(corpus) else root
@@ -139,9 +142,12 @@ def discover_versions(corpus: str | Path, names: list[str] | None = None,
             raise DataError(f"data.versions: {name!r} has no {_join(_join(shown, name), 'train')} directory "
                             f"(found: {', '.join(available) or 'none'})")
         vroot, vshown = _join(root, name), _join(shown, name)
+        has_test = fs.get_file_info(_join(vroot, "test")).type == pafs.FileType.Directory
         src = VersionSource(name, _files(fs, _join(vroot, "train"), _join(vshown, "train")),
-                            _files(fs, _join(vroot, "val"), _join(vshown, "val")))
-        for split, files in (("train", src.train_files), ("val", src.val_files)):
+                            _files(fs, _join(vroot, "val"), _join(vshown, "val")),
+                            _files(fs, _join(vroot, "test"), _join(vshown, "test")) if has_test else ())
+        for split, files in (("train", src.train_files), ("val", src.val_files),
+                             *((("test", src.test_files),) if has_test else ())):
             if not files:
                 extra = " (validation split required)" if split == "val" else ""
                 raise DataError(f"{_join(vshown, split)}: no {'/'.join(SUFFIXES)} files{extra}")

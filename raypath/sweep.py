@@ -357,7 +357,8 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     # so report the final evaluation again, from the branch's final checkpoint:
     # the last result Tune and Optuna see is then always the exact final score.
     final = ckpt.load_state(final_dir)["metrics"]
-    tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True})
+    tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True,
+                 "test_objective": Objective(plan.weights).value(final, "test")})
 
 
 def _finished(final_dir: Path, export_dir: str | None) -> bool:
@@ -515,6 +516,7 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
         branch=entry,
         metrics=entry["metrics"],
         objective=objective,
+        test_objective=Objective(plan.weights).value(entry["metrics"], "test"),  # reported, never selected on
         penalty=plan.penalty(entry["tokens_trained"]),
         score=None if objective is None else objective + plan.penalty(entry["tokens_trained"]),
         branch_tokens=entry["tokens_trained"],
@@ -692,7 +694,8 @@ def _can_restore(sweep_dir: Path) -> bool:
 
 def _lineage_trial(t: dict) -> dict:
     """A trial as the lineage keeps it: config and final numbers, no nested branch entry."""
-    return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective", "penalty",
+    return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective",
+                                        "test_objective", "penalty",
                                         "score", "branch_tokens", "curve", "export", "error", "stopped",
                                         "objective_at_stop", "order")}
 
@@ -716,11 +719,11 @@ def format_trials(record: dict) -> str:
         rows.append([mark, t["trial_id"], c.get("shape", "-"), num(c.get("power"), "{:.2f}"),
                      num(c.get("min_lr_ratio"), "{:.3f}"), num(c.get("fraction"), "{:.3f}"),
                      num(c.get("fraction_actual"), "{:.3f}"), si(t.get("branch_tokens")),
-                     num(t.get("objective")), num(t.get("score")), t["status"]])
+                     num(t.get("objective")), num(t.get("test_objective")), num(t.get("score")), t["status"]])
     head = (f"sweep {record['name']} of {record['version']} ({len(record['trials'])} trials; "
             f"b = best, * = released{', pinned' if record.get('pinned') else ''})")
     table = pd.DataFrame(rows, columns=["", "trial", "shape", "power", "min_lr", "frac", "frac@fork", "tokens",
-                                        "objective", "score", "status"]).to_string(index=False)
+                                        "objective", "test", "score", "status"]).to_string(index=False)
     return f"{head}\n{table}"
 
 

@@ -165,3 +165,20 @@ def test_format_costs_many_versions():
     assert lines[-1].split()[0] == "12"
     assert lines[-1].split()[2] == "7.8e+10"  # 78 * 1e9 cumulative PTFS
     assert format_costs([]).splitlines() == [format_costs(rows).splitlines()[0]]
+
+
+def test_lineage_costs_count_the_search_when_a_sweep_released():
+    lin = _lineage()
+    lin["branches"][2]["name"] = "branch-v2"
+    lin["branches"].append({"name": "v2-t1", "version": "v2", "status": "done", "tokens_trained": 30, "sweep": "s"})
+    lin["sweeps"] = [{"version": "v2", "name": "s", "trials": [
+        {"trial_id": "t1", "status": "done", "branch_tokens": 30},
+        {"trial_id": "t2", "status": "stopped", "branch_tokens": 12},  # up to where it stopped
+        {"trial_id": "t3", "status": "error", "branch_tokens": None}]}]
+    lin["releases"] = [{"version": "v2", "branch": "v2-t1", "branch_tokens": 30}]
+    rows = lineage_costs(lin)
+    assert _col(rows, "branch_tokens") == [20, 30, 0]  # release only: the released trial
+    assert _col(rows, "search_branch_tokens") == [20, 50 + 30 + 12, 0]  # configured + every trial, once
+    assert _col(rows, "path_switching_cumulative") == pytest.approx([120, 400, 775], rel=REL)
+    assert _col(rows, "with_search_cumulative") == pytest.approx([120, 462, 837], rel=REL)
+    assert rows[1]["with_search_ratio"] == pytest.approx(462 / 400, rel=REL)

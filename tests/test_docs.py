@@ -23,11 +23,11 @@ def test_docs_config_md_is_up_to_date():
 def test_every_field_is_documented():
     text = markdown()
     for cls in (config.Config, config.ModelConfig, config.DataConfig, config.TrainConfig, config.BranchConfig,
-                config.ClusterConfig, config.SweepConfig, config.TrackingConfig):
+                config.ClusterConfig, config.SweepConfig, config.TrackingConfig, config.CompareConfig):
         _, docs = parse_docstring(cls)
         for f in dataclasses.fields(cls):
             if not dataclasses.is_dataclass(f.type) and f.name not in ("model", "data", "train", "branch",
-                                                                        "cluster", "sweep", "tracking"):
+                                                                        "cluster", "sweep", "tracking", "compare"):
                 assert docs.get(f.name), f"{cls.__name__}.{f.name}"
                 assert f"{f.name}` |" in text
 

@@ -100,7 +100,7 @@ def test_a_datasets_arrow_directory_reads_like_jsonl(ray_cluster, tmp_path, toke
     a = prepare_versions(discover_versions(jsonl), _spec(tmp_path / "a", tokenizer_dir, chunk_bytes=1 << 30))
     b = prepare_versions([src], _spec(tmp_path / "b", tokenizer_dir))
     assert a[0]["docs"] == b[0]["docs"] == len(docs)
-    assert _files(tmp_path / "a" / "data" / "v1" / "stream") == _files(tmp_path / "b" / "data" / "v1" / "stream")
+    assert _files(Path(a[0]["stream_path"])) and _files(Path(a[0]["stream_path"])) == _files(Path(b[0]["stream_path"]))
 
 
 # ---------------------------------------------------------------- the stream
@@ -260,3 +260,46 @@ def test_a_corpus_on_s3_prepares_like_the_same_files_on_disk(s3, tmp_path, token
         f.write(b'{"text": "replaced"}\n')
     again = _prepare_subprocess(s3, tmp_path / "remote", f"s3://{name}/c", tokenizer_dir, tmp_path)
     assert again.returncode != 0 and f"s3://{key}: content changed" in again.stderr
+
+
+# ---------------------------------------------------------------- held-out test split
+
+def test_held_out_counts_keep_val_first_and_share_short_files():
+    from raypath.data import held_out_counts
+
+    assert held_out_counts(100, 6, 5) == (6, 5)  # enough: val first, test the next blocks
+    assert held_out_counts(12, 6, 6) == (6, 6)
+    assert held_out_counts(100, 6, 0) == (6, 0)  # no test split asked for
+    assert held_out_counts(4, 6, 0) == (4, 0)
+    assert held_out_counts(10, 6, 6) == (5, 5)  # short: shared in proportion
+    assert held_out_counts(3, 32, 32) == (2, 1)
+    assert held_out_counts(1, 4, 4) == (1, 0)  # val keeps its one block
+
+
+def test_test_split_is_carved_after_val_or_read_from_a_test_folder(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus", versions=1, files=1)
+
+    def prep(name: str, **kw) -> dict:
+        return prepare_versions(discover_versions(corpus), _spec(tmp_path / name, tokenizer_dir, **kw))[0]
+
+    none, carved = prep("none", test_blocks=0), prep("carved", test_blocks=5)
+    assert "test_path" not in none and none["test_blocks"] == 0
+    assert carved["test_from"] == "val" and carved["test_blocks"] == 5 and carved["val_blocks"] == 6
+    assert _files(Path(none["val_path"])) == _files(Path(carved["val_path"]))  # val unchanged by a test split
+    test = read_blocks(carved["test_path"])
+    assert len(test) == 5
+    wide = prep("wide", val_blocks=11, test_blocks=0)  # test = the 5 blocks right after val's
+    assert np.array_equal(read_blocks(wide["val_path"])[6:], test)
+
+    _write_jsonl(corpus / "v1" / "test" / "part-0.jsonl", _docs(9, 6))
+    folder = prep("folder", test_blocks=5)
+    assert folder["test_from"] == "test" and [f["path"] for f in folder["test_files"]] == \
+        [str(corpus / "v1" / "test" / "part-0.jsonl")]
+    assert _files(Path(folder["val_path"])) == _files(Path(carved["val_path"]))
+    own = read_blocks(folder["test_path"])
+    assert len(own) == 5 and not np.array_equal(own, test)
+    assert not (Path(folder["val_path"]).parent / "test-parts").exists()
+    # the test files are checked like the others once trained on
+    (corpus / "v1" / "test" / "part-0.jsonl").write_text("")
+    with pytest.raises(DataError, match="test/part-0.jsonl"):
+        prep("folder", test_blocks=5)

@@ -205,6 +205,16 @@ def test_releases_table_numbers(lineage):
     assert df["tokens_cumulative"].tolist() == [1200, 1200 + 1400, 2600 + 1000]
     # PTFS: 1010, 1010 + (1010+1210), 3230 + (1010+1210+805)
     assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1010, 2600 / 3230, 3600 / 6255])
+    assert df["with_search_ratio"].tolist() == df["path_switching_ratio"].tolist()  # no sweep searched
+    assert df["test/own"].isna().all()  # releases recorded before test splits existed
+
+
+def test_releases_table_shows_the_held_out_test_loss(lineage):
+    lin = copy.deepcopy(lineage)
+    lin["releases"][1]["test"] = {"test/v1": 3.7, "test/v2": 3.45}
+    df = releases_table(lin)
+    assert df.loc[1, "test/own"] == 3.45 and math.isnan(df.loc[0, "test/own"])
+    assert _row(format_releases(lin), "v2")[-6:-4] == ["-0.200", "3.450"]
 
 
 def test_releases_table_tolerates_main_path_recorded_out_of_order(lineage):
@@ -239,10 +249,11 @@ def test_format_releases_rows(lineage):
     text = format_releases(lineage)
     assert text.splitlines()[0].startswith("releases of synthetic")
     #          version branch  val/v1 v2 v3  own  main  delta  tokens run  ratio (1200/1010 = 1.18812)
-    assert _row(text, "v1") == ["v1", "branch-v1", "3.900", "-", "-", "3.900", "4.000", "-0.100",
-                                "1.0k", "1.2k", "1.188"]
-    assert _row(text, "v2")[-4:] == ["-0.200", "2.2k", "2.6k", "0.805"]  # 2600/3230 = 0.80495
-    assert _row(text, "v3")[-4:] == ["+0.100", "3.0k", "3.6k", "0.576"]  # 3600/6255 = 0.57554
+    #          ... test/own (none recorded), ratio with search (no sweep: the same)
+    assert _row(text, "v1") == ["v1", "branch-v1", "3.900", "-", "-", "3.900", "4.000", "-0.100", "-",
+                                "1.0k", "1.2k", "1.188", "1.188"]
+    assert _row(text, "v2")[-6:] == ["-0.200", "-", "2.2k", "2.6k", "0.805", "0.805"]  # 2600/3230 = 0.80495
+    assert _row(text, "v3")[-6:] == ["+0.100", "-", "3.0k", "3.6k", "0.576", "0.576"]  # 3600/6255 = 0.57554
     # header, dashed rule, one line per release; right-aligned numbers end in the same column
     table = text.splitlines()[1:]
     assert len(table) == 2 + 3

@@ -18,6 +18,7 @@ from raypath.schedules import (
     Decay,
     MainPath,
     Piecewise,
+    Window,
     decay_fraction,
     lr_curve,
 )
@@ -26,7 +27,7 @@ MAX = 1e-3
 WARMUP = 100
 MAIN = MainPath(MAX, WARMUP)
 FORK = 1000  # well after warmup: the main-path LR at the fork is MAX
-STEPS = 200  # even, so progress 0.5 is step FORK + 100
+STEPS = 201  # progress (s - FORK) / (STEPS - 1): 0.5 is step FORK + 100
 REL = 1e-12
 
 # (shape, power, min_lr_ratio, fraction of the decay left at progress 0.5)
@@ -80,10 +81,11 @@ def test_branch_is_non_increasing(shape, power, min_ratio, half):
     lrs = lr_curve(b, range(FORK, FORK + STEPS + 50))
     assert np.all(np.diff(lrs) <= 0.0), np.diff(lrs).max()
     # and it really decays: strictly below the start from the second step on,
-    # still above the floor on the last branch step
+    # above the floor one step before the end, at the floor on the last branch step
     floor = min_ratio * MAX
     assert lrs[1] < lrs[0]
-    assert lrs[STEPS - 1] > floor
+    assert lrs[STEPS - 2] > floor
+    assert lrs[STEPS - 1] == floor
     assert lrs.min() == floor
 
 
@@ -108,6 +110,7 @@ def test_branch_half_progress_literal_values():
 def test_branch_ends_exactly_at_the_floor(shape, power, min_ratio, half):
     b = _branch(shape, power, min_ratio)
     floor = min_ratio * MAX
+    assert b(FORK + STEPS - 1) == floor  # the last trained step
     assert b(FORK + STEPS) == floor
     assert b(FORK + STEPS + 1) == floor
     assert b(FORK + 10 * STEPS) == floor
@@ -117,7 +120,7 @@ def test_branch_floor_is_relative_to_max_lr_not_fork_lr():
     # Forked inside warmup: start LR < max, but the floor is still min_ratio * max_lr.
     b = Branch(MAIN, 9, 40, Decay("linear", 0.1))
     assert b(9) == pytest.approx(1e-4, rel=REL)  # 1e-3 * 10 / 100
-    assert b(9 + 40) == pytest.approx(1e-4, rel=REL)  # 0.1 * 1e-3
+    assert b(9 + 39) == pytest.approx(1e-4, rel=REL)  # 0.1 * 1e-3, on the last branch step
 
 
 def test_the_five_shapes_differ_at_quarter_progress():
@@ -129,7 +132,7 @@ def test_the_five_shapes_differ_at_quarter_progress():
         "exponential": 0.5449457660765887,  # (e^-0.5 - e^-2) / (1 - e^-2), k = 2
         "polynomial": 0.5625,  # 0.75 ** 2
     }
-    steps = 400
+    steps = 401  # progress 0.25 at step 100 of 0..400
     got = {}
     for shape in SHAPES:
         b = Branch(MAIN, FORK, steps, Decay(shape, 0.0, 2.0))
@@ -177,7 +180,7 @@ def test_main_path_without_warmup():
     assert m(0) == 2e-3
     assert m(1) == 2e-3
     assert m(12345) == 2e-3
-    b = Branch(m, 0, 10, Decay("linear", 0.0))
+    b = Branch(m, 0, 11, Decay("linear", 0.0))
     assert b(0) == 2e-3
     assert b(5) == pytest.approx(1e-3, rel=REL)
     assert b(10) == 0.0
@@ -201,15 +204,16 @@ def test_branch_forked_inside_warmup_starts_from_the_warmup_lr(shape):
 
 
 def test_branch_forked_inside_warmup_half_progress_linear():
-    b = Branch(MAIN, 49, 100, Decay("linear", 0.0))
+    b = Branch(MAIN, 49, 101, Decay("linear", 0.0))
     assert b(99) == pytest.approx(2.5e-4, rel=REL)  # midpoint of 5e-4 and 0
     assert MAIN(99) == MAX
 
 
 # ---------------------------------------------------------------- Cosine windows
 
-PTFS = Cosine(max_lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
-CPT2 = Cosine(max_lr=1e-3, warmup_steps=20, steps=120, start_step=110, min_lr_ratio=0.1, warmup_from=1e-4)
+# 101 decay steps each: progress (s - warmup) / 100 after warmup, the last step at the floor
+PTFS = Cosine(max_lr=1e-3, warmup_steps=10, steps=111, min_lr_ratio=0.1)
+CPT2 = Cosine(max_lr=1e-3, warmup_steps=20, steps=121, start_step=111, min_lr_ratio=0.1, warmup_from=1e-4)
 
 
 def test_cosine_ptfs_window():
@@ -219,21 +223,23 @@ def test_cosine_ptfs_window():
     assert PTFS(10) == pytest.approx(1e-3, rel=REL)  # first decay step, progress 0
     assert PTFS(60) == pytest.approx(5.5e-4, rel=REL)  # progress 50/100: 1e-4 + 9e-4 * 0.5
     assert PTFS(35) == pytest.approx(1e-4 + 9e-4 * 0.8535533905932737, rel=REL)  # progress 0.25
-    assert PTFS(110) == 1e-4  # end of window == min, exactly
+    assert PTFS(110) == 1e-4  # last step of the window == min, exactly
+    assert PTFS(111) == 1e-4
     assert PTFS(500) == 1e-4
-    assert 1e-4 < PTFS(109) < 1.01e-4  # last in-window step: one decay step above the floor
+    assert 1e-4 < PTFS(109) < 1.01e-4  # one decay step above the floor
 
 
 def test_cosine_ptfs_monotone():
     warm = lr_curve(PTFS, range(0, 10))
     assert np.all(np.diff(warm) > 0)
     decay = lr_curve(PTFS, range(9, 111))
+    assert decay[-1] == 1e-4
     assert np.all(np.diff(decay[1:]) < 0)  # strictly decreasing once decay starts
     assert np.all(np.diff(decay) <= 0)
 
 
 def test_cosine_without_warmup_starts_at_max():
-    c = Cosine(max_lr=2e-3, warmup_steps=0, steps=100, min_lr_ratio=0.0)
+    c = Cosine(max_lr=2e-3, warmup_steps=0, steps=101, min_lr_ratio=0.0)
     assert c(0) == 2e-3
     assert c(50) == pytest.approx(1e-3, rel=REL)
     assert c(100) == 0.0
@@ -241,30 +247,30 @@ def test_cosine_without_warmup_starts_at_max():
 
 def test_cosine_cpt_rewarm_window():
     # first step: warmup_from + (max - warmup_from) * 1 / 20 = 1e-4 + 9e-4 / 20
-    assert CPT2(110) == pytest.approx(1.45e-4, rel=REL)
-    assert CPT2(119) == pytest.approx(1e-4 + 9e-4 * 10 / 20, rel=REL)
-    assert CPT2(129) == pytest.approx(1e-3, rel=REL)  # end of re-warm == max
-    assert CPT2(130) == pytest.approx(1e-3, rel=REL)
-    assert CPT2(180) == pytest.approx(5.5e-4, rel=REL)  # progress 50/100
-    assert CPT2(230) == 1e-4  # end of window == min
-    assert CPT2(231) == 1e-4
-    warm = lr_curve(CPT2, range(110, 130))
+    assert CPT2(111) == pytest.approx(1.45e-4, rel=REL)
+    assert CPT2(120) == pytest.approx(1e-4 + 9e-4 * 10 / 20, rel=REL)
+    assert CPT2(130) == pytest.approx(1e-3, rel=REL)  # end of re-warm == max
+    assert CPT2(131) == pytest.approx(1e-3, rel=REL)
+    assert CPT2(181) == pytest.approx(5.5e-4, rel=REL)  # progress 50/100
+    assert CPT2(231) == 1e-4  # last step of the window == min
+    assert CPT2(232) == 1e-4
+    warm = lr_curve(CPT2, range(111, 131))
     assert np.all(np.diff(warm) > 0)
     assert warm.min() > 1e-4  # re-warm starts from the previous floor, not from 0
-    decay = lr_curve(CPT2, range(130, 231))
+    decay = lr_curve(CPT2, range(131, 232))
     assert np.all(np.diff(decay) < 0)
 
 
 def test_piecewise_cpt_lineage_switches_at_the_bound():
-    cpt = Piecewise((PTFS, CPT2), (0, 110))
-    for s in (0, 5, 9, 10, 60, 109):
+    cpt = Piecewise((PTFS, CPT2), (0, 111))
+    for s in (0, 5, 9, 10, 60, 110):
         assert cpt(s) == PTFS(s)
-    for s in (110, 115, 129, 180, 230, 400):
+    for s in (111, 116, 130, 181, 231, 400):
         assert cpt(s) == CPT2(s)
-    assert cpt(109) == pytest.approx(PTFS(109), rel=REL)
-    assert cpt(110) == pytest.approx(1.45e-4, rel=REL)  # CPT2's re-warm, not PTFS's floor
-    assert PTFS(110) == pytest.approx(1e-4, rel=REL)
-    assert cpt(110) > cpt(109)  # the re-warm jumps up at the bound
+    assert cpt(110) == pytest.approx(1e-4, rel=REL)  # PTFS's last step, at its floor
+    assert cpt(111) == pytest.approx(1.45e-4, rel=REL)  # CPT2's re-warm, not PTFS's floor
+    assert PTFS(111) == pytest.approx(1e-4, rel=REL)
+    assert cpt(111) > cpt(110)  # the re-warm jumps up at the bound
 
 
 def test_piecewise_rejects_bad_bounds():
@@ -329,3 +335,34 @@ def test_lr_curve_equals_calling_the_schedule(schedule):
     # Plain Python floats: a numpy scalar LR ends up in the optimizer state and
     # breaks torch.load(weights_only=True) on resume.
     assert {type(schedule(s)) for s in steps} == {float}
+
+
+# ---------------------------------------------------------------- the last step is at the floor
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 37])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_decay_trains_its_last_step_at_the_floor(shape, steps):
+    # a 10-step cosine with floor 0.1 used to end one step short, at 0.122 * max
+    b = Branch(MAIN, FORK, steps, Decay(shape, 0.1, 3.0))
+    assert b(FORK + steps - 1) == pytest.approx(1e-4, rel=REL)  # 0.1 * 1e-3
+    if steps > 1:
+        assert b(FORK) == MAX  # the first step still trains at the fork's LR
+        assert b(FORK + steps - 2) > 1e-4
+    w = Window(MAX, 5, 5 + steps, start_step=20, min_lr_ratio=0.1, shape=shape, power=3.0)
+    assert w(20 + 5 + steps - 1) == pytest.approx(1e-4, rel=REL)
+
+
+def test_one_step_branch_decays():
+    b = Branch(MAIN, FORK, 1, Decay("cosine", 0.0))
+    assert b(FORK - 1) == MAX
+    assert b(FORK) == 0.0  # its one step trains at the floor
+
+
+def test_window_takes_a_branch_shape():
+    # 1-sqrt window, 101 decay steps: progress 0.25 at s = 25 -> 1 - sqrt(0.25) = 0.5 left
+    w = Window(max_lr=1e-3, warmup_steps=0, steps=101, min_lr_ratio=0.0, shape="1-sqrt")
+    assert w(25) == pytest.approx(5e-4, rel=REL)
+    assert Cosine(1e-3, 0, 101)(25) == pytest.approx(1e-3 * 0.8535533905932737, rel=REL)
+    with pytest.raises(ValueError, match="shape"):
+        Window(1e-3, 0, 10, shape="sqrt")

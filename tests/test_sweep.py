@@ -277,6 +277,54 @@ def test_objective_is_the_weighted_val_loss(tiny_sweep):
         assert last["objective"] == pytest.approx(t["objective"])
 
 
+def test_trials_report_test_losses_that_no_choice_reads(tiny_sweep):
+    from raypath.releases import Candidate, Objective, decide
+    from raypath.sweep import _pick
+
+    record = tiny_sweep["record"]
+    done = sorted((t for t in record["trials"] if t["status"] == "done"), key=lambda t: t["score"])
+    assert len(done) >= 2
+    for t in done:  # every trial measured the held-out test splits once, at its last step
+        m = t["metrics"]
+        assert {k for k in m if k.startswith("test/")} == {"test/v1", "test/v2"}
+        assert t["test_objective"] == pytest.approx(0.5 * m["test/v1"] + 0.5 * m["test/v2"])
+        curve = read_curve(t["curve"])
+        assert set(curve.loc[curve["test/v1"].notna(), "step"]) == {curve["step"].max()}
+    weights = Objective({"v1": 0.5, "v2": 0.5})
+
+    def choices(trials: list[dict]) -> tuple[str, str]:
+        cands = [Candidate(t["name"], "v2", "sweep s", t["metrics"], None, t["branch_tokens"], t["trial_id"], "s")
+                 for t in trials]
+        return _pick(trials, None)[0]["trial_id"], decide(cands, None, weights).release.trial_id
+
+    def swap(trials: list[dict], prefix: str) -> list[dict]:
+        """The same trials with their ``prefix/*`` losses in the reverse order of their scores."""
+        out = []
+        for t, other in zip(trials, reversed(trials)):
+            m = {**t["metrics"], **{k: v for k, v in other["metrics"].items() if k.startswith(prefix)}}
+            score = weights.value(m) if prefix == "val/" else t["score"]
+            out.append({**t, "metrics": m, "score": score})
+        return out
+
+    assert choices(done) == (record["best"], record["best"])
+    assert choices(swap(done, "test/")) == (record["best"], record["best"])  # any test contents: same choice
+    assert choices(swap(done, "val/"))[0] == done[-1]["trial_id"] != record["best"]  # val does decide
+
+
+def test_cost_with_search_counts_every_trial(tiny_sweep):
+    from raypath.cost import lineage_costs
+
+    lin = Lineage.load(tiny_sweep["cfg"].run_dir).data
+    row = next(r for r in lineage_costs(lin) if r["version"] == "v2")
+    trials = [t for s in lin["sweeps"] if s["version"] == "v2" for t in s["trials"]]
+    configured = next(b for b in lin["branches"] if b["name"] == "branch-v2")["tokens_trained"]
+    assert row["search_branch_tokens"] == configured + sum(t["branch_tokens"] for t in trials)
+    release = next(r for r in lin["releases"] if r["version"] == "v2")
+    assert row["branch_tokens"] == release["branch_tokens"] < row["search_branch_tokens"]
+    assert row["with_search_cumulative"] - row["path_switching_cumulative"] == \
+        row["search_branch_tokens"] - row["branch_tokens"]
+
+
 def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
     from transformers import AutoModelForCausalLM
 
@@ -337,6 +385,48 @@ def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     assert live.release("v2")["release"] == before and live.release("v2")["trial_id"] == record["best"]
     assert live.release_history("v2")["pinned"] is False
     assert [e["action"] for e in live.release_history("v2")["log"]][-2:] == ["release", "rollback"]
+
+
+@pytest.mark.slow
+def test_the_chosen_trial_does_not_change_when_the_test_split_does(sweep_lineage, tmp_path):
+    """The same 2-trial sweep twice, the test splits' contents replaced in between: the same
+    trials, objectives and best trial; only the reported test losses move."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import FAST_TRIALS
+
+    src = Path(load_config(sweep_lineage).run_dir)
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("sweeps"))
+    for f in dst.rglob("*.json"):
+        f.write_text(f.read_text().replace(str(src), str(dst)))
+    base = [*FAST_TRIALS, f"run_dir={dst}", "sweep.num_samples=2", "sweep.max_concurrent=1",
+            "sweep.guide_sweeps=false"]
+
+    def sweep(name: str) -> dict:
+        return run_sweep(load_config(sweep_lineage, [*base, f"sweep.name={name}"]), "v2")
+
+    first = sweep("before")
+    for v in Lineage.load(dst).data["versions"]:  # other tokens, same shape
+        part = Path(v["test_path"]) / "part-000000.parquet"
+        table = pq.read_table(part)
+        tokens = np.asarray(table["tokens"].to_pylist())
+        col = table.schema.get_field_index("tokens")
+        pq.write_table(table.set_column(col, "tokens", pa.array(list((tokens + 7) % 300),
+                                                                table.schema.field(col).type)), part)
+    second = sweep("after")
+
+    def trials(record: dict) -> list[dict]:
+        return sorted((t for t in record["trials"] if t["status"] == "done"), key=lambda t: sorted(t["config"].items()))
+
+    a, b = trials(first), trials(second)
+    assert [t["config"] for t in a] == [t["config"] for t in b] and len(a) == 2
+    assert [t["objective"] for t in a] == pytest.approx([t["objective"] for t in b], rel=1e-6)
+    best = {r["trial_id"]: r["config"] for r in first["trials"]}[first["best"]]
+    assert {r["trial_id"]: r["config"] for r in second["trials"]}[second["best"]] == best
+    assert all(abs(x["metrics"]["test/v2"] - y["metrics"]["test/v2"]) > 1e-3 for x, y in zip(a, b))
 
 
 @pytest.mark.slow
