@@ -1,6 +1,8 @@
 """How well does the fitted scaling law predict branches it has not seen, and does it guide a sweep?
 
-On the embedded default corpus (a quickstart-like config, shrunk by the options below):
+On the embedded default corpus, or (``--corpus system``) on a corpus whose versions are
+different kinds of system text (licences, manual pages, C headers, shell scripts:
+``benchmarks/system_corpus.py``), with a quickstart-like config shrunk by the options below:
 
 1. run the lineage (main path + one release branch per version; resumable);
 2. real branch searches of the last version, each with the same number of trials
@@ -17,18 +19,26 @@ On the embedded default corpus (a quickstart-like config, shrunk by the options 
    branch and one unguided trial, predict the final val losses of the other unguided
    trials (random/TPE configurations: a fair held-out set); every trial takes its turn as
    the fitted one. Prints the MAPE per split (target <= 1%), next to a naive baseline (the
-   mean final loss of the two fitted branches), for lambda=auto and the paper's 0.999.
+   mean final loss of the two fitted branches), for lambda=auto and the paper's 0.999;
+   ``--fit-releases all`` fits on every version's release branch instead of the last one's;
+5. with ``--shifts single,auto`` (the default from three versions on), the same for the
+   single-shift CPT law and the multi-shift one (``raypath.lawfit.fit_run(shifts=...)``,
+   the multi-shift fit reusing the lambda the single-shift one chose), plus each law's fit
+   of the whole lineage (main path + release branches, and + every sweep trial as
+   ``raypath law fit`` sees it): R^2 and MAPE per split, side by side.
 
 Prints a JSON summary (also written to ``RUN_DIR/law/benchmark.json``) and the command, and
 plots the best objective so far per trial and per branch token (``RUN_DIR/law/benchmark.png``).
 
     python benchmarks/law_accuracy.py --run-dir runs/law_bench
+    python benchmarks/law_accuracy.py --run-dir runs/law_bench4 --corpus system --versions v1,v2,v3,v4
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -47,10 +57,23 @@ TOLERANCES = (0.001, 0.002, 0.005, 0.01)  # also reported: 0.5% is loose in a fl
 
 def _overrides(args) -> list[str]:
     versions = "[" + ",".join(args.versions.split(",")) + "]"
-    return [f"run_dir={args.run_dir}", "name=law-bench", f"data.versions={versions}",
+    corpus = [] if args.corpus == "embedded" else [f"data.corpus={system_corpus(args)}"]
+    return [f"run_dir={args.run_dir}", "name=law-bench", f"data.versions={versions}", *corpus,
             f"data.max_docs_per_version={args.docs}", f"train.eval_every={args.eval_every}",
             f"train.checkpoint_every={args.checkpoint_every}", "branch.parallel=true",
             "sweep.max_concurrent=2", *args.set]
+
+
+def system_corpus(args) -> Path:
+    """The system-text corpus beside the run directory, built once (a trained version's files
+    must not change, so a resumed benchmark reuses it as it is)."""
+    spec = importlib.util.spec_from_file_location("system_corpus", ROOT / "benchmarks" / "system_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = Path(f"{args.run_dir.rstrip('/')}-corpus").resolve()
+    if not (out / "corpus.json").is_file():
+        mod.build_system_corpus(out, max_docs=args.docs, max_chars=args.corpus_chars)
+    return out
 
 
 def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> dict[str, dict]:
@@ -149,6 +172,8 @@ def guided_vs_unguided(sweeps: dict[str, dict]) -> dict:
         "guided_best_objective": min((t["objective"] for t in guided["trials"] if t["status"] == "done"),
                                      default=None),
         "trials_to_target": within[WITHIN],
+        # the target: the guided sweep's first trial alone within 0.5% of each unguided best
+        "guided_first_trial_within": {k: c["guided"] == 1 for k, c in within[WITHIN].items()},
         "mean_guided": m["guided"], "mean_unguided": m["unguided"], "ratio_guided_to_unguided": m["ratio"],
         "trials_to_within": {f"{w:.1%}": per for w, per in within.items()},
         "mean_trials_to_within": {f"{w:.1%}": means(per) for w, per in within.items()},
@@ -226,14 +251,15 @@ def plot_search(sweeps: dict[str, dict], out_png: Path, release: float | None = 
     return out_png
 
 
-def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release: dict, fitted: dict,
-              held: list[dict], lam) -> dict:
-    """Fit on the main path, the release branch and ``fitted``; predict every trial of ``held``."""
+def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, fit_on: list[str], fitted: dict,
+              held: list[dict], lam, shifts: str) -> dict:
+    """Fit on the main path, the branches ``fit_on`` and ``fitted``; predict every trial of ``held``."""
     from raypath import lawfit
 
-    fits = lawfit.fit_run(lineage, version, run_dir=run_dir, branches=[release["name"], fitted["name"]],
-                          lam=lam, save=False)
-    naive = {s: float(np.mean([m[f"val/{s}"] for m in (release["metrics"], fitted["metrics"])])) for s in fits}
+    fits = lawfit.fit_run(lineage, version, run_dir=run_dir, branches=[*fit_on, fitted["name"]],
+                          lam=lam, shifts=shifts, save=False)
+    fitted_metrics = [b["metrics"] for b in lineage["branches"] if b["name"] in fit_on] + [fitted["metrics"]]
+    naive = {s: float(np.mean([m[f"val/{s}"] for m in fitted_metrics if f"val/{s}" in m])) for s in fits}
     rows = []
     for t in held:
         c = t["config"]
@@ -250,44 +276,100 @@ def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, release
                       "naive_ape": abs(naive[s] - actual) / actual * 100}
         rows.append(row)
     return {"fitted_trial": _order(fitted), "splits": list(fits), "lam": {s: f.lam for s, f in fits.items()},
+            "law": {s: f.law for s, f in fits.items()}, "r2": {s: f.r2 for s, f in fits.items()},
             "degenerate": {s: f.degenerate for s, f in fits.items()},
             "spearman": _spearman([r["objective"]["predicted"] for r in rows],
                                   [r["objective"]["actual"] for r in rows]),
             "branches": rows}
 
 
-def accuracy(run_dir: Path, lineage: dict, sweeps: list[dict]) -> dict:
+def _summary(rots: list[dict], seconds: float) -> dict:
+    rows = [r for rot in rots for r in rot["branches"]]
+    splits = rots[0]["splits"] if rots else []
+    return {
+        "fit_seconds": round(seconds, 1),
+        "mape_final_loss": {s: float(np.mean([r[s]["ape"] for r in rows])) for s in splits},
+        "max_ape_final_loss": {s: float(np.max([r[s]["ape"] for r in rows])) for s in splits},
+        "mean_bias_pct": {s: float(np.mean([(r[s]["predicted"] - r[s]["actual"]) / r[s]["actual"] * 100
+                                            for r in rows])) for s in splits},
+        "naive_mape_final_loss": {s: float(np.mean([r[s]["naive_ape"] for r in rows])) for s in splits},
+        "fit_r2_mean": {s: float(np.mean([rot["r2"][s] for rot in rots])) for s in splits},
+        "objective_mape": float(np.mean([abs(r["objective"]["predicted"] - r["objective"]["actual"])
+                                         / r["objective"]["actual"] * 100 for r in rows])),
+        "rank_spearman_mean": float(np.nanmean([rot["spearman"] for rot in rots])),
+        "rotations": rots,
+    }
+
+
+def fit_releases(lineage: dict, which: str) -> list[str]:
+    """The configured release branches the accuracy fits use: the last version's (``last``)
+    or every version's (``all``: what a sweep's guide fits on)."""
+    version, release, _ = release_branch(lineage)
+    if which == "last":
+        return [release["name"]]
+    names = [m["version"] for m in lineage["main_path"]]
+    return [b["name"] for b in lineage["branches"] if b["name"] in {f"branch-{v}" for v in names}]
+
+
+def accuracy(run_dir: Path, lineage: dict, sweeps: list[dict], *, lams=("auto", 0.999), shifts=("auto",),
+             releases: str = "last", rotations: int | None = None) -> dict:
     """Held-out accuracy, averaged over which unguided trial is the second fitted branch.
 
-    Each finished unguided trial takes its turn as the fitted one (with the main path and
-    the release branch); the law then predicts the final val losses of all the others.
+    Each finished unguided trial (the first ``rotations`` of them in proposal order, all by
+    default) takes its turn as the fitted one (with the main path and the release
+    branches ``releases``); the law then predicts the final val losses of all the others.
     One fixed choice would make the number depend on whether that trial happened to be
     short or long (a law fitted on short decays extrapolates to long ones). Reported for
     the default momentum decay (``auto``: chosen per split by leave-one-branch-out) and
-    for the paper's fixed 0.999.
+    for the paper's fixed 0.999, and per ``shifts`` mode of :func:`raypath.lawfit.fit_run`
+    (a later mode reuses the lambda the first one chose in the same rotation: lambda is
+    chosen on the single-shift problems, so it would come out the same).
     """
-    version, release, weights = release_branch(lineage)
+    version, _, weights = release_branch(lineage)
+    fit_on = fit_releases(lineage, releases)
     trials = [t for sw in sweeps for t in sorted(sw["trials"], key=_order) if t["status"] == "done"]
-    out = {"fit_on": "main path + release branch + each unguided trial in turn", "rotations": len(trials),
-           "held_out_per_rotation": len(trials) - 1}
-    for lam in ("auto", 0.999):
-        t0 = time.perf_counter()
-        rots = [_held_out(run_dir, lineage, version, weights, release, k, [t for t in trials if t is not k], lam)
-                for k in trials]
-        rows = [r for rot in rots for r in rot["branches"]]
-        splits = rots[0]["splits"] if rots else []
-        out[f"lam={lam}"] = {
-            "fit_seconds": round(time.perf_counter() - t0, 1),
-            "mape_final_loss": {s: float(np.mean([r[s]["ape"] for r in rows])) for s in splits},
-            "max_ape_final_loss": {s: float(np.max([r[s]["ape"] for r in rows])) for s in splits},
-            "mean_bias_pct": {s: float(np.mean([(r[s]["predicted"] - r[s]["actual"]) / r[s]["actual"] * 100
-                                                for r in rows])) for s in splits},
-            "naive_mape_final_loss": {s: float(np.mean([r[s]["naive_ape"] for r in rows])) for s in splits},
-            "objective_mape": float(np.mean([abs(r["objective"]["predicted"] - r["objective"]["actual"])
-                                             / r["objective"]["actual"] * 100 for r in rows])),
-            "rank_spearman_mean": float(np.nanmean([rot["spearman"] for rot in rots])),
-            "rotations": rots,
-        }
+    fitted = trials[:rotations] if rotations else trials
+    out = {"fit_on": f"main path + release branches {fit_on} + each unguided trial in turn",
+           "rotations": len(fitted), "held_out_per_rotation": len(trials) - 1}
+    for lam in lams:
+        rots = {mode: [] for mode in shifts}
+        seconds = dict.fromkeys(shifts, 0.0)
+        for k in fitted:
+            held = [t for t in trials if t is not k]
+            chosen = lam
+            for mode in shifts:
+                t0 = time.perf_counter()
+                rot = _held_out(run_dir, lineage, version, weights, fit_on, k, held, chosen, mode)
+                seconds[mode] += time.perf_counter() - t0
+                rots[mode].append(rot)
+                chosen = next(iter(rot["lam"].values()))
+        for mode in shifts:
+            key = f"lam={lam}" if len(shifts) == 1 else f"lam={lam},shifts={mode}"
+            out[key] = _summary(rots[mode], seconds[mode])
+    return out
+
+
+def lineage_fits(run_dir: Path, lineage: dict, shifts=("single", "auto")) -> dict:
+    """Each law's fit of the whole lineage for releasing its last version, per split: on the
+    main path and the release branches (what a sweep's guide fits on), and with every
+    sweep trial too (what ``raypath law fit RUN_DIR`` fits on). A later mode reuses the
+    lambda the first one chose (as :func:`accuracy` does)."""
+    from raypath import lawfit
+
+    version, _, _ = release_branch(lineage)
+    out = {}
+    for pool, include_sweeps in (("releases", False), ("all", True)):
+        lam = "auto"
+        for mode in shifts:
+            t0 = time.perf_counter()
+            fits = lawfit.fit_run(lineage, version, run_dir=run_dir, include_sweeps=include_sweeps, shifts=mode,
+                                  lam=lam, save=False)
+            lam = next(iter(fits.values())).lam  # chosen on the single-shift problems: the same for every mode
+            out[f"{pool},shifts={mode}"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "splits": {s: {"law": f.law, "r2": f.r2, "mape": f.mape, "n_points": f.n_points, "lam": f.lam,
+                               "held_out": f.held_out, "degenerate": f.degenerate,
+                               "boundaries": lawfit.boundaries(lineage, s, version)} for s, f in fits.items()}}
     return out
 
 
@@ -302,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     p.add_argument("--run-dir", default="runs/law_bench")
-    p.add_argument("--versions", default="v1,v2", help="comma-separated versions of the embedded corpus")
-    p.add_argument("--docs", type=int, default=150, help="data.max_docs_per_version")
+    p.add_argument("--versions", default="v1,v2", help="comma-separated versions of the corpus")
+    p.add_argument("--corpus", choices=["embedded", "system"], default="embedded",
+                   help="the embedded default corpus, or system text (benchmarks/system_corpus.py), "
+                        "built in RUN_DIR-corpus")
+    p.add_argument("--corpus-chars", type=int, default=400_000, help="system corpus: most characters per version")
+    p.add_argument("--docs", type=int, default=150, help="most documents per version")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=10, help="the main path's fork points")
     p.add_argument("--samples", type=int, default=8, help="trials of each sweep")
@@ -311,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated TPE seeds: one unguided sweep each (the guided one uses sweep.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing run")
+    p.add_argument("--lams", default="auto,0.999", help="momentum decays of the accuracy fits")
+    p.add_argument("--shifts", default=None,
+                   help="comma-separated fit_run shift modes compared (default: auto; single,auto from 3 versions)")
+    p.add_argument("--fit-releases", choices=["last", "all"], default="last",
+                   help="release branches the accuracy fits use: the last version's, or every version's")
+    p.add_argument("--rotations", type=int, default=None, help="most unguided trials taking a turn as the fitted one")
     p.add_argument("--guided-name", default="guided",
                    help="sweep name of the guided search (a new name runs a new guided search on the same "
                         "lineage; it fits the law on the main path and the release branches only)")
@@ -345,13 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         log.info("lineage done in %.0f s", time.perf_counter() - t0)
         sweeps = run_sweeps(cfg, args.samples, args.guided_name, seeds, log)
     lineage = Lineage.load(run_dir).data
+    shifts = tuple((args.shifts or ("single,auto" if len(lineage["main_path"]) >= 3 else "auto")).split(","))
+    lams = tuple(x if x == "auto" else float(x) for x in args.lams.split(","))
     summary = {"version": lineage["main_path"][-1]["version"],
                "guided_vs_unguided": guided_vs_unguided(sweeps),
-               "accuracy": accuracy(run_dir, lineage, list(unguided(sweeps).values()))}
+               "accuracy": accuracy(run_dir, lineage, list(unguided(sweeps).values()), lams=lams, shifts=shifts,
+                                    releases=args.fit_releases, rotations=args.rotations)}
+    if len(shifts) > 1:
+        summary["lineage_fits"] = lineage_fits(run_dir, lineage, shifts)
     summary["command"] = "python " + " ".join(shlex.quote(a) for a in [
         "benchmarks/law_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     summary["train_seconds"] = round(time.perf_counter() - t0, 1) if not args.eval_only else None
-    summary["size"] = {"versions": args.versions, "docs": args.docs, "eval_every": args.eval_every,
+    summary["size"] = {"versions": args.versions, "corpus": args.corpus, "docs": args.docs,
+                       "corpus_chars": args.corpus_chars if args.corpus == "system" else None,
+                       "eval_every": args.eval_every,
                        "checkpoint_every": args.checkpoint_every, "samples": args.samples, "unguided_seeds": seeds,
                        "steps": {m["version"]: m["end_step"] - m["start_step"] for m in lineage["main_path"]}}
     summary["release_objective"] = release_objective(lineage)
@@ -359,12 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_search(sweeps, run_dir / "law" / "benchmark.png", summary["release_objective"])
     acc, gd = summary["accuracy"], summary["guided_vs_unguided"]
     print(json.dumps(summary, indent=2, default=float))
-    for lam in ("auto", 0.999):
-        a = acc[f"lam={lam}"]
-        print(f"\nheld-out final-loss MAPE per split, lambda={lam}: "
+    for key, a in ((k, v) for k, v in acc.items() if k.startswith("lam=")):
+        print(f"\nheld-out final-loss MAPE per split, {key}: "
               + ", ".join(f"{s} {v:.3f}% (max {a['max_ape_final_loss'][s]:.2f}%, naive "
                           f"{a['naive_mape_final_loss'][s]:.3f}%)" for s, v in a["mape_final_loss"].items())
               + f"; objective {a['objective_mape']:.3f}%, Spearman {a['rank_spearman_mean']:.2f}")
+    for key, fits in summary.get("lineage_fits", {}).items():
+        print(f"lineage fit ({key}): " + ", ".join(f"{s} {f['law']} R^2 {f['r2']:.4f} MAPE {f['mape']:.2f}%"
+                                                  for s, f in fits["splits"].items()))
+    print("guided first trial within 0.5% of each unguided best: " + ", ".join(
+        f"{k} {'yes' if v else 'no'}" for k, v in gd["guided_first_trial_within"].items()))
     for key, c in gd["trials_to_target"].items():
         print(f"trials to within {WITHIN:.1%} of {key}'s best ({gd['unguided_best_objective'][key]:.4f}): "
               f"guided {c['guided']}, {key} {c['unguided']}")
@@ -380,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {c['guided']}/{c['unguided']}" for k, c in per.items())
               + f"; mean {m['guided']:.2f}/{m['unguided']:.2f} = {m['ratio']:.2f}")
     print(f"plot: {plot}\ncommand: {summary['command']}")
-    return 0 if all(math.isfinite(v) for v in acc["lam=auto"]["mape_final_loss"].values()) else 1
+    return 0 if all(math.isfinite(v) for k, a in acc.items() if k.startswith("lam=")
+                    for v in a["mape_final_loss"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Two laws predict the validation loss at any step from the whole LR history:
   ``L = L0 + A*S1^-alpha - C*S2``.
 * :class:`CPTLaw` -- the continual-pre-training law of Wang et al. (arXiv 2505.07796),
   ``L = L0 + A*(S1pt+S1cpt)^-alpha - C1*S2pt - C2*S2cpt + B*(1-(1+E*S1cpt)^-beta)``.
+* :func:`multi_shift_law` -- the CPT law across many data switches: a lineage shifts the
+  training data at every version boundary, so a split sees one shift per later version;
+  each adds ``B_i*(1-(1+E*S1_i)^-beta)`` with ``S1_i`` the forward area since switch ``i``.
+  One switch is :class:`CPTLaw` itself.
 
 ``S1`` (forward area) is the cumulative sum of the LR and ``S2`` (annealing area) the
 cumulative sum of a momentum ``m`` of LR decrements (:func:`areas`). The law integrates the
@@ -23,15 +27,18 @@ Two practical additions keep it well conditioned and deterministic:
 
 The momentum decay ``lambda`` of S2 is the paper's 0.999 by default; :func:`select_lambda`
 picks it from :data:`LAMBDA_GRID` by how well fits predict held-out branches, because
-0.999 is tuned to runs far longer than the branches of a small lineage.
+0.999 is tuned to runs far longer than the branches of a small lineage. :func:`select_law`
+chooses between the single- and multi-shift laws the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
@@ -108,6 +115,9 @@ class Curve:
     losses: validation losses at ``steps`` (NaN where only a prediction is wanted).
     cpt_start: first step of the continual-pre-training phase (data switch); 0 means the
         curve has no CPT phase and the whole history counts as pre-training.
+    shifts: first steps of later data switches, after ``cpt_start`` and increasing. Only a
+        multi-shift law (:func:`multi_shift_law`) reads them: each adds its own shift term;
+        the single-shift laws ignore them.
     """
 
     lrs: np.ndarray
@@ -115,6 +125,7 @@ class Curve:
     losses: np.ndarray
     cpt_start: int = 0
     name: str = ""
+    shifts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.lrs = np.asarray(self.lrs, dtype=np.float64)
@@ -125,6 +136,10 @@ class Curve:
         if len(self.steps) and (self.steps.min() < 0 or self.steps.max() >= len(self.lrs)):
             raise ValueError(f"curve {self.name!r}: observed steps outside the LR history")
         self.cpt_start = int(self.cpt_start)
+        self.shifts = tuple(int(b) for b in self.shifts)
+        if any(b <= a for a, b in zip((self.cpt_start, *self.shifts), self.shifts)):
+            raise ValueError(f"curve {self.name!r}: shifts {self.shifts} must increase after cpt_start "
+                             f"{self.cpt_start}")
 
 
 def split_areas(curve: Curve, *, lam: float = LAMBDA) -> np.ndarray:
@@ -155,11 +170,22 @@ class _Law:
     param_names: ClassVar[tuple[str, ...]]
     linear: ClassVar[tuple[str, ...]]  # parameters the loss is linear in
     regularized: ClassVar[tuple[str, ...]] = ()
+    amplitudes: ClassVar[tuple[str, ...]] = ()  # shift amplitudes: a sign bound on "B" binds them all
     default_grid: ClassVar[dict[str, tuple[float, ...]]]  # non-linear starts (normalised)
 
     @classmethod
     def value_and_jac(cls, theta: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def features(cls, curve: Curve, lam: float) -> np.ndarray:
+        """The area rows the law reads at ``curve.steps``."""
+        return split_areas(curve, lam=lam)
+
+    @classmethod
+    def feature_scale(cls, s1ref: float, s2ref: float) -> np.ndarray:
+        """Per feature row, the reference it is divided by in normalised units."""
+        return np.array([s1ref, s1ref, s2ref, s2ref])
 
     @classmethod
     def bounds(cls, loss_max: float) -> list[tuple[float, float]]:
@@ -183,7 +209,7 @@ class _Law:
     def predict(cls, params: Mapping[str, float], curve: Curve, *, lam: float = LAMBDA) -> np.ndarray:
         """Predicted losses at ``curve.steps`` for raw-unit ``params``."""
         theta = np.array([params[k] for k in cls.param_names], dtype=np.float64)
-        return cls.value_and_jac(theta, split_areas(curve, lam=lam))[0]
+        return cls.value_and_jac(theta, cls.features(curve, lam))[0]
 
 
 def _power(s1: np.ndarray, a: float, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,6 +217,13 @@ def _power(s1: np.ndarray, a: float, alpha: float) -> tuple[np.ndarray, np.ndarr
     s1 = np.maximum(s1, 1e-12)
     xa = s1 ** -alpha
     return a * xa, xa, -a * xa * np.log(s1)
+
+
+def _shift(s1: np.ndarray, b: float, e: float, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``1-(1+E*S1)^-beta`` (the shift term over B) and the term's derivatives in E and beta."""
+    base = 1.0 + e * s1
+    decay = base**-beta
+    return 1.0 - decay, b * beta * s1 * decay / base, b * decay * np.log(base)
 
 
 class AnnealingLaw(_Law):
@@ -241,6 +274,7 @@ class CPTLaw(_Law):
     param_names = ("L0", "A", "alpha", "C1", "C2", "B", "E", "beta")
     linear = ("L0", "A", "C1", "C2", "B")
     regularized = ("B", "E", "beta")
+    amplitudes = ("B",)
     default_grid = {"alpha": (0.15, 0.4, 0.8), "E": (3.0, 30.0, 300.0), "beta": (0.5, 1.5)}
 
     @classmethod
@@ -248,11 +282,7 @@ class CPTLaw(_Law):
         l0, a, alpha, c1, c2, b, e, beta = theta
         s1pt, s1cpt, s2pt, s2cpt = feats
         pw, d_a, d_alpha = _power(s1pt + s1cpt, a, alpha)
-        base = 1.0 + e * s1cpt
-        decay = base**-beta
-        shift = 1.0 - decay
-        d_e = b * beta * s1cpt * decay / base
-        d_beta = b * decay * np.log(base)
+        shift, d_e, d_beta = _shift(s1cpt, b, e, beta)
         jac = np.stack([np.ones_like(s1pt), d_a, d_alpha, -s2pt, -s2cpt, shift, d_e, d_beta], axis=1)
         return l0 + pw - c1 * s2pt - c2 * s2cpt + b * shift, jac
 
@@ -279,6 +309,106 @@ class CPTLaw(_Law):
 
 
 LAWS: dict[str, type[_Law]] = {"AnnealingLaw": AnnealingLaw, "CPTLaw": CPTLaw}
+
+
+class _MultiShiftCPTLaw(CPTLaw):
+    """The CPT law with one distribution-shift term per data switch (see :func:`multi_shift_law`).
+
+    ``L = L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta)`` where
+    ``S1_i`` is the forward area since switch ``i`` (switch 1 is ``cpt_start``, its ``B_1``
+    is ``B``; later ones are ``Curve.shifts``). E and beta are shared: they say how fast a
+    model moves to a new distribution, which depends on training more than on which switch
+    it is, and the few points after a late switch cannot pin their own pair. The annealing
+    area keeps the two phases of the single-shift law: a split's loss responds to annealing
+    differently once its data is no longer trained on, not again at every later switch.
+    """
+
+    n_shifts: ClassVar[int]
+
+    @classmethod
+    def features(cls, curve, lam):
+        """:func:`split_areas` plus one row per later switch: the forward area since it."""
+        rows = [split_areas(curve, lam=lam)]
+        s1 = np.cumsum(curve.lrs[: curve.steps.max(initial=0) + 1])
+        t = curve.steps
+        for i in range(cls.n_shifts - 1):
+            if i < len(curve.shifts) and curve.shifts[i] <= len(s1):
+                # the same arithmetic as split_areas' S1cpt: zero before the switch
+                rows.append(s1[t] - s1[np.minimum(t, curve.shifts[i] - 1)])
+            else:  # a history that ends before the switch never sees it
+                rows.append(np.zeros(len(t)))
+        return np.vstack(rows)
+
+    @classmethod
+    def feature_scale(cls, s1ref, s2ref):
+        return np.concatenate([super().feature_scale(s1ref, s2ref), np.full(cls.n_shifts - 1, s1ref)])
+
+    @classmethod
+    def value_and_jac(cls, theta, feats):
+        value, jac = super().value_and_jac(theta[:8], feats[:4])
+        e, beta = theta[6], theta[7]
+        cols = []
+        for b, s1 in zip(theta[8:], feats[4:]):
+            shift, d_e, d_beta = _shift(s1, b, e, beta)
+            value = value + b * shift
+            jac[:, 6] += d_e
+            jac[:, 7] += d_beta
+            cols.append(shift)
+        return value, np.column_stack([jac, *cols])
+
+    @classmethod
+    def optional_terms(cls, theta, feats):
+        """Each switch's term decides its own amplitude; E and beta are resolved when the
+        terms together are."""
+        e, beta = theta[6], theta[7]
+        amps, s1s = [theta[5], *theta[8:]], [feats[1], *feats[4:]]
+        terms = {(name,): b * _shift(s1, b, e, beta)[0] for name, b, s1 in zip(cls.amplitudes, amps, s1s)}
+        return {**terms, ("E", "beta"): np.sum(list(terms.values()), axis=0)}
+
+    @classmethod
+    def bounds(cls, loss_max):
+        return super().bounds(loss_max) + [super().bounds(loss_max)[5]] * (cls.n_shifts - 1)
+
+    @classmethod
+    def to_raw(cls, theta, s1ref, s2ref):
+        return np.concatenate([super().to_raw(theta[:8], s1ref, s2ref), theta[8:]])  # B_i are losses
+
+    @classmethod
+    def from_raw(cls, theta, s1ref, s2ref):
+        return np.concatenate([super().from_raw(theta[:8], s1ref, s2ref), theta[8:]])
+
+
+@functools.cache
+def multi_shift_law(n_shifts: int) -> type[_Law]:
+    """The CPT law with ``n_shifts`` data switches (``cpt_start`` and ``n_shifts - 1`` of
+    ``Curve.shifts``), amplitudes ``B, B2, ... B<n>`` and shared ``E, beta``.
+
+    One switch is :class:`CPTLaw` itself, so a two-version lineage fits exactly as before.
+    The class is named ``MultiShiftCPTLaw[n]`` (what :attr:`FitResult.law` records and
+    :func:`law_class` reads back).
+    """
+    if n_shifts < 1:
+        raise ValueError(f"a CPT law needs at least one data switch, got {n_shifts}")
+    if n_shifts == 1:
+        return CPTLaw
+    extra = tuple(f"B{i}" for i in range(2, n_shifts + 1))
+    return type(f"MultiShiftCPTLaw[{n_shifts}]", (_MultiShiftCPTLaw,), {
+        "param_names": CPTLaw.param_names + extra, "linear": CPTLaw.linear + extra,
+        "regularized": CPTLaw.regularized + extra, "amplitudes": CPTLaw.amplitudes + extra,
+        "n_shifts": n_shifts, "__doc__": _MultiShiftCPTLaw.__doc__})
+
+
+def law_class(law: type[_Law] | str) -> type[_Law]:
+    """A law from its class or its name (:data:`LAWS`, or ``MultiShiftCPTLaw[n]``)."""
+    if not isinstance(law, str):
+        return law
+    if law in LAWS:
+        return LAWS[law]
+    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)\]", law)
+    if m is None:
+        raise ValueError(f"unknown law {law!r} (known: {', '.join(LAWS)}, MultiShiftCPTLaw[n])")
+    return multi_shift_law(int(m.group(1)))
+
 
 
 @contextlib.contextmanager
@@ -333,6 +463,9 @@ class FitResult:
     of log residuals. degenerate names parameters the data do not determine: those that
     ended at a bound, and those of an optional term smaller than the residual noise
     (:data:`RESOLVE_FACTOR`; e.g. B, E, beta when the curves show no distribution shift).
+    held_out: when the law was chosen among candidates (:func:`select_law`), each
+    candidate's held-out error (mean squared log error of held-out final losses); empty
+    when there was no choice.
     """
 
     law: str
@@ -344,12 +477,14 @@ class FitResult:
     n_starts: int
     degenerate: list[str] = field(default_factory=list)
     lam: float = LAMBDA
+    held_out: dict[str, float] = field(default_factory=dict)
 
-    def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0) -> np.ndarray:
+    def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = ()) -> np.ndarray:
         """Losses for a :class:`Curve`, an ``(lrs, steps[, cpt_start])`` tuple, or ``lrs``
-        plus ``steps`` (all steps when omitted)."""
-        curve = _as_curve(curve_or_lrs, steps, cpt_start)
-        return LAWS[self.law].predict(self.params, curve, lam=self.lam)
+        plus ``steps`` (all steps when omitted); ``shifts``: later data switches
+        (:attr:`Curve.shifts`)."""
+        curve = _as_curve(curve_or_lrs, steps, cpt_start, shifts)
+        return law_class(self.law).predict(self.params, curve, lam=self.lam)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,23 +494,24 @@ class FitResult:
         d = dict(d)
         d["params"] = {k: float(v) for k, v in d["params"].items()}
         d["degenerate"] = list(d.get("degenerate", []))
+        d["held_out"] = {k: float(v) for k, v in d.get("held_out", {}).items()}
         return cls(**d)
 
 
-def _as_curve(curve_or_lrs, steps, cpt_start: int) -> Curve:
+def _as_curve(curve_or_lrs, steps, cpt_start: int, shifts: Sequence[int] = ()) -> Curve:
     if isinstance(curve_or_lrs, Curve):
         return curve_or_lrs
     if isinstance(curve_or_lrs, tuple):
         lrs, steps, *rest = curve_or_lrs
-        return _as_curve(lrs, steps, rest[0] if rest else cpt_start)
+        return _as_curve(lrs, steps, rest[0] if rest else cpt_start, shifts)
     lrs = np.asarray(curve_or_lrs, dtype=np.float64)
     steps = np.arange(len(lrs)) if steps is None else np.asarray(steps)
-    return Curve(lrs, steps, np.full(np.shape(steps), np.nan), cpt_start=cpt_start)
+    return Curve(lrs, steps, np.full(np.shape(steps), np.nan), cpt_start=cpt_start, shifts=tuple(shifts))
 
 
-def predict_final_loss(fit: FitResult, lrs, cpt_start: int = 0) -> float:
+def predict_final_loss(fit: FitResult, lrs, cpt_start: int = 0, shifts: Sequence[int] = ()) -> float:
     """Predicted loss after the last step of an LR history: the branch-ranking score."""
-    return float(fit.predict(lrs, [len(lrs) - 1], cpt_start=cpt_start)[0])
+    return float(fit.predict(lrs, [len(lrs) - 1], cpt_start=cpt_start, shifts=shifts)[0])
 
 
 @dataclass
@@ -428,13 +564,13 @@ class _Problem:
 
 
 def _problem(law: type[_Law], curves: Sequence[Curve], lam: float) -> _Problem:
-    feats = np.concatenate([split_areas(c, lam=lam) for c in curves], axis=1)
+    feats = np.concatenate([law.features(c, lam) for c in curves], axis=1)
     losses = np.concatenate([c.losses for c in curves])
     if not np.all(np.isfinite(losses) & (losses > 0)):
         raise ValueError("observed losses must be finite and positive")
     s1ref = float(np.max(feats[0] + feats[1])) or 1.0
     s2ref = float(np.max(np.abs(feats[2] + feats[3]))) or 1.0
-    feats = feats / np.array([s1ref, s1ref, s2ref, s2ref])[:, None]
+    feats = feats / law.feature_scale(s1ref, s2ref)[:, None]
     bounds = law.bounds(float(losses.max()))
     scale = np.array([max(abs(lo), abs(hi)) for lo, hi in bounds])
     return _Problem(law, feats, losses, bounds, scale, s1ref, s2ref)
@@ -464,14 +600,15 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
 
     sign: ``{param: +1 or -1}`` restricts a parameter to one sign, e.g. ``{"B": -1}`` on a
         new-domain split (2505.07796: the shift term lowers new-domain loss); a parameter
-        that ends at 0 is then reported degenerate (the data wanted the other sign).
+        that ends at 0 is then reported degenerate (the data wanted the other sign). ``B``
+        stands for every shift amplitude of a multi-shift law (``B2``, ``B3``, ...).
     quiet: do not log degenerate parameters (they are still reported in the result).
     """
-    law = LAWS[law_cls] if isinstance(law_cls, str) else law_cls
+    law = law_class(law_cls)
     if not curves:
         raise ValueError("fit_law needs at least one curve")
     prob = _problem(law, curves, lam)
-    for name, sgn in (sign or {}).items():
+    for name, sgn in _expand_sign(law, sign).items():
         if name not in law.param_names:
             continue  # e.g. B when the annealing law was chosen
         i = law.param_names.index(name)
@@ -491,6 +628,63 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
     return _summarise(law, prob, curves, theta, len(seeds), lam, quiet)
 
 
+def _expand_sign(law: type[_Law], sign: Mapping[str, int] | None) -> dict[str, int]:
+    """``sign`` with ``B`` standing for every shift amplitude of ``law``."""
+    out = dict(sign or {})
+    if "B" in out:
+        out.update({k: out["B"] for k in law.amplitudes if k not in out})
+    return out
+
+
+def _held_out_curves(curves: Sequence[Curve], anchors: Sequence[str]) -> list[int]:
+    """Indices of the curves a cross-validation holds out: every observed curve not named in
+    ``anchors``, at most :data:`LAMBDA_FOLDS` of them spread evenly over their order."""
+    held = [i for i, c in enumerate(curves) if c.name not in anchors and len(c.steps)]
+    if len(held) > LAMBDA_FOLDS:
+        held = [held[int(k)] for k in np.linspace(0, len(held) - 1, LAMBDA_FOLDS).round()]
+    return held
+
+
+def _held_out_errors(law_cls, curves: Sequence[Curve], sign, lam: float, held: Sequence[int]) -> list[float]:
+    """Squared log error of each held-out curve's last observed loss, predicted by a fit on
+    the other curves."""
+    # Warm start: a fold drops one curve, so its optimum lies near the full fit's.
+    # One start from there instead of the multi-start grid makes the cross-validation
+    # (most of a refit's time, and a sweep refits after every trial) several times cheaper.
+    full = fit_law(law_cls, curves, lam=lam, sign=sign, quiet=True)
+    start = [{k: full.params[k] for k in law_class(full.law).default_grid}]
+    errors = []
+    for i in held:
+        fit = fit_law(law_cls, [c for j, c in enumerate(curves) if j != i], lam=lam, sign=sign,
+                      quiet=True, seed_grid=start)
+        c = curves[i]
+        last = int(np.argmax(c.steps))
+        errors.append(float(np.log(max(fit.predict(c)[last], 1e-12) / c.losses[last]) ** 2))
+    return errors
+
+
+def select_law(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], *,
+               sign: Mapping[str, int] | None = None, lam: float = LAMBDA, anchors: Sequence[str] = ("main",),
+               ) -> tuple[type[_Law], dict[str, float]]:
+    """The candidate law that best predicts curves its fit has not seen.
+
+    The identifiability guard of the multi-shift law: more shift terms always fit the
+    observed points at least as well, so in-sample error cannot choose. Each curve not
+    named in ``anchors`` is held out in turn (as :func:`select_lambda` does) and its last
+    observed loss predicted; the score is the mean squared log error. ``candidates`` go
+    simplest first: ties go to the earlier one, so a richer law must predict strictly
+    better. Returns the chosen law and every candidate's score; with fewer than two curves
+    to hold out there is nothing to compare and the first candidate is returned.
+    """
+    held = _held_out_curves(curves, anchors)
+    if len(held) < 2:
+        return law_class(candidates[0]), {}
+    scores = {law_class(c).__name__: float(np.mean(_held_out_errors(c, curves, sign, lam, held)))
+              for c in candidates}
+    best = min(scores, key=scores.__getitem__)  # the first of equal scores: the simplest
+    return law_class(best), scores
+
+
 def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Mapping[str, int] | None]], *,
                   grid: Sequence[float] = LAMBDA_GRID, anchors: Sequence[str] = ("main",),
                   ) -> tuple[float, dict[float, float]]:
@@ -508,9 +702,7 @@ def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Ma
     """
     folds = []
     for law_cls, curves, sign in problems:
-        held = [i for i, c in enumerate(curves) if c.name not in anchors and len(c.steps)]
-        if len(held) > LAMBDA_FOLDS:
-            held = [held[int(k)] for k in np.linspace(0, len(held) - 1, LAMBDA_FOLDS).round()]
+        held = _held_out_curves(curves, anchors)
         if len(held) >= 2:
             folds.append((law_cls, curves, sign, held))
     if not folds:
@@ -519,17 +711,7 @@ def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Ma
     for lam in grid:
         errors = []
         for law_cls, curves, sign, held in folds:
-            # Warm start: a fold drops one curve, so its optimum lies near the full fit's.
-            # One start from there instead of the multi-start grid makes the cross-validation
-            # (most of a refit's time, and a sweep refits after every trial) several times cheaper.
-            full = fit_law(law_cls, curves, lam=lam, sign=sign, quiet=True)
-            start = [{k: full.params[k] for k in LAWS[full.law].default_grid}]
-            for i in held:
-                fit = fit_law(law_cls, [c for j, c in enumerate(curves) if j != i], lam=lam, sign=sign,
-                              quiet=True, seed_grid=start)
-                c = curves[i]
-                last = int(np.argmax(c.steps))
-                errors.append(np.log(max(fit.predict(c)[last], 1e-12) / c.losses[last]) ** 2)
+            errors += _held_out_errors(law_cls, curves, sign, lam, held)
         scores[float(lam)] = float(np.mean(errors))
     best = min(scores, key=lambda lam: (scores[lam], -lam))
     return best, scores

@@ -44,6 +44,15 @@ With replay (``data.replay_ratio > 0``) the shift away from ``j`` is weaker, so 
 but the phase boundary is the same. A split with no observation after its ``cpt_start``
 (the first version, or an old split that was never trained past) has no CPT phase to fit:
 ``law="auto"`` fits the annealing law (2408.11029) there instead.
+
+Every later version shifts the training data again, so an old split ``j`` sees one switch
+per version after it: the ends of ``j``'s, ``j+1``'s, ... ``K-1``'s main segments
+(:func:`boundaries`). The first is ``cpt_start``; the others are ``Curve.shifts``, and the
+multi-shift law (:func:`raypath.law.multi_shift_law`) gives each its own shift term.
+:func:`fit_run` fits it next to the single-shift law wherever a split has more than one
+switch and keeps the one that predicts held-out branches better
+(:func:`raypath.law.select_law`); on a two-version lineage every split has one switch and
+the fit is the single-shift one.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ import numpy as np
 from raypath import law as lawmod
 from raypath.law import Curve, FitResult, fit_law
 from raypath.mainpath import fork_step as _fork_step
-from raypath.schedules import SHAPES, Decay, MainPath, decay_fraction
+from raypath.schedules import SHAPES, Decay, MainPath, decay_fraction, decay_progress
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +138,24 @@ def cpt_start(lineage: Mapping, split: str, version: str) -> int:
     return int(m["start_step"] if split == version else m["end_step"])
 
 
+def boundaries(lineage: Mapping, split: str, version: str) -> list[int]:
+    """Every data switch the split sees when releasing ``version``, in order: ``cpt_start``,
+    then for an old split the end of each later version's main segment before ``version``
+    (the first step trained on the next version's data; see the module doc)."""
+    if split == version:
+        return [cpt_start(lineage, split, version)]
+    names, mains = _versions(lineage), _mains(lineage)
+    later = names[names.index(split): names.index(version)]
+    return [int(mains[v]["end_step"]) for v in later if v in mains]
+
+
+def _phases(lineage: Mapping, split: str, version: str) -> dict:
+    """``cpt_start`` and ``shifts`` of the split's curves (keyword arguments of
+    :class:`~raypath.law.Curve` and :meth:`~raypath.law.FitResult.predict`)."""
+    first, *later = boundaries(lineage, split, version)
+    return {"cpt_start": first, "shifts": tuple(later)}
+
+
 def splits_for(lineage: Mapping, version: str) -> list[str]:
     """Validation splits relevant to releasing ``version``: older versions, then its own."""
     names = _versions(lineage)
@@ -173,7 +200,7 @@ def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | Non
     end_lr = decay.min_lr_ratio * main.max_lr
     lrs = np.where(idx < fork, float(main.max_lr), end_lr)  # before the fork: the main path
     inside = (idx >= fork) & (idx < fork + steps)
-    frac = decay_fraction((idx[inside] - fork) / steps, decay.shape, decay.power)
+    frac = decay_fraction(decay_progress(idx[inside] - fork, steps), decay.shape, decay.power)
     lrs[inside] = end_lr + (start_lr - end_lr) * frac
     # A fork inside the warmup decays from a ramp value; only the steps before it count as peak.
     warm = idx < min(main.warmup_steps, fork)
@@ -290,7 +317,7 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
     release = release_version or upto
     if split not in mains:
         raise ValueError(f"split {split!r}: no main-path segment of that version")
-    start = cpt_start(lineage, split, release)
+    phases = _phases(lineage, split, release)
     key = f"val/{split}"
     sched = main_schedule(lineage)
     curves: list[Curve] = []
@@ -307,8 +334,7 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
             steps, losses = steps[order], losses[order]
             steps, first = np.unique(steps, return_index=True)
             losses = losses[first]
-            curves.append(Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, cpt_start=start,
-                                name="main"))
+            curves.append(Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases))
     wanted = None if branches is None else set(branches)
     pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [dict(b) for b in extra_branches]
     seen = set()
@@ -326,7 +352,7 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
         d = b.get("decay") or {}
         decay = Decay(d.get("shape", "1-sqrt"), float(d.get("min_lr_ratio", 0.0)), float(d.get("power", 2.0)))
         lrs = branch_lrs(sched, int(b["fork_step"]), int(b["steps"]), decay, n=end)
-        curves.append(Curve(lrs, steps, losses, cpt_start=start, name=b["name"]))
+        curves.append(Curve(lrs, steps, losses, name=b["name"], **phases))
     if wanted is not None and (missing := wanted - seen - {"main"}):
         log.debug("split %s: requested branches without observations: %s", split, sorted(missing))
     return curves
@@ -341,6 +367,23 @@ def _choose_law(law: str, curves: Sequence[Curve]) -> str:
     return "CPTLaw" if has_cpt else "AnnealingLaw"
 
 
+SHIFTS = ("auto", "single", "multi")
+
+
+def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_points: int) -> list:
+    """The laws :func:`fit_run` chooses from for one split: the single-shift CPT law, and the
+    multi-shift one with a term per data switch that some observation comes after (a switch
+    nothing was observed after would be a flat parameter)."""
+    if chosen != "CPTLaw" or shifts == "single":
+        return [chosen]
+    last = max((int(c.steps.max()) for c in curves if len(c.steps)), default=-1)
+    n_switches = 1 + sum(b <= last for b in curves[0].shifts)
+    multi = lawmod.multi_shift_law(n_switches)
+    if n_switches == 1 or n_points < len(multi.param_names) + 1:
+        return [chosen]
+    return [multi] if shifts == "multi" else [chosen, multi]
+
+
 def _load_lineage(run_dir_or_lineage) -> tuple[dict, Path | None]:
     if isinstance(run_dir_or_lineage, Mapping):
         return dict(run_dir_or_lineage), None
@@ -352,7 +395,8 @@ def _load_lineage(run_dir_or_lineage) -> tuple[dict, Path | None]:
 def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = "auto",
             run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
             extra_branches: Sequence[Mapping] = (), include_sweeps: bool = True,
-            shift_sign: bool = True, lam: float | str = "auto", save: bool = True) -> dict[str, FitResult]:
+            shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
+            save: bool = True) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -369,14 +413,25 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     momentum decay of S2, one value for every split; ``auto`` picks it from
     :data:`raypath.law.LAMBDA_GRID` by leave-one-branch-out prediction of final losses over
     all splits (:func:`raypath.law.select_lambda`; 0.999 until some split has two
-    branches). Saves
+    branches; it is chosen on the single-shift problems, so it is the same with or without
+    the multi-shift law).
+
+    ``shifts`` decides how a CPT fit treats an old split's later data switches
+    (:func:`boundaries`): ``single`` -- one shift term, at ``cpt_start`` (2505.07796 as
+    published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`);
+    ``auto`` -- whichever predicts held-out branches better (:func:`raypath.law.select_law`;
+    the single-shift law unless the multi-shift one is strictly better). A split with one
+    switch is always fitted with the single-shift law. Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
+    if shifts not in SHIFTS:
+        raise ValueError(f"shifts must be one of {', '.join(SHIFTS)}, got {shifts!r}")
     lineage, rd = _load_lineage(run_dir_or_lineage)
     rd = Path(run_dir) if run_dir is not None else rd
     version = resolve_version(lineage, version)
     fits: dict[str, FitResult] = {}
-    record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam, "splits": {}}
+    record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam,
+                              "shifts": shifts, "splits": {}}
     problems = {}
     for split in splits_for(lineage, version):
         curves = curves_from_lineage(lineage, split, version, run_dir=rd if rd else None, branches=branches,
@@ -398,12 +453,20 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     else:
         lam_value = float(lam)
     for split, (chosen, curves, sign) in problems.items():
+        candidates = _shift_candidates(chosen, curves, shifts, int(sum(len(c.steps) for c in curves)))
+        held_out: dict[str, float] = {}
+        if len(candidates) > 1:
+            chosen, held_out = lawmod.select_law(candidates, curves, sign=sign, lam=lam_value)
+        else:
+            chosen = candidates[0]
         fit = fit_law(chosen, curves, sign=sign, lam=lam_value)
+        fit.held_out = held_out
         if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
             log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
         fits[split] = fit
         record["splits"][split] = {
             **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
+            "boundaries": boundaries(lineage, split, version),
             "curves": [{"name": c.name, "n_points": int(len(c.steps)),
                         "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
                        for c in curves],
@@ -453,7 +516,7 @@ def predict_curve(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
     n = max(int(steps.max()), fork_step + branch_steps)
     lrs = branch_lrs(main_schedule(lineage), fork_step, branch_steps, decay, n=n)
     idx = np.maximum(steps - 1, 0)
-    return {s: f.predict(lrs, idx, cpt_start=cpt_start(lineage, s, version)) for s, f in fits.items()}
+    return {s: f.predict(lrs, idx, **_phases(lineage, s, version)) for s, f in fits.items()}
 
 
 def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str, shape: str = "1-sqrt",
@@ -473,7 +536,7 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str
     fork, steps, end = _branch_plan(lineage, version, fraction, fork_step)
     pred = {s: float(v[0]) for s, v in predict_curve(fits, lineage, version, decay, fork, [end]).items()}
     sched = main_schedule(lineage)
-    main_pred = {s: float(f.predict(main_lrs(sched, end), [end - 1], cpt_start=cpt_start(lineage, s, version))[0])
+    main_pred = {s: float(f.predict(main_lrs(sched, end), [end - 1], **_phases(lineage, s, version))[0])
                  for s, f in fits.items()}
     w = split_weights(lineage, version, weights)
     missing = [s for s in w if s not in pred]
@@ -832,7 +895,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
     decay = Decay(prediction["shape"], prediction["min_lr_ratio"], prediction["power"])
     fork, end = prediction["fork_step"], prediction["end_step"]
     for ax, split in zip(axes[:, 0], splits):
-        start = cpt_start(lineage, split, version)
+        phases = _phases(lineage, split, version)
         curves = curves_from_lineage(lineage, split, version, run_dir=run_dir)
         for c in curves:
             if c.name == "main":
@@ -840,11 +903,11 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
             else:
                 ax.plot(c.steps + 1, c.losses, "o-", ms=3, lw=1.2, label=f"{c.name} (observed)")
         grid = np.arange(max(int(m["start_step"]), 1), end + 1)
-        main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, cpt_start=start)
+        main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
         ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")
         bgrid = np.arange(fork, end + 1)
         pred = fits[split].predict(branch_lrs(sched, fork, end - fork, decay, n=end), np.maximum(bgrid - 1, 0),
-                                   cpt_start=start)
+                                   **phases)
         ax.plot(bgrid, pred, "-", color="crimson", lw=2.0,
                 label=f"predicted {decay.shape} f={prediction['fraction_actual']:.2f} (law)")
         ax.plot([end], [prediction["predicted"][split]], "*", color="crimson", ms=12)
@@ -865,7 +928,8 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
 
 def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version: str,
                 curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
-    """``raypath law fit`` output: per split, points, R^2, MAPE, parameters, degenerate ones."""
+    """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
+    parameters, degenerate ones, and the held-out errors the law was chosen by."""
     lines = [f"law fits for releasing {version} (per validation split)"]
     for split in splits_for(lineage, version):
         fit = fits_record.get(split)
@@ -874,8 +938,12 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version:
             lines.append(f"  {split} ({role}): not fitted (too few observed points)")
             continue
         params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
-        lines.append(f"  {split} ({role}, cpt_start {cpt_start(lineage, split, version)}): {fit.law}, "
+        switches = ", ".join(map(str, boundaries(lineage, split, version)))
+        lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
                      f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
+        if fit.held_out:
+            lines.append("      chosen by held-out error: "
+                         + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))
         lines.append(f"      params: {params}")
         lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
     return "\n".join(lines)

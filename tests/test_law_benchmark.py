@@ -66,3 +66,17 @@ def test_acceptance_reads_half_of_the_budget_and_of_both_unguided_counts():
     assert budget == {"of": 4, "half": 2.0, "ratio": 0.25, "met": True}
     assert to_best["of"] == 2.5 and to_best["met"] is True   # 1 <= 1.25
     assert within["of"] == 1.5 and within["met"] is False    # 1 > 0.75: s1's first draw was already there
+
+
+def test_guided_first_trial_within_reads_each_unguided_best():
+    sweeps = {"guided": _record([4.21, 4.50]),
+              "unguided-s0": _record([4.30, 4.20]),   # 4.21 <= 4.20 * 1.005
+              "unguided-s1": _record([4.10, 4.30])}   # 4.21 > 4.10 * 1.005
+    assert la.guided_vs_unguided(sweeps)["guided_first_trial_within"] == {"unguided-s0": True, "unguided-s1": False}
+
+
+def test_fit_releases_last_or_every_versions_release_branch():
+    lineage = {"main_path": [{"version": "v1"}, {"version": "v2"}],
+               "branches": [{"name": "branch-v1"}, {"name": "branch-v2"}, {"name": "branch-v2-extra"}]}
+    assert la.fit_releases(lineage, "last") == ["branch-v2"]
+    assert la.fit_releases(lineage, "all") == ["branch-v1", "branch-v2"]

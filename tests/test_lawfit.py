@@ -110,11 +110,15 @@ def test_fit_run_writes_json(law_run, fits):
     for split, fit in fits.items():
         assert str(fit.lam) == best and rec["splits"][split]["lam"] == fit.lam
     # shift-term signs as 2505.07796 finds them: forgetting on old data, gain on new data
-    # (a split with fewer points than the CPT law has parameters falls back to the annealing law)
+    # (a split with fewer points than the CPT law has parameters falls back to the annealing
+    # law; v1 sees two data switches, so it may take the multi-shift law)
     for split, fit in fits.items():
-        assert fit.law == ("CPTLaw" if fit.n_points > 8 else "AnnealingLaw")
-        if fit.law == "CPTLaw":
-            assert fit.params["B"] <= 0 if split == "v3" else fit.params["B"] >= 0
+        laws = {"CPTLaw", "MultiShiftCPTLaw[2]"} if split == "v1" else {"CPTLaw"}
+        assert fit.law in (laws if fit.n_points > 8 else {"AnnealingLaw"})
+        assert rec["splits"][split]["boundaries"] == lawfit.boundaries(law_run[1], split, "v3")
+        for amp in ("B", "B2"):
+            if amp in fit.params:
+                assert fit.params[amp] <= 0 if split == "v3" else fit.params[amp] >= 0
 
 
 def test_predict_branch(law_run, fits):
@@ -174,6 +178,9 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("lambda=0.99\n") == 3  # every split
     assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["lam"] == 0.99
+    assert "v1 (old, data switches at steps " in out
+    assert main(["law", "fit", str(run_dir), "--lambda", "0.99", "--shifts", "single"]) == 0
+    assert "MultiShiftCPTLaw" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["law", "fit", str(run_dir), "--lambda", "1.5"])
     assert "--lambda: expected 'auto' or a number in (0, 1), got '1.5'" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""A synthetic lineage for the law's tests: ``lineage.json`` and ``curves/*.jsonl`` as a run
+writes them, with validation losses drawn from a known multi-shift CPT law.
+
+The losses are computed here with plain numpy, independently of :mod:`raypath.law`'s feature
+code, so a fit recovering them checks the law's implementation too. Nothing trains: a
+4-version lineage is written in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from raypath.law import areas
+from raypath.lawfit import branch_lrs
+from raypath.schedules import Decay, MainPath
+
+MAX_LR = 3e-3
+WARMUP = 20
+SEGMENT = 200  # steps per version
+EVAL_EVERY = 10
+LAM = 0.99
+#: Law parameters per split role (raw units). B_i: the shift at the split's i-th boundary.
+TRUTH = {"L0": 2.0, "A": 1.2, "alpha": 0.45, "C1": 4.0, "C2": 3.0, "E": 8.0, "beta": 0.8}
+#: Shift amplitude of an old split at its first, second, third later boundary, and of the new split.
+OLD_B = (0.35, 0.25, 0.2)
+NEW_B = -0.4
+#: Release branch (20%, 1-sqrt to 0) and a second branch per version (40%, cosine to 0.1).
+BRANCHES = (("rel", 0.2, Decay("1-sqrt", 0.0, 2.0)), ("alt", 0.4, Decay("cosine", 0.1, 2.0)))
+
+
+def boundaries(split: int, release: int) -> list[int]:
+    """Data switches a split sees when ``release`` (1-based) is released: the new split's own
+    start; an old split's end of its version and of every later one before the release."""
+    if split == release:
+        return [(split - 1) * SEGMENT]
+    return [v * SEGMENT for v in range(split, release)]
+
+
+def true_loss(lrs: np.ndarray, steps: np.ndarray, bounds: list[int], amps: list[float],
+              lam: float = LAM) -> np.ndarray:
+    """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta)``: "pt" before
+    the first boundary, S1_i the forward area since the i-th boundary (a boundary at 0 is no
+    switch: the whole history is pre-training)."""
+    p = TRUTH
+    s1, s2 = areas(lrs, lam=lam)
+    first = bounds[0]
+    s2pt = s2[np.minimum(steps, first - 1)] if first > 0 else s2[steps]
+    loss = p["L0"] + p["A"] * s1[steps] ** -p["alpha"] - p["C1"] * s2pt - p["C2"] * (s2[steps] - s2pt)
+    for b, amp in zip(bounds, amps):
+        if 0 < b <= len(lrs):  # a history that ends before the boundary never sees it
+            since = np.where(steps >= b, s1[steps] - s1[b - 1], 0.0)
+            loss = loss + amp * (1.0 - (1.0 + p["E"] * since) ** -p["beta"])
+    return loss
+
+
+def _amps(split: int, release: int) -> list[float]:
+    return [NEW_B] if split == release else list(OLD_B[: release - split])
+
+
+def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int = 0,
+                  shifts: str = "multi") -> tuple[Path, dict]:
+    """Write a synthetic ``n_versions`` lineage under ``root``; returns ``(run_dir, lineage)``.
+
+    shifts: ``multi`` -- every later boundary adds its own shift (the truth the multi-shift law
+    describes); ``single`` -- an old split only shifts once, at the end of its own version (the
+    truth of the single-shift law). noise: relative Gaussian noise on every observed loss.
+    """
+    rng = np.random.default_rng(seed)
+    run_dir = root / "run"
+    (run_dir / "curves").mkdir(parents=True, exist_ok=True)
+    main = MainPath(MAX_LR, WARMUP)
+    names = [f"v{i}" for i in range(1, n_versions + 1)]
+    total = n_versions * SEGMENT
+    main_lr = np.full(total, MAX_LR)
+
+    # Every curve is drawn as the last release sees it, so one law describes each split exactly
+    # when the lineage is fitted for releasing its last version.
+    def losses(lrs, steps, split):
+        bounds = boundaries(split, n_versions)
+        amps = _amps(split, n_versions)
+        if shifts == "single":
+            bounds, amps = bounds[:1], amps[:1]
+        clean = true_loss(lrs, steps, bounds, amps)
+        return clean * (1.0 + noise * rng.standard_normal(len(steps)))
+
+    mains, branches = [], []
+    for k, name in enumerate(names, 1):
+        start, end = (k - 1) * SEGMENT, k * SEGMENT
+        rec_steps = np.arange(start + EVAL_EVERY, end + 1, EVAL_EVERY)
+        rows = {int(s): {"step": int(s)} for s in rec_steps}
+        for split in range(1, k + 1):
+            obs = rec_steps[rec_steps > (split - 1) * SEGMENT]
+            for s, v in zip(obs, losses(main_lr, obs - 1, split)):
+                rows[int(s)][f"val/v{split}"] = float(v)
+        _write_curve(run_dir, f"main-{name}", rows.values())
+        mains.append({"version": name, "segment": f"main-{name}", "start_step": start, "end_step": end,
+                      "max_lr": MAX_LR, "warmup_steps": WARMUP,
+                      "curve": str(run_dir / "curves" / f"main-{name}.jsonl")})
+        for tag, fraction, decay in BRANCHES:
+            steps = int(round(fraction * SEGMENT))
+            fork = end - steps
+            bname = f"branch-{name}" if tag == "rel" else f"branch-{name}-{tag}"
+            lrs = branch_lrs(main, fork, steps, decay)
+            rec = np.unique(np.append(np.arange(fork + EVAL_EVERY, end + 1, EVAL_EVERY), end))
+            brows = {int(s): {"step": int(s)} for s in rec}
+            metrics = {}
+            for split in range(1, k + 1):
+                vals = losses(lrs, rec - 1, split)
+                for s, v in zip(rec, vals):
+                    brows[int(s)][f"val/v{split}"] = float(v)
+                metrics[f"val/v{split}"] = float(vals[-1])
+            _write_curve(run_dir, bname, brows.values())
+            branches.append({"name": bname, "version": name, "fork_step": fork, "steps": steps,
+                             "decay": {"shape": decay.shape, "min_lr_ratio": decay.min_lr_ratio,
+                                       "power": decay.power},
+                             "curve": str(run_dir / "curves" / f"{bname}.jsonl"), "status": "done",
+                             "metrics": metrics})
+    lineage = {"name": "synthetic", "versions": [{"name": n} for n in names], "main_path": mains,
+               "branches": branches, "config": {"run_dir": str(run_dir)}}
+    (run_dir / "lineage.json").write_text(json.dumps(lineage, indent=1))
+    assert total == mains[-1]["end_step"]
+    return run_dir, lineage
+
+
+def _write_curve(run_dir: Path, name: str, rows) -> None:
+    lines = [json.dumps(r) for r in rows]
+    (run_dir / "curves" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
