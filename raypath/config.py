@@ -220,7 +220,8 @@ class BranchConfig:
     fraction: share of the version's new data the branch re-trains with a
         decaying LR, in (0, 1); the fork is the main-path checkpoint before it.
     shape: decay shape, one of cosine, linear, 1-sqrt, exponential, polynomial.
-    min_lr_ratio: final LR / max LR, in [0, 1).
+    min_lr_ratio: final LR / max LR, in [0, 1); the branch's last step trains at it,
+        whatever the shape and length.
     power: exponent of ``polynomial`` / e-foldings of ``exponential``.
     parallel: run version k's branch while the main path trains version k+1.
     """
