@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from raypath import storage
+from raypath.lineage import sweep_run_dir
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -47,6 +48,11 @@ SHAPE_COLORS = {"cosine": "tab:blue", "linear": "tab:orange", "1-sqrt": "tab:gre
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def _sweep_record(path: Path) -> dict:
+    """``sweep.json`` / ``results.json``, their paths absolute under the run directory's current place."""
+    return storage.read_json(path, root=sweep_run_dir(path.parent))
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -69,10 +75,10 @@ def sweep_info(sweep_dir: str | os.PathLike) -> dict:
     path = sweep_dir / "sweep.json"
     if not path.is_file():
         raise FileNotFoundError(f"{sweep_dir}: no sweep.json (is it a `raypath sweep` directory?)")
-    info = _read_json(path)
+    info = _sweep_record(path)
     results = sweep_dir / "results.json"
     if results.is_file():
-        done = _read_json(results)
+        done = _sweep_record(results)
         info.update({k: done.get(k) for k in ("best", "released", "pinned", "complete")})
     return info
 

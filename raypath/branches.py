@@ -18,6 +18,7 @@ from raypath import checkpoint as ckpt
 from raypath.loop import Segment, fit_segment
 from raypath.mainpath import main_schedule
 from raypath.schedules import Branch, Decay
+from raypath.storage import relative_paths
 
 
 def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str | None = None,
@@ -39,13 +40,13 @@ def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str |
         stream_limit=(main["end_step"] - main["start_step"]) * ctx.cfg.train.global_batch_size,
         export_dir=export_dir,
         tokenizer_dir=ctx.tokenizer_dir,
-        model_card={
+        model_card=relative_paths({  # a card travels with the model: no path of this machine
             "run": ctx.cfg.name, "version": version["name"], "branch": name,
             "forked_from": fork_ckpt, "fork_step": fork, "branch_steps": steps,
             "decay": dataclasses.asdict(decay), "max_lr": ctx.cfg.train.max_lr,
             "trained_on_versions": [v["name"] for v in ctx.versions[: k + 1]],
             "seq_len": ctx.cfg.data.seq_len,
-        },
+        }, ctx.run_dir),
     )
 
 

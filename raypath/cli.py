@@ -43,11 +43,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_run(args: argparse.Namespace):
+    """The run directory of a command, a local path or a URI (pulled into ``--local-dir``)."""
+    from raypath.mirror import RunDir
+
+    return RunDir.open(args.run_dir, args.local_dir)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
     from raypath.report import format_status
 
-    print(format_status(Lineage.load(args.run_dir).data))
+    print(format_status(Lineage.load(_open_run(args).path).data))
     return 0
 
 
@@ -56,7 +63,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
 
     if args.run_dir:
-        lineage = Lineage.load(args.run_dir).data
+        lineage = Lineage.load(_open_run(args).path).data
         fraction = lineage["config"]["branch"]["fraction"]
         replay = lineage["config"]["data"]["replay_ratio"]
         new_tokens = [v["new_tokens"] for v in lineage["versions"]]
@@ -121,14 +128,16 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
 
-    lineage = Lineage.load(args.run_dir).data
+    rd = _open_run(args)
+    lineage = Lineage.load(rd.path).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
+        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
+    rd.publish(rd / lawfit.LAW_DIR)
     print(lawfit.format_fits(fits, lineage, version))
-    print(f"fit: {args.run_dir}/{lawfit.LAW_DIR}/fit-{version}.json")
+    print(f"fit: {rd.uri}/{lawfit.LAW_DIR}/fit-{version}.json")
     return 0 if fits else 1
 
 
@@ -136,10 +145,12 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
 
-    lineage = Lineage.load(args.run_dir).data
+    rd = _open_run(args)
+    lineage = Lineage.load(rd.path).data
     try:
         version = lawfit.resolve_version(lineage, args.version)
-        fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
+        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
+        rd.publish(rd / lawfit.LAW_DIR)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
                                   args.power, weights=weights, fork_step=args.fork_step)
@@ -151,7 +162,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
         print(f"  val/{split}: predicted {loss:.4f} (main path at the same step: {p['main'][split]:.4f})")
     print(f"  objective ({', '.join(f'{s} {w:.3g}' for s, w in p['weights'].items())}): {p['objective']:.4f}")
     if args.plot:
-        print(f"plot: {lawfit.plot_prediction(args.run_dir, lineage, fits, version, p, args.plot)}")
+        print(f"plot: {lawfit.plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")
     return 0
 
 
@@ -165,6 +176,12 @@ def _lam(value: str) -> float | str:
     if not 0.0 < lam < 1.0:
         raise argparse.ArgumentTypeError(f"--lambda: expected 'auto' or a number in (0, 1), got {value!r}")
     return lam
+
+
+def _run_dir_arg(parser, **kwargs) -> None:
+    parser.add_argument("run_dir", help="run directory: a path, or a URI such as s3://bucket/runs/x", **kwargs)
+    parser.add_argument("--local-dir", help="where a remote run directory is mirrored "
+                                            "(default ~/.cache/raypath/<scheme>/<bucket>/<prefix>)")
 
 
 def _law_options(parser) -> None:
@@ -181,12 +198,12 @@ def _add_law(sub) -> None:
     law = sub.add_parser("law", help="fit the CPT scaling law to a run and predict branches")
     lsub = law.add_subparsers(dest="law_command", required=True)
     f = lsub.add_parser("fit", help="fit per validation split; print R^2, MAPE, parameters")
-    f.add_argument("run_dir")
+    _run_dir_arg(f)
     f.add_argument("--version", help="version being released (default: the latest trained)")
     _law_options(f)
     f.set_defaults(fn=cmd_law_fit)
     pr = lsub.add_parser("predict", help="predicted final val losses of a branch")
-    pr.add_argument("run_dir")
+    _run_dir_arg(pr)
     pr.add_argument("--version", help="version to branch (default: the latest trained)")
     pr.add_argument("--shape", default="1-sqrt", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"])
     pr.add_argument("--fraction", type=float, default=0.2, help="share of the version's steps the branch re-trains")
@@ -213,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("status", help="print a run's lineage as tables")
-    s.add_argument("run_dir")
+    _run_dir_arg(s)
     s.set_defaults(fn=cmd_status)
 
     cmp_ = sub.add_parser("compare", help="train PTFS, CPT and path switching on the same data and compare")
@@ -224,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(fn=cmd_compare)
 
     c = sub.add_parser("cost", help="tokens trained by PTFS, CPT and path switching")
-    c.add_argument("run_dir", nargs="?")
+    _run_dir_arg(c, nargs="?")
     c.add_argument("--tokens", type=float, nargs="+", help="new tokens per version")
     c.add_argument("--fraction", type=float, default=0.2, help="branch fraction")
     c.add_argument("--replay", type=float, default=0.0, help="replay ratio")

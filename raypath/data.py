@@ -58,6 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raypath.lineage import recorded_root
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
 from raypath.sources import (  # noqa: F401
     CHUNK_BYTES,
@@ -72,7 +73,7 @@ from raypath.sources import (  # noqa: F401
     iter_docs,
     unchanged,
 )
-from raypath.storage import read_json, write_json
+from raypath.storage import read_json, rebase_paths, write_json
 
 log = logging.getLogger(__name__)
 
@@ -627,7 +628,7 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = read_json(path) if path.exists() else {"versions": []}
+    manifest = _read_manifest(path) if path.exists() else {"versions": []}
     for key in ("seq_len", "tokenizer_dir"):
         if manifest.get(key) not in (None, getattr(spec, key)):
             raise DataError(f"{path}: prepared with {key}={manifest[key]!r}, config asks "
@@ -658,6 +659,19 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     return plan
 
 
+def _run_root(manifest_path: Path) -> Path:
+    # The manifest lives in RUN_DIR/data/; its paths are stored relative to RUN_DIR.
+    return manifest_path.resolve().parent.parent
+
+
+def _read_manifest(path: Path) -> dict:
+    """The data manifest with absolute paths under the run directory's current place (an older
+    manifest's absolute paths of wherever the run directory was are moved there)."""
+    root = _run_root(path)
+    manifest = read_json(path, root=root)
+    return rebase_paths(manifest, recorded_root(manifest.get("versions", [])) or root, root)
+
+
 def _splits(src: VersionSource) -> list[tuple[str, tuple[str, ...]]]:
     """A version's file lists by split; ``test`` only when the corpus has a ``test/`` folder."""
     return [("train", src.train_files), ("val", src.val_files)] + ([("test", src.test_files)] if src.test_files else [])
@@ -677,7 +691,8 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
     for todo, stats in zip(plan.todo, _tokenize_versions(plan.todo, spec, eos)):
         rec = _prepare_one(todo, spec, records, stats)
         records.append(rec)
-        write_json(plan.manifest_path, manifest)  # each version lands as soon as its stream is written
+        # each version lands as soon as its stream is written
+        write_json(plan.manifest_path, manifest, root=_run_root(plan.manifest_path))
         log.info("prepared %s: %d blocks (+%d replay), %d val + %d test blocks, %.3f%% tokens dropped at "
                  "pack edges", rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
                  rec["test_blocks"], 100 * rec["dropped_share"])

@@ -4,6 +4,11 @@ One JSON file per run (``RUN_DIR/lineage.json``), written atomically by the
 driver only (workers never touch it), so it is always a consistent picture of
 what is finished. A re-run reads it to skip finished work. In a remote run
 directory every save is also uploaded (:mod:`raypath.mirror`).
+
+Format 2 stores the paths of the run directory's files relative to it (``./data/v1/val``,
+:func:`raypath.storage.relative_paths`), so a run directory can be copied or moved and
+read where it lands; in memory they are absolute under its current place. A format-1
+record (absolute paths) is migrated when read, wherever its directory now is.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from raypath.mirror import Mirror, publish
-from raypath.storage import RunFileError, read_json, write_json
+from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
 LINEAGE = "lineage.json"
-FORMAT = 1
+FORMAT = 2
+#: Formats this raypath reads (older ones are migrated in memory, written back as FORMAT).
+READS = (1, 2)
 
 
 def _now() -> str:
@@ -39,14 +46,8 @@ class Lineage:
     def open(cls, run_dir: str | Path, name: str, config: dict, mirror: Mirror | None = None) -> "Lineage":
         path = Path(run_dir) / LINEAGE
         if path.exists():
-            lin = cls(path, read_json(path), mirror)
-            found = lin.data.get("format") if isinstance(lin.data, dict) else None
-            if found != FORMAT:
-                newer = " (written by a newer raypath: upgrade to resume it)" if \
-                    isinstance(found, int) and found > FORMAT else ""
-                raise RunFileError(f"{path}: lineage format {found!r}, this raypath reads format {FORMAT}{newer}")
+            lin = cls(path, _read(path), mirror)
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
-            _migrate_releases(lin.data)
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
@@ -57,13 +58,16 @@ class Lineage:
         path = Path(run_dir) / LINEAGE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
-        data = read_json(path)
-        _migrate_releases(data)
-        return cls(path, data)
+        return cls(path, _read(path))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
 
     def save(self) -> None:
         self.data["updated"] = _now()
-        write_json(self.path, self.data)
+        self.data["format"] = FORMAT
+        write_json(self.path, self.data, root=self.run_dir)
         publish(self.mirror, self.path)
 
     # ---- versions and main path
@@ -118,6 +122,39 @@ class Lineage:
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+
+def _read(path: Path) -> dict:
+    """A lineage record with absolute paths under ``path``'s directory, whatever its format."""
+    data = read_json(path, root=path.parent)
+    found = data.get("format") if isinstance(data, dict) else None
+    if found not in READS:
+        newer = " (written by a newer raypath: upgrade to read it)" if isinstance(found, int) and found > FORMAT else ""
+        raise RunFileError(f"{path}: lineage format {found!r}, this raypath reads formats "
+                           f"{', '.join(map(str, READS))}{newer}")
+    if found == 1:  # absolute paths of wherever the run directory was written
+        data = rebase_paths(data, recorded_root(data.get("versions", []), data.get("main_path", [])) or path.parent,
+                            path.parent.resolve())
+    _migrate_releases(data)
+    return data
+
+
+def sweep_run_dir(sweep_dir: str | Path) -> Path:
+    """The run directory of a sweep directory (``RUN_DIR/sweeps/<version>/<name>``): its
+    records' paths are stored relative to it."""
+    return Path(sweep_dir).resolve().parents[2]
+
+
+def recorded_root(versions: list[dict], main_path: list[dict] = ()) -> Path | None:
+    """Where a record written with absolute paths had its run directory: a prepared version's
+    val split is ``<run_dir>/data/<version>/val``, a main segment's curve ``<run_dir>/curves/<name>.jsonl``."""
+    for v in versions:
+        if str(v.get("val_path", "")).startswith("/"):
+            return Path(v["val_path"]).parents[2]
+    for m in main_path:
+        if str(m.get("curve", "")).startswith("/"):
+            return Path(m["curve"]).parents[1]
+    return None
 
 
 def _migrate_releases(data: dict) -> None:

@@ -10,9 +10,10 @@ mount every node sees is a plain path).
 
 Who copies what, when:
 
-* the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints,
-  exports, releases and sweeps: large, fetched one by one where needed) and the
-  token files of ``data/`` (written to and read from the remote by Ray Data);
+* the driver (or a command such as ``raypath status``), at start: everything except
+  :data:`NOT_MIRRORED` (checkpoints, exports, releases: large, fetched one by one where
+  needed), the token files of ``data/`` (written to and read from the remote by Ray Data)
+  and all but the records and curves of ``sweeps/``;
   after preparing: config, corpus, tokenizer and the data manifest;
   ``lineage.json`` after every save; ``report/`` at the end;
 * Ray Train writes checkpoints straight to the remote
@@ -43,16 +44,17 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raypath.sources import uri_filesystem
+from raypath.sources import first_line, uri_filesystem
 from raypath.storage import atomic_file
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
-NOT_MIRRORED = ("ray", "exports", "releases", "sweeps")
+NOT_MIRRORED = ("ray", "exports", "releases")
 #: Top-level entries of which the driver pulls only the metadata at start: prepared token
-#: files are written to and read from the remote by Ray Data, and fetched only where needed.
-METADATA_ONLY = ("data",)
+#: files are written to and read from the remote by Ray Data, and fetched only where needed;
+#: of sweeps, their records and curves (what the reports and the law read), not their checkpoints.
+METADATA_ONLY = ("data", "sweeps")
 CHUNK = 8 << 20
 
 
@@ -239,6 +241,65 @@ def _changed(local: Path, remote: pafs.FileInfo) -> bool:
     if remote.type != pafs.FileType.File or not local.is_file():
         return True
     return local.name.endswith(MUTABLE) or local.stat().st_size != remote.size
+
+
+# ------------------------------------------------------------ the run-directory handle
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory, local or remote, as every command opens it.
+
+    path: where its files are read and written: the directory itself, or for a remote
+        run directory its local mirror (filled from the remote when opened).
+    mirror: the remote run directory behind ``path``; None for a local one.
+    """
+
+    path: Path
+    mirror: Mirror | None = None
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, local_dir: str | None = None, endpoint: str | None = None, *,
+             create: bool = False) -> "RunDir":
+        """Open ``run_dir`` (a path or URI): a remote one is pulled into its mirror first
+        (:meth:`Mirror.pull_run`). ``create`` makes a missing local directory (and checks it is
+        writable); otherwise a run directory that does not exist is refused, by name."""
+        from raypath.config import ConfigError
+
+        path, mirror = run_location(str(run_dir), local_dir, endpoint)
+        if mirror is not None:
+            try:
+                mirror.pull_run()
+            except OSError as e:  # unreachable endpoint, rejected credentials, no bucket
+                raise ConfigError(f"run_dir: cannot read {run_dir}: {first_line(e)}") from None
+        if create:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=path).close()
+            except OSError as e:
+                raise ConfigError(f"run_dir: {path} is not a writable directory ({e.strerror or e})") from None
+        elif mirror is not None and not path.is_dir():
+            raise FileNotFoundError(f"{run_dir}: nothing there (not a raypath run directory)")
+        return cls(path, mirror)
+
+    @property
+    def uri(self) -> str:
+        """What the user calls it: the remote URI, or the local path."""
+        return self.mirror.remote if self.mirror is not None else str(self.path)
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.path / rel
+
+    def fetch(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
+        """``path`` (inside the run directory), pulled first from a remote run directory."""
+        return fetch(self.mirror, path, missing_ok)
+
+    def publish(self, path: str | os.PathLike) -> None:
+        """Upload ``path`` (file or directory) to a remote run directory; a no-op for a local one."""
+        publish(self.mirror, path)
+
+    def source(self, path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+        """(path, filesystem) of ``path`` to hand to Ray: the remote one for a remote run directory."""
+        return source(self.mirror, path)
 
 
 # ------------------------------------------------------------ for callers without a mirror

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raypath.lineage import sweep_run_dir
 from raypath.mirror import Mirror, fetch, publish
 from raypath.storage import atomic_dir, read_json, write_json
 
@@ -349,7 +350,7 @@ class Releaser:
         with atomic_dir(vdir / rid) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was
-            write_json(tmp / RELEASE_JSON, entry)
+            write_json(tmp / RELEASE_JSON, entry, root=self.run_dir)
         publish(self.mirror, vdir / rid)
         pinned = reason in (PINNED, ROLLBACK)
         self._switch(vdir, rid, pinned)
@@ -416,7 +417,7 @@ class Releaser:
         if rid != h["current"]:
             if rid not in {r["id"] for r in h["releases"]}:
                 fetch(self.mirror, vdir / rid / RELEASE_JSON)
-                h["releases"].append(read_json(vdir / rid / RELEASE_JSON))
+                h["releases"].append(read_json(vdir / rid / RELEASE_JSON, root=self.run_dir))
             log.warning("%s: %s is live (%s) but the lineage said %s; recorded it", version, rid, POINTER,
                         h["current"])
             h["log"].append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
@@ -480,7 +481,8 @@ class Releaser:
         results = Path(cand.sweep) / "results.json" if cand.sweep else None
         if results is None or not results.is_file():
             return None
-        trial = next((t for t in read_json(results).get("trials", []) if t.get("name") == cand.name), None)
+        trials = read_json(results, root=sweep_run_dir(cand.sweep)).get("trials", [])
+        trial = next((t for t in trials if t.get("name") == cand.name), None)
         if trial is None or "branch" not in trial:
             return None
         return {**trial["branch"], "sweep": cand.sweep, "trial_id": trial["trial_id"],

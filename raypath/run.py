@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +29,12 @@ from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
-from raypath.mirror import Mirror, fetch, publish, run_location
+from raypath.mirror import Mirror, RunDir, fetch, publish
 from raypath.pretrained import check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
-from raypath.sources import VersionSource, first_line, iter_texts
-from raypath.storage import atomic_dir, atomic_write_bytes, read_json
+from raypath.sources import VersionSource, iter_texts
+from raypath.storage import atomic_dir, atomic_write_bytes
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage, record_release
 
@@ -130,29 +129,8 @@ def _discover(cfg: Config, run_dir: Path, mirror: Mirror | None) -> Located:
 
 def _open_run_dir(cfg: Config) -> tuple[Path, Mirror | None]:
     """The local run directory, checked writable; for a remote one, its mirror filled with the remote state."""
-    run_dir, mirror = run_location(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint)
-    if mirror is not None:
-        try:
-            mirror.pull_run()
-        except OSError as e:  # unreachable endpoint, rejected credentials, no bucket
-            raise ConfigError(f"run_dir: cannot read {cfg.run_dir}: {first_line(e)}") from None
-        _check_mirror_path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
-    except OSError as e:
-        raise ConfigError(f"run_dir: {run_dir} is not a writable directory ({e.strerror or e})") from None
-    return run_dir, mirror
-
-
-def _check_mirror_path(run_dir: Path) -> None:
-    # The lineage and data manifest hold absolute mirror paths: resuming in a
-    # different local directory would point them at files that are not there.
-    lineage = run_dir / "lineage.json"
-    recorded = (read_json(lineage).get("storage") or {}).get("local_dir") if lineage.is_file() else None
-    if recorded not in (None, str(run_dir)):
-        raise ConfigError(f"cluster.local_dir: this run's mirror was {recorded!r}, now {str(run_dir)!r}; "
-                          f"set cluster.local_dir={recorded} to resume it")
+    rd = RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True)
+    return rd.path, rd.mirror
 
 
 def prepare(cfg: Config, where: Located | None = None) -> RunContext:
@@ -248,7 +226,7 @@ def run(cfg: Config) -> Lineage:
     if ctx.base_model:
         lineage.data["model"] = {**lineage.data.get("model", {}), "base": ctx.base_model}
     if ctx.mirror is not None:
-        lineage.data["storage"] = {"run_dir": ctx.mirror.remote, "local_dir": ctx.mirror.local}
+        lineage.data["storage"] = {"run_dir": ctx.mirror.remote}
     lineage.set_versions(ctx.versions)
 
     runner = BranchRunner(cfg.branch.parallel)

@@ -53,8 +53,66 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, root: str | os.PathLike | None = None) -> None:
+    """Write ``obj`` as JSON atomically; with ``root``, paths inside it are stored relative
+    (:func:`relative_paths`), so the directory can be moved or mirrored elsewhere."""
+    if root is not None:
+        obj = relative_paths(obj, root)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------- movable run directories
+#
+# Records (lineage, data manifest, sweep and release records) name files of their run
+# directory. On disk such a path is stored relative to the run directory, as "./<posix
+# path>" ("." for the directory itself): the "./" tells it apart from any other string, so
+# no reader needs to know which fields are paths. In memory they are absolute again, under
+# wherever the run directory is now. Paths outside it (a corpus elsewhere) stay absolute.
+# The user's own config (``config`` subtrees) is stored as given.
+
+RELATIVE = "./"
+#: Keys whose subtree is stored verbatim: the run's config is the user's input.
+VERBATIM = ("config",)
+
+
+def _under(value: str, root: str) -> str | None:
+    if value == root:
+        return "."
+    if value.startswith(root + "/"):
+        return RELATIVE + value[len(root) + 1:]
+    return None
+
+
+def _map_strings(obj: Any, fn) -> Any:
+    """``obj`` with ``fn`` applied to every string in it, except under :data:`VERBATIM` keys."""
+    if isinstance(obj, dict):
+        return {k: (v if k in VERBATIM else _map_strings(v, fn)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_strings(v, fn) for v in obj]
+    return fn(obj) if isinstance(obj, str) else obj
+
+
+def relative_paths(obj: Any, root: str | os.PathLike) -> Any:
+    """A copy of ``obj`` with every absolute path under ``root`` written as ``./relative``."""
+    root = str(Path(root).resolve()).rstrip("/")
+    return _map_strings(obj, lambda s: (_under(s, root) or s) if s.startswith("/") else s)
+
+
+def absolute_paths(obj: Any, root: str | os.PathLike) -> Any:
+    """The inverse of :func:`relative_paths`: ``./relative`` strings become paths under ``root``."""
+    root = str(Path(root).resolve()).rstrip("/")
+
+    def conv(s: str) -> str:
+        if s == ".":
+            return root
+        return f"{root}/{s[len(RELATIVE):]}" if s.startswith(RELATIVE) else s
+
+    return _map_strings(obj, conv)
+
+
+def rebase_paths(obj: Any, old_root: str | os.PathLike, new_root: str | os.PathLike) -> Any:
+    """Absolute paths under ``old_root`` (where a run directory was) moved under ``new_root``."""
+    return absolute_paths(relative_paths(obj, old_root), new_root) if str(old_root) != str(new_root) else obj
 
 
 class RunFileError(ValueError):
@@ -62,12 +120,14 @@ class RunFileError(ValueError):
     format this raypath does not know; the message names the file."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:
+    """Read a JSON file; with ``root``, its ``./relative`` paths become absolute under ``root``."""
     p = Path(path)
     try:
-        return json.loads(p.read_text())
+        obj = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFileError(f"{p}: not valid JSON ({e}); restore it from a backup or use a new run_dir") from None
+    return obj if root is None else absolute_paths(obj, root)
 
 
 @contextlib.contextmanager

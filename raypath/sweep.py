@@ -64,9 +64,10 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
+from raypath.lineage import sweep_run_dir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import Decay
-from raypath.storage import read_json, write_json
+from raypath.storage import read_json, relative_paths, write_json
 from raypath.tracking import lineage_run, record_release
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,8 @@ class SweepPlan:
             stream = mix["stream_path"]
             card["replay"] = mix
         return dataclasses.replace(seg, storage=str(root / "branches" / name), curves_path=self.curve_path(trial_id),
-                                   stream_path=stream, objective_weights=dict(self.weights), model_card=card)
+                                   stream_path=stream, objective_weights=dict(self.weights),
+                                   model_card=relative_paths(card, self.ctx.run_dir))
 
     def replay_stream(self, seg, ratio: float) -> dict:
         """The version's stream with the branch's rows re-mixed to ``ratio`` replay (written once
@@ -402,9 +404,9 @@ def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
     and return what was recorded (a restored Tuner keeps its original concurrency)."""
     path = sweep_dir / SWEEP_JSON
     if not path.is_file():
-        write_json(path, record)
+        write_json(path, record, root=sweep_run_dir(sweep_dir))
         return record
-    old = read_json(path)
+    old = read_json(path, root=sweep_run_dir(sweep_dir))
     # a sweep recorded before a setting existed ran with its default
     old["settings"] = {**_settings_record(SweepConfig()), **old.get("settings", {})}
     for key in ("version", "settings", "objective_weights"):
@@ -636,7 +638,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     if guidance is not None:
         recorded["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
                              "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
-        write_json(sweep_dir / SWEEP_JSON, recorded)
+        write_json(sweep_dir / SWEEP_JSON, recorded, root=sweep_run_dir(sweep_dir))
     record["guide"] = recorded.get("guide", {"kind": "none"})
     tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir, guidance, restoring)
     results = tuner.fit()
@@ -666,7 +668,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
                     RESULTS_JSON, counts["done"])
     if best is not None and (settled or sc.pin):
         record.update(_release(plan, lineage, trials, sc.pin))
-    write_json(sweep_dir / RESULTS_JSON, record)
+    write_json(sweep_dir / RESULTS_JSON, record, root=sweep_run_dir(sweep_dir))
     lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
                          | {"trials": [_lineage_trial(t) for t in trials]})
     return record

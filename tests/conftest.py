@@ -58,13 +58,11 @@ def tiny_run(ray_cluster, tmp_path_factory):
 
 @pytest.fixture
 def tiny_run_copy(tiny_run, tmp_path):
-    """A private copy of the tiny run that a test may modify (paths rewritten)."""
+    """A private copy of the tiny run that a test may modify (records store paths relative to
+    the run directory: a plain copy)."""
     cfg, _ = tiny_run
-    src = Path(cfg.run_dir)
     dst = tmp_path / "run"
-    shutil.copytree(src, dst, symlinks=True)
-    for f in dst.rglob("*.json"):
-        f.write_text(f.read_text().replace(str(src), str(dst)))
+    shutil.copytree(cfg.run_dir, dst, symlinks=True)
     return tiny_config(dst)
 
 

@@ -297,8 +297,9 @@ def _forge_sha(manifest: dict) -> None:
 RUN_DIR = {
     "lineage-truncated": (lambda r: _truncate(r / "lineage.json"), "lineage.json: not valid JSON", True),
     "lineage-not-json": (lambda r: (r / "lineage.json").write_bytes(b"\x00\xff binary"), "lineage.json: not valid JSON", True),
-    "lineage-newer-format": (lambda r: _json_edit(r / "lineage.json", lambda d: d.update(format=2)),
-                             "lineage format 2, this raypath reads format 1 (written by a newer raypath", True),
+    "lineage-newer-format": (lambda r: _json_edit(r / "lineage.json", lambda d: d.update(format=3)),
+                             "lineage format 3, this raypath reads formats 1, 2 (written by a newer raypath",
+                             True),
     "manifest-truncated": (lambda r: _truncate(r / "data" / "manifest.json"), "manifest.json: not valid JSON", False),
     "manifest-sha256-mismatch": (lambda r: _json_edit(r / "data" / "manifest.json", _forge_sha), "sha256 differs", False),
     "tokenizer-missing": (lambda r: shutil.rmtree(r / "tokenizer"), "tokenizer directory is missing", False),

@@ -12,8 +12,10 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.cost import lineage_costs
 from raypath.data import Consumed, read_blocks
+from raypath.lineage import Lineage
 from raypath.report import read_curve
 from raypath.schedules import SHAPES, Branch, Decay, MainPath
+from raypath.storage import relative_paths
 
 
 def test_checkpoints_at_every_version_boundary(tiny_run):
@@ -93,7 +95,7 @@ def test_release_reloads_with_same_loss(tiny_run):
         assert loss == pytest.approx(release["val"][f"val/{version['name']}"], rel=1e-4)
     card = json.loads(Path(release["path"], "model_card.json").read_text())
     assert card["version"] == "v3" and card["trained_on_versions"] == ["v1", "v2", "v3"]
-    assert card["forked_from"] == lin["branches"][-1]["forked_from"]
+    assert card["forked_from"] == relative_paths(lin["branches"][-1], cfg.run_dir)["forked_from"]  # no machine path
     assert card["decay"]["shape"] == cfg.branch.shape
 
 
@@ -101,6 +103,9 @@ def test_lineage_record(tiny_run):
     cfg, lin = tiny_run
     path = Path(cfg.run_dir) / "lineage.json"
     on_disk = json.loads(path.read_text())
+    assert on_disk["format"] == 2  # paths inside the run directory stored relative to it
+    assert on_disk["versions"][0]["val_path"] == "./data/v1/val"
+    on_disk = Lineage.load(path.parent).data
     assert on_disk["versions"] == lin["versions"]
     assert [r["version"] for r in on_disk["releases"]] == ["v1", "v2", "v3"]
     for v in on_disk["versions"]:

@@ -309,20 +309,17 @@ def test_old_layout_run_loads_as_r1_and_moves_on_the_next_release(tiny_run_copy)
 
 
 def _copy_sweep_run(tiny_sweep, dst: Path) -> tuple[Path, dict]:
-    """A copy of the swept lineage (paths rewritten) without its release: trials measured, nothing
-    released; returns it and the sweep's trial records (paths rewritten too)."""
+    """A copy of the swept lineage without its release: trials measured, nothing released;
+    returns it and the sweep's trial records (as read where the copy lies)."""
     src = Path(tiny_sweep["cfg"].run_dir)
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("ray", "branches", "data", "corpus"))
-    for f in [dst / "lineage.json", *dst.glob("sweeps/*/*/results.json")]:
-        f.write_text(f.read_text().replace(str(src), str(dst)))
     shutil.rmtree(dst / "releases")
     path = dst / "lineage.json"
     lin = json.loads(path.read_text())
     lin["releases"], lin["release_history"], lin["sweeps"] = [], {}, []
     lin["branches"] = [b for b in lin["branches"] if not b.get("sweep")]
     path.write_text(json.dumps(lin))
-    record = json.loads(json.dumps(tiny_sweep["record"]).replace(str(src), str(dst)))
-    return dst, record
+    return dst, read_json(dst / Path(tiny_sweep["dir"]).relative_to(src) / "results.json", root=dst)
 
 
 @pytest.mark.parametrize("margin,kept", [(-0.05, True), (0.05, False)])
