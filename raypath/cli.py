@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set + (["compare.paper_baselines=true"] if args.paper_baselines else []))
     paths = run_comparison(cfg)
-    print(format_comparison(comparison_table(cfg.run_dir)))
+    print(format_comparison(comparison_table(Path(paths["table"]).parents[1])))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

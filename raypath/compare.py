@@ -40,7 +40,7 @@ from raypath.cost import lineage_costs
 from raypath.data import union_stream
 from raypath.lineage import Lineage
 from raypath.loop import Segment, fit_segment
-from raypath.mirror import require_local
+from raypath.mirror import publish
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window
@@ -104,8 +104,8 @@ def cpt_segment(ctx: RunContext, k: int, prev: dict, decay: Decay) -> Segment:
 
 def _entry(seg: Segment, version: str, start_tokens: int, setting: str, decay: Decay) -> dict:
     final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final)
-    state = ckpt.load_state(final)
+    ckpt.verify(final, seg.mirror)
+    state = ckpt.load_state(final, seg.mirror)
     metrics = state["metrics"]
     return {"version": version, "setting": setting, "decay": dataclasses.asdict(decay), "segment": seg.name,
             "start_step": seg.start_step, "end_step": seg.end_step, "checkpoint": str(final),
@@ -155,21 +155,28 @@ def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Dec
             else:
                 seg = cpt_segment(ctx, k, cpt_prev, decay)
                 fit_segment(seg)
-                cpt = _entry(seg, name, ckpt.load_state(cpt_prev["checkpoint"])["tokens"], setting, decay)
+                start = ckpt.load_state(cpt_prev["checkpoint"], ctx.mirror)["tokens"]
+                cpt = _entry(seg, name, start, setting, decay)
             _record(lineage, "cpt", cpt)
         cpt_prev = cpt
 
 
 def replay_dir(run_dir: str | Path, ratio: float) -> Path:
+    """Where path switching at replay ``ratio`` lies in the (local) run directory ``run_dir``."""
     return Path(run_dir) / "compare" / f"replay-{ratio:g}"
 
 
-def replay_config(cfg: Config, ratio: float) -> Config:
+def replay_config(cfg: Config, ctx: RunContext, ratio: float) -> Config:
     """Path switching at another replay ratio: the same run on the run's own tokenizer (same
-    tokens, same val and test blocks), in its own run directory."""
-    data = dataclasses.replace(cfg.data, replay_ratio=ratio, tokenizer=str(Path(cfg.run_dir).resolve() / "tokenizer"))
-    return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=str(replay_dir(cfg.run_dir, ratio)),
-                               data=data)
+    tokens, same val and test blocks), in its own run directory inside the run's; for a remote
+    run, its mirror inside the run's mirror."""
+    sub = f"compare/replay-{ratio:g}"
+    data = dataclasses.replace(cfg.data, replay_ratio=ratio, tokenizer=ctx.tokenizer_dir)
+    if ctx.mirror is None:
+        return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=str(ctx.run_dir / sub), data=data)
+    cluster = dataclasses.replace(cfg.cluster, local_dir=str(ctx.run_dir / sub))
+    return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=f"{ctx.mirror.remote}/{sub}",
+                               data=data, cluster=cluster)
 
 
 def replay_ratios(cfg: Config) -> list[float]:
@@ -178,7 +185,6 @@ def replay_ratios(cfg: Config) -> list[float]:
 
 def run_comparison(cfg: Config) -> dict[str, str]:
     """Train every row of the comparison (resumable), then write the table and plots."""
-    require_local(cfg.run_dir, "compare")
     lineage = run_lineage(cfg)  # path switching, and the prepared versions
     ctx = prepare(cfg)
     decays = baseline_decays(cfg)
@@ -187,13 +193,16 @@ def run_comparison(cfg: Config) -> dict[str, str]:
     _train_baselines(lineage, ctx, MATCHED, decays[MATCHED])
     for ratio in replay_ratios(cfg):
         log.info("compare: path switching with replay ratio %g", ratio)
-        run_lineage(replay_config(cfg, ratio))
-        _results(lineage).setdefault("replay", {})[f"{ratio:g}"] = str(replay_dir(cfg.run_dir, ratio))
+        run_lineage(replay_config(cfg, ctx, ratio))
+        _results(lineage).setdefault("replay", {})[f"{ratio:g}"] = str(replay_dir(ctx.run_dir, ratio))
         lineage.save()
     if PAPER in decays:
         log.info("compare: PTFS and CPT with the paper's cosine decay")
         _train_baselines(lineage, ctx, PAPER, decays[PAPER])
-    return write_comparison(ctx.run_dir, lineage.data)
+    paths = write_comparison(ctx.run_dir, lineage.data)
+    for path in paths.values():
+        publish(ctx.mirror, path)
+    return paths
 
 
 # ---------------------------------------------------------------- results

@@ -122,16 +122,21 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
 
 # ---------------------------------------------------------------- a whole lineage on S3
 
-def _raypath_run(s3: S3, run_dir: str, mirror_dir: Path, log: Path) -> str:
+def _raypath(s3: S3, argv: list[str], log: Path) -> str:
+    """``raypath ARGV`` as its own process with its own local Ray cluster, whose workers get the
+    bucket's credentials from the environment as on a real cluster."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never someone else's cluster
-    env.update(AWS_ENV, RAY_AUTH_MODE="disabled")
-    cmd = [str(RAYPATH), "run", str(TINY), "--set", f"run_dir={run_dir}",
-           "--set", f"cluster.local_dir={mirror_dir}", "--set", f"cluster.storage_endpoint={s3.endpoint}",
-           "--set", "data.versions=[v1, v2]", "--set", "data.max_docs_per_version=3", "--set", "train.eval_every=0"]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env.update(AWS_ENV, RAY_AUTH_MODE="disabled", AWS_ENDPOINT_URL=s3.endpoint)
+    res = subprocess.run([str(RAYPATH), *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     log.write_text(res.stdout + res.stderr)
-    assert res.returncode == 0, f"raypath run failed ({res.returncode}), log {log}:\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, f"raypath {argv[0]} failed ({res.returncode}), log {log}:\n{res.stderr[-4000:]}"
     return res.stdout + res.stderr
+
+
+def _raypath_run(s3: S3, run_dir: str, mirror_dir: Path, log: Path) -> str:
+    return _raypath(s3, ["run", str(TINY), "--set", f"run_dir={run_dir}", "--set", f"cluster.local_dir={mirror_dir}",
+                         "--set", f"cluster.storage_endpoint={s3.endpoint}", "--set", "data.versions=[v1, v2]",
+                         "--set", "data.max_docs_per_version=3", "--set", "train.eval_every=0"], log)
 
 
 def _curves(s3: S3, prefix: str) -> dict[str, bytes]:
@@ -260,3 +265,27 @@ def test_status_cost_and_law_read_a_run_directory_in_a_bucket(s3, tiny_run, tmp_
     from raypath.cli import main
 
     assert main(["status", f"s3://{name}/nothing", "--local-dir", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.slow
+def test_compare_on_a_run_directory_in_a_bucket(s3, tiny_run, tmp_path, monkeypatch):
+    """`raypath compare` on a run uploaded to a bucket: baselines and a replay lineage train with
+    their checkpoints in the bucket, and the table lands there too."""
+    cfg, _ = tiny_run
+    name = _bucket(s3, "compare")
+    run_dir, mirror_dir = f"s3://{name}/run", tmp_path / "mirror"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    Mirror(run_dir, str(Path(cfg.run_dir).resolve()), s3.endpoint).push(Path(cfg.run_dir))
+    out = _raypath(s3, ["compare", str(TINY), "--set", f"run_dir={run_dir}", "--set", f"cluster.local_dir={mirror_dir}",
+                        "--set", "data.versions=[v1, v2]", "--set", "compare.replay_ratios=[0.25]"],
+                   tmp_path / "compare.log")
+    assert "PS replay 0.25" in out and "PTFS" in out and "CPT" in out
+    files = s3.files(f"{name}/run")
+    for key in ("compare/comparison.csv", "compare/comparison.txt", "compare/comparison.png",
+                "compare/replay-0.25/lineage.json", "curves/ptfs-v2.jsonl", "curves/cpt-v2.jsonl"):
+        assert f"{name}/run/{key}" in files, key
+    assert any(k.startswith(f"{name}/run/ray/ptfs-v2/step_") for k in files)  # checkpoints written to the bucket
+    assert any(k.startswith(f"{name}/run/compare/replay-0.25/ray/main-v2/step_") for k in files)
+    lin = json.loads(s3.read(f"{name}/run/lineage.json"))
+    assert lin["compare"]["replay"] == {"0.25": "./compare/replay-0.25"}
+    assert {e["version"] for e in lin["compare"]["ptfs"]} == {"v1", "v2"}
