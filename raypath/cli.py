@@ -87,10 +87,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from raypath.lineage import Lineage
+    from raypath.lineage import Lineage, resolve_version
     from raypath.mirror import require_local
     from raypath.releases import Releaser, format_release, version_objective
-    from raypath.sweep import resolve_version
 
     require_local(args.run_dir, "release")
     lineage = Lineage.load(args.run_dir)

@@ -64,15 +64,14 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
+from raypath.lineage import resolve_version
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
-from raypath.schedules import Decay
+from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, write_json
 from raypath.tracking import lineage_run, record_release
 
 log = logging.getLogger(__name__)
 
-#: Shapes whose ``power`` is searched (the others ignore it).
-POWER_SHAPES = ("exponential", "polynomial")
 #: The metric Optuna minimises: objective + compute penalty.
 METRIC = "score"
 #: CPUs a trial's Ray Data pipeline is assumed to need next to its Train workers
@@ -103,20 +102,6 @@ def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Co
 
 
 # --------------------------------------------------------------------------- planning
-
-def resolve_version(versions: list[dict], version: str | int) -> int:
-    """Index of ``version``: a name (``v2``) or a 1-based number (``2``)."""
-    names = [v["name"] for v in versions]
-    if str(version) in names:
-        return names.index(str(version))
-    try:
-        i = int(str(version))
-    except ValueError:
-        i = 0
-    if 1 <= i <= len(names):
-        return i - 1
-    raise ConfigError(f"--version {version}: not a version of this run (versions: {', '.join(names) or 'none'})")
-
 
 def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
     """Verified main-path checkpoints of one version that a branch can fork from.
@@ -271,7 +256,7 @@ class SweepPlan:
 
         name = self.segment_name(trial_id)
         root = Path(self.sweep_dir)
-        decay = decay_of(config)
+        decay = decay_from(config)
         seg = branch_segment(self.ctx, self.k, self.main, decay, int(config["fork_step"]), name=name,
                              export_dir=str(root / "exports" / name))
         ratio = float(config.get("replay_ratio", self.stream_ratio))
@@ -299,11 +284,6 @@ class SweepPlan:
 
     def penalty(self, branch_tokens: float) -> float:
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
-
-
-def decay_of(config: dict) -> Decay:
-    power = config.get("power")
-    return Decay(config["shape"], float(config["min_lr_ratio"]), float(power) if power else 2.0)
 
 
 # --------------------------------------------------------------------------- the trial
