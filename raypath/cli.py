@@ -119,14 +119,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_law_fit(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
+    from raypath.report import format_fits
 
     lineage = Lineage.load(args.run_dir).data
     try:
-        version = lawfit.resolve_version(lineage, args.version)
+        version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
-    print(lawfit.format_fits(fits, lineage, version))
+    print(format_fits(fits, lineage, version))
     print(f"fit: {args.run_dir}/{lawfit.LAW_DIR}/fit-{version}.json")
     return 0 if fits else 1
 
@@ -134,10 +135,11 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
 def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
+    from raypath.report import plot_prediction
 
     lineage = Lineage.load(args.run_dir).data
     try:
-        version = lawfit.resolve_version(lineage, args.version)
+        version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(args.run_dir, version, law=args.law, lam=args.lam, shifts=args.shifts)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
@@ -150,7 +152,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
         print(f"  val/{split}: predicted {loss:.4f} (main path at the same step: {p['main'][split]:.4f})")
     print(f"  objective ({', '.join(f'{s} {w:.3g}' for s, w in p['weights'].items())}): {p['objective']:.4f}")
     if args.plot:
-        print(f"plot: {lawfit.plot_prediction(args.run_dir, lineage, fits, version, p, args.plot)}")
+        print(f"plot: {plot_prediction(args.run_dir, lineage, fits, version, p, args.plot)}")
     return 0
 
 

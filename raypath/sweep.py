@@ -39,9 +39,9 @@ Sweep settings are the ``sweep:`` section of the run config
 
 Law guidance (``sweep.guide: law``, the default): before the first trial the
 continual-pre-training law is fitted on the lineage's curves
-(:class:`raypath.lawfit.LawGuide`), a dense grid of (fraction, shape, power,
+(:class:`raypath.lawguide.LawGuide`), a dense grid of (fraction, shape, power,
 min_lr_ratio) is ranked by predicted objective, and the best few are Optuna's
-first trials; :class:`raypath.lawfit.LawStopper` stops trials whose forecast
+first trials; :class:`raypath.lawguide.LawStopper` stops trials whose forecast
 final objective cannot beat the best finished one, and the law is refitted
 after every finished trial. If the law cannot be fitted (too few points), the
 sweep says so and runs plain TPE.
@@ -400,7 +400,7 @@ class Guidance:
     """What the law adds to a new sweep (see the module doc)."""
 
     points: list[dict]  # Optuna's first trials, best predicted first
-    stopper: Any  # raypath.lawfit.LawStopper, or None when sweep.stop_margin is 0
+    stopper: Any  # raypath.lawguide.LawStopper, or None when sweep.stop_margin is 0
     callback: Any  # refits the law after every finished trial
     fits: dict  # split -> law, R^2, MAPE, degenerate parameters (at the start)
 
@@ -408,11 +408,11 @@ class Guidance:
 def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidance | None:
     """Fit the law on the lineage and derive the sweep's guidance; None (plain TPE, with a
     warning) when the lineage's curves cannot support a fit."""
-    from raypath import lawfit
+    from raypath import lawguide
 
     try:
-        guide = lawfit.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
-                                include_sweeps=sc.guide_sweeps)
+        guide = lawguide.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
+                                  include_sweeps=sc.guide_sweeps)
         if not guide.fits:
             raise ValueError("no validation split has enough observed points")
         n = sc.guide_points or max(1, min(4, sc.num_samples // 2))
@@ -424,9 +424,9 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
         return None
     stopper = None
     if sc.stop_margin > 0:
-        stopper = lawfit.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
-                                    record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
-    callback = lawfit.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
+        stopper = lawguide.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
+                                      record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
+    callback = lawguide.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
     fits = {split: {"law": f.law, "r2": f.r2, "mape": f.mape, "degenerate": f.degenerate}
             for split, f in guide.fits.items()}
     log.info("sweep %s: law fitted (%s); first trials: %s", sc.name,
