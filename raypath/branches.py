@@ -16,8 +16,7 @@ import ray
 
 from raypath import checkpoint as ckpt
 from raypath.loop import Segment, fit_segment
-from raypath.mainpath import main_schedule
-from raypath.schedules import Branch, Decay
+from raypath.schedules import Branch, Decay, main_schedule
 from raypath.storage import relative_paths
 
 
@@ -34,7 +33,7 @@ def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str |
         stream_path=version["stream_path"],
         start_step=fork,
         end_step=main["end_step"],
-        schedule=Branch(main_schedule(ctx), fork, steps, decay),
+        schedule=Branch(main_schedule(ctx.cfg.train), fork, steps, decay),
         init_checkpoint=fork_ckpt,
         **ctx.eval_fields(k),
         stream_limit=(main["end_step"] - main["start_step"]) * ctx.cfg.train.global_batch_size,

@@ -94,10 +94,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from raypath.lineage import Lineage
+    from raypath.lineage import Lineage, resolve_version
     from raypath.mirror import require_local
     from raypath.releases import Releaser, format_release, version_objective
-    from raypath.sweep import resolve_version
 
     require_local(args.run_dir, "release")
     lineage = Lineage.load(args.run_dir)
@@ -127,16 +126,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_law_fit(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
+    from raypath.report import format_fits
 
     rd = _open_run(args)
     lineage = Lineage.load(rd.path).data
     try:
-        version = lawfit.resolve_version(lineage, args.version)
+        version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
     rd.publish(rd / lawfit.LAW_DIR)
-    print(lawfit.format_fits(fits, lineage, version))
+    print(format_fits(fits, lineage, version))
     print(f"fit: {rd.uri}/{lawfit.LAW_DIR}/fit-{version}.json")
     return 0 if fits else 1
 
@@ -144,11 +144,12 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
 def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath import lawfit
     from raypath.lineage import Lineage
+    from raypath.report import plot_prediction
 
     rd = _open_run(args)
     lineage = Lineage.load(rd.path).data
     try:
-        version = lawfit.resolve_version(lineage, args.version)
+        version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
         rd.publish(rd / lawfit.LAW_DIR)
         weights = {"old": args.w_old, "new": args.w_new}
@@ -162,7 +163,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
         print(f"  val/{split}: predicted {loss:.4f} (main path at the same step: {p['main'][split]:.4f})")
     print(f"  objective ({', '.join(f'{s} {w:.3g}' for s, w in p['weights'].items())}): {p['objective']:.4f}")
     if args.plot:
-        print(f"plot: {lawfit.plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")
+        print(f"plot: {plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")
     return 0
 
 

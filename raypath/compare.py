@@ -43,7 +43,7 @@ from raypath.loop import Segment, fit_segment
 from raypath.mirror import publish
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
-from raypath.schedules import Decay, Window
+from raypath.schedules import Decay, Window, decay_from
 from raypath.storage import atomic_write_bytes, save_figure
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
     lineage = Lineage.load(run_dir).data
     results = _results(lineage)
     cfg_branch = lineage["config"]["branch"]
-    matched = dataclasses.asdict(Decay(cfg_branch["shape"], cfg_branch["min_lr_ratio"], cfg_branch["power"]))
+    matched = dataclasses.asdict(decay_from(cfg_branch))
     settings = {MATCHED: matched}
     paper = dataclasses.asdict(Decay("cosine", cfg_branch["min_lr_ratio"]))
     if any(e["decay"] == paper for e in results.get("ptfs", [])) and paper != matched:
@@ -335,7 +335,7 @@ def _lr_paths(run_dir: Path, lineage: dict) -> dict[str, list[tuple[str, pd.Data
         return read_curve(run_dir / "curves" / f"{seg_name}.jsonl")
 
     b = lineage["config"]["branch"]
-    matched = dataclasses.asdict(Decay(b["shape"], b["min_lr_ratio"], b["power"]))
+    matched = dataclasses.asdict(decay_from(b))
     results = _results(lineage)
     paths: dict[str, list[tuple[str, pd.DataFrame]]] = {p: [] for p in PARADIGMS}
     offset = 0

@@ -1,18 +1,20 @@
-"""The scaling law on a real lineage: curves, per-split fits, branch predictions, sweep guidance.
+"""The scaling law on a real lineage: curves, per-split fits, branch predictions.
 
 :mod:`raypath.law` holds the math (areas, laws, fitting). This module connects it to what a
-run records -- ``lineage.json`` and the ``curves/*.jsonl`` of every segment -- and to the
-branch search:
+run records -- ``lineage.json`` and the ``curves/*.jsonl`` of every segment:
 
 * :func:`curves_from_lineage` -- one :class:`~raypath.law.Curve` per path that observed a
   validation split: the main path (all ``main-*`` segments, one LR history) and every
   finished branch (lineage branches, plus finished sweep trials).
 * :func:`fit_run` -- one law per validation split relevant to releasing a version (the
   version's own split and every older one), saved to ``RUN_DIR/law/fit-<version>.json``.
-* :func:`predict_branch` / :func:`rank_candidates` -- predicted final val losses and the
-  weighted objective of candidate branches, before any of them is trained.
-* :class:`LawGuide`, :class:`LawStopper`, :class:`LawRefitCallback` -- the pieces
-  :mod:`raypath.sweep` plugs into Ray Tune (:func:`raypath.sweep.law_guidance`).
+* :func:`predict_branch` / :func:`predict_curve` -- predicted val losses and the weighted
+  objective of a candidate branch, before it is trained.
+
+What builds on it lives elsewhere: the sweep guidance (ranking a grid of candidates,
+stopping and refitting inside Ray Tune) in :mod:`raypath.lawguide`; the ``raypath law``
+plot and text (:func:`raypath.report.plot_prediction`, :func:`raypath.report.format_fits`)
+in :mod:`raypath.report`.
 
 Step convention
 ---------------
@@ -62,26 +64,21 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from raypath import law as lawmod
 from raypath.law import Curve, FitResult, fit_law
+from raypath.lineage import resolve_version
 from raypath.mainpath import fork_step as _fork_step
-from raypath.schedules import SHAPES, Decay, MainPath, decay_fraction, decay_progress
+from raypath.schedules import Decay, MainPath, decay_fraction, decay_from, decay_progress, main_schedule
 
 log = logging.getLogger(__name__)
 
 LAW_DIR = "law"
 #: Default old/new weights of the objective (same convention as ``sweep.weights``).
 DEFAULT_WEIGHTS = {"old": 0.5, "new": 0.5}
-#: Powers tried by :func:`default_grid` for the one-parameter shapes.
-DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
-POWER_SHAPES = ("polynomial", "exponential")
-#: A trial this close to its end (share of its branch) is never stopped: stopping would save
-#: almost no compute and lose its final result (the law benchmark stopped trials 1 step early).
-FINISH_SHARE = 0.05
 
 
 # --------------------------------------------------------------------------- lineage access
@@ -95,7 +92,8 @@ def _mains(lineage: Mapping) -> dict[str, dict]:
     return {m["version"]: m for m in lineage.get("main_path", [])}
 
 
-def _main(lineage: Mapping, version: str) -> dict:
+def main_entry(lineage: Mapping, version: str) -> dict:
+    """The lineage's main-path entry of ``version`` (a ValueError if it has none)."""
     m = _mains(lineage).get(version)
     if m is None:
         raise ValueError(f"version {version!r}: no main-path segment in the lineage "
@@ -103,38 +101,29 @@ def _main(lineage: Mapping, version: str) -> dict:
     return m
 
 
-def resolve_version(lineage: Mapping, version: str | int | None) -> str:
-    """A version name from a name (``v2``), a 1-based number (``2``) or None (the latest trained)."""
-    mains = _mains(lineage)
-    if version is None:
-        trained = [v for v in _versions(lineage) if v in mains]
-        if not trained:
-            raise ValueError("the lineage has no trained main-path version yet")
-        return trained[-1]
+def version_name(lineage: Mapping, version: str | int | None) -> str:
+    """A version's name from a name (``v2``), a 1-based number (``2``) or None (the latest
+    trained), by :func:`raypath.lineage.resolve_version`."""
     names = _versions(lineage)
-    if str(version) in names:
-        return str(version)
-    try:
-        i = int(str(version))
-    except ValueError:
-        i = 0
-    if 1 <= i <= len(names):
-        return names[i - 1]
-    raise ValueError(f"version {version!r}: not a version of this run ({', '.join(names) or 'none'})")
+    if version is None:
+        names = [v for v in names if v in _mains(lineage)]
+        if not names:
+            raise ValueError("the lineage has no trained main-path version yet")
+    return names[resolve_version([{"name": n} for n in names], version)]
 
 
-def main_schedule(lineage: Mapping) -> MainPath:
-    """The main path's schedule, from the lineage's main-path entries (config as fallback)."""
+def lineage_schedule(lineage: Mapping) -> MainPath:
+    """The main path's schedule, as the lineage's first main-path entry recorded it (its
+    recorded ``config.train`` as fallback)."""
     mains = sorted(lineage.get("main_path", []), key=lambda m: m["start_step"])
     if mains and "max_lr" in mains[0]:
-        return MainPath(float(mains[0]["max_lr"]), int(mains[0].get("warmup_steps", 0)))
-    t = (lineage.get("config") or {}).get("train", {})
-    return MainPath(float(t["max_lr"]), int(t.get("warmup_steps", 0)))
+        return main_schedule(mains[0])
+    return main_schedule((lineage.get("config") or {}).get("train", {}))
 
 
 def cpt_start(lineage: Mapping, split: str, version: str) -> int:
     """First step of the split's cpt phase when releasing ``version`` (see the module doc)."""
-    m = _main(lineage, split)
+    m = main_entry(lineage, split)
     return int(m["start_step"] if split == version else m["end_step"])
 
 
@@ -149,7 +138,7 @@ def boundaries(lineage: Mapping, split: str, version: str) -> list[int]:
     return [int(mains[v]["end_step"]) for v in later if v in mains]
 
 
-def _phases(lineage: Mapping, split: str, version: str) -> dict:
+def split_phases(lineage: Mapping, split: str, version: str) -> dict:
     """``cpt_start`` and ``shifts`` of the split's curves (keyword arguments of
     :class:`~raypath.law.Curve` and :meth:`~raypath.law.FitResult.predict`)."""
     first, *later = boundaries(lineage, split, version)
@@ -253,11 +242,8 @@ def trial_branch(name: str, version: str, config: Mapping, curve: str | None = N
 
     ``config`` is the trial's Tune config (``fork_step``, ``branch_steps``, ``shape``,
     ``min_lr_ratio``, optional ``power``)."""
-    power = config.get("power")
     return {"name": name, "version": version, "fork_step": int(config["fork_step"]),
-            "steps": int(config["branch_steps"]),
-            "decay": {"shape": config["shape"], "min_lr_ratio": float(config.get("min_lr_ratio", 0.0)),
-                      "power": float(power) if power else 2.0},
+            "steps": int(config["branch_steps"]), "decay": dataclasses.asdict(decay_from(config)),
             "curve": curve, "status": "done"}
 
 
@@ -312,29 +298,18 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
     rd = _run_dir(lineage, run_dir)
     versions = _versions(lineage)
     mains = _mains(lineage)
-    upto = resolve_version(lineage, upto_version)
+    upto = version_name(lineage, upto_version)
     allowed = set(versions[: versions.index(upto) + 1])
     release = release_version or upto
     if split not in mains:
         raise ValueError(f"split {split!r}: no main-path segment of that version")
-    phases = _phases(lineage, split, release)
+    phases = split_phases(lineage, split, release)
     key = f"val/{split}"
-    sched = main_schedule(lineage)
+    sched = lineage_schedule(lineage)
     curves: list[Curve] = []
     if include_main:
-        records = []
-        for v in versions:
-            if v in allowed and v in mains:
-                m = mains[v]
-                records += [r for r in _read_records(_find_curve(rd, m["segment"], m.get("curve")))
-                            if r["step"] <= m["end_step"]]
-        steps, losses = _observed(records, key)
-        if len(steps):
-            order = np.argsort(steps, kind="stable")
-            steps, losses = steps[order], losses[order]
-            steps, first = np.unique(steps, return_index=True)
-            losses = losses[first]
-            curves.append(Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases))
+        main = _main_curve([mains[v] for v in versions if v in allowed and v in mains], rd, key, sched, phases)
+        curves += [main] if main is not None else []
     wanted = None if branches is None else set(branches)
     pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [dict(b) for b in extra_branches]
     seen = set()
@@ -344,18 +319,39 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
         if wanted is not None and b["name"] not in wanted:
             continue
         seen.add(b["name"])
-        end = int(b["fork_step"]) + int(b["steps"])
-        records = _read_records(_find_curve(rd, b["name"], b.get("curve")))
-        steps, losses = _observed((r for r in records if r["step"] > int(b["fork_step"])), key, upto=end)
-        if not len(steps):
-            continue
-        d = b.get("decay") or {}
-        decay = Decay(d.get("shape", "1-sqrt"), float(d.get("min_lr_ratio", 0.0)), float(d.get("power", 2.0)))
-        lrs = branch_lrs(sched, int(b["fork_step"]), int(b["steps"]), decay, n=end)
-        curves.append(Curve(lrs, steps, losses, name=b["name"], **phases))
+        curve = _branch_curve(b, rd, key, sched, phases)
+        curves += [curve] if curve is not None else []
     if wanted is not None and (missing := wanted - seen - {"main"}):
         log.debug("split %s: requested branches without observations: %s", split, sorted(missing))
     return curves
+
+
+def _main_curve(segments: Sequence[Mapping], rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
+    """The main path's ``key`` observations over its ``segments`` (None without any)."""
+    records = []
+    for m in segments:
+        records += [r for r in _read_records(_find_curve(rd, m["segment"], m.get("curve")))
+                    if r["step"] <= m["end_step"]]
+    steps, losses = _observed(records, key)
+    if not len(steps):
+        return None
+    order = np.argsort(steps, kind="stable")
+    steps, losses = steps[order], losses[order]
+    steps, first = np.unique(steps, return_index=True)
+    losses = losses[first]
+    return Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases)
+
+
+def _branch_curve(b: Mapping, rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
+    """A finished branch's ``key`` observations after its fork (None without any)."""
+    end = int(b["fork_step"]) + int(b["steps"])
+    records = _read_records(_find_curve(rd, b["name"], b.get("curve")))
+    steps, losses = _observed((r for r in records if r["step"] > int(b["fork_step"])), key, upto=end)
+    if not len(steps):
+        return None
+    decay = decay_from({"shape": "1-sqrt", **(b.get("decay") or {})})
+    lrs = branch_lrs(sched, int(b["fork_step"]), int(b["steps"]), decay, n=end)
+    return Curve(lrs, steps, losses, name=b["name"], **phases)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -382,6 +378,53 @@ def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_point
     if n_switches == 1 or n_points < len(multi.param_names) + 1:
         return [chosen]
     return [multi] if shifts == "multi" else [chosen, multi]
+
+
+def _n_points(curves: Sequence[Curve]) -> int:
+    return int(sum(len(c.steps) for c in curves))
+
+
+def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], shift_sign: bool) -> tuple | None:
+    """``(law, curves, sign bounds)`` to fit ``split`` with; None below 4 observed points.
+    A split with too few points for the chosen law falls back to the annealing law."""
+    n = _n_points(curves)
+    chosen = _choose_law(law, curves)
+    if n < len(lawmod.LAWS[chosen].param_names) + 1 and chosen != "AnnealingLaw":
+        log.warning("split %s: %d points are too few for %s; fitting AnnealingLaw", split, n, chosen)
+        chosen = "AnnealingLaw"
+    if n < 4:
+        log.warning("split %s: %d observed points, too few to fit; skipped", split, n)
+        return None
+    sign = {"B": -1 if split == version else 1} if shift_sign else None
+    return chosen, curves, sign
+
+
+def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | None, shifts: str,
+               lam: float) -> FitResult:
+    """One split's fit: the single- or multi-shift law, whichever :func:`_shift_candidates`
+    offers and held-out branches prefer."""
+    candidates = _shift_candidates(chosen, curves, shifts, _n_points(curves))
+    held_out: dict[str, float] = {}
+    if len(candidates) > 1:
+        chosen, held_out = lawmod.select_law(candidates, curves, sign=sign, lam=lam)
+    else:
+        chosen = candidates[0]
+    fit = fit_law(chosen, curves, sign=sign, lam=lam)
+    fit.held_out = held_out
+    if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
+        log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
+    return fit
+
+
+def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Mapping, split: str, version: str) -> dict:
+    """What ``fit-<version>.json`` keeps of one split's fit."""
+    return {
+        **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
+        "boundaries": boundaries(lineage, split, version),
+        "curves": [{"name": c.name, "n_points": int(len(c.steps)),
+                    "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
+                   for c in curves],
+    }
 
 
 def _load_lineage(run_dir_or_lineage) -> tuple[dict, Path | None]:
@@ -428,7 +471,7 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
         raise ValueError(f"shifts must be one of {', '.join(SHIFTS)}, got {shifts!r}")
     lineage, rd = _load_lineage(run_dir_or_lineage)
     rd = Path(run_dir) if run_dir is not None else rd
-    version = resolve_version(lineage, version)
+    version = version_name(lineage, version)
     fits: dict[str, FitResult] = {}
     record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam,
                               "shifts": shifts, "splits": {}}
@@ -436,41 +479,20 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     for split in splits_for(lineage, version):
         curves = curves_from_lineage(lineage, split, version, run_dir=rd if rd else None, branches=branches,
                                      extra_branches=extra_branches, include_sweeps=include_sweeps)
-        n = int(sum(len(c.steps) for c in curves))
-        chosen = _choose_law(law, curves)
-        if n < len(lawmod.LAWS[chosen].param_names) + 1 and chosen != "AnnealingLaw":
-            log.warning("split %s: %d points are too few for %s; fitting AnnealingLaw", split, n, chosen)
-            chosen = "AnnealingLaw"
-        if n < 4:
-            log.warning("split %s: %d observed points, too few to fit; skipped", split, n)
+        problem = _split_problem(law, split, version, curves, shift_sign)
+        if problem is None:
+            n = _n_points(curves)
             record["splits"][split] = {"skipped": f"{n} observed points", "n_points": n}
-            continue
-        sign = {"B": -1 if split == version else 1} if shift_sign else None
-        problems[split] = (chosen, curves, sign)
+        else:
+            problems[split] = problem
     if lam == "auto":
         lam_value, scores = lawmod.select_lambda(list(problems.values()))
         record["lam_scores"] = {str(k): v for k, v in scores.items()}
     else:
         lam_value = float(lam)
     for split, (chosen, curves, sign) in problems.items():
-        candidates = _shift_candidates(chosen, curves, shifts, int(sum(len(c.steps) for c in curves)))
-        held_out: dict[str, float] = {}
-        if len(candidates) > 1:
-            chosen, held_out = lawmod.select_law(candidates, curves, sign=sign, lam=lam_value)
-        else:
-            chosen = candidates[0]
-        fit = fit_law(chosen, curves, sign=sign, lam=lam_value)
-        fit.held_out = held_out
-        if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
-            log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
-        fits[split] = fit
-        record["splits"][split] = {
-            **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
-            "boundaries": boundaries(lineage, split, version),
-            "curves": [{"name": c.name, "n_points": int(len(c.steps)),
-                        "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
-                       for c in curves],
-        }
+        fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value)
+        record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
     if save:
         target = rd or _run_dir(lineage, None)
         if target is not None:
@@ -493,7 +515,7 @@ def load_fits(run_dir: str | os.PathLike, version: str) -> dict[str, FitResult]:
 # --------------------------------------------------------------------------- prediction
 
 def _branch_plan(lineage: Mapping, version: str, fraction: float | None, fork_step: int | None) -> tuple[int, int, int]:
-    m = _main(lineage, version)
+    m = main_entry(lineage, version)
     start, end = int(m["start_step"]), int(m["end_step"])
     if fork_step is None:
         if fraction is None:
@@ -510,13 +532,13 @@ def predict_curve(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
     """Predicted ``val/<split>`` at curve-record ``steps`` of a branch of ``version`` forked at
     ``fork_step`` (steps before the fork: the main path). ``branch_steps`` defaults to the
     rest of the version's segment."""
-    end = int(_main(lineage, version)["end_step"])
+    end = int(main_entry(lineage, version)["end_step"])
     branch_steps = end - fork_step if branch_steps is None else branch_steps
     steps = np.asarray(steps, dtype=np.int64)
     n = max(int(steps.max()), fork_step + branch_steps)
-    lrs = branch_lrs(main_schedule(lineage), fork_step, branch_steps, decay, n=n)
+    lrs = branch_lrs(lineage_schedule(lineage), fork_step, branch_steps, decay, n=n)
     idx = np.maximum(steps - 1, 0)
-    return {s: f.predict(lrs, idx, **_phases(lineage, s, version)) for s, f in fits.items()}
+    return {s: f.predict(lrs, idx, **split_phases(lineage, s, version)) for s, f in fits.items()}
 
 
 def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str, shape: str = "1-sqrt",
@@ -531,419 +553,19 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str
     every weighted split. ``main`` holds the never-annealed main path's prediction at the
     same end step, for reference.
     """
-    version = resolve_version(lineage, version)
+    version = version_name(lineage, version)
     decay = Decay(shape, float(min_lr_ratio), float(power))
     fork, steps, end = _branch_plan(lineage, version, fraction, fork_step)
     pred = {s: float(v[0]) for s, v in predict_curve(fits, lineage, version, decay, fork, [end]).items()}
-    sched = main_schedule(lineage)
-    main_pred = {s: float(f.predict(main_lrs(sched, end), [end - 1], **_phases(lineage, s, version))[0])
+    sched = lineage_schedule(lineage)
+    main_pred = {s: float(f.predict(main_lrs(sched, end), [end - 1], **split_phases(lineage, s, version))[0])
                  for s, f in fits.items()}
     w = split_weights(lineage, version, weights)
     missing = [s for s in w if s not in pred]
     objective = float("nan") if missing else float(sum(wt * pred[s] for s, wt in w.items()))
-    m = _main(lineage, version)
+    m = main_entry(lineage, version)
     return {"version": version, "shape": shape, "power": float(power), "min_lr_ratio": float(min_lr_ratio),
             "fraction": None if fraction is None else float(fraction),
             "fraction_actual": steps / (m["end_step"] - m["start_step"]), "fork_step": fork,
             "branch_steps": steps, "end_step": end, "predicted": pred, "objective": objective,
             "weights": w, "main": main_pred}
-
-
-def default_grid(fraction: tuple[float, float] = (0.05, 0.5), n_fractions: int = 10,
-                 shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
-                 min_lr_ratio: Sequence[float] = (0.0, 0.1)) -> list[dict]:
-    """Dense candidate grid: ``n_fractions`` fractions evenly over ``fraction``, every shape
-    (polynomial / exponential at 3 powers: :data:`DEFAULT_POWERS`, or evenly over ``power``),
-    every ``min_lr_ratio``. Deterministic order."""
-    fracs = np.linspace(fraction[0], fraction[1], n_fractions) if n_fractions > 1 else [fraction[0]]
-    grid = []
-    for f in fracs:
-        for shape in shapes:
-            if shape in POWER_SHAPES:
-                powers = DEFAULT_POWERS[shape] if power is None else tuple(np.linspace(power[0], power[1], 3))
-            else:
-                powers = (2.0,)
-            for p in powers:
-                for m in min_lr_ratio:
-                    grid.append({"fraction": round(float(f), 6), "shape": shape, "power": float(p),
-                                 "min_lr_ratio": float(m)})
-    return grid
-
-
-def _fork_of(f) -> int:
-    return int(f["step"] if isinstance(f, Mapping) else f)
-
-
-def rank_candidates(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
-                    grid: Sequence[Mapping] | None = None, weights: Mapping[str, float] | None = None, *,
-                    forks: Sequence | None = None) -> list[dict]:
-    """Candidates of ``grid`` (default :func:`default_grid`) with predictions, best
-    predicted objective first (ties: shorter branch, then grid order) -- deterministic.
-
-    forks: fork points that exist (steps, or ``{"step": ...}`` dicts as
-        :func:`raypath.sweep.fork_points` returns): each fraction snaps to the nearest one
-        (ties: the shorter branch) and duplicates after snapping are dropped.
-    """
-    version = resolve_version(lineage, version)
-    grid = default_grid() if grid is None else grid
-    m = _main(lineage, version)
-    start, end = int(m["start_step"]), int(m["end_step"])
-    fork_steps = sorted({_fork_of(f) for f in forks}) if forks else None
-    out, seen = [], set()
-    for i, cand in enumerate(grid):
-        fork = _fork_step(start, end, float(cand["fraction"]))
-        if fork_steps:
-            fork = min(fork_steps, key=lambda s: (abs(s - fork), -s))
-        shape = cand["shape"]
-        power = float(cand.get("power", 2.0)) if shape in POWER_SHAPES else 2.0
-        key = (fork, shape, power, float(cand.get("min_lr_ratio", 0.0)))
-        if key in seen:
-            continue
-        seen.add(key)
-        p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), key[3], power,
-                           weights=weights, fork_step=fork)
-        out.append({**p, "grid_index": i})
-    out.sort(key=lambda c: (c["objective"] if math.isfinite(c["objective"]) else math.inf,
-                            c["branch_steps"], c["grid_index"]))
-    return out
-
-
-def spread_picks(ranked: Sequence[Mapping], n: int, observed: Sequence[Mapping] = ()) -> list[Mapping]:
-    """``n`` candidates of ``ranked`` (best first) spread over end LR and decay shape.
-
-    Why not simply the top ``n``: the guide's first fit has seen only the release branches
-    (one shape, decaying to LR 0), and the top of its ranking shares that blind spot. In the
-    law benchmark the top 4 were all steep decays to LR 0 and finished 0.8-1.5% behind gentle
-    decays to 13-28% of the peak LR. So each pick is the best-predicted candidate among those
-    whose ``min_lr_ratio``, then whose shape, has been picked or ``observed`` least so far;
-    the law still chooses the length and shape within each group.
-
-    observed: decays (``shape``, ``min_lr_ratio``) of this version's finished branches: the
-        release branch and earlier sweeps' trials. They count as picks already made, so the
-        first trial explores where the law extrapolates furthest instead of re-measuring the
-        region the lineage has measured (each counts at the ``min_lr_ratio`` of ``ranked``
-        nearest to its own). Without them the first pick is the law's favourite.
-    """
-    ends = sorted({float(c["min_lr_ratio"]) for c in ranked})
-    seen = [(min(ends, key=lambda e: (abs(e - float(o.get("min_lr_ratio", 0.0))), e)), o.get("shape"))
-            for o in observed] if ends else []
-    rest, picks = list(ranked), []
-    while rest and len(picks) < n:
-        made = seen + [(float(p["min_lr_ratio"]), p["shape"]) for p in picks]
-
-        def used(c: Mapping) -> tuple[int, int]:
-            return (sum(m == float(c["min_lr_ratio"]) for m, _ in made), sum(sh == c["shape"] for _, sh in made))
-        i = min(range(len(rest)), key=lambda j: (*used(rest[j]), j))
-        picks.append(rest.pop(i))
-    return picks
-
-
-def optuna_point(candidate: Mapping, replay_ratio: float | None = None) -> dict:
-    """A ranked candidate as an OptunaSearch ``points_to_evaluate`` entry (the sweep's
-    parameter names: fraction, shape, power only for polynomial/exponential, min_lr_ratio,
-    replay_ratio). The fraction is the snapped one, so the trial forks where predicted."""
-    point = {"fraction": float(candidate["fraction_actual"]), "shape": candidate["shape"]}
-    if candidate["shape"] in POWER_SHAPES:
-        point["power"] = float(candidate["power"])
-    point["min_lr_ratio"] = float(candidate["min_lr_ratio"])
-    if replay_ratio is not None:
-        point["replay_ratio"] = float(replay_ratio)
-    return point
-
-
-# --------------------------------------------------------------------------- sweep guidance
-
-class LawGuide:
-    """The law's view of one branch search; what :mod:`raypath.sweep` plugs into Tune.
-
-    :func:`raypath.sweep.law_guidance` wires it into a sweep (``sweep.guide: law``)::
-
-        guide = lawfit.LawGuide(run_dir, version, weights=plan.weights, forks=space.forks)
-        # 1. the best predicted candidates first: Optuna enqueues them before TPE samples
-        points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, ...)
-        searcher = OptunaSearch(space=space, ..., points_to_evaluate=points)
-        # 2. stop trials that cannot win, 3. refit after every finished trial
-        stopper = lawfit.LawStopper(guide, margin=sc.stop_margin, record_path=...)
-        refit = lawfit.LawRefitCallback(guide, stopper=stopper, name=plan.segment_name,
-                                        curve_path=plan.curve_path)
-        tune.RunConfig(..., stop=stopper, callbacks=[refit])
-
-    Both run in the Tune driver, so they share the guide: every refit changes the
-    forecasts the stopper makes next. A stopped trial ends without its final
-    checkpoint, so the sweep should record it as ``stopped`` (not ``incomplete``) and
-    Optuna is told its last, partial ``score``.
-
-    The stopper reads ``step``, ``objective`` (the sweep's per-eval weighted val loss),
-    ``fork_step`` and ``branch_steps`` from each result and the decay from
-    ``result["config"]`` (or a config registered with :meth:`LawStopper.register`).
-    Predictions use the same per-split weights as the trials' ``objective``.
-
-    If the lineage has too few points for a split (e.g. a version with no branch yet: its
-    new split has no annealing observation), the guide still ranks (degenerate
-    parameters are reported in ``fits``), and the stopper uses the law only as a relative
-    forecast of the remaining improvement.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, version: str | int, *,
-                 weights: Mapping[str, float] | None = None, forks: Sequence | None = None,
-                 law: str = "auto", include_sweeps: bool = True, save: bool = True):
-        from raypath.lineage import Lineage
-
-        self.run_dir = Path(run_dir)
-        self.lineage = Lineage.load(self.run_dir).data
-        self.version = resolve_version(self.lineage, version)
-        self.weights = split_weights(self.lineage, self.version, weights)
-        self.forks = list(forks) if forks else None
-        self.law = law
-        self.include_sweeps = include_sweeps
-        self.save = save
-        self.trials: list[dict] = []  # lineage-style entries of finished sweep trials
-        self.fits: dict[str, FitResult] = {}
-        self.refit()
-
-    # ---- fitting
-    def refit(self) -> dict[str, FitResult]:
-        """Refit every split on the lineage's curves plus the finished trials added so far."""
-        self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir,
-                            extra_branches=self.trials, include_sweeps=self.include_sweeps, save=self.save)
-        return self.fits
-
-    def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:
-        """Add a finished trial's curve (its Tune config and the JSONL its segment wrote)."""
-        if any(t["name"] == name for t in self.trials) or not Path(curve_path).is_file():
-            return
-        self.trials.append(trial_branch(name, self.version, config, str(curve_path)))
-        if refit:
-            self.refit()
-
-    # ---- ranking
-    def rank(self, grid: Sequence[Mapping] | None = None) -> list[dict]:
-        return rank_candidates(self.fits, self.lineage, self.version, grid, self.weights, forks=self.forks)
-
-    def points_to_evaluate(self, n: int = 4, *, fraction: tuple[float, float] = (0.05, 0.5),
-                           shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
-                           min_lr_ratio: tuple[float, float] = (0.0, 0.1), replay_ratio: float | None = None,
-                           n_fractions: int = 10) -> list[dict]:
-        """``n`` of the best predicted candidates inside the sweep's ranges, spread over end LR
-        and shape around the branches already observed (:func:`spread_picks`), as Optuna points.
-
-        The grid spans the sweep's ranges (min_lr_ratio at both ends); with ``forks`` each
-        fraction snaps to an existing fork point first."""
-        mins = sorted({float(min_lr_ratio[0]), float(min_lr_ratio[1])})
-        grid = default_grid(fraction, n_fractions, shapes, power, mins)
-        ranked = self.rank(grid)
-        lo, hi = fraction
-        inside = [c for c in ranked if lo - 1e-9 <= c["fraction_actual"] <= hi + 1e-9] or ranked
-        return [optuna_point(c, replay_ratio) for c in spread_picks(inside, n, self.observed_decays())]
-
-    def observed_decays(self) -> list[dict]:
-        """Decays of the finished branches of this version the law is fitted on."""
-        pool = lineage_branches(self.lineage, include_sweeps=self.include_sweeps) + self.trials
-        return [b.get("decay") or {} for b in pool if b.get("version") == self.version]
-
-    # ---- per-trial forecasts
-    def predict_objective(self, config: Mapping, steps: Sequence[int], fork_step: int | None = None,
-                          branch_steps: int | None = None) -> np.ndarray:
-        """Predicted objective at curve-record ``steps`` of the trial with ``config``."""
-        fork = int(fork_step if fork_step is not None else config["fork_step"])
-        bsteps = branch_steps if branch_steps is not None else config.get("branch_steps")
-        power = config.get("power")
-        decay = Decay(config["shape"], float(config.get("min_lr_ratio", 0.0)), float(power) if power else 2.0)
-        per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps,
-                            branch_steps=None if bsteps is None else int(bsteps))
-        return sum(w * per[s] for s, w in self.weights.items() if s in per)
-
-
-class LawStopper:
-    """Tune stopper: stop a branch trial whose observed curve shows it cannot win.
-
-    At each result carrying ``objective`` at ``step`` ``t`` past ``min_progress`` of the
-    branch (and before its last :data:`FINISH_SHARE`), the trial's final objective is
-    forecast as the observed value plus the law's predicted remaining change,
-    ``obs(t) + pred(end) - pred(t)`` (the law corrects the
-    trial's own level, so a curve that departs from its prediction is judged by where it
-    actually is). The trial is stopped when that forecast is worse than the best finished
-    trial's objective by more than ``margin`` (relative). The best is ``best_so_far_fn()``
-    when given, else the best final objective this stopper has seen (a result at the
-    trial's last step) or was told (:meth:`record_final`).
-
-    Tune accepts it as ``RunConfig(stop=stopper)`` (a callable ``(trial_id, result) ->
-    bool``). ``decisions`` keeps the last forecast per trial for the sweep's record; with
-    ``record_path`` the decisions that stopped a trial are also written there (JSON,
-    atomically, as they are made), so they survive the driver.
-    """
-
-    def __init__(self, guide: LawGuide, *, margin: float = 0.01, min_progress: float = 0.25,
-                 metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None,
-                 record_path: str | None = None):
-        self.guide = guide
-        self.record_path = record_path
-        self.margin = float(margin)
-        self.min_progress = float(min_progress)
-        self.metric = metric
-        self.best_so_far_fn = best_so_far_fn
-        self.configs: dict[str, dict] = {}
-        self.finals: dict[str, float] = {}
-        self.decisions: dict[str, dict] = {}
-
-    def register(self, trial_id: str, config: Mapping) -> None:
-        self.configs[trial_id] = dict(config)
-
-    def record_final(self, trial_id: str, objective: float) -> None:
-        self.finals[trial_id] = float(objective)
-
-    def best(self) -> float | None:
-        if self.best_so_far_fn is not None:
-            return self.best_so_far_fn()
-        return min(self.finals.values()) if self.finals else None
-
-    def forecast(self, config: Mapping, step: int, observed: float, fork_step: int | None = None,
-                 branch_steps: int | None = None) -> float:
-        fork = int(fork_step if fork_step is not None else config["fork_step"])
-        bsteps = int(branch_steps if branch_steps is not None else config["branch_steps"])
-        now, end = self.guide.predict_objective(config, [step, fork + bsteps], fork, bsteps)
-        return float(observed + (end - now))
-
-    def __call__(self, trial_id: str, result: Mapping) -> bool:
-        value = result.get(self.metric)
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        config = {**self.configs.get(trial_id, {}), **dict(result.get("config") or {})}
-        fork = result.get("fork_step", config.get("fork_step"))
-        bsteps = result.get("branch_steps", config.get("branch_steps"))
-        step = result.get("step")
-        if fork is None or bsteps is None or step is None or "shape" not in config:
-            return False
-        fork, bsteps, step = int(fork), int(bsteps), int(step)
-        if step >= fork + bsteps:
-            self.record_final(trial_id, float(value))
-            return False
-        progress = (step - fork) / max(bsteps, 1)
-        if progress < self.min_progress or progress > 1.0 - FINISH_SHARE:
-            return False  # too early to judge, or so close to the end that stopping saves nothing
-        best = self.best()
-        if best is None:
-            return False
-        forecast = self.forecast(config, step, float(value), fork, bsteps)
-        stop = forecast > best * (1.0 + self.margin)
-        self.decisions[trial_id] = {"step": step, "observed": float(value), "forecast": forecast,
-                                    "best": float(best), "stop": bool(stop)}
-        if stop:
-            log.info("law stopper: trial %s at step %d forecasts %.4f > best %.4f (+%.1f%%): stopped",
-                     trial_id, step, forecast, best, 100 * self.margin)
-            if self.record_path:
-                from raypath.storage import write_json
-
-                write_json(self.record_path, {t: d for t, d in self.decisions.items() if d["stop"]})
-        return bool(stop)
-
-
-def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
-                     name: Callable[[str], str] | None = None, stopper: LawStopper | None = None):
-    """A Tune ``Callback`` that refits ``guide`` after every finished trial.
-
-    curve_path: trial id -> the JSONL its branch segment wrote (the sweep's
-        ``RUN_DIR/sweeps/vK/<name>/curves/<segment>.jsonl``).
-    name: trial id -> segment name (default ``trial-<id>``), used to dedupe curves.
-    stopper: also told the trial's final objective (trials that reached their last step),
-        so it knows the best finished trial without ``best_so_far_fn``.
-    """
-    from ray.tune import Callback
-
-    class _Refit(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            # The stopper needs each trial's decay; registering it here does not rely on
-            # every result carrying the trial's config.
-            if stopper is not None:
-                stopper.register(trial.trial_id, trial.config)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            config = dict(trial.config or {})
-            done = ("fork_step" in config and "branch_steps" in config
-                    and int(last.get("step", -1)) >= int(config["fork_step"]) + int(config["branch_steps"]))
-            if not done:
-                return  # stopped or failed: a partial decay would mislead the fit
-            if stopper is not None and isinstance(last.get(stopper.metric), (int, float)):
-                stopper.record_final(trial.trial_id, float(last[stopper.metric]))
-            try:
-                guide.add_trial(name(trial.trial_id) if name else f"trial-{trial.trial_id}", config,
-                                curve_path(trial.trial_id))
-            except Exception as e:  # a failed refit must not kill the sweep
-                log.warning("law refit after trial %s failed: %s", trial.trial_id, e)
-
-    return _Refit()
-
-
-# --------------------------------------------------------------------------- plotting
-
-def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[str, FitResult], version: str,
-                    prediction: Mapping, out_png: str | os.PathLike) -> Path:
-    """Per split: observed main-path and branch val curves of ``version``, and the law's
-    predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from raypath.storage import save_figure
-
-    splits = list(fits)
-    fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)
-    m = _main(lineage, version)
-    sched = main_schedule(lineage)
-    decay = Decay(prediction["shape"], prediction["min_lr_ratio"], prediction["power"])
-    fork, end = prediction["fork_step"], prediction["end_step"]
-    for ax, split in zip(axes[:, 0], splits):
-        phases = _phases(lineage, split, version)
-        curves = curves_from_lineage(lineage, split, version, run_dir=run_dir)
-        for c in curves:
-            if c.name == "main":
-                ax.plot(c.steps + 1, c.losses, "o-", color="black", ms=3, lw=0.8, label="main path (observed)")
-            else:
-                ax.plot(c.steps + 1, c.losses, "o-", ms=3, lw=1.2, label=f"{c.name} (observed)")
-        grid = np.arange(max(int(m["start_step"]), 1), end + 1)
-        main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
-        ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")
-        bgrid = np.arange(fork, end + 1)
-        pred = fits[split].predict(branch_lrs(sched, fork, end - fork, decay, n=end), np.maximum(bgrid - 1, 0),
-                                   **phases)
-        ax.plot(bgrid, pred, "-", color="crimson", lw=2.0,
-                label=f"predicted {decay.shape} f={prediction['fraction_actual']:.2f} (law)")
-        ax.plot([end], [prediction["predicted"][split]], "*", color="crimson", ms=12)
-        ax.set_title(f"val/{split}: {fits[split].law} R^2 {fits[split].r2:.3f}, MAPE {fits[split].mape:.2f}%",
-                     fontsize=10)
-        ax.set_xlim(int(m["start_step"]) - 0.05 * (end - int(m["start_step"])), end + 2)
-        ax.set_ylabel("val loss")
-        ax.grid(True, alpha=0.25)
-        ax.legend(fontsize=7.5, loc="upper right")
-    axes[-1, 0].set_xlabel("global step")
-    fig.suptitle(f"{lineage.get('name', 'run')} {version}: predicted branch vs observed curves")
-    fig.tight_layout()
-    out = Path(out_png)
-    save_figure(fig, out)
-    plt.close(fig)
-    return out
-
-
-def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version: str,
-                curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
-    """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
-    parameters, degenerate ones, and the held-out errors the law was chosen by."""
-    lines = [f"law fits for releasing {version} (per validation split)"]
-    for split in splits_for(lineage, version):
-        fit = fits_record.get(split)
-        role = "new" if split == version else "old"
-        if fit is None:
-            lines.append(f"  {split} ({role}): not fitted (too few observed points)")
-            continue
-        params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
-        switches = ", ".join(map(str, boundaries(lineage, split, version)))
-        lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
-                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
-        if fit.held_out:
-            lines.append("      chosen by held-out error: "
-                         + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))
-        lines.append(f"      params: {params}")
-        lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
-    return "\n".join(lines)

@@ -172,3 +172,25 @@ def _migrate_releases(data: dict) -> None:
                                  "log": [{"time": r.get("released"), "release": "r1", "action": "release",
                                           "reason": reason, "replaced": None}]}
         r.update(id="r1", release="r1", reason=reason, pinned=bool(r.get("pinned")))
+
+
+def resolve_version(versions: list[dict], version: str | int | None) -> int:
+    """Index in ``versions`` (entries with a ``name``, in order) of ``version``: a name
+    (``v2``), a 1-based number (``2``), or None for the last one. Raises
+    :class:`~raypath.config.ConfigError` (a ``ValueError``) naming the known versions."""
+    from raypath.config import ConfigError
+
+    names = [v["name"] for v in versions]
+    if version is None:
+        if not names:
+            raise ConfigError("the run has no version yet")
+        return len(names) - 1
+    if str(version) in names:
+        return names.index(str(version))
+    try:
+        i = int(str(version))
+    except ValueError:
+        i = 0
+    if 1 <= i <= len(names):
+        return i - 1
+    raise ConfigError(f"{version!r} is not a version of this run (versions: {', '.join(names) or 'none'})")

@@ -12,11 +12,7 @@ from pathlib import Path
 
 from raypath import checkpoint as ckpt
 from raypath.loop import Segment, fit_segment
-from raypath.schedules import MainPath
-
-
-def main_schedule(ctx) -> MainPath:
-    return MainPath(ctx.cfg.train.max_lr, ctx.cfg.train.warmup_steps)
+from raypath.schedules import main_schedule
 
 
 def fork_step(start_step: int, end_step: int, fraction: float) -> int:
@@ -38,7 +34,7 @@ def main_segment(ctx, k: int, prev: dict | None) -> Segment:
         stream_path=version["stream_path"],
         start_step=start_step,
         end_step=end_step,
-        schedule=main_schedule(ctx),
+        schedule=main_schedule(ctx.cfg.train),
         init_checkpoint=prev["checkpoints"]["end"] if prev else None,
         save_steps=(fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
         **ctx.eval_fields(k),

@@ -6,6 +6,10 @@ that is still going, on one that crashed half way, and on a copied run
 directory (recorded absolute paths may point elsewhere: curves are looked up
 under the run directory first).
 
+The ``raypath law`` views -- the fitted laws as text (:func:`format_fits`) and a predicted
+branch against the observed curves (:func:`plot_prediction`) -- read the fits of
+:mod:`raypath.lawfit` next to the same records.
+
 The releases table answers the product question: how good is each released
 version compared with the never-annealed main path at the same boundary, and
 what has the whole lineage cost so far relative to pre-training from scratch
@@ -19,13 +23,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from raypath.cost import lineage_costs
 from raypath.storage import atomic_write_bytes, save_figure
+
+if TYPE_CHECKING:
+    from raypath.law import Curve, FitResult
 
 REPORT_DIR = "report"
 #: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
@@ -451,6 +458,83 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
     save_figure(fig, out_png, DPI, tight=False)
     plt.close(fig)
     return out_png
+
+
+# --------------------------------------------------------------------------- the scaling law (raypath law)
+
+def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version: str,
+                curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
+    """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
+    parameters, degenerate ones, and the held-out errors the law was chosen by."""
+    from raypath.lawfit import boundaries, splits_for
+
+    lines = [f"law fits for releasing {version} (per validation split)"]
+    for split in splits_for(lineage, version):
+        fit = fits_record.get(split)
+        role = "new" if split == version else "old"
+        if fit is None:
+            lines.append(f"  {split} ({role}): not fitted (too few observed points)")
+            continue
+        params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
+        switches = ", ".join(map(str, boundaries(lineage, split, version)))
+        lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
+                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
+        if fit.held_out:
+            lines.append("      chosen by held-out error: "
+                         + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))
+        lines.append(f"      params: {params}")
+        lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
+    return "\n".join(lines)
+
+
+def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[str, FitResult], version: str,
+                    prediction: Mapping, out_png: str | os.PathLike) -> Path:
+    """Per split: observed main-path and branch val curves of ``version``, and the law's
+    predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raypath.lawfit import branch_lrs, curves_from_lineage, lineage_schedule, main_entry, main_lrs, split_phases
+    from raypath.schedules import decay_from
+
+    splits = list(fits)
+    fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)
+    m = main_entry(lineage, version)
+    sched = lineage_schedule(lineage)
+    decay = decay_from(prediction)
+    fork, end = prediction["fork_step"], prediction["end_step"]
+    for ax, split in zip(axes[:, 0], splits):
+        phases = split_phases(lineage, split, version)
+        curves = curves_from_lineage(lineage, split, version, run_dir=run_dir)
+        for c in curves:
+            if c.name == "main":
+                ax.plot(c.steps + 1, c.losses, "o-", color="black", ms=3, lw=0.8, label="main path (observed)")
+            else:
+                ax.plot(c.steps + 1, c.losses, "o-", ms=3, lw=1.2, label=f"{c.name} (observed)")
+        grid = np.arange(max(int(m["start_step"]), 1), end + 1)
+        main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
+        ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")
+        bgrid = np.arange(fork, end + 1)
+        pred = fits[split].predict(branch_lrs(sched, fork, end - fork, decay, n=end), np.maximum(bgrid - 1, 0),
+                                   **phases)
+        ax.plot(bgrid, pred, "-", color="crimson", lw=2.0,
+                label=f"predicted {decay.shape} f={prediction['fraction_actual']:.2f} (law)")
+        ax.plot([end], [prediction["predicted"][split]], "*", color="crimson", ms=12)
+        ax.set_title(f"val/{split}: {fits[split].law} R^2 {fits[split].r2:.3f}, MAPE {fits[split].mape:.2f}%",
+                     fontsize=10)
+        ax.set_xlim(int(m["start_step"]) - 0.05 * (end - int(m["start_step"])), end + 2)
+        ax.set_ylabel("val loss")
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=7.5, loc="upper right")
+    axes[-1, 0].set_xlabel("global step")
+    fig.suptitle(f"{lineage.get('name', 'run')} {version}: predicted branch vs observed curves")
+    fig.tight_layout()
+    out = Path(out_png)
+    save_figure(fig, out)
+    plt.close(fig)
+    return out
 
 
 # --------------------------------------------------------------------------- report

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
 #: Decay shapes a branch can use. ``polynomial`` and ``exponential`` read ``power``.
 SHAPES = ("cosine", "linear", "1-sqrt", "exponential", "polynomial")
+#: Shapes whose ``power`` matters (a sweep searches it only for these; the others ignore it).
+POWER_SHAPES = ("exponential", "polynomial")
 
 
 class Schedule(Protocol):
@@ -65,6 +67,15 @@ class Decay:
             raise ValueError(f"min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.power <= 0:
             raise ValueError(f"power must be > 0, got {self.power}")
+
+
+def decay_from(config: Mapping) -> Decay:
+    """The decay a mapping describes: a sweep trial's config, a branch's recorded ``decay`` or
+    the ``branch`` section of a recorded config. ``shape`` is required; ``min_lr_ratio``
+    defaults to 0 and ``power`` to 2 (the config of a trial whose shape is not in
+    :data:`POWER_SHAPES` has no power, or None)."""
+    power = config.get("power")
+    return Decay(config["shape"], float(config.get("min_lr_ratio", 0.0)), float(power) if power else 2.0)
 
 
 def decay_fraction(progress, shape: str, power: float = 2.0):
@@ -119,6 +130,15 @@ class MainPath:
         if step < self.warmup_steps:
             return self.max_lr * (step + 1) / self.warmup_steps
         return self.max_lr
+
+
+def main_schedule(train) -> MainPath:
+    """The main path a train config describes: a :class:`~raypath.config.TrainConfig`, or a
+    mapping with its ``max_lr`` and ``warmup_steps`` (a lineage's recorded ``config.train``
+    or main-path entry)."""
+    if isinstance(train, Mapping):
+        return MainPath(float(train["max_lr"]), int(train.get("warmup_steps", 0)))
+    return MainPath(float(train.max_lr), int(train.warmup_steps))
 
 
 @dataclass(frozen=True)

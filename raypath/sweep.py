@@ -39,9 +39,9 @@ Sweep settings are the ``sweep:`` section of the run config
 
 Law guidance (``sweep.guide: law``, the default): before the first trial the
 continual-pre-training law is fitted on the lineage's curves
-(:class:`raypath.lawfit.LawGuide`), a dense grid of (fraction, shape, power,
+(:class:`raypath.lawguide.LawGuide`), a dense grid of (fraction, shape, power,
 min_lr_ratio) is ranked by predicted objective, and the best few are Optuna's
-first trials; :class:`raypath.lawfit.LawStopper` stops trials whose forecast
+first trials; :class:`raypath.lawguide.LawStopper` stops trials whose forecast
 final objective cannot beat the best finished one, and the law is refitted
 after every finished trial. If the law cannot be fitted (too few points), the
 sweep says so and runs plain TPE.
@@ -64,16 +64,14 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
-from raypath.lineage import sweep_run_dir
+from raypath.lineage import resolve_version, sweep_run_dir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
-from raypath.schedules import Decay
+from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, relative_paths, write_json
 from raypath.tracking import lineage_run, record_release
 
 log = logging.getLogger(__name__)
 
-#: Shapes whose ``power`` is searched (the others ignore it).
-POWER_SHAPES = ("exponential", "polynomial")
 #: The metric Optuna minimises: objective + compute penalty.
 METRIC = "score"
 #: CPUs a trial's Ray Data pipeline is assumed to need next to its Train workers
@@ -104,20 +102,6 @@ def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Co
 
 
 # --------------------------------------------------------------------------- planning
-
-def resolve_version(versions: list[dict], version: str | int) -> int:
-    """Index of ``version``: a name (``v2``) or a 1-based number (``2``)."""
-    names = [v["name"] for v in versions]
-    if str(version) in names:
-        return names.index(str(version))
-    try:
-        i = int(str(version))
-    except ValueError:
-        i = 0
-    if 1 <= i <= len(names):
-        return i - 1
-    raise ConfigError(f"--version {version}: not a version of this run (versions: {', '.join(names) or 'none'})")
-
 
 def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
     """Verified main-path checkpoints of one version that a branch can fork from.
@@ -272,7 +256,7 @@ class SweepPlan:
 
         name = self.segment_name(trial_id)
         root = Path(self.sweep_dir)
-        decay = decay_of(config)
+        decay = decay_from(config)
         seg = branch_segment(self.ctx, self.k, self.main, decay, int(config["fork_step"]), name=name,
                              export_dir=str(root / "exports" / name))
         ratio = float(config.get("replay_ratio", self.stream_ratio))
@@ -301,11 +285,6 @@ class SweepPlan:
 
     def penalty(self, branch_tokens: float) -> float:
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
-
-
-def decay_of(config: dict) -> Decay:
-    power = config.get("power")
-    return Decay(config["shape"], float(config["min_lr_ratio"]), float(power) if power else 2.0)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -422,7 +401,7 @@ class Guidance:
     """What the law adds to a new sweep (see the module doc)."""
 
     points: list[dict]  # Optuna's first trials, best predicted first
-    stopper: Any  # raypath.lawfit.LawStopper, or None when sweep.stop_margin is 0
+    stopper: Any  # raypath.lawguide.LawStopper, or None when sweep.stop_margin is 0
     callback: Any  # refits the law after every finished trial
     fits: dict  # split -> law, R^2, MAPE, degenerate parameters (at the start)
 
@@ -430,11 +409,11 @@ class Guidance:
 def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidance | None:
     """Fit the law on the lineage and derive the sweep's guidance; None (plain TPE, with a
     warning) when the lineage's curves cannot support a fit."""
-    from raypath import lawfit
+    from raypath import lawguide
 
     try:
-        guide = lawfit.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
-                                include_sweeps=sc.guide_sweeps)
+        guide = lawguide.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
+                                  include_sweeps=sc.guide_sweeps)
         if not guide.fits:
             raise ValueError("no validation split has enough observed points")
         n = sc.guide_points or max(1, min(4, sc.num_samples // 2))
@@ -446,9 +425,9 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
         return None
     stopper = None
     if sc.stop_margin > 0:
-        stopper = lawfit.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
-                                    record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
-    callback = lawfit.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
+        stopper = lawguide.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
+                                      record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
+    callback = lawguide.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
     fits = {split: {"law": f.law, "r2": f.r2, "mape": f.mape, "degenerate": f.degenerate}
             for split, f in guide.fits.items()}
     log.info("sweep %s: law fitted (%s); first trials: %s", sc.name,

@@ -15,6 +15,7 @@ from law_lineage import LAM, OLD_B, write_lineage
 
 from raypath import law, lawfit
 from raypath.law import CPTLaw, Curve, fit_law, law_class, multi_shift_law
+from raypath.report import format_fits
 
 #: fit_run(lineage of write_lineage(2), "v2", lam=0.99) before the multi-shift law existed.
 TWO_VERSION_PARAMS = {
@@ -123,7 +124,7 @@ def test_prediction_uses_every_switch(three_versions):
 
 def test_fit_report_lists_each_splits_switches(three_versions):
     _, lineage, fits = three_versions
-    text = lawfit.format_fits(fits, lineage, "v3")
+    text = format_fits(fits, lineage, "v3")
     assert "v1 (old, data switches at steps 200, 400): MultiShiftCPTLaw[2]" in text
     assert "v2 (old, data switches at steps 400): CPTLaw" in text
     assert "chosen by held-out error: CPTLaw" in text

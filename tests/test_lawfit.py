@@ -1,4 +1,5 @@
-"""raypath.lawfit on the session's tiny lineage: curves, per-split fits, predictions, guidance.
+"""raypath.lawfit and raypath.lawguide on the session's tiny lineage: curves, per-split fits,
+predictions, guidance.
 
 The tiny run is shared, so every test works on a private copy of its lineage record and
 curves (``law_run``), which is all the law reads (no checkpoints, no Ray). The stopper is
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raypath import lawfit
+from raypath import lawfit, lawguide
 from raypath.law import LAMBDA_GRID, effective_lr
 from raypath.schedules import Branch, Decay, MainPath, lr_curve
 
@@ -144,17 +145,17 @@ def test_predict_branch(law_run, fits):
 
 def test_rank_candidates_sorted_and_deterministic(law_run, fits):
     _, lineage = law_run
-    grid = lawfit.default_grid(n_fractions=4)
+    grid = lawguide.default_grid(n_fractions=4)
     assert {g["shape"] for g in grid} == {"cosine", "linear", "1-sqrt", "exponential", "polynomial"}
-    ranked = lawfit.rank_candidates(fits, lineage, "v3", grid)
+    ranked = lawguide.rank_candidates(fits, lineage, "v3", grid)
     objectives = [c["objective"] for c in ranked]
     assert objectives == sorted(objectives) and all(math.isfinite(o) for o in objectives)
-    assert ranked == lawfit.rank_candidates(fits, lineage, "v3", grid)
+    assert ranked == lawguide.rank_candidates(fits, lineage, "v3", grid)
     m = next(m for m in lineage["main_path"] if m["version"] == "v3")
     forks = [m["fork_step"], m["start_step"] + 5]
-    snapped = lawfit.rank_candidates(fits, lineage, "v3", grid, forks=forks)
+    snapped = lawguide.rank_candidates(fits, lineage, "v3", grid, forks=forks)
     assert {c["fork_step"] for c in snapped} <= set(forks)
-    point = lawfit.optuna_point(snapped[0], replay_ratio=0.0)
+    point = lawguide.optuna_point(snapped[0], replay_ratio=0.0)
     assert set(point) >= {"fraction", "shape", "min_lr_ratio", "replay_ratio"}
 
 
@@ -194,7 +195,7 @@ class _LinearGuide:
 
 
 def test_stopper_stops_hopeless_and_keeps_promising():
-    stopper = lawfit.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25)
+    stopper = lawguide.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25)
     cfg = {"shape": "cosine", "min_lr_ratio": 0.0, "fork_step": 100, "branch_steps": 40}
     res = lambda step, obj: {"step": step, "objective": obj, "fork_step": 100, "branch_steps": 40,  # noqa: E731
                              "config": cfg}
@@ -208,7 +209,7 @@ def test_stopper_stops_hopeless_and_keeps_promising():
     assert not stopper("last-steps", res(139, 4.20))  # hopeless, but one step from its end: let it finish
     assert stopper("last-steps", res(137, 4.20))
     assert not stopper("no-objective", {"step": 120, "fork_step": 100, "branch_steps": 40, "config": cfg})
-    told = lawfit.LawStopper(_LinearGuide(), best_so_far_fn=lambda: 4.5)
+    told = lawguide.LawStopper(_LinearGuide(), best_so_far_fn=lambda: 4.5)
     assert not told("t", res(120, 4.20))
 
 
@@ -216,8 +217,8 @@ def test_stopper_records_its_stops_and_learns_configs_at_trial_start(tmp_path):
     """What the sweep wires up: Tune's results carry no config, so the refit callback
     registers each trial's config when it starts; stops land in a JSON file."""
     record = tmp_path / "stopped.json"
-    stopper = lawfit.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25, record_path=str(record))
-    callback = lawfit.LawRefitCallback(_LinearGuide(), curve_path=str, stopper=stopper)
+    stopper = lawguide.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25, record_path=str(record))
+    callback = lawguide.LawRefitCallback(_LinearGuide(), curve_path=str, stopper=stopper)
     cfg = {"shape": "cosine", "min_lr_ratio": 0.0, "fork_step": 100, "branch_steps": 40}
 
     class Trial:
@@ -237,7 +238,7 @@ def test_stopper_records_its_stops_and_learns_configs_at_trial_start(tmp_path):
 def test_guide_points_refit_and_stopper(law_run, tmp_path):
     run_dir, lineage = law_run
     m = next(m for m in lineage["main_path"] if m["version"] == "v3")
-    guide = lawfit.LawGuide(run_dir, "v3", weights={"old": 0.5, "new": 0.5}, forks=[m["fork_step"]], save=False)
+    guide = lawguide.LawGuide(run_dir, "v3", weights={"old": 0.5, "new": 0.5}, forks=[m["fork_step"]], save=False)
     points = guide.points_to_evaluate(3, fraction=(0.05, 0.5), min_lr_ratio=(0.0, 0.1), replay_ratio=0.0)
     assert len(points) == 3 and all(p["replay_ratio"] == 0.0 for p in points)
     assert len({json.dumps(p, sort_keys=True) for p in points}) == 3
@@ -252,9 +253,9 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     config = {"shape": b["decay"]["shape"], "min_lr_ratio": b["decay"]["min_lr_ratio"], "power": None,
               "fork_step": b["fork_step"], "branch_steps": b["steps"]}
     n_before = guide.fits["v3"].n_points
-    stopper = lawfit.LawStopper(guide)
-    callback = lawfit.LawRefitCallback(guide, curve_path=lambda tid: str(curve), name=lambda tid: f"t-{tid}",
-                                       stopper=stopper)
+    stopper = lawguide.LawStopper(guide)
+    callback = lawguide.LawRefitCallback(guide, curve_path=lambda tid: str(curve), name=lambda tid: f"t-{tid}",
+                                         stopper=stopper)
 
     class Trial:
         trial_id = "t1"
@@ -271,16 +272,16 @@ def test_spread_picks_cover_both_lr_ends_and_several_shapes():
     # The ranking a first fit on decay-to-zero release branches gives: steep decays to 0 on top.
     ranked = [{"shape": s, "min_lr_ratio": m, "fraction": f}
               for m in (0.0, 0.3) for s in ("polynomial", "exponential", "cosine") for f in (0.2, 0.3)]
-    picks = lawfit.spread_picks(ranked, 4)
+    picks = lawguide.spread_picks(ranked, 4)
     assert picks[0] is ranked[0]  # the law's favourite comes first
     assert [p["min_lr_ratio"] for p in picks] == [0.0, 0.3, 0.0, 0.3]
     assert len({p["shape"] for p in picks}) == 3
     # within a group the law's order decides: the best 0.3 candidate of a new shape
     assert picks[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
-    assert lawfit.spread_picks(ranked, 2) == picks[:2] and len(lawfit.spread_picks(ranked[:2], 5)) == 2
+    assert lawguide.spread_picks(ranked, 2) == picks[:2] and len(lawguide.spread_picks(ranked[:2], 5)) == 2
     # A release branch already measured a polynomial decay to (nearly) 0: the first trial explores the
     # other end with another shape, the second returns to LR 0 with a shape neither has tried.
-    seen = lawfit.spread_picks(ranked, 3, observed=[{"shape": "polynomial", "min_lr_ratio": 0.02}])
+    seen = lawguide.spread_picks(ranked, 3, observed=[{"shape": "polynomial", "min_lr_ratio": 0.02}])
     assert seen[0] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
     assert seen[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.0
                            and c["shape"] not in ("polynomial", seen[0]["shape"]))

@@ -1,0 +1,375 @@
+"""The scaling law as the branch search's guide: which candidates first, which trials to stop.
+
+:mod:`raypath.lawfit` fits the law on a lineage and predicts any branch; this module turns
+those predictions into the decisions of a Ray Tune sweep (:func:`raypath.sweep.law_guidance`
+wires it in when ``sweep.guide: law``):
+
+* :func:`default_grid` / :func:`rank_candidates` -- a dense grid of (fraction, shape, power,
+  min LR) candidates, ranked by predicted objective, fractions snapped to existing fork points.
+* :func:`spread_picks` / :func:`optuna_point` -- the first trials: the best-predicted
+  candidates spread over end LR and shape, as OptunaSearch ``points_to_evaluate``.
+* :class:`LawGuide` -- the law's view of one search (fits, ranking, per-trial forecasts),
+  refitted as trials finish.
+* :class:`LawStopper` -- a Tune stopper that ends trials whose forecast cannot beat the best
+  finished trial.
+* :func:`LawRefitCallback` -- a Tune callback that refits the guide after every finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from raypath.law import FitResult
+from raypath.lawfit import (
+    fit_run,
+    lineage_branches,
+    main_entry,
+    predict_branch,
+    predict_curve,
+    split_weights,
+    trial_branch,
+    version_name,
+)
+from raypath.mainpath import fork_step as _fork_step
+from raypath.schedules import POWER_SHAPES, SHAPES, decay_from
+
+log = logging.getLogger(__name__)
+
+#: Powers tried by :func:`default_grid` for the one-parameter shapes.
+DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
+#: A trial this close to its end (share of its branch) is never stopped: stopping would save
+#: almost no compute and lose its final result (the law benchmark stopped trials 1 step early).
+FINISH_SHARE = 0.05
+
+
+# --------------------------------------------------------------------------- candidates
+
+def default_grid(fraction: tuple[float, float] = (0.05, 0.5), n_fractions: int = 10,
+                 shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
+                 min_lr_ratio: Sequence[float] = (0.0, 0.1)) -> list[dict]:
+    """Dense candidate grid: ``n_fractions`` fractions evenly over ``fraction``, every shape
+    (polynomial / exponential at 3 powers: :data:`DEFAULT_POWERS`, or evenly over ``power``),
+    every ``min_lr_ratio``. Deterministic order."""
+    fracs = np.linspace(fraction[0], fraction[1], n_fractions) if n_fractions > 1 else [fraction[0]]
+    grid = []
+    for f in fracs:
+        for shape in shapes:
+            if shape in POWER_SHAPES:
+                powers = DEFAULT_POWERS[shape] if power is None else tuple(np.linspace(power[0], power[1], 3))
+            else:
+                powers = (2.0,)
+            for p in powers:
+                for m in min_lr_ratio:
+                    grid.append({"fraction": round(float(f), 6), "shape": shape, "power": float(p),
+                                 "min_lr_ratio": float(m)})
+    return grid
+
+
+def _fork_of(f) -> int:
+    return int(f["step"] if isinstance(f, Mapping) else f)
+
+
+def rank_candidates(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
+                    grid: Sequence[Mapping] | None = None, weights: Mapping[str, float] | None = None, *,
+                    forks: Sequence | None = None) -> list[dict]:
+    """Candidates of ``grid`` (default :func:`default_grid`) with predictions, best
+    predicted objective first (ties: shorter branch, then grid order) -- deterministic.
+
+    forks: fork points that exist (steps, or ``{"step": ...}`` dicts as
+        :func:`raypath.sweep.fork_points` returns): each fraction snaps to the nearest one
+        (ties: the shorter branch) and duplicates after snapping are dropped.
+    """
+    version = version_name(lineage, version)
+    grid = default_grid() if grid is None else grid
+    m = main_entry(lineage, version)
+    start, end = int(m["start_step"]), int(m["end_step"])
+    fork_steps = sorted({_fork_of(f) for f in forks}) if forks else None
+    out, seen = [], set()
+    for i, cand in enumerate(grid):
+        fork = _fork_step(start, end, float(cand["fraction"]))
+        if fork_steps:
+            fork = min(fork_steps, key=lambda s: (abs(s - fork), -s))
+        shape = cand["shape"]
+        power = float(cand.get("power", 2.0)) if shape in POWER_SHAPES else 2.0
+        key = (fork, shape, power, float(cand.get("min_lr_ratio", 0.0)))
+        if key in seen:
+            continue
+        seen.add(key)
+        p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), key[3], power,
+                           weights=weights, fork_step=fork)
+        out.append({**p, "grid_index": i})
+    out.sort(key=lambda c: (c["objective"] if math.isfinite(c["objective"]) else math.inf,
+                            c["branch_steps"], c["grid_index"]))
+    return out
+
+
+def spread_picks(ranked: Sequence[Mapping], n: int, observed: Sequence[Mapping] = ()) -> list[Mapping]:
+    """``n`` candidates of ``ranked`` (best first) spread over end LR and decay shape.
+
+    Why not simply the top ``n``: the guide's first fit has seen only the release branches
+    (one shape, decaying to LR 0), and the top of its ranking shares that blind spot. In the
+    law benchmark the top 4 were all steep decays to LR 0 and finished 0.8-1.5% behind gentle
+    decays to 13-28% of the peak LR. So each pick is the best-predicted candidate among those
+    whose ``min_lr_ratio``, then whose shape, has been picked or ``observed`` least so far;
+    the law still chooses the length and shape within each group.
+
+    observed: decays (``shape``, ``min_lr_ratio``) of this version's finished branches: the
+        release branch and earlier sweeps' trials. They count as picks already made, so the
+        first trial explores where the law extrapolates furthest instead of re-measuring the
+        region the lineage has measured (each counts at the ``min_lr_ratio`` of ``ranked``
+        nearest to its own). Without them the first pick is the law's favourite.
+    """
+    ends = sorted({float(c["min_lr_ratio"]) for c in ranked})
+    seen = [(min(ends, key=lambda e: (abs(e - float(o.get("min_lr_ratio", 0.0))), e)), o.get("shape"))
+            for o in observed] if ends else []
+    rest, picks = list(ranked), []
+    while rest and len(picks) < n:
+        made = seen + [(float(p["min_lr_ratio"]), p["shape"]) for p in picks]
+
+        def used(c: Mapping) -> tuple[int, int]:
+            return (sum(m == float(c["min_lr_ratio"]) for m, _ in made), sum(sh == c["shape"] for _, sh in made))
+        i = min(range(len(rest)), key=lambda j: (*used(rest[j]), j))
+        picks.append(rest.pop(i))
+    return picks
+
+
+def optuna_point(candidate: Mapping, replay_ratio: float | None = None) -> dict:
+    """A ranked candidate as an OptunaSearch ``points_to_evaluate`` entry (the sweep's
+    parameter names: fraction, shape, power only for polynomial/exponential, min_lr_ratio,
+    replay_ratio). The fraction is the snapped one, so the trial forks where predicted."""
+    point = {"fraction": float(candidate["fraction_actual"]), "shape": candidate["shape"]}
+    if candidate["shape"] in POWER_SHAPES:
+        point["power"] = float(candidate["power"])
+    point["min_lr_ratio"] = float(candidate["min_lr_ratio"])
+    if replay_ratio is not None:
+        point["replay_ratio"] = float(replay_ratio)
+    return point
+
+
+# --------------------------------------------------------------------------- sweep guidance
+
+class LawGuide:
+    """The law's view of one branch search; what :mod:`raypath.sweep` plugs into Tune.
+
+    :func:`raypath.sweep.law_guidance` wires it into a sweep (``sweep.guide: law``)::
+
+        guide = lawguide.LawGuide(run_dir, version, weights=plan.weights, forks=space.forks)
+        # 1. the best predicted candidates first: Optuna enqueues them before TPE samples
+        points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, ...)
+        searcher = OptunaSearch(space=space, ..., points_to_evaluate=points)
+        # 2. stop trials that cannot win, 3. refit after every finished trial
+        stopper = lawguide.LawStopper(guide, margin=sc.stop_margin, record_path=...)
+        refit = lawguide.LawRefitCallback(guide, stopper=stopper, name=plan.segment_name,
+                                          curve_path=plan.curve_path)
+        tune.RunConfig(..., stop=stopper, callbacks=[refit])
+
+    Both run in the Tune driver, so they share the guide: every refit changes the
+    forecasts the stopper makes next. A stopped trial ends without its final
+    checkpoint, so the sweep should record it as ``stopped`` (not ``incomplete``) and
+    Optuna is told its last, partial ``score``.
+
+    The stopper reads ``step``, ``objective`` (the sweep's per-eval weighted val loss),
+    ``fork_step`` and ``branch_steps`` from each result and the decay from
+    ``result["config"]`` (or a config registered with :meth:`LawStopper.register`).
+    Predictions use the same per-split weights as the trials' ``objective``.
+
+    If the lineage has too few points for a split (e.g. a version with no branch yet: its
+    new split has no annealing observation), the guide still ranks (degenerate
+    parameters are reported in ``fits``), and the stopper uses the law only as a relative
+    forecast of the remaining improvement.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, version: str | int, *,
+                 weights: Mapping[str, float] | None = None, forks: Sequence | None = None,
+                 law: str = "auto", include_sweeps: bool = True, save: bool = True):
+        from raypath.lineage import Lineage
+
+        self.run_dir = Path(run_dir)
+        self.lineage = Lineage.load(self.run_dir).data
+        self.version = version_name(self.lineage, version)
+        self.weights = split_weights(self.lineage, self.version, weights)
+        self.forks = list(forks) if forks else None
+        self.law = law
+        self.include_sweeps = include_sweeps
+        self.save = save
+        self.trials: list[dict] = []  # lineage-style entries of finished sweep trials
+        self.fits: dict[str, FitResult] = {}
+        self.refit()
+
+    # ---- fitting
+    def refit(self) -> dict[str, FitResult]:
+        """Refit every split on the lineage's curves plus the finished trials added so far."""
+        self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir,
+                            extra_branches=self.trials, include_sweeps=self.include_sweeps, save=self.save)
+        return self.fits
+
+    def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:
+        """Add a finished trial's curve (its Tune config and the JSONL its segment wrote)."""
+        if any(t["name"] == name for t in self.trials) or not Path(curve_path).is_file():
+            return
+        self.trials.append(trial_branch(name, self.version, config, str(curve_path)))
+        if refit:
+            self.refit()
+
+    # ---- ranking
+    def rank(self, grid: Sequence[Mapping] | None = None) -> list[dict]:
+        return rank_candidates(self.fits, self.lineage, self.version, grid, self.weights, forks=self.forks)
+
+    def points_to_evaluate(self, n: int = 4, *, fraction: tuple[float, float] = (0.05, 0.5),
+                           shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
+                           min_lr_ratio: tuple[float, float] = (0.0, 0.1), replay_ratio: float | None = None,
+                           n_fractions: int = 10) -> list[dict]:
+        """``n`` of the best predicted candidates inside the sweep's ranges, spread over end LR
+        and shape around the branches already observed (:func:`spread_picks`), as Optuna points.
+
+        The grid spans the sweep's ranges (min_lr_ratio at both ends); with ``forks`` each
+        fraction snaps to an existing fork point first."""
+        mins = sorted({float(min_lr_ratio[0]), float(min_lr_ratio[1])})
+        grid = default_grid(fraction, n_fractions, shapes, power, mins)
+        ranked = self.rank(grid)
+        lo, hi = fraction
+        inside = [c for c in ranked if lo - 1e-9 <= c["fraction_actual"] <= hi + 1e-9] or ranked
+        return [optuna_point(c, replay_ratio) for c in spread_picks(inside, n, self.observed_decays())]
+
+    def observed_decays(self) -> list[dict]:
+        """Decays of the finished branches of this version the law is fitted on."""
+        pool = lineage_branches(self.lineage, include_sweeps=self.include_sweeps) + self.trials
+        return [b.get("decay") or {} for b in pool if b.get("version") == self.version]
+
+    # ---- per-trial forecasts
+    def predict_objective(self, config: Mapping, steps: Sequence[int], fork_step: int | None = None,
+                          branch_steps: int | None = None) -> np.ndarray:
+        """Predicted objective at curve-record ``steps`` of the trial with ``config``."""
+        fork = int(fork_step if fork_step is not None else config["fork_step"])
+        bsteps = branch_steps if branch_steps is not None else config.get("branch_steps")
+        decay = decay_from(config)
+        per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps,
+                            branch_steps=None if bsteps is None else int(bsteps))
+        return sum(w * per[s] for s, w in self.weights.items() if s in per)
+
+
+class LawStopper:
+    """Tune stopper: stop a branch trial whose observed curve shows it cannot win.
+
+    At each result carrying ``objective`` at ``step`` ``t`` past ``min_progress`` of the
+    branch (and before its last :data:`FINISH_SHARE`), the trial's final objective is
+    forecast as the observed value plus the law's predicted remaining change,
+    ``obs(t) + pred(end) - pred(t)`` (the law corrects the
+    trial's own level, so a curve that departs from its prediction is judged by where it
+    actually is). The trial is stopped when that forecast is worse than the best finished
+    trial's objective by more than ``margin`` (relative). The best is ``best_so_far_fn()``
+    when given, else the best final objective this stopper has seen (a result at the
+    trial's last step) or was told (:meth:`record_final`).
+
+    Tune accepts it as ``RunConfig(stop=stopper)`` (a callable ``(trial_id, result) ->
+    bool``). ``decisions`` keeps the last forecast per trial for the sweep's record; with
+    ``record_path`` the decisions that stopped a trial are also written there (JSON,
+    atomically, as they are made), so they survive the driver.
+    """
+
+    def __init__(self, guide: LawGuide, *, margin: float = 0.01, min_progress: float = 0.25,
+                 metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None,
+                 record_path: str | None = None):
+        self.guide = guide
+        self.record_path = record_path
+        self.margin = float(margin)
+        self.min_progress = float(min_progress)
+        self.metric = metric
+        self.best_so_far_fn = best_so_far_fn
+        self.configs: dict[str, dict] = {}
+        self.finals: dict[str, float] = {}
+        self.decisions: dict[str, dict] = {}
+
+    def register(self, trial_id: str, config: Mapping) -> None:
+        self.configs[trial_id] = dict(config)
+
+    def record_final(self, trial_id: str, objective: float) -> None:
+        self.finals[trial_id] = float(objective)
+
+    def best(self) -> float | None:
+        if self.best_so_far_fn is not None:
+            return self.best_so_far_fn()
+        return min(self.finals.values()) if self.finals else None
+
+    def forecast(self, config: Mapping, step: int, observed: float, fork_step: int | None = None,
+                 branch_steps: int | None = None) -> float:
+        fork = int(fork_step if fork_step is not None else config["fork_step"])
+        bsteps = int(branch_steps if branch_steps is not None else config["branch_steps"])
+        now, end = self.guide.predict_objective(config, [step, fork + bsteps], fork, bsteps)
+        return float(observed + (end - now))
+
+    def __call__(self, trial_id: str, result: Mapping) -> bool:
+        value = result.get(self.metric)
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        config = {**self.configs.get(trial_id, {}), **dict(result.get("config") or {})}
+        fork = result.get("fork_step", config.get("fork_step"))
+        bsteps = result.get("branch_steps", config.get("branch_steps"))
+        step = result.get("step")
+        if fork is None or bsteps is None or step is None or "shape" not in config:
+            return False
+        fork, bsteps, step = int(fork), int(bsteps), int(step)
+        if step >= fork + bsteps:
+            self.record_final(trial_id, float(value))
+            return False
+        progress = (step - fork) / max(bsteps, 1)
+        if progress < self.min_progress or progress > 1.0 - FINISH_SHARE:
+            return False  # too early to judge, or so close to the end that stopping saves nothing
+        best = self.best()
+        if best is None:
+            return False
+        forecast = self.forecast(config, step, float(value), fork, bsteps)
+        stop = forecast > best * (1.0 + self.margin)
+        self.decisions[trial_id] = {"step": step, "observed": float(value), "forecast": forecast,
+                                    "best": float(best), "stop": bool(stop)}
+        if stop:
+            log.info("law stopper: trial %s at step %d forecasts %.4f > best %.4f (+%.1f%%): stopped",
+                     trial_id, step, forecast, best, 100 * self.margin)
+            if self.record_path:
+                from raypath.storage import write_json
+
+                write_json(self.record_path, {t: d for t, d in self.decisions.items() if d["stop"]})
+        return bool(stop)
+
+
+def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
+                     name: Callable[[str], str] | None = None, stopper: LawStopper | None = None):
+    """A Tune ``Callback`` that refits ``guide`` after every finished trial.
+
+    curve_path: trial id -> the JSONL its branch segment wrote (the sweep's
+        ``RUN_DIR/sweeps/vK/<name>/curves/<segment>.jsonl``).
+    name: trial id -> segment name (default ``trial-<id>``), used to dedupe curves.
+    stopper: also told the trial's final objective (trials that reached their last step),
+        so it knows the best finished trial without ``best_so_far_fn``.
+    """
+    from ray.tune import Callback
+
+    class _Refit(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # The stopper needs each trial's decay; registering it here does not rely on
+            # every result carrying the trial's config.
+            if stopper is not None:
+                stopper.register(trial.trial_id, trial.config)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            config = dict(trial.config or {})
+            done = ("fork_step" in config and "branch_steps" in config
+                    and int(last.get("step", -1)) >= int(config["fork_step"]) + int(config["branch_steps"]))
+            if not done:
+                return  # stopped or failed: a partial decay would mislead the fit
+            if stopper is not None and isinstance(last.get(stopper.metric), (int, float)):
+                stopper.record_final(trial.trial_id, float(last[stopper.metric]))
+            try:
+                guide.add_trial(name(trial.trial_id) if name else f"trial-{trial.trial_id}", config,
+                                curve_path(trial.trial_id))
+            except Exception as e:  # a failed refit must not kill the sweep
+                log.warning("law refit after trial %s failed: %s", trial.trial_id, e)
+
+    return _Refit()
