@@ -97,6 +97,39 @@ class Segment:
     tracking: TrackingSpec | None = None
 
 
+@dataclass(frozen=True)
+class FinalCheckpoint:
+    """A finished segment's final checkpoint (verified) and what it recorded.
+
+    path: the checkpoint directory (``step_<end_step>`` in the segment's storage).
+    metrics: its last report (the final evaluation: ``val/*``, ``test/*``, ``loss``, ...).
+    tokens_start, tokens_end: tokens the path had trained before the segment and at its end.
+    """
+
+    path: str
+    metrics: dict[str, Any]
+    tokens_start: int
+    tokens_end: int
+
+    @property
+    def tokens_trained(self) -> int:
+        return self.tokens_end - self.tokens_start
+
+    def split(self, name: str) -> dict[str, float]:
+        """The final losses on one kind of split: ``val`` or ``test`` (``name/<version>`` keys)."""
+        return {k: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
+
+
+def final_checkpoint(seg: Segment) -> FinalCheckpoint:
+    """The final checkpoint of a finished ``seg`` (raises :class:`~raypath.checkpoint.CheckpointError`
+    when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without)."""
+    final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
+    ckpt.verify(final, seg.mirror)
+    state = ckpt.load_state(final, seg.mirror)
+    start = ckpt.load_state(seg.init_checkpoint, seg.mirror)["tokens"] if seg.init_checkpoint else 0
+    return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
+
+
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
     """The checkpoint this segment continues from and its state (step, data position).
 
