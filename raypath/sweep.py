@@ -67,7 +67,7 @@ from raypath.console import verbose
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import Decay
 from raypath.storage import read_json, write_json
-from raypath.tracking import lineage_run, record_release
+from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
 
@@ -537,21 +537,13 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     """The version's release decision over every measured branch, this sweep's trials included
     (or the pinned trial); returns what the sweep records: the decision and the live release."""
     objective = Objective(plan.weights, plan.compute_penalty, plan.version_tokens)
-    releaser = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror)
     mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None]
     if pin:
-        chosen, _ = _pick(trials, pin)
-        releaser.pick(plan.version, chosen["trial_id"], objective, extra=mine)
-        message = f"released trial {chosen['trial_id']} as pinned (sweep.pin)"
-    else:
-        message = releaser.decide(plan.version, objective, extra=mine).message
-    live = releaser.live(plan.version)
-    if lineage.release(plan.version) is not None:
-        record_release(plan.ctx.tracking, lineage.release(plan.version))
-    mine_names = {c.name: c.trial_id for c in mine}
-    return {"released": mine_names.get(live["branch"]) if live else None, "pinned": bool(pin),
-            "release": live["path"] if live else None, "live_release": live["id"] if live else None,
-            "decision": message}
+        pin = _pick(trials, pin)[0]["trial_id"]
+    settled = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror, plan.ctx.tracking).settle(
+        plan.version, objective, extra=mine, pin=pin)
+    trial_of = {c.name: c.trial_id for c in mine}
+    return {"released": trial_of.get(settled.live["branch"]) if settled.live else None, **settled.record()}
 
 
 def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
