@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from raypath import checkpoint as ckpt
-from raypath.loop import Segment, fit_segment
+from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import Branch, Decay, main_schedule
 from raypath.storage import relative_paths
 
@@ -60,10 +60,7 @@ def release_branch(ctx, k: int, main: dict) -> Segment:
 
 def summarize(seg: Segment) -> dict:
     """Lineage entry of a finished branch, read back from its final checkpoint."""
-    final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final, seg.mirror)
-    state = ckpt.load_state(final, seg.mirror)
-    start_tokens = ckpt.load_state(seg.init_checkpoint, seg.mirror)["tokens"]
+    final = final_checkpoint(seg)
     return {
         "name": seg.name,
         "version": seg.version,
@@ -72,11 +69,11 @@ def summarize(seg: Segment) -> dict:
         "steps": seg.end_step - seg.start_step,
         "decay": dataclasses.asdict(seg.schedule.decay),
         "forked_from": seg.init_checkpoint,
-        "checkpoint": str(final),
+        "checkpoint": final.path,
         "curve": seg.curves_path,
-        "metrics": {k: v for k, v in state["metrics"].items() if k.startswith(("val/", "test/")) or k == "loss"},
-        "tokens_trained": state["tokens"] - start_tokens,
-        "tokens_total": state["tokens"],
+        "metrics": {k: v for k, v in final.metrics.items() if k.startswith(("val/", "test/")) or k == "loss"},
+        "tokens_trained": final.tokens_trained,
+        "tokens_total": final.tokens_end,
         "export": seg.export_dir,
         "release": seg.export_dir,  # older readers' name for the export
         "status": "done",

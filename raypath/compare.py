@@ -34,12 +34,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from raypath import checkpoint as ckpt
 from raypath.config import Config
 from raypath.cost import lineage_costs
 from raypath.data import union_stream
 from raypath.lineage import Lineage
-from raypath.loop import Segment, fit_segment
+from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.mirror import publish
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
@@ -102,16 +101,12 @@ def cpt_segment(ctx: RunContext, k: int, prev: dict, decay: Decay) -> Segment:
                    stream_limit=steps * ctx.cfg.train.global_batch_size)
 
 
-def _entry(seg: Segment, version: str, start_tokens: int, setting: str, decay: Decay) -> dict:
-    final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final, seg.mirror)
-    state = ckpt.load_state(final, seg.mirror)
-    metrics = state["metrics"]
+def _entry(seg: Segment, version: str, setting: str, decay: Decay) -> dict:
+    final = final_checkpoint(seg)
     return {"version": version, "setting": setting, "decay": dataclasses.asdict(decay), "segment": seg.name,
-            "start_step": seg.start_step, "end_step": seg.end_step, "checkpoint": str(final),
-            "curve": seg.curves_path, "tokens_trained": state["tokens"] - start_tokens,
-            "val": {k: v for k, v in metrics.items() if k.startswith("val/")},
-            "test": {k: v for k, v in metrics.items() if k.startswith("test/")}}
+            "start_step": seg.start_step, "end_step": seg.end_step, "checkpoint": final.path,
+            "curve": seg.curves_path, "tokens_trained": final.tokens_trained,
+            "val": final.split("val"), "test": final.split("test")}
 
 
 def _results(lineage: Lineage | dict) -> dict:
@@ -146,7 +141,7 @@ def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Dec
         if ptfs is None:
             seg = ptfs_segment(ctx, k, decay)
             fit_segment(seg)
-            ptfs = _entry(seg, name, 0, setting, decay)
+            ptfs = _entry(seg, name, setting, decay)
             _record(lineage, "ptfs", ptfs)
         cpt = _done(lineage, "cpt", name, decay)
         if cpt is None:
@@ -155,8 +150,7 @@ def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Dec
             else:
                 seg = cpt_segment(ctx, k, cpt_prev, decay)
                 fit_segment(seg)
-                start = ckpt.load_state(cpt_prev["checkpoint"], ctx.mirror)["tokens"]
-                cpt = _entry(seg, name, start, setting, decay)
+                cpt = _entry(seg, name, setting, decay)
             _record(lineage, "cpt", cpt)
         cpt_prev = cpt
 

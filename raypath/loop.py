@@ -97,6 +97,39 @@ class Segment:
     tracking: TrackingSpec | None = None
 
 
+@dataclass(frozen=True)
+class FinalCheckpoint:
+    """A finished segment's final checkpoint (verified) and what it recorded.
+
+    path: the checkpoint directory (``step_<end_step>`` in the segment's storage).
+    metrics: its last report (the final evaluation: ``val/*``, ``test/*``, ``loss``, ...).
+    tokens_start, tokens_end: tokens the path had trained before the segment and at its end.
+    """
+
+    path: str
+    metrics: dict[str, Any]
+    tokens_start: int
+    tokens_end: int
+
+    @property
+    def tokens_trained(self) -> int:
+        return self.tokens_end - self.tokens_start
+
+    def split(self, name: str) -> dict[str, float]:
+        """The final losses on one kind of split: ``val`` or ``test`` (``name/<version>`` keys)."""
+        return {k: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
+
+
+def final_checkpoint(seg: Segment) -> FinalCheckpoint:
+    """The final checkpoint of a finished ``seg`` (raises :class:`~raypath.checkpoint.CheckpointError`
+    when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without)."""
+    final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
+    ckpt.verify(final, seg.mirror)
+    state = ckpt.load_state(final, seg.mirror)
+    start = ckpt.load_state(seg.init_checkpoint, seg.mirror)["tokens"] if seg.init_checkpoint else 0
+    return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
+
+
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
     """The checkpoint this segment continues from and its state (step, data position).
 
@@ -483,135 +516,238 @@ def _export(model: torch.nn.Module, seg: Segment, metrics: dict) -> None:
 
 
 def train_segment(config: dict) -> None:
-    """``train_loop_per_worker``: train ``config['segment']`` to its end step."""
-    import ray.train
-    import ray.train.torch
+    """``train_loop_per_worker``: train ``config['segment']`` to its end step.
 
+    The LR is a pure function of the global step (``seg.schedule``); everything else a
+    step may do -- log, evaluate, checkpoint, report -- happens in :meth:`_SegmentRun.after_step`.
+    """
     seg: Segment = config["segment"]
-    t = seg.train
-    rank, world = _dist()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(t.seed + rank)
-    G = t.global_batch_size
-    micro = t.micro_batch_size
-    accum = G // (micro * world)  # global batch fixed across world sizes
+    run = _SegmentRun.start(seg)
+    while run.step < seg.end_step:
+        lr = seg.schedule(run.step)
+        loss = train_step(run.tr, run.feed.micro_batches(), run.accum, lr, seg.train.grad_clip)
+        run.advance(loss)
+        run.after_step(lr)
+    run.finish()
 
-    start_dir, state = resume_point(seg)
-    restored = ckpt.load(start_dir) if start_dir else None
-    tr = build_training(seg, device, restored, world)
-    if restored:
-        torch.set_rng_state(restored["rng"]["torch"])
-    del restored
-    model, raw_model = tr.model, tr.raw_model
-    fsdp = tr.parallel == "fsdp"
-    step, tokens = int(state["step"]), int(state.get("tokens", 0))
-    consumed = Consumed.from_list(state.get("consumed", []))
-    val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
-    test = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.test_paths.items()}
-    # Fork points and the boundary are what branches and later versions start from: never pruned.
-    protected = set(seg.save_steps) | {seg.end_step}
-    save_steps = set(protected)
-    if t.checkpoint_every:
-        save_steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
-    sharded = t.parallel == "fsdp" or t.async_checkpoint
-    saver = shards.ShardedSaver(rank, t.async_checkpoint, device, seg.mirror) if sharded else None
-    last_save = time.monotonic()
 
-    shard = ray.train.get_dataset_shard("train")
-    # Batches stay on the host: "idx" is bookkeeping read with .numpy(), and
-    # train_step copies the tokens from pinned memory without blocking the host
-    # (Ray's default device="auto" would put both on the GPU).
-    batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64,
-                                            device="cpu", pin_memory=device.type == "cuda"))
-    reporter = _Reporter(seg, rank, world, step,
-                         flops_per_token=flops_per_token(raw_model.config, seg.seq_len),
-                         peak_flops=device_peak_flops(device, t.peak_flops), device=device)
-    reporter.event("start", step=step, world_size=world, checkpoint=start_dir)
-    local_consumed = Consumed()
-    metrics: dict = state.get("metrics", {})
-    model.train()
-    wait = [0.0]
+class _Feed:
+    """A worker's micro-batches from its dataset shard, with the time spent waiting for them and
+    the stream rows they carried (``idx``), for the checkpoint's data position."""
 
-    def micro_batches():
-        for _ in range(accum):
+    def __init__(self, micro: int, accum: int, device: torch.device):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        # Batches stay on the host: "idx" is bookkeeping read with .numpy(), and
+        # train_step copies the tokens from pinned memory without blocking the host
+        # (Ray's default device="auto" would put both on the GPU).
+        self.batches = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.int64,
+                                                     device="cpu", pin_memory=device.type == "cuda"))
+        self.accum = accum
+        self.wait = 0.0  # seconds the last step waited for data
+        self.consumed = Consumed()  # rows this rank trained since the last checkpoint
+
+    def micro_batches(self) -> Iterable[torch.Tensor]:
+        """One optimizer step's ``accum`` micro-batches of tokens."""
+        self.wait = 0.0
+        for _ in range(self.accum):
             t_wait = time.perf_counter()
-            batch = next(batches)
-            wait[0] += time.perf_counter() - t_wait
-            local_consumed.add(batch["idx"].numpy())
+            batch = next(self.batches)
+            self.wait += time.perf_counter() - t_wait
+            self.consumed.add(batch["idx"].numpy())
             yield batch["tokens"]
 
-    while step < seg.end_step:
-        lr = seg.schedule(step)
-        wait[0] = 0.0
-        step_loss = train_step(tr, micro_batches(), accum, lr, t.grad_clip)
-        step += 1
-        step_tokens = G * seg.seq_len
-        tokens += step_tokens
-        reporter.step(step_loss, step_tokens, wait[0])
+    def take_consumed(self) -> Consumed:
+        """Collective: every rank's rows since the last call, merged."""
+        out, self.consumed = _gather_consumed(self.consumed), Consumed()
+        return out
 
-        last = step == seg.end_step
-        do_eval = last or (t.eval_every and step % t.eval_every == 0)
-        do_save = step in save_steps
-        if not (do_eval or do_save or step % t.log_every == 0):
-            continue
-        if saver is not None and saver.poll() is not None and rank == 0:  # an async save completed
-            ckpt.prune(seg.storage, t.keep_checkpoints, protected, seg.mirror)
-        if not do_save and t.checkpoint_every_minutes:
-            do_save = _time_due(last_save, t.checkpoint_every_minutes, device)
-        t_eval = time.perf_counter()
-        extra = evaluate(model, val, micro, device, rank, world, tr.autocast, lockstep=fsdp) if do_eval else {}
-        if last and test:
-            extra |= evaluate(model, test, micro, device, rank, world, tr.autocast, lockstep=fsdp, prefix="test")
-        t_eval = time.perf_counter() - t_eval
-        if extra and seg.objective_weights:
-            extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in seg.objective_weights.items())
-        metrics = reporter.flush(step, lr, tokens, extra, exclude_s=t_eval)
-        if not do_save:
-            # Ray's result queue holds one report and its controller drains it every
-            # 2 s: reporting every log step would stall training. Evals are rarer.
-            if do_eval:
-                ray.train.report(metrics)
-                reporter.t_last = time.perf_counter()  # tokens/s measures training, not reporting
-            continue
-        consumed.merge(_gather_consumed(local_consumed))
-        local_consumed = Consumed()
-        state = {"step": step, "tokens": tokens, "segment": seg.name, "version": seg.version,
-                 "consumed": consumed.intervals, "lr": lr, "metrics": metrics}
-        if saver is not None:
+
+class _Checkpoints:
+    """When a segment checkpoints, and the sharded saver when it saves shards.
+
+    Fork points and the boundary are what branches and later versions start from: they
+    are always saved and never pruned; ``train.checkpoint_every`` adds periodic steps and
+    ``train.checkpoint_every_minutes`` time-based ones.
+    """
+
+    def __init__(self, seg: Segment, rank: int, device: torch.device):
+        t = seg.train
+        self.seg, self.rank, self.device = seg, rank, device
+        self.protected = set(seg.save_steps) | {seg.end_step}
+        self.steps = set(self.protected)
+        if t.checkpoint_every:
+            self.steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
+        sharded = t.parallel == "fsdp" or t.async_checkpoint
+        self.saver = shards.ShardedSaver(rank, t.async_checkpoint, device, seg.mirror) if sharded else None
+        self.last_save = time.monotonic()
+
+    def time_due(self) -> bool:
+        """Collective: ``train.checkpoint_every_minutes`` passed since the last save (on any rank)."""
+        minutes = self.seg.train.checkpoint_every_minutes
+        return bool(minutes) and _time_due(self.last_save, minutes, self.device)
+
+    def poll(self) -> None:
+        """Collective: finish a completed async save, then prune older checkpoints."""
+        if self.saver is not None and self.saver.poll() is not None and self.rank == 0:
+            self.prune()
+
+    def prune(self) -> None:
+        ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.mirror)
+
+    def save(self, tr: Training, step: int, state: dict, metrics: dict, last: bool) -> None:
+        """Collective: checkpoint ``step`` and report ``metrics`` with it to Ray Train."""
+        import ray.train
+
+        if self.saver is not None:
             # Straight into the run's storage, not through Ray's upload: the manifest
             # must go last, after every rank's shards.
-            saver.save(Path(seg.storage) / ckpt.step_dir_name(step), raw_model, tr.optim, state)
+            self.saver.save(Path(self.seg.storage) / ckpt.step_dir_name(step), tr.raw_model, tr.optim, state)
             if last:  # the boundary must be complete before the segment returns
-                saver.wait()
+                self.saver.wait()
             ray.train.report(metrics)
         else:
             model_sd, optim_sd = tr.state_dicts()
             with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
+                if self.rank == 0:
                     ckpt.save(tmp, model_sd, optim_sd, state)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
             del model_sd, optim_sd
-        if rank == 0 and (saver is None or saver.pending is None):
-            ckpt.prune(seg.storage, t.keep_checkpoints, protected, seg.mirror)
-        last_save = time.monotonic()
-        reporter.t_last = time.perf_counter()  # nor checkpointing
-    if saver is not None:
-        saver.wait()
-    reporter.tracker.close()
-    # After the loop, not inside it: a run resumed from its final checkpoint
-    # (crash between checkpoint and export) still exports.
-    if seg.export_dir:
-        if fsdp:  # the one place the full weights are gathered (collective): the HF export
-            full = tr.full_model_state()
-            if rank == 0:
+        if self.rank == 0 and (self.saver is None or self.saver.pending is None):
+            self.prune()
+        self.last_save = time.monotonic()
+
+    def wait(self) -> None:
+        """Collective: the last async save is written."""
+        if self.saver is not None:
+            self.saver.wait()
+
+
+@dataclass
+class _SegmentRun:
+    """One worker's run of a segment: the state :func:`train_segment` advances step by step."""
+
+    seg: Segment
+    rank: int
+    world: int
+    device: torch.device
+    tr: Training
+    accum: int  # micro-batches per step: the global batch is fixed across world sizes
+    step: int
+    tokens: int
+    consumed: Consumed  # stream rows trained by the path up to the last checkpoint
+    metrics: dict  # the last report
+    val: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    checkpoints: _Checkpoints
+    feed: _Feed
+    reporter: _Reporter
+
+    @classmethod
+    def start(cls, seg: Segment) -> _SegmentRun:
+        """Restore (or start) the segment on this worker: model, optimizer, RNG, data position."""
+        import ray.train.torch
+
+        t = seg.train
+        rank, world = _dist()
+        device = ray.train.torch.get_device()
+        torch.manual_seed(t.seed + rank)
+        start_dir, state = resume_point(seg)
+        restored = ckpt.load(start_dir) if start_dir else None
+        tr = build_training(seg, device, restored, world)
+        if restored:
+            torch.set_rng_state(restored["rng"]["torch"])
+        del restored
+        step = int(state["step"])
+        val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
+        test = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.test_paths.items()}
+        checkpoints = _Checkpoints(seg, rank, device)
+        accum = t.global_batch_size // (t.micro_batch_size * world)
+        feed = _Feed(t.micro_batch_size, accum, device)
+        reporter = _Reporter(seg, rank, world, step, flops_per_token=flops_per_token(tr.raw_model.config, seg.seq_len),
+                             peak_flops=device_peak_flops(device, t.peak_flops), device=device)
+        reporter.event("start", step=step, world_size=world, checkpoint=start_dir)
+        tr.model.train()
+        return cls(seg, rank, world, device, tr, accum, step, int(state.get("tokens", 0)),
+                   Consumed.from_list(state.get("consumed", [])), state.get("metrics", {}), val, test,
+                   checkpoints, feed, reporter)
+
+    def advance(self, loss: torch.Tensor) -> None:
+        """Count the step just taken."""
+        step_tokens = self.seg.train.global_batch_size * self.seg.seq_len
+        self.step += 1
+        self.tokens += step_tokens
+        self.reporter.step(loss, step_tokens, self.feed.wait)
+
+    def after_step(self, lr: float) -> None:
+        """Log, evaluate, checkpoint and report, as far as this step is due for each.
+
+        Every branch below is taken by all ranks alike (they are collectives).
+        """
+        t = self.seg.train
+        last = self.step == self.seg.end_step
+        do_eval = last or bool(t.eval_every and self.step % t.eval_every == 0)
+        do_save = self.step in self.checkpoints.steps
+        if not (do_eval or do_save or self.step % t.log_every == 0):
+            return
+        self.checkpoints.poll()
+        do_save = do_save or self.checkpoints.time_due()
+        t_eval = time.perf_counter()
+        extra = self.evaluate(last) if do_eval else {}
+        self.metrics = self.reporter.flush(self.step, lr, self.tokens, extra,
+                                           exclude_s=time.perf_counter() - t_eval)
+        if do_save:
+            self.save(lr, last)
+        elif do_eval:
+            # Ray's result queue holds one report and its controller drains it every
+            # 2 s: reporting every log step would stall training. Evals are rarer.
+            import ray.train
+
+            ray.train.report(self.metrics)
+        else:
+            return
+        self.reporter.t_last = time.perf_counter()  # tokens/s measures training, not reporting or saving
+
+    def evaluate(self, last: bool) -> dict[str, float]:
+        """Validation losses (test ones too at the last step) and the weighted ``objective``."""
+        fsdp = self.tr.parallel == "fsdp"
+        args = (self.seg.train.micro_batch_size, self.device, self.rank, self.world, self.tr.autocast)
+        extra = evaluate(self.tr.model, self.val, *args, lockstep=fsdp)
+        if last and self.test:
+            extra |= evaluate(self.tr.model, self.test, *args, lockstep=fsdp, prefix="test")
+        if extra and self.seg.objective_weights:
+            extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in self.seg.objective_weights.items())
+        return extra
+
+    def save(self, lr: float, last: bool) -> None:
+        """Collective: checkpoint this step with the path's data position."""
+        self.consumed.merge(self.feed.take_consumed())
+        state = {"step": self.step, "tokens": self.tokens, "segment": self.seg.name, "version": self.seg.version,
+                 "consumed": self.consumed.intervals, "lr": lr, "metrics": self.metrics}
+        self.checkpoints.save(self.tr, self.step, state, self.metrics, last)
+
+    def finish(self) -> None:
+        """Wait for the last save, close tracking, export the model of a segment that exports one.
+
+        After the loop, not inside it: a run resumed from its final checkpoint (crash
+        between checkpoint and export) still exports.
+        """
+        self.checkpoints.wait()
+        self.reporter.tracker.close()
+        if not self.seg.export_dir:
+            return
+        if self.tr.parallel == "fsdp":  # the one place the full weights are gathered (collective): the HF export
+            full = self.tr.full_model_state()
+            if self.rank == 0:
+                seg = self.seg
                 plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
                                     weights=False)
                 plain.load_state_dict(full)
-                _export(plain, seg, metrics)
-        elif rank == 0:
-            _export(raw_model, seg, metrics)
-
+                _export(plain, seg, self.metrics)
+        elif self.rank == 0:
+            _export(self.tr.raw_model, self.seg, self.metrics)
 
 
 # ---------------------------------------------------------------- driver side

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raypath import checkpoint as ckpt
-from raypath.loop import Segment, fit_segment
+from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import main_schedule
 
 
@@ -47,12 +47,9 @@ def run_main_version(ctx, k: int, prev: dict | None) -> dict:
     seg = main_segment(ctx, k, prev)
     fit_segment(seg)
     fork = fork_step(seg.start_step, seg.end_step, ctx.cfg.branch.fraction)
-    checkpoints = {"fork": str(Path(seg.storage) / ckpt.step_dir_name(fork)),
-                   "end": str(Path(seg.storage) / ckpt.step_dir_name(seg.end_step))}
-    for path in checkpoints.values():
-        ckpt.verify(path, ctx.mirror)
-    start_tokens = ckpt.load_state(prev["checkpoints"]["end"], ctx.mirror)["tokens"] if prev else 0
-    end_state = ckpt.load_state(checkpoints["end"], ctx.mirror)
+    fork_path = str(Path(seg.storage) / ckpt.step_dir_name(fork))
+    ckpt.verify(fork_path, ctx.mirror)
+    end = final_checkpoint(seg)
     return {
         "version": seg.version,
         "segment": seg.name,
@@ -60,12 +57,12 @@ def run_main_version(ctx, k: int, prev: dict | None) -> dict:
         "end_step": seg.end_step,
         "fork_step": fork,
         "fork_fraction": ctx.cfg.branch.fraction,
-        "tokens_start": start_tokens,
-        "tokens_end": end_state["tokens"],
+        "tokens_start": end.tokens_start,
+        "tokens_end": end.tokens_end,
         "max_lr": ctx.cfg.train.max_lr,
         "warmup_steps": ctx.cfg.train.warmup_steps,
-        "checkpoints": checkpoints,
+        "checkpoints": {"fork": fork_path, "end": end.path},
         "curve": seg.curves_path,
-        "metrics": end_state["metrics"],
+        "metrics": end.metrics,
         "status": "done",
     }

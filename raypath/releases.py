@@ -50,6 +50,7 @@ from typing import Any
 from raypath.lineage import sweep_run_dir
 from raypath.mirror import Mirror, fetch, publish
 from raypath.storage import atomic_dir, read_json, write_json
+from raypath.tracking import TrackingSpec, record_release
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,22 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+@dataclass
+class Settled:
+    """What :meth:`Releaser.settle` did: the decision's message (or the pin's), the live
+    release entry after it (None: the version has none) and whether a pin chose it."""
+
+    decision: str
+    live: dict | None
+    pinned: bool = False
+
+    def record(self) -> dict:
+        """The release part of a sweep's record: the live release's path and id, and the decision."""
+        live = self.live or {}
+        return {"pinned": self.pinned, "release": live.get("path"), "live_release": live.get("id"),
+                "decision": self.decision}
+
+
 # --------------------------------------------------------------------------- on disk
 
 @dataclass
@@ -262,11 +279,14 @@ class Releaser:
     lineage: a :class:`raypath.lineage.Lineage` (saved after every change).
     run_dir: the local run directory (a remote one's mirror).
     mirror: the remote run directory behind ``run_dir``; None for a local run.
+    tracking: the run's experiment tracking, where :meth:`settle` tags the live release
+        (:mod:`raypath.tracking`); None = none.
     """
 
     lineage: Any
     run_dir: Path
     mirror: Mirror | None = None
+    tracking: TrackingSpec | None = None
 
     def version_dir(self, version: str) -> Path:
         return Path(self.run_dir) / RELEASES_DIR / version
@@ -279,6 +299,24 @@ class Releaser:
         return next((r for r in h["releases"] if r["id"] == h["current"]), None)
 
     # ---------------------------------------------------------------- decisions
+
+    def settle(self, version: str, objective: Objective, extra: Iterable[Candidate] = (),
+               pin: str | None = None) -> Settled:
+        """The release step of ``raypath run`` and of a sweep (``sweep.pin`` / ``raypath sweep --pin``).
+
+        Decides ``version``'s release over every candidate (``extra``: a sweep's own trials,
+        before the lineage records them), or with ``pin`` releases that trial or branch,
+        pinned; then tags the live release in the run's experiment tracking.
+        """
+        if pin:
+            entry = self.pick(version, pin, objective, extra=extra)
+            what = f"trial {entry['trial_id']}" if entry.get("trial_id") else entry["branch"]
+            message = f"released {what} as pinned (sweep.pin)"
+        else:
+            message = self.decide(version, objective, extra=extra).message
+        if self.lineage.release(version) is not None:
+            record_release(self.tracking, self.lineage.release(version))
+        return Settled(message, self.live(version), bool(pin))
 
     def decide(self, version: str, objective: Objective, extra: Iterable[Candidate] = (),
                respect_pin: bool = True) -> Decision:

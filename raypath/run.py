@@ -36,7 +36,7 @@ from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes
 from raypath.tokenizer import load_tokenizer, train_tokenizer
-from raypath.tracking import TrackingSpec, lineage_run, open_lineage, record_release
+from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,7 @@ def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
     """Release the best measured branch of ``version`` (the configured one, or a sweep's trial
     if one was measured already), scored with the config's ``sweep.weights``."""
     objective = version_objective(lineage.data, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
-    Releaser(lineage, ctx.run_dir, ctx.mirror).decide(version, objective)
-    if lineage.release(version) is not None:
-        record_release(ctx.tracking, lineage.release(version))
+    Releaser(lineage, ctx.run_dir, ctx.mirror, ctx.tracking).settle(version, objective)
 
 
 def run(cfg: Config) -> Lineage:

@@ -24,6 +24,8 @@ experiment directory)::
 
     sweep.json            settings, fork points, objective weights (written once)
     results.json          one record per trial + best/released (written at the end)
+    optuna.journal        the Optuna study (Optuna's JournalStorage): every proposal and score,
+                          as they happen; ``optuna_study(sweep_dir)`` loads it
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
     branches/<segment>/   each trial's Ray Train run (its checkpoints)
     curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
@@ -68,7 +70,7 @@ from raypath.lineage import resolve_version, sweep_run_dir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, relative_paths, write_json
-from raypath.tracking import lineage_run, record_release
+from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
 
@@ -437,20 +439,23 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
 
 def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concurrent: int, sweep_dir: Path,
                 guidance: Guidance | None, restore: bool):
+    """The sweep's Tune experiment: a new one (Optuna on the sweep's journal,
+    :class:`raypath.study.SweepSearch`), or the interrupted one restored."""
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raypath.study import SweepSearch
 
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
     if restore:
         # The restored experiment keeps its searcher, stopper and callbacks (pickled).
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True), True
+                                  resume_errored=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(space=space, metric=METRIC, mode="min", sampler=make_sampler(sc, max_concurrent),
-                            study_name=f"{plan.version}-{sc.name}",
-                            points_to_evaluate=guidance.points if guidance else None)
+    searcher = SweepSearch(sweep_dir, space=space, metric=METRIC, mode="min",
+                           sampler=make_sampler(sc, max_concurrent), study_name=_study_name(plan, sc),
+                           points_to_evaluate=guidance.points if guidance else None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="min", num_samples=sc.num_samples,
@@ -460,7 +465,7 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
                                   callbacks=[guidance.callback] if guidance else None),
-    ), False
+    )
 
 
 def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
@@ -518,21 +523,13 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     """The version's release decision over every measured branch, this sweep's trials included
     (or the pinned trial); returns what the sweep records: the decision and the live release."""
     objective = Objective(plan.weights, plan.compute_penalty, plan.version_tokens)
-    releaser = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror)
     mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None]
     if pin:
-        chosen, _ = _pick(trials, pin)
-        releaser.pick(plan.version, chosen["trial_id"], objective, extra=mine)
-        message = f"released trial {chosen['trial_id']} as pinned (sweep.pin)"
-    else:
-        message = releaser.decide(plan.version, objective, extra=mine).message
-    live = releaser.live(plan.version)
-    if lineage.release(plan.version) is not None:
-        record_release(plan.ctx.tracking, lineage.release(plan.version))
-    mine_names = {c.name: c.trial_id for c in mine}
-    return {"released": mine_names.get(live["branch"]) if live else None, "pinned": bool(pin),
-            "release": live["path"] if live else None, "live_release": live["id"] if live else None,
-            "decision": message}
+        pin = _pick(trials, pin)[0]["trial_id"]
+    settled = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror, plan.ctx.tracking).settle(
+        plan.version, objective, extra=mine, pin=pin)
+    trial_of = {c.name: c.trial_id for c in mine}
+    return {"released": trial_of.get(settled.live["branch"]) if settled.live else None, **settled.record()}
 
 
 def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
@@ -566,77 +563,134 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     """:func:`run_sweep` on its prepared run context (``raypath.run.RunContext``)."""
-    import ray
-
     from raypath.lineage import Lineage
 
     sc = cfg.sweep
     lineage = Lineage.load(ctx.run_dir)
     _check_same_model(cfg, lineage.data)
+    plan = _plan(ctx, lineage, version, sc)
+    space = _search_space(plan, sc)
+    record = _open_record(plan, sc, space)
+    results, resumed = _run_experiment(plan, sc, space, record)
+    stopped = _stopped(plan)
+    trials = _trial_records(plan, results, stopped)
+    outcome, settled = _outcome(sc, trials, stopped)
+    record.update(resumed=resumed, **outcome)
+    if record["best"] is not None and (settled or sc.pin):
+        record.update(_release(plan, lineage, trials, sc.pin))
+    write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
+    lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
+                         | {"trials": [_lineage_trial(t) for t in trials]})
+    return record
+
+
+def _plan(ctx, lineage, version: str | int, sc: SweepConfig) -> SweepPlan:
+    """The sweep of ``version``: its main-path segment, objective and directory."""
     k = resolve_version(ctx.versions, version)
     vname = ctx.versions[k]["name"]
     main = lineage.main(vname)
     if main is None:
         raise ConfigError(f"--version {vname}: its main path is not trained yet; run `raypath run` first")
-
     weights = objective_weights(ctx.versions, k, sc.weights)
     sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
-    version_tokens = main["tokens_end"] - main["tokens_start"]
-    plan = SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty, version_tokens)
-    replay = sc.replay_ratios or [plan.stream_ratio]
-    if k == 0 and any(r > 0 for r in replay):
-        raise ConfigError(f"sweep.replay_ratios: {replay}, but {vname} is the first version: "
-                          f"there is no older data to replay")
+    return SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty,
+                     main["tokens_end"] - main["tokens_start"])
 
-    forks = fork_points(main, ctx.storage(main["segment"]))
-    tokens_per_step = plan.tokens_per_step
-    in_range = choose_forks(forks, main, sc, tokens_per_step, vname)
+
+def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
+    """What Optuna searches: the settings' ranges, snapped to the fork points that exist."""
+    replay = sc.replay_ratios or [plan.stream_ratio]
+    if plan.k == 0 and any(r > 0 for r in replay):
+        raise ConfigError(f"sweep.replay_ratios: {replay}, but {plan.version} is the first version: "
+                          f"there is no older data to replay")
+    forks = fork_points(plan.main, plan.ctx.storage(plan.main["segment"]))
+    in_range = choose_forks(forks, plan.main, sc, plan.tokens_per_step, plan.version)
+    return SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
+                       plan.main["end_step"], plan.tokens_per_step)
+
+
+def _open_record(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> dict:
+    """The sweep's record: written to ``sweep.json`` for a new sweep, checked against it for a
+    resumed one (which keeps its recorded concurrency and searcher)."""
+    import ray
+
+    from raypath.study import JOURNAL
+
+    main, sweep_dir = plan.main, Path(plan.sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    space = SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
-                        main["end_step"], tokens_per_step)
-    max_concurrent = sc.max_concurrent or derive_max_concurrent(cfg.train, sc.num_samples, ray.cluster_resources())
+    max_concurrent = sc.max_concurrent or derive_max_concurrent(plan.ctx.cfg.train, sc.num_samples,
+                                                                ray.cluster_resources())
     record = {
-        "name": sc.name, "version": vname, "version_index": k, "path": str(sweep_dir),
-        "run_dir": str(ctx.run_dir), "main_segment": main["segment"], "main_curve": main.get("curve"),
+        "name": sc.name, "version": plan.version, "version_index": plan.k, "path": str(sweep_dir),
+        "run_dir": str(plan.ctx.run_dir), "main_segment": main["segment"], "main_curve": main.get("curve"),
         "main_start_step": main["start_step"], "main_end_step": main["end_step"],
-        "tokens_start": main["tokens_start"], "version_tokens": version_tokens,
-        "tokens_per_step": tokens_per_step, "segment_prefix": f"branch-{vname}-",
-        "settings": _settings_record(sc), "objective_weights": weights,
-        "fork_points": [{"step": f["step"], "fraction": f["fraction"]} for f in in_range],
+        "tokens_start": main["tokens_start"], "version_tokens": plan.version_tokens,
+        "tokens_per_step": plan.tokens_per_step, "segment_prefix": f"branch-{plan.version}-",
+        "settings": _settings_record(sc), "objective_weights": plan.weights,
+        "fork_points": [{"step": f["step"], "fraction": f["fraction"]} for f in space.forks],
         "max_concurrent": max_concurrent,
-        "searcher": {"kind": "optuna", "sampler": "TPESampler", "seed": sc.seed, "metric": METRIC, "mode": "min"},
+        "searcher": {"kind": "optuna", "sampler": "TPESampler", "seed": sc.seed, "metric": METRIC, "mode": "min",
+                     "study_name": _study_name(plan, sc), "storage": JOURNAL},
     }
     recorded = _start_or_check_record(sweep_dir, record)
-    max_concurrent = record["max_concurrent"] = recorded.get("max_concurrent", max_concurrent)
-    log.info("sweep %s of %s: %d trials, %d at once, objective weights %s, compute penalty %g%s", sc.name, vname,
-             sc.num_samples, max_concurrent, weights, sc.compute_penalty,
-             f", token budget {sc.token_budget:g}" if sc.token_budget else "")
-
-    restoring = _can_restore(sweep_dir)
-    guidance = law_guidance(plan, sc, space) if sc.guide == "law" and not restoring else None
-    if guidance is not None:
-        recorded["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
-                             "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
-        write_json(sweep_dir / SWEEP_JSON, recorded, root=sweep_run_dir(sweep_dir))
+    record["max_concurrent"] = recorded.get("max_concurrent", max_concurrent)
+    record["searcher"] = recorded.get("searcher", record["searcher"])
     record["guide"] = recorded.get("guide", {"kind": "none"})
-    tuner, resumed = _make_tuner(plan, sc, space, max_concurrent, sweep_dir, guidance, restoring)
-    results = tuner.fit()
-    stopped = read_json(sweep_dir / STOPPED_JSON) if (sweep_dir / STOPPED_JSON).is_file() else {}
+    log.info("sweep %s of %s: %d trials, %d at once, objective weights %s, compute penalty %g%s", sc.name,
+             plan.version, sc.num_samples, record["max_concurrent"], plan.weights, sc.compute_penalty,
+             f", token budget {sc.token_budget:g}" if sc.token_budget else "")
+    return record
+
+
+def _study_name(plan: SweepPlan, sc: SweepConfig) -> str:
+    return f"{plan.version}-{sc.name}"
+
+
+def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record: dict):
+    """Run a new sweep's Tune experiment (guided by the law when it fits: ``record["guide"]``)
+    or resume an interrupted one; Tune's results, and whether it was resumed."""
+    from raypath import study
+
+    sweep_dir = Path(plan.sweep_dir)
+    restoring = _can_restore(sweep_dir)
+    guidance = None
+    if not restoring:
+        study.discard(sweep_dir)
+        guidance = law_guidance(plan, sc, space) if sc.guide == "law" else None
+    if guidance is not None:
+        record["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
+                           "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
+        root = sweep_run_dir(sweep_dir)
+        write_json(sweep_dir / SWEEP_JSON, {**read_json(sweep_dir / SWEEP_JSON, root=root), "guide": record["guide"]},
+                   root=root)
+    tuner = _make_tuner(plan, sc, space, record["max_concurrent"], sweep_dir, guidance, restoring)
+    with study.resuming(sweep_dir):
+        return tuner.fit(), restoring
+
+
+def _trial_records(plan: SweepPlan, results, stopped: dict) -> list[dict]:
+    """Every trial as the sweep records it, in trial id order, with the order Optuna proposed it."""
     trials = sorted((_trial_record(plan, r, stopped) for r in results), key=lambda t: t["trial_id"])
-    order = proposal_order(sweep_dir, trials)
+    order = proposal_order(plan.sweep_dir, trials)
     for t in trials:
         t["order"] = order.get(t["trial_id"])
+    return trials
+
+
+def _stopped(plan: SweepPlan) -> dict:
+    """Trial id -> the law stopper's forecast, for the trials it stopped."""
+    path = Path(plan.sweep_dir) / STOPPED_JSON
+    return read_json(path) if path.is_file() else {}
+
+
+def _outcome(sc: SweepConfig, trials: list[dict], stopped: dict) -> tuple[dict, bool]:
+    """What the sweep's trials add up to (the record's fields), and whether it is settled: every
+    trial ran to an end (its last step, or stopped by the law). Errored trials do not block the
+    release (the best finished trial wins); a re-run retries them."""
     counts = {status: sum(t["status"] == status for t in trials) for status in ("done", "stopped", "error")}
     errored = [t["trial_id"] for t in trials if t["status"] == "error"]
-    complete = counts["done"] + counts["stopped"] == sc.num_samples
-    # Settled: every trial ran to an end (its last step, or stopped by the law). Errored
-    # trials do not block the release (the best finished trial wins); a re-run retries them.
     settled = len(trials) == sc.num_samples and sum(counts.values()) == len(trials)
     best, _ = _pick(trials, None)
-    search_tokens = sum(t.get("branch_tokens") or 0 for t in trials if t["status"] in ("done", "stopped"))
-    record.update(resumed=resumed, trials=trials, complete=complete, search_tokens=search_tokens,
-                  best=best["trial_id"] if best else None, errored=errored, stopped=sorted(stopped),
-                  released=None, pinned=False)
     if not settled:
         log.warning("sweep %s was interrupted: %d of %d trials finished; run the same command again to "
                     "resume it (finished trials are kept)", sc.name, counts["done"] + counts["stopped"],
@@ -645,12 +699,10 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
         log.warning("sweep %s: trials %s failed (see their errors in %s); releasing the best of the %d that "
                     "finished; run the same command again to retry them", sc.name, ", ".join(errored),
                     RESULTS_JSON, counts["done"])
-    if best is not None and (settled or sc.pin):
-        record.update(_release(plan, lineage, trials, sc.pin))
-    write_json(sweep_dir / RESULTS_JSON, record, root=sweep_run_dir(sweep_dir))
-    lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
-                         | {"trials": [_lineage_trial(t) for t in trials]})
-    return record
+    return {"trials": trials, "complete": counts["done"] + counts["stopped"] == sc.num_samples,
+            "search_tokens": sum(t.get("branch_tokens") or 0 for t in trials if t["status"] in ("done", "stopped")),
+            "best": best["trial_id"] if best else None, "errored": errored, "stopped": sorted(stopped),
+            "released": None, "pinned": False}, settled
 
 
 def run_and_print(cfg: Config, version: str | int) -> int:
@@ -710,10 +762,13 @@ def format_trials(record: dict) -> str:
 
 def proposal_order(sweep_dir: str | os.PathLike, trials: list[dict]) -> dict[str, int]:
     """Trial id -> 1-based order in which Optuna proposed it (Tune's trial ids carry none),
-    matched on the proposed parameters; {} when the searcher state is missing."""
+    matched on the proposed parameters; {} when the sweep has no Optuna journal."""
+    from raypath.study import NoJournalError
+
     try:
         study = optuna_study(sweep_dir)
-    except FileNotFoundError:
+    except NoJournalError as e:
+        log.warning("%s; the trials' proposal order is not recorded", e)
         return {}
     order = {}
     for t in trials:
@@ -726,12 +781,8 @@ def proposal_order(sweep_dir: str | os.PathLike, trials: list[dict]) -> dict[str
 
 
 def optuna_study(sweep_dir: str | os.PathLike):
-    """The Optuna study behind a sweep (from Tune's saved searcher state), for Optuna's own tools."""
-    import pickle
+    """The Optuna study behind a sweep, loaded from its journal (``optuna.journal``) for Optuna's
+    own tools; a sweep written before the journal raises :class:`raypath.study.NoJournalError`."""
+    from raypath.study import load_study
 
-    states = sorted(Path(sweep_dir).glob("searcher-state-*.pkl"))
-    if not states:
-        raise FileNotFoundError(f"{sweep_dir}: no searcher state (not a raypath sweep directory?)")
-    with open(states[-1], "rb") as f:
-        state = pickle.load(f)
-    return state["_ot_study"] if isinstance(state, dict) else state[2]
+    return load_study(sweep_dir)

@@ -155,6 +155,23 @@ def test_sweep_all_worse_keeps_then_better_replaces(run):
     assert (s["beat"], s["others"]) == (3, 3)
 
 
+def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
+    """Releaser.settle: the decision (or a pin), the live release tagged in tracking, the record."""
+    tagged = []
+    monkeypatch.setattr(releases, "record_release", lambda spec, entry: tagged.append((spec, entry["id"])))
+    _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9), "t2": _metrics(3.85, 2.95)})
+    lin = Lineage.load(run)
+    objective = releases.version_objective(lin.data, "v2")
+    out = Releaser(lin, run, tracking="spec").settle("v2", objective)
+    assert out.live["branch"] == "branch-v2-t1" and "beats" in out.decision and not out.pinned
+    assert out.record() == {"pinned": False, "release": str(run / "releases/v2/r2"), "live_release": "r2",
+                            "decision": out.decision}
+    pinned = Releaser(lin, run, tracking="spec").settle("v2", objective, pin="t2")
+    assert pinned.decision == "released trial t2 as pinned (sweep.pin)" and pinned.pinned
+    assert pinned.live["id"] == "r3" and lin.release("v2")["pinned"] is True
+    assert tagged == [("spec", "r2"), ("spec", "r3")]
+
+
 def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
     _decide(run)

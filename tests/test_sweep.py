@@ -142,6 +142,55 @@ def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     assert forks[0]["fraction"] == pytest.approx(8 / 12)
 
 
+def test_the_study_lives_in_an_optuna_journal_that_a_restored_searcher_reopens(tmp_path, caplog):
+    """Tune pickles the searcher (tuner.pkl at the start, its state as it goes); the study is in
+    ``optuna.journal``. A copied sweep resumes its own journal, and a proposal the journal holds
+    beyond the restored state (made before a crash) is failed, its queued point queued again."""
+    import pickle
+    import shutil
+
+    from raypath import study
+
+    space = SearchSpace((0.05, 0.5), ["cosine", "polynomial"], (1.0, 4.0), (0.0, 0.1), [0.0], _forks(), 100, 10)
+    points = [{"fraction": 0.2, "shape": "cosine", "min_lr_ratio": 0.0, "replay_ratio": 0.0},
+              {"fraction": 0.4, "shape": "cosine", "min_lr_ratio": 0.0, "replay_ratio": 0.0}]
+    first = tmp_path / "first"
+    first.mkdir()
+    searcher = study.SweepSearch(first, space=space, metric="score", mode="min",
+                                 sampler=make_sampler(SweepConfig(), 2), study_name="v2-s", points_to_evaluate=points)
+    at_start = pickle.dumps(searcher)  # what Tune keeps in tuner.pkl
+    assert searcher.suggest("a")["fork_step"] == 80
+    searcher.on_trial_complete("a", {"score": 2.0})
+    searcher.save(str(first / "searcher-state-x.pkl"))
+    assert searcher.suggest("b")["fork_step"] == 60  # the second point, proposed after the saved state
+    assert [t.state.name for t in optuna_study(first).trials] == ["COMPLETE", "RUNNING"]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    restored = pickle.loads(at_start)
+    with study.resuming(copy), caplog.at_level(logging.WARNING, logger="raypath.study"):
+        restored.restore(str(copy / "searcher-state-x.pkl"))
+    assert "failed it and queued its point again" in caplog.text
+    assert restored.suggest("c")["fork_step"] == 60  # the lost point runs after all
+    restored.on_trial_complete("c", {"score": 1.0})
+    trials = optuna_study(copy).trials
+    assert [(t.state.name, t.value) for t in trials] == [("COMPLETE", 2.0), ("FAIL", None), ("COMPLETE", 1.0)]
+    assert trials[2].system_attrs["fixed_params"] == points[1]
+    # the original sweep's journal is untouched by the copy's
+    assert [t.state.name for t in optuna_study(first).trials] == ["COMPLETE", "RUNNING"]
+
+
+def test_optuna_study_of_a_sweep_without_a_journal_says_why(tmp_path):
+    from raypath.study import NoJournalError
+
+    (tmp_path / "searcher-state-2026.pkl").write_bytes(b"")  # a sweep written before the journal
+    with pytest.raises(NoJournalError, match="predates optuna.journal"):
+        optuna_study(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a raypath sweep directory"):
+        optuna_study(tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_pareto_front_keeps_only_undominated_rows():
     from raypath.analysis import pareto_front
 
