@@ -55,6 +55,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,19 @@ def _report_callback(extra: dict, penalty: float):
             first.update(extra, score=self.last, penalty=penalty)
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
+        def wait_forwarded(self, timeout: float = 600.0) -> None:
+            """Return once Tune has taken the last Train report off the Train->Tune queue.
+
+            Tune's main thread forwards a queued report into the same one-slot result queue
+            that a direct ``tune.report`` of the trial function fills: with both at once, each
+            waits on the other for ever (Ray 2.60; seen as a trial that never ends after its
+            branch finished). The pause covers the forward already under way when the queue
+            empties (a put into an empty queue)."""
+            deadline = time.monotonic() + timeout
+            while not self._training_actor_item_queue.empty() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)
+
     return SweepReportCallback()
 
 
@@ -334,7 +348,9 @@ def _trial(config: dict, plan: SweepPlan) -> None:
         # restored trial only reports the result, it trains nothing again.
         log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
     else:
-        fit_segment(seg, callbacks=[_report_callback(extra, penalty)])
+        callback = _report_callback(extra, penalty)
+        fit_segment(seg, callbacks=[callback])
+        callback.wait_forwarded()
     # Ray 2.60 can drop the last Train report when the trainable returns right
     # after it (Tune reads the Train->Tune queue only while the function runs),
     # so report the final evaluation again, from the branch's final checkpoint:
