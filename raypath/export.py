@@ -259,7 +259,7 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
 
 def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
     """A checkpoint directory; the lineage's main-path or branch entry of its segment adds the facts."""
-    _check_checkpoint(d, str(d))
+    _check_checkpoint(d)
     state = ckpt.load_state(d)
     segment, version = state.get("segment", ""), state.get("version", "?")
     main, branch = lineage.main(version), lineage.branch(segment)
@@ -276,11 +276,13 @@ def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
     return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
 
 
-def _check_checkpoint(d: Path, label: str) -> None:
+def _check_checkpoint(d: Path, label: str | None = None) -> None:
+    """Fail early, before anything is loaded or written: presence and sizes (the load hashes it)."""
     try:
-        ckpt.verify(d, deep=False)  # presence and sizes; the load hashes it
+        ckpt.verify(d, deep=False)
     except ckpt.CheckpointError as e:
-        raise ExportError(f"{label}: {e}") from None
+        raise ExportError(f"{label}: {e}" if label else
+                          f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
 
 
 def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
@@ -401,6 +403,9 @@ def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: st
         load_model_weights(directory, model)
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
+    except RuntimeError as e:  # missing or misshapen tensors: a checkpoint of another model
+        raise ExportError(f"{directory}: its weights do not fit the run's model "
+                          f"({str(e).strip().splitlines()[0]})") from None
     return model.eval()
 
 

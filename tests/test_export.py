@@ -218,7 +218,7 @@ def test_force_replaces_only_a_model_directory(run, tmp_path):
     ("v1", "v1 has no release yet in"),
     ("v2/r7", "v2 has no release r7 in"),
     ("main-v3", "main-v3: not a version"),
-    ("ray/main-v1", "no manifest.json"),
+    ("ray/main-v1", "no manifest.json (checkpoint incomplete or torn) (a checkpoint is a step directory"),
 ])
 def test_a_bad_source_names_the_run_and_what_exists(run, tmp_path, source, message):
     out = tmp_path / "out" / "model"
@@ -229,6 +229,13 @@ def test_a_bad_source_names_the_run_and_what_exists(run, tmp_path, source, messa
         assert str(run) in str(e.value)
         assert "versions: v1, v2; releases: v2/r1,r2*; main-path checkpoints: main-v1, main-v2" in str(e.value)
     assert not out.exists() and _siblings(out) == []
+
+
+def test_a_checkpoint_of_another_model_is_refused(run, tmp_path):
+    d = ckpt.save(tmp_path / ckpt.step_dir_name(1), {"w": torch.zeros(2)}, {}, _state("other", "v1", 1, 64, 6.0))
+    with pytest.raises(ExportError, match="its weights do not fit the run's model"):
+        export(run, str(d), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_verification_leaves_out_as_it_was(run, tmp_path, monkeypatch):
