@@ -199,8 +199,14 @@ def load_state(directory: str | Path, mirror: Mirror | None = None) -> dict:
     return _read_json(Path(directory) / "state.json", mirror)
 
 
+def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """One tensor file of a checkpoint; tensors and plain containers only (``weights_only=True``),
+    so a checkpoint can never run code when it is loaded."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Verified contents of a full checkpoint; tensors only (``weights_only=True``).
+    """Verified contents of a full checkpoint; tensors only (:func:`read_tensors`).
 
     A sharded checkpoint is loaded collectively by the workers instead
     (:mod:`raypath.loop`); here it yields only its RNG state and state.
@@ -208,12 +214,11 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dic
     d = Path(directory)
     verify(d)
     if is_sharded(d):
-        return {"sharded": d, "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=True),
-                "state": load_state(d)}
+        return {"sharded": d, "rng": read_tensors(d / "rng.pt"), "state": load_state(d)}
     return {
-        "model": torch.load(d / "model.pt", map_location=map_location, weights_only=True),
-        "optim": torch.load(d / "optim.pt", map_location=map_location, weights_only=True),
-        "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=True),
+        "model": read_tensors(d / "model.pt", map_location),
+        "optim": read_tensors(d / "optim.pt", map_location),
+        "rng": read_tensors(d / "rng.pt"),
         "state": load_state(d),
     }
 

@@ -6,6 +6,7 @@
     raypath cost --tokens 1e9 1e9 1e9 1e9 --fraction 0.2
     raypath sweep configs/quickstart.yaml --version v2 [--set sweep.num_samples=8 ...]
     raypath release runs/quickstart --version v2 [--pick TRIAL|BRANCH|rN|best]
+    raypath export runs/quickstart v2 --out models/quickstart-v2 [--dtype bf16] [--force]
     raypath law fit runs/quickstart [--version v2]
     raypath law predict runs/quickstart --version v2 --shape cosine --fraction 0.2 [--plot p.png]
 """
@@ -109,6 +110,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         entry = releaser.pick(version, args.pick, objective)
         print(f"live release of {version}: {entry['id']} ({entry['branch']}): {entry['path']}\n")
     print(format_release(lineage.data, version, objective))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raypath.export import export
+
+    print(export(args.run_dir, args.source, args.out, args.dtype, args.force).summary())
     return 0
 
 
@@ -263,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--pick", help="rN: roll back to that release; a trial id or branch name: release it "
                                     "(pinned: automatic decisions keep it); best: release the best candidate")
     rel.set_defaults(fn=cmd_release)
+
+    ex = sub.add_parser("export", help="write a release or main-path checkpoint as a Hugging Face model directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("source", help="v2 (the live release), v2/r1 (a release), main-v2 (the main path at the "
+                                   "end of v2) or a checkpoint directory (ray/<segment>/step_N)")
+    ex.add_argument("--out", required=True, help="directory to write (atomically; its parent is created)")
+    ex.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored)")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(fn=cmd_export)
     _add_law(sub)
     return p
 

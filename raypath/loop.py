@@ -505,12 +505,11 @@ class _Reporter:
 
 
 def _export(model: torch.nn.Module, seg: Segment, metrics: dict) -> None:
+    from raypath.export import save_model_dir
     from raypath.storage import atomic_dir, write_json
-    from raypath.tokenizer import load_tokenizer
 
     with atomic_dir(seg.export_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(fetch(seg.mirror, seg.tokenizer_dir)).save_pretrained(tmp)
+        save_model_dir(tmp, model, fetch(seg.mirror, seg.tokenizer_dir))
         write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
     publish(seg.mirror, seg.export_dir)
 

@@ -151,7 +151,8 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
     d = Path(directory)
     ckpt.verify(d, deep=True)
     if not ckpt.is_sharded(d):
-        model.load_state_dict(ckpt.load(d)["model"])
+        # The model file only: the optimizer state (twice the model's size) is not needed here.
+        model.load_state_dict(ckpt.read_tensors(d / "model.pt"))
         return
     sd = {"model": get_model_state_dict(model)}
     dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS), no_dist=True)

@@ -1,0 +1,601 @@
+"""Export a release or a main-path checkpoint of a run directory as a Hugging Face model.
+
+    raypath export RUN_DIR v2 --out models/v2 [--dtype bf16] [--force]
+
+What to export (``source``), by name in the lineage or by path:
+
+* ``vK``: version K's live release (``releases/vK/current``);
+* ``vK/rN``: release rN of version K, live or not;
+* ``main-vK``: the main path at the end of version K (its boundary checkpoint: never
+  annealed, the point later versions continue from; not a release);
+* a checkpoint directory of the run (``ray/<segment>/step_N``, absolute or relative
+  to the run directory), full or sharded (DCP).
+
+The output directory holds ``save_pretrained`` weights (safetensors), the run's tokenizer
+and ``README.md``, a Hugging Face model card (``huggingface_hub.ModelCard``: YAML metadata
+with the losses as ``model-index`` results, then markdown) with the lineage facts; a
+release also keeps its ``model_card.json``. Nothing is downloaded: the card's template is
+in this module.
+
+Atomic: the directory is written to a temporary sibling of ``out``, loaded back (model,
+tokenizer, card) and compared tensor by tensor with what was meant to be written, and only
+then renamed to ``out``. Readers see the old directory or the complete new one; a failure
+leaves ``out`` as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raypath import checkpoint as ckpt
+from raypath.config import ConfigError, ModelConfig
+from raypath.lineage import Lineage
+from raypath.storage import read_json
+
+#: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CARD = "README.md"
+#: raypath's own JSON facts of a release (written by the branch export and the release).
+JSON_CARD = "model_card.json"
+
+
+class ExportError(ConfigError):
+    """An export request that cannot be met (unknown version or release, --out in the way).
+
+    A :class:`ConfigError`, so every entry point reports it as one line with exit code 2."""
+
+
+@dataclass
+class Facts:
+    """What the model card says about the exported model, from the lineage.
+
+    run: the run's name (``name`` in its config).
+    version: the version whose data it ends on.
+    kind: ``release``, ``main path`` or ``checkpoint``.
+    label: how it was named: ``v2/r1``, ``main-v2``, or the checkpoint directory.
+    source: the directory the weights were read from.
+    step: the global optimizer step of its weights (None when the lineage does not say).
+    tokens_total: tokens trained from the start of the main path, cumulative (the
+        main path up to the fork plus the branch, for a release).
+    trained_on: the versions whose data it trained on, in order.
+    branch: a release's (or branch checkpoint's) branch: name, fork step, steps, decay
+        shape, power, floor (``min_lr_ratio`` and the LR it ends at), peak LR; None otherwise.
+    lr: how the LR ran, in words, for a main-path checkpoint.
+    val, test: ``val/<version>`` and ``test/<version>`` losses the lineage recorded.
+    release: a release's id, why it went live, and whether it is the live one.
+    base_model: the pretrained model the main path started from (``model.path``), if any.
+    """
+
+    run: str
+    version: str
+    kind: str
+    label: str
+    source: str
+    step: int | None = None
+    tokens_total: int | None = None
+    trained_on: list[str] = field(default_factory=list)
+    branch: dict[str, Any] | None = None
+    lr: str | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    release: dict[str, Any] | None = None
+    base_model: str | None = None
+
+
+@dataclass
+class Source:
+    """Where the weights of an export come from.
+
+    facts: the lineage facts for its card.
+    model_dir: a ``save_pretrained`` directory (a release), or None.
+    checkpoint: a training checkpoint directory (full or sharded), or None.
+    tokenizer_dir: the tokenizer saved next to the model.
+    json_card: raypath's ``model_card.json`` to keep (a release's), or None.
+    """
+
+    facts: Facts
+    model_dir: Path | None = None
+    checkpoint: Path | None = None
+    tokenizer_dir: Path | None = None
+    json_card: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.model_dir or self.checkpoint
+
+
+@dataclass
+class Exported:
+    """What :func:`export` wrote: ``out``, its source, dtype and parameter count."""
+
+    out: Path
+    source: Source
+    dtype: torch.dtype
+    parameters: int
+
+    def summary(self) -> str:
+        f = self.source.facts
+        what = f"{f.kind} of {f.version}" + (f", branch {f.branch['name']}" if f.branch else "")
+        own = f.val.get(f"val/{f.version}")
+        val = f", val/{f.version} {own:.4f}" if own is not None else ""
+        return f"exported {f.label} ({what}{val}): {self.source.path} -> {self.out} [{self.weights}]"
+
+    @property
+    def weights(self) -> str:
+        return f"{self.parameters:,} parameters, {str(self.dtype).removeprefix('torch.')}"
+
+
+# --------------------------------------------------------------------------- the one entry point
+
+def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = None,
+           force: bool = False) -> Exported:
+    """Export ``what`` (see the module docstring) of ``run_dir`` to ``out``; atomic, verified."""
+    from raypath.mirror import require_local
+    from raypath.storage import atomic_dir
+
+    require_local(run_dir, "export")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    lineage = Lineage.load(run_dir)
+    src = resolve(lineage, run_dir, what)
+    check_out(out, force, run_dir, src.path)
+    with _no_progress_bars():
+        model = load_model(src, lineage, run_dir)
+        if dtype is not None:
+            model.to(DTYPES[dtype])
+        # atomic_dir: a temp sibling of `out`, renamed over it only if the block succeeds.
+        with atomic_dir(out) as tmp:
+            save_model_dir(tmp, model, src.tokenizer_dir)
+            if src.json_card is not None:
+                shutil.copy2(src.json_card, tmp / JSON_CARD)
+            result = Exported(out, src, next(model.parameters()).dtype, sum(p.numel() for p in model.parameters()))
+            model_card(src.facts, out.name, result.weights).save(tmp / CARD)
+            verify(tmp, model)
+    return result
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws a bar per load (two per export): the command prints one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- what to export
+
+def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
+    """The source named ``what``: ``vK``, ``vK/rN``, ``main-vK`` or a checkpoint directory."""
+    versions = [v["name"] for v in lineage.data.get("versions", [])]
+    name, _, rid = what.partition("/")
+    if name in versions:
+        return release_source(lineage, run_dir, name, rid or None)
+    if what.startswith("main-") and what[5:] in versions:
+        return main_source(lineage, run_dir, what[5:])
+    for candidate in (Path(what), run_dir / what):
+        if candidate.is_dir():
+            return checkpoint_source(lineage, run_dir, candidate.resolve())
+    raise ExportError(f"{what}: not a version, release, main-path checkpoint or checkpoint directory of "
+                      f"{run_dir} ({what_exists(lineage)})")
+
+
+def what_exists(lineage: Lineage) -> str:
+    """What a run directory can export, for error messages: versions, releases (* = live), main path."""
+    versions = [v["name"] for v in lineage.data.get("versions", [])]
+    releases = []
+    for v in versions:
+        h = lineage.release_history(v)
+        if h and h.get("releases"):
+            ids = [r["id"] + ("*" if r["id"] == h.get("current") else "") for r in h["releases"]]
+            releases.append(f"{v}/{','.join(ids)}")
+    mains = [m["segment"] for m in lineage.data.get("main_path", [])]
+    return (f"versions: {', '.join(versions) or 'none'}; releases: {' '.join(releases) or 'none'}; "
+            f"main-path checkpoints: {', '.join(mains) or 'none'}")
+
+
+def in_run_dir(recorded: str | Path, run_dir: Path, anchor: str) -> Path:
+    """A path the lineage recorded, looked up under ``run_dir`` first.
+
+    The lineage keeps absolute paths, so a copied or moved run directory still names the
+    old location: the part from the last ``anchor`` component (``releases``, ``ray``,
+    ``tokenizer``) on is looked for under ``run_dir``, else the recorded path is used.
+    """
+    p = Path(recorded)
+    if anchor in p.parts:
+        i = len(p.parts) - 1 - p.parts[::-1].index(anchor)
+        moved = run_dir.joinpath(*p.parts[i:])
+        if moved.exists():
+            return moved
+    return p
+
+
+def release_source(lineage: Lineage, run_dir: Path, version: str, rid: str | None) -> Source:
+    """Version ``version``'s release ``rid`` (None: the live one)."""
+    h = lineage.release_history(version) or {}
+    known = [r["id"] for r in h.get("releases", [])]
+    rid = rid or h.get("current")
+    entry = next((r for r in h.get("releases", []) if r["id"] == rid), None)
+    if entry is None:
+        what = f"has no release {rid}" if rid else "has no release yet"
+        raise ExportError(f"{version} {what} in {run_dir} (releases of {version}: {', '.join(known) or 'none'}; "
+                          f"{what_exists(lineage)}); `raypath run` or `raypath sweep` releases a version")
+    model_dir = in_run_dir(entry["path"], run_dir, "releases")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{version}/{rid}: release directory {model_dir} is missing or holds no model")
+    card = model_dir / JSON_CARD
+    facts = release_facts(lineage, entry, read_json(card) if card.is_file() else {})
+    facts.label, facts.source = f"{version}/{rid}", str(model_dir)
+    facts.release["live"] = rid == h.get("current")
+    tokenizer = model_dir if (model_dir / "tokenizer.json").is_file() else tokenizer_dir(lineage, run_dir)
+    return Source(facts, model_dir=model_dir, tokenizer_dir=tokenizer, json_card=card if card.is_file() else None)
+
+
+def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
+    """The main path at the end of ``version`` (its boundary checkpoint)."""
+    main = lineage.main(version)
+    if main is None:
+        raise ExportError(f"main-{version}: the main path of {version} has not finished in {run_dir} "
+                          f"({what_exists(lineage)})")
+    d = in_run_dir(main["checkpoints"]["end"], run_dir, "ray")
+    _check_checkpoint(d, f"main-{version}")
+    facts = main_facts(lineage, main)
+    facts.label, facts.source = f"main-{version}", str(d)
+    return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
+
+
+def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
+    """A checkpoint directory; the lineage's main-path or branch entry of its segment adds the facts."""
+    _check_checkpoint(d)
+    state = ckpt.load_state(d)
+    segment, version = state.get("segment", ""), state.get("version", "?")
+    main, branch = lineage.main(version), lineage.branch(segment)
+    if main is not None and main.get("segment") == segment:
+        facts = main_facts(lineage, main)
+    else:
+        facts = Facts(_run_name(lineage), version, "checkpoint", "", "", trained_on=_versions_to(lineage, version))
+        facts.branch = branch_facts(lineage, branch, {}) if branch else None
+    facts.kind, facts.label, facts.source = "checkpoint", str(d), str(d)
+    facts.step, facts.tokens_total = state.get("step"), state.get("tokens")
+    # The checkpoint's own metrics: the segment's entry holds its last step's only.
+    metrics = state.get("metrics") or {}
+    facts.val, facts.test = _split(metrics, "val"), _split(metrics, "test")
+    return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
+
+
+def _check_checkpoint(d: Path, label: str | None = None) -> None:
+    """Fail early, before anything is loaded or written: presence and sizes (the load hashes it)."""
+    try:
+        ckpt.verify(d, deep=False)
+    except ckpt.CheckpointError as e:
+        raise ExportError(f"{label}: {e}" if label else
+                          f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
+
+
+def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
+    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's)."""
+    recorded = (lineage.data.get("tokenizer") or {}).get("path") or run_dir / "tokenizer"
+    d = in_run_dir(recorded, run_dir, "tokenizer")
+    if not (d / "tokenizer.json").is_file():
+        raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
+    return d
+
+
+# --------------------------------------------------------------------------- lineage facts
+
+def _run_name(lineage: Lineage) -> str:
+    return lineage.data.get("name") or (lineage.data.get("config") or {}).get("name", "raypath")
+
+
+def _versions_to(lineage: Lineage, version: str) -> list[str]:
+    names = [v["name"] for v in lineage.data.get("versions", [])]
+    return names[: names.index(version) + 1] if version in names else [version]
+
+
+def _split(metrics: dict, split: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(f"{split}/") and v is not None}
+
+
+def _base_model(lineage: Lineage) -> str | None:
+    return ((lineage.data.get("model") or {}).get("base") or {}).get("path")
+
+
+def branch_facts(lineage: Lineage, branch: dict, card: dict) -> dict:
+    """A branch's shape from its lineage entry, else from its export's ``model_card.json``."""
+    decay = branch.get("decay") or card.get("decay") or {}
+    max_lr = card.get("max_lr") or (lineage.data.get("config") or {}).get("train", {}).get("max_lr")
+    floor = decay.get("min_lr_ratio")
+    return {"name": branch.get("name") or card.get("branch"),
+            "fork_step": branch.get("fork_step", card.get("fork_step")),
+            "steps": branch.get("steps", card.get("branch_steps")),
+            "shape": decay.get("shape"), "power": decay.get("power"), "min_lr_ratio": floor,
+            "max_lr": max_lr, "floor_lr": floor * max_lr if floor is not None and max_lr else None}
+
+
+def release_facts(lineage: Lineage, entry: dict, card: dict) -> Facts:
+    """A release entry (``release_history``) with its branch's lineage entry and export card."""
+    version = entry["version"]
+    branch = lineage.branch(entry.get("branch") or "") or {}
+    metrics = card.get("final_metrics") or {}
+    return Facts(
+        _run_name(lineage), version, "release", "", "",
+        step=branch.get("end_step", metrics.get("step")),
+        tokens_total=entry.get("tokens_total", branch.get("tokens_total")),
+        trained_on=card.get("trained_on_versions") or _versions_to(lineage, version),
+        branch=branch_facts(lineage, {**branch, "name": entry.get("branch")}, card),
+        val=_split(entry.get("val") or metrics, "val"), test=_split(entry.get("test") or metrics, "test"),
+        release={"id": entry["id"], "reason": entry.get("reason"), "released": entry.get("released")},
+        base_model=_base_model(lineage))
+
+
+def main_facts(lineage: Lineage, main: dict) -> Facts:
+    """A main-path entry: the version's boundary, trained at the constant peak LR."""
+    max_lr = main.get("max_lr") or (lineage.data.get("config") or {}).get("train", {}).get("max_lr")
+    metrics = main.get("metrics") or {}
+    return Facts(
+        _run_name(lineage), main["version"], "main path", "", "",
+        step=main.get("end_step"), tokens_total=main.get("tokens_end"),
+        trained_on=_versions_to(lineage, main["version"]),
+        lr=f"constant {max_lr:g} after {main.get('warmup_steps', 0)} warmup steps, never annealed"
+        if max_lr else None,
+        val=_split(metrics, "val"), test=_split(metrics, "test"), base_model=_base_model(lineage))
+
+
+# --------------------------------------------------------------------------- weights
+
+def load_model(src: Source, lineage: Lineage, run_dir: Path):
+    """The source's model, in its stored dtype (fp32 master weights for a checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    if src.model_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(str(src.model_dir), local_files_only=True, dtype="auto")
+    return model_from_checkpoint(src.checkpoint, model_config(lineage, run_dir), src.tokenizer_dir)
+
+
+def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
+    """The run's ``model`` section, with ``path`` pointing at the local copy of a base model.
+
+    Read field by field rather than validated as a whole config: validation checks the
+    corpus and the base model's original location, which an export does not need.
+    """
+    raw = (lineage.data.get("config") or {}).get("model") or {}
+    cfg = ModelConfig(**{f.name: raw[f.name] for f in dataclasses.fields(ModelConfig) if f.name in raw})
+    # The saved config records no kernel; users pick theirs at load. sdpa builds anywhere
+    # (flash_attention_2 would need CUDA and flash-attn just to write the files).
+    cfg = dataclasses.replace(cfg, attn_implementation="sdpa")
+    if cfg.path:
+        local = ((lineage.data.get("model") or {}).get("base") or {}).get("local_dir") or cfg.path
+        d = in_run_dir(local, run_dir, "base_model")
+        if not (d / "config.json").is_file():
+            raise ExportError(f"{lineage.path}: the base model {d} (model.path {cfg.path!r}) is missing: "
+                              f"its config gives the architecture of the run's checkpoints")
+        cfg = dataclasses.replace(cfg, path=str(d))
+    return cfg
+
+
+def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: str | Path):
+    """A plain transformers model with a checkpoint's weights (either layout), as training built it.
+
+    The vocabulary size and EOS/PAD ids come from the tokenizer, like the run's
+    (:func:`raypath.run.prepare`); the weights are verified (hashed) and loaded
+    ``weights_only`` (:func:`raypath.shards.load_model_weights`).
+    """
+    from raypath.model import build_model
+    from raypath.shards import load_model_weights
+    from raypath.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    model = build_model(cfg, len(tok), tok.eos_token_id, tok.pad_token_id, weights=False)
+    try:
+        load_model_weights(directory, model)
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    except RuntimeError as e:  # missing or misshapen tensors: a checkpoint of another model
+        raise ExportError(f"{directory}: its weights do not fit the run's model "
+                          f"({str(e).strip().splitlines()[0]})") from None
+    return model.eval()
+
+
+def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
+    """``save_pretrained`` weights (safetensors) and the tokenizer: what a branch export and
+    ``raypath export`` write (the caller makes it atomic)."""
+    from raypath.tokenizer import load_tokenizer
+
+    model.save_pretrained(directory, safe_serialization=True)
+    load_tokenizer(tokenizer).save_pretrained(directory)
+
+
+def verify(directory: Path, model) -> None:
+    """Load the written directory back from local files only and compare it with ``model``."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+        AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        ModelCard.load(directory / CARD)
+    except Exception as e:  # noqa: BLE001 - any load failure means a broken export
+        raise ExportError(f"the exported model does not load back ({type(e).__name__}: {e})") from None
+    expected, got = model.state_dict(), loaded.state_dict()
+    if set(expected) != set(got):
+        raise ExportError(f"the exported model does not load back: tensors {sorted(set(expected) ^ set(got))} "
+                          f"differ between the written and the loaded model")
+    for name, tensor in expected.items():
+        if got[name].dtype != tensor.dtype or not torch.equal(got[name], tensor):
+            raise ExportError(f"the exported model does not load back: {name} differs "
+                              f"({got[name].dtype} loaded, {tensor.dtype} written)")
+
+
+def check_out(out: Path, force: bool, run_dir: Path, source: Path) -> None:
+    """Refuse an ``out`` that exists (without ``force``), or that replacing would destroy the run."""
+    for protected, what in ((run_dir, "the run directory"), (source, "the exported source")):
+        if out == protected or out in protected.parents or protected in out.parents:
+            raise ExportError(f"--out {out} overlaps {what} {protected}: choose a directory outside it")
+    if not out.exists():
+        return
+    if not force:
+        raise ExportError(f"{out} already exists (use --force to replace it)")
+    # --force replaces a model directory, never some other directory given by mistake.
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file()):
+        raise ExportError(f"--force: {out} is not a model directory (no config.json); not replacing it")
+
+
+# --------------------------------------------------------------------------- the model card
+
+#: The card's markdown, a Jinja template rendered by ``ModelCard.from_template`` (local, no download).
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+
+## Lineage
+
+| | |
+|---|---|
+{% for name, value in lineage_rows -%}
+| {{ name }} | {{ value }} |
+{% endfor %}
+{%- if branch_rows %}
+## Release branch
+
+| | |
+|---|---|
+{% for name, value in branch_rows -%}
+| {{ name }} | {{ value }} |
+{% endfor %}
+{%- endif %}
+## Losses
+
+Mean next-token cross-entropy on each version's held-out splits, as the lineage recorded it
+(releases are chosen on `val`; `test` is read by no decision).
+
+| version | val | test |
+|---|---|---|
+{% for name, val, test in loss_rows -%}
+| {{ name }} | {{ val }} | {{ test }} |
+{% endfor %}
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ dirname }}")
+model = AutoModelForCausalLM.from_pretrained("{{ dirname }}")
+```
+
+Trained by raypath with learning-rate path switching
+([Wang et al., arXiv 2410.04103](https://arxiv.org/abs/2410.04103)); written by `raypath export`.
+"""
+
+
+def model_card(facts: Facts, dirname: str, weights: str):
+    """A :class:`huggingface_hub.ModelCard` of the exported model: metadata, lineage and losses.
+
+    dirname: the directory's name, for the card's loading snippet.
+    weights: what the weights are, e.g. ``bfloat16, 1,234 parameters``.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    title = f"{facts.run} {facts.label}" if facts.kind != "checkpoint" else f"{facts.run} {facts.version} checkpoint"
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["raypath", "path-switching", facts.kind.replace(" ", "-")],
+                         model_name=f"{facts.run}-{facts.label.replace('/', '-')}"
+                         if facts.kind != "checkpoint" else f"{facts.run}-{facts.version}-step{facts.step}",
+                         eval_results=_eval_results(facts) or None,
+                         raypath=_card_facts(facts))
+    return ModelCard.from_template(data, template_str=TEMPLATE, title=title, summary=_summary(facts),
+                                   lineage_rows=[*_lineage_rows(facts), ("weights", weights)],
+                                   branch_rows=_branch_rows(facts.branch),
+                                   loss_rows=_loss_rows(facts), dirname=dirname)
+
+
+def _card_facts(facts: Facts) -> dict:
+    """The facts as YAML metadata (``raypath:``): what a script reads back with ``ModelCard.load``."""
+    return {k: v for k, v in dataclasses.asdict(facts).items() if v not in (None, {}, [])}
+
+
+def _eval_results(facts: Facts) -> list:
+    """Each recorded loss as a Hub ``model-index`` result (metric ``loss``, lower is better)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for split, losses in (("validation", facts.val), ("test", facts.test)):
+        for key, loss in losses.items():
+            results.append(EvalResult(task_type="text-generation", dataset_type=f"{facts.run}-{key.split('/')[1]}",
+                                      dataset_name=f"{facts.run} version {key.split('/')[1]}", dataset_split=split,
+                                      metric_type="loss", metric_name=key, metric_value=round(loss, 6)))
+    return results
+
+
+def _summary(f: Facts) -> str:
+    if f.kind == "release":
+        b = f.branch or {}
+        live = "the live release" if (f.release or {}).get("live") else "a release (not the live one)"
+        return (f"Release {f.label}, {live} of version {f.version} of the raypath run `{f.run}`: the branch "
+                f"`{b.get('name')}` forked from the never-annealed main path at step {b.get('fork_step')} and "
+                f"decayed the learning rate over {b.get('steps')} steps ({b.get('shape')}, down to "
+                f"{_num(b.get('min_lr_ratio'))} × the peak).")
+    if f.kind == "main path":
+        return (f"The main path of the raypath run `{f.run}` at the end of version {f.version} (step {f.step}): "
+                f"its learning rate was never annealed, so this is a checkpoint to continue training from, "
+                f"not a release.")
+    return f"A training checkpoint of the raypath run `{f.run}`, version {f.version}, step {f.step}."
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _lineage_rows(f: Facts) -> list[tuple[str, str]]:
+    rows = [("run", f"`{f.run}`"), ("version", f.version), ("exported", f"{f.kind} `{f.label}`"),
+            ("step", _num(f.step)), ("tokens trained (cumulative)", _num(f.tokens_total)),
+            ("trained on versions", ", ".join(f.trained_on) or "-")]
+    if f.release:
+        rows.append(("release", f"{f.release['id']} ({f.release.get('reason')}, released "
+                                f"{f.release.get('released') or '-'})"))
+    if f.lr:
+        rows.append(("learning rate", f.lr))
+    if f.base_model:
+        rows.append(("continued from", f"`{f.base_model}`"))
+    rows.append(("source", f"`{f.source}`"))
+    return rows
+
+
+def _branch_rows(b: dict | None) -> list[tuple[str, str]]:
+    if not b:
+        return []
+    shape = b.get("shape") or "-"
+    if shape in ("polynomial", "exponential"):
+        shape += f" (power {_num(b.get('power'))})"
+    return [("branch", f"`{b.get('name')}`"), ("fork step", _num(b.get("fork_step"))),
+            ("steps", _num(b.get("steps"))), ("decay shape", shape),
+            ("floor", f"{_num(b.get('min_lr_ratio'))} × peak LR = {_num(b.get('floor_lr'))}"),
+            ("peak LR", _num(b.get("max_lr")))]
+
+
+def _loss_rows(f: Facts) -> list[tuple[str, str, str]]:
+    names = sorted({k.split("/", 1)[1] for k in (*f.val, *f.test)},
+                   key=lambda n: (f.trained_on.index(n) if n in f.trained_on else len(f.trained_on), n))
+    return [(n, _num(f.val.get(f"val/{n}")), _num(f.test.get(f"test/{n}"))) for n in names]

@@ -1,0 +1,316 @@
+"""``raypath export``: releases and main-path checkpoints (full and sharded) of a run directory
+to a Hugging Face directory with a model card, atomically.
+
+Most tests use a small run directory built here without Ray: a local BPE, tiny Llama models,
+checkpoints written by raypath's own writers and a lineage whose releases are made by the real
+:class:`~raypath.releases.Releaser`. The last test exports from the session's real tiny lineage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raypath import checkpoint as ckpt
+from raypath import export as ex
+from raypath.cli import main
+from raypath.config import Config, ModelConfig
+from raypath.export import ExportError, export
+from raypath.lineage import Lineage
+from raypath.releases import Releaser, version_objective
+from raypath.storage import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32,
+                    max_position_embeddings=32)
+TEXT = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+        "class Point:\n    x: int = 0\n    y: int = 0\n", "import os, sys\nprint(sys.argv)\n"] * 20
+DECAY = {"shape": "cosine", "min_lr_ratio": 0.1, "power": 2.0}
+
+
+def _model(tok, seed: int):
+    from raypath.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(MODEL, len(tok), tok.eos_token_id, tok.pad_token_id)
+
+
+def _state(segment: str, version: str, step: int, tokens: int, v1: float, v2: float | None = None) -> dict:
+    metrics = {"step": step, "tokens": tokens, "loss": 5.0, "val/v1": v1, "test/v1": v1 + 0.1}
+    if v2 is not None:
+        metrics |= {"val/v2": v2, "test/v2": v2 + 0.1}
+    return {"step": step, "tokens": tokens, "segment": segment, "version": version, "consumed": [], "lr": 3e-3,
+            "metrics": metrics}
+
+
+def _main_entry(run: Path, version: str, start: int, end: int, state: dict) -> dict:
+    return {"version": version, "segment": f"main-{version}", "start_step": start, "end_step": end,
+            "fork_step": end - 2, "tokens_start": start * 64, "tokens_end": state["tokens"], "max_lr": 3e-3,
+            "warmup_steps": 2, "checkpoints": {"end": str(run / "ray" / f"main-{version}" / ckpt.step_dir_name(end))},
+            "metrics": state["metrics"], "status": "done"}
+
+
+def _branch(run: Path, lin: Lineage, tok, name: str, seed: int, v1: float, v2: float) -> None:
+    """A finished branch of v2 exported the way a branch segment exports (loop._export)."""
+    export_dir = run / "exports" / name
+    ex.save_model_dir(export_dir, _model(tok, seed), run / "tokenizer")
+    write_json(export_dir / "model_card.json", {"run": "tiny-export", "version": "v2", "branch": name,
+                                                "fork_step": 14, "branch_steps": 2, "decay": DECAY, "max_lr": 3e-3,
+                                                "trained_on_versions": ["v1", "v2"]})
+    metrics = {"val/v1": v1, "val/v2": v2, "test/v1": v1 + 0.2, "test/v2": v2 + 0.2, "loss": 4.0}
+    lin.record_branch({"name": name, "version": "v2", "fork_step": 14, "end_step": 16, "steps": 2, "decay": DECAY,
+                       "metrics": metrics, "tokens_trained": 128, "tokens_total": 1024, "export": str(export_dir),
+                       "status": "done"})
+    Releaser(lin, run).decide("v2", version_objective(lin.data, "v2"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """v1: full main-path checkpoint, no release; v2: sharded main-path checkpoint, releases r1 and r2 (live)."""
+    from raypath.shards import ShardedSaver
+    from raypath.tokenizer import train_tokenizer
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    tok = train_tokenizer(iter(TEXT), 300, run / "tokenizer")
+    lin = Lineage.open(run, "tiny-export", Config(name="tiny-export", run_dir=str(run), model=MODEL).to_dict())
+    lin.data["tokenizer"] = {"path": str(run / "tokenizer"), "vocab_size": len(tok), "eos_id": tok.eos_token_id}
+    lin.set_versions([{"name": "v1"}, {"name": "v2"}])
+
+    s1 = _state("main-v1", "v1", 8, 512, 5.5)
+    m1 = _model(tok, 1)
+    ckpt.save(run / "ray" / "main-v1" / ckpt.step_dir_name(8), m1.state_dict(), {}, s1)
+    lin.record_main(_main_entry(run, "v1", 0, 8, s1))
+
+    s2 = _state("main-v2", "v2", 16, 1024, 5.2, 5.1)
+    m2 = _model(tok, 2)
+    saver = ShardedSaver(0, False, torch.device("cpu"))
+    saver.save(run / "ray" / "main-v2" / ckpt.step_dir_name(16), m2, torch.optim.AdamW(m2.parameters()), s2)
+    lin.record_main(_main_entry(run, "v2", 8, 16, s2))
+
+    _branch(run, lin, tok, "branch-v2", 3, 5.0, 4.9)  # r1
+    _branch(run, lin, tok, "branch-v2-b", 4, 4.9, 4.8)  # r2: a better objective, goes live
+    return run
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _checkpoint_weights(run: Path, version: str, seed: int) -> dict[str, torch.Tensor]:
+    from raypath.tokenizer import load_tokenizer
+
+    return _weights(_model(load_tokenizer(run / "tokenizer"), seed))
+
+
+def _load(out: Path):
+    return AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+
+
+def _assert_same(model, expected: dict[str, torch.Tensor], dtype=torch.float32) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else []
+
+
+def test_live_release_exports_with_tokenizer_and_model_card(run, tmp_path):
+    out = tmp_path / "models" / "v2"
+    result = export(run, "v2", out)
+    assert result.source.facts.label == "v2/r2" and result.out == out
+    assert _siblings(out) == ["v2"], "temp sibling left behind"
+    _assert_same(_load(out), _weights(_load(run / "exports" / "branch-v2-b")))
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
+    assert (out / "model_card.json").is_file()  # the release's own facts travel with it
+
+    card = ModelCard.load(out / "README.md")
+    facts = card.data.raypath
+    assert facts["run"] == "tiny-export" and facts["version"] == "v2" and facts["kind"] == "release"
+    assert facts["tokens_total"] == 1024 and facts["trained_on"] == ["v1", "v2"]
+    assert facts["branch"] == {"name": "branch-v2-b", "fork_step": 14, "steps": 2, "shape": "cosine",
+                               "power": 2.0, "min_lr_ratio": 0.1, "max_lr": 3e-3,
+                               "floor_lr": pytest.approx(3e-4)}
+    assert facts["val"] == {"val/v1": 4.9, "val/v2": 4.8}
+    assert facts["test"] == {"test/v1": pytest.approx(5.1), "test/v2": pytest.approx(5.0)}
+    assert facts["release"]["id"] == "r2" and facts["release"]["live"] is True
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    results = {(r.metric_name, r.dataset_split): r.metric_value for r in card.data.eval_results}
+    assert results[("val/v2", "validation")] == 4.8 and results[("test/v2", "test")] == pytest.approx(5.0)
+    for text in ("| version | v2 |", "| tokens trained (cumulative) | 1,024 |", "| fork step | 14 |",
+                 "| decay shape | cosine |", "| v2 | 4.8 | 5 |", "the live release"):
+        assert text in card.text, text
+
+
+def test_a_named_release_in_bf16(run, tmp_path):
+    out = tmp_path / "v2-r1"
+    result = export(run, "v2/r1", out, dtype="bf16")
+    assert result.dtype == torch.bfloat16 and "bfloat16" in result.summary()
+    _assert_same(_load(out), _weights(_load(run / "exports" / "branch-v2")), torch.bfloat16)
+    facts = ModelCard.load(out / "README.md").data.raypath
+    assert facts["release"] == {"id": "r1", "reason": "configured", "live": False,
+                                "released": facts["release"]["released"]}
+    assert facts["branch"]["name"] == "branch-v2"
+
+
+@pytest.mark.parametrize("source,seed,layout", [("main-v1", 1, "full"), ("main-v2", 2, "sharded")])
+def test_main_path_checkpoints_full_and_sharded(run, tmp_path, source, seed, layout):
+    d = run / "ray" / source / ckpt.step_dir_name(8 if source == "main-v1" else 16)
+    assert ckpt.is_sharded(d) == (layout == "sharded")
+    out = tmp_path / source
+    result = export(run, source, out, dtype="fp16" if layout == "full" else None)
+    dtype = torch.float16 if layout == "full" else torch.float32  # as stored: fp32 master weights
+    _assert_same(_load(out), _checkpoint_weights(run, source, seed), dtype)
+    assert result.source.checkpoint == d
+    card = ModelCard.load(out / "README.md")
+    facts = card.data.raypath
+    assert facts["kind"] == "main path" and facts["version"] == source[5:] and "branch" not in facts
+    assert facts["tokens_total"] == (512 if source == "main-v1" else 1024)
+    assert facts["val"]["val/v1"] == (5.5 if source == "main-v1" else 5.2)
+    assert "never annealed" in card.text and "not a release" in card.text
+    assert (out / "tokenizer.json").is_file() and not (out / "model_card.json").exists()
+
+
+def test_a_checkpoint_directory_absolute_or_relative_to_the_run(run, tmp_path):
+    rel = f"ray/main-v2/{ckpt.step_dir_name(16)}"
+    a = export(run, rel, tmp_path / "a")
+    b = export(run, str(run / rel), tmp_path / "b")
+    assert a.source.checkpoint == b.source.checkpoint == run / rel
+    facts = ModelCard.load(tmp_path / "a" / "README.md").data.raypath
+    assert facts["kind"] == "checkpoint" and facts["step"] == 16 and facts["val"]["val/v2"] == 5.1
+    _assert_same(_load(tmp_path / "b"), _checkpoint_weights(run, "main-v2", 2))
+
+
+def test_force_replaces_only_a_model_directory(run, tmp_path):
+    out = tmp_path / "v2"
+    export(run, "v2", out)
+    with pytest.raises(ExportError, match="already exists"):
+        export(run, "v2/r1", out)
+    assert ModelCard.load(out / "README.md").data.raypath["release"]["id"] == "r2"  # untouched
+    export(run, "v2/r1", out, force=True)
+    assert ModelCard.load(out / "README.md").data.raypath["release"]["id"] == "r1"
+    assert _siblings(out) == ["v2"]
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not a model directory"):
+        export(run, "v2", other, force=True)
+    assert (other / "todo.txt").read_text() == "keep me"
+    for bad in (run / "exported", run.parent, run / "releases" / "v2" / "r1"):
+        with pytest.raises(ExportError, match="overlaps"):
+            export(run, "v2", bad, force=True)
+    assert (run / "releases" / "v2" / "r1" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("source,message", [
+    ("v9", "v9: not a version, release, main-path checkpoint or checkpoint directory of"),
+    ("v1", "v1 has no release yet in"),
+    ("v2/r7", "v2 has no release r7 in"),
+    ("main-v3", "main-v3: not a version"),
+    ("ray/main-v1", "no manifest.json (checkpoint incomplete or torn) (a checkpoint is a step directory"),
+])
+def test_a_bad_source_names_the_run_and_what_exists(run, tmp_path, source, message):
+    out = tmp_path / "out" / "model"
+    with pytest.raises(ExportError) as e:
+        export(run, source, out)
+    assert message in str(e.value)
+    if source != "ray/main-v1":
+        assert str(run) in str(e.value)
+        assert "versions: v1, v2; releases: v2/r1,r2*; main-path checkpoints: main-v1, main-v2" in str(e.value)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_a_checkpoint_of_another_model_is_refused(run, tmp_path):
+    d = ckpt.save(tmp_path / ckpt.step_dir_name(1), {"w": torch.zeros(2)}, {}, _state("other", "v1", 1, 64, 6.0))
+    with pytest.raises(ExportError, match="its weights do not fit the run's model"):
+        export(run, str(d), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_verification_leaves_out_as_it_was(run, tmp_path, monkeypatch):
+    out = tmp_path / "v2"
+    export(run, "v2", out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(directory, model):
+        raise ExportError("the exported model does not load back (simulated)")
+
+    monkeypatch.setattr(ex, "verify", broken)
+    with pytest.raises(ExportError, match="does not load back"):
+        export(run, "main-v1", out, force=True)
+    assert ModelCard.load(out / "README.md").data.raypath["kind"] == "release"
+    assert sorted(p.name for p in out.iterdir()) == before and _siblings(out) == ["v2"]
+    with pytest.raises(ExportError):
+        export(run, "main-v1", tmp_path / "new")
+    assert not (tmp_path / "new").exists() and _siblings(out) == ["v2"]
+
+
+def test_a_copied_run_directory_exports_its_own_files(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=True)  # the lineage still names the original's paths
+    result = export(copy, "v2", tmp_path / "v2")
+    assert result.source.model_dir == copy / "releases" / "v2" / "r2"
+    assert export(copy, "main-v2", tmp_path / "m").source.checkpoint.is_relative_to(copy)
+
+
+def test_cli_export(run, tmp_path, capsys):
+    out = tmp_path / "v2"
+    assert main(["export", str(run), "v2", "--out", str(out), "--dtype", "bf16"]) == 0
+    printed = capsys.readouterr()
+    line = printed.out.strip()
+    assert line.startswith("exported v2/r2 (release of v2, branch branch-v2-b, val/v2 4.8000)")
+    assert line.endswith("bfloat16]") and "Loading weights" not in printed.err  # one line, no bars
+    assert main(["export", str(run), "v2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raypath: error: ") and "already exists" in err and len(err.splitlines()) == 1
+    assert main(["export", "s3://bucket/runs/x", "v2", "--out", str(tmp_path / "s3")]) == 2
+    assert "`raypath export` needs a local" in capsys.readouterr().err
+
+
+def test_jobs_export_wrapper(run, tmp_path):
+    out = tmp_path / "exported" / "v2"
+    cmd = [sys.executable, str(ROOT / "jobs" / "export.py"), "--run-dir", str(run), "--version", "v2",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "exported v2/r2" in res.stdout and (out / "model.safetensors").is_file()
+    missing = subprocess.run([*cmd[:-4], "--version", "v9", "--out", str(tmp_path / "v9")],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert missing.returncode == 2 and "v9" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_export_from_the_real_tiny_lineage(tiny_run, tmp_path):
+    """The session's finished 3-version lineage (Ray): the live release and a main-path boundary."""
+    cfg, lin = tiny_run
+    release = next(r for r in lin["releases"] if r["version"] == "v3")
+    out = tmp_path / "v3"
+    export(cfg.run_dir, "v3", out, dtype="bf16")
+    assert next(_load(out).parameters()).dtype == torch.bfloat16
+    facts = ModelCard.load(out / "README.md").data.raypath
+    branch = next(b for b in lin["branches"] if b["name"] == release["branch"])
+    assert facts["run"] == "tiny" and facts["version"] == "v3" and facts["tokens_total"] == release["tokens_total"]
+    assert facts["branch"]["fork_step"] == branch["fork_step"] and facts["branch"]["steps"] == branch["steps"]
+    assert facts["branch"]["shape"] == "cosine" and facts["branch"]["min_lr_ratio"] == 0.1
+    assert facts["val"] == pytest.approx(release["val"]) and facts["test"] == pytest.approx(release["test"])
+    assert set(facts["val"]) == {"val/v1", "val/v2", "val/v3"}
+
+    main_v2 = next(m for m in lin["main_path"] if m["version"] == "v2")
+    result = export(cfg.run_dir, "main-v2", tmp_path / "main-v2")
+    assert str(result.source.checkpoint) == main_v2["checkpoints"]["end"]
+    facts = ModelCard.load(tmp_path / "main-v2" / "README.md").data.raypath
+    assert facts["tokens_total"] == main_v2["tokens_end"] and facts["step"] == main_v2["end_step"]
+    assert facts["val"]["val/v2"] == pytest.approx(main_v2["metrics"]["val/v2"])
+    model = _load(tmp_path / "main-v2")
+    state = ckpt.read_tensors(Path(main_v2["checkpoints"]["end"]) / "model.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
