@@ -54,11 +54,12 @@ class Lineage:
                           "branches": [], "releases": [], "release_history": {}}, mirror)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Lineage":
+    def load(cls, run_dir: str | Path, mirror: Mirror | None = None) -> "Lineage":
+        """The record of an existing run; ``mirror``: the remote run directory its saves go to."""
         path = Path(run_dir) / LINEAGE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
-        return cls(path, _read(path))
+        return cls(path, _read(path), mirror)
 
     @property
     def run_dir(self) -> Path:

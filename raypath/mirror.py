@@ -70,8 +70,8 @@ def require_local(run_dir: str | os.PathLike, command: str) -> None:
         from raypath.config import ConfigError
 
         raise ConfigError(f"run_dir: `raypath {command}` needs a local or shared-filesystem run directory; "
-                          f"{run_dir!r} is remote (only `raypath run` and the jobs built on it mirror "
-                          f"remote run directories so far)")
+                          f"{run_dir!r} is remote (`run`, `sweep`, `compare`, `status`, `cost` and `law` "
+                          f"take remote run directories)")
 
 
 def default_local_dir(run_dir: str) -> Path:
@@ -197,6 +197,13 @@ class Mirror:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+        """Copy every remote file under the directory ``path`` here where it changed, except
+        under its sub-directories ``exclude``."""
+        for rel, info in self._tree(path).items():
+            if rel.split("/", 1)[0] not in exclude and _changed(Path(path, rel), info):
+                self._download(info.path, Path(path, rel))
 
     def pull_run(self) -> None:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`."""

@@ -68,6 +68,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
 from raypath.lineage import resolve_version, sweep_run_dir
+from raypath.mirror import publish
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, relative_paths, write_json
@@ -87,6 +88,10 @@ DATA_CPUS_PER_TRIAL = 1.0
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 SWEEP_JSON = "sweep.json"
 RESULTS_JSON = "results.json"
+#: What a sweep of a remote run keeps only in the bucket: its trials' checkpoints (written
+#: there by Ray Train) and exported models; the rest (Tune's state, the journal, records,
+#: curves) is worked on in the mirror and uploaded after every trial.
+SWEEP_REMOTE_ONLY = ("branches", "exports")
 #: Trials the law stopper ended early, with its forecasts (written as it decides).
 STOPPED_JSON = "stopped.json"
 
@@ -480,8 +485,23 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
-                                  callbacks=[guidance.callback] if guidance else None),
+                                  callbacks=[*([guidance.callback] if guidance else []),
+                                             *([_uploader(plan)] if plan.ctx.mirror else [])] or None),
     )
+
+
+def _uploader(plan: SweepPlan):
+    """A Tune callback that uploads a remote run's sweep directory after every trial, so a
+    driver lost mid-sweep resumes it on another machine."""
+    from ray import tune
+
+    mirror, sweep_dir = plan.ctx.mirror, plan.sweep_dir
+
+    class UploadSweep(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            publish(mirror, sweep_dir)
+
+    return UploadSweep()
 
 
 def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
@@ -567,10 +587,8 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     final metrics, objective, score), the best trial and the released one.
     """
     from raypath.cluster import init_ray
-    from raypath.mirror import require_local
     from raypath.run import prepare
 
-    require_local(cfg.run_dir, "sweep")
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
     with lineage_run(ctx.tracking):
@@ -582,12 +600,17 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     from raypath.lineage import Lineage
 
     sc = cfg.sweep
-    lineage = Lineage.load(ctx.run_dir)
+    lineage = Lineage.load(ctx.run_dir, ctx.mirror)
     _check_same_model(cfg, lineage.data)
     plan = _plan(ctx, lineage, version, sc)
     space = _search_space(plan, sc)
+    if ctx.mirror is not None:  # Tune's state of an interrupted sweep, to resume it here
+        ctx.mirror.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
     record = _open_record(plan, sc, space)
-    results, resumed = _run_experiment(plan, sc, space, record)
+    try:
+        results, resumed = _run_experiment(plan, sc, space, record)
+    finally:
+        publish(ctx.mirror, plan.sweep_dir)
     stopped = _stopped(plan)
     trials = _trial_records(plan, results, stopped)
     outcome, settled = _outcome(sc, trials, stopped)
@@ -595,6 +618,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     if record["best"] is not None and (settled or sc.pin):
         record.update(_release(plan, lineage, trials, sc.pin))
     write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
+    publish(ctx.mirror, Path(plan.sweep_dir) / RESULTS_JSON)
     lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
                          | {"trials": [_lineage_trial(t) for t in trials]})
     return record

@@ -289,3 +289,42 @@ def test_compare_on_a_run_directory_in_a_bucket(s3, tiny_run, tmp_path, monkeypa
     lin = json.loads(s3.read(f"{name}/run/lineage.json"))
     assert lin["compare"]["replay"] == {"0.25": "./compare/replay-0.25"}
     assert {e["version"] for e in lin["compare"]["ptfs"]} == {"v1", "v2"}
+
+
+@pytest.mark.slow
+def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, sweep_lineage, tmp_path):
+    """`raypath sweep` of a run in a bucket: trials checkpoint to the bucket, the sweep's state,
+    journal, records and release land there; on a machine without the mirror the same command
+    finds the sweep finished and trains nothing."""
+    from conftest import FAST_TRIALS
+
+    from raypath.config import load_config
+
+    local = Path(load_config(sweep_lineage).run_dir)
+    name = _bucket(s3, "sweep")
+    run_dir, mirror_dir = f"s3://{name}/run", tmp_path / "mirror"
+    Mirror(run_dir, str(local.resolve()), s3.endpoint).push(local)
+    argv = ["sweep", str(sweep_lineage), "--version", "v2", "--set", f"run_dir={run_dir}",
+            "--set", f"cluster.local_dir={mirror_dir}", "--set", "sweep.num_samples=2",
+            "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
+            *[a for s in FAST_TRIALS for a in ("--set", s)]]
+    _raypath(s3, argv, tmp_path / "first.log")
+    prefix = f"{name}/run/sweeps/v2/remote"
+    files = s3.files(prefix)
+    for key in ("sweep.json", "results.json", "optuna.journal"):
+        assert f"{prefix}/{key}" in files, key
+    results = json.loads(s3.read(f"{prefix}/results.json"))
+    assert results["complete"] and len(results["trials"]) == 2
+    for t in results["trials"]:
+        assert f"{prefix}/curves/{t['name']}.jsonl" in files
+        assert any(k.startswith(f"{prefix}/branches/{t['name']}/step_") for k in files)  # checkpoints in the bucket
+    lin = json.loads(s3.read(f"{name}/run/lineage.json"))
+    assert [s["name"] for s in lin["sweeps"]] == ["remote"] and lin["releases"][-1]["version"] == "v2"
+    curves = {k: s3.read(k) for k in files if "/curves/" in k}
+
+    shutil.rmtree(mirror_dir)  # a fresh machine
+    out = _raypath(s3, argv, tmp_path / "again.log")
+    assert "resuming sweep" in out
+    assert {k: s3.read(k) for k in s3.files(prefix) if "/curves/" in k} == curves  # no trial trained again
+    again = json.loads(s3.read(f"{prefix}/results.json"))["trials"]
+    assert [(t["trial_id"], t["score"]) for t in again] == [(t["trial_id"], t["score"]) for t in results["trials"]]
