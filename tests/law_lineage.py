@@ -118,7 +118,7 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
                                        "power": decay.power},
                              "curve": str(run_dir / "curves" / f"{bname}.jsonl"), "status": "done",
                              "metrics": metrics})
-    lineage = {"name": "synthetic", "versions": [{"name": n} for n in names], "main_path": mains,
+    lineage = {"format": 2, "name": "synthetic", "versions": [{"name": n} for n in names], "main_path": mains,
                "branches": branches, "config": {"run_dir": str(run_dir)}}
     (run_dir / "lineage.json").write_text(json.dumps(lineage, indent=1))
     assert total == mains[-1]["end_step"]

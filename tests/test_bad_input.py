@@ -26,6 +26,7 @@ from conftest import TINY, _free_port
 
 from raypath import checkpoint as ckpt
 from raypath.cli import main
+from raypath.lineage import Lineage
 
 LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
 
@@ -344,7 +345,7 @@ CHECKPOINT = {
 @pytest.mark.parametrize("case", list(CHECKPOINT))
 def test_torn_checkpoint_resumes_from_the_previous_one(case, tiny_run_copy, caplog):
     """The newest checkpoint of a segment is broken: resuming picks the one before it."""
-    lineage = json.loads((Path(tiny_run_copy.run_dir) / "lineage.json").read_text())
+    lineage = Lineage.load(tiny_run_copy.run_dir).data
     points = lineage["main_path"][-1]["checkpoints"]
     end = Path(points["end"])
     previous = sorted(end.parent.glob("step_*"))[-2]

@@ -80,7 +80,9 @@ def test_two_version_fit_is_the_single_shift_fit_unchanged(tmp_path):
         assert fits[split].law == "CPTLaw" and fits[split].held_out == {}
         assert lawfit.boundaries(lineage, split, "v2") == [200]
         for k, v in want.items():
-            assert fits[split].params[k] == pytest.approx(v, rel=1e-7, abs=1e-9), (split, k)
+            # 1e-5, not bit for bit: E and beta lie on a flat direction of the fit, where CPUs
+            # with other BLAS code paths land a few 1e-7 apart; any change of the law is far larger
+            assert fits[split].params[k] == pytest.approx(v, rel=1e-5, abs=1e-9), (split, k)
 
 
 def test_boundaries_are_every_later_version_start(three_versions):

@@ -221,14 +221,15 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     assert main2["start_step"] < restart["step"] < main2["end_step"]
 
 
-@pytest.mark.parametrize("command", ["sweep", "compare"])
-def test_commands_without_a_mirror_refuse_a_remote_run_dir(command, capsys):
+@pytest.mark.parametrize("argv", [["release", "s3://bucket/run", "--version", "v2"],
+                                  ["export", "s3://bucket/run", "v2", "--out", "/tmp/never-written"]])
+def test_commands_without_a_mirror_refuse_a_remote_run_dir(argv, capsys):
     from raypath.cli import main
 
-    rc = main([command, str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
-               *(["--version", "v2"] if command == "sweep" else []), "--set", "run_dir=s3://bucket/run"])
+    rc = main(argv)
     err = capsys.readouterr().err
-    assert rc == 2 and "run_dir" in err and "s3://bucket/run" in err and f"raypath {command}" in err
+    assert rc == 2 and "run_dir" in err and "s3://bucket/run" in err and f"raypath {argv[0]}" in err
+    assert not Path("/tmp/never-written").exists()
 
 
 # ---------------------------------------------------------------- commands on a run directory in a bucket

@@ -278,7 +278,8 @@ def test_trials_with_another_replay_ratio_train_a_remixed_stream(tiny_sweep):
     ratios = {t["config"]["replay_ratio"] for t in record["trials"]}
     assert ratios <= {0.0, 0.25}
     for t in record["trials"]:
-        card = __import__("json").loads((Path(t["export"]) / "model_card.json").read_text())
+        # a card's paths are relative to the run directory (it travels with the model)
+        card = read_json(Path(t["export"]) / "model_card.json", root=tiny_sweep["cfg"].run_dir)
         assert card["replay_ratio"] == t["config"]["replay_ratio"]
         final = ckpt.load_state(t["branch"]["checkpoint"])
         if t["config"]["replay_ratio"] == 0.0:
