@@ -227,7 +227,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _step_dirs(run_storage: Path, mirror: Mirror | None) -> list[Path]:
+def step_dirs(run_storage: Path, mirror: Mirror | None = None) -> list[Path]:
+    """The ``step_*`` directories of a segment's storage (listed remotely for a remote run)."""
     if mirrored(mirror, run_storage):
         return [run_storage / n for n in mirror.children(run_storage) if n.startswith("step_")]
     return list(run_storage.glob("step_*")) if run_storage.is_dir() else []
@@ -240,7 +241,7 @@ def latest_valid(run_storage: str | Path, mirror: Mirror | None = None) -> Path 
     downloaded into the mirror and verified there; a download that fails the
     check is deleted, so it is fetched again rather than trusted next time.
     """
-    for d in sorted(_step_dirs(Path(run_storage), mirror), reverse=True):
+    for d in sorted(step_dirs(Path(run_storage), mirror), reverse=True):
         try:
             local = fetch(mirror, d)
             verify(local)
@@ -297,7 +298,7 @@ def prune(run_storage: str | Path, keep: int, protected: set[int], mirror: Mirro
     ``protected``: fork points and version boundaries (what branches and later
     versions start from). Returns the directories deleted.
     """
-    periodic = sorted((d for d in _step_dirs(Path(run_storage), mirror) if step_of(d) not in protected),
+    periodic = sorted((d for d in step_dirs(Path(run_storage), mirror) if step_of(d) not in protected),
                       key=step_of)
     doomed = periodic[:-keep] if keep > 0 else []
     for d in doomed:

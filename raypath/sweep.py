@@ -111,7 +111,7 @@ def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Co
 
 # --------------------------------------------------------------------------- planning
 
-def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
+def fork_points(main: dict, storage: str | os.PathLike, mirror=None) -> list[dict]:
     """Verified main-path checkpoints of one version that a branch can fork from.
 
     A fork at step ``s`` re-trains the last ``(end - s) / (end - start)`` of the
@@ -119,7 +119,7 @@ def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
     """
     start, end = main["start_step"], main["end_step"]
     out = []
-    for d in sorted(Path(storage).glob("step_*")):
+    for d in sorted(ckpt.step_dirs(Path(storage), mirror)):
         try:
             step = int(d.name.split("_", 1)[1])
         except ValueError:
@@ -127,7 +127,7 @@ def fork_points(main: dict, storage: str | os.PathLike) -> list[dict]:
         if not start < step < end:
             continue
         try:
-            ckpt.verify(d)
+            ckpt.verify(d, mirror)
         except ckpt.CheckpointError as e:
             log.warning("fork point skipped: %s", e)
             continue
@@ -643,7 +643,7 @@ def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
     if plan.k == 0 and any(r > 0 for r in replay):
         raise ConfigError(f"sweep.replay_ratios: {replay}, but {plan.version} is the first version: "
                           f"there is no older data to replay")
-    forks = fork_points(plan.main, plan.ctx.storage(plan.main["segment"]))
+    forks = fork_points(plan.main, plan.ctx.storage(plan.main["segment"]), plan.ctx.mirror)
     in_range = choose_forks(forks, plan.main, sc, plan.tokens_per_step, plan.version)
     return SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
                        plan.main["end_step"], plan.tokens_per_step)
