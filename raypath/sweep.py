@@ -68,7 +68,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
 from raypath.lineage import resolve_version, sweep_run_dir
-from raypath.mirror import publish
+from raypath.mirror import fetch, publish
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, relative_paths, write_json
@@ -285,7 +285,7 @@ class SweepPlan:
         per fork and ratio, shared by the trials that draw it)."""
         from raypath.data import replay_variant
 
-        fork = ckpt.load_state(seg.init_checkpoint)
+        fork = ckpt.load_state(seg.init_checkpoint, seg.mirror)
         out = Path(self.ctx.run_dir) / "data" / self.version / "branch-streams" / \
             f"fork{seg.start_step:08d}-replay{ratio:.4f}.parquet"
         return replay_variant(self.ctx.versions[self.k], self.ctx.versions[: self.k], fork.get("consumed", []),
@@ -348,7 +348,7 @@ def _trial(config: dict, plan: SweepPlan) -> None:
              "branch_tokens": int(config["branch_tokens"])}
     penalty = plan.penalty(config["branch_tokens"])
     final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    if _finished(final_dir, seg.export_dir):
+    if _finished(final_dir, seg.export_dir, seg.mirror):
         # Interrupted after its branch finished but before Tune recorded it: the
         # restored trial only reports the result, it trains nothing again.
         log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
@@ -360,17 +360,17 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     # after it (Tune reads the Train->Tune queue only while the function runs),
     # so report the final evaluation again, from the branch's final checkpoint:
     # the last result Tune and Optuna see is then always the exact final score.
-    final = ckpt.load_state(final_dir)["metrics"]
+    final = ckpt.load_state(final_dir, seg.mirror)["metrics"]
     tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True,
                  "test_objective": Objective(plan.weights).value(final, "test")})
 
 
-def _finished(final_dir: Path, export_dir: str | None) -> bool:
+def _finished(final_dir: Path, export_dir: str | None, mirror=None) -> bool:
     """The branch reached its end step (verified checkpoint) and exported its model."""
-    if export_dir and not (Path(export_dir) / "model_card.json").is_file():
+    if export_dir and not fetch(mirror, Path(export_dir) / "model_card.json", missing_ok=True).is_file():
         return False
     try:
-        ckpt.verify(final_dir)
+        ckpt.verify(final_dir, mirror)
     except ckpt.CheckpointError:
         return False
     return True
@@ -532,7 +532,7 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
                     "branch_tokens": (int(metrics["step"]) - seg.start_step) * plan.tokens_per_step
                     if "step" in metrics else None}
         return {**record, "status": "incomplete", "error": str(e)}
-    state = ckpt.load_state(entry["checkpoint"])
+    state = ckpt.load_state(entry["checkpoint"], seg.mirror)
     objective = state["metrics"].get("objective")
     record.update(
         branch=entry,
