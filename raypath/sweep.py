@@ -643,6 +643,10 @@ def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
     if plan.k == 0 and any(r > 0 for r in replay):
         raise ConfigError(f"sweep.replay_ratios: {replay}, but {plan.version} is the first version: "
                           f"there is no older data to replay")
+    if plan.ctx.mirror is not None and any(abs(r - plan.stream_ratio) > 1e-9 for r in replay):
+        # a trial's re-mixed stream is not yet written to and read from the bucket
+        raise ConfigError(f"sweep.replay_ratios: {replay}: a sweep of a remote run directory trains at the "
+                          f"stream's own replay ratio ({plan.stream_ratio:g}) only; set sweep.replay_ratios=[]")
     forks = fork_points(plan.main, plan.ctx.storage(plan.main["segment"]), plan.ctx.mirror)
     in_range = choose_forks(forks, plan.main, sc, plan.tokens_per_step, plan.version)
     return SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,

@@ -308,6 +308,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     argv = ["sweep", str(sweep_lineage), "--version", "v2", "--set", f"run_dir={run_dir}",
             "--set", f"cluster.local_dir={mirror_dir}", "--set", "sweep.num_samples=2",
             "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
+            "--set", "sweep.replay_ratios=[]",
             *[a for s in FAST_TRIALS for a in ("--set", s)]]
     _raypath(s3, argv, tmp_path / "first.log")
     prefix = f"{name}/run/sweeps/v2/remote"
