@@ -13,7 +13,9 @@ record (absolute paths) is migrated when read, wherever its directory now is.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,15 @@ def _now() -> str:
 
 @dataclass
 class Lineage:
-    """In-memory lineage; every mutation is followed by :meth:`save`.
+    """A run's lineage: read it with the typed accessors, change it with the ``record_*`` and
+    ``set_*`` writers (each saves the file).
 
+    path: ``RUN_DIR/lineage.json``; None for a record held only in memory (:meth:`of`).
+    data: the JSON document (paths absolute under the run directory's current place).
     mirror: the remote run directory each save is uploaded to; None for a local run.
     """
 
-    path: Path
+    path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
     mirror: Mirror | None = None
 
@@ -61,44 +66,99 @@ class Lineage:
             raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
         return cls(path, _read(path), mirror)
 
+    @classmethod
+    def of(cls, lineage: "Lineage | Mapping | str | Path") -> "Lineage":
+        """A lineage from what a caller holds: a :class:`Lineage`, a run directory, or a lineage
+        document already read (a notebook's ``json.load``, a test's hand-made record)."""
+        if isinstance(lineage, Lineage):
+            return lineage
+        if isinstance(lineage, Mapping):
+            return cls(None, dict(lineage))
+        return cls.load(lineage)
+
     @property
-    def run_dir(self) -> Path:
-        return self.path.parent
+    def run_dir(self) -> Path | None:
+        return None if self.path is None else self.path.parent
 
     def save(self) -> None:
+        if self.path is None:
+            raise RunFileError("this lineage was built in memory (Lineage.of a dict): it has no file to save to")
         self.data["updated"] = _now()
         self.data["format"] = FORMAT
         write_json(self.path, self.data, root=self.run_dir)
         publish(self.mirror, self.path)
 
-    # ---- versions and main path
-    def set_versions(self, records: list[dict]) -> None:
-        self.data["versions"] = records
+    # ---- run-level facts
+    @property
+    def name(self) -> str:
+        return self.data.get("name", "")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The configuration of the latest ``raypath run`` (``Config.to_dict()``)."""
+        return self.data.get("config") or {}
+
+    def set_fact(self, key: str, value: dict) -> None:
+        """Record a run-level fact (``tokenizer``, ``model``, ``storage``)."""
+        self.data[key] = value
         self.save()
 
-    def main(self, version: str) -> dict | None:
-        return next((m for m in self.data["main_path"] if m["version"] == version), None)
+    def fact(self, key: str) -> dict[str, Any]:
+        return self.data.get(key) or {}
 
-    def record_main(self, entry: dict) -> None:
-        self.data["main_path"] = [m for m in self.data["main_path"] if m["version"] != entry["version"]]
-        self.data["main_path"].append({**entry, "finished": _now()})
+    # ---- versions and main path
+    def versions(self) -> list[Version]:
+        return [Version.from_dict(v) for v in self.data.get("versions", [])]
+
+    def version_names(self) -> list[str]:
+        """Prepared versions in order (for a record without them, the trained main path's)."""
+        return [v["name"] for v in self.data.get("versions", [])] or [m.version for m in self.main_path()]
+
+    def set_versions(self, records: list[Version | dict]) -> None:
+        self.data["versions"] = [Version.from_dict(r).to_dict() for r in records]
+        self.save()
+
+    def main_path(self) -> list[MainEntry]:
+        """Finished main-path segments, in step order."""
+        return sorted((MainEntry.from_dict(m) for m in self.data.get("main_path", [])), key=lambda m: m.start_step)
+
+    def main(self, version: str) -> MainEntry | None:
+        return next((m for m in self.main_path() if m.version == version), None)
+
+    def record_main(self, entry: MainEntry | dict) -> None:
+        entry = MainEntry.from_dict(entry)
+        entry.finished = _now()
+        self.data["main_path"] = [m for m in self.data["main_path"] if m["version"] != entry.version]
+        self.data["main_path"].append(entry.to_dict())
         self.save()
 
     # ---- branches and releases
-    def branch(self, name: str) -> dict | None:
-        return next((b for b in self.data["branches"] if b["name"] == name), None)
+    def branches(self, version: str | None = None, *, done: bool = True) -> list[Branch]:
+        """Branches in the order they finished; ``version``: only that version's; ``done``: only finished ones."""
+        out = [Branch.from_dict(b) for b in self.data.get("branches", [])]
+        return [b for b in out if (version is None or b.version == version) and (b.done or not done)]
 
-    def record_branch(self, entry: dict) -> None:
-        self.data["branches"] = [b for b in self.data["branches"] if b["name"] != entry["name"]]
-        self.data["branches"].append({**entry, "finished": _now()})
+    def branch(self, name: str) -> Branch | None:
+        return next((b for b in self.branches(done=False) if b.name == name), None)
+
+    def record_branch(self, entry: Branch | dict) -> None:
+        entry = Branch.from_dict(entry)
+        entry.finished = _now()
+        self.data["branches"] = [b for b in self.data["branches"] if b["name"] != entry.name]
+        self.data["branches"].append(entry.to_dict())
         self.save()
 
-    def release(self, version: str) -> dict | None:
+    def releases(self) -> list[Release]:
+        """Each version's live release, in version order."""
+        return sorted((Release.from_dict(r) for r in self.data.get("releases", [])), key=lambda r: r.version_index)
+
+    def release(self, version: str) -> Release | None:
         """The live release of ``version`` (see :mod:`raypath.releases`)."""
-        return next((r for r in self.data["releases"] if r["version"] == version), None)
+        return next((r for r in self.releases() if r.version == version), None)
 
     def release_history(self, version: str) -> dict | None:
-        """``{current, pinned, releases: [r1, r2, ...], log: [...]}`` of ``version``; None before its first."""
+        """``{current, pinned, releases: [r1, r2, ...], log: [...]}`` of ``version``; None before its first
+        (the release entries are :class:`Release` documents; :mod:`raypath.releases` owns this record)."""
         return self.data.setdefault("release_history", {}).get(version)
 
     def set_release_history(self, version: str, history: dict) -> None:
@@ -111,18 +171,20 @@ class Lineage:
         self.save()
 
     # ---- branch searches (raypath.sweep)
-    def sweep(self, version: str, name: str) -> dict | None:
-        return next((s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) == (version, name)), None)
+    def sweeps(self, version: str | None = None) -> list[Sweep]:
+        return [Sweep.from_dict(s) for s in self.data.get("sweeps", []) if version is None or s["version"] == version]
 
-    def record_sweep(self, entry: dict) -> None:
+    def sweep(self, version: str, name: str) -> Sweep | None:
+        return next((s for s in self.sweeps(version) if s.name == name), None)
+
+    def record_sweep(self, entry: Sweep | dict) -> None:
         """Replace the record of sweep ``(version, name)``: settings, trials, best and released trial."""
-        key = (entry["version"], entry["name"])
+        entry = Sweep.from_dict(entry)
+        entry.extra["finished"] = _now()
+        key = (entry.version, entry.name)
         self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key]
-        self.data["sweeps"].append({**entry, "finished": _now()})
+        self.data["sweeps"].append(entry.to_dict())
         self.save()
-
-    def __getitem__(self, key: str) -> Any:
-        return self.data[key]
 
 
 def _read(path: Path) -> dict:
@@ -195,3 +257,242 @@ def resolve_version(versions: list[dict], version: str | int | None) -> int:
     if 1 <= i <= len(names):
         return i - 1
     raise ConfigError(f"{version!r} is not a version of this run (versions: {', '.join(names) or 'none'})")
+
+
+# --------------------------------------------------------------------------- typed records
+#
+# The lineage file is JSON; these are its entries as Python values. Each record declares the
+# fields raypath reads; keys it does not declare (written by another raypath version, or
+# descriptive extras such as a version's file fingerprints) are kept in ``extra`` and written
+# back unchanged, so ``Record.from_dict(d).to_dict() == d`` for every record read.
+# Records are values: change one by recording it again (``Lineage.record_*``).
+
+@dataclass(kw_only=True)
+class Record:
+    """Base of the lineage's records.
+
+    extra: the record's keys this class does not declare, kept as they were read.
+    """
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # declared fields the source dict lacked: not written back while still at their default
+    _absent: frozenset = field(default=frozenset(), repr=False, compare=False)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "_absent"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        if isinstance(d, cls):
+            return d
+        names = cls.fields()
+        return cls(**{k: d[k] for k in names if k in d}, extra={k: v for k, v in d.items() if k not in names},
+                   _absent=frozenset(k for k in names if k not in d))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.fields()
+               if not (k in self._absent and getattr(self, k) == _default(type(self), k))}
+        return {**out, **self.extra}
+
+
+def _default(cls: type, name: str) -> Any:
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass(kw_only=True)
+class Version(Record):
+    """A prepared version of the corpus, as its data manifest records it (:mod:`raypath.data`).
+
+    name: the version's name (``v1``); index: its 0-based place in the lineage.
+    new_tokens / new_blocks: the version's own training tokens / packed blocks.
+    replay_blocks: blocks of older versions mixed into its stream (``data.replay_ratio``).
+    stream_rows: rows of its training stream (new + replay); val_blocks / test_blocks: its
+        held-out splits' blocks.
+    new_path, stream_path, val_path, test_path: its data under ``RUN_DIR/data/<name>``
+        (``test_path`` None when it has no test split).
+    """
+
+    name: str
+    index: int = 0
+    new_tokens: int = 0
+    new_blocks: int = 0
+    replay_blocks: int = 0
+    stream_rows: int = 0
+    val_blocks: int = 0
+    test_blocks: int = 0
+    new_path: str | None = None
+    stream_path: str | None = None
+    val_path: str | None = None
+    test_path: str | None = None
+
+
+@dataclass(kw_only=True)
+class MainEntry(Record):
+    """A version's finished main-path segment (:mod:`raypath.mainpath`).
+
+    version, segment: the version's name and the segment's (``main-v1``).
+    start_step, end_step: global optimizer steps; the segment trains ``[start_step, end_step)``.
+    fork_step, fork_fraction: where its release branch forks, as a step and as the configured
+        fraction of the segment.
+    tokens_start, tokens_end: tokens the main path had trained at the segment's start and end.
+    max_lr, warmup_steps: the main path's constant-LR schedule (the law reads it back).
+    checkpoints: ``{"fork": path, "end": path}``.
+    curve: its training curve (JSONL); metrics: the end checkpoint's metrics.
+    """
+
+    version: str
+    segment: str = ""
+    start_step: int = 0
+    end_step: int = 0
+    fork_step: int = 0
+    fork_fraction: float | None = None
+    tokens_start: int = 0
+    tokens_end: int = 0
+    max_lr: float | None = None
+    warmup_steps: int | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    curve: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "done"
+    finished: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the segment trained."""
+        return self.tokens_end - self.tokens_start
+
+
+@dataclass(kw_only=True)
+class Branch(Record):
+    """A finished LR-decay branch: a version's configured release branch, a sweep trial that
+    was released, or a re-mixed replay branch (:mod:`raypath.branches`).
+
+    name: the segment's name (``branch-v1``); version: the version it decays.
+    fork_step, end_step, steps: where it forked off the main path, where it ended, and its length.
+    decay: the decay's settings (:class:`raypath.schedules.Decay` as a dict).
+    forked_from: the main-path checkpoint it started from; checkpoint: its final one.
+    curve: its training curve; metrics: final loss and ``val/*``, ``test/*`` losses.
+    tokens_trained: the branch's own tokens; tokens_total: main path + branch.
+    export: its Hugging Face export; sweep, trial_id: the sweep and trial it came from, if any.
+    """
+
+    name: str
+    version: str
+    fork_step: int = 0
+    end_step: int | None = None
+    steps: int = 0
+    decay: dict[str, Any] = field(default_factory=dict)
+    forked_from: str | None = None
+    checkpoint: str | None = None
+    curve: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens_trained: int | None = None
+    tokens_total: int | None = None
+    export: str | None = None
+    sweep: str | None = None
+    trial_id: str | None = None
+    status: str = "done"
+    finished: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+
+@dataclass(kw_only=True)
+class Release(Record):
+    """A version's release ``rN`` (:mod:`raypath.releases`).
+
+    id: ``r1``, ``r2``...; version, version_index: the version it releases.
+    path: ``RUN_DIR/releases/<version>/<id>``; branch: the branch whose model it is.
+    reason: why it was released (``configured``, ``sweep best``, ``pinned``, ``rollback``...).
+    source, sweep, trial_id: where the branch came from.
+    objective, test_objective, score: the release objective on val / test, and the score it
+        was picked by (objective plus compute penalty); objective_weights: the split weights.
+    val, test: its per-split losses; branch_tokens, tokens_total: tokens of its branch and
+        of main path + branch.
+    candidates, beat: the candidates scored at the decision and how many it beat.
+    replaced: the release it replaced; released: when; pinned: whether the version is pinned
+        to it (only on the version's live release).
+    """
+
+    id: str
+    version: str
+    version_index: int = 0
+    path: str | None = None
+    branch: str | None = None
+    reason: str | None = None
+    source: str | None = None
+    sweep: str | None = None
+    trial_id: str | None = None
+    objective: float | None = None
+    test_objective: float | None = None
+    score: float | None = None
+    objective_weights: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    branch_tokens: int | None = None
+    tokens_total: int | None = None
+    candidates: list = field(default_factory=list)
+    beat: int = 0
+    replaced: str | None = None
+    released: str | None = None
+    pinned: bool = False
+
+
+@dataclass(kw_only=True)
+class SweepTrial(Record):
+    """One trial of a sweep, as the lineage keeps it: its Tune config and final numbers.
+
+    config: the trial's Tune config (``fork_step``, ``branch_steps``, ``shape``, ...).
+    status: ``done``, ``stopped`` (by the law-guided stopper), ``error`` or ``incomplete``.
+    metrics, objective, test_objective, score: its final losses, objective and score.
+    branch_tokens: tokens its branch trained; curve, export: its files.
+    """
+
+    trial_id: str
+    name: str | None = None
+    status: str = "done"
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    objective: float | None = None
+    test_objective: float | None = None
+    score: float | None = None
+    branch_tokens: int | None = None
+    curve: str | None = None
+    export: str | None = None
+
+
+@dataclass(kw_only=True)
+class Sweep(Record):
+    """A branch search of a version (:mod:`raypath.sweep`); its full record is the sweep
+    directory's ``results.json``.
+
+    name, version, version_index: the sweep and the version it searches; path: its directory.
+    trials: its trials; best: the best trial's id; released: the trial released from it, if any.
+    complete: every trial settled; search_tokens: tokens its trials trained.
+    """
+
+    name: str
+    version: str
+    version_index: int = 0
+    path: str | None = None
+    trials: list[SweepTrial] = field(default_factory=list)
+    best: str | None = None
+    released: str | None = None
+    complete: bool = False
+    search_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        rec = super().from_dict(d)
+        rec.trials = [SweepTrial.from_dict(t) for t in rec.trials]
+        return rec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if "trials" in out:
+            out["trials"] = [t.to_dict() for t in self.trials]
+        return out
