@@ -46,8 +46,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: raypath is imported inside the functions, as everywhere here
+    from raypath.lineage import Branch, Lineage
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"old": 0.5, "new": 0.5}
@@ -110,12 +114,17 @@ def unguided(sweeps: dict[str, dict]) -> dict[str, dict]:
     return {k: v for k, v in sweeps.items() if k != "guided"}
 
 
-def release_branch(lineage: dict) -> tuple[str, dict, dict]:
-    """The last version, its configured release branch and the objective's split weights."""
+def release_branch(lineage) -> tuple[str, Branch, dict]:
+    """The last version, its configured release branch and the objective's split weights
+    (``lineage``: anything :meth:`raypath.lineage.Lineage.of` reads)."""
     from raypath import lawfit
+    from raypath.lineage import Lineage
 
-    version = lineage["main_path"][-1]["version"]
-    release = next(b for b in lineage["branches"] if b["name"] == f"branch-{version}")
+    lineage = Lineage.of(lineage)
+    version = lineage.main_path()[-1].version
+    release = lineage.branch(f"branch-{version}")
+    if release is None:
+        raise ValueError(f"{version} has no release branch branch-{version}: run the lineage first")
     return version, release, lawfit.split_weights(lineage, version, WEIGHTS)
 
 
@@ -201,10 +210,10 @@ def acceptance(seeds: dict[str, dict], means: dict) -> dict:
                                 "met": mean_guided <= whole / 2} for name, whole in readings.items()}}
 
 
-def release_objective(lineage: dict) -> float:
+def release_objective(lineage: Lineage) -> float:
     """The configured release branch's objective: its final val losses, weighed like a trial's."""
     _, release, weights = release_branch(lineage)
-    return float(sum(w * release["metrics"][f"val/{s}"] for s, w in weights.items()))
+    return float(sum(w * release.metrics[f"val/{s}"] for s, w in weights.items()))
 
 
 def plot_search(sweeps: dict[str, dict], out_png: Path, release: float | None = None) -> Path:
@@ -251,14 +260,14 @@ def plot_search(sweeps: dict[str, dict], out_png: Path, release: float | None = 
     return out_png
 
 
-def _held_out(run_dir: Path, lineage: dict, version: str, weights: dict, fit_on: list[str], fitted: dict,
+def _held_out(run_dir: Path, lineage: Lineage, version: str, weights: dict, fit_on: list[str], fitted: dict,
               held: list[dict], lam, shifts: str) -> dict:
     """Fit on the main path, the branches ``fit_on`` and ``fitted``; predict every trial of ``held``."""
     from raypath import lawfit
 
     fits = lawfit.fit_run(lineage, version, run_dir=run_dir, branches=[*fit_on, fitted["name"]],
                           lam=lam, shifts=shifts, save=False)
-    fitted_metrics = [b["metrics"] for b in lineage["branches"] if b["name"] in fit_on] + [fitted["metrics"]]
+    fitted_metrics = [b.metrics for b in lineage.branches(done=False) if b.name in fit_on] + [fitted["metrics"]]
     naive = {s: float(np.mean([m[f"val/{s}"] for m in fitted_metrics if f"val/{s}" in m])) for s in fits}
     rows = []
     for t in held:
@@ -301,17 +310,20 @@ def _summary(rots: list[dict], seconds: float) -> dict:
     }
 
 
-def fit_releases(lineage: dict, which: str) -> list[str]:
+def fit_releases(lineage, which: str) -> list[str]:
     """The configured release branches the accuracy fits use: the last version's (``last``)
     or every version's (``all``: what a sweep's guide fits on)."""
-    version, release, _ = release_branch(lineage)
+    from raypath.lineage import Lineage
+
+    lineage = Lineage.of(lineage)
+    _, release, _ = release_branch(lineage)
     if which == "last":
-        return [release["name"]]
-    names = [m["version"] for m in lineage["main_path"]]
-    return [b["name"] for b in lineage["branches"] if b["name"] in {f"branch-{v}" for v in names}]
+        return [release.name]
+    names = {f"branch-{m.version}" for m in lineage.main_path()}
+    return [b.name for b in lineage.branches(done=False) if b.name in names]
 
 
-def accuracy(run_dir: Path, lineage: dict, sweeps: list[dict], *, lams=("auto", 0.999), shifts=("auto",),
+def accuracy(run_dir: Path, lineage: Lineage, sweeps: list[dict], *, lams=("auto", 0.999), shifts=("auto",),
              releases: str = "last", rotations: int | None = None) -> dict:
     """Held-out accuracy, averaged over which unguided trial is the second fitted branch.
 
@@ -349,7 +361,7 @@ def accuracy(run_dir: Path, lineage: dict, sweeps: list[dict], *, lams=("auto", 
     return out
 
 
-def lineage_fits(run_dir: Path, lineage: dict, shifts=("single", "auto")) -> dict:
+def lineage_fits(run_dir: Path, lineage: Lineage, shifts=("single", "auto")) -> dict:
     """Each law's fit of the whole lineage for releasing its last version, per split: on the
     main path and the release branches (what a sweep's guide fits on), and with every
     sweep trial too (what ``raypath law fit RUN_DIR`` fits on). A later mode reuses the
@@ -436,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
         log.info("lineage done in %.0f s", time.perf_counter() - t0)
         sweeps = run_sweeps(cfg, args.samples, args.guided_name, seeds, log)
-    lineage = Lineage.load(run_dir).data
-    shifts = tuple((args.shifts or ("single,auto" if len(lineage["main_path"]) >= 3 else "auto")).split(","))
+    lineage = Lineage.load(run_dir)
+    mains = lineage.main_path()
+    shifts = tuple((args.shifts or ("single,auto" if len(mains) >= 3 else "auto")).split(","))
     lams = tuple(x if x == "auto" else float(x) for x in args.lams.split(","))
-    summary = {"version": lineage["main_path"][-1]["version"],
+    summary = {"version": mains[-1].version,
                "guided_vs_unguided": guided_vs_unguided(sweeps),
                "accuracy": accuracy(run_dir, lineage, list(unguided(sweeps).values()), lams=lams, shifts=shifts,
                                     releases=args.fit_releases, rotations=args.rotations)}
@@ -452,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                        "corpus_chars": args.corpus_chars if args.corpus == "system" else None,
                        "eval_every": args.eval_every,
                        "checkpoint_every": args.checkpoint_every, "samples": args.samples, "unguided_seeds": seeds,
-                       "steps": {m["version"]: m["end_step"] - m["start_step"] for m in lineage["main_path"]}}
+                       "steps": {m.version: m.end_step - m.start_step for m in mains}}
     summary["release_objective"] = release_objective(lineage)
     write_json(run_dir / "law" / "benchmark.json", summary)
     plot = plot_search(sweeps, run_dir / "law" / "benchmark.png", summary["release_objective"])

@@ -41,8 +41,8 @@ def compare(run_dir: str, lam) -> dict:
     from raypath import lawfit
     from raypath.lineage import Lineage
 
-    lineage = Lineage.load(run_dir).data
-    version = lineage["main_path"][-1]["version"]
+    lineage = Lineage.load(run_dir)
+    version = lineage.main_path()[-1].version
     fits = {}
     for mode in MODES:
         fits[mode] = lawfit.fit_run(lineage, version, run_dir=run_dir, shifts=mode, lam=lam, save=False,

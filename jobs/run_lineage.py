@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         warn_if_relative(cfg.run_dir, log)
         lineage = run(cfg)
         paths = write_run_report(cfg, lineage)
-        print(format_releases(lineage.data), flush=True)
+        print(format_releases(lineage), flush=True)
         print(f"run_dir: {cfg.run_dir if lineage.mirror else Path(cfg.run_dir).resolve()}")
         for kind, path in paths.items():
             print(f"{kind}: {path}")

@@ -15,28 +15,30 @@ from pathlib import Path
 import ray
 
 from raypath import checkpoint as ckpt
+from raypath.lineage import Branch as BranchEntry
+from raypath.lineage import MainEntry
 from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import Branch, Decay, main_schedule
 from raypath.storage import relative_paths
 
 
-def branch_segment(ctx, k: int, main: dict, decay: Decay, fork: int, name: str | None = None,
+def branch_segment(ctx, k: int, main: MainEntry, decay: Decay, fork: int, name: str | None = None,
                    export_dir: str | None = None) -> Segment:
     version = ctx.versions[k]
     name = name or f"branch-{version['name']}"
-    steps = main["end_step"] - fork
-    fork_ckpt = str(Path(ctx.storage(main["segment"])) / ckpt.step_dir_name(fork))
+    steps = main.end_step - fork
+    fork_ckpt = str(Path(ctx.storage(main.segment)) / ckpt.step_dir_name(fork))
     return Segment(
         **ctx.segment_fields(name),
         kind="branch",
         version=version["name"],
         stream_path=version["stream_path"],
         start_step=fork,
-        end_step=main["end_step"],
+        end_step=main.end_step,
         schedule=Branch(main_schedule(ctx.cfg.train), fork, steps, decay),
         init_checkpoint=fork_ckpt,
         **ctx.eval_fields(k),
-        stream_limit=(main["end_step"] - main["start_step"]) * ctx.cfg.train.global_batch_size,
+        stream_limit=(main.end_step - main.start_step) * ctx.cfg.train.global_batch_size,
         export_dir=export_dir,
         tokenizer_dir=ctx.tokenizer_dir,
         model_card=relative_paths({  # a card travels with the model: no path of this machine
@@ -54,34 +56,25 @@ def release_branch(ctx, k: int, main: dict) -> Segment:
     release decision, :mod:`raypath.releases`, copies the winner to ``releases/vK/rN``)."""
     b = ctx.cfg.branch
     name = f"branch-{ctx.versions[k]['name']}"
-    return branch_segment(ctx, k, main, b.decay(), main["fork_step"], name=name,
+    return branch_segment(ctx, k, main, b.decay(), main.fork_step, name=name,
                           export_dir=str(ctx.run_dir / "exports" / name))
 
 
-def summarize(seg: Segment) -> dict:
+def summarize(seg: Segment) -> BranchEntry:
     """Lineage entry of a finished branch, read back from its final checkpoint."""
     final = final_checkpoint(seg)
-    return {
-        "name": seg.name,
-        "version": seg.version,
-        "fork_step": seg.start_step,
-        "end_step": seg.end_step,
-        "steps": seg.end_step - seg.start_step,
-        "decay": dataclasses.asdict(seg.schedule.decay),
-        "forked_from": seg.init_checkpoint,
-        "checkpoint": final.path,
-        "curve": seg.curves_path,
-        "metrics": {k: v for k, v in final.metrics.items() if k.startswith(("val/", "test/")) or k == "loss"},
-        "tokens_trained": final.tokens_trained,
-        "tokens_total": final.tokens_end,
-        "export": seg.export_dir,
-        "release": seg.export_dir,  # older readers' name for the export
-        "status": "done",
-    }
+    return BranchEntry(
+        name=seg.name, version=seg.version, fork_step=seg.start_step, end_step=seg.end_step,
+        steps=seg.end_step - seg.start_step, decay=dataclasses.asdict(seg.schedule.decay),
+        forked_from=seg.init_checkpoint, checkpoint=final.path, curve=seg.curves_path,
+        metrics={k: v for k, v in final.metrics.items() if k.startswith(("val/", "test/")) or k == "loss"},
+        tokens_trained=final.tokens_trained, tokens_total=final.tokens_end, export=seg.export_dir,
+        extra={"release": seg.export_dir},  # older readers' name for the export
+    )
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(seg: Segment) -> dict:
+def _fit_remote(seg: Segment) -> BranchEntry:
     # Zero CPUs: the task only waits on its Train workers; holding a CPU here
     # would starve those workers on small machines.
     fit_segment(seg)
@@ -94,7 +87,7 @@ class BranchRunner:
     def __init__(self, parallel: bool):
         self.parallel = parallel
         self.pending: dict[ray.ObjectRef, Segment] = {}
-        self.inline_done: list[dict] = []
+        self.inline_done: list[BranchEntry] = []
 
     def submit(self, seg: Segment) -> None:
         if self.parallel:
@@ -103,7 +96,7 @@ class BranchRunner:
             fit_segment(seg)
             self.inline_done.append(summarize(seg))
 
-    def finished(self, wait: bool = False) -> list[dict]:
+    def finished(self, wait: bool = False) -> list[BranchEntry]:
         """Entries of branches that finished since the last call."""
         done, self.inline_done = self.inline_done, []
         refs = list(self.pending)

@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
     paths = write_run_report(cfg, lineage)
-    print(format_releases(lineage.data))
+    print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -55,7 +55,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
     from raypath.report import format_status
 
-    print(format_status(Lineage.load(_open_run(args).path).data))
+    print(format_status(Lineage.load(_open_run(args).path)))
     return 0
 
 
@@ -64,10 +64,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
 
     if args.run_dir:
-        lineage = Lineage.load(_open_run(args).path).data
-        fraction = lineage["config"]["branch"]["fraction"]
-        replay = lineage["config"]["data"]["replay_ratio"]
-        new_tokens = [v["new_tokens"] for v in lineage["versions"]]
+        lineage = Lineage.load(_open_run(args).path)
+        fraction = lineage.config["branch"]["fraction"]
+        replay = lineage.config["data"]["replay_ratio"]
+        new_tokens = [v.new_tokens for v in lineage.versions()]
         print("planned (from the versions' new tokens):")
         print(format_costs(paradigm_costs(new_tokens, fraction, replay)))
         measured = lineage_costs(lineage)
@@ -101,15 +101,15 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     require_local(args.run_dir, "release")
     lineage = Lineage.load(args.run_dir)
-    versions = lineage.data["versions"]
-    version = versions[resolve_version(versions, args.version)]["name"]
-    objective = version_objective(lineage.data, version)
-    releaser = Releaser(lineage, lineage.path.parent)
+    names = [v.name for v in lineage.versions()]
+    version = names[resolve_version([{"name": n} for n in names], args.version)]
+    objective = version_objective(lineage, version)
+    releaser = Releaser(lineage, lineage.run_dir)
     releaser.sync(version)
     if args.pick:
         entry = releaser.pick(version, args.pick, objective)
-        print(f"live release of {version}: {entry['id']} ({entry['branch']}): {entry['path']}\n")
-    print(format_release(lineage.data, version, objective))
+        print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
+    print(format_release(lineage, version, objective))
     return 0
 
 
@@ -137,7 +137,7 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     from raypath.report import format_fits
 
     rd = _open_run(args)
-    lineage = Lineage.load(rd.path).data
+    lineage = Lineage.load(rd.path)
     try:
         version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
@@ -155,7 +155,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath.report import plot_prediction
 
     rd = _open_run(args)
-    lineage = Lineage.load(rd.path).data
+    lineage = Lineage.load(rd.path)
     try:
         version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)

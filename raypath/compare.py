@@ -20,7 +20,7 @@ tokenizer, under ``compare/replay-R/``), so what replay buys against forgetting 
 measured next to what it costs. Losses come on val and on the held-out test splits;
 the gaps are on test, which no selection read.
 
-Results land in the lineage (``lineage["compare"]``) and in
+Results land in the lineage (:meth:`raypath.lineage.Lineage.baselines`) and in
 ``RUN_DIR/compare/`` as CSV + text + PNG (LR paths of the three paradigms and the
 released models' test losses per version).
 """
@@ -109,27 +109,9 @@ def _entry(seg: Segment, version: str, setting: str, decay: Decay) -> dict:
             "val": final.split("val"), "test": final.split("test")}
 
 
-def _results(lineage: Lineage | dict) -> dict:
-    data = lineage.data if isinstance(lineage, Lineage) else lineage
-    results = data.setdefault("compare", {})
-    for paradigm in ("ptfs", "cpt"):
-        for e in results.setdefault(paradigm, []):
-            if "decay" not in e:  # recorded before shape matching: always cosine to the branch floor
-                floor = (data.get("config") or {}).get("branch", {}).get("min_lr_ratio", 0.0)
-                e.update(setting=PAPER, decay=dataclasses.asdict(Decay("cosine", floor)))
-    return results
-
-
-def _record(lineage: Lineage, paradigm: str, entry: dict) -> None:
-    results = _results(lineage)
-    results[paradigm] = [e for e in results[paradigm]
-                         if (e["version"], e["decay"]) != (entry["version"], entry["decay"])] + [entry]
-    lineage.save()
-
-
 def _done(lineage: Lineage, paradigm: str, version: str, decay: Decay) -> dict | None:
     want = dataclasses.asdict(decay)
-    return next((e for e in _results(lineage)[paradigm] if e["version"] == version and e["decay"] == want), None)
+    return next((e for e in lineage.baselines(paradigm) if e["version"] == version and e["decay"] == want), None)
 
 
 def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Decay) -> None:
@@ -142,7 +124,7 @@ def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Dec
             seg = ptfs_segment(ctx, k, decay)
             fit_segment(seg)
             ptfs = _entry(seg, name, setting, decay)
-            _record(lineage, "ptfs", ptfs)
+            lineage.record_baseline("ptfs", ptfs)
         cpt = _done(lineage, "cpt", name, decay)
         if cpt is None:
             if cpt_prev is None:
@@ -151,7 +133,7 @@ def _train_baselines(lineage: Lineage, ctx: RunContext, setting: str, decay: Dec
                 seg = cpt_segment(ctx, k, cpt_prev, decay)
                 fit_segment(seg)
                 cpt = _entry(seg, name, setting, decay)
-            _record(lineage, "cpt", cpt)
+            lineage.record_baseline("cpt", cpt)
         cpt_prev = cpt
 
 
@@ -188,12 +170,11 @@ def run_comparison(cfg: Config) -> dict[str, str]:
     for ratio in replay_ratios(cfg):
         log.info("compare: path switching with replay ratio %g", ratio)
         run_lineage(replay_config(cfg, ctx, ratio))
-        _results(lineage).setdefault("replay", {})[f"{ratio:g}"] = str(replay_dir(ctx.run_dir, ratio))
-        lineage.save()
+        lineage.record_replay_run(f"{ratio:g}", str(replay_dir(ctx.run_dir, ratio)))
     if PAPER in decays:
         log.info("compare: PTFS and CPT with the paper's cosine decay")
         _train_baselines(lineage, ctx, PAPER, decays[PAPER])
-    paths = write_comparison(ctx.run_dir, lineage.data)
+    paths = write_comparison(ctx.run_dir, lineage)
     for path in paths.values():
         publish(ctx.mirror, path)
     return paths
@@ -215,13 +196,13 @@ def _decay_text(d: dict) -> str:
     return f"{d['shape']}{power}->{d['min_lr_ratio']:g}"
 
 
-def _baseline_rows(results: dict, settings: dict[str, dict], versions: list[str]) -> dict[tuple[str, str], list[dict]]:
+def _baseline_rows(lineage: Lineage, settings: dict[str, dict], versions: list[str]) -> dict[tuple[str, str], list[dict]]:
     """Per (paradigm, setting): one row per version in order, with cumulative tokens."""
     out = {}
     for paradigm in ("ptfs", "cpt"):
         for setting, decay in settings.items():
             cum, rows = 0, []
-            entries = sorted((e for e in results.get(paradigm, []) if e["decay"] == decay),
+            entries = sorted((e for e in lineage.baselines(paradigm) if e["decay"] == decay),
                              key=lambda e: versions.index(e["version"]))
             for e in entries:
                 cum += e["tokens_trained"]  # CPT's release 1 reuses PTFS's run and counts its tokens
@@ -231,33 +212,28 @@ def _baseline_rows(results: dict, settings: dict[str, dict], versions: list[str]
     return out
 
 
-def _path_switching_rows(lineage: dict, which: str = "configured") -> list[dict]:
+def _path_switching_rows(lineage: Lineage, which: str = "configured") -> list[dict]:
     """One row per version of a lineage's path switching: its configured branches (``configured``,
     the shape-matched row) or its live releases (``released``, with the search they cost)."""
     costs = {c["version"]: c for c in lineage_costs(lineage)}
-    mains = {m["version"]: m for m in lineage["main_path"]}
-    releases = {r["version"]: r for r in lineage["releases"]}
-    branches = {b["name"]: b for b in lineage["branches"] if b.get("status") == "done"}
     rows, cum, cum_search = [], 0, 0
-    for v in lineage["versions"]:
-        name = v["name"]
-        branch = branches.get(f"branch-{name}") if which == "configured" else \
-            branches.get((releases.get(name) or {}).get("branch"))
-        if name not in mains or branch is None or name not in costs:
+    for name in lineage.version_names():
+        main, release = lineage.main(name), lineage.release(name)
+        branch = lineage.branch(f"branch-{name}" if which == "configured" else (release.branch if release else ""))
+        if main is None or branch is None or not branch.done or name not in costs:
             break
-        main_tokens = mains[name]["tokens_end"] - mains[name]["tokens_start"]
-        cum += main_tokens + branch["tokens_trained"]
-        cum_search += main_tokens + costs[name]["search_branch_tokens"]
-        metrics = branch["metrics"]
-        rows.append({"version": name, "decay": _decay_text(branch["decay"]), "tokens_cumulative": cum,
+        cum += main.tokens + branch.tokens_trained
+        cum_search += main.tokens + costs[name]["search_branch_tokens"]
+        metrics = branch.metrics
+        rows.append({"version": name, "decay": _decay_text(branch.decay), "tokens_cumulative": cum,
                      "tokens_cumulative_with_search": cum_search,
                      **_losses(name, {k: x for k, x in metrics.items() if k.startswith("val/")},
                                {k: x for k, x in metrics.items() if k.startswith("test/")})})
     return rows
 
 
-def _released_differs(lineage: dict) -> bool:
-    return any(r.get("branch") != f"branch-{r['version']}" for r in lineage["releases"])
+def _released_differs(lineage: Lineage) -> bool:
+    return any(r.branch != f"branch-{r.version}" for r in lineage.releases())
 
 
 def comparison_table(run_dir: str | Path) -> pd.DataFrame:
@@ -268,27 +244,26 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
     ``PS released`` (when a sweep's trial is a live release), ``PS replay R``, and with
     ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``.
     """
-    lineage = Lineage.load(run_dir).data
-    results = _results(lineage)
-    cfg_branch = lineage["config"]["branch"]
+    lineage = Lineage.load(run_dir)
+    cfg_branch = lineage.config["branch"]
     matched = dataclasses.asdict(decay_from(cfg_branch))
     settings = {MATCHED: matched}
     paper = dataclasses.asdict(Decay("cosine", cfg_branch["min_lr_ratio"]))
-    if any(e["decay"] == paper for e in results.get("ptfs", [])) and paper != matched:
+    if any(e["decay"] == paper for e in lineage.baselines("ptfs")) and paper != matched:
         settings[PAPER] = paper
-    base = _baseline_rows(results, settings, [v["name"] for v in lineage["versions"]])
+    base = _baseline_rows(lineage, settings, lineage.version_names())
     groups: list[tuple[str, list[dict]]] = [("PTFS", base[("ptfs", MATCHED)]), ("CPT", base[("cpt", MATCHED)]),
                                             ("PS", _path_switching_rows(lineage))]
     if _released_differs(lineage):
         groups.append(("PS released", _path_switching_rows(lineage, "released")))
-    for ratio, path in sorted(results.get("replay", {}).items(), key=lambda kv: float(kv[0])):
+    for ratio, path in sorted(lineage.replay_runs().items(), key=lambda kv: float(kv[0])):
         if (Path(path) / "lineage.json").is_file():
-            groups.append((f"PS replay {ratio}", _path_switching_rows(Lineage.load(path).data)))
+            groups.append((f"PS replay {ratio}", _path_switching_rows(Lineage.load(path))))
     if PAPER in settings:
         groups += [("PTFS cosine (paper)", base[("ptfs", PAPER)]), ("CPT cosine (paper)", base[("cpt", PAPER)])]
     ptfs = {r["version"]: r for r in base[("ptfs", MATCHED)]}
     rows = []
-    for v in (v["name"] for v in lineage["versions"]):
+    for v in lineage.version_names():
         if v not in ptfs:
             break
         for label, group in groups:
@@ -321,34 +296,32 @@ def format_comparison(df: pd.DataFrame) -> str:
     return note + "\n" + _text_table(headers, cells, "lll")
 
 
-def _lr_paths(run_dir: Path, lineage: dict) -> dict[str, list[tuple[str, pd.DataFrame]]]:
+def _lr_paths(run_dir: Path, lineage: Lineage) -> dict[str, list[tuple[str, pd.DataFrame]]]:
     """Per paradigm, its headline segments' curves in training order (x = tokens that paradigm trained)."""
     from raypath.report import read_curve
 
     def curve(seg_name: str) -> pd.DataFrame:
         return read_curve(run_dir / "curves" / f"{seg_name}.jsonl")
 
-    b = lineage["config"]["branch"]
-    matched = dataclasses.asdict(decay_from(b))
-    results = _results(lineage)
+    matched = dataclasses.asdict(decay_from(lineage.config["branch"]))
     paths: dict[str, list[tuple[str, pd.DataFrame]]] = {p: [] for p in PARADIGMS}
     offset = 0
-    for e in (e for e in results.get("ptfs", []) if e["decay"] == matched):
+    for e in (e for e in lineage.baselines("ptfs") if e["decay"] == matched):
         df = curve(e["segment"]).assign(x=lambda d: d["tokens"] + offset)
         paths["ptfs"].append((e["version"], df))
         offset = int(df["x"].max()) if len(df) else offset
-    for e in (e for e in results.get("cpt", []) if e["decay"] == matched):
+    for e in (e for e in lineage.baselines("cpt") if e["decay"] == matched):
         paths["cpt"].append((e["version"], curve(e["segment"]).assign(x=lambda d: d["tokens"])))
-    for m in lineage["main_path"]:
-        paths["path_switching"].append((m["version"], curve(m["segment"]).assign(x=lambda d: d["tokens"])))
-        br = next((br for br in lineage["branches"] if br["name"] == f"branch-{m['version']}"), None)
+    for m in lineage.main_path():
+        paths["path_switching"].append((m.version, curve(m.segment).assign(x=lambda d: d["tokens"])))
+        br = lineage.branch(f"branch-{m.version}")
         if br:
-            paths["path_switching"].append((f"{m['version']} branch", curve(br["name"]).assign(
+            paths["path_switching"].append((f"{m.version} branch", curve(br.name).assign(
                 x=lambda d: d["tokens"])))
     return paths
 
 
-def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Path) -> None:
+def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,13 +354,13 @@ def plot_comparison(run_dir: Path, lineage: dict, df: pd.DataFrame, out_png: Pat
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"released models per version ({metric.split('_')[0]} loss on the version's own split)",
                  fontsize=10)
-    fig.suptitle(f"{lineage.get('name', 'raypath')}: PTFS vs CPT vs path switching (shape-matched)")
+    fig.suptitle(f"{lineage.name or 'raypath'}: PTFS vs CPT vs path switching (shape-matched)")
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110, tight=False)
     plt.close(fig)
 
 
-def write_comparison(run_dir: str | Path, lineage: dict) -> dict[str, str]:
+def write_comparison(run_dir: str | Path, lineage: Lineage) -> dict[str, str]:
     out = Path(run_dir) / "compare"
     out.mkdir(parents=True, exist_ok=True)
     df = comparison_table(run_dir)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from raypath.lineage import Lineage
+
 
 def stream_tokens(new_tokens: Sequence[float], replay_ratio: float = 0.0) -> list[float]:
     return [d if k == 0 else d / (1.0 - replay_ratio) for k, d in enumerate(new_tokens)]
@@ -50,41 +52,40 @@ def paradigm_costs(new_tokens: Sequence[float], branch_fraction: float,
     return rows
 
 
-def branch_tokens(lineage: dict, version: str) -> tuple[float, float]:
+def branch_tokens(lineage: Lineage | dict, version: str) -> tuple[float, float]:
     """``(release only, with search)`` branch tokens of ``version``.
 
     Release only: the live release's branch (else the finished configured branch).
     With search: the finished branches that are no sweep trial, plus every trial of every
     sweep of the version (a released trial is counted once, as a trial).
     """
-    own = [b for b in lineage.get("branches", []) if b["version"] == version and b.get("status") == "done"]
-    release = next((r for r in lineage.get("releases", []) if r["version"] == version), None)
-    released = release.get("branch_tokens") if release else None
+    lineage = Lineage.of(lineage)
+    configured = [b for b in lineage.branches(version) if not b.sweep]
+    release = lineage.release(version)
+    released = release.branch_tokens if release else None
     if released is None:
-        released = next((b["tokens_trained"] for b in own if not b.get("sweep")), 0)
-    trials = [t for s in lineage.get("sweeps", []) if s["version"] == version for t in s.get("trials", [])]
-    searched = sum(b["tokens_trained"] for b in own if not b.get("sweep")) + \
-        sum(t.get("branch_tokens") or 0 for t in trials)
+        released = next((b.tokens_trained for b in configured), 0)
+    trials = [t for s in lineage.sweeps(version) for t in s.trials]
+    searched = sum(b.tokens_trained for b in configured) + sum(t.branch_tokens or 0 for t in trials)
     return float(released), float(max(searched, released))
 
 
-def lineage_costs(lineage: dict) -> list[dict[str, float]]:
+def lineage_costs(lineage: Lineage | dict) -> list[dict[str, float]]:
     """Measured cost of a run: tokens its main path and branches actually trained, release
     only and with every searched branch."""
+    lineage = Lineage.of(lineage)
     ptfs_cum = ps_cum = search_cum = seen = 0.0
     rows = []
-    mains = {m["version"]: m for m in lineage.get("main_path", [])}
-    for v in lineage["versions"]:
-        main = mains.get(v["name"])
+    for v in lineage.versions():
+        main = lineage.main(v.name)
         if main is None:
             break  # versions are trained in order; the rest has not run yet
-        seen += v["new_tokens"]
-        main_tokens = main["tokens_end"] - main["tokens_start"]
-        released, searched = branch_tokens(lineage, v["name"])
+        seen += v.new_tokens
+        released, searched = branch_tokens(lineage, v.name)
         ptfs_cum += seen
-        ps_cum += main_tokens + released
-        search_cum += main_tokens + searched
-        rows.append({"version": v["name"], "main_tokens": main_tokens, "branch_tokens": released,
+        ps_cum += main.tokens + released
+        search_cum += main.tokens + searched
+        rows.append({"version": v.name, "main_tokens": main.tokens, "branch_tokens": released,
                      "search_branch_tokens": searched, "ptfs_cumulative": ptfs_cum,
                      "path_switching_cumulative": ps_cum, "path_switching_ratio": ps_cum / ptfs_cum,
                      "with_search_cumulative": search_cum, "with_search_ratio": search_cum / ptfs_cum})

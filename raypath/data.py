@@ -872,11 +872,15 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     before the fork). Written once (atomically); returns the path and the mix.
 
     Holds this one version's stream in memory (a branch's share of it is what it
-    re-mixes); the drawn blocks are read from the part files that hold them only.
+    re-mixes); the drawn blocks are read from the part files that hold them only. In a
+    remote run directory it is written to the bucket, where the branch's workers read it.
     """
+    from raypath.mirror import fetch, publish
+
     out = Path(out_path)
     k = int(version["index"])
     spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, mirror=mirror)
+    fetch(mirror, out, missing_ok=True)  # a remote run's variant, written by a trial on another machine
     if not out.exists():
         if ratio > 0 and not older:
             raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
@@ -896,6 +900,7 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
             tokens[swap], src[swap] = _read_rows(pools, pick, fs)
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_blocks(out, tokens, src, idx)
+        publish(mirror, out)  # the branch's workers read it through the bucket
     table = pq.read_table(out, columns=["idx", "src"])
     idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
     todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)

@@ -36,7 +36,7 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
-from raypath.lineage import Lineage
+from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.storage import read_json
 
 #: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
@@ -180,7 +180,7 @@ def _no_progress_bars():
 
 def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
     """The source named ``what``: ``vK``, ``vK/rN``, ``main-vK`` or a checkpoint directory."""
-    versions = [v["name"] for v in lineage.data.get("versions", [])]
+    versions = lineage.version_names()
     name, _, rid = what.partition("/")
     if name in versions:
         return release_source(lineage, run_dir, name, rid or None)
@@ -195,14 +195,14 @@ def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
 
 def what_exists(lineage: Lineage) -> str:
     """What a run directory can export, for error messages: versions, releases (* = live), main path."""
-    versions = [v["name"] for v in lineage.data.get("versions", [])]
+    versions = lineage.version_names()
     releases = []
     for v in versions:
         h = lineage.release_history(v)
-        if h and h.get("releases"):
-            ids = [r["id"] + ("*" if r["id"] == h.get("current") else "") for r in h["releases"]]
+        if h and h.releases:
+            ids = [r.id + ("*" if r.id == h.current else "") for r in h.releases]
             releases.append(f"{v}/{','.join(ids)}")
-    mains = [m["segment"] for m in lineage.data.get("main_path", [])]
+    mains = [m.segment for m in lineage.main_path()]
     return (f"versions: {', '.join(versions) or 'none'}; releases: {' '.join(releases) or 'none'}; "
             f"main-path checkpoints: {', '.join(mains) or 'none'}")
 
@@ -225,21 +225,20 @@ def in_run_dir(recorded: str | Path, run_dir: Path, anchor: str) -> Path:
 
 def release_source(lineage: Lineage, run_dir: Path, version: str, rid: str | None) -> Source:
     """Version ``version``'s release ``rid`` (None: the live one)."""
-    h = lineage.release_history(version) or {}
-    known = [r["id"] for r in h.get("releases", [])]
-    rid = rid or h.get("current")
-    entry = next((r for r in h.get("releases", []) if r["id"] == rid), None)
+    h = lineage.release_history(version) or ReleaseHistory()
+    rid = rid or h.current
+    entry = h.get(rid)
     if entry is None:
         what = f"has no release {rid}" if rid else "has no release yet"
-        raise ExportError(f"{version} {what} in {run_dir} (releases of {version}: {', '.join(known) or 'none'}; "
+        raise ExportError(f"{version} {what} in {run_dir} (releases of {version}: {', '.join(h.ids()) or 'none'}; "
                           f"{what_exists(lineage)}); `raypath run` or `raypath sweep` releases a version")
-    model_dir = in_run_dir(entry["path"], run_dir, "releases")
+    model_dir = in_run_dir(entry.path, run_dir, "releases")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{version}/{rid}: release directory {model_dir} is missing or holds no model")
     card = model_dir / JSON_CARD
     facts = release_facts(lineage, entry, read_json(card) if card.is_file() else {})
     facts.label, facts.source = f"{version}/{rid}", str(model_dir)
-    facts.release["live"] = rid == h.get("current")
+    facts.release["live"] = rid == h.current
     tokenizer = model_dir if (model_dir / "tokenizer.json").is_file() else tokenizer_dir(lineage, run_dir)
     return Source(facts, model_dir=model_dir, tokenizer_dir=tokenizer, json_card=card if card.is_file() else None)
 
@@ -250,7 +249,7 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
     if main is None:
         raise ExportError(f"main-{version}: the main path of {version} has not finished in {run_dir} "
                           f"({what_exists(lineage)})")
-    d = in_run_dir(main["checkpoints"]["end"], run_dir, "ray")
+    d = in_run_dir(main.checkpoints["end"], run_dir, "ray")
     _check_checkpoint(d, f"main-{version}")
     facts = main_facts(lineage, main)
     facts.label, facts.source = f"main-{version}", str(d)
@@ -263,7 +262,7 @@ def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
     state = ckpt.load_state(d)
     segment, version = state.get("segment", ""), state.get("version", "?")
     main, branch = lineage.main(version), lineage.branch(segment)
-    if main is not None and main.get("segment") == segment:
+    if main is not None and main.segment == segment:
         facts = main_facts(lineage, main)
     else:
         facts = Facts(_run_name(lineage), version, "checkpoint", "", "", trained_on=_versions_to(lineage, version))
@@ -287,7 +286,7 @@ def _check_checkpoint(d: Path, label: str | None = None) -> None:
 
 def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
     """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's)."""
-    recorded = (lineage.data.get("tokenizer") or {}).get("path") or run_dir / "tokenizer"
+    recorded = lineage.fact("tokenizer").get("path") or run_dir / "tokenizer"
     d = in_run_dir(recorded, run_dir, "tokenizer")
     if not (d / "tokenizer.json").is_file():
         raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
@@ -297,11 +296,11 @@ def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
 # --------------------------------------------------------------------------- lineage facts
 
 def _run_name(lineage: Lineage) -> str:
-    return lineage.data.get("name") or (lineage.data.get("config") or {}).get("name", "raypath")
+    return lineage.name or lineage.config.get("name", "raypath")
 
 
 def _versions_to(lineage: Lineage, version: str) -> list[str]:
-    names = [v["name"] for v in lineage.data.get("versions", [])]
+    names = lineage.version_names()
     return names[: names.index(version) + 1] if version in names else [version]
 
 
@@ -310,48 +309,50 @@ def _split(metrics: dict, split: str) -> dict[str, float]:
 
 
 def _base_model(lineage: Lineage) -> str | None:
-    return ((lineage.data.get("model") or {}).get("base") or {}).get("path")
+    return (lineage.fact("model").get("base") or {}).get("path")
 
 
-def branch_facts(lineage: Lineage, branch: dict, card: dict) -> dict:
-    """A branch's shape from its lineage entry, else from its export's ``model_card.json``."""
-    decay = branch.get("decay") or card.get("decay") or {}
-    max_lr = card.get("max_lr") or (lineage.data.get("config") or {}).get("train", {}).get("max_lr")
+def _max_lr(lineage: Lineage) -> float | None:
+    return lineage.config.get("train", {}).get("max_lr")
+
+
+def branch_facts(lineage: Lineage, branch: Branch | None, card: dict, name: str | None = None) -> dict:
+    """A branch's shape from its lineage entry, else (no entry) from its export's ``model_card.json``;
+    ``name``: the branch's name where the lineage has no entry for it."""
+    decay = (branch.decay if branch else None) or card.get("decay") or {}
+    max_lr = card.get("max_lr") or _max_lr(lineage)
     floor = decay.get("min_lr_ratio")
-    return {"name": branch.get("name") or card.get("branch"),
-            "fork_step": branch.get("fork_step", card.get("fork_step")),
-            "steps": branch.get("steps", card.get("branch_steps")),
+    return {"name": (branch.name if branch else name) or card.get("branch"),
+            "fork_step": branch.fork_step if branch else card.get("fork_step"),
+            "steps": branch.steps if branch else card.get("branch_steps"),
             "shape": decay.get("shape"), "power": decay.get("power"), "min_lr_ratio": floor,
             "max_lr": max_lr, "floor_lr": floor * max_lr if floor is not None and max_lr else None}
 
 
-def release_facts(lineage: Lineage, entry: dict, card: dict) -> Facts:
-    """A release entry (``release_history``) with its branch's lineage entry and export card."""
-    version = entry["version"]
-    branch = lineage.branch(entry.get("branch") or "") or {}
+def release_facts(lineage: Lineage, entry: Release, card: dict) -> Facts:
+    """A release (``release_history``) with its branch's lineage entry and export card."""
+    branch = lineage.branch(entry.branch or "")
     metrics = card.get("final_metrics") or {}
+    tokens_total = entry.tokens_total if entry.tokens_total is not None else branch.tokens_total if branch else None
     return Facts(
-        _run_name(lineage), version, "release", "", "",
-        step=branch.get("end_step", metrics.get("step")),
-        tokens_total=entry.get("tokens_total", branch.get("tokens_total")),
-        trained_on=card.get("trained_on_versions") or _versions_to(lineage, version),
-        branch=branch_facts(lineage, {**branch, "name": entry.get("branch")}, card),
-        val=_split(entry.get("val") or metrics, "val"), test=_split(entry.get("test") or metrics, "test"),
-        release={"id": entry["id"], "reason": entry.get("reason"), "released": entry.get("released")},
+        _run_name(lineage), entry.version, "release", "", "",
+        step=branch.end_step if branch and branch.end_step is not None else metrics.get("step"),
+        tokens_total=tokens_total,
+        trained_on=card.get("trained_on_versions") or _versions_to(lineage, entry.version),
+        branch=branch_facts(lineage, branch, card, entry.branch),
+        val=_split(entry.val or metrics, "val"), test=_split(entry.test or metrics, "test"),
+        release={"id": entry.id, "reason": entry.reason, "released": entry.released},
         base_model=_base_model(lineage))
 
 
-def main_facts(lineage: Lineage, main: dict) -> Facts:
+def main_facts(lineage: Lineage, main: MainEntry) -> Facts:
     """A main-path entry: the version's boundary, trained at the constant peak LR."""
-    max_lr = main.get("max_lr") or (lineage.data.get("config") or {}).get("train", {}).get("max_lr")
-    metrics = main.get("metrics") or {}
+    max_lr = main.max_lr or _max_lr(lineage)
     return Facts(
-        _run_name(lineage), main["version"], "main path", "", "",
-        step=main.get("end_step"), tokens_total=main.get("tokens_end"),
-        trained_on=_versions_to(lineage, main["version"]),
-        lr=f"constant {max_lr:g} after {main.get('warmup_steps', 0)} warmup steps, never annealed"
-        if max_lr else None,
-        val=_split(metrics, "val"), test=_split(metrics, "test"), base_model=_base_model(lineage))
+        _run_name(lineage), main.version, "main path", "", "",
+        step=main.end_step, tokens_total=main.tokens_end, trained_on=_versions_to(lineage, main.version),
+        lr=f"constant {max_lr:g} after {main.warmup_steps or 0} warmup steps, never annealed" if max_lr else None,
+        val=_split(main.metrics or {}, "val"), test=_split(main.metrics or {}, "test"), base_model=_base_model(lineage))
 
 
 # --------------------------------------------------------------------------- weights
@@ -371,13 +372,13 @@ def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
     Read field by field rather than validated as a whole config: validation checks the
     corpus and the base model's original location, which an export does not need.
     """
-    raw = (lineage.data.get("config") or {}).get("model") or {}
+    raw = lineage.config.get("model") or {}
     cfg = ModelConfig(**{f.name: raw[f.name] for f in dataclasses.fields(ModelConfig) if f.name in raw})
     # The saved config records no kernel; users pick theirs at load. sdpa builds anywhere
     # (flash_attention_2 would need CUDA and flash-attn just to write the files).
     cfg = dataclasses.replace(cfg, attn_implementation="sdpa")
     if cfg.path:
-        local = ((lineage.data.get("model") or {}).get("base") or {}).get("local_dir") or cfg.path
+        local = (lineage.fact("model").get("base") or {}).get("local_dir") or cfg.path
         d = in_run_dir(local, run_dir, "base_model")
         if not (d / "config.json").is_file():
             raise ExportError(f"{lineage.path}: the base model {d} (model.path {cfg.path!r}) is missing: "

@@ -70,7 +70,7 @@ import numpy as np
 
 from raypath import law as lawmod
 from raypath.law import Curve, FitResult, fit_law
-from raypath.lineage import resolve_version
+from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
 from raypath.schedules import Decay, MainPath, decay_fraction, decay_from, decay_progress, main_schedule
 
@@ -82,29 +82,33 @@ DEFAULT_WEIGHTS = {"old": 0.5, "new": 0.5}
 
 
 # --------------------------------------------------------------------------- lineage access
+#
+# Public functions take whatever :meth:`Lineage.of` accepts (a Lineage, a run directory, a
+# lineage document) and convert it once; inside, the Lineage travels as it is.
 
-def _versions(lineage: Mapping) -> list[str]:
-    names = [v["name"] for v in lineage.get("versions", [])]
-    return names or [m["version"] for m in sorted(lineage.get("main_path", []), key=lambda m: m["start_step"])]
-
-
-def _mains(lineage: Mapping) -> dict[str, dict]:
-    return {m["version"]: m for m in lineage.get("main_path", [])}
+#: What the public functions accept as ``lineage``.
+LineageLike = Lineage | Mapping | str | os.PathLike
 
 
-def main_entry(lineage: Mapping, version: str) -> dict:
+def _mains(lineage: Lineage) -> dict[str, MainEntry]:
+    return {m.version: m for m in lineage.main_path()}
+
+
+def main_entry(lineage: LineageLike, version: str) -> MainEntry:
     """The lineage's main-path entry of ``version`` (a ValueError if it has none)."""
-    m = _mains(lineage).get(version)
+    lineage = Lineage.of(lineage)
+    m = lineage.main(version)
     if m is None:
         raise ValueError(f"version {version!r}: no main-path segment in the lineage "
                          f"(trained: {', '.join(_mains(lineage)) or 'none'})")
     return m
 
 
-def version_name(lineage: Mapping, version: str | int | None) -> str:
+def version_name(lineage: LineageLike, version: str | int | None) -> str:
     """A version's name from a name (``v2``), a 1-based number (``2``) or None (the latest
     trained), by :func:`raypath.lineage.resolve_version`."""
-    names = _versions(lineage)
+    lineage = Lineage.of(lineage)
+    names = lineage.version_names()
     if version is None:
         names = [v for v in names if v in _mains(lineage)]
         if not names:
@@ -112,46 +116,49 @@ def version_name(lineage: Mapping, version: str | int | None) -> str:
     return names[resolve_version([{"name": n} for n in names], version)]
 
 
-def lineage_schedule(lineage: Mapping) -> MainPath:
+def lineage_schedule(lineage: LineageLike) -> MainPath:
     """The main path's schedule, as the lineage's first main-path entry recorded it (its
     recorded ``config.train`` as fallback)."""
-    mains = sorted(lineage.get("main_path", []), key=lambda m: m["start_step"])
-    if mains and "max_lr" in mains[0]:
+    lineage = Lineage.of(lineage)
+    mains = lineage.main_path()
+    if mains and mains[0].max_lr is not None:
         return main_schedule(mains[0])
-    return main_schedule((lineage.get("config") or {}).get("train", {}))
+    return main_schedule(lineage.config.get("train", {}))
 
 
-def cpt_start(lineage: Mapping, split: str, version: str) -> int:
+def cpt_start(lineage: LineageLike, split: str, version: str) -> int:
     """First step of the split's cpt phase when releasing ``version`` (see the module doc)."""
     m = main_entry(lineage, split)
-    return int(m["start_step"] if split == version else m["end_step"])
+    return int(m.start_step if split == version else m.end_step)
 
 
-def boundaries(lineage: Mapping, split: str, version: str) -> list[int]:
+def boundaries(lineage: LineageLike, split: str, version: str) -> list[int]:
     """Every data switch the split sees when releasing ``version``, in order: ``cpt_start``,
     then for an old split the end of each later version's main segment before ``version``
     (the first step trained on the next version's data; see the module doc)."""
+    lineage = Lineage.of(lineage)
     if split == version:
         return [cpt_start(lineage, split, version)]
-    names, mains = _versions(lineage), _mains(lineage)
+    names, mains = lineage.version_names(), _mains(lineage)
     later = names[names.index(split): names.index(version)]
-    return [int(mains[v]["end_step"]) for v in later if v in mains]
+    return [int(mains[v].end_step) for v in later if v in mains]
 
 
-def split_phases(lineage: Mapping, split: str, version: str) -> dict:
+def split_phases(lineage: LineageLike, split: str, version: str) -> dict:
     """``cpt_start`` and ``shifts`` of the split's curves (keyword arguments of
     :class:`~raypath.law.Curve` and :meth:`~raypath.law.FitResult.predict`)."""
     first, *later = boundaries(lineage, split, version)
     return {"cpt_start": first, "shifts": tuple(later)}
 
 
-def splits_for(lineage: Mapping, version: str) -> list[str]:
+def splits_for(lineage: LineageLike, version: str) -> list[str]:
     """Validation splits relevant to releasing ``version``: older versions, then its own."""
-    names = _versions(lineage)
+    names = Lineage.of(lineage).version_names()
     return names[: names.index(version) + 1]
 
 
-def split_weights(lineage: Mapping, version: str, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+def split_weights(lineage: LineageLike, version: str,
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """Per-split objective weights: ``{old, new}`` -> w_old spread over older splits, w_new on
     ``version`` (normalised to sum to 1, as :func:`raypath.sweep.objective_weights`); a
     per-split mapping (``{"v1": .5, "v2": .5}``) passes through."""
@@ -237,66 +244,71 @@ def _observed(records: Iterable[dict], key: str, upto: int | None = None) -> tup
     return np.array(steps, dtype=np.int64), np.array(losses)
 
 
-def trial_branch(name: str, version: str, config: Mapping, curve: str | None = None) -> dict:
-    """A sweep trial as a lineage-style branch entry (what :func:`curves_from_lineage` reads).
+def trial_branch(name: str, version: str, config: Mapping, curve: str | None = None) -> Branch:
+    """A sweep trial as a finished branch (what :func:`curves_from_lineage` reads).
 
     ``config`` is the trial's Tune config (``fork_step``, ``branch_steps``, ``shape``,
     ``min_lr_ratio``, optional ``power``)."""
-    return {"name": name, "version": version, "fork_step": int(config["fork_step"]),
-            "steps": int(config["branch_steps"]), "decay": dataclasses.asdict(decay_from(config)),
-            "curve": curve, "status": "done"}
+    return Branch(name=name, version=version, fork_step=int(config["fork_step"]),
+                  steps=int(config["branch_steps"]), decay=dataclasses.asdict(decay_from(config)), curve=curve)
 
 
-def _sweep_branches(lineage: Mapping) -> list[dict]:
+def _sweep_branches(lineage: Lineage) -> list[Branch]:
     out = []
-    for sw in lineage.get("sweeps", []):
-        for t in sw.get("trials", []):
-            if t.get("status") != "done" or not t.get("config") or not t.get("curve"):
+    for sw in lineage.sweeps():
+        for t in sw.trials:
+            if t.status != "done" or not (t.name and t.config and t.curve):
                 continue
             try:
-                out.append(trial_branch(t["name"], sw["version"], t["config"], t["curve"]))
-            except (KeyError, TypeError, ValueError):
+                out.append(trial_branch(t.name, sw.version, t.config, t.curve))
+            except (KeyError, TypeError, ValueError):  # a config without a fork, a length or a known decay
                 continue
     return out
 
 
-def lineage_branches(lineage: Mapping, *, include_sweeps: bool = True) -> list[dict]:
+def lineage_branches(lineage: LineageLike, *, include_sweeps: bool = True) -> list[Branch]:
     """Finished branches: the lineage's, then sweep trials not already among them (by name).
 
     Without ``include_sweeps`` no sweep trial is included, not even one a sweep released
     (a lineage branch with a ``sweep``): only the configured release branches."""
-    out = [b for b in lineage.get("branches", []) if b.get("status", "done") == "done"
-           and (include_sweeps or not b.get("sweep"))]
-    names = {b["name"] for b in out}
+    lineage = Lineage.of(lineage)
+    out = [b for b in lineage.branches() if include_sweeps or not b.sweep]
+    names = {b.name for b in out}
     if include_sweeps:
-        out += [b for b in _sweep_branches(lineage) if b["name"] not in names]
+        out += [b for b in _sweep_branches(lineage) if b.name not in names]
     return out
 
 
-def _run_dir(lineage: Mapping, run_dir) -> Path | None:
+def _run_dir(lineage: Lineage, run_dir) -> Path | None:
+    """``run_dir`` if given, else the lineage's own directory; a lineage held in memory falls
+    back to the ``run_dir`` its config recorded."""
     if run_dir is not None:
         return Path(run_dir)
-    rd = (lineage.get("config") or {}).get("run_dir")
+    if lineage.run_dir is not None:
+        return lineage.run_dir
+    rd = lineage.config.get("run_dir")
     return Path(rd) if rd else None
 
 
-def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None = None, *,
+def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | None = None, *,
                         run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
-                        extra_branches: Sequence[Mapping] = (), include_main: bool = True,
+                        extra_branches: Sequence[Branch | Mapping] = (), include_main: bool = True,
                         include_sweeps: bool = True, release_version: str | None = None) -> list[Curve]:
     """Observed curves of validation split ``split`` (the ``val/<split>`` records).
 
     upto_version: only segments of versions up to this one (what was known when it was
         released); None = every trained version.
-    run_dir: where curves are looked up first (default: the lineage's ``config.run_dir``).
+    run_dir: where curves are looked up first (default: the lineage's directory, else its
+        ``config.run_dir``).
     branches: names of the branches to include; None = all finished ones.
-    extra_branches: more lineage-style branch entries (e.g. :func:`trial_branch` of sweep
-        trials finished since the lineage was read).
+    extra_branches: more finished branches, :class:`~raypath.lineage.Branch` records or their
+        dicts (e.g. :func:`trial_branch` of sweep trials finished since the lineage was read).
     release_version: the version whose release the fit is for: decides ``cpt_start``
         (default ``upto_version``, else the latest trained version).
     """
+    lineage = Lineage.of(lineage)
     rd = _run_dir(lineage, run_dir)
-    versions = _versions(lineage)
+    versions = lineage.version_names()
     mains = _mains(lineage)
     upto = version_name(lineage, upto_version)
     allowed = set(versions[: versions.index(upto) + 1])
@@ -311,14 +323,14 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
         main = _main_curve([mains[v] for v in versions if v in allowed and v in mains], rd, key, sched, phases)
         curves += [main] if main is not None else []
     wanted = None if branches is None else set(branches)
-    pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [dict(b) for b in extra_branches]
+    pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [Branch.from_dict(b) for b in extra_branches]
     seen = set()
     for b in pool:
-        if b["name"] in seen or b.get("version") not in allowed:
+        if b.name in seen or b.version not in allowed:
             continue
-        if wanted is not None and b["name"] not in wanted:
+        if wanted is not None and b.name not in wanted:
             continue
-        seen.add(b["name"])
+        seen.add(b.name)
         curve = _branch_curve(b, rd, key, sched, phases)
         curves += [curve] if curve is not None else []
     if wanted is not None and (missing := wanted - seen - {"main"}):
@@ -326,12 +338,12 @@ def curves_from_lineage(lineage: Mapping, split: str, upto_version: str | None =
     return curves
 
 
-def _main_curve(segments: Sequence[Mapping], rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
+def _main_curve(segments: Sequence[MainEntry], rd: Path | None, key: str, sched: MainPath,
+                phases: dict) -> Curve | None:
     """The main path's ``key`` observations over its ``segments`` (None without any)."""
     records = []
     for m in segments:
-        records += [r for r in _read_records(_find_curve(rd, m["segment"], m.get("curve")))
-                    if r["step"] <= m["end_step"]]
+        records += [r for r in _read_records(_find_curve(rd, m.segment, m.curve)) if r["step"] <= m.end_step]
     steps, losses = _observed(records, key)
     if not len(steps):
         return None
@@ -342,16 +354,16 @@ def _main_curve(segments: Sequence[Mapping], rd: Path | None, key: str, sched: M
     return Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases)
 
 
-def _branch_curve(b: Mapping, rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
+def _branch_curve(b: Branch, rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
     """A finished branch's ``key`` observations after its fork (None without any)."""
-    end = int(b["fork_step"]) + int(b["steps"])
-    records = _read_records(_find_curve(rd, b["name"], b.get("curve")))
-    steps, losses = _observed((r for r in records if r["step"] > int(b["fork_step"])), key, upto=end)
-    if not len(steps):
+    fork, steps = int(b.fork_step), int(b.steps)
+    records = _read_records(_find_curve(rd, b.name, b.curve))
+    obs_steps, losses = _observed((r for r in records if r["step"] > fork), key, upto=fork + steps)
+    if not len(obs_steps):
         return None
-    decay = decay_from({"shape": "1-sqrt", **(b.get("decay") or {})})
-    lrs = branch_lrs(sched, int(b["fork_step"]), int(b["steps"]), decay, n=end)
-    return Curve(lrs, steps, losses, name=b["name"], **phases)
+    decay = decay_from({"shape": "1-sqrt", **(b.decay or {})})
+    lrs = branch_lrs(sched, fork, steps, decay, n=fork + steps)
+    return Curve(lrs, obs_steps, losses, name=b.name, **phases)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -416,7 +428,7 @@ def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | No
     return fit
 
 
-def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Mapping, split: str, version: str) -> dict:
+def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Lineage, split: str, version: str) -> dict:
     """What ``fit-<version>.json`` keeps of one split's fit."""
     return {
         **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
@@ -427,17 +439,9 @@ def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Mapping, spl
     }
 
 
-def _load_lineage(run_dir_or_lineage) -> tuple[dict, Path | None]:
-    if isinstance(run_dir_or_lineage, Mapping):
-        return dict(run_dir_or_lineage), None
-    from raypath.lineage import Lineage
-
-    return Lineage.load(run_dir_or_lineage).data, Path(run_dir_or_lineage)
-
-
-def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = "auto",
+def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *, law: str = "auto",
             run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
-            extra_branches: Sequence[Mapping] = (), include_sweeps: bool = True,
+            extra_branches: Sequence[Branch | Mapping] = (), include_sweeps: bool = True,
             shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
             save: bool = True) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
@@ -469,15 +473,15 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     """
     if shifts not in SHIFTS:
         raise ValueError(f"shifts must be one of {', '.join(SHIFTS)}, got {shifts!r}")
-    lineage, rd = _load_lineage(run_dir_or_lineage)
-    rd = Path(run_dir) if run_dir is not None else rd
+    lineage = Lineage.of(run_dir_or_lineage)
+    rd = _run_dir(lineage, run_dir)
     version = version_name(lineage, version)
     fits: dict[str, FitResult] = {}
     record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam,
                               "shifts": shifts, "splits": {}}
     problems = {}
     for split in splits_for(lineage, version):
-        curves = curves_from_lineage(lineage, split, version, run_dir=rd if rd else None, branches=branches,
+        curves = curves_from_lineage(lineage, split, version, run_dir=rd, branches=branches,
                                      extra_branches=extra_branches, include_sweeps=include_sweeps)
         problem = _split_problem(law, split, version, curves, shift_sign)
         if problem is None:
@@ -493,12 +497,10 @@ def fit_run(run_dir_or_lineage, version: str | int | None = None, *, law: str = 
     for split, (chosen, curves, sign) in problems.items():
         fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value)
         record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
-    if save:
-        target = rd or _run_dir(lineage, None)
-        if target is not None:
-            from raypath.storage import write_json
+    if save and rd is not None:
+        from raypath.storage import write_json
 
-            write_json(Path(target) / LAW_DIR / f"fit-{version}.json", record)
+        write_json(rd / LAW_DIR / f"fit-{version}.json", record)
     return fits
 
 
@@ -514,9 +516,9 @@ def load_fits(run_dir: str | os.PathLike, version: str) -> dict[str, FitResult]:
 
 # --------------------------------------------------------------------------- prediction
 
-def _branch_plan(lineage: Mapping, version: str, fraction: float | None, fork_step: int | None) -> tuple[int, int, int]:
+def _branch_plan(lineage: Lineage, version: str, fraction: float | None, fork_step: int | None) -> tuple[int, int, int]:
     m = main_entry(lineage, version)
-    start, end = int(m["start_step"]), int(m["end_step"])
+    start, end = int(m.start_step), int(m.end_step)
     if fork_step is None:
         if fraction is None:
             raise ValueError("give a fraction or a fork_step")
@@ -527,12 +529,13 @@ def _branch_plan(lineage: Mapping, version: str, fraction: float | None, fork_st
     return fork_step, end - fork_step, end
 
 
-def predict_curve(fits: Mapping[str, FitResult], lineage: Mapping, version: str, decay: Decay, fork_step: int,
+def predict_curve(fits: Mapping[str, FitResult], lineage: LineageLike, version: str, decay: Decay, fork_step: int,
                   steps: Sequence[int], *, branch_steps: int | None = None) -> dict[str, np.ndarray]:
     """Predicted ``val/<split>`` at curve-record ``steps`` of a branch of ``version`` forked at
     ``fork_step`` (steps before the fork: the main path). ``branch_steps`` defaults to the
     rest of the version's segment."""
-    end = int(main_entry(lineage, version)["end_step"])
+    lineage = Lineage.of(lineage)
+    end = int(main_entry(lineage, version).end_step)
     branch_steps = end - fork_step if branch_steps is None else branch_steps
     steps = np.asarray(steps, dtype=np.int64)
     n = max(int(steps.max()), fork_step + branch_steps)
@@ -541,7 +544,7 @@ def predict_curve(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
     return {s: f.predict(lrs, idx, **split_phases(lineage, s, version)) for s, f in fits.items()}
 
 
-def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str, shape: str = "1-sqrt",
+def predict_branch(fits: Mapping[str, FitResult], lineage: LineageLike, version: str, shape: str = "1-sqrt",
                    fraction: float | None = 0.2, min_lr_ratio: float = 0.0, power: float = 2.0, *,
                    weights: Mapping[str, float] | None = None, fork_step: int | None = None) -> dict:
     """Predicted final val loss per split and the weighted objective of one branch.
@@ -553,6 +556,7 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str
     every weighted split. ``main`` holds the never-annealed main path's prediction at the
     same end step, for reference.
     """
+    lineage = Lineage.of(lineage)
     version = version_name(lineage, version)
     decay = Decay(shape, float(min_lr_ratio), float(power))
     fork, steps, end = _branch_plan(lineage, version, fraction, fork_step)
@@ -566,6 +570,6 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: Mapping, version: str
     m = main_entry(lineage, version)
     return {"version": version, "shape": shape, "power": float(power), "min_lr_ratio": float(min_lr_ratio),
             "fraction": None if fraction is None else float(fraction),
-            "fraction_actual": steps / (m["end_step"] - m["start_step"]), "fork_step": fork,
+            "fraction_actual": steps / (m.end_step - m.start_step), "fork_step": fork,
             "branch_steps": steps, "end_step": end, "predicted": pred, "objective": objective,
             "weights": w, "main": main_pred}

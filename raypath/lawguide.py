@@ -27,6 +27,7 @@ import numpy as np
 
 from raypath.law import FitResult
 from raypath.lawfit import (
+    LineageLike,
     fit_run,
     lineage_branches,
     main_entry,
@@ -36,6 +37,7 @@ from raypath.lawfit import (
     trial_branch,
     version_name,
 )
+from raypath.lineage import Branch, Lineage
 from raypath.mainpath import fork_step as _fork_step
 from raypath.schedules import POWER_SHAPES, SHAPES, decay_from
 
@@ -75,7 +77,7 @@ def _fork_of(f) -> int:
     return int(f["step"] if isinstance(f, Mapping) else f)
 
 
-def rank_candidates(fits: Mapping[str, FitResult], lineage: Mapping, version: str,
+def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version: str,
                     grid: Sequence[Mapping] | None = None, weights: Mapping[str, float] | None = None, *,
                     forks: Sequence | None = None) -> list[dict]:
     """Candidates of ``grid`` (default :func:`default_grid`) with predictions, best
@@ -85,10 +87,11 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: Mapping, version: st
         :func:`raypath.sweep.fork_points` returns): each fraction snaps to the nearest one
         (ties: the shorter branch) and duplicates after snapping are dropped.
     """
+    lineage = Lineage.of(lineage)
     version = version_name(lineage, version)
     grid = default_grid() if grid is None else grid
     m = main_entry(lineage, version)
-    start, end = int(m["start_step"]), int(m["end_step"])
+    start, end = int(m.start_step), int(m.end_step)
     fork_steps = sorted({_fork_of(f) for f in forks}) if forks else None
     out, seen = [], set()
     for i, cand in enumerate(grid):
@@ -188,17 +191,15 @@ class LawGuide:
     def __init__(self, run_dir: str | os.PathLike, version: str | int, *,
                  weights: Mapping[str, float] | None = None, forks: Sequence | None = None,
                  law: str = "auto", include_sweeps: bool = True, save: bool = True):
-        from raypath.lineage import Lineage
-
         self.run_dir = Path(run_dir)
-        self.lineage = Lineage.load(self.run_dir).data
+        self.lineage = Lineage.load(self.run_dir)
         self.version = version_name(self.lineage, version)
         self.weights = split_weights(self.lineage, self.version, weights)
         self.forks = list(forks) if forks else None
         self.law = law
         self.include_sweeps = include_sweeps
         self.save = save
-        self.trials: list[dict] = []  # lineage-style entries of finished sweep trials
+        self.trials: list[Branch] = []  # finished sweep trials of this search, as branches
         self.fits: dict[str, FitResult] = {}
         self.refit()
 
@@ -211,7 +212,7 @@ class LawGuide:
 
     def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:
         """Add a finished trial's curve (its Tune config and the JSONL its segment wrote)."""
-        if any(t["name"] == name for t in self.trials) or not Path(curve_path).is_file():
+        if any(t.name == name for t in self.trials) or not Path(curve_path).is_file():
             return
         self.trials.append(trial_branch(name, self.version, config, str(curve_path)))
         if refit:
@@ -240,7 +241,7 @@ class LawGuide:
     def observed_decays(self) -> list[dict]:
         """Decays of the finished branches of this version the law is fitted on."""
         pool = lineage_branches(self.lineage, include_sweeps=self.include_sweeps) + self.trials
-        return [b.get("decay") or {} for b in pool if b.get("version") == self.version]
+        return [b.decay or {} for b in pool if b.version == self.version]
 
     # ---- per-trial forecasts
     def predict_objective(self, config: Mapping, steps: Sequence[int], fork_step: int | None = None,

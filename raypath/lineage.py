@@ -13,14 +13,16 @@ record (absolute paths) is migrated when read, wherever its directory now is.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from raypath.mirror import Mirror, publish
+from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
 LINEAGE = "lineage.json"
@@ -73,7 +75,9 @@ class Lineage:
         if isinstance(lineage, Lineage):
             return lineage
         if isinstance(lineage, Mapping):
-            return cls(None, dict(lineage))
+            data = copy.deepcopy(dict(lineage))
+            _migrate_releases(data)  # as a read from disk does
+            return cls(None, data)
         return cls.load(lineage)
 
     @property
@@ -156,17 +160,17 @@ class Lineage:
         """The live release of ``version`` (see :mod:`raypath.releases`)."""
         return next((r for r in self.releases() if r.version == version), None)
 
-    def release_history(self, version: str) -> dict | None:
-        """``{current, pinned, releases: [r1, r2, ...], log: [...]}`` of ``version``; None before its first
-        (the release entries are :class:`Release` documents; :mod:`raypath.releases` owns this record)."""
-        return self.data.setdefault("release_history", {}).get(version)
+    def release_history(self, version: str) -> ReleaseHistory | None:
+        """Every release of ``version`` and the switches between them; None before its first."""
+        h = self.data.get("release_history", {}).get(version)
+        return None if h is None else ReleaseHistory.from_dict(h)
 
-    def set_release_history(self, version: str, history: dict) -> None:
+    def set_release_history(self, version: str, history: ReleaseHistory) -> None:
         """Record ``version``'s release history and, in ``releases``, its live release."""
-        self.data.setdefault("release_history", {})[version] = history
-        live = next(r for r in history["releases"] if r["id"] == history["current"])
+        self.data.setdefault("release_history", {})[version] = history.to_dict()
+        live = history.live.to_dict()
         self.data["releases"] = [r for r in self.data["releases"] if r["version"] != version]
-        self.data["releases"].append({**live, "release": live["id"], "pinned": bool(history.get("pinned"))})
+        self.data["releases"].append({**live, "release": live["id"], "pinned": history.pinned})
         self.data["releases"].sort(key=lambda r: r["version_index"])
         self.save()
 
@@ -184,6 +188,29 @@ class Lineage:
         key = (entry.version, entry.name)
         self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key]
         self.data["sweeps"].append(entry.to_dict())
+        self.save()
+
+    # ---- the paradigm comparison (raypath.compare)
+    def baselines(self, paradigm: str) -> list[dict]:
+        """``raypath compare``'s ``ptfs`` or ``cpt`` releases: one entry per (version, decay), with
+        ``setting``, ``segment``, ``checkpoint``, ``curve``, ``tokens_trained``, ``val``, ``test``."""
+        floor = (self.config.get("branch") or {}).get("min_lr_ratio", 0.0)
+        # recorded before shape matching: always the paper's cosine to the branch floor
+        legacy = {"setting": "paper", "decay": dataclasses.asdict(Decay("cosine", floor))}
+        return [e if "decay" in e else {**e, **legacy} for e in self.data.get("compare", {}).get(paradigm, [])]
+
+    def record_baseline(self, paradigm: str, entry: dict) -> None:
+        """Replace ``paradigm``'s entry of the same (version, decay)."""
+        kept = [e for e in self.baselines(paradigm) if (e["version"], e["decay"]) != (entry["version"], entry["decay"])]
+        self.data.setdefault("compare", {})[paradigm] = kept + [entry]
+        self.save()
+
+    def replay_runs(self) -> dict[str, str]:
+        """``raypath compare``'s path-switching lineages at other replay ratios: ratio -> run directory."""
+        return dict(self.data.get("compare", {}).get("replay", {}))
+
+    def record_replay_run(self, ratio: str, run_dir: str) -> None:
+        self.data.setdefault("compare", {}).setdefault("replay", {})[ratio] = run_dir
         self.save()
 
 
@@ -282,17 +309,27 @@ class Record:
     def fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "_absent"))
 
+    #: list fields whose items are records themselves: field name -> record class
+    NESTED: ClassVar[dict[str, type[Record]]] = {}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         if isinstance(d, cls):
             return d
         names = cls.fields()
-        return cls(**{k: d[k] for k in names if k in d}, extra={k: v for k, v in d.items() if k not in names},
+        known = {k: d[k] for k in names if k in d}
+        for k, item in cls.NESTED.items():
+            if k in known:
+                known[k] = [item.from_dict(x) for x in known[k]]
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names},
                    _absent=frozenset(k for k in names if k not in d))
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.fields()
                if not (k in self._absent and getattr(self, k) == _default(type(self), k))}
+        for k in self.NESTED:
+            if k in out:
+                out[k] = [x.to_dict() for x in out[k]]
         return {**out, **self.extra}
 
 
@@ -410,10 +447,11 @@ class Release(Record):
     reason: why it was released (``configured``, ``sweep best``, ``pinned``, ``rollback``...).
     source, sweep, trial_id: where the branch came from.
     objective, test_objective, score: the release objective on val / test, and the score it
-        was picked by (objective plus compute penalty); objective_weights: the split weights.
+        was picked by (objective plus compute penalty); objective_weights, compute_penalty,
+        version_tokens: the objective it was decided under (:class:`raypath.releases.Objective`).
     val, test: its per-split losses; branch_tokens, tokens_total: tokens of its branch and
         of main path + branch.
-    candidates, beat: the candidates scored at the decision and how many it beat.
+    candidates, beat: how many candidates were scored at the decision, and how many it beat.
     replaced: the release it replaced; released: when; pinned: whether the version is pinned
         to it (only on the version's live release).
     """
@@ -431,15 +469,45 @@ class Release(Record):
     test_objective: float | None = None
     score: float | None = None
     objective_weights: dict[str, float] = field(default_factory=dict)
+    compute_penalty: float = 0.0
+    version_tokens: int = 1
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     branch_tokens: int | None = None
     tokens_total: int | None = None
-    candidates: list = field(default_factory=list)
+    candidates: int = 0
     beat: int = 0
     replaced: str | None = None
     released: str | None = None
     pinned: bool = False
+
+
+@dataclass(kw_only=True)
+class ReleaseHistory(Record):
+    """Every release of one version, and every switch between them (:mod:`raypath.releases`).
+
+    current: the live release's id (None before the first); pinned: a user chose it (a
+        decision keeps it until ``--pick best``).
+    releases: ``r1``, ``r2``, ... in the order they were made.
+    log: one entry per switch: ``time``, ``release``, ``action`` (release, rollback,
+        recovered), ``reason``, ``replaced``.
+    """
+
+    current: str | None = None
+    pinned: bool = False
+    releases: list[Release] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    NESTED: ClassVar[dict[str, type[Record]]] = {"releases": Release}
+
+    def get(self, rid: str | None) -> Release | None:
+        return next((r for r in self.releases if r.id == rid), None)
+
+    @property
+    def live(self) -> Release | None:
+        return self.get(self.current)
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self.releases]
 
 
 @dataclass(kw_only=True)
@@ -484,15 +552,4 @@ class Sweep(Record):
     released: str | None = None
     complete: bool = False
     search_tokens: int = 0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        rec = super().from_dict(d)
-        rec.trials = [SweepTrial.from_dict(t) for t in rec.trials]
-        return rec
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if "trials" in out:
-            out["trials"] = [t.to_dict() for t in self.trials]
-        return out
+    NESTED: ClassVar[dict[str, type[Record]]] = {"trials": SweepTrial}

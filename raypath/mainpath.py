@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raypath import checkpoint as ckpt
+from raypath.lineage import MainEntry
 from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import main_schedule
 
@@ -21,9 +22,9 @@ def fork_step(start_step: int, end_step: int, fraction: float) -> int:
     return end_step - min(max(1, round(fraction * steps)), steps)
 
 
-def main_segment(ctx, k: int, prev: dict | None) -> Segment:
+def main_segment(ctx, k: int, prev: MainEntry | None) -> Segment:
     version = ctx.versions[k]
-    start_step = prev["end_step"] if prev else 0
+    start_step = prev.end_step if prev else 0
     steps = version["stream_rows"] // ctx.cfg.train.global_batch_size
     end_step = start_step + steps
     name = f"main-{version['name']}"
@@ -35,14 +36,14 @@ def main_segment(ctx, k: int, prev: dict | None) -> Segment:
         start_step=start_step,
         end_step=end_step,
         schedule=main_schedule(ctx.cfg.train),
-        init_checkpoint=prev["checkpoints"]["end"] if prev else None,
+        init_checkpoint=prev.checkpoints["end"] if prev else None,
         save_steps=(fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
         **ctx.eval_fields(k),
         stream_limit=steps * ctx.cfg.train.global_batch_size,
     )
 
 
-def run_main_version(ctx, k: int, prev: dict | None) -> dict:
+def run_main_version(ctx, k: int, prev: MainEntry | None) -> MainEntry:
     """Train (or resume) version k's main segment; return its lineage entry."""
     seg = main_segment(ctx, k, prev)
     fit_segment(seg)
@@ -50,19 +51,10 @@ def run_main_version(ctx, k: int, prev: dict | None) -> dict:
     fork_path = str(Path(seg.storage) / ckpt.step_dir_name(fork))
     ckpt.verify(fork_path, ctx.mirror)
     end = final_checkpoint(seg)
-    return {
-        "version": seg.version,
-        "segment": seg.name,
-        "start_step": seg.start_step,
-        "end_step": seg.end_step,
-        "fork_step": fork,
-        "fork_fraction": ctx.cfg.branch.fraction,
-        "tokens_start": end.tokens_start,
-        "tokens_end": end.tokens_end,
-        "max_lr": ctx.cfg.train.max_lr,
-        "warmup_steps": ctx.cfg.train.warmup_steps,
-        "checkpoints": {"fork": fork_path, "end": end.path},
-        "curve": seg.curves_path,
-        "metrics": end.metrics,
-        "status": "done",
-    }
+    return MainEntry(
+        version=seg.version, segment=seg.name, start_step=seg.start_step, end_step=seg.end_step,
+        fork_step=fork, fork_fraction=ctx.cfg.branch.fraction,
+        tokens_start=end.tokens_start, tokens_end=end.tokens_end,
+        max_lr=ctx.cfg.train.max_lr, warmup_steps=ctx.cfg.train.warmup_steps,
+        checkpoints={"fork": fork_path, "end": end.path}, curve=seg.curves_path, metrics=end.metrics,
+    )

@@ -45,9 +45,9 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from raypath.lineage import sweep_run_dir
+from raypath.lineage import Branch as BranchEntry
+from raypath.lineage import Lineage, Release, ReleaseHistory, sweep_run_dir
 from raypath.mirror import Mirror, fetch, publish
 from raypath.storage import atomic_dir, read_json, write_json
 from raypath.tracking import TrackingSpec, record_release
@@ -70,17 +70,17 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------- the objective
 
-def objective_weights(versions: list[dict], k: int, weights: dict[str, float]) -> dict[str, float]:
+def objective_weights(names: list[str], k: int, weights: dict[str, float]) -> dict[str, float]:
     """Val split -> weight: ``w_old`` spread evenly over the versions before k, ``w_new`` on k.
 
     Weights are normalised to sum to 1; for the first version the objective is its own loss.
     """
-    own = versions[k]["name"]
+    own = names[k]
     if k == 0:
         return {own: 1.0}
     total = weights.get("old", 0.0) + weights.get("new", 0.0)
     old = weights.get("old", 0.0) / total
-    out = {v["name"]: old / k for v in versions[:k]}
+    out = {name: old / k for name in names[:k]}
     out[own] = weights.get("new", 0.0) / total
     return out
 
@@ -118,18 +118,18 @@ class Objective:
                 "version_tokens": self.version_tokens}
 
 
-def version_objective(lineage: dict, version: str, weights: dict[str, float] | None = None,
+def version_objective(lineage: Lineage | dict, version: str, weights: dict[str, float] | None = None,
                       compute_penalty: float | None = None) -> Objective:
     """The objective of ``version`` from ``{old, new}`` weights; by default the lineage
     config's ``sweep.weights`` / ``sweep.compute_penalty`` (what ``raypath run`` uses)."""
-    sweep_cfg = (lineage.get("config") or {}).get("sweep") or {}
+    lineage = Lineage.of(lineage)
+    sweep_cfg = lineage.config.get("sweep") or {}
     weights = weights if weights is not None else sweep_cfg.get("weights", {"old": 0.5, "new": 0.5})
     penalty = compute_penalty if compute_penalty is not None else sweep_cfg.get("compute_penalty", 0.0)
-    versions = lineage["versions"]
-    k = next(i for i, v in enumerate(versions) if v["name"] == version)
-    main = next((m for m in lineage.get("main_path", []) if m["version"] == version), {})
-    tokens = int(main.get("tokens_end", 1) - main.get("tokens_start", 0))
-    return Objective(objective_weights(versions, k, weights), float(penalty or 0.0), tokens)
+    names = [v.name for v in lineage.versions()]
+    main = lineage.main(version)
+    tokens = main.tokens if main else 1
+    return Objective(objective_weights(names, names.index(version), weights), float(penalty or 0.0), tokens)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -154,34 +154,31 @@ class Candidate:
     branch_tokens: float | None = None
     trial_id: str | None = None
     sweep: str | None = None
-    branch: dict | None = None
+    branch: BranchEntry | None = None
 
     @property
     def reason(self) -> str:
         return CONFIGURED if self.sweep is None else SWEEP_BEST
 
 
-def candidates(lineage: dict, version: str, extra: Iterable[Candidate] = ()) -> list[Candidate]:
+def candidates(lineage: Lineage | dict, version: str, extra: Iterable[Candidate] = ()) -> list[Candidate]:
     """Every finished branch of ``version`` the lineage knows, plus ``extra`` (a sweep's own
     trials, before they are recorded); one per branch name, in the order first seen."""
+    lineage = Lineage.of(lineage)
     out: dict[str, Candidate] = {}
-    for s in lineage.get("sweeps", []):
-        if s["version"] != version:
-            continue
-        for t in s.get("trials", []):
-            if t.get("status") == "done" and t.get("metrics"):
-                out[t["name"]] = Candidate(t["name"], version, f"sweep {s['name']}", t["metrics"], t.get("export"),
-                                           t.get("branch_tokens"), t.get("trial_id"), s["path"])
-    for b in lineage.get("branches", []):
-        if b["version"] != version or b.get("status") != "done":
-            continue
-        known = out.get(b["name"])
+    for s in lineage.sweeps(version):
+        for t in s.trials:
+            if t.status == "done" and t.metrics:
+                out[t.name] = Candidate(t.name, version, f"sweep {s.name}", t.metrics, t.export,
+                                        t.branch_tokens, t.trial_id, s.path)
+    for b in lineage.branches(version):
+        known = out.get(b.name)
         if known is not None:  # a released sweep trial: keep the trial's export, add its branch entry
             known.branch = b
             continue
-        source = f"sweep {Path(b['sweep']).name}" if b.get("sweep") else CONFIGURED
-        out[b["name"]] = Candidate(b["name"], version, source, b.get("metrics", {}), b.get("export", b.get("release")),
-                                   b.get("tokens_trained"), b.get("trial_id"), b.get("sweep"), b)
+        source = f"sweep {Path(b.sweep).name}" if b.sweep else CONFIGURED
+        out[b.name] = Candidate(b.name, version, source, b.metrics, b.export or b.extra.get("release"),
+                                b.tokens_trained, b.trial_id, b.sweep, b)
     for c in extra:
         out[c.name] = c
     return list(out.values())
@@ -206,14 +203,14 @@ class Decision:
     live_score: float | None
     beaten: int
     message: str
-    entry: dict | None = None  # the release entry written, when one was
+    entry: Release | None = None  # the release written, when one was
 
     @property
     def scored(self) -> int:
         return sum(s is not None for s in self.scores.values())
 
 
-def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinned: bool = False) -> Decision:
+def decide(cands: list[Candidate], live: Release | None, objective: Objective, pinned: bool = False) -> Decision:
     """Release the best candidate if it beats the live release (pure: reads nothing else).
 
     live: the version's live release entry (its ``val`` losses and ``branch_tokens`` are
@@ -223,7 +220,7 @@ def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinn
     scores = {c.name: objective.score(c.metrics, c.branch_tokens) for c in cands}
     scored = [c for c in cands if scores[c.name] is not None]
     best = min(scored, key=lambda c: scores[c.name]) if scored else None
-    live_score = objective.score(live.get("val", {}), live.get("branch_tokens")) if live else None
+    live_score = objective.score(live.val, live.branch_tokens) if live else None
 
     def beaten_by(score: float, name: str) -> int:
         return sum(scores[c.name] > score + TIE for c in scored if c.name != name)
@@ -234,10 +231,10 @@ def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinn
     if live is None:
         return Decision(best, best, scores, None, beaten_by(b, best.name),
                         f"{best.name} is the best of {len(scored)} candidates (objective {b:.4f})")
-    tag = f"{live['version']}'s release {live['id']} ({live['branch']}, objective {_fmt(live_score)})"
-    kept_beats = beaten_by(live_score, live["branch"]) if live_score is not None else 0
-    others = [c for c in scored if c.name != live["branch"]]
-    if not others or best.name == live["branch"] or (live_score is not None and b >= live_score - TIE):
+    tag = f"{live.version}'s release {live.id} ({live.branch}, objective {_fmt(live_score)})"
+    kept_beats = beaten_by(live_score, live.branch) if live_score is not None else 0
+    others = [c for c in scored if c.name != live.branch]
+    if not others or best.name == live.branch or (live_score is not None and b >= live_score - TIE):
         rival = min(others, key=lambda c: scores[c.name]) if others else None
         why = (f"the best other candidate {rival.name} ({scores[rival.name]:.4f}) does not beat it"
                if rival else "no other candidate")
@@ -245,7 +242,7 @@ def decide(cands: list[Candidate], live: dict | None, objective: Objective, pinn
     if pinned:
         return Decision(best, None, scores, live_score, kept_beats,
                         f"kept {tag}, pinned by a user: {best.name} ({b:.4f}) beats it; release it with "
-                        f"`raypath release RUN_DIR --version {live['version']} --pick best`")
+                        f"`raypath release RUN_DIR --version {live.version} --pick best`")
     return Decision(best, best, scores, live_score, beaten_by(b, best.name),
                     f"{best.name} ({b:.4f}) beats {tag}")
 
@@ -260,14 +257,13 @@ class Settled:
     release entry after it (None: the version has none) and whether a pin chose it."""
 
     decision: str
-    live: dict | None
+    live: Release | None
     pinned: bool = False
 
     def record(self) -> dict:
         """The release part of a sweep's record: the live release's path and id, and the decision."""
-        live = self.live or {}
-        return {"pinned": self.pinned, "release": live.get("path"), "live_release": live.get("id"),
-                "decision": self.decision}
+        path, rid = (self.live.path, self.live.id) if self.live else (None, None)
+        return {"pinned": self.pinned, "release": path, "live_release": rid, "decision": self.decision}
 
 
 # --------------------------------------------------------------------------- on disk
@@ -283,7 +279,7 @@ class Releaser:
         (:mod:`raypath.tracking`); None = none.
     """
 
-    lineage: Any
+    lineage: Lineage
     run_dir: Path
     mirror: Mirror | None = None
     tracking: TrackingSpec | None = None
@@ -291,12 +287,11 @@ class Releaser:
     def version_dir(self, version: str) -> Path:
         return Path(self.run_dir) / RELEASES_DIR / version
 
-    def history(self, version: str) -> dict:
-        return self.lineage.release_history(version) or {"current": None, "pinned": False, "releases": [], "log": []}
+    def history(self, version: str) -> ReleaseHistory:
+        return self.lineage.release_history(version) or ReleaseHistory()
 
-    def live(self, version: str) -> dict | None:
-        h = self.history(version)
-        return next((r for r in h["releases"] if r["id"] == h["current"]), None)
+    def live(self, version: str) -> Release | None:
+        return self.history(version).live
 
     # ---------------------------------------------------------------- decisions
 
@@ -310,7 +305,7 @@ class Releaser:
         """
         if pin:
             entry = self.pick(version, pin, objective, extra=extra)
-            what = f"trial {entry['trial_id']}" if entry.get("trial_id") else entry["branch"]
+            what = f"trial {entry.trial_id}" if entry.trial_id else entry.branch
             message = f"released {what} as pinned (sweep.pin)"
         else:
             message = self.decide(version, objective, extra=extra).message
@@ -322,48 +317,48 @@ class Releaser:
                respect_pin: bool = True) -> Decision:
         """Decide ``version``'s release over every candidate; release the winner when it beats the live one."""
         self.sync(version)
-        cands = candidates(self.lineage.data, version, extra)
+        cands = candidates(self.lineage, version, extra)
         h = self.history(version)
-        d = decide(cands, self.live(version), objective, pinned=respect_pin and h.get("pinned", False))
+        d = decide(cands, h.live, objective, pinned=respect_pin and h.pinned)
         if d.release is not None:
             d.entry = self.release(version, d.release, d.release.reason, objective, d)
         log.info("%s: %s", version, d.message)
         return d
 
-    def pick(self, version: str, what: str, objective: Objective, extra: Iterable[Candidate] = ()) -> dict:
+    def pick(self, version: str, what: str, objective: Objective, extra: Iterable[Candidate] = ()) -> Release:
         """``--pick``: ``rN`` rolls back to an earlier release, ``best`` hands the version back
         to the decision, a trial id or branch name releases that branch (pinned)."""
         self.sync(version)
         h = self.history(version)
         if what == "best":
             d = self.decide(version, objective, respect_pin=False)
-            if d.release is None and h.get("pinned"):
+            if d.release is None and h.pinned:
                 self._unpin(version)
             return self.live(version)
-        if what in {r["id"] for r in h["releases"]}:
+        if what in h.ids():
             return self.rollback(version, what)
-        cands = candidates(self.lineage.data, version, extra)
+        cands = candidates(self.lineage, version, extra)
         chosen = next((c for c in cands if what in (c.name, c.trial_id)), None)
         if chosen is None:
-            known = ", ".join([r["id"] for r in h["releases"]] + [c.trial_id or c.name for c in cands]) or "none"
+            known = ", ".join(h.ids() + [c.trial_id or c.name for c in cands]) or "none"
             raise FileNotFoundError(f"--pick {what}: not a release, trial or branch of {version} "
                                     f"(known: {known})")
         live = self.live(version)
-        if live is not None and live["branch"] == chosen.name:
+        if live is not None and live.branch == chosen.name:
             self._pin(version)
-            log.info("%s: %s is already live (%s); pinned", version, chosen.name, live["id"])
+            log.info("%s: %s is already live (%s); pinned", version, chosen.name, live.id)
             return self.live(version)
         d = decide(cands, live, objective)
         return self.release(version, chosen, PINNED, objective, d)
 
     # ---------------------------------------------------------------- writing
 
-    def release(self, version: str, cand: Candidate, reason: str, objective: Objective, d: Decision) -> dict:
+    def release(self, version: str, cand: Candidate, reason: str, objective: Objective, d: Decision) -> Release:
         """Copy ``cand``'s model to ``releases/version/rN``, switch ``current`` to it, record it."""
         h = self.history(version)
         vdir = self.version_dir(version)
         self._migrate_flat(version, h)
-        rid = f"r{1 + max((int(r['id'][1:]) for r in h['releases']), default=0)}"
+        rid = f"r{1 + max((int(i[1:]) for i in h.ids()), default=0)}"
         src = self._model_dir(cand, h)
         score = d.scores.get(cand.name)
         beaten = sum(s is not None and s > score + TIE for n, s in d.scores.items() if n != cand.name) \
@@ -377,8 +372,9 @@ class Releaser:
             "val": {k: v for k, v in cand.metrics.items() if k.startswith("val/")},
             "test": {k: v for k, v in cand.metrics.items() if k.startswith("test/")},
             "branch_tokens": cand.branch_tokens,
-            "tokens_total": (cand.branch or {}).get("tokens_total", self._card(src).get("tokens_total")),
-            "candidates": d.scored, "beat": beaten, "replaced": h["current"], "released": _now(),
+            "tokens_total": cand.branch.tokens_total if cand.branch and cand.branch.tokens_total is not None
+            else self._card(src).get("tokens_total"),
+            "candidates": d.scored, "beat": beaten, "replaced": h.current, "released": _now(),
         }
         if entry["tokens_total"] is None:
             entry["tokens_total"] = self._tokens_total(cand)
@@ -396,40 +392,40 @@ class Releaser:
             branch = self._branch_entry(cand)
             if branch is not None:
                 self.lineage.record_branch(branch)
-        h["releases"].append(entry)
-        h["log"].append({"time": entry["released"], "release": rid, "action": "release", "reason": reason,
-                         "replaced": h["current"]})
-        h["current"], h["pinned"] = rid, pinned
+        h.releases.append(Release.from_dict(entry))
+        h.log.append({"time": entry["released"], "release": rid, "action": "release", "reason": reason,
+                      "replaced": h.current})
+        h.current, h.pinned = rid, pinned
         self.lineage.set_release_history(version, h)
         log.info("released %s %s from %s (%s): objective %s, beat %d of %d other candidates",
                  version, rid, cand.name, reason, _fmt(entry["objective"]), beaten, max(d.scored - 1, 0))
-        return entry
+        return h.live
 
-    def rollback(self, version: str, rid: str) -> dict:
+    def rollback(self, version: str, rid: str) -> Release:
         """Make the earlier release ``rid`` live again (pinned), recorded in the log."""
         h = self.history(version)
-        if h["current"] == rid:
+        if h.current == rid:
             self._pin(version)
             log.info("%s: %s is already live; pinned", version, rid)
             return self.live(version)
         self._migrate_flat(version, h)
-        entry = next(r for r in h["releases"] if r["id"] == rid)
+        entry = h.get(rid)
         path = self.version_dir(version) / rid
         if self.mirror is None and not (path / "model_card.json").is_file():
             raise FileNotFoundError(f"{path}: release {rid} of {version} is missing on disk")
         self._switch(self.version_dir(version), rid, True)
-        h["log"].append({"time": _now(), "release": rid, "action": "rollback", "reason": ROLLBACK,
-                         "replaced": h["current"]})
-        h["current"], h["pinned"] = rid, True
+        h.log.append({"time": _now(), "release": rid, "action": "rollback", "reason": ROLLBACK,
+                      "replaced": h.current})
+        h.current, h.pinned = rid, True
         self.lineage.set_release_history(version, h)
-        log.info("%s: rolled back to %s (%s)", version, rid, entry["branch"])
-        return entry
+        log.info("%s: rolled back to %s (%s)", version, rid, entry.branch)
+        return h.live
 
     def _pin(self, version: str, pinned: bool = True) -> None:
         h = self.history(version)
-        if h.get("pinned") != pinned:
-            self._switch(self.version_dir(version), h["current"], pinned)
-            h["pinned"] = pinned
+        if h.pinned != pinned:
+            self._switch(self.version_dir(version), h.current, pinned)
+            h.pinned = pinned
             self.lineage.set_release_history(version, h)
 
     def _unpin(self, version: str) -> None:
@@ -452,26 +448,26 @@ class Releaser:
             return
         ptr = read_json(vdir / POINTER)
         rid, h = ptr["release"], self.history(version)
-        if rid != h["current"]:
-            if rid not in {r["id"] for r in h["releases"]}:
+        if rid != h.current:
+            if rid not in h.ids():
                 fetch(self.mirror, vdir / rid / RELEASE_JSON)
-                h["releases"].append(read_json(vdir / rid / RELEASE_JSON, root=self.run_dir))
+                h.releases.append(Release.from_dict(read_json(vdir / rid / RELEASE_JSON, root=self.run_dir)))
             log.warning("%s: %s is live (%s) but the lineage said %s; recorded it", version, rid, POINTER,
-                        h["current"])
-            h["log"].append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
-                             "replaced": h["current"]})
-            h["current"], h["pinned"] = rid, bool(ptr.get("pinned"))
+                        h.current)
+            h.log.append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
+                          "replaced": h.current})
+            h.current, h.pinned = rid, bool(ptr.get("pinned"))
             self.lineage.set_release_history(version, h)
         _link_current(vdir, rid)
 
-    def _migrate_flat(self, version: str, h: dict) -> None:
+    def _migrate_flat(self, version: str, h: ReleaseHistory) -> None:
         """An old run directory released ``releases/vK`` itself (model files directly in it):
         move it to ``releases/vK/r1`` before a second release lands next to it. Each step is a
         rename, and an interrupted migration is finished by the next call."""
         vdir = self.version_dir(version)
         aside = vdir.with_name(f".{version}.r1")
         # (by name: a copied run directory keeps the old absolute paths)
-        legacy = next((r for r in h["releases"] if Path(r["path"]).name == version), None)
+        legacy = next((r for r in h.releases if Path(r.path).name == version), None)
         if legacy is None:
             return
         if self.mirror is not None and not vdir.is_dir() and not aside.is_dir():
@@ -480,21 +476,21 @@ class Releaser:
             os.replace(vdir, aside)
         if aside.is_dir():
             vdir.mkdir(exist_ok=True)
-            os.replace(aside, vdir / legacy["id"])
-        legacy["path"] = str(vdir / legacy["id"])
-        publish(self.mirror, vdir / legacy["id"])
-        self._switch(vdir, h["current"], h.get("pinned", False))
+            os.replace(aside, vdir / legacy.id)
+        legacy.path = str(vdir / legacy.id)
+        publish(self.mirror, vdir / legacy.id)
+        self._switch(vdir, h.current, h.pinned)
         self.lineage.set_release_history(version, h)
-        log.info("%s: moved the release directory %s to %s", version, vdir, legacy["path"])
+        log.info("%s: moved the release directory %s to %s", version, vdir, legacy.path)
 
     # ---------------------------------------------------------------- helpers
 
     def _version_index(self, version: str) -> int:
-        return next(i for i, v in enumerate(self.lineage.data["versions"]) if v["name"] == version)
+        return self.lineage.version_names().index(version)
 
-    def _model_dir(self, cand: Candidate, h: dict) -> Path:
+    def _model_dir(self, cand: Candidate, h: ReleaseHistory) -> Path:
         """The candidate's exported model; a branch released before may only live in its release."""
-        dirs = [cand.export] + [r["path"] for r in reversed(h["releases"]) if r["branch"] == cand.name]
+        dirs = [cand.export] + [r.path for r in reversed(h.releases) if r.branch == cand.name]
         for d in dirs:
             if d is None:
                 continue
@@ -510,11 +506,11 @@ class Releaser:
 
     def _tokens_total(self, cand: Candidate) -> int | None:
         main = self.lineage.main(cand.version)
-        return main.get("tokens_end") if main else None
+        return main.tokens_end if main else None
 
-    def _branch_entry(self, cand: Candidate) -> dict | None:
+    def _branch_entry(self, cand: Candidate) -> BranchEntry | None:
         """The lineage branch entry of a released candidate (a sweep trial's from its results)."""
-        if cand.branch is not None and "checkpoint" in cand.branch:
+        if cand.branch is not None and cand.branch.checkpoint:
             return cand.branch
         results = Path(cand.sweep) / "results.json" if cand.sweep else None
         if results is None or not results.is_file():
@@ -523,8 +519,8 @@ class Releaser:
         trial = next((t for t in trials if t.get("name") == cand.name), None)
         if trial is None or "branch" not in trial:
             return None
-        return {**trial["branch"], "sweep": cand.sweep, "trial_id": trial["trial_id"],
-                "objective": trial.get("objective"), "score": trial.get("score")}
+        return BranchEntry.from_dict({**trial["branch"], "sweep": cand.sweep, "trial_id": trial["trial_id"],
+                                      "objective": trial.get("objective"), "score": trial.get("score")})
 
 
 def _write_pointer(path: Path, pointer: dict) -> None:
@@ -555,49 +551,52 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 # --------------------------------------------------------------------------- presentation
 
-def standing(lineage: dict, version: str) -> dict | None:
+def standing(lineage: Lineage | dict, version: str) -> dict | None:
     """The live release of ``version`` and how many of the version's other candidates it beats,
     under the objective it was released with (the config's for older records)."""
-    h = (lineage.get("release_history") or {}).get(version)
-    if not h or not h.get("current"):
+    lineage = Lineage.of(lineage)
+    h = lineage.release_history(version)
+    live = h.live if h else None
+    if live is None:
         return None
-    live = next(r for r in h["releases"] if r["id"] == h["current"])
-    obj = (Objective(live["objective_weights"], live.get("compute_penalty", 0.0), live.get("version_tokens", 1))
-           if live.get("objective_weights") else version_objective(lineage, version))
+    obj = (Objective(live.objective_weights, live.compute_penalty, live.version_tokens)
+           if live.objective_weights else version_objective(lineage, version))
     d = decide(candidates(lineage, version), live, obj)
-    others = [s for n, s in d.scores.items() if n != live["branch"] and s is not None]
+    others = [s for n, s in d.scores.items() if n != live.branch and s is not None]
     beat = sum(s > d.live_score + TIE for s in others) if d.live_score is not None else 0
-    return {"release": live, "pinned": bool(h.get("pinned")), "score": d.live_score, "beat": beat,
-            "others": len(others), "history": [r["id"] for r in h["releases"]]}
+    return {"release": live, "pinned": h.pinned, "score": d.live_score, "beat": beat,
+            "others": len(others), "history": h.ids()}
 
 
-def format_standing(lineage: dict) -> str:
+def format_standing(lineage: Lineage | dict) -> str:
     """One line per version: the live release, why, and how many candidates it beat."""
+    lineage = Lineage.of(lineage)
     lines = []
-    for v in lineage.get("versions", []):
-        s = standing(lineage, v["name"])
+    for name in lineage.version_names():
+        s = standing(lineage, name)
         if s is None:
             continue
         r = s["release"]
-        lines.append(f"{v['name']}: {r['id']} {r['branch']} ({r['reason']}{', pinned' if s['pinned'] else ''}), "
+        lines.append(f"{name}: {r.id} {r.branch} ({r.reason}{', pinned' if s['pinned'] else ''}), "
                      f"objective {_fmt(s['score'])}, beat {s['beat']} of {s['others']} other candidates; "
                      f"history {' '.join(s['history'])}")
     return "\n".join(lines)
 
 
-def format_release(lineage: dict, version: str, objective: Objective) -> str:
+def format_release(lineage: Lineage | dict, version: str, objective: Objective) -> str:
     """``raypath release RUN_DIR --version vK``: the candidates, best first, and the history."""
     import pandas as pd
 
-    h = (lineage.get("release_history") or {}).get(version) or {"releases": [], "log": [], "current": None}
-    live = next((r for r in h["releases"] if r["id"] == h.get("current")), None)
+    lineage = Lineage.of(lineage)
+    h = lineage.release_history(version) or ReleaseHistory()
+    live = h.live
     cands = candidates(lineage, version)
-    d = decide(cands, live, objective, pinned=bool(h.get("pinned")))
+    d = decide(cands, live, objective, pinned=h.pinned)
     splits = [f"{kind}/{s}" for kind in ("val", "test") for s in objective.weights]
     rows = []
     for c in sorted(cands, key=lambda c: (d.scores[c.name] is None, d.scores[c.name] or 0.0)):
-        ids = [r["id"] for r in h["releases"] if r["branch"] == c.name]
-        mark = "*" if live is not None and c.name == live["branch"] else ""
+        ids = [r.id for r in h.releases if r.branch == c.name]
+        mark = "*" if live is not None and c.name == live.branch else ""
         rows.append([mark, c.name, c.trial_id or "-", c.source, *(_fmt(c.metrics.get(s)) for s in splits),
                      _fmt(d.scores[c.name]), ",".join(ids) or "-"])
     weights = ", ".join(f"{s} {w:.3g}" for s, w in objective.weights.items())
@@ -606,14 +605,14 @@ def format_release(lineage: dict, version: str, objective: Objective) -> str:
            + "; * = live)"]
     out.append(pd.DataFrame(rows, columns=["", "branch", "trial", "source", *splits, "score", "releases"])
                .to_string(index=False) if rows else "(no finished branch yet)")
-    out.append(f"\nreleases of {version} (live: {h.get('current') or 'none'}"
-               f"{', pinned' if h.get('pinned') else ''})")
-    for r in h["releases"]:
-        out.append(f"  {r['id']}  {r.get('released', '-')}  {r['reason']:<10}  {r['branch']}  "
-                   f"objective {_fmt(r.get('objective'))}  beat {r.get('beat', '-')} of "
-                   f"{max((r.get('candidates') or 1) - 1, 0)}  {r['path']}")
-    out.append("switches:" if h["log"] else "")
-    for e in h["log"]:
+    out.append(f"\nreleases of {version} (live: {h.current or 'none'}"
+               f"{', pinned' if h.pinned else ''})")
+    for r in h.releases:
+        out.append(f"  {r.id}  {r.released or '-'}  {r.reason:<10}  {r.branch}  "
+                   f"objective {_fmt(r.objective)}  beat {r.beat} of "
+                   f"{max((r.candidates or 1) - 1, 0)}  {r.path}")
+    out.append("switches:" if h.log else "")
+    for e in h.log:
         out.append(f"  {e.get('time', '-')}  {e['action']:<9} {e['release']}"
                    + (f" (replaced {e['replaced']})" if e.get("replaced") else ""))
     out.append(d.message)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from raypath.cost import lineage_costs
+from raypath.lineage import Branch, Lineage, MainEntry, Release
 from raypath.storage import atomic_write_bytes, save_figure
 
 if TYPE_CHECKING:
@@ -82,20 +83,6 @@ def _concat_curves(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- lineage helpers
 
-def _version_names(lineage: dict) -> list[str]:
-    return [v["name"] for v in lineage.get("versions", [])]
-
-
-def _main_by_version(lineage: dict) -> dict[str, dict]:
-    return {m["version"]: m for m in lineage.get("main_path", [])}
-
-
-def _releases(lineage: dict) -> list[dict]:
-    order = {name: i for i, name in enumerate(_version_names(lineage))}
-    return sorted(lineage.get("releases", []),
-                  key=lambda r: r.get("version_index", order.get(r["version"], len(order))))
-
-
 def _val_splits(entries: Iterable[dict]) -> list[str]:
     """``val/<version>`` keys in first-seen order (versions are added in order)."""
     seen: list[str] = []
@@ -112,7 +99,7 @@ def _nan(x: Any) -> float:
 
 # --------------------------------------------------------------------------- releases table
 
-def releases_table(lineage: dict) -> pd.DataFrame:
+def releases_table(lineage: Lineage | dict) -> pd.DataFrame:
     """One row per released version: its losses, the main path's, and the cost so far.
 
     ``val/own`` is the release's loss on its own version's split and
@@ -123,34 +110,33 @@ def releases_table(lineage: dict) -> pd.DataFrame:
     versions prepared without one). The cost ratio comes release only and with
     every branch a sweep trained.
     """
-    releases = _releases(lineage)
-    splits = _val_splits(r.get("val", {}) for r in releases)
-    mains = _main_by_version(lineage)
+    lineage = Lineage.of(lineage)
+    releases = lineage.releases()
+    splits = _val_splits(r.val for r in releases)
     costs = {row["version"]: row for row in lineage_costs(lineage)}
-    rows = []
-    for r in releases:
-        version, val = r["version"], r.get("val", {})
-        own = f"val/{version}"
-        release_own = _nan(val.get(own))
-        test_own = _nan((r.get("test") or {}).get(f"test/{version}"))
-        main_own = _nan(mains.get(version, {}).get("metrics", {}).get(own))
-        cost = costs.get(version, {})
-        rows.append({
-            "version": version,
-            "branch": r.get("branch"),
-            **{s: _nan(val.get(s)) for s in splits},
-            "val/own": release_own,
-            "main val/own": main_own,
-            "delta": release_own - main_own,
-            "test/own": test_own,
-            "tokens_total": r.get("tokens_total"),
-            "tokens_cumulative": cost.get("path_switching_cumulative"),
-            "path_switching_ratio": cost.get("path_switching_ratio", float("nan")),
-            "with_search_ratio": cost.get("with_search_ratio", float("nan")),
-        })
+    rows = [_release_row(r, lineage.main(r.version), costs.get(r.version, {}), splits) for r in releases]
     columns = ["version", "branch", *splits, "val/own", "main val/own", "delta", "test/own",
                "tokens_total", "tokens_cumulative", "path_switching_ratio", "with_search_ratio"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _release_row(r: Release, main: MainEntry | None, cost: dict, splits: list[str]) -> dict:
+    own = f"val/{r.version}"
+    release_own = _nan(r.val.get(own))
+    main_own = _nan(main.metrics.get(own) if main else None)
+    return {
+        "version": r.version,
+        "branch": r.branch,
+        **{s: _nan(r.val.get(s)) for s in splits},
+        "val/own": release_own,
+        "main val/own": main_own,
+        "delta": release_own - main_own,
+        "test/own": _nan((r.test or {}).get(f"test/{r.version}")),
+        "tokens_total": r.tokens_total,
+        "tokens_cumulative": cost.get("path_switching_cumulative"),
+        "path_switching_ratio": cost.get("path_switching_ratio", float("nan")),
+        "with_search_ratio": cost.get("with_search_ratio", float("nan")),
+    }
 
 
 # --------------------------------------------------------------------------- formatting
@@ -213,9 +199,10 @@ def _release_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return [headers.get(c, c) for c in cols], cells
 
 
-def format_releases(lineage: dict) -> str:
+def format_releases(lineage: Lineage | dict) -> str:
     """The releases table as aligned text, for the terminal after a run."""
-    title = f"releases of {lineage.get('name', '?')} (val losses; delta = release - main path at the boundary)"
+    lineage = Lineage.of(lineage)
+    title = f"releases of {lineage.name or '?'} (val losses; delta = release - main path at the boundary)"
     df = releases_table(lineage)
     if df.empty:
         return _section(title, "(no releases yet)")
@@ -223,7 +210,7 @@ def format_releases(lineage: dict) -> str:
     return _section(title, _text_table(headers, cells, "ll"))
 
 
-def releases_markdown(lineage: dict) -> str:
+def releases_markdown(lineage: Lineage | dict) -> str:
     """The releases table as a GitHub markdown table, ready to paste into a README."""
     df = releases_table(lineage)
     if df.empty:
@@ -253,36 +240,35 @@ def _config_summary(cfg: dict) -> list[str]:
     ]
 
 
-def _versions_section(lineage: dict) -> str:
-    rows = [[v["name"], _plain(v.get("docs")), _plain(v.get("new_blocks")), si(v.get("new_tokens")),
-             _plain(v.get("replay_blocks")), _plain(v.get("val_blocks"))]
-            for v in lineage.get("versions", [])]
+def _versions_section(lineage: Lineage) -> str:
+    rows = [[v.name, _plain(v.extra.get("docs")), _plain(v.new_blocks), si(v.new_tokens), _plain(v.replay_blocks),
+             _plain(v.val_blocks)] for v in lineage.versions()]
     if not rows:
         return _section("versions", "(none prepared yet)")
     return _section("versions", _text_table(
         ["version", "docs", "new blocks", "new tokens", "replay blocks", "val blocks"], rows))
 
 
-def _checkpoint_name(main: dict) -> str:
-    end = (main.get("checkpoints") or {}).get("end")
+def _checkpoint_name(main: MainEntry) -> str:
+    end = (main.checkpoints or {}).get("end")
     if not end:
         return _MISSING
     p = Path(end)
     return f"{p.parent.name}/{p.name}"
 
 
-def _main_section(lineage: dict) -> str:
-    branched = {b["version"] for b in lineage.get("branches", []) if b.get("status") == "done"}
+def _main_section(lineage: Lineage) -> str:
+    branched = {b.version for b in lineage.branches()}
     rows = []
-    for name in _version_names(lineage):
-        m = _main_by_version(lineage).get(name)
+    for name in lineage.version_names():
+        m = lineage.main(name)
         if m is None:
             rows.append([name, _MISSING, _MISSING, _MISSING, _MISSING, _MISSING, "pending"])
             continue
         rows.append([
-            name, f"{m.get('start_step')}->{m.get('end_step')}", _plain(m.get("fork_step")),
-            si(m.get("tokens_end")), _loss(m.get("metrics", {}).get(f"val/{name}")), _checkpoint_name(m),
-            (m.get("status") or "done") + ("" if name in branched else ", no branch yet"),
+            name, f"{m.start_step}->{m.end_step}", _plain(m.fork_step), si(m.tokens_end),
+            _loss(m.metrics.get(f"val/{name}")), _checkpoint_name(m),
+            (m.status or "done") + ("" if name in branched else ", no branch yet"),
         ])
     if not rows:
         return _section("main path", "(not started)")
@@ -295,20 +281,20 @@ def _decay_text(decay: dict) -> str:
             f" pow {_plain(decay.get('power'))}")
 
 
-def _branches_section(lineage: dict) -> str:
-    branches = lineage.get("branches", [])
+def _branches_section(lineage: Lineage) -> str:
+    branches = lineage.branches(done=False)  # with its status column, an unfinished branch shows as such
     if not branches:
         return _section("branches", "(none finished yet)")
-    splits = _val_splits(b.get("metrics", {}) for b in branches)
-    rows = [[b["name"], _plain(b.get("fork_step")), _plain(b.get("steps")), _decay_text(b.get("decay", {})),
-             *(_loss(b.get("metrics", {}).get(s)) for s in splits), _plain(b.get("status"))]
+    splits = _val_splits(b.metrics for b in branches)
+    rows = [[b.name, _plain(b.fork_step), _plain(b.steps), _decay_text(b.decay),
+             *(_loss(b.metrics.get(s)) for s in splits), _plain(b.status)]
             for b in branches]
     headers = ["branch", "fork", "steps", "decay", *splits, "status"]
     align = "lrrl" + "r" * len(splits) + "l"
     return _section("branches (final val losses)", _text_table(headers, rows, align))
 
 
-def _live_section(lineage: dict) -> str:
+def _live_section(lineage: Lineage) -> str:
     """Per version: the live release (rN), why it was released, and how many candidates it beat."""
     from raypath.releases import format_standing
 
@@ -316,11 +302,12 @@ def _live_section(lineage: dict) -> str:
                     format_standing(lineage) or "(none yet)")
 
 
-def format_status(lineage: dict) -> str:
+def format_status(lineage: Lineage | dict) -> str:
     """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, releases."""
-    header = [f"run: {lineage.get('name', '?')}"
-              + (f" (updated {lineage['updated']})" if lineage.get("updated") else "")]
-    header += ["  " + line for line in _config_summary(lineage.get("config", {}) or {})]
+    lineage = Lineage.of(lineage)
+    updated = lineage.data.get("updated")  # the save time: no record of its own (Lineage.save writes it)
+    header = [f"run: {lineage.name or '?'}" + (f" (updated {updated})" if updated else "")]
+    header += ["  " + line for line in _config_summary(lineage.config)]
     parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
              _branches_section(lineage), _live_section(lineage), format_releases(lineage)]
     return "\n\n".join(parts)
@@ -328,69 +315,68 @@ def format_status(lineage: dict) -> str:
 
 # --------------------------------------------------------------------------- plot
 
-def _tokens_at_step(main: dict, step: int) -> float:
+def _tokens_at_step(main: MainEntry, step: int) -> float:
     """Tokens are linear in steps within a main segment (fixed global batch)."""
-    s0, s1 = main["start_step"], main["end_step"]
-    t0, t1 = main["tokens_start"], main["tokens_end"]
+    s0, s1 = main.start_step, main.end_step
+    t0, t1 = main.tokens_start, main.tokens_end
     if s1 == s0:
         return float(t1)
     return t0 + (step - s0) * (t1 - t0) / (s1 - s0)
 
 
-def _main_curve(run_dir: Path, lineage: dict) -> pd.DataFrame:
-    """All main-path segments as one curve, including a segment still running."""
-    mains = _main_by_version(lineage)
+def _main_curve(run_dir: Path, lineage: Lineage) -> pd.DataFrame:
+    """All main-path segments as one curve, including a segment still running (no entry yet)."""
     frames = []
-    for name in _version_names(lineage):
-        m = mains.get(name, {})
-        frames.append(read_curve(_curve_path(run_dir, m.get("segment", f"main-{name}"), m.get("curve"))))
+    for name in lineage.version_names():
+        m = lineage.main(name)
+        segment = (m.segment if m else "") or f"main-{name}"
+        frames.append(read_curve(_curve_path(run_dir, segment, m.curve if m else None)))
     return _concat_curves(frames)
 
 
-def _branch_curve(run_dir: Path, lineage: dict, branch: dict, main_curve: pd.DataFrame) -> pd.DataFrame:
+def _branch_curve(run_dir: Path, lineage: Lineage, branch: Branch, main_curve: pd.DataFrame) -> pd.DataFrame:
     """A branch's curve starting at its fork point on the main path, so it visibly forks off."""
-    curve = read_curve(_curve_path(run_dir, branch["name"], branch.get("curve")))
-    main = _main_by_version(lineage).get(branch.get("version"))
+    curve = read_curve(_curve_path(run_dir, branch.name, branch.curve))
+    main = lineage.main(branch.version)
     if curve.empty or main is None or "tokens" not in main_curve or main_curve.empty:
         return curve
-    fork_tokens = _tokens_at_step(main, branch["fork_step"])
-    fork = {"step": branch["fork_step"], "tokens": fork_tokens,
+    fork_tokens = _tokens_at_step(main, branch.fork_step)
+    fork = {"step": branch.fork_step, "tokens": fork_tokens,
             "loss": float(np.interp(fork_tokens, main_curve["tokens"], main_curve["loss"])),
             "lr": float(np.interp(fork_tokens, main_curve["tokens"], main_curve["lr"]))}
     return pd.concat([pd.DataFrame([fork]), curve], ignore_index=True)
 
 
-def _draw_boundaries(axes, lineage: dict) -> None:
+def _draw_boundaries(axes, lineage: Lineage) -> None:
     from matplotlib.transforms import blended_transform_factory
 
-    for name in _version_names(lineage):
-        m = _main_by_version(lineage).get(name)
+    for name in lineage.version_names():
+        m = lineage.main(name)
         if m is None:
             continue
         for ax in axes:
-            ax.axvline(m["tokens_end"], color="0.55", linestyle="--", linewidth=0.9, zorder=0)
+            ax.axvline(m.tokens_end, color="0.55", linestyle="--", linewidth=0.9, zorder=0)
         trans = blended_transform_factory(axes[0].transData, axes[0].transAxes)
-        axes[0].text(m["tokens_end"], 0.985, f" {name} ", transform=trans, ha="right", va="top",
+        axes[0].text(m.tokens_end, 0.985, f" {name} ", transform=trans, ha="right", va="top",
                      fontsize=9, color="0.3",
                      bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
-def _draw_val_markers(ax, lineage: dict, colors: dict[str, Any]) -> None:
+def _draw_val_markers(ax, lineage: Lineage, colors: dict[str, Any]) -> None:
     """Release loss (star) vs the main path's (circle) on the version's own split."""
-    mains = _main_by_version(lineage)
-    for r in _releases(lineage):
-        own = f"val/{r['version']}"
-        main = mains.get(r["version"], {})
-        x = r.get("tokens_total") or main.get("tokens_end")
+    for r in lineage.releases():
+        own = f"val/{r.version}"
+        main = lineage.main(r.version)
+        x = r.tokens_total or (main.tokens_end if main else None)
         if x is None:
             continue
-        rel = r.get("val", {}).get(own)
-        base = main.get("metrics", {}).get(own)
+        rel = r.val.get(own)
+        base = main.metrics.get(own) if main else None
         if base is not None:
             # Hollow and above the star: both stay visible when the two losses are close.
             ax.plot([x], [base], marker="o", mfc="none", mec="black", mew=1.3, ms=9, ls="none", zorder=7)
         if rel is not None:
-            ax.plot([x], [rel], marker="*", color=colors.get(r.get("branch"), "black"), mec="black",
+            ax.plot([x], [rel], marker="*", color=colors.get(r.branch, "black"), mec="black",
                     mew=0.6, ms=12, ls="none", zorder=6)
 
 
@@ -409,7 +395,7 @@ def _token_formatter():
     return FuncFormatter(lambda x, _pos: si(x) if x else "0")
 
 
-def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.PathLike) -> Path:
+def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: str | os.PathLike) -> Path:
     """Loss and LR of the main path with every branch forking off it, against tokens.
 
     Tokens (not steps) on x because they are cumulative along each path, so
@@ -421,11 +407,12 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    lineage = Lineage.of(lineage)
     run_dir, out_png = Path(run_dir), Path(out_png)
     main_curve = _main_curve(run_dir, lineage)
-    branches = lineage.get("branches", [])
+    branches = lineage.branches(done=False)  # a branch still training is drawn as far as it got
     cmap = plt.get_cmap("tab10")
-    colors = {b["name"]: cmap(i % 10) for i, b in enumerate(branches)}
+    colors = {b.name: cmap(i % 10) for i, b in enumerate(branches)}
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=FIGSIZE, sharex=True,
                                          gridspec_kw={"height_ratios": [2.2, 1]})
@@ -438,8 +425,8 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
         curve = _branch_curve(run_dir, lineage, b, main_curve)
         if curve.empty or "loss" not in curve:
             continue
-        ax_loss.plot(curve["tokens"], curve["loss"], color=colors[b["name"]], lw=2.2, zorder=3, label=b["name"])
-        ax_lr.plot(curve["tokens"], curve["lr"], color=colors[b["name"]], lw=2.2, zorder=3, label=b["name"])
+        ax_loss.plot(curve["tokens"], curve["loss"], color=colors[b.name], lw=2.2, zorder=3, label=b.name)
+        ax_lr.plot(curve["tokens"], curve["lr"], color=colors[b.name], lw=2.2, zorder=3, label=b.name)
     _draw_val_markers(ax_loss, lineage, colors)
     _draw_boundaries((ax_loss, ax_lr), lineage)
 
@@ -453,7 +440,7 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
     handles, _ = ax_loss.get_legend_handles_labels()
     ax_loss.legend(handles=handles + _legend_proxies(), loc="upper left", bbox_to_anchor=(1.01, 1.0),
                    fontsize=8.5, frameon=False)
-    fig.suptitle(f"{lineage.get('name', 'run')}: main path and release branches")
+    fig.suptitle(f"{lineage.name or 'run'}: main path and release branches")
     fig.tight_layout()
     save_figure(fig, out_png, DPI, tight=False)
     plt.close(fig)
@@ -462,12 +449,13 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: dict, out_png: str | os.Pa
 
 # --------------------------------------------------------------------------- the scaling law (raypath law)
 
-def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version: str,
+def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping, version: str,
                 curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
     """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
     parameters, degenerate ones, and the held-out errors the law was chosen by."""
     from raypath.lawfit import boundaries, splits_for
 
+    lineage = Lineage.of(lineage)
     lines = [f"law fits for releasing {version} (per validation split)"]
     for split in splits_for(lineage, version):
         fit = fits_record.get(split)
@@ -487,7 +475,7 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Mapping, version:
     return "\n".join(lines)
 
 
-def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[str, FitResult], version: str,
+def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits: Mapping[str, FitResult], version: str,
                     prediction: Mapping, out_png: str | os.PathLike) -> Path:
     """Per split: observed main-path and branch val curves of ``version``, and the law's
     predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
@@ -499,9 +487,10 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
     from raypath.lawfit import branch_lrs, curves_from_lineage, lineage_schedule, main_entry, main_lrs, split_phases
     from raypath.schedules import decay_from
 
+    lineage = Lineage.of(lineage)
     splits = list(fits)
     fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)
-    m = main_entry(lineage, version)
+    start = int(main_entry(lineage, version).start_step)
     sched = lineage_schedule(lineage)
     decay = decay_from(prediction)
     fork, end = prediction["fork_step"], prediction["end_step"]
@@ -513,7 +502,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
                 ax.plot(c.steps + 1, c.losses, "o-", color="black", ms=3, lw=0.8, label="main path (observed)")
             else:
                 ax.plot(c.steps + 1, c.losses, "o-", ms=3, lw=1.2, label=f"{c.name} (observed)")
-        grid = np.arange(max(int(m["start_step"]), 1), end + 1)
+        grid = np.arange(max(start, 1), end + 1)
         main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
         ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")
         bgrid = np.arange(fork, end + 1)
@@ -524,12 +513,12 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
         ax.plot([end], [prediction["predicted"][split]], "*", color="crimson", ms=12)
         ax.set_title(f"val/{split}: {fits[split].law} R^2 {fits[split].r2:.3f}, MAPE {fits[split].mape:.2f}%",
                      fontsize=10)
-        ax.set_xlim(int(m["start_step"]) - 0.05 * (end - int(m["start_step"])), end + 2)
+        ax.set_xlim(start - 0.05 * (end - start), end + 2)
         ax.set_ylabel("val loss")
         ax.grid(True, alpha=0.25)
         ax.legend(fontsize=7.5, loc="upper right")
     axes[-1, 0].set_xlabel("global step")
-    fig.suptitle(f"{lineage.get('name', 'run')} {version}: predicted branch vs observed curves")
+    fig.suptitle(f"{lineage.name or 'run'} {version}: predicted branch vs observed curves")
     fig.tight_layout()
     out = Path(out_png)
     save_figure(fig, out)
@@ -541,10 +530,8 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Mapping, fits: Mapping[
 
 def write_report(run_dir: str | os.PathLike) -> dict[str, str]:
     """Plot, CSV and markdown of a run under ``RUN_DIR/report``; returns their paths."""
-    from raypath.lineage import Lineage
-
     run_dir = Path(run_dir)
-    lineage = Lineage.load(run_dir).data
+    lineage = Lineage.load(run_dir)
     out = run_dir / REPORT_DIR
     plot = plot_lineage(run_dir, lineage, out / "lineage.png")
     buf = io.StringIO()

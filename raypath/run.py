@@ -27,6 +27,7 @@ from raypath.config import Config, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
+from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
 from raypath.mirror import Mirror, RunDir, fetch, publish
@@ -197,17 +198,17 @@ def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: P
             (tmp / name).write_bytes(data)
 
 
-def _record_branch(lineage: Lineage, ctx: RunContext, entry: dict) -> None:
+def _record_branch(lineage: Lineage, ctx: RunContext, entry: BranchEntry) -> None:
     # The branch's driver ran as a task on some node: refresh this node's copy of its curve.
-    fetch(ctx.mirror, entry["curve"], missing_ok=True)
+    fetch(ctx.mirror, entry.curve, missing_ok=True)
     lineage.record_branch(entry)
-    _decide_release(lineage, ctx, entry["version"])
+    _decide_release(lineage, ctx, entry.version)
 
 
 def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
     """Release the best measured branch of ``version`` (the configured one, or a sweep's trial
     if one was measured already), scored with the config's ``sweep.weights``."""
-    objective = version_objective(lineage.data, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
+    objective = version_objective(lineage, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
     Releaser(lineage, ctx.run_dir, ctx.mirror, ctx.tracking).settle(version, objective)
 
 
@@ -220,24 +221,29 @@ def run(cfg: Config) -> Lineage:
     where = _discover(cfg, run_dir, mirror)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg, where)
-    lineage.data["tokenizer"] = {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id}
-    if ctx.base_model:
-        lineage.data["model"] = {**lineage.data.get("model", {}), "base": ctx.base_model}
-    if ctx.mirror is not None:
-        lineage.data["storage"] = {"run_dir": ctx.mirror.remote}
-    lineage.set_versions(ctx.versions)
+    _record_facts(lineage, ctx)
 
     runner = BranchRunner(cfg.branch.parallel)
     progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction)
     index = {v["name"]: k for k, v in enumerate(ctx.versions)}
 
-    def released(entry: dict) -> None:
+    def released(entry: BranchEntry) -> None:
         _record_branch(lineage, ctx, entry)
-        progress.branch_done(index[entry["version"]])
+        progress.branch_done(index[entry.version])
 
     with lineage_run(ctx.tracking):
         _train_versions(lineage, ctx, progress, runner, released)
     return lineage
+
+
+def _record_facts(lineage: Lineage, ctx: RunContext) -> None:
+    """What this run trains with: tokenizer, base model, storage, prepared versions."""
+    lineage.set_fact("tokenizer", {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id})
+    if ctx.base_model:
+        lineage.set_fact("model", {**lineage.fact("model"), "base": ctx.base_model})
+    if ctx.mirror is not None:
+        lineage.set_fact("storage", {"run_dir": ctx.mirror.remote})
+    lineage.set_versions(ctx.versions)
 
 
 def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, runner: BranchRunner,

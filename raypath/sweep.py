@@ -67,7 +67,7 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
-from raypath.lineage import resolve_version, sweep_run_dir
+from raypath.lineage import Branch, Lineage, MainEntry, resolve_version, sweep_run_dir
 from raypath.mirror import fetch, publish
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
@@ -111,13 +111,13 @@ def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Co
 
 # --------------------------------------------------------------------------- planning
 
-def fork_points(main: dict, storage: str | os.PathLike, mirror=None) -> list[dict]:
+def fork_points(main: MainEntry, storage: str | os.PathLike, mirror=None) -> list[dict]:
     """Verified main-path checkpoints of one version that a branch can fork from.
 
     A fork at step ``s`` re-trains the last ``(end - s) / (end - start)`` of the
     version's stream. The version boundary itself (a zero-length branch) is not one.
     """
-    start, end = main["start_step"], main["end_step"]
+    start, end = main.start_step, main.end_step
     out = []
     for d in sorted(ckpt.step_dirs(Path(storage), mirror)):
         try:
@@ -144,18 +144,18 @@ def derive_max_concurrent(train, num_samples: int, resources: dict[str, float]) 
     return max(1, min(n, num_samples))
 
 
-def choose_forks(forks: list[dict], main: dict, sc: SweepConfig, tokens_per_step: int,
+def choose_forks(forks: list[dict], main: MainEntry, sc: SweepConfig, tokens_per_step: int,
                  version: str = "") -> list[dict]:
     """The fork points proposals snap to: within the token budget, and within
     ``sweep.fraction`` when any is (else the nearest of all, with a warning).
     Logs the choice, and says so clearly when only one fork point is left."""
     allowed = forks
     if sc.token_budget is not None:
-        allowed = [f for f in forks if (main["end_step"] - f["step"]) * tokens_per_step <= sc.token_budget]
+        allowed = [f for f in forks if (main.end_step - f["step"]) * tokens_per_step <= sc.token_budget]
         if forks and not allowed:
             raise ConfigError(f"sweep.token_budget: {sc.token_budget:g} tokens is less than the shortest branch "
                               f"{version}'s checkpoints allow "
-                              f"({(main['end_step'] - forks[-1]['step']) * tokens_per_step} tokens)")
+                              f"({(main.end_step - forks[-1]['step']) * tokens_per_step} tokens)")
     if not allowed:
         raise ConfigError(f"{version}: the main path has no verified checkpoint inside the version to fork "
                           f"from; set train.checkpoint_every and re-train it")
@@ -171,7 +171,7 @@ def choose_forks(forks: list[dict], main: dict, sc: SweepConfig, tokens_per_step
         log.warning("%s has only one fork point (step %d, fraction %.3f): every trial gets the same branch "
                     "length. Set train.checkpoint_every (e.g. %d) and re-train the main path to search "
                     "branch lengths", version, chosen[0]["step"], chosen[0]["fraction"],
-                    max(1, (main["end_step"] - main["start_step"]) // 20))
+                    max(1, (main.end_step - main.start_step) // 20))
     return chosen
 
 
@@ -232,7 +232,7 @@ class SweepPlan:
 
     ctx: Any  # raypath.run.RunContext
     k: int
-    main: dict
+    main: MainEntry
     sweep_dir: str
     weights: dict[str, float]
     compute_penalty: float
@@ -382,8 +382,8 @@ def _trial_dirname(trial) -> str:
 
 # --------------------------------------------------------------------------- the sweep
 
-def _check_same_model(cfg: Config, lineage: dict) -> None:
-    recorded = lineage.get("config", {})
+def _check_same_model(cfg: Config, lineage: Lineage) -> None:
+    recorded = lineage.config
     for section, keys in (("model", None), ("data", ("seq_len",)), ("train", ("global_batch_size", "max_lr",
                                                                                 "warmup_steps"))):
         now, then = cfg.to_dict()[section], recorded.get(section, {})
@@ -532,16 +532,16 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
                     "branch_tokens": (int(metrics["step"]) - seg.start_step) * plan.tokens_per_step
                     if "step" in metrics else None}
         return {**record, "status": "incomplete", "error": str(e)}
-    state = ckpt.load_state(entry["checkpoint"], seg.mirror)
+    state = ckpt.load_state(entry.checkpoint, seg.mirror)
     objective = state["metrics"].get("objective")
     record.update(
-        branch=entry,
-        metrics=entry["metrics"],
+        branch=entry.to_dict(),
+        metrics=entry.metrics,
         objective=objective,
-        test_objective=Objective(plan.weights).value(entry["metrics"], "test"),  # reported, never selected on
-        penalty=plan.penalty(entry["tokens_trained"]),
-        score=None if objective is None else objective + plan.penalty(entry["tokens_trained"]),
-        branch_tokens=entry["tokens_trained"],
+        test_objective=Objective(plan.weights).value(entry.metrics, "test"),  # reported, never selected on
+        penalty=plan.penalty(entry.tokens_trained),
+        score=None if objective is None else objective + plan.penalty(entry.tokens_trained),
+        branch_tokens=entry.tokens_trained,
         curve=seg.curves_path,
         export=seg.export_dir,
     )
@@ -549,8 +549,8 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
 
 
 def _candidate(plan: SweepPlan, trial: dict) -> Candidate:
-    branch = {**trial["branch"], "sweep": plan.sweep_dir, "trial_id": trial["trial_id"],
-              "objective": trial["objective"], "score": trial["score"]}
+    branch = Branch.from_dict({**trial["branch"], "sweep": plan.sweep_dir, "trial_id": trial["trial_id"],
+                               "objective": trial["objective"], "score": trial["score"]})
     return Candidate(trial["name"], plan.version, f"sweep {Path(plan.sweep_dir).name}", trial["metrics"],
                      trial["export"], trial["branch_tokens"], trial["trial_id"], plan.sweep_dir, branch)
 
@@ -565,7 +565,7 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     settled = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror, plan.ctx.tracking).settle(
         plan.version, objective, extra=mine, pin=pin)
     trial_of = {c.name: c.trial_id for c in mine}
-    return {"released": trial_of.get(settled.live["branch"]) if settled.live else None, **settled.record()}
+    return {"released": trial_of.get(settled.live.branch) if settled.live else None, **settled.record()}
 
 
 def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
@@ -597,11 +597,9 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     """:func:`run_sweep` on its prepared run context (``raypath.run.RunContext``)."""
-    from raypath.lineage import Lineage
-
     sc = cfg.sweep
     lineage = Lineage.load(ctx.run_dir, ctx.mirror)
-    _check_same_model(cfg, lineage.data)
+    _check_same_model(cfg, lineage)
     plan = _plan(ctx, lineage, version, sc)
     space = _search_space(plan, sc)
     if ctx.mirror is not None:  # Tune's state of an interrupted sweep, to resume it here
@@ -631,10 +629,10 @@ def _plan(ctx, lineage, version: str | int, sc: SweepConfig) -> SweepPlan:
     main = lineage.main(vname)
     if main is None:
         raise ConfigError(f"--version {vname}: its main path is not trained yet; run `raypath run` first")
-    weights = objective_weights(ctx.versions, k, sc.weights)
+    weights = objective_weights([v["name"] for v in ctx.versions], k, sc.weights)
     sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
     return SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty,
-                     main["tokens_end"] - main["tokens_start"])
+                     main.tokens)
 
 
 def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
@@ -643,14 +641,10 @@ def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
     if plan.k == 0 and any(r > 0 for r in replay):
         raise ConfigError(f"sweep.replay_ratios: {replay}, but {plan.version} is the first version: "
                           f"there is no older data to replay")
-    if plan.ctx.mirror is not None and any(abs(r - plan.stream_ratio) > 1e-9 for r in replay):
-        # a trial's re-mixed stream is not yet written to and read from the bucket
-        raise ConfigError(f"sweep.replay_ratios: {replay}: a sweep of a remote run directory trains at the "
-                          f"stream's own replay ratio ({plan.stream_ratio:g}) only; set sweep.replay_ratios=[]")
-    forks = fork_points(plan.main, plan.ctx.storage(plan.main["segment"]), plan.ctx.mirror)
+    forks = fork_points(plan.main, plan.ctx.storage(plan.main.segment), plan.ctx.mirror)
     in_range = choose_forks(forks, plan.main, sc, plan.tokens_per_step, plan.version)
     return SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
-                       plan.main["end_step"], plan.tokens_per_step)
+                       plan.main.end_step, plan.tokens_per_step)
 
 
 def _open_record(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> dict:
@@ -666,9 +660,9 @@ def _open_record(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> dict:
                                                                 ray.cluster_resources())
     record = {
         "name": sc.name, "version": plan.version, "version_index": plan.k, "path": str(sweep_dir),
-        "run_dir": str(plan.ctx.run_dir), "main_segment": main["segment"], "main_curve": main.get("curve"),
-        "main_start_step": main["start_step"], "main_end_step": main["end_step"],
-        "tokens_start": main["tokens_start"], "version_tokens": plan.version_tokens,
+        "run_dir": str(plan.ctx.run_dir), "main_segment": main.segment, "main_curve": main.curve,
+        "main_start_step": main.start_step, "main_end_step": main.end_step,
+        "tokens_start": main.tokens_start, "version_tokens": plan.version_tokens,
         "tokens_per_step": plan.tokens_per_step, "segment_prefix": f"branch-{plan.version}-",
         "settings": _settings_record(sc), "objective_weights": plan.weights,
         "fork_points": [{"step": f["step"], "fraction": f["fraction"]} for f in space.forks],

@@ -27,7 +27,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from raypath.lineage import Release
 
 from raypath.config import Config, ConfigError
 
@@ -235,24 +238,21 @@ def find_or_create_child(client, spec: TrackingSpec, name: str, tags: dict[str, 
     return run_id
 
 
-def record_release(spec: TrackingSpec | None, release: dict) -> None:
-    """Tag the release's branch run (and the lineage run) with its path; log a link artifact.
-
-    ``release``: the lineage's release entry (``version``, ``path``, ``branch``, ``val``).
-    """
+def record_release(spec: TrackingSpec | None, release: Release) -> None:
+    """Tag the release's branch run (and the lineage run) with its path; log a link artifact."""
     if spec is None:
         return
-    version, path = release["version"], release["path"]
+    version, path, branch = release.version, release.path, release.branch
     if spec.backend == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(log_dir=str(Path(spec.run_dir) / "tb" / release["branch"])) as writer:
-            writer.add_text(f"release/{version}", _md_table({"path": path, "branch": release["branch"]}))
+        with SummaryWriter(log_dir=str(Path(spec.run_dir) / "tb" / branch)) as writer:
+            writer.add_text(f"release/{version}", _md_table({"path": path, "branch": branch}))
         return
     client = _client(spec.mlflow_uri)
-    run_id = find_or_create_child(client, spec, release["branch"])
+    run_id = find_or_create_child(client, spec, branch)
     link = {"version": version, "path": path, "uri": Path(path).resolve().as_uri() if "://" not in path else path,
-            "branch": release["branch"], "val": release.get("val", {})}
+            "branch": branch, "val": release.val}
     client.set_tag(run_id, "raypath.release", path)
     client.set_tag(spec.parent_run_id, f"raypath.release.{version}", path)
     client.log_dict(run_id, link, f"release-{version}.json")

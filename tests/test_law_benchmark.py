@@ -77,6 +77,7 @@ def test_guided_first_trial_within_reads_each_unguided_best():
 
 def test_fit_releases_last_or_every_versions_release_branch():
     lineage = {"main_path": [{"version": "v1", "start_step": 0}, {"version": "v2", "start_step": 10}],
-               "branches": [{"name": "branch-v1"}, {"name": "branch-v2"}, {"name": "branch-v2-extra"}]}
+               "branches": [{"name": "branch-v1", "version": "v1"}, {"name": "branch-v2", "version": "v2"},
+                            {"name": "branch-v2-extra", "version": "v2"}]}
     assert la.fit_releases(lineage, "last") == ["branch-v2"]
     assert la.fit_releases(lineage, "all") == ["branch-v1", "branch-v2"]

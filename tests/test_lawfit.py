@@ -290,14 +290,14 @@ def test_spread_picks_cover_both_lr_ends_and_several_shapes():
 
 def test_lineage_branches_without_sweeps_drop_released_sweep_winners():
     decay = {"shape": "cosine", "min_lr_ratio": 0.1, "power": 2.0}
-    trial = {"name": "branch-v2-t1", "status": "done", "curve": "t1.jsonl",
+    trial = {"trial_id": "t1", "name": "branch-v2-t1", "status": "done", "curve": "t1.jsonl",
              "config": {"fork_step": 40, "branch_steps": 10, **decay}}
     lineage = {
         "branches": [{"name": "branch-v2", "version": "v2", "status": "done", "sweep": None},
                      # a sweep's winner, released in the configured branch's place
                      {"name": "branch-v2-t0", "version": "v2", "status": "done", "sweep": "sweeps/v2/s"}],
-        "sweeps": [{"version": "v2", "trials": [trial]}],
+        "sweeps": [{"name": "s", "version": "v2", "trials": [trial]}],
     }
-    names = lambda **kw: [b["name"] for b in lawfit.lineage_branches(lineage, **kw)]  # noqa: E731
+    names = lambda **kw: [b.name for b in lawfit.lineage_branches(lineage, **kw)]  # noqa: E731
     assert names() == ["branch-v2", "branch-v2-t0", "branch-v2-t1"]
     assert names(include_sweeps=False) == ["branch-v2"]

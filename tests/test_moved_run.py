@@ -67,8 +67,8 @@ def test_a_format_1_lineage_is_migrated_where_it_now_lies(tmp_path):
         "branches": [], "releases": []}))
     lin = Lineage.load(new)
     root = new.resolve()
-    assert lin.main("v1")["checkpoints"]["end"] == f"{root}/ray/main-v1/step_00000004"
-    assert lin["versions"][0]["val_path"] == f"{root}/data/v1/val"
+    assert lin.main("v1").checkpoints["end"] == f"{root}/ray/main-v1/step_00000004"
+    assert lin.versions()[0].val_path == f"{root}/data/v1/val"
     lin.save()
     on_disk = json.loads((new / "lineage.json").read_text())
     assert on_disk["format"] == FORMAT == 2

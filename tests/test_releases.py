@@ -14,7 +14,7 @@ import pytest
 
 from raypath import releases
 from raypath.cli import main
-from raypath.lineage import Lineage
+from raypath.lineage import Lineage, Release
 from raypath.releases import Candidate, Objective, Releaser, decide, standing
 from raypath.storage import read_json, write_json
 
@@ -28,8 +28,8 @@ def _cand(name: str, v1: float, v2: float, test: float | None = None, sweep: str
     return Candidate(name, "v2", "sweep s" if sweep else "configured", metrics, None, 100, None, sweep)
 
 
-def _live(name: str, v1: float, v2: float) -> dict:
-    return {"id": "r1", "version": "v2", "branch": name, "val": {"val/v1": v1, "val/v2": v2}, "branch_tokens": 100}
+def _live(name: str, v1: float, v2: float) -> Release:
+    return Release(id="r1", version="v2", branch=name, val={"val/v1": v1, "val/v2": v2}, branch_tokens=100)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -132,8 +132,8 @@ def test_release_layout(run):
     assert read_json(vdir / "r1" / "release.json")["branch"] == "branch-v2"
     lin = Lineage.load(run)
     live = lin.release("v2")
-    assert live["path"] == str(vdir / "r1") and live["release"] == "r1" and live["objective"] == pytest.approx(3.45)
-    assert lin.release_history("v2")["current"] == "r1"
+    assert live.path == str(vdir / "r1") and live.id == "r1" and live.objective == pytest.approx(3.45)
+    assert lin.release_history("v2").current == "r1"
 
 
 def test_sweep_all_worse_keeps_then_better_replaces(run):
@@ -146,11 +146,11 @@ def test_sweep_all_worse_keeps_then_better_replaces(run):
     assert _decide(run).release.name == "branch-v2-t3"
     lin = Lineage.load(run)
     h = lin.release_history("v2")
-    assert [(r["id"], r["branch"], r["reason"]) for r in h["releases"]] == [
+    assert [(r.id, r.branch, r.reason) for r in h.releases] == [
         ("r1", "branch-v2", "configured"), ("r2", "branch-v2-t3", "sweep best")]
-    assert h["current"] == "r2" and _pointer(run) == "r2" and h["releases"][1]["replaced"] == "r1"
-    assert h["releases"][1]["beat"] == 3 and h["releases"][1]["candidates"] == 4
-    assert lin.release("v2")["branch"] == "branch-v2-t3"
+    assert h.current == "r2" and _pointer(run) == "r2" and h.releases[1].replaced == "r1"
+    assert h.releases[1].beat == 3 and h.releases[1].candidates == 4
+    assert lin.release("v2").branch == "branch-v2-t3"
     s = standing(lin.data, "v2")
     assert (s["beat"], s["others"]) == (3, 3)
 
@@ -158,17 +158,17 @@ def test_sweep_all_worse_keeps_then_better_replaces(run):
 def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
     """Releaser.settle: the decision (or a pin), the live release tagged in tracking, the record."""
     tagged = []
-    monkeypatch.setattr(releases, "record_release", lambda spec, entry: tagged.append((spec, entry["id"])))
+    monkeypatch.setattr(releases, "record_release", lambda spec, entry: tagged.append((spec, entry.id)))
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9), "t2": _metrics(3.85, 2.95)})
     lin = Lineage.load(run)
     objective = releases.version_objective(lin.data, "v2")
     out = Releaser(lin, run, tracking="spec").settle("v2", objective)
-    assert out.live["branch"] == "branch-v2-t1" and "beats" in out.decision and not out.pinned
+    assert out.live.branch == "branch-v2-t1" and "beats" in out.decision and not out.pinned
     assert out.record() == {"pinned": False, "release": str(run / "releases/v2/r2"), "live_release": "r2",
                             "decision": out.decision}
     pinned = Releaser(lin, run, tracking="spec").settle("v2", objective, pin="t2")
     assert pinned.decision == "released trial t2 as pinned (sweep.pin)" and pinned.pinned
-    assert pinned.live["id"] == "r3" and lin.release("v2")["pinned"] is True
+    assert pinned.live.id == "r3" and lin.release("v2").pinned is True
     assert tagged == [("spec", "r2"), ("spec", "r3")]
 
 
@@ -181,18 +181,18 @@ def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     assert "live release of v2: r1 (branch-v2)" in out and "rollback" in out
     assert _pointer(run) == "r1" and os.readlink(run / "releases/v2/current") == "r1"
     lin = Lineage.load(run)
-    assert lin.release("v2")["release"] == "r1" and lin.release("v2")["pinned"] is True
-    assert [e["action"] for e in lin.release_history("v2")["log"]] == ["release", "release", "rollback"]
+    assert lin.release("v2").id == "r1" and lin.release("v2").pinned is True
+    assert [e["action"] for e in lin.release_history("v2").log] == ["release", "release", "rollback"]
     # an automatic decision (a sweep, a run) keeps the user's choice and says what beats it
     d = _decide(run)
     assert d.release is None and "pinned" in d.message and _pointer(run) == "r1"
     # --pick a trial: released again as a new, pinned release
     assert main(["release", str(run), "--version", "v2", "--pick", "t1"]) == 0
     lin = Lineage.load(run)
-    assert lin.release("v2")["release"] == "r3" and lin.release("v2")["reason"] == "pinned"
+    assert lin.release("v2").id == "r3" and lin.release("v2").reason == "pinned"
     # --pick best hands the version back to the decision
     assert main(["release", str(run), "--version", "v2", "--pick", "best"]) == 0
-    assert Lineage.load(run).release_history("v2")["pinned"] is False
+    assert Lineage.load(run).release_history("v2").pinned is False
     assert main(["release", str(run), "--version", "v2", "--pick", "nope"]) == 2
     assert "--pick nope: not a release, trial or branch of v2" in capsys.readouterr().err
 
@@ -221,10 +221,10 @@ def test_crash_inside_the_switch_leaves_the_previous_release_live(run, monkeypat
     assert (vdir / "r2" / "model_card.json").is_file()  # written completely, but never switched to
     assert _pointer(run) == "r1" and os.readlink(vdir / "current") == "r1"
     lin = Lineage.load(run)
-    assert lin.release("v2")["release"] == "r1" and [r["id"] for r in lin.release_history("v2")["releases"]] == ["r1"]
+    assert lin.release("v2").id == "r1" and [r.id for r in lin.release_history("v2").releases] == ["r1"]
     monkeypatch.undo()
     assert _decide(run).release.name == "branch-v2-t1"  # the retry replaces the orphan r2
-    assert _pointer(run) == "r2" and Lineage.load(run).release("v2")["branch"] == "branch-v2-t1"
+    assert _pointer(run) == "r2" and Lineage.load(run).release("v2").branch == "branch-v2-t1"
 
 
 def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch):
@@ -237,11 +237,11 @@ def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         _decide(run)
     monkeypatch.undo()
-    assert _pointer(run) == "r2" and Lineage.load(run).release("v2")["release"] == "r1"
+    assert _pointer(run) == "r2" and Lineage.load(run).release("v2").id == "r1"
     lin = Lineage.load(run)
     Releaser(lin, run).sync("v2")
-    assert lin.release("v2")["release"] == "r2" and lin.release("v2")["branch"] == "branch-v2-t1"
-    assert Lineage.load(run).release_history("v2")["log"][-1]["action"] == "recovered"
+    assert lin.release("v2").id == "r2" and lin.release("v2").branch == "branch-v2-t1"
+    assert Lineage.load(run).release_history("v2").log[-1]["action"] == "recovered"
 
 
 # --------------------------------------------------------------------------- the real tiny lineage
@@ -307,18 +307,18 @@ def test_old_layout_run_loads_as_r1_and_moves_on_the_next_release(tiny_run_copy)
     assert (vdir / "model.safetensors").is_file() and not (vdir / "r1").exists()
     assert "v3: r1 branch-v3 (configured)" in main_output(["status", str(run_dir)])
     lin = Lineage.load(run_dir)
-    assert lin.release("v3")["release"] == "r1" and lin.release_history("v3")["releases"][0]["path"] == str(vdir)
+    assert lin.release("v3").id == "r1" and lin.release_history("v3").releases[0].path == str(vdir)
     # a better measured branch of v3 (the same model, exported by a sweep trial)
     export = run_dir / "sweeps" / "v3" / "s" / "exports" / "branch-v3-t1"
     shutil.copytree(vdir, export)
-    better = {k: v - 0.01 for k, v in lin.release("v3")["val"].items()}
+    better = {k: v - 0.01 for k, v in lin.release("v3").val.items()}
     lin.record_sweep({"version": "v3", "name": "s", "path": str(export.parents[1]), "trials": [
         {"trial_id": "t1", "name": "branch-v3-t1", "status": "done", "metrics": better, "branch_tokens": 10,
          "export": str(export)}]})
     main_output(["release", str(run_dir), "--version", "v3", "--pick", "t1"])
     assert sorted(p.name for p in vdir.iterdir()) == ["current", "current.json", "r1", "r2"]
     lin = Lineage.load(run_dir)
-    assert [r["path"] for r in lin.release_history("v3")["releases"]] == [str(vdir / "r1"), str(vdir / "r2")]
+    assert [r.path for r in lin.release_history("v3").releases] == [str(vdir / "r1"), str(vdir / "r2")]
     assert os.readlink(vdir / "current") == "r2"
     main_output(["release", str(run_dir), "--version", "v3", "--pick", "r1"])
     assert os.readlink(vdir / "current") == "r1"
@@ -356,7 +356,7 @@ def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, marg
     lin.record_branch({"name": "branch-v2", "version": "v2", "status": "done", "metrics": metrics,
                        "tokens_trained": 100, "tokens_total": 1000, "export": str(export)})
     Releaser(lin, run_dir).decide("v2", releases.version_objective(lin.data, "v2"))
-    assert lin.release("v2")["reason"] == "configured"
+    assert lin.release("v2").reason == "configured"
 
     ctx = types.SimpleNamespace(run_dir=run_dir, mirror=None, versions=lin.data["versions"], tracking=None)
     plan = SweepPlan(ctx, 1, lin.main("v2"), record["path"], record["objective_weights"], 0.0,
@@ -365,12 +365,12 @@ def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, marg
     h = Lineage.load(run_dir).release_history("v2")
     if kept:
         assert out["released"] is None and out["live_release"] == "r1" and "does not beat" in out["decision"]
-        assert [r["branch"] for r in h["releases"]] == ["branch-v2"]
+        assert [r.branch for r in h.releases] == ["branch-v2"]
     else:
         assert out["released"] == best["trial_id"] and out["live_release"] == "r2"
-        assert [(r["branch"], r["reason"]) for r in h["releases"]] == [("branch-v2", "configured"),
+        assert [(r.branch, r.reason) for r in h.releases] == [("branch-v2", "configured"),
                                                                        (best["name"], "sweep best")]
         live = Lineage.load(run_dir).release("v2")
-        assert read_json(Path(live["path"]) / "model_card.json")["trial_id"] == best["trial_id"]
+        assert read_json(Path(live.path) / "model_card.json")["trial_id"] == best["trial_id"]
         assert any(b["name"] == best["name"] and b["sweep"] == record["path"]
                    for b in Lineage.load(run_dir).data["branches"])

@@ -308,7 +308,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     argv = ["sweep", str(sweep_lineage), "--version", "v2", "--set", f"run_dir={run_dir}",
             "--set", f"cluster.local_dir={mirror_dir}", "--set", "sweep.num_samples=2",
             "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
-            "--set", "sweep.replay_ratios=[]",
+            "--set", "sweep.replay_ratios=[0.5]",  # every trial re-mixes its stream (the run's: 0)
             *[a for s in FAST_TRIALS for a in ("--set", s)]]
     _raypath(s3, argv, tmp_path / "first.log")
     prefix = f"{name}/run/sweeps/v2/remote"
@@ -320,6 +320,8 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     for t in results["trials"]:
         assert f"{prefix}/curves/{t['name']}.jsonl" in files
         assert any(k.startswith(f"{prefix}/branches/{t['name']}/step_") for k in files)  # checkpoints in the bucket
+    mixes = [k for k in s3.files(f"{name}/run/data/v2/branch-streams") if k.endswith("-replay0.5000.parquet")]
+    assert mixes, "the trials' re-mixed stream is not in the bucket"
     lin = json.loads(s3.read(f"{name}/run/lineage.json"))
     assert [s["name"] for s in lin["sweeps"]] == ["remote"] and lin["releases"][-1]["version"] == "v2"
     curves = {k: s3.read(k) for k in files if "/curves/" in k}

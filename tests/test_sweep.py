@@ -15,7 +15,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.cli import main
 from raypath.config import ConfigError, SweepConfig, TrainConfig, load_config
-from raypath.lineage import Lineage
+from raypath.lineage import Lineage, MainEntry
 from raypath.report import read_curve
 from raypath.schedules import Branch, Decay, MainPath
 from raypath.sweep import (SearchSpace, _settings_record, _start_or_check_record, choose_forks,
@@ -84,7 +84,7 @@ def test_resume_checks_settings_and_fills_in_ones_added_since(tmp_path):
 
 
 def test_objective_weights_mean_over_old_versions():
-    versions = [{"name": f"v{i}"} for i in (1, 2, 3)]
+    versions = [f"v{i}" for i in (1, 2, 3)]
     assert objective_weights(versions, 2, {"old": 1, "new": 3}) == {"v1": 0.125, "v2": 0.125, "v3": 0.75}
     assert objective_weights(versions, 0, {"old": 1, "new": 3}) == {"v1": 1.0}  # first version: own loss only
 
@@ -116,7 +116,7 @@ def test_proposals_snap_to_the_nearest_fork_and_record_both():
 
 
 def test_fork_choice_budget_range_and_single_fork_warning(caplog):
-    main_entry = {"start_step": 0, "end_step": 100}
+    main_entry = MainEntry(version="v2", start_step=0, end_step=100)
     sc = SweepConfig(fraction=(0.05, 0.5), token_budget=300)
     with caplog.at_level(logging.INFO, logger="raypath.sweep"):
         chosen = choose_forks(_forks(), main_entry, sc, tokens_per_step=10, version="v2")
@@ -137,7 +137,7 @@ def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     for step in (10, 14, 18, 22):
         ckpt.save(tmp_path / ckpt.step_dir_name(step), state, {}, {"step": step})
     (tmp_path / ckpt.step_dir_name(18) / "manifest.json").unlink()  # torn
-    forks = fork_points({"start_step": 10, "end_step": 22}, tmp_path)
+    forks = fork_points(MainEntry(version="v1", start_step=10, end_step=22), tmp_path)
     assert [f["step"] for f in forks] == [14]  # not the start, not the boundary, not the torn one
     assert forks[0]["fraction"] == pytest.approx(8 / 12)
 
@@ -307,14 +307,14 @@ def test_trials_fork_from_snapped_main_path_checkpoints(tiny_sweep):
         nearest = min(forks.values(), key=lambda f: abs(f - c["fraction"]))
         assert abs(c["fraction_actual"] - c["fraction"]) == pytest.approx(abs(nearest - c["fraction"]))
         assert t["branch"]["forked_from"].endswith(ckpt.step_dir_name(c["fork_step"]))
-        assert t["branch"]["end_step"] == info["end_step"]
+        assert t["branch"]["end_step"] == info.end_step
         sched = Branch(MainPath(cfg.train.max_lr, cfg.train.warmup_steps), c["fork_step"],
-                       info["end_step"] - c["fork_step"],
+                       info.end_step - c["fork_step"],
                        Decay(c["shape"], c["min_lr_ratio"], c.get("power") or 2.0))
         curve = read_curve(t["curve"])
-        assert curve["step"].iloc[0] > c["fork_step"] and curve["step"].iloc[-1] == info["end_step"]
+        assert curve["step"].iloc[0] > c["fork_step"] and curve["step"].iloc[-1] == info.end_step
         assert np.allclose(curve["lr"], [sched(s - 1) for s in curve["step"]], rtol=1e-9)
-        assert t["branch_tokens"] == (info["end_step"] - c["fork_step"]) * cfg.train.global_batch_size * \
+        assert t["branch_tokens"] == (info.end_step - c["fork_step"]) * cfg.train.global_batch_size * \
             cfg.data.seq_len
 
 
@@ -415,16 +415,16 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
 def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
     other = next(t for t in record["trials"] if t["trial_id"] != record["best"])
-    before = Lineage.load(cfg.run_dir).release("v2")["release"]
+    before = Lineage.load(cfg.run_dir).release("v2").id
     pinned = run_sweep(with_cli(cfg, pin=other["trial_id"]), "v2")
     try:
         assert pinned["released"] == other["trial_id"] and pinned["pinned"]
         assert pinned["best"] == record["best"]
         assert len(pinned["trials"]) == 4
         release = Lineage.load(cfg.run_dir).release("v2")
-        assert release["trial_id"] == other["trial_id"] and release["pinned"] is True
-        assert release["release"] != before and release["reason"] == "pinned"
-        card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
+        assert release.trial_id == other["trial_id"] and release.pinned is True
+        assert release.id != before and release.reason == "pinned"
+        card = __import__("json").loads((Path(release.path) / "model_card.json").read_text())
         assert card["trial_id"] == other["trial_id"]
         # a plain re-run keeps the user's pin
         assert run_sweep(cfg, "v2")["released"] == other["trial_id"]
@@ -433,9 +433,9 @@ def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
         assert main(["release", str(cfg.run_dir), "--version", "v2", "--pick", before]) == 0
         assert main(["release", str(cfg.run_dir), "--version", "v2", "--pick", "best"]) == 0
     live = Lineage.load(cfg.run_dir)
-    assert live.release("v2")["release"] == before and live.release("v2")["trial_id"] == record["best"]
-    assert live.release_history("v2")["pinned"] is False
-    assert [e["action"] for e in live.release_history("v2")["log"]][-2:] == ["release", "rollback"]
+    assert live.release("v2").id == before and live.release("v2").trial_id == record["best"]
+    assert live.release_history("v2").pinned is False
+    assert [e["action"] for e in live.release_history("v2").log][-2:] == ["release", "rollback"]
 
 
 @pytest.mark.slow
@@ -512,7 +512,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
     done = sorted(p.parent.name for p in sweep_dir.glob("exports/*/model_card.json"))
     assert rc == 1, out[-3000:]
     assert 2 <= len(done) < sc.num_samples and "was interrupted" in out, out[-3000:]
-    assert Lineage.load(cfg.run_dir).sweep("v2", name)["released"] is None  # nothing released mid-sweep
+    assert Lineage.load(cfg.run_dir).sweep("v2", name).released is None  # nothing released mid-sweep
     before = sweep_snapshot(sweep_dir)
 
     record = run_sweep(cfg, "v2")
@@ -525,4 +525,4 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
     assert len(optuna_study(sweep_dir).trials) == sc.num_samples
     # the release is decided over both sweeps' trials: the best of them all
     best = min(t["score"] for t in record["trials"] if t.get("score") is not None)
-    assert Lineage.load(cfg.run_dir).release("v2")["score"] <= best + 1e-9
+    assert Lineage.load(cfg.run_dir).release("v2").score <= best + 1e-9

@@ -1,0 +1,112 @@
+"""The lineage's typed records and the one API that reads and writes them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from raypath.lineage import Branch, Lineage, MainEntry, Release, Sweep, SweepTrial, Version
+from raypath.storage import RunFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main(version: str, start: int, end: int, **kw) -> dict:
+    return {"version": version, "segment": f"main-{version}", "start_step": start, "end_step": end,
+            "fork_step": end - 2, "tokens_start": start * 10, "tokens_end": end * 10,
+            "checkpoints": {"fork": f"/r/ray/main-{version}/a", "end": f"/r/ray/main-{version}/b"},
+            "metrics": {f"val/{version}": 4.0}, "status": "done", **kw}
+
+
+def _document() -> dict:
+    return {
+        "format": 2, "name": "demo", "config": {"branch": {"min_lr_ratio": 0.1}},
+        "versions": [{"name": "v1", "index": 0, "new_tokens": 100, "train_files": ["a"]},
+                     {"name": "v2", "index": 1, "new_tokens": 200, "train_files": ["b"]}],
+        # out of order on purpose: readers get step order
+        "main_path": [_main("v2", 8, 16), _main("v1", 0, 8, future_field={"kept": True})],
+        "branches": [{"name": "branch-v1", "version": "v1", "fork_step": 6, "steps": 2, "metrics": {"val/v1": 3.9},
+                      "status": "done", "release": "/r/exports/branch-v1"},
+                     {"name": "branch-v2", "version": "v2", "fork_step": 14, "steps": 2, "status": "failed"}],
+        "releases": [{"id": "r1", "version": "v1", "version_index": 0, "branch": "branch-v1", "objective": 3.9,
+                      "candidates": 1, "release": "r1", "pinned": False}],
+        "release_history": {},
+        "sweeps": [{"name": "s", "version": "v2", "path": "/r/sweeps/v2/s", "best": "t1",
+                    "trials": [{"trial_id": "t1", "name": "branch-v2-t1", "status": "done", "score": 3.5,
+                                "order": 0}]}],
+        "compare": {"ptfs": [{"version": "v1", "tokens_trained": 80, "val": {}}]},
+    }
+
+
+def test_records_round_trip_with_the_keys_they_do_not_declare():
+    doc = _document()
+    for cls, key in ((Version, "versions"), (MainEntry, "main_path"), (Branch, "branches"),
+                     (Release, "releases"), (Sweep, "sweeps")):
+        for d in doc[key]:
+            assert cls.from_dict(d).to_dict() == d, cls.__name__  # nothing added, nothing lost
+    v1 = MainEntry.from_dict(doc["main_path"][1])
+    assert v1.extra == {"future_field": {"kept": True}} and v1.tokens == 80
+    assert Branch.from_dict(doc["branches"][0]).extra == {"release": "/r/exports/branch-v1"}
+    assert isinstance(Sweep.from_dict(doc["sweeps"][0]).trials[0], SweepTrial)
+    with pytest.raises(TypeError):
+        MainEntry.from_dict({"start_step": 0})  # a main-path entry names its version
+
+
+def test_typed_readers_of_a_document():
+    lin = Lineage.of(_document())
+    assert lin.version_names() == ["v1", "v2"] and lin.versions()[1].new_tokens == 200
+    assert [m.version for m in lin.main_path()] == ["v1", "v2"]  # step order
+    assert lin.main("v2").checkpoints["end"] == "/r/ray/main-v2/b" and lin.main("v3") is None
+    assert [b.name for b in lin.branches()] == ["branch-v1"]  # finished ones only
+    assert [b.name for b in lin.branches("v2", done=False)] == ["branch-v2"]
+    assert lin.branch("branch-v2").status == "failed"
+    assert lin.release("v1").objective == 3.9 and lin.release("v2") is None
+    assert lin.sweep("v2", "s").trials[0].score == 3.5 and lin.sweeps("v1") == []
+    # a comparison recorded before shape-matched baselines reads as the paper's cosine decay
+    assert lin.baselines("ptfs")[0]["decay"] == {"shape": "cosine", "min_lr_ratio": 0.1, "power": 2.0}
+    assert Lineage.of(lin) is lin
+    with pytest.raises(RunFileError, match="in memory"):
+        lin.save()
+
+
+def test_writers_save_typed_records(tmp_path):
+    lin = Lineage.open(tmp_path, "demo", {"name": "demo"})
+    lin.set_versions([{"name": "v1", "index": 0}, Version(name="v2", index=1)])
+    lin.record_main(MainEntry(version="v1", segment="main-v1", end_step=8, tokens_end=80,
+                              checkpoints={"end": str(tmp_path / "ray" / "main-v1" / "step_8")}))
+    lin.record_branch(Branch(name="branch-v1", version="v1", fork_step=6, steps=2, status="running"))
+    lin.record_branch(Branch(name="branch-v1", version="v1", fork_step=6, steps=2, metrics={"val/v1": 3.0}))
+    lin.record_sweep({"name": "s", "version": "v1", "trials": [{"trial_id": "t1", "status": "done"}]})
+    lin.record_baseline("cpt", {"version": "v1", "decay": {"shape": "cosine"}, "tokens_trained": 1})
+    lin.record_baseline("cpt", {"version": "v1", "decay": {"shape": "cosine"}, "tokens_trained": 2})
+    lin.record_replay_run("0.25", str(tmp_path / "compare" / "replay-0.25"))
+
+    back = Lineage.load(tmp_path)
+    assert back.version_names() == ["v1", "v2"]
+    main = back.main("v1")
+    assert main.tokens == 80 and main.finished is not None
+    assert main.checkpoints["end"] == str(tmp_path / "ray" / "main-v1" / "step_8")  # absolute in memory
+    assert back.data["main_path"][0]["checkpoints"]["end"] == str(tmp_path / "ray/main-v1/step_8")
+    assert "./ray/main-v1/step_8" in (tmp_path / "lineage.json").read_text()  # relative on disk
+    assert [(b.name, b.metrics) for b in back.branches()] == [("branch-v1", {"val/v1": 3.0})]  # replaced
+    assert back.sweep("v1", "s").trials[0].trial_id == "t1" and "finished" in back.sweep("v1", "s").extra
+    assert [e["tokens_trained"] for e in back.baselines("cpt")] == [2]
+    assert back.replay_runs() == {"0.25": str(tmp_path / "compare" / "replay-0.25")}
+
+
+#: How a module would read the lineage's JSON by hand (what the typed API replaces).
+HAND_READ = re.compile(r'\b(lineage|lin|data|h)(\.data)?(\[|\.get\()"(versions|main_path|branches|releases|'
+                       r'release_history|sweeps|compare)"|lineage\.data\[')
+
+
+def test_only_the_lineage_module_reads_the_lineage_document():
+    offenders = []
+    for path in [*ROOT.glob("raypath/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("jobs/*.py")]:
+        if path.name == "lineage.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if HAND_READ.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "read these through raypath.lineage.Lineage:\n" + "\n".join(offenders)
