@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from _common import run_main, setup_logging, warn_if_relative
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         lineage = run(cfg)
         paths = write_run_report(cfg, lineage)
         print(format_releases(lineage), flush=True)
-        print(f"run_dir: {cfg.run_dir if lineage.mirror else Path(cfg.run_dir).resolve()}")
+        print(f"run_dir: {lineage.rd.uri}")
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         return 0

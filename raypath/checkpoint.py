@@ -22,15 +22,14 @@ presence and sizes, and hashed at load, each rank hashing a share of the files
 (:func:`verify_share`); a corrupted one is quarantined (its manifest renamed),
 so the restart that follows skips it.
 
-In a remote run directory (:mod:`raypath.mirror`) Ray Train uploads the
-checkpoints; the functions taking a ``mirror`` list and read them there, and a
-node downloads a checkpoint into its mirror before it loads it, verifying the
-checksums after the download.
+In a remote run directory (:class:`raypath.mirror.RunDir`) Ray Train uploads the
+checkpoints; the functions taking the run directory ``rd`` list and read them there,
+and a node downloads a checkpoint into its mirror before it loads it, verifying the
+checksums after the download. Without ``rd`` the files are plain local ones.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from raypath.mirror import Mirror, fetch, mirrored
+from raypath.mirror import LOCAL, RunDir
 from raypath.storage import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -72,10 +71,10 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     return d
 
 
-def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool | None = None) -> None:
+def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
 
-    For a remote checkpoint (``mirror``) this checks that the manifest and every
+    For a checkpoint in a remote run directory ``rd`` this checks that the manifest and every
     file were uploaded, without downloading them: their checksums are verified
     on the node that downloads the checkpoint to load it.
     deep: hash every file; False: presence (and sizes, where the manifest has them)
@@ -83,8 +82,8 @@ def verify(directory: str | Path, mirror: Mirror | None = None, deep: bool | Non
         size grows with the model: the ranks that load it hash it (:func:`verify_share`).
     """
     d = Path(directory)
-    if mirrored(mirror, d):
-        _verify_uploaded(d, mirror)
+    if rd.remote(d):
+        _verify_uploaded(d, rd)
         return
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
@@ -136,14 +135,13 @@ def verify_share(directory: str | Path, rank: int, world: int) -> str | None:
     return None
 
 
-def quarantine(directory: str | Path, reason: str, mirror: Mirror | None = None) -> None:
+def quarantine(directory: str | Path, reason: str, rd: RunDir = LOCAL) -> None:
     """Make :func:`latest_valid` skip a corrupted checkpoint: its manifest is renamed, nothing deleted."""
     d = Path(directory)
     log.error("quarantining checkpoint %s: %s", d, reason)
     if (d / MANIFEST).is_file():
         (d / MANIFEST).replace(d / f"{MANIFEST}.corrupt")
-    if mirror is not None and mirrored(mirror, d / MANIFEST):
-        mirror.delete(d / MANIFEST)
+    rd.remove(d / MANIFEST)  # the remote copy (a remote run directory's)
 
 
 def shard_files(shards_dir: str | Path, rank: int) -> list[Path]:
@@ -170,9 +168,9 @@ def write_sharded_manifest(directory: str | Path, entries: dict[str, dict]) -> N
     write_json(Path(directory) / MANIFEST, {"format": SHARDED, "files": dict(sorted(entries.items()))})
 
 
-def _verify_uploaded(d: Path, mirror: Mirror) -> None:
-    where = f"{mirror.remote}/{mirror.relative(d)}"
-    present = set(mirror.children(d))
+def _verify_uploaded(d: Path, rd: RunDir) -> None:
+    where = rd.name(d)
+    present = set(rd.children(d))
     if MANIFEST not in present:
         raise CheckpointError(f"{where}: no {MANIFEST} (checkpoint incomplete or torn)")
     if SHARDS in present:  # the manifest lists the files; checked after the download
@@ -182,21 +180,9 @@ def _verify_uploaded(d: Path, mirror: Mirror) -> None:
             raise CheckpointError(f"{where}: {name} missing")
 
 
-def _read_json(path: Path, mirror: Mirror | None) -> dict:
-    if not mirrored(mirror, path):
-        return read_json(path)
-    raw = mirror.read_bytes(path)
-    if raw is None:
-        raise FileNotFoundError(f"{mirror.remote}/{mirror.relative(path)}: not found")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{mirror.remote}/{mirror.relative(path)}: not valid JSON ({e})") from None
-
-
-def load_state(directory: str | Path, mirror: Mirror | None = None) -> dict:
+def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:
     """``state.json`` of a checkpoint (read remotely when it is in a remote run directory)."""
-    return _read_json(Path(directory) / "state.json", mirror)
+    return rd.read_json(Path(directory) / "state.json")
 
 
 def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -227,28 +213,26 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def step_dirs(run_storage: Path, mirror: Mirror | None = None) -> list[Path]:
+def step_dirs(run_storage: str | Path, rd: RunDir = LOCAL) -> list[Path]:
     """The ``step_*`` directories of a segment's storage (listed remotely for a remote run)."""
-    if mirrored(mirror, run_storage):
-        return [run_storage / n for n in mirror.children(run_storage) if n.startswith("step_")]
-    return list(run_storage.glob("step_*")) if run_storage.is_dir() else []
+    return [Path(run_storage) / n for n in rd.children(run_storage) if n.startswith("step_")]
 
 
-def latest_valid(run_storage: str | Path, mirror: Mirror | None = None) -> Path | None:
+def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
     """Newest verified ``step_*`` checkpoint under a Ray Train run directory.
 
-    Remote (``mirror``): checkpoints are listed remotely, and the newest one is
+    Remote (``rd``): checkpoints are listed remotely, and the newest one is
     downloaded into the mirror and verified there; a download that fails the
     check is deleted, so it is fetched again rather than trusted next time.
     """
-    for d in sorted(step_dirs(Path(run_storage), mirror), reverse=True):
+    for d in sorted(step_dirs(run_storage, rd), reverse=True):
         try:
-            local = fetch(mirror, d)
+            local = rd.fetch(d)
             verify(local)
             return local
         except (CheckpointError, FileNotFoundError) as e:
             log.warning("skipping checkpoint: %s", e)
-            if mirrored(mirror, d):
+            if rd.remote(d):  # the download, not the remote checkpoint
                 shutil.rmtree(d, ignore_errors=True)
     return None
 
@@ -256,7 +240,7 @@ def latest_valid(run_storage: str | Path, mirror: Mirror | None = None) -> Path 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def drop_stale_ray_snapshot(run_storage: str | Path, mirror: Mirror | None = None) -> bool:
+def drop_stale_ray_snapshot(run_storage: str | Path, rd: RunDir = LOCAL) -> bool:
     """Remove Ray Train's checkpoint snapshot if it names a missing or torn checkpoint.
 
     Ray refuses to start a run whose snapshot references a checkpoint that no
@@ -266,7 +250,7 @@ def drop_stale_ray_snapshot(run_storage: str | Path, mirror: Mirror | None = Non
     """
     snap = Path(run_storage) / RAY_SNAPSHOT
     try:
-        names = [r["checkpoint_dir_name"] for r in _read_json(snap, mirror).get("checkpoint_results", [])]
+        names = [r["checkpoint_dir_name"] for r in rd.read_json(snap).get("checkpoint_results", [])]
     except FileNotFoundError:
         return False
     except (ValueError, KeyError, TypeError):
@@ -274,17 +258,14 @@ def drop_stale_ray_snapshot(run_storage: str | Path, mirror: Mirror | None = Non
     bad = None if names is not None else "unreadable"
     for name in names or []:
         try:
-            verify(Path(run_storage) / name, mirror)
+            verify(Path(run_storage) / name, rd)
         except CheckpointError as e:
             bad = str(e)
             break
     if bad is None:
         return False
     log.warning("dropping Ray's checkpoint snapshot %s (%s); resuming from the latest valid checkpoint", snap, bad)
-    if mirrored(mirror, snap):
-        mirror.delete(snap)
-    else:
-        snap.unlink()
+    rd.remove(snap)
     return True
 
 
@@ -292,18 +273,16 @@ def step_of(directory: str | Path) -> int:
     return int(Path(directory).name.removeprefix("step_"))
 
 
-def prune(run_storage: str | Path, keep: int, protected: set[int], mirror: Mirror | None = None) -> list[Path]:
+def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = LOCAL) -> list[Path]:
     """Delete periodic checkpoints beyond the newest ``keep``; steps in ``protected`` are never deleted.
 
     ``protected``: fork points and version boundaries (what branches and later
     versions start from). Returns the directories deleted.
     """
-    periodic = sorted((d for d in step_dirs(Path(run_storage), mirror) if step_of(d) not in protected),
+    periodic = sorted((d for d in step_dirs(run_storage, rd) if step_of(d) not in protected),
                       key=step_of)
     doomed = periodic[:-keep] if keep > 0 else []
     for d in doomed:
         log.info("pruning checkpoint %s (train.keep_checkpoints=%d)", d, keep)
-        if mirrored(mirror, d):
-            mirror.filesystem().delete_dir(mirror.remote_path(d))
-        shutil.rmtree(d, ignore_errors=True)
+        rd.remove(d)
     return doomed

@@ -55,7 +55,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
     from raypath.report import format_status
 
-    print(format_status(Lineage.load(_open_run(args).path)))
+    print(format_status(Lineage.load(_open_run(args))))
     return 0
 
 
@@ -64,7 +64,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage
 
     if args.run_dir:
-        lineage = Lineage.load(_open_run(args).path)
+        lineage = Lineage.load(_open_run(args))
         fraction = lineage.config["branch"]["fraction"]
         replay = lineage.config["data"]["replay_ratio"]
         new_tokens = [v.new_tokens for v in lineage.versions()]
@@ -96,15 +96,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage, resolve_version
-    from raypath.mirror import require_local
     from raypath.releases import Releaser, format_release, version_objective
 
-    require_local(args.run_dir, "release")
-    lineage = Lineage.load(args.run_dir)
+    lineage = Lineage.load(_open_run(args))
     names = [v.name for v in lineage.versions()]
-    version = names[resolve_version([{"name": n} for n in names], args.version)]
+    version = names[resolve_version(names, args.version)]
     objective = version_objective(lineage, version)
-    releaser = Releaser(lineage, lineage.run_dir)
+    releaser = Releaser(lineage)
     releaser.sync(version)
     if args.pick:
         entry = releaser.pick(version, args.pick, objective)
@@ -116,7 +114,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from raypath.export import export
 
-    print(export(args.run_dir, args.source, args.out, args.dtype, args.force).summary())
+    print(export(args.run_dir, args.source, args.out, args.dtype, args.force, args.local_dir).summary())
     return 0
 
 
@@ -137,7 +135,7 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     from raypath.report import format_fits
 
     rd = _open_run(args)
-    lineage = Lineage.load(rd.path)
+    lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
@@ -155,7 +153,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath.report import plot_prediction
 
     rd = _open_run(args)
-    lineage = Lineage.load(rd.path)
+    lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
@@ -266,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=cmd_sweep)
 
     rel = sub.add_parser("release", help="list a version's release candidates and history; re-release or roll back")
-    rel.add_argument("run_dir")
+    _run_dir_arg(rel)
     rel.add_argument("--version", required=True, help="version, by name (v2) or number (2)")
     rel.add_argument("--pick", help="rN: roll back to that release; a trial id or branch name: release it "
                                     "(pinned: automatic decisions keep it); best: release the best candidate")
     rel.set_defaults(fn=cmd_release)
 
     ex = sub.add_parser("export", help="write a release or main-path checkpoint as a Hugging Face model directory")
-    ex.add_argument("run_dir")
+    _run_dir_arg(ex)
     ex.add_argument("source", help="v2 (the live release), v2/r1 (a release), main-v2 (the main path at the "
                                    "end of v2) or a checkpoint directory (ray/<segment>/step_N)")
     ex.add_argument("--out", required=True, help="directory to write (atomically; its parent is created)")

@@ -39,7 +39,6 @@ from raypath.cost import lineage_costs
 from raypath.data import union_stream
 from raypath.lineage import Lineage
 from raypath.loop import Segment, final_checkpoint, fit_segment
-from raypath.mirror import publish
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window, decay_from
@@ -79,7 +78,7 @@ def ptfs_segment(ctx: RunContext, k: int, decay: Decay) -> Segment:
     """Release k from scratch on all data of versions 1..k."""
     version = ctx.versions[k]
     stream = union_stream(ctx.versions, k, ctx.run_dir / "data" / f"ptfs-{version['name']}" / "stream",
-                          ctx.cfg.data.seed, ctx.mirror)
+                          ctx.cfg.data.seed, ctx.rd)
     steps = stream["stream_rows"] // ctx.cfg.train.global_batch_size
     name = f"ptfs-{version['name']}{_tag(decay)}"
     return Segment(**ctx.segment_fields(name), kind="ptfs", version=f"ptfs-{version['name']}",
@@ -148,10 +147,10 @@ def replay_config(cfg: Config, ctx: RunContext, ratio: float) -> Config:
     run, its mirror inside the run's mirror."""
     sub = f"compare/replay-{ratio:g}"
     data = dataclasses.replace(cfg.data, replay_ratio=ratio, tokenizer=ctx.tokenizer_dir)
-    if ctx.mirror is None:
+    if ctx.rd.mirror is None:
         return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=str(ctx.run_dir / sub), data=data)
     cluster = dataclasses.replace(cfg.cluster, local_dir=str(ctx.run_dir / sub))
-    return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=f"{ctx.mirror.remote}/{sub}",
+    return dataclasses.replace(cfg, name=f"{cfg.name}-replay{ratio:g}", run_dir=f"{ctx.rd.uri}/{sub}",
                                data=data, cluster=cluster)
 
 
@@ -176,7 +175,7 @@ def run_comparison(cfg: Config) -> dict[str, str]:
         _train_baselines(lineage, ctx, PAPER, decays[PAPER])
     paths = write_comparison(ctx.run_dir, lineage)
     for path in paths.values():
-        publish(ctx.mirror, path)
+        ctx.rd.publish(path)
     return paths
 
 

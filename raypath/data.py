@@ -59,6 +59,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypath.lineage import recorded_root
+from raypath.mirror import LOCAL, RunDir
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
 from raypath.sources import (  # noqa: F401
     CHUNK_BYTES,
@@ -112,16 +113,6 @@ def _tokens_array(tokens: np.ndarray) -> pa.FixedSizeListArray:
 def _blocks(table: pa.Table) -> np.ndarray:
     col = table.column("tokens").combine_chunks()
     return col.values.to_numpy().reshape(len(col), -1).astype(np.int32)
-
-
-# ---------------------------------------------------------------- where data files go
-
-def _target(path: str | Path, mirror=None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) to write a run-directory path to: the remote one for a mirrored run."""
-    from raypath.mirror import source
-
-    p, fs = source(mirror, path)
-    return (fs, p) if fs is not None else (pafs.LocalFileSystem(), str(p))
 
 
 def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, **kw) -> None:
@@ -559,9 +550,8 @@ class PrepareSpec:
     """What :func:`prepare_versions` needs from the run config.
 
     chunk_bytes, shard_bytes: sizes of a tokenize task's input and of a stream shard (file).
-    mirror: the remote run directory behind ``data_dir`` (:class:`raypath.mirror.Mirror`);
-        prepared files are then written straight to it by the actors, only the
-        manifest locally. None = ``data_dir`` is where they go (a local or shared path).
+    rd: the run directory ``data_dir`` belongs to; for a remote one, prepared files are
+        written straight to the bucket by the actors, only the manifest locally.
     endpoint: S3 endpoint of a remote corpus (None = pyarrow's default resolution).
     """
 
@@ -576,7 +566,7 @@ class PrepareSpec:
     min_blocks: int  # a version must fill at least one global batch
     on_bad_input: str = "error"  # "error" or "skip" (counted and logged)
     max_doc_chars: int = 0  # 0 = no limit
-    mirror: Any = None
+    rd: RunDir = LOCAL
     endpoint: str | None = None
     chunk_bytes: int = CHUNK_BYTES  # input per tokenize task (see raypath.sources)
     shard_bytes: int = SHARD_BYTES  # token bytes per stream shard
@@ -705,9 +695,9 @@ _PARTS = {"train": "new", "val": "val-parts", "test": "test-parts"}  # where eac
 def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[dict[str, list[dict]]]:
     """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split."""
     jobs, keys = [], []
-    fs = _target(Path(spec.data_dir), spec.mirror)[0]
+    fs = spec.rd.target(spec.data_dir)[0]
     for k, t in enumerate(todo):
-        root = _target(Path(spec.data_dir) / t["source"].name, spec.mirror)[1]
+        root = spec.rd.target(Path(spec.data_dir) / t["source"].name)[1]
         fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
         for split, out in _PARTS.items():
             if t[split]:
@@ -726,11 +716,11 @@ def _pool(rec: dict, spec: PrepareSpec, upgrade: bool = True) -> Pool:
     pass reads (one Ray task: such runs were small enough for one process)."""
     import ray
 
-    fs, new = _target(rec["new_path"], spec.mirror)
+    fs, new = spec.rd.target(rec["new_path"])
     if "new_chunk_rows" not in rec and not upgrade:
         return Pool(int(rec["index"]), (new,), (int(rec["new_blocks"]),))
     if "new_chunk_rows" not in rec:
-        out = _target(Path(rec["new_path"]).with_name("new"), spec.mirror)[1]
+        out = spec.rd.target(Path(rec["new_path"]).with_name("new"))[1]
         ray.get(ray.remote(_upgrade_new).remote(fs, new, _part(out, 0), int(rec["index"])))
         rec.update(new_path=str(Path(rec["new_path"]).with_name("new")), new_chunk_rows=[int(rec["new_blocks"])])
         new = out
@@ -748,7 +738,7 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     """Version ``todo``'s checks, held-out splits and stream, from its tokenized chunks' stats."""
     i, src = todo["index"], todo["source"]
     vdir = Path(spec.data_dir) / src.name
-    fs, root = _target(vdir, spec.mirror)
+    fs, root = spec.rd.target(vdir)
     train = split_stats["train"]
     stats = _sum_stats(train)
     if stats["blocks"] < spec.min_blocks:
@@ -801,17 +791,17 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     }
 
 
-def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int, mirror=None) -> dict:
+def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int, rd: RunDir = LOCAL) -> dict:
     """All new blocks of versions ``0..upto`` in one seeded order: what PTFS trains on.
 
     Written once (``stream.json`` beside the shards marks it complete) for the paradigm
     comparison; returns the stream's path and row count like a version record does.
     """
     out = Path(out_path)
-    fs, root = _target(out, mirror)
+    fs, root = rd.target(out)
     marker = f"{root}/stream.json"
     if fs.get_file_info(marker).type != pafs.FileType.File:
-        spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, mirror=mirror)
+        spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, rd=rd)
         pools = [_pool(r, spec) for r in records[: upto + 1]]
         block = int(records[0]["new_tokens"] // max(records[0]["new_blocks"], 1))
         fs.delete_dir_contents(root, missing_dir_ok=True)
@@ -860,7 +850,7 @@ def _read_rows(pools: list[Pool], positions: np.ndarray, fs: pafs.FileSystem) ->
 
 
 def replay_variant(version: dict, older: list[dict], consumed: list, limit: int, ratio: float,
-                   seed: int, out_path: str | Path, mirror=None) -> dict:
+                   seed: int, out_path: str | Path, rd: RunDir = LOCAL) -> dict:
     """``version``'s stream with the rows still to train re-mixed to ``ratio`` replay.
 
     What a branch with its own replay ratio trains (a sweep can search the ratio). The
@@ -875,16 +865,14 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     re-mixes); the drawn blocks are read from the part files that hold them only. In a
     remote run directory it is written to the bucket, where the branch's workers read it.
     """
-    from raypath.mirror import fetch, publish
-
     out = Path(out_path)
     k = int(version["index"])
-    spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, mirror=mirror)
-    fetch(mirror, out, missing_ok=True)  # a remote run's variant, written by a trial on another machine
+    spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, rd=rd)
+    rd.fetch(out, missing_ok=True)  # a remote run's variant, written by a trial on another machine
     if not out.exists():
         if ratio > 0 and not older:
             raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
-        fs, stream = _target(version["stream_path"], mirror)
+        fs, stream = rd.target(version["stream_path"])
         table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in _parquet_files(fs, stream)]).sort_by("idx")
         idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
         tokens = _blocks(table)
@@ -900,7 +888,7 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
             tokens[swap], src[swap] = _read_rows(pools, pick, fs)
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_blocks(out, tokens, src, idx)
-        publish(mirror, out)  # the branch's workers read it through the bucket
+        rd.publish(out)  # the branch's workers read it through the bucket
     table = pq.read_table(out, columns=["idx", "src"])
     idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
     todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)

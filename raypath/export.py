@@ -135,16 +135,19 @@ class Exported:
 # --------------------------------------------------------------------------- the one entry point
 
 def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = None,
-           force: bool = False) -> Exported:
-    """Export ``what`` (see the module docstring) of ``run_dir`` to ``out``; atomic, verified."""
-    from raypath.mirror import require_local
+           force: bool = False, local_dir: str | None = None) -> Exported:
+    """Export ``what`` (see the module docstring) of ``run_dir`` to ``out``; atomic, verified.
+
+    run_dir: a path or a URI (``s3://...``): a remote run directory is mirrored in
+        ``local_dir`` (default ``~/.cache/raypath/...``), and only the exported source is
+        downloaded into it. ``out`` is a local directory."""
+    from raypath.mirror import RunDir
     from raypath.storage import atomic_dir
 
-    require_local(run_dir, "export")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    lineage = Lineage.load(run_dir)
+    lineage = Lineage.load(RunDir.open(run_dir, local_dir))
+    run_dir, out = lineage.rd.path.resolve(), Path(out).resolve()
     src = resolve(lineage, run_dir, what)
     check_out(out, force, run_dir, src.path)
     with _no_progress_bars():
@@ -186,7 +189,7 @@ def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
         return release_source(lineage, run_dir, name, rid or None)
     if what.startswith("main-") and what[5:] in versions:
         return main_source(lineage, run_dir, what[5:])
-    for candidate in (Path(what), run_dir / what):
+    for candidate in (Path(what), lineage.rd.fetch(run_dir / what, missing_ok=True)):
         if candidate.is_dir():
             return checkpoint_source(lineage, run_dir, candidate.resolve())
     raise ExportError(f"{what}: not a version, release, main-path checkpoint or checkpoint directory of "
@@ -232,7 +235,7 @@ def release_source(lineage: Lineage, run_dir: Path, version: str, rid: str | Non
         what = f"has no release {rid}" if rid else "has no release yet"
         raise ExportError(f"{version} {what} in {run_dir} (releases of {version}: {', '.join(h.ids()) or 'none'}; "
                           f"{what_exists(lineage)}); `raypath run` or `raypath sweep` releases a version")
-    model_dir = in_run_dir(entry.path, run_dir, "releases")
+    model_dir = lineage.rd.fetch(in_run_dir(entry.path, run_dir, "releases"), missing_ok=True)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{version}/{rid}: release directory {model_dir} is missing or holds no model")
     card = model_dir / JSON_CARD
@@ -249,7 +252,7 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
     if main is None:
         raise ExportError(f"main-{version}: the main path of {version} has not finished in {run_dir} "
                           f"({what_exists(lineage)})")
-    d = in_run_dir(main.checkpoints["end"], run_dir, "ray")
+    d = lineage.rd.fetch(in_run_dir(main.checkpoints["end"], run_dir, "ray"), missing_ok=True)
     _check_checkpoint(d, f"main-{version}")
     facts = main_facts(lineage, main)
     facts.label, facts.source = f"main-{version}", str(d)

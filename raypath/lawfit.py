@@ -113,7 +113,7 @@ def version_name(lineage: LineageLike, version: str | int | None) -> str:
         names = [v for v in names if v in _mains(lineage)]
         if not names:
             raise ValueError("the lineage has no trained main-path version yet")
-    return names[resolve_version([{"name": n} for n in names], version)]
+    return names[resolve_version(names, version)]
 
 
 def lineage_schedule(lineage: LineageLike) -> MainPath:

@@ -3,7 +3,7 @@
 One JSON file per run (``RUN_DIR/lineage.json``), written atomically by the
 driver only (workers never touch it), so it is always a consistent picture of
 what is finished. A re-run reads it to skip finished work. In a remote run
-directory every save is also uploaded (:mod:`raypath.mirror`).
+directory every save is also uploaded (:class:`raypath.mirror.RunDir`).
 
 Format 2 stores the paths of the run directory's files relative to it (``./data/v1/val``,
 :func:`raypath.storage.relative_paths`), so a run directory can be copied or moved and
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raypath.mirror import Mirror, publish
+from raypath.mirror import LOCAL, RunDir
 from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
@@ -35,6 +35,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _run_dir(run_dir: RunDir | str | Path) -> RunDir:
+    """A run directory handle; a plain path is a local run directory."""
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+
+
 @dataclass
 class Lineage:
     """A run's lineage: read it with the typed accessors, change it with the ``record_*`` and
@@ -42,31 +47,34 @@ class Lineage:
 
     path: ``RUN_DIR/lineage.json``; None for a record held only in memory (:meth:`of`).
     data: the JSON document (paths absolute under the run directory's current place).
-    mirror: the remote run directory each save is uploaded to; None for a local run.
+    rd: the run directory the record belongs to (each save is uploaded to a remote one);
+        :data:`raypath.mirror.LOCAL` for a record held in memory.
     """
 
     path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
-    mirror: Mirror | None = None
+    rd: RunDir = LOCAL
 
     @classmethod
-    def open(cls, run_dir: str | Path, name: str, config: dict, mirror: Mirror | None = None) -> "Lineage":
-        path = Path(run_dir) / LINEAGE
+    def open(cls, run_dir: RunDir | str | Path, name: str, config: dict) -> "Lineage":
+        rd = _run_dir(run_dir)
+        path = rd / LINEAGE
         if path.exists():
-            lin = cls(path, _read(path), mirror)
+            lin = cls(path, _read(path), rd)
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
-                          "branches": [], "releases": [], "release_history": {}}, mirror)
+                          "branches": [], "releases": [], "release_history": {}}, rd)
 
     @classmethod
-    def load(cls, run_dir: str | Path, mirror: Mirror | None = None) -> "Lineage":
-        """The record of an existing run; ``mirror``: the remote run directory its saves go to."""
-        path = Path(run_dir) / LINEAGE
+    def load(cls, run_dir: RunDir | str | Path) -> "Lineage":
+        """The record of an existing run (a :class:`~raypath.mirror.RunDir` or a local path)."""
+        rd = _run_dir(run_dir)
+        path = rd / LINEAGE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no lineage record (is {run_dir} a raypath run directory?)")
-        return cls(path, _read(path), mirror)
+            raise FileNotFoundError(f"{path}: no lineage record (is {rd.uri} a raypath run directory?)")
+        return cls(path, _read(path), rd)
 
     @classmethod
     def of(cls, lineage: "Lineage | Mapping | str | Path") -> "Lineage":
@@ -90,12 +98,17 @@ class Lineage:
         self.data["updated"] = _now()
         self.data["format"] = FORMAT
         write_json(self.path, self.data, root=self.run_dir)
-        publish(self.mirror, self.path)
+        self.rd.publish(self.path)
 
     # ---- run-level facts
     @property
     def name(self) -> str:
         return self.data.get("name", "")
+
+    @property
+    def updated(self) -> str | None:
+        """When the record was last saved (ISO 8601, UTC); None for one never saved."""
+        return self.data.get("updated")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -264,13 +277,12 @@ def _migrate_releases(data: dict) -> None:
         r.update(id="r1", release="r1", reason=reason, pinned=bool(r.get("pinned")))
 
 
-def resolve_version(versions: list[dict], version: str | int | None) -> int:
-    """Index in ``versions`` (entries with a ``name``, in order) of ``version``: a name
-    (``v2``), a 1-based number (``2``), or None for the last one. Raises
+def resolve_version(names: list[str], version: str | int | None) -> int:
+    """Index in ``names`` (the run's versions, in order) of ``version``: a name (``v2``), a
+    1-based number (``2``), or None for the last one. Raises
     :class:`~raypath.config.ConfigError` (a ``ValueError``) naming the known versions."""
     from raypath.config import ConfigError
 
-    names = [v["name"] for v in versions]
     if version is None:
         if not names:
             raise ConfigError("the run has no version yet")

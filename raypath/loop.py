@@ -30,7 +30,7 @@ from raypath import checkpoint as ckpt
 from raypath import shards
 from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
-from raypath.mirror import Mirror, fetch, publish, source
+from raypath.mirror import LOCAL, RunDir
 from raypath.loss import install_loss
 from raypath.model import block_loss, build_model
 from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
@@ -64,8 +64,8 @@ class Segment:
         whole global batches; the rest is never trained, by any path.
     objective_weights: val split name -> weight; when set, every eval also
         reports ``objective = sum(weight * val loss)`` (what a sweep minimises).
-    mirror: set when the run directory is remote: the paths above are then its
-        local mirror's, fetched and published through it (:mod:`raypath.mirror`).
+    rd: the run directory the paths above lie in; for a remote one they are its local
+        mirror's, fetched and published through it (:class:`raypath.mirror.RunDir`).
     tracking: where rank 0 also logs the metrics (:mod:`raypath.tracking`); None = curves only.
     """
 
@@ -93,7 +93,7 @@ class Segment:
     stream_limit: int | None = None
     model_card: dict[str, Any] = field(default_factory=dict)
     objective_weights: dict[str, float] = field(default_factory=dict)
-    mirror: Mirror | None = None
+    rd: RunDir = LOCAL
     tracking: TrackingSpec | None = None
 
 
@@ -124,9 +124,9 @@ def final_checkpoint(seg: Segment) -> FinalCheckpoint:
     """The final checkpoint of a finished ``seg`` (raises :class:`~raypath.checkpoint.CheckpointError`
     when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without)."""
     final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final, seg.mirror)
-    state = ckpt.load_state(final, seg.mirror)
-    start = ckpt.load_state(seg.init_checkpoint, seg.mirror)["tokens"] if seg.init_checkpoint else 0
+    ckpt.verify(final, seg.rd)
+    state = ckpt.load_state(final, seg.rd)
+    start = ckpt.load_state(seg.init_checkpoint, seg.rd)["tokens"] if seg.init_checkpoint else 0
     return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
 
 
@@ -137,11 +137,11 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
     agree on which rows were already trained after any restart. The checkpoint
     is local to the caller's node (downloaded there first in a remote run).
     """
-    own = ckpt.latest_valid(seg.storage, seg.mirror)
+    own = ckpt.latest_valid(seg.storage, seg.rd)
     if own is not None:
         return str(own), ckpt.load_state(own)
     if seg.init_checkpoint:
-        init = str(fetch(seg.mirror, seg.init_checkpoint))
+        init = str(seg.rd.fetch(seg.init_checkpoint))
         state = ckpt.load_state(init)
         if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
@@ -151,7 +151,7 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
 
 def train_dataset(seg: Segment):
     """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
-    path, filesystem = source(seg.mirror, seg.stream_path)  # read tasks run on any node
+    path, filesystem = seg.rd.source(seg.stream_path)  # read tasks run on any node
     return stream_dataset(path, resume_point(seg)[1].get("consumed"), seg.stream_limit, filesystem)
 
 
@@ -346,7 +346,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     training = Training(model, raw, _optimizer(raw, t, device), device, precision, parallel)
     if sharded:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        shards.load_into(sharded, raw, training.optim, rank, world, seg.mirror)
+        shards.load_into(sharded, raw, training.optim, rank, world, seg.rd)
     elif restored:
         training.load_optim_state(restored["optim"])
     return training
@@ -356,7 +356,7 @@ def _model_config(seg: Segment) -> ModelConfig:
     """``seg.model`` with ``path`` (a base model inside a remote run directory) fetched to this node."""
     if not seg.model.path:
         return seg.model
-    return dataclasses.replace(seg.model, path=str(fetch(seg.mirror, seg.model.path)))
+    return dataclasses.replace(seg.model, path=str(seg.rd.fetch(seg.model.path)))
 
 
 def train_step(tr: Training, micro_batches: Iterable[torch.Tensor], accum: int, lr: float,
@@ -445,7 +445,7 @@ class _Reporter:
         self.device = device or torch.device("cpu")
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         if rank == 0:  # continue the remote curve, whatever node ran the segment before
-            fetch(seg.mirror, seg.curves_path, missing_ok=True)
+            seg.rd.fetch(seg.curves_path, missing_ok=True)
         self.tracker = Tracker.start(seg.tracking, seg) if rank == 0 else Tracker()
 
     def event(self, name: str, **fields: Any) -> None:
@@ -457,7 +457,7 @@ class _Reporter:
         Path(self.seg.curves_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.seg.curves_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        publish(self.seg.mirror, self.seg.curves_path)
+        self.seg.rd.publish(self.seg.curves_path)
 
     def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
         """``loss``: this rank's step loss; ranks are averaged at flush (one all-reduce per window)."""
@@ -509,9 +509,9 @@ def _export(model: torch.nn.Module, seg: Segment, metrics: dict) -> None:
     from raypath.storage import atomic_dir, write_json
 
     with atomic_dir(seg.export_dir) as tmp:
-        save_model_dir(tmp, model, fetch(seg.mirror, seg.tokenizer_dir))
+        save_model_dir(tmp, model, seg.rd.fetch(seg.tokenizer_dir))
         write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
-    publish(seg.mirror, seg.export_dir)
+    seg.rd.publish(seg.export_dir)
 
 
 def train_segment(config: dict) -> None:
@@ -579,7 +579,7 @@ class _Checkpoints:
         if t.checkpoint_every:
             self.steps |= set(range(seg.start_step + t.checkpoint_every, seg.end_step, t.checkpoint_every))
         sharded = t.parallel == "fsdp" or t.async_checkpoint
-        self.saver = shards.ShardedSaver(rank, t.async_checkpoint, device, seg.mirror) if sharded else None
+        self.saver = shards.ShardedSaver(rank, t.async_checkpoint, device, seg.rd) if sharded else None
         self.last_save = time.monotonic()
 
     def time_due(self) -> bool:
@@ -593,7 +593,7 @@ class _Checkpoints:
             self.prune()
 
     def prune(self) -> None:
-        ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.mirror)
+        ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.rd)
 
     def save(self, tr: Training, step: int, state: dict, metrics: dict, last: bool) -> None:
         """Collective: checkpoint ``step`` and report ``metrics`` with it to Ray Train."""
@@ -660,8 +660,8 @@ class _SegmentRun:
             torch.set_rng_state(restored["rng"]["torch"])
         del restored
         step = int(state["step"])
-        val = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.val_paths.items()}
-        test = {name: read_blocks(fetch(seg.mirror, p)) for name, p in seg.test_paths.items()}
+        val = {name: read_blocks(seg.rd.fetch(p)) for name, p in seg.val_paths.items()}
+        test = {name: read_blocks(seg.rd.fetch(p)) for name, p in seg.test_paths.items()}
         checkpoints = _Checkpoints(seg, rank, device)
         accum = t.global_batch_size // (t.micro_batch_size * world)
         feed = _Feed(t.micro_batch_size, accum, device)
@@ -765,8 +765,8 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     t = seg.train
-    ckpt.drop_stale_ray_snapshot(seg.storage, seg.mirror)
-    storage_path, storage_fs = source(seg.mirror, Path(seg.storage).parent)
+    ckpt.drop_stale_ray_snapshot(seg.storage, seg.rd)
+    storage_path, storage_fs = seg.rd.source(Path(seg.storage).parent)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     elastic = 0 < t.min_workers < t.num_workers
     workers = (t.min_workers, t.num_workers) if elastic else t.num_workers
@@ -782,5 +782,5 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
                              callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     result = trainer.fit()
-    fetch(seg.mirror, seg.curves_path, missing_ok=True)
+    seg.rd.fetch(seg.curves_path, missing_ok=True)
     return result

@@ -35,17 +35,19 @@ once, so it is copied when missing or of a different size.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from raypath.sources import first_line, uri_filesystem
-from raypath.storage import atomic_file
+from raypath.storage import atomic_file, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
@@ -62,16 +64,6 @@ def is_remote(run_dir: str | os.PathLike) -> bool:
     """A URI with a scheme other than ``file``: kept remotely, worked on through a mirror."""
     scheme = urlparse(str(run_dir)).scheme
     return "://" in str(run_dir) and scheme not in ("", "file")
-
-
-def require_local(run_dir: str | os.PathLike, command: str) -> None:
-    """Refuse a remote ``run_dir`` for commands that do not go through a mirror yet."""
-    if is_remote(run_dir):
-        from raypath.config import ConfigError
-
-        raise ConfigError(f"run_dir: `raypath {command}` needs a local or shared-filesystem run directory; "
-                          f"{run_dir!r} is remote (`run`, `sweep`, `compare`, `status`, `cost` and `law` "
-                          f"take remote run directories)")
 
 
 def default_local_dir(run_dir: str) -> Path:
@@ -239,9 +231,6 @@ class Mirror:
                 made.add(parent)
             pafs.copy_files(str(local), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
-    def delete(self, path: str | os.PathLike) -> None:
-        self.filesystem().delete_file(self.remote_path(path))
-
 
 def _changed(local: Path, remote: pafs.FileInfo) -> bool:
     """Whether ``local`` and the remote file may differ (see the module doc)."""
@@ -254,7 +243,12 @@ def _changed(local: Path, remote: pafs.FileInfo) -> bool:
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run directory, local or remote, as every command opens it.
+    """A run directory, local or remote: every module reads and writes run files through it.
+
+    Paths are always local (the directory itself, or a remote one's mirror); the methods
+    make a remote run directory's copy agree with them. For a local run directory they are
+    plain file operations, so callers never ask which kind they hold. Pickled to Ray
+    workers and tasks with what they run (a segment, a preparation spec).
 
     path: where its files are read and written: the directory itself, or for a remote
         run directory its local mirror (filled from the remote when opened).
@@ -296,39 +290,79 @@ class RunDir:
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
 
-    def fetch(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
-        """``path`` (inside the run directory), pulled first from a remote run directory."""
-        return fetch(self.mirror, path, missing_ok)
+    def remote(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is kept in a remote run directory (else it is a plain local file:
+        a local run's, or one outside the run directory)."""
+        return self.mirror is not None and self.mirror.relative(path) is not None
 
-    def publish(self, path: str | os.PathLike) -> None:
-        """Upload ``path`` (file or directory) to a remote run directory; a no-op for a local one."""
-        publish(self.mirror, path)
+    def name(self, path: str | os.PathLike) -> str:
+        """``path`` as messages call it: its URI in a remote run directory."""
+        return f"{self.mirror.remote}/{self.mirror.relative(path)}" if self.remote(path) else str(path)
+
+    # ---- reading
+    def fetch(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
+        """``path`` (file or directory), pulled first from a remote run directory (:meth:`Mirror.pull`)."""
+        return self.mirror.pull(path, missing_ok) if self.remote(path) else Path(path)
+
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+        """Refresh every file under the directory ``path`` from a remote run directory
+        (:meth:`Mirror.pull_files`); a no-op for a local one."""
+        if self.remote(path):
+            self.mirror.pull_files(path, exclude)
+
+    def read_json(self, path: str | os.PathLike) -> Any:
+        """A JSON file, read where it is kept (remotely, without touching the mirror)."""
+        if not self.remote(path):
+            return read_json(path)
+        raw = self.mirror.read_bytes(path)
+        if raw is None:
+            raise FileNotFoundError(f"{self.name(path)}: not found")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.name(path)}: not valid JSON ({e})") from None
+
+    def children(self, path: str | os.PathLike) -> list[str]:
+        """Names of the entries of the directory ``path`` where it is kept ([] when absent)."""
+        if self.remote(path):
+            return self.mirror.children(path)
+        return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
 
     def source(self, path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
-        """(path, filesystem) of ``path`` to hand to Ray: the remote one for a remote run directory."""
-        return source(self.mirror, path)
+        """(path, filesystem) of ``path`` to hand to Ray (Data reads, Train storage): the remote
+        one for a remote run directory, else (local path, None)."""
+        if self.remote(path):
+            return self.mirror.remote_path(path), self.mirror.filesystem()
+        return str(path), None
+
+    def target(self, path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path) that workers write ``path`` to directly (Ray Data actors writing
+        prepared data): the remote one for a remote run directory."""
+        p, fs = self.source(path)
+        return (fs, p) if fs is not None else (pafs.LocalFileSystem(), str(Path(p).resolve()))
+
+    # ---- writing
+    def publish(self, path: str | os.PathLike) -> None:
+        """Upload ``path`` (file or directory) to a remote run directory; a no-op for a local one."""
+        if self.remote(path):
+            self.mirror.push(path)
+
+    def remove(self, path: str | os.PathLike) -> None:
+        """Delete the file or directory ``path`` (missing is fine), and its remote copy."""
+        path = Path(path)
+        if self.remote(path):
+            info = self.mirror.info(path)
+            fs, where = self.mirror.filesystem(), self.mirror.remote_path(path)
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(where)
+            elif info.type == pafs.FileType.File:
+                fs.delete_file(where)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------ for callers without a mirror
-
-def mirrored(mirror: Mirror | None, path: str | os.PathLike) -> bool:
-    """Whether ``path`` is part of a remote run directory (else it is a plain local path)."""
-    return mirror is not None and mirror.relative(path) is not None
-
-
-def fetch(mirror: Mirror | None, path: str | os.PathLike, missing_ok: bool = False) -> Path:
-    """``path``, pulled first when it belongs to a remote run directory."""
-    return mirror.pull(path, missing_ok) if mirrored(mirror, path) else Path(path)
-
-
-def publish(mirror: Mirror | None, path: str | os.PathLike) -> None:
-    """Upload ``path`` when it belongs to a remote run directory; a no-op for local runs."""
-    if mirrored(mirror, path):
-        mirror.push(path)
-
-
-def source(mirror: Mirror | None, path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
-    """(path, filesystem) to hand to Ray (Data reads, Train storage): the remote one when mirrored."""
-    if mirrored(mirror, path):
-        return mirror.remote_path(path), mirror.filesystem()
-    return str(path), None
+#: The local filesystem as a run-directory handle: for files read or written outside any
+#: run directory (a checkpoint verified on its own, a test's fixture).
+LOCAL = RunDir(Path("/"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raypath.config import ConfigError
-from raypath.mirror import CHUNK, Mirror, publish
+from raypath.mirror import CHUNK, RunDir
 from raypath.storage import atomic_dir, atomic_file, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def resolve(path: str, run_dir: Path, mirror: Mirror | None = None) -> BaseModel:
-    """The local directory of ``model.path``, downloading a URI into ``run_dir`` the first time."""
+def resolve(path: str, rd: RunDir) -> BaseModel:
+    """The local directory of ``model.path``, downloading a URI into the run directory ``rd`` the first time."""
     if not _is_uri(path):
         d = Path(path).expanduser().resolve()
         if not (d / "config.json").is_file():
             raise ConfigError(f"model.path: {path!r} is not a save_pretrained directory (no config.json)")
         return BaseModel(path, str(d), _weight_hashes(d))
-    target = run_dir / BASE_DIR
+    target = rd / BASE_DIR
     manifest = target / MANIFEST
     if manifest.is_file():
         recorded = read_json(manifest)
@@ -73,7 +73,7 @@ def resolve(path: str, run_dir: Path, mirror: Mirror | None = None) -> BaseModel
         _verify_download(target, recorded["sha256"])
     else:
         _download(path, target)
-    publish(mirror, target)  # workers on other nodes fetch it from the remote run directory
+    rd.publish(target)  # workers on other nodes fetch it from the remote run directory
     hashes = read_json(manifest)["sha256"]
     return BaseModel(path, str(target), {n: h for n, h in hashes.items() if n.endswith(WEIGHT_SUFFIXES)})
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, Release, ReleaseHistory, sweep_run_dir
-from raypath.mirror import Mirror, fetch, publish
+from raypath.mirror import RunDir
 from raypath.storage import atomic_dir, read_json, write_json
 from raypath.tracking import TrackingSpec, record_release
 
@@ -272,20 +272,21 @@ class Settled:
 class Releaser:
     """Writes and switches one run directory's releases, and records them in its lineage.
 
-    lineage: a :class:`raypath.lineage.Lineage` (saved after every change).
-    run_dir: the local run directory (a remote one's mirror).
-    mirror: the remote run directory behind ``run_dir``; None for a local run.
+    lineage: a :class:`raypath.lineage.Lineage` (saved after every change); its run
+        directory (:attr:`~raypath.lineage.Lineage.rd`, local or remote) holds the releases.
     tracking: the run's experiment tracking, where :meth:`settle` tags the live release
         (:mod:`raypath.tracking`); None = none.
     """
 
     lineage: Lineage
-    run_dir: Path
-    mirror: Mirror | None = None
     tracking: TrackingSpec | None = None
 
+    @property
+    def rd(self) -> RunDir:
+        return self.lineage.rd
+
     def version_dir(self, version: str) -> Path:
-        return Path(self.run_dir) / RELEASES_DIR / version
+        return self.rd / RELEASES_DIR / version
 
     def history(self, version: str) -> ReleaseHistory:
         return self.lineage.release_history(version) or ReleaseHistory()
@@ -384,8 +385,8 @@ class Releaser:
         with atomic_dir(vdir / rid) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was
-            write_json(tmp / RELEASE_JSON, entry, root=self.run_dir)
-        publish(self.mirror, vdir / rid)
+            write_json(tmp / RELEASE_JSON, entry, root=self.rd.path)
+        self.rd.publish(vdir / rid)
         pinned = reason in (PINNED, ROLLBACK)
         self._switch(vdir, rid, pinned)
         if cand.sweep is not None:  # a sweep's trial joins the lineage's branches when released
@@ -411,7 +412,7 @@ class Releaser:
         self._migrate_flat(version, h)
         entry = h.get(rid)
         path = self.version_dir(version) / rid
-        if self.mirror is None and not (path / "model_card.json").is_file():
+        if not self.rd.remote(path) and not (path / "model_card.json").is_file():  # (not downloaded to switch)
             raise FileNotFoundError(f"{path}: release {rid} of {version} is missing on disk")
         self._switch(self.version_dir(version), rid, True)
         h.log.append({"time": _now(), "release": rid, "action": "rollback", "reason": ROLLBACK,
@@ -434,7 +435,7 @@ class Releaser:
     def _switch(self, vdir: Path, rid: str, pinned: bool) -> None:
         """The commit point: replace ``current.json`` (and publish it), then the local symlink."""
         _write_pointer(vdir / POINTER, {"release": rid, "pinned": pinned, "switched": _now()})
-        publish(self.mirror, vdir / POINTER)
+        self.rd.publish(vdir / POINTER)
         _link_current(vdir, rid)
 
     # ---------------------------------------------------------------- recovery and old layouts
@@ -443,15 +444,15 @@ class Releaser:
         """Make the lineage agree with ``current.json`` (the truth) after a crash between the
         switch and the lineage save; repair the ``current`` symlink."""
         vdir = self.version_dir(version)
-        fetch(self.mirror, vdir / POINTER, missing_ok=True)
+        self.rd.fetch(vdir / POINTER, missing_ok=True)
         if not (vdir / POINTER).is_file():
             return
         ptr = read_json(vdir / POINTER)
         rid, h = ptr["release"], self.history(version)
         if rid != h.current:
             if rid not in h.ids():
-                fetch(self.mirror, vdir / rid / RELEASE_JSON)
-                h.releases.append(Release.from_dict(read_json(vdir / rid / RELEASE_JSON, root=self.run_dir)))
+                self.rd.fetch(vdir / rid / RELEASE_JSON)
+                h.releases.append(Release.from_dict(read_json(vdir / rid / RELEASE_JSON, root=self.rd.path)))
             log.warning("%s: %s is live (%s) but the lineage said %s; recorded it", version, rid, POINTER,
                         h.current)
             h.log.append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
@@ -470,15 +471,15 @@ class Releaser:
         legacy = next((r for r in h.releases if Path(r.path).name == version), None)
         if legacy is None:
             return
-        if self.mirror is not None and not vdir.is_dir() and not aside.is_dir():
-            self.mirror.pull(vdir, missing_ok=True)  # the driver's mirror holds no releases at start
+        if not vdir.is_dir() and not aside.is_dir():
+            self.rd.fetch(vdir, missing_ok=True)  # a remote run's mirror holds no releases at start
         if (vdir / "model_card.json").is_file():
             os.replace(vdir, aside)
         if aside.is_dir():
             vdir.mkdir(exist_ok=True)
             os.replace(aside, vdir / legacy.id)
         legacy.path = str(vdir / legacy.id)
-        publish(self.mirror, vdir / legacy.id)
+        self.rd.publish(vdir / legacy.id)
         self._switch(vdir, h.current, h.pinned)
         self.lineage.set_release_history(version, h)
         log.info("%s: moved the release directory %s to %s", version, vdir, legacy.path)
@@ -494,8 +495,7 @@ class Releaser:
         for d in dirs:
             if d is None:
                 continue
-            if self.mirror is not None and self.mirror.relative(d) is not None:
-                fetch(self.mirror, d, missing_ok=True)
+            self.rd.fetch(d, missing_ok=True)
             if (Path(d) / "model_card.json").is_file():
                 return Path(d)
         raise FileNotFoundError(f"{cand.name}: no exported model (looked in {', '.join(filter(None, dirs))})")

@@ -305,8 +305,7 @@ def _live_section(lineage: Lineage) -> str:
 def format_status(lineage: Lineage | dict) -> str:
     """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, releases."""
     lineage = Lineage.of(lineage)
-    updated = lineage.data.get("updated")  # the save time: no record of its own (Lineage.save writes it)
-    header = [f"run: {lineage.name or '?'}" + (f" (updated {updated})" if updated else "")]
+    header = [f"run: {lineage.name or '?'}" + (f" (updated {lineage.updated})" if lineage.updated else "")]
     header += ["  " + line for line in _config_summary(lineage.config)]
     parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
              _branches_section(lineage), _live_section(lineage), format_releases(lineage)]

@@ -30,7 +30,7 @@ from raypath.data import DataError, PrepareSpec, discover_versions, plan_version
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage
 from raypath.mainpath import run_main_version
-from raypath.mirror import Mirror, RunDir, fetch, publish
+from raypath.mirror import RunDir
 from raypath.pretrained import check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
@@ -46,8 +46,7 @@ log = logging.getLogger(__name__)
 class RunContext:
     """What every segment of a run shares: config, paths, tokenizer ids, versions.
 
-    run_dir: the local run directory (for a remote ``cfg.run_dir``, its mirror).
-    mirror: the remote run directory behind ``run_dir``; None for a local run.
+    rd: the run directory (for a remote ``cfg.run_dir``, worked on in its local mirror).
     base_model: ``model.path``'s source and weight sha256s (None when training from scratch);
         ``cfg.model.path`` then names its local copy.
     tracking: the lineage's experiment tracking, opened on the driver when the
@@ -55,19 +54,23 @@ class RunContext:
     """
 
     cfg: Config
-    run_dir: Path
+    rd: RunDir
     tokenizer_dir: str
     vocab_size: int
     eos_id: int
     pad_id: int | None
     versions: list[dict]
-    mirror: Mirror | None = None
     base_model: dict | None = None
     tracking: TrackingSpec | None = None
 
     def __post_init__(self):
         if self.tracking is None:
             self.tracking = open_lineage(self.cfg, self.run_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run's files are read and written (a remote run directory's mirror)."""
+        return self.rd.path
 
     def storage(self, name: str) -> str:
         return str(self.run_dir / "ray" / name)
@@ -88,7 +91,7 @@ class RunContext:
         return dict(name=name, model=self.cfg.model, train=self.cfg.train, vocab_size=self.vocab_size,
                     eos_id=self.eos_id, pad_id=self.pad_id, seq_len=self.cfg.data.seq_len,
                     storage=self.storage(name), curves_path=str(self.run_dir / "curves" / f"{name}.jsonl"),
-                    mirror=self.mirror, tracking=self.tracking)
+                    rd=self.rd, tracking=self.tracking)
 
 
 def _corpus(cfg: Config, run_dir: Path) -> str:
@@ -111,27 +114,25 @@ PREPARED = ("config.yaml", "corpus", "tokenizer", "data")
 
 @dataclass
 class Located:
-    """Where a run reads and writes, found without Ray: the local run directory (for a
-    remote ``run_dir``, its mirror filled with the remote state) and the corpus versions."""
+    """Where a run reads and writes, found without Ray: the run directory (a remote one's
+    mirror filled with the remote state) and the corpus versions."""
 
-    run_dir: Path
-    mirror: Mirror | None
+    rd: RunDir
     sources: list[VersionSource]
 
 
 def locate(cfg: Config) -> Located:
     """Open the run directory and discover the corpus layout; a bad one fails here, before Ray."""
-    return _discover(cfg, *_open_run_dir(cfg))
+    return _discover(cfg, _open_run_dir(cfg))
 
 
-def _discover(cfg: Config, run_dir: Path, mirror: Mirror | None) -> Located:
-    return Located(run_dir, mirror, discover_versions(_corpus(cfg, run_dir), cfg.data.versions, _endpoint(cfg)))
+def _discover(cfg: Config, rd: RunDir) -> Located:
+    return Located(rd, discover_versions(_corpus(cfg, rd.path), cfg.data.versions, _endpoint(cfg)))
 
 
-def _open_run_dir(cfg: Config) -> tuple[Path, Mirror | None]:
-    """The local run directory, checked writable; for a remote one, its mirror filled with the remote state."""
-    rd = RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True)
-    return rd.path, rd.mirror
+def _open_run_dir(cfg: Config) -> RunDir:
+    """The run directory, checked writable; a remote one's mirror filled with the remote state."""
+    return RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True)
 
 
 def prepare(cfg: Config, where: Located | None = None) -> RunContext:
@@ -142,10 +143,10 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     where: :func:`locate` of ``cfg`` when the caller has it already.
     """
     where = where or locate(cfg)
-    run_dir, mirror, sources = where.run_dir, where.mirror, where.sources
+    rd, run_dir, sources = where.rd, where.rd.path, where.sources
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     endpoint = _endpoint(cfg)
-    base = resolve_base_model(cfg.model.path, run_dir, mirror) if cfg.model.path else None
+    base = resolve_base_model(cfg.model.path, rd) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
     if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
@@ -163,7 +164,7 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
                        actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size,
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
-                       mirror=mirror, endpoint=endpoint)
+                       rd=rd, endpoint=endpoint)
     plan = plan_versions(sources, spec)
     if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         first = next((t for t in plan.todo if t["index"] == 0), None)
@@ -174,8 +175,8 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     tok = load_tokenizer(tok_dir)
     versions = prepare_versions(sources, spec, plan)
     for name in PREPARED:
-        publish(mirror, run_dir / name)
-    return RunContext(cfg, run_dir, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions, mirror,
+        rd.publish(run_dir / name)
+    return RunContext(cfg, rd, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions,
                       base.describe() if base else None)
 
 
@@ -200,7 +201,7 @@ def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: P
 
 def _record_branch(lineage: Lineage, ctx: RunContext, entry: BranchEntry) -> None:
     # The branch's driver ran as a task on some node: refresh this node's copy of its curve.
-    fetch(ctx.mirror, entry.curve, missing_ok=True)
+    ctx.rd.fetch(entry.curve, missing_ok=True)
     lineage.record_branch(entry)
     _decide_release(lineage, ctx, entry.version)
 
@@ -209,16 +210,16 @@ def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
     """Release the best measured branch of ``version`` (the configured one, or a sweep's trial
     if one was measured already), scored with the config's ``sweep.weights``."""
     objective = version_objective(lineage, version, ctx.cfg.sweep.weights, ctx.cfg.sweep.compute_penalty)
-    Releaser(lineage, ctx.run_dir, ctx.mirror, ctx.tracking).settle(version, objective)
+    Releaser(lineage, ctx.tracking).settle(version, objective)
 
 
 def run(cfg: Config) -> Lineage:
     """Train every version of the corpus along the main path and release each one."""
     # What needs no Ray is checked first -- run directory, lineage record, corpus layout --
     # so a bad input there fails in a second, before a cluster starts or anything is written.
-    run_dir, mirror = _open_run_dir(cfg)
-    lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict(), mirror)
-    where = _discover(cfg, run_dir, mirror)
+    rd = _open_run_dir(cfg)
+    lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
+    where = _discover(cfg, rd)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg, where)
     _record_facts(lineage, ctx)
@@ -241,8 +242,8 @@ def _record_facts(lineage: Lineage, ctx: RunContext) -> None:
     lineage.set_fact("tokenizer", {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id})
     if ctx.base_model:
         lineage.set_fact("model", {**lineage.fact("model"), "base": ctx.base_model})
-    if ctx.mirror is not None:
-        lineage.set_fact("storage", {"run_dir": ctx.mirror.remote})
+    if ctx.rd.mirror is not None:
+        lineage.set_fact("storage", {"run_dir": ctx.rd.uri})
     lineage.set_versions(ctx.versions)
 
 
@@ -279,8 +280,6 @@ def write_run_report(cfg: Config, lineage: Lineage) -> dict[str, str]:
     """``RUN_DIR/report/`` (plot, CSV, markdown) of a run, published to a remote run directory."""
     from raypath.report import REPORT_DIR, write_report
 
-    if lineage.mirror is None:
-        return write_report(cfg.run_dir)
-    paths = write_report(lineage.path.parent)
-    publish(lineage.mirror, lineage.path.parent / REPORT_DIR)
+    paths = write_report(lineage.rd.path)
+    lineage.rd.publish(lineage.rd / REPORT_DIR)
     return paths

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from raypath import checkpoint as ckpt
-from raypath.mirror import Mirror, publish
+from raypath.mirror import LOCAL, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class ShardedSaver:
     asynchronous: ``dcp.async_save`` on a dedicated gloo group (its background
         collectives must not interleave with training's); otherwise ``dcp.save``.
     device: where the training collectives run (for :meth:`poll`'s all-reduce).
+    rd: the run directory the checkpoints belong to (each rank uploads its files to a remote one).
     """
 
-    def __init__(self, rank: int, asynchronous: bool, device: torch.device, mirror: Mirror | None = None):
-        self.rank, self.asynchronous, self.device, self.mirror = rank, asynchronous, device, mirror
+    def __init__(self, rank: int, asynchronous: bool, device: torch.device, rd: RunDir = LOCAL):
+        self.rank, self.asynchronous, self.device, self.rd = rank, asynchronous, device, rd
         self.group = dist.new_group(backend="gloo") if asynchronous and _distributed() else None
         self.pending: tuple[Any, Path] | None = None
 
@@ -114,18 +115,18 @@ class ShardedSaver:
         if self.rank == 0:
             own += [d / "rng.pt", d / "state.json", d / ckpt.SHARDS / ".metadata"]
         for f in own:
-            publish(self.mirror, f)
+            self.rd.publish(f)
         entries: dict[str, dict] = {}
         for part in _gather(ckpt.file_entries(d, own)):  # also the barrier: every rank has written
             entries.update(part)
         if self.rank == 0:
             ckpt.write_sharded_manifest(d, entries)
-            publish(self.mirror, d / ckpt.MANIFEST)
+            self.rd.publish(d / ckpt.MANIFEST)
             log.info("sharded checkpoint %s complete (%d files)", d, len(entries))
 
 
 def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
-              rank: int, world: int, mirror: Mirror | None = None) -> None:
+              rank: int, world: int, rd: RunDir = LOCAL) -> None:
     """Collective: verify a sharded checkpoint (ranks split the hashing) and load it, resharded.
 
     A corrupted checkpoint is quarantined and :class:`~raypath.checkpoint.CheckpointError`
@@ -137,7 +138,7 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
     errors = [e for e in _gather(ckpt.verify_share(d, rank, world)) if e]
     if errors:
         if rank == 0:
-            ckpt.quarantine(d, errors[0], mirror)
+            ckpt.quarantine(d, errors[0], rd)
         raise ckpt.CheckpointError(errors[0])
     sd = app_state(model, optim)
     dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS))

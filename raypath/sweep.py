@@ -68,7 +68,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version, sweep_run_dir
-from raypath.mirror import fetch, publish
+from raypath.mirror import LOCAL, RunDir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import read_json, relative_paths, write_json
@@ -111,7 +111,7 @@ def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Co
 
 # --------------------------------------------------------------------------- planning
 
-def fork_points(main: MainEntry, storage: str | os.PathLike, mirror=None) -> list[dict]:
+def fork_points(main: MainEntry, storage: str | os.PathLike, rd: RunDir = LOCAL) -> list[dict]:
     """Verified main-path checkpoints of one version that a branch can fork from.
 
     A fork at step ``s`` re-trains the last ``(end - s) / (end - start)`` of the
@@ -119,7 +119,7 @@ def fork_points(main: MainEntry, storage: str | os.PathLike, mirror=None) -> lis
     """
     start, end = main.start_step, main.end_step
     out = []
-    for d in sorted(ckpt.step_dirs(Path(storage), mirror)):
+    for d in sorted(ckpt.step_dirs(storage, rd)):
         try:
             step = int(d.name.split("_", 1)[1])
         except ValueError:
@@ -127,7 +127,7 @@ def fork_points(main: MainEntry, storage: str | os.PathLike, mirror=None) -> lis
         if not start < step < end:
             continue
         try:
-            ckpt.verify(d, mirror)
+            ckpt.verify(d, rd)
         except ckpt.CheckpointError as e:
             log.warning("fork point skipped: %s", e)
             continue
@@ -285,11 +285,11 @@ class SweepPlan:
         per fork and ratio, shared by the trials that draw it)."""
         from raypath.data import replay_variant
 
-        fork = ckpt.load_state(seg.init_checkpoint, seg.mirror)
+        fork = ckpt.load_state(seg.init_checkpoint, seg.rd)
         out = Path(self.ctx.run_dir) / "data" / self.version / "branch-streams" / \
             f"fork{seg.start_step:08d}-replay{ratio:.4f}.parquet"
         return replay_variant(self.ctx.versions[self.k], self.ctx.versions[: self.k], fork.get("consumed", []),
-                              seg.stream_limit, ratio, self.ctx.cfg.data.seed, out, self.ctx.mirror)
+                              seg.stream_limit, ratio, self.ctx.cfg.data.seed, out, self.ctx.rd)
 
     def penalty(self, branch_tokens: float) -> float:
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
@@ -348,7 +348,7 @@ def _trial(config: dict, plan: SweepPlan) -> None:
              "branch_tokens": int(config["branch_tokens"])}
     penalty = plan.penalty(config["branch_tokens"])
     final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    if _finished(final_dir, seg.export_dir, seg.mirror):
+    if _finished(final_dir, seg.export_dir, seg.rd):
         # Interrupted after its branch finished but before Tune recorded it: the
         # restored trial only reports the result, it trains nothing again.
         log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
@@ -360,17 +360,17 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     # after it (Tune reads the Train->Tune queue only while the function runs),
     # so report the final evaluation again, from the branch's final checkpoint:
     # the last result Tune and Optuna see is then always the exact final score.
-    final = ckpt.load_state(final_dir, seg.mirror)["metrics"]
+    final = ckpt.load_state(final_dir, seg.rd)["metrics"]
     tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True,
                  "test_objective": Objective(plan.weights).value(final, "test")})
 
 
-def _finished(final_dir: Path, export_dir: str | None, mirror=None) -> bool:
+def _finished(final_dir: Path, export_dir: str | None, rd: RunDir) -> bool:
     """The branch reached its end step (verified checkpoint) and exported its model."""
-    if export_dir and not fetch(mirror, Path(export_dir) / "model_card.json", missing_ok=True).is_file():
+    if export_dir and not rd.fetch(Path(export_dir) / "model_card.json", missing_ok=True).is_file():
         return False
     try:
-        ckpt.verify(final_dir, mirror)
+        ckpt.verify(final_dir, rd)
     except ckpt.CheckpointError:
         return False
     return True
@@ -486,7 +486,7 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
                                   callbacks=[*([guidance.callback] if guidance else []),
-                                             *([_uploader(plan)] if plan.ctx.mirror else [])] or None),
+                                             *([_uploader(plan)] if plan.ctx.rd.mirror else [])] or None),
     )
 
 
@@ -495,11 +495,11 @@ def _uploader(plan: SweepPlan):
     driver lost mid-sweep resumes it on another machine."""
     from ray import tune
 
-    mirror, sweep_dir = plan.ctx.mirror, plan.sweep_dir
+    rd, sweep_dir = plan.ctx.rd, plan.sweep_dir
 
     class UploadSweep(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            publish(mirror, sweep_dir)
+            rd.publish(sweep_dir)
 
     return UploadSweep()
 
@@ -532,7 +532,7 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
                     "branch_tokens": (int(metrics["step"]) - seg.start_step) * plan.tokens_per_step
                     if "step" in metrics else None}
         return {**record, "status": "incomplete", "error": str(e)}
-    state = ckpt.load_state(entry.checkpoint, seg.mirror)
+    state = ckpt.load_state(entry.checkpoint, seg.rd)
     objective = state["metrics"].get("objective")
     record.update(
         branch=entry.to_dict(),
@@ -562,7 +562,7 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None]
     if pin:
         pin = _pick(trials, pin)[0]["trial_id"]
-    settled = Releaser(lineage, plan.ctx.run_dir, plan.ctx.mirror, plan.ctx.tracking).settle(
+    settled = Releaser(lineage, plan.ctx.tracking).settle(
         plan.version, objective, extra=mine, pin=pin)
     trial_of = {c.name: c.trial_id for c in mine}
     return {"released": trial_of.get(settled.live.branch) if settled.live else None, **settled.record()}
@@ -598,17 +598,17 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     """:func:`run_sweep` on its prepared run context (``raypath.run.RunContext``)."""
     sc = cfg.sweep
-    lineage = Lineage.load(ctx.run_dir, ctx.mirror)
+    lineage = Lineage.load(ctx.rd)
     _check_same_model(cfg, lineage)
     plan = _plan(ctx, lineage, version, sc)
     space = _search_space(plan, sc)
-    if ctx.mirror is not None:  # Tune's state of an interrupted sweep, to resume it here
-        ctx.mirror.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
+    # Tune's state of an interrupted sweep of a remote run, to resume it here
+    ctx.rd.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
     record = _open_record(plan, sc, space)
     try:
         results, resumed = _run_experiment(plan, sc, space, record)
     finally:
-        publish(ctx.mirror, plan.sweep_dir)
+        ctx.rd.publish(plan.sweep_dir)
     stopped = _stopped(plan)
     trials = _trial_records(plan, results, stopped)
     outcome, settled = _outcome(sc, trials, stopped)
@@ -616,7 +616,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     if record["best"] is not None and (settled or sc.pin):
         record.update(_release(plan, lineage, trials, sc.pin))
     write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
-    publish(ctx.mirror, Path(plan.sweep_dir) / RESULTS_JSON)
+    ctx.rd.publish(Path(plan.sweep_dir) / RESULTS_JSON)
     lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
                          | {"trials": [_lineage_trial(t) for t in trials]})
     return record
@@ -624,7 +624,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
 
 def _plan(ctx, lineage, version: str | int, sc: SweepConfig) -> SweepPlan:
     """The sweep of ``version``: its main-path segment, objective and directory."""
-    k = resolve_version(ctx.versions, version)
+    k = resolve_version([v["name"] for v in ctx.versions], version)
     vname = ctx.versions[k]["name"]
     main = lineage.main(vname)
     if main is None:
@@ -641,7 +641,7 @@ def _search_space(plan: SweepPlan, sc: SweepConfig) -> SearchSpace:
     if plan.k == 0 and any(r > 0 for r in replay):
         raise ConfigError(f"sweep.replay_ratios: {replay}, but {plan.version} is the first version: "
                           f"there is no older data to replay")
-    forks = fork_points(plan.main, plan.ctx.storage(plan.main.segment), plan.ctx.mirror)
+    forks = fork_points(plan.main, plan.ctx.storage(plan.main.segment), plan.ctx.rd)
     in_range = choose_forks(forks, plan.main, sc, plan.tokens_per_step, plan.version)
     return SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, replay, in_range,
                        plan.main.end_step, plan.tokens_per_step)

@@ -179,10 +179,8 @@ class _TensorBoard(Tracker):
         self.writer.flush()
 
     def close(self) -> None:
-        from raypath.mirror import publish
-
         self.writer.close()
-        publish(self.seg.mirror, self.dir)
+        self.seg.rd.publish(self.dir)
 
 
 class _MLflow(Tracker):

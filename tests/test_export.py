@@ -68,7 +68,7 @@ def _branch(run: Path, lin: Lineage, tok, name: str, seed: int, v1: float, v2: f
     lin.record_branch({"name": name, "version": "v2", "fork_step": 14, "end_step": 16, "steps": 2, "decay": DECAY,
                        "metrics": metrics, "tokens_trained": 128, "tokens_total": 1024, "export": str(export_dir),
                        "status": "done"})
-    Releaser(lin, run).decide("v2", version_objective(lin.data, "v2"))
+    Releaser(lin).decide("v2", version_objective(lin.data, "v2"))
 
 
 @pytest.fixture(scope="module")

@@ -61,12 +61,13 @@ def test_tokenizer_checks_name_the_field(tmp_path, tok_dir):
 
 
 def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir):
+    from raypath.mirror import RunDir
     from raypath.pretrained import BASE_DIR, resolve
 
     src = _save_base(tmp_path / "base", tok_dir)
-    run_dir = tmp_path / "run"
+    run_dir = RunDir(tmp_path / "run")
     first = resolve(f"file://{src}", run_dir)
-    assert Path(first.local_dir) == run_dir / BASE_DIR
+    assert Path(first.local_dir) == run_dir.path / BASE_DIR
     assert first.sha256 == {"model.safetensors": sha256_file(src / "model.safetensors")}
     weights = run_dir / BASE_DIR / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -78,7 +79,7 @@ def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir):
         resolve(f"file://{src}", run_dir)
     with pytest.raises(ConfigError, match="this run started from"):
         resolve(f"file://{tmp_path / 'other'}", run_dir)
-    local = resolve(str(src), tmp_path / "run2")  # a local directory is used in place
+    local = resolve(str(src), RunDir(tmp_path / "run2"))  # a local directory is used in place
     assert local.local_dir == str(src) and local.sha256 == first.sha256
 
 

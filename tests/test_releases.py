@@ -15,6 +15,7 @@ import pytest
 from raypath import releases
 from raypath.cli import main
 from raypath.lineage import Lineage, Release
+from raypath.mirror import RunDir
 from raypath.releases import Candidate, Objective, Releaser, decide, standing
 from raypath.storage import read_json, write_json
 
@@ -100,7 +101,7 @@ def run(tmp_path):
     lin.data["main_path"] = [{"version": "v2", "tokens_start": 0, "tokens_end": 1000}]
     lin.record_branch({"name": "branch-v2", "version": "v2", "status": "done", "metrics": _metrics(3.9, 3.0),
                        "tokens_trained": 200, "tokens_total": 1000, "export": _export(run, "branch-v2")})
-    Releaser(lin, run).decide("v2", releases.version_objective(lin.data, "v2"))
+    Releaser(lin).decide("v2", releases.version_objective(lin.data, "v2"))
     return run
 
 
@@ -114,7 +115,7 @@ def _add_sweep(run: Path, name: str, trials: dict[str, dict]) -> None:
 
 def _decide(run: Path) -> releases.Decision:
     lin = Lineage.load(run)
-    return Releaser(lin, run).decide("v2", releases.version_objective(lin.data, "v2"))
+    return Releaser(lin).decide("v2", releases.version_objective(lin.data, "v2"))
 
 
 def _pointer(run: Path) -> str:
@@ -162,11 +163,11 @@ def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9), "t2": _metrics(3.85, 2.95)})
     lin = Lineage.load(run)
     objective = releases.version_objective(lin.data, "v2")
-    out = Releaser(lin, run, tracking="spec").settle("v2", objective)
+    out = Releaser(lin, tracking="spec").settle("v2", objective)
     assert out.live.branch == "branch-v2-t1" and "beats" in out.decision and not out.pinned
     assert out.record() == {"pinned": False, "release": str(run / "releases/v2/r2"), "live_release": "r2",
                             "decision": out.decision}
-    pinned = Releaser(lin, run, tracking="spec").settle("v2", objective, pin="t2")
+    pinned = Releaser(lin, tracking="spec").settle("v2", objective, pin="t2")
     assert pinned.decision == "released trial t2 as pinned (sweep.pin)" and pinned.pinned
     assert pinned.live.id == "r3" and lin.release("v2").pinned is True
     assert tagged == [("spec", "r2"), ("spec", "r3")]
@@ -239,7 +240,7 @@ def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch
     monkeypatch.undo()
     assert _pointer(run) == "r2" and Lineage.load(run).release("v2").id == "r1"
     lin = Lineage.load(run)
-    Releaser(lin, run).sync("v2")
+    Releaser(lin).sync("v2")
     assert lin.release("v2").id == "r2" and lin.release("v2").branch == "branch-v2-t1"
     assert Lineage.load(run).release_history("v2").log[-1]["action"] == "recovered"
 
@@ -355,10 +356,10 @@ def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, marg
     lin = Lineage.load(run_dir)
     lin.record_branch({"name": "branch-v2", "version": "v2", "status": "done", "metrics": metrics,
                        "tokens_trained": 100, "tokens_total": 1000, "export": str(export)})
-    Releaser(lin, run_dir).decide("v2", releases.version_objective(lin.data, "v2"))
+    Releaser(lin).decide("v2", releases.version_objective(lin.data, "v2"))
     assert lin.release("v2").reason == "configured"
 
-    ctx = types.SimpleNamespace(run_dir=run_dir, mirror=None, versions=lin.data["versions"], tracking=None)
+    ctx = types.SimpleNamespace(run_dir=run_dir, rd=RunDir(run_dir), versions=lin.data["versions"], tracking=None)
     plan = SweepPlan(ctx, 1, lin.main("v2"), record["path"], record["objective_weights"], 0.0,
                      record["version_tokens"])
     out = _release(plan, lin, record["trials"], None)

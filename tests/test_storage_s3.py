@@ -21,7 +21,7 @@ import pytest
 
 from raypath import checkpoint as ckpt
 from raypath.data import Consumed
-from raypath.mirror import NOT_MIRRORED, Mirror, run_location
+from raypath.mirror import NOT_MIRRORED, Mirror, RunDir, run_location
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -87,7 +87,8 @@ def _save_checkpoint(directory: Path, step: int) -> None:
 def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
     bucket = _bucket(s3, "ckpt")
     mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
-    storage = Path(mirror.local, "ray", "main-v1")
+    rd = RunDir(Path(mirror.local), mirror)
+    storage = rd / "ray" / "main-v1"
     staging = tmp_path / "staging"
     for step in (2, 4):  # what Ray Train uploads from the worker's temporary directory
         _save_checkpoint(staging / ckpt.step_dir_name(step), step)
@@ -99,24 +100,24 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
     s3.fs.delete_file(f"{bucket}/run/ray/main-v1/step_00000004/model.pt")
     with s3.fs.open_output_stream(f"{bucket}/run/ray/main-v1/step_00000004/model.pt") as f:
         f.write(b"not the weights")
-    best = ckpt.latest_valid(storage, mirror)
+    best = ckpt.latest_valid(storage, rd)
     assert best == storage / "step_00000002"
     assert ckpt.load(best)["state"]["step"] == 2  # downloaded, verified, weights_only load
     assert "model.pt does not match its checksum" in caplog.text
     assert not (storage / "step_00000004").exists()
-    assert ckpt.load_state(storage / "step_00000004", mirror)["step"] == 4  # state read remotely
+    assert ckpt.load_state(storage / "step_00000004", rd)["step"] == 4  # state read remotely
 
     # A remote checkpoint without its manifest is incomplete, named by its URI.
     s3.fs.delete_file(f"{bucket}/run/ray/main-v1/step_00000004/manifest.json")
     with pytest.raises(ckpt.CheckpointError, match=f"s3://{bucket}/run/ray/main-v1/step_00000004: no manifest"):
-        ckpt.verify(storage / "step_00000004", mirror)
+        ckpt.verify(storage / "step_00000004", rd)
 
     # Ray's snapshot naming a missing checkpoint is dropped remotely; a good one is kept.
     snap_key = f"{bucket}/run/ray/main-v1/{ckpt.RAY_SNAPSHOT}"
     for names, dropped in ((["step_00000002"], False), (["step_00000002", "step_00000006"], True)):
         with s3.fs.open_output_stream(snap_key) as f:
             f.write(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}).encode())
-        assert ckpt.drop_stale_ray_snapshot(storage, mirror) is dropped
+        assert ckpt.drop_stale_ray_snapshot(storage, rd) is dropped
         assert (s3.fs.get_file_info(snap_key).type == pafs.FileType.NotFound) is dropped
 
 
@@ -204,7 +205,7 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     for key in ("start_step", "fork_step", "end_step", "tokens_start", "tokens_end", "checkpoints"):
         assert redone[key] == main2[key]
     end = ckpt.load_state(Path(main2["checkpoints"]["end"]),
-                          Mirror(run_dir, str(mirror_dir), s3.endpoint))
+                          RunDir(mirror_dir.resolve(), Mirror(run_dir, str(mirror_dir.resolve()), s3.endpoint)))
     G, L = 8, 32  # configs/tiny.yaml: global batch, seq_len
     steps = main2["end_step"] - main2["start_step"]
     assert end["step"] == main2["end_step"] and end["tokens"] == main2["tokens_end"]
@@ -220,17 +221,6 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     assert restart["step"] == main2["fork_step"]  # the newest checkpoint left in S3
     assert restart["checkpoint"].endswith(ckpt.step_dir_name(restart["step"]))
     assert main2["start_step"] < restart["step"] < main2["end_step"]
-
-
-@pytest.mark.parametrize("argv", [["release", "s3://bucket/run", "--version", "v2"],
-                                  ["export", "s3://bucket/run", "v2", "--out", "/tmp/never-written"]])
-def test_commands_without_a_mirror_refuse_a_remote_run_dir(argv, capsys):
-    from raypath.cli import main
-
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and "run_dir" in err and "s3://bucket/run" in err and f"raypath {argv[0]}" in err
-    assert not Path("/tmp/never-written").exists()
 
 
 # ---------------------------------------------------------------- commands on a run directory in a bucket
@@ -263,6 +253,20 @@ def test_status_cost_and_law_read_a_run_directory_in_a_bucket(s3, tiny_run, tmp_
     assert f"{name}/run/law/fit-v3.json" in s3.files(f"{name}/run")  # the fit is published to the bucket
     pulled = {p.relative_to(tmp_path / "mirror").parts[0] for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
     assert not pulled & set(NOT_MIRRORED)  # no checkpoint, export or release was downloaded
+
+    # release: the history is read and the pin published to the bucket; nothing is downloaded
+    assert "live release of v3: r1" in _cli(["release", run_dir, *local, "--version", "v3", "--pick", "r1"])
+    assert json.loads(s3.read(f"{name}/run/releases/v3/current.json"))["pinned"] is True
+    assert json.loads(s3.read(f"{name}/run/lineage.json"))["release_history"]["v3"]["pinned"] is True
+    pulled = {p.relative_to(tmp_path / "mirror").parts[0] for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    assert not pulled & set(NOT_MIRRORED)
+    # export: only the exported release comes down, into the mirror; the model lands in --out
+    out = tmp_path / "export-v3"
+    assert "v3/r1" in _cli(["export", run_dir, "v3", *local, "--out", str(out)])
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    pulled = {p.relative_to(tmp_path / "mirror").as_posix() for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    assert any(p.startswith("releases/v3/r1/") for p in pulled)
+    assert not any(p.startswith(("ray/", "exports/", "releases/v1", "releases/v2")) for p in pulled)
     # a run directory that is not there is named, not a traceback
     from raypath.cli import main
 
