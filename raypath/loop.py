@@ -751,6 +751,22 @@ class _SegmentRun:
 
 # ---------------------------------------------------------------- driver side
 
+def ordered_ingest():
+    """Ray Train's ingest of a segment's stream, in stream order.
+
+    Ray Train takes the ingest options (``preserve_order`` among them) from the DataContext
+    of the process that *creates* the trainer, not from the one that builds the dataset
+    (:func:`~raypath.data.stream_dataset` sets it there). A branch's trainer is created in a
+    Ray task, whose DataContext is fresh: without this its rows arrive in whatever order
+    the read tasks finish, and the same branch trains to different losses on each run.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def fit_segment(seg: Segment, callbacks: list | None = None):
     """Run one segment as a Ray Train job; re-running the same segment resumes it.
 
@@ -778,6 +794,7 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
         # Rebuilt on every worker-group (re)start, so a restart skips the rows
         # its checkpoint already trained.
         datasets={"train": functools.partial(train_dataset, seg)},
+        dataset_config=ordered_ingest(),
         run_config=RunConfig(name=seg.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
     )

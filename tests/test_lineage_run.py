@@ -162,3 +162,23 @@ def test_rerun_resumes_and_appends_a_version(tiny_run_copy):
     assert min(r["step"] for r in new_records[1:]) > main3["fork_step"]
     consumed = Consumed.from_list(ckpt.load_state(main3["checkpoints"]["end"])["consumed"])
     assert len(consumed) == (main3["end_step"] - main3["start_step"]) * cfg.train.global_batch_size
+
+
+def test_branch_ingest_is_ordered_in_a_fresh_process(ray_cluster):
+    """A branch's trainer is created in a Ray task, whose DataContext is fresh (unordered): the
+    segment's ingest options must still keep the stream's order, or the same branch trains on
+    a different row order on every run."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def options_in_a_task() -> tuple[bool, bool]:
+        from ray.data import DataContext
+
+        from raypath.loop import ordered_ingest
+
+        fresh = DataContext.get_current().execution_options.preserve_order
+        return fresh, ordered_ingest()._resolve_execution_options("train").preserve_order
+
+    fresh, ingest = ray.get(options_in_a_task.remote())
+    assert fresh is False  # what Ray Train would use without raypath's options
+    assert ingest is True
