@@ -176,6 +176,7 @@ def test_branch_ingest_is_ordered_in_a_fresh_process(ray_cluster):
 
         from raypath.loop import ordered_ingest
 
+        DataContext._set_current(DataContext())  # as in a task process that built no dataset yet
         fresh = DataContext.get_current().execution_options.preserve_order
         return fresh, ordered_ingest()._resolve_execution_options("train").preserve_order
 
