@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raypath.mirror import RunDir
 from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks
 from raypath.sources import apply_policy, inspect_file
 
@@ -194,7 +195,7 @@ def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
 
     cfg, lin = tiny_run
     # Reuse the prepared data; write (checkpoints, curves, TensorBoard events) elsewhere.
-    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path, tracking=None)
+    ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)
     seg = main_segment(ctx, 0, None)
     assert seg.train.num_workers == 2
     half = min(seg.save_steps)

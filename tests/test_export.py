@@ -275,7 +275,9 @@ def test_cli_export(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("raypath: error: ") and "already exists" in err and len(err.splitlines()) == 1
     assert main(["export", "s3://bucket/runs/x", "v2", "--out", str(tmp_path / "s3")]) == 2
-    assert "`raypath export` needs a local" in capsys.readouterr().err
+    err = capsys.readouterr().err  # no such bucket here: named, one line, nothing written
+    assert "run_dir: cannot read s3://bucket/runs/x" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s3").exists()
 
 
 def test_jobs_export_wrapper(run, tmp_path):

@@ -14,6 +14,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import TrainConfig
 from raypath.data import Consumed
 from raypath.lineage import Lineage
+from raypath.mirror import RunDir
 
 
 def _train_worker_pids() -> list[int]:
@@ -49,7 +50,7 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     from raypath.run import prepare
 
     cfg, lin = tiny_run
-    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path, tracking=None)  # events under tmp_path too
+    ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)  # events under tmp_path too
     seg = main_segment(ctx, 1, Lineage.of(lin).main("v1"))  # version 2, from the tiny run's v1 boundary
     # 16 steps are enough for checkpoints before and after the kill; every checkpoint is
     # a Ray report (seconds each), so the whole version would only make the test slower.
