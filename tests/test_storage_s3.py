@@ -204,8 +204,8 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
     redone = final["main_path"][1]
     for key in ("start_step", "fork_step", "end_step", "tokens_start", "tokens_end", "checkpoints"):
         assert redone[key] == main2[key]
-    end = ckpt.load_state(Path(main2["checkpoints"]["end"]),
-                          RunDir(mirror_dir.resolve(), Mirror(run_dir, str(mirror_dir.resolve()), s3.endpoint)))
+    rd = RunDir(mirror_dir.resolve(), Mirror(run_dir, str(mirror_dir.resolve()), s3.endpoint))
+    end = ckpt.load_state(rd / main2["checkpoints"]["end"], rd)  # read in the bucket
     G, L = 8, 32  # configs/tiny.yaml: global batch, seq_len
     steps = main2["end_step"] - main2["start_step"]
     assert end["step"] == main2["end_step"] and end["tokens"] == main2["tokens_end"]
