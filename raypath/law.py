@@ -8,7 +8,8 @@ Two laws predict the validation loss at any step from the whole LR history:
   ``L = L0 + A*(S1pt+S1cpt)^-alpha - C1*S2pt - C2*S2cpt + B*(1-(1+E*S1cpt)^-beta)``.
 * :func:`multi_shift_law` -- the CPT law across many data switches: a lineage shifts the
   training data at every version boundary, so a split sees one shift per later version;
-  each adds ``B_i*(1-(1+E*S1_i)^-beta)`` with ``S1_i`` the forward area since switch ``i``.
+  each adds ``B_i*(1-(1+E*S1_i)^-beta)`` with ``S1_i`` the forward area since switch ``i``,
+  optionally a drift ``D_i*S1_i`` per switch and an annealing coefficient per phase.
   One switch is :class:`CPTLaw` itself.
 
 ``S1`` (forward area) is the cumulative sum of the LR and ``S2`` (annealing area) the
@@ -27,8 +28,8 @@ Two practical additions keep it well conditioned and deterministic:
 
 The momentum decay ``lambda`` of S2 is the paper's 0.999 by default; :func:`select_lambda`
 picks it from :data:`LAMBDA_GRID` by how well fits predict held-out branches, because
-0.999 is tuned to runs far longer than the branches of a small lineage. :func:`select_law`
-chooses between the single- and multi-shift laws the same way.
+0.999 is tuned to runs far longer than the branches of a small lineage. :func:`select_fit`
+chooses between the single- and multi-shift laws on held-out branches of the released version.
 """
 
 from __future__ import annotations
@@ -568,7 +569,7 @@ class FitResult:
     of log residuals. degenerate names parameters the data do not determine: those that
     ended at a bound, and those of an optional term smaller than the residual noise
     (:data:`RESOLVE_FACTOR`; e.g. B, E, beta when the curves show no distribution shift).
-    held_out: when the law was chosen among candidates (:func:`select_law`), each
+    held_out: when the law was chosen among candidates (:func:`select_fit`), each
     candidate's held-out error (mean absolute log error of held-out branches' final losses);
     empty when there was no choice.
     """
