@@ -473,11 +473,12 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     ``shifts`` decides how a CPT fit treats an old split's later data switches
     (:func:`boundaries`): ``single`` -- one shift term, at ``cpt_start`` (2505.07796 as
     published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`), in
-    the form of :data:`MULTI_FORMS` that predicts held-out branches best; ``auto`` -- the
-    same choice with the single-shift law among the candidates (:func:`raypath.law.select_fit`:
-    held-out final losses of the released version's branches; the single-shift law unless a
-    multi-shift form is strictly better). A split with one switch is always fitted with the
-    single-shift law. Saves
+    the simplest form of :data:`MULTI_FORMS` unless a richer one predicts held-out branches
+    clearly better; ``auto`` -- the same choice with the single-shift law as the first
+    candidate (:func:`raypath.law.select_fit`: held-out final losses of the released
+    version's branches; a multi-shift form replaces the single-shift law only at
+    :data:`raypath.law.REFERENCE_FACTOR` times smaller error). A split with one switch is
+    always fitted with the single-shift law. Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
     if shifts not in SHIFTS:
