@@ -408,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unguided-seeds", default="0,1,2",
                    help="comma-separated TPE seeds: one unguided sweep each (the guided one uses sweep.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
-    p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing run")
+    p.add_argument("--eval-only", action="store_true",
+                   help="skip training and the sweeps: evaluate the existing run (steps 3-5) from its lineage and "
+                        "finished sweeps; a sweep that is missing is left out (no unguided sweep: no accuracy "
+                        "fits; no guided one: no comparison), the lineage fits always run")
     p.add_argument("--lams", default="auto,0.999", help="momentum decays of the accuracy fits")
     p.add_argument("--shifts", default=None,
                    help="comma-separated fit_run shift modes compared (default: auto; single,auto from 3 versions)")
@@ -425,21 +428,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from raypath.config import load_config
     from raypath.lineage import Lineage
-    from raypath.storage import read_json, write_json
-    from raypath.sweep import proposal_order
+    from raypath.storage import write_json
 
     cfg = load_config(args.config, _overrides(args))
     seeds = [int(x) for x in args.unguided_seeds.split(",")]
     run_dir = Path(cfg.run_dir).resolve()
     t0 = time.perf_counter()
     if args.eval_only:
-        version = cfg.data.versions[-1]
-        sweeps = {key: read_json(run_dir / "sweeps" / version / name / "results.json")
-                  for key, (name, _) in sweep_names(args.guided_name, seeds).items()}
-        for record in sweeps.values():  # results written before trials recorded their order
-            order = proposal_order(record["path"], record["trials"])
-            for t in record["trials"]:
-                t.setdefault("order", order.get(t["trial_id"]))
+        sweeps = read_sweeps(run_dir, cfg.data.versions[-1], sweep_names(args.guided_name, seeds), log)
     else:
         from raypath.cluster import init_ray
         from raypath.run import run
@@ -452,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     mains = lineage.main_path()
     shifts = tuple((args.shifts or ("single,auto" if len(mains) >= 3 else "auto")).split(","))
     lams = tuple(x if x == "auto" else float(x) for x in args.lams.split(","))
+    compared = "guided" in sweeps and bool(unguided(sweeps))
     summary = {"version": mains[-1].version,
-               "guided_vs_unguided": guided_vs_unguided(sweeps),
+               "guided_vs_unguided": guided_vs_unguided(sweeps) if compared else None,
                "accuracy": accuracy(run_dir, lineage, list(unguided(sweeps).values()), lams=lams, shifts=shifts,
-                                    releases=args.fit_releases, rotations=args.rotations)}
+                                    releases=args.fit_releases, rotations=args.rotations) if unguided(sweeps) else {}}
     if len(shifts) > 1:
         summary["lineage_fits"] = lineage_fits(run_dir, lineage, shifts)
     summary["command"] = "python " + " ".join(shlex.quote(a) for a in [
@@ -468,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                        "steps": {m.version: m.end_step - m.start_step for m in mains}}
     summary["release_objective"] = release_objective(lineage)
     write_json(run_dir / "law" / "benchmark.json", summary)
-    plot = plot_search(sweeps, run_dir / "law" / "benchmark.png", summary["release_objective"])
+    plot = plot_search(sweeps, run_dir / "law" / "benchmark.png", summary["release_objective"]) if compared else None
     acc, gd = summary["accuracy"], summary["guided_vs_unguided"]
     print(json.dumps(summary, indent=2, default=float))
     for key, a in ((k, v) for k, v in acc.items() if k.startswith("lam=")):
@@ -479,6 +476,36 @@ def main(argv: list[str] | None = None) -> int:
     for key, fits in summary.get("lineage_fits", {}).items():
         print(f"lineage fit ({key}): " + ", ".join(f"{s} {f['law']} R^2 {f['r2']:.4f} MAPE {f['mape']:.2f}%"
                                                   for s, f in fits["splits"].items()))
+    if gd is not None:
+        print_comparison(gd)
+    print(f"plot: {plot}\ncommand: {summary['command']}")
+    return 0 if all(math.isfinite(v) for k, a in acc.items() if k.startswith("lam=")
+                    for v in a["mape_final_loss"].values()) else 1
+
+
+def read_sweeps(run_dir: Path, version: str, names: dict[str, tuple], log) -> dict[str, dict]:
+    """The finished sweeps ``names`` (result key -> (sweep name, seed)) of ``version`` as
+    :func:`run_sweeps` returns them; a sweep that was never run is left out (with a warning):
+    the accuracy fits need the unguided ones only, the comparison both kinds."""
+    from raypath.storage import read_json
+    from raypath.sweep import proposal_order
+
+    sweeps = {}
+    for key, (name, _) in names.items():
+        path = run_dir / "sweeps" / version / name / "results.json"
+        if not path.is_file():
+            log.warning("no finished sweep %s of %s (%s): left out", name, version, path)
+            continue
+        record = read_json(path)
+        order = proposal_order(record["path"], record["trials"])  # results written before trials recorded it
+        for t in record["trials"]:
+            t.setdefault("order", order.get(t["trial_id"]))
+        sweeps[key] = record
+    return sweeps
+
+
+def print_comparison(gd: dict) -> None:
+    """The guided-vs-unguided lines of the report."""
     print("guided first trial within 0.5% of each unguided best: " + ", ".join(
         f"{k} {'yes' if v else 'no'}" for k, v in gd["guided_first_trial_within"].items()))
     for key, c in gd["trials_to_target"].items():
@@ -495,9 +522,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"within {w} (guided/unguided per seed): "
               + ", ".join(f"{k} {c['guided']}/{c['unguided']}" for k, c in per.items())
               + f"; mean {m['guided']:.2f}/{m['unguided']:.2f} = {m['ratio']:.2f}")
-    print(f"plot: {plot}\ncommand: {summary['command']}")
-    return 0 if all(math.isfinite(v) for k, a in acc.items() if k.startswith("lam=")
-                    for v in a["mape_final_loss"].values()) else 1
 
 
 if __name__ == "__main__":

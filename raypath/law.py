@@ -8,7 +8,8 @@ Two laws predict the validation loss at any step from the whole LR history:
   ``L = L0 + A*(S1pt+S1cpt)^-alpha - C1*S2pt - C2*S2cpt + B*(1-(1+E*S1cpt)^-beta)``.
 * :func:`multi_shift_law` -- the CPT law across many data switches: a lineage shifts the
   training data at every version boundary, so a split sees one shift per later version;
-  each adds ``B_i*(1-(1+E*S1_i)^-beta)`` with ``S1_i`` the forward area since switch ``i``.
+  each adds ``B_i*(1-(1+E*S1_i)^-beta)`` with ``S1_i`` the forward area since switch ``i``,
+  optionally a drift ``D_i*S1_i`` per switch and an annealing coefficient per phase.
   One switch is :class:`CPTLaw` itself.
 
 ``S1`` (forward area) is the cumulative sum of the LR and ``S2`` (annealing area) the
@@ -27,8 +28,8 @@ Two practical additions keep it well conditioned and deterministic:
 
 The momentum decay ``lambda`` of S2 is the paper's 0.999 by default; :func:`select_lambda`
 picks it from :data:`LAMBDA_GRID` by how well fits predict held-out branches, because
-0.999 is tuned to runs far longer than the branches of a small lineage. :func:`select_law`
-chooses between the single- and multi-shift laws the same way.
+0.999 is tuned to runs far longer than the branches of a small lineage. :func:`select_fit`
+chooses between the single- and multi-shift laws on held-out branches of the released version.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ HUBER_DELTA = 1e-3
 #: fit), so 1e-3 only decides directions the data leave flat (2505.07796 notes the
 #: distribution-shift term is weakly identifiable from few curves).
 REG_WEIGHT = 1e-3
+#: Among the richer candidate laws, :func:`select_fit` keeps the simplest whose held-out
+#: error is within this fraction of the best one's. Scores from a few held-out branches
+#: differ by a few percent between laws that describe the data equally well (e.g. a drift
+#: term fitted to zero).
+SELECT_MARGIN = 0.1
+#: A richer law replaces the first candidate (the published single-shift law) only if its
+#: held-out error is smaller by this factor: the score rests on two to four held-out
+#: branches, whose final losses scatter by a percent or more around any smooth law on a
+#: small model, so a smaller gain is not evidence. A richer law that describes a real
+#: effect the first one misses (forgetting that recovers, say) cuts the error several-fold.
+REFERENCE_FACTOR = 2.0
 #: A parameter closer than this fraction of its bound scale to a bound counts as "at" it.
 BOUND_TOL = 1e-6
 #: An optional term (the CPT shift term) whose largest relative size on the data stays
@@ -318,97 +330,191 @@ class _MultiShiftCPTLaw(CPTLaw):
     ``S1_i`` is the forward area since switch ``i`` (switch 1 is ``cpt_start``, its ``B_1``
     is ``B``; later ones are ``Curve.shifts``). E and beta are shared: they say how fast a
     model moves to a new distribution, which depends on training more than on which switch
-    it is, and the few points after a late switch cannot pin their own pair. The annealing
-    area keeps the two phases of the single-shift law: a split's loss responds to annealing
-    differently once its data is no longer trained on, not again at every later switch.
+    it is, and the few points after a late switch cannot pin their own pair.
+
+    Two optional refinements (class flags; :func:`multi_shift_law` names them), both linear
+    in their new parameters, so they add no starting points to the fit:
+
+    * ``anneal`` -- one annealing coefficient per phase between switches: ``C2`` for the
+      annealing area gathered between switch 1 and 2, ``C2_i`` for the area gathered after
+      switch ``i``. Without it one ``C2`` covers every phase after switch 1. How much an LR
+      decay lowers an old split's loss depends on how close the data then trained on is to
+      the split's, which changes at every switch.
+    * ``drift`` -- a term ``D_i*S1_i`` per switch (either sign): after the quick jump that
+      the saturating term describes, forgetting that keeps growing (``D_i > 0``) or recovers
+      (``D_i < 0``, e.g. when the new data is closer to the split's than the previous) with
+      the tokens trained since the switch. It is the first order of a second, slower
+      saturating term ``D_i*(1-(1+F*S1_i)^-gamma)``: fitted on a real lineage that term ran
+      into its linear range, with ``F`` and ``gamma`` left flat and the fit many times slower.
     """
 
     n_shifts: ClassVar[int]
+    anneal: ClassVar[bool] = False
+    drift: ClassVar[bool] = False
 
     @classmethod
     def features(cls, curve, lam):
-        """:func:`split_areas` plus one row per later switch: the forward area since it."""
-        rows = [split_areas(curve, lam=lam)]
-        s1 = np.cumsum(curve.lrs[: curve.steps.max(initial=0) + 1])
+        """:func:`split_areas` plus one row per later switch (the forward area since it) and,
+        with ``anneal``, the annealing area of each phase (row 3 then holds phase 1's)."""
+        base = split_areas(curve, lam=lam)
+        n = curve.steps.max(initial=0) + 1
+        s1, s2 = areas(curve.lrs[:n], lam=lam)
         t = curve.steps
-        for i in range(cls.n_shifts - 1):
-            if i < len(curve.shifts) and curve.shifts[i] <= len(s1):
+        starts = [curve.cpt_start, *curve.shifts[: cls.n_shifts - 1]]
+        starts += [None] * (cls.n_shifts - len(starts))  # switches this history never reaches
+        rows = []
+        for b in starts[1:]:
+            if b is not None and b <= n:
                 # the same arithmetic as split_areas' S1cpt: zero before the switch
-                rows.append(s1[t] - s1[np.minimum(t, curve.shifts[i] - 1)])
-            else:  # a history that ends before the switch never sees it
+                rows.append(s1[t] - s1[np.minimum(t, b - 1)])
+            else:
                 rows.append(np.zeros(len(t)))
-        return np.vstack(rows)
+        if cls.anneal:
+            # S2 gathered from each switch up to the next one (zero before it, frozen after)
+            edges = [b if b is not None and 0 < b <= n else None for b in starts]
+            base = base.copy()
+            for i, b in enumerate(edges):
+                phase = np.zeros(len(t))
+                if b is not None:
+                    nxt = next((e for e in edges[i + 1:] if e is not None), None)
+                    lo = np.minimum(t, b - 1)
+                    hi = t if nxt is None else np.maximum(np.minimum(t, nxt - 1), lo)
+                    phase = s2[hi] - s2[lo]
+                if i == 0:
+                    base[3] = phase
+                else:
+                    rows.append(phase)
+        return np.vstack([base, *rows])
 
     @classmethod
     def feature_scale(cls, s1ref, s2ref):
-        return np.concatenate([super().feature_scale(s1ref, s2ref), np.full(cls.n_shifts - 1, s1ref)])
+        extra = cls.n_shifts - 1
+        return np.concatenate([super().feature_scale(s1ref, s2ref), np.full(extra, s1ref),
+                               np.full(extra if cls.anneal else 0, s2ref)])
+
+    @classmethod
+    def _slices(cls) -> tuple[slice, slice, slice]:
+        """Where the extra parameters sit in theta: ``B2..Bn``, ``C2_2..C2_n``, ``D..Dn``."""
+        n = cls.n_shifts
+        b = slice(8, 8 + n - 1)
+        c = slice(b.stop, b.stop + (n - 1 if cls.anneal else 0))
+        return b, c, slice(c.stop, c.stop + (n if cls.drift else 0))
+
+    @classmethod
+    def _s1_rows(cls, feats) -> list[np.ndarray]:
+        """The forward areas since each switch: S1cpt, then the later switches'."""
+        return [feats[1], *feats[4: 4 + cls.n_shifts - 1]]
 
     @classmethod
     def value_and_jac(cls, theta, feats):
         value, jac = super().value_and_jac(theta[:8], feats[:4])
+        bs, cs, ds = cls._slices()
         e, beta = theta[6], theta[7]
+        s1s = cls._s1_rows(feats)
         cols = []
-        for b, s1 in zip(theta[8:], feats[4:]):
+        for b, s1 in zip(theta[bs], s1s[1:]):
             shift, d_e, d_beta = _shift(s1, b, e, beta)
             value = value + b * shift
             jac[:, 6] += d_e
             jac[:, 7] += d_beta
             cols.append(shift)
+        for c, s2 in zip(theta[cs], feats[4 + cls.n_shifts - 1:]):
+            value = value - c * s2
+            cols.append(-s2)
+        for d, s1 in zip(theta[ds], s1s):
+            value = value + d * s1
+            cols.append(s1)
         return value, np.column_stack([jac, *cols])
 
     @classmethod
     def optional_terms(cls, theta, feats):
-        """Each switch's term decides its own amplitude; E and beta are resolved when the
-        terms together are."""
+        """Each switch's shift term decides its own amplitude; E and beta are resolved when
+        the shift terms together are. Each phase's annealing and each drift term decides
+        its own coefficient (a phase with no LR decay observed leaves its C2_i flat)."""
+        bs, cs, ds = cls._slices()
         e, beta = theta[6], theta[7]
-        amps, s1s = [theta[5], *theta[8:]], [feats[1], *feats[4:]]
-        terms = {(name,): b * _shift(s1, b, e, beta)[0] for name, b, s1 in zip(cls.amplitudes, amps, s1s)}
-        return {**terms, ("E", "beta"): np.sum(list(terms.values()), axis=0)}
+        s1s = cls._s1_rows(feats)
+        names = cls.param_names
+        amps = [5, *range(bs.start, bs.stop)]
+        terms = {(names[i],): theta[i] * _shift(s1, theta[i], e, beta)[0] for i, s1 in zip(amps, s1s)}
+        out = {**terms, ("E", "beta"): np.sum(list(terms.values()), axis=0)}
+        phases = feats[4 + cls.n_shifts - 1:]
+        out.update({(names[i],): theta[i] * s2 for i, s2 in zip(range(cs.start, cs.stop), phases)})
+        out.update({(names[i],): theta[i] * s1 for i, s1 in zip(range(ds.start, ds.stop), s1s)})
+        return out
 
     @classmethod
     def bounds(cls, loss_max):
-        return super().bounds(loss_max) + [super().bounds(loss_max)[5]] * (cls.n_shifts - 1)
+        base = super().bounds(loss_max)
+        _, cs, ds = cls._slices()
+        # amplitudes like B; annealing coefficients like C2; drifts of either sign
+        return (base + [base[5]] * (cls.n_shifts - 1) + [base[4]] * (cs.stop - cs.start)
+                + [(-loss_max, loss_max)] * (ds.stop - ds.start))
 
     @classmethod
     def to_raw(cls, theta, s1ref, s2ref):
-        return np.concatenate([super().to_raw(theta[:8], s1ref, s2ref), theta[8:]])  # B_i are losses
+        return cls._rescale(theta, super().to_raw(theta[:8], s1ref, s2ref), 1 / s2ref, 1 / s1ref)
 
     @classmethod
     def from_raw(cls, theta, s1ref, s2ref):
-        return np.concatenate([super().from_raw(theta[:8], s1ref, s2ref), theta[8:]])
+        return cls._rescale(theta, super().from_raw(theta[:8], s1ref, s2ref), s2ref, s1ref)
+
+    @classmethod
+    def _rescale(cls, theta, base, c_factor, d_factor):
+        """``theta`` with its first 8 parameters replaced by ``base``, C2_i times ``c_factor``
+        and D_i times ``d_factor`` (B_i are losses: unchanged)."""
+        out = np.concatenate([base, theta[8:]]).astype(np.float64)
+        _, cs, ds = cls._slices()
+        out[cs] *= c_factor
+        out[ds] *= d_factor
+        return out
 
 
-@functools.cache
-def multi_shift_law(n_shifts: int) -> type[_Law]:
+def multi_shift_law(n_shifts: int, *, anneal: bool = False, drift: bool = False) -> type[_Law]:
     """The CPT law with ``n_shifts`` data switches (``cpt_start`` and ``n_shifts - 1`` of
     ``Curve.shifts``), amplitudes ``B, B2, ... B<n>`` and shared ``E, beta``.
 
-    One switch is :class:`CPTLaw` itself, so a two-version lineage fits exactly as before.
-    The class is named ``MultiShiftCPTLaw[n]`` (what :attr:`FitResult.law` records and
-    :func:`law_class` reads back).
+    ``anneal`` adds one annealing coefficient per later phase (``C2_2 ... C2_<n>``), ``drift``
+    one linear drift per switch (``D, D2, ... D<n>``); see :class:`_MultiShiftCPTLaw`. One
+    switch without drift is :class:`CPTLaw` itself (one switch has one phase: ``anneal``
+    changes nothing there), so a two-version lineage fits exactly as before. The class is
+    named ``MultiShiftCPTLaw[n]``, with ``,anneal`` and/or ``,drift`` before the bracket
+    when set (what :attr:`FitResult.law` records and :func:`law_class` reads back).
     """
     if n_shifts < 1:
         raise ValueError(f"a CPT law needs at least one data switch, got {n_shifts}")
-    if n_shifts == 1:
+    anneal = bool(anneal) and n_shifts > 1
+    if n_shifts == 1 and not drift:
         return CPTLaw
-    extra = tuple(f"B{i}" for i in range(2, n_shifts + 1))
-    return type(f"MultiShiftCPTLaw[{n_shifts}]", (_MultiShiftCPTLaw,), {
-        "param_names": CPTLaw.param_names + extra, "linear": CPTLaw.linear + extra,
-        "regularized": CPTLaw.regularized + extra, "amplitudes": CPTLaw.amplitudes + extra,
-        "n_shifts": n_shifts, "__doc__": _MultiShiftCPTLaw.__doc__})
+    return _multi_shift_law(int(n_shifts), anneal, bool(drift))
+
+
+@functools.cache  # one class per form: law_class(name) returns the very class that was fitted
+def _multi_shift_law(n_shifts: int, anneal: bool, drift: bool) -> type[_Law]:
+    amps = tuple(f"B{i}" for i in range(2, n_shifts + 1))
+    phases = tuple(f"C2_{i}" for i in range(2, n_shifts + 1)) if anneal else ()
+    drifts = ("D", *(f"D{i}" for i in range(2, n_shifts + 1))) if drift else ()
+    flags = "".join(f",{k}" for k, on in (("anneal", anneal), ("drift", drift)) if on)
+    return type(f"MultiShiftCPTLaw[{n_shifts}{flags}]", (_MultiShiftCPTLaw,), {
+        "param_names": CPTLaw.param_names + amps + phases + drifts,
+        "linear": CPTLaw.linear + amps + phases + drifts,
+        "regularized": CPTLaw.regularized + amps + drifts, "amplitudes": CPTLaw.amplitudes + amps,
+        "n_shifts": n_shifts, "anneal": anneal, "drift": drift, "__doc__": _MultiShiftCPTLaw.__doc__})
 
 
 def law_class(law: type[_Law] | str) -> type[_Law]:
-    """A law from its class or its name (:data:`LAWS`, or ``MultiShiftCPTLaw[n]``)."""
+    """A law from its class or its name (:data:`LAWS`, or ``MultiShiftCPTLaw[n]`` with
+    optional ``,anneal`` and ``,drift``)."""
     if not isinstance(law, str):
         return law
     if law in LAWS:
         return LAWS[law]
-    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)\]", law)
+    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)(,anneal)?(,drift)?\]", law)
     if m is None:
-        raise ValueError(f"unknown law {law!r} (known: {', '.join(LAWS)}, MultiShiftCPTLaw[n])")
-    return multi_shift_law(int(m.group(1)))
-
+        raise ValueError(f"unknown law {law!r} (known: {', '.join(LAWS)}, "
+                         "MultiShiftCPTLaw[n], MultiShiftCPTLaw[n,anneal], MultiShiftCPTLaw[n,drift], "
+                         "MultiShiftCPTLaw[n,anneal,drift])")
+    return multi_shift_law(int(m.group(1)), anneal=bool(m.group(2)), drift=bool(m.group(3)))
 
 
 @contextlib.contextmanager
@@ -463,9 +569,9 @@ class FitResult:
     of log residuals. degenerate names parameters the data do not determine: those that
     ended at a bound, and those of an optional term smaller than the residual noise
     (:data:`RESOLVE_FACTOR`; e.g. B, E, beta when the curves show no distribution shift).
-    held_out: when the law was chosen among candidates (:func:`select_law`), each
-    candidate's held-out error (mean squared log error of held-out final losses); empty
-    when there was no choice.
+    held_out: when the law was chosen among candidates (:func:`select_fit`), each
+    candidate's held-out error (mean absolute log error of held-out branches' final losses);
+    empty when there was no choice.
     """
 
     law: str
@@ -645,13 +751,25 @@ def _held_out_curves(curves: Sequence[Curve], anchors: Sequence[str]) -> list[in
     return held
 
 
-def _held_out_errors(law_cls, curves: Sequence[Curve], sign, lam: float, held: Sequence[int]) -> list[float]:
-    """Squared log error of each held-out curve's last observed loss, predicted by a fit on
-    the other curves."""
+def _last_phase_curves(curves: Sequence[Curve], anchors: Sequence[str]) -> list[int]:
+    """Indices of the curves observed only after their split's last data switch (not named
+    in ``anchors``): on a lineage, the branches of the version being released -- the
+    curves a branch search ranks. At most :data:`LAMBDA_FOLDS`, spread over their order."""
+    held = [i for i, c in enumerate(curves)
+            if c.name not in anchors and len(c.steps) and c.steps.min() >= max((c.cpt_start, *c.shifts))]
+    if len(held) > LAMBDA_FOLDS:
+        held = [held[int(k)] for k in np.linspace(0, len(held) - 1, LAMBDA_FOLDS).round()]
+    return held
+
+
+def _held_out_errors(law_cls, curves: Sequence[Curve], sign, lam: float, held: Sequence[int],
+                     full: FitResult | None = None) -> list[float]:
+    """Log error ``log(predicted / observed)`` of each held-out curve's last observed loss,
+    predicted by a fit on the other curves (``full``: the law's fit on all of them, if done)."""
     # Warm start: a fold drops one curve, so its optimum lies near the full fit's.
     # One start from there instead of the multi-start grid makes the cross-validation
     # (most of a refit's time, and a sweep refits after every trial) several times cheaper.
-    full = fit_law(law_cls, curves, lam=lam, sign=sign, quiet=True)
+    full = full or fit_law(law_cls, curves, lam=lam, sign=sign, quiet=True)
     start = [{k: full.params[k] for k in law_class(full.law).default_grid}]
     errors = []
     for i in held:
@@ -659,30 +777,60 @@ def _held_out_errors(law_cls, curves: Sequence[Curve], sign, lam: float, held: S
                       quiet=True, seed_grid=start)
         c = curves[i]
         last = int(np.argmax(c.steps))
-        errors.append(float(np.log(max(fit.predict(c)[last], 1e-12) / c.losses[last]) ** 2))
+        errors.append(float(np.log(max(fit.predict(c)[last], 1e-12) / c.losses[last])))
     return errors
+
+
+def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], *,
+               sign: Mapping[str, int] | None = None, lam: float = LAMBDA, anchors: Sequence[str] = ("main",),
+               quiet: bool = False) -> FitResult:
+    """The fit, on all ``curves``, of the candidate law that best predicts the final loss of
+    branches its fit has not seen; its ``held_out`` holds every candidate's score.
+
+    The identifiability guard of the richer laws: more terms always fit the observed
+    points at least as well, so in-sample error cannot choose. The measure is the one a
+    branch search needs and the law benchmark reports: the final loss of a branch of the
+    version being released (a curve observed only after the split's last data switch,
+    :func:`_last_phase_curves`), predicted by a fit on everything else. Each such branch is
+    held out in turn; the score is the mean absolute log error of the held-out final losses
+    (the mean absolute percentage error, to first order). With fewer than two such branches
+    every curve not named in ``anchors`` takes a turn instead (as in :func:`select_lambda`).
+    ``candidates`` go simplest first. Among the richer ones (all but the first) the
+    simplest whose score is within :data:`SELECT_MARGIN` of their best is the contender; it
+    is chosen if its score is :data:`REFERENCE_FACTOR` times smaller than the first
+    candidate's, else the first candidate is: a richer law must predict clearly better, not
+    by a difference a handful of held-out branches cannot resolve (so the chosen score is
+    never above the first candidate's). With fewer than two curves to hold out there is
+    nothing to compare: the first candidate is fitted and ``held_out`` is empty.
+    """
+    held = _last_phase_curves(curves, anchors)
+    if len(held) < 2:
+        held = _held_out_curves(curves, anchors)
+    if len(held) < 2 or len(candidates) < 2:
+        return fit_law(candidates[0], curves, lam=lam, sign=sign, quiet=quiet)
+    scores, fits = {}, {}
+    for c in candidates:
+        name = law_class(c).__name__
+        fits[name] = fit_law(c, curves, lam=lam, sign=sign, quiet=True)
+        scores[name] = float(np.mean(np.abs(_held_out_errors(c, curves, sign, lam, held, fits[name]))))
+    first, *richer = scores
+    floor = min(scores[name] for name in richer) * (1.0 + SELECT_MARGIN)
+    contender = next(name for name in richer if scores[name] <= floor)  # the simplest such
+    best = contender if scores[contender] * REFERENCE_FACTOR <= scores[first] else first
+    fit = fits[best]
+    if fit.degenerate and not quiet:
+        log.warning("%s fit: parameters not identified by the data: %s", best, ", ".join(fit.degenerate))
+    fit.held_out = scores
+    return fit
 
 
 def select_law(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], *,
                sign: Mapping[str, int] | None = None, lam: float = LAMBDA, anchors: Sequence[str] = ("main",),
                ) -> tuple[type[_Law], dict[str, float]]:
-    """The candidate law that best predicts curves its fit has not seen.
-
-    The identifiability guard of the multi-shift law: more shift terms always fit the
-    observed points at least as well, so in-sample error cannot choose. Each curve not
-    named in ``anchors`` is held out in turn (as :func:`select_lambda` does) and its last
-    observed loss predicted; the score is the mean squared log error. ``candidates`` go
-    simplest first: ties go to the earlier one, so a richer law must predict strictly
-    better. Returns the chosen law and every candidate's score; with fewer than two curves
-    to hold out there is nothing to compare and the first candidate is returned.
-    """
-    held = _held_out_curves(curves, anchors)
-    if len(held) < 2:
-        return law_class(candidates[0]), {}
-    scores = {law_class(c).__name__: float(np.mean(_held_out_errors(c, curves, sign, lam, held)))
-              for c in candidates}
-    best = min(scores, key=scores.__getitem__)  # the first of equal scores: the simplest
-    return law_class(best), scores
+    """The candidate law :func:`select_fit` chooses, and every candidate's held-out score
+    (empty when there was nothing to compare)."""
+    fit = select_fit(candidates, curves, sign=sign, lam=lam, anchors=anchors, quiet=True)
+    return law_class(fit.law), fit.held_out
 
 
 def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Mapping[str, int] | None]], *,
@@ -711,7 +859,7 @@ def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Ma
     for lam in grid:
         errors = []
         for law_cls, curves, sign, held in folds:
-            errors += _held_out_errors(law_cls, curves, sign, lam, held)
+            errors += [e**2 for e in _held_out_errors(law_cls, curves, sign, lam, held)]
         scores[float(lam)] = float(np.mean(errors))
     best = min(scores, key=lambda lam: (scores[lam], -lam))
     return best, scores

@@ -50,11 +50,13 @@ but the phase boundary is the same. A split with no observation after its ``cpt_
 Every later version shifts the training data again, so an old split ``j`` sees one switch
 per version after it: the ends of ``j``'s, ``j+1``'s, ... ``K-1``'s main segments
 (:func:`boundaries`). The first is ``cpt_start``; the others are ``Curve.shifts``, and the
-multi-shift law (:func:`raypath.law.multi_shift_law`) gives each its own shift term.
-:func:`fit_run` fits it next to the single-shift law wherever a split has more than one
-switch and keeps the one that predicts held-out branches better
-(:func:`raypath.law.select_law`); on a two-version lineage every split has one switch and
-the fit is the single-shift one.
+multi-shift law (:func:`raypath.law.multi_shift_law`) gives each its own shift term, and
+optionally its own linear drift (forgetting that grows or recovers with the tokens since
+the switch) and an annealing coefficient per phase between switches. :func:`fit_run` fits
+these forms next to the single-shift law wherever a split has more than one switch and
+keeps the one that best predicts the final loss of held-out branches of the released
+version (:func:`raypath.law.select_fit`); on a two-version lineage every split has one
+switch and the fit is the single-shift one.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from raypath import law as lawmod
-from raypath.law import Curve, FitResult, fit_law
+from raypath.law import Curve, FitResult
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
 from raypath.schedules import Decay, MainPath, decay_fraction, decay_from, decay_progress, main_schedule
@@ -379,17 +381,28 @@ SHIFTS = ("auto", "single", "multi")
 
 
 def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_points: int) -> list:
-    """The laws :func:`fit_run` chooses from for one split: the single-shift CPT law, and the
-    multi-shift one with a term per data switch that some observation comes after (a switch
-    nothing was observed after would be a flat parameter)."""
+    """The laws :func:`fit_run` chooses from for one split, simplest first: the single-shift
+    CPT law; the multi-shift one with a term per data switch that some observation comes
+    after (a switch nothing was observed after would be a flat parameter); the same with a
+    drift per switch; and with a drift per switch and an annealing coefficient per phase
+    (:func:`raypath.law.multi_shift_law`). A form with as many parameters as points is left
+    out; ``multi`` offers the multi-shift forms only."""
     if chosen != "CPTLaw" or shifts == "single":
         return [chosen]
     last = max((int(c.steps.max()) for c in curves if len(c.steps)), default=-1)
     n_switches = 1 + sum(b <= last for b in curves[0].shifts)
-    multi = lawmod.multi_shift_law(n_switches)
-    if n_switches == 1 or n_points < len(multi.param_names) + 1:
+    if n_switches == 1:
         return [chosen]
-    return [multi] if shifts == "multi" else [chosen, multi]
+    forms = [lawmod.multi_shift_law(n_switches, **kw) for kw in MULTI_FORMS]
+    forms = [f for f in forms if n_points >= len(f.param_names) + 1]
+    if not forms:
+        return [chosen]
+    return forms if shifts == "multi" else [chosen, *forms]
+
+
+#: The multi-shift forms :func:`fit_run` compares (keyword arguments of
+#: :func:`raypath.law.multi_shift_law`), simplest first.
+MULTI_FORMS = ({}, {"drift": True}, {"anneal": True, "drift": True})
 
 
 def _n_points(curves: Sequence[Curve]) -> int:
@@ -413,18 +426,12 @@ def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], 
 
 def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | None, shifts: str,
                lam: float) -> FitResult:
-    """One split's fit: the single- or multi-shift law, whichever :func:`_shift_candidates`
-    offers and held-out branches prefer."""
+    """One split's fit: among the laws :func:`_shift_candidates` offers, the one that predicts
+    held-out branches best (:func:`raypath.law.select_fit`)."""
     candidates = _shift_candidates(chosen, curves, shifts, _n_points(curves))
-    held_out: dict[str, float] = {}
-    if len(candidates) > 1:
-        chosen, held_out = lawmod.select_law(candidates, curves, sign=sign, lam=lam)
-    else:
-        chosen = candidates[0]
-    fit = fit_law(chosen, curves, sign=sign, lam=lam)
-    fit.held_out = held_out
+    fit = lawmod.select_fit(candidates, curves, sign=sign, lam=lam)
     if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
-        log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, chosen, fit.r2)
+        log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, fit.law, fit.r2)
     return fit
 
 
@@ -465,10 +472,13 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
 
     ``shifts`` decides how a CPT fit treats an old split's later data switches
     (:func:`boundaries`): ``single`` -- one shift term, at ``cpt_start`` (2505.07796 as
-    published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`);
-    ``auto`` -- whichever predicts held-out branches better (:func:`raypath.law.select_law`;
-    the single-shift law unless the multi-shift one is strictly better). A split with one
-    switch is always fitted with the single-shift law. Saves
+    published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`), in
+    the simplest form of :data:`MULTI_FORMS` unless a richer one predicts held-out branches
+    clearly better; ``auto`` -- the same choice with the single-shift law as the first
+    candidate (:func:`raypath.law.select_fit`: held-out final losses of the released
+    version's branches; a multi-shift form replaces the single-shift law only at
+    :data:`raypath.law.REFERENCE_FACTOR` times smaller error). A split with one switch is
+    always fitted with the single-shift law. Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
     if shifts not in SHIFTS:

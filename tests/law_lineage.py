@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -40,19 +41,20 @@ def boundaries(split: int, release: int) -> list[int]:
 
 
 def true_loss(lrs: np.ndarray, steps: np.ndarray, bounds: list[int], amps: list[float],
-              lam: float = LAM) -> np.ndarray:
-    """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta)``: "pt" before
-    the first boundary, S1_i the forward area since the i-th boundary (a boundary at 0 is no
-    switch: the whole history is pre-training)."""
+              lam: float = LAM, drifts: Sequence[float] = ()) -> np.ndarray:
+    """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta) + D_i*S1_i``:
+    "pt" before the first boundary, S1_i the forward area since the i-th boundary (a boundary
+    at 0 is no switch: the whole history is pre-training), D_i from ``drifts`` (0 beyond)."""
     p = TRUTH
     s1, s2 = areas(lrs, lam=lam)
     first = bounds[0]
     s2pt = s2[np.minimum(steps, first - 1)] if first > 0 else s2[steps]
     loss = p["L0"] + p["A"] * s1[steps] ** -p["alpha"] - p["C1"] * s2pt - p["C2"] * (s2[steps] - s2pt)
-    for b, amp in zip(bounds, amps):
+    drifts = list(drifts) + [0.0] * (len(bounds) - len(drifts))
+    for b, amp, drift in zip(bounds, amps, drifts):
         if 0 < b <= len(lrs):  # a history that ends before the boundary never sees it
             since = np.where(steps >= b, s1[steps] - s1[b - 1], 0.0)
-            loss = loss + amp * (1.0 - (1.0 + p["E"] * since) ** -p["beta"])
+            loss = loss + amp * (1.0 - (1.0 + p["E"] * since) ** -p["beta"]) + drift * since
     return loss
 
 
@@ -61,12 +63,14 @@ def _amps(split: int, release: int) -> list[float]:
 
 
 def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int = 0,
-                  shifts: str = "multi") -> tuple[Path, dict]:
+                  shifts: str = "multi", drift: Sequence[float] = ()) -> tuple[Path, dict]:
     """Write a synthetic ``n_versions`` lineage under ``root``; returns ``(run_dir, lineage)``.
 
     shifts: ``multi`` -- every later boundary adds its own shift (the truth the multi-shift law
     describes); ``single`` -- an old split only shifts once, at the end of its own version (the
-    truth of the single-shift law). noise: relative Gaussian noise on every observed loss.
+    truth of the single-shift law). drift: an old split's linear drift ``D_i`` per forward area
+    since its i-th boundary (forgetting that grows, or recovers when negative; none by
+    default). noise: relative Gaussian noise on every observed loss.
     """
     rng = np.random.default_rng(seed)
     run_dir = root / "run"
@@ -81,9 +85,10 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
     def losses(lrs, steps, split):
         bounds = boundaries(split, n_versions)
         amps = _amps(split, n_versions)
+        drifts = () if split == n_versions else drift[: n_versions - split]
         if shifts == "single":
-            bounds, amps = bounds[:1], amps[:1]
-        clean = true_loss(lrs, steps, bounds, amps)
+            bounds, amps, drifts = bounds[:1], amps[:1], drifts[:1]
+        clean = true_loss(lrs, steps, bounds, amps, drifts=drifts)
         return clean * (1.0 + noise * rng.standard_normal(len(steps)))
 
     mains, branches = [], []

@@ -35,13 +35,26 @@ def three_versions(tmp_path_factory):
     return run_dir, lineage, lawfit.fit_run(run_dir, "v3", lam=LAM)
 
 
+FORMS = ({}, {"anneal": True}, {"drift": True}, {"anneal": True, "drift": True})
+
+
 def test_one_switch_is_the_cpt_law_and_names_round_trip():
-    assert multi_shift_law(1) is CPTLaw
+    assert multi_shift_law(1) is CPTLaw and multi_shift_law(1, anneal=True) is CPTLaw
     three = multi_shift_law(3)
     assert three.param_names == CPTLaw.param_names + ("B2", "B3")
     assert law_class(three.__name__) is three and law_class("CPTLaw") is CPTLaw
+    full = multi_shift_law(3, anneal=True, drift=True)
+    assert full.__name__ == "MultiShiftCPTLaw[3,anneal,drift]"
+    assert full.param_names == CPTLaw.param_names + ("B2", "B3", "C2_2", "C2_3", "D", "D2", "D3")
+    assert multi_shift_law(1, drift=True).param_names == CPTLaw.param_names + ("D",)
+    for n in (1, 2, 3):
+        for form in FORMS:
+            cls = multi_shift_law(n, **form)
+            assert law_class(cls.__name__) is cls
     with pytest.raises(ValueError, match="unknown law"):
         law_class("MultiShiftLaw[2]")
+    with pytest.raises(ValueError, match="unknown law"):
+        law_class("MultiShiftCPTLaw[2,drift,anneal]")
 
 
 def test_shift_rows_are_the_forward_area_since_each_switch():
@@ -57,20 +70,43 @@ def test_shift_rows_are_the_forward_area_since_each_switch():
         Curve(lrs, [1], [1.0], cpt_start=10, shifts=(10,))
 
 
-def test_multi_shift_jacobian_matches_finite_differences():
-    cls = multi_shift_law(3)
+@pytest.mark.parametrize("form", FORMS)
+def test_multi_shift_jacobian_matches_finite_differences(form):
+    cls = multi_shift_law(3, **form)
     rng = np.random.default_rng(0)
-    feats = np.abs(rng.normal(size=(6, 40)))
-    theta = np.array([2.0, 1.2, 0.4, 0.3, 0.2, 0.3, 5.0, 0.8, 0.2, -0.1])
+    feats = np.abs(rng.normal(size=(len(cls.feature_scale(1.0, 1.0)), 40)))
+    theta = rng.uniform(0.1, 1.0, len(cls.param_names))
     value, jac = cls.value_and_jac(theta, feats)
     for i in range(len(theta)):
         step = np.zeros_like(theta)
         step[i] = 1e-6
         num = (cls.value_and_jac(theta + step, feats)[0] - cls.value_and_jac(theta - step, feats)[0]) / 2e-6
         np.testing.assert_allclose(jac[:, i], num, rtol=1e-5, atol=1e-8, err_msg=cls.param_names[i])
-    # no later switch observed: the value is the single-shift law's
+    np.testing.assert_allclose(cls.from_raw(cls.to_raw(theta, 3.0, 0.5), 3.0, 0.5), theta)
+    # no later switch observed and no drift: the value is the single-shift law's
     single = CPTLaw.value_and_jac(theta[:8], feats[:4])[0]
-    np.testing.assert_array_equal(cls.value_and_jac(theta, np.vstack([feats[:4], 0 * feats[4:]]))[0], single)
+    theta[len(CPTLaw.param_names):] = 0.0
+    np.testing.assert_allclose(cls.value_and_jac(theta, np.vstack([feats[:4], 0 * feats[4:]]))[0], single,
+                               rtol=0, atol=1e-15)
+
+
+def test_phase_rows_split_the_annealing_area_at_every_switch():
+    lrs = np.concatenate([np.full(40, 1.0), np.linspace(1.0, 0.2, 20), np.full(20, 0.9), np.linspace(0.9, 0.1, 20)])
+    curve = Curve(lrs, np.arange(100), np.ones(100), cpt_start=30, shifts=(70,))
+    plain = multi_shift_law(2).features(curve, LAM)
+    feats = multi_shift_law(2, anneal=True).features(curve, LAM)
+    _, s2 = law.areas(lrs, lam=LAM)
+    t = np.arange(100)
+    np.testing.assert_array_equal(feats[[0, 1, 2, 4]], plain[[0, 1, 2, 4]])
+    # phase 1 gathers S2 from step 30 to 69 and then stays frozen; phase 2 from step 70 on
+    np.testing.assert_allclose(feats[3], np.where(t < 30, 0.0, s2[np.minimum(t, 69)] - s2[29]))
+    np.testing.assert_allclose(feats[5], np.where(t < 70, 0.0, s2 - s2[69]))
+    np.testing.assert_allclose(feats[3] + feats[5], plain[3])
+    # drift rows are the forward areas since each switch: the law adds D_i times them
+    d = multi_shift_law(2, drift=True)
+    theta = np.zeros(len(d.param_names))
+    theta[d.param_names.index("D2")] = 1.0
+    np.testing.assert_allclose(d.value_and_jac(theta, d.features(curve, LAM))[0], plain[4])
 
 
 def test_two_version_fit_is_the_single_shift_fit_unchanged(tmp_path):
@@ -98,8 +134,10 @@ def test_boundaries_are_every_later_version_start(three_versions):
 def test_fit_run_fits_every_shift_where_it_predicts_better(three_versions):
     run_dir, lineage, fits = three_versions
     v1 = fits["v1"]
+    # every form was scored; the richer forms predict no better than the truth's form
     assert v1.law == "MultiShiftCPTLaw[2]"
-    assert v1.held_out["MultiShiftCPTLaw[2]"] < v1.held_out["CPTLaw"]
+    assert set(v1.held_out) == {"CPTLaw", *(multi_shift_law(2, **f).__name__ for f in lawfit.MULTI_FORMS)}
+    assert v1.held_out["MultiShiftCPTLaw[2]"] < v1.held_out["CPTLaw"] / 2
     # the amplitudes of both switches come back (truth 0.35 and 0.25)
     assert v1.params["B"] == pytest.approx(OLD_B[0], rel=0.15)
     assert v1.params["B2"] == pytest.approx(OLD_B[1], rel=0.15)
@@ -132,25 +170,71 @@ def test_fit_report_lists_each_splits_switches(three_versions):
     assert "chosen by held-out error: CPTLaw" in text
 
 
-def test_guard_single_shift_truth_is_not_fitted_worse(tmp_path):
-    """Later switches that change nothing: the chosen law predicts held-out branches no worse
-    than the single-shift law (the comparison that chose it), and fits as well."""
+def test_guard_single_shift_truth_keeps_the_single_shift_law(tmp_path):
+    """Later switches that change nothing: every richer form predicts held-out branches at
+    best marginally better, so the single-shift law is kept."""
     run_dir, lineage = write_lineage(tmp_path, 3, shifts="single")
     curves = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
-    chosen, scores = law.select_law([CPTLaw, multi_shift_law(2)], curves, sign={"B": 1}, lam=LAM)
-    assert set(scores) == {"CPTLaw", "MultiShiftCPTLaw[2]"}
-    assert scores[chosen.__name__] == min(scores.values())
-    if chosen is not CPTLaw:
-        fit = fit_law(chosen, curves, sign={"B": 1}, lam=LAM, quiet=True)
-        single = fit_law(CPTLaw, curves, sign={"B": 1}, lam=LAM, quiet=True)
-        assert fit.mape <= single.mape * 1.05
+    candidates = lawfit._shift_candidates("CPTLaw", curves, "auto", lawfit._n_points(curves))
+    chosen, scores = law.select_law(candidates, curves, sign={"B": 1}, lam=LAM)
+    assert chosen is CPTLaw and len(scores) == 4
+    assert min(scores.values()) * law.REFERENCE_FACTOR >= scores["CPTLaw"]
+
+
+def test_selection_holds_out_the_released_versions_branches(three_versions):
+    _, lineage, _ = three_versions
+    for split in ("v1", "v2", "v3"):
+        curves = lawfit.curves_from_lineage(lineage, split, "v3")
+        held = [curves[i].name for i in law._last_phase_curves(curves, ("main",))]
+        assert held == ["branch-v3", "branch-v3-alt"], split
+    # a fit for releasing v2 holds out v2's branches
+    curves = lawfit.curves_from_lineage(lineage, "v1", "v2")
+    assert [curves[i].name for i in law._last_phase_curves(curves, ("main",))] == ["branch-v2", "branch-v2-alt"]
+
+
+def test_select_fit_keeps_the_simpler_law_unless_clearly_beaten(three_versions, monkeypatch):
+    """A richer law replaces the first candidate only at REFERENCE_FACTOR times its accuracy;
+    among the richer ones, scores within SELECT_MARGIN of the best keep the simplest."""
+    run_dir, lineage, _ = three_versions
+    curves = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
+    fake = {"CPTLaw": [0.0105, -0.0105], "MultiShiftCPTLaw[2]": [0.0060, 0.0060],
+            "MultiShiftCPTLaw[2,drift]": [0.0011, 0.0], "MultiShiftCPTLaw[2,anneal,drift]": [0.001, 0.0]}
+    monkeypatch.setattr(law, "_held_out_errors", lambda c, *a, **k: fake[law_class(c).__name__])
+    monkeypatch.setattr(law, "fit_law", lambda c, *a, **k: law.FitResult(law_class(c).__name__, {}, 1.0, 0.0, 0.0,
+                                                                            1, 1))
+    two = [CPTLaw, multi_shift_law(2)]
+    assert law.select_law(two, curves, lam=LAM)[0] is CPTLaw  # 0.0060 is not half of 0.0105
+    forms = [*two, multi_shift_law(2, drift=True), multi_shift_law(2, anneal=True, drift=True)]
+    chosen, scores = law.select_law(forms, curves, lam=LAM)
+    assert chosen is multi_shift_law(2, drift=True) and scores[chosen.__name__] == pytest.approx(0.00055)
+    fake["CPTLaw"] = [0.001, 0.0]  # now no richer law halves the first one's error
+    assert law.select_law(forms, curves, lam=LAM)[0] is CPTLaw
+
+
+def test_drift_truth_is_recovered_and_chosen(tmp_path):
+    """A split whose forgetting recovers after its second switch (the new data is closer to
+    it): the drift form is chosen, recovers the drift, and predicts held-out branches better
+    than the forms without it."""
+    run_dir, lineage = write_lineage(tmp_path, 3, drift=(0.2, -0.4))
+    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, save=False)
+    v1 = fits["v1"]
+    assert v1.law == "MultiShiftCPTLaw[2,drift]"
+    assert v1.held_out[v1.law] * law.REFERENCE_FACTOR <= v1.held_out["CPTLaw"]
+    assert v1.held_out[v1.law] * (1 + law.SELECT_MARGIN) < v1.held_out["MultiShiftCPTLaw[2]"]
+    assert v1.params["D2"] == pytest.approx(-0.4, rel=0.15)
+    assert v1.r2 > 0.999 and v1.mape < 0.15
+    p = lawfit.predict_branch(fits, lineage, "v3", "cosine", 0.4, min_lr_ratio=0.1)
+    actual = {b["name"]: b for b in lineage["branches"]}["branch-v3-alt"]["metrics"]
+    assert p["predicted"]["v1"] == pytest.approx(actual["val/v1"], rel=0.003)
 
 
 def test_a_switch_nothing_was_observed_after_is_not_fitted():
     lrs = np.full(300, 1e-3)
     curves = [Curve(lrs, np.arange(0, 250, 5), np.ones(50), cpt_start=100, shifts=(200, 260), name="main")]
-    assert lawfit._shift_candidates("CPTLaw", curves, "auto", 50) == ["CPTLaw", multi_shift_law(2)]
-    assert lawfit._shift_candidates("CPTLaw", curves, "multi", 50) == [multi_shift_law(2)]
+    forms = [multi_shift_law(2), multi_shift_law(2, drift=True), multi_shift_law(2, anneal=True, drift=True)]
+    assert lawfit._shift_candidates("CPTLaw", curves, "auto", 50) == ["CPTLaw", *forms]
+    assert lawfit._shift_candidates("CPTLaw", curves, "multi", 50) == forms
+    assert lawfit._shift_candidates("CPTLaw", curves, "auto", 12) == ["CPTLaw", *forms[:2]]  # 12 parameters
     assert lawfit._shift_candidates("CPTLaw", curves, "single", 50) == ["CPTLaw"]
     assert lawfit._shift_candidates("CPTLaw", curves, "auto", 9) == ["CPTLaw"]  # too few points
     assert lawfit._shift_candidates("AnnealingLaw", curves, "auto", 50) == ["AnnealingLaw"]

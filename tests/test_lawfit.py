@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from raypath import lawfit, lawguide
-from raypath.law import LAMBDA_GRID, effective_lr
+from raypath.law import LAMBDA_GRID, effective_lr, multi_shift_law
 from raypath.schedules import Branch, Decay, MainPath, lr_curve
 
 
@@ -37,6 +37,11 @@ def law_run(tiny_run, tmp_path_factory):
 def fits(law_run):
     run_dir, lineage = law_run
     return lawfit.fit_run(run_dir, "v3")
+
+
+def law_class_name(form: dict) -> str:
+    """The name of the two-switch multi-shift law in ``form`` (a :data:`lawfit.MULTI_FORMS` entry)."""
+    return multi_shift_law(2, **form).__name__
 
 
 def _records(run_dir: Path, name: str, key: str) -> list[int]:
@@ -114,7 +119,7 @@ def test_fit_run_writes_json(law_run, fits):
     # (a split with fewer points than the CPT law has parameters falls back to the annealing
     # law; v1 sees two data switches, so it may take the multi-shift law)
     for split, fit in fits.items():
-        laws = {"CPTLaw", "MultiShiftCPTLaw[2]"} if split == "v1" else {"CPTLaw"}
+        laws = {"CPTLaw", *(law_class_name(kw) for kw in lawfit.MULTI_FORMS)} if split == "v1" else {"CPTLaw"}
         assert fit.law in (laws if fit.n_points > 8 else {"AnnealingLaw"})
         assert rec["splits"][split]["boundaries"] == lawfit.boundaries(law_run[1], split, "v3")
         for amp in ("B", "B2"):
