@@ -1,9 +1,10 @@
 """Checkpoint saves under FSDP: the old gather-to-rank-0 save vs sharded DCP, sync and async.
 
 Spawns ``--world`` processes (gloo on CPU, NCCL on CUDA) that each build the same
-Llama from a raypath config, shard it with FSDP2 exactly as the training loop
-does (``raypath.loop._shard``) and take one optimizer step, so AdamW's moments
-exist. Then, in the same processes:
+Llama from a raypath config exactly as the training loop does under FSDP2 (on the
+meta device, sharded by ``raypath.loop._shard``, filled one tensor at a time by
+``raypath.model.materialize``; rank 0's peak RSS of that build is reported) and
+take one optimizer step, so AdamW's moments exist. Then, in the same processes:
 
 * **old**: ``Training.state_dicts()`` gathers the full model and optimizer state
   to rank 0 (CPU offload), which writes ``model.pt``/``optim.pt`` and hashes them
@@ -12,16 +13,23 @@ exist. Then, in the same processes:
   shards, rank 0 writes the manifest last.
 
 For each: save wall time (all ranks, barrier to barrier) and rank 0's peak RSS
-during the save (``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
+during the save (``VmHWM`` after resetting it through ``/proc/self/clear_refs``),
+starting from the live state: the heap freed by the last step is returned to the OS
+first (``malloc_trim``), and the RSS before that is reported too.
 
 **async**: training time lost per checkpoint. ``--steps`` training steps run
 with no checkpoint, with a sync DCP save after the first step, and with an
-async one (the writes finish while training goes on; the run ends by waiting for
-it and writing the manifest). Lost time = run time - the no-checkpoint run's.
-Repeats interleave the three variants (a shared machine's load drifts); the
-summary gives medians.
+async one (the writes and hashes finish while training goes on; the run ends by
+waiting for it and writing the manifest). Two measures: the time the training
+thread spends in the saver's calls (blocked), and run time - the no-checkpoint
+run's (lost; on a machine with no idle core it also holds the CPU the background
+writer takes from the step). Repeats interleave the three variants (a shared
+machine's load drifts); the summary gives medians.
 
     python benchmarks/checkpoint_save.py --config configs/llama-125m.yaml --world 2 --repeats 3
+    # rank 0's build peak, sharded build vs the whole model on every rank first
+    python benchmarks/checkpoint_save.py --build-only --init meta
+    python benchmarks/checkpoint_save.py --build-only --init full
     # one GPU: save time of the same model with one rank
     python benchmarks/checkpoint_save.py --config configs/llama-125m.yaml --world 1 --device cuda
 """
@@ -59,12 +67,21 @@ def _rss_kb(field: str) -> int:
 def _build(args, device):
     from raypath.config import load_config
     from raypath.loop import _shard
-    from raypath.model import block_loss, build_model
+    from raypath.model import block_loss, build_model, materialize
 
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.vocab_size, 0, None).to(device)
-    _shard(model, dist.get_world_size())
+    _reset_peak_rss()
+    before = _rss_kb("VmRSS")
+    if args.init == "meta":  # as the training loop builds under FSDP: never whole on a rank
+        with torch.device("meta"):
+            model = build_model(cfg.model, cfg.data.vocab_size, 0, None, weights=False)
+        _shard(model, dist.get_world_size())
+        materialize(model, device)
+    else:  # the former build: the whole model on every rank, then sharded
+        model = build_model(cfg.model, cfg.data.vocab_size, 0, None).to(device)
+        _shard(model, dist.get_world_size())
+    build = {"rss_before_mb": before / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     blocks = torch.randint(0, cfg.data.vocab_size, (args.micro, args.seq + 1), device=device)
 
@@ -74,11 +91,25 @@ def _build(args, device):
         optim.zero_grad(set_to_none=True)
 
     step()
-    return model, optim, step
+    return model, optim, step, build
+
+
+def _release_free_heap() -> None:
+    """Return the heap the last step freed to the OS, so RSS is the live state.
+
+    glibc keeps freed memory mapped; a save that allocates into it does not raise RSS.
+    Trimming first measures what each save needs on top of the live state (the gather's
+    full state shows up whole) instead of how much of it the last step happened to free.
+    """
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _timed(fn, rank: int, device) -> dict:
     dist.barrier()
+    untrimmed = _rss_kb("VmRSS")
+    _release_free_heap()
     _reset_peak_rss()
     before = _rss_kb("VmRSS")
     t0 = time.perf_counter()
@@ -86,7 +117,7 @@ def _timed(fn, rank: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
-    return {"seconds": time.perf_counter() - t0, "rss_before_mb": before / 1024,
+    return {"seconds": time.perf_counter() - t0, "rss_untrimmed_mb": untrimmed / 1024, "rss_before_mb": before / 1024,
             "peak_rss_mb": _rss_kb("VmHWM") / 1024}
 
 
@@ -101,10 +132,16 @@ def _worker(rank: int, world: int, args, out: str) -> None:
     from raypath.loop import Training
     from raypath.shards import ShardedSaver
 
-    model, optim, step = _build(args, device)
+    model, optim, step, build = _build(args, device)
+    if args.build_only:
+        if rank == 0:
+            print(json.dumps({"init": args.init, "rank0_build": build}), flush=True)
+        dist.destroy_process_group()
+        return
     tr = Training(model, model, optim, device, parallel="fsdp")
     root = Path(args.workdir)
-    results: dict = {"old": [], "dcp": [], "lost_sync": [], "lost_async": [], "run_none": []}
+    results: dict = {"old": [], "dcp": [], "lost_sync": [], "lost_async": [], "blocked_sync": [],
+                     "blocked_async": [], "run_none": [], "build": build}
 
     def old_save(d: Path):
         model_sd, optim_sd = tr.state_dicts()
@@ -114,19 +151,26 @@ def _worker(rank: int, world: int, args, out: str) -> None:
     sync_saver = ShardedSaver(rank, False, device)
     async_saver = ShardedSaver(rank, True, device)
 
-    def run(saver, d: Path | None) -> float:
+    def run(saver, d: Path | None) -> tuple[float, float]:
+        """(run seconds, seconds the training thread spent in the saver's calls)."""
+        step()  # untimed: refaults the heap a trimmed save measurement gave back
         dist.barrier()
+        blocked = 0.0
         t0 = time.perf_counter()
         for i in range(args.steps):
             step()
             if i == 0 and saver is not None:
+                tb = time.perf_counter()
                 saver.save(d, model, optim, {"step": 1})
+                blocked += time.perf_counter() - tb
         if saver is not None:
+            tb = time.perf_counter()
             saver.wait()
+            blocked += time.perf_counter() - tb
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, blocked
 
     for r in range(args.repeats):
         for name, fn in (("old", old_save), ("dcp", lambda d: sync_saver.save(d, model, optim, {"step": 1}))):
@@ -136,16 +180,19 @@ def _worker(rank: int, world: int, args, out: str) -> None:
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(d)
-        none = run(None, None)
-        sync = run(sync_saver, root / f"sync-{r}")
-        asyn = run(async_saver, root / f"async-{r}")
+        none, _ = run(None, None)
+        sync, blocked_sync = run(sync_saver, root / f"sync-{r}")
+        asyn, blocked_async = run(async_saver, root / f"async-{r}")
         results["run_none"].append(none)
         results["lost_sync"].append(sync - none)
         results["lost_async"].append(asyn - none)
+        results["blocked_sync"].append(blocked_sync)
+        results["blocked_async"].append(blocked_async)
         if rank == 0:
             print(f"repeat {r + 1}/{args.repeats}: save old {results['old'][-1]['seconds']:.1f} s, "
-                  f"dcp {results['dcp'][-1]['seconds']:.1f} s; lost per checkpoint sync {sync - none:.2f} s, "
-                  f"async {asyn - none:.2f} s (run {none:.1f} s)", flush=True)
+                  f"dcp {results['dcp'][-1]['seconds']:.1f} s; training thread blocked sync {blocked_sync:.2f} s, "
+                  f"async {blocked_async:.2f} s; run time lost sync {sync - none:.2f} s, async {asyn - none:.2f} s "
+                  f"(run {none:.1f} s)", flush=True)
         dist.barrier()
         if rank == 0:
             for p in root.glob(f"*sync-{r}"):
@@ -167,18 +214,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--port", type=int, default=29517)
     ap.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    ap.add_argument("--init", choices=["meta", "full"], default="meta",
+                    help="meta: the training loop's sharded build; full: the whole model on each rank first")
+    ap.add_argument("--build-only", action="store_true", help="report rank 0's build peak RSS and stop")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     args.workdir = str(workdir)
     out = workdir / "results.json"
     mp.spawn(_worker, args=(args.world, args, str(out)), nprocs=args.world, join=True)
+    if args.build_only:
+        return
     res = json.loads(out.read_text())
     med = statistics.median
 
     def summary(name: str) -> dict:
         rows = res[name]
         return {"seconds": med(r["seconds"] for r in rows), "peak_rss_mb": med(r["peak_rss_mb"] for r in rows),
-                "rss_before_mb": med(r["rss_before_mb"] for r in rows), "bytes": rows[0]["bytes"]}
+                "rss_before_mb": med(r["rss_before_mb"] for r in rows),
+                "rss_untrimmed_mb": med(r["rss_untrimmed_mb"] for r in rows), "bytes": rows[0]["bytes"]}
 
     old, new = summary("old"), summary("dcp")
     lost_sync, lost_async = med(res["lost_sync"]), med(res["lost_async"])
@@ -186,7 +239,7 @@ def main() -> None:
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k not in ("workdir", "port")),
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__, "old": old, "dcp": new,
+        "torch": torch.__version__, "rank0_build": res["build"], "old": old, "dcp": new,
         "save_time_ratio_dcp_over_old": new["seconds"] / old["seconds"],
         "rank0_peak_rss_ratio_dcp_over_old": new["peak_rss_mb"] / old["peak_rss_mb"],
         "rank0_rss_growth_mb": {"old": old["peak_rss_mb"] - old["rss_before_mb"],
@@ -194,6 +247,8 @@ def main() -> None:
         "train_run_seconds_no_checkpoint": med(res["run_none"]),
         "lost_per_checkpoint_s": {"sync": lost_sync, "async": lost_async},
         "lost_ratio_async_over_sync": lost_async / lost_sync if lost_sync > 0 else float("nan"),
+        "blocked_per_checkpoint_s": {"sync": med(res["blocked_sync"]), "async": med(res["blocked_async"])},
+        "blocked_ratio_async_over_sync": med(res["blocked_async"]) / med(res["blocked_sync"]),
         "raw": res,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=2))

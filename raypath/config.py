@@ -168,7 +168,10 @@ class TrainConfig:
     parallel: ``ddp`` (replicated model, all-reduced gradients) or ``fsdp``
         (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
         sharded across workers, per decoder block; for models that do not fit
-        one GPU). Under fsdp every rank saves its own shards
+        one GPU). Under fsdp the model is built on the meta device, sharded,
+        then filled one tensor at a time (fresh init with the same values as
+        ddp's, a base model's files, or a checkpoint): no rank ever holds the
+        whole model. Every rank saves its own shards
         (``torch.distributed.checkpoint``), nothing gathers the full state
         except the release export; under ddp rank 0 saves the full state.
         Either resumes the other, at any world size.

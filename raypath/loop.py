@@ -19,6 +19,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -32,7 +33,7 @@ from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import LOCAL, RunDir
 from raypath.loss import install_loss
-from raypath.model import block_loss, build_model
+from raypath.model import block_loss, build_model, checkpoint_tensors, materialize
 from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 from raypath.schedules import Schedule
 from raypath.tracking import Tracker, TrackingSpec
@@ -321,25 +322,33 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     sharded = restored.get("sharded") if restored else None
-    raw = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
-                      weights=not restored)
-    if restored and not sharded:
-        raw.load_state_dict(restored["model"])
+    shard_here = parallel == "fsdp" and torch.distributed.is_initialized()
+    if shard_here:  # built on meta, sharded, then filled one tensor at a time: never whole on a rank
+        with torch.device("meta"):
+            raw = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
+                              weights=False)
+    else:
+        raw = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
+                          weights=not restored)
+        if restored and not sharded:
+            raw.load_state_dict(restored["model"])
     install_loss(raw, t, device)  # before any wrapper: the loss runs inside the model's forward
     if t.activation_checkpointing:
         if hasattr(raw, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             raw.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    raw.to(device)
     model: torch.nn.Module = raw
-    if parallel == "fsdp" and torch.distributed.is_initialized():
+    if shard_here:
         _shard(raw, world)
+        materialize(raw, device, _initial_weights(seg, restored))
     elif world > 1:
         import ray.train.torch
 
+        raw.to(device)
         model = ray.train.torch.prepare_model(raw, move_to_device=device)
     else:
+        raw.to(device)
         parallel = "ddp"  # one process, no process group: nothing to shard
     if t.compile:
         model = torch.compile(model)
@@ -350,6 +359,18 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     elif restored:
         training.load_optim_state(restored["optim"])
     return training
+
+
+def _initial_weights(seg: Segment, restored: dict | None) -> Mapping[str, torch.Tensor] | None:
+    """What a sharded build is filled from: a full checkpoint, the base model's files, or a fresh init.
+
+    A sharded checkpoint is loaded afterwards by DCP; its fresh init is overwritten.
+    """
+    if restored and not restored.get("sharded"):
+        return restored["model"]
+    if seg.model.path and not restored:
+        return checkpoint_tensors(_model_config(seg).path)
+    return None
 
 
 def _model_config(seg: Segment) -> ModelConfig:

@@ -6,6 +6,9 @@ or a local ``save_pretrained`` directory (``local_files_only=True``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -77,3 +80,170 @@ def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
 
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- Building a sharded model without ever holding it whole -----------------------------------
+#
+# Under FSDP every rank used to build the full fp32 model on the host and then shard it: at 8B
+# parameters that is 32 GB per rank, 256 GB on an 8-GPU node, before the first step. Instead the
+# model is built on the meta device, sharded, and given storage one tensor at a time: a rank's
+# transient memory is the largest single tensor (the embedding), not the model.
+
+
+def materialize(model: torch.nn.Module, device: torch.device,
+                weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Give a meta-device model (sharded or not) real storage on ``device``, one tensor at a time.
+
+    weights: full tensors by state-dict key (a training checkpoint or a ``save_pretrained``
+        directory, :func:`checkpoint_tensors`); None initialises the model afresh with exactly
+        the values :func:`build_model` gives on CPU under the same seed, by replaying the random
+        draws of its construction (see :func:`_replay_init`).
+    Non-persistent buffers (rotary frequencies) are always recomputed as transformers does.
+    """
+    model.to_empty(device=device)
+    owner = _parameter_owners(model)
+
+    def write(module: torch.nn.Module, values: torch.nn.Module, params: bool = True) -> None:
+        for name, value in values._parameters.items():
+            # A tied weight is written by its first owner only: its other owners drew values
+            # (the random stream must advance as on CPU) that tying then discarded.
+            if params and value is not None and owner[id(module._parameters[name])] == (id(module), name):
+                _copy_full(module._parameters[name], value)
+        for name, value in values._buffers.items():
+            if value is not None:
+                _copy_full(module._buffers[name], value)
+
+    with torch.no_grad():
+        if weights is None:
+            _replay_init(model, write)
+            return
+        for module in model.modules():  # buffers only: no random draws needed
+            if any(b is not None for b in module._buffers.values()):  # rotary frequencies
+                stand_in = _stand_in(module)
+                _hf_owner(model, module)._init_weights(stand_in)
+                write(module, stand_in, params=False)
+        for key, param in model.named_parameters():
+            if key not in weights:
+                raise KeyError(f"{getattr(weights, 'name', 'checkpoint')} has no tensor {key!r}")
+            _copy_full(param, weights[key])
+
+
+def _replay_init(model: torch.nn.Module, write: Callable) -> None:
+    """Fresh values, equal to a CPU build's: its random draws, replayed per module in its order.
+
+    A transformers model draws twice: torch's ``reset_parameters`` as each built-in module is
+    constructed, then at the end of each ``PreTrainedModel.__init__`` its ``post_init`` re-draws
+    every module of its subtree not initialised yet (transformers' ``smart_apply``, post-order).
+    Each draw goes into a full-size CPU stand-in of one module, which is then copied (sharded)
+    into the model. ``tests/test_loss.py`` pins equality with :func:`build_model`.
+    """
+    from transformers import PreTrainedModel
+
+    initialised: set[int] = set()
+
+    def post_init(owner: PreTrainedModel, module: torch.nn.Module) -> None:
+        for child in module.children():
+            post_init(child if isinstance(child, PreTrainedModel) else owner, child)
+        if id(module) not in initialised and _owns_tensors(module):
+            initialised.add(id(module))
+            stand_in = _stand_in(module)
+            owner._init_weights(stand_in)
+            write(module, stand_in)
+
+    def construct(module: torch.nn.Module) -> None:
+        for child in module.children():
+            construct(child)
+        if type(module).__module__.startswith("torch.nn.modules") and hasattr(module, "reset_parameters"):
+            stand_in = _stand_in(module)
+            stand_in.reset_parameters()
+            write(module, stand_in)
+        if isinstance(module, PreTrainedModel):
+            post_init(module, module)
+
+    construct(model)
+
+
+def _owns_tensors(module: torch.nn.Module) -> bool:
+    return any(v is not None for v in (*module._parameters.values(), *module._buffers.values()))
+
+
+def _stand_in(module: torch.nn.Module) -> torch.nn.Module:
+    """A childless CPU copy of ``module`` whose own parameters and buffers are full-size and empty."""
+    # Not copy.copy: FSDP's wrapper classes re-run __init__ from __new__.
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__ = dict(module.__dict__)
+    stand_in._parameters = {k: None if v is None else torch.nn.Parameter(torch.empty(v.shape, dtype=v.dtype),
+                                                                          requires_grad=False)
+                            for k, v in module._parameters.items()}
+    stand_in._buffers = {k: None if v is None else torch.empty(v.shape, dtype=v.dtype)
+                         for k, v in module._buffers.items()}
+    stand_in._modules = {}
+    return stand_in
+
+
+def _hf_owner(model: torch.nn.Module, module: torch.nn.Module) -> PreTrainedModel:
+    """The innermost ``PreTrainedModel`` holding ``module``: whose ``_init_weights`` applies."""
+    found = model
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel) and any(m is module for m in sub.modules()):
+            found = sub
+    return found
+
+
+def _parameter_owners(model: torch.nn.Module) -> dict[int, tuple[int, str]]:
+    """id(parameter) -> (id(module), name) of its first owner in module order (tied weights share one)."""
+    owners: dict[int, tuple[int, str]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), (id(module), name))
+    return owners
+
+
+def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``dst``, or into this rank's shard of it when ``dst`` is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=dst.device, dtype=dst.dtype)
+    if isinstance(dst, DTensor):  # src_data_rank=None: every rank slices its own shard, no traffic
+        full = distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(full)
+
+
+class checkpoint_tensors(Mapping):
+    """The tensors of a ``save_pretrained`` directory, read lazily one at a time, in fp32 or saved dtype.
+
+    safetensors files are read per tensor; ``.bin``/``.pt`` files are memory-mapped
+    (``weights_only=True``), so nothing is resident before it is copied into a shard.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.name = f"model.path: {directory}"
+        self._where: dict[str, Callable[[], torch.Tensor]] = {}
+        for f in sorted(Path(directory).glob("*.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as handle:
+                keys = list(handle.keys())
+            for key in keys:
+                self._where[key] = lambda f=f, key=key: _safetensor(f, key)
+        for f in sorted(Path(directory).glob("*.bin")) + sorted(Path(directory).glob("*.pt")):
+            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            for key, value in state.items():
+                self._where[key] = lambda value=value: value
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _safetensor(f: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as handle:
+        return handle.get_tensor(key)

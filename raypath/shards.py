@@ -8,9 +8,11 @@ keeps the complete-or-absent guarantee of :mod:`raypath.checkpoint`:
 1. rank 0 writes ``state.json`` and ``rng.pt``; all ranks write their shards
    (``dcp.save``, or ``dcp.async_save`` which copies the state to host memory
    and writes it from a background thread while training goes on);
-2. once every rank's write has finished, each hashes its own shard files and the
-   hashes are gathered to rank 0 (a few hundred bytes per rank);
-3. rank 0 writes the manifest, last. Until then the checkpoint does not count.
+2. each rank hashes (and, for a remote run directory, uploads) its own files as
+   soon as they are written: on that background thread too when saving async;
+3. once every rank is done, the hashes are gathered to rank 0 (a few hundred
+   bytes per rank), which writes the manifest, last. Until then the checkpoint
+   does not count.
 
 Loading is collective too: the ranks split the hashing of the files between
 them, then DCP reads into the target's own layout (FSDP shards at any world
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +70,10 @@ class ShardedSaver:
     def __init__(self, rank: int, asynchronous: bool, device: torch.device, rd: RunDir = LOCAL):
         self.rank, self.asynchronous, self.device, self.rd = rank, asynchronous, device, rd
         self.group = dist.new_group(backend="gloo") if asynchronous and _distributed() else None
-        self.pending: tuple[Any, Path] | None = None
+        # Hashing and uploading a rank's files takes as long as writing them: off the
+        # training thread too, chained after DCP's own background write.
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="raypath-ckpt") if asynchronous else None
+        self.pending: tuple[Future, Path] | None = None
 
     def save(self, directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
              state: dict) -> None:
@@ -83,11 +89,12 @@ class ShardedSaver:
         if _distributed():
             dist.barrier()
         sd = app_state(model, optim)
-        if self.asynchronous:
-            self.pending = (dcp.async_save(sd, checkpoint_id=str(d / ckpt.SHARDS), process_group=self.group), d)
+        if self.finisher is not None:
+            written = dcp.async_save(sd, checkpoint_id=str(d / ckpt.SHARDS), process_group=self.group)
+            self.pending = (self.finisher.submit(self._own_entries, d, written), d)
             return
         dcp.save(sd, checkpoint_id=str(d / ckpt.SHARDS))
-        self._finish(d)
+        self._finish(d, self._own_entries(d))
 
     def poll(self) -> Path | None:
         """Collective: finish the pending save if every rank's write is done; returns its directory."""
@@ -104,20 +111,25 @@ class ShardedSaver:
         """Collective: block until the pending save is written, then finish it."""
         if self.pending is None:
             return None
-        future, d = self.pending
+        entries, d = self.pending
         self.pending = None
-        future.result()
-        self._finish(d)
+        self._finish(d, entries.result())
         return d
 
-    def _finish(self, d: Path) -> None:
+    def _own_entries(self, d: Path, written: Future | None = None) -> dict[str, dict]:
+        """This rank's files of checkpoint ``d``, published, with their manifest entries."""
+        if written is not None:
+            written.result()
         own = ckpt.shard_files(d / ckpt.SHARDS, self.rank)
         if self.rank == 0:
             own += [d / "rng.pt", d / "state.json", d / ckpt.SHARDS / ".metadata"]
         for f in own:
             self.rd.publish(f)
+        return ckpt.file_entries(d, own)
+
+    def _finish(self, d: Path, own: dict[str, dict]) -> None:
         entries: dict[str, dict] = {}
-        for part in _gather(ckpt.file_entries(d, own)):  # also the barrier: every rank has written
+        for part in _gather(own):  # also the barrier: every rank has written
             entries.update(part)
         if self.rank == 0:
             ckpt.write_sharded_manifest(d, entries)

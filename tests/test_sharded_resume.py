@@ -20,6 +20,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.data import Consumed
 from raypath.lineage import Lineage
+from raypath.mirror import RunDir
 
 
 def _records(path) -> list[dict]:
@@ -65,7 +66,7 @@ def test_sharded_resume_across_world_sizes_and_ddp_fsdp(tiny_run, tmp_path):
 
     cfg, lin = tiny_run
     G = cfg.train.global_batch_size
-    ctx = dataclasses.replace(prepare(cfg), run_dir=tmp_path, tracking=None)  # events under tmp_path too
+    ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)  # events under tmp_path too
     v2 = main_segment(ctx, 1, Lineage.of(lin).main("v1"))  # starts from v1's (full, DDP) boundary checkpoint
     s0 = v2.start_step
     base = dataclasses.replace(v2, stream_limit=8 * G)

@@ -1,0 +1,89 @@
+"""The sharded build: meta device -> FSDP2 shards -> filled one tensor at a time.
+
+Two gloo ranks build the model the way ``train.parallel: fsdp`` does and must hold
+exactly the shards of the model :func:`raypath.model.build_model` gives on CPU under
+the same seed (fresh init, tied and untied, with a padding row), or of a
+``save_pretrained`` directory's weights.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from raypath.config import ModelConfig
+from raypath.model import build_model, checkpoint_tensors, materialize
+
+VOCAB = 96
+
+
+def _cfg(tie: bool, path: str = "") -> ModelConfig:
+    return ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                       max_position_embeddings=64, tie_word_embeddings=tie, path=path)
+
+
+def _plain(cfg: ModelConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(cfg, VOCAB, eos_id=0, pad_id=1)
+
+
+def _sharded(cfg: ModelConfig, world: int, weights=None) -> torch.nn.Module:
+    from raypath.loop import _shard
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = build_model(cfg, VOCAB, eos_id=0, pad_id=1, weights=False)
+    _shard(model, world)
+    materialize(model, torch.device("cpu"), weights)
+    return model
+
+
+def _rank(rank: int, world: int, port: int, pretrained: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mismatches = []
+    cases = [(f"fresh tie={tie}", _cfg(tie), None) for tie in (True, False)]
+    cases.append(("pretrained", _cfg(False, pretrained), checkpoint_tensors(pretrained)))
+    for label, cfg, weights in cases:
+        want = _plain(cfg)
+        got = _sharded(cfg, world, weights)
+        local = {n: p.to_local().numel() for n, p in got.named_parameters()}
+        assert sum(local.values()) < sum(p.numel() for p in want.parameters()), "not sharded"
+        for name, p in got.named_parameters():
+            if not torch.equal(p.full_tensor(), want.get_parameter(name)):
+                mismatches.append(f"{label}: {name}")
+        for name, b in got.named_buffers():
+            if not torch.equal(b, want.get_buffer(name)):
+                mismatches.append(f"{label}: buffer {name}")
+        if cfg.tie_word_embeddings:
+            assert got.lm_head.weight is got.model.embed_tokens.weight
+    if rank == 0:
+        torch.save(mismatches, out)
+    dist.destroy_process_group()
+
+
+def test_two_fsdp_ranks_hold_the_shards_of_the_plain_build(tmp_path):
+    pretrained = tmp_path / "base"
+    torch.manual_seed(7)  # other weights than the seed-0 init: the checkpoint's values must arrive
+    build_model(_cfg(False), VOCAB, eos_id=0, pad_id=1).save_pretrained(pretrained)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "mismatches.pt"
+    mp.spawn(_rank, args=(2, port, str(pretrained), str(out)), nprocs=2, join=True)
+    assert torch.load(out, weights_only=True) == []
+
+
+def test_a_missing_tensor_is_named_with_its_directory(tmp_path):
+    build_model(_cfg(False), VOCAB, eos_id=0).save_pretrained(tmp_path / "base")
+    weights = checkpoint_tensors(tmp_path / "base")
+    assert "lm_head.weight" in weights and len(weights) == len(dict(_plain(_cfg(False)).named_parameters()))
+    with torch.device("meta"):
+        bigger = build_model(_cfg(False), VOCAB, eos_id=0, weights=False)
+    bigger.extra = torch.nn.Linear(2, 2, bias=False)
+    with pytest.raises(KeyError, match=r"model.path: .*base has no tensor 'extra.weight'"):
+        materialize(bigger, torch.device("cpu"), weights)
