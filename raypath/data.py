@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,10 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
                                    seq_len=spec.seq_len, eos=eos, max_doc_chars=max_doc_chars,
                                    endpoint=spec.endpoint, fs=fs),
         batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items)))),
+        # One chunk in flight per actor: an idle actor takes the next one, so the actors
+        # finish within one chunk's time of each other. Ray Data's default queues several
+        # per actor up front, and the queue of an actor that started late finishes alone.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items))), max_tasks_in_flight_per_actor=1),
     )
     out: list[list[dict]] = [[] for _ in jobs]
     for row in ds.take_all():
@@ -632,7 +636,10 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     new = sources[len(records):]
     files = [f for s in new for f in (*s.train_files, *s.val_files, *s.test_files)]
     limit = spec.max_doc_chars if spec.on_bad_input == "error" else 0
+    t0 = time.perf_counter()
     reports = dict(zip(files, inspect_files(files, spec.text_column, limit, spec.endpoint, spec.chunk_bytes)))
+    if files:
+        log.info("validated and fingerprinted %d files in %.1f s", len(files), time.perf_counter() - t0)
     plan = Plan(path, manifest)
     for i, src in enumerate(new, start=len(records)):
         todo = {"index": i, "source": src, "skipped_files": [], "test": []}
@@ -678,14 +685,21 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
     if not plan.todo:
         return records[: len(sources)]
     eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
-    for todo, stats in zip(plan.todo, _tokenize_versions(plan.todo, spec, eos)):
+    t1 = time.perf_counter()
+    tokenized = _tokenize_versions(plan.todo, spec, eos)
+    t2 = time.perf_counter()
+    tokens = sum(r["doc_tokens"] for v in tokenized for rows in v.values() for r in rows)
+    log.info("tokenized and packed %d tokens of %d version(s) in %.1f s (%.0f tokens/s, %d actors)",
+             tokens, len(plan.todo), t2 - t1, tokens / max(t2 - t1, 1e-9), spec.actors)
+    for todo, stats in zip(plan.todo, tokenized):
+        t = time.perf_counter()
         rec = _prepare_one(todo, spec, records, stats)
         records.append(rec)
         # each version lands as soon as its stream is written
         write_json(plan.manifest_path, manifest, root=_run_root(plan.manifest_path))
-        log.info("prepared %s: %d blocks (+%d replay), %d val + %d test blocks, %.3f%% tokens dropped at "
-                 "pack edges", rec["name"], rec["new_blocks"], rec["replay_blocks"], rec["val_blocks"],
-                 rec["test_blocks"], 100 * rec["dropped_share"])
+        log.info("prepared %s in %.1f s: %d blocks (+%d replay), %d val + %d test blocks, %.3f%% tokens dropped "
+                 "at pack edges", rec["name"], time.perf_counter() - t, rec["new_blocks"], rec["replay_blocks"],
+                 rec["val_blocks"], rec["test_blocks"], 100 * rec["dropped_share"])
     return records[: len(sources)]
 
 
