@@ -76,7 +76,8 @@ def system_corpus(args) -> Path:
     spec.loader.exec_module(mod)
     out = Path(f"{args.run_dir.rstrip('/')}-corpus").resolve()
     if not (out / "corpus.json").is_file():
-        mod.build_system_corpus(out, max_docs=args.docs, max_chars=args.corpus_chars)
+        mod.build_system_corpus(out, max_docs=args.docs, max_chars=args.corpus_chars,
+                                val_fraction=args.val_fraction)
     return out
 
 
@@ -401,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the embedded default corpus, or system text (benchmarks/system_corpus.py), "
                         "built in RUN_DIR-corpus")
     p.add_argument("--corpus-chars", type=int, default=400_000, help="system corpus: most characters per version")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="system corpus: share of each version's documents held out for val and test "
+                        "(enough for data.val_blocks + data.test_blocks blocks)")
     p.add_argument("--docs", type=int, default=150, help="most documents per version")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=10, help="the main path's fork points")
@@ -460,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["train_seconds"] = round(time.perf_counter() - t0, 1) if not args.eval_only else None
     summary["size"] = {"versions": args.versions, "corpus": args.corpus, "docs": args.docs,
                        "corpus_chars": args.corpus_chars if args.corpus == "system" else None,
+                       "val_fraction": args.val_fraction if args.corpus == "system" else None,
                        "eval_every": args.eval_every,
                        "checkpoint_every": args.checkpoint_every, "samples": args.samples, "unguided_seeds": seeds,
                        "steps": {m.version: m.end_step - m.start_step for m in mains}}

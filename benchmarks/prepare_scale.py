@@ -138,8 +138,14 @@ def plot(results: dict, path: Path) -> None:
     b.plot(tokens, [s["tokens_per_s"] / 1e3 for s in sizes], "o-")
     b.set(xlabel="corpus tokens (M)", ylabel="prepare tokens/s (k)", title="throughput")
     b.set_ylim(bottom=0)
-    fig.suptitle(f"version preparation ({results['code']})")
+    fig.suptitle(f"version preparation (raypath {results.get('commit') or 'checkout'})")
     save_figure(fig, path)
+
+
+def _commit(code: Path) -> str | None:
+    """The measured checkout's commit, for the plot and the JSON (the path says nothing elsewhere)."""
+    r = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def main() -> None:
@@ -154,7 +160,8 @@ def main() -> None:
     args = ap.parse_args()
     out, code = Path(args.out).resolve(), Path(args.code).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = {"code": str(code), "base_mb_per_version": args.base_mb, "sizes": [], "actors": {}}
+    results = {"code": str(code), "commit": _commit(code), "base_mb_per_version": args.base_mb,
+               "sizes": [], "actors": {}}
     scales = [float(s) for s in args.scales.split(",")]
     tok = out / "tokenizer"
     if not (tok / "tokenizer.json").is_file():

@@ -77,6 +77,9 @@ SELECT_MARGIN = 0.1
 #: small model, so a smaller gain is not evidence. A richer law that describes a real
 #: effect the first one misses (forgetting that recovers, say) cuts the error several-fold.
 REFERENCE_FACTOR = 2.0
+#: Starting points of a stability gap's area ``P`` (normalised: a share of the fit's largest
+#: forward area): a few hundredths is an overshoot over tens of steps of a few hundred.
+GAP_GRID = (0.02, 0.08)
 #: A parameter closer than this fraction of its bound scale to a bound counts as "at" it.
 BOUND_TOL = 1e-6
 #: An optional term (the CPT shift term) whose largest relative size on the data stays
@@ -346,11 +349,23 @@ class _MultiShiftCPTLaw(CPTLaw):
       the tokens trained since the switch. It is the first order of a second, slower
       saturating term ``D_i*(1-(1+F*S1_i)^-gamma)``: fitted on a real lineage that term ran
       into its linear range, with ``F`` and ``gamma`` left flat and the fit many times slower.
+
+    A third one is not linear: ``gap`` -- the *stability gap* of continual learning (De Lange
+    et al., ICLR 2023): right after a switch, at a high LR, an old split's loss overshoots and
+    then partly recovers as the model learns to tell the domains apart. A term
+    ``G_i*u*exp(1-u)``, ``u = S1_i/P``, per switch rises from 0, peaks at ``G_i`` when the
+    forward area since the switch is ``P`` and fades; ``G_i >= 0`` (bounded like ``B``,
+    regularised), one ``P`` shared by every switch (how long the overshoot lasts depends on
+    the LR and the optimiser, not on which switch it is). ``P`` adds one axis to the grid of
+    starting points. A saturating term alone puts the peak into ``B_i`` and overpredicts the
+    loss of a branch forked after the recovery, or fits the recovery with ``D_i`` and
+    underpredicts it.
     """
 
     n_shifts: ClassVar[int]
     anneal: ClassVar[bool] = False
     drift: ClassVar[bool] = False
+    gap: ClassVar[bool] = False
 
     @classmethod
     def features(cls, curve, lam):
@@ -393,12 +408,21 @@ class _MultiShiftCPTLaw(CPTLaw):
                                np.full(extra if cls.anneal else 0, s2ref)])
 
     @classmethod
-    def _slices(cls) -> tuple[slice, slice, slice]:
-        """Where the extra parameters sit in theta: ``B2..Bn``, ``C2_2..C2_n``, ``D..Dn``."""
+    def _slices(cls) -> tuple[slice, slice, slice, slice]:
+        """Where the extra parameters sit in theta: ``B2..Bn``, ``C2_2..C2_n``, ``D..Dn``,
+        ``G..Gn`` (``P``, with ``gap``, is the last parameter)."""
         n = cls.n_shifts
         b = slice(8, 8 + n - 1)
         c = slice(b.stop, b.stop + (n - 1 if cls.anneal else 0))
-        return b, c, slice(c.stop, c.stop + (n if cls.drift else 0))
+        d = slice(c.stop, c.stop + (n if cls.drift else 0))
+        return b, c, d, slice(d.stop, d.stop + (n if cls.gap else 0))
+
+    @staticmethod
+    def _gap(s1: np.ndarray, g: float, p: float) -> tuple[np.ndarray, np.ndarray]:
+        """``u*exp(1-u)`` with ``u = S1/P`` (the gap term over G) and the term's derivative in P."""
+        u = s1 / p
+        e = np.exp(1.0 - u)
+        return u * e, -g * (1.0 - u) * e * u / p
 
     @classmethod
     def _s1_rows(cls, feats) -> list[np.ndarray]:
@@ -408,7 +432,7 @@ class _MultiShiftCPTLaw(CPTLaw):
     @classmethod
     def value_and_jac(cls, theta, feats):
         value, jac = super().value_and_jac(theta[:8], feats[:4])
-        bs, cs, ds = cls._slices()
+        bs, cs, ds, gs = cls._slices()
         e, beta = theta[6], theta[7]
         s1s = cls._s1_rows(feats)
         cols = []
@@ -424,6 +448,14 @@ class _MultiShiftCPTLaw(CPTLaw):
         for d, s1 in zip(theta[ds], s1s):
             value = value + d * s1
             cols.append(s1)
+        if cls.gap:
+            d_p = np.zeros_like(value)
+            for g, s1 in zip(theta[gs], s1s):
+                term, dp = cls._gap(s1, g, theta[-1])
+                value = value + g * term
+                d_p += dp
+                cols.append(term)
+            cols.append(d_p)
         return value, np.column_stack([jac, *cols])
 
     @classmethod
@@ -431,7 +463,7 @@ class _MultiShiftCPTLaw(CPTLaw):
         """Each switch's shift term decides its own amplitude; E and beta are resolved when
         the shift terms together are. Each phase's annealing and each drift term decides
         its own coefficient (a phase with no LR decay observed leaves its C2_i flat)."""
-        bs, cs, ds = cls._slices()
+        bs, cs, ds, gs = cls._slices()
         e, beta = theta[6], theta[7]
         s1s = cls._s1_rows(feats)
         names = cls.param_names
@@ -441,15 +473,21 @@ class _MultiShiftCPTLaw(CPTLaw):
         phases = feats[4 + cls.n_shifts - 1:]
         out.update({(names[i],): theta[i] * s2 for i, s2 in zip(range(cs.start, cs.stop), phases)})
         out.update({(names[i],): theta[i] * s1 for i, s1 in zip(range(ds.start, ds.stop), s1s)})
+        if cls.gap:
+            gaps = {(names[i],): theta[i] * cls._gap(s1, theta[i], theta[-1])[0]
+                    for i, s1 in zip(range(gs.start, gs.stop), s1s)}
+            out.update({**gaps, ("P",): np.sum(list(gaps.values()), axis=0)})
         return out
 
     @classmethod
     def bounds(cls, loss_max):
         base = super().bounds(loss_max)
-        _, cs, ds = cls._slices()
-        # amplitudes like B; annealing coefficients like C2; drifts of either sign
+        _, cs, ds, gs = cls._slices()
+        # amplitudes like B; annealing coefficients like C2; drifts of either sign; gaps
+        # (overshoots) of one sign, at most half the largest loss; P within the run's area
+        gap = [(0.0, base[5][1])] * (gs.stop - gs.start) + ([(1e-3, 1.0)] if cls.gap else [])
         return (base + [base[5]] * (cls.n_shifts - 1) + [base[4]] * (cs.stop - cs.start)
-                + [(-loss_max, loss_max)] * (ds.stop - ds.start))
+                + [(-loss_max, loss_max)] * (ds.stop - ds.start) + gap)
 
     @classmethod
     def to_raw(cls, theta, s1ref, s2ref):
@@ -461,45 +499,54 @@ class _MultiShiftCPTLaw(CPTLaw):
 
     @classmethod
     def _rescale(cls, theta, base, c_factor, d_factor):
-        """``theta`` with its first 8 parameters replaced by ``base``, C2_i times ``c_factor``
-        and D_i times ``d_factor`` (B_i are losses: unchanged)."""
+        """``theta`` with its first 8 parameters replaced by ``base``, C2_i times ``c_factor``,
+        D_i times ``d_factor`` and P divided by it (B_i and G_i are losses: unchanged)."""
         out = np.concatenate([base, theta[8:]]).astype(np.float64)
-        _, cs, ds = cls._slices()
+        _, cs, ds, _ = cls._slices()
         out[cs] *= c_factor
         out[ds] *= d_factor
+        if cls.gap:
+            out[-1] /= d_factor  # an area: in raw units P times s1ref
         return out
 
 
-def multi_shift_law(n_shifts: int, *, anneal: bool = False, drift: bool = False) -> type[_Law]:
+def multi_shift_law(n_shifts: int, *, anneal: bool = False, drift: bool = False,
+                    gap: bool = False) -> type[_Law]:
     """The CPT law with ``n_shifts`` data switches (``cpt_start`` and ``n_shifts - 1`` of
     ``Curve.shifts``), amplitudes ``B, B2, ... B<n>`` and shared ``E, beta``.
 
     ``anneal`` adds one annealing coefficient per later phase (``C2_2 ... C2_<n>``), ``drift``
-    one linear drift per switch (``D, D2, ... D<n>``); see :class:`_MultiShiftCPTLaw`. One
-    switch without drift is :class:`CPTLaw` itself (one switch has one phase: ``anneal``
-    changes nothing there), so a two-version lineage fits exactly as before. The class is
-    named ``MultiShiftCPTLaw[n]``, with ``,anneal`` and/or ``,drift`` before the bracket
-    when set (what :attr:`FitResult.law` records and :func:`law_class` reads back).
+    one linear drift per switch (``D, D2, ... D<n>``), ``gap`` one stability-gap amplitude
+    per switch (``G, G2, ... G<n>``) and their shared area ``P``; see
+    :class:`_MultiShiftCPTLaw`. One switch with neither drift nor gap is :class:`CPTLaw`
+    itself (one switch has one phase: ``anneal`` changes nothing there), so a two-version
+    lineage fits exactly as before. The class is named ``MultiShiftCPTLaw[n]``, with
+    ``,anneal``, ``,drift`` and/or ``,gap`` before the bracket when set (what
+    :attr:`FitResult.law` records and :func:`law_class` reads back).
     """
     if n_shifts < 1:
         raise ValueError(f"a CPT law needs at least one data switch, got {n_shifts}")
     anneal = bool(anneal) and n_shifts > 1
-    if n_shifts == 1 and not drift:
+    if n_shifts == 1 and not (drift or gap):
         return CPTLaw
-    return _multi_shift_law(int(n_shifts), anneal, bool(drift))
+    return _multi_shift_law(int(n_shifts), anneal, bool(drift), bool(gap))
 
 
 @functools.cache  # one class per form: law_class(name) returns the very class that was fitted
-def _multi_shift_law(n_shifts: int, anneal: bool, drift: bool) -> type[_Law]:
-    amps = tuple(f"B{i}" for i in range(2, n_shifts + 1))
-    phases = tuple(f"C2_{i}" for i in range(2, n_shifts + 1)) if anneal else ()
-    drifts = ("D", *(f"D{i}" for i in range(2, n_shifts + 1))) if drift else ()
-    flags = "".join(f",{k}" for k, on in (("anneal", anneal), ("drift", drift)) if on)
+def _multi_shift_law(n_shifts: int, anneal: bool, drift: bool, gap: bool = False) -> type[_Law]:
+    later = range(2, n_shifts + 1)
+    amps = tuple(f"B{i}" for i in later)
+    phases = tuple(f"C2_{i}" for i in later) if anneal else ()
+    drifts = ("D", *(f"D{i}" for i in later)) if drift else ()
+    gaps = ("G", *(f"G{i}" for i in later)) if gap else ()
+    flags = "".join(f",{k}" for k, on in (("anneal", anneal), ("drift", drift), ("gap", gap)) if on)
+    grid = {**CPTLaw.default_grid, "P": GAP_GRID} if gap else CPTLaw.default_grid
     return type(f"MultiShiftCPTLaw[{n_shifts}{flags}]", (_MultiShiftCPTLaw,), {
-        "param_names": CPTLaw.param_names + amps + phases + drifts,
-        "linear": CPTLaw.linear + amps + phases + drifts,
-        "regularized": CPTLaw.regularized + amps + drifts, "amplitudes": CPTLaw.amplitudes + amps,
-        "n_shifts": n_shifts, "anneal": anneal, "drift": drift, "__doc__": _MultiShiftCPTLaw.__doc__})
+        "param_names": CPTLaw.param_names + amps + phases + drifts + gaps + (("P",) if gap else ()),
+        "linear": CPTLaw.linear + amps + phases + drifts + gaps,
+        "regularized": CPTLaw.regularized + amps + drifts + gaps, "amplitudes": CPTLaw.amplitudes + amps,
+        "default_grid": grid, "n_shifts": n_shifts, "anneal": anneal, "drift": drift, "gap": gap,
+        "__doc__": _MultiShiftCPTLaw.__doc__})
 
 
 def law_class(law: type[_Law] | str) -> type[_Law]:
@@ -509,12 +556,13 @@ def law_class(law: type[_Law] | str) -> type[_Law]:
         return law
     if law in LAWS:
         return LAWS[law]
-    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)(,anneal)?(,drift)?\]", law)
+    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)(,anneal)?(,drift)?(,gap)?\]", law)
     if m is None:
         raise ValueError(f"unknown law {law!r} (known: {', '.join(LAWS)}, "
-                         "MultiShiftCPTLaw[n], MultiShiftCPTLaw[n,anneal], MultiShiftCPTLaw[n,drift], "
-                         "MultiShiftCPTLaw[n,anneal,drift])")
-    return multi_shift_law(int(m.group(1)), anneal=bool(m.group(2)), drift=bool(m.group(3)))
+                         "MultiShiftCPTLaw[n] with any of ,anneal ,drift ,gap in that order, "
+                         "e.g. MultiShiftCPTLaw[3,drift,gap])")
+    return multi_shift_law(int(m.group(1)), anneal=bool(m.group(2)), drift=bool(m.group(3)),
+                           gap=bool(m.group(4)))
 
 
 @contextlib.contextmanager

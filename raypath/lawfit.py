@@ -384,9 +384,9 @@ def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_point
     """The laws :func:`fit_run` chooses from for one split, simplest first: the single-shift
     CPT law; the multi-shift one with a term per data switch that some observation comes
     after (a switch nothing was observed after would be a flat parameter); the same with a
-    drift per switch; and with a drift per switch and an annealing coefficient per phase
-    (:func:`raypath.law.multi_shift_law`). A form with as many parameters as points is left
-    out; ``multi`` offers the multi-shift forms only."""
+    drift per switch, a stability gap per switch, both, and a drift per switch with an
+    annealing coefficient per phase (:data:`MULTI_FORMS`, :func:`raypath.law.multi_shift_law`).
+    A form with as many parameters as points is left out; ``multi`` offers the multi-shift forms only."""
     if chosen != "CPTLaw" or shifts == "single":
         return [chosen]
     last = max((int(c.steps.max()) for c in curves if len(c.steps)), default=-1)
@@ -401,8 +401,10 @@ def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_point
 
 
 #: The multi-shift forms :func:`fit_run` compares (keyword arguments of
-#: :func:`raypath.law.multi_shift_law`), simplest first.
-MULTI_FORMS = ({}, {"drift": True}, {"anneal": True, "drift": True})
+#: :func:`raypath.law.multi_shift_law`), simplest first. A ``gap`` form doubles the fit's
+#: starting points; all five make a split's selection about 5x the single-shift fit's time.
+MULTI_FORMS = ({}, {"drift": True}, {"gap": True}, {"drift": True, "gap": True},
+               {"anneal": True, "drift": True})
 
 
 def _n_points(curves: Sequence[Curve]) -> int:

@@ -25,6 +25,8 @@ EVAL_EVERY = 10
 LAM = 0.99
 #: Law parameters per split role (raw units). B_i: the shift at the split's i-th boundary.
 TRUTH = {"L0": 2.0, "A": 1.2, "alpha": 0.45, "C1": 4.0, "C2": 3.0, "E": 8.0, "beta": 0.8}
+#: Forward area at which a stability gap peaks (``gaps`` of :func:`write_lineage`): 20 steps at MAX_LR.
+GAP_P = 20 * MAX_LR
 #: Shift amplitude of an old split at its first, second, third later boundary, and of the new split.
 OLD_B = (0.35, 0.25, 0.2)
 NEW_B = -0.4
@@ -41,20 +43,24 @@ def boundaries(split: int, release: int) -> list[int]:
 
 
 def true_loss(lrs: np.ndarray, steps: np.ndarray, bounds: list[int], amps: list[float],
-              lam: float = LAM, drifts: Sequence[float] = ()) -> np.ndarray:
-    """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta) + D_i*S1_i``:
-    "pt" before the first boundary, S1_i the forward area since the i-th boundary (a boundary
-    at 0 is no switch: the whole history is pre-training), D_i from ``drifts`` (0 beyond)."""
+              lam: float = LAM, drifts: Sequence[float] = (), gaps: Sequence[float] = ()) -> np.ndarray:
+    """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta) + D_i*S1_i
+    + G_i*u_i*exp(1-u_i)``, ``u_i = S1_i/GAP_P``: "pt" before the first boundary, S1_i the
+    forward area since the i-th boundary (a boundary at 0 is no switch: the whole history is
+    pre-training), D_i from ``drifts`` and G_i from ``gaps`` (0 beyond)."""
     p = TRUTH
     s1, s2 = areas(lrs, lam=lam)
     first = bounds[0]
     s2pt = s2[np.minimum(steps, first - 1)] if first > 0 else s2[steps]
     loss = p["L0"] + p["A"] * s1[steps] ** -p["alpha"] - p["C1"] * s2pt - p["C2"] * (s2[steps] - s2pt)
     drifts = list(drifts) + [0.0] * (len(bounds) - len(drifts))
-    for b, amp, drift in zip(bounds, amps, drifts):
+    gaps = list(gaps) + [0.0] * (len(bounds) - len(gaps))
+    for b, amp, drift, gap in zip(bounds, amps, drifts, gaps):
         if 0 < b <= len(lrs):  # a history that ends before the boundary never sees it
             since = np.where(steps >= b, s1[steps] - s1[b - 1], 0.0)
-            loss = loss + amp * (1.0 - (1.0 + p["E"] * since) ** -p["beta"]) + drift * since
+            u = since / GAP_P
+            loss = (loss + amp * (1.0 - (1.0 + p["E"] * since) ** -p["beta"]) + drift * since
+                    + gap * u * np.exp(1.0 - u))
     return loss
 
 
@@ -63,14 +69,17 @@ def _amps(split: int, release: int) -> list[float]:
 
 
 def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int = 0,
-                  shifts: str = "multi", drift: Sequence[float] = ()) -> tuple[Path, dict]:
+                  shifts: str = "multi", drift: Sequence[float] = (),
+                  gap: Sequence[float] = ()) -> tuple[Path, dict]:
     """Write a synthetic ``n_versions`` lineage under ``root``; returns ``(run_dir, lineage)``.
 
     shifts: ``multi`` -- every later boundary adds its own shift (the truth the multi-shift law
     describes); ``single`` -- an old split only shifts once, at the end of its own version (the
     truth of the single-shift law). drift: an old split's linear drift ``D_i`` per forward area
     since its i-th boundary (forgetting that grows, or recovers when negative; none by
-    default). noise: relative Gaussian noise on every observed loss.
+    default). gap: an old split's stability gap ``G_i`` per boundary (an overshoot peaking
+    :data:`GAP_P` of forward area after it; none by default). noise: relative Gaussian
+    noise on every observed loss.
     """
     rng = np.random.default_rng(seed)
     run_dir = root / "run"
@@ -86,9 +95,10 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
         bounds = boundaries(split, n_versions)
         amps = _amps(split, n_versions)
         drifts = () if split == n_versions else drift[: n_versions - split]
+        gaps = () if split == n_versions else gap[: n_versions - split]
         if shifts == "single":
-            bounds, amps, drifts = bounds[:1], amps[:1], drifts[:1]
-        clean = true_loss(lrs, steps, bounds, amps, drifts=drifts)
+            bounds, amps, drifts, gaps = bounds[:1], amps[:1], drifts[:1], gaps[:1]
+        clean = true_loss(lrs, steps, bounds, amps, drifts=drifts, gaps=gaps)
         return clean * (1.0 + noise * rng.standard_normal(len(steps)))
 
     mains, branches = [], []

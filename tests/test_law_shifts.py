@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from law_lineage import LAM, OLD_B, write_lineage
+from law_lineage import GAP_P, LAM, OLD_B, write_lineage
 
 from raypath import law, lawfit
 from raypath.law import CPTLaw, Curve, fit_law, law_class, multi_shift_law
@@ -35,7 +35,8 @@ def three_versions(tmp_path_factory):
     return run_dir, lineage, lawfit.fit_run(run_dir, "v3", lam=LAM)
 
 
-FORMS = ({}, {"anneal": True}, {"drift": True}, {"anneal": True, "drift": True})
+FORMS = ({}, {"anneal": True}, {"drift": True}, {"anneal": True, "drift": True}, {"gap": True},
+         {"drift": True, "gap": True}, {"anneal": True, "drift": True, "gap": True})
 
 
 def test_one_switch_is_the_cpt_law_and_names_round_trip():
@@ -47,6 +48,10 @@ def test_one_switch_is_the_cpt_law_and_names_round_trip():
     assert full.__name__ == "MultiShiftCPTLaw[3,anneal,drift]"
     assert full.param_names == CPTLaw.param_names + ("B2", "B3", "C2_2", "C2_3", "D", "D2", "D3")
     assert multi_shift_law(1, drift=True).param_names == CPTLaw.param_names + ("D",)
+    gap = multi_shift_law(2, drift=True, gap=True)
+    assert gap.__name__ == "MultiShiftCPTLaw[2,drift,gap]" and law_class(gap.__name__) is gap
+    assert gap.param_names == CPTLaw.param_names + ("B2", "D", "D2", "G", "G2", "P")
+    assert "P" in gap.default_grid and "P" not in gap.linear
     for n in (1, 2, 3):
         for form in FORMS:
             cls = multi_shift_law(n, **form)
@@ -83,9 +88,11 @@ def test_multi_shift_jacobian_matches_finite_differences(form):
         num = (cls.value_and_jac(theta + step, feats)[0] - cls.value_and_jac(theta - step, feats)[0]) / 2e-6
         np.testing.assert_allclose(jac[:, i], num, rtol=1e-5, atol=1e-8, err_msg=cls.param_names[i])
     np.testing.assert_allclose(cls.from_raw(cls.to_raw(theta, 3.0, 0.5), 3.0, 0.5), theta)
-    # no later switch observed and no drift: the value is the single-shift law's
+    # no later switch observed, no drift and no gap: the value is the single-shift law's
     single = CPTLaw.value_and_jac(theta[:8], feats[:4])[0]
     theta[len(CPTLaw.param_names):] = 0.0
+    if cls.gap:
+        theta[-1] = 0.5  # P: an area, not an amplitude
     np.testing.assert_allclose(cls.value_and_jac(theta, np.vstack([feats[:4], 0 * feats[4:]]))[0], single,
                                rtol=0, atol=1e-15)
 
@@ -177,7 +184,7 @@ def test_guard_single_shift_truth_keeps_the_single_shift_law(tmp_path):
     curves = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
     candidates = lawfit._shift_candidates("CPTLaw", curves, "auto", lawfit._n_points(curves))
     chosen, scores = law.select_law(candidates, curves, sign={"B": 1}, lam=LAM)
-    assert chosen is CPTLaw and len(scores) == 4
+    assert chosen is CPTLaw and len(scores) == 1 + len(lawfit.MULTI_FORMS)
     assert min(scores.values()) * law.REFERENCE_FACTOR >= scores["CPTLaw"]
 
 
@@ -228,10 +235,25 @@ def test_drift_truth_is_recovered_and_chosen(tmp_path):
     assert p["predicted"]["v1"] == pytest.approx(actual["val/v1"], rel=0.003)
 
 
+def test_stability_gap_truth_is_recovered(tmp_path):
+    """An old split whose loss overshoots after each switch and then recovers (the stability
+    gap): the gap form recovers each overshoot and where it peaks, and fits the curves to the
+    noise, where the forms without it cannot."""
+    run_dir, lineage = write_lineage(tmp_path, 3, gap=(0.15, 0.3), noise=1e-4)
+    curves = lawfit.curves_from_lineage(lineage, "v1", "v3", run_dir=run_dir)
+    fit = fit_law(multi_shift_law(2, gap=True), curves, lam=LAM, sign={"B": 1})
+    assert fit.params["G"] == pytest.approx(0.15, rel=0.05) and fit.params["G2"] == pytest.approx(0.3, rel=0.05)
+    assert fit.params["P"] == pytest.approx(GAP_P, rel=0.05)
+    assert fit.mape < 0.02 and not fit.degenerate
+    drift = fit_law(multi_shift_law(2, drift=True), curves, lam=LAM, sign={"B": 1})
+    assert drift.mape > 5 * fit.mape
+
+
 def test_a_switch_nothing_was_observed_after_is_not_fitted():
     lrs = np.full(300, 1e-3)
     curves = [Curve(lrs, np.arange(0, 250, 5), np.ones(50), cpt_start=100, shifts=(200, 260), name="main")]
-    forms = [multi_shift_law(2), multi_shift_law(2, drift=True), multi_shift_law(2, anneal=True, drift=True)]
+    forms = [multi_shift_law(2), multi_shift_law(2, drift=True), multi_shift_law(2, gap=True),
+             multi_shift_law(2, drift=True, gap=True), multi_shift_law(2, anneal=True, drift=True)]
     assert lawfit._shift_candidates("CPTLaw", curves, "auto", 50) == ["CPTLaw", *forms]
     assert lawfit._shift_candidates("CPTLaw", curves, "multi", 50) == forms
     assert lawfit._shift_candidates("CPTLaw", curves, "auto", 12) == ["CPTLaw", *forms[:2]]  # 12 parameters
