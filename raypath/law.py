@@ -39,6 +39,7 @@ import ctypes
 import functools
 import itertools
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Mapping, Sequence
@@ -67,9 +68,10 @@ HUBER_DELTA = 1e-3
 #: distribution-shift term is weakly identifiable from few curves).
 REG_WEIGHT = 1e-3
 #: Among the richer candidate laws, :func:`select_fit` keeps the simplest whose held-out
-#: error is within this fraction of the best one's. Scores from a few held-out branches
-#: differ by a few percent between laws that describe the data equally well (e.g. a drift
-#: term fitted to zero).
+#: error is within this fraction of the best one's, and without a clear winner it counts a
+#: law within this fraction of the first candidate's error as predicting as well. Scores
+#: from a few held-out branches differ by a few percent between laws that describe the
+#: data equally well (e.g. a drift term fitted to zero).
 SELECT_MARGIN = 0.1
 #: A richer law replaces the first candidate (the published single-shift law) only if its
 #: held-out error is smaller by this factor: the score rests on two to four held-out
@@ -133,6 +135,9 @@ class Curve:
     shifts: first steps of later data switches, after ``cpt_start`` and increasing. Only a
         multi-shift law (:func:`multi_shift_law`) reads them: each adds its own shift term;
         the single-shift laws ignore them.
+    entry: first step trained on the curve's own data when that came after step 0 and
+        before ``cpt_start`` (an old split of a later version: its data entered at its own
+        version's start); 0 = none. Only a multi-shift law with ``entry`` reads it.
     """
 
     lrs: np.ndarray
@@ -141,6 +146,7 @@ class Curve:
     cpt_start: int = 0
     name: str = ""
     shifts: tuple[int, ...] = ()
+    entry: int = 0
 
     def __post_init__(self) -> None:
         self.lrs = np.asarray(self.lrs, dtype=np.float64)
@@ -155,6 +161,9 @@ class Curve:
         if any(b <= a for a, b in zip((self.cpt_start, *self.shifts), self.shifts)):
             raise ValueError(f"curve {self.name!r}: shifts {self.shifts} must increase after cpt_start "
                              f"{self.cpt_start}")
+        self.entry = int(self.entry)
+        if self.entry < 0 or (self.entry and self.entry >= self.cpt_start):
+            raise ValueError(f"curve {self.name!r}: entry {self.entry} must lie before cpt_start {self.cpt_start}")
 
 
 def split_areas(curve: Curve, *, lam: float = LAMBDA) -> np.ndarray:
@@ -360,17 +369,27 @@ class _MultiShiftCPTLaw(CPTLaw):
     starting points. A saturating term alone puts the peak into ``B_i`` and overpredicts the
     loss of a branch forked after the recovery, or fits the recovery with ``D_i`` and
     underpredicts it.
+
+    And one for an old split whose own data entered after step 0: ``entry`` -- the shift
+    term it had while it was the new split, ``B0*(1-(1+E*S1_0)^-beta)`` over the forward
+    area since its entry (``Curve.entry``), ``B0 <= 0``. Without it the power law alone
+    has to follow the fast fall of the split's loss once its data is trained on, which it
+    can only do with its exponent at the bound, leaving a systematic residual over the
+    whole of the split's own segment. With it, the law of an old split is the law it was
+    released with plus one term per later switch.
     """
 
     n_shifts: ClassVar[int]
     anneal: ClassVar[bool] = False
     drift: ClassVar[bool] = False
     gap: ClassVar[bool] = False
+    entry: ClassVar[bool] = False
 
     @classmethod
     def features(cls, curve, lam):
-        """:func:`split_areas` plus one row per later switch (the forward area since it) and,
-        with ``anneal``, the annealing area of each phase (row 3 then holds phase 1's)."""
+        """:func:`split_areas` plus one row per later switch (the forward area since it),
+        with ``anneal`` the annealing area of each phase (row 3 then holds phase 1's), and
+        with ``entry`` the forward area since the curve's entry (zero without one)."""
         base = split_areas(curve, lam=lam)
         n = curve.steps.max(initial=0) + 1
         s1, s2 = areas(curve.lrs[:n], lam=lam)
@@ -399,23 +418,27 @@ class _MultiShiftCPTLaw(CPTLaw):
                     base[3] = phase
                 else:
                     rows.append(phase)
+        if cls.entry:
+            e = curve.entry
+            rows.append(s1[t] - s1[np.minimum(t, e - 1)] if 0 < e <= n else np.zeros(len(t)))
         return np.vstack([base, *rows])
 
     @classmethod
     def feature_scale(cls, s1ref, s2ref):
         extra = cls.n_shifts - 1
         return np.concatenate([super().feature_scale(s1ref, s2ref), np.full(extra, s1ref),
-                               np.full(extra if cls.anneal else 0, s2ref)])
+                               np.full(extra if cls.anneal else 0, s2ref), np.full(int(cls.entry), s1ref)])
 
     @classmethod
-    def _slices(cls) -> tuple[slice, slice, slice, slice]:
+    def _slices(cls) -> tuple[slice, slice, slice, slice, slice]:
         """Where the extra parameters sit in theta: ``B2..Bn``, ``C2_2..C2_n``, ``D..Dn``,
-        ``G..Gn`` (``P``, with ``gap``, is the last parameter)."""
+        ``G..Gn``, ``B0`` (``P``, with ``gap``, is the last parameter)."""
         n = cls.n_shifts
         b = slice(8, 8 + n - 1)
         c = slice(b.stop, b.stop + (n - 1 if cls.anneal else 0))
         d = slice(c.stop, c.stop + (n if cls.drift else 0))
-        return b, c, d, slice(d.stop, d.stop + (n if cls.gap else 0))
+        g = slice(d.stop, d.stop + (n if cls.gap else 0))
+        return b, c, d, g, slice(g.stop, g.stop + int(cls.entry))
 
     @staticmethod
     def _gap(s1: np.ndarray, g: float, p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -430,31 +453,43 @@ class _MultiShiftCPTLaw(CPTLaw):
         return [feats[1], *feats[4: 4 + cls.n_shifts - 1]]
 
     @classmethod
+    def _entry_row(cls, feats) -> list[np.ndarray]:
+        """The forward area since the entry, as a one-row list (empty without ``entry``)."""
+        return [feats[-1]] if cls.entry else []
+
+    @classmethod
     def value_and_jac(cls, theta, feats):
         value, jac = super().value_and_jac(theta[:8], feats[:4])
-        bs, cs, ds, gs = cls._slices()
+        bs, cs, ds, gs, es = cls._slices()
         e, beta = theta[6], theta[7]
         s1s = cls._s1_rows(feats)
         cols = []
-        for b, s1 in zip(theta[bs], s1s[1:]):
-            shift, d_e, d_beta = _shift(s1, b, e, beta)
-            value = value + b * shift
+
+        def shift(b, s1):
+            nonlocal value
+            term, d_e, d_beta = _shift(s1, b, e, beta)
+            value = value + b * term
             jac[:, 6] += d_e
             jac[:, 7] += d_beta
-            cols.append(shift)
+            cols.append(term)
+
+        for b, s1 in zip(theta[bs], s1s[1:]):
+            shift(b, s1)
         for c, s2 in zip(theta[cs], feats[4 + cls.n_shifts - 1:]):
             value = value - c * s2
             cols.append(-s2)
         for d, s1 in zip(theta[ds], s1s):
             value = value + d * s1
             cols.append(s1)
+        d_p = np.zeros_like(value)
+        for g, s1 in zip(theta[gs], s1s):
+            term, dp = cls._gap(s1, g, theta[-1])
+            value = value + g * term
+            d_p += dp
+            cols.append(term)
+        for b, s1 in zip(theta[es], cls._entry_row(feats)):
+            shift(b, s1)
         if cls.gap:
-            d_p = np.zeros_like(value)
-            for g, s1 in zip(theta[gs], s1s):
-                term, dp = cls._gap(s1, g, theta[-1])
-                value = value + g * term
-                d_p += dp
-                cols.append(term)
             cols.append(d_p)
         return value, np.column_stack([jac, *cols])
 
@@ -463,12 +498,13 @@ class _MultiShiftCPTLaw(CPTLaw):
         """Each switch's shift term decides its own amplitude; E and beta are resolved when
         the shift terms together are. Each phase's annealing and each drift term decides
         its own coefficient (a phase with no LR decay observed leaves its C2_i flat)."""
-        bs, cs, ds, gs = cls._slices()
+        bs, cs, ds, gs, es = cls._slices()
         e, beta = theta[6], theta[7]
         s1s = cls._s1_rows(feats)
         names = cls.param_names
-        amps = [5, *range(bs.start, bs.stop)]
-        terms = {(names[i],): theta[i] * _shift(s1, theta[i], e, beta)[0] for i, s1 in zip(amps, s1s)}
+        amps = [5, *range(bs.start, bs.stop), *range(es.start, es.stop)]
+        terms = {(names[i],): theta[i] * _shift(s1, theta[i], e, beta)[0]
+                 for i, s1 in zip(amps, s1s + cls._entry_row(feats))}
         out = {**terms, ("E", "beta"): np.sum(list(terms.values()), axis=0)}
         phases = feats[4 + cls.n_shifts - 1:]
         out.update({(names[i],): theta[i] * s2 for i, s2 in zip(range(cs.start, cs.stop), phases)})
@@ -482,12 +518,15 @@ class _MultiShiftCPTLaw(CPTLaw):
     @classmethod
     def bounds(cls, loss_max):
         base = super().bounds(loss_max)
-        _, cs, ds, gs = cls._slices()
+        _, cs, ds, gs, es = cls._slices()
         # amplitudes like B; annealing coefficients like C2; drifts of either sign; gaps
-        # (overshoots) of one sign, at most half the largest loss; P within the run's area
-        gap = [(0.0, base[5][1])] * (gs.stop - gs.start) + ([(1e-3, 1.0)] if cls.gap else [])
+        # (overshoots) of one sign, at most half the largest loss; the entry lowers the
+        # loss (the new-domain sign of 2505.07796); P within the run's area
+        gap = [(0.0, base[5][1])] * (gs.stop - gs.start)
+        entry = [(base[5][0], 0.0)] * (es.stop - es.start)
         return (base + [base[5]] * (cls.n_shifts - 1) + [base[4]] * (cs.stop - cs.start)
-                + [(-loss_max, loss_max)] * (ds.stop - ds.start) + gap)
+                + [(-loss_max, loss_max)] * (ds.stop - ds.start) + gap + entry
+                + ([(1e-3, 1.0)] if cls.gap else []))
 
     @classmethod
     def to_raw(cls, theta, s1ref, s2ref):
@@ -500,9 +539,9 @@ class _MultiShiftCPTLaw(CPTLaw):
     @classmethod
     def _rescale(cls, theta, base, c_factor, d_factor):
         """``theta`` with its first 8 parameters replaced by ``base``, C2_i times ``c_factor``,
-        D_i times ``d_factor`` and P divided by it (B_i and G_i are losses: unchanged)."""
+        D_i times ``d_factor`` and P divided by it (B_i, G_i and B0 are losses: unchanged)."""
         out = np.concatenate([base, theta[8:]]).astype(np.float64)
-        _, cs, ds, _ = cls._slices()
+        _, cs, ds, _, _ = cls._slices()
         out[cs] *= c_factor
         out[ds] *= d_factor
         if cls.gap:
@@ -511,58 +550,63 @@ class _MultiShiftCPTLaw(CPTLaw):
 
 
 def multi_shift_law(n_shifts: int, *, anneal: bool = False, drift: bool = False,
-                    gap: bool = False) -> type[_Law]:
+                    gap: bool = False, entry: bool = False) -> type[_Law]:
     """The CPT law with ``n_shifts`` data switches (``cpt_start`` and ``n_shifts - 1`` of
     ``Curve.shifts``), amplitudes ``B, B2, ... B<n>`` and shared ``E, beta``.
 
     ``anneal`` adds one annealing coefficient per later phase (``C2_2 ... C2_<n>``), ``drift``
     one linear drift per switch (``D, D2, ... D<n>``), ``gap`` one stability-gap amplitude
-    per switch (``G, G2, ... G<n>``) and their shared area ``P``; see
-    :class:`_MultiShiftCPTLaw`. One switch with neither drift nor gap is :class:`CPTLaw`
-    itself (one switch has one phase: ``anneal`` changes nothing there), so a two-version
-    lineage fits exactly as before. The class is named ``MultiShiftCPTLaw[n]``, with
-    ``,anneal``, ``,drift`` and/or ``,gap`` before the bracket when set (what
-    :attr:`FitResult.law` records and :func:`law_class` reads back).
+    per switch (``G, G2, ... G<n>``) and their shared area ``P``, ``entry`` a shift term
+    ``B0`` for the curve's own entry (:attr:`Curve.entry`); see :class:`_MultiShiftCPTLaw`.
+    One switch with none of drift, gap and entry is :class:`CPTLaw` itself (one switch has
+    one phase: ``anneal`` changes nothing there), so a two-version lineage fits exactly as
+    before. The class is named ``MultiShiftCPTLaw[n]``, with ``,entry``, ``,anneal``,
+    ``,drift`` and/or ``,gap`` before the bracket when set (what :attr:`FitResult.law`
+    records and :func:`law_class` reads back).
     """
     if n_shifts < 1:
         raise ValueError(f"a CPT law needs at least one data switch, got {n_shifts}")
     anneal = bool(anneal) and n_shifts > 1
-    if n_shifts == 1 and not (drift or gap):
+    if n_shifts == 1 and not (drift or gap or entry):
         return CPTLaw
-    return _multi_shift_law(int(n_shifts), anneal, bool(drift), bool(gap))
+    return _multi_shift_law(int(n_shifts), anneal, bool(drift), bool(gap), bool(entry))
 
 
 @functools.cache  # one class per form: law_class(name) returns the very class that was fitted
-def _multi_shift_law(n_shifts: int, anneal: bool, drift: bool, gap: bool = False) -> type[_Law]:
+def _multi_shift_law(n_shifts: int, anneal: bool, drift: bool, gap: bool = False,
+                     entry: bool = False) -> type[_Law]:
     later = range(2, n_shifts + 1)
     amps = tuple(f"B{i}" for i in later)
     phases = tuple(f"C2_{i}" for i in later) if anneal else ()
     drifts = ("D", *(f"D{i}" for i in later)) if drift else ()
     gaps = ("G", *(f"G{i}" for i in later)) if gap else ()
-    flags = "".join(f",{k}" for k, on in (("anneal", anneal), ("drift", drift), ("gap", gap)) if on)
+    b0 = ("B0",) if entry else ()
+    flags = "".join(f",{k}" for k, on in (("entry", entry), ("anneal", anneal), ("drift", drift),
+                                           ("gap", gap)) if on)
     grid = {**CPTLaw.default_grid, "P": GAP_GRID} if gap else CPTLaw.default_grid
     return type(f"MultiShiftCPTLaw[{n_shifts}{flags}]", (_MultiShiftCPTLaw,), {
-        "param_names": CPTLaw.param_names + amps + phases + drifts + gaps + (("P",) if gap else ()),
-        "linear": CPTLaw.linear + amps + phases + drifts + gaps,
-        "regularized": CPTLaw.regularized + amps + drifts + gaps, "amplitudes": CPTLaw.amplitudes + amps,
+        "param_names": CPTLaw.param_names + amps + phases + drifts + gaps + b0 + (("P",) if gap else ()),
+        "linear": CPTLaw.linear + amps + phases + drifts + gaps + b0,
+        # B0 is not among the amplitudes: its sign is fixed by its bounds, not by fit_law's ``sign``
+        "regularized": CPTLaw.regularized + amps + drifts + gaps + b0, "amplitudes": CPTLaw.amplitudes + amps,
         "default_grid": grid, "n_shifts": n_shifts, "anneal": anneal, "drift": drift, "gap": gap,
-        "__doc__": _MultiShiftCPTLaw.__doc__})
+        "entry": entry, "__doc__": _MultiShiftCPTLaw.__doc__})
 
 
 def law_class(law: type[_Law] | str) -> type[_Law]:
     """A law from its class or its name (:data:`LAWS`, or ``MultiShiftCPTLaw[n]`` with
-    optional ``,anneal`` and ``,drift``)."""
+    optional ``,entry``, ``,anneal``, ``,drift`` and ``,gap``)."""
     if not isinstance(law, str):
         return law
     if law in LAWS:
         return LAWS[law]
-    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)(,anneal)?(,drift)?(,gap)?\]", law)
+    m = re.fullmatch(r"MultiShiftCPTLaw\[(\d+)(,entry)?(,anneal)?(,drift)?(,gap)?\]", law)
     if m is None:
         raise ValueError(f"unknown law {law!r} (known: {', '.join(LAWS)}, "
-                         "MultiShiftCPTLaw[n] with any of ,anneal ,drift ,gap in that order, "
+                         "MultiShiftCPTLaw[n] with any of ,entry ,anneal ,drift ,gap in that order, "
                          "e.g. MultiShiftCPTLaw[3,drift,gap])")
-    return multi_shift_law(int(m.group(1)), anneal=bool(m.group(2)), drift=bool(m.group(3)),
-                           gap=bool(m.group(4)))
+    return multi_shift_law(int(m.group(1)), entry=bool(m.group(2)), anneal=bool(m.group(3)),
+                           drift=bool(m.group(4)), gap=bool(m.group(5)))
 
 
 @contextlib.contextmanager
@@ -633,11 +677,12 @@ class FitResult:
     lam: float = LAMBDA
     held_out: dict[str, float] = field(default_factory=dict)
 
-    def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = ()) -> np.ndarray:
+    def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = (),
+                entry: int = 0) -> np.ndarray:
         """Losses for a :class:`Curve`, an ``(lrs, steps[, cpt_start])`` tuple, or ``lrs``
         plus ``steps`` (all steps when omitted); ``shifts``: later data switches
-        (:attr:`Curve.shifts`)."""
-        curve = _as_curve(curve_or_lrs, steps, cpt_start, shifts)
+        (:attr:`Curve.shifts`); ``entry``: :attr:`Curve.entry`."""
+        curve = _as_curve(curve_or_lrs, steps, cpt_start, shifts, entry)
         return law_class(self.law).predict(self.params, curve, lam=self.lam)
 
     def to_dict(self) -> dict:
@@ -652,20 +697,22 @@ class FitResult:
         return cls(**d)
 
 
-def _as_curve(curve_or_lrs, steps, cpt_start: int, shifts: Sequence[int] = ()) -> Curve:
+def _as_curve(curve_or_lrs, steps, cpt_start: int, shifts: Sequence[int] = (), entry: int = 0) -> Curve:
     if isinstance(curve_or_lrs, Curve):
         return curve_or_lrs
     if isinstance(curve_or_lrs, tuple):
         lrs, steps, *rest = curve_or_lrs
-        return _as_curve(lrs, steps, rest[0] if rest else cpt_start, shifts)
+        return _as_curve(lrs, steps, rest[0] if rest else cpt_start, shifts, entry)
     lrs = np.asarray(curve_or_lrs, dtype=np.float64)
     steps = np.arange(len(lrs)) if steps is None else np.asarray(steps)
-    return Curve(lrs, steps, np.full(np.shape(steps), np.nan), cpt_start=cpt_start, shifts=tuple(shifts))
+    return Curve(lrs, steps, np.full(np.shape(steps), np.nan), cpt_start=cpt_start, shifts=tuple(shifts),
+                 entry=entry)
 
 
-def predict_final_loss(fit: FitResult, lrs, cpt_start: int = 0, shifts: Sequence[int] = ()) -> float:
+def predict_final_loss(fit: FitResult, lrs, cpt_start: int = 0, shifts: Sequence[int] = (),
+                       entry: int = 0) -> float:
     """Predicted loss after the last step of an LR history: the branch-ranking score."""
-    return float(fit.predict(lrs, [len(lrs) - 1], cpt_start=cpt_start, shifts=shifts)[0])
+    return float(fit.predict(lrs, [len(lrs) - 1], cpt_start=cpt_start, shifts=shifts, entry=entry)[0])
 
 
 @dataclass
@@ -846,10 +893,16 @@ def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     ``candidates`` go simplest first. Among the richer ones (all but the first) the
     simplest whose score is within :data:`SELECT_MARGIN` of their best is the contender; it
     is chosen if its score is :data:`REFERENCE_FACTOR` times smaller than the first
-    candidate's, else the first candidate is: a richer law must predict clearly better, not
-    by a difference a handful of held-out branches cannot resolve (so the chosen score is
-    never above the first candidate's). With fewer than two curves to hold out there is
-    nothing to compare: the first candidate is fitted and ``held_out`` is empty.
+    candidate's: a law that predicts clearly better wins on that alone. Without such a
+    winner the held-out branches cannot tell the candidates apart, and the observed curves
+    decide: among the candidates that predict as well as the first one (score within
+    :data:`SELECT_MARGIN` of its score), the one with the lowest Bayesian information
+    criterion of its fit to all curves (:func:`_bic`). A richer law then has to describe
+    the curves better by more than its extra parameters buy on noise -- e.g. an old split's
+    entry term, which changes the fit over the split's own segment, not the final losses
+    of the released version's branches. So the chosen score is never more than
+    :data:`SELECT_MARGIN` above the first candidate's. With fewer than two curves to hold
+    out there is nothing to compare: the first candidate is fitted and ``held_out`` is empty.
     """
     held = _last_phase_curves(curves, anchors)
     if len(held) < 2:
@@ -864,12 +917,23 @@ def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     first, *richer = scores
     floor = min(scores[name] for name in richer) * (1.0 + SELECT_MARGIN)
     contender = next(name for name in richer if scores[name] <= floor)  # the simplest such
-    best = contender if scores[contender] * REFERENCE_FACTOR <= scores[first] else first
+    if scores[contender] * REFERENCE_FACTOR <= scores[first]:
+        best = contender
+    else:
+        tied = [name for name in scores if scores[name] <= scores[first] * (1.0 + SELECT_MARGIN)]
+        best = min(tied, key=lambda name: _bic(fits[name]))  # the first of equals: the simplest
     fit = fits[best]
     if fit.degenerate and not quiet:
         log.warning("%s fit: parameters not identified by the data: %s", best, ", ".join(fit.degenerate))
     fit.held_out = scores
     return fit
+
+
+def _bic(fit: FitResult) -> float:
+    """Bayesian information criterion of a fit, up to a constant shared by every fit of
+    the same curves: ``n*ln(SSres) + k*ln(n)``, ``SSres`` proportional to ``1 - R^2``."""
+    n = max(fit.n_points, 2)
+    return n * math.log(max(1.0 - fit.r2, 1e-12)) + len(fit.params) * math.log(n)
 
 
 def select_law(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], *,

@@ -52,11 +52,15 @@ per version after it: the ends of ``j``'s, ``j+1``'s, ... ``K-1``'s main segment
 (:func:`boundaries`). The first is ``cpt_start``; the others are ``Curve.shifts``, and the
 multi-shift law (:func:`raypath.law.multi_shift_law`) gives each its own shift term, and
 optionally its own linear drift (forgetting that grows or recovers with the tokens since
-the switch) and an annealing coefficient per phase between switches. :func:`fit_run` fits
-these forms next to the single-shift law wherever a split has more than one switch and
-keeps the one that best predicts the final loss of held-out branches of the released
-version (:func:`raypath.law.select_fit`); on a two-version lineage every split has one
-switch and the fit is the single-shift one.
+the switch) and an annealing coefficient per phase between switches. An old split ``j > 1``
+also saw a switch *to* its data, at the start of its own main segment (:func:`entry_step`,
+``Curve.entry``): while it was the new split its law had a shift term there (``B < 0``),
+and the multi-shift forms keep that term (``B0``) next to the later ones, so the fall of
+its loss over its own segment is not left to the power law alone. :func:`fit_run` fits
+these forms next to the single-shift law wherever a split has more than one switch or an
+entry and keeps the one that best predicts the final loss of held-out branches of the
+released version (:func:`raypath.law.select_fit`); on a two-version lineage every split
+has one switch and no entry, and the fit is the single-shift one.
 """
 
 from __future__ import annotations
@@ -146,11 +150,19 @@ def boundaries(lineage: LineageLike, split: str, version: str) -> list[int]:
     return [int(mains[v].end_step) for v in later if v in mains]
 
 
+def entry_step(lineage: LineageLike, split: str, version: str) -> int:
+    """Where an old split's own data entered the training data: the first step of its main
+    segment, when that is after step 0; 0 for the first version and for the new split
+    (whose ``cpt_start`` is that step; see the module doc)."""
+    return 0 if split == version else int(main_entry(lineage, split).start_step)
+
+
 def split_phases(lineage: LineageLike, split: str, version: str) -> dict:
-    """``cpt_start`` and ``shifts`` of the split's curves (keyword arguments of
+    """``cpt_start``, ``shifts`` and ``entry`` of the split's curves (keyword arguments of
     :class:`~raypath.law.Curve` and :meth:`~raypath.law.FitResult.predict`)."""
+    lineage = Lineage.of(lineage)
     first, *later = boundaries(lineage, split, version)
-    return {"cpt_start": first, "shifts": tuple(later)}
+    return {"cpt_start": first, "shifts": tuple(later), "entry": entry_step(lineage, split, version)}
 
 
 def splits_for(lineage: LineageLike, version: str) -> list[str]:
@@ -383,17 +395,20 @@ SHIFTS = ("auto", "single", "multi")
 def _shift_candidates(chosen: str, curves: Sequence[Curve], shifts: str, n_points: int) -> list:
     """The laws :func:`fit_run` chooses from for one split, simplest first: the single-shift
     CPT law; the multi-shift one with a term per data switch that some observation comes
-    after (a switch nothing was observed after would be a flat parameter); the same with a
-    drift per switch, a stability gap per switch, both, and a drift per switch with an
-    annealing coefficient per phase (:data:`MULTI_FORMS`, :func:`raypath.law.multi_shift_law`).
-    A form with as many parameters as points is left out; ``multi`` offers the multi-shift forms only."""
+    after (a switch nothing was observed after would be a flat parameter) and, for an old
+    split that entered after step 0, a term for its entry; the same with a drift per switch,
+    a stability gap per switch, both, and a drift per switch with an annealing coefficient
+    per phase (:data:`MULTI_FORMS`, :func:`raypath.law.multi_shift_law`). A form with as
+    many parameters as points is left out; ``multi`` offers the multi-shift forms only."""
     if chosen != "CPTLaw" or shifts == "single":
         return [chosen]
     last = max((int(c.steps.max()) for c in curves if len(c.steps)), default=-1)
     n_switches = 1 + sum(b <= last for b in curves[0].shifts)
-    if n_switches == 1:
+    entry = curves[0].entry > 0
+    if n_switches == 1 and not entry:
         return [chosen]
-    forms = [lawmod.multi_shift_law(n_switches, **kw) for kw in MULTI_FORMS]
+    forms = [lawmod.multi_shift_law(n_switches, entry=entry, **kw) for kw in MULTI_FORMS]
+    forms = [f for i, f in enumerate(forms) if f not in forms[:i]]  # one switch: anneal adds nothing
     forms = [f for f in forms if n_points >= len(f.param_names) + 1]
     if not forms:
         return [chosen]
@@ -441,7 +456,7 @@ def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Lineage, spl
     """What ``fit-<version>.json`` keeps of one split's fit."""
     return {
         **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
-        "boundaries": boundaries(lineage, split, version),
+        "boundaries": boundaries(lineage, split, version), "entry": entry_step(lineage, split, version),
         "curves": [{"name": c.name, "n_points": int(len(c.steps)),
                     "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
                    for c in curves],
@@ -474,13 +489,14 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
 
     ``shifts`` decides how a CPT fit treats an old split's later data switches
     (:func:`boundaries`): ``single`` -- one shift term, at ``cpt_start`` (2505.07796 as
-    published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`), in
-    the simplest form of :data:`MULTI_FORMS` unless a richer one predicts held-out branches
-    clearly better; ``auto`` -- the same choice with the single-shift law as the first
-    candidate (:func:`raypath.law.select_fit`: held-out final losses of the released
-    version's branches; a multi-shift form replaces the single-shift law only at
-    :data:`raypath.law.REFERENCE_FACTOR` times smaller error). A split with one switch is
-    always fitted with the single-shift law. Saves
+    published); ``multi`` -- one term per switch (:func:`raypath.law.multi_shift_law`) and
+    one for an old split's entry, in the form of :data:`MULTI_FORMS` that
+    :func:`raypath.law.select_fit` picks; ``auto`` -- the same choice with the single-shift
+    law as the first candidate (held-out final losses of the released version's branches:
+    a multi-shift form replaces the single-shift law at :data:`raypath.law.REFERENCE_FACTOR`
+    times smaller error, or, predicting as well, with a lower information criterion on the
+    observed curves). A split with one switch and no entry is always fitted with the
+    single-shift law. Saves
     ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
     """
     if shifts not in SHIFTS:

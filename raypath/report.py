@@ -452,7 +452,7 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
                 curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
     """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
     parameters, degenerate ones, and the held-out errors the law was chosen by."""
-    from raypath.lawfit import boundaries, splits_for
+    from raypath.lawfit import boundaries, entry_step, splits_for
 
     lineage = Lineage.of(lineage)
     lines = [f"law fits for releasing {version} (per validation split)"]
@@ -464,6 +464,8 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
             continue
         params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
         switches = ", ".join(map(str, boundaries(lineage, split, version)))
+        if entry := entry_step(lineage, split, version):
+            switches += f"; its data entered at step {entry}"
         lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
                      f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
         if fit.held_out:

@@ -43,11 +43,14 @@ def boundaries(split: int, release: int) -> list[int]:
 
 
 def true_loss(lrs: np.ndarray, steps: np.ndarray, bounds: list[int], amps: list[float],
-              lam: float = LAM, drifts: Sequence[float] = (), gaps: Sequence[float] = ()) -> np.ndarray:
+              lam: float = LAM, drifts: Sequence[float] = (), gaps: Sequence[float] = (),
+              entry: int = 0) -> np.ndarray:
     """``L0 + A*S1^-alpha - C1*S2pt - C2*S2cpt + sum_i B_i*(1-(1+E*S1_i)^-beta) + D_i*S1_i
     + G_i*u_i*exp(1-u_i)``, ``u_i = S1_i/GAP_P``: "pt" before the first boundary, S1_i the
     forward area since the i-th boundary (a boundary at 0 is no switch: the whole history is
-    pre-training), D_i from ``drifts`` and G_i from ``gaps`` (0 beyond)."""
+    pre-training), D_i from ``drifts`` and G_i from ``gaps`` (0 beyond); with ``entry > 0``
+    one more shift term of amplitude :data:`NEW_B` over the forward area since that step
+    (the split's own data entering, the term it had as the new split)."""
     p = TRUTH
     s1, s2 = areas(lrs, lam=lam)
     first = bounds[0]
@@ -55,6 +58,9 @@ def true_loss(lrs: np.ndarray, steps: np.ndarray, bounds: list[int], amps: list[
     loss = p["L0"] + p["A"] * s1[steps] ** -p["alpha"] - p["C1"] * s2pt - p["C2"] * (s2[steps] - s2pt)
     drifts = list(drifts) + [0.0] * (len(bounds) - len(drifts))
     gaps = list(gaps) + [0.0] * (len(bounds) - len(gaps))
+    if entry > 0:  # no drift and no gap of its own: appended after the zips' last boundary
+        since = np.where(steps >= entry, s1[steps] - s1[entry - 1], 0.0)
+        loss = loss + NEW_B * (1.0 - (1.0 + p["E"] * since) ** -p["beta"])
     for b, amp, drift, gap in zip(bounds, amps, drifts, gaps):
         if 0 < b <= len(lrs):  # a history that ends before the boundary never sees it
             since = np.where(steps >= b, s1[steps] - s1[b - 1], 0.0)
@@ -70,7 +76,7 @@ def _amps(split: int, release: int) -> list[float]:
 
 def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int = 0,
                   shifts: str = "multi", drift: Sequence[float] = (),
-                  gap: Sequence[float] = ()) -> tuple[Path, dict]:
+                  gap: Sequence[float] = (), entry: bool = False) -> tuple[Path, dict]:
     """Write a synthetic ``n_versions`` lineage under ``root``; returns ``(run_dir, lineage)``.
 
     shifts: ``multi`` -- every later boundary adds its own shift (the truth the multi-shift law
@@ -78,8 +84,10 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
     truth of the single-shift law). drift: an old split's linear drift ``D_i`` per forward area
     since its i-th boundary (forgetting that grows, or recovers when negative; none by
     default). gap: an old split's stability gap ``G_i`` per boundary (an overshoot peaking
-    :data:`GAP_P` of forward area after it; none by default). noise: relative Gaussian
-    noise on every observed loss.
+    :data:`GAP_P` of forward area after it; none by default). entry: an old split that
+    entered after step 0 keeps the shift term it had as the new split (:data:`NEW_B` since
+    its own start); by default its loss follows the power law alone up to its first switch.
+    noise: relative Gaussian noise on every observed loss.
     """
     rng = np.random.default_rng(seed)
     run_dir = root / "run"
@@ -98,7 +106,8 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
         gaps = () if split == n_versions else gap[: n_versions - split]
         if shifts == "single":
             bounds, amps, drifts, gaps = bounds[:1], amps[:1], drifts[:1], gaps[:1]
-        clean = true_loss(lrs, steps, bounds, amps, drifts=drifts, gaps=gaps)
+        start = (split - 1) * SEGMENT if entry and split < n_versions else 0
+        clean = true_loss(lrs, steps, bounds, amps, drifts=drifts, gaps=gaps, entry=start)
         return clean * (1.0 + noise * rng.standard_normal(len(steps)))
 
     mains, branches = [], []

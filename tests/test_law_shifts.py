@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from law_lineage import GAP_P, LAM, OLD_B, write_lineage
+from law_lineage import GAP_P, LAM, NEW_B, OLD_B, write_lineage
 
 from raypath import law, lawfit
 from raypath.law import CPTLaw, Curve, fit_law, law_class, multi_shift_law
@@ -36,7 +36,8 @@ def three_versions(tmp_path_factory):
 
 
 FORMS = ({}, {"anneal": True}, {"drift": True}, {"anneal": True, "drift": True}, {"gap": True},
-         {"drift": True, "gap": True}, {"anneal": True, "drift": True, "gap": True})
+         {"drift": True, "gap": True}, {"anneal": True, "drift": True, "gap": True}, {"entry": True},
+         {"entry": True, "drift": True, "gap": True}, {"entry": True, "anneal": True, "drift": True, "gap": True})
 
 
 def test_one_switch_is_the_cpt_law_and_names_round_trip():
@@ -52,6 +53,10 @@ def test_one_switch_is_the_cpt_law_and_names_round_trip():
     assert gap.__name__ == "MultiShiftCPTLaw[2,drift,gap]" and law_class(gap.__name__) is gap
     assert gap.param_names == CPTLaw.param_names + ("B2", "D", "D2", "G", "G2", "P")
     assert "P" in gap.default_grid and "P" not in gap.linear
+    entry = multi_shift_law(1, entry=True, gap=True)
+    assert entry.__name__ == "MultiShiftCPTLaw[1,entry,gap]" and law_class(entry.__name__) is entry
+    assert entry.param_names == CPTLaw.param_names + ("G", "B0", "P") and "B0" not in entry.amplitudes
+    assert multi_shift_law(1, entry=True).bounds(4.0)[-1] == (-2.0, 0.0)  # B0 <= 0: the data entering lowers the loss
     for n in (1, 2, 3):
         for form in FORMS:
             cls = multi_shift_law(n, **form)
@@ -73,6 +78,13 @@ def test_shift_rows_are_the_forward_area_since_each_switch():
     assert not feats[6].any()
     with pytest.raises(ValueError, match="must increase"):
         Curve(lrs, [1], [1.0], cpt_start=10, shifts=(10,))
+    # the entry row: the forward area since the curve's own data entered, the last row
+    entered = Curve(lrs, np.arange(30), np.ones(30), cpt_start=10, shifts=(20, 25), entry=4)
+    feats = multi_shift_law(3, entry=True, drift=True).features(entered, LAM)
+    np.testing.assert_allclose(feats[-1], np.where(np.arange(30) >= 4, s1 - s1[3], 0.0))
+    assert not multi_shift_law(3, entry=True).features(curve, LAM)[-1].any()  # no entry: a zero row
+    with pytest.raises(ValueError, match="entry 10 must lie before cpt_start 10"):
+        Curve(lrs, [1], [1.0], cpt_start=10, entry=10)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -153,6 +165,8 @@ def test_fit_run_fits_every_shift_where_it_predicts_better(three_versions):
     assert v1.r2 > single.r2 and v1.mape < single.mape
     # splits with one switch keep the single-shift law
     assert fits["v2"].law == fits["v3"].law == "CPTLaw"
+    # v2 entered at step 200: its entry forms were scored and did not predict better
+    assert "MultiShiftCPTLaw[1,entry]" in fits["v2"].held_out and not fits["v3"].held_out
     record = json.loads((run_dir / "law" / "fit-v3.json").read_text())
     assert record["splits"]["v1"]["boundaries"] == [200, 400]
     assert record["splits"]["v1"]["held_out"] == v1.held_out
@@ -173,7 +187,7 @@ def test_fit_report_lists_each_splits_switches(three_versions):
     _, lineage, fits = three_versions
     text = format_fits(fits, lineage, "v3")
     assert "v1 (old, data switches at steps 200, 400): MultiShiftCPTLaw[2]" in text
-    assert "v2 (old, data switches at steps 400): CPTLaw" in text
+    assert "v2 (old, data switches at steps 400; its data entered at step 200): CPTLaw" in text
     assert "chosen by held-out error: CPTLaw" in text
 
 
@@ -249,6 +263,31 @@ def test_stability_gap_truth_is_recovered(tmp_path):
     assert drift.mape > 5 * fit.mape
 
 
+def test_entry_truth_is_recovered_and_chosen(tmp_path):
+    """An old split that keeps the shift term it had as the new split: the entry form is
+    chosen for it, finds that term next to the later one, and fits and predicts far better
+    than the law without it; the first version (entered at step 0) has no entry form."""
+    run_dir, lineage = write_lineage(tmp_path, 3, entry=True, noise=1e-4)
+    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, save=False)
+    v2 = fits["v2"]
+    # the released version's branches see the entry term saturated: their held-out losses
+    # cannot tell the laws apart, the curves over v2's own segment can (the information criterion)
+    assert v2.law == "MultiShiftCPTLaw[1,entry]"
+    assert v2.held_out[v2.law] <= v2.held_out["CPTLaw"] * (1 + law.SELECT_MARGIN)
+    # B0 trades off against the power law over the split's own segment (nothing was observed
+    # before it entered), so only its sign and size are pinned; B is the later switch's alone
+    assert NEW_B * 1.5 < v2.params["B0"] < NEW_B / 2
+    assert v2.params["B"] == pytest.approx(OLD_B[0], rel=0.15)
+    curves = lawfit.curves_from_lineage(lineage, "v2", run_dir=run_dir)
+    assert {c.entry for c in curves} == {200}
+    single = fit_law(CPTLaw, curves, sign={"B": 1}, lam=LAM, quiet=True)
+    assert v2.r2 > 0.9999 and v2.mape < single.mape / 3
+    assert not any("entry" in name for name in fits["v1"].held_out) and fits["v3"].law == "CPTLaw"
+    p = lawfit.predict_branch(fits, lineage, "v3", "cosine", 0.4, min_lr_ratio=0.1)
+    actual = {b["name"]: b for b in lineage["branches"]}["branch-v3-alt"]["metrics"]
+    assert p["predicted"]["v2"] == pytest.approx(actual["val/v2"], rel=0.003)
+
+
 def test_a_switch_nothing_was_observed_after_is_not_fitted():
     lrs = np.full(300, 1e-3)
     curves = [Curve(lrs, np.arange(0, 250, 5), np.ones(50), cpt_start=100, shifts=(200, 260), name="main")]
@@ -258,6 +297,11 @@ def test_a_switch_nothing_was_observed_after_is_not_fitted():
     assert lawfit._shift_candidates("CPTLaw", curves, "multi", 50) == forms
     assert lawfit._shift_candidates("CPTLaw", curves, "auto", 12) == ["CPTLaw", *forms[:2]]  # 12 parameters
     assert lawfit._shift_candidates("CPTLaw", curves, "single", 50) == ["CPTLaw"]
+    # one switch and an entry: the entry forms (anneal adds nothing to one phase)
+    entered = [Curve(lrs, np.arange(120, 250, 5), np.ones(26), cpt_start=200, entry=100, name="main")]
+    assert lawfit._shift_candidates("CPTLaw", entered, "auto", 50) == [
+        "CPTLaw", *(multi_shift_law(1, entry=True, **kw) for kw in ({}, {"drift": True}, {"gap": True},
+                                                                   {"drift": True, "gap": True}))]
     assert lawfit._shift_candidates("CPTLaw", curves, "auto", 9) == ["CPTLaw"]  # too few points
     assert lawfit._shift_candidates("AnnealingLaw", curves, "auto", 50) == ["AnnealingLaw"]
     with pytest.raises(ValueError, match="shifts must be"):

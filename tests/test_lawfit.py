@@ -117,14 +117,18 @@ def test_fit_run_writes_json(law_run, fits):
         assert str(fit.lam) == best and rec["splits"][split]["lam"] == fit.lam
     # shift-term signs as 2505.07796 finds them: forgetting on old data, gain on new data
     # (a split with fewer points than the CPT law has parameters falls back to the annealing
-    # law; v1 sees two data switches, so it may take the multi-shift law)
+    # law; v1 sees two data switches, so it may take the multi-shift law; v2 one switch and
+    # its entry, so it may take an entry form)
+    entered = {multi_shift_law(1, entry=True, **kw).__name__ for kw in lawfit.MULTI_FORMS}
     for split, fit in fits.items():
-        laws = {"CPTLaw", *(law_class_name(kw) for kw in lawfit.MULTI_FORMS)} if split == "v1" else {"CPTLaw"}
+        laws = {"CPTLaw", *({"v1": {law_class_name(kw) for kw in lawfit.MULTI_FORMS}, "v2": entered}.get(split, ()))}
         assert fit.law in (laws if fit.n_points > 8 else {"AnnealingLaw"})
         assert rec["splits"][split]["boundaries"] == lawfit.boundaries(law_run[1], split, "v3")
+        assert rec["splits"][split]["entry"] == (lawfit.main_entry(law_run[1], "v2").start_step if split == "v2" else 0)
         for amp in ("B", "B2"):
             if amp in fit.params:
                 assert fit.params[amp] <= 0 if split == "v3" else fit.params[amp] >= 0
+        assert fit.params.get("B0", 0.0) <= 0  # the split's own data entering lowers its loss
 
 
 def test_predict_branch(law_run, fits):
