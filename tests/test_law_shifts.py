@@ -268,8 +268,10 @@ def test_entry_truth_is_recovered_and_chosen(tmp_path):
     chosen for it, finds that term next to the later one, and fits and predicts far better
     than the law without it; the first version (entered at step 0) has no entry form."""
     run_dir, lineage = write_lineage(tmp_path, 3, entry=True, noise=1e-4)
-    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, save=False)
-    v2 = fits["v2"]
+    curves = lawfit.curves_from_lineage(lineage, "v2", run_dir=run_dir)
+    assert {c.entry for c in curves} == {200}
+    candidates = lawfit._shift_candidates("CPTLaw", curves, "auto", lawfit._n_points(curves))
+    v2 = law.select_fit(candidates, curves, sign={"B": 1}, lam=LAM, quiet=True)
     # the released version's branches see the entry term saturated: their held-out losses
     # cannot tell the laws apart, the curves over v2's own segment can (the information criterion)
     assert v2.law == "MultiShiftCPTLaw[1,entry]"
@@ -278,14 +280,12 @@ def test_entry_truth_is_recovered_and_chosen(tmp_path):
     # before it entered), so only its sign and size are pinned; B is the later switch's alone
     assert NEW_B * 1.5 < v2.params["B0"] < NEW_B / 2
     assert v2.params["B"] == pytest.approx(OLD_B[0], rel=0.15)
-    curves = lawfit.curves_from_lineage(lineage, "v2", run_dir=run_dir)
-    assert {c.entry for c in curves} == {200}
     single = fit_law(CPTLaw, curves, sign={"B": 1}, lam=LAM, quiet=True)
     assert v2.r2 > 0.9999 and v2.mape < single.mape / 3
-    assert not any("entry" in name for name in fits["v1"].held_out) and fits["v3"].law == "CPTLaw"
-    p = lawfit.predict_branch(fits, lineage, "v3", "cosine", 0.4, min_lr_ratio=0.1)
-    actual = {b["name"]: b for b in lineage["branches"]}["branch-v3-alt"]["metrics"]
-    assert p["predicted"]["v2"] == pytest.approx(actual["val/v2"], rel=0.003)
+    v1 = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
+    assert not any("entry" in law_class(c).__name__ for c in lawfit._shift_candidates("CPTLaw", v1, "auto", 99))
+    alt = next(c for c in curves if c.name == "branch-v3-alt")
+    assert v2.predict(alt)[-1] == pytest.approx(alt.losses[-1], rel=0.003)
 
 
 def test_a_switch_nothing_was_observed_after_is_not_fitted():
