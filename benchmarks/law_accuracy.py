@@ -82,8 +82,8 @@ def system_corpus(args) -> Path:
 
 
 def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> dict[str, dict]:
-    """The guided sweep, then one unguided sweep per seed (all resumable: a finished sweep
-    is read back, not rerun).
+    """One unguided sweep per seed, then the guided sweep (all resumable: a finished sweep
+    is read back, not rerun; the accuracy fits need the unguided ones only).
 
     The guided sweep fits the law on the main path and the release branches only
     (``sweep.guide_sweeps=false``), so it never sees another sweep's trials whichever ran
@@ -93,7 +93,8 @@ def run_sweeps(cfg, samples: int, guided_name: str, seeds: list[int], log) -> di
 
     version = cfg.data.versions[-1]
     out = {}
-    for key, (name, seed) in sweep_names(guided_name, seeds, cfg.sweep.seed).items():
+    names = sweep_names(guided_name, seeds, cfg.sweep.seed)
+    for key, (name, seed) in sorted(names.items(), key=lambda kv: kv[0] == "guided"):
         guide = "law" if key == "guided" else "none"
         sc = dataclasses.replace(cfg.sweep, name=name, guide=guide, num_samples=samples, seed=seed,
                                  guide_sweeps=guide == "none")  # an unguided sweep keeps the default
@@ -288,6 +289,7 @@ def _held_out(run_dir: Path, lineage: Lineage, version: str, weights: dict, fit_
     return {"fitted_trial": _order(fitted), "splits": list(fits), "lam": {s: f.lam for s, f in fits.items()},
             "law": {s: f.law for s, f in fits.items()}, "r2": {s: f.r2 for s, f in fits.items()},
             "degenerate": {s: f.degenerate for s, f in fits.items()},
+            "held_out": {s: f.held_out for s, f in fits.items()},
             "spearman": _spearman([r["objective"]["predicted"] for r in rows],
                                   [r["objective"]["actual"] for r in rows]),
             "branches": rows}
@@ -502,9 +504,10 @@ def read_sweeps(run_dir: Path, version: str, names: dict[str, tuple], log) -> di
             log.warning("no finished sweep %s of %s (%s): left out", name, version, path)
             continue
         record = read_json(path)
-        order = proposal_order(record["path"], record["trials"])  # results written before trials recorded it
-        for t in record["trials"]:
-            t.setdefault("order", order.get(t["trial_id"]))
+        if any("order" not in t for t in record["trials"]):  # results written before trials recorded it
+            order = proposal_order(run_dir / record["path"], record["trials"])  # the path is the run dir's
+            for t in record["trials"]:
+                t.setdefault("order", order.get(t["trial_id"]))
         sweeps[key] = record
     return sweeps
 

@@ -273,7 +273,9 @@ class SweepConfig:
         tokens``: trades loss for compute; 0 = loss only.
     pin: trial id (or branch name) to release instead of the best trial.
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,
-        refitted after every finished trial) ranks a dense grid of candidates and
+        refitted after every finished trial; each split's law form and lambda are
+        chosen again once the finished trials have doubled, after trial 1, 2, 4, 8,
+        ...) ranks a dense grid of candidates and
         Optuna evaluates the best ``guide_points`` of them first; trials whose
         forecast final objective cannot beat the best finished one are stopped.
         ``none`` = plain TPE.

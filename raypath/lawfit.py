@@ -467,7 +467,7 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
             run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
             extra_branches: Sequence[Branch | Mapping] = (), include_sweeps: bool = True,
             shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
-            save: bool = True) -> dict[str, FitResult]:
+            forms: Mapping[str, str] | None = None, save: bool = True) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -496,8 +496,14 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     a multi-shift form replaces the single-shift law at :data:`raypath.law.REFERENCE_FACTOR`
     times smaller error, or, predicting as well, with a lower information criterion on the
     observed curves). A split with one switch and no entry is always fitted with the
-    single-shift law. Saves
-    ``RUN_DIR/law/fit-<version>.json`` atomically when ``save`` and a run directory is known.
+    single-shift law.
+
+    ``forms`` (split -> law name, e.g. the ``law`` of an earlier fit) skips the choice for
+    the splits it names and fits that law as it is: a refit on a few more curves that
+    keeps an earlier choice (:class:`raypath.lawguide.LawGuide` between re-selections).
+    The choice costs about ``(1 + LAMBDA_FOLDS) * len(candidates)`` fits per split; a
+    named form costs one. Saves ``RUN_DIR/law/fit-<version>.json`` atomically when
+    ``save`` and a run directory is known.
     """
     if shifts not in SHIFTS:
         raise ValueError(f"shifts must be one of {', '.join(SHIFTS)}, got {shifts!r}")
@@ -505,8 +511,11 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     rd = _run_dir(lineage, run_dir)
     version = version_name(lineage, version)
     fits: dict[str, FitResult] = {}
+    forms = dict(forms or {})
     record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam,
                               "shifts": shifts, "splits": {}}
+    if forms:
+        record["forms"] = forms
     problems = {}
     for split in splits_for(lineage, version):
         curves = curves_from_lineage(lineage, split, version, run_dir=rd, branches=branches,
@@ -523,7 +532,10 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     else:
         lam_value = float(lam)
     for split, (chosen, curves, sign) in problems.items():
-        fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value)
+        if split in forms and chosen != "AnnealingLaw":
+            fits[split] = lawmod.fit_law(forms[split], curves, lam=lam_value, sign=sign)
+        else:
+            fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value)
         record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
     if save and rd is not None:
         from raypath.storage import write_json

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -100,6 +101,8 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
             fork = min(fork_steps, key=lambda s: (abs(s - fork), -s))
         shape = cand["shape"]
         power = float(cand.get("power", 2.0)) if shape in POWER_SHAPES else 2.0
+        if shape == "polynomial" and power == 1.0:
+            shape, power = "linear", 2.0  # (1 - progress)**1: one decay, one candidate
         key = (fork, shape, power, float(cand.get("min_lr_ratio", 0.0)))
         if key in seen:
             continue
@@ -201,13 +204,30 @@ class LawGuide:
         self.save = save
         self.trials: list[Branch] = []  # finished sweep trials of this search, as branches
         self.fits: dict[str, FitResult] = {}
+        self.selected_at: int | None = None  # how many trials the last choice of laws saw
         self.refit()
 
     # ---- fitting
     def refit(self) -> dict[str, FitResult]:
-        """Refit every split on the lineage's curves plus the finished trials added so far."""
-        self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir,
-                            extra_branches=self.trials, include_sweeps=self.include_sweeps, save=self.save)
+        """Refit every split on the lineage's curves plus the finished trials added so far.
+
+        The choice of each split's law form and of lambda (:func:`fit_run`'s held-out
+        cross-validations, most of a refit's time) is made again only once the trials have
+        doubled since it was last made (after trial 1, 2, 4, 8, ...); in between, each
+        split's chosen form is refitted with the chosen lambda, one fit per split. A sweep
+        of n trials thus pays for about log2(n) choices instead of n.
+        """
+        n = len(self.trials)
+        select = self.selected_at is None or n >= max(1, 2 * self.selected_at) or not self.fits
+        keep = {} if select else {"lam": next(iter(self.fits.values())).lam,
+                                  "forms": {split: f.law for split, f in self.fits.items()}}
+        t0 = time.perf_counter()
+        self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=self.trials,
+                            include_sweeps=self.include_sweeps, save=self.save, **keep)
+        log.info("law %s after %d trial(s) in %.1f s: %s", "chosen and fitted" if select else "refitted", n,
+                 time.perf_counter() - t0, ", ".join(f"{s} {f.law}" for s, f in self.fits.items()))
+        if select:
+            self.selected_at = n
         return self.fits
 
     def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:

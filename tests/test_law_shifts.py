@@ -8,6 +8,7 @@ the law gave before the multi-shift law existed.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ TWO_VERSION_PARAMS = {
            "C2": 2.986879716920726, "B": -0.3512102328366235, "E": 3.2463438529771333,
            "beta": 2.0691336513839014},
 }
+#: The Huber objective of the same fits.
+TWO_VERSION_HUBER = {"v1": 2.32425323163268e-05, "v2": 1.2930085502910399e-05}
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +137,13 @@ def test_two_version_fit_is_the_single_shift_fit_unchanged(tmp_path):
     for split, want in TWO_VERSION_PARAMS.items():
         assert fits[split].law == "CPTLaw" and fits[split].held_out == {}
         assert lawfit.boundaries(lineage, split, "v2") == [200]
+        # the same optimum: its objective to 1e-6 ...
+        assert fits[split].huber == pytest.approx(TWO_VERSION_HUBER[split], rel=1e-6), split
         for k, v in want.items():
-            # 1e-5, not bit for bit: E and beta lie on a flat direction of the fit, where CPUs
-            # with other BLAS code paths land a few 1e-7 apart; any change of the law is far larger
-            assert fits[split].params[k] == pytest.approx(v, rel=1e-5, abs=1e-9), (split, k)
+            # ... and its parameters to 1e-4, not bit for bit: E and beta lie on a flat direction
+            # of the fit, where other BLAS code paths or L-BFGS-B paths (fit_law's screening of
+            # its starts) stop up to ~3e-5 apart; any change of the law moves them by far more
+            assert fits[split].params[k] == pytest.approx(v, rel=1e-4, abs=1e-9), (split, k)
 
 
 def test_boundaries_are_every_later_version_start(three_versions):
@@ -172,6 +178,21 @@ def test_fit_run_fits_every_shift_where_it_predicts_better(three_versions):
     assert record["splits"]["v1"]["held_out"] == v1.held_out
     reloaded = lawfit.load_fits(run_dir, "v3")["v1"]
     assert reloaded.law == v1.law and reloaded.params == v1.params
+
+
+def test_fit_run_keeps_the_forms_it_is_given(three_versions, tmp_path):
+    """``forms`` fits the named law of each split as it is, without choosing (no held-out
+    scores), with the same result as fitting that law directly."""
+    run_dir = shutil.copytree(three_versions[0], tmp_path / "run")
+    lineage = three_versions[1]
+    forms = {"v1": "MultiShiftCPTLaw[2,drift]", "v2": "MultiShiftCPTLaw[1,entry]", "v3": "CPTLaw"}
+    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, forms=forms)
+    assert {split: f.law for split, f in fits.items()} == forms
+    assert not any(f.held_out for f in fits.values())
+    curves = lawfit.curves_from_lineage(lineage, "v1", "v3", run_dir=run_dir)
+    direct = fit_law(forms["v1"], curves, lam=LAM, sign={"B": 1}, quiet=True)
+    assert fits["v1"].params == direct.params
+    assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["forms"] == forms
 
 
 def test_prediction_uses_every_switch(three_versions):
@@ -232,12 +253,24 @@ def test_select_fit_keeps_the_simpler_law_unless_clearly_beaten(three_versions, 
     assert law.select_law(forms, curves, lam=LAM)[0] is CPTLaw
 
 
+def test_predicting_as_well_allows_one_standard_error():
+    """A law predicts as well as the reference when it is worse on the held-out branches by
+    no more than SELECT_MARGIN of the reference's error or one standard error of the paired
+    differences: two branches that disagree about which law is better cannot rank them."""
+    ref = np.array([0.003, 0.003])
+    assert law._predicts_as_well(np.array([0.001, 0.009]), ref)  # +0.002 on average, SE 0.004
+    assert not law._predicts_as_well(np.array([0.004, 0.0045]), ref)  # consistently worse: SE 0.00025
+    assert law._predicts_as_well(np.array([0.0032, 0.0032]), ref)  # within SELECT_MARGIN
+    assert not law._predicts_as_well(np.array([0.0034]), np.array([0.003]))  # one branch: the margin alone
+
+
 def test_drift_truth_is_recovered_and_chosen(tmp_path):
     """A split whose forgetting recovers after its second switch (the new data is closer to
     it): the drift form is chosen, recovers the drift, and predicts held-out branches better
     than the forms without it."""
     run_dir, lineage = write_lineage(tmp_path, 3, drift=(0.2, -0.4))
-    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, save=False)
+    # v1 is the split with two switches; the others keep the single-shift law (CI time)
+    fits = lawfit.fit_run(run_dir, "v3", lam=LAM, save=False, forms={"v2": "CPTLaw", "v3": "CPTLaw"})
     v1 = fits["v1"]
     assert v1.law == "MultiShiftCPTLaw[2,drift]"
     assert v1.held_out[v1.law] * law.REFERENCE_FACTOR <= v1.held_out["CPTLaw"]

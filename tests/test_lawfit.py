@@ -166,17 +166,27 @@ def test_rank_candidates_sorted_and_deterministic(law_run, fits):
     assert {c["fork_step"] for c in snapped} <= set(forks)
     point = lawguide.optuna_point(snapped[0], replay_ratio=0.0)
     assert set(point) >= {"fraction", "shape", "min_lr_ratio", "replay_ratio"}
+    # a polynomial decay of power 1 is the linear one: one candidate, ranked as linear
+    powers = lawguide.default_grid(n_fractions=2, shapes=("linear", "polynomial"), power=(1.0, 3.0))
+    ranked = lawguide.rank_candidates(fits, lineage, "v3", powers, forks=forks)
+    keys = [(c["fork_step"], c["shape"], c["power"], c["min_lr_ratio"]) for c in ranked]
+    assert len(keys) == len(set(keys)) and not any(c["shape"] == "polynomial" and c["power"] == 1.0 for c in ranked)
+    assert sum(c["shape"] == "linear" for c in ranked) == len({(c["fork_step"], c["min_lr_ratio"]) for c in ranked})
 
 
 def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     from raypath.cli import main
 
     run_dir, _ = law_run
-    assert main(["law", "fit", str(run_dir)]) == 0
+    # the default (lambda auto) is the ``fits`` fixture's fit_run; one lambda keeps CI time down
+    assert main(["law", "fit", str(run_dir), "--lambda", "0.99"]) == 0
     out = capsys.readouterr().out
     for split in ("v1", "v2", "v3"):
         assert f"  {split} (" in out
     assert "R^2=" in out and "MAPE=" in out and "degenerate:" in out
+    assert out.count("lambda=0.99\n") == 3  # every split
+    assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["lam"] == 0.99
+    assert "v1 (old, data switches at steps " in out
     png = tmp_path / "pred.png"
     assert main(["law", "predict", str(run_dir), "--version", "v3", "--shape", "polynomial", "--fraction", "0.3",
                  "--min-lr-ratio", "0.1", "--power", "3", "--plot", str(png)]) == 0
@@ -184,11 +194,6 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert "val/v1" in out and "val/v3" in out and "objective" in out
     assert png.stat().st_size > 10_000
     assert main(["law", "predict", str(run_dir), "--version", "v9"]) == 2
-    assert main(["law", "fit", str(run_dir), "--lambda", "0.99"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("lambda=0.99\n") == 3  # every split
-    assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["lam"] == 0.99
-    assert "v1 (old, data switches at steps " in out
     assert main(["law", "fit", str(run_dir), "--lambda", "0.99", "--shifts", "single"]) == 0
     assert "MultiShiftCPTLaw" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -271,10 +276,20 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
         last_result = {"step": b["fork_step"] + b["steps"], "objective": 4.0}
 
     Trial.config = config
+    guide.add_trial("t-0", config, curve, refit=False)
     callback.on_trial_complete(0, [], Trial())
     assert guide.fits["v3"].n_points > n_before and stopper.best() == 4.0
+    # two trials since the first choice (at none): the laws were chosen again
+    assert guide.selected_at == 2 and any(f.held_out for f in guide.fits.values())
     forecast = stopper.forecast(config, b["fork_step"] + b["steps"] // 2, 4.2)
     assert math.isfinite(forecast) and forecast <= 4.2 + 1e-3
+    # a third trial refits the chosen forms with the chosen lambda, without choosing again
+    chosen = {split: (f.law, f.lam, f.n_points) for split, f in guide.fits.items()}
+    Trial.trial_id = "t2"
+    callback.on_trial_complete(0, [], Trial())
+    assert guide.selected_at == 2 and not any(f.held_out for f in guide.fits.values())
+    for split, (name, lam, n) in chosen.items():
+        assert (guide.fits[split].law, guide.fits[split].lam) == (name, lam) and guide.fits[split].n_points > n
 
 
 def test_spread_picks_cover_both_lr_ends_and_several_shapes():
