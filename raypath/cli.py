@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
-        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
+        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
+                                 huber_delta=args.huber_delta)
     except ValueError as e:
         raise ConfigError(f"law fit: {e}") from None
     rd.publish(rd / lawfit.LAW_DIR)
@@ -156,7 +158,8 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
-        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts)
+        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
+                                 huber_delta=args.huber_delta)
         rd.publish(rd / lawfit.LAW_DIR)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
@@ -173,16 +176,23 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lam(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        lam = float(value)
-    except ValueError:
-        lam = -1.0
-    if not 0.0 < lam < 1.0:
-        raise argparse.ArgumentTypeError(f"--lambda: expected 'auto' or a number in (0, 1), got {value!r}")
-    return lam
+def _auto_or_number(upper: float, auto, what: str):
+    """An argparse type: ``auto`` (returned as ``auto``) or a number in (0, ``upper``)."""
+    def parse(value: str):
+        if value == "auto":
+            return auto
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not 0.0 < number < upper:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {value!r}")
+        return number
+    return parse
+
+
+_lam = _auto_or_number(1.0, "auto", "a number in (0, 1)")
+_huber_delta = _auto_or_number(math.inf, None, "a positive number")
 
 
 def _run_dir_arg(parser, **kwargs) -> None:
@@ -199,6 +209,9 @@ def _law_options(parser) -> None:
     parser.add_argument("--shifts", default="auto", choices=["auto", "single", "multi"],
                         help="an old split's later data switches: one shift term each (multi), only the "
                              "first (single), or multi where it predicts held-out branches better (auto)")
+    parser.add_argument("--huber-delta", type=_huber_delta, default=None,
+                        help="Huber threshold on log residuals: auto (1.345 noise standard deviations of "
+                             "each split, at least 1e-3) or a value such as 1e-3 (the published fit)")
 
 
 def _add_law(sub) -> None:

@@ -442,11 +442,11 @@ def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], 
 
 
 def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | None, shifts: str,
-               lam: float) -> FitResult:
+               lam: float, delta: float | None = None) -> FitResult:
     """One split's fit: among the laws :func:`_shift_candidates` offers, the one that predicts
     held-out branches best (:func:`raypath.law.select_fit`)."""
     candidates = _shift_candidates(chosen, curves, shifts, _n_points(curves))
-    fit = lawmod.select_fit(candidates, curves, sign=sign, lam=lam)
+    fit = lawmod.select_fit(candidates, curves, sign=sign, lam=lam, delta=delta)
     if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
         log.warning("split %s: poor %s fit (R^2 %.3f): predictions are unreliable", split, fit.law, fit.r2)
     return fit
@@ -467,7 +467,8 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
             run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
             extra_branches: Sequence[Branch | Mapping] = (), include_sweeps: bool = True,
             shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
-            forms: Mapping[str, str] | None = None, save: bool = True) -> dict[str, FitResult]:
+            forms: Mapping[str, str] | None = None, huber_delta: float | None = None,
+            save: bool = True) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -502,7 +503,9 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     the splits it names and fits that law as it is: a refit on a few more curves that
     keeps an earlier choice (:class:`raypath.lawguide.LawGuide` between re-selections).
     The choice costs about ``(1 + LAMBDA_FOLDS) * len(candidates)`` fits per split; a
-    named form costs one. Saves ``RUN_DIR/law/fit-<version>.json`` atomically when
+    named form costs one. ``huber_delta`` fixes the fits' Huber threshold on log residuals
+    (e.g. the published 1e-3); None scales it to each split's noise
+    (:func:`raypath.law.huber_delta`). Saves ``RUN_DIR/law/fit-<version>.json`` atomically when
     ``save`` and a run directory is known.
     """
     if shifts not in SHIFTS:
@@ -527,15 +530,15 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
         else:
             problems[split] = problem
     if lam == "auto":
-        lam_value, scores = lawmod.select_lambda(list(problems.values()))
+        lam_value, scores = lawmod.select_lambda(list(problems.values()), delta=huber_delta)
         record["lam_scores"] = {str(k): v for k, v in scores.items()}
     else:
         lam_value = float(lam)
     for split, (chosen, curves, sign) in problems.items():
         if split in forms and chosen != "AnnealingLaw":
-            fits[split] = lawmod.fit_law(forms[split], curves, lam=lam_value, sign=sign)
+            fits[split] = lawmod.fit_law(forms[split], curves, lam=lam_value, sign=sign, delta=huber_delta)
         else:
-            fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value)
+            fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value, huber_delta)
         record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
     if save and rd is not None:
         from raypath.storage import write_json

@@ -467,7 +467,8 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
         if entry := entry_step(lineage, split, version):
             switches += f"; its data entered at step {entry}"
         lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
-                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}")
+                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}, "
+                     f"Huber delta={fit.delta:.2g}")
         if fit.held_out:
             lines.append("      chosen by held-out error: "
                          + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from raypath.law import (
+    HUBER_DELTA,
+    HUBER_K,
     LAMBDA,
     LAMBDA_GRID,
     AnnealingLaw,
@@ -22,6 +24,8 @@ from raypath.law import (
     areas,
     effective_lr,
     fit_law,
+    huber_delta,
+    noise_scale,
     predict_final_loss,
     select_lambda,
     split_areas,
@@ -182,6 +186,19 @@ def test_annealing_fit_ranks_decay_lengths_like_the_truth(anneal_fit):
         truth = AnnealingLaw.predict(ANNEAL_TRUE, Curve(lrs, [15999], [np.nan]))[0]
         finals[steps] = (predict_final_loss(anneal_fit, lrs), truth)
     assert sorted(finals, key=lambda k: finals[k][0]) == sorted(finals, key=lambda k: finals[k][1])
+
+
+def test_huber_threshold_scales_with_the_noise_of_trending_curves(anneal_curves, anneal_fit):
+    # the second differences cancel the curves' trend: the estimate reads the noise alone
+    assert noise_scale(anneal_curves) == pytest.approx(NOISE, rel=0.3)
+    assert anneal_fit.delta == huber_delta(anneal_curves) == pytest.approx(HUBER_K * noise_scale(anneal_curves))
+    noisy = [Curve(c.lrs, c.steps, c.losses * (1 + 0.02 * np.random.default_rng(9 + i).standard_normal(len(c.steps))),
+                   name=c.name) for i, c in enumerate(anneal_curves)]
+    assert noise_scale(noisy) == pytest.approx(0.02, rel=0.3)
+    # smooth curves keep the published threshold, and an explicit one is used as given
+    clean = [_observe(AnnealingLaw, ANNEAL_TRUE, c.lrs, name=c.name) for c in anneal_curves[:2]]
+    assert noise_scale(clean) < 1e-4 and huber_delta(clean) == HUBER_DELTA
+    assert fit_law(AnnealingLaw, anneal_curves[:3], delta=HUBER_DELTA).delta == HUBER_DELTA
 
 
 def test_fit_is_deterministic(anneal_curves):

@@ -186,7 +186,7 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     for split in ("v1", "v2", "v3"):
         assert f"  {split} (" in out
     assert "R^2=" in out and "MAPE=" in out and "degenerate:" in out
-    assert out.count("lambda=0.99\n") == 3  # every split
+    assert out.count("lambda=0.99, Huber delta=") == 3  # every split
     assert json.loads((run_dir / "law" / "fit-v3.json").read_text())["lam"] == 0.99
     assert "v1 (old, data switches at steps " in out
     png = tmp_path / "pred.png"
@@ -198,6 +198,8 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert main(["law", "predict", str(run_dir), "--version", "v9"]) == 2
     with pytest.raises(SystemExit):
         main(["law", "fit", str(run_dir), "--lambda", "1.5"])
+    with pytest.raises(SystemExit):
+        main(["law", "fit", str(run_dir), "--huber-delta", "0"])
     assert "--lambda: expected 'auto' or a number in (0, 1), got '1.5'" in capsys.readouterr().err
 
 
@@ -303,13 +305,16 @@ def test_spread_picks_cover_both_lr_ends_and_several_shapes():
     # within a group the law's order decides: the best 0.3 candidate of a new shape
     assert picks[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
     assert lawguide.spread_picks(ranked, 2) == picks[:2] and len(lawguide.spread_picks(ranked[:2], 5)) == 2
-    # A release branch already measured a polynomial decay to (nearly) 0: the first trial explores the
-    # other end with another shape, the second returns to LR 0 with a shape neither has tried.
+    # A release branch already measured a polynomial decay to (nearly) 0: the first trial keeps its
+    # shape and explores the other end of the LR range, the next ones try shapes neither has tried.
     seen = lawguide.spread_picks(ranked, 3, observed=[{"shape": "polynomial", "min_lr_ratio": 0.02}])
-    assert seen[0] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] != "polynomial")
-    assert seen[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.0
-                           and c["shape"] not in ("polynomial", seen[0]["shape"]))
-    assert [p["min_lr_ratio"] for p in seen] == [0.3, 0.0, 0.3]
+    assert seen[0] is next(c for c in ranked if c["min_lr_ratio"] == 0.3 and c["shape"] == "polynomial")
+    assert seen[1] is next(c for c in ranked if c["min_lr_ratio"] == 0.0 and c["shape"] != "polynomial")
+    assert seen[2] is next(c for c in ranked if c["min_lr_ratio"] == 0.3
+                           and c["shape"] not in ("polynomial", seen[1]["shape"]))
+    # an observed shape the ranking does not offer (outside the sweep's shapes) binds nothing
+    other = lawguide.spread_picks(ranked, 1, observed=[{"shape": "linear", "min_lr_ratio": 0.0}])
+    assert other[0] is next(c for c in ranked if c["min_lr_ratio"] == 0.3)
 
 
 def test_lineage_branches_without_sweeps_drop_released_sweep_winners():
