@@ -290,6 +290,8 @@ def _held_out(run_dir: Path, lineage: Lineage, version: str, weights: dict, fit_
             "law": {s: f.law for s, f in fits.items()}, "r2": {s: f.r2 for s, f in fits.items()},
             "degenerate": {s: f.degenerate for s, f in fits.items()},
             "held_out": {s: f.held_out for s, f in fits.items()},
+            "held_out_errors": {s: f.held_out_errors for s, f in fits.items()},
+            "held_out_bic": {s: f.held_out_bic for s, f in fits.items()},
             "spearman": _spearman([r["objective"]["predicted"] for r in rows],
                                   [r["objective"]["actual"] for r in rows]),
             "branches": rows}

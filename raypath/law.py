@@ -675,7 +675,9 @@ class FitResult:
     show no distribution shift).
     held_out: when the law was chosen among candidates (:func:`select_fit`), each
     candidate's held-out error (mean absolute log error of held-out branches' final losses);
-    empty when there was no choice.
+    empty when there was no choice. held_out_errors: the same per held-out branch (in one
+    order for every candidate) and held_out_bic: each candidate's information criterion
+    (:func:`_bic`), what the choice among equals rests on.
     """
 
     law: str
@@ -689,6 +691,8 @@ class FitResult:
     lam: float = LAMBDA
     held_out: dict[str, float] = field(default_factory=dict)
     delta: float = HUBER_DELTA
+    held_out_errors: dict[str, list[float]] = field(default_factory=dict)
+    held_out_bic: dict[str, float] = field(default_factory=dict)
 
     def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = (),
                 entry: int = 0) -> np.ndarray:
@@ -707,6 +711,8 @@ class FitResult:
         d["params"] = {k: float(v) for k, v in d["params"].items()}
         d["degenerate"] = list(d.get("degenerate", []))
         d["held_out"] = {k: float(v) for k, v in d.get("held_out", {}).items()}
+        d["held_out_errors"] = {k: [float(x) for x in v] for k, v in d.get("held_out_errors", {}).items()}
+        d["held_out_bic"] = {k: float(v) for k, v in d.get("held_out_bic", {}).items()}
         return cls(**d)
 
 
@@ -988,6 +994,8 @@ def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     if fit.degenerate and not quiet:
         log.warning("%s fit: parameters not identified by the data: %s", best, ", ".join(fit.degenerate))
     fit.held_out = scores
+    fit.held_out_errors = {name: [float(x) for x in e] for name, e in errors.items()}
+    fit.held_out_bic = {name: _bic(f) for name, f in fits.items()}
     return fit
 
 

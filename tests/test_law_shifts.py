@@ -164,6 +164,10 @@ def test_fit_run_fits_every_shift_where_it_predicts_better(three_versions):
     assert v1.law == "MultiShiftCPTLaw[2]"
     assert set(v1.held_out) == {"CPTLaw", *(multi_shift_law(2, **f).__name__ for f in lawfit.MULTI_FORMS)}
     assert v1.held_out["MultiShiftCPTLaw[2]"] < v1.held_out["CPTLaw"] / 2
+    # the per-branch errors behind each score, and each candidate's information criterion
+    assert set(v1.held_out_errors) == set(v1.held_out_bic) == set(v1.held_out)
+    for name, errors in v1.held_out_errors.items():
+        assert np.mean(errors) == pytest.approx(v1.held_out[name]) and np.isfinite(v1.held_out_bic[name])
     # the amplitudes of both switches come back (truth 0.35 and 0.25)
     assert v1.params["B"] == pytest.approx(OLD_B[0], rel=0.15)
     assert v1.params["B2"] == pytest.approx(OLD_B[1], rel=0.15)
