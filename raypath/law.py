@@ -958,17 +958,20 @@ def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     simplest whose score is within :data:`SELECT_MARGIN` of their best is the contender; it
     is chosen if its score is :data:`REFERENCE_FACTOR` times smaller than the first
     candidate's: a law that predicts clearly better wins on that alone. Without such a
-    winner the held-out branches cannot tell the candidates apart, and the observed curves
-    decide: among the candidates that predict as well as the first one (worse by no more
-    than :data:`SELECT_MARGIN` of its score or one standard error of the paired
-    differences, :func:`_predicts_as_well`), the one with the lowest Bayesian information
-    criterion of its fit to all curves (:func:`_bic`). A richer law then has to describe
-    the curves better by more than its extra parameters buy on noise -- e.g. an old split's
-    entry term, which changes the fit over the split's own segment, not the final losses
-    of the released version's branches. With fewer than two curves to hold out there is
-    nothing to compare: the first candidate is fitted and ``held_out`` is empty. Every
-    candidate is fitted with the same Huber threshold ``delta`` (None: :func:`huber_delta`
-    of ``curves``).
+    winner the observed curves decide among the candidates the held-out branches cannot
+    tell apart: those that predict as well as the first one and as well as the best-scoring
+    one (worse by no more than :data:`SELECT_MARGIN` of its score or one standard error of
+    the paired differences, :func:`_predicts_as_well` -- the one-standard-error rule, from
+    the best law as well as from the reference), the one with the lowest Bayesian
+    information criterion of its fit to all curves (:func:`_bic`). A richer law then has
+    to describe the curves better by more than its extra parameters buy on noise -- e.g.
+    an old split's entry term, which changes the fit over the split's own segment, not the
+    final losses of the released version's branches. Measuring from the best law matters
+    when the criteria barely differ: a fit a little tighter on the observed curves must
+    not win over a law that predicts the held-out branches clearly better. With fewer
+    than two curves to hold out there is nothing to compare: the first candidate is
+    fitted and ``held_out`` is empty. Every candidate is fitted with the same Huber
+    threshold ``delta`` (None: :func:`huber_delta` of ``curves``).
     """
     delta = huber_delta(curves) if delta is None else float(delta)
     held = _last_phase_curves(curves, anchors)
@@ -988,7 +991,9 @@ def select_fit(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     if scores[contender] * REFERENCE_FACTOR <= scores[first]:
         best = contender
     else:
-        tied = [name for name in scores if _predicts_as_well(errors[name], errors[first])]
+        lowest = min(scores, key=scores.get)
+        tied = [name for name in scores
+                if _predicts_as_well(errors[name], errors[first]) and _predicts_as_well(errors[name], errors[lowest])]
         best = min(tied, key=lambda name: _bic(fits[name]))  # the first of equals: the simplest
     fit = fits[best]
     if fit.degenerate and not quiet:

@@ -495,8 +495,8 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     :func:`raypath.law.select_fit` picks; ``auto`` -- the same choice with the single-shift
     law as the first candidate (held-out final losses of the released version's branches:
     a multi-shift form replaces the single-shift law at :data:`raypath.law.REFERENCE_FACTOR`
-    times smaller error, or, predicting as well, with a lower information criterion on the
-    observed curves). A split with one switch and no entry is always fitted with the
+    times smaller error, or, predicting as well as the single-shift law and the best
+    candidate, with a lower information criterion on the observed curves). A split with one switch and no entry is always fitted with the
     single-shift law.
 
     ``forms`` (split -> law name, e.g. the ``law`` of an earlier fit) skips the choice for

@@ -240,22 +240,46 @@ def test_selection_holds_out_the_released_versions_branches(three_versions):
 
 
 def test_select_fit_keeps_the_simpler_law_unless_clearly_beaten(three_versions, monkeypatch):
-    """A richer law replaces the first candidate only at REFERENCE_FACTOR times its accuracy;
-    among the richer ones, scores within SELECT_MARGIN of the best keep the simplest."""
+    """A richer law replaces the first candidate at REFERENCE_FACTOR times its accuracy, or
+    when it predicts better by more than the noise of the held-out branches (one standard
+    error); among the richer ones, scores within SELECT_MARGIN of the best keep the simplest."""
     run_dir, lineage, _ = three_versions
     curves = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
-    fake = {"CPTLaw": [0.0105, -0.0105], "MultiShiftCPTLaw[2]": [0.0060, 0.0060],
+    fake = {"CPTLaw": [0.0155, -0.0055], "MultiShiftCPTLaw[2]": [0.0060, 0.0060],
             "MultiShiftCPTLaw[2,drift]": [0.0011, 0.0], "MultiShiftCPTLaw[2,anneal,drift]": [0.001, 0.0]}
     monkeypatch.setattr(law, "_held_out_errors", lambda c, *a, **k: fake[law_class(c).__name__])
     monkeypatch.setattr(law, "fit_law", lambda c, *a, **k: law.FitResult(law_class(c).__name__, {}, 1.0, 0.0, 0.0,
                                                                             1, 1))
     two = [CPTLaw, multi_shift_law(2)]
-    assert law.select_law(two, curves, lam=LAM)[0] is CPTLaw  # 0.0060 is not half of 0.0105
+    # 0.0060 is not half of 0.0105, and the branches disagree by more than the difference
+    assert law.select_law(two, curves, lam=LAM)[0] is CPTLaw
+    fake["CPTLaw"] = [0.0105, -0.0105]  # consistently worse on both branches: beyond the noise
+    assert law.select_law(two, curves, lam=LAM)[0] is multi_shift_law(2)
     forms = [*two, multi_shift_law(2, drift=True), multi_shift_law(2, anneal=True, drift=True)]
     chosen, scores = law.select_law(forms, curves, lam=LAM)
     assert chosen is multi_shift_law(2, drift=True) and scores[chosen.__name__] == pytest.approx(0.00055)
     fake["CPTLaw"] = [0.001, 0.0]  # now no richer law halves the first one's error
     assert law.select_law(forms, curves, lam=LAM)[0] is CPTLaw
+
+
+def test_select_fit_takes_the_tighter_fit_only_among_equal_predictors(three_versions, monkeypatch):
+    """Among the laws that predict as well as the first one, the information criterion
+    decides only between those that also predict as well as the best one: a law whose fit is
+    a little tighter does not win over one that predicts held-out branches clearly better
+    (the pattern of an old split whose entry term tightens the fit over its own segment)."""
+    run_dir, lineage, _ = three_versions
+    curves = lawfit.curves_from_lineage(lineage, "v1", run_dir=run_dir)
+    fake = {"CPTLaw": ([0.0062, 0.0042], 0.977), "MultiShiftCPTLaw[2]": ([0.0061, 0.0046], 0.985),
+            "MultiShiftCPTLaw[2,drift]": ([0.0059, 0.0033], 0.982)}
+    monkeypatch.setattr(law, "_held_out_errors", lambda c, *a, **k: fake[law_class(c).__name__][0])
+    monkeypatch.setattr(law, "fit_law", lambda c, *a, **k: law.FitResult(
+        law_class(c).__name__, {}, fake[law_class(c).__name__][1], 0.0, 0.0, 28, 1))
+    forms = [CPTLaw, multi_shift_law(2), multi_shift_law(2, drift=True)]
+    fit = law.select_fit(forms, curves, lam=LAM)
+    assert fit.law == "MultiShiftCPTLaw[2,drift]"
+    assert fit.held_out_bic["MultiShiftCPTLaw[2]"] < fit.held_out_bic[fit.law]  # the tighter fit lost
+    fake["MultiShiftCPTLaw[2,drift]"] = ([0.0060, 0.0044], 0.982)  # now within the noise of the others
+    assert law.select_fit(forms, curves, lam=LAM).law == "MultiShiftCPTLaw[2]"
 
 
 def test_predicting_as_well_allows_one_standard_error():
