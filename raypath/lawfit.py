@@ -496,8 +496,8 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     law as the first candidate (held-out final losses of the released version's branches:
     a multi-shift form replaces the single-shift law at :data:`raypath.law.REFERENCE_FACTOR`
     times smaller error, or, predicting as well as the single-shift law and the best
-    candidate, with a lower information criterion on the observed curves). A split with one switch and no entry is always fitted with the
-    single-shift law.
+    candidate, with a lower information criterion on the observed curves). A split with one
+    switch and no entry is always fitted with the single-shift law.
 
     ``forms`` (split -> law name, e.g. the ``law`` of an earlier fit) skips the choice for
     the splits it names and fits that law as it is: a refit on a few more curves that
