@@ -29,8 +29,10 @@ import numpy as np
 from raypath.law import FitResult
 from raypath.lawfit import (
     LineageLike,
+    branch_lrs,
     fit_run,
     lineage_branches,
+    lineage_schedule,
     main_entry,
     predict_branch,
     predict_curve,
@@ -40,7 +42,7 @@ from raypath.lawfit import (
 )
 from raypath.lineage import Branch, Lineage
 from raypath.mainpath import fork_step as _fork_step
-from raypath.schedules import POWER_SHAPES, SHAPES, decay_from
+from raypath.schedules import POWER_SHAPES, SHAPES, Decay, decay_from
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,10 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
 
     forks: fork points that exist (steps, or ``{"step": ...}`` dicts as
         :func:`raypath.sweep.fork_points` returns): each fraction snaps to the nearest one
-        (ties: the shorter branch) and duplicates after snapping are dropped.
+        (ties: the shorter branch).
+
+    Candidates that train at the same LRs are one branch (the first in grid order is kept):
+    after snapping, and for every branch of 1 or 2 steps, whatever its shape.
     """
     lineage = Lineage.of(lineage)
     version = version_name(lineage, version)
@@ -94,6 +99,7 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
     m = main_entry(lineage, version)
     start, end = int(m.start_step), int(m.end_step)
     fork_steps = sorted({_fork_of(f) for f in forks}) if forks else None
+    sched = lineage_schedule(lineage)
     out, seen = [], set()
     for i, cand in enumerate(grid):
         fork = _fork_step(start, end, float(cand["fraction"]))
@@ -102,12 +108,16 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
         shape = cand["shape"]
         power = float(cand.get("power", 2.0)) if shape in POWER_SHAPES else 2.0
         if shape == "polynomial" and power == 1.0:
-            shape, power = "linear", 2.0  # (1 - progress)**1: one decay, one candidate
-        key = (fork, shape, power, float(cand.get("min_lr_ratio", 0.0)))
+            shape, power = "linear", 2.0  # (1 - progress)**1: the linear decay, named as such
+        decay = Decay(shape, float(cand.get("min_lr_ratio", 0.0)), power)
+        # Candidates are the same branch when they train at the same LRs: a 1- or 2-step
+        # branch is the same for every shape (start and floor only), and a sweep that tried
+        # each would spend trials on one branch.
+        key = (fork, branch_lrs(sched, fork, end - fork, decay)[fork:].round(12).tobytes())
         if key in seen:
             continue
         seen.add(key)
-        p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), key[3], power,
+        p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), decay.min_lr_ratio, power,
                            weights=weights, fork_step=fork)
         out.append({**p, "grid_index": i})
     out.sort(key=lambda c: (c["objective"] if math.isfinite(c["objective"]) else math.inf,

@@ -172,6 +172,13 @@ def test_rank_candidates_sorted_and_deterministic(law_run, fits):
     keys = [(c["fork_step"], c["shape"], c["power"], c["min_lr_ratio"]) for c in ranked]
     assert len(keys) == len(set(keys)) and not any(c["shape"] == "polynomial" and c["power"] == 1.0 for c in ranked)
     assert sum(c["shape"] == "linear" for c in ranked) == len({(c["fork_step"], c["min_lr_ratio"]) for c in ranked})
+    # 1- and 2-step branches go from the fork's LR to the floor whatever their shape: one
+    # candidate per (fork, floor); a 5-step branch has one per shape and power
+    end = m["end_step"]
+    one_fraction = lawguide.default_grid(n_fractions=1)
+    per_fork = {k: len(lawguide.rank_candidates(fits, lineage, "v3", one_fraction, forks=[end - k]))
+                for k in (1, 2, 5)}
+    assert per_fork == {1: 2, 2: 2, 5: 2 * 9}, per_fork
 
 
 def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
