@@ -99,6 +99,9 @@ BOUND_TOL = 1e-6
 #: below this many residual RMS (log units, floored at 1e-4) is unresolved: its
 #: parameters are then fixed by the regulariser and reported as degenerate.
 RESOLVE_FACTOR = 2.0
+#: A point whose log residual exceeds this many noise standard deviations
+#: (:func:`noise_scale`) is listed as an outlier of its fit (:attr:`FitResult.outliers`).
+OUTLIER_K = 3.0
 
 
 def effective_lr(lrs, warmup_steps, peak_lr) -> np.ndarray:
@@ -678,6 +681,11 @@ class FitResult:
     empty when there was no choice. held_out_errors: the same per held-out branch (in one
     order for every candidate) and held_out_bic: each candidate's information criterion
     (:func:`_bic`), what the choice among equals rests on.
+    outliers: the points whose log residual exceeds :data:`OUTLIER_K` noise standard
+    deviations, largest first, as ``{"curve", "step", "residual"}`` (``step`` as the curve
+    records it, one past the index; ``residual`` relative, observed / predicted - 1), and
+    outlier_share their share of the squared error that R^2 counts. Why: on curves with
+    jumps a few points set R^2; this tells a jittery curve from a law that misses its shape.
     """
 
     law: str
@@ -693,6 +701,8 @@ class FitResult:
     delta: float = HUBER_DELTA
     held_out_errors: dict[str, list[float]] = field(default_factory=dict)
     held_out_bic: dict[str, float] = field(default_factory=dict)
+    outliers: list[dict] = field(default_factory=list)
+    outlier_share: float = 0.0
 
     def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = (),
                 entry: int = 0) -> np.ndarray:
@@ -713,6 +723,7 @@ class FitResult:
         d["held_out"] = {k: float(v) for k, v in d.get("held_out", {}).items()}
         d["held_out_errors"] = {k: [float(x) for x in v] for k, v in d.get("held_out_errors", {}).items()}
         d["held_out_bic"] = {k: float(v) for k, v in d.get("held_out_bic", {}).items()}
+        d["outliers"] = [dict(o) for o in d.get("outliers", [])]
         return cls(**d)
 
 
@@ -1092,9 +1103,28 @@ def _summarise(law, prob: _Problem, curves, theta: np.ndarray, n_starts: int, la
     ss_tot = float(np.sum((obs - obs.mean()) ** 2))
     r2 = 1.0 - float(np.sum((obs - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
     degenerate = _degenerate(law, prob, theta, quiet)
+    outliers, share = _outliers(curves, obs, pred)
     return FitResult(
         law=law.__name__, params=params, r2=r2,
         mape=float(np.mean(np.abs(pred - obs) / obs) * 100.0),
         huber=float(huber(np.log(obs) - np.log(np.maximum(pred, 1e-12)), prob.delta)[0].sum()),
         n_points=len(obs), n_starts=n_starts, degenerate=degenerate, lam=lam, delta=prob.delta,
+        outliers=outliers, outlier_share=share,
     )
+
+
+def _outliers(curves: Sequence[Curve], obs: np.ndarray, pred: np.ndarray) -> tuple[list[dict], float]:
+    """:attr:`FitResult.outliers` and their share of the squared error (``obs``/``pred``
+    concatenated in ``curves`` order)."""
+    log_res = np.log(obs) - np.log(np.maximum(pred, 1e-12))
+    sigma = noise_scale(curves)
+    if sigma <= 0:
+        return [], 0.0
+    names = np.concatenate([np.full(len(c.steps), c.name, dtype=object) for c in curves])
+    steps = np.concatenate([c.steps for c in curves])
+    idx = np.flatnonzero(np.abs(log_res) > OUTLIER_K * sigma)
+    idx = idx[np.argsort(-np.abs(log_res[idx]))]
+    sq = (obs - pred) ** 2
+    share = float(sq[idx].sum() / sq.sum()) if sq.sum() > 0 else 0.0
+    return [{"curve": str(names[i]), "step": int(steps[i]) + 1, "residual": float(obs[i] / pred[i] - 1.0)}
+            for i in idx], share

@@ -452,6 +452,7 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
                 curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
     """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
     parameters, degenerate ones, and the held-out errors the law was chosen by."""
+    from raypath.law import OUTLIER_K
     from raypath.lawfit import boundaries, entry_step, splits_for
 
     lineage = Lineage.of(lineage)
@@ -472,6 +473,11 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
         if fit.held_out:
             lines.append("      chosen by held-out error: "
                          + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))
+        if fit.outliers:
+            listed = ", ".join(f"{o['curve']} step {o['step']} {100 * o['residual']:+.1f}%" for o in fit.outliers[:5])
+            more = f" and {len(fit.outliers) - 5} more" if len(fit.outliers) > 5 else ""
+            lines.append(f"      outliers (beyond {OUTLIER_K:g} noise sd): {len(fit.outliers)} points carry "
+                         f"{100 * fit.outlier_share:.0f}% of the squared error: {listed}{more}")
         lines.append(f"      params: {params}")
         lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
     return "\n".join(lines)

@@ -201,6 +201,21 @@ def test_huber_threshold_scales_with_the_noise_of_trending_curves(anneal_curves,
     assert fit_law(AnnealingLaw, anneal_curves[:3], delta=HUBER_DELTA).delta == HUBER_DELTA
 
 
+def test_fit_lists_the_jumps_that_set_its_r2(anneal_curves, anneal_fit):
+    # Gaussian noise: hardly a point beyond 3 noise sd, and those carry little of the error
+    assert anneal_fit.outlier_share < 0.1
+    curves = [Curve(c.lrs, c.steps, c.losses.copy(), name=c.name) for c in anneal_curves[:3]]
+    jumps = {5: 0.04, 20: -0.025}  # two evaluations off by 4% and 2.5%, as an old split's at the peak LR
+    for i, r in jumps.items():
+        curves[1].losses[i] *= 1 + r
+    fit = fit_law(AnnealingLaw, curves)
+    assert [(o["curve"], o["step"]) for o in fit.outliers] == [(curves[1].name, int(curves[1].steps[i]) + 1)
+                                                              for i in jumps]
+    assert [o["residual"] for o in fit.outliers] == pytest.approx(list(jumps.values()), abs=0.005)
+    assert fit.outlier_share > 0.5
+    assert FitResult.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
 def test_fit_is_deterministic(anneal_curves):
     a, b = fit_law(AnnealingLaw, anneal_curves[:3]), fit_law(AnnealingLaw, anneal_curves[:3])
     assert a.params == b.params

@@ -7,6 +7,7 @@ the law gave before the multi-shift law existed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -215,6 +216,11 @@ def test_fit_report_lists_each_splits_switches(three_versions):
     assert "v1 (old, data switches at steps 200, 400): MultiShiftCPTLaw[2]" in text
     assert "v2 (old, data switches at steps 400; its data entered at step 200): CPTLaw" in text
     assert "chosen by held-out error: CPTLaw" in text
+    jumpy = dataclasses.replace(fits["v1"], outlier_share=0.75, outliers=[
+        {"curve": "main", "step": 10 * i, "residual": 0.04 - 0.005 * i} for i in range(1, 8)])
+    text = format_fits({**fits, "v1": jumpy}, lineage, "v3")
+    assert ("outliers (beyond 3 noise sd): 7 points carry 75% of the squared error: main step 10 +3.5%, "
+            "main step 20 +3.0%, main step 30 +2.5%, main step 40 +2.0%, main step 50 +1.5% and 2 more") in text
 
 
 def test_guard_single_shift_truth_keeps_the_single_shift_law(tmp_path):
