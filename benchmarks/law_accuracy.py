@@ -386,7 +386,7 @@ def lineage_fits(run_dir: Path, lineage: Lineage, shifts=("single", "auto")) -> 
                 "seconds": round(time.perf_counter() - t0, 1),
                 "splits": {s: {"law": f.law, "r2": f.r2, "mape": f.mape, "n_points": f.n_points, "lam": f.lam,
                                "held_out": f.held_out, "degenerate": f.degenerate, "outliers": f.outliers,
-                               "outlier_share": f.outlier_share,
+                               "outlier_share": f.outlier_share, "r2_ceiling": f.r2_ceiling,
                                "boundaries": lawfit.boundaries(lineage, s, version)} for s, f in fits.items()}}
     return out
 
@@ -484,9 +484,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{a['naive_mape_final_loss'][s]:.3f}%)" for s, v in a["mape_final_loss"].items())
               + f"; objective {a['objective_mape']:.3f}%, Spearman {a['rank_spearman_mean']:.2f}")
     for key, fits in summary.get("lineage_fits", {}).items():
+        # ceiling: the R^2 the curves' noise leaves a law that followed their true mean exactly;
         # outliers: points beyond 3 noise sd and their share of the squared error R^2 counts
         print(f"lineage fit ({key}): " + ", ".join(
-            f"{s} {f['law']} R^2 {f['r2']:.4f} MAPE {f['mape']:.2f}% outliers {len(f.get('outliers', []))} "
+            f"{s} {f['law']} R^2 {f['r2']:.4f} (ceiling {f.get('r2_ceiling', float('nan')):.4f}) "
+            f"MAPE {f['mape']:.2f}% outliers {len(f.get('outliers', []))} "
             f"({100 * f.get('outlier_share', 0.0):.0f}%)" for s, f in fits["splits"].items()))
     if gd is not None:
         print_comparison(gd)

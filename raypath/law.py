@@ -686,6 +686,8 @@ class FitResult:
     records it, one past the index; ``residual`` relative, observed / predicted - 1), and
     outlier_share their share of the squared error that R^2 counts. Why: on curves with
     jumps a few points set R^2; this tells a jittery curve from a law that misses its shape.
+    r2_ceiling: the R^2 a law that followed the curves' true mean exactly would reach, given
+    their noise (:func:`r2_ceiling`): what R^2 is to be read against on noisy curves.
     """
 
     law: str
@@ -703,6 +705,7 @@ class FitResult:
     held_out_bic: dict[str, float] = field(default_factory=dict)
     outliers: list[dict] = field(default_factory=list)
     outlier_share: float = 0.0
+    r2_ceiling: float = float("nan")
 
     def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = (),
                 entry: int = 0) -> np.ndarray:
@@ -756,6 +759,24 @@ def noise_scale(curves: Sequence[Curve]) -> float:
     if len(d2) < 3 or not np.all(np.isfinite(d2)):
         return 0.0
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6.0))
+
+
+def r2_ceiling(curves: Sequence[Curve]) -> float:
+    """The R^2 of the curves' true mean against their observations, given their noise
+    (:func:`noise_scale`, relative): ``1 - sum((sigma * loss)^2) / sum((loss - mean)^2)``.
+
+    Why: R^2 divides the squared error by the spread of the losses, so the same noise caps it
+    lower on flat curves (an old split forgetting at the peak LR moves by a few percent)
+    than on a curve falling from its start; no law reaches the cap, since every parameter
+    also fits some noise. Heavy-tailed jumps (:attr:`FitResult.outliers`) lower R^2 further
+    than this Gaussian estimate accounts for. 1.0 for noise-free curves, NaN for flat ones.
+    """
+    obs = np.concatenate([c.losses for c in curves]) if curves else np.empty(0)
+    obs = obs[np.isfinite(obs)]
+    ss_tot = float(np.sum((obs - obs.mean()) ** 2)) if len(obs) else 0.0
+    if ss_tot <= 0:
+        return float("nan")
+    return 1.0 - float(np.sum((noise_scale(curves) * obs) ** 2)) / ss_tot
 
 
 def huber_delta(curves: Sequence[Curve]) -> float:
@@ -1109,7 +1130,7 @@ def _summarise(law, prob: _Problem, curves, theta: np.ndarray, n_starts: int, la
         mape=float(np.mean(np.abs(pred - obs) / obs) * 100.0),
         huber=float(huber(np.log(obs) - np.log(np.maximum(pred, 1e-12)), prob.delta)[0].sum()),
         n_points=len(obs), n_starts=n_starts, degenerate=degenerate, lam=lam, delta=prob.delta,
-        outliers=outliers, outlier_share=share,
+        outliers=outliers, outlier_share=share, r2_ceiling=r2_ceiling(curves),
     )
 
 

@@ -468,7 +468,8 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
         if entry := entry_step(lineage, split, version):
             switches += f"; its data entered at step {entry}"
         lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
-                     f"n={fit.n_points}, R^2={fit.r2:.4f}, MAPE={fit.mape:.3f}%, lambda={fit.lam:g}, "
+                     f"n={fit.n_points}, R^2={fit.r2:.4f} (noise ceiling {fit.r2_ceiling:.4f}), "
+                     f"MAPE={fit.mape:.3f}%, lambda={fit.lam:g}, "
                      f"Huber delta={fit.delta:.2g}")
         if fit.held_out:
             lines.append("      chosen by held-out error: "

@@ -27,6 +27,7 @@ from raypath.law import (
     huber_delta,
     noise_scale,
     predict_final_loss,
+    r2_ceiling,
     select_lambda,
     split_areas,
 )
@@ -214,6 +215,22 @@ def test_fit_lists_the_jumps_that_set_its_r2(anneal_curves, anneal_fit):
     assert [o["residual"] for o in fit.outliers] == pytest.approx(list(jumps.values()), abs=0.005)
     assert fit.outlier_share > 0.5
     assert FitResult.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
+def test_r2_ceiling_is_what_the_truth_itself_scores_on_noisy_curves(anneal_curves, anneal_fit):
+    truth = [_observe(AnnealingLaw, ANNEAL_TRUE, c.lrs, name=c.name) for c in anneal_curves]
+    assert r2_ceiling(truth) == pytest.approx(1.0, abs=1e-6)  # noise-free: nothing caps R^2
+    noisy = [Curve(c.lrs, c.steps, c.losses * (1 + 0.02 * np.random.default_rng(30 + i).standard_normal(len(c.steps))),
+                   name=c.name) for i, c in enumerate(truth)]
+    obs, true = (np.concatenate([c.losses for c in cs]) for cs in (noisy, truth))
+    oracle = 1 - np.sum((obs - true) ** 2) / np.sum((obs - obs.mean()) ** 2)  # R^2 of the true law itself
+    ceiling = r2_ceiling(noisy)
+    assert 0.9 < oracle < 0.99  # noise that matters
+    assert 1 - ceiling == pytest.approx(1 - oracle, rel=0.2)
+    fit = fit_law(AnnealingLaw, noisy)
+    assert fit.r2_ceiling == ceiling
+    assert oracle - 0.1 * (1 - oracle) < fit.r2 < ceiling + 0.2 * (1 - oracle)  # 4 parameters fit little noise
+    assert anneal_fit.r2_ceiling > 0.999  # 0.2% noise on curves falling by a third
 
 
 def test_fit_is_deterministic(anneal_curves):
