@@ -130,20 +130,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_law_fit(args: argparse.Namespace) -> int:
+def _fit_law(args: argparse.Namespace, command: str):
+    """``law fit`` and ``law predict``: the run directory, its lineage, the version and the
+    fits (saved and published to the run directory)."""
     from raypath import lawfit
     from raypath.lineage import Lineage
-    from raypath.report import format_fits
 
     rd = _open_run(args)
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
-                                 huber_delta=args.huber_delta)
+                              huber_delta=args.huber_delta)
     except ValueError as e:
-        raise ConfigError(f"law fit: {e}") from None
+        raise ConfigError(f"{command}: {e}") from None
     rd.publish(rd / lawfit.LAW_DIR)
+    return rd, lineage, version, fits
+
+
+def cmd_law_fit(args: argparse.Namespace) -> int:
+    from raypath import lawfit
+    from raypath.report import format_fits
+
+    rd, lineage, version, fits = _fit_law(args, "law fit")
     print(format_fits(fits, lineage, version))
     print(f"fit: {rd.uri}/{lawfit.LAW_DIR}/fit-{version}.json")
     return 0 if fits else 1
@@ -151,16 +160,10 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
 
 def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath import lawfit
-    from raypath.lineage import Lineage
     from raypath.report import plot_prediction
 
-    rd = _open_run(args)
-    lineage = Lineage.load(rd)
+    rd, lineage, version, fits = _fit_law(args, "law predict")
     try:
-        version = lawfit.version_name(lineage, args.version)
-        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
-                                 huber_delta=args.huber_delta)
-        rd.publish(rd / lawfit.LAW_DIR)
         weights = {"old": args.w_old, "new": args.w_new}
         p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
                                   args.power, weights=weights, fork_step=args.fork_step)

@@ -161,6 +161,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def gloo_group():
+    """A one-rank gloo process group on a free loopback port, for code that reads the world."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on a free loopback port, killed at the end; AWS_* set for this module."""

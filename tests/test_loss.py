@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -202,18 +201,6 @@ def test_training_steps_chunked_equal_unchunked():
         _, a = _step(_segment(loss_chunk_tokens=7), steps)
         _, b = _step(_segment(loss_chunk_tokens=0), steps)
         assert a == pytest.approx(b, rel=1e-5), steps
-
-
-@pytest.fixture
-def gloo_group():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_ddp_and_fsdp2_gradients_match_the_full_logits(gloo_group):

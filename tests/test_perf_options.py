@@ -9,7 +9,6 @@ workers (gloo) whose checkpoint a 1-worker DDP segment resumes.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,18 +90,6 @@ def test_compile_builds_and_trains_a_step():
     assert isinstance(tr.model, torch._dynamo.eval_frame.OptimizedModule)
     plain = build_training(_segment(), torch.device("cpu"), world=1)
     assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
-
-
-@pytest.fixture
-def gloo_group():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_path):
