@@ -30,8 +30,13 @@ different kinds of system text (licences, manual pages, C headers, shell scripts
 Prints a JSON summary (also written to ``RUN_DIR/law/benchmark.json``) and the command, and
 plots the best objective so far per trial and per branch token (``RUN_DIR/law/benchmark.png``).
 
+``--lr-scan LRS`` does none of that: it trains the lineage at each peak LR and reports which
+trains best, and how the law fits each (:func:`lr_scan`); the benchmark runs at that LR.
+
     python benchmarks/law_accuracy.py --run-dir runs/law_bench
     python benchmarks/law_accuracy.py --run-dir runs/law_bench4 --corpus system --versions v1,v2,v3,v4
+    python benchmarks/law_accuracy.py --run-dir runs/law_lrscan --corpus system --versions v1,v2,v3,v4 \
+        --lr-scan 7.5e-4,1.05e-3,1.5e-3,2.1e-3,3e-3
 """
 
 from __future__ import annotations
@@ -366,16 +371,17 @@ def accuracy(run_dir: Path, lineage: Lineage, sweeps: list[dict], *, lams=("auto
     return out
 
 
-def lineage_fits(run_dir: Path, lineage: Lineage, shifts=("single", "auto")) -> dict:
+def lineage_fits(run_dir: Path, lineage: Lineage, shifts=("single", "auto"), pools=("releases", "all")) -> dict:
     """Each law's fit of the whole lineage for releasing its last version, per split: on the
-    main path and the release branches (what a sweep's guide fits on), and with every
-    sweep trial too (what ``raypath law fit RUN_DIR`` fits on). A later mode reuses the
-    lambda the first one chose (as :func:`accuracy` does)."""
+    main path and the release branches (pool ``releases``: what a sweep's guide fits on), and
+    with every sweep trial too (``all``: what ``raypath law fit RUN_DIR`` fits on). A later
+    mode reuses the lambda the first one chose (as :func:`accuracy` does)."""
     from raypath import lawfit
 
     version, _, _ = release_branch(lineage)
     out = {}
-    for pool, include_sweeps in (("releases", False), ("all", True)):
+    for pool in pools:
+        include_sweeps = pool == "all"
         lam = "auto"
         for mode in shifts:
             t0 = time.perf_counter()
@@ -389,6 +395,93 @@ def lineage_fits(run_dir: Path, lineage: Lineage, shifts=("single", "auto")) -> 
                                "outlier_share": f.outlier_share, "r2_ceiling": f.r2_ceiling,
                                "boundaries": lawfit.boundaries(lineage, s, version)} for s, f in fits.items()}}
     return out
+
+
+def scan_row(run_dir: Path, lineage: Lineage, lr: float) -> dict:
+    """One peak LR of ``--lr-scan``, read from its finished lineage: the release objective,
+    each split's release-branch final loss, the main path's robust noise per split
+    (:func:`raypath.law.noise_scale`: the jitter between evaluations) and the law's fit of
+    the main path and the release branches (``shifts=auto``) with its R^2 and noise ceiling."""
+    from raypath import law, lawfit
+
+    version, release, _ = release_branch(lineage)
+    fits = lineage_fits(run_dir, lineage, shifts=("auto",), pools=("releases",))["releases,shifts=auto"]
+    noise = {s: law.noise_scale(lawfit.curves_from_lineage(lineage, s, run_dir=run_dir, branches=[]))
+             for s in lawfit.splits_for(lineage, version)}
+    return {"lr": lr, "run_dir": str(run_dir), "release_objective": release_objective(lineage),
+            "release_losses": {s: release.metrics[f"val/{s}"] for s in noise}, "main_noise": noise,
+            "fit_seconds": fits["seconds"],
+            "fits": {s: {k: f[k] for k in ("law", "r2", "r2_ceiling", "mape", "n_points")}
+                     for s, f in fits["splits"].items()}}
+
+
+def lr_scan(args, lrs: list[float], log) -> dict:
+    """``--lr-scan``: the lineage (no sweeps) trained at each peak LR, in ``RUN_DIR/lr=LR`` on
+    one corpus, and read by :func:`scan_row`. Why: the law benchmark describes the training it
+    is given; above the model's best LR the main path's losses jump between evaluations, the
+    releases end higher and R^2 measures the jitter, so the benchmark's LR is the scan's best.
+    Costs one lineage per LR (its training grows with the corpus) plus one fit each."""
+    from raypath.cluster import init_ray
+    from raypath.config import load_config
+    from raypath.lineage import Lineage
+    from raypath.run import run
+
+    root = Path(args.run_dir).resolve()
+    rows = []
+    for lr in lrs:
+        cfg = load_config(args.config, [*_overrides(args), f"run_dir={root / f'lr={lr:g}'}", f"train.max_lr={lr!r}"])
+        init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+        t0 = time.perf_counter()
+        run(cfg)
+        log.info("lr %g: lineage done in %.0f s", lr, time.perf_counter() - t0)
+        row = scan_row(Path(cfg.run_dir), Lineage.load(cfg.run_dir), lr)
+        rows.append({**row, "train_seconds": round(time.perf_counter() - t0 - row["fit_seconds"], 1)})
+    best = min(rows, key=lambda r: r["release_objective"])["lr"]
+    return {"lrs": rows, "best_lr": best}
+
+
+def print_lr_scan(scan: dict) -> None:
+    """One line per LR: release objective, then per split the main path's noise and R^2 / ceiling."""
+    for r in scan["lrs"]:
+        mark = "  <- best" if r["lr"] == scan["best_lr"] else ""
+        print(f"lr {r['lr']:g}: release objective {r['release_objective']:.4f}; " + ", ".join(
+            f"{s} noise {100 * r['main_noise'][s]:.2f}% R^2 {f['r2']:.4f} (ceiling {f['r2_ceiling']:.4f}, {f['law']})"
+            for s, f in r["fits"].items()) + mark)
+
+
+def plot_lr_scan(scan: dict, out_png: Path) -> Path:
+    """Release objective against the peak LR (left); per split, the law's R^2 and its noise
+    ceiling against the peak LR (right), with the 0.98 target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raypath.storage import save_figure
+
+    rows = sorted(scan["lrs"], key=lambda r: r["lr"])
+    lrs = [r["lr"] for r in rows]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    ax0.plot(lrs, [r["release_objective"] for r in rows], "o-", color="black")
+    ax0.set_ylabel("release objective (weighted final val loss)")
+    splits = list(rows[0]["fits"])
+    colors = dict(zip(splits, plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(splits)))))
+    for s in splits:
+        ax1.plot(lrs, [r["fits"][s]["r2"] for r in rows], "o-", color=colors[s], label=f"{s} R^2")
+        ax1.plot(lrs, [r["fits"][s]["r2_ceiling"] for r in rows], "--", color=colors[s], lw=1,
+                 label=f"{s} noise ceiling")
+    ax1.axhline(0.98, color="crimson", lw=1, label="target 0.98")
+    ax1.set_ylabel("R^2 of the lineage fit (main path + releases)")
+    ax1.legend(fontsize=7, frameon=False, ncol=2)
+    for ax in (ax0, ax1):
+        ax.set_xscale("log")
+        ax.set_xlabel("peak LR (train.max_lr)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("the law benchmark's lineage at each peak LR")
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    plt.close(fig)
+    return out_png
 
 
 def _spearman(a, b) -> float:
@@ -430,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guided-name", default="guided",
                    help="sweep name of the guided search (a new name runs a new guided search on the same "
                         "lineage; it fits the law on the main path and the release branches only)")
+    p.add_argument("--lr-scan", default=None, metavar="LRS",
+                   help="comma-separated peak LRs: train the lineage (no sweeps) at each in RUN_DIR/lr=LR, "
+                        "report release objective, main-path noise and the law's R^2 per LR "
+                        "(RUN_DIR/law/lr_scan.json and .png), and nothing else")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -439,6 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     from raypath.lineage import Lineage
     from raypath.storage import write_json
 
+    command = "python " + " ".join(shlex.quote(a) for a in [
+        "benchmarks/law_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.lr_scan:
+        scan = {**lr_scan(args, [float(x) for x in args.lr_scan.split(",")], log), "command": command}
+        out = Path(args.run_dir).resolve() / "law"
+        write_json(out / "lr_scan.json", scan)
+        print_lr_scan(scan)
+        print(f"plot: {plot_lr_scan(scan, out / 'lr_scan.png')}\ncommand: {command}")
+        return 0
     cfg = load_config(args.config, _overrides(args))
     seeds = [int(x) for x in args.unguided_seeds.split(",")]
     run_dir = Path(cfg.run_dir).resolve()
@@ -464,8 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                                     releases=args.fit_releases, rotations=args.rotations) if unguided(sweeps) else {}}
     if len(shifts) > 1:
         summary["lineage_fits"] = lineage_fits(run_dir, lineage, shifts)
-    summary["command"] = "python " + " ".join(shlex.quote(a) for a in [
-        "benchmarks/law_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    summary["command"] = command
     summary["train_seconds"] = round(time.perf_counter() - t0, 1) if not args.eval_only else None
     summary["size"] = {"versions": args.versions, "corpus": args.corpus, "docs": args.docs,
                        "corpus_chars": args.corpus_chars if args.corpus == "system" else None,

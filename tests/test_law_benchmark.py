@@ -81,3 +81,27 @@ def test_fit_releases_last_or_every_versions_release_branch():
                             {"name": "branch-v2-extra", "version": "v2"}]}
     assert la.fit_releases(lineage, "last") == ["branch-v2"]
     assert la.fit_releases(lineage, "all") == ["branch-v1", "branch-v2"]
+
+
+def test_lr_scan_row_reads_a_finished_lineage_and_reports_the_best_lr(tiny_run, tmp_path, capsys):
+    from raypath import lawfit
+    from raypath.lineage import Lineage
+
+    cfg, _ = tiny_run
+    lineage = Lineage.load(cfg.run_dir)
+    row = la.scan_row(Path(cfg.run_dir), lineage, 3e-3)
+    version, release, weights = la.release_branch(lineage)
+    assert set(row["fits"]) == set(row["main_noise"]) == set(lawfit.splits_for(lineage, version)) == set(weights)
+    assert row["release_objective"] == pytest.approx(sum(w * row["release_losses"][s] for s, w in weights.items()))
+    assert row["release_losses"] == {s: release.metrics[f"val/{s}"] for s in weights}
+    # the main path's own jitter: positive and far below the losses' level
+    assert all(0.0 < n < 0.2 for n in row["main_noise"].values()), row["main_noise"]
+    assert all(f["r2"] <= 1.0 and f["n_points"] >= 4 for f in row["fits"].values()), row["fits"]
+    lower = {**row, "lr": 1.5e-3, "release_objective": row["release_objective"] - 0.1}
+    scan = {"lrs": [row, lower], "best_lr": 1.5e-3}
+    la.print_lr_scan(scan)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lr 0.003: release objective") and "<- best" not in lines[0]
+    assert lines[1].startswith("lr 0.0015:") and lines[1].endswith("<- best")
+    png = la.plot_lr_scan(scan, tmp_path / "lr_scan.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
