@@ -18,7 +18,11 @@
 * ``kernels: none``, ``loss_chunk_tokens: 0``: the full logits, ``F.cross_entropy``
   on their fp32 copy (transformers' own path; the baseline of the benchmark).
 * ``kernels: liger``: Liger Kernel's Triton RMSNorm, SwiGLU and RoPE patched into
-  the model, and its fused linear cross-entropy as the loss (CUDA only).
+  the model, and its fused linear cross-entropy as the loss (CUDA only; the tests
+  run the same kernels on CPU in Triton's interpreter, ``tests/liger_interpreted.py``).
+  Liger patches transformers' Llama module for the whole process (its RoPE
+  function, RMSNorm and MLP classes), so a Llama built later in the same worker
+  runs its kernels too; parameters and ``state_dict`` keys are the same either way.
 
 The loss is installed on the model *instance* (:func:`install_loss`), as Liger
 does: its ``forward(input_ids=..., targets=...)`` returns the mean loss, so the

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,9 +268,6 @@ def test_weights_stay_plain_llama(tmp_path):
 
 # ------------------------------------------------------------ train.kernels
 
-LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
-
-
 def test_liger_on_cpu_is_rejected_before_training():
     with pytest.raises(ConfigError, match=r"train\.kernels: liger .*CUDA"):
         load_config(ROOT / "configs" / "tiny.yaml", ["train.kernels=liger"])
@@ -275,11 +276,42 @@ def test_liger_on_cpu_is_rejected_before_training():
         build_training(_segment(kernels="liger", use_gpu=True), CPU, world=1)
 
 
-@pytest.mark.skipif(LIGER_INSTALLED, reason="liger-kernel is installed here")
-def test_liger_without_the_extra_is_rejected_naming_it():
+def test_liger_without_the_extra_is_rejected_naming_it(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel"
+                        else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"train\.kernels: liger needs the liger-kernel package: "
                                           r"pip install 'raypath\[liger\]'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["train.kernels=liger", "train.use_gpu=true"])
+
+
+#: Liger's Triton kernels that ``train.kernels: liger`` runs: RMSNorm, SwiGLU and RoPE (forward
+#: and backward) and the fused linear cross-entropy's.
+LIGER_KERNELS = {"_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_swiglu_forward_kernel",
+                 "_swiglu_backward_kernel", "_triton_rope", "liger_cross_entropy_kernel"}
+
+
+def test_liger_kernels_in_tritons_interpreter_match_the_chunked_loss():
+    """raypath's liger path with Liger's real Triton kernels, run on CPU by Triton's interpreter
+    (tests/liger_interpreted.py, in its own process): which kernels ran, loss, gradients,
+    evaluation, logits, three training steps and the saved weights against the chunked loss."""
+    pytest.importorskip("liger_kernel", reason="the dev extra installs liger-kernel and triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "liger_interpreted.py")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for tie in (True, False):
+        r = got[f"tie={tie}"]
+        assert LIGER_KERNELS <= set(r["kernels"]), (tie, r["kernels"])
+        assert r["plain_class"] and r["same_state"], tie
+        assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-5), tie
+        assert r["eval_loss"][0] == pytest.approx(r["eval_loss"][1], rel=1e-5), tie
+        assert r["grad_error"] < 1e-4 and r["logits_error"] < 1e-4, (tie, r)
+    assert LIGER_KERNELS <= set(got["step_kernels"]), got["step_kernels"]
+    a, b = got["step3_loss"]["liger"], got["step3_loss"]["chunked"]
+    assert a == pytest.approx(b, rel=1e-4)
+    assert got["reloaded_key_mismatches"] == {} and not got["reloaded_has_loss"]
+    assert got["reloaded_logits_error"] < 1e-5
 
 
 @pytest.mark.parametrize("override, field", [
