@@ -43,15 +43,15 @@ stage_env() {
         date -u +"date %Y-%m-%dT%H:%M:%SZ"
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
         "$PY" - <<'PYEOF'
-import importlib, platform, torch
+import importlib.metadata, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "cudnn", torch.backends.cudnn.version())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
-for name in ("triton", "transformers", "ray", "liger_kernel", "pyarrow", "tokenizers"):
+for name in ("triton", "transformers", "ray", "liger-kernel", "pyarrow", "tokenizers", "safetensors"):
     try:
-        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+        print(name, importlib.metadata.version(name))
     except Exception as e:  # noqa: BLE001 - report, do not stop the check
         print(name, "MISSING:", type(e).__name__, e)
 from raypath.perf import device_peak_flops
