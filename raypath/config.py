@@ -181,6 +181,8 @@ class TrainConfig:
     kernels: ``none`` (plain PyTorch) or ``liger``: Liger Kernel's Triton RMSNorm,
         SwiGLU, RoPE and fused linear cross-entropy (CUDA only; the ``liger``
         extra, ``pip install 'raypath[liger]'``). Weights stay plain Llama either way.
+        Liger patches transformers' Llama module for the whole worker process, so a
+        Llama built later there runs its kernels too.
     loss_chunk_tokens: with ``kernels: none``, the loss takes the LM head and the
         cross-entropy this many tokens at a time and never materialises the full
         ``[tokens, vocab]`` logits (:mod:`raypath.loss`); 0 = full logits (the
