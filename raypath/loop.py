@@ -19,6 +19,7 @@ import logging
 import math
 import tempfile
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,6 +543,11 @@ def train_segment(config: dict) -> None:
     step may do -- log, evaluate, checkpoint, report -- happens in :meth:`_SegmentRun.after_step`.
     """
     seg: Segment = config["segment"]
+    with portable_errors():
+        _train(seg)
+
+
+def _train(seg: Segment) -> None:
     run = _SegmentRun.start(seg)
     while run.step < seg.end_step:
         lr = seg.schedule(run.step)
@@ -549,6 +555,40 @@ def train_segment(config: dict) -> None:
         run.advance(loss)
         run.after_step(lr)
     run.finish()
+
+
+class WorkerError(RuntimeError):
+    """An exception a training worker raised that Ray could not send back as itself.
+
+    Ray Train pickles a worker's exception to the driver. One that holds a lock, a CUDA
+    stream or a compiler object (``torch.compile``'s backend failures do) fails to pickle,
+    and the driver then reports only that pickling error. This carries what the driver
+    would otherwise lose: the original type, message and the worker's traceback, its
+    chained causes included.
+    """
+
+
+@contextlib.contextmanager
+def portable_errors():
+    """Re-raise a worker exception that cannot be pickled as a :class:`WorkerError`."""
+    try:
+        yield
+    except Exception as e:
+        from ray import cloudpickle
+
+        try:
+            cloudpickle.dumps(e)
+        except Exception:  # noqa: BLE001 - whatever makes it unpicklable, send its text instead
+            raise WorkerError(f"{type(e).__module__}.{type(e).__qualname__}: {_describe(e)}\n\n"
+                              f"worker traceback:\n{''.join(traceback.format_exception(e))}") from None
+        raise
+
+
+def _describe(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+        return f"<{type(e).__name__}: str() failed>"
 
 
 class _Feed:

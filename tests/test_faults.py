@@ -102,3 +102,52 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     noise = max(abs(a["loss"] - b["loss"]) for a, b in zip(before[1:], before[:-1]))
     ref = next(r["loss"] for r in reversed(before) if r["step"] <= after[0]["step"])
     assert abs(after[0]["loss"] - ref) <= 1.5 * noise + 0.05, (after[0], ref, noise)
+
+
+class _HoldsALock(RuntimeError):
+    """Like torch.compile's backend failures: an exception whose state cannot be pickled."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.lock = threading.RLock()
+
+
+def _fails_with_a_lock(config: dict) -> None:
+    from raypath.loop import portable_errors
+
+    def inner_kernel_compile():
+        raise _HoldsALock("triton kernel XYZ failed to compile")
+
+    with portable_errors():
+        inner_kernel_compile()
+
+
+def test_unpicklable_worker_error_reaches_the_driver_with_its_traceback(ray_cluster, tmp_path):
+    """Ray Train alone reports only "cannot pickle '_thread.RLock'"; the cause must survive."""
+    import sys
+
+    import pytest
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    trainer = TorchTrainer(_fails_with_a_lock, scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name="unpicklable", storage_path=str(tmp_path)))
+    with pytest.raises(Exception) as err:
+        trainer.fit()
+    text = str(err.value)
+    assert "WorkerError" in text and "_HoldsALock: triton kernel XYZ failed to compile" in text
+    assert "inner_kernel_compile" in text  # the worker's traceback, not only the message
+
+
+def test_picklable_worker_errors_pass_unchanged():
+    import pytest
+
+    from raypath.config import ConfigError
+    from raypath.loop import WorkerError, portable_errors
+
+    with pytest.raises(ConfigError, match="train.lr"), portable_errors():
+        raise ConfigError("train.lr: expected a float")
+    with pytest.raises(WorkerError, match=r"(?s)_HoldsALock: held.*worker traceback"), portable_errors():
+        raise _HoldsALock("held")
