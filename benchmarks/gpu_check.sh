@@ -6,17 +6,20 @@
 #     tests       pytest tests/test_perf_options.py -k gpu (bf16 and compiled steps, every loss
 #                 setting incl. liger, the whole main segment on a GPU Ray Train worker + resume)
 #     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
-#                 loop x kernel settings chunked, full (loss_chunk_tokens=0), liger
+#                 loop x kernel settings chunked, full (loss_chunk_tokens=0), liger; the plain
+#                 loop's first run of each setting also profiled (--profile: ms per step by kind)
 #     bench-350m  the same for configs/llama-350m.yaml
-#   bash benchmarks/gpu_check.sh bench-350m      # only the stages named
+#   bash benchmarks/gpu_check.sh bench-350m:chunked tests   # only the stages named; a bench
+#                                                           # stage takes :settings (--kernels)
 #
 # Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
 # env.txt, tests.log, bench-llama-*.json (the benchmark summaries, with the device name).
 # Each stage runs under its own timeout (STAGE_TIMEOUT_S, default 290 s for a benchmark,
-# 240 s for the tests), so a stuck stage cannot eat the others' time; expected on an
-# H100/H200: env 10 s, tests ~2 min, each benchmark ~4 min (one repeat, 15 steps per run
-# of which the last 10 are measured; each of its 6 runs compiles, the inductor cache
-# makes the second compile of a setting cheap).
+# 240 s for the tests), so a stuck stage cannot eat the others' time. Measured on an H200
+# (2026-12-04): env 8 s; tests 156 s; bench-125m's first stage ~60 s preparing the run
+# directory, then ~2 min per setting (each of its two runs starts a process and compiles
+# for ~1 min; 15 steps per run, the last 10 measured). All stages with every setting
+# take ~15 min: more than one device lease holds, so name the stages a lease can afford.
 #
 # No network on the GPU machine: Ray, Liger and what they need come as wheels in .whl/
 # (fetch them beforehand with benchmarks/gpu_wheels.sh and carry .whl/); they are
@@ -64,10 +67,10 @@ stage_tests() {
     timeout "${STAGE_TIMEOUT_S:-240}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k gpu 2>&1 | tee "$OUT/tests.log"
 }
 
-stage_bench() {  # $1: config stem
+stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)
     timeout "${STAGE_TIMEOUT_S:-290}" "$PY" benchmarks/train_throughput.py --device cuda \
-        --config "configs/$1.yaml" --repeats 1 --steps 15 --set train.log_every=5 \
-        --set run_dir=runs/bench-gpu --out "$OUT/bench-$1.json"
+        --config "configs/$1.yaml" ${2:+--kernels "$2"} --repeats 1 --steps 15 --profile 5 \
+        --set train.log_every=5 --set run_dir=runs/bench-gpu --out "$OUT/bench-$1${2:+-${2//,/-}}.json"
 }
 
 status=0
@@ -76,8 +79,9 @@ for stage in $STAGES; do
     case "$stage" in
         env) stage_env ;;
         tests) stage_tests ;;
+        bench-*:*) name=${stage%%:*}; stage_bench "llama-${name#bench-}" "${stage#*:}" ;;
         bench-*) stage_bench "llama-${stage#bench-}" ;;
-        *) echo "unknown stage $stage (env, tests, bench-125m, bench-350m)"; false ;;
+        *) echo "unknown stage $stage (env, tests, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
     esac
     rc=$?
     [ $rc -eq 124 ] && echo "=== gpu_check: $stage TIMED OUT"

@@ -109,8 +109,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, device: str, threads: int) -> dict:
-    """(b): the same steps as a minimal single-process PyTorch loop, with raypath's loss."""
+def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, device: str, threads: int,
+              profile_steps: int = 0) -> dict:
+    """(b): the same steps as a minimal single-process PyTorch loop, with raypath's loss.
+
+    profile_steps: after the timed steps, this many more under ``torch.profiler``: where a
+        step's time goes (:func:`_profile`).
+    """
     import pyarrow.parquet as pq
 
     from raypath.loss import install_loss
@@ -152,12 +157,14 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
 
     rss_start = _rss_bytes() if dev.type == "cpu" else None
     windows, t_last, loss_sum = [], time.perf_counter(), torch.zeros((), device=dev)
-    for step in range(steps):
+
+    def one_step(step: int) -> None:
+        nonlocal loss_sum
         lr = t.max_lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.max_lr
         for g in opt.param_groups:
             g["lr"] = lr
         for i in range(accum):
-            start = (step * accum + i) * micro
+            start = (step * accum + i) * micro % n  # profiled steps past the timed ones reuse the blocks
             x = blocks[start:start + micro].to(dev, non_blocking=True)
             with amp():
                 loss = block_loss(fwd, x) / accum
@@ -167,6 +174,9 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for step in range(steps):
+        one_step(step)
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             last_loss = loss_sum.item() / ((step + 1) - len(windows) * t.log_every)
             loss_sum.zero_()  # the loop reads its loss at log steps, like raypath
@@ -177,13 +187,64 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
             windows.append((tokens, tokens / (now - t_last)))
             t_last = now
     peak = peak_memory_bytes(dev)
-    return {"tokens_per_s": _steady(windows), "windows": len(windows), "loss": last_loss,
+    profiled = _profile(lambda i: one_step(steps + i), profile_steps, dev, sync) if profile_steps else None
+    return {"tokens_per_s": _steady(windows), "windows": len(windows), "loss": last_loss, "profile": profiled,
             "peak_memory_gb": peak / 1e9,
             # CPU: how far the training steps pushed RSS above where they started.
             "step_memory_gb": (peak - rss_start) / 1e9 if rss_start is not None else None,
             "flops_per_token": flops_per_token(model.config, seq), "params": sum(p.numel() for p in model.parameters()),
             "peak_flops": device_peak_flops(dev, t.peak_flops),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{threads} threads"}
+
+
+#: Where a step's time goes, by the names of the kernels (CUDA) or ops (CPU) that spend it;
+#: the first kind whose substring a name holds wins, the rest is "other".
+#: Inductor names its kernels ``triton_{poi,red,per}_fused_*``; Liger's are named after their op.
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "linearcrossentropy")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled", ("triton_",)),
+    ("liger", ("rms_norm", "swiglu", "rope", "liger")),
+    ("elementwise", ("elementwise", "reduce_kernel", "aten::mul", "aten::add", "aten::sub", "aten::div", "aten::pow",
+                     "aten::rsqrt", "aten::mean", "aten::sum", "aten::silu", "aten::neg", "aten::cat")),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def _profile(step, n: int, dev: torch.device, sync) -> dict:
+    """Run ``step(0..n-1)`` under ``torch.profiler``; per step: wall time, the time the device
+    was busy (CUDA kernels, or the CPU ops' own time on CPU), that time by kind, top kernels.
+
+    Wall minus busy is time the device waited on the host (launches, Python, data).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = dev.type == "cuda"
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(i)
+        sync()
+        wall = time.perf_counter() - t0
+    rows = [(e.key, e.self_device_time_total if on_gpu else e.self_cpu_time_total, e.count)
+            for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    kinds: dict[str, float] = {}
+    for name, us, _ in rows:
+        kinds[_kind(name)] = kinds.get(_kind(name), 0.0) + us / 1e3 / n
+    return {"steps": n, "step_ms": wall * 1e3 / n, "busy_ms": sum(kinds.values()),
+            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": name[:100], "kind": _kind(name), "ms": us / 1e3 / n, "calls": c / n}
+                    for name, us, c in rows[:15]]}
 
 
 def run_plain_fresh(*args) -> dict:
@@ -234,22 +295,37 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="train_throughput-"))
     runs: dict[str, dict[str, list[dict]]] = {name: {"raypath": [], "plain": []} for name in settings}
+    errors: dict[str, str] = {}  # a setting that fails is reported, and the others still run
     info: dict = {}
     try:
         for r in range(args.repeats):
-            for name in settings:
-                a = run_raypath(ctx, version, cfgs[name], steps, workdir)
-                b = run_plain_fresh(version["stream_path"], cfgs[name], ctx.vocab_size, ctx.eos_id, ctx.pad_id,
-                                    steps, args.device, threads)
+            for name in [n for n in settings if n not in errors]:
+                try:
+                    a = run_raypath(ctx, version, cfgs[name], steps, workdir)
+                    b = run_plain_fresh(version["stream_path"], cfgs[name], ctx.vocab_size, ctx.eos_id,
+                                        ctx.pad_id, steps, args.device, threads, args.profile if r == 0 else 0)
+                except Exception as e:  # noqa: BLE001 - one setting's failure must not lose the others
+                    errors[name] = f"{type(e).__name__}: {e}"
+                    print(f"{Path(path).stem} {name}: FAILED: {errors[name]}", flush=True)
+                    continue
                 info = {k: b[k] for k in ("flops_per_token", "params", "peak_flops", "device")}
                 runs[name]["raypath"].append(a)
                 runs[name]["plain"].append(b)
+                fpt, peak = info["flops_per_token"], info["peak_flops"]
+                # Printed per run: a stage stopped by its timeout still leaves these numbers in the log.
                 print(f"{Path(path).stem} repeat {r + 1}/{args.repeats} {name:>7}: "
                       f"raypath {a['tokens_per_s']:,.0f} tok/s {a['peak_memory_gb']:.2f} GB, "
                       f"plain {b['tokens_per_s']:,.0f} tok/s {b['peak_memory_gb']:.2f} GB, "
-                      f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.3f}", flush=True)
+                      f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.3f}, MFU "
+                      f"{_pct(mfu(a['tokens_per_s'], fpt, peak))}/{_pct(mfu(b['tokens_per_s'], fpt, peak))}",
+                      flush=True)
+                if b["profile"]:
+                    print("\n".join(_profile_lines(name, b["profile"])), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    settings = [n for n in settings if n not in errors]
+    if not settings:
+        raise SystemExit(f"{path}: every setting failed: {errors}")
 
     fpt, peak = info["flops_per_token"], info["peak_flops"]
     summary: dict = {
@@ -257,7 +333,7 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
         "seq_len": cfg.data.seq_len, "vocab_size": ctx.vocab_size, "global_batch": t.global_batch_size,
         "micro_batch": t.micro_batch_size, "precision": t.precision, "compile": t.compile,
         "loss_chunk_tokens": t.loss_chunk_tokens, "steps": steps, "repeats": args.repeats,
-        "worker_threads": threads, "flops_per_token": fpt, "peak_flops": peak, "settings": {},
+        "worker_threads": threads, "flops_per_token": fpt, "peak_flops": peak, "settings": {}, "errors": errors,
     }
     for name in settings:
         ta = [x["tokens_per_s"] for x in runs[name]["raypath"]]
@@ -272,6 +348,7 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
             "raypath_data_wait_share": statistics.median(x["data_wait_share"] or 0.0 for x in runs[name]["raypath"]),
             "final_loss": {"raypath": _stats([x["loss"] for x in runs[name]["raypath"]]),
                            "plain": _stats([x["loss"] for x in runs[name]["plain"]])},
+            "plain_profile": runs[name]["plain"][0]["profile"],
         }
     if "chunked" in settings and "full" in settings:
         # Per repeat, same loop: the chunked loss against the full logits.
@@ -299,7 +376,7 @@ def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict
     runs: dict[str, list[dict]] = {name: [] for name in cfgs}
     for r in range(args.repeats):
         for name, c in cfgs.items():
-            b = run_plain_fresh(None, c, vocab, 0, None, steps, args.device, threads)
+            b = run_plain_fresh(None, c, vocab, 0, None, steps, args.device, threads, args.profile if r == 0 else 0)
             runs[name].append(b)
             print(f"{Path(path).stem} repeat {r + 1}/{args.repeats} {name:>7}: plain {b['tokens_per_s']:,.0f} tok/s, "
                   f"peak {b['peak_memory_gb']:.3f} GB, step {b['step_memory_gb'] or 0:.3f} GB", flush=True)
@@ -313,7 +390,8 @@ def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict
             "plain_tokens_per_s": _stats([x["tokens_per_s"] for x in rs]),
             "plain_peak_memory_gb": _stats([x["peak_memory_gb"] for x in rs]),
             "plain_step_memory_gb": _stats([x["step_memory_gb"] for x in rs]),
-            "final_loss": _stats([x["loss"] for x in rs])} for name, rs in runs.items()},
+            "final_loss": _stats([x["loss"] for x in rs]), "plain_profile": rs[0]["profile"]}
+            for name, rs in runs.items()},
     }
     if "chunked" in runs and "full" in runs:
         c, f = runs["chunked"], runs["full"]
@@ -326,9 +404,11 @@ def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict
     return summary
 
 
+def _pct(x: float | None) -> str:
+    return f"{x:.1%}" if x is not None else "-"
+
+
 def _table(summary: dict) -> str:
-    def pct(x):
-        return f"{x:.1%}" if x is not None else "-"
 
     lines = [f"{summary['config']} ({summary['device']}, {summary['params'] / 1e6:.1f}M params):",
              f"  {'setting':>8} {'raypath tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'MFU r/p':>13} "
@@ -339,12 +419,26 @@ def _table(summary: dict) -> str:
                          f"{s['plain_peak_memory_gb']['median']:.3f} GB")
     for name, s in ({} if summary.get("data") == "synthetic" else summary["settings"]).items():
         lines.append(f"  {name:>8} {s['raypath_tokens_per_s']['median']:>14,.0f} {s['plain_tokens_per_s']['median']:>12,.0f} "
-                     f"{s['ratio']['median']:>6.3f} {pct(s['raypath_mfu']):>6}/{pct(s['plain_mfu']):<6} "
+                     f"{s['ratio']['median']:>6.3f} {_pct(s['raypath_mfu']):>6}/{_pct(s['plain_mfu']):<6} "
                      f"{s['raypath_peak_memory_gb']['median']:>6.2f}/{s['plain_peak_memory_gb']['median']:<6.2f}")
+    for name, s in summary["settings"].items():
+        lines += _profile_lines(name, s.get("plain_profile"))
+    for name, err in summary.get("errors", {}).items():
+        lines.append(f"  {name:>8} FAILED: {err.splitlines()[0][:200]}")
     cvf = summary.get("chunked_vs_full")
     if cvf:
         lines.append("  chunked / full: " + ", ".join(f"{k} {v['median']:.3f}" for k, v in cvf.items() if v))
     return "\n".join(lines)
+
+
+def _profile_lines(name: str, prof: dict | None) -> list[str]:
+    if not prof:
+        return []
+    kinds = ", ".join(f"{k} {ms:.1f}" for k, ms in prof["kinds_ms"].items())
+    lines = [f"  {name} plain loop, profiled ({prof['steps']} steps): {prof['step_ms']:.1f} ms/step, device busy "
+             f"{prof['busy_ms']:.1f} ms ({prof['busy_ms'] / prof['step_ms']:.0%}): {kinds}"]
+    lines += [f"    {k['ms']:7.2f} ms {k['calls']:5.0f}x  {k['kind']:<17} {k['name'][:70]}" for k in prof["top"][:10]]
+    return lines
 
 
 def main() -> None:
@@ -360,6 +454,9 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--version", default=None, help="version whose stream to train on (default: the largest)")
     p.add_argument("--out", default=None, help="also write the summaries to this JSON file")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile this many more steps of the plain loop (first repeat, each setting): ms per step "
+                        "by kind (matmul, attention, compiled, optimizer...), device busy share, top kernels")
     p.add_argument("--data", choices=["stream", "synthetic"], default="stream",
                    help="synthetic: only the plain loop, on random tokens, without Ray or a prepared run "
                         "(the loss settings' own cost where no Ray cluster can run)")

@@ -127,12 +127,15 @@ def test_gpu_option_trains_a_step(option):
 
 
 @CUDA
-@pytest.mark.parametrize("kernels, chunk", [("none", 4096), ("none", 0), ("none", 7), ("liger", 4096)])
-def test_gpu_loss_kernels_train_a_step_and_match(kernels, chunk):
-    """Each loss setting trains a bf16 step on CUDA; its first loss matches the unchunked one."""
+@pytest.mark.parametrize("kernels, chunk, compile", [("none", 4096, False), ("none", 0, False), ("none", 7, False),
+                                                     ("liger", 4096, False), ("none", 4096, True),
+                                                     ("liger", 4096, True)])
+def test_gpu_loss_kernels_train_a_step_and_match(kernels, chunk, compile):
+    """Each loss setting trains a bf16 step on CUDA, eager and under torch.compile (which then
+    traces Liger's autograd functions and Triton kernels); its first loss matches the unchunked one."""
     if kernels == "liger":
         pytest.importorskip("liger_kernel", reason="train.kernels=liger needs the liger extra")
-    seg = _segment(use_gpu=True, precision="bf16", kernels=kernels, loss_chunk_tokens=chunk)
+    seg = _segment(use_gpu=True, precision="bf16", kernels=kernels, loss_chunk_tokens=chunk, compile=compile)
     tr, loss = _one_step(seg, "cuda")
     _, full = _one_step(_segment(use_gpu=True, precision="bf16", loss_chunk_tokens=0), "cuda")
     assert loss == pytest.approx(full, rel=2e-2)  # bf16 matmuls; Liger's kernels round differently
@@ -255,3 +258,26 @@ def test_main_segment_on_a_gpu_worker_then_resumes(ray_cluster, tmp_path):
                    init_checkpoint=str(end), start_step=4, end_step=6, stream_limit=6 * 8)
     fit_segment(cont)
     assert ckpt.load_state(Path(cont.storage) / ckpt.step_dir_name(6))["step"] == 6
+
+
+def test_throughput_benchmark_profiles_where_a_step_goes(tmp_path):
+    """``train_throughput.py --profile``: the plain loop's step time split by kind, on CPU."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "tt.json"
+    subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--config", "configs/tiny.yaml",
+                    "--data", "synthetic", "--kernels", "chunked,full", "--repeats", "1", "--steps", "6",
+                    "--profile", "2", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    settings = json.loads(out.read_text())[0]["settings"]
+    for name, s in settings.items():
+        prof = s["plain_profile"]
+        assert prof["steps"] == 2 and 0 < prof["busy_ms"] <= 1.5 * prof["step_ms"], name
+        assert sum(prof["kinds_ms"].values()) == pytest.approx(prof["busy_ms"])
+        assert prof["kinds_ms"]["matmul"] > 0 and prof["kinds_ms"]["attention"] > 0
+        ms = [k["ms"] for k in prof["top"]]
+        assert ms == sorted(ms, reverse=True) and len(ms) == 15
+    # The kinds tell the losses apart: the chunked loss is one autograd op, the full one log-softmax + NLL.
+    assert any("LinearCrossEntropy" in k["name"] for k in settings["chunked"]["plain_profile"]["top"])
+    assert settings["full"]["plain_profile"]["kinds_ms"]["loss"] > 0
