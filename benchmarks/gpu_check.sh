@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, in this order:
 #     env         GPU model, driver, torch / CUDA / Triton / transformers / Ray / Liger versions
+#     ceiling     benchmarks/step_ceiling.py for both configs: each matmul and the attention of
+#                 a step timed alone, the MFU a step cannot exceed with these kernels (~30 s)
 #     tests       pytest tests/test_perf_options.py -k gpu (bf16 and compiled steps, every loss
 #                 setting incl. liger, the whole main segment on a GPU Ray Train worker + resume)
 #     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
@@ -13,13 +15,13 @@
 #                                                           # stage takes :settings (--kernels)
 #
 # Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
-# env.txt, tests.log, bench-llama-*.json (the benchmark summaries, with the device name).
-# Each stage runs under its own timeout (STAGE_TIMEOUT_S, default 290 s for a benchmark,
-# 240 s for the tests), so a stuck stage cannot eat the others' time. Measured on an H200
-# (2026-12-04): env 8 s; tests 156 s; bench-125m's first stage ~60 s preparing the run
-# directory, then ~2 min per setting (each of its two runs starts a process and compiles
-# for ~1 min; 15 steps per run, the last 10 measured). All stages with every setting
-# take ~15 min: more than one device lease holds, so name the stages a lease can afford.
+# env.txt, ceiling.json, tests.log, bench-llama-*.json (the summaries, with the device name).
+# Each stage runs under its own timeout (STAGE_TIMEOUT_S; default 290 s for a benchmark,
+# 240 s for the tests, 120 s for the ceiling), so a stuck stage cannot eat the others' time.
+# Measured on an H200 (2026-12-04): env 8 s; tests 156 s; the first bench stage ~60 s to
+# prepare the run directory, then ~2 min per setting (each of its two runs starts a process
+# and compiles for ~1 min; 15 steps per run, the last 10 measured). Every stage with every
+# setting takes ~15 min, more than one device lease holds: name the stages a lease affords.
 #
 # No network on the GPU machine: Ray, Liger and what they need come as wheels in .whl/
 # (fetch them beforehand with benchmarks/gpu_wheels.sh and carry .whl/); they are
@@ -30,7 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PY:-python3}
-STAGES=${*:-env tests bench-125m bench-350m}
+STAGES=${*:-env ceiling tests bench-125m bench-350m}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
@@ -63,6 +65,11 @@ PYEOF
     } | tee "$OUT/env.txt"
 }
 
+stage_ceiling() {
+    timeout "${STAGE_TIMEOUT_S:-120}" "$PY" benchmarks/step_ceiling.py --device cuda \
+        --config configs/llama-125m.yaml --config configs/llama-350m.yaml --out "$OUT/ceiling.json"
+}
+
 stage_tests() {
     timeout "${STAGE_TIMEOUT_S:-240}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k gpu 2>&1 | tee "$OUT/tests.log"
 }
@@ -78,10 +85,11 @@ for stage in $STAGES; do
     echo "=== gpu_check: $stage ($(date -u +%H:%M:%S))"
     case "$stage" in
         env) stage_env ;;
+        ceiling) stage_ceiling ;;
         tests) stage_tests ;;
         bench-*:*) name=${stage%%:*}; stage_bench "llama-${name#bench-}" "${stage#*:}" ;;
         bench-*) stage_bench "llama-${stage#bench-}" ;;
-        *) echo "unknown stage $stage (env, tests, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
+        *) echo "unknown stage $stage (env, ceiling, tests, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
     esac
     rc=$?
     [ $rc -eq 124 ] && echo "=== gpu_check: $stage TIMED OUT"

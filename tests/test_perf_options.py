@@ -281,3 +281,35 @@ def test_throughput_benchmark_profiles_where_a_step_goes(tmp_path):
     # The kinds tell the losses apart: the chunked loss is one autograd op, the full one log-softmax + NLL.
     assert any("LinearCrossEntropy" in k["name"] for k in settings["chunked"]["plain_profile"]["top"])
     assert settings["full"]["plain_profile"]["kinds_ms"]["loss"] > 0
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk):
+    """``benchmarks/step_ceiling.py`` times the step's matmuls; their FLOPs are the formula's 6N."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ceiling.json"
+    subprocess.run([sys.executable, "benchmarks/step_ceiling.py", "--config", "configs/tiny.yaml",
+                    "--set", f"train.loss_chunk_tokens={chunk}", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    s = json.loads(out.read_text())[0]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    m, t = cfg.model, cfg.train
+    accum, tokens = t.global_batch_size // t.micro_batch_size, t.micro_batch_size * cfg.data.seq_len
+    assert s["tokens_per_step"] == tokens * accum
+    per_step = {x["name"]: x["per_step"] for x in s["matmuls"]}
+    assert all(per_step[n] == m.num_layers * accum for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    # The LM head over the loss's chunks: 64 tokens = 9 chunks of 7 + a tail of 1.
+    assert per_step["lm_head"] == (tokens // chunk if chunk else 1) * accum
+    assert ("lm_head tail" in per_step) == bool(chunk and tokens % chunk)
+    norms = m.num_layers * 2 * m.hidden_size + m.hidden_size  # counted in N, not matmuls
+    cfg_n = type("C", (), {**vars(m), "vocab_size": cfg.data.vocab_size})()
+    assert s["matmul_flops"] == 6 * (matmul_params(cfg_n) - norms) * tokens * accum
+    assert all(x["ms_per_step"] > 0 and x["tflops"] > 0 for x in s["matmuls"])
+    assert s["matmul_ms"] == pytest.approx(sum(x["ms_per_step"] for x in s["matmuls"]))
+    attn = s["attention_ms"]
+    assert attn["default"] > 0 and attn["flash"] > 0 and attn["math"] > 0  # the CPU's backends
+    assert s["ceiling_ms"] == pytest.approx(s["matmul_ms"] + attn["default"])
+    assert s["mfu_ceiling"] is None  # no peak FLOP/s for a CPU
