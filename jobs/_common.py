@@ -6,6 +6,7 @@ hand), so this module is imported as ``_common`` from the script's directory.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     if "raypath.data" in sys.modules:
         errors.append(sys.modules["raypath.data"].DataError)
     return tuple(errors)
+
+
+def config_parser(prog: str, doc: str, config_help: str, set_example: str) -> argparse.ArgumentParser:
+    """The options of every job that runs from a config: ``--config``, ``--set`` (repeatable), ``-v``."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help=f"override a config field, e.g. --set {set_example} (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
 
 
 def warn_if_relative(run_dir: str, log: logging.Logger) -> None:

@@ -31,18 +31,14 @@ import argparse
 import logging
 import sys
 
-from _common import run_main, setup_logging, warn_if_relative
+from _common import config_parser, run_main, setup_logging, warn_if_relative
 
 log = logging.getLogger("raypath.jobs.run_lineage")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_lineage", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config field, e.g. --set run_dir=/runs/quickstart (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+    return config_parser("run_lineage", __doc__, "YAML run config, e.g. configs/quickstart.yaml",
+                         "run_dir=/runs/quickstart")
 
 
 def main(argv: list[str] | None = None) -> int:

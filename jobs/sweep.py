@@ -24,20 +24,17 @@ import argparse
 import logging
 import sys
 
-from _common import run_main, setup_logging, warn_if_relative
+from _common import config_parser, run_main, setup_logging, warn_if_relative
 
 log = logging.getLogger("raypath.jobs.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML run config (its `sweep:` section sets the search)")
+    p = config_parser("sweep", __doc__, "YAML run config (its `sweep:` section sets the search)",
+                      "sweep.num_samples=8")
     p.add_argument("--version", required=True, help="version to search, e.g. v2")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a field, e.g. --set sweep.num_samples=8 (repeatable)")
     p.add_argument("--name", help="sweep name; the same name resumes that sweep")
     p.add_argument("--pin", help="release this trial id instead of the best one")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
