@@ -16,7 +16,6 @@ command line names this head's unique temp dir.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -216,7 +215,9 @@ def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
     # The job's python is the venv's, and raypath imports there.
     assert "job python:" in logs and "raypath" in logs.split("job python:", 1)[1].splitlines()[0]
 
-    lineage = json.loads((run_dir / "lineage.json").read_text())
+    from raypath.lineage import Lineage
+
+    lineage = Lineage.load(run_dir).data  # the record's paths resolved (lineage.json holds them run-dir-relative)
     [release] = lineage["releases"]
     assert release["version"] == "v1"
     release_dir = Path(release["path"])
