@@ -562,7 +562,8 @@ class WorkerError(RuntimeError):
 
     Ray Train pickles a worker's exception to the driver. One that holds a lock, a CUDA
     stream or a compiler object (``torch.compile``'s backend failures do) fails to pickle,
-    and the driver then reports only that pickling error. This carries what the driver
+    one whose ``__init__`` takes other arguments than its ``args`` fails to unpickle, and
+    the driver then reports only that failure. This carries what the driver
     would otherwise lose: the original type, message and the worker's traceback, its
     chained causes included.
     """
@@ -570,14 +571,14 @@ class WorkerError(RuntimeError):
 
 @contextlib.contextmanager
 def portable_errors():
-    """Re-raise a worker exception that cannot be pickled as a :class:`WorkerError`."""
+    """Re-raise a worker exception that does not survive a pickle round trip as a :class:`WorkerError`."""
     try:
         yield
     except Exception as e:
         from ray import cloudpickle
 
         try:
-            cloudpickle.dumps(e)
+            cloudpickle.loads(cloudpickle.dumps(e))
         except Exception:  # noqa: BLE001 - whatever makes it unpicklable, send its text instead
             raise WorkerError(f"{type(e).__module__}.{type(e).__qualname__}: {_describe(e)}\n\n"
                               f"worker traceback:\n{''.join(traceback.format_exception(e))}") from None

@@ -151,3 +151,10 @@ def test_picklable_worker_errors_pass_unchanged():
         raise ConfigError("train.lr: expected a float")
     with pytest.raises(WorkerError, match=r"(?s)_HoldsALock: held.*worker traceback"), portable_errors():
         raise _HoldsALock("held")
+    with pytest.raises(WorkerError, match="_TwoArgs: shard 3 of 8"), portable_errors():
+        raise _TwoArgs(3, 8)  # pickles, but cannot be rebuilt from its args on the driver
+
+
+class _TwoArgs(RuntimeError):
+    def __init__(self, shard: int, shards: int):
+        super().__init__(f"shard {shard} of {shards}")
