@@ -27,6 +27,7 @@ from conftest import TINY, _free_port
 from raypath import checkpoint as ckpt
 from raypath.cli import main
 from raypath.lineage import Lineage
+from raypath.storage import read_json
 
 LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
 
@@ -172,13 +173,13 @@ def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, t
         path = train / f"{case}.{name.split('.', 1)[1]}"
         path.write_bytes(data)
         if CORPUS[case][3]:
-            whole.add(str(path))
+            whole.add(str(path.resolve()))
         else:
             docs += 1
     args = run_args(tiny_run_copy, "--set", "data.on_bad_input=skip")
     rc, err = raypath(capsys, *args)
     assert rc == 0, err
-    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    manifest = read_json(run_dir / "data" / "manifest.json", run_dir)  # its paths are run-dir-relative
     v4 = manifest["versions"][3]
     assert {s["path"] for s in v4["skipped_files"]} == whole
     assert all(s["reason"] for s in v4["skipped_files"])

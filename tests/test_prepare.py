@@ -18,6 +18,7 @@ from conftest import AWS_ENV, ROOT, bucket
 
 from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks
 from raypath.sources import Chunk, _lines, iter_docs
+from raypath.storage import read_json
 
 WORDS = ("train", "branch", "decay", "replay", "shard", "token", "version", "ray", "loss", "path")
 
@@ -196,7 +197,7 @@ def test_an_old_layout_run_resumes_and_extends(tiny_run_copy, tmp_path):
 
     cfg = tiny_run_copy
     manifest_path = Path(cfg.run_dir) / "data" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, cfg.run_dir)  # absolute paths, as the old layout wrote them
     manifest["versions"] = [_to_old_layout(r) for r in manifest["versions"]]
     manifest_path.write_text(json.dumps(manifest))
     lineage_path = Path(cfg.run_dir) / "lineage.json"
