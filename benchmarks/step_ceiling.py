@@ -99,7 +99,7 @@ def time_attention(m, batch: int, seq: int, dtype, device: torch.device) -> dict
 
     def step():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(grad)
+        torch.autograd.grad(out, (q, k, v), grad)  # not .backward(): no .grad accumulation timed
 
     times: dict[str, float | None] = {"default": time_ms(step, device)}
     for name, backend in attention_backends(device).items():
