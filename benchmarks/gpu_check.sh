@@ -38,8 +38,13 @@ exec > >(tee -a "$OUT/check.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "gpu_check: installing .whl/ failed"; exit 1; }
+    # A second call on the same (warm) machine finds them installed: ~20 s of device time saved.
+    stamp=/tmp/site/.gpu_check-$(ls .whl/*.whl | sha1sum | cut -c1-12)
+    mkdir -p /tmp/site
+    if [ ! -f "$stamp" ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && touch "$stamp" || { echo "gpu_check: installing .whl/ failed"; exit 1; }
+    fi
     export PYTHONPATH="$PWD:/tmp/site"
 fi
 
