@@ -16,12 +16,15 @@
 #
 # Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
 # env.txt, ceiling.json, tests.log, bench-llama-*.json (the summaries, with the device name).
-# Each stage runs under its own timeout (STAGE_TIMEOUT_S; default 290 s for a benchmark,
-# 240 s for the tests, 120 s for the ceiling), so a stuck stage cannot eat the others' time.
-# Measured on an H200 (2026-12-04): env 8 s; tests 156 s; the first bench stage ~60 s to
-# prepare the run directory, then ~2 min per setting (each of its two runs starts a process
-# and compiles for ~1 min; 15 steps per run, the last 10 measured). Every stage with every
-# setting takes ~15 min, more than one device lease holds: name the stages a lease affords.
+# Each stage runs under its own timeout, so a stuck stage cannot eat the others' time:
+# STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, and for a bench
+# stage 150 s + 150 s per setting (125m) or 300 s per setting (350m).
+# Measured on an H200 (2026-12-04): env 7 s; ceiling 12 s; tests 156 s (before the compiled
+# loss variants); bench-125m 2.4 min to prepare the run directory and finish the first
+# raypath run, then ~2.3 min per setting (each of its two runs starts a process and compiles
+# for ~1 min; 15 steps per run, the last 10 measured); bench-350m ~2.6 min per run (~5 min
+# per setting). Every stage with every setting takes ~25 min, more than one device lease
+# holds: name the stages a lease affords.
 #
 # No network on the GPU machine: Ray, Liger and what they need come as wheels in .whl/
 # (fetch them beforehand with benchmarks/gpu_wheels.sh and carry .whl/); they are
@@ -76,11 +79,14 @@ stage_ceiling() {
 }
 
 stage_tests() {
-    timeout "${STAGE_TIMEOUT_S:-240}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k gpu 2>&1 | tee "$OUT/tests.log"
+    timeout "${STAGE_TIMEOUT_S:-300}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k gpu 2>&1 | tee "$OUT/tests.log"
 }
 
 stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)
-    timeout "${STAGE_TIMEOUT_S:-290}" "$PY" benchmarks/train_throughput.py --device cuda \
+    local n per=150
+    n=$(echo "${2:-chunked,full,liger}" | tr ',' '\n' | wc -l)
+    [ "$1" = llama-125m ] || per=300
+    timeout "${STAGE_TIMEOUT_S:-$((150 + n * per))}" "$PY" benchmarks/train_throughput.py --device cuda \
         --config "configs/$1.yaml" ${2:+--kernels "$2"} --repeats 1 --steps 15 --profile 5 \
         --set train.log_every=5 --set run_dir=runs/bench-gpu --out "$OUT/bench-$1${2:+-${2//,/-}}.json"
 }

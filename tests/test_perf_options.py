@@ -18,6 +18,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
 from raypath.loop import Segment, build_training, train_step
+from raypath.model import CAUSAL_SDPA, build_model
 from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu
 from raypath.report import read_curve
 from raypath.schedules import MainPath
@@ -64,7 +65,8 @@ def test_option_trains_a_step_on_cpu(option):
         assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # fp32 master weights
     if seg.train.activation_checkpointing:
         assert getattr(tr.raw_model, "is_activation_checkpointing", None) or tr.raw_model.is_gradient_checkpointing
-    assert tr.raw_model.config._attn_implementation == seg.model.attn_implementation
+    impl = seg.model.attn_implementation
+    assert tr.raw_model.config._attn_implementation == (CAUSAL_SDPA if impl == "sdpa" else impl)
 
 
 def test_precision_changes_numerics_not_results():
@@ -90,6 +92,57 @@ def test_compile_builds_and_trains_a_step():
     assert isinstance(tr.model, torch._dynamo.eval_frame.OptimizedModule)
     plain = build_training(_segment(), torch.device("cpu"), world=1)
     assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
+
+
+def test_compiled_training_forward_leaves_the_mask_to_sdpa_and_rope_tables_outside():
+    """Under torch.compile transformers builds a full [batch, 1, seq, seq] mask for sdpa (it
+    cannot rule out packed position ids while tracing), and SDPA then computes the masked
+    upper triangle too: 2x the attention time on an H200. The training forward must call
+    SDPA with is_causal and no mask, leave RoPE's sin/cos out of the graph (Inductor would
+    recompute them per element), and compute what plain sdpa computes, padding and KV
+    cache included."""
+    import copy
+
+    import torch._dynamo
+
+    seg = _segment()
+    torch.manual_seed(0)
+    tr = build_training(seg, torch.device("cpu"), world=1)
+    reference = build_model(seg.model, VOCAB, 0)  # plain transformers sdpa, same weights
+    reference.load_state_dict(tr.raw_model.state_dict())
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    blocks = torch.randint(1, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    inputs, targets = blocks[:, :-1], blocks[:, 1:]
+    try:
+        loss = torch.compile(tr.raw_model, backend=capture)(input_ids=inputs, targets=targets)
+    finally:
+        torch._dynamo.reset()
+    calls = [n for gm in graphs for n in gm.graph.nodes
+             if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)]
+    assert len(calls) == seg.model.num_layers
+    for n in calls:
+        assert n.kwargs.get("attn_mask") is None and len(n.args) <= 3, n.format_node()
+        assert n.kwargs.get("is_causal") is True, n.format_node()
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not ops & {"cos", "sin", str(torch.cos), str(torch.sin)}, "RoPE's cos/sin were traced into the graph"
+    twin = copy.deepcopy(tr.raw_model)
+    assert twin.model.rotary_emb.forward.__self__ is twin.model.rotary_emb
+    ref_logits = reference(input_ids=inputs).logits
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, VOCAB), targets.reshape(-1))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # Padding and the KV cache still get transformers' masks.
+    pad = torch.ones_like(inputs)
+    pad[0, :5] = 0
+    torch.testing.assert_close(tr.raw_model(input_ids=inputs, attention_mask=pad).logits,
+                               reference(input_ids=inputs, attention_mask=pad).logits)
+    gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(tr.raw_model.generate(inputs[:, :9], attention_mask=pad[:, :9], **gen),
+                       reference.generate(inputs[:, :9], attention_mask=pad[:, :9], **gen))
 
 
 def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_path):
