@@ -5,8 +5,8 @@
 #     env         GPU model, driver, torch / CUDA / Triton / transformers / Ray / Liger versions
 #     ceiling     benchmarks/step_ceiling.py for both configs: each matmul and the attention of
 #                 a step timed alone, the MFU a step cannot exceed with these kernels (12 s on an H200)
-#     tests       pytest tests/test_perf_options.py -k "gpu or compiled_training_forward" (the
-#                 compiled forward's mask and RoPE under the GPU image's transformers; bf16 and
+#     tests       pytest tests/test_perf_options.py -k "gpu or compiled_blocks" (the
+#                 compiled blocks' mask and RoPE under the GPU image's transformers; bf16 and
 #                 compiled steps, every loss setting incl. liger, the whole main segment on a
 #                 GPU Ray Train worker + resume)
 #     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
@@ -81,7 +81,7 @@ stage_ceiling() {
 }
 
 stage_tests() {
-    timeout "${STAGE_TIMEOUT_S:-300}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k "gpu or compiled_training_forward" 2>&1 | tee "$OUT/tests.log"
+    timeout "${STAGE_TIMEOUT_S:-300}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k "gpu or compiled_blocks" 2>&1 | tee "$OUT/tests.log"
 }
 
 stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)

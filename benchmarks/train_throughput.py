@@ -119,7 +119,7 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
     import pyarrow.parquet as pq
 
     from raypath.loss import install_loss
-    from raypath.model import block_loss, build_model
+    from raypath.model import block_loss, build_model, compile_blocks
     from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 
     t, seq = cfg.train, cfg.data.seq_len
@@ -146,7 +146,8 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
     other = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=t.max_lr, betas=tuple(t.betas), fused=dev.type == "cuda")
-    fwd = torch.compile(model) if t.compile else model
+    if t.compile:
+        compile_blocks(model)  # as the raypath worker compiles
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if t.precision == "bf16" else contextlib.nullcontext
     micro, accum = t.micro_batch_size, t.global_batch_size // t.micro_batch_size
     model.train()
@@ -167,7 +168,7 @@ def run_plain(stream_path: str, cfg, vocab: int, eos: int, pad, steps: int, devi
             start = (step * accum + i) * micro % n  # profiled steps past the timed ones reuse the blocks
             x = blocks[start:start + micro].to(dev, non_blocking=True)
             with amp():
-                loss = block_loss(fwd, x) / accum
+                loss = block_loss(model, x) / accum
             loss.backward()
             loss_sum += loss.detach()
         if t.grad_clip:

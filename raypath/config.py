@@ -161,7 +161,8 @@ class TrainConfig:
         matmuls, fp32 master weights and optimizer state, loss in fp32): the
         GPU setting. On CPU it runs too (CPU autocast), but is usually slower
         than fp32 unless the CPU has bf16 units (AMX).
-    compile: ``torch.compile`` the model's forward (first steps pay the compile).
+    compile: ``torch.compile`` each decoder block and the loss (first steps pay the compile;
+        the blocks share one graph, :func:`raypath.model.compile_blocks`).
     activation_checkpointing: recompute each decoder block's activations in the
         backward pass (transformers' gradient checkpointing): ~1/3 more compute
         for much less activation memory.

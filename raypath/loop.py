@@ -34,7 +34,7 @@ from raypath.config import ModelConfig, TrainConfig
 from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import LOCAL, RunDir
 from raypath.loss import install_loss
-from raypath.model import block_loss, build_model, checkpoint_tensors, materialize
+from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 from raypath.schedules import Schedule
 from raypath.tracking import Tracker, TrackingSpec
@@ -308,7 +308,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
 
     Order matters: load full weights into the unsharded model, enable activation
     checkpointing, move to the device, wrap (DDP via Ray's ``prepare_model``, or
-    FSDP2 ``fully_shard``), compile, *then* build the optimizer over the final
+    FSDP2 ``fully_shard``), compile (per block, in place), *then* build the optimizer over the final
     parameters and load its state (so it lands on the device, sharded under FSDP).
     ``world`` defaults to the Ray Train world size; outside Ray Train pass 1.
     A sharded checkpoint (``restored["sharded"]``) is loaded last, collectively,
@@ -352,7 +352,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
         raw.to(device)
         parallel = "ddp"  # one process, no process group: nothing to shard
     if t.compile:
-        model = torch.compile(model)
+        compile_blocks(raw)  # in place, per decoder block: the wrappers above stay outside
     training = Training(model, raw, _optimizer(raw, t, device), device, precision, parallel)
     if sharded:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

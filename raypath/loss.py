@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from raypath.config import ConfigError, TrainConfig
-from raypath.model import training_forward
 
 #: ``train.kernels`` values.
 KERNELS = ("none", "liger")
@@ -155,10 +154,10 @@ def _liger_loss() -> LossFn:
 
     flce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
-    # Eager under torch.compile: the loss is Triton kernels and cuBLAS calls already, and
+    # Eager under train.compile: the loss is Triton kernels and cuBLAS calls already, and
     # Inductor cannot trace it (torch 2.11's decomposition of the fp32-accumulating
     # ``addmm(out_dtype=...)`` Liger calls on CUDA fails: "unsupported operand type(s) for *:
-    # 'torch.dtype' and 'FakeTensor'"). The model body before it is still compiled.
+    # 'torch.dtype' and 'FakeTensor'"). The decoder blocks are still compiled.
     @torch.compiler.disable
     def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return flce(weight, hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1))
@@ -185,12 +184,10 @@ def install_loss(model: torch.nn.Module, t: TrainConfig, device: torch.device) -
     """Make ``model(input_ids=..., targets=...)`` return the configured mean loss.
 
     Call on the transformers model before wrapping it (DDP, FSDP2, compile).
-    Its attention and RoPE run as :func:`raypath.model.training_forward` sets them (faster
-    under ``torch.compile``, the same results). ``kernels: liger`` also patches Liger's RMSNorm, SwiGLU and RoPE into it
+    ``kernels: liger`` also patches Liger's RMSNorm, SwiGLU and RoPE into it
     (module forwards only: same parameters, same ``state_dict``).
     """
     check_kernels(t.kernels, device)
-    training_forward(model)  # causal SDPA without a mask, RoPE tables outside the compiled graph
     if t.kernels == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

@@ -63,67 +63,37 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
     return LlamaForCausalLM(llama_config(cfg, vocab_size, eos_id, pad_id))
 
 
-#: What a raypath training model runs when ``model.attn_implementation`` is ``sdpa``
-#: (:func:`training_forward`): transformers' SDPA attention under another name, so that its
-#: mask builder can be raypath's.
-CAUSAL_SDPA = "raypath_sdpa"
+def compile_blocks(model: PreTrainedModel) -> None:
+    """``torch.compile`` every decoder block's forward and the training loss, in place:
+    torchtitan's per-block compile, what ``train.compile`` does.
 
+    Why per block rather than the whole model:
 
-def _causal_sdpa_mask(*args, **kwargs):
-    """transformers' SDPA mask, except that a plain causal mask is left to SDPA's ``is_causal``.
+    * Start-up. The blocks share their code, so one graph serves them all. The first
+      step of a 12-layer model on CPU (``benchmarks/compile_time.py``, docs/benchmarks.md):
+      19.1 s against 35.4 s with a cold Inductor cache, 3.4 s against 10.4 s with a warm one
+      (every segment and sweep trial after the first on a node).
+    * The step. Traced whole, transformers (5.x, torch < 2.14) cannot rule out packed
+      position ids, so it builds a ``[batch, 1, seq, seq]`` mask and SDPA runs with
+      ``attn_mask``, computing the masked upper triangle too (on an H200, llama-125m:
+      attention 18.6 ms of a 68 ms step, against 8.9 ms for causal attention alone); and
+      Inductor fuses RoPE's ``sin``/``cos`` into every layer's kernel, recomputing them
+      per query and key element (4.7 ms). Outside the blocks the mask is built eagerly
+      (``None``: SDPA's ``is_causal``) and cos/sin once per forward.
 
-    Why: under ``torch.compile`` transformers (5.x, torch < 2.14) cannot read the
-    position ids to rule out packed sequences, so it builds a ``[batch, 1, seq, seq]``
-    mask and SDPA gets ``attn_mask`` instead of ``is_causal``: the cuDNN/flash kernels
-    then compute every tile, the masked upper triangle too. On an H200 (llama-125m,
-    micro 32) the step's attention took 17.3 ms instead of 8.9 ms. raypath never packs
-    by position ids (a row is one position sequence; documents are separated by EOS),
-    so without a padding mask and with as many keys as queries the mask is plain causal.
-    Anything else (padding, a KV cache, a sliding window) gets transformers' mask.
+    The forward is rebound on each block (``deepcopy`` binds it to the copy); parameters,
+    ``state_dict`` keys and the hooks around a module's call (DDP, FSDP2, activation
+    checkpointing) stay as they are. The embedding, final norm and rotary table run eagerly.
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    q_length = kwargs.get("q_length")
-    if q_length is None and kwargs.get("cache_position") is not None:  # transformers before q_length
-        q_length = kwargs["cache_position"].shape[0]
-    if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
-            and not kwargs.get("kv_offset") and q_length is not None and kwargs.get("kv_length") == q_length):
-        return None
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
-
-
-def training_forward(model: PreTrainedModel) -> None:
-    """Two changes to how a transformers model runs under ``torch.compile``; the
-    weights, the ``state_dict`` and the results stay the same.
-
-    * ``sdpa`` attention runs as :data:`CAUSAL_SDPA`: a plain causal mask stays SDPA's
-      ``is_causal`` (:func:`_causal_sdpa_mask`). Other implementations (``eager``,
-      ``flash_attention_2``) are left as they are.
-    * The rotary embedding's cos/sin (``[1, seq, head_dim]``, shared by every layer) are
-      computed outside the compiled graph. Inside it, Inductor fuses their ``sin``/``cos``
-      into every layer's RoPE kernel and recomputes them for each query and key element:
-      on an H200 (llama-125m) those kernels ran at ~2x the time of the memory traffic
-      alone, ~4.7 ms of a 68 ms step. As graph inputs they are read, not recomputed.
-
-    For training instances only (:func:`raypath.loss.install_loss`): a saved config never
-    names :data:`CAUSAL_SDPA` (releases are written from a fresh model, :mod:`raypath.export`).
-    """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if model.config._attn_implementation == "sdpa":
-        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-        AttentionMaskInterface.register(CAUSAL_SDPA, _causal_sdpa_mask)
-        model.set_attn_implementation(CAUSAL_SDPA)
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if isinstance(rotary, torch.nn.Module):
-        # Bound to the instance (no other model changes); deepcopy binds it to the copy.
-        rotary.forward = types.MethodType(_rotary_outside_compile, rotary)
-
-
-@torch.compiler.disable
-def _rotary_outside_compile(self, x, position_ids):
-    return type(self).forward(self, x, position_ids)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError(f"train.compile: {type(model).__name__} has no model.layers to compile")
+    compiled: dict = {}
+    for block in layers:
+        fn = type(block).forward
+        block.forward = types.MethodType(compiled.setdefault(fn, torch.compile(fn)), block)
+    if hasattr(model, "raypath_loss"):  # raypath.loss.install_loss's; Liger's stays eager inside
+        model.raypath_loss = torch.compile(model.raypath_loss)
 
 
 def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ workers (gloo) whose checkpoint a 1-worker DDP segment resumes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
 from raypath.loop import Segment, build_training, train_step
-from raypath.model import CAUSAL_SDPA, build_model
+from raypath.model import build_model
 from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu
 from raypath.report import read_curve
 from raypath.schedules import MainPath
@@ -65,8 +66,7 @@ def test_option_trains_a_step_on_cpu(option):
         assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # fp32 master weights
     if seg.train.activation_checkpointing:
         assert getattr(tr.raw_model, "is_activation_checkpointing", None) or tr.raw_model.is_gradient_checkpointing
-    impl = seg.model.attn_implementation
-    assert tr.raw_model.config._attn_implementation == (CAUSAL_SDPA if impl == "sdpa" else impl)
+    assert tr.raw_model.config._attn_implementation == seg.model.attn_implementation
 
 
 def test_precision_changes_numerics_not_results():
@@ -75,74 +75,73 @@ def test_precision_changes_numerics_not_results():
     assert fp32 != bf16 and abs(fp32 - bf16) < 0.05
 
 
-def test_compile_builds_and_trains_a_step():
-    # Inductor on CPU compiles C++: slow on a loaded 2-core machine, so the
-    # "aot_eager" backend stands in for it here (the same torch.compile wrapping
-    # and graph capture; only code generation differs). The GPU run uses inductor.
+@contextlib.contextmanager
+def _compiled_with(backend):
+    """``torch.compile`` with another backend while the loop compiles. Inductor on CPU
+    compiles C++: slow on a loaded 2-core machine, so "aot_eager" (or a graph-capturing
+    backend) stands in for it (the same wrapping and graph capture; only code generation
+    differs). The GPU runs use inductor."""
     import torch._dynamo
 
-    seg = _segment(compile=True)
     orig = torch.compile
-    torch.compile = lambda m, **kw: orig(m, backend="aot_eager", **kw)
+    torch.compile = lambda fn, **kw: orig(fn, backend=backend, **kw)
     try:
-        tr, _ = _one_step(seg)
+        yield
     finally:
         torch.compile = orig
         torch._dynamo.reset()
-    assert isinstance(tr.model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compile_builds_and_trains_a_step():
+    import copy
+
+    with _compiled_with("aot_eager"):
+        tr, _ = _one_step(_segment(compile=True))
+    blocks = tr.raw_model.model.layers
+    assert all(hasattr(b.forward, "__func__") and b.forward.__func__ is blocks[0].forward.__func__ for b in blocks)
+    assert blocks[0].forward.__func__ is not type(blocks[0]).forward  # compiled, one function for all blocks
+    twin = copy.deepcopy(tr.raw_model)
+    assert twin.model.layers[1].forward.__self__ is twin.model.layers[1]  # a copy runs its own weights
     plain = build_training(_segment(), torch.device("cpu"), world=1)
     assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
 
 
-def test_compiled_training_forward_leaves_the_mask_to_sdpa_and_rope_tables_outside():
-    """Under torch.compile transformers builds a full [batch, 1, seq, seq] mask for sdpa (it
-    cannot rule out packed position ids while tracing), and SDPA then computes the masked
-    upper triangle too: 2x the attention time on an H200. The training forward must call
-    SDPA with is_causal and no mask, leave RoPE's sin/cos out of the graph (Inductor would
-    recompute them per element), and compute what plain sdpa computes, padding and KV
-    cache included."""
-    import copy
-
-    import torch._dynamo
-
-    seg = _segment()
-    torch.manual_seed(0)
-    tr = build_training(seg, torch.device("cpu"), world=1)
-    reference = build_model(seg.model, VOCAB, 0)  # plain transformers sdpa, same weights
-    reference.load_state_dict(tr.raw_model.state_dict())
+def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside():
+    """Traced as a whole, a transformers Llama builds a full [batch, 1, seq, seq] mask for
+    sdpa (it cannot rule out packed position ids while tracing), and SDPA then computes the
+    masked upper triangle too: 2x the attention time on an H200; Inductor also recomputes
+    RoPE's sin/cos inside every layer's kernel. Compiled per block, as train.compile does,
+    the blocks share one graph whose SDPA call is causal without a mask and holds no
+    sin/cos, and the results are plain transformers' (with a padding mask too)."""
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    seg = _segment(compile=True)
     blocks = torch.randint(1, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    try:
-        loss = torch.compile(tr.raw_model, backend=capture)(input_ids=inputs, targets=targets)
-    finally:
-        torch._dynamo.reset()
+    pad = torch.ones_like(inputs)
+    pad[0, :5] = 0
+    with _compiled_with(capture):
+        torch.manual_seed(0)
+        tr = build_training(seg, torch.device("cpu"), world=1)
+        loss = tr.model(input_ids=inputs, targets=targets)
+        padded = tr.model(input_ids=inputs, attention_mask=pad).logits
+    reference = build_model(seg.model, VOCAB, 0)  # plain transformers sdpa, same weights, eager
+    reference.load_state_dict(tr.raw_model.state_dict())
     calls = [n for gm in graphs for n in gm.graph.nodes
              if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)]
-    assert len(calls) == seg.model.num_layers
-    for n in calls:
-        assert n.kwargs.get("attn_mask") is None and len(n.args) <= 3, n.format_node()
-        assert n.kwargs.get("is_causal") is True, n.format_node()
+    causal = [n for n in calls if n.kwargs.get("attn_mask") is None and len(n.args) <= 3]
+    assert causal and all(n.kwargs.get("is_causal") is True for n in causal), [n.format_node() for n in calls]
+    assert len(graphs) <= 4, "one graph for all blocks (+ the loss, + the padded call's)"
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
-    assert not ops & {"cos", "sin", str(torch.cos), str(torch.sin)}, "RoPE's cos/sin were traced into the graph"
-    twin = copy.deepcopy(tr.raw_model)
-    assert twin.model.rotary_emb.forward.__self__ is twin.model.rotary_emb
+    assert not ops & {"cos", "sin", str(torch.cos), str(torch.sin)}, "RoPE's cos/sin were traced into a graph"
     ref_logits = reference(input_ids=inputs).logits
     ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, VOCAB), targets.reshape(-1))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    # Padding and the KV cache still get transformers' masks.
-    pad = torch.ones_like(inputs)
-    pad[0, :5] = 0
-    torch.testing.assert_close(tr.raw_model(input_ids=inputs, attention_mask=pad).logits,
-                               reference(input_ids=inputs, attention_mask=pad).logits)
-    gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    assert torch.equal(tr.raw_model.generate(inputs[:, :9], attention_mask=pad[:, :9], **gen),
-                       reference.generate(inputs[:, :9], attention_mask=pad[:, :9], **gen))
+    torch.testing.assert_close(padded, reference(input_ids=inputs, attention_mask=pad).logits)
 
 
 def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_path):
@@ -334,6 +333,25 @@ def test_throughput_benchmark_profiles_where_a_step_goes(tmp_path):
     # The kinds tell the losses apart: the chunked loss is one autograd op, the full one log-softmax + NLL.
     assert any("LinearCrossEntropy" in k["name"] for k in settings["chunked"]["plain_profile"]["top"])
     assert settings["full"]["plain_profile"]["kinds_ms"]["loss"] > 0
+
+
+def test_compile_time_benchmark_compares_whole_model_and_per_block(tmp_path):
+    """``benchmarks/compile_time.py`` (tracing only: aot_eager): four fresh processes, the same
+    losses whichever way the model is compiled, and the per-block graph is traced once."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ct.json"
+    subprocess.run([sys.executable, "benchmarks/compile_time.py", "--config", "configs/tiny.yaml", "--steps", "2",
+                    "--backend", "aot_eager", "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    runs = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["cache"]) for r in runs] == [("model", "cold"), ("model", "warm"),
+                                                        ("blocks", "cold"), ("blocks", "warm")]
+    assert all(r["first_step_s"] > 0 and r["step_ms"] > 0 for r in runs)
+    for key in ("first_loss", "last_loss"):  # same math: the compile changes how, not what
+        assert max(r[key] for r in runs) - min(r[key] for r in runs) < 1e-4, key
 
 
 @pytest.mark.parametrize("chunk", [0, 7])
