@@ -92,11 +92,13 @@ def _compiled_with(backend):
         torch._dynamo.reset()
 
 
-def test_compile_builds_and_trains_a_step():
+@pytest.mark.parametrize("option", [{}, {"activation_checkpointing": True}, {"precision": "bf16"}])
+def test_compile_builds_and_trains_a_step(option):
     import copy
 
     with _compiled_with("aot_eager"):
-        tr, _ = _one_step(_segment(compile=True))
+        tr, loss = _one_step(_segment(compile=True, **option))
+    assert loss == pytest.approx(_one_step(_segment(**option))[1], abs=1e-5)  # compiled or not: the same step
     blocks = tr.raw_model.model.layers
     assert all(hasattr(b.forward, "__func__") and b.forward.__func__ is blocks[0].forward.__func__ for b in blocks)
     assert blocks[0].forward.__func__ is not type(blocks[0]).forward  # compiled, one function for all blocks
