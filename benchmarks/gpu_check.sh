@@ -9,6 +9,8 @@
 #                 compiled blocks' mask and RoPE under the GPU image's transformers; bf16 and
 #                 compiled steps, every loss setting incl. liger, the whole main segment on a
 #                 GPU Ray Train worker + resume)
+#     loss        benchmarks/loss_compile.py, llama-125m's LM head and loss (32,768 tokens, chunks
+#                 of 4,096, bf16): eager, compiled whole, compiled per chunk (train.compile's)
 #     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
 #                 loop x kernel settings chunked, full (loss_chunk_tokens=0), liger; the plain
 #                 loop's first run of each setting also profiled (--profile: ms per step by kind)
@@ -17,9 +19,11 @@
 #                                                           # stage takes :settings (--kernels)
 #
 # Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
-# env.txt, ceiling.json, tests.log, bench-llama-*.json (the summaries, with the device name).
+# env.txt, ceiling.json, tests.log, loss_compile.json, bench-llama-*.json (the summaries, with
+# the device name).
 # Each stage runs under its own timeout, so a stuck stage cannot eat the others' time:
-# STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, and for a bench
+# STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, 180 s for the loss
+# (unmeasured; three processes, two of which compile), and for a bench
 # stage 150 s + 150 s per setting (125m) or 300 s per setting (350m).
 # Measured on an H200 (2026-12-04): env 7 s; ceiling 12 s; tests 156 s (before the compiled
 # loss variants); bench-125m 2.4 min to prepare the run directory and finish the first
@@ -37,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PY:-python3}
-STAGES=${*:-env ceiling tests bench-125m bench-350m}
+STAGES=${*:-env ceiling tests loss bench-125m bench-350m}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
@@ -84,6 +88,11 @@ stage_tests() {
     timeout "${STAGE_TIMEOUT_S:-300}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k "gpu or compiled_blocks" 2>&1 | tee "$OUT/tests.log"
 }
 
+stage_loss() {
+    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/loss_compile.py --device cuda --steps 10 \
+        --config configs/llama-125m.yaml --out "$OUT/loss_compile.json"
+}
+
 stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)
     local n per=150
     n=$(echo "${2:-chunked,full,liger}" | tr ',' '\n' | wc -l)
@@ -100,9 +109,10 @@ for stage in $STAGES; do
         env) stage_env ;;
         ceiling) stage_ceiling ;;
         tests) stage_tests ;;
+        loss) stage_loss ;;
         bench-*:*) name=${stage%%:*}; stage_bench "llama-${name#bench-}" "${stage#*:}" ;;
         bench-*) stage_bench "llama-${stage#bench-}" ;;
-        *) echo "unknown stage $stage (env, ceiling, tests, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
+        *) echo "unknown stage $stage (env, ceiling, tests, loss, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
     esac
     rc=$?
     [ $rc -eq 124 ] && echo "=== gpu_check: $stage TIMED OUT"

@@ -32,6 +32,11 @@ Called without ``targets`` the model is the plain transformers model; its
 weights and ``state_dict`` keys never change, so checkpoints and releases stay
 plain Llama weights.
 
+Under ``train.compile`` (:func:`compile_loss`) the chunked loss compiles one chunk's work
+(:func:`_chunk_loss`: its matmuls and one fused kernel for the softmax, the loss and the
+logits' gradient) and loops over the chunks in Python, so the bound on memory holds
+whatever Inductor's scheduler does, and one graph is compiled instead of one per chunk.
+
 Memory: the chunked loss holds ``chunk x vocab`` logits (fp32, plus a bf16 copy
 under autocast) at a time instead of ``tokens x vocab`` several times over
 (bf16 logits, their fp32 copy, log-softmax, and their gradients).
@@ -65,14 +70,43 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, inv: torch.Tensor,
+                grad_w: torch.Tensor | None):
+    """One chunk of :func:`_chunked`: its summed loss and, when ``grad_w`` (the fp32 ``[V, H]``
+    sum over the chunks before) is given, the gradient of the mean loss w.r.t. its hidden
+    states and ``grad_w`` plus its own part of the weight's. (Not added in place: compiled,
+    an input mutated in place costs one more copy of ``grad_w`` per chunk.)
+
+    The unit ``train.compile`` compiles (:func:`compile_loss`): one graph serves every chunk,
+    and the Python loop around it keeps a single chunk's logits alive at a time. Compiled
+    whole, the loop is unrolled into one graph and Inductor schedules all chunks' kernels
+    together, free to keep several chunks' logits alive (and to compile ``tokens / chunk``
+    copies of the same code).
+    """
+    logits = (h @ w.T).float()                      # [C, V]: the only vocab-wide tensors
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, t).squeeze(1)
+    loss = ((lse - target) * keep).sum()
+    if grad_w is None:
+        return loss, None, None
+    # d(mean loss)/d logits = (softmax - one_hot(target)) * scale, scale = 1/count (0 on ignored
+    # rows): softmax * scale for every logit (one pointwise kernel under compile, in place
+    # eagerly), then the target's own entries, (p - 1) * scale, written over it from fp32.
+    scale = keep * inv
+    g = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None]).to(h.dtype)
+    g.scatter_(1, t, ((target - lse).exp() - 1).mul(scale)[:, None].to(g.dtype))
+    return loss, g @ w, grad_w + g.T @ h
+
+
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-             ignore_index: int, dtype: torch.dtype, grads: bool):
+             ignore_index: int, dtype: torch.dtype, grads: bool, chunk_fn: Callable = _chunk_loss):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
 
     hidden ``[T, H]``, weight ``[V, H]``, targets ``[T]``. With ``grads``, also the
     gradients of the mean loss w.r.t. hidden (``[T, H]``, hidden's dtype) and
     weight (``[V, H]``, accumulated in fp32, returned in weight's dtype).
     Matmuls run in ``dtype`` (bf16 under autocast), softmax and sums in fp32.
+    ``chunk_fn``: :func:`_chunk_loss`, or it compiled.
     """
     valid = targets != ignore_index
     count = valid.sum()
@@ -84,21 +118,12 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
     for start in range(0, hidden.size(0), chunk):
         end = min(start + chunk, hidden.size(0))
-        h = hidden[start:end].to(dtype)
         keep = valid[start:end]
         t = targets[start:end].masked_fill(~keep, 0)[:, None]
-        logits = (h @ w.T).float()                      # [C, V]: the only vocab-wide tensors
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = loss + ((lse - logits.gather(1, t).squeeze(1)) * keep).sum()
-        if not grads:
-            continue
-        # d(mean loss)/d logits = (softmax - one_hot(target)) / count, 0 on ignored rows.
-        g = logits.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
-        g.mul_((keep * inv)[:, None])
-        g = g.to(dtype)
-        grad_h[start:end] = (g @ w).to(hidden.dtype)
-        grad_w += (g.T @ h).float()
+        part, g_h, grad_w = chunk_fn(hidden[start:end].to(dtype), w, t, keep, inv, grad_w)
+        loss = loss + part
+        if grads:
+            grad_h[start:end] = g_h
     return loss * inv, grad_h, (grad_w.to(weight.dtype) if grads else None)
 
 
@@ -106,9 +131,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked linear + cross-entropy whose gradients are computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, ignore_index, dtype):
+    def forward(ctx, hidden, weight, targets, chunk, ignore_index, dtype, chunk_fn):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit in _chunked
-            loss, grad_h, grad_w = _chunked(hidden, weight, targets, chunk, ignore_index, dtype, grads=True)
+            loss, grad_h, grad_w = _chunked(hidden, weight, targets, chunk, ignore_index, dtype, True, chunk_fn)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -116,11 +141,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         # grad_out is 1/accum in training: one scaling of the stored gradients.
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int = 4096, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                         chunk_tokens: int = 4096, ignore_index: int = IGNORE_INDEX,
+                         chunk_fn: Callable = _chunk_loss) -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T, targets)`` (mean over non-ignored targets),
     without ever holding more than ``chunk_tokens`` rows of logits.
 
@@ -128,6 +154,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Under autocast the matmuls run in the autocast dtype, like ``lm_head(hidden)``
     would; the softmax and the loss are fp32. A weight that is a sharded DTensor
     (a module outside FSDP2's unsharded forward) is gathered first, with autograd.
+    ``chunk_fn`` computes each chunk: :func:`_chunk_loss`, compiled by :func:`compile_loss`.
     """
     from torch.distributed.tensor import DTensor
 
@@ -137,9 +164,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     t = targets.reshape(-1)
     dtype = _compute_dtype(weight)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, t, chunk_tokens, ignore_index, dtype)
+        return _LinearCrossEntropy.apply(h, weight, t, chunk_tokens, ignore_index, dtype, chunk_fn)
     with torch.autocast(h.device.type, enabled=False):  # eval: the loss alone, no gradients
-        return _chunked(h, weight, t, chunk_tokens, ignore_index, dtype, grads=False)[0]
+        return _chunked(h, weight, t, chunk_tokens, ignore_index, dtype, False, chunk_fn)[0]
 
 
 def full_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -163,6 +190,14 @@ def _liger_loss() -> LossFn:
         return flce(weight, hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1))
 
     return loss
+
+
+def compile_loss(loss: LossFn) -> LossFn:
+    """``loss`` under ``train.compile``. The chunked loss compiles its per-chunk work
+    (:func:`_chunk_loss`), the full-logits loss compiles whole; Liger's stays eager."""
+    if isinstance(loss, functools.partial) and loss.func is linear_cross_entropy:
+        return functools.partial(loss, chunk_fn=torch.compile(_chunk_loss))
+    return torch.compile(loss)
 
 
 def check_kernels(kernels: str, device: torch.device | None = None, use_gpu: bool | None = None) -> None:

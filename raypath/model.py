@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from raypath.config import ConfigError, ModelConfig
+from raypath.loss import compile_loss, loss_installed
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None) -> LlamaConfig:
@@ -92,8 +93,8 @@ def compile_blocks(model: PreTrainedModel) -> None:
     for block in layers:
         fn = type(block).forward
         block.forward = types.MethodType(compiled.setdefault(fn, torch.compile(fn)), block)
-    if hasattr(model, "raypath_loss"):  # raypath.loss.install_loss's; Liger's stays eager inside
-        model.raypath_loss = torch.compile(model.raypath_loss)
+    if hasattr(model, "raypath_loss"):  # raypath.loss.install_loss's
+        model.raypath_loss = compile_loss(model.raypath_loss)
 
 
 def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
@@ -102,8 +103,6 @@ def block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
     Through the loss :func:`raypath.loss.install_loss` put on the model (chunked,
     full or Liger's, per ``train``), else from the model's full logits.
     """
-    from raypath.loss import loss_installed
-
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
     if loss_installed(model):
         return model(input_ids=inputs, targets=targets)

@@ -104,15 +104,32 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """High-water mark of this process's memory: allocated GPU memory on CUDA
-    (``torch.cuda.max_memory_allocated``), else peak resident set size (``ru_maxrss``)."""
+    """High-water mark of this process's memory since it started or since
+    :func:`reset_peak_memory`: allocated GPU memory on CUDA (``torch.cuda.max_memory_allocated``),
+    else the peak resident set size (Linux's ``VmHWM``; ``ru_maxrss`` elsewhere)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-    import sys
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start :func:`peak_memory_bytes` afresh from the memory in use now (CUDA; Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (proc(5))
+            f.write("5")
+    except OSError:
+        pass
 
 
 def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak: float | None) -> float | None:

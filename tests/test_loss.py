@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -26,7 +27,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
 from raypath.loop import Segment, build_training, train_step
-from raypath.loss import IGNORE_INDEX, full_cross_entropy, install_loss, linear_cross_entropy, loss_installed
+from raypath.loss import (
+    IGNORE_INDEX,
+    compile_loss,
+    full_cross_entropy,
+    install_loss,
+    linear_cross_entropy,
+    loss_installed,
+)
 from raypath.model import block_loss, build_model
 from raypath.schedules import MainPath
 
@@ -179,6 +187,43 @@ def test_compiled_chunked_loss_matches_eager():
     want = _grads(ref)
     for name, g in _grads(model).items():
         torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_loss_is_one_graph_for_every_chunk(monkeypatch):
+    """Under train.compile (raypath.loss.compile_loss) the chunked loss compiles one chunk's
+    work, not the unrolled loop: one graph with the three matmuls of one chunk, called once
+    per chunk (a Python loop: one chunk's logits alive at a time), whatever the number of
+    chunks; same loss and gradients as eager."""
+    import torch._dynamo
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    orig = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: orig(fn, backend=capture, **kw))
+    ref = _installed(_model(), loss_chunk_tokens=8)   # 96 tokens: 12 chunks
+    model = copy.deepcopy(ref)
+    model.raypath_loss = compile_loss(model.raypath_loss)
+    blocks = _blocks()
+    try:
+        (block_loss(ref, blocks) / 2).backward()
+        loss = block_loss(model, blocks)
+        (loss / 2).backward()
+        with torch.no_grad():
+            evaluated = block_loss(model, blocks)
+    finally:
+        torch._dynamo.reset()
+    assert loss.item() == pytest.approx(block_loss(ref, blocks).item(), rel=1e-6)
+    assert evaluated.item() == pytest.approx(loss.item(), rel=1e-6)
+    want = _grads(ref)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
+    matmuls = [sum(n.op == "call_function" and n.target in (operator.matmul, torch.matmul) for n in gm.graph.nodes)
+               for gm in graphs]
+    assert len(graphs) == 2 and sorted(matmuls) == [1, 3], matmuls  # training (3 matmuls), evaluation (1)
 
 
 def _segment(**train) -> Segment:

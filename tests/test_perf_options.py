@@ -356,6 +356,25 @@ def test_compile_time_benchmark_compares_whole_model_and_per_block(tmp_path):
         assert max(r[key] for r in runs) - min(r[key] for r in runs) < 1e-4, key
 
 
+def test_loss_compile_benchmark_runs_every_mode_with_the_same_result(tmp_path):
+    """``benchmarks/loss_compile.py`` (tracing only: aot_eager): the chunked loss eager,
+    compiled whole and compiled per chunk, each in a fresh process, on the config's shapes;
+    the loss and gradients are the same whichever way it runs."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "lc.json"
+    subprocess.run([sys.executable, "benchmarks/loss_compile.py", "--config", "configs/tiny.yaml", "--steps", "2",
+                    "--set", "train.loss_chunk_tokens=100", "--tokens", "1000", "--backend", "aot_eager",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    runs = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in runs] == ["eager", "whole", "chunk"]
+    assert all(r["tokens"] == 1000 and r["chunk"] == 100 and r["first_call_s"] > 0 and r["step_ms"] > 0 for r in runs)
+    for key in ("loss", "grad_hidden_norm", "grad_weight_norm"):
+        assert max(r[key] for r in runs) == pytest.approx(min(r[key] for r in runs), rel=1e-5), key
+
+
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk):
     """``benchmarks/step_ceiling.py`` times the step's matmuls; their FLOPs are the formula's 6N."""
