@@ -9,8 +9,9 @@
 #                 compiled blocks' mask and RoPE under the GPU image's transformers; bf16 and
 #                 compiled steps, every loss setting incl. liger, the whole main segment on a
 #                 GPU Ray Train worker + resume)
-#     loss        benchmarks/loss_compile.py, llama-125m's LM head and loss (32,768 tokens, chunks
-#                 of 4,096, bf16): eager, compiled whole, compiled per chunk (train.compile's)
+#     loss        benchmarks/compile_time.py --part loss: llama-125m's LM head and loss (32,768
+#                 tokens, chunks of 4,096, bf16) eager, compiled whole, compiled per chunk
+#                 (train.compile's)
 #     bench-125m  benchmarks/train_throughput.py, configs/llama-125m.yaml: raypath and the plain
 #                 loop x kernel settings chunked, full (loss_chunk_tokens=0), liger; the plain
 #                 loop's first run of each setting also profiled (--profile: ms per step by kind)
@@ -89,7 +90,7 @@ stage_tests() {
 }
 
 stage_loss() {
-    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/loss_compile.py --device cuda --steps 10 \
+    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/compile_time.py --part loss --device cuda --steps 10 \
         --config configs/llama-125m.yaml --out "$OUT/loss_compile.json"
 }
 

@@ -356,8 +356,8 @@ def test_compile_time_benchmark_compares_whole_model_and_per_block(tmp_path):
         assert max(r[key] for r in runs) - min(r[key] for r in runs) < 1e-4, key
 
 
-def test_loss_compile_benchmark_runs_every_mode_with_the_same_result(tmp_path):
-    """``benchmarks/loss_compile.py`` (tracing only: aot_eager): the chunked loss eager,
+def test_compile_time_benchmark_runs_the_loss_every_way_with_the_same_result(tmp_path):
+    """``benchmarks/compile_time.py --part loss`` (tracing only: aot_eager): the chunked loss eager,
     compiled whole and compiled per chunk, each in a fresh process, on the config's shapes;
     the loss and gradients are the same whichever way it runs."""
     import json
@@ -365,9 +365,10 @@ def test_loss_compile_benchmark_runs_every_mode_with_the_same_result(tmp_path):
     import sys
 
     out = tmp_path / "lc.json"
-    subprocess.run([sys.executable, "benchmarks/loss_compile.py", "--config", "configs/tiny.yaml", "--steps", "2",
-                    "--set", "train.loss_chunk_tokens=100", "--tokens", "1000", "--backend", "aot_eager",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "benchmarks/compile_time.py", "--part", "loss", "--config", "configs/tiny.yaml",
+                    "--steps", "2", "--set", "train.loss_chunk_tokens=100", "--tokens", "1000",
+                    "--backend", "aot_eager", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
     runs = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in runs] == ["eager", "whole", "chunk"]
     assert all(r["tokens"] == 1000 and r["chunk"] == 100 and r["first_call_s"] > 0 and r["step_ms"] > 0 for r in runs)
