@@ -65,7 +65,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
 
 
 def compile_blocks(model: PreTrainedModel) -> None:
-    """``torch.compile`` every decoder block's forward and the training loss, in place:
+    """``torch.compile`` every decoder block's forward, the final norm's and the training loss, in place:
     torchtitan's per-block compile, what ``train.compile`` does.
 
     Why per block rather than the whole model:
@@ -84,15 +84,26 @@ def compile_blocks(model: PreTrainedModel) -> None:
 
     The forward is rebound on each block (``deepcopy`` binds it to the copy); parameters,
     ``state_dict`` keys and the hooks around a module's call (DDP, FSDP2, activation
-    checkpointing) stay as they are. The embedding, final norm and rotary table run eagerly.
+    checkpointing) stay as they are. The final norm's forward is compiled the same way; the
+    embedding and rotary table run eagerly.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ConfigError(f"train.compile: {type(model).__name__} has no model.layers to compile")
     compiled: dict = {}
+
+    def compile_forward(module: torch.nn.Module) -> None:
+        # The forward the module runs now: Liger (train.kernels) binds its RMSNorm's on the instance.
+        fn = getattr(module.forward, "__func__", type(module).forward)
+        if fn not in compiled:
+            compiled[fn] = torch.compile(fn)
+        module.forward = types.MethodType(compiled[fn], module)
+
     for block in layers:
-        fn = type(block).forward
-        block.forward = types.MethodType(compiled.setdefault(fn, torch.compile(fn)), block)
+        compile_forward(block)
+    if isinstance(getattr(model.model, "norm", None), torch.nn.Module):
+        # Eager, the final RMSNorm is ~8 kernels over [tokens, hidden] in fp32, forward and backward.
+        compile_forward(model.model.norm)
     if hasattr(model, "raypath_loss"):  # raypath.loss.install_loss's
         model.raypath_loss = compile_loss(model.raypath_loss)
 

@@ -102,8 +102,11 @@ def test_compile_builds_and_trains_a_step(option):
     blocks = tr.raw_model.model.layers
     assert all(hasattr(b.forward, "__func__") and b.forward.__func__ is blocks[0].forward.__func__ for b in blocks)
     assert blocks[0].forward.__func__ is not type(blocks[0]).forward  # compiled, one function for all blocks
+    norm = tr.raw_model.model.norm
+    assert norm.forward.__func__ is not type(norm).forward and norm.forward.__self__ is norm  # the final norm too
     twin = copy.deepcopy(tr.raw_model)
     assert twin.model.layers[1].forward.__self__ is twin.model.layers[1]  # a copy runs its own weights
+    assert twin.model.norm.forward.__self__ is twin.model.norm
     plain = build_training(_segment(), torch.device("cpu"), world=1)
     assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
 
@@ -137,7 +140,7 @@ def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside():
              if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)]
     causal = [n for n in calls if n.kwargs.get("attn_mask") is None and len(n.args) <= 3]
     assert causal and all(n.kwargs.get("is_causal") is True for n in causal), [n.format_node() for n in calls]
-    assert len(graphs) <= 4, "one graph for all blocks (+ the loss, + the padded call's)"
+    assert len(graphs) <= 5, "one graph for all blocks (+ the final norm, the loss, the padded call's)"
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
     assert not ops & {"cos", "sin", str(torch.cos), str(torch.sin)}, "RoPE's cos/sin were traced into a graph"
     ref_logits = reference(input_ids=inputs).logits
