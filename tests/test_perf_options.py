@@ -111,6 +111,18 @@ def test_compile_builds_and_trains_a_step(option):
     assert set(tr.raw_model.state_dict()) == set(plain.raw_model.state_dict())  # checkpoint keys unchanged
 
 
+def test_compile_under_fsdp_trains_the_same_step(gloo_group):
+    """FSDP2 shards each block and the root; the compiled block, final-norm and loss-chunk
+    forwards run inside its unshard/reshard hooks: the same step as FSDP uncompiled."""
+    from torch.distributed.tensor import DTensor
+
+    with _compiled_with("aot_eager"):
+        tr, loss = _one_step(_segment(parallel="fsdp", compile=True))
+    assert all(isinstance(p, DTensor) for p in tr.raw_model.parameters())
+    assert tr.raw_model.model.norm.forward.__func__ is not type(tr.raw_model.model.norm).forward
+    assert loss == pytest.approx(_one_step(_segment(parallel="fsdp"))[1], abs=1e-5)
+
+
 def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside():
     """Traced as a whole, a transformers Llama builds a full [batch, 1, seq, seq] mask for
     sdpa (it cannot rule out packed position ids while tracing), and SDPA then computes the
