@@ -1,13 +1,16 @@
 """What ``train.compile``'s choices cost at start-up and buy per step, two parts:
 
-``--part model`` (default): the whole model traced as one graph (``torch.compile(model)``)
-against raypath's per-block compile (:func:`raypath.model.compile_blocks`: one graph shared
-by every decoder block, plus the loss). Each (mode, cache) run builds the config's model and
-loss (``install_loss``) and times its first optimizer step (trace + compile + run) and the
-mean of the next ``--steps`` steps, on synthetic tokens. ``cold`` starts with an empty
-Inductor cache directory; ``warm`` runs again with the cache the cold run of the same mode
-left (as every segment and sweep trial after the first on a node does). Trace and compile
-time grow with the number of graphs' ops: with the whole model, with its layer count.
+``--part model`` (default), modes: ``model``, the whole model traced as one graph
+(``torch.compile(model)``); ``blocks``, raypath's per-block compile
+(:func:`raypath.model.compile_blocks`: one graph shared by every decoder block, plus the
+loss), what ``train.compile`` does; ``unfused``, the same without fusing the projections
+that share an input (q/k/v, gate/up: :class:`raypath.model.FuseSharedInputLinears`). Each
+(mode, cache) run builds the config's model and loss (``install_loss``) and times its first
+optimizer step (trace + compile + run) and the mean of the next ``--steps`` steps, on
+synthetic tokens (tokens/s and, where the device's peak is known, MFU). ``cold`` starts with
+an empty Inductor cache directory; ``warm`` runs again with the cache the cold run of the
+same mode left (as every segment and sweep trial after the first on a node does). Trace and
+compile time grow with the number of graphs' ops: with the whole model, with its layer count.
 
 ``--part loss``: the chunked loss (``train.loss_chunk_tokens``) alone on the config's LM-head
 shape (hidden size, vocab, one micro-batch of tokens or ``--tokens``, its chunk size and
@@ -23,7 +26,8 @@ gradient norms (the same in every mode, to rounding).
 Every run is a fresh process.
 
     python benchmarks/compile_time.py --config configs/quickstart.yaml --set model.num_layers=12
-    python benchmarks/compile_time.py --config configs/llama-125m.yaml --device cuda
+    python benchmarks/compile_time.py --config configs/llama-125m.yaml --device cuda --modes blocks,unfused \
+        --caches cold
     python benchmarks/compile_time.py --part loss --config configs/llama-125m.yaml --device cuda
 """
 
@@ -35,21 +39,25 @@ import functools
 import json
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+MODEL_MODES = ("model", "blocks")  # the default; "unfused" on request
 LOSS_MODES = ("eager", "whole", "chunk")
 
 
 def _setup(path: str, overrides: list[str], device: str, cache_dir: str, backend: str):
     """In the fresh process: the Inductor cache and backend, then the config, device and autocast."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # before torch._inductor reads it
-    if backend != "inductor":  # this process only: compile_blocks and compile_loss call torch.compile
-        torch.compile = functools.partial(torch.compile, backend=backend)
     from raypath.config import load_config
+    from raypath.model import with_pre_grad_passes
+
+    if backend != "inductor":  # this process only: compile_blocks and compile_loss call torch.compile
+        torch.compile = functools.partial(torch.compile, backend=with_pre_grad_passes(backend))
 
     cfg = load_config(path, overrides)
     dev = torch.device(device)
@@ -62,6 +70,7 @@ def _run_model(path: str, overrides: list[str], device: str, mode: str, steps: i
                backend: str) -> dict:
     from raypath.loss import install_loss
     from raypath.model import block_loss, build_model, compile_blocks
+    from raypath.perf import device_peak_flops, flops_per_token, mfu
 
     cfg, dev, amp = _setup(path, overrides, device, cache_dir, backend)
     t = cfg.train
@@ -70,8 +79,8 @@ def _run_model(path: str, overrides: list[str], device: str, mode: str, steps: i
     install_loss(model, t, dev)
     model.to(dev)
     fwd = torch.compile(model) if mode == "model" else model
-    if mode == "blocks":
-        compile_blocks(model)
+    if mode in ("blocks", "unfused"):
+        compile_blocks(model, fuse_linears=mode == "blocks")
     opt = torch.optim.AdamW(model.parameters(), lr=t.max_lr, fused=dev.type == "cuda")
     blocks = torch.randint(0, cfg.data.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1),
                            generator=torch.Generator().manual_seed(1)).to(dev)
@@ -90,7 +99,10 @@ def _run_model(path: str, overrides: list[str], device: str, mode: str, steps: i
     for _ in range(steps):
         last_loss = step()
     t2 = time.perf_counter()
+    tokens_per_s = steps * t.micro_batch_size * cfg.data.seq_len / (t2 - t1)  # trained tokens, as train_throughput
+    fpt = flops_per_token(type("C", (), {**vars(cfg.model), "vocab_size": cfg.data.vocab_size})(), cfg.data.seq_len)
     return {"mode": mode, "first_step_s": t1 - t0, "step_ms": (t2 - t1) / steps * 1e3,
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, fpt, device_peak_flops(dev, t.peak_flops)),
             "first_loss": first_loss, "last_loss": last_loss}
 
 
@@ -147,27 +159,33 @@ def _fresh(fn, *args) -> dict:
 
 def _model_part(args) -> list[dict]:
     results = []
-    for mode in ("model", "blocks"):
+    caches = args.caches.split(",")
+    for mode in (args.modes or ",".join(MODEL_MODES)).split(","):
         with tempfile.TemporaryDirectory(prefix=f"inductor-{mode}-") as cache:
-            for cache_state in ("cold", "warm"):
+            for cache_state in caches:
                 r = _fresh(_run_model, args.config, args.set, args.device, mode, args.steps, cache, args.backend)
                 r["cache"] = cache_state
                 results.append(r)
-                print(f"{mode:>6} compile, {cache_state} cache: first step {r['first_step_s']:6.1f} s, "
-                      f"then {r['step_ms']:8.1f} ms/step (loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})",
-                      flush=True)
-    by = {(r["mode"], r["cache"]): r for r in results}
-    for cache_state in ("cold", "warm"):
-        whole, blocks = by[("model", cache_state)], by[("blocks", cache_state)]
-        print(f"{cache_state}: per-block / whole-model first step "
-              f"{blocks['first_step_s'] / whole['first_step_s']:.2f}x, "
-              f"step time {blocks['step_ms'] / whole['step_ms']:.2f}x")
+                mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+                print(f"{mode:>7} compile, {cache_state} cache: first step {r['first_step_s']:6.1f} s, "
+                      f"then {r['step_ms']:8.1f} ms/step = {r['tokens_per_s']:,.0f} tokens/s{mfu} "
+                      f"(loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})", flush=True)
+    def mean(mode: str, cache_state: str, key: str) -> float:  # over a mode's repeats (--modes blocks,blocks)
+        return statistics.mean(r[key] for r in results if (r["mode"], r["cache"]) == (mode, cache_state))
+
+    ran = {(r["mode"], r["cache"]) for r in results}
+    for cache_state in caches:
+        for a, b, what in (("blocks", "model", "per-block / whole-model"), ("blocks", "unfused", "fused / unfused")):
+            if (a, cache_state) in ran and (b, cache_state) in ran:
+                print(f"{cache_state}: {what} first step "
+                      f"{mean(a, cache_state, 'first_step_s') / mean(b, cache_state, 'first_step_s'):.2f}x, "
+                      f"step time {mean(a, cache_state, 'step_ms') / mean(b, cache_state, 'step_ms'):.2f}x")
     return results
 
 
 def _loss_part(args) -> list[dict]:
     results = []
-    for mode in args.modes.split(","):
+    for mode in (args.modes or ",".join(LOSS_MODES)).split(","):
         with tempfile.TemporaryDirectory(prefix=f"inductor-{mode}-") as cache:
             r = _fresh(_run_loss, args.config, args.set, args.device, mode, args.steps, cache, args.backend,
                        args.tokens)
@@ -192,7 +210,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps timed after the first")
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend; aot_eager measures tracing alone (no code generation)")
-    p.add_argument("--modes", default=",".join(LOSS_MODES), help="--part loss: the modes, in order (repeatable)")
+    p.add_argument("--modes", default=None,
+                   help=f"the modes, in order (repeatable); --part model: of model, blocks, unfused (default "
+                        f"{','.join(MODEL_MODES)}), --part loss: of {', '.join(LOSS_MODES)} (default all)")
+    p.add_argument("--caches", default="cold,warm", choices=("cold", "cold,warm"),
+                   help="--part model: a cold run per mode, or a cold then a warm one")
     p.add_argument("--tokens", type=int, default=None, help="--part loss: tokens per step (default: a micro-batch)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()

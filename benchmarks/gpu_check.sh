@@ -4,11 +4,14 @@
 #   bash benchmarks/gpu_check.sh                 # every stage, in this order:
 #     env         GPU model, driver, torch / CUDA / Triton / transformers / Ray / Liger versions
 #     ceiling     benchmarks/step_ceiling.py for both configs: each matmul and the attention of
-#                 a step timed alone, the MFU a step cannot exceed with these kernels (12 s on an H200)
+#                 a step timed alone, the MFU a step cannot exceed with these kernels (12 s on an H200);
+#                 then llama-125m's with its projections apart (train.compile=false: as eager runs them)
 #     tests       pytest tests/test_perf_options.py -k "gpu or compiled_blocks" (the
 #                 compiled blocks' mask and RoPE under the GPU image's transformers; bf16 and
 #                 compiled steps, every loss setting incl. liger, the whole main segment on a
 #                 GPU Ray Train worker + resume)
+#     fuse        benchmarks/compile_time.py: llama-125m's step compiled per block with its q/k/v and
+#                 gate/up projections fused (train.compile's) and apart, 20 steps each, a cold compile
 #     loss        benchmarks/compile_time.py --part loss: llama-125m's LM head and loss (32,768
 #                 tokens, chunks of 4,096, bf16) eager, compiled whole, compiled per chunk
 #                 (train.compile's)
@@ -20,11 +23,11 @@
 #                                                           # stage takes :settings (--kernels)
 #
 # Everything it prints is also written under $OUT (default runs/gpu_check): check.log,
-# env.txt, ceiling.json, tests.log, loss_compile.json, bench-llama-*.json (the summaries, with
-# the device name).
+# env.txt, ceiling.json, ceiling-apart.json, tests.log, fuse.json, loss_compile.json,
+# bench-llama-*.json (the summaries, with the device name).
 # Each stage runs under its own timeout, so a stuck stage cannot eat the others' time:
-# STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, 180 s for the loss
-# (unmeasured; three processes, two of which compile), and for a bench
+# STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, 180 s for the fuse
+# and the loss stages (unmeasured; two and three processes that compile), and for a bench
 # stage 150 s + 150 s per setting (125m) or 300 s per setting (350m).
 # Measured on an H200 (2026-12-04): env 7 s; ceiling 12 s; tests 156 s (before the compiled
 # loss variants); bench-125m 2.4 min to prepare the run directory and finish the first
@@ -42,7 +45,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PY:-python3}
-STAGES=${*:-env ceiling tests loss bench-125m bench-350m}
+STAGES=${*:-env ceiling tests fuse loss bench-125m bench-350m}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
@@ -82,7 +85,14 @@ PYEOF
 
 stage_ceiling() {
     timeout "${STAGE_TIMEOUT_S:-120}" "$PY" benchmarks/step_ceiling.py --device cuda \
-        --config configs/llama-125m.yaml --config configs/llama-350m.yaml --out "$OUT/ceiling.json"
+        --config configs/llama-125m.yaml --config configs/llama-350m.yaml --out "$OUT/ceiling.json" &&
+    timeout "${STAGE_TIMEOUT_S:-120}" "$PY" benchmarks/step_ceiling.py --device cuda \
+        --config configs/llama-125m.yaml --set train.compile=false --out "$OUT/ceiling-apart.json"
+}
+
+stage_fuse() {
+    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/compile_time.py --device cuda --steps 20 \
+        --config configs/llama-125m.yaml --modes blocks,unfused --caches cold --out "$OUT/fuse.json"
 }
 
 stage_tests() {
@@ -110,10 +120,11 @@ for stage in $STAGES; do
         env) stage_env ;;
         ceiling) stage_ceiling ;;
         tests) stage_tests ;;
+        fuse) stage_fuse ;;
         loss) stage_loss ;;
         bench-*:*) name=${stage%%:*}; stage_bench "llama-${name#bench-}" "${stage#*:}" ;;
         bench-*) stage_bench "llama-${stage#bench-}" ;;
-        *) echo "unknown stage $stage (env, ceiling, tests, loss, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
+        *) echo "unknown stage $stage (env, ceiling, tests, fuse, loss, bench-125m, bench-350m, bench-NAME:SETTINGS)"; false ;;
     esac
     rc=$?
     [ $rc -eq 124 ] && echo "=== gpu_check: $stage TIMED OUT"

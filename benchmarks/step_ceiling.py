@@ -13,7 +13,9 @@ free. So
 is what ``train_throughput.py``'s MFU is to be judged against: the gap between the two is
 memory-bound work and host time, which ``train_throughput.py --profile`` splits by kind.
 With ``train.kernels: liger`` the LM head is timed over the whole micro-batch (Liger's
-fused loss picks its own chunks).
+fused loss picks its own chunks); with ``train.compile`` the q/k/v and gate/up projections
+are timed as the one matmul each that the compiled blocks run (``--set train.compile=false``:
+apart, as eager runs them).
 
     python benchmarks/step_ceiling.py --config configs/llama-125m.yaml --config configs/llama-350m.yaml --device cuda
 """
@@ -49,15 +51,20 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def linears(m, vocab: int, tokens: int, chunk: int) -> list[tuple[str, int, int, int, int]]:
+def linears(m, vocab: int, tokens: int, chunk: int, fused: bool) -> list[tuple[str, int, int, int, int]]:
     """(name, M, K, N, count per micro-batch) of every ``y = x W^T`` of a micro-batch of ``tokens``.
 
     The LM head runs over the loss's chunks of ``chunk`` tokens (0: all tokens at once).
+    fused: q/k/v and gate/up as one matmul each, as ``train.compile`` runs them
+    (:class:`raypath.model.FuseSharedInputLinears`).
     """
     hd = m.hidden_size // m.num_heads
     d, q, kv, inter = m.hidden_size, m.num_heads * hd, m.num_kv_heads * hd, m.intermediate_size
-    layer = [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d), ("gate", d, inter), ("up", d, inter),
-             ("down", inter, d)]
+    if fused:
+        layer = [("qkv", d, q + 2 * kv), ("o", q, d), ("gate+up", d, 2 * inter), ("down", inter, d)]
+    else:
+        layer = [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d), ("gate", d, inter), ("up", d, inter),
+                 ("down", inter, d)]
     out = [(name, tokens, k, n, m.num_layers) for name, k, n in layer]
     chunk = min(chunk or tokens, tokens)
     out.append(("lm_head", chunk, d, vocab, tokens // chunk))
@@ -121,7 +128,8 @@ def ceiling(path: str, overrides: list[str], device: torch.device) -> dict:
     micro, accum = t.micro_batch_size, t.global_batch_size // t.micro_batch_size
     tokens = micro * seq
     mm, cache = [], {}
-    for name, M, K, N, count in linears(m, vocab, tokens, t.loss_chunk_tokens if t.kernels == "none" else 0):
+    chunk = t.loss_chunk_tokens if t.kernels == "none" else 0
+    for name, M, K, N, count in linears(m, vocab, tokens, chunk, fused=t.compile):
         if (M, K, N) not in cache:
             cache[M, K, N] = time_linear(M, K, N, dtype, device)
         ms = cache[M, K, N]
@@ -140,7 +148,8 @@ def ceiling(path: str, overrides: list[str], device: torch.device) -> dict:
     return {
         "config": path, "overrides": overrides, "device": torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", "dtype": str(dtype), "tokens_per_step": step_tokens,
-        "micro_batch": micro, "accumulation": accum, "seq_len": seq, "matmuls": mm, "matmul_ms": matmul_ms,
+        "micro_batch": micro, "accumulation": accum, "seq_len": seq, "fused_projections": t.compile,
+        "matmuls": mm, "matmul_ms": matmul_ms,
         "matmul_flops": sum(6 * x["M"] * x["K"] * x["N"] * x["per_step"] for x in mm),
         "attention_ms": attn_step, "flops_per_token": fpt, "peak_flops": peak, "ceiling_ms": best_ms,
         "ceiling_tokens_per_s": step_tokens / (best_ms / 1e3),
@@ -150,7 +159,8 @@ def ceiling(path: str, overrides: list[str], device: torch.device) -> dict:
 
 def table(s: dict) -> str:
     lines = [f"{s['config']} ({s['device']}, {s['dtype']}, {s['tokens_per_step']:,} tokens per step = "
-             f"{s['micro_batch']} x {s['seq_len']} x {s['accumulation']}):",
+             f"{s['micro_batch']} x {s['seq_len']} x {s['accumulation']}, projections "
+             f"{'fused' if s['fused_projections'] else 'apart'}):",
              f"  {'matmul':<13} {'M x K x N':>22} {'/step':>6} {'TFLOP/s':>8} {'ms/step':>8}"]
     for x in s["matmuls"]:
         lines.append(f"  {x['name']:<13} {x['M']:>8} x{x['K']:>6} x{x['N']:>6} {x['per_step']:>6} "

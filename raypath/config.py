@@ -162,8 +162,9 @@ class TrainConfig:
         GPU setting. On CPU it runs too (CPU autocast), but is usually slower
         than fp32 unless the CPU has bf16 units (AMX).
     compile: ``torch.compile`` each decoder block and the loss (first steps pay the compile;
-        the blocks share one graph, :func:`raypath.model.compile_blocks`; the chunked loss
-        compiles one chunk's work, :func:`raypath.loss.compile_loss`).
+        the blocks share one graph, :func:`raypath.model.compile_blocks`, in which q/k/v and
+        gate/up run as one matmul each; the chunked loss compiles one chunk's work,
+        :func:`raypath.loss.compile_loss`).
     activation_checkpointing: recompute each decoder block's activations in the
         backward pass (transformers' gradient checkpointing): ~1/3 more compute
         for much less activation memory.

@@ -80,11 +80,14 @@ def _compiled_with(backend):
     """``torch.compile`` with another backend while the loop compiles. Inductor on CPU
     compiles C++: slow on a loaded 2-core machine, so "aot_eager" (or a graph-capturing
     backend) stands in for it (the same wrapping and graph capture; only code generation
-    differs). The GPU runs use inductor."""
+    differs), after the pre-grad passes Inductor would run (``train.compile``'s linear
+    fusion). The GPU runs use inductor."""
     import torch._dynamo
 
+    from raypath.model import with_pre_grad_passes
+
     orig = torch.compile
-    torch.compile = lambda fn, **kw: orig(fn, backend=backend, **kw)
+    torch.compile = lambda fn, **kw: orig(fn, backend=with_pre_grad_passes(backend), **kw)
     try:
         yield
     finally:
@@ -123,13 +126,15 @@ def test_compile_under_fsdp_trains_the_same_step(gloo_group):
     assert loss == pytest.approx(_one_step(_segment(parallel="fsdp"))[1], abs=1e-5)
 
 
-def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside():
+def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside_and_fuse_projections():
     """Traced as a whole, a transformers Llama builds a full [batch, 1, seq, seq] mask for
     sdpa (it cannot rule out packed position ids while tracing), and SDPA then computes the
     masked upper triangle too: 2x the attention time on an H200; Inductor also recomputes
     RoPE's sin/cos inside every layer's kernel. Compiled per block, as train.compile does,
     the blocks share one graph whose SDPA call is causal without a mask and holds no
-    sin/cos, and the results are plain transformers' (with a padding mask too)."""
+    sin/cos, whose q/k/v (GQA: 2 + 1 + 1 heads' rows) and gate/up projections are one
+    matmul each, and the loss, gradients and logits are plain transformers' (with a padding
+    mask too)."""
     graphs = []
 
     def capture(gm, example_inputs):
@@ -155,10 +160,68 @@ def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside():
     assert len(graphs) <= 5, "one graph for all blocks (+ the final norm, the loss, the padded call's)"
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
     assert not ops & {"cos", "sin", str(torch.cos), str(torch.sin)}, "RoPE's cos/sin were traced into a graph"
+    block = graphs[0].graph  # the first block's, shared by the others
+    matmuls = [n for n in block.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+    fused = sorted(len(n.args[1].args[0]) for n in matmuls if isinstance(n.args[1], torch.fx.Node)
+                   and n.args[1].op == "call_function" and n.args[1].target is torch.cat)
+    assert (len(matmuls), fused) == (4, [2, 3]), [n.format_node() for n in matmuls]  # qkv, o, gate+up, down
     ref_logits = reference(input_ids=inputs).logits
     ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, VOCAB), targets.reshape(-1))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    ref_loss.backward()
+    for (name, p), q in zip(tr.raw_model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(padded, reference(input_ids=inputs, attention_mask=pad).logits)
+
+
+class _Projections(torch.nn.Module):
+    """Linears in the shapes the fusion must tell apart: two with biases and two without
+    reading ``x`` (weights fetched as the graph goes, ``get_attr`` after the first linear),
+    one reading another input, one whose weight is computed."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name, rows in (("wq", 8), ("wk", 4), ("wg", 6), ("wu", 6), ("wo", 5), ("ws", 8)):
+            setattr(self, name, torch.nn.Parameter(torch.randn(rows, 8, generator=g)))
+        self.bq, self.bk = (torch.nn.Parameter(torch.randn(n, generator=g)) for n in (8, 4))
+
+    def forward(self, x, y):
+        F = torch.nn.functional
+        q = F.linear(x, self.wq, self.bq)
+        gate = torch.relu(F.linear(x, self.wg))
+        k = F.linear(x, self.wk, self.bk)
+        up = F.linear(x, self.wu)
+        computed = F.linear(x, self.ws * 2)  # not a graph input: left alone
+        return q.sum() + (gate * up).sum() + k.sum() + F.linear(y, self.wo).sum() + computed.sum()
+
+
+def test_linear_fusion_groups_linears_by_input_and_bias_and_keeps_the_results():
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from raypath.model import FuseSharedInputLinears
+
+    module = _Projections()
+    gm = torch.fx.symbolic_trace(module)
+    x, y = torch.randn(3, 5, 8), torch.randn(3, 8)
+    ShapeProp(gm).propagate(x, y)
+    FuseSharedInputLinears()(gm.graph)
+    gm.recompile()
+    gm.graph.lint()
+    matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FuseSharedInputLinears.LINEAR]
+    shapes = sorted((len(n.args[1].args[0]) if n.args[1].target is torch.cat else 1,
+                     len(n.args) > 2 and n.args[2] is not None) for n in matmuls)
+    assert shapes == [(1, False), (1, False), (2, False), (2, True)]  # wo, ws*2, wg+wu, wq+wk with bq+bk
+    expected = module(x, y)
+    expected.backward()
+    want = {k: p.grad.clone() for k, p in module.named_parameters()}
+    module.zero_grad()
+    got = gm(x, y)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for k, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], msg=k)
 
 
 def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_path):
@@ -353,20 +416,20 @@ def test_throughput_benchmark_profiles_where_a_step_goes(tmp_path):
 
 
 def test_compile_time_benchmark_compares_whole_model_and_per_block(tmp_path):
-    """``benchmarks/compile_time.py`` (tracing only: aot_eager): four fresh processes, the same
-    losses whichever way the model is compiled, and the per-block graph is traced once."""
+    """``benchmarks/compile_time.py`` (tracing only: aot_eager): six fresh processes, the same
+    losses whichever way the model is compiled (whole, per block, per block unfused)."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "ct.json"
     subprocess.run([sys.executable, "benchmarks/compile_time.py", "--config", "configs/tiny.yaml", "--steps", "2",
-                    "--backend", "aot_eager", "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
-                   timeout=300)
+                    "--modes", "model,blocks,unfused", "--backend", "aot_eager", "--out", str(out)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
     runs = json.loads(out.read_text())["results"]
-    assert [(r["mode"], r["cache"]) for r in runs] == [("model", "cold"), ("model", "warm"),
-                                                        ("blocks", "cold"), ("blocks", "warm")]
-    assert all(r["first_step_s"] > 0 and r["step_ms"] > 0 for r in runs)
+    assert [(r["mode"], r["cache"]) for r in runs] == [(m, c) for m in ("model", "blocks", "unfused")
+                                                        for c in ("cold", "warm")]
+    assert all(r["first_step_s"] > 0 and r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in runs)
     for key in ("first_loss", "last_loss"):  # same math: the compile changes how, not what
         assert max(r[key] for r in runs) - min(r[key] for r in runs) < 1e-4, key
 
@@ -391,24 +454,27 @@ def test_compile_time_benchmark_runs_the_loss_every_way_with_the_same_result(tmp
         assert max(r[key] for r in runs) == pytest.approx(min(r[key] for r in runs), rel=1e-5), key
 
 
-@pytest.mark.parametrize("chunk", [0, 7])
-def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk):
-    """``benchmarks/step_ceiling.py`` times the step's matmuls; their FLOPs are the formula's 6N."""
+@pytest.mark.parametrize("chunk, compile", [(0, False), (7, True)])
+def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk, compile):
+    """``benchmarks/step_ceiling.py`` times the step's matmuls (compiled: q/k/v and gate/up
+    fused); their FLOPs are the formula's 6N either way."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "ceiling.json"
     subprocess.run([sys.executable, "benchmarks/step_ceiling.py", "--config", "configs/tiny.yaml",
-                    "--set", f"train.loss_chunk_tokens={chunk}", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+                    "--set", f"train.loss_chunk_tokens={chunk}", "--set", f"train.compile={str(compile).lower()}",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     s = json.loads(out.read_text())[0]
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     m, t = cfg.model, cfg.train
     accum, tokens = t.global_batch_size // t.micro_batch_size, t.micro_batch_size * cfg.data.seq_len
     assert s["tokens_per_step"] == tokens * accum
     per_step = {x["name"]: x["per_step"] for x in s["matmuls"]}
-    assert all(per_step[n] == m.num_layers * accum for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    names = ("qkv", "o", "gate+up", "down") if compile else ("q", "k", "v", "o", "gate", "up", "down")
+    assert set(per_step) - {"lm_head", "lm_head tail"} == set(names)
+    assert all(per_step[n] == m.num_layers * accum for n in names)
     # The LM head over the loss's chunks: 64 tokens = 9 chunks of 7 + a tail of 1.
     assert per_step["lm_head"] == (tokens // chunk if chunk else 1) * accum
     assert ("lm_head tail" in per_step) == bool(chunk and tokens % chunk)
