@@ -126,8 +126,9 @@ class FuseSharedInputLinears(CustomGraphPass):
     stay separate parameters, concatenated inside the graph on every call (``hidden x
     (q + k + v)``: small next to the activations), so ``state_dict`` keys, checkpoints,
     FSDP sharding and the optimizer see the model transformers built. Pre-grad, so
-    autograd derives the fused backward. Linears with and without a bias are grouped
-    apart; a weight the graph computes (rather than receives) is left alone.
+    autograd derives the fused backward. Linears with and without a bias, or with weights
+    of different dtypes, are grouped apart; a weight the graph computes (rather than
+    receives) is left alone.
     """
 
     LINEAR = (torch._C._nn.linear, F.linear)
@@ -137,8 +138,9 @@ class FuseSharedInputLinears(CustomGraphPass):
         groups: dict[tuple, list] = {}
         for node in graph.nodes:
             args = self._linear_args(node)
-            if args is not None:
-                groups.setdefault((args[0], args[2] is None), []).append((node, args))
+            if args is not None:  # one group per input, bias or not, and weight dtype (cat would promote)
+                dtype = getattr(args[1].meta.get("example_value", args[1].meta.get("tensor_meta")), "dtype", None)
+                groups.setdefault((args[0], args[2] is None, dtype), []).append((node, args))
         for group in groups.values():
             if len(group) > 1 and all(self._rows(args[1]) for _, args in group):
                 self._fuse(graph, group, order)
@@ -191,10 +193,10 @@ def with_pre_grad_passes(backend: str | Callable) -> Callable:
     compile's ``options`` (:class:`FuseSharedInputLinears`) before ``backend``: for tracing-only
     runs (``aot_eager``, a graph capture) that should see the graphs Inductor compiles."""
     from torch._dynamo.backends.registry import lookup_backend
-    from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
-        for graph_pass in get_custom_graph_passes((options or {}).get("pre_grad_custom_pass")):
+        passes = (options or {}).get("pre_grad_custom_pass") or ()
+        for graph_pass in passes if isinstance(passes, (list, tuple)) else (passes,):
             graph_pass(gm.graph)
         gm.recompile()
         return lookup_backend(backend)(gm, example_inputs)
