@@ -175,6 +175,42 @@ def test_compiled_blocks_leave_the_mask_to_sdpa_and_rope_outside_and_fuse_projec
     torch.testing.assert_close(padded, reference(input_ids=inputs, attention_mask=pad).logits)
 
 
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_compiled_blocks_fuse_the_projections_of_other_architectures(arch):
+    """A pretrained start (``model.path``) may be another architecture: Qwen2's q/k/v carry
+    biases (fused with them), Mistral's do not; the compiled step equals the eager one."""
+    import copy
+
+    import transformers
+
+    from raypath.model import compile_blocks
+
+    config = getattr(transformers, f"{arch}Config")(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                    max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    eager = getattr(transformers, f"{arch}ForCausalLM")(config)
+    model, graphs = copy.deepcopy(eager), []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    blocks = torch.randint(1, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    with _compiled_with(capture):
+        compile_blocks(model)
+        loss = model(input_ids=blocks[:, :-1], labels=blocks[:, 1:], use_cache=False).loss
+    matmuls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+    biased = [len(n.args) > 2 and n.args[2] is not None for n in matmuls]
+    assert len(matmuls) == 4 and biased == [arch == "Qwen2", False, False, False]  # qkv (+ biases), o, gate+up, down
+    expected = eager(input_ids=blocks[:, :-1], labels=blocks[:, 1:], use_cache=False).loss
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class _Projections(torch.nn.Module):
     """Linears in the shapes the fusion must tell apart: two with biases and two without
     reading ``x`` (weights fetched as the graph goes, ``get_attr`` after the first linear),
