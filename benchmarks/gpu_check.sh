@@ -34,7 +34,9 @@
 # raypath run, then ~2.3 min per setting (each of its two runs starts a process and compiles
 # for ~1 min; 15 steps per run, the last 10 measured); bench-350m ~2.6 min per run (~5 min
 # per setting). Every stage with every setting takes ~25 min, more than one device lease
-# holds: name the stages a lease affords.
+# holds: name the stages a lease affords, the headline first. For a 15-min lease (the
+# machine's start included): `env bench-125m:chunked tests` in one call (~9 min), then
+# `ceiling fuse` in a second if ~4 min remain.
 #
 # No network on the GPU machine: Ray, Liger and what they need come as wheels in .whl/
 # (fetch them beforehand with benchmarks/gpu_wheels.sh and carry .whl/); they are

@@ -31,6 +31,7 @@ checksums after the download. Without ``rd`` the files are plain local ones.
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,25 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) 
     if not isinstance(expected, dict):
         raise CheckpointError(f"{d}: {MANIFEST} is not a mapping of file checksums")
     if expected.get("format") == SHARDED:
-        _check_files(d, expected["files"], bool(deep))
+        _check_files(d, _sharded_files(d, expected), bool(deep))
         return
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
         if deep is not False and sha256_file(d / name) != expected.get(name):
             raise CheckpointError(f"{d}: {name} does not match its checksum (corrupted)")
+
+
+def _sharded_files(d: Path, manifest: dict) -> dict[str, dict]:
+    """A sharded manifest's ``files``: ``{relative path: {"size": int, "sha256": str}}``."""
+    files = manifest.get("files")
+    ok = isinstance(files, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
+        for m in files.values())
+    if not ok:  # hand-edited or written by something else: as good as torn
+        raise CheckpointError(f"{d}: {MANIFEST} of a sharded checkpoint needs \"files\": "
+                              "{path: {\"size\": bytes, \"sha256\": hex}} (checkpoint incomplete or torn)")
+    return files
 
 
 def _check_files(d: Path, files: dict[str, dict], deep: bool) -> None:
@@ -126,10 +139,9 @@ def verify_share(directory: str | Path, rank: int, world: int) -> str | None:
     (:func:`quarantine` the checkpoint when any rank found one).
     """
     d = Path(directory)
-    files = read_json(d / MANIFEST)["files"]
-    mine = dict(sorted(files.items())[rank::world])
     try:
-        _check_files(d, mine, deep=True)
+        files = _sharded_files(d, read_json(d / MANIFEST))
+        _check_files(d, dict(sorted(files.items())[rank::world]), deep=True)
     except CheckpointError as e:
         return str(e)
     return None
@@ -188,7 +200,12 @@ def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:
 def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """One tensor file of a checkpoint; tensors and plain containers only (``weights_only=True``),
     so a checkpoint can never run code when it is loaded."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message names neither the file nor the way out
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which "
+                              f"raypath never loads (weights_only=True): {first}") from None
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -222,18 +239,22 @@ def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
     """Newest verified ``step_*`` checkpoint under a Ray Train run directory.
 
     Remote (``rd``): checkpoints are listed remotely, and the newest one is
-    downloaded into the mirror and verified there; a download that fails the
-    check is deleted, so it is fetched again rather than trusted next time.
+    downloaded into the mirror and verified there. A local copy that fails the
+    check is deleted and downloaded whole once more before the checkpoint is
+    skipped: on a node other than rank 0's, the mirror's step directory holds only
+    the shards this node's ranks wrote, not the manifest, until it is pulled whole.
     """
     for d in sorted(step_dirs(run_storage, rd), reverse=True):
-        try:
-            local = rd.fetch(d)
-            verify(local)
-            return local
-        except (CheckpointError, FileNotFoundError) as e:
-            log.warning("skipping checkpoint: %s", e)
-            if rd.remote(d):  # the download, not the remote checkpoint
-                shutil.rmtree(d, ignore_errors=True)
+        for retry in (False, True) if rd.remote(d) else (True,):
+            try:
+                local = rd.fetch(d)
+                verify(local)
+                return local
+            except (CheckpointError, FileNotFoundError) as e:
+                if rd.remote(d):  # the local copy, not the remote checkpoint
+                    shutil.rmtree(d, ignore_errors=True)
+                if retry:
+                    log.warning("skipping checkpoint: %s", e)
     return None
 
 
@@ -273,15 +294,29 @@ def step_of(directory: str | Path) -> int:
     return int(Path(directory).name.removeprefix("step_"))
 
 
+def _complete(directory: Path, rd: RunDir) -> bool:
+    try:
+        verify(directory, rd, deep=False)
+        return True
+    except CheckpointError:
+        return False
+
+
 def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = LOCAL) -> list[Path]:
     """Delete periodic checkpoints beyond the newest ``keep``; steps in ``protected`` are never deleted.
 
     ``protected``: fork points and version boundaries (what branches and later
-    versions start from). Returns the directories deleted.
+    versions start from). Only complete checkpoints count towards ``keep``: a torn
+    one (a crash mid-save) never displaces a good one, and is deleted once a newer
+    checkpoint is complete. Called between saves, so no save is in flight. Returns
+    the directories deleted.
     """
-    periodic = sorted((d for d in step_dirs(run_storage, rd) if step_of(d) not in protected),
-                      key=step_of)
-    doomed = periodic[:-keep] if keep > 0 else []
+    dirs = sorted(step_dirs(run_storage, rd), key=step_of)
+    complete = [d for d in dirs if _complete(d, rd)]
+    newest = step_of(complete[-1]) if complete else -1
+    periodic = [d for d in complete if step_of(d) not in protected]
+    torn = [d for d in dirs if d not in complete and step_of(d) not in protected and step_of(d) < newest]
+    doomed = (periodic[:-keep] if keep > 0 else []) + torn
     for d in doomed:
         log.info("pruning checkpoint %s (train.keep_checkpoints=%d)", d, keep)
         rd.remove(d)

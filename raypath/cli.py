@@ -179,23 +179,33 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_or_number(upper: float, auto, what: str):
-    """An argparse type: ``auto`` (returned as ``auto``) or a number in (0, ``upper``)."""
+_NO_AUTO = object()
+
+
+def _number_in(lo: float, hi: float, lo_closed: bool = False, hi_closed: bool = False, auto=_NO_AUTO):
+    """An argparse type: a number in the interval from ``lo`` to ``hi`` (open ends unless
+    closed), or ``auto`` (returned as ``auto``'s value) where one is given."""
+    interval = f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+    what = ("" if auto is _NO_AUTO else "'auto' or ") + f"a number in {interval}"
+
     def parse(value: str):
-        if value == "auto":
+        if auto is not _NO_AUTO and value == "auto":
             return auto
         try:
             number = float(value)
         except ValueError:
-            number = -1.0
-        if not 0.0 < number < upper:
-            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {value!r}")
+            number = math.nan  # fails every comparison below
+        if not ((lo <= number if lo_closed else lo < number) and (number <= hi if hi_closed else number < hi)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
         return number
     return parse
 
 
-_lam = _auto_or_number(1.0, "auto", "a number in (0, 1)")
-_huber_delta = _auto_or_number(math.inf, None, "a positive number")
+_lam = _number_in(0.0, 1.0, auto="auto")
+_huber_delta = _number_in(0.0, math.inf, auto=None)
+_fraction = _number_in(0.0, 1.0, hi_closed=True)
+_weight = _number_in(0.0, math.inf, lo_closed=True)
+_positive = _number_in(0.0, math.inf)
 
 
 def _run_dir_arg(parser, **kwargs) -> None:
@@ -229,12 +239,13 @@ def _add_law(sub) -> None:
     _run_dir_arg(pr)
     pr.add_argument("--version", help="version to branch (default: the latest trained)")
     pr.add_argument("--shape", default="1-sqrt", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"])
-    pr.add_argument("--fraction", type=float, default=0.2, help="share of the version's steps the branch re-trains")
+    pr.add_argument("--fraction", type=_fraction, default=0.2,
+                    help="share of the version's steps the branch re-trains, in (0, 1]")
     pr.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
-    pr.add_argument("--min-lr-ratio", type=float, default=0.0)
-    pr.add_argument("--power", type=float, default=2.0)
-    pr.add_argument("--w-old", type=float, default=0.5, help="objective weight of the older splits")
-    pr.add_argument("--w-new", type=float, default=0.5, help="objective weight of the version's own split")
+    pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True), default=0.0)
+    pr.add_argument("--power", type=_positive, default=2.0)
+    pr.add_argument("--w-old", type=_weight, default=0.5, help="objective weight of the older splits (>= 0)")
+    pr.add_argument("--w-new", type=_weight, default=0.5, help="objective weight of the version's own split (>= 0)")
     _law_options(pr)
     pr.add_argument("--plot", metavar="OUT.png", help="draw predicted vs observed curves per split")
     pr.set_defaults(fn=cmd_law_predict)
@@ -265,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cost", help="tokens trained by PTFS, CPT and path switching")
     _run_dir_arg(c, nargs="?")
-    c.add_argument("--tokens", type=float, nargs="+", help="new tokens per version")
-    c.add_argument("--fraction", type=float, default=0.2, help="branch fraction")
-    c.add_argument("--replay", type=float, default=0.0, help="replay ratio")
+    c.add_argument("--tokens", type=_positive, nargs="+", help="new tokens per version (> 0)")
+    c.add_argument("--fraction", type=_number_in(0.0, 1.0), default=0.2, help="branch fraction, in (0, 1)")
+    c.add_argument("--replay", type=_number_in(0.0, 1.0, lo_closed=True), default=0.0,
+                   help="replay ratio, in [0, 1)")
     c.set_defaults(fn=cmd_cost)
 
     w = sub.add_parser("sweep", help="search branch length/shape of one version on Ray Tune + Optuna (resumes)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -411,10 +412,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)  # YAML keys may be ints or bools (``on:``)
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        if isinstance(unknown[0], bool):
+            hint = "YAML reads a bare on/off/yes/no key as true/false: quote it; " + hint
         raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field "
                           f"({hint}known: {', '.join(sorted(names))})")
     kwargs = {}
@@ -442,9 +445,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # no field means anything by inf or nan
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
@@ -459,8 +465,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{path}: expected a pair of numbers like [0.9, 0.95], got {value!r}")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise ConfigError(f"{path}: expected a pair of finite numbers like [0.9, 0.95], got {value!r}")
         return tuple(float(v) for v in value)
     if origin is list:
         if not isinstance(value, list):
@@ -543,6 +549,14 @@ def _check(ok: bool, field_path: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Everything that can be checked without touching data or Ray."""
     m, d, t, b = cfg.model, cfg.data, cfg.train, cfg.branch
+    for name in ("name", "run_dir"):  # "" would be the working directory
+        _check(bool(getattr(cfg, name).strip()), name, "must not be empty")
+    _check(bool(d.corpus.strip()), "data.corpus", "must not be empty (a directory, a URI or 'embedded')")
+    _check(d.max_docs_per_version is None or d.max_docs_per_version >= 2, "data.max_docs_per_version",
+           f"must be >= 2 (train and held-out documents) or empty, got {d.max_docs_per_version}")
+    _check(d.tokenizer_max_chars >= 1, "data.tokenizer_max_chars", f"must be >= 1, got {d.tokenizer_max_chars}")
+    _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus",
+           f"must be >= 1 or empty (auto), got {cfg.cluster.num_cpus}")
     _check(b.shape in SHAPES, "branch.shape", f"{b.shape!r} is not one of {', '.join(SHAPES)}")
     _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
     _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
@@ -574,6 +588,10 @@ def validate(cfg: Config) -> None:
         _check(Path(m.path, "config.json").is_file(), "model.path",
                f"{m.path!r} is not a save_pretrained directory (no config.json)")
     else:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+        _check(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
         _check(d.seq_len <= m.max_position_embeddings, "model.max_position_embeddings",
                f"model accepts {m.max_position_embeddings} positions but data.seq_len is {d.seq_len}")
         _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
@@ -592,6 +610,13 @@ def validate(cfg: Config) -> None:
                f"{t.global_batch_size} is not a multiple of micro_batch_size x num_workers = {per_step}"
                + (f" (at {world} workers of the elastic range)" if t.min_workers else ""))
     _check(t.max_lr > 0, "train.max_lr", f"must be > 0, got {t.max_lr}")
+    _check(all(0.0 <= x < 1.0 for x in t.betas), "train.betas", f"each must be in [0, 1), got {list(t.betas)}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = no clipping), got {t.grad_clip}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = at segment ends only), got {t.eval_every}")
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
+    _check(t.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s",
+           f"must be > 0 (seconds), got {t.elastic_resize_interval_s}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (0 = off), got {t.checkpoint_every}")

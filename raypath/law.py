@@ -635,7 +635,8 @@ def single_thread_blas():
     """
     handles = []
     try:
-        paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
     except OSError:
         paths = set()
     for path in sorted(paths):
@@ -846,6 +847,8 @@ class _Problem:
 def _problem(law: type[_Law], curves: Sequence[Curve], lam: float, delta: float) -> _Problem:
     feats = np.concatenate([law.features(c, lam) for c in curves], axis=1)
     losses = np.concatenate([c.losses for c in curves])
+    if not losses.size:
+        raise ValueError("no observed losses to fit: every curve is empty")
     if not np.all(np.isfinite(losses) & (losses > 0)):
         raise ValueError("observed losses must be finite and positive")
     s1ref = float(np.max(feats[0] + feats[1])) or 1.0

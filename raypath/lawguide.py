@@ -119,7 +119,8 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
         seen.add(key)
         p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), decay.min_lr_ratio, power,
                            weights=weights, fork_step=fork)
-        out.append({**p, "grid_index": i})
+        # The grid's own shape and power too: the sweep's search space may hold no "linear".
+        out.append({**p, "grid_index": i, "grid_shape": cand["shape"], "grid_power": float(cand.get("power", 2.0))})
     out.sort(key=lambda c: (c["objective"] if math.isfinite(c["objective"]) else math.inf,
                             c["branch_steps"], c["grid_index"]))
     return out
@@ -171,10 +172,12 @@ def spread_picks(ranked: Sequence[Mapping], n: int, observed: Sequence[Mapping] 
 def optuna_point(candidate: Mapping, replay_ratio: float | None = None) -> dict:
     """A ranked candidate as an OptunaSearch ``points_to_evaluate`` entry (the sweep's
     parameter names: fraction, shape, power only for polynomial/exponential, min_lr_ratio,
-    replay_ratio). The fraction is the snapped one, so the trial forks where predicted."""
-    point = {"fraction": float(candidate["fraction_actual"]), "shape": candidate["shape"]}
-    if candidate["shape"] in POWER_SHAPES:
-        point["power"] = float(candidate["power"])
+    replay_ratio). The fraction is the snapped one, so the trial forks where predicted; shape
+    and power are the grid's (a polynomial of power 1 stays one, as the search space has it)."""
+    shape = candidate.get("grid_shape", candidate["shape"])
+    point = {"fraction": float(candidate["fraction_actual"]), "shape": shape}
+    if shape in POWER_SHAPES:
+        point["power"] = float(candidate.get("grid_power", candidate["power"]))
     point["min_lr_ratio"] = float(candidate["min_lr_ratio"])
     if replay_ratio is not None:
         point["replay_ratio"] = float(replay_ratio)

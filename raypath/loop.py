@@ -397,7 +397,7 @@ def train_step(tr: Training, micro_batches: Iterable[torch.Tensor], accum: int, 
                 loss = block_loss(tr.model, blocks.to(tr.device, non_blocking=True)) / accum
             loss.backward()
         step_loss += loss.detach()
-    if grad_clip:
+    if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(tr.raw_model.parameters(), grad_clip)
     tr.optim.step()
     tr.optim.zero_grad(set_to_none=True)

@@ -62,8 +62,24 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         limit = getattr(model.config, "max_position_embeddings", None)
         if seq_len and limit and seq_len > limit:
             raise ConfigError(f"model.path: {cfg.path} accepts {limit} positions, data.seq_len is {seq_len}")
+        _use_special_ids(model, eos_id, pad_id)
         return model
     return LlamaForCausalLM(llama_config(cfg, vocab_size, eos_id, pad_id))
+
+
+def _use_special_ids(model: PreTrainedModel, eos_id: int, pad_id: int | None) -> None:
+    """Make a pretrained model's EOS/PAD ids the training tokenizer's (``data.tokenizer`` may not
+    be the base model's): documents are packed EOS-separated, and the released config and
+    generation config must stop ``generate()`` where training ended documents. A list of EOS
+    ids (instruct models) that holds the tokenizer's is kept."""
+    for conf in (model.config, getattr(model, "generation_config", None)):
+        if conf is None:
+            continue
+        eos = getattr(conf, "eos_token_id", None)
+        if not (isinstance(eos, list) and eos_id in eos):
+            conf.eos_token_id = eos_id
+        if pad_id is not None:
+            conf.pad_token_id = pad_id
 
 
 def compile_blocks(model: PreTrainedModel, fuse_linears: bool = True) -> None:

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 from raypath.config import ConfigError
 from raypath.mirror import CHUNK, RunDir
+from raypath.sources import uri_filesystem
 from raypath.storage import atomic_dir, atomic_file, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,17 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def resolve(path: str, rd: RunDir) -> BaseModel:
-    """The local directory of ``model.path``, downloading a URI into the run directory ``rd`` the first time."""
+def resolve(path: str, rd: RunDir, endpoint: str | None = None) -> BaseModel:
+    """The local directory of ``model.path``, downloading a URI into the run directory ``rd`` the first time.
+
+    endpoint: an S3-compatible endpoint (``cluster.storage_endpoint``) for an ``s3://`` path.
+    """
     if not _is_uri(path):
         d = Path(path).expanduser().resolve()
         if not (d / "config.json").is_file():
             raise ConfigError(f"model.path: {path!r} is not a save_pretrained directory (no config.json)")
-        return BaseModel(path, str(d), _weight_hashes(d))
+        # Recorded absolute: the lineage reads a "./x" string as relative to the run directory.
+        return BaseModel(str(d), str(d), _weight_hashes(d))
     target = rd / BASE_DIR
     manifest = target / MANIFEST
     if manifest.is_file():
@@ -72,15 +77,15 @@ def resolve(path: str, rd: RunDir) -> BaseModel:
                               f"use a new run_dir to start from another model")
         _verify_download(target, recorded["sha256"])
     else:
-        _download(path, target)
+        _download(path, target, endpoint)
     rd.publish(target)  # workers on other nodes fetch it from the remote run directory
     hashes = read_json(manifest)["sha256"]
     return BaseModel(path, str(target), {n: h for n, h in hashes.items() if n.endswith(WEIGHT_SUFFIXES)})
 
 
-def _download(uri: str, target: Path) -> None:
+def _download(uri: str, target: Path, endpoint: str | None) -> None:
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = uri_filesystem(uri, endpoint)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot list {uri!r} ({e})") from None

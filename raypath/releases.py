@@ -382,6 +382,9 @@ class Releaser:
         card = {**self._card(src), "release": {k: entry[k] for k in (
             "id", "reason", "branch", "objective", "test_objective", "score", "objective_weights", "val", "test",
             "candidates", "beat", "replaced", "released")}}
+        # An rN that is not in the history is the orphan of a crash before the switch: remove it
+        # everywhere first, as publishing skips remote files of an unchanged size.
+        self.rd.remove(vdir / rid)
         with atomic_dir(vdir / rid) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was

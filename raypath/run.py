@@ -146,7 +146,7 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     rd, run_dir, sources = where.rd, where.rd.path, where.sources
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     endpoint = _endpoint(cfg)
-    base = resolve_base_model(cfg.model.path, rd) if cfg.model.path else None
+    base = resolve_base_model(cfg.model.path, rd, endpoint) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
     if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own

@@ -28,7 +28,6 @@ seen the full anneal, whatever the shape and length.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
@@ -94,7 +93,9 @@ def decay_fraction(progress, shape: str, power: float = 2.0):
         return (1.0 - p) ** power
     if shape == "exponential":
         # exp(-k p) rescaled to hit exactly 0 at p = 1, so every shape ends at min LR.
-        return (np.exp(-power * p) - math.exp(-power)) / (1.0 - math.exp(-power))
+        # np.exp on both sides: math.exp may differ by an ulp, and the floor turn negative.
+        floor = np.exp(-power)
+        return (np.exp(-power * p) - floor) / (1.0 - floor)
     raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
 
 
@@ -175,7 +176,8 @@ class Window:
     warmup_from=min LR of k-1)``.
 
     max_lr: peak LR.
-    warmup_steps: (re-)warmup length inside the window.
+    warmup_steps: (re-)warmup length inside the window; a window of no more steps than
+        that warms up over all but its last step, which still trains at the floor.
     steps: window length, warmup included; its last step trains at the floor.
     start_step: global step where the window begins.
     min_lr_ratio: LR at the end of the window as a fraction of ``max_lr``.
@@ -199,13 +201,14 @@ class Window:
 
     def __call__(self, step: int) -> float:
         s = step - self.start_step
-        if s < self.warmup_steps:
-            return self.warmup_from + (self.max_lr - self.warmup_from) * (s + 1) / self.warmup_steps
-        decay_steps = max(self.steps - self.warmup_steps, 1)
         end_lr = self.min_lr_ratio * self.max_lr
         if s >= self.steps:
             return end_lr
-        return _decay(s, self.warmup_steps, decay_steps, self.max_lr, end_lr,
+        # A short version (a CPT window of few new steps) must still release an annealed model.
+        warmup = min(self.warmup_steps, self.steps - 1)
+        if s < warmup:
+            return self.warmup_from + (self.max_lr - self.warmup_from) * (s + 1) / warmup
+        return _decay(s, warmup, self.steps - warmup, self.max_lr, end_lr,
                       Decay(self.shape, self.min_lr_ratio, self.power))
 
 

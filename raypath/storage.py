@@ -134,14 +134,16 @@ def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) ->
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
+    old = path.with_name(f".{path.name}.old")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if old.is_dir() and not path.exists():  # a crash between the two renames below
+        os.replace(old, path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; releases are read by others
         if path.exists():
             # Rename the old one aside first: os.replace cannot replace a non-empty dir.
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -149,6 +151,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException:
+        if old.is_dir() and not path.exists():
+            os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

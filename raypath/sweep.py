@@ -589,6 +589,12 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     from raypath.cluster import init_ray
     from raypath.run import prepare
 
+    # What can be checked without Ray, and before the data is prepared: the version is trained.
+    try:
+        lineage = Lineage.load(RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
+    _trained_main(lineage, lineage.version_names(), version)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
     with lineage_run(ctx.tracking):
@@ -622,13 +628,18 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     return record
 
 
+def _trained_main(lineage: Lineage, names: list[str], version: str | int) -> tuple[int, str, Any]:
+    """(index, name, main-path entry) of ``version`` among the run's ``names``; raises unless trained."""
+    k = resolve_version(names, version)
+    main = lineage.main(names[k])
+    if main is None:
+        raise ConfigError(f"--version {names[k]}: its main path is not trained yet; run `raypath run` first")
+    return k, names[k], main
+
+
 def _plan(ctx, lineage, version: str | int, sc: SweepConfig) -> SweepPlan:
     """The sweep of ``version``: its main-path segment, objective and directory."""
-    k = resolve_version([v["name"] for v in ctx.versions], version)
-    vname = ctx.versions[k]["name"]
-    main = lineage.main(vname)
-    if main is None:
-        raise ConfigError(f"--version {vname}: its main path is not trained yet; run `raypath run` first")
+    k, vname, main = _trained_main(lineage, [v["name"] for v in ctx.versions], version)
     weights = objective_weights([v["name"] for v in ctx.versions], k, sc.weights)
     sweep_dir = ctx.run_dir / "sweeps" / vname / sc.name
     return SweepPlan(ctx, k, main, str(sweep_dir), weights, sc.compute_penalty,

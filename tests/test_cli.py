@@ -44,6 +44,27 @@ def test_cost_table(capsys):
     assert last[0] == "3" and last[-2:] == ["0.600", "0.750"]
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["cost", "--tokens", "1e9", "1e9", "--fraction", "1.5"], "--fraction: expected a number in (0, 1)"),
+    (["cost", "--tokens", "1e9", "1e9", "--replay", "1"], "--replay: expected a number in [0, 1)"),
+    (["cost", "--tokens", "0", "1e9"], "--tokens: expected a number in (0, inf)"),
+    (["law", "predict", "RUN", "--fraction", "0"], "--fraction: expected a number in (0, 1]"),
+    (["law", "predict", "RUN", "--w-old", "-1"], "--w-old: expected a number in [0, inf)"),
+    (["law", "predict", "RUN", "--lambda", "1.5"], "--lambda: expected 'auto' or a number in (0, 1)"),
+])
+def test_out_of_range_numbers_on_the_command_line_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sweep_of_a_run_that_does_not_exist_fails_before_ray_and_data(tmp_path, capsys):
+    run_dir = tmp_path / "no-such-run"
+    rc = main(["sweep", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run_dir={run_dir}", "--version", "v2"])
+    assert rc == 2 and "run `raypath run` first" in capsys.readouterr().err
+    assert not run_dir.exists()  # no corpus built, no tokenizer trained, no Ray started for nothing
+
+
 def test_status_of_finished_run(tiny_run, capsys):
     cfg, lin = tiny_run
     assert main(["status", cfg.run_dir]) == 0

@@ -261,9 +261,40 @@ def test_config_error_is_a_value_error():
     ("train:\n  num_workers: 0\n", "train.num_workers"),
     ("train:\n  max_lr: 0\n", "train.max_lr"),
     ("train:\n  warmup_steps: -1\n", "train.warmup_steps"),
+    # each of these used to load, then crash or misbehave in a worker
+    ("train:\n  grad_clip: -1\n", "train.grad_clip"),  # clip_grad_norm_ with -1 flips the gradient
+    ("train:\n  betas: [1.5, 0.95]\n", "train.betas"),
+    ("train:\n  weight_decay: -0.1\n", "train.weight_decay"),
+    ("train:\n  eval_every: -1\n", "train.eval_every"),
+    ("train:\n  cpus_per_worker: -1\n", "train.cpus_per_worker"),
+    ("train:\n  elastic_resize_interval_s: 0\n", "train.elastic_resize_interval_s"),
+    ("model:\n  num_heads: 0\n", "model.num_heads"),  # was a ZeroDivisionError
+    ("model:\n  num_kv_heads: 0\n", "model.num_kv_heads"),
+    ("model:\n  hidden_size: 0\n", "model.hidden_size"),
+    ("model:\n  num_layers: -2\n", "model.num_layers"),
+    ("model:\n  intermediate_size: 0\n", "model.intermediate_size"),
+    ("model:\n  rope_theta: -1\n", "model.rope_theta"),
+    ("data:\n  max_docs_per_version: 1\n", "data.max_docs_per_version"),
+    ("data:\n  tokenizer_max_chars: 0\n", "data.tokenizer_max_chars"),
+    ("data:\n  corpus: ''\n", "data.corpus"),  # Path('') is the working directory
+    ("run_dir: ''\n", "run_dir"),
+    ("name: ' '\n", "name"),
+    ("cluster:\n  num_cpus: 0\n", "cluster.num_cpus"),
+    ("train:\n  max_lr: .inf\n", "train.max_lr"),
+    ("branch:\n  power: .nan\n", "branch.power"),
+    ("sweep:\n  power: [1, .inf]\n", "sweep.power"),
+    ("sweep:\n  weights: {old: .inf, new: 1}\n", "sweep.weights.old"),
 ])
 def test_other_range_checks_name_the_field(tmp_path, text, field):
     _fails(tmp_path, text, field)
+
+
+@pytest.mark.parametrize("text,field,hint", [
+    ("trian:\n  max_lr: 0.001\n1: x\n", "1", "unknown field"),  # str and int keys: sorted by str
+    ("train:\n  on: true\n  warmup: 10\n", "train.True", "quote it"),  # YAML 1.1 reads `on` as true
+])
+def test_unknown_keys_of_any_yaml_type_are_named(tmp_path, text, field, hint):
+    assert hint in _fails(tmp_path, text, field)
 
 
 # ---------------------------------------------------------------- round trip

@@ -8,6 +8,7 @@ checkpoints written by raypath's own writers and a lineage whose releases are ma
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,25 @@ def test_a_failed_verification_leaves_out_as_it_was(run, tmp_path, monkeypatch):
     with pytest.raises(ExportError):
         export(run, "main-v1", tmp_path / "new")
     assert not (tmp_path / "new").exists() and _siblings(out) == ["v2"]
+
+
+def test_a_failed_swap_of_the_directories_leaves_out_as_it_was(run, tmp_path, monkeypatch):
+    out = tmp_path / "v2"
+    export(run, "v2", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = os.replace, []
+
+    def second_rename_fails(src, dst):  # out moved aside, then the new one cannot move in
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "injected I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="injected"):
+        export(run, "main-v1", out, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _siblings(out) == ["v2"]
 
 
 def test_a_copied_run_directory_exports_its_own_files(run, tmp_path):

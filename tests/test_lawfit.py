@@ -258,6 +258,18 @@ def test_stopper_records_its_stops_and_learns_configs_at_trial_start(tmp_path):
     assert list(saved) == ["hopeless"] and saved["hopeless"]["forecast"] == pytest.approx(4.15)
 
 
+def test_guide_points_keep_to_the_sweeps_shapes(law_run):
+    # polynomial of power 1 is the linear decay; a sweep without "linear" must still be offered
+    # a polynomial point, or Optuna refuses it (suggest_categorical: 'linear' not in choices)
+    run_dir, lineage = law_run
+    m = next(m for m in lineage["main_path"] if m["version"] == "v3")
+    guide = lawguide.LawGuide(run_dir, "v3", weights={"old": 0.5, "new": 0.5}, forks=[m["fork_step"]], save=False)
+    points = guide.points_to_evaluate(6, fraction=(0.05, 0.5), shapes=["polynomial"], power=(1.0, 4.0),
+                                      min_lr_ratio=(0.0, 0.1), replay_ratio=0.0)
+    assert {p["shape"] for p in points} == {"polynomial"} and 1.0 in {p["power"] for p in points}
+    assert all(1.0 <= p["power"] <= 4.0 for p in points)
+
+
 def test_guide_points_refit_and_stopper(law_run, tmp_path):
     run_dir, lineage = law_run
     m = next(m for m in lineage["main_path"] if m["version"] == "v3")

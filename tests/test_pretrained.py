@@ -60,7 +60,7 @@ def test_tokenizer_checks_name_the_field(tmp_path, tok_dir):
         check_tokenizer(str(ok), load_tokenizer(ok), "model.path", seq_len=128)
 
 
-def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir):
+def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
     from raypath.mirror import RunDir
     from raypath.pretrained import BASE_DIR, resolve
 
@@ -81,6 +81,42 @@ def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir):
         resolve(f"file://{tmp_path / 'other'}", run_dir)
     local = resolve(str(src), RunDir(tmp_path / "run2"))  # a local directory is used in place
     assert local.local_dir == str(src) and local.sha256 == first.sha256
+    # recorded absolute: the lineage reads "./x" as relative to the run directory, not the cwd
+    monkeypatch.chdir(tmp_path)
+    assert resolve("./base", RunDir(tmp_path / "run2")).describe()["path"] == str(src)
+
+
+def test_an_s3_model_path_uses_the_configured_endpoint(s3, tmp_path, tok_dir):
+    from conftest import bucket
+
+    from raypath.mirror import RunDir
+    from raypath.pretrained import resolve
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    name = bucket(s3, "models")
+    for f in src.iterdir():
+        with s3.fs.open_output_stream(f"{name}/base/{f.name}") as out:
+            out.write(f.read_bytes())
+    base = resolve(f"s3://{name}/base", RunDir(tmp_path / "run"), s3.endpoint)  # cluster.storage_endpoint
+    assert base.sha256 == {"model.safetensors": sha256_file(src / "model.safetensors")}
+
+
+def test_a_pretrained_model_takes_the_training_tokenizers_eos_and_pad(tmp_path, tok_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raypath.config import ModelConfig
+    from raypath.model import build_model
+    from raypath.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)  # data.tokenizer: documents are packed with its EOS
+    base = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64, bos_token_id=4,
+                                 eos_token_id=5, pad_token_id=6)).save_pretrained(base)
+    model = build_model(ModelConfig(path=str(base)), len(tok), tok.eos_token_id, tok.pad_token_id)
+    assert (tok.eos_token_id, tok.pad_token_id) != (5, 6)
+    for conf in (model.config, model.generation_config):  # what a release's config.json and generate() use
+        assert (conf.eos_token_id, conf.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
 
 
 def _first_rows_loss(base_dir: Path, stream_path: str, n: int) -> float:

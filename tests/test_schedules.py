@@ -353,6 +353,22 @@ def test_every_decay_trains_its_last_step_at_the_floor(shape, steps):
     assert w(20 + 5 + steps - 1) == pytest.approx(1e-4, rel=REL)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 40, 50])
+def test_a_window_no_longer_than_its_warmup_still_ends_at_the_floor(steps):
+    # a CPT baseline over a version of fewer steps than train.warmup_steps must release annealed
+    w = Window(MAX, 50, steps, start_step=100, min_lr_ratio=0.1)
+    assert w(100 + steps - 1) == pytest.approx(1e-4, rel=REL)
+    assert w(100 + steps) == pytest.approx(1e-4, rel=REL)
+    if steps > 2:
+        assert 0 < w(100) < w(100 + steps - 2) <= MAX  # warming up until the last step
+
+
+def test_exponential_decay_never_ends_below_the_floor():
+    # math.exp(-k) and np.exp(-k * 1.0) differ by an ulp for some k: the end went to -1.5e-18
+    for power in np.linspace(0.01, 20.0, 2000):
+        assert Branch(MAIN, FORK, 10, Decay("exponential", 0.0, float(power)))(FORK + 9) == 0.0
+
+
 def test_one_step_branch_decays():
     b = Branch(MAIN, FORK, 1, Decay("cosine", 0.0))
     assert b(FORK - 1) == MAX

@@ -121,6 +121,63 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
         assert (s3.fs.get_file_info(snap_key).type == pafs.FileType.NotFound) is dropped
 
 
+def test_a_node_whose_mirror_holds_only_its_ranks_shards_resumes_from_the_remote_checkpoint(s3, tmp_path):
+    import torch
+
+    from raypath.shards import ShardedSaver
+
+    bucket = _bucket(s3, "shards")
+    mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
+    rd = RunDir(Path(mirror.local), mirror)
+    storage = rd / "ray" / "main-v1"
+    model = torch.nn.Linear(4, 4)
+    ShardedSaver(0, False, torch.device("cpu"), rd).save(
+        storage / ckpt.step_dir_name(10), model, torch.optim.AdamW(model.parameters()), {"step": 10, "tokens": 10})
+    # Another node's mirror: its ranks wrote their shards there; manifest, state, RNG and DCP's
+    # metadata were written (and published) by rank 0 on its own node.
+    local = storage / ckpt.step_dir_name(10)
+    for f in [p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".distcp")]:
+        f.unlink()
+    assert ckpt.latest_valid(storage, rd) == local  # pulled whole, not skipped as torn
+    ckpt.verify(local, deep=True)
+
+
+def test_a_release_id_reused_after_a_crash_replaces_the_remote_copy_whole(s3, tmp_path, monkeypatch):
+    from raypath import releases
+    from raypath.lineage import Lineage
+    from raypath.storage import write_json
+
+    bucket = _bucket(s3, "orphan")
+    mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
+    rd = RunDir(Path(mirror.local), mirror)
+    lin = Lineage.open(rd, "t", {"sweep": {"weights": {"old": 0.5, "new": 0.5}, "compute_penalty": 0.0}})
+    lin.data["versions"] = [{"name": "v1"}, {"name": "v2"}]
+    lin.data["main_path"] = [{"version": "v2", "tokens_start": 0, "tokens_end": 1000}]
+
+    def branch(name: str, v2: float) -> None:
+        export = rd / "exports" / name
+        export.mkdir(parents=True)
+        (export / "model.safetensors").write_bytes(os.urandom(256))  # same size, other weights
+        write_json(export / "model_card.json", {"branch": name, "version": "v2"})
+        rd.publish(export)
+        lin.record_branch({"name": name, "version": "v2", "status": "done", "tokens_trained": 200,
+                           "tokens_total": 1000, "export": str(export),
+                           "metrics": {"val/v1": 3.9, "val/v2": v2, "loss": 3.0}})
+
+    objective = releases.version_objective(lin.data, "v2")
+    branch("a", 3.0)
+    monkeypatch.setattr(releases.Releaser, "_switch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed after r1 was published, before the switch
+        releases.Releaser(lin).decide("v2", objective)
+    monkeypatch.undo()
+    assert lin.release_history("v2") is None  # r1 never recorded
+    branch("b", 2.9)
+    assert releases.Releaser(lin).decide("v2", objective).release.name == "b"
+    key = f"{bucket}/run/releases/v2/r1/model.safetensors"
+    assert lin.release("v2").id == "r1"
+    assert s3.read(key) == (rd / "exports" / "b" / "model.safetensors").read_bytes()  # not a's weights
+
+
 # ---------------------------------------------------------------- a whole lineage on S3
 
 def _raypath(s3: S3, argv: list[str], log: Path) -> str:
