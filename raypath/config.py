@@ -150,9 +150,10 @@ class TrainConfig:
     checkpoint_every_minutes: also checkpoint once this much wall time has passed
         since the last checkpoint (checked every ``log_every`` steps), so a lost
         worker costs at most this much training; 0 = off.
-    keep_checkpoints: keep only the newest N periodic checkpoints of a segment
-        (step- or time-based); fork points and version boundaries are never
-        pruned. 0 = keep all (a sweep can then fork from any of them).
+    keep_checkpoints: keep only the newest N complete periodic checkpoints of a
+        segment (step- or time-based); fork points and version boundaries are never
+        pruned, torn ones (a crash mid-save) go once a newer one is complete.
+        0 = keep all (a sweep can then fork from any of them).
     async_checkpoint: write checkpoints with DCP's asynchronous save: the state is
         copied to host memory and written by a background thread while training
         goes on; the checkpoint counts once its manifest is written. Implies the

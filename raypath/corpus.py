@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from raypath.sources import unicode_problem
 from raypath.storage import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -150,16 +151,6 @@ def _read_utf8(path: Path, stats: _Stats) -> str | None:
     return text.removeprefix("\ufeff")
 
 
-def _is_encodable(text: str) -> bool:
-    # ast-decoded docstrings may contain lone surrogates ("\udc80" escapes),
-    # which cannot be written as UTF-8.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _chunk(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     """Split at line boundaries into pieces of at most ``max_chars``."""
     if len(text) <= max_chars:
@@ -231,7 +222,8 @@ def _docstring_pieces(files: list[tuple[Path, str]], stats: _Stats) -> Iterator[
         except (SyntaxError, ValueError):
             stats.skipped_unparsable += 1
             continue
-        docs = [d for d in _docstrings_in_source_order(tree) if _is_encodable(d)]
+        # ast-decoded docstrings may hold lone surrogates ("\udc80" escapes): not writable as UTF-8
+        docs = [d for d in _docstrings_in_source_order(tree) if not unicode_problem(d)]
         if docs:
             yield "\n\n".join(docs), rel
 
@@ -256,7 +248,7 @@ def _load_pydoc_topics(stdlib: Path) -> dict[str, str]:
 def _topic_pieces(stdlib: Path) -> Iterator[tuple[str, str]]:
     topics = _load_pydoc_topics(stdlib)
     for name in sorted(topics):
-        if _is_encodable(topics[name]):
+        if not unicode_problem(topics[name]):
             yield topics[name], f"pydoc_data/topics.py#{name}"
 
 

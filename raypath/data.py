@@ -188,6 +188,8 @@ class TokenizePack:
         return "ok"
 
     def _ids(self, chunk: Chunk, skipped: dict) -> list[list[int]]:
+        from raypath.tokenizer import encode_documents
+
         ids, batch = [], []
         for _, text, problem in iter_docs(chunk, self.column, self.endpoint):
             status = "invalid" if problem else self._status(text)
@@ -196,10 +198,10 @@ class TokenizePack:
                 continue
             batch.append(text)
             if len(batch) == TOKENIZE_BATCH:
-                ids.extend(self.tok(batch, add_special_tokens=False)["input_ids"])
+                ids.extend(encode_documents(self.tok, batch))
                 batch = []
         if batch:
-            ids.extend(self.tok(batch, add_special_tokens=False)["input_ids"])
+            ids.extend(encode_documents(self.tok, batch))
         return ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -420,6 +422,8 @@ def held_out_counts(available: int, val: int, test: int) -> tuple[int, int]:
     """
     if available >= val + test or test == 0:
         return min(val, available), test if available >= val + test else 0
+    if available == 0:  # nothing to share: the caller refuses a version without val blocks
+        return 0, 0
     n_val = max(1, min(val, round(available * val / (val + test))))
     return n_val, available - n_val
 
@@ -453,8 +457,9 @@ def _held_out_splits(fs: pafs.FileSystem, root: str, stats: dict[str, list[dict]
         fs.delete_dir(f"{root}/test-parts")
     else:
         n_val, n_test = held_out_counts(val_blocks, spec.val_blocks, spec.test_blocks)
-        _take_blocks(fs, f"{root}/val-parts", stats["val"], 0, n_val, f"{root}/val")
-        _take_blocks(fs, f"{root}/val-parts", stats["val"], n_val, n_val + n_test, f"{root}/test")
+        # The counts written, not the planned ones: the manifest must match what is on disk.
+        n_val = _take_blocks(fs, f"{root}/val-parts", stats["val"], 0, n_val, f"{root}/val")
+        n_test = _take_blocks(fs, f"{root}/val-parts", stats["val"], n_val, n_val + n_test, f"{root}/test")
     fs.delete_dir(f"{root}/val-parts")
     if spec.test_blocks and n_test < spec.test_blocks:
         log.warning("version %s: %d test blocks (data.test_blocks=%d); %s", name, n_test, spec.test_blocks,
@@ -567,7 +572,7 @@ class PrepareSpec:
     replay_ratio: float
     seed: int
     actors: int
-    min_blocks: int  # a version must fill at least one global batch
+    min_blocks: int  # a version must fill two global batches: a main step before its fork, and one after
     on_bad_input: str = "error"  # "error" or "skip" (counted and logged)
     max_doc_chars: int = 0  # 0 = no limit
     rd: RunDir = LOCAL
@@ -757,7 +762,8 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     stats = _sum_stats(train)
     if stats["blocks"] < spec.min_blocks:
         raise DataError(f"version {src.name}: {stats['blocks']} blocks of {spec.seq_len + 1} tokens, fewer than "
-                        f"one global batch ({spec.min_blocks}); add data or lower train.global_batch_size")
+                        f"two global batches ({spec.min_blocks}: a main-path step before the branch's fork, one "
+                        "after); add data or lower train.global_batch_size")
     n_val, n_test = _held_out_splits(fs, root, split_stats, spec, src.name)
     if n_val == 0:
         raise DataError(f"version {src.name}: validation files hold less than one block of "
@@ -863,6 +869,15 @@ def _read_rows(pools: list[Pool], positions: np.ndarray, fs: pafs.FileSystem) ->
     return np.stack(tokens), src
 
 
+def _swaps(version: dict, ratio: float, wanted: int, slots: int, candidates: int) -> int:
+    """How many rows :func:`replay_variant` swaps: ``wanted``, unless fewer rows or blocks exist."""
+    n = int(min(wanted, slots, candidates))
+    if n < wanted:
+        log.warning("version %s: replay ratio %g: %d rows to swap, but only %d unused blocks (no block trains "
+                    "twice in a branch); the branch stream stops short of the ratio", version["name"], ratio, wanted, n)
+    return n
+
+
 def replay_variant(version: dict, older: list[dict], consumed: list, limit: int, ratio: float,
                    seed: int, out_path: str | Path, rd: RunDir = LOCAL) -> dict:
     """``version``'s stream with the rows still to train re-mixed to ``ratio`` replay.
@@ -870,10 +885,12 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     What a branch with its own replay ratio trains (a sweep can search the ratio). The
     branch keeps its length and row ids -- the rows ``idx < limit`` not ``consumed`` at
     its fork -- so the fork checkpoint's data position applies unchanged. Rows of the
-    version's own data are swapped for seeded samples of ``older`` versions' blocks until
-    ``ratio`` of those rows are replay; below the stream's own ratio, replay rows are
-    swapped for the version's own blocks instead (possibly rows the main path trained
-    before the fork). Written once (atomically); returns the path and the mix.
+    version's own data are swapped for seeded samples of ``older`` versions' blocks that
+    the stream does not hold, until ``ratio`` of those rows are replay; below the stream's
+    own ratio, replay rows are swapped for the version's own blocks the main path trained
+    before the fork. No block is trained twice in a branch: when too few such blocks exist,
+    the ratio stops short of ``ratio`` (logged; the returned mix says what it reached).
+    Written once (atomically); returns the path and the mix.
 
     Holds this one version's stream in memory (a branch's share of it is what it
     re-mixes); the drawn blocks are read from the part files that hold them only. In a
@@ -890,16 +907,26 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
         table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in _parquet_files(fs, stream)]).sort_by("idx")
         idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
         tokens = _blocks(table)
-        todo = np.flatnonzero((idx < limit) & ~Consumed.from_list(consumed).mask(idx))
+        in_branch = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
+        todo = np.flatnonzero(in_branch)
         is_replay = src[todo] != k
         want, have = int(round(ratio * len(todo))), int(is_replay.sum())
         rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
-        pools = [_pool(r, spec, upgrade=False) for r in (older if want > have else [version])]
-        swap = np.sort(rng.choice(todo[~is_replay] if want > have else todo[is_replay], size=abs(want - have),
-                                  replace=False))
-        if len(swap):
-            pick = np.sort(rng.choice(sum(p.rows for p in pools), size=len(swap), replace=False))
-            tokens[swap], src[swap] = _read_rows(pools, pick, fs)
+        if want > have:  # more replay: older blocks the stream never drew
+            pools = [_pool(r, spec, upgrade=False) for r in older]
+            drawn, total = int(version.get("replay_blocks", 0)), sum(p.rows for p in pools)
+            n = _swaps(version, ratio, want - have, (~is_replay).sum(), total - drawn)
+            swap = np.sort(rng.choice(todo[~is_replay], size=n, replace=False))
+            ranks = drawn + rng.choice(total - drawn, size=n, replace=False)
+            pick = np.sort(Replay.of(pools, drawn, salt(seed, _REPLAY, k)).perm(ranks)) if drawn else np.sort(ranks)
+            if n:
+                tokens[swap], src[swap] = _read_rows(pools, pick, fs)
+        elif want < have:  # less replay: own blocks trained before the fork (or past the branch)
+            spare = np.flatnonzero((src == k) & ~in_branch)
+            n = _swaps(version, ratio, have - want, is_replay.sum(), len(spare))
+            swap = np.sort(rng.choice(todo[is_replay], size=n, replace=False))
+            pick = rng.choice(spare, size=n, replace=False)
+            tokens[swap], src[swap] = tokens[pick], k
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_blocks(out, tokens, src, idx)
         rd.publish(out)  # the branch's workers read it through the bucket

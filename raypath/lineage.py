@@ -277,6 +277,26 @@ def _migrate_releases(data: dict) -> None:
         r.update(id="r1", release="r1", reason=reason, pinned=bool(r.get("pinned")))
 
 
+#: Settings that stay as they are once the main path has started: the recorded steps,
+#: checkpoints and consumed rows count in them (``None``: the whole section; how the model
+#: computes, ``model.attn_implementation``, may change).
+FIXED_SETTINGS = (("model", None), ("data", ("seq_len",)),
+                  ("train", ("global_batch_size", "max_lr", "warmup_steps")))
+
+
+def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its") -> None:
+    """Raise a ConfigError naming the first of :data:`FIXED_SETTINGS` where the config ``now``
+    differs from the lineage's ``recorded`` one (both ``Config.to_dict()``)."""
+    from raypath.config import ConfigError
+
+    for section, keys in FIXED_SETTINGS:
+        new, old = now.get(section, {}), recorded.get(section, {})
+        for key in keys or [k for k in new if k != "attn_implementation"]:
+            if key in old and old[key] != new.get(key):
+                raise ConfigError(f"{section}.{key}: {new.get(key)!r} differs from the lineage's {old[key]!r}; "
+                                  f"{what} model and main-path schedule (a new run_dir starts another)")
+
+
 def resolve_version(names: list[str], version: str | int | None) -> int:
     """Index in ``names`` (the run's versions, in order) of ``version``: a name (``v2``), a
     1-based number (``2``), or None for the last one. Raises

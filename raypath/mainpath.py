@@ -22,6 +22,12 @@ def fork_step(start_step: int, end_step: int, fraction: float) -> int:
     return end_step - min(max(1, round(fraction * steps)), steps)
 
 
+def main_fork_step(start_step: int, end_step: int, fraction: float) -> int:
+    """The fork point a main segment checkpoints: after its own first step, since its start is
+    the previous segment's checkpoint (a version trains >= 2 steps: ``min_blocks``)."""
+    return max(fork_step(start_step, end_step, fraction), start_step + 1)
+
+
 def main_segment(ctx, k: int, prev: MainEntry | None) -> Segment:
     version = ctx.versions[k]
     start_step = prev.end_step if prev else 0
@@ -37,7 +43,7 @@ def main_segment(ctx, k: int, prev: MainEntry | None) -> Segment:
         end_step=end_step,
         schedule=main_schedule(ctx.cfg.train),
         init_checkpoint=prev.checkpoints["end"] if prev else None,
-        save_steps=(fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
+        save_steps=(main_fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
         **ctx.eval_fields(k),
         stream_limit=steps * ctx.cfg.train.global_batch_size,
     )
@@ -47,7 +53,7 @@ def run_main_version(ctx, k: int, prev: MainEntry | None) -> MainEntry:
     """Train (or resume) version k's main segment; return its lineage entry."""
     seg = main_segment(ctx, k, prev)
     fit_segment(seg)
-    fork = fork_step(seg.start_step, seg.end_step, ctx.cfg.branch.fraction)
+    fork = main_fork_step(seg.start_step, seg.end_step, ctx.cfg.branch.fraction)
     fork_path = str(Path(seg.storage) / ckpt.step_dir_name(fork))
     ckpt.verify(fork_path, ctx.rd)
     end = final_checkpoint(seg)

@@ -28,7 +28,7 @@ from raypath.console import RunProgress
 from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Branch as BranchEntry
-from raypath.lineage import Lineage
+from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import run_main_version
 from raypath.mirror import RunDir
 from raypath.pretrained import check_tokenizer
@@ -162,7 +162,7 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
                        test_blocks=cfg.data.val_blocks if cfg.data.test_blocks is None else cfg.data.test_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
-                       actors=cfg.data.tokenize_actors, min_blocks=cfg.train.global_batch_size,
+                       actors=cfg.data.tokenize_actors, min_blocks=2 * cfg.train.global_batch_size,
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
                        rd=rd, endpoint=endpoint)
     plan = plan_versions(sources, spec)
@@ -219,6 +219,8 @@ def run(cfg: Config) -> Lineage:
     # so a bad input there fails in a second, before a cluster starts or anything is written.
     rd = _open_run_dir(cfg)
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
+    if _main_path_started(lineage, rd):  # checked against the config recorded before this one
+        check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
     where = _discover(cfg, rd)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg, where)
@@ -235,6 +237,11 @@ def run(cfg: Config) -> Lineage:
     with lineage_run(ctx.tracking):
         _train_versions(lineage, ctx, progress, runner, released)
     return lineage
+
+
+def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:
+    """Whether a main segment has trained (or checkpointed, before a crash) in this run directory."""
+    return bool(lineage.main_path()) or any(n.startswith("main-") for n in rd.children(rd.path / "ray"))
 
 
 def _record_facts(lineage: Lineage, ctx: RunContext) -> None:

@@ -232,7 +232,21 @@ def _json_text(line: bytes, column: str) -> tuple[str | None, str | None]:
         return None, f"not valid JSON ({e.msg})"
     if not isinstance(row, dict) or not isinstance(row.get(column), str):
         return None, f"no {column!r} string field"
-    return row[column], None
+    problem = unicode_problem(row[column])
+    return (None, problem) if problem else (row[column], None)
+
+
+def unicode_problem(text: str) -> str | None:
+    """What makes ``text`` unencodable as UTF-8 (None if nothing).
+
+    Valid UTF-8 bytes can still decode to a lone surrogate: JSON's ``"\\ud800"`` escape,
+    ast's ``"\\udc80"``. Such a str breaks every tokenizer call on its batch, naming no file.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text is not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at character {e.start})"
+    return None
 
 
 def _arrow_batches(f) -> Iterator[pa.RecordBatch]:
@@ -292,9 +306,16 @@ def _schema_problem(schema: pa.Schema, column: str) -> str | None:
     if column not in schema.names:
         return f"no {column!r} column (columns: {', '.join(schema.names)})"
     kind = schema.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text_type(kind):
         return f"column {column!r} is {kind}, expected string"
     return None
+
+
+def _is_text_type(kind: pa.DataType) -> bool:
+    # Dictionary-encoded strings (a pandas category column) read back as str all the same.
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: int) -> list[Chunk]:
@@ -325,7 +346,9 @@ def _structure_problem(path: str, fmt: str, column: str, endpoint: str | None) -
             else:
                 batches = _arrow_batches(f)
                 first = next(batches, None)
-                schema, rows = (first.schema, first.num_rows) if first is not None else (None, 0)
+                schema = first.schema if first is not None else None
+                # A writer may flush an empty batch first; iter_docs reads on past it, so look on too.
+                rows = first is not None and (first.num_rows or any(b.num_rows for b in batches))
     except (pa.ArrowInvalid, OSError) as e:
         return f"not a readable {fmt} file ({first_line(e)})"
     if schema is None:
@@ -406,6 +429,8 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
             docs += text is not None
     except (EOFError, OSError, pa.ArrowInvalid) as e:
         return {**out, "problem": f"unreadable after {docs} documents ({first_line(e)})"}
+    except UnicodeDecodeError as e:  # a parquet/Arrow writer that did not validate its strings
+        return {**out, "problem": f"unreadable after {docs} documents (text is not valid UTF-8: {e.reason})"}
     if not docs:
         return {**out, "problem": "empty: no documents"}
     return {**out, "docs": docs, "chunks": [c.to_dict() for c in _chunks(path, fmt, info.size, endpoint, chunk_bytes)],

@@ -67,7 +67,7 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
-from raypath.lineage import Branch, Lineage, MainEntry, resolve_version, sweep_run_dir
+from raypath.lineage import Branch, Lineage, MainEntry, check_fixed_settings, resolve_version, sweep_run_dir
 from raypath.mirror import LOCAL, RunDir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
@@ -382,17 +382,6 @@ def _trial_dirname(trial) -> str:
 
 # --------------------------------------------------------------------------- the sweep
 
-def _check_same_model(cfg: Config, lineage: Lineage) -> None:
-    recorded = lineage.config
-    for section, keys in (("model", None), ("data", ("seq_len",)), ("train", ("global_batch_size", "max_lr",
-                                                                                "warmup_steps"))):
-        now, then = cfg.to_dict()[section], recorded.get(section, {})
-        for key in keys or now:
-            if key in then and then[key] != now[key]:
-                raise ConfigError(f"{section}.{key}: {now[key]!r} differs from the lineage's {then[key]!r}; "
-                                  f"branches must fork with the main path's model and schedule")
-
-
 def _settings_record(sc: SweepConfig) -> dict:
     """The settings that define a sweep's search; a resumed sweep must be given the same ones."""
     d = dataclasses.asdict(sc)
@@ -605,7 +594,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     """:func:`run_sweep` on its prepared run context (``raypath.run.RunContext``)."""
     sc = cfg.sweep
     lineage = Lineage.load(ctx.rd)
-    _check_same_model(cfg, lineage)
+    check_fixed_settings(cfg.to_dict(), lineage.config, "branches must fork with the main path's")
     plan = _plan(ctx, lineage, version, sc)
     space = _search_space(plan, sc)
     # Tune's state of an interrupted sweep of a remote run, to resume it here

@@ -155,6 +155,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     return tokenizer
 
 
+def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    """Token ids of each document's text, never a special token's id.
+
+    A document may quote ``<|endoftext|>`` (code, docs about tokenizers): matched as the
+    special token it would become a document boundary the data pipeline did not place.
+    Split, it is plain bytes and still decodes back to the text.
+    """
+    return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer saved by :func:`train_tokenizer` from a local directory."""
     path = Path(path)

@@ -65,6 +65,19 @@ def test_sweep_of_a_run_that_does_not_exist_fails_before_ray_and_data(tmp_path, 
     assert not run_dir.exists()  # no corpus built, no tokenizer trained, no Ray started for nothing
 
 
+def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_path, capsys):
+    from raypath.config import load_config
+    from raypath.lineage import Lineage
+
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    Lineage.open(run_dir, "t", load_config(tiny, [f"run_dir={run_dir}"]).to_dict()).set_fact("tokenizer", {})
+    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)  # checkpointed, then crashed
+    argv = ["run", tiny, "--set", f"run_dir={run_dir}", "--set", "train.global_batch_size=16"]
+    assert main(argv) == 2  # the checkpoint's step and consumed rows count in batches of 8
+    assert "train.global_batch_size: 16 differs from the lineage's 8" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
+
+
 def test_status_of_finished_run(tiny_run, capsys):
     cfg, lin = tiny_run
     assert main(["status", cfg.run_dir]) == 0

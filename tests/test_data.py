@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from raypath.mirror import RunDir
 from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks
-from raypath.sources import apply_policy, inspect_file
+from raypath.sources import Chunk, apply_policy, inspect_file
 
 
 def validate_files(files, column, policy, max_doc_chars=0):
@@ -127,18 +128,22 @@ def _bad_files(d: Path) -> dict[str, Path]:
         "missing_column": d / "nocol.parquet",
         "non_utf8": d / "latin1.jsonl",
         "bad_json": d / "badjson.jsonl",
+        "lone_surrogate": d / "surrogate.jsonl",
     }
     files["empty"].write_bytes(b"")
     files["unreadable_parquet"].write_bytes(b"PAR1 this is not parquet")
     pq.write_table(pa.table({"content": ["hello"]}), files["missing_column"])
     files["non_utf8"].write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     files["bad_json"].write_bytes(b'{"text": "ok"}\n{"text": \n')
+    # Valid JSON and valid UTF-8, yet no str a tokenizer (or UTF-8 writer) accepts.
+    files["lone_surrogate"].write_bytes(b'{"text": "ok"}\n{"text": "broken \\ud800 escape"}\n')
     return files
 
 
 @pytest.mark.parametrize("kind,needle", [
     ("empty", "empty"), ("unreadable_parquet", "not a readable parquet"), ("missing_column", "no 'text' column"),
     ("non_utf8", "line 2: not valid UTF-8"), ("bad_json", "line 2: not valid JSON"),
+    ("lone_surrogate", "line 2: text is not valid Unicode (lone surrogate U+D800"),
 ])
 def test_bad_file_errors_name_the_file(tmp_path, kind, needle):
     f = _bad_files(tmp_path)[kind]
@@ -157,6 +162,45 @@ def test_bad_files_can_be_skipped_and_counted(tmp_path):
     assert all(s["reason"] for s in skipped)
 
 
+def test_valid_arrow_and_parquet_layouts_pass_validation(tmp_path):
+    """Files iter_docs reads fine must not be rejected by the structure check before it."""
+    schema = pa.schema([("text", pa.string())])
+    stream = tmp_path / "empty-first-batch.arrow"  # a writer that flushed before its first row
+    with pa.OSFile(str(stream), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+        w.write_batch(pa.record_batch([pa.array([], pa.string())], schema=schema))
+        w.write_batch(pa.record_batch([pa.array(["doc one", "doc two"])], schema=schema))
+    category = tmp_path / "category.parquet"  # what a pandas category column writes
+    pq.write_table(pa.table({"text": pa.array(["doc one", "doc two", "doc one"]).dictionary_encode()}), category)
+    for path, docs in ((stream, 2), (category, 3)):
+        report = inspect_file(str(path), "text")
+        assert (report["problem"], report["docs"]) == (None, docs), path.name
+
+
+def test_unvalidated_utf8_in_an_arrow_string_column_is_a_named_problem(tmp_path):
+    # Arrow writers need not validate strings; reading them back must not crash the validation task.
+    schema = pa.schema([("text", pa.string())])
+    bad = tmp_path / "bad.arrow"
+    with pa.OSFile(str(bad), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+        w.write_batch(pa.record_batch([pa.array([b"caf\xe9"], pa.binary()).view(pa.string())], schema=schema))
+    assert "text is not valid UTF-8" in inspect_file(str(bad), "text")["problem"]
+
+
+def test_document_text_never_becomes_a_special_token(tmp_path, tokenizer_dir, monkeypatch):
+    """A document quoting "<|endoftext|>" must not put an EOS (a fake document boundary) mid-document."""
+    from raypath.data import TokenizePack
+    from raypath.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # TokenizePack sets it; restored after the test
+    doc = 'print("<|endoftext|>")  # pad: <|pad|>'
+    path = tmp_path / "quotes.jsonl"
+    _write_jsonl(path, [doc, "plain"])
+    tok = load_tokenizer(tokenizer_dir)
+    pack = TokenizePack(tokenizer_dir, "text", 16, tok.eos_token_id, 0, None, pafs.LocalFileSystem())
+    ids = pack._ids(Chunk(str(path), "jsonl"), {})
+    assert not {tok.eos_token_id, tok.pad_token_id} & {i for doc_ids in ids for i in doc_ids}
+    assert tok.decode(ids[0]) == doc
+
+
 def test_too_long_document_is_an_error_or_a_counted_skip(ray_cluster, tmp_path, tokenizer_dir):
     corpus = _corpus(tmp_path / "corpus", n_versions=1)
     _write_jsonl(corpus / "v1" / "train" / "part-9.jsonl", ["x" * 5000, "short doc " + TEXT[1]])
@@ -170,7 +214,7 @@ def test_too_long_document_is_an_error_or_a_counted_skip(ray_cluster, tmp_path, 
 
 def test_version_with_too_few_tokens_is_rejected(ray_cluster, tmp_path, tokenizer_dir):
     corpus = _corpus(tmp_path / "corpus", n_versions=1, docs_per_version=3)
-    with pytest.raises(DataError, match="v1: .* fewer than one global batch"):
+    with pytest.raises(DataError, match="v1: .* fewer than two global batches"):
         prepare_versions(discover_versions(corpus), _spec(tmp_path, tokenizer_dir, min_blocks=10_000))
 
 
@@ -247,6 +291,31 @@ def test_replay_variant_remixes_only_the_rows_left_to_train(tmp_path, ratio):
     assert ((tokens[todo] >= 100).all(axis=1) == (src[todo] == 1)).all()
     again = replay_variant(version, older, consumed, limit, ratio, 0, out)
     assert again == mix  # written once, read back
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.6, 0.95])
+def test_replay_variant_never_trains_a_block_twice_in_a_branch(tmp_path, ratio, caplog):
+    """A realistic stream (every own block once, replay drawn as preparation draws it): the
+    swapped-in blocks are ones the branch does not hold; too few of them stop the ratio short."""
+    from raypath.data import _REPLAY, Pool, Replay, _write_blocks, replay_variant
+    from raypath.shuffle import salt
+
+    rng = np.random.default_rng(1)
+    old, new = rng.integers(0, 50, (40, 6)).astype(np.int32), rng.integers(100, 150, (60, 6)).astype(np.int32)
+    drawn = Replay.of([Pool(0, ("v1",), (40,))], 12, salt(0, _REPLAY, 1)).perm(np.arange(12))
+    order = rng.permutation(72)
+    stream, stream_src = np.concatenate([new, old[drawn]])[order], np.r_[[1] * 60, [0] * 12][order]
+    _write_blocks(tmp_path / "v1.parquet", old)
+    _write_blocks(tmp_path / "v2-stream.parquet", stream, stream_src)
+    version = {"name": "v2", "index": 1, "stream_path": str(tmp_path / "v2-stream.parquet"), "replay_blocks": 12}
+    older = [{"name": "v1", "index": 0, "new_path": str(tmp_path / "v1.parquet"), "new_blocks": 40}]
+    mix = replay_variant(version, older, [[0, 30]], 72, ratio, 0, tmp_path / "variant.parquet")
+    branch = read_blocks(tmp_path / "variant.parquet")[30:]
+    assert len({row.tobytes() for row in branch}) == len(branch) == mix["rows"] == 42
+    if ratio == 0.95:  # 28 older blocks were never drawn: the branch takes them all, and says so
+        assert mix["replay_rows"] < round(0.95 * 42) and "stops short" in caplog.text
+    else:
+        assert mix["replay_rows"] == round(ratio * 42)
 
 
 def test_replay_variant_of_the_first_version_is_an_error(tmp_path):

@@ -382,3 +382,11 @@ def test_window_takes_a_branch_shape():
     assert Cosine(1e-3, 0, 101)(25) == pytest.approx(1e-3 * 0.8535533905932737, rel=REL)
     with pytest.raises(ValueError, match="shape"):
         Window(1e-3, 0, 10, shape="sqrt")
+
+
+def test_the_main_paths_fork_lies_inside_its_own_segment():
+    from raypath.mainpath import fork_step, main_fork_step
+
+    assert fork_step(10, 13, 0.9) == 10  # a prediction may fork at the start: the previous checkpoint
+    assert main_fork_step(10, 13, 0.9) == 11  # the segment checkpoints after its own first step
+    assert main_fork_step(10, 12, 0.5) == 11 and main_fork_step(0, 100, 0.2) == 80

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypath.corpus import build_embedded_corpus
-from raypath.tokenizer import EOS_TOKEN, PAD_TOKEN, iter_texts, load_tokenizer, train_tokenizer
+from raypath.tokenizer import EOS_TOKEN, PAD_TOKEN, encode_documents, iter_texts, load_tokenizer, train_tokenizer
 
 VOCAB = 1024
 SAMPLES = [
@@ -57,6 +57,16 @@ def test_round_trip(tok_dir: Path, text: str) -> None:
     tok = load_tokenizer(tok_dir)
     ids = tok.encode(text)
     assert tok.decode(ids) == text
+
+
+def test_document_text_never_encodes_to_special_ids(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    text = f'text.split("{EOS_TOKEN}") and padding with {PAD_TOKEN}'
+    (ids,) = encode_documents(tok, [text])
+    # Only the data pipeline places EOS; one from the text would be a fake document boundary.
+    assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(EOS_TOKEN) == tok.eos_token_id  # the real one is still there to place
 
 
 def test_bpe_actually_compresses_code(tok_dir: Path, corpus_dir: Path) -> None:
@@ -133,3 +143,11 @@ def test_iter_texts_formats_and_budget(tmp_path: Path) -> None:
         list(iter_texts([jl], text_column="body"))
     with pytest.raises(FileNotFoundError):
         list(iter_texts([tmp_path / "nope.jsonl"]))
+
+
+def test_iter_texts_names_a_lone_surrogate(tmp_path: Path) -> None:
+    # Tokenizer training would otherwise die in a UnicodeEncodeError naming no file.
+    jl = tmp_path / "s.jsonl"
+    jl.write_bytes(b'{"text": "fine"}\n{"text": "broken \\ud800 escape"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl: line 2: text is not valid Unicode \(lone surrogate U\+D800"):
+        list(iter_texts([jl]))
