@@ -777,7 +777,12 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     own = Pool(i, tuple(_part(f"{root}/new", r["chunk"]) for r in train), tuple(r["blocks"] for r in train))
     older = [_pool(r, spec) for r in records[:i]]
     pool = sum(p.rows for p in older)
-    n_replay = min(int(round(spec.replay_ratio / (1.0 - spec.replay_ratio) * own.rows)), pool) if pool else 0
+    wanted = int(round(spec.replay_ratio / (1.0 - spec.replay_ratio) * own.rows)) if pool else 0
+    n_replay = min(wanted, pool)
+    if n_replay < wanted:
+        log.warning("version %s: data.replay_ratio %g asks for %d replay blocks, the older versions hold %d: "
+                    "its stream replays %.1f%%", src.name, spec.replay_ratio, wanted, pool,
+                    100 * n_replay / (own.rows + n_replay))
     replay = Replay.of(older, n_replay, salt(spec.seed, _REPLAY, i)) if n_replay else None
     buckets = _buckets(own.rows + n_replay, spec.seq_len + 1, spec.shard_bytes)
     stream_spec = StreamSpec(salt(spec.seed, _STREAM, i), buckets, (i,), replay)

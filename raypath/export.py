@@ -448,6 +448,9 @@ def check_out(out: Path, force: bool, run_dir: Path, source: Path) -> None:
     for protected, what in ((run_dir, "the run directory"), (source, "the exported source")):
         if out == protected or out in protected.parents or protected in out.parents:
             raise ExportError(f"--out {out} overlaps {what} {protected}: choose a directory outside it")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a directory")
     if not out.exists():
         return
     if not force:

@@ -223,7 +223,7 @@ def _open(path: str, endpoint: str | None, compressed: bool = False):
 def _json_text(line: bytes, column: str) -> tuple[str | None, str | None]:
     """(text, problem) of one jsonl line; problem names what is wrong."""
     try:
-        decoded = line.decode("utf-8")
+        decoded = line.decode("utf-8-sig")  # a BOM (Windows editors) may open the file
     except UnicodeDecodeError as e:
         return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
     try:

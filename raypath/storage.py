@@ -32,10 +32,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # mkstemp creates 0600; run files are read by workers that may run as other users.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` survive a power loss (the file's own fsync does not)."""
+    with contextlib.suppress(OSError):  # e.g. filesystems that cannot open directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -200,3 +200,28 @@ def test_non_utf8_files_are_skipped_and_counted(tmp_path: Path) -> None:
     assert corpus._read_utf8(bad, stats) is None
     assert corpus._read_utf8(good, stats) == "s = 'café'\n"
     assert stats.skipped_non_utf8 == 1
+
+
+def test_corpus_overlap_counts_held_out_lines_an_earlier_version_trained_on(tmp_path):
+    import importlib.util
+
+    from raypath.sources import discover_versions
+
+    spec = importlib.util.spec_from_file_location(
+        "corpus_overlap", Path(__file__).resolve().parents[1] / "benchmarks" / "corpus_overlap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen, new, short = "a line the first version trains on, long enough", "a line no train split holds at all", "x = 1"
+
+    def write(version: str, split: str, *texts: str) -> None:
+        (tmp_path / version / split).mkdir(parents=True, exist_ok=True)
+        (tmp_path / version / split / "part-000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                                           for t in texts))
+
+    write("v1", "train", f"{seen}\n{short}")
+    write("v1", "val", new)
+    write("v2", "train", new)
+    write("v2", "val", f"  {seen}  \n{new}\n{short}")  # stripped; the short line is not counted
+    rows = {r["version"]: r for r in mod.overlap(discover_versions(tmp_path))}
+    assert rows["v2"]["lines"] == 2 and rows["v2"]["in_earlier_train"] == 0.5 and rows["v2"]["in_own_train"] == 0.5
+    assert rows["v1"]["in_earlier_train"] == 0.0 and rows["v1"]["in_other_train"] == 1.0  # v2 trains on it later

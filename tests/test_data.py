@@ -162,7 +162,7 @@ def test_bad_files_can_be_skipped_and_counted(tmp_path):
     assert all(s["reason"] for s in skipped)
 
 
-def test_valid_arrow_and_parquet_layouts_pass_validation(tmp_path):
+def test_files_that_iter_docs_reads_pass_validation(tmp_path):
     """Files iter_docs reads fine must not be rejected by the structure check before it."""
     schema = pa.schema([("text", pa.string())])
     stream = tmp_path / "empty-first-batch.arrow"  # a writer that flushed before its first row
@@ -171,7 +171,9 @@ def test_valid_arrow_and_parquet_layouts_pass_validation(tmp_path):
         w.write_batch(pa.record_batch([pa.array(["doc one", "doc two"])], schema=schema))
     category = tmp_path / "category.parquet"  # what a pandas category column writes
     pq.write_table(pa.table({"text": pa.array(["doc one", "doc two", "doc one"]).dictionary_encode()}), category)
-    for path, docs in ((stream, 2), (category, 3)):
+    bom = tmp_path / "bom.jsonl"  # saved by a Windows editor
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "doc one"}\n{"text": "doc two"}\n')
+    for path, docs in ((stream, 2), (category, 3), (bom, 2)):
         report = inspect_file(str(path), "text")
         assert (report["problem"], report["docs"]) == (None, docs), path.name
 

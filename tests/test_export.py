@@ -208,6 +208,8 @@ def test_force_replaces_only_a_model_directory(run, tmp_path):
     with pytest.raises(ExportError, match="not a model directory"):
         export(run, "v2", other, force=True)
     assert (other / "todo.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match=r"todo.txt is a file, not a directory"):
+        export(run, "v2", other / "todo.txt" / "model")
     for bad in (run / "exported", run.parent, run / "releases" / "v2" / "r1"):
         with pytest.raises(ExportError, match="overlaps"):
             export(run, "v2", bad, force=True)
