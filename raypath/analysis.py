@@ -97,7 +97,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
         ``test_objective`` (same weights; reported, never selected on), ``loss``
         (last train-loss window), ``step``,
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
-        when the law stopper ended it, else ``running``/``pending``) and ``best`` /
+        when the law stopper ended it, ``error`` when Tune recorded its failure, else
+        ``running``/``pending``) and ``best`` /
         ``released`` flags. Sorted by score.
     curves: ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
@@ -126,7 +127,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
             **{k: v for k, v in final.items() if k.startswith(("val/", "test/"))},
             "loss": final.get("loss"),
             "step": final.get("step"),
-            "status": "done" if done else "stopped" if trial_id in stopped else "running" if results else "pending",
+            "status": "done" if done else "stopped" if trial_id in stopped else
+            "error" if (d / "error.txt").is_file() else "running" if results else "pending",  # Tune's error file
         })
         rows.append(row)
         curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")
@@ -267,7 +269,9 @@ def plot_forks(trials: pd.DataFrame, curves: pd.DataFrame, main: pd.DataFrame | 
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.3), sharex=True,
                                     gridspec_kw={"height_ratios": [2.2, 1]})
     if main is not None and len(main) and y in main:
-        start = curves["tokens"].min() - curves["branch_tokens"].max() * 0.3 if len(curves) else None
+        # From before the earliest fork (curves start one log step after it), so branches fork off the line.
+        forks = curves["tokens"] - curves["branch_tokens"]
+        start = forks.min() - curves["branch_tokens"].max() * 0.3 if len(curves) else None
         m = main if start is None or not np.isfinite(start) else main[main["tokens"] >= start]
         ax.plot(m["tokens"], m[y], color="black", lw=1.0, zorder=4, label="main path")
         ax_lr.plot(m["tokens"], m["lr"], color="black", lw=1.0, zorder=4)

@@ -357,9 +357,12 @@ class TrackingConfig:
     backend: ``tensorboard`` (event files under ``RUN_DIR/tb/<segment>/``; needs
         the ``tensorboard`` extra), ``mlflow`` (needs the ``mlflow`` extra) or ``none``.
     mlflow_uri: MLflow tracking URI (``http://host:5000``, ``databricks``,
-        ``file:///path``); empty = the driver's ``MLFLOW_TRACKING_URI``, else
-        ``file:RUN_DIR/mlruns``. One parent run per lineage, one child run per
-        main-path segment, branch and sweep trial.
+        ``sqlite:///path.db``); empty = the driver's ``MLFLOW_TRACKING_URI``, else
+        ``sqlite:///RUN_DIR/mlflow.db`` (one machine; a cluster needs a tracking
+        server). One parent run per lineage, one child run per main-path segment,
+        branch and sweep trial; a resumed segment's re-trained steps appear twice in
+        MLflow's metric history (it cannot delete points; curves and TensorBoard keep
+        the surviving attempt's).
     experiment: MLflow experiment name; empty = the run's ``name``.
     """
 

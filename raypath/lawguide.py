@@ -282,7 +282,10 @@ class LawGuide:
         ranked = self.rank(grid)
         lo, hi = fraction
         inside = [c for c in ranked if lo - 1e-9 <= c["fraction_actual"] <= hi + 1e-9] or ranked
-        return [optuna_point(c, replay_ratio) for c in spread_picks(inside, n, self.observed_decays())]
+        points = [optuna_point(c, replay_ratio) for c in spread_picks(inside, n, self.observed_decays())]
+        for p in points:  # with no fork inside the range a trial snaps outside it anyway; Optuna's value must not
+            p["fraction"] = min(max(p["fraction"], lo), hi)
+        return points
 
     def observed_decays(self) -> list[dict]:
         """Decays of the finished branches of this version the law is fitted on."""

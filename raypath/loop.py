@@ -468,7 +468,7 @@ class _Reporter:
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         if rank == 0:  # continue the remote curve, whatever node ran the segment before
             seg.rd.fetch(seg.curves_path, missing_ok=True)
-        self.tracker = Tracker.start(seg.tracking, seg) if rank == 0 else Tracker()
+        self.tracker = Tracker.start(seg.tracking, seg, start_step) if rank == 0 else Tracker()
 
     def event(self, name: str, **fields: Any) -> None:
         """A non-metric record (``event`` key) in the curve: restarts become visible."""

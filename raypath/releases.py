@@ -99,13 +99,15 @@ class Objective:
     version_tokens: int = 1
 
     def value(self, metrics: dict, split: str = "val") -> float | None:
-        """The weighted loss on ``split``; None when a version's split is missing. Selection
-        (scores, decisions, sweeps) reads ``val`` only; ``test`` is the same weighting over
-        the held-out test splits, for reporting next to it."""
+        """The weighted loss on ``split``; None when a version's split is missing or not finite
+        (a diverged branch: NaN would compare as neither better nor worse and could be
+        released). Selection (scores, decisions, sweeps) reads ``val`` only; ``test`` is the
+        same weighting over the held-out test splits, for reporting next to it."""
         try:
-            return sum(w * float(metrics[f"{split}/{name}"]) for name, w in self.weights.items())
+            value = sum(w * float(metrics[f"{split}/{name}"]) for name, w in self.weights.items())
         except (KeyError, TypeError):
             return None
+        return value if math.isfinite(value) else None
 
     def score(self, metrics: dict, branch_tokens: float | None) -> float | None:
         value = self.value(metrics)
@@ -226,12 +228,14 @@ def decide(cands: list[Candidate], live: Release | None, objective: Objective, p
         return sum(scores[c.name] > score + TIE for c in scored if c.name != name)
 
     if best is None:
-        return Decision(None, None, scores, live_score, 0, "no candidate has every validation split of the objective")
+        return Decision(None, None, scores, live_score, 0,
+                        "no candidate has a finite loss on every validation split of the objective")
     b = scores[best.name]
+    what = "score" if objective.compute_penalty else "objective"  # a penalised score is not the loss
     if live is None:
         return Decision(best, best, scores, None, beaten_by(b, best.name),
-                        f"{best.name} is the best of {len(scored)} candidates (objective {b:.4f})")
-    tag = f"{live.version}'s release {live.id} ({live.branch}, objective {_fmt(live_score)})"
+                        f"{best.name} is the best of {len(scored)} candidates ({what} {b:.4f})")
+    tag = f"{live.version}'s release {live.id} ({live.branch}, {what} {_fmt(live_score)})"
     kept_beats = beaten_by(live_score, live.branch) if live_score is not None else 0
     others = [c for c in scored if c.name != live.branch]
     if not others or best.name == live.branch or (live_score is not None and b >= live_score - TIE):
@@ -580,8 +584,9 @@ def format_standing(lineage: Lineage | dict) -> str:
         if s is None:
             continue
         r = s["release"]
+        score = "" if s["score"] == r.objective else f" (score {_fmt(s['score'])} with the compute penalty)"
         lines.append(f"{name}: {r.id} {r.branch} ({r.reason}{', pinned' if s['pinned'] else ''}), "
-                     f"objective {_fmt(s['score'])}, beat {s['beat']} of {s['others']} other candidates; "
+                     f"objective {_fmt(r.objective)}{score}, beat {s['beat']} of {s['others']} other candidates; "
                      f"history {' '.join(s['history'])}")
     return "\n".join(lines)
 

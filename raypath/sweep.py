@@ -558,7 +558,7 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
 
 
 def _pick(trials: list[dict], pin: str | None) -> tuple[dict | None, bool]:
-    done = [t for t in trials if t["status"] == "done" and t.get("score") is not None]
+    done = [t for t in trials if t["status"] == "done" and t.get("score") is not None and math.isfinite(t["score"])]
     if pin:
         chosen = next((t for t in trials if pin in (t["trial_id"], t["name"])), None)
         if chosen is None or chosen["status"] != "done":

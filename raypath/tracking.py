@@ -89,7 +89,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def mlflow_uri(cfg: Config, run_dir: Path) -> str:
-    return cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+    # MLflow 3 refuses a plain file store unless MLFLOW_ALLOW_FILE_STORE is set: a local
+    # SQLite file is its own default backend.
+    return cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
 def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
@@ -102,9 +105,9 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
     if backend == "tensorboard":
         return TrackingSpec("tensorboard", str(run_dir), params)
     uri = mlflow_uri(cfg, run_dir)
-    client = _client(uri)
     experiment = cfg.tracking.experiment or cfg.name
     try:
+        client = _client(uri)
         found = client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else client.create_experiment(experiment)
         # A remote run directory is the lineage's identity; the mirror path is per machine.
@@ -147,11 +150,16 @@ class Tracker:
         """Flush and mark the segment finished."""
 
     @staticmethod
-    def start(spec: TrackingSpec | None, seg) -> "Tracker":
+    def start(spec: TrackingSpec | None, seg, step: int | None = None) -> "Tracker":
+        """The segment's tracker for an attempt that starts after ``step`` (default: the
+        segment's start; a resume's checkpoint). A resumed attempt trains the steps after its
+        checkpoint again: TensorBoard drops what a failed attempt logged from there on, as the
+        curves do; MLflow cannot delete metric points, so its history holds both."""
         if spec is None:
             return Tracker()
+        step = seg.start_step if step is None else step
         if spec.backend == "tensorboard":
-            return _TensorBoard(spec, seg)
+            return _TensorBoard(spec, seg, step)
         return _MLflow(spec, seg)
 
 
@@ -161,13 +169,15 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class _TensorBoard(Tracker):
-    def __init__(self, spec: TrackingSpec, seg):
+    def __init__(self, spec: TrackingSpec, seg, step: int):
         require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.seg = seg
         self.dir = Path(spec.run_dir) / "tb" / seg.name
-        self.writer = SummaryWriter(log_dir=str(self.dir))
+        # Every attempt writes a session start at its first step: readers drop the events an
+        # earlier attempt logged from there on (they purge at a second start, not the first).
+        self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=step + 1)
         # Text summaries: TensorBoard's TEXT tab shows them next to the curves.
         self.writer.add_text("tags", _md_table(segment_tags(seg)), global_step=seg.start_step)
         self.writer.add_text("params", _md_table({**spec.params, **segment_params(seg)}),

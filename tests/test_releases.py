@@ -75,7 +75,24 @@ def test_candidates_missing_a_split_are_not_scored_and_the_penalty_counts():
     cheap = Objective({"v1": 0.5, "v2": 0.5}, compute_penalty=1.0, version_tokens=1000)
     long_ = Candidate("long", "v2", "configured", {"val/v1": 3.8, "val/v2": 3.0}, None, 500)
     short = Candidate("short", "v2", "configured", {"val/v1": 3.9, "val/v2": 3.0}, None, 100)
-    assert decide([long_, short], None, cheap).release.name == "short"  # 3.4 + 0.5 vs 3.45 + 0.1
+    d = decide([long_, short], None, cheap)
+    assert d.release.name == "short" and "(score 3.5500)" in d.message  # 3.4 + 0.5 vs 3.45 + 0.1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_candidate_is_never_released(bad):
+    # NaN compared as neither better nor worse: listed first, a diverged trial was released,
+    # and it replaced a healthy live release
+    diverged, good = _cand("t-diverged", bad, 3.0, sweep="s"), _cand("good", 3.9, 3.0)
+    for cands in ([diverged, good], [good, diverged]):
+        d = decide(cands, None, OBJ)
+        assert d.release.name == "good" and d.scores["t-diverged"] is None
+    assert decide([diverged, good], _live("good", 3.9, 3.0), OBJ).release is None
+    from raypath.sweep import _pick
+
+    trials = [{"trial_id": "a", "name": "a", "status": "done", "score": bad},
+              {"trial_id": "b", "name": "b", "status": "done", "score": 5.0}]
+    assert _pick(trials, None)[0]["trial_id"] == "b"  # an old record's score
 
 
 # --------------------------------------------------------------------------- on disk (constructed run)

@@ -412,6 +412,32 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
     assert np.isfinite(main_objective(tiny_sweep["dir"]))
 
 
+def test_load_sweep_shows_an_errored_trial_and_the_forks_plot_starts_before_the_forks(tiny_sweep, tmp_path):
+    import json
+    import shutil
+
+    import matplotlib
+
+    from raypath import analysis
+
+    matplotlib.use("Agg")
+    run = tmp_path / "run"  # a copy: the errored trial must not leak into the session's sweep
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    sweep_dir = run / Path(tiny_sweep["dir"]).relative_to(tiny_sweep["cfg"].run_dir)
+    bad, some = sweep_dir / "trial_0badc0de", next(sweep_dir.glob("trial_*"))
+    bad.mkdir()
+    shutil.copy(some / "params.json", bad / "params.json")
+    (bad / "result.json").write_text(json.dumps({"step": 1, "loss": 4.3, "trial_id": "0badc0de"}) + "\n")
+    (bad / "error.txt").write_text("ray.exceptions.RayTaskError: worker died\n")  # what Tune writes
+    trials, curves = analysis.load_sweep(sweep_dir)
+    assert trials.set_index("trial_id").loc["0badc0de", "status"] == "error"  # was "running"
+    fig = analysis.plot_forks(trials[trials["status"] == "done"], curves, analysis.main_curve(sweep_dir))
+    info = analysis.sweep_info(sweep_dir)
+    first_fork = info["tokens_start"] + (int(trials["fork_step"].min()) - info["main_start_step"]) * \
+        info["tokens_per_step"]
+    assert min(fig.axes[0].lines[0].get_xdata()) < first_fork  # the main path reaches back past the forks
+
+
 def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
     other = next(t for t in record["trials"] if t["trial_id"] != record["best"])

@@ -218,3 +218,45 @@ def test_unknown_backend_is_rejected(tmp_path):
 
     with pytest.raises(ConfigError, match="tracking.backend: must be one of tensorboard, mlflow, none"):
         tiny_config(tmp_path / "run", "tracking.backend=wandb")
+
+
+def test_a_resumed_segment_replaces_what_the_failed_attempt_logged_in_tensorboard(tmp_path):
+    """Resumed from its step-60 checkpoint, a segment trains 61..80 again: TensorBoard's readers
+    must show the surviving attempt's step 80 only, as the curve does (its last record)."""
+    import types
+
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.util import tensor_util
+
+    from raypath import tracking
+    from raypath.mirror import LOCAL
+
+    spec = tracking.TrackingSpec("tensorboard", str(tmp_path), {})
+    seg = types.SimpleNamespace(name="main-v1", version="v1", kind="main", start_step=0, end_step=100,
+                                schedule=None, rd=LOCAL)
+    first = tracking.Tracker.start(spec, seg)
+    for step, loss in ((20, 5.0), (40, 4.5), (60, 4.2), (80, 4.0)):
+        first.log({"loss": loss}, step)
+    first.writer.close()  # the worker dies after step 80; the checkpoint is step 60's
+    time.sleep(1.1)  # event file names carry the second
+    second = tracking.Tracker.start(spec, seg, 60)
+    for step, loss in ((80, 3.9), (100, 3.8)):
+        second.log({"loss": loss}, step)
+    second.close()
+    expected = {20: 5.0, 40: 4.5, 60: 4.2, 80: 3.9, 100: 3.8}
+    assert _scalars(tmp_path / "tb" / "main-v1")["loss"] == pytest.approx(expected)
+    acc = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tb" / "main-v1"))  # what the UI reads
+    acc.Reload()
+    points = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
+    assert len(acc.Tensors("loss")) == len(expected) and points == pytest.approx(expected)
+
+
+def test_mlflow_by_default_logs_to_a_sqlite_file_in_the_run_directory(tmp_path, monkeypatch):
+    from raypath import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 refuses a file store without it
+    cfg = tiny_config(tmp_path / "run", "tracking.backend=mlflow")
+    spec = tracking.open_lineage(cfg, tmp_path / "run")
+    assert spec.mlflow_uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
+    assert (tmp_path / "run" / "mlflow.db").is_file() and spec.parent_run_id
