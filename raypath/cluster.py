@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,26 @@ def local_num_cpus() -> int:
     return max(8, 2 * (os.cpu_count() or 1))
 
 
+def check_address(address: str | None = None, timeout_s: float = 10.0) -> None:
+    """Raise a ConfigError unless ``address`` (or ``RAY_ADDRESS``) is empty, ``auto``/``local``,
+    or a ``host:port`` / ``ray://host:port`` that accepts a connection: ``ray.init`` would
+    retry an unreachable one for minutes, printing a line per attempt."""
+    from raypath.config import ConfigError
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    where = "cluster.address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{where}: {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [::1]:6379 too
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot reach the Ray cluster at {address} ({e.strerror or e}); start it, "
+                          "or leave the address empty for a local cluster") from None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback."""
     import ray
@@ -23,6 +44,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     from raypath.console import quiet_ray
 
     if not ray.is_initialized():
+        check_address(address)
         # Before ray.init: Ray's own start-up lines and the log printer it sets up
         # in ray.init go through the filter too.
         quiet_ray()

@@ -6,7 +6,7 @@ types and the defaults as markdown::
 
     python -m raypath.configdoc > docs/config.md
 
-``tests/test_configdoc.py`` fails when ``docs/config.md`` is not what this prints.
+``tests/test_docs.py`` fails when ``docs/config.md`` is not what this prints.
 """
 
 from __future__ import annotations

@@ -123,7 +123,9 @@ class RunProgress:
         self.name = name
         self.n = len(versions)
         self.main_steps = [v["stream_rows"] // global_batch_size for v in versions]
-        self.branch_steps = [min(max(1, round(branch_fraction * s)), s) for s in self.main_steps]
+        from raypath.mainpath import main_fork_step  # (mainpath imports the training loop, which imports us)
+
+        self.branch_steps = [s - main_fork_step(0, s, branch_fraction) for s in self.main_steps]
         self.total = sum(self.main_steps) + sum(self.branch_steps)
         self.done = 0
         self.done_here = 0

@@ -714,10 +714,13 @@ class _SegmentRun:
         t = seg.train
         rank, world = _dist()
         device = ray.train.torch.get_device()
-        torch.manual_seed(t.seed + rank)
         start_dir, state = resume_point(seg)
         restored = ckpt.load(start_dir) if start_dir else None
+        # One seed for the init on every rank: FSDP materialises each rank's shards itself, so a
+        # per-rank seed would make a model that is neither DDP's nor the same at another world size.
+        torch.manual_seed(t.seed)
         tr = build_training(seg, device, restored, world)
+        torch.manual_seed(t.seed + rank)
         if restored:
             torch.set_rng_state(restored["rng"]["torch"])
         del restored
@@ -775,9 +778,12 @@ class _SegmentRun:
         """Validation losses (test ones too at the last step) and the weighted ``objective``."""
         fsdp = self.tr.parallel == "fsdp"
         args = (self.seg.train.micro_batch_size, self.device, self.rank, self.world, self.tr.autocast)
-        extra = evaluate(self.tr.model, self.val, *args, lockstep=fsdp)
+        # FSDP gathers parameters in every forward (lockstep); DDP's wrapper broadcasts buffers in
+        # the first forward after training, which a rank without blocks would skip: a hang.
+        model = self.tr.model if fsdp else self.tr.raw_model
+        extra = evaluate(model, self.val, *args, lockstep=fsdp)
         if last and self.test:
-            extra |= evaluate(self.tr.model, self.test, *args, lockstep=fsdp, prefix="test")
+            extra |= evaluate(model, self.test, *args, lockstep=fsdp, prefix="test")
         if extra and self.seg.objective_weights:
             extra["objective"] = sum(w * extra[f"val/{name}"] for name, w in self.seg.objective_weights.items())
         return extra

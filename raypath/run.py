@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from raypath.branches import BranchRunner, release_branch
-from raypath.cluster import init_ray
+from raypath.cluster import check_address, init_ray
 from raypath.config import Config, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import build_embedded_corpus
@@ -217,6 +217,7 @@ def run(cfg: Config) -> Lineage:
     """Train every version of the corpus along the main path and release each one."""
     # What needs no Ray is checked first -- run directory, lineage record, corpus layout --
     # so a bad input there fails in a second, before a cluster starts or anything is written.
+    check_address(cfg.cluster.address)
     rd = _open_run_dir(cfg)
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
     if _main_path_started(lineage, rd):  # checked against the config recorded before this one

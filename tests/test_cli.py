@@ -89,3 +89,15 @@ def test_status_of_finished_run(tiny_run, capsys):
 def test_status_of_missing_run(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "no lineage record" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address_is_one_error_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # ray.init would retry it for minutes
+    rc = main(["run", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run_dir={tmp_path / 'r'}"])
+    assert rc == 2 and f"RAY_ADDRESS: cannot reach the Ray cluster at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -229,6 +229,34 @@ def test_empty_val_split_is_rejected(tmp_path):
 
 # ---------------------------------------------------------------- exact resume, elastic
 
+def test_ddp_evaluates_a_split_with_fewer_blocks_than_workers(tiny_run, tmp_path):
+    """One val block, two DDP workers: the rank without a block used to skip the DDP wrapper's
+    buffer broadcast and hang both ranks at the next collective."""
+    import dataclasses
+    import threading
+
+    from raypath.data import _write_blocks, read_blocks
+    from raypath.loop import fit_segment
+    from raypath.mainpath import main_segment
+    from raypath.run import prepare
+
+    cfg, _ = tiny_run
+    ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)
+    seg = main_segment(ctx, 0, None)
+    one = tmp_path / "one-block.parquet"
+    _write_blocks(one, read_blocks(seg.val_paths["v1"])[:1])
+    short = dataclasses.replace(seg, end_step=seg.start_step + 4, save_steps=(seg.start_step + 4,),
+                                val_paths={"v1": str(one)}, test_paths={},
+                                train=dataclasses.replace(seg.train, eval_every=2))
+    assert short.train.num_workers == 2 and short.train.parallel == "ddp"
+    run = threading.Thread(target=fit_segment, args=(short,), daemon=True)
+    run.start()
+    run.join(timeout=600)  # a regression hangs: fail instead of blocking CI
+    assert not run.is_alive(), "the segment hung in evaluation"
+    curve = [r for r in map(json.loads, Path(short.curves_path).read_text().splitlines()) if "val/v1" in r]
+    assert [r["step"] for r in curve] == [seg.start_step + 2, seg.start_step + 4]
+
+
 def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
     """Train half of v1 on 2 workers, finish it on 1: same rows as an uninterrupted run, none twice."""
     import dataclasses

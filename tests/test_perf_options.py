@@ -378,7 +378,7 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.parallel=fsdp", "train.peak_flops=1e11",
-        "train.log_every=2"])
+        "train.log_every=1"])
     ctx = prepare(cfg)
     seg = main_segment(ctx, 0, None)
     seg = replace(seg, end_step=min(seg.end_step, 4), save_steps=(), stream_limit=min(seg.end_step, 4) * 8,
@@ -399,6 +399,14 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
                   stream_limit=(seg.end_step + 2) * 8, train=replace(seg.train, parallel="ddp", num_workers=1))
     fit_segment(ddp)
     assert ckpt.load_state(Path(ddp.storage) / ckpt.step_dir_name(ddp.end_step))["step"] == ddp.end_step
+
+    # The fresh FSDP model is DDP's: each rank materialises its shards from the same seed (with
+    # seed + rank, rank 1's halves differed). Step 1's loss is the init's loss on the same rows.
+    fresh = replace(seg, name="fresh", storage=str(tmp_path / "ray" / "fresh"),
+                    curves_path=str(tmp_path / "fresh.jsonl"), end_step=1, stream_limit=8, val_paths={},
+                    train=replace(seg.train, parallel="ddp", num_workers=1))
+    fit_segment(fresh)
+    assert read_curve(fresh.curves_path)["loss"].iloc[0] == pytest.approx(rows[0]["loss"], rel=1e-5)
 
 
 @CUDA
