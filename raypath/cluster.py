@@ -26,6 +26,9 @@ def check_address(address: str | None = None, timeout_s: float = 10.0) -> None:
     if not address or address in ("auto", "local"):
         return
     where = "cluster.address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+    if address.startswith(("http://", "https://")):  # what `ray job submit` takes
+        raise ConfigError(f"{where}: {address} is a dashboard (job submission) address; raypath connects to "
+                          "the cluster itself: host:6379, ray://host:10001 or auto (inside a submitted job)")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"{where}: {address!r} is not host:port, ray://host:port or auto")

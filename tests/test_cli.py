@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,16 @@ def test_an_unreachable_ray_address_is_one_error_line_before_anything_is_written
     rc = main(["run", str(ROOT / "configs" / "tiny.yaml"), "--set", f"run_dir={tmp_path / 'r'}"])
     assert rc == 2 and f"RAY_ADDRESS: cannot reach the Ray cluster at 127.0.0.1:{port}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("address,message", [
+    ("http://127.0.0.1:8265", "is a dashboard (job submission) address"),  # what `ray job submit` takes
+    ("headnode", "is not host:port, ray://host:port or auto"),
+])
+def test_a_ray_address_ray_cannot_connect_to_is_named(address, message):
+    from raypath.cluster import check_address
+    from raypath.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"cluster.address: .*{re.escape(message)}"):
+        check_address(address)
+    check_address("auto")  # inside a submitted job: Ray finds the cluster itself
