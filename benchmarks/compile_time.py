@@ -184,6 +184,8 @@ def _model_part(args) -> list[dict]:
 
 
 def _loss_part(args) -> list[dict]:
+    from raypath.perf import ratio
+
     results = []
     for mode in (args.modes or ",".join(LOSS_MODES)).split(","):
         with tempfile.TemporaryDirectory(prefix=f"inductor-{mode}-") as cache:
@@ -196,8 +198,9 @@ def _loss_part(args) -> list[dict]:
     by = {r["mode"]: r for r in results}
     if "whole" in by and "chunk" in by:
         w, c = by["whole"], by["chunk"]
-        print(f"chunk / whole: first call {c['first_call_s'] / w['first_call_s']:.2f}x, "
-              f"step {c['step_ms'] / w['step_ms']:.2f}x, step memory {c['step_memory_gb'] / w['step_memory_gb']:.2f}x")
+        print("chunk / whole: " + ", ".join(
+            f"{what} " + (f"{r:.2f}x" if (r := ratio(c[key], w[key])) is not None else "n/a (0 measured)")
+            for what, key in (("first call", "first_call_s"), ("step", "step_ms"), ("step memory", "step_memory_gb"))))
     return results
 
 

@@ -262,7 +262,7 @@ def _stats(xs: list[float | None]) -> dict | None:
 def bench_config(path: str, args, settings: list[str]) -> dict:
     """Every (repeat, setting, loop) run of one config; the per-setting summary."""
     from raypath.config import load_config
-    from raypath.perf import mfu
+    from raypath.perf import mfu, ratio
     from raypath.run import prepare
 
     # Its own run directory (prepared once, reused), eval only at the end of the segment.
@@ -356,11 +356,11 @@ def bench_config(path: str, args, settings: list[str]) -> dict:
         ratios: dict = {}
         for loop in ("raypath", "plain"):
             c, f = runs["chunked"][loop], runs["full"][loop]
-            ratios[f"{loop}_tokens_per_s"] = _stats([x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(c, f)])
-            ratios[f"{loop}_peak_memory"] = _stats([x["peak_memory_gb"] / y["peak_memory_gb"] for x, y in zip(c, f)])
+            ratios[f"{loop}_tokens_per_s"] = _stats([ratio(x["tokens_per_s"], y["tokens_per_s"]) for x, y in zip(c, f)])
+            ratios[f"{loop}_peak_memory"] = _stats([ratio(x["peak_memory_gb"], y["peak_memory_gb"]) for x, y in zip(c, f)])
         if args.device == "cpu":
             c, f = runs["chunked"]["plain"], runs["full"]["plain"]
-            ratios["plain_step_memory"] = _stats([x["step_memory_gb"] / y["step_memory_gb"] for x, y in zip(c, f)])
+            ratios["plain_step_memory"] = _stats([ratio(x["step_memory_gb"], y["step_memory_gb"]) for x, y in zip(c, f)])
         summary["chunked_vs_full"] = ratios
     return summary
 
@@ -371,6 +371,8 @@ def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict
     For the loss settings' own cost (tokens/s, memory of a training step) where
     a Ray cluster cannot run; threads = ``train.cpus_per_worker``, as Ray would give.
     """
+    from raypath.perf import ratio
+
     t = cfg.train
     threads = max(1, int(t.cpus_per_worker))
     vocab = cfg.data.vocab_size
@@ -397,9 +399,9 @@ def _bench_plain_synthetic(path: str, args, cfg, cfgs: dict, steps: int) -> dict
     if "chunked" in runs and "full" in runs:
         c, f = runs["chunked"], runs["full"]
         summary["chunked_vs_full"] = {
-            "plain_tokens_per_s": _stats([x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(c, f)]),
-            "plain_peak_memory": _stats([x["peak_memory_gb"] / y["peak_memory_gb"] for x, y in zip(c, f)]),
-            "plain_step_memory": _stats([x["step_memory_gb"] / y["step_memory_gb"] for x, y in zip(c, f)])
+            "plain_tokens_per_s": _stats([ratio(x["tokens_per_s"], y["tokens_per_s"]) for x, y in zip(c, f)]),
+            "plain_peak_memory": _stats([ratio(x["peak_memory_gb"], y["peak_memory_gb"]) for x, y in zip(c, f)]),
+            "plain_step_memory": _stats([ratio(x["step_memory_gb"], y["step_memory_gb"]) for x, y in zip(c, f)])
             if args.device == "cpu" else None,
         }
     return summary

@@ -132,6 +132,12 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None where either is unknown or ``b`` is not positive: a CPU step's memory
+    above the resident set it started from can measure 0 bytes (pages already mapped)."""
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
 def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation in [0, 1]; None where the peak is unknown."""
     if not peak:

@@ -20,11 +20,19 @@ from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
 from raypath.loop import Segment, build_training, train_step
 from raypath.model import build_model
-from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu
+from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu, ratio
 from raypath.report import read_curve
 from raypath.schedules import MainPath
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(argv: list[str], cwd: Path) -> None:
+    """Run a benchmark script; on failure the assertion shows its stderr (CI keeps nothing else)."""
+    import subprocess
+
+    res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(argv[1:3])} exited {res.returncode}:\n{res.stderr[-4000:]}"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 VOCAB, SEQ = 384, 32
 
@@ -367,6 +375,9 @@ def test_mfu_and_peak_table():
     assert all(v > 0 for _, v in PEAK_FLOPS)
     assert device_peak_flops(torch.device("cpu")) is None          # CPU: no MFU ...
     assert device_peak_flops(torch.device("cpu"), 2e11) == 2e11    # ... unless train.peak_flops is set
+    # benchmark ratios: a CPU step's memory can measure 0 bytes; its ratio is unknown, not a crash
+    assert ratio(3.0, 2.0) == 1.5 and ratio(0.0, 2.0) == 0.0
+    assert ratio(1.0, 0.0) is None and ratio(None, 1.0) is None and ratio(1.0, None) is None
 
 
 @pytest.mark.slow  # minutes on a loaded 2-core machine (data prep + 2 Ray Train runs)
@@ -439,13 +450,12 @@ def test_main_segment_on_a_gpu_worker_then_resumes(ray_cluster, tmp_path):
 def test_throughput_benchmark_profiles_where_a_step_goes(tmp_path):
     """``train_throughput.py --profile``: the plain loop's step time split by kind, on CPU."""
     import json
-    import subprocess
     import sys
 
     out = tmp_path / "tt.json"
-    subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--config", "configs/tiny.yaml",
-                    "--data", "synthetic", "--kernels", "chunked,full", "--repeats", "1", "--steps", "6",
-                    "--profile", "2", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    _script([sys.executable, "benchmarks/train_throughput.py", "--config", "configs/tiny.yaml",
+             "--data", "synthetic", "--kernels", "chunked,full", "--repeats", "1", "--steps", "6",
+             "--profile", "2", "--out", str(out)], cwd=ROOT)
     settings = json.loads(out.read_text())[0]["settings"]
     for name, s in settings.items():
         prof = s["plain_profile"]
@@ -463,13 +473,11 @@ def test_compile_time_benchmark_compares_whole_model_and_per_block(tmp_path):
     """``benchmarks/compile_time.py`` (tracing only: aot_eager): six fresh processes, the same
     losses whichever way the model is compiled (whole, per block, per block unfused)."""
     import json
-    import subprocess
     import sys
 
     out = tmp_path / "ct.json"
-    subprocess.run([sys.executable, "benchmarks/compile_time.py", "--config", "configs/tiny.yaml", "--steps", "2",
-                    "--modes", "model,blocks,unfused", "--backend", "aot_eager", "--out", str(out)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
+    _script([sys.executable, "benchmarks/compile_time.py", "--config", "configs/tiny.yaml", "--steps", "2",
+             "--modes", "model,blocks,unfused", "--backend", "aot_eager", "--out", str(out)], cwd=ROOT)
     runs = json.loads(out.read_text())["results"]
     assert [(r["mode"], r["cache"]) for r in runs] == [(m, c) for m in ("model", "blocks", "unfused")
                                                         for c in ("cold", "warm")]
@@ -483,14 +491,12 @@ def test_compile_time_benchmark_runs_the_loss_every_way_with_the_same_result(tmp
     compiled whole and compiled per chunk, each in a fresh process, on the config's shapes;
     the loss and gradients are the same whichever way it runs."""
     import json
-    import subprocess
     import sys
 
     out = tmp_path / "lc.json"
-    subprocess.run([sys.executable, "benchmarks/compile_time.py", "--part", "loss", "--config", "configs/tiny.yaml",
-                    "--steps", "2", "--set", "train.loss_chunk_tokens=100", "--tokens", "1000",
-                    "--backend", "aot_eager", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    _script([sys.executable, "benchmarks/compile_time.py", "--part", "loss", "--config", "configs/tiny.yaml",
+             "--steps", "2", "--set", "train.loss_chunk_tokens=100", "--tokens", "1000",
+             "--backend", "aot_eager", "--out", str(out)], cwd=ROOT)
     runs = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in runs] == ["eager", "whole", "chunk"]
     assert all(r["tokens"] == 1000 and r["chunk"] == 100 and r["first_call_s"] > 0 and r["step_ms"] > 0 for r in runs)
@@ -503,13 +509,12 @@ def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk, compile):
     """``benchmarks/step_ceiling.py`` times the step's matmuls (compiled: q/k/v and gate/up
     fused); their FLOPs are the formula's 6N either way."""
     import json
-    import subprocess
     import sys
 
     out = tmp_path / "ceiling.json"
-    subprocess.run([sys.executable, "benchmarks/step_ceiling.py", "--config", "configs/tiny.yaml",
-                    "--set", f"train.loss_chunk_tokens={chunk}", "--set", f"train.compile={str(compile).lower()}",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    _script([sys.executable, "benchmarks/step_ceiling.py", "--config", "configs/tiny.yaml",
+             "--set", f"train.loss_chunk_tokens={chunk}", "--set", f"train.compile={str(compile).lower()}",
+             "--out", str(out)], cwd=ROOT)
     s = json.loads(out.read_text())[0]
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     m, t = cfg.model, cfg.train
