@@ -15,6 +15,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import urlparse
 
 import yaml
 
@@ -565,6 +566,11 @@ def validate(cfg: Config) -> None:
     _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
     _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
     _check(b.power > 0, "branch.power", f"must be > 0, got {b.power}")
+    for name, value in (("run_dir", cfg.run_dir), ("data.corpus", d.corpus), ("model.path", m.path or "")):
+        u = urlparse(value)  # raypath joins file names onto these; a query would end up inside them
+        _check(not (is_uri(value) and (u.query or u.fragment)), name,
+               f"{value!r}: a URI with a query or fragment ('?', '#') is not supported; an S3-compatible "
+               f"store's endpoint goes in cluster.storage_endpoint")
     endpoint = cfg.cluster.storage_endpoint
     _check(not endpoint or endpoint.startswith(("http://", "https://")), "cluster.storage_endpoint",
            f"must be an http:// or https:// URL, got {endpoint!r}")

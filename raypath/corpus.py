@@ -20,11 +20,13 @@ interpreter that runs this code ships exactly such text:
   to the interpreter's C headers when the test suite was stripped (e.g. slim
   Docker images, Debian without ``libpython3-testsuite``).
 
-One overlap to know: v3's docstrings are also text inside v1's and v2's source files. On
-the full corpus 47% of v3's validation lines (of at least 30 characters) occur verbatim in
-v1/v2 train text, so the main path has seen much of v3's held-out text before v3; a
-100-document sample per version (``configs/quickstart.yaml``) has none
-(``benchmarks/corpus_overlap.py``, docs/results.md).
+v3's docstrings are also text inside v1's and v2's source files: drawn at random, 47% of the
+full corpus's v3 validation lines (of at least 30 characters) occurred verbatim in v1/v2
+train text, so the main path would have trained on v3's held-out text before v3 arrived.
+Held-out documents are therefore drawn only from source files none of whose documents has
+more than :data:`HELD_OUT_MAX_SEEN` of its lines in an earlier version's train split
+(``benchmarks/corpus_overlap.py``, docs/results.md). Versions with no such document (every
+100-document sample, ``configs/quickstart.yaml``) split exactly as a plain random draw would.
 
 The on-disk layout is also the layout users bring their own corpora in::
 
@@ -60,6 +62,10 @@ logger = logging.getLogger(__name__)
 
 # Bump when the selection/format logic changes so old manifests stop matching.
 FORMAT_VERSION = 1
+#: A document with more than this share of its lines (of at least OVERLAP_MIN_CHARS characters,
+#: stripped) in an earlier version's train split is never held out, nor is its source file.
+HELD_OUT_MAX_SEEN = 0.25
+OVERLAP_MIN_CHARS = 30
 MANIFEST_NAME = "corpus.json"
 PART_NAME = "part-000.jsonl"
 VERSIONS = ("v1", "v2", "v3", "v4")
@@ -335,11 +341,23 @@ def _sample(docs: list[Document], max_docs: int | None, max_chars: int, rng: ran
     return [docs[i] for i in sorted(chosen)]
 
 
-def _split(docs: list[Document], val_fraction: float, rng: random.Random) -> tuple[list[Document], list[Document]]:
+def _long_lines(text: str) -> Iterator[str]:
+    """The lines that identify text (stripped, at least OVERLAP_MIN_CHARS): not braces or ``pass``."""
+    return (line for line in map(str.strip, text.splitlines()) if len(line) >= OVERLAP_MIN_CHARS)
+
+
+def _seen_share(text: str, trained: set[str]) -> float:
+    lines = list(_long_lines(text))
+    return sum(line in trained for line in lines) / len(lines) if lines else 0.0
+
+
+def _split(docs: list[Document], val_fraction: float, rng: random.Random,
+           seen: frozenset[str] = frozenset()) -> tuple[list[Document], list[Document]]:
     """Hold out ``val_fraction`` of the documents (>= 1, and train stays non-empty).
 
     Whole source files go to one side, so a file's chunks never straddle the
-    split (that would leak near-duplicate context into validation).
+    split (that would leak near-duplicate context into validation). Source files in
+    ``seen`` (text an earlier version trained on) are held out only when nothing else is left.
     """
     target = min(max(1, round(val_fraction * len(docs))), len(docs) - 1)
     counts: dict[str, int] = {}
@@ -347,17 +365,22 @@ def _split(docs: list[Document], val_fraction: float, rng: random.Random) -> tup
         counts[d.source] = counts.get(d.source, 0) + 1
     sources = sorted(counts)
     rng.shuffle(sources)
+    if seen and seen.issuperset(sources):
+        logger.warning("every source file of this version repeats an earlier version's train text: "
+                       "its held-out documents will too")
+        seen = frozenset()
     val_sources: set[str] = set()
     n_val = 0
     for source in sources:
         if n_val >= target:
             break
-        if n_val + counts[source] > len(docs) - 1:
+        if n_val + counts[source] > len(docs) - 1 or source in seen:
             continue
         val_sources.add(source)
         n_val += counts[source]
     if not val_sources:  # a single source holds (nearly) everything
-        idx = set(rng.sample(range(len(docs)), target))
+        pool = [i for i, d in enumerate(docs) if d.source not in seen]  # all of them when nothing is seen
+        idx = set(rng.sample(pool, min(target, len(pool))))
         val = [d for i, d in enumerate(docs) if i in idx]
         train = [d for i, d in enumerate(docs) if i not in idx]
     else:
@@ -383,6 +406,7 @@ def _jsonl_bytes(docs: list[Document]) -> bytes:
 def _parameters(max_docs_per_version: int | None, val_fraction: float, seed: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
+        "held_out_max_seen": HELD_OUT_MAX_SEEN,
         "max_docs_per_version": max_docs_per_version,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -400,8 +424,14 @@ def _is_up_to_date(out_dir: Path, params: dict) -> bool:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("parameters") != params:
-        return False
+    recorded = manifest.get("parameters") or {}
+    if recorded != params:
+        # Built before held-out documents avoided earlier versions' text: kept, since a run may
+        # have trained on it (a rebuilt version would no longer match what it trained).
+        if recorded != {k: v for k, v in params.items() if k != "held_out_max_seen"}:
+            return False
+        logger.info("%s: built before held-out splits avoided earlier versions' train text; kept as it is",
+                    out_dir)
     # Cheap integrity check: every recorded file is still there at its size.
     for info in manifest.get("versions", {}).values():
         for rel, meta in info.get("files", {}).items():
@@ -442,13 +472,16 @@ def build_embedded_corpus(
 
     stdlib = _stdlib_dir()
     versions: dict[str, dict] = {}
+    trained: set[str] = set()  # earlier versions' train lines: grows with the corpus (~the text, once)
     for index, (version, (domain, docs, stats)) in enumerate(_collect_versions(stdlib).items()):
         # One independent stream per version: changing v1's inputs must not
         # reshuffle v4.
         rng = random.Random(f"{seed}:{index}")
         docs = _sample(docs, max_docs_per_version, MAX_CHARS_PER_VERSION, rng)
-        train, val = _split(docs, val_fraction, rng)
-        info: dict = {"domain": domain, "files": {}}
+        seen = frozenset(d.source for d in docs if _seen_share(d.text, trained) > HELD_OUT_MAX_SEEN)
+        train, val = _split(docs, val_fraction, rng, seen)
+        trained.update(line for d in train for line in _long_lines(d.text))
+        info: dict = {"domain": domain, "files": {}, "sources_kept_in_train": len(seen)}
         for split, split_docs in (("train", train), ("val", val)):
             rel = f"{version}/{split}/{PART_NAME}"
             data = _jsonl_bytes(split_docs)

@@ -46,7 +46,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raypath.sources import first_line, uri_filesystem
+from raypath.sources import first_line, is_uri, uri_filesystem
 from raypath.storage import atomic_file, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
@@ -62,8 +62,7 @@ CHUNK = 8 << 20
 
 def is_remote(run_dir: str | os.PathLike) -> bool:
     """A URI with a scheme other than ``file``: kept remotely, worked on through a mirror."""
-    scheme = urlparse(str(run_dir)).scheme
-    return "://" in str(run_dir) and scheme not in ("", "file")
+    return is_uri(str(run_dir))
 
 
 def default_local_dir(run_dir: str) -> Path:

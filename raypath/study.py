@@ -17,6 +17,12 @@ Tune still pickles the searcher, storage included, to resume a sweep.
   after Tune's last experiment checkpoint, before a crash) is failed, and a law-guided
   point it had taken from the queue is queued again.
 
+A trial that errored is failed in the journal (Optuna cannot reopen a finished trial). Re-running
+the sweep retries it under the same Tune trial id; Tune's ``ConcurrencyLimiter`` drops the
+retry's result, since the trial already finished for it. :class:`RetryingLimiter` passes it on,
+and :class:`SweepSearch` records it as a new completed trial with the same parameters
+(``retry_of``: the failed one's number), so the study, and TPE's next proposals, hold it.
+
 Sweeps written before the journal have none: :func:`load_study` says so
 (:class:`NoJournalError`), and they still resume with the study Tune pickled.
 """
@@ -34,6 +40,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,27 @@ class SweepSearch(OptunaSearch):
             self._journal.reopen(journal_path(here))
         self._settle_unknown_trials()
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:  # a retry's progress cannot go to its failed trial
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials and not error and result and result.get(self.metric) is not None:
+            self._record_retry(trial_id, result[self.metric])
+        else:
+            super().on_trial_complete(trial_id, result, error)
+
+    def _record_retry(self, trial_id: str, value: float) -> None:
+        failed = self._ot_trials[trial_id]
+        if next(t.state for t in self._ot_study.get_trials(deepcopy=False) if t.number == failed.number) \
+                != TrialState.FAIL:
+            return  # a second completion of a trial that completed: Ray's warning case, nothing to add
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            params=failed.params, distributions=failed.distributions, value=value,
+            user_attrs={"retry_of": failed.number, "tune_trial_id": trial_id}))
+        log.info("sweep trial %s finished on a retry: Optuna trial %d failed, its result is a new trial",
+                 trial_id, failed.number)
+
     def _settle_unknown_trials(self) -> None:
         known = {t.number for t in self._ot_trials.values()}
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -122,3 +150,14 @@ class SweepSearch(OptunaSearch):
                 self._ot_study.enqueue_trial(fixed)
             log.warning("Optuna trial %d was proposed after the sweep's last saved state; failed it%s",
                         t.number, " and queued its point again" if fixed else "")
+
+
+class RetryingLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` that passes on the result of a retried errored trial (which
+    it no longer counts as live) instead of dropping it; the searcher decides what to keep."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result, error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)

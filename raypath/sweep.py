@@ -454,7 +454,7 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
     import optuna
     from ray import tune
 
-    from raypath.study import SweepSearch
+    from raypath.study import RetryingLimiter, SweepSearch
 
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
     if restore:
@@ -468,8 +468,8 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
                            points_to_evaluate=guidance.points if guidance else None)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="min", num_samples=sc.num_samples,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname,
+        tune_config=tune.TuneConfig(search_alg=RetryingLimiter(searcher, max_concurrent), metric=METRIC, mode="min",
+                                    num_samples=sc.num_samples, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
@@ -586,7 +586,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     _trained_main(lineage, lineage.version_names(), version)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     ctx = prepare(cfg)
-    with lineage_run(ctx.tracking):
+    with lineage_run(ctx.tracking, owner=False):
         return _sweep(cfg, ctx, version)
 
 

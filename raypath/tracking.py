@@ -11,8 +11,9 @@ rank 0 logs through a :class:`Tracker` at every log step and evaluation.
 * **MLflow** (``tracking.backend: mlflow``): one parent run per lineage, one child
   run (tag ``mlflow.parentRunId``) per main-path segment, branch and sweep trial.
   Re-running the lineage finds the same runs again (by tag) and continues them.
-  The parent run is ``FINISHED`` when ``raypath run`` releases every version,
-  ``FAILED``/``KILLED`` when it stops, and ``RUNNING`` again on the next run.
+  The parent run's status is ``raypath run``'s: ``RUNNING`` while it runs, ``FINISHED``
+  when it releases every version, ``FAILED``/``KILLED`` when it stops. A sweep logs its
+  trials under it and leaves that status as it found it (unless it created the parent run).
   A release tags its branch's run and the parent with its path and logs a
   ``release-<version>.json`` artifact pointing to it.
 """
@@ -58,6 +59,7 @@ class TrackingSpec:
     run_dir: the (local) run directory; TensorBoard writes under ``run_dir/tb``.
     params: the resolved config, flattened to ``section.field`` strings.
     mlflow_uri, experiment_id, parent_run_id: the lineage's MLflow parent run.
+    created_parent: the parent run was created by this driver (nothing was logged under it before).
     """
 
     backend: str
@@ -66,6 +68,7 @@ class TrackingSpec:
     mlflow_uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    created_parent: bool = False
 
 
 def require(backend: str) -> None:
@@ -113,9 +116,9 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
         # A remote run directory is the lineage's identity; the mirror path is per machine.
         where = cfg.run_dir if "://" in cfg.run_dir else str(run_dir.resolve())
         runs = client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{_quote(where)}'", max_results=1)
-        if runs:  # a resumed or extended lineage: its parent run is running again
+        created = not runs  # else a resumed or extended lineage: its parent run
+        if runs:
             parent = runs[0].info.run_id
-            client.update_run(parent, status="RUNNING")
         else:
             parent = client.create_run(exp_id, run_name=cfg.name,
                                        tags={RUN_DIR_TAG: where, "raypath.kind": "lineage"}).info.run_id
@@ -123,7 +126,7 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
     except Exception as e:  # any client error: connection refused, bad URI, permissions
         raise TrackingError(f"tracking.mlflow_uri: cannot use MLflow at {uri!r}: {e}") from e
     log.info("mlflow: experiment %r, lineage run %s at %s", experiment, parent, uri)
-    return TrackingSpec("mlflow", str(run_dir), params, uri, exp_id, parent)
+    return TrackingSpec("mlflow", str(run_dir), params, uri, exp_id, parent, created_parent=created)
 
 
 def segment_tags(seg) -> dict[str, str]:
@@ -212,23 +215,32 @@ class _MLflow(Tracker):
 
 
 @contextlib.contextmanager
-def lineage_run(spec: TrackingSpec | None) -> Iterator[None]:
-    """Around a ``raypath run`` or sweep: the MLflow parent run ends ``FINISHED`` when the
-    block completes, ``KILLED`` on Ctrl-C, ``FAILED`` otherwise; the next run of the lineage
-    (a resume, a new version) sets it running again. TensorBoard has no run state."""
+def lineage_run(spec: TrackingSpec | None, owner: bool = True) -> Iterator[None]:
+    """Around a ``raypath run`` (``owner``): the MLflow parent run is ``RUNNING`` in the block and
+    ends ``FINISHED`` when it completes, ``KILLED`` on Ctrl-C, ``FAILED`` otherwise. Around a
+    sweep (not ``owner``) the status stays as it was: the lineage's own run may be failed,
+    finished or still running elsewhere; only a parent run the sweep created is the sweep's.
+    TensorBoard has no run state."""
+    owns = spec is not None and spec.backend == "mlflow" and (owner or spec.created_parent)
+    if owns:
+        _lineage_status(spec, "RUNNING")
     try:
         yield
     except BaseException as e:
-        _end_lineage(spec, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if owns:
+            _lineage_status(spec, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    _end_lineage(spec, "FINISHED")
+    if owns:
+        _lineage_status(spec, "FINISHED")
 
 
-def _end_lineage(spec: TrackingSpec | None, status: str) -> None:
-    if spec is None or spec.backend != "mlflow":
-        return
+def _lineage_status(spec: TrackingSpec, status: str) -> None:
     try:
-        _client(spec.mlflow_uri).set_terminated(spec.parent_run_id, status)
+        client = _client(spec.mlflow_uri)
+        if status == "RUNNING":
+            client.update_run(spec.parent_run_id, status=status)
+        else:
+            client.set_terminated(spec.parent_run_id, status)
     except Exception as e:  # the run's outcome stands whatever the tracking server says
         log.warning("mlflow: could not mark lineage run %s %s: %s", spec.parent_run_id, status, e)
 

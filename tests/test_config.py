@@ -284,6 +284,10 @@ def test_config_error_is_a_value_error():
     ("branch:\n  power: .nan\n", "branch.power"),
     ("sweep:\n  power: [1, .inf]\n", "sweep.power"),
     ("sweep:\n  weights: {old: .inf, new: 1}\n", "sweep.weights.old"),
+    # a query would end up inside every file name joined onto the URI
+    ("run_dir: 's3://bucket/runs/a?endpoint_override=localhost:9000'\n", "run_dir"),
+    ("data:\n  corpus: 's3://bucket/corpus#v2'\n", "data.corpus"),
+    ("model:\n  path: 's3://bucket/base?region=eu-west-1'\n", "model.path"),
 ])
 def test_other_range_checks_name_the_field(tmp_path, text, field):
     _fails(tmp_path, text, field)

@@ -203,14 +203,9 @@ def test_non_utf8_files_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_corpus_overlap_counts_held_out_lines_an_earlier_version_trained_on(tmp_path):
-    import importlib.util
-
     from raypath.sources import discover_versions
 
-    spec = importlib.util.spec_from_file_location(
-        "corpus_overlap", Path(__file__).resolve().parents[1] / "benchmarks" / "corpus_overlap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _overlap_module()
     seen, new, short = "a line the first version trains on, long enough", "a line no train split holds at all", "x = 1"
 
     def write(version: str, split: str, *texts: str) -> None:
@@ -225,3 +220,53 @@ def test_corpus_overlap_counts_held_out_lines_an_earlier_version_trained_on(tmp_
     rows = {r["version"]: r for r in mod.overlap(discover_versions(tmp_path))}
     assert rows["v2"]["lines"] == 2 and rows["v2"]["in_earlier_train"] == 0.5 and rows["v2"]["in_own_train"] == 0.5
     assert rows["v1"]["in_earlier_train"] == 0.0 and rows["v1"]["in_other_train"] == 1.0  # v2 trains on it later
+
+
+def _overlap_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "corpus_overlap", Path(__file__).resolve().parents[1] / "benchmarks" / "corpus_overlap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_held_out_text_is_new_to_the_lineage(full: Path, manifest: dict) -> None:
+    """v3's docstrings are inside v1/v2's source: drawn at random, 47% of v3's val lines were in
+    v1/v2 train. Held-out documents now come from source files v1/v2 did not train on."""
+    from raypath.sources import discover_versions
+
+    rows = {r["version"]: r for r in _overlap_module().overlap(discover_versions(full))}
+    assert rows["v3"]["lines"] > 1000 and rows["v3"]["in_earlier_train"] < 0.02, rows["v3"]
+    assert all(r["in_earlier_train"] < 0.02 for r in rows.values()), rows
+    assert manifest["versions"]["v3"]["sources_kept_in_train"] > 100  # the docstrings of trained modules
+
+
+def test_split_holds_out_only_unseen_sources_and_is_a_plain_draw_when_none_are_seen() -> None:
+    import random
+
+    docs = [corpus.Document(f"text {i}", f"m{i % 10}.py") for i in range(40)]
+    plain = corpus._split(docs, 0.25, random.Random(3))
+    assert corpus._split(docs, 0.25, random.Random(3), frozenset({"not-a-source.py"})) == plain
+    seen = frozenset(f"m{i}.py" for i in range(8))
+    train, val = corpus._split(docs, 0.25, random.Random(3), seen)
+    assert {d.source for d in val} <= {"m8.py", "m9.py"} and val and len(train) + len(val) == 40
+    everything = frozenset(f"m{i}.py" for i in range(10))  # nothing new: a plain draw, with a warning
+    assert corpus._split(docs, 0.25, random.Random(3), everything) == plain
+
+
+def test_a_corpus_built_before_held_out_decontamination_is_kept(tmp_path: Path) -> None:
+    """A run may have trained on it: rebuilding would change versions it trained."""
+    out = build_embedded_corpus(tmp_path / "old", max_docs_per_version=6)
+    path = out / "corpus.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    del manifest["parameters"]["held_out_max_seen"]
+    manifest["versions"]["v3"]["marker"] = "old build"
+    path.write_text(json.dumps(manifest))
+    build_embedded_corpus(out, max_docs_per_version=6)
+    assert json.loads(path.read_text(encoding="utf-8"))["versions"]["v3"]["marker"] == "old build"
+    manifest["parameters"]["seed"] = 1  # any other difference still rebuilds
+    path.write_text(json.dumps(manifest))
+    build_embedded_corpus(out, max_docs_per_version=6)
+    assert "marker" not in json.loads(path.read_text(encoding="utf-8"))["versions"]["v3"]

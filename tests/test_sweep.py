@@ -180,6 +180,41 @@ def test_the_study_lives_in_an_optuna_journal_that_a_restored_searcher_reopens(t
     assert [t.state.name for t in optuna_study(first).trials] == ["COMPLETE", "RUNNING"]
 
 
+def test_a_retried_errored_trial_reaches_the_study_as_a_new_completed_trial(tmp_path, caplog):
+    """An errored trial is failed in the journal; the re-run retries it under the same Tune id.
+    Tune's own ConcurrencyLimiter drops that result (the trial finished for it); raypath's passes
+    it on and the study gains a completed trial with the same parameters, after a restore too."""
+    import pickle
+
+    from ray.tune.search import ConcurrencyLimiter
+
+    from raypath import study
+
+    space = SearchSpace((0.05, 0.5), ["cosine", "polynomial"], (1.0, 4.0), (0.0, 0.1), [0.0], _forks(), 100, 10)
+
+    def errored_then_retried(limiter_cls, sweep_dir):
+        sweep_dir.mkdir()
+        limiter = limiter_cls(study.SweepSearch(sweep_dir, space=space, metric="score", mode="min",
+                                                sampler=make_sampler(SweepConfig(), 2), study_name="v2-s"), 2)
+        config = limiter.suggest("a")
+        limiter.on_trial_complete("a", error=True)  # Tune: the trial's last failure
+        restored = pickle.loads(pickle.dumps(limiter))  # what the re-run's Tuner.restore reads
+        with caplog.at_level(logging.WARNING):
+            restored.on_trial_result("a", {"score": 2.5, "training_iteration": 1})  # the retry's progress
+            restored.on_trial_complete("a", {"score": 2.0, "training_iteration": 2})
+        return config, optuna_study(sweep_dir).trials
+
+    _, plain = errored_then_retried(ConcurrencyLimiter, tmp_path / "plain")
+    assert [t.state.name for t in plain] == ["FAIL"]  # Ray's limiter: the retry's result is lost
+
+    caplog.clear()
+    config, trials = errored_then_retried(study.RetryingLimiter, tmp_path / "retrying")
+    assert [(t.state.name, t.value) for t in trials] == [("FAIL", None), ("COMPLETE", 2.0)]
+    assert trials[1].params == trials[0].params and trials[1].params["fraction"] == config["fraction"]
+    assert trials[1].user_attrs == {"retry_of": 0, "tune_trial_id": "a"}
+    assert "already finished" not in caplog.text  # no warning per reported step of the retry
+
+
 def test_optuna_study_of_a_sweep_without_a_journal_says_why(tmp_path):
     from raypath.study import NoJournalError
 

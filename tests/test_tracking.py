@@ -260,3 +260,36 @@ def test_mlflow_by_default_logs_to_a_sqlite_file_in_the_run_directory(tmp_path, 
     spec = tracking.open_lineage(cfg, tmp_path / "run")
     assert spec.mlflow_uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
     assert (tmp_path / "run" / "mlflow.db").is_file() and spec.parent_run_id
+
+
+def test_the_lineage_run_status_is_raypath_runs_and_a_sweep_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """``raypath run`` owns the MLflow parent run's status; a sweep of a lineage whose run failed
+    (or is running elsewhere) does not mark it finished; nor does a run that fails while
+    preparing (before its training block) leave it RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from raypath import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config(tmp_path / "run", "tracking.backend=mlflow")
+
+    def status(spec) -> str:
+        return MlflowClient(spec.mlflow_uri).get_run(spec.parent_run_id).info.status
+
+    with pytest.raises(RuntimeError), tracking.lineage_run(tracking.open_lineage(cfg, tmp_path / "run")):
+        raise RuntimeError("a segment failed")
+    spec = tracking.open_lineage(cfg, tmp_path / "run")  # a sweep (or a re-run) opens the same parent
+    assert not spec.created_parent and status(spec) == "FAILED"  # opening it changes nothing
+    with tracking.lineage_run(spec, owner=False):
+        assert status(spec) == "FAILED"
+    assert status(spec) == "FAILED"  # the sweep finished; the lineage did not
+    with tracking.lineage_run(spec):
+        assert status(spec) == "RUNNING"
+    assert status(spec) == "FINISHED"
+
+    other = tiny_config(tmp_path / "other", "tracking.backend=mlflow", f"tracking.mlflow_uri={spec.mlflow_uri}")
+    first = tracking.open_lineage(other, tmp_path / "other")  # a sweep that created the parent run owns it
+    assert first.created_parent
+    with tracking.lineage_run(first, owner=False):
+        pass
+    assert status(first) == "FINISHED"
