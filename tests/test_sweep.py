@@ -215,6 +215,41 @@ def test_a_retried_errored_trial_reaches_the_study_as_a_new_completed_trial(tmp_
     assert "already finished" not in caplog.text  # no warning per reported step of the retry
 
 
+def test_a_real_tune_retry_of_an_errored_trial_completes_it_in_the_journal(ray_cluster, tmp_path):
+    """The same on real Tune: a trial fails past its retries, the experiment is restored with
+    errored trials resumed (what running the sweep again does), and the retry's score is in the
+    study."""
+    from ray import tune
+
+    from raypath import study
+
+    space = SearchSpace((0.05, 0.5), ["cosine"], (1.0, 4.0), (0.0, 0.1), [0.0], _forks(), 100, 10)
+    ok = tmp_path / "ok"
+
+    def trainable(config):
+        if not ok.exists():
+            raise RuntimeError("the node went away")
+        tune.report({"score": 3.0 + config["fraction"]})
+
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    searcher = study.SweepSearch(sweep_dir, space=space, metric="score", mode="min",
+                                 sampler=make_sampler(SweepConfig(), 1), study_name="v2-s")
+    first = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=study.RetryingLimiter(searcher, 1),
+                                                              metric="score", mode="min", num_samples=1),
+                       run_config=tune.RunConfig(name="s", storage_path=str(tmp_path), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1))).fit()
+    assert first.errors and [t.state.name for t in optuna_study(sweep_dir).trials] == ["FAIL"]
+    ok.touch()
+    with study.resuming(sweep_dir):
+        again = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True).fit()
+    assert not again.errors
+    trials = optuna_study(sweep_dir).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].value == pytest.approx(3.0 + again[0].config["fraction"])
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+
+
 def test_optuna_study_of_a_sweep_without_a_journal_says_why(tmp_path):
     from raypath.study import NoJournalError
 
