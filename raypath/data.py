@@ -107,6 +107,12 @@ def pack(docs, block: int, eos: int) -> tuple[np.ndarray, dict[str, int]]:
     return flat[: n * block].reshape(n, block), stats
 
 
+def _int32(docs: list[list[int]]) -> list[np.ndarray]:
+    # A Python int in a list costs ~36 bytes (measured ~41 per token with the lists): a chunk's
+    # tokens are kept as int32 arrays from each tokenizer batch on.
+    return [np.asarray(d, dtype=np.int32) for d in docs]
+
+
 def _tokens_array(tokens: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel(), pa.int32()), tokens.shape[1])
 
@@ -164,8 +170,10 @@ class TokenizePack:
 
     Loaded once per actor (building a fast tokenizer per batch costs more than
     tokenizing it). Packing runs per chunk, so the tokens lost at pack edges are at
-    most one block per chunk (counted as ``dropped_tokens``). The actor's memory is
-    one chunk's tokens (:data:`raypath.sources.CHUNK_BYTES` of text).
+    most one block per chunk (counted as ``dropped_tokens``). The actor's memory grows with
+    one chunk's tokens, held as int32 (about 4 bytes per token, twice while packing): about
+    :data:`raypath.sources.CHUNK_BYTES` of text, but a whole ``.jsonl.gz`` or ``.arrow`` file,
+    which is never split (cut such files to ~``CHUNK_BYTES`` of text, or use jsonl/parquet).
     """
 
     def __init__(self, tokenizer_dir: str, text_column: str, seq_len: int, eos: int, max_doc_chars: int,
@@ -187,7 +195,7 @@ class TokenizePack:
             return "too_long"
         return "ok"
 
-    def _ids(self, chunk: Chunk, skipped: dict) -> list[list[int]]:
+    def _ids(self, chunk: Chunk, skipped: dict) -> list[np.ndarray]:
         from raypath.tokenizer import encode_documents
 
         ids, batch = [], []
@@ -198,10 +206,10 @@ class TokenizePack:
                 continue
             batch.append(text)
             if len(batch) == TOKENIZE_BATCH:
-                ids.extend(encode_documents(self.tok, batch))
+                ids.extend(_int32(encode_documents(self.tok, batch)))
                 batch = []
         if batch:
-            ids.extend(encode_documents(self.tok, batch))
+            ids.extend(_int32(encode_documents(self.tok, batch)))
         return ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -372,12 +380,12 @@ def _gather(batch: pa.Table, offsets: list[int], tmp_dir: str, out_dir: str, fs:
     return pa.Table.from_pylist(rows)
 
 
-def _tasks(items: list[dict], fn, **kwargs) -> list[dict]:
-    """``fn`` over ``items`` as Ray Data tasks, one item per task; the small results come back."""
+def _tasks(items: list[dict], fn, **kwargs):
+    """``fn`` over ``items`` as Ray Data tasks, one item per task: the dataset of their results."""
     import ray.data
 
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
+        fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow")
 
 
 def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.FileSystem) -> dict:
@@ -385,28 +393,39 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     file order); returns rows per source.
 
     A map-reduce shuffle through the filesystem, in Ray Data tasks: each input part file
-    is split by shard into pieces (map), the driver adds up rows per shard (its only
-    state: one count per shard and source), and each shard is sorted, numbered and
-    written (reduce). Memory per task: one input file or one shard
-    (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs.
+    is split by shard into pieces (map), the driver adds up rows per shard as the map
+    tasks' counts stream in (its state: one count per shard and per source), and each
+    shard is sorted, numbered and written (reduce). Memory per task: one input file or
+    one shard (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in
+    one temporary piece per (input file, shard) that holds rows of both: their number
+    grows as files x shards (about 1e7 small objects for 1e11 tokens in 64 MiB chunks and
+    128 MiB shards), so very large versions want fewer, larger input files.
     """
     tmp = f"{out_dir}.tmp"
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     counts = _tasks([{"file": f} for p in pools for f in p.files], _scatter, spec=spec, tmp_dir=tmp, fs=fs)
     per_bucket = np.zeros(spec.buckets, np.int64)
-    per_src: dict[int, int] = {}
-    for c in counts:
-        per_bucket[c["bucket"]] += c["n"]
-        per_src[c["src"]] = per_src.get(c["src"], 0) + c["n"]
+    per_src = np.zeros(0, np.int64)
+    for c in counts.iter_batches(batch_format="numpy", batch_size=65536):
+        np.add.at(per_bucket, c["bucket"], c["n"])
+        per_src = _add_padded(per_src, np.bincount(c["src"], weights=c["n"]).astype(np.int64))
     offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
     fs.create_dir(out_dir, recursive=True)
     written = _tasks([{"bucket": b} for b in np.flatnonzero(per_bucket).tolist()], _gather,
-                     offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs)
+                     offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     fs.delete_dir(tmp)
     if sum(r["rows"] for r in written) != offsets[-1]:
         raise RuntimeError(f"{out_dir}: wrote {sum(r['rows'] for r in written)} rows, counted {offsets[-1]}")
-    return {"rows": int(offsets[-1]), "shards": spec.buckets, "from": per_src}
+    return {"rows": int(offsets[-1]), "shards": spec.buckets,
+            "from": {src: int(n) for src, n in enumerate(per_src.tolist()) if n}}
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.zeros(max(len(a), len(b)), np.int64)
+    out[: len(a)] += a
+    out[: len(b)] += b
+    return out
 
 
 def _buckets(rows: int, block: int, shard_bytes: int = SHARD_BYTES) -> int:

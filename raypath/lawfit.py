@@ -66,6 +66,7 @@ has one switch and no entry, and the fit is the single-shift one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -220,10 +221,27 @@ def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | Non
 # --------------------------------------------------------------------------- curves
 
 def _read_records(path: str | os.PathLike) -> list[dict]:
+    """A curve's evaluation records (``step`` and its ``val/*`` losses; the callers must not
+    change them), parsed once per version of the file: a sweep's law is refitted after every
+    trial on the same finished curves, one split at a time. What is kept grows with the
+    evaluations (about one record in ``eval_every / log_every``), not with the logged steps."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:  # not written yet
+        return []
+    return _eval_records(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
     from raypath.report import read_curve
 
     df = read_curve(path)
-    return [] if df.empty else df.to_dict("records")
+    cols = [c for c in df.columns if c.startswith("val/")]
+    if df.empty or not cols:
+        return []
+    return df.loc[df[cols].notna().any(axis=1), ["step", *cols]].to_dict("records")
 
 
 def _find_curve(run_dir: Path | None, name: str, recorded: str | None) -> Path:

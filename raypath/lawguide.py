@@ -51,6 +51,8 @@ DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
 #: A trial this close to its end (share of its branch) is never stopped: stopping would save
 #: almost no compute and lose its final result (the law benchmark stopped trials 1 step early).
 FINISH_SHARE = 0.05
+#: Trials whose predicted objective curve a :class:`LawGuide` keeps between refits (the sweep's live ones).
+FORECASTS_KEPT = 64
 
 
 # --------------------------------------------------------------------------- candidates
@@ -230,8 +232,13 @@ class LawGuide:
         self.save = save
         self.trials: list[Branch] = []  # finished sweep trials of this search, as branches
         self.fits: dict[str, FitResult] = {}
+        self._forecasts: dict[tuple, np.ndarray] = {}  # (fork, branch steps, decay) -> objective per step
         self.selected_at: int | None = None  # how many trials the last choice of laws saw
         self.refit()
+
+    def __setstate__(self, state: dict) -> None:  # a guide pickled by a sweep before the forecast cache
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_forecasts", {})
 
     # ---- fitting
     def refit(self) -> dict[str, FitResult]:
@@ -248,6 +255,7 @@ class LawGuide:
         keep = {} if select else {"lam": next(iter(self.fits.values())).lam,
                                   "forms": {split: f.law for split, f in self.fits.items()}}
         t0 = time.perf_counter()
+        self._forecasts.clear()  # predicted with the fits being replaced
         self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=self.trials,
                             include_sweeps=self.include_sweeps, save=self.save, **keep)
         log.info("law %s after %d trial(s) in %.1f s: %s", "chosen and fitted" if select else "refitted", n,
@@ -298,9 +306,26 @@ class LawGuide:
         """Predicted objective at curve-record ``steps`` of the trial with ``config``."""
         fork = int(fork_step if fork_step is not None else config["fork_step"])
         bsteps = branch_steps if branch_steps is not None else config.get("branch_steps")
+        bsteps = None if bsteps is None else int(bsteps)
         decay = decay_from(config)
-        per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps,
-                            branch_steps=None if bsteps is None else int(bsteps))
+        steps = np.asarray(steps, dtype=np.int64)
+        if bsteps is None:
+            return self._objective(decay, fork, steps, bsteps)
+        # The stopper asks at every evaluation of every trial; one prediction costs as much as
+        # the whole curve (the law's areas are cumulative sums over the LR history), so a trial's
+        # curve is predicted once per fit and looked up (memory: 8 bytes per step per trial).
+        key = (fork, bsteps, decay)
+        curve = self._forecasts.get(key)
+        if curve is None:
+            curve = self._forecasts[key] = self._objective(decay, fork, np.arange(fork + bsteps + 1), bsteps)
+            while len(self._forecasts) > FORECASTS_KEPT:
+                self._forecasts.pop(next(iter(self._forecasts)))
+        if steps.size and 0 <= steps.min() and steps.max() < len(curve):
+            return curve[steps]
+        return self._objective(decay, fork, steps, bsteps)
+
+    def _objective(self, decay: Decay, fork: int, steps: np.ndarray, bsteps: int | None) -> np.ndarray:
+        per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps, branch_steps=bsteps)
         return sum(w * per[s] for s, w in self.weights.items() if s in per)
 
 

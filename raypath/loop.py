@@ -41,6 +41,11 @@ from raypath.tracking import Tracker, TrackingSpec
 
 log = logging.getLogger("raypath.progress")
 
+#: A remote run directory's curve is re-uploaded whole (object stores do not append): at most this
+#: often, plus at every evaluation, restart event, checkpoint and segment end. Uploading at
+#: every log step would move O(lines^2) bytes over a segment, on rank 0's step path.
+CURVE_PUBLISH_S = 30.0
+
 
 @dataclass
 class Segment:
@@ -469,17 +474,25 @@ class _Reporter:
         if rank == 0:  # continue the remote curve, whatever node ran the segment before
             seg.rd.fetch(seg.curves_path, missing_ok=True)
         self.tracker = Tracker.start(seg.tracking, seg, start_step) if rank == 0 else Tracker()
+        self.published = time.monotonic()
 
     def event(self, name: str, **fields: Any) -> None:
         """A non-metric record (``event`` key) in the curve: restarts become visible."""
         if self.rank == 0:
-            self._append({"event": name, **fields, "time": time.time()})
+            self._append({"event": name, **fields, "time": time.time()}, publish=True)
 
-    def _append(self, record: dict) -> None:
+    def _append(self, record: dict, publish: bool = False) -> None:
         Path(self.seg.curves_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.seg.curves_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.seg.rd.publish(self.seg.curves_path)
+        if publish or time.monotonic() - self.published >= CURVE_PUBLISH_S:
+            self.publish()
+
+    def publish(self) -> None:
+        """Rank 0: upload the curve to a remote run directory (a no-op for a local one)."""
+        if self.rank == 0 and Path(self.seg.curves_path).is_file():
+            self.seg.rd.publish(self.seg.curves_path)
+            self.published = time.monotonic()
 
     def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
         """``loss``: this rank's step loss; ranks are averaged at flush (one all-reduce per window)."""
@@ -519,7 +532,7 @@ class _Reporter:
                   f"(data wait {metrics.get('data_wait_share', 0):.0%})"
                   + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
                   + f" eta {_fmt_eta(eta)} {vals}")
-            self._append(metrics)
+            self._append(metrics, publish=bool(extra))
             self.tracker.log(metrics, step)
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         self.t_last = now
@@ -793,6 +806,7 @@ class _SegmentRun:
         self.consumed.merge(self.feed.take_consumed())
         state = {"step": self.step, "tokens": self.tokens, "segment": self.seg.name, "version": self.seg.version,
                  "consumed": self.consumed.intervals, "lr": lr, "metrics": self.metrics}
+        self.reporter.publish()  # the curve up to the checkpoint, before it
         self.checkpoints.save(self.tr, self.step, state, self.metrics, last)
 
     def finish(self) -> None:
@@ -802,6 +816,7 @@ class _SegmentRun:
         between checkpoint and export) still exports.
         """
         self.checkpoints.wait()
+        self.reporter.publish()
         self.reporter.tracker.close()
         if not self.seg.export_dir:
             return

@@ -808,11 +808,11 @@ def proposal_order(sweep_dir: str | os.PathLike, trials: list[dict]) -> dict[str
     except NoJournalError as e:
         log.warning("%s; the trials' proposal order is not recorded", e)
         return {}
+    proposed = [(s.number, s.params) for s in study.get_trials(deepcopy=False) if s.params]  # read once
     order = {}
     for t in trials:
         config = t.get("config") or {}
-        match = [s.number for s in study.trials
-                 if s.params and all(config.get(k) == v for k, v in s.params.items())]
+        match = [n for n, params in proposed if all(config.get(k) == v for k, v in params.items())]
         if match:
             order[t["trial_id"]] = min(match) + 1
     return order

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from raypath import lawfit, lawguide
 from raypath.law import LAMBDA_GRID, effective_lr, multi_shift_law
-from raypath.schedules import Branch, Decay, MainPath, lr_curve
+from raypath.schedules import Branch, Decay, MainPath, decay_from, lr_curve
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +305,13 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     assert guide.selected_at == 2 and any(f.held_out for f in guide.fits.values())
     forecast = stopper.forecast(config, b["fork_step"] + b["steps"] // 2, 4.2)
     assert math.isfinite(forecast) and forecast <= 4.2 + 1e-3
+    # the trial's predicted curve is computed once per fit, then looked up: the same values as
+    # predicting those steps alone, and a pickled guide (a restored sweep) keeps working
+    mid, end = b["fork_step"] + b["steps"] // 3, b["fork_step"] + b["steps"]
+    assert len(guide._forecasts) == 1
+    direct = guide._objective(decay_from(config), b["fork_step"], np.array([mid, end]), b["steps"])
+    assert np.array_equal(guide.predict_objective(config, [mid, end]), direct) and len(guide._forecasts) == 1
+    assert np.array_equal(pickle.loads(pickle.dumps(guide)).predict_objective(config, [mid, end]), direct)
     # a third trial refits the chosen forms with the chosen lambda, without choosing again
     chosen = {split: (f.law, f.lam, f.n_points) for split, f in guide.fits.items()}
     Trial.trial_id = "t2"

@@ -394,3 +394,43 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     assert {k: s3.read(k) for k in s3.files(prefix) if "/curves/" in k} == curves  # no trial trained again
     again = json.loads(s3.read(f"{prefix}/results.json"))["trials"]
     assert [(t["trial_id"], t["score"]) for t in again] == [(t["trial_id"], t["score"]) for t in results["trials"]]
+
+
+def test_rank_0_uploads_its_curve_at_evaluations_checkpoints_and_the_end_not_every_log_step(s3, tmp_path,
+                                                                                           monkeypatch):
+    """An object store cannot append: each upload copies the whole curve. Rank 0 uploads it at
+    most every CURVE_PUBLISH_S, and at once for an evaluation, an event, a checkpoint, the end."""
+    from raypath import loop
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.schedules import MainPath
+
+    mirror = Mirror(f"s3://{_bucket(s3, 'curves')}/run", str(tmp_path / "mirror"), s3.endpoint)
+    rd = RunDir(Path(mirror.local), mirror)
+    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
+                       rd=rd)
+    reporter = loop._Reporter(seg, 0, 1, 0)
+
+    def remote_lines() -> int:
+        raw = mirror.read_bytes(seg.curves_path)
+        return 0 if raw is None else raw.count(b"\n")
+
+    def log_step(step: int, **extra: float) -> None:
+        reporter.step(3.0, 16, 0.0)
+        reporter.flush(step, 1e-3, 16 * step, extra)
+
+    reporter.event("start", step=0)
+    assert remote_lines() == 1
+    for step in range(1, 6):
+        log_step(step)
+    assert remote_lines() == 1  # five log steps inside the interval: local only
+    log_step(6, **{"val/v1": 2.5})
+    assert remote_lines() == 7  # an evaluation goes up at once
+    monkeypatch.setattr(loop, "CURVE_PUBLISH_S", 0.0)
+    log_step(7)
+    assert remote_lines() == 8  # the interval passed
+    monkeypatch.setattr(loop, "CURVE_PUBLISH_S", 3600.0)
+    log_step(8)
+    reporter.publish()  # what a checkpoint and the segment's end do
+    assert remote_lines() == 9 and mirror.read_bytes(seg.curves_path) == Path(seg.curves_path).read_bytes()
