@@ -61,7 +61,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from raypath.cost import format_costs, lineage_costs, paradigm_costs
+    from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs
     from raypath.lineage import Lineage
 
     if args.run_dir:
@@ -74,12 +74,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         measured = lineage_costs(lineage)
         if measured:
             print("\nmeasured (tokens this run trained; 'with search' adds every branch a sweep trained):")
-            for r in measured:
-                search = "" if r["search_branch_tokens"] == r["branch_tokens"] else \
-                    (f"; with search: branches {r['search_branch_tokens']:.4g}"
-                     f" -> {r['with_search_ratio']:.3f}")
-                print(f"  {r['version']}: main {r['main_tokens']:.4g} + branch {r['branch_tokens']:.4g}"
-                      f" -> path switching / PTFS = {r['path_switching_ratio']:.3f} (release only){search}")
+            print(format_measured(measured))
         return 0
     if not args.tokens:
         raise ConfigError("cost: give a RUN_DIR or --tokens T1 T2 ... (new tokens per version)")
@@ -159,14 +154,21 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_law_predict(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from raypath import lawfit
+    from raypath.config import BranchConfig
     from raypath.report import plot_prediction
 
     rd, lineage, version, fits = _fit_law(args, "law predict")
+    # Unset options: the run's configured release branch (BranchConfig's defaults where unrecorded).
+    run_branch = {**dataclasses.asdict(BranchConfig()), **(lineage.config.get("branch") or {})}
+    given = {k: getattr(args, k) for k in ("shape", "fraction", "min_lr_ratio", "power")}
+    b = {k: run_branch[k] if v is None else v for k, v in given.items()}
     try:
         weights = {"old": args.w_old, "new": args.w_new}
-        p = lawfit.predict_branch(fits, lineage, version, args.shape, args.fraction, args.min_lr_ratio,
-                                  args.power, weights=weights, fork_step=args.fork_step)
+        p = lawfit.predict_branch(fits, lineage, version, b["shape"], b["fraction"], b["min_lr_ratio"],
+                                  b["power"], weights=weights, fork_step=args.fork_step)
     except ValueError as e:
         raise ConfigError(f"law predict: {e}") from None
     print(f"{version}: branch {p['shape']} (power {p['power']:g}, min_lr_ratio {p['min_lr_ratio']:g}) from step "
@@ -238,12 +240,14 @@ def _add_law(sub) -> None:
     pr = lsub.add_parser("predict", help="predicted final val losses of a branch")
     _run_dir_arg(pr)
     pr.add_argument("--version", help="version to branch (default: the latest trained)")
-    pr.add_argument("--shape", default="1-sqrt", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"])
-    pr.add_argument("--fraction", type=_fraction, default=0.2,
-                    help="share of the version's steps the branch re-trains, in (0, 1]")
+    pr.add_argument("--shape", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"],
+                    help="decay shape (default: the run's branch.shape)")
+    pr.add_argument("--fraction", type=_fraction,
+                    help="share of the version's steps the branch re-trains, in (0, 1] (default: branch.fraction)")
     pr.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
-    pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True), default=0.0)
-    pr.add_argument("--power", type=_positive, default=2.0)
+    pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True),
+                    help="final LR over the peak, in [0, 1) (default: branch.min_lr_ratio)")
+    pr.add_argument("--power", type=_positive, help="power of polynomial/exponential (default: branch.power)")
     pr.add_argument("--w-old", type=_weight, default=0.5, help="objective weight of the older splits (>= 0)")
     pr.add_argument("--w-new", type=_weight, default=0.5, help="objective weight of the version's own split (>= 0)")
     _law_options(pr)
@@ -269,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="train PTFS, CPT and path switching on the same data and compare")
     cmp_.add_argument("config")
-    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set 'compare.replay_ratios=[0.25]'")
     cmp_.add_argument("--paper-baselines", action="store_true",
                       help="also train cosine PTFS/CPT baselines (arXiv 2410.04103's setting), as their own rows")
     cmp_.set_defaults(fn=cmd_compare)

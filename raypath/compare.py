@@ -52,11 +52,16 @@ MATCHED, PAPER = "matched", "paper"
 
 def baseline_decays(cfg: Config) -> dict[str, Decay]:
     """The decays PTFS and CPT are trained with, by setting: ``matched`` (the branch's shape,
-    power and floor) always, ``paper`` (cosine to the branch's floor) when asked for."""
+    power and floor) always, ``paper`` (cosine to the branch's floor) when asked for and
+    different (a cosine branch's matched baselines are the paper's)."""
     b = cfg.branch
     out = {MATCHED: b.decay()}
     if cfg.compare.paper_baselines:
-        out[PAPER] = Decay("cosine", b.min_lr_ratio)
+        if b.shape == "cosine":  # power does not shape a cosine
+            log.info("compare: the branch decays with a cosine to its floor already: the paper's "
+                     "baselines are the headline PTFS and CPT rows")
+        else:
+            out[PAPER] = Decay("cosine", b.min_lr_ratio)
     return out
 
 

@@ -377,7 +377,8 @@ class CompareConfig:
     """The ``compare:`` section: what ``raypath compare`` trains next to the lineage.
 
     paper_baselines: also train PTFS and CPT with a cosine decay to the branch's floor,
-        arXiv 2410.04103's setting, shown as their own rows. The headline baselines
+        arXiv 2410.04103's setting, shown as their own rows (none when the branch is cosine
+        already: the headline rows are the paper's then). The headline baselines
         always decay with the branch's shape, power and floor (shape-matched), so the
         comparison measures the paradigm, not the decay shape.
     replay_ratios: also run path switching with each of these ``data.replay_ratio``

@@ -2,8 +2,11 @@
 
 At the default level the driver prints raypath's progress, releases, warnings and
 errors, and nothing of Ray's internals (controller polling, Ray Data execution
-plans, checkpoint/report notices, raylet warnings): those stay in Ray's log
-directory (``/tmp/ray/session_latest/logs``), where they always are.
+plans, checkpoint/report notices, raylet warnings, Tune's experiment banner, Ray's
+deprecation warnings): those stay in Ray's log directory
+(``/tmp/ray/session_latest/logs``), where they always are. Ray's C++ core writes a
+few lines straight to the process's stderr (e.g. ``core_worker.cc`` notices about
+Ray Data's actors); no Python filter reaches them.
 ``raypath --verbose`` or ``RAYPATH_LOG_LEVEL=DEBUG`` prints everything.
 
 How: every Ray worker process of the job tags raypath's log lines
@@ -20,6 +23,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 LEVEL_ENV = "RAYPATH_LOG_LEVEL"
 #: Every raypath log line, on the driver and in workers, starts like this.
@@ -81,6 +85,16 @@ def quiet_ray() -> None:
     """
     if verbose():
         return
+    # Tune's default console output prints its experiment banner and a TensorBoard hint (to
+    # Ray's artifacts, not RUN_DIR/tb) at every verbosity; the classic one is silent at 0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not sys.stderr.isatty():  # no colour codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # raypath turns Ray Data's progress bars off on purpose, and the deprecations are Ray's own.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     for name in RAY_LOGGERS:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):

@@ -100,3 +100,19 @@ def format_costs(rows: list[dict[str, float]]) -> str:
                      f"{r['cpt_cumulative']:>12.4g} {r['path_switching_cumulative']:>12.4g} "
                      f"{r['cpt_ratio']:>9.3f} {r['path_switching_ratio']:>8.3f}")
     return "\n".join(lines)
+
+
+def format_measured(rows: list[dict[str, float]]) -> str:
+    """:func:`lineage_costs` as ``raypath cost RUN_DIR`` prints it. The ratios are cumulative: a
+    version after a swept one still costs its search, so "with search" shows wherever the two
+    ratios differ; its ``branches`` only where this version's own sweeps trained more."""
+    lines = []
+    for r in rows:
+        search = ""
+        if abs(r["with_search_ratio"] - r["path_switching_ratio"]) > 1e-12:
+            own = "" if r["search_branch_tokens"] == r["branch_tokens"] else \
+                f"branches {r['search_branch_tokens']:.4g} "
+            search = f"; with search: {own}-> {r['with_search_ratio']:.3f}"
+        lines.append(f"  {r['version']}: main {r['main_tokens']:.4g} + branch {r['branch_tokens']:.4g}"
+                     f" -> path switching / PTFS = {r['path_switching_ratio']:.3f} (release only){search}")
+    return "\n".join(lines)

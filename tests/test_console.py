@@ -86,3 +86,31 @@ def test_verbose_prints_everything(monkeypatch):
     ray_worker.print_to_stdstream({"lines": ["(PlacementGroupCleaner) Failed to query"], "pid": 1, "is_err": True},
                                   ignore_prefix=True)
     assert printed == [["(PlacementGroupCleaner) Failed to query"]]
+
+
+def test_a_quiet_tune_experiment_prints_no_banner_and_ray_deprecations_are_muted(ray_cluster, capfd, monkeypatch,
+                                                                                 tmp_path):
+    """Tune's console output printed its experiment banner and a TensorBoard hint pointing into
+    Ray's session directory even at ``verbose=0``; a quiet driver shows neither."""
+    import warnings
+
+    from ray import tune
+    from ray.util.annotations import RayDeprecationWarning
+
+    from raypath import console
+
+    monkeypatch.delenv(console.LEVEL_ENV, raising=False)
+    console.quiet_ray()
+
+    def trainable(config):
+        tune.report({"score": 1.0})
+
+    capfd.readouterr()
+    tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1),
+               run_config=tune.RunConfig(name="quiet", storage_path=str(tmp_path), verbose=0)).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("x", RayDeprecationWarning, stacklevel=1)  # under quiet_ray's filters
+    out = capfd.readouterr()
+    assert "Configuration for experiment" not in out.out + out.err
+    assert "tensorboard --logdir" not in out.out + out.err
+    assert not [w for w in caught if issubclass(w.category, RayDeprecationWarning)]

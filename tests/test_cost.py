@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raypath.cost import format_costs, lineage_costs, paradigm_costs, stream_tokens
+from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs, stream_tokens
 
 REL = 1e-12
 
@@ -182,3 +182,8 @@ def test_lineage_costs_count_the_search_when_a_sweep_released():
     assert _col(rows, "path_switching_cumulative") == pytest.approx([120, 400, 775], rel=REL)
     assert _col(rows, "with_search_cumulative") == pytest.approx([120, 462, 837], rel=REL)
     assert rows[1]["with_search_ratio"] == pytest.approx(462 / 400, rel=REL)
+    # as `raypath cost RUN_DIR` prints it: v3 still carries v2's search (cumulative ratios)
+    v1, v2, v3 = format_measured(rows).splitlines()
+    assert "with search" not in v1
+    assert v2.endswith("; with search: branches 92 -> 1.155")
+    assert v3.endswith(f"(release only); with search: -> {837 / 1000:.3f}")

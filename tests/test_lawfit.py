@@ -204,6 +204,17 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert "val/v1" in out and "val/v3" in out and "objective" in out
     assert png.stat().st_size > 10_000
     assert main(["law", "predict", str(run_dir), "--version", "v9"]) == 2
+    # without decay options: the run's configured release branch
+    lineage_path = run_dir / "lineage.json"
+    recorded = lineage_path.read_text()
+    try:
+        data = json.loads(recorded)
+        data["config"]["branch"] = {"shape": "cosine", "fraction": 0.3, "min_lr_ratio": 0.1, "power": 2.0}
+        lineage_path.write_text(json.dumps(data))
+        assert main(["law", "predict", str(run_dir), "--version", "v3"]) == 0
+        assert "v3: branch cosine (power 2, min_lr_ratio 0.1)" in capsys.readouterr().out
+    finally:
+        lineage_path.write_text(recorded)
     with pytest.raises(SystemExit):
         main(["law", "fit", str(run_dir), "--lambda", "1.5"])
     with pytest.raises(SystemExit):
