@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,24 +424,51 @@ def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
 
 
 def verify(directory: Path, model) -> None:
-    """Load the written directory back from local files only and compare it with ``model``."""
+    """Load the written directory back from local files only -- config, architecture, tokenizer,
+    card -- and compare its weights with ``model``'s one tensor at a time: no second copy of the
+    model in memory (an export already holds one whole model)."""
     from huggingface_hub import ModelCard
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with torch.device("meta"):  # the architecture the config builds, without its weights
+            names = set(AutoModelForCausalLM.from_config(config).state_dict())
         AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         ModelCard.load(directory / CARD)
+        files = _weight_files(directory)
     except Exception as e:  # noqa: BLE001 - any load failure means a broken export
         raise ExportError(f"the exported model does not load back ({type(e).__name__}: {e})") from None
-    expected, got = model.state_dict(), loaded.state_dict()
-    if set(expected) != set(got):
-        raise ExportError(f"the exported model does not load back: tensors {sorted(set(expected) ^ set(got))} "
-                          f"differ between the written and the loaded model")
-    for name, tensor in expected.items():
-        if got[name].dtype != tensor.dtype or not torch.equal(got[name], tensor):
-            raise ExportError(f"the exported model does not load back: {name} differs "
-                              f"({got[name].dtype} loaded, {tensor.dtype} written)")
+    expected = model.state_dict()
+    written = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            written |= dict.fromkeys(sf.keys(), f)
+    # save_pretrained writes a tied tensor (lm_head = embeddings) once
+    stored = {expected[k].data_ptr() for k in written if k in expected}
+    unwritten = {k for k in set(expected) - set(written) if expected[k].data_ptr() not in stored}
+    if set(expected) != names or set(written) - names or unwritten:
+        raise ExportError(f"the exported model does not load back: tensors "
+                          f"{sorted((set(expected) ^ names) | (set(written) - names) | unwritten)} differ "
+                          f"between the written files, the config's architecture and the model")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                got, tensor = sf.get_tensor(name), expected[name]
+                if got.dtype != tensor.dtype or not torch.equal(got, tensor.detach().cpu()):
+                    raise ExportError(f"the exported model does not load back: {name} differs "
+                                      f"({got.dtype} loaded, {tensor.dtype} written)")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` directory (one, or the shards its index names)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not (directory / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{directory}: no model.safetensors")
+    return [directory / "model.safetensors"]
 
 
 def check_out(out: Path, force: bool, run_dir: Path, source: Path) -> None:

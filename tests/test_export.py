@@ -338,3 +338,38 @@ def test_export_from_the_real_tiny_lineage(tiny_run, tmp_path):
     model = _load(tmp_path / "main-v2")
     state = ckpt.read_tensors(Path(main_v2["checkpoints"]["end"]) / "model.pt")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_verification_compares_every_written_tensor_without_loading_a_second_model(run, tmp_path, monkeypatch):
+    """``verify`` reads the written safetensors one tensor at a time against the model (an export
+    holds one model; loading the written one too doubled its memory): a changed or missing tensor
+    fails it; a tied tensor written once (lm_head = embeddings) does not."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "v2"
+    export(run, "v2", out)
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+
+    def second_model(*args, **kwargs):
+        raise AssertionError("verify loaded a second copy of the model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", second_model)
+    ex.verify(out, model)
+    tensors = load_file(str(out / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    changed = dict(tensors, **{name: tensors[name] + 1e-3})
+    save_file(changed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=f"{name} differs"):
+        ex.verify(out, model)
+    save_file({k: v for k, v in tensors.items() if k != name}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=name.replace(".", r"\.")):
+        ex.verify(out, model)
+    tied = AutoModelForCausalLM.from_config(model.config.__class__(**{**model.config.to_dict(),
+                                                                      "tie_word_embeddings": True}))
+    tied_dir = tmp_path / "tied"
+    tied.save_pretrained(tied_dir)
+    for f in out.iterdir():
+        if f.name not in ("model.safetensors", "config.json") and f.is_file():
+            shutil.copy(f, tied_dir / f.name)
+    ex.verify(tied_dir, tied)
