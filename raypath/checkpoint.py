@@ -19,19 +19,28 @@ A directory without a manifest, or whose files do not match it, is torn:
 can only cost the newest checkpoint, never corrupt a run. Full checkpoints are
 hashed whole by :func:`latest_valid`; a sharded one is checked there for
 presence and sizes, and hashed at load, each rank hashing a share of the files
-(:func:`verify_share`); a corrupted one is quarantined (its manifest renamed),
-so the restart that follows skips it.
+(:func:`hash_share`, :func:`verify_files`); a corrupted one is quarantined (its
+manifest renamed), so the restart that follows skips it.
 
-In a remote run directory (:class:`raypath.mirror.RunDir`) Ray Train uploads the
-checkpoints; the functions taking the run directory ``rd`` list and read them there,
-and a node downloads a checkpoint into its mirror before it loads it, verifying the
-checksums after the download. Without ``rd`` the files are plain local ones.
+In a remote run directory (:class:`raypath.mirror.RunDir`) checkpoints are
+uploaded as they are written; the functions taking the run directory ``rd`` list
+and read them there, and :func:`fetch` readies one on the node that loads it. A
+full checkpoint is downloaded whole (every rank loads all of it) and hashed after
+the download. Of a sharded one a node downloads only the manifest and rank 0's
+small files (:data:`SHARDED_META`), then its ranks' hash shares: at the world size
+of the save, the shards they wrote themselves, which hold what they read. Anything
+else a rank reads (a replicated optimizer step, another rank's slice after a
+resize) is read from the bucket by byte range (:class:`raypath.shards.ShardReader`),
+so a node's download grows with its ranks' shards, not with the model, and the
+driver (which needs only ``state.json``) downloads kilobytes. Without ``rd`` the
+files are plain local ones.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,10 @@ MANIFEST = "manifest.json"
 #: DCP directory of a sharded checkpoint, and the manifest's ``format`` value for one.
 SHARDS = "shards"
 SHARDED = "sharded"
+#: Rank 0's small files of a sharded checkpoint: every node that opens one pulls them.
+SHARDED_META = ("state.json", "rng.pt", f"{SHARDS}/.metadata")
+#: DCP's file names: ``__<rank>_<n>.distcp`` (``FileSystemWriter``).
+_RANK_FILE = re.compile(rf"{SHARDS}/__(\d+)_\d+\.distcp")
 
 
 class CheckpointError(RuntimeError):
@@ -76,55 +89,71 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) 
     """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
 
     For a checkpoint in a remote run directory ``rd`` this checks that the manifest and every
-    file were uploaded, without downloading them: their checksums are verified
-    on the node that downloads the checkpoint to load it.
+    file (with its size, for a sharded one) were uploaded, without downloading them: their
+    checksums are verified on the node that downloads them to load them.
     deep: hash every file; False: presence (and sizes, where the manifest has them)
         only; None (default): hash a full checkpoint, but not a sharded one, whose
-        size grows with the model: the ranks that load it hash it (:func:`verify_share`).
+        size grows with the model: the ranks that load it hash it (:func:`hash_share`).
     """
     d = Path(directory)
     if rd.remote(d):
         _verify_uploaded(d, rd)
         return
+    expected = _local_manifest(d)
+    if expected.get("format") == SHARDED:
+        files = _sharded_files(str(d), expected)
+        _check_sizes(str(d), files, {rel: (d / rel).stat().st_size for rel in files if (d / rel).is_file()})
+        if deep:
+            for rel, meta in files.items():
+                _check_hash(d, rel, meta["sha256"])
+        return
+    for name in FILES:
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d}: {name} missing")
+        if deep is not False:
+            _check_hash(d, name, expected.get(name))
+
+
+def _local_manifest(d: Path) -> dict:
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (checkpoint incomplete or torn)")
     try:
         expected = read_json(d / MANIFEST)
     except ValueError:  # a torn or hand-edited manifest is a torn checkpoint
         raise CheckpointError(f"{d}: {MANIFEST} is not valid JSON (checkpoint incomplete or torn)") from None
-    if not isinstance(expected, dict):
-        raise CheckpointError(f"{d}: {MANIFEST} is not a mapping of file checksums")
-    if expected.get("format") == SHARDED:
-        _check_files(d, _sharded_files(d, expected), bool(deep))
-        return
-    for name in FILES:
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d}: {name} missing")
-        if deep is not False and sha256_file(d / name) != expected.get(name):
-            raise CheckpointError(f"{d}: {name} does not match its checksum (corrupted)")
+    return _mapping(str(d), expected)
 
 
-def _sharded_files(d: Path, manifest: dict) -> dict[str, dict]:
+def _mapping(where: str, manifest: Any) -> dict:
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{where}: {MANIFEST} is not a mapping of file checksums")
+    return manifest
+
+
+def _check_hash(d: Path, rel: str, expected: str | None, where: str | None = None) -> None:
+    if sha256_file(d / rel) != expected:
+        raise CheckpointError(f"{where or d}: {rel} does not match its checksum (corrupted)")
+
+
+def _sharded_files(where: str, manifest: dict) -> dict[str, dict]:
     """A sharded manifest's ``files``: ``{relative path: {"size": int, "sha256": str}}``."""
     files = manifest.get("files")
     ok = isinstance(files, dict) and all(
         isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
         for m in files.values())
     if not ok:  # hand-edited or written by something else: as good as torn
-        raise CheckpointError(f"{d}: {MANIFEST} of a sharded checkpoint needs \"files\": "
+        raise CheckpointError(f"{where}: {MANIFEST} of a sharded checkpoint needs \"files\": "
                               "{path: {\"size\": bytes, \"sha256\": hex}} (checkpoint incomplete or torn)")
     return files
 
 
-def _check_files(d: Path, files: dict[str, dict], deep: bool) -> None:
+def _check_sizes(where: str, files: dict[str, dict], present: dict[str, int]) -> None:
+    """Every file of a sharded manifest is ``present`` (relative path -> bytes) with its size."""
     for rel, meta in files.items():
-        f = d / rel
-        if not f.is_file():
-            raise CheckpointError(f"{d}: {rel} missing")
-        if f.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{d}: {rel} has {f.stat().st_size} bytes, the manifest says {meta['size']} (torn)")
-        if deep and sha256_file(f) != meta["sha256"]:
-            raise CheckpointError(f"{d}: {rel} does not match its checksum (corrupted)")
+        if rel not in present:
+            raise CheckpointError(f"{where}: {rel} missing")
+        if present[rel] != meta["size"]:
+            raise CheckpointError(f"{where}: {rel} has {present[rel]} bytes, the manifest says {meta['size']} (torn)")
 
 
 def is_sharded(directory: str | Path) -> bool:
@@ -132,18 +161,50 @@ def is_sharded(directory: str | Path) -> bool:
     return read_json(Path(directory) / MANIFEST).get("format") == SHARDED
 
 
-def verify_share(directory: str | Path, rank: int, world: int) -> str | None:
-    """Hash this rank's share (every ``world``-th file) of a sharded checkpoint.
+def sharded_files(directory: str | Path) -> dict[str, dict]:
+    """The files of a (local, fetched) sharded checkpoint's manifest: ``{path: {"size", "sha256"}}``."""
+    d = Path(directory)
+    return _sharded_files(str(d), _local_manifest(d))
 
-    Returns the error, or None; callers agree on the outcome collectively
-    (:func:`quarantine` the checkpoint when any rank found one).
+
+def hash_share(files: dict[str, dict], rank: int, world: int) -> dict[str, dict]:
+    """The files of a sharded checkpoint that rank ``rank`` of ``world`` hashes on load.
+
+    Each file is hashed by exactly one rank. A rank that wrote shards hashes its own:
+    at the world size of the save those are what it reads, so in a remote run
+    directory the one download serves both. The rest (rank 0's small files, the
+    shards of ranks beyond ``world`` after a shrink) are dealt out in turn.
+    """
+    def writer(rel: str) -> int | None:
+        m = _RANK_FILE.fullmatch(rel)
+        return int(m[1]) if m and int(m[1]) < world else None
+
+    rest = [rel for rel in sorted(files) if writer(rel) is None]
+    mine = {rel for rel in files if writer(rel) == rank} | set(rest[rank::world])
+    return {rel: files[rel] for rel in sorted(mine)}
+
+
+def verify_files(directory: str | Path, files: dict[str, dict], rd: RunDir = LOCAL) -> str | None:
+    """Hash ``files`` (part of a sharded checkpoint's manifest) as this node will read them.
+
+    In a remote run directory each is downloaded first unless this node holds it
+    with the manifest's size, and a local copy that fails its hash is downloaded
+    once more (it, not the bucket's, may be the bad one). Returns the error, or
+    None; callers agree on the outcome collectively (:func:`quarantine` the
+    checkpoint when any rank found one).
     """
     d = Path(directory)
-    try:
-        files = _sharded_files(d, read_json(d / MANIFEST))
-        _check_files(d, dict(sorted(files.items())[rank::world]), deep=True)
-    except CheckpointError as e:
-        return str(e)
+    for rel, meta in files.items():
+        for last in (False, True) if rd.remote(d) else (True,):
+            try:
+                f = rd.fetch(d / rel)
+                _check_sizes(rd.name(d), {rel: meta}, {rel: f.stat().st_size} if f.is_file() else {})
+                _check_hash(d, rel, meta["sha256"], rd.name(d))
+                break
+            except (CheckpointError, FileNotFoundError) as e:
+                if last:
+                    return str(e)
+                (d / rel).unlink(missing_ok=True)
     return None
 
 
@@ -180,16 +241,56 @@ def write_sharded_manifest(directory: str | Path, entries: dict[str, dict]) -> N
     write_json(Path(directory) / MANIFEST, {"format": SHARDED, "files": dict(sorted(entries.items()))})
 
 
-def _verify_uploaded(d: Path, rd: RunDir) -> None:
+def _verify_uploaded(d: Path, rd: RunDir) -> dict:
+    """Check a remote checkpoint where it is (no download); returns its manifest.
+
+    Full: the files are there (hashed after the download). Sharded: every file the
+    manifest lists is there with its size (one listing): the loading ranks hash them.
+    """
     where = rd.name(d)
+    try:
+        manifest = _mapping(where, rd.read_json(d / MANIFEST))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: no {MANIFEST} (checkpoint incomplete or torn)") from None
+    except ValueError:
+        raise CheckpointError(f"{where}: {MANIFEST} is not valid JSON (checkpoint incomplete or torn)") from None
+    if manifest.get("format") == SHARDED:
+        _check_sizes(where, _sharded_files(where, manifest), rd.file_sizes(d))
+        return manifest
     present = set(rd.children(d))
-    if MANIFEST not in present:
-        raise CheckpointError(f"{where}: no {MANIFEST} (checkpoint incomplete or torn)")
-    if SHARDS in present:  # the manifest lists the files; checked after the download
-        return
     for name in FILES:
         if name not in present:
             raise CheckpointError(f"{where}: {name} missing")
+    return manifest
+
+
+def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -> Path:
+    """Ready a checkpoint for loading on this node: checked, and downloaded as far as needed.
+
+    Raises :class:`CheckpointError` (or FileNotFoundError) when it is torn or corrupted.
+    Local: :func:`verify` (``deep`` as there). Remote full: downloaded whole and hashed;
+    a local copy that fails is dropped and downloaded once more. Remote sharded:
+    checked in the bucket (presence, sizes), then only the manifest and
+    :data:`SHARDED_META` downloaded; the loading ranks fetch and hash the shards
+    (:func:`raypath.shards.load_into`).
+    """
+    d = Path(directory)
+    if not rd.remote(d):
+        verify(d, deep=deep)
+        return d
+    if _verify_uploaded(d, rd).get("format") == SHARDED:
+        for rel in (MANIFEST, *SHARDED_META):
+            rd.fetch(d / rel)
+        return d
+    for last in (False, True):
+        try:
+            verify(rd.fetch(d))
+            return d
+        except (CheckpointError, FileNotFoundError):
+            shutil.rmtree(d, ignore_errors=True)  # the local copy, not the remote checkpoint
+            if last:
+                raise
+    raise AssertionError("unreachable")
 
 
 def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:
@@ -208,14 +309,13 @@ def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> 
                               f"raypath never loads (weights_only=True): {first}") from None
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Verified contents of a full checkpoint; tensors only (:func:`read_tensors`).
+def load(directory: str | Path, map_location: str | torch.device = "cpu", rd: RunDir = LOCAL) -> dict:
+    """Verified contents of a full checkpoint (:func:`fetch` first); tensors only (:func:`read_tensors`).
 
     A sharded checkpoint is loaded collectively by the workers instead
     (:mod:`raypath.loop`); here it yields only its RNG state and state.
     """
-    d = Path(directory)
-    verify(d)
+    d = fetch(directory, rd)
     if is_sharded(d):
         return {"sharded": d, "rng": read_tensors(d / "rng.pt"), "state": load_state(d)}
     return {
@@ -238,23 +338,14 @@ def step_dirs(run_storage: str | Path, rd: RunDir = LOCAL) -> list[Path]:
 def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
     """Newest verified ``step_*`` checkpoint under a Ray Train run directory.
 
-    Remote (``rd``): checkpoints are listed remotely, and the newest one is
-    downloaded into the mirror and verified there. A local copy that fails the
-    check is deleted and downloaded whole once more before the checkpoint is
-    skipped: on a node other than rank 0's, the mirror's step directory holds only
-    the shards this node's ranks wrote, not the manifest, until it is pulled whole.
+    Remote (``rd``): checkpoints are listed and checked remotely, and the newest
+    good one readied on this node by :func:`fetch` (a sharded one: its metadata only).
     """
     for d in sorted(step_dirs(run_storage, rd), reverse=True):
-        for retry in (False, True) if rd.remote(d) else (True,):
-            try:
-                local = rd.fetch(d)
-                verify(local)
-                return local
-            except (CheckpointError, FileNotFoundError) as e:
-                if rd.remote(d):  # the local copy, not the remote checkpoint
-                    shutil.rmtree(d, ignore_errors=True)
-                if retry:
-                    log.warning("skipping checkpoint: %s", e)
+        try:
+            return fetch(d, rd)
+        except (CheckpointError, FileNotFoundError) as e:
+            log.warning("skipping checkpoint: %s", e)
     return None
 
 

@@ -45,13 +45,15 @@ version replays from it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -122,21 +124,45 @@ def _blocks(table: pa.Table) -> np.ndarray:
     return col.values.to_numpy().reshape(len(col), -1).astype(np.int32)
 
 
-def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, **kw) -> None:
-    """Write a parquet file complete-or-absent: temp name + rename locally; object stores
-    create an object only when its upload completes."""
+@contextlib.contextmanager
+def _landing(fs: pafs.FileSystem, path: str) -> Iterator[str]:
+    """Where to write ``path`` so that it appears complete-or-absent: a temp name renamed into
+    place locally; the path itself on an object store, which creates an object only when its
+    upload (or copy) completes."""
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
-        pq.write_table(table, path, filesystem=fs, **kw)
+        yield path
         return
     tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
     try:
-        pq.write_table(table, tmp, filesystem=fs, **kw)
+        yield tmp
         fs.move(tmp, path)
     finally:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
+
+
+def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, **kw) -> None:
+    """Write a parquet file complete-or-absent (:func:`_landing`)."""
+    with _landing(fs, path) as target:
+        pq.write_table(table, target, filesystem=fs, **kw)
+
+
+def copy_file(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Copy a file complete-or-absent (:func:`_landing`); in a bucket, server-side."""
+    with _landing(fs, dst) as target:
+        fs.copy_file(src, target)
+
+
+def write_marker(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    """A small JSON file that marks a directory of parts complete: complete-or-absent like
+    :func:`write_table`, so a reader never sees a torn one."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_json(path, obj)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(obj).encode())
 
 
 def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -851,11 +877,8 @@ def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int
         fs.delete_dir_contents(root, missing_dir_ok=True)
         stream = write_stream(pools, StreamSpec(salt(seed, _PTFS, upto), _buckets(sum(p.rows for p in pools), block),
                                                 tuple(p.src for p in pools)), root, fs)
-        with fs.open_output_stream(marker) as f:
-            f.write(f'{{"stream_rows": {stream["rows"]}}}\n'.encode())
+        write_marker(fs, marker, {"stream_rows": stream["rows"]})
     with fs.open_input_stream(marker) as f:
-        import json
-
         rows = json.loads(f.read())["stream_rows"]
     return {"stream_path": str(out), "stream_rows": int(rows)}
 
@@ -874,9 +897,9 @@ def _write_blocks(path: Path, tokens: np.ndarray, src: np.ndarray | None = None,
 
 def _read_rows(pools: list[Pool], positions: np.ndarray, fs: pafs.FileSystem) -> tuple[np.ndarray, np.ndarray]:
     """Blocks at ``positions`` of the concatenated pools, and each one's source; reads only
-    the part files that hold them."""
+    the row groups that hold them, one at a time."""
     starts = np.cumsum([0] + [p.rows for p in pools])
-    tokens: list[np.ndarray | None] = [None] * len(positions)
+    taken: list[tuple[np.ndarray, np.ndarray]] = []
     src = np.zeros(len(positions), np.int64)
     for v in np.unique(np.searchsorted(starts, positions, side="right") - 1):
         pool, at = pools[v], np.flatnonzero((positions >= starts[v]) & (positions < starts[v + 1]))
@@ -884,13 +907,43 @@ def _read_rows(pools: list[Pool], positions: np.ndarray, fs: pafs.FileSystem) ->
         within = positions[at] - starts[v]
         chunk = np.searchsorted(chunk_starts, within, side="right") - 1
         for c in np.unique(chunk):
-            sel = at[chunk == c]
-            table = pq.read_table(pool.files[c], filesystem=fs, columns=["tokens"])
-            rows = _blocks(table.take(pa.array(within[chunk == c] - chunk_starts[c])))
-            for pos, r in zip(sel, rows):
-                tokens[pos] = r
+            taken.append((at[chunk == c], _take_rows(pool.files[c], within[chunk == c] - chunk_starts[c], fs)))
         src[at] = pool.src
-    return np.stack(tokens), src
+    tokens = np.empty((len(positions), taken[0][1].shape[1]), np.int32)
+    for at, blocks in taken:
+        tokens[at] = blocks
+    return tokens, src
+
+
+def _take_rows(path: str, rows: np.ndarray, fs: pafs.FileSystem) -> np.ndarray:
+    """Blocks at ``rows`` of one parquet file, in that order; one row group in memory at a time."""
+    f = pq.ParquetFile(path, filesystem=fs)
+    group_starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+    group = np.searchsorted(group_starts, rows, side="right") - 1
+    out = np.empty((len(rows), f.schema_arrow.field("tokens").type.list_size), np.int32)
+    for g in np.unique(group):
+        at = np.flatnonzero(group == g)
+        out[at] = _blocks(f.read_row_group(int(g), columns=["tokens"]).take(pa.array(rows[at] - group_starts[g])))
+    return out
+
+
+def _rewrite_rows(src_path: str, rows: np.ndarray, blocks: np.ndarray, new_src: np.ndarray,
+                  sfs: pafs.FileSystem, fs: pafs.FileSystem, dst: str) -> None:
+    """Copy a stream part with its ``rows`` replaced by ``blocks`` from ``new_src``; one row
+    group in memory at a time, written complete-or-absent."""
+    f = pq.ParquetFile(src_path, filesystem=sfs)
+    start = 0
+    with _landing(fs, dst) as target, pq.ParquetWriter(target, f.schema_arrow, filesystem=fs) as out:
+        for g in range(f.num_row_groups):
+            table = f.read_row_group(g, columns=["idx", "src", "tokens"])
+            at = np.flatnonzero((rows >= start) & (rows < start + table.num_rows))
+            if len(at):
+                tokens, src = _blocks(table), table.column("src").to_numpy().astype(np.int16)
+                tokens[rows[at] - start], src[rows[at] - start] = blocks[at], new_src[at]
+                table = pa.table({"idx": table["idx"], "src": src, "tokens": _tokens_array(tokens)},
+                                 schema=f.schema_arrow)
+            out.write_table(table, row_group_size=STREAM_ROW_GROUP)
+            start += table.num_rows
 
 
 def _swaps(version: dict, ratio: float, wanted: int, slots: int, candidates: int) -> int:
@@ -900,6 +953,10 @@ def _swaps(version: dict, ratio: float, wanted: int, slots: int, candidates: int
         log.warning("version %s: replay ratio %g: %d rows to swap, but only %d unused blocks (no block trains "
                     "twice in a branch); the branch stream stops short of the ratio", version["name"], ratio, wanted, n)
     return n
+
+
+#: Written last into a branch's re-mixed stream directory: the mix, and that every part is there.
+VARIANT_MARKER = "_variant.json"
 
 
 def replay_variant(version: dict, older: list[dict], consumed: list, limit: int, ratio: float,
@@ -914,49 +971,66 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     own ratio, replay rows are swapped for the version's own blocks the main path trained
     before the fork. No block is trained twice in a branch: when too few such blocks exist,
     the ratio stops short of ``ratio`` (logged; the returned mix says what it reached).
-    Written once (atomically); returns the path and the mix.
 
-    Holds this one version's stream in memory (a branch's share of it is what it
-    re-mixes); the drawn blocks are read from the part files that hold them only. In a
-    remote run directory it is written to the bucket, where the branch's workers read it.
+    ``out_path`` is a directory of parts, one per part of the stream (same rows, same
+    order), with :data:`VARIANT_MARKER` written last; written once (trials sharing a fork
+    and ratio write the same bytes), straight into the bucket of a remote run directory.
+    Returns the path and the mix. Memory grows with the stream's rows, not its tokens:
+    its ``idx``/``src`` columns (10 bytes a row), the swapped rows' blocks, and one row group
+    at a time; parts without a swapped row are copied as they are.
     """
     out = Path(out_path)
-    k = int(version["index"])
-    spec = PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, rd=rd)
-    rd.fetch(out, missing_ok=True)  # a remote run's variant, written by a trial on another machine
-    if not out.exists():
+    fs, root = rd.target(out)
+    marker = f"{root}/{VARIANT_MARKER}"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
         if ratio > 0 and not older:
             raise DataError(f"replay ratio {ratio}: version {version['name']} has no older version to replay")
-        fs, stream = rd.target(version["stream_path"])
-        table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in _parquet_files(fs, stream)]).sort_by("idx")
-        idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy().astype(np.int64)
-        tokens = _blocks(table)
-        in_branch = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
-        todo = np.flatnonzero(in_branch)
-        is_replay = src[todo] != k
-        want, have = int(round(ratio * len(todo))), int(is_replay.sum())
-        rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
-        if want > have:  # more replay: older blocks the stream never drew
-            pools = [_pool(r, spec, upgrade=False) for r in older]
-            drawn, total = int(version.get("replay_blocks", 0)), sum(p.rows for p in pools)
-            n = _swaps(version, ratio, want - have, (~is_replay).sum(), total - drawn)
-            swap = np.sort(rng.choice(todo[~is_replay], size=n, replace=False))
-            ranks = drawn + rng.choice(total - drawn, size=n, replace=False)
-            pick = np.sort(Replay.of(pools, drawn, salt(seed, _REPLAY, k)).perm(ranks)) if drawn else np.sort(ranks)
-            if n:
-                tokens[swap], src[swap] = _read_rows(pools, pick, fs)
-        elif want < have:  # less replay: own blocks trained before the fork (or past the branch)
-            spare = np.flatnonzero((src == k) & ~in_branch)
-            n = _swaps(version, ratio, have - want, is_replay.sum(), len(spare))
-            swap = np.sort(rng.choice(todo[is_replay], size=n, replace=False))
-            pick = rng.choice(spare, size=n, replace=False)
-            tokens[swap], src[swap] = tokens[pick], k
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_blocks(out, tokens, src, idx)
-        rd.publish(out)  # the branch's workers read it through the bucket
-    table = pq.read_table(out, columns=["idx", "src"])
-    idx, src = table.column("idx").to_numpy(), table.column("src").to_numpy()
-    todo = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
+        write_marker(fs, marker, _write_variant(version, older, consumed, limit, ratio, seed, rd, fs, root))
+    with fs.open_input_stream(marker) as f:
+        return {"stream_path": str(out), **json.loads(f.read())}
+
+
+def _write_variant(version: dict, older: list[dict], consumed: list, limit: int, ratio: float, seed: int,
+                   rd: RunDir, fs: pafs.FileSystem, root: str) -> dict:
+    k = int(version["index"])
+    sfs, stream = rd.target(version["stream_path"])
+    parts = _parquet_files(sfs, stream)
+    cols = [pq.read_table(f, filesystem=sfs, columns=["idx", "src"]) for f in parts]
+    stream_pool = Pool(k, tuple(parts), tuple(t.num_rows for t in cols))
+    starts = np.cumsum([0, *stream_pool.chunk_rows])
+    idx = np.concatenate([t.column("idx").to_numpy() for t in cols]).astype(np.int64)
+    src = np.concatenate([t.column("src").to_numpy() for t in cols]).astype(np.int64)
+    del cols
+    order = np.argsort(idx, kind="stable")  # positions below count rows in idx (training) order
+    idx, src = idx[order], src[order]
+    in_branch = (idx < limit) & ~Consumed.from_list(consumed).mask(idx)
+    todo = np.flatnonzero(in_branch)
+    is_replay = src[todo] != k
+    want, have = int(round(ratio * len(todo))), int(is_replay.sum())
+    rng = np.random.default_rng([seed, k, int(round(ratio * 1e6)), len(todo)])
+    swap = np.zeros(0, np.int64)
+    if want > have:  # more replay: older blocks the stream never drew
+        pools = [_pool(r, PrepareSpec("", "", 0, "", 0, 0.0, seed, 1, 0, rd=rd), upgrade=False) for r in older]
+        drawn, total = int(version.get("replay_blocks", 0)), sum(p.rows for p in pools)
+        n = _swaps(version, ratio, want - have, (~is_replay).sum(), total - drawn)
+        swap = np.sort(rng.choice(todo[~is_replay], size=n, replace=False))
+        ranks = drawn + rng.choice(total - drawn, size=n, replace=False)
+        pick = np.sort(Replay.of(pools, drawn, salt(seed, _REPLAY, k)).perm(ranks)) if drawn else np.sort(ranks)
+        blocks, new_src = _read_rows(pools, pick, sfs) if n else (None, None)
+    elif want < have:  # less replay: own blocks trained before the fork (or past the branch)
+        spare = np.flatnonzero((src == k) & ~in_branch)
+        n = _swaps(version, ratio, have - want, is_replay.sum(), len(spare))
+        swap = np.sort(rng.choice(todo[is_replay], size=n, replace=False))
+        pick = rng.choice(spare, size=n, replace=False)
+        blocks, new_src = _read_rows([stream_pool], order[pick], sfs) if n else (None, None)
+    if len(swap):
+        src[swap] = new_src
+    at = order[swap]  # the swapped rows' places in the stream's parts
+    for i, part in enumerate(parts):
+        here = np.flatnonzero((at >= starts[i]) & (at < starts[i + 1]))
+        if not len(here):  # before the fork, most parts: copied as they are
+            copy_file(fs, part, _part(root, i))
+            continue
+        _rewrite_rows(part, at[here] - starts[i], blocks[here], new_src[here], sfs, fs, _part(root, i))
     replay = int((src[todo] != k).sum())
-    return {"stream_path": str(out), "rows": int(todo.sum()), "replay_rows": replay,
-            "replay_ratio": replay / max(int(todo.sum()), 1)}
+    return {"rows": len(todo), "replay_rows": replay, "replay_ratio": replay / max(len(todo), 1)}

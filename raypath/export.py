@@ -38,6 +38,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
+from raypath.mirror import LOCAL, RunDir
 from raypath.storage import read_json
 
 #: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
@@ -142,7 +143,6 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
     run_dir: a path or a URI (``s3://...``): a remote run directory is mirrored in
         ``local_dir`` (default ``~/.cache/raypath/...``), and only the exported source is
         downloaded into it. ``out`` is a local directory."""
-    from raypath.mirror import RunDir
     from raypath.storage import atomic_dir
 
     if dtype is not None and dtype not in DTYPES:
@@ -190,9 +190,10 @@ def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
         return release_source(lineage, run_dir, name, rid or None)
     if what.startswith("main-") and what[5:] in versions:
         return main_source(lineage, run_dir, what[5:])
-    for candidate in (Path(what), lineage.rd.fetch(run_dir / what, missing_ok=True)):
-        if candidate.is_dir():
-            return checkpoint_source(lineage, run_dir, candidate.resolve())
+    if Path(what).is_dir():
+        return checkpoint_source(lineage, run_dir, Path(what).resolve())
+    if lineage.rd.children(run_dir / what):  # where the run directory keeps it (a bucket's, maybe)
+        return checkpoint_source(lineage, run_dir, run_dir / what)
     raise ExportError(f"{what}: not a version, release, main-path checkpoint or checkpoint directory of "
                       f"{run_dir} ({what_exists(lineage)})")
 
@@ -253,8 +254,7 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
     if main is None:
         raise ExportError(f"main-{version}: the main path of {version} has not finished in {run_dir} "
                           f"({what_exists(lineage)})")
-    d = lineage.rd.fetch(in_run_dir(main.checkpoints["end"], run_dir, "ray"), missing_ok=True)
-    _check_checkpoint(d, f"main-{version}")
+    d = _check_checkpoint(in_run_dir(main.checkpoints["end"], run_dir, "ray"), lineage.rd, f"main-{version}")
     facts = main_facts(lineage, main)
     facts.label, facts.source = f"main-{version}", str(d)
     return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
@@ -262,7 +262,7 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
 
 def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
     """A checkpoint directory; the lineage's main-path or branch entry of its segment adds the facts."""
-    _check_checkpoint(d)
+    d = _check_checkpoint(d, lineage.rd)
     state = ckpt.load_state(d)
     segment, version = state.get("segment", ""), state.get("version", "?")
     main, branch = lineage.main(version), lineage.branch(segment)
@@ -279,11 +279,12 @@ def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
     return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
 
 
-def _check_checkpoint(d: Path, label: str | None = None) -> None:
-    """Fail early, before anything is loaded or written: presence and sizes (the load hashes it)."""
+def _check_checkpoint(d: Path, rd: RunDir, label: str | None = None) -> Path:
+    """Fail early, before anything is loaded or written: presence and sizes (the load hashes it).
+    Returns ``d`` readied on this machine (:func:`raypath.checkpoint.fetch`)."""
     try:
-        ckpt.verify(d, deep=False)
-    except ckpt.CheckpointError as e:
+        return ckpt.fetch(d, rd, deep=False)
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
         raise ExportError(f"{label}: {e}" if label else
                           f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
 
@@ -367,7 +368,7 @@ def load_model(src: Source, lineage: Lineage, run_dir: Path):
 
     if src.model_dir is not None:
         return AutoModelForCausalLM.from_pretrained(str(src.model_dir), local_files_only=True, dtype="auto")
-    return model_from_checkpoint(src.checkpoint, model_config(lineage, run_dir), src.tokenizer_dir)
+    return model_from_checkpoint(src.checkpoint, model_config(lineage, run_dir), src.tokenizer_dir, lineage.rd)
 
 
 def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
@@ -391,7 +392,7 @@ def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
     return cfg
 
 
-def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: str | Path):
+def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: str | Path, rd: RunDir = LOCAL):
     """A plain transformers model with a checkpoint's weights (either layout), as training built it.
 
     The vocabulary size and EOS/PAD ids come from the tokenizer, like the run's
@@ -405,7 +406,7 @@ def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: st
     tok = load_tokenizer(tokenizer)
     model = build_model(cfg, len(tok), tok.eos_token_id, tok.pad_token_id, weights=False)
     try:
-        load_model_weights(directory, model)
+        load_model_weights(directory, model, rd)
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
     except RuntimeError as e:  # missing or misshapen tensors: a checkpoint of another model

@@ -142,13 +142,14 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
 
     Used by the workers *and* by the dataset factory on the controller, so both
     agree on which rows were already trained after any restart. The checkpoint
-    is local to the caller's node (downloaded there first in a remote run).
+    is readied on the caller's node (:func:`raypath.checkpoint.fetch`: in a remote
+    run a full one is downloaded, of a sharded one only its metadata).
     """
     own = ckpt.latest_valid(seg.storage, seg.rd)
     if own is not None:
         return str(own), ckpt.load_state(own)
     if seg.init_checkpoint:
-        init = str(seg.rd.fetch(seg.init_checkpoint))
+        init = str(ckpt.fetch(seg.init_checkpoint, seg.rd, deep=False))  # hashed by the load
         state = ckpt.load_state(init)
         if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
@@ -728,7 +729,7 @@ class _SegmentRun:
         rank, world = _dist()
         device = ray.train.torch.get_device()
         start_dir, state = resume_point(seg)
-        restored = ckpt.load(start_dir) if start_dir else None
+        restored = ckpt.load(start_dir, rd=seg.rd) if start_dir else None
         # One seed for the init on every rank: FSDP materialises each rank's shards itself, so a
         # per-rank seed would make a model that is neither DDP's nor the same at another world size.
         torch.manual_seed(t.seed)

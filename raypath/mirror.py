@@ -20,8 +20,9 @@ Who copies what, when:
   (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
   stream straight from it;
 * a Train worker fetches the val splits and the checkpoint it starts from
-  (verified before use); rank 0 publishes its curve after every append and its
-  exported release when written.
+  (verified before use; of a sharded one only the metadata and its ranks' shares,
+  :func:`raypath.checkpoint.fetch`); rank 0 publishes its curve at evaluations,
+  checkpoints and otherwise every half minute, and its exported release when written.
 
 Files are complete-or-absent on both sides. A download lands in a temporary
 sibling that is renamed into place (for a directory the first rename wins, so
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raypath.sources import first_line, is_uri, uri_filesystem
@@ -156,13 +158,17 @@ class Mirror:
     def pull(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
         """Make the local ``path`` (file or directory) a copy of the remote one; returns ``path``.
 
-        A directory already present locally is used as it is (directories are
-        pulled whole, atomically); a file is copied when it changed (see module doc).
+        A directory not here is pulled whole, atomically (of pullers racing on a node the
+        first wins); one already here, maybe in part (a checkpoint's metadata, a release's
+        cards), gets the files it lacks or that changed. A file is copied when it changed
+        (see module doc).
         """
         path = Path(path)
         info = self.info(path)
         if info.type == pafs.FileType.Directory:
-            if not path.is_dir():
+            if path.is_dir():
+                self.pull_files(path)
+            else:
                 self._pull_dir(path)
         elif info.type == pafs.FileType.File:
             if _changed(path, info):
@@ -229,6 +235,22 @@ class Mirror:
                 fs.create_dir(parent, recursive=True)
                 made.add(parent)
             pafs.copy_files(str(local), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+    def copy(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        """Copy the remote directory behind ``src`` to ``dst``'s inside the store: server-side
+        where it can (S3's CopyObject takes objects up to 5 GiB), else streamed through here."""
+        fs, base, made = self.filesystem(), self.remote_path(dst), set()
+        for rel, info in sorted(self._tree(src).items(), key=lambda kv: (kv[0].endswith(MUTABLE), kv[0])):
+            target = f"{base}/{rel}"
+            if (parent := target.rsplit("/", 1)[0]) not in made:
+                fs.create_dir(parent, recursive=True)
+                made.add(parent)
+            try:
+                fs.copy_file(info.path, target)
+            except OSError:  # a store without server-side copy, or an object past its limit
+                with fs.open_input_stream(info.path) as f, fs.open_output_stream(target) as out:
+                    shutil.copyfileobj(f, out, CHUNK)
 
 
 def _changed(local: Path, remote: pafs.FileInfo) -> bool:
@@ -327,6 +349,18 @@ class RunDir:
             return self.mirror.children(path)
         return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
 
+    def file_sizes(self, path: str | os.PathLike) -> dict[str, int]:
+        """Every file under the directory ``path`` where it is kept: ``{relative posix path: bytes}``."""
+        if self.remote(path):
+            return {rel: info.size for rel, info in self.mirror._tree(path).items()}
+        root = Path(path)
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+    def open_remote(self, path: str | os.PathLike) -> pa.NativeFile:
+        """The remote copy of the file ``path``, open for reads at any offset (``read_at``: one
+        ranged request each): for reading a slice of a large file without downloading it."""
+        return self.mirror.filesystem().open_input_file(self.mirror.remote_path(path))
+
     def source(self, path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
         """(path, filesystem) of ``path`` to hand to Ray (Data reads, Train storage): the remote
         one for a remote run directory, else (local path, None)."""
@@ -345,6 +379,15 @@ class RunDir:
         """Upload ``path`` (file or directory) to a remote run directory; a no-op for a local one."""
         if self.remote(path):
             self.mirror.push(path)
+
+    def copy_in_store(self, src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+        """Copy the directory ``src`` to ``dst`` inside a remote run directory's store, where
+        nothing passes through this machine (:meth:`Mirror.copy`); returns False, doing
+        nothing, unless both are kept remotely."""
+        if not (self.remote(src) and self.remote(dst)):
+            return False
+        self.mirror.copy(src, dst)
+        return True
 
     def remove(self, path: str | os.PathLike) -> None:
         """Delete the file or directory ``path`` (missing is fine), and its remote copy."""

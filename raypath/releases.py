@@ -13,7 +13,8 @@ it, and ``raypath release --pick best`` hands the version back to the decision.
 On disk, per version::
 
     releases/vK/rN/             the model (hard links to the branch's export where the
-                                filesystem allows, else a copy), tokenizer,
+                                filesystem allows, a copy inside the bucket for a remote
+                                run, else a copy), tokenizer,
                                 model_card.json (with the release's facts), release.json
     releases/vK/current.json    {"release": "rN", ...}: which release is live
     releases/vK/current         symlink -> rN, for local readers (``from_pretrained``)
@@ -389,8 +390,10 @@ class Releaser:
         # An rN that is not in the history is the orphan of a crash before the switch: remove it
         # everywhere first, as publishing skips remote files of an unchanged size.
         self.rd.remove(vdir / rid)
+        in_store = self.rd.copy_in_store(src, vdir / rid)  # a bucket's weights never pass through here
         with atomic_dir(vdir / rid) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+            if not in_store:
+                shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
             write_json(tmp / "model_card.json", card)  # a new file: the export's card stays as it was
             write_json(tmp / RELEASE_JSON, entry, root=self.rd.path)
         self.rd.publish(vdir / rid)
@@ -502,8 +505,7 @@ class Releaser:
         for d in dirs:
             if d is None:
                 continue
-            self.rd.fetch(d, missing_ok=True)
-            if (Path(d) / "model_card.json").is_file():
+            if self.rd.fetch(Path(d) / "model_card.json", missing_ok=True).is_file():  # the card alone
                 return Path(d)
         raise FileNotFoundError(f"{cand.name}: no exported model (looked in {', '.join(filter(None, dirs))})")
 

@@ -15,22 +15,30 @@ keeps the complete-or-absent guarantee of :mod:`raypath.checkpoint`:
    does not count.
 
 Loading is collective too: the ranks split the hashing of the files between
-them, then DCP reads into the target's own layout (FSDP shards at any world
-size, or full tensors under DDP), so resuming across world sizes and between
-DDP and FSDP is just a load.
+them (each its own shards, :func:`raypath.checkpoint.hash_share`), then DCP reads
+into the target's own layout (FSDP shards at any world size, or full tensors
+under DDP), so resuming across world sizes and between DDP and FSDP is just a
+load. In a remote run directory a node downloads only its ranks' shares; the
+slices its ranks read from other files come from the bucket (:class:`ShardReader`).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import logging
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 
 from raypath import checkpoint as ckpt
 from raypath.mirror import LOCAL, RunDir
@@ -137,36 +145,149 @@ class ShardedSaver:
             log.info("sharded checkpoint %s complete (%d files)", d, len(entries))
 
 
+class _MirroredFiles(FileSystem):
+    """DCP's local file access, except that a shard file this node does not hold (with the
+    manifest's size) is opened in the remote run directory instead of downloaded."""
+
+    def __init__(self, rd: RunDir, sizes: dict[Path, int]):
+        self.rd, self.sizes = rd, sizes
+
+    def remote(self, path: Path) -> bool:
+        held = path.is_file() and path.stat().st_size == self.sizes.get(path, path.stat().st_size)
+        return not held and self.rd.remote(path)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if mode != "rb" or not self.remote(Path(path)):
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with self.rd.open_remote(path) as stream:
+            yield stream
+
+
+class _Ranges:
+    """Ranged reads of remote files, issued ahead in the order they will be asked for: up to
+    :attr:`window` bytes in flight on a few threads (a bucket's latency, not its bandwidth,
+    bounds one request at a time). A read asked for out of that order is made on the spot."""
+
+    window = 256 << 20
+
+    def __init__(self, rd: RunDir, reads: list[tuple[Path, int, int]]):
+        self.rd, self.reads, self.handles, self.lock = rd, collections.deque(reads), {}, threading.Lock()
+        self.total = sum(r[2] for r in reads)
+        self.pool = ThreadPoolExecutor(8, thread_name_prefix="raypath-ranges")
+        self.ahead: collections.deque = collections.deque()
+        self.bytes_ahead = 0
+        self._fill()
+
+    def _read(self, path: Path, offset: int, length: int) -> bytes:
+        with self.lock:  # one handle per file: read_at is safe across threads
+            if path not in self.handles:
+                self.handles[path] = self.rd.open_remote(path)
+        return self.handles[path].read_at(length, offset)
+
+    def _fill(self) -> None:
+        while self.reads and (not self.ahead or self.bytes_ahead < self.window):
+            read = self.reads.popleft()
+            self.ahead.append((read, self.pool.submit(self._read, *read)))
+            self.bytes_ahead += read[2]
+
+    def get(self, path: Path, offset: int, length: int) -> bytes:
+        if self.ahead and self.ahead[0][0] == (path, offset, length):
+            fut = self.ahead.popleft()[1]
+            self.bytes_ahead -= length
+            self._fill()
+            return fut.result()
+        return self._read(path, offset, length)
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        for handle in self.handles.values():
+            handle.close()
+
+
+class ShardReader(FileSystemReader):
+    """DCP reader of a checkpoint's ``shards/``: local files where this node holds them, else
+    the remote run directory's, one ranged read per stored item (no file downloaded whole).
+
+    A rank reads mostly its own shards (downloaded and hashed before the load), plus items
+    of others': the replicated optimizer steps DCP stored once, or the shards its new
+    slice overlaps after a resize. Those are what the ranged reads fetch, ahead (:class:`_Ranges`).
+    """
+
+    def __init__(self, directory: str | Path, rd: RunDir, files: dict[str, dict]):
+        d = Path(directory)
+        super().__init__(d / ckpt.SHARDS)
+        self.fs = _MirroredFiles(rd, {d / rel: meta["size"] for rel, meta in files.items()})
+        self.ranges: _Ranges | None = None
+        self.ranged_bytes = 0
+
+    def read_data(self, plan, planner):
+        # The order FileSystemReader reads in: per file (first appearance), the plan's order.
+        per_file: dict[Path, list] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            per_file.setdefault(Path(self.path, info.relative_path), []).append(info)
+        reads = [(p, i.offset, i.length) for p, infos in per_file.items() if self.fs.remote(p) for i in infos]
+        self.ranges = _Ranges(self.fs.rd, reads)
+        self.ranged_bytes += self.ranges.total
+        try:
+            return super().read_data(plan, planner)
+        finally:
+            self.ranges.close()
+
+    def _slice_file(self, file, sinfo):
+        if isinstance(file, pa.NativeFile):  # remote: the item's bytes in one request
+            return io.BytesIO(self.ranges.get(Path(self.path, sinfo.relative_path), sinfo.offset, sinfo.length))
+        return super()._slice_file(file, sinfo)
+
+
 def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
-              rank: int, world: int, rd: RunDir = LOCAL) -> None:
+              rank: int, world: int, rd: RunDir = LOCAL) -> int:
     """Collective: verify a sharded checkpoint (ranks split the hashing) and load it, resharded.
 
-    A corrupted checkpoint is quarantined and :class:`~raypath.checkpoint.CheckpointError`
-    raised on every rank: the worker group restarts from the newest good one.
+    ``directory`` is readied by :func:`raypath.checkpoint.fetch`. A corrupted checkpoint is
+    quarantined and :class:`~raypath.checkpoint.CheckpointError` raised on every rank: the
+    worker group restarts from the newest good one. Returns the bytes this rank read from
+    the bucket by range (0 in a local run directory).
     """
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     d = Path(directory)
-    errors = [e for e in _gather(ckpt.verify_share(d, rank, world)) if e]
+    files = ckpt.sharded_files(d)
+    errors = [e for e in _gather(ckpt.verify_files(d, ckpt.hash_share(files, rank, world), rd)) if e]
     if errors:
         if rank == 0:
             ckpt.quarantine(d, errors[0], rd)
         raise ckpt.CheckpointError(errors[0])
     sd = app_state(model, optim)
-    dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS))
+    reader = ShardReader(d, rd, files)
+    dcp.load(sd, storage_reader=reader)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    if reader.ranged_bytes:
+        log.info("rank %d: read %.1f MB of %s by range from the bucket", rank, reader.ranged_bytes / 2**20, d.name)
+    return reader.ranged_bytes
 
 
-def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
-    """In one process: a checkpoint's model weights (either layout) into a plain, unsharded model."""
+def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir = LOCAL) -> None:
+    """In one process: a checkpoint's model weights (either layout) into a plain, unsharded model.
+
+    The checkpoint is hashed whole first (one process reads every file anyway). In a
+    remote run directory a full checkpoint is downloaded whole; of a sharded one, the
+    shard files, which hold the optimizer state too (about twice the model).
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    d = Path(directory)
-    ckpt.verify(d, deep=True)
+    d = ckpt.fetch(directory, rd)  # a full checkpoint hashed here, a sharded one below
     if not ckpt.is_sharded(d):
         # The model file only: the optimizer state (twice the model's size) is not needed here.
         model.load_state_dict(ckpt.read_tensors(d / "model.pt"))
         return
+    files = ckpt.sharded_files(d)
+    error = ckpt.verify_files(d, files, rd)
+    if error:
+        raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}
-    dcp.load(sd, checkpoint_id=str(d / ckpt.SHARDS), no_dist=True)
+    dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
     set_model_state_dict(model, sd["model"])

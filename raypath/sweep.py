@@ -287,7 +287,7 @@ class SweepPlan:
 
         fork = ckpt.load_state(seg.init_checkpoint, seg.rd)
         out = Path(self.ctx.run_dir) / "data" / self.version / "branch-streams" / \
-            f"fork{seg.start_step:08d}-replay{ratio:.4f}.parquet"
+            f"fork{seg.start_step:08d}-replay{ratio:.4f}"
         return replay_variant(self.ctx.versions[self.k], self.ctx.versions[: self.k], fork.get("consumed", []),
                               seg.stream_limit, ratio, self.ctx.cfg.data.seed, out, self.ctx.rd)
 

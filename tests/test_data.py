@@ -327,7 +327,7 @@ def test_replay_variant_remixes_only_the_rows_left_to_train(tmp_path, ratio):
 def test_replay_variant_never_trains_a_block_twice_in_a_branch(tmp_path, ratio, caplog):
     """A realistic stream (every own block once, replay drawn as preparation draws it): the
     swapped-in blocks are ones the branch does not hold; too few of them stop the ratio short."""
-    from raypath.data import _REPLAY, Pool, Replay, _write_blocks, replay_variant
+    from raypath.data import _REPLAY, Pool, Replay, _part, _write_blocks, replay_variant
     from raypath.shuffle import salt
 
     rng = np.random.default_rng(1)
@@ -336,12 +336,19 @@ def test_replay_variant_never_trains_a_block_twice_in_a_branch(tmp_path, ratio, 
     order = rng.permutation(72)
     stream, stream_src = np.concatenate([new, old[drawn]])[order], np.r_[[1] * 60, [0] * 12][order]
     _write_blocks(tmp_path / "v1.parquet", old)
-    _write_blocks(tmp_path / "v2-stream.parquet", stream, stream_src)
-    version = {"name": "v2", "index": 1, "stream_path": str(tmp_path / "v2-stream.parquet"), "replay_blocks": 12}
+    for i, (a, b) in enumerate([(0, 25), (25, 50), (50, 72)]):  # a stream in parts, as prepared
+        _write_blocks(Path(_part(str(tmp_path / "v2-stream"), i)), stream[a:b], stream_src[a:b], np.arange(a, b))
+    version = {"name": "v2", "index": 1, "stream_path": str(tmp_path / "v2-stream"), "replay_blocks": 12}
     older = [{"name": "v1", "index": 0, "new_path": str(tmp_path / "v1.parquet"), "new_blocks": 40}]
-    mix = replay_variant(version, older, [[0, 30]], 72, ratio, 0, tmp_path / "variant.parquet")
-    branch = read_blocks(tmp_path / "variant.parquet")[30:]
+    mix = replay_variant(version, older, [[0, 30]], 72, ratio, 0, tmp_path / "variant")
+    branch = read_blocks(tmp_path / "variant")[30:]
     assert len({row.tobytes() for row in branch}) == len(branch) == mix["rows"] == 42
+    # Part by part: the same rows in the same files; the first part (all before the fork) copied as it is.
+    parts = sorted((tmp_path / "variant").glob("part-*.parquet"))
+    assert [p.name for p in parts] == [p.name for p in sorted((tmp_path / "v2-stream").glob("part-*.parquet"))]
+    assert [pq.read_table(p)["idx"].to_pylist() for p in parts] == [list(range(0, 25)), list(range(25, 50)),
+                                                                    list(range(50, 72))]
+    assert parts[0].read_bytes() == (tmp_path / "v2-stream" / parts[0].name).read_bytes()
     if ratio == 0.95:  # 28 older blocks were never drawn: the branch takes them all, and says so
         assert mix["replay_rows"] < round(0.95 * 42) and "stops short" in caplog.text
     else:

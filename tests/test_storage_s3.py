@@ -121,25 +121,64 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
         assert (s3.fs.get_file_info(snap_key).type == pafs.FileType.NotFound) is dropped
 
 
-def test_a_node_whose_mirror_holds_only_its_ranks_shards_resumes_from_the_remote_checkpoint(s3, tmp_path):
-    import torch
+def _nodes(mode: str, world: int, s3, remote: str, mirrors: Path, out: Path) -> list[dict]:
+    """Run ``world`` FSDP ranks, each on its own "node" (mirror), in a real gloo group."""
+    import sharded_nodes
+    import torch.multiprocessing as mp
+    from conftest import _free_port
 
-    from raypath.shards import ShardedSaver
+    spec = {"mode": mode, "remote": remote, "endpoint": s3.endpoint, "mirrors": str(mirrors),
+            "port": _free_port(), "out": str(out)}
+    mp.spawn(sharded_nodes.node, args=(world, spec), nprocs=world)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoint(s3, tmp_path):
+    import pickle
 
     bucket = _bucket(s3, "shards")
-    mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
-    rd = RunDir(Path(mirror.local), mirror)
-    storage = rd / "ray" / "main-v1"
-    model = torch.nn.Linear(4, 4)
-    ShardedSaver(0, False, torch.device("cpu"), rd).save(
-        storage / ckpt.step_dir_name(10), model, torch.optim.AdamW(model.parameters()), {"step": 10, "tokens": 10})
-    # Another node's mirror: its ranks wrote their shards there; manifest, state, RNG and DCP's
-    # metadata were written (and published) by rank 0 on its own node.
-    local = storage / ckpt.step_dir_name(10)
-    for f in [p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".distcp")]:
-        f.unlink()
-    assert ckpt.latest_valid(storage, rd) == local  # pulled whole, not skipped as torn
-    ckpt.verify(local, deep=True)
+    remote = f"s3://{bucket}/run"
+    step = f"ray/main-v1/{ckpt.step_dir_name(5)}"
+    _nodes("save", 2, s3, remote, tmp_path / "saved", tmp_path)
+    shard_files = {k.rsplit("/", 1)[1] for k in s3.files(f"{bucket}/run/{step}/shards") if k.endswith(".distcp")}
+    assert shard_files == {"__0_0.distcp", "__1_0.distcp"}
+    small = {"manifest.json", *ckpt.SHARDED_META}
+
+    # The driver (the Train controller's dataset factory) needs the step and data position only.
+    ctrl = Mirror(remote, str(tmp_path / "driver"), s3.endpoint)
+    rd = RunDir(Path(ctrl.local), ctrl)
+    got = ckpt.latest_valid(rd / "ray" / "main-v1", rd)
+    assert got == rd / step and ckpt.load_state(got)["step"] == 5
+    assert {p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()} == small
+
+    # Fresh nodes resume at the same world size: each downloads its own rank's shard and no
+    # other, and reads the rest (optimizer steps DCP stored once, in one rank's file) by range.
+    steps_in = {s.relative_path for i, s in pickle.loads((got / "shards" / ".metadata").read_bytes())
+                .storage_data.items() if i.fqn.endswith(".step")}
+    assert len(steps_in) == 1  # so one of the two ranks must read them from the other's file
+    ranks = _nodes("load", 2, s3, remote, tmp_path / "same", tmp_path)
+    for r, res in enumerate(ranks):
+        assert res["differ"] == [] and res["step"] == 5, res
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | {f"shards/__{r}_0.distcp"}}, res["files"]
+    total = sum(s3.files(f"{bucket}/run/{step}").values())
+    assert 0 < sum(res["ranged"] for res in ranks) < 0.01 * total  # the steps, not shards
+
+    # Three nodes: the third wrote nothing, so it reads its slices of every tensor by range.
+    ranks = _nodes("load", 3, s3, remote, tmp_path / "grown", tmp_path)
+    assert [res["differ"] for res in ranks] == [[], [], []]
+    assert not [f for f in ranks[2]["files"] if f.endswith(".distcp")] and ranks[2]["ranged"] > 0.2 * total
+
+    # A shard corrupted in the bucket (same size): its rank downloads it twice, both ranks
+    # fail, and the checkpoint is quarantined in the bucket for the restart that follows.
+    key = f"{bucket}/run/{step}/shards/__1_0.distcp"
+    data = bytearray(s3.read(key))
+    data[len(data) // 2] ^= 0xFF
+    with s3.fs.open_output_stream(key) as f:
+        f.write(bytes(data))
+    ranks = _nodes("load", 2, s3, remote, tmp_path / "corrupt", tmp_path)
+    assert all("__1_0.distcp does not match its checksum" in res.get("error", "") for res in ranks), ranks
+    assert f"{bucket}/run/{step}/manifest.json" not in s3.files(f"{bucket}/run/{step}")
+    assert ckpt.latest_valid(rd / "ray" / "main-v1", rd) is None
 
 
 def test_a_release_id_reused_after_a_crash_replaces_the_remote_copy_whole(s3, tmp_path, monkeypatch):
@@ -172,10 +211,18 @@ def test_a_release_id_reused_after_a_crash_replaces_the_remote_copy_whole(s3, tm
     monkeypatch.undo()
     assert lin.release_history("v2") is None  # r1 never recorded
     branch("b", 2.9)
+    weights = (rd / "exports" / "b" / "model.safetensors").read_bytes()
+    shutil.rmtree(rd / "exports")  # the driver of a later run: exports are in the bucket only
     assert releases.Releaser(lin).decide("v2", objective).release.name == "b"
     key = f"{bucket}/run/releases/v2/r1/model.safetensors"
     assert lin.release("v2").id == "r1"
-    assert s3.read(key) == (rd / "exports" / "b" / "model.safetensors").read_bytes()  # not a's weights
+    assert s3.read(key) == weights  # not a's weights
+    card = json.loads(s3.read(f"{bucket}/run/releases/v2/r1/model_card.json"))
+    assert card["branch"] == "b" and card["release"]["id"] == "r1"
+    # Copied inside the bucket: the weights never came down to this machine.
+    assert not list(rd.path.rglob("model.safetensors"))
+    # A reader that needs the release pulls it, the weights too, into the mirror's partial copy.
+    assert (rd.fetch(rd / "releases" / "v2" / "r1") / "model.safetensors").read_bytes() == weights
 
 
 # ---------------------------------------------------------------- a whole lineage on S3
@@ -382,7 +429,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     for t in results["trials"]:
         assert f"{prefix}/curves/{t['name']}.jsonl" in files
         assert any(k.startswith(f"{prefix}/branches/{t['name']}/step_") for k in files)  # checkpoints in the bucket
-    mixes = [k for k in s3.files(f"{name}/run/data/v2/branch-streams") if k.endswith("-replay0.5000.parquet")]
+    mixes = [k for k in s3.files(f"{name}/run/data/v2/branch-streams") if "-replay0.5000/" in k]
     assert mixes, "the trials' re-mixed stream is not in the bucket"
     lin = json.loads(s3.read(f"{name}/run/lineage.json"))
     assert [s["name"] for s in lin["sweeps"]] == ["remote"] and lin["releases"][-1]["version"] == "v2"

@@ -1,0 +1,204 @@
+"""Resuming a sharded checkpoint from a bucket: what each node downloads, and how long it takes.
+
+Starts a moto S3 server on loopback (or uses ``--endpoint``, with credentials from the
+environment) and spawns ``--world`` ranks (gloo, CPU) that build ``--config``'s model under
+FSDP2 as training does (``benchmarks/checkpoint_save.py``'s build), take one AdamW step and
+save a sharded checkpoint into the bucket, each rank through a mirror of its own (a node of
+its own). Then fresh nodes resume it with ``--resume-world`` ranks, two ways, interleaved
+``--repeats`` times, each repeat in fresh mirrors:
+
+* **whole**: every node pulls the checkpoint directory whole, then loads it from its disk:
+  how raypath resumed before (and what the driver did to read ``state.json``);
+* **ranged**: ``checkpoint.latest_valid`` + ``checkpoint.load`` + ``shards.load_into`` with the
+  run directory: a node downloads the metadata and its ranks' hash shares (their own shards
+  at the save's world size) and reads any other slice by byte range.
+
+Reports the checkpoint's bytes; per node and for the driver, the bytes on its disk afterwards
+and their ratio to the checkpoint, and per node the bytes its ranks read by range (network,
+not disk); and the resume's wall time (barrier to barrier, median; model build excluded).
+On loopback the time says little about a real bucket (moto copies a whole object for every
+ranged read); the bytes are what scales: a node's download grows with its ranks' shards.
+
+    python benchmarks/checkpoint_resume.py --config configs/llama-125m.yaml --world 2 --repeats 2
+    python benchmarks/checkpoint_resume.py --world 2 --resume-world 3   # after a resize
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_save import _build  # noqa: E402  (the training loop's FSDP build, shared)
+
+STEP = 1
+BUCKET = "resume-bench"
+
+
+def _bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def _run_dir(args, node: str):
+    from raypath.mirror import Mirror, RunDir
+
+    mirror = Mirror(f"s3://{BUCKET}/run", str(Path(args.workdir, node)), args.endpoint)
+    return RunDir(Path(mirror.local), mirror)
+
+
+def _worker(rank: int, world: int, args, mode: str, tag: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, args.threads))
+    from raypath import checkpoint as ckpt
+    from raypath.mirror import LOCAL
+    from raypath.shards import ShardedSaver, load_into
+
+    model, optim, _, _ = _build(args, torch.device("cpu"))
+    rd = _run_dir(args, f"{tag}-node{rank}")
+    storage = rd / "ray" / "main-v1"
+    d = storage / ckpt.step_dir_name(STEP)
+    dist.barrier()
+    t0, ranged = time.perf_counter(), 0
+    if mode == "save":
+        ShardedSaver(rank, False, torch.device("cpu"), rd).save(d, model, optim, {"step": STEP, "consumed": []})
+    elif mode == "whole":
+        local = rd.fetch(d)
+        ckpt.load(local)
+        load_into(local, model, optim, rank, world, LOCAL)
+    else:
+        found = ckpt.latest_valid(storage, rd)
+        ckpt.load(found, rd=rd)
+        ranged = load_into(found, model, optim, rank, world, rd)
+    dist.barrier()
+    row = {"seconds": time.perf_counter() - t0, "bytes": _bytes(Path(rd.path)), "ranged": ranged}
+    rows: list = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        Path(args.workdir, f"{tag}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _spawn(args, world: int, mode: str, tag: str) -> list[dict]:
+    args.port = _free_port()
+    mp.spawn(_worker, args=(world, args, mode, tag), nprocs=world, join=True)
+    return json.loads(Path(args.workdir, f"{tag}.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto(workdir: Path) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    log = open(workdir / "moto.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return f"http://127.0.0.1:{port}", proc
+        time.sleep(0.2)
+    raise SystemExit(f"moto_server did not start: {workdir / 'moto.log'}")
+
+
+def _driver(args, mode: str, tag: str) -> int:
+    """What the driver (the Train controller's dataset factory) downloads to read the resume step."""
+    from raypath import checkpoint as ckpt
+
+    rd = _run_dir(args, f"{tag}-driver")
+    storage = rd / "ray" / "main-v1"
+    if mode == "whole":
+        rd.fetch(storage / ckpt.step_dir_name(STEP))
+    else:
+        ckpt.load_state(ckpt.latest_valid(storage, rd))
+    return _bytes(Path(rd.path))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/llama-125m.yaml", help="its model: and data.vocab_size are used")
+    ap.add_argument("--world", type=int, default=2, help="ranks (nodes) that save")
+    ap.add_argument("--resume-world", type=int, default=None, help="ranks (nodes) that resume (default --world)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of a local moto server")
+    ap.add_argument("--workdir", default=None, help="where the mirrors go (default: a temp dir)")
+    args = ap.parse_args()
+    args.init, args.device = "meta", "cpu"
+    resume_world = args.resume_world or args.world
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="resume-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.workdir = str(workdir)
+    moto = None
+    if args.endpoint is None:
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+        args.endpoint, moto = _moto(workdir)
+    try:
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=args.endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+        _spawn(args, args.world, "save", "save")
+        checkpoint_bytes = sum(r["bytes"] for r in json.loads((workdir / "save.json").read_text()))
+        for p in workdir.glob("save-node*"):  # what the savers wrote: a resuming node starts empty
+            shutil.rmtree(p, ignore_errors=True)
+        rows: dict[str, list] = {"whole": [], "ranged": []}
+        drivers: dict[str, int] = {}
+        for i in range(args.repeats):
+            for mode in rows:
+                tag = f"{mode}{i}"
+                rows[mode].append(_spawn(args, resume_world, mode, tag))
+                drivers[mode] = _driver(args, mode, tag)
+                for p in workdir.glob(f"{tag}-*"):
+                    shutil.rmtree(p, ignore_errors=True)
+    finally:
+        if moto is not None:
+            moto.kill()
+    med = statistics.median
+    summary = {mode: {"seconds": med(max(r["seconds"] for r in run) for run in runs),
+                      "node_bytes": [r["bytes"] for r in runs[0]],
+                      "node_bytes_over_checkpoint": [round(r["bytes"] / checkpoint_bytes, 4) for r in runs[0]],
+                      "node_ranged_bytes_over_checkpoint": [round(r["ranged"] / checkpoint_bytes, 4) for r in runs[0]],
+                      "driver_bytes": drivers[mode],
+                      "driver_bytes_over_checkpoint": round(drivers[mode] / checkpoint_bytes, 6)}
+               for mode, runs in rows.items()}
+    report = {
+        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("workdir", "port", "endpoint", "init", "device") and v is not None),
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__, "world": args.world, "resume_world": resume_world,
+        "checkpoint_bytes": checkpoint_bytes, **summary,
+        # Everything that crossed the network: downloads (on disk) and ranged reads (in memory).
+        "cluster_bytes_ratio_ranged_over_whole": (
+            sum(r["bytes"] + r["ranged"] for r in rows["ranged"][0]) + drivers["ranged"]) / (
+            sum(summary["whole"]["node_bytes"]) + drivers["whole"]),
+        "time_ratio_ranged_over_whole": summary["ranged"]["seconds"] / summary["whole"]["seconds"],
+    }
+    print(json.dumps(report, indent=2))
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {workdir / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
