@@ -35,7 +35,6 @@ once, so it is copied when missing or of a different size.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raypath.sources import first_line, is_uri, uri_filesystem
+from raypath.sources import filesystem_for, first_line, is_uri
 from raypath.storage import atomic_file, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
@@ -89,12 +88,6 @@ def run_location(run_dir: str, local_dir: str | None = None,
     return Path(mirror.local), mirror
 
 
-@functools.cache
-def _filesystem(remote: str, endpoint: str | None) -> tuple[pafs.FileSystem, str]:
-    # Cached per process: building an S3 filesystem resolves credentials (slow).
-    return uri_filesystem(remote, endpoint)
-
-
 @dataclass(frozen=True)
 class Mirror:
     """A remote run directory and its local mirror; pickled to Train workers with the segment.
@@ -111,7 +104,7 @@ class Mirror:
     endpoint: str | None = None
 
     def filesystem(self) -> pafs.FileSystem:
-        return _filesystem(self.remote, self.endpoint)[0]
+        return filesystem_for(self.remote, self.endpoint)[0]  # cached per process
 
     def relative(self, path: str | os.PathLike) -> str | None:
         """``path`` relative to the mirror (posix), or None when it lies outside the run directory."""
@@ -126,7 +119,7 @@ class Mirror:
         rel = self.relative(path)
         if rel is None:
             raise ValueError(f"{path}: not inside the mirror {self.local} of {self.remote}")
-        root = _filesystem(self.remote, self.endpoint)[1].rstrip("/")
+        root = filesystem_for(self.remote, self.endpoint)[1]
         return root if rel == "." else f"{root}/{rel}"
 
     # ---------------------------------------------------------------- reading

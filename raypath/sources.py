@@ -20,6 +20,7 @@ spreads over many actors.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -77,6 +78,12 @@ def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
 def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> pafs.FileSystem:
     # Cached per process: building an S3 filesystem resolves credentials (slow).
     return uri_filesystem(scheme_netloc, endpoint)[0]
+
+
+# Dropped at exit before pyarrow finalizes S3 (its handler, registered when pyarrow.fs was
+# imported, runs after this one): an S3 client still alive then can abort the process
+# ("terminate called without an active exception", apache/arrow#41087).
+atexit.register(_uri_filesystem.cache_clear)
 
 
 def filesystem_for(path: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
