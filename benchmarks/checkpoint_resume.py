@@ -13,6 +13,12 @@ its own). Then fresh nodes resume it with ``--resume-world`` ranks, two ways, in
   run directory: a node downloads the metadata and its ranks' hash shares (their own shards
   at the save's world size) and reads any other slice by byte range.
 
+``--resume-parallel ddp`` resumes into full replicas (DDP, every rank reads every tensor),
+``--ranks-per-node`` ranks sharing a node's mirror, three ways: **whole** as above; **per-rank**,
+the ranged load as it was for DDP too (each rank's hash share by global rank, the rest by
+range, per rank); **per-node**, the ranged load told the node (``load_into(node=...)``): a
+node's ranks split downloading the whole checkpoint once, nothing is read by range.
+
 Reports the checkpoint's bytes; per node and for the driver, the bytes on its disk afterwards
 and their ratio to the checkpoint, and per node the bytes its ranks read by range (network,
 not disk); and the resume's wall time (barrier to barrier, median; model build excluded).
@@ -21,6 +27,7 @@ ranged read); the bytes are what scales: a node's download grows with its ranks'
 
     python benchmarks/checkpoint_resume.py --config configs/llama-125m.yaml --world 2 --repeats 2
     python benchmarks/checkpoint_resume.py --world 2 --resume-world 3   # after a resize
+    python benchmarks/checkpoint_resume.py --world 2 --resume-world 4 --ranks-per-node 2 --resume-parallel ddp
 """
 
 from __future__ import annotations
@@ -69,24 +76,30 @@ def _worker(rank: int, world: int, args, mode: str, tag: str) -> None:
     from raypath.mirror import LOCAL
     from raypath.shards import ShardedSaver, load_into
 
+    args.init = "none" if mode != "save" and args.resume_parallel == "ddp" else "meta"
     model, optim, _, _ = _build(args, torch.device("cpu"))
-    rd = _run_dir(args, f"{tag}-node{rank}")
+    per_node = 1 if mode == "save" else args.ranks_per_node
+    rd = _run_dir(args, f"{tag}-node{rank // per_node}")
     storage = rd / "ray" / "main-v1"
     d = storage / ckpt.step_dir_name(STEP)
     dist.barrier()
     t0, ranged = time.perf_counter(), 0
     if mode == "save":
         ShardedSaver(rank, False, torch.device("cpu"), rd).save(d, model, optim, {"step": STEP, "consumed": []})
-    elif mode == "whole":
-        local = rd.fetch(d)
+    elif mode == "whole":  # one pull per node, by its first rank
+        local = rd.fetch(d) if rank % per_node == 0 else d
+        dist.barrier()
         ckpt.load(local)
         load_into(local, model, optim, rank, world, LOCAL)
     else:
         found = ckpt.latest_valid(storage, rd)
         ckpt.load(found, rd=rd)
-        ranged = load_into(found, model, optim, rank, world, rd)
+        node = (rank % per_node, per_node) if mode == "per-node" else None
+        ranged = load_into(found, model, optim, rank, world, rd, node)
     dist.barrier()
-    row = {"seconds": time.perf_counter() - t0, "bytes": _bytes(Path(rd.path)), "ranged": ranged}
+    # A node's disk is counted once, by its first rank.
+    row = {"seconds": time.perf_counter() - t0, "ranged": ranged,
+           "bytes": _bytes(Path(rd.path)) if rank % per_node == 0 else 0}
     rows: list = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -136,7 +149,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/llama-125m.yaml", help="its model: and data.vocab_size are used")
     ap.add_argument("--world", type=int, default=2, help="ranks (nodes) that save")
-    ap.add_argument("--resume-world", type=int, default=None, help="ranks (nodes) that resume (default --world)")
+    ap.add_argument("--resume-world", type=int, default=None, help="ranks that resume (default --world)")
+    ap.add_argument("--ranks-per-node", type=int, default=1, help="resuming ranks that share a node's mirror")
+    ap.add_argument("--resume-parallel", choices=["fsdp", "ddp"], default="fsdp",
+                    help="the resumed model: FSDP shards, or full replicas (DDP)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--micro", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
@@ -144,7 +160,7 @@ def main() -> None:
     ap.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of a local moto server")
     ap.add_argument("--workdir", default=None, help="where the mirrors go (default: a temp dir)")
     args = ap.parse_args()
-    args.init, args.device = "meta", "cpu"
+    args.device = "cpu"
     resume_world = args.resume_world or args.world
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="resume-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +178,8 @@ def main() -> None:
         checkpoint_bytes = sum(r["bytes"] for r in json.loads((workdir / "save.json").read_text()))
         for p in workdir.glob("save-node*"):  # what the savers wrote: a resuming node starts empty
             shutil.rmtree(p, ignore_errors=True)
-        rows: dict[str, list] = {"whole": [], "ranged": []}
+        modes = ("whole", "per-rank", "per-node") if args.resume_parallel == "ddp" else ("whole", "ranged")
+        rows: dict[str, list] = {mode: [] for mode in modes}
         drivers: dict[str, int] = {}
         for i in range(args.repeats):
             for mode in rows:
@@ -182,6 +199,7 @@ def main() -> None:
                       "driver_bytes": drivers[mode],
                       "driver_bytes_over_checkpoint": round(drivers[mode] / checkpoint_bytes, 6)}
                for mode, runs in rows.items()}
+    cluster = {mode: sum(r["bytes"] + r["ranged"] for r in runs[0]) + drivers[mode] for mode, runs in rows.items()}
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -190,10 +208,9 @@ def main() -> None:
         "torch": torch.__version__, "world": args.world, "resume_world": resume_world,
         "checkpoint_bytes": checkpoint_bytes, **summary,
         # Everything that crossed the network: downloads (on disk) and ranged reads (in memory).
-        "cluster_bytes_ratio_ranged_over_whole": (
-            sum(r["bytes"] + r["ranged"] for r in rows["ranged"][0]) + drivers["ranged"]) / (
-            sum(summary["whole"]["node_bytes"]) + drivers["whole"]),
-        "time_ratio_ranged_over_whole": summary["ranged"]["seconds"] / summary["whole"]["seconds"],
+        **{f"cluster_bytes_ratio_{mode}_over_whole": cluster[mode] / cluster["whole"] for mode in modes[1:]},
+        **{f"time_ratio_{mode}_over_whole": summary[mode]["seconds"] / summary["whole"]["seconds"]
+           for mode in modes[1:]},
     }
     print(json.dumps(report, indent=2))
     (workdir / "report.json").write_text(json.dumps(report, indent=2))

@@ -132,7 +132,8 @@ class Lineage:
         return [v["name"] for v in self.data.get("versions", [])] or [m.version for m in self.main_path()]
 
     def set_versions(self, records: list[Version | dict]) -> None:
-        self.data["versions"] = [Version.from_dict(r).to_dict() for r in records]
+        """Record the prepared versions: the data manifest's records without their per-file lists."""
+        self.data["versions"] = [_without_file_lists(Version.from_dict(r).to_dict()) for r in records]
         self.save()
 
     def main_path(self) -> list[MainEntry]:
@@ -318,11 +319,25 @@ def resolve_version(names: list[str], version: str | int | None) -> int:
     raise ConfigError(f"{version!r} is not a version of this run (versions: {', '.join(names) or 'none'})")
 
 
+# A version's per-file lists (file fingerprints, skipped files, rows per chunk) stay in the data
+# manifest (RUN_DIR/data/manifest.json, written once per prepared version). The lineage is
+# rewritten on every record, so it keeps their counts only: its size grows with versions and
+# runs, not with a corpus's files (a version of 1e5 files lists ~18 MB of fingerprints).
+FILE_LISTS = {"train_files": "train", "val_files": "val", "test_files": "test", "skipped_files": "skipped",
+              "new_chunk_rows": "chunks"}
+
+
+def _without_file_lists(record: dict[str, Any]) -> dict[str, Any]:
+    counts = {name: len(record[k]) for k, name in FILE_LISTS.items() if isinstance(record.get(k), list)}
+    out = {k: v for k, v in record.items() if not (k in FILE_LISTS and isinstance(v, list))}
+    return {**out, "files": {**record.get("files", {}), **counts}} if counts else out
+
+
 # --------------------------------------------------------------------------- typed records
 #
 # The lineage file is JSON; these are its entries as Python values. Each record declares the
 # fields raypath reads; keys it does not declare (written by another raypath version, or
-# descriptive extras such as a version's file fingerprints) are kept in ``extra`` and written
+# descriptive extras such as a version's document counts) are kept in ``extra`` and written
 # back unchanged, so ``Record.from_dict(d).to_dict() == d`` for every record read.
 # Records are values: change one by recording it again (``Lineage.record_*``).
 
@@ -381,6 +396,8 @@ class Version(Record):
         held-out splits' blocks.
     new_path, stream_path, val_path, test_path: its data under ``RUN_DIR/data/<name>``
         (``test_path`` None when it has no test split).
+    files: how many train / val / test / skipped files and tokenized chunks it has; the
+        files themselves, with their fingerprints, are listed in ``RUN_DIR/data/manifest.json``.
     """
 
     name: str
@@ -395,6 +412,7 @@ class Version(Record):
     stream_path: str | None = None
     val_path: str | None = None
     test_path: str | None = None
+    files: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -172,6 +172,16 @@ def _dist() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def _node() -> tuple[int, int]:
+    """This worker's local rank and the number of workers on its node."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_local_rank(), ctx.get_local_world_size()
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
@@ -362,7 +372,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     training = Training(model, raw, _optimizer(raw, t, device), device, precision, parallel)
     if sharded:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        shards.load_into(sharded, raw, training.optim, rank, world, seg.rd)
+        shards.load_into(sharded, raw, training.optim, rank, world, seg.rd, None if shard_here else _node())
     elif restored:
         training.load_optim_state(restored["optim"])
     return training

@@ -20,6 +20,8 @@ into the target's own layout (FSDP shards at any world size, or full tensors
 under DDP), so resuming across world sizes and between DDP and FSDP is just a
 load. In a remote run directory a node downloads only its ranks' shares; the
 slices its ranks read from other files come from the bucket (:class:`ShardReader`).
+Under DDP every rank reads every tensor, so each node downloads the whole checkpoint
+once instead (its ranks split the files), and nothing is read by range.
 """
 
 from __future__ import annotations
@@ -244,19 +246,25 @@ class ShardReader(FileSystemReader):
 
 
 def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
-              rank: int, world: int, rd: RunDir = LOCAL) -> int:
+              rank: int, world: int, rd: RunDir = LOCAL, node: tuple[int, int] | None = None) -> int:
     """Collective: verify a sharded checkpoint (ranks split the hashing) and load it, resharded.
 
     ``directory`` is readied by :func:`raypath.checkpoint.fetch`. A corrupted checkpoint is
     quarantined and :class:`~raypath.checkpoint.CheckpointError` raised on every rank: the
     worker group restarts from the newest good one. Returns the bytes this rank read from
     the bucket by range (0 in a local run directory).
+
+    node: ``(local rank, local world size)`` when the target holds full replicas (DDP): every
+    rank then reads every file, so in a remote run directory each node downloads the whole
+    checkpoint once, its local ranks splitting the files, instead of each rank reading the
+    files of other nodes' ranks by range (local ranks x the checkpoint per node).
     """
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     d = Path(directory)
     files = ckpt.sharded_files(d)
-    errors = [e for e in _gather(ckpt.verify_files(d, ckpt.hash_share(files, rank, world), rd)) if e]
+    share = ckpt.hash_share(files, *node) if node and rd.remote(d) else ckpt.hash_share(files, rank, world)
+    errors = [e for e in _gather(ckpt.verify_files(d, share, rd)) if e]
     if errors:
         if rank == 0:
             ckpt.quarantine(d, errors[0], rd)

@@ -18,16 +18,17 @@ import torch.distributed as dist
 STEP = 5
 
 
-def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _model(seed: int, sharded: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if sharded:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 256, (2, 16))
     model(tokens, labels=tokens).loss.backward()
@@ -47,8 +48,9 @@ def _full_state(model, optim) -> dict[str, torch.Tensor]:
 
 
 def node(rank: int, world: int, spec: dict) -> None:
-    """``spec``: mode (``save`` | ``load``), remote, endpoint, mirrors (one sub-directory per
-    rank), port, out (where ``expected.pt`` and ``rank<N>.json`` go)."""
+    """``spec``: mode (``save`` | ``load`` | ``load-ddp``: full replicas on every rank), remote,
+    endpoint, mirrors (one sub-directory per rank), port, out (where ``expected.pt`` and
+    ``rank<N>.json`` go)."""
     from raypath import checkpoint as ckpt
     from raypath.mirror import Mirror, RunDir
     from raypath.shards import ShardedSaver, load_into
@@ -68,11 +70,12 @@ def node(rank: int, world: int, spec: dict) -> None:
         if rank == 0:
             torch.save(full, out / "expected.pt")
     else:
-        model, optim = _model(seed=rank + 1)  # other weights and moments, to be overwritten
+        replicas = spec["mode"] == "load-ddp"
+        model, optim = _model(seed=rank + 1, sharded=not replicas)  # other weights and moments, overwritten
         try:
             d = ckpt.latest_valid(storage, rd)
             restored = ckpt.load(d, rd=rd)
-            result["ranged"] = load_into(d, model, optim, rank, world, rd)
+            result["ranged"] = load_into(d, model, optim, rank, world, rd, (0, 1) if replicas else None)
             expected = torch.load(out / "expected.pt", weights_only=True)
             got = _full_state(model, optim)
             result["differ"] = sorted(k for k in expected if not torch.equal(expected[k], got[k]))

@@ -15,7 +15,7 @@ from raypath.data import Consumed, read_blocks
 from raypath.lineage import Lineage
 from raypath.report import read_curve
 from raypath.schedules import SHAPES, Branch, Decay, MainPath
-from raypath.storage import relative_paths
+from raypath.storage import read_json, relative_paths
 
 
 def test_checkpoints_at_every_version_boundary(tiny_run):
@@ -108,9 +108,16 @@ def test_lineage_record(tiny_run):
     on_disk = Lineage.load(path.parent).data
     assert on_disk["versions"] == lin["versions"]
     assert [r["version"] for r in on_disk["releases"]] == ["v1", "v2", "v3"]
-    for v in on_disk["versions"]:
+    manifest = read_json(path.parent / "data" / "manifest.json", path.parent)
+    for v, prepared in zip(on_disk["versions"], manifest["versions"], strict=True):
         assert v["new_tokens"] == v["new_blocks"] * (cfg.data.seq_len + 1)
-        assert all(len(f["sha256"]) == 64 for f in v["train_files"] + v["val_files"])
+        # The per-file fingerprints are the data manifest's; the lineage, rewritten on every
+        # record, counts them.
+        assert all(len(f["sha256"]) == 64 for f in prepared["train_files"] + prepared["val_files"])
+        assert not {"train_files", "val_files", "new_chunk_rows", "skipped_files"} & set(v)
+        assert v["files"] == {"train": len(prepared["train_files"]), "val": len(prepared["val_files"]),
+                              "skipped": len(prepared["skipped_files"]), "chunks": len(prepared["new_chunk_rows"])}
+        assert v["files"]["train"] > 0 and v["files"]["chunks"] >= v["files"]["train"]
     for b in on_disk["branches"]:
         assert b["status"] == "done"
         assert b["tokens_trained"] == b["steps"] * cfg.train.global_batch_size * cfg.data.seq_len

@@ -164,6 +164,13 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     assert 0 < sum(res["ranged"] for res in ranks) <= replicated  # steps and hyperparameters, no shard
     total = sum(s3.files(f"{bucket}/run/{step}").values())
 
+    # DDP nodes (full replicas, one rank each) read every tensor: each downloads the whole
+    # checkpoint once, and nothing by range (not a byte range per item of the other's file).
+    ranks = _nodes("load-ddp", 2, s3, remote, tmp_path / "ddp", tmp_path)
+    for res in ranks:
+        assert res["differ"] == [] and res["ranged"] == 0, res
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | {"shards/__0_0.distcp", "shards/__1_0.distcp"}}
+
     # Three nodes: the third wrote nothing, so it reads its slices of every tensor by range.
     ranks = _nodes("load", 3, s3, remote, tmp_path / "grown", tmp_path)
     assert [res["differ"] for res in ranks] == [[], [], []]
