@@ -16,8 +16,11 @@ For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
   reads, for the numbers a release reports: the version's ``test/`` files when the
   corpus has them, else the val files' blocks right after the val split's (see
   :func:`held_out_counts`).
-* ``manifest.json``: per version its files with fingerprints, counts and paths,
-  written last. Re-running checks that earlier versions' files did not change.
+* ``files.json``: the version's input files with their fingerprints, skipped files and
+  rows per tokenized chunk, written once, just before the manifest names it.
+* ``RUN_DIR/data/manifest.json``: per version its counts and paths (the per-file lists'
+  counts, ``files``), rewritten as each version lands. Re-running checks that earlier
+  versions' files did not change.
 
 Where the driver stays flat: it lists files, collects one small stats row per
 file and per chunk, and per stream shard a count; every token is read, packed,
@@ -61,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raypath.lineage import recorded_root
+from raypath.lineage import FILE_LISTS, recorded_root, without_file_lists
 from raypath.mirror import LOCAL, RunDir
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
 from raypath.sources import (  # noqa: F401
@@ -672,7 +675,7 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = _read_manifest(path) if path.exists() else {"versions": []}
+    manifest = read_manifest(path) if path.exists() else {"versions": []}
     for key in ("seq_len", "tokenizer_dir"):
         if manifest.get(key) not in (None, getattr(spec, key)):
             raise DataError(f"{path}: prepared with {key}={manifest[key]!r}, config asks "
@@ -711,12 +714,37 @@ def _run_root(manifest_path: Path) -> Path:
     return manifest_path.resolve().parent.parent
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     """The data manifest with absolute paths under the run directory's current place (an older
-    manifest's absolute paths of wherever the run directory was are moved there)."""
+    manifest's absolute paths of wherever the run directory was are moved there), each
+    version's per-file lists read back from its ``files.json``."""
     root = _run_root(path)
     manifest = read_json(path, root=root)
-    return rebase_paths(manifest, recorded_root(manifest.get("versions", [])) or root, root)
+    manifest = rebase_paths(manifest, recorded_root(manifest.get("versions", [])) or root, root)
+    for rec in manifest.get("versions", []):
+        if "files_path" in rec:
+            files = Path(rec["files_path"])
+            if not files.is_file():
+                raise DataError(f"{files}: version {rec.get('name')}'s file list is missing (the data manifest "
+                                f"{path} names it); restore it or use a new run_dir")
+            rec.update(read_json(files, root=root))
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write the data manifest; a version's per-file lists go, once, to its ``files.json``.
+
+    Costs that grow with the data: ``files.json`` (~250 bytes a file) is written once per
+    version; the manifest, rewritten as each version lands, holds only counts and paths.
+    """
+    root = _run_root(path)
+    for rec in manifest["versions"]:
+        if "files_path" not in rec:  # prepared now, or read from a manifest that still inlined them
+            files = path.parent / rec["name"] / "files.json"
+            write_json(files, {k: rec[k] for k in FILE_LISTS if k in rec}, root=root)
+            rec["files_path"] = str(files)
+        rec["files"] = without_file_lists(rec).get("files", {})
+    write_json(path, {**manifest, "versions": [without_file_lists(r) for r in manifest["versions"]]}, root=root)
 
 
 def _splits(src: VersionSource) -> list[tuple[str, tuple[str, ...]]]:
@@ -746,7 +774,7 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
         rec = _prepare_one(todo, spec, records, stats)
         records.append(rec)
         # each version lands as soon as its stream is written
-        write_json(plan.manifest_path, manifest, root=_run_root(plan.manifest_path))
+        _write_manifest(plan.manifest_path, manifest)
         log.info("prepared %s in %.1f s: %d blocks (+%d replay), %d val + %d test blocks, %.3f%% tokens dropped "
                  "at pack edges", rec["name"], time.perf_counter() - t, rec["new_blocks"], rec["replay_blocks"],
                  rec["val_blocks"], rec["test_blocks"], 100 * rec["dropped_share"])

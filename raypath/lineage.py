@@ -133,7 +133,7 @@ class Lineage:
 
     def set_versions(self, records: list[Version | dict]) -> None:
         """Record the prepared versions: the data manifest's records without their per-file lists."""
-        self.data["versions"] = [_without_file_lists(Version.from_dict(r).to_dict()) for r in records]
+        self.data["versions"] = [without_file_lists(Version.from_dict(r).to_dict()) for r in records]
         self.save()
 
     def main_path(self) -> list[MainEntry]:
@@ -319,15 +319,16 @@ def resolve_version(names: list[str], version: str | int | None) -> int:
     raise ConfigError(f"{version!r} is not a version of this run (versions: {', '.join(names) or 'none'})")
 
 
-# A version's per-file lists (file fingerprints, skipped files, rows per chunk) stay in the data
-# manifest (RUN_DIR/data/manifest.json, written once per prepared version). The lineage is
-# rewritten on every record, so it keeps their counts only: its size grows with versions and
-# runs, not with a corpus's files (a version of 1e5 files lists ~18 MB of fingerprints).
+# A version's per-file lists (file fingerprints, skipped files, rows per chunk) are written once,
+# to RUN_DIR/data/vK/files.json (:mod:`raypath.data`). The data manifest, rewritten as each
+# version lands, and the lineage, rewritten on every record, keep their counts only: their size
+# grows with versions, not with a corpus's files (1e5 files list 25 MB of fingerprints).
 FILE_LISTS = {"train_files": "train", "val_files": "val", "test_files": "test", "skipped_files": "skipped",
               "new_chunk_rows": "chunks"}
 
 
-def _without_file_lists(record: dict[str, Any]) -> dict[str, Any]:
+def without_file_lists(record: dict[str, Any]) -> dict[str, Any]:
+    """A version record without its per-file lists (:data:`FILE_LISTS`), with their counts (``files``)."""
     counts = {name: len(record[k]) for k, name in FILE_LISTS.items() if isinstance(record.get(k), list)}
     out = {k: v for k, v in record.items() if not (k in FILE_LISTS and isinstance(v, list))}
     return {**out, "files": {**record.get("files", {}), **counts}} if counts else out
@@ -397,7 +398,7 @@ class Version(Record):
     new_path, stream_path, val_path, test_path: its data under ``RUN_DIR/data/<name>``
         (``test_path`` None when it has no test split).
     files: how many train / val / test / skipped files and tokenized chunks it has; the
-        files themselves, with their fingerprints, are listed in ``RUN_DIR/data/manifest.json``.
+        files themselves, with their fingerprints, are listed in ``RUN_DIR/data/<name>/files.json``.
     """
 
     name: str

@@ -219,7 +219,7 @@ class Mirror:
             files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
             remote = self._tree(path)
         fs, made = self.filesystem(), set()
-        for rel in sorted(files, key=lambda r: (r.endswith(MUTABLE), r)):
+        for rel in sorted(files, key=_upload_order):
             local, dst = files[rel], self.remote_path(files[rel])
             if rel in remote and not _changed(local, remote[rel]):
                 continue
@@ -234,7 +234,7 @@ class Mirror:
         """Copy the remote directory behind ``src`` to ``dst``'s inside the store: server-side
         where it can (S3's CopyObject takes objects up to 5 GiB), else streamed through here."""
         fs, base, made = self.filesystem(), self.remote_path(dst), set()
-        for rel, info in sorted(self._tree(src).items(), key=lambda kv: (kv[0].endswith(MUTABLE), kv[0])):
+        for rel, info in sorted(self._tree(src).items(), key=lambda kv: _upload_order(kv[0])):
             target = f"{base}/{rel}"
             if (parent := target.rsplit("/", 1)[0]) not in made:
                 fs.create_dir(parent, recursive=True)
@@ -244,6 +244,12 @@ class Mirror:
             except OSError:  # a store without server-side copy, or an object past its limit
                 with fs.open_input_stream(info.path) as f, fs.open_output_stream(target) as out:
                     shutil.copyfileobj(f, out, CHUNK)
+
+
+def _upload_order(rel: str) -> tuple:
+    """Data before metadata, and of metadata the deepest first: a record names the files next to
+    it or below it (``data/manifest.json`` names ``data/vK/files.json``), never above."""
+    return rel.endswith(MUTABLE), -rel.count("/"), rel
 
 
 def _changed(local: Path, remote: pafs.FileInfo) -> bool:

@@ -26,8 +26,8 @@ from conftest import TINY, _free_port
 
 from raypath import checkpoint as ckpt
 from raypath.cli import main
+from raypath.data import read_manifest
 from raypath.lineage import Lineage
-from raypath.storage import read_json
 
 LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
 
@@ -36,7 +36,7 @@ LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
 
 def snapshot(run_dir: Path) -> dict[str, str]:
     """sha256 of what a failed run must not touch: lineage, data manifest, checkpoints, releases."""
-    files = [run_dir / "lineage.json", run_dir / "data" / "manifest.json",
+    files = [run_dir / "lineage.json", run_dir / "data" / "manifest.json", *(run_dir / "data").glob("*/files.json"),
              *(p for d in ("ray", "releases") for p in (run_dir / d).rglob("*") if p.is_file())]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
@@ -179,7 +179,7 @@ def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, t
     args = run_args(tiny_run_copy, "--set", "data.on_bad_input=skip")
     rc, err = raypath(capsys, *args)
     assert rc == 0, err
-    manifest = read_json(run_dir / "data" / "manifest.json", run_dir)  # its paths are run-dir-relative
+    manifest = read_manifest(run_dir / "data" / "manifest.json")  # with each version's file lists
     v4 = manifest["versions"][3]
     assert {s["path"] for s in v4["skipped_files"]} == whole
     assert all(s["reason"] for s in v4["skipped_files"])
@@ -290,8 +290,8 @@ def _json_edit(path: Path, fn) -> None:
     path.write_text(json.dumps(data))
 
 
-def _forge_sha(manifest: dict) -> None:
-    rec = manifest["versions"][0]["train_files"][0]
+def _forge_sha(files: dict) -> None:
+    rec = files["train_files"][0]
     rec["sha256"], rec["mtime_ns"] = "0" * 64, 0  # a new mtime makes the check re-hash the file
 
 
@@ -303,7 +303,12 @@ RUN_DIR = {
                              "lineage format 3, this raypath reads formats 1, 2 (written by a newer raypath",
                              True),
     "manifest-truncated": (lambda r: _truncate(r / "data" / "manifest.json"), "manifest.json: not valid JSON", False),
-    "manifest-sha256-mismatch": (lambda r: _json_edit(r / "data" / "manifest.json", _forge_sha), "sha256 differs", False),
+    "manifest-sha256-mismatch": (lambda r: _json_edit(r / "data" / "v1" / "files.json", _forge_sha), "sha256 differs",
+                                 False),
+    "file-list-truncated": (lambda r: _truncate(r / "data" / "v2" / "files.json"), "v2/files.json: not valid JSON",
+                            False),
+    "file-list-missing": (lambda r: (r / "data" / "v2" / "files.json").unlink(),
+                          "v2/files.json: version v2's file list is missing", False),
     "tokenizer-missing": (lambda r: shutil.rmtree(r / "tokenizer"), "tokenizer directory is missing", False),
 }
 

@@ -11,11 +11,11 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.cost import lineage_costs
-from raypath.data import Consumed, read_blocks
+from raypath.data import Consumed, read_blocks, read_manifest
 from raypath.lineage import Lineage
 from raypath.report import read_curve
 from raypath.schedules import SHAPES, Branch, Decay, MainPath
-from raypath.storage import read_json, relative_paths
+from raypath.storage import relative_paths
 
 
 def test_checkpoints_at_every_version_boundary(tiny_run):
@@ -108,7 +108,7 @@ def test_lineage_record(tiny_run):
     on_disk = Lineage.load(path.parent).data
     assert on_disk["versions"] == lin["versions"]
     assert [r["version"] for r in on_disk["releases"]] == ["v1", "v2", "v3"]
-    manifest = read_json(path.parent / "data" / "manifest.json", path.parent)
+    manifest = read_manifest(path.parent / "data" / "manifest.json")
     for v, prepared in zip(on_disk["versions"], manifest["versions"], strict=True):
         assert v["new_tokens"] == v["new_blocks"] * (cfg.data.seq_len + 1)
         # The per-file fingerprints are the data manifest's; the lineage, rewritten on every

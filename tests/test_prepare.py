@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import AWS_ENV, ROOT, bucket
 
-from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks
+from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks, read_manifest
 from raypath.sources import Chunk, _lines, iter_docs
-from raypath.storage import read_json
+from raypath.storage import write_json
 
 WORDS = ("train", "branch", "decay", "replay", "shard", "token", "version", "ray", "loss", "path")
 
@@ -151,13 +151,48 @@ def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, toke
     assert recs[1]["docs"] == 5 * 30 and len(recs[1]["train_files"]) == 5
 
 
+def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(ray_cluster, tmp_path, tokenizer_dir):
+    corpus = _corpus(tmp_path / "corpus")
+    spec = _spec(tmp_path / "run", tokenizer_dir)
+    two = prepare_versions(discover_versions(corpus)[:2], spec)
+    manifest_path = tmp_path / "run" / "manifest.json"
+    v1_list = tmp_path / "run" / "v1" / "files.json"
+    written = (v1_list.read_bytes(), v1_list.stat().st_mtime_ns)
+    three = prepare_versions(discover_versions(corpus), spec)
+    # The manifest, rewritten as each version lands, holds counts; each list is written once.
+    assert (v1_list.read_bytes(), v1_list.stat().st_mtime_ns) == written
+    raw = json.loads(manifest_path.read_text())
+    for rec, on_disk in zip(three, raw["versions"], strict=True):
+        assert not {"train_files", "val_files", "skipped_files", "new_chunk_rows"} & set(on_disk)
+        assert on_disk["files"] == {"train": 4, "val": 1, "skipped": 0, "chunks": len(rec["new_chunk_rows"])}
+        assert on_disk["files_path"] == f"./run/{rec['name']}/files.json"
+    # Read back whole: the records preparing returned, the lists included.
+    assert read_manifest(manifest_path)["versions"] == three and three[:2] == two
+    assert len(three[2]["train_files"]) == 4 and len(three[2]["train_files"][0]["sha256"]) == 64
+
+    # A manifest that still lists the files inline (written before) is split on its next write.
+    inline = {**raw, "versions": [{k: v for k, v in r.items() if k not in ("files", "files_path")}
+                                  for r in two]}
+    write_json(manifest_path, inline, root=tmp_path)
+    v1_list.unlink()
+    assert prepare_versions(discover_versions(corpus), spec) == three  # v3 prepared again
+    assert json.loads(manifest_path.read_text())["versions"][0]["files_path"] == "./run/v1/files.json"
+    assert read_manifest(manifest_path)["versions"] == three
+
+    # A missing list is named, with the manifest that names it.
+    v1_list.unlink()
+    with pytest.raises(DataError, match=r"v1/files.json: version v1's file list is missing"):
+        prepare_versions(discover_versions(corpus), spec)
+
+
 # ---------------------------------------------------------------- old run directories
 
 def _to_old_layout(rec: dict) -> dict:
     """A version record and its files as raypath wrote them before the sharded layout."""
     from raypath.data import _write_blocks
 
-    out = {k: v for k, v in rec.items() if k not in ("layout", "new_chunk_rows", "stream_shards", "dropped_share")}
+    out = {k: v for k, v in rec.items()
+           if k not in ("layout", "new_chunk_rows", "stream_shards", "dropped_share", "files", "files_path")}
     for kind in ("new", "stream", "val"):
         table = pq.read_table(rec[f"{kind}_path"])
         if "idx" in table.column_names:
@@ -197,7 +232,7 @@ def test_an_old_layout_run_resumes_and_extends(tiny_run_copy, tmp_path):
 
     cfg = tiny_run_copy
     manifest_path = Path(cfg.run_dir) / "data" / "manifest.json"
-    manifest = read_json(manifest_path, cfg.run_dir)  # absolute paths, as the old layout wrote them
+    manifest = read_manifest(manifest_path)  # absolute paths and inline file lists, as the old layout wrote them
     manifest["versions"] = [_to_old_layout(r) for r in manifest["versions"]]
     manifest_path.write_text(json.dumps(manifest))
     lineage_path = Path(cfg.run_dir) / "lineage.json"

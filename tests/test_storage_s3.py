@@ -38,20 +38,30 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     assert mirror is not None and mirror.endpoint == s3.endpoint and here == (tmp_path / "a").resolve()
     (here / "data" / "v1").mkdir(parents=True)
     (here / "data" / "v1" / "stream.parquet").write_bytes(b"x" * 1000)
+    (here / "data" / "v1" / "files.json").write_text("{}")
     (here / "data" / "manifest.json").write_text('{"versions": []}')
     (here / "ray" / "main-v1" / "step_00000004").mkdir(parents=True)
     (here / "ray" / "main-v1" / "step_00000004" / "model.pt").write_bytes(b"w")
+    uploads = []
+    copy_files = pafs.copy_files
+    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (uploads.append(dst), copy_files(src, dst, **kw)))
     for name in ("data", "ray"):
         mirror.push(here / name)
+    monkeypatch.undo()
     assert s3.files(f"{bucket}/run") == {f"{bucket}/run/data/v1/stream.parquet": 1000,
+                                         f"{bucket}/run/data/v1/files.json": 2,
                                          f"{bucket}/run/data/manifest.json": 16,
                                          f"{bucket}/run/ray/main-v1/step_00000004/model.pt": 1}
+    # Data first, then the records, deepest first: the manifest names v1/files.json, so a
+    # reader of the bucket never sees it before the list it names.
+    assert [u.split("/run/", 1)[1] for u in uploads[:3]] == ["data/v1/stream.parquet", "data/v1/files.json",
+                                                             "data/manifest.json"]
 
     # Another machine, another mirror: the driver's start pulls all but checkpoints.
     other = Mirror(mirror.remote, str(tmp_path / "b"), s3.endpoint)
     other.pull_run()
     got = {p.relative_to(other.local).as_posix() for p in Path(other.local).rglob("*") if p.is_file()}
-    assert got == {"data/manifest.json"}  # prepared token files are read from the bucket, never pulled whole
+    assert got == {"data/manifest.json", "data/v1/files.json"}  # token files are read from the bucket, never pulled
     assert "ray" in NOT_MIRRORED
     # ...and a worker fetches a checkpoint directory whole when it needs it.
     step = Path(other.local, "ray", "main-v1", "step_00000004")
@@ -286,8 +296,8 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
         assert {f"{rel}/{n}" for n in ("model_card.json", "config.json", "model.safetensors")} <= set(files)
         pointer = json.loads(s3.read(f"{prefix}/releases/{release['version']}/current.json"))
         assert pointer["release"] == release["release"] == Path(release["path"]).name  # the live release
-    for key in ("config.yaml", "data/manifest.json", "tokenizer/tokenizer.json",
-                "report/releases.md", "curves/main-v2.jsonl", "curves/branch-v2.jsonl"):
+    for key in ("config.yaml", "data/manifest.json", "data/v1/files.json", "data/v2/files.json",
+                "tokenizer/tokenizer.json", "report/releases.md", "curves/main-v2.jsonl", "curves/branch-v2.jsonl"):
         assert f"{prefix}/{key}" in files
     assert any(k.startswith(f"{prefix}/data/v2/stream/") and k.endswith(".parquet") for k in files)  # sharded stream
     curves = _curves(s3, prefix)
