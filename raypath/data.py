@@ -375,36 +375,69 @@ def _assign(batch: pa.Table, spec: StreamSpec) -> pa.Table:
     return batch.append_column("key", pa.array(key)).append_column("bucket", pa.array(bucket_of(key, spec.buckets)))
 
 
+def _map_file(tmp_dir: str, i: int) -> str:
+    return f"{tmp_dir}/m{i:06d}.arrows"
+
+
 def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSystem) -> pa.Table:
-    """Map side: one input part file -> its stream rows split by shard into ``tmp_dir/bBBBBB/``;
-    returns rows per (source, shard)."""
+    """Map side: input part file ``i`` -> its stream rows ordered by shard, one file
+    (:func:`_map_file`): an index of ``buckets + 1`` little-endian int64 byte offsets, then
+    each shard's rows as an Arrow IPC stream, so a reducer reads its shard's rows by range.
+    Returns rows per (source, shard)."""
     counts = []
-    for path in batch["file"].to_pylist():
+    for i, path in zip(batch["map"].to_pylist(), batch["file"].to_pylist()):
         table = _assign(pq.read_table(path, filesystem=fs), spec)
         table = table.take(pc.sort_indices(table, [("bucket", "ascending")]))
         buckets = table["bucket"].to_numpy()
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else []
+        bodies, sizes = [], np.zeros(spec.buckets, np.int64)
         for lo, hi in zip(starts, [*starts[1:], len(buckets)]):
             part = table.slice(lo, hi - lo)
-            write_table(part.drop_columns(["bucket"]), fs, f"{tmp_dir}/b{buckets[lo]:05d}/{uuid.uuid4().hex}.parquet")
+            bodies.append(_ipc_bytes(part.drop_columns(["bucket"])))
+            sizes[buckets[lo]] = len(bodies[-1])
             src, n = np.unique(part["src"].to_numpy(), return_counts=True)
             counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
+        index = 8 * (spec.buckets + 1) + np.concatenate([[0], np.cumsum(sizes)])
+        with _landing(fs, _map_file(tmp_dir, i)) as target, fs.open_output_stream(target) as f:
+            f.write(index.astype("<i8").tobytes())
+            for body in bodies:
+                f.write(body)
     schema = pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
     return pa.Table.from_pylist(counts, schema=schema)
 
 
-def _gather(batch: pa.Table, offsets: list[int], tmp_dir: str, out_dir: str, fs: pafs.FileSystem) -> pa.Table:
-    """Reduce side: one shard's pieces -> sorted by key, numbered from the shard's offset, one file."""
+def _ipc_bytes(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def _read_shard(fs: pafs.FileSystem, path: str, b: int) -> pa.Table | None:
+    """Shard ``b``'s rows of one map file: its two index entries, then their byte range."""
+    with fs.open_input_file(path) as f:
+        lo, hi = np.frombuffer(f.read_at(16, 8 * b), "<i8")
+        return pa.ipc.open_stream(f.read_at(int(hi - lo), int(lo))).read_all() if hi > lo else None
+
+
+def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_dir: str,
+            fs: pafs.FileSystem) -> pa.Table:
+    """Reduce side: one shard's rows of every map file -> sorted by key, numbered from the
+    shard's offset, one file. Its requests grow with the map files (on an object store an
+    open (HEAD) and two ranged reads each, 16 in flight: each is a round trip)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = []
     for b in batch["bucket"].to_pylist():
-        pieces = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{tmp_dir}/b{b:05d}", allow_not_found=True))]
-        table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces])
+        with ThreadPoolExecutor(16) as pool:
+            pieces = [t for t in pool.map(lambda i: _read_shard(fs, _map_file(tmp_dir, i), b), range(maps))
+                      if t is not None]
+        table = pa.concat_tables(pieces)
         # (key, src, row) is unique, so the order never depends on which piece came first.
         table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"), ("row", "ascending")]))
         idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
         write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
                     f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
-        fs.delete_dir(f"{tmp_dir}/b{b:05d}")
         rows.append({"bucket": b, "rows": len(table)})
     return pa.Table.from_pylist(rows)
 
@@ -422,17 +455,18 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     file order); returns rows per source.
 
     A map-reduce shuffle through the filesystem, in Ray Data tasks: each input part file
-    is split by shard into pieces (map), the driver adds up rows per shard as the map
-    tasks' counts stream in (its state: one count per shard and per source), and each
-    shard is sorted, numbered and written (reduce). Memory per task: one input file or
-    one shard (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in
-    one temporary piece per (input file, shard) that holds rows of both: their number
-    grows as files x shards (about 1e7 small objects for 1e11 tokens in 64 MiB chunks and
-    128 MiB shards), so very large versions want fewer, larger input files.
+    becomes one map file of its rows ordered by shard with a byte index (map), the driver
+    adds up rows per shard as the map tasks' counts stream in (its state: one count per
+    shard and per source), and each shard reads its byte range of every map file, sorts,
+    numbers and writes its rows (reduce). Memory per task: one input file or one shard
+    (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
+    temporary file per input file; reads: two small ranged reads per (input file, shard),
+    the only cost that grows as files x shards.
     """
     tmp = f"{out_dir}.tmp"
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
-    counts = _tasks([{"file": f} for p in pools for f in p.files], _scatter, spec=spec, tmp_dir=tmp, fs=fs)
+    files = [f for p in pools for f in p.files]
+    counts = _tasks([{"map": i, "file": f} for i, f in enumerate(files)], _scatter, spec=spec, tmp_dir=tmp, fs=fs)
     per_bucket = np.zeros(spec.buckets, np.int64)
     per_src = np.zeros(0, np.int64)
     for c in counts.iter_batches(batch_format="numpy", batch_size=65536):
@@ -441,7 +475,7 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
     fs.create_dir(out_dir, recursive=True)
     written = _tasks([{"bucket": b} for b in np.flatnonzero(per_bucket).tolist()], _gather,
-                     offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
+                     maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     fs.delete_dir(tmp)
     if sum(r["rows"] for r in written) != offsets[-1]:

@@ -37,6 +37,46 @@ def test_consumed_intervals_merge_and_mask():
     assert len(c) == 9
 
 
+def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_rows_by_range(tmp_path):
+    """However many shards, the map side writes one temporary file per input part file, and a
+    shard's byte range of it holds exactly the input rows the hash sends to that shard."""
+    from raypath.data import StreamSpec, _map_file, _read_shard, _scatter
+    from raypath.shuffle import bucket_of, hash64
+
+    fs, block, shards = pafs.LocalFileSystem(), 9, 16
+    rng = np.random.default_rng(0)
+    files = []
+    for c, rows in enumerate([50, 70, 3]):
+        tokens = pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(0, 99, rows * block, dtype=np.int32)), block)
+        files.append(str(tmp_path / f"part-{c:06d}.parquet"))
+        pq.write_table(pa.table({"row": (np.int64(c) << 32) + np.arange(rows, dtype=np.int64),
+                                 "src": np.full(rows, 1, np.int16), "tokens": tokens}), files[-1])
+    tmp = str(tmp_path / "stream.tmp")
+    counts = _scatter(pa.table({"map": [0, 1, 2], "file": files}), StreamSpec(key=7, buckets=shards, own=(1,)), tmp, fs)
+    assert sorted(p.name for p in Path(tmp).iterdir()) == ["m000000.arrows", "m000001.arrows", "m000002.arrows"]
+    before = Path(_map_file(tmp, 1)).read_bytes()
+    _scatter(pa.table({"map": [1], "file": [files[1]]}), StreamSpec(key=7, buckets=shards, own=(1,)), tmp, fs)
+    assert len(list(Path(tmp).iterdir())) == 3 and Path(_map_file(tmp, 1)).read_bytes() == before  # a retry
+    per_bucket, nonempty = np.zeros(shards, np.int64), 0
+    for i, path in enumerate(files):
+        src = pq.read_table(path)
+        want = bucket_of(hash64(7, src["src"].to_numpy(), src["row"].to_numpy()), shards)
+        per_bucket += np.bincount(want, minlength=shards)
+        nonempty += len(np.unique(want))
+        for b in range(shards):
+            got, rows = _read_shard(fs, _map_file(tmp, i), b), np.flatnonzero(want == b)
+            if not len(rows):
+                assert got is None
+                continue
+            order = np.argsort(got["row"].to_numpy())
+            assert got["row"].to_numpy()[order].tolist() == src["row"].to_numpy()[rows].tolist()
+            assert (np.stack(got["tokens"].to_numpy(zero_copy_only=False))[order]
+                    == np.stack(src["tokens"].to_numpy(zero_copy_only=False))[rows]).all()
+    assert np.bincount(counts["bucket"].to_numpy(), weights=counts["n"].to_numpy(), minlength=shards).tolist() == \
+        per_bucket.tolist()
+    assert len(counts) == nonempty < 3 * shards  # a file's empty shards: no bytes, no count row
+
+
 def test_pack_puts_eos_between_documents_and_counts_the_tail():
     blocks, stats = pack([[1, 2, 3], [], [4, 5], [6]], block=3, eos=0)
     assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
