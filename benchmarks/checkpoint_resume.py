@@ -38,9 +38,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_save import _build  # noqa: E402  (the training loop's FSDP build, shared)
+from moto_s3 import free_port, start  # noqa: E402
 
 STEP = 1
 BUCKET = "resume-bench"
@@ -108,28 +107,9 @@ def _worker(rank: int, world: int, args, mode: str, tag: str) -> None:
 
 
 def _spawn(args, world: int, mode: str, tag: str) -> list[dict]:
-    args.port = _free_port()
+    args.port = free_port()
     mp.spawn(_worker, args=(world, args, mode, tag), nprocs=world, join=True)
     return json.loads(Path(args.workdir, f"{tag}.json").read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moto(workdir: Path) -> tuple[str, subprocess.Popen]:
-    port = _free_port()
-    log = open(workdir / "moto.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    for _ in range(300):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return f"http://127.0.0.1:{port}", proc
-        time.sleep(0.2)
-    raise SystemExit(f"moto_server did not start: {workdir / 'moto.log'}")
 
 
 def _driver(args, mode: str, tag: str) -> int:
@@ -167,9 +147,7 @@ def main() -> None:
     args.workdir = str(workdir)
     moto = None
     if args.endpoint is None:
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-        args.endpoint, moto = _moto(workdir)
+        args.endpoint, moto = start(workdir / "moto.log")
     try:
         import pyarrow.fs as pafs
 

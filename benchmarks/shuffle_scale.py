@@ -30,34 +30,16 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moto_s3 import AWS_ENV, start  # noqa: E402
+
 BUCKET = "shuffle-bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moto(log_path: Path) -> tuple[str, subprocess.Popen]:
-    port = _free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    for _ in range(300):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return f"http://127.0.0.1:{port}", proc
-        time.sleep(0.2)
-    raise SystemExit(f"moto_server did not start: {log_path}")
 
 
 def _inputs(fs, root: str, files: int, rows: int, block: int, vocab: int = 32000) -> list[str]:
@@ -146,8 +128,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="shuffle-bench-"))
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(AWS_ENV)  # before Ray starts: its workers inherit it
     init_ray()
     results = {"command": " ".join(sys.argv), "raypath": str(Path(raypath.__file__).parent),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -163,7 +144,7 @@ def main() -> None:
             print("local", json.dumps(results["local"]), flush=True)
         if "s3" in args.targets:
             log = workdir / "moto.log"
-            endpoint, moto = _moto(log)
+            endpoint, moto = start(log)
             fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
             fs.create_dir(BUCKET)
             files = _inputs(fs, BUCKET, args.files, args.rows, args.block)

@@ -1,0 +1,38 @@
+"""A moto S3 server on a free loopback port, for the benchmarks that measure a bucket's costs
+(requests, bytes, wall time) without one. Its request log (werkzeug's, one line a request)
+goes to a file the benchmarks read."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: Dummy credentials: moto accepts any; AWS's SDK needs some (and no EC2 metadata probing).
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(log_path: Path) -> tuple[str, subprocess.Popen]:
+    """Start ``moto_server`` (from this interpreter's environment) logging to ``log_path``, set
+    :data:`AWS_ENV` in this process; returns its endpoint and process (kill it when done)."""
+    os.environ.update(AWS_ENV)
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return f"http://127.0.0.1:{port}", proc
+        time.sleep(0.2)
+    raise SystemExit(f"moto_server did not start: {log_path}")
