@@ -174,3 +174,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def in_threads(fn, items: list, workers: int = 8) -> list:
+    """``[fn(x) for x in items]``, up to ``workers`` at a time: for hashing and copying whole
+    files, where hashlib and file I/O release the GIL, so each file gets a core or a stream."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(workers, len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))

@@ -86,6 +86,28 @@ def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
     assert resolve("./base", RunDir(tmp_path / "run2")).describe()["path"] == str(src)
 
 
+def test_a_sharded_model_is_downloaded_and_verified_file_by_file(tmp_path, tok_dir):
+    """Weight shards are copied and hashed several at a time: each digest is its own file's,
+    and a bad shard of the copy is the one named."""
+    from transformers import LlamaForCausalLM
+
+    from raypath.mirror import RunDir
+    from raypath.pretrained import BASE_DIR, resolve
+
+    src = _save_base(tmp_path / "one", tok_dir)
+    LlamaForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) >= 3
+    want = {n: sha256_file(tmp_path / "base" / n) for n in shards}
+    assert len(set(want.values())) == len(shards)
+    assert resolve(str(tmp_path / "base"), RunDir(tmp_path / "run")).sha256 == want  # used in place
+    assert resolve(f"file://{tmp_path / 'base'}", RunDir(tmp_path / "run")).sha256 == want
+    bad = tmp_path / "run" / BASE_DIR / shards[1]
+    bad.write_bytes(bad.read_bytes()[:-1])
+    with pytest.raises(ConfigError, match=f"{bad}.*does not match its sha256"):
+        resolve(f"file://{tmp_path / 'base'}", RunDir(tmp_path / "run"))
+
+
 def test_an_s3_model_path_uses_the_configured_endpoint(s3, tmp_path, tok_dir):
     from conftest import bucket
 
