@@ -381,27 +381,26 @@ def _map_file(tmp_dir: str, i: int) -> str:
 
 def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSystem) -> pa.Table:
     """Map side: input part file ``i`` -> its stream rows ordered by shard, one file
-    (:func:`_map_file`): an index of ``buckets + 1`` little-endian int64 byte offsets, then
-    each shard's rows as an Arrow IPC stream, so a reducer reads its shard's rows by range.
-    Returns rows per (source, shard)."""
+    (:func:`_map_file`): each shard's rows as an Arrow IPC stream, then an index of
+    ``buckets + 1`` little-endian int64 byte offsets (last, so no shard's bytes wait in
+    memory), from which a reducer reads its shard's rows by range. Returns rows per
+    (source, shard)."""
     counts = []
     for i, path in zip(batch["map"].to_pylist(), batch["file"].to_pylist()):
         table = _assign(pq.read_table(path, filesystem=fs), spec)
         table = table.take(pc.sort_indices(table, [("bucket", "ascending")]))
         buckets = table["bucket"].to_numpy()
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else []
-        bodies, sizes = [], np.zeros(spec.buckets, np.int64)
-        for lo, hi in zip(starts, [*starts[1:], len(buckets)]):
-            part = table.slice(lo, hi - lo)
-            bodies.append(_ipc_bytes(part.drop_columns(["bucket"])))
-            sizes[buckets[lo]] = len(bodies[-1])
-            src, n = np.unique(part["src"].to_numpy(), return_counts=True)
-            counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
-        index = 8 * (spec.buckets + 1) + np.concatenate([[0], np.cumsum(sizes)])
+        sizes = np.zeros(spec.buckets, np.int64)
         with _landing(fs, _map_file(tmp_dir, i)) as target, fs.open_output_stream(target) as f:
-            f.write(index.astype("<i8").tobytes())
-            for body in bodies:
+            for lo, hi in zip(starts, [*starts[1:], len(buckets)]):
+                part = table.slice(lo, hi - lo)
+                body = _ipc_bytes(part.drop_columns(["bucket"]))
                 f.write(body)
+                sizes[buckets[lo]] = len(body)
+                src, n = np.unique(part["src"].to_numpy(), return_counts=True)
+                counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
+            f.write(np.concatenate([[0], np.cumsum(sizes)]).astype("<i8").tobytes())
     schema = pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
     return pa.Table.from_pylist(counts, schema=schema)
 
@@ -413,10 +412,10 @@ def _ipc_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def _read_shard(fs: pafs.FileSystem, path: str, b: int) -> pa.Table | None:
+def _read_shard(fs: pafs.FileSystem, path: str, b: int, buckets: int) -> pa.Table | None:
     """Shard ``b``'s rows of one map file: its two index entries, then their byte range."""
     with fs.open_input_file(path) as f:
-        lo, hi = np.frombuffer(f.read_at(16, 8 * b), "<i8")
+        lo, hi = np.frombuffer(f.read_at(16, f.size() - 8 * (buckets + 1 - b)), "<i8")
         return pa.ipc.open_stream(f.read_at(int(hi - lo), int(lo))).read_all() if hi > lo else None
 
 
@@ -427,10 +426,10 @@ def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_di
     open (HEAD) and two ranged reads each, 16 in flight: each is a round trip)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    rows = []
+    rows, buckets = [], len(offsets) - 1  # offsets: every shard's first idx, then the total
     for b in batch["bucket"].to_pylist():
         with ThreadPoolExecutor(16) as pool:
-            pieces = [t for t in pool.map(lambda i: _read_shard(fs, _map_file(tmp_dir, i), b), range(maps))
+            pieces = [t for t in pool.map(lambda i: _read_shard(fs, _map_file(tmp_dir, i), b, buckets), range(maps))
                       if t is not None]
         table = pa.concat_tables(pieces)
         # (key, src, row) is unique, so the order never depends on which piece came first.

@@ -64,7 +64,7 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
         per_bucket += np.bincount(want, minlength=shards)
         nonempty += len(np.unique(want))
         for b in range(shards):
-            got, rows = _read_shard(fs, _map_file(tmp, i), b), np.flatnonzero(want == b)
+            got, rows = _read_shard(fs, _map_file(tmp, i), b, shards), np.flatnonzero(want == b)
             if not len(rows):
                 assert got is None
                 continue
