@@ -18,14 +18,16 @@ class JobError(Exception):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors reported as one clear line: raypath's ConfigError and DataError, JobError, a missing file.
+    """Errors reported as one clear line: raypath's ConfigError, DataError and RunFileError (a
+    damaged run file: re-submitting cannot fix it), JobError, a missing file.
 
     ``raypath.data`` (Ray Data, pyarrow) is slow to import: it is only looked up
     if the failed code had imported it, since otherwise no DataError can exist.
     """
     from raypath.config import ConfigError
+    from raypath.storage import RunFileError
 
-    errors: list[type[BaseException]] = [ConfigError, JobError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, RunFileError, JobError, FileNotFoundError]
     if "raypath.data" in sys.modules:
         errors.append(sys.modules["raypath.data"].DataError)
     return tuple(errors)

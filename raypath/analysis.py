@@ -56,17 +56,7 @@ def _sweep_record(path: Path) -> dict:
 
 
 def _json_lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written right now
-    return out
+    return storage.read_jsonl(path) if path.is_file() else []
 
 
 def sweep_info(sweep_dir: str | os.PathLike) -> dict:

@@ -38,6 +38,7 @@ files are plain local ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -65,6 +66,10 @@ _RANK_FILE = re.compile(rf"{SHARDS}/__(\d+)_\d+\.distcp")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ChecksumError(CheckpointError):
+    """A file does not match its manifest's sha256: the checkpoint is complete, and corrupted."""
 
 
 def _save_tensor_file(obj: Any, path: Path) -> None:
@@ -132,7 +137,7 @@ def _mapping(where: str, manifest: Any) -> dict:
 
 def _check_hash(d: Path, rel: str, expected: str | None, where: str | None = None) -> None:
     if sha256_file(d / rel) != expected:
-        raise CheckpointError(f"{where or d}: {rel} does not match its checksum (corrupted)")
+        raise ChecksumError(f"{where or d}: {rel} does not match its checksum (corrupted)")
 
 
 def _sharded_files(where: str, manifest: dict) -> dict[str, dict]:
@@ -212,9 +217,12 @@ def quarantine(directory: str | Path, reason: str, rd: RunDir = LOCAL) -> None:
     """Make :func:`latest_valid` skip a corrupted checkpoint: its manifest is renamed, nothing deleted."""
     d = Path(directory)
     log.error("quarantining checkpoint %s: %s", d, reason)
-    if (d / MANIFEST).is_file():
+    # Every rank (and the controller) may find the same checkpoint bad at once: the first one renames
+    # or deletes the manifest, and the others find it gone.
+    with contextlib.suppress(FileNotFoundError):
         (d / MANIFEST).replace(d / f"{MANIFEST}.corrupt")
-    rd.remove(d / MANIFEST)  # the remote copy (a remote run directory's)
+    with contextlib.suppress(FileNotFoundError):
+        rd.remove(d / MANIFEST)  # the remote copy (a remote run directory's)
 
 
 def shard_files(shards_dir: str | Path, rank: int) -> list[Path]:
@@ -340,10 +348,14 @@ def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
 
     Remote (``rd``): checkpoints are listed and checked remotely, and the newest
     good one readied on this node by :func:`fetch` (a sharded one: its metadata only).
+    One whose files fail their hash is quarantined, as a load does: it looks complete
+    otherwise, and :func:`prune` would keep it as the newest and delete what the run resumes from.
     """
     for d in sorted(step_dirs(run_storage, rd), reverse=True):
         try:
             return fetch(d, rd)
+        except ChecksumError as e:
+            quarantine(d, str(e), rd)
         except (CheckpointError, FileNotFoundError) as e:
             log.warning("skipping checkpoint: %s", e)
     return None

@@ -312,7 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.set_defaults(fn=cmd_export)
     _add_law(sub)
+    _verbose_after_the_command(p)
     return p
+
+
+def _verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``raypath run CONFIG --verbose`` as well as ``raypath --verbose run CONFIG``: users append
+    it to the command that failed. Unset unless given there, so the leading one still counts."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="also print Ray's own output")
+                _verbose_after_the_command(command)
 
 
 #: Bad input: the message names the file or field and what was expected; exit code 2.
@@ -337,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `raypath status RUN | head`: the reader left, as it may
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush at exit
+        return 128 + 13  # what a process killed by SIGPIPE returns, as git does under head
     except Exception as e:  # noqa: BLE001 -- a bug or an environment failure: one line, the traceback in a file
         if args.verbose:
             traceback.print_exc()

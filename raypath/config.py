@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import yaml
 
 from raypath.schedules import SHAPES, Decay
-from raypath.sources import is_uri
+from raypath.sources import URI_SCHEMES, is_uri
 
 #: ``train.precision`` values.
 PRECISIONS = ("fp32", "bf16")
@@ -82,7 +82,8 @@ class DataConfig:
         filesystem (``s3://bucket/corpus``) -- with one sub-directory per version,
         each holding ``train/`` and ``val/`` files (``.jsonl``, ``.jsonl.gz``,
         ``.parquet``, or the ``.arrow`` files of a Hugging Face ``datasets`` ``save_to_disk``).
-    versions: which version sub-directories to use, in order; empty = all, sorted by name.
+    versions: which version sub-directories to use, in order; empty = all, sorted by name
+        with numbers compared as numbers (``v2`` before ``v10``).
     max_docs_per_version: cap on documents per version (embedded corpus only; for tiny runs).
     text_column: column holding the document text.
     seq_len: tokens per training sequence (blocks hold ``seq_len + 1`` tokens).
@@ -470,10 +471,9 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a pair of finite numbers like [0.9, 0.95], got {value!r}")
-        return tuple(float(v) for v in value)
+        return tuple(_coerce(v, float, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -519,6 +519,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     source = str(path) if path else "<defaults>"
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file (commands that read a run take "
+                              f"its directory as RUN_DIR: raypath status RUN_DIR)")
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
@@ -572,15 +575,21 @@ def validate(cfg: Config) -> None:
         _check(not (is_uri(value) and (u.query or u.fragment)), name,
                f"{value!r}: a URI with a query or fragment ('?', '#') is not supported; an S3-compatible "
                f"store's endpoint goes in cluster.storage_endpoint")
+        _check(not is_uri(value) or u.scheme in URI_SCHEMES, name,
+               f"{value!r}: no pyarrow filesystem reads {u.scheme}:// URIs (use one of "
+               f"{', '.join(s + '://' for s in URI_SCHEMES)}; s3a:// and s3n:// are s3://)")
     endpoint = cfg.cluster.storage_endpoint
     _check(not endpoint or endpoint.startswith(("http://", "https://")), "cluster.storage_endpoint",
            f"must be an http:// or https:// URL, got {endpoint!r}")
     if d.corpus != "embedded" and not is_uri(d.corpus):  # a remote corpus is listed when preparing
         _check(Path(d.corpus).is_dir(), "data.corpus",
-               f"corpus directory {d.corpus!r} does not exist (or use 'embedded')")
+               f"{d.corpus!r} is a file, not a corpus directory (one sub-directory per version)"
+               if Path(d.corpus).exists() else f"corpus directory {d.corpus!r} does not exist (or use 'embedded')")
     if d.tokenizer:
         _check(Path(d.tokenizer, "tokenizer.json").is_file(), "data.tokenizer",
                f"{d.tokenizer!r} is not a tokenizer directory (no tokenizer.json)")
+    repeated = sorted({v for v in d.versions if d.versions.count(v) > 1})
+    _check(not repeated, "data.versions", f"names each version once; repeated: {', '.join(repeated)}")
     _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
     _check(d.vocab_size > 258, "data.vocab_size", f"must be > 258 (bytes + specials), got {d.vocab_size}")
     _check(d.val_blocks >= 1, "data.val_blocks", f"must be >= 1, got {d.val_blocks}")

@@ -206,16 +206,18 @@ class TokenizePack:
     """
 
     def __init__(self, tokenizer_dir: str, text_column: str, seq_len: int, eos: int, max_doc_chars: int,
-                 endpoint: str | None, fs: pafs.FileSystem):
+                 endpoint: str | None, fs: pafs.FileSystem, rd: RunDir):
         import os
 
         # Actors are the parallelism; a thread pool per actor would oversubscribe the CPUs.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from raypath.tokenizer import load_tokenizer
 
-        self.tok = load_tokenizer(tokenizer_dir)
+        # A node other than the driver's has the run directory's tokenizer and embedded
+        # corpus only once pulled from a remote run directory (no-ops for other paths).
+        self.tok = load_tokenizer(rd.fetch(tokenizer_dir))
         self.column, self.block, self.eos = text_column, seq_len + 1, eos
-        self.max_doc_chars, self.endpoint, self.fs = max_doc_chars, endpoint, fs
+        self.max_doc_chars, self.endpoint, self.fs, self.rd = max_doc_chars, endpoint, fs, rd
 
     def _status(self, text) -> str:
         if not isinstance(text, str) or not text:
@@ -244,6 +246,7 @@ class TokenizePack:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for c in batch.to_pylist():
+            self.rd.fetch(c["path"], missing_ok=True)
             skipped: dict[str, int] = {}
             blocks, stats = pack(self._ids(Chunk(c["path"], c["fmt"], c["start"], c["stop"]), skipped),
                                  self.block, self.eos)
@@ -288,7 +291,7 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
         TokenizePack,
         fn_constructor_kwargs=dict(tokenizer_dir=spec.tokenizer_dir, text_column=spec.text_column,
                                    seq_len=spec.seq_len, eos=eos, max_doc_chars=max_doc_chars,
-                                   endpoint=spec.endpoint, fs=fs),
+                                   endpoint=spec.endpoint, fs=fs, rd=spec.rd),
         batch_size=1, batch_format="pyarrow",
         # One chunk in flight per actor: an idle actor takes the next one, so the actors
         # finish within one chunk's time of each other. Ray Data's default queues several
@@ -673,7 +676,7 @@ class Plan:
     todo: list[dict] = field(default_factory=list)  # {index, source, train, val, test, skipped_files}
 
 
-def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> None:
+def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
     """Earlier versions' files must be the ones trained on (checked in parallel Ray tasks)."""
     import ray
 
@@ -692,16 +695,21 @@ def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None) -> Non
                             f"trained (added: {added or 'none'}; missing: {gone or 'none'})")
         pending += [recorded[f] for f in files]
     if ray.is_initialized() and len(pending) > 1:
-        task = ray.remote(num_cpus=1)(unchanged)
-        verdicts = ray.get([task.remote(r, endpoint) for r in pending])
+        task = ray.remote(num_cpus=1)(_unchanged_here)
+        verdicts = ray.get([task.remote(r, endpoint, rd) for r in pending])
     else:
-        verdicts = [unchanged(r, endpoint) for r in pending]
+        verdicts = [_unchanged_here(r, endpoint, rd) for r in pending]
     for r, verdict in zip(pending, verdicts):
         if verdict == "missing":
             raise DataError(f"{r['path']}: file of version {src.name} is missing (it was trained on; restore it)")
         if verdict:
             raise DataError(f"{r['path']}: {verdict} after version {src.name} was trained; "
                             f"add new data as a new version")
+
+
+def _unchanged_here(rec: dict, endpoint: str | None, rd: RunDir) -> str | None:
+    rd.fetch(rec["path"], missing_ok=True)  # a file of the run directory (the embedded corpus) this node lacks
+    return unchanged(rec, endpoint)
 
 
 def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
@@ -717,13 +725,15 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     for i, rec in enumerate(records[: len(sources)]):
         if sources[i].name != rec["name"]:
             raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
-                            f"appended (config gives {[s.name for s in sources]})")
-        _check_unchanged(rec, sources[i], spec.endpoint)
+                            f"appended (the corpus gives {[s.name for s in sources]}, in name order with "
+                            f"numbers compared as numbers; data.versions lists them in an order of your own)")
+        _check_unchanged(rec, sources[i], spec.endpoint, spec.rd)
     new = sources[len(records):]
     files = [f for s in new for f in (*s.train_files, *s.val_files, *s.test_files)]
     limit = spec.max_doc_chars if spec.on_bad_input == "error" else 0
     t0 = time.perf_counter()
-    reports = dict(zip(files, inspect_files(files, spec.text_column, limit, spec.endpoint, spec.chunk_bytes)))
+    reports = dict(zip(files, inspect_files(files, spec.text_column, limit, spec.endpoint, spec.chunk_bytes,
+                                                     spec.rd)))
     if files:
         log.info("validated and fingerprinted %d files in %.1f s", len(files), time.perf_counter() - t0)
     plan = Plan(path, manifest)

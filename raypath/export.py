@@ -409,7 +409,7 @@ def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: st
         load_model_weights(directory, model, rd)
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
-    except RuntimeError as e:  # missing or misshapen tensors: a checkpoint of another model
+    except (RuntimeError, ValueError) as e:  # missing or misshapen tensors: a checkpoint of another model
         raise ExportError(f"{directory}: its weights do not fit the run's model "
                           f"({str(e).strip().splitlines()[0]})") from None
     return model.eval()

@@ -37,6 +37,7 @@ from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
 from raypath.schedules import Schedule
+from raypath.storage import end_line
 from raypath.tracking import Tracker, TrackingSpec
 
 log = logging.getLogger("raypath.progress")
@@ -137,6 +138,46 @@ def final_checkpoint(seg: Segment) -> FinalCheckpoint:
     return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
 
 
+def check_plan(seg: Segment) -> None:
+    """On the driver, before a segment (re)starts: its newest checkpoint must continue this plan.
+
+    A checkpoint records the schedule it was trained under: resuming a branch after its
+    ``branch.shape`` was edited would record a decay that never ran. And the steps the plan
+    saves (the fork point) that the checkpoint has passed must be there: a fork moved behind
+    it (``branch.fraction`` raised) would never be written. Checkpoints saved before the schedule
+    was recorded are only checked for the steps.
+    """
+    from raypath.config import ConfigError
+
+    state, where = _newest_state(seg)
+    if state is None:
+        return
+    again = f"re-run with the earlier settings, or delete {seg.rd.name(seg.storage)} to train {seg.name} again"
+    if state.get("schedule", repr(seg.schedule)) != repr(seg.schedule):
+        raise ConfigError(f"{seg.name}: {where} was trained under {state['schedule']}; the config now gives "
+                          f"{seg.schedule!r}: {again}")
+    for step in seg.save_steps:
+        if step <= state["step"] and not _complete(seg, step):
+            raise ConfigError(f"{seg.name}: {where} is past step {step}, which this plan checkpoints (a fork "
+                              f"point: branch.fraction changed?) but was never saved: {again}")
+
+
+def _newest_state(seg: Segment) -> tuple[dict | None, str]:
+    """``state.json`` of the segment's newest complete checkpoint (not hashed: the workers do)."""
+    for d in sorted(ckpt.step_dirs(seg.storage, seg.rd), key=ckpt.step_of, reverse=True):
+        if _complete(seg, ckpt.step_of(d)):
+            return ckpt.load_state(d, seg.rd), seg.rd.name(d)
+    return None, ""
+
+
+def _complete(seg: Segment, step: int) -> bool:
+    try:
+        ckpt.verify(Path(seg.storage) / ckpt.step_dir_name(step), seg.rd, deep=False)
+        return True
+    except (ckpt.CheckpointError, FileNotFoundError):
+        return False
+
+
 def resume_point(seg: Segment) -> tuple[str | None, dict]:
     """The checkpoint this segment continues from and its state (step, data position).
 
@@ -204,8 +245,26 @@ def _optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> 
     # Decay matrices only: decaying norms and biases hurts small models for no gain.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.max_lr, betas=tuple(t.betas), fused=device.type == "cuda")
+    groups = [{"params": ps, **settings} for ps, settings in zip((decay, no_decay), _group_settings(t))]
+    return torch.optim.AdamW(groups, lr=t.max_lr, fused=device.type == "cuda")
+
+
+def _group_settings(t: TrainConfig) -> tuple[dict, dict]:
+    """AdamW settings of the (decayed, not decayed) parameter groups."""
+    return {"weight_decay": t.weight_decay, "betas": tuple(t.betas)}, {"weight_decay": 0.0, "betas": tuple(t.betas)}
+
+
+def _apply_settings(optim: torch.optim.Optimizer, t: TrainConfig) -> None:
+    """The config's AdamW settings over a restored optimizer's: loading an optimizer state
+    restores the checkpoint's param_groups, which would silently keep the old
+    ``train.weight_decay``/``train.betas`` while the lineage records the new ones."""
+    for group, settings in zip(optim.param_groups, _group_settings(t)):
+        # (betas come back from a sharded checkpoint as a list)
+        changed = {k: (group[k], v) for k, v in settings.items()
+                   if (tuple(group[k]) if isinstance(v, tuple) else group[k]) != v}
+        if changed:
+            log.info("optimizer settings from the config replace the checkpoint's: %s", changed)
+        group.update(settings)
 
 
 @dataclass
@@ -375,6 +434,8 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
         shards.load_into(sharded, raw, training.optim, rank, world, seg.rd, None if shard_here else _node())
     elif restored:
         training.load_optim_state(restored["optim"])
+    if restored:
+        _apply_settings(training.optim, t)
     return training
 
 
@@ -483,7 +544,7 @@ class _Reporter:
         self.device = device or torch.device("cpu")
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         if rank == 0:  # continue the remote curve, whatever node ran the segment before
-            seg.rd.fetch(seg.curves_path, missing_ok=True)
+            end_line(seg.rd.fetch(seg.curves_path, missing_ok=True))
         self.tracker = Tracker.start(seg.tracking, seg, start_step) if rank == 0 else Tracker()
         self.published = time.monotonic()
 
@@ -816,7 +877,8 @@ class _SegmentRun:
         """Collective: checkpoint this step with the path's data position."""
         self.consumed.merge(self.feed.take_consumed())
         state = {"step": self.step, "tokens": self.tokens, "segment": self.seg.name, "version": self.seg.version,
-                 "consumed": self.consumed.intervals, "lr": lr, "metrics": self.metrics}
+                 "consumed": self.consumed.intervals, "lr": lr, "metrics": self.metrics,
+                 "schedule": repr(self.seg.schedule)}
         self.reporter.publish()  # the curve up to the checkpoint, before it
         self.checkpoints.save(self.tr, self.step, state, self.metrics, last)
 
@@ -875,6 +937,7 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     t = seg.train
+    check_plan(seg)
     ckpt.drop_stale_ray_snapshot(seg.storage, seg.rd)
     storage_path, storage_fs = seg.rd.source(Path(seg.storage).parent)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}

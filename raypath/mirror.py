@@ -14,7 +14,9 @@ Who copies what, when:
   :data:`NOT_MIRRORED` (checkpoints, exports, releases: large, fetched one by one where
   needed), the token files of ``data/`` (written to and read from the remote by Ray Data)
   and all but the records and curves of ``sweeps/``;
-  after preparing: config, corpus, tokenizer and the data manifest;
+  before preparing, the embedded corpus, and the tokenizer once trained (a validation task or a
+  tokenizing actor on another node pulls the ones it reads); after preparing: config and the
+  data manifest;
   ``lineage.json`` after every save; ``report/`` at the end;
 * Ray Train writes checkpoints straight to the remote
   (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
@@ -290,7 +292,7 @@ class RunDir:
         if mirror is not None:
             try:
                 mirror.pull_run()
-            except OSError as e:  # unreachable endpoint, rejected credentials, no bucket
+            except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket, bad scheme
                 raise ConfigError(f"run_dir: cannot read {run_dir}: {first_line(e)}") from None
         if create:
             try:

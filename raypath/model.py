@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from raypath.config import ConfigError, ModelConfig
 from raypath.loss import compile_loss, loss_installed
+from raypath.pretrained import WEIGHT_NAMES, weight_files
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None) -> LlamaConfig:
@@ -369,24 +370,33 @@ def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
 class checkpoint_tensors(Mapping):
     """The tensors of a ``save_pretrained`` directory, read lazily one at a time, in fp32 or saved dtype.
 
-    safetensors files are read per tensor; ``.bin``/``.pt`` files are memory-mapped
-    (``weights_only=True``), so nothing is resident before it is copied into a shard.
+    Only its weight files are read, the ones ``from_pretrained`` would read
+    (:func:`raypath.pretrained.weight_files`). safetensors files are read per tensor;
+    ``.bin`` files are memory-mapped (``weights_only=True``), so nothing is resident
+    before it is copied into a shard.
     """
 
     def __init__(self, directory: str | Path):
         self.name = f"model.path: {directory}"
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
-        for f in sorted(Path(directory).glob("*.safetensors")):
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as handle:
-                keys = list(handle.keys())
-            for key in keys:
-                self._where[key] = lambda f=f, key=key: _safetensor(f, key)
-        for f in sorted(Path(directory).glob("*.bin")) + sorted(Path(directory).glob("*.pt")):
+        files = weight_files(directory)
+        if not files:
+            raise ConfigError(f"{self.name} holds no weights: expected one of {', '.join(WEIGHT_NAMES)}")
+        for f in files:
+            if f.suffix == ".safetensors":
+                self._index_safetensors(f)
+                continue
             state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
             for key, value in state.items():
                 self._where[key] = lambda value=value: value
+
+    def _index_safetensors(self, f: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as handle:
+            keys = list(handle.keys())
+        for key in keys:
+            self._where[key] = lambda f=f, key=key: _safetensor(f, key)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._where[key]()

@@ -15,6 +15,7 @@ of its weight files (:func:`describe`), so a release says what it continued.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,11 @@ log = logging.getLogger(__name__)
 #: Where a ``model.path`` URI is downloaded to, inside the run directory.
 BASE_DIR = "base_model"
 MANIFEST = "manifest.json"
-#: File suffixes that hold weights (what the lineage hashes).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Where a ``save_pretrained`` directory's weights are, in the order ``from_pretrained`` looks:
+#: one file, or an index naming a sharded model's files. Anything else next to them
+#: (a trainer's ``training_args.bin``, ``optimizer.pt``) is not the model.
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -80,7 +84,8 @@ def resolve(path: str, rd: RunDir, endpoint: str | None = None) -> BaseModel:
         _download(path, target, endpoint)
     rd.publish(target)  # workers on other nodes fetch it from the remote run directory
     hashes = read_json(manifest)["sha256"]
-    return BaseModel(path, str(target), {n: h for n, h in hashes.items() if n.endswith(WEIGHT_SUFFIXES)})
+    weights = {f.relative_to(target).as_posix() for f in weight_files(target)}
+    return BaseModel(path, str(target), {n: h for n, h in hashes.items() if n in weights})
 
 
 def _download(uri: str, target: Path, endpoint: str | None) -> None:
@@ -123,8 +128,32 @@ def _verify_download(target: Path, hashes: dict[str, str]) -> None:
 def _weight_hashes(d: Path) -> dict[str, str]:
     """sha256 of the weight files: read in full at every run start (cost grows with the model),
     a file per core."""
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    files = weight_files(d)
     return {f.relative_to(d).as_posix(): h for f, h in zip(files, in_threads(sha256_file, files))}
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The files of a ``save_pretrained`` directory that hold the model's weights, found as
+    ``from_pretrained`` finds them (:data:`WEIGHT_NAMES`); [] when it has none."""
+    d = Path(directory)
+    name = next((n for n in WEIGHT_NAMES if (d / n).is_file()), None)
+    if name is None:
+        return []
+    if not name.endswith(".index.json"):
+        return [d / name]
+    return [d / rel for rel in sorted(set(_weight_map(d / name).values()))]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map``: tensor name -> the file holding it."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError):  # not JSON, or JSON but not a mapping
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ConfigError(f"model.path: {index} needs \"weight_map\": {{tensor name: file name}} "
+                          f"(the index save_pretrained writes for a sharded model)")
+    return weight_map
 
 
 def check_tokenizer(model_dir: str, tok, tokenizer_field: str, seq_len: int | None = None) -> None:

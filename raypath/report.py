@@ -19,7 +19,6 @@ what has the whole lineage cost so far relative to pre-training from scratch
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -30,7 +29,7 @@ import pandas as pd
 
 from raypath.cost import lineage_costs
 from raypath.lineage import Branch, Lineage, MainEntry, Release
-from raypath.storage import atomic_write_bytes, save_figure
+from raypath.storage import atomic_write_bytes, read_jsonl, save_figure
 
 if TYPE_CHECKING:
     from raypath.law import Curve, FitResult
@@ -56,8 +55,7 @@ def read_curve(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "event" not in r]  # (re)start markers are not metrics
+    records = [r for r in read_jsonl(path) if "event" not in r]  # (re)start markers are not metrics
     if not records:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
     df = pd.DataFrame.from_records(records)

@@ -108,10 +108,6 @@ def _endpoint(cfg: Config) -> str | None:
         os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-#: What :func:`prepare` writes under the run directory (published to a remote one).
-PREPARED = ("config.yaml", "corpus", "tokenizer", "data")
-
-
 @dataclass
 class Located:
     """Where a run reads and writes, found without Ray: the run directory (a remote one's
@@ -145,6 +141,9 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     where = where or locate(cfg)
     rd, run_dir, sources = where.rd, where.rd.path, where.sources
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    # Tasks on other nodes pull the run directory's files they read (the embedded corpus here,
+    # the tokenizer below) from a remote run directory: upload them before any task starts.
+    rd.publish(run_dir / "corpus")
     endpoint = _endpoint(cfg)
     base = resolve_base_model(cfg.model.path, rd, endpoint) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
@@ -171,16 +170,17 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
         if first is None:
             raise DataError(f"{tok_dir}: tokenizer directory is missing, but the prepared versions were "
                             f"tokenized with it; restore it or use a new run_dir")
-        _train_tokenizer([r["path"] for r in first["train"]], cfg, endpoint, Path(tok_dir))
+        _train_tokenizer([r["path"] for r in first["train"]], cfg, endpoint, Path(tok_dir), rd)
+    rd.publish(Path(tok_dir))
     tok = load_tokenizer(tok_dir)
     versions = prepare_versions(sources, spec, plan)
-    for name in PREPARED:
+    for name in ("config.yaml", "data"):
         rd.publish(run_dir / name)
     return RunContext(cfg, rd, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions,
                       base.describe() if base else None)
 
 
-def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path) -> None:
+def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path, rd: RunDir) -> None:
     """Train the BPE on version 1 in a Ray task (its memory grows with the text it reads, at most
     ``data.tokenizer_max_chars``); the driver only writes the few files it returns."""
     import ray
@@ -188,6 +188,8 @@ def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: P
     def train(files: list[str]) -> dict[str, bytes]:
         import tempfile
 
+        for f in files:  # the embedded corpus, on a node other than the driver's
+            rd.fetch(f, missing_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             texts = iter_texts(files, cfg.data.text_column, endpoint, cfg.data.tokenizer_max_chars)
             train_tokenizer(texts, cfg.data.vocab_size, Path(tmp) / "tok")

@@ -30,7 +30,6 @@ import collections
 import contextlib
 import io
 import logging
-import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 
 from raypath import checkpoint as ckpt
@@ -91,9 +91,11 @@ class ShardedSaver:
         self.wait()
         d = Path(directory)
         if self.rank == 0:
-            # A directory already here is a torn earlier attempt at this step (a
-            # resumed run never saves its start step again): start clean.
-            shutil.rmtree(d, ignore_errors=True)
+            # A directory already here is a torn or quarantined earlier attempt at this step
+            # (a resumed run never saves its start step again): start clean, in the bucket too,
+            # where an upload skips a file of unchanged size and would keep the old one. Before
+            # the barrier: no rank writes until it is gone.
+            self.rd.remove(d)
             (d / ckpt.SHARDS).mkdir(parents=True)
             ckpt.write_sharded_meta(d, state)
         if _distributed():
@@ -297,5 +299,14 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir
     if error:
         raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}
-    dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
+    try:
+        dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
+    except CheckpointException as e:  # a BaseException: past every caller's `except Exception`
+        raise _own_failure(e) from None
     set_model_state_dict(model, sd["model"])
+
+
+def _own_failure(e: CheckpointException) -> BaseException:
+    """What DCP failed on in a single process (its only rank): a missing or misshapen tensor is a
+    RuntimeError or ValueError, as from ``load_state_dict``; its traceback is kept."""
+    return next(iter(e.failures.values()))[0]

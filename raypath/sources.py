@@ -24,14 +24,19 @@ import atexit
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from raypath.mirror import RunDir
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
 #: Target size of one tokenize task's input. Bounds an actor's memory (its chunk's
@@ -45,6 +50,10 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- filesystems
+
+#: URI schemes pyarrow has a filesystem for (``file://`` is a local path).
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
 
 def is_uri(path: str) -> bool:
     return "://" in str(path) and urlparse(str(path)).scheme not in ("", "file")
@@ -66,7 +75,7 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
 def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) of a URI; S3 ones get bounded retries, ``endpoint`` overrides AWS."""
     if urlparse(uri).scheme == "s3":
-        path = uri[len("s3://"):]
+        path = uri[len("s3://"):].rstrip("/")
         if endpoint:
             return s3_filesystem(endpoint), path
         fs, path = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region
@@ -75,9 +84,11 @@ def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
 
 
 @functools.cache
-def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> pafs.FileSystem:
-    # Cached per process: building an S3 filesystem resolves credentials (slow).
-    return uri_filesystem(scheme_netloc, endpoint)[0]
+def _uri_filesystem(scheme_netloc: str, endpoint: str | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path of the URI's root on it). Cached per process: building an S3
+    filesystem resolves credentials (slow). The root is the filesystem's own reading of
+    ``scheme://netloc/``: ``/`` for HDFS, the container for Azure, the bucket for S3."""
+    return uri_filesystem(f"{scheme_netloc}/", endpoint)
 
 
 # Dropped at exit before pyarrow finalizes S3 (its handler, registered when pyarrow.fs was
@@ -91,8 +102,13 @@ def filesystem_for(path: str, endpoint: str | None = None) -> tuple[pafs.FileSys
     if not is_uri(path):
         local = urlparse(path).path if str(path).startswith("file://") else str(path)
         return pafs.LocalFileSystem(), str(Path(local).resolve())
-    u = urlparse(path)
-    return _uri_filesystem(f"{u.scheme}://{u.netloc}", endpoint), f"{u.netloc}{u.path}".rstrip("/")
+    # Split by hand: a listed file's name is joined onto its directory's URI, and urlparse
+    # would read a "#" or "?" in it as a fragment or query, not as part of the name.
+    scheme, _, rest = str(path).partition("://")
+    netloc, _, key = rest.partition("/")
+    fs, root = _uri_filesystem(f"{scheme}://{netloc}", endpoint)
+    root = root if root.endswith("/") or not root else f"{root}/"
+    return fs, (f"{root}{key}".rstrip("/") or root)
 
 
 def _join(root: str, name: str) -> str:
@@ -128,20 +144,27 @@ def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
                  if i.type == pafs.FileType.File and i.base_name.endswith(SUFFIXES))
 
 
+def version_order(name: str) -> tuple:
+    """Sort key of version names: numbers in them compare as numbers (``v2`` before ``v10``),
+    the rest as text (``2024-05`` before ``2024-11``)."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
 def discover_versions(corpus: str | Path, names: list[str] | None = None,
                       endpoint: str | None = None) -> list[VersionSource]:
     """One :class:`VersionSource` per version sub-directory (``train/`` + ``val/``, optionally
     ``test/``) of ``corpus``."""
     corpus = str(corpus)
-    fs, root = filesystem_for(corpus, endpoint)
-    shown = corpus.rstrip("/") if is_uri(corpus) else root
-    try:
+    try:  # an S3 bucket's region is looked up here, a missing bucket found, an unknown scheme refused
+        fs, root = filesystem_for(corpus, endpoint)
         kind = fs.get_file_info(root).type
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"data.corpus: cannot reach {corpus}: {first_line(e)}") from None
+    shown = corpus.rstrip("/") if is_uri(corpus) else root
     if kind != pafs.FileType.Directory:
         raise DataError(f"data.corpus: {shown} is not a directory")
-    dirs = [i.base_name for i in _listing(fs, root) if i.type == pafs.FileType.Directory]
+    dirs = sorted((i.base_name for i in _listing(fs, root) if i.type == pafs.FileType.Directory), key=version_order)
     available = [d for d in dirs if fs.get_file_info(_join(_join(root, d), "train")).type == pafs.FileType.Directory]
     out = []
     for name in names or available:
@@ -237,6 +260,8 @@ def _json_text(line: bytes, column: str) -> tuple[str | None, str | None]:
         row = json.loads(decoded)
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg})"
+    except RecursionError:
+        return None, "not valid JSON here (nested deeper than Python's parser allows)"
     if not isinstance(row, dict) or not isinstance(row.get(column), str):
         return None, f"no {column!r} string field"
     problem = unicode_problem(row[column])
@@ -445,15 +470,25 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
 
 
 def inspect_files(files: list[str], column: str, max_doc_chars: int = 0, endpoint: str | None = None,
-                  chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
-    """:func:`inspect_file` of every file, in parallel Ray tasks (in-process without Ray)."""
+                  chunk_bytes: int = CHUNK_BYTES, rd: RunDir | None = None) -> list[dict]:
+    """:func:`inspect_file` of every file, in parallel Ray tasks (in-process without Ray).
+
+    rd: the run directory, when files may lie in it (the embedded corpus): a task on a node
+        that lacks them pulls them from a remote run directory first.
+    """
     import ray
 
     args = (column, max_doc_chars, endpoint, chunk_bytes)
     if not ray.is_initialized() or len(files) <= 1:
-        return [inspect_file(f, *args) for f in files]
-    task = ray.remote(num_cpus=1)(inspect_file)
-    return ray.get([task.remote(f, *args) for f in files])
+        return [_inspect_here(f, rd, *args) for f in files]
+    task = ray.remote(num_cpus=1)(_inspect_here)
+    return ray.get([task.remote(f, rd, *args) for f in files])
+
+
+def _inspect_here(path: str, rd: RunDir | None, *args) -> dict:
+    if rd is not None:
+        rd.fetch(path, missing_ok=True)  # a missing file is reported by inspect_file, by name
+    return inspect_file(path, *args)
 
 
 def apply_policy(reports: list[dict], policy: str) -> tuple[list[dict], list[dict]]:

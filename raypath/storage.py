@@ -3,7 +3,9 @@
 A crash (or a killed worker) mid-write must never leave a half-written lineage,
 manifest or checkpoint that a later run would trust. We write to a temporary
 sibling and ``os.replace`` it into place, which POSIX makes atomic on one
-filesystem.
+filesystem. The exception is a JSONL log that is appended to (a curve): a crash can
+cut its last line short, so appends start on a line of their own (:func:`end_line`) and
+readers skip what is not a record (:func:`read_jsonl`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -185,3 +190,34 @@ def in_threads(fn, items: list, workers: int = 8) -> list:
 
     with ThreadPoolExecutor(min(workers, len(items), os.cpu_count() or 1)) as pool:
         return list(pool.map(fn, items))
+
+
+def end_line(path: str | os.PathLike) -> None:
+    """Before appending to a JSONL log: end a last line a crash cut short, so that the next
+    record starts a line of its own instead of joining the torn one."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of an appended JSONL log. A line that is not a JSON object is skipped: the
+    last one may be being written right now; one before it was cut short by a crash (logged,
+    by file and line)."""
+    lines = Path(path).read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        elif i < len(lines) - 1:
+            log.warning("%s, line %d: not a JSON record (cut short by a crash?); skipped", path, i + 1)
+    return out

@@ -358,7 +358,11 @@ def test_torn_checkpoint_resumes_from_the_previous_one(case, tiny_run_copy, capl
     assert ckpt.latest_valid(end.parent) == end
     CHECKPOINT[case](end)
     assert ckpt.latest_valid(end.parent) == previous
-    assert f"skipping checkpoint: {end}" in caplog.text
+    if case == "model-truncated":  # complete but corrupted: quarantined, so that pruning drops it
+        assert f"quarantining checkpoint {end}: {end}: model.pt does not match its checksum" in caplog.text
+        assert (end / f"{ckpt.MANIFEST}.corrupt").is_file() and not (end / ckpt.MANIFEST).exists()
+    else:
+        assert f"skipping checkpoint: {end}" in caplog.text
 
 
 # ---------------------------------------------------------------- remote storage

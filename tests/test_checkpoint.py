@@ -163,6 +163,32 @@ def test_torn_sharded_checkpoint_is_skipped_and_corrupt_one_quarantined(tmp_path
     assert ckpt.latest_valid(tmp_path) == good  # the restart after the failure skips it
 
 
+def test_a_sharded_checkpoint_saved_again_at_a_step_replaces_the_buckets_copy_whole(s3, tmp_path):
+    """Step 5 was saved, then quarantined (or torn); the resumed run saves step 5 again with other
+    weights. The new files have the old ones' sizes, which an upload skips: unless the old copy is
+    deleted from the bucket first, another node gets the new manifest over the old shards."""
+    from conftest import bucket
+
+    from raypath.mirror import Mirror, RunDir
+    from raypath.shards import ShardedSaver, load_into
+
+    remote = f"s3://{bucket(s3, 'resave')}/run"
+    rd = RunDir(tmp_path / "node-a", Mirror(remote, str(tmp_path / "node-a"), s3.endpoint))
+    d = rd / "ray" / "main-v1" / ckpt.step_dir_name(5)
+    saver = ShardedSaver(0, False, torch.device("cpu"), rd)
+    for seed in (0, 1):
+        model, opt = _trained(seed)
+        saver.save(d, model, opt, {"step": 5, "tokens": 5, "consumed": [[0, 5]]})
+        if seed == 0:
+            ckpt.quarantine(d, "bit rot", rd)
+    other = RunDir(tmp_path / "node-b", Mirror(remote, str(tmp_path / "node-b"), s3.endpoint))
+    d_other = ckpt.fetch(other / "ray" / "main-v1" / ckpt.step_dir_name(5), other)
+    assert ckpt.verify_files(d_other, ckpt.sharded_files(d_other), other) is None
+    loaded, loaded_opt = _trained(seed=2)
+    load_into(d_other, loaded, loaded_opt, rank=0, world=1, rd=other)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_a_malformed_sharded_manifest_is_a_torn_checkpoint(tmp_path):
     good = _save(tmp_path, 4)
     bad = tmp_path / ckpt.step_dir_name(8)
@@ -186,6 +212,25 @@ def test_prune_counts_only_complete_checkpoints_and_drops_superseded_torn_ones(t
     assert sorted(d.name for d in deleted) == ["step_00000030", "step_00000031"]
     assert ckpt.latest_valid(tmp_path).name == "step_00000033"  # the torn one did not displace it
     assert in_flight.is_dir()  # newer than every complete one: the save of that step rewrites it
+
+
+def test_a_corrupted_checkpoint_latest_valid_skipped_does_not_count_for_prune(tmp_path):
+    """Resumed from 40 past a bit-rotted 60, the run saves 50: with keep_checkpoints=1 prune must keep
+    50, not count 60 (every file present) as the newest and delete what the run goes on from."""
+    _save(tmp_path, 40)
+    corrupt = _save(tmp_path, 60)
+    data = bytearray((corrupt / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash sees it
+    (corrupt / "model.pt").write_bytes(bytes(data))
+    assert ckpt.latest_valid(tmp_path).name == "step_00000040"
+    _save(tmp_path, 50)
+    assert [d.name for d in ckpt.prune(tmp_path, keep=1, protected=set())] == ["step_00000040"]
+    assert ckpt.latest_valid(tmp_path).name == "step_00000050"
+    assert (corrupt / "manifest.json.corrupt").is_file()  # quarantined, as a load does
+    assert corrupt.is_dir()  # newer than every good one: the run's own save of step 60 rewrites it
+    _save(tmp_path, 70)
+    assert sorted(d.name for d in ckpt.prune(tmp_path, keep=1, protected=set())) == [
+        "step_00000050", "step_00000060"]
 
 
 def test_prune_keeps_newest_periodic_and_every_protected_step(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raypath.cli import main
+from raypath.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,29 @@ def test_console_script_reports_missing_config(tmp_path):
     out = subprocess.run([str(exe), "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert out.returncode == 2
     assert "nope.yaml" in out.stderr and "not found" in out.stderr
+
+
+def test_output_piped_into_a_reader_that_left_ends_quietly(tmp_path):
+    """`raypath status RUN | head -1`: the reader may close the pipe before raypath has printed."""
+    import os
+
+    exe = Path(sys.executable).with_name("raypath")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        out = subprocess.run([str(exe), "cost", "--tokens", "100", "200"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
+def test_verbose_may_follow_the_command(capsys):
+    args = build_parser().parse_args(["cost", "--tokens", "1", "--verbose"])
+    assert args.verbose is True
+    assert build_parser().parse_args(["-v", "cost", "--tokens", "1"]).verbose is True
+    assert build_parser().parse_args(["law", "fit", "RUN", "-v"]).verbose is True
+    assert build_parser().parse_args(["cost", "--tokens", "1"]).verbose is False
 
 
 def test_cost_table(capsys):

@@ -124,6 +124,14 @@ def test_overrides_without_a_file_and_new_sections():
     assert cfg.train.warmup_steps == TrainConfig().warmup_steps
 
 
+def test_numbers_in_exponent_form_load_in_pairs_as_in_every_number_field():
+    # YAML reads 5e-2 (no dot) as a string; number fields convert it, pairs must too
+    cfg = load_config(overrides=["sweep.fraction=[5e-2, 0.4]", "train.betas=[9e-1, 0.95]", "branch.fraction=5e-2"])
+    assert cfg.sweep.fraction == (0.05, 0.4) and cfg.train.betas == (0.9, 0.95) and cfg.branch.fraction == 0.05
+    with pytest.raises(ConfigError, match=r"train\.betas\[1\]: expected a number, got 'fast'"):
+        load_config(overrides=["train.betas=[0.9, fast]"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="train.max_lr"):
         load_config(overrides=["train.max_lr"])
@@ -275,6 +283,7 @@ def test_config_error_is_a_value_error():
     ("model:\n  intermediate_size: 0\n", "model.intermediate_size"),
     ("model:\n  rope_theta: -1\n", "model.rope_theta"),
     ("data:\n  max_docs_per_version: 1\n", "data.max_docs_per_version"),
+    ("data:\n  versions: [v1, v2, v1]\n", "data.versions"),  # v1's second entry read as trained already
     ("data:\n  tokenizer_max_chars: 0\n", "data.tokenizer_max_chars"),
     ("data:\n  corpus: ''\n", "data.corpus"),  # Path('') is the working directory
     ("run_dir: ''\n", "run_dir"),

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from raypath.mirror import RunDir
+from raypath.mirror import LOCAL, RunDir
 from raypath.data import Consumed, DataError, PrepareSpec, discover_versions, pack, prepare_versions, read_blocks
 from raypath.sources import Chunk, apply_policy, inspect_file
 
@@ -218,6 +218,34 @@ def test_files_that_iter_docs_reads_pass_validation(tmp_path):
         assert (report["problem"], report["docs"]) == (None, docs), path.name
 
 
+def test_a_json_line_nested_past_the_parsers_depth_is_that_lines_problem(tmp_path):
+    deep = tmp_path / "deep.jsonl"  # json.loads raises RecursionError here, not JSONDecodeError
+    deep.write_text('{"text": "doc one"}\n{"text": "doc two", "x": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    assert inspect_file(str(deep), "text")["problem"].startswith("line 2: not valid JSON")
+
+
+def test_versions_are_ordered_with_numbers_compared_as_numbers(tmp_path):
+    for name in ("v1", "v10", "v2", "v9", "v11"):
+        _write_jsonl(tmp_path / "c" / name / "train" / "a.jsonl", ["doc"])
+        _write_jsonl(tmp_path / "c" / name / "val" / "a.jsonl", ["doc"])
+    assert [v.name for v in discover_versions(tmp_path / "c")] == ["v1", "v2", "v9", "v10", "v11"]
+    from raypath.sources import version_order
+
+    dated = ["2024-11", "2024-05", "2023-12"]  # zero-padded dates keep their text order
+    assert sorted(dated, key=version_order) == ["2023-12", "2024-05", "2024-11"]
+
+
+def test_a_uris_path_keeps_every_character_of_a_listed_file_name():
+    from raypath.sources import filesystem_for
+
+    # joined onto its directory's URI after a listing: "#" and "?" are part of the name
+    name = "bkt/c/v1/train/part#2?.jsonl"
+    assert filesystem_for(f"s3://{name}", "http://127.0.0.1:9")[1] == name
+    assert filesystem_for("s3://bkt/c/", "http://127.0.0.1:9")[1] == "bkt/c"
+    # the filesystem's own root, not the URI's netloc: Azure paths start at the container
+    assert filesystem_for("abfs://cont@acct.dfs.core.windows.net/a/b")[1] == "cont/a/b"
+
+
 def test_unvalidated_utf8_in_an_arrow_string_column_is_a_named_problem(tmp_path):
     # Arrow writers need not validate strings; reading them back must not crash the validation task.
     schema = pa.schema([("text", pa.string())])
@@ -237,7 +265,7 @@ def test_document_text_never_becomes_a_special_token(tmp_path, tokenizer_dir, mo
     path = tmp_path / "quotes.jsonl"
     _write_jsonl(path, [doc, "plain"])
     tok = load_tokenizer(tokenizer_dir)
-    pack = TokenizePack(tokenizer_dir, "text", 16, tok.eos_token_id, 0, None, pafs.LocalFileSystem())
+    pack = TokenizePack(tokenizer_dir, "text", 16, tok.eos_token_id, 0, None, pafs.LocalFileSystem(), LOCAL)
     ids = pack._ids(Chunk(str(path), "jsonl"), {})
     assert not {tok.eos_token_id, tok.pad_token_id} & {i for doc_ids in ids for i in doc_ids}
     assert tok.decode(ids[0]) == doc

@@ -8,6 +8,7 @@ checkpoints written by raypath's own writers and a lineage whose releases are ma
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -234,9 +235,32 @@ def test_a_bad_source_names_the_run_and_what_exists(run, tmp_path, source, messa
     assert not out.exists() and _siblings(out) == []
 
 
-def test_a_checkpoint_of_another_model_is_refused(run, tmp_path):
-    d = ckpt.save(tmp_path / ckpt.step_dir_name(1), {"w": torch.zeros(2)}, {}, _state("other", "v1", 1, 64, 6.0))
-    with pytest.raises(ExportError, match="its weights do not fit the run's model"):
+def _another_model(kind: str) -> torch.nn.Module:
+    from raypath.model import build_model
+
+    if kind == "full":
+        return torch.nn.Module()
+    if kind == "sharded, other tensors":
+        return torch.nn.Linear(2, 2)
+    return build_model(dataclasses.replace(MODEL, hidden_size=8, intermediate_size=16), 300, 0)
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("full", "Error"),
+    ("sharded, other tensors", "Missing key in checkpoint state_dict: model.model.embed_tokens.weight"),
+    ("sharded, other sizes", "Size mismatch"),
+])
+def test_a_checkpoint_of_another_model_is_refused(run, tmp_path, kind, why):
+    """DCP wraps a sharded checkpoint's mismatches in its CheckpointException, a BaseException that
+    passes every ``except Exception``: the user must still get the ExportError, not a traceback."""
+    from raypath.shards import ShardedSaver
+
+    d, state, model = tmp_path / ckpt.step_dir_name(1), _state("other", "v1", 1, 64, 6.0), _another_model(kind)
+    if kind == "full":
+        ckpt.save(d, {"w": torch.zeros(2)}, {}, state)
+    else:
+        ShardedSaver(0, False, torch.device("cpu")).save(d, model, torch.optim.AdamW(model.parameters()), state)
+    with pytest.raises(ExportError, match=rf"its weights do not fit the run's model \({why}"):
         export(run, str(d), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

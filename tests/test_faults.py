@@ -158,3 +158,28 @@ def test_picklable_worker_errors_pass_unchanged():
 class _TwoArgs(RuntimeError):
     def __init__(self, shard: int, shards: int):
         super().__init__(f"shard {shard} of {shards}")
+
+
+def test_a_segment_refuses_to_continue_checkpoints_of_another_plan(tmp_path):
+    """A branch edited after a crash (shape, or a fork moved behind the checkpoint) must not resume
+    as if nothing changed: the lineage would record a schedule that never ran."""
+    import pytest
+
+    from raypath.config import ConfigError, ModelConfig
+    from raypath.loop import Segment, check_plan
+    from raypath.schedules import Branch, Decay, MainPath
+
+    def branch(shape: str, save_steps: tuple[int, ...] = (100,)) -> Segment:
+        return Segment(name="branch-v1", kind="branch", version="v1", stream_path="", start_step=80, end_step=100,
+                       schedule=Branch(MainPath(1e-3, 5), 80, 20, Decay(shape)), model=ModelConfig(),
+                       train=TrainConfig(), vocab_size=64, eos_id=0, pad_id=None, seq_len=16,
+                       storage=str(tmp_path / "branch-v1"), curves_path="", save_steps=save_steps)
+
+    cosine = branch("cosine")
+    check_plan(cosine)  # nothing saved yet
+    ckpt.save(tmp_path / "branch-v1" / ckpt.step_dir_name(90), {}, {}, {"step": 90, "schedule": repr(cosine.schedule)})
+    check_plan(cosine)
+    with pytest.raises(ConfigError, match=r"branch-v1: .*step_00000090 was trained under Branch\(.*shape='cosine'"):
+        check_plan(branch("linear"))
+    with pytest.raises(ConfigError, match="past step 85, which this plan checkpoints"):
+        check_plan(branch("cosine", save_steps=(85, 100)))

@@ -253,6 +253,15 @@ def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
     assert not (tmp_path / "v2").exists()
 
 
+def test_a_damaged_lineage_is_a_user_error_not_a_crash(tmp_path):
+    """Exit 1 means "not finished, re-submit" to a job's caller: a damaged run file must not look like it."""
+    (tmp_path / "lineage.json").write_text('{"format": 2, "versions": [{"na')
+    res = subprocess.run([sys.executable, "jobs/export.py", "--run-dir", str(tmp_path), "--version", "v1",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    assert "lineage.json" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_run_lineage_rejects_bad_config():
     """A bad config fails fast with one clear line and exit code 2 (no Ray started)."""
     res = subprocess.run([sys.executable, "jobs/run_lineage.py", "--config", "configs/tiny.yaml",

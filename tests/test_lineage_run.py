@@ -29,6 +29,7 @@ def test_checkpoints_at_every_version_boundary(tiny_run):
         state = ckpt.load_state(main["checkpoints"]["end"])
         assert state["step"] == main["end_step"]
         assert state["version"] == main["version"]
+        assert state["schedule"] == repr(MainPath(cfg.train.max_lr, cfg.train.warmup_steps))  # what check_plan reads
         assert ckpt.load_state(main["checkpoints"]["fork"])["step"] == main["fork_step"]
 
 

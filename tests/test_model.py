@@ -8,6 +8,7 @@ the same seed (fresh init, tied and untied, with a padding row), or of a
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -87,3 +88,42 @@ def test_a_missing_tensor_is_named_with_its_directory(tmp_path):
     bigger.extra = torch.nn.Linear(2, 2, bias=False)
     with pytest.raises(KeyError, match=r"model.path: .*base has no tensor 'extra.weight'"):
         materialize(bigger, torch.device("cpu"), weights)
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    """What transformers' Trainer pickles whole into ``training_args.bin`` next to the weights (its own
+    class needs accelerate, which is not installed): no plain tensors, refused by ``weights_only``."""
+
+    output_dir: str = "out"
+    learning_rate: float = 5e-5
+
+
+@pytest.mark.parametrize("layout", ["sharded safetensors", "pytorch_model.bin"])
+def test_only_the_weight_files_are_read_not_what_a_trainer_saved_next_to_them(tmp_path, layout):
+    model = _plain(_cfg(False))
+    d = tmp_path / "base"
+    if layout == "sharded safetensors":
+        model.save_pretrained(d, max_shard_size="40KB")
+        assert (d / "model.safetensors.index.json").is_file()
+    else:  # the pre-safetensors format, which from_pretrained still reads
+        model.config.save_pretrained(d)
+        torch.save(model.state_dict(), d / "pytorch_model.bin")
+    torch.save(TrainingArguments(), d / "training_args.bin")
+    torch.save(torch.optim.AdamW(model.parameters()).state_dict(), d / "optimizer.pt")
+    weights = checkpoint_tensors(d)
+    want = model.state_dict()
+    assert set(weights) == set(want)
+    assert all(torch.equal(weights[k], v) for k, v in want.items())
+
+
+def test_a_directory_without_weights_or_with_a_bad_index_is_named(tmp_path):
+    from raypath.config import ConfigError
+
+    _plain(_cfg(False)).config.save_pretrained(tmp_path)
+    torch.save(TrainingArguments(), tmp_path / "training_args.bin")
+    with pytest.raises(ConfigError, match=rf"model.path: {tmp_path} holds no weights: expected one of model\.safet"):
+        checkpoint_tensors(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json needs \"weight_map\""):
+        checkpoint_tensors(tmp_path)

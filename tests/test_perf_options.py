@@ -291,6 +291,17 @@ def test_fsdp_trains_a_step_and_checkpoints_in_the_ddp_format(gloo_group, tmp_pa
     assert torch.equal(s0.full_tensor() if isinstance(s0, DTensor) else s0, restored["optim"]["state"][0]["exp_avg"])
 
 
+def test_a_resumed_optimizer_takes_the_configs_weight_decay_and_betas_and_keeps_its_moments(tmp_path):
+    seg = _segment(weight_decay=0.1, betas=(0.9, 0.95))
+    tr, _ = _one_step(seg)
+    ckpt.save(tmp_path / "c", *tr.state_dicts(), {"step": 1})
+    changed = replace(seg, train=replace(seg.train, weight_decay=0.0, betas=(0.8, 0.99)))
+    again = build_training(changed, torch.device("cpu"), ckpt.load(tmp_path / "c"), world=1)
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in again.optim.param_groups] == [
+        (0.0, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+    assert torch.equal(again.optim.state_dict()["state"][0]["exp_avg"], tr.optim.state_dict()["state"][0]["exp_avg"])
+
+
 @CUDA
 @pytest.mark.parametrize("option", [{"precision": "bf16"}, {"precision": "bf16", "compile": True},
                                     {"precision": "bf16", "model": {"attn_implementation": "flash_attention_2"}}])

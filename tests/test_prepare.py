@@ -298,6 +298,54 @@ def test_a_corpus_on_s3_prepares_like_the_same_files_on_disk(s3, tmp_path, token
     assert again.returncode != 0 and f"s3://{key}: content changed" in again.stderr
 
 
+ON_ANOTHER_NODE = """
+import json, shutil, sys
+from pathlib import Path
+import raypath.data as data, raypath.run as run
+from raypath.cluster import init_ray
+from raypath.config import load_config
+
+mirror = Path(sys.argv[1])  # cluster.local_dir
+
+def bare(module, name, *dirs):
+    # The step's Ray tasks find the run directory's ``dirs`` missing from the mirror, as on any
+    # node but the driver's (one machine's nodes share its disk, which would hide that).
+    step = getattr(module, name)
+    def call(*args):
+        for d in dirs:
+            shutil.rmtree(mirror / d)
+        return step(*args)
+    setattr(module, name, call)
+
+bare(data, "inspect_files", "corpus")
+bare(run, "_train_tokenizer", "corpus")
+bare(data, "tokenize_chunks", "corpus", "tokenizer")
+init_ray(num_cpus=4)
+print(json.dumps(run.prepare(load_config(sys.argv[2], sys.argv[3:])).versions))
+"""
+
+
+@pytest.mark.slow  # two processes with a Ray cluster each: ~2 min on 2 CPUs
+def test_a_run_directory_in_a_bucket_prepares_on_nodes_that_lack_its_corpus_and_tokenizer(s3, tmp_path):
+    """With ``run_dir: s3://...``, the embedded corpus and the tokenizer trained on it live in the
+    driver's mirror; tasks on other nodes must pull them from the bucket, not expect them on disk."""
+    name = bucket(s3, "bare")
+    env = {**os.environ, **AWS_ENV, "RAY_AUTH_MODE": "disabled", "AWS_ENDPOINT_URL": s3.endpoint}
+    args = [str(ROOT / "configs" / "tiny.yaml"), "data.versions=[v1, v2]"]
+    mirror = tmp_path / "mirror"
+    remote = subprocess.run([sys.executable, "-c", ON_ANOTHER_NODE, str(mirror), *args, f"run_dir=s3://{name}/r",
+                             f"cluster.local_dir={mirror}"],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    local = subprocess.run([sys.executable, "-c", PREPARE, *args, f"run_dir={tmp_path / 'local'}"],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    for k in ("v1", "v2"):  # the same stream as a local run's
+        objects = sorted(o for o in s3.files(f"{name}/r/data/{k}/stream") if o.endswith(".parquet"))
+        expected = _files(tmp_path / "local" / "data" / k / "stream")
+        assert objects and [s3.read(o) for o in objects] == list(expected.values())
+
+
 # ---------------------------------------------------------------- held-out test split
 
 def test_held_out_counts_keep_val_first_and_share_short_files():

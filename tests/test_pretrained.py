@@ -108,6 +108,20 @@ def test_a_sharded_model_is_downloaded_and_verified_file_by_file(tmp_path, tok_d
         resolve(f"file://{tmp_path / 'base'}", RunDir(tmp_path / "run"))
 
 
+def test_only_the_weight_files_are_hashed_not_what_a_trainer_saved_next_to_them(tmp_path, tok_dir):
+    """transformers' Trainer leaves ``training_args.bin`` (a pickle) and ``optimizer.pt`` next to the
+    weights: they are not the model the lineage says it continued."""
+    from raypath.mirror import RunDir
+    from raypath.pretrained import resolve
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    (src / "training_args.bin").write_bytes(b"a pickled TrainingArguments")
+    (src / "optimizer.pt").write_bytes(b"the optimizer state")
+    want = {"model.safetensors": sha256_file(src / "model.safetensors")}
+    assert resolve(str(src), RunDir(tmp_path / "run")).sha256 == want  # used in place
+    assert resolve(f"file://{src}", RunDir(tmp_path / "run")).sha256 == want  # downloaded
+
+
 def test_an_s3_model_path_uses_the_configured_endpoint(s3, tmp_path, tok_dir):
     from conftest import bucket
 

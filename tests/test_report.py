@@ -172,6 +172,26 @@ def test_read_curve_keeps_last_record_of_a_step_sorted(tmp_path):
     assert df["loss"].tolist() == [4.0, 2.5, 2.0]
 
 
+def test_a_curve_line_cut_short_by_a_crash_is_skipped_and_the_next_append_starts_its_own_line(tmp_path, caplog):
+    import json
+
+    from raypath.storage import end_line
+
+    path = tmp_path / "c.jsonl"
+    _write_jsonl(path, [_record(5, 1.0, "s", 4.0)])
+    with open(path, "a") as f:
+        f.write(json.dumps(_record(10, 1.0, "s", 3.0))[:9])  # the crash
+    end_line(path)  # the resumed segment, before its first append
+    end_line(path)  # (a second start adds nothing)
+    with open(path, "a") as f:
+        f.write(json.dumps(_record(10, 1.0, "s", 3.5)) + "\n" + '{"step": 15, "lo')  # one being written
+    with caplog.at_level("WARNING"):
+        df = read_curve(path)
+    assert df["step"].tolist() == [5, 10] and df["loss"].tolist() == [4.0, 3.5]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}, line 2: not a JSON record (cut short by a crash?); skipped"]
+
+
 def test_read_curve_missing_file_is_empty_with_step_column(tmp_path):
     df = read_curve(tmp_path / "nope.jsonl")
     assert df.empty and list(df.columns) == ["step"]

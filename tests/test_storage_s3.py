@@ -117,8 +117,8 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
     assert not (storage / "step_00000004").exists()
     assert ckpt.load_state(storage / "step_00000004", rd)["step"] == 4  # state read remotely
 
-    # A remote checkpoint without its manifest is incomplete, named by its URI.
-    s3.fs.delete_file(f"{bucket}/run/ray/main-v1/step_00000004/manifest.json")
+    # ... and quarantined: without its manifest it is incomplete (prune drops it), named by its URI.
+    assert s3.fs.get_file_info(f"{bucket}/run/ray/main-v1/step_00000004/manifest.json").type == pafs.FileType.NotFound
     with pytest.raises(ckpt.CheckpointError, match=f"s3://{bucket}/run/ray/main-v1/step_00000004: no manifest"):
         ckpt.verify(storage / "step_00000004", rd)
 
