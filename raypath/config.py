@@ -284,9 +284,11 @@ class SweepConfig:
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,
         refitted after every finished trial; each split's law form and lambda are
         chosen again once the finished trials have doubled, after trial 1, 2, 4, 8,
-        ...) ranks a dense grid of candidates and
+        ...) ranks a dense grid of candidates by predicted score (objective plus
+        the compute penalty, what Optuna and the release compare) and
         Optuna evaluates the best ``guide_points`` of them first; trials whose
-        forecast final objective cannot beat the best finished one are stopped.
+        forecast final score cannot beat the best finished one are stopped. If
+        a split the objective weighs has too few points for a law, plain TPE.
         ``none`` = plain TPE.
     guide_points: predicted-best candidates enqueued before TPE samples;
         0 = ``min(4, num_samples // 2)``.
@@ -296,7 +298,7 @@ class SweepConfig:
         to compare a guided sweep with an unguided one run before it on equal terms
         (``benchmarks/law_accuracy.py``). Its own trials are always fitted.
     stop_margin: relative margin of the law stopper: a trial stops when its
-        forecast is worse than the best finished objective by more than this;
+        forecast score is worse than the best finished one by more than this;
         0 = never stop a trial early. (1%: in the law benchmark a 0.5% margin
         stopped one trial that would have finished 0.2% from the best.)
     stop_min_progress: share of a branch that must be trained before it can be stopped.

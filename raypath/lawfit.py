@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 LAW_DIR = "law"
 #: Default old/new weights of the objective (same convention as ``sweep.weights``).
 DEFAULT_WEIGHTS = {"old": 0.5, "new": 0.5}
+#: Observed points below which :func:`fit_run` skips a split (no law is fitted on it).
+MIN_POINTS = 4
 
 
 # --------------------------------------------------------------------------- lineage access
@@ -452,7 +454,7 @@ def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], 
     if n < len(lawmod.LAWS[chosen].param_names) + 1 and chosen != "AnnealingLaw":
         log.warning("split %s: %d points are too few for %s; fitting AnnealingLaw", split, n, chosen)
         chosen = "AnnealingLaw"
-    if n < 4:
+    if n < MIN_POINTS:
         log.warning("split %s: %d observed points, too few to fit; skipped", split, n)
         return None
     sign = {"B": -1 if split == version else 1} if shift_sign else None
@@ -614,8 +616,8 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: LineageLike, version:
     arithmetic of :func:`raypath.mainpath.fork_step`; ``fork_step`` overrides it) and decays
     to the segment's end with ``shape`` / ``min_lr_ratio`` / ``power``. ``weights`` is
     ``{old, new}`` or per split (:func:`split_weights`); the objective needs a fit of
-    every weighted split. ``main`` holds the never-annealed main path's prediction at the
-    same end step, for reference.
+    every split of nonzero weight (NaN otherwise: :func:`unfitted_splits`). ``main`` holds the
+    never-annealed main path's prediction at the same end step, for reference.
     """
     lineage = Lineage.of(lineage)
     version = version_name(lineage, version)
@@ -626,11 +628,29 @@ def predict_branch(fits: Mapping[str, FitResult], lineage: LineageLike, version:
     main_pred = {s: float(f.predict(main_lrs(sched, end), [end - 1], **split_phases(lineage, s, version))[0])
                  for s, f in fits.items()}
     w = split_weights(lineage, version, weights)
-    missing = [s for s in w if s not in pred]
-    objective = float("nan") if missing else float(sum(wt * pred[s] for s, wt in w.items()))
+    objective = float(weighted_objective(pred, w))
     m = main_entry(lineage, version)
     return {"version": version, "shape": shape, "power": float(power), "min_lr_ratio": float(min_lr_ratio),
             "fraction": None if fraction is None else float(fraction),
             "fraction_actual": steps / (m.end_step - m.start_step), "fork_step": fork,
             "branch_steps": steps, "end_step": end, "predicted": pred, "objective": objective,
             "weights": w, "main": main_pred}
+
+
+def weighted_objective(per_split: Mapping[str, Any], weights: Mapping[str, float]) -> Any:
+    """``sum_s w_s * per_split[s]`` (numbers or arrays); NaN when a split of nonzero weight has
+    no prediction, since the sum of the others would look like a (too low) objective."""
+    if any(w and s not in per_split for s, w in weights.items()):
+        return float("nan")
+    return sum(w * per_split[s] for s, w in weights.items() if w)
+
+
+def unfitted_splits(fits: Mapping[str, FitResult], lineage: LineageLike, version: str,
+                    weights: Mapping[str, float] | None = None, **curves: Any) -> dict[str, int]:
+    """Splits the objective of ``version`` weighs that ``fits`` has no law for (:func:`fit_run`
+    skips a split with fewer than :data:`MIN_POINTS` observed points), with how many points each
+    has; ``curves`` are :func:`curves_from_lineage`'s options, as the fit used them."""
+    lineage = Lineage.of(lineage)
+    version = version_name(lineage, version)
+    missing = [s for s, w in split_weights(lineage, version, weights).items() if w and s not in fits]
+    return {s: _n_points(curves_from_lineage(lineage, s, version, **curves)) for s in missing}

@@ -5,7 +5,8 @@ those predictions into the decisions of a Ray Tune sweep (:func:`raypath.sweep.l
 wires it in when ``sweep.guide: law``):
 
 * :func:`default_grid` / :func:`rank_candidates` -- a dense grid of (fraction, shape, power,
-  min LR) candidates, ranked by predicted objective, fractions snapped to existing fork points.
+  min LR) candidates, ranked by predicted score (:func:`score`: the objective plus the sweep's
+  compute penalty), fractions snapped to existing fork points.
 * :func:`spread_picks` / :func:`optuna_point` -- the first trials: the best-predicted
   candidates spread over end LR and shape, as OptunaSearch ``points_to_evaluate``.
 * :class:`LawGuide` -- the law's view of one search (fits, ranking, per-trial forecasts),
@@ -28,6 +29,7 @@ import numpy as np
 
 from raypath.law import FitResult
 from raypath.lawfit import (
+    MIN_POINTS,
     LineageLike,
     branch_lrs,
     fit_run,
@@ -38,7 +40,9 @@ from raypath.lawfit import (
     predict_curve,
     split_weights,
     trial_branch,
+    unfitted_splits,
     version_name,
+    weighted_objective,
 )
 from raypath.lineage import Branch, Lineage
 from raypath.mainpath import fork_step as _fork_step
@@ -53,6 +57,17 @@ DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
 FINISH_SHARE = 0.05
 #: Trials whose predicted objective curve a :class:`LawGuide` keeps between refits (the sweep's live ones).
 FORECASTS_KEPT = 64
+
+#: A branch's compute penalty from its length in steps (the sweep's ``compute_penalty *
+#: branch_tokens / version_tokens``); None: no penalty.
+Penalty = Callable[[int], float] | None
+
+
+def score(objective: float, branch_steps: int, penalty: Penalty = None) -> float:
+    """What a sweep minimises: the objective plus the branch's compute penalty. Optuna is told it
+    and the release picks by it, so the ranking and the stopper compare it too: by the objective
+    alone, a short branch that wins on score would rank low and be stopped."""
+    return float(objective) + (float(penalty(int(branch_steps))) if penalty is not None else 0.0)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -84,9 +99,11 @@ def _fork_of(f) -> int:
 
 def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version: str,
                     grid: Sequence[Mapping] | None = None, weights: Mapping[str, float] | None = None, *,
-                    forks: Sequence | None = None) -> list[dict]:
+                    forks: Sequence | None = None, penalty: Penalty = None) -> list[dict]:
     """Candidates of ``grid`` (default :func:`default_grid`) with predictions, best
-    predicted objective first (ties: shorter branch, then grid order) -- deterministic.
+    predicted ``score`` (:func:`score` with ``penalty``) first (ties: shorter branch, then grid
+    order) -- deterministic. Without a fit of every weighted split the objective is NaN and
+    ranks last (:meth:`LawGuide.check_objective` refuses to rank then).
 
     forks: fork points that exist (steps, or ``{"step": ...}`` dicts as
         :func:`raypath.sweep.fork_points` returns): each fraction snaps to the nearest one
@@ -122,9 +139,9 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
         p = predict_branch(fits, lineage, version, shape, float(cand["fraction"]), decay.min_lr_ratio, power,
                            weights=weights, fork_step=fork)
         # The grid's own shape and power too: the sweep's search space may hold no "linear".
-        out.append({**p, "grid_index": i, "grid_shape": cand["shape"], "grid_power": float(cand.get("power", 2.0))})
-    out.sort(key=lambda c: (c["objective"] if math.isfinite(c["objective"]) else math.inf,
-                            c["branch_steps"], c["grid_index"]))
+        out.append({**p, "score": score(p["objective"], p["branch_steps"], penalty), "grid_index": i,
+                    "grid_shape": cand["shape"], "grid_power": float(cand.get("power", 2.0))})
+    out.sort(key=lambda c: (c["score"] if math.isfinite(c["score"]) else math.inf, c["branch_steps"], c["grid_index"]))
     return out
 
 
@@ -216,13 +233,20 @@ class LawGuide:
     If the lineage has too few points for a split (e.g. a version with no branch yet: its
     new split has no annealing observation), the guide still ranks (degenerate
     parameters are reported in ``fits``), and the stopper uses the law only as a relative
-    forecast of the remaining improvement.
+    forecast of the remaining improvement. A weighted split with too few points to fit at all
+    leaves the objective unpredictable: :meth:`check_objective` says which, and the forecasts
+    are NaN.
+
+    run_dir may be any ``os.PathLike``, resolved at each use: the sweep passes one that follows
+    the sweep directory, since ``Tuner.restore`` brings the guide back as it was pickled when
+    the sweep started (maybe elsewhere). penalty: a branch's compute penalty from its length in
+    steps (:func:`score`), what the ranking adds to each candidate's objective.
     """
 
     def __init__(self, run_dir: str | os.PathLike, version: str | int, *,
                  weights: Mapping[str, float] | None = None, forks: Sequence | None = None,
-                 law: str = "auto", include_sweeps: bool = True, save: bool = True):
-        self.run_dir = Path(run_dir)
+                 law: str = "auto", include_sweeps: bool = True, save: bool = True, penalty: Penalty = None):
+        self._run_dir = run_dir
         self.lineage = Lineage.load(self.run_dir)
         self.version = version_name(self.lineage, version)
         self.weights = split_weights(self.lineage, self.version, weights)
@@ -230,15 +254,26 @@ class LawGuide:
         self.law = law
         self.include_sweeps = include_sweeps
         self.save = save
+        self.penalty = penalty
         self.trials: list[Branch] = []  # finished sweep trials of this search, as branches
         self.fits: dict[str, FitResult] = {}
         self._forecasts: dict[tuple, np.ndarray] = {}  # (fork, branch steps, decay) -> objective per step
         self.selected_at: int | None = None  # how many trials the last choice of laws saw
+        self._stale = False  # trials were added without a refit (a resumed sweep's)
         self.refit()
 
-    def __setstate__(self, state: dict) -> None:  # a guide pickled by a sweep before the forecast cache
+    def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        # a guide pickled by a sweep before the forecast cache, the penalty, the resume
         self.__dict__.setdefault("_forecasts", {})
+        self.__dict__.setdefault("penalty", None)
+        self.__dict__.setdefault("_stale", False)
+        if "run_dir" in self.__dict__:
+            self._run_dir = self.__dict__.pop("run_dir")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(os.fspath(self._run_dir))
 
     # ---- fitting
     def refit(self) -> dict[str, FitResult]:
@@ -272,9 +307,44 @@ class LawGuide:
         if refit:
             self.refit()
 
+    def resume(self, trials: Sequence[tuple[str, Mapping, str | os.PathLike]]) -> None:
+        """Add the finished trials ``(name, config, curve path)`` of a resumed sweep, which the guide
+        restored from ``tuner.pkl`` (pickled as the sweep started) lacks. The law is refitted on
+        them when a forecast is next asked for, so a sweep resumed with nothing left to run pays
+        for no refit."""
+        n = len(self.trials)
+        for name, config, curve in trials:
+            self.add_trial(name, config, curve, refit=False)
+        self._stale = self._stale or len(self.trials) > n
+
+    def _refit_if_stale(self) -> None:
+        if not self._stale:
+            return
+        self._stale = False
+        try:
+            self.refit()
+        except Exception as e:  # the fits before the resume still forecast; a stopper must not kill the sweep
+            log.warning("law refit on the resumed sweep's %d trial(s) failed: %s", len(self.trials), e)
+
+    def unfitted(self) -> dict[str, int]:
+        """Weighted splits without a law (too few observed points), with their points."""
+        return unfitted_splits(self.fits, self.lineage, self.version, self.weights, run_dir=self.run_dir,
+                               extra_branches=self.trials, include_sweeps=self.include_sweeps)
+
+    def check_objective(self) -> None:
+        """Raise ValueError, naming the splits and why, unless every weighted split has a law: without
+        one the objective is NaN for every candidate, and a ranking of NaNs is no guidance."""
+        missing = self.unfitted()
+        if missing:
+            why = ", ".join(f"{s} has {n} observed point{'s' * (n != 1)}" for s, n in missing.items())
+            raise ValueError(f"the objective weighs split(s) the law cannot be fitted on ({why}; a fit needs "
+                             f"{MIN_POINTS}), so it cannot predict the objective")
+
     # ---- ranking
     def rank(self, grid: Sequence[Mapping] | None = None) -> list[dict]:
-        return rank_candidates(self.fits, self.lineage, self.version, grid, self.weights, forks=self.forks)
+        self._refit_if_stale()
+        return rank_candidates(self.fits, self.lineage, self.version, grid, self.weights, forks=self.forks,
+                               penalty=self.penalty)
 
     def points_to_evaluate(self, n: int = 4, *, fraction: tuple[float, float] = (0.05, 0.5),
                            shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
@@ -284,7 +354,9 @@ class LawGuide:
         and shape around the branches already observed (:func:`spread_picks`), as Optuna points.
 
         The grid spans the sweep's ranges (min_lr_ratio at both ends); with ``forks`` each
-        fraction snaps to an existing fork point first."""
+        fraction snaps to an existing fork point first. Raises ValueError when the objective
+        cannot be predicted (:meth:`check_objective`)."""
+        self.check_objective()
         mins = sorted({float(min_lr_ratio[0]), float(min_lr_ratio[1])})
         grid = default_grid(fraction, n_fractions, shapes, power, mins)
         ranked = self.rank(grid)
@@ -303,7 +375,9 @@ class LawGuide:
     # ---- per-trial forecasts
     def predict_objective(self, config: Mapping, steps: Sequence[int], fork_step: int | None = None,
                           branch_steps: int | None = None) -> np.ndarray:
-        """Predicted objective at curve-record ``steps`` of the trial with ``config``."""
+        """Predicted objective at curve-record ``steps`` of the trial with ``config`` (NaN where
+        a weighted split has no law)."""
+        self._refit_if_stale()
         fork = int(fork_step if fork_step is not None else config["fork_step"])
         bsteps = branch_steps if branch_steps is not None else config.get("branch_steps")
         bsteps = None if bsteps is None else int(bsteps)
@@ -326,7 +400,7 @@ class LawGuide:
 
     def _objective(self, decay: Decay, fork: int, steps: np.ndarray, bsteps: int | None) -> np.ndarray:
         per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps, branch_steps=bsteps)
-        return sum(w * per[s] for s, w in self.weights.items() if s in per)
+        return np.broadcast_to(weighted_objective(per, self.weights), steps.shape).astype(float)
 
 
 class LawStopper:
@@ -337,20 +411,23 @@ class LawStopper:
     forecast as the observed value plus the law's predicted remaining change,
     ``obs(t) + pred(end) - pred(t)`` (the law corrects the
     trial's own level, so a curve that departs from its prediction is judged by where it
-    actually is). The trial is stopped when that forecast is worse than the best finished
-    trial's objective by more than ``margin`` (relative). The best is ``best_so_far_fn()``
-    when given, else the best final objective this stopper has seen (a result at the
-    trial's last step) or was told (:meth:`record_final`).
+    actually is). The trial is stopped when that forecast's score (:func:`score` with the
+    guide's ``penalty``: what Optuna and the release compare) is worse than the best finished
+    trial's score by more than ``margin`` (relative). The best is ``best_so_far_fn()`` (a
+    score) when given, else the best final score this stopper has seen (a result at the
+    trial's last step) or was told (:meth:`record_final`). A NaN forecast (a weighted split
+    without a law) stops nothing.
 
     Tune accepts it as ``RunConfig(stop=stopper)`` (a callable ``(trial_id, result) ->
     bool``). ``decisions`` keeps the last forecast per trial for the sweep's record; with
-    ``record_path`` the decisions that stopped a trial are also written there (JSON,
-    atomically, as they are made), so they survive the driver.
+    ``record_path`` (any ``os.PathLike``, resolved at each write) the decisions that stopped
+    a trial are also written there (JSON, atomically, as they are made, merged into what the
+    file holds), so they survive the driver and a resume.
     """
 
     def __init__(self, guide: LawGuide, *, margin: float = 0.01, min_progress: float = 0.25,
                  metric: str = "objective", best_so_far_fn: Callable[[], float | None] | None = None,
-                 record_path: str | None = None):
+                 record_path: str | os.PathLike | None = None):
         self.guide = guide
         self.record_path = record_path
         self.margin = float(margin)
@@ -358,14 +435,19 @@ class LawStopper:
         self.metric = metric
         self.best_so_far_fn = best_so_far_fn
         self.configs: dict[str, dict] = {}
-        self.finals: dict[str, float] = {}
+        self.finals: dict[str, float] = {}  # trial id -> final score
         self.decisions: dict[str, dict] = {}
+
+    @property
+    def penalty(self) -> Penalty:
+        return getattr(self.guide, "penalty", None)
 
     def register(self, trial_id: str, config: Mapping) -> None:
         self.configs[trial_id] = dict(config)
 
-    def record_final(self, trial_id: str, objective: float) -> None:
-        self.finals[trial_id] = float(objective)
+    def record_final(self, trial_id: str, objective: float, branch_steps: int = 0) -> None:
+        """A finished trial's final objective; it is kept as its score."""
+        self.finals[trial_id] = score(objective, branch_steps, self.penalty)
 
     def best(self) -> float | None:
         if self.best_so_far_fn is not None:
@@ -391,7 +473,7 @@ class LawStopper:
             return False
         fork, bsteps, step = int(fork), int(bsteps), int(step)
         if step >= fork + bsteps:
-            self.record_final(trial_id, float(value))
+            self.record_final(trial_id, float(value), bsteps)
             return False
         progress = (step - fork) / max(bsteps, 1)
         if progress < self.min_progress or progress > 1.0 - FINISH_SHARE:
@@ -400,17 +482,38 @@ class LawStopper:
         if best is None:
             return False
         forecast = self.forecast(config, step, float(value), fork, bsteps)
-        stop = forecast > best * (1.0 + self.margin)
-        self.decisions[trial_id] = {"step": step, "observed": float(value), "forecast": forecast,
-                                    "best": float(best), "stop": bool(stop)}
-        if stop:
-            log.info("law stopper: trial %s at step %d forecasts %.4f > best %.4f (+%.1f%%): stopped",
-                     trial_id, step, forecast, best, 100 * self.margin)
-            if self.record_path:
-                from raypath.storage import write_json
+        if not math.isfinite(forecast):
+            return False  # the law cannot predict the objective (a weighted split unfitted)
+        return self._decide(trial_id, step, float(value), forecast, score(forecast, bsteps, self.penalty), best)
 
-                write_json(self.record_path, {t: d for t, d in self.decisions.items() if d["stop"]})
+    def _decide(self, trial_id: str, step: int, observed: float, forecast: float, forecast_score: float,
+                best: float) -> bool:
+        stop = forecast_score > best * (1.0 + self.margin)
+        self.decisions[trial_id] = {"step": step, "observed": observed, "forecast": forecast,
+                                    "forecast_score": forecast_score, "best": float(best), "stop": bool(stop)}
+        if stop:
+            log.info("law stopper: trial %s at step %d forecasts score %.4f > best %.4f (+%.1f%%): stopped",
+                     trial_id, step, forecast_score, best, 100 * self.margin)
+            if self.record_path:
+                self._save()
         return bool(stop)
+
+    def _save(self) -> None:
+        """Write the stops, merged into the file's: a resumed sweep's stopper is the one pickled
+        when the sweep started (``tuner.pkl``), so it does not know the stops made before; a trial
+        dropped from this record would have no final checkpoint and no stop, and never settle."""
+        from raypath.storage import read_json, write_json
+
+        path = Path(os.fspath(self.record_path))
+        earlier = read_json(path) if path.is_file() else {}
+        write_json(path, {**earlier, **{t: d for t, d in self.decisions.items() if d["stop"]}})
+
+
+def _reached_end(trial) -> bool:
+    """The Tune trial's last result is at its branch's last step (a stopped or failed one's is not)."""
+    last, config = trial.last_result or {}, dict(trial.config or {})
+    return ("fork_step" in config and "branch_steps" in config
+            and int(last.get("step", -1)) >= int(config["fork_step"]) + int(config["branch_steps"]))
 
 
 def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
@@ -422,10 +525,38 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
     name: trial id -> segment name (default ``trial-<id>``), used to dedupe curves.
     stopper: also told the trial's final objective (trials that reached their last step),
         so it knows the best finished trial without ``best_so_far_fn``.
+
+    On a resumed sweep it first hands the trials that finished before to the guide and the
+    stopper (:meth:`LawGuide.resume`): ``Tuner.restore`` brings all three back as the sweep
+    built them, since Ray 2.60 writes ``tuner.pkl`` only when the Tuner is built.
     """
     from ray.tune import Callback
+    from ray.tune.experiment import Trial
+
+    def trial_name(trial_id: str) -> str:
+        return name(trial_id) if name else f"trial-{trial_id}"
+
+    def tell_final(trial) -> None:
+        config = dict(trial.config or {})
+        last = trial.last_result or {}
+        if stopper is not None and isinstance(last.get(stopper.metric), (int, float)):
+            stopper.record_final(trial.trial_id, float(last[stopper.metric]), int(config["branch_steps"]))
 
     class _Refit(Callback):
+        def __init__(self):
+            super().__init__()
+            self.caught_up = False
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.caught_up:
+                return
+            self.caught_up = True
+            done = [t for t in trials if t.status == Trial.TERMINATED and _reached_end(t)]
+            for t in done:
+                tell_final(t)
+            if done:
+                guide.resume([(trial_name(t.trial_id), dict(t.config), curve_path(t.trial_id)) for t in done])
+
         def on_trial_start(self, iteration, trials, trial, **info):
             # The stopper needs each trial's decay; registering it here does not rely on
             # every result carrying the trial's config.
@@ -433,17 +564,11 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
                 stopper.register(trial.trial_id, trial.config)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            config = dict(trial.config or {})
-            done = ("fork_step" in config and "branch_steps" in config
-                    and int(last.get("step", -1)) >= int(config["fork_step"]) + int(config["branch_steps"]))
-            if not done:
+            if not _reached_end(trial):
                 return  # stopped or failed: a partial decay would mislead the fit
-            if stopper is not None and isinstance(last.get(stopper.metric), (int, float)):
-                stopper.record_final(trial.trial_id, float(last[stopper.metric]))
+            tell_final(trial)
             try:
-                guide.add_trial(name(trial.trial_id) if name else f"trial-{trial.trial_id}", config,
-                                curve_path(trial.trial_id))
+                guide.add_trial(trial_name(trial.trial_id), dict(trial.config or {}), curve_path(trial.trial_id))
             except Exception as e:  # a failed refit must not kill the sweep
                 log.warning("law refit after trial %s failed: %s", trial.trial_id, e)
 

@@ -93,6 +93,12 @@ def discard(sweep_dir: str | os.PathLike) -> None:
         path.unlink()
 
 
+def resuming_dir() -> Path | None:
+    """The sweep directory of the ``Tuner.fit()`` that :func:`resuming` surrounds (None outside
+    one): where the objects Tune restores from the sweep's pickles must read and write now."""
+    return _RESUMING.get()
+
+
 @contextlib.contextmanager
 def resuming(sweep_dir: str | os.PathLike) -> Iterator[None]:
     """Around the ``Tuner.fit()`` of a restored sweep: the searcher Tune restores in it re-opens
@@ -113,7 +119,7 @@ class SweepSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        here = _RESUMING.get()
+        here = resuming_dir()
         if here is not None:
             self._journal.reopen(journal_path(here))
         self._settle_unknown_trials()

@@ -42,16 +42,19 @@ Sweep settings are the ``sweep:`` section of the run config
 Law guidance (``sweep.guide: law``, the default): before the first trial the
 continual-pre-training law is fitted on the lineage's curves
 (:class:`raypath.lawguide.LawGuide`), a dense grid of (fraction, shape, power,
-min_lr_ratio) is ranked by predicted objective, and the best few are Optuna's
-first trials; :class:`raypath.lawguide.LawStopper` stops trials whose forecast
-final objective cannot beat the best finished one, and the law is refitted
-after every finished trial. If the law cannot be fitted (too few points), the
-sweep says so and runs plain TPE.
+min_lr_ratio) is ranked by predicted score (objective + compute penalty, what
+Optuna and the release compare), and the best few are Optuna's first trials;
+:class:`raypath.lawguide.LawStopper` stops trials whose forecast final score
+cannot beat the best finished one, and the law is refitted after every finished
+trial (a resumed sweep's, on the trials that finished before, too). If the law
+cannot be fitted, or not on every split the objective weighs (too few points),
+the sweep says which and runs plain TPE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -254,8 +257,9 @@ class SweepPlan:
     def segment_name(self, trial_id: str) -> str:
         return f"branch-{self.version}-{trial_id}"
 
-    def curve_path(self, trial_id: str) -> str:
-        return str(Path(self.sweep_dir) / "curves" / f"{self.segment_name(trial_id)}.jsonl")
+    def curve_path(self, trial_id: str, sweep_dir: str | os.PathLike | None = None) -> str:
+        return str(Path(self.sweep_dir if sweep_dir is None else sweep_dir) / "curves"
+                   / f"{self.segment_name(trial_id)}.jsonl")
 
     def segment(self, trial_id: str, config: dict):
         """The trial's branch segment, with its storage, curve and export under the sweep
@@ -292,7 +296,37 @@ class SweepPlan:
                               seg.stream_limit, ratio, self.ctx.cfg.data.seed, out, self.ctx.rd)
 
     def penalty(self, branch_tokens: float) -> float:
+        """The compute penalty of a branch: every score of the sweep (the trials' reports, Optuna's
+        value, the records, the law's ranking and stops) adds this, as the release's
+        :meth:`raypath.releases.Objective.score` does."""
         return self.compute_penalty * branch_tokens / max(self.version_tokens, 1)
+
+    def branch_penalty(self, branch_steps: int) -> float:
+        """:meth:`penalty` of a branch of ``branch_steps`` steps (what the law guide knows of a candidate)."""
+        return self.penalty(branch_steps * self.tokens_per_step)
+
+
+@dataclass(frozen=True)
+class SweepPath(os.PathLike):
+    """A path of a sweep's files that resolves, at each use, under the sweep directory being run
+    (:func:`raypath.study.resuming_dir`; ``started_in`` outside a sweep's ``Tuner.fit()``).
+
+    What Tune pickles with a guided sweep (law guide, stopper, refit callback) comes back from
+    ``Tuner.restore`` as pickled when the sweep started (Ray 2.60 writes ``tuner.pkl`` once); a
+    run directory moved since must not have them read and write where it was.
+
+    rel: the path under the sweep directory (or under its ``up``-th parent: 3 is the run directory).
+    """
+
+    started_in: str
+    rel: str = ""
+    up: int = 0
+
+    def __fspath__(self) -> str:
+        from raypath.study import resuming_dir
+
+        root = Path(resuming_dir() or self.started_in)
+        return str((root.parents[self.up - 1] if self.up else root) / self.rel)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -424,10 +458,11 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
     from raypath import lawguide
 
     try:
-        guide = lawguide.LawGuide(plan.ctx.run_dir, plan.version, weights=plan.weights, forks=space.forks,
-                                  include_sweeps=sc.guide_sweeps)
+        guide = lawguide.LawGuide(SweepPath(plan.sweep_dir, up=3), plan.version, weights=plan.weights,
+                                  forks=space.forks, include_sweeps=sc.guide_sweeps, penalty=plan.branch_penalty)
         if not guide.fits:
             raise ValueError("no validation split has enough observed points")
+        guide.check_objective()
         n = sc.guide_points or max(1, min(4, sc.num_samples // 2))
         points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, power=sc.power,
                                           min_lr_ratio=sc.min_lr_ratio, replay_ratio=space.replay_ratios[0])
@@ -438,8 +473,10 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
     stopper = None
     if sc.stop_margin > 0:
         stopper = lawguide.LawStopper(guide, margin=sc.stop_margin, min_progress=sc.stop_min_progress,
-                                      record_path=str(Path(plan.sweep_dir) / STOPPED_JSON))
-    callback = lawguide.LawRefitCallback(guide, curve_path=plan.curve_path, name=plan.segment_name, stopper=stopper)
+                                      record_path=SweepPath(plan.sweep_dir, STOPPED_JSON))
+    callback = lawguide.LawRefitCallback(guide, curve_path=functools.partial(plan.curve_path,
+                                                                              sweep_dir=SweepPath(plan.sweep_dir)),
+                                         name=plan.segment_name, stopper=stopper)
     fits = {split: {"law": f.law, "r2": f.r2, "mape": f.mape, "degenerate": f.degenerate}
             for split, f in guide.fits.items()}
     log.info("sweep %s: law fitted (%s); first trials: %s", sc.name,
@@ -458,7 +495,9 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
 
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_RESOURCES)
     if restore:
-        # The restored experiment keeps its searcher, stopper and callbacks (pickled).
+        # The restored experiment keeps its searcher, stopper and callbacks as pickled at the start
+        # (tuner.pkl): the law's refit callback hands them the trials that finished since, and their
+        # paths follow the sweep directory (SweepPath).
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
         return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
@@ -694,6 +733,8 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
     guidance = None
     if not restoring:
         study.discard(sweep_dir)
+        # the stops of an attempt Tune kept nothing of: the stopper merges its own into the file
+        (sweep_dir / STOPPED_JSON).unlink(missing_ok=True)
         guidance = law_guidance(plan, sc, space) if sc.guide == "law" else None
     if guidance is not None:
         record["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,

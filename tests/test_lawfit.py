@@ -368,3 +368,126 @@ def test_lineage_branches_without_sweeps_drop_released_sweep_winners():
     names = lambda **kw: [b.name for b in lawfit.lineage_branches(lineage, **kw)]  # noqa: E731
     assert names() == ["branch-v2", "branch-v2-t0", "branch-v2-t1"]
     assert names(include_sweeps=False) == ["branch-v2"]
+
+
+# ------------------------------------------------------------------- the sweep's score, resumes, unfitted splits
+
+def _synthetic_run(root: Path, *, branches: tuple[str, ...] = ("branch-v2",), v2_evals: bool = True) -> Path:
+    """A 2-version synthetic lineage (``law_lineage``) with only ``branches`` (by default v2's
+    release branch: a law fitted in a second; every branch's curve is kept in ``curves/``);
+    without ``v2_evals`` v2's split is evaluated only at the version's end, as with
+    ``train.eval_every: 0``: too few points to fit a law on."""
+    from law_lineage import write_lineage
+
+    run_dir, lineage = write_lineage(root, 2)
+    lineage["branches"] = [b for b in lineage["branches"] if b["name"] in branches]
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    for curve in [] if v2_evals else (run_dir / "curves").glob("*.jsonl"):
+        rows = [json.loads(line) for line in curve.read_text().splitlines() if line]
+        for r in rows:
+            if r["step"] % 200:
+                r.pop("val/v2", None)
+        curve.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+class _PenalisedGuide(_LinearGuide):
+    """The sweep's compute penalty 0.1 on a 1000-step version."""
+
+    @staticmethod
+    def penalty(branch_steps):
+        return 0.1 * branch_steps / 1000
+
+
+def test_stopper_compares_scores_with_the_compute_penalty():
+    """Optuna and the release pick by score = objective + penalty: a short trial that would win on
+    score runs on though its objective forecast is worse, a long one that cannot is stopped."""
+    stopper = lawguide.LawStopper(_PenalisedGuide(), margin=0.01, min_progress=0.25)
+    cfg = {"shape": "cosine", "min_lr_ratio": 0.0}
+    res = lambda step, obj, fork, steps: {"step": step, "objective": obj, "fork_step": fork,  # noqa: E731
+                                          "branch_steps": steps, "config": cfg}
+    assert not stopper("long", res(1000, 3.90, 600, 400))  # finished: score 3.90 + 0.04
+    assert stopper.best() == pytest.approx(3.94)
+    # forecast objective 3.95 > 3.90 * 1.01, but score 3.955 beats 3.94 * 1.01
+    assert not stopper("short", res(965, 4.02, 950, 50))
+    assert stopper.decisions["short"]["forecast"] == pytest.approx(3.95)
+    assert stopper.decisions["short"]["forecast_score"] == pytest.approx(3.955)
+    # forecast objective 3.935 < 3.90 * 1.01, but score 3.985 > 3.94 * 1.01
+    assert stopper("longer", res(650, 4.005, 500, 500))
+
+
+def test_guide_ranks_candidates_by_score(tmp_path):
+    run_dir = _synthetic_run(tmp_path)
+    forks = list(range(220, 400, 20))
+    plain = lawguide.LawGuide(run_dir, "v2", forks=forks, save=False)
+    penalised = lawguide.LawGuide(run_dir, "v2", forks=forks, save=False, penalty=lambda steps: steps / 200)
+    grid = lawguide.default_grid(n_fractions=5, shapes=("cosine",), min_lr_ratio=(0.0,))
+    by_objective, by_score = plain.rank(grid), penalised.rank(grid)
+    assert [c["score"] for c in by_objective] == [c["objective"] for c in by_objective]
+    assert all(c["score"] == pytest.approx(c["objective"] + c["branch_steps"] / 200) for c in by_score)
+    assert [c["score"] for c in by_score] == sorted(c["score"] for c in by_score)
+    # the law favours long decays (0.06 per 20 steps); a penalty of 0.1 per 20 steps favours short ones
+    steps = sorted(c["branch_steps"] for c in by_score)
+    assert [c["branch_steps"] for c in by_objective] == steps[::-1] and [c["branch_steps"] for c in by_score] == steps
+
+
+def test_guide_without_a_law_for_a_weighted_split_neither_ranks_nor_stops(tmp_path):
+    """v2 is evaluated only at its end (train.eval_every: 0): the fit skips its split, so the law
+    cannot predict the objective. The guide says which split and why instead of ranking NaNs
+    (shortest branch first), and the stopper stops nothing on a forecast of v1 alone."""
+    guide = lawguide.LawGuide(_synthetic_run(tmp_path, v2_evals=False), "v2", save=False)
+    assert set(guide.fits) == {"v1"} and guide.unfitted() == {"v2": 2}
+    with pytest.raises(ValueError, match=r"v2 has 2 observed points; a fit needs 4"):
+        guide.check_objective()
+    with pytest.raises(ValueError, match="cannot predict the objective"):
+        guide.points_to_evaluate(2)
+    config = {"shape": "cosine", "min_lr_ratio": 0.0, "fork_step": 300, "branch_steps": 100}
+    assert np.isnan(guide.predict_objective(config, [350, 400])).all()
+    stopper = lawguide.LawStopper(guide, record_path=tmp_path / "stopped.json")
+    stopper.record_final("done", 2.0)
+    assert not stopper("hopeless", {"step": 350, "objective": 9.0, "config": config})
+    assert stopper.decisions == {} and not (tmp_path / "stopped.json").exists()
+
+
+def test_a_restored_stopper_keeps_earlier_stops_and_learns_the_finished_trials(tmp_path):
+    """Ray writes tuner.pkl once, when the Tuner is built: Tuner.restore brings the guide, stopper
+    and refit callback back as constructed. The callback hands them the trials that finished
+    before; the stopper keeps the stops recorded before it in its file."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.experiment import Trial
+
+    run_dir = _synthetic_run(tmp_path, branches=())  # one branch per split with the trial's: no lambda to choose
+    guide = lawguide.LawGuide(run_dir, "v2", save=False)
+    record = tmp_path / "stopped.json"
+    stopper = lawguide.LawStopper(guide, margin=0.01, record_path=record)
+    curve = tmp_path / "trial-done.jsonl"
+    shutil.copy(run_dir / "curves" / "branch-v2.jsonl", curve)
+    callback = lawguide.LawRefitCallback(guide, curve_path=lambda tid: str(curve), stopper=stopper)
+    at_start = cloudpickle.dumps((stopper, callback))  # what tuner.pkl holds
+
+    config = {"shape": "1-sqrt", "min_lr_ratio": 0.0, "power": 2.0, "fork_step": 360, "branch_steps": 40}
+    final = json.loads(curve.read_text().splitlines()[-1])
+    objective = 0.5 * final["val/v1"] + 0.5 * final["val/v2"]
+
+    def trial(trial_id: str, status: str, step: int) -> Trial:
+        t = Trial("branch", config=config, trial_id=trial_id, stub=True)
+        t.set_status(status)
+        t.update_last_result({"step": step, "objective": objective})
+        return t
+
+    hopeless = lambda step: {"step": step, "objective": objective + 1.0, "config": config}  # noqa: E731
+    callback.on_trial_complete(0, [], trial("done", Trial.TERMINATED, 400))
+    assert stopper("early", hopeless(380))
+    assert list(json.loads(record.read_text())) == ["early"]
+
+    stopper, callback = cloudpickle.loads(at_start)  # the driver died; the sweep is run again
+    assert stopper.best() is None and not stopper.guide.trials
+    trials = [trial("done", Trial.TERMINATED, 400), trial("early", Trial.TERMINATED, 380),
+              trial("late", Trial.RUNNING, 372)]
+    callback.on_step_begin(0, trials)
+    assert stopper.best() == pytest.approx(objective)
+    assert [t.name for t in stopper.guide.trials] == ["trial-done"]  # not the stopped one's partial decay
+    points = stopper.guide.fits["v2"].n_points
+    assert stopper("late", hopeless(380))  # the first forecast refits on the finished trial
+    assert stopper.guide.fits["v2"].n_points > points
+    assert list(json.loads(record.read_text())) == ["early", "late"]

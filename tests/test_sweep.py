@@ -142,6 +142,70 @@ def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     assert forks[0]["fraction"] == pytest.approx(8 / 12)
 
 
+def _synthetic_sweep(tmp_path: Path, *, v2_evals: bool = True, **settings):
+    """What :func:`raypath.sweep.law_guidance` is given for a sweep of v2 of a synthetic 2-version
+    lineage (``law_lineage``: written, not trained; v2's release branch only): (plan, settings,
+    search space). Without ``v2_evals`` v2's split is evaluated only at its end, as with
+    ``train.eval_every: 0``."""
+    import json
+    from types import SimpleNamespace
+
+    from law_lineage import SEGMENT, write_lineage
+
+    from raypath.sweep import SweepPlan
+
+    run_dir, lineage = write_lineage(tmp_path, 2)
+    lineage["branches"] = [b for b in lineage["branches"] if b["name"] == "branch-v2"]
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    for curve in [] if v2_evals else (run_dir / "curves").glob("*.jsonl"):
+        rows = [json.loads(line) for line in curve.read_text().splitlines() if line]
+        curve.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val/v2" or r["step"] % SEGMENT == 0})
+                                 + "\n" for r in rows))
+    cfg, sc = load_config(TINY, [f"run_dir={run_dir}"]), SweepConfig(**settings)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    ctx = SimpleNamespace(cfg=cfg, run_dir=run_dir, versions=[{"name": "v1"}, {"name": "v2"}])  # a plan reads these
+    main_entry = MainEntry(version="v2", start_step=SEGMENT, end_step=2 * SEGMENT)
+    plan = SweepPlan(ctx, 1, main_entry, str(run_dir / "sweeps" / "v2" / sc.name),
+                     objective_weights(["v1", "v2"], 1, sc.weights), sc.compute_penalty, SEGMENT * tokens_per_step)
+    forks = _forks(2 * SEGMENT, SEGMENT, range(SEGMENT + 20, 2 * SEGMENT, 20))
+    space = SearchSpace(sc.fraction, list(sc.shapes), sc.power, sc.min_lr_ratio, [0.0],
+                        choose_forks(forks, main_entry, sc, tokens_per_step, "v2"), 2 * SEGMENT, tokens_per_step)
+    return plan, sc, space
+
+
+def test_the_law_guides_a_sweep_by_the_score_that_optuna_and_the_release_compare(tmp_path):
+    """With a compute penalty the law ranks and stops by objective + penalty, the release's
+    score: the first trials are the short branches the penalty favours, not the long decays the
+    law predicts the lowest loss for."""
+    from raypath import lawguide
+    from raypath.releases import Objective
+    from raypath.sweep import law_guidance
+
+    plan, sc, space = _synthetic_sweep(tmp_path, compute_penalty=2.0, num_samples=8)
+    guidance = law_guidance(plan, sc, space)
+    assert len(guidance.points) == 4
+    shortest = min(f["fraction"] for f in space.forks)
+    assert {p["fraction"] for p in guidance.points} == {shortest}  # without the penalty: the longest
+    metrics, steps = {"val/v1": 3.1, "val/v2": 2.9}, 40
+    release = Objective(plan.weights, plan.compute_penalty, plan.version_tokens)
+    assert lawguide.score(release.value(metrics), steps, guidance.stopper.penalty) == \
+        pytest.approx(release.score(metrics, steps * plan.tokens_per_step))
+    guidance.stopper.record_final("t", release.value(metrics), steps)
+    assert guidance.stopper.best() == pytest.approx(release.score(metrics, steps * plan.tokens_per_step))
+
+
+def test_law_guidance_runs_plain_tpe_when_a_weighted_split_has_no_law(tmp_path, caplog):
+    """v2 evaluated only at its end (train.eval_every: 0): the fit skips its split, so the law
+    predicts no objective. The sweep says which split and why and runs plain TPE, rather than
+    enqueue a ranking of NaNs (the shortest branches first)."""
+    from raypath.sweep import law_guidance
+
+    plan, sc, space = _synthetic_sweep(tmp_path, v2_evals=False)
+    with caplog.at_level(logging.WARNING, logger="raypath.sweep"):
+        assert law_guidance(plan, sc, space) is None
+    assert "running plain TPE" in caplog.text and "v2 has 2 observed points; a fit needs 4" in caplog.text
+
+
 def test_the_study_lives_in_an_optuna_journal_that_a_restored_searcher_reopens(tmp_path, caplog):
     """Tune pickles the searcher (tuner.pkl at the start, its state as it goes); the study is in
     ``optuna.journal``. A copied sweep resumes its own journal, and a proposal the journal holds
@@ -532,6 +596,70 @@ def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     assert live.release("v2").id == before and live.release("v2").trial_id == record["best"]
     assert live.release_history("v2").pinned is False
     assert [e["action"] for e in live.release_history("v2").log][-2:] == ["release", "rollback"]
+
+
+def test_a_resumed_guided_sweep_keeps_the_stops_made_before_it(tiny_sweep, tmp_path):
+    """Ray 2.60 writes tuner.pkl once, when the Tuner is built, so a resumed sweep's law stopper and
+    refit callback are the ones built at its start, for a run directory that may have moved since.
+    Two trials finished and one was stopped before the driver died; the stopper and law restored as
+    built learn the finished ones (the stopper stops the fourth), the first stop stays recorded next
+    to the new one in the sweep's own directory, and the sweep counts both as stopped: it settles."""
+    import shutil
+
+    import ray.cloudpickle as cloudpickle
+    from conftest import FAST_TRIALS
+    from ray import tune
+    from ray.tune.experiment import Trial
+
+    from raypath import study, sweep
+    from raypath.run import prepare
+
+    def planned(run: Path):
+        cfg = load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}"])
+        plan = sweep._plan(prepare(cfg), Lineage.load(run), "v2", cfg.sweep)
+        return plan, cfg.sweep, sweep._search_space(plan, cfg.sweep)
+
+    first, moved = tmp_path / "first" / "run", tmp_path / "moved" / "run"
+    shutil.copytree(tiny_sweep["cfg"].run_dir, first, symlinks=True)
+    plan, sc, space = planned(first)
+    guidance = sweep.law_guidance(plan, sc, space)
+    at_start = cloudpickle.dumps((guidance.stopper, guidance.callback))  # what tuner.pkl holds
+
+    trials = sorted(tiny_sweep["record"]["trials"], key=lambda t: t["score"])
+    (a, b), (early, late) = trials[:2], trials[2:]
+
+    def hopeless(t: dict) -> tuple[str, dict]:  # a result halfway through the branch, far behind
+        c = t["config"]
+        return t["trial_id"], {"step": c["fork_step"] + c["branch_steps"] // 2, "objective": 2 * t["objective"],
+                               "config": c}
+
+    with study.resuming(plan.sweep_dir):
+        for t in (a, b):
+            guidance.stopper.record_final(t["trial_id"], t["objective"], t["config"]["branch_steps"])
+        assert guidance.stopper(*hopeless(early))
+    shutil.move(first.parent, moved.parent)
+    plan, sc, space = planned(moved)
+    for t in (early, late):  # a stopped trial has no final checkpoint
+        shutil.rmtree(Path(plan.sweep_dir) / "branches" / t["name"])
+
+    stopper, callback = cloudpickle.loads(at_start)  # `raypath sweep` again: Tuner.restore
+    restored = {t.trial_id: t for t in tune.ExperimentAnalysis(plan.sweep_dir).trials}
+    restored[early["trial_id"]].update_last_result(hopeless(early)[1])
+    restored[late["trial_id"]].set_status(Trial.RUNNING)
+    with study.resuming(plan.sweep_dir):
+        callback.on_step_begin(0, list(restored.values()))
+        assert stopper.best() == pytest.approx(a["score"])
+        assert {t.name for t in stopper.guide.trials} == {a["name"], b["name"]}  # their curves, where they are now
+        assert stopper(*hopeless(late))
+    stopped = sweep._stopped(plan)
+    assert set(stopped) == {early["trial_id"], late["trial_id"]} and not first.exists()
+
+    results = sweep._make_tuner(plan, sc, space, 2, Path(plan.sweep_dir), None, restore=True).get_results()
+    records = sweep._trial_records(plan, results, stopped)
+    outcome, settled = sweep._outcome(sc, records, stopped)
+    assert settled and outcome["complete"]
+    assert {t["trial_id"]: t["status"] for t in records} == {a["trial_id"]: "done", b["trial_id"]: "done",
+                                                             early["trial_id"]: "stopped", late["trial_id"]: "stopped"}
 
 
 @pytest.mark.slow
