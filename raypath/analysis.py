@@ -9,10 +9,11 @@ is still running, on an interrupted one and on a copied run directory:
   config and reported results (the last one is the trial's final evaluation);
 * ``curves/<segment>.jsonl``: each trial's full curve (train loss every
   ``log_every`` steps, LR, val losses and objective at evaluations);
-* ``results.json`` (when the sweep finished): the released and best trial.
+* ``results.json`` (when the sweep finished): the best trial, and the one it released.
 
 The main path the trials fork from is read from the run directory that holds
-the sweep (``RUN_DIR/curves/main-vK.jsonl``).
+the sweep (``RUN_DIR/curves/main-vK.jsonl``), and so is which trial is released
+now (``lineage.json``): a release picked, rolled back or replaced since the sweep shows.
 
     trials, curves = load_sweep("runs/quickstart/sweeps/v2/sweep")
     plot_loss_vs_length(trials)
@@ -70,7 +71,23 @@ def sweep_info(sweep_dir: str | os.PathLike) -> dict:
     if results.is_file():
         done = _sweep_record(results)
         info.update({k: done.get(k) for k in ("best", "released", "pinned", "complete")})
+        info["released_at_sweep"] = info["released"]
+        info["released"], info["pinned"] = _live_trial(sweep_dir, info)
     return info
+
+
+def _live_trial(sweep_dir: Path, info: dict) -> tuple[str | None, bool]:
+    """The trial of this sweep that is the version's live release now, and whether it is pinned;
+    the sweep's own record where the run's lineage is not there (a sweep directory copied alone)."""
+    from raypath.lineage import Lineage
+
+    try:
+        live = Lineage.load(sweep_run_dir(sweep_dir)).release(info["version"])
+    except (FileNotFoundError, ValueError):
+        return info.get("released"), bool(info.get("pinned"))
+    if live is None or not live.trial_id or Path(live.sweep or "").name != sweep_dir.resolve().name:
+        return None, False
+    return live.trial_id, bool(live.pinned)
 
 
 def _trial_dirs(sweep_dir: Path) -> list[Path]:
@@ -147,9 +164,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
 
 def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     """The main-path curve of the swept version (what the trials fork from)."""
-    sweep_dir = Path(sweep_dir)
     info = sweep_info(sweep_dir)
-    local = sweep_dir.parents[2] / "curves" / f"{info['main_segment']}.jsonl"
+    local = sweep_run_dir(sweep_dir) / "curves" / f"{info['main_segment']}.jsonl"
     return read_curve(local if local.is_file() or not info.get("main_curve") else info["main_curve"])
 
 

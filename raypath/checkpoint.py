@@ -4,8 +4,8 @@ Two layouts, told apart by the manifest:
 
 * **full** (``train.parallel: ddp``): ``model.pt``, ``optim.pt`` (the whole
   state, written by rank 0), ``state.json`` (step, tokens, data position,
-  schedule name), ``rng.pt``, and last of all ``manifest.json`` with each file's
-  sha256.
+  schedule name), ``rng.pt`` (every rank's random generators), and last of all
+  ``manifest.json`` with each file's sha256.
 * **sharded** (``train.parallel: fsdp``): ``shards/`` is a
   ``torch.distributed.checkpoint`` (DCP) directory where every rank wrote its
   own shards (nothing gathers the full state), plus ``state.json`` and
@@ -78,13 +78,45 @@ def _save_tensor_file(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def save(directory: str | Path, model_state: dict, optim_state: dict, state: dict) -> Path:
-    """Write a checkpoint into ``directory`` (created); the manifest goes last."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU's and, once CUDA is in use, the current device's."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _rng_file(ranks: list[dict] | None) -> dict:
+    # "torch" stays rank 0's CPU state: what checkpoints held before they kept every rank's.
+    ranks = ranks or [rng_state()]
+    return {"torch": ranks[0]["torch"], "ranks": ranks}
+
+
+def restore_rng(rng: dict, rank: int) -> bool:
+    """Set this rank's generators from a checkpoint's ``rng.pt`` (dropout masks continue as if
+    uninterrupted). False where it holds none for ``rank``: a world grown since the save, or a
+    checkpoint that kept rank 0's CPU state only; the rank keeps its seeded generators."""
+    ranks = rng.get("ranks")
+    own = ranks[rank] if ranks is not None and rank < len(ranks) else rng if ranks is None and rank == 0 else None
+    if own is None:
+        return False
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own["cuda"])
+    return True
+
+
+def save(directory: str | Path, model_state: dict, optim_state: dict, state: dict,
+         rngs: list[dict] | None = None) -> Path:
+    """Write a checkpoint into ``directory`` (created); the manifest goes last.
+
+    rngs: every rank's :func:`rng_state`, in rank order (default: this process's only).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _save_tensor_file(model_state, d / "model.pt")
     _save_tensor_file(optim_state, d / "optim.pt")
-    _save_tensor_file({"torch": torch.get_rng_state()}, d / "rng.pt")
+    _save_tensor_file(_rng_file(rngs), d / "rng.pt")
     write_json(d / "state.json", state)
     write_json(d / MANIFEST, {f: sha256_file(d / f) for f in FILES})
     return d
@@ -236,10 +268,11 @@ def file_entries(directory: str | Path, paths: list[Path]) -> dict[str, dict]:
     return {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
 
 
-def write_sharded_meta(directory: str | Path, state: dict) -> list[Path]:
-    """Rank 0's small files of a sharded checkpoint (state, RNG); returns them and DCP's metadata."""
+def write_sharded_meta(directory: str | Path, state: dict, rngs: list[dict] | None = None) -> list[Path]:
+    """Rank 0's small files of a sharded checkpoint (state, every rank's RNG as for :func:`save`);
+    returns them and DCP's metadata."""
     d = Path(directory)
-    _save_tensor_file({"torch": torch.get_rng_state()}, d / "rng.pt")
+    _save_tensor_file(_rng_file(rngs), d / "rng.pt")
     write_json(d / "state.json", state)
     return [d / SHARDS / ".metadata", d / "rng.pt", d / "state.json"]
 

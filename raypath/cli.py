@@ -102,9 +102,21 @@ def cmd_release(args: argparse.Namespace) -> int:
     releaser.sync(version)
     if args.pick:
         entry = releaser.pick(version, args.pick, objective)
+        _tag_release(lineage, entry)
         print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
     print(format_release(lineage, version, objective))
     return 0
+
+
+def _tag_release(lineage, entry) -> None:
+    """Tag a picked release in the run's experiment tracking, as a run or sweep tags theirs."""
+    from raypath.config import config_from_dict
+    from raypath.tracking import open_lineage, record_release
+
+    try:
+        record_release(open_lineage(config_from_dict(lineage.config), lineage.rd.path), entry, lineage.rd)
+    except ConfigError as e:  # the release stands: tracking is its echo (an old config, a server down)
+        log.warning("%s is live, but not tagged in experiment tracking: %s", entry.id, e)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -39,12 +40,20 @@ def check_address(address: str | None = None, timeout_s: float = 10.0) -> None:
                           "or leave the address empty for a local cluster") from None
 
 
+def _job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the submitted job's runtime_env this driver runs in ({} outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback."""
     import ray
     import ray.data
 
-    from raypath.console import quiet_ray
+    from raypath.console import LEVEL_ENV, level, quiet_ray
 
     if not ray.is_initialized():
         check_address(address)
@@ -56,7 +65,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # them and leave Ray's own output in its log directory.
         runtime_env = {"worker_process_setup_hook": "raypath.console.setup_worker_logging"}
         if address:
-            # Merged with the runtime_env of a submitted job (ray job submit).
+            # Merged with the runtime_env of a submitted job (ray job submit). Workers of an
+            # existing cluster do not inherit this process's environment: the log level travels
+            # here, unless the job's runtime_env sets it (Ray refuses a key set twice).
+            if LEVEL_ENV not in _job_env_vars():
+                runtime_env["env_vars"] = {LEVEL_ENV: logging.getLevelName(level())}
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
             # Workers of a local cluster inherit the driver's environment: silence

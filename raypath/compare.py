@@ -332,17 +332,22 @@ def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(4, 1, figsize=(10, 12), gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
-    titles = {"ptfs": "PTFS: from scratch on all data, per release",
-              "cpt": "CPT: continue from the last release, re-warm + decay",
-              "path_switching": "Path switching: constant main path + decay branches"}
+    for ax in axes[1:3]:  # one token axis: PTFS's re-training shows as its length
+        ax.sharex(axes[0])
+    titles = {"ptfs": "PTFS: from scratch on all data, per release (x: its tokens, cumulative)",
+              "cpt": "CPT: continue from the last release, re-warm + decay (x: its tokens)",
+              "path_switching": "Path switching: constant main path + decay branches "
+                                "(x: main-path tokens; each branch's come on top)"}
     for ax, (paradigm, segments) in zip(axes, _lr_paths(run_dir, lineage).items()):
         for label, seg in segments:
             if len(seg):
                 ax.plot(seg["x"], seg["lr"], lw=1.6, label=label)
-        ax.set_title(titles[paradigm], fontsize=10)
+        ax.set_title(titles[paradigm], fontsize=9)
         ax.set_ylabel("LR")
         ax.grid(alpha=0.3)
-    axes[2].set_xlabel("tokens trained by the paradigm (cumulative)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=4, loc="lower left")
+    axes[2].set_xlabel("tokens")
     ax = axes[3]
     labels = list(dict.fromkeys(df["paradigm"]))
     versions = list(dict.fromkeys(df["version"]))

@@ -233,7 +233,8 @@ class BranchConfig:
         decaying LR, in (0, 1); the fork is the main-path checkpoint before it.
     shape: decay shape, one of cosine, linear, 1-sqrt, exponential, polynomial.
     min_lr_ratio: final LR / max LR, in [0, 1); the branch's last step trains at it,
-        whatever the shape and length.
+        whatever the shape and length (a branch forked inside the warmup at an LR
+        still below it holds that LR: a branch never rises).
     power: exponent of ``polynomial`` / e-foldings of ``exponential``.
     parallel: run version k's branch while the main path trains version k+1.
     """

@@ -24,6 +24,7 @@ import re
 import sys
 import time
 import warnings
+from pathlib import Path
 
 LEVEL_ENV = "RAYPATH_LOG_LEVEL"
 #: Every raypath log line, on the driver and in workers, starts like this.
@@ -129,11 +130,12 @@ class RunProgress:
     """The whole-run line: version k of N, the segment, and the ETA to the end of the run.
 
     Work is counted in optimizer steps: every version's main-path steps plus its
-    release branch's. The rate is what this process trained so far (versions
-    finished by an earlier run count as done, not as speed).
+    release branch's. The rate is what this process trained so far: segments finished by an
+    earlier run, and the steps a resumed segment had trained before, count as done, not as speed.
     """
 
-    def __init__(self, name: str, versions: list[dict], global_batch_size: int, branch_fraction: float):
+    def __init__(self, name: str, versions: list[dict], global_batch_size: int, branch_fraction: float,
+                 rd=None):
         self.name = name
         self.n = len(versions)
         self.main_steps = [v["stream_rows"] // global_batch_size for v in versions]
@@ -143,18 +145,30 @@ class RunProgress:
         self.total = sum(self.main_steps) + sum(self.branch_steps)
         self.done = 0
         self.done_here = 0
-        self.t0 = time.perf_counter()
+        self.rd = rd
+        self.t0, self.started = time.perf_counter(), time.time()
 
-    def finished(self, steps: int, here: bool = True) -> None:
-        self.done += steps
-        if here:
-            self.done_here += steps
+    def main_done(self, k: int, curve: str | None = None) -> None:
+        """Version k's main segment is done; ``curve``: its curve, when this process trained it."""
+        self.done += self.main_steps[k]
+        self.done_here += self.trained_here(curve)
 
-    def main_done(self, k: int, here: bool = True) -> None:
-        self.finished(self.main_steps[k], here)
+    def branch_done(self, k: int, curve: str | None = None) -> None:
+        self.done += self.branch_steps[k]
+        self.done_here += self.trained_here(curve)
 
-    def branch_done(self, k: int, here: bool = True) -> None:
-        self.finished(self.branch_steps[k], here)
+    def trained_here(self, curve: str | None) -> int:
+        """The steps a segment trained since this process started: from the first attempt that
+        started since (its ``start`` event's step, the checkpoint it resumed) to its last step."""
+        from raypath.storage import read_jsonl
+
+        path = self.rd.fetch(curve, missing_ok=True) if curve and self.rd is not None else curve
+        if not path or not Path(path).is_file():
+            return 0
+        records = read_jsonl(path)  # grows with the segment's log steps; read once per segment
+        starts = [r["step"] for r in records if r.get("event") == "start" and r.get("time", 0) >= self.started]
+        last = max((r["step"] for r in records if "event" not in r and "step" in r), default=None)
+        return max(last - starts[0], 0) if starts and last is not None else 0
 
     def eta_s(self) -> float:
         rate = self.done_here / max(time.perf_counter() - self.t0, 1e-9)

@@ -70,19 +70,32 @@ def branch_tokens(lineage: Lineage | dict, version: str) -> tuple[float, float]:
     return float(released), float(max(searched, released))
 
 
+def ptfs_tokens(lineage: Lineage, blocks: int) -> float | None:
+    """Tokens a from-scratch run trains on ``blocks`` packed blocks, counted as the main path and
+    branches count theirs (and as ``raypath compare`` trains PTFS): whole global batches of
+    ``seq_len`` predicted tokens per block. None without the config's batch and sequence length."""
+    seq_len = lineage.config.get("data", {}).get("seq_len")
+    batch = lineage.config.get("train", {}).get("global_batch_size")
+    return float(blocks // batch * batch * seq_len) if seq_len and batch and blocks else None
+
+
 def lineage_costs(lineage: Lineage | dict) -> list[dict[str, float]]:
     """Measured cost of a run: tokens its main path and branches actually trained, release
-    only and with every searched branch."""
+    only and with every searched branch, over what PTFS would train."""
     lineage = Lineage.of(lineage)
     ptfs_cum = ps_cum = search_cum = seen = 0.0
+    blocks = 0
     rows = []
     for v in lineage.versions():
         main = lineage.main(v.name)
         if main is None:
             break  # versions are trained in order; the rest has not run yet
+        # A version's new_tokens are its blocks' stored tokens (seq_len + 1 each, inputs and
+        # targets overlapping by all but one): not what training one of them counts.
         seen += v.new_tokens
+        blocks += v.new_blocks
         released, searched = branch_tokens(lineage, v.name)
-        ptfs_cum += seen
+        ptfs_cum += ptfs_tokens(lineage, blocks) or seen
         ps_cum += main.tokens + released
         search_cum += main.tokens + searched
         rows.append({"version": v.name, "main_tokens": main.tokens, "branch_tokens": released,

@@ -39,6 +39,7 @@ from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RunDir
+from raypath.schedules import MainPath
 from raypath.storage import read_json
 
 #: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
@@ -190,10 +191,12 @@ def resolve(lineage: Lineage, run_dir: Path, what: str) -> Source:
         return release_source(lineage, run_dir, name, rid or None)
     if what.startswith("main-") and what[5:] in versions:
         return main_source(lineage, run_dir, what[5:])
-    if Path(what).is_dir():
-        return checkpoint_source(lineage, run_dir, Path(what).resolve())
-    if lineage.rd.children(run_dir / what):  # where the run directory keeps it (a bucket's, maybe)
+    # Relative to the run directory first, as documented: the same path under the working
+    # directory may be another run's.
+    if not Path(what).is_absolute() and lineage.rd.children(run_dir / what):  # (a bucket's, maybe)
         return checkpoint_source(lineage, run_dir, run_dir / what)
+    if Path(what).is_dir():
+        return checkpoint_source(lineage, run_dir, Path(what).resolve(), outside=True)
     raise ExportError(f"{what}: not a version, release, main-path checkpoint or checkpoint directory of "
                       f"{run_dir} ({what_exists(lineage)})")
 
@@ -260,12 +263,20 @@ def main_source(lineage: Lineage, run_dir: Path, version: str) -> Source:
     return Source(facts, checkpoint=d, tokenizer_dir=tokenizer_dir(lineage, run_dir))
 
 
-def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path) -> Source:
-    """A checkpoint directory; the lineage's main-path or branch entry of its segment adds the facts."""
+def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path, outside: bool = False) -> Source:
+    """A checkpoint directory; the lineage's main-path or branch entry of its segment adds the facts.
+
+    outside: ``d`` was named by a path that may lie outside the run directory; there it must be
+    a copy of one of the run's segments (it is exported with this run's tokenizer and facts).
+    """
     d = _check_checkpoint(d, lineage.rd)
     state = ckpt.load_state(d)
     segment, version = state.get("segment", ""), state.get("version", "?")
     main, branch = lineage.main(version), lineage.branch(segment)
+    known = (main is not None and main.segment == segment) or branch is not None
+    if outside and not d.is_relative_to(run_dir.resolve()) and not known:
+        raise ExportError(f"{d}: a checkpoint of segment {segment or '?'}, which {run_dir} does not have (it lies "
+                          f"outside the run directory): export it from its own run directory ({what_exists(lineage)})")
     if main is not None and main.segment == segment:
         facts = main_facts(lineage, main)
     else:
@@ -327,11 +338,15 @@ def branch_facts(lineage: Lineage, branch: Branch | None, card: dict, name: str 
     decay = (branch.decay if branch else None) or card.get("decay") or {}
     max_lr = card.get("max_lr") or _max_lr(lineage)
     floor = decay.get("min_lr_ratio")
-    return {"name": (branch.name if branch else name) or card.get("branch"),
-            "fork_step": branch.fork_step if branch else card.get("fork_step"),
+    fork = branch.fork_step if branch else card.get("fork_step")
+    floor_lr = floor * max_lr if floor is not None and max_lr else None
+    warmup = lineage.config.get("train", {}).get("warmup_steps")
+    if floor_lr is not None and fork is not None and warmup:  # forked in warmup below the floor: held
+        floor_lr = min(floor_lr, MainPath(float(max_lr), int(warmup))(int(fork)))
+    return {"name": (branch.name if branch else name) or card.get("branch"), "fork_step": fork,
             "steps": branch.steps if branch else card.get("branch_steps"),
             "shape": decay.get("shape"), "power": decay.get("power"), "min_lr_ratio": floor,
-            "max_lr": max_lr, "floor_lr": floor * max_lr if floor is not None and max_lr else None}
+            "max_lr": max_lr, "floor_lr": floor_lr}
 
 
 def release_facts(lineage: Lineage, entry: Release, card: dict) -> Facts:

@@ -76,6 +76,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from raypath import law as lawmod
+from raypath import schedules
 from raypath.law import Curve, FitResult
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
@@ -209,8 +210,8 @@ def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | Non
     (``n`` = fork + steps by default), vectorised; warmup steps count as max LR."""
     n = fork + steps if n is None else n
     idx = np.arange(n)
-    start_lr = main(fork)
-    end_lr = decay.min_lr_ratio * main.max_lr
+    branch = schedules.Branch(main, fork, steps, decay)
+    start_lr, end_lr = branch.start_lr, branch.end_lr
     lrs = np.where(idx < fork, float(main.max_lr), end_lr)  # before the fork: the main path
     inside = (idx >= fork) & (idx < fork + steps)
     frac = decay_fraction(decay_progress(idx[inside] - fork, steps), decay.shape, decay.power)

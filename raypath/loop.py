@@ -564,6 +564,7 @@ class _Reporter:
         """Rank 0: upload the curve to a remote run directory (a no-op for a local one)."""
         if self.rank == 0 and Path(self.seg.curves_path).is_file():
             self.seg.rd.publish(self.seg.curves_path)
+            self.tracker.publish()
             self.published = time.monotonic()
 
     def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
@@ -604,8 +605,8 @@ class _Reporter:
                   f"(data wait {metrics.get('data_wait_share', 0):.0%})"
                   + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
                   + f" eta {_fmt_eta(eta)} {vals}")
+            self.tracker.log(metrics, step)  # first: the curve's upload takes the tracker's files along
             self._append(metrics, publish=bool(extra))
-            self.tracker.log(metrics, step)
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
         self.t_last = now
         return metrics
@@ -755,9 +756,10 @@ class _Checkpoints:
             ray.train.report(metrics)
         else:
             model_sd, optim_sd = tr.state_dicts()
+            rngs = shards.gather(ckpt.rng_state())
             with tempfile.TemporaryDirectory() as tmp:
                 if self.rank == 0:
-                    ckpt.save(tmp, model_sd, optim_sd, state)
+                    ckpt.save(tmp, model_sd, optim_sd, state, rngs)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
             del model_sd, optim_sd
@@ -807,7 +809,7 @@ class _SegmentRun:
         tr = build_training(seg, device, restored, world)
         torch.manual_seed(t.seed + rank)
         if restored:
-            torch.set_rng_state(restored["rng"]["torch"])
+            ckpt.restore_rng(restored["rng"], rank)
         del restored
         step = int(state["step"])
         val = {name: read_blocks(seg.rd.fetch(p)) for name, p in seg.val_paths.items()}

@@ -316,7 +316,7 @@ class Releaser:
         else:
             message = self.decide(version, objective, extra=extra).message
         if self.lineage.release(version) is not None:
-            record_release(self.tracking, self.lineage.release(version))
+            record_release(self.tracking, self.lineage.release(version), self.rd)
         return Settled(message, self.live(version), bool(pin))
 
     def decide(self, version: str, objective: Objective, extra: Iterable[Candidate] = (),
@@ -360,10 +360,16 @@ class Releaser:
     # ---------------------------------------------------------------- writing
 
     def release(self, version: str, cand: Candidate, reason: str, objective: Objective, d: Decision) -> Release:
-        """Copy ``cand``'s model to ``releases/version/rN``, switch ``current`` to it, record it."""
+        """Copy ``cand``'s model to ``releases/version/rN``, switch ``current`` to it, record it;
+        a model released before (same branch, same metrics: ``--pick best`` after a rollback) is
+        switched back to, not copied again."""
         h = self.history(version)
         vdir = self.version_dir(version)
         self._migrate_flat(version, h)
+        before = next((r for r in reversed(h.releases) if r.branch == cand.name and r.val == {
+            k: v for k, v in cand.metrics.items() if k.startswith("val/")}), None)
+        if before is not None:
+            return self._switch_back(version, before.id, reason)
         rid = f"r{1 + max((int(i[1:]) for i in h.ids()), default=0)}"
         src = self._model_dir(cand, h)
         score = d.scores.get(cand.name)
@@ -430,6 +436,16 @@ class Releaser:
         h.current, h.pinned = rid, True
         self.lineage.set_release_history(version, h)
         log.info("%s: rolled back to %s (%s)", version, rid, entry.branch)
+        return h.live
+
+    def _switch_back(self, version: str, rid: str, reason: str) -> Release:
+        h = self.history(version)
+        pinned = reason in (PINNED, ROLLBACK)
+        self._switch(self.version_dir(version), rid, pinned)
+        h.log.append({"time": _now(), "release": rid, "action": "release", "reason": reason, "replaced": h.current})
+        h.current, h.pinned = rid, pinned
+        self.lineage.set_release_history(version, h)
+        log.info("released %s %s again (%s, %s): it was released before", version, rid, h.get(rid).branch, reason)
         return h.live
 
     def _pin(self, version: str, pinned: bool = True) -> None:

@@ -230,12 +230,12 @@ def run(cfg: Config) -> Lineage:
     _record_facts(lineage, ctx)
 
     runner = BranchRunner(cfg.branch.parallel)
-    progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction)
+    progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction, ctx.rd)
     index = {v["name"]: k for k, v in enumerate(ctx.versions)}
 
     def released(entry: BranchEntry) -> None:
         _record_branch(lineage, ctx, entry)
-        progress.branch_done(index[entry.version])
+        progress.branch_done(index[entry.version], entry.curve)
 
     with lineage_run(ctx.tracking):
         _train_versions(lineage, ctx, progress, runner, released)
@@ -268,16 +268,16 @@ def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, ru
             log.info(progress.line(k, f"main-{version['name']}"))
             main = run_main_version(ctx, k, prev)
             lineage.record_main(main)
-        progress.main_done(k, here=trained_here)
+        progress.main_done(k, main.curve if trained_here else None)
         if lineage.release(version["name"]) is None:
             if lineage.branch(f"branch-{version['name']}") is None:
                 log.info(progress.line(k, f"branch-{version['name']}"))
                 runner.submit(release_branch(ctx, k, main))
             else:  # the branch finished, the run stopped before releasing it
                 _decide_release(lineage, ctx, version["name"])
-                progress.branch_done(k, here=False)
+                progress.branch_done(k)
         else:
-            progress.branch_done(k, here=False)
+            progress.branch_done(k)
         for entry in runner.finished():
             released(entry)
         prev = main

@@ -10,7 +10,8 @@ Path switching uses two of them:
 
 * :class:`MainPath` -- linear warmup once, then the constant maximal LR forever.
 * :class:`Branch` -- the main path up to ``fork_step``, then a decay of ``steps``
-  steps from the main-path LR at the fork down to ``min_lr_ratio * max_lr``.
+  steps from the main-path LR at the fork down to ``min_lr_ratio * max_lr`` (or, forked
+  inside the warmup below that floor, held at the fork's LR: a branch never rises).
 
 The baselines of the paradigm comparison:
 
@@ -157,14 +158,22 @@ class Branch:
     steps: int
     decay: Decay = Decay()
 
+    @property
+    def start_lr(self) -> float:
+        return self.main(self.fork_step)
+
+    @property
+    def end_lr(self) -> float:
+        """The floor, ``min_lr_ratio * max_lr``; a fork inside the warmup whose LR is still
+        below it holds that LR instead of climbing to a floor above where it started."""
+        return min(self.decay.min_lr_ratio * self.main.max_lr, self.start_lr)
+
     def __call__(self, step: int) -> float:
         if step < self.fork_step:
             return self.main(step)
-        start_lr = self.main(self.fork_step)
-        end_lr = self.decay.min_lr_ratio * self.main.max_lr
         if step >= self.fork_step + self.steps:
-            return end_lr
-        return _decay(step, self.fork_step, self.steps, start_lr, end_lr, self.decay)
+            return self.end_lr
+        return _decay(step, self.fork_step, self.steps, self.start_lr, self.end_lr, self.decay)
 
 
 @dataclass(frozen=True)

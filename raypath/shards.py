@@ -60,7 +60,8 @@ def app_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str,
     return {"model": msd, "optim": osd}
 
 
-def _gather(obj: Any) -> list[Any]:
+def gather(obj: Any) -> list[Any]:
+    """Collective: every rank's ``obj``, in rank order (``[obj]`` outside a process group)."""
     if not _distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -90,6 +91,7 @@ class ShardedSaver:
         """Start (async) or write (sync) the checkpoint of the current step into ``directory``."""
         self.wait()
         d = Path(directory)
+        rngs = gather(ckpt.rng_state())
         if self.rank == 0:
             # A directory already here is a torn or quarantined earlier attempt at this step
             # (a resumed run never saves its start step again): start clean, in the bucket too,
@@ -97,7 +99,7 @@ class ShardedSaver:
             # the barrier: no rank writes until it is gone.
             self.rd.remove(d)
             (d / ckpt.SHARDS).mkdir(parents=True)
-            ckpt.write_sharded_meta(d, state)
+            ckpt.write_sharded_meta(d, state, rngs)
         if _distributed():
             dist.barrier()
         sd = app_state(model, optim)
@@ -141,7 +143,7 @@ class ShardedSaver:
 
     def _finish(self, d: Path, own: dict[str, dict]) -> None:
         entries: dict[str, dict] = {}
-        for part in _gather(own):  # also the barrier: every rank has written
+        for part in gather(own):  # also the barrier: every rank has written
             entries.update(part)
         if self.rank == 0:
             ckpt.write_sharded_manifest(d, entries)
@@ -266,14 +268,17 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
     d = Path(directory)
     files = ckpt.sharded_files(d)
     share = ckpt.hash_share(files, *node) if node and rd.remote(d) else ckpt.hash_share(files, rank, world)
-    errors = [e for e in _gather(ckpt.verify_files(d, share, rd)) if e]
+    errors = [e for e in gather(ckpt.verify_files(d, share, rd)) if e]
     if errors:
         if rank == 0:
             ckpt.quarantine(d, errors[0], rd)
         raise ckpt.CheckpointError(errors[0])
     sd = app_state(model, optim)
     reader = ShardReader(d, rd, files)
-    dcp.load(sd, storage_reader=reader)
+    try:
+        dcp.load(sd, storage_reader=reader)
+    except CheckpointException as e:  # a BaseException: past Ray Train's pickling of worker errors too
+        raise _own_failure(e) from None
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     if reader.ranged_bytes:
         log.info("rank %d: read %.1f MB of %s by range from the bucket", rank, reader.ranged_bytes / 2**20, d.name)
@@ -307,6 +312,7 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir
 
 
 def _own_failure(e: CheckpointException) -> BaseException:
-    """What DCP failed on in a single process (its only rank): a missing or misshapen tensor is a
-    RuntimeError or ValueError, as from ``load_state_dict``; its traceback is kept."""
+    """What DCP failed on (the first failing rank's; in one process, its only rank): a missing or
+    misshapen tensor is a RuntimeError or ValueError, as from ``load_state_dict``; its traceback
+    is kept."""
     return next(iter(e.failures.values()))[0]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from raypath.lineage import Release
 
 from raypath.config import Config, ConfigError
+from raypath.mirror import LOCAL, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def mlflow_uri(cfg: Config, run_dir: Path) -> str:
     # MLflow 3 refuses a plain file store unless MLFLOW_ALLOW_FILE_STORE is set: a local
     # SQLite file is its own default backend.
-    return cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "://" in cfg.run_dir:
+        # The default file would live in one machine's mirror: workers on other nodes would each
+        # open their own, and a resume on another machine would start a new lineage run.
+        raise TrackingError(f"tracking.mlflow_uri: a run directory in a bucket ({cfg.run_dir}) needs an "
+                            "MLflow tracking server (tracking.mlflow_uri or MLFLOW_TRACKING_URI); the default "
+                            "SQLite file is one machine's")
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
 def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
@@ -149,6 +158,10 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log the numeric entries of ``metrics`` at global ``step``."""
 
+    def publish(self) -> None:
+        """Upload what was logged to a remote run directory (with the curve: a segment's
+        history must not wait for its end, nor die with the machine)."""
+
     def close(self) -> None:
         """Flush and mark the segment finished."""
 
@@ -190,6 +203,10 @@ class _TensorBoard(Tracker):
         for key, value in _numeric(metrics).items():
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()
+
+    def publish(self) -> None:
+        self.writer.flush()
+        self.seg.rd.publish(self.dir)  # unchanged (earlier attempts') event files are skipped
 
     def close(self) -> None:
         self.writer.close()
@@ -258,16 +275,19 @@ def find_or_create_child(client, spec: TrackingSpec, name: str, tags: dict[str, 
     return run_id
 
 
-def record_release(spec: TrackingSpec | None, release: Release) -> None:
-    """Tag the release's branch run (and the lineage run) with its path; log a link artifact."""
+def record_release(spec: TrackingSpec | None, release: Release, rd: RunDir = LOCAL) -> None:
+    """Tag the release's branch run (and the lineage run) with its path (its URI in a remote run
+    directory ``rd``: the mirror's path is one machine's); log a link artifact."""
     if spec is None:
         return
-    version, path, branch = release.version, release.path, release.branch
+    version, path, branch = release.version, rd.name(release.path), release.branch
     if spec.backend == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(log_dir=str(Path(spec.run_dir) / "tb" / branch)) as writer:
+        logdir = Path(spec.run_dir) / "tb" / branch
+        with SummaryWriter(log_dir=str(logdir)) as writer:
             writer.add_text(f"release/{version}", _md_table({"path": path, "branch": branch}))
+        rd.publish(logdir)
         return
     client = _client(spec.mlflow_uri)
     run_id = find_or_create_child(client, spec, branch)

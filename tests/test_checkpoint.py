@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from raypath import checkpoint as ckpt
 
@@ -135,6 +137,19 @@ def test_sharded_roundtrip_into_a_fresh_model(tmp_path, asynchronous):
     assert all(torch.equal(a, b) for a, b in zip(saved_moments, loaded_moments))
 
 
+def test_a_sharded_checkpoint_of_another_shape_fails_to_load_as_an_ordinary_error(tmp_path):
+    # DCP's CheckpointException is a BaseException: it passed every `except Exception` on the way
+    # out of a training worker.
+    from raypath.shards import load_into
+
+    d, _, _ = _save_sharded(tmp_path, 3)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
+    with pytest.raises(Exception, match="(?i)size mismatch.*model.0.weight") as info:
+        load_into(d, wider, torch.optim.AdamW(wider.parameters()), rank=0, world=1)
+    assert isinstance(info.value, (RuntimeError, ValueError))
+    assert ckpt.latest_valid(tmp_path) == d  # the checkpoint is fine: not quarantined
+
+
 def test_torn_sharded_checkpoint_is_skipped_and_corrupt_one_quarantined(tmp_path, caplog):
     from raypath.shards import load_into
 
@@ -241,3 +256,43 @@ def test_prune_keeps_newest_periodic_and_every_protected_step(tmp_path):
     assert sorted(d.name for d in tmp_path.glob("step_*")) == [
         "step_00000008", "step_00000012", "step_00000020", "step_00000024"]
     assert ckpt.prune(tmp_path, keep=0, protected=set()) == []  # 0 = keep all
+
+
+def _rng_rank(rank: int, world: int, port: int, root: str) -> None:
+    import torch.distributed as dist
+
+    from raypath.shards import ShardedSaver, gather
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)
+    torch.rand(7)  # the generators have moved on since the seed
+    model, opt = _trained()
+    torch.manual_seed(200 + rank)
+    rngs = gather(ckpt.rng_state())  # collective, as in the training loop
+    if rank == 0:
+        ckpt.save(f"{root}/full", {}, {}, {"step": 1}, rngs)
+    ShardedSaver(rank, False, torch.device("cpu")).save(f"{root}/sharded", model, opt, {"step": 1})
+    want = torch.rand(5)  # what an uninterrupted run draws next
+    results = {}
+    for name in ("full", "sharded"):
+        dist.barrier()
+        torch.manual_seed(999)  # a restarted worker, seeded afresh
+        assert ckpt.restore_rng(ckpt.read_tensors(f"{root}/{name}/rng.pt"), rank)
+        results[name] = torch.equal(torch.rand(5), want)
+    torch.save({"results": results, "draw": want}, f"{root}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_random_generators(tmp_path):
+    # Dropout (a pretrained GPT-2 has 0.1) draws from each rank's generators: rank 0's state
+    # restored on every rank would repeat one mask on all of them.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rng_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(o["results"] == {"full": True, "sharded": True} for o in out), out
+    assert not torch.equal(out[0]["draw"], out[1]["draw"])
+    legacy = {"torch": torch.get_rng_state()}  # a checkpoint from before: rank 0's CPU state only
+    assert ckpt.restore_rng(legacy, 0) and not ckpt.restore_rng(legacy, 1)
+    assert not ckpt.restore_rng(ckpt.read_tensors(tmp_path / "full" / "rng.pt"), 2)  # a grown world

@@ -114,3 +114,26 @@ def test_a_quiet_tune_experiment_prints_no_banner_and_ray_deprecations_are_muted
     assert "Configuration for experiment" not in out.out + out.err
     assert "tensorboard --logdir" not in out.out + out.err
     assert not [w for w in caught if issubclass(w.category, RayDeprecationWarning)]
+
+
+def test_the_run_eta_counts_only_the_steps_this_process_trained(tmp_path):
+    """A re-run that resumes version 2's main segment at step 95 of 100 trained 5 steps, not 100:
+    crediting them all made the ETA to the end of the run far too short."""
+    import json
+    import time
+
+    from raypath.console import RunProgress
+
+    progress = RunProgress("q", [{"stream_rows": 1600}] * 4, 16, 0.2)  # 100 main + 20 branch steps each
+    progress.main_done(0)
+    progress.branch_done(0)  # finished by the earlier run
+    curve = tmp_path / "main-v2.jsonl"
+    earlier = [{"event": "start", "step": 100, "time": time.time() - 3600}]
+    earlier += [{"step": s, "loss": 3.0} for s in range(110, 196, 10)]
+    now = [{"event": "start", "step": 195, "time": time.time()}, {"step": 200, "loss": 2.9}]
+    curve.write_text("".join(json.dumps(r) + "\n" for r in earlier + now))
+    time.sleep(0.2)
+    progress.main_done(1, str(curve))
+    assert (progress.done, progress.done_here) == (220, 5)
+    assert progress.trained_here(str(tmp_path / "missing.jsonl")) == 0
+    assert progress.eta_s() > 1.5  # 260 steps left at <= 25 steps/s (was 0m01s: 100 steps in 0.2 s)

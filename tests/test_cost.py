@@ -187,3 +187,17 @@ def test_lineage_costs_count_the_search_when_a_sweep_released():
     assert "with search" not in v1
     assert v2.endswith("; with search: branches 92 -> 1.155")
     assert v3.endswith(f"(release only); with search: -> {837 / 1000:.3f}")
+
+
+def test_ptfs_counts_tokens_as_training_counts_them():
+    """A block stores seq_len + 1 tokens and trains seq_len; PTFS trains whole global batches.
+    Counting stored tokens made path switching look cheaper here than `raypath compare` measures."""
+    lin = {"config": {"data": {"seq_len": 16}, "train": {"global_batch_size": 4}},
+           "versions": [{"name": "v1", "new_tokens": 10 * 17, "new_blocks": 10},
+                        {"name": "v2", "new_tokens": 9 * 17, "new_blocks": 9}],
+           "main_path": [{"version": "v1", "tokens_start": 0, "tokens_end": 8 * 16},
+                         {"version": "v2", "tokens_start": 8 * 16, "tokens_end": 16 * 16}],
+           "branches": [{"name": "b1", "version": "v1", "status": "done", "tokens_trained": 2 * 16}]}
+    rows = lineage_costs(lin)
+    assert _col(rows, "ptfs_cumulative") == [8 * 16, 8 * 16 + 16 * 16]  # 10 -> 8 blocks, 19 -> 16 blocks
+    assert rows[0]["path_switching_ratio"] == pytest.approx(10 / 8, rel=REL)  # main 8 + branch 2 blocks

@@ -193,6 +193,18 @@ def test_a_checkpoint_directory_absolute_or_relative_to_the_run(run, tmp_path):
     _assert_same(_load(tmp_path / "b"), _checkpoint_weights(run, "main-v2", 2))
 
 
+def test_a_relative_checkpoint_is_the_runs_and_another_runs_is_refused(run, tmp_path, monkeypatch):
+    rel = f"ray/main-v2/{ckpt.step_dir_name(16)}"
+    other = tmp_path / "other"  # another run's checkpoint at the same relative path, under the working directory
+    s, m = _state("main-v9", "v9", 16, 1024, 4.0), torch.nn.Linear(2, 2)
+    ckpt.save(other / rel, m.state_dict(), {}, s)
+    monkeypatch.chdir(other)
+    assert export(run, rel, tmp_path / "a").source.checkpoint == run / rel
+    with pytest.raises(ExportError, match=r"a checkpoint of segment main-v9, which .* does not have .*outside"):
+        export(run, str(other / rel), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def test_force_replaces_only_a_model_directory(run, tmp_path):
     out = tmp_path / "v2"
     export(run, "v2", out)
@@ -255,7 +267,8 @@ def test_a_checkpoint_of_another_model_is_refused(run, tmp_path, kind, why):
     passes every ``except Exception``: the user must still get the ExportError, not a traceback."""
     from raypath.shards import ShardedSaver
 
-    d, state, model = tmp_path / ckpt.step_dir_name(1), _state("other", "v1", 1, 64, 6.0), _another_model(kind)
+    # a copy of the run's main-v1 (outside the run directory: the run's segment makes it the run's)
+    d, state, model = tmp_path / ckpt.step_dir_name(1), _state("main-v1", "v1", 1, 64, 6.0), _another_model(kind)
     if kind == "full":
         ckpt.save(d, {"w": torch.zeros(2)}, {}, state)
     else:

@@ -253,6 +253,22 @@ def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
     assert not (tmp_path / "v2").exists()
 
 
+@pytest.mark.slow
+def test_the_log_level_reaches_the_workers_of_an_existing_cluster(ray_head, job_client):
+    # Workers of a cluster the driver connects to do not inherit its environment: --verbose /
+    # RAYPATH_LOG_LEVEL changed only the driver's own lines. A job's runtime_env that sets the
+    # level itself must not clash with raypath's (Ray refuses an env var set twice).
+    code = ("import os, ray; from raypath.cluster import init_ray; init_ray(); "
+            "print('worker level:', ray.get(ray.remote(lambda: os.environ.get('RAYPATH_LOG_LEVEL')).remote()))")
+    for shell, job_env, want in (("RAYPATH_LOG_LEVEL=DEBUG ", None, "DEBUG"),
+                                 ("", {"RAYPATH_LOG_LEVEL": "WARNING"}, "WARNING")):
+        job_id = job_client.submit_job(entrypoint=f'{shell}python -c "{code}"',
+                                       runtime_env={"env_vars": job_env} if job_env else None)
+        status = _wait_job(job_client, job_id, 300)
+        logs = job_client.get_job_logs(job_id)
+        assert status == "SUCCEEDED" and f"worker level: {want}" in logs, logs[-5000:]
+
+
 def test_a_damaged_lineage_is_a_user_error_not_a_crash(tmp_path):
     """Exit 1 means "not finished, re-submit" to a job's caller: a damaged run file must not look like it."""
     (tmp_path / "lineage.json").write_text('{"format": 2, "versions": [{"na')

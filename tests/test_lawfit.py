@@ -82,8 +82,8 @@ def test_curves_have_the_schedules_lr_history(law_run):
 def test_branch_lrs_match_schedules_for_every_shape():
     main = MainPath(3e-3, 7)
     for shape in ("cosine", "linear", "1-sqrt", "exponential", "polynomial"):
-        for fork in (3, 40):  # inside and after the warmup
-            decay = Decay(shape, 0.1, 3.0)
+        for fork, floor in ((3, 0.1), (40, 0.1), (1, 0.5)):  # inside and after the warmup; below the floor
+            decay = Decay(shape, floor, 3.0)
             got = lawfit.branch_lrs(main, fork, 25, decay, n=80)
             want = effective_lr(lr_curve(Branch(main, fork, 25, decay), 80), min(7, fork), 3e-3)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)

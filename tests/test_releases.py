@@ -176,7 +176,7 @@ def test_sweep_all_worse_keeps_then_better_replaces(run):
 def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
     """Releaser.settle: the decision (or a pin), the live release tagged in tracking, the record."""
     tagged = []
-    monkeypatch.setattr(releases, "record_release", lambda spec, entry: tagged.append((spec, entry.id)))
+    monkeypatch.setattr(releases, "record_release", lambda spec, entry, rd: tagged.append((spec, entry.id)))
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9), "t2": _metrics(3.85, 2.95)})
     lin = Lineage.load(run)
     objective = releases.version_objective(lin.data, "v2")
@@ -204,13 +204,18 @@ def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     # an automatic decision (a sweep, a run) keeps the user's choice and says what beats it
     d = _decide(run)
     assert d.release is None and "pinned" in d.message and _pointer(run) == "r1"
-    # --pick a trial: released again as a new, pinned release
+    # --pick a trial released before: its release is live again (pinned), not a second copy
     assert main(["release", str(run), "--version", "v2", "--pick", "t1"]) == 0
-    lin = Lineage.load(run)
-    assert lin.release("v2").id == "r3" and lin.release("v2").reason == "pinned"
+    h = Lineage.load(run).release_history("v2")
+    assert (h.current, h.pinned, h.log[-1]["reason"]) == ("r2", True, "pinned") and _pointer(run) == "r2"
+    assert h.ids() == ["r1", "r2"] and not (run / "releases/v2/r3").exists()
+    assert list((run / "tb" / "branch-v2-t1").glob("events.out.tfevents.*"))  # tagged, as a run tags its release
     # --pick best hands the version back to the decision
+    assert main(["release", str(run), "--version", "v2", "--pick", "r1"]) == 0
     assert main(["release", str(run), "--version", "v2", "--pick", "best"]) == 0
-    assert Lineage.load(run).release_history("v2").pinned is False
+    h = Lineage.load(run).release_history("v2")
+    assert (h.current, h.pinned, h.ids()) == ("r2", False, ["r1", "r2"]) and _pointer(run) == "r2"
+    assert [e["action"] for e in h.log][-2:] == ["rollback", "release"]
     assert main(["release", str(run), "--version", "v2", "--pick", "nope"]) == 2
     assert "--pick nope: not a release, trial or branch of v2" in capsys.readouterr().err
 

@@ -116,6 +116,14 @@ def test_branch_ends_exactly_at_the_floor(shape, power, min_ratio, half):
     assert b(FORK + 10 * STEPS) == floor
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_branch_forked_in_warmup_below_its_floor_holds_the_fork_lr_instead_of_rising(shape):
+    b = Branch(MAIN, 4, 30, Decay(shape, 0.1, 2.0))  # MAIN(4) = 5e-5, below the floor 1e-4
+    lrs = lr_curve(b, range(4, 4 + 40))
+    assert np.all(lrs == MAIN(4))
+    assert b.end_lr == MAIN(4) < 0.1 * MAX
+
+
 def test_branch_floor_is_relative_to_max_lr_not_fork_lr():
     # Forked inside warmup: start LR < max, but the floor is still min_ratio * max_lr.
     b = Branch(MAIN, 9, 40, Decay("linear", 0.1))

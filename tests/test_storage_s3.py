@@ -499,3 +499,52 @@ def test_rank_0_uploads_its_curve_at_evaluations_checkpoints_and_the_end_not_eve
     log_step(8)
     reporter.publish()  # what a checkpoint and the segment's end do
     assert remote_lines() == 9 and mirror.read_bytes(seg.curves_path) == Path(seg.curves_path).read_bytes()
+
+
+def test_tensorboard_reaches_the_bucket_with_the_curve_and_releases_name_the_bucket(s3, tmp_path):
+    """A bucket run's event files went up only when a segment ended: a driver lost mid-segment
+    lost every point before its resume step, and the bucket showed nothing until the end."""
+    pytest.importorskip("tensorboard")
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raypath import loop, tracking
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.schedules import MainPath
+
+    uri = f"s3://{_bucket(s3, 'tensorboard')}/run"
+    mirror = Mirror(uri, str(tmp_path / "mirror"), s3.endpoint)
+    rd = RunDir(Path(mirror.local), mirror)
+    spec = tracking.TrackingSpec("tensorboard", str(rd.path), {})
+    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
+                       rd=rd, tracking=spec)
+    reporter = loop._Reporter(seg, 0, 1, 0)
+    for step in (1, 2):
+        reporter.step(3.0 - step, 16, 0.0)
+        reporter.flush(step, 1e-3, 16 * step, {"val/v1": 2.5} if step == 2 else {})  # an evaluation publishes
+    fresh = RunDir.open(uri, str(tmp_path / "fresh"), s3.endpoint)  # the driver's machine is gone
+    acc = EventAccumulator(str(fresh.path / "tb" / "main-v1"))
+    acc.Reload()
+    assert {e.step: e.value for e in acc.Scalars("loss")} == {1: 2.0, 2: 1.0}
+    release = types.SimpleNamespace(version="v1", path=str(rd / "releases" / "v1" / "r1"), branch="main-v1", val={})
+    tracking.record_release(spec, release, rd)
+    again = RunDir.open(uri, str(tmp_path / "again"), s3.endpoint)
+    acc = EventAccumulator(str(again.path / "tb" / "main-v1"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("release/v1/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"{uri}/releases/v1/r1" in text
+
+
+def test_mlflows_default_sqlite_file_is_refused_for_a_run_directory_in_a_bucket(tmp_path, monkeypatch):
+    from raypath import tracking
+    from raypath.config import config_from_dict
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = config_from_dict({"run_dir": "s3://bucket/run", "tracking": {"backend": "mlflow"}})
+    with pytest.raises(tracking.TrackingError, match=r"tracking.mlflow_uri: a run directory in a bucket .*server"):
+        tracking.mlflow_uri(cfg, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking.mlflow_uri(cfg, tmp_path) == "http://mlflow.internal:5000"

@@ -572,6 +572,27 @@ def test_load_sweep_shows_an_errored_trial_and_the_forks_plot_starts_before_the_
     assert min(fig.axes[0].lines[0].get_xdata()) < first_fork  # the main path reaches back past the forks
 
 
+def test_the_analysis_shows_the_live_release_not_the_one_the_sweep_made(tiny_sweep, tmp_path, monkeypatch):
+    import shutil
+
+    from raypath import analysis
+    from raypath.cli import main
+
+    run = tmp_path / "run"  # a copy: the new pick must not leak into the session's sweep
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    sweep_dir = run / Path(tiny_sweep["dir"]).relative_to(tiny_sweep["cfg"].run_dir)
+    released = tiny_sweep["record"]["released"]
+    assert released and analysis.load_sweep(sweep_dir)[0].set_index("trial_id").loc[released, "released"]
+    other = next(t["trial_id"] for t in tiny_sweep["record"]["trials"] if t["trial_id"] != released)
+    assert main(["release", str(run), "--version", "v2", "--pick", other]) == 0
+    trials, _ = analysis.load_sweep(sweep_dir)
+    info = analysis.sweep_info(sweep_dir)
+    assert trials.loc[trials["released"], "trial_id"].tolist() == [other] and info["pinned"] is True
+    assert info["released"] == other and info["released_at_sweep"] == released
+    monkeypatch.chdir(sweep_dir)  # the notebook run from the sweep directory (RAYPATH_SWEEP_DIR=.)
+    assert analysis.main_objective(".") == analysis.main_objective(sweep_dir)
+
+
 def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     cfg, record = tiny_sweep["cfg"], tiny_sweep["record"]
     other = next(t for t in record["trials"] if t["trial_id"] != record["best"])
