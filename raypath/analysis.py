@@ -56,8 +56,8 @@ def _sweep_record(path: Path) -> dict:
     return storage.read_json(path, root=sweep_run_dir(path.parent))
 
 
-def _json_lines(path: Path) -> list[dict]:
-    return storage.read_jsonl(path) if path.is_file() else []
+def _last_result(path: Path) -> dict:
+    return (storage.last_jsonl(path) or {}) if path.is_file() else {}
 
 
 def sweep_info(sweep_dir: str | os.PathLike) -> dict:
@@ -94,8 +94,11 @@ def _trial_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(d for d in sweep_dir.glob("trial_*") if d.is_dir())
 
 
-def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per trial (config + final metrics) and one row per logged step of every trial.
+def load_sweep(sweep_dir: str | os.PathLike,
+               curves: bool | Sequence[str] = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial (config + final metrics) and one row per logged step of every trial
+    (``curves``: False for none, or the trial ids to read; a curve per trial is what grows with
+    the sweep: each trial's final results are read from the end of its ``result.json`` only).
 
     trials: ``trial_id``, the config columns (:data:`CONFIG_COLUMNS`; ``fraction``
         is what Optuna proposed, ``fraction_actual`` the fork it snapped to),
@@ -107,7 +110,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
         when the law stopper ended it, ``error`` when Tune recorded its failure, else
         ``running``/``pending``) and ``best`` /
         ``released`` flags. Sorted by score.
-    curves: ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
+    curves (the second frame): ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
         ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
     """
@@ -120,8 +123,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     for d in _trial_dirs(sweep_dir):
         trial_id = d.name.removeprefix("trial_")
         params = _read_json(d / "params.json") if (d / "params.json").is_file() else {}
-        results = sorted(_json_lines(d / "result.json"), key=lambda r: r.get("step", -1))
-        final = results[-1] if results else {}
+        final = _last_result(d / "result.json")  # the trial's latest report
         done = final.get("step") == end_step and "objective" in final
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({c: params.get(c) for c in CONFIG_COLUMNS})
@@ -135,9 +137,11 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
             "loss": final.get("loss"),
             "step": final.get("step"),
             "status": "done" if done else "stopped" if trial_id in stopped else
-            "error" if (d / "error.txt").is_file() else "running" if results else "pending",  # Tune's error file
+            "error" if (d / "error.txt").is_file() else "running" if final else "pending",  # Tune's error file
         })
         rows.append(row)
+        if curves is not True and trial_id not in (curves or ()):
+            continue
         curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")
         if len(curve):
             curve = curve.assign(trial_id=trial_id, shape=row["shape"], fraction_actual=row["fraction_actual"])
@@ -157,9 +161,9 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     trials["best"] = trials["trial_id"] == best
     trials["released"] = trials["trial_id"] == info.get("released")
     trials = trials.sort_values(["score", "trial_id"], na_position="last").reset_index(drop=True)
-    curves = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["trial_id", "step", "tokens", "branch_tokens", "lr", "loss"])
-    return trials, curves
+    return trials, steps
 
 
 def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:

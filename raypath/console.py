@@ -76,6 +76,13 @@ def setup_worker_logging() -> None:
     logger.propagate = False
 
 
+class _NoAuthNotice(logging.Filter):
+    raypath = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def quiet_ray() -> None:
     """Print only raypath's lines of the worker output Ray streams to this driver.
 
@@ -93,6 +100,11 @@ def quiet_ray() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # raypath turns Ray Data's progress bars off on purpose, and the deprecations are Ray's own.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray 2.60 announces that the local cluster it starts uses token authentication (on
+    # loopback here: nothing to act on). The warning that it is *off* stays.
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(getattr(f, "raypath", False) for f in auth.filters):
+        auth.addFilter(_NoAuthNotice())
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)

@@ -21,7 +21,9 @@ from raypath.loss import compile_loss, loss_installed
 from raypath.pretrained import WEIGHT_NAMES, weight_files
 
 
-def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None) -> LlamaConfig:
+def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> LlamaConfig:
+    # No pad_token_id here: transformers would make it the embedding's padding_idx, whose row is
+    # zeroed at init and never trained (set afterwards by _use_special_ids).
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -34,7 +36,6 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
         rope_theta=cfg.rope_theta,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
-        pad_token_id=pad_id,
         attn_implementation=cfg.attn_implementation,
     )
 
@@ -63,16 +64,23 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         limit = getattr(model.config, "max_position_embeddings", None)
         if seq_len and limit and seq_len > limit:
             raise ConfigError(f"model.path: {cfg.path} accepts {limit} positions, data.seq_len is {seq_len}")
-        _use_special_ids(model, eos_id, pad_id)
-        return model
-    return LlamaForCausalLM(llama_config(cfg, vocab_size, eos_id, pad_id))
+    else:
+        model = LlamaForCausalLM(llama_config(cfg, vocab_size, eos_id))
+    _use_special_ids(model, eos_id, pad_id)
+    return model
 
 
 def _use_special_ids(model: PreTrainedModel, eos_id: int, pad_id: int | None) -> None:
     """Make a pretrained model's EOS/PAD ids the training tokenizer's (``data.tokenizer`` may not
     be the base model's): documents are packed EOS-separated, and the released config and
     generation config must stop ``generate()`` where training ended documents. A list of EOS
-    ids (instruct models) that holds the tokenizer's is kept."""
+    ids (instruct models) that holds the tokenizer's is kept.
+
+    No embedding row is a padding row (``padding_idx``, which transformers takes from a config's
+    pad id): packed blocks hold no padding, and a pad id that is also EOS (``pad_token =
+    eos_token``), or a base model's pad id that the training tokenizer uses for a real token,
+    would leave that token's input embedding untrained."""
+    model.get_input_embeddings().padding_idx = None
     for conf in (model.config, getattr(model, "generation_config", None)):
         if conf is None:
             continue
@@ -258,6 +266,8 @@ def materialize(model: torch.nn.Module, device: torch.device,
     Non-persistent buffers (rotary frequencies) are always recomputed as transformers does.
     """
     model.to_empty(device=device)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()  # to_empty gives each module a new parameter: unsharded, tied ones part
     owner = _parameter_owners(model)
 
     def write(module: torch.nn.Module, values: torch.nn.Module, params: bool = True) -> None:

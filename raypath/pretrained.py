@@ -37,6 +37,9 @@ MANIFEST = "manifest.json"
 #: (a trainer's ``training_args.bin``, ``optimizer.pt``) is not the model.
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+#: Files of other weight formats (Meta's ``consolidated.*.pth``, TF/Flax, GGUF): a download skips
+#: those that are not the model's :func:`weight_files`.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
 @dataclass
@@ -91,12 +94,15 @@ def resolve(path: str, rd: RunDir, endpoint: str | None = None) -> BaseModel:
 def _download(uri: str, target: Path, endpoint: str | None) -> None:
     try:
         fs, root = uri_filesystem(uri, endpoint)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        # The top level only: from_pretrained reads nothing below it (a hub repo's original/
+        # holds a second copy of the weights in another format).
+        infos = fs.get_file_info(pafs.FileSelector(root))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot list {uri!r} ({e})") from None
     files = {i.path[len(root.rstrip('/')) + 1:]: i.path for i in infos if i.type == pafs.FileType.File}
     if "config.json" not in files:
         raise ConfigError(f"model.path: {uri!r} is not a save_pretrained directory (no config.json)")
+    files = _model_files(fs, files)
     log.info("downloading base model %s (%d files) -> %s", uri, len(files), target)
     # Cost grows with the model: one streaming copy per file, hashed as it lands, several
     # files at a time (a bucket serves each stream at a fraction of the node's bandwidth).
@@ -104,6 +110,17 @@ def _download(uri: str, target: Path, endpoint: str | None) -> None:
         rels = sorted(files)
         digests = in_threads(lambda rel: _copy_hashed(fs, files[rel], tmp / rel), rels)
         write_json(tmp / MANIFEST, {"source": uri, "sha256": dict(zip(rels, digests))})  # last: marks it complete
+
+
+def _model_files(fs: pafs.FileSystem, files: dict[str, str]) -> dict[str, str]:
+    """Of a model directory's files (name -> path in ``fs``), those ``from_pretrained`` loads: all
+    but the weight files it does not read (:data:`WEIGHT_SUFFIXES`, :func:`weight_files`)."""
+    name = next((n for n in WEIGHT_NAMES if n in files), None)
+    weights = {name}
+    if name is not None and name.endswith(".index.json"):
+        with fs.open_input_stream(files[name]) as f:
+            weights |= set(_weight_map(f.read().decode(errors="replace"), name).values())
+    return {rel: p for rel, p in files.items() if rel in weights or not rel.endswith(WEIGHT_SUFFIXES)}
 
 
 def _copy_hashed(fs: pafs.FileSystem, src: str, dst: Path) -> str:
@@ -141,13 +158,13 @@ def weight_files(directory: str | Path) -> list[Path]:
         return []
     if not name.endswith(".index.json"):
         return [d / name]
-    return [d / rel for rel in sorted(set(_weight_map(d / name).values()))]
+    return [d / rel for rel in sorted(set(_weight_map((d / name).read_text(), d / name).values()))]
 
 
-def _weight_map(index: Path) -> dict[str, str]:
-    """An index's ``weight_map``: tensor name -> the file holding it."""
+def _weight_map(text: str, index: str | Path) -> dict[str, str]:
+    """An index's ``weight_map`` (``text``: the file ``index``): tensor name -> the file holding it."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = json.loads(text).get("weight_map")
     except (ValueError, AttributeError):  # not JSON, or JSON but not a mapping
         weight_map = None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
@@ -156,23 +173,39 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def check_tokenizer(model_dir: str, tok, tokenizer_field: str, seq_len: int | None = None) -> None:
-    """Fail before training unless the model's embedding covers ``tok`` and its EOS/PAD ids exist.
+#: Config fields of architectures whose logits are not ``final hidden state @ lm_head.weight``
+#: (Gemma 2/3 soft-capping, Granite's and Cohere's scaling, nanochat's softcap). raypath's loss
+#: computes exactly that product, chunk by chunk, so it would train and evaluate another function
+#: than the model's own forward. Value: what the field holds when the head is plain.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0, "softcap": None}
 
+
+def check_tokenizer(model_dir: str | None, tok, tokenizer_field: str, seq_len: int | None = None) -> None:
+    """Fail before training unless ``tok`` has an EOS, its EOS/PAD ids are tokens of its own (and
+    of the model's embedding, which must cover it), and the model's head is one raypath's loss computes.
+
+    model_dir: ``model.path``'s local directory; None for a fresh model (``data.tokenizer`` alone).
     tokenizer_field: the config field the tokenizer came from, named in the error.
     """
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    rows = cfg.vocab_size
-    if len(tok) > rows:
-        raise ConfigError(f"{tokenizer_field}: the tokenizer has {len(tok)} tokens but model.path's embedding has "
-                          f"only {rows} rows")
     if tok.eos_token_id is None:
         raise ConfigError(f"{tokenizer_field}: the tokenizer defines no EOS token (documents are packed EOS-separated)")
+    rows, where = len(tok), "the tokenizer's vocabulary"
+    if model_dir is not None:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        rows, where = cfg.vocab_size, "model.path's embedding"
+        if len(tok) > rows:
+            raise ConfigError(f"{tokenizer_field}: the tokenizer has {len(tok)} tokens but model.path's embedding has "
+                              f"only {rows} rows")
+        odd = {k: getattr(cfg, k) for k, plain in LOGIT_TRANSFORMS.items() if getattr(cfg, k, plain) != plain}
+        if odd:
+            raise ConfigError(f"model.path: a {cfg.model_type} model transforms its logits "
+                              f"({', '.join(f'{k}={v}' for k, v in odd.items())}), which raypath's loss does not "
+                              f"apply: training and evaluation would follow another function than the model's")
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if seq_len and limit and seq_len > limit:
+            raise ConfigError(f"data.seq_len: {seq_len} exceeds model.path's max_position_embeddings {limit}")
     for name, tid in (("EOS", tok.eos_token_id), ("PAD", tok.pad_token_id)):
         if tid is not None and not 0 <= tid < rows:
-            raise ConfigError(f"{tokenizer_field}: {name} id {tid} is outside model.path's embedding ({rows} rows)")
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if seq_len and limit and seq_len > limit:
-        raise ConfigError(f"data.seq_len: {seq_len} exceeds model.path's max_position_embeddings {limit}")
+            raise ConfigError(f"{tokenizer_field}: {name} id {tid} is outside {where} ({rows} rows)")

@@ -152,9 +152,9 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
         tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
         if not Path(tok_dir, "tokenizer.json").is_file():
             raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
-        if base is not None:  # before any training or tokenization
-            check_tokenizer(base.local_dir, load_tokenizer(tok_dir),
-                            "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
+        # before any training or tokenization
+        check_tokenizer(base.local_dir if base is not None else None, load_tokenizer(tok_dir),
+                        "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
     else:
         tok_dir = str(run_dir / "tokenizer")
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,

@@ -221,3 +221,26 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         elif i < len(lines) - 1:
             log.warning("%s, line %d: not a JSON record (cut short by a crash?); skipped", path, i + 1)
     return out
+
+
+def last_jsonl(path: str | os.PathLike, block: int = 1 << 16) -> dict | None:
+    """The last record of an appended JSONL log, read backwards from its end: a log that grows
+    with the run (a trial's ``result.json``) is not parsed whole for its final line. Torn or
+    non-object lines are passed over, as :func:`read_jsonl` skips them. None when it has none."""
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        partial = b""
+        while pos > 0:
+            size = min(block, pos)
+            pos -= size
+            f.seek(pos)
+            lines = (f.read(size) + partial).split(b"\n")
+            partial = lines.pop(0) if pos > 0 else b""  # may continue in the block before
+            for line in reversed(lines):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    record = None
+                if isinstance(record, dict):
+                    return record
+    return None

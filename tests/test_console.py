@@ -137,3 +137,25 @@ def test_the_run_eta_counts_only_the_steps_this_process_trained(tmp_path):
     assert (progress.done, progress.done_here) == (220, 5)
     assert progress.trained_here(str(tmp_path / "missing.jsonl")) == 0
     assert progress.eta_s() > 1.5  # 260 steps left at <= 25 steps/s (was 0m01s: 100 steps in 0.2 s)
+
+
+def test_rays_token_auth_notice_is_not_printed_but_its_warning_that_auth_is_off_is(monkeypatch):
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from raypath import console
+
+    monkeypatch.delenv(console.LEVEL_ENV, raising=False)
+    console.quiet_ray()
+    console.quiet_ray()  # (once per driver is enough; twice adds nothing)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    auth.logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's
+    try:
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    finally:
+        auth.logger.removeHandler(handler)
+    assert [m[:40] for m in seen] == ["Token authentication is disabled for thi"]

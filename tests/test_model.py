@@ -127,3 +127,40 @@ def test_a_directory_without_weights_or_with_a_bad_index_is_named(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ConfigError, match=r"model.safetensors.index.json needs \"weight_map\""):
         checkpoint_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_no_token_embedding_is_a_padding_row_that_never_trains(tmp_path, tie):
+    """transformers makes a config's pad id the embedding's ``padding_idx``: that row is zeroed at
+    init and gets no gradient. With ``pad_token = eos_token`` (or a base model's pad id that the
+    training tokenizer uses for a real token) a token of every block would never train."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(tie), VOCAB, eos_id=5, pad_id=5)  # PAD is EOS
+    embed = model.get_input_embeddings()
+    assert embed.padding_idx is None and model.config.pad_token_id == 5 and model.generation_config.pad_token_id == 5
+    assert embed.weight[5].norm() > 0
+    ids = torch.tensor([[3, 5, 7, 5, 9]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert embed.weight.grad[5].norm() > 0
+
+    base = tmp_path / "base"  # a base model whose pad id (7) is a real token of the training tokenizer
+    pretrained = build_model(_cfg(tie), VOCAB, eos_id=0, pad_id=7)
+    pretrained.save_pretrained(base)
+    loaded = build_model(_cfg(tie, str(base)), VOCAB, eos_id=0, pad_id=1)
+    assert loaded.get_input_embeddings().padding_idx is None and loaded.config.pad_token_id == 1
+
+
+def test_an_unsharded_meta_build_keeps_its_tied_embeddings(tmp_path):
+    cfg = _cfg(True)
+    want = _plain(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, VOCAB, eos_id=0, pad_id=1, weights=False)
+    torch.manual_seed(0)
+    materialize(model, torch.device("cpu"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(p, want.get_parameter(n)) for n, p in model.named_parameters())
+    want.save_pretrained(tmp_path / "tied")
+    with torch.device("meta"):
+        again = build_model(cfg, VOCAB, eos_id=0, pad_id=1, weights=False)
+    materialize(again, torch.device("cpu"), checkpoint_tensors(str(tmp_path / "tied")))
+    assert again.lm_head.weight is again.model.embed_tokens.weight

@@ -58,6 +58,22 @@ def test_tokenizer_checks_name_the_field(tmp_path, tok_dir):
         check_tokenizer(str(ok), tok, "data.tokenizer")
     with pytest.raises(ConfigError, match="^data.seq_len: 128 exceeds model.path's max_position_embeddings 64"):
         check_tokenizer(str(ok), load_tokenizer(ok), "model.path", seq_len=128)
+    # a fresh model's data.tokenizer is checked too (it failed inside a tokenizing actor: TypeError)
+    with pytest.raises(ConfigError, match="^data.tokenizer: the tokenizer defines no EOS token"):
+        check_tokenizer(None, tok, "data.tokenizer")
+    check_tokenizer(None, load_tokenizer(ok), "data.tokenizer")
+
+
+def test_a_base_model_whose_head_transforms_its_logits_is_refused(tmp_path, tok_dir):
+    # Granite divides its logits by logits_scaling, Gemma 2 soft-caps them: raypath's loss is the plain product
+    from raypath.pretrained import check_tokenizer
+    from raypath.tokenizer import load_tokenizer
+
+    base = _save_base(tmp_path / "base", tok_dir)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "granite", "logits_scaling": 8.0}))
+    with pytest.raises(ConfigError, match=r"^model.path: a granite model transforms its logits \(logits_scaling=8.0\)"):
+        check_tokenizer(str(base), load_tokenizer(base), "model.path")
 
 
 def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
@@ -65,9 +81,15 @@ def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
     from raypath.pretrained import BASE_DIR, resolve
 
     src = _save_base(tmp_path / "base", tok_dir)
+    # what a hub repo ships next to the model that from_pretrained never reads
+    (src / "original").mkdir()
+    (src / "original" / "consolidated.00.pth").write_bytes(b"x" * 1000)
+    (src / "training_args.bin").write_bytes(b"y" * 100)
     run_dir = RunDir(tmp_path / "run")
     first = resolve(f"file://{src}", run_dir)
     assert Path(first.local_dir) == run_dir.path / BASE_DIR
+    got = {p.name for p in (run_dir.path / BASE_DIR).iterdir()}
+    assert "model.safetensors" in got and "tokenizer.json" in got and not {"original", "training_args.bin"} & got
     assert first.sha256 == {"model.safetensors": sha256_file(src / "model.safetensors")}
     weights = run_dir / BASE_DIR / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -212,3 +234,17 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
         released = json.loads((Path(release["path"]) / "config.json").read_text())
         assert {k: v for k, v in released.items() if k not in ignore} == \
                {k: v for k, v in base_config.items() if k not in ignore}
+
+
+def test_a_download_takes_the_shards_the_index_names_and_no_other_weights(tmp_path):
+    import pyarrow.fs as pafs
+
+    from raypath.pretrained import _model_files
+
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    names = ["config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors", "pytorch_model.bin", "consolidated.00.pth", "flax_model.msgpack"]
+    for n in names:
+        (tmp_path / n).write_text(json.dumps(index) if n.endswith("index.json") else "x")
+    kept = _model_files(pafs.LocalFileSystem(), {n: str(tmp_path / n) for n in names})
+    assert sorted(kept) == sorted(names[:5])

@@ -192,6 +192,22 @@ def test_a_curve_line_cut_short_by_a_crash_is_skipped_and_the_next_append_starts
         f"{path}, line 2: not a JSON record (cut short by a crash?); skipped"]
 
 
+@pytest.mark.parametrize("block", [7, 64, 1 << 16])  # lines across block boundaries, and one block
+def test_the_last_record_of_a_log_is_read_from_its_end(tmp_path, block):
+    import json
+
+    from raypath.storage import last_jsonl, read_jsonl
+
+    path = tmp_path / "result.json"
+    records = [{"step": s, "loss": 5.0 - s / 10, "note": "x" * (s % 13)} for s in range(1, 40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 40, "lo')  # one being written
+    assert last_jsonl(path, block) == records[-1] == read_jsonl(path)[-1]
+    path.write_text(json.dumps(records[0]) + "\n\n[1, 2]\n")  # not objects after it
+    assert last_jsonl(path, block) == records[0]
+    path.write_text("")
+    assert last_jsonl(path, block) is None
+
+
 def test_read_curve_missing_file_is_empty_with_step_column(tmp_path):
     df = read_curve(tmp_path / "nope.jsonl")
     assert df.empty and list(df.columns) == ["step"]

@@ -544,6 +544,11 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
         c = curves[curves["trial_id"] == row["trial_id"]]
         assert len(c) >= 3 and c["branch_tokens"].iloc[-1] == row["branch_tokens"]
     assert np.isfinite(main_objective(tiny_sweep["dir"]))
+    some = trials["trial_id"].iloc[0]
+    few_trials, few = load_sweep(tiny_sweep["dir"], curves=[some])
+    assert few_trials.equals(trials) and set(few["trial_id"]) == {some}
+    assert few.reset_index(drop=True).equals(curves[curves["trial_id"] == some].reset_index(drop=True))
+    assert load_sweep(tiny_sweep["dir"], curves=False)[1].empty
 
 
 def test_load_sweep_shows_an_errored_trial_and_the_forks_plot_starts_before_the_forks(tiny_sweep, tmp_path):
