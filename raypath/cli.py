@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing is lost, and the user should hear so
+        print("raypath: interrupted; what finished is kept (checkpoints, releases, the lineage): "
+              "the same command resumes", file=sys.stderr)
+        return 128 + 2  # what a shell reports for SIGINT
     except BrokenPipeError:  # `raypath status RUN | head`: the reader left, as it may
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush at exit
         return 128 + 13  # what a process killed by SIGPIPE returns, as git does under head

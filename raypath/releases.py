@@ -476,13 +476,15 @@ class Releaser:
         ptr = read_json(vdir / POINTER)
         rid, h = ptr["release"], self.history(version)
         if rid != h.current:
-            if rid not in h.ids():
+            entry = {"time": ptr.get("switched"), "release": rid, "action": "recovered", "replaced": h.current}
+            if rid not in h.ids():  # released, then stopped before the lineage was saved: as released
                 self.rd.fetch(vdir / rid / RELEASE_JSON)
-                h.releases.append(Release.from_dict(read_json(vdir / rid / RELEASE_JSON, root=self.rd.path)))
-            log.warning("%s: %s is live (%s) but the lineage said %s; recorded it", version, rid, POINTER,
-                        h.current)
-            h.log.append({"time": ptr.get("switched"), "release": rid, "action": "recovered",
-                          "replaced": h.current})
+                release = Release.from_dict(read_json(vdir / rid / RELEASE_JSON, root=self.rd.path))
+                h.releases.append(release)
+                entry.update(action="release", reason=release.reason, recovered=True)
+            log.warning("%s: %s is live (%s), but the lineage had %s; the run stopped before saving it: "
+                        "recorded", version, rid, POINTER, f"{h.current} live" if h.current else "no release")
+            h.log.append(entry)
             h.current, h.pinned = rid, bool(ptr.get("pinned"))
             self.lineage.set_release_history(version, h)
         _link_current(vdir, rid)

@@ -6,21 +6,62 @@ sibling and ``os.replace`` it into place, which POSIX makes atomic on one
 filesystem. The exception is a JSONL log that is appended to (a curve): a crash can
 cut its last line short, so appends start on a line of their own (:func:`end_line`) and
 readers skip what is not a record (:func:`read_jsonl`).
+
+A process killed outright (SIGKILL, a lost node) cannot remove its temporary sibling: the
+sibling's name says which host and process wrote it, and the next write of the same file
+removes those of dead processes (:func:`_remove_stale`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 log = logging.getLogger(__name__)
+
+
+#: A temporary sibling of another host (or of a name without one) is taken for dead this long
+#: after its last change: its process cannot be asked.
+STALE_S = 24 * 3600
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` (``.NAME.HOST-PID.XXXX.tmp``, file or directory)
+    whose process is gone: of this host, a pid that no longer runs; else older than :data:`STALE_S`."""
+    host, now = socket.gethostname(), time.time()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        writer = p.name[len(path.name) + 2:-len(".tmp")].rsplit(".", 1)[0]  # HOST-PID (older names: random)
+        who, _, pid = writer.rpartition("-")
+        try:
+            dead = _gone(int(pid)) if who == host and pid.isdigit() else now - p.lstat().st_mtime > STALE_S
+            if dead:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError:  # removed by another process meanwhile
+            pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -28,7 +69,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -154,7 +196,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if old.is_dir() and not path.exists():  # a crash between the two renames below
         os.replace(old, path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; releases are read by others

@@ -138,3 +138,15 @@ def test_a_ray_address_ray_cannot_connect_to_is_named(address, message):
     with pytest.raises(ConfigError, match=f"cluster.address: .*{re.escape(message)}"):
         check_address(address)
     check_address("auto")  # inside a submitted job: Ray finds the cluster itself
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(monkeypatch, capsys):
+    from raypath import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_status", interrupted)
+    assert cli.main(["status", "runs/x"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("raypath: interrupted; what finished is kept") and "Traceback" not in err

@@ -183,3 +183,43 @@ def test_a_segment_refuses_to_continue_checkpoints_of_another_plan(tmp_path):
         check_plan(branch("linear"))
     with pytest.raises(ConfigError, match="past step 85, which this plan checkpoints"):
         check_plan(branch("cosine", save_steps=(85, 100)))
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
+    """SIGKILL skips every cleanup: an atomic write's temporary sibling (a release's whole model
+    copy, a half-written report file) stayed for good. The next write of the same file removes
+    those of dead processes, and leaves a live writer's and another host's recent one alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from raypath.storage import STALE_S, atomic_dir, atomic_write_bytes
+
+    release, report = tmp_path / "releases" / "v1" / "r1", tmp_path / "report" / "releases.csv"
+    code = (f"import time\nfrom raypath.storage import atomic_dir, atomic_file\n"
+            f"with atomic_dir({str(release)!r}) as d:\n"
+            f"    (d / 'model.safetensors').write_bytes(b'w' * 1000)\n"
+            f"    with atomic_file({str(report)!r}) as f:\n"
+            f"        f.write(b'half')\n"
+            f"        print('ready', flush=True)\n"
+            f"        time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(list(tmp_path.rglob(".*.tmp"))) == 2  # the model copy and the report's half
+    live = report.with_name(f".releases.csv.{socket.gethostname()}-{os.getpid()}.abcd1234.tmp")
+    recent, old = (report.with_name(f".releases.csv.elsewhere-{n}.abcd1234.tmp") for n in (1, 2))
+    for p in (live, recent, old):
+        p.write_bytes(b"")
+    os.utime(old, (time.time() - STALE_S - 60,) * 2)
+    atomic_write_bytes(report, b"version,branch\n")
+    with atomic_dir(release) as d:
+        (d / "model.safetensors").write_bytes(b"w" * 1000)
+    assert sorted(p.name for p in tmp_path.rglob(".*.tmp")) == sorted([live.name, recent.name])
+    assert report.read_bytes() == b"version,branch\n" and (release / "model.safetensors").is_file()

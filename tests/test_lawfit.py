@@ -141,16 +141,16 @@ def test_predict_branch(law_run, fits):
     assert all(math.isfinite(v) and v > 0 for v in p["predicted"].values())
     assert p["weights"] == {"v1": 0.25, "v2": 0.25, "v3": 0.5}
     assert p["objective"] == pytest.approx(sum(p["weights"][s] * p["predicted"][s] for s in p["weights"]))
-    # Where the fit resolved an annealing gain (C / C2 > 0, alpha not at a bound), a long
-    # full decay ends below the never-annealed main path, and a higher floor gains less.
-    # (Tiny-run splits with few points may leave it unresolved; those are flagged degenerate.)
+    # On the data it anneals on, a long full decay ends below the never-annealed main path (the
+    # fit found an annealing gain there), and a higher floor gains less. On older splits the
+    # sign is the data's (annealing on prose may raise the loss on code, a drift term), but a
+    # shallower decay moves every split less, the same way.
     high = lawfit.predict_branch(fits, lineage, "v3", "cosine", 0.5, 0.5)
-    resolved = [s for s, f in fits.items()
-                if f.params.get("C2", f.params.get("C", 0.0)) > 0 and "alpha" not in f.degenerate]
-    assert resolved
-    for s in resolved:
-        assert p["predicted"][s] < p["main"][s]
-        assert p["predicted"][s] < high["predicted"][s] < p["main"][s]
+    assert fits["v3"].params.get("C2", fits["v3"].params.get("C", 0.0)) > 0
+    assert p["predicted"]["v3"] < high["predicted"]["v3"] < p["main"]["v3"]
+    for s in p["predicted"]:
+        full, shallow = p["predicted"][s] - p["main"][s], high["predicted"][s] - p["main"][s]
+        assert full * shallow >= 0 and abs(shallow) <= abs(full), s
 
 
 def test_rank_candidates_sorted_and_deterministic(law_run, fits):

@@ -250,7 +250,7 @@ def test_crash_inside_the_switch_leaves_the_previous_release_live(run, monkeypat
     assert _pointer(run) == "r2" and Lineage.load(run).release("v2").branch == "branch-v2-t1"
 
 
-def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch):
+def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch, caplog):
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
 
     def crash(self, version, history):
@@ -262,9 +262,13 @@ def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch
     monkeypatch.undo()
     assert _pointer(run) == "r2" and Lineage.load(run).release("v2").id == "r1"
     lin = Lineage.load(run)
-    Releaser(lin).sync("v2")
+    with caplog.at_level("WARNING", logger="raypath.releases"):
+        Releaser(lin).sync("v2")
     assert lin.release("v2").id == "r2" and lin.release("v2").branch == "branch-v2-t1"
-    assert Lineage.load(run).release_history("v2").log[-1]["action"] == "recovered"
+    # recorded as the release it was, not as an unexplained "recovered"
+    last = Lineage.load(run).release_history("v2").log[-1]
+    assert (last["action"], last["reason"], last["recovered"], last["replaced"]) == ("release", "sweep best", True, "r1")
+    assert "r2 is live (current.json), but the lineage had r1 live; the run stopped before saving it" in caplog.text
 
 
 # --------------------------------------------------------------------------- the real tiny lineage
