@@ -129,10 +129,13 @@ def test_lineage_record(tiny_run):
 def test_cost_matches_hand_computation(tiny_run):
     cfg, lin = tiny_run
     rows = lineage_costs(lin)
-    new = [v["new_tokens"] for v in lin["versions"]]
+    seq_len, batch = lin["config"]["data"]["seq_len"], lin["config"]["train"]["global_batch_size"]
+    blocks = np.cumsum([v["new_blocks"] for v in lin["versions"]])  # PTFS k trains versions 1..k's blocks
+    ptfs = np.cumsum([b // batch * batch * seq_len for b in blocks]).tolist()  # whole batches, seq_len each
     trained = [m["tokens_end"] - m["tokens_start"] + b["tokens_trained"]
                for m, b in zip(lin["main_path"], sorted(lin["branches"], key=lambda b: b["version"]))]
-    ptfs = [new[0], new[0] + (new[0] + new[1]), new[0] + (new[0] + new[1]) + sum(new)]
+    m1 = lin["main_path"][0]
+    assert ptfs[0] == m1["tokens_end"] - m1["tokens_start"]  # v1's main path is what PTFS trains for v1
     for k, row in enumerate(rows):
         assert row["ptfs_cumulative"] == ptfs[k]
         assert row["path_switching_ratio"] == pytest.approx(sum(trained[: k + 1]) / ptfs[k])

@@ -239,8 +239,8 @@ def test_releases_table_numbers(lineage):
     assert df["tokens_total"].tolist() == [1000, 2200, 3000]
     # whole run: main (1000, 1200, 800) + branches (2 steps * 100 each)
     assert df["tokens_cumulative"].tolist() == [1200, 1200 + 1400, 2600 + 1000]
-    # PTFS: 1010, 1010 + (1010+1210), 3230 + (1010+1210+805)
-    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1010, 2600 / 3230, 3600 / 6255])
+    # PTFS trains whole batches of 2 x 50 tokens of blocks 20, 20+24, 20+24+16: 1000, +2200, +3000
+    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1000, 2600 / 3200, 3600 / 6200])
     assert df["with_search_ratio"].tolist() == df["path_switching_ratio"].tolist()  # no sweep searched
     assert df["test/own"].isna().all()  # releases recorded before test splits existed
 
@@ -257,7 +257,7 @@ def test_releases_table_tolerates_main_path_recorded_out_of_order(lineage):
     shuffled = copy.deepcopy(lineage)
     shuffled["main_path"] = shuffled["main_path"][::-1]  # a re-recorded entry is appended last
     assert releases_table(shuffled)["path_switching_ratio"].tolist() == pytest.approx(
-        [1200 / 1010, 2600 / 3230, 3600 / 6255])
+        [1200 / 1000, 2600 / 3200, 3600 / 6200])
 
 
 def test_releases_table_empty_keeps_columns():
@@ -284,12 +284,12 @@ def _row(text: str, first: str) -> list[str]:
 def test_format_releases_rows(lineage):
     text = format_releases(lineage)
     assert text.splitlines()[0].startswith("releases of synthetic")
-    #          version branch  val/v1 v2 v3  own  main  delta  tokens run  ratio (1200/1010 = 1.18812)
+    #          version branch  val/v1 v2 v3  own  main  delta  tokens run  ratio (1200/1000: PTFS trains 20 blocks x 50)
     #          ... test/own (none recorded), ratio with search (no sweep: the same)
     assert _row(text, "v1") == ["v1", "branch-v1", "3.900", "-", "-", "3.900", "4.000", "-0.100", "-",
-                                "1.0k", "1.2k", "1.188", "1.188"]
-    assert _row(text, "v2")[-6:] == ["-0.200", "-", "2.2k", "2.6k", "0.805", "0.805"]  # 2600/3230 = 0.80495
-    assert _row(text, "v3")[-6:] == ["+0.100", "-", "3.0k", "3.6k", "0.576", "0.576"]  # 3600/6255 = 0.57554
+                                "1.0k", "1.2k", "1.200", "1.200"]
+    assert _row(text, "v2")[-6:] == ["-0.200", "-", "2.2k", "2.6k", "0.812", "0.812"]  # 2600/3200 = 0.8125
+    assert _row(text, "v3")[-6:] == ["+0.100", "-", "3.0k", "3.6k", "0.581", "0.581"]  # 3600/6200 = 0.58065
     # header, dashed rule, one line per release; right-aligned numbers end in the same column
     table = text.splitlines()[1:]
     assert len(table) == 2 + 3
@@ -363,7 +363,7 @@ def test_write_report_files(run_dir):
     df = pd.read_csv(paths["table"])
     assert df["version"].tolist() == ["v1", "v2", "v3"]
     assert df["tokens_cumulative"].tolist() == [1200, 2600, 3600]
-    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1010, 2600 / 3230, 3600 / 6255])
+    assert df["path_switching_ratio"].tolist() == pytest.approx([1200 / 1000, 2600 / 3200, 3600 / 6200])
     assert math.isnan(df.loc[0, "val/v2"])
     assert Path(paths["markdown"]).read_text().count("\n| v") == 3
     assert sorted(os.listdir(report)) == ["lineage.png", "releases.csv", "releases.md"]  # no temp files left
