@@ -32,7 +32,9 @@ workers sharing a node do not trip over each other); an object store creates
 an object only when its upload completes. What counts as changed: small
 metadata (:data:`MUTABLE`: JSON, JSONL, YAML) is rewritten in place, so it is
 always copied; everything else (parquet, weights, tokenizer files) is written
-once, so it is copied when missing or of a different size.
+once, so it is copied when missing or of a different size. So are the embedded
+corpus's JSONL parts (:data:`WRITE_ONCE`): data, rewritten only by a rebuild, which
+publishes them with ``force``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ from raypath.storage import atomic_file, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
+#: Directories whose files are written once whatever their suffix, except their top-level
+#: records: the embedded corpus (tens of MB of JSONL, copied at every start if taken as metadata).
+WRITE_ONCE = ("corpus",)
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
 NOT_MIRRORED = ("ray", "exports", "releases")
 #: Top-level entries of which the driver pulls only the metadata at start: prepared token
@@ -150,6 +155,18 @@ class Mirror:
 
     # ---------------------------------------------------------------- copying
 
+    def _changed(self, local: Path, remote: pafs.FileInfo) -> bool:
+        """Whether ``local`` and the remote file may differ (see the module doc)."""
+        if remote.type != pafs.FileType.File or not local.is_file():
+            return True
+        return self._mutable(local) or local.stat().st_size != remote.size
+
+    def _mutable(self, local: Path) -> bool:
+        if not local.name.endswith(MUTABLE):
+            return False
+        parts = Path(self.relative(local) or local.name).parts
+        return not (len(parts) > 2 and parts[0] in WRITE_ONCE)
+
     def pull(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:
         """Make the local ``path`` (file or directory) a copy of the remote one; returns ``path``.
 
@@ -166,7 +183,7 @@ class Mirror:
             else:
                 self._pull_dir(path)
         elif info.type == pafs.FileType.File:
-            if _changed(path, info):
+            if self._changed(path, info):
                 self._download(info.path, path)
         elif not missing_ok:
             raise FileNotFoundError(f"{self.remote}/{self.relative(path)}: not found (needed at {path})")
@@ -194,7 +211,7 @@ class Mirror:
         """Copy every remote file under the directory ``path`` here where it changed, except
         under its sub-directories ``exclude``."""
         for rel, info in self._tree(path).items():
-            if rel.split("/", 1)[0] not in exclude and _changed(Path(path, rel), info):
+            if rel.split("/", 1)[0] not in exclude and self._changed(Path(path, rel), info):
                 self._download(info.path, Path(path, rel))
 
     def pull_run(self) -> None:
@@ -203,11 +220,12 @@ class Mirror:
             top = rel.split("/", 1)[0]
             if top in NOT_MIRRORED or (top in METADATA_ONLY and not rel.endswith(MUTABLE)):
                 continue
-            if _changed(Path(self.local, rel), info):
+            if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))
 
-    def push(self, path: str | os.PathLike) -> None:
-        """Upload the local ``path`` (file or directory) where it changed; metadata last.
+    def push(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Upload the local ``path`` (file or directory) where it changed (every file with
+        ``force``: rewritten write-once files); metadata last.
 
         Metadata (a manifest, a model card) describes the files next to it, so a
         remote reader never sees it before them.
@@ -223,7 +241,7 @@ class Mirror:
         fs, made = self.filesystem(), set()
         for rel in sorted(files, key=_upload_order):
             local, dst = files[rel], self.remote_path(files[rel])
-            if rel in remote and not _changed(local, remote[rel]):
+            if not force and rel in remote and not self._changed(local, remote[rel]):
                 continue
             parent = dst.rsplit("/", 1)[0]
             if parent not in made:  # object stores need no directories; other filesystems do
@@ -254,11 +272,6 @@ def _upload_order(rel: str) -> tuple:
     return rel.endswith(MUTABLE), -rel.count("/"), rel
 
 
-def _changed(local: Path, remote: pafs.FileInfo) -> bool:
-    """Whether ``local`` and the remote file may differ (see the module doc)."""
-    if remote.type != pafs.FileType.File or not local.is_file():
-        return True
-    return local.name.endswith(MUTABLE) or local.stat().st_size != remote.size
 
 
 # ------------------------------------------------------------ the run-directory handle
@@ -376,10 +389,11 @@ class RunDir:
         return (fs, p) if fs is not None else (pafs.LocalFileSystem(), str(Path(p).resolve()))
 
     # ---- writing
-    def publish(self, path: str | os.PathLike) -> None:
-        """Upload ``path`` (file or directory) to a remote run directory; a no-op for a local one."""
+    def publish(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Upload ``path`` (file or directory) to a remote run directory, where it changed (all
+        of it with ``force``, :meth:`Mirror.push`); a no-op for a local one."""
         if self.remote(path):
-            self.mirror.push(path)
+            self.mirror.push(path, force)
 
     def copy_in_store(self, src: str | os.PathLike, dst: str | os.PathLike) -> bool:
         """Copy the directory ``src`` to ``dst`` inside a remote run directory's store, where

@@ -25,6 +25,7 @@ from raypath.branches import BranchRunner, release_branch
 from raypath.cluster import check_address, init_ray
 from raypath.config import Config, ConfigError
 from raypath.console import RunProgress
+from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
 from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Branch as BranchEntry
@@ -94,12 +95,21 @@ class RunContext:
                     rd=self.rd, tracking=self.tracking)
 
 
-def _corpus(cfg: Config, run_dir: Path) -> str:
-    """The corpus directory or URI; the embedded default is built under the run directory."""
-    if cfg.data.corpus == "embedded":
-        return str(build_embedded_corpus(run_dir / "corpus", max_docs_per_version=cfg.data.max_docs_per_version,
-                                         seed=cfg.data.seed))
-    return cfg.data.corpus
+def _corpus(cfg: Config, rd: RunDir) -> str:
+    """The corpus directory or URI; the embedded default is built under the run directory (and a
+    rebuild uploaded whole to a remote one: its parts are otherwise copied by size)."""
+    if cfg.data.corpus != "embedded":
+        return cfg.data.corpus
+    out = rd.path / "corpus"
+    before = _read_or_none(out / CORPUS_MANIFEST)
+    build_embedded_corpus(out, max_docs_per_version=cfg.data.max_docs_per_version, seed=cfg.data.seed)
+    if _read_or_none(out / CORPUS_MANIFEST) != before:
+        rd.publish(out, force=True)
+    return str(out)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def _endpoint(cfg: Config) -> str | None:
@@ -123,7 +133,7 @@ def locate(cfg: Config) -> Located:
 
 
 def _discover(cfg: Config, rd: RunDir) -> Located:
-    return Located(rd, discover_versions(_corpus(cfg, rd.path), cfg.data.versions, _endpoint(cfg)))
+    return Located(rd, discover_versions(_corpus(cfg, rd), cfg.data.versions, _endpoint(cfg)))
 
 
 def _open_run_dir(cfg: Config) -> RunDir:

@@ -78,6 +78,41 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
         other.pull(Path(other.local, "data", "v2", "val.parquet"))
 
 
+def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
+    from raypath.config import load_config
+    from raypath.run import locate
+
+    bucket = _bucket(s3, "corpus-once")
+    moved = []  # (direction, path relative to the run directory) of every corpus file transferred
+    copy_files, download = pafs.copy_files, Mirror._download
+    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (
+        moved.append(("up", dst.split("/run/", 1)[1])), copy_files(src, dst, **kw)))
+    monkeypatch.setattr(Mirror, "_download", lambda self, src, dst: (
+        moved.append(("down", src.split("/run/", 1)[1])), download(self, src, dst)))
+
+    def start(machine: str, *overrides: str) -> list[tuple[str, str]]:
+        cfg = load_config(TINY, [f"run_dir=s3://{bucket}/run", f"cluster.local_dir={tmp_path / machine}",
+                                 f"cluster.storage_endpoint={s3.endpoint}", *overrides])
+        moved.clear()
+        where = locate(cfg)
+        where.rd.publish(where.rd.path / "corpus")  # what preparation does next
+        return sorted((d, p) for d, p in moved if p.startswith("corpus/v"))  # the parts, not the record
+
+    parts = [f"corpus/v{k}/{split}/part-000.jsonl" for k in range(1, 5) for split in ("train", "val")]
+    assert start("a") == [("up", p) for p in parts]
+    # A second start on the same machine copies none of them; a first one on another downloads them.
+    assert start("a") == []
+    assert start("b") == [("down", p) for p in parts]
+    # A local part that differs from the record at the same size is rebuilt (the bucket has it right).
+    part = tmp_path / "b" / parts[0]
+    good = part.read_bytes()
+    part.write_bytes(good[::-1])
+    assert start("b") == [] and part.read_bytes() == good
+    # A rebuild (another seed here) goes up whole, same-size parts included.
+    assert start("b", "data.seed=1") == [("up", p) for p in parts]
+    assert s3.fs.open_input_stream(f"{bucket}/run/{parts[0]}").read() == part.read_bytes() != good
+
+
 def test_where_a_run_directory_lives(tmp_path):
     from raypath.config import ConfigError, load_config
 
