@@ -32,10 +32,14 @@ def _model(d: Path, gb: float, shards: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     per = int(gb * 1e9 / shards)
-    for i in range(shards):
-        with open(d / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", "wb") as f:
-            for _ in range(0, per, 64 << 20):
-                f.write(os.urandom(min(64 << 20, per)))
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    # the index names the weight files, as save_pretrained writes it: raypath reads only those
+    index = {"weight_map": {f"t{i}": name for i, name in enumerate(names)}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in names:
+        with open(d / name, "wb") as f:
+            for off in range(0, per, 64 << 20):
+                f.write(os.urandom(min(64 << 20, per - off)))
 
 
 def _time(fn, repeats: int) -> float:
@@ -44,7 +48,7 @@ def _time(fn, repeats: int) -> float:
         t0 = time.perf_counter()
         fn()
         walls.append(time.perf_counter() - t0)
-    return round(statistics.median(walls), 3)
+    return statistics.median(walls)
 
 
 def main() -> None:
@@ -57,13 +61,15 @@ def main() -> None:
 
     import raypath
     from raypath.mirror import RunDir
-    from raypath.pretrained import resolve
+    from raypath.pretrained import resolve, weight_files
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pretrained-bench-"))
     src = root / "model"
-    if not (src / "config.json").is_file():
+    if not (src / "model.safetensors.index.json").is_file():
         _model(src, args.gb, args.shards)
-    weights = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in weight_files(src))
+    if not weights:
+        raise SystemExit(f"{src}: no weight files found")
 
     def download():
         shutil.rmtree(root / "run", ignore_errors=True)
@@ -77,6 +83,7 @@ def main() -> None:
                "verify_s": _time(lambda: resolve(f"file://{src}", RunDir(root / "run")), args.repeats)}
     for k in ("local_hash_s", "download_s", "verify_s"):
         results[k.replace("_s", "_gb_per_s")] = round(weights / 1e9 / results[k], 2)
+        results[k] = round(results[k], 4)
     shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(results, indent=1))
 

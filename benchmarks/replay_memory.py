@@ -63,7 +63,7 @@ def _data(root: Path, args) -> tuple[dict, list[dict], int]:
     _write_blocks(root / "warm.parquet", np.zeros((64, args.block), np.int32))
     n_replay = int(args.stream_replay * args.rows)
     src = np.r_[np.ones(args.rows - n_replay, np.int64), np.zeros(n_replay, np.int64)][rng.permutation(args.rows)]
-    (root / "stream").mkdir()
+    (root / "stream").mkdir(exist_ok=True)  # a --workdir used before
     cuts = np.linspace(0, args.rows, args.parts + 1).astype(int)
     for i in range(args.parts):
         a, b = cuts[i], cuts[i + 1]

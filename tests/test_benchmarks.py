@@ -1,0 +1,42 @@
+"""The benchmarks without Ray still run and measure what they say, at toy sizes.
+
+Their numbers come from full-size runs recorded in docs/benchmarks.md; these only keep the
+scripts from rotting as the code under them changes (a benchmark that finds no weight files
+to hash reports an impossible speed, not an error)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], check=True,
+                         capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout)
+
+
+def test_pretrained_start_hashes_and_downloads_every_weight_byte(tmp_path):
+    for _ in range(2):  # a work directory used before is reused
+        got = _bench("pretrained_start", "--gb", "0.02", "--shards", "2", "--repeats", "1",
+                     "--workdir", str(tmp_path))
+        assert got["weights_bytes"] == 20_000_000 and got["shards"] == 2
+        for k in ("local_hash_s", "download_s", "verify_s"):
+            assert got[k] > 0 and 0 < got[k.replace("_s", "_gb_per_s")] < 100, (k, got)
+
+
+def test_replay_memory_mixes_each_ratio_in_a_work_directory_used_before(tmp_path):
+    for _ in range(2):
+        got = _bench("replay_memory", "--rows", "400", "--block", "65", "--parts", "2", "--ratios", "0.1,0.5",
+                     "--workdir", str(tmp_path))
+        assert got["stream_bytes"] == 400 * 65 * 4
+        assert [got["ratios"][r]["mix"]["replay_rows"] for r in ("0.1", "0.5")] == [8, 40]
+
+
+def test_lineage_size_grows_with_the_files_it_records():
+    small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
+    assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]
