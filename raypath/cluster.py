@@ -48,13 +48,15 @@ def _job_env_vars() -> dict[str, str]:
     return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback."""
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback.
+    Returns whether this call started a local cluster (all the resources there will be)."""
     import ray
     import ray.data
 
     from raypath.console import LEVEL_ENV, level, quiet_ray
 
+    started = False
     if not ray.is_initialized():
         check_address(address)
         # Before ray.init: Ray's own start-up lines and the log printer it sets up
@@ -79,5 +81,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # machine with `ray start` (ray.init() would attach to that one instead).
             ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
                      _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+            started = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray cluster resources: %s", ray.cluster_resources())
+    return started
+
+
+def check_workers_fit(train, local: bool) -> None:
+    """The Train workers of a segment (``train``: :class:`raypath.config.TrainConfig`) against the
+    cluster's CPUs and GPUs. Ray Train waits for resources that never come without a word (and
+    Ctrl-C does not end the wait): on a local cluster, all there is, that is a ConfigError; an
+    existing cluster may autoscale, so there it is a warning."""
+    import ray
+
+    from raypath.config import ConfigError
+
+    have = ray.cluster_resources()
+    workers = train.min_workers if 0 < train.min_workers < train.num_workers else train.num_workers
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    problems = []
+    if workers * train.cpus_per_worker > cpus:
+        need = workers * train.cpus_per_worker
+        problems.append(f"train.num_workers: {workers} worker(s) x {train.cpus_per_worker:g} CPUs "
+                        f"(train.cpus_per_worker) need {need:g} CPUs, the cluster has {cpus:g}")
+    if train.use_gpu and workers > gpus:
+        problems.append(f"train.use_gpu: {workers} worker(s) need a GPU each, the cluster has {gpus:g}")
+    if problems and local:
+        raise ConfigError("; ".join(problems) + " (a local cluster's CPUs: cluster.num_cpus)")
+    for p in problems:
+        log.warning("%s: training waits until the cluster has them (an autoscaling cluster adds nodes)", p)

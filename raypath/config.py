@@ -49,7 +49,7 @@ class ModelConfig:
         they were saved in, and the tokenizer defaults to the model's own.
     hidden_size: model width.
     num_layers: decoder blocks.
-    num_heads: attention heads; must divide ``hidden_size``.
+    num_heads: attention heads; must divide ``hidden_size`` into an even head size.
     num_kv_heads: key/value heads (GQA); must divide ``num_heads``.
     intermediate_size: SwiGLU MLP width.
     max_position_embeddings: longest sequence the model accepts; must be >= data.seq_len.
@@ -290,6 +290,9 @@ class SweepConfig:
         Optuna evaluates the best ``guide_points`` of them first; trials whose
         forecast final score cannot beat the best finished one are stopped. If
         a split the objective weighs has too few points for a law, plain TPE.
+        Before a branch of the version has finished, a decay is taken to gain
+        what it did in the nearest earlier phase; before any branch at all,
+        nothing is enqueued (the stopping stays).
         ``none`` = plain TPE.
     guide_points: predicted-best candidates enqueued before TPE samples;
         0 = ``min(4, num_samples // 2)``.
@@ -507,9 +510,27 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping: YAML keeps the last silently, so a
+    second ``train:`` section replaced the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                    f"the second would replace the first", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def _yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}: " if mark is not None else ""
@@ -619,8 +640,15 @@ def validate(cfg: Config) -> None:
                f"model accepts {m.max_position_embeddings} positions but data.seq_len is {d.seq_len}")
         _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
                f"must divide hidden_size {m.hidden_size}, got {m.num_heads}")
+        _check(m.hidden_size // m.num_heads % 2 == 0, "model.num_heads",
+               f"head size hidden_size / num_heads = {m.hidden_size // m.num_heads} must be even "
+               f"(rotary embeddings turn pairs of dimensions)")
         _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
                f"must divide num_heads {m.num_heads}, got {m.num_kv_heads}")
+    for name, seed in (("data.seed", d.seed), ("train.seed", t.seed), ("sweep.seed", cfg.sweep.seed)):
+        # numpy's and Optuna's generators take [0, 2**32) (torch's a little more): out of range,
+        # a worker or a sweep failed late, after the sweep had written its settings
+        _check(0 <= seed < 2**32, name, f"must be in [0, 2**32), got {seed}")
     _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")

@@ -623,6 +623,17 @@ def law_class(law: type[_Law] | str) -> type[_Law]:
                            drift=bool(m.group(4)), gap=bool(m.group(5)))
 
 
+def anneal_params(law: type[_Law] | str) -> tuple[str, ...]:
+    """The coefficients of a law's annealing terms, one per phase, the last phase's first: what
+    credits a decay of the latest version's branches, then of each earlier phase
+    (``C``; ``C2, C1``; ``C2_<n>, ..., C2_2, C2, C1`` for a multi-shift law with ``anneal``)."""
+    cls = law_class(law)
+    if "C2" not in cls.param_names:
+        return ("C",)
+    later = tuple(f"C2_{i}" for i in range(cls.n_shifts, 1, -1)) if getattr(cls, "anneal", False) else ()
+    return (*later, "C2", "C1")
+
+
 @contextlib.contextmanager
 def single_thread_blas():
     """Run the block with every loaded OpenBLAS limited to one thread.

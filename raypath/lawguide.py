@@ -18,6 +18,7 @@ wires it in when ``sweep.guide: law``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from raypath.law import FitResult
+from raypath.law import FitResult, anneal_params
 from raypath.lawfit import (
     MIN_POINTS,
     LineageLike,
@@ -205,6 +206,27 @@ def optuna_point(candidate: Mapping, replay_ratio: float | None = None) -> dict:
 
 # --------------------------------------------------------------------------- sweep guidance
 
+def decay_prior(fit: FitResult) -> tuple[FitResult, str | None]:
+    """``fit`` for ranking decays of the latest phase, and the coefficient its decay gain comes from.
+
+    Before a branch of the latest version has finished, no curve the fit saw decays in its
+    phase: that phase's annealing coefficient (``C2`` of a CPT law) sits at its bound, changes
+    no observed loss, and a ranking with it credits no decay at all (shortest branch, highest
+    floor first). Until one is seen, the phase is taken to gain from a decay what the nearest
+    earlier phase that the data identified does (``C2 = C1``): on the law's synthetic lineage
+    this ranks as the fit with the version's branch does (tests/test_lawfit.py). None when no
+    phase's gain is identified (a version without a branch on a one-version lineage)."""
+    names = anneal_params(fit.law)
+    source = next((k for k in names if k not in fit.degenerate), None)
+    if source in (None, names[0]):
+        return fit, source
+    return dataclasses.replace(fit, params={**fit.params, names[0]: fit.params[source]}), source
+
+
+class UnidentifiedDecay(ValueError):
+    """The law predicts the objective but has not seen the decays it would rank (:meth:`LawGuide.check_ranking`)."""
+
+
 class LawGuide:
     """The law's view of one branch search; what :mod:`raypath.sweep` plugs into Tune.
 
@@ -231,9 +253,9 @@ class LawGuide:
     Predictions use the same per-split weights as the trials' ``objective``.
 
     If the lineage has too few points for a split (e.g. a version with no branch yet: its
-    new split has no annealing observation), the guide still ranks (degenerate
-    parameters are reported in ``fits``), and the stopper uses the law only as a relative
-    forecast of the remaining improvement. A weighted split with too few points to fit at all
+    new split has no annealing observation), the guide does not rank (:meth:`check_ranking`;
+    degenerate parameters are reported in ``fits``), and the stopper uses the law only as a
+    relative forecast of the remaining improvement. A weighted split with too few points to fit at all
     leaves the objective unpredictable: :meth:`check_objective` says which, and the forecasts
     are NaN.
 
@@ -340,11 +362,35 @@ class LawGuide:
             raise ValueError(f"the objective weighs split(s) the law cannot be fitted on ({why}; a fit needs "
                              f"{MIN_POINTS}), so it cannot predict the objective")
 
+    def check_ranking(self) -> None:
+        """:meth:`check_objective`, then raise :class:`UnidentifiedDecay`, naming the splits, when
+        no weighted split's fit has identified a decay's gain in any phase (:func:`decay_prior`:
+        a one-version lineage without a finished branch, say). Such a law credits no decay, so
+        its ranking would put the shortest branches with the highest floor first."""
+        self.check_objective()
+        weighted = [s for s in self.fits if self.weights.get(s, 0) > 0]
+        if weighted and all(decay_prior(self.fits[s])[1] is None for s in weighted):
+            raise UnidentifiedDecay(
+                f"the law has seen no decay to learn its gain from ({', '.join(weighted)}: "
+                f"{', '.join(sorted({k for s in weighted for k in anneal_params(self.fits[s].law)}))} "
+                f"not identified), so it cannot rank decays")
+
+    def ranking_fits(self) -> dict[str, FitResult]:
+        """The fits the ranking predicts with: each split's :func:`decay_prior`."""
+        out = {}
+        for split, fit in self.fits.items():
+            out[split], source = decay_prior(fit)
+            last = anneal_params(fit.law)[0]
+            if source not in (None, last):
+                log.info("law on %s: no decay of %s's phase seen yet; its gain %s taken as %s's (%.4g)",
+                         split, self.version, last, source, fit.params[source])
+        return out
+
     # ---- ranking
     def rank(self, grid: Sequence[Mapping] | None = None) -> list[dict]:
         self._refit_if_stale()
-        return rank_candidates(self.fits, self.lineage, self.version, grid, self.weights, forks=self.forks,
-                               penalty=self.penalty)
+        return rank_candidates(self.ranking_fits(), self.lineage, self.version, grid, self.weights,
+                               forks=self.forks, penalty=self.penalty)
 
     def points_to_evaluate(self, n: int = 4, *, fraction: tuple[float, float] = (0.05, 0.5),
                            shapes: Sequence[str] = SHAPES, power: tuple[float, float] | None = None,
@@ -355,8 +401,8 @@ class LawGuide:
 
         The grid spans the sweep's ranges (min_lr_ratio at both ends); with ``forks`` each
         fraction snaps to an existing fork point first. Raises ValueError when the objective
-        cannot be predicted (:meth:`check_objective`)."""
-        self.check_objective()
+        cannot be predicted or decays cannot be ranked (:meth:`check_ranking`)."""
+        self.check_ranking()
         mins = sorted({float(min_lr_ratio[0]), float(min_lr_ratio[1])})
         grid = default_grid(fraction, n_fractions, shapes, power, mins)
         ranked = self.rank(grid)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from raypath.branches import BranchRunner, release_branch
-from raypath.cluster import check_address, init_ray
+from raypath.checkpoint import step_dirs
+from raypath.cluster import check_address, check_workers_fit, init_ray
 from raypath.config import Config, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
@@ -215,7 +217,18 @@ def _record_branch(lineage: Lineage, ctx: RunContext, entry: BranchEntry) -> Non
     # The branch's driver ran as a task on some node: refresh this node's copy of its curve.
     ctx.rd.fetch(entry.curve, missing_ok=True)
     lineage.record_branch(entry)
+    warn_if_diverged(entry.name, entry.metrics, ctx.vocab_size)
     _decide_release(lineage, ctx, entry.version)
+
+
+def warn_if_diverged(name: str, metrics: dict, vocab_size: int) -> None:
+    """A validation loss above ln(vocab), what a uniform guess scores, means training diverged
+    (an LR too high, say): the best branch is still released, but not in silence."""
+    worse = {k: v for k, v in metrics.items() if k.startswith("val/") and not float(v) <= math.log(vocab_size)}
+    if worse:
+        log.warning("%s: %s above ln(vocab_size) = %.2f, the loss of a uniform guess: training diverged "
+                    "(train.max_lr too high?)", name, ", ".join(f"{k} {v:.3g}" for k, v in worse.items()),
+                    math.log(vocab_size))
 
 
 def _decide_release(lineage: Lineage, ctx: RunContext, version: str) -> None:
@@ -235,7 +248,7 @@ def run(cfg: Config) -> Lineage:
     if _main_path_started(lineage, rd):  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
     where = _discover(cfg, rd)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
     ctx = prepare(cfg, where)
     _record_facts(lineage, ctx)
 
@@ -253,8 +266,11 @@ def run(cfg: Config) -> Lineage:
 
 
 def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:
-    """Whether a main segment has trained (or checkpointed, before a crash) in this run directory."""
-    return bool(lineage.main_path()) or any(n.startswith("main-") for n in rd.children(rd.path / "ray"))
+    """Whether a main segment has trained (or checkpointed, before a crash) in this run directory.
+    A segment that failed before its first checkpoint trained nothing that its settings must keep."""
+    ray_dir = rd.path / "ray"
+    return bool(lineage.main_path()) or any(n.startswith("main-") and step_dirs(ray_dir / n, rd)
+                                            for n in rd.children(ray_dir))
 
 
 def _record_facts(lineage: Lineage, ctx: RunContext) -> None:

@@ -93,10 +93,11 @@ def decay_fraction(progress, shape: str, power: float = 2.0):
     if shape == "polynomial":
         return (1.0 - p) ** power
     if shape == "exponential":
-        # exp(-k p) rescaled to hit exactly 0 at p = 1, so every shape ends at min LR.
-        # np.exp on both sides: math.exp may differ by an ulp, and the floor turn negative.
-        floor = np.exp(-power)
-        return (np.exp(-power * p) - floor) / (1.0 - floor)
+        # exp(-k p) rescaled to hit exactly 0 at p = 1, so every shape ends at min LR. In expm1:
+        # 1 - exp(-k) is 0 in floating point for k below ~1e-16 (NaN LRs), and coarse up to ~1e-8;
+        # np on both sides: math's may differ by an ulp, and the floor turn negative.
+        floor = np.expm1(-power)
+        return (np.expm1(-power * p) - floor) / -floor
     raise ValueError(f"decay shape {shape!r} is not one of {', '.join(SHAPES)}")
 
 

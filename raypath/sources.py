@@ -166,6 +166,11 @@ def discover_versions(corpus: str | Path, names: list[str] | None = None,
         raise DataError(f"data.corpus: {shown} is not a directory")
     dirs = sorted((i.base_name for i in _listing(fs, root) if i.type == pafs.FileType.Directory), key=version_order)
     available = [d for d in dirs if fs.get_file_info(_join(_join(root, d), "train")).type == pafs.FileType.Directory]
+    if not names:  # every sub-directory is a version: a new one in the wrong layout must not go untrained
+        for d in dirs:
+            if d not in available and not d.startswith((".", "_")):
+                raise DataError(f"{_join(shown, d)}: a version needs {d}/train/ and {d}/val/ (found no train/); "
+                                f"fix its layout, move it out of the corpus, or list the versions in data.versions")
     out = []
     for name in names or available:
         if name not in available:

@@ -48,7 +48,9 @@ Optuna and the release compare), and the best few are Optuna's first trials;
 cannot beat the best finished one, and the law is refitted after every finished
 trial (a resumed sweep's, on the trials that finished before, too). If the law
 cannot be fitted, or not on every split the objective weighs (too few points),
-the sweep says which and runs plain TPE.
+the sweep says which and runs plain TPE. Before a branch of the version has finished, the
+ranking takes a decay's gain from the nearest earlier phase (:func:`raypath.lawguide.decay_prior`);
+with no decay seen at all it enqueues no candidates, but still stops and refits.
 """
 
 from __future__ import annotations
@@ -436,9 +438,16 @@ def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
     old["settings"] = {**_settings_record(SweepConfig()), **old.get("settings", {})}
     for key in ("version", "settings", "objective_weights"):
         if old.get(key) != record[key]:
-            raise ConfigError(f"sweep {sweep_dir.name!r} of {record['version']} was started with different "
-                              f"{key} ({old.get(key)} vs now {record[key]}); resume it with the same settings "
-                              f"or start a new one with --name")
+            was, now = old.get(key), record[key]
+            if isinstance(was, dict) and isinstance(now, dict):  # name the fields, not two whole dicts
+                diff = [f"sweep.{k}: {was.get(k)!r} then, {now.get(k)!r} now" if key == "settings" else
+                        f"{k}: {was.get(k)!r} then, {now.get(k)!r} now"
+                        for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k)]
+                what = f"different {key} ({'; '.join(diff)})"
+            else:
+                what = f"different {key} ({was} vs now {now})"
+            raise ConfigError(f"sweep {sweep_dir.name!r} of {record['version']} was started with {what}; resume it "
+                              f"with the same settings or start a new one with --name")
     return old
 
 
@@ -464,8 +473,12 @@ def law_guidance(plan: SweepPlan, sc: SweepConfig, space: SearchSpace) -> Guidan
             raise ValueError("no validation split has enough observed points")
         guide.check_objective()
         n = sc.guide_points or max(1, min(4, sc.num_samples // 2))
-        points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, power=sc.power,
-                                          min_lr_ratio=sc.min_lr_ratio, replay_ratio=space.replay_ratios[0])
+        try:
+            points = guide.points_to_evaluate(n, fraction=sc.fraction, shapes=sc.shapes, power=sc.power,
+                                              min_lr_ratio=sc.min_lr_ratio, replay_ratio=space.replay_ratios[0])
+        except lawguide.UnidentifiedDecay as e:  # the stopper and the refits still use the law
+            log.warning("sweep %s: %s; the first trials are Optuna's own", sc.name, e)
+            points = []
     except (ValueError, KeyError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as e:
         log.warning("sweep %s: the law could not be fitted on %s's curves (%s); running plain TPE "
                     "(set train.eval_every so the main path records more points)", sc.name, plan.version, e)
@@ -614,7 +627,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     lineage's ``sweeps``: settings, the law's guidance, one record per trial (config,
     final metrics, objective, score), the best trial and the released one.
     """
-    from raypath.cluster import init_ray
+    from raypath.cluster import check_workers_fit, init_ray
     from raypath.run import prepare
 
     # What can be checked without Ray, and before the data is prepared: the version is trained.
@@ -623,7 +636,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
     _trained_main(lineage, lineage.version_names(), version)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
     ctx = prepare(cfg)
     with lineage_run(ctx.tracking, owner=False):
         return _sweep(cfg, ctx, version)

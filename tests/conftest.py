@@ -85,13 +85,15 @@ def sweep_snapshot(sweep_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def sweep_lineage(ray_cluster, tmp_path_factory):
     """The main path of a 2-version tiny lineage (1 worker), checkpointed and evaluated every
-    16 steps so v2 has several fork points and the law has points to fit; no release
-    branches (a sweep releases v2).
+    16 steps so v2 has several fork points and the law has points to fit; v1's release branch
+    (the law learns a decay's gain from it), none of v2 (a sweep releases v2).
     Returns the path of its config, which carries a ``sweep:`` section."""
     import yaml
 
+    from raypath.branches import release_branch, summarize
     from raypath.config import load_config
     from raypath.lineage import Lineage
+    from raypath.loop import fit_segment
     from raypath.mainpath import run_main_version
     from raypath.run import prepare
 
@@ -111,6 +113,10 @@ def sweep_lineage(ray_cluster, tmp_path_factory):
     for k in range(len(ctx.versions)):
         prev = run_main_version(ctx, k, prev)
         lineage.record_main(prev)
+        if k == 0:
+            seg = release_branch(ctx, k, prev)
+            fit_segment(seg)
+            lineage.record_branch(summarize(seg))
     return config
 
 

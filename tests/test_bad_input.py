@@ -442,3 +442,29 @@ def test_unexpected_error_is_one_line_and_a_log_file(monkeypatch, capsys):
     assert "Traceback" in log.read_text() and "second line of the message" in log.read_text()
     rc, err = raypath(capsys, "--verbose", "run", str(TINY))
     assert rc == 1 and "Traceback" in err and "raypath: error: unexpected RuntimeError" in err.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- the cluster
+
+def test_workers_that_do_not_fit_the_cluster_are_refused_on_a_local_one_and_warned_of_on_another(
+        ray_cluster, caplog):
+    """Ray Train waits without a word for resources that never come (and Ctrl-C does not end the
+    wait): a local cluster is all there is, an existing one may autoscale."""
+    import ray
+
+    from raypath.cluster import check_workers_fit
+    from raypath.config import ConfigError, load_config
+
+    cpus, gpus = ray.cluster_resources()["CPU"], ray.cluster_resources().get("GPU", 0)
+    big = load_config(TINY, ["train.num_workers=2", "train.global_batch_size=16", f"train.cpus_per_worker={cpus}"])
+    with pytest.raises(ConfigError, match=rf"train.num_workers: 2 worker\(s\) x {cpus:g} CPUs \(train.cpus_per_worker\) "
+                                          rf"need {2 * cpus:g} CPUs, the cluster has {cpus:g} \(a local cluster's"):
+        check_workers_fit(big.train, local=True)
+    n = int(gpus) + 1
+    gpu = load_config(TINY, ["train.use_gpu=true", f"train.num_workers={n}", f"train.global_batch_size={8 * n}"])
+    with pytest.raises(ConfigError, match=rf"train.use_gpu: {n} worker\(s\) need a GPU each, the cluster has {gpus:g}"):
+        check_workers_fit(gpu.train, local=True)
+    with caplog.at_level("WARNING", logger="raypath.cluster"):
+        check_workers_fit(big.train, local=False)
+    assert "training waits until the cluster has them" in caplog.text
+    check_workers_fit(load_config(TINY).train, local=True)  # what fits passes

@@ -92,10 +92,15 @@ def test_sweep_of_a_run_that_does_not_exist_fails_before_ray_and_data(tmp_path, 
 def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_path, capsys):
     from raypath.config import load_config
     from raypath.lineage import Lineage
+    from raypath.mirror import RunDir
+    from raypath.run import _main_path_started
 
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
-    Lineage.open(run_dir, "t", load_config(tiny, [f"run_dir={run_dir}"]).to_dict()).set_fact("tokenizer", {})
-    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)  # checkpointed, then crashed
+    lineage = Lineage.open(run_dir, "t", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
+    lineage.set_fact("tokenizer", {})
+    (run_dir / "ray" / "main-v1").mkdir(parents=True)  # failed at its first step (a model that cannot run)
+    assert not _main_path_started(lineage, RunDir(run_dir))  # trained nothing: the settings may change
+    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir()  # checkpointed, then crashed
     argv = ["run", tiny, "--set", f"run_dir={run_dir}", "--set", "train.global_batch_size=16"]
     assert main(argv) == 2  # the checkpoint's step and consumed rows count in batches of 8
     assert "train.global_batch_size: 16 differs from the lineage's 8" in capsys.readouterr().err

@@ -265,6 +265,12 @@ def test_config_error_is_a_value_error():
     ("data:\n  replay_ratio: 1.0\n", "data.replay_ratio"),
     ("data:\n  seq_len: 4\n", "data.seq_len"),
     ("model:\n  num_heads: 3\n", "model.num_heads"),
+    ("model:\n  hidden_size: 24\n  num_heads: 8\n  num_kv_heads: 1\n", "model.num_heads"),  # head size 3: RoPE
+    ("sweep:\n  seed: -1\n", "sweep.seed"),  # Optuna refused it after the sweep had recorded its settings
+    ("data:\n  seed: -1\n", "data.seed"),
+    ("train:\n  seed: 18446744073709551616\n", "train.seed"),
+    ("train:\n  max_lr: 1.0e-3\ndata:\n  seed: 1\ntrain:\n  warmup_steps: 3\n",
+     "'train' is given twice (lines 1 and 5)"),  # YAML kept the second section alone
     ("model:\n  num_kv_heads: 3\n", "model.num_kv_heads"),
     ("train:\n  num_workers: 0\n", "train.num_workers"),
     ("train:\n  max_lr: 0\n", "train.max_lr"),

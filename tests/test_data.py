@@ -235,6 +235,17 @@ def test_versions_are_ordered_with_numbers_compared_as_numbers(tmp_path):
     assert sorted(dated, key=version_order) == ["2023-12", "2024-05", "2024-11"]
 
 
+def test_a_new_version_in_the_wrong_layout_is_refused_not_skipped(tmp_path):
+    for name in ("v1", "v2"):
+        _write_jsonl(tmp_path / "c" / name / "train" / "a.jsonl", ["doc"])
+        _write_jsonl(tmp_path / "c" / name / "val" / "a.jsonl", ["doc"])
+    (tmp_path / "c" / ".cache").mkdir()  # hidden: not a version
+    _write_jsonl(tmp_path / "c" / "v3" / "train.jsonl", ["doc"])  # files straight in v3/: was trained never
+    with pytest.raises(DataError, match=r"c/v3: a version needs v3/train/ and v3/val/ \(found no train/\)"):
+        discover_versions(tmp_path / "c")
+    assert [v.name for v in discover_versions(tmp_path / "c", ["v1", "v2"])] == ["v1", "v2"]  # listed: the rest aside
+
+
 def test_a_uris_path_keeps_every_character_of_a_listed_file_name():
     from raypath.sources import filesystem_for
 

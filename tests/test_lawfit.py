@@ -9,6 +9,7 @@ tested on synthetic forecasts, without Tune.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 import shutil
@@ -429,6 +430,29 @@ def test_guide_ranks_candidates_by_score(tmp_path):
     # the law favours long decays (0.06 per 20 steps); a penalty of 0.1 per 20 steps favours short ones
     steps = sorted(c["branch_steps"] for c in by_score)
     assert [c["branch_steps"] for c in by_objective] == steps[::-1] and [c["branch_steps"] for c in by_score] == steps
+
+
+def test_guide_ranks_decays_of_a_version_without_a_branch_by_the_gain_of_earlier_ones(tmp_path, caplog):
+    """v2's release branch has not finished (the sweep is what releases it): no curve decays after
+    the switch, C2 sits at its bound, and a ranking with it credits no decay (the shortest branch
+    with the highest floor first). The guide takes v1's decay gain (C1) for it, and ranks as the fit
+    with v2's branch does; with no branch at all it refuses to rank."""
+    grid = lawguide.default_grid((0.05, 0.5), 4, ["cosine", "1-sqrt"], None, [0.0, 0.1])
+    seen = lawguide.LawGuide(_synthetic_run(tmp_path / "a"), "v2", save=False)
+    before = lawguide.LawGuide(_synthetic_run(tmp_path / "b", branches=("branch-v1",)), "v2", save=False)
+    assert "C2" in before.fits["v1"].degenerate and "C1" not in before.fits["v1"].degenerate
+    blind = lawguide.rank_candidates(before.fits, before.lineage, "v2", grid, before.weights)
+    with caplog.at_level(logging.INFO, logger="raypath.lawguide"):
+        before.check_ranking()
+        ranked = before.rank(grid)
+    assert "v1: no decay of v2's phase seen yet; its gain C2 taken as C1's" in caplog.text
+    key = lambda c: (c["shape"], round(c["fraction_actual"], 3), c["min_lr_ratio"])  # noqa: E731
+    assert [key(c) for c in ranked[:3]] == [key(c) for c in seen.rank(grid)[:3]]
+    assert key(ranked[0]) == ("1-sqrt", 0.5, 0.0) and key(blind[0])[1] == 0.05  # what the prior spares the sweep
+    nothing = lawguide.LawGuide(_synthetic_run(tmp_path / "c", branches=()), "v2", save=False)
+    nothing.check_objective()  # the objective itself is predicted
+    with pytest.raises(lawguide.UnidentifiedDecay, match=r"no decay to learn its gain from \(v1, v2: C1, C2 not "):
+        nothing.points_to_evaluate(2)
 
 
 def test_guide_without_a_law_for_a_weighted_split_neither_ranks_nor_stops(tmp_path):

@@ -401,3 +401,13 @@ def test_sweep_release_against_the_configured_release(tiny_sweep, tmp_path, marg
         assert read_json(Path(live.path) / "model_card.json")["trial_id"] == best["trial_id"]
         assert any(b["name"] == best["name"] and b["sweep"] == record["path"]
                    for b in Lineage.load(run_dir).data["branches"])
+
+
+def test_a_diverged_branch_is_released_with_a_warning(caplog):
+    from raypath.run import warn_if_diverged
+
+    with caplog.at_level("WARNING", logger="raypath.run"):
+        warn_if_diverged("branch-v1", {"val/v1": 3.2, "loss": 3.0}, 384)
+        assert caplog.text == ""  # below ln(384) = 5.95
+        warn_if_diverged("branch-v1", {"val/v1": 25.4, "val/v2": float("nan"), "loss": 30.0}, 384)
+    assert "branch-v1: val/v1 25.4, val/v2 nan above ln(vocab_size) = 5.95" in caplog.text

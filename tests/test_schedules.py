@@ -161,6 +161,16 @@ def test_polynomial_and_exponential_read_power():
     assert _branch("cosine", 7.0, 0.0)(FORK + 100) == pytest.approx(5e-4, rel=REL)
 
 
+def test_exponential_decay_of_a_tiny_power_is_the_linear_limit_not_nan():
+    # 1 - exp(-k) is 0 in floating point for k ~ 1e-17: the rescaling divided by it (NaN LRs),
+    # and below ~1e-8 it quantised the decay into steps
+    p = np.linspace(0.0, 1.0, 5)
+    for power in (1e-17, 1e-15, 1e-9):
+        np.testing.assert_allclose(decay_fraction(p, "exponential", power), 1.0 - p, rtol=1e-6, atol=1e-12)
+    lrs = [_branch("exponential", 1e-17, 0.0)(FORK + i) for i in (0, 50, 100, 150, 200)]
+    assert all(np.isfinite(lrs)) and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
 # ---------------------------------------------------------------- MainPath
 
 

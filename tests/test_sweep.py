@@ -78,8 +78,8 @@ def test_resume_checks_settings_and_fills_in_ones_added_since(tmp_path):
     assert _start_or_check_record(tmp_path, record)["settings"] == record["settings"]
     assert "guide_sweeps" not in read_json(tmp_path / "sweep.json")["settings"]  # the record is not rewritten
     other = dict(record, settings=_settings_record(SweepConfig(guide_sweeps=False)))
-    with pytest.raises(ConfigError, match="different settings"):
-        _start_or_check_record(tmp_path, other)
+    with pytest.raises(ConfigError, match=r"different settings \(sweep.guide_sweeps: True then, False now\); "):
+        _start_or_check_record(tmp_path, other)  # the field that differs, not both whole settings
     assert load_config(TINY, ["sweep.guide_sweeps=false"]).sweep.guide_sweeps is False
 
 
@@ -142,7 +142,7 @@ def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     assert forks[0]["fraction"] == pytest.approx(8 / 12)
 
 
-def _synthetic_sweep(tmp_path: Path, *, v2_evals: bool = True, **settings):
+def _synthetic_sweep(tmp_path: Path, *, v2_evals: bool = True, branches=("branch-v2",), **settings):
     """What :func:`raypath.sweep.law_guidance` is given for a sweep of v2 of a synthetic 2-version
     lineage (``law_lineage``: written, not trained; v2's release branch only): (plan, settings,
     search space). Without ``v2_evals`` v2's split is evaluated only at its end, as with
@@ -155,7 +155,7 @@ def _synthetic_sweep(tmp_path: Path, *, v2_evals: bool = True, **settings):
     from raypath.sweep import SweepPlan
 
     run_dir, lineage = write_lineage(tmp_path, 2)
-    lineage["branches"] = [b for b in lineage["branches"] if b["name"] == "branch-v2"]
+    lineage["branches"] = [b for b in lineage["branches"] if b["name"] in branches]
     (run_dir / "lineage.json").write_text(json.dumps(lineage))
     for curve in [] if v2_evals else (run_dir / "curves").glob("*.jsonl"):
         rows = [json.loads(line) for line in curve.read_text().splitlines() if line]
@@ -204,6 +204,19 @@ def test_law_guidance_runs_plain_tpe_when_a_weighted_split_has_no_law(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="raypath.sweep"):
         assert law_guidance(plan, sc, space) is None
     assert "running plain TPE" in caplog.text and "v2 has 2 observed points; a fit needs 4" in caplog.text
+
+
+def test_law_guidance_leaves_the_first_trials_to_optuna_before_any_branch(tmp_path, caplog):
+    """No branch has finished: the law predicts the objective but has seen no decay's gain, so it
+    proposes no first trials (its ranking would start with the shortest, highest-floor branches);
+    the stopper and the refits after each trial still use it."""
+    from raypath.sweep import law_guidance
+
+    plan, sc, space = _synthetic_sweep(tmp_path, branches=(), num_samples=8)
+    with caplog.at_level(logging.WARNING, logger="raypath.sweep"):
+        guidance = law_guidance(plan, sc, space)
+    assert guidance.points == [] and guidance.stopper is not None and guidance.callback is not None
+    assert "no decay to learn its gain from" in caplog.text and "the first trials are Optuna's own" in caplog.text
 
 
 def test_the_study_lives_in_an_optuna_journal_that_a_restored_searcher_reopens(tmp_path, caplog):
