@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -235,7 +236,8 @@ def _law_options(parser) -> None:
                              "by leave-one-branch-out) or a value such as 0.999")
     parser.add_argument("--shifts", default="auto", choices=["auto", "single", "multi"],
                         help="an old split's later data switches: one shift term each (multi), only the "
-                             "first (single), or multi where it predicts held-out branches better (auto)")
+                             "first (single), or chosen on held-out branches (auto: a law that halves "
+                             "single's error, else the lowest BIC of those they cannot tell apart)")
     parser.add_argument("--huber-delta", type=_huber_delta, default=None,
                         help="Huber threshold on log residuals: auto (1.345 noise standard deviations of "
                              "each split, at least 1e-3) or a value such as 1e-3 (the published fit)")
@@ -353,6 +355,15 @@ def _save_traceback() -> Path:
     return Path(path)
 
 
+def _stop_ray() -> None:
+    """Disconnect from Ray (a local cluster raypath started ends with it), ignoring what it says
+    on the way: the run is being left anyway."""
+    ray = sys.modules.get("ray")  # not imported: nothing to stop
+    with contextlib.suppress(Exception):
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -362,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing is lost, and the user should hear so
+        _stop_ray()  # before the message: Train workers' last lines would otherwise follow it
         print("raypath: interrupted; what finished is kept (checkpoints, releases, the lineage): "
               "the same command resumes", file=sys.stderr)
         return 128 + 2  # what a shell reports for SIGINT

@@ -957,6 +957,32 @@ def fit_segment(seg: Segment, callbacks: list | None = None):
         run_config=RunConfig(name=seg.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
     )
-    result = trainer.fit()
+    result = _fit_keeping_ctrl_c(trainer)
     seg.rd.fetch(seg.curves_path, missing_ok=True)
     return result
+
+
+def _fit_keeping_ctrl_c(trainer):
+    """``trainer.fit()``, with Ctrl-C left to raypath: a KeyboardInterrupt here, as anywhere.
+
+    On the main thread Ray Train replaces the SIGINT handler for good with one that aborts the
+    run and calls ``sys.exit(0)`` (the process then ended with code 1 and no word). On another
+    thread it registers none, as inside Tune, so fit runs on one. Its daemon thread dies with
+    the process; Ray ends the run's actors, which this driver owns, when it exits."""
+    import threading
+
+    done: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the caller's thread
+            done["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded wait: the main thread takes the KeyboardInterrupt
+    if "error" in done:
+        raise done["error"]
+    return done["result"]

@@ -470,7 +470,8 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
                      f"MAPE={fit.mape:.3f}%, lambda={fit.lam:g}, "
                      f"Huber delta={fit.delta:.2g}")
         if fit.held_out:
-            lines.append("      chosen by held-out error: "
+            lines.append("      held-out error (a law halving the first's wins; else the lowest BIC of those the "
+                         "held-out branches cannot tell apart): "
                          + ", ".join(f"{k} {v:.3g}" for k, v in fit.held_out.items()))
         if fit.outliers:
             listed = ", ".join(f"{o['curve']} step {o['step']} {100 * o['residual']:+.1f}%" for o in fit.outliers[:5])

@@ -21,9 +21,11 @@ spreads over many actors.
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -34,6 +36,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from raypath.mirror import RunDir
@@ -63,6 +67,8 @@ def is_uri(path: str) -> bool:
 #: and between bytes: an unreachable endpoint or rejected credentials end in one error in
 #: seconds, not in minutes of retries.
 S3_ATTEMPTS, S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 3, 5.0, 60.0
+#: Google Cloud Storage's client retries an operation for 15 minutes by default: bounded likewise.
+GCS_RETRY_S = 15.0
 
 
 def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
@@ -73,13 +79,18 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
 
 
 def uri_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it) of a URI; S3 ones get bounded retries, ``endpoint`` overrides AWS."""
-    if urlparse(uri).scheme == "s3":
+    """(filesystem, path on it) of a URI; S3 and GCS ones get bounded retries, ``endpoint``
+    overrides AWS."""
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
         path = uri[len("s3://"):].rstrip("/")
         if endpoint:
             return s3_filesystem(endpoint), path
         fs, path = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region
         return s3_filesystem(region=fs.region), path
+    if scheme in ("gs", "gcs"):
+        path = pafs.FileSystem.from_uri(uri)[1]
+        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=GCS_RETRY_S)), path
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -435,8 +446,9 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
                  chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Validate one file and fingerprint it; runs as a Ray task.
 
-    Returns ``{"path", "problem", "docs", "chunks", "fingerprint"}``: ``problem`` is the
-    first thing wrong (None if the file is usable), naming the line or row. Catches
+    Returns ``{"path", "problem", "docs", "bad_docs", "first_bad", "chunks", "fingerprint"}``:
+    ``problem`` is what makes the file unusable (None if it is usable), ``bad_docs`` counts the
+    bad documents of a usable one and ``first_bad`` names the first, by line or row. Catches
     what would otherwise surface as an opaque worker traceback or a silent drop:
     missing/empty files, unreadable parquet/Arrow, a missing or non-string text
     column, non-UTF-8 bytes, malformed JSON, over-long documents (``max_doc_chars``,
@@ -456,21 +468,23 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
     problem = _structure_problem(path, fmt, column, endpoint)
     if problem:
         return {**out, "problem": problem}
-    docs = 0
+    docs, bad = 0, []
     try:
         for where, text, problem in iter_docs(Chunk(path, fmt), column, endpoint):
             if problem is None and max_doc_chars and len(text or "") > max_doc_chars:
                 problem = f"document of {len(text)} characters exceeds data.max_doc_chars={max_doc_chars}"
-            if problem:
-                return {**out, "problem": f"{where}: {problem}"}
+            if problem:  # a bad document, not a bad file: ``skip`` drops it alone (:func:`apply_policy`)
+                bad.append(f"{where}: {problem}")
+                continue
             docs += text is not None
     except (EOFError, OSError, pa.ArrowInvalid) as e:
         return {**out, "problem": f"unreadable after {docs} documents ({first_line(e)})"}
     except UnicodeDecodeError as e:  # a parquet/Arrow writer that did not validate its strings
         return {**out, "problem": f"unreadable after {docs} documents (text is not valid UTF-8: {e.reason})"}
     if not docs:
-        return {**out, "problem": "empty: no documents"}
-    return {**out, "docs": docs, "chunks": [c.to_dict() for c in _chunks(path, fmt, info.size, endpoint, chunk_bytes)],
+        return {**out, "problem": bad[0] if bad else "empty: no documents"}
+    return {**out, "docs": docs, "bad_docs": len(bad), "first_bad": bad[0] if bad else None,
+            "chunks": [c.to_dict() for c in _chunks(path, fmt, info.size, endpoint, chunk_bytes)],
             "fingerprint": fingerprint(path, endpoint)}
 
 
@@ -497,15 +511,22 @@ def _inspect_here(path: str, rd: RunDir | None, *args) -> dict:
 
 
 def apply_policy(reports: list[dict], policy: str) -> tuple[list[dict], list[dict]]:
-    """(usable reports, skipped files) under ``data.on_bad_input``; ``error`` raises on the first bad file."""
+    """(usable reports, skipped files) under ``data.on_bad_input``: ``error`` raises on the first bad
+    file or document; ``skip`` skips unusable files whole and keeps the others, whose bad documents
+    are dropped one by one when tokenized (counted as ``invalid`` in the manifest)."""
     if policy not in POLICIES:
         raise DataError(f"data.on_bad_input: {policy!r} is not one of {', '.join(POLICIES)}")
     keep, skipped = [], []
     for r in reports:
-        if r["problem"] is None:
+        if r["problem"] is None and not r.get("bad_docs"):
             keep.append(r)
         elif policy == "error":
-            raise DataError(f"{r['path']}: {r['problem']} (set data.on_bad_input: skip to skip bad files)")
+            raise DataError(f"{r['path']}: {r['problem'] or r['first_bad']} (set data.on_bad_input: skip to "
+                            f"skip bad documents and unusable files)")
+        elif r["problem"] is None:
+            log.warning("%s: skipping %d bad document(s) of %d (the first: %s)", r["path"], r["bad_docs"],
+                        r["docs"] + r["bad_docs"], r["first_bad"])
+            keep.append(r)
         else:
             skipped.append({"path": r["path"], "reason": r["problem"]})
     return keep, skipped

@@ -104,6 +104,11 @@ def mlflow_uri(cfg: Config, run_dir: Path) -> str:
         raise TrackingError(f"tracking.mlflow_uri: a run directory in a bucket ({cfg.run_dir}) needs an "
                             "MLflow tracking server (tracking.mlflow_uri or MLFLOW_TRACKING_URI); the default "
                             "SQLite file is one machine's")
+    return mlflow_uri_default(run_dir)
+
+
+def mlflow_uri_default(run_dir: Path) -> str:
+    """The lineage's own SQLite file, when no tracking server is named."""
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
@@ -121,7 +126,10 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
     try:
         client = _client(uri)
         found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        # beside the default SQLite file (MLflow's default is ./mlruns of the working directory: a
+        # Ray job's is a temporary copy, and a moved run directory would leave its artifacts behind)
+        artifacts = (run_dir / "mlartifacts").resolve().as_uri() if uri == mlflow_uri_default(run_dir) else None
+        exp_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifacts)
         # A remote run directory is the lineage's identity; the mirror path is per machine.
         where = cfg.run_dir if "://" in cfg.run_dir else str(run_dir.resolve())
         runs = client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{_quote(where)}'", max_results=1)

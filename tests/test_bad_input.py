@@ -98,33 +98,34 @@ def _arrow(columns: dict, tmp: Path) -> bytes:
 
 
 GOOD = [{"text": "a good document. " * 20}] * 20
-#: name -> (file name, bytes builder(tmp), what the error names, skipped whole (else: one doc skipped))
+#: name -> (file name, bytes builder(tmp), what the error names, what ``skip`` drops: the file, or one
+#: document as ``invalid`` or ``too_long``)
 CORPUS = {
-    "jsonl-missing-text": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"body": "no text"}]), "line 21: no 'text'", True),
-    "jsonl-non-string-text": ("bad.jsonl", lambda t: _jsonl([{"text": 5}]), "line 1: no 'text' string", True),
-    "jsonl-malformed-json": ("bad.jsonl", lambda t: _jsonl(GOOD) + b'{"text": "unclosed\n', "line 21: not valid JSON", True),
-    "jsonl-non-utf8": ("bad.jsonl", lambda t: b'{"text": "caf\xe9"}\n', "line 1: not valid UTF-8", True),
-    "jsonl-empty": ("bad.jsonl", lambda t: b"", "empty file", True),
-    "jsonl-over-long": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"text": LONG}]), "line 21: document of 1000001", False),
-    "jsonl.gz-missing-text": ("bad.jsonl.gz", lambda t: _gz(_jsonl([{"body": "x"}])), "line 1: no 'text'", True),
-    "jsonl.gz-non-utf8": ("bad.jsonl.gz", lambda t: _gz(b'{"text": "\xff"}\n'), "not valid UTF-8", True),
-    "jsonl.gz-truncated": ("bad.jsonl.gz", lambda t: _gz(_jsonl(GOOD * 50))[:400], "unreadable after", True),
-    "jsonl.gz-empty": ("bad.jsonl.gz", lambda t: _gz(b""), "empty: no documents", True),
+    "jsonl-missing-text": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"body": "no text"}]), "line 21: no 'text'", "invalid"),
+    "jsonl-non-string-text": ("bad.jsonl", lambda t: _jsonl([{"text": 5}]), "line 1: no 'text' string", "file"),
+    "jsonl-malformed-json": ("bad.jsonl", lambda t: _jsonl(GOOD) + b'{"text": "unclosed\n', "line 21: not valid JSON", "invalid"),
+    "jsonl-non-utf8": ("bad.jsonl", lambda t: b'{"text": "caf\xe9"}\n', "line 1: not valid UTF-8", "file"),
+    "jsonl-empty": ("bad.jsonl", lambda t: b"", "empty file", "file"),
+    "jsonl-over-long": ("bad.jsonl", lambda t: _jsonl([*GOOD, {"text": LONG}]), "line 21: document of 1000001", "too_long"),
+    "jsonl.gz-missing-text": ("bad.jsonl.gz", lambda t: _gz(_jsonl([{"body": "x"}])), "line 1: no 'text'", "file"),
+    "jsonl.gz-non-utf8": ("bad.jsonl.gz", lambda t: _gz(b'{"text": "\xff"}\n'), "not valid UTF-8", "file"),
+    "jsonl.gz-truncated": ("bad.jsonl.gz", lambda t: _gz(_jsonl(GOOD * 50))[:400], "unreadable after", "file"),
+    "jsonl.gz-empty": ("bad.jsonl.gz", lambda t: _gz(b""), "empty: no documents", "file"),
     "parquet-missing-column": ("bad.parquet", lambda t: _parquet(pa.table({"body": ["x"]})),
-                               "no 'text' column (columns: body)", True),
-    "parquet-non-string": ("bad.parquet", lambda t: _parquet(pa.table({"text": [1, 2]})), "column 'text' is int64", True),
+                               "no 'text' column (columns: body)", "file"),
+    "parquet-non-string": ("bad.parquet", lambda t: _parquet(pa.table({"text": [1, 2]})), "column 'text' is int64", "file"),
     "parquet-truncated": ("bad.parquet", lambda t: _parquet(pa.table({"text": ["a" * 100] * 50}))[:300],
-                          "not a readable parquet file", True),
-    "parquet-empty-file": ("bad.parquet", lambda t: b"", "empty file", True),
+                          "not a readable parquet file", "file"),
+    "parquet-empty-file": ("bad.parquet", lambda t: b"", "empty file", "file"),
     "parquet-no-rows": ("bad.parquet", lambda t: _parquet(pa.table({"text": pa.array([], pa.string())})),
-                        "empty: no rows", True),
+                        "empty: no rows", "file"),
     "parquet-over-long": ("bad.parquet", lambda t: _parquet(pa.table({"text": ["short doc " * 30, LONG]})),
-                          "row 1: document of 1000001", False),
-    "arrow-missing-column": ("bad.arrow", lambda t: _arrow({"body": ["x"]}, t), "no 'text' column", True),
-    "arrow-non-string": ("bad.arrow", lambda t: _arrow({"text": [[1], [2]]}, t), "column 'text' is list", True),
-    "arrow-truncated": ("bad.arrow", lambda t: _arrow({"text": ["a" * 100] * 50}, t)[:200], "bad.arrow: ", True),
+                          "row 1: document of 1000001", "too_long"),
+    "arrow-missing-column": ("bad.arrow", lambda t: _arrow({"body": ["x"]}, t), "no 'text' column", "file"),
+    "arrow-non-string": ("bad.arrow", lambda t: _arrow({"text": [[1], [2]]}, t), "column 'text' is list", "file"),
+    "arrow-truncated": ("bad.arrow", lambda t: _arrow({"text": ["a" * 100] * 50}, t)[:200], "bad.arrow: ", "file"),
     "arrow-over-long": ("bad.arrow", lambda t: _arrow({"text": ["short doc " * 30, LONG]}, t),
-                        "row 1: document of 1000001", False),
+                        "row 1: document of 1000001", "too_long"),
 }
 
 
@@ -164,18 +165,18 @@ def test_bad_file_in_the_first_version_stops_before_the_tokenizer(tiny_run, tmp_
 @pytest.mark.slow  # trains and releases v4: ~2 min on 2 CPUs
 def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, tiny_run_copy, capsys):
     """``on_bad_input: skip`` with all bad files of the matrix in v4 at once: v4 trains and is
-    released, the manifest lists each skipped file and counts each skipped document, and the
+    released, the manifest lists each unusable file and counts each bad document of the others, and the
     same command again resumes (the skipped files are not mistaken for new ones)."""
     run_dir = Path(tiny_run_copy.run_dir)
     train = run_dir / "corpus" / "v4" / "train"
-    whole, docs = set(), 0
+    whole, docs = set(), {}
     for case, (name, data) in corpus_files.items():
         path = train / f"{case}.{name.split('.', 1)[1]}"
         path.write_bytes(data)
-        if CORPUS[case][3]:
+        if CORPUS[case][3] == "file":
             whole.add(str(path.resolve()))
         else:
-            docs += 1
+            docs[CORPUS[case][3]] = docs.get(CORPUS[case][3], 0) + 1
     args = run_args(tiny_run_copy, "--set", "data.on_bad_input=skip")
     rc, err = raypath(capsys, *args)
     assert rc == 0, err
@@ -183,7 +184,7 @@ def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, t
     v4 = manifest["versions"][3]
     assert {s["path"] for s in v4["skipped_files"]} == whole
     assert all(s["reason"] for s in v4["skipped_files"])
-    assert v4["skipped_docs"] == {"too_long": docs}
+    assert v4["skipped_docs"] == docs == {"invalid": 2, "too_long": 3}  # the good documents next to them train
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert [r["version"] for r in lineage["releases"]] == ["v1", "v2", "v3", "v4"]
 

@@ -44,6 +44,35 @@ def test_cli_run_prints_progress_and_no_ray_internals(tmp_path):
         assert internal not in out, f"{internal!r} on the console:\n{out[-5000:]}"
 
 
+@pytest.mark.slow  # its own Ray cluster, a tokenizer and a few steps, twice: ~2 min on 2 CPUs
+@pytest.mark.parametrize("to", ["group", "driver"])
+def test_ctrl_c_during_training_exits_130_with_what_is_kept_and_the_same_command_resumes(tmp_path, to):
+    """A real SIGINT mid-segment, to the process group (a terminal's Ctrl-C) or the driver alone.
+    Ray Train's own handler, installed by fit on the main thread, ended the process with code 1
+    and no word."""
+    import signal
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raypath.cli", "run", str(TINY), "--set", f"run_dir={tmp_path / 'run'}",
+           "--set", "data.versions=[v1]", "--set", "train.num_workers=1", "--set", "cluster.num_cpus=4"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"\[main-v1\] step \d+/", line):  # training, on a Train worker
+            (os.killpg if to == "group" else os.kill)(proc.pid, signal.SIGINT)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert out.rstrip().endswith("raypath: interrupted; what finished is kept (checkpoints, releases, the lineage): "
+                                 "the same command resumes"), out[-3000:]
+    if to == "driver":  # the same command finishes what was started
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0 and "released v1 r1 from branch-v1" in again.stdout + again.stderr
+
+
 def _recording_stream(monkeypatch) -> list[list[str]]:
     """Stand in for Ray's printers (restored after the test) and record what reaches them."""
     from ray._private import worker as ray_worker

@@ -246,6 +246,17 @@ def test_a_new_version_in_the_wrong_layout_is_refused_not_skipped(tmp_path):
     assert [v.name for v in discover_versions(tmp_path / "c", ["v1", "v2"])] == ["v1", "v2"]  # listed: the rest aside
 
 
+def test_a_gcs_uri_gives_up_within_seconds_not_after_fifteen_minutes():
+    import datetime
+
+    from raypath.sources import GCS_RETRY_S, uri_filesystem
+
+    fs, path = uri_filesystem("gs://bucket/runs/a")
+    settings = fs.__reduce__()[1][0]  # what a pickled copy (a Ray task's) is built with
+    assert path == "bucket/runs/a" and settings["retry_time_limit"] == datetime.timedelta(seconds=GCS_RETRY_S)
+    assert GCS_RETRY_S <= 30  # an unreachable gs:// run directory printed nothing for 15 minutes
+
+
 def test_a_uris_path_keeps_every_character_of_a_listed_file_name():
     from raypath.sources import filesystem_for
 

@@ -146,9 +146,10 @@ def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, toke
         prepare_versions(discover_versions(corpus), _spec(tmp_path / "e", tokenizer_dir))
     assert not (tmp_path / "e" / "data" / "manifest.json").exists()  # validated before any version is written
 
+    # skip drops the bad line alone, not its file's 30 good documents
     recs = prepare_versions(discover_versions(corpus), _spec(tmp_path / "s", tokenizer_dir, on_bad_input="skip"))
-    assert [Path(s["path"]).name for s in recs[1]["skipped_files"]] == ["part-3.jsonl"]
-    assert recs[1]["docs"] == 5 * 30 and len(recs[1]["train_files"]) == 5
+    assert recs[1]["skipped_files"] == [] and recs[1]["skipped_docs"] == {"invalid": 1}
+    assert recs[1]["docs"] == 6 * 30 and len(recs[1]["train_files"]) == 6
 
 
 def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(ray_cluster, tmp_path, tokenizer_dir):

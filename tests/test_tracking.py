@@ -260,6 +260,14 @@ def test_mlflow_by_default_logs_to_a_sqlite_file_in_the_run_directory(tmp_path, 
     spec = tracking.open_lineage(cfg, tmp_path / "run")
     assert spec.mlflow_uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
     assert (tmp_path / "run" / "mlflow.db").is_file() and spec.parent_run_id
+    # artifacts (the release links) beside it, not in ./mlruns of whichever directory the job ran in
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(spec.mlflow_uri)
+    client.log_text(spec.parent_run_id, "{}", "release-v1.json")
+    assert client.get_experiment_by_name(cfg.name).artifact_location == (tmp_path / "run" / "mlartifacts").as_uri()
+    assert list((tmp_path / "run" / "mlartifacts").rglob("release-v1.json")) and not (tmp_path / "mlruns").exists()
 
 
 def test_the_lineage_run_status_is_raypath_runs_and_a_sweep_leaves_it_as_it_was(tmp_path, monkeypatch):
