@@ -757,7 +757,29 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
                    root=root)
     tuner = _make_tuner(plan, sc, space, record["max_concurrent"], sweep_dir, guidance, restoring)
     with study.resuming(sweep_dir):
-        return tuner.fit(), restoring
+        return fit_noting_ctrl_c(tuner), restoring
+
+
+def fit_noting_ctrl_c(tuner):
+    """``tuner.fit()``, then a KeyboardInterrupt if Ctrl-C ended it.
+
+    Tune takes the first SIGINT itself: it saves the experiment and returns as if the sweep were
+    over (its unfinished trials then looked like a finished sweep's, exit code 0), and only then
+    puts back the handler it replaced, which after a whole run it leaves in place (a later Ctrl-C
+    would be swallowed): the handler tells which happened."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        return tuner.fit()
+    before = signal.getsignal(signal.SIGINT)
+    results = tuner.fit()
+    interrupted = signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt
+    return results
 
 
 def _trial_records(plan: SweepPlan, results, stopped: dict) -> list[dict]:

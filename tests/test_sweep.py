@@ -789,3 +789,35 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_linea
     # the release is decided over both sweeps' trials: the best of them all
     best = min(t["score"] for t in record["trials"] if t.get("score") is not None)
     assert Lineage.load(cfg.run_dir).release("v2").score <= best + 1e-9
+
+
+def test_ctrl_c_ends_a_sweep_as_interrupted_not_as_finished(ray_cluster, tmp_path):
+    """Tune catches the first SIGINT, saves the experiment and returns as after a whole run: the
+    sweep then recorded its unfinished trials as a finished sweep and exited 0."""
+    import os
+    import signal
+
+    from ray import tune
+
+    from raypath.sweep import fit_noting_ctrl_c
+
+    driver = os.getpid()
+
+    def interrupting(config):
+        os.kill(driver, signal.SIGINT)  # Ctrl-C on the driver while a trial runs
+        import time
+
+        time.sleep(10)
+        tune.report({"x": 1})
+
+    def finishing(config):
+        tune.report({"x": 1})
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_noting_ctrl_c(tune.Tuner(tune.with_resources(interrupting, {"cpu": 0.01}),
+                                     run_config=tune.RunConfig(storage_path=str(tmp_path), name="a")))
+    assert signal.getsignal(signal.SIGINT) is before
+    results = fit_noting_ctrl_c(tune.Tuner(tune.with_resources(finishing, {"cpu": 0.01}),
+                                           run_config=tune.RunConfig(storage_path=str(tmp_path), name="b")))
+    assert not results.errors and signal.getsignal(signal.SIGINT) is before  # Tune's handler taken back
