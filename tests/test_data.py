@@ -192,14 +192,18 @@ def test_bad_file_errors_name_the_file(tmp_path, kind, needle):
     assert f.name in str(e.value) and needle in str(e.value)
 
 
-def test_bad_files_can_be_skipped_and_counted(tmp_path):
+def test_bad_files_are_skipped_and_bad_documents_of_usable_ones_alone(tmp_path, caplog):
     files = _bad_files(tmp_path)
     good = tmp_path / "good.jsonl"
     _write_jsonl(good, ["fine"])
-    keep, skipped = validate_files(tuple(map(str, [*files.values(), good])), "text", policy="skip", max_doc_chars=0)
-    assert keep == (str(good),)
-    assert {Path(s["path"]).name for s in skipped} == {p.name for p in files.values()}
+    with caplog.at_level("WARNING", logger="raypath.sources"):
+        keep, skipped = validate_files(tuple(map(str, [*files.values(), good])), "text", policy="skip")
+    # a good line and a bad one: the file is kept, its bad line dropped when tokenized (counted)
+    with_bad_line = ("non_utf8", "bad_json", "lone_surrogate")
+    assert set(keep) == {str(good), *(str(files[k]) for k in with_bad_line)}
+    assert {Path(s["path"]).name for s in skipped} == {files[k].name for k in files if k not in with_bad_line}
     assert all(s["reason"] for s in skipped)
+    assert f"{files['bad_json']}: skipping 1 bad document(s) of 2 (the first: line 2: not valid JSON" in caplog.text
 
 
 def test_files_that_iter_docs_reads_pass_validation(tmp_path):
@@ -221,7 +225,9 @@ def test_files_that_iter_docs_reads_pass_validation(tmp_path):
 def test_a_json_line_nested_past_the_parsers_depth_is_that_lines_problem(tmp_path):
     deep = tmp_path / "deep.jsonl"  # json.loads raises RecursionError here, not JSONDecodeError
     deep.write_text('{"text": "doc one"}\n{"text": "doc two", "x": ' + "[" * 5000 + "]" * 5000 + "}\n")
-    assert inspect_file(str(deep), "text")["problem"].startswith("line 2: not valid JSON")
+    report = inspect_file(str(deep), "text")
+    assert (report["problem"], report["bad_docs"]) == (None, 1)  # one bad document of a usable file
+    assert report["first_bad"].startswith("line 2: not valid JSON")
 
 
 def test_versions_are_ordered_with_numbers_compared_as_numbers(tmp_path):
