@@ -355,25 +355,31 @@ def _save_traceback() -> Path:
     return Path(path)
 
 
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not connected
+    return ray is not None and ray.is_initialized()
+
+
 def _stop_ray() -> None:
     """Disconnect from Ray (a local cluster raypath started ends with it), ignoring what it says
     on the way: the run is being left anyway."""
-    ray = sys.modules.get("ray")  # not imported: nothing to stop
     with contextlib.suppress(Exception):
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        if _ray_connected():
+            sys.modules["ray"].shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    caller_has_ray = _ray_connected()  # a notebook's or a test's cluster is not ours to stop
     try:
         return args.fn(args)
     except INPUT_ERRORS as e:
         print(f"raypath: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing is lost, and the user should hear so
-        _stop_ray()  # before the message: Train workers' last lines would otherwise follow it
+        if not caller_has_ray:
+            _stop_ray()  # before the message: Train workers' last lines would otherwise follow it
         print("raypath: interrupted; what finished is kept (checkpoints, releases, the lineage): "
               "the same command resumes", file=sys.stderr)
         return 128 + 2  # what a shell reports for SIGINT

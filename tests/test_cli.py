@@ -145,7 +145,9 @@ def test_a_ray_address_ray_cannot_connect_to_is_named(address, message):
     check_address("auto")  # inside a submitted job: Ray finds the cluster itself
 
 
-def test_ctrl_c_says_what_is_kept_and_exits_130(monkeypatch, capsys):
+def test_ctrl_c_says_what_is_kept_and_exits_130(ray_cluster, monkeypatch, capsys):
+    import ray
+
     from raypath import cli
 
     def interrupted(args):
@@ -155,3 +157,5 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(monkeypatch, capsys):
     assert cli.main(["status", "runs/x"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("raypath: interrupted; what finished is kept") and "Traceback" not in err
+    # main called with Ray already up (a notebook, these tests) leaves that cluster alone
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 8
