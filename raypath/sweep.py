@@ -653,19 +653,21 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     ctx.rd.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
     record = _open_record(plan, sc, space)
     try:
-        results, resumed = _run_experiment(plan, sc, space, record)
+        results, resumed, interrupted = _run_experiment(plan, sc, space, record)
     finally:
         ctx.rd.publish(plan.sweep_dir)
     stopped = _stopped(plan)
     trials = _trial_records(plan, results, stopped)
     outcome, settled = _outcome(sc, trials, stopped)
     record.update(resumed=resumed, **outcome)
-    if record["best"] is not None and (settled or sc.pin):
+    if record["best"] is not None and (settled or sc.pin) and not interrupted:
         record.update(_release(plan, lineage, trials, sc.pin))
     write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
     ctx.rd.publish(Path(plan.sweep_dir) / RESULTS_JSON)
     lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
                          | {"trials": [_lineage_trial(t) for t in trials]})
+    if interrupted:  # recorded as far as it went; the command ends as interrupted (exit 130)
+        raise KeyboardInterrupt
     return record
 
 
@@ -738,7 +740,7 @@ def _study_name(plan: SweepPlan, sc: SweepConfig) -> str:
 
 def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record: dict):
     """Run a new sweep's Tune experiment (guided by the law when it fits: ``record["guide"]``)
-    or resume an interrupted one; Tune's results, and whether it was resumed."""
+    or resume an interrupted one; Tune's results, whether it was resumed, and whether Ctrl-C ended it."""
     from raypath import study
 
     sweep_dir = Path(plan.sweep_dir)
@@ -757,29 +759,28 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
                    root=root)
     tuner = _make_tuner(plan, sc, space, record["max_concurrent"], sweep_dir, guidance, restoring)
     with study.resuming(sweep_dir):
-        return fit_noting_ctrl_c(tuner), restoring
+        results, interrupted = fit_noting_ctrl_c(tuner)
+    return results, restoring, interrupted
 
 
-def fit_noting_ctrl_c(tuner):
-    """``tuner.fit()``, then a KeyboardInterrupt if Ctrl-C ended it.
+def fit_noting_ctrl_c(tuner) -> tuple[Any, bool]:
+    """``tuner.fit()``'s results, and whether Ctrl-C ended it.
 
     Tune takes the first SIGINT itself: it saves the experiment and returns as if the sweep were
-    over (its unfinished trials then looked like a finished sweep's, exit code 0), and only then
-    puts back the handler it replaced, which after a whole run it leaves in place (a later Ctrl-C
-    would be swallowed): the handler tells which happened."""
+    over (the sweep then exited 0), and only then puts back the handler it replaced, which after
+    a whole run it leaves in place (a later Ctrl-C would be swallowed): the handler tells which
+    happened, and the caller's is put back either way."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread() or \
             int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
-        return tuner.fit()
+        return tuner.fit(), False
     before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     interrupted = signal.getsignal(signal.SIGINT) is before
     signal.signal(signal.SIGINT, before)
-    if interrupted:
-        raise KeyboardInterrupt
-    return results
+    return results, interrupted
 
 
 def _trial_records(plan: SweepPlan, results, stopped: dict) -> list[dict]:
