@@ -61,13 +61,15 @@ def main() -> None:
 
     import raypath
     from raypath.mirror import RunDir
-    from raypath.pretrained import resolve, weight_files
+    from raypath.pretrained import resolve
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pretrained-bench-"))
     src = root / "model"
     if not (src / "model.safetensors.index.json").is_file():
         _model(src, args.gb, args.shards)
-    weights = sum(p.stat().st_size for p in weight_files(src))
+    # sized from the index this script wrote, so that an older checkout's raypath runs it too
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weights = sum((src / name).stat().st_size for name in set(index["weight_map"].values()))
     if not weights:
         raise SystemExit(f"{src}: no weight files found")
 
