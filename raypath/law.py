@@ -700,6 +700,11 @@ class FitResult:
     jumps a few points set R^2; this tells a jittery curve from a law that misses its shape.
     r2_ceiling: the R^2 a law that followed the curves' true mean exactly would reach, given
     their noise (:func:`r2_ceiling`): what R^2 is to be read against on noisy curves.
+    optimizer: how L-BFGS-B ended the kept fit, as scipy's ``OptimizeResult.message``; and
+    optimizer_status its ``status``: 0 converged, 1 stopped at the iteration limit (the fit
+    may be short of its optimum: logged), 2 the line search could not lower the objective
+    further (``ABNORMAL_TERMINATION_IN_LNSRCH``: at the tight polish tolerance this is the
+    limit of floating point near the optimum, not a failure).
     """
 
     law: str
@@ -718,6 +723,8 @@ class FitResult:
     outliers: list[dict] = field(default_factory=list)
     outlier_share: float = 0.0
     r2_ceiling: float = float("nan")
+    optimizer: str = ""
+    optimizer_status: int = 0
 
     def predict(self, curve_or_lrs, steps=None, *, cpt_start: int = 0, shifts: Sequence[int] = (),
                 entry: int = 0) -> np.ndarray:
@@ -933,8 +940,12 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
             res = run(z0, POLISH_OPTIONS)
             if best is None or res.fun < best.fun:
                 best = res
-    theta = best.x * prob.scale
-    return _summarise(law, prob, curves, theta, len(seeds), lam, quiet)
+    if best.status == 1 and not quiet:
+        log.warning("%s fit stopped at the iteration limit (%s): it may be short of its optimum",
+                    law.__name__, best.message)
+    fit = _summarise(law, prob, curves, best.x * prob.scale, len(seeds), lam, quiet)
+    fit.optimizer, fit.optimizer_status = str(best.message), int(best.status)
+    return fit
 
 
 def _expand_sign(law: type[_Law], sign: Mapping[str, int] | None) -> dict[str, int]:

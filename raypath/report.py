@@ -480,6 +480,9 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
                          f"{100 * fit.outlier_share:.0f}% of the squared error: {listed}{more}")
         lines.append(f"      params: {params}")
         lines.append(f"      degenerate: {', '.join(fit.degenerate) if fit.degenerate else 'none'}")
+        if fit.optimizer_status == 1:
+            lines.append(f"      optimizer: stopped at the iteration limit ({fit.optimizer}): "
+                         "may be short of its optimum")
     return "\n".join(lines)
 
 

@@ -405,3 +405,15 @@ def test_one_lambda_serves_every_split():
     lam, scores = select_lambda([(AnnealingLaw, curves, None), (AnnealingLaw, curves[:2], None)])
     assert lam == 0.98
     assert scores == select_lambda([(AnnealingLaw, curves, None)])[1]  # the one-branch split adds no fold
+
+
+def test_fit_records_how_the_optimizer_ended_and_warns_at_the_iteration_limit(anneal_curves, anneal_fit, monkeypatch,
+                                                                               caplog):
+    assert anneal_fit.optimizer and anneal_fit.optimizer_status in (0, 2)
+    monkeypatch.setattr("raypath.law.POLISH_OPTIONS", {"maxiter": 2, "ftol": 1e-15, "gtol": 1e-12})
+    with caplog.at_level("WARNING", logger="raypath.law"):
+        short = fit_law(AnnealingLaw, anneal_curves, seed_grid=[{"alpha": 0.3}])
+    assert short.optimizer_status == 1 and "ITERATIONS" in short.optimizer
+    assert "iteration limit" in caplog.text
+    old = {k: v for k, v in anneal_fit.to_dict().items() if not k.startswith("optimizer")}
+    assert FitResult.from_dict(old).optimizer_status == 0  # records written before the field still load

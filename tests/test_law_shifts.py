@@ -222,6 +222,10 @@ def test_fit_report_lists_each_splits_switches(three_versions):
     text = format_fits({**fits, "v1": jumpy}, lineage, "v3")
     assert ("outliers (beyond 3 noise sd): 7 points carry 75% of the squared error: main step 10 +3.5%, "
             "main step 20 +3.0%, main step 30 +2.5%, main step 40 +2.0%, main step 50 +1.5% and 2 more") in text
+    assert "optimizer:" not in text
+    short = dataclasses.replace(fits["v1"], optimizer_status=1, optimizer="STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT")
+    assert "optimizer: stopped at the iteration limit (STOP: TOTAL NO. OF ITERATIONS" in format_fits(
+        {**fits, "v1": short}, lineage, "v3")
 
 
 def test_guard_single_shift_truth_keeps_the_single_shift_law(tmp_path):
