@@ -164,7 +164,7 @@ def check_plan(seg: Segment) -> None:
 
 def _newest_state(seg: Segment) -> tuple[dict | None, str]:
     """``state.json`` of the segment's newest complete checkpoint (not hashed: the workers do)."""
-    for d in sorted(ckpt.step_dirs(seg.storage, seg.rd), key=ckpt.step_of, reverse=True):
+    for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
         if _complete(seg, ckpt.step_of(d)):
             return ckpt.load_state(d, seg.rd), seg.rd.name(d)
     return None, ""
