@@ -35,7 +35,7 @@ from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import LOCAL, RunDir
 from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
-from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
+from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.schedules import Schedule
 from raypath.storage import end_line
 from raypath.tracking import Tracker, TrackingSpec
@@ -590,7 +590,7 @@ class _Reporter:
             metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / self.world
             metrics["data_wait_share"] = self.window_wait / elapsed
             if self.flops_per_token and self.peak_flops:
-                metrics["mfu"] = metrics["tokens_per_s_per_worker"] * self.flops_per_token / self.peak_flops
+                metrics["mfu"] = mfu(metrics["tokens_per_s_per_worker"], self.flops_per_token, self.peak_flops)
             metrics["peak_memory_gb"] = peak_memory_bytes(self.device) / 1e9  # GPU allocated, or process RSS
         metrics.update(extra)
         if self.rank == 0:
