@@ -80,6 +80,7 @@ from raypath import schedules
 from raypath.law import Curve, FitResult
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
+from raypath.releases import objective_weights
 from raypath.schedules import Decay, MainPath, decay_fraction, decay_from, decay_progress, main_schedule
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ def splits_for(lineage: LineageLike, version: str) -> list[str]:
 def split_weights(lineage: LineageLike, version: str,
                   weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """Per-split objective weights: ``{old, new}`` -> w_old spread over older splits, w_new on
-    ``version`` (normalised to sum to 1, as :func:`raypath.sweep.objective_weights`); a
-    per-split mapping (``{"v1": .5, "v2": .5}``) passes through."""
+    ``version`` (:func:`raypath.releases.objective_weights`, what sweeps and releases score by);
+    a per-split mapping (``{"v1": .5, "v2": .5}``) passes through."""
     weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
     splits = splits_for(lineage, version)
     if set(weights) - {"old", "new"}:
@@ -187,15 +188,9 @@ def split_weights(lineage: LineageLike, version: str,
         if unknown:
             raise ValueError(f"objective weights name splits {unknown} that are not splits of {version}")
         return {k: float(v) for k, v in weights.items()}
-    old = splits[:-1]
-    if not old:
-        return {version: 1.0}
-    total = weights.get("old", 0.0) + weights.get("new", 0.0)
-    if total <= 0:
+    if len(splits) > 1 and weights.get("old", 0.0) + weights.get("new", 0.0) <= 0:
         raise ValueError(f"objective weights must not all be 0: {weights}")
-    out = {s: weights.get("old", 0.0) / total / len(old) for s in old}
-    out[version] = weights.get("new", 0.0) / total
-    return out
+    return objective_weights(splits, len(splits) - 1, weights)
 
 
 # --------------------------------------------------------------------------- LR histories
