@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
-    paths = write_run_report(cfg, lineage)
+    paths = write_run_report(lineage)
     print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")

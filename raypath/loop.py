@@ -363,7 +363,7 @@ def _optim_to_fqn_keys(sd: dict, order: list[str]) -> dict:
     return {"state": {order[int(k)]: v for k, v in sd["state"].items()}, "param_groups": groups}
 
 
-def _shard(model: torch.nn.Module, world: int) -> None:
+def _shard(model: torch.nn.Module) -> None:
     """FSDP2: shard every decoder block, then the rest (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -416,7 +416,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
             raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model: torch.nn.Module = raw
     if shard_here:
-        _shard(raw, world)
+        _shard(raw)
         materialize(raw, device, _initial_weights(seg, restored))
     elif world > 1:
         import ray.train.torch

@@ -32,7 +32,7 @@ from raypath.lineage import Branch, Lineage, MainEntry, Release
 from raypath.storage import atomic_write_bytes, read_jsonl, save_figure
 
 if TYPE_CHECKING:
-    from raypath.law import Curve, FitResult
+    from raypath.law import FitResult
 
 REPORT_DIR = "report"
 #: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
@@ -446,8 +446,7 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
 
 # --------------------------------------------------------------------------- the scaling law (raypath law)
 
-def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping, version: str,
-                curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
+def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping, version: str) -> str:
     """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
     parameters, degenerate ones, and the held-out errors the law was chosen by."""
     from raypath.law import OUTLIER_K
