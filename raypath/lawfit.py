@@ -243,22 +243,9 @@ def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
 
 
 def _find_curve(run_dir: Path | None, name: str, recorded: str | None) -> Path:
-    """The run directory's copy first (a moved run keeps stale absolute paths)."""
-    candidates = []
-    if run_dir is not None:
-        candidates.append(run_dir / "curves" / f"{name}.jsonl")
-        if recorded:
-            rec = Path(recorded)
-            # sweep trial curves live under RUN_DIR/sweeps/<version>/<sweep>/curves/
-            parts = rec.parts
-            if "sweeps" in parts:
-                candidates.append(run_dir.joinpath(*parts[parts.index("sweeps"):]))
-    if recorded:
-        candidates.append(Path(recorded))
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0] if candidates else Path(f"{name}.jsonl")
+    from raypath.report import find_curve
+
+    return find_curve(run_dir, name, recorded)
 
 
 def _observed(records: Iterable[dict], key: str, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
