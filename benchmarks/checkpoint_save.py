@@ -76,12 +76,12 @@ def _build(args, device):
     if args.init == "meta":  # as the training loop builds under FSDP: never whole on a rank
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.data.vocab_size, 0, None, weights=False)
-        _shard(model, dist.get_world_size())
+        _shard(model)
         materialize(model, device)
     else:  # the whole model on every rank: then sharded (the former build), or kept whole (DDP)
         model = build_model(cfg.model, cfg.data.vocab_size, 0, None).to(device)
         if args.init == "full":
-            _shard(model, dist.get_world_size())
+            _shard(model)
     build = {"rss_before_mb": before / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     blocks = torch.randint(0, cfg.data.vocab_size, (args.micro, args.seq + 1), device=device)

@@ -23,7 +23,10 @@ from _common import run_main, setup_logging
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", required=True, help="the lineage's run directory")
+    p.add_argument("--run-dir", required=True, help="the lineage's run directory: a path, or a URI such as "
+                                                    "s3://bucket/runs/x")
+    p.add_argument("--local-dir", help="where a remote run directory is mirrored "
+                                       "(default ~/.cache/raypath/<scheme>/<bucket>/<prefix>)")
     p.add_argument("--version", required=True,
                    help="what to export: v2 (the live release), v2/r1, main-v2 or a checkpoint directory")
     p.add_argument("--out", required=True, help="destination directory (created; its parent too)")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from raypath.export import export
 
-        print(export(args.run_dir, args.version, args.out, args.dtype, args.force).summary())
+        print(export(args.run_dir, args.version, args.out, args.dtype, args.force, args.local_dir).summary())
         return 0
 
     return run_main("export", body)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
         warn_if_relative(cfg.run_dir, log)
         lineage = run(cfg)
-        paths = write_run_report(cfg, lineage)
+        paths = write_run_report(lineage)
         print(format_releases(lineage), flush=True)
         print(f"run_dir: {lineage.rd.uri}")
         for kind, path in paths.items():

@@ -23,7 +23,6 @@ now (``lineage.json``): a release picked, rolled back or replaced since the swee
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -45,10 +44,6 @@ DPI = 120
 #: One colour per decay shape, stable across plots.
 SHAPE_COLORS = {"cosine": "tab:blue", "linear": "tab:orange", "1-sqrt": "tab:green",
                 "exponential": "tab:red", "polynomial": "tab:purple"}
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def _sweep_record(path: Path) -> dict:
@@ -118,11 +113,11 @@ def load_sweep(sweep_dir: str | os.PathLike,
     info = sweep_info(sweep_dir)
     end_step = info["main_end_step"]
     stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
-    stopped = _read_json(stopped_path) if stopped_path.is_file() else {}
+    stopped = storage.read_json(stopped_path) if stopped_path.is_file() else {}
     rows, frames = [], []
     for d in _trial_dirs(sweep_dir):
         trial_id = d.name.removeprefix("trial_")
-        params = _read_json(d / "params.json") if (d / "params.json").is_file() else {}
+        params = storage.read_json(d / "params.json") if (d / "params.json").is_file() else {}
         final = _last_result(d / "result.json")  # the trial's latest report
         done = final.get("step") == end_step and "objective" in final
         row: dict[str, Any] = {"trial_id": trial_id}

@@ -372,8 +372,11 @@ def step_dir_name(step: int) -> str:
 
 
 def step_dirs(run_storage: str | Path, rd: RunDir = LOCAL) -> list[Path]:
-    """The ``step_*`` directories of a segment's storage (listed remotely for a remote run)."""
-    return [Path(run_storage) / n for n in rd.children(run_storage) if n.startswith("step_")]
+    """The ``step_<N>`` checkpoint directories of a segment's storage, oldest first (listed remotely
+    for a remote run). Anything else named ``step_*`` there (a copy set aside as ``step_N.bak``) is
+    no checkpoint of the segment: resuming, pruning and forking all pass it over."""
+    names = [n for n in rd.children(run_storage) if n.startswith("step_") and n[len("step_"):].isdigit()]
+    return sorted((Path(run_storage) / n for n in names), key=step_of)
 
 
 def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
@@ -384,7 +387,7 @@ def latest_valid(run_storage: str | Path, rd: RunDir = LOCAL) -> Path | None:
     One whose files fail their hash is quarantined, as a load does: it looks complete
     otherwise, and :func:`prune` would keep it as the newest and delete what the run resumes from.
     """
-    for d in sorted(step_dirs(run_storage, rd), reverse=True):
+    for d in reversed(step_dirs(run_storage, rd)):
         try:
             return fetch(d, rd)
         except ChecksumError as e:
@@ -447,7 +450,7 @@ def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = 
     checkpoint is complete. Called between saves, so no save is in flight. Returns
     the directories deleted.
     """
-    dirs = sorted(step_dirs(run_storage, rd), key=step_of)
+    dirs = step_dirs(run_storage, rd)
     complete = [d for d in dirs if _complete(d, rd)]
     newest = step_of(complete[-1]) if complete else -1
     periodic = [d for d in complete if step_of(d) not in protected]

@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
-    paths = write_run_report(cfg, lineage)
+    paths = write_run_report(lineage)
     print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -170,16 +170,19 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     import dataclasses
 
     from raypath import lawfit
-    from raypath.config import BranchConfig
+    from raypath.config import BranchConfig, SweepConfig
     from raypath.report import plot_prediction
 
     rd, lineage, version, fits = _fit_law(args, "law predict")
-    # Unset options: the run's configured release branch (BranchConfig's defaults where unrecorded).
+    # Unset options: the run's configured release branch and objective (sweep.weights, what its
+    # releases are scored by); the config's defaults where the run recorded none.
     run_branch = {**dataclasses.asdict(BranchConfig()), **(lineage.config.get("branch") or {})}
     given = {k: getattr(args, k) for k in ("shape", "fraction", "min_lr_ratio", "power")}
     b = {k: run_branch[k] if v is None else v for k, v in given.items()}
+    run_weights = (lineage.config.get("sweep") or {}).get("weights") or SweepConfig().weights
     try:
-        weights = {"old": args.w_old, "new": args.w_new}
+        weights = {k: float(run_weights.get(k, 0.0)) if v is None else v
+                   for k, v in (("old", args.w_old), ("new", args.w_new))}
         p = lawfit.predict_branch(fits, lineage, version, b["shape"], b["fraction"], b["min_lr_ratio"],
                                   b["power"], weights=weights, fork_step=args.fork_step)
     except ValueError as e:
@@ -262,8 +265,10 @@ def _add_law(sub) -> None:
     pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True),
                     help="final LR over the peak, in [0, 1) (default: branch.min_lr_ratio)")
     pr.add_argument("--power", type=_positive, help="power of polynomial/exponential (default: branch.power)")
-    pr.add_argument("--w-old", type=_weight, default=0.5, help="objective weight of the older splits (>= 0)")
-    pr.add_argument("--w-new", type=_weight, default=0.5, help="objective weight of the version's own split (>= 0)")
+    pr.add_argument("--w-old", type=_weight,
+                    help="objective weight of the older splits, >= 0 (default: the run's sweep.weights)")
+    pr.add_argument("--w-new", type=_weight,
+                    help="objective weight of the version's own split, >= 0 (default: the run's sweep.weights)")
     _law_options(pr)
     pr.add_argument("--plot", metavar="OUT.png", help="draw predicted vs observed curves per split")
     pr.set_defaults(fn=cmd_law_predict)

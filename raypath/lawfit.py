@@ -80,6 +80,7 @@ from raypath import schedules
 from raypath.law import Curve, FitResult
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
+from raypath.releases import objective_weights
 from raypath.schedules import Decay, MainPath, decay_fraction, decay_from, decay_progress, main_schedule
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ def splits_for(lineage: LineageLike, version: str) -> list[str]:
 def split_weights(lineage: LineageLike, version: str,
                   weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """Per-split objective weights: ``{old, new}`` -> w_old spread over older splits, w_new on
-    ``version`` (normalised to sum to 1, as :func:`raypath.sweep.objective_weights`); a
-    per-split mapping (``{"v1": .5, "v2": .5}``) passes through."""
+    ``version`` (:func:`raypath.releases.objective_weights`, what sweeps and releases score by);
+    a per-split mapping (``{"v1": .5, "v2": .5}``) passes through."""
     weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
     splits = splits_for(lineage, version)
     if set(weights) - {"old", "new"}:
@@ -187,15 +188,9 @@ def split_weights(lineage: LineageLike, version: str,
         if unknown:
             raise ValueError(f"objective weights name splits {unknown} that are not splits of {version}")
         return {k: float(v) for k, v in weights.items()}
-    old = splits[:-1]
-    if not old:
-        return {version: 1.0}
-    total = weights.get("old", 0.0) + weights.get("new", 0.0)
-    if total <= 0:
+    if len(splits) > 1 and weights.get("old", 0.0) + weights.get("new", 0.0) <= 0:
         raise ValueError(f"objective weights must not all be 0: {weights}")
-    out = {s: weights.get("old", 0.0) / total / len(old) for s in old}
-    out[version] = weights.get("new", 0.0) / total
-    return out
+    return objective_weights(splits, len(splits) - 1, weights)
 
 
 # --------------------------------------------------------------------------- LR histories
@@ -248,22 +243,9 @@ def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
 
 
 def _find_curve(run_dir: Path | None, name: str, recorded: str | None) -> Path:
-    """The run directory's copy first (a moved run keeps stale absolute paths)."""
-    candidates = []
-    if run_dir is not None:
-        candidates.append(run_dir / "curves" / f"{name}.jsonl")
-        if recorded:
-            rec = Path(recorded)
-            # sweep trial curves live under RUN_DIR/sweeps/<version>/<sweep>/curves/
-            parts = rec.parts
-            if "sweeps" in parts:
-                candidates.append(run_dir.joinpath(*parts[parts.index("sweeps"):]))
-    if recorded:
-        candidates.append(Path(recorded))
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0] if candidates else Path(f"{name}.jsonl")
+    from raypath.report import find_curve
+
+    return find_curve(run_dir, name, recorded)
 
 
 def _observed(records: Iterable[dict], key: str, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from raypath.data import Consumed, read_blocks, stream_dataset
 from raypath.mirror import LOCAL, RunDir
 from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
-from raypath.perf import device_peak_flops, flops_per_token, peak_memory_bytes
+from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.schedules import Schedule
 from raypath.storage import end_line
 from raypath.tracking import Tracker, TrackingSpec
@@ -164,7 +164,7 @@ def check_plan(seg: Segment) -> None:
 
 def _newest_state(seg: Segment) -> tuple[dict | None, str]:
     """``state.json`` of the segment's newest complete checkpoint (not hashed: the workers do)."""
-    for d in sorted(ckpt.step_dirs(seg.storage, seg.rd), key=ckpt.step_of, reverse=True):
+    for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
         if _complete(seg, ckpt.step_of(d)):
             return ckpt.load_state(d, seg.rd), seg.rd.name(d)
     return None, ""
@@ -363,7 +363,7 @@ def _optim_to_fqn_keys(sd: dict, order: list[str]) -> dict:
     return {"state": {order[int(k)]: v for k, v in sd["state"].items()}, "param_groups": groups}
 
 
-def _shard(model: torch.nn.Module, world: int) -> None:
+def _shard(model: torch.nn.Module) -> None:
     """FSDP2: shard every decoder block, then the rest (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -416,7 +416,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
             raw.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model: torch.nn.Module = raw
     if shard_here:
-        _shard(raw, world)
+        _shard(raw)
         materialize(raw, device, _initial_weights(seg, restored))
     elif world > 1:
         import ray.train.torch
@@ -590,7 +590,7 @@ class _Reporter:
             metrics["tokens_per_s_per_worker"] = metrics["tokens_per_s"] / self.world
             metrics["data_wait_share"] = self.window_wait / elapsed
             if self.flops_per_token and self.peak_flops:
-                metrics["mfu"] = metrics["tokens_per_s_per_worker"] * self.flops_per_token / self.peak_flops
+                metrics["mfu"] = mfu(metrics["tokens_per_s_per_worker"], self.flops_per_token, self.peak_flops)
             metrics["peak_memory_gb"] = peak_memory_bytes(self.device) / 1e9  # GPU allocated, or process RSS
         metrics.update(extra)
         if self.rank == 0:

@@ -32,7 +32,7 @@ from raypath.lineage import Branch, Lineage, MainEntry, Release
 from raypath.storage import atomic_write_bytes, read_jsonl, save_figure
 
 if TYPE_CHECKING:
-    from raypath.law import Curve, FitResult
+    from raypath.law import FitResult
 
 REPORT_DIR = "report"
 #: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
@@ -63,12 +63,19 @@ def read_curve(path: str | os.PathLike) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _curve_path(run_dir: Path, segment: str, recorded: str | None) -> Path:
-    """The run directory's copy first: a moved run keeps stale absolute paths."""
-    local = run_dir / CURVES_DIR / f"{segment}.jsonl"
-    if local.is_file() or not recorded:
-        return local
-    return Path(recorded)
+def find_curve(run_dir: Path | None, segment: str, recorded: str | None) -> Path:
+    """Where a segment's curve is: the run directory's copy first (a record held with the
+    absolute paths of where the run was keeps stale ones), a sweep trial's under the run
+    directory's ``sweeps/<version>/<sweep>/curves/``, then the recorded path."""
+    candidates = []
+    if run_dir is not None:
+        candidates.append(run_dir / CURVES_DIR / f"{segment}.jsonl")
+        parts = Path(recorded).parts if recorded else ()
+        if "sweeps" in parts:
+            candidates.append(run_dir.joinpath(*parts[parts.index("sweeps"):]))
+    if recorded:
+        candidates.append(Path(recorded))
+    return next((c for c in candidates if c.is_file()), candidates[0] if candidates else Path(f"{segment}.jsonl"))
 
 
 def _concat_curves(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -327,13 +334,13 @@ def _main_curve(run_dir: Path, lineage: Lineage) -> pd.DataFrame:
     for name in lineage.version_names():
         m = lineage.main(name)
         segment = (m.segment if m else "") or f"main-{name}"
-        frames.append(read_curve(_curve_path(run_dir, segment, m.curve if m else None)))
+        frames.append(read_curve(find_curve(run_dir, segment, m.curve if m else None)))
     return _concat_curves(frames)
 
 
 def _branch_curve(run_dir: Path, lineage: Lineage, branch: Branch, main_curve: pd.DataFrame) -> pd.DataFrame:
     """A branch's curve starting at its fork point on the main path, so it visibly forks off."""
-    curve = read_curve(_curve_path(run_dir, branch.name, branch.curve))
+    curve = read_curve(find_curve(run_dir, branch.name, branch.curve))
     main = lineage.main(branch.version)
     if curve.empty or main is None or "tokens" not in main_curve or main_curve.empty:
         return curve
@@ -446,8 +453,7 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
 
 # --------------------------------------------------------------------------- the scaling law (raypath law)
 
-def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping, version: str,
-                curves: Mapping[str, Sequence[Curve]] | None = None) -> str:
+def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping, version: str) -> str:
     """``raypath law fit`` output: per split, its data switches, points, R^2, MAPE,
     parameters, degenerate ones, and the held-out errors the law was chosen by."""
     from raypath.law import OUTLIER_K

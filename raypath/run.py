@@ -312,7 +312,7 @@ def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, ru
     log.info(progress.line(len(ctx.versions) - 1, "done"))
 
 
-def write_run_report(cfg: Config, lineage: Lineage) -> dict[str, str]:
+def write_run_report(lineage: Lineage) -> dict[str, str]:
     """``RUN_DIR/report/`` (plot, CSV, markdown) of a run, published to a remote run directory."""
     from raypath.report import REPORT_DIR, write_report
 

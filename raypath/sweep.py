@@ -124,11 +124,8 @@ def fork_points(main: MainEntry, storage: str | os.PathLike, rd: RunDir = LOCAL)
     """
     start, end = main.start_step, main.end_step
     out = []
-    for d in sorted(ckpt.step_dirs(storage, rd)):
-        try:
-            step = int(d.name.split("_", 1)[1])
-        except ValueError:
-            continue
+    for d in ckpt.step_dirs(storage, rd):
+        step = ckpt.step_of(d)
         if not start < step < end:
             continue
         try:

@@ -258,6 +258,26 @@ def test_prune_keeps_newest_periodic_and_every_protected_step(tmp_path):
     assert ckpt.prune(tmp_path, keep=0, protected=set()) == []  # 0 = keep all
 
 
+
+def test_a_step_named_entry_that_is_no_checkpoint_is_passed_over(tmp_path):
+    """A checkpoint copied aside by hand (``step_N.bak``) or a note next to them is not one of the
+    segment's checkpoints: resuming, pruning and listing fork points skip it instead of failing."""
+    import shutil
+
+    from raypath.lineage import MainEntry
+    from raypath.sweep import fork_points
+
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    shutil.copytree(tmp_path / "step_00000010", tmp_path / "step_00000010.bak")
+    (tmp_path / "step_notes.txt").write_text("why 20 was kept")
+    assert [d.name for d in ckpt.step_dirs(tmp_path)] == ["step_00000010", "step_00000020", "step_00000030"]
+    assert ckpt.latest_valid(tmp_path).name == "step_00000030"
+    assert [d.name for d in ckpt.prune(tmp_path, keep=1, protected={20})] == ["step_00000010"]
+    assert (tmp_path / "step_00000010.bak").is_dir()
+    main = MainEntry(version="v1", segment="main-v1", start_step=0, end_step=40)
+    assert [f["step"] for f in fork_points(main, tmp_path)] == [20, 30]
+
 def _rng_rank(rank: int, world: int, port: int, root: str) -> None:
     import torch.distributed as dist
 

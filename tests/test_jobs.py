@@ -287,3 +287,17 @@ def test_run_lineage_rejects_bad_config():
     res = subprocess.run([sys.executable, "jobs/run_lineage.py", "--config", "configs/nope.yaml"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_the_export_job_takes_every_option_of_raypath_export():
+    """jobs/export.py is ``raypath export`` as a job: a remote run directory's mirror (--local-dir)
+    included, so the job can export where the command can."""
+    from raypath.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
+    command = {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--verbose"}
+    res = subprocess.run([sys.executable, "jobs/export.py", "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    missing = sorted(o for o in command if o not in res.stdout)
+    assert not missing, f"jobs/export.py lacks {missing}"

@@ -515,3 +515,23 @@ def test_a_restored_stopper_keeps_earlier_stops_and_learns_the_finished_trials(t
     assert stopper("late", hopeless(380))  # the first forecast refits on the finished trial
     assert stopper.guide.fits["v2"].n_points > points
     assert list(json.loads(record.read_text())) == ["early", "late"]
+
+
+def test_cli_law_predict_scores_with_the_runs_objective_weights(tmp_path, capsys):
+    """Unset, ``--w-old``/``--w-new`` are the run's ``sweep.weights``, as its releases are scored:
+    the objective printed is the one a sweep or a release decision would compare."""
+    from raypath.cli import main
+
+    run_dir = _synthetic_run(tmp_path)
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    lineage["config"]["sweep"] = {"weights": {"old": 0.0, "new": 1.0}}
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    fit = ["--version", "v2", "--lambda", "0.99", "--shifts", "single"]
+    assert main(["law", "predict", str(run_dir), *fit]) == 0
+    assert "objective (v1 0, v2 1):" in capsys.readouterr().out
+    assert main(["law", "predict", str(run_dir), *fit, "--w-old", "1"]) == 0  # a flag overrides its own weight
+    assert "objective (v1 0.5, v2 0.5):" in capsys.readouterr().out
+    del lineage["config"]["sweep"]  # a run that recorded none: the config's default
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    assert main(["law", "predict", str(run_dir), *fit]) == 0
+    assert "objective (v1 0.5, v2 0.5):" in capsys.readouterr().out

@@ -31,13 +31,13 @@ def _plain(cfg: ModelConfig) -> torch.nn.Module:
     return build_model(cfg, VOCAB, eos_id=0, pad_id=1)
 
 
-def _sharded(cfg: ModelConfig, world: int, weights=None) -> torch.nn.Module:
+def _sharded(cfg: ModelConfig, weights=None) -> torch.nn.Module:
     from raypath.loop import _shard
 
     torch.manual_seed(0)
     with torch.device("meta"):
         model = build_model(cfg, VOCAB, eos_id=0, pad_id=1, weights=False)
-    _shard(model, world)
+    _shard(model)
     materialize(model, torch.device("cpu"), weights)
     return model
 
@@ -51,7 +51,7 @@ def _rank(rank: int, world: int, port: int, pretrained: str, out: str) -> None:
     cases.append(("pretrained", _cfg(False, pretrained), checkpoint_tensors(pretrained)))
     for label, cfg, weights in cases:
         want = _plain(cfg)
-        got = _sharded(cfg, world, weights)
+        got = _sharded(cfg, weights)
         local = {n: p.to_local().numel() for n, p in got.named_parameters()}
         assert sum(local.values()) < sum(p.numel() for p in want.parameters()), "not sharded"
         for name, p in got.named_parameters():

@@ -213,6 +213,24 @@ def test_read_curve_missing_file_is_empty_with_step_column(tmp_path):
     assert df.empty and list(df.columns) == ["step"]
 
 
+
+def test_a_sweep_trials_curve_is_found_in_the_run_directory_it_moved_to(tmp_path, lineage):
+    """A release branch that was a sweep trial has its curve under ``sweeps/``, not ``curves/``:
+    with the absolute paths of where the run was, the plot reads it where the run is now,
+    as the law does."""
+    from raypath.lineage import Branch, Lineage
+    from raypath.report import _branch_curve, _main_curve
+
+    run = _write_run(tmp_path / "run", lineage)
+    rel = "sweeps/v2/s/curves/branch-v2-t1.jsonl"
+    (run / "curves" / "branch-v2.jsonl").rename(run / "curves" / "t1.jsonl")
+    (run / rel).parent.mkdir(parents=True)
+    (run / "curves" / "t1.jsonl").rename(run / rel)
+    branch = {**lineage["branches"][1], "name": "branch-v2-t1", "curve": f"{OLD}/{rel}"}
+    lin = Lineage.of(lineage)
+    curve = _branch_curve(run, lin, Branch.from_dict(branch), _main_curve(run, lin))
+    assert list(curve["step"]) == [20, 21, 22]  # the fork point on the main path, then the trial's records
+
 def test_read_curve_on_fixture_drops_the_resumed_duplicate(run_dir):
     df = read_curve(run_dir / "curves" / "main-v2.jsonl")
     assert df["step"].is_unique and df["step"].is_monotonic_increasing

@@ -564,6 +564,21 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
     assert load_sweep(tiny_sweep["dir"], curves=False)[1].empty
 
 
+
+def test_load_sweep_names_a_trial_file_that_is_not_json(tmp_path):
+    """A trial's ``params.json`` cut short (a copy interrupted, a full disk) is named, as every
+    other record of a run directory is, instead of a bare JSONDecodeError."""
+    from raypath.analysis import load_sweep
+    from raypath.storage import RunFileError
+
+    sweep_dir = tmp_path / "run" / "sweeps" / "v2" / "sweep"
+    (sweep_dir / "trial_0001").mkdir(parents=True)
+    write_json(sweep_dir / "sweep.json", {"version": "v2", "main_start_step": 0, "main_end_step": 64,
+                                          "tokens_start": 0, "tokens_per_step": 128, "segment_prefix": "branch-v2-"})
+    (sweep_dir / "trial_0001" / "params.json").write_text('{"shape": "cosine", "fra')
+    with pytest.raises(RunFileError, match=r"trial_0001/params\.json: not valid JSON"):
+        load_sweep(sweep_dir, curves=False)
+
 def test_load_sweep_shows_an_errored_trial_and_the_forks_plot_starts_before_the_forks(tiny_sweep, tmp_path):
     import json
     import shutil
