@@ -42,7 +42,7 @@ from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window, decay_from
-from raypath.storage import atomic_write_bytes, save_figure
+from raypath.storage import atomic_write_bytes, new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -326,12 +326,8 @@ def _lr_paths(run_dir: Path, lineage: Lineage) -> dict[str, list[tuple[str, pd.D
 
 
 def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(4, 1, figsize=(10, 12), gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
+    fig = new_figure((10, 12))
+    axes = fig.subplots(4, 1, gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
     for ax in axes[1:3]:  # one token axis: PTFS's re-training shows as its length
         ax.sharex(axes[0])
     titles = {"ptfs": "PTFS: from scratch on all data, per release (x: its tokens, cumulative)",
@@ -366,7 +362,6 @@ def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: 
     fig.suptitle(f"{lineage.name or 'raypath'}: PTFS vs CPT vs path switching (shape-matched)")
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110, tight=False)
-    plt.close(fig)
 
 
 def write_comparison(run_dir: str | Path, lineage: Lineage) -> dict[str, str]:
