@@ -240,13 +240,20 @@ def _released_differs(lineage: Lineage) -> bool:
     return any(r.branch != f"branch-{r.version}" for r in lineage.releases())
 
 
+#: The columns of :func:`comparison_table`, in order.
+COMPARISON_COLUMNS = ["version", "paradigm", "decay", "val_own", "test_own", "val_mean", "test_mean",
+                      "tokens_cumulative", "cost_ratio", "cost_ratio_with_search", "gap_test_own", "gap_val_own"]
+
+
 def comparison_table(run_dir: str | Path) -> pd.DataFrame:
     """One row per (version, paradigm): own-split and mean losses on val and test, cumulative
     tokens, cost over PTFS's (release only and with search), and the gap to PTFS on test.
 
     ``paradigm`` names the row: ``PTFS``, ``CPT``, ``PS`` (configured branches, shape-matched),
     ``PS released`` (when a sweep's trial is a live release), ``PS replay R``, and with
-    ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``.
+    ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``. Rows start at
+    the first version with a PTFS baseline: before ``raypath compare`` there are none, and the
+    table is empty with its columns (:data:`COMPARISON_COLUMNS`).
     """
     lineage = Lineage.load(run_dir)
     cfg_branch = lineage.config["branch"]
@@ -283,7 +290,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
                          / ref["tokens_cumulative"],
                          "gap_test_own": r["test_own"] - ref["test_own"],
                          "gap_val_own": r["val_own"] - ref["val_own"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 def format_comparison(df: pd.DataFrame) -> str:
