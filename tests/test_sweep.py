@@ -345,6 +345,24 @@ def test_pareto_front_keeps_only_undominated_rows():
     assert pareto_front(df, "t", "loss")["id"].tolist() == ["a", "b", "d"]
 
 
+def test_the_analysis_of_a_path_that_is_not_a_sweep_says_what_it_is_and_where_the_sweeps_are(tmp_path):
+    from raypath import analysis
+
+    run = tmp_path / "run"
+    for name in ("v2/a", "v3/b"):
+        (run / "sweeps" / name).mkdir(parents=True)
+        (run / "sweeps" / name / "sweep.json").write_text("{}")
+    for where in (run, run / "sweeps", run / "sweeps" / "v2"):
+        with pytest.raises(FileNotFoundError, match="the sweep directories below it: ") as e:
+            analysis.load_sweep(where)
+        assert str(run / "sweeps" / "v2" / "a") in str(e.value)
+    assert str(run / "sweeps" / "v3" / "b") in str(pytest.raises(FileNotFoundError, analysis.sweep_info, run).value)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        analysis.main_curve(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not a sweep directory .expected RUN_DIR/sweeps/<version>/<name>"):
+        analysis.load_sweep("s3://bucket/runs/q")
+
+
 # --------------------------------------------------------------------------- a real sweep
 
 def test_sweep_ran_all_trials_two_at_a_time(tiny_sweep):
