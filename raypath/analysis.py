@@ -153,8 +153,8 @@ def load_sweep(sweep_dir: str | os.PathLike,
         ``test_objective`` (same weights; reported, never selected on), ``loss``
         (last train-loss window), ``step``,
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
-        when the law stopper ended it, ``error`` when Tune recorded its failure, else
-        ``running``/``pending``) and ``best`` /
+        when the law stopper ended it, ``error`` when Tune recorded its failure, ``running``
+        once it reported or logged its curve, else ``pending``) and ``best`` /
         ``released`` flags. Sorted by score.
     curves (the second frame): ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
@@ -170,6 +170,9 @@ def load_sweep(sweep_dir: str | os.PathLike,
         trial_id = d.name.removeprefix("trial_")
         params = _read_json(d / "params.json") if (d / "params.json").is_file() else {}
         final = _last_result(d / "result.json")  # the trial's latest report
+        curve_path = sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl"
+        # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
+        started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
         done = final.get("step") == end_step and "objective" in final
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({c: params.get(c) for c in CONFIG_COLUMNS})
@@ -183,12 +186,12 @@ def load_sweep(sweep_dir: str | os.PathLike,
             "loss": final.get("loss"),
             "step": final.get("step"),
             "status": "done" if done else "stopped" if trial_id in stopped else
-            "error" if (d / "error.txt").is_file() else "running" if final else "pending",  # Tune's error file
+            "error" if (d / "error.txt").is_file() else "running" if started else "pending",  # Tune's error file
         })
         rows.append(row)
         if curves is not True and trial_id not in (curves or ()):
             continue
-        curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")
+        curve = read_curve(curve_path)
         if len(curve):
             curve = curve.assign(trial_id=trial_id, shape=row["shape"], fraction_actual=row["fraction_actual"])
             fork_tokens = info["tokens_start"] + (int(row["fork_step"]) - info["main_start_step"]) * \
@@ -271,7 +274,8 @@ def _finish(fig, ax, trials: pd.DataFrame, ylabel: str, what: str):
     """The common end of the one-axis sweep plots: label, grid, legend, title, layout."""
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # none while no trial has finished
+        ax.legend(fontsize=9, frameon=False)
     _title(ax, trials, what)
     fig.tight_layout()
     return fig
