@@ -616,5 +616,7 @@ def test_the_analysis_reads_a_sweep_of_a_run_in_a_bucket_by_its_uri(s3, tiny_swe
         analysis.load_sweep(f"{run_dir}/sweeps/v2/nothing")
 
     # the lineage and its tables, from the run directory's URI
-    assert Lineage.load(run_dir).release("v2") == live
+    remote = Lineage.load(run_dir)
+    assert remote.run_dir == mirror and remote.release("v2").path == live.path.replace(str(run), str(mirror), 1)
+    assert (remote.release("v2").id, remote.release("v2").trial_id) == (live.id, live.trial_id)
     pd.testing.assert_frame_equal(report.releases_table(run_dir), report.releases_table(run))
