@@ -15,6 +15,10 @@ The main path the trials fork from is read from the run directory that holds
 the sweep (``RUN_DIR/curves/main-vK.jsonl``), and so is which trial is released
 now (``lineage.json``): a release picked, rolled back or replaced since the sweep shows.
 
+A sweep of a remote run directory is named by its URI (``s3://bucket/runs/q/sweeps/v2/sweep``):
+each call pulls its records and curves (not its checkpoints or exports) and the run's
+``lineage.json`` into the run's local mirror (:func:`local_sweep_dir`), then reads them there.
+
     trials, curves = load_sweep("runs/quickstart/sweeps/v2/sweep")
     plot_loss_vs_length(trials)
     plot_pareto(trials)
@@ -30,9 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from raypath import storage
-from raypath.lineage import sweep_run_dir
+from raypath.lineage import LINEAGE, sweep_run_dir
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -55,12 +60,53 @@ def _last_result(path: Path) -> dict:
     return (storage.last_jsonl(path) or {}) if path.is_file() else {}
 
 
+def local_sweep_dir(sweep_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> Path:
+    """Where the sweep's files are read: ``sweep_dir`` itself, or for a URI its place in the run's
+    local mirror (``local_dir``, default ``~/.cache/raypath/<scheme>/<bucket>/<prefix>`` as for
+    ``--local-dir``), its records, curves and the run's ``lineage.json`` and main-path curve
+    pulled there first. The S3 endpoint is ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
+    from raypath.mirror import RunDir, is_remote, run_location
+    from raypath.sources import first_line
+    from raypath.sweep import SWEEP_REMOTE_ONLY
+
+    if not is_remote(str(sweep_dir)):
+        return Path(sweep_dir)
+    uri = str(sweep_dir).rstrip("/")
+    parts = uri.split("/")
+    if len(parts) < 7 or parts[-3] != "sweeps":
+        raise ValueError(f"{uri}: not a sweep directory (expected RUN_DIR/sweeps/<version>/<name>)")
+    rd = RunDir(*run_location("/".join(parts[:-3]), None if local_dir is None else str(local_dir)))
+    local = rd / "/".join(parts[-3:])
+    try:
+        if rd.mirror.info(local / "sweep.json").type != pafs.FileType.File:
+            raise FileNotFoundError(f"{uri}: no sweep.json (is it a `raypath sweep` directory?)")
+        rd.pull_files(local, exclude=SWEEP_REMOTE_ONLY)
+        rd.fetch(rd / LINEAGE, missing_ok=True)
+        rd.fetch(rd / "curves" / f"main-{parts[-2]}.jsonl", missing_ok=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket
+        raise OSError(f"{uri}: cannot read ({first_line(e)})") from None
+    return local
+
+
+def _no_sweep(path: Path) -> FileNotFoundError:
+    """What a path that is not a sweep directory is, with the sweeps below it where there are some."""
+    if not path.exists():
+        return FileNotFoundError(f"{path}: no such directory (expected RUN_DIR/sweeps/<version>/<name>)")
+    found = sorted(p.parent for p in path.glob("**/sweep.json") if len(p.relative_to(path).parts) <= 4)
+    if found:
+        return FileNotFoundError(f"{path}: no sweep.json; the sweep directories below it: "
+                                 + ", ".join(str(p) for p in found))
+    return FileNotFoundError(f"{path}: no sweep.json (is it a `raypath sweep` directory?)")
+
+
 def sweep_info(sweep_dir: str | os.PathLike) -> dict:
     """The sweep's ``sweep.json`` (settings, fork points, weights), plus ``results.json`` if finished."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = local_sweep_dir(sweep_dir)
     path = sweep_dir / "sweep.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{sweep_dir}: no sweep.json (is it a `raypath sweep` directory?)")
+        raise _no_sweep(sweep_dir)
     info = _sweep_record(path)
     results = sweep_dir / "results.json"
     if results.is_file():
@@ -102,14 +148,14 @@ def load_sweep(sweep_dir: str | os.PathLike,
         ``test_objective`` (same weights; reported, never selected on), ``loss``
         (last train-loss window), ``step``,
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
-        when the law stopper ended it, ``error`` when Tune recorded its failure, else
-        ``running``/``pending``) and ``best`` /
+        when the law stopper ended it, ``error`` when Tune recorded its failure, ``running``
+        once it reported or logged its curve, else ``pending``) and ``best`` /
         ``released`` flags. Sorted by score.
     curves (the second frame): ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
         ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
     """
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = local_sweep_dir(sweep_dir)
     info = sweep_info(sweep_dir)
     end_step = info["main_end_step"]
     stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
@@ -119,6 +165,9 @@ def load_sweep(sweep_dir: str | os.PathLike,
         trial_id = d.name.removeprefix("trial_")
         params = storage.read_json(d / "params.json") if (d / "params.json").is_file() else {}
         final = _last_result(d / "result.json")  # the trial's latest report
+        curve_path = sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl"
+        # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
+        started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
         done = final.get("step") == end_step and "objective" in final
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({c: params.get(c) for c in CONFIG_COLUMNS})
@@ -132,12 +181,12 @@ def load_sweep(sweep_dir: str | os.PathLike,
             "loss": final.get("loss"),
             "step": final.get("step"),
             "status": "done" if done else "stopped" if trial_id in stopped else
-            "error" if (d / "error.txt").is_file() else "running" if final else "pending",  # Tune's error file
+            "error" if (d / "error.txt").is_file() else "running" if started else "pending",  # Tune's error file
         })
         rows.append(row)
         if curves is not True and trial_id not in (curves or ()):
             continue
-        curve = read_curve(sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl")
+        curve = read_curve(curve_path)
         if len(curve):
             curve = curve.assign(trial_id=trial_id, shape=row["shape"], fraction_actual=row["fraction_actual"])
             fork_tokens = info["tokens_start"] + (int(row["fork_step"]) - info["main_start_step"]) * \
@@ -163,6 +212,7 @@ def load_sweep(sweep_dir: str | os.PathLike,
 
 def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     """The main-path curve of the swept version (what the trials fork from)."""
+    sweep_dir = local_sweep_dir(sweep_dir)
     info = sweep_info(sweep_dir)
     local = sweep_run_dir(sweep_dir) / "curves" / f"{info['main_segment']}.jsonl"
     return read_curve(local if local.is_file() or not info.get("main_curve") else info["main_curve"])
@@ -170,6 +220,7 @@ def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 
 def main_objective(sweep_dir: str | os.PathLike) -> float:
     """The objective of the *un-annealed* main path at the version boundary (what decay must beat)."""
+    sweep_dir = local_sweep_dir(sweep_dir)
     info = sweep_info(sweep_dir)
     curve = main_curve(sweep_dir)
     weights = info["objective_weights"]
@@ -218,7 +269,8 @@ def _finish(fig, ax, trials: pd.DataFrame, ylabel: str, what: str):
     """The common end of the one-axis sweep plots: label, grid, legend, title, layout."""
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # none while no trial has finished
+        ax.legend(fontsize=9, frameon=False)
     _title(ax, trials, what)
     fig.tight_layout()
     return fig

@@ -42,7 +42,7 @@ from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window, decay_from
-from raypath.storage import atomic_write_bytes, save_figure
+from raypath.storage import atomic_write_bytes, new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +240,20 @@ def _released_differs(lineage: Lineage) -> bool:
     return any(r.branch != f"branch-{r.version}" for r in lineage.releases())
 
 
+#: The columns of :func:`comparison_table`, in order.
+COMPARISON_COLUMNS = ["version", "paradigm", "decay", "val_own", "test_own", "val_mean", "test_mean",
+                      "tokens_cumulative", "cost_ratio", "cost_ratio_with_search", "gap_test_own", "gap_val_own"]
+
+
 def comparison_table(run_dir: str | Path) -> pd.DataFrame:
     """One row per (version, paradigm): own-split and mean losses on val and test, cumulative
     tokens, cost over PTFS's (release only and with search), and the gap to PTFS on test.
 
     ``paradigm`` names the row: ``PTFS``, ``CPT``, ``PS`` (configured branches, shape-matched),
     ``PS released`` (when a sweep's trial is a live release), ``PS replay R``, and with
-    ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``.
+    ``compare.paper_baselines`` ``PTFS cosine (paper)`` / ``CPT cosine (paper)``. Rows start at
+    the first version with a PTFS baseline: before ``raypath compare`` there are none, and the
+    table is empty with its columns (:data:`COMPARISON_COLUMNS`).
     """
     lineage = Lineage.load(run_dir)
     cfg_branch = lineage.config["branch"]
@@ -283,7 +290,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
                          / ref["tokens_cumulative"],
                          "gap_test_own": r["test_own"] - ref["test_own"],
                          "gap_val_own": r["val_own"] - ref["val_own"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 def format_comparison(df: pd.DataFrame) -> str:
@@ -326,12 +333,8 @@ def _lr_paths(run_dir: Path, lineage: Lineage) -> dict[str, list[tuple[str, pd.D
 
 
 def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(4, 1, figsize=(10, 12), gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
+    fig = new_figure((10, 12))
+    axes = fig.subplots(4, 1, gridspec_kw={"height_ratios": [1, 1, 1, 1.6]})
     for ax in axes[1:3]:  # one token axis: PTFS's re-training shows as its length
         ax.sharex(axes[0])
     titles = {"ptfs": "PTFS: from scratch on all data, per release (x: its tokens, cumulative)",
@@ -366,7 +369,6 @@ def plot_comparison(run_dir: Path, lineage: Lineage, df: pd.DataFrame, out_png: 
     fig.suptitle(f"{lineage.name or 'raypath'}: PTFS vs CPT vs path switching (shape-matched)")
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110, tight=False)
-    plt.close(fig)
 
 
 def write_comparison(run_dir: str | Path, lineage: Lineage) -> dict[str, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raypath.mirror import LOCAL, RunDir
+from raypath.mirror import LOCAL, RunDir, is_remote
 from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
@@ -36,8 +36,11 @@ def _now() -> str:
 
 
 def _run_dir(run_dir: RunDir | str | Path) -> RunDir:
-    """A run directory handle; a plain path is a local run directory."""
-    return run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    """A run directory handle; a plain path is a local run directory, a URI a remote one
+    (pulled into its default mirror, as ``raypath status URI`` does)."""
+    if isinstance(run_dir, RunDir):
+        return run_dir
+    return RunDir.open(run_dir) if is_remote(str(run_dir)) else RunDir(Path(run_dir))
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Lineage:
 
     @classmethod
     def load(cls, run_dir: RunDir | str | Path) -> "Lineage":
-        """The record of an existing run (a :class:`~raypath.mirror.RunDir` or a local path)."""
+        """The record of an existing run (a :class:`~raypath.mirror.RunDir`, a local path or a URI)."""
         rd = _run_dir(run_dir)
         path = rd / LINEAGE
         if not path.is_file():

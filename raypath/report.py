@@ -29,7 +29,7 @@ import pandas as pd
 
 from raypath.cost import lineage_costs
 from raypath.lineage import Branch, Lineage, MainEntry, Release
-from raypath.storage import atomic_write_bytes, read_jsonl, save_figure
+from raypath.storage import atomic_write_bytes, new_figure, read_jsonl, save_figure
 
 if TYPE_CHECKING:
     from raypath.law import FitResult
@@ -408,18 +408,15 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lineage = Lineage.of(lineage)
     run_dir, out_png = Path(run_dir), Path(out_png)
     main_curve = _main_curve(run_dir, lineage)
     branches = lineage.branches(done=False)  # a branch still training is drawn as far as it got
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     colors = {b.name: cmap(i % 10) for i, b in enumerate(branches)}
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=FIGSIZE, sharex=True,
-                                         gridspec_kw={"height_ratios": [2.2, 1]})
+    fig = new_figure(FIGSIZE)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
     if not main_curve.empty and "loss" in main_curve:
         # Thin and on top: where a branch tracks the main path both lines stay visible.
         ax_loss.plot(main_curve["tokens"], main_curve["loss"], color="black", lw=0.9, zorder=4,
@@ -447,7 +444,6 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
     fig.suptitle(f"{lineage.name or 'run'}: main path and release branches")
     fig.tight_layout()
     save_figure(fig, out_png, DPI, tight=False)
-    plt.close(fig)
     return out_png
 
 
@@ -496,17 +492,13 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
                     prediction: Mapping, out_png: str | os.PathLike) -> Path:
     """Per split: observed main-path and branch val curves of ``version``, and the law's
     predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from raypath.lawfit import branch_lrs, curves_from_lineage, lineage_schedule, main_entry, main_lrs, split_phases
     from raypath.schedules import decay_from
 
     lineage = Lineage.of(lineage)
     splits = list(fits)
-    fig, axes = plt.subplots(len(splits), 1, figsize=(9.0, 3.2 * len(splits)), squeeze=False)
+    fig = new_figure((9.0, 3.2 * len(splits)))
+    axes = fig.subplots(len(splits), 1, squeeze=False)
     start = int(main_entry(lineage, version).start_step)
     sched = lineage_schedule(lineage)
     decay = decay_from(prediction)
@@ -539,7 +531,6 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
     fig.tight_layout()
     out = Path(out_png)
     save_figure(fig, out)
-    plt.close(fig)
     return out
 
 

@@ -103,6 +103,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib figure outside pyplot: drawing a report file then needs no display and leaves
+    the caller's backend and open figures alone (a notebook's inline plots keep showing)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True) -> Path:
     """Write a matplotlib figure as a PNG atomically; returns the path.
 

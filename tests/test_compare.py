@@ -130,3 +130,17 @@ def test_each_paradigm_lr_path_matches_its_definition_and_ends_at_the_floor(comp
     for b in lin["branches"]:  # path switching's branches: the same shape and floor
         assert b["decay"] == matched
         assert read_curve(b["curve"])["lr"].iloc[-1] == pytest.approx(floor)
+
+
+def test_the_comparison_of_a_run_not_compared_yet_is_empty_with_its_columns(tmp_path):
+    from test_report import _write_run, make_lineage
+
+    from raypath.compare import comparison_table, format_comparison
+
+    df = comparison_table(_write_run(tmp_path / "run", make_lineage()))
+    assert df.empty
+    assert list(df.columns) == ["version", "paradigm", "decay", "val_own", "test_own", "val_mean", "test_mean",
+                                "tokens_cumulative", "cost_ratio", "cost_ratio_with_search", "gap_test_own",
+                                "gap_val_own"]
+    assert df[df["paradigm"] == "PS"].empty  # what a notebook filters on works on no rows
+    assert format_comparison(df).splitlines()[1].split()[:2] == ["version", "paradigm"]

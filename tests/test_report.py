@@ -22,6 +22,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from raypath.lineage import Lineage  # noqa: E402
 from raypath.report import (  # noqa: E402
     format_releases,
     format_status,
@@ -398,3 +399,25 @@ def test_write_report_partial_run(tmp_path):
 def test_plot_lineage_without_any_curves(tmp_path, lineage):
     out = plot_lineage(tmp_path / "empty_run", lineage, tmp_path / "out" / "p.png")
     assert _png_size(out) == (1320, 900)
+
+
+def test_drawing_report_files_leaves_the_callers_matplotlib_backend_and_figures_alone(run_dir, lineage, tmp_path):
+    """A notebook's inline backend must survive a report: figures it draws after still show."""
+    import matplotlib.pyplot as plt
+
+    from raypath.compare import plot_comparison
+
+    table = pd.DataFrame({"version": ["v1", "v1"], "paradigm": ["PTFS", "PS"], "val_own": [4.0, 3.9],
+                          "test_own": [4.1, 4.0]})
+    matplotlib.use("svg")
+    try:
+        open_figures = plt.get_fignums()
+        write_report(run_dir)
+        plot_lineage(run_dir, lineage, tmp_path / "lineage.png")
+        plot_comparison(run_dir, Lineage.of(lineage), table, tmp_path / "comparison.png")
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == open_figures
+        assert _png_size(tmp_path / "lineage.png") == (1320, 900)
+        assert _png_size(tmp_path / "comparison.png") == (1100, 1320)  # 10 x 12 in at 110 dpi
+    finally:
+        matplotlib.use("Agg")

@@ -583,3 +583,40 @@ def test_mlflows_default_sqlite_file_is_refused_for_a_run_directory_in_a_bucket(
         tracking.mlflow_uri(cfg, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking.mlflow_uri(cfg, tmp_path) == "http://mlflow.internal:5000"
+
+
+def test_the_analysis_reads_a_sweep_of_a_run_in_a_bucket_by_its_uri(s3, tiny_sweep, tmp_path, monkeypatch):
+    """A notebook on a machine that never saw the run: the sweep's URI gives the same frames as
+    the run's own copy; its records come down into the run's default mirror, not its checkpoints."""
+    import pandas as pd
+
+    from raypath import analysis, report
+    from raypath.lineage import Lineage
+
+    run = Path(tiny_sweep["dir"]).parents[2]
+    name = _bucket(s3, "analysis")
+    run_dir = f"s3://{name}/run"
+    Mirror(run_dir, str(run.resolve()), s3.endpoint).push(run)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default mirror lives under ~/.cache/raypath
+    uri = f"{run_dir}/sweeps/v2/{tiny_sweep['sweep'].name}"
+
+    trials, curves = analysis.load_sweep(uri)
+    here_trials, here_curves = analysis.load_sweep(tiny_sweep["dir"])
+    pd.testing.assert_frame_equal(trials, here_trials)
+    pd.testing.assert_frame_equal(curves, here_curves)
+    live = Lineage.load(run).release("v2")  # what the released flag reads: the run's lineage.json
+    assert trials.loc[trials["released"], "trial_id"].tolist() == [t for t in [live and live.trial_id] if t]
+    assert analysis.main_objective(uri) == analysis.main_objective(tiny_sweep["dir"])
+    mirror = tmp_path / "home" / ".cache" / "raypath" / "s3" / name / "run"
+    assert analysis.local_sweep_dir(uri) == mirror / "sweeps" / "v2" / tiny_sweep["sweep"].name
+    pulled = {p.relative_to(mirror).parts[:4] for p in mirror.rglob("*") if p.is_file()}
+    assert not [p for p in pulled if p[0] in ("ray", "data", "releases") or p[3:] in (("branches",), ("exports",))]
+    with pytest.raises(FileNotFoundError, match=f"{run_dir}/sweeps/v2/nothing: no sweep.json"):
+        analysis.load_sweep(f"{run_dir}/sweeps/v2/nothing")
+
+    # the lineage and its tables, from the run directory's URI
+    remote = Lineage.load(run_dir)
+    assert remote.run_dir == mirror and remote.release("v2").path == live.path.replace(str(run), str(mirror), 1)
+    assert (remote.release("v2").id, remote.release("v2").trial_id) == (live.id, live.trial_id)
+    pd.testing.assert_frame_equal(report.releases_table(run_dir), report.releases_table(run))

@@ -345,6 +345,24 @@ def test_pareto_front_keeps_only_undominated_rows():
     assert pareto_front(df, "t", "loss")["id"].tolist() == ["a", "b", "d"]
 
 
+def test_the_analysis_of_a_path_that_is_not_a_sweep_says_what_it_is_and_where_the_sweeps_are(tmp_path):
+    from raypath import analysis
+
+    run = tmp_path / "run"
+    for name in ("v2/a", "v3/b"):
+        (run / "sweeps" / name).mkdir(parents=True)
+        (run / "sweeps" / name / "sweep.json").write_text("{}")
+    for where in (run, run / "sweeps", run / "sweeps" / "v2"):
+        with pytest.raises(FileNotFoundError, match="the sweep directories below it: ") as e:
+            analysis.load_sweep(where)
+        assert str(run / "sweeps" / "v2" / "a") in str(e.value)
+    assert str(run / "sweeps" / "v3" / "b") in str(pytest.raises(FileNotFoundError, analysis.sweep_info, run).value)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        analysis.main_curve(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not a sweep directory .expected RUN_DIR/sweeps/<version>/<name>"):
+        analysis.load_sweep("s3://bucket/runs/q")
+
+
 # --------------------------------------------------------------------------- a real sweep
 
 def test_sweep_ran_all_trials_two_at_a_time(tiny_sweep):
@@ -603,6 +621,37 @@ def test_load_sweep_shows_an_errored_trial_and_the_forks_plot_starts_before_the_
     first_fork = info["tokens_start"] + (int(trials["fork_step"].min()) - info["main_start_step"]) * \
         info["tokens_per_step"]
     assert min(fig.axes[0].lines[0].get_xdata()) < first_fork  # the main path reaches back past the forks
+
+
+def test_a_sweep_in_progress_shows_its_training_trials_as_running_and_plots_without_warnings(tiny_sweep, tmp_path):
+    """Trials of the fixture report only at their end: mid-run, a trial has its curve and no result."""
+    import shutil
+    import warnings
+
+    import matplotlib
+
+    from raypath import analysis
+
+    matplotlib.use("Agg")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    sweep_dir = run / Path(tiny_sweep["dir"]).relative_to(tiny_sweep["cfg"].run_dir)
+    (sweep_dir / "results.json").unlink()
+    trial_dirs = sorted(sweep_dir.glob("trial_*"))
+    for d in trial_dirs:
+        (d / "result.json").write_text("")  # no report yet
+    waiting = trial_dirs[0].name.removeprefix("trial_")
+    (trial_dirs[0] / "result.json").unlink()
+    (sweep_dir / "curves" / f"branch-v2-{waiting}.jsonl").unlink()
+    trials, curves = analysis.load_sweep(sweep_dir)
+    status = trials.set_index("trial_id")["status"]
+    assert status[waiting] == "pending" and (status.drop(waiting) == "running").all()  # were all "pending"
+    assert set(curves["trial_id"]) == set(status.drop(waiting).index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "No artists with labels found to put in legend"
+        analysis.plot_loss_vs_length(trials, reference=analysis.main_objective(sweep_dir))
+        analysis.plot_pareto(trials)
+        analysis.plot_forks(trials, curves, analysis.main_curve(sweep_dir))
 
 
 def test_the_analysis_shows_the_live_release_not_the_one_the_sweep_made(tiny_sweep, tmp_path, monkeypatch):
