@@ -44,9 +44,11 @@ class ModelConfig:
 
     path: ``save_pretrained`` directory to start from: a local path, or a URI on
         any pyarrow filesystem (``s3://``, ``gs://``, ``file://``), downloaded once
-        into ``RUN_DIR/base_model`` and checked by sha256. When set, the size fields
-        below are ignored, the weights load as fp32 master weights whatever dtype
-        they were saved in, and the tokenizer defaults to the model's own.
+        into ``RUN_DIR/base_model`` and checked by sha256. When set, the architecture
+        is the model's own: every field below but ``attn_implementation`` is ignored
+        (sizes, ``max_position_embeddings``, ``tie_word_embeddings``, ``rope_theta``);
+        the weights load as fp32 master weights whatever dtype they were saved in, and
+        the tokenizer defaults to the model's own.
     hidden_size: model width.
     num_layers: decoder blocks.
     num_heads: attention heads; must divide ``hidden_size`` into an even head size.
