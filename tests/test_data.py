@@ -353,6 +353,46 @@ def test_ddp_evaluates_a_split_with_fewer_blocks_than_workers(tiny_run, tmp_path
     assert [r["step"] for r in curve] == [seg.start_step + 2, seg.start_step + 4]
 
 
+def test_a_segments_dataset_is_exactly_the_rows_its_resume_point_has_not_trained(ray_cluster, tmp_path):
+    """What every (re)start of a segment reads: the stream's rows below the limit, minus those
+    its newest checkpoint consumed. A version's main segment starts from the previous
+    version's boundary, whose rows are another stream's; a branch forks from its own
+    version's main path and skips what that trained; a segment's own checkpoint wins."""
+    import dataclasses
+
+    from raypath import checkpoint as ckpt
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.data import _write_blocks
+    from raypath.loop import Segment, resume_point, train_dataset
+    from raypath.schedules import MainPath
+
+    stream = tmp_path / "v2-stream.parquet"
+    _write_blocks(stream, np.arange(40 * 4, dtype=np.int32).reshape(40, 4))
+
+    def checkpoint(path: Path, step: int, version: str, consumed: list) -> str:
+        ckpt.save(path / ckpt.step_dir_name(step), {}, {}, {"step": step, "version": version, "consumed": consumed})
+        return str(path / ckpt.step_dir_name(step))
+
+    def rows(seg: Segment) -> list[int]:
+        return sorted(int(i) for b in train_dataset(seg).iter_batches(batch_format="numpy") for i in b["idx"])
+
+    v1_end = checkpoint(tmp_path / "main-v1", 10, "v1", [[0, 40]])
+    main = Segment(name="main-v2", kind="main", version="v2", stream_path=str(stream), start_step=10, end_step=19,
+                   schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64, eos_id=0,
+                   pad_id=None, seq_len=4, storage=str(tmp_path / "main-v2"), curves_path="",
+                   init_checkpoint=v1_end, stream_limit=36)
+    assert resume_point(main) == (v1_end, {"step": 10, "version": "v1", "consumed": []})
+    assert rows(main) == list(range(36))  # the last 4 rows make no whole global batch
+    fork = checkpoint(tmp_path / "main-v2", 15, "v2", [[0, 8], [12, 20]])  # 2 workers' rows, one behind
+    assert resume_point(main)[0] == fork
+    assert rows(main) == [*range(8, 12), *range(20, 36)]
+    branch = dataclasses.replace(main, name="branch-v2", kind="branch", storage=str(tmp_path / "branch-v2"),
+                                 init_checkpoint=fork)
+    assert rows(branch) == [*range(8, 12), *range(20, 36)]
+    checkpoint(tmp_path / "branch-v2", 17, "v2", [[0, 28]])
+    assert rows(branch) == list(range(28, 36))
+
+
 def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
     """Train half of v1 on 2 workers, finish it on 1: same rows as an uninterrupted run, none twice."""
     import dataclasses

@@ -223,3 +223,22 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
         (d / "model.safetensors").write_bytes(b"w" * 1000)
     assert sorted(p.name for p in tmp_path.rglob(".*.tmp")) == sorted([live.name, recent.name])
     assert report.read_bytes() == b"version,branch\n" and (release / "model.safetensors").is_file()
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path):
+    """A write of a record replaces it only once the new content is complete: an error (a full
+    disk, a Ctrl-C) while writing leaves the previous record for the next run to trust."""
+    import pytest
+
+    from raypath.storage import atomic_file, read_json, write_json
+
+    lineage = tmp_path / "lineage.json"
+    write_json(lineage, {"versions": ["v1"]})
+    for interrupt in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(interrupt)):
+            with atomic_file(lineage) as f:
+                f.write(b'{"versions": ["v1", "v2"')
+                f.flush()
+                raise interrupt
+        assert read_json(lineage) == {"versions": ["v1"]}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lineage.json"]

@@ -88,6 +88,25 @@ def test_areas_lr_increase_makes_negative_momentum():
     np.testing.assert_allclose(s2, [0.0, 0.5, 0.25, 0.125])
 
 
+def test_laws_evaluate_their_formulas_on_hand_computed_areas():
+    """The fits are checked against curves the laws themselves generate, which a wrong formula
+    passes (a reparametrised one is recovered just as well): here each law's value is its
+    paper's formula on the areas of test_areas_hand_computed (S1 = [1, 2, 2.5, 2.75],
+    S2 = [0, 0, 0.5, 1] at lam 0.5)."""
+    lrs, steps = np.array([1.0, 1.0, 0.5, 0.25]), np.arange(4)
+    s1, s2 = np.array([1.0, 2.0, 2.5, 2.75]), np.array([0.0, 0.0, 0.5, 1.0])
+    anneal = {"L0": 2.0, "A": 0.8, "alpha": 0.5, "C": 0.6}
+    want = 2.0 + 0.8 * s1**-0.5 - 0.6 * s2  # L0 + A*S1^-alpha - C*S2
+    got = AnnealingLaw.predict(anneal, Curve(lrs, steps, np.full(4, np.nan)), lam=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # From step 2 on the CPT phase: S1pt, S2pt freeze at step 1's values (2, 0), S1cpt = [0, 0, 0.5, 0.75].
+    cpt = {"L0": 2.0, "A": 0.8, "alpha": 0.5, "C1": 0.6, "C2": 0.4, "B": 0.3, "E": 2.0, "beta": 1.5}
+    s1cpt = np.array([0.0, 0.0, 0.5, 0.75])
+    want = 2.0 + 0.8 * s1**-0.5 - 0.6 * 0.0 - 0.4 * s2 + 0.3 * (1 - (1 + 2.0 * s1cpt) ** -1.5)
+    got = CPTLaw.predict(cpt, Curve(lrs, steps, np.full(4, np.nan), cpt_start=2), lam=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_constant_schedule_has_no_annealing_area():
     s1, s2 = areas(np.full(1000, 3e-4))
     assert np.all(s2 == 0.0)

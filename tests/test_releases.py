@@ -54,6 +54,11 @@ def test_a_tie_keeps_the_live_release_and_a_better_one_replaces_it():
     assert decide([_cand("t1", 3.0, 3.9, sweep="s")], live, OBJ).release is None  # same objective
     d = decide([_cand("branch-v2", 3.9, 3.0), _cand("t1", 3.8, 3.0, sweep="s")], live, OBJ)
     assert d.release.name == "t1" and d.release.reason == releases.SWEEP_BEST and d.beaten == 1
+    # Closer than TIE is a tie too: a score lower by rounding noise alone replaces nothing, and
+    # a candidate worse by it is not counted as beaten.
+    assert decide([_cand("t2", 3.9 - 1e-12, 3.0, sweep="s")], live, OBJ).release is None
+    d = decide([_cand("a", 3.9, 3.0), _cand("b", 3.9 + 1e-12, 3.0)], None, OBJ)
+    assert d.release.name == "a" and d.beaten == 0
 
 
 def test_a_pinned_release_is_kept_and_the_message_says_what_beats_it():

@@ -132,6 +132,23 @@ def test_fork_choice_budget_range_and_single_fork_warning(caplog):
         choose_forks([], main_entry, SweepConfig(), tokens_per_step=10, version="v2")
 
 
+def test_fork_choice_keeps_to_sweep_fraction_and_a_budget_is_inclusive(caplog):
+    """Forks at fractions 0.8, 0.6, 0.4, 0.2, 0.1: the sweep's fraction range picks among them;
+    a range that holds none falls back to all of them, with a warning; a branch that costs
+    exactly the token budget is within it. A proposal halfway between two forks takes the
+    shorter branch."""
+    main_entry = MainEntry(version="v2", start_step=0, end_step=100)
+    steps = lambda chosen: [f["step"] for f in chosen]  # noqa: E731
+    assert steps(choose_forks(_forks(), main_entry, SweepConfig(fraction=(0.3, 0.65)), 10, "v2")) == [40, 60]
+    with caplog.at_level(logging.WARNING, logger="raypath.sweep"):
+        assert steps(choose_forks(_forks(), main_entry, SweepConfig(fraction=(0.65, 0.75)), 10, "v2")) == \
+            [20, 40, 60, 80, 90]
+    assert "no v2 checkpoint within sweep.fraction [0.65, 0.75]; snapping to the nearest of all 5" in caplog.text
+    assert steps(choose_forks(_forks(), main_entry, SweepConfig(token_budget=200), 10, "v2")) == [80, 90]
+    space = SearchSpace((0.05, 0.9), ["cosine"], (1.0, 4.0), (0.0, 0.1), [0.0], _forks(steps=(50, 75)), 100, 10)
+    assert space.snap(0.375)["step"] == 75 and space.snap(0.4)["step"] == 50  # 0.375: exactly between 0.25 and 0.5
+
+
 def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     state = {"w": torch.zeros(2)}
     for step in (10, 14, 18, 22):
