@@ -157,12 +157,22 @@ class Mirror:
         sel = pafs.FileSelector(self.remote_path(path), allow_not_found=True)
         return sorted(Path(i.path).name for i in self.filesystem().get_file_info(sel))
 
-    def _tree(self, path: str | os.PathLike) -> dict[str, pafs.FileInfo]:
-        """Every remote file under ``path``, keyed by its path relative to ``path``."""
-        root = self.remote_path(path)
-        sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-        return {i.path[len(root) + 1:]: i for i in self.filesystem().get_file_info(sel)
-                if i.type == pafs.FileType.File}
+    def _tree(self, path: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, pafs.FileInfo]:
+        """Every remote file under ``path``, keyed by its path relative to ``path``, except under
+        its sub-directories ``skip``, which are not listed at all: a listing returns at most a
+        thousand objects a request (S3), and what is skipped may hold most of them (a run's
+        checkpoints)."""
+        root, fs = self.remote_path(path), self.filesystem()
+        if not skip:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        else:
+            infos = []
+            for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+                if top.type == pafs.FileType.Directory and top.base_name not in skip:
+                    infos += fs.get_file_info(pafs.FileSelector(top.path, recursive=True))
+                elif top.type == pafs.FileType.File:
+                    infos.append(top)
+        return {i.path[len(root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
 
     # ---------------------------------------------------------------- copying
 
@@ -227,10 +237,13 @@ class Mirror:
                 self._download(info.path, Path(path, rel))
 
     def pull_run(self) -> None:
-        """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`."""
-        for rel, info in self._tree(self.local).items():
+        """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
+        (not even listed). Grows with the objects under the other top-level entries: listed
+        whole, for the few records among the token files (``data/``) and trials' checkpoints
+        (``sweeps/``)."""
+        for rel, info in self._tree(self.local, skip=NOT_MIRRORED).items():
             top = rel.split("/", 1)[0]
-            if top in NOT_MIRRORED or (top in METADATA_ONLY and not rel.endswith(MUTABLE)):
+            if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))

@@ -159,6 +159,23 @@ def test_a_sweep_uploads_after_each_trial_what_changed_not_the_whole_sweep_direc
     assert {u.split("/sweep/", 1)[1] for u in uploads} == {"trial_1/params.json"}
 
 
+def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, tmp_path, monkeypatch):
+    bucket = _bucket(s3, "openlist")
+    keys = ["lineage.json", "data/manifest.json", "data/v1/files.json", "data/v1/stream/part-0.parquet",
+            "curves/main-v1.jsonl", *(f"ray/main-v1/step_{i:08d}/shards/__{r}_0.distcp" for i in range(5)
+                                      for r in range(8)), "releases/v1/current.json", "exports/branch-v1/a.json"]
+    for key in keys:
+        with s3.fs.open_output_stream(f"{bucket}/run/{key}") as f:
+            f.write(b"{}")
+    listed = []
+    filesystem = Mirror.filesystem
+    monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    got = {p.relative_to(rd.path).as_posix() for p in rd.path.rglob("*") if p.is_file()}
+    assert got == {"lineage.json", "data/manifest.json", "data/v1/files.json", "curves/main-v1.jsonl"}
+    assert not [p for p in listed if p.split("/run/", 1)[-1].startswith(tuple(f"{n}/" for n in NOT_MIRRORED))]
+
+
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
     from raypath.config import load_config
     from raypath.run import locate
