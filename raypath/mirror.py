@@ -268,7 +268,12 @@ class Mirror:
         else:
             files = {rel: p for p in path.rglob("*")
                      if (rel := p.relative_to(path).as_posix()).split("/", 1)[0] not in exclude and p.is_file()}
-        stamps = {rel: _stamp(p) for rel, p in files.items()}
+        stamps = {}
+        for rel, p in list(files.items()):
+            try:
+                stamps[rel] = _stamp(p)
+            except FileNotFoundError:  # a temporary file renamed away since the walk (Tune's)
+                del files[rel]
         if not force:
             files = {rel: p for rel, p in files.items() if _COPIED.get(self.remote_path(p)) != stamps[rel]}
         remote = {} if force else self._infos(p for p in files.values() if not self._mutable(p))
