@@ -34,7 +34,9 @@ metadata (:data:`MUTABLE`: JSON, JSONL, YAML) is rewritten in place, so it is
 always copied; everything else (parquet, weights, tokenizer files) is written
 once, so it is copied when missing or of a different size. So are the embedded
 corpus's JSONL parts (:data:`WRITE_ONCE`): data, rewritten only by a rebuild, which
-publishes them with ``force``.
+publishes them with ``force``. A file this process uploaded or downloaded and has not
+changed here since (same size, mtime and inode) is not copied again: a directory published
+over and over (a sweep's, after every trial) costs what changed in it, not all it holds.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ NOT_MIRRORED = ("ray", "exports", "releases")
 #: of sweeps, their records and curves (what the reports and the law read), not their checkpoints.
 METADATA_ONLY = ("data", "sweeps")
 CHUNK = 8 << 20
+#: remote path -> the stamp (:func:`_stamp`) of the local file this process last uploaded
+#: there or downloaded from there; one entry per file copied, dropped by :meth:`RunDir.remove`.
+_COPIED: dict[str, tuple[int, int, int]] = {}
+
+
+def _stamp(local: Path) -> tuple[int, int, int]:
+    """What changes whenever a file is rewritten here: in place (size, mtime) or by a rename (inode)."""
+    st = local.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def is_remote(run_dir: str | os.PathLike) -> bool:
@@ -146,12 +157,22 @@ class Mirror:
         sel = pafs.FileSelector(self.remote_path(path), allow_not_found=True)
         return sorted(Path(i.path).name for i in self.filesystem().get_file_info(sel))
 
-    def _tree(self, path: str | os.PathLike) -> dict[str, pafs.FileInfo]:
-        """Every remote file under ``path``, keyed by its path relative to ``path``."""
-        root = self.remote_path(path)
-        sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-        return {i.path[len(root) + 1:]: i for i in self.filesystem().get_file_info(sel)
-                if i.type == pafs.FileType.File}
+    def _tree(self, path: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, pafs.FileInfo]:
+        """Every remote file under ``path``, keyed by its path relative to ``path``, except under
+        its sub-directories ``skip``, which are not listed at all: a listing returns at most a
+        thousand objects a request (S3), and what is skipped may hold most of them (a run's
+        checkpoints)."""
+        root, fs = self.remote_path(path), self.filesystem()
+        if not skip:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        else:
+            infos = []
+            for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+                if top.type == pafs.FileType.Directory and top.base_name not in skip:
+                    infos += fs.get_file_info(pafs.FileSelector(top.path, recursive=True))
+                elif top.type == pafs.FileType.File:
+                    infos.append(top)
+        return {i.path[len(root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
 
     # ---------------------------------------------------------------- copying
 
@@ -192,6 +213,7 @@ class Mirror:
     def _download(self, src: str, dst: Path) -> None:
         with self.filesystem().open_input_stream(src) as f, atomic_file(dst) as out:
             shutil.copyfileobj(f, out, CHUNK)
+        _COPIED[src] = _stamp(dst)
 
     def _pull_dir(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,39 +237,74 @@ class Mirror:
                 self._download(info.path, Path(path, rel))
 
     def pull_run(self) -> None:
-        """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`."""
-        for rel, info in self._tree(self.local).items():
+        """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
+        (not even listed). Grows with the objects under the other top-level entries: listed
+        whole, for the few records among the token files (``data/``) and trials' checkpoints
+        (``sweeps/``)."""
+        for rel, info in self._tree(self.local, skip=NOT_MIRRORED).items():
             top = rel.split("/", 1)[0]
-            if top in NOT_MIRRORED or (top in METADATA_ONLY and not rel.endswith(MUTABLE)):
+            if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))
 
-    def push(self, path: str | os.PathLike, force: bool = False) -> None:
+    def push(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload the local ``path`` (file or directory) where it changed (every file with
-        ``force``: rewritten write-once files); metadata last.
+        ``force``: rewritten write-once files); metadata last. ``exclude``: sub-directories of
+        ``path`` not to upload (what others upload, or write straight to the store).
 
         Metadata (a manifest, a model card) describes the files next to it, so a
         remote reader never sees it before them.
+
+        Grows with the files under ``path`` that changed since this process last copied them
+        (one upload each, one listing per directory of the write-once ones among them), and
+        with a local walk of ``path``; not with what the store holds under it.
         """
         path = Path(path)
         if not path.exists():
             return
         if path.is_file():
-            files, remote = {"": path}, {"": self.info(path)}
+            files = {"": path}
         else:
-            files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
-            remote = self._tree(path)
+            files = {rel: p for p in path.rglob("*")
+                     if (rel := p.relative_to(path).as_posix()).split("/", 1)[0] not in exclude and p.is_file()}
+        stamps = {}
+        for rel, p in list(files.items()):
+            try:
+                stamps[rel] = _stamp(p)
+            except FileNotFoundError:  # a temporary file renamed away since the walk (Tune's)
+                del files[rel]
+        if not force:
+            files = {rel: p for rel, p in files.items() if _COPIED.get(self.remote_path(p)) != stamps[rel]}
+        remote = {} if force else self._infos(p for p in files.values() if not self._mutable(p))
         fs, made = self.filesystem(), set()
         for rel in sorted(files, key=_upload_order):
             local, dst = files[rel], self.remote_path(files[rel])
-            if not force and rel in remote and not self._changed(local, remote[rel]):
+            if not force and not self._mutable(local) and not self._changed(local, remote[dst]):
+                _COPIED[dst] = stamps[rel]
                 continue
             parent = dst.rsplit("/", 1)[0]
             if parent not in made:  # object stores need no directories; other filesystems do
                 fs.create_dir(parent, recursive=True)
                 made.add(parent)
             pafs.copy_files(str(local), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            _COPIED[dst] = stamps[rel]
+
+    def _infos(self, paths) -> dict[str, pafs.FileInfo]:
+        """Remote path -> remote file info of each local path (a missing file's says NotFound): one
+        request for a directory's only such file, else one listing of the directory."""
+        by_parent: dict[str, set[str]] = {}
+        for p in paths:
+            dst = self.remote_path(p)
+            by_parent.setdefault(dst.rsplit("/", 1)[0], set()).add(dst)
+        fs, out = self.filesystem(), {}
+        for parent, wanted in by_parent.items():
+            if len(wanted) == 1:
+                out.update((i.path, i) for i in fs.get_file_info(list(wanted)))
+                continue
+            found = {i.path: i for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))}
+            out.update((w, found.get(w) or pafs.FileInfo(w, pafs.FileType.NotFound)) for w in wanted)
+        return out
 
 
     def copy(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -389,11 +446,12 @@ class RunDir:
         return (fs, p) if fs is not None else (pafs.LocalFileSystem(), str(Path(p).resolve()))
 
     # ---- writing
-    def publish(self, path: str | os.PathLike, force: bool = False) -> None:
+    def publish(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload ``path`` (file or directory) to a remote run directory, where it changed (all
-        of it with ``force``, :meth:`Mirror.push`); a no-op for a local one."""
+        of it with ``force``, :meth:`Mirror.push`), but not its sub-directories ``exclude``; a
+        no-op for a local one."""
         if self.remote(path):
-            self.mirror.push(path, force)
+            self.mirror.push(path, force, exclude)
 
     def copy_in_store(self, src: str | os.PathLike, dst: str | os.PathLike) -> bool:
         """Copy the directory ``src`` to ``dst`` inside a remote run directory's store, where
@@ -410,6 +468,8 @@ class RunDir:
         if self.remote(path):
             info = self.mirror.info(path)
             fs, where = self.mirror.filesystem(), self.mirror.remote_path(path)
+            for key in [k for k in _COPIED if k == where or k.startswith(f"{where}/")]:
+                del _COPIED[key]  # gone from the store: a publish copies it again
             if info.type == pafs.FileType.Directory:
                 fs.delete_dir(where)
             elif info.type == pafs.FileType.File:

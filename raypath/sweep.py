@@ -537,7 +537,9 @@ def _uploader(plan: SweepPlan):
 
     class UploadSweep(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            rd.publish(sweep_dir)
+            # what changed since the last trial (:meth:`raypath.mirror.Mirror.push`); the trials'
+            # checkpoints and exports are in the bucket already, written there by their workers
+            rd.publish(sweep_dir, exclude=SWEEP_REMOTE_ONLY)
 
     return UploadSweep()
 
@@ -652,7 +654,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     try:
         results, resumed, interrupted = _run_experiment(plan, sc, space, record)
     finally:
-        ctx.rd.publish(plan.sweep_dir)
+        ctx.rd.publish(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
     stopped = _stopped(plan)
     trials = _trial_records(plan, results, stopped)
     outcome, settled = _outcome(sc, trials, stopped)

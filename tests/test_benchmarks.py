@@ -40,3 +40,10 @@ def test_replay_memory_mixes_each_ratio_in_a_work_directory_used_before(tmp_path
 def test_lineage_size_grows_with_the_files_it_records():
     small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]
+
+
+def test_sweep_upload_counts_each_callbacks_requests_and_bytes():
+    got = _bench("sweep_upload", "--trials", "3", "--tokenizer-kb", "1", "--curve-kb", "1", "--ckpt-objects", "2")
+    first, last = got["per_callback_first_tenth"], got["per_callback_last_tenth"]
+    assert first["put"] > 0 and first["bytes"] > 0 and got["total"]["seconds"] > 0
+    assert last["put"] <= first["put"]  # a later trial's callback uploads that trial's files, not every earlier one's

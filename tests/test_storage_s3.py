@@ -78,6 +78,104 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
         other.pull(Path(other.local, "data", "v2", "val.parquet"))
 
 
+class _CountingFS:
+    """A pyarrow filesystem that counts the entries its listings return (and passes everything on)."""
+
+    def __init__(self, fs: pafs.FileSystem, listed: list):
+        self._fs, self._listed = fs, listed
+
+    def get_file_info(self, what):
+        got = self._fs.get_file_info(what)
+        if isinstance(what, pafs.FileSelector):
+            self._listed.extend(i.path for i in got)
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+def test_a_sweep_uploads_after_each_trial_what_changed_not_the_whole_sweep_directory(s3, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from raypath.sweep import _uploader
+
+    bucket = _bucket(s3, "sweepup")
+    here, mirror = run_location(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    rd, sweep_dir = RunDir(here, mirror), here / "sweeps" / "v2" / "sweep"
+    callback = _uploader(SimpleNamespace(ctx=SimpleNamespace(rd=rd), sweep_dir=sweep_dir))
+    uploads, listed = [], []
+    copy_files = pafs.copy_files
+
+    def upload(src, dst, destination_filesystem, **kw):
+        uploads.append(dst)
+        copy_files(src, dst, destination_filesystem=destination_filesystem._fs, **kw)
+
+    monkeypatch.setattr(pafs, "copy_files", upload)
+    filesystem = Mirror.filesystem
+    monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
+    (sweep_dir / "sweep.json").parent.mkdir(parents=True)
+    (sweep_dir / "sweep.json").write_text("{}")
+    per_trial = []
+    for i in range(6):
+        trial = sweep_dir / f"trial_{i}"
+        trial.mkdir()
+        (trial / "params.json").write_text('{"fraction": 0.1}')
+        (trial / "progress.csv").write_text("step,loss\n1,4.0\n")
+        (sweep_dir / "experiment_state.json").write_text(json.dumps({"trials": i + 1}))
+        # the trial's own workers wrote its export (here too: one node) and checkpoints to the bucket
+        export = sweep_dir / "exports" / f"branch-v2-{i}"
+        export.mkdir(parents=True)
+        for name in ("config.json", "tokenizer.json", "model_card.json"):
+            (export / name).write_text("{}")
+            with s3.fs.open_output_stream(f"{bucket}/run/sweeps/v2/sweep/exports/branch-v2-{i}/{name}") as f:
+                f.write(b"{}")
+        for j in range(30):
+            with s3.fs.open_output_stream(f"{bucket}/run/sweeps/v2/sweep/branches/branch-v2-{i}/step_{j}") as f:
+                f.write(b"w")
+        uploads.clear(), listed.clear()
+        callback.on_trial_complete(i, [], None)
+        per_trial.append(({u.split("/sweep/", 1)[1] for u in uploads}, len(listed)))
+    assert per_trial[0][0] == {"sweep.json", "experiment_state.json", "trial_0/params.json", "trial_0/progress.csv"}
+    for i, (sent, n_listed) in enumerate(per_trial[1:], 1):
+        # this trial's files and the state Tune rewrote; not the earlier trials', nor what workers uploaded
+        assert sent == {"experiment_state.json", f"trial_{i}/params.json", f"trial_{i}/progress.csv"}, i
+        assert n_listed <= 5, (i, n_listed)  # no listing of the trials' checkpoints
+    assert s3.read(f"{bucket}/run/sweeps/v2/sweep/experiment_state.json") == b'{"trials": 6}'
+
+    # A rewrite of the same size is uploaded again.
+    (sweep_dir / "trial_0" / "params.json").write_text('{"fraction": 0.2}')
+    uploads.clear()
+    callback.on_trial_complete(6, [], None)
+    assert {u.split("/sweep/", 1)[1] for u in uploads} == {"trial_0/params.json"}
+    assert s3.read(f"{bucket}/run/sweeps/v2/sweep/trial_0/params.json") == b'{"fraction": 0.2}'
+    # So is a file removed from the bucket, even when it comes back here as it was (a hard link
+    # keeps its size, mtime and inode).
+    params = sweep_dir / "trial_1" / "params.json"
+    os.link(params, tmp_path / "kept")
+    rd.remove(params)
+    os.link(tmp_path / "kept", params)
+    uploads.clear()
+    callback.on_trial_complete(7, [], None)
+    assert {u.split("/sweep/", 1)[1] for u in uploads} == {"trial_1/params.json"}
+
+
+def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, tmp_path, monkeypatch):
+    bucket = _bucket(s3, "openlist")
+    keys = ["lineage.json", "data/manifest.json", "data/v1/files.json", "data/v1/stream/part-0.parquet",
+            "curves/main-v1.jsonl", *(f"ray/main-v1/step_{i:08d}/shards/__{r}_0.distcp" for i in range(5)
+                                      for r in range(8)), "releases/v1/current.json", "exports/branch-v1/a.json"]
+    for key in keys:
+        with s3.fs.open_output_stream(f"{bucket}/run/{key}") as f:
+            f.write(b"{}")
+    listed = []
+    filesystem = Mirror.filesystem
+    monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    got = {p.relative_to(rd.path).as_posix() for p in rd.path.rglob("*") if p.is_file()}
+    assert got == {"lineage.json", "data/manifest.json", "data/v1/files.json", "curves/main-v1.jsonl"}
+    assert not [p for p in listed if p.split("/run/", 1)[-1].startswith(tuple(f"{n}/" for n in NOT_MIRRORED))]
+
+
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
     from raypath.config import load_config
     from raypath.run import locate
