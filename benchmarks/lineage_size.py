@@ -1,5 +1,5 @@
 """Size of ``lineage.json`` and of the data manifest, and what writing them costs, as a corpus's
-file count grows.
+file count and a run's sweeps grow.
 
 The lineage is rewritten whole on every record (a main segment, a branch, a sweep trial's
 result, a release), the data manifest each time a version lands: whatever they hold per corpus
@@ -11,7 +11,13 @@ it wrote the manifest whole with ``write_json``), records them with ``Lineage.se
 then saves the lineage ``--saves`` times and loads it once. Reports each file's bytes, the bytes
 written to land every version, the median lineage save and the load time.
 
+With ``--trials T`` every version also gets a finished sweep of ``T`` trials, each with a val and
+a test loss per version so far (as ``raypath.sweep`` writes them: its ``results.json``, then
+``Lineage.record_sweep``); reports the last sweep's record time and, on a fresh load, the time to
+read the last version's release candidates and the law's pool of branches (every sweep's trials).
+
     python benchmarks/lineage_size.py --files 100000
+    python benchmarks/lineage_size.py --files 10 --versions 60 --trials 300
     # the same through another checkout's raypath (e.g. an older commit's worktree)
     PYTHONPATH=/path/to/checkout python benchmarks/lineage_size.py --files 100000
 """
@@ -65,12 +71,56 @@ def _land(path: Path, manifest: dict) -> int:
     return sum(size for p, (size, mtime) in sizes().items() if before.get(p, (None, None))[1] != mtime)
 
 
+def _sweep(k: int, trials: int, root: Path) -> dict:
+    """Version ``k``'s finished sweep record, as ``raypath.sweep`` writes its ``results.json``."""
+    name = f"v{k + 1}"
+    sweep_dir = root / "sweeps" / name / "s"
+    losses = {f"{split}/v{j + 1}": 3.0 + 0.001 * j for j in range(k + 1) for split in ("val", "test")}
+    return {"name": "s", "version": name, "version_index": k, "path": str(sweep_dir), "best": "t0",
+            "complete": True, "search_tokens": trials * 1_000_000, "trials": [
+                {"trial_id": f"t{i}", "name": f"branch-{name}-t{i}", "status": "done", "order": i,
+                 "config": {"fork_step": 1000 + i, "branch_steps": 200, "shape": "cosine", "min_lr_ratio": 0.1},
+                 "metrics": losses, "objective": 3.0, "test_objective": 3.0, "score": 3.0 + i * 1e-4,
+                 "branch_tokens": 1_000_000, "curve": str(sweep_dir / "curves" / f"branch-{name}-t{i}.jsonl"),
+                 "export": str(sweep_dir / "exports" / f"branch-{name}-t{i}")} for i in range(trials)]}
+
+
+def _record_sweeps(lin, versions: int, trials: int, root: Path) -> float:
+    """Record every version's sweep; returns the seconds the last record took."""
+    from raypath.storage import write_json
+
+    seconds = 0.0
+    for k in range(versions):
+        record = _sweep(k, trials, root)
+        write_json(Path(record["path"]) / "results.json", record, root=root)
+        t0 = time.perf_counter()
+        lin.record_sweep(record)
+        seconds = time.perf_counter() - t0
+    return seconds
+
+
+def _read_trials(root: Path, last: str) -> dict:
+    """Seconds to load the lineage and list ``last``'s release candidates, then the law's branches."""
+    from raypath.lawfit import lineage_branches
+    from raypath.lineage import Lineage
+    from raypath.releases import candidates
+
+    t0 = time.perf_counter()
+    found = candidates(Lineage.load(root), last)
+    t1 = time.perf_counter()
+    branches = lineage_branches(Lineage.load(root))
+    t2 = time.perf_counter()
+    return {"candidates_seconds": t1 - t0, "candidates": len(found), "law_branches_seconds": t2 - t1,
+            "law_branches": len(branches)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=100_000, help="train files per version")
     ap.add_argument("--versions", type=int, default=1)
     ap.add_argument("--chunks", type=int, default=1, help="tokenized chunks per file")
     ap.add_argument("--saves", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=0, help="trials of a finished sweep per version")
     args = ap.parse_args()
     from raypath.lineage import Lineage
 
@@ -83,6 +133,7 @@ def main() -> None:
         land_seconds = time.perf_counter() - t0
         lin = Lineage.open(Path(tmp), "bench", {})
         lin.set_versions(records)
+        sweep_record = _record_sweeps(lin, args.versions, args.trials, Path(tmp)) if args.trials else None
         seconds = []
         for _ in range(args.saves):
             t0 = time.perf_counter()
@@ -93,14 +144,18 @@ def main() -> None:
         t0 = time.perf_counter()
         Lineage.load(Path(tmp))
         load = time.perf_counter() - t0
+        if args.trials:
+            reads = _read_trials(Path(tmp), records[-1]["name"])
     report = {"command": f"python benchmarks/lineage_size.py --files {args.files} --versions {args.versions} "
-                         f"--chunks {args.chunks} --saves {args.saves}",
+                         f"--chunks {args.chunks} --saves {args.saves} --trials {args.trials}",
               "raypath": os.environ.get("PYTHONPATH") or "this checkout",
               "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "corpus_files": args.versions * (args.files + 2), "manifest_bytes": manifest_size,
               "bytes_written_landing_every_version": landed, "landing_seconds": land_seconds,
               "lineage_bytes": size,
               "save_seconds_median": statistics.median(seconds), "load_seconds": load}
+    if args.trials:
+        report.update(sweep_trials=args.versions * args.trials, last_sweep_record_seconds=sweep_record, **reads)
     print(json.dumps(report, indent=2))
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raypath import storage
-from raypath.lineage import LINEAGE, sweep_run_dir
+from raypath.lineage import LINEAGE, RESULTS_JSON, sweep_run_dir
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -108,7 +108,7 @@ def sweep_info(sweep_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise _no_sweep(sweep_dir)
     info = _sweep_record(path)
-    results = sweep_dir / "results.json"
+    results = sweep_dir / RESULTS_JSON
     if results.is_file():
         done = _sweep_record(results)
         info.update({k: done.get(k) for k in ("best", "released", "pinned", "complete")})

@@ -9,6 +9,11 @@ Format 2 stores the paths of the run directory's files relative to it (``./data/
 :func:`raypath.storage.relative_paths`), so a run directory can be copied or moved and
 read where it lands; in memory they are absolute under its current place. A format-1
 record (absolute paths) is migrated when read, wherever its directory now is.
+
+Format 3 keeps a summary of each sweep (best, released, trial count, search tokens); its
+trials are read from the sweep's own ``results.json`` when asked for, so the lineage stays
+small however many sweeps the run has (earlier formats kept every trial inline: a save
+rewrote them all).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +32,13 @@ from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
 LINEAGE = "lineage.json"
-FORMAT = 2
+FORMAT = 3
 #: Formats this raypath reads (older ones are migrated in memory, written back as FORMAT).
-READS = (1, 2)
+READS = (1, 2, 3)
+#: A sweep directory's record of its trials (written by :mod:`raypath.sweep`).
+RESULTS_JSON = "results.json"
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -57,6 +67,8 @@ class Lineage:
     path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
     rd: RunDir = LOCAL
+    # a sweep's trials as last read: results.json path -> ((mtime_ns, size), trials)
+    _trials: dict[str, tuple[tuple[int, int], list[SweepTrial]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, run_dir: RunDir | str | Path, name: str, config: dict) -> "Lineage":
@@ -193,23 +205,49 @@ class Lineage:
 
     # ---- branch searches (raypath.sweep)
     def sweeps(self, version: str | None = None) -> list[Sweep]:
-        return [Sweep.from_dict(s) for s in self.data.get("sweeps", []) if version is None or s["version"] == version]
+        """The sweeps of ``version`` (all without), each with its trials."""
+        return [self._with_trials(s) for s in self.data.get("sweeps", [])
+                if version is None or s["version"] == version]
 
     def sweep(self, version: str, name: str) -> Sweep | None:
         return next((s for s in self.sweeps(version) if s.name == name), None)
 
     def record_sweep(self, entry: Sweep | dict) -> None:
-        """Replace the record of sweep ``(version, name)``: settings, trials, best and released trial."""
-        # Grows with every sweep's trials, each with a loss per version so far, and the lineage is
-        # rewritten (and uploaded) whole on every record: 60 versions with a 300-trial sweep
-        # each make a ~49 MB lineage.json. Kept here because release decisions, the law fit and
-        # the cost report read the trials' final numbers from the lineage alone.
-        entry = Sweep.from_dict(entry)
-        entry.extra["finished"] = _now()
-        key = (entry.version, entry.name)
-        self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key]
-        self.data["sweeps"].append(entry.to_dict())
+        """Replace the record of sweep ``(version, name)``: its settings, best and released trial.
+
+        The lineage keeps the summary only (``n_trials``); the trials are the sweep directory's
+        ``results.json``, which the sweep writes first. Keeping them here made the lineage grow
+        with every sweep's trials, each with a loss per version, and every save rewrote and
+        uploaded them all (60 versions of 300 trials: 49 MB, 24 s a save)."""
+        d = Sweep.from_dict(entry).to_dict()
+        trials = d.pop("trials", None)
+        if trials is not None:
+            d["n_trials"] = len(trials)
+        d["finished"] = _now()
+        key = (d["version"], d["name"])
+        self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key] + [d]
         self.save()
+
+    def _with_trials(self, d: dict) -> Sweep:
+        sweep = Sweep.from_dict(d)
+        if "trials" not in d and sweep.path:  # format 3: the trials are the sweep's results.json
+            sweep.trials = self._sweep_trials(Path(sweep.path) / RESULTS_JSON)
+        return sweep
+
+    def _sweep_trials(self, path: Path) -> list[SweepTrial]:
+        # Read once per file version: releases and the law ask for every sweep's trials per decision.
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            log.warning("%s: missing; the lineage's sweep there has no trials to read (was the sweep "
+                        "directory removed?)", path)
+            return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._trials.get(str(path))
+        if cached is None or cached[0] != stamp:
+            cached = stamp, [SweepTrial.from_dict(t) for t in sweep_trials(path.parent)]
+            self._trials[str(path)] = cached
+        return cached[1]
 
     # ---- the paradigm comparison (raypath.compare)
     def baselines(self, paradigm: str) -> list[dict]:
@@ -247,7 +285,17 @@ def _read(path: Path) -> dict:
         data = rebase_paths(data, recorded_root(data.get("versions", []), data.get("main_path", [])) or path.parent,
                             path.parent.resolve())
     _migrate_releases(data)
+    _migrate_sweeps(data)
     return data
+
+
+def sweep_trials(sweep_dir: str | Path) -> list[dict]:
+    """The trials of a finished sweep as its ``results.json`` records them (paths absolute)."""
+    path = Path(sweep_dir) / RESULTS_JSON
+    trials = read_json(path, root=sweep_run_dir(sweep_dir)).get("trials")
+    if not isinstance(trials, list):
+        raise RunFileError(f"{path}: 'trials' must be a list of trial records, found {type(trials).__name__}")
+    return trials
 
 
 def sweep_run_dir(sweep_dir: str | Path) -> Path:
@@ -283,6 +331,14 @@ def _migrate_releases(data: dict) -> None:
                                  "log": [{"time": r.get("released"), "release": "r1", "action": "release",
                                           "reason": reason, "replaced": None}]}
         r.update(id="r1", release="r1", reason=reason, pinned=bool(r.get("pinned")))
+
+
+def _migrate_sweeps(data: dict) -> None:
+    """Format 1-2 kept each sweep's trials inline: where the sweep's ``results.json`` holds them,
+    keep the summary only, so the next save writes a format-3 lineage."""
+    for s in data.get("sweeps", []):
+        if isinstance(s.get("trials"), list) and s.get("path") and (Path(s["path"]) / RESULTS_JSON).is_file():
+            s["n_trials"] = len(s.pop("trials"))
 
 
 #: Settings that stay as they are once the main path has started: the recorded steps,
@@ -597,7 +653,8 @@ class Sweep(Record):
     directory's ``results.json``.
 
     name, version, version_index: the sweep and the version it searches; path: its directory.
-    trials: its trials; best: the best trial's id; released: the trial released from it, if any.
+    trials: its trials (read from ``path/results.json``; inline in records of formats 1-2);
+    best: the best trial's id; released: the trial released from it, if any.
     complete: every trial settled; search_tokens: tokens its trials trained.
     """
 

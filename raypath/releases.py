@@ -47,8 +47,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from raypath.lineage import RESULTS_JSON, Lineage, Release, ReleaseHistory, sweep_trials
 from raypath.lineage import Branch as BranchEntry
-from raypath.lineage import Lineage, Release, ReleaseHistory, sweep_run_dir
 from raypath.mirror import RunDir
 from raypath.storage import atomic_dir, read_json, write_json
 from raypath.tracking import TrackingSpec, record_release
@@ -539,11 +539,9 @@ class Releaser:
         """The lineage branch entry of a released candidate (a sweep trial's from its results)."""
         if cand.branch is not None and cand.branch.checkpoint:
             return cand.branch
-        results = Path(cand.sweep) / "results.json" if cand.sweep else None
-        if results is None or not results.is_file():
+        if not cand.sweep or not (Path(cand.sweep) / RESULTS_JSON).is_file():
             return None
-        trials = read_json(results, root=sweep_run_dir(cand.sweep)).get("trials", [])
-        trial = next((t for t in trials if t.get("name") == cand.name), None)
+        trial = next((t for t in sweep_trials(cand.sweep) if t.get("name") == cand.name), None)
         if trial is None or "branch" not in trial:
             return None
         return BranchEntry.from_dict({**trial["branch"], "sweep": cand.sweep, "trial_id": trial["trial_id"],

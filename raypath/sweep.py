@@ -72,7 +72,15 @@ import yaml
 from raypath import checkpoint as ckpt
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
-from raypath.lineage import Branch, Lineage, MainEntry, check_fixed_settings, resolve_version, sweep_run_dir
+from raypath.lineage import (
+    RESULTS_JSON,
+    Branch,
+    Lineage,
+    MainEntry,
+    check_fixed_settings,
+    resolve_version,
+    sweep_run_dir,
+)
 from raypath.mirror import LOCAL, RunDir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
@@ -92,7 +100,6 @@ DATA_CPUS_PER_TRIAL = 1.0
 #: so the bundle asks for one byte of memory instead.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 SWEEP_JSON = "sweep.json"
-RESULTS_JSON = "results.json"
 #: What a sweep of a remote run keeps only in the bucket: its trials' checkpoints (written
 #: there by Ray Train) and exported models; the rest (Tune's state, the journal, records,
 #: curves) is worked on in the mirror and uploaded after every trial.
@@ -663,8 +670,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
         record.update(_release(plan, lineage, trials, sc.pin))
     write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
     ctx.rd.publish(Path(plan.sweep_dir) / RESULTS_JSON)
-    lineage.record_sweep({key: v for key, v in record.items() if key != "trials"}
-                         | {"trials": [_lineage_trial(t) for t in trials]})
+    lineage.record_sweep(record)
     if interrupted:  # recorded as far as it went; the command ends as interrupted (exit 130)
         raise KeyboardInterrupt
     return record
@@ -837,14 +843,6 @@ def _can_restore(sweep_dir: Path) -> bool:
     from ray import tune
 
     return tune.Tuner.can_restore(str(sweep_dir))
-
-
-def _lineage_trial(t: dict) -> dict:
-    """A trial as the lineage keeps it: config and final numbers, no nested branch entry."""
-    return {key: t.get(key) for key in ("trial_id", "name", "status", "config", "metrics", "objective",
-                                        "test_objective", "penalty",
-                                        "score", "branch_tokens", "curve", "export", "error", "stopped",
-                                        "objective_at_stop", "order")}
 
 
 # --------------------------------------------------------------------------- presentation

@@ -300,8 +300,8 @@ def _forge_sha(files: dict) -> None:
 RUN_DIR = {
     "lineage-truncated": (lambda r: _truncate(r / "lineage.json"), "lineage.json: not valid JSON", True),
     "lineage-not-json": (lambda r: (r / "lineage.json").write_bytes(b"\x00\xff binary"), "lineage.json: not valid JSON", True),
-    "lineage-newer-format": (lambda r: _json_edit(r / "lineage.json", lambda d: d.update(format=3)),
-                             "lineage format 3, this raypath reads formats 1, 2 (written by a newer raypath",
+    "lineage-newer-format": (lambda r: _json_edit(r / "lineage.json", lambda d: d.update(format=4)),
+                             "lineage format 4, this raypath reads formats 1, 2, 3 (written by a newer raypath",
                              True),
     "manifest-truncated": (lambda r: _truncate(r / "data" / "manifest.json"), "manifest.json: not valid JSON", False),
     "manifest-sha256-mismatch": (lambda r: _json_edit(r / "data" / "v1" / "files.json", _forge_sha), "sha256 differs",

@@ -42,6 +42,12 @@ def test_lineage_size_grows_with_the_files_it_records():
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]
 
 
+def test_lineage_size_reads_every_recorded_sweeps_trials():
+    got = _bench("lineage_size", "--files", "2", "--versions", "3", "--trials", "4", "--saves", "1")
+    assert got["sweep_trials"] == got["law_branches"] == 12 and got["candidates"] == 4
+    assert got["last_sweep_record_seconds"] > 0
+
+
 def test_sweep_upload_counts_each_callbacks_requests_and_bytes():
     got = _bench("sweep_upload", "--trials", "3", "--tokenizer-kb", "1", "--curve-kb", "1", "--ckpt-objects", "2")
     first, last = got["per_callback_first_tenth"], got["per_callback_last_tenth"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from raypath.lineage import Branch, Lineage, MainEntry, Release, Sweep, SweepTrial, Version
-from raypath.storage import RunFileError
+from raypath.storage import RunFileError, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +81,8 @@ def test_writers_save_typed_records(tmp_path):
                               checkpoints={"end": str(tmp_path / "ray" / "main-v1" / "step_8")}))
     lin.record_branch(Branch(name="branch-v1", version="v1", fork_step=6, steps=2, status="running"))
     lin.record_branch(Branch(name="branch-v1", version="v1", fork_step=6, steps=2, metrics={"val/v1": 3.0}))
-    lin.record_sweep({"name": "s", "version": "v1", "trials": [{"trial_id": "t1", "status": "done"}]})
+    sweep_dir = _results(tmp_path / "sweeps" / "v1" / "s", [{"trial_id": "t1", "status": "done"}])
+    lin.record_sweep({"name": "s", "version": "v1", "path": str(sweep_dir), "trials": [{"trial_id": "t1"}]})
     lin.record_baseline("cpt", {"version": "v1", "decay": {"shape": "cosine"}, "tokens_trained": 1})
     lin.record_baseline("cpt", {"version": "v1", "decay": {"shape": "cosine"}, "tokens_trained": 2})
     lin.record_replay_run("0.25", str(tmp_path / "compare" / "replay-0.25"))
@@ -91,9 +95,60 @@ def test_writers_save_typed_records(tmp_path):
     assert back.data["main_path"][0]["checkpoints"]["end"] == str(tmp_path / "ray/main-v1/step_8")
     assert "./ray/main-v1/step_8" in (tmp_path / "lineage.json").read_text()  # relative on disk
     assert [(b.name, b.metrics) for b in back.branches()] == [("branch-v1", {"val/v1": 3.0})]  # replaced
-    assert back.sweep("v1", "s").trials[0].trial_id == "t1" and "finished" in back.sweep("v1", "s").extra
+    assert back.sweep("v1", "s").trials[0].status == "done" and "finished" in back.sweep("v1", "s").extra
     assert [e["tokens_trained"] for e in back.baselines("cpt")] == [2]
     assert back.replay_runs() == {"0.25": str(tmp_path / "compare" / "replay-0.25")}
+
+
+def _results(sweep_dir: Path, trials: list[dict]) -> Path:
+    """A finished sweep's ``results.json`` (the record the sweep writes before the lineage's)."""
+    write_json(sweep_dir / "results.json", {"name": sweep_dir.name, "trials": trials}, root=sweep_dir.parents[2])
+    return sweep_dir
+
+
+def test_the_lineage_keeps_a_sweep_summary_and_reads_its_trials_from_the_sweep(tmp_path, caplog):
+    lin = Lineage.open(tmp_path, "demo", {})
+    many = [{"trial_id": f"t{i}", "name": f"b-t{i}", "status": "done", "metrics": {f"val/v{k}": 3.0 for k in range(50)},
+             "curve": str(tmp_path / "sweeps/v1/s/curves" / f"t{i}.jsonl")} for i in range(200)]
+    sweep_dir = _results(tmp_path / "sweeps" / "v1" / "s", many)
+    lin.record_sweep({"name": "s", "version": "v1", "path": str(sweep_dir), "best": "t3", "trials": many})
+    on_disk = json.loads((tmp_path / "lineage.json").read_text())
+    assert on_disk["format"] == 3 and "trials" not in on_disk["sweeps"][0]
+    assert on_disk["sweeps"][0]["n_trials"] == 200 and on_disk["sweeps"][0]["path"] == "./sweeps/v1/s"
+    assert (tmp_path / "lineage.json").stat().st_size < 2_000  # 200 trials x 50 losses stay in the sweep
+    back = Lineage.load(tmp_path)
+    trials = back.sweep("v1", "s").trials
+    assert [t.trial_id for t in trials] == [f"t{i}" for i in range(200)] and trials[7].metrics["val/v49"] == 3.0
+    assert trials[7].curve == str(tmp_path / "sweeps/v1/s/curves/t7.jsonl")  # absolute where it lies now
+    assert back.sweep("v1", "s").trials is trials  # read once
+    _results(sweep_dir, many[:2])  # the sweep re-ran (resumed): its record changed
+    assert len(back.sweep("v1", "s").trials) == 2
+    # a removed sweep directory: the summary stays, the trials are gone, and the log says where
+    shutil.rmtree(sweep_dir)
+    with caplog.at_level(logging.WARNING, "raypath.lineage"):
+        assert back.sweep("v1", "s").trials == [] and back.sweep("v1", "s").best == "t3"
+    assert f"{sweep_dir / 'results.json'}: missing" in caplog.text
+    # a results.json that is not a sweep's record is named
+    (sweep_dir).mkdir(parents=True)
+    (sweep_dir / "results.json").write_text('{"trials": {"t1": {}}}')
+    with pytest.raises(RunFileError, match=r"results\.json: 'trials' must be a list"):
+        back.sweeps("v1")
+
+
+def test_a_format_2_lineage_drops_the_inline_trials_its_sweeps_keep(tmp_path):
+    doc = _document()
+    sweep_dir = _results(tmp_path / "sweeps" / "v2" / "s", [{"trial_id": "t1", "name": "b-t1", "score": 2.5}])
+    doc["sweeps"][0]["path"] = "./sweeps/v2/s"
+    gone = {**doc["sweeps"][0], "name": "gone", "path": "./sweeps/v2/gone"}  # its directory was removed
+    doc["sweeps"].append(gone)
+    (tmp_path / "lineage.json").write_text(json.dumps(doc))
+    lin = Lineage.load(tmp_path)
+    assert lin.sweep("v2", "s").trials[0].score == 2.5  # the sweep's own record
+    assert lin.sweep("v2", "gone").trials[0].score == 3.5  # inline: the only copy left
+    lin.save()
+    sweeps = json.loads((tmp_path / "lineage.json").read_text())["sweeps"]
+    assert [("trials" in s, s.get("n_trials")) for s in sweeps] == [(False, 1), (True, None)]
+    assert Lineage.load(tmp_path).sweep("v2", "s").path == str(sweep_dir)
 
 
 #: How a module would read the lineage's JSON by hand (what the typed API replaces).

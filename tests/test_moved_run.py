@@ -1,4 +1,4 @@
-"""A run directory is movable: its records store paths relative to it (lineage format 2).
+"""A run directory is movable: its records store paths relative to it (lineage formats 2 and later).
 
 A finished tiny run is copied, then moved elsewhere (so no path of the copy's first place
 exists any more), and read and extended where it lands, with no path rewriting.
@@ -71,7 +71,7 @@ def test_a_format_1_lineage_is_migrated_where_it_now_lies(tmp_path):
     assert lin.versions()[0].val_path == f"{root}/data/v1/val"
     lin.save()
     on_disk = json.loads((new / "lineage.json").read_text())
-    assert on_disk["format"] == FORMAT == 2
+    assert on_disk["format"] == FORMAT == 3
     assert on_disk["main_path"][0]["curve"] == "./curves/main-v1.jsonl"
 
 
@@ -111,13 +111,13 @@ def test_a_moved_run_directory_is_read_and_extended_where_it_lands(tiny_run, tmp
     assert Path(v4["checkpoints"]["end"]).resolve().is_relative_to(root)
     assert [r["version"] for r in out["releases"]] == ["v1", "v2", "v3", "v4"]
     on_disk = read_json(moved / "lineage.json")
-    assert on_disk["format"] == 2 and on_disk["main_path"][-1]["curve"] == "./curves/main-v4.jsonl"
+    assert on_disk["format"] == FORMAT and on_disk["main_path"][-1]["curve"] == "./curves/main-v4.jsonl"
     assert _stale(moved, src) == []
 
 
-@pytest.mark.parametrize("newer", [3])
+@pytest.mark.parametrize("newer", [4])
 def test_a_newer_lineage_format_is_refused_by_name(tmp_path, newer):
     (tmp_path / "lineage.json").write_text(json.dumps({"format": newer}))
-    with pytest.raises(ValueError, match=f"lineage format {newer}, this raypath reads formats 1, 2 "
+    with pytest.raises(ValueError, match=f"lineage format {newer}, this raypath reads formats 1, 2, 3 "
                                          r"\(written by a newer raypath"):
         Lineage.load(tmp_path)

@@ -130,9 +130,15 @@ def run(tmp_path):
 def _add_sweep(run: Path, name: str, trials: dict[str, dict]) -> None:
     lin = Lineage.load(run)
     path = run / "sweeps" / "v2" / name
-    lin.record_sweep({"version": "v2", "name": name, "path": str(path), "trials": [
+    _record_sweep(lin, {"version": "v2", "name": name, "path": str(path), "trials": [
         {"trial_id": tid, "name": f"branch-v2-{tid}", "status": "done", "metrics": m, "branch_tokens": 200,
          "export": _export(run, f"branch-v2-{tid}")} for tid, m in trials.items()]})
+
+
+def _record_sweep(lin: Lineage, record: dict) -> None:
+    """A finished sweep as `raypath sweep` leaves it: its results.json, then the lineage's summary."""
+    write_json(Path(record["path"]) / "results.json", record, root=lin.run_dir)
+    lin.record_sweep(record)
 
 
 def _decide(run: Path) -> releases.Decision:
@@ -344,7 +350,7 @@ def test_old_layout_run_loads_as_r1_and_moves_on_the_next_release(tiny_run_copy)
     export = run_dir / "sweeps" / "v3" / "s" / "exports" / "branch-v3-t1"
     shutil.copytree(vdir, export)
     better = {k: v - 0.01 for k, v in lin.release("v3").val.items()}
-    lin.record_sweep({"version": "v3", "name": "s", "path": str(export.parents[1]), "trials": [
+    _record_sweep(lin, {"version": "v3", "name": "s", "path": str(export.parents[1]), "trials": [
         {"trial_id": "t1", "name": "branch-v3-t1", "status": "done", "metrics": better, "branch_tokens": 10,
          "export": str(export)}]})
     main_output(["release", str(run_dir), "--version", "v3", "--pick", "t1"])

@@ -546,9 +546,10 @@ def test_trials_report_test_losses_that_no_choice_reads(tiny_sweep):
 def test_cost_with_search_counts_every_trial(tiny_sweep):
     from raypath.cost import lineage_costs
 
-    lin = Lineage.load(tiny_sweep["cfg"].run_dir).data
+    lineage = Lineage.load(tiny_sweep["cfg"].run_dir)
+    lin = lineage.data
     row = next(r for r in lineage_costs(lin) if r["version"] == "v2")
-    trials = [t for s in lin["sweeps"] if s["version"] == "v2" for t in s["trials"]]
+    trials = [t.to_dict() for s in lineage.sweeps("v2") for t in s.trials]
     # the sweep lineage trains no configured branch: its search is the trials alone
     configured = sum(b["tokens_trained"] for b in lin["branches"] if b["version"] == "v2" and not b.get("sweep"))
     assert row["search_branch_tokens"] == configured + sum(t["branch_tokens"] for t in trials) > 0
@@ -572,7 +573,9 @@ def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
     assert (Path(cfg.run_dir) / "releases" / "v2" / "current").resolve() == Path(release["path"]).resolve()
     assert next(b for b in lin["branches"] if b["name"] == best["name"])["sweep"] == str(tiny_sweep["dir"])
     sweep = next(s for s in lin["sweeps"] if s["version"] == "v2" and s["name"] == tiny_sweep["sweep"].name)
-    assert sweep["released"] == best["trial_id"] and len(sweep["trials"]) == 4
+    assert sweep["released"] == best["trial_id"] and sweep["n_trials"] == 4 and "trials" not in sweep
+    trials = Lineage.load(cfg.run_dir).sweep("v2", sweep["name"]).trials  # read from the sweep's results.json
+    assert [t.trial_id for t in trials] == [t["trial_id"] for t in record["trials"]]
     card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
     assert card["trial_id"] == best["trial_id"] and card["final_metrics"]["objective"] == pytest.approx(best["objective"])
     AutoModelForCausalLM.from_pretrained(release["path"], local_files_only=True)
