@@ -146,7 +146,7 @@ def load_sweep(sweep_dir: str | os.PathLike,
         the final ``objective``, ``score`` (objective + compute penalty),
         ``val/<version>`` losses, the held-out ``test/<version>`` losses and their
         ``test_objective`` (same weights; reported, never selected on), ``loss``
-        (last train-loss window), ``step``,
+        (last train-loss window) and ``step`` (of a running trial: its last logged step),
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
         when the law stopper ended it, ``error`` when Tune recorded its failure, ``running``
         once it reported or logged its curve, else ``pending``) and ``best`` /
@@ -169,6 +169,10 @@ def load_sweep(sweep_dir: str | os.PathLike,
         # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
         started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
         done = final.get("step") == end_step and "objective" in final
+        if started and not done:  # the curve is logged every log_every steps, Tune hears at evaluations
+            logged = (storage.last_jsonl(curve_path) or {}) if curve_path.is_file() else {}
+            if logged.get("step", -1) > (final.get("step") if final.get("step") is not None else -1):
+                final = {**final, "step": logged["step"], "loss": logged.get("loss", final.get("loss"))}
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({c: params.get(c) for c in CONFIG_COLUMNS})
         row.update({

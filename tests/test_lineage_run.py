@@ -12,7 +12,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.cost import lineage_costs
 from raypath.data import Consumed, read_blocks, read_manifest
-from raypath.lineage import Lineage
+from raypath.lineage import FORMAT, Lineage
 from raypath.report import read_curve
 from raypath.schedules import SHAPES, Branch, Decay, MainPath
 from raypath.storage import relative_paths
@@ -104,7 +104,7 @@ def test_lineage_record(tiny_run):
     cfg, lin = tiny_run
     path = Path(cfg.run_dir) / "lineage.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk["format"] == 2  # paths inside the run directory stored relative to it
+    assert on_disk["format"] == FORMAT  # paths inside the run directory stored relative to it
     assert on_disk["versions"][0]["val_path"] == "./data/v1/val"
     on_disk = Lineage.load(path.parent).data
     assert on_disk["versions"] == lin["versions"]

@@ -21,7 +21,7 @@ from raypath.schedules import Branch, Decay, MainPath
 from raypath.sweep import (SearchSpace, _settings_record, _start_or_check_record, choose_forks,
                            derive_max_concurrent, fork_points, make_sampler, objective_weights, optuna_study,
                            run_sweep, with_cli)
-from raypath.storage import read_json, write_json
+from raypath.storage import read_json, read_jsonl, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -666,6 +666,11 @@ def test_a_sweep_in_progress_shows_its_training_trials_as_running_and_plots_with
     trials, curves = analysis.load_sweep(sweep_dir)
     status = trials.set_index("trial_id")["status"]
     assert status[waiting] == "pending" and (status.drop(waiting) == "running").all()  # were all "pending"
+    # a running trial's step and loss are its curve's last logged ones (Tune has heard nothing yet)
+    running = trials.set_index("trial_id").drop(waiting)
+    for tid, row in running.iterrows():
+        last = read_jsonl(sweep_dir / "curves" / f"branch-v2-{tid}.jsonl")[-1]
+        assert (row["step"], row["loss"]) == (last["step"], pytest.approx(last["loss"])), tid
     assert set(curves["trial_id"]) == set(status.drop(waiting).index)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "No artists with labels found to put in legend"
