@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raypath import storage
-from raypath.lineage import LINEAGE, RESULTS_JSON, sweep_run_dir
+from raypath.lineage import LINEAGE, RESULTS_JSON, read_sweep_record, sweep_run_dir
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -53,7 +53,7 @@ SHAPE_COLORS = {"cosine": "tab:blue", "linear": "tab:orange", "1-sqrt": "tab:gre
 
 def _sweep_record(path: Path) -> dict:
     """``sweep.json`` / ``results.json``, their paths absolute under the run directory's current place."""
-    return storage.read_json(path, root=sweep_run_dir(path.parent))
+    return read_sweep_record(path)
 
 
 def _last_result(path: Path) -> dict:

@@ -292,10 +292,27 @@ def _read(path: Path) -> dict:
 def sweep_trials(sweep_dir: str | Path) -> list[dict]:
     """The trials of a finished sweep as its ``results.json`` records them (paths absolute)."""
     path = Path(sweep_dir) / RESULTS_JSON
-    trials = read_json(path, root=sweep_run_dir(sweep_dir)).get("trials")
+    trials = read_sweep_record(path).get("trials")
     if not isinstance(trials, list):
         raise RunFileError(f"{path}: 'trials' must be a list of trial records, found {type(trials).__name__}")
     return trials
+
+
+def read_sweep_record(path: str | Path) -> dict:
+    """A sweep directory's record (``sweep.json``, ``results.json``) with its paths absolute
+    under the run directory's current place. A sweep that ran before records were movable
+    (lineage format 1) wrote the absolute paths of where its run directory was then: they are
+    moved here, as :func:`_read` moves a format-1 lineage's, or a copied run directory would
+    read (and release) the trials of the run it was copied from."""
+    path = Path(path)
+    root = sweep_run_dir(path.parent)
+    record = read_json(path, root=root)
+    if not isinstance(record, dict):
+        raise RunFileError(f"{path}: not a sweep record (a JSON object), found {type(record).__name__}")
+    was = record.get("path")
+    if isinstance(was, str) and was.startswith("/") and len(Path(was).parents) > 2:
+        record = rebase_paths(record, Path(was).parents[2], root)
+    return record
 
 
 def sweep_run_dir(sweep_dir: str | Path) -> Path:

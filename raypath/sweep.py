@@ -78,6 +78,7 @@ from raypath.lineage import (
     Lineage,
     MainEntry,
     check_fixed_settings,
+    read_sweep_record,
     resolve_version,
     sweep_run_dir,
 )
@@ -437,7 +438,7 @@ def _start_or_check_record(sweep_dir: Path, record: dict) -> dict:
     if not path.is_file():
         write_json(path, record, root=sweep_run_dir(sweep_dir))
         return record
-    old = read_json(path, root=sweep_run_dir(sweep_dir))
+    old = read_sweep_record(path)
     # a sweep recorded before a setting existed ran with its default
     old["settings"] = {**_settings_record(SweepConfig()), **old.get("settings", {})}
     for key in ("version", "settings", "objective_weights"):
@@ -760,7 +761,7 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
         record["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
                            "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
         root = sweep_run_dir(sweep_dir)
-        write_json(sweep_dir / SWEEP_JSON, {**read_json(sweep_dir / SWEEP_JSON, root=root), "guide": record["guide"]},
+        write_json(sweep_dir / SWEEP_JSON, {**read_sweep_record(sweep_dir / SWEEP_JSON), "guide": record["guide"]},
                    root=root)
     tuner = _make_tuner(plan, sc, space, record["max_concurrent"], sweep_dir, guidance, restoring)
     with study.resuming(sweep_dir):

@@ -75,6 +75,36 @@ def test_a_format_1_lineage_is_migrated_where_it_now_lies(tmp_path):
     assert on_disk["main_path"][0]["curve"] == "./curves/main-v1.jsonl"
 
 
+def test_a_format_1_sweep_is_read_where_its_run_directory_now_lies(tmp_path):
+    """A sweep that ran before records were movable wrote absolute paths into its own records
+    too: its trials, read from ``results.json``, are those of the moved run, not of its first place."""
+    from raypath.analysis import sweep_info
+    from raypath.lineage import sweep_trials
+
+    old, new = "/gone/runs/q", tmp_path / "q"
+    sweep = f"{old}/sweeps/v1/s"
+    trial = {"trial_id": "t1", "name": "branch-v1-t1", "status": "done", "score": 2.5,
+             "curve": f"{sweep}/curves/branch-v1-t1.jsonl", "export": f"{sweep}/exports/branch-v1-t1",
+             "branch": {"name": "branch-v1-t1", "checkpoint": f"{sweep}/branches/branch-v1-t1/step_00000004"}}
+    head = {"name": "s", "version": "v1", "path": sweep, "run_dir": old, "main_curve": f"{old}/curves/main-v1.jsonl"}
+    (new / "sweeps" / "v1" / "s").mkdir(parents=True)
+    (new / "sweeps" / "v1" / "s" / "sweep.json").write_text(json.dumps(head))
+    (new / "sweeps" / "v1" / "s" / "results.json").write_text(json.dumps({**head, "best": "t1", "trials": [trial]}))
+    (new / "lineage.json").write_text(json.dumps({
+        "format": 1, "name": "q", "config": {}, "versions": [{"name": "v1", "val_path": f"{old}/data/v1/val"}],
+        "main_path": [{"version": "v1", "curve": f"{old}/curves/main-v1.jsonl"}], "branches": [], "releases": [],
+        "sweeps": [{**head, "best": "t1", "trials": [trial]}]}))
+    root, at = new.resolve(), new.resolve() / "sweeps" / "v1" / "s"
+    lin = Lineage.load(new)
+    t = lin.sweep("v1", "s").trials[0]
+    assert (t.curve, t.export) == (f"{at}/curves/branch-v1-t1.jsonl", f"{at}/exports/branch-v1-t1")
+    assert sweep_trials(at)[0]["branch"]["checkpoint"] == f"{at}/branches/branch-v1-t1/step_00000004"
+    info = sweep_info(at)
+    assert (info["path"], info["run_dir"], info["main_curve"]) == (str(at), str(root), f"{root}/curves/main-v1.jsonl")
+    lin.save()
+    assert old not in (new / "lineage.json").read_text()
+
+
 def test_a_moved_run_directory_is_read_and_extended_where_it_lands(tiny_run, tmp_path):
     cfg, lin = tiny_run
     src = Path(cfg.run_dir)
