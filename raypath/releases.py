@@ -525,7 +525,40 @@ class Releaser:
                 continue
             if self.rd.fetch(Path(d) / "model_card.json", missing_ok=True).is_file():  # the card alone
                 return Path(d)
+        if cand.branch is not None and cand.branch.checkpoint and self._flat_export(cand):
+            return self._export_again(cand.branch)
         raise FileNotFoundError(f"{cand.name}: no exported model (looked in {', '.join(filter(None, dirs))})")
+
+    def _flat_export(self, cand: Candidate) -> bool:
+        """Whether ``cand`` exported into ``releases/vK`` itself, as branches did before release
+        histories: a later release of the version (a sweep's) replaced its model there."""
+        return cand.export is not None and Path(cand.export).resolve() == self.version_dir(cand.version).resolve()
+
+    def _export_again(self, branch: BranchEntry) -> Path:
+        """Export a branch's final checkpoint to ``exports/<branch>`` (where branches export
+        now), with the card its own export had: its facts and final metrics."""
+        from raypath.export import checkpoint_source, load_model, save_model_dir
+
+        run_dir = self.rd.path.resolve()
+        out = run_dir / "exports" / branch.name
+        src = checkpoint_source(self.lineage, run_dir, Path(branch.checkpoint))
+        model = load_model(src, self.lineage, run_dir)
+        names = self.lineage.version_names()
+        card = {"run": self.lineage.name, "version": branch.version, "branch": branch.name,
+                "forked_from": branch.forked_from, "fork_step": branch.fork_step, "branch_steps": branch.steps,
+                "decay": branch.decay, "max_lr": (self.lineage.config.get("train") or {}).get("max_lr"),
+                "trained_on_versions": names[: names.index(branch.version) + 1],
+                "seq_len": (self.lineage.config.get("data") or {}).get("seq_len"),
+                "tokens_total": branch.tokens_total, "final_metrics": branch.metrics}
+        with atomic_dir(out) as tmp:
+            save_model_dir(tmp, model, src.tokenizer_dir)
+            write_json(tmp / "model_card.json", card, root=run_dir)
+        self.rd.publish(out)
+        branch.export = str(out)
+        branch.extra["release"] = str(out)
+        log.info("%s: its export in releases/%s was replaced by a later release; exported its checkpoint %s "
+                 "again to %s", branch.name, branch.version, branch.checkpoint, out)
+        return out
 
     @staticmethod
     def _card(src: Path) -> dict:

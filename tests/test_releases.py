@@ -363,6 +363,36 @@ def test_old_layout_run_loads_as_r1_and_moves_on_the_next_release(tiny_run_copy)
     AutoModelForCausalLM.from_pretrained(str(vdir / "current"), local_files_only=True)
 
 
+def test_old_layout_branch_whose_export_a_sweep_replaced_is_exported_again_to_release(tiny_run_copy):
+    """Before release histories, a sweep's release overwrote ``releases/vK``, where the configured
+    branch had exported: picking that branch exports its final checkpoint again."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = Path(tiny_run_copy.run_dir)
+    _to_old_layout(run_dir)
+    vdir = run_dir / "releases" / "v3"
+    weights = load_file(vdir / "model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, vdir / "model.safetensors")  # the trial's model
+    path = run_dir / "lineage.json"
+    lin = json.loads(path.read_text())
+    configured = next(b for b in lin["branches"] if b["name"] == "branch-v3")
+    trial = {**configured, "name": "branch-v3-t1", "sweep": str(run_dir / "sweeps/v3/s"), "trial_id": "t1",
+             "metrics": {k: v - 0.01 for k, v in configured["metrics"].items()}}
+    lin["branches"].append(trial)
+    live = next(r for r in lin["releases"] if r["version"] == "v3")
+    live.update(branch="branch-v3-t1", trial_id="t1", sweep=trial["sweep"], val=trial["metrics"])
+    path.write_text(json.dumps(lin))
+
+    main_output(["release", str(run_dir), "--version", "v3", "--pick", "branch-v3"])
+    lin = Lineage.load(run_dir)
+    assert [(r.id, r.branch) for r in lin.release_history("v3").releases] == [("r1", "branch-v3-t1"),
+                                                                              ("r2", "branch-v3")]
+    released = load_file(vdir / "r2" / "model.safetensors")
+    assert all((released[k] == weights[k]).all() for k in weights)  # the branch's own model, not the trial's
+    assert (load_file(vdir / "r1" / "model.safetensors")["model.norm.weight"] == 2 * weights["model.norm.weight"]).all()
+    assert read_json(run_dir / "exports" / "branch-v3" / "model_card.json")["branch"] == "branch-v3"
+
+
 def _copy_sweep_run(tiny_sweep, dst: Path) -> tuple[Path, dict]:
     """A copy of the swept lineage without its release: trials measured, nothing released;
     returns it and the sweep's trial records (as read where the copy lies)."""
