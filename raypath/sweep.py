@@ -85,7 +85,7 @@ from raypath.lineage import (
 from raypath.mirror import LOCAL, RunDir
 from raypath.releases import Candidate, Objective, Releaser, objective_weights
 from raypath.schedules import POWER_SHAPES, decay_from
-from raypath.storage import read_json, relative_paths, write_json
+from raypath.storage import RunFileError, read_json, relative_paths, write_json
 from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
@@ -517,8 +517,13 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
         # (tuner.pkl): the law's refit callback hands them the trials that finished since, and their
         # paths follow the sweep directory (SweepPath).
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", sweep_dir)
-        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        try:
+            return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=True)
+        except (AttributeError, ImportError) as e:  # a pickled raypath class moved or renamed since
+            raise RunFileError(f"{sweep_dir / 'tuner.pkl'}: sweep {sweep_dir.name!r} was started by an older raypath "
+                               f"whose Tune state this one cannot restore ({e}); its finished trials stay release "
+                               f"candidates of {sweep_dir.parent.name}: search on in a new sweep (--name)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = SweepSearch(sweep_dir, space=space, metric=METRIC, mode="min",
                            sampler=make_sampler(sc, max_concurrent), study_name=_study_name(plan, sc),

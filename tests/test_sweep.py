@@ -911,3 +911,20 @@ def test_ctrl_c_ends_a_sweep_as_interrupted_not_as_finished(ray_cluster, tmp_pat
                                                                                   name="b")))
     assert not interrupted and not results.errors
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler taken back
+
+
+def test_a_sweep_whose_tune_state_an_older_raypath_pickled_is_refused_by_file(ray_cluster, tmp_path):
+    """Tune restores a sweep from ``tuner.pkl``, which pickles raypath's own objects (the law's
+    stopper, then ``raypath.lawfit.LawStopper``): a class moved since is named with the file."""
+    import types
+
+    from raypath import sweep
+    from raypath.storage import RunFileError
+
+    sweep_dir = tmp_path / "run" / "sweeps" / "v2" / "s"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(b"craypath.lawfit\nLawStopper\n.")  # a pickled reference to it
+    plan = types.SimpleNamespace(sweep_dir=str(sweep_dir))
+    with pytest.raises(RunFileError, match=r"tuner\.pkl: sweep 's' was started by an older raypath .*LawStopper.*"
+                                           r"release candidates of v2: search on in a new sweep \(--name\)"):
+        sweep._make_tuner(plan, SweepConfig(), None, 1, sweep_dir, None, restore=True)
