@@ -635,7 +635,10 @@ def format_standing(lineage: Lineage | dict) -> str:
         if s is None:
             continue
         r = s["release"]
-        score = "" if s["score"] == r.objective else f" (score {_fmt(s['score'])} with the compute penalty)"
+        if r.objective is None:  # released by a raypath that did not record it
+            score = f" (not recorded; scored now {_fmt(s['score'])})" if s["score"] is not None else ""
+        else:
+            score = "" if s["score"] == r.objective else f" (score {_fmt(s['score'])} with the compute penalty)"
         lines.append(f"{name}: {r.id} {r.branch} ({r.reason}{', pinned' if s['pinned'] else ''}), "
                      f"objective {_fmt(r.objective)}{score}, beat {s['beat']} of {s['others']} other candidates; "
                      f"history {' '.join(s['history'])}")

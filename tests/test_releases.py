@@ -452,3 +452,15 @@ def test_a_diverged_branch_is_released_with_a_warning(caplog):
         assert caplog.text == ""  # below ln(384) = 5.95
         warn_if_diverged("branch-v1", {"val/v1": 25.4, "val/v2": float("nan"), "loss": 30.0}, 384)
     assert "branch-v1: val/v1 25.4, val/v2 nan above ln(vocab_size) = 5.95" in caplog.text
+
+
+def test_standing_of_a_release_recorded_without_its_objective_says_so():
+    """A release entry of a run directory from before release histories has no objective: the
+    status line scores it now and says so, rather than calling the score penalised."""
+    lin = {"name": "old", "config": {}, "versions": [{"name": "v1"}],
+           "branches": [{"name": "branch-v1", "version": "v1", "status": "done", "metrics": {"val/v1": 4.5}}],
+           "releases": [{"version": "v1", "version_index": 0, "path": "/old/releases/v1", "branch": "branch-v1",
+                         "val": {"val/v1": 4.5}}]}
+    line = releases.format_standing(lin)
+    assert line.startswith("v1: r1 branch-v1 (configured), objective - (not recorded; scored now 4.5000)"), line
+    assert "compute penalty" not in line
