@@ -121,7 +121,8 @@ def version_name(lineage: LineageLike, version: str | int | None) -> str:
     lineage = Lineage.of(lineage)
     names = lineage.version_names()
     if version is None:
-        names = [v for v in names if v in _mains(lineage)]
+        trained = _mains(lineage)
+        names = [v for v in names if v in trained]
         if not names:
             raise ValueError("the lineage has no trained main-path version yet")
     return names[resolve_version(names, version)]
