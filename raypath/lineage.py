@@ -214,6 +214,11 @@ class Lineage:
         return [self._with_trials(s) for s in self.data.get("sweeps", [])
                 if version is None or s["version"] == version]
 
+    def sweep_summaries(self, version: str | None = None) -> list[Sweep]:
+        """The sweeps of ``version`` (all without) as the lineage keeps them: best, released,
+        ``search_tokens``, ``n_trials`` (in ``extra``), without reading their trials."""
+        return [Sweep.from_dict(s) for s in self.data.get("sweeps", []) if version is None or s["version"] == version]
+
     def sweep(self, version: str, name: str) -> Sweep | None:
         return next((s for s in self.sweeps(version) if s.name == name), None)
 
