@@ -365,6 +365,9 @@ def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str 
             continue
         seen.add(b.name)
         # One branch's records at a time: what is kept across the pool is the splits' Curves.
+        # Each split still scans the records (work ~ curves x splits, as the points to fit grow);
+        # a sweep's law guide calls this per refit, so past _eval_records's cache every refit
+        # parses each curve of the run once more.
         records = _read_records(_find_curve(rd, b.name, b.curve))
         for split in splits:
             curve = _branch_curve(b, records, f"val/{split}", sched, phases[split])
