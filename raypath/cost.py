@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from raypath.lineage import Lineage
+from raypath.lineage import Lineage, Sweep
 
 
 def stream_tokens(new_tokens: Sequence[float], replay_ratio: float = 0.0) -> list[float]:
@@ -65,9 +65,20 @@ def branch_tokens(lineage: Lineage | dict, version: str) -> tuple[float, float]:
     released = release.branch_tokens if release else None
     if released is None:
         released = next((b.tokens_trained for b in configured), 0)
-    trials = [t for s in lineage.sweeps(version) for t in s.trials]
-    searched = sum(b.tokens_trained for b in configured) + sum(t.branch_tokens or 0 for t in trials)
+    searched = sum(b.tokens_trained for b in configured) + sum(_search_tokens(lineage, s) for s in
+                                                              lineage.sweep_summaries(version))
     return float(released), float(max(searched, released))
+
+
+def _search_tokens(lineage: Lineage, sweep: Sweep) -> int:
+    """Tokens the sweep's trials trained: its trials' where the record holds them, else its
+    summary's ``search_tokens`` (done and stopped trials, the only ones with tokens). The summary
+    spares ``raypath cost`` reading every sweep's results.json, whose trials each hold a loss
+    per version so far: bytes quadratic in the versions, for one number per sweep."""
+    if not sweep.trials and "search_tokens" in sweep.to_dict():
+        return sweep.search_tokens
+    full = sweep if sweep.trials else lineage.sweep(sweep.version, sweep.name)
+    return sum(t.branch_tokens or 0 for t in (full.trials if full else []))
 
 
 def ptfs_tokens(lineage: Lineage, blocks: int) -> float | None:

@@ -121,7 +121,8 @@ def version_name(lineage: LineageLike, version: str | int | None) -> str:
     lineage = Lineage.of(lineage)
     names = lineage.version_names()
     if version is None:
-        names = [v for v in names if v in _mains(lineage)]
+        trained = _mains(lineage)
+        names = [v for v in names if v in trained]
         if not names:
             raise ValueError("the lineage has no trained main-path version yet")
     return names[resolve_version(names, version)]
@@ -323,6 +324,19 @@ def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | No
     release_version: the version whose release the fit is for: decides ``cpt_start``
         (default ``upto_version``, else the latest trained version).
     """
+    return split_curves(lineage, [split], upto_version, run_dir=run_dir, branches=branches,
+                        extra_branches=extra_branches, include_main=include_main, include_sweeps=include_sweeps,
+                        release_version=release_version)[split]
+
+
+def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str | None = None, *,
+                 run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
+                 extra_branches: Sequence[Branch | Mapping] = (), include_main: bool = True,
+                 include_sweeps: bool = True, release_version: str | None = None) -> dict[str, list[Curve]]:
+    """:func:`curves_from_lineage` of each of ``splits`` (same options), reading each curve
+    file once for all of them: a curve records every split it observed, and a lineage of n
+    versions has n splits to fit, so reading the curves per split read every file n times
+    (past :func:`_eval_records`'s cache, a re-parse each time)."""
     lineage = Lineage.of(lineage)
     rd = _run_dir(lineage, run_dir)
     versions = lineage.version_names()
@@ -330,15 +344,17 @@ def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | No
     upto = version_name(lineage, upto_version)
     allowed = set(versions[: versions.index(upto) + 1])
     release = release_version or upto
-    if split not in mains:
-        raise ValueError(f"split {split!r}: no main-path segment of that version")
-    phases = split_phases(lineage, split, release)
-    key = f"val/{split}"
+    for split in splits:
+        if split not in mains:
+            raise ValueError(f"split {split!r}: no main-path segment of that version")
+    phases = {split: split_phases(lineage, split, release) for split in splits}
     sched = lineage_schedule(lineage)
-    curves: list[Curve] = []
+    curves: dict[str, list[Curve]] = {split: [] for split in splits}
     if include_main:
-        main = _main_curve([mains[v] for v in versions if v in allowed and v in mains], rd, key, sched, phases)
-        curves += [main] if main is not None else []
+        records = _main_records([mains[v] for v in versions if v in allowed and v in mains], rd)
+        for split in splits:
+            main = _main_curve(records, f"val/{split}", sched, phases[split])
+            curves[split] += [main] if main is not None else []
     wanted = None if branches is None else set(branches)
     pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [Branch.from_dict(b) for b in extra_branches]
     seen = set()
@@ -348,19 +364,29 @@ def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | No
         if wanted is not None and b.name not in wanted:
             continue
         seen.add(b.name)
-        curve = _branch_curve(b, rd, key, sched, phases)
-        curves += [curve] if curve is not None else []
+        # One branch's records at a time: what is kept across the pool is the splits' Curves.
+        # Each split still scans the records (work ~ curves x splits, as the points to fit grow);
+        # a sweep's law guide calls this per refit, so past _eval_records's cache every refit
+        # parses each curve of the run once more.
+        records = _read_records(_find_curve(rd, b.name, b.curve))
+        for split in splits:
+            curve = _branch_curve(b, records, f"val/{split}", sched, phases[split])
+            curves[split] += [curve] if curve is not None else []
     if wanted is not None and (missing := wanted - seen - {"main"}):
-        log.debug("split %s: requested branches without observations: %s", split, sorted(missing))
+        log.debug("splits %s: requested branches without observations: %s", ", ".join(splits), sorted(missing))
     return curves
 
 
-def _main_curve(segments: Sequence[MainEntry], rd: Path | None, key: str, sched: MainPath,
-                phases: dict) -> Curve | None:
-    """The main path's ``key`` observations over its ``segments`` (None without any)."""
+def _main_records(segments: Sequence[MainEntry], rd: Path | None) -> list[dict]:
+    """The evaluation records of the main path's ``segments``, each up to its segment's end."""
     records = []
     for m in segments:
         records += [r for r in _read_records(_find_curve(rd, m.segment, m.curve)) if r["step"] <= m.end_step]
+    return records
+
+
+def _main_curve(records: Sequence[dict], key: str, sched: MainPath, phases: dict) -> Curve | None:
+    """The main path's ``key`` observations among its ``records`` (None without any)."""
     steps, losses = _observed(records, key)
     if not len(steps):
         return None
@@ -371,10 +397,10 @@ def _main_curve(segments: Sequence[MainEntry], rd: Path | None, key: str, sched:
     return Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases)
 
 
-def _branch_curve(b: Branch, rd: Path | None, key: str, sched: MainPath, phases: dict) -> Curve | None:
-    """A finished branch's ``key`` observations after its fork (None without any)."""
+def _branch_curve(b: Branch, records: Sequence[dict], key: str, sched: MainPath, phases: dict) -> Curve | None:
+    """A finished branch's ``key`` observations after its fork, among its curve's ``records``
+    (None without any)."""
     fork, steps = int(b.fork_step), int(b.steps)
-    records = _read_records(_find_curve(rd, b.name, b.curve))
     obs_steps, losses = _observed((r for r in records if r["step"] > fork), key, upto=fork + steps)
     if not len(obs_steps):
         return None
@@ -523,9 +549,11 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     if forms:
         record["forms"] = forms
     problems = {}
-    for split in splits_for(lineage, version):
-        curves = curves_from_lineage(lineage, split, version, run_dir=rd, branches=branches,
-                                     extra_branches=extra_branches, include_sweeps=include_sweeps)
+    # Every split's curves are held until the fits: the fits need them all (lambda is chosen
+    # across splits), and they grow with the observed points, not with the files' other columns.
+    observed = split_curves(lineage, splits_for(lineage, version), version, run_dir=rd, branches=branches,
+                            extra_branches=extra_branches, include_sweeps=include_sweeps)
+    for split, curves in observed.items():
         problem = _split_problem(law, split, version, curves, shift_sign)
         if problem is None:
             n = _n_points(curves)
@@ -636,4 +664,6 @@ def unfitted_splits(fits: Mapping[str, FitResult], lineage: LineageLike, version
     lineage = Lineage.of(lineage)
     version = version_name(lineage, version)
     missing = [s for s, w in split_weights(lineage, version, weights).items() if w and s not in fits]
-    return {s: _n_points(curves_from_lineage(lineage, s, version, **curves)) for s in missing}
+    if not missing:
+        return {}
+    return {s: _n_points(c) for s, c in split_curves(lineage, missing, version, **curves).items()}

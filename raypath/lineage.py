@@ -155,8 +155,12 @@ class Lineage:
         """Finished main-path segments, in step order."""
         return sorted((MainEntry.from_dict(m) for m in self.data.get("main_path", [])), key=lambda m: m.start_step)
 
+    # The lookups of one version's records pick its dicts before reading any as a record: a
+    # command goes over the versions, and reading every record per lookup made that quadratic
+    # (a plan of 60 versions read 36k records). The scan of the dicts is still linear per lookup.
     def main(self, version: str) -> MainEntry | None:
-        return next((m for m in self.main_path() if m.version == version), None)
+        return next((MainEntry.from_dict(m) for m in self.data.get("main_path", []) if m.get("version") == version),
+                    None)
 
     def record_main(self, entry: MainEntry | dict) -> None:
         entry = MainEntry.from_dict(entry)
@@ -168,11 +172,12 @@ class Lineage:
     # ---- branches and releases
     def branches(self, version: str | None = None, *, done: bool = True) -> list[Branch]:
         """Branches in the order they finished; ``version``: only that version's; ``done``: only finished ones."""
-        out = [Branch.from_dict(b) for b in self.data.get("branches", [])]
-        return [b for b in out if (version is None or b.version == version) and (b.done or not done)]
+        out = [Branch.from_dict(b) for b in self.data.get("branches", [])
+               if version is None or b.get("version") == version]
+        return [b for b in out if b.done or not done]
 
     def branch(self, name: str) -> Branch | None:
-        return next((b for b in self.branches(done=False) if b.name == name), None)
+        return next((Branch.from_dict(b) for b in self.data.get("branches", []) if b.get("name") == name), None)
 
     def record_branch(self, entry: Branch | dict) -> None:
         entry = Branch.from_dict(entry)
@@ -187,7 +192,7 @@ class Lineage:
 
     def release(self, version: str) -> Release | None:
         """The live release of ``version`` (see :mod:`raypath.releases`)."""
-        return next((r for r in self.releases() if r.version == version), None)
+        return next((Release.from_dict(r) for r in self.data.get("releases", []) if r.get("version") == version), None)
 
     def release_history(self, version: str) -> ReleaseHistory | None:
         """Every release of ``version`` and the switches between them; None before its first."""
@@ -208,6 +213,11 @@ class Lineage:
         """The sweeps of ``version`` (all without), each with its trials."""
         return [self._with_trials(s) for s in self.data.get("sweeps", [])
                 if version is None or s["version"] == version]
+
+    def sweep_summaries(self, version: str | None = None) -> list[Sweep]:
+        """The sweeps of ``version`` (all without) as the lineage keeps them: best, released,
+        ``search_tokens``, ``n_trials`` (in ``extra``), without reading their trials."""
+        return [Sweep.from_dict(s) for s in self.data.get("sweeps", []) if version is None or s["version"] == version]
 
     def sweep(self, version: str, name: str) -> Sweep | None:
         return next((s for s in self.sweeps(version) if s.name == name), None)

@@ -129,7 +129,7 @@ def version_objective(lineage: Lineage | dict, version: str, weights: dict[str, 
     sweep_cfg = lineage.config.get("sweep") or {}
     weights = weights if weights is not None else sweep_cfg.get("weights", {"old": 0.5, "new": 0.5})
     penalty = compute_penalty if compute_penalty is not None else sweep_cfg.get("compute_penalty", 0.0)
-    names = [v.name for v in lineage.versions()]
+    names = lineage.version_names()
     main = lineage.main(version)
     tokens = main.tokens if main else 1
     return Objective(objective_weights(names, names.index(version), weights), float(penalty or 0.0), tokens)

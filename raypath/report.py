@@ -492,7 +492,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
                     prediction: Mapping, out_png: str | os.PathLike) -> Path:
     """Per split: observed main-path and branch val curves of ``version``, and the law's
     predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
-    from raypath.lawfit import branch_lrs, curves_from_lineage, lineage_schedule, main_entry, main_lrs, split_phases
+    from raypath.lawfit import branch_lrs, lineage_schedule, main_entry, main_lrs, split_curves, split_phases
     from raypath.schedules import decay_from
 
     lineage = Lineage.of(lineage)
@@ -503,9 +503,10 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
     sched = lineage_schedule(lineage)
     decay = decay_from(prediction)
     fork, end = prediction["fork_step"], prediction["end_step"]
+    observed = split_curves(lineage, splits, version, run_dir=run_dir)
     for ax, split in zip(axes[:, 0], splits):
         phases = split_phases(lineage, split, version)
-        curves = curves_from_lineage(lineage, split, version, run_dir=run_dir)
+        curves = observed[split]
         for c in curves:
             if c.name == "main":
                 ax.plot(c.steps + 1, c.losses, "o-", color="black", ms=3, lw=0.8, label="main path (observed)")

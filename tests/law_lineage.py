@@ -9,6 +9,7 @@ code, so a fit recovering them checks the law's implementation too. Nothing trai
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -152,3 +153,110 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
 def _write_curve(run_dir: Path, name: str, rows) -> None:
     lines = [json.dumps(r) for r in rows]
     (run_dir / "curves" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_run(root: Path, versions: int, *, trials: int = 0, releases: int = 1) -> Path:
+    """A run directory as ``raypath run`` and ``raypath sweep`` leave it after ``versions``
+    versions, on :func:`write_lineage`'s lineage: the config, each version's record, curves
+    with train loss, LR and tokens, per version ``releases`` release ids (``releases/vK/rN``,
+    ``current.json``) and, with ``trials``, a finished sweep (``sweeps/vK/s/results.json``,
+    every trial a copy of the release branch a little better or worse, with its own curve);
+    the lineage in format 3 (the sweeps' summaries). Returns the run directory."""
+    from raypath.config import Config
+    from raypath.storage import write_json
+
+    run_dir, lin = write_lineage(root, versions)
+    tokens_per_step = 16 * 128
+    cfg = Config(run_dir=str(run_dir)).to_dict()
+    lin["config"] = cfg
+    lin["versions"] = [{"name": f"v{k + 1}", "index": k, "new_tokens": 200 * tokens_per_step,
+                        "new_blocks": 200 * 16, "stream_rows": 200 * 16, "val_blocks": 64, "test_blocks": 64,
+                        "files": {"train": 10, "val": 2}} for k in range(versions)]
+    for m in lin["main_path"]:
+        m.update(tokens_start=m["start_step"] * tokens_per_step, tokens_end=m["end_step"] * tokens_per_step,
+                 fork_step=m["end_step"] - 40, metrics={}, checkpoints={})
+    _add_train_columns(run_dir, lin, tokens_per_step)
+    for b in lin["branches"]:
+        b.update(end_step=b["fork_step"] + b["steps"], tokens_trained=b["steps"] * tokens_per_step,
+                 tokens_total=(b["fork_step"] + b["steps"]) * tokens_per_step)
+    lin["sweeps"], lin["releases"], lin["release_history"] = [], [], {}
+    for k in range(versions):
+        name = f"v{k + 1}"
+        rel = next(b for b in lin["branches"] if b["name"] == f"branch-{name}")
+        sweep = _sweep(run_dir, name, k, trials, rel, tokens_per_step) if trials else None
+        if sweep is not None:
+            write_json(Path(sweep["path"]) / "results.json", sweep, root=run_dir)
+            lin["sweeps"].append({k2: v for k2, v in sweep.items() if k2 != "trials"} | {"n_trials": trials})
+        _releases(run_dir, lin, name, k, releases, rel, sweep)
+    lin["format"] = 3
+    write_json(run_dir / "lineage.json", lin, root=run_dir)
+    return run_dir
+
+
+def _add_train_columns(run_dir: Path, lin: dict, tokens_per_step: int) -> None:
+    """The curves of ``law_lineage`` hold val losses only; a run's also log loss, lr, tokens."""
+    for entry in lin["main_path"] + lin["branches"]:
+        path = Path(entry["curve"])
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.update(loss=3.0 - 1e-4 * r["step"], lr=1e-3, tokens=r["step"] * tokens_per_step)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _sweep(run_dir: Path, name: str, k: int, trials: int, rel: dict, tps: int) -> dict:
+    """Version ``name``'s finished sweep: every trial a copy of the release branch, a little
+    longer or shorter (its curve under the sweep directory), as ``raypath.sweep`` records it."""
+    sweep_dir = run_dir / "sweeps" / name / "s"
+    (sweep_dir / "curves").mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in Path(rel["curve"]).read_text().splitlines()]
+    out = []
+    for i in range(trials):
+        tid = f"t{i:04d}"
+        tname = f"branch-{name}-{tid}"
+        scale = 1.0 + 1e-4 * ((i * 37) % 101 - 50)
+        curve = sweep_dir / "curves" / f"{tname}.jsonl"
+        curve.write_text("".join(json.dumps({key: v * scale if key.startswith("val/") else v
+                                             for key, v in r.items()}) + "\n" for r in rows))
+        metrics = {key: v * scale for key, v in rel["metrics"].items()}
+        metrics.update({key.replace("val/", "test/"): v for key, v in metrics.items()})
+        obj = sum(v for key, v in metrics.items() if key.startswith("val/")) / (k + 1)
+        out.append({"trial_id": tid, "name": tname, "status": "done",
+                    "config": {"fork_step": rel["fork_step"], "branch_steps": rel["steps"], "shape": "1-sqrt",
+                               "min_lr_ratio": 0.0, "power": 2.0},
+                    "metrics": metrics, "objective": obj, "test_objective": obj, "score": obj,
+                    "branch_tokens": rel["steps"] * tps, "curve": str(curve),
+                    "export": str(sweep_dir / "exports" / tname), "trial_dir": str(sweep_dir / "ray" / tid)})
+    best = min(out, key=lambda t: t["score"])
+    return {"name": "s", "version": name, "version_index": k, "path": str(sweep_dir), "best": best["trial_id"],
+            "released": best["trial_id"], "complete": True, "search_tokens": trials * rel["steps"] * tps,
+            "trials": out}
+
+
+def _releases(run_dir: Path, lin: dict, name: str, k: int, n: int, rel: dict, sweep: dict | None) -> None:
+    """``n`` releases of version ``name``, every second one the sweep's best trial."""
+    from raypath.storage import write_json
+
+    vdir = run_dir / "releases" / name
+    entries, log = [], []
+    best = next((t for t in sweep["trials"] if t["trial_id"] == sweep["best"]), None) if sweep else None
+    for j in range(1, n + 1):
+        rid = f"r{j}"
+        src = best if (best is not None and j % 2 == 0) else None
+        branch = src["name"] if src else rel["name"]
+        metrics = src["metrics"] if src else rel["metrics"]
+        val = {key: v for key, v in metrics.items() if key.startswith("val/")}
+        entries.append({"id": rid, "version": name, "version_index": k, "path": str(vdir / rid), "branch": branch,
+                        "reason": "sweep best" if src else "configured", "source": "sweep s" if src else "configured",
+                        "sweep": sweep["path"] if src else None, "trial_id": src["trial_id"] if src else None,
+                        "objective": sum(val.values()) / len(val), "val": val, "test": {},
+                        "objective_weights": {}, "branch_tokens": rel["tokens_trained"],
+                        "tokens_total": rel["tokens_total"], "candidates": 1, "beat": 0,
+                        "replaced": f"r{j - 1}" if j > 1 else None, "released": "2026-12-01T00:00:00+00:00"})
+        log.append({"time": "2026-12-01T00:00:00+00:00", "release": rid, "action": "release",
+                    "reason": entries[-1]["reason"], "replaced": entries[-1]["replaced"]})
+        (vdir / rid).mkdir(parents=True, exist_ok=True)
+    live = entries[-1]
+    write_json(vdir / "current.json", {"release": live["id"], "pinned": False, "switched": live["released"]})
+    os.symlink(live["id"], vdir / "current")
+    lin["release_history"][name] = {"current": live["id"], "pinned": False, "releases": entries, "log": log}
+    lin["releases"].append({**live, "release": live["id"], "pinned": False})

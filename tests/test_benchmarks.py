@@ -53,3 +53,12 @@ def test_sweep_upload_counts_each_callbacks_requests_and_bytes():
     first, last = got["per_callback_first_tenth"], got["per_callback_last_tenth"]
     assert first["put"] > 0 and first["bytes"] > 0 and got["total"]["seconds"] > 0
     assert last["put"] <= first["put"]  # a later trial's callback uploads that trial's files, not every earlier one's
+
+
+def test_long_run_times_each_command_and_counts_the_files_it_opens():
+    got = _bench("long_run", "--versions", "2", "3", "--trials", "2", "--commands", "status", "cost", "law_fit")
+    short, long = got["rows"]
+    assert (short["versions"], long["versions"]) == (2, 3) and long["curve_files"] == 3 * (3 + 2)
+    assert 0 < short["status"]["files"] < long["status"]["files"]  # one results.json per sweep
+    assert long["cost"]["files"] == 1  # lineage.json: the sweeps' summaries hold their tokens
+    assert long["law_fit"]["files"] == long["law_fit"]["opens"] > long["curve_files"]  # each curve once

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs, stream_tokens
@@ -201,3 +203,32 @@ def test_ptfs_counts_tokens_as_training_counts_them():
     rows = lineage_costs(lin)
     assert _col(rows, "ptfs_cumulative") == [8 * 16, 8 * 16 + 16 * 16]  # 10 -> 8 blocks, 19 -> 16 blocks
     assert rows[0]["path_switching_ratio"] == pytest.approx(10 / 8, rel=REL)  # main 8 + branch 2 blocks
+
+
+def test_the_measured_cost_of_a_run_reads_no_sweeps_trials(tmp_path, monkeypatch):
+    """The search tokens of a sweep are in the lineage's summary of it: `raypath cost` reads no
+    sweep's results.json (each trial there holds a loss per version so far), and counts what the
+    trials say; a summary without them has its trials read."""
+    from law_lineage import write_run
+
+    from raypath import lineage as lineage_mod
+    from raypath.lineage import Lineage
+
+    run_dir = write_run(tmp_path, 3, trials=4)
+    read, sweep_trials = [], lineage_mod.sweep_trials
+
+    def counted(sweep_dir):
+        read.append(Path(sweep_dir).parent.name)
+        return sweep_trials(sweep_dir)
+
+    monkeypatch.setattr(lineage_mod, "sweep_trials", counted)
+    rows = lineage_costs(Lineage.load(run_dir))
+    trials = {s.version: sum(t.branch_tokens for t in s.trials) for s in Lineage.load(run_dir).sweeps()}
+    read.clear()
+    assert lineage_costs(Lineage.load(run_dir)) == rows and read == []
+    configured = {v: sum(b.tokens_trained for b in Lineage.load(run_dir).branches(v)) for v in trials}
+    assert _col(rows, "search_branch_tokens") == [configured[v] + trials[v] for v in ("v1", "v2", "v3")]
+    lin = Lineage.load(run_dir)
+    for s in lin.data["sweeps"]:
+        del s["search_tokens"]
+    assert lineage_costs(lin) == rows and read == ["v1", "v2", "v3"]

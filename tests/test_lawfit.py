@@ -535,3 +535,31 @@ def test_cli_law_predict_scores_with_the_runs_objective_weights(tmp_path, capsys
     (run_dir / "lineage.json").write_text(json.dumps(lineage))
     assert main(["law", "predict", str(run_dir), *fit]) == 0
     assert "objective (v1 0.5, v2 0.5):" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- a long lineage's curve reads
+
+def test_a_fit_reads_each_curve_once_for_all_its_splits(tmp_path, monkeypatch):
+    """A lineage of n versions has n splits to fit, every curve recording each split it saw: the
+    fit (and the prediction plot) read a curve once, not once per split, whatever the cache of
+    parsed curves holds (here none, as past its size on a run of many sweeps' trials)."""
+    from law_lineage import write_lineage
+
+    from raypath.report import plot_prediction
+
+    run_dir, _ = write_lineage(tmp_path, 4)
+    curves = sorted(str(p) for p in (run_dir / "curves").glob("*.jsonl"))
+    parsed, parse = [], lawfit._eval_records.__wrapped__
+
+    def uncached(path, mtime_ns, size):
+        parsed.append(path)
+        return parse(path, mtime_ns, size)
+
+    monkeypatch.setattr(lawfit, "_eval_records", uncached)
+    fits = lawfit.fit_run(run_dir, "v4", lam=0.99, shifts="single", save=False)
+    assert sorted(fits) == ["v1", "v2", "v3", "v4"]
+    assert sorted(parsed) == curves  # 12 curves; 4 splits read them 48 times before
+    parsed.clear()
+    p = lawfit.predict_branch(fits, run_dir, "v4")
+    plot_prediction(run_dir, run_dir, fits, "v4", p, tmp_path / "prediction.png")
+    assert sorted(parsed) == curves

@@ -165,3 +165,21 @@ def test_only_the_lineage_module_reads_the_lineage_document():
             if HAND_READ.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "read these through raypath.lineage.Lineage:\n" + "\n".join(offenders)
+
+
+def test_a_lookup_of_one_version_reads_one_record(monkeypatch):
+    """``raypath run`` plans each version by looking up its main segment, release and branch;
+    reading every version's record per lookup made a plan of n versions read n^2 of them."""
+    from raypath import lineage as lineage_mod
+
+    parse, read = lineage_mod.Record.__dict__["from_dict"].__func__, []
+
+    def counted(cls, d):
+        read.append(cls.__name__)
+        return parse(cls, d)
+
+    lin = Lineage.of(_document())
+    monkeypatch.setattr(lineage_mod.Record, "from_dict", classmethod(counted))
+    assert lin.main("v2").end_step == 16 and lin.release("v1").objective == 3.9
+    assert lin.branch("branch-v2").status == "failed" and [b.name for b in lin.branches("v1")] == ["branch-v1"]
+    assert read == ["MainEntry", "Release", "Branch", "Branch"]

@@ -421,3 +421,36 @@ def test_drawing_report_files_leaves_the_callers_matplotlib_backend_and_figures_
         assert _png_size(tmp_path / "comparison.png") == (1100, 1320)  # 10 x 12 in at 110 dpi
     finally:
         matplotlib.use("Agg")
+
+
+def test_status_report_and_cost_read_each_record_a_fixed_number_of_times(tmp_path, monkeypatch):
+    """A long run's commands go over its versions; a lookup of one version's main segment,
+    branches or release read every version's record, which made status, report and cost
+    quadratic in the versions. The records they read now grow with the versions, not faster."""
+    from law_lineage import write_run
+
+    from raypath import lineage as lineage_mod
+    from raypath.cost import lineage_costs
+
+    parse, reads = lineage_mod.Record.__dict__["from_dict"].__func__, [0]
+
+    def counted(cls, d):
+        reads[0] += 1
+        return parse(cls, d)
+
+    monkeypatch.setattr(lineage_mod.Record, "from_dict", classmethod(counted))
+
+    def records_read(n: int) -> dict[str, int]:
+        run_dir = write_run(tmp_path / str(n), n, trials=2, releases=2)
+        out = {}
+        for name, command in (("status", lambda: format_status(Lineage.load(run_dir))),
+                              ("report", lambda: write_report(run_dir)),
+                              ("cost", lambda: lineage_costs(Lineage.load(run_dir)))):
+            reads[0] = 0
+            command()
+            out[name] = reads[0]
+        return out
+
+    short, long = records_read(6), records_read(12)
+    for name in short:  # (before: status 4.0x, report 4.2x, cost 4.3x)
+        assert 0 < long[name] <= 2 * short[name], (name, short[name], long[name])

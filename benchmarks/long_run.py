@@ -1,0 +1,151 @@
+"""What the commands a user runs against a long run directory cost as its versions grow.
+
+Builds a synthetic run directory of ``--versions`` versions without training: the lineage and
+curves of ``tests/law_lineage.py`` (losses from a known CPT law; main path, a release branch and
+a second branch per version), each version's record, ``--releases`` release ids per version
+(``releases/vK/rN`` with ``current.json``), and per version a finished sweep of ``--trials``
+trials (its ``results.json`` as ``raypath.sweep`` writes it, each trial with a curve under the
+sweep directory). Then runs, each on a freshly loaded :class:`Lineage`,
+what a user runs against the run directory, and reports per command its wall and CPU seconds,
+the files it opened (every ``open`` of a file under the run directory, counted per path) and
+the lineage records it read:
+
+status, cost, report (plot + CSV + markdown), release (``raypath release --version`` of the
+last version) and law fit (``raypath law fit`` of the last version, one lambda, the
+single-shift law: the fit's own optimisation is not what is measured here).
+
+    python benchmarks/long_run.py --versions 10 20 40 --trials 100
+    # the same through another checkout's raypath (e.g. an older commit's worktree)
+    PYTHONPATH=/path/to/checkout python benchmarks/long_run.py --versions 10 20 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import collections
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # law_lineage: the synthetic lineage the law's tests fit
+
+COMMANDS = ("status", "cost", "report", "release", "law_fit")
+
+
+class OpenCounter:
+    """Counts the files under ``root`` that ``open`` (and ``Path.open``/``read_text``) opens."""
+
+    def __init__(self, root: Path):
+        self.root, self.counts = str(root), collections.Counter()
+
+    @contextlib.contextmanager
+    def counting(self):
+        real = builtins.open
+        io_open = io.open
+
+        def counted(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file).startswith(self.root):
+                self.counts[os.fspath(file)] += 1
+            return real(file, *args, **kwargs)
+
+        builtins.open = io.open = counted
+        try:
+            yield self
+        finally:
+            builtins.open, io.open = real, io_open
+
+
+def _command(name: str, run_dir: Path, last: str):
+    """The call behind command ``name`` (what its CLI does, output discarded)."""
+    from raypath import lawfit
+    from raypath.lineage import Lineage
+
+    if name == "status":
+        from raypath.report import format_status
+        return lambda: format_status(Lineage.load(run_dir))
+    if name == "cost":
+        from raypath.cost import lineage_costs
+        return lambda: lineage_costs(Lineage.load(run_dir))
+    if name == "report":
+        from raypath.report import write_report
+        return lambda: write_report(run_dir)
+    if name == "release":
+        from raypath.releases import Releaser, format_release, version_objective
+
+        def release():
+            lin = Lineage.load(run_dir)
+            obj = version_objective(lin, last)
+            Releaser(lin).sync(last)
+            return format_release(lin, last, obj)
+        return release
+    if name == "law_fit":
+        return lambda: lawfit.fit_run(run_dir, last, lam=0.99, shifts="single")
+    raise ValueError(name)
+
+
+def measure(run_dir: Path, versions: int, commands) -> dict:
+    """Per command: wall and CPU seconds (the CPU time is what a loaded machine blurs least),
+    files opened under the run directory, and lineage records read (``Record.from_dict``)."""
+    from raypath import lineage as lineage_mod
+
+    parse, records = lineage_mod.Record.__dict__["from_dict"].__func__, [0]
+
+    def counted(cls, d):
+        records[0] += 1
+        return parse(cls, d)
+
+    out = {}
+    lineage_mod.Record.from_dict = classmethod(counted)
+    try:
+        for name in commands:
+            call = _command(name, run_dir, f"v{versions}")
+            counter, records[0] = OpenCounter(run_dir), 0
+            t0, c0 = time.perf_counter(), time.process_time()
+            with counter.counting():
+                call()
+            out[name] = {"seconds": round(time.perf_counter() - t0, 3),
+                         "cpu_seconds": round(time.process_time() - c0, 3),
+                         "opens": sum(counter.counts.values()), "files": len(counter.counts), "records": records[0]}
+    finally:
+        lineage_mod.Record.from_dict = classmethod(parse)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--versions", type=int, nargs="+", default=[10, 20, 40])
+    ap.add_argument("--trials", type=int, default=100, help="trials of each version's sweep")
+    ap.add_argument("--releases", type=int, default=2, help="release ids per version")
+    ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
+    args = ap.parse_args()
+    import logging
+
+    from law_lineage import write_run
+
+    logging.disable(logging.WARNING)
+    rows = []
+    for n in args.versions:
+        with tempfile.TemporaryDirectory(prefix="long-run-") as tmp:
+            t0 = time.perf_counter()
+            run_dir = write_run(Path(tmp), n, trials=args.trials, releases=args.releases)
+            built = time.perf_counter() - t0
+            rows.append({"versions": n, "build_seconds": round(built, 1),
+                         "curve_files": sum(1 for _ in run_dir.rglob("*.jsonl")),
+                         **measure(run_dir, n, args.commands)})
+    print(json.dumps({"command": "python benchmarks/long_run.py " + " ".join(sys.argv[1:]),
+                      "raypath": os.environ.get("PYTHONPATH") or "this checkout",
+                      "date": datetime.date.today().isoformat(),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
