@@ -352,18 +352,21 @@ def _branch_curve(run_dir: Path, lineage: Lineage, branch: Branch, main_curve: p
 
 
 def _draw_boundaries(axes, lineage: Lineage) -> None:
+    """A dashed line at each version's boundary, and its name over the line: past
+    ``LABELLED_BOUNDARIES`` versions the names would overlap, so every k-th is named,
+    counting back from the latest (the one a reader looks for)."""
     from matplotlib.transforms import blended_transform_factory
 
-    for name in lineage.version_names():
-        m = lineage.main(name)
-        if m is None:
-            continue
+    mains = [m for m in map(lineage.main, lineage.version_names()) if m is not None]
+    every = -(-len(mains) // LABELLED_BOUNDARIES)
+    trans = blended_transform_factory(axes[0].transData, axes[0].transAxes)
+    for i, m in enumerate(mains):
         for ax in axes:
-            ax.axvline(m.tokens_end, color="0.55", linestyle="--", linewidth=0.9, zorder=0)
-        trans = blended_transform_factory(axes[0].transData, axes[0].transAxes)
-        axes[0].text(m.tokens_end, 0.985, f" {name} ", transform=trans, ha="right", va="top",
-                     fontsize=9, color="0.3",
-                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+            ax.axvline(m.tokens_end, color="0.55", linestyle="--", linewidth=0.9 if every == 1 else 0.5, zorder=0)
+        if (len(mains) - 1 - i) % every == 0:
+            axes[0].text(m.tokens_end, 0.985, f" {m.version} ", transform=trans, ha="right", va="top",
+                         fontsize=9, color="0.3",
+                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
 def _draw_val_markers(ax, lineage: Lineage, colors: dict[str, Any]) -> None:
@@ -399,21 +402,47 @@ def _token_formatter():
     return FuncFormatter(lambda x, _pos: si(x) if x else "0")
 
 
-def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: str | os.PathLike) -> Path:
-    """Loss and LR of the main path with every branch forking off it, against tokens.
+#: A legend entry per branch fits the figure's height up to this many branches; past it the
+#: branches are coloured by version on a colour bar. Boundary names: at most this many too.
+LEGEND_BRANCHES = 12
+LABELLED_BOUNDARIES = 12
 
-    Tokens (not steps) on x because they are cumulative along each path, so
-    a branch starts exactly where its fork checkpoint sits on the main path
-    and ends at the same boundary as the main segment it competes with.
-    """
+
+def _branch_colors(lineage: Lineage, branches: list[Branch]) -> tuple[dict[str, Any], Any]:
+    """A colour per branch and, past ``LEGEND_BRANCHES``, the colour bar that reads them.
+
+    A few branches get distinct colours and a legend entry each. A run of many versions
+    colours them by version along one sequential map (ten cycling colours would repeat
+    every ten versions, and 180 legend entries leave the figure), so a branch's colour says
+    which version it released, and its release star shares it."""
     import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
+    if len(branches) <= LEGEND_BRANCHES:
+        cmap = matplotlib.colormaps["tab10"]
+        return {b.name: cmap(i % 10) for i, b in enumerate(branches)}, None
+    index = {v: i for i, v in enumerate(lineage.version_names())}
+    scale = ScalarMappable(Normalize(0, max(len(index) - 1, 1)), matplotlib.colormaps["viridis"])
+    return {b.name: scale.to_rgba(index.get(b.version, 0)) for b in branches}, scale
+
+
+def _version_colorbar(fig, ax, scale, lineage: Lineage) -> None:
+    """The versions' colour bar, under the legend to the right of the loss axes."""
+    names = lineage.version_names()
+    ticks = sorted(range(len(names) - 1, -1, -max(1, -(-len(names) // 8))))  # the latest always named
+    bar = fig.colorbar(scale, cax=ax.inset_axes((1.04, 0.0, 0.03, 0.62)), ticks=ticks)
+    bar.ax.set_yticklabels([names[i] for i in ticks], fontsize=8)
+    bar.set_label("branches: version", fontsize=8.5)
+
+
+def lineage_figure(run_dir: str | os.PathLike, lineage: Lineage | dict):
+    """The figure of :func:`plot_lineage`, unsaved (a notebook shows it as it is)."""
     lineage = Lineage.of(lineage)
-    run_dir, out_png = Path(run_dir), Path(out_png)
+    run_dir = Path(run_dir)
     main_curve = _main_curve(run_dir, lineage)
     branches = lineage.branches(done=False)  # a branch still training is drawn as far as it got
-    cmap = matplotlib.colormaps["tab10"]
-    colors = {b.name: cmap(i % 10) for i, b in enumerate(branches)}
+    colors, scale = _branch_colors(lineage, branches)
 
     fig = new_figure(FIGSIZE)
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
@@ -426,8 +455,9 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
         curve = _branch_curve(run_dir, lineage, b, main_curve)
         if curve.empty or "loss" not in curve:
             continue
-        ax_loss.plot(curve["tokens"], curve["loss"], color=colors[b.name], lw=2.2, zorder=3, label=b.name)
-        ax_lr.plot(curve["tokens"], curve["lr"], color=colors[b.name], lw=2.2, zorder=3, label=b.name)
+        label = b.name if scale is None else "_nolegend_"
+        ax_loss.plot(curve["tokens"], curve["loss"], color=colors[b.name], lw=2.2, zorder=3, label=label)
+        ax_lr.plot(curve["tokens"], curve["lr"], color=colors[b.name], lw=2.2, zorder=3, label=label)
     _draw_val_markers(ax_loss, lineage, colors)
     _draw_boundaries((ax_loss, ax_lr), lineage)
 
@@ -441,10 +471,21 @@ def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: s
     handles, _ = ax_loss.get_legend_handles_labels()
     ax_loss.legend(handles=handles + _legend_proxies(), loc="upper left", bbox_to_anchor=(1.01, 1.0),
                    fontsize=8.5, frameon=False)
+    if scale is not None:
+        _version_colorbar(fig, ax_loss, scale, lineage)
     fig.suptitle(f"{lineage.name or 'run'}: main path and release branches")
     fig.tight_layout()
-    save_figure(fig, out_png, DPI, tight=False)
-    return out_png
+    return fig
+
+
+def plot_lineage(run_dir: str | os.PathLike, lineage: Lineage | dict, out_png: str | os.PathLike) -> Path:
+    """Loss and LR of the main path with every branch forking off it, against tokens.
+
+    Tokens (not steps) on x because they are cumulative along each path, so
+    a branch starts exactly where its fork checkpoint sits on the main path
+    and ends at the same boundary as the main segment it competes with.
+    """
+    return save_figure(lineage_figure(run_dir, lineage), out_png, DPI, tight=False)
 
 
 # --------------------------------------------------------------------------- the scaling law (raypath law)

@@ -454,3 +454,36 @@ def test_status_report_and_cost_read_each_record_a_fixed_number_of_times(tmp_pat
     short, long = records_read(6), records_read(12)
     for name in short:  # (before: status 4.0x, report 4.2x, cost 4.3x)
         assert 0 < long[name] <= 2 * short[name], (name, short[name], long[name])
+
+
+def test_the_lineage_plot_of_many_versions_colours_branches_by_version_and_names_a_few_boundaries(tmp_path):
+    """At 40 versions a legend entry per branch (80) ran off the figure, ten cycling colours
+    repeated every ten versions and the boundary names overlapped into a row of "v"s."""
+    import warnings
+
+    from law_lineage import write_run
+
+    from raypath.report import LABELLED_BOUNDARIES, LEGEND_BRANCHES, lineage_figure
+
+    run = write_run(tmp_path, 40)
+    lineage = Lineage.load(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Tight layout not applied" among them
+        fig = lineage_figure(run, lineage)
+    ax_loss = fig.axes[0]
+    labels = [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert len(labels) <= LEGEND_BRANCHES + 3 and "main path (train)" in labels
+    names = [t.get_text().strip() for t in ax_loss.texts]
+    assert 3 <= len(names) <= LABELLED_BOUNDARIES and names[-1] == "v40"
+    lines = ax_loss.get_lines()[1:]  # after the main path: the branches in the lineage's order
+    drawn = {b.name: tuple(ln.get_color()) for b, ln in zip(lineage.branches(done=False), lines)}
+    assert drawn["branch-v1"] != drawn["branch-v11"]
+    assert [ax.get_ylabel() for ax in ax_loss.child_axes] == ["branches: version"]
+
+
+def test_the_lineage_plot_of_a_few_branches_names_each_in_its_legend(run_dir, lineage):
+    from raypath.report import lineage_figure
+
+    fig = lineage_figure(run_dir, lineage)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [b.name for b in Lineage.of(lineage).branches(done=False)] == [x for x in labels if x.startswith("branch")]
