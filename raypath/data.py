@@ -415,33 +415,88 @@ def _ipc_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def _read_shard(fs: pafs.FileSystem, path: str, b: int, buckets: int) -> pa.Table | None:
-    """Shard ``b``'s rows of one map file: its two index entries, then their byte range."""
-    with fs.open_input_file(path) as f:
-        lo, hi = np.frombuffer(f.read_at(16, f.size() - 8 * (buckets + 1 - b)), "<i8")
-        return pa.ipc.open_stream(f.read_at(int(hi - lo), int(lo))).read_all() if hi > lo else None
+#: Most shards one reduce task gathers: a run of consecutive shards, so that each map file's
+#: index entries for all of them come in one read (and, on an object store, one open).
+SHARDS_PER_TASK = 16
+
+
+class _MapFiles:
+    """The reduce side's view of the map files for a run of consecutive shards ``first..last``.
+
+    On an object store every open is a HEAD request and a handle holds no descriptor, so each
+    map file is opened once for the whole run; on a local disk an open costs no request but
+    holds a descriptor, so a file is reopened per read rather than thousands kept open."""
+
+    def __init__(self, fs: pafs.FileSystem, paths: list[str], first: int, last: int, buckets: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fs, self.paths, self.first = fs, paths, first
+        self.keep = fs.type_name in ("s3", "gcs")
+        with ThreadPoolExecutor(16) as pool:  # on an object store each read is a round trip
+            got = list(pool.map(lambda p: self._index(p, first, last, buckets), paths))
+        self.handles = [h for h, _ in got]
+        self.offsets = np.stack([o for _, o in got])  # [map file, shard - first]: byte offsets
+
+    def _index(self, path: str, first: int, last: int, buckets: int):
+        f = self.fs.open_input_file(path)
+        offsets = np.frombuffer(f.read_at(8 * (last - first + 2), f.size() - 8 * (buckets + 1 - first)), "<i8")
+        if not self.keep:
+            f.close()
+        return (f if self.keep else None), offsets
+
+    def piece(self, i: int, b: int) -> pa.Table | None:
+        """Shard ``b``'s rows of map file ``i``: one ranged read, none when it has none."""
+        lo, hi = (int(x) for x in self.offsets[i, b - self.first: b - self.first + 2])
+        if hi <= lo:
+            return None
+        if self.keep:
+            return pa.ipc.open_stream(self.handles[i].read_at(hi - lo, lo)).read_all()
+        with self.fs.open_input_file(self.paths[i]) as f:
+            return pa.ipc.open_stream(f.read_at(hi - lo, lo)).read_all()
+
+    def close(self) -> None:
+        for h in self.handles:
+            if h is not None:
+                h.close()
 
 
 def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_dir: str,
             fs: pafs.FileSystem) -> pa.Table:
-    """Reduce side: one shard's rows of every map file -> sorted by key, numbered from the
-    shard's offset, one file. Its requests grow with the map files (on an object store an
-    open (HEAD) and two ranged reads each, 16 in flight: each is a round trip)."""
+    """Reduce side: a run of consecutive shards, each: its rows of every map file -> sorted by
+    key, numbered from the shard's offset, one file. Its requests grow with the map files: per
+    map file one index read for the run, then a ranged read per shard that has rows there (on
+    an object store also one open, a HEAD, for the run), 16 in flight: each is a round trip."""
     from concurrent.futures import ThreadPoolExecutor
 
     rows, buckets = [], len(offsets) - 1  # offsets: every shard's first idx, then the total
-    for b in batch["bucket"].to_pylist():
-        with ThreadPoolExecutor(16) as pool:
-            pieces = [t for t in pool.map(lambda i: _read_shard(fs, _map_file(tmp_dir, i), b, buckets), range(maps))
-                      if t is not None]
-        table = pa.concat_tables(pieces)
-        # (key, src, row) is unique, so the order never depends on which piece came first.
-        table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"), ("row", "ascending")]))
-        idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
-        write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
-                    f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
-        rows.append({"bucket": b, "rows": len(table)})
+    for first, last in zip(batch["first"].to_pylist(), batch["last"].to_pylist()):
+        files = _MapFiles(fs, [_map_file(tmp_dir, i) for i in range(maps)], first, last, buckets)
+        try:
+            for b in range(first, last + 1):
+                if offsets[b + 1] == offsets[b]:
+                    continue  # no rows: no file
+                with ThreadPoolExecutor(16) as pool:
+                    pieces = [t for t in pool.map(lambda i: files.piece(i, b), range(maps)) if t is not None]
+                table = pa.concat_tables(pieces)
+                # (key, src, row) is unique, so the order never depends on which piece came first.
+                table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"),
+                                                           ("row", "ascending")]))
+                idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
+                write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
+                            f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
+                rows.append({"bucket": b, "rows": len(table)})
+        finally:
+            files.close()
     return pa.Table.from_pylist(rows)
+
+
+def _shard_runs(nonempty: list[int], cpus: int) -> list[dict]:
+    """Consecutive runs of the shards with rows, one per reduce task: up to
+    :data:`SHARDS_PER_TASK` shards each, but never so few tasks that a CPU of the cluster
+    has fewer than two."""
+    per_task = max(1, min(SHARDS_PER_TASK, len(nonempty) // max(2 * cpus, 1)))
+    return [{"first": nonempty[k], "last": nonempty[min(k + per_task, len(nonempty)) - 1]}
+            for k in range(0, len(nonempty), per_task)]
 
 
 def _tasks(items: list[dict], fn, **kwargs):
@@ -462,9 +517,11 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     shard and per source), and each shard reads its byte range of every map file, sorts,
     numbers and writes its rows (reduce). Memory per task: one input file or one shard
     (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
-    temporary file per input file; reads: two small ranged reads per (input file, shard),
-    the only cost that grows as files x shards.
+    temporary file per input file; reads: one ranged read per (input file, shard) with rows
+    (:class:`_MapFiles`), the only cost that grows as files x shards.
     """
+    import ray
+
     tmp = f"{out_dir}.tmp"
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     files = [f for p in pools for f in p.files]
@@ -476,8 +533,8 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
         per_src = _add_padded(per_src, np.bincount(c["src"], weights=c["n"]).astype(np.int64))
     offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
     fs.create_dir(out_dir, recursive=True)
-    written = _tasks([{"bucket": b} for b in np.flatnonzero(per_bucket).tolist()], _gather,
-                     maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
+    runs = _shard_runs(np.flatnonzero(per_bucket).tolist(), int(ray.cluster_resources().get("CPU", 1)))
+    written = _tasks(runs, _gather, maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     fs.delete_dir(tmp)
     if sum(r["rows"] for r in written) != offsets[-1]:
