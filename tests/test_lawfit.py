@@ -599,3 +599,22 @@ def test_a_guides_refit_parses_only_the_curves_it_has_not_read(tmp_path, monkeyp
     parsed.clear()
     restored.refit()
     assert len(parsed) == 8 and restored.fits["v2"].n_points == guide.fits["v2"].n_points
+
+
+def test_a_branchs_curves_share_its_lr_history_across_splits(tmp_path):
+    """A branch of version k observes k splits: an LR history per split's Curve made a fit's
+    curves grow with versions² x trials x steps. The splits share the branch's one history."""
+    from law_lineage import write_lineage
+
+    run_dir, _ = write_lineage(tmp_path, 3)
+    curves = lawfit.split_curves(run_dir, ["v1", "v2", "v3"], "v3")
+    per_branch = {}
+    for cs in curves.values():
+        for c in cs:
+            per_branch.setdefault(c.name, []).append(c.lrs)
+    assert len(per_branch["branch-v3"]) == 3 and len(per_branch["branch-v2-alt"]) == 2
+    branches = {name: histories for name, histories in per_branch.items() if name != "main"}
+    assert all(h is histories[0] for histories in branches.values() for h in histories)
+    assert not any(histories[0].flags.writeable for histories in branches.values())
+    alone = lawfit.curves_from_lineage(run_dir, "v1", "v3")  # one split: the same observations
+    assert [(c.name, len(c.steps)) for c in curves["v1"]] == [(c.name, len(c.steps)) for c in alone]
