@@ -15,7 +15,8 @@ last version), law fit (``raypath law fit`` of the last version, one lambda, the
 single-shift law: the fit's own optimisation is not what is measured here) and law refit (the
 curves one refit of the last version's law-guided sweep reads after a trial finished: the
 lineage's and every sweep's curves plus the sweep's own finished trials, for the last two
-splits; its first fit, at the sweep's start, is not measured).
+splits; its first fit, at the sweep's start, is not measured) and law curves (the observed curves
+a fit of the last version holds, every split's, with the peak of the memory they take).
 
     python benchmarks/long_run.py --versions 10 20 40 --trials 100
     python benchmarks/long_run.py --versions 42 60 --trials 100 --commands law_refit
@@ -37,12 +38,13 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # law_lineage: the synthetic lineage the law's tests fit
 
-COMMANDS = ("status", "cost", "report", "release", "law_fit", "law_refit")
+COMMANDS = ("status", "cost", "report", "release", "law_fit", "law_refit", "law_curves")
 
 
 class OpenCounter:
@@ -97,6 +99,13 @@ def _command(name: str, run_dir: Path, last: str):
         return lambda: lawfit.fit_run(run_dir, last, lam=0.99, shifts="single")
     if name == "law_refit":
         return _refit(run_dir, last)
+    if name == "law_curves":
+        import raypath.report  # noqa: F401  (its imports are not the curves' memory)
+
+        def curves():
+            lin = Lineage.load(run_dir)
+            return lawfit.split_curves(lin, lawfit.splits_for(lin, last), last, run_dir=run_dir)
+        return curves
     raise ValueError(name)
 
 
@@ -147,13 +156,20 @@ def measure(run_dir: Path, versions: int, commands) -> dict:
         for name in commands:
             call = _command(name, run_dir, f"v{versions}")
             counter, records[0] = OpenCounter(run_dir), 0
+            traced = name == "law_curves"  # tracing every allocation slows the others down
+            if traced:
+                tracemalloc.start()
             t0, c0 = time.perf_counter(), time.process_time()
             with counter.counting():
                 call()
+            if traced:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
             out[name] = {"seconds": round(time.perf_counter() - t0, 3),
                          "cpu_seconds": round(time.process_time() - c0, 3),
                          "opens": sum(counter.counts.values()), "files": len(counter.counts),
-                         "bytes": counter.bytes, "records": records[0]}
+                         "bytes": counter.bytes, "records": records[0],
+                         **({"peak_mb": round(peak / 1e6, 1)} if traced else {})}
     finally:
         lineage_mod.Record.from_dict = classmethod(parse)
     return out
