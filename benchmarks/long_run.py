@@ -7,14 +7,19 @@ a second branch per version), each version's record, ``--releases`` release ids 
 trials (its ``results.json`` as ``raypath.sweep`` writes it, each trial with a curve under the
 sweep directory). Then runs, each on a freshly loaded :class:`Lineage`,
 what a user runs against the run directory, and reports per command its wall and CPU seconds,
-the files it opened (every ``open`` of a file under the run directory, counted per path) and
-the lineage records it read:
+the files it opened (every ``open`` of a file under the run directory, counted per path, and
+the bytes of the files opened) and the lineage records it read:
 
 status, cost, report (plot + CSV + markdown), release (``raypath release --version`` of the
-last version) and law fit (``raypath law fit`` of the last version, one lambda, the
-single-shift law: the fit's own optimisation is not what is measured here).
+last version), law fit (``raypath law fit`` of the last version, one lambda, the
+single-shift law: the fit's own optimisation is not what is measured here) and law refit (the
+curves one refit of the last version's law-guided sweep reads after a trial finished: the
+lineage's and every sweep's curves plus the sweep's own finished trials, for the last two
+splits; its first fit, at the sweep's start, is not measured) and law curves (the observed curves
+a fit of the last version holds, every split's, with the peak of the memory they take).
 
     python benchmarks/long_run.py --versions 10 20 40 --trials 100
+    python benchmarks/long_run.py --versions 42 60 --trials 100 --commands law_refit
     # the same through another checkout's raypath (e.g. an older commit's worktree)
     PYTHONPATH=/path/to/checkout python benchmarks/long_run.py --versions 10 20 40
 """
@@ -33,19 +38,20 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # law_lineage: the synthetic lineage the law's tests fit
 
-COMMANDS = ("status", "cost", "report", "release", "law_fit")
+COMMANDS = ("status", "cost", "report", "release", "law_fit", "law_refit", "law_curves")
 
 
 class OpenCounter:
     """Counts the files under ``root`` that ``open`` (and ``Path.open``/``read_text``) opens."""
 
     def __init__(self, root: Path):
-        self.root, self.counts = str(root), collections.Counter()
+        self.root, self.counts, self.bytes = str(root), collections.Counter(), 0
 
     @contextlib.contextmanager
     def counting(self):
@@ -55,6 +61,8 @@ class OpenCounter:
         def counted(file, *args, **kwargs):
             if isinstance(file, (str, os.PathLike)) and os.fspath(file).startswith(self.root):
                 self.counts[os.fspath(file)] += 1
+                with contextlib.suppress(OSError):
+                    self.bytes += os.path.getsize(file)
             return real(file, *args, **kwargs)
 
         builtins.open = io.open = counted
@@ -89,7 +97,46 @@ def _command(name: str, run_dir: Path, last: str):
         return release
     if name == "law_fit":
         return lambda: lawfit.fit_run(run_dir, last, lam=0.99, shifts="single")
+    if name == "law_refit":
+        return _refit(run_dir, last)
+    if name == "law_curves":
+        import raypath.report  # noqa: F401  (its imports are not the curves' memory)
+
+        def curves():
+            lin = Lineage.load(run_dir)
+            return lawfit.split_curves(lin, lawfit.splits_for(lin, last), last, run_dir=run_dir)
+        return curves
     raise ValueError(name)
+
+
+def _refit(run_dir: Path, last: str):
+    """A refit of ``last``'s law-guided sweep as its guide makes it (the guide's lineage, its
+    held curves where this raypath has them), the sweep's start and a first trial already read."""
+    import shutil
+
+    from raypath import lawfit
+    from raypath.lineage import Lineage
+
+    lin = Lineage.load(run_dir)
+    splits = lawfit.splits_for(lin, last)[-2:]
+    held = {"records": lawfit.CurveRecords()} if hasattr(lawfit, "CurveRecords") else {}
+    trials = []
+    rel = lin.branch(f"branch-{last}")
+    config = {"fork_step": rel.fork_step, "branch_steps": rel.steps, **rel.decay}
+
+    def add_trial(i: int) -> None:
+        curve = run_dir / "sweeps" / last / "guided" / "curves" / f"branch-{last}-g{i}.jsonl"
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rel.curve, curve)
+        trials.append(lawfit.trial_branch(curve.stem, last, config, str(curve)))
+
+    def refit():
+        return lawfit.split_curves(lin, splits, last, run_dir=run_dir, extra_branches=trials, **held)
+
+    add_trial(0)
+    refit()  # the sweep's first fit
+    add_trial(1)
+    return refit
 
 
 def measure(run_dir: Path, versions: int, commands) -> dict:
@@ -109,12 +156,20 @@ def measure(run_dir: Path, versions: int, commands) -> dict:
         for name in commands:
             call = _command(name, run_dir, f"v{versions}")
             counter, records[0] = OpenCounter(run_dir), 0
+            traced = name == "law_curves"  # tracing every allocation slows the others down
+            if traced:
+                tracemalloc.start()
             t0, c0 = time.perf_counter(), time.process_time()
             with counter.counting():
                 call()
+            if traced:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
             out[name] = {"seconds": round(time.perf_counter() - t0, 3),
                          "cpu_seconds": round(time.process_time() - c0, 3),
-                         "opens": sum(counter.counts.values()), "files": len(counter.counts), "records": records[0]}
+                         "opens": sum(counter.counts.values()), "files": len(counter.counts),
+                         "bytes": counter.bytes, "records": records[0],
+                         **({"peak_mb": round(peak / 1e6, 1)} if traced else {})}
     finally:
         lineage_mod.Record.from_dict = classmethod(parse)
     return out

@@ -219,11 +219,13 @@ def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | Non
 
 # --------------------------------------------------------------------------- curves
 
-def _read_records(path: str | os.PathLike) -> list[dict]:
+def _read_records(path: str | os.PathLike, held: "CurveRecords | None" = None) -> list[dict]:
     """A curve's evaluation records (``step`` and its ``val/*`` losses; the callers must not
-    change them), parsed once per version of the file: a sweep's law is refitted after every
-    trial on the same finished curves, one split at a time. What is kept grows with the
-    evaluations (about one record in ``eval_every / log_every``), not with the logged steps."""
+    change them), parsed once per version of the file: by ``held`` when given, else through a
+    process-wide cache of the last 4,096 files read. What is kept grows with the evaluations
+    (about one record in ``eval_every / log_every``), not with the logged steps."""
+    if held is not None:
+        return held(path)
     p = Path(path)
     try:
         st = p.stat()
@@ -232,8 +234,7 @@ def _read_records(path: str | os.PathLike) -> list[dict]:
     return _eval_records(str(p), st.st_mtime_ns, st.st_size)
 
 
-@functools.lru_cache(maxsize=4096)
-def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
+def _parse_records(path: str) -> list[dict]:
     from raypath.report import read_curve
 
     df = read_curve(path)
@@ -241,6 +242,40 @@ def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
     if df.empty or not cols:
         return []
     return df.loc[df[cols].notna().any(axis=1), ["step", *cols]].to_dict("records")
+
+
+@functools.lru_cache(maxsize=4096)
+def _eval_records(path: str, mtime_ns: int, size: int) -> list[dict]:
+    return _parse_records(path)
+
+
+class CurveRecords:
+    """The parsed evaluation records of every curve file read through it, each kept until its
+    file changes (size or mtime), with no bound.
+
+    A sweep's law guide refits after every finished trial on the whole run's curves, which are
+    finished and never change; past the process-wide cache's 4,096 files (about 41 versions of
+    100-trial sweeps) each refit would parse every curve of the run again. Held by the guide, a
+    refit parses only the curves it has not read yet. Not for pickling: the guide leaves it out
+    of the state Tune pickles (``tuner.pkl``), where it would grow with every curve of the run."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[tuple[int, int], list[dict]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __call__(self, path: str | os.PathLike) -> list[dict]:
+        p = str(path)
+        try:
+            st = os.stat(p)
+        except OSError:  # not written yet
+            return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        held = self._held.get(p)
+        if held is None or held[0] != stamp:
+            held = self._held[p] = (stamp, _parse_records(p))
+        return held[1]
 
 
 def _find_curve(run_dir: Path | None, name: str, recorded: str | None) -> Path:
@@ -311,7 +346,8 @@ def _run_dir(lineage: Lineage, run_dir) -> Path | None:
 def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | None = None, *,
                         run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
                         extra_branches: Sequence[Branch | Mapping] = (), include_main: bool = True,
-                        include_sweeps: bool = True, release_version: str | None = None) -> list[Curve]:
+                        include_sweeps: bool = True, release_version: str | None = None,
+                        records: CurveRecords | None = None) -> list[Curve]:
     """Observed curves of validation split ``split`` (the ``val/<split>`` records).
 
     upto_version: only segments of versions up to this one (what was known when it was
@@ -323,16 +359,19 @@ def curves_from_lineage(lineage: LineageLike, split: str, upto_version: str | No
         dicts (e.g. :func:`trial_branch` of sweep trials finished since the lineage was read).
     release_version: the version whose release the fit is for: decides ``cpt_start``
         (default ``upto_version``, else the latest trained version).
+    records: a :class:`CurveRecords` to parse the curves through (default: the process-wide
+        cache of the last 4,096 files).
     """
     return split_curves(lineage, [split], upto_version, run_dir=run_dir, branches=branches,
                         extra_branches=extra_branches, include_main=include_main, include_sweeps=include_sweeps,
-                        release_version=release_version)[split]
+                        release_version=release_version, records=records)[split]
 
 
 def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str | None = None, *,
                  run_dir: str | os.PathLike | None = None, branches: Iterable[str] | None = None,
                  extra_branches: Sequence[Branch | Mapping] = (), include_main: bool = True,
-                 include_sweeps: bool = True, release_version: str | None = None) -> dict[str, list[Curve]]:
+                 include_sweeps: bool = True, release_version: str | None = None,
+                 records: CurveRecords | None = None) -> dict[str, list[Curve]]:
     """:func:`curves_from_lineage` of each of ``splits`` (same options), reading each curve
     file once for all of them: a curve records every split it observed, and a lineage of n
     versions has n splits to fit, so reading the curves per split read every file n times
@@ -351,9 +390,9 @@ def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str 
     sched = lineage_schedule(lineage)
     curves: dict[str, list[Curve]] = {split: [] for split in splits}
     if include_main:
-        records = _main_records([mains[v] for v in versions if v in allowed and v in mains], rd)
+        main_records = _main_records([mains[v] for v in versions if v in allowed and v in mains], rd, records)
         for split in splits:
-            main = _main_curve(records, f"val/{split}", sched, phases[split])
+            main = _main_curve(main_records, f"val/{split}", sched, phases[split])
             curves[split] += [main] if main is not None else []
     wanted = None if branches is None else set(branches)
     pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [Branch.from_dict(b) for b in extra_branches]
@@ -365,23 +404,22 @@ def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str 
             continue
         seen.add(b.name)
         # One branch's records at a time: what is kept across the pool is the splits' Curves.
-        # Each split still scans the records (work ~ curves x splits, as the points to fit grow);
-        # a sweep's law guide calls this per refit, so past _eval_records's cache every refit
-        # parses each curve of the run once more.
-        records = _read_records(_find_curve(rd, b.name, b.curve))
+        # Each split still scans the records (work ~ curves x splits, as the points to fit grow).
+        recs = _read_records(_find_curve(rd, b.name, b.curve), records)
+        shared: list[np.ndarray] = []  # the branch's LR history: one array for all its splits' Curves
         for split in splits:
-            curve = _branch_curve(b, records, f"val/{split}", sched, phases[split])
+            curve = _branch_curve(b, recs, f"val/{split}", sched, phases[split], shared)
             curves[split] += [curve] if curve is not None else []
     if wanted is not None and (missing := wanted - seen - {"main"}):
         log.debug("splits %s: requested branches without observations: %s", ", ".join(splits), sorted(missing))
     return curves
 
 
-def _main_records(segments: Sequence[MainEntry], rd: Path | None) -> list[dict]:
+def _main_records(segments: Sequence[MainEntry], rd: Path | None, held: CurveRecords | None = None) -> list[dict]:
     """The evaluation records of the main path's ``segments``, each up to its segment's end."""
     records = []
     for m in segments:
-        records += [r for r in _read_records(_find_curve(rd, m.segment, m.curve)) if r["step"] <= m.end_step]
+        records += [r for r in _read_records(_find_curve(rd, m.segment, m.curve), held) if r["step"] <= m.end_step]
     return records
 
 
@@ -397,16 +435,23 @@ def _main_curve(records: Sequence[dict], key: str, sched: MainPath, phases: dict
     return Curve(main_lrs(sched, int(steps.max()) + 1), steps, losses, name="main", **phases)
 
 
-def _branch_curve(b: Branch, records: Sequence[dict], key: str, sched: MainPath, phases: dict) -> Curve | None:
+def _branch_curve(b: Branch, records: Sequence[dict], key: str, sched: MainPath, phases: dict,
+                  shared: list | None = None) -> Curve | None:
     """A finished branch's ``key`` observations after its fork, among its curve's ``records``
-    (None without any)."""
+    (None without any). ``shared``: where the branch's LR history is kept for its other splits'
+    Curves (empty at first). A branch of version k observes k splits, and an LR history per split
+    made a fit's curves grow with versions² x trials x steps (518 MB at 20 versions of 100 trials)."""
     fork, steps = int(b.fork_step), int(b.steps)
     obs_steps, losses = _observed((r for r in records if r["step"] > fork), key, upto=fork + steps)
     if not len(obs_steps):
         return None
-    decay = decay_from({"shape": "1-sqrt", **(b.decay or {})})
-    lrs = branch_lrs(sched, fork, steps, decay, n=fork + steps)
-    return Curve(lrs, obs_steps, losses, name=b.name, **phases)
+    shared = [] if shared is None else shared
+    if not shared:
+        decay = decay_from({"shape": "1-sqrt", **(b.decay or {})})
+        lrs = branch_lrs(sched, fork, steps, decay, n=fork + steps)
+        lrs.flags.writeable = False  # shared by the splits' Curves
+        shared.append(lrs)
+    return Curve(shared[0], obs_steps, losses, name=b.name, **phases)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -497,7 +542,7 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
             extra_branches: Sequence[Branch | Mapping] = (), include_sweeps: bool = True,
             shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
             forms: Mapping[str, str] | None = None, huber_delta: float | None = None,
-            save: bool = True) -> dict[str, FitResult]:
+            save: bool = True, records: CurveRecords | None = None) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -535,7 +580,8 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     named form costs one. ``huber_delta`` fixes the fits' Huber threshold on log residuals
     (e.g. the published 1e-3); None scales it to each split's noise
     (:func:`raypath.law.huber_delta`). Saves ``RUN_DIR/law/fit-<version>.json`` atomically when
-    ``save`` and a run directory is known.
+    ``save`` and a run directory is known. ``records``: the :class:`CurveRecords` the curves are
+    parsed through (a caller that refits on the same curves keeps one).
     """
     if shifts not in SHIFTS:
         raise ValueError(f"shifts must be one of {', '.join(SHIFTS)}, got {shifts!r}")
@@ -552,7 +598,7 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     # Every split's curves are held until the fits: the fits need them all (lambda is chosen
     # across splits), and they grow with the observed points, not with the files' other columns.
     observed = split_curves(lineage, splits_for(lineage, version), version, run_dir=rd, branches=branches,
-                            extra_branches=extra_branches, include_sweeps=include_sweeps)
+                            extra_branches=extra_branches, include_sweeps=include_sweeps, records=records)
     for split, curves in observed.items():
         problem = _split_problem(law, split, version, curves, shift_sign)
         if problem is None:

@@ -31,6 +31,7 @@ import numpy as np
 from raypath.law import FitResult, anneal_params
 from raypath.lawfit import (
     MIN_POINTS,
+    CurveRecords,
     LineageLike,
     branch_lrs,
     fit_run,
@@ -282,10 +283,17 @@ class LawGuide:
         self._forecasts: dict[tuple, np.ndarray] = {}  # (fork, branch steps, decay) -> objective per step
         self.selected_at: int | None = None  # how many trials the last choice of laws saw
         self._stale = False  # trials were added without a refit (a resumed sweep's)
+        self._records = CurveRecords()  # the run's curves as parsed so far: a refit parses only new ones
         self.refit()
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the guide (tuner.pkl) with its stopper and callback: the parsed curves of the
+        # whole run would bloat it, and a restored guide reads them again anyway.
+        return {k: v for k, v in self.__dict__.items() if k != "_records"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._records = CurveRecords()
         # a guide pickled by a sweep before the forecast cache, the penalty, the resume
         self.__dict__.setdefault("_forecasts", {})
         self.__dict__.setdefault("penalty", None)
@@ -314,7 +322,7 @@ class LawGuide:
         t0 = time.perf_counter()
         self._forecasts.clear()  # predicted with the fits being replaced
         self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=self.trials,
-                            include_sweeps=self.include_sweeps, save=self.save, **keep)
+                            include_sweeps=self.include_sweeps, save=self.save, records=self._records, **keep)
         log.info("law %s after %d trial(s) in %.1f s: %s", "chosen and fitted" if select else "refitted", n,
                  time.perf_counter() - t0, ", ".join(f"{s} {f.law}" for s, f in self.fits.items()))
         if select:
@@ -351,7 +359,7 @@ class LawGuide:
     def unfitted(self) -> dict[str, int]:
         """Weighted splits without a law (too few observed points), with their points."""
         return unfitted_splits(self.fits, self.lineage, self.version, self.weights, run_dir=self.run_dir,
-                               extra_branches=self.trials, include_sweeps=self.include_sweeps)
+                               extra_branches=self.trials, include_sweeps=self.include_sweeps, records=self._records)
 
     def check_objective(self) -> None:
         """Raise ValueError, naming the splits and why, unless every weighted split has a law: without

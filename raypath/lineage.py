@@ -70,6 +70,11 @@ class Lineage:
     # a sweep's trials as last read: results.json path -> ((mtime_ns, size), trials)
     _trials: dict[str, tuple[tuple[int, int], list[SweepTrial]]] = field(default_factory=dict, repr=False)
 
+    def __getstate__(self) -> dict:
+        # The trials read are a cache, read again where needed: a sweep's law guide holds its
+        # lineage, and Tune pickles the guide (tuner.pkl), which would keep every sweep's trials.
+        return {**self.__dict__, "_trials": {}}
+
     @classmethod
     def open(cls, run_dir: RunDir | str | Path, name: str, config: dict) -> "Lineage":
         rd = _run_dir(run_dir)
@@ -221,6 +226,11 @@ class Lineage:
 
     def sweep(self, version: str, name: str) -> Sweep | None:
         return next((s for s in self.sweeps(version) if s.name == name), None)
+
+    def with_trials(self, summary: Sweep) -> Sweep:
+        """The sweep of ``summary`` (one of :meth:`sweep_summaries`) with its trials."""
+        d = next(s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) == (summary.version, summary.name))
+        return self._with_trials(d)
 
     def record_sweep(self, entry: Sweep | dict) -> None:
         """Replace the record of sweep ``(version, name)``: its settings, best and released trial.

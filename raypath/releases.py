@@ -43,11 +43,11 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypath.lineage import RESULTS_JSON, Lineage, Release, ReleaseHistory, sweep_trials
+from raypath.lineage import RESULTS_JSON, Lineage, Release, ReleaseHistory, Sweep, sweep_trials
 from raypath.lineage import Branch as BranchEntry
 from raypath.mirror import RunDir
 from raypath.storage import atomic_dir, read_json, write_json
@@ -111,7 +111,10 @@ class Objective:
         return value if math.isfinite(value) else None
 
     def score(self, metrics: dict, branch_tokens: float | None) -> float | None:
-        value = self.value(metrics)
+        return self.score_of(self.value(metrics), branch_tokens)
+
+    def score_of(self, value: float | None, branch_tokens: float | None) -> float | None:
+        """The score of a branch whose :meth:`value` is ``value``."""
         if value is None:
             return None
         return value + self.compute_penalty * float(branch_tokens or 0) / max(self.version_tokens, 1)
@@ -619,11 +622,70 @@ def standing(lineage: Lineage | dict, version: str) -> dict | None:
         return None
     obj = (Objective(live.objective_weights, live.compute_penalty, live.version_tokens)
            if live.objective_weights else version_objective(lineage, version))
-    d = decide(candidates(lineage, version), live, obj)
-    others = [s for n, s in d.scores.items() if n != live.branch and s is not None]
-    beat = sum(s > d.live_score + TIE for s in others) if d.live_score is not None else 0
-    return {"release": live, "pinned": h.pinned, "score": d.live_score, "beat": beat,
+    live_score = obj.score(live.val, live.branch_tokens)
+    others = [s for n, s in candidate_scores(lineage, version, obj).items() if n != live.branch and s is not None]
+    beat = sum(s > live_score + TIE for s in others) if live_score is not None else 0
+    return {"release": live, "pinned": h.pinned, "score": live_score, "beat": beat,
             "others": len(others), "history": h.ids()}
+
+
+#: A finished sweep's file of what :func:`candidate_scores` needs of its trials (:func:`standing_record`).
+STANDING_JSON = "standing.json"
+
+
+def standing_record(record: Mapping) -> dict:
+    """What a version's standing needs of a finished sweep (its record, as ``results.json`` holds
+    it), written next to it as :data:`STANDING_JSON`: per finished trial with metrics (a
+    release candidate) its name, branch tokens and weighted val loss under the sweep's objective
+    weights. Unlike ``results.json``, whose trials keep a val and a test loss per version so far,
+    it grows with the trials only; ``n_trials``, ``best`` and ``released`` tie it to the lineage's
+    summary of the sweep."""
+    weights = dict(record.get("objective_weights") or {})
+    obj = Objective(weights)
+    trials = record.get("trials") or []
+    return {"objective_weights": weights, "n_trials": len(trials), "best": record.get("best"),
+            "released": record.get("released"),
+            "trials": [[t.get("name"), t.get("branch_tokens"), obj.value(t["metrics"])] for t in trials
+                       if t.get("status", "done") == "done" and t.get("metrics")]}
+
+
+def _standing_of(sweep: Sweep, weights: Mapping[str, float]) -> list | None:
+    """The sweep's :data:`STANDING_JSON` trials, when it holds them for ``weights`` (same splits
+    and order: the sums must be the ones :meth:`Objective.value` makes) and for the sweep the
+    lineage summarises; None otherwise (a sweep recorded before the file, or an objective
+    changed since), and the caller reads the sweep's trials."""
+    if not sweep.path:
+        return None
+    try:
+        rec = read_json(Path(sweep.path) / STANDING_JSON)
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(rec, dict) or not isinstance(rec.get("trials"), list)
+            or list((rec.get("objective_weights") or {}).items()) != list(weights.items())
+            or (rec.get("n_trials"), rec.get("best"), rec.get("released"))
+            != (sweep.extra.get("n_trials"), sweep.best, sweep.released)):
+        return None
+    return rec["trials"]
+
+
+def candidate_scores(lineage: Lineage, version: str, objective: Objective) -> dict[str, float | None]:
+    """Branch name -> score under ``objective`` of every candidate of ``version``: what
+    :func:`decide` scores :func:`candidates` by, read from each sweep's :data:`STANDING_JSON`
+    where it applies instead of its trials."""
+    out: dict[str, float | None] = {}
+    for s in lineage.sweep_summaries(version):
+        held = None if s.trials else _standing_of(s, objective.weights)
+        if held is not None:
+            for name, tokens, value in held:
+                out[name] = objective.score_of(value, tokens)
+            continue
+        for t in lineage.with_trials(s).trials:
+            if t.status == "done" and t.metrics:
+                out[t.name] = objective.score(t.metrics, t.branch_tokens)
+    for b in lineage.branches(version):
+        if b.name not in out:
+            out[b.name] = objective.score(b.metrics, b.tokens_trained)
+    return out
 
 
 def format_standing(lineage: Lineage | dict) -> str:

@@ -24,6 +24,7 @@ experiment directory)::
 
     sweep.json            settings, fork points, objective weights (written once)
     results.json          one record per trial + best/released (written at the end)
+    standing.json         each finished trial's weighted val loss, what `raypath status` needs of them
     optuna.journal        the Optuna study (Optuna's JournalStorage): every proposal and score,
                           as they happen; ``optuna_study(sweep_dir)`` loads it
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
@@ -83,7 +84,7 @@ from raypath.lineage import (
     sweep_run_dir,
 )
 from raypath.mirror import LOCAL, RunDir
-from raypath.releases import Candidate, Objective, Releaser, objective_weights
+from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import RunFileError, read_json, relative_paths, write_json
 from raypath.tracking import lineage_run
@@ -674,8 +675,10 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     record.update(resumed=resumed, **outcome)
     if record["best"] is not None and (settled or sc.pin) and not interrupted:
         record.update(_release(plan, lineage, trials, sc.pin))
-    write_json(Path(plan.sweep_dir) / RESULTS_JSON, record, root=sweep_run_dir(plan.sweep_dir))
-    ctx.rd.publish(Path(plan.sweep_dir) / RESULTS_JSON)
+    # The standing first: the lineage's summary (n_trials, best, released) ties it to this record.
+    for name, content in ((STANDING_JSON, standing_record(record)), (RESULTS_JSON, record)):
+        write_json(Path(plan.sweep_dir) / name, content, root=sweep_run_dir(plan.sweep_dir))
+        ctx.rd.publish(Path(plan.sweep_dir) / name)
     lineage.record_sweep(record)
     if interrupted:  # recorded as far as it went; the command ends as interrupted (exit 130)
         raise KeyboardInterrupt

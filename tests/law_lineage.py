@@ -159,11 +159,18 @@ def write_run(root: Path, versions: int, *, trials: int = 0, releases: int = 1) 
     """A run directory as ``raypath run`` and ``raypath sweep`` leave it after ``versions``
     versions, on :func:`write_lineage`'s lineage: the config, each version's record, curves
     with train loss, LR and tokens, per version ``releases`` release ids (``releases/vK/rN``,
-    ``current.json``) and, with ``trials``, a finished sweep (``sweeps/vK/s/results.json``,
+    ``current.json``) and, with ``trials``, a finished sweep (``sweeps/vK/s/results.json`` and
+    ``standing.json``,
     every trial a copy of the release branch a little better or worse, with its own curve);
     the lineage in format 3 (the sweeps' summaries). Returns the run directory."""
     from raypath.config import Config
+    from raypath.releases import objective_weights
     from raypath.storage import write_json
+
+    try:
+        from raypath.releases import STANDING_JSON, standing_record
+    except ImportError:  # an older raypath (benchmarks/long_run.py's "before") writes none
+        standing_record = None
 
     run_dir, lin = write_lineage(root, versions)
     tokens_per_step = 16 * 128
@@ -185,6 +192,10 @@ def write_run(root: Path, versions: int, *, trials: int = 0, releases: int = 1) 
         rel = next(b for b in lin["branches"] if b["name"] == f"branch-{name}")
         sweep = _sweep(run_dir, name, k, trials, rel, tokens_per_step) if trials else None
         if sweep is not None:
+            sweep["objective_weights"] = objective_weights([v["name"] for v in lin["versions"]], k,
+                                                           cfg["sweep"]["weights"])
+            if standing_record is not None:
+                write_json(Path(sweep["path"]) / STANDING_JSON, standing_record(sweep), root=run_dir)
             write_json(Path(sweep["path"]) / "results.json", sweep, root=run_dir)
             lin["sweeps"].append({k2: v for k2, v in sweep.items() if k2 != "trials"} | {"n_trials": trials})
         _releases(run_dir, lin, name, k, releases, rel, sweep)

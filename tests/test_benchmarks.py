@@ -56,9 +56,12 @@ def test_sweep_upload_counts_each_callbacks_requests_and_bytes():
 
 
 def test_long_run_times_each_command_and_counts_the_files_it_opens():
-    got = _bench("long_run", "--versions", "2", "3", "--trials", "2", "--commands", "status", "cost", "law_fit")
+    got = _bench("long_run", "--versions", "2", "3", "--trials", "2", "--commands", "status", "cost", "law_fit",
+                 "law_refit")
     short, long = got["rows"]
     assert (short["versions"], long["versions"]) == (2, 3) and long["curve_files"] == 3 * (3 + 2)
-    assert 0 < short["status"]["files"] < long["status"]["files"]  # one results.json per sweep
+    assert 0 < short["status"]["files"] < long["status"]["files"]  # one standing.json per sweep
+    assert 0 < short["status"]["bytes"] < long["status"]["bytes"]
+    assert long["law_refit"]["files"] == long["law_refit"]["opens"] == 1  # the sweep's new trial
     assert long["cost"]["files"] == 1  # lineage.json: the sweeps' summaries hold their tokens
     assert long["law_fit"]["files"] == long["law_fit"]["opens"] > long["curve_files"]  # each curve once

@@ -563,3 +563,58 @@ def test_a_fit_reads_each_curve_once_for_all_its_splits(tmp_path, monkeypatch):
     p = lawfit.predict_branch(fits, run_dir, "v4")
     plot_prediction(run_dir, run_dir, fits, "v4", p, tmp_path / "prediction.png")
     assert sorted(parsed) == curves
+
+
+def test_a_guides_refit_parses_only_the_curves_it_has_not_read(tmp_path, monkeypatch):
+    """A sweep's guide refits after every finished trial on every curve of the run, which are
+    finished: past the process-wide cache of parsed curves (a run of many sweeps' trials; here
+    no cache at all) a refit parses only the new trial's curve, and the parsed curves stay out
+    of the pickled guide (Tune's tuner.pkl)."""
+    from law_lineage import write_lineage
+
+    run_dir, lineage = write_lineage(tmp_path, 2)
+    parsed, parse = [], lawfit._parse_records
+
+    def counted(path):
+        parsed.append(Path(path).name)
+        return parse(path)
+
+    monkeypatch.setattr(lawfit, "_parse_records", counted)
+    monkeypatch.setattr(lawfit, "_eval_records", lambda path, mtime_ns, size: counted(path))  # no shared cache
+    guide = lawguide.LawGuide(run_dir, "v2", save=False)
+    assert sorted(parsed) == sorted(p.name for p in (run_dir / "curves").glob("*.jsonl"))  # 6: each once
+    b = next(b for b in lineage["branches"] if b["name"] == "branch-v2")
+    config = {"shape": b["decay"]["shape"], "min_lr_ratio": b["decay"]["min_lr_ratio"],
+              "fork_step": b["fork_step"], "branch_steps": b["steps"]}
+    before = {s: f.n_points for s, f in guide.fits.items()}
+    for i in (1, 2):
+        curve = tmp_path / f"branch-v2-t{i}.jsonl"
+        shutil.copy(run_dir / "curves" / "branch-v2.jsonl", curve)
+        parsed.clear()
+        guide.add_trial(f"branch-v2-t{i}", config, curve)
+        assert parsed == [curve.name]  # every curve of the run again before
+    assert all(guide.fits[s].n_points > n for s, n in before.items())
+    assert len(guide._records) == 8 and "_records" not in guide.__getstate__()
+    restored = pickle.loads(pickle.dumps(guide))
+    parsed.clear()
+    restored.refit()
+    assert len(parsed) == 8 and restored.fits["v2"].n_points == guide.fits["v2"].n_points
+
+
+def test_a_branchs_curves_share_its_lr_history_across_splits(tmp_path):
+    """A branch of version k observes k splits: an LR history per split's Curve made a fit's
+    curves grow with versions² x trials x steps. The splits share the branch's one history."""
+    from law_lineage import write_lineage
+
+    run_dir, _ = write_lineage(tmp_path, 3)
+    curves = lawfit.split_curves(run_dir, ["v1", "v2", "v3"], "v3")
+    per_branch = {}
+    for cs in curves.values():
+        for c in cs:
+            per_branch.setdefault(c.name, []).append(c.lrs)
+    assert len(per_branch["branch-v3"]) == 3 and len(per_branch["branch-v2-alt"]) == 2
+    branches = {name: histories for name, histories in per_branch.items() if name != "main"}
+    assert all(h is histories[0] for histories in branches.values() for h in histories)
+    assert not any(histories[0].flags.writeable for histories in branches.values())
+    alone = lawfit.curves_from_lineage(run_dir, "v1", "v3")  # one split: the same observations
+    assert [(c.name, len(c.steps)) for c in curves["v1"]] == [(c.name, len(c.steps)) for c in alone]

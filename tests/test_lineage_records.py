@@ -183,3 +183,18 @@ def test_a_lookup_of_one_version_reads_one_record(monkeypatch):
     assert lin.main("v2").end_step == 16 and lin.release("v1").objective == 3.9
     assert lin.branch("branch-v2").status == "failed" and [b.name for b in lin.branches("v1")] == ["branch-v1"]
     assert read == ["MainEntry", "Release", "Branch", "Branch"]
+
+
+def test_a_pickled_lineage_leaves_out_the_sweep_trials_it_read(tmp_path):
+    """A sweep's law guide holds the lineage and Tune pickles the guide (tuner.pkl) after its
+    first fit read every sweep's trials: the pickle kept them all (a loss per version per trial)."""
+    import pickle
+
+    from law_lineage import write_run
+
+    lin = Lineage.load(write_run(tmp_path, 3, trials=4))
+    assert sum(len(s.trials) for s in lin.sweeps()) == 12
+    state = pickle.dumps(lin)
+    assert b"test/v1" not in state  # only the trials' metrics hold test losses
+    again = pickle.loads(state)
+    assert [t.trial_id for t in again.sweeps("v2")[0].trials] == ["t0000", "t0001", "t0002", "t0003"]

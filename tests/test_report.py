@@ -487,3 +487,42 @@ def test_the_lineage_plot_of_a_few_branches_names_each_in_its_legend(run_dir, li
     fig = lineage_figure(run_dir, lineage)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert [b.name for b in Lineage.of(lineage).branches(done=False)] == [x for x in labels if x.startswith("branch")]
+
+
+@pytest.mark.parametrize("releases", [1, 2])  # the live release: the configured branch, a sweep's best trial
+def test_status_and_report_decide_standing_without_reading_the_sweeps_trials(tmp_path, monkeypatch, releases):
+    """Each version's standing (how many candidates its live release beats) is decided over every
+    sweep trial; a sweep's results.json keeps a val and a test loss per version so far for each
+    trial, so reading them all grew with versions x trials. Status and report read each sweep's
+    standing.json instead, and the trials where that does not apply (no such file, a changed
+    objective), with the same lines."""
+    from law_lineage import write_run
+
+    from raypath import lineage as lineage_mod
+    from raypath.releases import STANDING_JSON, format_standing
+
+    read, real = [], lineage_mod.sweep_trials
+    monkeypatch.setattr(lineage_mod, "sweep_trials", lambda d: read.append(Path(d).parent.name) or real(d))
+    run_dir = write_run(tmp_path, 4, trials=5, releases=releases)
+    status = format_status(Lineage.load(run_dir))
+    standing = format_standing(Lineage.load(run_dir))
+    write_report(run_dir)
+    assert read == []  # every sweep's results.json, by status and again by report, before
+    assert f"v4: r{releases} " in status and "of 6 other candidates" in status
+    held = {f: f.read_text() for f in run_dir.glob(f"sweeps/*/s/{STANDING_JSON}")}
+    for f in held:  # a run whose sweeps finished before the file: their trials are read
+        f.unlink()
+    assert format_status(Lineage.load(run_dir)) == status and sorted(read) == ["v1", "v2", "v3", "v4"]
+    for f, text in held.items():
+        f.write_text(text)
+    # v2's live release was decided under other weights than its sweep's: that sweep's trials are read
+    lin = json.loads((run_dir / "lineage.json").read_text())
+    live = next(r for r in lin["release_history"]["v2"]["releases"] if r["id"] == f"r{releases}")
+    live.update(objective_weights={"v2": 0.9, "v1": 0.1}, compute_penalty=0.5, version_tokens=10**6)
+    (run_dir / "lineage.json").write_text(json.dumps(lin))
+    read.clear()
+    changed = format_standing(Lineage.load(run_dir))
+    assert read == ["v2"] and changed != standing
+    for f in held:
+        f.unlink()
+    assert format_standing(Lineage.load(run_dir)) == changed

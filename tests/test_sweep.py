@@ -576,6 +576,17 @@ def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
     assert sweep["released"] == best["trial_id"] and sweep["n_trials"] == 4 and "trials" not in sweep
     trials = Lineage.load(cfg.run_dir).sweep("v2", sweep["name"]).trials  # read from the sweep's results.json
     assert [t.trial_id for t in trials] == [t["trial_id"] for t in record["trials"]]
+    # the standing status and report read: each finished trial's weighted val loss, as the release scored it
+    from raypath.releases import STANDING_JSON, Objective, candidate_scores
+
+    held = __import__("json").loads((Path(tiny_sweep["dir"]) / STANDING_JSON).read_text())
+    assert [t[0] for t in held["trials"]] == [t["name"] for t in record["trials"] if t["status"] == "done"]
+    live = Lineage.load(cfg.run_dir).release("v2")
+    objective = Objective(live.objective_weights, live.compute_penalty, live.version_tokens)
+    fresh = Lineage.load(cfg.run_dir)
+    scores = candidate_scores(fresh, "v2", objective)
+    assert all(scores[t["name"]] == pytest.approx(t["score"]) for t in record["trials"] if t["status"] == "done")
+    assert not fresh._trials  # no sweep's results.json was read
     card = __import__("json").loads((Path(release["path"]) / "model_card.json").read_text())
     assert card["trial_id"] == best["trial_id"] and card["final_metrics"]["objective"] == pytest.approx(best["objective"])
     AutoModelForCausalLM.from_pretrained(release["path"], local_files_only=True)
