@@ -294,7 +294,7 @@ def _check_checkpoint(d: Path, rd: RunDir, label: str | None = None) -> Path:
     """Fail early, before anything is loaded or written: presence and sizes (the load hashes it).
     Returns ``d`` readied on this machine (:func:`raypath.checkpoint.fetch`)."""
     try:
-        return ckpt.fetch(d, rd, deep=False)
+        return ckpt.fetch(d, rd, deep=False, model_only=True)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
         raise ExportError(f"{label}: {e}" if label else
                           f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None

@@ -284,7 +284,8 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     step = f"ray/main-v1/{ckpt.step_dir_name(5)}"
     _nodes("save", 2, s3, remote, tmp_path / "saved", tmp_path)
     shard_files = {k.rsplit("/", 1)[1] for k in s3.files(f"{bucket}/run/{step}/shards") if k.endswith(".distcp")}
-    assert shard_files == {"__0_0.distcp", "__1_0.distcp"}
+    # A rank's model items and optimizer items in separate files (an export reads the first only).
+    assert shard_files == {"__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"}
     small = {"manifest.json", *ckpt.SHARDED_META}
 
     # The driver (the Train controller's dataset factory) needs the step and data position only.
@@ -303,7 +304,8 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     ranks = _nodes("load", 2, s3, remote, tmp_path / "same", tmp_path)
     for r, res in enumerate(ranks):
         assert res["differ"] == [] and res["step"] == 5, res
-        assert set(res["files"]) == {f"{step}/{f}" for f in small | {f"shards/__{r}_0.distcp"}}, res["files"]
+        own = {f"shards/__{r}_0.distcp", f"shards/__{r}_1.distcp"}
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | own}, res["files"]
     assert 0 < sum(res["ranged"] for res in ranks) <= replicated  # steps and hyperparameters, no shard
     total = sum(s3.files(f"{bucket}/run/{step}").values())
 
@@ -312,7 +314,7 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     ranks = _nodes("load-ddp", 2, s3, remote, tmp_path / "ddp", tmp_path)
     for res in ranks:
         assert res["differ"] == [] and res["ranged"] == 0, res
-        assert set(res["files"]) == {f"{step}/{f}" for f in small | {"shards/__0_0.distcp", "shards/__1_0.distcp"}}
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | {f"shards/{n}" for n in shard_files}}
 
     # Three nodes: the third wrote nothing, so it reads its slices of every tensor by range.
     ranks = _nodes("load", 3, s3, remote, tmp_path / "grown", tmp_path)
