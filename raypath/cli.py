@@ -34,12 +34,12 @@ log = logging.getLogger("raypath")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raypath.report import format_releases
-    from raypath.run import run, write_run_report
+    from raypath.report import format_releases, write_report
+    from raypath.run import run
 
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
-    paths = write_run_report(lineage)
+    paths = write_report(lineage)
     print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
