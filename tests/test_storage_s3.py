@@ -176,6 +176,44 @@ def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, t
     assert not [p for p in listed if p.split("/run/", 1)[-1].startswith(tuple(f"{n}/" for n in NOT_MIRRORED))]
 
 
+def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(s3, tmp_path, monkeypatch, capsys):
+    from raypath.cli import main
+    from raypath.lineage import Lineage
+
+    bucket = _bucket(s3, "readers")
+    here = tmp_path / "run"
+    Lineage.open(here, "readers", {}).save()
+    sweep = "sweeps/v2/s"
+    files = {"config.yaml": b"name: readers\n", "curves/main-v1.jsonl": b"{}\n", "law/fit-v1.json": b"{}",
+             f"{sweep}/results.json": b"{}", f"{sweep}/curves/branch-v2-a.jsonl": b"{}\n",
+             # what no command that only reads the run needs
+             "corpus/v1/train/part-000.jsonl": b"x" * 5000, "tokenizer/tokenizer.json": b"{}",
+             "base_model/model.safetensors": b"w" * 5000, "tb/main-v1/events.out.tfevents.1": b"e" * 500,
+             "data/manifest.json": b"{}", "data/v1/files.json": b"{}", "report/lineage.png": b"p" * 500,
+             f"{sweep}/sweep.json": b"{}", f"{sweep}/experiment_state-1.json": b"{}" * 500,
+             f"{sweep}/trial_a/result.json": b"{}\n" * 500, f"{sweep}/trial_a/params.json": b"{}"}
+    for rel, data in files.items():
+        (here / rel).parent.mkdir(parents=True, exist_ok=True)
+        (here / rel).write_bytes(data)
+    Mirror(f"s3://{bucket}/run", str(here), s3.endpoint).push(here)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+
+    def pulled(mirror: Path) -> set[str]:
+        return {p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()}
+
+    records = {"lineage.json", "config.yaml", f"{sweep}/results.json"}
+    assert main(["status", f"s3://{bucket}/run", "--local-dir", str(tmp_path / "status")]) == 0
+    assert "run: readers" in capsys.readouterr().out
+    assert pulled(tmp_path / "status") == records
+
+    from raypath.mirror import CURVES, RECORDS
+
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "records"), reads=RECORDS)
+    assert pulled(rd.path) == records
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "curves"), reads=CURVES)  # the law's, a report's
+    assert pulled(rd.path) == records | {"curves/main-v1.jsonl", "law/fit-v1.json", f"{sweep}/curves/branch-v2-a.jsonl"}
+
+
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
     from raypath.config import load_config
     from raypath.run import locate
