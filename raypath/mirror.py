@@ -51,7 +51,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -245,11 +245,15 @@ class Mirror:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = (),
+                   only: Callable[[str], bool] | None = None) -> None:
         """Copy every remote file under the directory ``path`` here where it changed, except
-        under its sub-directories ``exclude``."""
+        under its sub-directories ``exclude`` and, with ``only``, those whose relative posix
+        path it refuses."""
         for rel, info in self._tree(path).items():
-            if rel.split("/", 1)[0] not in exclude and self._changed(Path(path, rel), info):
+            if rel.split("/", 1)[0] in exclude or (only is not None and not only(rel)):
+                continue
+            if self._changed(Path(path, rel), info):
                 self._download(info.path, Path(path, rel))
 
     def pull_run(self, reads: tuple[str, ...] | None = None) -> None:
@@ -422,11 +426,12 @@ class RunDir:
         """``path`` (file or directory), pulled first from a remote run directory (:meth:`Mirror.pull`)."""
         return self.mirror.pull(path, missing_ok) if self.remote(path) else Path(path)
 
-    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = (),
+                   only: Callable[[str], bool] | None = None) -> None:
         """Refresh every file under the directory ``path`` from a remote run directory
         (:meth:`Mirror.pull_files`); a no-op for a local one."""
         if self.remote(path):
-            self.mirror.pull_files(path, exclude)
+            self.mirror.pull_files(path, exclude, only)
 
     def read_json(self, path: str | os.PathLike) -> Any:
         """A JSON file, read where it is kept (remotely, without touching the mirror)."""

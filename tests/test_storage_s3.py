@@ -214,6 +214,23 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     assert pulled(rd.path) == records | {"curves/main-v1.jsonl", "law/fit-v1.json", f"{sweep}/curves/branch-v2-a.jsonl"}
 
 
+def test_the_analysis_of_a_sweep_in_a_bucket_downloads_what_it_reads_not_tunes_state(s3, tmp_path, monkeypatch):
+    from raypath.analysis import local_sweep_dir
+
+    bucket = _bucket(s3, "analysed")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    read = ["sweep.json", "results.json", "stopped.json", "trial_a/params.json", "trial_a/result.json",
+            "trial_b/error.txt", "curves/branch-v2-a.jsonl"]
+    tune = ["experiment_state-2026-01-01_00-00-00.json", "search_gen_state-2026-01-01_00-00-00.json",
+            "searcher-state-2026-01-01_00-00-00.pkl", "tuner.pkl", "optuna.journal", "trial_a/progress.csv",
+            "trial_a/events.out.tfevents.1", "branches/branch-v2-a/step_00000004/model.pt"]
+    for rel in read + tune:
+        with s3.fs.open_output_stream(f"{bucket}/run/sweeps/v2/s/{rel}") as f:
+            f.write(b"{}")
+    local = local_sweep_dir(f"s3://{bucket}/run/sweeps/v2/s", tmp_path / "m")
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(read)
+
+
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
     from raypath.config import load_config
     from raypath.run import locate
