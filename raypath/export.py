@@ -300,10 +300,22 @@ def _check_checkpoint(d: Path, rd: RunDir, label: str | None = None) -> Path:
                           f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
 
 
+def _tokenizer_file(name: str) -> bool:
+    """Whether a file of a tokenizer directory is one a tokenizer loads (``tokenizer.json``,
+    its config, special tokens, a chat template, BPE vocabularies), not a model's weights: the
+    base model's directory is the tokenizer's when the run continued it (``model.path``)."""
+    return name.startswith(("tokenizer", "chat_template")) or name in (
+        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
 def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
-    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's)."""
+    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's);
+    of a remote run directory's, its tokenizer files are downloaded (:func:`_tokenizer_file`)."""
     recorded = lineage.fact("tokenizer").get("path") or run_dir / "tokenizer"
-    d = lineage.rd.fetch(in_run_dir(recorded, run_dir, "tokenizer"), missing_ok=True)
+    d = in_run_dir(recorded, run_dir, "tokenizer")
+    if lineage.rd.remote(d):
+        for name in filter(_tokenizer_file, lineage.rd.children(d)):
+            lineage.rd.fetch(d / name)
     if not (d / "tokenizer.json").is_file():
         raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
     return d

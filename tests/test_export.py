@@ -177,10 +177,15 @@ def test_a_checkpoint_in_a_bucket_exports_from_its_models_files_alone(run, s3, t
 
     remote = f"s3://{bucket(s3, f'export-{layout}')}/run"
     Mirror(remote, str(run.resolve()), s3.endpoint).push(run)
+    # A run that continued a base model (model.path) has its tokenizer next to its weights.
+    with s3.fs.open_output_stream(f"{remote[5:]}/tokenizer/model.safetensors") as f:
+        f.write(b"w" * 1000)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     mirror, out = tmp_path / "mirror", tmp_path / source
     export(remote, source, out, local_dir=str(mirror))
     _assert_same(_load(out), _checkpoint_weights(run, source, seed))
+    tokenizer = mirror / "tokenizer"
+    assert (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "model.safetensors").exists()
     d = Path("ray", source, ckpt.step_dir_name(8 if source == "main-v1" else 16))
     got = {p.relative_to(mirror / d).as_posix() for p in (mirror / d).rglob("*") if p.is_file()}
     if layout == "full":
