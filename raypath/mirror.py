@@ -11,7 +11,8 @@ mount every node sees is a plain path).
 Who copies what, when:
 
 * the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints, exports,
-  releases: large, fetched one by one where needed), the token files of ``data/`` (written
+  releases: large, fetched one by one where needed), :data:`WRITE_ONLY` (TensorBoard's
+  events, the report), the token files of ``data/`` (written
   to and read from the remote by Ray Data) and all but the records and curves of ``sweeps/``;
   before preparing, the embedded corpus, and the tokenizer once trained (a validation task or a
   tokenizing actor on another node pulls the ones it reads); after preparing: config and the
@@ -67,6 +68,10 @@ MUTABLE = (".json", ".jsonl", ".yaml")
 WRITE_ONCE = ("corpus",)
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
 NOT_MIRRORED = ("ray", "exports", "releases")
+#: Top-level entries written here and uploaded, but read by nothing of raypath's (TensorBoard's
+#: event files, one set per segment attempt; the report's plot and tables, rewritten at the end
+#: of a run): no start pulls them.
+WRITE_ONLY = ("tb", "report")
 #: Top-level entries of which the driver pulls only the metadata at start: prepared token
 #: files are written to and read from the remote by Ray Data, and fetched only where needed;
 #: of sweeps, their records and curves (what the reports and the law read), not their checkpoints.
@@ -258,14 +263,14 @@ class Mirror:
 
     def pull_run(self, reads: tuple[str, ...] | None = None) -> None:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
-        (not even listed). Grows with the objects under the other top-level entries: listed
+        and :data:`WRITE_ONLY` (not even listed). Grows with the objects under the other top-level entries: listed
         whole, for the few records among the token files (``data/``) and trials' checkpoints
         (``sweeps/``).
 
         reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
         :data:`SWEEP_RESULTS`, and its curves where ``reads`` has ``curves``."""
-        tree = self._tree(self.local, skip=NOT_MIRRORED, only=reads)
+        tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
         for rel, info in tree.items():
             top = rel.split("/", 1)[0]
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):

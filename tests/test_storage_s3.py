@@ -212,6 +212,10 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     assert pulled(rd.path) == records
     rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "curves"), reads=CURVES)  # the law's, a report's
     assert pulled(rd.path) == records | {"curves/main-v1.jsonl", "law/fit-v1.json", f"{sweep}/curves/branch-v2-a.jsonl"}
+    # The driver's start takes what preparing and training read, but no TensorBoard event or report.
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "driver"))
+    assert not {p for p in pulled(rd.path) if p.startswith(("tb/", "report/"))}
+    assert {"corpus/v1/train/part-000.jsonl", "tokenizer/tokenizer.json", "data/v1/files.json"} <= pulled(rd.path)
 
 
 def test_the_analysis_of_a_sweep_in_a_bucket_downloads_what_it_reads_not_tunes_state(s3, tmp_path, monkeypatch):
