@@ -86,7 +86,7 @@ class _ModelApartWriter(FileSystemWriter):
         for n, items in enumerate(b for b in (model, rest) if b):
             name = f"{prefix}{n}{DEFAULT_SUFFIX}"
             files.put((self.fs.concat_path(self.path, name), name, items))
-        return self._write_data(planner, files)
+        return self._write_data(planner, files)  # the parent's own write loop, given these files
 
 
 class ShardedSaver:
@@ -306,18 +306,18 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
 
 
 def model_files(directory: str | Path, files: dict[str, dict], rd: RunDir = LOCAL) -> dict[str, dict]:
-    """The entries of a sharded checkpoint's manifest ``files`` that reading its model weights
-    needs: DCP's metadata (hashed first: it is unpickled) and the shard files holding model
-    items. Of a checkpoint written with the optimizer state in the same files, that is all of them."""
+    """The entries of a sharded checkpoint's manifest ``files`` that hold model items: the shard
+    files reading its model weights needs. DCP's metadata, which says where each item lies, is
+    hashed first (it is unpickled). Of a checkpoint written with the optimizer state in the same
+    files, that is all of them."""
     d = Path(directory)
-    meta = f"{ckpt.SHARDS}/.metadata"
-    error = ckpt.verify_files(d, {meta: files[meta]}, rd) if meta in files else f"{rd.name(d)}: {meta} missing"
+    index = f"{ckpt.SHARDS}/.metadata"
+    error = ckpt.verify_files(d, {index: files[index]}, rd) if index in files else f"{rd.name(d)}: {index} missing"
     if error:
         raise ckpt.CheckpointError(error)
     stored = FileSystemReader(d / ckpt.SHARDS).read_metadata().storage_data
-    needed = {f"{ckpt.SHARDS}/{info.relative_path}" for index, info in stored.items()
-              if index.fqn.startswith(MODEL_KEY)}
-    return {rel: meta for rel, meta in files.items() if rel in needed}
+    needed = {f"{ckpt.SHARDS}/{info.relative_path}" for item, info in stored.items() if item.fqn.startswith(MODEL_KEY)}
+    return {rel: entry for rel, entry in files.items() if rel in needed}
 
 
 def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir = LOCAL) -> None:
