@@ -19,6 +19,10 @@ the ranged load as it was for DDP too (each rank's hash share by global rank, th
 range, per rank); **per-node**, the ranged load told the node (``load_into(node=...)``): a
 node's ranks split downloading the whole checkpoint once, nothing is read by range.
 
+It also exports the checkpoint as ``raypath export`` does (``shards.load_model_weights`` into a
+plain model, on a fresh machine) and reports what that downloaded: bytes, and object GET requests
+counted in the moto server's log (none with ``--endpoint``). ``--repeats 0`` measures only that.
+
 Reports the checkpoint's bytes; per node and for the driver, the bytes on its disk afterwards
 and their ratio to the checkpoint, and per node the bytes its ranks read by range (network,
 not disk); and the resume's wall time (barrier to barrier, median; model build excluded).
@@ -125,6 +129,33 @@ def _driver(args, mode: str, tag: str) -> int:
     return _bytes(Path(rd.path))
 
 
+def _requests(args) -> dict[str, int] | None:
+    """Requests the moto server has logged so far: object GETs, and all (None for another endpoint)."""
+    log = Path(args.workdir, "moto.log")
+    if args.own_moto is False or not log.is_file():
+        return None
+    lines = [line for line in log.read_text().splitlines() if f" /{BUCKET}" in line]
+    return {"gets": sum(f"GET /{BUCKET}/" in line for line in lines), "requests": len(lines)}
+
+
+def _export(args) -> dict:
+    """What ``raypath export`` of the checkpoint downloads on a machine that never saw it."""
+    from raypath import checkpoint as ckpt
+    from raypath.config import load_config
+    from raypath.model import build_model
+    from raypath.shards import load_model_weights
+
+    cfg = load_config(args.config)
+    model = build_model(cfg.model, cfg.data.vocab_size, 0, None, weights=False)
+    rd = _run_dir(args, "export")
+    before = _requests(args)
+    load_model_weights(rd / "ray" / "main-v1" / ckpt.step_dir_name(STEP), model, rd)
+    after = _requests(args)
+    return {"bytes": _bytes(Path(rd.path)), "model_bytes": sum(t.numel() * t.element_size()
+                                                               for t in model.state_dict().values()),
+            **({k: after[k] - before[k] for k in after} if before is not None else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/llama-125m.yaml", help="its model: and data.vocab_size are used")
@@ -146,6 +177,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     args.workdir = str(workdir)
     moto = None
+    args.own_moto = args.endpoint is None
     if args.endpoint is None:
         args.endpoint, moto = start(workdir / "moto.log")
     try:
@@ -156,6 +188,8 @@ def main() -> None:
         checkpoint_bytes = sum(r["bytes"] for r in json.loads((workdir / "save.json").read_text()))
         for p in workdir.glob("save-node*"):  # what the savers wrote: a resuming node starts empty
             shutil.rmtree(p, ignore_errors=True)
+        export = _export(args)
+        export["bytes_over_checkpoint"] = round(export["bytes"] / checkpoint_bytes, 4)
         modes = ("whole", "per-rank", "per-node") if args.resume_parallel == "ddp" else ("whole", "ranged")
         rows: dict[str, list] = {mode: [] for mode in modes}
         drivers: dict[str, int] = {}
@@ -176,15 +210,18 @@ def main() -> None:
                       "node_ranged_bytes_over_checkpoint": [round(r["ranged"] / checkpoint_bytes, 4) for r in runs[0]],
                       "driver_bytes": drivers[mode],
                       "driver_bytes_over_checkpoint": round(drivers[mode] / checkpoint_bytes, 6)}
-               for mode, runs in rows.items()}
-    cluster = {mode: sum(r["bytes"] + r["ranged"] for r in runs[0]) + drivers[mode] for mode, runs in rows.items()}
+               for mode, runs in rows.items() if runs}
+    cluster = {mode: sum(r["bytes"] + r["ranged"] for r in runs[0]) + drivers[mode] for mode, runs in rows.items()
+               if runs}
+    if not cluster:  # --repeats 0: the export only
+        modes = ()
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("workdir", "port", "endpoint", "init", "device") and v is not None),
+            if k not in ("workdir", "port", "endpoint", "init", "device", "own_moto") and v is not None),
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "world": args.world, "resume_world": resume_world,
-        "checkpoint_bytes": checkpoint_bytes, **summary,
+        "checkpoint_bytes": checkpoint_bytes, "export": export, **summary,
         # Everything that crossed the network: downloads (on disk) and ranged reads (in memory).
         **{f"cluster_bytes_ratio_{mode}_over_whole": cluster[mode] / cluster["whole"] for mode in modes[1:]},
         **{f"time_ratio_{mode}_over_whole": summary[mode]["seconds"] / summary["whole"]["seconds"]

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad configs fail fast
 
-        from raypath.report import format_releases
-        from raypath.run import run, write_run_report
+        from raypath.report import format_releases, write_report
+        from raypath.run import run
 
         warn_if_relative(cfg.run_dir, log)
         lineage = run(cfg)
-        paths = write_run_report(lineage)
+        paths = write_report(lineage)
         print(format_releases(lineage), flush=True)
         print(f"run_dir: {lineage.rd.uri}")
         for kind, path in paths.items():

@@ -16,7 +16,7 @@ the sweep (``RUN_DIR/curves/main-vK.jsonl``), and so is which trial is released
 now (``lineage.json``): a release picked, rolled back or replaced since the sweep shows.
 
 A sweep of a remote run directory is named by its URI (``s3://bucket/runs/q/sweeps/v2/sweep``):
-each call pulls its records and curves (not its checkpoints or exports) and the run's
+each call pulls the files listed above (not its checkpoints, exports or Tune's state) and the run's
 ``lineage.json`` into the run's local mirror (:func:`local_sweep_dir`), then reads them there.
 
     trials, curves = load_sweep("runs/quickstart/sweeps/v2/sweep")
@@ -60,6 +60,17 @@ def _last_result(path: Path) -> dict:
     return (storage.last_jsonl(path) or {}) if path.is_file() else {}
 
 
+def _read_here(rel: str) -> bool:
+    """Whether the file ``rel`` of a sweep directory is one this module reads (see the module doc):
+    not Tune's own state (experiment and searcher snapshots, a set per start of the sweep)."""
+    parts = rel.split("/")
+    if len(parts) == 1:
+        return parts[0] in ("sweep.json", RESULTS_JSON, "stopped.json")
+    if parts[0].startswith("trial_"):
+        return parts[1:] in (["params.json"], ["result.json"], ["error.txt"])
+    return parts[0] == "curves"
+
+
 def local_sweep_dir(sweep_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> Path:
     """Where the sweep's files are read: ``sweep_dir`` itself, or for a URI its place in the run's
     local mirror (``local_dir``, default ``~/.cache/raypath/<scheme>/<bucket>/<prefix>`` as for
@@ -80,7 +91,7 @@ def local_sweep_dir(sweep_dir: str | os.PathLike, local_dir: str | os.PathLike |
     try:
         if rd.mirror.info(local / "sweep.json").type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no sweep.json (is it a `raypath sweep` directory?)")
-        rd.pull_files(local, exclude=SWEEP_REMOTE_ONLY)
+        rd.pull_files(local, exclude=SWEEP_REMOTE_ONLY, only=_read_here)
         rd.fetch(rd / LINEAGE, missing_ok=True)
         rd.fetch(rd / "curves" / f"main-{parts[-2]}.jsonl", missing_ok=True)
     except FileNotFoundError:

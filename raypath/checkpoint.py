@@ -8,7 +8,9 @@ Two layouts, told apart by the manifest:
   ``manifest.json`` with each file's sha256.
 * **sharded** (``train.parallel: fsdp``): ``shards/`` is a
   ``torch.distributed.checkpoint`` (DCP) directory where every rank wrote its
-  own shards (nothing gathers the full state), plus ``state.json`` and
+  own shards (nothing gathers the full state), those of the model in one file
+  (``__<rank>_0.distcp``) and of the optimizer in another (``__<rank>_1.distcp``:
+  an export downloads and hashes the model's only), plus ``state.json`` and
   ``rng.pt``. Once every rank has written and hashed its files, rank 0 writes
   ``manifest.json`` (``format: sharded``, each file's size and sha256) last.
   DCP reshards on load, so a sharded checkpoint resumes at any world size,
@@ -54,6 +56,8 @@ from raypath.storage import read_json, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 FILES = ("model.pt", "optim.pt", "rng.pt", "state.json")
+#: What reading a full checkpoint's model weights needs of it (an export): no optimizer state.
+MODEL_FILES = ("model.pt", "state.json")
 MANIFEST = "manifest.json"
 #: DCP directory of a sharded checkpoint, and the manifest's ``format`` value for one.
 SHARDS = "shards"
@@ -122,7 +126,8 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     return d
 
 
-def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -> None:
+def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None,
+           names: tuple[str, ...] = FILES) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint is complete and intact.
 
     For a checkpoint in a remote run directory ``rd`` this checks that the manifest and every
@@ -131,6 +136,8 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) 
     deep: hash every file; False: presence (and sizes, where the manifest has them)
         only; None (default): hash a full checkpoint, but not a sharded one, whose
         size grows with the model: the ranks that load it hash it (:func:`hash_share`).
+    names: the files of a full checkpoint to hash (all must be present): :data:`MODEL_FILES`
+        where only the model's weights are read.
     """
     d = Path(directory)
     if rd.remote(d):
@@ -147,7 +154,7 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) 
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
-        if deep is not False:
+        if deep is not False and name in names:
             _check_hash(d, name, expected.get(name))
 
 
@@ -305,7 +312,7 @@ def _verify_uploaded(d: Path, rd: RunDir) -> dict:
     return manifest
 
 
-def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -> Path:
+def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None, model_only: bool = False) -> Path:
     """Ready a checkpoint for loading on this node: checked, and downloaded as far as needed.
 
     Raises :class:`CheckpointError` (or FileNotFoundError) when it is torn or corrupted.
@@ -314,10 +321,15 @@ def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -
     checked in the bucket (presence, sizes), then only the manifest and
     :data:`SHARDED_META` downloaded; the loading ranks fetch and hash the shards
     (:func:`raypath.shards.load_into`).
+
+    model_only: for a reader of the model's weights only (an export): of a full checkpoint
+    only :data:`MODEL_FILES` are downloaded and hashed, never the optimizer state (twice
+    the model's size).
     """
     d = Path(directory)
+    names = MODEL_FILES if model_only else FILES
     if not rd.remote(d):
-        verify(d, deep=deep)
+        verify(d, deep=deep, names=names)
         return d
     if _verify_uploaded(d, rd).get("format") == SHARDED:
         for rel in (MANIFEST, *SHARDED_META):
@@ -325,13 +337,25 @@ def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None) -
         return d
     for last in (False, True):
         try:
-            verify(rd.fetch(d))
+            if model_only:
+                for rel in (MANIFEST, *names):
+                    rd.fetch(d / rel)
+                _verify_names(d, names)
+            else:
+                verify(rd.fetch(d))
             return d
         except (CheckpointError, FileNotFoundError):
             shutil.rmtree(d, ignore_errors=True)  # the local copy, not the remote checkpoint
             if last:
                 raise
     raise AssertionError("unreachable")
+
+
+def _verify_names(d: Path, names: tuple[str, ...]) -> None:
+    """The files ``names`` of a local full checkpoint match its manifest (the others may be absent)."""
+    expected = _local_manifest(d)
+    for name in names:
+        _check_hash(d, name, expected.get(name))
 
 
 def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:

@@ -34,23 +34,24 @@ log = logging.getLogger("raypath")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raypath.report import format_releases
-    from raypath.run import run, write_run_report
+    from raypath.report import format_releases, write_report
+    from raypath.run import run
 
     cfg = load_config(args.config, args.set)
     lineage = run(cfg)
-    paths = write_run_report(lineage)
+    paths = write_report(lineage)
     print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
 
 
-def _open_run(args: argparse.Namespace):
-    """The run directory of a command, a local path or a URI (pulled into ``--local-dir``)."""
-    from raypath.mirror import RunDir
+def _open_run(args: argparse.Namespace, curves: bool = False):
+    """The run directory of a command, a local path or a URI (its records pulled into
+    ``--local-dir``; with ``curves``, its curves too)."""
+    from raypath.mirror import CURVES, RECORDS, RunDir
 
-    return RunDir.open(args.run_dir, args.local_dir)
+    return RunDir.open(args.run_dir, args.local_dir, reads=CURVES if curves else RECORDS)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -144,7 +145,7 @@ def _fit_law(args: argparse.Namespace, command: str):
     from raypath import lawfit
     from raypath.lineage import Lineage
 
-    rd = _open_run(args)
+    rd = _open_run(args, curves=True)
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)

@@ -38,7 +38,7 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
-from raypath.mirror import LOCAL, RunDir
+from raypath.mirror import LOCAL, RECORDS, RunDir
 from raypath.schedules import MainPath
 from raypath.storage import read_json
 
@@ -148,7 +148,7 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
 
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    lineage = Lineage.load(RunDir.open(run_dir, local_dir))
+    lineage = Lineage.load(RunDir.open(run_dir, local_dir, reads=RECORDS))
     run_dir, out = lineage.rd.path.resolve(), Path(out).resolve()
     src = resolve(lineage, run_dir, what)
     check_out(out, force, run_dir, src.path)
@@ -294,16 +294,28 @@ def _check_checkpoint(d: Path, rd: RunDir, label: str | None = None) -> Path:
     """Fail early, before anything is loaded or written: presence and sizes (the load hashes it).
     Returns ``d`` readied on this machine (:func:`raypath.checkpoint.fetch`)."""
     try:
-        return ckpt.fetch(d, rd, deep=False)
+        return ckpt.fetch(d, rd, deep=False, model_only=True)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
         raise ExportError(f"{label}: {e}" if label else
                           f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
 
 
+def _tokenizer_file(name: str) -> bool:
+    """Whether a file of a tokenizer directory is one a tokenizer loads (``tokenizer.json``,
+    its config, special tokens, a chat template, BPE vocabularies), not a model's weights: the
+    base model's directory is the tokenizer's when the run continued it (``model.path``)."""
+    return name.startswith(("tokenizer", "chat_template")) or name in (
+        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
 def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
-    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's)."""
+    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's);
+    of a remote run directory's, its tokenizer files are downloaded (:func:`_tokenizer_file`)."""
     recorded = lineage.fact("tokenizer").get("path") or run_dir / "tokenizer"
     d = in_run_dir(recorded, run_dir, "tokenizer")
+    if lineage.rd.remote(d):
+        for name in filter(_tokenizer_file, lineage.rd.children(d)):
+            lineage.rd.fetch(d / name)
     if not (d / "tokenizer.json").is_file():
         raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
     return d
@@ -400,6 +412,7 @@ def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
     if cfg.path:
         local = (lineage.fact("model").get("base") or {}).get("local_dir") or cfg.path
         d = in_run_dir(local, run_dir, "base_model")
+        lineage.rd.fetch(d / "config.json", missing_ok=True)  # the architecture: not the base model's weights
         if not (d / "config.json").is_file():
             raise ExportError(f"{lineage.path}: the base model {d} (model.path {cfg.path!r}) is missing: "
                               f"its config gives the architecture of the run's checkpoints")

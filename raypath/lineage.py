@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raypath.mirror import LOCAL, RunDir, is_remote
+from raypath.mirror import CURVES, LOCAL, SWEEP_RESULTS, RunDir, is_remote
 from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
@@ -36,7 +36,7 @@ FORMAT = 3
 #: Formats this raypath reads (older ones are migrated in memory, written back as FORMAT).
 READS = (1, 2, 3)
 #: A sweep directory's record of its trials (written by :mod:`raypath.sweep`).
-RESULTS_JSON = "results.json"
+RESULTS_JSON = SWEEP_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ def _now() -> str:
 
 def _run_dir(run_dir: RunDir | str | Path) -> RunDir:
     """A run directory handle; a plain path is a local run directory, a URI a remote one
-    (pulled into its default mirror, as ``raypath status URI`` does)."""
+    (its records and curves pulled into its default mirror, as ``raypath law fit URI`` does: what a
+    notebook's views of it read)."""
     if isinstance(run_dir, RunDir):
         return run_dir
-    return RunDir.open(run_dir) if is_remote(str(run_dir)) else RunDir(Path(run_dir))
+    return RunDir.open(run_dir, reads=CURVES) if is_remote(str(run_dir)) else RunDir(Path(run_dir))
 
 
 @dataclass

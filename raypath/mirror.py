@@ -10,14 +10,19 @@ mount every node sees is a plain path).
 
 Who copies what, when:
 
-* the driver (or a command such as ``raypath status``), at start: everything except
-  :data:`NOT_MIRRORED` (checkpoints, exports, releases: large, fetched one by one where
-  needed), the token files of ``data/`` (written to and read from the remote by Ray Data)
-  and all but the records and curves of ``sweeps/``;
+* the driver, at start: everything except :data:`NOT_MIRRORED` (checkpoints, exports,
+  releases: large, fetched one by one where needed), :data:`WRITE_ONLY` (TensorBoard's
+  events, the report), the token files of ``data/`` (written
+  to and read from the remote by Ray Data) and all but the records and curves of ``sweeps/``;
   before preparing, the embedded corpus, and the tokenizer once trained (a validation task or a
   tokenizing actor on another node pulls the ones it reads); after preparing: config and the
   data manifest;
   ``lineage.json`` after every save; ``report/`` at the end;
+* a command that only reads the run (``raypath status``, ``cost``, ``release``, ``export``,
+  ``law``, a notebook's ``Lineage.load(URI)``), at start: ``lineage.json``, ``config.yaml``
+  and each sweep's trial record (:data:`RECORDS`), with the curves and the law's fits where
+  it draws or fits them (:data:`CURVES`); what else it reads it fetches (a release, a
+  checkpoint's model files, the tokenizer);
 * Ray Train writes checkpoints straight to the remote
   (``RunConfig(storage_filesystem=...)``), and Ray Data reads a version's
   stream straight from it;
@@ -47,7 +52,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -63,10 +68,24 @@ MUTABLE = (".json", ".jsonl", ".yaml")
 WRITE_ONCE = ("corpus",)
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
 NOT_MIRRORED = ("ray", "exports", "releases")
+#: Top-level entries written here and uploaded, but read by nothing of raypath's (TensorBoard's
+#: event files, one set per segment attempt; the report's plot and tables, rewritten at the end
+#: of a run): no start pulls them.
+WRITE_ONLY = ("tb", "report")
 #: Top-level entries of which the driver pulls only the metadata at start: prepared token
 #: files are written to and read from the remote by Ray Data, and fetched only where needed;
 #: of sweeps, their records and curves (what the reports and the law read), not their checkpoints.
 METADATA_ONLY = ("data", "sweeps")
+#: A sweep directory's record of its trials (written by :mod:`raypath.sweep`, read by the lineage).
+SWEEP_RESULTS = "results.json"
+#: What a command that reads a run pulls at start (:meth:`RunDir.open` ``reads``), besides the
+#: top-level records (``lineage.json``, ``config.yaml``): each sweep's :data:`SWEEP_RESULTS`.
+#: Enough for status, cost, release and export (which fetches the tokenizer, and a base model's
+#: config, itself). Not the embedded corpus, tokenizer, base model, TensorBoard events, data
+#: records, nor a sweep's trial directories, checkpoints or Tune state.
+RECORDS = ("sweeps",)
+#: ... and what the law and a report read too: the curves (a sweep's included) and the law's fits.
+CURVES = (*RECORDS, "curves", "law")
 CHUNK = 8 << 20
 #: remote path -> the stamp (:func:`_stamp`) of the local file this process last uploaded
 #: there or downloaded from there; one entry per file copied, dropped by :meth:`RunDir.remove`.
@@ -157,18 +176,20 @@ class Mirror:
         sel = pafs.FileSelector(self.remote_path(path), allow_not_found=True)
         return sorted(Path(i.path).name for i in self.filesystem().get_file_info(sel))
 
-    def _tree(self, path: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, pafs.FileInfo]:
+    def _tree(self, path: str | os.PathLike, skip: tuple[str, ...] = (),
+              only: tuple[str, ...] | None = None) -> dict[str, pafs.FileInfo]:
         """Every remote file under ``path``, keyed by its path relative to ``path``, except under
-        its sub-directories ``skip``, which are not listed at all: a listing returns at most a
-        thousand objects a request (S3), and what is skipped may hold most of them (a run's
-        checkpoints)."""
+        its sub-directories ``skip`` (or not in ``only``), which are not listed at all: a listing
+        returns at most a thousand objects a request (S3), and what is skipped may hold most of
+        them (a run's checkpoints)."""
         root, fs = self.remote_path(path), self.filesystem()
-        if not skip:
+        if not skip and only is None:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         else:
             infos = []
             for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-                if top.type == pafs.FileType.Directory and top.base_name not in skip:
+                if top.type == pafs.FileType.Directory and top.base_name not in skip and (
+                        only is None or top.base_name in only):
                     infos += fs.get_file_info(pafs.FileSelector(top.path, recursive=True))
                 elif top.type == pafs.FileType.File:
                     infos.append(top)
@@ -229,21 +250,34 @@ class Mirror:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = (),
+                   only: Callable[[str], bool] | None = None) -> None:
         """Copy every remote file under the directory ``path`` here where it changed, except
-        under its sub-directories ``exclude``."""
+        under its sub-directories ``exclude`` and, with ``only``, those whose relative posix
+        path it refuses."""
         for rel, info in self._tree(path).items():
-            if rel.split("/", 1)[0] not in exclude and self._changed(Path(path, rel), info):
+            if rel.split("/", 1)[0] in exclude or (only is not None and not only(rel)):
+                continue
+            if self._changed(Path(path, rel), info):
                 self._download(info.path, Path(path, rel))
 
-    def pull_run(self) -> None:
+    def pull_run(self, reads: tuple[str, ...] | None = None) -> None:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
-        (not even listed). Grows with the objects under the other top-level entries: listed
+        and :data:`WRITE_ONLY` (not even listed). Grows with the objects under the other top-level entries: listed
         whole, for the few records among the token files (``data/``) and trials' checkpoints
-        (``sweeps/``)."""
-        for rel, info in self._tree(self.local, skip=NOT_MIRRORED).items():
+        (``sweeps/``).
+
+        reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
+        top-level directories ``reads`` only, the others not even listed; of a sweep only its
+        :data:`SWEEP_RESULTS`, and its curves where ``reads`` has ``curves``."""
+        tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
+        for rel, info in tree.items():
             top = rel.split("/", 1)[0]
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):
+                continue
+            parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
+            if reads is not None and top == "sweeps" and not (
+                    parts[3:] == [SWEEP_RESULTS] or (parts[3:4] == ["curves"] and "curves" in reads)):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))
@@ -352,16 +386,17 @@ class RunDir:
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, local_dir: str | None = None, endpoint: str | None = None, *,
-             create: bool = False) -> "RunDir":
+             create: bool = False, reads: tuple[str, ...] | None = None) -> "RunDir":
         """Open ``run_dir`` (a path or URI): a remote one is pulled into its mirror first
-        (:meth:`Mirror.pull_run`). ``create`` makes a missing local directory (and checks it is
-        writable); otherwise a run directory that does not exist is refused, by name."""
+        (:meth:`Mirror.pull_run`; with ``reads``, what a command that only reads the run needs,
+        :data:`RECORDS` or :data:`CURVES`). ``create`` makes a missing local directory (and checks
+        it is writable); otherwise a run directory that does not exist is refused, by name."""
         from raypath.config import ConfigError
 
         path, mirror = run_location(str(run_dir), local_dir, endpoint)
         if mirror is not None:
             try:
-                mirror.pull_run()
+                mirror.pull_run(reads)
             except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket, bad scheme
                 raise ConfigError(f"run_dir: cannot read {run_dir}: {first_line(e)}") from None
         if create:
@@ -396,11 +431,12 @@ class RunDir:
         """``path`` (file or directory), pulled first from a remote run directory (:meth:`Mirror.pull`)."""
         return self.mirror.pull(path, missing_ok) if self.remote(path) else Path(path)
 
-    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
+    def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = (),
+                   only: Callable[[str], bool] | None = None) -> None:
         """Refresh every file under the directory ``path`` from a remote run directory
         (:meth:`Mirror.pull_files`); a no-op for a local one."""
         if self.remote(path):
-            self.mirror.pull_files(path, exclude)
+            self.mirror.pull_files(path, exclude, only)
 
     def read_json(self, path: str | os.PathLike) -> Any:
         """A JSON file, read where it is kept (remotely, without touching the mirror)."""

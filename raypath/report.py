@@ -33,6 +33,7 @@ from raypath.storage import atomic_write_bytes, new_figure, read_jsonl, save_fig
 
 if TYPE_CHECKING:
     from raypath.law import FitResult
+    from raypath.mirror import RunDir
 
 REPORT_DIR = "report"
 #: Plot size in inches and resolution: 1320 x 900 pixels, readable when embedded in a README.
@@ -578,10 +579,15 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
 
 # --------------------------------------------------------------------------- report
 
-def write_report(run_dir: str | os.PathLike) -> dict[str, str]:
-    """Plot, CSV and markdown of a run under ``RUN_DIR/report``; returns their paths."""
-    run_dir = Path(run_dir)
-    lineage = Lineage.load(run_dir)
+def write_report(run: "Lineage | RunDir | str | os.PathLike") -> dict[str, str]:
+    """Plot, CSV and markdown of a run under ``RUN_DIR/report``; returns their paths.
+
+    run: its lineage, or its run directory: a path, or a URI (``s3://...``), whose report is
+        written in its local mirror (the default one, unless ``run`` is a
+        :class:`~raypath.mirror.RunDir` opened with another) and uploaded to ``RUN_DIR/report``
+        there, as ``raypath run`` does."""
+    lineage = run if isinstance(run, Lineage) else Lineage.load(run)
+    run_dir = lineage.rd.path
     out = run_dir / REPORT_DIR
     plot = plot_lineage(run_dir, lineage, out / "lineage.png")
     buf = io.StringIO()
@@ -593,4 +599,5 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, str]:
     atomic_write_bytes(markdown, (releases_markdown(lineage) + "\nLive releases (decided over every measured "
                                   "branch of the version):\n\n" + "".join(f"- {line}\n" for line in
                                                                           live.splitlines())).encode())
+    lineage.rd.publish(out)
     return {"plot": str(plot), "table": str(table), "markdown": str(markdown)}

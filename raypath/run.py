@@ -310,12 +310,3 @@ def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, ru
     for entry in runner.finished(wait=True):
         released(entry)
     log.info(progress.line(len(ctx.versions) - 1, "done"))
-
-
-def write_run_report(lineage: Lineage) -> dict[str, str]:
-    """``RUN_DIR/report/`` (plot, CSV, markdown) of a run, published to a remote run directory."""
-    from raypath.report import REPORT_DIR, write_report
-
-    paths = write_report(lineage.rd.path)
-    lineage.rd.publish(lineage.rd / REPORT_DIR)
-    return paths

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import io
 import logging
+import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, FileSystemReader, FileSystemWriter
 
 from raypath import checkpoint as ckpt
 from raypath.mirror import LOCAL, RunDir
@@ -67,6 +68,25 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+#: DCP's key prefix of the model's items (``app_state``'s "model" entry, flattened).
+MODEL_KEY = "model."
+
+
+class _ModelApartWriter(FileSystemWriter):
+    """DCP's writer, but a rank's model items go to one file (``__<rank>_0.distcp``) and the rest
+    (optimizer state) to another (``__<rank>_1.distcp``): a reader of the weights alone (an
+    export) downloads and hashes the model's files, not the optimizer's, about twice their size."""
+
+    def write_data(self, plan, planner):
+        prefix, files = plan.storage_data.prefix, queue.Queue()
+        model = [i for i in plan.items if i.index.fqn.startswith(MODEL_KEY)]
+        rest = [i for i in plan.items if not i.index.fqn.startswith(MODEL_KEY)]
+        for n, items in enumerate(b for b in (model, rest) if b):
+            name = f"{prefix}{n}{DEFAULT_SUFFIX}"
+            files.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, files)  # the parent's own write loop, given these files
 
 
 class ShardedSaver:
@@ -104,10 +124,10 @@ class ShardedSaver:
             dist.barrier()
         sd = app_state(model, optim)
         if self.finisher is not None:
-            written = dcp.async_save(sd, checkpoint_id=str(d / ckpt.SHARDS), process_group=self.group)
+            written = dcp.async_save(sd, storage_writer=_ModelApartWriter(d / ckpt.SHARDS), process_group=self.group)
             self.pending = (self.finisher.submit(self._own_entries, d, written), d)
             return
-        dcp.save(sd, checkpoint_id=str(d / ckpt.SHARDS))
+        dcp.save(sd, storage_writer=_ModelApartWriter(d / ckpt.SHARDS))
         self._finish(d, self._own_entries(d))
 
     def poll(self) -> Path | None:
@@ -285,22 +305,36 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
     return reader.ranged_bytes
 
 
+def model_files(directory: str | Path, files: dict[str, dict], rd: RunDir = LOCAL) -> dict[str, dict]:
+    """The entries of a sharded checkpoint's manifest ``files`` that hold model items: the shard
+    files reading its model weights needs. DCP's metadata, which says where each item lies, is
+    hashed first (it is unpickled). Of a checkpoint written with the optimizer state in the same
+    files, that is all of them."""
+    d = Path(directory)
+    index = f"{ckpt.SHARDS}/.metadata"
+    error = ckpt.verify_files(d, {index: files[index]}, rd) if index in files else f"{rd.name(d)}: {index} missing"
+    if error:
+        raise ckpt.CheckpointError(error)
+    stored = FileSystemReader(d / ckpt.SHARDS).read_metadata().storage_data
+    needed = {f"{ckpt.SHARDS}/{info.relative_path}" for item, info in stored.items() if item.fqn.startswith(MODEL_KEY)}
+    return {rel: entry for rel, entry in files.items() if rel in needed}
+
+
 def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir = LOCAL) -> None:
     """In one process: a checkpoint's model weights (either layout) into a plain, unsharded model.
 
-    The checkpoint is hashed whole first (one process reads every file anyway). In a
-    remote run directory a full checkpoint is downloaded whole; of a sharded one, the
-    shard files, which hold the optimizer state too (about twice the model).
+    Only the files holding the model's weights are downloaded (from a remote run directory)
+    and hashed: of a full checkpoint ``model.pt``; of a sharded one the shard files with
+    model items (:func:`model_files`), never the optimizer state, about twice the model.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    d = ckpt.fetch(directory, rd)  # a full checkpoint hashed here, a sharded one below
+    d = ckpt.fetch(directory, rd, model_only=True)  # a full checkpoint hashed here, a sharded one below
     if not ckpt.is_sharded(d):
-        # The model file only: the optimizer state (twice the model's size) is not needed here.
         model.load_state_dict(ckpt.read_tensors(d / "model.pt"))
         return
     files = ckpt.sharded_files(d)
-    error = ckpt.verify_files(d, files, rd)
+    error = ckpt.verify_files(d, model_files(d, files, rd), rd)
     if error:
         raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}

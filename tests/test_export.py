@@ -166,6 +166,41 @@ def test_a_named_release_in_bf16(run, tmp_path):
 
 
 @pytest.mark.parametrize("source,seed,layout", [("main-v1", 1, "full"), ("main-v2", 2, "sharded")])
+def test_a_checkpoint_in_a_bucket_exports_from_its_models_files_alone(run, s3, tmp_path, monkeypatch, source, seed,
+                                                                       layout):
+    """The optimizer state (twice the model) is neither downloaded nor hashed by an export."""
+    import pickle
+
+    from conftest import bucket
+
+    from raypath.mirror import Mirror
+
+    remote = f"s3://{bucket(s3, f'export-{layout}')}/run"
+    Mirror(remote, str(run.resolve()), s3.endpoint).push(run)
+    # A run that continued a base model (model.path) has its tokenizer next to its weights.
+    with s3.fs.open_output_stream(f"{remote[5:]}/tokenizer/model.safetensors") as f:
+        f.write(b"w" * 1000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    mirror, out = tmp_path / "mirror", tmp_path / source
+    export(remote, source, out, local_dir=str(mirror))
+    _assert_same(_load(out), _checkpoint_weights(run, source, seed))
+    tokenizer = mirror / "tokenizer"
+    assert (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "model.safetensors").exists()
+    d = Path("ray", source, ckpt.step_dir_name(8 if source == "main-v1" else 16))
+    got = {p.relative_to(mirror / d).as_posix() for p in (mirror / d).rglob("*") if p.is_file()}
+    if layout == "full":
+        assert "model.pt" in got and "optim.pt" not in got, got
+        return
+    stored = pickle.loads((mirror / d / "shards" / ".metadata").read_bytes()).storage_data
+    held: dict[str, set[str]] = {}
+    for index, info in stored.items():
+        held.setdefault(f"shards/{info.relative_path}", set()).add(index.fqn.split(".", 1)[0])
+    assert {f for f, kinds in held.items() if "optim" in kinds}  # the bucket holds optimizer state ...
+    downloaded = {f for f in got if f.endswith(".distcp")}
+    assert downloaded and all(held[f] == {"model"} for f in downloaded), (downloaded, held)  # ... none came down
+
+
+@pytest.mark.parametrize("source,seed,layout", [("main-v1", 1, "full"), ("main-v2", 2, "sharded")])
 def test_main_path_checkpoints_full_and_sharded(run, tmp_path, source, seed, layout):
     d = run / "ray" / source / ckpt.step_dir_name(8 if source == "main-v1" else 16)
     assert ckpt.is_sharded(d) == (layout == "sharded")

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 
 from raypath.lineage import Lineage  # noqa: E402
 from raypath.report import (  # noqa: E402
+    REPORT_DIR,
     format_releases,
     format_status,
     plot_lineage,
@@ -386,6 +387,26 @@ def test_write_report_files(run_dir):
     assert math.isnan(df.loc[0, "val/v2"])
     assert Path(paths["markdown"]).read_text().count("\n| v") == 3
     assert sorted(os.listdir(report)) == ["lineage.png", "releases.csv", "releases.md"]  # no temp files left
+
+
+def test_write_report_of_a_run_directory_in_a_bucket_uploads_it_there(run_dir, s3, tmp_path, monkeypatch):
+    """A notebook's ``write_report("s3://...")`` does what ``raypath run`` does for a bucket run."""
+    from conftest import bucket
+
+    from raypath.mirror import Mirror, RunDir
+
+    remote = f"s3://{bucket(s3, 'report')}/run"
+    Mirror(remote, str(run_dir.resolve()), s3.endpoint).push(run_dir)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default mirror, ~/.cache/raypath/s3/...
+    names = {"plot": "lineage.png", "table": "releases.csv", "markdown": "releases.md"}
+    for run, mirror in ((remote, tmp_path / "home" / ".cache" / "raypath" / "s3" / "report" / "run"),
+                        (RunDir.open(remote, str(tmp_path / "mine")), tmp_path / "mine")):
+        s3.fs.delete_dir_contents(f"report/run/{REPORT_DIR}", missing_dir_ok=True)
+        paths = write_report(run)
+        assert paths == {k: str(mirror.resolve() / REPORT_DIR / n) for k, n in names.items()}
+        uploaded = s3.files(f"report/run/{REPORT_DIR}")
+        assert uploaded == {f"report/run/{REPORT_DIR}/{n}": Path(paths[k]).stat().st_size for k, n in names.items()}
 
 
 def test_write_report_partial_run(tmp_path):

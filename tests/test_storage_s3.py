@@ -176,6 +176,65 @@ def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, t
     assert not [p for p in listed if p.split("/run/", 1)[-1].startswith(tuple(f"{n}/" for n in NOT_MIRRORED))]
 
 
+def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(s3, tmp_path, monkeypatch, capsys):
+    from raypath.cli import main
+    from raypath.lineage import Lineage
+
+    bucket = _bucket(s3, "readers")
+    here = tmp_path / "run"
+    Lineage.open(here, "readers", {}).save()
+    sweep = "sweeps/v2/s"
+    files = {"config.yaml": b"name: readers\n", "curves/main-v1.jsonl": b"{}\n", "law/fit-v1.json": b"{}",
+             f"{sweep}/results.json": b"{}", f"{sweep}/curves/branch-v2-a.jsonl": b"{}\n",
+             # what no command that only reads the run needs
+             "corpus/v1/train/part-000.jsonl": b"x" * 5000, "tokenizer/tokenizer.json": b"{}",
+             "base_model/model.safetensors": b"w" * 5000, "tb/main-v1/events.out.tfevents.1": b"e" * 500,
+             "data/manifest.json": b"{}", "data/v1/files.json": b"{}", "report/lineage.png": b"p" * 500,
+             f"{sweep}/sweep.json": b"{}", f"{sweep}/experiment_state-1.json": b"{}" * 500,
+             f"{sweep}/trial_a/result.json": b"{}\n" * 500, f"{sweep}/trial_a/params.json": b"{}"}
+    for rel, data in files.items():
+        (here / rel).parent.mkdir(parents=True, exist_ok=True)
+        (here / rel).write_bytes(data)
+    Mirror(f"s3://{bucket}/run", str(here), s3.endpoint).push(here)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+
+    def pulled(mirror: Path) -> set[str]:
+        return {p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()}
+
+    records = {"lineage.json", "config.yaml", f"{sweep}/results.json"}
+    assert main(["status", f"s3://{bucket}/run", "--local-dir", str(tmp_path / "status")]) == 0
+    assert "run: readers" in capsys.readouterr().out
+    assert pulled(tmp_path / "status") == records
+
+    from raypath.mirror import CURVES, RECORDS
+
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "records"), reads=RECORDS)
+    assert pulled(rd.path) == records
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "curves"), reads=CURVES)  # the law's, a report's
+    assert pulled(rd.path) == records | {"curves/main-v1.jsonl", "law/fit-v1.json", f"{sweep}/curves/branch-v2-a.jsonl"}
+    # The driver's start takes what preparing and training read, but no TensorBoard event or report.
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "driver"))
+    assert not {p for p in pulled(rd.path) if p.startswith(("tb/", "report/"))}
+    assert {"corpus/v1/train/part-000.jsonl", "tokenizer/tokenizer.json", "data/v1/files.json"} <= pulled(rd.path)
+
+
+def test_the_analysis_of_a_sweep_in_a_bucket_downloads_what_it_reads_not_tunes_state(s3, tmp_path, monkeypatch):
+    from raypath.analysis import local_sweep_dir
+
+    bucket = _bucket(s3, "analysed")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    read = ["sweep.json", "results.json", "stopped.json", "trial_a/params.json", "trial_a/result.json",
+            "trial_b/error.txt", "curves/branch-v2-a.jsonl"]
+    tune = ["experiment_state-2026-01-01_00-00-00.json", "search_gen_state-2026-01-01_00-00-00.json",
+            "searcher-state-2026-01-01_00-00-00.pkl", "tuner.pkl", "optuna.journal", "trial_a/progress.csv",
+            "trial_a/events.out.tfevents.1", "branches/branch-v2-a/step_00000004/model.pt"]
+    for rel in read + tune:
+        with s3.fs.open_output_stream(f"{bucket}/run/sweeps/v2/s/{rel}") as f:
+            f.write(b"{}")
+    local = local_sweep_dir(f"s3://{bucket}/run/sweeps/v2/s", tmp_path / "m")
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(read)
+
+
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
     from raypath.config import load_config
     from raypath.run import locate
@@ -284,7 +343,8 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     step = f"ray/main-v1/{ckpt.step_dir_name(5)}"
     _nodes("save", 2, s3, remote, tmp_path / "saved", tmp_path)
     shard_files = {k.rsplit("/", 1)[1] for k in s3.files(f"{bucket}/run/{step}/shards") if k.endswith(".distcp")}
-    assert shard_files == {"__0_0.distcp", "__1_0.distcp"}
+    # A rank's model items and optimizer items in separate files (an export reads the first only).
+    assert shard_files == {"__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"}
     small = {"manifest.json", *ckpt.SHARDED_META}
 
     # The driver (the Train controller's dataset factory) needs the step and data position only.
@@ -303,7 +363,8 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     ranks = _nodes("load", 2, s3, remote, tmp_path / "same", tmp_path)
     for r, res in enumerate(ranks):
         assert res["differ"] == [] and res["step"] == 5, res
-        assert set(res["files"]) == {f"{step}/{f}" for f in small | {f"shards/__{r}_0.distcp"}}, res["files"]
+        own = {f"shards/__{r}_0.distcp", f"shards/__{r}_1.distcp"}
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | own}, res["files"]
     assert 0 < sum(res["ranged"] for res in ranks) <= replicated  # steps and hyperparameters, no shard
     total = sum(s3.files(f"{bucket}/run/{step}").values())
 
@@ -312,7 +373,7 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     ranks = _nodes("load-ddp", 2, s3, remote, tmp_path / "ddp", tmp_path)
     for res in ranks:
         assert res["differ"] == [] and res["ranged"] == 0, res
-        assert set(res["files"]) == {f"{step}/{f}" for f in small | {"shards/__0_0.distcp", "shards/__1_0.distcp"}}
+        assert set(res["files"]) == {f"{step}/{f}" for f in small | {f"shards/{n}" for n in shard_files}}
 
     # Three nodes: the third wrote nothing, so it reads its slices of every tensor by range.
     ranks = _nodes("load", 3, s3, remote, tmp_path / "grown", tmp_path)
