@@ -257,6 +257,8 @@ class Lineage:
 
     def _sweep_trials(self, path: Path) -> list[SweepTrial]:
         # Read once per file version: releases and the law ask for every sweep's trials per decision.
+        if not path.exists() and self.rd.remote(path):  # a reader's start pulls no sweep's trials
+            self.rd.fetch(path, missing_ok=True)
         try:
             st = path.stat()
         except FileNotFoundError:

@@ -20,7 +20,7 @@ Who copies what, when:
   ``lineage.json`` after every save; ``report/`` at the end;
 * a command that only reads the run (``raypath status``, ``cost``, ``release``, ``export``,
   ``law``, a notebook's ``Lineage.load(URI)``), at start: ``lineage.json``, ``config.yaml``
-  and each sweep's trial record (:data:`RECORDS`), with the curves and the law's fits where
+  and each sweep's scores of its trials (:data:`RECORDS`), with the curves and the law's fits where
   it draws or fits them (:data:`CURVES`); what else it reads it fetches (a release, a
   checkpoint's model files, the tokenizer);
 * Ray Train writes checkpoints straight to the remote
@@ -78,8 +78,12 @@ WRITE_ONLY = ("tb", "report")
 METADATA_ONLY = ("data", "sweeps")
 #: A sweep directory's record of its trials (written by :mod:`raypath.sweep`, read by the lineage).
 SWEEP_RESULTS = "results.json"
+#: A finished sweep's scores of its trials (:data:`raypath.releases.STANDING_JSON`): what status
+#: needs of them, a fraction of :data:`SWEEP_RESULTS` (whose trials keep a loss per version).
+SWEEP_STANDING = "standing.json"
 #: What a command that reads a run pulls at start (:meth:`RunDir.open` ``reads``), besides the
-#: top-level records (``lineage.json``, ``config.yaml``): each sweep's :data:`SWEEP_RESULTS`.
+#: top-level records (``lineage.json``, ``config.yaml``): each sweep's :data:`SWEEP_STANDING`;
+#: its :data:`SWEEP_RESULTS` is fetched where its trials are read (the law, a release decision).
 #: Enough for status, cost, release and export (which fetches the tokenizer, and a base model's
 #: config, itself). Not the embedded corpus, tokenizer, base model, TensorBoard events, data
 #: records, nor a sweep's trial directories, checkpoints or Tune state.
@@ -269,7 +273,7 @@ class Mirror:
 
         reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
-        :data:`SWEEP_RESULTS`, and its curves where ``reads`` has ``curves``."""
+        :data:`SWEEP_STANDING`, and its curves where ``reads`` has ``curves``."""
         tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
         for rel, info in tree.items():
             top = rel.split("/", 1)[0]
@@ -277,7 +281,7 @@ class Mirror:
                 continue
             parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
             if reads is not None and top == "sweeps" and not (
-                    parts[3:] == [SWEEP_RESULTS] or (parts[3:4] == ["curves"] and "curves" in reads)):
+                    parts[3:] == [SWEEP_STANDING] or (parts[3:4] == ["curves"] and "curves" in reads)):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel))

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from raypath.lineage import RESULTS_JSON, Lineage, Release, ReleaseHistory, Sweep, sweep_trials
 from raypath.lineage import Branch as BranchEntry
-from raypath.mirror import RunDir
+from raypath.mirror import SWEEP_STANDING, RunDir
 from raypath.storage import atomic_dir, read_json, write_json
 from raypath.tracking import TrackingSpec, record_release
 
@@ -630,7 +630,7 @@ def standing(lineage: Lineage | dict, version: str) -> dict | None:
 
 
 #: A finished sweep's file of what :func:`candidate_scores` needs of its trials (:func:`standing_record`).
-STANDING_JSON = "standing.json"
+STANDING_JSON = SWEEP_STANDING
 
 
 def standing_record(record: Mapping) -> dict:

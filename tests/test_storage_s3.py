@@ -185,7 +185,8 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     Lineage.open(here, "readers", {}).save()
     sweep = "sweeps/v2/s"
     files = {"config.yaml": b"name: readers\n", "curves/main-v1.jsonl": b"{}\n", "law/fit-v1.json": b"{}",
-             f"{sweep}/results.json": b"{}", f"{sweep}/curves/branch-v2-a.jsonl": b"{}\n",
+             f"{sweep}/standing.json": b"{}", f"{sweep}/curves/branch-v2-a.jsonl": b"{}\n",
+             f"{sweep}/results.json": b"{}" * 500,  # fetched where a sweep's trials are read
              # what no command that only reads the run needs
              "corpus/v1/train/part-000.jsonl": b"x" * 5000, "tokenizer/tokenizer.json": b"{}",
              "base_model/model.safetensors": b"w" * 5000, "tb/main-v1/events.out.tfevents.1": b"e" * 500,
@@ -201,7 +202,7 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     def pulled(mirror: Path) -> set[str]:
         return {p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()}
 
-    records = {"lineage.json", "config.yaml", f"{sweep}/results.json"}
+    records = {"lineage.json", "config.yaml", f"{sweep}/standing.json"}
     assert main(["status", f"s3://{bucket}/run", "--local-dir", str(tmp_path / "status")]) == 0
     assert "run: readers" in capsys.readouterr().out
     assert pulled(tmp_path / "status") == records
@@ -216,6 +217,32 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "driver"))
     assert not {p for p in pulled(rd.path) if p.startswith(("tb/", "report/"))}
     assert {"corpus/v1/train/part-000.jsonl", "tokenizer/tokenizer.json", "data/v1/files.json"} <= pulled(rd.path)
+
+
+def test_a_reader_of_a_run_in_a_bucket_fetches_a_sweeps_trials_where_it_reads_them(s3, tmp_path, monkeypatch):
+    """Status decides each version's standing from the sweeps' standing.json; the trials
+    (results.json, a loss per version for each) come down only where they are read."""
+    from law_lineage import write_run
+
+    from raypath.lineage import Lineage
+    from raypath.mirror import RECORDS
+    from raypath.releases import format_standing
+
+    bucket = _bucket(s3, "trials")
+    here = write_run(tmp_path / "local", 3, trials=4)
+    Mirror(f"s3://{bucket}/run", str(here), s3.endpoint).push(here)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    local = Lineage.load(here)
+
+    rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "reader"), reads=RECORDS)
+    lineage = Lineage.load(rd)
+    results = sorted(p.relative_to(rd.path).as_posix() for p in rd.path.rglob("results.json"))
+    assert format_standing(lineage) == format_standing(local)
+    assert results == [] and len(list(rd.path.rglob("standing.json"))) == 3
+    trials = [t.name for t in lineage.sweeps("v2")[0].trials]
+    assert trials == [t.name for t in local.sweeps("v2")[0].trials] and len(trials) == 4
+    assert sorted(p.relative_to(rd.path).as_posix() for p in rd.path.rglob("results.json")) == \
+        [f"sweeps/v2/{lineage.sweeps('v2')[0].name}/results.json"]
 
 
 def test_the_analysis_of_a_sweep_in_a_bucket_downloads_what_it_reads_not_tunes_state(s3, tmp_path, monkeypatch):
