@@ -747,13 +747,14 @@ def test_tensorboard_reaches_the_bucket_with_the_curve_and_releases_name_the_buc
         reporter.step(3.0 - step, 16, 0.0)
         reporter.flush(step, 1e-3, 16 * step, {"val/v1": 2.5} if step == 2 else {})  # an evaluation publishes
     fresh = RunDir.open(uri, str(tmp_path / "fresh"), s3.endpoint)  # the driver's machine is gone
-    acc = EventAccumulator(str(fresh.path / "tb" / "main-v1"))
+    assert not (fresh.path / "tb").exists()  # a start pulls no event files: nothing of raypath reads them
+    acc = EventAccumulator(str(fresh.fetch(fresh.path / "tb" / "main-v1")))
     acc.Reload()
     assert {e.step: e.value for e in acc.Scalars("loss")} == {1: 2.0, 2: 1.0}
     release = types.SimpleNamespace(version="v1", path=str(rd / "releases" / "v1" / "r1"), branch="main-v1", val={})
     tracking.record_release(spec, release, rd)
     again = RunDir.open(uri, str(tmp_path / "again"), s3.endpoint)
-    acc = EventAccumulator(str(again.path / "tb" / "main-v1"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(again.fetch(again.path / "tb" / "main-v1")), size_guidance={"tensors": 0})
     acc.Reload()
     text = acc.Tensors("release/v1/text_summary")[0].tensor_proto.string_val[0].decode()
     assert f"{uri}/releases/v1/r1" in text
