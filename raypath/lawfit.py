@@ -235,13 +235,28 @@ def _read_records(path: str | os.PathLike, held: "CurveRecords | None" = None) -
 
 
 def _parse_records(path: str) -> list[dict]:
-    from raypath.report import read_curve
+    """The evaluation records of a curve as :func:`raypath.report.read_curve` reads it (a step
+    logged twice by a resumed segment: the later record; restart markers skipped), without the
+    data frame: a law fit parses every curve of the run, a few thousand files at 40 versions of
+    100-trial sweeps, and a frame per file cost 5x the parse."""
+    from raypath.storage import read_jsonl
 
-    df = read_curve(path)
-    cols = [c for c in df.columns if c.startswith("val/")]
-    if df.empty or not cols:
+    if not os.path.isfile(path):
         return []
-    return df.loc[df[cols].notna().any(axis=1), ["step", *cols]].to_dict("records")
+    last: dict[int, dict] = {}
+    for r in read_jsonl(path):
+        if "event" not in r and "step" in r:
+            last[r["step"]] = r
+    out = []
+    for step in sorted(last):
+        vals = {k: v for k, v in last[step].items() if k.startswith("val/") and _finite(v)}
+        if vals:
+            out.append({"step": step, **vals})
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -618,3 +618,24 @@ def test_a_branchs_curves_share_its_lr_history_across_splits(tmp_path):
     assert not any(histories[0].flags.writeable for histories in branches.values())
     alone = lawfit.curves_from_lineage(run_dir, "v1", "v3")  # one split: the same observations
     assert [(c.name, len(c.steps)) for c in curves["v1"]] == [(c.name, len(c.steps)) for c in alone]
+
+
+def test_a_curves_evaluation_records_are_the_steps_the_report_reads(tmp_path):
+    """The law reads a curve's evaluations without a data frame, as the reports read it: a step a
+    resumed segment logged again is its later record, restart markers and a torn last line are
+    skipped, and only finite losses are kept."""
+    import json
+
+    from raypath.lawfit import _parse_records
+    from raypath.report import read_curve
+
+    lines = [{"step": 10, "val/v1": 3.0, "loss": 2.0}, {"event": "start", "step": 0},
+             {"step": 20, "loss": 1.9}, {"step": 20, "val/v1": 2.9, "val/v2": float("nan")},
+             {"step": 30, "val/v1": None, "val/v2": 4.0}, {"step": 10, "val/v1": 2.95, "loss": 2.1}]
+    path = tmp_path / "branch-v2.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 40, "val/v1": 2.')
+    got = _parse_records(str(path))
+    assert got == [{"step": 10, "val/v1": 2.95}, {"step": 20, "val/v1": 2.9}, {"step": 30, "val/v2": 4.0}]
+    frame = read_curve(path).set_index("step")
+    assert all(frame.loc[r["step"], k] == v for r in got for k, v in r.items() if k != "step")
+    assert _parse_records(str(tmp_path / "not-yet.jsonl")) == []
