@@ -107,6 +107,8 @@ def _worker(rank: int, world: int, args, mode: str, tag: str) -> None:
     dist.all_gather_object(rows, row)
     if rank == 0:
         Path(args.workdir, f"{tag}.json").write_text(json.dumps(rows))
+    # gloo's threads free the gather's buffers before this process shuts down (tests/conftest.py leave_group)
+    dist.barrier()
     dist.destroy_process_group()
 
 

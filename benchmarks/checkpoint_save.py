@@ -137,6 +137,7 @@ def _worker(rank: int, world: int, args, out: str) -> None:
     if args.build_only:
         if rank == 0:
             print(json.dumps({"init": args.init, "rank0_build": build}), flush=True)
+        dist.barrier()  # gloo's threads free the build's buffers before this process shuts down
         dist.destroy_process_group()
         return
     tr = Training(model, model, optim, device, parallel="fsdp")

@@ -167,6 +167,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave_group() -> None:
+    """End a spawned rank's gloo group. The barrier comes first: while every rank waits in it with
+    the GIL released, gloo's worker threads free the buffers of the collectives before it. A rank
+    that exits straight after a collective can otherwise begin interpreter shutdown while a worker
+    thread still needs the GIL to free them; that thread is then killed inside a C++ destructor
+    and the process aborts ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.fixture
 def gloo_group():
     """A one-rank gloo process group on a free loopback port, for code that reads the world."""

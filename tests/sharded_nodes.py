@@ -51,6 +51,8 @@ def node(rank: int, world: int, spec: dict) -> None:
     """``spec``: mode (``save`` | ``load`` | ``load-ddp``: full replicas on every rank), remote,
     endpoint, mirrors (one sub-directory per rank), port, out (where ``expected.pt`` and
     ``rank<N>.json`` go)."""
+    from conftest import leave_group
+
     from raypath import checkpoint as ckpt
     from raypath.mirror import Mirror, RunDir
     from raypath.shards import ShardedSaver, load_into
@@ -85,4 +87,4 @@ def node(rank: int, world: int, spec: dict) -> None:
         local = Path(mirror.local)
         result["files"] = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    leave_group()

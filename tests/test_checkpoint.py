@@ -9,6 +9,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import leave_group
 
 from raypath import checkpoint as ckpt
 
@@ -300,7 +301,7 @@ def _rng_rank(rank: int, world: int, port: int, root: str) -> None:
         assert ckpt.restore_rng(ckpt.read_tensors(f"{root}/{name}/rng.pt"), rank)
         results[name] = torch.equal(torch.rand(5), want)
     torch.save({"results": results, "draw": want}, f"{root}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_every_rank_resumes_its_own_random_generators(tmp_path):

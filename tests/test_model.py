@@ -14,6 +14,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import leave_group
 
 from raypath.config import ModelConfig
 from raypath.model import build_model, checkpoint_tensors, materialize
@@ -64,7 +65,7 @@ def _rank(rank: int, world: int, port: int, pretrained: str, out: str) -> None:
             assert got.lm_head.weight is got.model.embed_tokens.weight
     if rank == 0:
         torch.save(mismatches, out)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_two_fsdp_ranks_hold_the_shards_of_the_plain_build(tmp_path):
