@@ -216,6 +216,13 @@ class _Law:
         raise NotImplementedError
 
     @classmethod
+    def evaluator(cls, feats: np.ndarray):
+        """``theta -> value_and_jac(theta, feats)`` for features that stay fixed (one fit's):
+        a law may work out what does not depend on ``theta`` once, and return the same
+        Jacobian array from every call (each call overwrites the last one's)."""
+        return lambda theta: cls.value_and_jac(theta, feats)
+
+    @classmethod
     def features(cls, curve: Curve, lam: float) -> np.ndarray:
         """The area rows the law reads at ``curve.steps``."""
         return split_areas(curve, lam=lam)
@@ -250,18 +257,46 @@ class _Law:
         return cls.value_and_jac(theta, cls.features(curve, lam))[0]
 
 
-def _power(s1: np.ndarray, a: float, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``A*S1^-alpha`` and its derivatives in A and alpha (S1 floored away from 0)."""
-    s1 = np.maximum(s1, 1e-12)
-    xa = s1 ** -alpha
-    return a * xa, xa, -a * xa * np.log(s1)
-
-
 def _shift(s1: np.ndarray, b: float, e: float, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``1-(1+E*S1)^-beta`` (the shift term over B) and the term's derivatives in E and beta."""
     base = 1.0 + e * s1
     decay = base**-beta
     return 1.0 - decay, b * beta * s1 * decay / base, b * decay * np.log(base)
+
+
+class _Evaluation:
+    """The value and Jacobian of a power law in ``S1`` plus terms linear in fixed feature
+    rows, on one fit's fixed features: the optimiser evaluates them thousands of times, so
+    the parts that do not depend on the parameters (the floored ``S1`` and its log, the
+    Jacobian's constant columns) are computed once, and the Jacobian is written into one
+    array, column by column, with the arithmetic of :func:`_shift` (which the multi-shift
+    law's later terms still use). ``consts`` maps Jacobian columns to their fixed values."""
+
+    def __init__(self, s1: np.ndarray, width: int, consts: Mapping[int, np.ndarray]):
+        self.s1 = np.maximum(s1, 1e-12)
+        self.log_s1 = np.log(self.s1)
+        self.jac = np.empty((len(s1), width))
+        for i, col in consts.items():
+            self.jac[:, i] = col
+
+    def power(self, a: float, alpha: float) -> np.ndarray:
+        """``A*S1^-alpha`` (S1 floored away from 0), its derivatives in A and alpha written to
+        Jacobian columns 1 and 2."""
+        xa = self.s1**-alpha
+        self.jac[:, 1] = xa
+        np.multiply(-a * xa, self.log_s1, out=self.jac[:, 2])
+        return a * xa
+
+    def shift(self, s1: np.ndarray, b: float, e: float, beta: float, cols: tuple[int, int, int]) -> np.ndarray:
+        """``1-(1+E*S1)^-beta`` (:func:`_shift`) written to Jacobian column ``cols[0]``, its
+        derivatives in E and beta to ``cols[1]`` and ``cols[2]``; returns the term."""
+        base = 1.0 + e * s1
+        decay = base**-beta
+        term, d_e, d_beta = self.jac[:, cols[0]], self.jac[:, cols[1]], self.jac[:, cols[2]]
+        np.subtract(1.0, decay, out=term)
+        np.divide(b * beta * s1 * decay, base, out=d_e)
+        np.multiply(b * decay, np.log(base), out=d_beta)
+        return term
 
 
 class AnnealingLaw(_Law):
@@ -277,11 +312,17 @@ class AnnealingLaw(_Law):
 
     @classmethod
     def value_and_jac(cls, theta, feats):
-        l0, a, alpha, c = theta
-        s1, s2 = feats[0] + feats[1], feats[2] + feats[3]
-        pw, d_a, d_alpha = _power(s1, a, alpha)
-        jac = np.stack([np.ones_like(s1), d_a, d_alpha, -s2], axis=1)
-        return l0 + pw - c * s2, jac
+        return cls.evaluator(feats)(theta)
+
+    @classmethod
+    def evaluator(cls, feats):
+        s2 = feats[2] + feats[3]
+        ev = _Evaluation(feats[0] + feats[1], 4, {0: np.ones(len(s2)), 3: -s2})
+
+        def value_and_jac(theta):
+            l0, a, alpha, c = theta
+            return l0 + ev.power(a, alpha) - c * s2, ev.jac
+        return value_and_jac
 
     @classmethod
     def bounds(cls, loss_max):
@@ -317,12 +358,26 @@ class CPTLaw(_Law):
 
     @classmethod
     def value_and_jac(cls, theta, feats):
-        l0, a, alpha, c1, c2, b, e, beta = theta
-        s1pt, s1cpt, s2pt, s2cpt = feats
-        pw, d_a, d_alpha = _power(s1pt + s1cpt, a, alpha)
-        shift, d_e, d_beta = _shift(s1cpt, b, e, beta)
-        jac = np.stack([np.ones_like(s1pt), d_a, d_alpha, -s2pt, -s2cpt, shift, d_e, d_beta], axis=1)
-        return l0 + pw - c1 * s2pt - c2 * s2cpt + b * shift, jac
+        # CPTLaw's own, also for the multi-shift law, which adds its terms to this value
+        return CPTLaw._evaluator(feats, 8, {})[0](theta)
+
+    @classmethod
+    def evaluator(cls, feats):
+        return CPTLaw._evaluator(feats, 8, {})[0]
+
+    @staticmethod
+    def _evaluator(feats, width: int, consts: Mapping[int, np.ndarray]) -> tuple:
+        """The law's value and Jacobian in the first 8 columns of a ``width``-column
+        Jacobian whose other fixed columns are ``consts``, and the :class:`_Evaluation`."""
+        s1pt, s1cpt, s2pt, s2cpt = feats[:4]
+        ev = _Evaluation(s1pt + s1cpt, width, {0: np.ones(len(s1pt)), 3: -s2pt, 4: -s2cpt, **consts})
+
+        def value_and_jac(theta):
+            l0, a, alpha, c1, c2, b, e, beta = theta[:8]
+            pw = ev.power(a, alpha)
+            shift = ev.shift(s1cpt, b, e, beta, (5, 6, 7))
+            return l0 + pw - c1 * s2pt - c2 * s2cpt + b * shift, ev.jac
+        return value_and_jac, ev
 
     @classmethod
     def optional_terms(cls, theta, feats):
@@ -470,6 +525,49 @@ class _MultiShiftCPTLaw(CPTLaw):
     def _entry_row(cls, feats) -> list[np.ndarray]:
         """The forward area since the entry, as a one-row list (empty without ``entry``)."""
         return [feats[-1]] if cls.entry else []
+
+    @classmethod
+    def evaluator(cls, feats):
+        """:meth:`value_and_jac`'s arithmetic, with the fixed columns (annealing areas, drift
+        areas) written once."""
+        bs, cs, ds, gs, es = cls._slices()
+        s1s, entry = cls._s1_rows(feats), cls._entry_row(feats)
+        phases = feats[4 + cls.n_shifts - 1:]
+        consts = {i: -s2 for i, s2 in zip(range(cs.start, cs.stop), phases)}
+        consts.update({i: s1 for i, s1 in zip(range(ds.start, ds.stop), s1s)})
+        core, ev = CPTLaw._evaluator(feats, len(cls.param_names), consts)
+        jac = ev.jac
+
+        def value_and_jac(theta):
+            value = core(theta)[0]
+            e, beta = theta[6], theta[7]
+
+            def shift(i, b, s1):
+                nonlocal value
+                term, d_e, d_beta = _shift(s1, b, e, beta)
+                value = value + b * term
+                jac[:, 6] += d_e
+                jac[:, 7] += d_beta
+                jac[:, i] = term
+
+            for i, b, s1 in zip(range(bs.start, bs.stop), theta[bs], s1s[1:]):
+                shift(i, b, s1)
+            for c, s2 in zip(theta[cs], phases):
+                value = value - c * s2
+            for d, s1 in zip(theta[ds], s1s):
+                value = value + d * s1
+            d_p = np.zeros_like(value)
+            for i, g, s1 in zip(range(gs.start, gs.stop), theta[gs], s1s):
+                term, dp = cls._gap(s1, g, theta[-1])
+                value = value + g * term
+                d_p += dp
+                jac[:, i] = term
+            for i, b, s1 in zip(range(es.start, es.stop), theta[es], entry):
+                shift(i, b, s1)
+            if cls.gap:
+                jac[:, -1] = d_p
+            return value, jac
+        return value_and_jac
 
     @classmethod
     def value_and_jac(cls, theta, feats):
@@ -673,9 +771,9 @@ def single_thread_blas():
 
 def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:
     """Huber loss and its derivative: quadratic inside ``delta``, linear outside."""
-    inside = np.abs(r) <= delta
-    value = np.where(inside, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
-    return value, np.where(inside, r, delta * np.sign(r))
+    size = np.abs(r)
+    value = np.where(size <= delta, 0.5 * r * r, delta * (size - 0.5 * delta))
+    return value, np.clip(r, -delta, delta)  # r inside delta, delta * sign(r) outside
 
 
 @dataclass
@@ -824,14 +922,20 @@ class _Problem:
     s1ref: float
     s2ref: float
     delta: float = HUBER_DELTA  # Huber threshold (huber_delta)
+    raw_feats: np.ndarray | None = None  # feats in raw units (what FitResult.predict reads)
+
+    def __post_init__(self) -> None:
+        # what every evaluation of the objective shares: the fit's features and targets are fixed
+        self._value_and_jac = self.law.evaluator(self.feats)
+        self._log_losses = np.log(self.losses)
 
     def objective(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean Huber of log residuals / delta**2 plus the B/E/beta regulariser, and its
         gradient in z (analytic: finite differences are too coarse inside delta)."""
         theta = z * self.scale
-        pred, jac = self.law.value_and_jac(theta, self.feats)
+        pred, jac = self._value_and_jac(theta)
         pred = np.maximum(pred, 1e-12)
-        h, dh = huber(np.log(self.losses) - np.log(pred), self.delta)
+        h, dh = huber(self._log_losses - np.log(pred), self.delta)
         norm = len(h) * self.delta**2
         grad = -((dh / pred) @ jac) / norm * self.scale
         value = h.sum() / norm
@@ -871,10 +975,11 @@ def _problem(law: type[_Law], curves: Sequence[Curve], lam: float, delta: float)
         raise ValueError("observed losses must be finite and positive")
     s1ref = float(np.max(feats[0] + feats[1])) or 1.0
     s2ref = float(np.max(np.abs(feats[2] + feats[3]))) or 1.0
+    raw = feats
     feats = feats / law.feature_scale(s1ref, s2ref)[:, None]
     bounds = law.bounds(float(losses.max()))
     scale = np.array([max(abs(lo), abs(hi)) for lo, hi in bounds])
-    return _Problem(law, feats, losses, bounds, scale, s1ref, s2ref, delta)
+    return _Problem(law, feats, losses, bounds, scale, s1ref, s2ref, delta, raw)
 
 
 def _seeds(law: type[_Law], prob: _Problem, seed_grid) -> list[dict[str, float]]:
@@ -1144,7 +1249,8 @@ def _degenerate(law, prob: _Problem, theta: np.ndarray, quiet: bool) -> list[str
 def _summarise(law, prob: _Problem, curves, theta: np.ndarray, n_starts: int, lam: float,
                quiet: bool) -> FitResult:
     params = dict(zip(law.param_names, map(float, law.to_raw(theta, prob.s1ref, prob.s2ref))))
-    pred = np.concatenate([law.predict(params, c, lam=lam) for c in curves])
+    # law.predict of every curve, on the features the fit already holds (the law is elementwise)
+    pred = law.value_and_jac(np.array([params[k] for k in law.param_names]), prob.raw_feats)[0]
     obs = prob.losses
     ss_tot = float(np.sum((obs - obs.mean()) ** 2))
     r2 = 1.0 - float(np.sum((obs - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")

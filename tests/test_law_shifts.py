@@ -113,6 +113,44 @@ def test_multi_shift_jacobian_matches_finite_differences(form):
                                rtol=0, atol=1e-15)
 
 
+def _written_out(cls, theta, feats):
+    """The annealing and CPT laws' value and Jacobian, one fresh array per term."""
+    s1 = np.maximum(feats[0] + feats[1], 1e-12)
+    l0, a, alpha = theta[:3]
+    xa = s1**-alpha
+    power = [np.ones_like(s1), xa, -a * xa * np.log(s1)]
+    if cls is law.AnnealingLaw:
+        s2 = feats[2] + feats[3]
+        return l0 + a * xa - theta[3] * s2, np.stack([*power, -s2], axis=1)
+    c1, c2, b, e, beta = theta[3:]
+    base = 1.0 + e * feats[1]
+    decay = base**-beta
+    shift = 1.0 - decay
+    jac = np.stack([*power, -feats[2], -feats[3], shift, b * beta * feats[1] * decay / base,
+                    b * decay * np.log(base)], axis=1)
+    return l0 + a * xa - c1 * feats[2] - c2 * feats[3] + b * shift, jac
+
+
+@pytest.mark.parametrize("cls", [law.AnnealingLaw, CPTLaw, *(multi_shift_law(3, **form) for form in FORMS)],
+                         ids=lambda cls: cls.__name__)
+def test_evaluator_writes_one_jacobian_with_the_same_digits(cls):
+    # A fit evaluates its law thousands of times on the same features: the evaluator keeps one
+    # Jacobian array and works out the fixed columns once, and a fit must not move by a digit.
+    rng = np.random.default_rng(1)
+    feats = np.abs(rng.normal(size=(len(cls.feature_scale(1.0, 1.0)), 57)))
+    evaluate = cls.evaluator(feats)
+    jacs = []
+    for _ in range(3):
+        theta = rng.uniform(0.1, 1.0, len(cls.param_names))
+        value, jac = evaluate(theta)
+        expected = (_written_out(cls, theta, feats) if cls in (law.AnnealingLaw, CPTLaw)
+                    else cls.value_and_jac(theta, feats))
+        np.testing.assert_array_equal(value, expected[0])
+        np.testing.assert_array_equal(jac, expected[1])
+        jacs.append(jac)
+    assert all(jac is jacs[0] for jac in jacs)
+
+
 def test_phase_rows_split_the_annealing_area_at_every_switch():
     lrs = np.concatenate([np.full(40, 1.0), np.linspace(1.0, 0.2, 20), np.full(20, 0.9), np.linspace(0.9, 0.1, 20)])
     curve = Curve(lrs, np.arange(100), np.ones(100), cpt_start=30, shifts=(70,))
