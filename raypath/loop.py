@@ -928,8 +928,8 @@ def ordered_ingest():
 def fit_segment(seg: Segment, callbacks: list | None = None):
     """Run one segment as a Ray Train job; re-running the same segment resumes it.
 
-    callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when the segment
-        runs as a Tune trial, so its reports become the trial's results.
+    callbacks: Ray Train callbacks, e.g. a sweep trial's (:class:`raypath.sweep._TuneRelay`),
+        through which its reports become the trial's results.
     In a remote run directory Ray Train writes the checkpoints to the remote
     storage, and the driver's mirror gets the curve rank 0 wrote on its node.
     """

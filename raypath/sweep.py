@@ -6,7 +6,7 @@ from its main-path checkpoints and runs them as a Ray Tune experiment:
 * every **trial** is one branch (:func:`raypath.branches.branch_segment`) run as
   its own Ray Train job by a Tune function trainable that holds **0 CPUs** (it
   only waits on its Train workers; holding a CPU would starve them on a small
-  machine), reporting through :class:`ray.tune.integration.ray_train.TuneReportCallback`;
+  machine), its Train reports relayed to Tune by a thread of its own (:class:`_TuneRelay`);
 * **Optuna** (TPE, seeded) proposes each trial's branch fraction, decay shape
   (with its power for ``polynomial`` / ``exponential``), ``min_lr_ratio`` and
   replay ratio; the proposed fraction is snapped to the nearest main-path
@@ -61,7 +61,7 @@ import functools
 import logging
 import math
 import os
-import time
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,11 +339,63 @@ class SweepPath(os.PathLike):
 
 # --------------------------------------------------------------------------- the trial
 
-def _report_callback(extra: dict, penalty: float):
-    from ray.tune.integration.ray_train import TuneReportCallback
+class _TuneRelay:
+    """Carries a branch's Train reports into Tune from a thread of the trial's own process.
 
-    class SweepReportCallback(TuneReportCallback):
-        """Forwards each Train report to Tune with the trial's ``score`` and fork facts.
+    Ray's ``TuneReportCallback`` (Ray 2.60) hands them to Tune's main thread, which puts each
+    into the one-slot result queue that it alone empties. A report the trial function makes
+    itself (its final one below, and the one Tune adds when the function returns) can take that
+    slot while the main thread is still forwarding: both puts then wait for ever, and the trial,
+    its sweep and the job never end. No pause by the trial closes that window on a loaded
+    machine. Here the trial's side is the only one that puts reports in, one at a time and in
+    order, and Tune's main thread only takes them out.
+
+    queue: where the Train controller's callback puts each report (a ``ray.util.queue.Queue``
+        actor, unbounded: the callback never waits on Tune).
+    """
+
+    POLL_S = 0.5  # how soon the relay notices the branch has ended, once its queue is empty
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.done, self.error = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, name="raypath-tune-relay", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from ray import tune
+        from ray.util.queue import Empty
+
+        try:
+            while True:
+                try:
+                    item = self.queue.get(timeout=self.POLL_S)
+                except Empty:
+                    if self.done.is_set() and self.queue.empty():
+                        return
+                    continue
+                tune.report(item)
+        except BaseException as e:  # Tune ends the report of a trial it stops with SystemExit
+            self.error = e
+
+    def close(self) -> None:
+        """Once the branch's Train run has returned (every report is queued): forward the rest."""
+        self.done.set()
+        self.thread.join()
+        self.queue.shutdown()
+        if self.error is not None and not isinstance(self.error, SystemExit):
+            raise self.error
+
+
+def _report_callback(queue, extra: dict, penalty: float):
+    from ray.train.v2.api.callback import UserCallback
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    class SweepReportCallback(UserCallback):
+        """Queues each Train report for Tune (:class:`_TuneRelay`) with the trial's ``score``
+        and fork facts, and the checkpoint's path as ``TuneReportCallback`` adds it.
 
         Every result carries ``score`` (Tune checks the metric on each one):
         ``objective + penalty`` at evaluations, the last known value in
@@ -352,28 +404,16 @@ def _report_callback(extra: dict, penalty: float):
         """
 
         def __init__(self):
-            super().__init__()
             self.last = math.inf
 
         def after_report(self, run_context, metrics, checkpoint):
-            first = dict(metrics[0])
+            first = dict(metrics[0])  # rank 0's, as Ray Train keeps
             if "objective" in first:
                 self.last = float(first["objective"]) + penalty
             first.update(extra, score=self.last, penalty=penalty)
-            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-        def wait_forwarded(self, timeout: float = 600.0) -> None:
-            """Return once Tune has taken the last Train report off the Train->Tune queue.
-
-            Tune's main thread forwards a queued report into the same one-slot result queue
-            that a direct ``tune.report`` of the trial function fills: with both at once, each
-            waits on the other for ever (Ray 2.60; seen as a trial that never ends after its
-            branch finished). The pause covers the forward already under way when the queue
-            empties (a put into an empty queue)."""
-            deadline = time.monotonic() + timeout
-            while not self._training_actor_item_queue.empty() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(1.0)
+            if checkpoint:
+                first[CHECKPOINT_PATH_KEY] = checkpoint.path
+            queue.put(first)
 
     return SweepReportCallback()
 
@@ -395,13 +435,13 @@ def _trial(config: dict, plan: SweepPlan) -> None:
         # restored trial only reports the result, it trains nothing again.
         log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
     else:
-        callback = _report_callback(extra, penalty)
-        fit_segment(seg, callbacks=[callback])
-        callback.wait_forwarded()
-    # Ray 2.60 can drop the last Train report when the trainable returns right
-    # after it (Tune reads the Train->Tune queue only while the function runs),
-    # so report the final evaluation again, from the branch's final checkpoint:
-    # the last result Tune and Optuna see is then always the exact final score.
+        relay = _TuneRelay()
+        try:
+            fit_segment(seg, callbacks=[_report_callback(relay.queue, extra, penalty)])
+        finally:
+            relay.close()
+    # The final evaluation again, from the branch's final checkpoint, once every Train report
+    # has reached Tune: the last result Tune and Optuna see is the exact final score.
     final = ckpt.load_state(final_dir, seg.rd)["metrics"]
     tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True,
                  "test_objective": Objective(plan.weights).value(final, "test")})

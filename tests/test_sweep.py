@@ -924,6 +924,84 @@ def test_ctrl_c_ends_a_sweep_as_interrupted_not_as_finished(ray_cluster, tmp_pat
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler taken back
 
 
+def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_main_thread(ray_cluster, tmp_path):
+    """A trial's Train reports reach Tune through its own relay thread, then its final report:
+    Tune's main thread only takes results. Ray's Train->Tune hand-over had that thread forward each
+    report into a one-slot queue that the trial's final report fills too, and a forward slower than
+    the trial (here 1.5 s, as on a loaded machine) left both waiting for ever."""
+    import threading
+    import time
+
+    from ray import tune
+
+    from raypath.sweep import _report_callback, _TuneRelay
+
+    def trial(config):
+        from ray.train._internal import session
+
+        forward = session._TrainSession.report
+
+        def slow_on_tunes_thread(self, *args, **kwargs):  # in this trial's process only
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(1.5)
+            return forward(self, *args, **kwargs)
+
+        session._TrainSession.report = slow_on_tunes_thread
+        relay = _TuneRelay()
+        callback = _report_callback(relay.queue, {"fork_step": 3}, 0.5)
+        for step in range(3):  # as the Train controller calls it, one report after another
+            callback.after_report(None, [{"objective": float(step), "step": step}], None)
+        callback.after_report(None, [{"step": 3}], None)  # a checkpoint-only report keeps the last score
+        relay.close()
+        tune.report({"objective": 9.0, "final": True,
+                     "tune_forwarded": session.get_session()._inter_actor_queue is not None})
+
+    out: dict = {}
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 0.01}),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="relay", verbose=0))
+    runner = threading.Thread(target=lambda: out.update(results=tuner.fit()), daemon=True)
+    runner.start()
+    runner.join(timeout=300)
+    assert not runner.is_alive(), "the trial never ended: Tune's main thread and the trial wait on each other"
+    result = out["results"][0]
+    assert result.error is None
+    rows = result.metrics_dataframe
+    assert rows["objective"].tolist()[:3] == [0.0, 1.0, 2.0] and rows["objective"].tolist()[4] == 9.0
+    assert rows["score"].tolist()[:4] == [0.5, 1.5, 2.5, 2.5] and (rows["fork_step"][:4] == 3).all()
+    assert result.metrics["final"] and not result.metrics["tune_forwarded"]
+
+
+def test_a_trial_that_tune_stops_ends_while_its_branch_still_reports(ray_cluster, tmp_path):
+    """Tune stops a trial (the law's stopper, an early-stopping scheduler) at a result: the relay's
+    report then ends, and the trial ends with the branch still training and reporting."""
+    import threading
+    import time
+
+    from ray import tune
+
+    from raypath.sweep import _report_callback, _TuneRelay
+
+    def trial(config):
+        relay = _TuneRelay()
+        callback = _report_callback(relay.queue, {}, 0.0)
+        for step in range(6000):  # a branch of 10 minutes; Tune stops it at its second result
+            callback.after_report(None, [{"objective": float(step), "step": step}], None)
+            time.sleep(0.1)
+        relay.close()
+
+    out: dict = {}
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 0.01}),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="stop", verbose=0,
+                                                 stop={"training_iteration": 2}))
+    runner = threading.Thread(target=lambda: out.update(results=tuner.fit()), daemon=True)
+    runner.start()
+    runner.join(timeout=300)  # well before the branch would end
+    assert not runner.is_alive(), "a stopped trial kept its sweep waiting"
+    result = out["results"][0]
+    assert result.error is None and result.metrics["training_iteration"] == 2
+    assert result.metrics_dataframe["objective"].tolist() == [0.0, 1.0]
+
+
 def test_a_sweep_whose_tune_state_an_older_raypath_pickled_is_refused_by_file(ray_cluster, tmp_path):
     """Tune restores a sweep from ``tuner.pkl``, which pickles raypath's own objects (the law's
     stopper, then ``raypath.lawfit.LawStopper``): a class moved since is named with the file."""
