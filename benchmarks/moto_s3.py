@@ -5,11 +5,13 @@ goes to a file the benchmarks read."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 #: Dummy credentials: moto accepts any; AWS's SDK needs some (and no EC2 metadata probing).
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -36,3 +38,14 @@ def start(log_path: Path) -> tuple[str, subprocess.Popen]:
                 return f"http://127.0.0.1:{port}", proc
         time.sleep(0.2)
     raise SystemExit(f"moto_server did not start: {log_path}")
+
+
+_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) /([^ ?]*)(\?[^ ]*)? HTTP')
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours a line by its status (a 206 GET, a 404 HEAD)
+
+
+def requests_in(lines: list[str]) -> Iterator[tuple[str, str, str]]:
+    """(method, path, query string) of each request in moto's log lines."""
+    for line in lines:
+        if m := _REQUEST.search(_COLOUR.sub("", line)):
+            yield m.group(1), m.group(2), m.group(3) or ""

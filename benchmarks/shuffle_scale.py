@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moto_s3 import AWS_ENV, start  # noqa: E402
+from moto_s3 import AWS_ENV, requests_in, start  # noqa: E402
 
 BUCKET = "shuffle-bench"
 
@@ -74,23 +73,17 @@ def _digest(fs, out_dir: str) -> str:
     return h.hexdigest()
 
 
-_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) /([^ ?]*)(\?[^ ]*)? HTTP')
-_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def _requests(lines: list[str]) -> dict:
     """Requests in moto's log lines by method, and objects created, split into the shuffle's
     temporary objects (``stream.tmp/``) and the rest."""
     out: dict[str, collections.Counter] = {"tmp": collections.Counter(), "other": collections.Counter()}
     created: dict[str, set] = {"tmp": set(), "other": set()}
-    for line in lines:
-        m = _REQUEST.search(_COLOUR.sub("", line))
-        if m:
-            where = "tmp" if "stream.tmp" in m.group(2) or "stream.tmp" in (m.group(3) or "") else "other"
-            out[where][m.group(1)] += 1
-            key = m.group(2).split("/", 1)[1] if "/" in m.group(2) else ""
-            if m.group(1) in ("PUT", "POST") and key and not key.endswith("/"):
-                created[where].add(key)
+    for method, path, query in requests_in(lines):
+        where = "tmp" if "stream.tmp" in path or "stream.tmp" in query else "other"
+        out[where][method] += 1
+        key = path.split("/", 1)[1] if "/" in path else ""
+        if method in ("PUT", "POST") and key and not key.endswith("/"):
+            created[where].add(key)
     return {k: {**v, "total": sum(v.values()), "objects": len(created[k])} for k, v in out.items()}
 
 

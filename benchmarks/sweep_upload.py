@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -31,18 +30,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moto_s3 import start  # noqa: E402
-
-_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) /([^ ?]*)(\?[^ ]*)? HTTP')
+from moto_s3 import requests_in, start  # noqa: E402
 
 
 def _requests(lines: list[str]) -> dict:
     out = {"put": 0, "list": 0, "head": 0, "get": 0}
-    for line in lines:
-        m = _REQUEST.search(line)
-        if not m:
-            continue
-        method, query = m.group(1), m.group(3) or ""
+    for method, _, query in requests_in(lines):
         if method in ("PUT", "POST"):
             out["put"] += 1
         elif method == "GET" and ("list-type" in query or "delimiter" in query or "prefix=" in query):

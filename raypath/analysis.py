@@ -17,7 +17,9 @@ now (``lineage.json``): a release picked, rolled back or replaced since the swee
 
 A sweep of a remote run directory is named by its URI (``s3://bucket/runs/q/sweeps/v2/sweep``):
 each call pulls the files listed above (not its checkpoints, exports or Tune's state) and the run's
-``lineage.json`` into the run's local mirror (:func:`local_sweep_dir`), then reads them there.
+``lineage.json`` into the run's local mirror (:func:`local_sweep_dir`), then reads them there. A
+call downloads what changed since this process last downloaded it, and of the trials' curves only
+those it reads: a notebook re-running its cells on a live sweep fetches the running trials' files.
 
     trials, curves = load_sweep("runs/quickstart/sweeps/v2/sweep")
     plot_loss_vs_length(trials)
@@ -38,6 +40,7 @@ import pyarrow.fs as pafs
 
 from raypath import storage
 from raypath.lineage import LINEAGE, RESULTS_JSON, read_sweep_record, sweep_run_dir
+from raypath.mirror import RunDir, is_remote
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -71,34 +74,45 @@ def _read_here(rel: str) -> bool:
     return parts[0] == "curves"
 
 
-def local_sweep_dir(sweep_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> Path:
+def local_sweep_dir(sweep_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None,
+                    curves: bool = True) -> Path:
     """Where the sweep's files are read: ``sweep_dir`` itself, or for a URI its place in the run's
     local mirror (``local_dir``, default ``~/.cache/raypath/<scheme>/<bucket>/<prefix>`` as for
-    ``--local-dir``), its records, curves and the run's ``lineage.json`` and main-path curve
-    pulled there first. The S3 endpoint is ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
-    from raypath.mirror import RunDir, is_remote, run_location
+    ``--local-dir``), its records, curves (``curves``: False for none) and the run's ``lineage.json``
+    and main-path curve pulled there first: the records and curves this process downloaded before
+    and that have not changed since are not downloaded again. The S3 endpoint is
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
     from raypath.sources import first_line
     from raypath.sweep import SWEEP_REMOTE_ONLY
 
     if not is_remote(str(sweep_dir)):
         return Path(sweep_dir)
     uri = str(sweep_dir).rstrip("/")
-    parts = uri.split("/")
-    if len(parts) < 7 or parts[-3] != "sweeps":
-        raise ValueError(f"{uri}: not a sweep directory (expected RUN_DIR/sweeps/<version>/<name>)")
-    rd = RunDir(*run_location("/".join(parts[:-3]), None if local_dir is None else str(local_dir)))
-    local = rd / "/".join(parts[-3:])
+    rd, local = _remote_sweep(uri, local_dir)
     try:
         if rd.mirror.info(local / "sweep.json").type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no sweep.json (is it a `raypath sweep` directory?)")
-        rd.pull_files(local, exclude=SWEEP_REMOTE_ONLY, only=_read_here)
+        rd.pull_files(local, exclude=SWEEP_REMOTE_ONLY,
+                      only=_read_here if curves else lambda rel: _read_here(rel) and not rel.startswith("curves/"))
         rd.fetch(rd / LINEAGE, missing_ok=True)
-        rd.fetch(rd / "curves" / f"main-{parts[-2]}.jsonl", missing_ok=True)
+        rd.fetch(rd / "curves" / f"main-{local.parent.name}.jsonl", missing_ok=True)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket
         raise OSError(f"{uri}: cannot read ({first_line(e)})") from None
     return local
+
+
+def _remote_sweep(uri: str, local_dir: str | os.PathLike | None = None) -> tuple[RunDir, Path]:
+    """The run directory of the sweep ``uri`` (``RUN_DIR/sweeps/<version>/<name>``) and the
+    sweep's place in its local mirror."""
+    from raypath.mirror import run_location
+
+    parts = uri.rstrip("/").split("/")
+    if len(parts) < 7 or parts[-3] != "sweeps":
+        raise ValueError(f"{uri}: not a sweep directory (expected RUN_DIR/sweeps/<version>/<name>)")
+    rd = RunDir(*run_location("/".join(parts[:-3]), None if local_dir is None else str(local_dir)))
+    return rd, rd / "/".join(parts[-3:])
 
 
 def _no_sweep(path: Path) -> FileNotFoundError:
@@ -166,7 +180,10 @@ def load_sweep(sweep_dir: str | os.PathLike,
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
         ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
     """
-    sweep_dir = local_sweep_dir(sweep_dir)
+    # Of a remote sweep, the curves of the trials that are read only (and each unfinished trial's,
+    # for how far it got): the curves are what grows with the sweep.
+    rd = _remote_sweep(str(sweep_dir))[0] if curves is not True and is_remote(str(sweep_dir)) else None
+    sweep_dir = local_sweep_dir(sweep_dir, curves=rd is None)
     info = sweep_info(sweep_dir)
     end_step = info["main_end_step"]
     stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
@@ -177,9 +194,11 @@ def load_sweep(sweep_dir: str | os.PathLike,
         params = storage.read_json(d / "params.json") if (d / "params.json").is_file() else {}
         final = _last_result(d / "result.json")  # the trial's latest report
         curve_path = sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl"
+        done = final.get("step") == end_step and "objective" in final
+        if rd is not None and (not done or trial_id in (curves or ())):
+            rd.fetch(curve_path, missing_ok=True)
         # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
         started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
-        done = final.get("step") == end_step and "objective" in final
         if started and not done:  # the curve is logged every log_every steps, Tune hears at evaluations
             logged = (storage.last_jsonl(curve_path) or {}) if curve_path.is_file() else {}
             if logged.get("step", -1) > (final.get("step") if final.get("step") is not None else -1):

@@ -36,9 +36,11 @@ sibling that is renamed into place (for a directory the first rename wins, so
 workers sharing a node do not trip over each other); an object store creates
 an object only when its upload completes. What counts as changed: small
 metadata (:data:`MUTABLE`: JSON, JSONL, YAML) is rewritten in place, so it is
-always copied; everything else (parquet, weights, tokenizer files) is written
-once, so it is copied when missing or of a different size. So are the embedded
-corpus's JSONL parts (:data:`WRITE_ONCE`): data, rewritten only by a rebuild, which
+copied unless this process downloaded it before, untouched since on both sides (the
+remote object's size and modification time, :data:`SETTLED_S` old when downloaded);
+everything else (parquet, weights, tokenizer files) is written once, so it is copied
+when missing or of a different size. So are the embedded corpus's JSONL parts
+(:data:`WRITE_ONCE`): data, rewritten only by a rebuild, which
 publishes them with ``force``. A file this process uploaded or downloaded and has not
 changed here since (same size, mtime and inode) is not copied again: a directory published
 over and over (a sweep's, after every trial) costs what changed in it, not all it holds.
@@ -50,6 +52,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +97,14 @@ CHUNK = 8 << 20
 #: remote path -> the stamp (:func:`_stamp`) of the local file this process last uploaded
 #: there or downloaded from there; one entry per file copied, dropped by :meth:`RunDir.remove`.
 _COPIED: dict[str, tuple[int, int, int]] = {}
+#: remote path -> (size, mtime in ns) of the remote object a local copy in :data:`_COPIED` was
+#: downloaded from, where that object was :data:`SETTLED_S` old then: a notebook re-reading a
+#: sweep of hundreds of trials downloads the records that changed, not all of them at every call.
+_PULLED: dict[str, tuple[int, int]] = {}
+#: How old a remote object must be for its (size, modification time) to identify its content:
+#: object stores keep whole seconds, so an object rewritten within the second it was read keeps
+#: both; the margin also covers the skew between this machine's clock and the store's.
+SETTLED_S = 60.0
 
 
 def _stamp(local: Path) -> tuple[int, int, int]:
@@ -205,7 +216,10 @@ class Mirror:
         """Whether ``local`` and the remote file may differ (see the module doc)."""
         if remote.type != pafs.FileType.File or not local.is_file():
             return True
-        return self._mutable(local) or local.stat().st_size != remote.size
+        if self._mutable(local):
+            return _PULLED.get(remote.path) != (remote.size, remote.mtime_ns) or \
+                _COPIED.get(remote.path) != _stamp(local)
+        return local.stat().st_size != remote.size
 
     def _mutable(self, local: Path) -> bool:
         if not local.name.endswith(MUTABLE):
@@ -230,22 +244,29 @@ class Mirror:
                 self._pull_dir(path)
         elif info.type == pafs.FileType.File:
             if self._changed(path, info):
-                self._download(info.path, path)
+                self._download(info.path, path, info)
         elif not missing_ok:
             raise FileNotFoundError(f"{self.remote}/{self.relative(path)}: not found (needed at {path})")
         return path
 
-    def _download(self, src: str, dst: Path) -> None:
+    def _download(self, src: str, dst: Path, remote: pafs.FileInfo | None = None) -> None:
+        """Copy the remote file ``src`` to ``dst``; ``remote``: its info as listed just before."""
+        settled = remote is not None and remote.mtime_ns is not None and \
+            time.time_ns() - remote.mtime_ns >= SETTLED_S * 1e9
         with self.filesystem().open_input_stream(src) as f, atomic_file(dst) as out:
             shutil.copyfileobj(f, out, CHUNK)
         _COPIED[src] = _stamp(dst)
+        if settled:  # rewritten since the listing: a later listing shows another mtime
+            _PULLED[src] = (remote.size, remote.mtime_ns)
+        else:
+            _PULLED.pop(src, None)
 
     def _pull_dir(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".pull", dir=path.parent))
         try:
             for rel, info in self._tree(path).items():
-                self._download(info.path, tmp / rel)
+                self._download(info.path, tmp / rel, info)
             os.chmod(tmp, 0o755)
             os.rename(tmp, path)
         except OSError:
@@ -263,7 +284,7 @@ class Mirror:
             if rel.split("/", 1)[0] in exclude or (only is not None and not only(rel)):
                 continue
             if self._changed(Path(path, rel), info):
-                self._download(info.path, Path(path, rel))
+                self._download(info.path, Path(path, rel), info)
 
     def pull_run(self, reads: tuple[str, ...] | None = None) -> None:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
@@ -284,7 +305,7 @@ class Mirror:
                     parts[3:] == [SWEEP_STANDING] or (parts[3:4] == ["curves"] and "curves" in reads)):
                 continue
             if self._changed(Path(self.local, rel), info):
-                self._download(info.path, Path(self.local, rel))
+                self._download(info.path, Path(self.local, rel), info)
 
     def push(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload the local ``path`` (file or directory) where it changed (every file with
@@ -510,6 +531,7 @@ class RunDir:
             fs, where = self.mirror.filesystem(), self.mirror.remote_path(path)
             for key in [k for k in _COPIED if k == where or k.startswith(f"{where}/")]:
                 del _COPIED[key]  # gone from the store: a publish copies it again
+                _PULLED.pop(key, None)
             if info.type == pafs.FileType.Directory:
                 fs.delete_dir(where)
             elif info.type == pafs.FileType.File:

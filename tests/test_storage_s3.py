@@ -271,8 +271,8 @@ def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp
     copy_files, download = pafs.copy_files, Mirror._download
     monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (
         moved.append(("up", dst.split("/run/", 1)[1])), copy_files(src, dst, **kw)))
-    monkeypatch.setattr(Mirror, "_download", lambda self, src, dst: (
-        moved.append(("down", src.split("/run/", 1)[1])), download(self, src, dst)))
+    monkeypatch.setattr(Mirror, "_download", lambda self, src, dst, *info: (
+        moved.append(("down", src.split("/run/", 1)[1])), download(self, src, dst, *info)))
 
     def start(machine: str, *overrides: str) -> list[tuple[str, str]]:
         cfg = load_config(TINY, [f"run_dir=s3://{bucket}/run", f"cluster.local_dir={tmp_path / machine}",
@@ -807,3 +807,56 @@ def test_the_analysis_reads_a_sweep_of_a_run_in_a_bucket_by_its_uri(s3, tiny_swe
     assert remote.run_dir == mirror and remote.release("v2").path == live.path.replace(str(run), str(mirror), 1)
     assert (remote.release("v2").id, remote.release("v2").trial_id) == (live.id, live.trial_id)
     pd.testing.assert_frame_equal(report.releases_table(run_dir), report.releases_table(run))
+
+
+def test_a_notebook_rereading_a_sweep_in_a_bucket_downloads_what_changed_and_the_curves_it_reads(
+        s3, tiny_sweep, tmp_path, monkeypatch):
+    """A notebook calls the analysis over and over on a live sweep: each call lists the sweep but
+    downloads only the records that changed since, and only the curves it reads."""
+    import pandas as pd
+
+    from raypath import analysis, mirror
+
+    run = Path(tiny_sweep["dir"]).parents[2]
+    name = _bucket(s3, "reread")
+    Mirror(f"s3://{name}/run", str(run.resolve()), s3.endpoint).push(run)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mirror, "SETTLED_S", 0.0)  # the bucket's objects are old enough to trust their stamps
+    downloaded, download = [], Mirror._download
+    monkeypatch.setattr(Mirror, "_download", lambda self, src, dst, *info: (
+        downloaded.append(src.split("/run/", 1)[1]), download(self, src, dst, *info)))
+    sweep = f"sweeps/v2/{tiny_sweep['sweep'].name}"
+    uri = f"s3://{name}/run/{sweep}"
+
+    def curves_read() -> set[str]:
+        return {p.rsplit("-", 1)[1].removesuffix(".jsonl") for p in downloaded if p.startswith(f"{sweep}/curves/")}
+
+    here, _ = analysis.load_sweep(tiny_sweep["dir"], curves=False)
+    trials, none = analysis.load_sweep(uri, curves=False)
+    pd.testing.assert_frame_equal(trials, here)
+    unfinished = curves_read()  # read for how far each got
+    assert none.empty and unfinished == set(trials.loc[trials["status"] != "done", "trial_id"])
+    assert {f"{sweep}/trial_{t}/result.json" for t in trials["trial_id"]} <= set(downloaded)
+
+    some = trials["trial_id"].iloc[0]
+    downloaded.clear()
+    assert set(analysis.load_sweep(uri, curves=[some])[1]["trial_id"]) == {some}
+    assert set(downloaded) <= {f"{sweep}/curves/{p}" for p in os.listdir(tiny_sweep["dir"] / "curves")}
+    downloaded.clear()
+    trials, curves = analysis.load_sweep(uri)
+    pd.testing.assert_frame_equal(curves, analysis.load_sweep(tiny_sweep["dir"])[1])
+    assert curves_read() == set(trials["trial_id"]) - unfinished - {some}
+    assert all(p.startswith(f"{sweep}/curves/") for p in downloaded)
+    downloaded.clear()
+    analysis.load_sweep(uri)
+    analysis.main_objective(uri)
+    assert downloaded == []
+
+    # a trial's result rewritten in the bucket is downloaded again, and only it
+    result = f"{name}/run/{sweep}/trial_{some}/result.json"
+    last = json.loads(s3.read(result).splitlines()[-1])
+    with s3.fs.open_output_stream(result) as f:
+        f.write(s3.read(result) + (json.dumps({**last, "loss": 9.5}) + "\n").encode())
+    assert analysis.load_sweep(uri, curves=False)[0].set_index("trial_id").loc[some, "loss"] == 9.5
+    assert downloaded == [f"{sweep}/trial_{some}/result.json"]
