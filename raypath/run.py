@@ -152,7 +152,6 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     """
     where = where or locate(cfg)
     rd, run_dir, sources = where.rd, where.rd.path, where.sources
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     # Tasks on other nodes pull the run directory's files they read (the embedded corpus here,
     # the tokenizer below) from a remote run directory: upload them before any task starts.
     rd.publish(run_dir / "corpus")
@@ -177,6 +176,9 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
                        rd=rd, endpoint=endpoint)
     plan = plan_versions(sources, spec)
+    # Only now: config.yaml is the config of the last run, and one that plan_versions refuses
+    # (a trained version reordered, removed or edited) never ran.
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         first = next((t for t in plan.todo if t["index"] == 0), None)
         if first is None:
