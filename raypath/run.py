@@ -285,9 +285,21 @@ def _record_facts(lineage: Lineage, ctx: RunContext) -> None:
     lineage.set_versions(ctx.versions)
 
 
+def finished_note(lineage: Lineage, names: list[str]) -> str | None:
+    """What a re-run skips, said once: the versions whose main segment and release are recorded
+    (otherwise the first line a resumed run prints is the version it picks up at)."""
+    done = [n for n in names if lineage.main(n) is not None and lineage.release(n) is not None]
+    if not done:
+        return None
+    return f"{', '.join(done)} already trained and released (lineage.json): skipped"
+
+
 def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, runner: BranchRunner,
                     released) -> None:
     """Each version in order: its main-path segment, then its release branch in the background."""
+    note = finished_note(lineage, [v["name"] for v in ctx.versions])
+    if note:
+        log.info("run %s: %s", ctx.cfg.name, note)
     prev = None
     for k, version in enumerate(ctx.versions):
         main = lineage.main(version["name"])
