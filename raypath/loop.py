@@ -198,6 +198,17 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
     return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
 
 
+def resume_note(seg: Segment, start_dir: str | None, state: dict) -> str | None:
+    """The console line of a segment that continues from a checkpoint of its own (a re-run after
+    Ctrl-C or a killed driver, or a worker-group restart): which one, and how much of the segment
+    it had trained. None when it starts fresh or from another segment's checkpoint."""
+    if not start_dir or state.get("segment") != seg.name:
+        return None
+    done, steps = int(state["step"]) - seg.start_step, seg.end_step - seg.start_step
+    return (f"[{seg.name}] resuming from {seg.rd.name(start_dir)}: step {state['step']}, "
+            f"{done} of its {steps} steps already trained")
+
+
 def train_dataset(seg: Segment):
     """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
     path, filesystem = seg.rd.source(seg.stream_path)  # read tasks run on any node
@@ -820,6 +831,9 @@ class _SegmentRun:
         reporter = _Reporter(seg, rank, world, step, flops_per_token=flops_per_token(tr.raw_model.config, seg.seq_len),
                              peak_flops=device_peak_flops(device, t.peak_flops), device=device)
         reporter.event("start", step=step, world_size=world, checkpoint=start_dir)
+        note = resume_note(seg, start_dir, state)
+        if note and rank == 0:
+            log.info(note)
         tr.model.train()
         return cls(seg, rank, world, device, tr, accum, step, int(state.get("tokens", 0)),
                    Consumed.from_list(state.get("consumed", [])), state.get("metrics", {}), val, test,

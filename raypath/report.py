@@ -263,13 +263,34 @@ def _checkpoint_name(main: MainEntry) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
+def _interrupted_at(lineage: Lineage, name: str) -> int | None:
+    """The step of the newest complete checkpoint of a main segment the lineage has no entry
+    for: a run stopped in the middle of it, and a re-run resumes there."""
+    from raypath import checkpoint as ckpt  # (torch: only for a run with a pending version)
+
+    if lineage.run_dir is None:
+        return None
+    for d in reversed(ckpt.step_dirs(lineage.run_dir / "ray" / f"main-{name}", lineage.rd)):
+        try:
+            ckpt.verify(d, lineage.rd, deep=False)
+            return ckpt.step_of(d)
+        except (ckpt.CheckpointError, FileNotFoundError):
+            continue
+    return None
+
+
 def _main_section(lineage: Lineage) -> str:
     branched = {b.version for b in lineage.branches()}
     rows = []
+    first_pending = True
     for name in lineage.version_names():
         m = lineage.main(name)
         if m is None:
-            rows.append([name, _MISSING, _MISSING, _MISSING, _MISSING, _MISSING, "pending"])
+            # Only the first pending version can have been started: the main path runs in order.
+            step = _interrupted_at(lineage, name) if first_pending else None
+            first_pending = False
+            status = "pending" if step is None else f"interrupted at step {step}; a re-run resumes"
+            rows.append([name, _MISSING, _MISSING, _MISSING, _MISSING, _MISSING, status])
             continue
         rows.append([
             name, f"{m.start_step}->{m.end_step}", _plain(m.fork_step), si(m.tokens_end),

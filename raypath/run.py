@@ -152,7 +152,6 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     """
     where = where or locate(cfg)
     rd, run_dir, sources = where.rd, where.rd.path, where.sources
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     # Tasks on other nodes pull the run directory's files they read (the embedded corpus here,
     # the tokenizer below) from a remote run directory: upload them before any task starts.
     rd.publish(run_dir / "corpus")
@@ -177,6 +176,9 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
                        on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
                        rd=rd, endpoint=endpoint)
     plan = plan_versions(sources, spec)
+    # Only now: config.yaml is the config of the last run, and one that plan_versions refuses
+    # (a trained version reordered, removed or edited) never ran.
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         first = next((t for t in plan.todo if t["index"] == 0), None)
         if first is None:
@@ -283,9 +285,21 @@ def _record_facts(lineage: Lineage, ctx: RunContext) -> None:
     lineage.set_versions(ctx.versions)
 
 
+def finished_note(lineage: Lineage, names: list[str]) -> str | None:
+    """What a re-run skips, said once: the versions whose main segment and release are recorded
+    (otherwise the first line a resumed run prints is the version it picks up at)."""
+    done = [n for n in names if lineage.main(n) is not None and lineage.release(n) is not None]
+    if not done:
+        return None
+    return f"{', '.join(done)} already trained and released (lineage.json): skipped"
+
+
 def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, runner: BranchRunner,
                     released) -> None:
     """Each version in order: its main-path segment, then its release branch in the background."""
+    note = finished_note(lineage, [v["name"] for v in ctx.versions])
+    if note:
+        log.info("run %s: %s", ctx.cfg.name, note)
     prev = None
     for k, version in enumerate(ctx.versions):
         main = lineage.main(version["name"])

@@ -317,3 +317,38 @@ def test_every_rank_resumes_its_own_random_generators(tmp_path):
     legacy = {"torch": torch.get_rng_state()}  # a checkpoint from before: rank 0's CPU state only
     assert ckpt.restore_rng(legacy, 0) and not ckpt.restore_rng(legacy, 1)
     assert not ckpt.restore_rng(ckpt.read_tensors(tmp_path / "full" / "rng.pt"), 2)  # a grown world
+
+
+def _segment(tmp_path, name: str, init: str | None = None):
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.loop import Segment
+    from raypath.schedules import main_schedule
+
+    return Segment(name=name, kind=name.split("-")[0], version="v2", stream_path=str(tmp_path / "stream"),
+                   start_step=10, end_step=30, schedule=main_schedule(TrainConfig()), model=ModelConfig(),
+                   train=TrainConfig(), vocab_size=64, eos_id=0, pad_id=None, seq_len=8,
+                   storage=str(tmp_path / "ray" / name), curves_path=str(tmp_path / f"{name}.jsonl"),
+                   init_checkpoint=init)
+
+
+def test_a_segment_resumed_from_its_own_checkpoint_says_where_and_how_far(tmp_path):
+    """A re-run after Ctrl-C or a killed driver continued from the segment's checkpoint with no
+    word on the console; the start from the previous segment's checkpoint stays silent."""
+    from raypath.loop import resume_note, resume_point
+
+    def save(storage, step, segment):
+        model = torch.nn.Linear(4, 2)
+        return ckpt.save(tmp_path / "ray" / storage / ckpt.step_dir_name(step), model.state_dict(), {},
+                         {"step": step, "tokens": step, "segment": segment, "version": "v2", "consumed": []})
+
+    boundary = save("main-v1", 10, "main-v1")
+    main = _segment(tmp_path, "main-v2", init=str(boundary))
+    assert resume_note(main, *resume_point(main)) is None  # a version's first start
+    assert resume_note(_segment(tmp_path, "main-v1"), None, {"step": 0}) is None  # a run's first start
+    save("main-v2", 14, "main-v2")
+    save("main-v2", 18, "main-v2")
+    note = resume_note(main, *resume_point(main))
+    assert note == (f"[main-v2] resuming from {tmp_path / 'ray' / 'main-v2' / 'step_00000018'}: step 18, "
+                    "8 of its 20 steps already trained")
+    branch = _segment(tmp_path, "branch-v2", init=str(tmp_path / "ray" / "main-v2" / "step_00000018"))
+    assert resume_note(branch, *resume_point(branch)) is None  # forked from the main path: a start

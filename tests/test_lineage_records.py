@@ -198,3 +198,15 @@ def test_a_pickled_lineage_leaves_out_the_sweep_trials_it_read(tmp_path):
     assert b"test/v1" not in state  # only the trials' metrics hold test losses
     again = pickle.loads(state)
     assert [t.trial_id for t in again.sweeps("v2")[0].trials] == ["t0000", "t0001", "t0002", "t0003"]
+
+
+def test_a_rerun_says_once_which_versions_it_skips_as_done():
+    """A re-run of a trained lineage went silently past its finished versions; one whose
+    release is still missing (its branch to run or decide) is not done."""
+    from raypath.run import finished_note
+
+    lin = Lineage.of({"main_path": [{"version": "v1"}, {"version": "v2"}, {"version": "v3"}],
+                      "releases": [{"id": "r1", "version": "v1"}, {"id": "r1", "version": "v2"}]})
+    assert finished_note(lin, ["v1", "v2", "v3", "v4"]) == \
+        "v1, v2 already trained and released (lineage.json): skipped"
+    assert finished_note(Lineage.of({"main_path": [{"version": "v1"}]}), ["v1"]) is None

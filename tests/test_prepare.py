@@ -389,3 +389,20 @@ def test_test_split_is_carved_after_val_or_read_from_a_test_folder(ray_cluster, 
     (corpus / "v1" / "test" / "part-0.jsonl").write_text("")
     with pytest.raises(DataError, match="test/part-0.jsonl"):
         prep("folder", test_blocks=5)
+
+
+def test_a_refused_version_plan_leaves_the_last_runs_config_yaml(tmp_path):
+    """``RUN_DIR/config.yaml`` is the config of the last run: one whose versions the data
+    manifest refuses (a trained version reordered) never ran, yet it was written over it."""
+    from conftest import tiny_config
+
+    from raypath.run import prepare
+
+    corpus = _corpus(tmp_path / "corpus", versions=2, files=1, parquet=False)
+    run_dir = tmp_path / "run"
+    write_json(run_dir / "data" / "manifest.json", {"versions": [{"name": "v1"}]})
+    (run_dir / "config.yaml").write_text("name: the last run\n")
+    cfg = tiny_config(run_dir, f"data.corpus={corpus}", "data.versions=[v2, v1]")
+    with pytest.raises(DataError, match="versions can only be appended"):
+        prepare(cfg)  # refused before anything needs Ray
+    assert (run_dir / "config.yaml").read_text() == "name: the last run\n"

@@ -547,3 +547,21 @@ def test_status_and_report_decide_standing_without_reading_the_sweeps_trials(tmp
     for f in held:
         f.unlink()
     assert format_standing(Lineage.load(run_dir)) == changed
+
+
+def test_status_shows_where_an_interrupted_main_segment_resumes(tmp_path):
+    """A run stopped in the middle of v3's main segment left checkpoints of it, but status
+    called v3 ``pending``, as if nothing of it had trained."""
+    import torch
+
+    from raypath import checkpoint as ckpt
+    from raypath.storage import write_json
+
+    write_json(tmp_path / "lineage.json", partial_lineage())
+    storage = tmp_path / "ray" / "main-v3"
+    for step in (25, 27):
+        ckpt.save(storage / ckpt.step_dir_name(step), torch.nn.Linear(2, 2).state_dict(), {}, {"step": step})
+    (storage / ckpt.step_dir_name(27) / "manifest.json").unlink()  # torn: not where a re-run resumes
+    text = format_status(Lineage.load(tmp_path))
+    v3 = next(line for line in text.split("main path")[1].splitlines() if line.startswith("v3 "))
+    assert v3.endswith("  interrupted at step 25; a re-run resumes"), v3
