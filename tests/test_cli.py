@@ -107,6 +107,43 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
+def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
+    """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml)."""
+    from raypath.config import load_config
+    from raypath.lineage import Lineage
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}"])
+    lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict())
+    lineage.set_versions([{"name": v, "index": k} for k, v in enumerate(versions)])
+    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("override,message", [
+    # the tokenizer was trained with 384 tokens: 512 would only be written in the record
+    ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
+    ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
+])
+def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, tmp_path, capsys):
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    _started_run(run_dir)
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raypath: error: {tiny}: ")  # the file, then the field
+    assert message.format(run_dir=run_dir) in err and "back to" in err and "new directory" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
+
+
+def test_a_vocab_size_the_run_does_not_use_may_change():
+    from raypath.config import load_config
+    from raypath.lineage import check_fixed_settings
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    recorded = load_config(tiny).to_dict()
+    recorded["data"]["tokenizer"] = "/some/tokenizer"  # the tokenizer came with the run
+    now = {**recorded, "data": {**recorded["data"], "vocab_size": 512}}
+    check_fixed_settings(now, recorded)
+
+
 def test_status_of_finished_run(tiny_run, capsys):
     cfg, lin = tiny_run
     assert main(["status", cfg.run_dir]) == 0
