@@ -96,7 +96,7 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     from raypath.run import _main_path_started
 
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
-    lineage = Lineage.open(run_dir, "t", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
+    lineage = Lineage.open(run_dir, "tiny", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
     lineage.set_fact("tokenizer", {})
     (run_dir / "ray" / "main-v1").mkdir(parents=True)  # failed at its first step (a model that cannot run)
     assert not _main_path_started(lineage, RunDir(run_dir))  # trained nothing: the settings may change
@@ -122,6 +122,8 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
     # the tokenizer was trained with 384 tokens: 512 would only be written in the record
     ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
     ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
+    # the record, its model cards and MLflow experiment keep the name it started with
+    ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
 ])
 def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, tmp_path, capsys):
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
