@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -144,6 +145,18 @@ def test_a_vocab_size_the_run_does_not_use_may_change():
     recorded["data"]["tokenizer"] = "/some/tokenizer"  # the tokenizer came with the run
     now = {**recorded, "data": {**recorded["data"], "vocab_size": 512}}
     check_fixed_settings(now, recorded)
+
+
+def test_run_refuses_a_corpus_without_a_version_the_lineage_has(tmp_path, capsys):
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    _started_run(run_dir, ("v1", "v2", "v3"))
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", "data.versions=[v1,v2]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raypath: error: {tiny}: data.versions: version(s) v3 of the lineage in {run_dir}")
+    assert "can only be appended" in err
+    # the lineage keeps v3 (v1 and v2 alone would leave main-v3 and its release without a version)
+    assert [v["name"] for v in json.loads((run_dir / "lineage.json").read_text())["versions"]] == ["v1", "v2", "v3"]
+    assert not (run_dir / "data").exists()
 
 
 def test_status_of_finished_run(tiny_run, capsys):
