@@ -382,12 +382,16 @@ def _migrate_sweeps(data: dict) -> None:
 
 
 #: Settings that stay as they are once the main path has started: the recorded steps,
-#: checkpoints and consumed rows count in them, the prepared versions were tokenized with them
+#: checkpoints and consumed rows count in them, the prepared versions were built and tokenized with them
 #: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
-FIXED_SETTINGS = (("model", None), ("data", ("seq_len", "vocab_size", "tokenizer_max_chars")),
+FIXED_SETTINGS = (("model", None),
+                  ("data", ("seq_len", "vocab_size", "tokenizer_max_chars", "max_docs_per_version", "seed")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
 #: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
 OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
+#: What builds the embedded corpus (a change rebuilds it under the run directory); of any other
+#: corpus, ``data.seed`` seeds only the versions still to prepare.
+EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
 
 
 def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its") -> None:
@@ -395,18 +399,25 @@ def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps
     where the config ``now`` differs from the lineage's ``recorded`` one (both ``Config.to_dict()``)."""
     from raypath.config import ConfigChangedError
 
-    own_tokenizer = not (recorded.get("data") or {}).get("tokenizer") and not (recorded.get("model") or {}).get("path")
     for section, keys in FIXED_SETTINGS:
         new, old = now.get(section, {}), recorded.get(section, {})
         for key in keys or [k for k in new if k != "attn_implementation"]:
-            if f"{section}.{key}" in OWN_TOKENIZER_SETTINGS and not own_tokenizer:
-                continue  # unused: the tokenizer came with the run
-            if key in old and old[key] != new.get(key):
+            if key in old and old[key] != new.get(key) and not _unused(f"{section}.{key}", now, recorded):
                 raise ConfigChangedError(
                     f"{section}.{key}: {new.get(key)!r} differs from the lineage's {old[key]!r}, which "
-                    f"{recorded.get('run_dir') or 'its run directory'} was trained with; {what} model, "
-                    f"tokenizer and main-path schedule: set {section}.{key} back to {old[key]!r} to go on "
-                    f"with this lineage, or set run_dir to a new directory to start another")
+                    f"{recorded.get('run_dir') or 'its run directory'} was trained with; {what} model, data "
+                    f"and main-path schedule: set {section}.{key} back to {old[key]!r} to go on with this "
+                    f"lineage, or set run_dir to a new directory to start another")
+
+
+def _unused(name: str, now: dict, recorded: dict) -> bool:
+    """Whether the fixed setting ``name`` is one this lineage never read (it may then change)."""
+    data = recorded.get("data") or {}
+    if name in OWN_TOKENIZER_SETTINGS:  # the tokenizer came with the run
+        return bool(data.get("tokenizer") or (recorded.get("model") or {}).get("path"))
+    if name in EMBEDDED_CORPUS_SETTINGS:
+        return not data.get("corpus") == (now.get("data") or {}).get("corpus") == "embedded"
+    return False
 
 
 def resolve_version(names: list[str], version: str | int | None) -> int:

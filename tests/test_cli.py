@@ -123,6 +123,8 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
     # the tokenizer was trained with 384 tokens: 512 would only be written in the record
     ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
     ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
+    # would rebuild the embedded corpus under the run directory, over the text v1-v3 trained on
+    ("data.max_docs_per_version=7", "data.max_docs_per_version: 7 differs from the lineage's 6"),
     # the record, its model cards and MLflow experiment keep the name it started with
     ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
 ])
@@ -136,15 +138,14 @@ def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, 
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
-def test_a_vocab_size_the_run_does_not_use_may_change():
+def test_fixed_settings_the_run_does_not_read_may_change():
     from raypath.config import load_config
     from raypath.lineage import check_fixed_settings
 
-    tiny = ROOT / "configs" / "tiny.yaml"
-    recorded = load_config(tiny).to_dict()
-    recorded["data"]["tokenizer"] = "/some/tokenizer"  # the tokenizer came with the run
-    now = {**recorded, "data": {**recorded["data"], "vocab_size": 512}}
-    check_fixed_settings(now, recorded)
+    recorded = load_config(ROOT / "configs" / "tiny.yaml").to_dict()
+    # the tokenizer came with the run; the corpus is the user's (data.seed seeds new versions only)
+    recorded["data"].update(tokenizer="/some/tokenizer", corpus="/some/corpus")
+    check_fixed_settings({**recorded, "data": {**recorded["data"], "vocab_size": 512, "seed": 1}}, recorded)
 
 
 def test_run_refuses_a_corpus_without_a_version_the_lineage_has(tmp_path, capsys):
