@@ -14,6 +14,9 @@ Format 3 keeps a summary of each sweep (best, released, trial count, search toke
 trials are read from the sweep's own ``results.json`` when asked for, so the lineage stays
 small however many sweeps the run has (earlier formats kept every trial inline: a save
 rewrote them all).
+
+``config`` is the latest run's configuration; ``config_changes`` lists each edit of it between
+runs (the changed settings, old and new, and the versions whose main path trained before).
 """
 
 from __future__ import annotations
@@ -82,11 +85,26 @@ class Lineage:
         path = rd / LINEAGE
         if path.exists():
             lin = cls(path, _read(path), rd)
+            lin._note_config_change(config)
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
                           "branches": [], "releases": [], "release_history": {}}, rd)
+
+    def _note_config_change(self, config: dict) -> None:
+        """Append to ``config_changes`` the settings ``config`` changes and the versions whose main
+        path had trained before: ``config`` keeps only the latest run's, and what may change
+        between runs (precision, parallelism, workers, branch, replay) applies from the next
+        segment on. Saved with the run's first record, so a refused config leaves no trace."""
+        from raypath.tracking import flatten
+
+        before, after = flatten(self.config), flatten(config)
+        changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+                   if before.get(k) != after.get(k)}
+        if before and changed:
+            self.data.setdefault("config_changes", []).append(
+                {"time": _now(), "trained": [m.version for m in self.main_path()], "changed": changed})
 
     @classmethod
     def load(cls, run_dir: RunDir | str | Path) -> "Lineage":

@@ -74,6 +74,18 @@ def test_typed_readers_of_a_document():
         lin.save()
 
 
+def test_a_changed_config_is_kept_with_the_versions_trained_before_it(tmp_path):
+    config = {"name": "demo", "train": {"precision": "fp32", "num_workers": 2}}
+    Lineage.open(tmp_path, "demo", config).record_main(MainEntry(version="v1", segment="main-v1", end_step=8))
+    Lineage.open(tmp_path, "demo", config).save()  # the same config: nothing to note
+    bf16 = {"name": "demo", "train": {"precision": "bf16", "num_workers": 2}}
+    Lineage.open(tmp_path, "demo", bf16).save()
+    Lineage.open(tmp_path, "demo", {**config, "train": {"precision": "fp32"}})  # refused: never saved
+    changes = Lineage.load(tmp_path).data["config_changes"]
+    assert [(c["trained"], c["changed"]) for c in changes] == [(["v1"], {"train.precision": ["fp32", "bf16"]})]
+    assert Lineage.load(tmp_path).config == bf16
+
+
 def test_writers_save_typed_records(tmp_path):
     lin = Lineage.open(tmp_path, "demo", {"name": "demo"})
     lin.set_versions([{"name": "v1", "index": 0}, Version(name="v2", index=1)])
