@@ -403,7 +403,8 @@ def _migrate_sweeps(data: dict) -> None:
 #: checkpoints and consumed rows count in them, the prepared versions were built and tokenized with them
 #: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
 FIXED_SETTINGS = (("model", None),
-                  ("data", ("seq_len", "vocab_size", "tokenizer_max_chars", "max_docs_per_version", "seed")),
+                  ("data", ("seq_len", "tokenizer", "vocab_size", "tokenizer_max_chars", "max_docs_per_version",
+                            "seed")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
 #: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
 OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
@@ -422,10 +423,14 @@ def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps
         for key in keys or [k for k in new if k != "attn_implementation"]:
             if key in old and old[key] != new.get(key) and not _unused(f"{section}.{key}", now, recorded):
                 raise ConfigChangedError(
-                    f"{section}.{key}: {new.get(key)!r} differs from the lineage's {old[key]!r}, which "
-                    f"{recorded.get('run_dir') or 'its run directory'} was trained with; {what} model, data "
-                    f"and main-path schedule: set {section}.{key} back to {old[key]!r} to go on with this "
-                    f"lineage, or set run_dir to a new directory to start another")
+                    f"{section}.{key}: {_shown(new.get(key))} differs from the lineage's {_shown(old[key])}, "
+                    f"which {recorded.get('run_dir') or 'its run directory'} was trained with; {what} model, "
+                    f"data and main-path schedule: set {section}.{key} back to {_shown(old[key])} to go on "
+                    f"with this lineage, or set run_dir to a new directory to start another")
+
+
+def _shown(value: Any) -> str:
+    return "empty" if value is None else repr(value)  # None is an empty field in the YAML
 
 
 def _unused(name: str, now: dict, recorded: dict) -> bool:

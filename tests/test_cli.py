@@ -123,6 +123,8 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
     # the tokenizer was trained with 384 tokens: 512 would only be written in the record
     ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
     ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
+    # the versions were tokenized with the run's own tokenizer
+    ("data.tokenizer={tmp}/tok", "data.tokenizer: '{tmp}/tok' differs from the lineage's empty"),
     # would rebuild the embedded corpus under the run directory, over the text v1-v3 trained on
     ("data.max_docs_per_version=7", "data.max_docs_per_version: 7 differs from the lineage's 6"),
     # the record, its model cards and MLflow experiment keep the name it started with
@@ -131,10 +133,13 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
 def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, tmp_path, capsys):
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
     _started_run(run_dir)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    override = override.format(tmp=tmp_path)
     assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"raypath: error: {tiny}: ")  # the file, then the field
-    assert message.format(run_dir=run_dir) in err and "back to" in err and "new directory" in err
+    assert message.format(run_dir=run_dir, tmp=tmp_path) in err and "back to" in err and "new directory" in err
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
