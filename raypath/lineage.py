@@ -424,7 +424,7 @@ def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps
             if key in old and old[key] != new.get(key) and not _unused(f"{section}.{key}", now, recorded):
                 raise ConfigChangedError(
                     f"{section}.{key}: {_shown(new.get(key))} differs from the lineage's {_shown(old[key])}, "
-                    f"which {recorded.get('run_dir') or 'its run directory'} was trained with; {what} model, "
+                    f"which {now.get('run_dir') or 'its run directory'} was trained with; {what} model, "
                     f"data and main-path schedule: set {section}.{key} back to {_shown(old[key])} to go on "
                     f"with this lineage, or set run_dir to a new directory to start another")
 

@@ -109,11 +109,12 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
 
 
 def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
-    """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml)."""
+    """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml), copied
+    from where it trained first."""
     from raypath.config import load_config
     from raypath.lineage import Lineage
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir.parent / 'copied-from'}"])
     lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict())
     lineage.set_versions([{"name": v, "index": k} for k, v in enumerate(versions)])
     (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)
