@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,7 +100,9 @@ class Lineage:
         segment on. Saved with the run's first record, so a refused config leaves no trace."""
         from raypath.tracking import flatten
 
-        before, after = flatten(self.config), flatten(config)
+        # as JSON holds them (a tuple read back is a list); a run directory copied or moved is no edit
+        before, after = (flatten(json.loads(json.dumps({k: v for k, v in c.items() if k != "run_dir"})))
+                         for c in (self.config, config))
         changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
                    if before.get(k) != after.get(k)}
         if before and changed:
