@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from raypath.config import ConfigError, load_config
+from raypath.config import ConfigChangedError, ConfigError, load_config
 from raypath.console import setup_logging
 from raypath.data import DataError
 from raypath.sources import first_line
@@ -381,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except INPUT_ERRORS as e:
-        print(f"raypath: error: {e}", file=sys.stderr)
+        # a setting the run directory disagrees with: name the file it came from, as load_config does
+        source = f"{args.config}: " if isinstance(e, ConfigChangedError) and getattr(args, "config", None) else ""
+        print(f"raypath: error: {source}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing is lost, and the user should hear so
         if not caller_has_ray:

@@ -38,6 +38,11 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 
+class ConfigChangedError(ConfigError):
+    """A config value differs from what the run directory was trained with. The check sees the
+    loaded config only: the CLI names the config file in front of the message."""
+
+
 @dataclass
 class ModelConfig:
     """A Llama-family causal LM built from a transformers config (or a local checkpoint).

@@ -733,10 +733,31 @@ class Plan:
     todo: list[dict] = field(default_factory=list)  # {index, source, train, val, test, skipped_files}
 
 
+def _split_and_name(path: str) -> str:
+    """``train/part-000.jsonl``: a file's place inside its version directory."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
+def _relocated(rec: dict, src: VersionSource) -> dict:
+    """``rec`` with its files' paths where the corpus now has files of the same split and name
+    (a corpus moved, ``data.corpus`` changed with it), or ``rec`` itself when any is not there.
+    Their contents are then checked against the record where they are."""
+    here = {_split_and_name(f): f for f in (*src.train_files, *src.val_files, *src.test_files)}
+    lists = [k for k in ("train_files", "val_files", "test_files", "skipped_files") if k in rec]
+    moved = {r["path"]: here.get(_split_and_name(r["path"])) for k in lists for r in rec[k]}
+    if not all(moved.values()) or all(old == new for old, new in moved.items()):
+        return rec
+    log.info("version %s: its files are now under %s (recorded under %s); checking they are unchanged",
+             src.name, next(iter(moved.values())).rsplit("/", 2)[0], next(iter(moved)).rsplit("/", 2)[0])
+    return {**rec, **{k: [{**r, "path": moved[r["path"]]} for r in rec[k]] for k in lists}}
+
+
 def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
-    """Earlier versions' files must be the ones trained on (checked in parallel Ray tasks)."""
+    """Earlier versions' files must be the ones trained on (checked in parallel Ray tasks), where
+    they were or, a corpus moved, where the corpus now has them."""
     import ray
 
+    rec = _relocated(rec, src)
     pending = []
     skipped = {s["path"] for s in rec.get("skipped_files", [])}  # bad files it was trained without
     kinds = [("train_files", src.train_files), ("val_files", src.val_files)]

@@ -14,6 +14,9 @@ Format 3 keeps a summary of each sweep (best, released, trial count, search toke
 trials are read from the sweep's own ``results.json`` when asked for, so the lineage stays
 small however many sweeps the run has (earlier formats kept every trial inline: a save
 rewrote them all).
+
+``config`` is the latest run's configuration; ``config_changes`` lists each edit of it between
+runs (the changed settings, old and new, and the versions whose main path trained before).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,11 +86,28 @@ class Lineage:
         path = rd / LINEAGE
         if path.exists():
             lin = cls(path, _read(path), rd)
+            lin._note_config_change(config)
             lin.data["config"] = config  # the latest config that ran; versions keep their own facts
             return lin
         return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
                           "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
                           "branches": [], "releases": [], "release_history": {}}, rd)
+
+    def _note_config_change(self, config: dict) -> None:
+        """Append to ``config_changes`` the settings ``config`` changes and the versions whose main
+        path had trained before: ``config`` keeps only the latest run's, and what may change
+        between runs (precision, parallelism, workers, branch, replay) applies from the next
+        segment on. Saved with the run's first record, so a refused config leaves no trace."""
+        from raypath.tracking import flatten
+
+        # as JSON holds them (a tuple read back is a list); a run directory copied or moved is no edit
+        before, after = (flatten(json.loads(json.dumps({k: v for k, v in c.items() if k != "run_dir"})))
+                         for c in (self.config, config))
+        changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+                   if before.get(k) != after.get(k)}
+        if before and changed:
+            self.data.setdefault("config_changes", []).append(
+                {"time": _now(), "trained": [m.version for m in self.main_path()], "changed": changed})
 
     @classmethod
     def load(cls, run_dir: RunDir | str | Path) -> "Lineage":
@@ -382,23 +403,47 @@ def _migrate_sweeps(data: dict) -> None:
 
 
 #: Settings that stay as they are once the main path has started: the recorded steps,
-#: checkpoints and consumed rows count in them (``None``: the whole section; how the model
-#: computes, ``model.attn_implementation``, may change).
-FIXED_SETTINGS = (("model", None), ("data", ("seq_len",)),
+#: checkpoints and consumed rows count in them, the prepared versions were built and tokenized with them
+#: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
+FIXED_SETTINGS = (("model", None),
+                  ("data", ("seq_len", "tokenizer", "vocab_size", "tokenizer_max_chars", "max_docs_per_version",
+                            "seed")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
+#: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
+OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
+#: What builds the embedded corpus (a change rebuilds it under the run directory); of any other
+#: corpus, ``data.seed`` seeds only the versions still to prepare.
+EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
 
 
 def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its") -> None:
-    """Raise a ConfigError naming the first of :data:`FIXED_SETTINGS` where the config ``now``
-    differs from the lineage's ``recorded`` one (both ``Config.to_dict()``)."""
-    from raypath.config import ConfigError
+    """Raise a :class:`~raypath.config.ConfigChangedError` naming the first of :data:`FIXED_SETTINGS`
+    where the config ``now`` differs from the lineage's ``recorded`` one (both ``Config.to_dict()``)."""
+    from raypath.config import ConfigChangedError
 
     for section, keys in FIXED_SETTINGS:
         new, old = now.get(section, {}), recorded.get(section, {})
         for key in keys or [k for k in new if k != "attn_implementation"]:
-            if key in old and old[key] != new.get(key):
-                raise ConfigError(f"{section}.{key}: {new.get(key)!r} differs from the lineage's {old[key]!r}; "
-                                  f"{what} model and main-path schedule (a new run_dir starts another)")
+            if key in old and old[key] != new.get(key) and not _unused(f"{section}.{key}", now, recorded):
+                raise ConfigChangedError(
+                    f"{section}.{key}: {_shown(new.get(key))} differs from the lineage's {_shown(old[key])}, "
+                    f"which {now.get('run_dir') or 'its run directory'} was trained with; {what} model, "
+                    f"data and main-path schedule: set {section}.{key} back to {_shown(old[key])} to go on "
+                    f"with this lineage, or set run_dir to a new directory to start another")
+
+
+def _shown(value: Any) -> str:
+    return "empty" if value is None else repr(value)  # None is an empty field in the YAML
+
+
+def _unused(name: str, now: dict, recorded: dict) -> bool:
+    """Whether the fixed setting ``name`` is one this lineage never read (it may then change)."""
+    data = recorded.get("data") or {}
+    if name in OWN_TOKENIZER_SETTINGS:  # the tokenizer came with the run
+        return bool(data.get("tokenizer") or (recorded.get("model") or {}).get("path"))
+    if name in EMBEDDED_CORPUS_SETTINGS:
+        return not data.get("corpus") == (now.get("data") or {}).get("corpus") == "embedded"
+    return False
 
 
 def resolve_version(names: list[str], version: str | int | None) -> int:

@@ -25,7 +25,7 @@ import yaml
 from raypath.branches import BranchRunner, release_branch
 from raypath.checkpoint import step_dirs
 from raypath.cluster import check_address, check_workers_fit, init_ray
-from raypath.config import Config, ConfigError
+from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
 from raypath.corpus import build_embedded_corpus
@@ -247,9 +247,11 @@ def run(cfg: Config) -> Lineage:
     check_address(cfg.cluster.address)
     rd = _open_run_dir(cfg)
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
+    _check_name(cfg, lineage)
     if _main_path_started(lineage, rd):  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
     where = _discover(cfg, rd)
+    _check_versions_kept(cfg, lineage, where.sources)
     check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
     ctx = prepare(cfg, where)
     _record_facts(lineage, ctx)
@@ -265,6 +267,31 @@ def run(cfg: Config) -> Lineage:
     with lineage_run(ctx.tracking):
         _train_versions(lineage, ctx, progress, runner, released)
     return lineage
+
+
+def _check_name(cfg: Config, lineage: Lineage) -> None:
+    """A lineage keeps the name it started with: its record, its release model cards and its
+    MLflow experiment (``tracking.experiment`` defaults to it) carry it."""
+    if lineage.path.is_file() and lineage.name and lineage.name != cfg.name:
+        raise ConfigChangedError(
+            f"name: {cfg.name!r} differs from {lineage.name!r}, the name the lineage in {cfg.run_dir} "
+            f"started with (its record, model cards and MLflow experiment carry it): set name back to "
+            f"{lineage.name!r} to go on with this lineage, or set run_dir to a new directory to start another")
+
+
+def _check_versions_kept(cfg: Config, lineage: Lineage, sources: list[VersionSource]) -> None:
+    """Every version the lineage has prepared is still in the corpus: one left out would drop from
+    the lineage's versions while its main-path segment and release stay, and no version could be
+    appended after it."""
+    found = [s.name for s in sources]
+    gone = [v for v in lineage.version_names() if v not in found]
+    if gone:
+        field = "data.versions" if cfg.data.versions else "data.corpus"
+        raise ConfigChangedError(
+            f"{field}: version(s) {', '.join(gone)} of the lineage in {cfg.run_dir} are not among the "
+            f"corpus's versions now ({', '.join(found) or 'none'}; corpus {cfg.data.corpus}); a lineage's "
+            f"versions can only be appended: restore them (and list them in data.versions, if it lists "
+            f"versions), or set run_dir to a new directory to start another")
 
 
 def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:

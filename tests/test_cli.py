@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     from raypath.run import _main_path_started
 
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
-    lineage = Lineage.open(run_dir, "t", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
+    lineage = Lineage.open(run_dir, "tiny", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
     lineage.set_fact("tokenizer", {})
     (run_dir / "ray" / "main-v1").mkdir(parents=True)  # failed at its first step (a model that cannot run)
     assert not _main_path_started(lineage, RunDir(run_dir))  # trained nothing: the settings may change
@@ -105,6 +106,64 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     assert main(argv) == 2  # the checkpoint's step and consumed rows count in batches of 8
     assert "train.global_batch_size: 16 differs from the lineage's 8" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
+
+
+def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
+    """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml), copied
+    from where it trained first."""
+    from raypath.config import load_config
+    from raypath.lineage import Lineage
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir.parent / 'copied-from'}"])
+    lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict())
+    lineage.set_versions([{"name": v, "index": k} for k, v in enumerate(versions)])
+    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("override,message", [
+    # the tokenizer was trained with 384 tokens: 512 would only be written in the record
+    ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
+    ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
+    # the versions were tokenized with the run's own tokenizer
+    ("data.tokenizer={tmp}/tok", "data.tokenizer: '{tmp}/tok' differs from the lineage's empty"),
+    # would rebuild the embedded corpus under the run directory, over the text v1-v3 trained on
+    ("data.max_docs_per_version=7", "data.max_docs_per_version: 7 differs from the lineage's 6"),
+    # the record, its model cards and MLflow experiment keep the name it started with
+    ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
+])
+def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, tmp_path, capsys):
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    _started_run(run_dir)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    override = override.format(tmp=tmp_path)
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raypath: error: {tiny}: ")  # the file, then the field
+    assert message.format(run_dir=run_dir, tmp=tmp_path) in err and "back to" in err and "new directory" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
+
+
+def test_fixed_settings_the_run_does_not_read_may_change():
+    from raypath.config import load_config
+    from raypath.lineage import check_fixed_settings
+
+    recorded = load_config(ROOT / "configs" / "tiny.yaml").to_dict()
+    # the tokenizer came with the run; the corpus is the user's (data.seed seeds new versions only)
+    recorded["data"].update(tokenizer="/some/tokenizer", corpus="/some/corpus")
+    check_fixed_settings({**recorded, "data": {**recorded["data"], "vocab_size": 512, "seed": 1}}, recorded)
+
+
+def test_run_refuses_a_corpus_without_a_version_the_lineage_has(tmp_path, capsys):
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    _started_run(run_dir, ("v1", "v2", "v3"))
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", "data.versions=[v1,v2]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raypath: error: {tiny}: data.versions: version(s) v3 of the lineage in {run_dir}")
+    assert "can only be appended" in err
+    # the lineage keeps v3 (v1 and v2 alone would leave main-v3 and its release without a version)
+    assert [v["name"] for v in json.loads((run_dir / "lineage.json").read_text())["versions"]] == ["v1", "v2", "v3"]
+    assert not (run_dir / "data").exists()
 
 
 def test_status_of_finished_run(tiny_run, capsys):

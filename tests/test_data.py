@@ -169,6 +169,23 @@ def test_changed_or_missing_earlier_file_is_named(ray_cluster, tmp_path, tokeniz
         prepare_versions(discover_versions(corpus), spec)
 
 
+def test_a_moved_corpus_is_checked_where_it_now_is(ray_cluster, tmp_path, tokenizer_dir):
+    """Its trained versions' files are found by split and name, their contents checked there."""
+    corpus = _corpus(tmp_path / "corpus", n_versions=3)
+    spec = _spec(tmp_path, tokenizer_dir)
+    before = prepare_versions(discover_versions(corpus, ["v1", "v2"]), spec)
+    moved = tmp_path / "elsewhere" / "corpus"
+    moved.parent.mkdir()
+    shutil.move(corpus, moved)
+    after = prepare_versions(discover_versions(moved), spec)  # v3 appended from the new place
+    assert [r["name"] for r in after] == ["v1", "v2", "v3"]
+    assert [r["stream_path"] for r in after[:2]] == [r["stream_path"] for r in before]  # not prepared again
+    target = moved / "v1" / "train" / "part-0.jsonl"
+    target.write_bytes(target.read_bytes() + b'{"text": "sneaky edit"}\n')
+    with pytest.raises(DataError, match=f"{moved}/v1/train/part-0.jsonl.*changed"):
+        prepare_versions(discover_versions(moved), spec)
+
+
 # ---------------------------------------------------------------- bad input
 
 def _bad_files(d: Path) -> dict[str, Path]:

@@ -74,6 +74,19 @@ def test_typed_readers_of_a_document():
         lin.save()
 
 
+def test_a_changed_config_is_kept_with_the_versions_trained_before_it(tmp_path):
+    config = {"name": "demo", "run_dir": "a", "train": {"precision": "fp32", "betas": (0.9, 0.95)}}
+    Lineage.open(tmp_path, "demo", config).record_main(MainEntry(version="v1", segment="main-v1", end_step=8))
+    # the same config (betas read back as a list), the run directory copied elsewhere: nothing to note
+    Lineage.open(tmp_path, "demo", {**config, "run_dir": "b"}).save()
+    bf16 = {**config, "train": {"precision": "bf16", "betas": (0.9, 0.95)}}
+    Lineage.open(tmp_path, "demo", bf16).save()
+    Lineage.open(tmp_path, "demo", config)  # refused: never saved
+    changes = Lineage.load(tmp_path).data["config_changes"]
+    assert [(c["trained"], c["changed"]) for c in changes] == [(["v1"], {"train.precision": ["fp32", "bf16"]})]
+    assert Lineage.load(tmp_path).config["train"]["precision"] == "bf16"
+
+
 def test_writers_save_typed_records(tmp_path):
     lin = Lineage.open(tmp_path, "demo", {"name": "demo"})
     lin.set_versions([{"name": "v1", "index": 0}, Version(name="v2", index=1)])
