@@ -191,7 +191,9 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     print(f"{version}: branch {p['shape']} (power {p['power']:g}, min_lr_ratio {p['min_lr_ratio']:g}) from step "
           f"{p['fork_step']} for {p['branch_steps']} steps (fraction {p['fraction_actual']:.3f})")
     for split, loss in p["predicted"].items():
-        print(f"  val/{split}: predicted {loss:.4f} (main path at the same step: {p['main'][split]:.4f})")
+        # both from the law: a measured main path would differ from it by the fit's own error
+        print(f"  val/{split}: predicted {loss:.4f} (main path at the same step, also predicted: "
+              f"{p['main'][split]:.4f})")
     print(f"  objective ({', '.join(f'{s} {w:.3g}' for s, w in p['weights'].items())}): {p['objective']:.4f}")
     if args.plot:
         print(f"plot: {plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")

@@ -203,6 +203,7 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
                  "--min-lr-ratio", "0.1", "--power", "3", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "val/v1" in out and "val/v3" in out and "objective" in out
+    assert "(main path at the same step, also predicted: " in out  # a law prediction, not a measurement
     assert png.stat().st_size > 10_000
     assert main(["law", "predict", str(run_dir), "--version", "v9"]) == 2
     # without decay options: the run's configured release branch
