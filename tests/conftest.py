@@ -56,6 +56,24 @@ def tiny_run(ray_cluster, tmp_path_factory):
     return cfg, lineage.data
 
 
+def copy_first_versions(src: Path, dst: Path, keep: int) -> Path:
+    """A copy of a finished run directory whose lineage holds its first ``keep`` versions only: a
+    lineage's versions can only be appended, so work on fewer of them (a comparison of the first
+    two) takes a run directory of its own. The data manifest keeps the rest: a prepared version
+    the corpus no longer lists is left alone."""
+    from raypath.lineage import Lineage
+
+    shutil.copytree(src, dst, symlinks=True)
+    lin = Lineage.load(dst)
+    names = set(lin.version_names()[:keep])
+    lin.data["versions"] = [v for v in lin.data["versions"] if v["name"] in names]
+    for key in ("main_path", "branches", "releases"):
+        lin.data[key] = [e for e in lin.data.get(key, []) if e.get("version") in names]
+    lin.data["release_history"] = {v: h for v, h in lin.data.get("release_history", {}).items() if v in names}
+    lin.save()
+    return dst
+
+
 @pytest.fixture
 def tiny_run_copy(tiny_run, tmp_path):
     """A private copy of the tiny run that a test may modify (records store paths relative to

@@ -44,14 +44,13 @@ slow = pytest.mark.slow
 def comparison(tiny_run, tmp_path_factory):
     """A 2-version comparison reusing the session's tiny lineage's main path; its branches are
     re-trained with another shape (1-sqrt to 0.05) that the baselines must then match."""
-    from conftest import tiny_config
+    from conftest import copy_first_versions, tiny_config
 
     from raypath.compare import run_comparison
     from raypath.lineage import Lineage
 
     cfg, _ = tiny_run
-    dst = tmp_path_factory.mktemp("compare") / "run"
-    shutil.copytree(cfg.run_dir, dst, symlinks=True)
+    dst = copy_first_versions(Path(cfg.run_dir), tmp_path_factory.mktemp("compare") / "run", 2)
     lin = Lineage.load(dst)
     for key in ("branches", "releases"):
         lin.data[key] = []

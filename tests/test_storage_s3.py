@@ -620,11 +620,14 @@ def test_status_cost_and_law_read_a_run_directory_in_a_bucket(s3, tiny_run, tmp_
 def test_compare_on_a_run_directory_in_a_bucket(s3, tiny_run, tmp_path, monkeypatch):
     """`raypath compare` on a run uploaded to a bucket: baselines and a replay lineage train with
     their checkpoints in the bucket, and the table lands there too."""
+    from conftest import copy_first_versions
+
     cfg, _ = tiny_run
     name = _bucket(s3, "compare")
     run_dir, mirror_dir = f"s3://{name}/run", tmp_path / "mirror"
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    Mirror(run_dir, str(Path(cfg.run_dir).resolve()), s3.endpoint).push(Path(cfg.run_dir))
+    two = copy_first_versions(Path(cfg.run_dir), tmp_path / "two", 2)  # compared on v1, v2
+    Mirror(run_dir, str(two.resolve()), s3.endpoint).push(two)
     out = _raypath(s3, ["compare", str(TINY), "--set", f"run_dir={run_dir}", "--set", f"cluster.local_dir={mirror_dir}",
                         "--set", "data.versions=[v1, v2]", "--set", "compare.replay_ratios=[0.25]"],
                    tmp_path / "compare.log")
