@@ -688,8 +688,8 @@ class ReleaseHistory(Record):
     current: the live release's id (None before the first); pinned: a user chose it (a
         decision keeps it until ``--pick best``).
     releases: ``r1``, ``r2``, ... in the order they were made.
-    log: one entry per switch: ``time``, ``release``, ``action`` (release, rollback,
-        recovered), ``reason``, ``replaced``.
+    log: one entry per switch or pin: ``time``, ``release``, ``action`` (release, rollback,
+        recovered, pin, unpin), ``reason``, ``replaced``.
     """
 
     current: str | None = None

@@ -30,7 +30,7 @@ upload. The ``current`` symlink is derived from it (replaced atomically with
 
 In the lineage, ``release_history[vK]`` holds ``current``, ``pinned``, the
 ordered ``releases`` (r1, r2, ...) and a ``log`` of every switch (release or
-rollback); ``releases`` keeps one entry per version, the live one, for every
+rollback) and of every pin and unpin; ``releases`` keeps one entry per version, the live one, for every
 reader that only wants the released model. A crash after the pointer switch
 but before the lineage save is recovered from ``rN/release.json`` by
 :func:`sync`.
@@ -452,9 +452,12 @@ class Releaser:
         return h.live
 
     def _pin(self, version: str, pinned: bool = True) -> None:
+        """Pin (or hand back to the decisions) the live release; the log keeps it with the switches,
+        as it decides what later sweeps and runs may release."""
         h = self.history(version)
         if h.pinned != pinned:
             self._switch(self.version_dir(version), h.current, pinned)
+            h.log.append({"time": _now(), "release": h.current, "action": "pin" if pinned else "unpin"})
             h.pinned = pinned
             self.lineage.set_release_history(version, h)
 
@@ -489,6 +492,11 @@ class Releaser:
                         "recorded", version, rid, POINTER, f"{h.current} live" if h.current else "no release")
             h.log.append(entry)
             h.current, h.pinned = rid, bool(ptr.get("pinned"))
+            self.lineage.set_release_history(version, h)
+        elif bool(ptr.get("pinned")) != h.pinned:  # a pin or unpin stopped before the lineage save
+            h.pinned = bool(ptr.get("pinned"))
+            h.log.append({"time": ptr.get("switched"), "release": rid, "action": "pin" if h.pinned else "unpin",
+                          "recovered": True})
             self.lineage.set_release_history(version, h)
         _link_current(vdir, rid)
 

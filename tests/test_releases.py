@@ -227,6 +227,15 @@ def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     h = Lineage.load(run).release_history("v2")
     assert (h.current, h.pinned, h.ids()) == ("r2", False, ["r1", "r2"]) and _pointer(run) == "r2"
     assert [e["action"] for e in h.log][-2:] == ["rollback", "release"]
+    # picking the live release pins it, and --pick best then unpins it: both are in the history
+    assert main(["release", str(run), "--version", "v2", "--pick", "r2"]) == 0
+    assert main(["release", str(run), "--version", "v2", "--pick", "best"]) == 0
+    h = Lineage.load(run).release_history("v2")
+    assert [(e["action"], e["release"]) for e in h.log][-2:] == [("pin", "r2"), ("unpin", "r2")] and not h.pinned
+    capsys.readouterr()
+    assert main(["release", str(run), "--version", "v2"]) == 0
+    switches = [ln.split()[1:3] for ln in capsys.readouterr().out.split("switches:")[1].splitlines()[1:]]
+    assert switches[-3:-1] == [["pin", "r2"], ["unpin", "r2"]]
     assert main(["release", str(run), "--version", "v2", "--pick", "nope"]) == 2
     assert "--pick nope: not a release, trial or branch of v2" in capsys.readouterr().err
 
@@ -280,6 +289,21 @@ def test_crash_after_the_switch_is_recorded_by_the_next_command(run, monkeypatch
     last = Lineage.load(run).release_history("v2").log[-1]
     assert (last["action"], last["reason"], last["recovered"], last["replaced"]) == ("release", "sweep best", True, "r1")
     assert "r2 is live (current.json), but the lineage had r1 live; the run stopped before saving it" in caplog.text
+
+
+def test_a_pin_stopped_before_the_lineage_save_is_recorded_by_the_next_command(run, monkeypatch):
+    def crash(self, version, history):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lineage, "set_release_history", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Releaser(Lineage.load(run)).pick("v2", "r1", releases.version_objective(Lineage.load(run).data, "v2"))
+    monkeypatch.undo()
+    assert read_json(run / "releases/v2/current.json")["pinned"] and not Lineage.load(run).release("v2").pinned
+    lin = Lineage.load(run)
+    Releaser(lin).sync("v2")
+    h = Lineage.load(run).release_history("v2")
+    assert h.pinned and (h.log[-1]["action"], h.log[-1]["release"], h.log[-1]["recovered"]) == ("pin", "r1", True)
 
 
 # --------------------------------------------------------------------------- the real tiny lineage
