@@ -738,7 +738,7 @@ def _split_and_name(path: str) -> str:
     return "/".join(path.rstrip("/").split("/")[-2:])
 
 
-def _relocated(rec: dict, src: VersionSource) -> dict:
+def _relocated(rec: dict, src: VersionSource, say: bool = True) -> dict:
     """``rec`` with its files' paths where the corpus now has files of the same split and name
     (a corpus moved, ``data.corpus`` changed with it), or ``rec`` itself when any is not there.
     Their contents are then checked against the record where they are."""
@@ -747,17 +747,17 @@ def _relocated(rec: dict, src: VersionSource) -> dict:
     moved = {r["path"]: here.get(_split_and_name(r["path"])) for k in lists for r in rec[k]}
     if not all(moved.values()) or all(old == new for old, new in moved.items()):
         return rec
-    log.info("version %s: its files are now under %s (recorded under %s); checking they are unchanged",
-             src.name, next(iter(moved.values())).rsplit("/", 2)[0], next(iter(moved)).rsplit("/", 2)[0])
+    if say:
+        log.info("version %s: its files are now under %s (recorded under %s); checking they are unchanged",
+                 src.name, next(iter(moved.values())).rsplit("/", 2)[0], next(iter(moved)).rsplit("/", 2)[0])
     return {**rec, **{k: [{**r, "path": moved[r["path"]]} for r in rec[k]] for k in lists}}
 
 
-def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
-    """Earlier versions' files must be the ones trained on (checked in parallel Ray tasks), where
-    they were or, a corpus moved, where the corpus now has them."""
-    import ray
-
-    rec = _relocated(rec, src)
+def _recorded_files(rec: dict, src: VersionSource, say: bool = True) -> list[dict]:
+    """The manifest records of a prepared version's files, where they were or, a corpus moved,
+    where the corpus now has them (said when ``say``); the version's files must be the ones it
+    was trained on."""
+    rec = _relocated(rec, src, say)
     pending = []
     skipped = {s["path"] for s in rec.get("skipped_files", [])}  # bad files it was trained without
     kinds = [("train_files", src.train_files), ("val_files", src.val_files)]
@@ -772,6 +772,34 @@ def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: Ru
             raise DataError(f"version {src.name}: its {kind.split('_')[0]} files changed after it was "
                             f"trained (added: {added or 'none'}; missing: {gone or 'none'})")
         pending += [recorded[f] for f in files]
+    return pending
+
+
+def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: int) -> dict:
+    """The data manifest under ``data_dir`` (empty before the first version), refused where the
+    corpus no longer gives its versions in their order, each with the files it was prepared from.
+    Needs no Ray and reads no file's contents (:func:`plan_versions` checks those), so a run can
+    refuse a reordered or edited corpus before a cluster starts."""
+    path = Path(data_dir) / "manifest.json"
+    manifest = read_manifest(path) if path.exists() else {"versions": []}
+    if manifest.get("seq_len") not in (None, seq_len):
+        raise DataError(f"{path}: prepared with seq_len={manifest['seq_len']!r}, config asks {seq_len!r}; "
+                        f"use a new run_dir")
+    for i, rec in enumerate(manifest["versions"][: len(sources)]):
+        if sources[i].name != rec["name"]:
+            raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
+                            f"appended (the corpus gives {[s.name for s in sources]}, in name order with "
+                            f"numbers compared as numbers; data.versions lists them in an order of your own)")
+        _recorded_files(rec, sources[i], say=False)
+    return manifest
+
+
+def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
+    """Earlier versions' files must be the ones trained on, their contents checked in parallel
+    Ray tasks (cost: one stat per trained file, a hash of each whose mtime changed)."""
+    import ray
+
+    pending = _recorded_files(rec, src)
     if ray.is_initialized() and len(pending) > 1:
         task = ray.remote(num_cpus=1)(_unchanged_here)
         verdicts = ray.get([task.remote(r, endpoint, rd) for r in pending])
@@ -794,17 +822,13 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = read_manifest(path) if path.exists() else {"versions": []}
-    for key in ("seq_len", "tokenizer_dir"):
-        if manifest.get(key) not in (None, getattr(spec, key)):
-            raise DataError(f"{path}: prepared with {key}={manifest[key]!r}, config asks "
-                            f"{getattr(spec, key)!r}; use a new run_dir")
+    manifest = check_prepared(sources, spec.data_dir, spec.seq_len)
+    if manifest.get("tokenizer_dir") not in (None, spec.tokenizer_dir):
+        raise DataError(f"{path}: its versions were tokenized with the tokenizer in {manifest['tokenizer_dir']}, "
+                        f"the config gives the one in {spec.tokenizer_dir} (data.tokenizer, else model.path's "
+                        f"own, else the run's): set them back, or use a new run_dir")
     records = manifest["versions"]
     for i, rec in enumerate(records[: len(sources)]):
-        if sources[i].name != rec["name"]:
-            raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
-                            f"appended (the corpus gives {[s.name for s in sources]}, in name order with "
-                            f"numbers compared as numbers; data.versions lists them in an order of your own)")
         _check_unchanged(rec, sources[i], spec.endpoint, spec.rd)
     new = sources[len(records):]
     files = [f for s in new for f in (*s.train_files, *s.val_files, *s.test_files)]

@@ -416,18 +416,24 @@ OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
 EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
 
 
-def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its") -> None:
+def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its",
+                         sections: tuple[str, ...] = ("model", "data", "train")) -> None:
     """Raise a :class:`~raypath.config.ConfigChangedError` naming the first of :data:`FIXED_SETTINGS`
-    where the config ``now`` differs from the lineage's ``recorded`` one (both ``Config.to_dict()``)."""
+    in ``sections`` where the config ``now`` differs from the lineage's ``recorded`` one (both
+    ``Config.to_dict()``). Before the main path has trained, only ``data`` is fixed: the prepared
+    versions were tokenized with it."""
     from raypath.config import ConfigChangedError
 
+    basis = "was trained with" if "train" in sections else "prepared its versions with"
     for section, keys in FIXED_SETTINGS:
+        if section not in sections:
+            continue
         new, old = now.get(section, {}), recorded.get(section, {})
         for key in keys or [k for k in new if k != "attn_implementation"]:
             if key in old and old[key] != new.get(key) and not _unused(f"{section}.{key}", now, recorded):
                 raise ConfigChangedError(
                     f"{section}.{key}: {_shown(new.get(key))} differs from the lineage's {_shown(old[key])}, "
-                    f"which {now.get('run_dir') or 'its run directory'} was trained with; {what} model, "
+                    f"which {now.get('run_dir') or 'its run directory'} {basis}; {what} model, "
                     f"data and main-path schedule: set {section}.{key} back to {_shown(old[key])} to go on "
                     f"with this lineage, or set run_dir to a new directory to start another")
 

@@ -29,7 +29,7 @@ from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
 from raypath.corpus import build_embedded_corpus
-from raypath.data import DataError, PrepareSpec, discover_versions, plan_versions, prepare_versions
+from raypath.data import DataError, PrepareSpec, check_prepared, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import run_main_version
@@ -250,8 +250,11 @@ def run(cfg: Config) -> Lineage:
     _check_name(cfg, lineage)
     if _main_path_started(lineage, rd):  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
+    elif lineage.version_names():  # prepared, not trained yet (a run stopped in its first segment)
+        check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config, sections=("data",))
     where = _discover(cfg, rd)
     _check_versions_kept(cfg, lineage, where.sources)
+    check_prepared(where.sources, rd.path / "data", cfg.data.seq_len)
     check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
     ctx = prepare(cfg, where)
     _record_facts(lineage, ctx)

@@ -220,11 +220,12 @@ LAYOUT = {
     "version-without-train": (lambda r: _rename(r, "v4/train", "v4/training"), [], "'v4' has no", True),
     "version-without-val": (lambda r: shutil.rmtree(r / "corpus" / "v4" / "val"), [], "v4/val: no", True),
     "trained-version-renamed": (lambda r: _rename(r, "v2", "v2-old"), [], "'v2' has no", True),
-    "trained-version-removed": (lambda r: None, ["data.versions=[v1, v3, v4]"], "versions can only be appended", False),
+    "trained-version-removed": (lambda r: None, ["data.versions=[v1, v3, v4]"], "versions can only be appended", True),
+    "trained-versions-reordered": (lambda r: None, ["data.versions=[v2, v1, v3, v4]"], "version 1 was 'v1'", True),
     "trained-file-edited": (lambda r: _edit(_part(r, "v1", "train"), False), [], "size differs", False),
     "trained-file-edited-same-size": (lambda r: _edit(_part(r, "v2", "val"), True), [], "sha256 differs", False),
     "trained-version-file-added": (lambda r: (r / "corpus/v2/train/more.jsonl").write_bytes(_jsonl(GOOD)), [],
-                                   "v2: its train files changed", False),
+                                   "v2: its train files changed", True),
     "trained-file-deleted": (lambda r: _part(r, "v3", "train").unlink(), [], "v3", True),
 }
 

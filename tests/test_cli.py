@@ -108,21 +108,22 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
-def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
+def _started_run(run_dir: Path, versions: tuple[str, ...] = (), trained: bool = True) -> None:
     """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml), copied
-    from where it trained first."""
+    from where it trained first; not ``trained``: one that stopped after preparing ``versions``."""
     from raypath.config import load_config
     from raypath.lineage import Lineage
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir.parent / 'copied-from'}"])
     lineage = Lineage.open(run_dir, cfg.name, cfg.to_dict())
     lineage.set_versions([{"name": v, "index": k} for k, v in enumerate(versions)])
-    (run_dir / "ray" / "main-v1" / "step_00000008").mkdir(parents=True)
+    (run_dir / "ray" / "main-v1" / ("step_00000008" if trained else "")).mkdir(parents=True)
 
 
+@pytest.mark.parametrize("trained", [True, False], ids=["trained", "prepared"])
 @pytest.mark.parametrize("override,message", [
     # the tokenizer was trained with 384 tokens: 512 would only be written in the record
-    ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} was trained with"),
+    ("data.vocab_size=512", "data.vocab_size: 512 differs from the lineage's 384, which {run_dir} {basis}"),
     ("data.tokenizer_max_chars=1000", "data.tokenizer_max_chars: 1000 differs from the lineage's 200000000"),
     # the versions were tokenized with the run's own tokenizer
     ("data.tokenizer={tmp}/tok", "data.tokenizer: '{tmp}/tok' differs from the lineage's empty"),
@@ -131,16 +132,21 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = ()) -> None:
     # the record, its model cards and MLflow experiment keep the name it started with
     ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
 ])
-def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, tmp_path, capsys):
+def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, trained, tmp_path,
+                                                                      capsys):
+    """Once the main path has checkpointed, and before (a run stopped in its first segment): the
+    versions it prepared were tokenized with the data settings."""
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
-    _started_run(run_dir)
+    _started_run(run_dir, ("v1",), trained)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     override = override.format(tmp=tmp_path)
     assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"raypath: error: {tiny}: ")  # the file, then the field
-    assert message.format(run_dir=run_dir, tmp=tmp_path) in err and "back to" in err and "new directory" in err
+    basis = "was trained with" if trained else "prepared its versions with"
+    assert message.format(run_dir=run_dir, tmp=tmp_path, basis=basis) in err
+    assert "back to" in err and "new directory" in err
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
