@@ -587,21 +587,29 @@ def _check(ok: bool, field_path: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Everything that can be checked without touching data or Ray."""
-    m, d, t, b = cfg.model, cfg.data, cfg.train, cfg.branch
+    """Everything that can be checked without touching data or Ray, section by section."""
     for name in ("name", "run_dir"):  # "" would be the working directory
         _check(bool(getattr(cfg, name).strip()), name, "must not be empty")
-    _check(bool(d.corpus.strip()), "data.corpus", "must not be empty (a directory, a URI or 'embedded')")
-    _check(d.max_docs_per_version is None or d.max_docs_per_version >= 2, "data.max_docs_per_version",
-           f"must be >= 2 (train and held-out documents) or empty, got {d.max_docs_per_version}")
-    _check(d.tokenizer_max_chars >= 1, "data.tokenizer_max_chars", f"must be >= 1, got {d.tokenizer_max_chars}")
-    _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus",
-           f"must be >= 1 or empty (auto), got {cfg.cluster.num_cpus}")
-    _check(b.shape in SHAPES, "branch.shape", f"{b.shape!r} is not one of {', '.join(SHAPES)}")
-    _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
-    _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
-    _check(b.power > 0, "branch.power", f"must be > 0, got {b.power}")
-    for name, value in (("run_dir", cfg.run_dir), ("data.corpus", d.corpus), ("model.path", m.path or "")):
+    _validate_places(cfg)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model, cfg.data, cfg.train)
+    _validate_train(cfg.train)
+    _validate_branch(cfg.branch)
+    _validate_sweep(cfg.sweep)
+    for r in cfg.compare.replay_ratios:
+        _check(0.0 <= r < 1.0, "compare.replay_ratios", f"each must be in [0, 1), got {r}")
+    for name, seed in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed), ("sweep.seed", cfg.sweep.seed)):
+        # numpy's and Optuna's generators take [0, 2**32) (torch's a little more): out of range,
+        # a worker or a sweep failed late, after the sweep had written its settings
+        _check(0 <= seed < 2**32, name, f"must be in [0, 2**32), got {seed}")
+    _check(cfg.tracking.backend in TRACKING_BACKENDS, "tracking.backend",
+           f"must be one of {', '.join(TRACKING_BACKENDS)}, got {cfg.tracking.backend!r}")
+
+
+def _validate_places(cfg: Config) -> None:
+    """The run directory, corpus and base model's URIs, the store's endpoint, the cluster."""
+    places = (("run_dir", cfg.run_dir), ("data.corpus", cfg.data.corpus), ("model.path", cfg.model.path or ""))
+    for name, value in places:
         u = urlparse(value)  # raypath joins file names onto these; a query would end up inside them
         _check(not (is_uri(value) and (u.query or u.fragment)), name,
                f"{value!r}: a URI with a query or fragment ('?', '#') is not supported; an S3-compatible "
@@ -612,6 +620,15 @@ def validate(cfg: Config) -> None:
     endpoint = cfg.cluster.storage_endpoint
     _check(not endpoint or endpoint.startswith(("http://", "https://")), "cluster.storage_endpoint",
            f"must be an http:// or https:// URL, got {endpoint!r}")
+    _check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus",
+           f"must be >= 1 or empty (auto), got {cfg.cluster.num_cpus}")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check(bool(d.corpus.strip()), "data.corpus", "must not be empty (a directory, a URI or 'embedded')")
+    _check(d.max_docs_per_version is None or d.max_docs_per_version >= 2, "data.max_docs_per_version",
+           f"must be >= 2 (train and held-out documents) or empty, got {d.max_docs_per_version}")
+    _check(d.tokenizer_max_chars >= 1, "data.tokenizer_max_chars", f"must be >= 1, got {d.tokenizer_max_chars}")
     if d.corpus != "embedded" and not is_uri(d.corpus):  # a remote corpus is listed when preparing
         _check(Path(d.corpus).is_dir(), "data.corpus",
                f"{d.corpus!r} is a file, not a corpus directory (one sub-directory per version)"
@@ -626,13 +643,14 @@ def validate(cfg: Config) -> None:
     _check(d.val_blocks >= 1, "data.val_blocks", f"must be >= 1, got {d.val_blocks}")
     _check(d.test_blocks is None or d.test_blocks >= 0, "data.test_blocks",
            f"must be >= 0 (0 = no test split), got {d.test_blocks}")
-    for r in cfg.compare.replay_ratios:
-        _check(0.0 <= r < 1.0, "compare.replay_ratios", f"each must be in [0, 1), got {r}")
     _check(0.0 <= d.replay_ratio < 1.0, "data.replay_ratio", f"must be in [0, 1), got {d.replay_ratio}")
     _check(d.tokenize_actors >= 1, "data.tokenize_actors", "must be >= 1")
     _check(d.on_bad_input in ("error", "skip"), "data.on_bad_input",
            f"must be 'error' or 'skip', got {d.on_bad_input!r}")
     _check(d.max_doc_chars >= 0, "data.max_doc_chars", f"must be >= 0 (0 = no limit), got {d.max_doc_chars}")
+
+
+def _validate_model(m: ModelConfig, d: DataConfig, t: TrainConfig) -> None:
     if m.path and "://" in m.path:
         pass  # a URI: listed and downloaded by raypath.pretrained before anything trains
     elif m.path:
@@ -652,10 +670,16 @@ def validate(cfg: Config) -> None:
                f"(rotary embeddings turn pairs of dimensions)")
         _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
                f"must divide num_heads {m.num_heads}, got {m.num_kv_heads}")
-    for name, seed in (("data.seed", d.seed), ("train.seed", t.seed), ("sweep.seed", cfg.sweep.seed)):
-        # numpy's and Optuna's generators take [0, 2**32) (torch's a little more): out of range,
-        # a worker or a sweep failed late, after the sweep had written its settings
-        _check(0 <= seed < 2**32, name, f"must be in [0, 2**32), got {seed}")
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
+    if m.attn_implementation == "flash_attention_2":
+        _check(t.use_gpu, "model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true "
+               "(or use sdpa, which picks flash kernels on GPU by itself)")
+        _check(t.precision == "bf16", "model.attn_implementation",
+               "flash_attention_2 needs half precision: set train.precision=bf16")
+
+
+def _validate_train(t: TrainConfig) -> None:
     _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
@@ -692,16 +716,13 @@ def validate(cfg: Config) -> None:
     from raypath.loss import check_kernels  # raises a ConfigError naming train.kernels
 
     check_kernels(t.kernels, use_gpu=t.use_gpu)
-    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
-           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
-    _validate_sweep(cfg.sweep)
-    _check(cfg.tracking.backend in TRACKING_BACKENDS, "tracking.backend",
-           f"must be one of {', '.join(TRACKING_BACKENDS)}, got {cfg.tracking.backend!r}")
-    if m.attn_implementation == "flash_attention_2":
-        _check(t.use_gpu, "model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true "
-               "(or use sdpa, which picks flash kernels on GPU by itself)")
-        _check(t.precision == "bf16", "model.attn_implementation",
-               "flash_attention_2 needs half precision: set train.precision=bf16")
+
+
+def _validate_branch(b: BranchConfig) -> None:
+    _check(b.shape in SHAPES, "branch.shape", f"{b.shape!r} is not one of {', '.join(SHAPES)}")
+    _check(0.0 < b.fraction < 1.0, "branch.fraction", f"must be in (0, 1), got {b.fraction}")
+    _check(0.0 <= b.min_lr_ratio < 1.0, "branch.min_lr_ratio", f"must be in [0, 1), got {b.min_lr_ratio}")
+    _check(b.power > 0, "branch.power", f"must be > 0, got {b.power}")
 
 
 def _validate_sweep(sc: SweepConfig) -> None:
