@@ -174,6 +174,8 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath.config import BranchConfig, SweepConfig
     from raypath.report import plot_prediction
 
+    if args.plot:
+        _check_output_file("law predict: --plot", Path(args.plot), "pred.png")
     rd, lineage, version, fits = _fit_law(args, "law predict")
     # Unset options: the run's configured release branch and objective (sweep.weights, what its
     # releases are scored by); the config's defaults where the run recorded none.
@@ -198,6 +200,16 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")
     return 0
+
+
+def _check_output_file(what: str, path: Path, example: str) -> None:
+    """Refuse an output file path that cannot be written (an existing directory, a parent that
+    is a file) before any work: a fit takes minutes, and its file is saved before the plot."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path}: is a directory; expected a file path such as {path / example}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is a file, not a directory")
 
 
 _NO_AUTO = object()

@@ -224,6 +224,24 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert "--lambda: expected 'auto' or a number in (0, 1), got '1.5'" in capsys.readouterr().err
 
 
+def test_law_predict_refuses_a_plot_path_it_cannot_write_before_fitting(tmp_path, capsys):
+    """``--plot`` naming a directory (or a path under a file) is bad input: exit 2 with one line
+    naming the flag, before the fit (which saves law/fit-<version>.json) is made."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, _ = write_lineage(tmp_path, 2)
+    (tmp_path / "a-file").write_text("")
+    for plot, says in ((tmp_path, "is a directory; expected a file path such as"),
+                       (tmp_path / "a-file" / "pred.png", "is a file, not a directory")):
+        assert main(["law", "predict", str(run_dir), "--version", "v2", "--plot", str(plot)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"raypath: error: law predict: --plot {plot}: "), err
+        assert says in err and "Traceback" not in err
+        assert not (run_dir / "law").exists()
+
+
 class _LinearGuide:
     """Predicts an objective falling linearly by 0.1 over the branch."""
 
