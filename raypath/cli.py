@@ -188,6 +188,8 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
                    for k, v in (("old", args.w_old), ("new", args.w_new))}
         p = lawfit.predict_branch(fits, lineage, version, b["shape"], b["fraction"], b["min_lr_ratio"],
                                   b["power"], weights=weights, fork_step=args.fork_step)
+        # a NaN objective is no prediction: say which split lacks a law, as a sweep's guide does
+        lawfit.check_fitted(fits, lineage, version, weights, run_dir=rd.path)
     except ValueError as e:
         raise ConfigError(f"law predict: {e}") from None
     print(f"{version}: branch {p['shape']} (power {p['power']:g}, min_lr_ratio {p['min_lr_ratio']:g}) from step "

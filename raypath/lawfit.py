@@ -728,3 +728,16 @@ def unfitted_splits(fits: Mapping[str, FitResult], lineage: LineageLike, version
     if not missing:
         return {}
     return {s: _n_points(c) for s, c in split_curves(lineage, missing, version, **curves).items()}
+
+
+def check_fitted(fits: Mapping[str, FitResult], lineage: LineageLike, version: str,
+                 weights: Mapping[str, float] | None = None, **curves: Any) -> None:
+    """Raise ValueError, naming the splits and their points, unless every split the objective
+    of ``version`` weighs has a law (:func:`unfitted_splits`, same arguments): without one the
+    objective is NaN, which reads as a number in a table and ranks as the worst or the best."""
+    missing = unfitted_splits(fits, lineage, version, weights, **curves)
+    if missing:
+        why = ", ".join(f"{s} has {n} observed point{'s' * (n != 1)}" for s, n in missing.items())
+        raise ValueError(f"the objective weighs split(s) the law cannot be fitted on ({why}; a fit needs "
+                         f"{MIN_POINTS}: evaluations every train.eval_every steps, in RUN_DIR/curves/), "
+                         "so it cannot predict the objective")

@@ -411,6 +411,24 @@ def _synthetic_run(root: Path, *, branches: tuple[str, ...] = ("branch-v2",), v2
     return run_dir
 
 
+def test_law_predict_without_a_law_for_a_weighted_split_is_refused(tmp_path, capsys):
+    """v2 is evaluated only at its end (train.eval_every: 0): no law for its split, so the
+    objective would be NaN. ``law predict`` says which split and why, exit 2, instead of printing
+    ``objective: nan`` and succeeding; weighing only v1, it predicts."""
+    from raypath.cli import main
+
+    run_dir = _synthetic_run(tmp_path, v2_evals=False)
+    fit = ["--version", "v2", "--lambda", "0.99", "--shifts", "single"]
+    assert main(["law", "predict", str(run_dir), *fit]) == 2
+    out, err = capsys.readouterr()
+    assert "objective" not in out and err.count("\n") == 1
+    assert err.startswith("raypath: error: law predict: the objective weighs split(s) the law cannot be fitted "
+                          "on (v2 has 2 observed points; a fit needs 4"), err
+    assert main(["law", "predict", str(run_dir), *fit, "--w-new", "0", "--w-old", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "objective (v1 1, v2 0): " in out and "nan" not in out
+
+
 class _PenalisedGuide(_LinearGuide):
     """The sweep's compute penalty 0.1 on a 1000-step version."""
 
