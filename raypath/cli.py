@@ -149,6 +149,7 @@ def _fit_law(args: argparse.Namespace, command: str):
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
+        lawfit.main_entry(lineage, version)  # a listed version not trained yet: say so, not "split v3"
         fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
                               huber_delta=args.huber_delta)
     except ValueError as e:

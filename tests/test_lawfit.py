@@ -242,6 +242,24 @@ def test_law_predict_refuses_a_plot_path_it_cannot_write_before_fitting(tmp_path
         assert not (run_dir / "law").exists()
 
 
+def test_law_commands_name_a_listed_version_not_trained_yet(tmp_path, capsys):
+    """A run interrupted before v2's main segment lists v2 but has not trained it: ``--version v2``
+    is refused naming the version and what is trained, not as a "split" with no segment."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, lineage = write_lineage(tmp_path, 2)
+    lineage["main_path"] = [m for m in lineage["main_path"] if m["version"] == "v1"]
+    lineage["branches"] = [b for b in lineage["branches"] if b["version"] == "v1"]
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    for command in ("fit", "predict"):
+        assert main(["law", command, str(run_dir), "--version", "v2"]) == 2
+        assert capsys.readouterr().err == (f"raypath: error: law {command}: version 'v2': no main-path segment "
+                                           "in the lineage (trained: v1)\n")
+    assert not (run_dir / "law").exists()
+
+
 class _LinearGuide:
     """Predicts an objective falling linearly by 0.1 over the branch."""
 
