@@ -139,9 +139,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_law(args: argparse.Namespace, command: str):
+def _fit_law(args: argparse.Namespace, command: str, reuse: bool = False):
     """``law fit`` and ``law predict``: the run directory, its lineage, the version and the
-    fits (saved and published to the run directory)."""
+    fits (saved and published to the run directory); with ``reuse``, the saved fit where it was
+    made with the same options on the same curves (:func:`raypath.lawfit.saved_fits`)."""
     from raypath import lawfit
     from raypath.lineage import Lineage
 
@@ -150,8 +151,14 @@ def _fit_law(args: argparse.Namespace, command: str):
     try:
         version = lawfit.version_name(lineage, args.version)
         lawfit.main_entry(lineage, version)  # a listed version not trained yet: say so, not "split v3"
-        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
-                              huber_delta=args.huber_delta)
+        options = {"law": args.law, "lam": args.lam, "shifts": args.shifts, "huber_delta": args.huber_delta}
+        # predict from the fit `law fit` saved when it still holds: the same numbers, in seconds
+        fits = lawfit.saved_fits(rd.path, lineage, version, **options) if reuse else None
+        if fits is not None:
+            log.info("%s: the fit saved in %s/%s/fit-%s.json (same options, same curves)", command, rd.uri,
+                     lawfit.LAW_DIR, version)
+            return rd, lineage, version, fits
+        fits = lawfit.fit_run(rd.path, version, **options)
     except ValueError as e:
         raise ConfigError(f"{command}: {e}") from None
     rd.publish(rd / lawfit.LAW_DIR)
@@ -177,7 +184,7 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
 
     if args.plot:
         _check_output_file("law predict: --plot", Path(args.plot), "pred.png")
-    rd, lineage, version, fits = _fit_law(args, "law predict")
+    rd, lineage, version, fits = _fit_law(args, "law predict", reuse=True)
     # Unset options: the run's configured release branch and objective (sweep.weights, what its
     # releases are scored by); the config's defaults where the run recorded none.
     run_branch = {**dataclasses.asdict(BranchConfig()), **(lineage.config.get("branch") or {})}

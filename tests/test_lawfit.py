@@ -260,6 +260,43 @@ def test_law_commands_name_a_listed_version_not_trained_yet(tmp_path, capsys):
     assert not (run_dir / "law").exists()
 
 
+def test_law_predict_predicts_from_the_fit_law_fit_saved_while_it_holds(tmp_path, capsys):
+    """``law predict`` with ``law fit``'s options on the same curves re-reads its
+    ``law/fit-<version>.json`` (the numbers ``law fit`` printed; no refit), and fits again, saving,
+    when the options differ or a curve changed since."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, _ = write_lineage(tmp_path, 2)
+    fit = ["--lambda", "0.99", "--shifts", "single"]
+    assert main(["law", "fit", str(run_dir), *fit]) == 0
+    saved = run_dir / "law" / "fit-v2.json"
+    rec = json.loads(saved.read_text())
+    assert rec["huber_delta"] is None and rec["lam"] == 0.99
+    rec["splits"]["v2"]["params"]["L0"] += 1.0  # marks the saved fit: a prediction from it is 1 higher
+    saved.write_text(json.dumps(rec))
+    capsys.readouterr()
+
+    def predicted(*extra: str) -> float:
+        assert main(["law", "predict", str(run_dir), "--version", "v2", *extra]) == 0
+        line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("  val/v2: predicted "))
+        return float(line.split()[2])
+
+    reused = predicted(*fit)
+    assert json.loads(saved.read_text()) == rec  # read, not rewritten
+    refit = predicted("--lambda", "0.99", "--shifts", "single", "--huber-delta", "0.001")  # other options
+    assert reused - refit == pytest.approx(1.0, abs=0.05)
+    assert json.loads(saved.read_text())["huber_delta"] == 0.001
+    rec = json.loads(saved.read_text())
+    rec["splits"]["v2"]["params"]["L0"] += 1.0
+    saved.write_text(json.dumps(rec))
+    curve = run_dir / "curves" / "branch-v2.jsonl"
+    rows = curve.read_text().splitlines()
+    curve.write_text("\n".join(rows[:-2]) + "\n")  # a curve that changed since the fit: fit again
+    assert predicted("--lambda", "0.99", "--shifts", "single", "--huber-delta", "0.001") < refit + 0.5
+
+
 class _LinearGuide:
     """Predicts an objective falling linearly by 0.1 over the branch."""
 
