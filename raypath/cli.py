@@ -284,9 +284,11 @@ def _add_law(sub) -> None:
     pr.add_argument("--version", help="version to branch (default: the latest trained)")
     pr.add_argument("--shape", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"],
                     help="decay shape (default: the run's branch.shape)")
-    pr.add_argument("--fraction", type=_fraction,
-                    help="share of the version's steps the branch re-trains, in (0, 1] (default: branch.fraction)")
-    pr.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
+    # one or the other: with both, --fork-step won and the --fraction given was silently ignored
+    where = pr.add_mutually_exclusive_group()
+    where.add_argument("--fraction", type=_fraction,
+                       help="share of the version's steps the branch re-trains, in (0, 1] (default: branch.fraction)")
+    where.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
     pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True),
                     help="final LR over the peak, in [0, 1) (default: branch.min_lr_ratio)")
     pr.add_argument("--power", type=_positive, help="power of polynomial/exponential (default: branch.power)")
