@@ -185,48 +185,66 @@ def load_sweep(sweep_dir: str | os.PathLike,
     rd = _remote_sweep(str(sweep_dir))[0] if curves is not True and is_remote(str(sweep_dir)) else None
     sweep_dir = local_sweep_dir(sweep_dir, curves=rd is None)
     info = sweep_info(sweep_dir)
-    end_step = info["main_end_step"]
     stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
     stopped = storage.read_json(stopped_path) if stopped_path.is_file() else {}
     rows, frames = [], []
     for d in _trial_dirs(sweep_dir):
         trial_id = d.name.removeprefix("trial_")
-        params = storage.read_json(d / "params.json") if (d / "params.json").is_file() else {}
-        final = _last_result(d / "result.json")  # the trial's latest report
         curve_path = sweep_dir / "curves" / f"{info['segment_prefix']}{trial_id}.jsonl"
-        done = final.get("step") == end_step and "objective" in final
-        if rd is not None and (not done or trial_id in (curves or ())):
-            rd.fetch(curve_path, missing_ok=True)
-        # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
-        started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
-        if started and not done:  # the curve is logged every log_every steps, Tune hears at evaluations
-            logged = (storage.last_jsonl(curve_path) or {}) if curve_path.is_file() else {}
-            if logged.get("step", -1) > (final.get("step") if final.get("step") is not None else -1):
-                final = {**final, "step": logged["step"], "loss": logged.get("loss", final.get("loss"))}
-        row: dict[str, Any] = {"trial_id": trial_id}
-        row.update({c: params.get(c) for c in CONFIG_COLUMNS})
-        row.update({
-            "objective": final.get("objective") if done else None,
-            "score": final.get("score") if done else None,
-            "penalty": final.get("penalty"),
-            # reported next to the objective; nothing selects on the test splits
-            "test_objective": final.get("test_objective") if done else None,
-            **{k: v for k, v in final.items() if k.startswith(("val/", "test/"))},
-            "loss": final.get("loss"),
-            "step": final.get("step"),
-            "status": "done" if done else "stopped" if trial_id in stopped else
-            "error" if (d / "error.txt").is_file() else "running" if started else "pending",  # Tune's error file
-        })
+        read = curves is True or trial_id in (curves or ())
+        row = _trial_row(d, curve_path, info, trial_id in stopped, rd, read)
         rows.append(row)
-        if curves is not True and trial_id not in (curves or ()):
-            continue
-        curve = read_curve(curve_path)
-        if len(curve):
-            curve = curve.assign(trial_id=trial_id, shape=row["shape"], fraction_actual=row["fraction_actual"])
-            fork_tokens = info["tokens_start"] + (int(row["fork_step"]) - info["main_start_step"]) * \
-                info["tokens_per_step"]
-            curve["branch_tokens"] = curve["tokens"] - fork_tokens
+        curve = _trial_curve(curve_path, row, info) if read else None
+        if curve is not None and len(curve):
             frames.append(curve)
+    trials = _trials_frame(rows, info)
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["trial_id", "step", "tokens", "branch_tokens", "lr", "loss"])
+    return trials, steps
+
+
+def _trial_row(d: Path, curve_path: Path, info: dict, stopped: bool, rd: RunDir | None, read: bool) -> dict:
+    """A trial's config, latest results and status. ``rd``: the remote run directory of a sweep
+    whose curves are fetched where they are ``read``, and of an unfinished trial for how far it got."""
+    params = storage.read_json(d / "params.json") if (d / "params.json").is_file() else {}
+    final = _last_result(d / "result.json")  # the trial's latest report
+    done = final.get("step") == info["main_end_step"] and "objective" in final
+    if rd is not None and (not done or read):
+        rd.fetch(curve_path, missing_ok=True)
+    # Trials can report only at their end (eval_every 0): a logged curve is what shows one training.
+    started = bool(final) or (curve_path.is_file() and curve_path.stat().st_size > 0)
+    if started and not done:  # the curve is logged every log_every steps, Tune hears at evaluations
+        logged = (storage.last_jsonl(curve_path) or {}) if curve_path.is_file() else {}
+        if logged.get("step", -1) > (final.get("step") if final.get("step") is not None else -1):
+            final = {**final, "step": logged["step"], "loss": logged.get("loss", final.get("loss"))}
+    return {
+        "trial_id": d.name.removeprefix("trial_"), **{c: params.get(c) for c in CONFIG_COLUMNS},
+        "objective": final.get("objective") if done else None,
+        "score": final.get("score") if done else None,
+        "penalty": final.get("penalty"),
+        # reported next to the objective; nothing selects on the test splits
+        "test_objective": final.get("test_objective") if done else None,
+        **{k: v for k, v in final.items() if k.startswith(("val/", "test/"))},
+        "loss": final.get("loss"),
+        "step": final.get("step"),
+        "status": "done" if done else "stopped" if stopped else
+        "error" if (d / "error.txt").is_file() else "running" if started else "pending",  # Tune's error file
+    }
+
+
+def _trial_curve(curve_path: Path, row: dict, info: dict) -> pd.DataFrame:
+    """A trial's logged steps, with the tokens since its fork and its shape for grouping."""
+    curve = read_curve(curve_path)
+    if not len(curve):
+        return curve
+    curve = curve.assign(trial_id=row["trial_id"], shape=row["shape"], fraction_actual=row["fraction_actual"])
+    fork_tokens = info["tokens_start"] + (int(row["fork_step"]) - info["main_start_step"]) * info["tokens_per_step"]
+    curve["branch_tokens"] = curve["tokens"] - fork_tokens
+    return curve
+
+
+def _trials_frame(rows: list[dict], info: dict) -> pd.DataFrame:
+    """The trials, numbers typed, the best finished one and the released one flagged, by score."""
     trials = pd.DataFrame(rows)
     if trials.empty:
         trials = pd.DataFrame(columns=["trial_id", *CONFIG_COLUMNS, "objective", "score", "status"])
@@ -238,10 +256,7 @@ def load_sweep(sweep_dir: str | os.PathLike,
     best = done.loc[done["score"].idxmin(), "trial_id"] if len(done) else None
     trials["best"] = trials["trial_id"] == best
     trials["released"] = trials["trial_id"] == info.get("released")
-    trials = trials.sort_values(["score", "trial_id"], na_position="last").reset_index(drop=True)
-    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["trial_id", "step", "tokens", "branch_tokens", "lr", "loss"])
-    return trials, steps
+    return trials.sort_values(["score", "trial_id"], na_position="last").reset_index(drop=True)
 
 
 def main_curve(sweep_dir: str | os.PathLike) -> pd.DataFrame:

@@ -139,9 +139,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_law(args: argparse.Namespace, command: str):
+def _fit_law(args: argparse.Namespace, command: str, reuse: bool = False):
     """``law fit`` and ``law predict``: the run directory, its lineage, the version and the
-    fits (saved and published to the run directory)."""
+    fits (saved and published to the run directory); with ``reuse``, the saved fit where it was
+    made with the same options on the same curves (:func:`raypath.lawfit.saved_fits`)."""
     from raypath import lawfit
     from raypath.lineage import Lineage
 
@@ -149,8 +150,15 @@ def _fit_law(args: argparse.Namespace, command: str):
     lineage = Lineage.load(rd)
     try:
         version = lawfit.version_name(lineage, args.version)
-        fits = lawfit.fit_run(rd.path, version, law=args.law, lam=args.lam, shifts=args.shifts,
-                              huber_delta=args.huber_delta)
+        lawfit.main_entry(lineage, version)  # a listed version not trained yet: say so, not "split v3"
+        options = {"law": args.law, "lam": args.lam, "shifts": args.shifts, "huber_delta": args.huber_delta}
+        # predict from the fit `law fit` saved when it still holds: the same numbers, in seconds
+        fits = lawfit.saved_fits(rd.path, lineage, version, **options) if reuse else None
+        if fits is not None:
+            log.info("%s: the fit saved in %s/%s/fit-%s.json (same options, same curves)", command, rd.uri,
+                     lawfit.LAW_DIR, version)
+            return rd, lineage, version, fits
+        fits = lawfit.fit_run(rd.path, version, **options)
     except ValueError as e:
         raise ConfigError(f"{command}: {e}") from None
     rd.publish(rd / lawfit.LAW_DIR)
@@ -174,7 +182,9 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     from raypath.config import BranchConfig, SweepConfig
     from raypath.report import plot_prediction
 
-    rd, lineage, version, fits = _fit_law(args, "law predict")
+    if args.plot:
+        _check_output_file("law predict: --plot", Path(args.plot), "pred.png")
+    rd, lineage, version, fits = _fit_law(args, "law predict", reuse=True)
     # Unset options: the run's configured release branch and objective (sweep.weights, what its
     # releases are scored by); the config's defaults where the run recorded none.
     run_branch = {**dataclasses.asdict(BranchConfig()), **(lineage.config.get("branch") or {})}
@@ -186,6 +196,8 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
                    for k, v in (("old", args.w_old), ("new", args.w_new))}
         p = lawfit.predict_branch(fits, lineage, version, b["shape"], b["fraction"], b["min_lr_ratio"],
                                   b["power"], weights=weights, fork_step=args.fork_step)
+        # a NaN objective is no prediction: say which split lacks a law, as a sweep's guide does
+        lawfit.check_fitted(fits, lineage, version, weights, run_dir=rd.path)
     except ValueError as e:
         raise ConfigError(f"law predict: {e}") from None
     print(f"{version}: branch {p['shape']} (power {p['power']:g}, min_lr_ratio {p['min_lr_ratio']:g}) from step "
@@ -198,6 +210,16 @@ def cmd_law_predict(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {plot_prediction(rd.path, lineage, fits, version, p, args.plot)}")
     return 0
+
+
+def _check_output_file(what: str, path: Path, example: str) -> None:
+    """Refuse an output file path that cannot be written (an existing directory, a parent that
+    is a file) before any work: a fit takes minutes, and its file is saved before the plot."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path}: is a directory; expected a file path such as {path / example}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is a file, not a directory")
 
 
 _NO_AUTO = object()
@@ -262,9 +284,11 @@ def _add_law(sub) -> None:
     pr.add_argument("--version", help="version to branch (default: the latest trained)")
     pr.add_argument("--shape", choices=["cosine", "linear", "1-sqrt", "exponential", "polynomial"],
                     help="decay shape (default: the run's branch.shape)")
-    pr.add_argument("--fraction", type=_fraction,
-                    help="share of the version's steps the branch re-trains, in (0, 1] (default: branch.fraction)")
-    pr.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
+    # one or the other: with both, --fork-step won and the --fraction given was silently ignored
+    where = pr.add_mutually_exclusive_group()
+    where.add_argument("--fraction", type=_fraction,
+                       help="share of the version's steps the branch re-trains, in (0, 1] (default: branch.fraction)")
+    where.add_argument("--fork-step", type=int, help="fork at this global step instead of --fraction")
     pr.add_argument("--min-lr-ratio", type=_number_in(0.0, 1.0, lo_closed=True),
                     help="final LR over the peak, in [0, 1) (default: branch.min_lr_ratio)")
     pr.add_argument("--power", type=_positive, help="power of polynomial/exponential (default: branch.power)")

@@ -546,10 +546,14 @@ def _split_record(fit: FitResult, curves: Sequence[Curve], lineage: Lineage, spl
     return {
         **fit.to_dict(), "cpt_start": cpt_start(lineage, split, version),
         "boundaries": boundaries(lineage, split, version), "entry": entry_step(lineage, split, version),
-        "curves": [{"name": c.name, "n_points": int(len(c.steps)),
-                    "first_step": int(c.steps.min()) + 1, "last_step": int(c.steps.max()) + 1}
-                   for c in curves],
+        "curves": _curve_summaries(curves),
     }
+
+
+def _curve_summaries(curves: Sequence[Curve]) -> list[dict]:
+    """What a saved fit records of the curves it was fitted on (and :func:`saved_fits` compares)."""
+    return [{"name": c.name, "n_points": int(len(c.steps)), "first_step": int(c.steps.min()) + 1,
+             "last_step": int(c.steps.max()) + 1} for c in curves]
 
 
 def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *, law: str = "auto",
@@ -606,7 +610,7 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     fits: dict[str, FitResult] = {}
     forms = dict(forms or {})
     record: dict[str, Any] = {"version": version, "law": law, "shift_sign": shift_sign, "lam": lam,
-                              "shifts": shifts, "splits": {}}
+                              "shifts": shifts, "huber_delta": huber_delta, "splits": {}}
     if forms:
         record["forms"] = forms
     problems = {}
@@ -647,6 +651,35 @@ def load_fits(run_dir: str | os.PathLike, version: str) -> dict[str, FitResult]:
     fields = {f.name for f in dataclasses.fields(FitResult)}
     return {s: FitResult.from_dict({k: v for k, v in d.items() if k in fields})
             for s, d in rec["splits"].items() if "skipped" not in d}
+
+
+def saved_fits(run_dir: str | os.PathLike, lineage: LineageLike, version: str, *, law: str = "auto",
+               lam: float | str = "auto", shifts: str = "auto", huber_delta: float | None = None,
+               ) -> dict[str, FitResult] | None:
+    """The fits :func:`fit_run` saved for ``version`` when they are what it would fit now: the same
+    options (its defaults otherwise) on the same curves of every split (names, points, first and
+    last step); None otherwise (no file, other options, a curve added or grown since: a sweep
+    trial finished). ``raypath law predict`` predicts from what ``raypath law fit`` printed, and
+    a fit takes minutes on a long lineage."""
+    from raypath.storage import read_json
+
+    try:
+        rec = read_json(Path(run_dir) / LAW_DIR / f"fit-{version}.json")
+    except (OSError, ValueError):  # none saved, or torn by hand: fit again
+        return None
+    want = {"version": version, "law": law, "shift_sign": True, "lam": lam, "shifts": shifts,
+            "huber_delta": huber_delta}
+    if any(k not in rec or rec[k] != v for k, v in want.items()) or rec.get("forms"):
+        return None
+    splits = rec.get("splits") or {}
+    observed = split_curves(lineage, splits_for(lineage, version), version, run_dir=run_dir)
+    for split, curves in observed.items():
+        saved = splits.get(split) or {}
+        same = (saved.get("n_points") == _n_points(curves) if "skipped" in saved
+                else saved.get("curves") == _curve_summaries(curves))
+        if not same:
+            return None
+    return load_fits(run_dir, version)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -728,3 +761,16 @@ def unfitted_splits(fits: Mapping[str, FitResult], lineage: LineageLike, version
     if not missing:
         return {}
     return {s: _n_points(c) for s, c in split_curves(lineage, missing, version, **curves).items()}
+
+
+def check_fitted(fits: Mapping[str, FitResult], lineage: LineageLike, version: str,
+                 weights: Mapping[str, float] | None = None, **curves: Any) -> None:
+    """Raise ValueError, naming the splits and their points, unless every split the objective
+    of ``version`` weighs has a law (:func:`unfitted_splits`, same arguments): without one the
+    objective is NaN, which reads as a number in a table and ranks as the worst or the best."""
+    missing = unfitted_splits(fits, lineage, version, weights, **curves)
+    if missing:
+        why = ", ".join(f"{s} has {n} observed point{'s' * (n != 1)}" for s, n in missing.items())
+        raise ValueError(f"the objective weighs split(s) the law cannot be fitted on ({why}; a fit needs "
+                         f"{MIN_POINTS}: evaluations every train.eval_every steps, in RUN_DIR/curves/), "
+                         "so it cannot predict the objective")

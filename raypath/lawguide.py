@@ -30,10 +30,10 @@ import numpy as np
 
 from raypath.law import FitResult, anneal_params
 from raypath.lawfit import (
-    MIN_POINTS,
     CurveRecords,
     LineageLike,
     branch_lrs,
+    check_fitted,
     fit_run,
     lineage_branches,
     lineage_schedule,
@@ -356,19 +356,19 @@ class LawGuide:
         except Exception as e:  # the fits before the resume still forecast; a stopper must not kill the sweep
             log.warning("law refit on the resumed sweep's %d trial(s) failed: %s", len(self.trials), e)
 
+    def _curve_options(self) -> dict:
+        """The curves the guide fits on, as :func:`~raypath.lawfit.curves_from_lineage`'s options."""
+        return {"run_dir": self.run_dir, "extra_branches": self.trials, "include_sweeps": self.include_sweeps,
+                "records": self._records}
+
     def unfitted(self) -> dict[str, int]:
         """Weighted splits without a law (too few observed points), with their points."""
-        return unfitted_splits(self.fits, self.lineage, self.version, self.weights, run_dir=self.run_dir,
-                               extra_branches=self.trials, include_sweeps=self.include_sweeps, records=self._records)
+        return unfitted_splits(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
 
     def check_objective(self) -> None:
         """Raise ValueError, naming the splits and why, unless every weighted split has a law: without
         one the objective is NaN for every candidate, and a ranking of NaNs is no guidance."""
-        missing = self.unfitted()
-        if missing:
-            why = ", ".join(f"{s} has {n} observed point{'s' * (n != 1)}" for s, n in missing.items())
-            raise ValueError(f"the objective weighs split(s) the law cannot be fitted on ({why}; a fit needs "
-                             f"{MIN_POINTS}), so it cannot predict the objective")
+        check_fitted(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
 
     def check_ranking(self) -> None:
         """:meth:`check_objective`, then raise :class:`UnidentifiedDecay`, naming the splits, when

@@ -527,10 +527,12 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
             lines.append(f"  {split} ({role}): not fitted (too few observed points)")
             continue
         params = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
-        switches = ", ".join(map(str, boundaries(lineage, split, version)))
+        # a split trained on from step 0 (the first version's new split) has no switch
+        at = [str(b) for b in boundaries(lineage, split, version) if b > 0]
+        switches = f"data switches at steps {', '.join(at)}" if at else "no data switch"
         if entry := entry_step(lineage, split, version):
             switches += f"; its data entered at step {entry}"
-        lines.append(f"  {split} ({role}, data switches at steps {switches}): {fit.law}, "
+        lines.append(f"  {split} ({role}, {switches}): {fit.law}, "
                      f"n={fit.n_points}, R^2={fit.r2:.4f} (noise ceiling {fit.r2_ceiling:.4f}), "
                      f"MAPE={fit.mape:.3f}%, lambda={fit.lam:g}, "
                      f"Huber delta={fit.delta:.2g}")

@@ -76,6 +76,8 @@ def test_cost_table(capsys):
     (["law", "predict", "RUN", "--fraction", "0"], "--fraction: expected a number in (0, 1]"),
     (["law", "predict", "RUN", "--w-old", "-1"], "--w-old: expected a number in [0, inf)"),
     (["law", "predict", "RUN", "--lambda", "1.5"], "--lambda: expected 'auto' or a number in (0, 1)"),
+    (["law", "predict", "RUN", "--fraction", "0.5", "--fork-step", "200"],
+     "--fork-step: not allowed with argument --fraction"),
 ])
 def test_out_of_range_numbers_on_the_command_line_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -224,6 +224,79 @@ def test_cli_law_fit_and_predict(law_run, fits, capsys, tmp_path):
     assert "--lambda: expected 'auto' or a number in (0, 1), got '1.5'" in capsys.readouterr().err
 
 
+def test_law_predict_refuses_a_plot_path_it_cannot_write_before_fitting(tmp_path, capsys):
+    """``--plot`` naming a directory (or a path under a file) is bad input: exit 2 with one line
+    naming the flag, before the fit (which saves law/fit-<version>.json) is made."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, _ = write_lineage(tmp_path, 2)
+    (tmp_path / "a-file").write_text("")
+    for plot, says in ((tmp_path, "is a directory; expected a file path such as"),
+                       (tmp_path / "a-file" / "pred.png", "is a file, not a directory")):
+        assert main(["law", "predict", str(run_dir), "--version", "v2", "--plot", str(plot)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"raypath: error: law predict: --plot {plot}: "), err
+        assert says in err and "Traceback" not in err
+        assert not (run_dir / "law").exists()
+
+
+def test_law_commands_name_a_listed_version_not_trained_yet(tmp_path, capsys):
+    """A run interrupted before v2's main segment lists v2 but has not trained it: ``--version v2``
+    is refused naming the version and what is trained, not as a "split" with no segment."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, lineage = write_lineage(tmp_path, 2)
+    lineage["main_path"] = [m for m in lineage["main_path"] if m["version"] == "v1"]
+    lineage["branches"] = [b for b in lineage["branches"] if b["version"] == "v1"]
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    for command in ("fit", "predict"):
+        assert main(["law", command, str(run_dir), "--version", "v2"]) == 2
+        assert capsys.readouterr().err == (f"raypath: error: law {command}: version 'v2': no main-path segment "
+                                           "in the lineage (trained: v1)\n")
+    assert not (run_dir / "law").exists()
+
+
+def test_law_predict_predicts_from_the_fit_law_fit_saved_while_it_holds(tmp_path, capsys):
+    """``law predict`` with ``law fit``'s options on the same curves re-reads its
+    ``law/fit-<version>.json`` (the numbers ``law fit`` printed; no refit), and fits again, saving,
+    when the options differ or a curve changed since."""
+    from law_lineage import write_lineage
+
+    from raypath.cli import main
+
+    run_dir, _ = write_lineage(tmp_path, 2)
+    fit = ["--lambda", "0.99", "--shifts", "single"]
+    assert main(["law", "fit", str(run_dir), *fit]) == 0
+    saved = run_dir / "law" / "fit-v2.json"
+    rec = json.loads(saved.read_text())
+    assert rec["huber_delta"] is None and rec["lam"] == 0.99
+    rec["splits"]["v2"]["params"]["L0"] += 1.0  # marks the saved fit: a prediction from it is 1 higher
+    saved.write_text(json.dumps(rec))
+    capsys.readouterr()
+
+    def predicted(*extra: str) -> float:
+        assert main(["law", "predict", str(run_dir), "--version", "v2", *extra]) == 0
+        line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("  val/v2: predicted "))
+        return float(line.split()[2])
+
+    reused = predicted(*fit)
+    assert json.loads(saved.read_text()) == rec  # read, not rewritten
+    refit = predicted("--lambda", "0.99", "--shifts", "single", "--huber-delta", "0.001")  # other options
+    assert reused - refit == pytest.approx(1.0, abs=0.05)
+    assert json.loads(saved.read_text())["huber_delta"] == 0.001
+    rec = json.loads(saved.read_text())
+    rec["splits"]["v2"]["params"]["L0"] += 1.0
+    saved.write_text(json.dumps(rec))
+    curve = run_dir / "curves" / "branch-v2.jsonl"
+    rows = curve.read_text().splitlines()
+    curve.write_text("\n".join(rows[:-2]) + "\n")  # a curve that changed since the fit: fit again
+    assert predicted("--lambda", "0.99", "--shifts", "single", "--huber-delta", "0.001") < refit + 0.5
+
+
 class _LinearGuide:
     """Predicts an objective falling linearly by 0.1 over the branch."""
 
@@ -391,6 +464,24 @@ def _synthetic_run(root: Path, *, branches: tuple[str, ...] = ("branch-v2",), v2
                 r.pop("val/v2", None)
         curve.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_dir
+
+
+def test_law_predict_without_a_law_for_a_weighted_split_is_refused(tmp_path, capsys):
+    """v2 is evaluated only at its end (train.eval_every: 0): no law for its split, so the
+    objective would be NaN. ``law predict`` says which split and why, exit 2, instead of printing
+    ``objective: nan`` and succeeding; weighing only v1, it predicts."""
+    from raypath.cli import main
+
+    run_dir = _synthetic_run(tmp_path, v2_evals=False)
+    fit = ["--version", "v2", "--lambda", "0.99", "--shifts", "single"]
+    assert main(["law", "predict", str(run_dir), *fit]) == 2
+    out, err = capsys.readouterr()
+    assert "objective" not in out and err.count("\n") == 1
+    assert err.startswith("raypath: error: law predict: the objective weighs split(s) the law cannot be fitted "
+                          "on (v2 has 2 observed points; a fit needs 4"), err
+    assert main(["law", "predict", str(run_dir), *fit, "--w-new", "0", "--w-old", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "objective (v1 1, v2 0): " in out and "nan" not in out
 
 
 class _PenalisedGuide(_LinearGuide):
