@@ -255,6 +255,8 @@ def test_fit_report_lists_each_splits_switches(three_versions):
     assert "v2 (old, data switches at steps 400; its data entered at step 200): CPTLaw" in text
     assert "cannot tell apart): CPTLaw" in text
     assert f"R^2={fits['v1'].r2:.4f} (noise ceiling {fits['v1'].r2_ceiling:.4f})" in text
+    # the first version's own split, trained on from step 0, sees no switch
+    assert "  v1 (new, no data switch): CPTLaw" in format_fits({"v1": fits["v3"]}, lineage, "v1")
     jumpy = dataclasses.replace(fits["v1"], outlier_share=0.75, outliers=[
         {"curve": "main", "step": 10 * i, "residual": 0.04 - 0.005 * i} for i in range(1, 8)])
     text = format_fits({**fits, "v1": jumpy}, lineage, "v3")
