@@ -66,6 +66,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs
     from raypath.lineage import Lineage
 
+    if args.run_dir and args.tokens:  # a plan priced next to a run read as the run's own
+        raise ConfigError("cost: give a RUN_DIR (its planned and measured tokens) or --tokens T1 T2 ... "
+                          "(a plan's), not both")
     if args.run_dir:
         lineage = Lineage.load(_open_run(args))
         fraction = lineage.config["branch"]["fraction"]
@@ -171,8 +174,11 @@ def cmd_law_fit(args: argparse.Namespace) -> int:
 
     rd, lineage, version, fits = _fit_law(args, "law fit")
     print(format_fits(fits, lineage, version))
+    if not fits:
+        raise ConfigError(f"law fit: no split of {version} has the {lawfit.MIN_POINTS} observed points a fit needs "
+                          f"(validation losses every train.eval_every steps, in {rd.uri}/curves/)")
     print(f"fit: {rd.uri}/{lawfit.LAW_DIR}/fit-{version}.json")
-    return 0 if fits else 1
+    return 0
 
 
 def cmd_law_predict(args: argparse.Namespace) -> int:

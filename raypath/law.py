@@ -885,8 +885,9 @@ def r2_ceiling(curves: Sequence[Curve]) -> float:
     Why: R^2 divides the squared error by the spread of the losses, so the same noise caps it
     lower on flat curves (an old split forgetting at the peak LR moves by a few percent)
     than on a curve falling from its start. A fit can pass it: on few points its parameters
-    also fit some of the noise (as an estimate from those points, the cap is noisy too). Heavy-tailed jumps (:attr:`FitResult.outliers`) lower R^2 further
-    than this Gaussian estimate accounts for. 1.0 for noise-free curves, NaN for flat ones.
+    also fit some of the noise (and, estimated from those points, the cap is noisy too).
+    Heavy-tailed jumps (:attr:`FitResult.outliers`) lower R^2 further than this Gaussian
+    estimate accounts for. 1.0 for noise-free curves, NaN for flat ones.
     """
     obs = np.concatenate([c.losses for c in curves]) if curves else np.empty(0)
     obs = obs[np.isfinite(obs)]

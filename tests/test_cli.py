@@ -69,6 +69,11 @@ def test_cost_table(capsys):
     assert last[0] == "3" and last[-2:] == ["0.600", "0.750"]
 
 
+def test_cost_of_a_run_and_of_a_plan_at_once_is_refused(tmp_path, capsys):
+    assert main(["cost", str(tmp_path), "--tokens", "1e9", "1e9"]) == 2
+    assert "cost: give a RUN_DIR (its planned and measured tokens) or --tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["cost", "--tokens", "1e9", "1e9", "--fraction", "1.5"], "--fraction: expected a number in (0, 1)"),
     (["cost", "--tokens", "1e9", "1e9", "--replay", "1"], "--replay: expected a number in [0, 1)"),

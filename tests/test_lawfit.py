@@ -484,6 +484,22 @@ def test_law_predict_without_a_law_for_a_weighted_split_is_refused(tmp_path, cap
     assert "objective (v1 1, v2 0): " in out and "nan" not in out
 
 
+def test_law_fit_without_a_fittable_split_is_one_error_line(tmp_path, capsys):
+    """Every split evaluated only at the versions' ends: the table says why per split, then one
+    error line, exit 2, and no `fit:` file offered."""
+    from raypath.cli import main
+
+    run_dir = _synthetic_run(tmp_path, v2_evals=False)
+    for curve in (run_dir / "curves").glob("*.jsonl"):
+        rows = [json.loads(line) for line in curve.read_text().splitlines() if line]
+        rows = [{k: v for k, v in r.items() if not (k == "val/v1" and r["step"] % 200)} for r in rows]
+        curve.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["law", "fit", str(run_dir), "--version", "v2", "--lambda", "0.99", "--shifts", "single"]) == 2
+    out, err = capsys.readouterr()
+    assert "not fitted" in out and "fit: " not in out and err.count("\n") == 1
+    assert err.startswith("raypath: error: law fit: no split of v2 has the 4 observed points a fit needs"), err
+
+
 class _PenalisedGuide(_LinearGuide):
     """The sweep's compute penalty 0.1 on a 1000-step version."""
 
