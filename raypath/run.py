@@ -34,7 +34,7 @@ from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import run_main_version
 from raypath.mirror import RunDir
-from raypath.pretrained import check_tokenizer
+from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, iter_texts
@@ -158,6 +158,7 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     endpoint = _endpoint(cfg)
     base = resolve_base_model(cfg.model.path, rd, endpoint) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
+        check_model(base.local_dir)  # here, not in every worker after the data is prepared
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
     if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
         tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())

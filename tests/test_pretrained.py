@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_config
+from safetensors.torch import load_file
 
 from raypath.config import ConfigError
 from raypath.storage import sha256_file
@@ -74,6 +75,46 @@ def test_a_base_model_whose_head_transforms_its_logits_is_refused(tmp_path, tok_
     (base / "config.json").write_text(json.dumps({**config, "model_type": "granite", "logits_scaling": 8.0}))
     with pytest.raises(ConfigError, match=r"^model.path: a granite model transforms its logits \(logits_scaling=8.0\)"):
         check_tokenizer(str(base), load_tokenizer(base), "model.path")
+
+
+def test_a_base_model_raypath_cannot_train_is_refused_before_training(ray_cluster, tmp_path, tok_dir):
+    """A torn weight file, weights of another shape than config.json's, no weights, or a model not laid
+    out as Llama's (GPT-2) failed in every Ray Train worker after the data was prepared (exit 1)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raypath.pretrained import check_model
+    from raypath.run import run
+    from raypath.tokenizer import load_tokenizer
+
+    torn = _save_base(tmp_path / "torn", tok_dir)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = tiny_config(tmp_path / "run", f"model.path={torn}", "data.versions=[v1]", "train.num_workers=1")
+    with pytest.raises(ConfigError, match=f"^model.path: {weights} is not a readable weight file, torn or damaged"):
+        run(cfg)
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "data").exists()
+
+    other = _save_base(tmp_path / "other", tok_dir)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ConfigError, match=r"tensor model.layers.0.mlp.down_proj.weight has shape \[32, 64\], "
+                                          r"but .*config.json builds \[32, 96\]"):
+        check_model(str(other))
+    (other / "config.json").write_text(json.dumps(config))
+    bin_dir = tmp_path / "bin"  # a .bin is read as well: memory-mapped, not loaded
+    other.rename(bin_dir)
+    torch.save(load_file(bin_dir / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    (bin_dir / "model.safetensors").unlink()
+    check_model(str(bin_dir))
+    (bin_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(ConfigError, match="^model.path: .* holds no weights"):
+        check_model(str(bin_dir))
+
+    tok = load_tokenizer(tok_dir)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"a gpt2 model \(GPT2LMHeadModel\) is not laid out as .model.layers"):
+        check_model(str(tmp_path / "gpt2"))
 
 
 def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
