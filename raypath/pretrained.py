@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raypath.config import ConfigError
+from raypath.config import ConfigChangedError, ConfigError
 from raypath.mirror import CHUNK, RunDir
 from raypath.sources import uri_filesystem
 from raypath.storage import atomic_dir, atomic_file, in_threads, read_json, sha256_file, write_json
@@ -58,6 +58,20 @@ class BaseModel:
     def describe(self) -> dict:
         """The lineage's ``model.base`` record."""
         return {"path": self.source, "local_dir": self.local_dir, "weights_sha256": self.sha256}
+
+    def check_kept(self, recorded: dict | None) -> None:
+        """Raise unless the weights are those of ``recorded`` (the lineage's ``model.base``, None when
+        it has none): a lineage whose main path started from a base model records which weights it
+        continued, and a directory re-saved in place must not rewrite that record."""
+        before = (recorded or {}).get("weights_sha256")
+        if not before or before == self.sha256:
+            return
+        name = next(n for n in sorted({*before, *self.sha256}) if before.get(n) != self.sha256.get(n))
+        old, new = (f"{h[:12]}..." if h else "absent" for h in (before.get(name), self.sha256.get(name)))
+        raise ConfigChangedError(
+            f"model.path: {Path(self.local_dir) / name} changed since this lineage's main path started from it "
+            f"(sha256 {old} recorded, {new} now); the lineage keeps the base model it continued: restore "
+            f"those weights, or set run_dir to a new directory to start another")
 
 
 def _is_uri(path: str) -> bool:

@@ -185,6 +185,29 @@ def test_only_the_weight_files_are_hashed_not_what_a_trainer_saved_next_to_them(
     assert resolve(f"file://{src}", RunDir(tmp_path / "run")).sha256 == want  # downloaded
 
 
+def test_a_base_model_changed_in_place_is_refused_not_recorded_anew(tmp_path, tok_dir):
+    """A lineage records the weights its main path continued; a directory re-saved with other weights
+    under the same model.path rewrote that record on the next run."""
+    from transformers import LlamaForCausalLM
+
+    from raypath.config import ConfigChangedError
+    from raypath.mirror import RunDir
+    from raypath.pretrained import resolve
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    recorded = resolve(str(src), RunDir(tmp_path / "run")).describe()
+    resolve(str(src), RunDir(tmp_path / "run")).check_kept(recorded)
+    resolve(str(src), RunDir(tmp_path / "run")).check_kept(None)  # no base recorded yet
+    model = LlamaForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(src)
+    with pytest.raises(ConfigChangedError, match=rf"^model.path: {src / 'model.safetensors'} changed since this "
+                                                 rf"lineage's main path started from it \(sha256 \w{{12}}\.\.\. "
+                                                 rf"recorded, \w{{12}}\.\.\. now\)"):
+        resolve(str(src), RunDir(tmp_path / "run")).check_kept(recorded)
+
+
 def test_an_s3_model_path_uses_the_configured_endpoint(s3, tmp_path, tok_dir):
     from conftest import bucket
 
