@@ -299,6 +299,20 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
         assert {k: v for k, v in released.items() if k not in ignore} == \
                {k: v for k, v in base_config.items() if k not in ignore}
 
+    # An export of a checkpoint builds the base model's architecture and says what it continued.
+    from huggingface_hub import ModelCard
+
+    from raypath.export import export
+
+    branch = lineage["branches"][-1]
+    for what in ("main-v2", branch["checkpoint"]):  # ./ray/branch-v2/step_N: relative to the run directory
+        out = tmp_path / "exports" / Path(what).parent.name
+        exported = export(run_dir, what, out, dtype="bf16")
+        model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        stored = torch.load(exported.source.checkpoint / "model.pt", weights_only=True)
+        assert all(torch.equal(t.to(torch.bfloat16), model.state_dict()[k]) for k, t in stored.items())
+        assert ModelCard.load(out / "README.md").data.raypath["base_model"] == uri
+
 
 def test_a_download_takes_the_shards_the_index_names_and_no_other_weights(tmp_path):
     import pyarrow.fs as pafs
