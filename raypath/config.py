@@ -656,6 +656,10 @@ def _validate_model(m: ModelConfig, d: DataConfig, t: TrainConfig) -> None:
     elif m.path:
         _check(Path(m.path, "config.json").is_file(), "model.path",
                f"{m.path!r} is not a save_pretrained directory (no config.json)")
+        # The tokenizer defaults to the model's own: without one the run failed after starting Ray.
+        _check(bool(d.tokenizer) or Path(m.path, "tokenizer.json").is_file(), "model.path",
+               f"{m.path!r} has no tokenizer.json (the tokenizer defaults to the model's own): save the "
+               f"tokenizer next to the model, or set data.tokenizer")
     else:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "max_position_embeddings"):

@@ -280,7 +280,8 @@ def checkpoint_source(lineage: Lineage, run_dir: Path, d: Path, outside: bool = 
     if main is not None and main.segment == segment:
         facts = main_facts(lineage, main)
     else:
-        facts = Facts(_run_name(lineage), version, "checkpoint", "", "", trained_on=_versions_to(lineage, version))
+        facts = Facts(_run_name(lineage), version, "checkpoint", "", "", trained_on=_versions_to(lineage, version),
+                      base_model=_base_model(lineage))
         facts.branch = branch_facts(lineage, branch, {}) if branch else None
     facts.kind, facts.label, facts.source = "checkpoint", str(d), str(d)
     facts.step, facts.tokens_total = state.get("step"), state.get("tokens")

@@ -414,6 +414,10 @@ OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
 #: What builds the embedded corpus (a change rebuilds it under the run directory); of any other
 #: corpus, ``data.seed`` seeds only the versions still to prepare.
 EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
+#: What builds a fresh model: a base model's own ``config.json`` gives its architecture (``model.path``).
+FRESH_MODEL_SETTINGS = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+                        "model.intermediate_size", "model.max_position_embeddings", "model.tie_word_embeddings",
+                        "model.rope_theta")
 
 
 def check_fixed_settings(now: dict, recorded: dict, what: str = "a lineage keeps its",
@@ -449,6 +453,8 @@ def _unused(name: str, now: dict, recorded: dict) -> bool:
         return bool(data.get("tokenizer") or (recorded.get("model") or {}).get("path"))
     if name in EMBEDDED_CORPUS_SETTINGS:
         return not data.get("corpus") == (now.get("data") or {}).get("corpus") == "embedded"
+    if name in FRESH_MODEL_SETTINGS:  # ignored beside model.path, which may not change itself
+        return bool((recorded.get("model") or {}).get("path"))
     return False
 
 

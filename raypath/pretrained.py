@@ -6,9 +6,9 @@
 ``RUN_DIR/base_model/`` with a manifest of every file's sha256 written last; a
 re-run verifies the copy against the manifest instead of downloading again.
 
-The driver checks the model against the tokenizer before anything trains
-(:func:`check_tokenizer`): every token id needs an embedding row, and EOS/PAD
-must be real ids. The lineage records the base model's source and the sha256
+The driver checks the model (:func:`check_model`: its layout and weight files) and the
+tokenizer against it (:func:`check_tokenizer`) before anything trains: every token id
+needs an embedding row, and EOS/PAD must be real ids. The lineage records the base model's source and the sha256
 of its weight files (:func:`describe`), so a release says what it continued.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raypath.config import ConfigError
+from raypath.config import ConfigChangedError, ConfigError
 from raypath.mirror import CHUNK, RunDir
 from raypath.sources import uri_filesystem
 from raypath.storage import atomic_dir, atomic_file, in_threads, read_json, sha256_file, write_json
@@ -58,6 +58,20 @@ class BaseModel:
     def describe(self) -> dict:
         """The lineage's ``model.base`` record."""
         return {"path": self.source, "local_dir": self.local_dir, "weights_sha256": self.sha256}
+
+    def check_kept(self, recorded: dict | None) -> None:
+        """Raise unless the weights are those of ``recorded`` (the lineage's ``model.base``, None when
+        it has none): a lineage whose main path started from a base model records which weights it
+        continued, and a directory re-saved in place must not rewrite that record."""
+        before = (recorded or {}).get("weights_sha256")
+        if not before or before == self.sha256:
+            return
+        name = next(n for n in sorted({*before, *self.sha256}) if before.get(n) != self.sha256.get(n))
+        old, new = (f"{h[:12]}..." if h else "absent" for h in (before.get(name), self.sha256.get(name)))
+        raise ConfigChangedError(
+            f"model.path: {Path(self.local_dir) / name} changed since this lineage's main path started from it "
+            f"(sha256 {old} recorded, {new} now); the lineage keeps the base model it continued: restore "
+            f"those weights, or set run_dir to a new directory to start another")
 
 
 def _is_uri(path: str) -> bool:
@@ -209,3 +223,56 @@ def check_tokenizer(model_dir: str | None, tok, tokenizer_field: str, seq_len: i
     for name, tid in (("EOS", tok.eos_token_id), ("PAD", tok.pad_token_id)):
         if tid is not None and not 0 <= tid < rows:
             raise ConfigError(f"{tokenizer_field}: {name} id {tid} is outside {where} ({rows} rows)")
+
+
+def check_model(model_dir: str) -> None:
+    """Fail before training unless ``model_dir`` (``model.path``'s local directory) is a model raypath
+    trains: a causal LM laid out as ``.model.layers`` and ``.lm_head`` (the Llama family: raypath's
+    loss, FSDP sharding and compile reach into those), whose weight files are readable and fit its
+    ``config.json``. Otherwise every worker fails inside Ray Train, after the data is prepared.
+
+    Reads the weight files' headers only (safetensors; a ``.bin`` is memory-mapped onto the meta
+    device): the cost does not grow with the model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(model_dir)
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):  # the architecture config.json builds, without weights
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, not a causal LM, bad JSON
+        raise ConfigError(f"model.path: {d / 'config.json'} does not build a causal LM "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        raise ConfigError(f"model.path: {d / 'config.json'}: a {cfg.model_type} model ({type(model).__name__}) is not "
+                          f"laid out as .model.layers and .lm_head; raypath trains Llama-family models "
+                          f"(llama, mistral, qwen2, qwen3, ...)")
+    files = weight_files(d)
+    if not files:
+        raise ConfigError(f"model.path: {d} holds no weights (expected one of {', '.join(WEIGHT_NAMES)})")
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    for f in files:
+        for name, shape in _tensor_shapes(f).items():
+            if name in expected and shape != expected[name]:
+                raise ConfigError(f"model.path: {f}: tensor {name} has shape {list(shape)}, but {d / 'config.json'} "
+                                  f"builds {list(expected[name])}: the weights are another model's")
+
+
+def _tensor_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of one weight file, from its header (a torn or foreign file is named)."""
+    import torch
+
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        state = torch.load(f, mmap=True, weights_only=True, map_location="meta")
+        return {k: tuple(t.shape) for k, t in state.items()}
+    except Exception as e:  # noqa: BLE001 - safetensors, zip and unpickling errors alike mean a damaged file
+        raise ConfigError(f"model.path: {f} is not a readable weight file, torn or damaged "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

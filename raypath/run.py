@@ -34,7 +34,7 @@ from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import run_main_version
 from raypath.mirror import RunDir
-from raypath.pretrained import check_tokenizer
+from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, iter_texts
@@ -143,12 +143,14 @@ def _open_run_dir(cfg: Config) -> RunDir:
     return RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True)
 
 
-def prepare(cfg: Config, where: Located | None = None) -> RunContext:
+def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = None) -> RunContext:
     """Corpus -> validated files -> tokenizer -> tokenized versions (idempotent). Needs Ray.
 
     Every file of a version still to prepare is validated (under ``data.on_bad_input``)
     before anything else reads it, the tokenizer's training included.
     where: :func:`locate` of ``cfg`` when the caller has it already.
+    kept_base: the lineage's ``model.base`` record once its main path has started: ``model.path``'s
+        weights must still be those (checked before anything is written).
     """
     where = where or locate(cfg)
     rd, run_dir, sources = where.rd, where.rd.path, where.sources
@@ -158,6 +160,8 @@ def prepare(cfg: Config, where: Located | None = None) -> RunContext:
     endpoint = _endpoint(cfg)
     base = resolve_base_model(cfg.model.path, rd, endpoint) if cfg.model.path else None
     if base is not None:  # workers load the local (downloaded) copy
+        base.check_kept(kept_base)
+        check_model(base.local_dir)  # here, not in every worker after the data is prepared
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
     if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
         tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
@@ -248,7 +252,8 @@ def run(cfg: Config) -> Lineage:
     rd = _open_run_dir(cfg)
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
     _check_name(cfg, lineage)
-    if _main_path_started(lineage, rd):  # checked against the config recorded before this one
+    started = _main_path_started(lineage, rd)
+    if started:  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
     elif lineage.version_names():  # prepared, not trained yet (a run stopped in its first segment)
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config, sections=("data",))
@@ -256,7 +261,7 @@ def run(cfg: Config) -> Lineage:
     _check_versions_kept(cfg, lineage, where.sources)
     check_prepared(where.sources, rd.path / "data", cfg.data.seq_len)
     check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
-    ctx = prepare(cfg, where)
+    ctx = prepare(cfg, where, lineage.fact("model").get("base") if started else None)
     _record_facts(lineage, ctx)
 
     runner = BranchRunner(cfg.branch.parallel)

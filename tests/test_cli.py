@@ -158,13 +158,18 @@ def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, 
 
 
 def test_fixed_settings_the_run_does_not_read_may_change():
-    from raypath.config import load_config
+    from raypath.config import ConfigError, load_config
     from raypath.lineage import check_fixed_settings
 
     recorded = load_config(ROOT / "configs" / "tiny.yaml").to_dict()
     # the tokenizer came with the run; the corpus is the user's (data.seed seeds new versions only)
     recorded["data"].update(tokenizer="/some/tokenizer", corpus="/some/corpus")
     check_fixed_settings({**recorded, "data": {**recorded["data"], "vocab_size": 512, "seed": 1}}, recorded)
+    # beside model.path the architecture is the base model's own: the shape fields are ignored
+    recorded["model"]["path"] = "/some/model"
+    check_fixed_settings({**recorded, "model": {**recorded["model"], "hidden_size": 64, "num_layers": 8}}, recorded)
+    with pytest.raises(ConfigError, match="^model.path: '/other/model' differs from the lineage's '/some/model'"):
+        check_fixed_settings({**recorded, "model": {**recorded["model"], "path": "/other/model"}}, recorded)
 
 
 def test_run_refuses_a_corpus_without_a_version_the_lineage_has(tmp_path, capsys):

@@ -308,6 +308,19 @@ def test_other_range_checks_name_the_field(tmp_path, text, field):
     _fails(tmp_path, text, field)
 
 
+def test_a_model_path_without_a_tokenizer_needs_data_tokenizer(tmp_path):
+    """The tokenizer defaults to model.path's own: one it lacks failed after Ray had started."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    msg = _fails(tmp_path, f"model:\n  path: {model}\n", "model.path")
+    assert "has no tokenizer.json" in msg and "set data.tokenizer" in msg
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    assert load_config(_write(tmp_path, f"model:\n  path: {model}\ndata:\n  tokenizer: {tok}\n")).model.path
+
+
 @pytest.mark.parametrize("text,field,hint", [
     ("trian:\n  max_lr: 0.001\n1: x\n", "1", "unknown field"),  # str and int keys: sorted by str
     ("train:\n  on: true\n  warmup: 10\n", "train.True", "quote it"),  # YAML 1.1 reads `on` as true

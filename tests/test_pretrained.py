@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_config
+from safetensors.torch import load_file
 
 from raypath.config import ConfigError
 from raypath.storage import sha256_file
@@ -74,6 +75,46 @@ def test_a_base_model_whose_head_transforms_its_logits_is_refused(tmp_path, tok_
     (base / "config.json").write_text(json.dumps({**config, "model_type": "granite", "logits_scaling": 8.0}))
     with pytest.raises(ConfigError, match=r"^model.path: a granite model transforms its logits \(logits_scaling=8.0\)"):
         check_tokenizer(str(base), load_tokenizer(base), "model.path")
+
+
+def test_a_base_model_raypath_cannot_train_is_refused_before_training(ray_cluster, tmp_path, tok_dir):
+    """A torn weight file, weights of another shape than config.json's, no weights, or a model not laid
+    out as Llama's (GPT-2) failed in every Ray Train worker after the data was prepared (exit 1)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raypath.pretrained import check_model
+    from raypath.run import run
+    from raypath.tokenizer import load_tokenizer
+
+    torn = _save_base(tmp_path / "torn", tok_dir)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = tiny_config(tmp_path / "run", f"model.path={torn}", "data.versions=[v1]", "train.num_workers=1")
+    with pytest.raises(ConfigError, match=f"^model.path: {weights} is not a readable weight file, torn or damaged"):
+        run(cfg)
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "data").exists()
+
+    other = _save_base(tmp_path / "other", tok_dir)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ConfigError, match=r"tensor model.layers.0.mlp.down_proj.weight has shape \[32, 64\], "
+                                          r"but .*config.json builds \[32, 96\]"):
+        check_model(str(other))
+    (other / "config.json").write_text(json.dumps(config))
+    bin_dir = tmp_path / "bin"  # a .bin is read as well: memory-mapped, not loaded
+    other.rename(bin_dir)
+    torch.save(load_file(bin_dir / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    (bin_dir / "model.safetensors").unlink()
+    check_model(str(bin_dir))
+    (bin_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(ConfigError, match="^model.path: .* holds no weights"):
+        check_model(str(bin_dir))
+
+    tok = load_tokenizer(tok_dir)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"a gpt2 model \(GPT2LMHeadModel\) is not laid out as .model.layers"):
+        check_model(str(tmp_path / "gpt2"))
 
 
 def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
@@ -142,6 +183,29 @@ def test_only_the_weight_files_are_hashed_not_what_a_trainer_saved_next_to_them(
     want = {"model.safetensors": sha256_file(src / "model.safetensors")}
     assert resolve(str(src), RunDir(tmp_path / "run")).sha256 == want  # used in place
     assert resolve(f"file://{src}", RunDir(tmp_path / "run")).sha256 == want  # downloaded
+
+
+def test_a_base_model_changed_in_place_is_refused_not_recorded_anew(tmp_path, tok_dir):
+    """A lineage records the weights its main path continued; a directory re-saved with other weights
+    under the same model.path rewrote that record on the next run."""
+    from transformers import LlamaForCausalLM
+
+    from raypath.config import ConfigChangedError
+    from raypath.mirror import RunDir
+    from raypath.pretrained import resolve
+
+    src = _save_base(tmp_path / "base", tok_dir)
+    recorded = resolve(str(src), RunDir(tmp_path / "run")).describe()
+    resolve(str(src), RunDir(tmp_path / "run")).check_kept(recorded)
+    resolve(str(src), RunDir(tmp_path / "run")).check_kept(None)  # no base recorded yet
+    model = LlamaForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(src)
+    with pytest.raises(ConfigChangedError, match=rf"^model.path: {src / 'model.safetensors'} changed since this "
+                                                 rf"lineage's main path started from it \(sha256 \w{{12}}\.\.\. "
+                                                 rf"recorded, \w{{12}}\.\.\. now\)"):
+        resolve(str(src), RunDir(tmp_path / "run")).check_kept(recorded)
 
 
 def test_an_s3_model_path_uses_the_configured_endpoint(s3, tmp_path, tok_dir):
@@ -234,6 +298,20 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
         released = json.loads((Path(release["path"]) / "config.json").read_text())
         assert {k: v for k, v in released.items() if k not in ignore} == \
                {k: v for k, v in base_config.items() if k not in ignore}
+
+    # An export of a checkpoint builds the base model's architecture and says what it continued.
+    from huggingface_hub import ModelCard
+
+    from raypath.export import export
+
+    branch = lineage["branches"][-1]
+    for what in ("main-v2", branch["checkpoint"]):  # ./ray/branch-v2/step_N: relative to the run directory
+        out = tmp_path / "exports" / Path(what).parent.name
+        exported = export(run_dir, what, out, dtype="bf16")
+        model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        stored = torch.load(exported.source.checkpoint / "model.pt", weights_only=True)
+        assert all(torch.equal(t.to(torch.bfloat16), model.state_dict()[k]) for k, t in stored.items())
+        assert ModelCard.load(out / "README.md").data.raypath["base_model"] == uri
 
 
 def test_a_download_takes_the_shards_the_index_names_and_no_other_weights(tmp_path):
