@@ -42,6 +42,11 @@ WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
+#: What a base model's ``config.json`` says of its shape, recorded in the lineage.
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rope_theta")
+
+
 @dataclass
 class BaseModel:
     """A resolved ``model.path``.
@@ -56,8 +61,11 @@ class BaseModel:
     sha256: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict:
-        """The lineage's ``model.base`` record."""
-        return {"path": self.source, "local_dir": self.local_dir, "weights_sha256": self.sha256}
+        """The lineage's ``model.base`` record, with the architecture its ``config.json`` gives (the
+        config's ``model`` shape fields are ignored beside ``model.path``, so they do not say it)."""
+        arch = read_json(Path(self.local_dir) / "config.json")
+        return {"path": self.source, "local_dir": self.local_dir, "weights_sha256": self.sha256,
+                "architecture": {k: arch[k] for k in ARCHITECTURE_KEYS if k in arch}}
 
     def check_kept(self, recorded: dict | None) -> None:
         """Raise unless the weights are those of ``recorded`` (the lineage's ``model.base``, None when

@@ -14,6 +14,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from raypath.config import ConfigError
+from raypath.pretrained import ARCHITECTURE_KEYS
 from raypath.storage import sha256_file
 
 
@@ -272,6 +273,10 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
     base = lineage["model"]["base"]
     assert base["path"] == uri
     assert base["weights_sha256"] == {"model.safetensors": sha256_file(src / "model.safetensors")}
+    saved = json.loads((src / "config.json").read_text())  # the shape trained, not the config's ignored fields
+    assert base["architecture"] == {k: saved[k] for k in ARCHITECTURE_KEYS if k in saved}
+    assert base["architecture"]["model_type"] == "llama"
+    assert base["architecture"]["vocab_size"] == len(load_tokenizer(src)) + 8  # the padded embedding
     assert lineage["tokenizer"]["path"] == str(run_dir / "base_model")  # the model's own tokenizer
     assert lineage["tokenizer"]["vocab_size"] == len(load_tokenizer(src)) != cfg.data.vocab_size
     assert not (run_dir / "tokenizer").exists()  # no BPE trained for the run
