@@ -446,11 +446,18 @@ def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: st
 
 def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
     """``save_pretrained`` weights (safetensors) and the tokenizer: what a branch export and
-    ``raypath export`` write (the caller makes it atomic)."""
+    ``raypath export`` write (the caller makes it atomic). The configs name the tokenizer's BOS,
+    as training set its EOS and PAD (:mod:`raypath.model`): a base model's BOS id may be another
+    token of the tokenizer ``data.tokenizer`` gives, and ``generate()`` starts an empty prompt with it."""
     from raypath.tokenizer import load_tokenizer
 
+    tok = load_tokenizer(tokenizer)
+    if tok.bos_token_id is not None:
+        for conf in (model.config, getattr(model, "generation_config", None)):
+            if conf is not None:
+                conf.bos_token_id = tok.bos_token_id
     model.save_pretrained(directory, safe_serialization=True)
-    load_tokenizer(tokenizer).save_pretrained(directory)
+    tok.save_pretrained(directory)
 
 
 def verify(directory: Path, model) -> None:

@@ -412,6 +412,22 @@ def test_export_from_the_real_tiny_lineage(tiny_run, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_an_exported_config_names_the_tokenizers_bos(run, tmp_path):
+    """A base model's BOS id (here 5) is another token of the training tokenizer: the configs
+    written next to that tokenizer name its BOS, as they name its EOS and PAD."""
+    import json
+
+    from raypath.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run / "tokenizer")
+    model = _model(tok, 0)
+    model.config.bos_token_id = model.generation_config.bos_token_id = 5
+    assert tok.bos_token_id not in (None, 5)
+    ex.save_model_dir(tmp_path / "out", model, run / "tokenizer")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "out" / name).read_text())["bos_token_id"] == tok.bos_token_id, name
+
+
 def test_verification_compares_every_written_tensor_without_loading_a_second_model(run, tmp_path, monkeypatch):
     """``verify`` reads the written safetensors one tensor at a time against the model (an export
     holds one model; loading the written one too doubled its memory): a changed or missing tensor
