@@ -734,7 +734,8 @@ def test_pin_releases_another_trial_and_release_rolls_back(tiny_sweep):
     live = Lineage.load(cfg.run_dir)
     assert live.release("v2").id == before and live.release("v2").trial_id == record["best"]
     assert live.release_history("v2").pinned is False
-    assert [e["action"] for e in live.release_history("v2").log][-2:] == ["release", "rollback"]
+    # --pick best keeps the rolled-back release live: it is unpinned, and the history says so
+    assert [e["action"] for e in live.release_history("v2").log][-3:] == ["release", "rollback", "unpin"]
 
 
 def test_a_resumed_guided_sweep_keeps_the_stops_made_before_it(tiny_sweep, tmp_path):
