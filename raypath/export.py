@@ -455,6 +455,11 @@ def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
 
     model.save_pretrained(directory, safe_serialization=True)
     load_tokenizer(tokenizer).save_pretrained(directory)
+    # safetensors creates its files 0600, the rest are 0644: a release or an export is served
+    # or loaded by other users (atomic_file and atomic_dir make run files readable for the same reason).
+    for f in Path(directory).iterdir():
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def verify(directory: Path, model) -> None:
