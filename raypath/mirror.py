@@ -179,6 +179,15 @@ class Mirror:
         root = filesystem_for(self.remote, self.endpoint)[1]
         return root if rel == "." else f"{root}/{rel}"
 
+    def missing_bucket(self) -> str | None:
+        """The name of the bucket the run directory is in, when the store has no such bucket
+        (S3, GCS); None otherwise. A listing under a missing bucket is merely empty."""
+        fs, root = filesystem_for(self.remote, self.endpoint)
+        if fs.type_name not in ("s3", "gcs"):
+            return None
+        bucket = root.split("/", 1)[0]
+        return bucket if fs.get_file_info(bucket).type == pafs.FileType.NotFound else None
+
     # ---------------------------------------------------------------- reading
 
     def info(self, path: str | os.PathLike) -> pafs.FileInfo:
@@ -430,8 +439,14 @@ class RunDir:
         if mirror is not None:
             try:
                 listed = mirror.pull_run(reads)
+                # else a run's start fails at its first upload, after the corpus is built, as unexpected
+                bucket = mirror.missing_bucket() if not listed else None
             except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket, bad scheme
                 raise ConfigError(f"run_dir: cannot read {run_dir}: {first_line(e)}") from None
+            if bucket is not None:
+                raise ConfigError(f"run_dir: {run_dir}: the store at {mirror.endpoint or 'its default endpoint'} has "
+                                  f"no bucket {bucket!r} (raypath creates no buckets: create it, or correct the URI "
+                                  f"or cluster.storage_endpoint)")
             _check_not_stale(mirror, listed)
         if create:
             try:
