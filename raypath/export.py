@@ -40,6 +40,7 @@ from raypath.config import ConfigError, ModelConfig
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RECORDS, RunDir
 from raypath.schedules import MainPath
+from raypath.sources import is_uri
 from raypath.storage import read_json
 
 #: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
@@ -143,11 +144,14 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
 
     run_dir: a path or a URI (``s3://...``): a remote run directory is mirrored in
         ``local_dir`` (default ``~/.cache/raypath/...``), and only the exported source is
-        downloaded into it. ``out`` is a local directory."""
+        downloaded into it. ``out`` is a local directory (a URI is refused)."""
     from raypath.storage import atomic_dir
 
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if is_uri(str(out)):  # else Path() makes it the local directory ./s3:/bucket/... and reports success
+        raise ExportError(f"--out {out}: expected a local directory (the model directory is written and verified "
+                          f"here; copy it to a store afterwards: a run's own releases are in its releases/ already)")
     lineage = Lineage.load(RunDir.open(run_dir, local_dir, reads=RECORDS))
     run_dir, out = lineage.rd.path.resolve(), Path(out).resolve()
     src = resolve(lineage, run_dir, what)
@@ -458,6 +462,11 @@ def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
                 conf.bos_token_id = tok.bos_token_id
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
+    # safetensors creates its files 0600, the rest are 0644: a release or an export is served
+    # or loaded by other users (atomic_file and atomic_dir make run files readable for the same reason).
+    for f in Path(directory).iterdir():
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def verify(directory: Path, model) -> None:

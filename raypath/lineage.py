@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raypath.mirror import CURVES, LOCAL, SWEEP_RESULTS, RunDir, is_remote
+from raypath.mirror import CURVES, LINEAGE, LOCAL, SWEEP_RESULTS, RunDir, is_remote
 from raypath.schedules import Decay
 from raypath.storage import RunFileError, read_json, rebase_paths, write_json
 
-LINEAGE = "lineage.json"
 FORMAT = 3
 #: Formats this raypath reads (older ones are migrated in memory, written back as FORMAT).
 READS = (1, 2, 3)

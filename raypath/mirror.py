@@ -31,6 +31,9 @@ Who copies what, when:
   :func:`raypath.checkpoint.fetch`); rank 0 publishes its curve at evaluations,
   checkpoints and otherwise every half minute, and its exported release when written.
 
+A mirror whose ``lineage.json`` the remote lacks (a run deleted from the store) is refused at
+start, not resumed from (:func:`_check_not_stale`).
+
 Files are complete-or-absent on both sides. A download lands in a temporary
 sibling that is renamed into place (for a directory the first rename wins, so
 workers sharing a node do not trip over each other); an object store creates
@@ -69,6 +72,8 @@ MUTABLE = (".json", ".jsonl", ".yaml")
 #: Directories whose files are written once whatever their suffix, except their top-level
 #: records: the embedded corpus (tens of MB of JSONL, copied at every start if taken as metadata).
 WRITE_ONCE = ("corpus",)
+#: The run's record, at the top of its directory: what makes a directory a run.
+LINEAGE = "lineage.json"
 #: Top-level entries the driver does not pull at start (fetched one by one where needed).
 NOT_MIRRORED = ("ray", "exports", "releases")
 #: Top-level entries written here and uploaded, but read by nothing of raypath's (TensorBoard's
@@ -173,6 +178,15 @@ class Mirror:
             raise ValueError(f"{path}: not inside the mirror {self.local} of {self.remote}")
         root = filesystem_for(self.remote, self.endpoint)[1]
         return root if rel == "." else f"{root}/{rel}"
+
+    def missing_bucket(self) -> str | None:
+        """The name of the bucket the run directory is in, when the store has no such bucket
+        (S3, GCS); None otherwise. A listing under a missing bucket is merely empty."""
+        fs, root = filesystem_for(self.remote, self.endpoint)
+        if fs.type_name not in ("s3", "gcs"):
+            return None
+        bucket = root.split("/", 1)[0]
+        return bucket if fs.get_file_info(bucket).type == pafs.FileType.NotFound else None
 
     # ---------------------------------------------------------------- reading
 
@@ -286,7 +300,7 @@ class Mirror:
             if self._changed(Path(path, rel), info):
                 self._download(info.path, Path(path, rel), info)
 
-    def pull_run(self, reads: tuple[str, ...] | None = None) -> None:
+    def pull_run(self, reads: tuple[str, ...] | None = None) -> set[str]:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
         and :data:`WRITE_ONLY` (not even listed). Grows with the objects under the other top-level entries: listed
         whole, for the few records among the token files (``data/``) and trials' checkpoints
@@ -294,7 +308,9 @@ class Mirror:
 
         reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
-        :data:`SWEEP_STANDING`, and its curves where ``reads`` has ``curves``."""
+        :data:`SWEEP_STANDING`, and its curves where ``reads`` has ``curves``.
+
+        Returns the relative paths of the remote files listed (whether copied or not)."""
         tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
         for rel, info in tree.items():
             top = rel.split("/", 1)[0]
@@ -306,6 +322,7 @@ class Mirror:
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel), info)
+        return set(tree)
 
     def push(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload the local ``path`` (file or directory) where it changed (every file with
@@ -421,9 +438,16 @@ class RunDir:
         path, mirror = run_location(str(run_dir), local_dir, endpoint)
         if mirror is not None:
             try:
-                mirror.pull_run(reads)
+                listed = mirror.pull_run(reads)
+                # else a run's start fails at its first upload, after the corpus is built, as unexpected
+                bucket = mirror.missing_bucket() if not listed else None
             except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket, bad scheme
                 raise ConfigError(f"run_dir: cannot read {run_dir}: {first_line(e)}") from None
+            if bucket is not None:
+                raise ConfigError(f"run_dir: {run_dir}: the store at {mirror.endpoint or 'its default endpoint'} has "
+                                  f"no bucket {bucket!r} (raypath creates no buckets: create it, or correct the URI "
+                                  f"or cluster.storage_endpoint)")
+            _check_not_stale(mirror, listed)
         if create:
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -540,6 +564,19 @@ class RunDir:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _check_not_stale(mirror: Mirror, listed: set[str]) -> None:
+    """Refuse a mirror whose record the remote lacks: the run was deleted from the store (or its
+    record never reached it), so the mirror's lineage names checkpoints and releases that are not
+    there. A reader would show them and a driver would skip versions as done and publish that
+    record back; neither may guess which copy to keep, so the user is told, and nothing is removed."""
+    if LINEAGE not in listed and Path(mirror.local, LINEAGE).is_file():
+        from raypath.config import ConfigError
+
+        raise ConfigError(f"run_dir: {mirror.remote} has no {LINEAGE}, but its mirror {mirror.local} has one (a run "
+                          f"deleted from the store, or a record that never reached it); the store's copy is the run: "
+                          f"delete {mirror.local} or mirror it elsewhere (cluster.local_dir, --local-dir)")
 
 
 #: The local filesystem as a run-directory handle: for files read or written outside any

@@ -134,8 +134,13 @@ def _listing(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (pyarrow's S3 errors run to many)."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The first line of an exception's message (pyarrow's S3 errors run to many). A first line
+    that only heads its cause (Ray Train's ``Training failed due to controller error:``, then the
+    error that ended the run, e.g. a store gone unreachable) comes with the cause's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 # ---------------------------------------------------------------- discovery

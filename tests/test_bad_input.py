@@ -446,6 +446,23 @@ def test_unexpected_error_is_one_line_and_a_log_file(monkeypatch, capsys):
     assert rc == 1 and "Traceback" in err and "raypath: error: unexpected RuntimeError" in err.splitlines()[-1]
 
 
+def test_an_error_that_heads_its_cause_shows_the_cause_on_its_one_line(monkeypatch, capsys):
+    """Ray Train reports a store lost mid-run as a heading line, the cause on the next: the heading
+    alone says nothing the user can act on."""
+    from ray.train import ControllerError
+
+    def store_gone(cfg):
+        raise ControllerError(OSError("When listing objects under key 'run/ray/main-v1/' in bucket 'b': AWS Error "
+                                      "NETWORK_CONNECTION, Could not connect to server\nDetails: curl 7"))
+
+    monkeypatch.setattr("raypath.run.run", store_gone)
+    rc, err = raypath(capsys, "run", str(TINY))
+    (line,) = err.splitlines()
+    assert rc == 1 and line.startswith("raypath: error: unexpected ControllerError: Training failed due to controller "
+                                       "error: When listing objects under key 'run/ray/main-v1/' in bucket 'b'")
+    assert "Could not connect to server (traceback in " in line and "curl 7" not in line
+
+
 # ---------------------------------------------------------------- the cluster
 
 def test_workers_that_do_not_fit_the_cluster_are_refused_on_a_local_one_and_warned_of_on_another(

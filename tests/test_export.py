@@ -374,6 +374,24 @@ def test_cli_export(run, tmp_path, capsys):
     assert not (tmp_path / "s3").exists()
 
 
+def test_every_exported_file_is_readable_by_other_users(run, tmp_path):
+    out = tmp_path / "v2"
+    export(run, "v2", out)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/models/v2", "gs://bucket/models/v2", "s4://bucket/models/v2"])
+def test_an_out_in_a_bucket_is_refused_not_written_to_a_local_directory_named_after_it(run, tmp_path, monkeypatch,
+                                                                                       capsys, out):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "v2", "--out", out]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"raypath: error: --out {out}: expected a local directory")
+    assert not any(tmp_path.iterdir())  # no ./s3:/bucket/models/v2
+
+
 def test_jobs_export_wrapper(run, tmp_path):
     out = tmp_path / "exported" / "v2"
     cmd = [sys.executable, str(ROOT / "jobs" / "export.py"), "--run-dir", str(run), "--version", "v2",

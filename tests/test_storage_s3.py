@@ -219,6 +219,50 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     assert {"corpus/v1/train/part-000.jsonl", "tokenizer/tokenizer.json", "data/v1/files.json"} <= pulled(rd.path)
 
 
+def test_a_mirror_of_a_run_deleted_from_the_bucket_is_refused_not_resumed_or_shown(s3, tmp_path, monkeypatch, capsys):
+    from raypath.cli import main
+    from raypath.config import ConfigError
+    from raypath.lineage import Lineage
+
+    bucket = _bucket(s3, "deleted")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    uri, mirror = f"s3://{bucket}/run", tmp_path / "mirror"
+    Lineage.open(RunDir.open(uri, str(mirror), create=True), "deleted", {}).save()  # published
+    assert f"{bucket}/run/lineage.json" in s3.files(f"{bucket}/run")
+    s3.fs.delete_dir(f"{bucket}/run")  # the user starts over: the run is gone from the store
+    s3.fs.create_dir(f"{bucket}/run/corpus")  # (what a new run's start might have put there)
+
+    # A driver would find v1.. done in the mirror's record and publish it back, naming checkpoints
+    # the bucket lacks; a reader would show them.
+    for create in (True, False):
+        with pytest.raises(ConfigError, match=f"run_dir: {uri} has no lineage.json, but its mirror {mirror} has one"):
+            RunDir.open(uri, str(mirror), create=create)
+    assert main(["status", uri, "--local-dir", str(mirror)]) == 2
+    assert f"delete {mirror}" in capsys.readouterr().err
+    assert (mirror / "lineage.json").is_file() and not s3.files(f"{bucket}/run")  # nothing removed, nothing sent
+    # A mirror elsewhere starts afresh.
+    assert not (RunDir.open(uri, str(tmp_path / "other"), create=True).path / "lineage.json").exists()
+
+
+def test_a_run_directory_in_a_bucket_that_does_not_exist_is_refused_before_anything_starts(s3, tmp_path, monkeypatch,
+                                                                                          capsys):
+    from raypath.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    # A run's start built the corpus, then failed at its first upload: "unexpected OSError", exit 1.
+    assert main(["run", str(TINY), "--set", "run_dir=s3://nobucket/run", "--set",
+                 f"cluster.local_dir={tmp_path / 'mirror'}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"raypath: error: run_dir: s3://nobucket/run: the store at {s3.endpoint} has no bucket "
+                           "'nobucket'")
+    assert not (tmp_path / "mirror" / "corpus").exists() and s3.fs.get_file_info("nobucket").type.name == "NotFound"
+    assert main(["status", "s3://nobucket/run", "--local-dir", str(tmp_path / "status")]) == 2
+    assert "has no bucket 'nobucket'" in capsys.readouterr().err
+    _bucket(s3, "empty")  # a bucket without the run: nothing there, as before
+    assert main(["status", "s3://empty/run", "--local-dir", str(tmp_path / "status")]) == 2
+    assert "s3://empty/run: nothing there" in capsys.readouterr().err
+
+
 def test_a_reader_of_a_run_in_a_bucket_fetches_a_sweeps_trials_where_it_reads_them(s3, tmp_path, monkeypatch):
     """Status decides each version's standing from the sweeps' standing.json; the trials
     (results.json, a loss per version for each) come down only where they are read."""
