@@ -709,7 +709,8 @@ def format_standing(lineage: Lineage | dict) -> str:
             score = f" (not recorded; scored now {_fmt(s['score'])})" if s["score"] is not None else ""
         else:
             score = "" if s["score"] == r.objective else f" (score {_fmt(s['score'])} with the compute penalty)"
-        lines.append(f"{name}: {r.id} {r.branch} ({r.reason}{', pinned' if s['pinned'] else ''}), "
+        pin = ", pinned" if s["pinned"] and r.reason != PINNED else ""  # not "(pinned, pinned)"
+        lines.append(f"{name}: {r.id} {r.branch} ({r.reason}{pin}), "
                      f"objective {_fmt(r.objective)}{score}, beat {s['beat']} of {s['others']} other candidates; "
                      f"history {' '.join(s['history'])}")
     return "\n".join(lines)

@@ -198,6 +198,7 @@ def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
     pinned = Releaser(lin, tracking="spec").settle("v2", objective, pin="t2")
     assert pinned.decision == "released trial t2 as pinned (sweep.pin)" and pinned.pinned
     assert pinned.live.id == "r3" and lin.release("v2").pinned is True
+    assert "v2: r3 branch-v2-t2 (pinned), objective" in releases.format_standing(lin)  # said once
     assert tagged == [("spec", "r2"), ("spec", "r3")]
 
 
@@ -220,6 +221,7 @@ def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     h = Lineage.load(run).release_history("v2")
     assert (h.current, h.pinned, h.log[-1]["reason"]) == ("r2", True, "pinned") and _pointer(run) == "r2"
     assert h.ids() == ["r1", "r2"] and not (run / "releases/v2/r3").exists()
+    assert "v2: r2 branch-v2-t1 (sweep best, pinned), objective" in releases.format_standing(Lineage.load(run))
     assert list((run / "tb" / "branch-v2-t1").glob("events.out.tfevents.*"))  # tagged, as a run tags its release
     # --pick best hands the version back to the decision
     assert main(["release", str(run), "--version", "v2", "--pick", "r1"]) == 0
