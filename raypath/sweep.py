@@ -83,7 +83,7 @@ from raypath.lineage import (
     resolve_version,
     sweep_run_dir,
 )
-from raypath.mirror import LOCAL, RunDir
+from raypath.mirror import LOCAL, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import RunFileError, read_json, relative_paths, write_json
@@ -879,7 +879,9 @@ def run_and_print(cfg: Config, version: str | int) -> int:
     exit code 0 when every trial settled, 1 when it must be resumed."""
     record = run_sweep(cfg, version)
     print(format_trials(record), flush=True)
-    print(f"sweep: {record['path']}")
+    # in a bucket: the URI a notebook's raypath.analysis takes, not this machine's mirror of it
+    rd = RunDir(*run_location(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint))
+    print(f"sweep: {rd.name(record['path'])}")
     if record.get("decision"):
         print(f"release decision: {record['decision']}")
     if record.get("release"):

@@ -705,7 +705,8 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
             "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
             "--set", "sweep.replay_ratios=[0.5]",  # every trial re-mixes its stream (the run's: 0)
             *[a for s in FAST_TRIALS for a in ("--set", s)]]
-    _raypath(s3, argv, tmp_path / "first.log")
+    first = _raypath(s3, argv, tmp_path / "first.log")
+    assert f"sweep: {run_dir}/sweeps/v2/remote\n" in first  # what raypath.analysis takes, not the mirror
     prefix = f"{name}/run/sweeps/v2/remote"
     files = s3.files(prefix)
     for key in ("sweep.json", "results.json", "optuna.journal"):
