@@ -614,8 +614,10 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
         "status": "error" if result.error else "done",
         "error": str(result.error).splitlines()[0][:300] if result.error else None,
     }
-    if result.error or not config:
+    if result.error:
         return record
+    if not config:  # Tune holds a config only from a trial's first report: interrupted before it
+        return {**record, "status": "incomplete", "error": "interrupted before its first report"}
     seg = plan.segment(trial_id, config)
     try:
         entry = summarize(seg)

@@ -924,6 +924,39 @@ def test_ctrl_c_ends_a_sweep_as_interrupted_not_as_finished(ray_cluster, tmp_pat
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler taken back
 
 
+def test_a_trial_interrupted_before_its_first_report_leaves_the_sweep_unfinished(ray_cluster, tmp_path):
+    """Ctrl-C just after a trial was started (its Tune actor not up yet) leaves Tune no config of it:
+    the trial was recorded as done, the sweep as complete (and the lineage's sweep record with it).
+    A trial waiting for resources is in the same state, and deterministically so."""
+    import os
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from raypath import sweep
+
+    def never_runs(config):
+        tune.report({"x": 1})
+
+    ctrl_c = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        results, interrupted = sweep.fit_noting_ctrl_c(tune.Tuner(
+            tune.with_resources(never_runs, {"cpu": 0.01, "raypath_test_absent": 1}), param_space={"fraction": 0.2},
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="v2")))
+    finally:
+        ctrl_c.cancel()
+    assert interrupted and not results[0].config  # what Tune hands back of such a trial
+    plan = sweep.SweepPlan(SimpleNamespace(versions=[{"name": "v1"}, {"name": "v2"}]), 1, None,
+                           str(tmp_path / "v2"), {"v1": 0.5, "v2": 0.5}, 0.0, 1)
+    records = sweep._trial_records(plan, results, {})
+    assert [t["status"] for t in records] == ["incomplete"]
+    outcome, settled = sweep._outcome(SweepConfig(num_samples=1), records, {})
+    assert not settled and not outcome["complete"] and outcome["best"] is None
+
+
 def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_main_thread(ray_cluster, tmp_path):
     """A trial's Train reports reach Tune through its own relay thread, then its final report:
     Tune's main thread only takes results. Ray's Train->Tune hand-over had that thread forward each
