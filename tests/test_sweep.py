@@ -844,6 +844,19 @@ def test_the_chosen_trial_does_not_change_when_the_test_split_does(sweep_lineage
 
 
 @pytest.mark.slow
+def test_a_pin_of_no_trial_of_the_sweep_is_refused_before_any_trial_trains(sweep_lineage):
+    """A pin is read once every trial has finished: one naming no trial of the sweep (a new sweep's
+    ids are not known before it runs) had the whole sweep trained, then refused, its results unwritten."""
+    from conftest import FAST_TRIALS
+
+    for name in ("pinned-new", "pinned-new"):  # the refusal leaves nothing behind to resume
+        cfg = with_cli(load_config(sweep_lineage, [*FAST_TRIALS, "sweep.num_samples=1"]), name, "0123abcd")
+        with pytest.raises(ConfigError, match=r"sweep.pin \(--pin\): '0123abcd' is not a trial of sweep "
+                                              r"'pinned-new' of v2 \(it has no trials yet\)"):
+            run_sweep(cfg, "v2")
+        assert not (Path(cfg.run_dir) / "sweeps" / "v2" / name).exists()
+
+
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_lineage, tmp_path):
     """``raypath sweep`` gets SIGINT once two trials finished; the same command resumes it."""
     import signal
