@@ -288,7 +288,8 @@ class SweepConfig:
         (fork points beyond it are excluded). Empty = no cap.
     compute_penalty: ``score = objective + compute_penalty * branch tokens / version
         tokens``: trades loss for compute; 0 = loss only.
-    pin: trial id (or branch name) to release instead of the best trial.
+    pin: trial id (or branch name) of this sweep to release instead of the best trial; one that
+        names no trial the sweep has started is refused before any trial trains.
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,
         refitted after every finished trial; each split's law form and lambda are
         chosen again once the finished trials have doubled, after trial 1, 2, 4, 8,

@@ -475,7 +475,8 @@ def resolve_version(names: list[str], version: str | int | None) -> int:
         i = 0
     if 1 <= i <= len(names):
         return i - 1
-    raise ConfigError(f"{version!r} is not a version of this run (versions: {', '.join(names) or 'none'})")
+    # every caller's version comes from a --version flag: the line names it
+    raise ConfigError(f"--version {version}: not a version of this run (versions: {', '.join(names) or 'none'})")
 
 
 # A version's per-file lists (file fingerprints, skipped files, rows per chunk) are written once,

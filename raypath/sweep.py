@@ -614,8 +614,10 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
         "status": "error" if result.error else "done",
         "error": str(result.error).splitlines()[0][:300] if result.error else None,
     }
-    if result.error or not config:
+    if result.error:
         return record
+    if not config:  # Tune holds a config only from a trial's first report: interrupted before it
+        return {**record, "status": "incomplete", "error": "interrupted before its first report"}
     seg = plan.segment(trial_id, config)
     try:
         entry = summarize(seg)
@@ -704,6 +706,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     space = _search_space(plan, sc)
     # Tune's state of an interrupted sweep of a remote run, to resume it here
     ctx.rd.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
+    _check_pin(plan, sc.pin)
     record = _open_record(plan, sc, space)
     try:
         results, resumed, interrupted = _run_experiment(plan, sc, space, record)
@@ -723,6 +726,21 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     if interrupted:  # recorded as far as it went; the command ends as interrupted (exit 130)
         raise KeyboardInterrupt
     return record
+
+
+def _check_pin(plan: SweepPlan, pin: str | None) -> None:
+    """Refuse a pin that names no trial the sweep has started, before it trains: the pin is read
+    only once every trial has finished, and a new sweep's trial ids are not known before it runs."""
+    if not pin:
+        return
+    sweep_dir = Path(plan.sweep_dir)
+    trials = sorted(d.name.removeprefix("trial_") for d in sweep_dir.glob("trial_*") if d.is_dir())
+    if pin.removeprefix(plan.segment_name("")) in trials:
+        return
+    has = f"its trials: {', '.join(trials)}" if trials else "it has no trials yet"
+    raise ConfigError(f"sweep.pin (--pin): {pin!r} is not a trial of sweep {sweep_dir.name!r} of {plan.version} "
+                      f"({has}); `raypath release RUN_DIR --version {plan.version} --pick TRIAL` releases a trial "
+                      f"of any sweep")
 
 
 def _trained_main(lineage: Lineage, names: list[str], version: str | int) -> tuple[int, str, Any]:

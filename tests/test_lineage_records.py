@@ -223,3 +223,12 @@ def test_a_rerun_says_once_which_versions_it_skips_as_done():
     assert finished_note(lin, ["v1", "v2", "v3", "v4"]) == \
         "v1, v2 already trained and released (lineage.json): skipped"
     assert finished_note(Lineage.of({"main_path": [{"version": "v1"}]}), ["v1"]) is None
+
+
+def test_an_unknown_version_names_the_flag_it_came_from():
+    from raypath.config import ConfigError
+    from raypath.lineage import resolve_version
+
+    assert resolve_version(["v1", "v2"], "2") == 1 and resolve_version(["v1", "v2"], "v1") == 0
+    with pytest.raises(ConfigError, match=r"^--version v9: not a version of this run \(versions: v1, v2\)$"):
+        resolve_version(["v1", "v2"], "v9")

@@ -845,6 +845,19 @@ def test_the_chosen_trial_does_not_change_when_the_test_split_does(sweep_lineage
 
 
 @pytest.mark.slow
+def test_a_pin_of_no_trial_of_the_sweep_is_refused_before_any_trial_trains(sweep_lineage):
+    """A pin is read once every trial has finished: one naming no trial of the sweep (a new sweep's
+    ids are not known before it runs) had the whole sweep trained, then refused, its results unwritten."""
+    from conftest import FAST_TRIALS
+
+    for name in ("pinned-new", "pinned-new"):  # the refusal leaves nothing behind to resume
+        cfg = with_cli(load_config(sweep_lineage, [*FAST_TRIALS, "sweep.num_samples=1"]), name, "0123abcd")
+        with pytest.raises(ConfigError, match=r"sweep.pin \(--pin\): '0123abcd' is not a trial of sweep "
+                                              r"'pinned-new' of v2 \(it has no trials yet\)"):
+            run_sweep(cfg, "v2")
+        assert not (Path(cfg.run_dir) / "sweeps" / "v2" / name).exists()
+
+
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_lineage, tmp_path):
     """``raypath sweep`` gets SIGINT once two trials finished; the same command resumes it."""
     import signal
@@ -923,6 +936,39 @@ def test_ctrl_c_ends_a_sweep_as_interrupted_not_as_finished(ray_cluster, tmp_pat
                                                                                   name="b")))
     assert not interrupted and not results.errors
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler taken back
+
+
+def test_a_trial_interrupted_before_its_first_report_leaves_the_sweep_unfinished(ray_cluster, tmp_path):
+    """Ctrl-C just after a trial was started (its Tune actor not up yet) leaves Tune no config of it:
+    the trial was recorded as done, the sweep as complete (and the lineage's sweep record with it).
+    A trial waiting for resources is in the same state, and deterministically so."""
+    import os
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from raypath import sweep
+
+    def never_runs(config):
+        tune.report({"x": 1})
+
+    ctrl_c = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        results, interrupted = sweep.fit_noting_ctrl_c(tune.Tuner(
+            tune.with_resources(never_runs, {"cpu": 0.01, "raypath_test_absent": 1}), param_space={"fraction": 0.2},
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="v2")))
+    finally:
+        ctrl_c.cancel()
+    assert interrupted and not results[0].config  # what Tune hands back of such a trial
+    plan = sweep.SweepPlan(SimpleNamespace(versions=[{"name": "v1"}, {"name": "v2"}]), 1, None,
+                           str(tmp_path / "v2"), {"v1": 0.5, "v2": 0.5}, 0.0, 1)
+    records = sweep._trial_records(plan, results, {})
+    assert [t["status"] for t in records] == ["incomplete"]
+    outcome, settled = sweep._outcome(SweepConfig(num_samples=1), records, {})
+    assert not settled and not outcome["complete"] and outcome["best"] is None
 
 
 def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_main_thread(ray_cluster, tmp_path):
