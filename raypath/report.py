@@ -321,6 +321,19 @@ def _branches_section(lineage: Lineage) -> str:
     return _section("branches (final val losses)", _text_table(headers, rows, align))
 
 
+def _sweeps_section(lineage: Lineage) -> str:
+    """Each branch search from the lineage's summaries (its trials stay in the sweep's own
+    ``results.json``: status reads none of them)."""
+    sweeps = lineage.sweep_summaries()
+    if not sweeps:
+        return _section("sweeps", "(none)")
+    rows = [[s.name, s.version, _plain(s.extra.get("n_trials")), "yes" if s.complete else "no (re-run resumes it)",
+             _plain(s.best), _plain(s.released), si(s.search_tokens)] for s in sweeps]
+    headers = ["sweep", "version", "trials", "complete", "best trial", "released trial", "search tokens"]
+    return _section("sweeps (raypath sweep; trials in sweeps/VERSION/NAME/results.json)",
+                    _text_table(headers, rows, "llrlllr"))
+
+
 def _live_section(lineage: Lineage) -> str:
     """Per version: the live release (rN), why it was released, and how many candidates it beat."""
     from raypath.releases import format_standing
@@ -330,12 +343,12 @@ def _live_section(lineage: Lineage) -> str:
 
 
 def format_status(lineage: Lineage | dict) -> str:
-    """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, releases."""
+    """What ``raypath status RUN_DIR`` prints: config, versions, main path, branches, sweeps, releases."""
     lineage = Lineage.of(lineage)
     header = [f"run: {lineage.name or '?'}" + (f" (updated {lineage.updated})" if lineage.updated else "")]
     header += ["  " + line for line in _config_summary(lineage.config)]
     parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
-             _branches_section(lineage), _live_section(lineage), format_releases(lineage)]
+             _branches_section(lineage), _sweeps_section(lineage), _live_section(lineage), format_releases(lineage)]
     return "\n\n".join(parts)
 
 

@@ -529,6 +529,8 @@ def test_status_and_report_decide_standing_without_reading_the_sweeps_trials(tmp
     standing = format_standing(Lineage.load(run_dir))
     write_report(run_dir)
     assert read == []  # every sweep's results.json, by status and again by report, before
+    sweeps = status.split("\nsweeps (")[1].split("\n\n")[0].splitlines()[3:]  # title, header, rule
+    assert [ln.split()[:4] for ln in sweeps] == [["s", f"v{k}", "5", "yes"] for k in range(1, 5)]
     assert f"v4: r{releases} " in status and "of 6 other candidates" in status
     held = {f: f.read_text() for f in run_dir.glob(f"sweeps/*/s/{STANDING_JSON}")}
     for f in held:  # a run whose sweeps finished before the file: their trials are read
