@@ -752,6 +752,10 @@ def _validate_sweep(sc: SweepConfig) -> None:
           f"must lie in [0, 1), got {list(sc.min_lr_ratio)}")
     check(all(0.0 <= r < 1.0 for r in sc.replay_ratios), "replay_ratios",
           f"each must be in [0, 1), got {sc.replay_ratios}")
+    # Optuna's categorical choice: a repeated ratio would be drawn twice as often
+    check(len(set(sc.replay_ratios)) == len(sc.replay_ratios), "replay_ratios", f"duplicates in {sc.replay_ratios}")
+    check(sc.pin is None or bool(sc.pin.strip()), "pin", "must name a trial of the sweep (its id or branch name), "
+          "got an empty string")
     check(not set(sc.weights) - {"old", "new"}, "weights", f"keys must be old and new, got {sorted(sc.weights)}")
     check(all(v >= 0 for v in sc.weights.values()) and sum(sc.weights.values()) > 0, "weights",
           f"must be >= 0 and not all 0, got {sc.weights}")

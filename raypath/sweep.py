@@ -114,7 +114,9 @@ STOPPED_JSON = "stopped.json"
 
 def with_cli(cfg: Config, name: str | None = None, pin: str | None = None) -> Config:
     """``cfg`` with the sweep's ``--name`` / ``--pin`` from the command line applied (validated)."""
-    sc = dataclasses.replace(cfg.sweep, name=name or cfg.sweep.name, pin=pin or cfg.sweep.pin)
+    # an empty --name or --pin is refused by validate, not read as "not given"
+    sc = dataclasses.replace(cfg.sweep, name=cfg.sweep.name if name is None else name,
+                             pin=cfg.sweep.pin if pin is None else pin)
     out = dataclasses.replace(cfg, sweep=sc)
     try:
         validate(out)

@@ -42,6 +42,9 @@ def test_sweep_section_defaults_and_overrides():
     assert with_cli(default, name="b", pin="01234567").sweep.pin == "01234567"  # a trial id stays a string
     with pytest.raises(ConfigError, match="sweep.name"):
         with_cli(default, name="a/b")
+    for empty in ({"name": ""}, {"pin": ""}):  # refused, not read as "not given"
+        with pytest.raises(ConfigError, match=f"command line: sweep.{next(iter(empty))}: must"):
+            with_cli(default, **empty)
 
 
 @pytest.mark.parametrize("override,field", [
@@ -52,6 +55,7 @@ def test_sweep_section_defaults_and_overrides():
     ("sweep.num_samples=0", "sweep.num_samples"),
     ("sweep.weights={old: 1, young: 1}", "sweep.weights"),
     ("sweep.replay_ratios=[1.5]", "sweep.replay_ratios"),
+    ("sweep.replay_ratios=[0.1, 0.1]", "sweep.replay_ratios"),
     ("sweep.replay_ratios=[low]", "sweep.replay_ratios[0]"),
     ("sweep.power=2", "sweep.power"),
     ("sweep.shapes=cosine", "sweep.shapes"),
