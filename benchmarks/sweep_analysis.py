@@ -13,7 +13,10 @@ log, the requests of each (listing pages, HEADs, GETs) and the bytes it download
 1. ``load_sweep(uri, curves=False)``: the trials table only;
 2. the same again;
 3. ``load_sweep(uri)`` and ``main_objective(uri)``: the curves too, and the main path's;
-4. the same again.
+4. the same again;
+
+and, into a mirror of its own, what a driver's start on the run (``raypath run`` or ``raypath
+sweep``: ``RunDir.open(run_uri, create=True)``) pulls of the sweep.
 
     python benchmarks/sweep_analysis.py --trials 300
     # the same through another checkout's raypath (e.g. an older commit's worktree)
@@ -109,6 +112,7 @@ def main() -> None:
 
     from raypath import analysis, sweep  # noqa: F401 (sweep: imported by a first call, not its cost)
     from raypath import mirror as mirror_module
+    from raypath.mirror import RunDir
 
     settle = getattr(mirror_module, "SETTLED_S", 0.0) if args.settle is None else args.settle
     mirror_module.SETTLED_S = settle
@@ -137,10 +141,14 @@ def main() -> None:
             def table() -> None:
                 assert len(analysis.load_sweep(uri, curves=False)[0]) == args.trials
 
+            def driver_start() -> None:
+                RunDir.open("s3://bench/run", str(Path(tmp, "driver")), create=True)
+
             calls = {"trials table (curves=False), first call": _measure(table, log),
                      "trials table (curves=False), again": _measure(table, log),
                      "trials + curves + main_objective": _measure(whole, log),
-                     "trials + curves + main_objective, again": _measure(whole, log)}
+                     "trials + curves + main_objective, again": _measure(whole, log),
+                     "a driver's start on the run": _measure(driver_start, log)}
         finally:
             moto.kill()
     settled = "" if args.settle is None else f" --settle {args.settle:g}"

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 
 from raypath import storage
 from raypath.lineage import LINEAGE, RESULTS_JSON, read_sweep_record, sweep_run_dir
-from raypath.mirror import RunDir, is_remote
+from raypath.mirror import STOPPED_JSON, SWEEP_JSON, RunDir, is_remote
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -68,7 +68,7 @@ def _read_here(rel: str) -> bool:
     not Tune's own state (experiment and searcher snapshots, a set per start of the sweep)."""
     parts = rel.split("/")
     if len(parts) == 1:
-        return parts[0] in ("sweep.json", RESULTS_JSON, "stopped.json")
+        return parts[0] in (SWEEP_JSON, RESULTS_JSON, STOPPED_JSON)
     if parts[0].startswith("trial_"):
         return parts[1:] in (["params.json"], ["result.json"], ["error.txt"])
     return parts[0] == "curves"
@@ -185,7 +185,7 @@ def load_sweep(sweep_dir: str | os.PathLike,
     rd = _remote_sweep(str(sweep_dir))[0] if curves is not True and is_remote(str(sweep_dir)) else None
     sweep_dir = local_sweep_dir(sweep_dir, curves=rd is None)
     info = sweep_info(sweep_dir)
-    stopped_path = sweep_dir / "stopped.json"  # raypath.sweep.STOPPED_JSON
+    stopped_path = sweep_dir / STOPPED_JSON
     stopped = storage.read_json(stopped_path) if stopped_path.is_file() else {}
     rows, frames = [], []
     for d in _trial_dirs(sweep_dir):

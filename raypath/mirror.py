@@ -89,6 +89,14 @@ SWEEP_RESULTS = "results.json"
 #: A finished sweep's scores of its trials (:data:`raypath.releases.STANDING_JSON`): what status
 #: needs of them, a fraction of :data:`SWEEP_RESULTS` (whose trials keep a loss per version).
 SWEEP_STANDING = "standing.json"
+#: A sweep's settings, fork points and objective weights (:mod:`raypath.sweep`, written once).
+SWEEP_JSON = "sweep.json"
+#: Trials the law stopper ended early, with its forecasts (written as it decides).
+STOPPED_JSON = "stopped.json"
+#: What a driver's start pulls of each sweep (with its ``curves/``, which the law reads): its
+#: records, not Tune's state and trial directories, which grow with its trials and reports and
+#: which only a resumed sweep reads (``raypath sweep`` pulls its own).
+SWEEP_RECORDS = (SWEEP_RESULTS, SWEEP_STANDING, SWEEP_JSON, STOPPED_JSON)
 #: What a command that reads a run pulls at start (:meth:`RunDir.open` ``reads``), besides the
 #: top-level records (``lineage.json``, ``config.yaml``): each sweep's :data:`SWEEP_STANDING`;
 #: its :data:`SWEEP_RESULTS` is fetched where its trials are read (the law, a release decision).
@@ -302,9 +310,10 @@ class Mirror:
 
     def pull_run(self, reads: tuple[str, ...] | None = None) -> set[str]:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
-        and :data:`WRITE_ONLY` (not even listed). Grows with the objects under the other top-level entries: listed
-        whole, for the few records among the token files (``data/``) and trials' checkpoints
-        (``sweeps/``).
+        and :data:`WRITE_ONLY` (not even listed), and of each sweep all but its
+        :data:`SWEEP_RECORDS` and curves. Grows with the objects under the other top-level entries:
+        listed whole, for the few records among the token files (``data/``) and the sweeps'
+        trials and checkpoints (``sweeps/``).
 
         reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
@@ -317,8 +326,7 @@ class Mirror:
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue
             parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
-            if reads is not None and top == "sweeps" and not (
-                    parts[3:] == [SWEEP_STANDING] or (parts[3:4] == ["curves"] and "curves" in reads)):
+            if top == "sweeps" and not _pulled_of_sweep(parts[3:], reads):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel), info)
@@ -564,6 +572,16 @@ class RunDir:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _pulled_of_sweep(rel: list[str], reads: tuple[str, ...] | None) -> bool:
+    """Whether a start pulls the file ``rel`` (path parts) of a sweep directory: a reader's, its
+    :data:`SWEEP_STANDING` and, where it reads them, its curves; a driver's, its
+    :data:`SWEEP_RECORDS` and curves."""
+    curves = rel[:1] == ["curves"]
+    if reads is not None:
+        return rel == [SWEEP_STANDING] or (curves and "curves" in reads)
+    return curves or (len(rel) == 1 and rel[0] in SWEEP_RECORDS)
 
 
 def _check_not_stale(mirror: Mirror, listed: set[str]) -> None:

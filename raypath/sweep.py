@@ -83,7 +83,7 @@ from raypath.lineage import (
     resolve_version,
     sweep_run_dir,
 )
-from raypath.mirror import LOCAL, RunDir, run_location
+from raypath.mirror import LOCAL, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import RunFileError, read_json, relative_paths, write_json
@@ -101,13 +101,10 @@ DATA_CPUS_PER_TRIAL = 1.0
 #: Ray cannot place an all-zero bundle ("empty head and zero worker bundles"),
 #: so the bundle asks for one byte of memory instead.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
-SWEEP_JSON = "sweep.json"
 #: What a sweep of a remote run keeps only in the bucket: its trials' checkpoints (written
 #: there by Ray Train) and exported models; the rest (Tune's state, the journal, records,
 #: curves) is worked on in the mirror and uploaded after every trial.
 SWEEP_REMOTE_ONLY = ("branches", "exports")
-#: Trials the law stopper ended early, with its forecasts (written as it decides).
-STOPPED_JSON = "stopped.json"
 
 
 # --------------------------------------------------------------------------- settings

@@ -217,6 +217,9 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "driver"))
     assert not {p for p in pulled(rd.path) if p.startswith(("tb/", "report/"))}
     assert {"corpus/v1/train/part-000.jsonl", "tokenizer/tokenizer.json", "data/v1/files.json"} <= pulled(rd.path)
+    # of a sweep its records and curves, not Tune's state and trial directories (a resumed sweep pulls its own)
+    assert {p for p in pulled(rd.path) if p.startswith(sweep)} == {
+        f"{sweep}/sweep.json", f"{sweep}/results.json", f"{sweep}/standing.json", f"{sweep}/curves/branch-v2-a.jsonl"}
 
 
 def test_a_mirror_of_a_run_deleted_from_the_bucket_is_refused_not_resumed_or_shown(s3, tmp_path, monkeypatch, capsys):
