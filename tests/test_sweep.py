@@ -862,6 +862,7 @@ def test_a_pin_of_no_trial_of_the_sweep_is_refused_before_any_trial_trains(sweep
         assert not (Path(cfg.run_dir) / "sweeps" / "v2" / name).exists()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_lineage, tmp_path):
     """``raypath sweep`` gets SIGINT once two trials finished; the same command resumes it."""
     import signal
