@@ -63,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs
+    from raypath.cost import format_costs, format_measured, lineage_costs, paradigm_costs, planned_tokens
     from raypath.lineage import Lineage
 
     if args.run_dir and args.tokens:  # a plan priced next to a run read as the run's own
@@ -73,9 +73,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         lineage = Lineage.load(_open_run(args))
         fraction = lineage.config["branch"]["fraction"]
         replay = lineage.config["data"]["replay_ratio"]
-        new_tokens = [v.new_tokens for v in lineage.versions()]
-        print("planned (from the versions' new tokens):")
-        print(format_costs(paradigm_costs(new_tokens, fraction, replay)))
+        print("planned (from the versions' new tokens, seq_len a block as training counts them):")
+        print(format_costs(paradigm_costs(planned_tokens(lineage), fraction, replay)))
         measured = lineage_costs(lineage)
         if measured:
             print("\nmeasured (tokens this run trained; 'with search' adds every branch a sweep trained):")

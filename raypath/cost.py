@@ -90,6 +90,16 @@ def ptfs_tokens(lineage: Lineage, blocks: int) -> float | None:
     return float(blocks // batch * batch * seq_len) if seq_len and batch and blocks else None
 
 
+def planned_tokens(lineage: Lineage | dict) -> list[float]:
+    """Each version's new tokens as training counts them (``seq_len`` a block), so the planned
+    table reads in the measured table's units; a version's ``new_tokens`` are its blocks' stored
+    tokens (``seq_len + 1`` each). Without a recorded ``seq_len``, the stored ones."""
+    lineage = Lineage.of(lineage)
+    seq_len = lineage.config.get("data", {}).get("seq_len")
+    return [float(v.new_blocks * seq_len) if seq_len and v.new_blocks else float(v.new_tokens)
+            for v in lineage.versions()]
+
+
 def lineage_costs(lineage: Lineage | dict) -> list[dict[str, float]]:
     """Measured cost of a run: tokens its main path and branches actually trained, release
     only and with every searched branch, over what PTFS would train."""

@@ -232,3 +232,16 @@ def test_the_measured_cost_of_a_run_reads_no_sweeps_trials(tmp_path, monkeypatch
     for s in lin.data["sweeps"]:
         del s["search_tokens"]
     assert lineage_costs(lin) == rows and read == ["v1", "v2", "v3"]
+
+
+def test_the_planned_table_of_a_run_counts_tokens_as_training_does():
+    """A block stores seq_len + 1 tokens (inputs and targets overlap) and trains seq_len: the
+    planned table prices the versions in the measured table's units."""
+    from raypath.cost import planned_tokens
+
+    lin = {"config": {"data": {"seq_len": 32}},
+           "versions": [{"name": "v1", "new_tokens": 330, "new_blocks": 10},
+                        {"name": "v2", "new_tokens": 660, "new_blocks": 20}]}
+    assert planned_tokens(lin) == [320.0, 640.0]
+    del lin["config"]["data"]["seq_len"]  # a record without it: the stored tokens
+    assert planned_tokens(lin) == [330.0, 660.0]
