@@ -15,8 +15,10 @@ log, the requests of each (listing pages, HEADs, GETs) and the bytes it download
 3. ``load_sweep(uri)`` and ``main_objective(uri)``: the curves too, and the main path's;
 4. the same again;
 
-and, into a mirror of its own, what a driver's start on the run (``raypath run`` or ``raypath
-sweep``: ``RunDir.open(run_uri, create=True)``) pulls of the sweep.
+and, each into a mirror of its own, what a driver's start on the run pulls of the sweep:
+``raypath sweep``'s (``RunDir.open(run_uri, create=True)``: the law-guided sweep fits on the
+trials' curves) and ``raypath run``'s (``raypath.run._open_run_dir``: the sweep's records only;
+through a checkout older than that, the same call as the sweep's).
 
     python benchmarks/sweep_analysis.py --trials 300
     # the same through another checkout's raypath (e.g. an older commit's worktree)
@@ -144,11 +146,18 @@ def main() -> None:
             def driver_start() -> None:
                 RunDir.open("s3://bench/run", str(Path(tmp, "driver")), create=True)
 
+            def run_start() -> None:
+                try:
+                    RunDir.open("s3://bench/run", str(Path(tmp, "runner")), create=True, sweep_curves=False)
+                except TypeError:  # a checkout whose `raypath run` started as a sweep does
+                    RunDir.open("s3://bench/run", str(Path(tmp, "runner")), create=True)
+
             calls = {"trials table (curves=False), first call": _measure(table, log),
                      "trials table (curves=False), again": _measure(table, log),
                      "trials + curves + main_objective": _measure(whole, log),
                      "trials + curves + main_objective, again": _measure(whole, log),
-                     "a driver's start on the run": _measure(driver_start, log)}
+                     "a driver's start on the run (raypath sweep)": _measure(driver_start, log),
+                     "a driver's start on the run (raypath run)": _measure(run_start, log)}
         finally:
             moto.kill()
     settled = "" if args.settle is None else f" --settle {args.settle:g}"

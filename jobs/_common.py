@@ -65,5 +65,7 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is a user error
         if not isinstance(e, user_errors()):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        from raypath.mirror import in_store_terms
+
+        print(f"{prog}: error: {in_store_terms(str(e))}", file=sys.stderr, flush=True)
         return 2

@@ -27,6 +27,7 @@ from pathlib import Path
 from raypath.config import ConfigChangedError, ConfigError, load_config
 from raypath.console import setup_logging
 from raypath.data import DataError
+from raypath.mirror import in_store_terms
 from raypath.sources import first_line
 from raypath.storage import RunFileError
 
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         # a setting the run directory disagrees with: name the file it came from, as load_config does
         source = f"{args.config}: " if isinstance(e, ConfigChangedError) and getattr(args, "config", None) else ""
-        print(f"raypath: error: {source}{e}", file=sys.stderr)
+        print(f"raypath: error: {source}{in_store_terms(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing is lost, and the user should hear so
         if not caller_has_ray:

@@ -308,7 +308,7 @@ class Mirror:
             if self._changed(Path(path, rel), info):
                 self._download(info.path, Path(path, rel), info)
 
-    def pull_run(self, reads: tuple[str, ...] | None = None) -> set[str]:
+    def pull_run(self, reads: tuple[str, ...] | None = None, sweep_curves: bool = True) -> set[str]:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
         and :data:`WRITE_ONLY` (not even listed), and of each sweep all but its
         :data:`SWEEP_RECORDS` and curves. Grows with the objects under the other top-level entries:
@@ -319,6 +319,10 @@ class Mirror:
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
         :data:`SWEEP_STANDING`, and its curves where ``reads`` has ``curves``.
 
+        sweep_curves: a driver's start pulls the sweeps' curves (a law-guided sweep fits on them);
+        ``raypath run``'s does not (it reads a sweep's records only), so its start does not grow
+        with the trials.
+
         Returns the relative paths of the remote files listed (whether copied or not)."""
         tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
         for rel, info in tree.items():
@@ -326,7 +330,7 @@ class Mirror:
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue
             parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
-            if top == "sweeps" and not _pulled_of_sweep(parts[3:], reads):
+            if top == "sweeps" and not _pulled_of_sweep(parts[3:], reads, sweep_curves):
                 continue
             if self._changed(Path(self.local, rel), info):
                 self._download(info.path, Path(self.local, rel), info)
@@ -436,17 +440,18 @@ class RunDir:
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, local_dir: str | None = None, endpoint: str | None = None, *,
-             create: bool = False, reads: tuple[str, ...] | None = None) -> "RunDir":
+             create: bool = False, reads: tuple[str, ...] | None = None, sweep_curves: bool = True) -> "RunDir":
         """Open ``run_dir`` (a path or URI): a remote one is pulled into its mirror first
         (:meth:`Mirror.pull_run`; with ``reads``, what a command that only reads the run needs,
         :data:`RECORDS` or :data:`CURVES`). ``create`` makes a missing local directory (and checks
-        it is writable); otherwise a run directory that does not exist is refused, by name."""
+        it is writable); otherwise a run directory that does not exist is refused, by name.
+        ``sweep_curves``: as :meth:`Mirror.pull_run`'s."""
         from raypath.config import ConfigError
 
         path, mirror = run_location(str(run_dir), local_dir, endpoint)
         if mirror is not None:
             try:
-                listed = mirror.pull_run(reads)
+                listed = mirror.pull_run(reads, sweep_curves)
                 # else a run's start fails at its first upload, after the corpus is built, as unexpected
                 bucket = mirror.missing_bucket() if not listed else None
             except (OSError, ValueError) as e:  # unreachable endpoint, rejected credentials, no bucket, bad scheme
@@ -456,6 +461,7 @@ class RunDir:
                                   f"no bucket {bucket!r} (raypath creates no buckets: create it, or correct the URI "
                                   f"or cluster.storage_endpoint)")
             _check_not_stale(mirror, listed)
+            _OPENED[mirror.local] = mirror.remote
         if create:
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -574,14 +580,26 @@ class RunDir:
             path.unlink(missing_ok=True)
 
 
-def _pulled_of_sweep(rel: list[str], reads: tuple[str, ...] | None) -> bool:
+#: The mirrors this process opened: local directory -> the run directory's URI.
+_OPENED: dict[str, str] = {}
+
+
+def in_store_terms(message: str) -> str:
+    """``message`` with the files of the mirrors this process opened named by their URIs: a
+    record to restore or fix is the store's (the next start overwrites the mirror's copy)."""
+    for local, remote in _OPENED.items():
+        message = message.replace(local + os.sep, remote + "/")
+    return message
+
+
+def _pulled_of_sweep(rel: list[str], reads: tuple[str, ...] | None, sweep_curves: bool = True) -> bool:
     """Whether a start pulls the file ``rel`` (path parts) of a sweep directory: a reader's, its
     :data:`SWEEP_STANDING` and, where it reads them, its curves; a driver's, its
-    :data:`SWEEP_RECORDS` and curves."""
+    :data:`SWEEP_RECORDS` and, with ``sweep_curves``, its curves."""
     curves = rel[:1] == ["curves"]
     if reads is not None:
         return rel == [SWEEP_STANDING] or (curves and "curves" in reads)
-    return curves or (len(rel) == 1 and rel[0] in SWEEP_RECORDS)
+    return (curves and sweep_curves) or (len(rel) == 1 and rel[0] in SWEEP_RECORDS)
 
 
 def _check_not_stale(mirror: Mirror, listed: set[str]) -> None:

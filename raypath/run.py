@@ -139,8 +139,11 @@ def _discover(cfg: Config, rd: RunDir) -> Located:
 
 
 def _open_run_dir(cfg: Config) -> RunDir:
-    """The run directory, checked writable; a remote one's mirror filled with the remote state."""
-    return RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True)
+    """The run directory, checked writable; a remote one's mirror filled with the remote state
+    but the sweeps' curves: training reads a sweep's records only (``raypath sweep`` opens the
+    run directory with them first, for its law's fit)."""
+    return RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint, create=True,
+                       sweep_curves=False)
 
 
 def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = None) -> RunContext:

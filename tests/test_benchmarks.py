@@ -58,12 +58,13 @@ def test_sweep_upload_counts_each_callbacks_requests_and_bytes():
 def test_sweep_analysis_counts_what_each_notebook_call_downloads():
     got = _bench("sweep_analysis", "--trials", "10", "--curve-lines", "5", "--ckpt-objects", "2", "--settle", "0")
     calls = list(got["calls"].values())
-    table, table_again, whole, whole_again, driver = calls
+    table, table_again, whole, whole_again, driver, runner = calls
     assert table["files"] >= 2 * 10 and table["get"] >= table["files"]  # every trial's params and result
     assert whole["files"] == 9 and whole["bytes"] > 0  # the 9 finished trials' curves, the main curve read before
     assert table_again["files"] == whole_again["files"] == 0 and whole_again["list"] > 0
     # lineage.json, sweep.json, the main curve and the 10 trials' curves: no trial directory of Tune's
     assert driver["files"] == 13
+    assert runner["files"] == 3  # `raypath run`'s: no trial's curve
 
 
 def test_long_run_times_each_command_and_counts_the_files_it_opens():

@@ -220,6 +220,14 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     # of a sweep its records and curves, not Tune's state and trial directories (a resumed sweep pulls its own)
     assert {p for p in pulled(rd.path) if p.startswith(sweep)} == {
         f"{sweep}/sweep.json", f"{sweep}/results.json", f"{sweep}/standing.json", f"{sweep}/curves/branch-v2-a.jsonl"}
+    # `raypath run`'s start: no sweep curve (it reads a sweep's records; they grow with the trials)
+    from raypath.config import load_config
+    from raypath.run import _open_run_dir
+
+    rd = _open_run_dir(load_config(TINY, [f"run_dir=s3://{bucket}/run", f"cluster.local_dir={tmp_path / 'runner'}"]))
+    assert {p for p in pulled(rd.path) if p.startswith(sweep)} == {
+        f"{sweep}/sweep.json", f"{sweep}/results.json", f"{sweep}/standing.json"}
+    assert "curves/main-v1.jsonl" in pulled(rd.path)
 
 
 def test_a_mirror_of_a_run_deleted_from_the_bucket_is_refused_not_resumed_or_shown(s3, tmp_path, monkeypatch, capsys):
@@ -245,6 +253,22 @@ def test_a_mirror_of_a_run_deleted_from_the_bucket_is_refused_not_resumed_or_sho
     assert (mirror / "lineage.json").is_file() and not s3.files(f"{bucket}/run")  # nothing removed, nothing sent
     # A mirror elsewhere starts afresh.
     assert not (RunDir.open(uri, str(tmp_path / "other"), create=True).path / "lineage.json").exists()
+
+
+def test_an_unreadable_record_of_a_run_in_a_bucket_is_named_by_its_uri_not_its_mirror(s3, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """The file to restore is the bucket's: the mirror's copy is overwritten at every start."""
+    from raypath.cli import main
+
+    bucket = _bucket(s3, "torn")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    s3.fs.create_dir(f"{bucket}/run")
+    with s3.fs.open_output_stream(f"{bucket}/run/lineage.json") as f:
+        f.write(b'{"format": 1, "name": "torn", "branches": [')  # cut off mid-upload by another tool
+    mirror = tmp_path / "mirror"
+    assert main(["status", f"s3://{bucket}/run", "--local-dir", str(mirror)]) == 2
+    err = capsys.readouterr().err
+    assert f"raypath: error: s3://{bucket}/run/lineage.json: not valid JSON" in err and str(mirror) not in err
 
 
 def test_a_run_directory_in_a_bucket_that_does_not_exist_is_refused_before_anything_starts(s3, tmp_path, monkeypatch,
