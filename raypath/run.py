@@ -24,7 +24,7 @@ import yaml
 
 from raypath.branches import BranchRunner, release_branch
 from raypath.checkpoint import step_dirs
-from raypath.cluster import check_address, check_workers_fit, init_ray
+from raypath.cluster import branches_fit_beside, check_address, check_workers_fit, init_ray
 from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
@@ -264,7 +264,7 @@ def run(cfg: Config) -> Lineage:
     ctx = prepare(cfg, where, lineage.fact("model").get("base") if started else None)
     _record_facts(lineage, ctx)
 
-    runner = BranchRunner(cfg.branch.parallel)
+    runner = BranchRunner(cfg.branch.parallel and branches_fit_beside(cfg.train))
     progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction, ctx.rd)
     index = {v["name"]: k for k, v in enumerate(ctx.versions)}
 

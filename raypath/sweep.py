@@ -71,6 +71,7 @@ import numpy as np
 import yaml
 
 from raypath import checkpoint as ckpt
+from raypath.cluster import DATA_CPUS
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
 from raypath.lineage import (
@@ -93,9 +94,6 @@ log = logging.getLogger(__name__)
 
 #: The metric Optuna minimises: objective + compute penalty.
 METRIC = "score"
-#: CPUs a trial's Ray Data pipeline is assumed to need next to its Train workers
-#: when the concurrency is derived from the cluster's resources.
-DATA_CPUS_PER_TRIAL = 1.0
 #: What a trial's Tune actor reserves: no CPU (it only waits on its Train workers,
 #: which reserve their own; holding a CPU here starves them on a small machine).
 #: Ray cannot place an all-zero bundle ("empty head and zero worker bundles"),
@@ -147,7 +145,7 @@ def fork_points(main: MainEntry, storage: str | os.PathLike, rd: RunDir = LOCAL)
 
 def derive_max_concurrent(train, num_samples: int, resources: dict[str, float]) -> int:
     """Trials that fit at once: each needs its Train workers (and GPUs) plus a CPU for data."""
-    per_trial_cpu = train.num_workers * train.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    per_trial_cpu = train.num_workers * train.cpus_per_worker + DATA_CPUS
     n = int(resources.get("CPU", 0.0) // per_trial_cpu)
     if train.use_gpu:
         n = min(n, int(resources.get("GPU", 0.0) // train.num_workers))
