@@ -38,7 +38,7 @@ from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, iter_texts
-from raypath.storage import atomic_dir, atomic_write_bytes
+from raypath.storage import atomic_dir, atomic_write_bytes, writer_lock
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
@@ -250,6 +250,12 @@ def run(cfg: Config) -> Lineage:
     # so a bad input there fails in a second, before a cluster starts or anything is written.
     check_address(cfg.cluster.address)
     rd = _open_run_dir(cfg)
+    with writer_lock(rd.path, "run"):
+        return _run(cfg, rd)
+
+
+def _run(cfg: Config, rd: RunDir) -> Lineage:
+    """:func:`run` in its opened run directory, holding its writer lock."""
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
     _check_name(cfg, lineage)
     started = _main_path_started(lineage, rd)

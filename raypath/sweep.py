@@ -87,7 +87,7 @@ from raypath.lineage import (
 from raypath.mirror import LOCAL, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
-from raypath.storage import RunFileError, read_json, relative_paths, write_json
+from raypath.storage import RunFileError, read_json, relative_paths, write_json, writer_lock
 from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
@@ -688,10 +688,11 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
     _trained_main(lineage, lineage.version_names(), version)
-    check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
-    ctx = prepare(cfg)
-    with lineage_run(ctx.tracking, owner=False):
-        return _sweep(cfg, ctx, version)
+    with writer_lock(lineage.rd.path, f"sweep {version}"):
+        check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
+        ctx = prepare(cfg)
+        with lineage_run(ctx.tracking, owner=False):
+            return _sweep(cfg, ctx, version)
 
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:
