@@ -325,6 +325,9 @@ def test_a_second_writer_of_a_run_directory_is_refused_until_the_first_one_is_go
         assert f"run_dir: {run_dir} is being written by a run" in res.stderr and f"pid {holder.pid}" in res.stderr
         assert "Traceback" not in res.stderr
         assert sorted(p.name for p in run_dir.iterdir()) == [WRITER_LOCK], "the refused job wrote something"
+        pick = subprocess.run([sys.executable, "-m", "raypath.cli", "release", str(run_dir), "--version", "v1",
+                               "--pick", "best"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert pick.returncode == 2 and "is being written by a run" in pick.stderr, pick.stderr
     finally:
         holder.kill()
         holder.wait()
