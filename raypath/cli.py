@@ -29,7 +29,7 @@ from raypath.console import setup_logging
 from raypath.data import DataError
 from raypath.mirror import in_store_terms
 from raypath.sources import first_line
-from raypath.storage import RunFileError
+from raypath.storage import RunFileError, writer_lock
 
 log = logging.getLogger("raypath")
 
@@ -99,16 +99,19 @@ def cmd_release(args: argparse.Namespace) -> int:
     from raypath.lineage import Lineage, resolve_version
     from raypath.releases import Releaser, format_release, version_objective
 
-    lineage = Lineage.load(_open_run(args))
-    names = [v.name for v in lineage.versions()]
-    version = names[resolve_version(names, args.version)]
-    objective = version_objective(lineage, version)
-    releaser = Releaser(lineage)
-    releaser.sync(version)
-    if args.pick:
-        entry = releaser.pick(version, args.pick, objective)
-        _tag_release(lineage, entry)
-        print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
+    rd = _open_run(args)
+    # --pick saves the lineage: a run or sweep writing it meanwhile would save its copy over this one
+    with writer_lock(rd.path, "release --pick") if args.pick else contextlib.nullcontext():
+        lineage = Lineage.load(rd)
+        names = [v.name for v in lineage.versions()]
+        version = names[resolve_version(names, args.version)]
+        objective = version_objective(lineage, version)
+        releaser = Releaser(lineage)
+        releaser.sync(version)
+        if args.pick:
+            entry = releaser.pick(version, args.pick, objective)
+            _tag_release(lineage, entry)
+            print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
     print(format_release(lineage, version, objective))
     return 0
 

@@ -87,26 +87,54 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return started
 
 
+#: CPUs a segment's Ray Data pipeline needs next to its Train workers: the stream's read and
+#: file-info tasks take a whole CPU each outside the workers' placement group, so a cluster whose
+#: CPUs the workers reserve to the last one hangs before the first step.
+DATA_CPUS = 1.0
+
+
+def _workers(train) -> int:
+    """Train workers a segment starts with: an elastic group starts at its minimum."""
+    return train.min_workers if 0 < train.min_workers < train.num_workers else train.num_workers
+
+
 def check_workers_fit(train, local: bool) -> None:
-    """The Train workers of a segment (``train``: :class:`raypath.config.TrainConfig`) against the
-    cluster's CPUs and GPUs. Ray Train waits for resources that never come without a word (and
-    Ctrl-C does not end the wait): on a local cluster, all there is, that is a ConfigError; an
-    existing cluster may autoscale, so there it is a warning."""
+    """The Train workers of a segment (``train``: :class:`raypath.config.TrainConfig`) and its data
+    reads against the cluster's CPUs and GPUs. Ray Train waits for resources that never come
+    without a word (and Ctrl-C does not end the wait): on a local cluster, all there is, that is a
+    ConfigError; an existing cluster may autoscale, so there it is a warning."""
     import ray
 
     from raypath.config import ConfigError
 
     have = ray.cluster_resources()
-    workers = train.min_workers if 0 < train.min_workers < train.num_workers else train.num_workers
+    workers = _workers(train)
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    need = workers * train.cpus_per_worker
     problems = []
-    if workers * train.cpus_per_worker > cpus:
-        need = workers * train.cpus_per_worker
+    if need + DATA_CPUS > cpus:
         problems.append(f"train.num_workers: {workers} worker(s) x {train.cpus_per_worker:g} CPUs "
-                        f"(train.cpus_per_worker) need {need:g} CPUs, the cluster has {cpus:g}")
+                        f"(train.cpus_per_worker) need {need:g} CPUs and Ray Data's reads {DATA_CPUS:g} more, "
+                        f"the cluster has {cpus:g}")
     if train.use_gpu and workers > gpus:
         problems.append(f"train.use_gpu: {workers} worker(s) need a GPU each, the cluster has {gpus:g}")
     if problems and local:
         raise ConfigError("; ".join(problems) + " (a local cluster's CPUs: cluster.num_cpus)")
     for p in problems:
         log.warning("%s: training waits until the cluster has them (an autoscaling cluster adds nodes)", p)
+
+
+def branches_fit_beside(train) -> bool:
+    """Whether a branch can train beside the main path (``branch.parallel``). When both segments'
+    workers fit the cluster's CPUs, both start, and if they leave less than :data:`DATA_CPUS` their
+    data reads never run: both wait forever at their first step. (A branch that does not fit beside
+    the main path waits for its CPUs instead, which is safe.)"""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    need = _workers(train) * train.cpus_per_worker
+    if not 2 * need <= cpus < 2 * need + DATA_CPUS:
+        return True
+    log.warning("branch.parallel: a branch's %g CPUs beside the main path's %g would leave none of the cluster's "
+                "%g to Ray Data's reads; each branch trains after its main segment instead", need, need, cpus)
+    return False

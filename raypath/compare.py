@@ -42,7 +42,7 @@ from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window, decay_from
-from raypath.storage import atomic_write_bytes, new_figure, save_figure
+from raypath.storage import atomic_write_bytes, new_figure, save_figure, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,12 @@ def replay_ratios(cfg: Config) -> list[float]:
 def run_comparison(cfg: Config) -> dict[str, str]:
     """Train every row of the comparison (resumable), then write the table and plots."""
     lineage = run_lineage(cfg)  # path switching, and the prepared versions
+    with writer_lock(lineage.rd.path, "compare"):  # its baselines and replay runs go into the lineage
+        return _compare(cfg, lineage)
+
+
+def _compare(cfg: Config, lineage: Lineage) -> dict[str, str]:
+    """:func:`run_comparison` once the lineage is trained, holding its run directory's writer lock."""
     ctx = prepare(cfg)
     decays = baseline_decays(cfg)
     # the headline rows first, then replay, then the paper's rows: an interrupted comparison

@@ -24,7 +24,7 @@ import yaml
 
 from raypath.branches import BranchRunner, release_branch
 from raypath.checkpoint import step_dirs
-from raypath.cluster import check_address, check_workers_fit, init_ray
+from raypath.cluster import branches_fit_beside, check_address, check_workers_fit, init_ray
 from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
@@ -38,7 +38,7 @@ from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.sources import VersionSource, iter_texts
-from raypath.storage import atomic_dir, atomic_write_bytes
+from raypath.storage import atomic_dir, atomic_write_bytes, writer_lock
 from raypath.tokenizer import load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
@@ -253,6 +253,12 @@ def run(cfg: Config) -> Lineage:
     # so a bad input there fails in a second, before a cluster starts or anything is written.
     check_address(cfg.cluster.address)
     rd = _open_run_dir(cfg)
+    with writer_lock(rd.path, "run"):
+        return _run(cfg, rd)
+
+
+def _run(cfg: Config, rd: RunDir) -> Lineage:
+    """:func:`run` in its opened run directory, holding its writer lock."""
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
     _check_name(cfg, lineage)
     started = _main_path_started(lineage, rd)
@@ -267,7 +273,7 @@ def run(cfg: Config) -> Lineage:
     ctx = prepare(cfg, where, lineage.fact("model").get("base") if started else None)
     _record_facts(lineage, ctx)
 
-    runner = BranchRunner(cfg.branch.parallel)
+    runner = BranchRunner(cfg.branch.parallel and branches_fit_beside(cfg.train))
     progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction, ctx.rd)
     index = {v["name"]: k for k, v in enumerate(ctx.versions)}
 

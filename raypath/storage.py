@@ -188,6 +188,88 @@ class RunFileError(ValueError):
     format this raypath does not know; the message names the file."""
 
 
+#: The lock file of a run directory's writer (:func:`writer_lock`).
+WRITER_LOCK = ".writer.lock"
+#: A writer refreshes its lock this often; a lock of another host not refreshed for
+#: :data:`WRITER_STALE_S` is a dead writer's (a stopped job, a deleted pod): its pid cannot be asked.
+WRITER_REFRESH_S = 20.0
+WRITER_STALE_S = 120.0
+
+
+class RunDirBusyError(RunFileError):
+    """Another process writes the run directory: two writers would each save their own copy of
+    the lineage over the other's (the last one wins) and train the same checkpoints."""
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The live writer that holds ``lock``; None if the lock is absent or its writer is gone."""
+    try:
+        holder, age = json.loads(lock.read_text()), time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # being written this instant: a live writer's
+        return {"host": "?", "pid": 0, "what": "?", "argv": "?", "since": "?"}
+    here = holder.get("host") == socket.gethostname()
+    return None if (_gone(int(holder.get("pid", 0))) if here else age > WRITER_STALE_S) else holder
+
+
+def _take(lock: Path, me: dict) -> dict | None:
+    """Create ``lock`` for ``me`` (O_EXCL: of two writers starting at once, one gets it), or take
+    over a dead writer's; returns the live holder instead when there is one."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        if not holder:
+            atomic_write_bytes(lock, json.dumps(me).encode())
+        return holder
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(me))
+    return None
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``RUN_DIR/.writer.lock`` while ``what`` (``run``, ``sweep v2``) writes the run directory (a local path,
+    or a remote run's mirror). A second writer fails at once with :class:`RunDirBusyError`; a
+    nested one of this process (a comparison's runs) goes on. The lock names its host and pid and
+    is refreshed by a thread, so a killed writer's lock is taken over: of this host as soon as
+    its pid is gone, of another after :data:`WRITER_STALE_S`."""
+    import threading
+
+    lock = Path(run_dir) / WRITER_LOCK
+    import sys
+
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "argv": " ".join(sys.argv)[:300],
+          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    holder = _lock_holder(lock)
+    if holder and (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
+        yield  # this process holds it already
+        return
+    holder = holder or _take(lock, me)
+    if holder:
+        raise RunDirBusyError(
+            f"run_dir: {run_dir} is being written by a {holder.get('what')} ({holder.get('argv')}: pid "
+            f"{holder.get('pid')} on "
+            f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or stop it, and run again "
+            f"(a writer that died leaves {lock.name}, taken over after {WRITER_STALE_S:g} s)")
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(WRITER_REFRESH_S):
+            with contextlib.suppress(OSError):
+                os.utime(lock)
+
+    threading.Thread(target=refresh, name="raypath-writer-lock", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+
+
 def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:
     """Read a JSON file; with ``root``, its ``./relative`` paths become absolute under ``root``."""
     p = Path(path)

@@ -71,6 +71,7 @@ import numpy as np
 import yaml
 
 from raypath import checkpoint as ckpt
+from raypath.cluster import DATA_CPUS
 from raypath.config import Config, ConfigError, SweepConfig, validate
 from raypath.console import verbose
 from raypath.lineage import (
@@ -86,16 +87,13 @@ from raypath.lineage import (
 from raypath.mirror import LOCAL, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
-from raypath.storage import RunFileError, read_json, relative_paths, write_json
+from raypath.storage import RunFileError, read_json, relative_paths, write_json, writer_lock
 from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
 
 #: The metric Optuna minimises: objective + compute penalty.
 METRIC = "score"
-#: CPUs a trial's Ray Data pipeline is assumed to need next to its Train workers
-#: when the concurrency is derived from the cluster's resources.
-DATA_CPUS_PER_TRIAL = 1.0
 #: What a trial's Tune actor reserves: no CPU (it only waits on its Train workers,
 #: which reserve their own; holding a CPU here starves them on a small machine).
 #: Ray cannot place an all-zero bundle ("empty head and zero worker bundles"),
@@ -147,7 +145,7 @@ def fork_points(main: MainEntry, storage: str | os.PathLike, rd: RunDir = LOCAL)
 
 def derive_max_concurrent(train, num_samples: int, resources: dict[str, float]) -> int:
     """Trials that fit at once: each needs its Train workers (and GPUs) plus a CPU for data."""
-    per_trial_cpu = train.num_workers * train.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    per_trial_cpu = train.num_workers * train.cpus_per_worker + DATA_CPUS
     n = int(resources.get("CPU", 0.0) // per_trial_cpu)
     if train.use_gpu:
         n = min(n, int(resources.get("GPU", 0.0) // train.num_workers))
@@ -690,10 +688,11 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
     _trained_main(lineage, lineage.version_names(), version)
-    check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
-    ctx = prepare(cfg)
-    with lineage_run(ctx.tracking, owner=False):
-        return _sweep(cfg, ctx, version)
+    with writer_lock(lineage.rd.path, f"sweep {version}"):
+        check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
+        ctx = prepare(cfg)
+        with lineage_run(ctx.tracking, owner=False):
+            return _sweep(cfg, ctx, version)
 
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:

@@ -477,7 +477,8 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_on_a_local_one_and_warn
     cpus, gpus = ray.cluster_resources()["CPU"], ray.cluster_resources().get("GPU", 0)
     big = load_config(TINY, ["train.num_workers=2", "train.global_batch_size=16", f"train.cpus_per_worker={cpus}"])
     with pytest.raises(ConfigError, match=rf"train.num_workers: 2 worker\(s\) x {cpus:g} CPUs \(train.cpus_per_worker\) "
-                                          rf"need {2 * cpus:g} CPUs, the cluster has {cpus:g} \(a local cluster's"):
+                                          rf"need {2 * cpus:g} CPUs and Ray Data's reads 1 more, the cluster has "
+                                          rf"{cpus:g} \(a local cluster's"):
         check_workers_fit(big.train, local=True)
     n = int(gpus) + 1
     gpu = load_config(TINY, ["train.use_gpu=true", f"train.num_workers={n}", f"train.global_batch_size={8 * n}"])
@@ -487,3 +488,28 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_on_a_local_one_and_warn
         check_workers_fit(big.train, local=False)
     assert "training waits until the cluster has them" in caplog.text
     check_workers_fit(load_config(TINY).train, local=True)  # what fits passes
+
+
+def test_workers_that_leave_no_cpu_for_the_data_reads_are_refused_and_a_branch_beside_them_waits(
+        ray_cluster, caplog):
+    """Ray Data reads a segment's stream in tasks of one CPU outside the Train workers' reservation:
+    workers holding every CPU (one segment, or the main path and a parallel branch together) never
+    get their first batch, and the job hangs without a word (seen with configs/tiny.yaml submitted
+    to a `ray start --num-cpus=2` head)."""
+    import ray
+
+    from raypath.cluster import branches_fit_beside, check_workers_fit
+    from raypath.config import ConfigError, load_config
+
+    cpus = ray.cluster_resources()["CPU"]
+    full = load_config(TINY, ["train.num_workers=2", f"train.cpus_per_worker={cpus / 2:g}"])
+    with pytest.raises(ConfigError, match=r"Ray Data's reads 1 more"):
+        check_workers_fit(full.train, local=True)
+    half = load_config(TINY, ["train.num_workers=2", f"train.cpus_per_worker={cpus / 4:g}"])
+    check_workers_fit(half.train, local=True)  # one segment leaves half the cluster to the reads
+    with caplog.at_level("WARNING", logger="raypath.cluster"):
+        assert not branches_fit_beside(half.train)  # main path + branch would hold every CPU
+    assert "branch.parallel" in caplog.text and "after its main segment" in caplog.text
+    roomy = load_config(TINY, ["train.num_workers=1", f"train.cpus_per_worker={(cpus - 1) / 2:g}"])
+    assert branches_fit_beside(roomy.train)  # one CPU left to the reads
+    assert branches_fit_beside(full.train)  # a branch that cannot start beside the main path waits for its CPUs

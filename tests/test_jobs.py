@@ -301,3 +301,47 @@ def test_the_export_job_takes_every_option_of_raypath_export():
     assert res.returncode == 0, res.stderr
     missing = sorted(o for o in command if o not in res.stdout)
     assert not missing, f"jobs/export.py lacks {missing}"
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_until_the_first_one_is_gone(tmp_path):
+    """Two jobs on one run_dir (a re-submitted job while the first still runs, a sweep beside the
+    main path) each saved their own copy of the lineage over the other's: one's versions, branches
+    or releases vanished from the record. The second is refused at once, naming the first."""
+    import json
+    import os
+
+    from raypath.storage import WRITER_LOCK, WRITER_STALE_S, RunDirBusyError, writer_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from raypath.storage import writer_lock\n"
+                               f"with writer_lock({str(run_dir)!r}, 'run'):\n    print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = subprocess.run([sys.executable, "jobs/run_lineage.py", "--config", "configs/tiny.yaml",
+                              "--set", f"run_dir={run_dir}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert res.returncode == 2, res.stderr
+        assert f"run_dir: {run_dir} is being written by a run" in res.stderr and f"pid {holder.pid}" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == [WRITER_LOCK], "the refused job wrote something"
+        pick = subprocess.run([sys.executable, "-m", "raypath.cli", "release", str(run_dir), "--version", "v1",
+                               "--pick", "best"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert pick.returncode == 2 and "is being written by a run" in pick.stderr, pick.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(run_dir, "sweep v1"):  # a killed writer's lock (same host, pid gone) is taken over
+        with writer_lock(run_dir, "run"):  # nested in the same process: goes on
+            pass
+        assert json.loads((run_dir / WRITER_LOCK).read_text())["what"] == "sweep v1"
+    assert not (run_dir / WRITER_LOCK).exists()
+
+    # Of another host: live while refreshed, a dead writer's once it is not.
+    (run_dir / WRITER_LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "what": "run", "argv": "x"}))
+    with pytest.raises(RunDirBusyError, match="pid 1 on elsewhere"), writer_lock(run_dir, "run"):
+        pass
+    old = time.time() - WRITER_STALE_S - 1
+    os.utime(run_dir / WRITER_LOCK, (old, old))
+    with writer_lock(run_dir, "run"):
+        pass
