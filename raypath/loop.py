@@ -37,7 +37,7 @@ from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.schedules import Schedule
-from raypath.storage import end_line
+from raypath.storage import RunFileError, end_line
 from raypath.tracking import Tracker, TrackingSpec
 
 log = logging.getLogger("raypath.progress")
@@ -163,10 +163,19 @@ def check_plan(seg: Segment) -> None:
 
 
 def _newest_state(seg: Segment) -> tuple[dict | None, str]:
-    """``state.json`` of the segment's newest complete checkpoint (not hashed: the workers do)."""
+    """``state.json`` of the segment's newest complete checkpoint whose state reads back.
+
+    Only ``state.json`` is hashed (of a local full checkpoint; the workers hash the rest): one
+    torn or corrupted there is skipped, as :func:`raypath.checkpoint.latest_valid` skips it
+    when the workers resume, instead of refusing the run over a checkpoint it never reads."""
     for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
-        if _complete(seg, ckpt.step_of(d)):
+        if not _complete(seg, ckpt.step_of(d)):
+            continue
+        try:
+            ckpt.verify(d, seg.rd, names=("state.json",))
             return ckpt.load_state(d, seg.rd), seg.rd.name(d)
+        except (ckpt.CheckpointError, RunFileError) as e:
+            ckpt.log.warning("skipping checkpoint: %s", e)
     return None, ""
 
 

@@ -352,3 +352,21 @@ def test_a_segment_resumed_from_its_own_checkpoint_says_where_and_how_far(tmp_pa
                     "8 of its 20 steps already trained")
     branch = _segment(tmp_path, "branch-v2", init=str(tmp_path / "ray" / "main-v2" / "step_00000018"))
     assert resume_note(branch, *resume_point(branch)) is None  # forked from the main path: a start
+
+
+def test_a_segment_whose_newest_checkpoint_has_a_torn_state_resumes_from_the_one_before(tmp_path, caplog):
+    """The driver's plan check read the newest checkpoint's state.json unhashed: one truncated there
+    refused the run ("restore it from a backup") although the workers skip it and resume."""
+    from raypath.loop import check_plan, resume_point
+
+    for step in (14, 18):
+        model = torch.nn.Linear(4, 2)
+        newest = ckpt.save(tmp_path / "ray" / "main-v2" / ckpt.step_dir_name(step), model.state_dict(), {},
+                           {"step": step, "tokens": step, "segment": "main-v2", "version": "v2", "consumed": []})
+    state = newest / "state.json"
+    state.write_bytes(state.read_bytes()[:10])
+    main = _segment(tmp_path, "main-v2")
+    with caplog.at_level(logging.WARNING, logger="raypath.checkpoint"):
+        check_plan(main)
+    assert "step_00000018: state.json does not match its checksum" in caplog.text
+    assert resume_point(main)[0].endswith("step_00000014")
