@@ -138,6 +138,22 @@ def test_sharded_roundtrip_into_a_fresh_model(tmp_path, asynchronous):
     assert all(torch.equal(a, b) for a, b in zip(saved_moments, loaded_moments))
 
 
+def test_reading_a_sharded_checkpoints_weights_in_one_process_prints_no_torch_warning(tmp_path):
+    """`raypath export` of an FSDP checkpoint printed torch's "torch.distributed is disabled ...
+    assuming the intent is to load in a single process" warning: the intent raypath states itself."""
+    import warnings
+
+    from raypath.shards import load_model_weights
+
+    d, expected, _ = _save_sharded(tmp_path, 5)
+    model, _ = _trained(seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model_weights(d, model)
+    assert not [str(w.message) for w in caught if "torch.distributed" in str(w.message)]
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def test_a_sharded_checkpoint_of_another_shape_fails_to_load_as_an_ordinary_error(tmp_path):
     # DCP's CheckpointException is a BaseException: it passed every `except Exception` on the way
     # out of a training worker.
