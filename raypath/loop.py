@@ -37,7 +37,7 @@ from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.schedules import Schedule
-from raypath.storage import end_line
+from raypath.storage import RunFileError, end_line
 from raypath.tracking import Tracker, TrackingSpec
 
 log = logging.getLogger("raypath.progress")
@@ -138,7 +138,19 @@ def final_checkpoint(seg: Segment) -> FinalCheckpoint:
     return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
 
 
-def check_plan(seg: Segment) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """The part of a :class:`Segment` that :func:`check_plan` reads: what its checkpoints must continue.
+    Built from the lineage record alone, it checks a resumed segment before Ray starts."""
+
+    name: str
+    storage: str
+    schedule: Schedule
+    save_steps: tuple[int, ...]
+    rd: RunDir = LOCAL
+
+
+def check_plan(seg: Segment | Plan, fork_note: str = "branch.fraction changed?") -> None:
     """On the driver, before a segment (re)starts: its newest checkpoint must continue this plan.
 
     A checkpoint records the schedule it was trained under: resuming a branch after its
@@ -146,6 +158,7 @@ def check_plan(seg: Segment) -> None:
     saves (the fork point) that the checkpoint has passed must be there: a fork moved behind
     it (``branch.fraction`` raised) would never be written. Checkpoints saved before the schedule
     was recorded are only checked for the steps.
+    fork_note: what moved a fork point, as far as the caller knows.
     """
     from raypath.config import ConfigError
 
@@ -159,18 +172,27 @@ def check_plan(seg: Segment) -> None:
     for step in seg.save_steps:
         if step <= state["step"] and not _complete(seg, step):
             raise ConfigError(f"{seg.name}: {where} is past step {step}, which this plan checkpoints (a fork "
-                              f"point: branch.fraction changed?) but was never saved: {again}")
+                              f"point: {fork_note}) but was never saved: {again}")
 
 
-def _newest_state(seg: Segment) -> tuple[dict | None, str]:
-    """``state.json`` of the segment's newest complete checkpoint (not hashed: the workers do)."""
+def _newest_state(seg: Segment | Plan) -> tuple[dict | None, str]:
+    """``state.json`` of the segment's newest complete checkpoint whose state reads back.
+
+    Only ``state.json`` is hashed (of a local full checkpoint; the workers hash the rest): one
+    torn or corrupted there is skipped, as :func:`raypath.checkpoint.latest_valid` skips it
+    when the workers resume, instead of refusing the run over a checkpoint it never reads."""
     for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
-        if _complete(seg, ckpt.step_of(d)):
+        if not _complete(seg, ckpt.step_of(d)):
+            continue
+        try:
+            ckpt.verify(d, seg.rd, names=("state.json",))
             return ckpt.load_state(d, seg.rd), seg.rd.name(d)
+        except (ckpt.CheckpointError, RunFileError) as e:
+            ckpt.log.warning("skipping checkpoint: %s", e)
     return None, ""
 
 
-def _complete(seg: Segment, step: int) -> bool:
+def _complete(seg: Segment | Plan, step: int) -> bool:
     try:
         ckpt.verify(Path(seg.storage) / ckpt.step_dir_name(step), seg.rd, deep=False)
         return True

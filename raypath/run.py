@@ -32,11 +32,13 @@ from raypath.corpus import build_embedded_corpus
 from raypath.data import DataError, PrepareSpec, check_prepared, discover_versions, plan_versions, prepare_versions
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
-from raypath.mainpath import run_main_version
+from raypath.loop import Plan, check_plan
+from raypath.mainpath import main_fork_step, run_main_version
 from raypath.mirror import RunDir
 from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
+from raypath.schedules import main_schedule
 from raypath.sources import VersionSource, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, writer_lock
 from raypath.tokenizer import load_tokenizer, train_tokenizer
@@ -264,6 +266,7 @@ def _run(cfg: Config, rd: RunDir) -> Lineage:
     started = _main_path_started(lineage, rd)
     if started:  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
+        _check_resumed_main(cfg, lineage, rd)
     elif lineage.version_names():  # prepared, not trained yet (a run stopped in its first segment)
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config, sections=("data",))
     where = _discover(cfg, rd)
@@ -309,6 +312,27 @@ def _check_versions_kept(cfg: Config, lineage: Lineage, sources: list[VersionSou
             f"corpus's versions now ({', '.join(found) or 'none'}; corpus {cfg.data.corpus}); a lineage's "
             f"versions can only be appended: restore them (and list them in data.versions, if it lists "
             f"versions), or set run_dir to a new directory to start another")
+
+
+def _check_resumed_main(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
+    """The main segment a re-run resumes still checkpoints what its checkpoints passed (its fork
+    point), planned from the lineage record as :func:`raypath.mainpath.main_segment` plans it:
+    refused here, before Ray starts and before the lineage or ``config.yaml`` record a config that
+    never ran. The branches' plans are checked when they start (:func:`raypath.loop.fit_segment`)."""
+    start = 0
+    for version in lineage.versions():
+        main = lineage.main(version.name)
+        if main is not None:
+            start = main.end_step
+            continue
+        end = start + version.stream_rows // cfg.train.global_batch_size
+        name = f"main-{version.name}"
+        was = (Lineage.load(rd).config.get("branch") or {}).get("fraction")
+        note = (f"branch.fraction is {cfg.branch.fraction}, the lineage's last run had {was}" if was is not None
+                and was != cfg.branch.fraction else "branch.fraction changed?")
+        check_plan(Plan(name, str(rd.path / "ray" / name), main_schedule(cfg.train),
+                        (main_fork_step(start, end, cfg.branch.fraction), end), rd), note)
+        return
 
 
 def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:

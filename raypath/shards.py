@@ -32,6 +32,7 @@ import io
 import logging
 import queue
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,9 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir
         raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
+        with warnings.catch_warnings():  # torch warns of the single-process load that no_dist asks for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
     except CheckpointException as e:  # a BaseException: past every caller's `except Exception`
         raise _own_failure(e) from None
     set_model_state_dict(model, sd["model"])

@@ -138,6 +138,22 @@ def test_sharded_roundtrip_into_a_fresh_model(tmp_path, asynchronous):
     assert all(torch.equal(a, b) for a, b in zip(saved_moments, loaded_moments))
 
 
+def test_reading_a_sharded_checkpoints_weights_in_one_process_prints_no_torch_warning(tmp_path):
+    """`raypath export` of an FSDP checkpoint printed torch's "torch.distributed is disabled ...
+    assuming the intent is to load in a single process" warning: the intent raypath states itself."""
+    import warnings
+
+    from raypath.shards import load_model_weights
+
+    d, expected, _ = _save_sharded(tmp_path, 5)
+    model, _ = _trained(seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model_weights(d, model)
+    assert not [str(w.message) for w in caught if "torch.distributed" in str(w.message)]
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def test_a_sharded_checkpoint_of_another_shape_fails_to_load_as_an_ordinary_error(tmp_path):
     # DCP's CheckpointException is a BaseException: it passed every `except Exception` on the way
     # out of a training worker.
@@ -352,3 +368,21 @@ def test_a_segment_resumed_from_its_own_checkpoint_says_where_and_how_far(tmp_pa
                     "8 of its 20 steps already trained")
     branch = _segment(tmp_path, "branch-v2", init=str(tmp_path / "ray" / "main-v2" / "step_00000018"))
     assert resume_note(branch, *resume_point(branch)) is None  # forked from the main path: a start
+
+
+def test_a_segment_whose_newest_checkpoint_has_a_torn_state_resumes_from_the_one_before(tmp_path, caplog):
+    """The driver's plan check read the newest checkpoint's state.json unhashed: one truncated there
+    refused the run ("restore it from a backup") although the workers skip it and resume."""
+    from raypath.loop import check_plan, resume_point
+
+    for step in (14, 18):
+        model = torch.nn.Linear(4, 2)
+        newest = ckpt.save(tmp_path / "ray" / "main-v2" / ckpt.step_dir_name(step), model.state_dict(), {},
+                           {"step": step, "tokens": step, "segment": "main-v2", "version": "v2", "consumed": []})
+    state = newest / "state.json"
+    state.write_bytes(state.read_bytes()[:10])
+    main = _segment(tmp_path, "main-v2")
+    with caplog.at_level(logging.WARNING, logger="raypath.checkpoint"):
+        check_plan(main)
+    assert "step_00000018: state.json does not match its checksum" in caplog.text
+    assert resume_point(main)[0].endswith("step_00000014")

@@ -115,6 +115,30 @@ def test_run_refuses_a_changed_batch_size_once_the_main_path_has_started(tmp_pat
     assert sorted(p.name for p in run_dir.iterdir()) == ["lineage.json", "ray"]  # nothing prepared
 
 
+def test_run_refuses_a_fork_point_moved_behind_a_resumed_segment_before_ray_writing_nothing(tmp_path, capsys):
+    """branch.fraction raised while main-v1 had checkpointed past its new fork point: refused only once
+    the segment started on Ray, after lineage.json and config.yaml had recorded the refused config."""
+    import torch
+
+    from raypath import checkpoint as ckpt
+    from raypath.config import load_config
+    from raypath.lineage import Lineage
+
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    lineage = Lineage.open(run_dir, "tiny", load_config(tiny, [f"run_dir={run_dir}"]).to_dict())
+    lineage.set_versions([{"name": "v1", "index": 0, "stream_rows": 160}])  # 20 steps of 8: the fork at 15
+    for step in (10, 15):
+        ckpt.save(run_dir / "ray" / "main-v1" / ckpt.step_dir_name(step), torch.nn.Linear(2, 2).state_dict(), {},
+                  {"step": step, "tokens": step, "segment": "main-v1", "version": "v1", "consumed": []})
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", "branch.fraction=0.8"]) == 2  # fork at 4
+    err = capsys.readouterr().err
+    assert "main-v1: " in err and "is past step 4, which this plan checkpoints" in err
+    assert "branch.fraction is 0.8, the lineage's last run had 0.25" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "corpus").exists()
+
+
 def _started_run(run_dir: Path, versions: tuple[str, ...] = (), trained: bool = True) -> None:
     """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml), copied
     from where it trained first; not ``trained``: one that stopped after preparing ``versions``."""
