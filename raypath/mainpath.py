@@ -28,11 +28,18 @@ def main_fork_step(start_step: int, end_step: int, fraction: float) -> int:
     return max(fork_step(start_step, end_step, fraction), start_step + 1)
 
 
+def main_steps(cfg, start_step: int, stream_rows: int) -> tuple[int, tuple[int, int]]:
+    """A version's main segment from ``start_step`` on its ``stream_rows`` (``cfg``: the run's
+    :class:`raypath.config.Config`): its end step and the steps it must save (fork point, end)."""
+    end_step = start_step + stream_rows // cfg.train.global_batch_size
+    return end_step, (main_fork_step(start_step, end_step, cfg.branch.fraction), end_step)
+
+
 def main_segment(ctx, k: int, prev: MainEntry | None) -> Segment:
     version = ctx.versions[k]
     start_step = prev.end_step if prev else 0
-    steps = version["stream_rows"] // ctx.cfg.train.global_batch_size
-    end_step = start_step + steps
+    end_step, save_steps = main_steps(ctx.cfg, start_step, version["stream_rows"])
+    steps = end_step - start_step
     name = f"main-{version['name']}"
     return Segment(
         **ctx.segment_fields(name),
@@ -43,7 +50,7 @@ def main_segment(ctx, k: int, prev: MainEntry | None) -> Segment:
         end_step=end_step,
         schedule=main_schedule(ctx.cfg.train),
         init_checkpoint=prev.checkpoints["end"] if prev else None,
-        save_steps=(main_fork_step(start_step, end_step, ctx.cfg.branch.fraction), end_step),
+        save_steps=save_steps,
         **ctx.eval_fields(k),
         stream_limit=steps * ctx.cfg.train.global_batch_size,
     )

@@ -33,7 +33,7 @@ from raypath.data import DataError, PrepareSpec, check_prepared, discover_versio
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.loop import Plan, check_plan
-from raypath.mainpath import main_fork_step, run_main_version
+from raypath.mainpath import main_steps, run_main_version
 from raypath.mirror import RunDir
 from raypath.pretrained import check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
@@ -325,13 +325,12 @@ def _check_resumed_main(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
         if main is not None:
             start = main.end_step
             continue
-        end = start + version.stream_rows // cfg.train.global_batch_size
         name = f"main-{version.name}"
         was = (Lineage.load(rd).config.get("branch") or {}).get("fraction")
         note = (f"branch.fraction is {cfg.branch.fraction}, the lineage's last run had {was}" if was is not None
                 and was != cfg.branch.fraction else "branch.fraction changed?")
         check_plan(Plan(name, str(rd.path / "ray" / name), main_schedule(cfg.train),
-                        (main_fork_step(start, end, cfg.branch.fraction), end), rd), note)
+                        main_steps(cfg, start, version.stream_rows)[1], rd), note)
         return
 
 
