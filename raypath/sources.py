@@ -155,9 +155,30 @@ class VersionSource:
     test_files: tuple[str, ...] = ()  # the optional test/ folder; empty = carved from val
 
 
+#: What ``datasets``' ``save_to_disk`` writes beside its ``.arrow`` files: metadata, not text.
+DATASETS_METADATA = ("dataset_info.json", "state.json")
+
+
 def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
-    return tuple(_join(shown, Path(i.path).name) for i in _listing(fs, d)
-                 if i.type == pafs.FileType.File and i.base_name.endswith(SUFFIXES))
+    """The data files of a split directory. Anything else there that is not hidden (``.DS_Store``,
+    ``_SUCCESS``) or ``datasets``' metadata is refused by name: a ``.txt``, ``.jsonl.zst`` or
+    ``.JSONL`` file or a sub-directory of shards would otherwise go untrained without a word."""
+    out = []
+    for i in _listing(fs, d):
+        name, where = i.base_name, _join(shown, i.base_name)
+        if i.type == pafs.FileType.File and name.endswith(SUFFIXES):
+            out.append(where)
+        elif name.startswith((".", "_")) or name in DATASETS_METADATA:
+            continue
+        elif i.type == pafs.FileType.Directory:
+            raise DataError(f"{where}: a sub-directory in a split directory is not read (its files would go "
+                            f"untrained); move its files up into {shown}/ or out of the corpus")
+        elif i.type == pafs.FileType.File:
+            raise DataError(f"{where}: unsupported file type (expected one of {', '.join(SUFFIXES)}, "
+                            f"lower case); convert it or move it out of the corpus")
+        else:
+            raise DataError(f"{where}: not a regular file (expected one of {', '.join(SUFFIXES)})")
+    return tuple(out)
 
 
 def version_order(name: str) -> tuple:
