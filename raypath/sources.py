@@ -238,12 +238,14 @@ class Chunk:
     path: the file (local path or URI). fmt: ``jsonl``, ``jsonl.gz``, ``parquet`` or ``arrow``.
     start, stop: byte range (jsonl: lines *starting* in it) or row-group range
         (parquet); ``0, -1`` = the whole file.
+    bytes: its input's size (parquet: uncompressed; gzip: compressed), to group small chunks.
     """
 
     path: str
     fmt: str
     start: int = 0
     stop: int = -1
+    bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -394,7 +396,8 @@ def _is_text_type(kind: pa.DataType) -> bool:
 
 def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: int) -> list[Chunk]:
     if fmt == "jsonl":
-        return [Chunk(path, fmt, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
+        return [Chunk(path, fmt, s, min(s + chunk_bytes, size), min(chunk_bytes, size - s))
+                for s in range(0, size, chunk_bytes)]
     if fmt == "parquet":
         with _open(path, endpoint) as f:
             meta = pq.ParquetFile(f).metadata
@@ -402,10 +405,10 @@ def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: i
         for i in range(meta.num_row_groups):
             acc += meta.row_group(i).total_byte_size
             if acc >= chunk_bytes or i == meta.num_row_groups - 1:
-                out.append(Chunk(path, fmt, start, i + 1))
+                out.append(Chunk(path, fmt, start, i + 1, acc))
                 start, acc = i + 1, 0
         return out
-    return [Chunk(path, fmt)]
+    return [Chunk(path, fmt, bytes=size)]
 
 
 def _structure_problem(path: str, fmt: str, column: str, endpoint: str | None) -> str | None:

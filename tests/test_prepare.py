@@ -152,6 +152,20 @@ def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, toke
     assert recs[1]["docs"] == 6 * 30 and len(recs[1]["train_files"]) == 6
 
 
+def test_many_files_shorter_than_a_block_are_packed_together_not_dropped(ray_cluster, tmp_path, tokenizer_dir):
+    """One short document per file: each file alone holds less than a block of 17 tokens."""
+    corpus = tmp_path / "corpus"
+    texts = _docs(5, 130)
+    for split, docs in (("train", texts[:120]), ("val", texts[120:])):
+        for i, doc in enumerate(docs):
+            _write_jsonl(corpus / "v1" / split / f"doc-{i:03d}.jsonl", [" ".join(doc.split()[:6])])
+    (rec,) = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, replay_ratio=0.0))
+    assert rec["docs"] == 120
+    assert rec["dropped_share"] < 0.1 and rec["new_blocks"] >= 30  # was 0 blocks: every file dropped whole
+    assert rec["val_blocks"] > 0
+    assert len(rec["new_chunk_rows"]) < 120  # files share a tokenized part
+
+
 def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(ray_cluster, tmp_path, tokenizer_dir):
     corpus = _corpus(tmp_path / "corpus")
     spec = _spec(tmp_path / "run", tokenizer_dir)
