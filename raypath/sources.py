@@ -268,14 +268,14 @@ def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
     if skip:
         f.seek(start - 1)
         pos = start - 1
-    buf, i = b"", 0
+    buf, i, eof = b"", 0, False
     while True:
         nl = buf.find(b"\n", i)
-        if nl < 0:  # scan by index; copy only when a new block is read (linear in the file)
-            block = f.read(_READ)
-            if not block:
+        if nl < 0:  # scan by index; copy only when new blocks are read (linear in the file)
+            if eof:
                 break
-            buf, i = buf[i:] + block, 0
+            buf, eof = _through_newline(f, buf[i:])
+            i = 0
             continue
         line, i = buf[i: nl + 1], nl + 1
         if skip:
@@ -287,6 +287,18 @@ def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
         pos += len(line)
     if i < len(buf) and not skip and (stop < 0 or pos < stop):
         yield pos, buf[i:]
+
+
+def _through_newline(f, rest: bytes) -> tuple[bytes, bool]:
+    """(``rest`` + the blocks of ``f`` up to the first that holds a newline, at end of file or not).
+    Joined once: a line of many blocks (a huge document, a JSON array saved as one line) appended
+    to block by block was copied whole at every block, quadratic in its length."""
+    pieces = [rest]
+    while block := f.read(_READ):
+        pieces.append(block)
+        if b"\n" in block:
+            return b"".join(pieces), False
+    return b"".join(pieces), True
 
 
 def _open(path: str, endpoint: str | None, compressed: bool = False):
