@@ -436,3 +436,32 @@ def test_a_refused_version_plan_leaves_the_last_runs_config_yaml(tmp_path):
     with pytest.raises(DataError, match="versions can only be appended"):
         prepare(cfg)  # refused before anything needs Ray
     assert (run_dir / "config.yaml").read_text() == "name: the last run\n"
+
+
+def test_a_tokenizer_left_by_a_run_that_prepared_no_version_is_trained_again_on_what_v1_now_holds(
+        ray_cluster, tmp_path):
+    """A first attempt whose version 1 is refused after the tokenizer is trained (too few blocks)
+    leaves the tokenizer of that text; the run on the corrected version 1 must not tokenize with it."""
+    from conftest import tiny_config
+
+    from raypath.run import prepare
+    from raypath.tokenizer import TRAIN_INFO_NAME
+
+    corpus, run_dir = tmp_path / "corpus", tmp_path / "run"
+    for split in ("train", "val"):
+        _write_jsonl(corpus / "v1" / split / "part-0.jsonl", ["a short first try"])
+    cfg = tiny_config(run_dir, f"data.corpus={corpus}", "data.versions=[v1]")
+    with pytest.raises(DataError, match="version v1: 0 blocks"):
+        prepare(cfg)
+    first = (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
+
+    shutil.rmtree(corpus / "v1")
+    _corpus(corpus, versions=1, files=2, parquet=False)
+    ctx = prepare(cfg)
+    assert (run_dir / "tokenizer" / "tokenizer.json").read_bytes() != first
+    assert ctx.vocab_size > len(json.loads(first)["model"]["vocab"])  # learnt merges of the text v1 holds now
+    info = json.loads((run_dir / "tokenizer" / TRAIN_INFO_NAME).read_text())
+    assert [Path(f["path"]).name for f in info["trained_on"]["files"]] == ["part-0.jsonl", "part-1.jsonl"]
+    trained = (run_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    prepare(cfg)  # v1 prepared: the tokenizer it was tokenized with stays
+    assert (run_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == trained
