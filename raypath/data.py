@@ -4,8 +4,9 @@ For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
 
 * ``new/part-CCCCCC.parquet``: the version's own text, tokenized and packed into
   blocks of ``seq_len + 1`` tokens (EOS between documents), one file per input
-  :class:`~raypath.sources.Chunk`. Written by Ray Data actors that each load the
-  tokenizer once; a row's id (column ``row``) is ``chunk << 32 | block``.
+  :class:`~raypath.sources.Chunk`, or per run of small ones (:func:`chunk_groups`). Written by
+  Ray Data actors that each load the tokenizer once; a row's id (column ``row``) is
+  ``chunk << 32 | block``, ``chunk`` the file's number.
 * ``stream/part-BBBBB.parquet``: the order the main path trains version k in: the
   new blocks plus ``replay_ratio`` of the stream sampled from older versions' ``new/``
   files, shuffled. Column ``idx`` is the row's position in the stream.
@@ -194,13 +195,13 @@ def read_blocks(path: str | Path, filesystem: pafs.FileSystem | None = None) -> 
 # ---------------------------------------------------------------- tokenize + pack (Ray Data actors)
 
 class TokenizePack:
-    """Ray Data callable class: one chunk descriptor in -> its blocks written to a parquet file,
-    one stats row out.
+    """Ray Data callable class: one group of chunks (:func:`chunk_groups`) in -> its blocks written
+    to a parquet file, one stats row out.
 
     Loaded once per actor (building a fast tokenizer per batch costs more than
-    tokenizing it). Packing runs per chunk, so the tokens lost at pack edges are at
-    most one block per chunk (counted as ``dropped_tokens``). The actor's memory grows with
-    one chunk's tokens, held as int32 (about 4 bytes per token, twice while packing): about
+    tokenizing it). Packing runs per group, so the tokens lost at pack edges are at
+    most one block per group (counted as ``dropped_tokens``). The actor's memory grows with
+    one group's tokens, held as int32 (about 4 bytes per token, twice while packing): about
     :data:`raypath.sources.CHUNK_BYTES` of text, but a whole ``.jsonl.gz`` or ``.arrow`` file,
     which is never split (cut such files to ~``CHUNK_BYTES`` of text, or use jsonl/parquet).
     """
@@ -246,10 +247,12 @@ class TokenizePack:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for c in batch.to_pylist():
-            self.rd.fetch(c["path"], missing_ok=True)
             skipped: dict[str, int] = {}
-            blocks, stats = pack(self._ids(Chunk(c["path"], c["fmt"], c["start"], c["stop"]), skipped),
-                                 self.block, self.eos)
+            ids = []
+            for p in c["parts"]:
+                self.rd.fetch(p["path"], missing_ok=True)
+                ids += self._ids(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), skipped)
+            blocks, stats = pack(ids, self.block, self.eos)
             rows = (np.int64(c["chunk"]) << np.int64(32)) + np.arange(len(blocks), dtype=np.int64)
             table = pa.table({"row": rows, "src": np.full(len(blocks), c["src"], np.int16),
                               "tokens": _tokens_array(blocks.reshape(-1, self.block))})
@@ -257,6 +260,22 @@ class TokenizePack:
             out.append({"job": c["job"], "chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
                         "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0)})
         return pa.Table.from_pylist(out)
+
+
+def chunk_groups(chunks: list[dict], chunk_bytes: int) -> list[list[dict]]:
+    """Consecutive chunks of a split, in order, grouped up to ``chunk_bytes`` of input each: a group
+    is packed as one. Packed alone, a file shorter than a block (a short document per file, as a
+    crawl dump often has) was dropped whole at its pack edge; a chunk of ``chunk_bytes`` stays alone."""
+    groups: list[list[dict]] = []
+    size = 0
+    for c in chunks:
+        n = int(c.get("bytes") or chunk_bytes)
+        if not groups or size + n > chunk_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(c)
+        size += n
+    return groups
 
 
 def _part(d: str, i: int) -> str:
@@ -274,17 +293,18 @@ class TokenizeJob:
 
 def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "PrepareSpec", eos: int,
                     max_doc_chars: int = 0) -> list[list[dict]]:
-    """Tokenize and pack every job's chunks in one pass of a Ray Data actor pool.
+    """Tokenize and pack every job's chunks, in groups (:func:`chunk_groups`), in one pass of a Ray
+    Data actor pool.
 
     One pass for all the versions (and splits) being prepared: the pool's actors load the
     tokenizer once, and no version waits for the previous one's stragglers. Returns, per
-    job, one stats row per chunk in chunk order (the driver's only per-chunk state, linear
-    in the number of chunks).
+    job, one stats row per group in order, its ``chunk`` the group's number (the driver's only
+    per-chunk state, linear in the number of chunks).
     """
     import ray.data
 
-    items = [{**c, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i)}
-             for j, job in enumerate(jobs) for i, c in enumerate(job.chunks)]
+    items = [{"parts": group, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i)}
+             for j, job in enumerate(jobs) for i, group in enumerate(chunk_groups(job.chunks, spec.chunk_bytes))]
     if not items:
         return [[] for _ in jobs]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

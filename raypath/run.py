@@ -14,6 +14,7 @@ local mirror (``cluster.local_dir``), pulls the remote run state into it first
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from raypath.releases import Releaser, version_objective
 from raypath.schedules import main_schedule
 from raypath.sources import VersionSource, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, writer_lock
-from raypath.tokenizer import load_tokenizer, train_tokenizer
+from raypath.tokenizer import TRAIN_INFO_NAME, load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
 log = logging.getLogger(__name__)
@@ -188,12 +189,8 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
     # Only now: config.yaml is the config of the last run, and one that plan_versions refuses
     # (a trained version reordered, removed or edited) never ran.
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    if not cfg.data.tokenizer and base is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        first = next((t for t in plan.todo if t["index"] == 0), None)
-        if first is None:
-            raise DataError(f"{tok_dir}: tokenizer directory is missing, but the prepared versions were "
-                            f"tokenized with it; restore it or use a new run_dir")
-        _train_tokenizer([r["path"] for r in first["train"]], cfg, endpoint, Path(tok_dir), rd)
+    if not cfg.data.tokenizer and base is None:
+        _own_tokenizer(plan.todo, cfg, endpoint, Path(tok_dir), rd)
     rd.publish(Path(tok_dir))
     tok = load_tokenizer(tok_dir)
     versions = prepare_versions(sources, spec, plan)
@@ -203,9 +200,32 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
                       base.describe() if base else None)
 
 
-def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path, rd: RunDir) -> None:
+def _own_tokenizer(todo: list[dict], cfg: Config, endpoint: str | None, out: Path, rd: RunDir) -> None:
+    """The run's own BPE, trained on version 1's train files. Until version 1 is prepared no token was
+    made with it: one a run left before stopping there (too few blocks, a bad val split) was trained on
+    what version 1 held then, and is trained again unless its files and settings are still those."""
+    first = next((t for t in todo if t["index"] == 0), None)
+    if first is None:
+        if not (out / "tokenizer.json").is_file():
+            raise DataError(f"{out}: tokenizer directory is missing, but the prepared versions were "
+                            f"tokenized with it; restore it or use a new run_dir")
+        return
+    inputs = {"files": [r["fingerprint"] for r in first["train"]], "text_column": cfg.data.text_column,
+              "vocab_size": cfg.data.vocab_size, "max_chars": cfg.data.tokenizer_max_chars}
+    info = out / TRAIN_INFO_NAME
+    if (out / "tokenizer.json").is_file():
+        if info.is_file() and json.loads(info.read_text()).get("trained_on") == inputs:
+            return
+        log.info("%s: trained on other files or settings of version 1 by a run that prepared no version; "
+                 "training it again", out)
+    _train_tokenizer([r["path"] for r in first["train"]], cfg, endpoint, out, rd, inputs)
+
+
+def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: Path, rd: RunDir,
+                     inputs: dict) -> None:
     """Train the BPE on version 1 in a Ray task (its memory grows with the text it reads, at most
-    ``data.tokenizer_max_chars``); the driver only writes the few files it returns."""
+    ``data.tokenizer_max_chars``); the driver only writes the few files it returns, with ``inputs``
+    (what it was trained on) in its :data:`TRAIN_INFO_NAME`."""
     import ray
 
     def train(files: list[str]) -> dict[str, bytes]:
@@ -219,6 +239,7 @@ def _train_tokenizer(files: list[str], cfg: Config, endpoint: str | None, out: P
             return {p.name: p.read_bytes() for p in (Path(tmp) / "tok").iterdir()}
 
     saved = ray.get(ray.remote(num_cpus=1)(train).remote(files))
+    saved[TRAIN_INFO_NAME] = json.dumps({**json.loads(saved[TRAIN_INFO_NAME]), "trained_on": inputs}).encode()
     with atomic_dir(out) as tmp:
         for name, data in saved.items():
             (tmp / name).write_bytes(data)

@@ -155,9 +155,30 @@ class VersionSource:
     test_files: tuple[str, ...] = ()  # the optional test/ folder; empty = carved from val
 
 
+#: What ``datasets``' ``save_to_disk`` writes beside its ``.arrow`` files: metadata, not text.
+DATASETS_METADATA = ("dataset_info.json", "state.json")
+
+
 def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
-    return tuple(_join(shown, Path(i.path).name) for i in _listing(fs, d)
-                 if i.type == pafs.FileType.File and i.base_name.endswith(SUFFIXES))
+    """The data files of a split directory. Anything else there that is not hidden (``.DS_Store``,
+    ``_SUCCESS``) or ``datasets``' metadata is refused by name: a ``.txt``, ``.jsonl.zst`` or
+    ``.JSONL`` file or a sub-directory of shards would otherwise go untrained without a word."""
+    out = []
+    for i in _listing(fs, d):
+        name, where = i.base_name, _join(shown, i.base_name)
+        if i.type == pafs.FileType.File and name.endswith(SUFFIXES):
+            out.append(where)
+        elif name.startswith((".", "_")) or name in DATASETS_METADATA:
+            continue
+        elif i.type == pafs.FileType.Directory:
+            raise DataError(f"{where}: a sub-directory in a split directory is not read (its files would go "
+                            f"untrained); move its files up into {shown}/ or out of the corpus")
+        elif i.type == pafs.FileType.File:
+            raise DataError(f"{where}: unsupported file type (expected one of {', '.join(SUFFIXES)}, "
+                            f"lower case); convert it or move it out of the corpus")
+        else:
+            raise DataError(f"{where}: not a regular file (expected one of {', '.join(SUFFIXES)})")
+    return tuple(out)
 
 
 def version_order(name: str) -> tuple:
@@ -217,12 +238,14 @@ class Chunk:
     path: the file (local path or URI). fmt: ``jsonl``, ``jsonl.gz``, ``parquet`` or ``arrow``.
     start, stop: byte range (jsonl: lines *starting* in it) or row-group range
         (parquet); ``0, -1`` = the whole file.
+    bytes: its input's size (parquet: uncompressed; gzip: compressed), to group small chunks.
     """
 
     path: str
     fmt: str
     start: int = 0
     stop: int = -1
+    bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,14 +268,14 @@ def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
     if skip:
         f.seek(start - 1)
         pos = start - 1
-    buf, i = b"", 0
+    buf, i, eof = b"", 0, False
     while True:
         nl = buf.find(b"\n", i)
-        if nl < 0:  # scan by index; copy only when a new block is read (linear in the file)
-            block = f.read(_READ)
-            if not block:
+        if nl < 0:  # scan by index; copy only when new blocks are read (linear in the file)
+            if eof:
                 break
-            buf, i = buf[i:] + block, 0
+            buf, eof = _through_newline(f, buf[i:])
+            i = 0
             continue
         line, i = buf[i: nl + 1], nl + 1
         if skip:
@@ -264,6 +287,18 @@ def _lines(f, start: int = 0, stop: int = -1) -> Iterator[tuple[int, bytes]]:
         pos += len(line)
     if i < len(buf) and not skip and (stop < 0 or pos < stop):
         yield pos, buf[i:]
+
+
+def _through_newline(f, rest: bytes) -> tuple[bytes, bool]:
+    """(``rest`` + the blocks of ``f`` up to the first that holds a newline, at end of file or not).
+    Joined once: a line of many blocks (a huge document, a JSON array saved as one line) appended
+    to block by block was copied whole at every block, quadratic in its length."""
+    pieces = [rest]
+    while block := f.read(_READ):
+        pieces.append(block)
+        if b"\n" in block:
+            return b"".join(pieces), False
+    return b"".join(pieces), True
 
 
 def _open(path: str, endpoint: str | None, compressed: bool = False):
@@ -373,7 +408,8 @@ def _is_text_type(kind: pa.DataType) -> bool:
 
 def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: int) -> list[Chunk]:
     if fmt == "jsonl":
-        return [Chunk(path, fmt, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
+        return [Chunk(path, fmt, s, min(s + chunk_bytes, size), min(chunk_bytes, size - s))
+                for s in range(0, size, chunk_bytes)]
     if fmt == "parquet":
         with _open(path, endpoint) as f:
             meta = pq.ParquetFile(f).metadata
@@ -381,10 +417,10 @@ def _chunks(path: str, fmt: str, size: int, endpoint: str | None, chunk_bytes: i
         for i in range(meta.num_row_groups):
             acc += meta.row_group(i).total_byte_size
             if acc >= chunk_bytes or i == meta.num_row_groups - 1:
-                out.append(Chunk(path, fmt, start, i + 1))
+                out.append(Chunk(path, fmt, start, i + 1, acc))
                 start, acc = i + 1, 0
         return out
-    return [Chunk(path, fmt)]
+    return [Chunk(path, fmt, bytes=size)]
 
 
 def _structure_problem(path: str, fmt: str, column: str, endpoint: str | None) -> str | None:

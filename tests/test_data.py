@@ -280,6 +280,25 @@ def test_a_new_version_in_the_wrong_layout_is_refused_not_skipped(tmp_path):
     assert [v.name for v in discover_versions(tmp_path / "c", ["v1", "v2"])] == ["v1", "v2"]  # listed: the rest aside
 
 
+@pytest.mark.parametrize("name, needle", [
+    ("notes.txt", "unsupported file type"), ("more.jsonl.zst", "unsupported file type"),
+    ("MORE.JSONL", "unsupported file type"), ("shard-1/", "a sub-directory in a split directory is not read"),
+])
+def test_a_file_the_reader_would_not_read_is_refused_by_name_not_left_untrained(tmp_path, name, needle):
+    for split in ("train", "val"):
+        _write_jsonl(tmp_path / "c" / "v1" / split / "a.jsonl", ["doc"])
+    train = tmp_path / "c" / "v1" / "train"
+    for ignored in (".DS_Store", "_SUCCESS", "dataset_info.json", "state.json"):  # not data: no error
+        (train / ignored).write_text("{}")
+    assert [Path(f).name for f in discover_versions(tmp_path / "c")[0].train_files] == ["a.jsonl"]
+    if name.endswith("/"):
+        _write_jsonl(train / name / "b.jsonl", ["doc"])
+    else:
+        (train / name).write_text('{"text": "doc"}\n')
+    with pytest.raises(DataError, match=f"{train / name.rstrip('/')}: {needle}"):
+        discover_versions(tmp_path / "c")
+
+
 def test_a_gcs_uri_gives_up_within_seconds_not_after_fifteen_minutes():
     import datetime
 

@@ -88,6 +88,22 @@ def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
     assert texts == docs
 
 
+def test_a_line_of_many_read_blocks_is_read_in_linear_time(monkeypatch):
+    """A huge document, or a JSON array saved as one line: 8192 blocks of 1 KiB took seconds when
+    the partial line was copied whole at every block (quadratic), milliseconds when joined once."""
+    import io
+    import time
+
+    monkeypatch.setattr("raypath.sources._READ", 1024)
+    data = b'{"text": "' + b"x" * (8 << 20) + b'"}\n{"text": "next"}\n'
+    t = time.perf_counter()
+    lines = [line for _, line in _lines(io.BytesIO(data))]
+    assert time.perf_counter() - t < 1.0
+    assert [len(line) for line in lines] == [(8 << 20) + 13, 17]
+    tail = [line for _, line in _lines(io.BytesIO(data), 5 << 20, len(data))]  # a range inside the long line
+    assert tail == [b'{"text": "next"}\n']
+
+
 def test_a_datasets_arrow_directory_reads_like_jsonl(ray_cluster, tmp_path, tokenizer_dir):
     datasets = pytest.importorskip("datasets")
     jsonl = _corpus(tmp_path / "jsonl", versions=1, files=1, parquet=False)
@@ -150,6 +166,20 @@ def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, toke
     recs = prepare_versions(discover_versions(corpus), _spec(tmp_path / "s", tokenizer_dir, on_bad_input="skip"))
     assert recs[1]["skipped_files"] == [] and recs[1]["skipped_docs"] == {"invalid": 1}
     assert recs[1]["docs"] == 6 * 30 and len(recs[1]["train_files"]) == 6
+
+
+def test_many_files_shorter_than_a_block_are_packed_together_not_dropped(ray_cluster, tmp_path, tokenizer_dir):
+    """One short document per file: each file alone holds less than a block of 17 tokens."""
+    corpus = tmp_path / "corpus"
+    texts = _docs(5, 130)
+    for split, docs in (("train", texts[:120]), ("val", texts[120:])):
+        for i, doc in enumerate(docs):
+            _write_jsonl(corpus / "v1" / split / f"doc-{i:03d}.jsonl", [" ".join(doc.split()[:6])])
+    (rec,) = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, replay_ratio=0.0))
+    assert rec["docs"] == 120
+    assert rec["dropped_share"] < 0.1 and rec["new_blocks"] >= 30  # was 0 blocks: every file dropped whole
+    assert rec["val_blocks"] > 0
+    assert len(rec["new_chunk_rows"]) < 120  # files share a tokenized part
 
 
 def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(ray_cluster, tmp_path, tokenizer_dir):
@@ -406,3 +436,32 @@ def test_a_refused_version_plan_leaves_the_last_runs_config_yaml(tmp_path):
     with pytest.raises(DataError, match="versions can only be appended"):
         prepare(cfg)  # refused before anything needs Ray
     assert (run_dir / "config.yaml").read_text() == "name: the last run\n"
+
+
+def test_a_tokenizer_left_by_a_run_that_prepared_no_version_is_trained_again_on_what_v1_now_holds(
+        ray_cluster, tmp_path):
+    """A first attempt whose version 1 is refused after the tokenizer is trained (too few blocks)
+    leaves the tokenizer of that text; the run on the corrected version 1 must not tokenize with it."""
+    from conftest import tiny_config
+
+    from raypath.run import prepare
+    from raypath.tokenizer import TRAIN_INFO_NAME
+
+    corpus, run_dir = tmp_path / "corpus", tmp_path / "run"
+    for split in ("train", "val"):
+        _write_jsonl(corpus / "v1" / split / "part-0.jsonl", ["a short first try"])
+    cfg = tiny_config(run_dir, f"data.corpus={corpus}", "data.versions=[v1]")
+    with pytest.raises(DataError, match="version v1: 0 blocks"):
+        prepare(cfg)
+    first = (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
+
+    shutil.rmtree(corpus / "v1")
+    _corpus(corpus, versions=1, files=2, parquet=False)
+    ctx = prepare(cfg)
+    assert (run_dir / "tokenizer" / "tokenizer.json").read_bytes() != first
+    assert ctx.vocab_size > len(json.loads(first)["model"]["vocab"])  # learnt merges of the text v1 holds now
+    info = json.loads((run_dir / "tokenizer" / TRAIN_INFO_NAME).read_text())
+    assert [Path(f["path"]).name for f in info["trained_on"]["files"]] == ["part-0.jsonl", "part-1.jsonl"]
+    trained = (run_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    prepare(cfg)  # v1 prepared: the tokenizer it was tokenized with stays
+    assert (run_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == trained
