@@ -571,8 +571,10 @@ class _Reporter:
                  flops_per_token: float | None = None, peak_flops: float | None = None,
                  device: torch.device | None = None):
         self.seg, self.rank, self.world = seg, rank, world
-        self.t0 = self.t_last = time.perf_counter()
-        self.first_step = start_step
+        self.t_last = time.perf_counter()
+        # The ETA's pace counts from the end of the first step: the start-up before it (the data
+        # pipeline's, a compile) is no step's, and made a resumed segment's first ETA many times long.
+        self.t0, self.first_step = None, start_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.device = device or torch.device("cpu")
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
@@ -602,6 +604,8 @@ class _Reporter:
 
     def step(self, loss: float | torch.Tensor, tokens: int, data_wait: float) -> None:
         """``loss``: this rank's step loss; ranks are averaged at flush (one all-reduce per window)."""
+        if self.t0 is None:
+            self.t0, self.first_step = time.perf_counter(), self.first_step + 1
         self.window_loss = self.window_loss + (loss.detach() if isinstance(loss, torch.Tensor) else loss)
         self.window_steps += 1
         self.window_tokens += tokens
@@ -628,7 +632,7 @@ class _Reporter:
         metrics.update(extra)
         if self.rank == 0:
             done = step - self.first_step
-            rate = done / max(now - self.t0, 1e-9)
+            rate = done / max(now - self.t0, 1e-9) if self.t0 is not None else 0.0
             eta = (self.seg.end_step - step) / rate if rate > 0 else float("inf")
             vals = " ".join(f"{k[4:]}={v:.3f}" for k, v in extra.items() if k.startswith("val/"))
             # A logger, not print: Train V2 tees print() into its logger, doubling lines.

@@ -188,3 +188,27 @@ def test_rays_token_auth_notice_is_not_printed_but_its_warning_that_auth_is_off_
     finally:
         auth.logger.removeHandler(handler)
     assert [m[:40] for m in seen] == ["Token authentication is disabled for thi"]
+
+
+def test_a_segments_eta_leaves_out_the_start_up_before_its_first_step(tmp_path, monkeypatch, caplog):
+    """100 s of start-up (the data pipeline, a compile), then a step a second: 95 steps left are
+    95 s, not the 2,000 s that counting the start-up as pace gave."""
+    import logging
+
+    from raypath import loop
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.mirror import RunDir
+    from raypath.schedules import MainPath
+
+    clock = iter([0.0, 100.0, 104.0, 104.0])  # start, the first step's end, the flush (twice)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(tmp_path / "main-v1.jsonl"),
+                       rd=RunDir(tmp_path))
+    reporter = loop._Reporter(seg, 0, 1, 0)  # t = 0
+    for _ in range(5):
+        reporter.step(3.0, 16, 0.0)  # the first step ends at t = 100, the others a second apart
+    with caplog.at_level(logging.INFO, logger="raypath.progress"):
+        reporter.flush(5, 1e-3, 80, {})
+    assert "eta 1m35s" in caplog.text
