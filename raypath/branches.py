@@ -22,6 +22,12 @@ from raypath.schedules import Branch, Decay, main_schedule
 from raypath.storage import relative_paths
 
 
+def branch_schedule(cfg, main: MainEntry, decay: Decay, fork: int) -> Branch:
+    """The LR of a branch of ``main`` (a version's main segment) forking at ``fork``: the main
+    path's (``cfg``: the run's :class:`raypath.config.Config`) up to it, then ``decay`` to its end."""
+    return Branch(main_schedule(cfg.train), fork, main.end_step - fork, decay)
+
+
 def branch_segment(ctx, k: int, main: MainEntry, decay: Decay, fork: int, name: str | None = None,
                    export_dir: str | None = None) -> Segment:
     version = ctx.versions[k]
@@ -35,7 +41,7 @@ def branch_segment(ctx, k: int, main: MainEntry, decay: Decay, fork: int, name: 
         stream_path=version["stream_path"],
         start_step=fork,
         end_step=main.end_step,
-        schedule=Branch(main_schedule(ctx.cfg.train), fork, steps, decay),
+        schedule=branch_schedule(ctx.cfg, main, decay, fork),
         init_checkpoint=fork_ckpt,
         **ctx.eval_fields(k),
         stream_limit=(main.end_step - main.start_step) * ctx.cfg.train.global_batch_size,

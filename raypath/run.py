@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from raypath.branches import BranchRunner, release_branch
+from raypath.branches import BranchRunner, branch_schedule, release_branch
 from raypath.checkpoint import step_dirs
 from raypath.cluster import branches_fit_beside, check_address, check_workers_fit, init_ray
 from raypath.config import Config, ConfigChangedError, ConfigError
@@ -287,7 +287,7 @@ def _run(cfg: Config, rd: RunDir) -> Lineage:
     started = _main_path_started(lineage, rd)
     if started:  # checked against the config recorded before this one
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config)
-        _check_resumed_main(cfg, lineage, rd)
+        _check_resumed_plans(cfg, lineage, rd)
     elif lineage.version_names():  # prepared, not trained yet (a run stopped in its first segment)
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config, sections=("data",))
     where = _discover(cfg, rd)
@@ -335,24 +335,28 @@ def _check_versions_kept(cfg: Config, lineage: Lineage, sources: list[VersionSou
             f"versions), or set run_dir to a new directory to start another")
 
 
-def _check_resumed_main(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
-    """The main segment a re-run resumes still checkpoints what its checkpoints passed (its fork
-    point), planned from the lineage record as :func:`raypath.mainpath.main_segment` plans it:
-    refused here, before Ray starts and before the lineage or ``config.yaml`` record a config that
-    never ran. The branches' plans are checked when they start (:func:`raypath.loop.fit_segment`)."""
+def _check_resumed_plans(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
+    """The segments a re-run resumes still continue what their checkpoints trained, planned from
+    the lineage record as :func:`raypath.mainpath.main_segment` and
+    :func:`raypath.branches.release_branch` plan them: the main segment still checkpoints the fork
+    point its checkpoints passed, an unfinished release branch still decays as its checkpoints
+    did. Refused here, before Ray starts and before the lineage or ``config.yaml`` record a config
+    that never ran (a sweep's trials are checked when they start, :func:`raypath.loop.fit_segment`)."""
+    recorded = Lineage.load(rd).config.get("branch") or {}
     start = 0
     for version in lineage.versions():
         main = lineage.main(version.name)
-        if main is not None:
-            start = main.end_step
-            continue
-        name = f"main-{version.name}"
-        was = (Lineage.load(rd).config.get("branch") or {}).get("fraction")
-        note = (f"branch.fraction is {cfg.branch.fraction}, the lineage's last run had {was}" if was is not None
-                and was != cfg.branch.fraction else "branch.fraction changed?")
-        check_plan(Plan(name, str(rd.path / "ray" / name), main_schedule(cfg.train),
-                        main_steps(cfg, start, version.stream_rows)[1], rd), note)
-        return
+        if main is None:
+            name, was = f"main-{version.name}", recorded.get("fraction")
+            note = (f"branch.fraction is {cfg.branch.fraction}, the lineage's last run had {was}" if was is not None
+                    and was != cfg.branch.fraction else "branch.fraction changed?")
+            check_plan(Plan(name, str(rd.path / "ray" / name), main_schedule(cfg.train),
+                            main_steps(cfg, start, version.stream_rows)[1], rd), note)
+            return
+        start, name = main.end_step, f"branch-{version.name}"
+        if lineage.branch(name) is None and lineage.release(version.name) is None:
+            schedule = branch_schedule(cfg, main, cfg.branch.decay(), main.fork_step)
+            check_plan(Plan(name, str(rd.path / "ray" / name), schedule, (), rd))
 
 
 def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:

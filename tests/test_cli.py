@@ -139,6 +139,34 @@ def test_run_refuses_a_fork_point_moved_behind_a_resumed_segment_before_ray_writ
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "corpus").exists()
 
 
+def test_run_refuses_a_changed_decay_of_an_unfinished_release_branch_before_ray_writing_nothing(tmp_path, capsys):
+    """branch.min_lr_ratio edited while branch-v1 had checkpointed (the run stopped mid-branch): its
+    checkpoints decayed to another floor. Refused before Ray, naming the two schedules."""
+    import torch
+
+    from raypath import checkpoint as ckpt
+    from raypath.branches import branch_schedule
+    from raypath.config import load_config
+    from raypath.lineage import Lineage, MainEntry
+
+    tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
+    cfg = load_config(tiny, [f"run_dir={run_dir}"])
+    lineage = Lineage.open(run_dir, "tiny", cfg.to_dict())
+    lineage.set_versions([{"name": "v1", "index": 0, "stream_rows": 160}])
+    main_v1 = MainEntry(version="v1", segment="main-v1", start_step=0, end_step=20, fork_step=15, fork_fraction=0.25)
+    lineage.record_main(main_v1)
+    trained = branch_schedule(cfg, main_v1, cfg.branch.decay(), 15)
+    ckpt.save(run_dir / "ray" / "branch-v1" / ckpt.step_dir_name(18), torch.nn.Linear(2, 2).state_dict(), {},
+              {"step": 18, "tokens": 18, "segment": "branch-v1", "version": "v1", "consumed": [],
+               "schedule": repr(trained)})
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", "branch.min_lr_ratio=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "branch-v1: " in err and f"branch-v1/{ckpt.step_dir_name(18)} was trained under {trained!r}" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "corpus").exists()
+
+
 def _started_run(run_dir: Path, versions: tuple[str, ...] = (), trained: bool = True) -> None:
     """A run directory whose main path has checkpointed (recorded with configs/tiny.yaml), copied
     from where it trained first; not ``trained``: one that stopped after preparing ``versions``."""
