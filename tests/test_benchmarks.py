@@ -37,6 +37,12 @@ def test_replay_memory_mixes_each_ratio_in_a_work_directory_used_before(tmp_path
         assert [got["ratios"][r]["mix"]["replay_rows"] for r in ("0.1", "0.5")] == [8, 40]
 
 
+def test_jsonl_lines_reads_one_long_line_and_short_lines_of_the_same_size():
+    got = _bench("jsonl_lines", "--mb", "2", "--repeats", "1")
+    assert got["bytes"] == 2_000_000 and got["one_line_s"] > 0 and got["short_lines_s"] > 0
+    assert got["one_line_over_short_lines"] == round(got["one_line_s"] / got["short_lines_s"], 3)
+
+
 def test_lineage_size_grows_with_the_files_it_records():
     small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]

@@ -88,17 +88,14 @@ def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
     assert texts == docs
 
 
-def test_a_line_of_many_read_blocks_is_read_in_linear_time(monkeypatch):
-    """A huge document, or a JSON array saved as one line: 8192 blocks of 1 KiB took seconds when
-    the partial line was copied whole at every block (quadratic), milliseconds when joined once."""
+def test_a_line_of_many_read_blocks_is_read_whole(monkeypatch):
+    """A huge document, or a JSON array saved as one line, spans 8192 read blocks of 1 KiB here
+    (its reading time against short lines: benchmarks/jsonl_lines.py)."""
     import io
-    import time
 
     monkeypatch.setattr("raypath.sources._READ", 1024)
     data = b'{"text": "' + b"x" * (8 << 20) + b'"}\n{"text": "next"}\n'
-    t = time.perf_counter()
     lines = [line for _, line in _lines(io.BytesIO(data))]
-    assert time.perf_counter() - t < 1.0
     assert [len(line) for line in lines] == [(8 << 20) + 13, 17]
     tail = [line for _, line in _lines(io.BytesIO(data), 5 << 20, len(data))]  # a range inside the long line
     assert tail == [b'{"text": "next"}\n']
