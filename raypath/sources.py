@@ -318,6 +318,8 @@ def _json_text(line: bytes, column: str) -> tuple[str | None, str | None]:
         return None, f"not valid JSON ({e.msg})"
     except RecursionError:
         return None, "not valid JSON here (nested deeper than Python's parser allows)"
+    if isinstance(row, dict) and column in row and row[column] is None:
+        return None, None  # a null is no document, as in a parquet or Arrow column
     if not isinstance(row, dict) or not isinstance(row.get(column), str):
         return None, f"no {column!r} string field"
     problem = unicode_problem(row[column])

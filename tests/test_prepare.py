@@ -88,6 +88,21 @@ def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
     assert texts == docs
 
 
+def test_a_null_text_is_no_document_in_jsonl_as_in_parquet(tmp_path):
+    """The same rows, {"text": null} among them, read alike from both formats; a line without the
+    field (a wrong data.text_column) stays a problem."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "a"}, {"text": None}, {"text": "b"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"body": "c"}]))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    jsonl = [(t, p) for _, t, p in iter_docs(Chunk(str(tmp_path / "a.jsonl"), "jsonl"), "text")]
+    parquet = [(t, p) for _, t, p in iter_docs(Chunk(str(tmp_path / "a.parquet"), "parquet"), "text")]
+    assert jsonl[:3] == parquet == [("a", None), (None, None), ("b", None)]
+    assert jsonl[3] == (None, "no 'text' string field")
+
+
 def test_a_line_of_many_read_blocks_is_read_whole(monkeypatch):
     """A huge document, or a JSON array saved as one line, spans 8192 read blocks of 1 KiB here
     (its reading time against short lines: benchmarks/jsonl_lines.py)."""
