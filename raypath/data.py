@@ -579,13 +579,14 @@ def held_out_counts(available: int, val: int, test: int) -> tuple[int, int]:
 
     Val takes the first ``val`` blocks, test the next ``test``: val stays what it would be
     without a test split. When the files hold fewer than both, they are shared in
-    proportion (val keeps at least one block), so neither split silently vanishes.
+    proportion, val's share rounded up (every selection reads it; it keeps at least one block),
+    so neither split silently vanishes.
     """
     if available >= val + test or test == 0:
         return min(val, available), test if available >= val + test else 0
     if available == 0:  # nothing to share: the caller refuses a version without val blocks
         return 0, 0
-    n_val = max(1, min(val, round(available * val / (val + test))))
+    n_val = max(1, min(val, math.ceil(available * val / (val + test))))
     return n_val, available - n_val
 
 

@@ -400,6 +400,7 @@ def test_held_out_counts_keep_val_first_and_share_short_files():
     assert held_out_counts(4, 6, 0) == (4, 0)
     assert held_out_counts(10, 6, 6) == (5, 5)  # short: shared in proportion
     assert held_out_counts(3, 32, 32) == (2, 1)
+    assert held_out_counts(5, 8, 8) == (3, 2)  # val's half rounded up, not to even (2, 3)
     assert held_out_counts(1, 4, 4) == (1, 0)  # val keeps its one block
     assert held_out_counts(0, 4, 4) == (0, 0)  # none: refused by the caller, not (1, -1)
 
