@@ -101,7 +101,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     rd = _open_run(args)
     # --pick saves the lineage: a run or sweep writing it meanwhile would save its copy over this one
-    with writer_lock(rd.path, "release --pick") if args.pick else contextlib.nullcontext():
+    with writer_lock(rd, "release --pick") if args.pick else contextlib.nullcontext():
         lineage = Lineage.load(rd)
         names = [v.name for v in lineage.versions()]
         version = names[resolve_version(names, args.version)]

@@ -166,7 +166,7 @@ def replay_ratios(cfg: Config) -> list[float]:
 def run_comparison(cfg: Config) -> dict[str, str]:
     """Train every row of the comparison (resumable), then write the table and plots."""
     lineage = run_lineage(cfg)  # path switching, and the prepared versions
-    with writer_lock(lineage.rd.path, "compare"):  # its baselines and replay runs go into the lineage
+    with writer_lock(lineage.rd, "compare"):  # its baselines and replay runs go into the lineage
         return _compare(cfg, lineage)
 
 

@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raypath.sources import filesystem_for, first_line, is_uri
-from raypath.storage import atomic_file, read_json
+from raypath.storage import WRITER_LOCK, atomic_file, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
@@ -327,6 +327,8 @@ class Mirror:
         tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
         for rel, info in tree.items():
             top = rel.split("/", 1)[0]
+            if rel == WRITER_LOCK:  # a writer's, kept in the store (storage.writer_lock), not a record
+                continue
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue
             parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...

@@ -276,7 +276,7 @@ def run(cfg: Config) -> Lineage:
     # so a bad input there fails in a second, before a cluster starts or anything is written.
     check_address(cfg.cluster.address)
     rd = _open_run_dir(cfg)
-    with writer_lock(rd.path, "run"):
+    with writer_lock(rd, "run"):
         return _run(cfg, rd)
 
 

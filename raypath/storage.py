@@ -201,16 +201,48 @@ class RunDirBusyError(RunFileError):
     the lineage over the other's (the last one wins) and train the same checkpoints."""
 
 
+def _live(record: dict | None, age: float) -> dict | None:
+    """The writer a lock ``record`` names, unless it is gone: of this host when its pid is, of
+    another when the lock was not refreshed for :data:`WRITER_STALE_S` (``age``, seconds)."""
+    if record is None:
+        return None
+    here = record.get("host") == socket.gethostname()
+    return None if (_gone(int(record.get("pid", 0))) if here else age > WRITER_STALE_S) else record
+
+
+#: A lock record that does not read back: being written this instant, so a live writer's.
+_UNREAD = {"host": "?", "pid": 0, "what": "?", "argv": "?", "since": "?"}
+
+
 def _lock_holder(lock: Path) -> dict | None:
     """The live writer that holds ``lock``; None if the lock is absent or its writer is gone."""
     try:
-        holder, age = json.loads(lock.read_text()), time.time() - lock.stat().st_mtime
+        record, age = json.loads(lock.read_text()), time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # being written this instant: a live writer's
-        return {"host": "?", "pid": 0, "what": "?", "argv": "?", "since": "?"}
-    here = holder.get("host") == socket.gethostname()
-    return None if (_gone(int(holder.get("pid", 0))) if here else age > WRITER_STALE_S) else holder
+    except (OSError, ValueError):
+        return _UNREAD
+    return _live(record, age)
+
+
+def _store_holder(mirror, lock: Path) -> dict | None:
+    """:func:`_lock_holder` of the lock in a remote run directory's store (``mirror``: its
+    :class:`raypath.mirror.Mirror`): a driver on another machine holds its lock there."""
+    import pyarrow.fs as pafs
+
+    info = mirror.info(lock)
+    if info.type != pafs.FileType.File:
+        return None
+    try:
+        record = json.loads(mirror.read_bytes(lock) or b"null")
+    except ValueError:
+        return _UNREAD
+    return _live(record, time.time() - info.mtime_ns / 1e9)
+
+
+def _put_in_store(mirror, lock: Path, data: bytes) -> None:
+    with mirror.filesystem().open_output_stream(mirror.remote_path(lock)) as f:
+        f.write(data)
 
 
 def _take(lock: Path, me: dict) -> dict | None:
@@ -229,45 +261,58 @@ def _take(lock: Path, me: dict) -> dict | None:
 
 
 @contextlib.contextmanager
-def writer_lock(run_dir: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold ``RUN_DIR/.writer.lock`` while ``what`` (``run``, ``sweep v2``) writes the run directory (a local path,
-    or a remote run's mirror). A second writer fails at once with :class:`RunDirBusyError`; a
-    nested one of this process (a comparison's runs) goes on. The lock names its host and pid and
-    is refreshed by a thread, so a killed writer's lock is taken over: of this host as soon as
-    its pid is gone, of another after :data:`WRITER_STALE_S`."""
+def writer_lock(rd, what: str) -> Iterator[None]:
+    """Hold ``RUN_DIR/.writer.lock`` while ``what`` (``run``, ``sweep v2``) writes the run directory
+    ``rd`` (a :class:`raypath.mirror.RunDir`, or a local path). A second writer fails at once with
+    :class:`RunDirBusyError`; a nested one of this process (a comparison's runs) goes on. The lock
+    names its host and pid and is refreshed by a thread, so a killed writer's lock is taken over:
+    of this host as soon as its pid is gone, of another after :data:`WRITER_STALE_S`.
+
+    A run directory in a bucket holds the lock in its store as well as in the local mirror, so a
+    driver on another machine sees it. A store has no create-if-absent here: two drivers starting
+    in the same second could both take it; any later one is refused."""
+    import sys
     import threading
 
-    lock = Path(run_dir) / WRITER_LOCK
-    import sys
-
+    path, mirror = Path(getattr(rd, "path", rd)), getattr(rd, "mirror", None)
+    lock = path / WRITER_LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "argv": " ".join(sys.argv)[:300],
           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    holder = _lock_holder(lock)
+    holder = (mirror is not None and _store_holder(mirror, lock)) or _lock_holder(lock)
     if holder and (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
         yield  # this process holds it already
         return
     holder = holder or _take(lock, me)
     if holder:
         raise RunDirBusyError(
-            f"run_dir: {run_dir} is being written by a {holder.get('what')} ({holder.get('argv')}: pid "
-            f"{holder.get('pid')} on "
-            f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or stop it, and run again "
-            f"(a writer that died leaves {lock.name}, taken over after {WRITER_STALE_S:g} s)")
+            f"run_dir: {getattr(mirror, 'remote', path)} is being written by a {holder.get('what')} "
+            f"({holder.get('argv')}: pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}); "
+            f"wait for it to end, or stop it, and run again (a writer that died leaves {lock.name}, taken over "
+            f"after {WRITER_STALE_S:g} s)")
     stop = threading.Event()
+
+    def publish() -> None:
+        with contextlib.suppress(OSError):
+            if mirror is not None:  # a store cannot touch an object: it is written again
+                _put_in_store(mirror, lock, json.dumps(me).encode())
+            os.utime(lock)
 
     def refresh() -> None:
         while not stop.wait(WRITER_REFRESH_S):
-            with contextlib.suppress(OSError):
-                os.utime(lock)
+            publish()
 
-    threading.Thread(target=refresh, name="raypath-writer-lock", daemon=True).start()
+    refresh_thread = threading.Thread(target=refresh, name="raypath-writer-lock", daemon=True)
     try:
+        publish()  # in the store before anything is written there
+        refresh_thread.start()
         yield
     finally:
         stop.set()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(lock.read_text()).get("pid") == me["pid"]:
                 lock.unlink()
+                if mirror is not None and (_store_holder(mirror, lock) or {}).get("pid") == me["pid"]:
+                    mirror.filesystem().delete_file(mirror.remote_path(lock))
 
 
 def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:

@@ -688,7 +688,7 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
     _trained_main(lineage, lineage.version_names(), version)
-    with writer_lock(lineage.rd.path, f"sweep {version}"):
+    with writer_lock(lineage.rd, f"sweep {version}"):
         check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
         ctx = prepare(cfg)
         with lineage_run(ctx.tracking, owner=False):

@@ -271,6 +271,34 @@ def test_an_unreadable_record_of_a_run_in_a_bucket_is_named_by_its_uri_not_its_m
     assert f"raypath: error: s3://{bucket}/run/lineage.json: not valid JSON" in err and str(mirror) not in err
 
 
+def test_the_writer_lock_of_a_run_in_a_bucket_is_seen_from_another_machines_mirror(s3, tmp_path, monkeypatch):
+    """Two drivers of one bucket run work in two mirrors: the lock they see is the store's."""
+    import json
+
+    from raypath import storage
+    from raypath.storage import WRITER_LOCK, RunDirBusyError, writer_lock
+
+    bucket = _bucket(s3, "locked")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    uri, key = f"s3://{bucket}/run", f"{bucket}/run/{WRITER_LOCK}"
+    rd = RunDir.open(uri, str(tmp_path / "here"), create=True)
+    with writer_lock(rd, "run"):
+        held = json.loads(s3.read(key))
+        assert (held["what"], held["pid"]) == ("run", os.getpid())
+        # the other machine's start pulls the run, not the lock; its writer_lock reads the store's
+        assert not (RunDir.open(uri, str(tmp_path / "there"), create=True).path / WRITER_LOCK).exists()
+    assert key not in s3.files(f"{bucket}/run") and not (rd.path / WRITER_LOCK).exists()  # released
+
+    with s3.fs.open_output_stream(key) as f:  # a driver on another machine, refreshing its lock
+        f.write(json.dumps({"host": "elsewhere", "pid": 7, "what": "sweep v2", "argv": "raypath sweep"}).encode())
+    with pytest.raises(RunDirBusyError, match=f"run_dir: {uri} is being written by a sweep v2 .*pid 7 on elsewhere"):
+        with writer_lock(RunDir.open(uri, str(tmp_path / "here"), create=True), "run"):
+            pass
+    monkeypatch.setattr(storage, "WRITER_STALE_S", -1.0)  # not refreshed since: that driver died
+    with writer_lock(rd, "run"):
+        assert json.loads(s3.read(key))["pid"] == os.getpid()
+
+
 def test_a_run_directory_in_a_bucket_that_does_not_exist_is_refused_before_anything_starts(s3, tmp_path, monkeypatch,
                                                                                           capsys):
     from raypath.cli import main
