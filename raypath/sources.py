@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -163,8 +164,8 @@ def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
     """The data files of a split directory. Anything else there that is not hidden (``.DS_Store``,
     ``_SUCCESS``) or ``datasets``' metadata is refused by name: a ``.txt``, ``.jsonl.zst`` or
     ``.JSONL`` file or a sub-directory of shards would otherwise go untrained without a word."""
-    out = []
-    for i in _listing(fs, d):
+    out, listing = [], _listing(fs, d)
+    for i in listing:
         name, where = i.base_name, _join(shown, i.base_name)
         if i.type == pafs.FileType.File and name.endswith(SUFFIXES):
             out.append(where)
@@ -178,6 +179,12 @@ def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
                             f"lower case); convert it or move it out of the corpus")
         else:
             raise DataError(f"{where}: not a regular file (expected one of {', '.join(SUFFIXES)})")
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.isdir(d):  # pyarrow's listing leaves a broken link out
+        for name in sorted(set(os.listdir(d)) - {i.base_name for i in listing}):
+            link = os.path.join(d, name)
+            if os.path.islink(link) and not name.startswith((".", "_")):
+                raise DataError(f"{_join(shown, name)}: a broken symbolic link (to {os.readlink(link)}, which does not "
+                                f"exist): its file would go untrained; restore it or remove the link")
     return tuple(out)
 
 

@@ -283,6 +283,7 @@ def test_a_new_version_in_the_wrong_layout_is_refused_not_skipped(tmp_path):
 @pytest.mark.parametrize("name, needle", [
     ("notes.txt", "unsupported file type"), ("more.jsonl.zst", "unsupported file type"),
     ("MORE.JSONL", "unsupported file type"), ("shard-1/", "a sub-directory in a split directory is not read"),
+    ("moved.jsonl@", "a broken symbolic link"),
 ])
 def test_a_file_the_reader_would_not_read_is_refused_by_name_not_left_untrained(tmp_path, name, needle):
     for split in ("train", "val"):
@@ -293,6 +294,9 @@ def test_a_file_the_reader_would_not_read_is_refused_by_name_not_left_untrained(
     assert [Path(f).name for f in discover_versions(tmp_path / "c")[0].train_files] == ["a.jsonl"]
     if name.endswith("/"):
         _write_jsonl(train / name / "b.jsonl", ["doc"])
+    elif name.endswith("@"):  # a link whose target was moved away
+        name = name[:-1]
+        (train / name).symlink_to(tmp_path / "elsewhere.jsonl")
     else:
         (train / name).write_text('{"text": "doc"}\n')
     with pytest.raises(DataError, match=f"{train / name.rstrip('/')}: {needle}"):
