@@ -379,6 +379,7 @@ def test_mfu_and_peak_table():
     assert lookup_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert lookup_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert lookup_peak_flops("NVIDIA H200") == 989e12
+    assert lookup_peak_flops("NVIDIA H200 NVL") == 835e12  # not the SXM H200's peak
     assert lookup_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert lookup_peak_flops("NVIDIA L4") == 121e12
     assert lookup_peak_flops("NVIDIA L40S") == 362e12
