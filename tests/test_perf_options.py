@@ -548,3 +548,34 @@ def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk, compile):
     assert attn["default"] > 0 and attn["flash"] > 0 and attn["math"] > 0  # the CPU's backends
     assert s["ceiling_ms"] == pytest.approx(s["matmul_ms"] + attn["default"])
     assert s["mfu_ceiling"] is None  # no peak FLOP/s for a CPU
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_throughput_benchmark_trains_on_the_device_it_is_given(device):
+    """The GPU configs set ``train.use_gpu: true``; with ``--device cpu`` the raypath run's Ray Train
+    worker would wait for a GPU forever, so the benchmark's overrides follow ``--device``."""
+    import argparse
+
+    args = argparse.Namespace(set=["train.log_every=5"], device=device)
+    overrides = _benchmark("train_throughput").run_overrides("configs/llama-125m.yaml", args)
+    cfg = load_config(ROOT / "configs" / "llama-125m.yaml", overrides)
+    assert cfg.train.use_gpu is (device == "cuda") and cfg.train.log_every == 5 and cfg.train.eval_every == 0
+
+
+def test_throughput_benchmark_refuses_workers_the_cluster_cannot_hold(ray_cluster):
+    """llama-125m's worker takes 8 CPUs; on a cluster that cannot hold them and Ray Data's reads,
+    Ray Train would wait without a word: the benchmark names the field before preparing data."""
+    import argparse
+
+    args = argparse.Namespace(set=[], device="cpu", data="stream", steps=None, local_cluster=True)
+    with pytest.raises(ConfigError, match=r"train\.cpus_per_worker"):
+        _benchmark("train_throughput").bench_config(str(ROOT / "configs" / "llama-125m.yaml"), args, ["chunked"])
