@@ -579,3 +579,25 @@ def test_throughput_benchmark_refuses_workers_the_cluster_cannot_hold(ray_cluste
     args = argparse.Namespace(set=[], device="cpu", data="stream", steps=None, local_cluster=True)
     with pytest.raises(ConfigError, match=r"train\.cpus_per_worker"):
         _benchmark("train_throughput").bench_config(str(ROOT / "configs" / "llama-125m.yaml"), args, ["chunked"])
+
+
+def test_gpu_check_ends_its_stages_within_the_budget(tmp_path):
+    """``gpu_check.sh`` runs inside one device call that is stopped at 600 s, which then writes
+    nothing more: a stage that would outlast ``BUDGET_S`` is stopped by the script's own timeout
+    (and says so), and a later stage with too little time left is skipped."""
+    import os
+    import subprocess
+    import time
+
+    if list((ROOT / ".whl").glob("*.whl")):
+        pytest.skip(".whl/ holds wheels: the script would install them first")
+    python = tmp_path / "python"  # a stage that would run for a minute: 40 s allowed, 24 left
+    python.write_text("#!/bin/sh\nsleep 60\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PY": str(python), "OUT": str(tmp_path / "out"), "BUDGET_S": "24", "STAGE_TIMEOUT_S": "40"}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "ceiling", "tests"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=45)
+    assert time.monotonic() - t0 < 38 and res.returncode == 124, res.stdout + res.stderr
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert "ceiling TIMED OUT" in log and "tests SKIPPED" in log, log
