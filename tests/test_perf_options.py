@@ -581,7 +581,7 @@ def test_throughput_benchmark_refuses_workers_the_cluster_cannot_hold(ray_cluste
         _benchmark("train_throughput").bench_config(str(ROOT / "configs" / "llama-125m.yaml"), args, ["chunked"])
 
 
-def test_gpu_check_ends_its_stages_within_the_budget(tmp_path):
+def test_device_check_script_ends_its_stages_within_the_budget(tmp_path):
     """``gpu_check.sh`` runs inside one device call that is stopped at 600 s, which then writes
     nothing more: a stage that would outlast ``BUDGET_S`` is stopped by the script's own timeout
     (and says so), and a later stage with too little time left is skipped."""
