@@ -28,7 +28,10 @@
 # Each stage runs under its own timeout, so a stuck stage cannot eat the others' time:
 # STAGE_TIMEOUT_S if set, else 120 s for the ceiling, 300 s for the tests, 180 s for the fuse
 # and the loss stages (unmeasured; two and three processes that compile), and for a bench
-# stage 150 s + 150 s per setting (125m) or 300 s per setting (350m).
+# stage 150 s + 150 s per setting (125m) or 300 s per setting (350m). No stage runs past
+# BUDGET_S (default 570) from the start, install included: the device tool stops a call at
+# 600 s and what it stops writes nothing more, so the script's own timeout ends the last
+# stage first, and a stage with under 20 s left is skipped. BUDGET_S=0: no overall limit.
 # Measured on an H200 (2026-12-04): env 7 s; ceiling 12 s; tests 156 s (before the compiled
 # loss variants); bench-125m 2.4 min to prepare the run directory and finish the first
 # raypath run, then ~2.3 min per setting (each of its two runs starts a process and compiles
@@ -48,6 +51,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PY:-python3}
 STAGES=${*:-env ceiling tests fuse loss bench-125m bench-350m}
+BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
@@ -62,6 +66,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     fi
     export PYTHONPATH="$PWD:/tmp/site"
 fi
+
+limit() {  # $1: a stage's own timeout (s); prints the one it gets: no later than BUDGET_S from the start
+    local left=$((BUDGET_S - SECONDS))
+    [ "$left" -ge 1 ] || left=1  # timeout 0 would mean none
+    if [ "$BUDGET_S" -le 0 ] || [ "$left" -ge "$1" ]; then echo "$1"; else echo "$left"; fi
+}
 
 stage_env() {
     {
@@ -86,23 +96,23 @@ PYEOF
 }
 
 stage_ceiling() {
-    timeout "${STAGE_TIMEOUT_S:-120}" "$PY" benchmarks/step_ceiling.py --device cuda \
+    timeout "$(limit "${STAGE_TIMEOUT_S:-120}")" "$PY" benchmarks/step_ceiling.py --device cuda \
         --config configs/llama-125m.yaml --config configs/llama-350m.yaml --out "$OUT/ceiling.json" &&
-    timeout "${STAGE_TIMEOUT_S:-120}" "$PY" benchmarks/step_ceiling.py --device cuda \
+    timeout "$(limit "${STAGE_TIMEOUT_S:-120}")" "$PY" benchmarks/step_ceiling.py --device cuda \
         --config configs/llama-125m.yaml --set train.compile=false --out "$OUT/ceiling-apart.json"
 }
 
 stage_fuse() {
-    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/compile_time.py --device cuda --steps 20 \
+    timeout "$(limit "${STAGE_TIMEOUT_S:-180}")" "$PY" benchmarks/compile_time.py --device cuda --steps 20 \
         --config configs/llama-125m.yaml --modes blocks,unfused --caches cold --out "$OUT/fuse.json"
 }
 
 stage_tests() {
-    timeout "${STAGE_TIMEOUT_S:-300}" "$PY" -m pytest -q -rA tests/test_perf_options.py -k "gpu or compiled_blocks" 2>&1 | tee "$OUT/tests.log"
+    timeout "$(limit "${STAGE_TIMEOUT_S:-300}")" "$PY" -m pytest -q -rap tests/test_perf_options.py -k "gpu or compiled_blocks" 2>&1 | tee "$OUT/tests.log"
 }
 
 stage_loss() {
-    timeout "${STAGE_TIMEOUT_S:-180}" "$PY" benchmarks/compile_time.py --part loss --device cuda --steps 10 \
+    timeout "$(limit "${STAGE_TIMEOUT_S:-180}")" "$PY" benchmarks/compile_time.py --part loss --device cuda --steps 10 \
         --config configs/llama-125m.yaml --out "$OUT/loss_compile.json"
 }
 
@@ -110,7 +120,7 @@ stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)
     local n per=150
     n=$(echo "${2:-chunked,full,liger}" | tr ',' '\n' | wc -l)
     [ "$1" = llama-125m ] || per=300
-    timeout "${STAGE_TIMEOUT_S:-$((150 + n * per))}" "$PY" benchmarks/train_throughput.py --device cuda \
+    timeout "$(limit "${STAGE_TIMEOUT_S:-$((150 + n * per))}")" "$PY" benchmarks/train_throughput.py --device cuda \
         --config "configs/$1.yaml" ${2:+--kernels "$2"} --repeats 1 --steps 15 --profile 5 \
         --set train.log_every=5 --set run_dir=runs/bench-gpu --out "$OUT/bench-$1${2:+-${2//,/-}}.json"
 }
@@ -118,6 +128,11 @@ stage_bench() {  # $1: config stem, $2: kernel settings (empty: every one)
 status=0
 for stage in $STAGES; do
     echo "=== gpu_check: $stage ($(date -u +%H:%M:%S))"
+    if [ "$BUDGET_S" -gt 0 ] && [ $((BUDGET_S - SECONDS)) -lt 20 ]; then
+        echo "=== gpu_check: $stage SKIPPED: $((BUDGET_S - SECONDS)) s left of BUDGET_S=$BUDGET_S"
+        status=124
+        continue
+    fi
     case "$stage" in
         env) stage_env ;;
         ceiling) stage_ceiling ;;

@@ -259,21 +259,31 @@ def _stats(xs: list[float | None]) -> dict | None:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
 
 
+def run_overrides(path: str, args) -> list[str]:
+    """The overrides of every run of a config: its own run directory (prepared once, reused), eval
+    only at the end of the segment, and ``train.use_gpu`` as ``--device`` says: the GPU configs set
+    it, and with ``--device cpu`` their Ray Train worker would wait forever for a GPU."""
+    return [f"run_dir=runs/bench-{Path(path).stem}", *args.set, "train.eval_every=0",
+            f"train.use_gpu={str(args.device == 'cuda').lower()}"]
+
+
 def bench_config(path: str, args, settings: list[str]) -> dict:
     """Every (repeat, setting, loop) run of one config; the per-setting summary."""
+    from raypath.cluster import check_workers_fit
     from raypath.config import load_config
     from raypath.perf import mfu, ratio
     from raypath.run import prepare
 
-    # Its own run directory (prepared once, reused), eval only at the end of the segment.
-    base = [f"run_dir=runs/bench-{Path(path).stem}", *args.set, "train.eval_every=0"]
-    if args.device == "cuda":
-        base.append("train.use_gpu=true")
+    base = run_overrides(path, args)
     cfg = load_config(path, base)
     t = cfg.train
     if t.num_workers != 1:
         cfg = replace(cfg, train=replace(t, num_workers=1, min_workers=0))  # (b) is one process
         t = cfg.train
+    if args.data == "stream":
+        # Ray Train waits without a word for CPUs the cluster lacks (llama-125m's 8 per worker on a
+        # small machine): refused here, naming train.cpus_per_worker, before the data is prepared.
+        check_workers_fit(t, args.local_cluster)
     steps = args.steps or 6 * t.log_every
     cfgs = {name: load_config(path, [*base, *SETTINGS[name]]) for name in settings}
     cfgs = {name: replace(c, train=replace(c.train, num_workers=1, min_workers=0)) for name, c in cfgs.items()}
@@ -485,9 +495,10 @@ def main() -> None:
         elif args.device == "cuda":
             print("liger: skipped, liger-kernel is not installed (pip install 'raypath[liger]')", flush=True)
     paths = args.config or ["configs/quickstart.yaml"]
+    args.local_cluster = False
     if args.data == "stream":
         cluster = load_config(paths[0], args.set).cluster
-        init_ray(cluster.address, cluster.num_cpus)
+        args.local_cluster = init_ray(cluster.address, cluster.num_cpus)
     summaries = [bench_config(path, args, settings) for path in paths]
     print(json.dumps(summaries, indent=2))
     if args.out:

@@ -33,6 +33,7 @@ import torch
 #: wins, so the more specific names come first). ``train.peak_flops`` overrides.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989e12),
+    ("H200 NVL", 835e12),    # the PCIe card: lower clocks than the SXM H200
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),

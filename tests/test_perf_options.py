@@ -379,6 +379,7 @@ def test_mfu_and_peak_table():
     assert lookup_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert lookup_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert lookup_peak_flops("NVIDIA H200") == 989e12
+    assert lookup_peak_flops("NVIDIA H200 NVL") == 835e12  # not the SXM H200's peak
     assert lookup_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert lookup_peak_flops("NVIDIA L4") == 121e12
     assert lookup_peak_flops("NVIDIA L40S") == 362e12
@@ -547,3 +548,56 @@ def test_step_ceiling_times_every_matmul_of_a_step(tmp_path, chunk, compile):
     assert attn["default"] > 0 and attn["flash"] > 0 and attn["math"] > 0  # the CPU's backends
     assert s["ceiling_ms"] == pytest.approx(s["matmul_ms"] + attn["default"])
     assert s["mfu_ceiling"] is None  # no peak FLOP/s for a CPU
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_throughput_benchmark_trains_on_the_device_it_is_given(device):
+    """The GPU configs set ``train.use_gpu: true``; with ``--device cpu`` the raypath run's Ray Train
+    worker would wait for a GPU forever, so the benchmark's overrides follow ``--device``."""
+    import argparse
+
+    args = argparse.Namespace(set=["train.log_every=5"], device=device)
+    overrides = _benchmark("train_throughput").run_overrides("configs/llama-125m.yaml", args)
+    cfg = load_config(ROOT / "configs" / "llama-125m.yaml", overrides)
+    assert cfg.train.use_gpu is (device == "cuda") and cfg.train.log_every == 5 and cfg.train.eval_every == 0
+
+
+def test_throughput_benchmark_refuses_workers_the_cluster_cannot_hold(ray_cluster):
+    """llama-125m's worker takes 8 CPUs; on a cluster that cannot hold them and Ray Data's reads,
+    Ray Train would wait without a word: the benchmark names the field before preparing data."""
+    import argparse
+
+    args = argparse.Namespace(set=[], device="cpu", data="stream", steps=None, local_cluster=True)
+    with pytest.raises(ConfigError, match=r"train\.cpus_per_worker"):
+        _benchmark("train_throughput").bench_config(str(ROOT / "configs" / "llama-125m.yaml"), args, ["chunked"])
+
+
+def test_device_check_script_ends_its_stages_within_the_budget(tmp_path):
+    """``gpu_check.sh`` runs inside one device call that is stopped at 600 s, which then writes
+    nothing more: a stage that would outlast ``BUDGET_S`` is stopped by the script's own timeout
+    (and says so), and a later stage with too little time left is skipped."""
+    import os
+    import subprocess
+    import time
+
+    if list((ROOT / ".whl").glob("*.whl")):
+        pytest.skip(".whl/ holds wheels: the script would install them first")
+    python = tmp_path / "python"  # a stage that would run for a minute: 40 s allowed, 24 left
+    python.write_text("#!/bin/sh\nsleep 60\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PY": str(python), "OUT": str(tmp_path / "out"), "BUDGET_S": "24", "STAGE_TIMEOUT_S": "40"}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "ceiling", "tests"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=45)
+    assert time.monotonic() - t0 < 38 and res.returncode == 124, res.stdout + res.stderr
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert "ceiling TIMED OUT" in log and "tests SKIPPED" in log, log
