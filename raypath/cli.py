@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from raypath.config import ConfigChangedError, ConfigError, load_config
+from raypath.config import BranchConfig, ConfigChangedError, ConfigError, load_config
 from raypath.console import setup_logging
 from raypath.data import DataError
 from raypath.mirror import in_store_terms
@@ -32,6 +32,8 @@ from raypath.sources import first_line
 from raypath.storage import RunFileError, writer_lock
 
 log = logging.getLogger("raypath")
+#: The branch fraction `cost --tokens` prices a plan at unless --fraction says: a run's default.
+COST_FRACTION = BranchConfig.fraction
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,6 +72,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.run_dir and args.tokens:  # a plan priced next to a run read as the run's own
         raise ConfigError("cost: give a RUN_DIR (its planned and measured tokens) or --tokens T1 T2 ... "
                           "(a plan's), not both")
+    if args.run_dir and (args.fraction is not None or args.replay is not None):
+        # a run is priced at the fraction and replay it trained with: a flag here would go unread
+        raise ConfigError("cost: --fraction and --replay price a --tokens plan; a RUN_DIR is priced at its own "
+                          "branch.fraction and data.replay_ratio")
     if args.run_dir:
         lineage = Lineage.load(_open_run(args))
         fraction = lineage.config["branch"]["fraction"]
@@ -83,7 +89,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         return 0
     if not args.tokens:
         raise ConfigError("cost: give a RUN_DIR or --tokens T1 T2 ... (new tokens per version)")
-    print(format_costs(paradigm_costs(args.tokens, args.fraction, args.replay)))
+    fraction = COST_FRACTION if args.fraction is None else args.fraction
+    print(format_costs(paradigm_costs(args.tokens, fraction, args.replay or 0.0)))
     return 0
 
 
@@ -337,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cost", help="tokens trained by PTFS, CPT and path switching")
     _run_dir_arg(c, nargs="?")
     c.add_argument("--tokens", type=_positive, nargs="+", help="new tokens per version (> 0)")
-    c.add_argument("--fraction", type=_number_in(0.0, 1.0), default=0.2, help="branch fraction, in (0, 1)")
-    c.add_argument("--replay", type=_number_in(0.0, 1.0, lo_closed=True), default=0.0,
-                   help="replay ratio, in [0, 1)")
+    c.add_argument("--fraction", type=_number_in(0.0, 1.0),
+                   help=f"branch fraction of a --tokens plan, in (0, 1) (default {COST_FRACTION})")
+    c.add_argument("--replay", type=_number_in(0.0, 1.0, lo_closed=True),
+                   help="replay ratio of a --tokens plan, in [0, 1) (default 0)")
     c.set_defaults(fn=cmd_cost)
 
     w = sub.add_parser("sweep", help="search branch length/shape of one version on Ray Tune + Optuna (resumes)")

@@ -374,11 +374,11 @@ class TrackingConfig:
         the ``tensorboard`` extra), ``mlflow`` (needs the ``mlflow`` extra) or ``none``.
     mlflow_uri: MLflow tracking URI (``http://host:5000``, ``databricks``,
         ``sqlite:///path.db``); empty = the driver's ``MLFLOW_TRACKING_URI``, else
-        ``sqlite:///RUN_DIR/mlflow.db`` (one machine; a cluster, or a run directory
-        in a bucket, needs a tracking server). One parent run per lineage, one child run per main-path segment,
-        branch and sweep trial; a resumed segment's re-trained steps appear twice in
-        MLflow's metric history (it cannot delete points; curves and TensorBoard keep
-        the surviving attempt's).
+        ``sqlite:///RUN_DIR/mlflow.db``, its artifacts in ``RUN_DIR/mlartifacts/`` (one machine;
+        a cluster, or a run directory in a bucket, needs a tracking server). One parent
+        run per lineage, one child run per main-path segment, branch and sweep trial; a
+        resumed segment's re-trained steps appear twice in MLflow's metric history (it
+        cannot delete points; curves and TensorBoard keep the surviving attempt's).
     experiment: MLflow experiment name; empty = the run's ``name``.
     """
 

@@ -566,6 +566,16 @@ def format_fits(fits_record: Mapping[str, FitResult], lineage: Lineage | Mapping
     return "\n".join(lines)
 
 
+def _curve_colors(observed: Mapping[str, list]) -> dict[str, Any]:
+    """One colour per branch over every split's panel: a split sees only the branches trained
+    since its data entered, so colouring each panel in its own order gave one branch two colours."""
+    import matplotlib
+
+    names = dict.fromkeys(c.name for curves in observed.values() for c in curves if c.name != "main")
+    cmap = matplotlib.colormaps["tab10"]
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
 def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits: Mapping[str, FitResult], version: str,
                     prediction: Mapping, out_png: str | os.PathLike) -> Path:
     """Per split: observed main-path and branch val curves of ``version``, and the law's
@@ -582,6 +592,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
     decay = decay_from(prediction)
     fork, end = prediction["fork_step"], prediction["end_step"]
     observed = split_curves(lineage, splits, version, run_dir=run_dir)
+    colors = _curve_colors(observed)
     for ax, split in zip(axes[:, 0], splits):
         phases = split_phases(lineage, split, version)
         curves = observed[split]
@@ -589,7 +600,8 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
             if c.name == "main":
                 ax.plot(c.steps + 1, c.losses, "o-", color="black", ms=3, lw=0.8, label="main path (observed)")
             else:
-                ax.plot(c.steps + 1, c.losses, "o-", ms=3, lw=1.2, label=f"{c.name} (observed)")
+                ax.plot(c.steps + 1, c.losses, "o-", color=colors[c.name], ms=3, lw=1.2,
+                        label=f"{c.name} (observed)")
         grid = np.arange(max(start, 1), end + 1)
         main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
         ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")

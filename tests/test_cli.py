@@ -74,6 +74,14 @@ def test_cost_of_a_run_and_of_a_plan_at_once_is_refused(tmp_path, capsys):
     assert "cost: give a RUN_DIR (its planned and measured tokens) or --tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--fraction", "0.5"], ["--replay", "0.05"]])
+def test_a_plans_fraction_or_replay_with_a_run_dir_is_refused(tmp_path, flag, capsys):
+    """A run is priced at the fraction and replay it trained with: a flag meant to change them
+    must not be dropped without a word (the table would show the run's own 0.2 as if it were 0.5)."""
+    assert main(["cost", str(tmp_path), *flag]) == 2
+    assert "cost: --fraction and --replay price a --tokens plan" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["cost", "--tokens", "1e9", "1e9", "--fraction", "1.5"], "--fraction: expected a number in (0, 1)"),
     (["cost", "--tokens", "1e9", "1e9", "--replay", "1"], "--replay: expected a number in [0, 1)"),

@@ -747,3 +747,25 @@ def test_a_curves_evaluation_records_are_the_steps_the_report_reads(tmp_path):
     frame = read_curve(path).set_index("step")
     assert all(frame.loc[r["step"], k] == v for r in got for k, v in r.items() if k != "step")
     assert _parse_records(str(tmp_path / "not-yet.jsonl")) == []
+
+
+def test_the_prediction_plot_gives_a_branch_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """Each split's panel shows the branches trained since its data entered: a later split sees
+    fewer, and branch-vK must keep the colour it has in the older splits' panels."""
+    from law_lineage import write_lineage
+
+    from raypath import report
+
+    run_dir, _ = write_lineage(tmp_path, 4)
+    fits = lawfit.fit_run(run_dir, "v4", lam=0.99, shifts="single", save=False)
+    p = lawfit.predict_branch(fits, run_dir, "v4")
+    figures, save = [], report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, out: (figures.append(fig), save(fig, out))[1])
+    report.plot_prediction(run_dir, run_dir, fits, "v4", p, tmp_path / "prediction.png")
+    colours: dict[str, set] = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            if line.get_label().endswith("(observed)") and not line.get_label().startswith("main"):
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert len(colours) >= 2
+    assert {k: len(v) for k, v in colours.items()} == {k: 1 for k in colours}
