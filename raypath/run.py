@@ -41,7 +41,7 @@ from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.schedules import main_schedule
 from raypath.sources import VersionSource, iter_texts
-from raypath.storage import atomic_dir, atomic_write_bytes, writer_lock
+from raypath.storage import atomic_dir, atomic_write_bytes, relative_paths, writer_lock
 from raypath.tokenizer import TRAIN_INFO_NAME, load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
@@ -210,8 +210,9 @@ def _own_tokenizer(todo: list[dict], cfg: Config, endpoint: str | None, out: Pat
             raise DataError(f"{out}: tokenizer directory is missing, but the prepared versions were "
                             f"tokenized with it; restore it or use a new run_dir")
         return
-    inputs = {"files": [r["fingerprint"] for r in first["train"]], "text_column": cfg.data.text_column,
-              "vocab_size": cfg.data.vocab_size, "max_chars": cfg.data.tokenizer_max_chars}
+    # paths relative to the run directory (the embedded corpus lies in it): a moved run's stay the same
+    inputs = relative_paths({"files": [r["fingerprint"] for r in first["train"]], "text_column": cfg.data.text_column,
+                             "vocab_size": cfg.data.vocab_size, "max_chars": cfg.data.tokenizer_max_chars}, rd.path)
     info = out / TRAIN_INFO_NAME
     if (out / "tokenizer.json").is_file():
         if info.is_file() and json.loads(info.read_text()).get("trained_on") == inputs:
