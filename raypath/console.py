@@ -157,6 +157,7 @@ class RunProgress:
         self.total = sum(self.main_steps) + sum(self.branch_steps)
         self.done = 0
         self.done_here = 0
+        self.resumed = 0  # steps the segment now resumed had trained before this process started
         self.rd = rd
         self.t0, self.started = time.perf_counter(), time.time()
 
@@ -164,6 +165,7 @@ class RunProgress:
         """Version k's main segment is done; ``curve``: its curve, when this process trained it."""
         self.done += self.main_steps[k]
         self.done_here += self.trained_here(curve)
+        self.resumed = 0
 
     def branch_done(self, k: int, curve: str | None = None) -> None:
         self.done += self.branch_steps[k]
@@ -182,13 +184,19 @@ class RunProgress:
         last = max((r["step"] for r in records if "event" not in r and "step" in r), default=None)
         return max(last - starts[0], 0) if starts and last is not None else 0
 
+    def resume(self, steps: int) -> None:
+        """The main segment about to start had trained ``steps`` before (its newest checkpoint): done,
+        but not this process's pace."""
+        self.resumed = max(steps, 0)
+
     def eta_s(self) -> float:
         rate = self.done_here / max(time.perf_counter() - self.t0, 1e-9)
-        return (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (self.total - self.done - self.resumed) / rate if rate > 0 else float("inf")
 
     def line(self, k: int, segment: str) -> str:
         from raypath.loop import _fmt_eta
 
         eta = _fmt_eta(self.eta_s()) if self.done < self.total else "0m00s"
+        share = (self.done + self.resumed) / max(self.total, 1)
         return (f"run {self.name}: version {k + 1} of {self.n} ({segment}), "
-                f"{self.done / max(self.total, 1):.0%} of the run's steps done, ETA to end of run {eta}")
+                f"{share:.0%} of the run's steps done, ETA to end of run {eta}")

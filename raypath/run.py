@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from raypath.branches import BranchRunner, branch_schedule, release_branch
-from raypath.checkpoint import step_dirs
+from raypath.checkpoint import step_dirs, step_of
 from raypath.cluster import branches_fit_beside, check_address, check_workers_fit, init_ray
 from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
@@ -360,6 +360,13 @@ def _check_resumed_plans(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
             check_plan(Plan(name, str(rd.path / "ray" / name), schedule, (), rd))
 
 
+def _checkpointed_steps(ctx: RunContext, segment: str, start_step: int) -> int:
+    """Steps a segment starting at ``start_step`` trained before: up to its newest checkpoint (for the
+    progress line; not verified, as the workers' resume is)."""
+    dirs = step_dirs(ctx.storage(segment), ctx.rd)
+    return step_of(dirs[-1]) - start_step if dirs else 0
+
+
 def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:
     """Whether a main segment has trained (or checkpointed, before a crash) in this run directory.
     A segment that failed before its first checkpoint trained nothing that its settings must keep."""
@@ -398,6 +405,7 @@ def _train_versions(lineage: Lineage, ctx: RunContext, progress: RunProgress, ru
         main = lineage.main(version["name"])
         trained_here = main is None
         if trained_here:
+            progress.resume(_checkpointed_steps(ctx, f"main-{version['name']}", prev.end_step if prev else 0))
             log.info(progress.line(k, f"main-{version['name']}"))
             main = run_main_version(ctx, k, prev)
             lineage.record_main(main)

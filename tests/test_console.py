@@ -190,6 +190,18 @@ def test_rays_token_auth_notice_is_not_printed_but_its_warning_that_auth_is_off_
     assert [m[:40] for m in seen] == ["Token authentication is disabled for thi"]
 
 
+def test_the_run_line_counts_the_steps_a_resumed_segment_trained_before(tmp_path):
+    """Resumed at step 60 of main-v1 (100 steps + 20 of branch, 2 versions): 25% done, not 0%."""
+    from raypath.console import RunProgress
+
+    progress = RunProgress("q", [{"stream_rows": 1600}] * 2, 16, 0.2)  # 240 steps in all
+    progress.resume(60)
+    assert "version 1 of 2 (main-v1), 25% of the run's steps done" in progress.line(0, "main-v1")
+    progress.main_done(0)  # the segment's steps are counted once, whole
+    assert (progress.done, progress.resumed) == (100, 0)
+    assert "42% of the run's steps done" in progress.line(0, "branch-v1")
+
+
 def test_a_segments_eta_leaves_out_the_start_up_before_its_first_step(tmp_path, monkeypatch, caplog):
     """100 s of start-up (the data pipeline, a compile), then a step a second: 95 steps left are
     95 s, not the 2,000 s that counting the start-up as pace gave."""
