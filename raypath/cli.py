@@ -107,8 +107,9 @@ def cmd_release(args: argparse.Namespace) -> int:
     from raypath.releases import Releaser, format_release, version_objective
 
     rd = _open_run(args)
-    # --pick saves the lineage: a run or sweep writing it meanwhile would save its copy over this one
-    with writer_lock(rd, "release --pick") if args.pick else contextlib.nullcontext():
+    # --pick beside a run or sweep decides in turn with them (Releaser.deciding); in a bucket,
+    # where the lineage's saves do not merge across machines, not while another writes the run
+    with writer_lock(rd, "release --pick") if args.pick and rd.mirror is not None else contextlib.nullcontext():
         lineage = Lineage.load(rd)
         names = [v.name for v in lineage.versions()]
         version = names[resolve_version(names, args.version)]

@@ -17,6 +17,14 @@ rewrote them all).
 
 ``config`` is the latest run's configuration; ``config_changes`` lists each edit of it between
 runs (the changed settings, old and new, and the versions whose main path trained before).
+
+Several processes write one record: ``raypath run`` (main path, branches, releases) and, beside
+it, sweeps and ``raypath release --pick``. Each change is a keyed edit (this version's main
+entry, that sweep's summary) that a save applies to the file as it is then: under a lock
+(:func:`raypath.storage.file_lock`), a record another process saved since this one read it is
+read again and this process's unsaved edits are applied to it. So no writer's entries vanish
+under another's, and each writer's view catches up at its next save (:meth:`Lineage.refresh`
+before a decision that must see the others').
 """
 
 from __future__ import annotations
@@ -26,14 +34,14 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from raypath.mirror import CURVES, LINEAGE, LOCAL, SWEEP_RESULTS, RunDir, is_remote
 from raypath.schedules import Decay
-from raypath.storage import RunFileError, read_json, rebase_paths, write_json
+from raypath.storage import LOCKS_DIR, RunFileError, file_lock, read_json, rebase_paths, write_json
 
 FORMAT = 3
 #: Formats this raypath reads (older ones are migrated in memory, written back as FORMAT).
@@ -73,40 +81,31 @@ class Lineage:
     rd: RunDir = LOCAL
     # a sweep's trials as last read: results.json path -> ((mtime_ns, size), trials)
     _trials: dict[str, tuple[tuple[int, int], list[SweepTrial]]] = field(default_factory=dict, repr=False)
+    # this process's edits not saved yet, and the file as it was when last read or written here
+    _edits: list[Callable[[dict], None]] = field(default_factory=list, repr=False)
+    _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict:
         # The trials read are a cache, read again where needed: a sweep's law guide holds its
         # lineage, and Tune pickles the guide (tuner.pkl), which would keep every sweep's trials.
-        return {**self.__dict__, "_trials": {}}
+        # A copy in another process only reads: the edits (closures) stay with the writer.
+        return {**self.__dict__, "_trials": {}, "_edits": []}
 
     @classmethod
     def open(cls, run_dir: RunDir | str | Path, name: str, config: dict) -> "Lineage":
+        """The record of the run in ``run_dir`` (a new one named ``name`` if it has none) with
+        ``config`` as its latest configuration, saved with the run's first record: so a refused
+        config leaves no trace."""
         rd = _run_dir(run_dir)
         path = rd / LINEAGE
         if path.exists():
-            lin = cls(path, _read(path), rd)
-            lin._note_config_change(config)
-            lin.data["config"] = config  # the latest config that ran; versions keep their own facts
-            return lin
-        return cls(path, {"format": FORMAT, "name": name, "created": _now(), "config": config,
-                          "tokenizer": {}, "model": {}, "versions": [], "main_path": [],
-                          "branches": [], "releases": [], "release_history": {}}, rd)
-
-    def _note_config_change(self, config: dict) -> None:
-        """Append to ``config_changes`` the settings ``config`` changes and the versions whose main
-        path had trained before: ``config`` keeps only the latest run's, and what may change
-        between runs (precision, parallelism, workers, branch, replay) applies from the next
-        segment on. Saved with the run's first record, so a refused config leaves no trace."""
-        from raypath.tracking import flatten
-
-        # as JSON holds them (a tuple read back is a list); a run directory copied or moved is no edit
-        before, after = (flatten(json.loads(json.dumps({k: v for k, v in c.items() if k != "run_dir"})))
-                         for c in (self.config, config))
-        changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
-                   if before.get(k) != after.get(k)}
-        if before and changed:
-            self.data.setdefault("config_changes", []).append(
-                {"time": _now(), "trained": [m.version for m in self.main_path()], "changed": changed})
+            lin = cls._read_from(path, rd)
+        else:
+            lin = cls(path, _new_record(name), rd)
+        edit = _config_edit(config)
+        edit(lin.data)
+        lin._edits.append(edit)
+        return lin
 
     @classmethod
     def load(cls, run_dir: RunDir | str | Path) -> "Lineage":
@@ -115,7 +114,12 @@ class Lineage:
         path = rd / LINEAGE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no lineage record (is {rd.uri} a raypath run directory?)")
-        return cls(path, _read(path), rd)
+        return cls._read_from(path, rd)
+
+    @classmethod
+    def _read_from(cls, path: Path, rd: RunDir) -> "Lineage":
+        stamp = _file_stamp(path)  # before the read: a save in between makes the next one read again
+        return cls(path, _read(path), rd, _stamp=stamp)
 
     @classmethod
     def of(cls, lineage: "Lineage | Mapping | str | Path") -> "Lineage":
@@ -134,12 +138,45 @@ class Lineage:
         return None if self.path is None else self.path.parent
 
     def save(self) -> None:
+        """Write the record with this process's edits, merged into what other processes saved
+        since it was read (see the module doc)."""
         if self.path is None:
             raise RunFileError("this lineage was built in memory (Lineage.of a dict): it has no file to save to")
-        self.data["updated"] = _now()
-        self.data["format"] = FORMAT
-        write_json(self.path, self.data, root=self.run_dir)
-        self.rd.publish(self.path)
+        with self._locked():
+            self._catch_up()
+            self.data["updated"] = _now()
+            self.data["format"] = FORMAT
+            write_json(self.path, self.data, root=self.run_dir)
+            self._stamp = _file_stamp(self.path)
+            self._edits.clear()
+            self.rd.publish(self.path)
+
+    def refresh(self) -> "Lineage":
+        """Catch up with what other processes saved since this one read the record (a sweep's
+        summary, its release, beside ``raypath run``); returns self."""
+        if self.path is not None and self.path.exists():
+            with self._locked():
+                self._catch_up()
+        return self
+
+    def _locked(self):
+        return file_lock(self.path.parent / LOCKS_DIR / "lineage.lock", f"saving {self.path}")
+
+    def _catch_up(self) -> None:
+        """(Holding the lock.) Read the file again if another process saved it since, and apply
+        this process's unsaved edits to it."""
+        if not self.path.exists() or _file_stamp(self.path) == self._stamp:
+            return
+        fresh = Lineage._read_from(self.path, self.rd)
+        for edit in self._edits:
+            edit(fresh.data)
+        self.data, self._stamp = fresh.data, fresh._stamp
+
+    def _change(self, edit: Callable[[dict], None]) -> None:
+        """Apply ``edit`` (a change of one keyed entry, as a function of the record) and save."""
+        edit(self.data)
+        self._edits.append(edit)
+        self.save()
 
     # ---- run-level facts
     @property
@@ -158,8 +195,7 @@ class Lineage:
 
     def set_fact(self, key: str, value: dict) -> None:
         """Record a run-level fact (``tokenizer``, ``model``, ``storage``)."""
-        self.data[key] = value
-        self.save()
+        self._change(lambda d: d.__setitem__(key, value))
 
     def fact(self, key: str) -> dict[str, Any]:
         return self.data.get(key) or {}
@@ -174,8 +210,8 @@ class Lineage:
 
     def set_versions(self, records: list[Version | dict]) -> None:
         """Record the prepared versions: the data manifest's records without their per-file lists."""
-        self.data["versions"] = [without_file_lists(Version.from_dict(r).to_dict()) for r in records]
-        self.save()
+        versions = [without_file_lists(Version.from_dict(r).to_dict()) for r in records]
+        self._change(lambda d: d.__setitem__("versions", versions))
 
     def main_path(self) -> list[MainEntry]:
         """Finished main-path segments, in step order."""
@@ -191,9 +227,7 @@ class Lineage:
     def record_main(self, entry: MainEntry | dict) -> None:
         entry = MainEntry.from_dict(entry)
         entry.finished = _now()
-        self.data["main_path"] = [m for m in self.data["main_path"] if m["version"] != entry.version]
-        self.data["main_path"].append(entry.to_dict())
-        self.save()
+        self._change(_keyed("main_path", entry.to_dict(), "version"))
 
     # ---- branches and releases
     def branches(self, version: str | None = None, *, done: bool = True) -> list[Branch]:
@@ -208,9 +242,7 @@ class Lineage:
     def record_branch(self, entry: Branch | dict) -> None:
         entry = Branch.from_dict(entry)
         entry.finished = _now()
-        self.data["branches"] = [b for b in self.data["branches"] if b["name"] != entry.name]
-        self.data["branches"].append(entry.to_dict())
-        self.save()
+        self._change(_keyed("branches", entry.to_dict(), "name"))
 
     def releases(self) -> list[Release]:
         """Each version's live release, in version order."""
@@ -227,12 +259,14 @@ class Lineage:
 
     def set_release_history(self, version: str, history: ReleaseHistory) -> None:
         """Record ``version``'s release history and, in ``releases``, its live release."""
-        self.data.setdefault("release_history", {})[version] = history.to_dict()
-        live = history.live.to_dict()
-        self.data["releases"] = [r for r in self.data["releases"] if r["version"] != version]
-        self.data["releases"].append({**live, "release": live["id"], "pinned": history.pinned})
-        self.data["releases"].sort(key=lambda r: r["version_index"])
-        self.save()
+        recorded, live = history.to_dict(), history.live.to_dict()
+
+        def edit(d: dict) -> None:
+            d.setdefault("release_history", {})[version] = recorded
+            _keyed("releases", {**live, "release": live["id"], "pinned": history.pinned}, "version")(d)
+            d["releases"].sort(key=lambda r: r["version_index"])
+
+        self._change(edit)
 
     # ---- branch searches (raypath.sweep)
     def sweeps(self, version: str | None = None) -> list[Sweep]:
@@ -265,9 +299,7 @@ class Lineage:
         if trials is not None:
             d["n_trials"] = len(trials)
         d["finished"] = _now()
-        key = (d["version"], d["name"])
-        self.data["sweeps"] = [s for s in self.data.get("sweeps", []) if (s["version"], s["name"]) != key] + [d]
-        self.save()
+        self._change(_keyed("sweeps", d, "version", "name"))
 
     def _with_trials(self, d: dict) -> Sweep:
         sweep = Sweep.from_dict(d)
@@ -303,17 +335,61 @@ class Lineage:
 
     def record_baseline(self, paradigm: str, entry: dict) -> None:
         """Replace ``paradigm``'s entry of the same (version, decay)."""
-        kept = [e for e in self.baselines(paradigm) if (e["version"], e["decay"]) != (entry["version"], entry["decay"])]
-        self.data.setdefault("compare", {})[paradigm] = kept + [entry]
-        self.save()
+        def edit(d: dict) -> None:
+            kept = [e for e in Lineage(None, d).baselines(paradigm)
+                    if (e["version"], e["decay"]) != (entry["version"], entry["decay"])]
+            d.setdefault("compare", {})[paradigm] = kept + [entry]
+
+        self._change(edit)
 
     def replay_runs(self) -> dict[str, str]:
         """``raypath compare``'s path-switching lineages at other replay ratios: ratio -> run directory."""
         return dict(self.data.get("compare", {}).get("replay", {}))
 
     def record_replay_run(self, ratio: str, run_dir: str) -> None:
-        self.data.setdefault("compare", {}).setdefault("replay", {})[ratio] = run_dir
-        self.save()
+        self._change(lambda d: d.setdefault("compare", {}).setdefault("replay", {}).__setitem__(ratio, run_dir))
+
+
+def _new_record(name: str) -> dict:
+    return {"format": FORMAT, "name": name, "created": _now(), "config": {}, "tokenizer": {}, "model": {},
+            "versions": [], "main_path": [], "branches": [], "releases": [], "release_history": {}}
+
+
+def _config_edit(config: dict) -> Callable[[dict], None]:
+    """The edit that makes ``config`` the record's latest configuration, appending to
+    ``config_changes`` the settings it changes and the versions whose main path had trained
+    before: ``config`` keeps only the latest run's, and what may change between runs (precision,
+    parallelism, workers, branch, replay) applies from the next segment on."""
+    from raypath.tracking import flatten
+
+    def edit(d: dict) -> None:
+        # as JSON holds them (a tuple read back is a list); a run directory copied or moved is no edit
+        before, after = (flatten(json.loads(json.dumps({k: v for k, v in c.items() if k != "run_dir"})))
+                         for c in (d.get("config") or {}, config))
+        changed = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+                   if before.get(k) != after.get(k)}
+        if before and changed:
+            trained = [m.version for m in Lineage(None, d).main_path()]
+            d.setdefault("config_changes", []).append({"time": _now(), "trained": trained, "changed": changed})
+        d["config"] = config  # the latest config that ran; versions keep their own facts
+
+    return edit
+
+
+def _keyed(section: str, entry: dict, *key: str) -> Callable[[dict], None]:
+    """The edit that puts ``entry`` last in the list ``section``, replacing the one of the same ``key``."""
+    def edit(d: dict) -> None:
+        d[section] = [e for e in d.get(section, []) if [e.get(k) for k in key] != [entry[k] for k in key]] + [entry]
+    return edit
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever the file is written again (an atomic write is a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _read(path: Path) -> dict:

@@ -38,19 +38,20 @@ but before the lineage save is recovered from ``rN/release.json`` by
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from raypath.lineage import RESULTS_JSON, Lineage, Release, ReleaseHistory, Sweep, sweep_trials
 from raypath.lineage import Branch as BranchEntry
 from raypath.mirror import SWEEP_STANDING, RunDir
-from raypath.storage import atomic_dir, read_json, write_json
+from raypath.storage import LOCKS_DIR, atomic_dir, file_lock, read_json, write_json
 from raypath.tracking import TrackingSpec, record_release
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,15 @@ class Releaser:
 
     # ---------------------------------------------------------------- decisions
 
+    @contextlib.contextmanager
+    def deciding(self, version: str) -> Iterator[None]:
+        """Hold ``version``'s release lock, with the lineage caught up with what other processes
+        saved: ``raypath run``, a sweep beside it and ``raypath release --pick`` decide one
+        version's release in turn, each over the others' branches, and never take the same ``rN``."""
+        with file_lock(self.rd.path / LOCKS_DIR / f"release-{version}.lock", f"releasing {version}"):
+            self.lineage.refresh()
+            yield
+
     def settle(self, version: str, objective: Objective, extra: Iterable[Candidate] = (),
                pin: str | None = None) -> Settled:
         """The release step of ``raypath run`` and of a sweep (``sweep.pin`` / ``raypath sweep --pin``).
@@ -312,6 +322,10 @@ class Releaser:
         before the lineage records them), or with ``pin`` releases that trial or branch,
         pinned; then tags the live release in the run's experiment tracking.
         """
+        with self.deciding(version):
+            return self._settle(version, objective, extra, pin)
+
+    def _settle(self, version: str, objective: Objective, extra: Iterable[Candidate], pin: str | None) -> Settled:
         if pin:
             entry = self.pick(version, pin, objective, extra=extra)
             what = f"trial {entry.trial_id}" if entry.trial_id else entry.branch
@@ -337,6 +351,10 @@ class Releaser:
     def pick(self, version: str, what: str, objective: Objective, extra: Iterable[Candidate] = ()) -> Release:
         """``--pick``: ``rN`` rolls back to an earlier release, ``best`` hands the version back
         to the decision, a trial id or branch name releases that branch (pinned)."""
+        with self.deciding(version):
+            return self._pick(version, what, objective, extra)
+
+    def _pick(self, version: str, what: str, objective: Objective, extra: Iterable[Candidate]) -> Release:
         self.sync(version)
         h = self.history(version)
         if what == "best":
@@ -475,6 +493,10 @@ class Releaser:
     def sync(self, version: str) -> None:
         """Make the lineage agree with ``current.json`` (the truth) after a crash between the
         switch and the lineage save; repair the ``current`` symlink."""
+        with self.deciding(version):  # not while another process is between the two
+            self._sync(version)
+
+    def _sync(self, version: str) -> None:
         vdir = self.version_dir(version)
         self.rd.fetch(vdir / POINTER, missing_ok=True)
         if not (vdir / POINTER).is_file():

@@ -30,13 +30,21 @@ from raypath.config import Config, ConfigChangedError, ConfigError
 from raypath.console import RunProgress
 from raypath.corpus import MANIFEST_NAME as CORPUS_MANIFEST
 from raypath.corpus import build_embedded_corpus
-from raypath.data import DataError, PrepareSpec, check_prepared, discover_versions, plan_versions, prepare_versions
+from raypath.data import (
+    DataError,
+    PrepareSpec,
+    check_prepared,
+    discover_versions,
+    plan_versions,
+    prepare_versions,
+    read_manifest,
+)
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.loop import Plan, check_plan
 from raypath.mainpath import main_steps, run_main_version
 from raypath.mirror import RunDir
-from raypath.pretrained import check_model, check_tokenizer
+from raypath.pretrained import BaseModel, check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.schedules import main_schedule
@@ -164,20 +172,7 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
     # the tokenizer below) from a remote run directory: upload them before any task starts.
     rd.publish(run_dir / "corpus")
     endpoint = _endpoint(cfg)
-    base = resolve_base_model(cfg.model.path, rd, endpoint) if cfg.model.path else None
-    if base is not None:  # workers load the local (downloaded) copy
-        base.check_kept(kept_base)
-        check_model(base.local_dir)  # here, not in every worker after the data is prepared
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
-    if cfg.data.tokenizer or base is not None:  # data.tokenizer, else the model's own
-        tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
-        if not Path(tok_dir, "tokenizer.json").is_file():
-            raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
-        # before any training or tokenization
-        check_tokenizer(base.local_dir if base is not None else None, load_tokenizer(tok_dir),
-                        "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
-    else:
-        tok_dir = str(run_dir / "tokenizer")
+    cfg, base, tok_dir = _model_and_tokenizer(cfg, rd, kept_base)
     spec = PrepareSpec(data_dir=str(run_dir / "data"), tokenizer_dir=tok_dir, seq_len=cfg.data.seq_len,
                        text_column=cfg.data.text_column, val_blocks=cfg.data.val_blocks,
                        test_blocks=cfg.data.val_blocks if cfg.data.test_blocks is None else cfg.data.test_blocks,
@@ -198,6 +193,41 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
         rd.publish(run_dir / name)
     return RunContext(cfg, rd, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions,
                       base.describe() if base else None)
+
+
+def prepared(cfg: Config, rd: RunDir, kept_base: dict | None = None) -> RunContext:
+    """The run context of the versions prepared so far, for a process that trains beside
+    ``raypath run`` (a sweep): it reads the data manifest and the tokenizer and writes none of what
+    the run owns (``config.yaml``, the tokenizer, ``data/``, the embedded corpus), nor prepares a
+    version the corpus gained since. ``kept_base``: as :func:`prepare`'s."""
+    path = rd.path / "data" / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{rd.name(path)}: no version is prepared in this run directory; run `raypath run` first")
+    versions = read_manifest(path)["versions"]
+    cfg, base, tok_dir = _model_and_tokenizer(cfg, rd, kept_base)
+    tok = load_tokenizer(rd.fetch(tok_dir))
+    return RunContext(cfg, rd, tok_dir, len(tok), tok.eos_token_id, tok.pad_token_id, versions,
+                      base.describe() if base else None)
+
+
+def _model_and_tokenizer(cfg: Config, rd: RunDir, kept_base: dict | None) -> tuple[Config, BaseModel | None, str]:
+    """``model.path`` resolved (downloaded the first time; ``cfg`` then names the local copy, which
+    workers load) and checked, and the tokenizer directory: ``data.tokenizer``, else the base
+    model's, else the run's own (trained by :func:`prepare`)."""
+    base = resolve_base_model(cfg.model.path, rd, _endpoint(cfg)) if cfg.model.path else None
+    if base is not None:
+        base.check_kept(kept_base)
+        check_model(base.local_dir)  # here, not in every worker after the data is prepared
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base.local_dir))
+    if not cfg.data.tokenizer and base is None:
+        return cfg, None, str(rd.path / "tokenizer")
+    tok_dir = str(Path(cfg.data.tokenizer or base.local_dir).resolve())
+    if not Path(tok_dir, "tokenizer.json").is_file():
+        raise ConfigError(f"model.path: {base.source!r} has no tokenizer.json; set data.tokenizer")
+    # before any training or tokenization
+    check_tokenizer(base.local_dir if base is not None else None, load_tokenizer(tok_dir),
+                    "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
+    return cfg, base, tok_dir
 
 
 def _own_tokenizer(todo: list[dict], cfg: Config, endpoint: str | None, out: Path, rd: RunDir) -> None:
@@ -308,7 +338,7 @@ def _run(cfg: Config, rd: RunDir) -> Lineage:
 
     with lineage_run(ctx.tracking):
         _train_versions(lineage, ctx, progress, runner, released)
-    return lineage
+    return lineage.refresh()  # with what sweeps beside the run recorded meanwhile, for its report
 
 
 def _check_name(cfg: Config, lineage: Lineage) -> None:

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -188,8 +189,15 @@ class RunFileError(ValueError):
     format this raypath does not know; the message names the file."""
 
 
-#: The lock file of a run directory's writer (:func:`writer_lock`).
+#: The lock file of a run directory's writer (:func:`writer_lock`): at the top for ``raypath run``
+#: (the whole directory's), in a sweep's own directory for that sweep.
 WRITER_LOCK = ".writer.lock"
+#: Lock files of short critical sections that writers of one run directory take in turn
+#: (:func:`file_lock`): the lineage's saves, one version's release decisions. Never uploaded.
+LOCKS_DIR = ".locks"
+#: How long :func:`file_lock` waits for another process's critical section (a release copying a
+#: model's files holds its version's) before it gives up, naming the lock.
+LOCK_WAIT_S = 1800.0
 #: A writer refreshes its lock this often; a lock of another host not refreshed for
 #: :data:`WRITER_STALE_S` is a dead writer's (a stopped job, a deleted pod): its pid cannot be asked.
 WRITER_REFRESH_S = 20.0
@@ -245,6 +253,39 @@ def _put_in_store(mirror, lock: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _refreshed_at(mirror, lock: Path) -> float | None:
+    """When ``lock`` was last written or refreshed (in the store, for a run in a bucket)."""
+    import pyarrow.fs as pafs
+
+    if mirror is not None:
+        info = mirror.info(lock)
+        if info.type == pafs.FileType.File:
+            return info.mtime_ns / 1e9
+    try:
+        return lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _wait_for_life(mirror, lock: Path, holder: dict, what: str) -> dict | None:
+    """The writer of another host that ``lock`` names, if it is alive: one refreshed it lately, or
+    refreshes it while this waits; None once its lock goes stale (:data:`WRITER_STALE_S`). A live
+    writer refreshes its lock every :data:`WRITER_REFRESH_S`, so one silent longer is probably dead
+    (a job retried on a fresh cluster after its head pod died): waiting out the rest of the stale
+    time takes it over, where refusing would fail the retry."""
+    seen = _refreshed_at(mirror, lock)
+    if seen is None or time.time() - seen < 1.5 * WRITER_REFRESH_S:
+        return holder
+    log.warning("%s: the %s of pid %s on %s has not refreshed this lock for %.0f s; %s waits until it "
+                "does (then it is refused) or it is %g s old (then it takes it over)", lock, holder.get("what"),
+                holder.get("pid"), holder.get("host"), time.time() - seen, what, WRITER_STALE_S)
+    while True:
+        time.sleep(min(2.0, WRITER_REFRESH_S / 4))
+        holder = (mirror is not None and _store_holder(mirror, lock)) or _lock_holder(lock)
+        if not holder or _refreshed_at(mirror, lock) != seen:
+            return holder
+
+
 def _take(lock: Path, me: dict) -> dict | None:
     """Create ``lock`` for ``me`` (O_EXCL: of two writers starting at once, one gets it), or take
     over a dead writer's; returns the live holder instead when there is one."""
@@ -261,31 +302,38 @@ def _take(lock: Path, me: dict) -> dict | None:
 
 
 @contextlib.contextmanager
-def writer_lock(rd, what: str) -> Iterator[None]:
+def writer_lock(rd, what: str, part: str = "") -> Iterator[None]:
     """Hold ``RUN_DIR/.writer.lock`` while ``what`` (``run``, ``sweep v2``) writes the run directory
-    ``rd`` (a :class:`raypath.mirror.RunDir`, or a local path). A second writer fails at once with
-    :class:`RunDirBusyError`; a nested one of this process (a comparison's runs) goes on. The lock
+    ``rd`` (a :class:`raypath.mirror.RunDir`, or a local path), or with ``part`` (a sweep's directory,
+    relative to it) ``RUN_DIR/.locks/<part>.writer.lock`` while it writes that part. A second
+    writer of the same lock fails at once with :class:`RunDirBusyError`; a nested one of this
+    process (a comparison's runs) goes on. The lock
     names its host and pid and is refreshed by a thread, so a killed writer's lock is taken over:
-    of this host as soon as its pid is gone, of another after :data:`WRITER_STALE_S`.
+    of this host as soon as its pid is gone, of another after :data:`WRITER_STALE_S` (a lock of
+    another host that has gone unrefreshed for a while is waited out, :func:`_wait_for_life`). Writers of
+    different parts share the lineage, whose saves merge (:class:`raypath.lineage.Lineage`).
 
     A run directory in a bucket holds the lock in its store as well as in the local mirror, so a
     driver on another machine sees it. A store has no create-if-absent here: two drivers starting
     in the same second could both take it; any later one is refused."""
     import sys
-    import threading
 
     path, mirror = Path(getattr(rd, "path", rd)), getattr(rd, "mirror", None)
-    lock = path / WRITER_LOCK
+    lock = path / LOCKS_DIR / f"{part.replace('/', '-')}{WRITER_LOCK}" if part else path / WRITER_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "argv": " ".join(sys.argv)[:300],
           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     holder = (mirror is not None and _store_holder(mirror, lock)) or _lock_holder(lock)
     if holder and (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
         yield  # this process holds it already
         return
+    if holder and holder.get("host") not in (me["host"], "?"):
+        holder = _wait_for_life(mirror, lock, holder, what)
     holder = holder or _take(lock, me)
     if holder:
+        where = f"{getattr(mirror, 'remote', path)}" + (f" ({part})" if part else "")
         raise RunDirBusyError(
-            f"run_dir: {getattr(mirror, 'remote', path)} is being written by a {holder.get('what')} "
+            f"run_dir: {where} is being written by a {holder.get('what')} "
             f"({holder.get('argv')}: pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}); "
             f"wait for it to end, or stop it, and run again (a writer that died leaves {lock.name}, taken over "
             f"after {WRITER_STALE_S:g} s)")
@@ -313,6 +361,53 @@ def writer_lock(rd, what: str) -> Iterator[None]:
                 lock.unlink()
                 if mirror is not None and (_store_holder(mirror, lock) or {}).get("pid") == me["pid"]:
                     mirror.filesystem().delete_file(mirror.remote_path(lock))
+
+
+_HELD: dict[str, list] = {}  # lock path -> [threading.RLock, open file or None, depth]
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made if absent) while the block runs: a short
+    critical section that every process sharing the run directory takes in turn, on this host or
+    over a shared filesystem (``flock``, which Linux's NFS client maps to NFS locks). Re-entrant in
+    a process (its threads take turns). Waits up to ``wait_s`` seconds for another holder, then
+    raises :class:`RunDirBusyError` naming ``what`` and the lock; a killed holder's lock is freed by
+    its kernel (or NFS lease) with it, so none is ever stale."""
+    import fcntl
+
+    key = str(Path(path).absolute())
+    with _HELD_GUARD:
+        held = _HELD.setdefault(key, [threading.RLock(), None, 0])
+    deadline = time.monotonic() + wait_s
+    if not held[0].acquire(timeout=wait_s):
+        raise RunDirBusyError(f"{path}: {what} waited {wait_s:g} s for another thread holding this lock")
+    try:
+        if held[2] == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+b")
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        f.close()
+                        raise RunDirBusyError(f"{path}: {what} waited {wait_s:g} s for another process holding "
+                                              f"this lock (a release copying its files?); run again") from None
+                    time.sleep(0.05)
+            held[1] = f
+        held[2] += 1
+        try:
+            yield
+        finally:
+            held[2] -= 1
+            if held[2] == 0:
+                held[1].close()  # releases the flock
+                held[1] = None
+    finally:
+        held[0].release()
 
 
 def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:

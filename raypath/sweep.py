@@ -680,19 +680,26 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     final metrics, objective, score), the best trial and the released one.
     """
     from raypath.cluster import check_workers_fit, init_ray
-    from raypath.run import prepare
+    from raypath.run import prepared
 
-    # What can be checked without Ray, and before the data is prepared: the version is trained.
+    # What can be checked without Ray: the version is trained.
     try:
         lineage = Lineage.load(RunDir.open(cfg.run_dir, cfg.cluster.local_dir, cfg.cluster.storage_endpoint))
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
-    _trained_main(lineage, lineage.version_names(), version)
-    with writer_lock(lineage.rd, f"sweep {version}"):
+    _, vname, _ = _trained_main(lineage, lineage.version_names(), version)
+    with writer_lock(lineage.rd, f"sweep {vname} {cfg.sweep.name}", _own_part(lineage.rd, vname, cfg.sweep.name)):
+        ctx = prepared(cfg, lineage.rd, lineage.fact("model").get("base"))
         check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
-        ctx = prepare(cfg)
         with lineage_run(ctx.tracking, owner=False):
             return _sweep(cfg, ctx, version)
+
+
+def _own_part(rd: RunDir, version: str, name: str) -> str:
+    """What of the run directory a sweep locks for itself: its own directory, beside a running
+    ``raypath run`` and other sweeps (the lineage's saves merge, releases are decided in turn). In a
+    bucket, where saves from another machine would not merge, the whole run directory."""
+    return "" if rd.mirror is not None else f"sweeps/{version}/{name}"
 
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:

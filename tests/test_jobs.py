@@ -304,9 +304,9 @@ def test_the_export_job_takes_every_option_of_raypath_export():
 
 
 def test_a_second_writer_of_a_run_directory_is_refused_until_the_first_one_is_gone(tmp_path):
-    """Two jobs on one run_dir (a re-submitted job while the first still runs, a sweep beside the
-    main path) each saved their own copy of the lineage over the other's: one's versions, branches
-    or releases vanished from the record. The second is refused at once, naming the first."""
+    """Two main-path jobs on one run_dir (a re-submitted job while the first still runs) would train
+    the same checkpoints and save their own copies of the lineage. The second is refused at once,
+    naming the first."""
     import json
     import os
 
@@ -325,9 +325,14 @@ def test_a_second_writer_of_a_run_directory_is_refused_until_the_first_one_is_go
         assert f"run_dir: {run_dir} is being written by a run" in res.stderr and f"pid {holder.pid}" in res.stderr
         assert "Traceback" not in res.stderr
         assert sorted(p.name for p in run_dir.iterdir()) == [WRITER_LOCK], "the refused job wrote something"
-        pick = subprocess.run([sys.executable, "-m", "raypath.cli", "release", str(run_dir), "--version", "v1",
-                               "--pick", "best"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert pick.returncode == 2 and "is being written by a run" in pick.stderr, pick.stderr
+        # a sweep or a --pick writes beside a run (its own part; the lineage's saves merge): not refused
+        # by the lock, only for the lineage this directory lacks
+        for cmd in (["release", str(run_dir), "--version", "v1", "--pick", "best"],
+                    ["sweep", "configs/tiny.yaml", "--version", "v1", "--set", f"run_dir={run_dir}"]):
+            res = subprocess.run([sys.executable, "-m", "raypath.cli", *cmd], capture_output=True, text=True,
+                                 timeout=120, cwd=ROOT)
+            assert res.returncode == 2 and "no lineage record" in res.stderr, res.stderr
+            assert "being written" not in res.stderr
     finally:
         holder.kill()
         holder.wait()
@@ -345,3 +350,37 @@ def test_a_second_writer_of_a_run_directory_is_refused_until_the_first_one_is_go
     os.utime(run_dir / WRITER_LOCK, (old, old))
     with writer_lock(run_dir, "run"):
         pass
+
+
+def test_a_lock_of_another_host_gone_silent_is_waited_out_not_refused(tmp_path, monkeypatch):
+    """A RayJob retried on a fresh cluster after its head pod died found the dead driver's lock (another
+    host: its pid cannot be asked) younger than the stale time and failed, spending a retry. A lock
+    unrefreshed for longer than a live writer leaves it is waited out and taken over; one refreshed
+    while the second writer waits is a live writer's: refused."""
+    import json
+    import os
+    import threading
+
+    from raypath import storage
+    from raypath.storage import WRITER_LOCK, RunDirBusyError, writer_lock
+
+    monkeypatch.setattr(storage, "WRITER_REFRESH_S", 1.0)
+    monkeypatch.setattr(storage, "WRITER_STALE_S", 4.0)
+    lock = tmp_path / WRITER_LOCK
+
+    def dead_writers_lock(silent_s: float) -> None:
+        lock.write_text(json.dumps({"host": "head-pod-1", "pid": 9, "what": "run", "argv": "x"}))
+        os.utime(lock, (time.time() - silent_s,) * 2)
+
+    dead_writers_lock(2.0)
+    t0 = time.monotonic()
+    with writer_lock(tmp_path, "run"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert 1.5 <= time.monotonic() - t0 < 4.0
+
+    dead_writers_lock(2.0)
+    touch = threading.Timer(0.5, lambda: os.utime(lock))  # the writer is alive after all
+    touch.start()
+    with pytest.raises(RunDirBusyError, match="pid 9 on head-pod-1"), writer_lock(tmp_path, "run"):
+        pass
+    touch.join()

@@ -232,3 +232,44 @@ def test_an_unknown_version_names_the_flag_it_came_from():
     assert resolve_version(["v1", "v2"], "2") == 1 and resolve_version(["v1", "v2"], "v1") == 0
     with pytest.raises(ConfigError, match=r"^--version v9: not a version of this run \(versions: v1, v2\)$"):
         resolve_version(["v1", "v2"], "v9")
+
+
+_WRITER = """
+import sys, time
+from raypath.lineage import Lineage
+run, me, n, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+lin = Lineage.load(run)  # read once, as a run or a sweep reads it at its start
+while time.time() < start:
+    time.sleep(0.005)
+for i in range(n):
+    lin.record_branch({"name": f"{me}-{i}", "version": "v1", "status": "done"})
+    if i == n // 2:
+        lin.set_fact(me, {"i": i})
+"""
+
+
+def test_writers_in_several_processes_keep_each_others_entries(tmp_path):
+    """`raypath run` and sweeps beside it each hold the lineage they read at their start: a save of
+    one process's copy dropped what the others had saved since. Each save merges now: four
+    processes recording at once keep every entry and fact, and a reader of its own older copy sees
+    them after :meth:`Lineage.refresh`."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    lin = Lineage.open(run, "demo", {"a": 1})
+    lin.record_main(_main("v1", 0, 10))
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(run), f"w{k}", "15", str(start)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for k in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    names = {b.name for b in Lineage.load(run).branches()}
+    assert names == {f"w{k}-{i}" for k in range(4) for i in range(15)}
+    assert not lin.branches()  # its copy, read before them
+    lin.record_main(_main("v2", 10, 20))  # this process's own edit, merged into theirs
+    saved = Lineage.load(run)
+    assert [m.version for m in saved.main_path()] == ["v1", "v2"] and len(saved.branches()) == 60
+    assert all(saved.fact(f"w{k}") == {"i": 7} for k in range(4)) and saved.config == {"a": 1}
+    assert len(lin.refresh().branches()) == 60

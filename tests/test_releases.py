@@ -202,6 +202,55 @@ def test_settle_is_the_release_step_of_runs_and_sweeps(run, monkeypatch):
     assert tagged == [("spec", "r2"), ("spec", "r3")]
 
 
+_SETTLER = """
+import sys, time
+sys.path.insert(0, sys.argv[4])
+from test_releases import _add_sweep, _metrics
+from pathlib import Path
+from raypath import releases
+from raypath.lineage import Lineage
+from raypath.releases import Releaser
+run, name, v2, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[5])
+_add_sweep(run, name, {name: _metrics(3.9, v2)})
+lin = Lineage.load(run)  # what the process read, then the others release
+while time.time() < start:
+    time.sleep(0.005)
+live = Releaser(lin).settle("v2", releases.version_objective(lin.data, "v2")).live
+print(live.id, live.branch)
+"""
+
+
+def test_sweeps_beside_each_other_release_in_turn_each_rN_once(run):
+    """Sweeps of one version (beside `raypath run`) each deciding its release at the same moment took
+    the same next id, r2, over each other's files and history. Decisions are made in turn, each over
+    the branches the others recorded: every release has its own rN, its files and its history entry,
+    and the best trial is live."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 4
+    better = {"s1": 2.9, "s2": 2.8, "s3": 2.7}  # each beats the configured branch (3.0)
+    procs = [subprocess.Popen([sys.executable, "-c", _SETTLER, str(run), name, str(v2), str(Path(__file__).parent),
+                               str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, v2 in better.items()]
+    seen = set()
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        seen.add(tuple(out.split()))  # the live release when it had decided: (id, branch)
+    lin = Lineage.load(run)
+    h = lin.release_history("v2")
+    assert seen <= {(r.id, r.branch) for r in h.releases}
+    ids = [r.id for r in h.releases]
+    assert len(ids) == len(set(ids)) >= 2 and ids[0] == "r1"
+    assert {s.name for s in lin.sweep_summaries("v2")} == set(better)
+    for r in h.releases[1:]:
+        assert read_json(run / "releases/v2" / r.id / "release.json")["branch"] == r.branch
+    assert h.live.branch == "branch-v2-s3" and _pointer(run) == h.current
+    assert [e["release"] for e in h.log] == ids  # one switch per release, none lost
+
+
 def test_pick_rolls_back_and_the_pin_holds_until_best(run, capsys):
     _add_sweep(run, "a", {"t1": _metrics(3.8, 2.9)})
     _decide(run)

@@ -596,6 +596,80 @@ def test_best_trial_is_the_release_in_the_lineage(tiny_sweep):
     AutoModelForCausalLM.from_pretrained(release["path"], local_files_only=True)
 
 
+_RUN_BESIDE = """
+import sys, time
+from pathlib import Path
+from raypath.lineage import Lineage
+from raypath.storage import writer_lock
+run = sys.argv[1]
+with writer_lock(run, "run"), writer_lock(run, "sweep v2 other", "sweeps/v2/other"):
+    lin, i = Lineage.load(run), 0
+    print("held", flush=True)
+    while not Path(run, "stop").exists():  # saves of the main path's lineage as the sweep runs
+        lin.set_fact(f"run-{i}", {"i": i})
+        i += 1
+        time.sleep(0.2)
+    print(i, flush=True)
+"""
+
+
+def _copy_unswept(src: Path, dst: Path) -> Path:
+    """A copy of the swept lineage's run directory without its sweeps and v2's releases."""
+    import json
+    import shutil
+
+    def ignore(d: str, names: list[str]) -> set[str]:
+        skip = {"sweeps", ".locks", ".writer.lock"} if Path(d) == src else set()
+        return skip | ({"v2"} if Path(d) == src / "releases" else set())
+
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    lin = json.loads((dst / "lineage.json").read_text())
+    lin["sweeps"], lin["branches"] = [], [b for b in lin["branches"] if not b.get("sweep")]
+    lin["releases"] = [r for r in lin["releases"] if r["version"] != "v2"]
+    lin["release_history"].pop("v2", None)
+    (dst / "lineage.json").write_text(json.dumps(lin))
+    return dst
+
+
+def test_a_sweep_runs_beside_the_main_path_and_both_keep_their_records(sweep_lineage, tmp_path):
+    """A sweep beside a running `raypath run` of its run directory was refused: one writer at a time,
+    as their lineage saves overwrote each other's. A sweep locks its own directory now: it trains and
+    releases while the run holds the run directory and saves the lineage, and both keep their records;
+    a second sweep of the same name is refused naming the first; the sweep prepares nothing of the
+    run's (config.yaml, the data manifest, the tokenizer untouched)."""
+    import subprocess
+    import sys
+
+    from conftest import FAST_TRIALS
+
+    from raypath.storage import RunDirBusyError
+
+    run = _copy_unswept(Path(load_config(sweep_lineage).run_dir), tmp_path / "run")
+    owned = {p: p.stat().st_mtime_ns for p in (run / "config.yaml", run / "data/manifest.json",
+                                               run / "tokenizer/tokenizer.json")}
+    holder = subprocess.Popen([sys.executable, "-c", _RUN_BESIDE, str(run)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        other = load_config(sweep_lineage, [f"run_dir={run}", *FAST_TRIALS, "sweep.name=other"])
+        with pytest.raises(RunDirBusyError, match=rf"run_dir: {run} \(sweeps/v2/other\) is being written by a "
+                                                  rf"sweep v2 other .*pid {holder.pid}"):
+            run_sweep(other, "v2")
+        cfg = load_config(sweep_lineage, [f"run_dir={run}", *FAST_TRIALS, "sweep.num_samples=1",
+                                          "sweep.name=beside"])
+        record = run_sweep(cfg, "v2")
+        (run / "stop").touch()
+        saves = int(holder.stdout.readline())
+    finally:
+        (run / "stop").touch()
+        holder.wait(timeout=60)
+    lin = Lineage.load(run)
+    assert record["released"] and lin.sweep_summaries("v2")[0].name == "beside"
+    assert lin.release("v2").trial_id == record["released"] and lin.branch("branch-v1") is not None
+    assert saves > 5 and all(lin.fact(f"run-{i}") == {"i": i} for i in range(saves))
+    assert {p: p.stat().st_mtime_ns for p in owned} == owned
+
+
 def test_load_sweep_one_row_per_trial(tiny_sweep):
     from raypath.analysis import CONFIG_COLUMNS, load_sweep, main_objective
 
