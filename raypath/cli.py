@@ -29,7 +29,7 @@ from raypath.console import setup_logging
 from raypath.data import DataError
 from raypath.mirror import in_store_terms
 from raypath.sources import first_line
-from raypath.storage import RunFileError, writer_lock
+from raypath.storage import RunFileError
 
 log = logging.getLogger("raypath")
 #: The branch fraction `cost --tokens` prices a plan at unless --fraction says: a run's default.
@@ -107,19 +107,17 @@ def cmd_release(args: argparse.Namespace) -> int:
     from raypath.releases import Releaser, format_release, version_objective
 
     rd = _open_run(args)
-    # --pick beside a run or sweep decides in turn with them (Releaser.deciding); in a bucket,
-    # where the lineage's saves do not merge across machines, not while another writes the run
-    with writer_lock(rd, "release --pick") if args.pick and rd.mirror is not None else contextlib.nullcontext():
-        lineage = Lineage.load(rd)
-        names = [v.name for v in lineage.versions()]
-        version = names[resolve_version(names, args.version)]
-        objective = version_objective(lineage, version)
-        releaser = Releaser(lineage)
-        releaser.sync(version)
-        if args.pick:
-            entry = releaser.pick(version, args.pick, objective)
-            _tag_release(lineage, entry)
-            print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
+    # --pick beside a run or sweep decides in turn with them (Releaser.deciding)
+    lineage = Lineage.load(rd)
+    names = [v.name for v in lineage.versions()]
+    version = names[resolve_version(names, args.version)]
+    objective = version_objective(lineage, version)
+    releaser = Releaser(lineage)
+    releaser.sync(version)
+    if args.pick:
+        entry = releaser.pick(version, args.pick, objective)
+        _tag_release(lineage, entry)
+        print(f"live release of {version}: {entry.id} ({entry.branch}): {entry.path}\n")
     print(format_release(lineage, version, objective))
     return 0
 

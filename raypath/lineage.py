@@ -160,11 +160,13 @@ class Lineage:
         return self
 
     def _locked(self):
-        return file_lock(self.path.parent / LOCKS_DIR / "lineage.lock", f"saving {self.path}")
+        return lineage_lock(self.rd)
 
     def _catch_up(self) -> None:
-        """(Holding the lock.) Read the file again if another process saved it since, and apply
-        this process's unsaved edits to it."""
+        """(Holding the lock.) Read the file again if another process saved it since (in a bucket:
+        another machine, whose save is fetched first), and apply this process's unsaved edits to it."""
+        if self.rd.remote(self.path):
+            self.rd.fetch(self.path, missing_ok=True)
         if not self.path.exists() or _file_stamp(self.path) == self._stamp:
             return
         fresh = Lineage._read_from(self.path, self.rd)
@@ -348,6 +350,11 @@ class Lineage:
 
     def record_replay_run(self, ratio: str, run_dir: str) -> None:
         self._change(lambda d: d.setdefault("compare", {}).setdefault("replay", {}).__setitem__(ratio, run_dir))
+
+
+def lineage_lock(rd: RunDir):
+    """The lock a save of ``rd``'s lineage holds (in a bucket, in the store too)."""
+    return file_lock(rd.path / LOCKS_DIR / "lineage.lock", f"saving {rd.name(rd / LINEAGE)}", store=rd.mirror)
 
 
 def _new_record(name: str) -> dict:

@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raypath.sources import filesystem_for, first_line, is_uri
-from raypath.storage import WRITER_LOCK, atomic_file, read_json
+from raypath.storage import LOCKS_DIR, WRITER_LOCK, atomic_file, file_lock, read_json
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
@@ -324,10 +324,15 @@ class Mirror:
         with the trials.
 
         Returns the relative paths of the remote files listed (whether copied or not)."""
-        tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY, only=reads)
+        tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY + (LOCKS_DIR,), only=reads)
         for rel, info in tree.items():
             top = rel.split("/", 1)[0]
             if rel == WRITER_LOCK:  # a writer's, kept in the store (storage.writer_lock), not a record
+                continue
+            if rel == LINEAGE:  # not over the copy another process of this machine is saving and uploading
+                with file_lock(Path(self.local, LOCKS_DIR, "lineage.lock"), f"pulling {self.remote}/{LINEAGE}"):
+                    if self._changed(Path(self.local, rel), info):
+                        self._download(info.path, Path(self.local, rel), info)
                 continue
             if top in METADATA_ONLY and not rel.endswith(MUTABLE):
                 continue

@@ -310,7 +310,8 @@ class Releaser:
         """Hold ``version``'s release lock, with the lineage caught up with what other processes
         saved: ``raypath run``, a sweep beside it and ``raypath release --pick`` decide one
         version's release in turn, each over the others' branches, and never take the same ``rN``."""
-        with file_lock(self.rd.path / LOCKS_DIR / f"release-{version}.lock", f"releasing {version}"):
+        with file_lock(self.rd.path / LOCKS_DIR / f"release-{version}.lock", f"releasing {version}",
+                       store=self.rd.mirror):
             self.lineage.refresh()
             yield
 

@@ -363,20 +363,27 @@ def writer_lock(rd, what: str, part: str = "") -> Iterator[None]:
                     mirror.filesystem().delete_file(mirror.remote_path(lock))
 
 
-_HELD: dict[str, list] = {}  # lock path -> [threading.RLock, open file or None, depth]
+_HELD: dict[str, list] = {}  # lock path -> [threading.RLock, held: (open file, store lease) or None, depth]
 _HELD_GUARD = threading.Lock()
+#: A lock object in a store (:class:`_StoreLease`) not refreshed for this long is a dead holder's.
+LEASE_S = 60.0
+#: How long a taker waits after writing its lock object before reading it back: of takers writing
+#: at once the last write wins, and each reads which one it was.
+LEASE_SETTLE_S = 0.3
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, what: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, what: str, wait_s: float = LOCK_WAIT_S, store=None) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (made if absent) while the block runs: a short
     critical section that every process sharing the run directory takes in turn, on this host or
     over a shared filesystem (``flock``, which Linux's NFS client maps to NFS locks). Re-entrant in
     a process (its threads take turns). Waits up to ``wait_s`` seconds for another holder, then
     raises :class:`RunDirBusyError` naming ``what`` and the lock; a killed holder's lock is freed by
-    its kernel (or NFS lease) with it, so none is ever stale."""
-    import fcntl
+    its kernel (or NFS lease) with it, so none is ever stale.
 
+    store: the :class:`raypath.mirror.Mirror` of a run directory in a bucket (``path`` lies in its
+    mirror): the lock is also held in the store, for processes on other machines
+    (:class:`_StoreLease`)."""
     key = str(Path(path).absolute())
     with _HELD_GUARD:
         held = _HELD.setdefault(key, [threading.RLock(), None, 0])
@@ -385,29 +392,96 @@ def file_lock(path: str | os.PathLike, what: str, wait_s: float = LOCK_WAIT_S) -
         raise RunDirBusyError(f"{path}: {what} waited {wait_s:g} s for another thread holding this lock")
     try:
         if held[2] == 0:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a+b")
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        f.close()
-                        raise RunDirBusyError(f"{path}: {what} waited {wait_s:g} s for another process holding "
-                                              f"this lock (a release copying its files?); run again") from None
-                    time.sleep(0.05)
-            held[1] = f
+            f = _flock(Path(path), what, wait_s, deadline)
+            try:
+                lease = _StoreLease(store, Path(path), what, wait_s, deadline) if store is not None else None
+            except BaseException:
+                f.close()
+                raise
+            held[1] = (f, lease)
         held[2] += 1
         try:
             yield
         finally:
             held[2] -= 1
             if held[2] == 0:
-                held[1].close()  # releases the flock
+                f, lease = held[1]
                 held[1] = None
+                if lease is not None:
+                    lease.release()
+                f.close()  # releases the flock
     finally:
         held[0].release()
+
+
+def _flock(path: Path, what: str, wait_s: float, deadline: float):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+b")
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                f.close()
+                raise RunDirBusyError(f"{path}: {what} waited {wait_s:g} s for another process holding this "
+                                      f"lock (a release copying its files?); run again") from None
+            time.sleep(0.05)
+
+
+class _StoreLease:
+    """The lock ``path`` (of a mirror) held in its store: an object naming its holder (host, pid,
+    a nonce), refreshed by a thread every :data:`LEASE_S` / 4, taken over once :data:`LEASE_S` old
+    (a killed holder's). A store has no create-if-absent here, so a taker writes its record, waits
+    :data:`LEASE_SETTLE_S` and reads it back: of takers writing at once the last one wins, and the
+    others wait again. Two takers can both win only if one's write lands that long after it saw no
+    holder."""
+
+    def __init__(self, mirror, path: Path, what: str, wait_s: float, deadline: float):
+        import uuid
+
+        self.mirror, self.path, self.stop = mirror, path, threading.Event()
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "nonce": uuid.uuid4().hex}
+        while True:
+            holder = self._holder()
+            if holder is None or holder.get("nonce") == self.me["nonce"]:
+                _put_in_store(mirror, path, json.dumps(self.me).encode())
+                time.sleep(LEASE_SETTLE_S)
+                if (self._holder() or {}).get("nonce") == self.me["nonce"]:
+                    break
+            if time.monotonic() > deadline:
+                raise RunDirBusyError(f"{mirror.remote_path(path)}: {what} waited {wait_s:g} s for "
+                                      f"{(holder or {}).get('what')} (pid {(holder or {}).get('pid')} on "
+                                      f"{(holder or {}).get('host')}) holding this lock; run again")
+            time.sleep(0.1 + 0.2 * (os.getpid() % 7) / 7)  # takers of different processes drift apart
+        self.thread = threading.Thread(target=self._refresh, name="raypath-store-lease", daemon=True)
+        self.thread.start()
+
+    def _holder(self) -> dict | None:
+        """The live holder named in the store; None when there is none or its lease ran out."""
+        import pyarrow.fs as pafs
+
+        info = self.mirror.info(self.path)
+        if info.type != pafs.FileType.File or time.time() - info.mtime_ns / 1e9 > LEASE_S:
+            return None
+        try:
+            return json.loads(self.mirror.read_bytes(self.path) or b"null")
+        except ValueError:
+            return _UNREAD
+
+    def _refresh(self) -> None:
+        while not self.stop.wait(LEASE_S / 4):
+            with contextlib.suppress(OSError):
+                _put_in_store(self.mirror, self.path, json.dumps(self.me).encode())
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        with contextlib.suppress(OSError, ValueError):
+            if (self._holder() or {}).get("nonce") == self.me["nonce"]:
+                self.mirror.filesystem().delete_file(self.mirror.remote_path(self.path))
 
 
 def read_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:

@@ -688,18 +688,12 @@ def run_sweep(cfg: Config, version: str | int) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"{e}; a sweep searches a branch of a trained version: run `raypath run` first") from None
     _, vname, _ = _trained_main(lineage, lineage.version_names(), version)
-    with writer_lock(lineage.rd, f"sweep {vname} {cfg.sweep.name}", _own_part(lineage.rd, vname, cfg.sweep.name)):
+    with writer_lock(lineage.rd, f"sweep {vname} {cfg.sweep.name}", f"sweeps/{vname}/{cfg.sweep.name}"):
         ctx = prepared(cfg, lineage.rd, lineage.fact("model").get("base"))
         check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
         with lineage_run(ctx.tracking, owner=False):
             return _sweep(cfg, ctx, version)
 
-
-def _own_part(rd: RunDir, version: str, name: str) -> str:
-    """What of the run directory a sweep locks for itself: its own directory, beside a running
-    ``raypath run`` and other sweeps (the lineage's saves merge, releases are decided in turn). In a
-    bucket, where saves from another machine would not merge, the whole run directory."""
-    return "" if rd.mirror is not None else f"sweeps/{version}/{name}"
 
 
 def _sweep(cfg: Config, ctx, version: str | int) -> dict:

@@ -299,6 +299,42 @@ def test_the_writer_lock_of_a_run_in_a_bucket_is_seen_from_another_machines_mirr
         assert json.loads(s3.read(key))["pid"] == os.getpid()
 
 
+_MACHINE = """
+import sys, time
+from raypath.lineage import Lineage
+from raypath.mirror import RunDir
+uri, local, endpoint, me, n, start = sys.argv[1:7]
+lin = Lineage.load(RunDir.open(uri, local, endpoint, create=True))  # a driver's start on its own machine
+while time.time() < float(start):
+    time.sleep(0.005)
+for i in range(int(n)):
+    lin.record_branch({"name": f"{me}-{i}", "version": "v1", "status": "done"})
+"""
+
+
+def test_drivers_on_several_machines_saving_one_lineage_in_a_bucket_keep_each_others_entries(s3, tmp_path):
+    """Each driver of a run in a bucket works in its own mirror: a lock there does not reach the other
+    machines, and an upload of one's copy of lineage.json replaced what the others had uploaded. A save
+    holds the lineage's lock in the store too and merges into the bucket's latest copy: three drivers
+    recording at once keep every entry."""
+    import time
+
+    from raypath.lineage import Lineage
+
+    uri = f"s3://{_bucket(s3, 'machines')}/run"
+    first = Lineage.open(RunDir.open(uri, str(tmp_path / "m0"), s3.endpoint, create=True), "demo", {})
+    first.record_main({"version": "v1", "start_step": 0, "end_step": 10})
+    start = time.time() + 4
+    procs = [subprocess.Popen([sys.executable, "-c", _MACHINE, uri, str(tmp_path / f"m{k}"), s3.endpoint, f"w{k}",
+                               "5", str(start)], cwd=ROOT, stderr=subprocess.PIPE, text=True) for k in (1, 2, 3)]
+    for p in procs:
+        assert p.wait(timeout=180) == 0, p.stderr.read()[-3000:]
+    fresh = Lineage.load(RunDir.open(uri, str(tmp_path / "fresh"), s3.endpoint))
+    assert {b.name for b in fresh.branches()} == {f"w{k}-{i}" for k in (1, 2, 3) for i in range(5)}
+    assert [m.version for m in fresh.main_path()] == ["v1"]
+    assert not s3.files("machines/run/.locks"), "a lock object outlived its holder"
+
+
 def test_a_run_directory_in_a_bucket_that_does_not_exist_is_refused_before_anything_starts(s3, tmp_path, monkeypatch,
                                                                                           capsys):
     from raypath.cli import main
@@ -742,11 +778,32 @@ def test_compare_on_a_run_directory_in_a_bucket(s3, tiny_run, tmp_path, monkeypa
     assert {e["version"] for e in lin["compare"]["ptfs"]} == {"v1", "v2"}
 
 
+_MAIN_PATH_ELSEWHERE = """
+import sys, time
+from pathlib import Path
+from raypath.lineage import Lineage
+from raypath.mirror import RunDir
+from raypath.storage import writer_lock
+uri, local, endpoint, stop = sys.argv[1:5]
+rd = RunDir.open(uri, local, endpoint, create=True)
+with writer_lock(rd, "run"):
+    lin, i = Lineage.load(rd), 0
+    print("held", flush=True)
+    while not Path(stop).exists():  # the main path's saves, from its own machine
+        lin.set_fact(f"run-{i}", {"i": i})
+        i += 1
+        time.sleep(0.5)
+    print(i, flush=True)
+"""
+
+
 @pytest.mark.slow
 def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, sweep_lineage, tmp_path):
     """`raypath sweep` of a run in a bucket: trials checkpoint to the bucket, the sweep's state,
     journal, records and release land there; on a machine without the mirror the same command
-    finds the sweep finished and trains nothing."""
+    finds the sweep finished and trains nothing. It runs beside the main path's driver on another
+    machine, which holds the run's writer lock and saves the lineage meanwhile: both keep their
+    records."""
     from conftest import FAST_TRIALS
 
     from raypath.config import load_config
@@ -760,7 +817,17 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
             "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
             "--set", "sweep.replay_ratios=[0.5]",  # every trial re-mixes its stream (the run's: 0)
             *[a for s in FAST_TRIALS for a in ("--set", s)]]
-    first = _raypath(s3, argv, tmp_path / "first.log")
+    stop = tmp_path / "stop"
+    main_path = subprocess.Popen([sys.executable, "-c", _MAIN_PATH_ELSEWHERE, run_dir, str(tmp_path / "there"),
+                                  s3.endpoint, str(stop)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert main_path.stdout.readline().strip() == "held"
+        first = _raypath(s3, argv, tmp_path / "first.log")
+        stop.touch()
+        saves = int(main_path.stdout.readline())
+    finally:
+        stop.touch()
+        main_path.wait(timeout=60)
     assert f"sweep: {run_dir}/sweeps/v2/remote\n" in first  # what raypath.analysis takes, not the mirror
     prefix = f"{name}/run/sweeps/v2/remote"
     files = s3.files(prefix)
@@ -775,6 +842,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     assert mixes, "the trials' re-mixed stream is not in the bucket"
     lin = json.loads(s3.read(f"{name}/run/lineage.json"))
     assert [s["name"] for s in lin["sweeps"]] == ["remote"] and lin["releases"][-1]["version"] == "v2"
+    assert saves > 3 and all(lin[f"run-{i}"] == {"i": i} for i in range(saves))
     curves = {k: s3.read(k) for k in files if "/curves/" in k}
 
     shutil.rmtree(mirror_dir)  # a fresh machine
