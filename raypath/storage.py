@@ -190,7 +190,7 @@ class RunFileError(ValueError):
 
 
 #: The lock file of a run directory's writer (:func:`writer_lock`): at the top for ``raypath run``
-#: (the whole directory's), in a sweep's own directory for that sweep.
+#: (the whole directory's), ``.locks/sweeps-vK-NAME.writer.lock`` for a sweep (its directory's).
 WRITER_LOCK = ".writer.lock"
 #: Lock files of short critical sections that writers of one run directory take in turn
 #: (:func:`file_lock`): the lineage's saves, one version's release decisions. Never uploaded.
@@ -307,11 +307,11 @@ def writer_lock(rd, what: str, part: str = "") -> Iterator[None]:
     ``rd`` (a :class:`raypath.mirror.RunDir`, or a local path), or with ``part`` (a sweep's directory,
     relative to it) ``RUN_DIR/.locks/<part>.writer.lock`` while it writes that part. A second
     writer of the same lock fails at once with :class:`RunDirBusyError`; a nested one of this
-    process (a comparison's runs) goes on. The lock
-    names its host and pid and is refreshed by a thread, so a killed writer's lock is taken over:
-    of this host as soon as its pid is gone, of another after :data:`WRITER_STALE_S` (a lock of
-    another host that has gone unrefreshed for a while is waited out, :func:`_wait_for_life`). Writers of
-    different parts share the lineage, whose saves merge (:class:`raypath.lineage.Lineage`).
+    process (a comparison's runs) goes on. Writers of different parts share the lineage, whose saves
+    merge (:class:`raypath.lineage.Lineage`). The lock names its host and pid and is refreshed by a
+    thread, so a killed writer's lock is taken over: of this host as soon as its pid is gone, of
+    another after :data:`WRITER_STALE_S` (one that has gone unrefreshed for a while is waited out,
+    :func:`_wait_for_life`).
 
     A run directory in a bucket holds the lock in its store as well as in the local mirror, so a
     driver on another machine sees it. A store has no create-if-absent here: two drivers starting
