@@ -245,6 +245,8 @@ def _store_holder(mirror, lock: Path) -> dict | None:
         record = json.loads(mirror.read_bytes(lock) or b"null")
     except ValueError:
         return _UNREAD
+    except OSError:  # deleted (its writer ended) or rewritten while read: as it is now
+        return _store_holder(mirror, lock) if mirror.info(lock).type != pafs.FileType.File else _UNREAD
     return _live(record, time.time() - info.mtime_ns / 1e9)
 
 
@@ -368,8 +370,9 @@ _HELD_GUARD = threading.Lock()
 #: A lock object in a store (:class:`_StoreLease`) not refreshed for this long is a dead holder's.
 LEASE_S = 60.0
 #: How long a taker waits after writing its lock object before reading it back: of takers writing
-#: at once the last write wins, and each reads which one it was.
-LEASE_SETTLE_S = 0.3
+#: at once the last write wins, and each reads which one it was. A taker whose write landed more
+#: than half of it after it saw no holder tries again (:class:`_StoreLease`).
+LEASE_SETTLE_S = 1.0
 
 
 @contextlib.contextmanager
@@ -434,23 +437,33 @@ def _flock(path: Path, what: str, wait_s: float, deadline: float):
 class _StoreLease:
     """The lock ``path`` (of a mirror) held in its store: an object naming its holder (host, pid,
     a nonce), refreshed by a thread every :data:`LEASE_S` / 4, taken over once :data:`LEASE_S` old
-    (a killed holder's). A store has no create-if-absent here, so a taker writes its record, waits
+    (a killed holder's). A store has no create-if-absent here, so a taker takes turns by timing
+    (Fischer's mutual exclusion): it reads that no one holds the lock, writes its record, waits
     :data:`LEASE_SETTLE_S` and reads it back: of takers writing at once the last one wins, and the
-    others wait again. Two takers can both win only if one's write lands that long after it saw no
-    holder."""
+    others wait again. That holds while every write lands within half the wait of its taker's
+    read, which each taker checks: one whose write was slower (a stalled machine) does not enter,
+    and its record, which may have replaced a holder's, counts as a holder's until that holder's
+    refresh would have shown (:data:`LEASE_S` / 3). A hold costs the wait and about six requests."""
 
     def __init__(self, mirror, path: Path, what: str, wait_s: float, deadline: float):
         import uuid
 
         self.mirror, self.path, self.stop = mirror, path, threading.Event()
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "nonce": uuid.uuid4().hex}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what}
+        slow: dict[str, float] = {}  # nonces of this taker's writes that landed too late -> when
         while True:
+            t0 = time.monotonic()
             holder = self._holder()
-            if holder is None or holder.get("nonce") == self.me["nonce"]:
+            nonce = (holder or {}).get("nonce")
+            if holder is None or (nonce in slow and t0 - slow[nonce] > LEASE_S / 3):
+                self.me["nonce"] = uuid.uuid4().hex
                 _put_in_store(mirror, path, json.dumps(self.me).encode())
-                time.sleep(LEASE_SETTLE_S)
-                if (self._holder() or {}).get("nonce") == self.me["nonce"]:
-                    break
+                if time.monotonic() - t0 > LEASE_SETTLE_S / 2:
+                    slow[self.me["nonce"]] = time.monotonic()
+                else:
+                    time.sleep(LEASE_SETTLE_S)
+                    if (self._holder() or {}).get("nonce") == self.me["nonce"]:
+                        break
             if time.monotonic() > deadline:
                 raise RunDirBusyError(f"{mirror.remote_path(path)}: {what} waited {wait_s:g} s for "
                                       f"{(holder or {}).get('what')} (pid {(holder or {}).get('pid')} on "
@@ -468,7 +481,7 @@ class _StoreLease:
             return None
         try:
             return json.loads(self.mirror.read_bytes(self.path) or b"null")
-        except ValueError:
+        except (OSError, ValueError):  # being rewritten or deleted this instant: read it again
             return _UNREAD
 
     def _refresh(self) -> None:

@@ -22,6 +22,7 @@ import pytest
 from raypath import checkpoint as ckpt
 from raypath.data import Consumed
 from raypath.mirror import NOT_MIRRORED, Mirror, RunDir, run_location
+from raypath.storage import LOCKS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -30,6 +31,11 @@ from conftest import AWS_ENV, S3  # the moto server fixture lives in conftest
 from conftest import bucket as _bucket
 
 # ---------------------------------------------------------------- the mirror itself (no Ray)
+
+def _files(root: str | Path) -> list[Path]:
+    """The files under a mirror ``root`` but its local lock files (never pulled nor uploaded)."""
+    return [p for p in Path(root).rglob("*") if p.is_file() and LOCKS_DIR not in p.relative_to(root).parts]
+
 
 def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     bucket = _bucket(s3, "mirror")
@@ -60,7 +66,7 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     # Another machine, another mirror: the driver's start pulls all but checkpoints.
     other = Mirror(mirror.remote, str(tmp_path / "b"), s3.endpoint)
     other.pull_run()
-    got = {p.relative_to(other.local).as_posix() for p in Path(other.local).rglob("*") if p.is_file()}
+    got = {p.relative_to(other.local).as_posix() for p in _files(Path(other.local))}
     assert got == {"data/manifest.json", "data/v1/files.json"}  # token files are read from the bucket, never pulled
     assert "ray" in NOT_MIRRORED
     # ...and a worker fetches a checkpoint directory whole when it needs it.
@@ -171,7 +177,7 @@ def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, t
     filesystem = Mirror.filesystem
     monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
     rd = RunDir.open(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
-    got = {p.relative_to(rd.path).as_posix() for p in rd.path.rglob("*") if p.is_file()}
+    got = {p.relative_to(rd.path).as_posix() for p in _files(rd.path)}
     assert got == {"lineage.json", "data/manifest.json", "data/v1/files.json", "curves/main-v1.jsonl"}
     assert not [p for p in listed if p.split("/run/", 1)[-1].startswith(tuple(f"{n}/" for n in NOT_MIRRORED))]
 
@@ -200,7 +206,7 @@ def test_commands_that_read_a_run_in_a_bucket_download_its_records_not_its_data(
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
 
     def pulled(mirror: Path) -> set[str]:
-        return {p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()}
+        return {p.relative_to(mirror).as_posix() for p in _files(mirror)}
 
     records = {"lineage.json", "config.yaml", f"{sweep}/standing.json"}
     assert main(["status", f"s3://{bucket}/run", "--local-dir", str(tmp_path / "status")]) == 0
@@ -394,7 +400,7 @@ def test_the_analysis_of_a_sweep_in_a_bucket_downloads_what_it_reads_not_tunes_s
         with s3.fs.open_output_stream(f"{bucket}/run/sweeps/v2/s/{rel}") as f:
             f.write(b"{}")
     local = local_sweep_dir(f"s3://{bucket}/run/sweeps/v2/s", tmp_path / "m")
-    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(read)
+    assert sorted(p.relative_to(local).as_posix() for p in _files(local)) == sorted(read)
 
 
 def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp_path, monkeypatch):
@@ -514,7 +520,7 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     rd = RunDir(Path(ctrl.local), ctrl)
     got = ckpt.latest_valid(rd / "ray" / "main-v1", rd)
     assert got == rd / step and ckpt.load_state(got)["step"] == 5
-    assert {p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()} == small
+    assert {p.relative_to(got).as_posix() for p in _files(got)} == small
 
     # Fresh nodes resume at the same world size: each downloads its own rank's shard and no
     # other, and reads the rest (optimizer steps DCP stored once, in one rank's file) by range.
@@ -729,20 +735,20 @@ def test_status_cost_and_law_read_a_run_directory_in_a_bucket(s3, tiny_run, tmp_
     fit = _cli(["law", "fit", run_dir, *local, "--lambda", "0.99"])
     assert f"fit: {run_dir}/law/fit-v3.json" in fit
     assert f"{name}/run/law/fit-v3.json" in s3.files(f"{name}/run")  # the fit is published to the bucket
-    pulled = {p.relative_to(tmp_path / "mirror").parts[0] for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    pulled = {p.relative_to(tmp_path / "mirror").parts[0] for p in _files(tmp_path / "mirror")}
     assert not pulled & set(NOT_MIRRORED)  # no checkpoint, export or release was downloaded
 
     # release: the pin is published to the bucket; of the releases only the pointer is downloaded
     assert "live release of v3: r1" in _cli(["release", run_dir, *local, "--version", "v3", "--pick", "r1"])
     assert json.loads(s3.read(f"{name}/run/releases/v3/current.json"))["pinned"] is True
     assert json.loads(s3.read(f"{name}/run/lineage.json"))["release_history"]["v3"]["pinned"] is True
-    pulled = {p.relative_to(tmp_path / "mirror").as_posix() for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    pulled = {p.relative_to(tmp_path / "mirror").as_posix() for p in _files(tmp_path / "mirror")}
     assert {p for p in pulled if p.split("/")[0] in NOT_MIRRORED} == {"releases/v3/current.json"}
     # export: only the exported release comes down, into the mirror; the model lands in --out
     out = tmp_path / "export-v3"
     assert "v3/r1" in _cli(["export", run_dir, "v3", *local, "--out", str(out)])
     assert (out / "config.json").is_file() and (out / "README.md").is_file()
-    pulled = {p.relative_to(tmp_path / "mirror").as_posix() for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    pulled = {p.relative_to(tmp_path / "mirror").as_posix() for p in _files(tmp_path / "mirror")}
     assert any(p.startswith("releases/v3/r1/") for p in pulled)
     assert not any(p.startswith(("ray/", "exports/", "releases/v1", "releases/v2")) for p in pulled)
     # a run directory that is not there is named, not a traceback
@@ -968,7 +974,7 @@ def test_the_analysis_reads_a_sweep_of_a_run_in_a_bucket_by_its_uri(s3, tiny_swe
     assert analysis.main_objective(uri) == analysis.main_objective(tiny_sweep["dir"])
     mirror = tmp_path / "home" / ".cache" / "raypath" / "s3" / name / "run"
     assert analysis.local_sweep_dir(uri) == mirror / "sweeps" / "v2" / tiny_sweep["sweep"].name
-    pulled = {p.relative_to(mirror).parts[:4] for p in mirror.rglob("*") if p.is_file()}
+    pulled = {p.relative_to(mirror).parts[:4] for p in _files(mirror)}
     assert not [p for p in pulled if p[0] in ("ray", "data", "releases") or p[3:] in (("branches",), ("exports",))]
     with pytest.raises(FileNotFoundError, match=f"{run_dir}/sweeps/v2/nothing: no sweep.json"):
         analysis.load_sweep(f"{run_dir}/sweeps/v2/nothing")
