@@ -670,6 +670,47 @@ def test_a_sweep_runs_beside_the_main_path_and_both_keep_their_records(sweep_lin
     assert {p: p.stat().st_mtime_ns for p in owned} == owned
 
 
+@pytest.mark.slow
+def test_raypath_run_trains_the_next_version_while_a_sweep_searches_this_ones_branch(sweep_lineage, tmp_path):
+    """The workflow the paradigm is for, with the real commands: `raypath run` prepares and trains v3
+    (its main segment and branch) and releases v1..v3 while `raypath sweep` searches v2's branch on the
+    same run directory and Ray cluster. Both succeed; the lineage holds the run's segments, branches and
+    releases and the sweep's summary, and v2's release history has each release once."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from conftest import FAST_TRIALS
+
+    run = _copy_unswept(Path(load_config(sweep_lineage).run_dir), tmp_path / "run")
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        main_path = subprocess.Popen(
+            [sys.executable, "-m", "raypath.cli", "run", str(sweep_lineage), "--set", f"run_dir={run}",
+             "--set", "data.versions=[v1, v2, v3]", "--set", f"cluster.address={address}"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            cfg = load_config(sweep_lineage, [f"run_dir={run}", *FAST_TRIALS, "sweep.num_samples=2",
+                                              "sweep.max_concurrent=1", "sweep.name=beside"])
+            record = run_sweep(cfg, "v2")
+            running = main_path.poll() is None
+            assert main_path.wait(timeout=900) == 0, log.read_text()[-4000:]
+        finally:
+            main_path.kill()
+    assert running, "the run ended before the sweep: nothing ran beside it"
+    lin = Lineage.load(run)
+    assert [m.version for m in lin.main_path()] == ["v1", "v2", "v3"]
+    assert {"branch-v1", "branch-v2", "branch-v3"} <= {b.name for b in lin.branches()}
+    assert [(s.name, s.extra["n_trials"]) for s in lin.sweep_summaries("v2")] == [("beside", 2)]
+    assert all(lin.release(v) is not None for v in ("v1", "v2", "v3"))
+    h = lin.release_history("v2")
+    assert len({r.id for r in h.releases}) == len(h.releases) and h.current == lin.release("v2").id
+    assert record["complete"] and h.get(record["live_release"]) is not None  # its decision stands in the history
+    assert "Traceback" not in log.read_text()
+
+
 def test_load_sweep_one_row_per_trial(tiny_sweep):
     from raypath.analysis import CONFIG_COLUMNS, load_sweep, main_objective
 
