@@ -443,7 +443,8 @@ class _StoreLease:
     others wait again. That holds while every write lands within half the wait of its taker's
     read, which each taker checks: one whose write was slower (a stalled machine) does not enter,
     and its record, which may have replaced a holder's, counts as a holder's until that holder's
-    refresh would have shown (:data:`LEASE_S` / 3). A hold costs the wait and about six requests."""
+    refresh would have shown (:data:`LEASE_S` / 3). A hold costs the wait and ~19 requests
+    (``benchmarks/lineage_writers.py``)."""
 
     def __init__(self, mirror, path: Path, what: str, wait_s: float, deadline: float):
         import uuid

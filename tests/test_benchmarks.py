@@ -83,3 +83,11 @@ def test_long_run_times_each_command_and_counts_the_files_it_opens():
     assert long["law_refit"]["files"] == long["law_refit"]["opens"] == 1  # the sweep's new trial
     assert long["cost"]["files"] == 1  # lineage.json: the sweeps' summaries hold their tokens
     assert long["law_fit"]["files"] == long["law_fit"]["opens"] > long["curve_files"]  # each curve once
+
+
+def test_lineage_writers_keep_every_entry_locally_and_in_a_bucket():
+    got = _bench("lineage_writers", "--writers", "2", "--saves", "2")
+    for layout in ("local", "bucket"):
+        (row,) = got[layout]
+        assert row["kept"] == row["recorded"] == 4 and row["s_per_save"] > 0, (layout, row)
+    assert got["bucket"][0]["requests_per_save"] > 0
