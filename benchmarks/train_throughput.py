@@ -3,7 +3,7 @@
 For every config given and every kernel setting, runs the same model, the same
 token blocks, the same batch sizes and the same number of optimizer steps through:
 
-* (a) raypath: a real main-path segment (``raypath.loop.fit_segment``: Ray
+* (a) raypath: a real main-path segment (``raypath.segment.fit_segment``: Ray
   Train worker, Ray Data stream, the loop with its metrics and checkpoints);
   tokens/s and peak memory are read from the segment's metric curve;
 * (b) plain: a hand-written PyTorch loop in a fresh process, over the same rows
@@ -77,9 +77,9 @@ def _steady(windows: list[tuple[int, float]]) -> float:
 
 def run_raypath(ctx, version: dict, cfg, steps: int, workdir: Path) -> dict:
     """(a): one main-path segment of ``steps`` steps through Ray Train."""
-    from raypath.loop import Segment, fit_segment
     from raypath.report import read_curve
     from raypath.schedules import MainPath
+    from raypath.segment import Segment, fit_segment
 
     t = cfg.train
     name = f"bench-{time.monotonic_ns()}"

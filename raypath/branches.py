@@ -17,8 +17,8 @@ import ray
 from raypath import checkpoint as ckpt
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import MainEntry
-from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import Branch, Decay, main_schedule
+from raypath.segment import Segment, final_checkpoint, fit_segment
 from raypath.storage import relative_paths
 
 

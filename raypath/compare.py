@@ -38,10 +38,10 @@ from raypath.config import Config
 from raypath.cost import lineage_costs
 from raypath.data import union_stream
 from raypath.lineage import Lineage
-from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.run import RunContext, prepare
 from raypath.run import run as run_lineage
 from raypath.schedules import Decay, Window, decay_from
+from raypath.segment import Segment, final_checkpoint, fit_segment
 from raypath.storage import atomic_write_bytes, new_figure, save_figure, writer_lock
 
 log = logging.getLogger(__name__)

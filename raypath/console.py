@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import sys
@@ -194,9 +195,16 @@ class RunProgress:
         return (self.total - self.done - self.resumed) / rate if rate > 0 else float("inf")
 
     def line(self, k: int, segment: str) -> str:
-        from raypath.loop import _fmt_eta
-
-        eta = _fmt_eta(self.eta_s()) if self.done < self.total else "0m00s"
+        eta = fmt_eta(self.eta_s()) if self.done < self.total else "0m00s"
         share = (self.done + self.resumed) / max(self.total, 1)
         return (f"run {self.name}: version {k + 1} of {self.n} ({segment}), "
                 f"{share:.0%} of the run's steps done, ETA to end of run {eta}")
+
+
+def fmt_eta(seconds: float) -> str:
+    """``1h02m`` / ``3m05s``; ``?`` while the pace is unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

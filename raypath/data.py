@@ -698,7 +698,7 @@ def stream_dataset(stream_path: str, consumed: list | None = None, limit: int | 
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # for readers here; Ray Train's: raypath.loop.ordered_ingest
+    ctx.execution_options.preserve_order = True  # for readers here; Ray Train's: raypath.segment.ordered_ingest
     # The parquet reader of Ray Data 2.60's DataSourceV2 starts a pool of 32 footer-reader actors
     # (new processes) for every read, whatever the file count: 6-10 s per segment on a small
     # node, before the first batch. The V1 reader gets the same rows from the footers of the

@@ -1,10 +1,7 @@
-"""The one training loop: a *segment* of a path, run on Ray Train.
+"""The one training loop: a *segment* of a path (:mod:`raypath.segment`), on each Ray Train worker.
 
-A segment is a stretch of optimizer steps ``[start_step, end_step)`` over one
-version's stream with one LR schedule. The main path of version k is a segment
-with the constant :class:`~raypath.schedules.MainPath`; a branch is a segment
-that starts from a main-path checkpoint with a decaying
-:class:`~raypath.schedules.Branch`. Same loop, same data code, same checkpoints.
+The main path of every version, every branch and every sweep trial runs this loop;
+only the segment's steps, schedule and starting checkpoint differ.
 
 The loop reads top to bottom: restore -> (accumulate micro-batches -> step ->
 maybe log / eval / checkpoint) until ``end_step`` -> final eval -> export.
@@ -21,7 +18,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,14 +28,14 @@ import torch
 from raypath import checkpoint as ckpt
 from raypath import shards
 from raypath.config import ModelConfig, TrainConfig
-from raypath.data import Consumed, read_blocks, stream_dataset
-from raypath.mirror import LOCAL, RunDir
+from raypath.console import fmt_eta
+from raypath.data import Consumed, read_blocks
 from raypath.loss import install_loss
 from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
-from raypath.schedules import Schedule
-from raypath.storage import RunFileError, end_line
-from raypath.tracking import Tracker, TrackingSpec
+from raypath.segment import Segment, resume_note, resume_point
+from raypath.storage import end_line
+from raypath.tracking import Tracker
 
 log = logging.getLogger("raypath.progress")
 
@@ -47,197 +44,6 @@ log = logging.getLogger("raypath.progress")
 #: every log step would move O(lines^2) bytes over a segment, on rank 0's step path.
 CURVE_PUBLISH_S = 30.0
 
-
-@dataclass
-class Segment:
-    """Everything one Ray Train run needs; built by the driver, pickled to workers.
-
-    name: run name, e.g. ``main-v2`` or ``branch-v2``; also the Ray Train run name.
-    kind: ``main`` or ``branch``.
-    version: version name whose stream this segment trains on.
-    stream_path: that version's ``stream.parquet``.
-    start_step, end_step: global optimizer steps this segment covers.
-    schedule: LR as a pure function of the global step.
-    init_checkpoint: checkpoint to start from when the segment has none of its own.
-    save_steps: steps after which to checkpoint (fork points, the boundary, periodic).
-    val_paths: version name -> ``val.parquet`` evaluated during training.
-    test_paths: version name -> held-out test split, evaluated once, at the last step
-        (``test/<name>``): nothing that steers training or selection sees it.
-    storage: this segment's Ray Train run directory (where its checkpoints land).
-    curves_path: JSONL of reported metrics (rank 0 appends).
-    export_dir: where a branch exports its released model (None for the main path).
-    tokenizer_dir: tokenizer saved next to an exported model.
-    model_card: lineage facts written into an exported model's ``model_card.json``.
-    stream_limit: rows ``idx < stream_limit`` of the stream make up the version's
-        whole global batches; the rest is never trained, by any path.
-    objective_weights: val split name -> weight; when set, every eval also
-        reports ``objective = sum(weight * val loss)`` (what a sweep minimises).
-    rd: the run directory the paths above lie in; for a remote one they are its local
-        mirror's, fetched and published through it (:class:`raypath.mirror.RunDir`).
-    tracking: where rank 0 also logs the metrics (:mod:`raypath.tracking`); None = curves only.
-    """
-
-    name: str
-    kind: str
-    version: str
-    stream_path: str
-    start_step: int
-    end_step: int
-    schedule: Schedule
-    model: ModelConfig
-    train: TrainConfig
-    vocab_size: int
-    eos_id: int
-    pad_id: int | None
-    seq_len: int
-    storage: str
-    curves_path: str
-    init_checkpoint: str | None = None
-    save_steps: tuple[int, ...] = ()
-    val_paths: dict[str, str] = field(default_factory=dict)
-    test_paths: dict[str, str] = field(default_factory=dict)
-    export_dir: str | None = None
-    tokenizer_dir: str | None = None
-    stream_limit: int | None = None
-    model_card: dict[str, Any] = field(default_factory=dict)
-    objective_weights: dict[str, float] = field(default_factory=dict)
-    rd: RunDir = LOCAL
-    tracking: TrackingSpec | None = None
-
-
-@dataclass(frozen=True)
-class FinalCheckpoint:
-    """A finished segment's final checkpoint (verified) and what it recorded.
-
-    path: the checkpoint directory (``step_<end_step>`` in the segment's storage).
-    metrics: its last report (the final evaluation: ``val/*``, ``test/*``, ``loss``, ...).
-    tokens_start, tokens_end: tokens the path had trained before the segment and at its end.
-    """
-
-    path: str
-    metrics: dict[str, Any]
-    tokens_start: int
-    tokens_end: int
-
-    @property
-    def tokens_trained(self) -> int:
-        return self.tokens_end - self.tokens_start
-
-    def split(self, name: str) -> dict[str, float]:
-        """The final losses on one kind of split: ``val`` or ``test`` (``name/<version>`` keys)."""
-        return {k: v for k, v in self.metrics.items() if k.startswith(f"{name}/")}
-
-
-def final_checkpoint(seg: Segment) -> FinalCheckpoint:
-    """The final checkpoint of a finished ``seg`` (raises :class:`~raypath.checkpoint.CheckpointError`
-    when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without)."""
-    final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final, seg.rd)
-    state = ckpt.load_state(final, seg.rd)
-    start = ckpt.load_state(seg.init_checkpoint, seg.rd)["tokens"] if seg.init_checkpoint else 0
-    return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The part of a :class:`Segment` that :func:`check_plan` reads: what its checkpoints must continue.
-    Built from the lineage record alone, it checks a resumed segment before Ray starts."""
-
-    name: str
-    storage: str
-    schedule: Schedule
-    save_steps: tuple[int, ...]
-    rd: RunDir = LOCAL
-
-
-def check_plan(seg: Segment | Plan, fork_note: str = "branch.fraction changed?") -> None:
-    """On the driver, before a segment (re)starts: its newest checkpoint must continue this plan.
-
-    A checkpoint records the schedule it was trained under: resuming a branch after its
-    ``branch.shape`` was edited would record a decay that never ran. And the steps the plan
-    saves (the fork point) that the checkpoint has passed must be there: a fork moved behind
-    it (``branch.fraction`` raised) would never be written. Checkpoints saved before the schedule
-    was recorded are only checked for the steps.
-    fork_note: what moved a fork point, as far as the caller knows.
-    """
-    from raypath.config import ConfigError
-
-    state, where = _newest_state(seg)
-    if state is None:
-        return
-    again = f"re-run with the earlier settings, or delete {seg.rd.name(seg.storage)} to train {seg.name} again"
-    if state.get("schedule", repr(seg.schedule)) != repr(seg.schedule):
-        raise ConfigError(f"{seg.name}: {where} was trained under {state['schedule']}; the config now gives "
-                          f"{seg.schedule!r}: {again}")
-    for step in seg.save_steps:
-        if step <= state["step"] and not _complete(seg, step):
-            raise ConfigError(f"{seg.name}: {where} is past step {step}, which this plan checkpoints (a fork "
-                              f"point: {fork_note}) but was never saved: {again}")
-
-
-def _newest_state(seg: Segment | Plan) -> tuple[dict | None, str]:
-    """``state.json`` of the segment's newest complete checkpoint whose state reads back.
-
-    Only ``state.json`` is hashed (of a local full checkpoint; the workers hash the rest): one
-    torn or corrupted there is skipped, as :func:`raypath.checkpoint.latest_valid` skips it
-    when the workers resume, instead of refusing the run over a checkpoint it never reads."""
-    for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
-        if not _complete(seg, ckpt.step_of(d)):
-            continue
-        try:
-            ckpt.verify(d, seg.rd, names=("state.json",))
-            return ckpt.load_state(d, seg.rd), seg.rd.name(d)
-        except (ckpt.CheckpointError, RunFileError) as e:
-            ckpt.log.warning("skipping checkpoint: %s", e)
-    return None, ""
-
-
-def _complete(seg: Segment | Plan, step: int) -> bool:
-    try:
-        ckpt.verify(Path(seg.storage) / ckpt.step_dir_name(step), seg.rd, deep=False)
-        return True
-    except (ckpt.CheckpointError, FileNotFoundError):
-        return False
-
-
-def resume_point(seg: Segment) -> tuple[str | None, dict]:
-    """The checkpoint this segment continues from and its state (step, data position).
-
-    Used by the workers *and* by the dataset factory on the controller, so both
-    agree on which rows were already trained after any restart. The checkpoint
-    is readied on the caller's node (:func:`raypath.checkpoint.fetch`: in a remote
-    run a full one is downloaded, of a sharded one only its metadata).
-    """
-    own = ckpt.latest_valid(seg.storage, seg.rd)
-    if own is not None:
-        return str(own), ckpt.load_state(own)
-    if seg.init_checkpoint:
-        init = str(ckpt.fetch(seg.init_checkpoint, seg.rd, deep=False))  # hashed by the load
-        state = ckpt.load_state(init)
-        if state.get("version") != seg.version:
-            state = {**state, "consumed": []}  # a new version's stream starts untouched
-        return init, state
-    return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
-
-
-def resume_note(seg: Segment, start_dir: str | None, state: dict) -> str | None:
-    """The console line of a segment that continues from a checkpoint of its own (a re-run after
-    Ctrl-C or a killed driver, or a worker-group restart): which one, and how much of the segment
-    it had trained. None when it starts fresh or from another segment's checkpoint."""
-    if not start_dir or state.get("segment") != seg.name:
-        return None
-    done, steps = int(state["step"]) - seg.start_step, seg.end_step - seg.start_step
-    return (f"[{seg.name}] resuming from {seg.rd.name(start_dir)}: step {state['step']}, "
-            f"{done} of its {steps} steps already trained")
-
-
-def train_dataset(seg: Segment):
-    """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
-    path, filesystem = seg.rd.source(seg.stream_path)  # read tasks run on any node
-    return stream_dataset(path, resume_point(seg)[1].get("consumed"), seg.stream_limit, filesystem)
-
-
-# ---------------------------------------------------------------- worker side
 
 def _dist() -> tuple[int, int]:
     import ray.train
@@ -556,14 +362,6 @@ def _time_due(since: float, minutes: float, device: torch.device) -> bool:
     return _all_reduce_sum([float(due)], device)[0] > 0
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class _Reporter:
     """Rank 0's progress line and the segment's metrics curve (JSONL)."""
 
@@ -641,7 +439,7 @@ class _Reporter:
                   f"{metrics.get('tokens_per_s', 0) / 1e3:.1f}k tok/s "
                   f"(data wait {metrics.get('data_wait_share', 0):.0%})"
                   + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
-                  + f" eta {_fmt_eta(eta)} {vals}")
+                  + f" eta {fmt_eta(eta)} {vals}")
             self.tracker.log(metrics, step)  # first: the curve's upload takes the tracker's files along
             self._append(metrics, publish=bool(extra))
         self.window_loss, self.window_steps, self.window_tokens, self.window_wait = 0.0, 0, 0, 0.0
@@ -947,82 +745,3 @@ class _SegmentRun:
             _export(self.tr.raw_model, self.seg, self.metrics)
 
 
-# ---------------------------------------------------------------- driver side
-
-def ordered_ingest():
-    """Ray Train's ingest of a segment's stream, in stream order.
-
-    Ray Train takes the ingest options (``preserve_order`` among them) from the DataContext
-    of the process that *creates* the trainer, not from the one that builds the dataset
-    (:func:`~raypath.data.stream_dataset` sets it there). A branch's trainer is created in a
-    Ray task, whose DataContext is fresh: without this its rows arrive in whatever order
-    the read tasks finish, and the same branch trains to different losses on each run.
-    """
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(execution_options=options)
-
-
-def fit_segment(seg: Segment, callbacks: list | None = None):
-    """Run one segment as a Ray Train job; re-running the same segment resumes it.
-
-    callbacks: Ray Train callbacks, e.g. a sweep trial's (:class:`raypath.sweep._TuneRelay`),
-        through which its reports become the trial's results.
-    In a remote run directory Ray Train writes the checkpoints to the remote
-    storage, and the driver's mirror gets the curve rank 0 wrote on its node.
-    """
-    import functools
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    t = seg.train
-    check_plan(seg)
-    ckpt.drop_stale_ray_snapshot(seg.storage, seg.rd)
-    storage_path, storage_fs = seg.rd.source(Path(seg.storage).parent)
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    elastic = 0 < t.min_workers < t.num_workers
-    workers = (t.min_workers, t.num_workers) if elastic else t.num_workers
-    trainer = TorchTrainer(
-        train_segment,
-        train_loop_config={"segment": seg},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=t.elastic_resize_interval_s),
-        # Rebuilt on every worker-group (re)start, so a restart skips the rows
-        # its checkpoint already trained.
-        datasets={"train": functools.partial(train_dataset, seg)},
-        dataset_config=ordered_ingest(),
-        run_config=RunConfig(name=seg.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
-    )
-    result = _fit_keeping_ctrl_c(trainer)
-    seg.rd.fetch(seg.curves_path, missing_ok=True)
-    return result
-
-
-def _fit_keeping_ctrl_c(trainer):
-    """``trainer.fit()``, with Ctrl-C left to raypath: a KeyboardInterrupt here, as anywhere.
-
-    On the main thread Ray Train replaces the SIGINT handler for good with one that aborts the
-    run and calls ``sys.exit(0)`` (the process then ended with code 1 and no word). On another
-    thread it registers none, as inside Tune, so fit runs on one. Its daemon thread dies with
-    the process; Ray ends the run's actors, which this driver owns, when it exits."""
-    import threading
-
-    done: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            done["result"] = trainer.fit()
-        except BaseException as e:  # noqa: BLE001 -- re-raised on the caller's thread
-            done["error"] = e
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a bounded wait: the main thread takes the KeyboardInterrupt
-    if "error" in done:
-        raise done["error"]
-    return done["result"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from raypath import checkpoint as ckpt
 from raypath.lineage import MainEntry
-from raypath.loop import Segment, final_checkpoint, fit_segment
 from raypath.schedules import main_schedule
+from raypath.segment import Segment, final_checkpoint, fit_segment
 
 
 def fork_step(start_step: int, end_step: int, fraction: float) -> int:

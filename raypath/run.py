@@ -41,13 +41,13 @@ from raypath.data import (
 )
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
-from raypath.loop import Plan, check_plan
 from raypath.mainpath import main_steps, run_main_version
 from raypath.mirror import RunDir
 from raypath.pretrained import BaseModel, check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.schedules import main_schedule
+from raypath.segment import Plan, check_plan
 from raypath.sources import VersionSource, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, relative_paths, writer_lock
 from raypath.tokenizer import TRAIN_INFO_NAME, load_tokenizer, train_tokenizer
@@ -372,7 +372,7 @@ def _check_resumed_plans(cfg: Config, lineage: Lineage, rd: RunDir) -> None:
     :func:`raypath.branches.release_branch` plan them: the main segment still checkpoints the fork
     point its checkpoints passed, an unfinished release branch still decays as its checkpoints
     did. Refused here, before Ray starts and before the lineage or ``config.yaml`` record a config
-    that never ran (a sweep's trials are checked when they start, :func:`raypath.loop.fit_segment`)."""
+    that never ran (a sweep's trials are checked when they start, :func:`raypath.segment.fit_segment`)."""
     recorded = Lineage.load(rd).config.get("branch") or {}
     start = 0
     for version in lineage.versions():

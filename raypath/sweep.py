@@ -419,7 +419,7 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     """Tune function trainable: one branch as a Ray Train run (resumes its own checkpoints)."""
     from ray import tune
 
-    from raypath.loop import fit_segment
+    from raypath.segment import fit_segment
 
     trial_id = tune.get_context().get_trial_id()
     seg = plan.segment(trial_id, config)

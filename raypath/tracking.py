@@ -1,7 +1,7 @@
 """Experiment tracking: TensorBoard event files or MLflow runs laid out like the lineage.
 
 The driver opens the lineage's tracking once (:func:`open_lineage`); the spec it
-returns travels with every :class:`~raypath.loop.Segment` to the workers, where
+returns travels with every :class:`~raypath.segment.Segment` to the workers, where
 rank 0 logs through a :class:`Tracker` at every log step and evaluation.
 
 * **TensorBoard** (``tracking.backend: tensorboard``, the default): one event
@@ -147,7 +147,7 @@ def open_lineage(cfg: Config, run_dir: Path) -> TrackingSpec | None:
 
 
 def segment_tags(seg) -> dict[str, str]:
-    """version, segment kind and (branches) fork step of a :class:`~raypath.loop.Segment`."""
+    """version, segment kind and (branches) fork step of a :class:`~raypath.segment.Segment`."""
     tags = {SEGMENT_TAG: seg.name, "raypath.version": seg.version, "raypath.kind": seg.kind}
     if seg.kind == "branch":
         tags["raypath.fork_step"] = str(seg.start_step)

@@ -111,9 +111,9 @@ def sweep_lineage(ray_cluster, tmp_path_factory):
     from raypath.branches import release_branch, summarize
     from raypath.config import load_config
     from raypath.lineage import Lineage
-    from raypath.loop import fit_segment
     from raypath.mainpath import run_main_version
     from raypath.run import prepare
+    from raypath.segment import fit_segment
 
     root = tmp_path_factory.mktemp("sweep")
     raw = yaml.safe_load(TINY.read_text())

@@ -74,8 +74,8 @@ def main(out: Path) -> None:
 
     from raypath.config import ModelConfig, TrainConfig
     from raypath.data import _write_blocks
-    from raypath.loop import Segment, fit_segment
     from raypath.schedules import MainPath
+    from raypath.segment import Segment, fit_segment
 
     # The segment's driver runs as a task on the head node (as raypath's
     # branches do), so this thread is free to add and kill nodes (Ray only

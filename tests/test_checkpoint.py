@@ -337,8 +337,8 @@ def test_every_rank_resumes_its_own_random_generators(tmp_path):
 
 def _segment(tmp_path, name: str, init: str | None = None):
     from raypath.config import ModelConfig, TrainConfig
-    from raypath.loop import Segment
     from raypath.schedules import main_schedule
+    from raypath.segment import Segment
 
     return Segment(name=name, kind=name.split("-")[0], version="v2", stream_path=str(tmp_path / "stream"),
                    start_step=10, end_step=30, schedule=main_schedule(TrainConfig()), model=ModelConfig(),
@@ -350,7 +350,7 @@ def _segment(tmp_path, name: str, init: str | None = None):
 def test_a_segment_resumed_from_its_own_checkpoint_says_where_and_how_far(tmp_path):
     """A re-run after Ctrl-C or a killed driver continued from the segment's checkpoint with no
     word on the console; the start from the previous segment's checkpoint stays silent."""
-    from raypath.loop import resume_note, resume_point
+    from raypath.segment import resume_note, resume_point
 
     def save(storage, step, segment):
         model = torch.nn.Linear(4, 2)
@@ -373,7 +373,7 @@ def test_a_segment_resumed_from_its_own_checkpoint_says_where_and_how_far(tmp_pa
 def test_a_segment_whose_newest_checkpoint_has_a_torn_state_resumes_from_the_one_before(tmp_path, caplog):
     """The driver's plan check read the newest checkpoint's state.json unhashed: one truncated there
     refused the run ("restore it from a backup") although the workers skip it and resume."""
-    from raypath.loop import check_plan, resume_point
+    from raypath.segment import check_plan, resume_point
 
     for step in (14, 18):
         model = torch.nn.Linear(4, 2)

@@ -211,13 +211,14 @@ def test_a_segments_eta_leaves_out_the_start_up_before_its_first_step(tmp_path, 
     from raypath.config import ModelConfig, TrainConfig
     from raypath.mirror import RunDir
     from raypath.schedules import MainPath
+    from raypath.segment import Segment
 
     clock = iter([0.0, 100.0, 104.0, 104.0])  # start, the first step's end, the flush (twice)
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
-    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
-                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
-                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(tmp_path / "main-v1.jsonl"),
-                       rd=RunDir(tmp_path))
+    seg = Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                  schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                  eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(tmp_path / "main-v1.jsonl"),
+                  rd=RunDir(tmp_path))
     reporter = loop._Reporter(seg, 0, 1, 0)  # t = 0
     for _ in range(5):
         reporter.step(3.0, 16, 0.0)  # the first step ends at t = 100, the others a second apart

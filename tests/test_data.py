@@ -383,7 +383,7 @@ def test_ddp_evaluates_a_split_with_fewer_blocks_than_workers(tiny_run, tmp_path
     import threading
 
     from raypath.data import _write_blocks, read_blocks
-    from raypath.loop import fit_segment
+    from raypath.segment import fit_segment
     from raypath.mainpath import main_segment
     from raypath.run import prepare
 
@@ -414,7 +414,7 @@ def test_a_segments_dataset_is_exactly_the_rows_its_resume_point_has_not_trained
     from raypath import checkpoint as ckpt
     from raypath.config import ModelConfig, TrainConfig
     from raypath.data import _write_blocks
-    from raypath.loop import Segment, resume_point, train_dataset
+    from raypath.segment import Segment, resume_point, train_dataset
     from raypath.schedules import MainPath
 
     stream = tmp_path / "v2-stream.parquet"
@@ -449,7 +449,7 @@ def test_exact_resume_with_a_different_world_size(tiny_run, tmp_path):
     import dataclasses
 
     from raypath import checkpoint as ckpt
-    from raypath.loop import fit_segment
+    from raypath.segment import fit_segment
     from raypath.mainpath import main_segment
     from raypath.report import read_curve
     from raypath.run import prepare

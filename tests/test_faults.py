@@ -45,9 +45,9 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
-    from raypath.loop import fit_segment
     from raypath.mainpath import main_segment
     from raypath.run import prepare
+    from raypath.segment import fit_segment
 
     cfg, lin = tiny_run
     ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)  # events under tmp_path too
@@ -166,8 +166,8 @@ def test_a_segment_refuses_to_continue_checkpoints_of_another_plan(tmp_path):
     import pytest
 
     from raypath.config import ConfigError, ModelConfig
-    from raypath.loop import Segment, check_plan
     from raypath.schedules import Branch, Decay, MainPath
+    from raypath.segment import Segment, check_plan
 
     def branch(shape: str, save_steps: tuple[int, ...] = (100,)) -> Segment:
         return Segment(name="branch-v1", kind="branch", version="v1", stream_path="", start_step=80, end_step=100,

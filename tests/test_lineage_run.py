@@ -185,7 +185,7 @@ def test_branch_ingest_is_ordered_in_a_fresh_process(ray_cluster):
     def options_in_a_task() -> tuple[bool, bool]:
         from ray.data import DataContext
 
-        from raypath.loop import ordered_ingest
+        from raypath.segment import ordered_ingest
 
         DataContext._set_current(DataContext())  # as in a task process that built no dataset yet
         fresh = DataContext.get_current().execution_options.preserve_order
@@ -194,3 +194,33 @@ def test_branch_ingest_is_ordered_in_a_fresh_process(ray_cluster):
     fresh, ingest = ray.get(options_in_a_task.remote())
     assert fresh is False  # what Ray Train would use without raypath's options
     assert ingest is True
+
+
+def test_ray_trains_controller_unpickles_a_segment_without_the_training_loop(ray_cluster, tmp_path):
+    """Every segment's Ray Train controller unpickles its trainer (worker entry, segment, dataset
+    factory) before it requests the workers: that must not import the training loop, transformers
+    with it, ~3 s on the start-up of every main segment, branch and sweep trial
+    (``benchmarks/segment_start.py``)."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from raypath.config import ModelConfig, TrainConfig
+    from raypath.mirror import RunDir
+    from raypath.schedules import MainPath
+    from raypath.segment import Segment, trainer
+
+    rd = RunDir(tmp_path)
+    seg = Segment(name="main-v1", kind="main", version="v1", stream_path=str(tmp_path / "stream.parquet"),
+                  start_step=0, end_step=10, schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(),
+                  vocab_size=64, eos_id=0, pad_id=None, seq_len=16, storage=str(tmp_path / "ray" / "main-v1"),
+                  curves_path=str(tmp_path / "curves" / "main-v1.jsonl"), rd=rd)
+    blob = tmp_path / "trainer.pkl"
+    blob.write_bytes(cloudpickle.dumps(trainer(seg)))
+    probe = ("import sys; from ray import cloudpickle; t = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(type(t).__name__, t.train_loop_per_worker.__module__, "
+             "sorted(m for m in ('raypath.loop', 'raypath.model', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(blob)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split(maxsplit=2) == ["TorchTrainer", "raypath.segment", "[]\n"], out.stdout

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
-from raypath.loop import Segment, build_training, train_step
+from raypath.loop import build_training, train_step
 from raypath.loss import (
     IGNORE_INDEX,
     compile_loss,
@@ -37,6 +37,7 @@ from raypath.loss import (
 )
 from raypath.model import block_loss, build_model
 from raypath.schedules import MainPath
+from raypath.segment import Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, BATCH = 384, 32, 3          # 3 x 32 = 96 tokens per micro-batch

@@ -18,11 +18,12 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig, TrainConfig, load_config
-from raypath.loop import Segment, build_training, train_step
+from raypath.loop import build_training, train_step
 from raypath.model import build_model
 from raypath.perf import PEAK_FLOPS, device_peak_flops, flops_per_token, lookup_peak_flops, matmul_params, mfu, ratio
 from raypath.report import read_curve
 from raypath.schedules import MainPath
+from raypath.segment import Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,9 +396,9 @@ def test_mfu_and_peak_table():
 @pytest.mark.slow  # minutes on a loaded 2-core machine (data prep + 2 Ray Train runs)
 def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path):
     """A 2-worker FSDP main segment (gloo) checkpoints; a 1-worker DDP segment continues from it."""
-    from raypath.loop import fit_segment
     from raypath.mainpath import main_segment
     from raypath.run import prepare
+    from raypath.segment import fit_segment
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.parallel=fsdp", "train.peak_flops=1e11",
@@ -436,9 +437,9 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
 def test_main_segment_on_a_gpu_worker_then_resumes(ray_cluster, tmp_path):
     """The whole main path on one GPU: Ray Data batches stay on the host (their ``idx`` is
     read with ``.numpy()``), tokens go to the GPU; the checkpoint resumes on the GPU."""
-    from raypath.loop import fit_segment
     from raypath.mainpath import main_segment
     from raypath.run import prepare
+    from raypath.segment import fit_segment
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.use_gpu=true", "train.num_workers=1",

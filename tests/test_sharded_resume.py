@@ -60,9 +60,9 @@ def _segment(base, tmp_path, name, start, end, init, **train):
 
 @pytest.mark.slow
 def test_sharded_resume_across_world_sizes_and_ddp_fsdp(tiny_run, tmp_path):
-    from raypath.loop import fit_segment
     from raypath.mainpath import main_segment
     from raypath.run import prepare
+    from raypath.segment import fit_segment
 
     cfg, lin = tiny_run
     G = cfg.train.global_batch_size

@@ -866,13 +866,14 @@ def test_rank_0_uploads_its_curve_at_evaluations_checkpoints_and_the_end_not_eve
     from raypath import loop
     from raypath.config import ModelConfig, TrainConfig
     from raypath.schedules import MainPath
+    from raypath.segment import Segment
 
     mirror = Mirror(f"s3://{_bucket(s3, 'curves')}/run", str(tmp_path / "mirror"), s3.endpoint)
     rd = RunDir(Path(mirror.local), mirror)
-    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
-                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
-                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
-                       rd=rd)
+    seg = Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                  schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                  eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
+                  rd=rd)
     reporter = loop._Reporter(seg, 0, 1, 0)
 
     def remote_lines() -> int:
@@ -910,15 +911,16 @@ def test_tensorboard_reaches_the_bucket_with_the_curve_and_releases_name_the_buc
     from raypath import loop, tracking
     from raypath.config import ModelConfig, TrainConfig
     from raypath.schedules import MainPath
+    from raypath.segment import Segment
 
     uri = f"s3://{_bucket(s3, 'tensorboard')}/run"
     mirror = Mirror(uri, str(tmp_path / "mirror"), s3.endpoint)
     rd = RunDir(Path(mirror.local), mirror)
     spec = tracking.TrackingSpec("tensorboard", str(rd.path), {})
-    seg = loop.Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
-                       schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
-                       eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
-                       rd=rd, tracking=spec)
+    seg = Segment(name="main-v1", kind="main", version="v1", stream_path="", start_step=0, end_step=100,
+                  schedule=MainPath(1e-3, 0), model=ModelConfig(), train=TrainConfig(), vocab_size=64,
+                  eos_id=0, pad_id=None, seq_len=16, storage="", curves_path=str(rd / "curves" / "main-v1.jsonl"),
+                  rd=rd, tracking=spec)
     reporter = loop._Reporter(seg, 0, 1, 0)
     for step in (1, 2):
         reporter.step(3.0 - step, 16, 0.0)
