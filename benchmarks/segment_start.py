@@ -80,7 +80,7 @@ def main() -> None:
                    **{k: round(statistics.median(r[k] for r in rounds), 2) for k in ("ready_s", "fit_s")}}
             rows.append(row)
             print(f"{workers} worker(s): fit -> workers ready {row['ready_s']:.2f} s, whole fit ({args.steps} steps) "
-                  f"{row['fit_s']:.2f} s (median of {args.repeats})", flush=True)
+                  f"{row['fit_s']:.2f} s (median of {args.repeats})", file=sys.stderr, flush=True)
     out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
            "python": sys.version.split()[0], "rows": rows}
     if args.out:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -91,3 +93,11 @@ def test_lineage_writers_keep_every_entry_locally_and_in_a_bucket():
         (row,) = got[layout]
         assert row["kept"] == row["recorded"] == 4 and row["s_per_save"] > 0, (layout, row)
     assert got["bucket"][0]["requests_per_save"] > 0
+
+
+@pytest.mark.slow
+def test_segment_start_times_a_fresh_segment_from_fit_to_its_workers(tmp_path):
+    """Starts a Ray cluster of its own: slow."""
+    got = _bench("segment_start", "--workers", "1", "--repeats", "1", "--steps", "3")
+    (row,) = got["rows"]
+    assert row["workers"] == 1 and 0 < row["ready_s"] < row["fit_s"], row
