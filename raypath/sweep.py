@@ -396,8 +396,11 @@ def _report_callback(queue, extra: dict, penalty: float):
 
         Every result carries ``score`` (Tune checks the metric on each one):
         ``objective + penalty`` at evaluations, the last known value in
-        checkpoint-only reports (``inf`` before the first evaluation). The final
-        report is always an evaluation, so the score Optuna is told is exact.
+        checkpoint-only reports. A checkpoint-only report before the first evaluation
+        (``train.checkpoint_every`` or ``checkpoint_every_minutes`` below ``eval_every``) has
+        no score yet and is not passed on: as ``inf`` it made Tune's TensorBoard logger warn
+        "NaN or Inf found in input tensor" for each one. The final report is always an
+        evaluation, so the score Optuna is told is exact.
         """
 
         def __init__(self):
@@ -407,6 +410,8 @@ def _report_callback(queue, extra: dict, penalty: float):
             first = dict(metrics[0])  # rank 0's, as Ray Train keeps
             if "objective" in first:
                 self.last = float(first["objective"]) + penalty
+            elif math.isinf(self.last):
+                return
             first.update(extra, score=self.last, penalty=penalty)
             if checkpoint:
                 first[CHECKPOINT_PATH_KEY] = checkpoint.path

@@ -1091,7 +1091,8 @@ def test_a_trial_interrupted_before_its_first_report_leaves_the_sweep_unfinished
     assert not settled and not outcome["complete"] and outcome["best"] is None
 
 
-def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_main_thread(ray_cluster, tmp_path):
+def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_main_thread(ray_cluster, tmp_path,
+                                                                                       caplog):
     """A trial's Train reports reach Tune through its own relay thread, then its final report:
     Tune's main thread only takes results. Ray's Train->Tune hand-over had that thread forward each
     report into a one-slot queue that the trial's final report fills too, and a forward slower than
@@ -1116,6 +1117,7 @@ def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_mai
         session._TrainSession.report = slow_on_tunes_thread
         relay = _TuneRelay()
         callback = _report_callback(relay.queue, {"fork_step": 3}, 0.5)
+        callback.after_report(None, [{"step": 0}], None)  # a checkpoint before any evaluation: no score yet
         for step in range(3):  # as the Train controller calls it, one report after another
             callback.after_report(None, [{"objective": float(step), "step": step}], None)
         callback.after_report(None, [{"step": 3}], None)  # a checkpoint-only report keeps the last score
@@ -1136,6 +1138,8 @@ def test_a_trials_reports_reach_tune_in_order_and_it_ends_however_slow_tunes_mai
     assert rows["objective"].tolist()[:3] == [0.0, 1.0, 2.0] and rows["objective"].tolist()[4] == 9.0
     assert rows["score"].tolist()[:4] == [0.5, 1.5, 2.5, 2.5] and (rows["fork_step"][:4] == 3).all()
     assert result.metrics["final"] and not result.metrics["tune_forwarded"]
+    # Not passed on as an inf score, which Tune's TensorBoard logger (tensorboardX) warned about.
+    assert len(rows) == 5 and not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
 
 
 def test_a_trial_that_tune_stops_ends_while_its_branch_still_reports(ray_cluster, tmp_path):
