@@ -18,6 +18,7 @@ about 3 s of its start-up on the critical path before the workers are even reque
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from raypath.schedules import Schedule
 from raypath.storage import RunFileError
 from raypath.tracking import TrackingSpec
 
+log = logging.getLogger("raypath.progress")
 
 @dataclass
 class Segment:
@@ -274,8 +276,38 @@ def trainer(seg: Segment, callbacks: list | None = None):
         datasets={"train": functools.partial(train_dataset, seg)},
         dataset_config=ordered_ingest(),
         run_config=RunConfig(name=seg.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             callbacks=callbacks, failure_config=FailureConfig(max_failures=t.max_failures)),
+                             callbacks=[_failure_notice(seg.name, t.max_failures), *(callbacks or [])],
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
+
+
+def _failure_notice(name: str, max_failures: int):
+    """A Ray Train callback on the controller: a line as soon as it finds a worker failed.
+
+    Ray Train says nothing on the console between a worker's failure and the restarted group's
+    first step (the new workers' start-up, the checkpoint's restore: tens of seconds, minutes on
+    a big model), and its own notices stay in Ray's logs (:mod:`raypath.console`)."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class FailureNotice(UserCallback):
+        def __init__(self):
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.failures += 1
+            rank = min(worker_exceptions)
+            error = worker_exceptions[rank]
+            what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+            if 0 <= max_failures < self.failures:
+                then = f"train.max_failures={max_failures} reached: the segment fails"
+            else:
+                limit = "no limit" if max_failures < 0 else f"train.max_failures={max_failures}"
+                then = (f"restarting the workers from the newest checkpoint (failure {self.failures}, "
+                        f"{limit})")
+            log.warning("[%s] worker rank %s failed (%s); %s", name, ranks, what, then)
+
+    return FailureNotice()
 
 
 def _fit_keeping_ctrl_c(trainer):

@@ -44,7 +44,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
+def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path, capfd):
     from raypath.mainpath import main_segment
     from raypath.run import prepare
     from raypath.segment import fit_segment
@@ -102,6 +102,17 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path):
     noise = max(abs(a["loss"] - b["loss"]) for a, b in zip(before[1:], before[:-1]))
     ref = next(r["loss"] for r in reversed(before) if r["step"] <= after[0]["step"])
     assert abs(after[0]["loss"] - ref) <= 1.5 * noise + 0.05, (after[0], ref, noise)
+
+    # The console says so when Ray Train finds the worker gone, before the new group's start-up.
+    console = ""
+    for _ in range(50):  # Ray streams the controller's and workers' lines to this driver
+        console += capfd.readouterr().err
+        if "resuming from" in console:
+            break
+        time.sleep(0.2)
+    notice = console.find(f"[{seg.name}] worker rank ")
+    assert notice >= 0 and "restarting the workers from the newest checkpoint (failure 1" in console, console[-3000:]
+    assert notice < console.find(f"[{seg.name}] resuming from"), console[-3000:]
 
 
 class _HoldsALock(RuntimeError):
