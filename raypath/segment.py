@@ -11,8 +11,8 @@ This module is what runs off the workers: the driver builds the :class:`Segment`
 checks it against its checkpoints, and Ray Train's controller unpickles the segment, the
 worker entry point and the dataset factory. None of that needs the model code: kept apart
 from :mod:`raypath.loop`, the controller of every segment (main path, branch, sweep trial)
-starts without importing transformers, Inductor or torch's distributed checkpointing,
-about 3 s of its start-up on the critical path before the workers are even requested.
+starts without importing transformers (and the parts of torch it pulls in), about 3 s of
+its start-up, spent before it even requests the workers (``benchmarks/segment_start.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from raypath.storage import RunFileError
 from raypath.tracking import TrackingSpec
 
 log = logging.getLogger("raypath.progress")
+
 
 @dataclass
 class Segment:
