@@ -292,16 +292,19 @@ class TokenizeJob:
 
 
 def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "PrepareSpec", eos: int,
-                    max_doc_chars: int = 0) -> list[list[dict]]:
+                    max_doc_chars: int = 0, what: str = "tokenizing") -> list[list[dict]]:
     """Tokenize and pack every job's chunks, in groups (:func:`chunk_groups`), in one pass of a Ray
     Data actor pool.
 
     One pass for all the versions (and splits) being prepared: the pool's actors load the
     tokenizer once, and no version waits for the previous one's stragglers. Returns, per
     job, one stats row per group in order, its ``chunk`` the group's number (the driver's only
-    per-chunk state, linear in the number of chunks).
+    per-chunk state, linear in the number of chunks). ``what`` heads the progress line (input
+    bytes done, tokens, ETA) logged as the groups finish.
     """
     import ray.data
+
+    from raypath.console import Progress
 
     items = [{"parts": group, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i)}
              for j, job in enumerate(jobs) for i, group in enumerate(chunk_groups(job.chunks, spec.chunk_bytes))]
@@ -318,8 +321,12 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
         # per actor up front, and the queue of an actor that started late finishes alone.
         compute=ray.data.ActorPoolStrategy(size=max(1, min(spec.actors, len(items))), max_tasks_in_flight_per_actor=1),
     )
+    size = {(it["job"], it["chunk"]): sum(int(p.get("bytes") or spec.chunk_bytes) for p in it["parts"])
+            for it in items}
+    progress = Progress(log, what, sum(size.values()), "B")
     out: list[list[dict]] = [[] for _ in jobs]
-    for row in ds.take_all():
+    for row in ds.iter_rows():
+        progress.add(size[row["job"], row["chunk"]], tokens=row["doc_tokens"])
         out[row.pop("job")].append(row)
     return [sorted(rows, key=lambda r: r["chunk"]) for rows in out]
 
@@ -407,7 +414,7 @@ def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSyste
     (:func:`_map_file`): each shard's rows as an Arrow IPC stream, then an index of
     ``buckets + 1`` little-endian int64 byte offsets (last, so no shard's bytes wait in
     memory), from which a reducer reads its shard's rows by range. Returns rows per
-    (source, shard)."""
+    (map file, source, shard); a file none of whose rows the stream takes, one row of 0."""
     counts = []
     for i, path in zip(batch["map"].to_pylist(), batch["file"].to_pylist()):
         table = _assign(pq.read_table(path, filesystem=fs), spec)
@@ -422,9 +429,12 @@ def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSyste
                 f.write(body)
                 sizes[buckets[lo]] = len(body)
                 src, n = np.unique(part["src"].to_numpy(), return_counts=True)
-                counts += [{"src": int(s), "bucket": int(buckets[lo]), "n": int(c)} for s, c in zip(src, n)]
+                counts += [{"map": i, "src": int(s), "bucket": int(buckets[lo]), "n": int(c)}
+                           for s, c in zip(src, n)]
             f.write(np.concatenate([[0], np.cumsum(sizes)]).astype("<i8").tobytes())
-    schema = pa.schema([("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
+        if not len(buckets):  # the driver counts the map files done by these rows
+            counts.append({"map": i, "src": 0, "bucket": 0, "n": 0})
+    schema = pa.schema([("map", pa.int64()), ("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
     return pa.Table.from_pylist(counts, schema=schema)
 
 
@@ -527,20 +537,24 @@ def _tasks(items: list[dict], fn, **kwargs):
         fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow")
 
 
-def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.FileSystem) -> dict:
+def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.FileSystem,
+                 what: str = "shuffling the stream") -> dict:
     """Shuffle ``spec``'s rows of ``pools`` into ``out_dir/part-BBBBB.parquet`` (``idx`` order =
     file order); returns rows per source.
 
-    A map-reduce shuffle through the filesystem, in Ray Data tasks: each input part file
-    becomes one map file of its rows ordered by shard with a byte index (map), the driver
-    adds up rows per shard as the map tasks' counts stream in (its state: one count per
-    shard and per source), and each shard reads its byte range of every map file, sorts,
-    numbers and writes its rows (reduce). Memory per task: one input file or one shard
-    (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
+    A map-reduce shuffle through the filesystem, in Ray Data tasks: each input part file becomes
+    one map file of its rows ordered by shard with a byte index (map), the driver adds up rows
+    per shard as the map tasks' counts stream in (its state: one count per shard and per source,
+    and which map files are done, for the progress line), and each shard reads its byte range of
+    every map file, sorts, numbers and writes its rows (reduce). Memory per task: one input file
+    or one shard (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
     temporary file per input file; reads: one ranged read per (input file, shard) with rows
-    (:class:`_MapFiles`), the only cost that grows as files x shards.
+    (:class:`_MapFiles`), the only cost that grows as files x shards. ``what`` heads the
+    progress lines of both passes.
     """
     import ray
+
+    from raypath.console import Progress
 
     tmp = f"{out_dir}.tmp"
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
@@ -548,13 +562,22 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     counts = _tasks([{"map": i, "file": f} for i, f in enumerate(files)], _scatter, spec=spec, tmp_dir=tmp, fs=fs)
     per_bucket = np.zeros(spec.buckets, np.int64)
     per_src = np.zeros(0, np.int64)
-    for c in counts.iter_batches(batch_format="numpy", batch_size=65536):
+    mapped, progress = set(), Progress(log, f"{what} (reading)", len(files), "files")
+    for c in counts.iter_batches(batch_format="numpy", batch_size=None):  # a map task's counts at a time
         np.add.at(per_bucket, c["bucket"], c["n"])
         per_src = _add_padded(per_src, np.bincount(c["src"], weights=c["n"]).astype(np.int64))
+        done = set(np.unique(c["map"]).tolist()) - mapped  # a file's rows may span two batches
+        mapped |= done
+        progress.add(len(done), blocks=int(c["n"].sum()))
     offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
     fs.create_dir(out_dir, recursive=True)
     runs = _shard_runs(np.flatnonzero(per_bucket).tolist(), int(ray.cluster_resources().get("CPU", 1)))
-    written = _tasks(runs, _gather, maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir, fs=fs).take_all()
+    progress = Progress(log, f"{what} (writing)", int(np.count_nonzero(per_bucket)), "shards")
+    written = []
+    for row in _tasks(runs, _gather, maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir,
+                      fs=fs).iter_rows():
+        written.append(row)
+        progress.add(1, blocks=row["rows"])
     fs.delete_dir_contents(tmp, missing_dir_ok=True)
     fs.delete_dir(tmp)
     if sum(r["rows"] for r in written) != offsets[-1]:
@@ -963,7 +986,8 @@ def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[di
                 keys.append((k, split))
     limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
     out: list[dict[str, list[dict]]] = [{"test": []} for _ in todo]
-    for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, limit)):
+    what = f"tokenizing {', '.join(t['source'].name for t in todo)}"
+    for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, limit, what)):
         out[k][split] = stats
     return out
 
@@ -1025,7 +1049,8 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     replay = Replay.of(older, n_replay, salt(spec.seed, _REPLAY, i)) if n_replay else None
     buckets = _buckets(own.rows + n_replay, spec.seq_len + 1, spec.shard_bytes)
     stream_spec = StreamSpec(salt(spec.seed, _STREAM, i), buckets, (i,), replay)
-    stream = write_stream([own, *(older if replay else [])], stream_spec, f"{root}/stream", fs)
+    stream = write_stream([own, *(older if replay else [])], stream_spec, f"{root}/stream", fs,
+                          f"shuffling {src.name}'s stream")
     return {
         "name": src.name,
         "index": i,
@@ -1070,7 +1095,8 @@ def union_stream(records: list[dict], upto: int, out_path: str | Path, seed: int
         block = int(records[0]["new_tokens"] // max(records[0]["new_blocks"], 1))
         fs.delete_dir_contents(root, missing_dir_ok=True)
         stream = write_stream(pools, StreamSpec(salt(seed, _PTFS, upto), _buckets(sum(p.rows for p in pools), block),
-                                                tuple(p.src for p in pools)), root, fs)
+                                                tuple(p.src for p in pools)), root, fs,
+                              f"shuffling the union of {records[0]['name']}..{records[upto]['name']} (PTFS)")
         write_marker(fs, marker, {"stream_rows": stream["rows"]})
     with fs.open_input_stream(marker) as f:
         rows = json.loads(f.read())["stream_rows"]

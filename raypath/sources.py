@@ -550,8 +550,11 @@ def inspect_files(files: list[str], column: str, max_doc_chars: int = 0, endpoin
     args = (column, max_doc_chars, endpoint, chunk_bytes)
     if not ray.is_initialized() or len(files) <= 1:
         return [_inspect_here(f, rd, *args) for f in files]
+    from raypath.console import Progress
+
     task = ray.remote(num_cpus=1)(_inspect_here)
-    return ray.get([task.remote(f, rd, *args) for f in files])
+    return Progress(log, "validating and fingerprinting", len(files), "files").get(
+        [task.remote(f, rd, *args) for f in files])
 
 
 def _inspect_here(path: str, rd: RunDir | None, *args) -> dict:

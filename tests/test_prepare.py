@@ -228,6 +228,57 @@ def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(r
         prepare_versions(discover_versions(corpus), spec)
 
 
+def test_preparing_logs_progress_with_an_eta_in_every_pass(ray_cluster, tmp_path, tokenizer_dir, monkeypatch, caplog):
+    """Tokenizing and shuffling a large corpus take hours: each pass logs how much is done, its
+    rate and an ETA (here at every finished task; every 30 s by default). Validating the files
+    does too (:func:`test_a_progress_line_counts_ray_tasks_as_they_finish`)."""
+    import logging
+    import re
+
+    from raypath import console
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="raypath")
+    corpus = _corpus(tmp_path / "corpus", versions=2)
+    prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir))
+    lines = [r.getMessage() for r in caplog.records]
+    number, eta = r"[\d.]+k?", r"ETA (\d+m\d\ds|\d+h\d\dm|\?)$"
+    passes = {"tokenizing v1, v2": f"{number} k?B of {number} kB \\(\\d+%\\), {number} k?B/s, "
+                                   f"{number} tokens \\({number}/s\\), ",
+              "shuffling v2's stream \\(reading\\)": f"\\d+ of \\d+ files \\(\\d+%\\), {number} files/s, "
+                                                      f"{number} blocks \\({number}/s\\), ",
+              "shuffling v2's stream \\(writing\\)": f"\\d+ of \\d+ shards \\(\\d+%\\), {number} shards/s, "
+                                                      f"{number} blocks \\({number}/s\\), "}
+    for what, done in passes.items():
+        pattern = re.compile(f"^{what}: {done}{eta}")
+        assert any(pattern.match(line) for line in lines), (what, [ln for ln in lines if ln.startswith(what[:9])])
+
+
+def test_a_progress_line_counts_ray_tasks_as_they_finish(ray_cluster, monkeypatch, caplog):
+    """How the files' validation reports: tasks counted as they finish, results in their order."""
+    import logging
+    import re
+    import time
+
+    import ray
+
+    from raypath import console
+
+    @ray.remote(num_cpus=0)
+    def nap(i: int) -> int:
+        time.sleep(0.3 * i)
+        return i
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.1)
+    log = logging.getLogger("raypath.test")
+    caplog.set_level(logging.INFO, logger="raypath.test")
+    assert console.Progress(log, "napping", 4, "tasks").get([nap.remote(i) for i in (4, 1, 3, 2)]) == [4, 1, 3, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(line.startswith("napping: ") and " of 4 tasks (" in line for line in lines), lines
+    partly = re.compile(r"napping: [123] of 4 tasks \(\d+%\), [\d.]+ tasks/s, ETA \dm\d\ds$")
+    assert any(partly.match(line) for line in lines), lines
+
+
 # ---------------------------------------------------------------- old run directories
 
 def _to_old_layout(rec: dict) -> dict:
