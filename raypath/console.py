@@ -226,19 +226,25 @@ class Progress:
     """
 
     def __init__(self, logger: logging.Logger, what: str, total: float, unit: str):
+        import threading
+
         self.log, self.what, self.total, self.unit = logger, what, total, unit
         self.done = 0.0
         self.counts: dict[str, float] = {}
         self.t0 = self.last = time.perf_counter()
+        self.lock = threading.Lock()  # threads copying or hashing files add to one line
 
     def add(self, n: float, **counts: float) -> None:
-        self.done += n
-        for k, v in counts.items():
-            self.counts[k] = self.counts.get(k, 0) + v
-        now = time.perf_counter()
-        if now - self.last >= PROGRESS_EVERY_S and self.done < self.total:
+        with self.lock:
+            self.done += n
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0) + v
+            now = time.perf_counter()
+            if now - self.last < PROGRESS_EVERY_S or self.done >= self.total:
+                return
             self.last = now
-            self.log.info("%s", self.line(now))
+            line = self.line(now)
+        self.log.info("%s", line)
 
     def get(self, refs: list) -> list:
         """``ray.get(refs)`` (in their order), each finished task counted as 1 done as it finishes."""

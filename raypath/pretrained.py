@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raypath.config import ConfigChangedError, ConfigError
+from raypath.console import Progress
 from raypath.mirror import CHUNK, RunDir
 from raypath.sources import uri_filesystem
 from raypath.storage import atomic_dir, atomic_file, in_threads, read_json, sha256_file, write_json
@@ -125,12 +126,14 @@ def _download(uri: str, target: Path, endpoint: str | None) -> None:
     if "config.json" not in files:
         raise ConfigError(f"model.path: {uri!r} is not a save_pretrained directory (no config.json)")
     files = _model_files(fs, files)
+    size = {i.path: i.size for i in infos}
     log.info("downloading base model %s (%d files) -> %s", uri, len(files), target)
+    progress = Progress(log, f"downloading base model {uri}", sum(size[p] for p in files.values()), "B")
     # Cost grows with the model: one streaming copy per file, hashed as it lands, several
     # files at a time (a bucket serves each stream at a fraction of the node's bandwidth).
     with atomic_dir(target) as tmp:
         rels = sorted(files)
-        digests = in_threads(lambda rel: _copy_hashed(fs, files[rel], tmp / rel), rels)
+        digests = in_threads(lambda rel: _copy_hashed(fs, files[rel], tmp / rel, progress), rels)
         write_json(tmp / MANIFEST, {"source": uri, "sha256": dict(zip(rels, digests))})  # last: marks it complete
 
 
@@ -145,19 +148,23 @@ def _model_files(fs: pafs.FileSystem, files: dict[str, str]) -> dict[str, str]:
     return {rel: p for rel, p in files.items() if rel in weights or not rel.endswith(WEIGHT_SUFFIXES)}
 
 
-def _copy_hashed(fs: pafs.FileSystem, src: str, dst: Path) -> str:
+def _copy_hashed(fs: pafs.FileSystem, src: str, dst: Path, progress: Progress) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(src) as f, atomic_file(dst) as out:
         while block := f.read(CHUNK):
             h.update(block)
             out.write(block)
+            progress.add(len(block))
     return h.hexdigest()
 
 
 def _verify_download(target: Path, hashes: dict[str, str]) -> None:
     """Read in full at every run start (cost grows with the model), a file per core."""
     rels = sorted(hashes)
-    actual = in_threads(lambda rel: sha256_file(target / rel) if (target / rel).is_file() else None, rels)
+    present = {rel: target / rel for rel in rels if (target / rel).is_file()}
+    total = sum(f.stat().st_size for f in present.values())
+    progress = Progress(log, f"verifying the downloaded base model {target}", total, "B")
+    actual = in_threads(lambda rel: sha256_file(present[rel], progress=progress) if rel in present else None, rels)
     for rel, digest in zip(rels, actual):
         if digest != hashes[rel]:
             raise ConfigError(f"model.path: the downloaded copy {target / rel} is missing or does not match its "
@@ -168,7 +175,9 @@ def _weight_hashes(d: Path) -> dict[str, str]:
     """sha256 of the weight files: read in full at every run start (cost grows with the model),
     a file per core."""
     files = weight_files(d)
-    return {f.relative_to(d).as_posix(): h for f, h in zip(files, in_threads(sha256_file, files))}
+    progress = Progress(log, f"hashing the base model's weights in {d}", sum(f.stat().st_size for f in files), "B")
+    hashes = in_threads(lambda f: sha256_file(f, progress=progress), files)
+    return {f.relative_to(d).as_posix(): h for f, h in zip(files, hashes)}
 
 
 def weight_files(directory: str | Path) -> list[Path]:

@@ -536,11 +536,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, progress=None) -> str:
+    """The file's sha256; ``progress``: a :class:`raypath.console.Progress` in bytes, added to as it reads."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if progress is not None:
+                progress.add(len(block))
     return h.hexdigest()
 
 

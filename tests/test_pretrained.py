@@ -4,6 +4,7 @@ given as a ``file://`` URI (downloaded into the run, sha256-checked), trained fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,13 +151,20 @@ def test_uri_is_downloaded_once_and_checked(tmp_path, tok_dir, monkeypatch):
     assert resolve("./base", RunDir(tmp_path / "run2")).describe()["path"] == str(src)
 
 
-def test_a_sharded_model_is_downloaded_and_verified_file_by_file(tmp_path, tok_dir):
+def test_a_sharded_model_is_downloaded_and_verified_file_by_file(tmp_path, tok_dir, monkeypatch, caplog):
     """Weight shards are copied and hashed several at a time: each digest is its own file's,
-    and a bad shard of the copy is the one named."""
+    and a bad shard of the copy is the one named. Each pass logs its progress (an 8B model is
+    16 GB: minutes to download, tens of seconds to hash at every run start)."""
+    import logging
+
     from transformers import LlamaForCausalLM
 
+    from raypath import console
     from raypath.mirror import RunDir
     from raypath.pretrained import BASE_DIR, resolve
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="raypath")
 
     src = _save_base(tmp_path / "one", tok_dir)
     LlamaForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "base", max_shard_size="20KB")
@@ -166,6 +174,13 @@ def test_a_sharded_model_is_downloaded_and_verified_file_by_file(tmp_path, tok_d
     assert len(set(want.values())) == len(shards)
     assert resolve(str(tmp_path / "base"), RunDir(tmp_path / "run")).sha256 == want  # used in place
     assert resolve(f"file://{tmp_path / 'base'}", RunDir(tmp_path / "run")).sha256 == want
+    assert resolve(f"file://{tmp_path / 'base'}", RunDir(tmp_path / "run")).sha256 == want  # verified, not copied
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    for what in (f"hashing the base model's weights in {tmp_path / 'base'}",
+                 f"downloading base model file://{tmp_path / 'base'}",
+                 f"verifying the downloaded base model {tmp_path / 'run' / BASE_DIR}"):
+        line = f"^{re.escape(what)}: [\\d.]+ kB of [\\d.]+ kB \\(\\d+%\\), .*, ETA "
+        assert re.search(line, lines, re.M), (what, lines)
     bad = tmp_path / "run" / BASE_DIR / shards[1]
     bad.write_bytes(bad.read_bytes()[:-1])
     with pytest.raises(ConfigError, match=f"{bad}.*does not match its sha256"):
