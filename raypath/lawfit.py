@@ -77,6 +77,7 @@ import numpy as np
 
 from raypath import law as lawmod
 from raypath import schedules
+from raypath.console import Progress
 from raypath.law import Curve, FitResult
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
@@ -412,7 +413,9 @@ def split_curves(lineage: LineageLike, splits: Sequence[str], upto_version: str 
     wanted = None if branches is None else set(branches)
     pool = lineage_branches(lineage, include_sweeps=include_sweeps) + [Branch.from_dict(b) for b in extra_branches]
     seen = set()
+    progress = Progress(log, f"reading the branches' curves up to {upto}", len(pool), "branches")
     for b in pool:
+        progress.add(1)
         if b.name in seen or b.version not in allowed:
             continue
         if wanted is not None and b.name not in wanted:
@@ -630,12 +633,14 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
         record["lam_scores"] = {str(k): v for k, v in scores.items()}
     else:
         lam_value = float(lam)
+    progress = Progress(log, f"fitting the law of {version}", len(problems), "splits")
     for split, (chosen, curves, sign) in problems.items():
         if split in forms and chosen != "AnnealingLaw":
             fits[split] = lawmod.fit_law(forms[split], curves, lam=lam_value, sign=sign, delta=huber_delta)
         else:
             fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value, huber_delta)
         record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
+        progress.add(1)
     if save and rd is not None:
         from raypath.storage import write_json
 

@@ -673,6 +673,26 @@ def test_a_fit_reads_each_curve_once_for_all_its_splits(tmp_path, monkeypatch):
     assert sorted(parsed) == curves
 
 
+def test_a_law_fit_logs_its_progress(tmp_path, monkeypatch, caplog):
+    """A cold fit of a long lineage reads thousands of sweep trials' curves and fits one law per
+    version: minutes, so it says how far it got (every 30 s; here at every step)."""
+    import re
+
+    from law_lineage import write_lineage
+
+    from raypath import console
+
+    run_dir, _ = write_lineage(tmp_path, 3)
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="raypath")
+    lawfit.fit_run(run_dir, "v3", lam=0.99, shifts="single", save=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.match(r"reading the branches' curves up to v3: \d+ of \d+ branches \(\d+%\), .*, ETA ", ln)
+               for ln in lines), lines
+    assert [ln.split(" (")[0] for ln in lines if ln.startswith("fitting the law")] == [
+        "fitting the law of v3: 1 of 3 splits", "fitting the law of v3: 2 of 3 splits"], lines
+
+
 def test_a_guides_refit_parses_only_the_curves_it_has_not_read(tmp_path, monkeypatch):
     """A sweep's guide refits after every finished trial on every curve of the run, which are
     finished: past the process-wide cache of parsed curves (a run of many sweeps' trials; here
