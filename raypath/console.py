@@ -210,8 +210,8 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-#: How often a long step of the driver (validating, tokenizing or shuffling the versions being
-#: prepared) logs its progress.
+#: How often a long step of the driver logs its progress: preparing versions (validating,
+#: tokenizing, shuffling), a base model's download or hashing, a law fit.
 PROGRESS_EVERY_S = 30.0
 
 
