@@ -29,6 +29,7 @@ before a decision that must see the others').
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -84,12 +85,13 @@ class Lineage:
     # this process's edits not saved yet, and the file as it was when last read or written here
     _edits: list[Callable[[dict], None]] = field(default_factory=list, repr=False)
     _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
+    _batching: int = field(default=0, repr=False)  # inside batched(): edits wait for its one save
 
     def __getstate__(self) -> dict:
         # The trials read are a cache, read again where needed: a sweep's law guide holds its
         # lineage, and Tune pickles the guide (tuner.pkl), which would keep every sweep's trials.
         # A copy in another process only reads: the edits (closures) stay with the writer.
-        return {**self.__dict__, "_trials": {}, "_edits": []}
+        return {**self.__dict__, "_trials": {}, "_edits": [], "_batching": 0}
 
     @classmethod
     def open(cls, run_dir: RunDir | str | Path, name: str, config: dict) -> "Lineage":
@@ -178,7 +180,21 @@ class Lineage:
         """Apply ``edit`` (a change of one keyed entry, as a function of the record) and save."""
         edit(self.data)
         self._edits.append(edit)
-        self.save()
+        if not self._batching:
+            self.save()
+
+    @contextlib.contextmanager
+    def batched(self):
+        """The writers called inside save once, on leaving (also on an error: what was recorded is
+        kept). In a bucket a save holds the store's lease, ~1 s and ~24 requests: a run's start
+        records its facts and versions in one."""
+        self._batching += 1
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+            if not self._batching and self._edits:
+                self.save()
 
     # ---- run-level facts
     @property

@@ -406,13 +406,15 @@ def _main_path_started(lineage: Lineage, rd: RunDir) -> bool:
 
 
 def _record_facts(lineage: Lineage, ctx: RunContext) -> None:
-    """What this run trains with: tokenizer, base model, storage, prepared versions."""
-    lineage.set_fact("tokenizer", {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size, "eos_id": ctx.eos_id})
-    if ctx.base_model:
-        lineage.set_fact("model", {**lineage.fact("model"), "base": ctx.base_model})
-    if ctx.rd.mirror is not None:
-        lineage.set_fact("storage", {"run_dir": ctx.rd.uri})
-    lineage.set_versions(ctx.versions)
+    """What this run trains with: tokenizer, base model, storage, prepared versions (one save)."""
+    with lineage.batched():
+        lineage.set_fact("tokenizer", {"path": ctx.tokenizer_dir, "vocab_size": ctx.vocab_size,
+                                       "eos_id": ctx.eos_id})
+        if ctx.base_model:
+            lineage.set_fact("model", {**lineage.fact("model"), "base": ctx.base_model})
+        if ctx.rd.mirror is not None:
+            lineage.set_fact("storage", {"run_dir": ctx.rd.uri})
+        lineage.set_versions(ctx.versions)
 
 
 def finished_note(lineage: Lineage, names: list[str]) -> str | None:

@@ -113,6 +113,30 @@ def test_writers_save_typed_records(tmp_path):
     assert back.replay_runs() == {"0.25": str(tmp_path / "compare" / "replay-0.25")}
 
 
+def test_writers_in_a_batch_save_once_and_keep_their_records_if_it_fails(tmp_path, monkeypatch):
+    """A run's start records its facts and versions in one save (in a bucket each save is ~1 s of
+    the store's lease); what was recorded before an error inside the batch is still saved."""
+    from raypath import lineage as lineage_mod
+
+    lin = Lineage.open(tmp_path, "demo", {"name": "demo"})
+    lin.set_fact("tokenizer", {"path": "tok"})
+    writes, write = [], lineage_mod.write_json
+    monkeypatch.setattr(lineage_mod, "write_json", lambda path, *a, **k: writes.append(path) or write(path, *a, **k))
+    with lin.batched():
+        lin.set_fact("tokenizer", {"path": "tok", "vocab_size": 64})
+        with lin.batched():  # nested: still the outer batch's one save
+            lin.set_fact("storage", {"run_dir": "s3://b/run"})
+        lin.set_versions([{"name": "v1", "index": 0}])
+        assert writes == [] and "storage" not in Lineage.load(tmp_path).data
+    assert len(writes) == 1
+    back = Lineage.load(tmp_path)
+    assert back.fact("tokenizer")["vocab_size"] == 64 and back.fact("storage") and back.version_names() == ["v1"]
+    with pytest.raises(RuntimeError, match="preparation failed"), lin.batched():
+        lin.set_fact("model", {"base": {"path": "m"}})
+        raise RuntimeError("preparation failed")
+    assert len(writes) == 2 and Lineage.load(tmp_path).fact("model") == {"base": {"path": "m"}}
+
+
 def _results(sweep_dir: Path, trials: list[dict]) -> Path:
     """A finished sweep's ``results.json`` (the record the sweep writes before the lineage's)."""
     write_json(sweep_dir / "results.json", {"name": sweep_dir.name, "trials": trials}, root=sweep_dir.parents[2])
