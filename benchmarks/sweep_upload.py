@@ -61,6 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     import pyarrow.fs as pafs
 
+    from raypath import mirror as mirror_module
     from raypath import sweep
     from raypath.mirror import RunDir, run_location
 
@@ -99,13 +100,13 @@ def main() -> None:
                     with fs.open_output_stream(f"bench/run/sweeps/v2/sweep/branches/{seg}/obj_{j:04d}") as f:
                         f.write(b"x" * 64)
                 sent = []
-                real_copy = pafs.copy_files
+                real_upload = mirror_module._upload
 
-                def counting(src, dst, *a, _real=real_copy, _sent=sent, **k):
-                    _sent.append(os.path.getsize(src))
-                    return _real(src, dst, *a, **k)
+                def counting(local, *a, _real=real_upload, _sent=sent):
+                    _sent.append(os.path.getsize(local))
+                    return _real(local, *a)
 
-                pafs.copy_files = counting
+                mirror_module._upload = counting
                 time.sleep(0.2)  # moto's log lines of the trial's own uploads land
                 first = len(log.read_text().splitlines())
                 t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def main() -> None:
                 seconds += time.perf_counter() - t0
                 time.sleep(0.2)
                 per_trial.append(_requests(log.read_text().splitlines()[first:]))
-                pafs.copy_files = real_copy
+                mirror_module._upload = real_upload
                 uploaded.append(sum(sent))
         finally:
             moto.kill()

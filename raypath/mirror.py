@@ -39,8 +39,9 @@ sibling that is renamed into place (for a directory the first rename wins, so
 workers sharing a node do not trip over each other); an object store creates
 an object only when its upload completes. What counts as changed: small
 metadata (:data:`MUTABLE`: JSON, JSONL, YAML) is rewritten in place, so it is
-copied unless this process downloaded it before, untouched since on both sides (the
-remote object's size and modification time, :data:`SETTLED_S` old when downloaded);
+copied unless this process, or an earlier one on this machine (:data:`STATE`), downloaded it
+before, untouched since on both sides (the remote object's size and modification time,
+:data:`SETTLED_S` old when downloaded);
 everything else (parquet, weights, tokenizer files) is written once, so it is copied
 when missing or of a different size. So are the embedded corpus's JSONL parts
 (:data:`WRITE_ONCE`): data, rewritten only by a rebuild, which
@@ -51,21 +52,35 @@ over and over (a sweep's, after every trial) costs what changed in it, not all i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raypath.console import Progress
 from raypath.sources import filesystem_for, first_line, is_uri
-from raypath.storage import LOCKS_DIR, WRITER_LOCK, atomic_file, file_lock, read_json
+from raypath.storage import (
+    LOCKS_DIR,
+    STREAMS,
+    WRITER_LOCK,
+    atomic_file,
+    atomic_write_bytes,
+    file_lock,
+    in_threads,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
 
 #: Suffixes of files rewritten in place (always copied); all others are write-once.
 MUTABLE = (".json", ".jsonl", ".yaml")
@@ -118,6 +133,14 @@ _PULLED: dict[str, tuple[int, int]] = {}
 #: object stores keep whole seconds, so an object rewritten within the second it was read keeps
 #: both; the margin also covers the skew between this machine's clock and the store's.
 SETTLED_S = 60.0
+#: A mirror's memory of :data:`_PULLED` between processes (under ``.locks/``, never uploaded nor
+#: pulled): remote path relative to the run directory -> the remote object's (size, mtime) and the
+#: local copy's stamp. A command's start then downloads the records that changed since the last
+#: command on this machine, not every record and curve of the run again (a stale or lost entry
+#: costs a download, nothing else: both sides must still match it).
+STATE = "mirror.json"
+#: The mirrors (local directories) whose :data:`STATE` this process read.
+_STATE_READ: set[str] = set()
 
 
 def _stamp(local: Path) -> tuple[int, int, int]:
@@ -178,6 +201,11 @@ class Mirror:
         except ValueError:
             return None
         return rel.as_posix()
+
+    def name(self, path: str | os.PathLike) -> str:
+        """The URI of a local mirror path: what messages call it."""
+        rel = self.relative(path)
+        return self.remote if rel == "." else f"{self.remote}/{rel}"
 
     def remote_path(self, path: str | os.PathLike) -> str:
         """Path on :meth:`filesystem` of a local mirror path."""
@@ -297,16 +325,61 @@ class Mirror:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _state_path(self) -> Path:
+        return Path(self.local, LOCKS_DIR, STATE)
+
+    def _state(self) -> dict[str, list]:
+        """This process's :data:`STATE` entries of this mirror (its downloads, and what it read)."""
+        root = self.remote_path(self.local) + "/"
+        return {k[len(root):]: [*_PULLED[k], *_COPIED[k]] for k in _PULLED if k.startswith(root) and k in _COPIED}
+
+    def _read_state(self) -> dict[str, list]:
+        """The :data:`STATE` of this mirror as saved ({} when none or damaged: download again); the
+        first call of a process takes its entries in."""
+        try:
+            entries = {rel: e for rel, e in json.loads(self._state_path().read_text()).items() if len(e) == 5}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+        if self.local not in _STATE_READ:
+            _STATE_READ.add(self.local)
+            root = self.remote_path(self.local)
+            for rel, e in entries.items():
+                key = f"{root}/{rel}"
+                if key not in _PULLED and key not in _COPIED:
+                    _PULLED[key], _COPIED[key] = tuple(e[:2]), tuple(e[2:])
+        return entries
+
+    def _write_state(self, before: dict[str, list]) -> None:
+        """Save :data:`STATE` where this process changed it: over what another process of this
+        machine saved since (its entries stay unless this one's differ)."""
+        mine = self._state()
+        changed = {rel: e for rel, e in mine.items() if before.get(rel) != e}
+        if changed:
+            with contextlib.suppress(OSError):  # a read-only mirror: the next start downloads again
+                atomic_write_bytes(self._state_path(), json.dumps({**self._read_state(), **changed}).encode())
+
+    @contextlib.contextmanager
+    def _remembering(self) -> Iterator[None]:
+        """Around a bulk pull: start from what earlier processes downloaded here, save what this one adds."""
+        before = self._read_state()
+        yield
+        self._write_state(before)
+
     def pull_files(self, path: str | os.PathLike, exclude: tuple[str, ...] = (),
                    only: Callable[[str], bool] | None = None) -> None:
         """Copy every remote file under the directory ``path`` here where it changed, except
         under its sub-directories ``exclude`` and, with ``only``, those whose relative posix
         path it refuses."""
-        for rel, info in self._tree(path).items():
-            if rel.split("/", 1)[0] in exclude or (only is not None and not only(rel)):
-                continue
-            if self._changed(Path(path, rel), info):
-                self._download(info.path, Path(path, rel), info)
+        with self._remembering():
+            self._download_all([(info, Path(path, rel)) for rel, info in self._tree(path).items()
+                                if rel.split("/", 1)[0] not in exclude and (only is None or only(rel))])
+
+    def _download_all(self, files: list[tuple[pafs.FileInfo, Path]]) -> None:
+        """Download each remote file (its listed info) to its local path where they may differ,
+        several at a time: a run's records and curves are many small objects, each a request's
+        round trip. Grows with the files that changed since this machine last pulled them."""
+        todo = [(info, dst) for info, dst in files if self._changed(dst, info)]
+        in_threads(lambda f: self._download(f[0].path, f[1], f[0]), todo, STREAMS)
 
     def pull_run(self, reads: tuple[str, ...] | None = None, sweep_curves: bool = True) -> set[str]:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
@@ -325,22 +398,22 @@ class Mirror:
 
         Returns the relative paths of the remote files listed (whether copied or not)."""
         tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY + (LOCKS_DIR,), only=reads)
-        for rel, info in tree.items():
-            top = rel.split("/", 1)[0]
-            if rel == WRITER_LOCK:  # a writer's, kept in the store (storage.writer_lock), not a record
-                continue
-            if rel == LINEAGE:  # not over the copy another process of this machine is saving and uploading
+        with self._remembering():
+            if LINEAGE in tree:  # not over the copy another process of this machine is saving and uploading
                 with file_lock(Path(self.local, LOCKS_DIR, "lineage.lock"), f"pulling {self.remote}/{LINEAGE}"):
-                    if self._changed(Path(self.local, rel), info):
-                        self._download(info.path, Path(self.local, rel), info)
-                continue
-            if top in METADATA_ONLY and not rel.endswith(MUTABLE):
-                continue
-            parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
-            if top == "sweeps" and not _pulled_of_sweep(parts[3:], reads, sweep_curves):
-                continue
-            if self._changed(Path(self.local, rel), info):
-                self._download(info.path, Path(self.local, rel), info)
+                    self._download_all([(tree[LINEAGE], Path(self.local, LINEAGE))])
+            pulled = []
+            for rel, info in tree.items():
+                top = rel.split("/", 1)[0]
+                if rel in (LINEAGE, WRITER_LOCK):  # the lock: a writer's, kept in the store (storage.writer_lock)
+                    continue
+                if top in METADATA_ONLY and not rel.endswith(MUTABLE):
+                    continue
+                parts = rel.split("/")  # of a sweep: sweeps/<version>/<name>/...
+                if top == "sweeps" and not _pulled_of_sweep(parts[3:], reads, sweep_curves):
+                    continue
+                pulled.append((info, Path(self.local, rel)))
+            self._download_all(pulled)
         return set(tree)
 
     def push(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
@@ -372,18 +445,39 @@ class Mirror:
         if not force:
             files = {rel: p for rel, p in files.items() if _COPIED.get(self.remote_path(p)) != stamps[rel]}
         remote = {} if force else self._infos(p for p in files.values() if not self._mutable(p))
-        fs, made = self.filesystem(), set()
-        for rel in sorted(files, key=_upload_order):
+        todo = []
+        for rel in files:
             local, dst = files[rel], self.remote_path(files[rel])
             if not force and not self._mutable(local) and not self._changed(local, remote[dst]):
                 _COPIED[dst] = stamps[rel]
-                continue
-            parent = dst.rsplit("/", 1)[0]
-            if parent not in made:  # object stores need no directories; other filesystems do
-                fs.create_dir(parent, recursive=True)
-                made.add(parent)
-            pafs.copy_files(str(local), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            else:
+                todo.append(rel)
+        fs = self.filesystem()
+        self._make_parents(self.remote_path(files[rel]) for rel in todo)
+        progress = Progress(log, f"uploading {self.name(path)}", sum(stamps[rel][0] for rel in todo), "B")
+
+        def upload(rel: str) -> None:
+            dst = self.remote_path(files[rel])
+            _upload(files[rel], fs, dst, progress)
             _COPIED[dst] = stamps[rel]
+
+        self._in_order(todo, lambda rel: not self._mutable(files[rel]), upload)
+
+    def _make_parents(self, paths: Iterable[str]) -> None:
+        """Create the remote parent directory of each of ``paths`` (object stores need none;
+        other filesystems do), one call per directory."""
+        fs = self.filesystem()
+        for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
+            fs.create_dir(parent, recursive=True)
+
+    @staticmethod
+    def _in_order(rels: list[str], data: Callable[[str], bool], copy: Callable[[str], None]) -> None:
+        """``copy`` each of ``rels``: the write-once files (``data``) several at a time (a store
+        serves each stream at a fraction of the node's bandwidth), then the records one by one in
+        :func:`_upload_order`, so a remote reader never sees a record before the files it names."""
+        in_threads(copy, sorted(r for r in rels if data(r)), STREAMS)
+        for rel in sorted((r for r in rels if not data(r)), key=_upload_order):
+            copy(rel)
 
     def _infos(self, paths) -> dict[str, pafs.FileInfo]:
         """Remote path -> remote file info of each local path (a missing file's says NotFound): one
@@ -404,18 +498,38 @@ class Mirror:
 
     def copy(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
         """Copy the remote directory behind ``src`` to ``dst``'s inside the store: server-side
-        where it can (S3's CopyObject takes objects up to 5 GiB), else streamed through here."""
-        fs, base, made = self.filesystem(), self.remote_path(dst), set()
-        for rel, info in sorted(self._tree(src).items(), key=lambda kv: _upload_order(kv[0])):
-            target = f"{base}/{rel}"
-            if (parent := target.rsplit("/", 1)[0]) not in made:
-                fs.create_dir(parent, recursive=True)
-                made.add(parent)
+        where it can (S3's CopyObject takes objects up to 5 GiB), else streamed through here.
+        Grows with the directory's bytes (a release: the model's weights), several files at a time."""
+        tree, base = self._tree(src), self.remote_path(dst)
+        self._make_parents(f"{base}/{rel}" for rel in tree)
+        fs = self.filesystem()
+        size = sum(i.size for i in tree.values())
+        progress = Progress(log, f"copying {self.name(src)} to {self.name(dst)}", size, "B")
+
+        def copy(rel: str) -> None:
+            source, target = tree[rel].path, f"{base}/{rel}"
             try:
-                fs.copy_file(info.path, target)
+                fs.copy_file(source, target)
+                progress.add(tree[rel].size)
             except OSError:  # a store without server-side copy, or an object past its limit
-                with fs.open_input_stream(info.path) as f, fs.open_output_stream(target) as out:
-                    shutil.copyfileobj(f, out, CHUNK)
+                with fs.open_input_stream(source) as f, fs.open_output_stream(target) as out:
+                    _copy_stream(f, out, progress)
+
+        self._in_order(list(tree), lambda rel: not rel.endswith(MUTABLE), copy)
+
+
+def _upload(local: Path, fs: pafs.FileSystem, dst: str, progress: Progress) -> None:
+    """Copy the local file to ``dst`` on ``fs`` (an object store's upload completes, and the
+    object appears, when the stream closes)."""
+    with open(local, "rb") as f, fs.open_output_stream(dst) as out:
+        _copy_stream(f, out, progress)
+
+
+def _copy_stream(f: Any, out: Any, progress: Progress) -> None:
+    """Copy the open stream ``f`` to ``out`` in :data:`CHUNK` pieces, each counted in ``progress``."""
+    while block := f.read(CHUNK):
+        out.write(block)
+        progress.add(len(block))
 
 
 def _upload_order(rel: str) -> tuple:
@@ -494,7 +608,7 @@ class RunDir:
 
     def name(self, path: str | os.PathLike) -> str:
         """``path`` as messages call it: its URI in a remote run directory."""
-        return f"{self.mirror.remote}/{self.mirror.relative(path)}" if self.remote(path) else str(path)
+        return self.mirror.name(path) if self.remote(path) else str(path)
 
     # ---- reading
     def fetch(self, path: str | os.PathLike, missing_ok: bool = False) -> Path:

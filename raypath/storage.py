@@ -547,15 +547,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, progress=None) ->
     return h.hexdigest()
 
 
-def in_threads(fn, items: list, workers: int = 8) -> list:
-    """``[fn(x) for x in items]``, up to ``workers`` at a time: for hashing and copying whole
-    files, where hashlib and file I/O release the GIL, so each file gets a core or a stream."""
+def in_threads(fn, items: list, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]``, up to ``workers`` at a time. The default, up to 8 or the cores,
+    is for hashing and copying whole files, where hashlib and file I/O release the GIL, so each
+    file gets a core; requests to a store, which mostly wait, take more (:data:`STREAMS`)."""
     if len(items) <= 1:
         return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(workers, len(items), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(workers or min(8, os.cpu_count() or 1), len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+#: Requests to a store in flight at once from one process (uploads, downloads, copies): each
+#: waits on the network far longer than it computes.
+STREAMS = 16
 
 
 def end_line(path: str | os.PathLike) -> None:

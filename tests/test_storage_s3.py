@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from raypath import checkpoint as ckpt
+from raypath import mirror as mirror_module
 from raypath.data import Consumed
 from raypath.mirror import NOT_MIRRORED, Mirror, RunDir, run_location
 from raypath.storage import LOCKS_DIR
@@ -49,8 +50,9 @@ def test_mirror_round_trip_through_s3(s3, tmp_path, monkeypatch):
     (here / "ray" / "main-v1" / "step_00000004").mkdir(parents=True)
     (here / "ray" / "main-v1" / "step_00000004" / "model.pt").write_bytes(b"w")
     uploads = []
-    copy_files = pafs.copy_files
-    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (uploads.append(dst), copy_files(src, dst, **kw)))
+    upload = mirror_module._upload
+    monkeypatch.setattr(mirror_module, "_upload", lambda local, fs, dst, progress: (
+        uploads.append(dst), upload(local, fs, dst, progress)))
     for name in ("data", "ray"):
         mirror.push(here / name)
     monkeypatch.undo()
@@ -110,13 +112,13 @@ def test_a_sweep_uploads_after_each_trial_what_changed_not_the_whole_sweep_direc
     rd, sweep_dir = RunDir(here, mirror), here / "sweeps" / "v2" / "sweep"
     callback = _uploader(SimpleNamespace(ctx=SimpleNamespace(rd=rd), sweep_dir=sweep_dir))
     uploads, listed = [], []
-    copy_files = pafs.copy_files
+    real_upload = mirror_module._upload
 
-    def upload(src, dst, destination_filesystem, **kw):
+    def upload(local, fs, dst, progress):
         uploads.append(dst)
-        copy_files(src, dst, destination_filesystem=destination_filesystem._fs, **kw)
+        real_upload(local, fs, dst, progress)
 
-    monkeypatch.setattr(pafs, "copy_files", upload)
+    monkeypatch.setattr(mirror_module, "_upload", upload)
     filesystem = Mirror.filesystem
     monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
     (sweep_dir / "sweep.json").parent.mkdir(parents=True)
@@ -409,9 +411,9 @@ def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp
 
     bucket = _bucket(s3, "corpus-once")
     moved = []  # (direction, path relative to the run directory) of every corpus file transferred
-    copy_files, download = pafs.copy_files, Mirror._download
-    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (
-        moved.append(("up", dst.split("/run/", 1)[1])), copy_files(src, dst, **kw)))
+    upload, download = mirror_module._upload, Mirror._download
+    monkeypatch.setattr(mirror_module, "_upload", lambda local, fs, dst, progress: (
+        moved.append(("up", dst.split("/run/", 1)[1])), upload(local, fs, dst, progress)))
     monkeypatch.setattr(Mirror, "_download", lambda self, src, dst, *info: (
         moved.append(("down", src.split("/run/", 1)[1])), download(self, src, dst, *info)))
 
@@ -559,6 +561,74 @@ def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoin
     assert all("__1_0.distcp does not match its checksum" in res.get("error", "") for res in ranks), ranks
     assert f"{bucket}/run/{step}/manifest.json" not in s3.files(f"{bucket}/run/{step}")
     assert ckpt.latest_valid(rd / "ray" / "main-v1", rd) is None
+
+
+def test_a_new_process_downloads_the_records_that_changed_since_the_last_one_on_this_machine(s3, tmp_path,
+                                                                                            monkeypatch):
+    """Every command's start pulls the run's records and curves (a long run: hundreds of curves,
+    a sweep's trials); a new process on a machine that pulled them before downloads those that
+    changed in the bucket or here since, not all of them again."""
+    monkeypatch.setattr(mirror_module, "SETTLED_S", 0.0)  # the bucket's objects are old enough to trust their stamps
+    bucket = _bucket(s3, "remember")
+    here, mirror = run_location(f"s3://{bucket}/run", str(tmp_path / "a"), s3.endpoint)
+    records = ["config.yaml", "curves/branch-v1.jsonl", "curves/main-v1.jsonl", "lineage.json",
+               "sweeps/v2/s/curves/t1.jsonl", "sweeps/v2/s/results.json"]
+    for rel in records:
+        (here / rel).parent.mkdir(parents=True, exist_ok=True)
+        (here / rel).write_text(f'{{"{rel}": 1}}\n')
+    mirror.push(here)
+    other, downloaded, download = Mirror(mirror.remote, str(tmp_path / "b"), s3.endpoint), [], Mirror._download
+    monkeypatch.setattr(Mirror, "_download", lambda self, src, dst, *info: (
+        downloaded.append(src.split("/run/", 1)[1]), download(self, src, dst, *info)))
+
+    def new_process() -> list[str]:
+        for name, empty in (("_PULLED", {}), ("_COPIED", {}), ("_STATE_READ", set())):
+            monkeypatch.setattr(mirror_module, name, empty)
+        downloaded.clear()
+        other.pull_run()
+        return sorted(downloaded)
+
+    assert new_process() == records
+    assert new_process() == []
+    with s3.fs.open_output_stream(f"{bucket}/run/curves/main-v1.jsonl") as f:  # the run went on elsewhere
+        f.write(b'{"curves/main-v1.jsonl": 1}\n{"step": 2}\n')
+    (tmp_path / "b" / "sweeps/v2/s/results.json").write_text("{}")  # a mirror's copy edited by hand
+    assert new_process() == ["curves/main-v1.jsonl", "sweeps/v2/s/results.json"]
+    assert (tmp_path / "b" / "sweeps/v2/s/results.json").read_text() == '{"sweeps/v2/s/results.json": 1}\n'
+    assert new_process() == []
+    (tmp_path / "b" / ".locks" / mirror_module.STATE).write_text("{damaged")
+    assert new_process() == records
+    assert not [f for f in s3.files(f"{bucket}/run") if "/.locks/" in f]
+
+
+def test_uploads_and_copies_inside_a_bucket_log_their_progress_and_land_whole(s3, tmp_path, monkeypatch, caplog):
+    """A model's weights go up (a base model, a branch's export) or are copied inside the store (a
+    release) several files at a time, each in pieces a progress line counts: a 16 GB model takes
+    minutes, and before, nothing showed until it was done."""
+    import logging
+    import re
+
+    from raypath import console
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(mirror_module, "CHUNK", 1 << 16)
+    caplog.set_level(logging.INFO, logger="raypath")
+    bucket = _bucket(s3, "progress")
+    here, mirror = run_location(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    rd, model = RunDir(here, mirror), here / "exports" / "branch-v2"
+    model.mkdir(parents=True)
+    for i in range(3):
+        (model / f"model-{i + 1}-of-3.safetensors").write_bytes(os.urandom(300_000))
+    (model / "model_card.json").write_text("{}")
+    rd.publish(model)
+    assert rd.copy_in_store(model, here / "releases" / "v2" / "r1")
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    uri = f"s3://{bucket}/run"
+    for what in (f"uploading {uri}/exports/branch-v2", f"copying {uri}/exports/branch-v2 to {uri}/releases/v2/r1"):
+        assert re.search(f"^{re.escape(what)}: [\\d.]+ kB of 900 kB \\(\\d+%\\), ", lines, re.M), (what, lines)
+    for where in ("exports/branch-v2", "releases/v2/r1"):
+        for f in model.iterdir():
+            assert s3.fs.open_input_stream(f"{bucket}/run/{where}/{f.name}").read() == f.read_bytes(), (where, f)
 
 
 def test_a_release_id_reused_after_a_crash_replaces_the_remote_copy_whole(s3, tmp_path, monkeypatch):
