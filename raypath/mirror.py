@@ -351,12 +351,15 @@ class Mirror:
 
     def _write_state(self, before: dict[str, list]) -> None:
         """Save :data:`STATE` where this process changed it: over what another process of this
-        machine saved since (its entries stay unless this one's differ)."""
+        machine saved since (its entries stay unless this one's differ), less the entries of
+        files gone from the mirror (a sweep deleted), so that it grows with what the mirror holds."""
         mine = self._state()
         changed = {rel: e for rel, e in mine.items() if before.get(rel) != e}
         if changed:
+            entries = {**self._read_state(), **changed}
+            entries = {rel: e for rel, e in entries.items() if Path(self.local, rel).is_file()}
             with contextlib.suppress(OSError):  # a read-only mirror: the next start downloads again
-                atomic_write_bytes(self._state_path(), json.dumps({**self._read_state(), **changed}).encode())
+                atomic_write_bytes(self._state_path(), json.dumps(entries).encode())
 
     @contextlib.contextmanager
     def _remembering(self) -> Iterator[None]:

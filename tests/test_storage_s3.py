@@ -599,6 +599,13 @@ def test_a_new_process_downloads_the_records_that_changed_since_the_last_one_on_
     (tmp_path / "b" / ".locks" / mirror_module.STATE).write_text("{damaged")
     assert new_process() == records
     assert not [f for f in s3.files(f"{bucket}/run") if "/.locks/" in f]
+    # what the mirror no longer holds is forgotten at the next save (the memory grows with the mirror)
+    RunDir(tmp_path / "b", other).remove(tmp_path / "b" / "sweeps")
+    with s3.fs.open_output_stream(f"{bucket}/run/config.yaml") as f:
+        f.write(b"name: renamed\n")
+    assert new_process() == ["config.yaml"]
+    state = json.loads((tmp_path / "b" / ".locks" / mirror_module.STATE).read_text())
+    assert sorted(state) == [r for r in records if not r.startswith("sweeps/")]
 
 
 def test_uploads_and_copies_inside_a_bucket_log_their_progress_and_land_whole(s3, tmp_path, monkeypatch, caplog):
