@@ -60,6 +60,10 @@ LAMBDA_GRID = (0.95, 0.98, 0.99, 0.995, 0.999)
 #: Most curves :func:`select_lambda` holds out per split (spread evenly over their order):
 #: each costs one fit per grid value, and a sweep refits after every trial.
 LAMBDA_FOLDS = 4
+#: Observed points from which a fit spreads its independent fits (each lambda's cross-validation
+#: folds, each split's fit) over worker processes (:func:`in_processes`): below it, starting them
+#: (~1 s each, importing scipy) costs more than they save.
+PARALLEL_POINTS = 20_000
 #: Huber threshold on log-loss residuals (2408.11029), and the floor of the threshold a fit
 #: uses (:func:`huber_delta`): smooth curves of large runs are fitted exactly as published.
 HUBER_DELTA = 1e-3
@@ -1194,6 +1198,125 @@ def select_law(candidates: Sequence[type[_Law] | str], curves: Sequence[Curve], 
     return law_class(fit.law), fit.held_out
 
 
+def in_processes(fn, items: Sequence[tuple], points: int, progress=None) -> list:
+    """``[fn(*item) for item in items]``: in up to a worker process per core when the fits hold
+    ``points`` observed points in all, at least :data:`PARALLEL_POINTS` (a fit's optimiser is
+    Python and numpy on small arrays: threads would share one core); else here. ``fn`` is a
+    module-level function. Each finished item counts 1 in ``progress`` (a
+    :class:`raypath.console.Progress`); the workers' log records are logged here. The results are
+    what the same calls return here, bit for bit (the same arithmetic).
+
+    The workers are plain ``python`` processes fed pickles over a pipe, not ``multiprocessing``'s,
+    which import the caller's main module again: a script calling a fit without an ``if __name__
+    == "__main__"`` guard would run again in each of them."""
+    import os
+    import threading
+
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers < 2 or points < PARALLEL_POINTS:
+        out = []
+        for item in items:
+            out.append(fn(*item))
+            if progress is not None:
+                progress.add(1)
+        return out
+    out, todo, failed = [None] * len(items), list(enumerate(items))[::-1], []
+    lock = threading.Lock()
+
+    def drive() -> None:
+        with _Worker() as worker:
+            while not failed:
+                with lock:
+                    if not todo:
+                        return
+                    i, item = todo.pop()
+                ok, value, records = worker.call(fn, item)
+                for name, level, message in records:
+                    logging.getLogger(name).log(level, "%s", message)
+                if not ok:
+                    failed.append(value)
+                    return
+                out[i] = value
+                if progress is not None:
+                    progress.add(1)
+
+    threads = [threading.Thread(target=drive, name=f"raypath-fit-{k}", daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    return out
+
+
+class _Worker:
+    """A ``python`` process that runs the calls :func:`in_processes` sends it, one at a time:
+    length-prefixed pickles over its stdin and stdout (the worker's own output goes to stderr)."""
+
+    def __enter__(self) -> "_Worker":
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # fn's module, importable
+        self.proc = subprocess.Popen([sys.executable, "-c", "from raypath.law import _serve; _serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        return self
+
+    def call(self, fn, item: tuple) -> tuple:
+        """(True, result, log records) or (False, the exception, log records)."""
+        import pickle
+
+        _send(self.proc.stdin, pickle.dumps((fn, item)))
+        reply = _receive(self.proc.stdout)
+        if reply is None:
+            return False, RuntimeError(f"a law-fit worker process died (exit code {self.proc.wait()})"), []
+        return pickle.loads(reply)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _send(f, data: bytes) -> None:
+    f.write(len(data).to_bytes(8, "little") + data)
+    f.flush()
+
+
+def _receive(f) -> bytes | None:
+    head = f.read(8)
+    return f.read(int.from_bytes(head, "little")) if len(head) == 8 else None
+
+
+def _serve() -> None:
+    """A worker process's loop (:class:`_Worker`): run each call it is sent, until its input closes."""
+    import os
+    import pickle
+    import sys
+
+    calls, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the fits print goes to stderr, not into the replies
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.name, record.levelno, record.getMessage()))
+
+    logger = logging.getLogger("raypath")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    while (call := _receive(calls)) is not None:
+        records.clear()
+        try:
+            fn, item = pickle.loads(call)
+            reply = (True, fn(*item), list(records))
+        except Exception as e:  # noqa: BLE001 - the caller raises it
+            reply = (False, e, list(records))
+        _send(replies, pickle.dumps(reply))
+
+
 def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Mapping[str, int] | None]], *,
                   grid: Sequence[float] = LAMBDA_GRID, anchors: Sequence[str] = ("main",),
                   delta: float | None = None) -> tuple[float, dict[float, float]]:
@@ -1217,12 +1340,13 @@ def select_lambda(problems: Sequence[tuple[type[_Law] | str, Sequence[Curve], Ma
             folds.append((law_cls, curves, sign, held, huber_delta(curves) if delta is None else float(delta)))
     if not folds:
         return LAMBDA, {}
+    points = len(grid) * sum(len(c.steps) for _, curves, *_ in folds for c in curves)
+    errors = in_processes(_held_out_errors, [(law_cls, curves, sign, lam, held, None, d)
+                                             for lam in grid for law_cls, curves, sign, held, d in folds], points)
     scores = {}
-    for lam in grid:
-        errors = []
-        for law_cls, curves, sign, held, d in folds:
-            errors += [e**2 for e in _held_out_errors(law_cls, curves, sign, lam, held, delta=d)]
-        scores[float(lam)] = float(np.mean(errors))
+    for k, lam in enumerate(grid):
+        scores[float(lam)] = float(np.mean([e**2 for errs in errors[k * len(folds):(k + 1) * len(folds)]
+                                            for e in errs]))
     best = min(scores, key=lambda lam: (scores[lam], -lam))
     return best, scores
 

@@ -534,9 +534,12 @@ def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], 
 
 
 def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | None, shifts: str,
-               lam: float, delta: float | None = None) -> FitResult:
-    """One split's fit: among the laws :func:`_shift_candidates` offers, the one that predicts
-    held-out branches best (:func:`raypath.law.select_fit`)."""
+               lam: float, delta: float | None = None, form: str | None = None) -> FitResult:
+    """One split's fit: ``form`` where one is named (but for an annealing-only split), else among
+    the laws :func:`_shift_candidates` offers the one that predicts held-out branches best
+    (:func:`raypath.law.select_fit`)."""
+    if form is not None and chosen != "AnnealingLaw":
+        return lawmod.fit_law(form, curves, lam=lam, sign=sign, delta=delta)
     candidates = _shift_candidates(chosen, curves, shifts, _n_points(curves))
     fit = lawmod.select_fit(candidates, curves, sign=sign, lam=lam, delta=delta)
     if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
@@ -634,13 +637,13 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     else:
         lam_value = float(lam)
     progress = Progress(log, f"fitting the law of {version}", len(problems), "splits")
-    for split, (chosen, curves, sign) in problems.items():
-        if split in forms and chosen != "AnnealingLaw":
-            fits[split] = lawmod.fit_law(forms[split], curves, lam=lam_value, sign=sign, delta=huber_delta)
-        else:
-            fits[split] = _fit_split(split, chosen, curves, sign, shifts, lam_value, huber_delta)
-        record["splits"][split] = _split_record(fits[split], curves, lineage, split, version)
-        progress.add(1)
+    # Cost grows with versions^2 x trials (each split's points); the splits are fitted apart.
+    items = [(split, chosen, curves, sign, shifts, lam_value, huber_delta, forms.get(split))
+             for split, (chosen, curves, sign) in problems.items()]
+    points = sum(_n_points(curves) for _, curves, _ in problems.values())
+    for (split, _, curves, *_), fit in zip(items, lawmod.in_processes(_fit_split, items, points, progress)):
+        fits[split] = fit
+        record["splits"][split] = _split_record(fit, curves, lineage, split, version)
     if save and rd is not None:
         from raypath.storage import write_json
 

@@ -693,6 +693,45 @@ def test_a_law_fit_logs_its_progress(tmp_path, monkeypatch, caplog):
         "fitting the law of v3: 1 of 3 splits", "fitting the law of v3: 2 of 3 splits"], lines
 
 
+def _warns(x: int) -> int:
+    logging.getLogger("raypath.law").warning("fit %s warned", x)
+    return x * x
+
+
+def test_a_large_fit_spreads_its_splits_and_lambda_folds_over_processes_with_the_same_results(
+        tmp_path, monkeypatch, caplog):
+    """A cold fit costs versions^2 x trials (minutes on a long lineage); its independent fits (each
+    lambda's folds, then each split) run in a process per core, to the same parameters bit for
+    bit, and what the workers log reaches this process's console."""
+    from law_lineage import write_lineage
+
+    from raypath import law
+
+    run_dir, _ = write_lineage(tmp_path, 2)
+    caplog.set_level(logging.WARNING, logger="raypath")
+    here = lawfit.fit_run(run_dir, "v2", lam="auto", shifts="single", save=False)
+    warned_here = sorted(r.getMessage() for r in caplog.records)
+    caplog.clear()
+    workers, start = [], law._Worker.__enter__
+
+    def counted(self):
+        workers.append(self)
+        return start(self)
+
+    monkeypatch.setattr(law._Worker, "__enter__", counted)
+    monkeypatch.setattr(law, "PARALLEL_POINTS", 0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    apart = lawfit.fit_run(run_dir, "v2", lam="auto", shifts="single", save=False)
+    assert len(workers) == 4 and all(w.proc.returncode == 0 for w in workers)  # 2 for the folds, 2 for the splits
+    assert {s: f.to_dict() for s, f in apart.items()} == {s: f.to_dict() for s, f in here.items()}
+    assert sorted(r.getMessage() for r in caplog.records) == warned_here  # the workers' warnings, relayed
+    caplog.clear()
+    assert law.in_processes(_warns, [(2,), (3,)], points=1) == [4, 9]
+    assert sorted(r.getMessage() for r in caplog.records) == ["fit 2 warned", "fit 3 warned"]
+    with pytest.raises(TypeError, match="can't multiply sequence"):  # a worker's error is raised here
+        law.in_processes(_warns, [(2,), ("x",)], points=1)
+
+
 def test_a_guides_refit_parses_only_the_curves_it_has_not_read(tmp_path, monkeypatch):
     """A sweep's guide refits after every finished trial on every curve of the run, which are
     finished: past the process-wide cache of parsed curves (a run of many sweeps' trials; here
