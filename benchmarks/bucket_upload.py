@@ -1,12 +1,14 @@
-"""What a model's weights cost on their way into a run directory in a bucket: the upload of a
-directory (a downloaded base model, a branch's export, a local release) and its copy inside the
-store (a release of a bucket run's export).
+"""What a model's weights cost on their way into and out of a run directory in a bucket: the
+upload of a directory (a downloaded base model, a branch's export, a local release), its copy
+inside the store (a release of a bucket run's export) and its download (a node loading a release
+or a checkpoint).
 
-Both grow with the model. This writes a ``save_pretrained``-shaped directory of ``--files`` weight
+All grow with the model. This writes a ``save_pretrained``-shaped directory of ``--files`` weight
 files of random bytes (``--mb`` each), starts a moto S3 server on loopback, and times
-``RunDir.publish`` of the directory (a fresh prefix each repeat) and ``RunDir.copy_in_store`` of it
-(median of ``--repeats``). moto serves the bucket from one Python process here, so the numbers
-are the client's and that server's, not a real store's bandwidth.
+``RunDir.publish`` of the directory (a fresh prefix each repeat), ``RunDir.copy_in_store`` of it
+and its download into another node's mirror (``Mirror.pull``), median of ``--repeats``. moto
+serves the bucket from one Python process here, so the numbers are the client's and that
+server's, not a real store's bandwidth.
 
     python benchmarks/bucket_upload.py --files 8 --mb 64
     # the same through another checkout's raypath (e.g. an older commit's worktree)
@@ -51,7 +53,7 @@ def main() -> None:
     import pyarrow.fs as pafs
 
     import raypath
-    from raypath.mirror import RunDir, run_location
+    from raypath.mirror import Mirror, RunDir, run_location
 
     root = Path(tempfile.mkdtemp(prefix="bucket-upload-"))
     endpoint, moto = start(root / "moto.log")
@@ -61,7 +63,7 @@ def main() -> None:
         rd = RunDir(here, mirror)
         _model(here / "exports" / "model", args.files, args.mb)
         total = sum(p.stat().st_size for p in (here / "exports" / "model").iterdir())
-        up, copy = [], []
+        up, copy, down = [], [], []
         for i in range(args.repeats):
             src = here / "exports" / f"model-{i}"
             shutil.copytree(here / "exports" / "model", src)  # new files: nothing of them was uploaded yet
@@ -71,14 +73,19 @@ def main() -> None:
             t0 = time.perf_counter()
             assert rd.copy_in_store(src, here / "releases" / f"r{i}")
             copy.append(time.perf_counter() - t0)
+            node = Mirror(mirror.remote, str(root / f"node-{i}"), endpoint)  # a node that loads the release
+            t0 = time.perf_counter()
+            node.pull(Path(node.local, "releases", f"r{i}"))
+            down.append(time.perf_counter() - t0)
     finally:
         moto.kill()
         shutil.rmtree(root, ignore_errors=True)
     results = {"command": " ".join(["python", *sys.argv]), "raypath": str(Path(raypath.__file__).parent),
                "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "bytes": total, "files": args.files + 2,
-               "upload_s": round(statistics.median(up), 3), "copy_in_store_s": round(statistics.median(copy), 3)}
-    for k in ("upload_s", "copy_in_store_s"):
+               "upload_s": round(statistics.median(up), 3), "copy_in_store_s": round(statistics.median(copy), 3),
+               "download_s": round(statistics.median(down), 3)}
+    for k in ("upload_s", "copy_in_store_s", "download_s"):
         results[k.removesuffix("_s") + "_mb_per_s"] = round(total / 1e6 / results[k], 1)
     print(json.dumps(results, indent=1))
 

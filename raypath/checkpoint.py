@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from raypath.mirror import LOCAL, RunDir
-from raypath.storage import read_json, sha256_file, write_json
+from raypath.storage import in_threads, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def save(directory: str | Path, model_state: dict, optim_state: dict, state: dic
     _save_tensor_file(optim_state, d / "optim.pt")
     _save_tensor_file(_rng_file(rngs), d / "rng.pt")
     write_json(d / "state.json", state)
-    write_json(d / MANIFEST, {f: sha256_file(d / f) for f in FILES})
+    write_json(d / MANIFEST, dict(zip(FILES, in_threads(lambda f: sha256_file(d / f), list(FILES)))))
     return d
 
 
@@ -148,14 +148,13 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None,
         files = _sharded_files(str(d), expected)
         _check_sizes(str(d), files, {rel: (d / rel).stat().st_size for rel in files if (d / rel).is_file()})
         if deep:
-            for rel, meta in files.items():
-                _check_hash(d, rel, meta["sha256"])
+            in_threads(lambda rel: _check_hash(d, rel, files[rel]["sha256"]), list(files))
         return
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
-        if deep is not False and name in names:
-            _check_hash(d, name, expected.get(name))
+    if deep is not False:  # the weights and the optimizer state at once: each hash holds a core
+        in_threads(lambda name: _check_hash(d, name, expected.get(name)), [n for n in FILES if n in names])
 
 
 def _local_manifest(d: Path) -> dict:
@@ -238,18 +237,21 @@ def verify_files(directory: str | Path, files: dict[str, dict], rd: RunDir = LOC
     checkpoint when any rank found one).
     """
     d = Path(directory)
-    for rel, meta in files.items():
+
+    def check(rel: str) -> str | None:
         for last in (False, True) if rd.remote(d) else (True,):
             try:
                 f = rd.fetch(d / rel)
-                _check_sizes(rd.name(d), {rel: meta}, {rel: f.stat().st_size} if f.is_file() else {})
-                _check_hash(d, rel, meta["sha256"], rd.name(d))
-                break
+                _check_sizes(rd.name(d), {rel: files[rel]}, {rel: f.stat().st_size} if f.is_file() else {})
+                _check_hash(d, rel, files[rel]["sha256"], rd.name(d))
+                return None
             except (CheckpointError, FileNotFoundError) as e:
                 if last:
                     return str(e)
                 (d / rel).unlink(missing_ok=True)
-    return None
+        return None
+
+    return next((e for e in in_threads(check, list(files)) if e), None)
 
 
 def quarantine(directory: str | Path, reason: str, rd: RunDir = LOCAL) -> None:
@@ -272,7 +274,8 @@ def shard_files(shards_dir: str | Path, rank: int) -> list[Path]:
 def file_entries(directory: str | Path, paths: list[Path]) -> dict[str, dict]:
     """Manifest entries (size, sha256) of ``paths`` inside a checkpoint directory."""
     d = Path(directory)
-    return {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+    hashes = in_threads(sha256_file, list(paths))
+    return {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": h} for p, h in zip(paths, hashes)}
 
 
 def write_sharded_meta(directory: str | Path, state: dict, rngs: list[dict] | None = None) -> list[Path]:

@@ -299,12 +299,14 @@ class Mirror:
             raise FileNotFoundError(f"{self.remote}/{self.relative(path)}: not found (needed at {path})")
         return path
 
-    def _download(self, src: str, dst: Path, remote: pafs.FileInfo | None = None) -> None:
-        """Copy the remote file ``src`` to ``dst``; ``remote``: its info as listed just before."""
+    def _download(self, src: str, dst: Path, remote: pafs.FileInfo | None = None,
+                  progress: Progress | None = None) -> None:
+        """Copy the remote file ``src`` to ``dst``; ``remote``: its info as listed just before;
+        ``progress``: counts its bytes as they come."""
         settled = remote is not None and remote.mtime_ns is not None and \
             time.time_ns() - remote.mtime_ns >= SETTLED_S * 1e9
         with self.filesystem().open_input_stream(src) as f, atomic_file(dst) as out:
-            shutil.copyfileobj(f, out, CHUNK)
+            _copy_stream(f, out, progress)
         _COPIED[src] = _stamp(dst)
         if settled:  # rewritten since the listing: a later listing shows another mtime
             _PULLED[src] = (remote.size, remote.mtime_ns)
@@ -315,8 +317,10 @@ class Mirror:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".pull", dir=path.parent))
         try:
-            for rel, info in self._tree(path).items():
-                self._download(info.path, tmp / rel, info)
+            # A checkpoint or a release: grows with the model's bytes, several files at a time.
+            tree = self._tree(path)
+            progress = Progress(log, f"downloading {self.name(path)}", sum(i.size for i in tree.values()), "B")
+            in_threads(lambda rel: self._download(tree[rel].path, tmp / rel, tree[rel], progress), list(tree), STREAMS)
             os.chmod(tmp, 0o755)
             os.rename(tmp, path)
         except OSError:
@@ -528,11 +532,12 @@ def _upload(local: Path, fs: pafs.FileSystem, dst: str, progress: Progress) -> N
         _copy_stream(f, out, progress)
 
 
-def _copy_stream(f: Any, out: Any, progress: Progress) -> None:
+def _copy_stream(f: Any, out: Any, progress: Progress | None = None) -> None:
     """Copy the open stream ``f`` to ``out`` in :data:`CHUNK` pieces, each counted in ``progress``."""
     while block := f.read(CHUNK):
         out.write(block)
-        progress.add(len(block))
+        if progress is not None:
+            progress.add(len(block))
 
 
 def _upload_order(rel: str) -> tuple:

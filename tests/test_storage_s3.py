@@ -608,10 +608,11 @@ def test_a_new_process_downloads_the_records_that_changed_since_the_last_one_on_
     assert sorted(state) == [r for r in records if not r.startswith("sweeps/")]
 
 
-def test_uploads_and_copies_inside_a_bucket_log_their_progress_and_land_whole(s3, tmp_path, monkeypatch, caplog):
-    """A model's weights go up (a base model, a branch's export) or are copied inside the store (a
-    release) several files at a time, each in pieces a progress line counts: a 16 GB model takes
-    minutes, and before, nothing showed until it was done."""
+def test_weights_to_from_and_inside_a_bucket_log_their_progress_and_land_whole(s3, tmp_path, monkeypatch, caplog):
+    """A model's weights go up (a base model, a branch's export), are copied inside the store (a
+    release) and come down (a checkpoint or release a node loads) several files at a time, each in
+    pieces a progress line counts: a 16 GB model takes minutes, and before, nothing showed until
+    it was done."""
     import logging
     import re
 
@@ -629,9 +630,13 @@ def test_uploads_and_copies_inside_a_bucket_log_their_progress_and_land_whole(s3
     (model / "model_card.json").write_text("{}")
     rd.publish(model)
     assert rd.copy_in_store(model, here / "releases" / "v2" / "r1")
+    other = Mirror(mirror.remote, str(tmp_path / "other"), s3.endpoint)  # a node that loads the release
+    got = other.pull(Path(other.local, "releases", "v2", "r1"))
+    assert {f.name: f.read_bytes() for f in got.iterdir()} == {f.name: f.read_bytes() for f in model.iterdir()}
     lines = "\n".join(r.getMessage() for r in caplog.records)
     uri = f"s3://{bucket}/run"
-    for what in (f"uploading {uri}/exports/branch-v2", f"copying {uri}/exports/branch-v2 to {uri}/releases/v2/r1"):
+    for what in (f"uploading {uri}/exports/branch-v2", f"copying {uri}/exports/branch-v2 to {uri}/releases/v2/r1",
+                 f"downloading {uri}/releases/v2/r1"):
         assert re.search(f"^{re.escape(what)}: [\\d.]+ kB of 900 kB \\(\\d+%\\), ", lines, re.M), (what, lines)
     for where in ("exports/branch-v2", "releases/v2/r1"):
         for f in model.iterdir():
