@@ -17,6 +17,7 @@ and the driver forwards only tagged lines of the worker output Ray streams to it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -26,6 +27,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 LEVEL_ENV = "RAYPATH_LOG_LEVEL"
 #: Every raypath log line, on the driver and in workers, starts like this.
@@ -211,7 +213,8 @@ def fmt_eta(seconds: float) -> str:
 
 
 #: How often a long step of the driver logs its progress: preparing versions (validating,
-#: tokenizing, shuffling), a base model's download or hashing, a law fit.
+#: tokenizing, shuffling), a base model's download or hashing, weights to or from a bucket, a
+#: law fit, an export's load, write and check.
 PROGRESS_EVERY_S = 30.0
 
 
@@ -269,6 +272,27 @@ class Progress:
                 else f"{amount(self.done)} of {amount(self.total, self.unit)}")
         return (f"{self.what}: {done} ({self.done / max(self.total, 1e-9):.0%}), "
                 f"{amount(rate, self.unit)}/s{others}, ETA {eta}")
+
+
+@contextlib.contextmanager
+def heartbeat(logger: logging.Logger, what: str) -> Iterator[None]:
+    """Around a long step whose progress cannot be counted (a library call: ``save_pretrained``,
+    ``from_pretrained``): ``what: 1m30s so far`` every :data:`PROGRESS_EVERY_S` until it ends."""
+    import threading
+
+    stop, t0 = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(max(PROGRESS_EVERY_S, 0.001)):
+            logger.info("%s: %s so far", what, fmt_eta(time.perf_counter() - t0))
+
+    thread = threading.Thread(target=beat, name="raypath-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def amount(n: float, unit: str = "") -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,14 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
+from raypath.console import heartbeat
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RECORDS, RunDir
 from raypath.schedules import MainPath
 from raypath.sources import is_uri
 from raypath.storage import read_json
+
+log = logging.getLogger(__name__)
 
 #: ``--dtype`` values; None (the default) keeps the stored dtype (fp32 master weights for a checkpoint).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -156,18 +160,23 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
     run_dir, out = lineage.rd.path.resolve(), Path(out).resolve()
     src = resolve(lineage, run_dir, what)
     check_out(out, force, run_dir, src.path)
+    # Each step reads or writes the whole model (minutes for billions of parameters): a line
+    # every PROGRESS_EVERY_S while it lasts; a small model's export prints only its result.
     with _no_progress_bars():
-        model = load_model(src, lineage, run_dir)
+        with heartbeat(log, f"exporting {what}: loading {src.path}"):
+            model = load_model(src, lineage, run_dir)
         if dtype is not None:
             model.to(DTYPES[dtype])
         # atomic_dir: a temp sibling of `out`, renamed over it only if the block succeeds.
         with atomic_dir(out) as tmp:
-            save_model_dir(tmp, model, src.tokenizer_dir)
+            with heartbeat(log, f"exporting {what}: writing {out}"):
+                save_model_dir(tmp, model, src.tokenizer_dir)
             if src.json_card is not None:
                 shutil.copy2(src.json_card, tmp / JSON_CARD)
             result = Exported(out, src, next(model.parameters()).dtype, sum(p.numel() for p in model.parameters()))
             model_card(src.facts, out.name, result.weights).save(tmp / CARD)
-            verify(tmp, model)
+            with heartbeat(log, f"exporting {what}: checking what was written against the model"):
+                verify(tmp, model)
     return result
 
 

@@ -225,3 +225,21 @@ def test_a_segments_eta_leaves_out_the_start_up_before_its_first_step(tmp_path, 
     with caplog.at_level(logging.INFO, logger="raypath.progress"):
         reporter.flush(5, 1e-3, 80, {})
     assert "eta 1m35s" in caplog.text
+
+
+def test_a_heartbeat_logs_while_its_step_lasts_and_stops_with_it(monkeypatch, caplog):
+    """A step whose progress cannot be counted (``save_pretrained``) says it is still going."""
+    import logging
+    import time
+
+    from raypath import console
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.02)
+    caplog.set_level(logging.INFO, logger="raypath")
+    log = logging.getLogger("raypath.test")
+    with console.heartbeat(log, "writing /models/v2"):
+        time.sleep(0.2)
+    beats = [r.getMessage() for r in caplog.records]
+    assert len(beats) >= 3 and all(b == "writing /models/v2: 0m00s so far" for b in beats), beats
+    time.sleep(0.1)
+    assert len(caplog.records) == len(beats)  # none after the step

@@ -374,6 +374,30 @@ def test_cli_export(run, tmp_path, capsys):
     assert not (tmp_path / "s3").exists()
 
 
+def test_an_export_says_which_step_it_is_in_while_it_lasts(run, tmp_path, monkeypatch):
+    """Loading, writing and checking a model each read or write all of it (minutes for billions
+    of parameters): each runs inside a heartbeat (a line every PROGRESS_EVERY_S while it lasts,
+    tested in test_console), in that order, the model written inside the writing one."""
+    import contextlib
+
+    from raypath import export as export_module
+
+    steps, heartbeat = [], export_module.heartbeat
+
+    @contextlib.contextmanager
+    def recorded(logger, what):
+        with heartbeat(logger, what):
+            yield
+        steps.append((what, sorted(p.name for p in tmp_path.glob(".v2*/*"))))
+
+    monkeypatch.setattr(export_module, "heartbeat", recorded)
+    export(run, "v2", tmp_path / "v2")
+    assert [what for what, _ in steps] == [f"exporting v2: loading {run / 'releases' / 'v2' / 'r2'}",
+                                           f"exporting v2: writing {tmp_path / 'v2'}",
+                                           "exporting v2: checking what was written against the model"]
+    assert steps[0][1] == [] and "model.safetensors" in steps[1][1]
+
+
 def test_every_exported_file_is_readable_by_other_users(run, tmp_path):
     out = tmp_path / "v2"
     export(run, "v2", out)
