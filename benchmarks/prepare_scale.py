@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import json, logging, resource, sys, time
 logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-logging.getLogger("raypath.data").setLevel(logging.INFO)  # the stage times
+for name in ("raypath.data", "raypath.dedup"):  # the stage times
+    logging.getLogger(name).setLevel(logging.INFO)
 from raypath.cluster import init_ray
 from raypath.config import load_config
 from raypath.run import prepare
@@ -94,13 +95,14 @@ def tokenizer(out: Path, corpus: Path) -> Path:
 
 
 # The driver's log line of each stage (raypath.data), and its name in the results.
-STAGE_WORDS = {"validate": "validated and fingerprinted", "tokenize": "tokenized and packed", "versions": "prepared "}
+STAGE_WORDS = {"validate": "validated and fingerprinted", "dedup": "deduplicated ", "tokenize": "tokenized and packed",
+               "versions": "prepared "}
 
 
-def run_prepare(corpus: Path, run_dir: Path, code: Path, actors: int, tok: Path) -> dict:
+def run_prepare(corpus: Path, run_dir: Path, code: Path, actors: int, tok: Path, extra: tuple[str, ...] = ()) -> dict:
     overrides = [f"run_dir={run_dir}", f"data.corpus={corpus}", "data.versions=[v1, v2]", f"data.tokenizer={tok}",
                  "data.replay_ratio=0.25", f"data.tokenize_actors={actors}", "data.seq_len=128",
-                 "data.vocab_size=4096", "train.global_batch_size=16", "train.micro_batch_size=16"]
+                 "data.vocab_size=4096", "train.global_batch_size=16", "train.micro_batch_size=16", *extra]
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT / "configs" / "quickstart.yaml"), *overrides],
@@ -109,10 +111,10 @@ def run_prepare(corpus: Path, run_dir: Path, code: Path, actors: int, tok: Path)
         raise SystemExit(f"prepare failed:\n{proc.stderr[-4000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     out = json.loads(line[len("RESULT "):])
-    out["stages_s"] = {"validate": 0.0, "tokenize": 0.0, "versions": 0.0}
+    out["stages_s"] = dict.fromkeys(STAGE_WORDS, 0.0)
     for ln in proc.stderr.splitlines():
-        if ln.startswith("raypath.data: "):
-            print("  " + ln[len("raypath.data: "):], flush=True)
+        if ln.startswith(("raypath.data: ", "raypath.dedup: ")):
+            print("  " + ln.split(": ", 1)[1], flush=True)
             stage = next((k for k, word in STAGE_WORDS.items() if word in ln), None)
             if stage and (m := re.search(r" in ([0-9.]+) s", ln)):
                 out["stages_s"][stage] += float(m.group(1))

@@ -30,6 +30,7 @@ PARALLEL = ("ddp", "fsdp")
 GUIDES = ("law", "none")
 #: ``tracking.backend`` values.
 TRACKING_BACKENDS = ("tensorboard", "mlflow", "none")
+DEDUP_MODES = ("none", "exact")  # data.dedup (raypath.dedup)
 #: ``model.attn_implementation`` values (transformers' names).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -111,6 +112,10 @@ class DataConfig:
     on_bad_input: ``error`` stops at the first bad file or document with its
         name (and line); ``skip`` drops it, logs it and counts it in the manifest.
     max_doc_chars: longest document accepted, in characters; 0 = no limit.
+    dedup: ``exact`` drops, before tokenizing, each train document whose text is one
+        an earlier version trained, one of this or an earlier version's val/test documents,
+        or repeated earlier in this version (counted per version in the data manifest);
+        ``none`` trains every document. Fixed for a lineage.
     """
 
     corpus: str = "embedded"
@@ -128,6 +133,7 @@ class DataConfig:
     seed: int = 0
     on_bad_input: str = "error"
     max_doc_chars: int = 1_000_000
+    dedup: str = "none"
 
 
 @dataclass
@@ -630,6 +636,7 @@ def _validate_data(d: DataConfig) -> None:
     _check(d.max_docs_per_version is None or d.max_docs_per_version >= 2, "data.max_docs_per_version",
            f"must be >= 2 (train and held-out documents) or empty, got {d.max_docs_per_version}")
     _check(d.tokenizer_max_chars >= 1, "data.tokenizer_max_chars", f"must be >= 1, got {d.tokenizer_max_chars}")
+    _check(d.dedup in DEDUP_MODES, "data.dedup", f"must be one of {', '.join(DEDUP_MODES)}, got {d.dedup!r}")
     if d.corpus != "embedded" and not is_uri(d.corpus):  # a remote corpus is listed when preparing
         _check(Path(d.corpus).is_dir(), "data.corpus",
                f"{d.corpus!r} is a file, not a corpus directory (one sub-directory per version)"

@@ -17,6 +17,9 @@ For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
   reads, for the numbers a release reports: the version's ``test/`` files when the
   corpus has them, else the val files' blocks right after the val split's (see
   :func:`held_out_counts`).
+* ``dedup/index/`` and ``dedup/drop/``: with ``data.dedup: exact``, the hashes of the documents
+  the version trained or holds out, and the keys of the train documents it dropped as
+  duplicates, decided before tokenizing (:mod:`raypath.dedup`, which also says its costs).
 * ``files.json``: the version's input files with their fingerprints, skipped files and
   rows per tokenized chunk, written once, just before the manifest names it.
 * ``RUN_DIR/data/manifest.json``: per version its counts and paths (the per-file lists'
@@ -65,6 +68,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raypath import dedup
 from raypath.lineage import FILE_LISTS, recorded_root, without_file_lists
 from raypath.mirror import LOCAL, RunDir
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
@@ -77,6 +81,7 @@ from raypath.sources import (  # noqa: F401
     VersionSource,
     apply_policy,
     discover_versions,
+    doc_status,
     inspect_files,
     iter_docs,
     unchanged,
@@ -220,19 +225,17 @@ class TokenizePack:
         self.column, self.block, self.eos = text_column, seq_len + 1, eos
         self.max_doc_chars, self.endpoint, self.fs, self.rd = max_doc_chars, endpoint, fs, rd
 
-    def _status(self, text) -> str:
-        if not isinstance(text, str) or not text:
-            return "empty"
-        if self.max_doc_chars and len(text) > self.max_doc_chars:
-            return "too_long"
-        return "ok"
-
-    def _ids(self, chunk: Chunk, skipped: dict) -> list[np.ndarray]:
+    def _ids(self, chunk: Chunk, skipped: dict, base: int | None = None,
+             dropped: set[int] | frozenset = frozenset()) -> list[np.ndarray]:
+        """Token ids of ``chunk``'s documents; ``dropped``: keys (``base | position``) to skip as
+        duplicates (:mod:`raypath.dedup`)."""
         from raypath.tokenizer import encode_documents
 
         ids, batch = [], []
-        for _, text, problem in iter_docs(chunk, self.column, self.endpoint):
-            status = "invalid" if problem else self._status(text)
+        for _, text, problem, pos in iter_docs(chunk, self.column, self.endpoint):
+            status = doc_status(text, problem, self.max_doc_chars)
+            if status == "ok" and base is not None and base | pos in dropped:
+                status = "duplicate"
             if status != "ok":
                 skipped[status] = skipped.get(status, 0) + 1
                 continue
@@ -249,16 +252,19 @@ class TokenizePack:
         for c in batch.to_pylist():
             skipped: dict[str, int] = {}
             ids = []
+            dropped = dedup.dropped_keys(self.fs, c["drop"], *dedup.key_range(c["parts"])) if c["drop"] else set()
             for p in c["parts"]:
                 self.rd.fetch(p["path"], missing_ok=True)
-                ids += self._ids(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), skipped)
+                base = p["file"] << dedup.POS_BITS if p.get("file", -1) >= 0 else None
+                ids += self._ids(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), skipped, base, dropped)
             blocks, stats = pack(ids, self.block, self.eos)
             rows = (np.int64(c["chunk"]) << np.int64(32)) + np.arange(len(blocks), dtype=np.int64)
             table = pa.table({"row": rows, "src": np.full(len(blocks), c["src"], np.int16),
                               "tokens": _tokens_array(blocks.reshape(-1, self.block))})
             write_table(table, self.fs, c["out"], row_group_size=STREAM_ROW_GROUP)
             out.append({"job": c["job"], "chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
-                        "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0)})
+                        "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0),
+                        "skipped_duplicate": skipped.get("duplicate", 0)})
         return pa.Table.from_pylist(out)
 
 
@@ -284,11 +290,13 @@ def _part(d: str, i: int) -> str:
 
 @dataclass(frozen=True)
 class TokenizeJob:
-    """Chunks whose blocks go to ``out_dir/part-CCCCCC.parquet`` as rows of version ``src``."""
+    """Chunks whose blocks go to ``out_dir/part-CCCCCC.parquet`` as rows of version ``src``, without
+    the documents whose keys ``drop`` files list (:func:`raypath.dedup.dropped_keys`)."""
 
     chunks: list[dict]
     src: int
     out_dir: str
+    drop: tuple[str, ...] = ()
 
 
 def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "PrepareSpec", eos: int,
@@ -306,7 +314,8 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
 
     from raypath.console import Progress
 
-    items = [{"parts": group, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i)}
+    items = [{"parts": group, "job": j, "chunk": i, "src": job.src, "out": _part(job.out_dir, i),
+              "drop": list(job.drop)}
              for j, job in enumerate(jobs) for i, group in enumerate(chunk_groups(job.chunks, spec.chunk_bytes))]
     if not items:
         return [[] for _ in jobs]
@@ -334,6 +343,7 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
 def _sum_stats(rows: list[dict]) -> dict:
     keys = ("docs", "doc_tokens", "blocks", "dropped_tokens")
     total = {k: int(sum(r[k] for r in rows)) for k in keys}
+    total["duplicates"] = int(sum(r.get("skipped_duplicate", 0) for r in rows))
     total["skipped_docs"] = {k: n for k in ("empty", "too_long", "invalid")
                              if (n := int(sum(r[f"skipped_{k}"] for r in rows)))}
     return total
@@ -765,6 +775,7 @@ class PrepareSpec:
     chunk_bytes: int = CHUNK_BYTES  # input per tokenize task (see raypath.sources)
     shard_bytes: int = SHARD_BYTES  # token bytes per stream shard
     test_blocks: int = 0  # held-out test split per version; 0 = none
+    dedup: str = "none"  # "exact": drop repeated train documents (raypath.dedup)
 
 
 @dataclass
@@ -819,7 +830,7 @@ def _recorded_files(rec: dict, src: VersionSource, say: bool = True) -> list[dic
     return pending
 
 
-def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: int) -> dict:
+def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: int, dedup: str = "none") -> dict:
     """The data manifest under ``data_dir`` (empty before the first version), refused where the
     corpus no longer gives its versions in their order, each with the files it was prepared from.
     Needs no Ray and reads no file's contents (:func:`plan_versions` checks those), so a run can
@@ -829,6 +840,11 @@ def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: 
     if manifest.get("seq_len") not in (None, seq_len):
         raise DataError(f"{path}: prepared with seq_len={manifest['seq_len']!r}, config asks {seq_len!r}; "
                         f"use a new run_dir")
+    if manifest["versions"] and manifest.get("dedup", "none") != dedup:
+        # A version deduplicates against the index each earlier one left: none left, nothing to
+        # check against; left and ignored, the lineage mixes two rules.
+        raise DataError(f"{path}: its versions were prepared with data.dedup={manifest.get('dedup', 'none')!r}, "
+                        f"the config asks {dedup!r}; set it back, or use a new run_dir")
     for i, rec in enumerate(manifest["versions"][: len(sources)]):
         if sources[i].name != rec["name"]:
             raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
@@ -866,7 +882,7 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = check_prepared(sources, spec.data_dir, spec.seq_len)
+    manifest = check_prepared(sources, spec.data_dir, spec.seq_len, spec.dedup)
     if manifest.get("tokenizer_dir") not in (None, spec.tokenizer_dir):
         raise DataError(f"{path}: its versions were tokenized with the tokenizer in {manifest['tokenizer_dir']}, "
                         f"the config gives the one in {spec.tokenizer_dir} (data.tokenizer, else model.path's "
@@ -947,13 +963,13 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
 
     plan = plan or plan_versions(sources, spec)
     manifest = plan.manifest
-    manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir)
+    manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir, dedup=spec.dedup)
     records: list[dict] = manifest["versions"]
     if not plan.todo:
         return records[: len(sources)]
     eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
     t1 = time.perf_counter()
-    tokenized = _tokenize_versions(plan.todo, spec, eos)
+    tokenized = _tokenize_versions(plan.todo, spec, eos, records)
     t2 = time.perf_counter()
     tokens = sum(r["doc_tokens"] for v in tokenized for rows in v.values() for r in rows)
     log.info("tokenized and packed %d tokens of %d version(s) in %.1f s (%.0f tokens/s, %d actors)",
@@ -973,18 +989,37 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
 _PARTS = {"train": "new", "val": "val-parts", "test": "test-parts"}  # where each split's tokenized chunks go
 
 
-def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[dict[str, list[dict]]]:
-    """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split."""
+def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int,
+                       records: list[dict]) -> list[dict[str, list[dict]]]:
+    """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split.
+    With ``data.dedup: exact``, each version's duplicates are decided first, in version order
+    (``records``: the versions prepared before), and ``todo[k]["dedup"]`` holds the counts."""
     jobs, keys = [], []
     fs = spec.rd.target(spec.data_dir)[0]
-    for k, t in enumerate(todo):
-        root = spec.rd.target(Path(spec.data_dir) / t["source"].name)[1]
+    roots = [spec.rd.target(Path(spec.data_dir) / t["source"].name)[1] for t in todo]
+    for root in roots:
         fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
+    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
+    index_dirs = [spec.rd.target(Path(spec.data_dir) / r["name"])[1] for r in records]
+    index_rows = sum(int(r.get("dedup", {}).get("index_rows", 0)) for r in records)
+    for k, (t, root) in enumerate(zip(todo, roots)):
+        train = [{**c, "file": f} for f, r in enumerate(t["train"]) for c in r["chunks"]]
+        drop: tuple[str, ...] = ()
+        if spec.dedup == "exact":
+            dedup.check_keys(t["train"], t["source"].name)
+            held_out = [{**c, "file": dedup.HELD_OUT} for r in (*t["val"], *t["test"]) for c in r["chunks"]]
+            t["dedup"] = dedup.dedup_version(
+                t["source"].name, train, held_out, [f for d in index_dirs for f in dedup.index_files(fs, d)],
+                index_rows, f"{root}/dedup", fs, dedup.DedupSpec(spec.text_column, spec.endpoint, limit, spec.rd),
+                spec.chunk_bytes)
+            index_dirs.append(root)
+            index_rows += t["dedup"]["index_rows"]
+            drop = tuple(t["dedup"].pop("drop_files"))
         for split, out in _PARTS.items():
             if t[split]:
-                jobs.append(TokenizeJob([c for r in t[split] for c in r["chunks"]], t["index"], f"{root}/{out}"))
+                chunks = train if split == "train" else [c for r in t[split] for c in r["chunks"]]
+                jobs.append(TokenizeJob(chunks, t["index"], f"{root}/{out}", drop if split == "train" else ()))
                 keys.append((k, split))
-    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
     out: list[dict[str, list[dict]]] = [{"test": []} for _ in todo]
     what = f"tokenizing {', '.join(t['source'].name for t in todo)}"
     for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, limit, what)):
@@ -1036,6 +1071,9 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     for kind, rows in split_stats.items():
         if (s := _sum_stats(rows))["skipped_docs"]:
             log.warning("version %s %s: skipped documents %s", src.name, kind, s["skipped_docs"])
+    if stats["duplicates"] != todo.get("dedup", {}).get("dropped", 0):
+        raise RuntimeError(f"version {src.name}: tokenizing skipped {stats['duplicates']} duplicate documents, "
+                           f"deduplication decided {todo['dedup']['dropped']}")
 
     own = Pool(i, tuple(_part(f"{root}/new", r["chunk"]) for r in train), tuple(r["blocks"] for r in train))
     older = [_pool(r, spec) for r in records[:i]]
@@ -1060,6 +1098,7 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
         **({"test_files": [r["fingerprint"] for r in todo["test"]]} if todo["test"] else {}),
         "docs": stats["docs"],
         "skipped_docs": stats["skipped_docs"],
+        **({"dedup": todo["dedup"]} if "dedup" in todo else {}),
         "skipped_files": todo["skipped_files"],
         "new_blocks": stats["blocks"],
         "new_tokens": stats["blocks"] * (spec.seq_len + 1),

@@ -505,7 +505,7 @@ def _migrate_sweeps(data: dict) -> None:
 #: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
 FIXED_SETTINGS = (("model", None),
                   ("data", ("seq_len", "tokenizer", "vocab_size", "tokenizer_max_chars", "max_docs_per_version",
-                            "seed")),
+                            "seed", "dedup")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
 #: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
 OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")

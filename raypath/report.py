@@ -238,7 +238,8 @@ def _config_summary(cfg: dict) -> list[str]:
         f"model: hidden {g(m, 'hidden_size')}, layers {g(m, 'num_layers')}, heads {g(m, 'num_heads')}"
         f" (kv {g(m, 'num_kv_heads')}), ffn {g(m, 'intermediate_size')}"
         + (f", from {m['path']}" if m.get("path") else ""),
-        f"data: seq_len {g(d, 'seq_len')}, replay ratio {g(d, 'replay_ratio')}, val blocks {g(d, 'val_blocks')}",
+        f"data: seq_len {g(d, 'seq_len')}, replay ratio {g(d, 'replay_ratio')}, val blocks {g(d, 'val_blocks')}, "
+        f"dedup {g(d, 'dedup')}",
         f"train: global batch {g(t, 'global_batch_size')} (micro {g(t, 'micro_batch_size')}),"
         f" max_lr {g(t, 'max_lr')}, warmup {g(t, 'warmup_steps')} steps, workers {g(t, 'num_workers')}",
         f"branch: fraction {g(b, 'fraction')}, shape {g(b, 'shape')}, min_lr_ratio {g(b, 'min_lr_ratio')},"
@@ -247,12 +248,13 @@ def _config_summary(cfg: dict) -> list[str]:
 
 
 def _versions_section(lineage: Lineage) -> str:
-    rows = [[v.name, _plain(v.extra.get("docs")), _plain(v.new_blocks), si(v.new_tokens), _plain(v.replay_blocks),
-             _plain(v.val_blocks)] for v in lineage.versions()]
+    rows = [[v.name, _plain(v.extra.get("docs")), _plain((v.extra.get("dedup") or {}).get("dropped")),
+             _plain(v.new_blocks), si(v.new_tokens), _plain(v.replay_blocks), _plain(v.val_blocks)]
+            for v in lineage.versions()]
     if not rows:
         return _section("versions", "(none prepared yet)")
     return _section("versions", _text_table(
-        ["version", "docs", "new blocks", "new tokens", "replay blocks", "val blocks"], rows))
+        ["version", "docs", "duplicates", "new blocks", "new tokens", "replay blocks", "val blocks"], rows))
 
 
 def _checkpoint_name(main: MainEntry) -> str:

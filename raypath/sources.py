@@ -366,10 +366,13 @@ def _column_texts(batches: Iterator[pa.RecordBatch], column: str) -> Iterator[tu
             row += 1
 
 
-def iter_docs(chunk: Chunk, column: str, endpoint: str | None = None) -> Iterator[tuple[str, str | None, str | None]]:
-    """(where, text, problem) for every document of ``chunk``, in file order.
+def iter_docs(chunk: Chunk, column: str,
+              endpoint: str | None = None) -> Iterator[tuple[str, str | None, str | None, int]]:
+    """(where, text, problem, position) for every document of ``chunk``, in file order.
 
-    ``where`` is ``line N`` or ``row N``; ``problem`` is None for a good document.
+    ``where`` is ``line N`` or ``row N``; ``problem`` is None for a good document; ``position``
+    names the document within its file whatever chunk reads it: a jsonl line's byte offset (of
+    the decompressed stream for gzip), a parquet/Arrow row.
     """
     if chunk.fmt in ("jsonl", "jsonl.gz"):
         with _open(chunk.path, endpoint, compressed=chunk.fmt == "jsonl.gz") as f:
@@ -377,7 +380,7 @@ def iter_docs(chunk: Chunk, column: str, endpoint: str | None = None) -> Iterato
             for offset, line in _lines(f, chunk.start, chunk.stop):
                 if line.strip():
                     text, problem = _json_text(line, column)
-                    yield (f"line {lineno}" if lineno else f"byte {offset}"), text, problem
+                    yield (f"line {lineno}" if lineno else f"byte {offset}"), text, problem, offset
                 if lineno:
                     lineno += 1
         return
@@ -391,7 +394,20 @@ def iter_docs(chunk: Chunk, column: str, endpoint: str | None = None) -> Iterato
             first, rows = 0, _column_texts(_arrow_batches(f), column)
         for row, value in rows:  # a null is no document; anything but a string is a problem
             bad = value is not None and not isinstance(value, str)
-            yield f"row {first + row}", None if bad else value, f"{column!r} is not a string" if bad else None
+            problem = f"{column!r} is not a string" if bad else None
+            yield f"row {first + row}", None if bad else value, problem, first + row
+
+
+def doc_status(text: str | None, problem: str | None, max_doc_chars: int = 0) -> str:
+    """What preparing does with a document :func:`iter_docs` read: ``ok`` (tokenized), else the
+    reason it is skipped: ``invalid``, ``empty`` or ``too_long`` (``max_doc_chars``, 0 = no limit)."""
+    if problem:
+        return "invalid"
+    if not isinstance(text, str) or not text:
+        return "empty"
+    if max_doc_chars and len(text) > max_doc_chars:
+        return "too_long"
+    return "ok"
 
 
 # ---------------------------------------------------------------- validation + fingerprint
@@ -520,7 +536,7 @@ def inspect_file(path: str, column: str, max_doc_chars: int = 0, endpoint: str |
         return {**out, "problem": problem}
     docs, bad = 0, []
     try:
-        for where, text, problem in iter_docs(Chunk(path, fmt), column, endpoint):
+        for where, text, problem, _ in iter_docs(Chunk(path, fmt), column, endpoint):
             if problem is None and max_doc_chars and len(text or "") > max_doc_chars:
                 problem = f"document of {len(text)} characters exceeds data.max_doc_chars={max_doc_chars}"
             if problem:  # a bad document, not a bad file: ``skip`` drops it alone (:func:`apply_policy`)
@@ -593,7 +609,7 @@ def iter_texts(files: list[str], column: str, endpoint: str | None = None,
     """
     remaining = max_chars
     for path in files:
-        for where, text, problem in iter_docs(Chunk(path, file_format(path)), column, endpoint):
+        for where, text, problem, _ in iter_docs(Chunk(path, file_format(path)), column, endpoint):
             if problem:
                 raise DataError(f"{path}: {where}: {problem}")
             if not text:

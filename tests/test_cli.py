@@ -196,6 +196,8 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = (), trained: bool = 
     ("data.tokenizer={tmp}/tok", "data.tokenizer: '{tmp}/tok' differs from the lineage's empty"),
     # would rebuild the embedded corpus under the run directory, over the text v1-v3 trained on
     ("data.max_docs_per_version=7", "data.max_docs_per_version: 7 differs from the lineage's 6"),
+    # its versions were deduplicated against the index each earlier one left (none was left)
+    ("data.dedup=exact", "data.dedup: 'exact' differs from the lineage's 'none'"),
     # the record, its model cards and MLflow experiment keep the name it started with
     ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
 ])

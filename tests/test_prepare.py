@@ -84,7 +84,7 @@ def test_byte_ranges_of_a_jsonl_file_yield_every_line_once(tmp_path):
             with open(path, "rb") as f:
                 got += [line for _, line in _lines(f, start, min(start + step, size))]
         assert [json.loads(line)["text"] for line in got] == docs, step
-    texts = [t for _, t, _ in iter_docs(Chunk(str(path), "jsonl", 0, size), "text")]
+    texts = [t for _, t, _, _ in iter_docs(Chunk(str(path), "jsonl", 0, size), "text")]
     assert texts == docs
 
 
@@ -97,8 +97,8 @@ def test_a_null_text_is_no_document_in_jsonl_as_in_parquet(tmp_path):
     rows = [{"text": "a"}, {"text": None}, {"text": "b"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"body": "c"}]))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
-    jsonl = [(t, p) for _, t, p in iter_docs(Chunk(str(tmp_path / "a.jsonl"), "jsonl"), "text")]
-    parquet = [(t, p) for _, t, p in iter_docs(Chunk(str(tmp_path / "a.parquet"), "parquet"), "text")]
+    jsonl = [(t, p) for _, t, p, _ in iter_docs(Chunk(str(tmp_path / "a.jsonl"), "jsonl"), "text")]
+    parquet = [(t, p) for _, t, p, _ in iter_docs(Chunk(str(tmp_path / "a.parquet"), "parquet"), "text")]
     assert jsonl[:3] == parquet == [("a", None), (None, None), ("b", None)]
     assert jsonl[3] == (None, "no 'text' string field")
 
@@ -163,6 +163,54 @@ def test_stream_is_byte_identical_whatever_the_number_of_actors(ray_cluster, tmp
     # Another seed, another order.
     other = prepare_versions(discover_versions(corpus), _spec(tmp_path / "seed", tokenizer_dir, seed=4))
     assert _files(Path(other[2]["stream_path"])) != _files(Path(v3["stream_path"]))
+
+
+def _dup_corpus(root: Path) -> Path:
+    """v1 repeats 3 of its documents in its second file; v2 repeats 5 of v1's train documents,
+    2 of v1's val ones, 1 of its own val ones and, in a parquet file, 4 of its own."""
+    v1, v1_val, v2, v2_val = _docs(0, 60), _docs(10, 6), _docs(1, 60), _docs(11, 6)
+    _write_jsonl(root / "v1" / "train" / "part-0.jsonl", v1[:30])
+    _write_jsonl(root / "v1" / "train" / "part-1.jsonl", v1[30:] + v1[:3])
+    _write_jsonl(root / "v1" / "val" / "part-0.jsonl", v1_val)
+    _write_jsonl(root / "v2" / "train" / "part-0.jsonl", v2[:30] + v1[10:15] + v1_val[:2] + v2_val[:1] + v2[30:])
+    pq.write_table(pa.table({"text": v2[40:44]}), root / "v2" / "train" / "part-1.parquet", row_group_size=2)
+    _write_jsonl(root / "v2" / "val" / "part-0.jsonl", v2_val)
+    return root
+
+
+def _text(rec: dict, tokenizer_dir: str) -> str:
+    """A version's packed train text in file order (a chunk group's tail is lost at its pack edge)."""
+    from raypath.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir).decode(read_blocks(rec["new_path"]).ravel().tolist())
+
+
+def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_holds_or_the_version_repeats(
+        ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+    from raypath import dedup
+    from raypath.data import check_prepared
+
+    corpus = _dup_corpus(tmp_path / "corpus")
+    v1, v2 = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup="exact"))
+    assert v1["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66}
+    assert v2["dedup"] == {"docs": 72, "dropped": 12, "earlier": 5, "held_out": 3, "within": 4, "index_rows": 66}
+    assert (v1["docs"], v2["docs"]) == (60, 60) and v2["skipped_docs"] == {}
+    text = _text(v2, tokenizer_dir)
+    for k, i in [(0, i) for i in range(10, 15)] + [(10, 0), (10, 1), (11, 0)]:
+        assert f"doc {k}.{i}:" not in text
+    assert all(text.count(f"doc 1.{i}:") <= 1 for i in range(40, 44)) and text.count("doc 1.0:") == 1
+
+    # Any number of decide ranges, the same documents dropped and the same blocks written.
+    monkeypatch.setattr(dedup, "RANGE_ROWS", 9)
+    again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup="exact"))
+    assert [r["dedup"] for r in again] == [v1["dedup"], v2["dedup"]]
+    assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "index").iterdir())) > 4
+    for a, b in zip((v1, v2), again):
+        assert _files(Path(a["new_path"])) == _files(Path(b["new_path"]))
+
+    # The rule is fixed once versions are prepared.
+    with pytest.raises(DataError, match=r"data.dedup='exact', the config asks 'none'"):
+        check_prepared(discover_versions(corpus), tmp_path / "run", 16, "none")
 
 
 def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, tokenizer_dir):

@@ -56,7 +56,8 @@ def _version(name: str, k: int) -> dict:
             "new_blocks": new_tokens // 50, "new_tokens": new_tokens, "dropped_tokens": new_tokens % 50,
             "replay_blocks": 0, "replay_from": {}, "stream_rows": new_tokens // 50, "val_blocks": 4,
             "new_path": f"{OLD}/data/{name}/new.parquet", "stream_path": f"{OLD}/data/{name}/stream.parquet",
-            "val_path": f"{OLD}/data/{name}/val.parquet"}
+            "val_path": f"{OLD}/data/{name}/val.parquet",
+            **({"dedup": {"docs": 9, "dropped": 3, "earlier": 2, "held_out": 0, "within": 1}} if k == 2 else {})}
 
 
 def _main(name: str) -> dict:
@@ -330,8 +331,9 @@ def test_format_status_full(lineage):
     for piece in ("hidden 32", "layers 2", "seq_len 50", "global batch 2", "max_lr 0.01",
                   "fraction 0.2", "shape 1-sqrt"):
         assert piece in text
-    # versions: name, docs, new blocks, new tokens, replay blocks, val blocks
-    assert _row(text, "v2") == ["v2", "6", "24", "1.2k", "0", "4"]
+    # versions: name, docs, duplicates dropped (data.dedup: exact), new blocks, new tokens, replay blocks, val blocks
+    assert _row(text, "v2") == ["v2", "6", "-", "24", "1.2k", "0", "4"]
+    assert _row(text, "v3")[:3] == ["v3", "7", "3"]
     # main path: version, steps, fork, tokens at end, val on own split, checkpoint, status
     assert _row(text.split("main path")[1], "v2") == ["v2", "10->22", "20", "2.2k", "3.700",
                                                       "main-v2/step_00000022", "done"]

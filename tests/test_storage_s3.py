@@ -703,7 +703,8 @@ def _raypath(s3: S3, argv: list[str], log: Path) -> str:
 def _raypath_run(s3: S3, run_dir: str, mirror_dir: Path, log: Path) -> str:
     return _raypath(s3, ["run", str(TINY), "--set", f"run_dir={run_dir}", "--set", f"cluster.local_dir={mirror_dir}",
                          "--set", f"cluster.storage_endpoint={s3.endpoint}", "--set", "data.versions=[v1, v2]",
-                         "--set", "data.max_docs_per_version=3", "--set", "train.eval_every=0"], log)
+                         "--set", "data.max_docs_per_version=3", "--set", "train.eval_every=0",
+                         "--set", "data.dedup=exact"], log)
 
 
 def _curves(s3: S3, prefix: str) -> dict[str, bytes]:
@@ -744,6 +745,11 @@ def test_lineage_on_s3_resumes_from_the_bucket(s3, tmp_path):
                 "tokenizer/tokenizer.json", "report/releases.md", "curves/main-v2.jsonl", "curves/branch-v2.jsonl"):
         assert f"{prefix}/{key}" in files
     assert any(k.startswith(f"{prefix}/data/v2/stream/") and k.endswith(".parquet") for k in files)  # sharded stream
+    # deduplicated in the bucket: each version's index written there, its hashes gone
+    assert all(any(k.startswith(f"{prefix}/data/{v}/dedup/index/part-") for k in files) for v in ("v1", "v2"))
+    assert not any("/dedup/hashes/" in k for k in files)
+    manifest = json.loads(s3.read(f"{prefix}/data/manifest.json"))
+    assert manifest["dedup"] == "exact" and all(v["dedup"]["docs"] >= 2 for v in manifest["versions"])
     curves = _curves(s3, prefix)
 
     # A fresh machine: no mirror. The same command finds everything done and trains nothing.

@@ -1,0 +1,246 @@
+"""Exact deduplication of documents across a lineage's versions (``data.dedup: exact``).
+
+A version drops, before tokenizing, each train document whose text (its exact characters) is
+
+* one an earlier version trained (``earlier``): a snapshot that repeats older ones would
+  train them again, and replay already brings old data back at the rate chosen for it;
+* one of this or an earlier version's val/test documents (``held_out``): trained, it would
+  leak into the held-out losses every release, law fit and comparison reports;
+* repeated within the version (``within``): the first one in file order is kept.
+
+Val and test documents are never dropped: they are fixed evaluation budgets.
+
+A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
+
+1. hash, per chunk group (:func:`raypath.data.chunk_groups`): a 128-bit BLAKE2b of every
+   document that tokenizing would keep, rows ``(bucket, h1, h2, key)`` sorted by hash in
+   ``dedup/hashes/part-GGGGGG.parquet``. ``key`` names a train document: its file's number in
+   the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
+   parquet/Arrow row); a held-out document's key is :data:`HELD_OUT`.
+2. decide, per range of buckets (the top 16 bits of ``h1``): that range's rows of every hash
+   file and of every earlier version's ``dedup/index``, sorted together by hash, then key:
+   a train document is kept when it comes first among its hash's rows. Writes
+   ``dedup/index/part-RRRRR.parquet`` (the hashes the version adds: kept train documents and
+   held-out ones, flagged ``held_out``) and ``dedup/drop/part-RRRRR.parquet`` (the dropped keys,
+   sorted).
+3. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
+   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents; the
+   version's record checks that it skipped exactly the documents decided here.
+
+Costs that grow with the data: one more read of each new version's train and held-out text;
+the index, 27 bytes per distinct document, read once more by every later version's decide
+pass (the k-th version reads all earlier ones); a decide task's memory, about 50 bytes per row
+of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one row-group-pruned read per
+(hash file, range) and per (chunk group, range with drops).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from raypath.mirror import RunDir
+from raypath.sources import Chunk, DataError, doc_status, iter_docs
+
+log = logging.getLogger(__name__)
+
+#: Bits of a train key that hold the document's position in its file (files up to 1 TiB).
+POS_BITS = 40
+#: Files per version a key can number (the key is a positive int64).
+MAX_FILES = 1 << (63 - POS_BITS)
+HELD_OUT = -1
+# An earlier version's index row (of a train or a held-out document): sorts before this version's
+# rows of its hash.
+_EARLIER, _EARLIER_HELD_OUT = -2, -3
+BUCKET_SHIFT = 48
+#: Rows a decide task holds at most (earlier index + this version's hashes of its range).
+RANGE_ROWS = 4_000_000
+ROW_GROUP = 65_536
+
+
+@dataclass(frozen=True)
+class DedupSpec:
+    """What the passes read: the text column, a remote corpus's endpoint, the longest document
+    tokenizing keeps (0 = any), the run directory (a node pulls the embedded corpus from it)."""
+
+    text_column: str
+    endpoint: str | None
+    max_doc_chars: int
+    rd: RunDir
+
+
+def key_range(parts: list[dict]) -> tuple[int, int]:
+    """[lo, hi) of the keys of the documents a chunk group reads (consecutive chunks of
+    consecutive files, each with its file's number ``file``): a jsonl chunk's byte range,
+    else its whole file."""
+    first, last = parts[0], parts[-1]
+    lo = (first["file"] << POS_BITS) + (first["start"] if first["fmt"] == "jsonl" else 0)
+    whole = last["fmt"] != "jsonl" or last["stop"] < 0
+    hi = (last["file"] << POS_BITS) + ((1 << POS_BITS) if whole else last["stop"])
+    return lo, hi
+
+
+def check_keys(files: list[dict], version: str) -> None:
+    """A version's train files must fit the key: file numbers and positions."""
+    if len(files) >= MAX_FILES:
+        raise DataError(f"version {version}: {len(files)} train files; data.dedup: exact numbers at most "
+                        f"{MAX_FILES - 1} per version (merge files, or split the version)")
+    for f in files:
+        if (f["fingerprint"] or {}).get("bytes", 0) >= 1 << POS_BITS:
+            raise DataError(f"{f['path']}: over {1 << POS_BITS} bytes; data.dedup: exact keys documents by "
+                            f"byte offset up to that size (cut the file)")
+
+
+# ---------------------------------------------------------------- 1. hash (a Ray task per chunk group)
+
+def _hash_rows(digests: bytes, keys: list[int]) -> pa.Table:
+    h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    key = np.asarray(keys, dtype=np.int64)
+    order = np.lexsort((key, h[:, 1], h[:, 0]))
+    h1, h2 = h[order, 0], h[order, 1]
+    return pa.table({"bucket": (h1 >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1, "h2": h2,
+                     "key": key[order]})
+
+
+def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Table:
+    """A chunk group's documents -> their hash rows, sorted by hash, in the item's ``out`` file;
+    returns one row of counts."""
+    from raypath.data import write_table
+
+    item = batch.to_pylist()[0]
+    digests, keys = bytearray(), []
+    for p in item["parts"]:
+        spec.rd.fetch(p["path"], missing_ok=True)
+        base = p["file"] << POS_BITS if p["file"] >= 0 else None
+        for _, text, problem, pos in iter_docs(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), spec.text_column,
+                                               spec.endpoint):
+            if doc_status(text, problem, spec.max_doc_chars) == "ok":
+                digests += hashlib.blake2b(text.encode(), digest_size=16).digest()
+                keys.append(HELD_OUT if base is None else base | pos)
+    write_table(_hash_rows(bytes(digests), keys), fs, item["out"], row_group_size=ROW_GROUP)
+    held_out = sum(k == HELD_OUT for k in keys)
+    return pa.table({"train": [len(keys) - held_out], "held_out": [held_out]})
+
+
+# ---------------------------------------------------------------- 2. decide (a Ray task per bucket range)
+
+def _read(fs: pafs.FileSystem, files: list[str], columns: list[str], lo: int, hi: int) -> pa.Table | None:
+    if not files:
+        return None
+    flt = (pc.field("bucket") >= lo) & (pc.field("bucket") < hi)
+    return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns, filter=flt)
+
+
+def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by (h1, h2, key), earlier versions' keys < ``HELD_OUT`` < train: (whether each row
+    comes first among its hash's, the key of that first row, per row)."""
+    n = len(key)
+    first = np.ones(n, dtype=bool)
+    first[1:] = (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])
+    head = np.maximum.accumulate(np.where(first, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    return first, key[head]
+
+
+def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str], out_dir: str,
+                 fs: pafs.FileSystem) -> pa.Table:
+    """A range of buckets: this version's index and dropped keys (files written only when they
+    have rows); returns one row of counts."""
+    from raypath.data import write_table
+
+    item = batch.to_pylist()[0]
+    lo, hi, r = item["lo"], item["hi"], item["range"]
+    new = _read(fs, hash_files, ["h1", "h2", "key"], lo, hi)
+    old = _read(fs, index_files, ["h1", "h2", "held_out"], lo, hi)
+    tables = [t for t in (old, new) if t is not None]
+    cols = [np.concatenate([np.zeros(0, np.uint64)] + [t.column(c).to_numpy() for t in tables]) for c in ("h1", "h2")]
+    key = np.concatenate([np.zeros(0, np.int64) if old is None else
+                          np.where(old.column("held_out").to_numpy(zero_copy_only=False), _EARLIER_HELD_OUT, _EARLIER),
+                          np.zeros(0, np.int64) if new is None else new.column("key").to_numpy()])
+    order = np.lexsort((key, cols[1], cols[0]))
+    h1, h2, key = cols[0][order], cols[1][order], key[order]
+    first, head = decide(h1, h2, key)
+    dropped = (key >= 0) & ~first
+    adds = first & (key >= HELD_OUT)
+    if adds.any():
+        index = pa.table({"bucket": (h1[adds] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[adds],
+                          "h2": h2[adds], "held_out": key[adds] == HELD_OUT})
+        write_table(index, fs, f"{out_dir}/index/part-{r:05d}.parquet", row_group_size=ROW_GROUP)
+    if dropped.any():
+        write_table(pa.table({"key": np.sort(key[dropped])}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
+                    row_group_size=ROW_GROUP)
+    cause = head[dropped]
+    return pa.table({"range": [r], "index_rows": [int(adds.sum())], "earlier": [int((cause == _EARLIER).sum())],
+                     "held_out": [int(np.isin(cause, (HELD_OUT, _EARLIER_HELD_OUT)).sum())],
+                     "within": [int((cause >= 0).sum())]})
+
+
+# ---------------------------------------------------------------- 3. what tokenizing skips
+
+def dropped_keys(fs: pafs.FileSystem, drop_files: list[str], lo: int, hi: int) -> set[int]:
+    """The dropped keys in [lo, hi) (one chunk group's documents)."""
+    if not drop_files:
+        return set()
+    flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
+    table = pads.dataset(drop_files, format="parquet", filesystem=fs).to_table(columns=["key"], filter=flt)
+    return set(table.column("key").to_numpy().tolist())
+
+
+# ---------------------------------------------------------------- one version
+
+def index_files(fs: pafs.FileSystem, version_dir: str) -> list[str]:
+    """The index parts an exactly deduplicated version left under ``version_dir``."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{version_dir}/dedup/index", allow_not_found=True))
+    return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
+def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: list[str], earlier_rows: int,
+                  out_dir: str, fs: pafs.FileSystem, spec: DedupSpec, chunk_bytes: int) -> dict:
+    """Decide which of version ``name``'s train documents to drop.
+
+    train: the version's train chunks, each with its file's number (``file``); held_out: its val
+    and test chunks; earlier: earlier versions' index files, ``earlier_rows`` rows in all.
+    Returns ``{"drop_files", "docs", "dropped", "earlier", "held_out", "within", "index_rows"}``.
+    """
+    from raypath.console import Progress
+    from raypath.data import _tasks, chunk_groups
+
+    t0 = time.perf_counter()
+    groups = chunk_groups(train, chunk_bytes) + chunk_groups(held_out, chunk_bytes)
+    hashes = [f"{out_dir}/hashes/part-{g:06d}.parquet" for g in range(len(groups))]
+    progress = Progress(log, f"hashing {name}'s documents", len(groups), "groups")
+    counts = {"train": 0, "held_out": 0}
+    for row in _tasks([{"parts": g, "out": out} for g, out in zip(groups, hashes)], hash_group, spec=spec,
+                      fs=fs).iter_rows():
+        counts = {k: counts[k] + row[k] for k in counts}
+        progress.add(1)
+    rows = earlier_rows + counts["train"] + counts["held_out"]
+    n = min(1 << (64 - BUCKET_SHIFT), max(1, math.ceil(rows / RANGE_ROWS)))
+    edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
+    items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
+    out = {"docs": counts["train"], "dropped": 0, "earlier": 0, "held_out": 0, "within": 0, "index_rows": 0}
+    drop_files = []
+    progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
+    for row in _tasks(items, decide_range, hash_files=hashes, index_files=earlier, out_dir=out_dir,
+                      fs=fs).iter_rows():
+        for k in ("earlier", "held_out", "within", "index_rows"):
+            out[k] += row[k]
+        if row["earlier"] + row["held_out"] + row["within"]:
+            drop_files.append(f"{out_dir}/drop/part-{row['range']:05d}.parquet")
+        progress.add(1)
+    fs.delete_dir_contents(f"{out_dir}/hashes", missing_dir_ok=True)
+    fs.delete_dir(f"{out_dir}/hashes")
+    out["dropped"] = out["earlier"] + out["held_out"] + out["within"]
+    log.info("deduplicated %s in %.1f s: %d of %d train documents dropped (%.1f%%): %d trained in an earlier "
+             "version, %d equal to held-out ones, %d repeated within it", name, time.perf_counter() - t0,
+             out["dropped"], out["docs"], 100 * out["dropped"] / max(out["docs"], 1), out["earlier"], out["held_out"],
+             out["within"])
+    return {**out, "drop_files": sorted(drop_files)}
