@@ -114,7 +114,8 @@ class DataConfig:
     max_doc_chars: longest document accepted, in characters; 0 = no limit.
     dedup: ``exact`` drops, before tokenizing, each train document whose text is one
         an earlier version trained, one of this or an earlier version's val/test documents,
-        or repeated earlier in this version (counted per version in the data manifest);
+        or repeated earlier in this version (counted per version in the data manifest, with
+        the val/test documents an earlier version trained, which stay and are warned about);
         ``none`` trains every document. Fixed for a lineage.
     """
 

@@ -8,7 +8,9 @@ A version drops, before tokenizing, each train document whose text (its exact ch
   leak into the held-out losses every release, law fit and comparison reports;
 * repeated within the version (``within``): the first one in file order is kept.
 
-Val and test documents are never dropped: they are fixed evaluation budgets.
+Val and test documents are never dropped: they are fixed evaluation budgets. Those an earlier
+version trained are counted (``held_out_trained``) and warned about: the version's held-out
+losses read better than its novelty warrants.
 
 A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
@@ -180,7 +182,8 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
     cause = head[dropped]
     return pa.table({"range": [r], "index_rows": [int(adds.sum())], "earlier": [int((cause == _EARLIER).sum())],
                      "held_out": [int(np.isin(cause, (HELD_OUT, _EARLIER_HELD_OUT)).sum())],
-                     "within": [int((cause >= 0).sum())]})
+                     "within": [int((cause >= 0).sum())],
+                     "held_out_trained": [int(((key == HELD_OUT) & (head == _EARLIER)).sum())]})
 
 
 # ---------------------------------------------------------------- 3. what tokenizing skips
@@ -208,7 +211,8 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
 
     train: the version's train chunks, each with its file's number (``file``); held_out: its val
     and test chunks; earlier: earlier versions' index files, ``earlier_rows`` rows in all.
-    Returns ``{"drop_files", "docs", "dropped", "earlier", "held_out", "within", "index_rows"}``.
+    Returns ``{"drop_files", "docs", "dropped", "earlier", "held_out", "within", "index_rows",
+    "held_out_docs", "held_out_trained"}``.
     """
     from raypath.console import Progress
     from raypath.data import _tasks, chunk_groups
@@ -226,12 +230,13 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     n = min(1 << (64 - BUCKET_SHIFT), max(1, math.ceil(rows / RANGE_ROWS)))
     edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
     items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
-    out = {"docs": counts["train"], "dropped": 0, "earlier": 0, "held_out": 0, "within": 0, "index_rows": 0}
+    out = {"docs": counts["train"], "dropped": 0, "earlier": 0, "held_out": 0, "within": 0, "index_rows": 0,
+           "held_out_docs": counts["held_out"], "held_out_trained": 0}
     drop_files = []
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(items, decide_range, hash_files=hashes, index_files=earlier, out_dir=out_dir,
                       fs=fs).iter_rows():
-        for k in ("earlier", "held_out", "within", "index_rows"):
+        for k in ("earlier", "held_out", "within", "index_rows", "held_out_trained"):
             out[k] += row[k]
         if row["earlier"] + row["held_out"] + row["within"]:
             drop_files.append(f"{out_dir}/drop/part-{row['range']:05d}.parquet")
@@ -243,4 +248,8 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
              "version, %d equal to held-out ones, %d repeated within it", name, time.perf_counter() - t0,
              out["dropped"], out["docs"], 100 * out["dropped"] / max(out["docs"], 1), out["earlier"], out["held_out"],
              out["within"])
+    if out["held_out_trained"]:
+        log.warning("version %s: %d of its %d val/test documents were trained by an earlier version (dedup drops "
+                    "train documents, never held-out ones): its held-out losses read better than its novelty "
+                    "warrants", name, out["held_out_trained"], out["held_out_docs"])
     return {**out, "drop_files": sorted(drop_files)}

@@ -167,14 +167,15 @@ def test_stream_is_byte_identical_whatever_the_number_of_actors(ray_cluster, tmp
 
 def _dup_corpus(root: Path) -> Path:
     """v1 repeats 3 of its documents in its second file; v2 repeats 5 of v1's train documents,
-    2 of v1's val ones, 1 of its own val ones and, in a parquet file, 4 of its own."""
+    2 of v1's val ones, 1 of its own val ones and, in a parquet file, 4 of its own; v2's val
+    split holds one of v1's train documents."""
     v1, v1_val, v2, v2_val = _docs(0, 60), _docs(10, 6), _docs(1, 60), _docs(11, 6)
     _write_jsonl(root / "v1" / "train" / "part-0.jsonl", v1[:30])
     _write_jsonl(root / "v1" / "train" / "part-1.jsonl", v1[30:] + v1[:3])
     _write_jsonl(root / "v1" / "val" / "part-0.jsonl", v1_val)
     _write_jsonl(root / "v2" / "train" / "part-0.jsonl", v2[:30] + v1[10:15] + v1_val[:2] + v2_val[:1] + v2[30:])
     pq.write_table(pa.table({"text": v2[40:44]}), root / "v2" / "train" / "part-1.parquet", row_group_size=2)
-    _write_jsonl(root / "v2" / "val" / "part-0.jsonl", v2_val)
+    _write_jsonl(root / "v2" / "val" / "part-0.jsonl", v2_val + v1[20:21])
     return root
 
 
@@ -186,14 +187,17 @@ def _text(rec: dict, tokenizer_dir: str) -> str:
 
 
 def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_holds_or_the_version_repeats(
-        ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+        ray_cluster, tmp_path, tokenizer_dir, monkeypatch, caplog):
     from raypath import dedup
     from raypath.data import check_prepared
 
     corpus = _dup_corpus(tmp_path / "corpus")
     v1, v2 = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup="exact"))
-    assert v1["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66}
-    assert v2["dedup"] == {"docs": 72, "dropped": 12, "earlier": 5, "held_out": 3, "within": 4, "index_rows": 66}
+    assert v1["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66,
+                           "held_out_docs": 6, "held_out_trained": 0}
+    assert v2["dedup"] == {"docs": 72, "dropped": 12, "earlier": 5, "held_out": 3, "within": 4, "index_rows": 66,
+                           "held_out_docs": 7, "held_out_trained": 1}
+    assert "v2: 1 of its 7 val/test documents were trained by an earlier version" in caplog.text
     assert (v1["docs"], v2["docs"]) == (60, 60) and v2["skipped_docs"] == {}
     text = _text(v2, tokenizer_dir)
     for k, i in [(0, i) for i in range(10, 15)] + [(10, 0), (10, 1), (11, 0)]:
