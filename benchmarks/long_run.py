@@ -12,7 +12,9 @@ the bytes of the files opened) and the lineage records it read:
 
 status, cost, report (plot + CSV + markdown), release (``raypath release --version`` of the
 last version), law fit (``raypath law fit`` of the last version, one lambda, the
-single-shift law: the fit's own optimisation is not what is measured here) and law refit (the
+single-shift law: the fit's own optimisation is not what is measured here), law fit again (the
+same fit once more in the same process, as a law-guided sweep refits after each trial: what the
+first one started or read is still there), law refit (the
 curves one refit of the last version's law-guided sweep reads after a trial finished: the
 lineage's and every sweep's curves plus the sweep's own finished trials, for the last two
 splits; its first fit, at the sweep's start, is not measured) and law curves (the observed curves
@@ -44,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # law_lineage: the synthetic lineage the law's tests fit
 
-COMMANDS = ("status", "cost", "report", "release", "law_fit", "law_refit", "law_curves")
+COMMANDS = ("status", "cost", "report", "release", "law_fit", "law_fit_again", "law_refit", "law_curves")
 
 
 class OpenCounter:
@@ -95,7 +97,7 @@ def _command(name: str, run_dir: Path, last: str):
             Releaser(lin).sync(last)
             return format_release(lin, last, obj)
         return release
-    if name == "law_fit":
+    if name in ("law_fit", "law_fit_again"):
         return lambda: lawfit.fit_run(run_dir, last, lam=0.99, shifts="single")
     if name == "law_refit":
         return _refit(run_dir, last)

@@ -34,6 +34,7 @@ chooses between the single- and multi-shift laws on held-out branches of the rel
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -41,6 +42,8 @@ import itertools
 import logging
 import math
 import re
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
@@ -1208,9 +1211,10 @@ def in_processes(fn, items: Sequence[tuple], points: int, progress=None) -> list
 
     The workers are plain ``python`` processes fed pickles over a pipe, not ``multiprocessing``'s,
     which import the caller's main module again: a script calling a fit without an ``if __name__
-    == "__main__"`` guard would run again in each of them."""
+    == "__main__"`` guard would run again in each of them. They stay for the next fit of this
+    process (a guided sweep refits after every trial; starting one costs ~0.7 s of imports) while
+    used within :data:`WORKER_REUSE_S`, and exit on their own after twice that idle."""
     import os
-    import threading
 
     workers = min(len(items), os.cpu_count() or 1)
     if workers < 2 or points < PARALLEL_POINTS:
@@ -1224,7 +1228,8 @@ def in_processes(fn, items: Sequence[tuple], points: int, progress=None) -> list
     lock = threading.Lock()
 
     def drive() -> None:
-        with _Worker() as worker:
+        worker = _Worker.take()
+        try:
             while not failed:
                 with lock:
                     if not todo:
@@ -1239,6 +1244,8 @@ def in_processes(fn, items: Sequence[tuple], points: int, progress=None) -> list
                 out[i] = value
                 if progress is not None:
                     progress.add(1)
+        finally:
+            worker.give_back()
 
     threads = [threading.Thread(target=drive, name=f"raypath-fit-{k}", daemon=True) for k in range(workers)]
     for t in threads:
@@ -1250,19 +1257,55 @@ def in_processes(fn, items: Sequence[tuple], points: int, progress=None) -> list
     return out
 
 
+#: A worker idle for less than this is reused by the next fit; it exits by itself after twice
+#: this idle, so that a worker taken from the pool is never one about to exit.
+WORKER_REUSE_S = 60.0
+
+
 class _Worker:
     """A ``python`` process that runs the calls :func:`in_processes` sends it, one at a time:
-    length-prefixed pickles over its stdin and stdout (the worker's own output goes to stderr)."""
+    length-prefixed pickles over its stdin and stdout (the worker's own output goes to stderr).
+    Idle ones wait in a pool of this process (:meth:`take`, :meth:`give_back`)."""
 
-    def __enter__(self) -> "_Worker":
+    _idle: ClassVar[list["_Worker"]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
         import os
         import subprocess
         import sys
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # fn's module, importable
-        self.proc = subprocess.Popen([sys.executable, "-c", "from raypath.law import _serve; _serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        return self
+        code = f"from raypath.law import _serve; _serve({2 * WORKER_REUSE_S!r})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
+        self.idle_since: float | None = None
+
+    @classmethod
+    def take(cls) -> "_Worker":
+        """An idle worker used within :data:`WORKER_REUSE_S`, else a new one."""
+        with cls._lock:
+            while cls._idle:
+                worker = cls._idle.pop()
+                if worker.proc.poll() is None and time.monotonic() - worker.idle_since < WORKER_REUSE_S:
+                    return worker
+                worker.close()
+        return cls()
+
+    def give_back(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append(self)
+
+    @classmethod
+    def close_idle(cls) -> None:
+        """End the idle workers (at exit; a test that counts processes)."""
+        with cls._lock:
+            idle, cls._idle[:] = list(cls._idle), []
+        for worker in idle:
+            worker.close()
 
     def call(self, fn, item: tuple) -> tuple:
         """(True, result, log records) or (False, the exception, log records)."""
@@ -1274,9 +1317,13 @@ class _Worker:
             return False, RuntimeError(f"a law-fit worker process died (exit code {self.proc.wait()})"), []
         return pickle.loads(reply)
 
-    def __exit__(self, *exc) -> None:
-        self.proc.stdin.close()
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # BrokenPipe: it exited, idle
+            self.proc.stdin.close()
         self.proc.wait()
+
+
+atexit.register(_Worker.close_idle)
 
 
 def _send(f, data: bytes) -> None:
@@ -1289,10 +1336,12 @@ def _receive(f) -> bytes | None:
     return f.read(int.from_bytes(head, "little")) if len(head) == 8 else None
 
 
-def _serve() -> None:
-    """A worker process's loop (:class:`_Worker`): run each call it is sent, until its input closes."""
+def _serve(idle_s: float) -> None:
+    """A worker process's loop (:class:`_Worker`): run each call it is sent, until its input closes
+    or none comes for ``idle_s``."""
     import os
     import pickle
+    import select
     import sys
 
     calls, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
@@ -1307,7 +1356,9 @@ def _serve() -> None:
     logger.addHandler(Keep())
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    while (call := _receive(calls)) is not None:
+    # The parent sends one call and waits for its reply: nothing is ever buffered unread, so
+    # select on the pipe sees every call.
+    while select.select([calls], [], [], idle_s)[0] and (call := _receive(calls)) is not None:
         records.clear()
         try:
             fn, item = pickle.loads(call)

@@ -712,17 +712,18 @@ def test_a_large_fit_spreads_its_splits_and_lambda_folds_over_processes_with_the
     here = lawfit.fit_run(run_dir, "v2", lam="auto", shifts="single", save=False)
     warned_here = sorted(r.getMessage() for r in caplog.records)
     caplog.clear()
-    workers, start = [], law._Worker.__enter__
+    law._Worker.close_idle()
+    workers, start = [], law._Worker.__init__
 
     def counted(self):
         workers.append(self)
-        return start(self)
+        start(self)
 
-    monkeypatch.setattr(law._Worker, "__enter__", counted)
+    monkeypatch.setattr(law._Worker, "__init__", counted)
     monkeypatch.setattr(law, "PARALLEL_POINTS", 0)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     apart = lawfit.fit_run(run_dir, "v2", lam="auto", shifts="single", save=False)
-    assert len(workers) == 4 and all(w.proc.returncode == 0 for w in workers)  # 2 for the folds, 2 for the splits
+    assert len(workers) == 2  # started for the lambda folds, used again for the splits
     assert {s: f.to_dict() for s, f in apart.items()} == {s: f.to_dict() for s, f in here.items()}
     assert sorted(r.getMessage() for r in caplog.records) == warned_here  # the workers' warnings, relayed
     caplog.clear()
@@ -730,6 +731,17 @@ def test_a_large_fit_spreads_its_splits_and_lambda_folds_over_processes_with_the
     assert sorted(r.getMessage() for r in caplog.records) == ["fit 2 warned", "fit 3 warned"]
     with pytest.raises(TypeError, match="can't multiply sequence"):  # a worker's error is raised here
         law.in_processes(_warns, [(2,), ("x",)], points=1)
+    assert len(workers) == 2 and all(w.proc.poll() is None for w in workers)  # the same two, still waiting
+    law._Worker.close_idle()
+    assert all(w.proc.returncode == 0 for w in workers)
+
+    # Idle for longer than twice WORKER_REUSE_S, a worker exits by itself; the next fit starts others.
+    monkeypatch.setattr(law, "WORKER_REUSE_S", 0.5)
+    assert law.in_processes(_warns, [(2,), (3,)], points=1) == [4, 9]
+    idle = workers[2:]
+    assert len(idle) == 2 and all(w.proc.wait(timeout=30) == 0 for w in idle)  # no one closed them
+    assert law.in_processes(_warns, [(2,), (3,)], points=1) == [4, 9] and len(workers) == 6
+    law._Worker.close_idle()
 
 
 def test_a_guides_refit_parses_only_the_curves_it_has_not_read(tmp_path, monkeypatch):
