@@ -775,7 +775,13 @@ class PrepareSpec:
     chunk_bytes: int = CHUNK_BYTES  # input per tokenize task (see raypath.sources)
     shard_bytes: int = SHARD_BYTES  # token bytes per stream shard
     test_blocks: int = 0  # held-out test split per version; 0 = none
-    dedup: str = "none"  # "exact": drop repeated train documents (raypath.dedup)
+    dedup: dedup.Rule = dedup.Rule()  # which train documents to drop as duplicates (raypath.dedup)
+
+    @property
+    def doc_limit(self) -> int:
+        """The longest document tokenizing keeps: over-long ones are skipped under ``skip`` (under
+        ``error`` validation refused them)."""
+        return self.max_doc_chars if self.on_bad_input == "skip" else 0
 
 
 @dataclass
@@ -882,7 +888,7 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = check_prepared(sources, spec.data_dir, spec.seq_len, spec.dedup)
+    manifest = check_prepared(sources, spec.data_dir, spec.seq_len, str(spec.dedup))
     if manifest.get("tokenizer_dir") not in (None, spec.tokenizer_dir):
         raise DataError(f"{path}: its versions were tokenized with the tokenizer in {manifest['tokenizer_dir']}, "
                         f"the config gives the one in {spec.tokenizer_dir} (data.tokenizer, else model.path's "
@@ -963,13 +969,14 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
 
     plan = plan or plan_versions(sources, spec)
     manifest = plan.manifest
-    manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir, dedup=spec.dedup)
+    manifest.update(seq_len=spec.seq_len, tokenizer_dir=spec.tokenizer_dir, dedup=str(spec.dedup))
     records: list[dict] = manifest["versions"]
     if not plan.todo:
         return records[: len(sources)]
     eos = load_tokenizer(spec.tokenizer_dir).eos_token_id
+    _dedup_versions(plan.todo, spec, records)
     t1 = time.perf_counter()
-    tokenized = _tokenize_versions(plan.todo, spec, eos, records)
+    tokenized = _tokenize_versions(plan.todo, spec, eos)
     t2 = time.perf_counter()
     tokens = sum(r["doc_tokens"] for v in tokenized for rows in v.values() for r in rows)
     log.info("tokenized and packed %d tokens of %d version(s) in %.1f s (%.0f tokens/s, %d actors)",
@@ -989,40 +996,57 @@ def prepare_versions(sources: list[VersionSource], spec: PrepareSpec, plan: Plan
 _PARTS = {"train": "new", "val": "val-parts", "test": "test-parts"}  # where each split's tokenized chunks go
 
 
-def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int,
-                       records: list[dict]) -> list[dict[str, list[dict]]]:
-    """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split.
-    With ``data.dedup: exact``, each version's duplicates are decided first, in version order
-    (``records``: the versions prepared before), and ``todo[k]["dedup"]`` holds the counts."""
-    jobs, keys = [], []
+def _version_root(t: dict, spec: PrepareSpec) -> str:
+    return spec.rd.target(Path(spec.data_dir) / t["source"].name)[1]
+
+
+def _train_chunks(t: dict) -> list[dict]:
+    """A version's train chunks, each with its file's number (``file``: its documents' keys)."""
+    return [{**c, "file": f} for f, r in enumerate(t["train"]) for c in r["chunks"]]
+
+
+def _dedup_versions(todo: list[dict], spec: PrepareSpec, records: list[dict]) -> None:
+    """Clear what an interrupted attempt left of the versions to prepare; with ``data.dedup``, decide
+    each one's duplicates in version order against the ones before (``records``, then the
+    earlier ones of ``todo``): ``t["dedup"]`` gets the counts, ``t["drop"]`` the drop files."""
     fs = spec.rd.target(spec.data_dir)[0]
-    roots = [spec.rd.target(Path(spec.data_dir) / t["source"].name)[1] for t in todo]
-    for root in roots:
-        fs.delete_dir_contents(root, missing_dir_ok=True)  # leftovers of an interrupted attempt
-    limit = spec.max_doc_chars if spec.on_bad_input == "skip" else 0
+    for t in todo:
+        fs.delete_dir_contents(_version_root(t, spec), missing_dir_ok=True)
+        t["drop"] = ()
+    if spec.dedup.mode == "none":
+        return
+    dspec = dedup.DedupSpec(spec.text_column, spec.endpoint, spec.doc_limit, spec.rd, spec.dedup)
     index_dirs = [spec.rd.target(Path(spec.data_dir) / r["name"])[1] for r in records]
     index_rows = sum(int(r.get("dedup", {}).get("index_rows", 0)) for r in records)
-    for k, (t, root) in enumerate(zip(todo, roots)):
-        train = [{**c, "file": f} for f, r in enumerate(t["train"]) for c in r["chunks"]]
-        drop: tuple[str, ...] = ()
-        if spec.dedup == "exact":
-            dedup.check_keys(t["train"], t["source"].name)
-            held_out = [{**c, "file": dedup.HELD_OUT} for r in (*t["val"], *t["test"]) for c in r["chunks"]]
-            t["dedup"] = dedup.dedup_version(
-                t["source"].name, train, held_out, [f for d in index_dirs for f in dedup.index_files(fs, d)],
-                index_rows, f"{root}/dedup", fs, dedup.DedupSpec(spec.text_column, spec.endpoint, limit, spec.rd),
-                spec.chunk_bytes)
-            index_dirs.append(root)
-            index_rows += t["dedup"]["index_rows"]
-            drop = tuple(t["dedup"].pop("drop_files"))
+    for t in todo:
+        dedup.check_keys(t["train"], t["source"].name)
+        held_out = [{**c, "file": dedup.HELD_OUT} for r in (*t["val"], *t["test"]) for c in r["chunks"]]
+        root = _version_root(t, spec)
+        t["dedup"] = dedup.dedup_version(t["source"].name, _train_chunks(t), held_out,
+                                         [f for d in index_dirs for f in dedup.index_files(fs, d)], index_rows,
+                                         f"{root}/dedup", fs, dspec, spec.chunk_bytes)
+        index_dirs.append(root)
+        index_rows += t["dedup"]["index_rows"]
+        t["drop"] = tuple(t["dedup"].pop("drop_files"))
+
+
+def _tokenize_versions(todo: list[dict], spec: PrepareSpec, eos: int) -> list[dict[str, list[dict]]]:
+    """Every version's chunks, all splits, tokenized in one pass: per version, chunk stats by split.
+    A version's train documents named in its drop files (``t["drop"]``, :func:`_dedup_versions`)
+    are skipped."""
+    jobs, keys = [], []
+    fs = spec.rd.target(spec.data_dir)[0]
+    for k, t in enumerate(todo):
+        root = _version_root(t, spec)
         for split, out in _PARTS.items():
             if t[split]:
-                chunks = train if split == "train" else [c for r in t[split] for c in r["chunks"]]
-                jobs.append(TokenizeJob(chunks, t["index"], f"{root}/{out}", drop if split == "train" else ()))
+                train = split == "train"
+                chunks = _train_chunks(t) if train else [c for r in t[split] for c in r["chunks"]]
+                jobs.append(TokenizeJob(chunks, t["index"], f"{root}/{out}", t["drop"] if train else ()))
                 keys.append((k, split))
     out: list[dict[str, list[dict]]] = [{"test": []} for _ in todo]
     what = f"tokenizing {', '.join(t['source'].name for t in todo)}"
-    for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, limit, what)):
+    for (k, split), stats in zip(keys, tokenize_chunks(jobs, fs, spec, eos, spec.doc_limit, what)):
         out[k][split] = stats
     return out
 
@@ -1071,7 +1095,11 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     for kind, rows in split_stats.items():
         if (s := _sum_stats(rows))["skipped_docs"]:
             log.warning("version %s %s: skipped documents %s", src.name, kind, s["skipped_docs"])
-    if stats["duplicates"] != todo.get("dedup", {}).get("dropped", 0):
+    if spec.dedup.mode == "minhash":  # a document's bands are decided apart: the tokenizer counts it once
+        todo["dedup"]["dropped"] = stats["duplicates"]
+        log.info("version %s: %d of %d train documents dropped as near-duplicates (%s)", src.name,
+                 stats["duplicates"], todo["dedup"]["docs"], spec.dedup)
+    elif stats["duplicates"] != todo.get("dedup", {}).get("dropped", 0):
         raise RuntimeError(f"version {src.name}: tokenizing skipped {stats['duplicates']} duplicate documents, "
                            f"deduplication decided {todo['dedup']['dropped']}")
 

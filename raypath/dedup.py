@@ -1,6 +1,7 @@
-"""Exact deduplication of documents across a lineage's versions (``data.dedup: exact``).
+"""Deduplication of documents across a lineage's versions (``data.dedup: exact | minhash``).
 
-A version drops, before tokenizing, each train document whose text (its exact characters) is
+A version drops, before tokenizing, each train document whose text (its exact characters; with
+``minhash``, a near-duplicate of it: :class:`Rule`) is
 
 * one an earlier version trained (``earlier``): a snapshot that repeats older ones would
   train them again, and replay already brings old data back at the rate chosen for it;
@@ -15,22 +16,25 @@ losses read better than its novelty warrants.
 A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 1. hash, per chunk group (:func:`raypath.data.chunk_groups`): a 128-bit BLAKE2b of every
-   document that tokenizing would keep, rows ``(bucket, h1, h2, key)`` sorted by hash in
+   document that tokenizing would keep (``minhash``: one per band of its signature, a row
+   each), rows ``(bucket, h1, h2, key)`` sorted by hash in
    ``dedup/hashes/part-GGGGGG.parquet``. ``key`` names a train document: its file's number in
    the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
    parquet/Arrow row); a held-out document's key is :data:`HELD_OUT`.
 2. decide, per range of buckets (the top 16 bits of ``h1``): that range's rows of every hash
    file and of every earlier version's ``dedup/index``, sorted together by hash, then key:
-   a train document is kept when it comes first among its hash's rows. Writes
-   ``dedup/index/part-RRRRR.parquet`` (the hashes the version adds: kept train documents and
-   held-out ones, flagged ``held_out``) and ``dedup/drop/part-RRRRR.parquet`` (the dropped keys,
-   sorted).
+   a train document is dropped when one of its rows is not the first among its hash's rows.
+   Writes ``dedup/index/part-RRRRR.parquet`` (the hashes the version adds, the rows that came
+   first: kept train documents', held-out ones' flagged ``held_out``, and with ``minhash`` a
+   dropped document's other bands, so that a near-duplicate of it is dropped too) and
+   ``dedup/drop/part-RRRRR.parquet`` (the dropped keys, sorted).
 3. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
-   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents; the
-   version's record checks that it skipped exactly the documents decided here.
+   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents; with
+   ``exact``, the version's record checks that it skipped exactly the documents decided here.
 
-Costs that grow with the data: one more read of each new version's train and held-out text;
-the index, 27 bytes per distinct document, read once more by every later version's decide
+Costs that grow with the data: one more read of each new version's train and held-out text
+(``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
+document (``minhash``: per band, ~260 bytes a document at 14 bands), read once more by every later version's decide
 pass (the k-th version reads all earlier ones); a decide task's memory, about 50 bytes per row
 of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one row-group-pruned read per
 (hash file, range) and per (chunk group, range with drops).
@@ -38,10 +42,12 @@ of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one row-group-prun
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +76,76 @@ ROW_GROUP = 65_536
 
 
 @dataclass(frozen=True)
+class Rule:
+    """Which train documents count as duplicates (``data.dedup`` and its MinHash settings).
+
+    exact: the same text, character for character: one 128-bit hash per document.
+    minhash: near-duplicates, by MinHash LSH: a document's ``bands`` x ``rows`` MinHash values
+        over its word ``shingle``-grams (lowercased, split on whitespace), one 128-bit hash per
+        band; two documents whose word-shingle Jaccard similarity is s share a band with
+        probability 1 - (1 - s^rows)^bands (14 x 8: 0.4% at s = 0.5, 50% at 0.72, 94% at 0.8,
+        100% at 0.9). A document sharing any band with one before it is dropped.
+    """
+
+    mode: str = "none"
+    bands: int = 14
+    rows: int = 8
+    shingle: int = 5
+
+    def __str__(self) -> str:  # what the data manifest records, and compares on a re-run
+        if self.mode != "minhash":
+            return self.mode
+        return f"minhash(bands={self.bands}, rows={self.rows}, shingle={self.shingle})"
+
+    @property
+    def per_doc(self) -> int:
+        """Hash rows per document."""
+        return self.bands if self.mode == "minhash" else 1
+
+    def digests(self, text: str) -> bytes:
+        """The document's 16-byte hashes, :attr:`per_doc` of them."""
+        if self.mode != "minhash":
+            return hashlib.blake2b(text.encode(), digest_size=16).digest()
+        sig = minhash(text, self.bands * self.rows, self.shingle).astype("<u4").reshape(self.bands, self.rows)
+        return b"".join(hashlib.blake2b(band.tobytes(), digest_size=16, salt=i.to_bytes(16, "little")).digest()
+                        for i, band in enumerate(sig))
+
+
+def rule_of(data) -> Rule:
+    """The rule a :class:`raypath.config.DataConfig` asks for."""
+    return Rule(data.dedup, data.minhash_bands, data.minhash_rows, data.minhash_shingle)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutations(n: int) -> tuple[np.ndarray, np.ndarray]:
+    # Fixed seeds: every process, version and run computes the same signatures.
+    rng = np.random.default_rng(0x5EED)
+    a = rng.integers(1, 1 << 63, n, dtype=np.uint64) | np.uint64(1)
+    return a[:, None], rng.integers(0, 1 << 63, n, dtype=np.uint64)[:, None]
+
+
+#: Shingles per step of :func:`minhash`: bounds its memory on a long document (n x 8 bytes each).
+_SHINGLE_STEP = 8192
+
+
+def minhash(text: str, n: int, k: int) -> np.ndarray:
+    """``n`` MinHash values (uint64 < 2**32) of ``text``'s lowercased word ``k``-grams: per
+    permutation, the least multiply-shift hash of the 32-bit shingle hashes."""
+    words = np.fromiter((zlib.crc32(w.encode()) for w in text.lower().split()), np.uint64)
+    k = min(k, max(len(words), 1))
+    m = max(len(words) - k + 1, 1)
+    h = np.zeros(m, np.uint64)
+    for j in range(min(k, len(words))):  # a k-gram's hash: polynomial over its words' (wraps mod 2**64)
+        h = h * np.uint64(1_000_003) + words[j: j + m]
+    x = np.unique((h >> np.uint64(32)) ^ (h & np.uint64(0xFFFFFFFF)))
+    a, b = _permutations(n)
+    out = np.full(n, np.uint64(0xFFFFFFFF))
+    for s in range(0, len(x), _SHINGLE_STEP):
+        out = np.minimum(out, ((a * x[None, s: s + _SHINGLE_STEP] + b) >> np.uint64(32)).min(axis=1))
+    return out
+
+
+@dataclass(frozen=True)
 class DedupSpec:
     """What the passes read: the text column, a remote corpus's endpoint, the longest document
     tokenizing keeps (0 = any), the run directory (a node pulls the embedded corpus from it)."""
@@ -78,6 +154,7 @@ class DedupSpec:
     endpoint: str | None
     max_doc_chars: int
     rd: RunDir
+    rule: Rule = Rule("exact")
 
 
 def key_range(parts: list[dict]) -> tuple[int, int]:
@@ -126,11 +203,11 @@ def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Tabl
         for _, text, problem, pos in iter_docs(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), spec.text_column,
                                                spec.endpoint):
             if doc_status(text, problem, spec.max_doc_chars) == "ok":
-                digests += hashlib.blake2b(text.encode(), digest_size=16).digest()
-                keys.append(HELD_OUT if base is None else base | pos)
+                digests += spec.rule.digests(text)
+                keys.extend([HELD_OUT if base is None else base | pos] * spec.rule.per_doc)
     write_table(_hash_rows(bytes(digests), keys), fs, item["out"], row_group_size=ROW_GROUP)
-    held_out = sum(k == HELD_OUT for k in keys)
-    return pa.table({"train": [len(keys) - held_out], "held_out": [held_out]})
+    held_out = sum(k == HELD_OUT for k in keys) // spec.rule.per_doc
+    return pa.table({"train": [len(keys) // spec.rule.per_doc - held_out], "held_out": [held_out]})
 
 
 # ---------------------------------------------------------------- 2. decide (a Ray task per bucket range)
@@ -177,7 +254,7 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
                           "h2": h2[adds], "held_out": key[adds] == HELD_OUT})
         write_table(index, fs, f"{out_dir}/index/part-{r:05d}.parquet", row_group_size=ROW_GROUP)
     if dropped.any():
-        write_table(pa.table({"key": np.sort(key[dropped])}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
+        write_table(pa.table({"key": np.unique(key[dropped])}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
                     row_group_size=ROW_GROUP)
     cause = head[dropped]
     return pa.table({"range": [r], "index_rows": [int(adds.sum())], "earlier": [int((cause == _EARLIER).sum())],
@@ -211,8 +288,10 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
 
     train: the version's train chunks, each with its file's number (``file``); held_out: its val
     and test chunks; earlier: earlier versions' index files, ``earlier_rows`` rows in all.
-    Returns ``{"drop_files", "docs", "dropped", "earlier", "held_out", "within", "index_rows",
-    "held_out_docs", "held_out_trained"}``.
+    Returns ``{"drop_files", "docs", "dropped", "index_rows", "held_out_docs"}`` and, for
+    ``exact`` (where a document is one row, decided in one range), why each was dropped:
+    ``"earlier", "held_out", "within"``, and ``"held_out_trained"``. A ``minhash`` document's
+    bands are decided in several ranges: ``dropped`` is left to the tokenizer's count.
     """
     from raypath.console import Progress
     from raypath.data import _tasks, chunk_groups
@@ -226,7 +305,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
                       fs=fs).iter_rows():
         counts = {k: counts[k] + row[k] for k in counts}
         progress.add(1)
-    rows = earlier_rows + counts["train"] + counts["held_out"]
+    rows = earlier_rows + (counts["train"] + counts["held_out"]) * spec.rule.per_doc
     n = min(1 << (64 - BUCKET_SHIFT), max(1, math.ceil(rows / RANGE_ROWS)))
     edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
     items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
@@ -243,6 +322,11 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
         progress.add(1)
     fs.delete_dir_contents(f"{out_dir}/hashes", missing_dir_ok=True)
     fs.delete_dir(f"{out_dir}/hashes")
+    if spec.rule.mode == "minhash":
+        log.info("deduplicated %s in %.1f s: %d train documents, %d held-out ones, %d bands each (%s)", name,
+                 time.perf_counter() - t0, out["docs"], out["held_out_docs"], spec.rule.per_doc, spec.rule)
+        out = {k: out[k] for k in ("docs", "dropped", "index_rows", "held_out_docs")}
+        return {**out, "drop_files": sorted(drop_files)}
     out["dropped"] = out["earlier"] + out["held_out"] + out["within"]
     log.info("deduplicated %s in %.1f s: %d of %d train documents dropped (%.1f%%): %d trained in an earlier "
              "version, %d equal to held-out ones, %d repeated within it", name, time.perf_counter() - t0,

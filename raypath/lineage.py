@@ -505,13 +505,15 @@ def _migrate_sweeps(data: dict) -> None:
 #: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
 FIXED_SETTINGS = (("model", None),
                   ("data", ("seq_len", "tokenizer", "vocab_size", "tokenizer_max_chars", "max_docs_per_version",
-                            "seed", "dedup")),
+                            "seed", "dedup", "minhash_bands", "minhash_rows", "minhash_shingle")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
 #: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
 OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
 #: What builds the embedded corpus (a change rebuilds it under the run directory); of any other
 #: corpus, ``data.seed`` seeds only the versions still to prepare.
 EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
+#: What only ``data.dedup: minhash`` reads.
+MINHASH_SETTINGS = ("data.minhash_bands", "data.minhash_rows", "data.minhash_shingle")
 #: What builds a fresh model: a base model's own ``config.json`` gives its architecture (``model.path``).
 FRESH_MODEL_SETTINGS = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
                         "model.intermediate_size", "model.max_position_embeddings", "model.tie_word_embeddings",
@@ -551,6 +553,8 @@ def _unused(name: str, now: dict, recorded: dict) -> bool:
         return bool(data.get("tokenizer") or (recorded.get("model") or {}).get("path"))
     if name in EMBEDDED_CORPUS_SETTINGS:
         return not data.get("corpus") == (now.get("data") or {}).get("corpus") == "embedded"
+    if name in MINHASH_SETTINGS:
+        return data.get("dedup") != "minhash"
     if name in FRESH_MODEL_SETTINGS:  # ignored beside model.path, which may not change itself
         return bool((recorded.get("model") or {}).get("path"))
     return False

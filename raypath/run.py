@@ -39,6 +39,7 @@ from raypath.data import (
     prepare_versions,
     read_manifest,
 )
+from raypath.dedup import rule_of
 from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import main_steps, run_main_version
@@ -178,8 +179,8 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
                        test_blocks=cfg.data.val_blocks if cfg.data.test_blocks is None else cfg.data.test_blocks,
                        replay_ratio=cfg.data.replay_ratio, seed=cfg.data.seed,
                        actors=cfg.data.tokenize_actors, min_blocks=2 * cfg.train.global_batch_size,
-                       on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars, dedup=cfg.data.dedup,
-                       rd=rd, endpoint=endpoint)
+                       on_bad_input=cfg.data.on_bad_input, max_doc_chars=cfg.data.max_doc_chars,
+                       dedup=rule_of(cfg.data), rd=rd, endpoint=endpoint)
     plan = plan_versions(sources, spec)
     # Only now: config.yaml is the config of the last run, and one that plan_versions refuses
     # (a trained version reordered, removed or edited) never ran.
@@ -323,7 +324,7 @@ def _run(cfg: Config, rd: RunDir) -> Lineage:
         check_fixed_settings(cfg.to_dict(), Lineage.load(rd).config, sections=("data",))
     where = _discover(cfg, rd)
     _check_versions_kept(cfg, lineage, where.sources)
-    check_prepared(where.sources, rd.path / "data", cfg.data.seq_len, cfg.data.dedup)
+    check_prepared(where.sources, rd.path / "data", cfg.data.seq_len, str(rule_of(cfg.data)))
     check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
     ctx = prepare(cfg, where, lineage.fact("model").get("base") if started else None)
     _record_facts(lineage, ctx)

@@ -232,6 +232,11 @@ def test_fixed_settings_the_run_does_not_read_may_change():
     check_fixed_settings({**recorded, "model": {**recorded["model"], "hidden_size": 64, "num_layers": 8}}, recorded)
     with pytest.raises(ConfigError, match="^model.path: '/other/model' differs from the lineage's '/some/model'"):
         check_fixed_settings({**recorded, "model": {**recorded["model"], "path": "/other/model"}}, recorded)
+    # the MinHash settings matter to a lineage deduplicated by MinHash only
+    check_fixed_settings({**recorded, "data": {**recorded["data"], "minhash_bands": 20}}, recorded)
+    recorded["data"]["dedup"] = "minhash"
+    with pytest.raises(ConfigError, match="^data.minhash_bands: 20 differs from the lineage's 14"):
+        check_fixed_settings({**recorded, "data": {**recorded["data"], "minhash_bands": 20}}, recorded)
 
 
 def test_run_refuses_a_corpus_without_a_version_the_lineage_has(tmp_path, capsys):

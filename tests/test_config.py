@@ -292,6 +292,7 @@ def test_config_error_is_a_value_error():
     ("data:\n  versions: [v1, v2, v1]\n", "data.versions"),  # v1's second entry read as trained already
     ("data:\n  tokenizer_max_chars: 0\n", "data.tokenizer_max_chars"),
     ("data:\n  dedup: fuzzy\n", "data.dedup"),
+    ("data:\n  minhash_bands: 0\n", "data.minhash_bands"),
     ("data:\n  corpus: ''\n", "data.corpus"),  # Path('') is the working directory
     ("run_dir: ''\n", "run_dir"),
     ("name: ' '\n", "name"),

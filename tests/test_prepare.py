@@ -17,6 +17,7 @@ import pytest
 from conftest import AWS_ENV, ROOT, bucket
 
 from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks, read_manifest
+from raypath.dedup import Rule, minhash
 from raypath.sources import Chunk, _lines, iter_docs
 from raypath.storage import write_json
 
@@ -160,9 +161,10 @@ def test_stream_is_byte_identical_whatever_the_number_of_actors(ray_cluster, tmp
     own = read_blocks(v3["stream_path"])[stream["src"].to_numpy() == 2]
     assert sorted(map(bytes, own)) == sorted(map(bytes, new))
     assert not np.array_equal(own, new)
-    # Another seed, another order.
-    other = prepare_versions(discover_versions(corpus), _spec(tmp_path / "seed", tokenizer_dir, seed=4))
-    assert _files(Path(other[2]["stream_path"])) != _files(Path(v3["stream_path"]))
+    # Another seed, another order (of the first version: the rule is the same for each).
+    other = prepare_versions(discover_versions(corpus)[:1], _spec(tmp_path / "seed", tokenizer_dir, seed=4))
+    assert _files(Path(other[0]["stream_path"])) != _files(Path(v1["stream_path"]))
+    assert _files(Path(other[0]["new_path"])) == _files(Path(v1["new_path"]))  # the same blocks
 
 
 def _dup_corpus(root: Path) -> Path:
@@ -192,7 +194,7 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
     from raypath.data import check_prepared
 
     corpus = _dup_corpus(tmp_path / "corpus")
-    v1, v2 = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup="exact"))
+    v1, v2 = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup=Rule("exact")))
     assert v1["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66,
                            "held_out_docs": 6, "held_out_trained": 0}
     assert v2["dedup"] == {"docs": 72, "dropped": 12, "earlier": 5, "held_out": 3, "within": 4, "index_rows": 66,
@@ -206,7 +208,7 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
 
     # Any number of decide ranges, the same documents dropped and the same blocks written.
     monkeypatch.setattr(dedup, "RANGE_ROWS", 9)
-    again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup="exact"))
+    again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup=Rule("exact")))
     assert [r["dedup"] for r in again] == [v1["dedup"], v2["dedup"]]
     assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "index").iterdir())) > 4
     for a, b in zip((v1, v2), again):
@@ -215,6 +217,34 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
     # The rule is fixed once versions are prepared.
     with pytest.raises(DataError, match=r"data.dedup='exact', the config asks 'none'"):
         check_prepared(discover_versions(corpus), tmp_path / "run", 16, "none")
+
+
+def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokenizer_dir):
+    """The exact duplicates of _dup_corpus, and in v2 one word added to one of v1's train
+    documents, to one of its own and to one of its val documents."""
+    corpus = _dup_corpus(tmp_path / "corpus")
+    v1, v2, v2_val = _docs(0, 60), _docs(1, 60), _docs(11, 6)
+    _write_jsonl(corpus / "v2" / "train" / "part-2.jsonl", [v1[40] + " extra", v2[5] + " extra", v2_val[3] + " extra"])
+    rule = Rule("minhash")
+    a, b = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup=rule))
+    assert a["dedup"] == {"docs": 63, "dropped": 3, "index_rows": 66 * 14, "held_out_docs": 6}
+    assert b["dedup"]["docs"] == 75 and b["dedup"]["dropped"] == 12 + 3 and b["docs"] == 60
+    text = _text(b, tokenizer_dir)
+    assert "doc 0.40:" not in text and "doc 11.3:" not in text and text.count("doc 1.5:") <= 1
+    assert read_manifest(tmp_path / "run" / "manifest.json")["dedup"] == str(rule) == \
+        "minhash(bands=14, rows=8, shingle=5)"
+
+
+def test_minhash_values_agree_in_proportion_to_the_shingles_shared():
+    words = [f"w{i}" for i in range(400)]
+    base = " ".join(words[:200])
+    for shared in (200, 150, 100, 50):  # the first `shared` words, then other ones
+        other = " ".join(words[:shared] + words[200:400 - shared])
+        sa, sb = {tuple(base.split()[i:i + 5]) for i in range(196)}, {tuple(other.split()[i:i + 5]) for i in range(196)}
+        jaccard = len(sa & sb) / len(sa | sb)
+        agree = (minhash(base, 256, 5) == minhash(other.upper(), 256, 5)).mean()  # case is ignored
+        assert abs(agree - jaccard) < 0.1, (shared, agree, jaccard)
+    assert minhash("", 8, 5).shape == (8,) and (minhash("a b", 8, 5) == minhash("A  B", 8, 5)).all()
 
 
 def test_one_bad_file_among_many_is_named_or_skipped(ray_cluster, tmp_path, tokenizer_dir):
