@@ -38,7 +38,7 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
-from raypath.console import heartbeat
+from raypath.console import amount, heartbeat
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RECORDS, RunDir
 from raypath.schedules import MainPath
@@ -168,8 +168,10 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
         if dtype is not None:
             model.to(DTYPES[dtype])
         # atomic_dir: a temp sibling of `out`, renamed over it only if the block succeeds.
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         with atomic_dir(out) as tmp:
-            with heartbeat(log, f"exporting {what}: writing {out}"):
+            written = lambda: f"{amount(_bytes_under(tmp), 'B')} of ~{amount(weights, 'B')} written"  # noqa: E731
+            with heartbeat(log, f"exporting {what}: writing {out}", written):
                 save_model_dir(tmp, model, src.tokenizer_dir)
             if src.json_card is not None:
                 shutil.copy2(src.json_card, tmp / JSON_CARD)
@@ -178,6 +180,15 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
             with heartbeat(log, f"exporting {what}: checking what was written against the model"):
                 verify(tmp, model)
     return result
+
+
+def _bytes_under(d: Path) -> int:
+    """Bytes of the files under ``d`` so far (a file being written counts what reached it)."""
+    total = 0
+    for p in d.rglob("*"):
+        with contextlib.suppress(OSError):  # renamed or removed between the listing and the stat
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 @contextlib.contextmanager

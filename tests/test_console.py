@@ -243,3 +243,8 @@ def test_a_heartbeat_logs_while_its_step_lasts_and_stops_with_it(monkeypatch, ca
     assert len(beats) >= 3 and all(b == "writing /models/v2: 0m00s so far" for b in beats), beats
     time.sleep(0.1)
     assert len(caplog.records) == len(beats)  # none after the step
+    caplog.clear()
+    with console.heartbeat(log, "writing /models/v2", lambda: "4.2 GB of ~16 GB written"):
+        time.sleep(0.1)
+    assert caplog.records and all(r.getMessage() == "writing /models/v2: 4.2 GB of ~16 GB written, 0m00s so far"
+                                  for r in caplog.records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -385,17 +386,21 @@ def test_an_export_says_which_step_it_is_in_while_it_lasts(run, tmp_path, monkey
     steps, heartbeat = [], export_module.heartbeat
 
     @contextlib.contextmanager
-    def recorded(logger, what):
-        with heartbeat(logger, what):
+    def recorded(logger, what, *done):
+        with heartbeat(logger, what, *done):
             yield
-        steps.append((what, sorted(p.name for p in tmp_path.glob(".v2*/*"))))
+        steps.append((what, sorted(p.name for p in tmp_path.glob(".v2*/*")), done[0]() if done else None))
 
     monkeypatch.setattr(export_module, "heartbeat", recorded)
     export(run, "v2", tmp_path / "v2")
-    assert [what for what, _ in steps] == [f"exporting v2: loading {run / 'releases' / 'v2' / 'r2'}",
+    assert [what for what, *_ in steps] == [f"exporting v2: loading {run / 'releases' / 'v2' / 'r2'}",
                                            f"exporting v2: writing {tmp_path / 'v2'}",
                                            "exporting v2: checking what was written against the model"]
     assert steps[0][1] == [] and "model.safetensors" in steps[1][1]
+    # the writing step's lines say how much reached the directory: here all of it, and more (the tokenizer)
+    unit = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    (a, ua, b, ub), = re.findall(r"^([0-9.]+) (k?M?G?B) of ~([0-9.]+) (k?M?G?B) written$", steps[1][2])
+    assert float(a) * unit[ua] > float(b) * unit[ub] > 0 and steps[0][2] is None and steps[2][2] is None
 
 
 def test_every_exported_file_is_readable_by_other_users(run, tmp_path):
