@@ -17,7 +17,7 @@ For each version ``k`` raypath prepares, once, under ``RUN_DIR/data/vK/``:
   reads, for the numbers a release reports: the version's ``test/`` files when the
   corpus has them, else the val files' blocks right after the val split's (see
   :func:`held_out_counts`).
-* ``dedup/index/`` and ``dedup/drop/``: with ``data.dedup: exact``, the hashes of the documents
+* ``dedup/index/`` and ``dedup/drop/``: with ``data.dedup``, the hashes of the documents
   the version trained or holds out, and the keys of the train documents it dropped as
   duplicates, decided before tokenizing (:mod:`raypath.dedup`, which also says its costs).
 * ``files.json``: the version's input files with their fingerprints, skipped files and
@@ -228,14 +228,14 @@ class TokenizePack:
     def _ids(self, chunk: Chunk, skipped: dict, base: int | None = None,
              dropped: set[int] | frozenset = frozenset()) -> list[np.ndarray]:
         """Token ids of ``chunk``'s documents; ``dropped``: keys (``base | position``) to skip as
-        duplicates (:mod:`raypath.dedup`)."""
+        duplicates, with their causes (:mod:`raypath.dedup`), counted in ``skipped`` by cause."""
         from raypath.tokenizer import encode_documents
 
         ids, batch = [], []
         for _, text, problem, pos in iter_docs(chunk, self.column, self.endpoint):
             status = doc_status(text, problem, self.max_doc_chars)
             if status == "ok" and base is not None and base | pos in dropped:
-                status = "duplicate"
+                status = dropped[base | pos]
             if status != "ok":
                 skipped[status] = skipped.get(status, 0) + 1
                 continue
@@ -252,7 +252,7 @@ class TokenizePack:
         for c in batch.to_pylist():
             skipped: dict[str, int] = {}
             ids = []
-            dropped = dedup.dropped_keys(self.fs, c["drop"], *dedup.key_range(c["parts"])) if c["drop"] else set()
+            dropped = dedup.dropped_keys(self.fs, c["drop"], *dedup.key_range(c["parts"])) if c["drop"] else {}
             for p in c["parts"]:
                 self.rd.fetch(p["path"], missing_ok=True)
                 base = p["file"] << dedup.POS_BITS if p.get("file", -1) >= 0 else None
@@ -264,7 +264,7 @@ class TokenizePack:
             write_table(table, self.fs, c["out"], row_group_size=STREAM_ROW_GROUP)
             out.append({"job": c["job"], "chunk": c["chunk"], **stats, "skipped_empty": skipped.get("empty", 0),
                         "skipped_too_long": skipped.get("too_long", 0), "skipped_invalid": skipped.get("invalid", 0),
-                        "skipped_duplicate": skipped.get("duplicate", 0)})
+                        **{f"duplicate_{k}": skipped.get(k, 0) for k in dedup.CAUSES}})
         return pa.Table.from_pylist(out)
 
 
@@ -343,7 +343,7 @@ def tokenize_chunks(jobs: list[TokenizeJob], fs: pafs.FileSystem, spec: "Prepare
 def _sum_stats(rows: list[dict]) -> dict:
     keys = ("docs", "doc_tokens", "blocks", "dropped_tokens")
     total = {k: int(sum(r[k] for r in rows)) for k in keys}
-    total["duplicates"] = int(sum(r.get("skipped_duplicate", 0) for r in rows))
+    total["duplicates"] = {k: int(sum(r.get(f"duplicate_{k}", 0) for r in rows)) for k in dedup.CAUSES}
     total["skipped_docs"] = {k: n for k in ("empty", "too_long", "invalid")
                              if (n := int(sum(r[f"skipped_{k}"] for r in rows)))}
     return total
@@ -1019,8 +1019,8 @@ def _dedup_versions(todo: list[dict], spec: PrepareSpec, records: list[dict]) ->
     index_dirs = [spec.rd.target(Path(spec.data_dir) / r["name"])[1] for r in records]
     index_rows = sum(int(r.get("dedup", {}).get("index_rows", 0)) for r in records)
     for t in todo:
-        dedup.check_keys(t["train"], t["source"].name)
-        held_out = [{**c, "file": dedup.HELD_OUT} for r in (*t["val"], *t["test"]) for c in r["chunks"]]
+        dedup.check_keys(t["train"], [*t["val"], *t["test"]], t["source"].name)
+        held_out = [{**c, "held_out": f} for f, r in enumerate((*t["val"], *t["test"])) for c in r["chunks"]]
         root = _version_root(t, spec)
         t["dedup"] = dedup.dedup_version(t["source"].name, _train_chunks(t), held_out,
                                          [f for d in index_dirs for f in dedup.index_files(fs, d)], index_rows,
@@ -1095,13 +1095,10 @@ def _prepare_one(todo: dict, spec: PrepareSpec, records: list[dict], split_stats
     for kind, rows in split_stats.items():
         if (s := _sum_stats(rows))["skipped_docs"]:
             log.warning("version %s %s: skipped documents %s", src.name, kind, s["skipped_docs"])
-    if spec.dedup.mode == "minhash":  # a document's bands are decided apart: the tokenizer counts it once
-        todo["dedup"]["dropped"] = stats["duplicates"]
-        log.info("version %s: %d of %d train documents dropped as near-duplicates (%s)", src.name,
-                 stats["duplicates"], todo["dedup"]["docs"], spec.dedup)
-    elif stats["duplicates"] != todo.get("dedup", {}).get("dropped", 0):
-        raise RuntimeError(f"version {src.name}: tokenizing skipped {stats['duplicates']} duplicate documents, "
-                           f"deduplication decided {todo['dedup']['dropped']}")
+    if "dedup" in todo:
+        dedup.record_drops(src.name, todo["dedup"], stats["duplicates"], spec.dedup)
+    elif any(stats["duplicates"].values()):
+        raise RuntimeError(f"version {src.name}: tokenizing skipped duplicates {stats['duplicates']}, none decided")
 
     own = Pool(i, tuple(_part(f"{root}/new", r["chunk"]) for r in train), tuple(r["blocks"] for r in train))
     older = [_pool(r, spec) for r in records[:i]]

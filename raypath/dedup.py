@@ -20,17 +20,20 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
    each), rows ``(bucket, h1, h2, key)`` sorted by hash in
    ``dedup/hashes/part-GGGGGG.parquet``. ``key`` names a train document: its file's number in
    the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
-   parquet/Arrow row); a held-out document's key is :data:`HELD_OUT`.
+   parquet/Arrow row); a held-out document's key is negative (:func:`held_out_key`).
 2. decide, per range of buckets (the top 16 bits of ``h1``): that range's rows of every hash
    file and of every earlier version's ``dedup/index``, sorted together by hash, then key:
    a train document is dropped when one of its rows is not the first among its hash's rows.
    Writes ``dedup/index/part-RRRRR.parquet`` (the hashes the version adds, the rows that came
    first: kept train documents', held-out ones' flagged ``held_out``, and with ``minhash`` a
    dropped document's other bands, so that a near-duplicate of it is dropped too) and
-   ``dedup/drop/part-RRRRR.parquet`` (the dropped keys, sorted).
+   ``dedup/drop/part-RRRRR.parquet`` (the dropped keys, sorted, each with its :data:`CAUSES`
+   index: that of the first row of its hash, the lowest of its rows').
 3. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
-   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents; with
-   ``exact``, the version's record checks that it skipped exactly the documents decided here.
+   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents, counting
+   them per cause (a ``minhash`` document's bands are decided in several ranges: it is counted
+   once, under its lowest cause); with ``exact``, the version's record checks that it skipped
+   exactly the documents decided here.
 
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
@@ -63,12 +66,15 @@ log = logging.getLogger(__name__)
 
 #: Bits of a train key that hold the document's position in its file (files up to 1 TiB).
 POS_BITS = 40
-#: Files per version a key can number (the key is a positive int64).
+#: Files per version a key can number (the key is a positive int64; a held-out key negative, half that).
 MAX_FILES = 1 << (63 - POS_BITS)
-HELD_OUT = -1
+MAX_HELD_OUT_FILES = MAX_FILES >> 1
 # An earlier version's index row (of a train or a held-out document): sorts before this version's
-# rows of its hash.
-_EARLIER, _EARLIER_HELD_OUT = -2, -3
+# rows of its hash, held-out ones (negative keys) before train ones.
+_EARLIER_HELD_OUT, _EARLIER = -(1 << 63), -(1 << 63) + 1
+#: Why a train document is dropped, by the first row of one of its hashes, in the order a
+#: document dropped for several is counted under.
+CAUSES = ("held_out", "earlier", "within")
 BUCKET_SHIFT = 48
 #: Rows a decide task holds at most (earlier index + this version's hashes of its range).
 RANGE_ROWS = 4_000_000
@@ -109,6 +115,15 @@ class Rule:
         sig = minhash(text, self.bands * self.rows, self.shingle).astype("<u4").reshape(self.bands, self.rows)
         return b"".join(hashlib.blake2b(band.tobytes(), digest_size=16, salt=i.to_bytes(16, "little")).digest()
                         for i, band in enumerate(sig))
+
+
+def held_out_key(file: int, pos: int) -> int:
+    """The key of a val/test document: the ``file``-th held-out file of the version, at ``pos``."""
+    return -1 - ((file << POS_BITS) | pos)
+
+
+def _is_held_out(key: np.ndarray) -> np.ndarray:
+    return (key < 0) & (key > _EARLIER)
 
 
 def rule_of(data) -> Rule:
@@ -159,7 +174,7 @@ class DedupSpec:
 
 def key_range(parts: list[dict]) -> tuple[int, int]:
     """[lo, hi) of the keys of the documents a chunk group reads (consecutive chunks of
-    consecutive files, each with its file's number ``file``): a jsonl chunk's byte range,
+    consecutive train files, each with its file's number ``file``): a jsonl chunk's byte range,
     else its whole file."""
     first, last = parts[0], parts[-1]
     lo = (first["file"] << POS_BITS) + (first["start"] if first["fmt"] == "jsonl" else 0)
@@ -168,14 +183,15 @@ def key_range(parts: list[dict]) -> tuple[int, int]:
     return lo, hi
 
 
-def check_keys(files: list[dict], version: str) -> None:
-    """A version's train files must fit the key: file numbers and positions."""
-    if len(files) >= MAX_FILES:
-        raise DataError(f"version {version}: {len(files)} train files; data.dedup: exact numbers at most "
-                        f"{MAX_FILES - 1} per version (merge files, or split the version)")
-    for f in files:
+def check_keys(files: list[dict], held_out: list[dict], version: str) -> None:
+    """A version's train and val/test files must fit the key: file numbers and positions."""
+    for n, most, what in ((len(files), MAX_FILES, "train"), (len(held_out), MAX_HELD_OUT_FILES, "val/test")):
+        if n >= most:
+            raise DataError(f"version {version}: {n} {what} files; data.dedup numbers at most {most - 1} per "
+                            f"version (merge files, or split the version)")
+    for f in (*files, *held_out):
         if (f["fingerprint"] or {}).get("bytes", 0) >= 1 << POS_BITS:
-            raise DataError(f"{f['path']}: over {1 << POS_BITS} bytes; data.dedup: exact keys documents by "
+            raise DataError(f"{f['path']}: over {1 << POS_BITS} bytes; data.dedup keys documents by "
                             f"byte offset up to that size (cut the file)")
 
 
@@ -199,14 +215,14 @@ def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Tabl
     digests, keys = bytearray(), []
     for p in item["parts"]:
         spec.rd.fetch(p["path"], missing_ok=True)
-        base = p["file"] << POS_BITS if p["file"] >= 0 else None
         for _, text, problem, pos in iter_docs(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), spec.text_column,
                                                spec.endpoint):
             if doc_status(text, problem, spec.max_doc_chars) == "ok":
                 digests += spec.rule.digests(text)
-                keys.extend([HELD_OUT if base is None else base | pos] * spec.rule.per_doc)
+                key = (p["file"] << POS_BITS | pos) if "held_out" not in p else held_out_key(p["held_out"], pos)
+                keys.extend([key] * spec.rule.per_doc)
     write_table(_hash_rows(bytes(digests), keys), fs, item["out"], row_group_size=ROW_GROUP)
-    held_out = sum(k == HELD_OUT for k in keys) // spec.rule.per_doc
+    held_out = sum(k < 0 for k in keys) // spec.rule.per_doc
     return pa.table({"train": [len(keys) // spec.rule.per_doc - held_out], "held_out": [held_out]})
 
 
@@ -220,7 +236,7 @@ def _read(fs: pafs.FileSystem, files: list[str], columns: list[str], lo: int, hi
 
 
 def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows sorted by (h1, h2, key), earlier versions' keys < ``HELD_OUT`` < train: (whether each row
+    """Rows sorted by (h1, h2, key), earlier versions' keys < held-out ones < train: (whether each row
     comes first among its hash's, the key of that first row, per row)."""
     n = len(key)
     first = np.ones(n, dtype=bool)
@@ -248,30 +264,48 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
     h1, h2, key = cols[0][order], cols[1][order], key[order]
     first, head = decide(h1, h2, key)
     dropped = (key >= 0) & ~first
-    adds = first & (key >= HELD_OUT)
+    adds = first & (key > _EARLIER)
     if adds.any():
         index = pa.table({"bucket": (h1[adds] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[adds],
-                          "h2": h2[adds], "held_out": key[adds] == HELD_OUT})
+                          "h2": h2[adds], "held_out": _is_held_out(key[adds])})
         write_table(index, fs, f"{out_dir}/index/part-{r:05d}.parquet", row_group_size=ROW_GROUP)
-    if dropped.any():
-        write_table(pa.table({"key": np.unique(key[dropped])}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
+    keys, cause = _first_cause(key[dropped], head[dropped])
+    if len(keys):
+        write_table(pa.table({"key": keys, "cause": cause}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
                     row_group_size=ROW_GROUP)
-    cause = head[dropped]
-    return pa.table({"range": [r], "index_rows": [int(adds.sum())], "earlier": [int((cause == _EARLIER).sum())],
-                     "held_out": [int(np.isin(cause, (HELD_OUT, _EARLIER_HELD_OUT)).sum())],
-                     "within": [int((cause >= 0).sum())],
-                     "held_out_trained": [int(((key == HELD_OUT) & (head == _EARLIER)).sum())]})
+    # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
+    trained = np.unique(key[_is_held_out(key) & (head == _EARLIER)])
+    return pa.table({"range": [r], "index_rows": [int(adds.sum())],
+                     **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)},
+                     "held_out_trained": pa.array([trained.tolist()], pa.list_(pa.int64()))})
+
+
+def _first_cause(key: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dropped rows' keys and their hashes' first keys -> each distinct key and its lowest cause."""
+    cause = np.where(_is_held_out(head) | (head == _EARLIER_HELD_OUT), 0, np.where(head == _EARLIER, 1, 2))
+    return _lowest_cause(key, cause.astype(np.int8))
 
 
 # ---------------------------------------------------------------- 3. what tokenizing skips
 
-def dropped_keys(fs: pafs.FileSystem, drop_files: list[str], lo: int, hi: int) -> set[int]:
-    """The dropped keys in [lo, hi) (one chunk group's documents)."""
+def dropped_keys(fs: pafs.FileSystem, drop_files: list[str], lo: int, hi: int) -> dict[int, str]:
+    """The dropped keys in [lo, hi) (one chunk group's documents), each with its cause (the lowest
+    of the ranges that dropped it)."""
     if not drop_files:
-        return set()
+        return {}
     flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
-    table = pads.dataset(drop_files, format="parquet", filesystem=fs).to_table(columns=["key"], filter=flt)
-    return set(table.column("key").to_numpy().tolist())
+    table = pads.dataset(drop_files, format="parquet", filesystem=fs).to_table(columns=["key", "cause"], filter=flt)
+    keys, cause = _lowest_cause(table.column("key").to_numpy(), table.column("cause").to_numpy())
+    return dict(zip(keys.tolist(), (CAUSES[c] for c in cause.tolist())))
+
+
+def _lowest_cause(key: np.ndarray, cause: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each distinct key (sorted) with the lowest of its causes."""
+    order = np.lexsort((cause, key))
+    key, cause = key[order], cause[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    return key[first], cause[first]
 
 
 # ---------------------------------------------------------------- one version
@@ -287,11 +321,11 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     """Decide which of version ``name``'s train documents to drop.
 
     train: the version's train chunks, each with its file's number (``file``); held_out: its val
-    and test chunks; earlier: earlier versions' index files, ``earlier_rows`` rows in all.
-    Returns ``{"drop_files", "docs", "dropped", "index_rows", "held_out_docs"}`` and, for
-    ``exact`` (where a document is one row, decided in one range), why each was dropped:
-    ``"earlier", "held_out", "within"``, and ``"held_out_trained"``. A ``minhash`` document's
-    bands are decided in several ranges: ``dropped`` is left to the tokenizer's count.
+    and test chunks, each with its held-out file's number (``held_out``); earlier: earlier
+    versions' index files, ``earlier_rows`` rows in all. Returns ``{"drop_files", "docs",
+    "index_rows", "held_out_docs", "held_out_trained"}`` and, for ``exact`` (a document is one
+    row, decided in one range), ``"dropped"`` and its :data:`CAUSES`; a ``minhash`` document's
+    bands are decided in several ranges: those counts are the tokenizer's (:func:`record_drops`).
     """
     from raypath.console import Progress
     from raypath.data import _tasks, chunk_groups
@@ -309,31 +343,44 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     n = min(1 << (64 - BUCKET_SHIFT), max(1, math.ceil(rows / RANGE_ROWS)))
     edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
     items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
-    out = {"docs": counts["train"], "dropped": 0, "earlier": 0, "held_out": 0, "within": 0, "index_rows": 0,
-           "held_out_docs": counts["held_out"], "held_out_trained": 0}
-    drop_files = []
+    out = {"docs": counts["train"], **dict.fromkeys(CAUSES, 0), "index_rows": 0, "held_out_docs": counts["held_out"]}
+    drop_files, trained = [], set()
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(items, decide_range, hash_files=hashes, index_files=earlier, out_dir=out_dir,
                       fs=fs).iter_rows():
-        for k in ("earlier", "held_out", "within", "index_rows", "held_out_trained"):
+        for k in (*CAUSES, "index_rows"):
             out[k] += row[k]
-        if row["earlier"] + row["held_out"] + row["within"]:
+        trained.update(row["held_out_trained"])
+        if any(row[c] for c in CAUSES):
             drop_files.append(f"{out_dir}/drop/part-{row['range']:05d}.parquet")
         progress.add(1)
     fs.delete_dir_contents(f"{out_dir}/hashes", missing_dir_ok=True)
     fs.delete_dir(f"{out_dir}/hashes")
-    if spec.rule.mode == "minhash":
-        log.info("deduplicated %s in %.1f s: %d train documents, %d held-out ones, %d bands each (%s)", name,
-                 time.perf_counter() - t0, out["docs"], out["held_out_docs"], spec.rule.per_doc, spec.rule)
-        out = {k: out[k] for k in ("docs", "dropped", "index_rows", "held_out_docs")}
-        return {**out, "drop_files": sorted(drop_files)}
-    out["dropped"] = out["earlier"] + out["held_out"] + out["within"]
-    log.info("deduplicated %s in %.1f s: %d of %d train documents dropped (%.1f%%): %d trained in an earlier "
-             "version, %d equal to held-out ones, %d repeated within it", name, time.perf_counter() - t0,
-             out["dropped"], out["docs"], 100 * out["dropped"] / max(out["docs"], 1), out["earlier"], out["held_out"],
-             out["within"])
+    out["held_out_trained"] = len(trained)
+    log.info("deduplicated %s in %.1f s: %d train documents, %d val/test ones (%s)", name, time.perf_counter() - t0,
+             out["docs"], out["held_out_docs"], spec.rule)
     if out["held_out_trained"]:
-        log.warning("version %s: %d of its %d val/test documents were trained by an earlier version (dedup drops "
+        log.warning("version %s: %d of its %d val/test documents were trained by an earlier version (%s; dedup drops "
                     "train documents, never held-out ones): its held-out losses read better than its novelty "
-                    "warrants", name, out["held_out_trained"], out["held_out_docs"])
+                    "warrants", name, out["held_out_trained"], out["held_out_docs"],
+                    "near-duplicates" if spec.rule.mode == "minhash" else "the same text")
+    if spec.rule.mode == "minhash":
+        out = {k: v for k, v in out.items() if k not in CAUSES}
+    else:
+        out["dropped"] = sum(out[c] for c in CAUSES)
     return {**out, "drop_files": sorted(drop_files)}
+
+
+def record_drops(name: str, record: dict, skipped: dict[str, int], rule: Rule) -> None:
+    """The tokenizer skipped ``skipped`` documents per cause: into the version's dedup ``record``
+    (``minhash``), or checked against what it decided (``exact``)."""
+    counts = {c: skipped.get(c, 0) for c in CAUSES}
+    if rule.mode == "minhash":
+        record.update(dropped=sum(counts.values()), **counts)
+    elif {c: record[c] for c in CAUSES} != counts:
+        raise RuntimeError(f"version {name}: tokenizing skipped duplicate documents {counts}, deduplication "
+                           f"decided { {c: record[c] for c in CAUSES} }")
+    log.info("version %s: %d of %d train documents dropped (%.1f%%; %s): %d trained in an earlier version, %d "
+             "matching held-out ones, %d repeated within it", name, record["dropped"], record["docs"],
+             100 * record["dropped"] / max(record["docs"], 1), rule, counts["earlier"], counts["held_out"],
+             counts["within"])

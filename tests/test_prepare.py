@@ -219,7 +219,7 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
         check_prepared(discover_versions(corpus), tmp_path / "run", 16, "none")
 
 
-def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokenizer_dir):
+def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
     """The exact duplicates of _dup_corpus, and in v2 one word added to one of v1's train
     documents, to one of its own and to one of its val documents."""
     corpus = _dup_corpus(tmp_path / "corpus")
@@ -227,12 +227,53 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
     _write_jsonl(corpus / "v2" / "train" / "part-2.jsonl", [v1[40] + " extra", v2[5] + " extra", v2_val[3] + " extra"])
     rule = Rule("minhash")
     a, b = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup=rule))
-    assert a["dedup"] == {"docs": 63, "dropped": 3, "index_rows": 66 * 14, "held_out_docs": 6}
-    assert b["dedup"]["docs"] == 75 and b["dedup"]["dropped"] == 12 + 3 and b["docs"] == 60
+    assert a["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66 * 14,
+                          "held_out_docs": 6, "held_out_trained": 0}
+    # Each cause counted once per document, whatever the ranges its bands were decided in.
+    assert {k: v for k, v in b["dedup"].items() if k != "index_rows"} == {
+        "docs": 75, "dropped": 12 + 3, "earlier": 5 + 1, "held_out": 3 + 1, "within": 4 + 1, "held_out_docs": 7,
+        "held_out_trained": 1}
+    assert b["docs"] == 60
+    from raypath import dedup  # a document's bands decided in many ranges: the same record and blocks
+    monkeypatch.setattr(dedup, "RANGE_ROWS", 200)
+    again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup=rule))
+    assert [r["dedup"] for r in again] == [a["dedup"], b["dedup"]]
+    assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "drop").iterdir())) > 4
+    assert _files(Path(b["new_path"])) == _files(Path(again[1]["new_path"]))
     text = _text(b, tokenizer_dir)
     assert "doc 0.40:" not in text and "doc 11.3:" not in text and text.count("doc 1.5:") <= 1
     assert read_manifest(tmp_path / "run" / "manifest.json")["dedup"] == str(rule) == \
         "minhash(bands=14, rows=8, shingle=5)"
+
+
+def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_under_the_lowest(tmp_path):
+    """Doc 7's bands: one an earlier version trained (range 0), one a held-out document holds
+    (range 1), one doc 3's (range 0). Doc 9 shares a band with doc 3 only; doc 11 one with an
+    earlier version's held-out document; held-out doc -5 one an earlier version trained."""
+    import pyarrow.fs as pafs
+
+    from raypath import dedup
+    from raypath.data import write_table
+
+    fs = pafs.LocalFileSystem()
+    h = {name: (np.uint64(b) << np.uint64(48)) | np.uint64(i) for i, (name, b) in
+         enumerate([("E", 10), ("W", 20), ("E2", 30), ("E3", 40), ("H", 40000)])}
+    index = str(tmp_path / "v1" / "index.parquet")
+    write_table(pa.table({"bucket": pa.array([10, 30, 40], pa.uint16()), "h1": [h["E"], h["E2"], h["E3"]],
+                          "h2": np.zeros(3, np.uint64), "held_out": [False, True, False]}), fs, index)
+    rows = [("E", 7), ("H", 7), ("W", 7), ("W", 3), ("W", 9), ("E2", 11), ("H", dedup.held_out_key(0, 4)),
+            ("E3", dedup.held_out_key(0, 4))]
+    digests = b"".join(int(h[n]).to_bytes(8, "little") + bytes(8) for n, _ in rows)
+    hashes = str(tmp_path / "v2" / "hashes.parquet")
+    write_table(dedup._hash_rows(digests, [k for _, k in rows]), fs, hashes)
+    counts = [dedup.decide_range(pa.Table.from_pylist([{"range": r, "lo": lo, "hi": hi}]), [hashes], [index],
+                                 str(tmp_path / "v2"), fs).to_pylist()[0] for r, (lo, hi) in
+              enumerate([(0, 32768), (32768, 65536)])]
+    assert [(c["earlier"], c["held_out"], c["within"], c["held_out_trained"]) for c in counts] == \
+        [(1, 1, 1, [dedup.held_out_key(0, 4)]), (0, 1, 0, [])]
+    drops = sorted(str(p) for p in (tmp_path / "v2" / "drop").iterdir())
+    assert dedup.dropped_keys(fs, drops, 0, 100) == {7: "held_out", 9: "within", 11: "held_out"}
+    assert dedup.dropped_keys(fs, drops[:1], 0, 10) == {7: "earlier", 9: "within"}
 
 
 def test_minhash_values_agree_in_proportion_to_the_shingles_shared():
