@@ -24,7 +24,8 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 2. decide, per range of buckets (the top 16 bits of ``h1``): that range's rows of every hash
    file and of every earlier version's ``dedup/index``, sorted together by hash, then key:
    a train document is dropped when one of its rows is not the first among its hash's rows.
-   Writes ``dedup/index/part-RRRRR.parquet`` (the hashes the version adds, the rows that came
+   Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets [L, H): a later version's decide
+   task reads the parts of its own buckets only; the hashes the version adds, the rows that came
    first: kept train documents', held-out ones' flagged ``held_out``, and with ``minhash`` a
    dropped document's other bands, so that a near-duplicate of it is dropped too) and
    ``dedup/drop/part-RRRRR.parquet`` (the dropped keys, sorted, each with its :data:`CAUSES`
@@ -38,9 +39,10 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
 document (``minhash``: per band, ~260 bytes a document at 14 bands), read once more by every later version's decide
-pass (the k-th version reads all earlier ones); a decide task's memory, about 50 bytes per row
-of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one row-group-pruned read per
-(hash file, range) and per (chunk group, range with drops).
+pass (the k-th version reads all earlier ones, each range task the earlier parts overlapping its
+buckets: about ranges + parts files opened in all, not ranges x parts); a decide task's memory,
+about 50 bytes per row of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one
+row-group-pruned read per (hash file, range) and per (chunk group, range with drops).
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
     item = batch.to_pylist()[0]
     lo, hi, r = item["lo"], item["hi"], item["range"]
     new = _read(fs, hash_files, ["h1", "h2", "key"], lo, hi)
-    old = _read(fs, index_files, ["h1", "h2", "held_out"], lo, hi)
+    old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
     tables = [t for t in (old, new) if t is not None]
     cols = [np.concatenate([np.zeros(0, np.uint64)] + [t.column(c).to_numpy() for t in tables]) for c in ("h1", "h2")]
     key = np.concatenate([np.zeros(0, np.int64) if old is None else
@@ -268,7 +270,7 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
     if adds.any():
         index = pa.table({"bucket": (h1[adds] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[adds],
                           "h2": h2[adds], "held_out": _is_held_out(key[adds])})
-        write_table(index, fs, f"{out_dir}/index/part-{r:05d}.parquet", row_group_size=ROW_GROUP)
+        write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
     if len(keys):
         write_table(pa.table({"key": keys, "cause": cause}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
@@ -278,6 +280,16 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
     return pa.table({"range": [r], "index_rows": [int(adds.sum())],
                      **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)},
                      "held_out_trained": pa.array([trained.tolist()], pa.list_(pa.int64()))})
+
+
+def _buckets_of(index_file: str) -> tuple[int, int]:
+    """[lo, hi) of the buckets an index part holds, by its name (an older ``part-RRRRR``: any)."""
+    parts = index_file.rsplit("/", 1)[-1].removesuffix(".parquet").split("-")
+    return (int(parts[1]), int(parts[2])) if len(parts) == 3 else (0, 1 << (64 - BUCKET_SHIFT))
+
+
+def _overlaps(span: tuple[int, int], lo: int, hi: int) -> bool:
+    return span[0] < hi and lo < span[1]
 
 
 def _first_cause(key: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

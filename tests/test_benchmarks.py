@@ -45,6 +45,14 @@ def test_jsonl_lines_reads_one_long_line_and_short_lines_of_the_same_size():
     assert got["one_line_over_short_lines"] == round(got["one_line_s"] / got["short_lines_s"], 3)
 
 
+def test_dedup_index_counts_the_earlier_parts_each_version_opens():
+    got = _bench("dedup_index", "--versions", "4", "--docs", "20000", "--range-rows", "10000")["versions"]
+    assert [r["dropped"] for r in got] == [0, 2000, 2000, 2000]  # the planted copies, checked by the script too
+    assert [r["ranges"] for r in got] == [2, 4, 6, 8] and got[-1]["earlier_index_parts"] == 2 + 4 + 6
+    # A range's task opens the earlier parts of its buckets, not all of them.
+    assert got[-1]["ranges"] * 2 < got[-1]["opened"] < got[-1]["ranges"] * (2 + got[-1]["earlier_index_parts"])
+
+
 def test_lineage_size_grows_with_the_files_it_records():
     small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]

@@ -249,7 +249,8 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
 def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_under_the_lowest(tmp_path):
     """Doc 7's bands: one an earlier version trained (range 0), one a held-out document holds
     (range 1), one doc 3's (range 0). Doc 9 shares a band with doc 3 only; doc 11 one with an
-    earlier version's held-out document; held-out doc -5 one an earlier version trained."""
+    earlier version's held-out document; held-out doc -5 one an earlier version trained. v1's
+    index has the name of older parts (``part-RRRRR``): every range reads it."""
     import pyarrow.fs as pafs
 
     from raypath import dedup
@@ -258,7 +259,7 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
     fs = pafs.LocalFileSystem()
     h = {name: (np.uint64(b) << np.uint64(48)) | np.uint64(i) for i, (name, b) in
          enumerate([("E", 10), ("W", 20), ("E2", 30), ("E3", 40), ("H", 40000)])}
-    index = str(tmp_path / "v1" / "index.parquet")
+    index = str(tmp_path / "v1" / "dedup" / "index" / "part-00007.parquet")
     write_table(pa.table({"bucket": pa.array([10, 30, 40], pa.uint16()), "h1": [h["E"], h["E2"], h["E3"]],
                           "h2": np.zeros(3, np.uint64), "held_out": [False, True, False]}), fs, index)
     rows = [("E", 7), ("H", 7), ("W", 7), ("W", 3), ("W", 9), ("E2", 11), ("H", dedup.held_out_key(0, 4)),
@@ -267,13 +268,23 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
     hashes = str(tmp_path / "v2" / "hashes.parquet")
     write_table(dedup._hash_rows(digests, [k for _, k in rows]), fs, hashes)
     counts = [dedup.decide_range(pa.Table.from_pylist([{"range": r, "lo": lo, "hi": hi}]), [hashes], [index],
-                                 str(tmp_path / "v2"), fs).to_pylist()[0] for r, (lo, hi) in
+                                 str(tmp_path / "v2" / "dedup"), fs).to_pylist()[0] for r, (lo, hi) in
               enumerate([(0, 32768), (32768, 65536)])]
     assert [(c["earlier"], c["held_out"], c["within"], c["held_out_trained"]) for c in counts] == \
         [(1, 1, 1, [dedup.held_out_key(0, 4)]), (0, 1, 0, [])]
-    drops = sorted(str(p) for p in (tmp_path / "v2" / "drop").iterdir())
+    drops = sorted(str(p) for p in (tmp_path / "v2" / "dedup" / "drop").iterdir())
     assert dedup.dropped_keys(fs, drops, 0, 100) == {7: "held_out", 9: "within", 11: "held_out"}
     assert dedup.dropped_keys(fs, drops[:1], 0, 10) == {7: "earlier", 9: "within"}
+
+    # A decide task opens the earlier index parts of its own buckets only (named by them).
+    parts = dedup.index_files(fs, str(tmp_path / "v2"))
+    assert [Path(p).name for p in parts] == ["part-00000-32768.parquet", "part-32768-65536.parquet"]
+    absent = str(tmp_path / "v2" / "dedup" / "index" / "part-40000-50000.parquet")
+    item = pa.Table.from_pylist([{"range": 0, "lo": 0, "hi": 32768}])
+    assert dedup.decide_range(item, [hashes], [index, *parts, absent], str(tmp_path / "v3"), fs).to_pylist()[0][
+        "earlier"] == 3  # docs 3, 7 and 9: v2 kept doc 3's W and doc 7's E
+    with pytest.raises(FileNotFoundError):
+        dedup.decide_range(item.set_column(2, "hi", pa.array([40001])), [hashes], [absent], str(tmp_path / "v3"), fs)
 
 
 def test_minhash_values_agree_in_proportion_to_the_shingles_shared():

@@ -1,0 +1,160 @@
+"""What a version's dedup decide pass opens of the earlier versions' indexes, as a lineage grows.
+
+Each version's decide pass (``raypath.dedup.decide_range``, one Ray task per range of hash
+buckets) reads its buckets' rows of every earlier version's ``dedup/index/`` parts. This builds
+``--versions`` versions of ``--docs`` documents' exact hashes each (``--repeat`` of them copies
+of earlier versions' documents), and decides each version in turn, range by range, in this
+process (a task's reads are the same in a Ray worker), with ``raypath.dedup.RANGE_ROWS`` set to
+``--range-rows`` so that versions span many ranges as they do at scale (4M rows a range: a
+version of 100M documents has 25). Every file open goes through a counting filesystem. Reports
+per version: its ranges, the earlier index parts, the files the decide pass opened, its seconds;
+and the dropped documents (each version must drop exactly its planted copies). Prints one line a
+version on stderr, the results as JSON on stdout.
+
+    python benchmarks/dedup_index.py --versions 20
+    PYTHONPATH=/path/to/checkout python benchmarks/dedup_index.py --versions 20   # another raypath
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class CountingHandler(pafs.FileSystemHandler):
+    """The local filesystem, counting the files opened for reading."""
+
+    def __init__(self):
+        self.fs, self.opened = pafs.LocalFileSystem(), 0
+
+    def get_type_name(self):
+        return "counting"
+
+    def normalize_path(self, path):
+        return path
+
+    def equals(self, other):
+        return self is other
+
+    def open_input_file(self, path):
+        self.opened += 1
+        return self.fs.open_input_file(path)
+
+    def open_input_stream(self, path):
+        self.opened += 1
+        return self.fs.open_input_stream(path)
+
+    # The rest of FileSystemHandler's methods: the local filesystem's.
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise NotImplementedError
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def _digests(rng: np.random.Generator, n: int, earlier: np.ndarray, repeat: float) -> tuple[np.ndarray, int]:
+    """``n`` 16-byte hashes as (n, 2) uint64, ``repeat`` of them drawn from ``earlier``'s rows."""
+    h = rng.integers(0, 1 << 63, (n, 2), dtype=np.uint64) << np.uint64(1)
+    copies = int(repeat * n) if len(earlier) else 0
+    if copies:
+        h[:copies] = earlier[rng.choice(len(earlier), copies, replace=False)]
+    return h, copies
+
+
+def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: Path, fs: pafs.FileSystem,
+                   counter: CountingHandler) -> dict:
+    from raypath import dedup
+    from raypath.data import write_table
+
+    out = root / f"v{k}" / "dedup"
+    hashes = str(out / "hashes" / "part-000000.parquet")
+    write_table(dedup._hash_rows(h.astype("<u8").tobytes(), list(range(len(h)))), fs, hashes)
+    earlier = [f for j in range(1, k) for f in dedup.index_files(fs, str(root / f"v{j}"))]
+    # The ranges dedup_version cuts: the rows it decides over, RANGE_ROWS a range.
+    n = min(1 << (64 - dedup.BUCKET_SHIFT), max(1, math.ceil((earlier_rows + len(h)) / dedup.RANGE_ROWS)))
+    edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
+    opened, t0, counts = counter.opened, time.perf_counter(), {"dropped": 0, "index_rows": 0}
+    for r in range(n):
+        item = pa.Table.from_pylist([{"range": r, "lo": edges[r], "hi": edges[r + 1]}])
+        row = dedup.decide_range(item, [hashes], earlier, str(out), fs).to_pylist()[0]
+        counts["dropped"] += row["earlier"] + row["within"] + row["held_out"]
+        counts["index_rows"] += row["index_rows"]
+    return {"version": k, "ranges": n, "earlier_index_parts": len(earlier), "opened": counter.opened - opened,
+            "seconds": round(time.perf_counter() - t0, 2), **counts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--versions", type=int, default=20)
+    ap.add_argument("--docs", type=int, default=200_000, help="documents a version")
+    ap.add_argument("--repeat", type=float, default=0.1, help="share of a version copying earlier documents")
+    ap.add_argument("--range-rows", type=int, default=100_000, help="raypath.dedup.RANGE_ROWS")
+    ap.add_argument("--out", default=None, help="where to write results.json (default: print only)")
+    args = ap.parse_args()
+
+    import raypath
+    from raypath import dedup
+
+    dedup.RANGE_ROWS = args.range_rows
+    counter = CountingHandler()
+    fs, rng, rows = pafs.PyFileSystem(counter), np.random.default_rng(0), []
+    every = np.zeros((0, 2), np.uint64)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(1, args.versions + 1):
+            h, copies = _digests(rng, args.docs, every, args.repeat)
+            row = decide_version(k, h, len(every), Path(tmp), fs, counter)
+            if row["dropped"] != copies:
+                raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
+            every = np.concatenate([every, h[copies:]])
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    print(f"files opened by the decide passes of {args.versions} versions: {sum(r['opened'] for r in rows)}; the "
+          f"last version's: {rows[-1]['opened']} in {rows[-1]['seconds']} s", file=sys.stderr)
+    results = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+               "raypath": str(Path(raypath.__file__).parent), "args": vars(args), "versions": rows}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
