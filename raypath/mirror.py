@@ -32,7 +32,9 @@ Who copies what, when:
   checkpoints and otherwise every half minute, and its exported release when written.
 
 A mirror whose ``lineage.json`` the remote lacks (a run deleted from the store) is refused at
-start, not resumed from (:func:`_check_not_stale`).
+start, not resumed from (:func:`_check_not_stale`). A file a pull downloaded that the remote no
+longer lists (a sweep deleted from the store) is removed from the mirror by the next pull that
+lists its directory, where unchanged here since (:meth:`Mirror._drop_gone`).
 
 Files are complete-or-absent on both sides. A download lands in a temporary
 sibling that is renamed into place (for a directory the first rename wins, so
@@ -359,11 +361,35 @@ class Mirror:
         files gone from the mirror (a sweep deleted), so that it grows with what the mirror holds."""
         mine = self._state()
         changed = {rel: e for rel, e in mine.items() if before.get(rel) != e}
-        if changed:
+        if changed or any(not Path(self.local, rel).is_file() for rel in before):
             entries = {**self._read_state(), **changed}
             entries = {rel: e for rel, e in entries.items() if Path(self.local, rel).is_file()}
             with contextlib.suppress(OSError):  # a read-only mirror: the next start downloads again
                 atomic_write_bytes(self._state_path(), json.dumps(entries).encode())
+
+    def _drop_gone(self, path: str | os.PathLike, listed: Iterable[str], scope: Callable[[str], bool]) -> None:
+        """Remove here the files under ``path`` that a pull downloaded and the remote no longer
+        lists (``listed``: paths relative to ``path``; ``scope``: whether the listing covered a
+        relative path), where unchanged here since: deleted there (a sweep removed from the
+        store), a copy here would still be read as the run's. ``lineage.json`` is never removed
+        (:func:`_check_not_stale` refuses such a mirror instead)."""
+        rel = self.relative(path)
+        base, listed, gone = "" if rel == "." else f"{rel}/", set(listed), []
+        for key, entry in self._state().items():
+            sub = key[len(base):]
+            local = Path(self.local, key)
+            if key.startswith(base) and key != LINEAGE and sub not in listed and scope(sub) and \
+                    local.is_file() and _stamp(local) == tuple(entry[2:]):
+                local.unlink()
+                _PULLED.pop(self.remote_path(local), None)
+                _COPIED.pop(self.remote_path(local), None)
+                gone.append(key)
+                with contextlib.suppress(OSError):  # the directories it leaves empty, up to the mirror's
+                    for parent in list(local.parents)[: len(Path(key).parts) - 1]:
+                        parent.rmdir()
+        if gone:
+            log.info("removed %d files of the mirror %s that %s no longer has (e.g. %s)", len(gone), self.local,
+                     self.remote, gone[0])
 
     @contextlib.contextmanager
     def _remembering(self) -> Iterator[None]:
@@ -377,8 +403,10 @@ class Mirror:
         """Copy every remote file under the directory ``path`` here where it changed, except
         under its sub-directories ``exclude`` and, with ``only``, those whose relative posix
         path it refuses."""
+        tree = self._tree(path)
         with self._remembering():
-            self._download_all([(info, Path(path, rel)) for rel, info in self._tree(path).items()
+            self._drop_gone(path, tree, lambda rel: rel.split("/", 1)[0] not in exclude)
+            self._download_all([(info, Path(path, rel)) for rel, info in tree.items()
                                 if rel.split("/", 1)[0] not in exclude and (only is None or only(rel))])
 
     def _download_all(self, files: list[tuple[pafs.FileInfo, Path]]) -> None:
@@ -404,8 +432,11 @@ class Mirror:
         with the trials.
 
         Returns the relative paths of the remote files listed (whether copied or not)."""
-        tree = self._tree(self.local, skip=NOT_MIRRORED + WRITE_ONLY + (LOCKS_DIR,), only=reads)
+        skip = NOT_MIRRORED + WRITE_ONLY + (LOCKS_DIR,)
+        tree = self._tree(self.local, skip=skip, only=reads)
         with self._remembering():
+            self._drop_gone(self.local, tree, lambda rel: "/" not in rel or (
+                rel.split("/", 1)[0] not in skip and (reads is None or rel.split("/", 1)[0] in reads)))
             if LINEAGE in tree:  # not over the copy another process of this machine is saving and uploading
                 with file_lock(Path(self.local, LOCKS_DIR, "lineage.lock"), f"pulling {self.remote}/{LINEAGE}"):
                     self._download_all([(tree[LINEAGE], Path(self.local, LINEAGE))])

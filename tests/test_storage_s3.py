@@ -607,6 +607,18 @@ def test_a_new_process_downloads_the_records_that_changed_since_the_last_one_on_
     state = json.loads((tmp_path / "b" / ".locks" / mirror_module.STATE).read_text())
     assert sorted(state) == [r for r in records if not r.startswith("sweeps/")]
 
+    # What the bucket lost (deleted from another machine) leaves this mirror at its next pull,
+    # but a copy changed here since and the lineage's record (refused by the stale-mirror check).
+    mirror.push(here / "sweeps")  # the sweep back in the bucket, and in this mirror
+    assert new_process() == ["sweeps/v2/s/curves/t1.jsonl", "sweeps/v2/s/results.json"]
+    (tmp_path / "b" / "curves" / "branch-v1.jsonl").write_text("edited here\n")
+    RunDir(here, mirror).remove(here / "sweeps")
+    RunDir(here, mirror).remove(here / "curves")
+    assert new_process() == []
+    assert sorted(p.relative_to(tmp_path / "b").as_posix() for p in _files(tmp_path / "b")) == [
+        "config.yaml", "curves/branch-v1.jsonl", "lineage.json"]
+    assert not (tmp_path / "b" / "sweeps").exists()
+
 
 def test_weights_to_from_and_inside_a_bucket_log_their_progress_and_land_whole(s3, tmp_path, monkeypatch, caplog):
     """A model's weights go up (a base model, a branch's export), are copied inside the store (a
