@@ -41,6 +41,7 @@ from raypath.config import ConfigError, ModelConfig
 from raypath.console import amount, heartbeat
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RECORDS, RunDir
+from raypath.pretrained import BASE_DIR
 from raypath.schedules import MainPath
 from raypath.sources import is_uri
 from raypath.storage import read_json
@@ -325,25 +326,21 @@ def _check_checkpoint(d: Path, rd: RunDir, label: str | None = None) -> Path:
                           f"{e} (a checkpoint is a step directory, ray/<segment>/step_N)") from None
 
 
-def _tokenizer_file(name: str) -> bool:
-    """Whether a file of a tokenizer directory is one a tokenizer loads (``tokenizer.json``,
-    its config, special tokens, a chat template, BPE vocabularies), not a model's weights: the
-    base model's directory is the tokenizer's when the run continued it (``model.path``)."""
-    return name.startswith(("tokenizer", "chat_template")) or name in (
-        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
-
-
 def tokenizer_dir(lineage: Lineage, run_dir: Path) -> Path:
-    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's);
-    of a remote run directory's, its tokenizer files are downloaded (:func:`_tokenizer_file`)."""
+    """The tokenizer the run trained with (its own BPE, ``data.tokenizer`` or the base model's),
+    else the run directory's copy of one from outside it (:func:`raypath.run.keep_for_export`); of
+    a remote run directory's, its tokenizer files are downloaded (:func:`is_tokenizer_file`)."""
     recorded = lineage.fact("tokenizer").get("path") or run_dir / "tokenizer"
     d = in_run_dir(recorded, run_dir, "tokenizer")
-    if lineage.rd.remote(d):
-        for name in filter(_tokenizer_file, lineage.rd.children(d)):
-            lineage.rd.fetch(d / name)
-    if not (d / "tokenizer.json").is_file():
-        raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
-    return d
+    from raypath.tokenizer import is_tokenizer_file
+
+    for where in (d, run_dir / "tokenizer"):
+        if lineage.rd.remote(where):
+            for name in filter(is_tokenizer_file, lineage.rd.children(where)):
+                lineage.rd.fetch(where / name)
+        if (where / "tokenizer.json").is_file():
+            return where
+    raise ExportError(f"{lineage.path}: the run's tokenizer {d} is missing (no tokenizer.json)")
 
 
 # --------------------------------------------------------------------------- lineage facts
@@ -437,11 +434,12 @@ def model_config(lineage: Lineage, run_dir: Path) -> ModelConfig:
     if cfg.path:
         local = (lineage.fact("model").get("base") or {}).get("local_dir") or cfg.path
         d = in_run_dir(local, run_dir, "base_model")
-        lineage.rd.fetch(d / "config.json", missing_ok=True)  # the architecture: not the base model's weights
-        if not (d / "config.json").is_file():
-            raise ExportError(f"{lineage.path}: the base model {d} (model.path {cfg.path!r}) is missing: "
-                              f"its config gives the architecture of the run's checkpoints")
-        cfg = dataclasses.replace(cfg, path=str(d))
+        # The architecture, not the base model's weights: its directory's, else the run's copy of its config.
+        for where in (d, run_dir / BASE_DIR):
+            if lineage.rd.fetch(where / "config.json", missing_ok=True).is_file():
+                return dataclasses.replace(cfg, path=str(where))
+        raise ExportError(f"{lineage.path}: the base model {d} (model.path {cfg.path!r}) is missing: "
+                          f"its config gives the architecture of the run's checkpoints")
     return cfg
 
 

@@ -30,8 +30,11 @@ from raypath.storage import atomic_dir, atomic_file, in_threads, read_json, sha2
 
 log = logging.getLogger(__name__)
 
-#: Where a ``model.path`` URI is downloaded to, inside the run directory.
+#: Where a ``model.path`` URI is downloaded to, inside the run directory (of a local ``model.path``,
+#: the copy of its :data:`BASE_CONFIG_FILES` an export reads: :func:`raypath.run.keep_for_export`).
 BASE_DIR = "base_model"
+#: A base model's files that give its architecture and generation defaults (no weights).
+BASE_CONFIG_FILES = ("config.json", "generation_config.json")
 MANIFEST = "manifest.json"
 #: Where a ``save_pretrained`` directory's weights are, in the order ``from_pretrained`` looks:
 #: one file, or an index naming a sharded model's files. Anything else next to them

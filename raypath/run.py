@@ -14,6 +14,7 @@ local mirror (``cluster.local_dir``), pulls the remote run state into it first
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import logging
 import math
@@ -44,14 +45,14 @@ from raypath.lineage import Branch as BranchEntry
 from raypath.lineage import Lineage, check_fixed_settings
 from raypath.mainpath import main_steps, run_main_version
 from raypath.mirror import RunDir
-from raypath.pretrained import BaseModel, check_model, check_tokenizer
+from raypath.pretrained import BASE_CONFIG_FILES, BASE_DIR, BaseModel, check_model, check_tokenizer
 from raypath.pretrained import resolve as resolve_base_model
 from raypath.releases import Releaser, version_objective
 from raypath.schedules import main_schedule
 from raypath.segment import Plan, check_plan
 from raypath.sources import VersionSource, iter_texts
 from raypath.storage import atomic_dir, atomic_write_bytes, relative_paths, writer_lock
-from raypath.tokenizer import TRAIN_INFO_NAME, load_tokenizer, train_tokenizer
+from raypath.tokenizer import TRAIN_INFO_NAME, is_tokenizer_file, load_tokenizer, train_tokenizer
 from raypath.tracking import TrackingSpec, lineage_run, open_lineage
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def prepare(cfg: Config, where: Located | None = None, kept_base: dict | None = 
     if not cfg.data.tokenizer and base is None:
         _own_tokenizer(plan.todo, cfg, endpoint, Path(tok_dir), rd)
     rd.publish(Path(tok_dir))
+    keep_for_export(base, tok_dir, rd)
     tok = load_tokenizer(tok_dir)
     versions = prepare_versions(sources, spec, plan)
     for name in ("config.yaml", "data"):
@@ -229,6 +231,26 @@ def _model_and_tokenizer(cfg: Config, rd: RunDir, kept_base: dict | None) -> tup
     check_tokenizer(base.local_dir if base is not None else None, load_tokenizer(tok_dir),
                     "data.tokenizer" if cfg.data.tokenizer else "model.path", cfg.data.seq_len)
     return cfg, base, tok_dir
+
+
+def keep_for_export(base: BaseModel | None, tok_dir: str, rd: RunDir) -> None:
+    """Copy into the run directory what exporting its checkpoints reads from outside it: the files
+    of a tokenizer there (``data.tokenizer``, a local ``model.path``'s) into ``tokenizer/``, and a
+    local base model's ``config.json`` and ``generation_config.json`` into ``base_model/``. A
+    checkpoint holds weights only: without these, a run exported elsewhere (another machine, a
+    mirror of a run in a bucket) could not build its model. Megabytes; a file already the same is
+    not copied again."""
+    outside = [(Path(tok_dir), rd.path / "tokenizer", is_tokenizer_file)]
+    if base is not None:
+        outside.append((Path(base.local_dir), rd.path / BASE_DIR, lambda n: n in BASE_CONFIG_FILES))
+    for src, dst, wanted in outside:
+        if src.resolve() == rd.path.resolve() or rd.path.resolve() in src.resolve().parents:
+            continue
+        for f in sorted(src.iterdir()):
+            copy = dst / f.name
+            if f.is_file() and wanted(f.name) and not (copy.is_file() and filecmp.cmp(f, copy, shallow=False)):
+                atomic_write_bytes(copy, f.read_bytes())
+        rd.publish(dst)
 
 
 def _own_tokenizer(todo: list[dict], cfg: Config, endpoint: str | None, out: Path, rd: RunDir) -> None:

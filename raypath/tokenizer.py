@@ -165,6 +165,14 @@ def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str]) -> list[lis
     return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a tokenizer directory is one a tokenizer loads (``tokenizer.json``,
+    its config, special tokens, a chat template, BPE vocabularies), not a model's weights: a
+    base model's directory is the tokenizer's when the run continued it (``model.path``)."""
+    return name.startswith(("tokenizer", "chat_template")) or name in (
+        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer saved by :func:`train_tokenizer` from a local directory."""
     path = Path(path)

@@ -275,26 +275,29 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
     from transformers import AutoModelForCausalLM
 
     from raypath.run import run
-    from raypath.tokenizer import load_tokenizer
+    from raypath.tokenizer import TRAIN_INFO_NAME, is_tokenizer_file, load_tokenizer
 
-    src = _save_base(tmp_path / "base", tok_dir)
-    uri = f"file://{src}"
-    cfg = tiny_config(tmp_path / "run", f"model.path={uri}", "data.versions=[v1, v2]",
+    src = _save_base(tmp_path / "base", tok_dir)  # a local directory (a URI's download: resolve's tests)
+    cfg = tiny_config(tmp_path / "run", f"model.path={src}", "data.versions=[v1, v2]",
                       "data.max_docs_per_version=4", "train.num_workers=1", "train.log_every=1",
                       "train.eval_every=0", "branch.parallel=false")
     lineage = run(cfg).data
     run_dir = Path(cfg.run_dir)
 
     base = lineage["model"]["base"]
-    assert base["path"] == uri
+    assert base["path"] == str(src)
     assert base["weights_sha256"] == {"model.safetensors": sha256_file(src / "model.safetensors")}
     saved = json.loads((src / "config.json").read_text())  # the shape trained, not the config's ignored fields
     assert base["architecture"] == {k: saved[k] for k in ARCHITECTURE_KEYS if k in saved}
     assert base["architecture"]["model_type"] == "llama"
     assert base["architecture"]["vocab_size"] == len(load_tokenizer(src)) + 8  # the padded embedding
-    assert lineage["tokenizer"]["path"] == str(run_dir / "base_model")  # the model's own tokenizer
+    assert lineage["tokenizer"]["path"] == str(src)  # the model's own tokenizer
     assert lineage["tokenizer"]["vocab_size"] == len(load_tokenizer(src)) != cfg.data.vocab_size
-    assert not (run_dir / "tokenizer").exists()  # no BPE trained for the run
+    assert not (run_dir / "tokenizer" / TRAIN_INFO_NAME).exists()  # no BPE trained for the run ...
+    # ... but copies of what an export reads from outside the run directory: no weights
+    assert sorted(p.name for p in (run_dir / "tokenizer").iterdir()) == sorted(
+        p.name for p in src.iterdir() if is_tokenizer_file(p.name))
+    assert sorted(p.name for p in (run_dir / "base_model").iterdir()) == ["config.json", "generation_config.json"]
 
     # The weights were really loaded: step 1's loss is the saved model's loss on step 1's rows.
     v1 = lineage["versions"][0]
@@ -331,7 +334,15 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
         model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
         stored = torch.load(exported.source.checkpoint / "model.pt", weights_only=True)
         assert all(torch.equal(t.to(torch.bfloat16), model.state_dict()[k]) for k, t in stored.items())
-        assert ModelCard.load(out / "README.md").data.raypath["base_model"] == uri
+        assert ModelCard.load(out / "README.md").data.raypath["base_model"] == str(src)
+
+    # Exported where the base model's directory is not: from the run directory's copies.
+    src.rename(tmp_path / "elsewhere")
+    again = export(run_dir, "main-v2", tmp_path / "moved", dtype="bf16")
+    assert again.source.checkpoint.parent.name == "main-v2"
+    stored = torch.load(again.source.checkpoint / "model.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moved", dtype="auto")
+    assert all(torch.equal(t.to(torch.bfloat16), model.state_dict()[k]) for k, t in stored.items())
 
 
 def test_a_download_takes_the_shards_the_index_names_and_no_other_weights(tmp_path):
