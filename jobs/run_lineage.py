@@ -11,6 +11,11 @@ Connects to the cluster the job was submitted to: Ray Jobs sets ``RAY_ADDRESS``
 for the entry point, and :func:`raypath.run.run` uses it (without it, a local
 cluster is started, so the script also runs on a laptop).
 
+With ``--prepare-only`` it validates, deduplicates and tokenizes the versions not
+prepared yet and prints the versions table, training nothing: submit it to a CPU
+cluster first, then the same command without it to the training cluster, which
+finds the versions prepared (the same ``run_dir``).
+
 Resuming and version updates use the same command. Re-submitting it with the
 same ``run_dir`` skips finished versions and released branches and continues an
 interrupted segment from its latest checkpoint. To release a new version, add
@@ -37,8 +42,10 @@ log = logging.getLogger("raypath.jobs.run_lineage")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser("run_lineage", __doc__, "YAML run config, e.g. configs/quickstart.yaml",
-                         "run_dir=/runs/quickstart")
+    p = config_parser("run_lineage", __doc__, "YAML run config, e.g. configs/quickstart.yaml",
+                      "run_dir=/runs/quickstart")
+    p.add_argument("--prepare-only", action="store_true", help="prepare the new versions, train nothing")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad configs fail fast
 
-        from raypath.report import format_releases, write_report
-        from raypath.run import run
+        from raypath.report import format_releases, format_versions, write_report
+        from raypath.run import prepare_run, run
 
         warn_if_relative(cfg.run_dir, log)
+        if args.prepare_only:
+            print(format_versions(prepare_run(cfg)), flush=True)
+            return 0
         lineage = run(cfg)
         paths = write_report(lineage)
         print(format_releases(lineage), flush=True)

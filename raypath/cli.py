@@ -1,6 +1,7 @@
 """``raypath`` command line: run a lineage, inspect it, and price it.
 
     raypath run configs/quickstart.yaml [--set train.max_lr=1e-3 ...]
+    raypath prepare configs/quickstart.yaml
     raypath status runs/quickstart
     raypath cost runs/quickstart
     raypath cost --tokens 1e9 1e9 1e9 1e9 --fraction 0.2
@@ -46,6 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_releases(lineage))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from raypath.report import format_versions
+    from raypath.run import prepare_run
+
+    print(format_versions(prepare_run(load_config(args.config, args.set))))
     return 0
 
 
@@ -327,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.max_lr=1e-3")
     r.set_defaults(fn=cmd_run)
+
+    pp = sub.add_parser("prepare", help="validate, deduplicate and tokenize new versions only, training nothing")
+    pp.add_argument("config")
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set data.tokenize_actors=16")
+    pp.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("status", help="print a run's lineage as tables")
     _run_dir_arg(s)

@@ -247,7 +247,8 @@ def _config_summary(cfg: dict) -> list[str]:
     ]
 
 
-def _versions_section(lineage: Lineage) -> str:
+def format_versions(lineage: Lineage) -> str:
+    """The versions table of :func:`format_status` (what ``raypath prepare`` prints)."""
     rows = [[v.name, _plain(v.extra.get("docs")), _plain((v.extra.get("dedup") or {}).get("dropped")),
              _plain(v.new_blocks), si(v.new_tokens), _plain(v.replay_blocks), _plain(v.val_blocks)]
             for v in lineage.versions()]
@@ -349,7 +350,7 @@ def format_status(lineage: Lineage | dict) -> str:
     lineage = Lineage.of(lineage)
     header = [f"run: {lineage.name or '?'}" + (f" (updated {lineage.updated})" if lineage.updated else "")]
     header += ["  " + line for line in _config_summary(lineage.config)]
-    parts = ["\n".join(header), _versions_section(lineage), _main_section(lineage),
+    parts = ["\n".join(header), format_versions(lineage), _main_section(lineage),
              _branches_section(lineage), _sweeps_section(lineage), _live_section(lineage), format_releases(lineage)]
     return "\n\n".join(parts)
 

@@ -334,8 +334,19 @@ def run(cfg: Config) -> Lineage:
         return _run(cfg, rd)
 
 
-def _run(cfg: Config, rd: RunDir) -> Lineage:
-    """:func:`run` in its opened run directory, holding its writer lock."""
+def prepare_run(cfg: Config) -> Lineage:
+    """Validate, deduplicate and tokenize the corpus's versions not prepared yet, and record them in
+    the lineage, training nothing: ``raypath prepare``, e.g. on a CPU cluster before the training
+    job (whose ``raypath run`` then finds them prepared). Checks what :func:`run` checks first."""
+    check_address(cfg.cluster.address)
+    rd = _open_run_dir(cfg)
+    with writer_lock(rd, "prepare"):
+        return _prepared(cfg, rd, train=False)[0]
+
+
+def _prepared(cfg: Config, rd: RunDir, train: bool = True) -> tuple[Lineage, RunContext]:
+    """The lineage with the corpus's versions prepared and recorded, checked against what it
+    recorded before; ``train``: the cluster must fit the training workers too."""
     lineage = Lineage.open(rd, cfg.name, cfg.to_dict())
     _check_name(cfg, lineage)
     started = _main_path_started(lineage, rd)
@@ -347,10 +358,17 @@ def _run(cfg: Config, rd: RunDir) -> Lineage:
     where = _discover(cfg, rd)
     _check_versions_kept(cfg, lineage, where.sources)
     check_prepared(where.sources, rd.path / "data", cfg.data.seq_len, str(rule_of(cfg.data)))
-    check_workers_fit(cfg.train, init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
+    local = init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    if train:
+        check_workers_fit(cfg.train, local)
     ctx = prepare(cfg, where, lineage.fact("model").get("base") if started else None)
     _record_facts(lineage, ctx)
+    return lineage, ctx
 
+
+def _run(cfg: Config, rd: RunDir) -> Lineage:
+    """:func:`run` in its opened run directory, holding its writer lock."""
+    lineage, ctx = _prepared(cfg, rd)
     runner = BranchRunner(cfg.branch.parallel and branches_fit_beside(cfg.train))
     progress = RunProgress(cfg.name, ctx.versions, cfg.train.global_batch_size, cfg.branch.fraction, ctx.rd)
     index = {v["name"]: k for k, v in enumerate(ctx.versions)}

@@ -201,16 +201,17 @@ def _started_run(run_dir: Path, versions: tuple[str, ...] = (), trained: bool = 
     # the record, its model cards and MLflow experiment keep the name it started with
     ("name=renamed", "name: 'renamed' differs from 'tiny', the name the lineage in {run_dir} started with"),
 ])
-def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, trained, tmp_path,
+@pytest.mark.parametrize("command", ["run", "prepare"])
+def test_run_refuses_a_setting_the_run_directory_was_not_trained_with(override, message, trained, command, tmp_path,
                                                                       capsys):
     """Once the main path has checkpointed, and before (a run stopped in its first segment): the
-    versions it prepared were tokenized with the data settings."""
+    versions it prepared were tokenized with the data settings. ``raypath prepare`` checks the same."""
     tiny, run_dir = str(ROOT / "configs" / "tiny.yaml"), tmp_path / "r"
     _started_run(run_dir, ("v1",), trained)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     override = override.format(tmp=tmp_path)
-    assert main(["run", tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
+    assert main([command, tiny, "--set", f"run_dir={run_dir}", "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"raypath: error: {tiny}: ")  # the file, then the field
     basis = "was trained with" if trained else "prepared its versions with"

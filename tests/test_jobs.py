@@ -17,6 +17,7 @@ command line names this head's unique temp dir.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -204,7 +205,9 @@ def _safe_connections(proc):
 def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
     run_dir = tmp_path / "run"
     overrides = " ".join(f"--set {o}" for o in [f"run_dir={run_dir}", *TINY_OVERRIDES])
+    # Prepared first (a CPU cluster's job, say), then trained by the same command without --prepare-only.
     entrypoint = ("python -c 'import raypath, sys; print(\"job python:\", sys.executable, raypath.__name__)'"
+                  f" && python jobs/run_lineage.py --config configs/tiny.yaml {overrides} --prepare-only"
                   f" && python jobs/run_lineage.py --config configs/tiny.yaml {overrides}")
     job_id = job_client.submit_job(entrypoint=entrypoint,
                                    runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES})
@@ -214,6 +217,9 @@ def test_run_lineage_job_round_trip(ray_head, job_client, tmp_path):
 
     # The job's python is the venv's, and raypath imports there.
     assert "job python:" in logs and "raypath" in logs.split("job python:", 1)[1].splitlines()[0]
+    prepared, trained = logs.split("releases of tiny", 1)[0].split("replay blocks", 1)  # the versions table's header
+    assert "tokenized and packed" in prepared and "tokenized and packed" not in trained  # prepared once
+    assert re.search(r"^v1 +\d+ +- +\d+", trained, re.M) and "main-v1" not in prepared  # nothing trained before it
 
     from raypath.lineage import Lineage
 
