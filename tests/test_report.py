@@ -57,7 +57,8 @@ def _version(name: str, k: int) -> dict:
             "replay_blocks": 0, "replay_from": {}, "stream_rows": new_tokens // 50, "val_blocks": 4,
             "new_path": f"{OLD}/data/{name}/new.parquet", "stream_path": f"{OLD}/data/{name}/stream.parquet",
             "val_path": f"{OLD}/data/{name}/val.parquet",
-            **({"dedup": {"docs": 9, "dropped": 3, "earlier": 2, "held_out": 0, "within": 1}} if k == 2 else {})}
+            **({"dedup": {"docs": 9, "dropped": 3, "earlier": 2, "held_out": 0, "within": 1, "held_out_docs": 4,
+                          "held_out_trained": 1}} if k == 2 else {})}
 
 
 def _main(name: str) -> dict:
@@ -334,6 +335,7 @@ def test_format_status_full(lineage):
     # versions: name, docs, duplicates dropped (data.dedup: exact), new blocks, new tokens, replay blocks, val blocks
     assert _row(text, "v2") == ["v2", "6", "-", "24", "1.2k", "0", "4"]
     assert _row(text, "v3")[:3] == ["v3", "7", "3"]
+    assert "v3: 1 of its 4 val/test documents were trained by an earlier version" in text.split("main path")[0]
     # main path: version, steps, fork, tokens at end, val on own split, checkpoint, status
     assert _row(text.split("main path")[1], "v2") == ["v2", "10->22", "20", "2.2k", "3.700",
                                                       "main-v2/step_00000022", "done"]
