@@ -278,7 +278,7 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
     from raypath.tokenizer import TRAIN_INFO_NAME, is_tokenizer_file, load_tokenizer
 
     src = _save_base(tmp_path / "base", tok_dir)  # a local directory (a URI's download: resolve's tests)
-    cfg = tiny_config(tmp_path / "run", f"model.path={src}", "data.versions=[v1, v2]",
+    cfg = tiny_config(tmp_path / "run", f"model.path={src}", "data.versions=[v1]",
                       "data.max_docs_per_version=4", "train.num_workers=1", "train.log_every=1",
                       "train.eval_every=0", "branch.parallel=false")
     lineage = run(cfg).data
@@ -314,7 +314,7 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
     base_config = json.loads((src / "config.json").read_text())
     assert base_config["dtype"] == "bfloat16"
     ignore = {"dtype", "torch_dtype", "transformers_version"}
-    assert [r["version"] for r in lineage["releases"]] == ["v1", "v2"]
+    assert [r["version"] for r in lineage["releases"]] == ["v1"]
     for release in lineage["releases"]:
         model = AutoModelForCausalLM.from_pretrained(release["path"], dtype="auto")
         assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -328,7 +328,7 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
     from raypath.export import export
 
     branch = lineage["branches"][-1]
-    for what in ("main-v2", branch["checkpoint"]):  # ./ray/branch-v2/step_N: relative to the run directory
+    for what in ("main-v1", branch["checkpoint"]):  # ./ray/branch-v1/step_N: relative to the run directory
         out = tmp_path / "exports" / Path(what).parent.name
         exported = export(run_dir, what, out, dtype="bf16")
         model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
@@ -338,8 +338,8 @@ def test_lineage_from_a_pretrained_model(ray_cluster, tmp_path, tok_dir):
 
     # Exported where the base model's directory is not: from the run directory's copies.
     src.rename(tmp_path / "elsewhere")
-    again = export(run_dir, "main-v2", tmp_path / "moved", dtype="bf16")
-    assert again.source.checkpoint.parent.name == "main-v2"
+    again = export(run_dir, "main-v1", tmp_path / "moved", dtype="bf16")
+    assert again.source.checkpoint.parent.name == "main-v1"
     stored = torch.load(again.source.checkpoint / "model.pt", weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moved", dtype="auto")
     assert all(torch.equal(t.to(torch.bfloat16), model.state_dict()[k]) for k, t in stored.items())
