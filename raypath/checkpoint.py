@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from raypath.console import Progress
 from raypath.mirror import LOCAL, RunDir
 from raypath.storage import in_threads, read_json, sha256_file, write_json
 
@@ -148,13 +149,16 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None,
         files = _sharded_files(str(d), expected)
         _check_sizes(str(d), files, {rel: (d / rel).stat().st_size for rel in files if (d / rel).is_file()})
         if deep:
-            in_threads(lambda rel: _check_hash(d, rel, files[rel]["sha256"]), list(files))
+            progress = _hashing(str(d), sum(m["size"] for m in files.values()))
+            in_threads(lambda rel: _check_hash(d, rel, files[rel]["sha256"], progress=progress), list(files))
         return
     for name in FILES:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
     if deep is not False:  # the weights and the optimizer state at once: each hash holds a core
-        in_threads(lambda name: _check_hash(d, name, expected.get(name)), [n for n in FILES if n in names])
+        hashed = [n for n in FILES if n in names]
+        progress = _hashing(str(d), sum((d / n).stat().st_size for n in hashed))
+        in_threads(lambda name: _check_hash(d, name, expected.get(name), progress=progress), hashed)
 
 
 def _local_manifest(d: Path) -> dict:
@@ -173,8 +177,15 @@ def _mapping(where: str, manifest: Any) -> dict:
     return manifest
 
 
-def _check_hash(d: Path, rel: str, expected: str | None, where: str | None = None) -> None:
-    if sha256_file(d / rel) != expected:
+def _hashing(where: str, size: int) -> Progress:
+    """Hashing a checkpoint reads all of it (minutes for billions of parameters, before a resume or
+    an export can start): a progress line every :data:`raypath.console.PROGRESS_EVERY_S` while it lasts."""
+    return Progress(log, f"verifying the checksums of {where}", size, "B")
+
+
+def _check_hash(d: Path, rel: str, expected: str | None, where: str | None = None,
+                progress: Progress | None = None) -> None:
+    if sha256_file(d / rel, progress=progress) != expected:
         raise ChecksumError(f"{where or d}: {rel} does not match its checksum (corrupted)")
 
 
@@ -237,13 +248,14 @@ def verify_files(directory: str | Path, files: dict[str, dict], rd: RunDir = LOC
     checkpoint when any rank found one).
     """
     d = Path(directory)
+    progress = _hashing(rd.name(d), sum(m["size"] for m in files.values()))
 
     def check(rel: str) -> str | None:
         for last in (False, True) if rd.remote(d) else (True,):
             try:
                 f = rd.fetch(d / rel)
                 _check_sizes(rd.name(d), {rel: files[rel]}, {rel: f.stat().st_size} if f.is_file() else {})
-                _check_hash(d, rel, files[rel]["sha256"], rd.name(d))
+                _check_hash(d, rel, files[rel]["sha256"], rd.name(d), progress)
                 return None
             except (CheckpointError, FileNotFoundError) as e:
                 if last:
@@ -357,8 +369,9 @@ def fetch(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None, m
 def _verify_names(d: Path, names: tuple[str, ...]) -> None:
     """The files ``names`` of a local full checkpoint match its manifest (the others may be absent)."""
     expected = _local_manifest(d)
+    progress = _hashing(str(d), sum((d / n).stat().st_size for n in names))
     for name in names:
-        _check_hash(d, name, expected.get(name))
+        _check_hash(d, name, expected.get(name), progress=progress)
 
 
 def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:

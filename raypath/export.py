@@ -38,7 +38,7 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.config import ConfigError, ModelConfig
-from raypath.console import amount, heartbeat
+from raypath.console import Progress, amount, heartbeat
 from raypath.lineage import Branch, Lineage, MainEntry, Release, ReleaseHistory
 from raypath.mirror import LOCAL, RECORDS, RunDir
 from raypath.pretrained import BASE_DIR
@@ -178,8 +178,9 @@ def export(run_dir: str | Path, what: str, out: str | Path, dtype: str | None = 
                 shutil.copy2(src.json_card, tmp / JSON_CARD)
             result = Exported(out, src, next(model.parameters()).dtype, sum(p.numel() for p in model.parameters()))
             model_card(src.facts, out.name, result.weights).save(tmp / CARD)
-            with heartbeat(log, f"exporting {what}: checking what was written against the model"):
-                verify(tmp, model)
+            # Compared tensor by tensor: a line with the rate and an ETA while it lasts.
+            verify(tmp, model, Progress(log, f"exporting {what}: checking what was written against the model",
+                                        weights, "B"))
     return result
 
 
@@ -487,10 +488,10 @@ def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
             f.chmod(0o644)
 
 
-def verify(directory: Path, model) -> None:
+def verify(directory: Path, model, progress: Progress | None = None) -> None:
     """Load the written directory back from local files only -- config, architecture, tokenizer,
     card -- and compare its weights with ``model``'s one tensor at a time: no second copy of the
-    model in memory (an export already holds one whole model)."""
+    model in memory (an export already holds one whole model). ``progress``: in bytes compared."""
     from huggingface_hub import ModelCard
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -523,6 +524,8 @@ def verify(directory: Path, model) -> None:
                 if got.dtype != tensor.dtype or not torch.equal(got, tensor.detach().cpu()):
                     raise ExportError(f"the exported model does not load back: {name} differs "
                                       f"({got.dtype} loaded, {tensor.dtype} written)")
+                if progress is not None:
+                    progress.add(got.numel() * got.element_size())
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -60,6 +60,28 @@ def test_torn_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
         ckpt.verify(torn)
 
 
+def test_hashing_a_checkpoint_says_how_far_it_got_while_it_lasts(tmp_path, monkeypatch, caplog):
+    """A resume or an export hashes the whole checkpoint first (minutes for billions of parameters):
+    progress lines in bytes, both layouts, for each way one is verified."""
+    from raypath import console
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)  # a line at every file but the last
+    caplog.set_level(logging.INFO, logger="raypath.checkpoint")
+    full = _save(tmp_path, 5)
+    sharded, _, _ = _save_sharded(tmp_path, 6)
+    files = ckpt.sharded_files(sharded)
+    size = lambda d, names: sum((d / n).stat().st_size for n in names)  # noqa: E731
+    for d, verify, total in ((full, lambda: ckpt.verify(full), size(full, ckpt.FILES)),
+                             (full, lambda: ckpt.fetch(full, model_only=True), size(full, ckpt.MODEL_FILES)),
+                             (sharded, lambda: ckpt.verify(sharded, deep=True), size(sharded, files)),
+                             (sharded, lambda: ckpt.verify_files(sharded, files), size(sharded, files))):
+        caplog.clear()
+        verify()
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines and all(line.startswith(f"verifying the checksums of {d}: ") and "ETA" in line and
+                             f" of {console.amount(total, 'B')} (" in line for line in lines), (lines, total)
+
+
 def test_latest_valid_of_missing_dir_is_none(tmp_path):
     assert ckpt.latest_valid(tmp_path / "nope") is None
 

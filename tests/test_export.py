@@ -375,12 +375,15 @@ def test_cli_export(run, tmp_path, capsys):
     assert not (tmp_path / "s3").exists()
 
 
-def test_an_export_says_which_step_it_is_in_while_it_lasts(run, tmp_path, monkeypatch):
+def test_an_export_says_which_step_it_is_in_while_it_lasts(run, tmp_path, monkeypatch, caplog):
     """Loading, writing and checking a model each read or write all of it (minutes for billions
-    of parameters): each runs inside a heartbeat (a line every PROGRESS_EVERY_S while it lasts,
-    tested in test_console), in that order, the model written inside the writing one."""
+    of parameters): loading and writing run inside a heartbeat (a line every PROGRESS_EVERY_S while
+    it lasts, tested in test_console), in that order, the model written inside the writing one;
+    the check, tensor by tensor, says how many of the model's bytes it compared, the rate and an ETA."""
     import contextlib
+    import logging
 
+    from raypath import console
     from raypath import export as export_module
 
     steps, heartbeat = [], export_module.heartbeat
@@ -392,15 +395,21 @@ def test_an_export_says_which_step_it_is_in_while_it_lasts(run, tmp_path, monkey
         steps.append((what, sorted(p.name for p in tmp_path.glob(".v2*/*")), done[0]() if done else None))
 
     monkeypatch.setattr(export_module, "heartbeat", recorded)
-    export(run, "v2", tmp_path / "v2")
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)  # the check: a line at every tensor but the last
+    caplog.set_level(logging.INFO, logger="raypath.export")
+    result = export(run, "v2", tmp_path / "v2")
     assert [what for what, *_ in steps] == [f"exporting v2: loading {run / 'releases' / 'v2' / 'r2'}",
-                                           f"exporting v2: writing {tmp_path / 'v2'}",
-                                           "exporting v2: checking what was written against the model"]
+                                           f"exporting v2: writing {tmp_path / 'v2'}"]
     assert steps[0][1] == [] and "model.safetensors" in steps[1][1]
     # the writing step's lines say how much reached the directory: here all of it, and more (the tokenizer)
     unit = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
     (a, ua, b, ub), = re.findall(r"^([0-9.]+) (k?M?G?B) of ~([0-9.]+) (k?M?G?B) written$", steps[1][2])
-    assert float(a) * unit[ua] > float(b) * unit[ub] > 0 and steps[0][2] is None and steps[2][2] is None
+    assert float(a) * unit[ua] > float(b) * unit[ub] > 0 and steps[0][2] is None
+    checks = [r.getMessage() for r in caplog.records if "checking what was written" in r.getMessage()]
+    weights = console.amount(result.parameters * 4, "B")  # fp32
+    assert len(checks) > 3 and all(
+        re.fullmatch(rf"exporting v2: checking what was written against the model: [0-9.]+ k?M?B of {weights} "
+                     r"\([0-9]+%\), .*/s, ETA .*", line) for line in checks), (checks, weights)
 
 
 def test_every_exported_file_is_readable_by_other_users(run, tmp_path):
