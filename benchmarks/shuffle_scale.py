@@ -87,16 +87,16 @@ def _requests(lines: list[str]) -> dict:
     return {k: {**v, "total": sum(v.values()), "objects": len(created[k])} for k, v in out.items()}
 
 
-def _shuffle(fs, root: str, files: list[str], shards: int, repeats: int = 1) -> dict:
+def _shuffle(fs, root: str, files: list[str], shards: int, repeats: int = 1, read_bytes: int | None = None) -> dict:
     """The shuffle ``repeats`` times into the same directory (each run clears its temporary
     directory and rewrites every shard): the median wall time."""
     from raypath.data import Pool, StreamSpec, write_stream
 
     pool = Pool(0, tuple(files), tuple(0 for _ in files))
-    walls = []
+    walls, kw = [], {} if read_bytes is None else {"read_bytes": read_bytes}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = write_stream([pool], StreamSpec(key=1234, buckets=shards, own=(0,)), f"{root}/stream", fs)
+        out = write_stream([pool], StreamSpec(key=1234, buckets=shards, own=(0,)), f"{root}/stream", fs, **kw)
         walls.append(time.perf_counter() - t0)
     return {"wall_s": round(statistics.median(walls), 2), "walls_s": [round(w, 2) for w in walls], "rows": out["rows"]}
 
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=64, help="stream shards (reduce tasks)")
     ap.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     ap.add_argument("--repeats", type=int, default=3, help="local shuffles (median wall); S3 runs once")
+    ap.add_argument("--read-bytes", type=float, default=None,
+                    help="bytes a reduce task reads ahead (raypath.data.GATHER_READ_BYTES), as a multiple of a "
+                         "shard's: e.g. 4 reads windows of 4 shards, as 512 MiB does of real 128 MiB shards")
     ap.add_argument("--out", default="runs/shuffle_scale")
     args = ap.parse_args()
 
@@ -120,6 +123,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # a shard's pieces take ~its rows' int32 tokens (lz4 barely shrinks random ids)
+    shard_bytes = args.files * args.rows * args.block * 4 / args.shards
+    read_bytes = None if args.read_bytes is None else int(args.read_bytes * shard_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="shuffle-bench-"))
     os.environ.update(AWS_ENV)  # before Ray starts: its workers inherit it
     init_ray()
@@ -132,7 +138,7 @@ def main() -> None:
             fs, root = pafs.LocalFileSystem(), str(workdir / "local")
             files = _inputs(fs, root, args.files, args.rows, args.block)
             _shuffle(fs, str(workdir / "warm-up"), files[:2], 2)  # Ray Data's first-use costs
-            results["local"] = _shuffle(fs, root, files, args.shards, args.repeats)
+            results["local"] = _shuffle(fs, root, files, args.shards, args.repeats, read_bytes)
             results["local"]["digest"] = _digest(fs, f"{root}/stream")
             print("local", json.dumps(results["local"]), flush=True)
         if "s3" in args.targets:
@@ -142,7 +148,7 @@ def main() -> None:
             fs.create_dir(BUCKET)
             files = _inputs(fs, BUCKET, args.files, args.rows, args.block)
             fs.get_file_info(f"{BUCKET}/MARK-start")  # moto logs lazily: markers, read once it exits
-            results["s3"] = _shuffle(fs, BUCKET, files, args.shards)
+            results["s3"] = _shuffle(fs, BUCKET, files, args.shards, read_bytes=read_bytes)
             fs.get_file_info(f"{BUCKET}/MARK-end")
             results["s3"]["digest"] = _digest(fs, f"{BUCKET}/stream")
     finally:

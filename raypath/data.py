@@ -458,6 +458,10 @@ def _ipc_bytes(table: pa.Table) -> pa.Buffer:
 #: Most shards one reduce task gathers: a run of consecutive shards, so that each map file's
 #: index entries for all of them come in one read (and, on an object store, one open).
 SHARDS_PER_TASK = 16
+#: Most bytes of map-file pieces a reduce task reads ahead: consecutive shards' pieces of a map
+#: file lie next to each other, so a window of shards costs one ranged read per map file instead
+#: of one per (map file, shard), at this much memory held beside the shard being sorted.
+GATHER_READ_BYTES = 512 << 20
 
 
 class _MapFiles:
@@ -468,14 +472,19 @@ class _MapFiles:
     holds a descriptor, so a file is reopened per read rather than thousands kept open."""
 
     def __init__(self, fs: pafs.FileSystem, paths: list[str], first: int, last: int, buckets: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.fs, self.paths, self.first = fs, paths, first
         self.keep = fs.type_name in ("s3", "gcs")
-        with ThreadPoolExecutor(16) as pool:  # on an object store each read is a round trip
-            got = list(pool.map(lambda p: self._index(p, first, last, buckets), paths))
+        got = self._each(lambda i: self._index(paths[i], first, last, buckets))
         self.handles = [h for h, _ in got]
         self.offsets = np.stack([o for _, o in got])  # [map file, shard - first]: byte offsets
+        self.window, self.bufs = (first, first - 1), []
+
+    def _each(self, fn) -> list:
+        """``fn(i)`` for every map file, 16 at a time: on an object store each read is a round trip."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(fn, range(len(self.paths))))
 
     def _index(self, path: str, first: int, last: int, buckets: int):
         f = self.fs.open_input_file(path)
@@ -484,15 +493,44 @@ class _MapFiles:
             f.close()
         return (f if self.keep else None), offsets
 
-    def piece(self, i: int, b: int) -> pa.Table | None:
-        """Shard ``b``'s rows of map file ``i``: one ranged read, none when it has none."""
-        lo, hi = (int(x) for x in self.offsets[i, b - self.first: b - self.first + 2])
-        if hi <= lo:
+    def windows(self, budget: int = GATHER_READ_BYTES) -> list[tuple[int, int]]:
+        """The run cut into windows of consecutive shards ``(lo, hi)``, each read at once: as many
+        shards as hold up to ``budget`` bytes in all the map files, at least one."""
+        per_shard = np.diff(self.offsets, axis=1).sum(axis=0)
+        out, lo, held = [], self.first, 0
+        for k, n in enumerate(per_shard.tolist()):
+            b = self.first + k
+            if b > lo and held + n > budget:
+                out.append((lo, b - 1))
+                lo, held = b, 0
+            held += n
+        return [*out, (lo, self.first + len(per_shard) - 1)]
+
+    def read(self, lo: int, hi: int) -> None:
+        """Shards ``lo..hi``'s pieces of every map file: one ranged read per file that has some."""
+        self.bufs = []  # the previous window's, before this one's arrive
+        self.bufs = self._each(lambda i: self._read(i, *self._span(i, lo, hi)))
+        self.window = (lo, hi)
+
+    def _span(self, i: int, lo: int, hi: int) -> tuple[int, int]:
+        return int(self.offsets[i, lo - self.first]), int(self.offsets[i, hi + 1 - self.first])
+
+    def _read(self, i: int, start: int, end: int) -> pa.Buffer | None:
+        if end <= start:
             return None
         if self.keep:
-            return pa.ipc.open_stream(self.handles[i].read_at(hi - lo, lo)).read_all()
+            return pa.py_buffer(self.handles[i].read_at(end - start, start))
         with self.fs.open_input_file(self.paths[i]) as f:
-            return pa.ipc.open_stream(f.read_at(hi - lo, lo)).read_all()
+            return pa.py_buffer(f.read_at(end - start, start))
+
+    def pieces(self, b: int) -> list[pa.Table | None]:
+        """Shard ``b``'s rows of each map file (None where it has none), from the window read last."""
+        assert self.window[0] <= b <= self.window[1], (b, self.window)
+        out = []
+        for i, buf in enumerate(self.bufs):
+            (lo, hi), base = self._span(i, b, b), self._span(i, *self.window)[0]
+            out.append(pa.ipc.open_stream(buf.slice(lo - base, hi - lo)).read_all() if hi > lo else None)
+        return out
 
     def close(self) -> None:
         for h in self.handles:
@@ -501,30 +539,29 @@ class _MapFiles:
 
 
 def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_dir: str,
-            fs: pafs.FileSystem) -> pa.Table:
+            fs: pafs.FileSystem, read_bytes: int = GATHER_READ_BYTES) -> pa.Table:
     """Reduce side: a run of consecutive shards, each: its rows of every map file -> sorted by
     key, numbered from the shard's offset, one file. Its requests grow with the map files: per
-    map file one index read for the run, then a ranged read per shard that has rows there (on
-    an object store also one open, a HEAD, for the run), 16 in flight: each is a round trip."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    map file one index read for the run, then a ranged read per window of shards with rows there
+    (``read_bytes`` of all map files' pieces a window; on an object store also one open, a HEAD,
+    for the run), 16 in flight: each is a round trip."""
     rows, buckets = [], len(offsets) - 1  # offsets: every shard's first idx, then the total
     for first, last in zip(batch["first"].to_pylist(), batch["last"].to_pylist()):
         files = _MapFiles(fs, [_map_file(tmp_dir, i) for i in range(maps)], first, last, buckets)
         try:
-            for b in range(first, last + 1):
-                if offsets[b + 1] == offsets[b]:
-                    continue  # no rows: no file
-                with ThreadPoolExecutor(16) as pool:
-                    pieces = [t for t in pool.map(lambda i: files.piece(i, b), range(maps)) if t is not None]
-                table = pa.concat_tables(pieces)
-                # (key, src, row) is unique, so the order never depends on which piece came first.
-                table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"),
-                                                           ("row", "ascending")]))
-                idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
-                write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
-                            f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
-                rows.append({"bucket": b, "rows": len(table)})
+            for lo, hi in files.windows(read_bytes):
+                files.read(lo, hi)
+                for b in range(lo, hi + 1):
+                    if offsets[b + 1] == offsets[b]:
+                        continue  # no rows: no file
+                    table = pa.concat_tables([t for t in files.pieces(b) if t is not None])
+                    # (key, src, row) is unique, so the order never depends on which piece came first.
+                    table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"),
+                                                               ("row", "ascending")]))
+                    idx = np.arange(offsets[b], offsets[b] + len(table), dtype=np.int64)
+                    write_table(pa.table({"idx": idx, "src": table["src"], "tokens": table["tokens"]}), fs,
+                                f"{out_dir}/part-{b:05d}.parquet", row_group_size=STREAM_ROW_GROUP)
+                    rows.append({"bucket": b, "rows": len(table)})
         finally:
             files.close()
     return pa.Table.from_pylist(rows)
@@ -548,7 +585,7 @@ def _tasks(items: list[dict], fn, **kwargs):
 
 
 def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.FileSystem,
-                 what: str = "shuffling the stream") -> dict:
+                 what: str = "shuffling the stream", read_bytes: int = GATHER_READ_BYTES) -> dict:
     """Shuffle ``spec``'s rows of ``pools`` into ``out_dir/part-BBBBB.parquet`` (``idx`` order =
     file order); returns rows per source.
 
@@ -558,9 +595,10 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     and which map files are done, for the progress line), and each shard reads its byte range of
     every map file, sorts, numbers and writes its rows (reduce). Memory per task: one input file
     or one shard (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
-    temporary file per input file; reads: one ranged read per (input file, shard) with rows
-    (:class:`_MapFiles`), the only cost that grows as files x shards. ``what`` heads the
-    progress lines of both passes.
+    temporary file per input file; reads: one ranged read per input file and window of shards
+    with rows (:class:`_MapFiles`, :data:`GATHER_READ_BYTES`), the only cost that grows as files
+    x shards (x shards / shards a window holds). ``what`` heads the
+    progress lines of both passes; ``read_bytes``: of map-file pieces a reduce task reads ahead.
     """
     import ray
 
@@ -585,7 +623,7 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     progress = Progress(log, f"{what} (writing)", int(np.count_nonzero(per_bucket)), "shards")
     written = []
     for row in _tasks(runs, _gather, maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir,
-                      fs=fs).iter_rows():
+                      fs=fs, read_bytes=read_bytes).iter_rows():
         written.append(row)
         progress.add(1, blocks=row["rows"])
     fs.delete_dir_contents(tmp, missing_dir_ok=True)

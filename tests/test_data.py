@@ -59,19 +59,29 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
     assert len(list(Path(tmp).iterdir())) == 3 and Path(_map_file(tmp, 1)).read_bytes() == before  # a retry
     per_bucket, nonempty = np.zeros(shards, np.int64), 0
     maps = _MapFiles(fs, [_map_file(tmp, i) for i in range(3)], 3, shards - 1, shards)  # a run from shard 3 on
+    # Read in windows of consecutive shards, each one ranged read per map file: here ~3 shards' bytes each.
+    run_bytes = int(np.diff(maps.offsets, axis=1).sum())
+    windows = maps.windows(budget=run_bytes // 4)
+    assert windows[0][0] == 3 and windows[-1][1] == shards - 1 and 3 <= len(windows) <= 6, windows
+    assert all(a[1] + 1 == b[0] for a, b in zip(windows, windows[1:])), windows
+    assert maps.windows(budget=0) == [(b, b) for b in range(3, shards)]  # at least a shard a window
+    got = {}
+    for lo, hi in windows:
+        maps.read(lo, hi)
+        got.update({b: maps.pieces(b) for b in range(lo, hi + 1)})
     for i, path in enumerate(files):
         src = pq.read_table(path)
         want = bucket_of(hash64(7, src["src"].to_numpy(), src["row"].to_numpy()), shards)
         per_bucket += np.bincount(want, minlength=shards)
         nonempty += len(np.unique(want))
         for b in range(3, shards):
-            got, rows = maps.piece(i, b), np.flatnonzero(want == b)
+            piece, rows = got[b][i], np.flatnonzero(want == b)
             if not len(rows):
-                assert got is None
+                assert piece is None
                 continue
-            order = np.argsort(got["row"].to_numpy())
-            assert got["row"].to_numpy()[order].tolist() == src["row"].to_numpy()[rows].tolist()
-            assert (np.stack(got["tokens"].to_numpy(zero_copy_only=False))[order]
+            order = np.argsort(piece["row"].to_numpy())
+            assert piece["row"].to_numpy()[order].tolist() == src["row"].to_numpy()[rows].tolist()
+            assert (np.stack(piece["tokens"].to_numpy(zero_copy_only=False))[order]
                     == np.stack(src["tokens"].to_numpy(zero_copy_only=False))[rows]).all()
     assert np.bincount(counts["bucket"].to_numpy(), weights=counts["n"].to_numpy(), minlength=shards).tolist() == \
         per_bucket.tolist()
