@@ -1,4 +1,5 @@
-"""What a version's dedup decide pass opens of the earlier versions' indexes, as a lineage grows.
+"""What a version's dedup decide pass opens of the earlier versions' indexes, as a lineage grows;
+and what its tokenize tasks read of the dropped keys.
 
 Each version's decide pass (``raypath.dedup.decide_range``, one Ray task per range of hash
 buckets) reads its buckets' rows of every earlier version's ``dedup/index/`` parts. This builds
@@ -11,7 +12,14 @@ per version: its ranges, the earlier index parts, the files the decide pass open
 and the dropped documents (each version must drop exactly its planted copies). Prints one line a
 version on stderr, the results as JSON on stdout.
 
+With ``--groups G`` a version's documents lie in G train chunk groups (tokenize tasks), and
+after each decide pass come the reads of the tokenize side: each group reads the dropped keys
+of its own key range (``raypath.dedup.dropped_keys``), from the drop files after they were
+collected by key range (``raypath.dedup.collect_drops``, where the checkout has it): files
+opened and bytes read, each side, and the keys found (each version's planted copies).
+
     python benchmarks/dedup_index.py --versions 20
+    python benchmarks/dedup_index.py --versions 2 --docs 2000000 --groups 400
     PYTHONPATH=/path/to/checkout python benchmarks/dedup_index.py --versions 20   # another raypath
 """
 
@@ -32,11 +40,36 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+class _Counted:
+    """A file read through Python, adding the bytes it returns to its handler's count."""
+
+    def __init__(self, f, handler):
+        self.f, self.handler, self.closed = f, handler, False
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.handler.read += len(data)
+        return data
+
+    def seek(self, pos, whence=0):
+        return self.f.seek(pos, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def size(self):
+        return self.f.size()
+
+    def close(self):
+        self.closed = True
+        self.f.close()
+
+
 class CountingHandler(pafs.FileSystemHandler):
-    """The local filesystem, counting the files opened for reading."""
+    """The local filesystem, counting the files opened for reading and the bytes read of them."""
 
     def __init__(self):
-        self.fs, self.opened = pafs.LocalFileSystem(), 0
+        self.fs, self.opened, self.read = pafs.LocalFileSystem(), 0, 0
 
     def get_type_name(self):
         return "counting"
@@ -49,7 +82,7 @@ class CountingHandler(pafs.FileSystemHandler):
 
     def open_input_file(self, path):
         self.opened += 1
-        return self.fs.open_input_file(path)
+        return pa.PythonFile(_Counted(self.fs.open_input_file(path), self), mode="r")
 
     def open_input_stream(self, path):
         self.opened += 1
@@ -99,14 +132,20 @@ def _digests(rng: np.random.Generator, n: int, earlier: np.ndarray, repeat: floa
     return h, copies
 
 
+def _keys(n: int, groups: int) -> list[int]:
+    """Document i's key: in train file (and chunk group) i % groups, at position i // groups."""
+    i = np.arange(n, dtype=np.int64)
+    return ((i % groups) << np.int64(40) | i // groups).tolist()
+
+
 def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: Path, fs: pafs.FileSystem,
-                   counter: CountingHandler) -> dict:
+                   counter: CountingHandler, groups: int = 1) -> dict:
     from raypath import dedup
     from raypath.data import write_table
 
     out = root / f"v{k}" / "dedup"
     hashes = str(out / "hashes" / "part-000000.parquet")
-    write_table(dedup._hash_rows(h.astype("<u8").tobytes(), list(range(len(h)))), fs, hashes)
+    write_table(dedup._hash_rows(h.astype("<u8").tobytes(), _keys(len(h), groups)), fs, hashes)
     earlier = [f for j in range(1, k) for f in dedup.index_files(fs, str(root / f"v{j}"))]
     # The ranges dedup_version cuts: the rows it decides over, RANGE_ROWS a range.
     n = min(1 << (64 - dedup.BUCKET_SHIFT), max(1, math.ceil((earlier_rows + len(h)) / dedup.RANGE_ROWS)))
@@ -117,8 +156,34 @@ def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: Path, fs: paf
         row = dedup.decide_range(item, [hashes], earlier, str(out), fs).to_pylist()[0]
         counts["dropped"] += row["earlier"] + row["within"] + row["held_out"]
         counts["index_rows"] += row["index_rows"]
-    return {"version": k, "ranges": n, "earlier_index_parts": len(earlier), "opened": counter.opened - opened,
-            "seconds": round(time.perf_counter() - t0, 2), **counts}
+    row = {"version": k, "ranges": n, "earlier_index_parts": len(earlier), "opened": counter.opened - opened,
+           "seconds": round(time.perf_counter() - t0, 2), **counts}
+    return {**row, **_tokenize_reads(out, groups, counts["dropped"], fs, counter)} if groups > 1 else row
+
+
+def _tokenize_reads(out: Path, groups: int, dropped: int, fs: pafs.FileSystem, counter: CountingHandler) -> dict:
+    """What the tokenize side reads of a decided version's dropped keys, each of ``groups`` chunk
+    groups its own key range; with the checkout's collect pass first, where it has one."""
+    from raypath import dedup
+
+    start, t0 = (counter.opened, counter.read), time.perf_counter()
+    if hasattr(dedup, "collect_drops"):
+        train = [{"path": f"f{g}", "fmt": "jsonl", "start": 0, "stop": -1, "bytes": 1, "file": g}
+                 for g in range(groups)]
+        ranges = sorted(str(p) for p in (out / "ranges").glob("*.parquet"))
+        runs = [pa.Table.from_pylist([r]) for r in dedup.collect_runs(train, 1, dropped)]
+        drops = [f for r in runs if (f := dedup.collect_drops(r, ranges, str(out), fs).to_pylist()[0]["file"])]
+    else:
+        drops = sorted(str(p) for p in (out / "drop").glob("*.parquet"))
+    collected, t1 = (counter.opened, counter.read), time.perf_counter()
+    found = sum(len(dedup.dropped_keys(fs, drops, g << 40, (g + 1) << 40)) for g in range(groups))
+    if found != dropped:
+        raise SystemExit(f"{out}: the tokenize side found {found} dropped keys, the decide pass {dropped}")
+    return {"drop_files": len(drops), "collect_opened": collected[0] - start[0],
+            "collect_read_mb": round((collected[1] - start[1]) / 1e6, 2), "collect_s": round(t1 - t0, 2),
+            "tokenize_opened": counter.opened - collected[0],
+            "tokenize_read_mb": round((counter.read - collected[1]) / 1e6, 2),
+            "tokenize_s": round(time.perf_counter() - t1, 2)}
 
 
 def main() -> None:
@@ -127,6 +192,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=200_000, help="documents a version")
     ap.add_argument("--repeat", type=float, default=0.1, help="share of a version copying earlier documents")
     ap.add_argument("--range-rows", type=int, default=100_000, help="raypath.dedup.RANGE_ROWS")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="train chunk groups a version (tokenize tasks); > 1: measure what they read of the drops")
     ap.add_argument("--out", default=None, help="where to write results.json (default: print only)")
     args = ap.parse_args()
 
@@ -140,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(1, args.versions + 1):
             h, copies = _digests(rng, args.docs, every, args.repeat)
-            row = decide_version(k, h, len(every), Path(tmp), fs, counter)
+            row = decide_version(k, h, len(every), Path(tmp), fs, counter, args.groups)
             if row["dropped"] != copies:
                 raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
             every = np.concatenate([every, h[copies:]])

@@ -28,13 +28,16 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
    task reads the parts of its own buckets only; the hashes the version adds, the rows that came
    first: kept train documents', held-out ones' flagged ``held_out``, and with ``minhash`` a
    dropped document's other bands, so that a near-duplicate of it is dropped too) and
-   ``dedup/drop/part-RRRRR.parquet`` (the dropped keys, sorted, each with its :data:`CAUSES`
+   ``dedup/ranges/part-RRRRR.parquet`` (the dropped keys, sorted, each with its :data:`CAUSES`
    index: that of the first row of its hash, the lowest of its rows').
-3. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
-   files (:func:`dropped_keys`, row groups pruned by key) and skips those documents, counting
-   them per cause (a ``minhash`` document's bands are decided in several ranges: it is counted
-   once, under its lowest cause); with ``exact``, the version's record checks that it skipped
-   exactly the documents decided here.
+3. collect, per run of consecutive train chunk groups (about :data:`RANGE_ROWS` dropped keys a
+   run): its key range of every range's drop keys, each key once under its lowest cause, in
+   ``dedup/drop/part-<lo>-<hi>.parquet`` (hex keys): every decide range holds drops of every
+   chunk group, so without this each tokenize task would read one file per range.
+4. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
+   files from the drop part of its key range (:func:`dropped_keys`, row groups pruned by key)
+   and skips those documents, counting them per cause; the version's record checks that it
+   skipped exactly the documents decided here (:func:`record_drops`).
 
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
@@ -42,11 +45,13 @@ document (``minhash``: per band, ~260 bytes a document at 14 bands), read once m
 pass (the k-th version reads all earlier ones, each range task the earlier parts overlapping its
 buckets: about ranges + parts files opened in all, not ranges x parts); a decide task's memory,
 about 50 bytes per row of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one
-row-group-pruned read per (hash file, range) and per (chunk group, range with drops).
+row-group-pruned read per (hash file, range) and per (range with drops, collect run), and one
+per chunk group (of the drop part of its key range).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -74,6 +79,8 @@ MAX_HELD_OUT_FILES = MAX_FILES >> 1
 # An earlier version's index row (of a train or a held-out document): sorts before this version's
 # rows of its hash, held-out ones (negative keys) before train ones.
 _EARLIER_HELD_OUT, _EARLIER = -(1 << 63), -(1 << 63) + 1
+# Above every train key (the largest int64): the end of the last collect run's key range.
+_NO_KEY = (1 << 63) - 1
 #: Why a train document is dropped, by the first row of one of its hashes, in the order a
 #: document dropped for several is counted under.
 CAUSES = ("held_out", "earlier", "within")
@@ -81,6 +88,9 @@ BUCKET_SHIFT = 48
 #: Rows a decide task holds at most (earlier index + this version's hashes of its range).
 RANGE_ROWS = 4_000_000
 ROW_GROUP = 65_536
+#: Rows of a row group of a drop file: sorted by key, so that a reader of a key range (a collect
+#: task, a tokenize task) reads the row groups it overlaps only.
+DROP_ROW_GROUP = 8_192
 
 
 @dataclass(frozen=True)
@@ -273,8 +283,7 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
         write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
     if len(keys):
-        write_table(pa.table({"key": keys, "cause": cause}), fs, f"{out_dir}/drop/part-{r:05d}.parquet",
-                    row_group_size=ROW_GROUP)
+        write_table(pa.table({"key": keys, "cause": cause}), fs, _range_file(out_dir, r), row_group_size=DROP_ROW_GROUP)
     # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
     trained = np.unique(key[_is_held_out(key) & (head == _EARLIER)])
     return pa.table({"range": [r], "index_rows": [int(adds.sum())],
@@ -298,17 +307,64 @@ def _first_cause(key: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndar
     return _lowest_cause(key, cause.astype(np.int8))
 
 
-# ---------------------------------------------------------------- 3. what tokenizing skips
+def _range_file(out_dir: str, r: int) -> str:
+    return f"{out_dir}/ranges/part-{r:05d}.parquet"
+
+
+# ---------------------------------------------------------------- 3. collect (a Ray task per run of chunk groups)
+
+def collect_runs(train: list[dict], chunk_bytes: int, rows: int) -> list[dict]:
+    """The key ranges of the collect tasks: the train chunk groups tokenizing reads
+    (:func:`raypath.data.chunk_groups`), cut into runs of consecutive ones that share ``rows``
+    dropped keys (the decide ranges' counts) about :data:`RANGE_ROWS` a run."""
+    from raypath.data import chunk_groups
+
+    groups = chunk_groups(train, chunk_bytes)
+    n = min(len(groups), max(1, math.ceil(rows / RANGE_ROWS)))
+    # Cut where a run's first group starts; runs split the whole key space, never overlapping (a
+    # parquet file's groups all range over the whole file: its keys go to the run of its first one).
+    starts = sorted({key_range(groups[round(i * len(groups) / n)])[0] for i in range(1, n)} - {0})
+    bounds = [0, *starts, _NO_KEY]
+    return [{"lo": lo, "hi": hi} for lo, hi in zip(bounds, bounds[1:])]
+
+
+def collect_drops(batch: pa.Table, range_files: list[str], out_dir: str, fs: pafs.FileSystem) -> pa.Table:
+    """The dropped keys in a run of chunk groups' key range [lo, hi), from every decide range's
+    file: each key once, with the lowest of its causes, sorted, in ``drop/part-<lo>-<hi>.parquet``
+    (hex keys; written only when it has rows): a tokenize task reads the one part of its own key
+    range, not a part per decide range. Returns one row of counts per cause."""
+    from raypath.data import write_table
+
+    item = batch.to_pylist()[0]
+    lo, hi = item["lo"], item["hi"]
+    keys, cause = _read_drops(fs, range_files, lo, hi)
+    path = f"{out_dir}/drop/part-{lo:016x}-{hi:016x}.parquet" if len(keys) else ""
+    if path:
+        write_table(pa.table({"key": keys, "cause": cause}), fs, path, row_group_size=DROP_ROW_GROUP)
+    return pa.table({"file": [path], **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)}})
+
+
+def _read_drops(fs: pafs.FileSystem, files: list[str], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each distinct dropped key in [lo, hi) of ``files`` (row groups pruned by key), with its lowest cause."""
+    if not files:
+        return np.zeros(0, np.int64), np.zeros(0, np.int8)
+    flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
+    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["key", "cause"], filter=flt)
+    return _lowest_cause(table.column("key").to_numpy(), table.column("cause").to_numpy().astype(np.int8))
+
+
+# ---------------------------------------------------------------- 4. what tokenizing skips
 
 def dropped_keys(fs: pafs.FileSystem, drop_files: list[str], lo: int, hi: int) -> dict[int, str]:
-    """The dropped keys in [lo, hi) (one chunk group's documents), each with its cause (the lowest
-    of the ranges that dropped it)."""
-    if not drop_files:
-        return {}
-    flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
-    table = pads.dataset(drop_files, format="parquet", filesystem=fs).to_table(columns=["key", "cause"], filter=flt)
-    keys, cause = _lowest_cause(table.column("key").to_numpy(), table.column("cause").to_numpy())
+    """The dropped keys in [lo, hi) (one chunk group's documents), each with its cause, from the
+    drop files whose key range (by name; a decide range's ``part-RRRRR``: any) overlaps it."""
+    keys, cause = _read_drops(fs, [f for f in drop_files if _overlaps(_keys_of(f), lo, hi)], lo, hi)
     return dict(zip(keys.tolist(), (CAUSES[c] for c in cause.tolist())))
+
+
+def _keys_of(drop_file: str) -> tuple[int, int]:
+    parts = drop_file.rsplit("/", 1)[-1].removesuffix(".parquet").split("-")
+    return (int(parts[1], 16), int(parts[2], 16)) if len(parts) == 3 else (0, _NO_KEY)
 
 
 def _lowest_cause(key: np.ndarray, cause: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -335,9 +391,9 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     train: the version's train chunks, each with its file's number (``file``); held_out: its val
     and test chunks, each with its held-out file's number (``held_out``); earlier: earlier
     versions' index files, ``earlier_rows`` rows in all. Returns ``{"drop_files", "docs",
-    "index_rows", "held_out_docs", "held_out_trained"}`` and, for ``exact`` (a document is one
-    row, decided in one range), ``"dropped"`` and its :data:`CAUSES`; a ``minhash`` document's
-    bands are decided in several ranges: those counts are the tokenizer's (:func:`record_drops`).
+    "dropped", *CAUSES, "index_rows", "held_out_docs", "held_out_trained"}``: each dropped
+    document counted once (a ``minhash`` one's bands are decided in several ranges), under its
+    lowest cause, as the tokenizer skips it (:func:`record_drops` checks).
     """
     from raypath.console import Progress
     from raypath.data import _tasks, chunk_groups
@@ -356,19 +412,29 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
     items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
     out = {"docs": counts["train"], **dict.fromkeys(CAUSES, 0), "index_rows": 0, "held_out_docs": counts["held_out"]}
-    drop_files, trained = [], set()
+    range_files, trained, drop_rows = [], set(), 0
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(items, decide_range, hash_files=hashes, index_files=earlier, out_dir=out_dir,
                       fs=fs).iter_rows():
-        for k in (*CAUSES, "index_rows"):
-            out[k] += row[k]
+        out["index_rows"] += row["index_rows"]
+        drop_rows += sum(row[c] for c in CAUSES)
         trained.update(row["held_out_trained"])
         if any(row[c] for c in CAUSES):
-            drop_files.append(f"{out_dir}/drop/part-{row['range']:05d}.parquet")
+            range_files.append(_range_file(out_dir, row["range"]))
         progress.add(1)
-    fs.delete_dir_contents(f"{out_dir}/hashes", missing_dir_ok=True)
-    fs.delete_dir(f"{out_dir}/hashes")
+    _remove(fs, f"{out_dir}/hashes")
+    # Every decide range holds drops of every chunk group: regrouped by key range here, once, so
+    # that each tokenize task reads one file rather than one per range (tasks x ranges reads).
+    runs, drop_files = collect_runs(train, chunk_bytes, drop_rows) if range_files else [], []
+    progress = Progress(log, f"collecting {name}'s dropped documents", len(runs), "key ranges")
+    for row in _tasks(runs, collect_drops, range_files=range_files, out_dir=out_dir, fs=fs).iter_rows() if runs else ():
+        for c in CAUSES:
+            out[c] += row[c]
+        drop_files += [row["file"]] if row["file"] else []
+        progress.add(1)
+    _remove(fs, f"{out_dir}/ranges")
     out["held_out_trained"] = len(trained)
+    out["dropped"] = sum(out[c] for c in CAUSES)
     log.info("deduplicated %s in %.1f s: %d train documents, %d val/test ones (%s)", name, time.perf_counter() - t0,
              out["docs"], out["held_out_docs"], spec.rule)
     if out["held_out_trained"]:
@@ -376,20 +442,20 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
                     "train documents, never held-out ones): its held-out losses read better than its novelty "
                     "warrants", name, out["held_out_trained"], out["held_out_docs"],
                     "near-duplicates" if spec.rule.mode == "minhash" else "the same text")
-    if spec.rule.mode == "minhash":
-        out = {k: v for k, v in out.items() if k not in CAUSES}
-    else:
-        out["dropped"] = sum(out[c] for c in CAUSES)
     return {**out, "drop_files": sorted(drop_files)}
 
 
+def _remove(fs: pafs.FileSystem, d: str) -> None:
+    fs.delete_dir_contents(d, missing_dir_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(d)
+
+
 def record_drops(name: str, record: dict, skipped: dict[str, int], rule: Rule) -> None:
-    """The tokenizer skipped ``skipped`` documents per cause: into the version's dedup ``record``
-    (``minhash``), or checked against what it decided (``exact``)."""
+    """The tokenizer skipped ``skipped`` documents per cause: checked against what the version's
+    dedup ``record`` decided."""
     counts = {c: skipped.get(c, 0) for c in CAUSES}
-    if rule.mode == "minhash":
-        record.update(dropped=sum(counts.values()), **counts)
-    elif {c: record[c] for c in CAUSES} != counts:
+    if {c: record[c] for c in CAUSES} != counts:
         raise RuntimeError(f"version {name}: tokenizing skipped duplicate documents {counts}, deduplication "
                            f"decided { {c: record[c] for c in CAUSES} }")
     log.info("version %s: %d of %d train documents dropped (%.1f%%; %s): %d trained in an earlier version, %d "

@@ -53,6 +53,15 @@ def test_dedup_index_counts_the_earlier_parts_each_version_opens():
     assert got[-1]["ranges"] * 2 < got[-1]["opened"] < got[-1]["ranges"] * (2 + got[-1]["earlier_index_parts"])
 
 
+def test_dedup_index_counts_what_the_tokenize_side_reads_of_the_drops():
+    """Each of 40 chunk groups reads the one collected drop part of its key range (the script
+    checks they find every dropped key), not one file per decide range."""
+    got = _bench("dedup_index", "--versions", "2", "--docs", "20000", "--range-rows", "2000", "--groups", "40")
+    v2 = got["versions"][-1]
+    assert v2["dropped"] == 2000 and v2["ranges"] == 20 and v2["drop_files"] == 1
+    assert v2["collect_opened"] <= 2 * v2["ranges"] and v2["tokenize_opened"] <= 2 * 40
+
+
 def test_lineage_size_grows_with_the_files_it_records():
     small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]

@@ -211,6 +211,7 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
     again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup=Rule("exact")))
     assert [r["dedup"] for r in again] == [v1["dedup"], v2["dedup"]]
     assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "index").iterdir())) > 4
+    assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "drop").iterdir())) == 2  # 12 drops: 2 key ranges
     for a, b in zip((v1, v2), again):
         assert _files(Path(a["new_path"])) == _files(Path(b["new_path"]))
 
@@ -238,7 +239,8 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
     monkeypatch.setattr(dedup, "RANGE_ROWS", 200)
     again = prepare_versions(discover_versions(corpus), _spec(tmp_path / "ranges", tokenizer_dir, dedup=rule))
     assert [r["dedup"] for r in again] == [a["dedup"], b["dedup"]]
-    assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "drop").iterdir())) > 4
+    assert len(list((tmp_path / "ranges" / "v2" / "dedup" / "index").iterdir())) > 4
+    assert not (tmp_path / "ranges" / "v2" / "dedup" / "ranges").exists()  # collected, then removed
     assert _files(Path(b["new_path"])) == _files(Path(again[1]["new_path"]))
     text = _text(b, tokenizer_dir)
     assert "doc 0.40:" not in text and "doc 11.3:" not in text and text.count("doc 1.5:") <= 1
@@ -272,9 +274,23 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
               enumerate([(0, 32768), (32768, 65536)])]
     assert [(c["earlier"], c["held_out"], c["within"], c["held_out_trained"]) for c in counts] == \
         [(1, 1, 1, [dedup.held_out_key(0, 4)]), (0, 1, 0, [])]
-    drops = sorted(str(p) for p in (tmp_path / "v2" / "dedup" / "drop").iterdir())
+    ranges = sorted(str(p) for p in (tmp_path / "v2" / "dedup" / "ranges").iterdir())
+    assert dedup.dropped_keys(fs, ranges, 0, 100) == {7: "held_out", 9: "within", 11: "held_out"}
+    assert dedup.dropped_keys(fs, ranges[:1], 0, 10) == {7: "earlier", 9: "within"}
+    # Collected by key range, each key once under its lowest cause; a tokenize task reads the
+    # parts of its own key range only (named by it).
+    out = str(tmp_path / "v2" / "dedup")
+    runs = [{"lo": 0, "hi": 9}, {"lo": 9, "hi": 100}, {"lo": 100, "hi": 200}]
+    got = [dedup.collect_drops(pa.Table.from_pylist([run]), ranges, out, fs).to_pylist()[0] for run in runs]
+    assert [{c: g[c] for c in dedup.CAUSES} for g in got] == [{"held_out": 1, "earlier": 0, "within": 0},
+                                                              {"held_out": 1, "earlier": 0, "within": 1},
+                                                              {"held_out": 0, "earlier": 0, "within": 0}]
+    drops = [g["file"] for g in got if g["file"]]
+    assert [Path(f).name for f in drops] == ["part-0000000000000000-0000000000000009.parquet",
+                                            "part-0000000000000009-0000000000000064.parquet"] and not got[2]["file"]
     assert dedup.dropped_keys(fs, drops, 0, 100) == {7: "held_out", 9: "within", 11: "held_out"}
-    assert dedup.dropped_keys(fs, drops[:1], 0, 10) == {7: "earlier", 9: "within"}
+    Path(drops[0]).unlink()  # a reader of keys 9-99 never opens the part of keys 0-8
+    assert dedup.dropped_keys(fs, drops, 9, 100) == {9: "within", 11: "held_out"}
 
     # A decide task opens the earlier index parts of its own buckets only (named by them).
     parts = dedup.index_files(fs, str(tmp_path / "v2"))
@@ -285,6 +301,26 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
         "earlier"] == 3  # docs 3, 7 and 9: v2 kept doc 3's W and doc 7's E
     with pytest.raises(FileNotFoundError):
         dedup.decide_range(item.set_column(2, "hi", pa.array([40001])), [hashes], [absent], str(tmp_path / "v3"), fs)
+
+
+def test_collect_runs_split_the_key_space_without_overlap_where_a_parquet_file_spans_groups(monkeypatch):
+    """Runs of chunk groups, about RANGE_ROWS dropped keys each, cut where a run's first group
+    starts; a parquet file's chunks all range over its whole file: its keys go to one run."""
+    from raypath import dedup
+
+    def chunk(f, fmt, start, stop):
+        return {"path": f"f{f}", "fmt": fmt, "start": start, "stop": stop, "bytes": 10, "file": f}
+
+    train = [chunk(0, "jsonl", 0, 100), chunk(0, "jsonl", 100, -1), chunk(1, "parquet", 0, 1),
+             chunk(1, "parquet", 1, 2), chunk(1, "parquet", 2, 3), chunk(2, "jsonl", 0, -1)]
+    monkeypatch.setattr(dedup, "RANGE_ROWS", 10)
+    assert dedup.collect_runs(train, 10, rows=5) == [{"lo": 0, "hi": dedup._NO_KEY}]
+    runs = dedup.collect_runs(train, 10, rows=60)  # 6 runs asked for, of one group each
+    bounds = [0, 100, 1 << 40, 2 << 40, dedup._NO_KEY]  # the parquet file's three groups: one run
+    assert runs == [{"lo": lo, "hi": hi} for lo, hi in zip(bounds, bounds[1:])]
+    for c in train:  # each chunk's documents within one run: tokenizing it reads one drop part
+        lo, hi = dedup.key_range([c])
+        assert sum(r["lo"] <= lo and hi <= r["hi"] for r in runs) == 1, c
 
 
 def test_minhash_values_agree_in_proportion_to_the_shingles_shared():
