@@ -12,7 +12,8 @@ per version: its ranges, the earlier index parts, the files the decide pass open
 and the dropped documents (each version must drop exactly its planted copies). Prints one line a
 version on stderr, the results as JSON on stdout.
 
-With ``--groups G`` a version's documents lie in G train chunk groups (tokenize tasks), and
+With ``--groups G`` a version's documents lie in G train chunk groups (tokenize tasks), hashed
+into ``--hash-files`` files (hash tasks, each a run of groups; default one a group), and
 after each decide pass come the reads of the tokenize side: each group reads the dropped keys
 of its own key range (``raypath.dedup.dropped_keys``), from the drop files after they were
 collected by key range (``raypath.dedup.collect_drops``, where the checkout has it): files
@@ -139,25 +140,35 @@ def _keys(n: int, groups: int) -> list[int]:
 
 
 def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: Path, fs: pafs.FileSystem,
-                   counter: CountingHandler, groups: int = 1) -> dict:
+                   counter: CountingHandler, groups: int = 1, hash_files: int | None = None) -> dict:
     from raypath import dedup
     from raypath.data import write_table
 
     out = root / f"v{k}" / "dedup"
-    hashes = str(out / "hashes" / "part-000000.parquet")
-    write_table(dedup._hash_rows(h.astype("<u8").tobytes(), _keys(len(h), groups)), fs, hashes)
+    hash_files = hash_files or groups
+    # A hash file per run of chunk groups, as the hash tasks write them (through the checkout's writer).
+    keys, hashes = np.asarray(_keys(len(h), groups)), []
+    for g in range(hash_files):
+        hashes.append(str(out / "hashes" / f"part-{g:06d}.parquet"))
+        rows = np.flatnonzero(np.arange(len(h)) % groups * hash_files // groups == g)
+        if hasattr(dedup, "write_hashes"):
+            dedup.write_hashes(h[rows].astype("<u8").tobytes(), keys[rows].tolist(), fs, hashes[-1])
+        else:
+            write_table(dedup._hash_rows(h[rows].astype("<u8").tobytes(), keys[rows].tolist()), fs, hashes[-1],
+                        row_group_size=dedup.ROW_GROUP)
     earlier = [f for j in range(1, k) for f in dedup.index_files(fs, str(root / f"v{j}"))]
     # The ranges dedup_version cuts: the rows it decides over, RANGE_ROWS a range.
     n = min(1 << (64 - dedup.BUCKET_SHIFT), max(1, math.ceil((earlier_rows + len(h)) / dedup.RANGE_ROWS)))
     edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
-    opened, t0, counts = counter.opened, time.perf_counter(), {"dropped": 0, "index_rows": 0}
+    opened, read, t0, counts = counter.opened, counter.read, time.perf_counter(), {"dropped": 0, "index_rows": 0}
     for r in range(n):
         item = pa.Table.from_pylist([{"range": r, "lo": edges[r], "hi": edges[r + 1]}])
-        row = dedup.decide_range(item, [hashes], earlier, str(out), fs).to_pylist()[0]
+        row = dedup.decide_range(item, hashes, earlier, str(out), fs).to_pylist()[0]
         counts["dropped"] += row["earlier"] + row["within"] + row["held_out"]
         counts["index_rows"] += row["index_rows"]
-    row = {"version": k, "ranges": n, "earlier_index_parts": len(earlier), "opened": counter.opened - opened,
-           "seconds": round(time.perf_counter() - t0, 2), **counts}
+    row = {"version": k, "ranges": n, "hash_files": hash_files, "earlier_index_parts": len(earlier),
+           "opened": counter.opened - opened,
+           "read_mb": round((counter.read - read) / 1e6, 2), "seconds": round(time.perf_counter() - t0, 2), **counts}
     return {**row, **_tokenize_reads(out, groups, counts["dropped"], fs, counter)} if groups > 1 else row
 
 
@@ -194,6 +205,8 @@ def main() -> None:
     ap.add_argument("--range-rows", type=int, default=100_000, help="raypath.dedup.RANGE_ROWS")
     ap.add_argument("--groups", type=int, default=1,
                     help="train chunk groups a version (tokenize tasks); > 1: measure what they read of the drops")
+    ap.add_argument("--hash-files", type=int, default=None,
+                    help="hash files a version (hash tasks, each a run of chunk groups; default: one a group)")
     ap.add_argument("--out", default=None, help="where to write results.json (default: print only)")
     args = ap.parse_args()
 
@@ -207,7 +220,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(1, args.versions + 1):
             h, copies = _digests(rng, args.docs, every, args.repeat)
-            row = decide_version(k, h, len(every), Path(tmp), fs, counter, args.groups)
+            row = decide_version(k, h, len(every), Path(tmp), fs, counter, args.groups, args.hash_files)
             if row["dropped"] != copies:
                 raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
             every = np.concatenate([every, h[copies:]])

@@ -15,7 +15,7 @@ losses read better than its novelty warrants.
 
 A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
-1. hash, per chunk group (:func:`raypath.data.chunk_groups`): a 128-bit BLAKE2b of every
+1. hash, per run of consecutive chunks (:func:`hash_groups`): a 128-bit BLAKE2b of every
    document that tokenizing would keep (``minhash``: one per band of its signature, a row
    each), rows ``(bucket, h1, h2, key)`` sorted by hash in
    ``dedup/hashes/part-GGGGGG.parquet``. ``key`` names a train document: its file's number in
@@ -88,9 +88,14 @@ BUCKET_SHIFT = 48
 #: Rows a decide task holds at most (earlier index + this version's hashes of its range).
 RANGE_ROWS = 4_000_000
 ROW_GROUP = 65_536
-#: Rows of a row group of a drop file: sorted by key, so that a reader of a key range (a collect
-#: task, a tokenize task) reads the row groups it overlaps only.
-DROP_ROW_GROUP = 8_192
+#: Rows of a row group of the files many tasks each read a slice of: a hash file (every decide
+#: range reads its buckets' rows of it), a drop file (every collect run its keys). A reader
+#: fetches the row groups its slice overlaps: with 65,536-row groups a decide range of a
+#: ``minhash`` version read ~20 times the rows it needed of each hash file.
+SLICE_ROW_GROUP = 8_192
+#: Most input a hash task reads (:func:`hash_groups`); its memory: ~40 bytes a hash row
+#: (``minhash``: 14 a document), ~300 MB at this size.
+HASH_GROUP_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ def check_keys(files: list[dict], held_out: list[dict], version: str) -> None:
                             f"byte offset up to that size (cut the file)")
 
 
-# ---------------------------------------------------------------- 1. hash (a Ray task per chunk group)
+# ---------------------------------------------------------------- 1. hash (a Ray task per hash group)
 
 def _hash_rows(digests: bytes, keys: list[int]) -> pa.Table:
     h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
@@ -218,11 +223,26 @@ def _hash_rows(digests: bytes, keys: list[int]) -> pa.Table:
                      "key": key[order]})
 
 
-def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Table:
-    """A chunk group's documents -> their hash rows, sorted by hash, in the item's ``out`` file;
-    returns one row of counts."""
+def hash_groups(chunks: list[dict], chunk_bytes: int, cpus: int) -> list[list[dict]]:
+    """Consecutive chunks of a split, a hash task's each: as few as keep two tasks per CPU of the
+    cluster busy, of up to :data:`HASH_GROUP_BYTES` (at least a tokenize group, ``chunk_bytes``):
+    every decide range reads a slice of every hash file (opens, a footer, a row group at least)."""
+    from raypath.data import chunk_groups
+
+    total = sum(int(c.get("bytes") or chunk_bytes) for c in chunks)
+    return chunk_groups(chunks, max(chunk_bytes, min(HASH_GROUP_BYTES, total // max(2 * cpus, 1))))
+
+
+def write_hashes(digests: bytes, keys: list[int], fs: pafs.FileSystem, path: str) -> None:
+    """Documents' 16-byte hashes (``digests``, a row per key) to a hash file, sorted by hash."""
     from raypath.data import write_table
 
+    write_table(_hash_rows(digests, keys), fs, path, row_group_size=SLICE_ROW_GROUP)
+
+
+def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Table:
+    """A hash group's documents -> their hash rows, sorted by hash, in the item's ``out`` file;
+    returns one row of counts."""
     item = batch.to_pylist()[0]
     digests, keys = bytearray(), []
     for p in item["parts"]:
@@ -233,7 +253,7 @@ def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Tabl
                 digests += spec.rule.digests(text)
                 key = (p["file"] << POS_BITS | pos) if "held_out" not in p else held_out_key(p["held_out"], pos)
                 keys.extend([key] * spec.rule.per_doc)
-    write_table(_hash_rows(bytes(digests), keys), fs, item["out"], row_group_size=ROW_GROUP)
+    write_hashes(bytes(digests), keys, fs, item["out"])
     held_out = sum(k < 0 for k in keys) // spec.rule.per_doc
     return pa.table({"train": [len(keys) // spec.rule.per_doc - held_out], "held_out": [held_out]})
 
@@ -283,7 +303,8 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
         write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
     if len(keys):
-        write_table(pa.table({"key": keys, "cause": cause}), fs, _range_file(out_dir, r), row_group_size=DROP_ROW_GROUP)
+        write_table(pa.table({"key": keys, "cause": cause}), fs, _range_file(out_dir, r),
+                    row_group_size=SLICE_ROW_GROUP)
     # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
     trained = np.unique(key[_is_held_out(key) & (head == _EARLIER)])
     return pa.table({"range": [r], "index_rows": [int(adds.sum())],
@@ -340,7 +361,7 @@ def collect_drops(batch: pa.Table, range_files: list[str], out_dir: str, fs: paf
     keys, cause = _read_drops(fs, range_files, lo, hi)
     path = f"{out_dir}/drop/part-{lo:016x}-{hi:016x}.parquet" if len(keys) else ""
     if path:
-        write_table(pa.table({"key": keys, "cause": cause}), fs, path, row_group_size=DROP_ROW_GROUP)
+        write_table(pa.table({"key": keys, "cause": cause}), fs, path, row_group_size=SLICE_ROW_GROUP)
     return pa.table({"file": [path], **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)}})
 
 
@@ -395,11 +416,14 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     document counted once (a ``minhash`` one's bands are decided in several ranges), under its
     lowest cause, as the tokenizer skips it (:func:`record_drops` checks).
     """
+    import ray
+
     from raypath.console import Progress
-    from raypath.data import _tasks, chunk_groups
+    from raypath.data import _tasks
 
     t0 = time.perf_counter()
-    groups = chunk_groups(train, chunk_bytes) + chunk_groups(held_out, chunk_bytes)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    groups = hash_groups(train, chunk_bytes, cpus) + hash_groups(held_out, chunk_bytes, cpus)
     hashes = [f"{out_dir}/hashes/part-{g:06d}.parquet" for g in range(len(groups))]
     progress = Progress(log, f"hashing {name}'s documents", len(groups), "groups")
     counts = {"train": 0, "held_out": 0}

@@ -323,6 +323,17 @@ def test_collect_runs_split_the_key_space_without_overlap_where_a_parquet_file_s
         assert sum(r["lo"] <= lo and hi <= r["hi"] for r in runs) == 1, c
 
 
+def test_hash_groups_are_few_and_large_while_every_cpu_keeps_two(monkeypatch):
+    from raypath import dedup
+
+    chunks = [{"path": f"f{i}", "bytes": 100} for i in range(64)]
+    monkeypatch.setattr(dedup, "HASH_GROUP_BYTES", 1600)
+    assert [len(g) for g in dedup.hash_groups(chunks, 100, cpus=2)] == [16] * 4  # the cap: 16 chunks
+    assert [len(g) for g in dedup.hash_groups(chunks, 100, cpus=8)] == [4] * 16  # two tasks a CPU
+    assert [len(g) for g in dedup.hash_groups(chunks, 100, cpus=64)] == [1] * 64  # never below a chunk group
+    assert sum(dedup.hash_groups(chunks, 100, cpus=3), []) == chunks  # in order, each chunk once
+
+
 def test_minhash_values_agree_in_proportion_to_the_shingles_shared():
     words = [f"w{i}" for i in range(400)]
     base = " ".join(words[:200])
