@@ -447,16 +447,8 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
             range_files.append(_range_file(out_dir, row["range"]))
         progress.add(1)
     _remove(fs, f"{out_dir}/hashes")
-    # Every decide range holds drops of every chunk group: regrouped by key range here, once, so
-    # that each tokenize task reads one file rather than one per range (tasks x ranges reads).
-    runs, drop_files = collect_runs(train, chunk_bytes, drop_rows) if range_files else [], []
-    progress = Progress(log, f"collecting {name}'s dropped documents", len(runs), "key ranges")
-    for row in _tasks(runs, collect_drops, range_files=range_files, out_dir=out_dir, fs=fs).iter_rows() if runs else ():
-        for c in CAUSES:
-            out[c] += row[c]
-        drop_files += [row["file"]] if row["file"] else []
-        progress.add(1)
-    _remove(fs, f"{out_dir}/ranges")
+    causes, drop_files = _collect(name, train, chunk_bytes, range_files, drop_rows, out_dir, fs)
+    out.update(causes)
     out["held_out_trained"] = len(trained)
     out["dropped"] = sum(out[c] for c in CAUSES)
     log.info("deduplicated %s in %.1f s: %d train documents, %d val/test ones (%s)", name, time.perf_counter() - t0,
@@ -466,7 +458,27 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
                     "train documents, never held-out ones): its held-out losses read better than its novelty "
                     "warrants", name, out["held_out_trained"], out["held_out_docs"],
                     "near-duplicates" if spec.rule.mode == "minhash" else "the same text")
-    return {**out, "drop_files": sorted(drop_files)}
+    return {**out, "drop_files": drop_files}
+
+
+def _collect(name: str, train: list[dict], chunk_bytes: int, range_files: list[str], drop_rows: int, out_dir: str,
+             fs: pafs.FileSystem) -> tuple[dict[str, int], list[str]]:
+    """Every decide range holds drops of every chunk group: regrouped by key range here, once, so
+    that each tokenize task reads one file rather than one per range (tasks x ranges reads).
+    Returns the dropped documents per cause and the drop files."""
+    from raypath.console import Progress
+    from raypath.data import _tasks
+
+    counts, files = dict.fromkeys(CAUSES, 0), []
+    if range_files:
+        runs = collect_runs(train, chunk_bytes, drop_rows)
+        progress = Progress(log, f"collecting {name}'s dropped documents", len(runs), "key ranges")
+        for row in _tasks(runs, collect_drops, range_files=range_files, out_dir=out_dir, fs=fs).iter_rows():
+            counts = {c: counts[c] + row[c] for c in CAUSES}
+            files += [row["file"]] if row["file"] else []
+            progress.add(1)
+    _remove(fs, f"{out_dir}/ranges")
+    return counts, sorted(files)
 
 
 def _remove(fs: pafs.FileSystem, d: str) -> None:
