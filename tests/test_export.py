@@ -319,7 +319,7 @@ def test_a_failed_verification_leaves_out_as_it_was(run, tmp_path, monkeypatch):
     export(run, "v2", out)
     before = sorted(p.name for p in out.iterdir())
 
-    def broken(directory, model):
+    def broken(directory, model, progress=None):
         raise ExportError("the exported model does not load back (simulated)")
 
     monkeypatch.setattr(ex, "verify", broken)
