@@ -593,12 +593,12 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     one map file of its rows ordered by shard with a byte index (map), the driver adds up rows
     per shard as the map tasks' counts stream in (its state: one count per shard and per source,
     and which map files are done, for the progress line), and each shard reads its byte range of
-    every map file, sorts, numbers and writes its rows (reduce). Memory per task: one input file
-    or one shard (:data:`SHARD_BYTES`); disk: one extra copy of the stream while it runs, in one
-    temporary file per input file; reads: one ranged read per input file and window of shards
-    with rows (:class:`_MapFiles`, :data:`GATHER_READ_BYTES`), the only cost that grows as files
-    x shards (x shards / shards a window holds). ``what`` heads the
-    progress lines of both passes; ``read_bytes``: of map-file pieces a reduce task reads ahead.
+    every map file, sorts, numbers and writes its rows (reduce). Memory per task: one input file,
+    or one shard (:data:`SHARD_BYTES`) beside ``read_bytes`` of map-file pieces read ahead
+    (:data:`GATHER_READ_BYTES`); disk: one extra copy of the stream while it runs, in one
+    temporary file per input file; reads: one ranged read per (input file, window of shards with
+    rows there) (:class:`_MapFiles`), the only cost that grows as files x shards (divided by the
+    shards a window holds). ``what`` heads the progress lines of both passes.
     """
     import ray
 
