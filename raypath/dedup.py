@@ -93,8 +93,9 @@ ROW_GROUP = 65_536
 #: fetches the row groups its slice overlaps: with 65,536-row groups a decide range of a
 #: ``minhash`` version read ~20 times the rows it needed of each hash file.
 SLICE_ROW_GROUP = 8_192
-#: Most input a hash task reads (:func:`hash_groups`); its memory: ~40 bytes a hash row
-#: (``minhash``: 14 a document), ~300 MB at this size.
+#: Most input a hash task reads (:func:`hash_groups`). Its memory grows with its hash rows: at this
+#: size, of ~2 KB documents, 265 MB with ``minhash`` (3.2M rows, 23 s on a core), 42 MB with
+#: ``exact`` (``benchmarks/dedup_hash_memory.py``).
 HASH_GROUP_BYTES = 512 << 20
 
 

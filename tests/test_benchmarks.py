@@ -62,6 +62,14 @@ def test_dedup_index_counts_what_the_tokenize_side_reads_of_the_drops():
     assert v2["collect_opened"] <= 2 * v2["ranges"] and v2["tokenize_opened"] <= 2 * 40
 
 
+def test_dedup_hash_memory_hashes_each_rule_in_a_process_of_its_own():
+    got = _bench("dedup_hash_memory", "--mb", "1")
+    exact, minhash = got["runs"]
+    assert exact["mode"] == "exact" and exact["docs"] == exact["hash_rows"] > 100
+    assert minhash["docs"] == exact["docs"] and minhash["hash_rows"] == 14 * minhash["docs"]
+    assert minhash["process_peak_mb"] >= minhash["rss_before_mb"] > 0
+
+
 def test_lineage_size_grows_with_the_files_it_records():
     small, large = (_bench("lineage_size", "--files", str(n), "--versions", "2", "--saves", "1") for n in (5, 50))
     assert large["corpus_files"] > small["corpus_files"] and large["manifest_bytes"] > small["manifest_bytes"]
