@@ -5,7 +5,8 @@ A hash task (``raypath.dedup.hash_group``) reads a run of chunk groups, up to
 until it writes them sorted. This builds ``--mb`` MB of ~2 KB stdlib documents
 (``benchmarks/dedup_cost.py``'s corpus, v1), then hashes all of it as one task, each rule in a
 fresh process: its peak resident memory over the process's just before the task (the task's
-own; a peak of the imports above it reads as 0), its seconds, its hash rows (Linux)::
+own; a peak of the imports above it reads as 0), its seconds, its hash file (rows, row groups,
+footer: a decide range reads the footer with every slice of the file) (Linux)::
 
     python benchmarks/dedup_hash_memory.py --mb 512
 
@@ -39,9 +40,11 @@ def _hash(files: list[str], mode: str, out: str) -> dict:
     spec = dedup.DedupSpec("text", None, 0, LOCAL, dedup.Rule(mode))
     before, t0 = _rss_kb("VmRSS"), time.perf_counter()
     row = dedup.hash_group(pa.Table.from_pylist([{"parts": parts, "out": out}]), spec, pafs.LocalFileSystem())
-    seconds, peak = time.perf_counter() - t0, _rss_kb("VmHWM")
-    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": pq.ParquetFile(out).metadata.num_rows,
-            "seconds": round(seconds, 1), "rss_before_mb": round(before / 1024, 1),
+    seconds, peak, meta = time.perf_counter() - t0, _rss_kb("VmHWM"), pq.ParquetFile(out).metadata
+    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": meta.num_rows,
+            "row_groups": meta.num_row_groups, "footer_kb": round(meta.serialized_size / 1e3, 1),
+            "file_mb": round(Path(out).stat().st_size / 1e6, 1), "seconds": round(seconds, 1),
+            "rss_before_mb": round(before / 1024, 1),
             "task_peak_mb": round((peak - before) / 1024, 1), "process_peak_mb": round(peak / 1024, 1)}
 
 
