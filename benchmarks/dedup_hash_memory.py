@@ -5,8 +5,8 @@ A hash task (``raypath.dedup.hash_group``) reads a run of chunk groups, up to
 until it writes them sorted. This builds ``--mb`` MB of ~2 KB stdlib documents
 (``benchmarks/dedup_cost.py``'s corpus, v1), then hashes all of it as one task, each rule in a
 fresh process: its peak resident memory over the process's just before the task (the task's
-own; a peak of the imports above it reads as 0), its seconds, its hash file (rows, row groups,
-footer: a decide range reads the footer with every slice of the file) (Linux)::
+own; a peak of the imports above it reads as 0), its seconds, its hash file (rows, MB, and the
+bucket index at its end, of which a decide task reads its run's slice) (Linux)::
 
     python benchmarks/dedup_hash_memory.py --mb 512
 
@@ -31,7 +31,6 @@ def _hash(files: list[str], mode: str, out: str) -> dict:
     """One hash task over ``files`` in this process."""
     import pyarrow as pa
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
 
     from raypath import dedup
     from raypath.mirror import LOCAL
@@ -40,10 +39,10 @@ def _hash(files: list[str], mode: str, out: str) -> dict:
     spec = dedup.DedupSpec("text", None, 0, LOCAL, dedup.Rule(mode))
     before, t0 = _rss_kb("VmRSS"), time.perf_counter()
     row = dedup.hash_group(pa.Table.from_pylist([{"parts": parts, "out": out}]), spec, pafs.LocalFileSystem())
-    seconds, peak, meta = time.perf_counter() - t0, _rss_kb("VmHWM"), pq.ParquetFile(out).metadata
-    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": meta.num_rows,
-            "row_groups": meta.num_row_groups, "footer_kb": round(meta.serialized_size / 1e3, 1),
-            "file_mb": round(Path(out).stat().st_size / 1e6, 1), "seconds": round(seconds, 1),
+    seconds, peak, size = time.perf_counter() - t0, _rss_kb("VmHWM"), Path(out).stat().st_size
+    index = 8 * (dedup.BUCKETS + 1)  # a decide task reads its run's slice of it
+    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": (size - index) // dedup.HASH_ROW.itemsize,
+            "index_kb": round(index / 1e3, 1), "file_mb": round(size / 1e6, 1), "seconds": round(seconds, 1),
             "rss_before_mb": round(before / 1024, 1),
             "task_peak_mb": round((peak - before) / 1024, 1), "process_peak_mb": round(peak / 1024, 1)}
 
@@ -76,7 +75,7 @@ def main() -> None:
         mb = sum(p.stat().st_size for p in text.glob("*.jsonl")) / 1e6
         runs = []
         for mode in args.modes.split(","):
-            res = subprocess.run([sys.executable, __file__, "--child", str(text), mode, f"{tmp}/{mode}.parquet"],
+            res = subprocess.run([sys.executable, __file__, "--child", str(text), mode, f"{tmp}/{mode}.buckets"],
                                  capture_output=True, text=True, check=True)
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(runs[-1], file=sys.stderr, flush=True)

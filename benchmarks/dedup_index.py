@@ -1,32 +1,35 @@
-"""What a version's dedup decide pass opens of the earlier versions' indexes, as a lineage grows;
-and what its tokenize tasks read of the dropped keys.
+"""What a version's dedup decide pass opens and reads of its hash files and the earlier versions'
+indexes, as a lineage grows; and what its collect and tokenize tasks read of the dropped keys.
 
-Each version's decide pass (``raypath.dedup.decide_range``, one Ray task per range of hash
-buckets) reads its buckets' rows of every earlier version's ``dedup/index/`` parts. This builds
-``--versions`` versions of ``--docs`` documents' exact hashes each (``--repeat`` of them copies
-of earlier versions' documents), and decides each version in turn, range by range, in this
-process (a task's reads are the same in a Ray worker), with ``raypath.dedup.RANGE_ROWS`` set to
-``--range-rows`` so that versions span many ranges as they do at scale (4M rows a range: a
-version of 100M documents has 25). Every file open goes through a counting filesystem. Reports
-per version: its ranges, the earlier index parts, the files the decide pass opened, its seconds;
-and the dropped documents (each version must drop exactly its planted copies). Prints one line a
-version on stderr, the results as JSON on stdout.
+Each version's decide pass (``raypath.dedup.decide_ranges``, one Ray task per run of ranges of
+hash buckets) reads each range's rows of every hash file and of every earlier version's
+``dedup/index/`` parts. This builds ``--versions`` versions of ``--docs`` documents' exact hashes
+each (``--repeat`` of them copies of earlier versions' documents), and decides each version in
+turn, task by task, in this process (a task's reads are the same in a Ray worker), with
+``raypath.dedup.RANGE_ROWS`` set to ``--range-rows`` so that versions span many ranges as they
+do at scale (4M rows a range: a version of 100M documents has 25) and runs of ranges as a
+cluster of ``--cpus`` CPUs takes them. Every file open goes through a counting filesystem.
+Reports per version: its ranges and decide tasks, the earlier index parts, the files the decide
+pass opened and the MB it read, its seconds; and the dropped documents (each version must drop
+exactly its planted copies). Prints one line a version on stderr, the results as JSON on stdout.
 
 With ``--groups G`` a version's documents lie in G train chunk groups (tokenize tasks), hashed
 into ``--hash-files`` files (hash tasks, each a run of groups; default one a group), and
-after each decide pass come the reads of the tokenize side: each group reads the dropped keys
-of its own key range (``raypath.dedup.dropped_keys``), from the drop files after they were
-collected by key range (``raypath.dedup.collect_drops``, where the checkout has it): files
-opened and bytes read, each side, and the keys found (each version's planted copies).
+after each decide pass come the collect pass (``raypath.dedup.collect_drops``: the dropped keys
+regrouped by key range) and the reads of the tokenize side: each group reads the dropped keys
+of its own key range (``raypath.dedup.dropped_keys``): files opened and bytes read, each side,
+and the keys found (each version's planted copies). An older raypath's numbers come from this
+script as it was at that commit (the API it calls changed).
 
     python benchmarks/dedup_index.py --versions 20
     python benchmarks/dedup_index.py --versions 2 --docs 2000000 --groups 400
-    PYTHONPATH=/path/to/checkout python benchmarks/dedup_index.py --versions 20   # another raypath
+    cd /path/to/old/checkout && PYTHONPATH=. python benchmarks/dedup_index.py --versions 20
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -39,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class _Counted:
@@ -139,62 +144,104 @@ def _keys(n: int, groups: int) -> list[int]:
     return ((i % groups) << np.int64(40) | i // groups).tolist()
 
 
-def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: Path, fs: pafs.FileSystem,
-                   counter: CountingHandler, groups: int = 1, hash_files: int | None = None) -> dict:
-    from raypath import dedup
-    from raypath.data import write_table
+class Meter:
+    """What each phase reads: on the local disk (through :class:`CountingHandler`) files opened
+    and MB read, counted as it goes; in a bucket (``bucket`` on a moto server) the requests by
+    method, from moto's log between marker requests, once the server has exited."""
 
-    out = root / f"v{k}" / "dedup"
-    hash_files = hash_files or groups
-    # A hash file per run of chunk groups, as the hash tasks write them (through the checkout's writer).
-    keys, hashes = np.asarray(_keys(len(h), groups)), []
-    for g in range(hash_files):
-        hashes.append(str(out / "hashes" / f"part-{g:06d}.parquet"))
-        rows = np.flatnonzero(np.arange(len(h)) % groups * hash_files // groups == g)
-        if hasattr(dedup, "write_hashes"):
-            dedup.write_hashes(h[rows].astype("<u8").tobytes(), keys[rows].tolist(), fs, hashes[-1])
-        else:
-            write_table(dedup._hash_rows(h[rows].astype("<u8").tobytes(), keys[rows].tolist()), fs, hashes[-1],
-                        row_group_size=dedup.ROW_GROUP)
-    earlier = [f for j in range(1, k) for f in dedup.index_files(fs, str(root / f"v{j}"))]
+    def __init__(self, fs: pafs.FileSystem, counter: CountingHandler | None, bucket: str | None = None):
+        self.fs, self.counter, self.bucket, self.labels = fs, counter, bucket, []
+        self.last = (0, 0, time.perf_counter())
+
+    def mark(self, label: str | None) -> dict:
+        """End the phase under way (its counts, or {} in a bucket: :meth:`requests`), start ``label``'s."""
+        now = (self.counter.opened, self.counter.read) if self.counter else (0, 0)
+        (opened, read, t0), self.last = self.last, (*now, time.perf_counter())
+        got = {"opened": now[0] - opened, "read_mb": round((now[1] - read) / 1e6, 2)} if self.counter else {}
+        if self.bucket:
+            self.fs.get_file_info(f"{self.bucket}/MARK-{label}")  # moto logs each request, markers too
+            self.labels.append(label)
+        return {**got, "seconds": round(self.last[2] - t0, 2)}
+
+    def requests(self, log: str) -> dict[str, dict]:
+        """Each phase's requests by method (and their total), from moto's log text."""
+        from moto_s3 import requests_in
+
+        out, label = {}, None
+        for method, path, query in requests_in(log.splitlines()):
+            if method == "HEAD" and "/MARK-" in f"/{path}":
+                label = path.rsplit("MARK-", 1)[1]
+                out.setdefault(label, collections.Counter())
+            elif label and "MARK-" not in query:  # not the listing a missing marker's info makes
+                out[label][method] += 1
+        return {k: {**v, "total": sum(v.values())} for k, v in out.items()}
+
+
+def _write_hashes(dedup, h: np.ndarray, keys: np.ndarray, out: str, g: int, fs: pafs.FileSystem) -> str:
+    path = dedup.hash_file(out, g) if hasattr(dedup, "hash_file") else f"{out}/hashes/part-{g:06d}.parquet"
+    dedup.write_hashes(h.astype("<u8").tobytes(), keys.tolist(), fs, path)
+    return path
+
+
+def _decide(dedup, n: int, hashes: list[str], earlier: list[str], starts: list[int], out: str,
+            fs: pafs.FileSystem, cpus: int) -> tuple[int, list[dict]]:
+    """The version's decide tasks, one after another: (tasks, a row of counts per range)."""
+    edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
+    if not hasattr(dedup, "decide_ranges"):  # a raypath before decide tasks took runs of ranges: a task a range
+        return n, [dedup.decide_range(pa.Table.from_pylist([{"range": r, "lo": edges[r], "hi": edges[r + 1]}]),
+                                      hashes, earlier, out, fs).to_pylist()[0] for r in range(n)]
+    from raypath import bucketed
+
+    runs = bucketed.runs(list(range(n)), cpus)
+    return len(runs), [row for run in runs for row in dedup.decide_ranges(
+        pa.Table.from_pylist([run]), edges, hashes, earlier, starts, out, fs).to_pylist()]
+
+
+def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: str, fs: pafs.FileSystem, meter: Meter,
+                   groups: int = 1, hash_files: int | None = None, cpus: int = 8) -> dict:
+    from raypath import dedup
+
+    out, hash_files = f"{root}/v{k}/dedup", hash_files or groups
+    # A hash file per run of chunk groups, as the hash tasks write them.
+    keys = np.asarray(_keys(len(h), groups))
+    hashes = [_write_hashes(dedup, h[rows], keys[rows], out, g, fs) for g in range(hash_files)
+              if len(rows := np.flatnonzero(np.arange(len(h)) % groups * hash_files // groups == g))]
+    earlier = [f for j in range(1, k) for f in dedup.index_files(fs, f"{root}/v{j}")]
     # The ranges dedup_version cuts: the rows it decides over, RANGE_ROWS a range.
     n = min(1 << (64 - dedup.BUCKET_SHIFT), max(1, math.ceil((earlier_rows + len(h)) / dedup.RANGE_ROWS)))
-    edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
-    opened, read, t0, counts = counter.opened, counter.read, time.perf_counter(), {"dropped": 0, "index_rows": 0}
-    for r in range(n):
-        item = pa.Table.from_pylist([{"range": r, "lo": edges[r], "hi": edges[r + 1]}])
-        row = dedup.decide_range(item, hashes, earlier, str(out), fs).to_pylist()[0]
-        counts["dropped"] += row["earlier"] + row["within"] + row["held_out"]
-        counts["index_rows"] += row["index_rows"]
-    row = {"version": k, "ranges": n, "hash_files": hash_files, "earlier_index_parts": len(earlier),
-           "opened": counter.opened - opened,
-           "read_mb": round((counter.read - read) / 1e6, 2), "seconds": round(time.perf_counter() - t0, 2), **counts}
-    return {**row, **_tokenize_reads(out, groups, counts["dropped"], fs, counter)} if groups > 1 else row
+    train = [{"path": f"f{g}", "fmt": "jsonl", "start": 0, "stop": -1, "bytes": 1, "file": g} for g in range(groups)]
+    starts = dedup.group_starts(train, 1) if hasattr(dedup, "group_starts") else []
+    meter.mark(f"v{k}-decide")
+    tasks, rows = _decide(dedup, n, hashes, earlier, starts, out, fs, cpus)
+    counts = {"dropped": sum(r["earlier"] + r["within"] + r["held_out"] for r in rows),
+              "index_rows": sum(r["index_rows"] for r in rows)}
+    row = {"version": k, "ranges": n, "decide_tasks": tasks, "hash_files": hash_files,
+           "earlier_index_parts": len(earlier), **meter.mark(f"v{k}-collect" if groups > 1 else None), **counts}
+    return {**row, **_tokenize_reads(k, out, train, starts, counts["dropped"], fs, meter)} if groups > 1 else row
 
 
-def _tokenize_reads(out: Path, groups: int, dropped: int, fs: pafs.FileSystem, counter: CountingHandler) -> dict:
-    """What the tokenize side reads of a decided version's dropped keys, each of ``groups`` chunk
-    groups its own key range; with the checkout's collect pass first, where it has one."""
+def _tokenize_reads(k: int, out: str, train: list[dict], starts: list[int], dropped: int, fs: pafs.FileSystem,
+                    meter: Meter) -> dict:
+    """What the collect pass reads of a decided version's range files, and the tokenize side of the
+    drop parts it wrote: each chunk group (file g) its own key range."""
     from raypath import dedup
 
-    start, t0 = (counter.opened, counter.read), time.perf_counter()
-    if hasattr(dedup, "collect_drops"):
-        train = [{"path": f"f{g}", "fmt": "jsonl", "start": 0, "stop": -1, "bytes": 1, "file": g}
-                 for g in range(groups)]
-        ranges = sorted(str(p) for p in (out / "ranges").glob("*.parquet"))
-        runs = [pa.Table.from_pylist([r]) for r in dedup.collect_runs(train, 1, dropped)]
-        drops = [f for r in runs if (f := dedup.collect_drops(r, ranges, str(out), fs).to_pylist()[0]["file"])]
-    else:
-        drops = sorted(str(p) for p in (out / "drop").glob("*.parquet"))
-    collected, t1 = (counter.opened, counter.read), time.perf_counter()
-    found = sum(len(dedup.dropped_keys(fs, drops, g << 40, (g + 1) << 40)) for g in range(groups))
+    infos = fs.get_file_info(pafs.FileSelector(f"{out}/ranges", allow_not_found=True))
+    ranges = sorted(i.path for i in infos if i.base_name.startswith("part-"))
+    if starts:
+        runs = dedup.collect_runs(starts, dropped)
+        kw = {"starts": starts}
+    else:  # a raypath before the range files were bucketed by chunk group
+        runs, kw = dedup.collect_runs(train, 1, dropped), {}
+    drops = [f for r in runs if (f := dedup.collect_drops(pa.Table.from_pylist([r]), ranges, out_dir=out, fs=fs,
+                                                          **kw).to_pylist()[0]["file"])] if ranges else []
+    collect = meter.mark(f"v{k}-tokenize")
+    found = sum(len(dedup.dropped_keys(fs, drops, g << 40, (g + 1) << 40)) for g in range(len(train)))
     if found != dropped:
         raise SystemExit(f"{out}: the tokenize side found {found} dropped keys, the decide pass {dropped}")
-    return {"drop_files": len(drops), "collect_opened": collected[0] - start[0],
-            "collect_read_mb": round((collected[1] - start[1]) / 1e6, 2), "collect_s": round(t1 - t0, 2),
-            "tokenize_opened": counter.opened - collected[0],
-            "tokenize_read_mb": round((counter.read - collected[1]) / 1e6, 2),
-            "tokenize_s": round(time.perf_counter() - t1, 2)}
+    names = {"opened": "opened", "read_mb": "read_mb", "seconds": "s"}
+    return {"drop_files": len(drops), **{f"collect_{names[m]}": v for m, v in collect.items()},
+            **{f"tokenize_{names[m]}": v for m, v in meter.mark(None).items()}}
 
 
 def main() -> None:
@@ -207,6 +254,9 @@ def main() -> None:
                     help="train chunk groups a version (tokenize tasks); > 1: measure what they read of the drops")
     ap.add_argument("--hash-files", type=int, default=None,
                     help="hash files a version (hash tasks, each a run of chunk groups; default: one a group)")
+    ap.add_argument("--cpus", type=int, default=8,
+                    help="the cluster's CPUs: a decide task takes a run of ranges that leaves each two tasks")
+    ap.add_argument("--s3", action="store_true", help="in a bucket on a moto S3 server: requests by method")
     ap.add_argument("--out", default=None, help="where to write results.json (default: print only)")
     args = ap.parse_args()
 
@@ -214,20 +264,40 @@ def main() -> None:
     from raypath import dedup
 
     dedup.RANGE_ROWS = args.range_rows
-    counter = CountingHandler()
-    fs, rng, rows = pafs.PyFileSystem(counter), np.random.default_rng(0), []
-    every = np.zeros((0, 2), np.uint64)
+    rng, rows, every = np.random.default_rng(0), [], np.zeros((0, 2), np.uint64)
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(1, args.versions + 1):
-            h, copies = _digests(rng, args.docs, every, args.repeat)
-            row = decide_version(k, h, len(every), Path(tmp), fs, counter, args.groups, args.hash_files)
-            if row["dropped"] != copies:
-                raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
-            every = np.concatenate([every, h[copies:]])
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
-    print(f"files opened by the decide passes of {args.versions} versions: {sum(r['opened'] for r in rows)}; the "
-          f"last version's: {rows[-1]['opened']} in {rows[-1]['seconds']} s", file=sys.stderr)
+        moto = None
+        if args.s3:
+            from moto_s3 import start
+
+            endpoint, moto = start(Path(tmp) / "moto.log")
+            fs, root = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True), "dedup-bench"
+            fs.create_dir(root)
+            meter = Meter(fs, None, root)
+        else:
+            counter = CountingHandler()
+            fs, root = pafs.PyFileSystem(counter), tmp
+            meter = Meter(fs, counter)
+        try:
+            for k in range(1, args.versions + 1):
+                h, copies = _digests(rng, args.docs, every, args.repeat)
+                row = decide_version(k, h, len(every), root, fs, meter, args.groups, args.hash_files, args.cpus)
+                if row["dropped"] != copies:
+                    raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
+                every = np.concatenate([every, h[copies:]])
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+        finally:
+            if moto is not None:
+                moto.terminate()
+                moto.wait(timeout=30)
+        if args.s3:
+            requests = meter.requests((Path(tmp) / "moto.log").read_text())
+            for row in rows:
+                for phase in ("decide", "collect", "tokenize"):
+                    if f"v{row['version']}-{phase}" in requests:
+                        row[f"{phase}_requests"] = requests[f"v{row['version']}-{phase}"]
+                print(row, file=sys.stderr, flush=True)
     results = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                "raypath": str(Path(raypath.__file__).parent), "args": vars(args), "versions": rows}
     if args.out:

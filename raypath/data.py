@@ -68,7 +68,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raypath import dedup
+from raypath import bucketed, dedup
+from raypath.bucketed import BucketedFiles
 from raypath.lineage import FILE_LISTS, recorded_root, without_file_lists
 from raypath.mirror import LOCAL, RunDir
 from raypath.shuffle import Permutation, bucket_of, hash64, salt
@@ -420,10 +421,9 @@ def _map_file(tmp_dir: str, i: int) -> str:
 
 
 def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSystem) -> pa.Table:
-    """Map side: input part file ``i`` -> its stream rows ordered by shard, one file
-    (:func:`_map_file`): each shard's rows as an Arrow IPC stream, then an index of
-    ``buckets + 1`` little-endian int64 byte offsets (last, so no shard's bytes wait in
-    memory), from which a reducer reads its shard's rows by range. Returns rows per
+    """Map side: input part file ``i`` -> its stream rows ordered by shard, one bucketed file
+    (:func:`_map_file`, :mod:`raypath.bucketed`; a shard a bucket), each shard's rows an Arrow
+    IPC stream, from which a reducer reads its shard's rows by range. Returns rows per
     (map file, source, shard); a file none of whose rows the stream takes, one row of 0."""
     counts = []
     for i, path in zip(batch["map"].to_pylist(), batch["file"].to_pylist()):
@@ -441,7 +441,7 @@ def _scatter(batch: pa.Table, spec: StreamSpec, tmp_dir: str, fs: pafs.FileSyste
                 src, n = np.unique(part["src"].to_numpy(), return_counts=True)
                 counts += [{"map": i, "src": int(s), "bucket": int(buckets[lo]), "n": int(c)}
                            for s, c in zip(src, n)]
-            f.write(np.concatenate([[0], np.cumsum(sizes)]).astype("<i8").tobytes())
+            bucketed.write_index(f, sizes)
         if not len(buckets):  # the driver counts the map files done by these rows
             counts.append({"map": i, "src": 0, "bucket": 0, "n": 0})
     schema = pa.schema([("map", pa.int64()), ("src", pa.int64()), ("bucket", pa.int64()), ("n", pa.int64())])
@@ -455,87 +455,10 @@ def _ipc_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-#: Most shards one reduce task gathers: a run of consecutive shards, so that each map file's
-#: index entries for all of them come in one read (and, on an object store, one open).
-SHARDS_PER_TASK = 16
 #: Most bytes of map-file pieces a reduce task reads ahead: consecutive shards' pieces of a map
 #: file lie next to each other, so a window of shards costs one ranged read per map file instead
 #: of one per (map file, shard), at this much memory held beside the shard being sorted.
 GATHER_READ_BYTES = 512 << 20
-
-
-class _MapFiles:
-    """The reduce side's view of the map files for a run of consecutive shards ``first..last``.
-
-    On an object store every open is a HEAD request and a handle holds no descriptor, so each
-    map file is opened once for the whole run; on a local disk an open costs no request but
-    holds a descriptor, so a file is reopened per read rather than thousands kept open."""
-
-    def __init__(self, fs: pafs.FileSystem, paths: list[str], first: int, last: int, buckets: int):
-        self.fs, self.paths, self.first = fs, paths, first
-        self.keep = fs.type_name in ("s3", "gcs")
-        got = self._each(lambda i: self._index(paths[i], first, last, buckets))
-        self.handles = [h for h, _ in got]
-        self.offsets = np.stack([o for _, o in got])  # [map file, shard - first]: byte offsets
-        self.window, self.bufs = (first, first - 1), []
-
-    def _each(self, fn) -> list:
-        """``fn(i)`` for every map file, 16 at a time: on an object store each read is a round trip."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(16) as pool:
-            return list(pool.map(fn, range(len(self.paths))))
-
-    def _index(self, path: str, first: int, last: int, buckets: int):
-        f = self.fs.open_input_file(path)
-        offsets = np.frombuffer(f.read_at(8 * (last - first + 2), f.size() - 8 * (buckets + 1 - first)), "<i8")
-        if not self.keep:
-            f.close()
-        return (f if self.keep else None), offsets
-
-    def windows(self, budget: int = GATHER_READ_BYTES) -> list[tuple[int, int]]:
-        """The run cut into windows of consecutive shards ``(lo, hi)``, each read at once: as many
-        shards as hold up to ``budget`` bytes in all the map files, at least one."""
-        per_shard = np.diff(self.offsets, axis=1).sum(axis=0)
-        out, lo, held = [], self.first, 0
-        for k, n in enumerate(per_shard.tolist()):
-            b = self.first + k
-            if b > lo and held + n > budget:
-                out.append((lo, b - 1))
-                lo, held = b, 0
-            held += n
-        return [*out, (lo, self.first + len(per_shard) - 1)]
-
-    def read(self, lo: int, hi: int) -> None:
-        """Shards ``lo..hi``'s pieces of every map file: one ranged read per file that has some."""
-        self.bufs = []  # the previous window's, before this one's arrive
-        self.bufs = self._each(lambda i: self._read(i, *self._span(i, lo, hi)))
-        self.window = (lo, hi)
-
-    def _span(self, i: int, lo: int, hi: int) -> tuple[int, int]:
-        return int(self.offsets[i, lo - self.first]), int(self.offsets[i, hi + 1 - self.first])
-
-    def _read(self, i: int, start: int, end: int) -> pa.Buffer | None:
-        if end <= start:
-            return None
-        if self.keep:
-            return pa.py_buffer(self.handles[i].read_at(end - start, start))
-        with self.fs.open_input_file(self.paths[i]) as f:
-            return pa.py_buffer(f.read_at(end - start, start))
-
-    def pieces(self, b: int) -> list[pa.Table | None]:
-        """Shard ``b``'s rows of each map file (None where it has none), from the window read last."""
-        assert self.window[0] <= b <= self.window[1], (b, self.window)
-        out = []
-        for i, buf in enumerate(self.bufs):
-            (lo, hi), base = self._span(i, b, b), self._span(i, *self.window)[0]
-            out.append(pa.ipc.open_stream(buf.slice(lo - base, hi - lo)).read_all() if hi > lo else None)
-        return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            if h is not None:
-                h.close()
 
 
 def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_dir: str,
@@ -547,14 +470,15 @@ def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_di
     for the run), 16 in flight: each is a round trip."""
     rows, buckets = [], len(offsets) - 1  # offsets: every shard's first idx, then the total
     for first, last in zip(batch["first"].to_pylist(), batch["last"].to_pylist()):
-        files = _MapFiles(fs, [_map_file(tmp_dir, i) for i in range(maps)], first, last, buckets)
+        files = BucketedFiles(fs, [_map_file(tmp_dir, i) for i in range(maps)], first, last, buckets)
         try:
             for lo, hi in files.windows(read_bytes):
                 files.read(lo, hi)
                 for b in range(lo, hi + 1):
                     if offsets[b + 1] == offsets[b]:
                         continue  # no rows: no file
-                    table = pa.concat_tables([t for t in files.pieces(b) if t is not None])
+                    table = pa.concat_tables([pa.ipc.open_stream(p).read_all() for i in range(maps)
+                                              if (p := files.piece(i, b)) is not None])
                     # (key, src, row) is unique, so the order never depends on which piece came first.
                     table = table.take(pc.sort_indices(table, [("key", "ascending"), ("src", "ascending"),
                                                                ("row", "ascending")]))
@@ -565,15 +489,6 @@ def _gather(batch: pa.Table, maps: int, offsets: list[int], tmp_dir: str, out_di
         finally:
             files.close()
     return pa.Table.from_pylist(rows)
-
-
-def _shard_runs(nonempty: list[int], cpus: int) -> list[dict]:
-    """Consecutive runs of the shards with rows, one per reduce task: up to
-    :data:`SHARDS_PER_TASK` shards each, but never so few tasks that a CPU of the cluster
-    has fewer than two."""
-    per_task = max(1, min(SHARDS_PER_TASK, len(nonempty) // max(2 * cpus, 1)))
-    return [{"first": nonempty[k], "last": nonempty[min(k + per_task, len(nonempty)) - 1]}
-            for k in range(0, len(nonempty), per_task)]
 
 
 def _tasks(items: list[dict], fn, **kwargs):
@@ -597,7 +512,7 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
     or one shard (:data:`SHARD_BYTES`) beside ``read_bytes`` of map-file pieces read ahead
     (:data:`GATHER_READ_BYTES`); disk: one extra copy of the stream while it runs, in one
     temporary file per input file; reads: one ranged read per (input file, window of shards with
-    rows there) (:class:`_MapFiles`), the only cost that grows as files x shards (divided by the
+    rows there) (:class:`raypath.bucketed.BucketedFiles`), the only cost that grows as files x shards (divided by the
     shards a window holds). ``what`` heads the progress lines of both passes.
     """
     import ray
@@ -619,7 +534,7 @@ def write_stream(pools: list[Pool], spec: StreamSpec, out_dir: str, fs: pafs.Fil
         progress.add(len(done), blocks=int(c["n"].sum()))
     offsets = np.concatenate([[0], np.cumsum(per_bucket)]).tolist()
     fs.create_dir(out_dir, recursive=True)
-    runs = _shard_runs(np.flatnonzero(per_bucket).tolist(), int(ray.cluster_resources().get("CPU", 1)))
+    runs = bucketed.runs(np.flatnonzero(per_bucket).tolist(), int(ray.cluster_resources().get("CPU", 1)))
     progress = Progress(log, f"{what} (writing)", int(np.count_nonzero(per_bucket)), "shards")
     written = []
     for row in _tasks(runs, _gather, maps=len(files), offsets=offsets, tmp_dir=tmp, out_dir=out_dir,

@@ -17,21 +17,23 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 1. hash, per run of consecutive chunks (:func:`hash_groups`): a 128-bit BLAKE2b of every
    document that tokenizing would keep (``minhash``: one per band of its signature, a row
-   each), rows ``(bucket, h1, h2, key)`` sorted by hash in
-   ``dedup/hashes/part-GGGGGG.parquet``. ``key`` names a train document: its file's number in
+   each), :data:`HASH_ROW` rows ``(h1, h2, key)`` sorted by hash in
+   ``dedup/hashes/part-GGGGGG.buckets``, a bucketed file (:mod:`raypath.bucketed`; a bucket
+   is the top 16 bits of ``h1``). ``key`` names a train document: its file's number in
    the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
    parquet/Arrow row); a held-out document's key is negative (:func:`held_out_key`).
-2. decide, per range of buckets (the top 16 bits of ``h1``): that range's rows of every hash
-   file and of every earlier version's ``dedup/index``, sorted together by hash, then key:
-   a train document is dropped when one of its rows is not the first among its hash's rows.
-   Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets [L, H): a later version's decide
-   task reads the parts of its own buckets only; the hashes the version adds, the rows that came
-   first: kept train documents', held-out ones' flagged ``held_out``, and with ``minhash`` a
-   dropped document's other bands, so that a near-duplicate of it is dropped too) and
-   ``dedup/ranges/part-RRRRR.parquet`` (the dropped keys, sorted, each with its :data:`CAUSES`
-   index: that of the first row of its hash, the lowest of its rows').
+2. decide, per range of buckets (a task per run of up to 16 consecutive ranges): that range's
+   rows of every hash file and of every earlier version's ``dedup/index``, sorted together by
+   hash, then key: a train document is dropped when one of its rows is not the first among its
+   hash's rows. Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets [L, H): a later
+   version's decide task reads the parts of its own buckets only; the hashes the version adds,
+   the rows that came first: kept train documents', held-out ones' flagged ``held_out``, and
+   with ``minhash`` a dropped document's other bands, so that a near-duplicate of it is dropped
+   too) and ``dedup/ranges/part-RRRRR.buckets`` (the dropped keys of the task's ranges from R
+   on, up to :data:`RANGE_ROWS` a file, each with its :data:`CAUSES` index: that of the first
+   row of its hash, the lowest of its rows'; bucketed by train chunk group, :func:`group_starts`).
 3. collect, per run of consecutive train chunk groups (about :data:`RANGE_ROWS` dropped keys a
-   run): its key range of every range's drop keys, each key once under its lowest cause, in
+   run): its groups' bytes of every ``ranges/`` file, each key once under its lowest cause, in
    ``dedup/drop/part-<lo>-<hi>.parquet`` (hex keys): every decide range holds drops of every
    chunk group, so without this each tokenize task would read one file per range.
 4. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
@@ -41,16 +43,19 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
-document (``minhash``: per band, ~260 bytes a document at 14 bands), read once more by every later version's decide
-pass (the k-th version reads all earlier ones, each range task the earlier parts overlapping its
-buckets: about ranges + parts files opened in all, not ranges x parts); a decide task's memory,
-about 50 bytes per row of its range (ranges are sized to :data:`RANGE_ROWS`); reads: one
-row-group-pruned read per (hash file, range) and per (range with drops, collect run), and one
-per chunk group (of the drop part of its key range).
+document (``minhash``: per band, ~260 bytes a document at 14 bands), read once more by every
+later version's decide pass (the k-th version reads all earlier ones, each range the earlier
+parts overlapping its buckets: about ranges + parts files opened in all, not ranges x parts);
+a decide task's memory, about 50 bytes per row of its range (ranges are sized to
+:data:`RANGE_ROWS`); requests: per (hash file, run of decide ranges) an open and an index read,
+then a ranged read of exactly its bytes per (hash file, range); an open, an index read and a
+ranged read per (``ranges/`` file, collect run); one read per chunk group (of the drop part of
+its key range).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import hashlib
@@ -66,6 +71,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from raypath import bucketed
 from raypath.mirror import RunDir
 from raypath.sources import Chunk, DataError, doc_status, iter_docs
 
@@ -85,16 +91,24 @@ _NO_KEY = (1 << 63) - 1
 #: document dropped for several is counted under.
 CAUSES = ("held_out", "earlier", "within")
 BUCKET_SHIFT = 48
-#: Rows a decide task holds at most (earlier index + this version's hashes of its range).
+#: Buckets of hash space (the top bits of ``h1``): a decide range is a run of them.
+BUCKETS = 1 << (64 - BUCKET_SHIFT)
+#: Rows a decide task holds at most (earlier index + this version's hashes of the range it decides).
 RANGE_ROWS = 4_000_000
 ROW_GROUP = 65_536
-#: Rows of a row group of the files many tasks each read a slice of: a hash file (every decide
-#: range reads its buckets' rows of it), a drop file (every collect run its keys). A reader
-#: fetches the row groups its slice overlaps: with 65,536-row groups a decide range of a
-#: ``minhash`` version read ~20 times the rows it needed of each hash file.
+#: Most bytes of hash files a decide task reads ahead, for a window of consecutive ranges held
+#: beside the range it decides (~50 bytes a row, up to :data:`RANGE_ROWS`): a read per (hash
+#: file, window) rather than per (hash file, range).
+DECIDE_READ_BYTES = 256 << 20
+#: Rows of a drop part's row group: each tokenize task reads its chunk group's keys of one, the
+#: row groups they overlap.
 SLICE_ROW_GROUP = 8_192
+#: A hash file's row (:func:`write_hashes`): a document's (``minhash``: a band's) 128-bit hash, its key.
+HASH_ROW = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("key", "<i8")])
+#: A decide range's dropped key with its :data:`CAUSES` index (``ranges/``, bucketed by chunk group).
+DROP_ROW = np.dtype([("key", "<i8"), ("cause", "i1")])
 #: Most input a hash task reads (:func:`hash_groups`). Its memory grows with its hash rows: at this
-#: size, of ~2 KB documents, 265 MB with ``minhash`` (3.2M rows, 23 s on a core), 42 MB with
+#: size, of ~2 KB documents, 249 MB with ``minhash`` (3.2M rows, 25 s on a core), 21 MB with
 #: ``exact`` (``benchmarks/dedup_hash_memory.py``).
 HASH_GROUP_BYTES = 512 << 20
 
@@ -215,15 +229,6 @@ def check_keys(files: list[dict], held_out: list[dict], version: str) -> None:
 
 # ---------------------------------------------------------------- 1. hash (a Ray task per hash group)
 
-def _hash_rows(digests: bytes, keys: list[int]) -> pa.Table:
-    h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
-    key = np.asarray(keys, dtype=np.int64)
-    order = np.lexsort((key, h[:, 1], h[:, 0]))
-    h1, h2 = h[order, 0], h[order, 1]
-    return pa.table({"bucket": (h1 >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1, "h2": h2,
-                     "key": key[order]})
-
-
 def hash_groups(chunks: list[dict], chunk_bytes: int, cpus: int) -> list[list[dict]]:
     """Consecutive chunks of a split, a hash task's each: as few as keep two tasks per CPU of the
     cluster busy, of up to :data:`HASH_GROUP_BYTES` (at least a tokenize group, ``chunk_bytes``):
@@ -234,18 +239,30 @@ def hash_groups(chunks: list[dict], chunk_bytes: int, cpus: int) -> list[list[di
     return chunk_groups(chunks, max(chunk_bytes, min(HASH_GROUP_BYTES, total // max(2 * cpus, 1))))
 
 
-def write_hashes(digests: bytes, keys: list[int], fs: pafs.FileSystem, path: str) -> None:
-    """Documents' 16-byte hashes (``digests``, a row per key) to a hash file, sorted by hash."""
-    from raypath.data import write_table
+def hash_file(out_dir: str, g: int) -> str:
+    return f"{out_dir}/hashes/part-{g:06d}.buckets"
 
-    write_table(_hash_rows(digests, keys), fs, path, row_group_size=SLICE_ROW_GROUP)
+
+def write_hashes(digests: bytes | bytearray, keys, fs: pafs.FileSystem, path: str) -> None:
+    """Documents' 16-byte hashes (``digests``, a row per key) to a hash file: :data:`HASH_ROW`
+    rows sorted by hash, bucketed by their top bits (:mod:`raypath.bucketed`)."""
+    h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    key = np.frombuffer(keys, dtype=np.int64) if isinstance(keys, array.array) else np.asarray(keys, dtype=np.int64)
+    order = np.lexsort((key, h[:, 1], h[:, 0]))
+    rows = np.empty(len(key), HASH_ROW)
+    rows["h1"], rows["h2"], rows["key"] = h[order, 0], h[order, 1], key[order]
+    del order
+    # Each bucket's first row, from the sorted h1 (no per-row bucket array).
+    firsts = np.searchsorted(rows["h1"], np.arange(1, BUCKETS, dtype=np.uint64) << np.uint64(BUCKET_SHIFT))
+    bucketed.write_rows(fs, path, rows, np.diff(firsts, prepend=0, append=len(rows)))
 
 
 def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Table:
     """A hash group's documents -> their hash rows, sorted by hash, in the item's ``out`` file;
     returns one row of counts."""
     item = batch.to_pylist()[0]
-    digests, keys = bytearray(), []
+    # 16 bytes a hash and 8 a key, no Python object per row: 3.2M minhash rows are 77 MB here.
+    digests, keys, held_out = bytearray(), array.array("q"), 0
     for p in item["parts"]:
         spec.rd.fetch(p["path"], missing_ok=True)
         for _, text, problem, pos in iter_docs(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), spec.text_column,
@@ -254,12 +271,12 @@ def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Tabl
                 digests += spec.rule.digests(text)
                 key = (p["file"] << POS_BITS | pos) if "held_out" not in p else held_out_key(p["held_out"], pos)
                 keys.extend([key] * spec.rule.per_doc)
-    write_hashes(bytes(digests), keys, fs, item["out"])
-    held_out = sum(k < 0 for k in keys) // spec.rule.per_doc
+                held_out += key < 0
+    write_hashes(digests, keys, fs, item["out"])
     return pa.table({"train": [len(keys) // spec.rule.per_doc - held_out], "held_out": [held_out]})
 
 
-# ---------------------------------------------------------------- 2. decide (a Ray task per bucket range)
+# ---------------------------------------------------------------- 2. decide (a Ray task per run of bucket ranges)
 
 def _read(fs: pafs.FileSystem, files: list[str], columns: list[str], lo: int, hi: int) -> pa.Table | None:
     if not files:
@@ -278,23 +295,64 @@ def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray,
     return first, key[head]
 
 
-def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str], out_dir: str,
-                 fs: pafs.FileSystem) -> pa.Table:
-    """A range of buckets: this version's index and dropped keys (files written only when they
-    have rows); returns one row of counts."""
+def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], index_files: list[str],
+                  starts: list[int], out_dir: str, fs: pafs.FileSystem) -> pa.Table:
+    """A run of consecutive ranges ``first..last`` of buckets (range r: buckets ``edges[r]`` to
+    ``edges[r + 1]``), one at a time: each hash file's index entries for the run read once, then
+    its bytes of a window of ranges (up to :data:`DECIDE_READ_BYTES` of all the files) in one
+    ranged read. The ranges' dropped keys go to one file per run of them holding up to
+    :data:`RANGE_ROWS` (the collect pass reads each such file once per collect run: fewer files,
+    fewer reads). Returns one row of counts per range, with that file."""
+    item = batch.to_pylist()[0]
+    first, last = item["first"], item["last"]
+    files = bucketed.BucketedFiles(fs, hash_files, edges[first], edges[last + 1] - 1, BUCKETS)
+    rows, held, pending = [], 0, []  # pending: the drops not yet written, from range held on
+    try:
+        for lo, hi in files.windows(DECIDE_READ_BYTES, edges[first:last + 2]):
+            files.read(lo, hi)  # consecutive ranges' rows of a hash file lie together: one read for them
+            for r in range(edges.index(lo), edges.index(hi + 1)):
+                row, drops = decide_range(r, edges[r], edges[r + 1],
+                                          files.rows(edges[r], edges[r + 1] - 1, HASH_ROW), index_files, out_dir, fs)
+                if pending and sum(map(len, pending)) + len(drops) > RANGE_ROWS:
+                    _write_drops(pending, range_file(out_dir, held), starts, fs)
+                    pending = []
+                if len(drops):
+                    held, pending = held if pending else r, [*pending, drops]
+                rows.append({**row, "file": range_file(out_dir, held) if len(drops) else ""})
+        if pending:
+            _write_drops(pending, range_file(out_dir, held), starts, fs)
+    finally:
+        files.close()
+    return pa.Table.from_pylist(rows, schema=_DECIDED)
+
+
+def _write_drops(pending: list[np.ndarray], path: str, starts: list[int], fs: pafs.FileSystem) -> None:
+    """Ranges' dropped keys (:data:`DROP_ROW`, each range's sorted) to a file bucketed by chunk group."""
+    rows = np.concatenate(pending)
+    rows = rows[np.argsort(rows["key"], kind="stable")]
+    bucketed.write_rows(fs, path, rows, np.diff(np.searchsorted(rows["key"], starts[1:]), prepend=0, append=len(rows)))
+
+
+_DECIDED = pa.schema([("range", pa.int64()), ("index_rows", pa.int64()), *((c, pa.int64()) for c in CAUSES),
+                      ("held_out_trained", pa.list_(pa.int64())), ("file", pa.string())])
+
+
+def decide_range(r: int, lo: int, hi: int, new: np.ndarray, index_files: list[str], out_dir: str,
+                 fs: pafs.FileSystem) -> tuple[dict, np.ndarray]:
+    """Range ``r``, buckets [lo, hi): this version's hash rows there (``new``, :data:`HASH_ROW`)
+    against the earlier versions' index parts of those buckets -> this version's index part and
+    dropped keys (files written only when they have rows); returns its counts."""
     from raypath.data import write_table
 
-    item = batch.to_pylist()[0]
-    lo, hi, r = item["lo"], item["hi"], item["range"]
-    new = _read(fs, hash_files, ["h1", "h2", "key"], lo, hi)
     old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
-    tables = [t for t in (old, new) if t is not None]
-    cols = [np.concatenate([np.zeros(0, np.uint64)] + [t.column(c).to_numpy() for t in tables]) for c in ("h1", "h2")]
-    key = np.concatenate([np.zeros(0, np.int64) if old is None else
-                          np.where(old.column("held_out").to_numpy(zero_copy_only=False), _EARLIER_HELD_OUT, _EARLIER),
-                          np.zeros(0, np.int64) if new is None else new.column("key").to_numpy()])
-    order = np.lexsort((key, cols[1], cols[0]))
-    h1, h2, key = cols[0][order], cols[1][order], key[order]
+    old = old if old is not None else pa.table({"h1": pa.array([], pa.uint64()), "h2": pa.array([], pa.uint64()),
+                                                "held_out": pa.array([], pa.bool_())})
+    h1 = np.concatenate([old.column("h1").to_numpy(), new["h1"]])
+    h2 = np.concatenate([old.column("h2").to_numpy(), new["h2"]])
+    key = np.concatenate([np.where(old.column("held_out").to_numpy(zero_copy_only=False), _EARLIER_HELD_OUT,
+                                   _EARLIER).astype(np.int64), new["key"]])
+    order = np.lexsort((key, h2, h1))
+    h1, h2, key = h1[order], h2[order], key[order]
     first, head = decide(h1, h2, key)
     dropped = (key >= 0) & ~first
     adds = first & (key > _EARLIER)
@@ -303,14 +361,13 @@ def decide_range(batch: pa.Table, hash_files: list[str], index_files: list[str],
                           "h2": h2[adds], "held_out": _is_held_out(key[adds])})
         write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
-    if len(keys):
-        write_table(pa.table({"key": keys, "cause": cause}), fs, _range_file(out_dir, r),
-                    row_group_size=SLICE_ROW_GROUP)
+    drops = np.empty(len(keys), DROP_ROW)
+    drops["key"], drops["cause"] = keys, cause
     # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
     trained = np.unique(key[_is_held_out(key) & (head == _EARLIER)])
-    return pa.table({"range": [r], "index_rows": [int(adds.sum())],
-                     **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)},
-                     "held_out_trained": pa.array([trained.tolist()], pa.list_(pa.int64()))})
+    return {"range": r, "index_rows": int(adds.sum()),
+            **{c: int((drops["cause"] == i).sum()) for i, c in enumerate(CAUSES)},
+            "held_out_trained": trained.tolist()}, drops
 
 
 def _buckets_of(index_file: str) -> tuple[int, int]:
@@ -329,58 +386,66 @@ def _first_cause(key: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndar
     return _lowest_cause(key, cause.astype(np.int8))
 
 
-def _range_file(out_dir: str, r: int) -> str:
-    return f"{out_dir}/ranges/part-{r:05d}.parquet"
+def range_file(out_dir: str, r: int) -> str:
+    return f"{out_dir}/ranges/part-{r:05d}.buckets"
 
 
 # ---------------------------------------------------------------- 3. collect (a Ray task per run of chunk groups)
 
-def collect_runs(train: list[dict], chunk_bytes: int, rows: int) -> list[dict]:
-    """The key ranges of the collect tasks: the train chunk groups tokenizing reads
-    (:func:`raypath.data.chunk_groups`), cut into runs of consecutive ones that share ``rows``
-    dropped keys (the decide ranges' counts) about :data:`RANGE_ROWS` a run."""
+def group_starts(train: list[dict], chunk_bytes: int) -> list[int]:
+    """The first keys of the train chunk groups tokenizing reads (:func:`raypath.data.chunk_groups`),
+    each once, sorted, from 0: a decide range's drop file is bucketed by them (bucket b: keys from
+    ``starts[b]`` to the next start), so that a collect run reads its groups' keys and no others.
+    A parquet file's groups all range over its whole file: one bucket for all of them."""
     from raypath.data import chunk_groups
 
-    groups = chunk_groups(train, chunk_bytes)
-    n = min(len(groups), max(1, math.ceil(rows / RANGE_ROWS)))
-    # Cut where a run's first group starts; runs split the whole key space, never overlapping (a
-    # parquet file's groups all range over the whole file: its keys go to the run of its first one).
-    starts = sorted({key_range(groups[round(i * len(groups) / n)])[0] for i in range(1, n)} - {0})
-    bounds = [0, *starts, _NO_KEY]
-    return [{"lo": lo, "hi": hi} for lo, hi in zip(bounds, bounds[1:])]
+    return sorted({0} | {key_range(g)[0] for g in chunk_groups(train, chunk_bytes)})
 
 
-def collect_drops(batch: pa.Table, range_files: list[str], out_dir: str, fs: pafs.FileSystem) -> pa.Table:
-    """The dropped keys in a run of chunk groups' key range [lo, hi), from every decide range's
-    file: each key once, with the lowest of its causes, sorted, in ``drop/part-<lo>-<hi>.parquet``
-    (hex keys; written only when it has rows): a tokenize task reads the one part of its own key
-    range, not a part per decide range. Returns one row of counts per cause."""
+def collect_runs(starts: list[int], rows: int) -> list[dict]:
+    """The collect tasks: runs of consecutive buckets of ``starts`` (:func:`group_starts`) that
+    share ``rows`` dropped keys (the decide ranges' counts) about :data:`RANGE_ROWS` a run."""
+    n = min(len(starts), max(1, math.ceil(rows / RANGE_ROWS)))
+    cuts = [round(i * len(starts) / n) for i in range(n + 1)]
+    return [{"first": a, "last": b - 1} for a, b in zip(cuts, cuts[1:])]
+
+
+def collect_drops(batch: pa.Table, range_files: list[str], starts: list[int], out_dir: str,
+                  fs: pafs.FileSystem) -> pa.Table:
+    """The dropped keys of a run of buckets ``first..last`` of ``starts`` (a key range [lo, hi))
+    from every decide range's file (one ranged read each): each key once, with the lowest of its
+    causes, sorted, in ``drop/part-<lo>-<hi>.parquet`` (hex keys; written only when it has rows):
+    a tokenize task reads the one part of its own key range, not a part per decide range.
+    Returns one row of counts per cause."""
     from raypath.data import write_table
 
     item = batch.to_pylist()[0]
-    lo, hi = item["lo"], item["hi"]
-    keys, cause = _read_drops(fs, range_files, lo, hi)
+    first, last = item["first"], item["last"]
+    lo, hi = starts[first], starts[last + 1] if last + 1 < len(starts) else _NO_KEY
+    files = bucketed.BucketedFiles(fs, range_files, first, last, len(starts))
+    try:
+        rows = files.rows(first, last, DROP_ROW)
+    finally:
+        files.close()
+    keys, cause = _lowest_cause(rows["key"], rows["cause"])
     path = f"{out_dir}/drop/part-{lo:016x}-{hi:016x}.parquet" if len(keys) else ""
     if path:
         write_table(pa.table({"key": keys, "cause": cause}), fs, path, row_group_size=SLICE_ROW_GROUP)
     return pa.table({"file": [path], **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)}})
 
 
-def _read_drops(fs: pafs.FileSystem, files: list[str], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each distinct dropped key in [lo, hi) of ``files`` (row groups pruned by key), with its lowest cause."""
-    if not files:
-        return np.zeros(0, np.int64), np.zeros(0, np.int8)
-    flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
-    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["key", "cause"], filter=flt)
-    return _lowest_cause(table.column("key").to_numpy(), table.column("cause").to_numpy().astype(np.int8))
-
-
 # ---------------------------------------------------------------- 4. what tokenizing skips
 
 def dropped_keys(fs: pafs.FileSystem, drop_files: list[str], lo: int, hi: int) -> dict[int, str]:
     """The dropped keys in [lo, hi) (one chunk group's documents), each with its cause, from the
-    drop files whose key range (by name; a decide range's ``part-RRRRR``: any) overlaps it."""
-    keys, cause = _read_drops(fs, [f for f in drop_files if _overlaps(_keys_of(f), lo, hi)], lo, hi)
+    drop files whose key range (by name; a decide range's ``part-RRRRR``: any) overlaps it, row
+    groups pruned by key."""
+    files = [f for f in drop_files if _overlaps(_keys_of(f), lo, hi)]
+    if not files:
+        return {}
+    flt = (pc.field("key") >= lo) & (pc.field("key") < hi)
+    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["key", "cause"], filter=flt)
+    keys, cause = _lowest_cause(table.column("key").to_numpy(), table.column("cause").to_numpy().astype(np.int8))
     return dict(zip(keys.tolist(), (CAUSES[c] for c in cause.tolist())))
 
 
@@ -425,7 +490,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     t0 = time.perf_counter()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     groups = hash_groups(train, chunk_bytes, cpus) + hash_groups(held_out, chunk_bytes, cpus)
-    hashes = [f"{out_dir}/hashes/part-{g:06d}.parquet" for g in range(len(groups))]
+    hashes = [hash_file(out_dir, g) for g in range(len(groups))]
     progress = Progress(log, f"hashing {name}'s documents", len(groups), "groups")
     counts = {"train": 0, "held_out": 0}
     for row in _tasks([{"parts": g, "out": out} for g, out in zip(groups, hashes)], hash_group, spec=spec,
@@ -433,22 +498,21 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
         counts = {k: counts[k] + row[k] for k in counts}
         progress.add(1)
     rows = earlier_rows + (counts["train"] + counts["held_out"]) * spec.rule.per_doc
-    n = min(1 << (64 - BUCKET_SHIFT), max(1, math.ceil(rows / RANGE_ROWS)))
-    edges = [round(i * (1 << (64 - BUCKET_SHIFT)) / n) for i in range(n + 1)]
-    items = [{"range": r, "lo": edges[r], "hi": edges[r + 1]} for r in range(n)]
+    n = min(BUCKETS, max(1, math.ceil(rows / RANGE_ROWS)))
+    edges = [round(i * BUCKETS / n) for i in range(n + 1)]
+    starts = group_starts(train, chunk_bytes)
     out = {"docs": counts["train"], **dict.fromkeys(CAUSES, 0), "index_rows": 0, "held_out_docs": counts["held_out"]}
-    range_files, trained, drop_rows = [], set(), 0
+    range_files, trained, drop_rows = set(), set(), 0
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
-    for row in _tasks(items, decide_range, hash_files=hashes, index_files=earlier, out_dir=out_dir,
-                      fs=fs).iter_rows():
+    for row in _tasks(bucketed.runs(list(range(n)), cpus), decide_ranges, edges=edges, hash_files=hashes,
+                      index_files=earlier, starts=starts, out_dir=out_dir, fs=fs).iter_rows():
         out["index_rows"] += row["index_rows"]
         drop_rows += sum(row[c] for c in CAUSES)
         trained.update(row["held_out_trained"])
-        if any(row[c] for c in CAUSES):
-            range_files.append(_range_file(out_dir, row["range"]))
+        range_files |= {row["file"]} - {""}
         progress.add(1)
     _remove(fs, f"{out_dir}/hashes")
-    causes, drop_files = _collect(name, train, chunk_bytes, range_files, drop_rows, out_dir, fs)
+    causes, drop_files = _collect(name, starts, sorted(range_files), drop_rows, out_dir, fs)
     out.update(causes)
     out["held_out_trained"] = len(trained)
     out["dropped"] = sum(out[c] for c in CAUSES)
@@ -462,7 +526,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     return {**out, "drop_files": drop_files}
 
 
-def _collect(name: str, train: list[dict], chunk_bytes: int, range_files: list[str], drop_rows: int, out_dir: str,
+def _collect(name: str, starts: list[int], range_files: list[str], drop_rows: int, out_dir: str,
              fs: pafs.FileSystem) -> tuple[dict[str, int], list[str]]:
     """Every decide range holds drops of every chunk group: regrouped by key range here, once, so
     that each tokenize task reads one file rather than one per range (tasks x ranges reads).
@@ -472,9 +536,10 @@ def _collect(name: str, train: list[dict], chunk_bytes: int, range_files: list[s
 
     counts, files = dict.fromkeys(CAUSES, 0), []
     if range_files:
-        runs = collect_runs(train, chunk_bytes, drop_rows)
+        runs = collect_runs(starts, drop_rows)
         progress = Progress(log, f"collecting {name}'s dropped documents", len(runs), "key ranges")
-        for row in _tasks(runs, collect_drops, range_files=range_files, out_dir=out_dir, fs=fs).iter_rows():
+        for row in _tasks(runs, collect_drops, range_files=range_files, starts=starts, out_dir=out_dir,
+                          fs=fs).iter_rows():
             counts = {c: counts[c] + row[c] for c in CAUSES}
             files += [row["file"]] if row["file"] else []
             progress.add(1)

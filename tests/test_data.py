@@ -40,7 +40,8 @@ def test_consumed_intervals_merge_and_mask():
 def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_rows_by_range(tmp_path):
     """However many shards, the map side writes one temporary file per input part file, and a
     shard's byte range of it holds exactly the input rows the hash sends to that shard."""
-    from raypath.data import StreamSpec, _map_file, _MapFiles, _scatter
+    from raypath.bucketed import BucketedFiles
+    from raypath.data import StreamSpec, _map_file, _scatter
     from raypath.shuffle import bucket_of, hash64
 
     fs, block, shards = pafs.LocalFileSystem(), 9, 16
@@ -58,7 +59,7 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
     _scatter(pa.table({"map": [1], "file": [files[1]]}), StreamSpec(key=7, buckets=shards, own=(1,)), tmp, fs)
     assert len(list(Path(tmp).iterdir())) == 3 and Path(_map_file(tmp, 1)).read_bytes() == before  # a retry
     per_bucket, nonempty = np.zeros(shards, np.int64), 0
-    maps = _MapFiles(fs, [_map_file(tmp, i) for i in range(3)], 3, shards - 1, shards)  # a run from shard 3 on
+    maps = BucketedFiles(fs, [_map_file(tmp, i) for i in range(3)], 3, shards - 1, shards)  # a run from shard 3 on
     # Read in windows of consecutive shards, each one ranged read per map file: here ~3 shards' bytes each.
     run_bytes = int(np.diff(maps.offsets, axis=1).sum())
     windows = maps.windows(budget=run_bytes // 4)
@@ -68,7 +69,8 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
     got = {}
     for lo, hi in windows:
         maps.read(lo, hi)
-        got.update({b: maps.pieces(b) for b in range(lo, hi + 1)})
+        got.update({b: [None if (p := maps.piece(i, b)) is None else pa.ipc.open_stream(p).read_all() for i in range(3)]
+                    for b in range(lo, hi + 1)})
     for i, path in enumerate(files):
         src = pq.read_table(path)
         want = bucket_of(hash64(7, src["src"].to_numpy(), src["row"].to_numpy()), shards)
@@ -89,13 +91,13 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
 
 
 def test_reduce_tasks_take_runs_of_consecutive_shards_but_leave_every_cpu_two():
-    from raypath.data import SHARDS_PER_TASK, _shard_runs
+    from raypath.bucketed import BUCKETS_PER_TASK, runs
 
     shards = [0, 1, 2, 5, 6, 9, 10, 11, 12, 13]
-    assert _shard_runs(shards, cpus=1) == [{"first": 0, "last": 6}, {"first": 9, "last": 13}]  # 2 tasks, 5 each
-    assert _shard_runs(shards, cpus=8) == [{"first": b, "last": b} for b in shards]
-    runs = _shard_runs(list(range(1000)), cpus=2)
-    assert len(runs) == 1000 // SHARDS_PER_TASK + 1 and runs[-1] == {"first": 992, "last": 999}
+    assert runs(shards, cpus=1) == [{"first": 0, "last": 6}, {"first": 9, "last": 13}]  # 2 tasks, 5 each
+    assert runs(shards, cpus=8) == [{"first": b, "last": b} for b in shards]
+    got = runs(list(range(1000)), cpus=2)
+    assert len(got) == 1000 // BUCKETS_PER_TASK + 1 and got[-1] == {"first": 992, "last": 999}
 
 
 def test_pack_puts_eos_between_documents_and_counts_the_tail():

@@ -248,14 +248,14 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
         "minhash(bands=14, rows=8, shingle=5)"
 
 
-def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_under_the_lowest(tmp_path):
+def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_under_the_lowest(tmp_path, monkeypatch):
     """Doc 7's bands: one an earlier version trained (range 0), one a held-out document holds
     (range 1), one doc 3's (range 0). Doc 9 shares a band with doc 3 only; doc 11 one with an
     earlier version's held-out document; held-out doc -5 one an earlier version trained. v1's
     index has the name of older parts (``part-RRRRR``): every range reads it."""
     import pyarrow.fs as pafs
 
-    from raypath import dedup
+    from raypath import bucketed, dedup
     from raypath.data import write_table
 
     fs = pafs.LocalFileSystem()
@@ -267,21 +267,32 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
     rows = [("E", 7), ("H", 7), ("W", 7), ("W", 3), ("W", 9), ("E2", 11), ("H", dedup.held_out_key(0, 4)),
             ("E3", dedup.held_out_key(0, 4))]
     digests = b"".join(int(h[n]).to_bytes(8, "little") + bytes(8) for n, _ in rows)
-    hashes = str(tmp_path / "v2" / "hashes.parquet")
-    write_table(dedup._hash_rows(digests, [k for _, k in rows]), fs, hashes)
-    counts = [dedup.decide_range(pa.Table.from_pylist([{"range": r, "lo": lo, "hi": hi}]), [hashes], [index],
-                                 str(tmp_path / "v2" / "dedup"), fs).to_pylist()[0] for r, (lo, hi) in
-              enumerate([(0, 32768), (32768, 65536)])]
-    assert [(c["earlier"], c["held_out"], c["within"], c["held_out_trained"]) for c in counts] == \
-        [(1, 1, 1, [dedup.held_out_key(0, 4)]), (0, 1, 0, [])]
+    hashes = str(tmp_path / "v2" / "hashes.buckets")
+    dedup.write_hashes(digests, [k for _, k in rows], fs, hashes)
+    out, starts = str(tmp_path / "v2" / "dedup"), [0, 9, 100]  # the range files' buckets: keys 0-8, 9-99, 100-
+    task = pa.Table.from_pylist([{"first": 0, "last": 1}])  # both ranges in one task
+    counts = dedup.decide_ranges(task, [0, 32768, 65536], [hashes], [index], starts, out, fs).to_pylist()
+    assert [(c["range"], c["earlier"], c["held_out"], c["within"], c["held_out_trained"]) for c in counts] == \
+        [(0, 1, 1, 1, [dedup.held_out_key(0, 4)]), (1, 0, 1, 0, [])]
+    # The task's ranges' drops in one file, up to RANGE_ROWS keys; range 1's doc 7 "held_out" too.
+    assert {Path(c["file"]).name for c in counts} == {"part-00000.buckets"}
+    both = bucketed.BucketedFiles(fs, [counts[0]["file"]], 0, 2, len(starts))
+    assert both.rows(0, 2, dedup.DROP_ROW).tolist() == [(7, 1), (7, 0), (9, 2), (11, 0)]
+    monkeypatch.setattr(dedup, "RANGE_ROWS", 3)  # range 0's three drops fill a file: range 1 starts one
+    shutil.rmtree(out)
+    counts = dedup.decide_ranges(task, [0, 32768, 65536], [hashes], [index], starts, out, fs).to_pylist()
     ranges = sorted(str(p) for p in (tmp_path / "v2" / "dedup" / "ranges").iterdir())
-    assert dedup.dropped_keys(fs, ranges, 0, 100) == {7: "held_out", 9: "within", 11: "held_out"}
-    assert dedup.dropped_keys(fs, ranges[:1], 0, 10) == {7: "earlier", 9: "within"}
+    assert [Path(r).name for r in ranges] == ["part-00000.buckets", "part-00001.buckets"]
+    assert [c["file"] for c in counts] == ranges
+    monkeypatch.undo()
+    first = bucketed.BucketedFiles(fs, ranges[:1], 0, 2, len(starts))
+    # range 0: doc 7 "earlier", 9 "within", 11 "held_out"; a run of buckets reads its keys only
+    assert first.rows(0, 2, dedup.DROP_ROW).tolist() == [(7, 1), (9, 2), (11, 0)]
+    assert first.rows(1, 1, dedup.DROP_ROW).tolist() == [(9, 2), (11, 0)]
     # Collected by key range, each key once under its lowest cause; a tokenize task reads the
     # parts of its own key range only (named by it).
-    out = str(tmp_path / "v2" / "dedup")
-    runs = [{"lo": 0, "hi": 9}, {"lo": 9, "hi": 100}, {"lo": 100, "hi": 200}]
-    got = [dedup.collect_drops(pa.Table.from_pylist([run]), ranges, out, fs).to_pylist()[0] for run in runs]
+    runs = [{"first": b, "last": b} for b in range(3)]
+    got = [dedup.collect_drops(pa.Table.from_pylist([run]), ranges, starts, out, fs).to_pylist()[0] for run in runs]
     assert [{c: g[c] for c in dedup.CAUSES} for g in got] == [{"held_out": 1, "earlier": 0, "within": 0},
                                                               {"held_out": 1, "earlier": 0, "within": 1},
                                                               {"held_out": 0, "earlier": 0, "within": 0}]
@@ -296,11 +307,50 @@ def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_und
     parts = dedup.index_files(fs, str(tmp_path / "v2"))
     assert [Path(p).name for p in parts] == ["part-00000-32768.parquet", "part-32768-65536.parquet"]
     absent = str(tmp_path / "v2" / "dedup" / "index" / "part-40000-50000.parquet")
-    item = pa.Table.from_pylist([{"range": 0, "lo": 0, "hi": 32768}])
-    assert dedup.decide_range(item, [hashes], [index, *parts, absent], str(tmp_path / "v3"), fs).to_pylist()[0][
-        "earlier"] == 3  # docs 3, 7 and 9: v2 kept doc 3's W and doc 7's E
+    item = pa.Table.from_pylist([{"first": 0, "last": 0}])
+    assert dedup.decide_ranges(item, [0, 32768], [hashes], [index, *parts, absent], starts, str(tmp_path / "v3"),
+                               fs).to_pylist()[0]["earlier"] == 3  # docs 3, 7 and 9: v2 kept doc 3's W and doc 7's E
     with pytest.raises(FileNotFoundError):
-        dedup.decide_range(item.set_column(2, "hi", pa.array([40001])), [hashes], [absent], str(tmp_path / "v3"), fs)
+        dedup.decide_ranges(item, [0, 40001], [hashes], [absent], starts, str(tmp_path / "v3"), fs)
+
+
+def test_a_decide_task_reads_its_ranges_bytes_of_each_hash_file_and_one_index_slice(tmp_path, monkeypatch):
+    """A run of ranges: per hash file one read of the run's index entries, then one ranged read of
+    exactly a window of ranges' rows (no footer, no row group around them); a range a window when
+    the read-ahead budget holds one; every row decided once."""
+    import importlib.util
+
+    import pyarrow.fs as pafs
+
+    from raypath import dedup
+
+    spec = importlib.util.spec_from_file_location("dedup_index", ROOT / "benchmarks" / "dedup_index.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counter = bench.CountingHandler()
+    fs, rng = pafs.PyFileSystem(counter), np.random.default_rng(0)
+    h = rng.integers(0, np.iinfo(np.uint64).max, (60_000, 2), dtype=np.uint64, endpoint=True)
+    h[50_000:] = h[:10_000]  # copies of the first 10,000 documents: dropped ("within")
+    bucket = (h[:, 0] >> np.uint64(dedup.BUCKET_SHIFT)).astype(np.int64)
+    hashes = [str(tmp_path / f"part-{g}.buckets") for g in range(3)]
+    for g, path in enumerate(hashes):
+        dedup.write_hashes(h[g::3].astype("<u8").tobytes(), list(range(g, 60_000, 3)), fs, path)
+    edges = [round(i * dedup.BUCKETS / 20) for i in range(21)]
+    for budget in (dedup.DECIDE_READ_BYTES, 0):
+        monkeypatch.setattr(dedup, "DECIDE_READ_BYTES", budget)
+        read, dropped = counter.read, 0
+        for run in ({"first": 0, "last": 5}, {"first": 6, "last": 19}):
+            before = (counter.read, counter.opened)
+            rows = dedup.decide_ranges(pa.Table.from_pylist([run]), edges, hashes, [], [0], str(tmp_path / str(budget)),
+                                       fs).to_pylist()
+            assert [r["range"] for r in rows] == list(range(run["first"], run["last"] + 1))
+            dropped += sum(r["within"] for r in rows)
+            lo, hi = edges[run["first"]], edges[run["last"] + 1]
+            in_run = int(((bucket >= lo) & (bucket < hi)).sum())
+            assert counter.read - before[0] == 3 * 8 * (hi - lo + 1) + in_run * dedup.HASH_ROW.itemsize
+            windows = 1 if budget else len(rows)  # a run's 720 KB in one window; a range a window
+            assert counter.opened - before[1] == 3 * (1 + windows)  # local disk: reopened per read
+        assert dropped == 10_000 and counter.read - read == 60_000 * dedup.HASH_ROW.itemsize + 3 * 8 * 65_538
 
 
 def test_collect_runs_split_the_key_space_without_overlap_where_a_parquet_file_spans_groups(monkeypatch):
@@ -313,14 +363,17 @@ def test_collect_runs_split_the_key_space_without_overlap_where_a_parquet_file_s
 
     train = [chunk(0, "jsonl", 0, 100), chunk(0, "jsonl", 100, -1), chunk(1, "parquet", 0, 1),
              chunk(1, "parquet", 1, 2), chunk(1, "parquet", 2, 3), chunk(2, "jsonl", 0, -1)]
+    starts = dedup.group_starts(train, 10)
+    assert starts == [0, 100, 1 << 40, 2 << 40]  # the parquet file's three groups: one bucket
     monkeypatch.setattr(dedup, "RANGE_ROWS", 10)
-    assert dedup.collect_runs(train, 10, rows=5) == [{"lo": 0, "hi": dedup._NO_KEY}]
-    runs = dedup.collect_runs(train, 10, rows=60)  # 6 runs asked for, of one group each
-    bounds = [0, 100, 1 << 40, 2 << 40, dedup._NO_KEY]  # the parquet file's three groups: one run
-    assert runs == [{"lo": lo, "hi": hi} for lo, hi in zip(bounds, bounds[1:])]
+    assert dedup.collect_runs(starts, rows=5) == [{"first": 0, "last": 3}]
+    assert dedup.collect_runs(starts, rows=20) == [{"first": 0, "last": 1}, {"first": 2, "last": 3}]
+    runs = dedup.collect_runs(starts, rows=60)  # 6 runs asked for: one a bucket
+    assert runs == [{"first": b, "last": b} for b in range(4)]
+    bounds = [*starts, dedup._NO_KEY]
     for c in train:  # each chunk's documents within one run: tokenizing it reads one drop part
         lo, hi = dedup.key_range([c])
-        assert sum(r["lo"] <= lo and hi <= r["hi"] for r in runs) == 1, c
+        assert sum(bounds[r["first"]] <= lo and hi <= bounds[r["last"] + 1] for r in runs) == 1, c
 
 
 def test_hash_groups_are_few_and_large_while_every_cpu_keeps_two(monkeypatch):
