@@ -184,7 +184,7 @@ def _write_hashes(dedup, h: np.ndarray, keys: np.ndarray, out: str, g: int, fs: 
 
 
 def _decide(dedup, n: int, hashes: list[str], earlier: list[str], starts: list[int], out: str,
-            fs: pafs.FileSystem, cpus: int) -> tuple[int, list[dict]]:
+            fs: pafs.FileSystem, cpus: int, snapshot: bool) -> tuple[int, list[dict]]:
     """The version's decide tasks, one after another: (tasks, a row of counts per range)."""
     edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
     if not hasattr(dedup, "decide_ranges"):  # a raypath before decide tasks took runs of ranges: a task a range
@@ -192,13 +192,31 @@ def _decide(dedup, n: int, hashes: list[str], earlier: list[str], starts: list[i
                                       hashes, earlier, out, fs).to_pylist()[0] for r in range(n)]
     from raypath import bucketed
 
-    runs = bucketed.runs(list(range(n)), cpus)
+    runs, kw = bucketed.runs(list(range(n)), cpus), {"snapshot": snapshot} if snapshot else {}
     return len(runs), [row for run in runs for row in dedup.decide_ranges(
-        pa.Table.from_pylist([run]), edges, hashes, earlier, starts, out, fs).to_pylist()]
+        pa.Table.from_pylist([run]), edges, hashes, earlier, starts, out, fs, **kw).to_pylist()]
+
+
+def _earlier(dedup, fs: pafs.FileSystem, versions: list[tuple[str, dict]]) -> tuple[list[str], bool]:
+    """The earlier index parts a version's decide pass reads, and whether it writes a snapshot."""
+    if hasattr(dedup, "earlier_index"):
+        dedup.remove_old_snapshots(fs, versions)
+        return dedup.earlier_index(fs, versions)
+    return [f for d, _ in versions for f in dedup.index_files(fs, d)], False  # a raypath before snapshots
+
+
+def _stored_mb(fs: pafs.FileSystem, root: str) -> float:
+    """MB of every version's index parts and snapshots (dedup/index/, dedup/snapshot/) under ``root``."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return round(sum(i.size for i in infos if i.type == pafs.FileType.File and
+                     ("/dedup/index/" in i.path or "/dedup/snapshot/" in i.path)) / 1e6, 2)
 
 
 def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: str, fs: pafs.FileSystem, meter: Meter,
-                   groups: int = 1, hash_files: int | None = None, cpus: int = 8) -> dict:
+                   versions: list[tuple[str, dict]], groups: int = 1, hash_files: int | None = None,
+                   cpus: int = 8) -> dict:
+    """Version k's decide pass (and with ``groups`` its collect and tokenize reads) after
+    ``versions`` (each its directory and dedup record), to which it adds its own."""
     from raypath import dedup
 
     out, hash_files = f"{root}/v{k}/dedup", hash_files or groups
@@ -206,17 +224,20 @@ def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: str, fs: pafs
     keys = np.asarray(_keys(len(h), groups))
     hashes = [_write_hashes(dedup, h[rows], keys[rows], out, g, fs) for g in range(hash_files)
               if len(rows := np.flatnonzero(np.arange(len(h)) % groups * hash_files // groups == g))]
-    earlier = [f for j in range(1, k) for f in dedup.index_files(fs, f"{root}/v{j}")]
+    earlier, snapshot = _earlier(dedup, fs, versions)
     # The ranges dedup_version cuts: the rows it decides over, RANGE_ROWS a range.
     n = min(1 << (64 - dedup.BUCKET_SHIFT), max(1, math.ceil((earlier_rows + len(h)) / dedup.RANGE_ROWS)))
     train = [{"path": f"f{g}", "fmt": "jsonl", "start": 0, "stop": -1, "bytes": 1, "file": g} for g in range(groups)]
     starts = dedup.group_starts(train, 1) if hasattr(dedup, "group_starts") else []
     meter.mark(f"v{k}-decide")
-    tasks, rows = _decide(dedup, n, hashes, earlier, starts, out, fs, cpus)
+    tasks, rows = _decide(dedup, n, hashes, earlier, starts, out, fs, cpus, snapshot)
     counts = {"dropped": sum(r["earlier"] + r["within"] + r["held_out"] for r in rows),
               "index_rows": sum(r["index_rows"] for r in rows)}
     row = {"version": k, "ranges": n, "decide_tasks": tasks, "hash_files": hash_files,
-           "earlier_index_parts": len(earlier), **meter.mark(f"v{k}-collect" if groups > 1 else None), **counts}
+           "earlier_index_parts": len(earlier), **meter.mark(f"v{k}-collect" if groups > 1 else None), **counts,
+           "snapshot": snapshot}
+    versions.append((f"{root}/v{k}", {"snapshot": snapshot}))
+    row["index_stored_mb"] = _stored_mb(fs, root)
     return {**row, **_tokenize_reads(k, out, train, starts, counts["dropped"], fs, meter)} if groups > 1 else row
 
 
@@ -264,7 +285,7 @@ def main() -> None:
     from raypath import dedup
 
     dedup.RANGE_ROWS = args.range_rows
-    rng, rows, every = np.random.default_rng(0), [], np.zeros((0, 2), np.uint64)
+    rng, rows, every, versions = np.random.default_rng(0), [], np.zeros((0, 2), np.uint64), []
     with tempfile.TemporaryDirectory() as tmp:
         moto = None
         if args.s3:
@@ -281,7 +302,8 @@ def main() -> None:
         try:
             for k in range(1, args.versions + 1):
                 h, copies = _digests(rng, args.docs, every, args.repeat)
-                row = decide_version(k, h, len(every), root, fs, meter, args.groups, args.hash_files, args.cpus)
+                row = decide_version(k, h, len(every), root, fs, meter, versions, args.groups, args.hash_files,
+                                     args.cpus)
                 if row["dropped"] != copies:
                     raise SystemExit(f"v{k}: dropped {row['dropped']} documents, {copies} planted")
                 every = np.concatenate([every, h[copies:]])

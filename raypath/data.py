@@ -969,16 +969,17 @@ def _dedup_versions(todo: list[dict], spec: PrepareSpec, records: list[dict]) ->
     if spec.dedup.mode == "none":
         return
     dspec = dedup.DedupSpec(spec.text_column, spec.endpoint, spec.doc_limit, spec.rd, spec.dedup)
-    index_dirs = [spec.rd.target(Path(spec.data_dir) / r["name"])[1] for r in records]
-    index_rows = sum(int(r.get("dedup", {}).get("index_rows", 0)) for r in records)
+    versions = [(spec.rd.target(Path(spec.data_dir) / r["name"])[1], r.get("dedup", {})) for r in records]
+    dedup.remove_old_snapshots(fs, versions)
+    index_rows = sum(int(rec.get("index_rows", 0)) for _, rec in versions)
     for t in todo:
         dedup.check_keys(t["train"], [*t["val"], *t["test"]], t["source"].name)
         held_out = [{**c, "held_out": f} for f, r in enumerate((*t["val"], *t["test"])) for c in r["chunks"]]
         root = _version_root(t, spec)
-        t["dedup"] = dedup.dedup_version(t["source"].name, _train_chunks(t), held_out,
-                                         [f for d in index_dirs for f in dedup.index_files(fs, d)], index_rows,
-                                         f"{root}/dedup", fs, dspec, spec.chunk_bytes)
-        index_dirs.append(root)
+        earlier, snapshot = dedup.earlier_index(fs, versions)
+        t["dedup"] = dedup.dedup_version(t["source"].name, _train_chunks(t), held_out, earlier, index_rows,
+                                         f"{root}/dedup", fs, dspec, spec.chunk_bytes, snapshot)
+        versions.append((root, t["dedup"]))
         index_rows += t["dedup"]["index_rows"]
         t["drop"] = tuple(t["dedup"].pop("drop_files"))
 

@@ -23,15 +23,17 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
    the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
    parquet/Arrow row); a held-out document's key is negative (:func:`held_out_key`).
 2. decide, per range of buckets (a task per run of up to 16 consecutive ranges): that range's
-   rows of every hash file and of every earlier version's ``dedup/index``, sorted together by
-   hash, then key: a train document is dropped when one of its rows is not the first among its
-   hash's rows. Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets [L, H): a later
-   version's decide task reads the parts of its own buckets only; the hashes the version adds,
-   the rows that came first: kept train documents', held-out ones' flagged ``held_out``, and
-   with ``minhash`` a dropped document's other bands, so that a near-duplicate of it is dropped
-   too) and ``dedup/ranges/part-RRRRR.buckets`` (the dropped keys of the task's ranges from R
-   on, up to :data:`RANGE_ROWS` a file, each with its :data:`CAUSES` index: that of the first
-   row of its hash, the lowest of its rows'; bucketed by train chunk group, :func:`group_starts`).
+   rows of every hash file and of the earlier versions' index (:func:`earlier_index`), sorted
+   together by hash, then key: a train document is dropped when one of its rows is not the
+   first among its hash's rows. Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets
+   [L, H): a later version's decide task reads the parts of its own buckets only; the hashes
+   the version adds, the rows that came first: kept train documents', held-out ones' flagged
+   ``held_out``, and with ``minhash`` a dropped document's other bands, so that a
+   near-duplicate of it is dropped too; every :data:`SNAPSHOT_EVERY` versions also the whole
+   index in ``dedup/snapshot/``, which later versions read instead of the parts before it) and
+   ``dedup/ranges/part-RRRRR.buckets`` (the dropped keys of the task's ranges from R on, up to
+   :data:`RANGE_ROWS` a file, each with its :data:`CAUSES` index: that of the first row of its
+   hash, the lowest of its rows'; bucketed by train chunk group, :func:`group_starts`).
 3. collect, per run of consecutive train chunk groups (about :data:`RANGE_ROWS` dropped keys a
    run): its groups' bytes of every ``ranges/`` file, each key once under its lowest cause, in
    ``dedup/drop/part-<lo>-<hi>.parquet`` (hex keys): every decide range holds drops of every
@@ -43,9 +45,10 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
-document (``minhash``: per band, ~260 bytes a document at 14 bands), read once more by every
-later version's decide pass (the k-th version reads all earlier ones, each range the earlier
-parts overlapping its buckets: about ranges + parts files opened in all, not ranges x parts);
+document (``minhash``: per band, ~260 bytes a document at 14 bands; stored about twice, with
+the latest snapshot), read once more by every later version's decide pass (each range the
+parts overlapping its buckets of the latest snapshot and of at most :data:`SNAPSHOT_EVERY`
+versions after it: about 1.5 files each, however long the lineage);
 a decide task's memory, about 50 bytes per row of its range (ranges are sized to
 :data:`RANGE_ROWS`); requests: per (hash file, run of decide ranges) an open and an index read,
 then a ranged read of exactly its bytes per (hash file, range); an open, an index read and a
@@ -96,6 +99,11 @@ BUCKETS = 1 << (64 - BUCKET_SHIFT)
 #: Rows a decide task holds at most (earlier index + this version's hashes of the range it decides).
 RANGE_ROWS = 4_000_000
 ROW_GROUP = 65_536
+#: A version writes a snapshot of the whole index (``dedup/snapshot/``, parts by bucket range,
+#: as the versions' own) once this many versions' own parts lie after the last snapshot: a
+#: decide range reads the snapshot's parts and those versions', about 1.5 x (1 + at most this)
+#: files however long the lineage, for the lineage's index stored about twice.
+SNAPSHOT_EVERY = 8
 #: Most bytes of hash files a decide task reads ahead, for a window of consecutive ranges held
 #: beside the range it decides (~50 bytes a row, up to :data:`RANGE_ROWS`): a read per (hash
 #: file, window) rather than per (hash file, range).
@@ -296,13 +304,14 @@ def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray,
 
 
 def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], index_files: list[str],
-                  starts: list[int], out_dir: str, fs: pafs.FileSystem) -> pa.Table:
+                  starts: list[int], out_dir: str, fs: pafs.FileSystem, snapshot: bool = False) -> pa.Table:
     """A run of consecutive ranges ``first..last`` of buckets (range r: buckets ``edges[r]`` to
     ``edges[r + 1]``), one at a time: each hash file's index entries for the run read once, then
     its bytes of a window of ranges (up to :data:`DECIDE_READ_BYTES` of all the files) in one
     ranged read. The ranges' dropped keys go to one file per run of them holding up to
     :data:`RANGE_ROWS` (the collect pass reads each such file once per collect run: fewer files,
-    fewer reads). Returns one row of counts per range, with that file."""
+    fewer reads). ``snapshot``: each range also writes the whole index of its buckets
+    (:func:`earlier_index`). Returns one row of counts per range, with that file."""
     item = batch.to_pylist()[0]
     first, last = item["first"], item["last"]
     files = bucketed.BucketedFiles(fs, hash_files, edges[first], edges[last + 1] - 1, BUCKETS)
@@ -312,7 +321,8 @@ def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], inde
             files.read(lo, hi)  # consecutive ranges' rows of a hash file lie together: one read for them
             for r in range(edges.index(lo), edges.index(hi + 1)):
                 row, drops = decide_range(r, edges[r], edges[r + 1],
-                                          files.rows(edges[r], edges[r + 1] - 1, HASH_ROW), index_files, out_dir, fs)
+                                          files.rows(edges[r], edges[r + 1] - 1, HASH_ROW), index_files, out_dir, fs,
+                                          snapshot)
                 if pending and sum(map(len, pending)) + len(drops) > RANGE_ROWS:
                     _write_drops(pending, range_file(out_dir, held), starts, fs)
                     pending = []
@@ -338,10 +348,11 @@ _DECIDED = pa.schema([("range", pa.int64()), ("index_rows", pa.int64()), *((c, p
 
 
 def decide_range(r: int, lo: int, hi: int, new: np.ndarray, index_files: list[str], out_dir: str,
-                 fs: pafs.FileSystem) -> tuple[dict, np.ndarray]:
+                 fs: pafs.FileSystem, snapshot: bool = False) -> tuple[dict, np.ndarray]:
     """Range ``r``, buckets [lo, hi): this version's hash rows there (``new``, :data:`HASH_ROW`)
-    against the earlier versions' index parts of those buckets -> this version's index part and
-    dropped keys (files written only when they have rows); returns its counts."""
+    against the earlier versions' index parts of those buckets -> this version's index part (and
+    with ``snapshot`` the whole index of those buckets: every hash's first row) and dropped keys
+    (files written only when they have rows); returns its counts and the dropped keys."""
     from raypath.data import write_table
 
     old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
@@ -360,6 +371,10 @@ def decide_range(r: int, lo: int, hi: int, new: np.ndarray, index_files: list[st
         index = pa.table({"bucket": (h1[adds] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[adds],
                           "h2": h2[adds], "held_out": _is_held_out(key[adds])})
         write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
+    if snapshot and first.any():  # an earlier row is always its hash's first: earlier rows and the adds
+        whole = pa.table({"bucket": (h1[first] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[first],
+                          "h2": h2[first], "held_out": (key[first] == _EARLIER_HELD_OUT) | _is_held_out(key[first])})
+        write_table(whole, fs, f"{out_dir}/snapshot/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
     drops = np.empty(len(keys), DROP_ROW)
     drops["key"], drops["cause"] = keys, cause
@@ -465,19 +480,41 @@ def _lowest_cause(key: np.ndarray, cause: np.ndarray) -> tuple[np.ndarray, np.nd
 
 # ---------------------------------------------------------------- one version
 
-def index_files(fs: pafs.FileSystem, version_dir: str) -> list[str]:
-    """The index parts an exactly deduplicated version left under ``version_dir``."""
-    infos = fs.get_file_info(pafs.FileSelector(f"{version_dir}/dedup/index", allow_not_found=True))
+def index_files(fs: pafs.FileSystem, version_dir: str, kind: str = "index") -> list[str]:
+    """The index parts a deduplicated version left under ``version_dir``: the hashes it added
+    (``index``), or its snapshot of the whole index (``snapshot``)."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{version_dir}/dedup/{kind}", allow_not_found=True))
     return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
 
 
+def earlier_index(fs: pafs.FileSystem, versions: list[tuple[str, dict]]) -> tuple[list[str], bool]:
+    """The index parts a new version's decide pass reads, from the earlier versions (each its
+    directory and dedup record, in order): the latest snapshot's and those of the versions after
+    it; and whether the new version writes a snapshot (:data:`SNAPSHOT_EVERY`)."""
+    last = max((k for k, (_, rec) in enumerate(versions) if rec.get("snapshot")), default=-1)
+    files = index_files(fs, versions[last][0], "snapshot") if last >= 0 else []
+    if not files:  # none yet (or removed by hand): every version's own parts
+        last = -1
+    files += [f for d, _ in versions[last + 1:] for f in index_files(fs, d)]
+    return files, len(versions) - last - 1 >= SNAPSHOT_EVERY
+
+
+def remove_old_snapshots(fs: pafs.FileSystem, versions: list[tuple[str, dict]]) -> None:
+    """Recorded versions' snapshots but the latest: no later version reads them (a recorded
+    version is never prepared again), and each is a copy of the whole index."""
+    snapshots = [d for d, rec in versions if rec.get("snapshot")]
+    for d in snapshots[:-1]:
+        _remove(fs, f"{d}/dedup/snapshot")
+
+
 def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: list[str], earlier_rows: int,
-                  out_dir: str, fs: pafs.FileSystem, spec: DedupSpec, chunk_bytes: int) -> dict:
+                  out_dir: str, fs: pafs.FileSystem, spec: DedupSpec, chunk_bytes: int, snapshot: bool = False) -> dict:
     """Decide which of version ``name``'s train documents to drop.
 
     train: the version's train chunks, each with its file's number (``file``); held_out: its val
     and test chunks, each with its held-out file's number (``held_out``); earlier: earlier
-    versions' index files, ``earlier_rows`` rows in all. Returns ``{"drop_files", "docs",
+    versions' index files, ``earlier_rows`` rows in all (:func:`earlier_index`); snapshot: also
+    write the whole index (recorded as ``"snapshot": true``). Returns ``{"drop_files", "docs",
     "dropped", *CAUSES, "index_rows", "held_out_docs", "held_out_trained"}``: each dropped
     document counted once (a ``minhash`` one's bands are decided in several ranges), under its
     lowest cause, as the tokenizer skips it (:func:`record_drops` checks).
@@ -505,7 +542,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     range_files, trained, drop_rows = set(), set(), 0
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(bucketed.runs(list(range(n)), cpus), decide_ranges, edges=edges, hash_files=hashes,
-                      index_files=earlier, starts=starts, out_dir=out_dir, fs=fs).iter_rows():
+                      index_files=earlier, starts=starts, out_dir=out_dir, fs=fs, snapshot=snapshot).iter_rows():
         out["index_rows"] += row["index_rows"]
         drop_rows += sum(row[c] for c in CAUSES)
         trained.update(row["held_out_trained"])
@@ -523,7 +560,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
                     "train documents, never held-out ones): its held-out losses read better than its novelty "
                     "warrants", name, out["held_out_trained"], out["held_out_docs"],
                     "near-duplicates" if spec.rule.mode == "minhash" else "the same text")
-    return {**out, "drop_files": drop_files}
+    return {**out, **({"snapshot": True} if snapshot else {}), "drop_files": drop_files}
 
 
 def _collect(name: str, starts: list[int], range_files: list[str], drop_rows: int, out_dir: str,

@@ -53,6 +53,16 @@ def test_dedup_index_counts_the_earlier_parts_each_version_opens():
     assert got[-1]["ranges"] * 2 < got[-1]["opened"] < got[-1]["ranges"] * (2 + got[-1]["earlier_index_parts"])
 
 
+def test_dedup_index_reads_the_snapshot_not_the_versions_before_it():
+    """Version 9 snapshots the index of the 8 before it and its own: version 10 opens its parts and
+    v10's, not 9 versions' own parts; every version still drops exactly its planted copies."""
+    got = _bench("dedup_index", "--versions", "10", "--docs", "5000", "--range-rows", "2500")["versions"]
+    assert [r["snapshot"] for r in got] == [False] * 8 + [True, False]
+    v9, v10 = got[8], got[9]
+    assert v10["earlier_index_parts"] == v9["ranges"] < v9["earlier_index_parts"] and v10["opened"] < v9["opened"]
+    assert v10["index_stored_mb"] < 2.5 * sum(r["index_rows"] for r in got) * 25 / 1e6
+
+
 def test_dedup_index_counts_what_the_tokenize_side_reads_of_the_drops():
     """Each of 40 chunk groups reads the one collected drop part of its key range (the script
     checks they find every dropped key), not one file per decide range."""

@@ -220,6 +220,61 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
         check_prepared(discover_versions(corpus), tmp_path / "run", 16, "none")
 
 
+def test_a_version_after_a_snapshot_of_the_index_drops_what_it_would_after_every_version(
+        ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+    """v2 writes a snapshot of the whole index (every version after one that is not one, here);
+    v3 reads it instead of v1's and v2's own parts: the same documents dropped, the same blocks."""
+    from raypath import dedup
+
+    corpus = _dup_corpus(tmp_path / "corpus")
+    v1, v2 = _docs(0, 60), _docs(1, 60)
+    # v3: 15 documents v1 or v2 trained, one v1 held out; in its val split one v1 trained
+    _write_jsonl(corpus / "v3" / "train" / "part-0.jsonl", v1[40:50] + _docs(2, 40) + v2[:5] + _docs(10, 6)[3:4])
+    _write_jsonl(corpus / "v3" / "val" / "part-0.jsonl", _docs(12, 6) + v1[55:56])
+    every = prepare_versions(discover_versions(corpus), _spec(tmp_path / "every", tokenizer_dir, dedup=Rule("exact")))
+    monkeypatch.setattr(dedup, "SNAPSHOT_EVERY", 1)
+    snap = prepare_versions(discover_versions(corpus), _spec(tmp_path / "snap", tokenizer_dir, dedup=Rule("exact")))
+    assert [r["dedup"].pop("snapshot", False) for r in snap] == [False, True, False]
+    assert [r["dedup"] for r in snap] == [r["dedup"] for r in every]
+    assert {k: every[2]["dedup"][k] for k in ("earlier", "held_out", "within", "held_out_trained")} == \
+        {"earlier": 15, "held_out": 1, "within": 0, "held_out_trained": 1}
+    whole = pq.read_table(tmp_path / "snap" / "v2" / "dedup" / "snapshot")  # v1's and v2's index rows, once each
+    own = [pq.read_table(tmp_path / "snap" / v / "dedup" / "index") for v in ("v1", "v2")]
+    assert sorted(zip(whole["h1"].to_pylist(), whole["held_out"].to_pylist())) == \
+        sorted(p for t in own for p in zip(t["h1"].to_pylist(), t["held_out"].to_pylist()))
+    assert not (tmp_path / "snap" / "v3" / "dedup" / "snapshot").exists()
+    for a, b in zip(every, snap):
+        assert _files(Path(a["new_path"])) == _files(Path(b["new_path"]))
+
+
+def test_a_decide_pass_reads_the_latest_snapshot_and_the_versions_after_it(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from raypath import dedup
+
+    fs = pafs.LocalFileSystem()
+    monkeypatch.setattr(dedup, "SNAPSHOT_EVERY", 2)
+    versions = []
+    for k, snapshot in enumerate([False, False, True, False, True, False], start=1):
+        d = tmp_path / f"v{k}" / "dedup"
+        for kind in ("index", *(["snapshot"] if snapshot else [])):
+            (d / kind).mkdir(parents=True)
+            (d / kind / f"part-00000-{k:05d}.parquet").write_bytes(b"")
+        versions.append((str(tmp_path / f"v{k}"), {"snapshot": True} if snapshot else {}))
+    name = lambda files: [f"{Path(f).parts[-4]}/{Path(f).parent.name}" for f in files]  # noqa: E731
+    files, snapshot = dedup.earlier_index(fs, versions[:2])  # two versions of their own: the next one snapshots
+    assert files == [str(tmp_path / f"v{k}" / "dedup" / "index" / f"part-00000-0000{k}.parquet") for k in (1, 2)]
+    assert snapshot
+    files, snapshot = dedup.earlier_index(fs, versions[:4])
+    assert name(files) == ["v3/snapshot", "v4/index"] and not snapshot
+    files, snapshot = dedup.earlier_index(fs, versions)
+    assert name(files) == ["v5/snapshot", "v6/index"] and not snapshot
+    dedup.remove_old_snapshots(fs, versions)  # v5's supersedes v3's
+    assert not (tmp_path / "v3" / "dedup" / "snapshot").exists() and (tmp_path / "v5" / "dedup" / "snapshot").is_dir()
+    assert (tmp_path / "v3" / "dedup" / "index").is_dir()
+    assert name(dedup.earlier_index(fs, versions[:4])[0]) == ["v1/index", "v2/index", "v3/index", "v4/index"]
+
+
 def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
     """The exact duplicates of _dup_corpus, and in v2 one word added to one of v1's train
     documents, to one of its own and to one of its val documents."""
