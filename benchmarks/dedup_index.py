@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import inspect
 import json
 import math
 import platform
@@ -184,7 +185,7 @@ def _write_hashes(dedup, h: np.ndarray, keys: np.ndarray, out: str, g: int, fs: 
 
 
 def _decide(dedup, n: int, hashes: list[str], earlier: list[str], starts: list[int], out: str,
-            fs: pafs.FileSystem, cpus: int, snapshot: bool) -> tuple[int, list[dict]]:
+            fs: pafs.FileSystem, cpus: int, snapshot: bool, earlier_rows: int) -> tuple[int, list[dict]]:
     """The version's decide tasks, one after another: (tasks, a row of counts per range)."""
     edges = [round(i * (1 << (64 - dedup.BUCKET_SHIFT)) / n) for i in range(n + 1)]
     if not hasattr(dedup, "decide_ranges"):  # a raypath before decide tasks took runs of ranges: a task a range
@@ -193,6 +194,8 @@ def _decide(dedup, n: int, hashes: list[str], earlier: list[str], starts: list[i
     from raypath import bucketed
 
     runs, kw = bucketed.runs(list(range(n)), cpus), {"snapshot": snapshot} if snapshot else {}
+    if "earlier_rows" in inspect.signature(dedup.decide_ranges).parameters:  # windows count the index's rows
+        kw["earlier_rows"] = earlier_rows
     return len(runs), [row for run in runs for row in dedup.decide_ranges(
         pa.Table.from_pylist([run]), edges, hashes, earlier, starts, out, fs, **kw).to_pylist()]
 
@@ -230,7 +233,7 @@ def decide_version(k: int, h: np.ndarray, earlier_rows: int, root: str, fs: pafs
     train = [{"path": f"f{g}", "fmt": "jsonl", "start": 0, "stop": -1, "bytes": 1, "file": g} for g in range(groups)]
     starts = dedup.group_starts(train, 1) if hasattr(dedup, "group_starts") else []
     meter.mark(f"v{k}-decide")
-    tasks, rows = _decide(dedup, n, hashes, earlier, starts, out, fs, cpus, snapshot)
+    tasks, rows = _decide(dedup, n, hashes, earlier, starts, out, fs, cpus, snapshot, earlier_rows)
     counts = {"dropped": sum(r["earlier"] + r["within"] + r["held_out"] for r in rows),
               "index_rows": sum(r["index_rows"] for r in rows)}
     row = {"version": k, "ranges": n, "decide_tasks": tasks, "hash_files": hash_files,

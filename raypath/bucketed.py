@@ -72,13 +72,16 @@ class BucketedFiles:
             f.close()
         return (f if self.keep else None), offsets
 
-    def windows(self, budget: int, edges: list[int] | None = None) -> list[tuple[int, int]]:
+    def windows(self, budget: int, edges: list[int] | None = None, extra: np.ndarray | None = None
+                ) -> list[tuple[int, int]]:
         """The run cut into windows of consecutive buckets ``(lo, hi)``, each read at once: as many
-        units as hold up to ``budget`` bytes in all the files, at least one. A unit is a bucket, or
-        with ``edges`` (ascending, from ``first`` to ``last + 1``) the buckets from one edge to the next."""
+        units as hold up to ``budget`` bytes in all the files (and ``extra`` bytes a unit, held
+        beside them), at least one. A unit is a bucket, or with ``edges`` (ascending, from
+        ``first`` to ``last + 1``) the buckets from one edge to the next."""
         edges = list(range(self.first, self.first + self.offsets.shape[1])) if edges is None else edges
         cols = np.asarray(edges) - self.first
         per_unit = (self.offsets[:, cols[1:]] - self.offsets[:, cols[:-1]]).sum(axis=0)
+        per_unit = per_unit if extra is None else per_unit + np.asarray(extra, np.int64)
         out, lo, held = [], edges[0], 0
         for k, n in enumerate(per_unit.tolist()):
             if edges[k] > lo and held + n > budget:

@@ -46,14 +46,15 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
 document (``minhash``: per band, ~260 bytes a document at 14 bands; stored about twice, with
-the latest snapshot), read once more by every later version's decide pass (each range the
-parts overlapping its buckets of the latest snapshot and of at most :data:`SNAPSHOT_EVERY`
-versions after it: about 1.5 files each, however long the lineage);
-a decide task's memory, about 50 bytes per row of its range (ranges are sized to
-:data:`RANGE_ROWS`); requests: per (hash file, run of decide ranges) an open and an index read,
-then a ranged read of exactly its bytes per (hash file, range); an open, an index read and a
-ranged read per (``ranges/`` file, collect run); one read per chunk group (of the drop part of
-its key range).
+the latest snapshot), read once more by every later version's decide pass (each window of
+ranges the parts overlapping its buckets of the latest snapshot and of at most
+:data:`SNAPSHOT_EVERY` versions after it: about 1.5 files each, however long the lineage); a
+decide task's memory, about 50 bytes per row of its range (ranges are sized to
+:data:`RANGE_ROWS`) beside a window of ranges read ahead (:data:`DECIDE_READ_BYTES`);
+requests: per (hash file, run of decide ranges) an open and an index read, then a ranged read
+of exactly its bytes per (hash file, window of ranges) and one dataset read of the earlier
+parts per window; an open, an index read and a ranged read per (``ranges/`` file, collect
+run); one read per chunk group (of the drop part of its key range).
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ ROW_GROUP = 65_536
 #: decide range reads the snapshot's parts and those versions', about 1.5 x (1 + at most this)
 #: files however long the lineage, for the lineage's index stored about twice.
 SNAPSHOT_EVERY = 8
-#: Most bytes of hash files a decide task reads ahead, for a window of consecutive ranges held
-#: beside the range it decides (~50 bytes a row, up to :data:`RANGE_ROWS`): a read per (hash
-#: file, window) rather than per (hash file, range).
+#: Most bytes a decide task reads ahead for a window of consecutive ranges, held beside the range
+#: it decides (~50 bytes a row, up to :data:`RANGE_ROWS`): the hash files' rows and the earlier
+#: index's, a read per (hash file, window) and one of the index parts per window rather than
+#: per range.
 DECIDE_READ_BYTES = 256 << 20
 #: Rows of a drop part's row group: each tokenize task reads its chunk group's keys of one, the
 #: row groups they overlap.
@@ -304,25 +306,29 @@ def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray,
 
 
 def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], index_files: list[str],
-                  starts: list[int], out_dir: str, fs: pafs.FileSystem, snapshot: bool = False) -> pa.Table:
+                  starts: list[int], out_dir: str, fs: pafs.FileSystem, snapshot: bool = False,
+                  earlier_rows: int = 0) -> pa.Table:
     """A run of consecutive ranges ``first..last`` of buckets (range r: buckets ``edges[r]`` to
-    ``edges[r + 1]``), one at a time: each hash file's index entries for the run read once, then
-    its bytes of a window of ranges (up to :data:`DECIDE_READ_BYTES` of all the files) in one
-    ranged read. The ranges' dropped keys go to one file per run of them holding up to
-    :data:`RANGE_ROWS` (the collect pass reads each such file once per collect run: fewer files,
-    fewer reads). ``snapshot``: each range also writes the whole index of its buckets
-    (:func:`earlier_index`). Returns one row of counts per range, with that file."""
+    ``edges[r + 1]``), one at a time, read in windows of ranges: each hash file's index entries
+    for the run once, then for each window its bytes in one ranged read and the earlier index
+    parts' rows of its buckets in one dataset read (a window holds up to
+    :data:`DECIDE_READ_BYTES` of both, the index's ~:data:`_INDEX_ROW_BYTES` a row of the
+    ``earlier_rows`` spread evenly over the buckets). The ranges' dropped keys go to one file per
+    run of them holding up to :data:`RANGE_ROWS` (the collect pass reads each such file once per
+    collect run: fewer files, fewer reads). ``snapshot``: each range also writes the whole index
+    of its buckets (:func:`earlier_index`). Returns one row of counts per range, with that file."""
     item = batch.to_pylist()[0]
     first, last = item["first"], item["last"]
     files = bucketed.BucketedFiles(fs, hash_files, edges[first], edges[last + 1] - 1, BUCKETS)
+    index_bytes = np.diff(edges[first:last + 2]) * (earlier_rows * _INDEX_ROW_BYTES // BUCKETS)
     rows, held, pending = [], 0, []  # pending: the drops not yet written, from range held on
     try:
-        for lo, hi in files.windows(DECIDE_READ_BYTES, edges[first:last + 2]):
+        for lo, hi in files.windows(DECIDE_READ_BYTES, edges[first:last + 2], index_bytes):
             files.read(lo, hi)  # consecutive ranges' rows of a hash file lie together: one read for them
+            old = _EarlierRows(fs, index_files, lo, hi + 1)
             for r in range(edges.index(lo), edges.index(hi + 1)):
-                row, drops = decide_range(r, edges[r], edges[r + 1],
-                                          files.rows(edges[r], edges[r + 1] - 1, HASH_ROW), index_files, out_dir, fs,
-                                          snapshot)
+                row, drops = decide_range(r, edges[r], edges[r + 1], files.rows(edges[r], edges[r + 1] - 1, HASH_ROW),
+                                          old.of(edges[r], edges[r + 1]), out_dir, fs, snapshot)
                 if pending and sum(map(len, pending)) + len(drops) > RANGE_ROWS:
                     _write_drops(pending, range_file(out_dir, held), starts, fs)
                     pending = []
@@ -336,6 +342,30 @@ def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], inde
     return pa.Table.from_pylist(rows, schema=_DECIDED)
 
 
+#: What an earlier index row costs a decide task while its window is held (h1, h2, held_out).
+_INDEX_ROW_BYTES = 17
+
+
+class _EarlierRows:
+    """The earlier versions' index rows of buckets [lo, hi), from the parts overlapping them (one
+    dataset read), ordered by bucket so that each range of the window takes its slice."""
+
+    def __init__(self, fs: pafs.FileSystem, index_files: list[str], lo: int, hi: int):
+        old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
+        h1 = np.zeros(0, np.uint64) if old is None else old.column("h1").to_numpy()
+        order = np.argsort(h1, kind="stable")
+        self.h1 = h1[order]
+        self.h2 = np.zeros(0, np.uint64) if old is None else old.column("h2").to_numpy()[order]
+        self.held_out = np.zeros(0, bool) if old is None else \
+            old.column("held_out").to_numpy(zero_copy_only=False)[order]
+
+    def of(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(h1, h2, held_out) of the rows in buckets [lo, hi)."""
+        i, j = (np.searchsorted(self.h1, np.uint64(b << BUCKET_SHIFT)) if b < BUCKETS else len(self.h1)
+                for b in (lo, hi))
+        return self.h1[i:j], self.h2[i:j], self.held_out[i:j]
+
+
 def _write_drops(pending: list[np.ndarray], path: str, starts: list[int], fs: pafs.FileSystem) -> None:
     """Ranges' dropped keys (:data:`DROP_ROW`, each range's sorted) to a file bucketed by chunk group."""
     rows = np.concatenate(pending)
@@ -347,21 +377,18 @@ _DECIDED = pa.schema([("range", pa.int64()), ("index_rows", pa.int64()), *((c, p
                       ("held_out_trained", pa.list_(pa.int64())), ("file", pa.string())])
 
 
-def decide_range(r: int, lo: int, hi: int, new: np.ndarray, index_files: list[str], out_dir: str,
-                 fs: pafs.FileSystem, snapshot: bool = False) -> tuple[dict, np.ndarray]:
+def decide_range(r: int, lo: int, hi: int, new: np.ndarray, old: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 out_dir: str, fs: pafs.FileSystem, snapshot: bool = False) -> tuple[dict, np.ndarray]:
     """Range ``r``, buckets [lo, hi): this version's hash rows there (``new``, :data:`HASH_ROW`)
-    against the earlier versions' index parts of those buckets -> this version's index part (and
-    with ``snapshot`` the whole index of those buckets: every hash's first row) and dropped keys
-    (files written only when they have rows); returns its counts and the dropped keys."""
+    against the earlier versions' index rows of those buckets (``old``: h1, h2, held_out) -> this
+    version's index part (and with ``snapshot`` the whole index of those buckets: every hash's
+    first row) and dropped keys (files written only when they have rows); returns its counts and
+    the dropped keys."""
     from raypath.data import write_table
 
-    old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
-    old = old if old is not None else pa.table({"h1": pa.array([], pa.uint64()), "h2": pa.array([], pa.uint64()),
-                                                "held_out": pa.array([], pa.bool_())})
-    h1 = np.concatenate([old.column("h1").to_numpy(), new["h1"]])
-    h2 = np.concatenate([old.column("h2").to_numpy(), new["h2"]])
-    key = np.concatenate([np.where(old.column("held_out").to_numpy(zero_copy_only=False), _EARLIER_HELD_OUT,
-                                   _EARLIER).astype(np.int64), new["key"]])
+    h1 = np.concatenate([old[0], new["h1"]])
+    h2 = np.concatenate([old[1], new["h2"]])
+    key = np.concatenate([np.where(old[2], _EARLIER_HELD_OUT, _EARLIER).astype(np.int64), new["key"]])
     order = np.lexsort((key, h2, h1))
     h1, h2, key = h1[order], h2[order], key[order]
     first, head = decide(h1, h2, key)
@@ -542,7 +569,8 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     range_files, trained, drop_rows = set(), set(), 0
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(bucketed.runs(list(range(n)), cpus), decide_ranges, edges=edges, hash_files=hashes,
-                      index_files=earlier, starts=starts, out_dir=out_dir, fs=fs, snapshot=snapshot).iter_rows():
+                      index_files=earlier, starts=starts, out_dir=out_dir, fs=fs, snapshot=snapshot,
+                      earlier_rows=earlier_rows).iter_rows():
         out["index_rows"] += row["index_rows"]
         drop_rows += sum(row[c] for c in CAUSES)
         trained.update(row["held_out_trained"])

@@ -66,6 +66,8 @@ def test_the_shuffle_writes_one_map_file_per_input_file_and_a_shard_reads_its_ro
     assert windows[0][0] == 3 and windows[-1][1] == shards - 1 and 3 <= len(windows) <= 6, windows
     assert all(a[1] + 1 == b[0] for a, b in zip(windows, windows[1:])), windows
     assert maps.windows(budget=0) == [(b, b) for b in range(3, shards)]  # at least a shard a window
+    # bytes held beside a shard's pieces (per shard) count against the budget too
+    assert maps.windows(budget=run_bytes, extra=np.full(shards - 3, run_bytes)) == [(b, b) for b in range(3, shards)]
     got = {}
     for lo, hi in windows:
         maps.read(lo, hi)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import AWS_ENV, ROOT, bucket
@@ -406,6 +407,49 @@ def test_a_decide_task_reads_its_ranges_bytes_of_each_hash_file_and_one_index_sl
             windows = 1 if budget else len(rows)  # a run's 720 KB in one window; a range a window
             assert counter.opened - before[1] == 3 * (1 + windows)  # local disk: reopened per read
         assert dropped == 10_000 and counter.read - read == 60_000 * dedup.HASH_ROW.itemsize + 3 * 8 * 65_538
+
+
+def test_a_decide_task_reads_the_earlier_index_once_a_window_and_holds_it_within_the_budget(tmp_path, monkeypatch):
+    """The earlier parts overlapping a window of ranges are read once for the window; the
+    window's share of the earlier index counts against the read-ahead budget beside its hash
+    rows, so a large index cuts the run into a window per range."""
+    import importlib.util
+
+    import pyarrow.fs as pafs
+
+    from raypath import dedup
+    from raypath.data import write_table
+
+    spec = importlib.util.spec_from_file_location("dedup_index", ROOT / "benchmarks" / "dedup_index.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counter = bench.CountingHandler()
+    fs, rng = pafs.PyFileSystem(counter), np.random.default_rng(1)
+    old = np.unique(rng.integers(0, np.iinfo(np.uint64).max, 20_000, dtype=np.uint64, endpoint=True))
+    parts = []
+    for lo, hi in ((0, 32768), (32768, 65536)):  # an earlier version's two ranges
+        mine = old[((old >> np.uint64(48)) >= lo) & ((old >> np.uint64(48)) < hi)]
+        parts.append(str(tmp_path / "v1" / "dedup" / "index" / f"part-{lo:05d}-{hi:05d}.parquet"))
+        write_table(pa.table({"bucket": (mine >> np.uint64(48)).astype(np.uint16), "h1": mine,
+                              "h2": np.zeros(len(mine), np.uint64), "held_out": np.zeros(len(mine), bool)}), fs,
+                    parts[-1])
+    new = rng.integers(0, np.iinfo(np.uint64).max, (10_000, 2), dtype=np.uint64, endpoint=True)
+    new[:5000] = np.stack([old[:5000], np.zeros(5000, np.uint64)], axis=1)  # copies of earlier documents
+    hashes = [str(tmp_path / "v2" / "part-0.buckets")]
+    dedup.write_hashes(new.astype("<u8").tobytes(), list(range(10_000)), fs, hashes[0])
+    before = counter.opened
+    pads.dataset(parts[:1], format="parquet", filesystem=fs).to_table()
+    per_read = counter.opened - before  # what one dataset read of a part opens
+    edges, task = [round(i * dedup.BUCKETS / 20) for i in range(21)], pa.Table.from_pylist([{"first": 0, "last": 9}])
+    got = {}
+    for earlier_rows in (len(old), 10**9):  # 10**9 rows: ~850 MB of index a range, over the budget
+        before = counter.opened
+        rows = dedup.decide_ranges(task, edges, hashes, parts, [0], str(tmp_path / str(earlier_rows)), fs,
+                                   earlier_rows=earlier_rows).to_pylist()
+        got[earlier_rows] = (sum(r["earlier"] for r in rows), counter.opened - before)
+    windows = {len(old): 1, 10**9: 10}  # ranges 0-9: buckets 0-32767, the first part's only
+    assert got == {n: (int((old[:5000] >> np.uint64(48) < 32768).sum()), 1 + windows[n] + windows[n] * per_read)
+                   for n in windows}
 
 
 def test_collect_runs_split_the_key_space_without_overlap_where_a_parquet_file_spans_groups(monkeypatch):
