@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, FileSystemReader, FileSystemWriter
 
 from raypath import checkpoint as ckpt
+from raypath.console import Progress
 from raypath.mirror import LOCAL, RunDir
 
 log = logging.getLogger(__name__)
@@ -245,12 +246,13 @@ class ShardReader(FileSystemReader):
     slice overlaps after a resize. Those are what the ranged reads fetch, ahead (:class:`_Ranges`).
     """
 
-    def __init__(self, directory: str | Path, rd: RunDir, files: dict[str, dict]):
+    def __init__(self, directory: str | Path, rd: RunDir, files: dict[str, dict], progress: Progress | None = None):
         d = Path(directory)
         super().__init__(d / ckpt.SHARDS)
         self.fs = _MirroredFiles(rd, {d / rel: meta["size"] for rel, meta in files.items()})
         self.ranges: _Ranges | None = None
         self.ranged_bytes = 0
+        self.progress = progress  # counts each item's stored bytes as it is read
 
     def read_data(self, plan, planner):
         # The order FileSystemReader reads in: per file (first appearance), the plan's order.
@@ -258,6 +260,8 @@ class ShardReader(FileSystemReader):
         for item in plan.items:
             info = self.storage_data[item.storage_index]
             per_file.setdefault(Path(self.path, info.relative_path), []).append(info)
+        if self.progress is not None:
+            self.progress.total = sum(i.length for infos in per_file.values() for i in infos)
         reads = [(p, i.offset, i.length) for p, infos in per_file.items() if self.fs.remote(p) for i in infos]
         self.ranges = _Ranges(self.fs.rd, reads)
         self.ranged_bytes += self.ranges.total
@@ -267,6 +271,8 @@ class ShardReader(FileSystemReader):
             self.ranges.close()
 
     def _slice_file(self, file, sinfo):
+        if self.progress is not None:
+            self.progress.add(sinfo.length)
         if isinstance(file, pa.NativeFile):  # remote: the item's bytes in one request
             return io.BytesIO(self.ranges.get(Path(self.path, sinfo.relative_path), sinfo.offset, sinfo.length))
         return super()._slice_file(file, sinfo)
@@ -341,10 +347,12 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir
     if error:
         raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}
+    # Minutes for billions of parameters in one process: a line with the bytes read, rate and ETA.
+    reader = ShardReader(d, rd, files, Progress(log, f"loading the model weights of {d}", 0, "B"))
     try:
         with warnings.catch_warnings():  # torch warns of the single-process load that no_dist asks for
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(sd, storage_reader=ShardReader(d, rd, files), no_dist=True)
+            dcp.load(sd, storage_reader=reader, no_dist=True)
     except CheckpointException as e:  # a BaseException: past every caller's `except Exception`
         raise _own_failure(e) from None
     set_model_state_dict(model, sd["model"])

@@ -176,6 +176,29 @@ def test_reading_a_sharded_checkpoints_weights_in_one_process_prints_no_torch_wa
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
+def test_loading_a_sharded_checkpoints_weights_in_one_process_says_how_far_it_got(tmp_path, monkeypatch, caplog):
+    """An export reads every model item of the shards after hashing them: lines in bytes of the
+    model's items, with the rate and an ETA, as the hashing has."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from raypath import console
+    from raypath.shards import load_model_weights
+
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)  # a line at every item but the last
+    caplog.set_level(logging.INFO, logger="raypath.shards")
+    d, expected, _ = _save_sharded(tmp_path, 5)
+    stored = FileSystemReader(d / ckpt.SHARDS).read_metadata().storage_data
+    total = sum(info.length for index, info in stored.items() if index.fqn.startswith("model."))
+    model, _ = _trained(seed=1)
+    caplog.clear()
+    load_model_weights(d, model)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == len(expected) - 1 and total < sum(info.length for info in stored.values())
+    assert all(line.startswith(f"loading the model weights of {d}: ") and "ETA" in line and
+               f" of {console.amount(total, 'B')} (" in line for line in lines), (lines, total)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def test_a_sharded_checkpoint_of_another_shape_fails_to_load_as_an_ordinary_error(tmp_path):
     # DCP's CheckpointException is a BaseException: it passed every `except Exception` on the way
     # out of a training worker.
