@@ -1,11 +1,12 @@
 """Bucketed files: one task's rows grouped by bucket, of which many tasks each read a run of buckets.
 
-The stream shuffle's map files (a shard a bucket) and dedup's hash files (a bucket a 1/65,536 of
-hash space) are written by one task each and read by every reduce task, each a run of consecutive
-buckets. A file holds each bucket's bytes in bucket order, then an index of ``buckets + 1``
-little-endian int64 byte offsets (last, so that no bucket's bytes wait in memory while it is
-written): a reader of buckets ``first..last`` reads ``last - first + 2`` index entries, then the
-bytes of a window of buckets in one ranged read, nothing else (no footer, no row-group padding).
+The stream shuffle's map files (a bucket a stream shard), dedup's hash files (a bucket a
+1/65,536 of hash space) and its per-task drop files (a bucket a train chunk group) are written by
+one task each and read by many, each a run of consecutive buckets. A file holds each bucket's
+bytes in bucket order, then an index of ``buckets + 1`` little-endian int64 byte offsets (last,
+so that no bucket's bytes wait in memory while it is written): a reader of buckets
+``first..last`` reads ``last - first + 2`` index entries, then the bytes of a window of buckets
+in one ranged read, nothing else (no footer, no row-group padding).
 """
 
 from __future__ import annotations
