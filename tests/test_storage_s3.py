@@ -440,6 +440,35 @@ def test_the_embedded_corpus_crosses_to_a_bucket_once_not_at_every_start(s3, tmp
     assert s3.fs.open_input_stream(f"{bucket}/run/{parts[0]}").read() == part.read_bytes() != good
 
 
+def test_bucketed_files_in_a_bucket_are_opened_once_a_run_and_read_by_range(s3):
+    """The object-store path of the shuffle's map files and dedup's hash files (CI's preparations
+    run on a local disk): a handle per file for the run, a ranged read per window, rows exact."""
+    import numpy as np
+
+    from raypath.bucketed import BucketedFiles, write_rows
+
+    root = _bucket(s3, "bucketed")
+    row = np.dtype([("key", "<i8"), ("value", "<u4")])
+    files, want = [], []
+    for f in range(3):
+        rows = np.zeros(40, row)
+        rows["key"], rows["value"] = np.arange(40) + 100 * f, np.arange(40) // 5  # bucket b: rows 5b..5b+4
+        files.append(f"{root}/part-{f}.buckets")
+        write_rows(s3.fs, files[-1], rows, np.bincount(rows["value"], minlength=10))
+        want.append(rows)
+    got = BucketedFiles(s3.fs, files, 2, 7, 10)
+    try:
+        assert got.keep and all(h is not None for h in got.handles)
+        windows = got.windows(budget=3 * 5 * row.itemsize * 2)  # two buckets of all three files a window
+        assert windows == [(2, 3), (4, 5), (6, 7)]
+        for lo, hi in windows:
+            got.read(lo, hi)
+            for b in range(lo, hi + 1):
+                assert got.rows(b, b, row).tolist() == [tuple(r) for w in want for r in w[w["value"] == b]]
+    finally:
+        got.close()
+
+
 def test_where_a_run_directory_lives(tmp_path):
     from raypath.config import ConfigError, load_config
 
