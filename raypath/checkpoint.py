@@ -41,6 +41,7 @@ files are plain local ones.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import pickle
 import re
@@ -379,15 +380,43 @@ def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:
     return rd.read_json(Path(directory) / "state.json")
 
 
-def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def read_tensors(path: str | Path, map_location: str | torch.device = "cpu", progress: Progress | None = None) -> Any:
     """One tensor file of a checkpoint; tensors and plain containers only (``weights_only=True``),
-    so a checkpoint can never run code when it is loaded."""
+    so a checkpoint can never run code when it is loaded. ``progress``: the bytes read added to it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if progress is None:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb", buffering=0) as f:
+            return torch.load(_Counted(f, progress), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message names neither the file nor the way out
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which "
                               f"raypath never loads (weights_only=True): {first}") from None
+
+
+class _Counted(io.RawIOBase):
+    """An unbuffered file whose reads are added to a progress line as torch.load makes them
+    (buffered, the refills after its seeks would count the file about twice)."""
+
+    def __init__(self, f: io.RawIOBase, progress: Progress):
+        self.f, self.progress = f, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int | None:
+        n = self.f.readinto(b)
+        self.progress.add(n or 0)
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu", rd: RunDir = LOCAL) -> dict:

@@ -339,16 +339,18 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module, rd: RunDir
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     d = ckpt.fetch(directory, rd, model_only=True)  # a full checkpoint hashed here, a sharded one below
+    # Minutes for billions of parameters in one process: a line with the bytes read, rate and ETA.
+    progress = Progress(log, f"loading the model weights of {d}", 0, "B")
     if not ckpt.is_sharded(d):
-        model.load_state_dict(ckpt.read_tensors(d / "model.pt"))
+        progress.total = (d / "model.pt").stat().st_size
+        model.load_state_dict(ckpt.read_tensors(d / "model.pt", progress=progress))
         return
     files = ckpt.sharded_files(d)
     error = ckpt.verify_files(d, model_files(d, files, rd), rd)
     if error:
         raise ckpt.CheckpointError(error)
     sd = {"model": get_model_state_dict(model)}
-    # Minutes for billions of parameters in one process: a line with the bytes read, rate and ETA.
-    reader = ShardReader(d, rd, files, Progress(log, f"loading the model weights of {d}", 0, "B"))
+    reader = ShardReader(d, rd, files, progress)
     try:
         with warnings.catch_warnings():  # torch warns of the single-process load that no_dist asks for
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)

@@ -176,27 +176,33 @@ def test_reading_a_sharded_checkpoints_weights_in_one_process_prints_no_torch_wa
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
-def test_loading_a_sharded_checkpoints_weights_in_one_process_says_how_far_it_got(tmp_path, monkeypatch, caplog):
-    """An export reads every model item of the shards after hashing them: lines in bytes of the
-    model's items, with the rate and an ETA, as the hashing has."""
+def test_loading_a_checkpoints_weights_in_one_process_says_how_far_it_got(tmp_path, monkeypatch, caplog):
+    """An export reads the model's weights after hashing them: lines in bytes (a sharded
+    checkpoint's model items, a full one's model.pt), with the rate and an ETA, as the hashing has."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from raypath import console
     from raypath.shards import load_model_weights
 
-    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)  # a line at every item but the last
+    monkeypatch.setattr(console, "PROGRESS_EVERY_S", 0.0)  # a line at every read but the last
     caplog.set_level(logging.INFO, logger="raypath.shards")
-    d, expected, _ = _save_sharded(tmp_path, 5)
-    stored = FileSystemReader(d / ckpt.SHARDS).read_metadata().storage_data
+    sharded, expected, _ = _save_sharded(tmp_path, 5)
+    stored = FileSystemReader(sharded / ckpt.SHARDS).read_metadata().storage_data
     total = sum(info.length for index, info in stored.items() if index.fqn.startswith("model."))
-    model, _ = _trained(seed=1)
-    caplog.clear()
-    load_model_weights(d, model)
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == len(expected) - 1 and total < sum(info.length for info in stored.values())
-    assert all(line.startswith(f"loading the model weights of {d}: ") and "ETA" in line and
-               f" of {console.amount(total, 'B')} (" in line for line in lines), (lines, total)
-    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert total < sum(info.length for info in stored.values())  # not the optimizer's
+    trained, opt = _trained(seed=2)
+    full = ckpt.save(tmp_path / "full" / ckpt.step_dir_name(3), trained.state_dict(), opt.state_dict(),
+                     {"step": 3, "tokens": 30, "consumed": [[0, 3]]})
+    for d, want, size, reads in ((sharded, expected, total, len(expected) - 1),
+                                 (full, trained.state_dict(), (full / "model.pt").stat().st_size, None)):
+        model, _ = _trained(seed=1)
+        caplog.clear()
+        load_model_weights(d, model)
+        lines = [r.getMessage() for r in caplog.records if r.name == "raypath.shards"]
+        assert lines and len(lines) == (reads or len(lines))  # a sharded one: a line per item but the last
+        assert all(line.startswith(f"loading the model weights of {d}: ") and "ETA" in line and
+                   f" of {console.amount(size, 'B')} (" in line for line in lines), (lines, size)
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 
 
 def test_a_sharded_checkpoint_of_another_shape_fails_to_load_as_an_ordinary_error(tmp_path):
