@@ -581,8 +581,10 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     out.update(causes)
     out["held_out_trained"] = len(trained)
     out["dropped"] = sum(out[c] for c in CAUSES)
-    log.info("deduplicated %s in %.1f s: %d train documents, %d val/test ones (%s)", name, time.perf_counter() - t0,
-             out["docs"], out["held_out_docs"], spec.rule)
+    log.info("deduplicated %s in %.1f s: %d train documents, %d val/test ones (%s)%s", name, time.perf_counter() - t0,
+             out["docs"], out["held_out_docs"], spec.rule,
+             f"; wrote a snapshot of the whole index ({earlier_rows + out['index_rows']} rows), which later "
+             f"versions read instead of the {len(earlier)} earlier index parts" if snapshot else "")
     if out["held_out_trained"]:
         log.warning("version %s: %d of its %d val/test documents were trained by an earlier version (%s; dedup drops "
                     "train documents, never held-out ones): its held-out losses read better than its novelty "

@@ -4,6 +4,7 @@ every input format and filesystem, old run directories, bad files among many."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -222,7 +223,7 @@ def test_exact_dedup_drops_what_an_earlier_version_trained_a_held_out_split_hold
 
 
 def test_a_version_after_a_snapshot_of_the_index_drops_what_it_would_after_every_version(
-        ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+        ray_cluster, tmp_path, tokenizer_dir, monkeypatch, caplog):
     """v2 writes a snapshot of the whole index (every version after one that is not one, here);
     v3 reads it instead of v1's and v2's own parts: the same documents dropped, the same blocks."""
     from raypath import dedup
@@ -234,8 +235,11 @@ def test_a_version_after_a_snapshot_of_the_index_drops_what_it_would_after_every
     _write_jsonl(corpus / "v3" / "val" / "part-0.jsonl", _docs(12, 6) + v1[55:56])
     every = prepare_versions(discover_versions(corpus), _spec(tmp_path / "every", tokenizer_dir, dedup=Rule("exact")))
     monkeypatch.setattr(dedup, "SNAPSHOT_EVERY", 1)
+    caplog.set_level(logging.INFO, logger="raypath.dedup")
     snap = prepare_versions(discover_versions(corpus), _spec(tmp_path / "snap", tokenizer_dir, dedup=Rule("exact")))
     assert [r["dedup"].pop("snapshot", False) for r in snap] == [False, True, False]
+    said = [r.getMessage() for r in caplog.records if "wrote a snapshot of the whole index" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("deduplicated v2 in ") and "(132 rows)" in said[0]
     assert [r["dedup"] for r in snap] == [r["dedup"] for r in every]
     assert {k: every[2]["dedup"][k] for k in ("earlier", "held_out", "within", "held_out_trained")} == \
         {"earlier": 15, "held_out": 1, "within": 0, "held_out_trained": 1}
