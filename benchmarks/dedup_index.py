@@ -2,28 +2,31 @@
 indexes, as a lineage grows; and what its collect and tokenize tasks read of the dropped keys.
 
 Each version's decide pass (``raypath.dedup.decide_ranges``, one Ray task per run of ranges of
-hash buckets) reads each range's rows of every hash file and of every earlier version's
-``dedup/index/`` parts. This builds ``--versions`` versions of ``--docs`` documents' exact hashes
-each (``--repeat`` of them copies of earlier versions' documents), and decides each version in
-turn, task by task, in this process (a task's reads are the same in a Ray worker), with
-``raypath.dedup.RANGE_ROWS`` set to ``--range-rows`` so that versions span many ranges as they
-do at scale (4M rows a range: a version of 100M documents has 25) and runs of ranges as a
-cluster of ``--cpus`` CPUs takes them. Every file open goes through a counting filesystem.
-Reports per version: its ranges and decide tasks, the earlier index parts, the files the decide
-pass opened and the MB it read, its seconds; and the dropped documents (each version must drop
-exactly its planted copies). Prints one line a version on stderr, the results as JSON on stdout.
+hash buckets) reads each range's rows of every hash file and the earlier index parts of its
+buckets (the latest snapshot's and those of the versions after it). This builds ``--versions``
+versions of ``--docs`` documents' exact hashes each (``--repeat`` of them copies of earlier
+versions' documents), and decides each version in turn, task by task, in this process (a task's
+reads are the same in a Ray worker), with ``raypath.dedup.RANGE_ROWS`` set to ``--range-rows``
+so that versions span many ranges as they do at scale (4M rows a range: a version of 100M
+documents has 25) and runs of ranges as a cluster of ``--cpus`` CPUs takes them. Every file
+open goes through a counting filesystem; with ``--s3`` the files are in a bucket on a moto S3
+server instead, and each pass's requests by method come from its log. Reports per version: its
+ranges and decide tasks, the earlier index parts, the files the decide pass opened and the MB it
+read (or its requests), its seconds, whether it wrote a snapshot and the index stored so far;
+and the dropped documents (each version must drop exactly its planted copies). Prints one line a
+version on stderr, the results as JSON on stdout.
 
 With ``--groups G`` a version's documents lie in G train chunk groups (tokenize tasks), hashed
 into ``--hash-files`` files (hash tasks, each a run of groups; default one a group), and
 after each decide pass come the collect pass (``raypath.dedup.collect_drops``: the dropped keys
 regrouped by key range) and the reads of the tokenize side: each group reads the dropped keys
 of its own key range (``raypath.dedup.dropped_keys``): files opened and bytes read, each side,
-and the keys found (each version's planted copies). An older raypath's numbers come from this
-script as it was at that commit (the API it calls changed).
+and the keys found (each version's planted copies). It runs older raypaths' API back to commit
+5ba6b1f (``PYTHONPATH`` on a worktree of one); before that, the script as it was at that commit.
 
     python benchmarks/dedup_index.py --versions 20
-    python benchmarks/dedup_index.py --versions 2 --docs 2000000 --groups 400
-    cd /path/to/old/checkout && PYTHONPATH=. python benchmarks/dedup_index.py --versions 20
+    python benchmarks/dedup_index.py --versions 2 --docs 2000000 --groups 40 --range-rows 25000 --repeat 0.3 --s3
+    PYTHONPATH=/path/to/worktree python benchmarks/dedup_index.py --versions 20
 """
 
 from __future__ import annotations
