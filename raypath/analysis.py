@@ -29,6 +29,7 @@ those it reads: a notebook re-running its cells on a live sweep fetches the runn
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from pathlib import Path
@@ -52,6 +53,30 @@ DPI = 120
 #: One colour per decay shape, stable across plots.
 SHAPE_COLORS = {"cosine": "tab:blue", "linear": "tab:orange", "1-sqrt": "tab:green",
                 "exponential": "tab:red", "polynomial": "tab:purple"}
+
+
+#: Curves parsed by this process: path -> (the file's size, mtime and inode then, the frame). A
+#: notebook re-runs its cells on a live sweep: a call parses again only the curves that changed
+#: (the finished trials' never do). Bounded: the least recently read go first.
+_CURVES: collections.OrderedDict[Path, tuple[tuple[int, int, int], pd.DataFrame]] = collections.OrderedDict()
+_CURVES_KEPT = 20_000
+
+
+def _curve(path: Path) -> pd.DataFrame:
+    """:func:`raypath.report.read_curve`, parsed once per version of the file in this process
+    (callers derive new frames from it, never change it)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return read_curve(path)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _CURVES.get(path)
+    if hit is None or hit[0] != stamp:
+        hit = _CURVES[path] = (stamp, read_curve(path))
+    _CURVES.move_to_end(path)
+    while len(_CURVES) > _CURVES_KEPT:
+        _CURVES.popitem(last=False)
+    return hit[1]
 
 
 def _sweep_record(path: Path) -> dict:
@@ -234,7 +259,7 @@ def _trial_row(d: Path, curve_path: Path, info: dict, stopped: bool, rd: RunDir 
 
 def _trial_curve(curve_path: Path, row: dict, info: dict) -> pd.DataFrame:
     """A trial's logged steps, with the tokens since its fork and its shape for grouping."""
-    curve = read_curve(curve_path)
+    curve = _curve(curve_path)
     if not len(curve):
         return curve
     curve = curve.assign(trial_id=row["trial_id"], shape=row["shape"], fraction_actual=row["fraction_actual"])

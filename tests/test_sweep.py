@@ -733,6 +733,32 @@ def test_load_sweep_one_row_per_trial(tiny_sweep):
 
 
 
+def test_load_sweep_again_parses_only_the_curves_that_changed(tiny_sweep, tmp_path, monkeypatch):
+    """A notebook re-runs its cells on a live sweep: a call parses again only the curves written
+    since the last one, and returns what a first call would."""
+    import json
+    import shutil
+
+    from raypath import analysis, report
+
+    run = tmp_path / "run"  # a copy: a curve is appended to
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    sweep_dir = run / Path(tiny_sweep["dir"]).relative_to(tiny_sweep["cfg"].run_dir)
+    parsed = []
+    monkeypatch.setattr(analysis, "read_curve", lambda p: parsed.append(Path(p).name) or report.read_curve(p))
+    first = analysis.load_sweep(sweep_dir)
+    assert len(parsed) == 4
+    again = analysis.load_sweep(sweep_dir)
+    assert len(parsed) == 4 and all(a.equals(b) for a, b in zip(first, again))
+    curve = sorted((sweep_dir / "curves").glob("branch-*.jsonl"))[0]
+    last = json.loads(curve.read_text().splitlines()[-1])
+    with curve.open("a") as f:  # the trial logs a step more
+        f.write(json.dumps({**last, "step": last["step"] + 1}) + "\n")
+    trials, curves = analysis.load_sweep(sweep_dir)
+    assert parsed[4:] == [curve.name] and len(curves) == len(first[1]) + 1
+    assert trials.equals(first[0])
+
+
 def test_load_sweep_names_a_trial_file_that_is_not_json(tmp_path):
     """A trial's ``params.json`` cut short (a copy interrupted, a full disk) is named, as every
     other record of a run directory is, instead of a bare JSONDecodeError."""
