@@ -8,9 +8,11 @@ turn (``--repeats`` rounds), each in a fresh driver process with its own local R
 (``benchmarks/prepare_scale.py``'s driver), and reports: wall time and its ratio to the first
 mode's (per round, median), the stages (the dedup stage's own time from its log line), the
 driver's peak RSS, per planted kind the documents dropped (v2's drop files, by key), the dropped
-documents nobody planted, and the index's bytes on disk::
+documents nobody planted, and the index's bytes on disk. A mode ``minhash@T`` sets
+``data.minhash_threshold`` to T (``minhash@0``: a shared band alone drops)::
 
     python benchmarks/dedup_cost.py --mb 40 --out runs/dedup_cost
+    python benchmarks/dedup_cost.py --mb 40 --repeats 1 --modes none,minhash@0,minhash
 
 Writes ``OUT/results.json``.
 """
@@ -142,7 +144,7 @@ def near_partners(corpus: Path, run_dir: Path, planted: dict[str, set]) -> list[
     docs, rule, every = _docs(corpus), Rule("minhash"), set().union(*planted.values())
     bands: dict[bytes, list] = {}
     for doc_id, text in docs.items():  # versions, then keys: the order dedup keeps the first in
-        d = rule.digests(text)
+        d = rule.hashes(text)[0]
         for i in range(0, len(d), 16):
             bands.setdefault(d[i: i + 16], []).append(doc_id)
     partners: dict[tuple, set] = {}
@@ -186,9 +188,11 @@ def main() -> None:
         for mode in modes:
             run = out / "runs" / f"{mode}-r{rep}"
             shutil.rmtree(run, ignore_errors=True)  # a prepared run directory would prepare nothing
-            r = run_prepare(out / "corpus", run, code, args.actors, tok, (f"data.dedup={mode}",))
+            dedup, _, threshold = mode.partition("@")
+            r = run_prepare(out / "corpus", run, code, args.actors, tok,
+                            (f"data.dedup={dedup}", *([f"data.minhash_threshold={threshold}"] if threshold else [])))
             r.update(_found(run, planted))
-            if mode == "minhash" and rep == args.repeats - 1:
+            if dedup == "minhash" and rep == args.repeats - 1:
                 r["unplanted_similarity"] = near_partners(out / "corpus", run, planted)
                 sims = r["unplanted_similarity"]
                 print(f"  the {len(sims)} unplanted drops' Jaccard to their closest earlier document: min "

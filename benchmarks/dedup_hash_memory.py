@@ -9,6 +9,9 @@ own; a peak of the imports above it reads as 0), its seconds, its hash file (row
 bucket index at its end, of which a decide task reads its run's slice) (Linux)::
 
     python benchmarks/dedup_hash_memory.py --mb 512
+    python benchmarks/dedup_hash_memory.py --mb 512 --modes exact,minhash@0,minhash
+
+``minhash@T`` hashes with ``data.minhash_threshold`` T (``minhash@0``: rows without sketches).
 
 Prints the results as JSON.
 """
@@ -36,12 +39,13 @@ def _hash(files: list[str], mode: str, out: str) -> dict:
     from raypath.mirror import LOCAL
 
     parts = [{"path": f, "fmt": "jsonl", "start": 0, "stop": -1, "file": i} for i, f in enumerate(files)]
-    spec = dedup.DedupSpec("text", None, 0, LOCAL, dedup.Rule(mode))
+    kind, _, threshold = mode.partition("@")  # minhash@0: no sketches (data.minhash_threshold 0)
+    spec = dedup.DedupSpec("text", None, 0, LOCAL, dedup.Rule(kind, threshold=float(threshold or 0.7)))
     before, t0 = _rss_kb("VmRSS"), time.perf_counter()
     row = dedup.hash_group(pa.Table.from_pylist([{"parts": parts, "out": out}]), spec, pafs.LocalFileSystem())
     seconds, peak, size = time.perf_counter() - t0, _rss_kb("VmHWM"), Path(out).stat().st_size
     index = 8 * (dedup.BUCKETS + 1)  # a decide task reads its run's slice of it
-    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": (size - index) // dedup.HASH_ROW.itemsize,
+    return {"mode": mode, "docs": row.to_pylist()[0]["train"], "hash_rows": (size - index) // spec.rule.row.itemsize,
             "index_kb": round(index / 1e3, 1), "file_mb": round(size / 1e6, 1), "seconds": round(seconds, 1),
             "rss_before_mb": round(before / 1024, 1),
             "task_peak_mb": round((peak - before) / 1024, 1), "process_peak_mb": round(peak / 1024, 1)}

@@ -120,9 +120,13 @@ class DataConfig:
         every document. Fixed for a lineage.
     minhash_bands, minhash_rows: with ``dedup: minhash``, a document's MinHash values are
         ``bands`` x ``rows``, hashed per band; two documents whose word-shingle Jaccard
-        similarity is s share a band, and the later one is dropped, with probability
-        1 - (1 - s^rows)^bands (14 x 8: 0.4% at s = 0.5, 50% at 0.72, 94% at 0.8).
+        similarity is s share a band, and the later one is a candidate duplicate, with
+        probability 1 - (1 - s^rows)^bands (14 x 8: 0.4% at s = 0.5, 50% at 0.72, 94% at 0.8).
     minhash_shingle: words per shingle (lowercased text split on whitespace).
+    minhash_threshold: a candidate is dropped when its similarity to the document it shares
+        a band with, estimated from their other bands' MinHash values, is at least this
+        (each hash row then carries 2 bits a value: bands x rows / 4 bytes, 28 at 14 x 8);
+        0 drops every candidate (a shared paragraph can be enough).
     """
 
     corpus: str = "embedded"
@@ -144,6 +148,7 @@ class DataConfig:
     minhash_bands: int = 14
     minhash_rows: int = 8
     minhash_shingle: int = 5
+    minhash_threshold: float = 0.7
 
 
 @dataclass
@@ -649,6 +654,13 @@ def _validate_data(d: DataConfig) -> None:
     _check(d.dedup in DEDUP_MODES, "data.dedup", f"must be one of {', '.join(DEDUP_MODES)}, got {d.dedup!r}")
     for name in ("minhash_bands", "minhash_rows", "minhash_shingle"):
         _check(1 <= getattr(d, name) <= 1024, f"data.{name}", f"must be in [1, 1024], got {getattr(d, name)}")
+    _check(0 <= d.minhash_threshold <= 1, "data.minhash_threshold", f"must be in [0, 1], got {d.minhash_threshold}")
+    if d.dedup == "minhash" and d.minhash_threshold:  # the estimate leaves the shared band out
+        _check(d.minhash_bands >= 2, "data.minhash_bands", f"must be >= 2 with a minhash_threshold (the similarity "
+               f"is estimated from the bands not shared), got {d.minhash_bands}; or set minhash_threshold: 0")
+        _check(d.minhash_bands * d.minhash_rows <= 4096, "data.minhash_rows",
+               f"bands x rows must be <= 4096 with a minhash_threshold (each hash row carries a sketch of "
+               f"bands x rows / 4 bytes), got {d.minhash_bands * d.minhash_rows}")
     if d.corpus != "embedded" and not is_uri(d.corpus):  # a remote corpus is listed when preparing
         _check(Path(d.corpus).is_dir(), "data.corpus",
                f"{d.corpus!r} is a file, not a corpus directory (one sub-directory per version)"

@@ -803,7 +803,8 @@ def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: 
         # A version deduplicates against the index each earlier one left: none left, nothing to
         # check against; left and ignored, the lineage mixes two rules.
         raise DataError(f"{path}: its versions were prepared with data.dedup={manifest.get('dedup', 'none')!r}, "
-                        f"the config asks {dedup!r}; set it back, or use a new run_dir")
+                        f"the config asks {dedup!r}; set it back (data.dedup and its data.minhash_* settings; "
+                        f"a lineage prepared before data.minhash_threshold had none: 0), or use a new run_dir")
     for i, rec in enumerate(manifest["versions"][: len(sources)]):
         if sources[i].name != rec["name"]:
             raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "

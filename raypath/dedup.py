@@ -17,7 +17,8 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 1. hash, per run of consecutive chunks (:func:`hash_groups`): a 128-bit BLAKE2b of every
    document that tokenizing would keep (``minhash``: one per band of its signature, a row
-   each), :data:`HASH_ROW` rows ``(h1, h2, key)`` sorted by hash in
+   each, with a threshold each carrying the signature's 2-bit sketch), :data:`HASH_ROW` rows
+   ``(h1, h2, key)`` sorted by hash in
    ``dedup/hashes/part-GGGGGG.buckets``, a bucketed file (:mod:`raypath.bucketed`; a bucket
    is the top 16 bits of ``h1``). ``key`` names a train document: its file's number in
    the version << :data:`POS_BITS` | its position in the file (a jsonl line's byte offset, a
@@ -25,7 +26,8 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 2. decide, per range of buckets (a task per run of up to 16 consecutive ranges): that range's
    rows of every hash file and of the earlier versions' index (:func:`earlier_index`), sorted
    together by hash, then key: a train document is dropped when one of its rows is not the
-   first among its hash's rows. Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets
+   first among its hash's rows (``minhash`` with a threshold: and the two rows' sketches say
+   their documents are near, :meth:`Rule.near`). Writes ``dedup/index/part-LLLLL-HHHHH.parquet`` (its buckets
    [L, H): a later version's decide task reads the parts of its own buckets only; the hashes
    the version adds, the rows that came first: kept train documents', held-out ones' flagged
    ``held_out``, and with ``minhash`` a dropped document's other bands, so that a
@@ -45,16 +47,16 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
 
 Costs that grow with the data: one more read of each new version's train and held-out text
 (``minhash``: plus its signature, ~1 ms per 1,000 words); the index, ~25 bytes per distinct
-document (``minhash``: per band, ~260 bytes a document at 14 bands; stored about twice, with
-the latest snapshot), read once more by every later version's decide pass (each window of
-ranges the parts overlapping its buckets of the latest snapshot and of at most
-:data:`SNAPSHOT_EVERY` versions after it: about 1.5 files each, however long the lineage); a
-decide task's memory, about 50 bytes per row of its range (ranges are sized to
-:data:`RANGE_ROWS`) beside a window of ranges read ahead (:data:`DECIDE_READ_BYTES`);
-requests: per (hash file, run of decide ranges) an open and an index read, then a ranged read
-of exactly its bytes per (hash file, window of ranges) and one dataset read of the earlier
-parts per window; an open, an index read and a ranged read per (``ranges/`` file, collect
-run); one read per chunk group (of the drop part of its key range).
+document (``minhash``: per band, ~260 bytes a document at 14 bands, ~360 with the threshold's
+28-byte sketch in every row; stored about twice, with the latest snapshot), read once more by
+every later version's decide pass (each window of ranges the parts overlapping its buckets of
+the latest snapshot and of at most :data:`SNAPSHOT_EVERY` versions after it: about 1.5 files
+each, however long the lineage); a decide task's memory, about 50 bytes per row of its range
+(~130 with sketches; ranges are sized to :data:`RANGE_ROWS`) beside a window of ranges read
+ahead (:data:`DECIDE_READ_BYTES`); requests: per (hash file, run of decide ranges) an open and
+an index read, then a ranged read of exactly its bytes per (hash file, window of ranges) and
+one dataset read of the earlier parts per window; an open, an index read and a ranged read per
+(``ranges/`` file, collect run); one read per chunk group (of the drop part of its key range).
 """
 
 from __future__ import annotations
@@ -118,8 +120,8 @@ HASH_ROW = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("key", "<i8")])
 #: A decide range's dropped key with its :data:`CAUSES` index (``ranges/``, bucketed by chunk group).
 DROP_ROW = np.dtype([("key", "<i8"), ("cause", "i1")])
 #: Most input a hash task reads (:func:`hash_groups`). Its memory grows with its hash rows: at this
-#: size, of ~2 KB documents, 249 MB with ``minhash`` (3.2M rows, 25 s on a core), 21 MB with
-#: ``exact`` (``benchmarks/dedup_hash_memory.py``).
+#: size, of ~2 KB documents, 341 MB with ``minhash`` (3.2M rows with their sketches, 29-31 s on a
+#: core; 249 MB and 25 s without a threshold), 21 MB with ``exact`` (``benchmarks/dedup_hash_memory.py``).
 HASH_GROUP_BYTES = 512 << 20
 
 
@@ -132,31 +134,83 @@ class Rule:
         over its word ``shingle``-grams (lowercased, split on whitespace), one 128-bit hash per
         band; two documents whose word-shingle Jaccard similarity is s share a band with
         probability 1 - (1 - s^rows)^bands (14 x 8: 0.4% at s = 0.5, 50% at 0.72, 94% at 0.8,
-        100% at 0.9). A document sharing any band with one before it is dropped.
+        100% at 0.9). A document sharing a band with one before it is a candidate; with a
+        ``threshold``, it is dropped only when their similarity estimated from the signatures'
+        other bands (:func:`similarity`) is at least that (a shared band alone is no proof:
+        across millions of pairs, the S-curve's tail catches documents that share a paragraph);
+        with 0, on the shared band alone.
     """
 
     mode: str = "none"
     bands: int = 14
     rows: int = 8
     shingle: int = 5
+    threshold: float = 0.7
 
     def __str__(self) -> str:  # what the data manifest records, and compares on a re-run
         if self.mode != "minhash":
             return self.mode
-        return f"minhash(bands={self.bands}, rows={self.rows}, shingle={self.shingle})"
+        checked = f", threshold={self.threshold:g}" if self.threshold else ""
+        return f"minhash(bands={self.bands}, rows={self.rows}, shingle={self.shingle}{checked})"
 
     @property
     def per_doc(self) -> int:
         """Hash rows per document."""
         return self.bands if self.mode == "minhash" else 1
 
-    def digests(self, text: str) -> bytes:
-        """The document's 16-byte hashes, :attr:`per_doc` of them."""
+    @property
+    def sketch_bytes(self) -> int:
+        """Bytes of a document's signature sketch each of its hash rows carries (0: none kept)."""
+        return -(-self.bands * self.rows // 4) if self.mode == "minhash" and self.threshold else 0
+
+    @property
+    def row(self) -> np.dtype:
+        """A hash file's row under this rule (:data:`HASH_ROW`, and the sketch when it has one)."""
+        return hash_row(self.sketch_bytes)
+
+    def hashes(self, text: str) -> tuple[bytes, bytes]:
+        """The document's 16-byte hashes, :attr:`per_doc` of them, and its :attr:`sketch_bytes` sketch."""
         if self.mode != "minhash":
-            return hashlib.blake2b(text.encode(), digest_size=16).digest()
-        sig = minhash(text, self.bands * self.rows, self.shingle).astype("<u4").reshape(self.bands, self.rows)
-        return b"".join(hashlib.blake2b(band.tobytes(), digest_size=16, salt=i.to_bytes(16, "little")).digest()
-                        for i, band in enumerate(sig))
+            return hashlib.blake2b(text.encode(), digest_size=16).digest(), b""
+        sig = minhash(text, self.bands * self.rows, self.shingle).astype("<u4")
+        bands = sig.reshape(self.bands, self.rows)
+        digests = b"".join(hashlib.blake2b(band.tobytes(), digest_size=16, salt=i.to_bytes(16, "little")).digest()
+                           for i, band in enumerate(bands))
+        return digests, sketch(sig) if self.sketch_bytes else b""
+
+    def near(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Whether the documents of rows that share a band, their sketches ``a`` and ``b``
+        (``[rows, sketch_bytes]`` uint8), are near-duplicates: all of them without a threshold."""
+        if not self.sketch_bytes:
+            return np.ones(len(a), dtype=bool)
+        return similarity(a, b, self.bands * self.rows, self.rows) >= self.threshold
+
+
+def hash_row(sketch_bytes: int) -> np.dtype:
+    """A hash file's row: :data:`HASH_ROW`, then a MinHash sketch of ``sketch_bytes`` (if any)."""
+    return np.dtype(HASH_ROW.descr + [("sketch", "u1", (sketch_bytes,))]) if sketch_bytes else HASH_ROW
+
+
+def sketch(sig: np.ndarray) -> bytes:
+    """The low 2 bits of each MinHash value of a signature, four to a byte (14 x 8: 28 bytes).
+    Two documents' values agree with probability s (their Jaccard similarity), and their 2-bit
+    sketches s + (1 - s) / 4: :func:`similarity` inverts that."""
+    v = np.pad((sig & 3).astype(np.uint8), (0, -len(sig) % 4))
+    return (v[0::4] << 6 | v[1::4] << 4 | v[2::4] << 2 | v[3::4]).tobytes()
+
+
+# 2-bit fields equal to 0 in a byte: how many values of two sketches agree, from their XOR.
+_AGREE = np.array([sum((x >> s) & 3 == 0 for s in (0, 2, 4, 6)) for x in range(256)], dtype=np.int64)
+
+
+def similarity(a: np.ndarray, b: np.ndarray, n: int, rows: int) -> np.ndarray:
+    """Estimated Jaccard similarity of documents whose ``n``-value signatures' sketches are ``a``
+    and ``b`` (``[pairs, bytes]`` uint8), given that each pair shares a band: that band's ``rows``
+    values agree for certain and are left out, the other ``n - rows`` are a sample (std about
+    0.06 at s = 0.5 for 14 x 8)."""
+    agree = _AGREE[a ^ b].sum(axis=1) - (-n % 4)  # the padding's fields agree
+    p = (agree - rows) / max(n - rows, 1)
+    return (4 * p - 1) / 3
 
 
 def held_out_key(file: int, pos: int) -> int:
@@ -170,7 +224,7 @@ def _is_held_out(key: np.ndarray) -> np.ndarray:
 
 def rule_of(data) -> Rule:
     """The rule a :class:`raypath.config.DataConfig` asks for."""
-    return Rule(data.dedup, data.minhash_bands, data.minhash_rows, data.minhash_shingle)
+    return Rule(data.dedup, data.minhash_bands, data.minhash_rows, data.minhash_shingle, data.minhash_threshold)
 
 
 @functools.lru_cache(maxsize=4)
@@ -253,14 +307,24 @@ def hash_file(out_dir: str, g: int) -> str:
     return f"{out_dir}/hashes/part-{g:06d}.buckets"
 
 
-def write_hashes(digests: bytes | bytearray, keys, fs: pafs.FileSystem, path: str) -> None:
+#: Hash rows given their sketch per step of :func:`write_hashes`.
+_SKETCH_STEP = 1 << 20
+
+
+def write_hashes(digests: bytes | bytearray, keys, fs: pafs.FileSystem, path: str,
+                 sketches: bytes | bytearray = b"", per_doc: int = 1) -> None:
     """Documents' 16-byte hashes (``digests``, a row per key) to a hash file: :data:`HASH_ROW`
-    rows sorted by hash, bucketed by their top bits (:mod:`raypath.bucketed`)."""
+    rows sorted by hash, bucketed by their top bits (:mod:`raypath.bucketed`); with
+    ``sketches`` (one per document, ``per_doc`` hash rows each), every row carries its document's."""
     h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
     key = np.frombuffer(keys, dtype=np.int64) if isinstance(keys, array.array) else np.asarray(keys, dtype=np.int64)
     order = np.lexsort((key, h[:, 1], h[:, 0]))
-    rows = np.empty(len(key), HASH_ROW)
+    width = len(sketches) * per_doc // max(len(key), 1)
+    rows = np.empty(len(key), hash_row(width))
     rows["h1"], rows["h2"], rows["key"] = h[order, 0], h[order, 1], key[order]
+    sk = np.frombuffer(sketches, dtype=np.uint8).reshape(-1, max(width, 1))
+    for i in range(0, len(rows) if width else 0, _SKETCH_STEP):  # a step's copy at a time, not all rows'
+        rows["sketch"][i:i + _SKETCH_STEP] = sk[order[i:i + _SKETCH_STEP] // per_doc]
     del order
     # Each bucket's first row, from the sorted h1 (no per-row bucket array).
     firsts = np.searchsorted(rows["h1"], np.arange(1, BUCKETS, dtype=np.uint64) << np.uint64(BUCKET_SHIFT))
@@ -271,18 +335,21 @@ def hash_group(batch: pa.Table, spec: DedupSpec, fs: pafs.FileSystem) -> pa.Tabl
     """A hash group's documents -> their hash rows, sorted by hash, in the item's ``out`` file;
     returns one row of counts."""
     item = batch.to_pylist()[0]
-    # 16 bytes a hash and 8 a key, no Python object per row: 3.2M minhash rows are 77 MB here.
-    digests, keys, held_out = bytearray(), array.array("q"), 0
+    # 16 bytes a hash, 8 a key and a sketch per document, no Python object per row: 3.2M minhash
+    # rows are 77 MB here (and 6.4 MB of sketches).
+    digests, sketches, keys, held_out = bytearray(), bytearray(), array.array("q"), 0
     for p in item["parts"]:
         spec.rd.fetch(p["path"], missing_ok=True)
         for _, text, problem, pos in iter_docs(Chunk(p["path"], p["fmt"], p["start"], p["stop"]), spec.text_column,
                                                spec.endpoint):
             if doc_status(text, problem, spec.max_doc_chars) == "ok":
-                digests += spec.rule.digests(text)
+                d, sk = spec.rule.hashes(text)
+                digests += d
+                sketches += sk
                 key = (p["file"] << POS_BITS | pos) if "held_out" not in p else held_out_key(p["held_out"], pos)
                 keys.extend([key] * spec.rule.per_doc)
                 held_out += key < 0
-    write_hashes(digests, keys, fs, item["out"])
+    write_hashes(digests, keys, fs, item["out"], sketches, spec.rule.per_doc)
     return pa.table({"train": [len(keys) // spec.rule.per_doc - held_out], "held_out": [held_out]})
 
 
@@ -295,40 +362,39 @@ def _read(fs: pafs.FileSystem, files: list[str], columns: list[str], lo: int, hi
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns, filter=flt)
 
 
-def decide(h1: np.ndarray, h2: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decide(h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows sorted by (h1, h2, key), earlier versions' keys < held-out ones < train: (whether each row
-    comes first among its hash's, the key of that first row, per row)."""
-    n = len(key)
+    comes first among its hash's, the position of that first row, per row)."""
+    n = len(h1)
     first = np.ones(n, dtype=bool)
     first[1:] = (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])
-    head = np.maximum.accumulate(np.where(first, np.arange(n), 0)) if n else np.zeros(0, np.int64)
-    return first, key[head]
+    return first, np.maximum.accumulate(np.where(first, np.arange(n), 0)) if n else np.zeros(0, np.int64)
 
 
 def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], index_files: list[str],
                   starts: list[int], out_dir: str, fs: pafs.FileSystem, snapshot: bool = False,
-                  earlier_rows: int = 0) -> pa.Table:
+                  earlier_rows: int = 0, rule: Rule = Rule("exact")) -> pa.Table:
     """A run of consecutive ranges ``first..last`` of buckets (range r: buckets ``edges[r]`` to
     ``edges[r + 1]``), one at a time, read in windows of ranges: each hash file's index entries
     for the run once, then for each window its bytes in one ranged read and the earlier index
     parts' rows of its buckets in one dataset read (a window holds up to
     :data:`DECIDE_READ_BYTES` of both, the index's ~:data:`_INDEX_ROW_BYTES` a row of the
-    ``earlier_rows`` spread evenly over the buckets). The ranges' dropped keys go to one file per
+    ``earlier_rows`` spread evenly over the buckets; rows are ``rule``'s). The ranges' dropped keys go to one file per
     run of them holding up to :data:`RANGE_ROWS` (the collect pass reads each such file once per
     collect run: fewer files, fewer reads). ``snapshot``: each range also writes the whole index
     of its buckets (:func:`earlier_index`). Returns one row of counts per range, with that file."""
     item = batch.to_pylist()[0]
     first, last = item["first"], item["last"]
     files = bucketed.BucketedFiles(fs, hash_files, edges[first], edges[last + 1] - 1, BUCKETS)
-    index_bytes = np.diff(edges[first:last + 2]) * (earlier_rows * _INDEX_ROW_BYTES // BUCKETS)
+    index_bytes = np.diff(edges[first:last + 2]) * (earlier_rows * (_INDEX_ROW_BYTES + rule.sketch_bytes) // BUCKETS)
     rows, held, pending = [], 0, []  # pending: the drops not yet written, from range held on
     try:
         for lo, hi in files.windows(DECIDE_READ_BYTES, edges[first:last + 2], index_bytes):
             files.read(lo, hi)  # consecutive ranges' rows of a hash file lie together: one read for them
-            old = _EarlierRows(fs, index_files, lo, hi + 1)
+            old = _EarlierRows(fs, index_files, lo, hi + 1, rule.sketch_bytes)
             for r in range(edges.index(lo), edges.index(hi + 1)):
-                row, drops = decide_range(r, edges[r], edges[r + 1], files.rows(edges[r], edges[r + 1] - 1, HASH_ROW),
-                                          old.of(edges[r], edges[r + 1]), out_dir, fs, snapshot)
+                row, drops = decide_range(r, edges[r], edges[r + 1], files.rows(edges[r], edges[r + 1] - 1, rule.row),
+                                          old.of(edges[r], edges[r + 1]), out_dir, fs, snapshot, rule)
                 if pending and sum(map(len, pending)) + len(drops) > RANGE_ROWS:
                     _write_drops(pending, range_file(out_dir, held), starts, fs)
                     pending = []
@@ -342,7 +408,8 @@ def decide_ranges(batch: pa.Table, edges: list[int], hash_files: list[str], inde
     return pa.Table.from_pylist(rows, schema=_DECIDED)
 
 
-#: What an earlier index row costs a decide task while its window is held (h1, h2, held_out).
+#: What an earlier index row costs a decide task while its window is held (h1, h2, held_out; and a
+#: sketch with a ``minhash`` threshold).
 _INDEX_ROW_BYTES = 17
 
 
@@ -350,20 +417,40 @@ class _EarlierRows:
     """The earlier versions' index rows of buckets [lo, hi), from the parts overlapping them (one
     dataset read), ordered by bucket so that each range of the window takes its slice."""
 
-    def __init__(self, fs: pafs.FileSystem, index_files: list[str], lo: int, hi: int):
-        old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], ["h1", "h2", "held_out"], lo, hi)
-        h1 = np.zeros(0, np.uint64) if old is None else old.column("h1").to_numpy()
+    def __init__(self, fs: pafs.FileSystem, index_files: list[str], lo: int, hi: int, sketch_bytes: int = 0):
+        columns = ["h1", "h2", "held_out", *(["sketch"] if sketch_bytes else [])]
+        old = _read(fs, [f for f in index_files if _overlaps(_buckets_of(f), lo, hi)], columns, lo, hi)
+        if old is None:
+            types = [pa.uint64(), pa.uint64(), pa.bool_(), pa.binary(max(sketch_bytes, 1))]
+            old = pa.table({c: pa.array([], t) for c, t in zip(columns, types)})
+        h1 = old.column("h1").to_numpy()
         order = np.argsort(h1, kind="stable")
-        self.h1 = h1[order]
-        self.h2 = np.zeros(0, np.uint64) if old is None else old.column("h2").to_numpy()[order]
-        self.held_out = np.zeros(0, bool) if old is None else \
-            old.column("held_out").to_numpy(zero_copy_only=False)[order]
+        self.h1, self.h2 = h1[order], old.column("h2").to_numpy()[order]
+        self.held_out = old.column("held_out").to_numpy(zero_copy_only=False)[order]
+        self.sketch = _sketches(old.column("sketch"), sketch_bytes)[order] if sketch_bytes else \
+            np.zeros((len(h1), 0), np.uint8)
 
-    def of(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(h1, h2, held_out) of the rows in buckets [lo, hi)."""
+    def of(self, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """(h1, h2, held_out, sketch) of the rows in buckets [lo, hi)."""
         i, j = (np.searchsorted(self.h1, np.uint64(b << BUCKET_SHIFT)) if b < BUCKETS else len(self.h1)
                 for b in (lo, hi))
-        return self.h1[i:j], self.h2[i:j], self.held_out[i:j]
+        return self.h1[i:j], self.h2[i:j], self.held_out[i:j], self.sketch[i:j]
+
+
+def _sketches(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """An index's ``sketch`` column (fixed-size binary) as a ``[rows, width]`` uint8 array."""
+    arr = column.combine_chunks()
+    data = np.frombuffer(arr.buffers()[1], dtype=np.uint8) if len(arr) else np.zeros(0, np.uint8)
+    return data[arr.offset * width:(arr.offset + len(arr)) * width].reshape(-1, width)
+
+
+def _index_table(h1: np.ndarray, h2: np.ndarray, held_out: np.ndarray, sketch: np.ndarray) -> pa.Table:
+    """Index rows (a version's own part, or a snapshot's): with their sketches when they have them."""
+    cols = {"bucket": (h1 >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1, "h2": h2, "held_out": held_out}
+    if sketch.shape[1]:
+        cols["sketch"] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(sketch.shape[1]), len(sketch),
+                                                               [None, pa.py_buffer(np.ascontiguousarray(sketch))])
+    return pa.table(cols)
 
 
 def _write_drops(pending: list[np.ndarray], path: str, starts: list[int], fs: pafs.FileSystem) -> None:
@@ -377,36 +464,47 @@ _DECIDED = pa.schema([("range", pa.int64()), ("index_rows", pa.int64()), *((c, p
                       ("held_out_trained", pa.list_(pa.int64())), ("file", pa.string())])
 
 
-def decide_range(r: int, lo: int, hi: int, new: np.ndarray, old: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 out_dir: str, fs: pafs.FileSystem, snapshot: bool = False) -> tuple[dict, np.ndarray]:
-    """Range ``r``, buckets [lo, hi): this version's hash rows there (``new``, :data:`HASH_ROW`)
-    against the earlier versions' index rows of those buckets (``old``: h1, h2, held_out) -> this
-    version's index part (and with ``snapshot`` the whole index of those buckets: every hash's
-    first row) and dropped keys (files written only when they have rows); returns its counts and
-    the dropped keys."""
+def decide_range(r: int, lo: int, hi: int, new: np.ndarray, old: tuple[np.ndarray, ...], out_dir: str,
+                 fs: pafs.FileSystem, snapshot: bool = False, rule: Rule = Rule("exact")) -> tuple[dict, np.ndarray]:
+    """Range ``r``, buckets [lo, hi): this version's hash rows there (``new``, ``rule.row``)
+    against the earlier versions' index rows of those buckets (``old``: h1, h2, held_out, sketch)
+    -> this version's index part (and with ``snapshot`` the whole index of those buckets: every
+    hash's first row) and dropped keys (files written only when they have rows); returns its
+    counts and the dropped keys.
+
+    A row that is not its hash's first is a duplicate of the first row's document (``minhash``
+    with a threshold: when their sketches say they are near, :meth:`Rule.near`). Only the first
+    row is compared, however many the hash holds: a band common to many documents costs a
+    comparison each, and near-duplicates share most of their bands, so one compared with a
+    dissimilar first row in one band meets its near twin first in another."""
     from raypath.data import write_table
 
+    width = rule.sketch_bytes
     h1 = np.concatenate([old[0], new["h1"]])
     h2 = np.concatenate([old[1], new["h2"]])
     key = np.concatenate([np.where(old[2], _EARLIER_HELD_OUT, _EARLIER).astype(np.int64), new["key"]])
+    sk = np.concatenate([old[3], new["sketch"]]) if width else np.zeros((len(key), 0), np.uint8)
     order = np.lexsort((key, h2, h1))
-    h1, h2, key = h1[order], h2[order], key[order]
-    first, head = decide(h1, h2, key)
-    dropped = (key >= 0) & ~first
+    h1, h2, key, sk = h1[order], h2[order], key[order], sk[order]
+    first, head = decide(h1, h2)
+    near = np.ones(len(key), dtype=bool)
+    later = np.flatnonzero(~first)
+    near[later] = rule.near(sk[later], sk[head[later]])
+    head = key[head]
+    dropped = (key >= 0) & ~first & near
     adds = first & (key > _EARLIER)
     if adds.any():
-        index = pa.table({"bucket": (h1[adds] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[adds],
-                          "h2": h2[adds], "held_out": _is_held_out(key[adds])})
-        write_table(index, fs, f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
+        write_table(_index_table(h1[adds], h2[adds], _is_held_out(key[adds]), sk[adds]), fs,
+                    f"{out_dir}/index/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     if snapshot and first.any():  # an earlier row is always its hash's first: earlier rows and the adds
-        whole = pa.table({"bucket": (h1[first] >> np.uint64(BUCKET_SHIFT)).astype(np.uint16), "h1": h1[first],
-                          "h2": h2[first], "held_out": (key[first] == _EARLIER_HELD_OUT) | _is_held_out(key[first])})
-        write_table(whole, fs, f"{out_dir}/snapshot/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
+        held = (key[first] == _EARLIER_HELD_OUT) | _is_held_out(key[first])
+        write_table(_index_table(h1[first], h2[first], held, sk[first]), fs,
+                    f"{out_dir}/snapshot/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
     drops = np.empty(len(keys), DROP_ROW)
     drops["key"], drops["cause"] = keys, cause
     # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
-    trained = np.unique(key[_is_held_out(key) & (head == _EARLIER)])
+    trained = np.unique(key[_is_held_out(key) & (head == _EARLIER) & near])
     return {"range": r, "index_rows": int(adds.sum()),
             **{c: int((drops["cause"] == i).sum()) for i, c in enumerate(CAUSES)},
             "held_out_trained": trained.tolist()}, drops
@@ -570,7 +668,7 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     progress = Progress(log, f"deduplicating {name} against {len(earlier)} index files", n, "ranges")
     for row in _tasks(bucketed.runs(list(range(n)), cpus), decide_ranges, edges=edges, hash_files=hashes,
                       index_files=earlier, starts=starts, out_dir=out_dir, fs=fs, snapshot=snapshot,
-                      earlier_rows=earlier_rows).iter_rows():
+                      earlier_rows=earlier_rows, rule=spec.rule).iter_rows():
         out["index_rows"] += row["index_rows"]
         drop_rows += sum(row[c] for c in CAUSES)
         trained.update(row["held_out_trained"])

@@ -505,7 +505,8 @@ def _migrate_sweeps(data: dict) -> None:
 #: (``None``: the whole section; how the model computes, ``model.attn_implementation``, may change).
 FIXED_SETTINGS = (("model", None),
                   ("data", ("seq_len", "tokenizer", "vocab_size", "tokenizer_max_chars", "max_docs_per_version",
-                            "seed", "dedup", "minhash_bands", "minhash_rows", "minhash_shingle")),
+                            "seed", "dedup", "minhash_bands", "minhash_rows", "minhash_shingle",
+                            "minhash_threshold")),
                   ("train", ("global_batch_size", "max_lr", "warmup_steps")))
 #: What only the tokenizer a run trains itself reads (not one of ``data.tokenizer`` or ``model.path``).
 OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
@@ -513,7 +514,7 @@ OWN_TOKENIZER_SETTINGS = ("data.vocab_size", "data.tokenizer_max_chars")
 #: corpus, ``data.seed`` seeds only the versions still to prepare.
 EMBEDDED_CORPUS_SETTINGS = ("data.max_docs_per_version", "data.seed")
 #: What only ``data.dedup: minhash`` reads.
-MINHASH_SETTINGS = ("data.minhash_bands", "data.minhash_rows", "data.minhash_shingle")
+MINHASH_SETTINGS = ("data.minhash_bands", "data.minhash_rows", "data.minhash_shingle", "data.minhash_threshold")
 #: What builds a fresh model: a base model's own ``config.json`` gives its architecture (``model.path``).
 FRESH_MODEL_SETTINGS = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
                         "model.intermediate_size", "model.max_position_embeddings", "model.tie_word_embeddings",

@@ -293,6 +293,9 @@ def test_config_error_is_a_value_error():
     ("data:\n  tokenizer_max_chars: 0\n", "data.tokenizer_max_chars"),
     ("data:\n  dedup: fuzzy\n", "data.dedup"),
     ("data:\n  minhash_bands: 0\n", "data.minhash_bands"),
+    ("data:\n  minhash_threshold: 1.5\n", "data.minhash_threshold"),
+    ("data:\n  dedup: minhash\n  minhash_bands: 1\n", "data.minhash_bands"),  # nothing left to estimate from
+    ("data:\n  dedup: minhash\n  minhash_bands: 100\n  minhash_rows: 100\n", "data.minhash_rows"),
     ("data:\n  corpus: ''\n", "data.corpus"),  # Path('') is the working directory
     ("run_dir: ''\n", "run_dir"),
     ("name: ' '\n", "name"),

@@ -305,7 +305,13 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
     text = _text(b, tokenizer_dir)
     assert "doc 0.40:" not in text and "doc 11.3:" not in text and text.count("doc 1.5:") <= 1
     assert read_manifest(tmp_path / "run" / "manifest.json")["dedup"] == str(rule) == \
-        "minhash(bands=14, rows=8, shingle=5)"
+        "minhash(bands=14, rows=8, shingle=5, threshold=0.7)"
+    assert str(Rule("minhash", threshold=0)) == "minhash(bands=14, rows=8, shingle=5)"  # as lineages before it
+    from raypath.data import check_prepared
+
+    with pytest.raises(DataError, match=r"the config asks 'minhash\(bands=14, rows=8, shingle=5\)'; set it back "
+                                        r"\(data.dedup and its data.minhash_\* settings"):
+        check_prepared(discover_versions(corpus), tmp_path / "run", 16, str(Rule("minhash", threshold=0)))
 
 
 def test_a_document_dropped_for_several_causes_in_several_ranges_counts_once_under_the_lowest(tmp_path, monkeypatch):
@@ -488,6 +494,64 @@ def test_hash_groups_are_few_and_large_while_every_cpu_keeps_two(monkeypatch):
     assert [len(g) for g in dedup.hash_groups(chunks, 100, cpus=8)] == [4] * 16  # two tasks a CPU
     assert [len(g) for g in dedup.hash_groups(chunks, 100, cpus=64)] == [1] * 64  # never below a chunk group
     assert sum(dedup.hash_groups(chunks, 100, cpus=3), []) == chunks  # in order, each chunk once
+
+
+def test_a_band_shared_by_chance_drops_a_document_only_when_the_rest_of_the_signatures_agree(tmp_path):
+    """64 bands of one value: documents sharing a quarter of their shingles share a band almost
+    surely. A threshold keeps such a document (an earlier version trained the other, or held it
+    out), 0 drops it; a near-copy is dropped either way, by the sketches an earlier version's
+    snapshot of the index carries."""
+    import pyarrow.fs as pafs
+
+    from raypath import bucketed, dedup
+    from raypath.mirror import LOCAL
+
+    fs, w = pafs.LocalFileSystem(), [f"w{i}" for i in range(4000)]
+    a, held = " ".join(w[:400]), " ".join(w[3000:3400])
+    v2 = [" ".join(w[:160] + w[1000:1240]),  # 156 of the 636 shingles of both: Jaccard 0.25 to a
+          a + " extra",  # a near-copy of a
+          " ".join(w[3000:3160] + w[2000:2240]),  # Jaccard 0.25 to v1's held-out document
+          " ".join(w[400:800])]  # new
+    offsets = np.cumsum([0] + [len(json.dumps({"text": d})) + 1 for d in v2]).tolist()
+    task = pa.Table.from_pylist([{"first": 0, "last": 0}])
+
+    def hashes(rule: Rule, v: str, train: list[str], val: list[str]) -> list[str]:
+        out = []
+        for k, (docs, extra) in enumerate([(train, {"file": 0}), (val, {"file": -1, "held_out": 0})]):
+            _write_jsonl(path := tmp_path / str(rule.threshold) / v / f"{k}.jsonl", docs)
+            out.append(str(path.with_suffix(".buckets")))
+            item = {"parts": [{"path": str(path), "fmt": "jsonl", "start": 0, "stop": -1, **extra}], "out": out[-1]}
+            dedup.hash_group(pa.Table.from_pylist([item]), dedup.DedupSpec("text", None, 0, LOCAL, rule), fs)
+        return out
+
+    def dropped(threshold: float) -> dict[int, str]:
+        rule, root = Rule("minhash", bands=64, rows=1, threshold=threshold), tmp_path / str(threshold)
+        assert rule.row.itemsize == 24 + (16 if threshold else 0)  # 2 bits a value, in every hash row
+        dedup.decide_ranges(task, [0, 65536], hashes(rule, "v1", [a], [held]), [], [0], f"{root}/v1/dedup", fs,
+                            snapshot=True, rule=rule)
+        snapshot = dedup.index_files(fs, str(root / "v1"), "snapshot")
+        assert pq.read_schema(snapshot[0]).names[-1] == ("sketch" if threshold else "held_out")
+        got = dedup.decide_ranges(task, [0, 65536], hashes(rule, "v2", v2, []), snapshot, [0], f"{root}/v2/dedup",
+                                  fs, rule=rule).to_pylist()[0]
+        rows = bucketed.BucketedFiles(fs, [got["file"]], 0, 0, 1).rows(0, 0, dedup.DROP_ROW) if got["file"] else []
+        return {int(k): dedup.CAUSES[c] for k, c in rows}
+
+    assert dropped(0) == {offsets[0]: "earlier", offsets[1]: "earlier", offsets[2]: "held_out"}
+    assert dropped(0.7) == {offsets[1]: "earlier"}
+
+
+def test_sketches_estimate_the_similarity_of_documents_that_share_a_band():
+    from raypath.dedup import similarity
+
+    rule, w = Rule("minhash"), [f"w{i}" for i in range(2000)]
+    base = " ".join(w[:400])
+    for shared in (400, 380, 300, 200):  # Jaccard 1, 0.90, 0.60, 0.33
+        other = " ".join(w[:shared] + w[1000:1400 - shared])
+        sa, sb = ({tuple(t.split()[i:i + 5]) for i in range(396)} for t in (base, other))
+        got = similarity(*(np.frombuffer(rule.hashes(t)[1], np.uint8)[None] for t in (base, other)), 112, 8)
+        assert abs(got[0] - len(sa & sb) / len(sa | sb)) < 0.1, shared
+    assert rule.sketch_bytes == 28 and Rule("minhash", bands=3, rows=3).sketch_bytes == 3  # 9 values, padded
+    assert Rule("minhash", threshold=0).sketch_bytes == Rule("exact").sketch_bytes == 0
 
 
 def test_minhash_values_agree_in_proportion_to_the_shingles_shared():
