@@ -38,7 +38,8 @@ A map-reduce through the filesystem in Ray tasks; the driver holds counts only:
    hash, the lowest of its rows'; bucketed by train chunk group, :func:`group_starts`).
 3. collect, per run of consecutive train chunk groups (about :data:`RANGE_ROWS` dropped keys a
    run): its groups' bytes of every ``ranges/`` file, each key once under its lowest cause, in
-   ``dedup/drop/part-<lo>-<hi>.parquet`` (hex keys): every decide range holds drops of every
+   ``dedup/drop/part-<lo>-<hi>.parquet`` (hex keys; the candidates a ``minhash`` threshold kept,
+   :data:`KEPT`, are counted and left out): every decide range holds drops of every
    chunk group, so without this each tokenize task would read one file per range.
 4. tokenize (:class:`raypath.data.TokenizePack`): each group reads the dropped keys of its
    files from the drop part of its key range (:func:`dropped_keys`, row groups pruned by key)
@@ -96,6 +97,9 @@ _NO_KEY = (1 << 63) - 1
 #: Why a train document is dropped, by the first row of one of its hashes, in the order a
 #: document dropped for several is counted under.
 CAUSES = ("held_out", "earlier", "within")
+#: A drop row's cause for a train document that shared a band with an earlier one and was kept by
+#: the similarity check (``minhash`` with a threshold): counted (``near_kept``), never dropped.
+KEPT = len(CAUSES)
 BUCKET_SHIFT = 48
 #: Buckets of hash space (the top bits of ``h1``): a decide range is a run of them.
 BUCKETS = 1 << (64 - BUCKET_SHIFT)
@@ -491,7 +495,8 @@ def decide_range(r: int, lo: int, hi: int, new: np.ndarray, old: tuple[np.ndarra
     later = np.flatnonzero(~first)
     near[later] = rule.near(sk[later], sk[head[later]])
     head = key[head]
-    dropped = (key >= 0) & ~first & near
+    candidate = (key >= 0) & ~first
+    dropped = candidate & near
     adds = first & (key > _EARLIER)
     if adds.any():
         write_table(_index_table(h1[adds], h2[adds], _is_held_out(key[adds]), sk[adds]), fs,
@@ -501,6 +506,9 @@ def decide_range(r: int, lo: int, hi: int, new: np.ndarray, old: tuple[np.ndarra
         write_table(_index_table(h1[first], h2[first], held, sk[first]), fs,
                     f"{out_dir}/snapshot/part-{lo:05d}-{hi:05d}.parquet", row_group_size=ROW_GROUP)
     keys, cause = _first_cause(key[dropped], head[dropped])
+    kept = key[candidate & ~near]  # a document kept here may be dropped by another of its bands: collect decides
+    keys, cause = _lowest_cause(np.concatenate([keys, kept]),
+                                np.concatenate([cause, np.full(len(kept), KEPT, np.int8)]))
     drops = np.empty(len(keys), DROP_ROW)
     drops["key"], drops["cause"] = keys, cause
     # Bounded by the version's val/test documents (fixed evaluation budgets), not by its train data.
@@ -556,7 +564,7 @@ def collect_drops(batch: pa.Table, range_files: list[str], starts: list[int], ou
     from every decide range's file (one ranged read each): each key once, with the lowest of its
     causes, sorted, in ``drop/part-<lo>-<hi>.parquet`` (hex keys; written only when it has rows):
     a tokenize task reads the one part of its own key range, not a part per decide range.
-    Returns one row of counts per cause."""
+    Returns one row of counts per cause, and of the candidates the similarity check kept (:data:`KEPT`)."""
     from raypath.data import write_table
 
     item = batch.to_pylist()[0]
@@ -568,10 +576,13 @@ def collect_drops(batch: pa.Table, range_files: list[str], starts: list[int], ou
     finally:
         files.close()
     keys, cause = _lowest_cause(rows["key"], rows["cause"])
+    kept = cause == KEPT
+    keys, cause = keys[~kept], cause[~kept]
     path = f"{out_dir}/drop/part-{lo:016x}-{hi:016x}.parquet" if len(keys) else ""
     if path:
         write_table(pa.table({"key": keys, "cause": cause}), fs, path, row_group_size=SLICE_ROW_GROUP)
-    return pa.table({"file": [path], **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)}})
+    return pa.table({"file": [path], **{c: [int((cause == i).sum())] for i, c in enumerate(CAUSES)},
+                     "near_kept": [int(kept.sum())]})
 
 
 # ---------------------------------------------------------------- 4. what tokenizing skips
@@ -642,7 +653,9 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
     write the whole index (recorded as ``"snapshot": true``). Returns ``{"drop_files", "docs",
     "dropped", *CAUSES, "index_rows", "held_out_docs", "held_out_trained"}``: each dropped
     document counted once (a ``minhash`` one's bands are decided in several ranges), under its
-    lowest cause, as the tokenizer skips it (:func:`record_drops` checks).
+    lowest cause, as the tokenizer skips it (:func:`record_drops` checks); with a ``minhash``
+    threshold also ``"near_kept"``: the train documents that shared a band with an earlier one
+    and were kept by the similarity check of every such band.
     """
     import ray
 
@@ -676,6 +689,8 @@ def dedup_version(name: str, train: list[dict], held_out: list[dict], earlier: l
         progress.add(1)
     _remove(fs, f"{out_dir}/hashes")
     causes, drop_files = _collect(name, starts, sorted(range_files), drop_rows, out_dir, fs)
+    if not spec.rule.sketch_bytes:  # no check, none kept
+        causes.pop("near_kept")
     out.update(causes)
     out["held_out_trained"] = len(trained)
     out["dropped"] = sum(out[c] for c in CAUSES)
@@ -695,17 +710,17 @@ def _collect(name: str, starts: list[int], range_files: list[str], drop_rows: in
              fs: pafs.FileSystem) -> tuple[dict[str, int], list[str]]:
     """Every decide range holds drops of every chunk group: regrouped by key range here, once, so
     that each tokenize task reads one file rather than one per range (tasks x ranges reads).
-    Returns the dropped documents per cause and the drop files."""
+    Returns the dropped documents per cause (and ``near_kept``) and the drop files."""
     from raypath.console import Progress
     from raypath.data import _tasks
 
-    counts, files = dict.fromkeys(CAUSES, 0), []
+    counts, files = dict.fromkeys((*CAUSES, "near_kept"), 0), []
     if range_files:
         runs = collect_runs(starts, drop_rows)
         progress = Progress(log, f"collecting {name}'s dropped documents", len(runs), "key ranges")
         for row in _tasks(runs, collect_drops, range_files=range_files, starts=starts, out_dir=out_dir,
                           fs=fs).iter_rows():
-            counts = {c: counts[c] + row[c] for c in CAUSES}
+            counts = {c: counts[c] + row[c] for c in counts}
             files += [row["file"]] if row["file"] else []
             progress.add(1)
     _remove(fs, f"{out_dir}/ranges")
@@ -726,6 +741,7 @@ def record_drops(name: str, record: dict, skipped: dict[str, int], rule: Rule) -
         raise RuntimeError(f"version {name}: tokenizing skipped duplicate documents {counts}, deduplication "
                            f"decided { {c: record[c] for c in CAUSES} }")
     log.info("version %s: %d of %d train documents dropped (%.1f%%; %s): %d trained in an earlier version, %d "
-             "matching held-out ones, %d repeated within it", name, record["dropped"], record["docs"],
+             "matching held-out ones, %d repeated within it%s", name, record["dropped"], record["docs"],
              100 * record["dropped"] / max(record["docs"], 1), rule, counts["earlier"], counts["held_out"],
-             counts["within"])
+             counts["within"], f"; {record['near_kept']} kept that shared a band with an earlier one, below "
+             f"the similarity threshold" if "near_kept" in record else "")

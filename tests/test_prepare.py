@@ -289,11 +289,11 @@ def test_minhash_dedup_also_drops_near_duplicates(ray_cluster, tmp_path, tokeniz
     rule = Rule("minhash")
     a, b = prepare_versions(discover_versions(corpus), _spec(tmp_path / "run", tokenizer_dir, dedup=rule))
     assert a["dedup"] == {"docs": 63, "dropped": 3, "earlier": 0, "held_out": 0, "within": 3, "index_rows": 66 * 14,
-                          "held_out_docs": 6, "held_out_trained": 0}
+                          "held_out_docs": 6, "held_out_trained": 0, "near_kept": 0}
     # Each cause counted once per document, whatever the ranges its bands were decided in.
     assert {k: v for k, v in b["dedup"].items() if k != "index_rows"} == {
         "docs": 75, "dropped": 12 + 3, "earlier": 5 + 1, "held_out": 3 + 1, "within": 4 + 1, "held_out_docs": 7,
-        "held_out_trained": 1}
+        "held_out_trained": 1, "near_kept": 0}
     assert b["docs"] == 60
     from raypath import dedup  # a document's bands decided in many ranges: the same record and blocks
     monkeypatch.setattr(dedup, "RANGE_ROWS", 200)
@@ -533,11 +533,17 @@ def test_a_band_shared_by_chance_drops_a_document_only_when_the_rest_of_the_sign
         assert pq.read_schema(snapshot[0]).names[-1] == ("sketch" if threshold else "held_out")
         got = dedup.decide_ranges(task, [0, 65536], hashes(rule, "v2", v2, []), snapshot, [0], f"{root}/v2/dedup",
                                   fs, rule=rule).to_pylist()[0]
-        rows = bucketed.BucketedFiles(fs, [got["file"]], 0, 0, 1).rows(0, 0, dedup.DROP_ROW) if got["file"] else []
-        return {int(k): dedup.CAUSES[c] for k, c in rows}
+        rows = bucketed.BucketedFiles(fs, [got["file"]], 0, 0, 1).rows(0, 0, dedup.DROP_ROW)
+        collected = dedup.collect_drops(pa.Table.from_pylist([{"first": 0, "last": 0}]), [got["file"]], [0],
+                                        f"{root}/v2/dedup", fs).to_pylist()[0]
+        # what tokenizing skips: the drops, not the candidates the check kept (counted)
+        assert dedup.dropped_keys(fs, [collected["file"]], 0, 1 << 62) == \
+            {int(k): dedup.CAUSES[c] for k, c in rows if c != dedup.KEPT}
+        assert collected["near_kept"] == sum(c == dedup.KEPT for _, c in rows)
+        return {int(k): (*dedup.CAUSES, "kept")[c] for k, c in rows}
 
     assert dropped(0) == {offsets[0]: "earlier", offsets[1]: "earlier", offsets[2]: "held_out"}
-    assert dropped(0.7) == {offsets[1]: "earlier"}
+    assert dropped(0.7) == {offsets[0]: "kept", offsets[1]: "earlier", offsets[2]: "kept"}
 
 
 def test_sketches_estimate_the_similarity_of_documents_that_share_a_band():
