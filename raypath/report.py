@@ -249,15 +249,19 @@ def _config_summary(cfg: dict) -> list[str]:
 
 def format_versions(lineage: Lineage) -> str:
     """The versions table of :func:`format_status` (what ``raypath prepare`` prints), with a note per
-    version whose held-out documents an earlier version trained (``data.dedup`` found them)."""
+    version whose held-out documents an earlier version trained (``data.dedup`` found them), and
+    per version with MinHash candidates the similarity check kept."""
     rows = [[v.name, _plain(v.extra.get("docs")), _plain((v.extra.get("dedup") or {}).get("dropped")),
              _plain(v.new_blocks), si(v.new_tokens), _plain(v.replay_blocks), _plain(v.val_blocks)]
             for v in lineage.versions()]
     if not rows:
         return _section("versions", "(none prepared yet)")
-    notes = [f"{v.name}: {d['held_out_trained']} of its {d.get('held_out_docs', '?')} val/test documents were "
+    dedups = [(v.name, v.extra.get("dedup") or {}) for v in lineage.versions()]
+    notes = [f"{name}: {d['held_out_trained']} of its {d.get('held_out_docs', '?')} val/test documents were "
              f"trained by an earlier version: its held-out losses read better than its novelty warrants"
-             for v in lineage.versions() if (d := v.extra.get("dedup") or {}).get("held_out_trained")]
+             for name, d in dedups if d.get("held_out_trained")]
+    notes += [f"{name}: {d['near_kept']} train documents shared a MinHash band with an earlier one and were kept "
+              f"(similarity below data.minhash_threshold)" for name, d in dedups if d.get("near_kept")]
     return _section("versions", "\n".join([_text_table(
         ["version", "docs", "duplicates", "new blocks", "new tokens", "replay blocks", "val blocks"], rows), *notes]))
 

@@ -58,7 +58,7 @@ def _version(name: str, k: int) -> dict:
             "new_path": f"{OLD}/data/{name}/new.parquet", "stream_path": f"{OLD}/data/{name}/stream.parquet",
             "val_path": f"{OLD}/data/{name}/val.parquet",
             **({"dedup": {"docs": 9, "dropped": 3, "earlier": 2, "held_out": 0, "within": 1, "held_out_docs": 4,
-                          "held_out_trained": 1}} if k == 2 else {})}
+                          "held_out_trained": 1, "near_kept": 2}} if k == 2 else {})}
 
 
 def _main(name: str) -> dict:
@@ -336,6 +336,8 @@ def test_format_status_full(lineage):
     assert _row(text, "v2") == ["v2", "6", "-", "24", "1.2k", "0", "4"]
     assert _row(text, "v3")[:3] == ["v3", "7", "3"]
     assert "v3: 1 of its 4 val/test documents were trained by an earlier version" in text.split("main path")[0]
+    assert "v3: 2 train documents shared a MinHash band with an earlier one and were kept" in text
+    assert text.count("shared a MinHash band") == 1
     # main path: version, steps, fork, tokens at end, val on own split, checkpoint, status
     assert _row(text.split("main path")[1], "v2") == ["v2", "10->22", "20", "2.2k", "3.700",
                                                       "main-v2/step_00000022", "done"]
