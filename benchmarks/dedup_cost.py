@@ -14,7 +14,8 @@ documents nobody planted, and the index's bytes on disk. A mode ``minhash@T`` se
     python benchmarks/dedup_cost.py --mb 40 --out runs/dedup_cost
     python benchmarks/dedup_cost.py --mb 40 --repeats 1 --modes none,minhash@0,minhash
 
-Writes ``OUT/results.json``.
+Writes ``OUT/results.json`` and, with a ``minhash`` mode, ``OUT/unplanted.png``: the Jaccard
+similarity of each dropped document nobody planted to its closest earlier one, per mode.
 """
 
 from __future__ import annotations
@@ -163,6 +164,25 @@ def near_partners(corpus: Path, run_dir: Path, planted: dict[str, set]) -> list[
     return sorted(out)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Per ``minhash`` mode, a histogram of its unplanted drops' similarity to their closest earlier document."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raypath.storage import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, runs in results["runs"].items():
+        if sims := runs[-1].get("unplanted_similarity"):
+            ax.hist(sims, bins=[i / 40 for i in range(41)], alpha=0.6, label=f"{mode}: {len(sims)} documents")
+    ax.set(xlabel="word 5-gram Jaccard similarity to the closest earlier document sharing a band",
+           ylabel="documents", title="dropped documents nobody planted")
+    ax.legend()
+    save_figure(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/dedup_cost")
@@ -207,6 +227,9 @@ def main() -> None:
         print(f"{mode}/{modes[0]} wall: median {statistics.median(ratios):.2f} "
               f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if any(r.get("unplanted_similarity") for runs in results["runs"].values() for r in runs):
+        plot(results, out / "unplanted.png")
+        print(f"plot: {out / 'unplanted.png'}")
     print(f"planted {results['planted']}")
 
 
