@@ -243,23 +243,32 @@ class Mirror:
         sel = pafs.FileSelector(self.remote_path(path), allow_not_found=True)
         return sorted(Path(i.path).name for i in self.filesystem().get_file_info(sel))
 
-    def _tree(self, path: str | os.PathLike, skip: tuple[str, ...] = (),
-              only: tuple[str, ...] | None = None) -> dict[str, pafs.FileInfo]:
-        """Every remote file under ``path``, keyed by its path relative to ``path``, except under
-        its sub-directories ``skip`` (or not in ``only``), which are not listed at all: a listing
-        returns at most a thousand objects a request (S3), and what is skipped may hold most of
-        them (a run's checkpoints)."""
-        root, fs = self.remote_path(path), self.filesystem()
-        if not skip and only is None:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        else:
-            infos = []
-            for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-                if top.type == pafs.FileType.Directory and top.base_name not in skip and (
-                        only is None or top.base_name in only):
-                    infos += fs.get_file_info(pafs.FileSelector(top.path, recursive=True))
-                elif top.type == pafs.FileType.File:
-                    infos.append(top)
+    def _tree(self, path: str | os.PathLike) -> dict[str, pafs.FileInfo]:
+        """Every remote file under ``path``, keyed by its path relative to ``path``."""
+        root = self.remote_path(path)
+        infos = self.filesystem().get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return {i.path[len(root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
+
+    def _run_tree(self, skip: tuple[str, ...], only: tuple[str, ...] | None,
+                  curves: bool) -> dict[str, pafs.FileInfo]:
+        """The remote files a start may pull, keyed by their path in the run directory: those at
+        its top, and under each top-level directory not in ``skip`` (and in ``only``, if given)
+        every file, but of :data:`METADATA_ONLY` ones only the records (:func:`_listed_records`).
+        A listing returns at most a thousand objects a request (S3): what is not listed (a run's
+        checkpoints, a version's token files, a sweep's trials) may hold most of them."""
+        root, fs = self.remote_path(self.local), self.filesystem()
+        infos, subtrees = [], []
+        for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if top.type == pafs.FileType.File:
+                infos.append(top)
+            elif top.type == pafs.FileType.Directory and top.base_name not in skip and (
+                    only is None or top.base_name in only):
+                if top.base_name in METADATA_ONLY:
+                    infos += _listed_records(fs, top, curves)
+                else:
+                    subtrees.append(top.path)
+        for got in in_threads(lambda d: fs.get_file_info(pafs.FileSelector(d, recursive=True)), subtrees, STREAMS):
+            infos += got
         return {i.path[len(root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
 
     # ---------------------------------------------------------------- copying
@@ -418,10 +427,12 @@ class Mirror:
 
     def pull_run(self, reads: tuple[str, ...] | None = None, sweep_curves: bool = True) -> set[str]:
         """The driver's start: copy the remote run directory here, except :data:`NOT_MIRRORED`
-        and :data:`WRITE_ONLY` (not even listed), and of each sweep all but its
-        :data:`SWEEP_RECORDS` and curves. Grows with the objects under the other top-level entries:
-        listed whole, for the few records among the token files (``data/``) and the sweeps'
-        trials and checkpoints (``sweeps/``).
+        and :data:`WRITE_ONLY` (not even listed), of ``data/`` its records (the manifest, each
+        version's file list) and of each sweep its :data:`SWEEP_RECORDS` and curves (neither
+        listed beyond them: :func:`_listed_records`). Grows with the objects under the other
+        top-level entries (listed whole), with the versions and sweeps (a listing per directory
+        down to their records), and with the sweeps' curves; not with token files, trials or
+        checkpoints.
 
         reads: a reader's start (:data:`RECORDS`, :data:`CURVES`): the top-level files and the
         top-level directories ``reads`` only, the others not even listed; of a sweep only its
@@ -433,10 +444,12 @@ class Mirror:
 
         Returns the relative paths of the remote files listed (whether copied or not)."""
         skip = NOT_MIRRORED + WRITE_ONLY + (LOCKS_DIR,)
-        tree = self._tree(self.local, skip=skip, only=reads)
+        curves = "curves" in reads if reads is not None else sweep_curves
+        tree = self._run_tree(skip, reads, curves)
         with self._remembering():
             self._drop_gone(self.local, tree, lambda rel: "/" not in rel or (
-                rel.split("/", 1)[0] not in skip and (reads is None or rel.split("/", 1)[0] in reads)))
+                rel.split("/", 1)[0] not in skip and (reads is None or rel.split("/", 1)[0] in reads)
+                and _record_listed(rel.split("/"), curves)))
             if LINEAGE in tree:  # not over the copy another process of this machine is saving and uploading
                 with file_lock(Path(self.local, LOCKS_DIR, "lineage.lock"), f"pulling {self.remote}/{LINEAGE}"):
                     self._download_all([(tree[LINEAGE], Path(self.local, LINEAGE))])
@@ -750,6 +763,41 @@ def in_store_terms(message: str) -> str:
     for local, remote in _OPENED.items():
         message = message.replace(local + os.sep, remote + "/")
     return message
+
+
+def _listed_records(fs: pafs.FileSystem, top: pafs.FileInfo, curves: bool) -> list[pafs.FileInfo]:
+    """The files of a :data:`METADATA_ONLY` top-level directory that a start may pull, listed
+    without what lies below them (:func:`_record_listed`): one listing per directory down to the
+    records, several at a time. Grows with the versions and sweeps, not with their token files
+    or trials."""
+    def shallow(path: str) -> list[pafs.FileInfo]:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+    def below(level: list[list[pafs.FileInfo]], name: str | None = None) -> list[str]:
+        return [i.path for infos in level for i in infos
+                if i.type == pafs.FileType.Directory and (name is None or i.base_name == name)]
+
+    levels = [[shallow(top.path)]]  # data/ and data/<v>/; sweeps/, sweeps/<v>/ and sweeps/<v>/<sweep>/
+    for _ in range(1 if top.base_name == "data" else 2):
+        levels.append(in_threads(shallow, below(levels[-1]), STREAMS))
+    files = [i for level in levels for infos in level for i in infos if i.type == pafs.FileType.File]
+    if top.base_name == "sweeps" and curves:
+        deep = in_threads(lambda d: fs.get_file_info(pafs.FileSelector(d, recursive=True)),
+                          below(levels[-1], "curves"), STREAMS)
+        files += [i for infos in deep for i in infos]
+    return files
+
+
+def _record_listed(parts: list[str], curves: bool) -> bool:
+    """Whether :func:`_listed_records` lists the run directory's file ``parts`` (path parts), were it
+    there: of ``data``, those down to ``data/<v>/`` (the manifest and each version's file list,
+    not the token files); of ``sweeps``, those down to a sweep's own (its records, not its trials'
+    directories nor its checkpoints) and, with ``curves``, its curves; all of the others."""
+    if parts[0] == "data":
+        return len(parts) <= 3
+    if parts[0] == "sweeps":
+        return len(parts) <= 4 or (curves and parts[3] == "curves")  # sweeps/<v>/<sweep>/...
+    return True
 
 
 def _pulled_of_sweep(rel: list[str], reads: tuple[str, ...] | None, sweep_curves: bool = True) -> bool:

@@ -102,6 +102,44 @@ class _CountingFS:
         return getattr(self._fs, name)
 
 
+def test_a_start_lists_a_runs_records_not_its_token_files_trials_or_checkpoints(s3, tmp_path, monkeypatch):
+    """A start lists of data/ and sweeps/ the directories down to their records: not a version's
+    stream parts and dedup index, nor a sweep's trials, checkpoints and exports (S3 returns a
+    thousand objects a listing request). A file fetched on demand below them stays in the mirror."""
+    from raypath.mirror import RECORDS
+
+    bucket = _bucket(s3, "startlist")
+    bulk = [f"data/v1/stream/part-{i:03d}.parquet" for i in range(40)] + \
+        [f"data/v1/dedup/index/part-{i:05d}.parquet" for i in range(20)] + ["data/ptfs-v1/stream/stream.json"] + \
+        [f"sweeps/v1/s/trial_{i}/params.json" for i in range(10)] + \
+        [f"sweeps/v1/s/branches/branch-v1-{i}/step_{j}/model.pt" for i in range(10) for j in range(5)]
+    records = ["data/manifest.json", "data/v1/files.json", "sweeps/v1/s/sweep.json", "sweeps/v1/s/results.json",
+               "sweeps/v1/s/standing.json", "sweeps/v1/s/curves/t0.jsonl", "sweeps/v1/s/curves/t1.jsonl"]
+    for rel in ("lineage.json", *records, *bulk):
+        with s3.fs.open_output_stream(f"{bucket}/run/{rel}") as f:
+            f.write(b"{}")
+    listed = []
+    filesystem = Mirror.filesystem
+    monkeypatch.setattr(Mirror, "filesystem", lambda self: _CountingFS(filesystem(self), listed))
+    monkeypatch.setattr(mirror_module, "SETTLED_S", 0.0)  # the bucket's objects are old enough to trust their stamps
+    other = Mirror(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    other.pull_run()
+    got = {p.relative_to(other.local).as_posix() for p in _files(other.local) if ".locks" not in p.parts}
+    assert got == {"lineage.json", *records}
+    below = ("data/v1/stream/", "data/v1/dedup/", "data/ptfs-v1/stream/", "sweeps/v1/s/branches/",
+             *(f"sweeps/v1/s/trial_{i}/" for i in range(10)))
+    assert not [p for p in listed if any(f"/run/{d}" in p for d in below)]  # directories and records only
+    on_demand = Path(other.local, "sweeps/v1/s/branches/branch-v1-0/step_0/model.pt")
+    other.pull(on_demand)
+    s3.fs.delete_file(f"{bucket}/run/sweeps/v1/s/curves/t1.jsonl")  # removed there: removed here
+    other.pull_run()
+    assert on_demand.is_file() and not Path(other.local, "sweeps/v1/s/curves/t1.jsonl").exists()
+    reader = Mirror(f"s3://{bucket}/run", str(tmp_path / "r"), s3.endpoint)
+    reader.pull_run(RECORDS)
+    assert {p.relative_to(reader.local).as_posix() for p in _files(reader.local) if ".locks" not in p.parts} == \
+        {"lineage.json", "sweeps/v1/s/standing.json"}
+
+
 def test_a_sweep_uploads_after_each_trial_what_changed_not_the_whole_sweep_directory(s3, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
