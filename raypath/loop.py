@@ -31,7 +31,7 @@ from raypath.config import ModelConfig, TrainConfig
 from raypath.console import fmt_eta
 from raypath.data import Consumed, read_blocks
 from raypath.loss import install_loss
-from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
+from raypath.model import assign_weights, block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.segment import Segment, resume_note, resume_point
 from raypath.storage import end_line
@@ -735,11 +735,12 @@ class _SegmentRun:
             return
         if self.tr.parallel == "fsdp":  # the one place the full weights are gathered (collective): the HF export
             full = self.tr.full_model_state()
-            if self.rank == 0:
+            if self.rank == 0:  # holds them once: the model is built on meta and takes the gathered tensors
                 seg = self.seg
-                plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
-                                    weights=False)
-                plain.load_state_dict(full)
+                with torch.device("meta"):
+                    plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
+                                        weights=False)
+                assign_weights(plain, full)
                 _export(plain, seg, self.metrics)
         elif self.rank == 0:
             _export(self.tr.raw_model, self.seg, self.metrics)
