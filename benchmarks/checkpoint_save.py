@@ -17,6 +17,13 @@ during the save (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)
 starting from the live state: the heap freed by the last step is returned to the OS
 first (``malloc_trim``), and the RSS before that is reported too.
 
+**--export**: a segment's end-of-run Hugging Face export under FSDP, instead of the saves:
+**gather** collects the full model to rank 0 (``get_model_state_dict``, full state, CPU
+offload), which gives it to a meta-device model (``load_state_dict(assign=True)``: one host
+copy) and writes it with ``save_pretrained``: what exports did before; **shares** is what
+``raypath.loop._export`` runs now, every rank writing its share of the weights
+(``raypath.export.rank_shares``/``write_share``). Wall time, and every rank's peak RSS growth.
+
 **async**: training time lost per checkpoint. ``--steps`` training steps run
 with no checkpoint, with a sync DCP save after the first step, and with an
 async one (the writes and hashes finish while training goes on; the run ends by
@@ -30,6 +37,8 @@ machine's load drifts); the summary gives medians.
     # rank 0's build peak, sharded build vs the whole model on every rank first
     python benchmarks/checkpoint_save.py --build-only --init meta
     python benchmarks/checkpoint_save.py --build-only --init full
+    # the HF export at the end of a segment: gather to rank 0 vs each rank its share
+    python benchmarks/checkpoint_save.py --export --world 2 --repeats 3
     # one GPU: save time of the same model with one rank
     python benchmarks/checkpoint_save.py --config configs/llama-125m.yaml --world 1 --device cuda
 """
@@ -140,6 +149,10 @@ def _worker(rank: int, world: int, args, out: str) -> None:
         dist.barrier()  # gloo's threads free the build's buffers before this process shuts down
         dist.destroy_process_group()
         return
+    if args.export:
+        _exports(model, rank, world, args, device, out)
+        dist.destroy_process_group()
+        return
     tr = Training(model, model, optim, device, parallel="fsdp")
     root = Path(args.workdir)
     results: dict = {"old": [], "dcp": [], "lost_sync": [], "lost_async": [], "blocked_sync": [],
@@ -204,6 +217,63 @@ def _worker(rank: int, world: int, args, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _exports(model, rank: int, world: int, args, device, out: str) -> None:
+    """``--export``: the two ways of writing the model's weights as a Hugging Face directory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from raypath.config import load_config
+    from raypath.export import rank_shares, write_share
+    from raypath.model import build_model
+
+    cfg = load_config(args.config)
+    with torch.device("meta"):
+        plain = build_model(cfg.model, cfg.data.vocab_size, 0, None, weights=False)
+    root, rows = Path(args.workdir), {"gather": [], "shares": []}
+
+    def gather(d: Path) -> None:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            with torch.device("meta"):
+                m = build_model(cfg.model, cfg.data.vocab_size, 0, None, weights=False)
+            m.load_state_dict(full, assign=True)
+            m.tie_weights()
+            m.save_pretrained(d, safe_serialization=True)
+
+    def shares(d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        write_share(d, get_model_state_dict(model), rank_shares(plain, world), rank)
+
+    for r in range(args.repeats):
+        for name, fn in (("gather", gather), ("shares", shares)):
+            d = root / f"export-{name}-{r}"
+            got = _timed(lambda: fn(d), rank, device)
+            peaks = [None] * world
+            dist.all_gather_object(peaks, got["peak_rss_mb"] - got["rss_before_mb"])
+            if rank == 0:
+                rows[name].append({**got, "growth_mb_per_rank": peaks,
+                                   "bytes": sum(f.stat().st_size for f in d.rglob("*") if f.is_file())})
+                print(f"repeat {r + 1}/{args.repeats} {name}: {got['seconds']:.2f} s, RSS growth per rank "
+                      f"{', '.join(f'{g:.0f}' for g in peaks)} MB", flush=True)
+                shutil.rmtree(d)
+            dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def _export_report(res: dict) -> dict:
+    med = statistics.median
+
+    def summary(rows: list[dict]) -> dict:
+        return {"seconds": med(r["seconds"] for r in rows), "bytes": rows[0]["bytes"],
+                "growth_mb_per_rank": [med(r["growth_mb_per_rank"][i] for r in rows)
+                                       for i in range(len(rows[0]["growth_mb_per_rank"]))]}
+
+    gather, shares = summary(res["gather"]), summary(res["shares"])
+    return {"gather": gather, "shares": shares, "time_ratio_shares_over_gather": shares["seconds"] / gather["seconds"],
+            "max_rank_growth_ratio_shares_over_gather":
+                max(shares["growth_mb_per_rank"]) / max(gather["growth_mb_per_rank"]), "raw": res}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/llama-125m.yaml", help="its model: and data.vocab_size are used")
@@ -219,6 +289,7 @@ def main() -> None:
     ap.add_argument("--init", choices=["meta", "full"], default="meta",
                     help="meta: the training loop's sharded build; full: the whole model on each rank first")
     ap.add_argument("--build-only", action="store_true", help="report rank 0's build peak RSS and stop")
+    ap.add_argument("--export", action="store_true", help="measure the Hugging Face export instead of the saves")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     args.workdir = str(workdir)
@@ -228,6 +299,15 @@ def main() -> None:
         return
     res = json.loads(out.read_text())
     med = statistics.median
+    meta = {"command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
+                f"--{k} {v}" for k, v in vars(args).items() if k not in ("workdir", "port")),
+            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__}
+    if args.export:
+        report = {**meta, **_export_report(res)}
+        print(json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=2))
+        (workdir / "report.json").write_text(json.dumps(report, indent=2))
+        return
 
     def summary(name: str) -> dict:
         rows = res[name]
@@ -238,10 +318,7 @@ def main() -> None:
     old, new = summary("old"), summary("dcp")
     lost_sync, lost_async = med(res["lost_sync"]), med(res["lost_async"])
     report = {
-        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("workdir", "port")),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__, "rank0_build": res["build"], "old": old, "dcp": new,
+        **meta, "rank0_build": res["build"], "old": old, "dcp": new,
         "save_time_ratio_dcp_over_old": new["seconds"] / old["seconds"],
         "rank0_peak_rss_ratio_dcp_over_old": new["peak_rss_mb"] / old["peak_rss_mb"],
         "rank0_rss_growth_mb": {"old": old["peak_rss_mb"] - old["rss_before_mb"],

@@ -207,8 +207,9 @@ class TrainConfig:
         then filled one tensor at a time (fresh init with the same values as
         ddp's, a base model's files, or a checkpoint): no rank ever holds the
         whole model. Every rank saves its own shards
-        (``torch.distributed.checkpoint``), nothing gathers the full state
-        except the release export; under ddp rank 0 saves the full state.
+        (``torch.distributed.checkpoint``), and a branch's exported model is
+        written by every rank, each its share of the weights: nothing gathers the
+        full state. Under ddp rank 0 saves the full state.
         Either resumes the other, at any world size.
     peak_flops: peak FLOP/s of one device for MFU; empty = looked up from the
         GPU's name (bf16 dense tensor-core peak, :data:`raypath.perf.PEAK_FLOPS`).

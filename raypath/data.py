@@ -85,6 +85,7 @@ from raypath.sources import (  # noqa: F401
     doc_status,
     inspect_files,
     iter_docs,
+    same_file,
     unchanged,
 )
 from raypath.storage import read_json, rebase_paths, write_json
@@ -815,11 +816,14 @@ def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: 
 
 
 def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
-    """Earlier versions' files must be the ones trained on, their contents checked in parallel
-    Ray tasks (cost: one stat per trained file, a hash of each whose mtime changed)."""
+    """Earlier versions' files must be the ones trained on. Discovery listed them (one listing
+    per split directory): a file whose listed size and mtime are the recorded ones costs nothing
+    more; the others are checked in parallel Ray tasks (a stat, and a hash locally). The cost
+    grows with the files whose stat changed (a corpus copied elsewhere: all of them), not with
+    the lineage's files."""
     import ray
 
-    pending = _recorded_files(rec, src)
+    pending = [r for r in _recorded_files(rec, src) if not same_file(r, *src.listed.get(r["path"], (None, None)))]
     if ray.is_initialized() and len(pending) > 1:
         task = ray.remote(num_cpus=1)(_unchanged_here)
         verdicts = ray.get([task.remote(r, endpoint, rd) for r in pending])

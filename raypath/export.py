@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,11 +468,12 @@ def model_from_checkpoint(directory: str | Path, cfg: ModelConfig, tokenizer: st
     return model.eval()
 
 
-def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
-    """``save_pretrained`` weights (safetensors) and the tokenizer: what a branch export and
-    ``raypath export`` write (the caller makes it atomic). The configs name the tokenizer's BOS,
-    as training set its EOS and PAD (:mod:`raypath.model`): a base model's BOS id may be another
-    token of the tokenizer ``data.tokenizer`` gives, and ``generate()`` starts an empty prompt with it."""
+def save_model_dir(directory: str | Path, model, tokenizer: str | Path, weights: bool = True) -> None:
+    """``save_pretrained`` weights (safetensors) and the tokenizer: what ``raypath export`` writes
+    and, with ``weights=False`` (the ranks wrote them, :func:`write_share`), a training export's
+    rank 0 (the caller makes it atomic). The configs name the tokenizer's BOS, as training set
+    its EOS and PAD (:mod:`raypath.model`): a base model's BOS id may be another token of the
+    tokenizer ``data.tokenizer`` gives, and ``generate()`` starts an empty prompt with it."""
     from raypath.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
@@ -479,13 +481,86 @@ def save_model_dir(directory: str | Path, model, tokenizer: str | Path) -> None:
         for conf in (model.config, getattr(model, "generation_config", None)):
             if conf is not None:
                 conf.bos_token_id = tok.bos_token_id
-    model.save_pretrained(directory, safe_serialization=True)
+    if weights:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:  # the configs as save_pretrained writes them next to its weights
+        model.config.dtype = str(model.dtype).split(".")[1]
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(directory)
+        if model.can_generate():
+            model.generation_config.save_pretrained(directory)
     tok.save_pretrained(directory)
     # safetensors creates its files 0600, the rest are 0644: a release or an export is served
     # or loaded by other users (atomic_file and atomic_dir make run files readable for the same reason).
     for f in Path(directory).iterdir():
         if f.is_file():
             f.chmod(0o644)
+
+
+# ------------------------------------------------------------ a training export, each rank its share
+
+#: The files of a sharded ``save_pretrained`` directory: weights and the index naming each tensor's file.
+INDEX = "model.safetensors.index.json"
+
+
+def weights_name(i: int, n: int) -> str:
+    """The name ``save_pretrained`` gives weight file ``i`` of ``n``."""
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def rank_shares(model, world: int) -> list[list[str]]:
+    """The keys ``save_pretrained`` writes (a tied tensor once, under the name it keeps), in
+    state-dict order, cut into at most ``world`` contiguous runs of about equal size: rank r
+    writes run r as weight file r. ``model`` may be on the meta device: only shapes are read."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sizes = [(k, t.numel()) for k, t in remove_tied_weights_from_state_dict(model.state_dict(), model).items()]
+    total, before = sum(n for _, n in sizes), 0
+    shares: list[list[str]] = [[] for _ in range(max(1, min(world, len(sizes))))]
+    for key, n in sizes:  # a tensor goes where its middle falls
+        shares[min(len(shares) - 1, int((before + n / 2) * len(shares) // max(total, 1)))].append(key)
+        before += n
+    return [s for s in shares if s]  # a tensor bigger than a share (the embedding) leaves a gap
+
+
+def write_share(directory: Path, state: Mapping[str, torch.Tensor], shares: list[list[str]],
+                rank: int) -> dict[str, int]:
+    """Write this rank's weight file of ``shares`` into ``directory``; returns {file: bytes}.
+
+    Collective when ``state`` holds sharded tensors (FSDP's DTensors): every rank goes through
+    every key in the same order, since assembling one takes all ranks, and only the rank whose
+    share it is keeps a host copy. A rank's host memory is its share, about 1/world of the
+    model (gathering to rank 0 would put the whole model there), and its device holds one
+    whole tensor at a time. Replicated tensors (DDP, one worker) are read by their owner only.
+    """
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    mine = {}
+    for i, keys in enumerate(shares):
+        for key in keys:
+            t = state[key]
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            elif i != rank:
+                continue
+            if i == rank:
+                mine[key] = t.detach().to("cpu").contiguous()
+    if not mine:
+        return {}
+    name = weights_name(rank, len(shares))
+    save_file(mine, str(directory / name), metadata={"format": "pt"})
+    return {name: sum(t.numel() * t.element_size() for t in mine.values())}
+
+
+def write_index(directory: Path, shares: list[list[str]], written: Mapping[str, int], parameters: int) -> None:
+    """The index of a sharded directory (none for one file), as ``save_pretrained`` writes it."""
+    if len(shares) == 1:
+        return
+    weight_map = {k: weights_name(i, len(shares)) for i, keys in enumerate(shares) for k in keys}
+    index = {"metadata": {"total_parameters": parameters, "total_size": sum(written.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def verify(directory: Path, model, progress: Progress | None = None) -> None:
@@ -530,7 +605,7 @@ def verify(directory: Path, model, progress: Progress | None = None) -> None:
 
 def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a ``save_pretrained`` directory (one, or the shards its index names)."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / INDEX
     if index.is_file():
         return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if not (directory / "model.safetensors").is_file():

@@ -31,7 +31,7 @@ from raypath.config import ModelConfig, TrainConfig
 from raypath.console import fmt_eta
 from raypath.data import Consumed, read_blocks
 from raypath.loss import install_loss
-from raypath.model import assign_weights, block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
+from raypath.model import block_loss, build_model, checkpoint_tensors, compile_blocks, materialize
 from raypath.perf import device_peak_flops, flops_per_token, mfu, peak_memory_bytes
 from raypath.segment import Segment, resume_note, resume_point
 from raypath.storage import end_line
@@ -156,14 +156,6 @@ class Training:
         model_sd = get_model_state_dict(self.raw_model, options=opts)
         optim_sd = get_optimizer_state_dict(self.raw_model, self.optim, options=opts)
         return model_sd, (_optim_to_index_keys(optim_sd) if optim_sd else {})
-
-    def full_model_state(self) -> dict:
-        """Full model weights (no optimizer state); under FSDP gathered to CPU, collectively."""
-        if self.parallel != "fsdp":
-            return self.raw_model.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optim_state(self, optim_sd: dict) -> None:
         if self.parallel != "fsdp":
@@ -447,14 +439,36 @@ class _Reporter:
         return metrics
 
 
-def _export(model: torch.nn.Module, seg: Segment, metrics: dict) -> None:
-    from raypath.export import save_model_dir
+def _export(tr: Training, seg: Segment, metrics: dict, rank: int, world: int) -> None:
+    """Collective: the segment's model as a ``save_pretrained`` directory, each rank writing its
+    share of the weights (:func:`raypath.export.write_share`): no rank gathers the whole model.
+
+    Rank 0 stages the directory (atomic: renamed into place complete), writes the configs,
+    tokenizer, index and card once every rank's file is written, and publishes them; in a
+    remote run directory each rank uploads its own file first, so the card, which marks the
+    export done, reaches the store after the weights.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from raypath.export import rank_shares, save_model_dir, write_index, write_share
     from raypath.storage import atomic_dir, write_json
 
-    with atomic_dir(seg.export_dir) as tmp:
-        save_model_dir(tmp, model, seg.rd.fetch(seg.tokenizer_dir))
-        write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
-    seg.rd.publish(seg.export_dir)
+    with torch.device("meta"):  # the architecture and its configs, without weights
+        plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len, weights=False)
+    shares, final = rank_shares(plain, world), Path(seg.export_dir)
+    with atomic_dir(final) if rank == 0 else contextlib.nullcontext() as staged:
+        tmp = Path(shards.gather(str(staged))[0])
+        tmp.mkdir(parents=True, exist_ok=True)  # another node's mirror of a remote run directory
+        mine = write_share(tmp, get_model_state_dict(tr.raw_model), shares, rank)
+        for name in mine:
+            seg.rd.upload(tmp / name, final / name)
+        written = {k: v for part in shards.gather(mine) for k, v in part.items()}
+        if rank == 0:
+            save_model_dir(tmp, plain, seg.rd.fetch(seg.tokenizer_dir), weights=False)
+            write_index(tmp, shares, written, plain.num_parameters())
+            write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
+    if rank == 0:
+        seg.rd.publish(final, exclude=tuple(written))
 
 
 def train_segment(config: dict) -> None:
@@ -733,16 +747,6 @@ class _SegmentRun:
         self.reporter.tracker.close()
         if not self.seg.export_dir:
             return
-        if self.tr.parallel == "fsdp":  # the one place the full weights are gathered (collective): the HF export
-            full = self.tr.full_model_state()
-            if self.rank == 0:  # holds them once: the model is built on meta and takes the gathered tensors
-                seg = self.seg
-                with torch.device("meta"):
-                    plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len,
-                                        weights=False)
-                assign_weights(plain, full)
-                _export(plain, seg, self.metrics)
-        elif self.rank == 0:
-            _export(self.tr.raw_model, self.seg, self.metrics)
+        _export(self.tr, self.seg, self.metrics, self.rank, self.world)
 
 

@@ -469,8 +469,9 @@ class Mirror:
 
     def push(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload the local ``path`` (file or directory) where it changed (every file with
-        ``force``: rewritten write-once files); metadata last. ``exclude``: sub-directories of
-        ``path`` not to upload (what others upload, or write straight to the store).
+        ``force``: rewritten write-once files); metadata last. ``exclude``: names of
+        sub-directories or files of ``path`` not to upload (what others upload, or write
+        straight to the store).
 
         Metadata (a manifest, a model card) describes the files next to it, so a
         remote reader never sees it before them.
@@ -513,6 +514,14 @@ class Mirror:
             _COPIED[dst] = stamps[rel]
 
         self._in_order(todo, lambda rel: not self._mutable(files[rel]), upload)
+
+    def upload(self, local: Path, path: str | os.PathLike) -> None:
+        """Copy the local file ``local`` to ``path``'s place in the store: a file written under
+        a temporary name that a rename here (or on another node) will give ``path``."""
+        dst = self.remote_path(path)
+        self._make_parents([dst])
+        _upload(local, self.filesystem(), dst, Progress(log, f"uploading {self.name(path)}", local.stat().st_size, "B"))
+        _COPIED[dst] = _stamp(local)  # a rename keeps the stamp: a later push of path skips it
 
     def _make_parents(self, paths: Iterable[str]) -> None:
         """Create the remote parent directory of each of ``paths`` (object stores need none;
@@ -720,10 +729,16 @@ class RunDir:
     # ---- writing
     def publish(self, path: str | os.PathLike, force: bool = False, exclude: tuple[str, ...] = ()) -> None:
         """Upload ``path`` (file or directory) to a remote run directory, where it changed (all
-        of it with ``force``, :meth:`Mirror.push`), but not its sub-directories ``exclude``; a
-        no-op for a local one."""
+        of it with ``force``, :meth:`Mirror.push`), but not its sub-directories or files named
+        in ``exclude``; a no-op for a local one."""
         if self.remote(path):
             self.mirror.push(path, force, exclude)
+
+    def upload(self, local: Path, path: str | os.PathLike) -> None:
+        """Upload the local file ``local`` as ``path`` of a remote run directory (a no-op for a
+        local one): what a worker writes under a temporary name another process renames."""
+        if self.remote(path):
+            self.mirror.upload(Path(local), path)
 
     def copy_in_store(self, src: str | os.PathLike, dst: str | os.PathLike) -> bool:
         """Copy the directory ``src`` to ``dst`` inside a remote run directory's store, where

@@ -295,23 +295,6 @@ def materialize(model: torch.nn.Module, device: torch.device,
             _copy_full(param, weights[key])
 
 
-def assign_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Make a meta-device model hold ``state``'s tensors themselves, not copies: a full state
-    gathered on one host and a model built to receive it would be two full copies (4 bytes a
-    parameter each), and the model's random initialisation, overwritten at once, is skipped.
-    Tied weights are tied again; non-persistent buffers (rotary frequencies) computed on CPU as
-    transformers does."""
-    model.load_state_dict(state, assign=True)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.tie_weights()  # assign gave each key its own parameter
-    with torch.no_grad():
-        for module in model.modules():
-            if any(b is not None and b.is_meta for b in module._buffers.values()):
-                stand_in = _stand_in(module)
-                _hf_owner(model, module)._init_weights(stand_in)
-                module._buffers.update({k: v for k, v in stand_in._buffers.items() if v is not None})
-
-
 def _replay_init(model: torch.nn.Module, write: Callable) -> None:
     """Fresh values, equal to a CPU build's: its random draws, replayed per module in its order.
 

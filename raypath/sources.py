@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -154,21 +154,25 @@ class VersionSource:
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
     test_files: tuple[str, ...] = ()  # the optional test/ folder; empty = carved from val
+    #: (size, mtime_ns) of each file as discovery listed it: what checks an earlier version's
+    #: files against their records without a request per file (:func:`same_file`).
+    listed: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
 
 
 #: What ``datasets``' ``save_to_disk`` writes beside its ``.arrow`` files: metadata, not text.
 DATASETS_METADATA = ("dataset_info.json", "state.json")
 
 
-def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
-    """The data files of a split directory. Anything else there that is not hidden (``.DS_Store``,
-    ``_SUCCESS``) or ``datasets``' metadata is refused by name: a ``.txt``, ``.jsonl.zst`` or
-    ``.JSONL`` file or a sub-directory of shards would otherwise go untrained without a word."""
-    out, listing = [], _listing(fs, d)
+def _files(fs: pafs.FileSystem, d: str, shown: str) -> dict[str, tuple[int, int | None]]:
+    """The data files of a split directory, with their listed (size, mtime_ns). Anything else
+    there that is not hidden (``.DS_Store``, ``_SUCCESS``) or ``datasets``' metadata is refused by
+    name: a ``.txt``, ``.jsonl.zst`` or ``.JSONL`` file or a sub-directory of shards would
+    otherwise go untrained without a word."""
+    out, listing = {}, _listing(fs, d)
     for i in listing:
         name, where = i.base_name, _join(shown, i.base_name)
         if i.type == pafs.FileType.File and name.endswith(SUFFIXES):
-            out.append(where)
+            out[where] = (i.size, i.mtime_ns)
         elif name.startswith((".", "_")) or name in DATASETS_METADATA:
             continue
         elif i.type == pafs.FileType.Directory:
@@ -185,7 +189,7 @@ def _files(fs: pafs.FileSystem, d: str, shown: str) -> tuple[str, ...]:
             if os.path.islink(link) and not name.startswith((".", "_")):
                 raise DataError(f"{_join(shown, name)}: a broken symbolic link (to {os.readlink(link)}, which does not "
                                 f"exist): its file would go untrained; restore it or remove the link")
-    return tuple(out)
+    return out
 
 
 def version_order(name: str) -> tuple:
@@ -222,9 +226,10 @@ def discover_versions(corpus: str | Path, names: list[str] | None = None,
                             f"(found: {', '.join(available) or 'none'})")
         vroot, vshown = _join(root, name), _join(shown, name)
         has_test = fs.get_file_info(_join(vroot, "test")).type == pafs.FileType.Directory
-        src = VersionSource(name, _files(fs, _join(vroot, "train"), _join(vshown, "train")),
-                            _files(fs, _join(vroot, "val"), _join(vshown, "val")),
-                            _files(fs, _join(vroot, "test"), _join(vshown, "test")) if has_test else ())
+        splits = [_files(fs, _join(vroot, split), _join(vshown, split))
+                  for split in ("train", "val", *(("test",) if has_test else ()))]
+        src = VersionSource(name, *(tuple(files) for files in splits),
+                            listed={path: stat for files in splits for path, stat in files.items()})
         for split, files in (("train", src.train_files), ("val", src.val_files),
                              *((("test", src.test_files),) if has_test else ())):
             if not files:
@@ -488,6 +493,16 @@ def fingerprint(path: str, endpoint: str | None = None) -> dict:
     return rec
 
 
+def same_file(rec: dict, size: int | None, mtime_ns: int | None) -> bool:
+    """Whether a file of this size and mtime is the one ``rec`` recorded, without reading it
+    (git's stat check). An object store's listing may give LastModified in milliseconds where
+    the HEAD that recorded it gave whole seconds: a remote file's mtimes compare to the second."""
+    recorded = rec.get("mtime_ns")
+    if size != rec.get("bytes") or mtime_ns is None or recorded is None:
+        return False
+    return mtime_ns == recorded or (is_uri(rec["path"]) and mtime_ns // 10**9 == recorded // 10**9)
+
+
 def unchanged(rec: dict, endpoint: str | None = None) -> str | None:
     """None when the file behind a manifest record is unchanged, else what changed.
 
@@ -500,10 +515,10 @@ def unchanged(rec: dict, endpoint: str | None = None) -> str | None:
         return "missing"
     if info.size != rec.get("bytes"):
         return "content changed (size differs from the manifest)"
-    if "sha256" not in rec:
-        return None if info.mtime_ns == rec.get("mtime_ns") else "content changed (mtime differs from the manifest)"
-    if info.mtime_ns == rec.get("mtime_ns"):
+    if same_file(rec, info.size, info.mtime_ns):
         return None
+    if "sha256" not in rec:
+        return "content changed (mtime differs from the manifest)"
     return None if fingerprint(rec["path"], endpoint)["sha256"] == rec["sha256"] else \
         "content changed (sha256 differs from the manifest)"
 

@@ -183,6 +183,50 @@ def test_changed_or_missing_earlier_file_is_named(ray_cluster, tmp_path, tokeniz
         prepare_versions(discover_versions(corpus), spec)
 
 
+def test_earlier_files_are_checked_by_their_listing_and_a_changed_one_by_its_contents(
+        ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+    """A new run checks every earlier version's files; discovery listed them, so those whose
+    listed size and mtime are the recorded ones need no stat or task of their own. An edit
+    that keeps the size is still caught: its mtime moved, so its contents are hashed."""
+    import os
+
+    import ray
+
+    from raypath import data
+
+    corpus = _corpus(tmp_path / "corpus", n_versions=2)
+    spec = _spec(tmp_path, tokenizer_dir)
+    records = prepare_versions(discover_versions(corpus), spec)
+    checked = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the checks in this process, counted
+    monkeypatch.setattr(data, "_unchanged_here", lambda rec, *a: checked.append(rec["path"]) or data.unchanged(rec))
+    sources = discover_versions(corpus)
+    for rec, src in zip(records, sources):
+        data._check_unchanged(rec, src, None, spec.rd)
+    assert checked == [] and sum(len(r["train_files"]) + len(r["val_files"]) for r in records) >= 4
+
+    target = corpus / "v1" / "train" / "part-0.jsonl"
+    text = target.read_bytes()
+    assert b"doc 0" in text
+    target.write_bytes(text.replace(b"doc 0", b"doc 9", 1))
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match="part-0.jsonl: content changed \\(sha256 differs"):
+        data._check_unchanged(records[0], discover_versions(corpus)[0], None, spec.rd)
+    assert checked == [str(target)]
+
+
+def test_a_stores_listing_and_its_head_agree_on_the_second():
+    """S3 may list LastModified in milliseconds; a HEAD, which recorded it, gives whole seconds."""
+    from raypath.sources import same_file
+
+    second = 1_796_655_956 * 10**9
+    remote = {"path": "s3://corpus/v1/train/a.jsonl", "bytes": 10, "mtime_ns": second}
+    local = {**remote, "path": "/corpus/v1/train/a.jsonl"}
+    assert same_file(remote, 10, second + 123_000_000) and not same_file(local, 10, second + 123_000_000)
+    assert same_file(local, 10, second) and not same_file(remote, 11, second)
+    assert not same_file(remote, 10, second + 10**9) and not same_file(remote, 10, None)
+
+
 def test_a_moved_corpus_is_checked_where_it_now_is(ray_cluster, tmp_path, tokenizer_dir):
     """Its trained versions' files are found by split and name, their contents checked there."""
     corpus = _corpus(tmp_path / "corpus", n_versions=3)

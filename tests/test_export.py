@@ -9,6 +9,7 @@ checkpoints written by raypath's own writers and a lineage whose releases are ma
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -61,7 +62,7 @@ def _main_entry(run: Path, version: str, start: int, end: int, state: dict) -> d
 
 
 def _branch(run: Path, lin: Lineage, tok, name: str, seed: int, v1: float, v2: float) -> None:
-    """A finished branch of v2 exported the way a branch segment exports (loop._export)."""
+    """A finished branch of v2 with an exported model and card, as a branch segment leaves it."""
     export_dir = run / "exports" / name
     ex.save_model_dir(export_dir, _model(tok, seed), run / "tokenizer")
     write_json(export_dir / "model_card.json", {"run": "tiny-export", "version": "v2", "branch": name,
@@ -125,6 +126,56 @@ def _assert_same(model, expected: dict[str, torch.Tensor], dtype=torch.float32) 
 
 def _siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else []
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_training_export_written_rank_by_rank_is_what_save_pretrained_writes(run, tmp_path, tie, world):
+    """What a segment's export writes (``loop._export``): each rank its share of the weights,
+    rank 0 the configs, tokenizer and index. Replicated tensors (one worker, DDP) need no
+    collective, so the ranks run here one after the other; FSDP's DTensors take the slow
+    ``test_sharded_resume_across_world_sizes_and_ddp_fsdp``."""
+    from safetensors import safe_open
+
+    from raypath.model import build_model
+    from raypath.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run / "tokenizer")
+    cfg = dataclasses.replace(MODEL, tie_word_embeddings=tie)
+    torch.manual_seed(5)
+    trained = build_model(cfg, len(tok), tok.eos_token_id, tok.pad_token_id)
+    ex.save_model_dir(tmp_path / "reference", trained, run / "tokenizer")
+    with torch.device("meta"):
+        plain = build_model(cfg, len(tok), tok.eos_token_id, tok.pad_token_id, weights=False)
+    shares, out = ex.rank_shares(plain, world), tmp_path / "ranks"
+    out.mkdir()
+    written = {}
+    for rank in range(world):
+        written |= ex.write_share(out, trained.state_dict(), shares, rank)
+    ex.save_model_dir(out, plain, run / "tokenizer", weights=False)
+    ex.write_index(out, shares, written, plain.num_parameters())
+
+    files = sorted(written)
+    assert len(files) == world and (out / ex.INDEX).is_file() == (world > 1), files
+    sizes = [n for _, n in sorted(written.items())]
+    largest = max(t.numel() * 4 for t in trained.state_dict().values())
+    assert max(sizes) <= sum(sizes) / world + largest, f"unbalanced shares {sizes}"
+    reference = dict.fromkeys(safe_open(str(tmp_path / "reference" / "model.safetensors"), "pt").keys())
+    got = {}
+    for f in files:
+        with safe_open(str(out / f), "pt") as sf:
+            assert sf.metadata() == {"format": "pt"}
+            got |= dict.fromkeys(sf.keys(), f)
+    assert set(got) == set(reference) and ("lm_head.weight" in got) != tie
+    if world > 1:
+        assert json.loads((out / ex.INDEX).read_text())["weight_map"] == got
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert json.loads((out / name).read_text()) == json.loads((tmp_path / "reference" / name).read_text()), name
+    loaded = _load(out)
+    _assert_same(loaded, _weights(trained))
+    x = torch.randint(0, len(tok), (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, trained.eval()(x).logits)
 
 
 def test_live_release_exports_with_tokenizer_and_model_card(run, tmp_path):

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import leave_group
 
 from raypath.config import ModelConfig
-from raypath.model import assign_weights, build_model, checkpoint_tensors, materialize
+from raypath.model import build_model, checkpoint_tensors, materialize
 
 VOCAB = 96
 
@@ -165,20 +165,3 @@ def test_an_unsharded_meta_build_keeps_its_tied_embeddings(tmp_path):
         again = build_model(cfg, VOCAB, eos_id=0, pad_id=1, weights=False)
     materialize(again, torch.device("cpu"), checkpoint_tensors(str(tmp_path / "tied")))
     assert again.lm_head.weight is again.model.embed_tokens.weight
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_a_meta_model_takes_a_gathered_state_as_it_is_not_a_copy(tie):
-    """What an FSDP export builds on the rank that gathered the full state: the same model, its
-    parameters the state's own tensors (one copy on the host), rotary frequencies computed."""
-    want = _plain(_cfg(tie))
-    state = {k: v.clone() for k, v in want.state_dict().items()}
-    with torch.device("meta"):
-        model = build_model(_cfg(tie), VOCAB, eos_id=0, pad_id=1, weights=False)
-    assign_weights(model, state)
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
-    assert all(p.data_ptr() == state[n].data_ptr() for n, p in model.named_parameters())
-    assert not any(b.is_meta for b in model.buffers())
-    x = torch.randint(0, VOCAB, (2, 16))
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, want(x).logits)

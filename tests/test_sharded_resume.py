@@ -72,7 +72,7 @@ def test_sharded_resume_across_world_sizes_and_ddp_fsdp(tiny_run, tmp_path):
     base = dataclasses.replace(v2, stream_limit=8 * G)
 
     # A: FSDP on 2 workers from the DDP checkpoint, saving asynchronously at s0+3 and s0+6, and
-    # exporting its model (gathered on rank 0) at the end.
+    # exporting its model at the end, each rank writing its share of the weights.
     a = dataclasses.replace(_segment(base, tmp_path, "a", s0, s0 + 6, v2.init_checkpoint, parallel="fsdp",
                                      num_workers=2, async_checkpoint=True), export_dir=str(tmp_path / "export-a"),
                             tokenizer_dir=ctx.tokenizer_dir)
@@ -84,6 +84,8 @@ def test_sharded_resume_across_world_sizes_and_ddp_fsdp(tiny_run, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-a", local_files_only=True, dtype=torch.float32)
     final = model_from_checkpoint(Path(a.storage) / ckpt.step_dir_name(s0 + 6), a.model, a.tokenizer_dir)
     assert all(torch.equal(p, final.get_parameter(n)) for n, p in exported.named_parameters())
+    index = json.loads((tmp_path / "export-a" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{r}-of-00002.safetensors" for r in (1, 2)]
     a_mid = Path(a.storage) / ckpt.step_dir_name(s0 + 3)
     manifest = json.loads((a_mid / "manifest.json").read_text())
     assert manifest["format"] == "sharded"
