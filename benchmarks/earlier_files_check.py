@@ -118,7 +118,7 @@ def main() -> None:
                     run["requests"] = len(got)
                     run["heads"] = sum(1 for m, _, _ in got if m == "HEAD")
                 runs.append(run)
-                print(json.dumps(run), flush=True)
+                print(json.dumps(run), file=sys.stderr, flush=True)
         finally:
             ray.shutdown()
             if moto is not None:

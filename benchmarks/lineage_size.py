@@ -9,7 +9,8 @@ files, ``--chunks`` tokenized chunks per file) in a fresh run directory, lands t
 in the data manifest as ``prepare_versions`` does (``data._write_manifest``; a checkout without
 it wrote the manifest whole with ``write_json``), records them with ``Lineage.set_versions``,
 then saves the lineage ``--saves`` times and loads it once. Reports each file's bytes, the bytes
-written to land every version, the median lineage save and the load time.
+written to land every version, the median lineage save and the load time, and the pickled size
+of the versions a run's context keeps (what a sweep sends to each trial).
 
 With ``--trials T`` every version also gets a finished sweep of ``T`` trials, each with a val and
 a test loss per version so far (as ``raypath.sweep`` writes them: its ``results.json``, then
@@ -114,6 +115,17 @@ def _read_trials(root: Path, last: str) -> dict:
             "law_branches": len(branches)}
 
 
+def _context_bytes(manifest_path: Path) -> int:
+    """Pickled bytes of the versions a run's context holds (``raypath.run.RunContext.versions``,
+    which a sweep sends to every trial): the data manifest's records as a run keeps them."""
+    import pickle
+
+    from raypath import data
+
+    keep = getattr(data, "run_record", lambda rec: rec)  # a checkout without it kept them whole
+    return len(pickle.dumps([keep(r) for r in data.read_manifest(manifest_path)["versions"]]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=100_000, help="train files per version")
@@ -146,6 +158,7 @@ def main() -> None:
         load = time.perf_counter() - t0
         if args.trials:
             reads = _read_trials(Path(tmp), records[-1]["name"])
+        context = _context_bytes(manifest_path)
     report = {"command": f"python benchmarks/lineage_size.py --files {args.files} --versions {args.versions} "
                          f"--chunks {args.chunks} --saves {args.saves} --trials {args.trials}",
               "raypath": os.environ.get("PYTHONPATH") or "this checkout",
@@ -153,7 +166,8 @@ def main() -> None:
               "corpus_files": args.versions * (args.files + 2), "manifest_bytes": manifest_size,
               "bytes_written_landing_every_version": landed, "landing_seconds": land_seconds,
               "lineage_bytes": size,
-              "save_seconds_median": statistics.median(seconds), "load_seconds": load}
+              "save_seconds_median": statistics.median(seconds), "load_seconds": load,
+              "context_versions_bytes": context}
     if args.trials:
         report.update(sweep_trials=args.versions * args.trials, last_sweep_record_seconds=sweep_record, **reads)
     print(json.dumps(report, indent=2))

@@ -883,6 +883,21 @@ def _run_root(manifest_path: Path) -> Path:
     return manifest_path.resolve().parent.parent
 
 
+#: A version record's file lists that only the checks at a run's start read (:func:`check_prepared`,
+#: :func:`plan_versions`): the corpus files' fingerprints and the skipped files.
+FINGERPRINTS = ("train_files", "val_files", "test_files", "skipped_files")
+
+
+def run_record(rec: dict) -> dict:
+    """What a run keeps of a version once its files are checked: the record without its files'
+    fingerprints (their counts stay in ``files``), with the chunk layout every stream pass reads.
+    The fingerprints grow with the corpus (~250 bytes a file), and a sweep sends its run's
+    context, versions included, to every trial."""
+    counts = without_file_lists(rec).get("files")
+    out = {k: v for k, v in rec.items() if k not in FINGERPRINTS}
+    return {**out, "files": counts} if counts else out
+
+
 def read_manifest(path: Path) -> dict:
     """The data manifest with absolute paths under the run directory's current place (an older
     manifest's absolute paths of wherever the run directory was are moved there), each

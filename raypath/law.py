@@ -143,12 +143,57 @@ def areas(lrs, *, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
     return np.cumsum(lrs), np.cumsum(momentum)
 
 
+@dataclass(frozen=True)
+class LRHistory:
+    """An effective LR history held as ``flat`` steps at ``level``, then ``tail``: a branch
+    follows the never-annealed main path (warmup counts as peak) up to its fork, so only its
+    decay needs one float a step, and a curve's history costs its branch's length, not its
+    fork step. :meth:`full` lays it out as the array it stands for."""
+
+    flat: int
+    level: float
+    tail: np.ndarray
+
+    def __len__(self) -> int:
+        return self.flat + len(self.tail)
+
+    def full(self) -> np.ndarray:
+        return np.concatenate([np.full(self.flat, float(self.level)), self.tail])
+
+
+class _Areas:
+    """S1 and S2 (:func:`areas`) of the first ``n`` steps of an LR history (an array or an
+    :class:`LRHistory`), read at any steps below ``n``, with the arithmetic of the array laid
+    out whole: a flat prefix's S1 is summed step by step (a transient array: what is held stays
+    the tail), its S2 is 0 (no drop, so no momentum), and the arrays past it start at its last
+    step."""
+
+    def __init__(self, lrs, n: int, lam: float):
+        if isinstance(lrs, LRHistory) and lrs.flat > 0:
+            self.start = min(lrs.flat, n) - 1
+            tail = lrs.tail[: max(0, n - lrs.flat)]
+            self.prefix = np.cumsum(np.full(self.start + 1, float(lrs.level)))
+            _, self.c2 = areas(np.concatenate([[float(lrs.level)], tail]), lam=lam)
+            self.c1 = np.cumsum(np.concatenate([self.prefix[-1:], tail]))
+        else:
+            self.start, self.prefix = 0, None
+            self.c1, self.c2 = areas(lrs.full()[:n] if isinstance(lrs, LRHistory) else lrs[:n], lam=lam)
+
+    def s1(self, t: np.ndarray) -> np.ndarray:
+        at = self.c1[np.maximum(t - self.start, 0)]
+        return at if self.prefix is None else np.where(t < self.start, self.prefix[np.minimum(t, self.start)], at)
+
+    def s2(self, t: np.ndarray) -> np.ndarray:
+        at = self.c2[np.maximum(t - self.start, 0)]
+        return at if self.prefix is None else np.where(t < self.start, 0.0, at)
+
+
 @dataclass
 class Curve:
     """One observed loss curve on one validation set.
 
     lrs: effective LR history from step 0 to at least ``steps.max()`` (see
-        :func:`effective_lr`).
+        :func:`effective_lr`): an array, or an :class:`LRHistory`.
     steps: observed global steps (indices into ``lrs``).
     losses: validation losses at ``steps`` (NaN where only a prediction is wanted).
     cpt_start: first step of the continual-pre-training phase (data switch); 0 means the
@@ -161,7 +206,7 @@ class Curve:
         version's start); 0 = none. Only a multi-shift law with ``entry`` reads it.
     """
 
-    lrs: np.ndarray
+    lrs: np.ndarray | LRHistory
     steps: np.ndarray
     losses: np.ndarray
     cpt_start: int = 0
@@ -170,7 +215,8 @@ class Curve:
     entry: int = 0
 
     def __post_init__(self) -> None:
-        self.lrs = np.asarray(self.lrs, dtype=np.float64)
+        if not isinstance(self.lrs, LRHistory):
+            self.lrs = np.asarray(self.lrs, dtype=np.float64)
         self.steps = np.asarray(self.steps, dtype=np.int64).reshape(-1)
         self.losses = np.asarray(self.losses, dtype=np.float64).reshape(-1)
         if self.steps.shape != self.losses.shape:
@@ -194,14 +240,14 @@ def split_areas(curve: Curve, *, lam: float = LAMBDA) -> np.ndarray:
     ``cpt_start`` on. The momentum is not reset at the boundary (2505.07796), so
     ``S2pt + S2cpt`` is always the plain S2 and the annealing law sees one history.
     """
-    s1, s2 = areas(curve.lrs[: curve.steps.max(initial=0) + 1], lam=lam)
+    a = _Areas(curve.lrs, curve.steps.max(initial=0) + 1, lam)
     t = curve.steps
     if curve.cpt_start <= 0:
         zero = np.zeros(len(t))
-        return np.stack([s1[t], zero, s2[t], zero])
+        return np.stack([a.s1(t), zero, a.s2(t), zero])
     frozen = np.minimum(t, curve.cpt_start - 1)
-    s1pt, s2pt = s1[frozen], s2[frozen]
-    return np.stack([s1pt, s1[t] - s1pt, s2pt, s2[t] - s2pt])
+    s1pt, s2pt = a.s1(frozen), a.s2(frozen)
+    return np.stack([s1pt, a.s1(t) - s1pt, s2pt, a.s2(t) - s2pt])
 
 
 class _Law:
@@ -468,7 +514,7 @@ class _MultiShiftCPTLaw(CPTLaw):
         with ``entry`` the forward area since the curve's entry (zero without one)."""
         base = split_areas(curve, lam=lam)
         n = curve.steps.max(initial=0) + 1
-        s1, s2 = areas(curve.lrs[:n], lam=lam)
+        a = _Areas(curve.lrs, n, lam)
         t = curve.steps
         starts = [curve.cpt_start, *curve.shifts[: cls.n_shifts - 1]]
         starts += [None] * (cls.n_shifts - len(starts))  # switches this history never reaches
@@ -476,7 +522,7 @@ class _MultiShiftCPTLaw(CPTLaw):
         for b in starts[1:]:
             if b is not None and b <= n:
                 # the same arithmetic as split_areas' S1cpt: zero before the switch
-                rows.append(s1[t] - s1[np.minimum(t, b - 1)])
+                rows.append(a.s1(t) - a.s1(np.minimum(t, b - 1)))
             else:
                 rows.append(np.zeros(len(t)))
         if cls.anneal:
@@ -489,14 +535,14 @@ class _MultiShiftCPTLaw(CPTLaw):
                     nxt = next((e for e in edges[i + 1:] if e is not None), None)
                     lo = np.minimum(t, b - 1)
                     hi = t if nxt is None else np.maximum(np.minimum(t, nxt - 1), lo)
-                    phase = s2[hi] - s2[lo]
+                    phase = a.s2(hi) - a.s2(lo)
                 if i == 0:
                     base[3] = phase
                 else:
                     rows.append(phase)
         if cls.entry:
             e = curve.entry
-            rows.append(s1[t] - s1[np.minimum(t, e - 1)] if 0 < e <= n else np.zeros(len(t)))
+            rows.append(a.s1(t) - a.s1(np.minimum(t, e - 1)) if 0 < e <= n else np.zeros(len(t)))
         return np.vstack([base, *rows])
 
     @classmethod
@@ -860,7 +906,7 @@ def _as_curve(curve_or_lrs, steps, cpt_start: int, shifts: Sequence[int] = (), e
     if isinstance(curve_or_lrs, tuple):
         lrs, steps, *rest = curve_or_lrs
         return _as_curve(lrs, steps, rest[0] if rest else cpt_start, shifts, entry)
-    lrs = np.asarray(curve_or_lrs, dtype=np.float64)
+    lrs = curve_or_lrs if isinstance(curve_or_lrs, LRHistory) else np.asarray(curve_or_lrs, dtype=np.float64)
     steps = np.arange(len(lrs)) if steps is None else np.asarray(steps)
     return Curve(lrs, steps, np.full(np.shape(steps), np.nan), cpt_start=cpt_start, shifts=tuple(shifts),
                  entry=entry)

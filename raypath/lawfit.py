@@ -78,7 +78,7 @@ import numpy as np
 from raypath import law as lawmod
 from raypath import schedules
 from raypath.console import Progress
-from raypath.law import Curve, FitResult
+from raypath.law import Curve, FitResult, LRHistory
 from raypath.lineage import Branch, Lineage, MainEntry, resolve_version
 from raypath.mainpath import fork_step as _fork_step
 from raypath.releases import objective_weights
@@ -197,25 +197,23 @@ def split_weights(lineage: LineageLike, version: str,
 
 # --------------------------------------------------------------------------- LR histories
 
-def main_lrs(main: MainPath, n: int) -> np.ndarray:
-    """Effective LR of the main path for steps ``0..n-1`` (warmup counted at max LR)."""
-    return np.full(n, float(main.max_lr))
+def main_lrs(main: MainPath, n: int) -> LRHistory:
+    """Effective LR of the main path for steps ``0..n-1`` (warmup counted at max LR): flat."""
+    return LRHistory(n, float(main.max_lr), np.zeros(0))
 
 
-def branch_lrs(main: MainPath, fork: int, steps: int, decay: Decay, n: int | None = None) -> np.ndarray:
+def branch_history(main: MainPath, fork: int, steps: int, decay: Decay, n: int | None = None) -> LRHistory:
     """Effective LR history of :class:`~raypath.schedules.Branch` for steps ``0..n-1``
-    (``n`` = fork + steps by default), vectorised; warmup steps count as max LR."""
+    (``n`` = fork + steps by default): the main path's peak up to the fork (a fork inside the
+    warmup too: warmup steps count as max LR), then the decay, vectorised."""
     n = fork + steps if n is None else n
-    idx = np.arange(n)
     branch = schedules.Branch(main, fork, steps, decay)
-    start_lr, end_lr = branch.start_lr, branch.end_lr
-    lrs = np.where(idx < fork, float(main.max_lr), end_lr)  # before the fork: the main path
-    inside = (idx >= fork) & (idx < fork + steps)
+    idx = np.arange(fork, n)
+    tail = np.full(len(idx), float(branch.end_lr))
+    inside = idx < fork + steps
     frac = decay_fraction(decay_progress(idx[inside] - fork, steps), decay.shape, decay.power)
-    lrs[inside] = end_lr + (start_lr - end_lr) * frac
-    # A fork inside the warmup decays from a ramp value; only the steps before it count as peak.
-    warm = idx < min(main.warmup_steps, fork)
-    return np.where(warm, float(main.max_lr), lrs)
+    tail[inside] = branch.end_lr + (branch.start_lr - branch.end_lr) * frac
+    return LRHistory(min(fork, n), float(main.max_lr), tail)
 
 
 # --------------------------------------------------------------------------- curves
@@ -458,17 +456,17 @@ def _branch_curve(b: Branch, records: Sequence[dict], key: str, sched: MainPath,
     """A finished branch's ``key`` observations after its fork, among its curve's ``records``
     (None without any). ``shared``: where the branch's LR history is kept for its other splits'
     Curves (empty at first). A branch of version k observes k splits, and an LR history per split
-    made a fit's curves grow with versions² x trials x steps (518 MB at 20 versions of 100 trials)."""
+    made a fit's curves grow with versions² x trials x steps (518 MB at 20 versions of 100 trials);
+    one per branch, held from its fork on (:class:`~raypath.law.LRHistory`), grows with its steps."""
     fork, steps = int(b.fork_step), int(b.steps)
     obs_steps, losses = _observed((r for r in records if r["step"] > fork), key, upto=fork + steps)
     if not len(obs_steps):
         return None
     shared = [] if shared is None else shared
     if not shared:
-        decay = decay_from({"shape": "1-sqrt", **(b.decay or {})})
-        lrs = branch_lrs(sched, fork, steps, decay, n=fork + steps)
-        lrs.flags.writeable = False  # shared by the splits' Curves
-        shared.append(lrs)
+        history = branch_history(sched, fork, steps, decay_from({"shape": "1-sqrt", **(b.decay or {})}))
+        history.tail.flags.writeable = False  # shared by the splits' Curves
+        shared.append(history)
     return Curve(shared[0], obs_steps, losses, name=b.name, **phases)
 
 
@@ -715,7 +713,7 @@ def predict_curve(fits: Mapping[str, FitResult], lineage: LineageLike, version: 
     branch_steps = end - fork_step if branch_steps is None else branch_steps
     steps = np.asarray(steps, dtype=np.int64)
     n = max(int(steps.max()), fork_step + branch_steps)
-    lrs = branch_lrs(lineage_schedule(lineage), fork_step, branch_steps, decay, n=n)
+    lrs = branch_history(lineage_schedule(lineage), fork_step, branch_steps, decay, n=n)
     idx = np.maximum(steps - 1, 0)
     return {s: f.predict(lrs, idx, **split_phases(lineage, s, version)) for s, f in fits.items()}
 

@@ -32,7 +32,7 @@ from raypath.law import FitResult, anneal_params
 from raypath.lawfit import (
     CurveRecords,
     LineageLike,
-    branch_lrs,
+    branch_history,
     check_fitted,
     fit_run,
     lineage_branches,
@@ -134,7 +134,7 @@ def rank_candidates(fits: Mapping[str, FitResult], lineage: LineageLike, version
         # Candidates are the same branch when they train at the same LRs: a 1- or 2-step
         # branch is the same for every shape (start and floor only), and a sweep that tried
         # each would spend trials on one branch.
-        key = (fork, branch_lrs(sched, fork, end - fork, decay)[fork:].round(12).tobytes())
+        key = (fork, branch_history(sched, fork, end - fork, decay).tail.round(12).tobytes())
         if key in seen:
             continue
         seen.add(key)

@@ -440,8 +440,9 @@ class _Reporter:
 
 
 def _export(tr: Training, seg: Segment, metrics: dict, rank: int, world: int) -> None:
-    """Collective: the segment's model as a ``save_pretrained`` directory, each rank writing its
-    share of the weights (:func:`raypath.export.write_share`): no rank gathers the whole model.
+    """Collective: the segment's model as a ``save_pretrained`` directory. Under FSDP each rank
+    writes its share of the weights (:func:`raypath.export.write_share`): no rank gathers the
+    whole model.
 
     Rank 0 stages the directory (atomic: renamed into place complete), writes the configs,
     tokenizer, index and card once every rank's file is written, and publishes them; in a
@@ -455,7 +456,9 @@ def _export(tr: Training, seg: Segment, metrics: dict, rank: int, world: int) ->
 
     with torch.device("meta"):  # the architecture and its configs, without weights
         plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len, weights=False)
-    shares, final = rank_shares(plain, world), Path(seg.export_dir)
+    # FSDP: a file per rank, none holding the model. DDP's ranks each hold all of it: one file,
+    # rank 0's, as save_pretrained writes a model of this size.
+    shares, final = rank_shares(plain, world if tr.parallel == "fsdp" else 1), Path(seg.export_dir)
     with atomic_dir(final) if rank == 0 else contextlib.nullcontext() as staged:
         tmp = Path(shards.gather(str(staged))[0])
         tmp.mkdir(parents=True, exist_ok=True)  # another node's mirror of a remote run directory

@@ -591,7 +591,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
                     prediction: Mapping, out_png: str | os.PathLike) -> Path:
     """Per split: observed main-path and branch val curves of ``version``, and the law's
     predicted curve for the branch in ``prediction`` (plus the fitted main path)."""
-    from raypath.lawfit import branch_lrs, lineage_schedule, main_entry, main_lrs, split_curves, split_phases
+    from raypath.lawfit import branch_history, lineage_schedule, main_entry, main_lrs, split_curves, split_phases
     from raypath.schedules import decay_from
 
     lineage = Lineage.of(lineage)
@@ -617,7 +617,7 @@ def plot_prediction(run_dir: str | os.PathLike, lineage: Lineage | Mapping, fits
         main_pred = fits[split].predict(main_lrs(sched, end), grid - 1, **phases)
         ax.plot(grid, main_pred, "--", color="0.5", lw=1.0, label="main path (law)")
         bgrid = np.arange(fork, end + 1)
-        pred = fits[split].predict(branch_lrs(sched, fork, end - fork, decay, n=end), np.maximum(bgrid - 1, 0),
+        pred = fits[split].predict(branch_history(sched, fork, end - fork, decay, n=end), np.maximum(bgrid - 1, 0),
                                    **phases)
         ax.plot(bgrid, pred, "-", color="crimson", lw=2.0,
                 label=f"predicted {decay.shape} f={prediction['fraction_actual']:.2f} (law)")

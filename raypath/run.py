@@ -39,6 +39,7 @@ from raypath.data import (
     plan_versions,
     prepare_versions,
     read_manifest,
+    run_record,
 )
 from raypath.dedup import rule_of
 from raypath.lineage import Branch as BranchEntry
@@ -80,6 +81,7 @@ class RunContext:
     tracking: TrackingSpec | None = None
 
     def __post_init__(self):
+        self.versions = [run_record(v) for v in self.versions]
         if self.tracking is None:
             self.tracking = open_lineage(self.cfg, self.run_dir)
 

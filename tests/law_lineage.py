@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from raypath.law import areas
-from raypath.lawfit import branch_lrs
+from raypath.lawfit import branch_history
 from raypath.schedules import Decay, MainPath
 
 MAX_LR = 3e-3
@@ -128,7 +128,7 @@ def write_lineage(root: Path, n_versions: int, *, noise: float = 1e-3, seed: int
             steps = int(round(fraction * SEGMENT))
             fork = end - steps
             bname = f"branch-{name}" if tag == "rel" else f"branch-{name}-{tag}"
-            lrs = branch_lrs(main, fork, steps, decay)
+            lrs = branch_history(main, fork, steps, decay).full()
             rec = np.unique(np.append(np.arange(fork + EVAL_EVERY, end + 1, EVAL_EVERY), end))
             brows = {int(s): {"step": int(s)} for s in rec}
             metrics = {}

@@ -136,3 +136,10 @@ def test_segment_start_times_a_fresh_segment_from_fit_to_its_workers(tmp_path):
     got = _bench("segment_start", "--workers", "1", "--repeats", "1", "--steps", "3")
     (row,) = got["rows"]
     assert row["workers"] == 1 and 0 < row["ready_s"] < row["fit_s"], row
+
+
+@pytest.mark.slow
+def test_earlier_files_check_needs_no_task_for_files_their_listing_shows_unchanged():
+    """Starts a Ray cluster of its own: slow."""
+    got = _bench("earlier_files_check", "--versions", "2", "--files", "5", "--repeats", "1")
+    assert got["files"] == 14 and got["tasks"] == 0 and got["median_seconds"] > 0, got

@@ -64,7 +64,7 @@ def test_curves_have_the_schedules_lr_history(law_run):
         assert all(c.cpt_start == expected_start for c in curves.values())
         c = curves["main"]
         want = effective_lr(lr_curve(main, len(c.lrs)), m0["warmup_steps"], m0["max_lr"])
-        np.testing.assert_allclose(c.lrs, want, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(c.lrs.full(), want, rtol=0, atol=1e-15)
         observed = [s for v in ("v1", "v2", "v3") for s in _records(run_dir, f"main-{v}", f"val/{split}")]
         assert list(c.steps + 1) == sorted(set(observed))  # record at step s saw LRs 0..s-1
         branches = [b for b in lineage["branches"] if f"val/{split}" in b["metrics"]]
@@ -75,7 +75,7 @@ def test_curves_have_the_schedules_lr_history(law_run):
             sched = Branch(main, b["fork_step"], b["steps"], Decay(d["shape"], d["min_lr_ratio"], d["power"]))
             end = b["fork_step"] + b["steps"]
             want = effective_lr(lr_curve(sched, end), m0["warmup_steps"], m0["max_lr"])
-            np.testing.assert_allclose(c.lrs, want, rtol=0, atol=1e-15)
+            np.testing.assert_allclose(c.lrs.full(), want, rtol=0, atol=1e-15)
             assert c.steps.max() == end - 1 and c.steps.min() >= b["fork_step"]
             assert np.isclose(c.losses[-1], b["metrics"][f"val/{split}"])
 
@@ -85,9 +85,27 @@ def test_branch_lrs_match_schedules_for_every_shape():
     for shape in ("cosine", "linear", "1-sqrt", "exponential", "polynomial"):
         for fork, floor in ((3, 0.1), (40, 0.1), (1, 0.5)):  # inside and after the warmup; below the floor
             decay = Decay(shape, floor, 3.0)
-            got = lawfit.branch_lrs(main, fork, 25, decay, n=80)
+            history = lawfit.branch_history(main, fork, 25, decay, n=80)
+            assert (history.flat, len(history.tail)) == (fork, 80 - fork)  # one float a step from the fork on
             want = effective_lr(lr_curve(Branch(main, fork, 25, decay), 80), min(7, fork), 3e-3)
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+            np.testing.assert_allclose(history.full(), want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("law", ["AnnealingLaw", "CPTLaw", "multi_shift_law"])
+def test_a_branch_history_held_from_its_fork_gives_the_areas_of_the_whole_array(law):
+    """A curve's features from an LRHistory (flat prefix not laid out) are those of the full
+    array, bit for bit, at steps inside the prefix, at its last step, and through the decay."""
+    from raypath.law import Curve, law_class, multi_shift_law
+
+    main = MainPath(3e-3, 7)
+    cls = multi_shift_law(3, anneal=True, entry=True) if law == "multi_shift_law" else law_class(law)
+    for fork, n in ((40, 70), (40, 30), (1, 20)):  # a branch; observed only before its fork; forked at once
+        history = lawfit.branch_history(main, fork, 25, Decay("cosine", 0.1, 2.0), n=n)
+        steps = np.unique(np.clip([0, 3, fork - 2, fork - 1, fork, fork + 1, n - 1], 0, n - 1))
+        kw = {"cpt_start": 10, "shifts": (35, 45), "entry": 4} if law != "AnnealingLaw" else {}
+        compact, whole = (Curve(lrs, steps, np.ones(len(steps)), **kw) for lrs in (history, history.full()))
+        for lam in (0.9, 0.999):
+            np.testing.assert_array_equal(cls.features(compact, lam), cls.features(whole, lam))
 
 
 def test_upto_version_limits_curves(law_run):
@@ -794,7 +812,12 @@ def test_a_branchs_curves_share_its_lr_history_across_splits(tmp_path):
     assert len(per_branch["branch-v3"]) == 3 and len(per_branch["branch-v2-alt"]) == 2
     branches = {name: histories for name, histories in per_branch.items() if name != "main"}
     assert all(h is histories[0] for histories in branches.values() for h in histories)
-    assert not any(histories[0].flags.writeable for histories in branches.values())
+    assert not any(histories[0].tail.flags.writeable for histories in branches.values())
+    # held from the fork on: a branch's history costs its steps, not the steps before its fork
+    from raypath.lineage import Lineage
+
+    fork = {b.name: b.fork_step for b in Lineage.load(run_dir).branches()}
+    assert all(h[0].flat == fork[name] and len(h[0].tail) == len(h[0]) - fork[name] for name, h in branches.items())
     alone = lawfit.curves_from_lineage(run_dir, "v1", "v3")  # one split: the same observations
     assert [(c.name, len(c.steps)) for c in curves["v1"]] == [(c.name, len(c.steps)) for c in alone]
 

@@ -119,6 +119,15 @@ def test_lineage_record(tiny_run):
         assert v["files"] == {"train": len(prepared["train_files"]), "val": len(prepared["val_files"]),
                               "skipped": len(prepared["skipped_files"]), "chunks": len(prepared["new_chunk_rows"])}
         assert v["files"]["train"] > 0 and v["files"]["chunks"] >= v["files"]["train"]
+    # What a run (and each sweep trial it sends its context to) keeps of its versions: the counts
+    # and the chunk layout a stream pass reads, not every corpus file's fingerprint.
+    from raypath.mirror import RunDir
+    from raypath.run import prepared as run_context
+
+    ctx = run_context(cfg, RunDir(Path(cfg.run_dir)))
+    for v, prepared in zip(ctx.versions, manifest["versions"], strict=True):
+        assert not {"train_files", "val_files", "skipped_files"} & set(v)
+        assert v["new_chunk_rows"] == prepared["new_chunk_rows"] and v["files"]["train"] == len(prepared["train_files"])
     for b in on_disk["branches"]:
         assert b["status"] == "done"
         assert b["tokens_trained"] == b["steps"] * cfg.train.global_batch_size * cfg.data.seq_len
