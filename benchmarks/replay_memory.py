@@ -5,10 +5,13 @@ share of replay (a sweep can search the ratio); it runs inside the trial's actor
 a synthetic prepared version -- ``--rows`` stream rows of ``--block`` tokens in ``--parts``
 part files, ``--stream-replay`` of them older blocks, and an older version's pool -- then,
 for each ``--ratios`` value, runs ``replay_variant`` in a fresh process and reports the growth
-of its peak RSS (``VmHWM``, reset after the imports) over the stream's bytes. A ratio below
-the stream's own swaps replay rows for own blocks; above it, own rows for older blocks.
+of its peak RSS (``VmHWM``, reset after the imports) over the stream's bytes, and its wall
+time; with ``--s3`` the run directory is in a bucket on a local moto server (the variant read
+from and written to it). A ratio below the stream's own swaps replay rows for own blocks;
+above it, own rows for older blocks.
 
     python benchmarks/replay_memory.py --rows 40000 --parts 8
+    python benchmarks/replay_memory.py --rows 8000 --parts 32 --s3
     # the same data through another checkout's raypath (e.g. an older commit's worktree)
     PYTHONPATH=/path/to/checkout python benchmarks/replay_memory.py --rows 40000 --parts 8
 """
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # moto_s3
+
 CHILD = r"""
 import json, sys
 from pathlib import Path
@@ -42,11 +47,17 @@ import pyarrow.parquet as pq, ray  # what the call imports (Ray for an older poo
 pq.read_table(spec["warm"])
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
+import time
+from raypath.mirror import LOCAL, Mirror, RunDir
+rd = RunDir(Path(spec["local"]), Mirror(spec["uri"], spec["local"], spec["endpoint"])) if spec.get("uri") else LOCAL
 base = rss("VmRSS")
-mix = replay_variant(spec["version"], spec["older"], spec["consumed"], spec["limit"], spec["ratio"], 0, spec["out"])
+t0 = time.perf_counter()
+mix = replay_variant(spec["version"], spec["older"], spec["consumed"], spec["limit"], spec["ratio"], 0, spec["out"],
+                     rd)
+seconds = time.perf_counter() - t0
 import raypath
-print(json.dumps({"growth": rss("VmHWM") - base, "mix": {k: mix[k] for k in ("rows", "replay_rows")},
-                  "raypath": str(Path(raypath.__file__).parent)}))
+print(json.dumps({"growth": rss("VmHWM") - base, "seconds": round(seconds, 3),
+                  "mix": {k: mix[k] for k in ("rows", "replay_rows")}, "raypath": str(Path(raypath.__file__).parent)}))
 """
 
 
@@ -84,24 +95,40 @@ def main() -> None:
     ap.add_argument("--fork", type=float, default=0.8, help="share of the stream trained before the branch")
     ap.add_argument("--ratios", default="0.1,0.5")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--s3", action="store_true", help="the run directory in a bucket on a local moto server")
     args = ap.parse_args()
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="replay-mem-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="replay-mem-"))
+    root = workdir / "run" / "data"  # a run directory's data, in the bucket's local mirror with --s3
     root.mkdir(parents=True, exist_ok=True)
     version, older, stream_bytes = _data(root, args)
+    remote, moto = {}, None
+    if args.s3:
+        import pyarrow.fs as pafs
+        from moto_s3 import start
+
+        from raypath.mirror import Mirror
+
+        endpoint, moto = start(workdir / "moto.log")
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("bench")
+        Mirror("s3://bench/run", str(workdir / "run"), endpoint).push(workdir / "run")
+        remote = {"uri": "s3://bench/run", "local": str(workdir / "run"), "endpoint": endpoint}
     consumed = [[0, int(args.fork * args.rows)]]
     rows = {}
     for ratio in (float(r) for r in args.ratios.split(",")):
         spec = {"version": version, "older": older, "consumed": consumed, "limit": args.rows, "ratio": ratio,
-                "out": str(root / f"variant-{ratio}.parquet"), "warm": str(root / "warm.parquet")}
+                "out": str(root / f"variant-{ratio}"), "warm": str(root / "warm.parquet"), **remote}
         # Run outside the checkout: `python -c` puts the working directory first on sys.path.
         out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], check=True, capture_output=True,
-                             text=True, cwd=root)
+                             text=True, cwd=workdir)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["growth_over_stream"] = round(row["growth"] / stream_bytes, 3)
         rows[str(ratio)] = row
+    if moto is not None:
+        moto.kill()
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "workdir"),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("workdir", "s3"))
+        + (" --s3" if args.s3 else ""),
         "raypath": sorted({row.pop("raypath") for row in rows.values()}),
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "stream_bytes": stream_bytes, "ratios": rows,

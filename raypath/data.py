@@ -88,7 +88,7 @@ from raypath.sources import (  # noqa: F401
     same_file,
     unchanged,
 )
-from raypath.storage import read_json, rebase_paths, write_json
+from raypath.storage import STREAMS, in_threads, read_json, rebase_paths, write_json
 
 log = logging.getLogger(__name__)
 
@@ -1235,7 +1235,8 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     and ratio write the same bytes), straight into the bucket of a remote run directory.
     Returns the path and the mix. Memory grows with the stream's rows, not its tokens:
     its ``idx``/``src`` columns (10 bytes a row), the swapped rows' blocks, and one row group
-    at a time; parts without a swapped row are copied as they are.
+    per part being rewritten (up to :data:`~raypath.storage.STREAMS` parts at a time); parts
+    without a swapped row are copied as they are.
     """
     out = Path(out_path)
     fs, root = rd.target(out)
@@ -1253,7 +1254,9 @@ def _write_variant(version: dict, older: list[dict], consumed: list, limit: int,
     k = int(version["index"])
     sfs, stream = rd.target(version["stream_path"])
     parts = _parquet_files(sfs, stream)
-    cols = [pq.read_table(f, filesystem=sfs, columns=["idx", "src"]) for f in parts]
+    # A part at a time, several at once: in a bucket each read, copy or rewrite is a request
+    # that mostly waits (a 40 GB stream is ~320 parts), and pyarrow releases the GIL.
+    cols = in_threads(lambda f: pq.read_table(f, filesystem=sfs, columns=["idx", "src"]), parts, STREAMS)
     stream_pool = Pool(k, tuple(parts), tuple(t.num_rows for t in cols))
     starts = np.cumsum([0, *stream_pool.chunk_rows])
     idx = np.concatenate([t.column("idx").to_numpy() for t in cols]).astype(np.int64)
@@ -1284,11 +1287,14 @@ def _write_variant(version: dict, older: list[dict], consumed: list, limit: int,
     if len(swap):
         src[swap] = new_src
     at = order[swap]  # the swapped rows' places in the stream's parts
-    for i, part in enumerate(parts):
+
+    def write_part(i: int) -> None:
         here = np.flatnonzero((at >= starts[i]) & (at < starts[i + 1]))
         if not len(here):  # before the fork, most parts: copied as they are
-            copy_file(fs, part, _part(root, i))
-            continue
-        _rewrite_rows(part, at[here] - starts[i], blocks[here], new_src[here], sfs, fs, _part(root, i))
+            copy_file(fs, parts[i], _part(root, i))
+        else:  # one row group in memory at a time
+            _rewrite_rows(parts[i], at[here] - starts[i], blocks[here], new_src[here], sfs, fs, _part(root, i))
+
+    in_threads(write_part, list(range(len(parts))), STREAMS)
     replay = int((src[todo] != k).sum())
     return {"rows": len(todo), "replay_rows": replay, "replay_ratio": replay / max(len(todo), 1)}

@@ -563,6 +563,37 @@ def write_index(directory: Path, shares: list[list[str]], written: Mapping[str, 
     (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def save_from_ranks(final: Path, state: Mapping[str, torch.Tensor], plain, shares: list[list[str]], rank: int,
+                    rd: RunDir, tokenizer: str, card: dict) -> None:
+    """Collective: a ``save_pretrained`` directory at ``final`` from every rank's share of
+    ``state`` (:func:`write_share`); ``plain``: the model on the meta device, for its configs.
+
+    Rank 0 stages the directory (atomic: renamed into place complete) and, once every rank's
+    file is written, adds the configs, tokenizer, index and ``model_card.json`` (``card``), then
+    publishes them. In a remote run directory each rank uploads its own file first, so the card,
+    which marks the export done, reaches the store after the weights; the other ranks write
+    theirs apart and drop it once uploaded: their node may not be rank 0's, and its mirror keeps
+    no stage of an export it did not finish.
+    """
+    from raypath import shards
+    from raypath.storage import atomic_dir, temp_dir_beside, write_json
+
+    with atomic_dir(final) if rank == 0 else contextlib.nullcontext() as staged:
+        stage = Path(shards.gather(str(staged))[0])
+        apart = rank != 0 and rd.remote(final)
+        with temp_dir_beside(final) if apart else contextlib.nullcontext(stage) as where:
+            mine = write_share(where, state, shares, rank)
+            for name in mine:
+                rd.upload(where / name, final / name)
+        written = {k: v for part in shards.gather(mine) for k, v in part.items()}
+        if rank == 0:
+            save_model_dir(stage, plain, rd.fetch(tokenizer), weights=False)
+            write_index(stage, shares, written, plain.num_parameters())
+            write_json(stage / JSON_CARD, card)
+    if rank == 0:
+        rd.publish(final, exclude=tuple(written))
+
+
 def verify(directory: Path, model, progress: Progress | None = None) -> None:
     """Load the written directory back from local files only -- config, architecture, tokenizer,
     card -- and compare its weights with ``model``'s one tensor at a time: no second copy of the

@@ -440,38 +440,19 @@ class _Reporter:
 
 
 def _export(tr: Training, seg: Segment, metrics: dict, rank: int, world: int) -> None:
-    """Collective: the segment's model as a ``save_pretrained`` directory. Under FSDP each rank
-    writes its share of the weights (:func:`raypath.export.write_share`): no rank gathers the
-    whole model.
-
-    Rank 0 stages the directory (atomic: renamed into place complete), writes the configs,
-    tokenizer, index and card once every rank's file is written, and publishes them; in a
-    remote run directory each rank uploads its own file first, so the card, which marks the
-    export done, reaches the store after the weights.
-    """
+    """Collective: the segment's model as a ``save_pretrained`` directory
+    (:func:`raypath.export.save_from_ranks`). Under FSDP each rank writes its share of the
+    weights: no rank gathers the whole model. DDP's ranks each hold all of it: one file, rank
+    0's, as ``save_pretrained`` writes a model of this size."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from raypath.export import rank_shares, save_model_dir, write_index, write_share
-    from raypath.storage import atomic_dir, write_json
+    from raypath.export import rank_shares, save_from_ranks
 
     with torch.device("meta"):  # the architecture and its configs, without weights
         plain = build_model(_model_config(seg), seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len, weights=False)
-    # FSDP: a file per rank, none holding the model. DDP's ranks each hold all of it: one file,
-    # rank 0's, as save_pretrained writes a model of this size.
-    shares, final = rank_shares(plain, world if tr.parallel == "fsdp" else 1), Path(seg.export_dir)
-    with atomic_dir(final) if rank == 0 else contextlib.nullcontext() as staged:
-        tmp = Path(shards.gather(str(staged))[0])
-        tmp.mkdir(parents=True, exist_ok=True)  # another node's mirror of a remote run directory
-        mine = write_share(tmp, get_model_state_dict(tr.raw_model), shares, rank)
-        for name in mine:
-            seg.rd.upload(tmp / name, final / name)
-        written = {k: v for part in shards.gather(mine) for k, v in part.items()}
-        if rank == 0:
-            save_model_dir(tmp, plain, seg.rd.fetch(seg.tokenizer_dir), weights=False)
-            write_index(tmp, shares, written, plain.num_parameters())
-            write_json(tmp / "model_card.json", {**seg.model_card, "final_metrics": metrics})
-    if rank == 0:
-        seg.rd.publish(final, exclude=tuple(written))
+    shares = rank_shares(plain, world if tr.parallel == "fsdp" else 1)
+    save_from_ranks(Path(seg.export_dir), get_model_state_dict(tr.raw_model), plain, shares, rank, seg.rd,
+                    seg.tokenizer_dir, {**seg.model_card, "final_metrics": metrics})
 
 
 def train_segment(config: dict) -> None:

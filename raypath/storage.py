@@ -536,6 +536,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def temp_dir_beside(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory next to ``path``, removed after the block: on ``path``'s filesystem
+    (a model's weights may not fit the system's temp), named as :func:`atomic_dir` names its
+    own, so that one a crash leaves behind is removed as stale by the next write of ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, progress=None) -> str:
     """The file's sha256; ``progress``: a :class:`raypath.console.Progress` in bytes, added to as it reads."""
     h = hashlib.sha256()

@@ -48,8 +48,9 @@ def _full_state(model, optim) -> dict[str, torch.Tensor]:
 
 
 def node(rank: int, world: int, spec: dict) -> None:
-    """``spec``: mode (``save`` | ``load`` | ``load-ddp``: full replicas on every rank), remote,
-    endpoint, mirrors (one sub-directory per rank), port, out (where ``expected.pt`` and
+    """``spec``: mode (``save`` | ``load`` | ``load-ddp``: full replicas on every rank |
+    ``export``: the model as a Hugging Face directory, with the tokenizer at ``tokenizer``),
+    remote, endpoint, mirrors (one sub-directory per rank), port, out (where ``expected.pt`` and
     ``rank<N>.json`` go)."""
     from conftest import leave_group
 
@@ -64,7 +65,23 @@ def node(rank: int, world: int, spec: dict) -> None:
     storage = rd / "ray" / "main-v1"
     out = Path(spec["out"])
     result: dict = {}
-    if spec["mode"] == "save":
+    if spec["mode"] == "export":  # the model as a Hugging Face directory, each rank its share
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from transformers import LlamaForCausalLM
+
+        from raypath.export import rank_shares, save_from_ranks
+
+        model, optim = _model(seed=0)
+        with torch.device("meta"):
+            plain = LlamaForCausalLM(model.config)
+        save_from_ranks(rd / "exports" / "branch-v1", get_model_state_dict(model), plain, rank_shares(plain, world),
+                        rank, rd, spec["tokenizer"], {"version": "v1"})
+        full = {k[len("model."):]: v for k, v in _full_state(model, optim).items() if k.startswith("model.")}
+        if rank == 0:
+            torch.save(full, out / "expected.pt")
+        local = Path(mirror.local)
+        result["files"] = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    elif spec["mode"] == "save":
         model, optim = _model(seed=0)
         ShardedSaver(rank, False, torch.device("cpu"), rd).save(
             storage / ckpt.step_dir_name(STEP), model, optim, {"step": STEP, "tokens": STEP, "consumed": []})

@@ -560,16 +560,44 @@ def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
         assert (s3.fs.get_file_info(snap_key).type == pafs.FileType.NotFound) is dropped
 
 
-def _nodes(mode: str, world: int, s3, remote: str, mirrors: Path, out: Path) -> list[dict]:
+def _nodes(mode: str, world: int, s3, remote: str, mirrors: Path, out: Path, **extra) -> list[dict]:
     """Run ``world`` FSDP ranks, each on its own "node" (mirror), in a real gloo group."""
     import sharded_nodes
     import torch.multiprocessing as mp
     from conftest import _free_port
 
     spec = {"mode": mode, "remote": remote, "endpoint": s3.endpoint, "mirrors": str(mirrors),
-            "port": _free_port(), "out": str(out)}
+            "port": _free_port(), "out": str(out), **extra}
     mp.spawn(sharded_nodes.node, args=(world, spec), nprocs=world)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_fsdp_ranks_on_separate_nodes_export_their_shares_of_the_model_to_the_bucket(s3, tmp_path):
+    """A branch's export under FSDP: each rank writes and uploads its share of the weights, rank 0
+    the configs, tokenizer, index and card after them; a reader of the bucket loads the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raypath.tokenizer import train_tokenizer
+
+    bucket = _bucket(s3, "export")
+    remote = f"s3://{bucket}/run"
+    train_tokenizer(iter(["def f(x):\n    return x\n"] * 50), 300, tmp_path / "tokenizer")
+    ranks = _nodes("export", 2, s3, remote, tmp_path / "nodes", tmp_path, tokenizer=str(tmp_path / "tokenizer"))
+    weights = [f"model-0000{r}-of-00002.safetensors" for r in (1, 2)]
+    stored = {k.rsplit("/", 1)[1] for k in s3.files(f"{bucket}/run/exports/branch-v1")}
+    assert {*weights, "model.safetensors.index.json", "config.json", "model_card.json", "tokenizer.json"} <= stored
+    # rank 0's node holds the export it staged (its own weights, the metadata); rank 1's node keeps
+    # nothing of it, no stage left behind
+    assert {"exports/branch-v1/model_card.json", f"exports/branch-v1/{weights[0]}"} <= set(ranks[0]["files"])
+    assert not any(f.startswith("exports/") for f in ranks[1]["files"]), ranks[1]["files"]
+    reader = Mirror(remote, str(tmp_path / "reader"), s3.endpoint)
+    local = Path(reader.local) / "exports" / "branch-v1"
+    reader.pull_files(local)
+    loaded = AutoModelForCausalLM.from_pretrained(str(local), local_files_only=True)
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items()), "exported weights differ from the model's"
 
 
 def test_each_node_downloads_only_its_ranks_shards_of_a_remote_sharded_checkpoint(s3, tmp_path):
