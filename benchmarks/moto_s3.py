@@ -24,14 +24,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(log_path: Path) -> tuple[str, subprocess.Popen]:
+#: ``moto_server`` with every request answered ``sys.argv[3]`` ms late: a store's round trip
+#: (tens of ms to S3 from a cluster), which a loopback server does not have.
+_DELAYED = r"""
+import sys, time
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+from moto.moto_server.werkzeug_app import create_backend_app
+from moto.server import MotoRequestHandler
+from werkzeug.serving import run_simple
+app, delay = DomainDispatcherApplication(create_backend_app), float(sys.argv[3]) / 1000
+def delayed(environ, start_response):
+    time.sleep(delay)
+    return app(environ, start_response)
+run_simple(sys.argv[1], int(sys.argv[2]), delayed, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
+def start(log_path: Path, latency_ms: float = 0.0) -> tuple[str, subprocess.Popen]:
     """Start ``moto_server`` (from this interpreter's environment) logging to ``log_path``, set
-    :data:`AWS_ENV` in this process; returns its endpoint and process (kill it when done)."""
+    :data:`AWS_ENV` in this process; returns its endpoint and process (kill it when done).
+    ``latency_ms``: each request answered that much later (:data:`_DELAYED`)."""
     os.environ.update(AWS_ENV)
     port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    if latency_ms:
+        cmd = [sys.executable, "-c", _DELAYED, "127.0.0.1", str(port), str(latency_ms)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     for _ in range(300):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:

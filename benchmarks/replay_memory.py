@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.5")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--s3", action="store_true", help="the run directory in a bucket on a local moto server")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="with --s3: each request answered this much later")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="replay-mem-"))
     root = workdir / "run" / "data"  # a run directory's data, in the bucket's local mirror with --s3
@@ -108,7 +109,7 @@ def main() -> None:
 
         from raypath.mirror import Mirror
 
-        endpoint, moto = start(workdir / "moto.log")
+        endpoint, moto = start(workdir / "moto.log", args.latency_ms)
         pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("bench")
         Mirror("s3://bench/run", str(workdir / "run"), endpoint).push(workdir / "run")
         remote = {"uri": "s3://bench/run", "local": str(workdir / "run"), "endpoint": endpoint}

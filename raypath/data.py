@@ -1235,8 +1235,7 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     and ratio write the same bytes), straight into the bucket of a remote run directory.
     Returns the path and the mix. Memory grows with the stream's rows, not its tokens:
     its ``idx``/``src`` columns (10 bytes a row), the swapped rows' blocks, and one row group
-    per part being rewritten (up to :data:`~raypath.storage.STREAMS` parts at a time); parts
-    without a swapped row are copied as they are.
+    at a time; parts without a swapped row are copied as they are, several at a time.
     """
     out = Path(out_path)
     fs, root = rd.target(out)
@@ -1288,13 +1287,14 @@ def _write_variant(version: dict, older: list[dict], consumed: list, limit: int,
         src[swap] = new_src
     at = order[swap]  # the swapped rows' places in the stream's parts
 
-    def write_part(i: int) -> None:
-        here = np.flatnonzero((at >= starts[i]) & (at < starts[i + 1]))
-        if not len(here):  # before the fork, most parts: copied as they are
-            copy_file(fs, parts[i], _part(root, i))
-        else:  # one row group in memory at a time
+    swapped = [np.flatnonzero((at >= starts[i]) & (at < starts[i + 1])) for i in range(len(parts))]
+    # Parts without a swapped row (before the fork, most of them) are copied as they are, several
+    # at a time (in a bucket, server-side: nothing passes through here); the others are
+    # rewritten one at a time, each holding a row group and, in a bucket, its upload's buffers.
+    in_threads(lambda i: copy_file(fs, parts[i], _part(root, i)),
+               [i for i, here in enumerate(swapped) if not len(here)], STREAMS)
+    for i, here in enumerate(swapped):
+        if len(here):
             _rewrite_rows(parts[i], at[here] - starts[i], blocks[here], new_src[here], sfs, fs, _part(root, i))
-
-    in_threads(write_part, list(range(len(parts))), STREAMS)
     replay = int((src[todo] != k).sum())
     return {"rows": len(todo), "replay_rows": replay, "replay_ratio": replay / max(len(todo), 1)}
