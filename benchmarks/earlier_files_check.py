@@ -7,7 +7,10 @@ listed the corpus (``discover_versions``: one listing per split directory). This
 corpus, or with ``--s3`` to a bucket on a local moto server, records each file as preparation
 does (``raypath.sources.fingerprint``), then times discovery plus the check of every version,
 ``--repeats`` times, on a local Ray cluster of ``--cpus`` CPUs, and counts the Ray tasks it
-started and (``--s3``) the requests the store saw during the check.
+started and (``--s3``) the requests the store saw during the check. The records are written as
+preparing writes them (the data manifest, a ``files.json`` per version) and read back as a
+run's start reads them (``raypath.data.check_prepared``); one more pass under ``tracemalloc``
+gives the peak of the Python memory the check held.
 
     python benchmarks/earlier_files_check.py --versions 10 --files 1000
     python benchmarks/earlier_files_check.py --versions 10 --files 1000 --s3
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,12 +51,28 @@ def _write_corpus(fs, root: str, versions: int, files: int) -> None:
     in_threads(put, paths, STREAMS)
 
 
-def _records(sources, endpoint) -> list[dict]:
+def _records(sources, endpoint, run_dir: Path) -> list[dict]:
     from raypath.sources import fingerprint
     from raypath.storage import in_threads
 
-    return [{"name": s.name, "train_files": in_threads(lambda f: fingerprint(f, endpoint), list(s.train_files)),
-             "val_files": in_threads(lambda f: fingerprint(f, endpoint), list(s.val_files))} for s in sources]
+    return [{"name": s.name, "index": k, "val_path": str(run_dir / "data" / s.name / "val"),
+             "new_chunk_rows": [600] * len(s.train_files),
+             "train_files": in_threads(lambda f: fingerprint(f, endpoint), list(s.train_files)),
+             "val_files": in_threads(lambda f: fingerprint(f, endpoint), list(s.val_files))}
+            for k, s in enumerate(sources)]
+
+
+def _check(sources, data_dir: Path, endpoint) -> None:
+    """What a run's start does: the manifest checked against the corpus, then the files' stats."""
+    from raypath import data
+    from raypath.mirror import LOCAL
+
+    if "each" in inspect.signature(data.check_prepared).parameters:
+        data.check_prepared(sources, data_dir, 16, each=lambda files, src: data._check_unchanged(
+            files, src, endpoint, LOCAL))
+    else:  # a checkout that read every version's fingerprints at once
+        for rec, src in zip(data.check_prepared(sources, data_dir, 16)["versions"], sources):
+            data._check_unchanged(rec, src, endpoint, LOCAL)
 
 
 def main() -> None:
@@ -68,7 +89,6 @@ def main() -> None:
 
     import raypath
     from raypath import data
-    from raypath.mirror import LOCAL
     from raypath.sources import discover_versions
 
     tasks = [0]
@@ -102,7 +122,10 @@ def main() -> None:
             corpus = root
         try:
             _write_corpus(fs, root, args.versions, args.files)
-            records = _records(discover_versions(corpus, endpoint=endpoint), endpoint)
+            data_dir = Path(tmp) / "run" / "data"
+            data_dir.mkdir(parents=True)
+            data._write_manifest(data_dir / "manifest.json", {"seq_len": 16, "versions": _records(
+                discover_versions(corpus, endpoint=endpoint), endpoint, data_dir.parent)})
             ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
             runs = []
             for _ in range(args.repeats):
@@ -110,8 +133,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 sources = discover_versions(corpus, endpoint=endpoint)
                 listed = time.perf_counter() - t0
-                for rec, src in zip(records, sources):
-                    data._check_unchanged(rec, src, endpoint, LOCAL)
+                _check(sources, data_dir, endpoint)
                 run = {"seconds": time.perf_counter() - t0, "discovery_s": listed, "tasks": tasks[0]}
                 if args.s3:
                     got = list(requests_in(log.read_text().splitlines()[seen:]))
@@ -119,6 +141,11 @@ def main() -> None:
                     run["heads"] = sum(1 for m, _, _ in got if m == "HEAD")
                 runs.append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
+            tracemalloc.start()
+            _check(sources, data_dir, endpoint)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            listed_mb = sum(p.stat().st_size for p in data_dir.glob("*/files.json")) / 2**20
         finally:
             ray.shutdown()
             if moto is not None:
@@ -129,7 +156,7 @@ def main() -> None:
         "files": args.versions * (args.files + 2),
         "median_seconds": statistics.median(r["seconds"] for r in runs),
         "median_discovery_s": statistics.median(r["discovery_s"] for r in runs),
-        "tasks": runs[-1]["tasks"],
+        "tasks": runs[-1]["tasks"], "check_peak_mb": round(peak / 2**20, 3), "files_json_mb": round(listed_mb, 3),
         **({"requests": runs[-1]["requests"], "heads": runs[-1]["heads"]} if args.s3 else {}),
     }, indent=2))
 

@@ -510,14 +510,15 @@ def _complete(directory: Path, rd: RunDir) -> bool:
         return False
 
 
-def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = LOCAL) -> list[Path]:
+def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = LOCAL,
+          why: str | None = None) -> list[Path]:
     """Delete periodic checkpoints beyond the newest ``keep``; steps in ``protected`` are never deleted.
 
     ``protected``: fork points and version boundaries (what branches and later
     versions start from). Only complete checkpoints count towards ``keep``: a torn
     one (a crash mid-save) never displaces a good one, and is deleted once a newer
     checkpoint is complete. Called between saves, so no save is in flight. Returns
-    the directories deleted.
+    the directories deleted; ``why`` is what the log says (default: the setting).
     """
     dirs = step_dirs(run_storage, rd)
     complete = [d for d in dirs if _complete(d, rd)]
@@ -526,6 +527,6 @@ def prune(run_storage: str | Path, keep: int, protected: set[int], rd: RunDir = 
     torn = [d for d in dirs if d not in complete and step_of(d) not in protected and step_of(d) < newest]
     doomed = (periodic[:-keep] if keep > 0 else []) + torn
     for d in doomed:
-        log.info("pruning checkpoint %s (train.keep_checkpoints=%d)", d, keep)
+        log.info("pruning checkpoint %s (%s)", d, why or f"train.keep_checkpoints={keep}")
         rd.remove(d)
     return doomed

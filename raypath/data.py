@@ -60,7 +60,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -790,13 +790,17 @@ def _recorded_files(rec: dict, src: VersionSource, say: bool = True) -> list[dic
     return pending
 
 
-def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: int, dedup: str = "none") -> dict:
+def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: int, dedup: str = "none",
+                   each: Callable[[list[dict], VersionSource], None] | None = None) -> dict:
     """The data manifest under ``data_dir`` (empty before the first version), refused where the
     corpus no longer gives its versions in their order, each with the files it was prepared from.
-    Needs no Ray and reads no file's contents (:func:`plan_versions` checks those), so a run can
-    refuse a reordered or edited corpus before a cluster starts."""
+    Needs no Ray and reads no file's contents (:func:`plan_versions` checks those, through
+    ``each``: called per version with its files' records, where the corpus has them now), so a run
+    can refuse a reordered or edited corpus before a cluster starts."""
     path = Path(data_dir) / "manifest.json"
-    manifest = read_manifest(path) if path.exists() else {"versions": []}
+    if not path.exists():
+        return {"versions": []}
+    manifest = _manifest_head(path)
     if manifest.get("seq_len") not in (None, seq_len):
         raise DataError(f"{path}: prepared with seq_len={manifest['seq_len']!r}, config asks {seq_len!r}; "
                         f"use a new run_dir")
@@ -806,24 +810,30 @@ def check_prepared(sources: list[VersionSource], data_dir: str | Path, seq_len: 
         raise DataError(f"{path}: its versions were prepared with data.dedup={manifest.get('dedup', 'none')!r}, "
                         f"the config asks {dedup!r}; set it back (data.dedup and its data.minhash_* settings; "
                         f"a lineage prepared before data.minhash_threshold had none: 0), or use a new run_dir")
-    for i, rec in enumerate(manifest["versions"][: len(sources)]):
+
+    def check(i: int, rec: dict) -> None:
+        if i >= len(sources):
+            return
         if sources[i].name != rec["name"]:
             raise DataError(f"{path}: version {i + 1} was {rec['name']!r}; versions can only be "
                             f"appended (the corpus gives {[s.name for s in sources]}, in name order with "
                             f"numbers compared as numbers; data.versions lists them in an order of your own)")
-        _recorded_files(rec, sources[i], say=False)
-    return manifest
+        files = _recorded_files(rec, sources[i], say=each is not None)
+        if each is not None:
+            each(files, sources[i])
+
+    return _read_versions(manifest, path, check)
 
 
-def _check_unchanged(rec: dict, src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
-    """Earlier versions' files must be the ones trained on. Discovery listed them (one listing
-    per split directory): a file whose listed size and mtime are the recorded ones costs nothing
-    more; the others are checked in parallel Ray tasks (a stat, and a hash locally). The cost
-    grows with the files whose stat changed (a corpus copied elsewhere: all of them), not with
-    the lineage's files."""
+def _check_unchanged(files: list[dict], src: VersionSource, endpoint: str | None, rd: RunDir) -> None:
+    """Earlier versions' files (``files``: their records, :func:`_recorded_files`) must be the ones
+    trained on. Discovery listed them (one listing per split directory): a file whose listed size
+    and mtime are the recorded ones costs nothing more; the others are checked in parallel Ray
+    tasks (a stat, and a hash locally). The cost grows with the files whose stat changed (a corpus
+    copied elsewhere: all of them), not with the lineage's files."""
     import ray
 
-    pending = [r for r in _recorded_files(rec, src) if not same_file(r, *src.listed.get(r["path"], (None, None)))]
+    pending = [r for r in files if not same_file(r, *src.listed.get(r["path"], (None, None)))]
     if ray.is_initialized() and len(pending) > 1:
         task = ray.remote(num_cpus=1)(_unchanged_here)
         verdicts = ray.get([task.remote(r, endpoint, rd) for r in pending])
@@ -846,14 +856,13 @@ def plan_versions(sources: list[VersionSource], spec: PrepareSpec) -> Plan:
     """Check the manifest and earlier versions, then validate and fingerprint every file of
     the versions still to prepare (parallel Ray tasks) under ``spec.on_bad_input``."""
     path = Path(spec.data_dir) / "manifest.json"
-    manifest = check_prepared(sources, spec.data_dir, spec.seq_len, str(spec.dedup))
+    manifest = check_prepared(sources, spec.data_dir, spec.seq_len, str(spec.dedup),
+                              each=lambda files, src: _check_unchanged(files, src, spec.endpoint, spec.rd))
     if manifest.get("tokenizer_dir") not in (None, spec.tokenizer_dir):
         raise DataError(f"{path}: its versions were tokenized with the tokenizer in {manifest['tokenizer_dir']}, "
                         f"the config gives the one in {spec.tokenizer_dir} (data.tokenizer, else model.path's "
                         f"own, else the run's): set them back, or use a new run_dir")
     records = manifest["versions"]
-    for i, rec in enumerate(records[: len(sources)]):
-        _check_unchanged(rec, sources[i], spec.endpoint, spec.rd)
     new = sources[len(records):]
     files = [f for s in new for f in (*s.train_files, *s.val_files, *s.test_files)]
     limit = spec.max_doc_chars if spec.on_bad_input == "error" else 0
@@ -898,21 +907,49 @@ def run_record(rec: dict) -> dict:
     return {**out, "files": counts} if counts else out
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path, each: Callable[[int, dict], None] | None = None) -> dict:
     """The data manifest with absolute paths under the run directory's current place (an older
-    manifest's absolute paths of wherever the run directory was are moved there), each
-    version's per-file lists read back from its ``files.json``."""
+    manifest's absolute paths of wherever the run directory was are moved there), each version's
+    record with its chunk rows (what a stream pass reads) from its ``files.json``, not its files'
+    fingerprints: ``each(i, record)`` sees version ``i``'s with them, one version at a time
+    (:func:`version_files` reads one version's again)."""
+    return _read_versions(_manifest_head(path), path, each)
+
+
+def _manifest_head(path: Path) -> dict:
+    """The data manifest as written: settings, and version records without their file lists."""
     root = _run_root(path)
     manifest = read_json(path, root=root)
-    manifest = rebase_paths(manifest, recorded_root(manifest.get("versions", [])) or root, root)
-    for rec in manifest.get("versions", []):
+    return rebase_paths(manifest, recorded_root(manifest.get("versions", [])) or root, root)
+
+
+def _read_versions(manifest: dict, path: Path, each: Callable[[int, dict], None] | None) -> dict:
+    """:func:`read_manifest`'s pass over the versions' ``files.json``.
+
+    Costs that grow with the data: every ``files.json`` is parsed (~250 bytes a corpus file), but
+    one version's fingerprints are held at a time, never a lineage's (a million corpus files
+    would be a few GB of Python objects in the driver)."""
+    for i, rec in enumerate(manifest.get("versions", [])):
+        full = rec
         if "files_path" in rec:
             files = Path(rec["files_path"])
             if not files.is_file():
                 raise DataError(f"{files}: version {rec.get('name')}'s file list is missing (the data manifest "
                                 f"{path} names it); restore it or use a new run_dir")
-            rec.update(read_json(files, root=root))
+            full = {**rec, **read_json(files, root=_run_root(path))}
+            rec.update({k: v for k, v in full.items() if k not in FINGERPRINTS})
+        # (a manifest that still inlines them keeps them: its next write moves them to files.json)
+        if each is not None:
+            each(i, full)
     return manifest
+
+
+def version_files(rec: dict) -> dict:
+    """A version record of :func:`read_manifest` with its files' fingerprints (from its ``files.json``)."""
+    if "files_path" not in rec or "train_files" in rec:
+        return rec
+    files = Path(rec["files_path"])  # RUN_DIR/data/vK/files.json, its paths relative to RUN_DIR
+    return {**rec, **read_json(files, root=files.parents[2])}
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:

@@ -573,8 +573,14 @@ class _Checkpoints:
         if self.saver is not None and self.saver.poll() is not None and self.rank == 0:
             self.prune()
 
-    def prune(self) -> None:
-        ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.rd)
+    def prune(self, last: bool = False) -> None:
+        if last and self.seg.kind == "branch":
+            # A finished branch is read only through its final checkpoint (its record, release,
+            # export, a sweep's records); the earlier ones existed to resume it. Each holds the
+            # optimizer state too: a sweep would otherwise keep trials x periodic saves of it.
+            ckpt.prune(self.seg.storage, 1, set(), self.seg.rd, why=f"{self.seg.name} finished")
+        else:
+            ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.rd)
 
     def save(self, tr: Training, step: int, state: dict, metrics: dict, last: bool) -> None:
         """Collective: checkpoint ``step`` and report ``metrics`` with it to Ray Train."""
@@ -597,7 +603,7 @@ class _Checkpoints:
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ckpt.step_dir_name(step))
             del model_sd, optim_sd
         if self.rank == 0 and (self.saver is None or self.saver.pending is None):
-            self.prune()
+            self.prune(last)
         self.last_save = time.monotonic()
 
     def wait(self) -> None:

@@ -26,7 +26,7 @@ from conftest import TINY, _free_port
 
 from raypath import checkpoint as ckpt
 from raypath.cli import main
-from raypath.data import read_manifest
+from raypath.data import read_manifest, version_files
 from raypath.lineage import Lineage
 
 LONG = "x" * 1_000_001  # one character over data.max_doc_chars' default
@@ -180,8 +180,7 @@ def test_skip_finishes_with_every_skippable_file_and_counts_them(corpus_files, t
     args = run_args(tiny_run_copy, "--set", "data.on_bad_input=skip")
     rc, err = raypath(capsys, *args)
     assert rc == 0, err
-    manifest = read_manifest(run_dir / "data" / "manifest.json")  # with each version's file lists
-    v4 = manifest["versions"][3]
+    v4 = version_files(read_manifest(run_dir / "data" / "manifest.json")["versions"][3])  # with its file lists
     assert {s["path"] for s in v4["skipped_files"]} == whole
     assert all(s["reason"] for s in v4["skipped_files"])
     assert v4["skipped_docs"] == docs == {"invalid": 2, "too_long": 3}  # the good documents next to them train

@@ -143,3 +143,12 @@ def test_earlier_files_check_needs_no_task_for_files_their_listing_shows_unchang
     """Starts a Ray cluster of its own: slow."""
     got = _bench("earlier_files_check", "--versions", "2", "--files", "5", "--repeats", "1")
     assert got["files"] == 14 and got["tasks"] == 0 and got["median_seconds"] > 0, got
+    assert got["check_peak_mb"] > 0 and got["files_json_mb"] > 0, got
+
+
+@pytest.mark.slow
+def test_branch_disk_counts_what_each_finished_branch_keeps():
+    """Trains a main path and two branches on a Ray cluster of its own: slow."""
+    got = _bench("branch_disk", "--branches", "2", "--every", "4", "--hidden", "32", "--layers", "2")
+    assert [b["kept"] for b in got["branches"]] == [1, 1] and got["branches"][0]["saves"] > 1, got
+    assert 0 < got["branches"][0]["bytes_kept"] < 2 * got["checkpoint_bytes"], got

@@ -202,8 +202,14 @@ def test_earlier_files_are_checked_by_their_listing_and_a_changed_one_by_its_con
     monkeypatch.setattr(data, "_unchanged_here", lambda rec, *a: checked.append(rec["path"]) or data.unchanged(rec))
     sources = discover_versions(corpus)
     for rec, src in zip(records, sources):
-        data._check_unchanged(rec, src, None, spec.rd)
+        data._check_unchanged(data._recorded_files(rec, src), src, None, spec.rd)
     assert checked == [] and sum(len(r["train_files"]) + len(r["val_files"]) for r in records) >= 4
+    # A run's start reads the manifest without the fingerprints and checks one version's at a time.
+    seen = []
+    manifest = data.check_prepared(sources, spec.data_dir, spec.seq_len,
+                                   each=lambda files, src: seen.append((src.name, sorted(f["path"] for f in files))))
+    assert seen == [(r["name"], sorted(f["path"] for f in r["train_files"] + r["val_files"])) for r in records]
+    assert all(not {"train_files", "val_files"} & set(r) and r["new_chunk_rows"] for r in manifest["versions"])
 
     target = corpus / "v1" / "train" / "part-0.jsonl"
     text = target.read_bytes()
@@ -211,7 +217,8 @@ def test_earlier_files_are_checked_by_their_listing_and_a_changed_one_by_its_con
     target.write_bytes(text.replace(b"doc 0", b"doc 9", 1))
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
     with pytest.raises(DataError, match="part-0.jsonl: content changed \\(sha256 differs"):
-        data._check_unchanged(records[0], discover_versions(corpus)[0], None, spec.rd)
+        src = discover_versions(corpus)[0]
+        data._check_unchanged(data._recorded_files(records[0], src), src, None, spec.rd)
     assert checked == [str(target)]
 
 

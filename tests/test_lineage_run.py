@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 
 from raypath import checkpoint as ckpt
 from raypath.cost import lineage_costs
-from raypath.data import Consumed, read_blocks, read_manifest
+from raypath.data import Consumed, read_blocks, read_manifest, version_files
 from raypath.lineage import FORMAT, Lineage
 from raypath.report import read_curve
 from raypath.schedules import SHAPES, Branch, Decay, MainPath
@@ -110,6 +112,7 @@ def test_lineage_record(tiny_run):
     assert on_disk["versions"] == lin["versions"]
     assert [r["version"] for r in on_disk["releases"]] == ["v1", "v2", "v3"]
     manifest = read_manifest(path.parent / "data" / "manifest.json")
+    manifest["versions"] = [version_files(v) for v in manifest["versions"]]
     for v, prepared in zip(on_disk["versions"], manifest["versions"], strict=True):
         assert v["new_tokens"] == v["new_blocks"] * (cfg.data.seq_len + 1)
         # The per-file fingerprints are the data manifest's; the lineage, rewritten on every
@@ -233,3 +236,40 @@ def test_ray_trains_controller_unpickles_a_segment_without_the_training_loop(ray
     out = subprocess.run([sys.executable, "-c", probe, str(blob)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split(maxsplit=2) == ["TorchTrainer", "raypath.segment", "[]\n"], out.stdout
+
+
+def test_a_finished_branch_keeps_its_final_checkpoint_only(tiny_run, tmp_path, capfd):
+    """A branch's periodic checkpoints exist to resume it; once its final one is written they go
+    (each holds the optimizer state: a sweep would keep trials x saves of it). A main segment
+    keeps its own (``train.keep_checkpoints=0``: every one, a sweep may fork from any)."""
+    import dataclasses
+
+    from raypath.branches import release_branch
+    from raypath.run import prepare
+    from raypath.segment import fit_segment
+
+    cfg, lin = tiny_run
+    ctx = prepare(cfg)
+    seg = release_branch(ctx, 0, Lineage.of(lin).main("v1"))
+    seg = dataclasses.replace(seg, storage=str(tmp_path / "ray" / seg.name), export_dir=None, tracking=None,
+                              curves_path=str(tmp_path / "curves" / f"{seg.name}.jsonl"),
+                              train=dataclasses.replace(seg.train, checkpoint_every=2, eval_every=0))
+    assert seg.end_step - seg.start_step > 4  # two periodic checkpoints at least
+    fit_segment(seg)
+    periodic = list(range(seg.start_step + 2, seg.end_step, 2))
+    console = ""
+    for _ in range(50):  # Ray streams the workers' lines to this driver
+        console += capfd.readouterr().err
+        if console.count(f"({seg.name} finished)") >= len(periodic):
+            break
+        time.sleep(0.2)
+    pruned = sorted(int(m) for m in re.findall(rf"pruning checkpoint \S*step_(\d+) \({seg.name} finished\)", console))
+    assert pruned == periodic, console[-3000:]
+    left = [p.name for p in ckpt.step_dirs(seg.storage)]
+    assert left == [ckpt.step_dir_name(seg.end_step)]
+    ckpt.verify(Path(seg.storage) / left[0])
+    starts = [r for r in map(json.loads, Path(seg.curves_path).read_text().splitlines()) if r.get("event") == "start"]
+    assert len(starts) == 1
+    # the main path it forked from kept every checkpoint
+    main = Path(ctx.storage(Lineage.of(lin).main("v1").segment))
+    assert seg.start_step in {ckpt.step_of(p) for p in ckpt.step_dirs(main)}

@@ -18,7 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import AWS_ENV, ROOT, bucket
 
-from raypath.data import DataError, PrepareSpec, discover_versions, prepare_versions, read_blocks, read_manifest
+from raypath.data import (
+    DataError,
+    PrepareSpec,
+    discover_versions,
+    prepare_versions,
+    read_blocks,
+    read_manifest,
+    version_files,
+)
 from raypath.dedup import Rule, minhash
 from raypath.sources import Chunk, _lines, iter_docs
 from raypath.storage import write_json
@@ -616,8 +624,10 @@ def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(r
         assert not {"train_files", "val_files", "skipped_files", "new_chunk_rows"} & set(on_disk)
         assert on_disk["files"] == {"train": 4, "val": 1, "skipped": 0, "chunks": len(rec["new_chunk_rows"])}
         assert on_disk["files_path"] == f"./run/{rec['name']}/files.json"
-    # Read back whole: the records preparing returned, the lists included.
-    assert read_manifest(manifest_path)["versions"] == three and three[:2] == two
+    # Read back: the records preparing returned, the lists one version at a time.
+    whole = [version_files(r) for r in read_manifest(manifest_path)["versions"]]
+    assert whole == [version_files(r) for r in three] and whole[:2] == two
+    assert not {"train_files", "val_files", "skipped_files"} & set(read_manifest(manifest_path)["versions"][0])
     assert len(three[2]["train_files"]) == 4 and len(three[2]["train_files"][0]["sha256"]) == 64
 
     # A manifest that still lists the files inline (written before) is split on its next write.
@@ -625,9 +635,10 @@ def test_each_versions_file_list_is_written_once_and_the_manifest_keeps_counts(r
                                   for r in two]}
     write_json(manifest_path, inline, root=tmp_path)
     v1_list.unlink()
-    assert prepare_versions(discover_versions(corpus), spec) == three  # v3 prepared again
+    again = prepare_versions(discover_versions(corpus), spec)  # v3 prepared again
+    assert [version_files(r) for r in again] == whole
     assert json.loads(manifest_path.read_text())["versions"][0]["files_path"] == "./run/v1/files.json"
-    assert read_manifest(manifest_path)["versions"] == three
+    assert [version_files(r) for r in read_manifest(manifest_path)["versions"]] == whole
 
     # A missing list is named, with the manifest that names it.
     v1_list.unlink()
@@ -734,7 +745,7 @@ def test_an_old_layout_run_resumes_and_extends(tiny_run_copy, tmp_path):
     cfg = tiny_run_copy
     manifest_path = Path(cfg.run_dir) / "data" / "manifest.json"
     manifest = read_manifest(manifest_path)  # absolute paths and inline file lists, as the old layout wrote them
-    manifest["versions"] = [_to_old_layout(r) for r in manifest["versions"]]
+    manifest["versions"] = [_to_old_layout(version_files(r)) for r in manifest["versions"]]
     manifest_path.write_text(json.dumps(manifest))
     lineage_path = Path(cfg.run_dir) / "lineage.json"
     lineage = json.loads(lineage_path.read_text())
@@ -757,10 +768,11 @@ PREPARE = """
 import json, sys
 from raypath.cluster import init_ray
 from raypath.config import load_config
+from raypath.data import read_manifest, version_files
 from raypath.run import prepare
 init_ray(num_cpus=4)
 ctx = prepare(load_config(sys.argv[1], sys.argv[2:]))
-print(json.dumps(ctx.versions))
+print(json.dumps([version_files(v) for v in read_manifest(ctx.run_dir / "data" / "manifest.json")["versions"]]))
 """
 
 

@@ -1,0 +1,96 @@
+"""What a finished branch leaves on disk: its checkpoints, one per ``train.checkpoint_every`` steps.
+
+A sweep runs many branches of a version (one per trial), each a Ray Train run that checkpoints
+periodically so a lost worker costs little; every checkpoint holds the model and the optimizer
+state (~3x the fp32 weights). A finished branch is read only through its final checkpoint (its
+record, the release, the export), so the disk a sweep keeps grows with trials x the checkpoints
+each kept.
+
+This trains the tiny config's v1 main path with a wider model (``--hidden``, ``--layers``), then
+``--branches`` release branches of v1 one after another, each checkpointing every
+``--every`` steps, and reports per branch the checkpoints it wrote and the bytes and checkpoint
+directories left in its storage once it finished.
+
+    python benchmarks/branch_disk.py --branches 4 --every 2
+    # the same through another checkout's raypath (e.g. an older commit's worktree)
+    PYTHONPATH=/path/to/checkout python benchmarks/branch_disk.py --branches 4 --every 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _context(run_dir: str, hidden: int, layers: int):
+    """The tiny config's v1, one worker, with a model of ``hidden`` x ``layers``: prepared."""
+    from raypath.cluster import init_ray
+    from raypath.config import load_config
+    from raypath.run import prepare
+
+    init_ray(num_cpus=8)
+    return prepare(load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={run_dir}", "data.versions=[v1]", "train.num_workers=1", "train.eval_every=0",
+        f"model.hidden_size={hidden}", f"model.intermediate_size={4 * hidden}", f"model.num_layers={layers}",
+        "model.num_heads=4", "model.num_kv_heads=2"]))
+
+
+def _branch(ctx, main_v1, b: int, every: int) -> dict:
+    """Branch ``b`` of v1, checkpointing every ``every`` steps, run to its end: what it left."""
+    from raypath import checkpoint as ckpt
+    from raypath.branches import release_branch
+    from raypath.segment import fit_segment
+
+    seg = release_branch(ctx, 0, main_v1)
+    name = f"{seg.name}-{b}"
+    seg = dataclasses.replace(seg, name=name, storage=str(ctx.rd.path / "ray" / name), export_dir=None,
+                              curves_path=str(ctx.rd.path / "curves" / f"{name}.jsonl"),
+                              train=dataclasses.replace(seg.train, checkpoint_every=every))
+    fit_segment(seg)
+    storage = Path(seg.storage)
+    steps = seg.end_step - seg.start_step
+    row = {"branch": name, "steps": steps, "saves": len(range(every, steps, every)) + 1,
+           "kept": len(ckpt.step_dirs(storage)), "bytes_kept": _bytes(storage)}
+    print(f"{name}: {steps} steps, {row['saves']} checkpoints written, {row['kept']} kept, "
+          f"{row['bytes_kept'] / 1e6:.1f} MB", file=sys.stderr, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--branches", type=int, default=4)
+    ap.add_argument("--every", type=int, default=2, help="train.checkpoint_every of the branches")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", help="also write the results here as JSON")
+    args = ap.parse_args()
+
+    from raypath.mainpath import run_main_version
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = _context(f"{tmp}/run", args.hidden, args.layers)
+        main_v1 = run_main_version(ctx, 0, None)
+        rows = [_branch(ctx, main_v1, b, args.every) for b in range(args.branches)]
+        out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+               "python": sys.version.split()[0], "every": args.every,
+               "checkpoint_bytes": _bytes(Path(main_v1.checkpoints["end"])),
+               "branches": rows, "bytes_kept": sum(r["bytes_kept"] for r in rows)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
