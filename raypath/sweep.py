@@ -718,6 +718,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
         ctx.rd.publish(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
     stopped = _stopped(plan)
     trials = _trial_records(plan, results, stopped)
+    _drop_stopped_checkpoints(plan, trials)
     outcome, settled = _outcome(sc, trials, stopped)
     record.update(resumed=resumed, **outcome)
     if record["best"] is not None and (settled or sc.pin) and not interrupted:
@@ -866,6 +867,18 @@ def _trial_records(plan: SweepPlan, results, stopped: dict) -> list[dict]:
     for t in trials:
         t["order"] = order.get(t["trial_id"])
     return trials
+
+
+def _drop_stopped_checkpoints(plan: SweepPlan, trials: list[dict]) -> None:
+    """Delete the checkpoints of the trials the law stopped: such a trial never resumes (the sweep
+    counts it as ended) and has no final checkpoint to release; its curve stays (the law fits it).
+    A finished trial keeps its final checkpoint only (:class:`raypath.loop._Checkpoints`)."""
+    for t in trials:
+        storage = Path(plan.sweep_dir) / "branches" / t["name"]
+        if t["status"] == "stopped" and ckpt.step_dirs(storage, plan.ctx.rd):
+            log.info("trial %s was stopped by the law: deleting its checkpoints %s", t["trial_id"],
+                     plan.ctx.rd.name(storage))
+            plan.ctx.rd.remove(storage)
 
 
 def _stopped(plan: SweepPlan) -> dict:

@@ -947,6 +947,32 @@ def test_a_resumed_guided_sweep_keeps_the_stops_made_before_it(tiny_sweep, tmp_p
                                                              early["trial_id"]: "stopped", late["trial_id"]: "stopped"}
 
 
+def test_a_trial_the_law_stopped_leaves_its_curve_and_no_checkpoint(tiny_sweep, tmp_path, caplog):
+    """A stopped trial never resumes and is never released: its periodic checkpoints go when the
+    sweep records it; its curve stays for the law. A finished trial keeps its final checkpoint."""
+    import shutil
+
+    from conftest import FAST_TRIALS
+
+    from raypath import sweep
+    from raypath.run import prepare
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    cfg = load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}"])
+    plan = sweep._plan(prepare(cfg), Lineage.load(run), "v2", cfg.sweep)
+    stopped, done = sorted(tiny_sweep["record"]["trials"], key=lambda t: t["trial_id"])[:2]
+    branches = Path(plan.sweep_dir) / "branches"
+    (final,) = ckpt.step_dirs(branches / stopped["name"])  # as if stopped halfway: a periodic one, no final
+    final.rename(final.with_name(ckpt.step_dir_name(stopped["config"]["fork_step"] + 1)))
+    kept = [p.name for p in ckpt.step_dirs(branches / done["name"])]
+    with caplog.at_level(logging.INFO, logger="raypath.sweep"):
+        sweep._drop_stopped_checkpoints(plan, [{**stopped, "status": "stopped"}, done])
+    assert not ckpt.step_dirs(branches / stopped["name"]) and f"trial {stopped['trial_id']} was stopped" in caplog.text
+    assert [p.name for p in ckpt.step_dirs(branches / done["name"])] == kept and len(kept) == 1
+    assert Path(plan.curve_path(stopped["trial_id"])).is_file()
+
+
 @pytest.mark.slow
 def test_the_chosen_trial_does_not_change_when_the_test_split_does(sweep_lineage, tmp_path):
     """The same 2-trial sweep twice, the test splits' contents replaced in between: the same
