@@ -28,7 +28,8 @@ experiment directory)::
     optuna.journal        the Optuna study (Optuna's JournalStorage): every proposal and score,
                           as they happen; ``optuna_study(sweep_dir)`` loads it
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
-    branches/<segment>/   each trial's Ray Train run (its checkpoints)
+    branches/<segment>/   each trial's Ray Train run (its checkpoints: a finished trial's final one,
+                          a stopped trial's none)
     curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
     exports/<segment>/    each trial's exported model; a released one is copied to releases/vK/rN
 
