@@ -4,9 +4,10 @@ A full (DDP) checkpoint is ``model.pt``, ``optim.pt`` (AdamW's two moments: twic
 weights), ``rng.pt`` and ``state.json``; ``raypath.checkpoint.save`` hashes every file for the
 manifest, and every resume and export hashes them again (``verify``). This builds ``--params``
 fp32 parameters' worth of weights and AdamW moments (random tensors of the shapes of a
-``--layers``-layer model), then times ``save`` and ``verify(deep=True)`` (median of
-``--repeats``; the files stay in the page cache, so the numbers are hashing and writing, not the
-disk).
+``--layers``-layer model), then times ``save``, ``verify(deep=True)`` and
+``raypath.segment.final_checkpoint`` (what recording a finished segment reads of it: a sweep's
+end does it once per trial) (median of ``--repeats``; the files stay in the page cache, so the
+numbers are hashing and writing, not the disk).
 
     python benchmarks/checkpoint_hash.py --params 125e6
     PYTHONPATH=/path/to/checkout python benchmarks/checkpoint_hash.py --params 125e6   # another raypath
@@ -34,34 +35,43 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    from types import SimpleNamespace
+
     import torch
 
     import raypath
     from raypath import checkpoint
+    from raypath.mirror import LOCAL
+    from raypath.segment import final_checkpoint
 
     per = int(args.params) // args.layers
     model = {f"layers.{i}.weight": torch.randn(per) for i in range(args.layers)}
     optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
                        for i in range(args.layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(args.layers))}]}
     root = Path(tempfile.mkdtemp(prefix="ckpt-hash-"))
-    saves, verifies = [], []
+    saves, verifies, finals = [], [], []
     try:
         for i in range(args.repeats):
-            d = root / f"step_{i}"
+            d = root / checkpoint.step_dir_name(i)
             t0 = time.perf_counter()
-            checkpoint.save(d, model, optim, {"step": i})
+            checkpoint.save(d, model, optim, {"step": i, "tokens": i, "metrics": {}})
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             checkpoint.verify(d, deep=True)
             verifies.append(time.perf_counter() - t0)
-        size = sum(p.stat().st_size for p in (root / "step_0").iterdir())
+            seg = SimpleNamespace(storage=str(root), end_step=i, rd=LOCAL, init_checkpoint=None)
+            t0 = time.perf_counter()
+            final_checkpoint(seg)
+            finals.append(time.perf_counter() - t0)
+        size = sum(p.stat().st_size for p in (root / checkpoint.step_dir_name(0)).iterdir())
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"command": " ".join(["python", *sys.argv]), "raypath": str(Path(raypath.__file__).parent),
                       "date": datetime.date.today().isoformat(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "bytes": size,
                       "save_s": round(statistics.median(saves), 3), "verify_s": round(statistics.median(verifies), 3),
-                      "verify_gb_per_s": round(size / 1e9 / statistics.median(verifies), 2)}, indent=1))
+                      "verify_gb_per_s": round(size / 1e9 / statistics.median(verifies), 2),
+                      "final_checkpoint_s": round(statistics.median(finals), 4)}, indent=1))
 
 
 if __name__ == "__main__":

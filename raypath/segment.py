@@ -117,9 +117,14 @@ class FinalCheckpoint:
 
 def final_checkpoint(seg: Segment) -> FinalCheckpoint:
     """The final checkpoint of a finished ``seg`` (raises :class:`~raypath.checkpoint.CheckpointError`
-    when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without)."""
+    when it is missing or incomplete); the tokens before it come from ``seg.init_checkpoint`` (0 without).
+
+    Only ``state.json``, what this reads, is hashed: every file must be there, and whoever loads the
+    weights or the optimizer state (a fork, a resume, an export) hashes them first. A sweep's end
+    reads every trial's final checkpoint, so hashing them all there cost trials x (weights + AdamW
+    state): 12 bytes a parameter, ~6 s a trial of a 1B model at 2 GB/s."""
     final = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    ckpt.verify(final, seg.rd)
+    ckpt.verify(final, seg.rd, names=("state.json",))
     state = ckpt.load_state(final, seg.rd)
     start = ckpt.load_state(seg.init_checkpoint, seg.rd)["tokens"] if seg.init_checkpoint else 0
     return FinalCheckpoint(str(final), state["metrics"], start, state["tokens"])

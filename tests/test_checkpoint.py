@@ -42,6 +42,33 @@ def test_roundtrip_loads_tensors_only(tmp_path):
         ckpt.load(d)  # named by file, as every other checkpoint error (torch's own message names none)
 
 
+def test_a_finished_segments_final_checkpoint_is_read_hashing_only_its_state(tmp_path):
+    """Its records read ``state.json``: only that is hashed (a sweep's end reads every trial's), every
+    file must be there, and whatever loads the weights or optimizer state still finds rot."""
+    from types import SimpleNamespace
+
+    from raypath.mirror import LOCAL
+    from raypath.segment import final_checkpoint
+
+    model = torch.nn.Linear(4, 2)
+    d = ckpt.save(tmp_path / ckpt.step_dir_name(8), model.state_dict(), torch.optim.AdamW(model.parameters())
+                  .state_dict(), {"step": 8, "tokens": 80, "metrics": {"val/v1": 3.5}})
+    seg = SimpleNamespace(storage=str(tmp_path), end_step=8, rd=LOCAL, init_checkpoint=None)
+    data = bytearray((d / "model.pt").read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # bit rot in what the record does not read
+    (d / "model.pt").write_bytes(bytes(data))
+    final = final_checkpoint(seg)
+    assert (final.path, final.metrics, final.tokens_trained) == (str(d), {"val/v1": 3.5}, 80)
+    with pytest.raises(ckpt.ChecksumError, match=r"model\.pt does not match its checksum"):
+        ckpt.load(d)
+    (d / "state.json").write_text((d / "state.json").read_text().replace("3.5", "2.5"))
+    with pytest.raises(ckpt.ChecksumError, match=r"state\.json does not match"):
+        final_checkpoint(seg)
+    (d / "optim.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="optim.pt missing"):
+        final_checkpoint(seg)
+
+
 def test_torn_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
     _save(tmp_path, 10)
     torn = _save(tmp_path, 20)

@@ -161,6 +161,12 @@ def test_fork_points_are_verified_checkpoints_inside_the_version(tmp_path):
     forks = fork_points(MainEntry(version="v1", start_step=10, end_step=22), tmp_path)
     assert [f["step"] for f in forks] == [14]  # not the start, not the boundary, not the torn one
     assert forks[0]["fraction"] == pytest.approx(8 / 12)
+    # Complete is enough to be proposed (nothing hashed per sweep); the trial's load hashes it.
+    weights = tmp_path / ckpt.step_dir_name(14) / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(b ^ 0xFF for b in weights.read_bytes()[-4:]))
+    assert [f["step"] for f in fork_points(MainEntry(version="v1", start_step=10, end_step=22), tmp_path)] == [14]
+    with pytest.raises(ckpt.ChecksumError, match="model.pt does not match its checksum"):
+        ckpt.load(tmp_path / ckpt.step_dir_name(14))
 
 
 def _synthetic_sweep(tmp_path: Path, *, v2_evals: bool = True, branches=("branch-v2",), **settings):
