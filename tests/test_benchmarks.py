@@ -22,6 +22,12 @@ def _bench(name: str, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def test_checkpoint_hash_times_a_save_a_verify_and_a_final_checkpoints_read():
+    got = _bench("checkpoint_hash", "--params", "2e6", "--layers", "2", "--repeats", "1")
+    assert got["bytes"] > 3 * 4 * 2e6 and got["save_s"] > 0 and got["verify_s"] > 0, got
+    assert 0 < got["final_checkpoint_s"], got
+
+
 def test_pretrained_start_hashes_and_downloads_every_weight_byte(tmp_path):
     for _ in range(2):  # a work directory used before is reused
         got = _bench("pretrained_start", "--gb", "0.02", "--shards", "2", "--repeats", "1",
