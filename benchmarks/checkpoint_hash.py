@@ -6,8 +6,9 @@ manifest, and every resume and export hashes them again (``verify``). This build
 fp32 parameters' worth of weights and AdamW moments (random tensors of the shapes of a
 ``--layers``-layer model), then times ``save``, ``verify(deep=True)`` and
 ``raypath.segment.final_checkpoint`` (what recording a finished segment reads of it: a sweep's
-end does it once per trial) (median of ``--repeats``; the files stay in the page cache, so the
-numbers are hashing and writing, not the disk).
+end does it once per trial) and a worker's resume from it (``latest_valid``, then ``load``)
+(median of ``--repeats``; the files stay in the page cache, so the numbers are hashing and
+writing, not the disk).
 
     python benchmarks/checkpoint_hash.py --params 125e6
     PYTHONPATH=/path/to/checkout python benchmarks/checkpoint_hash.py --params 125e6   # another raypath
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -49,13 +51,15 @@ def main() -> None:
     optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
                        for i in range(args.layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(args.layers))}]}
     root = Path(tempfile.mkdtemp(prefix="ckpt-hash-"))
-    saves, verifies, finals = [], [], []
+    saves, verifies, finals, resumes = [], [], [], []
+    once = "fetched" in inspect.signature(checkpoint.load).parameters  # else the load hashes it again
     try:
         for i in range(args.repeats):
             d = root / checkpoint.step_dir_name(i)
             t0 = time.perf_counter()
             checkpoint.save(d, model, optim, {"step": i, "tokens": i, "metrics": {}})
             saves.append(time.perf_counter() - t0)
+            size = sum(p.stat().st_size for p in d.iterdir())
             t0 = time.perf_counter()
             checkpoint.verify(d, deep=True)
             verifies.append(time.perf_counter() - t0)
@@ -63,7 +67,11 @@ def main() -> None:
             t0 = time.perf_counter()
             final_checkpoint(seg)
             finals.append(time.perf_counter() - t0)
-        size = sum(p.stat().st_size for p in (root / checkpoint.step_dir_name(0)).iterdir())
+            t0 = time.perf_counter()
+            chosen = checkpoint.latest_valid(root)
+            checkpoint.load(chosen, **({"fetched": True} if once else {}))
+            resumes.append(time.perf_counter() - t0)
+            shutil.rmtree(chosen)  # the next repeat's resume chooses its own
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"command": " ".join(["python", *sys.argv]), "raypath": str(Path(raypath.__file__).parent),
@@ -71,7 +79,8 @@ def main() -> None:
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "bytes": size,
                       "save_s": round(statistics.median(saves), 3), "verify_s": round(statistics.median(verifies), 3),
                       "verify_gb_per_s": round(size / 1e9 / statistics.median(verifies), 2),
-                      "final_checkpoint_s": round(statistics.median(finals), 4)}, indent=1))
+                      "final_checkpoint_s": round(statistics.median(finals), 4),
+                      "resume_s": round(statistics.median(resumes), 3)}, indent=1))
 
 
 if __name__ == "__main__":

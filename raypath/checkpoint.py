@@ -419,13 +419,16 @@ class _Counted(io.RawIOBase):
         return self.f.tell()
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu", rd: RunDir = LOCAL) -> dict:
+def load(directory: str | Path, map_location: str | torch.device = "cpu", rd: RunDir = LOCAL,
+         fetched: bool = False) -> dict:
     """Verified contents of a full checkpoint (:func:`fetch` first); tensors only (:func:`read_tensors`).
 
     A sharded checkpoint is loaded collectively by the workers instead
     (:mod:`raypath.loop`); here it yields only its RNG state and state.
+    fetched: this process has just fetched ``directory`` (:func:`latest_valid` chose it so), which
+        hashed it: not again (a full checkpoint is 12 bytes a parameter, and every worker loads it).
     """
-    d = fetch(directory, rd)
+    d = Path(directory) if fetched else fetch(directory, rd)
     if is_sharded(d):
         return {"sharded": d, "rng": read_tensors(d / "rng.pt"), "state": load_state(d)}
     return {

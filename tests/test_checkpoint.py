@@ -69,6 +69,20 @@ def test_a_finished_segments_final_checkpoint_is_read_hashing_only_its_state(tmp
         final_checkpoint(seg)
 
 
+def test_a_checkpoint_fetched_just_now_loads_without_a_second_hash(tmp_path):
+    """A worker resuming its segment's own checkpoint hashed it to choose it (``latest_valid``); its
+    load need not hash it again. Any other load hashes what it reads."""
+    d = _save(tmp_path, 5)
+    assert ckpt.latest_valid(tmp_path) == d
+    data = bytearray((d / "optim.pt").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])  # rot after the choice
+    (d / "optim.pt").write_bytes(bytes(data))
+    assert ckpt.load(d, fetched=True)["state"]["step"] == 5
+    with pytest.raises(ckpt.ChecksumError, match=r"optim\.pt does not match its checksum"):
+        ckpt.load(d)
+
+
 def test_torn_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
     _save(tmp_path, 10)
     torn = _save(tmp_path, 20)
