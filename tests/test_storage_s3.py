@@ -523,6 +523,27 @@ def _save_checkpoint(directory: Path, step: int) -> None:
               {"step": step, "tokens": step * 10, "consumed": [[0, step]]})
 
 
+def test_a_finished_branch_in_a_bucket_keeps_its_final_checkpoint_only(s3, tmp_path):
+    """What a branch's rank 0 does at its end (``loop._Checkpoints.prune(last=True)``) against a
+    bucket: the periodic checkpoints go from the store, the final one stays and reads back."""
+    bucket = _bucket(s3, "branch")
+    mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
+    rd = RunDir(Path(mirror.local), mirror)
+    storage = rd / "ray" / "branch-v1"
+    staging = tmp_path / "staging"
+    for step in (2, 4, 6):
+        _save_checkpoint(staging / ckpt.step_dir_name(step), step)
+    shutil.copytree(staging, storage)
+    mirror.push(storage)
+    shutil.rmtree(storage)
+    doomed = ckpt.prune(storage, 1, set(), rd, why="branch-v1 finished")
+    assert [d.name for d in doomed] == [ckpt.step_dir_name(2), ckpt.step_dir_name(4)]
+    prefix = f"{bucket}/run/ray/branch-v1/"
+    left = {k.removeprefix(prefix).split("/")[0] for k in s3.files(prefix.rstrip("/"))}
+    assert left == {ckpt.step_dir_name(6)}
+    assert ckpt.load(ckpt.latest_valid(storage, rd))["state"]["step"] == 6
+
+
 def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
     bucket = _bucket(s3, "ckpt")
     mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
