@@ -4,7 +4,7 @@ A sweep runs many branches of a version (one per trial), each a Ray Train run th
 periodically so a lost worker costs little; every checkpoint holds the model and the optimizer
 state (~3x the fp32 weights). A finished branch is read only through its final checkpoint (its
 record, the release, the export), so the disk a sweep keeps grows with trials x the checkpoints
-each kept.
+each kept, and with what the final one holds (nothing trains on from it: its weights suffice).
 
 This trains the tiny config's v1 main path with a wider model (``--hidden``, ``--layers``), then
 ``--branches`` release branches of v1 one after another, each checkpointing every
@@ -62,7 +62,8 @@ def _branch(ctx, main_v1, b: int, every: int) -> dict:
     storage = Path(seg.storage)
     steps = seg.end_step - seg.start_step
     row = {"branch": name, "steps": steps, "saves": len(range(every, steps, every)) + 1,
-           "kept": len(ckpt.step_dirs(storage)), "bytes_kept": _bytes(storage)}
+           "kept": len(ckpt.step_dirs(storage)), "bytes_kept": _bytes(storage),
+           "final_bytes": _bytes(storage / ckpt.step_dir_name(seg.end_step))}
     print(f"{name}: {steps} steps, {row['saves']} checkpoints written, {row['kept']} kept, "
           f"{row['bytes_kept'] / 1e6:.1f} MB", file=sys.stderr, flush=True)
     return row

@@ -16,6 +16,12 @@ Two layouts, told apart by the manifest:
   DCP reshards on load, so a sharded checkpoint resumes at any world size,
   under FSDP or DDP.
 
+Either layout may be **weights-only**: no optimizer state (no ``optim.pt``, no
+``__<rank>_1.distcp``; a sharded manifest says ``"optimizer": false``). A finished
+branch's final checkpoint is one: nothing trains on from it (its record, export and
+release read the weights), and AdamW's two moments are twice the model. It loads
+only where no step is left to train (:func:`has_optimizer`).
+
 A directory without a manifest, or whose files do not match it, is torn:
 :func:`load` refuses it and :func:`latest_valid` skips it, so a crash mid-write
 can only cost the newest checkpoint, never corrupt a run. Full checkpoints are
@@ -58,6 +64,9 @@ from raypath.storage import in_threads, read_json, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 FILES = ("model.pt", "optim.pt", "rng.pt", "state.json")
+OPTIM = "optim.pt"
+#: A weights-only full checkpoint's files (:func:`save` without optimizer state).
+WEIGHTS_FILES = tuple(f for f in FILES if f != OPTIM)
 #: What reading a full checkpoint's model weights needs of it (an export): no optimizer state.
 MODEL_FILES = ("model.pt", "state.json")
 MANIFEST = "manifest.json"
@@ -112,20 +121,36 @@ def restore_rng(rng: dict, rank: int) -> bool:
     return True
 
 
-def save(directory: str | Path, model_state: dict, optim_state: dict, state: dict,
+def save(directory: str | Path, model_state: dict, optim_state: dict | None, state: dict,
          rngs: list[dict] | None = None) -> Path:
     """Write a checkpoint into ``directory`` (created); the manifest goes last.
 
+    optim_state: None writes a weights-only checkpoint.
     rngs: every rank's :func:`rng_state`, in rank order (default: this process's only).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _save_tensor_file(model_state, d / "model.pt")
-    _save_tensor_file(optim_state, d / "optim.pt")
+    if optim_state is not None:
+        _save_tensor_file(optim_state, d / OPTIM)
     _save_tensor_file(_rng_file(rngs), d / "rng.pt")
     write_json(d / "state.json", state)
-    write_json(d / MANIFEST, dict(zip(FILES, in_threads(lambda f: sha256_file(d / f), list(FILES)))))
+    files = FILES if optim_state is not None else WEIGHTS_FILES
+    write_json(d / MANIFEST, dict(zip(files, in_threads(lambda f: sha256_file(d / f), list(files)))))
     return d
+
+
+def _full_files(manifest: dict) -> tuple[str, ...]:
+    """The files a full checkpoint's manifest requires: all, or a weights-only one's."""
+    return FILES if OPTIM in manifest else WEIGHTS_FILES
+
+
+def has_optimizer(directory: str | Path) -> bool:
+    """Whether a (local, fetched) checkpoint holds optimizer state: training can continue from it."""
+    manifest = _local_manifest(Path(directory))
+    if manifest.get("format") == SHARDED:
+        return manifest.get("optimizer", True) is not False
+    return OPTIM in manifest
 
 
 def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None,
@@ -153,11 +178,12 @@ def verify(directory: str | Path, rd: RunDir = LOCAL, deep: bool | None = None,
             progress = _hashing(str(d), sum(m["size"] for m in files.values()))
             in_threads(lambda rel: _check_hash(d, rel, files[rel]["sha256"], progress=progress), list(files))
         return
-    for name in FILES:
+    required = _full_files(expected)
+    for name in required:
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: {name} missing")
     if deep is not False:  # the weights and the optimizer state at once: each hash holds a core
-        hashed = [n for n in FILES if n in names]
+        hashed = [n for n in required if n in names]
         progress = _hashing(str(d), sum((d / n).stat().st_size for n in hashed))
         in_threads(lambda name: _check_hash(d, name, expected.get(name), progress=progress), hashed)
 
@@ -300,9 +326,11 @@ def write_sharded_meta(directory: str | Path, state: dict, rngs: list[dict] | No
     return [d / SHARDS / ".metadata", d / "rng.pt", d / "state.json"]
 
 
-def write_sharded_manifest(directory: str | Path, entries: dict[str, dict]) -> None:
-    """The last write of a sharded checkpoint: only now does it count."""
-    write_json(Path(directory) / MANIFEST, {"format": SHARDED, "files": dict(sorted(entries.items()))})
+def write_sharded_manifest(directory: str | Path, entries: dict[str, dict], optimizer: bool = True) -> None:
+    """The last write of a sharded checkpoint: only now does it count. ``optimizer``: False for a
+    weights-only one."""
+    extra = {} if optimizer else {"optimizer": False}
+    write_json(Path(directory) / MANIFEST, {"format": SHARDED, "files": dict(sorted(entries.items())), **extra})
 
 
 def _verify_uploaded(d: Path, rd: RunDir) -> dict:
@@ -322,7 +350,7 @@ def _verify_uploaded(d: Path, rd: RunDir) -> dict:
         _check_sizes(where, _sharded_files(where, manifest), rd.file_sizes(d))
         return manifest
     present = set(rd.children(d))
-    for name in FILES:
+    for name in _full_files(manifest):
         if name not in present:
             raise CheckpointError(f"{where}: {name} missing")
     return manifest
@@ -433,7 +461,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu", rd: Ru
         return {"sharded": d, "rng": read_tensors(d / "rng.pt"), "state": load_state(d)}
     return {
         "model": read_tensors(d / "model.pt", map_location),
-        "optim": read_tensors(d / "optim.pt", map_location),
+        "optim": read_tensors(d / OPTIM, map_location) if has_optimizer(d) else None,
         "rng": read_tensors(d / "rng.pt"),
         "state": load_state(d),
     }

@@ -184,8 +184,9 @@ class TrainConfig:
         segment (step- or time-based); fork points and version boundaries are never
         pruned, torn ones (a crash mid-save) go once a newer one is complete.
         0 = keep all (a sweep can then fork from any of them). A branch keeps
-        its final checkpoint only once it finishes (the others were there to resume it);
-        a sweep trial the law stopped keeps none (its curve stays).
+        its final checkpoint only once it finishes (the others were there to resume it),
+        and that one holds its weights, not the optimizer state (nothing trains on
+        from it); a sweep trial the law stopped keeps none (its curve stays).
     async_checkpoint: write checkpoints with DCP's asynchronous save: the state is
         copied to host memory and written by a background thread while training
         goes on; the checkpoint counts once its manifest is written. Implies the

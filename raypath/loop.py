@@ -138,8 +138,9 @@ class Training:
             return _fsdp_no_sync(self.raw_model)
         return contextlib.nullcontext()
 
-    def state_dicts(self) -> tuple[dict, dict]:
-        """Full (unsharded) model and optimizer state, optimizer keyed by param index.
+    def state_dicts(self, optimizer: bool = True) -> tuple[dict, dict | None]:
+        """Full (unsharded) model and optimizer state, optimizer keyed by param index (None
+        where ``optimizer`` is False: a weights-only checkpoint).
 
         The full checkpoint layout (``train.parallel: ddp``). Under FSDP every
         rank must call this (it gathers); rank 0 gets the state, other ranks
@@ -148,12 +149,14 @@ class Training:
         ``benchmarks/checkpoint_save.py`` compares them with.
         """
         if self.parallel != "fsdp":
-            return self.raw_model.state_dict(), self.optim.state_dict()
+            return self.raw_model.state_dict(), self.optim.state_dict() if optimizer else None
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.raw_model, options=opts)
+        if not optimizer:
+            return model_sd, None
         optim_sd = get_optimizer_state_dict(self.raw_model, self.optim, options=opts)
         return model_sd, (_optim_to_index_keys(optim_sd) if optim_sd else {})
 
@@ -263,7 +266,7 @@ def build_training(seg: Segment, device: torch.device, restored: dict | None = N
     if sharded:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         shards.load_into(sharded, raw, training.optim, rank, world, seg.rd, None if shard_here else _node())
-    elif restored:
+    elif restored and restored["optim"] is not None:  # None: weights-only, nothing left to train
         training.load_optim_state(restored["optim"])
     if restored:
         _apply_settings(training.optim, t)
@@ -573,8 +576,12 @@ class _Checkpoints:
         if self.saver is not None and self.saver.poll() is not None and self.rank == 0:
             self.prune()
 
+    def _branch_end(self, last: bool) -> bool:
+        """The last step of a branch: nothing trains on from its checkpoint."""
+        return last and self.seg.kind == "branch"
+
     def prune(self, last: bool = False) -> None:
-        if last and self.seg.kind == "branch":
+        if self._branch_end(last):
             # A finished branch is read only through its final checkpoint (its record, release,
             # export, a sweep's records); the earlier ones existed to resume it. Each holds the
             # optimizer state too: a sweep would otherwise keep trials x periodic saves of it.
@@ -586,15 +593,17 @@ class _Checkpoints:
         """Collective: checkpoint ``step`` and report ``metrics`` with it to Ray Train."""
         import ray.train
 
+        # Weights-only (a third of the bytes) where nothing trains on: every trial of a sweep keeps it.
+        optim = None if self._branch_end(last) else tr.optim
         if self.saver is not None:
             # Straight into the run's storage, not through Ray's upload: the manifest
             # must go last, after every rank's shards.
-            self.saver.save(Path(self.seg.storage) / ckpt.step_dir_name(step), tr.raw_model, tr.optim, state)
+            self.saver.save(Path(self.seg.storage) / ckpt.step_dir_name(step), tr.raw_model, optim, state)
             if last:  # the boundary must be complete before the segment returns
                 self.saver.wait()
             ray.train.report(metrics)
         else:
-            model_sd, optim_sd = tr.state_dicts()
+            model_sd, optim_sd = tr.state_dicts(optimizer=optim is not None)
             rngs = shards.gather(ckpt.rng_state())
             with tempfile.TemporaryDirectory() as tmp:
                 if self.rank == 0:

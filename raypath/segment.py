@@ -202,14 +202,25 @@ def resume_point(seg: Segment) -> tuple[str | None, dict]:
     """
     own = ckpt.latest_valid(seg.storage, seg.rd)
     if own is not None:
-        return str(own), ckpt.load_state(own)
+        state = ckpt.load_state(own)
+        _check_trainable(seg, own, state)
+        return str(own), state
     if seg.init_checkpoint:
-        init = str(ckpt.fetch(seg.init_checkpoint, seg.rd, deep=False))  # hashed by the load
+        init = ckpt.fetch(seg.init_checkpoint, seg.rd, deep=False)  # hashed by the load
         state = ckpt.load_state(init)
+        _check_trainable(seg, init, state)
         if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
-        return init, state
+        return str(init), state
     return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
+
+
+def _check_trainable(seg: Segment, d: Path, state: dict) -> None:
+    """Refuse a weights-only checkpoint ``d`` where steps are left to train from it."""
+    if int(state["step"]) < seg.end_step and not ckpt.has_optimizer(d):
+        raise ckpt.CheckpointError(
+            f"{seg.rd.name(d)}: a weights-only checkpoint (a finished branch's final one) holds no optimizer "
+            f"state; {seg.name} cannot train on from its step {state['step']} to {seg.end_step}")
 
 
 def resume_note(seg: Segment, start_dir: str | None, state: dict) -> str | None:

@@ -55,10 +55,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def app_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
-    """Model and optimizer state in the model's own layout (DTensor shards under FSDP), FQN keys."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def app_state(model: torch.nn.Module, optim: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Model and optimizer state in the model's own layout (DTensor shards under FSDP), FQN keys;
+    the model's only where ``optim`` is None (a weights-only checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if optim is None:
+        return {"model": get_model_state_dict(model)}
     msd, osd = get_state_dict(model, optim)
     return {"model": msd, "optim": osd}
 
@@ -109,10 +112,12 @@ class ShardedSaver:
         # training thread too, chained after DCP's own background write.
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="raypath-ckpt") if asynchronous else None
         self.pending: tuple[Future, Path] | None = None
+        self.optimizer = True  # whether the save in flight holds the optimizer state
 
-    def save(self, directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
+    def save(self, directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer | None,
              state: dict) -> None:
-        """Start (async) or write (sync) the checkpoint of the current step into ``directory``."""
+        """Start (async) or write (sync) the checkpoint of the current step into ``directory``;
+        weights-only where ``optim`` is None."""
         self.wait()
         d = Path(directory)
         rngs = gather(ckpt.rng_state())
@@ -127,6 +132,7 @@ class ShardedSaver:
         if _distributed():
             dist.barrier()
         sd = app_state(model, optim)
+        self.optimizer = optim is not None
         if self.finisher is not None:
             written = dcp.async_save(sd, storage_writer=_ModelApartWriter(d / ckpt.SHARDS), process_group=self.group)
             self.pending = (self.finisher.submit(self._own_entries, d, written), d)
@@ -170,7 +176,7 @@ class ShardedSaver:
         for part in gather(own):  # also the barrier: every rank has written
             entries.update(part)
         if self.rank == 0:
-            ckpt.write_sharded_manifest(d, entries)
+            ckpt.write_sharded_manifest(d, entries, self.optimizer)
             self.rd.publish(d / ckpt.MANIFEST)
             log.info("sharded checkpoint %s complete (%d files)", d, len(entries))
 
@@ -281,6 +287,7 @@ class ShardReader(FileSystemReader):
 def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
               rank: int, world: int, rd: RunDir = LOCAL, node: tuple[int, int] | None = None) -> int:
     """Collective: verify a sharded checkpoint (ranks split the hashing) and load it, resharded.
+    Of a weights-only one only the model is loaded; ``optim`` keeps its fresh state.
 
     ``directory`` is readied by :func:`raypath.checkpoint.fetch`. A corrupted checkpoint is
     quarantined and :class:`~raypath.checkpoint.CheckpointError` raised on every rank: the
@@ -292,7 +299,7 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
     checkpoint once, its local ranks splitting the files, instead of each rank reading the
     files of other nodes' ranks by range (local ranks x the checkpoint per node).
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     d = Path(directory)
     files = ckpt.sharded_files(d)
@@ -302,13 +309,17 @@ def load_into(directory: str | Path, model: torch.nn.Module, optim: torch.optim.
         if rank == 0:
             ckpt.quarantine(d, errors[0], rd)
         raise ckpt.CheckpointError(errors[0])
-    sd = app_state(model, optim)
+    weights_only = not ckpt.has_optimizer(d)
+    sd = app_state(model, None if weights_only else optim)
     reader = ShardReader(d, rd, files)
     try:
         dcp.load(sd, storage_reader=reader)
     except CheckpointException as e:  # a BaseException: past Ray Train's pickling of worker errors too
         raise _own_failure(e) from None
-    set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    if weights_only:
+        set_model_state_dict(model, sd["model"])
+    else:
+        set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     if reader.ranged_bytes:
         log.info("rank %d: read %.1f MB of %s by range from the bucket", rank, reader.ranged_bytes / 2**20, d.name)
     return reader.ranged_bytes

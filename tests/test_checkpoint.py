@@ -201,6 +201,56 @@ def test_sharded_roundtrip_into_a_fresh_model(tmp_path, asynchronous):
     assert all(torch.equal(a, b) for a, b in zip(saved_moments, loaded_moments))
 
 
+@pytest.mark.parametrize("layout", ["full", "sharded"])
+def test_a_weights_only_checkpoint_verifies_loads_its_weights_and_refuses_to_train_on(tmp_path, layout):
+    """A finished branch's final checkpoint holds no optimizer state (a third of the bytes): it
+    verifies and loads its weights, a missing weights file is still torn, and a segment with steps
+    left to train from it is refused by name."""
+    from types import SimpleNamespace
+
+    from raypath.mirror import LOCAL
+    from raypath.segment import resume_point
+    from raypath.shards import ShardedSaver, load_into
+
+    model, opt = _trained()
+    d = tmp_path / "ray" / ckpt.step_dir_name(9)
+    state = {"step": 9, "tokens": 90, "consumed": [[0, 9]]}
+    if layout == "full":
+        ckpt.save(d, model.state_dict(), None, state)
+        assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.pt", "rng.pt", "state.json"]
+    else:
+        ShardedSaver(0, False, torch.device("cpu")).save(d, model, None, state)
+        assert sorted(p.name for p in (d / "shards").iterdir()) == [".metadata", "__0_0.distcp"]
+    assert not ckpt.has_optimizer(d)
+    ckpt.verify(d, deep=True)
+    assert ckpt.latest_valid(d.parent) == d
+    fresh, fresh_opt = _trained(seed=1)
+    restored = ckpt.load(d)
+    if layout == "full":
+        assert restored["optim"] is None
+        fresh.load_state_dict(restored["model"])
+    else:
+        load_into(d, fresh, fresh_opt, rank=0, world=1)
+        assert all(torch.equal(a, b) for a, b in zip(fresh_opt.state_dict()["state"][0].values(),
+                                                      _trained(seed=1)[1].state_dict()["state"][0].values()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+    finished = SimpleNamespace(name="branch-v1", storage=str(d.parent), end_step=9, rd=LOCAL, init_checkpoint=None)
+    assert resume_point(finished) == (str(d), state)  # nothing left to train: its export may still be due
+    longer = SimpleNamespace(**{**vars(finished), "end_step": 12})
+    with pytest.raises(ckpt.CheckpointError, match=rf"{d}: a weights-only checkpoint .* branch-v1 cannot train "
+                                                   r"on from its step 9 to 12"):
+        resume_point(longer)
+    forked = SimpleNamespace(**{**vars(longer), "storage": str(tmp_path / "other"), "init_checkpoint": str(d)})
+    with pytest.raises(ckpt.CheckpointError, match="holds no optimizer state"):
+        resume_point(forked)
+
+    weights = d / "model.pt" if layout == "full" else d / "shards" / "__0_0.distcp"
+    weights.unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing"):
+        ckpt.verify(d)
+
+
 def test_reading_a_sharded_checkpoints_weights_in_one_process_prints_no_torch_warning(tmp_path):
     """`raypath export` of an FSDP checkpoint printed torch's "torch.distributed is disabled ...
     assuming the intent is to load in a single process" warning: the intent raypath states itself."""

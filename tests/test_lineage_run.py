@@ -240,8 +240,9 @@ def test_ray_trains_controller_unpickles_a_segment_without_the_training_loop(ray
 
 def test_a_finished_branch_keeps_its_final_checkpoint_only(tiny_run, tmp_path, capfd):
     """A branch's periodic checkpoints exist to resume it; once its final one is written they go
-    (each holds the optimizer state: a sweep would keep trials x saves of it). A main segment
-    keeps its own (``train.keep_checkpoints=0``: every one, a sweep may fork from any)."""
+    (each holds the optimizer state: a sweep would keep trials x saves of it), and the final one is
+    weights-only. A main segment keeps its own (``train.keep_checkpoints=0``: every one, a sweep
+    may fork from any), optimizer state and all."""
     import dataclasses
 
     from raypath.branches import release_branch
@@ -267,9 +268,26 @@ def test_a_finished_branch_keeps_its_final_checkpoint_only(tiny_run, tmp_path, c
     assert pruned == periodic, console[-3000:]
     left = [p.name for p in ckpt.step_dirs(seg.storage)]
     assert left == [ckpt.step_dir_name(seg.end_step)]
-    ckpt.verify(Path(seg.storage) / left[0])
+    final = Path(seg.storage) / left[0]
+    ckpt.verify(final)
+    # nothing trains on from it: its weights only, no AdamW moments
+    assert not ckpt.has_optimizer(final) and not (final / "optim.pt").exists()
     starts = [r for r in map(json.loads, Path(seg.curves_path).read_text().splitlines()) if r.get("event") == "start"]
     assert len(starts) == 1
-    # the main path it forked from kept every checkpoint
+    # the main path it forked from kept every checkpoint, each with its optimizer state
     main = Path(ctx.storage(Lineage.of(lin).main("v1").segment))
     assert seg.start_step in {ckpt.step_of(p) for p in ckpt.step_dirs(main)}
+    assert all(ckpt.has_optimizer(p) for p in ckpt.step_dirs(main))
+
+    # Stopped between its final checkpoint and its export: the re-run resumes from the weights-only
+    # checkpoint, trains nothing and exports those weights.
+    out = tmp_path / "export"
+    fit_segment(dataclasses.replace(seg, export_dir=str(out)))
+    starts = [r for r in map(json.loads, Path(seg.curves_path).read_text().splitlines()) if r.get("event") == "start"]
+    assert [r["step"] for r in starts] == [seg.start_step, seg.end_step]
+    from transformers import AutoModelForCausalLM
+
+    weights = ckpt.load(final)["model"]
+    exported = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
+    assert set(exported) <= set(weights)
+    assert all(torch.equal(v, weights[k].to(v.dtype)) for k, v in exported.items())

@@ -10,6 +10,7 @@ workers (gloo) whose checkpoint a 1-worker DDP segment resumes.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -431,6 +432,46 @@ def test_fsdp_segment_on_two_ray_workers_then_ddp_resumes(ray_cluster, tmp_path)
                     train=replace(seg.train, parallel="ddp", num_workers=1))
     fit_segment(fresh)
     assert read_curve(fresh.curves_path)["loss"].iloc[0] == pytest.approx(rows[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_fsdp_branch_ends_weights_only_and_its_rerun_exports_those_weights(ray_cluster, tmp_path):
+    """Two FSDP workers: a branch's final checkpoint holds the model's shards only (no
+    ``__<rank>_1.distcp``); re-run, the branch resumes from it, trains nothing, and each rank
+    exports its share of those weights."""
+    from transformers import AutoModelForCausalLM
+
+    from raypath.mainpath import main_segment
+    from raypath.run import prepare
+    from raypath.segment import fit_segment
+    from raypath.shards import load_model_weights
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "data.versions=[v1]", "train.parallel=fsdp", "train.eval_every=0"])
+    ctx = prepare(cfg)
+    seg = main_segment(ctx, 0, None)
+    seg = replace(seg, end_step=3, save_steps=(), stream_limit=3 * 8, val_paths=dict(list(seg.val_paths.items())[:1]))
+    fit_segment(seg)
+    fork = Path(seg.storage) / ckpt.step_dir_name(3)
+    assert ckpt.has_optimizer(fork)
+    branch = replace(seg, name="branch-v1", kind="branch", storage=str(tmp_path / "ray" / "branch-v1"),
+                     curves_path=str(tmp_path / "branch.jsonl"), init_checkpoint=str(fork), start_step=3,
+                     end_step=5, stream_limit=5 * 8)
+    fit_segment(branch)
+    final = Path(branch.storage) / ckpt.step_dir_name(5)
+    assert [p.name for p in ckpt.step_dirs(branch.storage)] == [final.name]
+    assert not ckpt.has_optimizer(final)
+    assert sorted(p.name for p in (final / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    out = tmp_path / "export"
+    fit_segment(replace(branch, export_dir=str(out), tokenizer_dir=ctx.tokenizer_dir))
+    starts = [r["step"] for r in map(json.loads, Path(branch.curves_path).read_text().splitlines())
+              if r.get("event") == "start"]
+    assert starts == [3, 5]  # the re-run trained nothing
+    want = build_model(seg.model, seg.vocab_size, seg.eos_id, seg.pad_id, seg.seq_len)
+    load_model_weights(final, want)
+    got = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.items())
 
 
 @CUDA

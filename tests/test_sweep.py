@@ -3,6 +3,7 @@ interrupted, resumed without re-running finished trials, and released into the l
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -676,6 +677,13 @@ def test_a_sweep_runs_beside_the_main_path_and_both_keep_their_records(sweep_lin
     assert {p: p.stat().st_mtime_ns for p in owned} == owned
 
 
+def _span(*curves) -> tuple[float, float]:
+    """When segments trained: their first ``start`` event, their curves' last write."""
+    starts = [r["time"] for c in curves for r in map(json.loads, Path(c).read_text().splitlines())
+              if r.get("event") == "start"]
+    return min(starts), max(Path(c).stat().st_mtime for c in curves)
+
+
 @pytest.mark.slow
 def test_raypath_run_trains_the_next_version_while_a_sweep_searches_this_ones_branch(sweep_lineage, tmp_path):
     """The workflow the paradigm is for, with the real commands: `raypath run` prepares and trains v3
@@ -701,11 +709,14 @@ def test_raypath_run_trains_the_next_version_while_a_sweep_searches_this_ones_br
             cfg = load_config(sweep_lineage, [f"run_dir={run}", *FAST_TRIALS, "sweep.num_samples=2",
                                               "sweep.max_concurrent=1", "sweep.name=beside"])
             record = run_sweep(cfg, "v2")
-            running = main_path.poll() is None
             assert main_path.wait(timeout=900) == 0, log.read_text()[-4000:]
         finally:
             main_path.kill()
-    assert running, "the run ended before the sweep: nothing ran beside it"
+    # They trained at once: v3's segments between the sweep's first trial's start and its last
+    # curve write (which of the two ends first depends on their speeds, not on raypath).
+    run_start, run_end = _span(run / "curves" / "main-v3.jsonl", run / "curves" / "branch-v3.jsonl")
+    sweep_start, sweep_end = _span(*(t["curve"] for t in record["trials"]))
+    assert run_start < sweep_end and sweep_start < run_end, (run_start, run_end, sweep_start, sweep_end)
     lin = Lineage.load(run)
     assert [m.version for m in lin.main_path()] == ["v1", "v2", "v3"]
     assert {"branch-v1", "branch-v2", "branch-v3"} <= {b.name for b in lin.branches()}
