@@ -410,10 +410,16 @@ def load_state(directory: str | Path, rd: RunDir = LOCAL) -> dict:
 
 def read_tensors(path: str | Path, map_location: str | torch.device = "cpu", progress: Progress | None = None) -> Any:
     """One tensor file of a checkpoint; tensors and plain containers only (``weights_only=True``),
-    so a checkpoint can never run code when it is loaded. ``progress``: the bytes read added to it."""
+    so a checkpoint can never run code when it is loaded. ``progress``: the bytes read added to it
+    (read through a counting stream instead of mapped).
+
+    The file is mapped (``mmap=True``, copy-on-write), not read into private memory: a node's
+    ranks loading one full checkpoint (every DDP worker loads all of it) share its pages in the
+    page cache instead of each holding a copy, 12 bytes a parameter with the optimizer state.
+    """
     try:
         if progress is None:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         with open(path, "rb", buffering=0) as f:
             return torch.load(_Counted(f, progress), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message names neither the file nor the way out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ def test_roundtrip_loads_tensors_only(tmp_path):
     assert out["state"]["step"] == 5
     assert set(out["model"]) == {"weight", "bias"}
     assert "state" in out["optim"] and isinstance(out["rng"]["torch"], torch.Tensor)
+    # mapped, not copied: a node's workers loading the checkpoint share its pages
+    maps = Path("/proc/self/maps")
+    if maps.is_file():
+        assert {str(d / "model.pt"), str(d / "optim.pt")} <= set(maps.read_text().split())
     # A pickle that is not plain tensors/containers must be refused by weights_only loading.
     (d / "model.pt").unlink()
     torch.save({"evil": logging.getLogger("x")}, d / "model.pt")
