@@ -33,26 +33,37 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def synthetic_state(params: float, layers: int) -> tuple[dict, dict]:
+    """``params`` fp32 weights in ``layers`` tensors and their AdamW state (step, two moments)."""
+    import torch
+
+    per = int(params) // layers
+    model = {f"layers.{i}.weight": torch.randn(per) for i in range(layers)}
+    optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
+                       for i in range(layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(layers))}]}
+    return model, optim
+
+
+def state_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on :func:`synthetic_state`'s checkpoint."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--params", type=float, default=125e6)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def main() -> None:
+    args = state_parser(__doc__, repeats=3).parse_args()
 
     from types import SimpleNamespace
-
-    import torch
 
     import raypath
     from raypath import checkpoint
     from raypath.mirror import LOCAL
     from raypath.segment import final_checkpoint, resume_point
 
-    per = int(args.params) // args.layers
-    model = {f"layers.{i}.weight": torch.randn(per) for i in range(args.layers)}
-    optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
-                       for i in range(args.layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(args.layers))}]}
+    model, optim = synthetic_state(args.params, args.layers)
     root = Path(tempfile.mkdtemp(prefix="ckpt-hash-"))
     saves, verifies, finals, resumes, controllers, snapshots = [], [], [], [], [], []
     once = "fetched" in inspect.signature(checkpoint.load).parameters  # else the load hashes it again

@@ -17,7 +17,6 @@ the ranks share (there once, whether read or mapped).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import inspect
 import json
@@ -30,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_hash import state_parser, synthetic_state  # noqa: E402  (the same weights and AdamW state)
 
 
 def _anonymous() -> int:
@@ -46,6 +47,7 @@ def _rank(root: str, start, results, end) -> None:
     from raypath import checkpoint
 
     before = _anonymous()
+    results.put("ready")
     start.wait()  # every rank loads at once, as a node's workers after a restart
     t0 = time.perf_counter()
     chosen = checkpoint.latest_valid(root)
@@ -60,20 +62,14 @@ def _rank(root: str, start, results, end) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=float, default=125e6)
-    ap.add_argument("--layers", type=int, default=12)
+    ap = state_parser(__doc__, repeats=2)
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     import raypath
     from raypath import checkpoint
 
-    per = int(args.params) // args.layers
-    model = {f"layers.{i}.weight": torch.randn(per) for i in range(args.layers)}
-    optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per), "exp_avg_sq": torch.rand(per)}
-                       for i in range(args.layers)}, "param_groups": [{"lr": 1e-3, "params": list(range(args.layers))}]}
+    model, optim = synthetic_state(args.params, args.layers)
     root = Path(tempfile.mkdtemp(prefix="resume-memory-"))
     ctx = mp.get_context("spawn")
     runs = []
@@ -86,7 +82,8 @@ def main() -> None:
             procs = [ctx.Process(target=_rank, args=(str(root), start, results, end)) for _ in range(args.ranks)]
             for p in procs:
                 p.start()
-            time.sleep(5)  # every rank imported and measured its baseline
+            for _ in procs:  # every rank imported and measured its baseline
+                assert results.get(timeout=600) == "ready"
             start.set()
             ranks = [results.get(timeout=600) for _ in procs]
             end.set()

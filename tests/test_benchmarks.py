@@ -26,6 +26,15 @@ def test_checkpoint_hash_times_a_save_a_verify_and_a_final_checkpoints_read():
     got = _bench("checkpoint_hash", "--params", "2e6", "--layers", "2", "--repeats", "1")
     assert got["bytes"] > 3 * 4 * 2e6 and got["save_s"] > 0 and got["verify_s"] > 0, got
     assert 0 < got["final_checkpoint_s"], got
+    assert 0 < got["controller_s"] and 0 < got["snapshot_check_s"], got
+
+
+def test_resume_memory_counts_what_each_rank_holds_of_the_checkpoint_it_loads():
+    got = _bench("resume_memory", "--params", "4e6", "--layers", "2", "--ranks", "2", "--repeats", "1")
+    assert got["checkpoint_bytes"] > 3 * 4 * 4e6 and len(got["runs"]) == 1 and len(got["runs"][0]) == 2, got
+    # mapped: a rank's own memory does not grow with the checkpoint (read, it grew by all of it)
+    assert got["anonymous_growth_per_rank_mb"] * 1e6 < got["checkpoint_bytes"] / 4, got
+    assert got["node_total_mb"] * 1e6 >= got["checkpoint_bytes"] and got["load_s"] > 0, got
 
 
 def test_pretrained_start_hashes_and_downloads_every_weight_byte(tmp_path):

@@ -44,6 +44,18 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _console_until(capfd, text: str) -> str:
+    """What this driver printed, waiting up to 10 s for ``text``: Ray streams the controller's and
+    workers' lines to it."""
+    console = ""
+    for _ in range(50):
+        console += capfd.readouterr().err
+        if text in console:
+            break
+        time.sleep(0.2)
+    return console
+
+
 def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path, capfd):
     from raypath.mainpath import main_segment
     from raypath.run import prepare
@@ -104,12 +116,7 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path, capfd):
     assert abs(after[0]["loss"] - ref) <= 1.5 * noise + 0.05, (after[0], ref, noise)
 
     # The console says so when Ray Train finds the worker gone, before the new group's start-up.
-    console = ""
-    for _ in range(50):  # Ray streams the controller's and workers' lines to this driver
-        console += capfd.readouterr().err
-        if "resuming from" in console:
-            break
-        time.sleep(0.2)
+    console = _console_until(capfd, "resuming from")
     notice = console.find(f"[{seg.name}] worker rank ")
     assert notice >= 0 and "restarting the workers from the newest checkpoint (failure 1" in console, console[-3000:]
     assert notice < console.find(f"[{seg.name}] resuming from"), console[-3000:]
@@ -139,12 +146,7 @@ def test_a_rotten_newest_checkpoint_restarts_the_workers_and_no_row_is_skipped(t
     final = ckpt.load_state(Path(seg.storage) / ckpt.step_dir_name(start + 6))
     assert Consumed.from_list(final["consumed"]).intervals == [[0, 6 * G]]  # nothing skipped, nothing twice
     assert [r["step"] for r in _records(Path(seg.curves_path)) if r.get("event") == "start"] == [start, start + 2]
-    console = ""
-    for _ in range(50):  # Ray streams the workers' lines to this driver
-        console += capfd.readouterr().err
-        if "resuming from" in console:
-            break
-        time.sleep(0.2)
+    console = _console_until(capfd, "resuming from")
     assert f"quarantining checkpoint {rot}" in console and "failed this worker's checks" in console, console[-3000:]
     assert "restarting the workers from the newest checkpoint (failure 1" in console, console[-3000:]
 
