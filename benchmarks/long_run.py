@@ -177,13 +177,10 @@ def measure(run_dir: Path, versions: int, commands) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--versions", type=int, nargs="+", default=[10, 20, 40])
-    ap.add_argument("--trials", type=int, default=100, help="trials of each version's sweep")
-    ap.add_argument("--releases", type=int, default=2, help="release ids per version")
-    ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
-    args = ap.parse_args()
+def over_run_dirs(script: str, args, measure_one) -> None:
+    """For each of ``args.versions``: a synthetic run directory of that many versions with
+    ``args.trials`` trials per sweep (and ``args.releases`` release ids per version, if given),
+    its row ``measure_one(run_dir, versions)``; then the rows, with the command, as JSON."""
     import logging
 
     from law_lineage import write_run
@@ -191,17 +188,27 @@ def main() -> None:
     logging.disable(logging.WARNING)
     rows = []
     for n in args.versions:
-        with tempfile.TemporaryDirectory(prefix="long-run-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}-") as tmp:
             t0 = time.perf_counter()
-            run_dir = write_run(Path(tmp), n, trials=args.trials, releases=args.releases)
+            run_dir = write_run(Path(tmp), n, trials=args.trials, releases=getattr(args, "releases", 1))
             built = time.perf_counter() - t0
             rows.append({"versions": n, "build_seconds": round(built, 1),
-                         "curve_files": sum(1 for _ in run_dir.rglob("*.jsonl")),
-                         **measure(run_dir, n, args.commands)})
-    print(json.dumps({"command": "python benchmarks/long_run.py " + " ".join(sys.argv[1:]),
+                         "curve_files": sum(1 for _ in run_dir.rglob("*.jsonl")), **measure_one(run_dir, n)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps({"command": f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:]),
                       "raypath": os.environ.get("PYTHONPATH") or "this checkout",
                       "date": datetime.date.today().isoformat(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "rows": rows}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--versions", type=int, nargs="+", default=[10, 20, 40])
+    ap.add_argument("--trials", type=int, default=100, help="trials of each version's sweep")
+    ap.add_argument("--releases", type=int, default=2, help="release ids per version")
+    ap.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS)
+    args = ap.parse_args()
+    over_run_dirs(__file__, args, lambda run_dir, n: measure(run_dir, n, args.commands))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ only where no step is left to train (:func:`has_optimizer`).
 A directory without a manifest, or whose files do not match it, is torn:
 :func:`load` refuses it and :func:`latest_valid` skips it, so a crash mid-write
 can only cost the newest checkpoint, never corrupt a run. Full checkpoints are
-hashed whole by :func:`latest_valid`; a sharded one is checked there for
+hashed whole by :func:`latest_valid`, once a node: the training loop chooses on each
+node's first worker, the node's others waiting for it (:func:`raypath.shards.on_each_node`),
+then all load what it checked (mapped: :func:`read_tensors`). A sharded one is checked there for
 presence and sizes, and hashed at load, each rank hashing a share of the files
 (:func:`hash_share`, :func:`verify_files`); a corrupted one is quarantined (its
 manifest renamed), so the restart that follows skips it.
@@ -34,7 +36,7 @@ In a remote run directory (:class:`raypath.mirror.RunDir`) checkpoints are
 uploaded as they are written; the functions taking the run directory ``rd`` list
 and read them there, and :func:`fetch` readies one on the node that loads it. A
 full checkpoint is downloaded whole (every rank loads all of it) and hashed after
-the download. Of a sharded one a node downloads only the manifest and rank 0's
+the download, by the node's first worker. Of a sharded one a node downloads only the manifest and rank 0's
 small files (:data:`SHARDED_META`), then its ranks' hash shares: at the world size
 of the save, the shards they wrote themselves, which hold what they read. Anything
 else a rank reads (a replicated optimizer step, another rank's slice after a

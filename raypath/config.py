@@ -316,7 +316,9 @@ class SweepConfig:
     pin: trial id (or branch name) of this sweep to release instead of the best trial; one that
         names no trial the sweep has started is refused before any trial trains.
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,
-        refitted after every finished trial; each split's law form and lambda are
+        refitted after every finished trial, in the background while Tune starts and
+        stops trials (trials finishing during a refit are fitted together by the
+        next); each split's law form and lambda are
         chosen again once the finished trials have doubled, after trial 1, 2, 4, 8,
         ...) ranks a dense grid of candidates by predicted score (objective plus
         the compute penalty, what Optuna and the release compare) and

@@ -13,7 +13,9 @@ wires it in when ``sweep.guide: law``):
   refitted as trials finish.
 * :class:`LawStopper` -- a Tune stopper that ends trials whose forecast cannot beat the best
   finished trial.
-* :func:`LawRefitCallback` -- a Tune callback that refits the guide after every finished trial.
+* :func:`LawRefitCallback` -- a Tune callback that refits the guide after every finished trial,
+  in a background thread (:meth:`LawGuide.refit_later`): a refit's time grows with versions² x
+  trials, and Tune's loop, which starts the next trial and stops hopeless ones, must not wait on it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: Powers tried by :func:`default_grid` for the one-parameter shapes.
 DEFAULT_POWERS = {"polynomial": (1.5, 2.0, 3.0), "exponential": (2.0, 4.0, 6.0)}
+#: What a pickled guide leaves out: the parsed curves (a restored guide reads them again) and the
+#: background refit's thread and locks.
+_TRANSIENT = ("_records", "_lock", "_fitting", "_refitter", "_again")
 #: A trial this close to its end (share of its branch) is never stopped: stopping would save
 #: almost no compute and lose its final result (the law benchmark stopped trials 1 step early).
 FINISH_SHARE = 0.05
@@ -244,7 +250,9 @@ class LawGuide:
         tune.RunConfig(..., stop=stopper, callbacks=[refit])
 
     Both run in the Tune driver, so they share the guide: every refit changes the
-    forecasts the stopper makes next. A stopped trial ends without its final
+    forecasts the stopper makes next. The callback refits in a background thread
+    (:meth:`refit_later`): until a refit lands the stopper forecasts with the fits before it,
+    and the trials that finish meanwhile are fitted together by the next one. A stopped trial ends without its final
     checkpoint, so the sweep should record it as ``stopped`` (not ``incomplete``) and
     Optuna is told its last, partial ``score``.
 
@@ -283,17 +291,25 @@ class LawGuide:
         self._forecasts: dict[tuple, np.ndarray] = {}  # (fork, branch steps, decay) -> objective per step
         self.selected_at: int | None = None  # how many trials the last choice of laws saw
         self._stale = False  # trials were added without a refit (a resumed sweep's)
-        self._records = CurveRecords()  # the run's curves as parsed so far: a refit parses only new ones
+        self._transient()
         self.refit()
+
+    def _transient(self) -> None:
+        self._records = CurveRecords()  # the run's curves as parsed so far: a refit parses only new ones
+        self._lock = threading.Lock()  # the fits and the forecasts made with them change together
+        self._fitting = threading.RLock()  # one fit at a time: fits share the parsed curves
+        self._refitter: threading.Thread | None = None  # the background refit (refit_later)
+        self._again = False  # trials finished during the background refit: fit once more
 
     def __getstate__(self) -> dict:
         # Tune pickles the guide (tuner.pkl) with its stopper and callback: the parsed curves of the
         # whole run would bloat it, and a restored guide reads them again anyway.
-        return {k: v for k, v in self.__dict__.items() if k != "_records"}
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._records = CurveRecords()
+        self._transient()
         # a guide pickled by a sweep before the forecast cache, the penalty, the resume
         self.__dict__.setdefault("_forecasts", {})
         self.__dict__.setdefault("penalty", None)
@@ -314,28 +330,74 @@ class LawGuide:
         doubled since it was last made (after trial 1, 2, 4, 8, ...); in between, each
         split's chosen form is refitted with the chosen lambda, one fit per split. A sweep
         of n trials thus pays for about log2(n) choices instead of n.
-        """
-        n = len(self.trials)
-        select = self.selected_at is None or n >= max(1, 2 * self.selected_at) or not self.fits
-        keep = {} if select else {"lam": next(iter(self.fits.values())).lam,
-                                  "forms": {split: f.law for split, f in self.fits.items()}}
-        t0 = time.perf_counter()
-        self._forecasts.clear()  # predicted with the fits being replaced
-        self.fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=self.trials,
-                            include_sweeps=self.include_sweeps, save=self.save, records=self._records, **keep)
-        log.info("law %s after %d trial(s) in %.1f s: %s", "chosen and fitted" if select else "refitted", n,
-                 time.perf_counter() - t0, ", ".join(f"{s} {f.law}" for s, f in self.fits.items()))
-        if select:
-            self.selected_at = n
-        return self.fits
 
-    def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> None:
-        """Add a finished trial's curve (its Tune config and the JSONL its segment wrote)."""
+        Waits for a background refit (:meth:`refit_later`) in progress, then fits in this thread.
+        """
+        with self._fitting:
+            trials = list(self.trials)  # the callback may add more while this fits
+            n = len(trials)
+            select = self.selected_at is None or n >= max(1, 2 * self.selected_at) or not self.fits
+            keep = {} if select else {"lam": next(iter(self.fits.values())).lam,
+                                      "forms": {split: f.law for split, f in self.fits.items()}}
+            t0 = time.perf_counter()
+            fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=trials,
+                           include_sweeps=self.include_sweeps, save=self.save, records=self._records, **keep)
+            with self._lock:
+                self.fits, self._forecasts = fits, {}  # the forecasts were predicted with the fits replaced
+                if select:
+                    self.selected_at = n
+            log.info("law %s after %d trial(s) in %.1f s: %s", "chosen and fitted" if select else "refitted", n,
+                     time.perf_counter() - t0, ", ".join(f"{s} {f.law}" for s, f in fits.items()))
+            return fits
+
+    def refit_later(self) -> None:
+        """Refit in a background thread and return at once; the fits and forecasts change when it
+        is done. Called again while it fits, the thread fits once more when it is done, on every
+        trial added by then (the trials that finished meanwhile cost one refit, not one each).
+
+        A refit's time grows with versions² x trials (seconds to a minute for a long lineage: the
+        splits' fits run in worker processes past :data:`raypath.law.PARALLEL_POINTS` points, a
+        smaller one in this thread); Tune's loop, which calls the sweep's callback, would start no
+        trial and stop none until it returned. A failed refit is logged; the fits before it stay.
+        """
+        with self._lock:
+            self._stale = False
+            if self._refitter is not None:
+                self._again = True
+                return
+            self._refitter = threading.Thread(target=self._refit_loop, name="raypath-law-refit", daemon=True)
+            self._refitter.start()
+
+    def _refit_loop(self) -> None:
+        while True:
+            try:
+                self.refit()
+            except Exception as e:  # the fits before it still forecast; a sweep must not die of its guide
+                log.warning("law refit after %d trial(s) failed: %s", len(self.trials), e)
+            with self._lock:
+                if not self._again:
+                    self._refitter = None
+                    return
+                self._again = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the background refit (:meth:`refit_later`), if any; False if it is still fitting
+        after ``timeout`` seconds."""
+        thread = self._refitter
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def add_trial(self, name: str, config: Mapping, curve_path: str | os.PathLike, *, refit: bool = True) -> bool:
+        """Add a finished trial's curve (its Tune config and the JSONL its segment wrote); refit now
+        unless ``refit`` is False. False when there is nothing to add (known already, or no curve)."""
         if any(t.name == name for t in self.trials) or not Path(curve_path).is_file():
-            return
+            return False
         self.trials.append(trial_branch(name, self.version, config, str(curve_path)))
         if refit:
             self.refit()
+        return True
 
     def resume(self, trials: Sequence[tuple[str, Mapping, str | os.PathLike]]) -> None:
         """Add the finished trials ``(name, config, curve path)`` of a resumed sweep, which the guide
@@ -347,8 +409,13 @@ class LawGuide:
             self.add_trial(name, config, curve, refit=False)
         self._stale = self._stale or len(self.trials) > n
 
-    def _refit_if_stale(self) -> None:
+    def refit_if_stale(self, later: bool = False) -> None:
+        """Refit if trials were added without a refit (:meth:`resume`): now, or with ``later`` in the
+        background (:meth:`refit_later`)."""
         if not self._stale:
+            return
+        if later:
+            self.refit_later()
             return
         self._stale = False
         try:
@@ -363,12 +430,14 @@ class LawGuide:
 
     def unfitted(self) -> dict[str, int]:
         """Weighted splits without a law (too few observed points), with their points."""
-        return unfitted_splits(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
+        with self._fitting:
+            return unfitted_splits(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
 
     def check_objective(self) -> None:
         """Raise ValueError, naming the splits and why, unless every weighted split has a law: without
         one the objective is NaN for every candidate, and a ranking of NaNs is no guidance."""
-        check_fitted(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
+        with self._fitting:
+            check_fitted(self.fits, self.lineage, self.version, self.weights, **self._curve_options())
 
     def check_ranking(self) -> None:
         """:meth:`check_objective`, then raise :class:`UnidentifiedDecay`, naming the splits, when
@@ -396,7 +465,7 @@ class LawGuide:
 
     # ---- ranking
     def rank(self, grid: Sequence[Mapping] | None = None) -> list[dict]:
-        self._refit_if_stale()
+        self.refit_if_stale()
         return rank_candidates(self.ranking_fits(), self.lineage, self.version, grid, self.weights,
                                forks=self.forks, penalty=self.penalty)
 
@@ -431,29 +500,33 @@ class LawGuide:
                           branch_steps: int | None = None) -> np.ndarray:
         """Predicted objective at curve-record ``steps`` of the trial with ``config`` (NaN where
         a weighted split has no law)."""
-        self._refit_if_stale()
+        self.refit_if_stale()
         fork = int(fork_step if fork_step is not None else config["fork_step"])
         bsteps = branch_steps if branch_steps is not None else config.get("branch_steps")
         bsteps = None if bsteps is None else int(bsteps)
         decay = decay_from(config)
         steps = np.asarray(steps, dtype=np.int64)
+        with self._lock:  # a background refit swaps both
+            fits, forecasts = self.fits, self._forecasts
         if bsteps is None:
-            return self._objective(decay, fork, steps, bsteps)
+            return self._objective(decay, fork, steps, bsteps, fits)
         # The stopper asks at every evaluation of every trial; one prediction costs as much as
         # the whole curve (the law's areas are cumulative sums over the LR history), so a trial's
         # curve is predicted once per fit and looked up (memory: 8 bytes per step per trial).
         key = (fork, bsteps, decay)
-        curve = self._forecasts.get(key)
+        curve = forecasts.get(key)
         if curve is None:
-            curve = self._forecasts[key] = self._objective(decay, fork, np.arange(fork + bsteps + 1), bsteps)
-            while len(self._forecasts) > FORECASTS_KEPT:
-                self._forecasts.pop(next(iter(self._forecasts)))
+            curve = forecasts[key] = self._objective(decay, fork, np.arange(fork + bsteps + 1), bsteps, fits)
+            while len(forecasts) > FORECASTS_KEPT:
+                forecasts.pop(next(iter(forecasts)))
         if steps.size and 0 <= steps.min() and steps.max() < len(curve):
             return curve[steps]
-        return self._objective(decay, fork, steps, bsteps)
+        return self._objective(decay, fork, steps, bsteps, fits)
 
-    def _objective(self, decay: Decay, fork: int, steps: np.ndarray, bsteps: int | None) -> np.ndarray:
-        per = predict_curve(self.fits, self.lineage, self.version, decay, fork, steps, branch_steps=bsteps)
+    def _objective(self, decay: Decay, fork: int, steps: np.ndarray, bsteps: int | None,
+                   fits: Mapping[str, FitResult] | None = None) -> np.ndarray:
+        fits = self.fits if fits is None else fits
+        per = predict_curve(fits, self.lineage, self.version, decay, fork, steps, branch_steps=bsteps)
         return np.broadcast_to(weighted_objective(per, self.weights), steps.shape).astype(float)
 
 
@@ -572,7 +645,9 @@ def _reached_end(trial) -> bool:
 
 def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
                      name: Callable[[str], str] | None = None, stopper: LawStopper | None = None):
-    """A Tune ``Callback`` that refits ``guide`` after every finished trial.
+    """A Tune ``Callback`` that refits ``guide`` after every finished trial, in the background
+    (:meth:`LawGuide.refit_later`); at the experiment's end it waits for the last refit, whose
+    fits are saved (``RUN_DIR/law/fit-<version>.json``).
 
     curve_path: trial id -> the JSONL its branch segment wrote (the sweep's
         ``RUN_DIR/sweeps/vK/<name>/curves/<segment>.jsonl``).
@@ -581,8 +656,9 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
         so it knows the best finished trial without ``best_so_far_fn``.
 
     On a resumed sweep it first hands the trials that finished before to the guide and the
-    stopper (:meth:`LawGuide.resume`): ``Tuner.restore`` brings all three back as the sweep
-    built them, since Ray 2.60 writes ``tuner.pkl`` only when the Tuner is built.
+    stopper (:meth:`LawGuide.resume`), refitted in the background on them: ``Tuner.restore``
+    brings all three back as the sweep built them, since Ray 2.60 writes ``tuner.pkl`` only when
+    the Tuner is built.
     """
     from ray.tune import Callback
     from ray.tune.experiment import Trial
@@ -616,14 +692,20 @@ def LawRefitCallback(guide: LawGuide, *, curve_path: Callable[[str], str],
             # every result carrying the trial's config.
             if stopper is not None:
                 stopper.register(trial.trial_id, trial.config)
+            guide.refit_if_stale(later=True)  # a resumed sweep's trials, before the stopper forecasts with them
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if not _reached_end(trial):
                 return  # stopped or failed: a partial decay would mislead the fit
             tell_final(trial)
             try:
-                guide.add_trial(trial_name(trial.trial_id), dict(trial.config or {}), curve_path(trial.trial_id))
-            except Exception as e:  # a failed refit must not kill the sweep
+                if guide.add_trial(trial_name(trial.trial_id), dict(trial.config or {}), curve_path(trial.trial_id),
+                                   refit=False):
+                    guide.refit_later()
+            except Exception as e:  # a trial's unreadable config or curve must not kill the sweep
                 log.warning("law refit after trial %s failed: %s", trial.trial_id, e)
+
+        def on_experiment_end(self, trials, **info):
+            guide.wait()  # the last refit's fits are saved; the run's next step may read them
 
     return _Refit()

@@ -62,6 +62,16 @@ def _node() -> tuple[int, int]:
     return ctx.get_local_rank(), ctx.get_local_world_size()
 
 
+def _placement() -> tuple[int, int] | None:
+    """This worker's node rank and local rank (None outside a process group)."""
+    if not torch.distributed.is_initialized():
+        return None
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_node_rank(), ctx.get_local_rank()
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
@@ -649,7 +659,9 @@ class _SegmentRun:
         t = seg.train
         rank, world = _dist()
         device = ray.train.torch.get_device()
-        start_dir, state = resume_point(seg)
+        # One worker a node readies and hashes the checkpoint (downloaded, in a bucket); the
+        # node's others load what it checked (mapped, shared in the page cache).
+        start_dir, state = shards.on_each_node(lambda: resume_point(seg), _placement())
         restored = ckpt.load(start_dir, rd=seg.rd, fetched=True) if start_dir else None  # hashed by the choice
         # One seed for the init on every rank: FSDP materialises each rank's shards itself, so a
         # per-rank seed would make a model that is neither DDP's nor the same at another world size.

@@ -206,8 +206,10 @@ def resume_point(seg: Segment, hashed: bool = True) -> tuple[str | None, dict]:
     hashed=True: the workers', readied on the caller's node and hashed
         (:func:`raypath.checkpoint.latest_valid`: in a remote run a full checkpoint is
         downloaded, of a sharded one only its metadata; the loading ranks hash its shards).
-        Where the controller's choice fails that (a corrupted file is quarantined), the attempt
-        fails: the restart that follows chooses again on both sides, without it.
+        The training loop calls it on each node's first worker, whose result the node's others
+        take (:func:`raypath.shards.on_each_node`). Where the controller's choice fails that (a
+        corrupted file is quarantined), the attempt fails: the restart that follows chooses
+        again on both sides, without it.
     """
     state, own = _newest_state(seg)  # the controller's choice
     if hashed:

@@ -30,12 +30,13 @@ import collections
 import contextlib
 import io
 import logging
+import pickle
 import queue
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import torch
@@ -49,6 +50,7 @@ from raypath.console import Progress
 from raypath.mirror import LOCAL, RunDir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _distributed() -> bool:
@@ -73,6 +75,44 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_each_node(fn: Callable[[], T], node: tuple[int, int] | None) -> T:
+    """Collective: ``fn()`` on each node's first worker (local rank 0), while the node's other
+    workers wait for it; every worker gets its node's result.
+
+    For what every worker of a node would otherwise do alike on the same files: readying a
+    checkpoint, which downloads it from a bucket (each worker pulling its own copy, of which
+    one is kept) and hashes it (12 bytes a parameter for a full one, every DDP worker loading
+    all of it). Where ``fn`` raises on any node, every worker raises (its node's exception, else
+    the first node's), so none goes on alone into the next collective.
+
+    node: ``(node rank, local rank)``; None, or outside a process group: ``fn()`` here.
+    """
+    if node is None or not _distributed():
+        return fn()
+    node_rank, local_rank = node
+    value, own, error = None, None, None
+    if local_rank == 0:
+        try:
+            value = fn()
+        except Exception as e:  # raised here after the gather, and on this node's workers and the others'
+            own = error = e
+            try:
+                pickle.dumps(e)
+            except Exception:  # an exception holding a lock, say: its type and message travel
+                error = RuntimeError(f"{type(e).__name__}: {e}")
+    parts = gather((node_rank, local_rank, value, error))
+    if own is not None:
+        raise own
+    leaders = {n: (v, e) for n, lr, v, e in parts if lr == 0}
+    if node_rank not in leaders:
+        raise RuntimeError(f"node {node_rank} has no worker of local rank 0 in the group")
+    value, error = leaders[node_rank]
+    error = error or next((e for _, e in leaders.values() if e is not None), None)
+    if error is not None:
+        raise error
+    return value
 
 
 #: DCP's key prefix of the model's items (``app_state``'s "model" entry, flattened).

@@ -35,6 +35,9 @@ def test_resume_memory_counts_what_each_rank_holds_of_the_checkpoint_it_loads():
     # mapped: a rank's own memory does not grow with the checkpoint (read, it grew by all of it)
     assert got["anonymous_growth_per_rank_mb"] * 1e6 < got["checkpoint_bytes"] / 4, got
     assert got["node_total_mb"] * 1e6 >= got["checkpoint_bytes"] and got["load_s"] > 0, got
+    # the node's first worker hashes the checkpoint, the other waits for its choice
+    cpu = sorted(r["cpu_seconds"] for r in got["runs"][0])
+    assert 0 < got["node_cpu_s"] and cpu[0] < cpu[1], got
 
 
 def test_pretrained_start_hashes_and_downloads_every_weight_byte(tmp_path):
@@ -135,6 +138,15 @@ def test_long_run_times_each_command_and_counts_the_files_it_opens():
     assert long["law_refit"]["files"] == long["law_refit"]["opens"] == 1  # the sweep's new trial
     assert long["cost"]["files"] == 1  # lineage.json: the sweeps' summaries hold their tokens
     assert long["law_fit"]["files"] == long["law_fit"]["opens"] > long["curve_files"]  # each curve once
+
+
+def test_sweep_refit_times_the_loop_while_trials_finished_together_are_refitted():
+    got = _bench("sweep_refit", "--versions", "2", "--trials", "2", "--warm", "2", "--together", "3")
+    (row,) = got["rows"]
+    assert row["trials_fitted"] == 5 and row["points"] > 0, row
+    # the three trials' refits: the first, then one for the two that finished during it
+    assert row["refits"] == 2 and row["landed_s"] > 0 and row["stopper_calls_during"] > 0, row
+    assert row["loop_held_s"] < row["landed_s"], row
 
 
 def test_lineage_writers_keep_every_entry_locally_and_in_a_bucket():

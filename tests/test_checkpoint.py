@@ -514,6 +514,60 @@ def test_every_rank_resumes_its_own_random_generators(tmp_path):
     assert not ckpt.restore_rng(ckpt.read_tensors(tmp_path / "full" / "rng.pt"), 2)  # a grown world
 
 
+def _per_node_rank(rank: int, world: int, port: int, root: str) -> None:
+    """Ranks 0 and 1 on node 0, rank 2 on node 1."""
+    import json
+    import threading
+
+    import torch.distributed as dist
+    from conftest import leave_group
+
+    from raypath.shards import on_each_node
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    node = (0, rank) if rank < 2 else (1, 0)
+
+    def ready(fail_on: int | None = None, lock: bool = False):
+        with open(f"{root}/calls-node{node[0]}.txt", "a") as f:
+            f.write(f"rank {rank}\n")
+        if node[0] == fail_on:
+            err = ckpt.CheckpointError(f"{root}/step_00000010: model.pt does not match its manifest")
+            if lock:
+                err.lock = threading.RLock()  # unpicklable, as torch.compile's errors can be
+            raise err
+        return f"ready on node {node[0]}"
+
+    out = {"value": on_each_node(ready, node)}
+    for name, fail_on, lock in (("node1_fails", 1, False), ("unpicklable", 0, True)):
+        try:
+            on_each_node(lambda: ready(fail_on, lock), node)
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    Path(f"{root}/rank{rank}.json").write_text(json.dumps(out))
+    leave_group()
+
+
+def test_a_nodes_first_worker_readies_what_its_others_wait_for_and_a_failure_reaches_all(tmp_path):
+    """A checkpoint a node's workers load alike (every DDP worker loads all of a full one) is
+    readied once a node: downloaded, hashed. A failure on one node fails every worker, which
+    would otherwise go on alone into the next collective and hang."""
+    import json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_per_node_rank, args=(3, port, str(tmp_path)), nprocs=3, join=True)
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert [o["value"] for o in out] == ["ready on node 0", "ready on node 0", "ready on node 1"]
+    # three calls each time, on the first worker of each node only
+    assert (tmp_path / "calls-node0.txt").read_text() == "rank 0\n" * 3
+    assert (tmp_path / "calls-node1.txt").read_text() == "rank 2\n" * 3
+    corrupt = f"CheckpointError: {tmp_path}/step_00000010: model.pt does not match its manifest"
+    assert [o["node1_fails"] for o in out] == [corrupt] * 3
+    assert out[0]["unpicklable"] == corrupt  # its own, as raised
+    assert out[1]["unpicklable"] == out[2]["unpicklable"] == f"RuntimeError: {corrupt}"
+
+
 def _segment(tmp_path, name: str, init: str | None = None):
     from raypath.config import ModelConfig, TrainConfig
     from raypath.schedules import main_schedule

@@ -124,8 +124,9 @@ def test_killed_worker_resumes_with_exact_data(tiny_run, tmp_path, capfd):
 
 def test_a_rotten_newest_checkpoint_restarts_the_workers_and_no_row_is_skipped(tiny_run, tmp_path, capfd):
     """The newest checkpoint is complete, its weights rotted. The controller's dataset reads only its
-    state (not hashing 12 bytes a parameter) and starts from its data position; the worker hashes what
-    it loads, quarantines it and fails the attempt; the restart takes the one before on both sides."""
+    state (not hashing 12 bytes a parameter) and starts from its data position; the node's first
+    worker hashes what the node's two DDP workers load, quarantines it and fails the attempt on
+    both (the other hashes nothing); the restart takes the one before on both sides."""
     from raypath.mainpath import main_segment
     from raypath.run import prepare
     from raypath.segment import fit_segment
@@ -135,7 +136,7 @@ def test_a_rotten_newest_checkpoint_restarts_the_workers_and_no_row_is_skipped(t
     seg = main_segment(ctx, 1, Lineage.of(lin).main("v1"))
     G, start = cfg.train.global_batch_size, seg.start_step
     first = dataclasses.replace(seg, end_step=start + 4, save_steps=(), stream_limit=4 * G,
-                                train=dataclasses.replace(seg.train, checkpoint_every=2, log_every=1))
+                                train=dataclasses.replace(seg.train, checkpoint_every=2, log_every=1, num_workers=2))
     fit_segment(first)
     rot = Path(seg.storage) / ckpt.step_dir_name(start + 4)
     weights = rot / "model.pt"
@@ -148,6 +149,8 @@ def test_a_rotten_newest_checkpoint_restarts_the_workers_and_no_row_is_skipped(t
     assert [r["step"] for r in _records(Path(seg.curves_path)) if r.get("event") == "start"] == [start, start + 2]
     console = _console_until(capfd, "resuming from")
     assert f"quarantining checkpoint {rot}" in console and "failed this worker's checks" in console, console[-3000:]
+    assert "worker rank 0, 1 failed" in console, console[-3000:]  # the node's first worker's failure fails both
+    assert console.count(f"skipping checkpoint: {rot}") == 1, console[-3000:]  # the restart chose once, not per worker
     assert "restarting the workers from the newest checkpoint (failure 1" in console, console[-3000:]
 
 

@@ -321,6 +321,9 @@ class _LinearGuide:
     def predict_objective(self, config, steps, fork_step, branch_steps):
         return np.array([4.0 - 0.1 * (s - fork_step) / branch_steps for s in steps])
 
+    def refit_if_stale(self, later=False):
+        pass
+
 
 def test_stopper_stops_hopeless_and_keeps_promising():
     stopper = lawguide.LawStopper(_LinearGuide(), margin=0.005, min_progress=0.25)
@@ -404,7 +407,7 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     Trial.config = config
     guide.add_trial("t-0", config, curve, refit=False)
     callback.on_trial_complete(0, [], Trial())
-    assert guide.fits["v3"].n_points > n_before and stopper.best() == 4.0
+    assert guide.wait(120) and guide.fits["v3"].n_points > n_before and stopper.best() == 4.0
     # two trials since the first choice (at none): the laws were chosen again
     assert guide.selected_at == 2 and any(f.held_out for f in guide.fits.values())
     forecast = stopper.forecast(config, b["fork_step"] + b["steps"] // 2, 4.2)
@@ -420,6 +423,7 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     chosen = {split: (f.law, f.lam, f.n_points) for split, f in guide.fits.items()}
     Trial.trial_id = "t2"
     callback.on_trial_complete(0, [], Trial())
+    callback.on_experiment_end([])  # waits for the refit
     assert guide.selected_at == 2 and not any(f.held_out for f in guide.fits.values())
     for split, (name, lam, n) in chosen.items():
         assert (guide.fits[split].law, guide.fits[split].lam) == (name, lam) and guide.fits[split].n_points > n
@@ -597,6 +601,55 @@ def test_guide_without_a_law_for_a_weighted_split_neither_ranks_nor_stops(tmp_pa
     stopper.record_final("done", 2.0)
     assert not stopper("hopeless", {"step": 350, "objective": 9.0, "config": config})
     assert stopper.decisions == {} and not (tmp_path / "stopped.json").exists()
+
+
+def test_the_refit_callback_returns_at_once_and_trials_finished_meanwhile_are_fitted_together(tmp_path, monkeypatch):
+    """Tune's loop calls the callback: a refit (seconds to a minute on a long lineage) runs in a
+    background thread, the stopper forecasting with the fits before it until it lands; the trials
+    that finish during a refit are fitted together by one more, and the experiment's end waits
+    for it. A guide pickled meanwhile (Tune pickles it) leaves its thread and locks out."""
+    import threading
+
+    run_dir = _synthetic_run(tmp_path, branches=())
+    guide = lawguide.LawGuide(run_dir, "v2", save=False)
+    stopper = lawguide.LawStopper(guide, margin=0.01)
+    config = {"shape": "1-sqrt", "min_lr_ratio": 0.0, "power": 2.0, "fork_step": 360, "branch_steps": 40}
+    curves = {}
+    for tid in ("a", "b", "c"):
+        curves[tid] = tmp_path / f"trial-{tid}.jsonl"
+        shutil.copy(run_dir / "curves" / "branch-v2.jsonl", curves[tid])
+    callback = lawguide.LawRefitCallback(guide, curve_path=lambda tid: str(curves[tid]), stopper=stopper)
+    release, entered, fitted = threading.Event(), threading.Event(), []
+    fit_run = lawguide.fit_run
+
+    def held_fit(*args, **kwargs):  # the real fit, once the test lets it run
+        entered.set()
+        assert release.wait(60)
+        fitted.append(sorted(b.name for b in kwargs["extra_branches"]))
+        return fit_run(*args, **kwargs)
+
+    monkeypatch.setattr(lawguide, "fit_run", held_fit)
+
+    class Trial:
+        def __init__(self, tid):
+            self.trial_id, self.config = tid, config
+            self.last_result = {"step": 400, "objective": 3.0}
+
+    before = guide.fits
+    forecast = stopper.forecast(config, 380, 3.1)
+    callback.on_trial_complete(0, [], Trial("a"))
+    assert entered.wait(60) and guide.fits is before  # returned while the refit is held
+    assert stopper.forecast(config, 380, 3.1) == forecast  # with the fits it had
+    callback.on_trial_complete(0, [], Trial("b"))  # finished during the refit
+    callback.on_trial_complete(0, [], Trial("c"))
+    restored = pickle.loads(pickle.dumps(guide))  # as Tune pickles it: no thread, no lock
+    assert restored.fits.keys() == guide.fits.keys() and restored.wait(0)
+    assert not guide.wait(0.2)
+    release.set()
+    callback.on_experiment_end([])
+    assert fitted == [["trial-a"], ["trial-a", "trial-b", "trial-c"]]  # one refit more for b and c
+    assert guide.fits is not before and guide.fits["v2"].n_points > before["v2"].n_points
+    assert guide._refitter is None and not guide._forecasts
 
 
 def test_a_restored_stopper_keeps_earlier_stops_and_learns_the_finished_trials(tmp_path):
