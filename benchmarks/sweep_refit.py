@@ -10,7 +10,7 @@ and the stopper: it hands over the finished trials, then every 10 ms asks the st
 running trial's forecast (as each reported result does) until the last refit's fits are in place.
 
 Reported: the seconds the callback's calls held the loop, the refits run, the seconds until the
-last refit's fits were in place, the loop's longest gap between two stopper calls over that time
+last refit's fits were in place (and each split's Huber loss there, what its fit minimised), the loop's longest gap between two stopper calls over that time
 (the first trial's end to the refit's landing), the stopper calls it made meanwhile and their
 median (what a loop competing with a refit in the same process pays).
 
@@ -90,6 +90,7 @@ def measure(run_dir: Path, last: str, warm: int, together: int) -> dict:
     lawguide.fit_run = fit_run
     starts = [t0 + held] + [c[0] for c in calls] + [done]
     return {"points": sum(f.n_points for f in guide.fits.values()), "trials_fitted": len(guide.trials),
+            "huber": {split: f.huber for split, f in guide.fits.items()},  # what each split's fit minimised
             "start_fit_s": round(start, 2), "first_refit_s": round(first_refit, 2),
             "loop_held_s": round(held, 2), "refits": len(refits), "landed_s": round(done - t0, 2),
             "loop_longest_gap_s": round(max([held] + [b - a for a, b in zip(starts, starts[1:])]), 3),

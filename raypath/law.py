@@ -1052,7 +1052,7 @@ def _seeds(law: type[_Law], prob: _Problem, seed_grid) -> list[dict[str, float]]
 
 def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=None,
             lam: float = LAMBDA, sign: Mapping[str, int] | None = None, delta: float | None = None,
-            quiet: bool = False) -> FitResult:
+            quiet: bool = False, start: Mapping[str, float] | None = None) -> FitResult:
     """Fit one parameter set of ``law_cls`` across all ``curves`` (one validation set).
 
     Runs L-BFGS-B from every start of a deterministic grid over the non-linear parameters
@@ -1068,6 +1068,9 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
         stands for every shift amplitude of a multi-shift law (``B2``, ``B3``, ...).
     delta: Huber threshold on log residuals; None = :func:`huber_delta` of ``curves``.
     quiet: do not log degenerate parameters (they are still reported in the result).
+    start: every raw parameter of an earlier fit of this law (its ``params``): polished from
+        there alone, no grid (a refit on a few more curves: its optimum lies near the earlier
+        one; the grid's screening is what most of a fit's evaluations go to).
     """
     law = law_class(law_cls)
     if not curves:
@@ -1080,7 +1083,7 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
         lo, hi = prob.bounds[i]
         prob.bounds[i] = (max(lo, 0.0), hi) if sgn > 0 else (lo, min(hi, 0.0))
     z_bounds = [(lo / s, hi / s) for (lo, hi), s in zip(prob.bounds, prob.scale)]
-    seeds = _seeds(law, prob, seed_grid)
+    seeds = _seeds(law, prob, seed_grid) if start is None else []
 
     def run(z0, options):
         return minimize(prob.objective, z0, jac=True, method="L-BFGS-B", bounds=z_bounds, options=options)
@@ -1089,7 +1092,13 @@ def fit_law(law_cls: type[_Law] | str, curves: Sequence[Curve], *, seed_grid=Non
         # Every start to a loose tolerance, then the best POLISH_STARTS of them to the tight
         # one: the tight tolerance costs ~2000 evaluations per start, and most starts only
         # need to show which basin is lowest.
-        starts = [prob.initial(seed) / prob.scale for seed in seeds]
+        if start is None:
+            starts = [prob.initial(seed) / prob.scale for seed in seeds]
+        else:  # the earlier optimum as it was, the linear parameters too (not solved afresh)
+            seeds = [start]
+            theta = law.from_raw(np.array([float(start[k]) for k in law.param_names]), prob.s1ref, prob.s2ref)
+            lo, hi = np.array(prob.bounds).T
+            starts = [np.clip(theta, lo, hi) / prob.scale]
         if len(starts) > POLISH_STARTS:
             screened = [run(z0, SCREEN_OPTIONS) for z0 in starts]
             order = sorted(range(len(starts)), key=lambda i: (screened[i].fun, i))[:POLISH_STARTS]

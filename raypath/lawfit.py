@@ -532,12 +532,14 @@ def _split_problem(law: str, split: str, version: str, curves: Sequence[Curve], 
 
 
 def _fit_split(split: str, chosen: str, curves: Sequence[Curve], sign: dict | None, shifts: str,
-               lam: float, delta: float | None = None, form: str | None = None) -> FitResult:
-    """One split's fit: ``form`` where one is named (but for an annealing-only split), else among
-    the laws :func:`_shift_candidates` offers the one that predicts held-out branches best
+               lam: float, delta: float | None = None, form: str | None = None,
+               start: Mapping[str, float] | None = None) -> FitResult:
+    """One split's fit: ``form`` where one is named (but for an annealing-only split), from
+    ``start`` (raw parameters) where given, else from the law's grid of starts; else among the
+    laws :func:`_shift_candidates` offers the one that predicts held-out branches best
     (:func:`raypath.law.select_fit`)."""
     if form is not None and chosen != "AnnealingLaw":
-        return lawmod.fit_law(form, curves, lam=lam, sign=sign, delta=delta)
+        return lawmod.fit_law(form, curves, lam=lam, sign=sign, delta=delta, start=start)
     candidates = _shift_candidates(chosen, curves, shifts, _n_points(curves))
     fit = lawmod.select_fit(candidates, curves, sign=sign, lam=lam, delta=delta)
     if not (math.isfinite(fit.r2) and fit.r2 > 0.5):
@@ -565,7 +567,8 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
             extra_branches: Sequence[Branch | Mapping] = (), include_sweeps: bool = True,
             shift_sign: bool = True, lam: float | str = "auto", shifts: str = "auto",
             forms: Mapping[str, str] | None = None, huber_delta: float | None = None,
-            save: bool = True, records: CurveRecords | None = None) -> dict[str, FitResult]:
+            save: bool = True, records: CurveRecords | None = None,
+            starts: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, FitResult]:
     """Fit one law per validation split relevant to releasing ``version``.
 
     Splits are every version up to ``version`` (its own = the new-domain split, the
@@ -600,7 +603,11 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
     the splits it names and fits that law as it is: a refit on a few more curves that
     keeps an earlier choice (:class:`raypath.lawguide.LawGuide` between re-selections).
     The choice costs about ``(1 + LAMBDA_FOLDS) * len(candidates)`` fits per split; a
-    named form costs one. ``huber_delta`` fixes the fits' Huber threshold on log residuals
+    named form costs one. ``starts`` (split -> the raw ``params`` of an earlier fit of the form
+    ``forms`` names) starts that fit there instead of from the law's grid of starts (screened,
+    the best 3 polished): a refit on a few more curves lies near the earlier optimum, so it
+    polishes from it alone (:func:`raypath.law.fit_law`'s ``start``), a fraction of the
+    optimiser's evaluations. ``huber_delta`` fixes the fits' Huber threshold on log residuals
     (e.g. the published 1e-3); None scales it to each split's noise
     (:func:`raypath.law.huber_delta`). Saves ``RUN_DIR/law/fit-<version>.json`` atomically when
     ``save`` and a run directory is known. ``records``: the :class:`CurveRecords` the curves are
@@ -636,7 +643,9 @@ def fit_run(run_dir_or_lineage: LineageLike, version: str | int | None = None, *
         lam_value = float(lam)
     progress = Progress(log, f"fitting the law of {version}", len(problems), "splits")
     # Cost grows with versions^2 x trials (each split's points); the splits are fitted apart.
-    items = [(split, chosen, curves, sign, shifts, lam_value, huber_delta, forms.get(split))
+    starts = dict(starts or {})
+    items = [(split, chosen, curves, sign, shifts, lam_value, huber_delta, forms.get(split),
+              starts.get(split) if split in forms else None)
              for split, (chosen, curves, sign) in problems.items()]
     points = sum(_n_points(curves) for _, curves, _ in problems.values())
     for (split, _, curves, *_), fit in zip(items, lawmod.in_processes(_fit_split, items, points, progress)):

@@ -328,8 +328,10 @@ class LawGuide:
         The choice of each split's law form and of lambda (:func:`fit_run`'s held-out
         cross-validations, most of a refit's time) is made again only once the trials have
         doubled since it was last made (after trial 1, 2, 4, 8, ...); in between, each
-        split's chosen form is refitted with the chosen lambda, one fit per split. A sweep
-        of n trials thus pays for about log2(n) choices instead of n.
+        split's chosen form is refitted with the chosen lambda, one fit per split, started
+        from the split's last fit (``fit_run(starts=...)``: a few more curves move the optimum
+        a little). A sweep of n trials thus pays for about log2(n) choices instead of n, each a
+        fit from the law's whole grid of starts.
 
         Waits for a background refit (:meth:`refit_later`) in progress, then fits in this thread.
         """
@@ -338,7 +340,8 @@ class LawGuide:
             n = len(trials)
             select = self.selected_at is None or n >= max(1, 2 * self.selected_at) or not self.fits
             keep = {} if select else {"lam": next(iter(self.fits.values())).lam,
-                                      "forms": {split: f.law for split, f in self.fits.items()}}
+                                      "forms": {split: f.law for split, f in self.fits.items()},
+                                      "starts": {split: f.params for split, f in self.fits.items()}}
             t0 = time.perf_counter()
             fits = fit_run(self.lineage, self.version, law=self.law, run_dir=self.run_dir, extra_branches=trials,
                            include_sweeps=self.include_sweeps, save=self.save, records=self._records, **keep)

@@ -427,6 +427,7 @@ def test_guide_points_refit_and_stopper(law_run, tmp_path):
     assert guide.selected_at == 2 and not any(f.held_out for f in guide.fits.values())
     for split, (name, lam, n) in chosen.items():
         assert (guide.fits[split].law, guide.fits[split].lam) == (name, lam) and guide.fits[split].n_points > n
+        assert guide.fits[split].n_starts == 1  # polished from the split's last fit, not the grid
 
 
 def test_spread_picks_cover_both_lr_ends_and_several_shapes():
@@ -650,6 +651,45 @@ def test_the_refit_callback_returns_at_once_and_trials_finished_meanwhile_are_fi
     assert fitted == [["trial-a"], ["trial-a", "trial-b", "trial-c"]]  # one refit more for b and c
     assert guide.fits is not before and guide.fits["v2"].n_points > before["v2"].n_points
     assert guide._refitter is None and not guide._forecasts
+
+
+def test_a_refit_from_the_last_fit_predicts_as_the_grid_does_for_a_fraction_of_the_evaluations(tmp_path,
+                                                                                                monkeypatch):
+    """A sweep's refit between re-selections adds a trial's curve to the same forms and lambda: it
+    polishes from the last fit's parameters instead of screening the whole grid of starts."""
+    from law_lineage import write_lineage
+
+    from raypath import law as lawmod
+
+    run_dir, lineage = write_lineage(tmp_path, 3)
+    b = next(b for b in lineage["branches"] if b["name"] == "branch-v3")
+    config = {"shape": b["decay"]["shape"], "min_lr_ratio": b["decay"]["min_lr_ratio"],
+              "fork_step": b["fork_step"], "branch_steps": b["steps"]}
+    curve = tmp_path / "trial.jsonl"
+    shutil.copy(run_dir / "curves" / "branch-v3.jsonl", curve)
+    first = lawfit.fit_run(run_dir, "v3", lam=0.99, shifts="single", save=False)
+    trial = [lawfit.trial_branch("trial", "v3", config, str(curve))]
+    keep = {"lam": 0.99, "forms": {s: f.law for s, f in first.items()}, "extra_branches": trial, "save": False}
+    evaluations, minimize = [], lawmod.minimize
+
+    def counted(*args, **kwargs):
+        res = minimize(*args, **kwargs)
+        evaluations.append(res.nfev)
+        return res
+
+    monkeypatch.setattr(lawmod, "minimize", counted)
+    grid = lawfit.fit_run(run_dir, "v3", **keep)
+    from_grid = sum(evaluations)
+    evaluations.clear()
+    warm = lawfit.fit_run(run_dir, "v3", **keep, starts={s: f.params for s, f in first.items()})
+    assert sum(evaluations) * 5 < from_grid and len(evaluations) == len(first)  # one start a split
+    decay, fork, steps = decay_from(config), b["fork_step"], np.array([b["fork_step"] + b["steps"]])
+    for split in first:
+        assert warm[split].n_points == grid[split].n_points > first[split].n_points
+        assert warm[split].huber <= grid[split].huber * 1.01
+    want = lawfit.predict_curve(grid, run_dir, "v3", decay, fork, steps, branch_steps=b["steps"])
+    got = lawfit.predict_curve(warm, run_dir, "v3", decay, fork, steps, branch_steps=b["steps"])
+    assert all(np.allclose(got[s], want[s], rtol=1e-3) for s in want), (got, want)
 
 
 def test_a_restored_stopper_keeps_earlier_stops_and_learns_the_finished_trials(tmp_path):
