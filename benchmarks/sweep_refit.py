@@ -10,9 +10,10 @@ and the stopper: it hands over the finished trials, then every 10 ms asks the st
 running trial's forecast (as each reported result does) until the last refit's fits are in place.
 
 Reported: the seconds the callback's calls held the loop, the refits run, the seconds until the
-last refit's fits were in place (and each split's Huber loss there, what its fit minimised), the loop's longest gap between two stopper calls over that time
-(the first trial's end to the refit's landing), the stopper calls it made meanwhile and their
-median (what a loop competing with a refit in the same process pays).
+last refit's fits were in place (and each split's Huber loss there, what its fit minimised), the
+loop's longest gap between two stopper calls over that time (the first trial's end to the
+refit's landing), the stopper calls it made meanwhile and their median (what a loop competing
+with a refit in the same process pays).
 
     python benchmarks/sweep_refit.py --versions 5 10 --trials 100
     # the same through another checkout's raypath (e.g. an older commit's worktree)
