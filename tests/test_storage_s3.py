@@ -1078,6 +1078,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     name = _bucket(s3, "sweep")
     run_dir, mirror_dir = f"s3://{name}/run", tmp_path / "mirror"
     Mirror(run_dir, str(local.resolve()), s3.endpoint).push(local)
+    earlier = [s["name"] for s in json.loads((local / "lineage.json").read_text()).get("sweeps", [])]  # other tests'
     argv = ["sweep", str(sweep_lineage), "--version", "v2", "--set", f"run_dir={run_dir}",
             "--set", f"cluster.local_dir={mirror_dir}", "--set", "sweep.num_samples=2",
             "--set", "sweep.max_concurrent=1", "--set", "sweep.guide=none", "--set", "sweep.name=remote",
@@ -1107,7 +1108,7 @@ def test_sweep_on_a_run_directory_in_a_bucket_resumes_on_a_fresh_machine(s3, swe
     mixes = [k for k in s3.files(f"{name}/run/data/v2/branch-streams") if "-replay0.5000/" in k]
     assert mixes, "the trials' re-mixed stream is not in the bucket"
     lin = json.loads(s3.read(f"{name}/run/lineage.json"))
-    assert [s["name"] for s in lin["sweeps"]] == ["remote"] and lin["releases"][-1]["version"] == "v2"
+    assert [s["name"] for s in lin["sweeps"]] == [*earlier, "remote"] and lin["releases"][-1]["version"] == "v2"
     assert saves > 3 and all(lin[f"run-{i}"] == {"i": i} for i in range(saves))
     curves = {k: s3.read(k) for k in files if "/curves/" in k}
 
