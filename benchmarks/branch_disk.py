@@ -8,8 +8,9 @@ each kept, and with what the final one holds (nothing trains on from it: its wei
 
 This trains the tiny config's v1 main path with a wider model (``--hidden``, ``--layers``), then
 ``--branches`` release branches of v1 one after another, each checkpointing every
-``--every`` steps, and reports per branch the checkpoints it wrote and the bytes and checkpoint
-directories left in its storage once it finished.
+``--every`` steps, and reports per branch the checkpoints it wrote, the bytes its storage held at
+most while it ran (sampled every 0.2 s), and the bytes and checkpoint directories left once it
+finished.
 
     python benchmarks/branch_disk.py --branches 4 --every 2
     # the same through another checkout's raypath (e.g. an older commit's worktree)
@@ -25,6 +26,7 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +36,40 @@ def _bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
-def _context(run_dir: str, hidden: int, layers: int):
-    """The tiny config's v1, one worker, with a model of ``hidden`` x ``layers``: prepared."""
+class DiskSampler:
+    """The bytes under ``dirs``, sampled every ``every`` seconds in a thread: the peak and the last."""
+
+    def __init__(self, dirs: list[Path], every: float = 0.2):
+        self.dirs, self.every, self.peak = dirs, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        total = 0
+        for d in self.dirs:
+            try:
+                total += _bytes(d) if d.exists() else 0
+            except FileNotFoundError:  # a file deleted while counted
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _context(run_dir: str, hidden: int, layers: int, *overrides: str):
+    """The tiny config's v1, one worker, with a model of ``hidden`` x ``layers`` (and ``overrides``): prepared."""
     from raypath.cluster import init_ray
     from raypath.config import load_config
     from raypath.run import prepare
@@ -44,7 +78,7 @@ def _context(run_dir: str, hidden: int, layers: int):
     return prepare(load_config(ROOT / "configs" / "tiny.yaml", [
         f"run_dir={run_dir}", "data.versions=[v1]", "train.num_workers=1", "train.eval_every=0",
         f"model.hidden_size={hidden}", f"model.intermediate_size={4 * hidden}", f"model.num_layers={layers}",
-        "model.num_heads=4", "model.num_kv_heads=2"]))
+        "model.num_heads=4", "model.num_kv_heads=2", *overrides]))
 
 
 def _branch(ctx, main_v1, b: int, every: int) -> dict:
@@ -58,14 +92,15 @@ def _branch(ctx, main_v1, b: int, every: int) -> dict:
     seg = dataclasses.replace(seg, name=name, storage=str(ctx.rd.path / "ray" / name), export_dir=None,
                               curves_path=str(ctx.rd.path / "curves" / f"{name}.jsonl"),
                               train=dataclasses.replace(seg.train, checkpoint_every=every))
-    fit_segment(seg)
     storage = Path(seg.storage)
+    with DiskSampler([storage]) as disk:
+        fit_segment(seg)
     steps = seg.end_step - seg.start_step
     row = {"branch": name, "steps": steps, "saves": len(range(every, steps, every)) + 1,
-           "kept": len(ckpt.step_dirs(storage)), "bytes_kept": _bytes(storage),
+           "kept": len(ckpt.step_dirs(storage)), "bytes_kept": _bytes(storage), "peak_bytes": disk.peak,
            "final_bytes": _bytes(storage / ckpt.step_dir_name(seg.end_step))}
     print(f"{name}: {steps} steps, {row['saves']} checkpoints written, {row['kept']} kept, "
-          f"{row['bytes_kept'] / 1e6:.1f} MB", file=sys.stderr, flush=True)
+          f"{row['bytes_kept'] / 1e6:.1f} MB (peak while it ran {disk.peak / 1e6:.1f} MB)", file=sys.stderr, flush=True)
     return row
 
 

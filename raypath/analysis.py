@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 
 from raypath import storage
 from raypath.lineage import LINEAGE, RESULTS_JSON, read_sweep_record, sweep_run_dir
-from raypath.mirror import STOPPED_JSON, SWEEP_JSON, RunDir, is_remote
+from raypath.mirror import PRUNED_JSON, STOPPED_JSON, SWEEP_JSON, RunDir, is_remote
 from raypath.report import read_curve, si
 
 #: Config columns of a trial, in display order.
@@ -93,7 +93,7 @@ def _read_here(rel: str) -> bool:
     not Tune's own state (experiment and searcher snapshots, a set per start of the sweep)."""
     parts = rel.split("/")
     if len(parts) == 1:
-        return parts[0] in (SWEEP_JSON, RESULTS_JSON, STOPPED_JSON)
+        return parts[0] in (SWEEP_JSON, RESULTS_JSON, STOPPED_JSON, PRUNED_JSON)
     if parts[0].startswith("trial_"):
         return parts[1:] in (["params.json"], ["result.json"], ["error.txt"])
     return parts[0] == "curves"
@@ -199,8 +199,8 @@ def load_sweep(sweep_dir: str | os.PathLike,
         (last train-loss window) and ``step`` (of a running trial: its last logged step),
         ``status`` (``done`` when the trial reached the version boundary, ``stopped``
         when the law stopper ended it, ``error`` when Tune recorded its failure, ``running``
-        once it reported or logged its curve, else ``pending``) and ``best`` /
-        ``released`` flags. Sorted by score.
+        once it reported or logged its curve, else ``pending``), ``best`` /
+        ``released`` flags and ``pruned`` (its weights deleted: ``sweep.keep_trials``). Sorted by score.
     curves (the second frame): ``trial_id``, ``step``, ``tokens``, ``branch_tokens`` (tokens since
         the fork), ``lr``, ``loss`` and, at evaluations, ``val/*`` and
         ``objective``; plus ``shape`` and ``fraction_actual`` for grouping.
@@ -223,6 +223,8 @@ def load_sweep(sweep_dir: str | os.PathLike,
         if curve is not None and len(curve):
             frames.append(curve)
     trials = _trials_frame(rows, info)
+    trials["pruned"] = trials["trial_id"].isin(storage.read_json(sweep_dir / PRUNED_JSON).keys()
+                                               if (sweep_dir / PRUNED_JSON).is_file() else ())
     steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["trial_id", "step", "tokens", "branch_tokens", "lr", "loss"])
     return trials, steps

@@ -183,10 +183,11 @@ class TrainConfig:
     keep_checkpoints: keep only the newest N complete periodic checkpoints of a
         segment (step- or time-based); fork points and version boundaries are never
         pruned, torn ones (a crash mid-save) go once a newer one is complete.
-        0 = keep all (a sweep can then fork from any of them). A branch keeps
-        its final checkpoint only once it finishes (the others were there to resume it),
-        and that one holds its weights, not the optimizer state (nothing trains on
-        from it); a sweep trial the law stopped keeps none (its curve stays).
+        0 = keep all (a sweep can then fork from any of them). A running branch keeps
+        at most the newest 2 (nothing forks from it), and its final checkpoint only once
+        it finishes (the others were there to resume it), which holds its weights, not
+        the optimizer state (nothing trains on from it); a sweep trial the law stopped
+        keeps none (its curve stays).
     async_checkpoint: write checkpoints with DCP's asynchronous save: the state is
         copied to host memory and written by a background thread while training
         goes on; the checkpoint counts once its manifest is written. Implies the
@@ -315,6 +316,12 @@ class SweepConfig:
         tokens``: trades loss for compute; 0 = loss only.
     pin: trial id (or branch name) of this sweep to release instead of the best trial; one that
         names no trial the sweep has started is refused before any trial trains.
+    keep_trials: finished trials that keep their weights (final checkpoint and exported
+        model): the best N by score, plus the pinned one; the others' are deleted as soon
+        as N better ones have finished (records, metrics and curves stay; such a trial can
+        no longer be released). Bounds a sweep's disk at about N + max_concurrent branches
+        instead of one per trial. 0 = keep every trial's. Not fixed when the sweep
+        starts: a re-run with a smaller N deletes down to it.
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,
         refitted after every finished trial, in the background while Tune starts and
         stops trials (trials finishing during a refit are fitted together by the
@@ -357,6 +364,7 @@ class SweepConfig:
     token_budget: float | None = None
     compute_penalty: float = 0.0
     pin: str | None = None
+    keep_trials: int = 0
     guide: str = "law"
     guide_points: int = 0
     guide_sweeps: bool = True
@@ -793,6 +801,7 @@ def _validate_sweep(sc: SweepConfig) -> None:
     check(len(set(sc.replay_ratios)) == len(sc.replay_ratios), "replay_ratios", f"duplicates in {sc.replay_ratios}")
     check(sc.pin is None or bool(sc.pin.strip()), "pin", "must name a trial of the sweep (its id or branch name), "
           "got an empty string")
+    check(sc.keep_trials >= 0, "keep_trials", f"must be >= 0 (0 = keep every trial's weights), got {sc.keep_trials}")
     check(not set(sc.weights) - {"old", "new"}, "weights", f"keys must be old and new, got {sorted(sc.weights)}")
     check(all(v >= 0 for v in sc.weights.values()) and sum(sc.weights.values()) > 0, "weights",
           f"must be >= 0 and not all 0, got {sc.weights}")

@@ -833,6 +833,8 @@ class SweepTrial(Record):
     status: ``done``, ``stopped`` (by the law-guided stopper), ``error`` or ``incomplete``.
     metrics, objective, test_objective, score: its final losses, objective and score.
     branch_tokens: tokens its branch trained; curve, export: its files.
+    pruned: its weights (final checkpoint, export) were deleted (``sweep.keep_trials``): not a
+        release candidate any more.
     """
 
     trial_id: str
@@ -846,6 +848,7 @@ class SweepTrial(Record):
     branch_tokens: int | None = None
     curve: str | None = None
     export: str | None = None
+    pruned: bool = False
 
 
 @dataclass(kw_only=True)

@@ -557,6 +557,10 @@ class _Feed:
         return out
 
 
+#: Periodic checkpoints a running branch keeps at most (``train.keep_checkpoints`` may keep fewer).
+BRANCH_KEEPS = 2
+
+
 class _Checkpoints:
     """When a segment checkpoints, and the sharded saver when it saves shards.
 
@@ -596,6 +600,12 @@ class _Checkpoints:
             # export, a sweep's records); the earlier ones existed to resume it. Each holds the
             # optimizer state too: a sweep would otherwise keep trials x periodic saves of it.
             ckpt.prune(self.seg.storage, 1, set(), self.seg.rd, why=f"{self.seg.name} finished")
+        elif self.seg.kind == "branch":
+            # Nothing forks from a branch: its periodic checkpoints exist to resume it, the newest
+            # and, should that one be unreadable, the one before it (a sweep runs many at once).
+            keep = min(self.seg.train.keep_checkpoints or BRANCH_KEEPS, BRANCH_KEEPS)
+            ckpt.prune(self.seg.storage, keep, self.protected, self.seg.rd,
+                       why=f"{self.seg.name} runs: a branch keeps its newest {keep}")
         else:
             ckpt.prune(self.seg.storage, self.seg.train.keep_checkpoints, self.protected, self.seg.rd)
 

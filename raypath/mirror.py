@@ -110,6 +110,8 @@ SWEEP_STANDING = "standing.json"
 SWEEP_JSON = "sweep.json"
 #: Trials the law stopper ended early, with its forecasts (written as it decides).
 STOPPED_JSON = "stopped.json"
+#: Trials whose weights ``sweep.keep_trials`` deleted, with their records (:mod:`raypath.sweep`).
+PRUNED_JSON = "pruned.json"
 #: What a driver's start pulls of each sweep (with its ``curves/``, which the law reads): its
 #: records, not Tune's state and trial directories, which grow with its trials and reports and
 #: which only a resumed sweep reads (``raypath sweep`` pulls its own).

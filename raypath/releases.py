@@ -175,7 +175,7 @@ def candidates(lineage: Lineage | dict, version: str, extra: Iterable[Candidate]
     out: dict[str, Candidate] = {}
     for s in lineage.sweeps(version):
         for t in s.trials:
-            if t.status == "done" and t.metrics:
+            if t.status == "done" and t.metrics and not t.pruned:  # a pruned trial has no model to release
                 out[t.name] = Candidate(t.name, version, f"sweep {s.name}", t.metrics, t.export,
                                         t.branch_tokens, t.trial_id, s.path)
     for b in lineage.branches(version):
@@ -368,6 +368,11 @@ class Releaser:
         cands = candidates(self.lineage, version, extra)
         chosen = next((c for c in cands if what in (c.name, c.trial_id)), None)
         if chosen is None:
+            gone = next((s.name for s in self.lineage.sweeps(version) for t in s.trials
+                         if t.pruned and what in (t.name, t.trial_id)), None)
+            if gone is not None:
+                raise FileNotFoundError(f"--pick {what}: a trial of sweep {gone!r} that kept no weights to release: "
+                                        f"the sweep deleted them, keeping only its best trials' (sweep.keep_trials)")
             known = ", ".join(h.ids() + [c.trial_id or c.name for c in cands]) or "none"
             raise FileNotFoundError(f"--pick {what}: not a release, trial or branch of {version} "
                                     f"(known: {known})")
@@ -711,7 +716,7 @@ def candidate_scores(lineage: Lineage, version: str, objective: Objective) -> di
                 out[name] = objective.score_of(value, tokens)
             continue
         for t in lineage.with_trials(s).trials:
-            if t.status == "done" and t.metrics:
+            if t.status == "done" and t.metrics and not t.pruned:  # a pruned trial has no model to release
                 out[t.name] = objective.score(t.metrics, t.branch_tokens)
     for b in lineage.branches(version):
         if b.name not in out:

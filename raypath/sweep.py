@@ -28,10 +28,17 @@ experiment directory)::
     optuna.journal        the Optuna study (Optuna's JournalStorage): every proposal and score,
                           as they happen; ``optuna_study(sweep_dir)`` loads it
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
+    pruned.json           the trials whose weights ``sweep.keep_trials`` deleted, with their records
     branches/<segment>/   each trial's Ray Train run (its checkpoints: a finished trial's final one,
-                          a stopped trial's none)
+                          a stopped trial's none, a pruned one's none)
     curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
     exports/<segment>/    each trial's exported model; a released one is copied to releases/vK/rN
+
+What a sweep keeps on disk grows with its trials: each finished one's final checkpoint (its
+weights) and exported model. ``sweep.keep_trials: N`` deletes them for every finished trial but
+the best N by score (and the pinned one) as soon as N better ones have finished, so a sweep holds
+about N + ``max_concurrent`` branches' weights at any time; a stopped trial's checkpoints go once
+its Train run has ended (:func:`_keeper`).
 
 Re-running the same command resumes an interrupted sweep with
 ``Tuner.restore``: finished trials are not run again, unfinished ones continue
@@ -64,6 +71,7 @@ import math
 import os
 import threading
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,10 +93,10 @@ from raypath.lineage import (
     resolve_version,
     sweep_run_dir,
 )
-from raypath.mirror import LOCAL, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
+from raypath.mirror import LOCAL, PRUNED_JSON, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
-from raypath.storage import RunFileError, read_json, relative_paths, write_json, writer_lock
+from raypath.storage import RunFileError, absolute_paths, read_json, relative_paths, write_json, writer_lock
 from raypath.tracking import lineage_run
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,9 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 #: there by Ray Train) and exported models; the rest (Tune's state, the journal, records,
 #: curves) is worked on in the mirror and uploaded after every trial.
 SWEEP_REMOTE_ONLY = ("branches", "exports")
+#: The sweep this driver's ``Tuner.fit()`` runs (its plan and settings): what :func:`_keeper`'s callback,
+#: which Tune restores as pickled when the sweep started, works on now.
+_RUNNING: ContextVar[tuple[SweepPlan, SweepConfig] | None] = ContextVar("raypath_running_sweep", default=None)
 
 
 # --------------------------------------------------------------------------- settings
@@ -430,10 +441,13 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     from raypath.segment import fit_segment
 
     trial_id = tune.get_context().get_trial_id()
+    pruned = pruned_trials(plan).get(trial_id)
+    if pruned is not None:  # finished, and its weights deleted, before Tune recorded it
+        log.info("trial %s: finished before (its weights were deleted: sweep.keep_trials); reporting its final "
+                 "result", trial_id)
+        tune.report(pruned["report"])
+        return
     seg = plan.segment(trial_id, config)
-    extra = {"fork_step": seg.start_step, "branch_steps": seg.end_step - seg.start_step,
-             "branch_tokens": int(config["branch_tokens"])}
-    penalty = plan.penalty(config["branch_tokens"])
     final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
     if _finished(final_dir, seg.export_dir, seg.rd):
         # Interrupted after its branch finished but before Tune recorded it: the
@@ -442,14 +456,27 @@ def _trial(config: dict, plan: SweepPlan) -> None:
     else:
         relay = _TuneRelay()
         try:
-            fit_segment(seg, callbacks=[_report_callback(relay.queue, extra, penalty)])
+            fit_segment(seg, callbacks=[_report_callback(relay.queue, _extra(seg, config),
+                                                         plan.penalty(config["branch_tokens"]))])
         finally:
             relay.close()
     # The final evaluation again, from the branch's final checkpoint, once every Train report
     # has reached Tune: the last result Tune and Optuna see is the exact final score.
-    final = ckpt.load_state(final_dir, seg.rd)["metrics"]
-    tune.report({**final, **extra, "score": final["objective"] + penalty, "penalty": penalty, "final": True,
-                 "test_objective": Objective(plan.weights).value(final, "test")})
+    tune.report(_final_report(plan, seg, config))
+
+
+def _extra(seg, config: dict) -> dict:
+    """What every report of a trial carries besides its metrics."""
+    return {"fork_step": seg.start_step, "branch_steps": seg.end_step - seg.start_step,
+            "branch_tokens": int(config["branch_tokens"])}
+
+
+def _final_report(plan: SweepPlan, seg, config: dict) -> dict:
+    """A finished trial's last Tune result, read from its branch's final checkpoint."""
+    final = ckpt.load_state(Path(seg.storage) / ckpt.step_dir_name(seg.end_step), seg.rd)["metrics"]
+    penalty = plan.penalty(config["branch_tokens"])
+    return {**final, **_extra(seg, config), "score": final["objective"] + penalty, "penalty": penalty,
+            "final": True, "test_objective": Objective(plan.weights).value(final, "test")}
 
 
 def _finished(final_dir: Path, export_dir: str | None, rd: RunDir) -> bool:
@@ -473,7 +500,7 @@ def _trial_dirname(trial) -> str:
 def _settings_record(sc: SweepConfig) -> dict:
     """The settings that define a sweep's search; a resumed sweep must be given the same ones."""
     d = dataclasses.asdict(sc)
-    for key in ("pin", "max_concurrent", "name"):
+    for key in ("pin", "max_concurrent", "name", "keep_trials"):
         d.pop(key)
     return yaml.safe_load(yaml.safe_dump(d))  # tuples -> lists, as in the JSON record
 
@@ -583,8 +610,8 @@ def _make_tuner(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, max_concur
         run_config=tune.RunConfig(name=sc.name, storage_path=str(sweep_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=1 if verbose() else 0,
                                   stop=guidance.stopper if guidance else None,
-                                  callbacks=[*([guidance.callback] if guidance else []),
-                                             *([_uploader(plan)] if plan.ctx.rd.mirror else [])] or None),
+                                  callbacks=[*([guidance.callback] if guidance else []), _keeper(),
+                                             *([_uploader(plan)] if plan.ctx.rd.mirror else [])]),
     )
 
 
@@ -604,11 +631,10 @@ def _uploader(plan: SweepPlan):
     return UploadSweep()
 
 
-def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
-    """One trial as the sweep records it: ``done`` (branch finished), ``stopped`` (by the law
-    stopper: its forecast and last objective), ``incomplete`` (interrupted) or ``error``."""
-    from raypath.branches import summarize
-
+def _trial_record(plan: SweepPlan, result, stopped: dict, pruned: dict) -> dict:
+    """One trial as the sweep records it: ``done`` (branch finished; ``pruned`` when its weights
+    were deleted), ``stopped`` (by the law stopper: its forecast and last objective),
+    ``incomplete`` (interrupted) or ``error``."""
     metrics = result.metrics or {}
     config = dict(result.config or {})
     trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
@@ -624,9 +650,11 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
         return record
     if not config:  # Tune holds a config only from a trial's first report: interrupted before it
         return {**record, "status": "incomplete", "error": "interrupted before its first report"}
+    if trial_id in pruned:
+        return {**record, **pruned[trial_id]["record"]}
     seg = plan.segment(trial_id, config)
     try:
-        entry = summarize(seg)
+        record.update(_finished_fields(plan, seg))
     except (ckpt.CheckpointError, FileNotFoundError) as e:
         if trial_id in stopped:
             return {**record, "status": "stopped", "stopped": stopped[trial_id],
@@ -634,9 +662,16 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
                     "branch_tokens": (int(metrics["step"]) - seg.start_step) * plan.tokens_per_step
                     if "step" in metrics else None}
         return {**record, "status": "incomplete", "error": str(e)}
-    state = ckpt.load_state(entry.checkpoint, seg.rd)
-    objective = state["metrics"].get("objective")
-    record.update(
+    return record
+
+
+def _finished_fields(plan: SweepPlan, seg) -> dict:
+    """What a finished trial's record holds of its branch, read from its final checkpoint."""
+    from raypath.branches import summarize
+
+    entry = summarize(seg)
+    objective = ckpt.load_state(entry.checkpoint, seg.rd)["metrics"].get("objective")
+    return dict(
         branch=entry.to_dict(),
         metrics=entry.metrics,
         objective=objective,
@@ -647,7 +682,6 @@ def _trial_record(plan: SweepPlan, result, stopped: dict) -> dict:
         curve=seg.curves_path,
         export=seg.export_dir,
     )
-    return record
 
 
 def _candidate(plan: SweepPlan, trial: dict) -> Candidate:
@@ -727,6 +761,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     record.update(resumed=resumed, **outcome)
     if record["best"] is not None and (settled or sc.pin) and not interrupted:
         record.update(_release(plan, lineage, trials, sc.pin))
+    _keep_best_records(plan, sc, trials, record.get("released"))
     # The standing first: the lineage's summary (n_trials, best, released) ties it to this record.
     for name, content in ((STANDING_JSON, standing_record(record)), (RESULTS_JSON, record)):
         write_json(Path(plan.sweep_dir) / name, content, root=sweep_run_dir(plan.sweep_dir))
@@ -744,7 +779,11 @@ def _check_pin(plan: SweepPlan, pin: str | None) -> None:
         return
     sweep_dir = Path(plan.sweep_dir)
     trials = sorted(d.name.removeprefix("trial_") for d in sweep_dir.glob("trial_*") if d.is_dir())
-    if pin.removeprefix(plan.segment_name("")) in trials:
+    pin = pin.removeprefix(plan.segment_name(""))
+    if pin in pruned_trials(plan):
+        raise ConfigError(f"sweep.pin (--pin): trial {pin} of sweep {sweep_dir.name!r} kept no weights to release: "
+                          f"the sweep deleted them, keeping only its best trials' (sweep.keep_trials)")
+    if pin in trials:
         return
     has = f"its trials: {', '.join(trials)}" if trials else "it has no trials yet"
     raise ConfigError(f"sweep.pin (--pin): {pin!r} is not a trial of sweep {sweep_dir.name!r} of {plan.version} "
@@ -839,8 +878,12 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
         write_json(sweep_dir / SWEEP_JSON, {**read_sweep_record(sweep_dir / SWEEP_JSON), "guide": record["guide"]},
                    root=root)
     tuner = _make_tuner(plan, sc, space, record["max_concurrent"], sweep_dir, guidance, restoring)
-    with study.resuming(sweep_dir):
-        results, interrupted = fit_noting_ctrl_c(tuner)
+    running = _RUNNING.set((plan, sc))
+    try:
+        with study.resuming(sweep_dir):
+            results, interrupted = fit_noting_ctrl_c(tuner)
+    finally:
+        _RUNNING.reset(running)
     return results, restoring, interrupted
 
 
@@ -866,7 +909,8 @@ def fit_noting_ctrl_c(tuner) -> tuple[Any, bool]:
 
 def _trial_records(plan: SweepPlan, results, stopped: dict) -> list[dict]:
     """Every trial as the sweep records it, in trial id order, with the order Optuna proposed it."""
-    trials = sorted((_trial_record(plan, r, stopped) for r in results), key=lambda t: t["trial_id"])
+    pruned = pruned_trials(plan)
+    trials = sorted((_trial_record(plan, r, stopped, pruned) for r in results), key=lambda t: t["trial_id"])
     order = proposal_order(plan.sweep_dir, trials)
     for t in trials:
         t["order"] = order.get(t["trial_id"])
@@ -883,6 +927,104 @@ def _drop_stopped_checkpoints(plan: SweepPlan, trials: list[dict]) -> None:
             log.info("trial %s was stopped by the law: deleting its checkpoints %s", t["trial_id"],
                      plan.ctx.rd.name(storage))
             plan.ctx.rd.remove(storage)
+
+
+# --------------------------------------------------------------------------- what a sweep keeps
+
+def pruned_trials(plan: SweepPlan) -> dict:
+    """The trials whose weights ``sweep.keep_trials`` deleted (:data:`raypath.mirror.PRUNED_JSON`):
+    trial id -> its ``record`` (what its final checkpoint gave the sweep's record) and ``report``
+    (its final Tune result), so that a re-run records it as it was and a restored Tune never
+    trains it again. Read where it is kept (a trial may run on another node than the driver)."""
+    path = Path(plan.sweep_dir) / PRUNED_JSON
+    try:
+        return absolute_paths(plan.ctx.rd.read_json(path), sweep_run_dir(plan.sweep_dir))
+    except FileNotFoundError:
+        return {}
+
+
+def _keeper():
+    """A Tune callback that, as trials finish, deletes the weights of those beyond the best
+    ``sweep.keep_trials`` (:func:`keep_best`) and the checkpoints of trials the law stopped
+    whose Train run has ended. It holds nothing: Tune restores it as pickled when the sweep
+    started, and it works on the sweep this driver runs now (:data:`_RUNNING`: its run
+    directory may have moved, its ``keep_trials`` changed)."""
+    from ray import tune
+    from ray.tune.experiment import Trial
+
+    class KeepBest(tune.Callback):
+        def __init__(self):
+            self.dropped: set[str] = set()  # stopped trials whose checkpoints went
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            running = _running()
+            if running is None:
+                return
+            plan, sc = running
+            finished = [(t.trial_id, dict(t.config), float(t.last_result["score"])) for t in trials
+                        if (t.last_result or {}).get("final") and _finite(t.last_result.get("score"))]
+            keep_best(plan, sc, finished)
+            stopped = _stopped(plan)
+            # a stopped trial's Train workers may still write while Tune stops its actor: only once it is gone
+            ended = [{"trial_id": t.trial_id, "name": plan.segment_name(t.trial_id), "status": "stopped"}
+                     for t in trials if t.trial_id in stopped and t.trial_id not in self.dropped and t is not trial
+                     and t.status == Trial.TERMINATED and t.temporary_state.ray_actor is None]
+            _drop_stopped_checkpoints(plan, ended)
+            self.dropped.update(t["trial_id"] for t in ended)
+
+    return KeepBest()
+
+
+def _running() -> tuple[SweepPlan, SweepConfig] | None:
+    return _RUNNING.get()  # a module function: cloudpickle pickles a ContextVar in the callback's globals by value
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def keep_best(plan: SweepPlan, sc: SweepConfig, finished: list[tuple[str, dict, float]],
+              protect: tuple[str | None, ...] = ()) -> list[str]:
+    """Delete the final checkpoint and export of every finished trial ``(trial id, config, score)``
+    but the best ``sc.keep_trials`` (ties: the lower id), ``sc.pin`` and ``protect``; returns the
+    trials pruned now. Each is first recorded in :data:`PRUNED_JSON` (written and uploaded before
+    anything is deleted), so a crash in between leaves a trial recorded, never one lost."""
+    if not sc.keep_trials:
+        return []
+    pruned = pruned_trials(plan)
+    keep = {sc.pin and sc.pin.removeprefix(plan.segment_name("")), *protect}
+    ranked = sorted(finished, key=lambda t: (t[2], t[0]))
+    now = []
+    for rank, (trial_id, config, score) in enumerate(ranked[sc.keep_trials:], sc.keep_trials + 1):
+        if trial_id in pruned or trial_id in keep:
+            continue
+        seg = plan.segment(trial_id, config)
+        pruned[trial_id] = {"report": _final_report(plan, seg, config),
+                            "record": {**_finished_fields(plan, seg), "export": None, "pruned": True}}
+        now.append((trial_id, seg, rank, score))
+    if not now:
+        return []
+    path = Path(plan.sweep_dir) / PRUNED_JSON
+    write_json(path, pruned, root=sweep_run_dir(plan.sweep_dir))
+    plan.ctx.rd.publish(path)
+    for trial_id, seg, rank, score in now:
+        log.info("sweep %s: trial %s is number %d by score (%.4f): deleting its weights, the sweep keeps the best "
+                 "%d trials' (sweep.keep_trials)", sc.name, trial_id, rank, score, sc.keep_trials)
+        plan.ctx.rd.remove(seg.storage)
+        plan.ctx.rd.remove(seg.export_dir)
+    return [t[0] for t in now]
+
+
+def _keep_best_records(plan: SweepPlan, sc: SweepConfig, trials: list[dict], released: str | None) -> None:
+    """:func:`keep_best` over the sweep's records at its end (trials a restored sweep finished before,
+    a ``keep_trials`` lowered since), the released trial kept too; marks the records pruned."""
+    finished = [(t["trial_id"], t["config"], t["score"]) for t in trials
+                if t["status"] == "done" and not t.get("pruned") and _finite(t.get("score"))]
+    if keep_best(plan, sc, finished, protect=(released,)):
+        pruned = pruned_trials(plan)
+        for t in trials:
+            if t["trial_id"] in pruned:
+                t.update(pruned[t["trial_id"]]["record"])
 
 
 def _stopped(plan: SweepPlan) -> dict:

@@ -174,8 +174,19 @@ def test_earlier_files_check_needs_no_task_for_files_their_listing_shows_unchang
 
 
 @pytest.mark.slow
+def test_sweep_disk_samples_what_a_sweep_holds_with_and_without_keep_trials():
+    """Trains a main path and two 3-trial sweeps on a Ray cluster of its own: slow."""
+    got = _bench("sweep_disk", "--trials", "3", "--keep", "0", "1", "--hidden", "32", "--layers", "2")
+    every, best = got["sweeps"]
+    assert [s["done"] for s in got["sweeps"]] == [3, 3] and [s["pruned"] for s in got["sweeps"]] == [0, 2], got
+    assert 0 < best["end_bytes"] < every["end_bytes"] <= every["peak_bytes"], got
+
+
+@pytest.mark.slow
 def test_branch_disk_counts_what_each_finished_branch_keeps():
     """Trains a main path and two branches on a Ray cluster of its own: slow."""
     got = _bench("branch_disk", "--branches", "2", "--every", "4", "--hidden", "32", "--layers", "2")
     assert [b["kept"] for b in got["branches"]] == [1, 1] and got["branches"][0]["saves"] > 1, got
     assert 0 < got["branches"][0]["bytes_kept"] < 2 * got["checkpoint_bytes"], got
+    # while it ran: its newest 2 periodic checkpoints and the one being written, not its 6
+    assert got["branches"][0]["bytes_kept"] <= got["branches"][0]["peak_bytes"] < 4 * got["checkpoint_bytes"], got

@@ -62,6 +62,7 @@ def test_sweep_section_defaults_and_overrides():
     ("sweep.shapes=cosine", "sweep.shapes"),
     ("sweep.guide=oracle", "sweep.guide"),
     ("sweep.stop_margin=-0.1", "sweep.stop_margin"),
+    ("sweep.keep_trials=-1", "sweep.keep_trials"),
     ("sweep.bogus=1", "sweep.bogus"),
     ("train.bogus=1", "train.bogus"),
 ])
@@ -988,6 +989,75 @@ def test_a_trial_the_law_stopped_leaves_its_curve_and_no_checkpoint(tiny_sweep, 
     assert not ckpt.step_dirs(branches / stopped["name"]) and f"trial {stopped['trial_id']} was stopped" in caplog.text
     assert [p.name for p in ckpt.step_dirs(branches / done["name"])] == kept and len(kept) == 1
     assert Path(plan.curve_path(stopped["trial_id"])).is_file()
+
+
+def test_a_sweep_keeping_its_best_trials_deletes_the_others_weights_and_keeps_their_records(tiny_sweep, tmp_path,
+                                                                                           caplog, capsys):
+    """``sweep.keep_trials``: as trials finish (Tune's callback, on the sweep's restored trials, 2
+    kept) every finished trial past the best N loses its final checkpoint and export, recorded
+    first, and a stopped trial's checkpoints go once its run has ended; a re-run with 1 kept prunes
+    one more at its end. The records keep the pruned trials as they were; none of them can be
+    released, pinned or trained again."""
+    import shutil
+
+    from conftest import FAST_TRIALS
+    from ray import tune
+
+    from raypath import sweep
+    from raypath.releases import candidates
+    from raypath.run import prepare
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    cfg = load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}", "sweep.keep_trials=2"])
+    plan = sweep._plan(prepare(cfg), Lineage.load(run), "v2", cfg.sweep)
+    by_score = sorted(tiny_sweep["record"]["trials"], key=lambda t: t["score"])
+    (best, second, third), stopped = by_score[:3], by_score[3]
+    write_json(Path(plan.sweep_dir) / sweep.STOPPED_JSON, {stopped["trial_id"]: {"stop": True}})
+    trials = tune.ExperimentAnalysis(plan.sweep_dir).trials
+    for t in trials:
+        if t.trial_id == stopped["trial_id"]:  # stopped halfway: its last result is not final
+            t.update_last_result({**t.last_result, "final": False})
+    branches, exports = Path(plan.sweep_dir) / "branches", Path(plan.sweep_dir) / "exports"
+    token = sweep._RUNNING.set((plan, cfg.sweep))
+    try:
+        with caplog.at_level(logging.INFO, logger="raypath.sweep"):
+            sweep._keeper().on_trial_complete(0, trials, next(t for t in trials if t.trial_id == best["trial_id"]))
+    finally:
+        sweep._RUNNING.reset(token)
+    pruned = sweep.pruned_trials(plan)
+    assert set(pruned) == {third["trial_id"]} and f"trial {third['trial_id']} is number 3" in caplog.text
+    assert not (branches / third["name"]).exists() and not (exports / third["name"]).exists()
+    report = pruned[third["trial_id"]]["report"]  # what a restored Tune is told instead of training it again
+    assert report["final"] and report["score"] == pytest.approx(third["score"])
+    assert report["step"] == third["config"]["fork_step"] + third["config"]["branch_steps"]
+    assert not ckpt.step_dirs(branches / stopped["name"]) and f"trial {stopped['trial_id']} was stopped" in caplog.text
+    for t in (best, second):
+        assert ckpt.step_dirs(branches / t["name"]) and (exports / t["name"] / "model_card.json").is_file()
+
+    # the real sweep again, keeping 1 (restored, nothing to train): its end prunes the second best
+    record = run_sweep(load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}", "sweep.keep_trials=1"]),
+                       "v2")
+    after = {t["trial_id"]: t for t in record["trials"]}
+    assert after[stopped["trial_id"]]["status"] == "stopped" and record["complete"]
+    assert not (branches / second["name"]).exists() and not (exports / second["name"]).exists()
+    for t in (second, third):
+        was = {k: t[k] for k in ("status", "score", "objective", "metrics", "branch_tokens")}
+        assert {k: after[t["trial_id"]][k] for k in was} == was
+        assert after[t["trial_id"]]["curve"] == str(Path(plan.sweep_dir) / "curves" / f"{t['name']}.jsonl")
+        assert after[t["trial_id"]]["pruned"] and after[t["trial_id"]]["export"] is None
+    assert not after[best["trial_id"]].get("pruned") and record["released"] == best["trial_id"]
+    assert (exports / best["name"] / "model_card.json").is_file()
+    lineage = Lineage.load(run)
+    assert [c.trial_id for c in candidates(lineage, "v2") if c.trial_id] == [best["trial_id"]]
+    assert main(["release", str(run), "--version", "v2", "--pick", second["trial_id"]]) != 0
+    assert "kept no weights" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="sweep.keep_trials"):
+        run_sweep(with_cli(cfg, pin=second["trial_id"]), "v2")
+    from raypath.analysis import load_sweep
+
+    table = load_sweep(plan.sweep_dir, curves=False)[0]
+    assert set(table.loc[table["pruned"], "trial_id"]) == {second["trial_id"], third["trial_id"]}
 
 
 @pytest.mark.slow

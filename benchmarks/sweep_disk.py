@@ -1,0 +1,87 @@
+"""What a sweep keeps on disk while it runs and once it ends, with and without ``sweep.keep_trials``.
+
+Every finished trial of a sweep keeps its final checkpoint (its weights) and its exported model;
+a trial the law stopped keeps none once the sweep records it. The disk a sweep holds therefore
+grows with its trials. ``sweep.keep_trials: N`` deletes the weights of every finished trial past
+the best N as soon as N better ones have finished.
+
+This trains the tiny config's v1 main path with a wider model (``--hidden``, ``--layers``),
+checkpointed every ``--every`` steps (the sweep's fork points), then runs the same real Ray Tune
+sweep of v1 (``--trials`` trials, ``--concurrent`` at once, Optuna's seeded TPE, no law) once per
+``--keep`` value, each under its own name, and samples the bytes under the sweep's ``branches/``
+and ``exports/`` every 0.2 s: the peak while it ran and what is left at its end.
+
+    python benchmarks/sweep_disk.py --trials 6 --keep 0 2
+    # the same through another checkout's raypath (one without keep_trials: --keep 0)
+    PYTHONPATH=/path/to/checkout python benchmarks/sweep_disk.py --trials 6 --keep 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from branch_disk import DiskSampler, _bytes, _context  # noqa: E402  (the same wider tiny model)
+
+
+def _sweep(ctx, trials: int, concurrent: int, keep: int) -> dict:
+    """The sweep ``keep<N>`` of v1 run to its end, with the disk its trials held."""
+    from raypath.sweep import run_sweep
+
+    name = f"keep{keep}"
+    overrides = {"name": name, "num_samples": trials, "max_concurrent": concurrent, "guide": "none", "seed": 0}
+    if keep:  # a checkout without the setting runs --keep 0 only
+        overrides["keep_trials"] = keep
+    cfg = dataclasses.replace(ctx.cfg, sweep=dataclasses.replace(ctx.cfg.sweep, **overrides))
+    sweep_dir = ctx.run_dir / "sweeps" / "v1" / name
+    t0 = time.perf_counter()
+    with DiskSampler([sweep_dir / "branches", sweep_dir / "exports"]) as disk:
+        record = run_sweep(cfg, "v1")
+    done = [t for t in record["trials"] if t["status"] == "done"]
+    row = {"keep_trials": keep, "trials": len(record["trials"]), "done": len(done),
+           "pruned": sum(bool(t.get("pruned")) for t in done), "peak_bytes": disk.peak, "end_bytes": disk.now(),
+           "released": record.get("released"), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{name}: {row['done']} trials done, {row['pruned']} pruned; peak {disk.peak / 1e6:.1f} MB, "
+          f"end {row['end_bytes'] / 1e6:.1f} MB ({row['seconds']} s)", file=sys.stderr, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--keep", type=int, nargs="+", default=[0, 2], help="sweep.keep_trials values, one sweep each")
+    ap.add_argument("--every", type=int, default=16, help="train.checkpoint_every of the main path and branches")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", help="also write the results here as JSON")
+    args = ap.parse_args()
+
+    from raypath.lineage import Lineage
+    from raypath.mainpath import run_main_version
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = _context(f"{tmp}/run", args.hidden, args.layers, f"train.checkpoint_every={args.every}")
+        lineage = Lineage.open(ctx.run_dir, ctx.cfg.name, ctx.cfg.to_dict())
+        lineage.set_versions(ctx.versions)
+        main_v1 = run_main_version(ctx, 0, None)
+        lineage.record_main(main_v1)
+        rows = [_sweep(ctx, args.trials, args.concurrent, keep) for keep in args.keep]
+        out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+               "python": sys.version.split()[0], "trials": args.trials, "concurrent": args.concurrent,
+               "checkpoint_bytes": _bytes(Path(main_v1.checkpoints["end"])), "sweeps": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
