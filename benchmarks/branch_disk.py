@@ -104,28 +104,48 @@ def _branch(ctx, main_v1, b: int, every: int) -> dict:
     return row
 
 
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """The wider tiny model's flags and ``--out``, shared with ``sweep_disk.py``."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", help="also write the results here as JSON")
+
+
+def trained_v1(run_dir: str, args: argparse.Namespace, *overrides: str):
+    """(context, main-path entry) of the tiny config's v1 trained with the wider model, recorded in its lineage."""
+    from raypath.lineage import Lineage
+    from raypath.mainpath import run_main_version
+
+    ctx = _context(run_dir, args.hidden, args.layers, *overrides)
+    lineage = Lineage.open(ctx.run_dir, ctx.cfg.name, ctx.cfg.to_dict())
+    lineage.set_versions(ctx.versions)
+    main_v1 = run_main_version(ctx, 0, None)
+    lineage.record_main(main_v1)
+    return ctx, main_v1
+
+
+def emit(args: argparse.Namespace, out: dict) -> None:
+    """Print the results as JSON (and write them to ``--out``), with the date and machine."""
+    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+           "python": sys.version.split()[0], **out}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--branches", type=int, default=4)
     ap.add_argument("--every", type=int, default=2, help="train.checkpoint_every of the branches")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--out", help="also write the results here as JSON")
+    model_args(ap)
     args = ap.parse_args()
 
-    from raypath.mainpath import run_main_version
-
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = _context(f"{tmp}/run", args.hidden, args.layers)
-        main_v1 = run_main_version(ctx, 0, None)
+        ctx, main_v1 = trained_v1(f"{tmp}/run", args)
         rows = [_branch(ctx, main_v1, b, args.every) for b in range(args.branches)]
-        out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-               "python": sys.version.split()[0], "every": args.every,
-               "checkpoint_bytes": _bytes(Path(main_v1.checkpoints["end"])),
+        out = {"every": args.every, "checkpoint_bytes": _bytes(Path(main_v1.checkpoints["end"])),
                "branches": rows, "bytes_kept": sum(r["bytes_kept"] for r in rows)}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    emit(args, out)
 
 
 if __name__ == "__main__":

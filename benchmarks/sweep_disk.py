@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from branch_disk import DiskSampler, _bytes, _context  # noqa: E402  (the same wider tiny model)
+from branch_disk import DiskSampler, _bytes, emit, model_args, trained_v1  # noqa: E402  (the same wider model)
 
 
 def _sweep(ctx, trials: int, concurrent: int, keep: int) -> dict:
@@ -60,27 +57,15 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=2)
     ap.add_argument("--keep", type=int, nargs="+", default=[0, 2], help="sweep.keep_trials values, one sweep each")
     ap.add_argument("--every", type=int, default=16, help="train.checkpoint_every of the main path and branches")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--out", help="also write the results here as JSON")
+    model_args(ap)
     args = ap.parse_args()
 
-    from raypath.lineage import Lineage
-    from raypath.mainpath import run_main_version
-
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = _context(f"{tmp}/run", args.hidden, args.layers, f"train.checkpoint_every={args.every}")
-        lineage = Lineage.open(ctx.run_dir, ctx.cfg.name, ctx.cfg.to_dict())
-        lineage.set_versions(ctx.versions)
-        main_v1 = run_main_version(ctx, 0, None)
-        lineage.record_main(main_v1)
+        ctx, main_v1 = trained_v1(f"{tmp}/run", args, f"train.checkpoint_every={args.every}")
         rows = [_sweep(ctx, args.trials, args.concurrent, keep) for keep in args.keep]
-        out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-               "python": sys.version.split()[0], "trials": args.trials, "concurrent": args.concurrent,
+        out = {"trials": args.trials, "concurrent": args.concurrent,
                "checkpoint_bytes": _bytes(Path(main_v1.checkpoints["end"])), "sweeps": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    emit(args, out)
 
 
 if __name__ == "__main__":

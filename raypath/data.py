@@ -1222,6 +1222,11 @@ def _take_rows(path: str, rows: np.ndarray, fs: pafs.FileSystem) -> np.ndarray:
     return out
 
 
+#: Stream parts :func:`replay_variant` rewrites at once: each holds a row group and, in a bucket,
+#: its upload's buffers (~10 MB a part; 16 at once cost +165 MB), and mostly waits on the store.
+REWRITES = 4
+
+
 def _rewrite_rows(src_path: str, rows: np.ndarray, blocks: np.ndarray, new_src: np.ndarray,
                   sfs: pafs.FileSystem, fs: pafs.FileSystem, dst: str) -> None:
     """Copy a stream part with its ``rows`` replaced by ``blocks`` from ``new_src``; one row
@@ -1271,8 +1276,9 @@ def replay_variant(version: dict, older: list[dict], consumed: list, limit: int,
     order), with :data:`VARIANT_MARKER` written last; written once (trials sharing a fork
     and ratio write the same bytes), straight into the bucket of a remote run directory.
     Returns the path and the mix. Memory grows with the stream's rows, not its tokens:
-    its ``idx``/``src`` columns (10 bytes a row), the swapped rows' blocks, and one row group
-    at a time; parts without a swapped row are copied as they are, several at a time.
+    its ``idx``/``src`` columns (10 bytes a row), the swapped rows' blocks, and a row group of
+    each of :data:`REWRITES` parts rewritten at once; parts without a swapped row are copied as
+    they are, several at a time.
     """
     out = Path(out_path)
     fs, root = rd.target(out)
@@ -1327,11 +1333,11 @@ def _write_variant(version: dict, older: list[dict], consumed: list, limit: int,
     swapped = [np.flatnonzero((at >= starts[i]) & (at < starts[i + 1])) for i in range(len(parts))]
     # Parts without a swapped row (before the fork, most of them) are copied as they are, several
     # at a time (in a bucket, server-side: nothing passes through here); the others are
-    # rewritten one at a time, each holding a row group and, in a bucket, its upload's buffers.
+    # rewritten a few at a time, each holding a row group and, in a bucket, its upload's buffers.
     in_threads(lambda i: copy_file(fs, parts[i], _part(root, i)),
                [i for i, here in enumerate(swapped) if not len(here)], STREAMS)
-    for i, here in enumerate(swapped):
-        if len(here):
-            _rewrite_rows(parts[i], at[here] - starts[i], blocks[here], new_src[here], sfs, fs, _part(root, i))
+    in_threads(lambda i: _rewrite_rows(parts[i], at[swapped[i]] - starts[i], blocks[swapped[i]],
+                                       new_src[swapped[i]], sfs, fs, _part(root, i)),
+               [i for i, here in enumerate(swapped) if len(here)], REWRITES)
     replay = int((src[todo] != k).sum())
     return {"rows": len(todo), "replay_rows": replay, "replay_ratio": replay / max(len(todo), 1)}
