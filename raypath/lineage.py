@@ -316,6 +316,7 @@ class Lineage:
         trials = d.pop("trials", None)
         if trials is not None:
             d["n_trials"] = len(trials)
+            d["n_pruned"] = sum(bool(t.get("pruned")) for t in trials)  # weights deleted: sweep.keep_trials
         d["finished"] = _now()
         self._change(_keyed("sweeps", d, "version", "name"))
 

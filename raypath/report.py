@@ -338,7 +338,9 @@ def _sweeps_section(lineage: Lineage) -> str:
     sweeps = lineage.sweep_summaries()
     if not sweeps:
         return _section("sweeps", "(none)")
-    rows = [[s.name, s.version, _plain(s.extra.get("n_trials")), "yes" if s.complete else "no (re-run resumes it)",
+    rows = [[s.name, s.version, _plain(s.extra.get("n_trials")) + (f" ({s.extra['n_pruned']} pruned)" if
+                                                                    s.extra.get("n_pruned") else ""),
+             "yes" if s.complete else "no (re-run resumes it)",
              _plain(s.best), _plain(s.released), si(s.search_tokens)] for s in sweeps]
     headers = ["sweep", "version", "trials", "complete", "best trial", "released trial", "search tokens"]
     return _section("sweeps (raypath sweep; trials in sweeps/VERSION/NAME/results.json)",

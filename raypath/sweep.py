@@ -748,7 +748,7 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     space = _search_space(plan, sc)
     # Tune's state of an interrupted sweep of a remote run, to resume it here
     ctx.rd.pull_files(plan.sweep_dir, exclude=SWEEP_REMOTE_ONLY)
-    _check_pin(plan, sc.pin)
+    _check_pin(plan, sc.pin, lineage)
     record = _open_record(plan, sc, space)
     try:
         results, resumed, interrupted = _run_experiment(plan, sc, space, record)
@@ -772,15 +772,17 @@ def _sweep(cfg: Config, ctx, version: str | int) -> dict:
     return record
 
 
-def _check_pin(plan: SweepPlan, pin: str | None) -> None:
+def _check_pin(plan: SweepPlan, pin: str | None, lineage: Lineage) -> None:
     """Refuse a pin that names no trial the sweep has started, before it trains: the pin is read
-    only once every trial has finished, and a new sweep's trial ids are not known before it runs."""
+    only once every trial has finished, and a new sweep's trial ids are not known before it runs.
+    Refuse one whose weights the sweep deleted, unless it was released before (its model is there)."""
     if not pin:
         return
     sweep_dir = Path(plan.sweep_dir)
     trials = sorted(d.name.removeprefix("trial_") for d in sweep_dir.glob("trial_*") if d.is_dir())
     pin = pin.removeprefix(plan.segment_name(""))
-    if pin in pruned_trials(plan):
+    released = {b.name for b in lineage.branches(plan.version)}
+    if pin in pruned_trials(plan) and plan.segment_name(pin) not in released:
         raise ConfigError(f"sweep.pin (--pin): trial {pin} of sweep {sweep_dir.name!r} kept no weights to release: "
                           f"the sweep deleted them, keeping only its best trials' (sweep.keep_trials)")
     if pin in trials:

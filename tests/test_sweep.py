@@ -1049,12 +1049,18 @@ def test_a_sweep_keeping_its_best_trials_deletes_the_others_weights_and_keeps_th
     assert not after[best["trial_id"]].get("pruned") and record["released"] == best["trial_id"]
     assert (exports / best["name"] / "model_card.json").is_file()
     lineage = Lineage.load(run)
+    from raypath.report import format_status
+
+    assert re.search(rf"{cfg.sweep.name}\s+v2\s+4 \(2 pruned\)", format_status(lineage)), format_status(lineage)
+    # a trial released before (another test of the session pins one) keeps its model in releases/
+    released = {b.name for b in lineage.branches("v2")}
     mine = [c.trial_id for c in candidates(lineage, "v2") if c.sweep and Path(c.sweep) == Path(plan.sweep_dir)]
-    assert mine == [best["trial_id"]]  # (the session's lineage may hold other sweeps of v2)
-    assert main(["release", str(run), "--version", "v2", "--pick", second["trial_id"]]) != 0
+    assert set(mine) == {t["trial_id"] for t in (best, second, third) if t is best or t["name"] in released}
+    gone = next(t["trial_id"] for t in (second, third) if t["name"] not in released)
+    assert main(["release", str(run), "--version", "v2", "--pick", gone]) != 0
     assert "kept no weights" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="sweep.keep_trials"):
-        run_sweep(with_cli(cfg, pin=second["trial_id"]), "v2")
+        run_sweep(with_cli(cfg, pin=gone), "v2")
     from raypath.analysis import load_sweep
 
     table = load_sweep(plan.sweep_dir, curves=False)[0]
