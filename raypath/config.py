@@ -319,7 +319,8 @@ class SweepConfig:
     keep_trials: finished trials that keep their weights (final checkpoint and exported
         model): the best N by score, plus the pinned one; the others' are deleted as soon
         as N better ones have finished (records, metrics and curves stay; such a trial can
-        no longer be released). Bounds a sweep's disk at about N + max_concurrent branches
+        no longer be released), and a trial that ends behind N finished ones exports
+        nothing. Bounds a sweep's disk at about N + max_concurrent branches
         instead of one per trial. 0 = keep every trial's. Not fixed when the sweep
         starts: a re-run with a smaller N deletes down to it.
     guide: ``law`` = the continual-pre-training law (fitted on the lineage's curves,

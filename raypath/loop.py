@@ -766,8 +766,15 @@ class _SegmentRun:
         self.checkpoints.wait()
         self.reporter.publish()
         self.reporter.tracker.close()
-        if not self.seg.export_dir:
+        if not self.seg.export_dir or self._skip_export():
             return
         _export(self.tr, self.seg, self.metrics, self.rank, self.world)
+
+    def _skip_export(self) -> bool:
+        """Collective: rank 0 asks ``seg.skip_export`` (one read of a sweep's record), all ranks agree."""
+        why = self.seg.skip_export(self.metrics) if self.seg.skip_export and self.rank == 0 else None
+        if why:
+            log.info(f"[{self.seg.name}] not exporting its model: {why}")
+        return _all_reduce_sum([float(bool(why))], self.device)[0] > 0
 
 

@@ -112,6 +112,12 @@ SWEEP_JSON = "sweep.json"
 STOPPED_JSON = "stopped.json"
 #: Trials whose weights ``sweep.keep_trials`` deleted, with their records (:mod:`raypath.sweep`).
 PRUNED_JSON = "pruned.json"
+#: The best ``sweep.keep_trials`` finished trials' scores so far, with the pin: what a trial
+#: checks before it exports (:func:`raypath.sweep.beaten`); rewritten by each run of the sweep.
+KEPT_JSON = "kept.json"
+#: A sweep's own records at the top of its directory, Tune's experiment directory, where Tune
+#: must not write them back (:meth:`raypath.study.SweepSearch.save_to_dir`).
+SWEEP_OWN = (SWEEP_RESULTS, SWEEP_STANDING, SWEEP_JSON, STOPPED_JSON, PRUNED_JSON, KEPT_JSON)
 #: What a driver's start pulls of each sweep (with its ``curves/``, which the law reads): its
 #: records, not Tune's state and trial directories, which grow with its trials and reports and
 #: which only a resumed sweep reads (``raypath sweep`` pulls its own).

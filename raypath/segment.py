@@ -22,7 +22,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from raypath import checkpoint as ckpt
 from raypath.config import ModelConfig, TrainConfig
@@ -55,6 +55,8 @@ class Segment:
     export_dir: where a branch exports its released model (None for the main path).
     tokenizer_dir: tokenizer saved next to an exported model.
     model_card: lineage facts written into an exported model's ``model_card.json``.
+    skip_export: called on rank 0 with the final metrics before the export: why not to export
+        (a sweep would delete the model at once: :func:`raypath.sweep.beaten`), or None.
     stream_limit: rows ``idx < stream_limit`` of the stream make up the version's
         whole global batches; the rest is never trained, by any path.
     objective_weights: val split name -> weight; when set, every eval also
@@ -90,6 +92,7 @@ class Segment:
     objective_weights: dict[str, float] = field(default_factory=dict)
     rd: RunDir = LOCAL
     tracking: TrackingSpec | None = None
+    skip_export: Callable[[dict], str | None] | None = None
 
 
 @dataclass(frozen=True)

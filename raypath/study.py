@@ -43,6 +43,8 @@ from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from raypath.mirror import SWEEP_OWN
+
 log = logging.getLogger(__name__)
 
 JOURNAL = "optuna.journal"
@@ -123,6 +125,19 @@ class SweepSearch(OptunaSearch):
         if here is not None:
             self._journal.reopen(journal_path(here))
         self._settle_unknown_trials()
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Save the searcher into Tune's driver staging directory, then delete the sweep's own
+        records there (:data:`raypath.mirror.SWEEP_OWN`): Tune uploads that directory to the sweep
+        right after, at every experiment checkpoint.
+
+        A restored Tune (Ray 2.60) downloads every top-level ``*.json`` of the experiment directory
+        into it: a record the sweep wrote since (a trial pruned, one stopped) was put back as the
+        restore found it, and as the directory is named after the experiment's first start, a copy
+        of the sweep restored before in the same Ray session handed this one its records."""
+        super().save_to_dir(checkpoint_dir, session_str)
+        for name in SWEEP_OWN:
+            (Path(checkpoint_dir) / name).unlink(missing_ok=True)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._completed_trials:  # a retry's progress cannot go to its failed trial

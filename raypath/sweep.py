@@ -29,6 +29,8 @@ experiment directory)::
                           as they happen; ``optuna_study(sweep_dir)`` loads it
     trial_<id>/           Tune's trial directory (params.json, result.json, progress.csv)
     pruned.json           the trials whose weights ``sweep.keep_trials`` deleted, with their records
+    kept.json             the best ``keep_trials`` finished trials' scores so far (what a trial checks
+                          before it exports; rewritten by each run)
     branches/<segment>/   each trial's Ray Train run (its checkpoints: a finished trial's final one,
                           a stopped trial's none, a pruned one's none)
     curves/<segment>.jsonl  each trial's full curve (loss, lr, val losses, objective)
@@ -38,7 +40,8 @@ What a sweep keeps on disk grows with its trials: each finished one's final chec
 weights) and exported model. ``sweep.keep_trials: N`` deletes them for every finished trial but
 the best N by score (and the pinned one) as soon as N better ones have finished, so a sweep holds
 about N + ``max_concurrent`` branches' weights at any time; a stopped trial's checkpoints go once
-its Train run has ended (:func:`_keeper`).
+its Train run has ended (:func:`_keeper`). A trial that ends behind N finished ones does not
+export its model at all (:func:`beaten`): the sweep would delete it at once.
 
 Re-running the same command resumes an interrupted sweep with
 ``Tuner.restore``: finished trials are not run again, unfinished ones continue
@@ -93,7 +96,7 @@ from raypath.lineage import (
     resolve_version,
     sweep_run_dir,
 )
-from raypath.mirror import LOCAL, PRUNED_JSON, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
+from raypath.mirror import KEPT_JSON, LOCAL, PRUNED_JSON, STOPPED_JSON, SWEEP_JSON, RunDir, run_location
 from raypath.releases import STANDING_JSON, Candidate, Objective, Releaser, objective_weights, standing_record
 from raypath.schedules import POWER_SHAPES, decay_from
 from raypath.storage import RunFileError, absolute_paths, read_json, relative_paths, write_json, writer_lock
@@ -299,9 +302,11 @@ class SweepPlan:
             mix = self.replay_stream(seg, ratio)
             stream = mix["stream_path"]
             card["replay"] = mix
+        skip = functools.partial(beaten, str(root / KEPT_JSON), self.ctx.rd, trial_id,
+                                 self.penalty(config["branch_tokens"]))
         return dataclasses.replace(seg, storage=str(root / "branches" / name), curves_path=self.curve_path(trial_id),
                                    stream_path=stream, objective_weights=dict(self.weights),
-                                   model_card=relative_paths(card, self.ctx.run_dir))
+                                   model_card=relative_paths(card, self.ctx.run_dir), skip_export=skip)
 
     def replay_stream(self, seg, ratio: float) -> dict:
         """The version's stream with the branch's rows re-mixed to ``ratio`` replay (written once
@@ -448,8 +453,7 @@ def _trial(config: dict, plan: SweepPlan) -> None:
         tune.report(pruned["report"])
         return
     seg = plan.segment(trial_id, config)
-    final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
-    if _finished(final_dir, seg.export_dir, seg.rd):
+    if _finished(seg):
         # Interrupted after its branch finished but before Tune recorded it: the
         # restored trial only reports the result, it trains nothing again.
         log.info("trial %s: branch %s already finished; reporting its final result", trial_id, seg.name)
@@ -462,7 +466,7 @@ def _trial(config: dict, plan: SweepPlan) -> None:
             relay.close()
     # The final evaluation again, from the branch's final checkpoint, once every Train report
     # has reached Tune: the last result Tune and Optuna see is the exact final score.
-    tune.report(_final_report(plan, seg, config))
+    tune.report({**_final_report(plan, seg, config), "exported": _exported(seg)})
 
 
 def _extra(seg, config: dict) -> dict:
@@ -479,16 +483,39 @@ def _final_report(plan: SweepPlan, seg, config: dict) -> dict:
             "final": True, "test_objective": Objective(plan.weights).value(final, "test")}
 
 
-def _finished(final_dir: Path, export_dir: str | None, rd: RunDir) -> bool:
+def _finished(seg) -> bool:
     """The branch reached its end step (complete checkpoint, its ``state.json`` hashed: what the
-    trial reads of it) and exported its model."""
-    if export_dir and not rd.fetch(Path(export_dir) / "model_card.json", missing_ok=True).is_file():
-        return False
+    trial reads of it) and exported its model, or need not (:func:`beaten`)."""
+    final_dir = Path(seg.storage) / ckpt.step_dir_name(seg.end_step)
     try:
-        ckpt.verify(final_dir, rd, names=("state.json",))
+        ckpt.verify(final_dir, seg.rd, names=("state.json",))
     except ckpt.CheckpointError:
         return False
-    return True
+    return _exported(seg) or seg.skip_export(ckpt.load_state(final_dir, seg.rd)["metrics"]) is not None
+
+
+def _exported(seg) -> bool:
+    return seg.rd.fetch(Path(seg.export_dir) / "model_card.json", missing_ok=True).is_file()
+
+
+def beaten(kept_path: str, rd: RunDir, trial_id: str, penalty: float, metrics: dict) -> str | None:
+    """Why a trial that ends with the final ``metrics`` need not export its model: ``sweep.keep_trials``
+    finished trials (:data:`KEPT_JSON`) score better (ties: the lower id), so the sweep deletes its
+    weights as soon as it ends (:func:`keep_best`). None when it may be kept: fewer finished, the
+    pinned trial, or no record (a new run of the sweep writes its own). Finished trials only
+    accumulate: a trial beaten once stays beaten."""
+    try:
+        kept = rd.read_json(kept_path)
+    except FileNotFoundError:
+        return None
+    n, best = kept["keep_trials"], [tuple(b) for b in kept["best"]]
+    if "objective" not in metrics or trial_id == kept.get("pin") or len(best) < n:
+        return None
+    score = metrics["objective"] + penalty
+    if best[n - 1] >= (score, trial_id):
+        return None
+    return (f"score {score:.4f}, behind the {n} best finished trials' (the last {best[n - 1][0]:.4f}): "
+            f"the sweep keeps only their weights (sweep.keep_trials: {n})")
 
 
 def _trial_dirname(trial) -> str:
@@ -680,7 +707,7 @@ def _finished_fields(plan: SweepPlan, seg) -> dict:
         score=None if objective is None else objective + plan.penalty(entry.tokens_trained),
         branch_tokens=entry.tokens_trained,
         curve=seg.curves_path,
-        export=seg.export_dir,
+        export=seg.export_dir if _exported(seg) else None,  # None: beaten, it was never exported
     )
 
 
@@ -695,7 +722,8 @@ def _release(plan: SweepPlan, lineage, trials: list[dict], pin: str | None) -> d
     """The version's release decision over every measured branch, this sweep's trials included
     (or the pinned trial); returns what the sweep records: the decision and the live release."""
     objective = Objective(plan.weights, plan.compute_penalty, plan.version_tokens)
-    mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None]
+    mine = [_candidate(plan, t) for t in trials if t["status"] == "done" and t.get("score") is not None
+            and t.get("export")]  # a pruned or never exported trial has no model to release
     if pin:
         pin = _pick(trials, pin)[0]["trial_id"]
     settled = Releaser(lineage, plan.ctx.tracking).settle(
@@ -780,7 +808,7 @@ def _check_pin(plan: SweepPlan, pin: str | None, lineage: Lineage) -> None:
         return
     sweep_dir = Path(plan.sweep_dir)
     trials = sorted(d.name.removeprefix("trial_") for d in sweep_dir.glob("trial_*") if d.is_dir())
-    pin = pin.removeprefix(plan.segment_name(""))
+    pin = _pin_id(plan, pin)
     released = {b.name for b in lineage.branches(plan.version)}
     if pin in pruned_trials(plan) and plan.segment_name(pin) not in released:
         raise ConfigError(f"sweep.pin (--pin): trial {pin} of sweep {sweep_dir.name!r} kept no weights to release: "
@@ -791,6 +819,11 @@ def _check_pin(plan: SweepPlan, pin: str | None, lineage: Lineage) -> None:
     raise ConfigError(f"sweep.pin (--pin): {pin!r} is not a trial of sweep {sweep_dir.name!r} of {plan.version} "
                       f"({has}); `raypath release RUN_DIR --version {plan.version} --pick TRIAL` releases a trial "
                       f"of any sweep")
+
+
+def _pin_id(plan: SweepPlan, pin: str | None) -> str | None:
+    """The trial id ``sweep.pin`` names (a trial id or its branch name)."""
+    return pin and pin.removeprefix(plan.segment_name(""))
 
 
 def _trained_main(lineage: Lineage, names: list[str], version: str | int) -> tuple[int, str, Any]:
@@ -873,6 +906,8 @@ def _run_experiment(plan: SweepPlan, sc: SweepConfig, space: SearchSpace, record
         # the stops of an attempt Tune kept nothing of: the stopper merges its own into the file
         (sweep_dir / STOPPED_JSON).unlink(missing_ok=True)
         guidance = law_guidance(plan, sc, space) if sc.guide == "law" else None
+    # written by this run's keeper, for its keep_trials and pin (either may have changed)
+    plan.ctx.rd.remove(sweep_dir / KEPT_JSON)
     if guidance is not None:
         record["guide"] = {"kind": "law", "points": guidance.points, "fits": guidance.fits,
                            "stop_margin": sc.stop_margin, "stop_min_progress": sc.stop_min_progress}
@@ -947,34 +982,46 @@ def pruned_trials(plan: SweepPlan) -> dict:
 
 def _keeper():
     """A Tune callback that, as trials finish, deletes the weights of those beyond the best
-    ``sweep.keep_trials`` (:func:`keep_best`) and the checkpoints of trials the law stopped
-    whose Train run has ended. It holds nothing: Tune restores it as pickled when the sweep
-    started, and it works on the sweep this driver runs now (:data:`_RUNNING`: its run
+    ``sweep.keep_trials`` (:func:`keep_best`), records the best ones' scores for the trials still
+    running (:func:`_write_kept`) and deletes the checkpoints of trials the law stopped whose
+    Train run has ended.
+
+    Tune restores it as pickled when the sweep started, its class by value: its methods hand
+    everything to this module's functions (pickled by reference: a restored sweep runs this
+    raypath's code), which work on the sweep this driver runs now (:data:`_RUNNING`: its run
     directory may have moved, its ``keep_trials`` changed)."""
     from ray import tune
-    from ray.tune.experiment import Trial
 
     class KeepBest(tune.Callback):
         def __init__(self):
             self.dropped: set[str] = set()  # stopped trials whose checkpoints went
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            running = _running()
-            if running is None:
-                return
-            plan, sc = running
-            finished = [(t.trial_id, dict(t.config), float(t.last_result["score"])) for t in trials
-                        if (t.last_result or {}).get("final") and _finite(t.last_result.get("score"))]
-            keep_best(plan, sc, finished)
-            stopped = _stopped(plan)
-            # a stopped trial's Train workers may still write while Tune stops its actor: only once it is gone
-            ended = [{"trial_id": t.trial_id, "name": plan.segment_name(t.trial_id), "status": "stopped"}
-                     for t in trials if t.trial_id in stopped and t.trial_id not in self.dropped and t is not trial
-                     and t.status == Trial.TERMINATED and t.temporary_state.ray_actor is None]
-            _drop_stopped_checkpoints(plan, ended)
-            self.dropped.update(t["trial_id"] for t in ended)
+            _trial_completed(self.dropped, trials, trial)
 
     return KeepBest()
+
+
+def _trial_completed(dropped: set[str], trials: list, trial) -> None:
+    """What :func:`_keeper` does as ``trial`` completes; ``dropped``: the stopped trials whose
+    checkpoints it deleted before (updated)."""
+    from ray.tune.experiment import Trial
+
+    running = _running()
+    if running is None:
+        return
+    plan, sc = running
+    finished = [(t.trial_id, dict(t.config), float(t.last_result["score"])) for t in trials
+                if (t.last_result or {}).get("final") and _finite(t.last_result.get("score"))]
+    keep_best(plan, sc, finished)
+    _write_kept(plan, sc, finished)
+    stopped = _stopped(plan)
+    # a stopped trial's Train workers may still write while Tune stops its actor: only once it is gone
+    ended = [{"trial_id": t.trial_id, "name": plan.segment_name(t.trial_id), "status": "stopped"}
+             for t in trials if t.trial_id in stopped and t.trial_id not in dropped and t is not trial
+             and t.status == Trial.TERMINATED and t.temporary_state.ray_actor is None]
+    _drop_stopped_checkpoints(plan, ended)
+    dropped.update(t["trial_id"] for t in ended)
 
 
 def _running() -> tuple[SweepPlan, SweepConfig] | None:
@@ -986,19 +1033,21 @@ def _finite(x) -> bool:
 
 
 def keep_best(plan: SweepPlan, sc: SweepConfig, finished: list[tuple[str, dict, float]],
-              protect: tuple[str | None, ...] = ()) -> list[str]:
+              protect: tuple[str | None, ...] = (), unexported: frozenset[str] = frozenset()) -> list[str]:
     """Delete the final checkpoint and export of every finished trial ``(trial id, config, score)``
-    but the best ``sc.keep_trials`` (ties: the lower id), ``sc.pin`` and ``protect``; returns the
-    trials pruned now. Each is first recorded in :data:`PRUNED_JSON` (written and uploaded before
-    anything is deleted), so a crash in between leaves a trial recorded, never one lost."""
-    if not sc.keep_trials:
+    but the best ``sc.keep_trials`` (ties: the lower id), ``sc.pin`` and ``protect``, and of every
+    ``unexported`` one (it has no model to release); returns the trials pruned now. Each is first
+    recorded in :data:`PRUNED_JSON` (written and uploaded before anything is deleted), so a crash
+    in between leaves a trial recorded, never one lost."""
+    if not sc.keep_trials and not unexported:
         return []
     pruned = pruned_trials(plan)
-    keep = {sc.pin and sc.pin.removeprefix(plan.segment_name("")), *protect}
+    keep = {_pin_id(plan, sc.pin), *protect}
     ranked = sorted(finished, key=lambda t: (t[2], t[0]))
     now = []
-    for rank, (trial_id, config, score) in enumerate(ranked[sc.keep_trials:], sc.keep_trials + 1):
-        if trial_id in pruned or trial_id in keep:
+    for rank, (trial_id, config, score) in enumerate(ranked, 1):
+        kept = not sc.keep_trials or rank <= sc.keep_trials or trial_id in keep
+        if trial_id in pruned or (kept and trial_id not in unexported):
             continue
         seg = plan.segment(trial_id, config)
         pruned[trial_id] = {"report": _final_report(plan, seg, config),
@@ -1011,7 +1060,8 @@ def keep_best(plan: SweepPlan, sc: SweepConfig, finished: list[tuple[str, dict, 
     plan.ctx.rd.publish(path)
     for trial_id, seg, rank, score in now:
         log.info("sweep %s: trial %s is number %d by score (%.4f): deleting its weights, the sweep keeps the best "
-                 "%d trials' (sweep.keep_trials)", sc.name, trial_id, rank, score, sc.keep_trials)
+                 "%d trials' (sweep.keep_trials)%s", sc.name, trial_id, rank, score, sc.keep_trials,
+                 "; it exported no model" if trial_id in unexported else "")
         plan.ctx.rd.remove(seg.storage)
         plan.ctx.rd.remove(seg.export_dir)
     return [t[0] for t in now]
@@ -1019,14 +1069,27 @@ def keep_best(plan: SweepPlan, sc: SweepConfig, finished: list[tuple[str, dict, 
 
 def _keep_best_records(plan: SweepPlan, sc: SweepConfig, trials: list[dict], released: str | None) -> None:
     """:func:`keep_best` over the sweep's records at its end (trials a restored sweep finished before,
-    a ``keep_trials`` lowered since), the released trial kept too; marks the records pruned."""
-    finished = [(t["trial_id"], t["config"], t["score"]) for t in trials
-                if t["status"] == "done" and not t.get("pruned") and _finite(t.get("score"))]
-    if keep_best(plan, sc, finished, protect=(released,)):
+    a ``keep_trials`` lowered since, one that ended beaten but was not pruned before the driver
+    stopped), the released trial kept too; marks the records pruned."""
+    done = [t for t in trials if t["status"] == "done" and not t.get("pruned") and _finite(t.get("score"))]
+    finished = [(t["trial_id"], t["config"], t["score"]) for t in done]
+    unexported = frozenset(t["trial_id"] for t in done if not t.get("export"))
+    if keep_best(plan, sc, finished, protect=(released,), unexported=unexported):
         pruned = pruned_trials(plan)
         for t in trials:
             if t["trial_id"] in pruned:
                 t.update(pruned[t["trial_id"]]["record"])
+
+
+def _write_kept(plan: SweepPlan, sc: SweepConfig, finished: list[tuple[str, dict, float]]) -> None:
+    """Record the best ``sc.keep_trials`` finished trials' scores for the trials still running
+    (:func:`beaten`), once there are that many; uploaded for the workers of a bucket run."""
+    best = sorted((score, trial_id) for trial_id, _, score in finished)[: sc.keep_trials]
+    if not sc.keep_trials or len(best) < sc.keep_trials:
+        return
+    path = Path(plan.sweep_dir) / KEPT_JSON
+    write_json(path, {"keep_trials": sc.keep_trials, "pin": _pin_id(plan, sc.pin), "best": [list(b) for b in best]})
+    plan.ctx.rd.publish(path)
 
 
 def _stopped(plan: SweepPlan) -> dict:

@@ -180,6 +180,7 @@ def test_sweep_disk_samples_what_a_sweep_holds_with_and_without_keep_trials():
     every, best = got["sweeps"]
     assert [s["done"] for s in got["sweeps"]] == [3, 3] and [s["pruned"] for s in got["sweeps"]] == [0, 2], got
     assert 0 < best["end_bytes"] < every["end_bytes"] <= every["peak_bytes"], got
+    assert every["exported"] == 3 and 1 <= best["exported"] <= 3, got  # the first to finish always exports
 
 
 @pytest.mark.slow

@@ -1027,6 +1027,9 @@ def test_a_sweep_keeping_its_best_trials_deletes_the_others_weights_and_keeps_th
         sweep._RUNNING.reset(token)
     pruned = sweep.pruned_trials(plan)
     assert set(pruned) == {third["trial_id"]} and f"trial {third['trial_id']} is number 3" in caplog.text
+    kept = read_json(Path(plan.sweep_dir) / sweep.KEPT_JSON)  # what the trials still running check
+    assert kept["keep_trials"] == 2 and kept["pin"] is None
+    assert [tuple(b) for b in kept["best"]] == [(t["score"], t["trial_id"]) for t in (best, second)]
     assert not (branches / third["name"]).exists() and not (exports / third["name"]).exists()
     report = pruned[third["trial_id"]]["report"]  # what a restored Tune is told instead of training it again
     assert report["final"] and report["score"] == pytest.approx(third["score"])
@@ -1055,7 +1058,7 @@ def test_a_sweep_keeping_its_best_trials_deletes_the_others_weights_and_keeps_th
     # a trial released before (another test of the session pins one) keeps its model in releases/
     released = {b.name for b in lineage.branches("v2")}
     mine = [c.trial_id for c in candidates(lineage, "v2") if c.sweep and Path(c.sweep) == Path(plan.sweep_dir)]
-    assert set(mine) == {t["trial_id"] for t in (best, second, third) if t is best or t["name"] in released}
+    assert set(mine) == {t["trial_id"] for t in (best, second, third, stopped) if t is best or t["name"] in released}
     gone = next(t["trial_id"] for t in (second, third) if t["name"] not in released)
     assert main(["release", str(run), "--version", "v2", "--pick", gone]) != 0
     assert "kept no weights" in capsys.readouterr().err
@@ -1065,6 +1068,83 @@ def test_a_sweep_keeping_its_best_trials_deletes_the_others_weights_and_keeps_th
 
     table = load_sweep(plan.sweep_dir, curves=False)[0]
     assert set(table.loc[table["pruned"], "trial_id"]) == {second["trial_id"], third["trial_id"]}
+
+
+def test_a_trial_ending_behind_the_kept_ones_exports_nothing_and_the_sweep_end_prunes_it(tiny_sweep, tmp_path,
+                                                                                          caplog):
+    """A trial resumed at its final checkpoint (the driver stopped before its export) exports its
+    model in a real Train run; one that ends behind ``sweep.keep_trials`` finished ones
+    (``kept.json``) exports nothing and counts as finished, and a re-run's end prunes it even
+    where it would now be kept: it has no model to release. The restored Tune uploads none of
+    the records it staged (here another copy's)."""
+    import dataclasses
+    import shutil
+
+    from conftest import FAST_TRIALS
+    from ray import tune
+
+    from raypath import sweep
+    from raypath.mirror import SWEEP_OWN
+    from raypath.run import prepare
+    from raypath.segment import fit_segment
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sweep["cfg"].run_dir, run, symlinks=True)
+    cfg = load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}", "sweep.keep_trials=2"])
+    plan = sweep._plan(prepare(cfg), Lineage.load(run), "v2", cfg.sweep)
+    best, second, third, fourth = sorted(tiny_sweep["record"]["trials"], key=lambda t: t["score"])[:4]
+    seg2, seg3 = (plan.segment(t["trial_id"], t["config"]) for t in (second, third))
+    for seg in (seg2, seg3):  # as if each trial's driver stopped between its final checkpoint and its export
+        shutil.rmtree(seg.export_dir)
+    assert not sweep._finished(seg2) and not sweep._finished(seg3)
+    fit_segment(seg2)
+    assert (Path(seg2.export_dir) / "model_card.json").is_file()
+
+    finished = [(t["trial_id"], t["config"], t["score"]) for t in (best, second)]
+    sweep._write_kept(plan, dataclasses.replace(cfg.sweep, pin=third["trial_id"]), finished)
+    final = ckpt.load_state(Path(seg3.storage) / ckpt.step_dir_name(seg3.end_step))["metrics"]
+    assert seg3.skip_export(final) is None  # the pinned trial exports, whatever its score
+    sweep._write_kept(plan, cfg.sweep, finished)
+    assert "behind the 2 best finished trials" in seg3.skip_export(final) and sweep._finished(seg3)
+    fit_segment(seg3)
+    assert not Path(seg3.export_dir).exists() and ckpt.step_dirs(seg3.storage)
+
+    # Tune stages a restored sweep's records where another copy of it restored in this Ray session
+    # left its own: they must not come back into this one
+    staging = Path(tune.ExperimentAnalysis(plan.sweep_dir).trials[0].storage.experiment_driver_staging_path)
+    staging.mkdir(parents=True, exist_ok=True)
+    write_json(staging / sweep.STOPPED_JSON, {fourth["trial_id"]: {"stop": True}})
+    write_json(staging / sweep.PRUNED_JSON, {second["trial_id"]: {}})
+
+    # the sweep again, keeping 3 (restored, nothing to train): the third best has no model, so it goes
+    with caplog.at_level(logging.INFO, logger="raypath.sweep"):
+        record = run_sweep(load_config(tiny_sweep["config"], [*FAST_TRIALS, f"run_dir={run}", "sweep.keep_trials=3"]),
+                           "v2")
+    after = {t["trial_id"]: t for t in record["trials"]}
+    assert f"trial {third['trial_id']} is number 3" in caplog.text and "it exported no model" in caplog.text
+    assert after[third["trial_id"]]["pruned"] and not Path(seg3.storage).exists()
+    assert after[fourth["trial_id"]]["pruned"] and not after[second["trial_id"]].get("pruned")
+    assert set(sweep.pruned_trials(plan)) == {third["trial_id"], fourth["trial_id"]}
+    assert not (Path(plan.sweep_dir) / sweep.STOPPED_JSON).exists() and not any(
+        (staging / name).exists() for name in SWEEP_OWN)
+    assert record["released"] != third["trial_id"] and not (Path(plan.sweep_dir) / sweep.KEPT_JSON).exists()
+
+
+def test_a_trial_is_beaten_by_the_kept_scores_ties_going_to_the_lower_id(tmp_path):
+    """:func:`raypath.sweep.beaten` on ``kept.json``: behind the N-th best (score, id) only."""
+    from raypath.mirror import LOCAL
+    from raypath.sweep import beaten
+
+    path = tmp_path / "kept.json"
+    assert beaten(str(path), LOCAL, "b", 0.0, {"objective": 9.0}) is None  # no record: a new run's own
+    write_json(path, {"keep_trials": 2, "pin": "p", "best": [[1.0, "a"], [2.0, "c"]]})
+    cases = {("b", 1.9): None, ("b", 2.0): None, ("d", 2.0): "beaten", ("b", 2.1): "beaten", ("p", 5.0): None}
+    for (trial, objective), want in cases.items():
+        why = beaten(str(path), LOCAL, trial, 0.5, {"objective": objective - 0.5})  # the score adds the penalty
+        assert (why is not None) == (want == "beaten"), (trial, objective, why)
+    assert beaten(str(path), LOCAL, "b", 0.0, {"loss": 3.0}) is None  # no objective: nothing to rank
+    write_json(path, {"keep_trials": 3, "pin": None, "best": [[1.0, "a"], [2.0, "c"]]})
+    assert beaten(str(path), LOCAL, "d", 0.0, {"objective": 9.0}) is None  # fewer finished than kept
 
 
 @pytest.mark.slow
