@@ -205,6 +205,30 @@ def test_a_sweep_uploads_after_each_trial_what_changed_not_the_whole_sweep_direc
     assert {u.split("/sweep/", 1)[1] for u in uploads} == {"trial_1/params.json"}
 
 
+def test_a_trial_on_another_node_reads_the_kept_scores_where_the_sweep_uploaded_them(s3, tmp_path):
+    """``kept.json`` goes to the bucket as the sweep writes it; a trial's rank 0 reads it there
+    (:func:`raypath.sweep.beaten`), with no copy in its node's mirror."""
+    from types import SimpleNamespace
+
+    from raypath.config import SweepConfig
+    from raypath.mirror import KEPT_JSON
+    from raypath.sweep import _write_kept, beaten
+
+    bucket = _bucket(s3, "kept")
+    here, mirror = run_location(f"s3://{bucket}/run", str(tmp_path / "m"), s3.endpoint)
+    rd, sweep_dir = RunDir(here, mirror), here / "sweeps" / "v2" / "sweep"
+    sweep_dir.mkdir(parents=True)
+    plan = SimpleNamespace(ctx=SimpleNamespace(rd=rd), sweep_dir=str(sweep_dir))
+    _write_kept(plan, SweepConfig(keep_trials=1), [("b", {}, 2.0), ("a", {}, 1.0)])
+    assert json.loads(s3.read(f"{bucket}/run/sweeps/v2/sweep/{KEPT_JSON}"))["best"] == [[1.0, "a"]]
+    (sweep_dir / KEPT_JSON).unlink()  # another node's mirror
+    path = str(sweep_dir / KEPT_JSON)
+    assert "behind the 1 best finished trials" in beaten(path, rd, "c", 0.0, {"objective": 1.5})
+    assert beaten(path, rd, "c", 0.0, {"objective": 0.5}) is None
+    rd.remove(sweep_dir / KEPT_JSON)  # what a new run of the sweep does first
+    assert beaten(path, rd, "c", 0.0, {"objective": 1.5}) is None
+
+
 def test_opening_a_run_directory_in_a_bucket_does_not_list_its_checkpoints(s3, tmp_path, monkeypatch):
     bucket = _bucket(s3, "openlist")
     keys = ["lineage.json", "data/manifest.json", "data/v1/files.json", "data/v1/stream/part-0.parquet",
